@@ -1,0 +1,69 @@
+"""``kvcomm eval`` (one method) and ``kvcomm sweep`` (methods × ratios, with a plot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvcomm.cli.common import (DEFAULTS, Alpha, BatchSize, CalibSize, Data, Dtype, Limit, Mode, Model, Mu,
+                               ProfilePath, Quiet, Receiver, Seed, Sigma, TaskName, console, open_task, run_eval)
+from kvcomm.eval import EvalConfig, plot_sweep
+from kvcomm.methods import build_methods
+from kvcomm.models import load_model
+from kvcomm.selection import parse_layers
+
+
+def eval_command(
+    method: Annotated[str, typer.Option(help="baseline, skyline, kvcomm, random or contiguous.")] = "kvcomm",
+    ratio: Annotated[float | None, typer.Option(help="Fraction of layers to share.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
+    model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
+    data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
+    calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
+    mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
+    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], quiet: Quiet = False,
+    out: Annotated[Path | None, typer.Option(help="Results JSON (default results/<task>-<method>.json).")] = None,
+) -> None:
+    """Evaluate one method on one task and write a results JSON."""
+    the_task = open_task(task, data)
+    if method in ("kvcomm", "random", "contiguous") and ratio is None and layers is None:
+        ratio = 0.5
+    explicit = parse_layers(layers, load_model(model, dtype).num_layers) if layers else None
+    methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed)
+    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma)
+    out = out or Path("results") / f"{the_task.name}-{methods[0].label}.json"
+    run_eval(model, receiver, the_task, methods, config, profile, dtype, quiet, out)
+
+
+def sweep_command(
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods; 'name@0.5' runs a KV method at that ratio only."
+    )] = "baseline,skyline,kvcomm,random@0.5",
+    ratios: Annotated[str, typer.Option(help="Comma-separated fractions for KV methods.")] = "0.3,0.5,0.7,1.0",
+    model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
+    data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
+    calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
+    mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
+    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], quiet: Quiet = False,
+    out_dir: Annotated[Path, typer.Option(help="Where sweep.json and sweep.png go.")] = Path("results"),
+) -> None:
+    """Evaluate methods × ratios on one task; write a results JSON and a score-vs-layers plot."""
+    the_task = open_task(task, data)
+    try:
+        fractions = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--ratios must be numbers, got {ratios!r}") from None
+    built = []
+    for token in filter(None, (m.strip() for m in methods.split(","))):
+        name, _, only = token.partition("@")
+        try:
+            chosen = [float(only)] if only else fractions
+        except ValueError:
+            raise typer.BadParameter(f"bad ratio in {token!r}") from None
+        built += build_methods([name], chosen, None, mode, seed)
+    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma)
+    stem = f"sweep-{the_task.name}-{Path(model).name}"
+    report = run_eval(model, receiver, the_task, built, config, profile, dtype, quiet, out_dir / f"{stem}.json")
+    console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}.png')}")

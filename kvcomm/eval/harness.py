@@ -1,0 +1,130 @@
+"""Runs methods over a task's test items, batch by batch, and collects a :class:`Report`.
+
+Items are split once: the test items are the first ``limit`` items, the calibration items are
+taken from the end of the list, and the two never overlap. Within a batch every method reuses
+the same sender prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from kvcomm.agents import Agents, Batch
+from kvcomm.errors import ConfigError
+from kvcomm.eval.results import ItemResult, Report, RunResult, environment, summarize
+from kvcomm.methods.base import Method, Setup
+from kvcomm.selection.calibrate import Profile, calibrate
+from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA
+from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.metrics import METRICS
+
+
+@dataclass
+class EvalConfig:
+    """How to run an evaluation (recorded verbatim in the results)."""
+
+    limit: int | None = None
+    batch_size: int = 8
+    calib_size: int = 1
+    alpha: float | None = None
+    mu: float = DEFAULT_MU
+    sigma: float = DEFAULT_SIGMA
+
+
+def split_items(items: Sequence[Item], limit: int | None, calib_size: int) -> tuple[list[Item], list[Item]]:
+    """Test items from the front, calibration items from the back; refuses any overlap."""
+    limit = len(items) - calib_size if limit is None else limit
+    if limit < 1 or calib_size < 0 or limit + calib_size > len(items):
+        raise ConfigError(
+            f"{len(items)} items cannot hold {limit} test and {calib_size} calibration items without "
+            f"overlap; lower --limit to at most {len(items) - calib_size} or --calib-size"
+        )
+    return list(items[:limit]), list(items[len(items) - calib_size:]) if calib_size else []
+
+
+def evaluate(
+    agents: Agents, task: Task, methods: Sequence[Method], config: EvalConfig,
+    profile: Profile | None = None, progress: bool = True,
+) -> Report:
+    """Evaluates ``methods`` on ``task``; calibrates first if a method needs a ranking and no
+    ``profile`` is given.
+
+    Raises:
+        ConfigError: the item split is impossible, labels collide, or the profile was calibrated
+            on test items or for another depth.
+    """
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two configurations share a label: {labels}")
+    test, calib = split_items(task.items, config.limit, config.calib_size)
+    test_ids = {item.id for item in test}
+
+    def ranking() -> list[int]:
+        nonlocal profile
+        if profile is None:
+            if not calib:
+                raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+            profile = calibrate(agents, task, calib, config.alpha, config.mu, config.sigma,
+                                config.batch_size, progress)
+        if profile.num_layers != agents.num_layers:
+            raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agents.num_layers}")
+        if leaked := test_ids.intersection(profile.calibration_items):
+            raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
+        return profile.ranking
+
+    setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking)
+    for method in methods:
+        method.setup(setup)
+
+    records: dict[str, list[ItemResult]] = {m.label: [] for m in methods}
+    seconds = dict.fromkeys(labels, 0.0)
+    sender_seconds = dict.fromkeys(labels, 0.0)
+    bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
+    for start in range(0, len(test), config.batch_size):
+        batch = Batch(agents, task, test[start:start + config.batch_size])
+        for method in methods:
+            began = time.perf_counter()
+            prefill_before = batch.sender_seconds
+            output = method.run(batch)
+            spent_on_sender = batch.sender_seconds - prefill_before
+            seconds[method.label] += time.perf_counter() - began - spent_on_sender
+            if output.sender_ids is not None:
+                sender_seconds[method.label] += batch.sender_seconds
+            for i, item in enumerate(batch.items):
+                records[method.label].append(ItemResult(
+                    id=item.id,
+                    sender_ids=output.sender_ids[i] if output.sender_ids is not None else None,
+                    receiver_ids=output.receiver_ids[i],
+                    answer=output.answers[i],
+                    gold=list(item.answers),
+                    scores={name: fn(output.answers[i], item.answers) for name, fn in METRICS.items()},
+                    kv_bytes=output.kv_bytes[i],
+                ))
+            bar.update(len(batch.items))
+    bar.close()
+
+    runs = []
+    for method in methods:
+        items = records[method.label]
+        layers = method.layers
+        runs.append(RunResult(
+            method=method.name, label=method.label, layers=layers,
+            fraction=None if layers is None else len(layers) / agents.num_layers,
+            mode=getattr(method, "mode", None), n=len(items), scores=summarize(items),
+            kv_bytes_mean=sum(i.kv_bytes for i in items) / max(len(items), 1),
+            seconds=seconds[method.label], sender_seconds=sender_seconds[method.label], items=items,
+        ))
+    return Report(
+        config={
+            "sender": agents.sender.name, "receiver": agents.receiver.name, "task": task.name,
+            "num_layers": agents.num_layers, "max_new_tokens": task.max_new_tokens, "metric": task.metric,
+            "test_items": len(test), "calibration_items": [i.id for i in calib], **vars(config),
+        },
+        environment=environment(),
+        profile=profile.model_dump() if profile is not None else None,
+        runs=runs,
+    )

@@ -1,0 +1,110 @@
+"""The results schema (versioned JSON), confidence intervals and the terminal table."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+RESULTS_VERSION = 1
+
+
+class ItemResult(BaseModel):
+    id: str
+    sender_ids: list[int] | None
+    receiver_ids: list[int]
+    answer: str
+    gold: list[str]
+    scores: dict[str, float]
+    kv_bytes: int
+
+
+class Score(BaseModel):
+    mean: float
+    ci95: tuple[float, float]
+
+
+class RunResult(BaseModel):
+    """One method configuration over the test items."""
+
+    method: str
+    label: str
+    layers: list[int] | None
+    fraction: float | None  # shared layers / all layers; None for methods that send no KV
+    mode: str | None
+    n: int
+    scores: dict[str, Score]
+    kv_bytes_mean: float
+    seconds: float  # receiver-side wall time of this configuration
+    sender_seconds: float  # sender prefill time this configuration used (shared within a sweep)
+    items: list[ItemResult]
+
+
+class Report(BaseModel):
+    """Everything a run or sweep produced, with the configuration that produced it."""
+
+    version: int = RESULTS_VERSION
+    config: dict[str, Any]
+    environment: dict[str, str]
+    profile: dict[str, Any] | None
+    runs: list[RunResult]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=1) + "\n", encoding="utf-8")
+
+
+def environment() -> dict[str, str]:
+    from kvcomm import __version__
+    import transformers
+
+    return {
+        "kvcomm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+
+
+def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (seeded, so reports are reproducible)."""
+    if not values:
+        return (float("nan"), float("nan"))
+    arr = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def summarize(items: list[ItemResult]) -> dict[str, Score]:
+    metrics = items[0].scores.keys() if items else []
+    return {
+        m: Score(mean=float(np.mean([i.scores[m] for i in items])), ci95=bootstrap_ci([i.scores[m] for i in items]))
+        for m in metrics
+    }
+
+
+def print_table(report: Report, console: Console | None = None) -> None:
+    """Prints one row per configuration: primary score with its interval, the other metrics,
+    layers shared, KV bytes given to the receiver and wall time (sender prefill included)."""
+    cfg = report.config
+    primary = cfg["metric"]
+    others = [m for m in (report.runs[0].scores if report.runs else {}) if m != primary]
+    table = Table(title=f"{cfg['task']} · {cfg['sender']} → {cfg['receiver']} · n={cfg['test_items']}")
+    for column in ("method", primary, "95% CI", *others, "layers", "KV bytes/item", "time s"):
+        table.add_column(column, justify="left" if column in ("method", "layers") else "right")
+    for run in report.runs:
+        score = run.scores[primary]
+        layers = "-" if run.layers is None else f"{len(run.layers)}/{cfg['num_layers']}"
+        table.add_row(
+            run.label, f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
+            *(f"{run.scores[m].mean:.3f}" for m in others),
+            layers, f"{run.kv_bytes_mean:,.0f}", f"{run.seconds + run.sender_seconds:.1f}",
+        )
+    (console or Console()).print(table)

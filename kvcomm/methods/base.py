@@ -1,0 +1,56 @@
+"""The one interface every communication method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvcomm.agents import Batch
+from kvcomm.registry import Registry
+
+
+@dataclass
+class Output:
+    """What a method produced for a batch, one entry per item."""
+
+    answers: list[str]
+    receiver_ids: list[list[int]]
+    sender_ids: list[list[int]] | None
+    kv_bytes: list[int]
+
+
+@dataclass
+class Setup:
+    """What methods may need before running: the depth, and a calibration profile on demand."""
+
+    num_layers: int
+    model_type: str
+    ranking: Callable[[], list[int]]
+
+
+class Method(ABC):
+    """A way for the receiver to answer, given the batch (and through it, the sender's context)."""
+
+    name: ClassVar[str]
+
+    @property
+    def label(self) -> str:
+        """Unique, human-readable name of this configuration in tables and plots."""
+        return self.name
+
+    @property
+    def layers(self) -> list[int] | None:
+        """Layers whose KV the receiver is given in full (None for methods without KV)."""
+        return None
+
+    def setup(self, setup: Setup) -> None:
+        """Resolves anything that depends on the model (e.g. which layers to share)."""
+
+    @abstractmethod
+    def run(self, batch: Batch) -> Output:
+        """Answers every item of ``batch``."""
+
+
+METHODS: Registry[type[Method]] = Registry("method")

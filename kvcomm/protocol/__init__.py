@@ -1,0 +1,21 @@
+"""The communication protocol: sender prefill, receiver cache surgery, masks, decoding."""
+
+from kvcomm.protocol import attention as _attention  # registers the "kvcomm" attention
+from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder
+from kvcomm.protocol.receiver import (
+    ReceiverInput,
+    attention_importance,
+    build_receiver_input,
+    empty_input,
+    greedy_generate,
+    prefill_logits,
+)
+from kvcomm.protocol.sender import SenderKV, pad_left, prefill
+
+ATTENTION_NAME = _attention.ATTENTION_NAME
+
+__all__ = [
+    "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV",
+    "attention_importance", "build_receiver_input", "empty_input", "greedy_generate", "pad_left",
+    "prefill", "prefill_logits",
+]

@@ -1,0 +1,95 @@
+"""The ``kvcomm`` attention function, registered with transformers' attention registries.
+
+Models run with ``attn_implementation="kvcomm"``. When a forward call carries a
+:class:`~kvcomm.protocol.layout.AttentionLayout` (keyword ``kvcomm_layout``), the mask of each
+layer comes from that layout; otherwise the function behaves exactly like transformers' SDPA
+attention with transformers' own mask, so a model set to ``kvcomm`` stays usable on its own.
+
+The mask registry entry matters: transformers skips mask creation for attention names absent
+from ``AttentionMaskInterface``, and SDPA would then run unmasked (see the test named after it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from kvcomm.protocol.layout import AttentionLayout
+
+ATTENTION_NAME = "kvcomm"
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, K, D] -> [B, Hkv*groups, K, D] so grouped-query heads line up with query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def kvcomm_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    kvcomm_layout: AttentionLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over ``[received prefix ; own tokens]`` with a per-layer mask.
+
+    Shapes: query ``[B, H, T, D]``, key/value ``[B, Hkv, K, D]``; returns ``[B, T, H, D]``.
+    """
+    if kvcomm_layout is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, **kwargs,
+        )
+    if getattr(module, "attn_logit_softcapping", None):
+        raise NotImplementedError("attention logit soft-capping is not supported by kvcomm attention")
+    layer = module.layer_idx
+    layout = kvcomm_layout
+    query_len = query.shape[2]
+    expected = layout.prefix_pos[layer].shape[1] + layout.own_pos.shape[1]
+    if key.shape[2] != expected:
+        raise RuntimeError(f"layer {layer}: cache holds {key.shape[2]} keys, layout describes {expected}")
+    mask = layout.mask(layer, query_len, sliding_window)  # [B, 1, T, K]
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+    if layout.recorder is not None and query_len > 1:
+        # Calibration: materialise this layer's probabilities once, use them for the output too.
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # [B, H, T, K]
+        _record_importance(layout, layer, probs)
+        out = torch.matmul(probs, value)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _record_importance(layout: AttentionLayout, layer: int, probs: torch.Tensor) -> None:
+    """Mean over heads and valid queries of the mass on context keys 1..|C|-1; one value per row."""
+    assert layout.recorder is not None
+    prefix = layout.prefix_pos[layer].shape[1]
+    context = layout.context_keys(layer).to(probs.dtype)  # [B, P]
+    mass = (probs[..., :prefix].float() * context[:, None, None, :]).sum(-1)  # [B, H, T]
+    mass = torch.nan_to_num(mass.mean(dim=1))  # [B, T]
+    queries = layout.own_valid[:, -probs.shape[2]:].float()
+    layout.recorder.scores[layer] = (mass * queries).sum(1) / queries.sum(1).clamp(min=1)
+
+
+def register() -> None:
+    """Registers the attention and mask functions under :data:`ATTENTION_NAME` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, kvcomm_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+register()

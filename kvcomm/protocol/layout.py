@@ -1,0 +1,113 @@
+"""Who may attend to whom: positions and validity of every key, layer by layer.
+
+A receiver's cache differs per layer: selected layers hold the sender's whole context, the others
+only its first token (the attention sink). Transformers builds one causal mask sized for one layer,
+which is exactly the reference code's bug (a sliced mask lets receiver tokens see the future at
+sink-only layers). Instead, every key carries its RoPE position and a validity bit, and the mask of
+each layer is derived from those: a query sees a valid key whose position is not after its own.
+Left padding (batches) is just invalid keys; sliding windows compare the same positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcomm.errors import ConfigError
+
+MASK_MODES = ("causal", "legacy", "shift-back")
+
+
+@dataclass
+class ImportanceRecorder:
+    """Collects, per layer, the prefill attention mass that queries put on received context keys.
+
+    ``scores[layer]`` is a ``[B]`` tensor: per row, the mean over heads and valid query tokens of
+    the attention probability on context keys 1..|C|-1 (the sink, key 0, is excluded as in the
+    reference code). It is filled one layer at a time by the attention function, so no layer's
+    full attention matrix outlives that layer's forward.
+    """
+
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class AttentionLayout:
+    """Positions and validity of the keys a model attends over during one batched exchange.
+
+    Keys of layer ``l`` are ``[prefix_l ; own]``: ``prefix_l`` is what was received for that layer
+    (nothing, the sink, or the whole context), ``own`` are the tokens this model processed itself.
+
+    Attributes:
+        prefix_pos: per layer, ``[B, P_l]`` RoPE positions of received keys.
+        prefix_valid: per layer, ``[B, P_l]`` whether each received key is real (not padding).
+        context_len: ``[B]`` valid context tokens per row; own tokens are numbered from here.
+        own_pos: ``[B, R]`` positions of own tokens processed so far.
+        own_valid: ``[B, R]`` whether each own token is real.
+        mode: ``causal`` (correct masks), ``legacy`` (the reference code's sliced mask) or
+            ``shift-back`` (KVComm-S: the sink is re-rotated next to the receiver; masks causal).
+        recorder: when set, prefill attention importance is recorded (calibration).
+    """
+
+    prefix_pos: list[torch.Tensor]
+    prefix_valid: list[torch.Tensor]
+    context_len: torch.Tensor
+    own_pos: torch.Tensor
+    own_valid: torch.Tensor
+    mode: str = "causal"
+    recorder: ImportanceRecorder | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MASK_MODES:
+            raise ConfigError(f"unknown mask mode {self.mode!r}; valid: {', '.join(MASK_MODES)}")
+
+    @classmethod
+    def empty(cls, num_layers: int, batch_size: int, device: torch.device | str = "cpu") -> "AttentionLayout":
+        """A layout with nothing received: a model reading its own prompt (sender, baseline, skyline)."""
+        none = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        return cls(
+            prefix_pos=[none] * num_layers,
+            prefix_valid=[none.bool()] * num_layers,
+            context_len=torch.zeros(batch_size, dtype=torch.long, device=device),
+            own_pos=none,
+            own_valid=none.bool(),
+        )
+
+    def append(self, valid: torch.Tensor) -> torch.Tensor:
+        """Registers ``[B, T]`` new own tokens and returns their position ids ``[B, T]``.
+
+        Real tokens continue each row's numbering (``context_len`` + tokens seen so far); padding
+        gets the row's next position too but is never visible as a key.
+        """
+        seen = self.own_valid.sum(dim=1, keepdim=True)
+        positions = self.context_len[:, None] + seen + valid.long().cumsum(dim=1) - valid.long()
+        self.own_pos = torch.cat([self.own_pos, positions], dim=1)
+        self.own_valid = torch.cat([self.own_valid, valid], dim=1)
+        return positions
+
+    def mask(self, layer: int, query_len: int, sliding_window: int | None = None) -> torch.Tensor:
+        """Boolean mask ``[B, 1, T, K]`` (True = may attend) for the last ``query_len`` own tokens."""
+        prefix_pos, prefix_valid = self.prefix_pos[layer], self.prefix_valid[layer]
+        key_pos = torch.cat([prefix_pos, self.own_pos], dim=1)  # [B, K]
+        key_valid = torch.cat([prefix_valid, self.own_valid], dim=1)
+        query_pos = self.own_pos[:, -query_len:]  # [B, T]
+        if self.mode == "legacy":
+            # The reference builds one causal mask for a full-context layer (query i at index
+            # |C|+i) and slices its first K columns; at a sink-only layer own token j sits at
+            # column 1+j, so query i sees own tokens up to i+|C|-1. Index-based ordering:
+            own_index = self.own_pos - self.context_len[:, None]
+            order_keys = torch.cat([prefix_pos, prefix_valid.sum(1, keepdim=True) + own_index], dim=1)
+        else:
+            order_keys = key_pos
+        visible = key_valid[:, None, :] & (order_keys[:, None, :] <= query_pos[:, :, None])
+        if sliding_window is not None:
+            visible &= (query_pos[:, :, None] - key_pos[:, None, :]) < sliding_window
+        # A padding query may see nothing; let it see everything so softmax stays finite. Its
+        # output is never used: padding is invalid as a key and its logits are ignored.
+        visible |= ~visible.any(dim=-1, keepdim=True)
+        return visible[:, None]
+
+    def context_keys(self, layer: int) -> torch.Tensor:
+        """``[B, P_l]`` received keys that count as context for importance (valid, not the sink)."""
+        return self.prefix_valid[layer] & (self.prefix_pos[layer] >= 1)

@@ -1,0 +1,60 @@
+"""Answer scoring: the KVComm paper's thresholded set-F1, exact match and containment.
+
+The paper normalises with NLTK's WordNet lemmatiser, whose corpora must be downloaded at run
+time. kvcomm lemmatises with simplemma, which ships its data; it has no part-of-speech step, so a
+few words lemmatise differently (e.g. "saw" stays a noun). Everything else follows the paper:
+lowercase, drop punctuation and articles, collapse whitespace, compare token *sets*, and count an
+item as correct when F1 > 0.5, taking the best gold answer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+
+import simplemma
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, straighten quotes, drop punctuation and articles, lemmatise, collapse spaces."""
+    text = text.lower().replace("\u2019", "'")
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(simplemma.lemmatize(word, lang="en") for word in text.split())
+
+
+def set_f1(prediction: str, gold: str) -> float:
+    """F1 between the normalised token sets of ``prediction`` and ``gold``."""
+    pred, ref = set(normalize(prediction).split()), set(normalize(gold).split())
+    common = len(pred & ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def paper_f1(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the set-F1 against some gold answer exceeds 0.5, else 0.0 (the paper's "F1")."""
+    return float(any(set_f1(prediction, gold) > 0.5 for gold in golds))
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals some normalised gold answer."""
+    pred = normalize(prediction)
+    return float(any(pred == normalize(gold) for gold in golds))
+
+
+def contains(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if some normalised gold answer occurs in the normalised prediction (word-aligned)."""
+    pred = f" {normalize(prediction)} "
+    return float(any(f" {normalize(gold)} " in pred for gold in golds if normalize(gold)))
+
+
+METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "paper_f1": paper_f1,
+    "exact_match": exact_match,
+    "contains": contains,
+}

@@ -1,0 +1,87 @@
+"""Tiny randomly initialised models of the three attention layouts, and a byte-level tokenizer.
+
+Nothing is downloaded: configs are built in code (like transformers' ``LlamaModelTester``), and the
+tokenizer is a byte-level BPE with no merges, so any text encodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
+
+import kvcomm  # noqa: F401  (registers the "kvcomm" attention)
+from kvcomm.models import LoadedModel
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAMILIES = ("llama", "qwen2", "gemma3")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", pad_token="<|pad|>",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int = 262, layers: int = 4, kv_heads: int = 2):
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    # Gemma3 mixes sliding-window and global layers with two RoPE bases; a window of 6 tokens
+    # makes the sliding mask matter even for short test sequences.
+    types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"][:layers]
+    return Gemma3TextConfig(**common, head_dim=8, sliding_window=6, layer_types=types, query_pre_attn_scalar=8)
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = tiny_config(family, **kwargs)
+    config._attn_implementation = "kvcomm"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_loaded(family: str = "llama", seed: int = 0, **kwargs) -> LoadedModel:
+    tok = tiny_tokenizer()
+    model = tiny_model(family, seed, vocab_size=len(tok), **kwargs)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tok)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """A tiny Llama saved as a model directory (as a user's local checkpoint would be)."""
+    loaded = tiny_loaded("llama")
+    loaded.model.save_pretrained(tmp_path / "tiny")
+    loaded.tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return path

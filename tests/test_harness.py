@@ -1,0 +1,93 @@
+"""The harness end to end on a tiny model: every method, results JSON, profile, plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, plot_sweep
+from kvcomm.errors import ConfigError
+from kvcomm.eval import Report
+from kvcomm.protocol import empty_input, greedy_generate
+from kvcomm.selection import Profile
+from kvcomm.tasks import load_task
+from tests.conftest import tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def agents() -> Agents:
+    model = tiny_loaded("llama")
+    return Agents(model, model)
+
+
+def test_sweep_runs_every_method_and_records_what_it_did(agents, tmp_path):
+    task = load_task("facts", items=8)
+    methods = build_methods(["baseline", "skyline", "kvcomm", "random", "contiguous"], [0.5, 1.0])
+    report = evaluate(agents, task, methods, EvalConfig(limit=6, batch_size=4, calib_size=2), progress=False)
+    labels = [r.label for r in report.runs]
+    assert labels == ["baseline", "skyline", "kvcomm@0.5", "kvcomm@1", "random@0.5", "random@1",
+                      "contiguous@0.5", "contiguous@1"]
+    by = {r.label: r for r in report.runs}
+    assert by["kvcomm@1"].layers == [0, 1, 2, 3] and len(by["kvcomm@0.5"].layers) == 2
+    assert by["baseline"].kv_bytes_mean == 0 and by["kvcomm@1"].kv_bytes_mean > by["kvcomm@0.5"].kv_bytes_mean
+    for run in report.runs:
+        assert run.n == 6 and 0 <= run.scores["contains"].ci95[0] <= run.scores["contains"].ci95[1] <= 1
+        assert all(i.receiver_ids for i in run.items)
+    assert report.config["calibration_items"] == ["facts_0_0006", "facts_0_0007"]
+    assert report.profile["calibration_items"] == ["facts_0_0006", "facts_0_0007"]
+    path = tmp_path / "r.json"
+    report.save(path)
+    assert Report.model_validate(json.loads(path.read_text())).runs[2].label == "kvcomm@0.5"
+    assert plot_sweep(report, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_profile_round_trip_and_reuse(agents, tmp_path):
+    task = load_task("facts", items=6)
+    profile = calibrate(agents, task, task.items[-2:], progress=False)
+    assert sorted(profile.ranking) == [0, 1, 2, 3] and len(profile.importance) == 4
+    profile.save(tmp_path / "p.json")
+    loaded = Profile.load(tmp_path / "p.json")
+    assert loaded == profile
+    report = evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), loaded,
+                      progress=False)
+    assert report.runs[0].layers == sorted(profile.ranking[:2])
+
+
+def test_profile_calibrated_on_test_items_is_refused(agents):
+    task = load_task("facts", items=6)
+    profile = calibrate(agents, task, task.items[:1], progress=False)
+    with pytest.raises(ConfigError, match="calibrated on test items"):
+        evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
+                 progress=False)
+
+
+def test_answers_do_not_depend_on_batch_size(agents):
+    task = load_task("facts", items=7)
+    methods = lambda: build_methods(["skyline", "kvcomm"], [0.5])  # noqa: E731
+    one = evaluate(agents, task, methods(), EvalConfig(limit=6, batch_size=1), progress=False)
+    many = evaluate(agents, task, methods(), EvalConfig(limit=6, batch_size=4), progress=False)
+    for a, b in zip(one.runs, many.runs):
+        assert [i.answer for i in a.items] == [i.answer for i in b.items]
+
+
+def test_ask_with_all_layers_equals_reading_both_messages_in_sequence(agents):
+    context, question = "Mira lives in Oslo.", "Where does Mira live?"
+    task = load_task("facts", items=1)
+    item = type(task.items[0])("0", context, question, ())
+    model = agents.receiver
+    ids = model.encode_message(task.sender_message(item)) + model.encode_message(task.receiver_message(item))
+    tensor = torch.tensor([ids])
+    expected = greedy_generate(model.model, empty_input(model.model, 1), tensor, tensor >= 0, 6,
+                               model.stop_ids, model.pad_id)[0]
+    assert agents.ask(context, question, max_new_tokens=6) == model.decode(expected)
+
+
+def test_method_options_are_checked():
+    with pytest.raises(ConfigError):
+        build_methods(["kvcomm"])
+    with pytest.raises(ConfigError, match="Did you mean"):
+        build_methods(["skylin"])
+    with pytest.raises(ConfigError):
+        build_methods(["random"], layers=[1, 2])

@@ -1,0 +1,30 @@
+"""The paper's metric and the extra ones."""
+
+from __future__ import annotations
+
+from kvcomm.tasks.metrics import contains, exact_match, normalize, paper_f1, set_f1
+
+
+def test_normalize_drops_case_punctuation_articles_and_lemmatises():
+    assert normalize("The  United States!") == "unite state"  # simplemma has no POS: united -> unite
+    assert normalize("It\u2019s an Apple.") == normalize("it's apple")
+
+
+def test_set_f1_uses_token_sets():
+    assert set_f1("united states", "United States") == 1.0
+    assert set_f1("paris paris france", "france") == 2 * 0.5 * 1 / 1.5  # sets: {paris, france} vs {france}
+
+
+def test_paper_f1_is_thresholded_and_takes_best_gold():
+    assert paper_f1("United States of America", ["United States"]) == 1.0  # F1 0.8
+    assert paper_f1("Carmen lives in Riga.", ["Riga"]) == 0.0  # F1 0.4
+    assert paper_f1("Sable", ["Atlas LLC", "Sable LLC"]) == 1.0  # {sable} vs {sable, llc}: F1 0.67
+    assert paper_f1("Sable LLC", ["Atlas LLC", "Sable LLC"]) == 1.0
+    assert paper_f1("", ["Egypt"]) == 0.0
+
+
+def test_exact_match_and_contains():
+    assert exact_match("Egypt.", ["egypt"]) == 1.0
+    assert exact_match("In Egypt", ["egypt"]) == 0.0
+    assert contains("Carmen lives in Riga.", ["Riga"]) == 1.0
+    assert contains("Rigatoni", ["Riga"]) == 0.0

@@ -1,0 +1,51 @@
+"""Loading from a directory, sharing one copy, refusing incompatible pairs, clear install errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcomm.errors import ConfigError, IncompatibleModelsError, ModelError
+from kvcomm.models import EMBEDDED, check_compatible, load_model, load_pair
+from kvcomm.models.registry import EmbeddedModel
+from tests.conftest import tiny_loaded
+
+
+def test_directory_model_loads_with_kvcomm_attention_and_is_shared(tiny_dir):
+    sender, receiver = load_pair(str(tiny_dir), str(tiny_dir))
+    assert sender is receiver
+    assert sender.model.config._attn_implementation == "kvcomm"
+    assert sender.num_layers == 4 and sender.stop_ids == [sender.tokenizer.eos_token_id]
+
+
+def test_same_shape_fine_tunes_are_accepted():
+    check_compatible(tiny_loaded("llama", seed=0), tiny_loaded("llama", seed=1))
+
+
+@pytest.mark.parametrize("change", [dict(layers=3), dict(kv_heads=4)])
+def test_mismatched_shapes_are_refused(change):
+    with pytest.raises(IncompatibleModelsError, match="cannot exchange KV caches"):
+        check_compatible(tiny_loaded("llama"), tiny_loaded("llama", **change))
+
+
+def test_other_architecture_is_refused():
+    with pytest.raises(IncompatibleModelsError, match="model_type"):
+        check_compatible(tiny_loaded("llama"), tiny_loaded("qwen2"))
+
+
+def test_missing_embedded_model_says_how_to_install():
+    fake = EmbeddedModel("fake", "none", ("fake-pkg",), (("kvcomm_no_such_module", "x.gguf"),), 1)
+    with pytest.raises(ModelError, match="kvcomm models install fake"):
+        fake.part_paths()
+
+
+def test_unknown_names_are_explained():
+    with pytest.raises(ModelError, match="neither an embedded model"):
+        load_model("no-such-model")
+    with pytest.raises(ConfigError, match="Did you mean 'smollm2-135m'"):
+        EMBEDDED.get("smollm2")
+
+
+def test_plain_prompt_without_chat_template():
+    loaded = tiny_loaded("gemma3")
+    loaded.tokenizer.chat_template = None
+    assert loaded.tokenizer.decode(loaded.encode_message("Hi")) == "Hi\nAnswer:"

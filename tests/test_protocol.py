@@ -1,0 +1,139 @@
+"""The protocol against plain forward passes: equivalence, positions, causality, masks, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm.protocol import (AttentionLayout, build_receiver_input, empty_input, greedy_generate, pad_left,
+                             prefill, prefill_logits)
+from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def ones(ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(ids, dtype=torch.bool)
+
+
+def receiver_logits(model, sender_ids, receiver_ids, layers, mode="causal"):
+    sender = prefill(model, sender_ids, ones(sender_ids))
+    start = build_receiver_input(model, sender, layers, mode)
+    return prefill_logits(model, start, receiver_ids, ones(receiver_ids))
+
+
+def test_all_layers_equal_concatenated_forward(family):
+    model = tiny_model(family)
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 7))
+    reference = model(torch.cat([sender_ids, receiver_ids], 1)).logits[:, 12:]
+    got = receiver_logits(model, sender_ids, receiver_ids, range(4))
+    assert (got - reference).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_equals_each_row_alone(family):
+    model = tiny_model(family)
+    senders = [torch.randint(0, 99, (n,)).tolist() for n in (5, 11, 8)]
+    receivers = [torch.randint(0, 99, (n,)).tolist() for n in (6, 3, 9)]
+    s_ids, s_valid = pad_left(senders, 0)
+    r_ids, r_valid = pad_left(receivers, 0)
+    batch = build_receiver_input(model, prefill(model, s_ids, s_valid), [0, 2])
+    logits = prefill_logits(model, batch, r_ids, r_valid)
+    for row, (s, r) in enumerate(zip(senders, receivers)):
+        alone = receiver_logits(model, torch.tensor([s]), torch.tensor([r]), [0, 2])
+        assert (logits[row, -len(r):] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_receiver_positions_continue_at_context_length():
+    layout = AttentionLayout.empty(2, 2)
+    layout.context_len = torch.tensor([12, 5])
+    pos = layout.append(torch.tensor([[False, True, True], [True, True, True]]))
+    assert pos[0, 1:].tolist() == [12, 13] and pos[1].tolist() == [5, 6, 7]
+    assert layout.append(torch.tensor([[True], [True]])).flatten().tolist() == [14, 8]
+
+
+def test_layer_ranges_and_bytes_count_sinks():
+    model = tiny_model("llama")
+    sender = prefill(model, torch.randint(0, 99, (1, 10)), ones(torch.zeros(1, 10)))
+    start = build_receiver_input(model, sender, [1])
+    lengths = [layer.keys.shape[2] for layer in start.cache.layers]
+    assert lengths == [1, 10, 1, 1]
+    per_token = sender.token_bytes(0)
+    assert start.kv_bytes.item() == (10 + 3) * per_token
+    legacy = build_receiver_input(model, sender, [1], mode="legacy")  # the reference always sends layer 0
+    assert [layer.keys.shape[2] for layer in legacy.cache.layers] == [10, 10, 1, 1]
+
+
+@pytest.mark.parametrize("mode, leaks", [("causal", False), ("shift-back", False), ("legacy", True)])
+def test_later_receiver_token_cannot_change_earlier_logits(family, mode, leaks):
+    model = tiny_model(family)
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 6))
+    changed = receiver_ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 99
+    a = receiver_logits(model, sender_ids, receiver_ids, [1], mode)[:, :-1]
+    b = receiver_logits(model, sender_ids, changed, [1], mode)[:, :-1]
+    difference = (a - b).abs().max().item()
+    assert (difference > 1e-3) if leaks else (difference <= 1e-6)
+
+
+def test_rotate_keys_moves_a_key_to_another_position(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 99, (1, 9))
+    cache_keys = prefill(model, ids, ones(ids)).keys
+    shifted = prefill(model, torch.cat([torch.randint(0, 99, (1, 4)), ids], 1), ones(torch.zeros(1, 13))).keys
+    # The first token's key at position 0, moved by 4, is not the same as a key computed at 4 (its
+    # hidden state differs); but at layer 0 the key depends only on the token, so it must match.
+    moved = rotate_keys(cache_keys[0][:, :, :1], torch.tensor([4]), inverse_frequencies(model, 0))
+    assert torch.allclose(moved, shifted[0][:, :, 4:5], atol=1e-5)
+
+
+def test_shift_back_changes_only_the_sink_position(family):
+    model = tiny_model(family)
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 6))
+    causal = receiver_logits(model, sender_ids, receiver_ids, [1])
+    shifted = receiver_logits(model, sender_ids, receiver_ids, [1], "shift-back")
+    everything = receiver_logits(model, sender_ids, receiver_ids, range(4), "shift-back")
+    assert (causal - shifted).abs().max().item() > 1e-4  # the sink moved
+    reference = model(torch.cat([sender_ids, receiver_ids], 1)).logits[:, 12:]
+    assert (everything - reference).abs().max().item() <= 1e-4  # no sinks, no change
+
+
+def test_kvcomm_attention_without_layout_matches_sdpa_after_a_cache(family):
+    """Fails if the AttentionMaskInterface entry is missing: queries after a cache misalign."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 99, (1, 14))
+    reference = model(ids).logits
+    first = model(ids[:, :9], use_cache=True)
+    rest = model(ids[:, 9:], past_key_values=first.past_key_values).logits
+    assert (rest - reference[:, 9:]).abs().max().item() <= 1e-4
+
+
+def test_greedy_batch_equals_batch_of_one(family):
+    model = tiny_model(family)
+    senders = [torch.randint(0, 99, (n,)).tolist() for n in (7, 4, 10)]
+    receivers = [torch.randint(0, 99, (n,)).tolist() for n in (3, 8, 5)]
+
+    def run(rows):
+        s_ids, s_valid = pad_left([senders[r] for r in rows], 0)
+        r_ids, r_valid = pad_left([receivers[r] for r in rows], 0)
+        start = build_receiver_input(model, prefill(model, s_ids, s_valid), [0, 3])
+        return greedy_generate(model, start, r_ids, r_valid, 6, stop_ids=[98], pad_id=0)
+
+    assert run([0, 1, 2]) == [run([r])[0] for r in range(3)]
+
+
+def test_greedy_decoding_matches_argmax_of_full_forward():
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 99, (1, 8))
+    out = greedy_generate(model, empty_input(model, 1), ids, ones(ids), 5, stop_ids=[], pad_id=0)[0]
+    seq = ids
+    for _ in range(5):
+        seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == seq[0, 8:].tolist()
+
+
+def test_out_of_range_layers_are_refused():
+    model = tiny_model("llama")
+    sender = prefill(model, torch.randint(0, 99, (1, 5)), ones(torch.zeros(1, 5)))
+    with pytest.raises(ValueError, match="out of range"):
+        build_receiver_input(model, sender, [4])

@@ -1,0 +1,94 @@
+"""Importance scores against a hand computation, and the selection rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kvcomm.errors import ConfigError
+from kvcomm.protocol import attention_importance, pad_left, prefill
+from kvcomm.selection import (combined_scores, contiguous_layers, format_layers, gaussian_prior, layer_count,
+                              parse_layers, random_layers, rank_layers, top_layers)
+from tests.conftest import tiny_model
+
+
+def test_importance_equals_eager_attention_mass_on_context(family):
+    model = tiny_model(family)
+    eager = tiny_model(family)
+    eager.set_attn_implementation("eager")
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 10)), torch.randint(0, 99, (1, 5))
+    with torch.no_grad():
+        attentions = eager(torch.cat([sender_ids, receiver_ids], 1), output_attentions=True).attentions
+        got = attention_importance(model, prefill(model, sender_ids, sender_ids >= 0), receiver_ids, receiver_ids >= 0)
+    # Receiver queries (rows 10..14) on context keys 1..9, summed over keys, mean over heads and queries.
+    expected = torch.stack([a[0, :, 10:, 1:10].sum(-1).mean() for a in attentions])
+    assert torch.allclose(got[0], expected, atol=1e-5)
+
+
+def test_importance_ignores_padding():
+    model = tiny_model("llama")
+    senders, receivers = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], [[3, 4], [20, 21, 22, 23]]
+    s_ids, s_valid = pad_left(senders, 0)
+    r_ids, r_valid = pad_left(receivers, 0)
+    with torch.no_grad():
+        batch = attention_importance(model, prefill(model, s_ids, s_valid), r_ids, r_valid)
+        for row in range(2):
+            s, r = torch.tensor([senders[row]]), torch.tensor([receivers[row]])
+            alone = attention_importance(model, prefill(model, s, s >= 0), r, r >= 0)
+            assert torch.allclose(batch[row], alone[0], atol=1e-5)
+
+
+def test_combined_score_is_the_papers_formula():
+    importance = [0.2, 0.9, 0.4, 0.1, 0.5]
+    alpha, mu, sigma = 0.8, 0.5, 2.0
+    centre = mu * 4
+    prior = np.array([math.exp(-((l - centre) ** 2) / (2 * sigma**2)) for l in range(5)])
+    prior = (prior - prior.min()) / (prior.max() - prior.min())
+    imp = (np.array(importance) - 0.1) / 0.8
+    assert np.allclose(combined_scores(importance, alpha, mu, sigma), alpha * imp + (1 - alpha) * prior)
+    assert np.allclose(gaussian_prior(5, mu, sigma).max(), 1.0)
+
+
+def test_alpha_one_ranks_by_importance_alone():
+    assert rank_layers(combined_scores([0.3, 0.9, 0.1, 0.5], 1.0)) == [1, 3, 0, 2]
+
+
+def test_constant_importance_falls_back_to_prior():
+    assert rank_layers(combined_scores([0.5] * 5, 0.5, sigma=1.0))[0] == 2
+
+
+@pytest.mark.parametrize("ratio, layers, count", [(0.3, 28, 9), (0.5, 28, 14), (0.7, 28, 20), (0.3, 30, 9),
+                                                  (0.7, 24, 17), (1.0, 30, 30), (0.01, 30, 1)])
+def test_layer_count_is_ceil(ratio, layers, count):
+    assert layer_count(ratio, layers) == count
+
+
+def test_top_layers_takes_the_head_of_the_ranking():
+    assert top_layers([4, 0, 3, 1, 2], 0.4) == [0, 4]
+
+
+def test_bad_ratio_is_refused():
+    with pytest.raises(ConfigError):
+        layer_count(0.0, 10)
+
+
+def test_random_layers_are_seeded_and_sized():
+    assert random_layers(30, 0.5, seed=1) == random_layers(30, 0.5, seed=1)
+    assert random_layers(30, 0.5, seed=1) != random_layers(30, 0.5, seed=2)
+    assert len(random_layers(30, 0.5)) == 15
+
+
+def test_contiguous_layers_form_one_centred_block():
+    assert contiguous_layers(10, 0.3) == [4, 5, 6] or contiguous_layers(10, 0.3) == [3, 4, 5]
+    assert contiguous_layers(10, 1.0) == list(range(10))
+
+
+def test_parse_and_format_layers_round_trip():
+    assert parse_layers("0,4,10-12,-1", 30) == [0, 4, 10, 11, 12, 29]
+    assert format_layers([0, 4, 10, 11, 12, 29]) == "0,4,10-12,29"
+    for bad in ("x", "31", "5-40", ""):
+        with pytest.raises(ConfigError):
+            parse_layers(bad, 30)
