@@ -25,7 +25,7 @@ class Agents:
     receiver: LoadedModel
 
     @classmethod
-    def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32") -> "Agents":
+    def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32") -> Agents:
         a, b = load_pair(sender, receiver, dtype)
         return cls(a, b)
 

@@ -10,6 +10,7 @@ import torch
 from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, plot_sweep
 from kvcomm.errors import ConfigError
 from kvcomm.eval import Report
+from kvcomm.eval.memory import item_bytes, plan_batches, rss_bytes
 from kvcomm.protocol import empty_input, greedy_generate
 from kvcomm.selection import Profile
 from kvcomm.tasks import load_task
@@ -91,3 +92,23 @@ def test_method_options_are_checked():
         build_methods(["skylin"])
     with pytest.raises(ConfigError):
         build_methods(["random"], layers=[1, 2])
+
+
+def test_memory_budget_shrinks_batches_without_changing_answers(agents):
+    task = load_task("facts", items=8)
+    per_item = item_bytes(agents, 200)
+    sizes = [len(b) for b in plan_batches(agents, task, task.items, 8, budget=3 * per_item)]
+    assert sum(sizes) == 8 and max(sizes) <= 3
+    assert [len(b) for b in plan_batches(agents, task, task.items, 8, budget=None)] == [8]
+    methods = lambda: build_methods(["kvcomm"], [0.5])  # noqa: E731
+    free = evaluate(agents, task, methods(), EvalConfig(limit=7, batch_size=8, calib_size=1), progress=False)
+    budget_gb = rss_bytes() / 2**30 + 0.0001  # ~100 KiB above what is in use: one item per batch
+    tight = evaluate(agents, task, methods(), EvalConfig(limit=7, batch_size=8, calib_size=1,
+                                                         max_memory_gb=budget_gb), progress=False)
+    assert [i.answer for i in free.runs[0].items] == [i.answer for i in tight.runs[0].items]
+
+
+def test_impossible_memory_budget_is_refused(agents):
+    with pytest.raises(ConfigError, match="max-memory"):
+        evaluate(agents, load_task("facts", items=4), build_methods(["baseline"]),
+                 EvalConfig(limit=3, max_memory_gb=0.001), progress=False)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcomm.protocol import (AttentionLayout, build_receiver_input, empty_input, greedy_generate, pad_left,
-                             prefill, prefill_logits)
+from kvcomm.protocol import (
+    AttentionLayout,
+    build_receiver_input,
+    empty_input,
+    greedy_generate,
+    pad_left,
+    prefill,
+    prefill_logits,
+)
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 from tests.conftest import tiny_model
 

@@ -10,8 +10,17 @@ import torch
 
 from kvcomm.errors import ConfigError
 from kvcomm.protocol import attention_importance, pad_left, prefill
-from kvcomm.selection import (combined_scores, contiguous_layers, format_layers, gaussian_prior, layer_count,
-                              parse_layers, random_layers, rank_layers, top_layers)
+from kvcomm.selection import (
+    combined_scores,
+    contiguous_layers,
+    format_layers,
+    gaussian_prior,
+    layer_count,
+    parse_layers,
+    random_layers,
+    rank_layers,
+    top_layers,
+)
 from tests.conftest import tiny_model
 
 
@@ -45,7 +54,7 @@ def test_combined_score_is_the_papers_formula():
     importance = [0.2, 0.9, 0.4, 0.1, 0.5]
     alpha, mu, sigma = 0.8, 0.5, 2.0
     centre = mu * 4
-    prior = np.array([math.exp(-((l - centre) ** 2) / (2 * sigma**2)) for l in range(5)])
+    prior = np.array([math.exp(-((layer - centre) ** 2) / (2 * sigma**2)) for layer in range(5)])
     prior = (prior - prior.min()) / (prior.max() - prior.min())
     imp = (np.array(importance) - 0.1) / 0.8
     assert np.allclose(combined_scores(importance, alpha, mu, sigma), alpha * imp + (1 - alpha) * prior)

@@ -9,10 +9,23 @@ import typer
 from rich.table import Table
 
 from kvcomm.agents import Agents
-from kvcomm.cli.common import (DEFAULTS, Alpha, BatchSize, Data, Dtype, Model, Mu, Quiet, Receiver, Sigma,
-                               TaskName, console, open_task)
+from kvcomm.cli.common import (
+    DEFAULTS,
+    Alpha,
+    BatchSize,
+    Data,
+    Dtype,
+    Model,
+    Mu,
+    Quiet,
+    Receiver,
+    Sigma,
+    TaskName,
+    console,
+)
 from kvcomm.eval import split_items
 from kvcomm.selection import calibrate, format_layers, layer_count
+from kvcomm.tasks import load_task
 
 
 def calibrate_command(
@@ -24,7 +37,7 @@ def calibrate_command(
     out: Annotated[Path | None, typer.Option(help="Profile JSON (default results/profile-<task>.json).")] = None,
 ) -> None:
     """Measure per-layer attention importance and save the ranking for `eval --profile`."""
-    the_task = open_task(task, data)
+    the_task = load_task(task, data)
     _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
     agents = Agents.load(model, receiver, dtype)
     profile = calibrate(agents, the_task, items, alpha, mu, sigma, batch_size, progress=not quiet)

@@ -13,7 +13,7 @@ from kvcomm.eval import EvalConfig, Report, evaluate, print_table
 from kvcomm.methods import Method
 from kvcomm.models import DEFAULT_MODEL
 from kvcomm.selection import Profile
-from kvcomm.tasks import Task, load_task
+from kvcomm.tasks import Task
 
 console = Console(stderr=True)
 
@@ -35,14 +35,12 @@ Sigma = Annotated[float, typer.Option(help="Prior width in layers.")]
 Mode = Annotated[str, typer.Option(help="Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S).")]
 Seed = Annotated[int, typer.Option(help="Seed for random layer selection.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+MaxMemory = Annotated[float | None, typer.Option(envvar="KVCOMM_MAX_MEMORY",
+                                                 help="Memory budget in GiB; batches shrink to fit it.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 DEFAULTS = dict(model=DEFAULT_MODEL, task="facts", batch_size=8, calib_size=1, mu=0.5, sigma=10.0,
                 mode="causal", seed=42, dtype="float32")
-
-
-def open_task(name: str, data: Path | None) -> Task:
-    return load_task(name, data)
 
 
 def run_eval(

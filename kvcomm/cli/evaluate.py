@@ -7,12 +7,32 @@ from typing import Annotated
 
 import typer
 
-from kvcomm.cli.common import (DEFAULTS, Alpha, BatchSize, CalibSize, Data, Dtype, Limit, Mode, Model, Mu,
-                               ProfilePath, Quiet, Receiver, Seed, Sigma, TaskName, console, open_task, run_eval)
+from kvcomm.cli.common import (
+    DEFAULTS,
+    Alpha,
+    BatchSize,
+    CalibSize,
+    Data,
+    Dtype,
+    Limit,
+    MaxMemory,
+    Mode,
+    Model,
+    Mu,
+    ProfilePath,
+    Quiet,
+    Receiver,
+    Seed,
+    Sigma,
+    TaskName,
+    console,
+    run_eval,
+)
 from kvcomm.eval import EvalConfig, plot_sweep
 from kvcomm.methods import build_methods
 from kvcomm.models import load_model
 from kvcomm.selection import parse_layers
+from kvcomm.tasks import load_task
 
 
 def eval_command(
@@ -23,16 +43,17 @@ def eval_command(
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
     mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
-    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], quiet: Quiet = False,
+    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
+    quiet: Quiet = False,
     out: Annotated[Path | None, typer.Option(help="Results JSON (default results/<task>-<method>.json).")] = None,
 ) -> None:
     """Evaluate one method on one task and write a results JSON."""
-    the_task = open_task(task, data)
+    the_task = load_task(task, data)
     if method in ("kvcomm", "random", "contiguous") and ratio is None and layers is None:
         ratio = 0.5
     explicit = parse_layers(layers, load_model(model, dtype).num_layers) if layers else None
     methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed)
-    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma)
+    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     out = out or Path("results") / f"{the_task.name}-{methods[0].label}.json"
     run_eval(model, receiver, the_task, methods, config, profile, dtype, quiet, out)
 
@@ -46,11 +67,12 @@ def sweep_command(
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
     mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
-    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], quiet: Quiet = False,
+    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
+    quiet: Quiet = False,
     out_dir: Annotated[Path, typer.Option(help="Where sweep.json and sweep.png go.")] = Path("results"),
 ) -> None:
     """Evaluate methods × ratios on one task; write a results JSON and a score-vs-layers plot."""
-    the_task = open_task(task, data)
+    the_task = load_task(task, data)
     try:
         fractions = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
@@ -63,7 +85,7 @@ def sweep_command(
         except ValueError:
             raise typer.BadParameter(f"bad ratio in {token!r}") from None
         built += build_methods([name], chosen, None, mode, seed)
-    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma)
+    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     stem = f"sweep-{the_task.name}-{Path(model).name}"
     report = run_eval(model, receiver, the_task, built, config, profile, dtype, quiet, out_dir / f"{stem}.json")
     console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}.png')}")

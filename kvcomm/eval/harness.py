@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents, Batch
 from kvcomm.errors import ConfigError
+from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
 from kvcomm.eval.results import ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Method, Setup
 from kvcomm.selection.calibrate import Profile, calibrate
@@ -33,6 +34,7 @@ class EvalConfig:
     alpha: float | None = None
     mu: float = DEFAULT_MU
     sigma: float = DEFAULT_SIGMA
+    max_memory_gb: float | None = None  # process memory budget; batches shrink to stay inside it
 
 
 def split_items(items: Sequence[Item], limit: int | None, calib_size: int) -> tuple[list[Item], list[Item]]:
@@ -83,9 +85,15 @@ def evaluate(
     records: dict[str, list[ItemResult]] = {m.label: [] for m in methods}
     seconds = dict.fromkeys(labels, 0.0)
     sender_seconds = dict.fromkeys(labels, 0.0)
+    budget = None
+    if config.max_memory_gb is not None:
+        budget = int(config.max_memory_gb * GIB) - rss_bytes()
+        if budget <= 0:
+            raise ConfigError(f"--max-memory {config.max_memory_gb} GiB is below what the loaded models "
+                              f"already use ({rss_bytes() / GIB:.1f} GiB)")
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
-    for start in range(0, len(test), config.batch_size):
-        batch = Batch(agents, task, test[start:start + config.batch_size])
+    for chunk in plan_batches(agents, task, test, config.batch_size, budget):
+        batch = Batch(agents, task, chunk)
         for method in methods:
             began = time.perf_counter()
             prefill_before = batch.sender_seconds

@@ -62,8 +62,9 @@ class Report(BaseModel):
 
 
 def environment() -> dict[str, str]:
-    from kvcomm import __version__
     import transformers
+
+    from kvcomm import __version__
 
     return {
         "kvcomm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

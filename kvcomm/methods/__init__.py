@@ -1,10 +1,14 @@
 """Communication methods behind one interface (:class:`Method`), looked up by name in ``METHODS``."""
 
+from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, Output, Setup
 from kvcomm.methods.kvcomm import ContiguousLayers, RandomLayers, SharedKV
 from kvcomm.methods.prompt import Baseline, Skyline
 
-__all__ = ["METHODS", "Baseline", "build_methods", "ContiguousLayers", "Method", "Output", "RandomLayers", "Setup", "SharedKV", "Skyline"]
+__all__ = [
+    "METHODS", "Baseline", "ContiguousLayers", "Method", "Output", "RandomLayers", "Setup", "SharedKV", "Skyline",
+    "build_methods",
+]
 
 
 def build_methods(
@@ -15,8 +19,6 @@ def build_methods(
 
     ``layers`` (explicit indices) replaces the ratios for ``kvcomm``.
     """
-    from kvcomm.errors import ConfigError
-
     built: list[Method] = []
     for name in names:
         cls = METHODS.get(name)

@@ -63,7 +63,7 @@ class AttentionLayout:
             raise ConfigError(f"unknown mask mode {self.mode!r}; valid: {', '.join(MASK_MODES)}")
 
     @classmethod
-    def empty(cls, num_layers: int, batch_size: int, device: torch.device | str = "cpu") -> "AttentionLayout":
+    def empty(cls, num_layers: int, batch_size: int, device: torch.device | str = "cpu") -> AttentionLayout:
         """A layout with nothing received: a model reading its own prompt (sender, baseline, skyline)."""
         none = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         return cls(

@@ -41,7 +41,7 @@ class Profile(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         try:
             return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError) as err:
