@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcomm.models.loading import LoadedModel, load_pair
-from kvcomm.protocol import SenderKV, build_receiver_input, greedy_generate, pad_left, prefill
+from kvcomm.protocol import SenderKV, greedy_generate, pad_left, prefill, receiver_input, share
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
+from kvcomm.wire import KVMessage, check_fingerprint
 
 
 @dataclass
@@ -37,16 +38,48 @@ class Agents:
         self, context: str, question: str, layers: Sequence[int] | None = None,
         mode: str = "causal", max_new_tokens: int = 32, instruction: str = QA_INSTRUCTION,
     ) -> str:
-        """One exchange: the sender reads ``context``, the receiver answers ``question`` using the
-        sender's KV at ``layers`` (all layers if None) and the sink token elsewhere."""
-        task = Task("ask", [Item("0", context, question, ())], max_new_tokens, instruction)
-        batch = Batch(self, task, task.items)
-        prompt = batch.prompt("receiver", task.receiver_message)
-        chosen = range(self.num_layers) if layers is None else layers
-        start = build_receiver_input(self.receiver.model, batch.sender_kv(), chosen, mode)
-        ids = greedy_generate(self.receiver.model, start, prompt.input_ids, prompt.valid, max_new_tokens,
-                              self.receiver.stop_ids, self.receiver.pad_id)
-        return self.receiver.decode(ids[0])
+        """One exchange in process: the sender reads ``context``, the receiver answers ``question``
+        using the sender's KV at ``layers`` (all layers if None) and the sink token elsewhere."""
+        message = encode_context(self.sender, context, layers, codec="fp32", mode=mode, instruction=instruction)
+        return answer(self.receiver, message, question, max_new_tokens, instruction)
+
+
+def encode_context(
+    sender: LoadedModel, context: str, layers: Sequence[int] | None = None, codec: str = "fp16",
+    mode: str = "causal", instruction: str = QA_INSTRUCTION,
+) -> KVMessage:
+    """The sender's side of an exchange: prefill ``context`` and pack the chosen layers' KV.
+
+    Args:
+        layers: layers shared in full (all if None); the others carry the sink token.
+        codec: payload codec (``fp32``, ``fp16``, ``int8``, ``int4``, ``cachegen``, ``zstd`` …).
+        mode: ``causal``, ``legacy`` or ``shift-back``; recorded so the receiver masks alike.
+    """
+    item = Item("0", context, "", ())
+    ids = sender.encode_message(Task("encode", [item], 1, instruction).sender_message(item))
+    input_ids, valid = pad_left([ids], sender.pad_id)
+    chosen = range(sender.num_layers) if layers is None else layers
+    shared = share(sender.model, prefill(sender.model, input_ids, valid), chosen, mode)
+    return KVMessage.from_shared(shared, sender.fingerprint, codec, {"sender": sender.name, "mode": mode})
+
+
+def answer(
+    receiver: LoadedModel, message: KVMessage, question: str, max_new_tokens: int = 32,
+    instruction: str = QA_INSTRUCTION,
+) -> str:
+    """The receiver's side: check the message's fingerprint, prefill the question on it, decode.
+
+    Raises:
+        FingerprintMismatch: the message was made by an incompatible model.
+    """
+    check_fingerprint(message.fingerprint, receiver.fingerprint)
+    item = Item("0", "", question, ())
+    ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
+    input_ids, valid = pad_left([ids], receiver.pad_id)
+    dtype = next(receiver.model.parameters()).dtype
+    start = receiver_input(message.to_shared(dtype), message.meta.get("mode", "causal"))
+    out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
+    return receiver.decode(out[0])
 
 
 @dataclass

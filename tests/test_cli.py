@@ -42,3 +42,43 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
 def test_bad_options_fail_cleanly(tiny_dir):
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--method", "kvcom", "-q"])
     assert result.exit_code != 0 and "Did you mean 'kvcomm'" in str(result.exception)
+
+
+def test_encode_inspect_answer_round_trip(tiny_dir, tmp_path):
+    message = tmp_path / "m.kvcm"
+    result = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "Mira lives in Oslo.",
+                                 "--layers", "0,2", "--codec", "int8"])
+    assert result.exit_code == 0, result.output
+    shown = runner.invoke(app, ["inspect", str(message)])
+    assert shown.exit_code == 0 and "valid" in shown.output and "0,2 (2/4)" in shown.output
+    header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
+    assert header["codec"] == {"name": "quant", "params": {"bits": 8, "group": 32}}
+    answered = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "Where?",
+                                   "--max-new-tokens", "3"])
+    assert answered.exit_code == 0, answered.output
+
+
+def test_answer_refuses_a_message_from_another_model(tiny_dir, tmp_path):
+    from kvcomm.wire import FingerprintMismatch, KVMessage
+
+    message = tmp_path / "m.kvcm"
+    runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x"])
+    loaded = KVMessage.load(message)
+    loaded.fingerprint["num_kv_heads"] = 7
+    loaded.save(message)
+    result = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "q"])
+    assert isinstance(result.exception, FingerprintMismatch)
+
+
+def test_sweep_over_codecs_records_message_bytes(tiny_dir, tmp_path):
+    result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "facts", "--limit", "2",
+                                 "--methods", "kvcomm", "--ratios", "1", "--codecs", "none,fp32,int4", "-q",
+                                 "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    runs = {r["label"]: r for r in json.loads((tmp_path / "sweep-facts-tiny.json").read_text())["runs"]}
+    assert set(runs) == {"kvcomm@1", "kvcomm@1+fp32", "kvcomm@1+int4"}
+    # fp32 through the wire answers exactly as in process; its bytes are the real message size.
+    assert [i["answer"] for i in runs["kvcomm@1"]["items"]] == [i["answer"] for i in runs["kvcomm@1+fp32"]["items"]]
+    assert runs["kvcomm@1+fp32"]["kv_bytes_mean"] > runs["kvcomm@1"]["kv_bytes_mean"]  # plus headers
+    assert runs["kvcomm@1+int4"]["kv_bytes_mean"] < runs["kvcomm@1"]["kv_bytes_mean"] / 4
+    assert (tmp_path / "sweep-facts-tiny-bytes.png").exists()

@@ -144,3 +144,19 @@ def test_out_of_range_layers_are_refused():
     sender = prefill(model, torch.randint(0, 99, (1, 5)), ones(torch.zeros(1, 5)))
     with pytest.raises(ValueError, match="out of range"):
         build_receiver_input(model, sender, [4])
+
+
+def test_shared_rows_restack_to_the_same_receiver_logits():
+    from kvcomm.protocol import SharedKV, receiver_input, share
+
+    model = tiny_model("qwen2")
+    s_ids, s_valid = pad_left([[5, 6, 7], [8, 9, 10, 11, 12, 13]], 0)
+    r_ids, r_valid = pad_left([[20, 21, 22, 23], [24, 25]], 0)
+    shared = share(model, prefill(model, s_ids, s_valid), [1, 3])
+    rows = [shared.row(i) for i in range(2)]
+    assert [r.keys[1].shape[2] for r in rows] == [3, 6] and [r.keys[0].shape[2] for r in rows] == [1, 1]
+    again = SharedKV.stack(rows)
+    assert torch.equal(again.kv_bytes, shared.kv_bytes)
+    a = prefill_logits(model, receiver_input(shared), r_ids, r_valid)
+    b = prefill_logits(model, receiver_input(again), r_ids, r_valid)
+    assert torch.allclose(a, b, atol=1e-6)

@@ -8,6 +8,7 @@ from kvcomm.cli import models
 from kvcomm.cli.calibrate import calibrate_command
 from kvcomm.cli.demo import demo
 from kvcomm.cli.evaluate import eval_command, sweep_command
+from kvcomm.cli.wire import answer_command, encode_command, inspect_command
 from kvcomm.errors import KvcommError
 
 app = typer.Typer(
@@ -17,6 +18,9 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("sweep")(sweep_command)
 app.command("calibrate")(calibrate_command)
+app.command("encode")(encode_command)
+app.command("inspect")(inspect_command)
+app.command("answer")(answer_command)
 app.add_typer(models.app, name="models")
 
 

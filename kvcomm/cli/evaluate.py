@@ -39,6 +39,8 @@ def eval_command(
     method: Annotated[str, typer.Option(help="baseline, skyline, kvcomm, random or contiguous.")] = "kvcomm",
     ratio: Annotated[float | None, typer.Option(help="Fraction of layers to share.")] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Send KV through a message with this codec (fp16, int8, "
+                                              "int4, cachegen, zstd …); bytes are the message's size.")] = None,
     model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
@@ -52,7 +54,8 @@ def eval_command(
     if method in ("kvcomm", "random", "contiguous") and ratio is None and layers is None:
         ratio = 0.5
     explicit = parse_layers(layers, load_model(model, dtype).num_layers) if layers else None
-    methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed)
+    methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed,
+                            [codec] if codec else None)
     config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     out = out or Path("results") / f"{the_task.name}-{methods[0].label}.json"
     run_eval(model, receiver, the_task, methods, config, profile, dtype, quiet, out)
@@ -63,6 +66,8 @@ def sweep_command(
         help="Comma-separated methods; 'name@0.5' runs a KV method at that ratio only."
     )] = "baseline,skyline,kvcomm,random@0.5",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions for KV methods.")] = "0.3,0.5,0.7,1.0",
+    codecs: Annotated[str, typer.Option(help="Comma-separated codecs for KV methods; 'none' = in-process "
+                                        "(e.g. 'none,int8,int4,cachegen').")] = "none",
     model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
@@ -77,6 +82,7 @@ def sweep_command(
         fractions = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
         raise typer.BadParameter(f"--ratios must be numbers, got {ratios!r}") from None
+    wire = [None if c.strip() == "none" else c.strip() for c in codecs.split(",") if c.strip()]
     built = []
     for token in filter(None, (m.strip() for m in methods.split(","))):
         name, _, only = token.partition("@")
@@ -84,8 +90,10 @@ def sweep_command(
             chosen = [float(only)] if only else fractions
         except ValueError:
             raise typer.BadParameter(f"bad ratio in {token!r}") from None
-        built += build_methods([name], chosen, None, mode, seed)
+        built += build_methods([name], chosen, None, mode, seed, wire)
     config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     stem = f"sweep-{the_task.name}-{Path(model).name}"
     report = run_eval(model, receiver, the_task, built, config, profile, dtype, quiet, out_dir / f"{stem}.json")
     console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}.png')}")
+    if any(wire):
+        console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}-bytes.png', x='bytes')}")

@@ -122,7 +122,8 @@ def evaluate(
         runs.append(RunResult(
             method=method.name, label=method.label, layers=layers,
             fraction=None if layers is None else len(layers) / agents.num_layers,
-            mode=getattr(method, "mode", None), n=len(items), scores=summarize(items),
+            mode=getattr(method, "mode", None), codec=getattr(method, "codec_name", None), n=len(items),
+            scores=summarize(items),
             kv_bytes_mean=sum(i.kv_bytes for i in items) / max(len(items), 1),
             seconds=seconds[method.label], sender_seconds=sender_seconds[method.label], items=items,
         ))

@@ -38,6 +38,7 @@ class RunResult(BaseModel):
     layers: list[int] | None
     fraction: float | None  # shared layers / all layers; None for methods that send no KV
     mode: str | None
+    codec: str | None = None  # wire codec the KV went through (None: in process)
     n: int
     scores: dict[str, Score]
     kv_bytes_mean: float

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from kvcomm.agents import Batch
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, Output, Setup
-from kvcomm.protocol import MASK_MODES, build_receiver_input, greedy_generate
+from kvcomm.protocol import MASK_MODES, SharedKV, greedy_generate, receiver_input, share
 from kvcomm.selection.rules import contiguous_layers, format_layers, random_layers, top_layers
+from kvcomm.wire import KVMessage, check_fingerprint, make_codec
 
 
-class SharedKV(Method):
+class KVCommMethod(Method):
     """Shares the sender's KV at chosen layers (sink token elsewhere) and decodes greedily.
 
     Args:
@@ -23,12 +24,15 @@ class SharedKV(Method):
         layers: explicit layer indices (only for ``kvcomm``; excludes ``ratio``).
         mode: mask mode, one of ``causal`` (default), ``legacy``, ``shift-back``.
         seed: random seed (``random`` only).
+        codec: when set (``fp16``, ``int8``, ``int4``, ``cachegen`` …), every item's KV goes through
+            an encoded :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are the
+            message's real size.
     """
 
     name = "kvcomm"
 
     def __init__(self, ratio: float | None = None, layers: Sequence[int] | None = None,
-                 mode: str = "causal", seed: int = 42) -> None:
+                 mode: str = "causal", seed: int = 42, codec: str | None = None) -> None:
         if (ratio is None) == (layers is None):
             raise ConfigError(f"{self.name}: give exactly one of a ratio or a layer list")
         if layers is not None and self.name != "kvcomm":
@@ -36,13 +40,16 @@ class SharedKV(Method):
         if mode not in MASK_MODES:
             raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MASK_MODES)}")
         self.ratio, self.mode, self.seed = ratio, mode, seed
+        self.codec = make_codec(codec) if codec else None
+        self.codec_name = codec
         self._layers = sorted(set(layers)) if layers is not None else None
 
     @property
     def label(self) -> str:
         what = f"{self.ratio:g}" if self.ratio is not None else format_layers(self._layers or [])
         suffix = "" if self.mode == "causal" else f"[{self.mode}]"
-        return f"{self.name}@{what}{suffix}"
+        codec = f"+{self.codec_name}" if self.codec_name else ""
+        return f"{self.name}@{what}{codec}{suffix}"
 
     @property
     def layers(self) -> list[int] | None:
@@ -62,7 +69,11 @@ class SharedKV(Method):
         if self._layers is None:
             raise ConfigError(f"{self.label}: setup() must run before run()")
         receiver = batch.agents.receiver
-        start = build_receiver_input(receiver.model, batch.sender_kv(), self._layers, self.mode)
+        shared = share(receiver.model, batch.sender_kv(), self._layers, self.mode)
+        message_bytes = None
+        if self.codec is not None:
+            shared, message_bytes = self._through_wire(shared, batch)
+        start = receiver_input(shared, self.mode)
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         answers = greedy_generate(
             receiver.model, start, prompt.input_ids, prompt.valid,
@@ -72,15 +83,28 @@ class SharedKV(Method):
             answers=[receiver.decode(ids) for ids in answers],
             receiver_ids=prompt.ids,
             sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
-            kv_bytes=start.kv_bytes.tolist(),
+            kv_bytes=message_bytes if message_bytes is not None else start.kv_bytes.tolist(),
         )
 
+    def _through_wire(self, shared: SharedKV, batch: Batch) -> tuple[SharedKV, list[int]]:
+        """Encodes each row as a KV message, decodes it back; returns the rows and message sizes."""
+        sender, receiver = batch.agents.sender, batch.agents.receiver
+        dtype = next(receiver.model.parameters()).dtype
+        rows, sizes = [], []
+        for i in range(len(batch.items)):
+            data = KVMessage.from_shared(shared.row(i), sender.fingerprint, self.codec).to_bytes()
+            message = KVMessage.from_bytes(data)
+            check_fingerprint(message.fingerprint, receiver.fingerprint)
+            rows.append(message.to_shared(dtype))
+            sizes.append(len(data))
+        return SharedKV.stack(rows), sizes
 
-METHODS.add("kvcomm", SharedKV)
+
+METHODS.add("kvcomm", KVCommMethod)
 
 
 @METHODS.register("random")
-class RandomLayers(SharedKV):
+class RandomLayers(KVCommMethod):
     """KVComm with ``ceil(ratio * L)`` layers drawn at random (seeded): the paper's Random rows."""
 
     name = "random"
@@ -91,7 +115,7 @@ class RandomLayers(SharedKV):
 
 
 @METHODS.register("contiguous")
-class ContiguousLayers(SharedKV):
+class ContiguousLayers(KVCommMethod):
     """KVComm with one block of consecutive layers centred in the middle of the stack."""
 
     name = "contiguous"

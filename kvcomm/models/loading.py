@@ -8,6 +8,7 @@ process: a sender and receiver naming the same checkpoint share one copy in memo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,13 @@ class LoadedModel:
             "head_dim": int(head_dim),
             "rope": {k: v for k, v in sorted(rope.items())} if isinstance(rope, dict) else str(rope),
         }
+
+    @cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """:attr:`kv_signature` plus a hash of the vocabulary: what a KV message is checked against."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:32]
+        return {**self.kv_signature, "vocab_sha256": digest}
 
     @property
     def has_chat_template(self) -> bool:

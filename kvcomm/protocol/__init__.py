@@ -4,18 +4,21 @@ from kvcomm.protocol import attention as _attention  # registers the "kvcomm" at
 from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder
 from kvcomm.protocol.receiver import (
     ReceiverInput,
+    SharedKV,
     attention_importance,
     build_receiver_input,
     empty_input,
     greedy_generate,
     prefill_logits,
+    receiver_input,
+    share,
 )
 from kvcomm.protocol.sender import SenderKV, pad_left, prefill
 
 ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
-    "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV",
+    "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV", "SharedKV",
     "attention_importance", "build_receiver_input", "empty_input", "greedy_generate", "pad_left",
-    "prefill", "prefill_logits",
+    "prefill", "prefill_logits", "receiver_input", "share",
 ]

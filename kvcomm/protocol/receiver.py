@@ -11,10 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import ConfigError
-from kvcomm.protocol.layout import AttentionLayout, ImportanceRecorder
+from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 from kvcomm.protocol.sender import SenderKV, run_body
 
@@ -28,31 +29,98 @@ class ReceiverInput:
     kv_bytes: torch.Tensor  # [B] bytes of received keys and values (sinks included)
 
 
+@dataclass
+class SharedKV:
+    """What the sender gives the receiver, layer by layer (left-padded over a batch).
+
+    At a shared layer: the whole context; elsewhere: the sink (first context token) only.
+
+    Attributes:
+        keys, values: per layer ``[B, Hkv, P_l, D]``.
+        positions: per layer ``[B, P_l]`` RoPE positions of those keys.
+        valid: per layer ``[B, P_l]`` False on padding.
+        context_len: ``[B]`` |C|, where the receiver's own positions start.
+        full: per layer, whether the whole context is shared there.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    valid: list[torch.Tensor]
+    context_len: torch.Tensor
+    full: list[bool]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def kv_bytes(self) -> torch.Tensor:
+        """``[B]`` bytes of the real (non-padding) keys and values of each row."""
+        total = torch.zeros(self.context_len.shape[0], dtype=torch.long)
+        for keys, valid in zip(self.keys, self.valid):
+            total += valid.sum(1) * 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+        return total
+
+    def row(self, index: int) -> SharedKV:
+        """One row, padding removed (``B`` = 1)."""
+        def cut(tensor: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            keep = valid[index]
+            return tensor[index:index + 1, ..., keep, :] if tensor.dim() == 4 else tensor[index:index + 1, keep]
+
+        return SharedKV(
+            keys=[cut(k, m) for k, m in zip(self.keys, self.valid)],
+            values=[cut(v, m) for v, m in zip(self.values, self.valid)],
+            positions=[cut(p, m) for p, m in zip(self.positions, self.valid)],
+            valid=[m[index:index + 1, m[index]] for m in self.valid],
+            context_len=self.context_len[index:index + 1], full=list(self.full),
+        )
+
+    @classmethod
+    def stack(cls, rows: Sequence[SharedKV]) -> SharedKV:
+        """Left-pads single rows back into one batch (the inverse of :meth:`row`)."""
+        def pad(tensors: list[torch.Tensor]) -> torch.Tensor:
+            width = max(t.shape[-2 if t.dim() == 4 else -1] for t in tensors)
+            out = []
+            for t in tensors:
+                missing = width - t.shape[-2 if t.dim() == 4 else -1]
+                out.append(F.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)))
+            return torch.cat(out, dim=0)
+
+        def column(field: str) -> list[torch.Tensor]:
+            return [pad([getattr(r, field)[layer] for r in rows]) for layer in range(rows[0].num_layers)]
+
+        return cls(
+            keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
+            context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full),
+        )
+
+
 def _gather_sink(tensor: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """[B, H, C, D] -> [B, H, 1, D]: each row's first real (non-padding) token."""
     index = first[:, None, None, None].expand(-1, tensor.shape[1], 1, tensor.shape[3])
     return tensor.gather(2, index)
 
 
-def build_receiver_input(
-    model: PreTrainedModel | None,
-    sender: SenderKV,
-    layers: Iterable[int],
-    mode: str = "causal",
-) -> ReceiverInput:
-    """Builds the receiver cache: full sender KV at ``layers``, the sink token elsewhere.
+def share(
+    model: PreTrainedModel | None, sender: SenderKV, layers: Iterable[int], mode: str = "causal"
+) -> SharedKV:
+    """Cache surgery: the sender's full KV at ``layers``, its first token (the sink) elsewhere.
 
     Args:
         model: the receiver; needed only for ``shift-back`` (its RoPE frequencies).
         sender: the sender's KV for a batch.
         layers: indices of the layers whose KV is shared in full.
-        mode: ``causal``, ``legacy`` (reference parity: layer 0 is always shared in full, as the
-            reference code does, and masks are sliced) or ``shift-back`` (KVComm-S).
+        mode: ``causal``; ``legacy`` (reference parity: layer 0 is always shared in full, as the
+            reference code does) or ``shift-back`` (KVComm-S: the sink key is re-rotated to
+            position |C|-1, right before the receiver's first token).
 
     Raises:
         ConfigError: a layer index is out of range or the mode is unknown.
     """
-    selected = set(int(layer) for layer in layers)
+    if mode not in MASK_MODES:
+        raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
+    selected = {int(layer) for layer in layers}
     bad = sorted(layer for layer in selected if not 0 <= layer < sender.num_layers)
     if bad:
         raise ConfigError(f"layer indices {bad} out of range for a {sender.num_layers}-layer model")
@@ -60,39 +128,46 @@ def build_receiver_input(
         selected.add(0)
     if mode == "shift-back" and model is None:
         raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
-    batch = sender.valid.shape[0]
     context_len = sender.context_len
     first = sender.valid.shape[1] - context_len  # left padding: first real column per row
-    sink_pos = torch.zeros(batch, 1, dtype=torch.long)
+    sink_pos = torch.zeros_like(context_len)[:, None]
     if mode == "shift-back":
-        sink_pos = (context_len - 1).clamp(min=0)[:, None]  # sink right before the receiver
-
-    cache = DynamicCache()
-    prefix_pos, prefix_valid = [], []
-    kv_bytes = torch.zeros(batch, dtype=torch.long)
+        sink_pos = (context_len - 1).clamp(min=0)[:, None]
+    shared = SharedKV([], [], [], [], context_len, [])
     for layer in range(sender.num_layers):
         keys, values = sender.keys[layer], sender.values[layer]
-        if layer in selected:
-            prefix_pos.append(sender.positions)
-            prefix_valid.append(sender.valid)
-            kv_bytes += context_len * sender.token_bytes(layer)
-        else:
+        full = layer in selected
+        if not full:
             keys, values = _gather_sink(keys, first), _gather_sink(values, first)
             if mode == "shift-back":
                 keys = rotate_keys(keys, sink_pos[:, 0], inverse_frequencies(model, layer))
-            prefix_pos.append(sink_pos)
-            prefix_valid.append(context_len[:, None] > 0)
-            kv_bytes += (context_len > 0).long() * sender.token_bytes(layer)
+        shared.keys.append(keys)
+        shared.values.append(values)
+        shared.positions.append(sender.positions if full else sink_pos)
+        shared.valid.append(sender.valid if full else context_len[:, None] > 0)
+        shared.full.append(full)
+    return shared
+
+
+def receiver_input(shared: SharedKV, mode: str = "causal") -> ReceiverInput:
+    """A receiver cache holding ``shared`` at every layer, and the layout that masks it."""
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(zip(shared.keys, shared.values)):
         cache.update(keys, values, layer)
+    batch = shared.context_len.shape[0]
     layout = AttentionLayout(
-        prefix_pos=prefix_pos,
-        prefix_valid=prefix_valid,
-        context_len=context_len,
-        own_pos=torch.zeros(batch, 0, dtype=torch.long),
-        own_valid=torch.zeros(batch, 0, dtype=torch.bool),
+        prefix_pos=list(shared.positions), prefix_valid=list(shared.valid), context_len=shared.context_len,
+        own_pos=torch.zeros(batch, 0, dtype=torch.long), own_valid=torch.zeros(batch, 0, dtype=torch.bool),
         mode=mode,
     )
-    return ReceiverInput(cache=cache, layout=layout, kv_bytes=kv_bytes)
+    return ReceiverInput(cache=cache, layout=layout, kv_bytes=shared.kv_bytes)
+
+
+def build_receiver_input(
+    model: PreTrainedModel | None, sender: SenderKV, layers: Iterable[int], mode: str = "causal"
+) -> ReceiverInput:
+    """:func:`share` then :func:`receiver_input`: the in-process path, without a wire in between."""
+    return receiver_input(share(model, sender, layers, mode), mode)
 
 
 def empty_input(model: PreTrainedModel, batch: int) -> ReceiverInput:

@@ -1,0 +1,61 @@
+"""The codec interface and registry: a codec turns one layer's keys and values into named tensors.
+
+The message format stores those tensors with safetensors (no pickle, zero-copy readable), so a
+codec only decides *what* to store; framing, checksums and size limits live in ``message.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from kvcomm.errors import ConfigError
+from kvcomm.registry import Registry
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Codec(ABC):
+    """Encodes one layer's keys and values, each ``[H, T, D]`` float32, into named tensors."""
+
+    name: ClassVar[str]
+
+    def params(self) -> dict[str, Any]:
+        """Parameters recorded in the message header (enough to rebuild this codec)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        """Named tensors that :meth:`decode` turns back into ``(keys, values)``."""
+
+    @abstractmethod
+    def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+               num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[H, T, D]`` (float32) from :meth:`encode`'s output.
+
+        Raises:
+            KeyError, ValueError, RuntimeError: malformed tensors (the reader turns these into
+                :class:`~kvcomm.wire.errors.CorruptMessage`).
+        """
+
+
+CODECS: Registry[type[Codec]] = Registry("codec")
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def preset(name: str, codec: str, **params: Any) -> None:
+    """Registers a short name users type (``int4``) for a codec with parameters."""
+    PRESETS[name] = (codec, params)
+
+
+def make_codec(name: str, **params: Any) -> Codec:
+    """A codec from a preset name (``fp16``, ``int8``, ``int4``, ``cachegen``, ``zstd`` …) or a codec
+    class name with explicit parameters."""
+    if name in PRESETS:
+        codec, defaults = PRESETS[name]
+        return CODECS.get(codec)(**{**defaults, **params})
+    if name in CODECS:
+        return CODECS.get(name)(**params)
+    raise ConfigError(f"unknown codec {name!r}; valid: {', '.join(sorted(PRESETS))}")

@@ -1,0 +1,102 @@
+"""Group-wise integer quantisation (KIVI-style): keys per channel, values per token.
+
+Keys have outlier *channels*, so each channel gets its own range over a group of tokens; values
+vary per token, so each token gets its own range over a group of channels. Ranges are stored in
+float16 and the codes are rounded against those stored ranges, so decoding reproduces exactly
+what the encoder measured its error against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs unsigned ``bits``-bit codes (any shape) into a flat uint8 tensor."""
+    per_byte = 8 // bits
+    flat = codes.flatten().to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % per_byte))
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``count`` codes, as int64."""
+    per_byte = 8 // bits
+    if packed.numel() * per_byte < count:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {count} {bits}-bit codes")
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    codes = (packed.to(torch.uint8)[:, None] >> shifts) & ((1 << bits) - 1)
+    return codes.flatten()[:count].long()
+
+
+def _grouped(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
+    """Moves ``dim`` last and splits it into groups: ``[..., n_groups, group]`` (edge-padded)."""
+    moved = x.movedim(dim, -1)
+    length = moved.shape[-1]
+    group = min(group, length)  # a group never spans more than the axis (no padding waste)
+    pad = (-length) % group
+    if pad:
+        moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
+    return moved.reshape(*moved.shape[:-1], -1, group), length
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int, group: int) -> Tensors:
+    """Asymmetric uniform quantisation of ``x`` in groups of ``group`` along ``dim``."""
+    groups, _ = _grouped(x.float(), dim, group)
+    low = groups.amin(dim=-1, keepdim=True).half()
+    scale = ((groups.amax(dim=-1, keepdim=True) - low.float()) / ((1 << bits) - 1)).clamp(min=1e-6).half()
+    codes = ((groups - low.float()) / scale.float()).round().clamp(0, (1 << bits) - 1)
+    return {"q": pack(codes, bits), "low": low.squeeze(-1), "scale": scale.squeeze(-1)}
+
+
+def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`quantize` for a tensor of ``shape``."""
+    lead = list(shape)
+    length = lead.pop(dim)
+    group = min(group, length)
+    groups = -(-length // group)
+    codes = unpack(t["q"], bits, math.prod(lead) * groups * group).view(*lead, groups, group).float()
+    x = codes * t["scale"].float().view(*lead, groups, 1) + t["low"].float().view(*lead, groups, 1)
+    return x.reshape(*lead, groups * group)[..., :length].movedim(-1, dim)
+
+
+@CODECS.register("quant")
+class QuantCodec(Codec):
+    """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
+    (values), with a float16 minimum and step per group."""
+
+    name = "quant"
+
+    def __init__(self, bits: int = 8, group: int = 32) -> None:
+        if bits not in (2, 4, 8):
+            raise ValueError("quant codec bits must be 2, 4 or 8")
+        if group < 1:
+            raise ValueError("quant codec group must be positive")
+        self.bits, self.group = bits, group
+
+    def params(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group": self.group}
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        k = quantize(keys, self.bits, dim=1, group=self.group)  # per channel: groups of tokens
+        v = quantize(values, self.bits, dim=2, group=self.group)  # per token: groups of channels
+        return {**{f"k.{n}": t for n, t in k.items()}, **{f"v.{n}": t for n, t in v.items()}}
+
+    def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+               num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part = lambda p: {n: tensors[f"{p}.{n}"] for n in ("q", "low", "scale")}  # noqa: E731
+        keys = dequantize(part("k"), self.bits, 1, self.group, shape)
+        values = dequantize(part("v"), self.bits, 2, self.group, shape)
+        return keys, values
+
+
+preset("int8", "quant", bits=8, group=32)
+preset("int4", "quant", bits=4, group=32)
+preset("int2", "quant", bits=2, group=32)

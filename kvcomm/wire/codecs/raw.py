@@ -1,0 +1,68 @@
+"""Uncompressed KV in a floating-point type, and the same bytes through zstd as a yardstick."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@CODECS.register("raw")
+class RawCodec(Codec):
+    """Keys and values cast to ``dtype``: exact in float32, half the bytes in float16/bfloat16."""
+
+    name = "raw"
+
+    def __init__(self, dtype: str = "float16") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"raw codec dtype must be one of {', '.join(DTYPES)}")
+        self.dtype = dtype
+
+    def params(self) -> dict[str, Any]:
+        return {"dtype": self.dtype}
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        return {"k": keys.to(DTYPES[self.dtype]).contiguous(), "v": values.to(DTYPES[self.dtype]).contiguous()}
+
+    def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+               num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tensors["k"].float().reshape(shape), tensors["v"].float().reshape(shape)
+
+
+@CODECS.register("zstd")
+class ZstdCodec(Codec):
+    """float16 keys and values compressed by zstd: what a generic compressor gets from KV."""
+
+    name = "zstd"
+
+    def __init__(self, level: int = 3) -> None:
+        self.level = level
+
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        raw = torch.cat([keys.flatten(), values.flatten()]).half().numpy().tobytes()
+        packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
+        return {"zstd": torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy())}
+
+    def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+               num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        size = 2 * 2 * int(np.prod(shape))
+        raw = zstandard.ZstdDecompressor().decompress(tensors["zstd"].numpy().tobytes(), max_output_size=size)
+        if len(raw) != size:
+            raise ValueError(f"zstd payload holds {len(raw)} bytes, expected {size}")
+        both = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float()
+        return both[: size // 4].reshape(shape), both[size // 4:].reshape(shape)
+
+
+preset("fp32", "raw", dtype="float32")
+preset("fp16", "raw", dtype="float16")
+preset("bf16", "raw", dtype="bfloat16")
+preset("zstd", "zstd", level=3)

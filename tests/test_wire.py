@@ -1,0 +1,155 @@
+"""The KV message format: round trips, a golden file, and clean refusal of bad bytes (fuzzed)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcomm.protocol import prefill, prefill_logits, receiver_input, share
+from kvcomm.wire import (
+    PRESETS,
+    CorruptMessage,
+    FingerprintMismatch,
+    KVMessage,
+    LayerKV,
+    MessageReader,
+    MessageTooLarge,
+    TruncatedMessage,
+    UnsupportedVersion,
+    WireError,
+    check_fingerprint,
+    make_codec,
+)
+from tests.conftest import tiny_model
+
+GOLDEN = Path(__file__).parent / "golden" / "message_v1.kvcm"
+# Worst relative error each codec may show on smooth, KV-like data (measured here, with margin).
+TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
+             "cachegen": 0.1}
+
+
+def kv_like(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """Channel offsets plus a slow drift over tokens plus noise: roughly how real keys look."""
+    g = torch.Generator().manual_seed(seed)
+    channel = torch.randn(heads, 1, dim, generator=g) * 3
+    drift = torch.cumsum(torch.randn(heads, tokens, dim, generator=g) * 0.1, dim=1)
+    return channel + drift + torch.randn(heads, tokens, dim, generator=g) * 0.3
+
+
+def message(codec: str = "fp32", layers: int = 3, tokens: int = 5, seed: int = 0) -> KVMessage:
+    entries = [LayerKV(i, i != 1, kv_like(2, tokens if i != 1 else 1, 4, seed + i),
+                       kv_like(2, tokens if i != 1 else 1, 4, seed + 10 + i)) for i in range(layers)]
+    return KVMessage({"model_type": "test", "num_layers": layers}, tokens, 0, entries, make_codec(codec),
+                     {"note": "golden"})
+
+
+@pytest.mark.parametrize("codec", sorted(PRESETS))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(heads=st.integers(1, 3), tokens=st.integers(1, 40), dim=st.sampled_from([2, 8, 16]),
+       seed=st.integers(0, 1000))
+def test_every_codec_round_trips_within_its_stated_error(codec, heads, tokens, dim, seed):
+    keys, values = kv_like(heads, tokens, dim, seed), kv_like(heads, tokens, dim, seed + 1)
+    layers = [LayerKV(0, True, keys, values), LayerKV(1, False, keys[:, :1], values[:, :1])]
+    original = KVMessage({"m": 1}, tokens, 0, layers, make_codec(codec))
+    back = KVMessage.from_bytes(original.to_bytes())
+    for a, b in zip(original.layers, back.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            assert x.shape == y.shape
+            assert ((x - y).norm() / x.norm().clamp(min=1e-6)).item() <= TOLERANCE[codec]
+    assert back.codec.params() == original.codec.params() and back.fingerprint == {"m": 1}
+
+
+def test_golden_file_decodes_and_encoding_is_stable():
+    expected = message().to_bytes()
+    if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):  # only when the format version is bumped on purpose
+        GOLDEN.write_bytes(expected)
+    golden = GOLDEN.read_bytes()
+    assert golden == expected, "the v1 byte layout changed: bump VERSION instead of editing the format"
+    decoded = KVMessage.from_bytes(golden)
+    assert decoded.meta == {"note": "golden"} and decoded.shared_layers == [0, 2]
+    assert torch.equal(decoded.layers[2].values, message().layers[2].values)
+
+
+def test_receiver_through_the_wire_equals_in_process():
+    model = tiny_model("llama")
+    s_ids, r_ids = torch.randint(0, 99, (1, 11)), torch.randint(0, 99, (1, 5))
+    shared = share(model, prefill(model, s_ids, s_ids >= 0), [0, 2])
+    wire = KVMessage.from_bytes(KVMessage.from_shared(shared, {"m": 1}, "fp32").to_bytes()).to_shared()
+    direct = prefill_logits(model, receiver_input(shared), r_ids, r_ids >= 0)
+    through = prefill_logits(model, receiver_input(wire), r_ids, r_ids >= 0)
+    assert torch.allclose(direct, through, atol=1e-6)
+
+
+def test_streaming_reader_yields_layers_in_order():
+    data = message(layers=4).to_bytes()
+    reader = MessageReader(io.BytesIO(data))
+    assert reader.header["context_len"] == 5
+    assert [layer.index for layer in reader.layers()] == [0, 1, 2, 3]
+
+
+def test_every_truncation_is_refused():
+    data = message("int4").to_bytes()
+    for cut in range(len(data)):
+        with pytest.raises((TruncatedMessage, CorruptMessage)):
+            KVMessage.from_bytes(data[:cut])
+
+
+def test_every_single_byte_corruption_is_refused():
+    data = message("cachegen").to_bytes()
+    for position in range(0, len(data), 3):
+        mutated = bytearray(data)
+        mutated[position] ^= 0x41
+        with pytest.raises(WireError):
+            KVMessage.from_bytes(bytes(mutated))
+
+
+def test_wrong_version_oversize_and_trailing_bytes():
+    data = message().to_bytes()
+    with pytest.raises(UnsupportedVersion):
+        KVMessage.from_bytes(data[:4] + struct.pack("<H", 99) + data[6:])
+    with pytest.raises(MessageTooLarge):
+        KVMessage.from_bytes(data, max_bytes=len(data) - 1)
+    with pytest.raises(CorruptMessage, match="trailing"):
+        KVMessage.from_bytes(data + b"x")
+
+
+def test_fingerprint_mismatch_names_the_fields():
+    with pytest.raises(FingerprintMismatch, match="num_layers: message 3, receiver 4"):
+        check_fingerprint({"model_type": "test", "num_layers": 3}, {"model_type": "test", "num_layers": 4})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_only_raise_wire_errors(data):
+    with pytest.raises(WireError):
+        KVMessage.from_bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_messages_only_raise_wire_errors_or_decode_exactly(data):
+    original = message(data.draw(st.sampled_from(["fp16", "int8", "cachegen", "zstd"]))).to_bytes()
+    mutated = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(mutated)))
+    candidate = bytes(mutated[:cut]) + data.draw(st.binary(max_size=8))
+    try:
+        KVMessage.from_bytes(candidate)
+    except WireError:
+        return
+    assert candidate == original  # only the unmodified message may decode
+
+
+def test_save_and_load_are_atomic(tmp_path):
+    path = tmp_path / "m.kvcm"
+    size = message().save(path)
+    assert path.stat().st_size == size and not list(tmp_path.glob("*.partial"))
+    assert KVMessage.load(path).context_len == 5
