@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from kvcomm.models.loading import LoadedModel, load_pair
-from kvcomm.protocol import SenderKV, greedy_generate, pad_left, prefill, receiver_input, share
-from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
+from kvcomm.protocol import SenderKV, greedy_generate, merge_senders, pad_left, prefill, receiver_input, share
+from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task, split_context
 from kvcomm.wire import KVMessage, check_fingerprint
 
 
@@ -99,7 +99,7 @@ class Batch:
     task: Task
     items: list[Item]
     sender_seconds: float = 0.0
-    _sender_kv: SenderKV | None = field(default=None, repr=False)
+    _sender_kv: dict[int, SenderKV] = field(default_factory=dict, repr=False)
     _prompts: dict[tuple[str, str], Prompt] = field(default_factory=dict, repr=False)
 
     def prompt(self, agent: str, message: Callable[[Item], str]) -> Prompt:
@@ -112,11 +112,26 @@ class Batch:
             self._prompts[key] = Prompt(ids, input_ids, valid)
         return self._prompts[key]
 
-    def sender_kv(self) -> SenderKV:
-        """The sender's KV over its messages, computed on first call (timed in ``sender_seconds``)."""
-        if self._sender_kv is None:
-            prompt = self.prompt("sender", self.task.sender_message)
+    def sender_kv(self, senders: int = 1) -> SenderKV:
+        """The senders' KV over their messages, computed on first call (timed in ``sender_seconds``).
+
+        With ``senders`` > 1 each item's context is split in that many parts, each part is read by
+        its own sender, and their KV is merged with consistent positions.
+        """
+        if senders not in self._sender_kv:
+            model = self.agents.sender
             start = time.perf_counter()
-            self._sender_kv = prefill(self.agents.sender.model, prompt.input_ids, prompt.valid)
-            self.sender_seconds = time.perf_counter() - start
-        return self._sender_kv
+            if senders == 1:
+                prompt = self.prompt("sender", self.task.sender_message)
+                kv = prefill(model.model, prompt.input_ids, prompt.valid)
+            else:
+                pieces = [split_context(item.context, senders) for item in self.items]
+                parts = []
+                for part in range(senders):
+                    ids = [model.encode_message(self.task.sender_message(replace(item, context=p[part])))
+                           for item, p in zip(self.items, pieces)]
+                    parts.append(prefill(model.model, *pad_left(ids, model.pad_id)))
+                kv = merge_senders(model.model, parts)
+            self._sender_kv[senders] = kv
+            self.sender_seconds += time.perf_counter() - start
+        return self._sender_kv[senders]

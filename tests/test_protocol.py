@@ -160,3 +160,38 @@ def test_shared_rows_restack_to_the_same_receiver_logits():
     a = prefill_logits(model, receiver_input(shared), r_ids, r_valid)
     b = prefill_logits(model, receiver_input(again), r_ids, r_valid)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_two_senders_with_all_layers_equal_reading_both_contexts_in_sequence(family):
+    """Sender 2 never saw sender 1, so the reference is one sequence [C1; C2; Q] in which C2 does not
+    attend to C1; positions run on through all three (sender 2's keys are re-rotated)."""
+    from kvcomm.protocol import merge_senders
+
+    model = tiny_model(family)
+    c1, c2, q = torch.randint(0, 99, (1, 7)), torch.randint(0, 99, (1, 5)), torch.randint(0, 99, (1, 4))
+    merged = merge_senders(model, [prefill(model, c, ones(c)) for c in (c1, c2)])
+    got = prefill_logits(model, build_receiver_input(model, merged, range(4)), q, ones(q))
+    n = 16
+    allowed = torch.ones(n, n).tril().bool()
+    allowed[7:12, :7] = False  # C2 does not see C1
+    mask = allowed[None, None]
+    if family == "gemma3":  # its sliding layers also need the window (6) applied to the reference
+        near = (torch.arange(n)[:, None] - torch.arange(n)[None, :]) < model.config.sliding_window
+        mask = {"full_attention": mask, "sliding_attention": (allowed & near)[None, None]}
+    reference = model(torch.cat([c1, c2, q], 1), attention_mask=mask).logits[:, 12:]
+    assert (got - reference).abs().max().item() <= 1e-4
+
+
+def test_two_padded_senders_in_a_batch_equal_each_row_alone():
+    from kvcomm.protocol import merge_senders
+
+    model = tiny_model("llama")
+    firsts, seconds, questions = [[5, 6, 7], [8, 9, 10, 11, 12]], [[13, 14, 15, 16], [17]], [[20, 21], [22, 23, 24]]
+
+    def run(rows):
+        parts = [prefill(model, *pad_left([c[r] for r in rows], 0)) for c in (firsts, seconds)]
+        q_ids, q_valid = pad_left([questions[r] for r in rows], 0)
+        start = build_receiver_input(model, merge_senders(model, parts), [0, 2])
+        return greedy_generate(model, start, q_ids, q_valid, 4, stop_ids=[], pad_id=0)
+
+    assert run([0, 1]) == [run([0])[0], run([1])[0]]

@@ -37,6 +37,12 @@ Seed = Annotated[int, typer.Option(help="Seed for random layer selection.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 MaxMemory = Annotated[float | None, typer.Option(envvar="KVCOMM_MAX_MEMORY",
                                                  help="Memory budget in GiB; batches shrink to fit it.")]
+Senders = Annotated[int, typer.Option(help="Split each context among this many senders (KV methods).")]
+RoundOne = Annotated[int, typer.Option(help="NLD/CIPHER round-1 budget in tokens (or vectors).")]
+Fuse = Annotated[str, typer.Option(help="AC fusion: replace, sum or mean.")]
+LayerK = Annotated[int | None, typer.Option(help="AC: sender hidden state after this many layers (<0 from the end).")]
+LayerJ = Annotated[int | None, typer.Option(help="AC: receiver layer the vector enters before (<0 from the end).")]
+Interval = Annotated[int, typer.Option(help="Online calibration: rebuild the ranking every N items.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 DEFAULTS = dict(model=DEFAULT_MODEL, task="facts", batch_size=8, calib_size=1, mu=0.5, sigma=10.0,

@@ -14,6 +14,10 @@ from kvcomm.cli.common import (
     CalibSize,
     Data,
     Dtype,
+    Fuse,
+    Interval,
+    LayerJ,
+    LayerK,
     Limit,
     MaxMemory,
     Mode,
@@ -22,7 +26,9 @@ from kvcomm.cli.common import (
     ProfilePath,
     Quiet,
     Receiver,
+    RoundOne,
     Seed,
+    Senders,
     Sigma,
     TaskName,
     console,
@@ -36,7 +42,8 @@ from kvcomm.tasks import load_task
 
 
 def eval_command(
-    method: Annotated[str, typer.Option(help="baseline, skyline, kvcomm, random or contiguous.")] = "kvcomm",
+    method: Annotated[str, typer.Option(
+        help="baseline, skyline, kvcomm, random, contiguous, nld, cipher, ac or online.")] = "kvcomm",
     ratio: Annotated[float | None, typer.Option(help="Fraction of layers to share.")] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
     codec: Annotated[str | None, typer.Option(help="Send KV through a message with this codec (fp16, int8, "
@@ -46,16 +53,17 @@ def eval_command(
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
     mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
     seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
-    quiet: Quiet = False,
+    senders: Senders = 1, round_one_tokens: RoundOne = 256, ac_fuse: Fuse = "mean", ac_k: LayerK = None,
+    ac_j: LayerJ = None, interval: Interval = 8, quiet: Quiet = False,
     out: Annotated[Path | None, typer.Option(help="Results JSON (default results/<task>-<method>.json).")] = None,
 ) -> None:
     """Evaluate one method on one task and write a results JSON."""
     the_task = load_task(task, data)
-    if method in ("kvcomm", "random", "contiguous") and ratio is None and layers is None:
+    if method in ("kvcomm", "random", "contiguous", "online") and ratio is None and layers is None:
         ratio = 0.5
     explicit = parse_layers(layers, load_model(model, dtype).num_layers) if layers else None
     methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed,
-                            [codec] if codec else None)
+                            [codec] if codec else None, senders, round_one_tokens, ac_fuse, ac_k, ac_j, interval)
     config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     out = out or Path("results") / f"{the_task.name}-{methods[0].label}.json"
     run_eval(model, receiver, the_task, methods, config, profile, dtype, quiet, out)
@@ -73,7 +81,8 @@ def sweep_command(
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
     mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
     seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
-    quiet: Quiet = False,
+    senders: Senders = 1, round_one_tokens: RoundOne = 256, ac_fuse: Fuse = "mean", ac_k: LayerK = None,
+    ac_j: LayerJ = None, interval: Interval = 8, quiet: Quiet = False,
     out_dir: Annotated[Path, typer.Option(help="Where sweep.json and sweep.png go.")] = Path("results"),
 ) -> None:
     """Evaluate methods × ratios on one task; write a results JSON and a score-vs-layers plot."""
@@ -90,10 +99,10 @@ def sweep_command(
             chosen = [float(only)] if only else fractions
         except ValueError:
             raise typer.BadParameter(f"bad ratio in {token!r}") from None
-        built += build_methods([name], chosen, None, mode, seed, wire)
+        built += build_methods([name], chosen, None, mode, seed, wire, senders, round_one_tokens, ac_fuse, ac_k,
+                               ac_j, interval)
     config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
     stem = f"sweep-{the_task.name}-{Path(model).name}"
     report = run_eval(model, receiver, the_task, built, config, profile, dtype, quiet, out_dir / f"{stem}.json")
-    console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}.png')}")
-    if any(wire):
-        console.print(f"plot: {plot_sweep(report, out_dir / f'{stem}-bytes.png', x='bytes')}")
+    console.print(f"plots: {plot_sweep(report, out_dir / f'{stem}.png')}, "
+                  f"{plot_sweep(report, out_dir / f'{stem}-bytes.png', x='bytes')}")

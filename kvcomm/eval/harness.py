@@ -59,9 +59,6 @@ def evaluate(
         ConfigError: the item split is impossible, labels collide, or the profile was calibrated
             on test items or for another depth.
     """
-    labels = [m.label for m in methods]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"two configurations share a label: {labels}")
     test, calib = split_items(task.items, config.limit, config.calib_size)
     test_ids = {item.id for item in test}
 
@@ -81,6 +78,9 @@ def evaluate(
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking)
     for method in methods:
         method.setup(setup)
+    labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two configurations share a label: {labels}")
 
     records: dict[str, list[ItemResult]] = {m.label: [] for m in methods}
     seconds = dict.fromkeys(labels, 0.0)
@@ -111,6 +111,7 @@ def evaluate(
                     gold=list(item.answers),
                     scores={name: fn(output.answers[i], item.answers) for name, fn in METRICS.items()},
                     kv_bytes=output.kv_bytes[i],
+                    message=output.messages[i] if output.messages is not None else None,
                 ))
             bar.update(len(batch.items))
     bar.close()
@@ -125,7 +126,8 @@ def evaluate(
             mode=getattr(method, "mode", None), codec=getattr(method, "codec_name", None), n=len(items),
             scores=summarize(items),
             kv_bytes_mean=sum(i.kv_bytes for i in items) / max(len(items), 1),
-            seconds=seconds[method.label], sender_seconds=sender_seconds[method.label], items=items,
+            seconds=seconds[method.label], sender_seconds=sender_seconds[method.label],
+            details=method.details(), items=items,
         ))
     return Report(
         config={

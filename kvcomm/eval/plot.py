@@ -24,6 +24,9 @@ def plot_sweep(report: Report, path: str | Path, metric: str | None = None, x: s
     lines: dict[str, list[tuple[float, float, tuple[float, float]]]] = defaultdict(list)
     for run in report.runs:
         score = run.scores[metric]
+        if run.fraction is None and x == "bytes" and run.kv_bytes_mean > 0:  # NLD, CIPHER, AC: one point
+            ax.scatter([run.kv_bytes_mean], [score.mean], marker="s", zorder=3, label=f"{run.label}")
+            continue
         if run.fraction is None:
             ax.axhline(score.mean, linestyle="--", linewidth=1.2, label=f"{run.label} ({score.mean:.2f})",
                        color="grey" if run.method == "baseline" else "black")

@@ -22,7 +22,8 @@ class ItemResult(BaseModel):
     answer: str
     gold: list[str]
     scores: dict[str, float]
-    kv_bytes: int
+    kv_bytes: int  # bytes the receiver was sent: KV (sinks included), text, or vectors
+    message: str | None = None  # readable form of a text or vector message
 
 
 class Score(BaseModel):
@@ -44,6 +45,7 @@ class RunResult(BaseModel):
     kv_bytes_mean: float
     seconds: float  # receiver-side wall time of this configuration
     sender_seconds: float  # sender prefill time this configuration used (shared within a sweep)
+    details: dict[str, Any] | None = None  # method-specific (e.g. online calibration drift)
     items: list[ItemResult]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kvcomm.agents import Batch
 from kvcomm.registry import Registry
@@ -18,7 +18,8 @@ class Output:
     answers: list[str]
     receiver_ids: list[list[int]]
     sender_ids: list[list[int]] | None
-    kv_bytes: list[int]
+    kv_bytes: list[int]  # bytes sent to the receiver: KV, text or vectors, whatever the method sends
+    messages: list[str] | None = None  # a readable form of what was sent (e.g. NLD's summary)
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Method(ABC):
 
     def setup(self, setup: Setup) -> None:
         """Resolves anything that depends on the model (e.g. which layers to share)."""
+
+    def details(self) -> dict[str, Any] | None:
+        """Method-specific facts for the results (e.g. online calibration's ranking drift)."""
+        return None
 
     @abstractmethod
     def run(self, batch: Batch) -> Output:

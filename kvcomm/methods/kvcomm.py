@@ -27,12 +27,14 @@ class KVCommMethod(Method):
         codec: when set (``fp16``, ``int8``, ``int4``, ``cachegen`` …), every item's KV goes through
             an encoded :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are the
             message's real size.
+        senders: split each context among this many senders; their KV is concatenated at the
+            shared layers with consistent positions (the sink is the first sender's first token).
     """
 
     name = "kvcomm"
 
     def __init__(self, ratio: float | None = None, layers: Sequence[int] | None = None,
-                 mode: str = "causal", seed: int = 42, codec: str | None = None) -> None:
+                 mode: str = "causal", seed: int = 42, codec: str | None = None, senders: int = 1) -> None:
         if (ratio is None) == (layers is None):
             raise ConfigError(f"{self.name}: give exactly one of a ratio or a layer list")
         if layers is not None and self.name != "kvcomm":
@@ -42,6 +44,9 @@ class KVCommMethod(Method):
         self.ratio, self.mode, self.seed = ratio, mode, seed
         self.codec = make_codec(codec) if codec else None
         self.codec_name = codec
+        if senders < 1:
+            raise ConfigError("senders must be at least 1")
+        self.senders = senders
         self._layers = sorted(set(layers)) if layers is not None else None
 
     @property
@@ -49,7 +54,8 @@ class KVCommMethod(Method):
         what = f"{self.ratio:g}" if self.ratio is not None else format_layers(self._layers or [])
         suffix = "" if self.mode == "causal" else f"[{self.mode}]"
         codec = f"+{self.codec_name}" if self.codec_name else ""
-        return f"{self.name}@{what}{codec}{suffix}"
+        senders = f"x{self.senders}" if self.senders > 1 else ""
+        return f"{self.name}@{what}{senders}{codec}{suffix}"
 
     @property
     def layers(self) -> list[int] | None:
@@ -69,7 +75,7 @@ class KVCommMethod(Method):
         if self._layers is None:
             raise ConfigError(f"{self.label}: setup() must run before run()")
         receiver = batch.agents.receiver
-        shared = share(receiver.model, batch.sender_kv(), self._layers, self.mode)
+        shared = share(receiver.model, batch.sender_kv(self.senders), self._layers, self.mode)
         message_bytes = None
         if self.codec is not None:
             shared, message_bytes = self._through_wire(shared, batch)

@@ -80,12 +80,28 @@ class LoadedModel:
 
         Models without a chat template (base models) get a plain ``text\\nAnswer:`` prompt.
         """
+        return self.encode_message_parts(text, [])[0]
+
+    def encode_message_parts(self, text: str, markers: list[str]) -> list[list[int]]:
+        """Like :meth:`encode_message`, but cut at each marker in ``text`` (markers removed), so
+        vectors or other tokens can be spliced in between the pieces."""
         if self.has_chat_template:
             prompt = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(f"{text}\nAnswer:", add_special_tokens=True)["input_ids"])
+            start: list[int] = []
+        else:
+            prompt = f"{text}\nAnswer:"
+            start = list(self.tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if any
+        pieces = [prompt]
+        for marker in markers:
+            head, found, tail = pieces.pop().partition(marker)
+            if not found:
+                raise ValueError(f"marker {marker!r} not in the message")
+            pieces += [head, tail]
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) if p else [] for p in pieces]
+        ids[0] = start + ids[0]
+        return ids
 
     @cached_property
     def stop_ids(self) -> list[int]:

@@ -13,12 +13,12 @@ from kvcomm.protocol.receiver import (
     receiver_input,
     share,
 )
-from kvcomm.protocol.sender import SenderKV, pad_left, prefill
+from kvcomm.protocol.sender import SenderKV, merge_senders, pad_left, prefill
 
 ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV", "SharedKV",
-    "attention_importance", "build_receiver_input", "empty_input", "greedy_generate", "pad_left",
+    "attention_importance", "build_receiver_input", "empty_input", "greedy_generate", "merge_senders", "pad_left",
     "prefill", "prefill_logits", "receiver_input", "share",
 ]

@@ -129,7 +129,7 @@ def share(
     if mode == "shift-back" and model is None:
         raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
     context_len = sender.context_len
-    first = sender.valid.shape[1] - context_len  # left padding: first real column per row
+    first = sender.valid.int().argmax(dim=1)  # first real column per row (padding may be anywhere)
     sink_pos = torch.zeros_like(context_len)[:, None]
     if mode == "shift-back":
         sink_pos = (context_len - 1).clamp(min=0)[:, None]
@@ -186,12 +186,13 @@ def greedy_generate(
     stop_ids: Sequence[int],
     pad_id: int,
 ) -> list[list[int]]:
-    """Prefills ``input_ids`` on top of ``start`` and decodes greedily, row by row until a stop id.
+    """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
+    decodes greedily, row by row until a stop id.
 
     Returns the generated ids of each row, without the stop token.
     """
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
-    logits = run_body(model, input_ids, valid, start.cache, start.layout, with_logits=True, logits_to_keep=1)
+    logits = run_body(model, input_ids, valid, start.cache, start.layout, logits_to_keep=1).logits
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -203,7 +204,7 @@ def greedy_generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         token = token.masked_fill(done, pad_id)
-        logits = run_body(model, token[:, None], ~done[:, None], start.cache, start.layout, with_logits=True)
+        logits = run_body(model, token[:, None], ~done[:, None], start.cache, start.layout).logits
     return out
 
 
@@ -212,7 +213,7 @@ def prefill_logits(
     model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """Receiver logits ``[B, T, V]`` over its whole prompt (used by tests and analysis)."""
-    return run_body(model, input_ids, valid, start.cache, start.layout, with_logits=True)
+    return run_body(model, input_ids, valid, start.cache, start.layout).logits
 
 
 @torch.inference_mode()
@@ -226,6 +227,6 @@ def attention_importance(
     """
     start = build_receiver_input(model, sender, range(sender.num_layers))
     start.layout.recorder = ImportanceRecorder()
-    run_body(model, input_ids, valid, start.cache, start.layout, with_logits=False)
+    run_body(model, input_ids, valid, start.cache, start.layout, head=False)
     scores = start.layout.recorder.scores
     return torch.stack([scores[layer] for layer in range(sender.num_layers)], dim=1)

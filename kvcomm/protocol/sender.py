@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.protocol.layout import AttentionLayout
+from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 
 
 def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,20 +57,24 @@ class SenderKV:
 
 
 def run_body(
-    model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor,
-    cache: DynamicCache, layout: AttentionLayout, with_logits: bool, logits_to_keep: int = 0,
-) -> torch.Tensor | None:
+    model: PreTrainedModel, tokens: torch.Tensor, valid: torch.Tensor, cache: DynamicCache,
+    layout: AttentionLayout, head: bool = True, logits_to_keep: int = 0, hidden_states: bool = False,
+) -> Any:
     """One forward step of ``model`` over new own tokens, masked by ``layout``.
 
-    Returns logits ``[B, T', V]`` when ``with_logits`` (the last ``logits_to_keep`` positions, all
-    if 0); otherwise skips the language-model head, which prefill-only callers do not need.
+    Args:
+        tokens: ids ``[B, T]``, or input embeddings ``[B, T, H]`` (CIPHER's vectors).
+        head: run the language-model head (its output has ``logits``, the last ``logits_to_keep``
+            positions or all if 0); prefill-only callers skip it.
+        hidden_states: also return every layer's hidden states.
     """
     position_ids = layout.append(valid)
-    kwargs = dict(position_ids=position_ids, past_key_values=cache, use_cache=True, kvcomm_layout=layout)
-    if with_logits:
-        return model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs).logits
-    model.get_decoder()(input_ids=input_ids, **kwargs)
-    return None
+    inputs = {"inputs_embeds": tokens} if tokens.is_floating_point() else {"input_ids": tokens}
+    kwargs = dict(position_ids=position_ids, past_key_values=cache, use_cache=True, kvcomm_layout=layout,
+                  output_hidden_states=hidden_states, **inputs)
+    if head:
+        return model(logits_to_keep=logits_to_keep, **kwargs)
+    return model.get_decoder()(**kwargs)
 
 
 @torch.inference_mode()
@@ -77,10 +83,39 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
     num_layers = model.config.get_text_config().num_hidden_layers
     layout = AttentionLayout.empty(num_layers, input_ids.shape[0], input_ids.device)
     cache = DynamicCache()
-    run_body(model, input_ids, valid, cache, layout, with_logits=False)
+    run_body(model, input_ids, valid, cache, layout, head=False)
     return SenderKV(
         keys=[layer.keys for layer in cache.layers],
         values=[layer.values for layer in cache.layers],
         positions=layout.own_pos,
         valid=layout.own_valid,
+    )
+
+
+def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
+    """Several senders' KV as one context, in order, with consistent positions.
+
+    Each sender prefilled its own context from position 0; every later sender's keys are
+    re-rotated so that its positions follow the earlier senders' (the reference code leaves them
+    overlapping). Padding may then sit between senders; masks only look at validity.
+    """
+    if len(senders) == 1:
+        return senders[0]
+    offset = torch.zeros_like(senders[0].context_len)
+    keys: list[list[torch.Tensor]] = [[] for _ in range(senders[0].num_layers)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(senders[0].num_layers)]
+    positions, valid = [], []
+    for sender in senders:
+        for layer in range(sender.num_layers):
+            k = sender.keys[layer]
+            if bool(offset.any()):
+                k = rotate_keys(k, offset, inverse_frequencies(model, layer))
+            keys[layer].append(k)
+            values[layer].append(sender.values[layer])
+        positions.append(sender.positions + offset[:, None])
+        valid.append(sender.valid)
+        offset = offset + sender.context_len
+    return SenderKV(
+        keys=[torch.cat(k, dim=2) for k in keys], values=[torch.cat(v, dim=2) for v in values],
+        positions=torch.cat(positions, dim=1), valid=torch.cat(valid, dim=1),
     )

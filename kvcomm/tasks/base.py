@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from kvcomm.errors import DataError
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
 
@@ -44,3 +47,22 @@ class Task:
 
     def skyline_message(self, item: Item) -> str:
         return f"Instruction: {self.instruction} Context: {item.context} Question: {item.question}"
+
+
+def split_context(text: str, parts: int) -> list[str]:
+    """Splits a context into ``parts`` consecutive pieces at sentence ends, balanced by length.
+
+    Used to give each of several senders its own share of one item's context.
+    """
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    if parts < 1 or len(sentences) < parts:
+        raise DataError(f"cannot split a context of {len(sentences)} sentence(s) into {parts} parts")
+    ends = [sum(len(s) for s in sentences[: i + 1]) for i in range(len(sentences))]
+    cuts = [0]
+    for k in range(1, parts):
+        target = ends[-1] * k / parts
+        # the cut closest to the target that leaves at least one sentence for each later part
+        options = range(cuts[-1] + 1, len(sentences) - (parts - k) + 1)
+        cuts.append(min(options, key=lambda i: abs(ends[i - 1] - target)))
+    cuts.append(len(sentences))
+    return [" ".join(sentences[a:b]) for a, b in zip(cuts, cuts[1:])]

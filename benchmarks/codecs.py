@@ -1,0 +1,82 @@
+"""Codecs on real KV: size against float16, reconstruction error, encode and decode throughput.
+
+Prefills the sender on a task's contexts, shares every layer, and passes each item's KV through
+every codec as a whole KV message (header, framing and checksums included). Throughput is MB of
+float16 KV per second (the same yardstick for every codec), on one process of this machine.
+
+    python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
+        --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kvcomm import Agents, Batch, load_task
+from kvcomm.protocol import share
+from kvcomm.wire import PRESETS, KVMessage, make_codec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="facts")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--items", type=int, default=16)
+    parser.add_argument("--codecs", default=",".join(sorted(PRESETS)))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
+    args = parser.parse_args()
+
+    agents = Agents.load(args.model)
+    task = load_task(args.task, args.data)
+    batch = Batch(agents, task, task.items[: args.items])
+    shared = share(agents.sender.model, batch.sender_kv(), range(agents.num_layers))
+    rows = [shared.row(i) for i in range(len(batch.items))]
+    fp16_bytes = sum(int(r.kv_bytes[0]) // 2 for r in rows)  # the model runs in float32
+    results = []
+    for name in args.codecs.split(","):
+        codec = make_codec(name)
+        messages = [KVMessage.from_shared(r, agents.sender.fingerprint, codec) for r in rows]
+        began = time.perf_counter()
+        blobs = [m.to_bytes() for m in messages]
+        encode_s = time.perf_counter() - began
+        began = time.perf_counter()
+        decoded = [KVMessage.from_bytes(b) for b in blobs]
+        decode_s = time.perf_counter() - began
+        error, cosine, count = 0.0, 0.0, 0
+        for original, back in zip(messages, decoded):
+            for a, b in zip(original.layers, back.layers):
+                for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                    error += ((x - y).norm() / x.norm().clamp(min=1e-12)).item()
+                    cosine += torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
+                    count += 1
+        size = sum(len(b) for b in blobs)
+        results.append({
+            "codec": name, "params": codec.params(), "bytes": size, "ratio_vs_fp16": fp16_bytes / size,
+            "relative_error": error / count, "cosine": cosine / count,
+            "encode_mb_s": fp16_bytes / 1e6 / encode_s, "decode_mb_s": fp16_bytes / 1e6 / decode_s,
+        })
+
+    table = Table(title=f"codecs · {args.model} · {args.task} · {len(rows)} contexts, all "
+                        f"{agents.num_layers} layers · fp16 KV {fp16_bytes / 1e6:.2f} MB")
+    for column in ("codec", "bytes", "× vs fp16", "rel. error", "cosine", "encode MB/s", "decode MB/s"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["codec"], f"{r['bytes']:,}", f"{r['ratio_vs_fp16']:.2f}", f"{r['relative_error']:.4f}",
+                      f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}")
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(rows),
+                                    "fp16_bytes": fp16_bytes, "codecs": results}, indent=1) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
