@@ -18,11 +18,12 @@ from kvcomm.methods import METHODS, Method, build_methods
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
 from kvcomm.protocol import SenderKV, build_receiver_input, greedy_generate, prefill
 from kvcomm.selection import Profile, calibrate
+from kvcomm.serve.client import Client
 from kvcomm.tasks import Item, Task, load_task
 
 __all__ = [
-    "EMBEDDED", "METHODS", "Agents", "Batch", "ConfigError", "DataError", "EvalConfig", "IncompatibleModelsError",
-    "Item", "KvcommError", "LoadedModel", "Method", "ModelError", "Profile", "Report", "SenderKV", "Task",
-    "__version__", "build_methods", "build_receiver_input", "calibrate", "evaluate", "greedy_generate",
-    "load_model", "load_pair", "load_task", "plot_sweep", "prefill", "print_table",
+    "EMBEDDED", "METHODS", "Agents", "Batch", "Client", "ConfigError", "DataError", "EvalConfig",
+    "IncompatibleModelsError", "Item", "KvcommError", "LoadedModel", "Method", "ModelError", "Profile", "Report",
+    "SenderKV", "Task", "__version__", "build_methods", "build_receiver_input", "calibrate", "evaluate",
+    "greedy_generate", "load_model", "load_pair", "load_task", "plot_sweep", "prefill", "print_table",
 ]

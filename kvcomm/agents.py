@@ -57,7 +57,15 @@ def encode_context(
     """
     item = Item("0", context, "", ())
     ids = sender.encode_message(Task("encode", [item], 1, instruction).sender_message(item))
-    input_ids, valid = pad_left([ids], sender.pad_id)
+    return encode_ids(sender, ids, layers, codec, mode)
+
+
+def encode_ids(
+    sender: LoadedModel, ids: Sequence[int], layers: Sequence[int] | None = None, codec: str = "fp16",
+    mode: str = "causal",
+) -> KVMessage:
+    """:func:`encode_context` for an already tokenised sender prompt (e.g. a chat transcript)."""
+    input_ids, valid = pad_left([list(ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
     shared = share(sender.model, prefill(sender.model, input_ids, valid), chosen, mode)
     return KVMessage.from_shared(shared, sender.fingerprint, codec, {"sender": sender.name, "mode": mode})

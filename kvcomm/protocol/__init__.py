@@ -7,6 +7,7 @@ from kvcomm.protocol.receiver import (
     SharedKV,
     attention_importance,
     build_receiver_input,
+    concat_shared,
     empty_input,
     greedy_generate,
     prefill_logits,
@@ -19,6 +20,6 @@ ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV", "SharedKV",
-    "attention_importance", "build_receiver_input", "empty_input", "greedy_generate", "merge_senders", "pad_left",
-    "prefill", "prefill_logits", "receiver_input", "share",
+    "attention_importance", "build_receiver_input", "concat_shared", "empty_input", "greedy_generate",
+    "merge_senders", "pad_left", "prefill", "prefill_logits", "receiver_input", "share",
 ]

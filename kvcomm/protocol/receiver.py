@@ -7,7 +7,7 @@ with the sender's first token only (an attention sink). Receiver tokens take pos
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -185,11 +185,13 @@ def greedy_generate(
     max_new_tokens: int,
     stop_ids: Sequence[int],
     pad_id: int,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
     decodes greedily, row by row until a stop id.
 
-    Returns the generated ids of each row, without the stop token.
+    ``on_step(tokens, done)`` is called after every step (streaming, deadlines: it may raise to
+    stop). Returns the generated ids of each row, without the stop token.
     """
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = run_body(model, input_ids, valid, start.cache, start.layout, logits_to_keep=1).logits
@@ -201,6 +203,8 @@ def greedy_generate(
         done |= torch.isin(token, stops)
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
+        if on_step is not None:
+            on_step(token, done)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         token = token.masked_fill(done, pad_id)
@@ -230,3 +234,31 @@ def attention_importance(
     run_body(model, input_ids, valid, start.cache, start.layout, head=False)
     scores = start.layout.recorder.scores
     return torch.stack([scores[layer] for layer in range(sender.num_layers)], dim=1)
+
+
+def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
+    """Several one-row :class:`SharedKV` (e.g. KV messages from different senders) as one context.
+
+    Later parts' full-layer keys are re-rotated to follow the earlier parts' positions; at a
+    layer that is a sink in the first part only the first part's sink is kept. Every part must
+    share the same set of full layers.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.full != parts[0].full for p in parts):
+        raise ConfigError("KV messages to combine must share the same layers")
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + int(part.context_len[0]))
+    keys, values, positions, valid = [], [], [], []
+    for layer, full in enumerate(parts[0].full):
+        chosen = parts if full else parts[:1]
+        keys.append(torch.cat([
+            rotate_keys(p.keys[layer], torch.tensor([o]), inverse_frequencies(model, layer)) if o else p.keys[layer]
+            for p, o in zip(chosen, offsets)], dim=2))
+        values.append(torch.cat([p.values[layer] for p in chosen], dim=2))
+        positions.append(torch.cat([p.positions[layer] + (o if full else 0) for p, o in zip(chosen, offsets)],
+                                   dim=1))
+        valid.append(torch.cat([p.valid[layer] for p in chosen], dim=1))
+    context = torch.tensor([offsets[-1] + int(parts[-1].context_len[0])])
+    return SharedKV(keys, values, positions, valid, context, list(parts[0].full))

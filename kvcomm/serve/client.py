@@ -1,0 +1,76 @@
+"""``kvcomm.Client``: drive a remote agent (``kvcomm serve``) from Python."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+
+from kvcomm.errors import KvcommError
+
+
+class ServiceError(KvcommError):
+    """The agent answered with an error status; ``status`` and ``detail`` say which and why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class Client:
+    """A thin synchronous client of one agent.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        token: bearer token, if the agent was started with one.
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                detail = body.get("error") or body.get("detail") or response.text
+            except ValueError:
+                detail = response.text
+            raise ServiceError(response.status_code, str(detail))
+        return response
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz").json()
+
+    def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
+                       layers: list[int] | None = None, codec: str | None = None, mode: str = "causal",
+                       message_id: str | None = None) -> dict[str, Any]:
+        """Has the agent prefill a context and store its KV message; returns id, bytes, fingerprint."""
+        body = {"context": context, "messages": messages, "layers": layers, "codec": codec, "mode": mode,
+                "id": message_id}
+        return self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json()
+
+    def get_message(self, message_id: str) -> bytes:
+        return self._call("GET", f"/v1/messages/{message_id}").content
+
+    def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
+        return self._call("PUT", f"/v1/messages/{message_id}", content=data,
+                          headers={"Content-Type": "application/octet-stream"}).json()
+
+    def chat(self, messages: list[dict[str, str]], kv_messages: list[str | bytes] = (),
+             max_tokens: int = 64) -> dict[str, Any]:
+        """An OpenAI-style chat completion using stored message ids or raw message bytes."""
+        refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
+        return self._call("POST", "/v1/chat/completions",
+                          json={"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}).json()
