@@ -71,7 +71,7 @@ def main() -> None:
     for r in results:
         table.add_row(r["codec"], f"{r['bytes']:,}", f"{r['ratio_vs_fp16']:.2f}", f"{r['relative_error']:.4f}",
                       f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}")
-    Console().print(table)
+    Console(width=140).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(rows),
                                     "fp16_bytes": fp16_bytes, "codecs": results}, indent=1) + "\n")

@@ -96,7 +96,7 @@ def main() -> None:
         table.add_row(mode, f"{run['seconds']:.1f}", f"{run['answers_per_second']:.2f}",
                       f"{run['items_per_second']:.3f}", f"{run['peak_rss_gib']:.2f}",
                       f"{run['rss_after_gib'] - run['rss_before_gib']:+.2f}")
-    console = Console()
+    console = Console(width=140)
     console.print(table)
     console.print(f"speed-up ×{summary['speedup']:.2f}; identical answers "
                   f"{summary['identical_answers']}/{total} ({100 * summary['identical_answers'] / total:.1f}%)")

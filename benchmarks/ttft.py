@@ -148,7 +148,7 @@ def main() -> None:
     for r in rows:
         table.add_row(str(r["context_tokens"]), r["codec"], f"{r['message_bytes']:,}", f"{r['kvcomm_ttft_s']:.3f}",
                       f"{r['skyline_ttft_s']:.3f}", f"{r['speedup']:.1f}x")
-    console = Console()
+    console = Console(width=140)
     console.print(table)
     console.print(f"store: GET {store['get_mb_s']:.0f} MB/s; 8 concurrent clients, {store['requests']} requests of "
                   f"{store['message_bytes']:,} bytes: p50 {store['p50_s'] * 1000:.0f} ms, "
