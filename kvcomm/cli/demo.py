@@ -22,7 +22,7 @@ def demo() -> None:
                   "(the sender reads who lives where; the receiver is asked one of them)")
     task = load_task("facts", items=DEMO_ITEMS + 2)
     methods = build_methods(["baseline", "skyline", "kvcomm"], [0.5, 1.0])
-    report = run_eval(DEFAULT_MODEL, None, task, methods, EvalConfig(limit=DEMO_ITEMS, batch_size=DEMO_ITEMS, calib_size=2),
-                      None, "float32", False, Path("results") / "demo.json")
+    config = EvalConfig(limit=DEMO_ITEMS, batch_size=DEMO_ITEMS, calib_size=2)
+    report = run_eval(DEFAULT_MODEL, None, task, methods, config, None, "float32", False, Path("results") / "demo.json")
     console.print(f"plot: {plot_sweep(report, Path('results') / 'demo.png')}")
     console.print("Next: `kvcomm sweep --help`, `kvcomm eval --help`.")

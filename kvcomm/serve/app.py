@@ -128,13 +128,19 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     async def exclusive(work: Any, *args: Any) -> Any:
-        """Runs model work in a thread, one request at a time, within the request deadline."""
+        """Runs model work in a thread, one request at a time. The deadline bounds the wait for
+        the model; generation checks it between steps. The lock is held until the thread ends,
+        even if the client goes away, so two requests never share the model."""
         try:
-            async with asyncio.timeout(config.timeout_s):
-                async with lock:
-                    return await anyio.to_thread.run_sync(work, *args)
-        except (TimeoutError, _Deadline):
+            await asyncio.wait_for(lock.acquire(), timeout=config.timeout_s)
+        except TimeoutError:
+            raise HTTPException(504, f"no model time within {config.timeout_s} s") from None
+        try:
+            return await anyio.to_thread.run_sync(work, *args)
+        except _Deadline:
             raise HTTPException(504, f"request exceeded {config.timeout_s} s") from None
+        finally:
+            lock.release()
 
     def load_message(ref: str | InlineMessage) -> tuple[KVMessage, int]:
         if isinstance(ref, InlineMessage):
