@@ -179,19 +179,18 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise HTTPException(400, f"layers must be in 0..{agent.num_layers - 1}")
         message_id = check_id(body.id) if body.id else uuid.uuid4().hex
 
-        def work() -> bytes:
+        def work() -> tuple[bytes, KVMessage]:
             if body.context is not None:
                 message = encode_context(agent, body.context, body.layers, body.codec or config.codec, body.mode)
             else:
                 ids = _chat_ids(agent, body.messages or [], generation_prompt=False)
                 message = encode_ids(agent, ids, body.layers, body.codec or config.codec, body.mode)
-            return message.to_bytes()
+            return message.to_bytes(), message
 
-        data = await exclusive(work)
+        data, message = await exclusive(work)
         store.put(message_id, data)
-        header = KVMessage.from_bytes(data)
         return {"id": message_id, "bytes": len(data), "fingerprint": agent.fingerprint,
-                "context_tokens": header.context_len, "layers": header.shared_layers}
+                "context_tokens": message.context_len, "layers": message.shared_layers}
 
     @app.get("/v1/messages/{message_id}", dependencies=[Depends(authorise)])
     async def get_message(message_id: str) -> Response:
