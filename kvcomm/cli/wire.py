@@ -17,7 +17,7 @@ from kvcomm.models import load_model
 from kvcomm.selection import Profile, format_layers, parse_layers, top_layers
 from kvcomm.wire import KVMessage, MessageReader
 
-Codec = Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, int2, cachegen or zstd.")]
+Codec = Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, int2, int4-ans, int2-ans, cachegen or zstd.")]
 
 
 def encode_command(

@@ -14,36 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import constriction
 import numpy as np
 import torch
 
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 from kvcomm.wire.codecs.quant import dequantize, quantize
-
-
-def _entropy_encode(codes: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Codes (signed ints) -> (smallest code, counts of each code from there, ANS stream)."""
-    if codes.size == 0:
-        return 0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint32)
-    low = int(codes.min())
-    symbols = (codes - low).astype(np.int32)
-    counts = np.bincount(symbols).astype(np.int64)
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
-    return low, counts, coder.get_compressed()
-
-
-def _entropy_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int) -> np.ndarray:
-    if size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if counts.sum() != size or (counts < 0).any() or counts.size > 1 << 16:
-        raise ValueError("symbol counts do not match the number of coded symbols")
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    symbols = constriction.stream.stack.AnsCoder(stream.astype(np.uint32)).decode(model, size)
-    if not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
-        raise ValueError("entropy-coded stream does not decode to its declared symbols")
-    return symbols.astype(np.int64) + low
 
 
 @CODECS.register("cachegen")
@@ -80,7 +56,7 @@ class CacheGenCodec(Codec):
             spread = delta.std(dim=1, unbiased=False) if delta.shape[1] > 1 else delta.abs().sum(dim=1)
             step = (spread * self._step(layer, num_layers)).clamp(min=1e-6).half()  # per channel [H, D]
             codes = (delta / step.float()[:, None]).round().clamp(-self.max_code, self.max_code).long()
-            low, counts, stream = _entropy_encode(codes.flatten().numpy())
+            low, counts, stream = ans_encode(codes.flatten().numpy())
             out.update({f"{name}.anchor.{n}": t for n, t in coded.items()})
             out[f"{name}.step"] = step
             out[f"{name}.low"] = torch.tensor([low], dtype=torch.int32)
@@ -98,7 +74,7 @@ class CacheGenCodec(Codec):
             coded = {n: tensors[f"{name}.anchor.{n}"] for n in ("q", "low", "scale")}
             anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
             size = heads * int(is_delta.sum()) * dim
-            codes = _entropy_decode(int(tensors[f"{name}.low"][0]), tensors[f"{name}.counts"].numpy().astype(np.int64),
+            codes = ans_decode(int(tensors[f"{name}.low"][0]), tensors[f"{name}.counts"].numpy().astype(np.int64),
                                     tensors[f"{name}.stream"].numpy().view(np.uint32), size)
             if codes.size and np.abs(codes).max() > self.max_code:
                 raise ValueError("delta code outside the codec's range")

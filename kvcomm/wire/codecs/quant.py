@@ -4,6 +4,10 @@ Keys have outlier *channels*, so each channel gets its own range over a group of
 vary per token, so each token gets its own range over a group of channels. Ranges are stored in
 float16 and the codes are rounded against those stored ranges, so decoding reproduces exactly
 what the encoder measured its error against.
+
+With ``entropy=True`` the codes are ANS-coded against their own distribution instead of packed at
+a fixed width: same reconstruction, fewer bytes (codes cluster mid-range), and larger groups
+then pay off because the per-group ranges become the dominant cost.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,13 +53,19 @@ def _grouped(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
     return moved.reshape(*moved.shape[:-1], -1, group), length
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int, group: int) -> Tensors:
-    """Asymmetric uniform quantisation of ``x`` in groups of ``group`` along ``dim``."""
+def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = False) -> Tensors:
+    """Asymmetric uniform quantisation of ``x`` in groups of ``group`` along ``dim``; the codes are
+    packed at ``bits`` bits each, or ANS-coded when ``entropy``."""
     groups, _ = _grouped(x.float(), dim, group)
     low = groups.amin(dim=-1, keepdim=True).half()
     scale = ((groups.amax(dim=-1, keepdim=True) - low.float()) / ((1 << bits) - 1)).clamp(min=1e-6).half()
     codes = ((groups - low.float()) / scale.float()).round().clamp(0, (1 << bits) - 1)
-    return {"q": pack(codes, bits), "low": low.squeeze(-1), "scale": scale.squeeze(-1)}
+    out = {"low": low.squeeze(-1), "scale": scale.squeeze(-1)}
+    if not entropy:
+        return {"q": pack(codes, bits), **out}
+    first, counts, stream = ans_encode(codes.flatten().to(torch.int64).numpy())
+    return {"q.low": torch.tensor([first], dtype=torch.int32), "q.counts": torch.from_numpy(counts.astype(np.int32)),
+            "q.stream": torch.from_numpy(stream.view(np.int32).copy()), **out}
 
 
 def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -62,7 +74,15 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
     length = lead.pop(dim)
     group = min(group, length)
     groups = -(-length // group)
-    codes = unpack(t["q"], bits, math.prod(lead) * groups * group).view(*lead, groups, group).float()
+    count = math.prod(lead) * groups * group
+    if "q" in t:
+        codes = unpack(t["q"], bits, count)
+    else:
+        codes = torch.from_numpy(ans_decode(int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64),
+                                            t["q.stream"].numpy().view(np.uint32), count))
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+            raise ValueError(f"entropy-coded codes outside {bits}-bit range")
+    codes = codes.view(*lead, groups, group).float()
     x = codes * t["scale"].float().view(*lead, groups, 1) + t["low"].float().view(*lead, groups, 1)
     return x.reshape(*lead, groups * group)[..., :length].movedim(-1, dim)
 
@@ -70,28 +90,28 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
 @CODECS.register("quant")
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
-    (values), with a float16 minimum and step per group."""
+    (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes."""
 
     name = "quant"
 
-    def __init__(self, bits: int = 8, group: int = 32) -> None:
+    def __init__(self, bits: int = 8, group: int = 32, entropy: bool = False) -> None:
         if bits not in (2, 4, 8):
             raise ValueError("quant codec bits must be 2, 4 or 8")
         if group < 1:
             raise ValueError("quant codec group must be positive")
-        self.bits, self.group = bits, group
+        self.bits, self.group, self.entropy = bits, group, bool(entropy)
 
     def params(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group": self.group}
+        return {"bits": self.bits, "group": self.group, "entropy": self.entropy}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
-        k = quantize(keys, self.bits, dim=1, group=self.group)  # per channel: groups of tokens
-        v = quantize(values, self.bits, dim=2, group=self.group)  # per token: groups of channels
+        k = quantize(keys, self.bits, dim=1, group=self.group, entropy=self.entropy)  # per channel: token groups
+        v = quantize(values, self.bits, dim=2, group=self.group, entropy=self.entropy)  # per token: channel groups
         return {**{f"k.{n}": t for n, t in k.items()}, **{f"v.{n}": t for n, t in v.items()}}
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = lambda p: {n: tensors[f"{p}.{n}"] for n in ("q", "low", "scale")}  # noqa: E731
+        part = lambda p: {n[len(p) + 1:]: t for n, t in tensors.items() if n.startswith(f"{p}.")}  # noqa: E731
         keys = dequantize(part("k"), self.bits, 1, self.group, shape)
         values = dequantize(part("v"), self.bits, 2, self.group, shape)
         return keys, values
@@ -100,3 +120,5 @@ class QuantCodec(Codec):
 preset("int8", "quant", bits=8, group=32)
 preset("int4", "quant", bits=4, group=32)
 preset("int2", "quant", bits=2, group=32)
+preset("int4-ans", "quant", bits=4, group=128, entropy=True)
+preset("int2-ans", "quant", bits=2, group=128, entropy=True)
