@@ -1,22 +1,29 @@
-"""Turns sweep results JSON files into one markdown table (what docs/results.md quotes).
+"""Turns sweep results JSON files into the markdown tables that docs/results.md quotes.
 
-    python benchmarks/report.py results/sweep-*.json > table.md
+    python benchmarks/report.py methods results/*/sweep.json > methods.md
+    python benchmarks/report.py codecs results/*/sweep.json > codecs.md
+
+``methods``: one row per configuration (score, interval, layers, bytes per item, wall time).
+``codecs``: one row per KV ratio × codec, with the compression against all layers in float16
+(the in-process float32 bytes of kvcomm at ratio 1.0, halved) and the paired score change against
+the uncompressed run at the same layers; ✓ marks the wire goal (≥ 12× and at most 1 point lower).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from kvcomm.selection import format_layers
 
+GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
 
-def main(paths: list[str]) -> None:
+
+def methods_table(reports: list[dict]) -> None:
     print("| model | task | n | method | paper F1 [95% CI] | contains | layers | bytes/item | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        report = json.loads(Path(path).read_text())
+    for report in reports:
         cfg = report["config"]
         for run in report["runs"]:
             f1, contains = run["scores"]["paper_f1"], run["scores"]["contains"]
@@ -26,5 +33,41 @@ def main(paths: list[str]) -> None:
                   f"{run['kv_bytes_mean']:,.0f} | {run['seconds'] + run['sender_seconds']:.0f} |")
 
 
+def item_scores(run: dict) -> dict[str, float]:
+    return {item["id"]: item["scores"]["paper_f1"] for item in run["items"]}
+
+
+def codecs_table(reports: list[dict]) -> None:
+    print("| model | task | n | ratio | layers | codec | bytes/item | × vs fp16 all layers | paper F1 | "
+          "Δ vs uncompressed | goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for report in reports:
+        cfg = report["config"]
+        kv = [r for r in report["runs"] if r["method"] == "kvcomm" and r["fraction"] is not None]
+        full = [r for r in kv if r["codec"] is None and r["fraction"] == 1.0]
+        if not full:
+            raise SystemExit(f"{cfg['task']}: the codec table needs the uncompressed kvcomm run at ratio 1.0")
+        reference = full[0]["kv_bytes_mean"] / 2  # float32 in process -> float16
+        plain = {tuple(r["layers"]): item_scores(r) for r in kv if r["codec"] is None}
+        for run in sorted(kv, key=lambda r: (r["fraction"], r["codec"] or "")):
+            scores, base = item_scores(run), plain.get(tuple(run["layers"]))
+            delta = None if base is None else sum(scores[i] - base[i] for i in scores) / len(scores)
+            ratio = reference / run["kv_bytes_mean"]
+            met = run["codec"] is not None and delta is not None and ratio >= GOAL_RATIO and delta >= -GOAL_LOSS
+            print(f"| {cfg['receiver']} | {cfg['task']} | {run['n']} | {run['fraction']:.2f} | "
+                  f"{len(run['layers'])} | {run['codec'] or 'none (fp32, in process)'} | "
+                  f"{run['kv_bytes_mean']:,.0f} | {ratio:.1f} | {run['scores']['paper_f1']['mean']:.3f} | "
+                  f"{'–' if delta is None else f'{delta:+.3f}'} | {'✓' if met else ''} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=["methods", "codecs"])
+    parser.add_argument("paths", nargs="+", type=Path)
+    args = parser.parse_args()
+    reports = [json.loads(path.read_text()) for path in args.paths]
+    (methods_table if args.table == "methods" else codecs_table)(reports)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
