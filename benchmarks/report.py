@@ -1,9 +1,10 @@
 """Turns sweep results JSON files into the markdown tables that docs/results.md quotes.
 
-    python benchmarks/report.py methods results/*/sweep.json > methods.md
-    python benchmarks/report.py codecs results/*/sweep.json > codecs.md
+    python benchmarks/report.py methods results/sweep-*.json > methods.md
+    python benchmarks/report.py codecs results/sweep-*.json > codecs.md
 
-``methods``: one row per configuration (score, interval, layers, bytes per item, wall time).
+``methods``: one row per configuration (score, interval, layers, bytes per item, wall time);
+``--uncompressed`` leaves out the runs that went through a wire codec.
 ``codecs``: one row per KV ratio × codec, with the compression against all layers in float16
 (the in-process float32 bytes of kvcomm at ratio 1.0, halved) and the paired score change against
 the uncompressed run at the same layers; ✓ marks the wire goal (≥ 12× and at most 1 point lower).
@@ -20,12 +21,14 @@ from kvcomm.selection import format_layers
 GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
 
 
-def methods_table(reports: list[dict]) -> None:
+def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
     print("| model | task | n | method | paper F1 [95% CI] | contains | layers | bytes/item | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for report in reports:
         cfg = report["config"]
         for run in report["runs"]:
+            if uncompressed and run.get("codec"):
+                continue
             f1, contains = run["scores"]["paper_f1"], run["scores"]["contains"]
             layers = "–" if run["layers"] is None else format_layers(run["layers"])
             print(f"| {cfg['receiver']} | {cfg['task']} | {run['n']} | {run['label']} | {f1['mean']:.3f} "
@@ -64,9 +67,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["methods", "codecs"])
     parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--uncompressed", action="store_true", help="methods: skip runs through a wire codec")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.paths]
-    (methods_table if args.table == "methods" else codecs_table)(reports)
+    if args.table == "methods":
+        methods_table(reports, args.uncompressed)
+    else:
+        codecs_table(reports)
 
 
 if __name__ == "__main__":

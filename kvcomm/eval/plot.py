@@ -17,7 +17,8 @@ def plot_sweep(report: Report, path: str | Path, metric: str | None = None, x: s
     """Writes a PNG of score against ``x``: ``fraction`` of layers shared, or ``bytes`` sent per item.
 
     Methods that share KV are lines (one per method, codec and mask mode); the others are
-    horizontal lines. ``metric`` defaults to the task's primary metric.
+    horizontal lines; 95% bands are drawn while there are few enough lines to tell them apart.
+    ``metric`` defaults to the task's primary metric.
     """
     metric = metric or report.config["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -38,7 +39,8 @@ def plot_sweep(report: Report, path: str | Path, metric: str | None = None, x: s
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         ax.plot(xs, ys, marker="o", label=name)
-        ax.fill_between(xs, [p[2][0] for p in points], [p[2][1] for p in points], alpha=0.12)
+        if len(lines) <= 3:
+            ax.fill_between(xs, [p[2][0] for p in points], [p[2][1] for p in points], alpha=0.12)
     cfg = report.config
     if x == "bytes":
         ax.set_xscale("log")

@@ -102,7 +102,8 @@ class QuantCodec(Codec):
         self.bits, self.group, self.entropy = bits, group, bool(entropy)
 
     def params(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group": self.group, "entropy": self.entropy}
+        # ``entropy`` only when set, so packed messages keep the header they always had
+        return {"bits": self.bits, "group": self.group, **({"entropy": True} if self.entropy else {})}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         k = quantize(keys, self.bits, dim=1, group=self.group, entropy=self.entropy)  # per channel: token groups
