@@ -75,7 +75,7 @@ class CacheGenCodec(Codec):
             anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
             size = heads * int(is_delta.sum()) * dim
             codes = ans_decode(int(tensors[f"{name}.low"][0]), tensors[f"{name}.counts"].numpy().astype(np.int64),
-                                    tensors[f"{name}.stream"].numpy().view(np.uint32), size)
+                               tensors[f"{name}.stream"].numpy().view(np.uint32), size)
             if codes.size and np.abs(codes).max() > self.max_code:
                 raise ValueError("delta code outside the codec's range")
             x = anchors[:, anchor_of].clone()
