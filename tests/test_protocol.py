@@ -182,6 +182,22 @@ def test_two_senders_with_all_layers_equal_reading_both_contexts_in_sequence(fam
     assert (got - reference).abs().max().item() <= 1e-4
 
 
+def test_combining_two_kv_messages_equals_merging_the_senders_before_selection():
+    """The service combines received messages (``concat_shared``); the harness merges senders before
+    choosing layers (``merge_senders``): both must give the receiver the same cache."""
+    from kvcomm.protocol import concat_shared, merge_senders, receiver_input, share
+
+    model = tiny_model("qwen2")
+    c1, c2, q = torch.randint(0, 99, (1, 6)), torch.randint(0, 99, (1, 4)), torch.randint(0, 99, (1, 3))
+    parts = [prefill(model, c, ones(c)) for c in (c1, c2)]
+    combined = concat_shared(model, [share(model, p, [0, 2]) for p in parts])
+    merged = share(model, merge_senders(model, parts), [0, 2])
+    assert torch.equal(combined.context_len, merged.context_len) and combined.full == merged.full
+    got = prefill_logits(model, receiver_input(combined), q, ones(q))
+    expected = prefill_logits(model, receiver_input(merged), q, ones(q))
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def test_two_padded_senders_in_a_batch_equal_each_row_alone():
     from kvcomm.protocol import merge_senders
 

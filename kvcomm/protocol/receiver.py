@@ -17,7 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 from kvcomm.errors import ConfigError
 from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
-from kvcomm.protocol.sender import SenderKV, run_body
+from kvcomm.protocol.sender import SenderKV, follow_on_keys, run_body
 
 
 @dataclass
@@ -247,18 +247,15 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
         return parts[0]
     if any(p.full != parts[0].full for p in parts):
         raise ConfigError("KV messages to combine must share the same layers")
-    offsets = [0]
+    offsets = [torch.zeros_like(parts[0].context_len)]
     for part in parts[:-1]:
-        offsets.append(offsets[-1] + int(part.context_len[0]))
+        offsets.append(offsets[-1] + part.context_len)
     keys, values, positions, valid = [], [], [], []
     for layer, full in enumerate(parts[0].full):
         chosen = parts if full else parts[:1]
-        keys.append(torch.cat([
-            rotate_keys(p.keys[layer], torch.tensor([o]), inverse_frequencies(model, layer)) if o else p.keys[layer]
-            for p, o in zip(chosen, offsets)], dim=2))
+        keys.append(follow_on_keys(model, layer, [p.keys[layer] for p in chosen], offsets))
         values.append(torch.cat([p.values[layer] for p in chosen], dim=2))
-        positions.append(torch.cat([p.positions[layer] + (o if full else 0) for p, o in zip(chosen, offsets)],
-                                   dim=1))
+        positions.append(torch.cat([p.positions[layer] + o[:, None] for p, o in zip(chosen, offsets)], dim=1))
         valid.append(torch.cat([p.valid[layer] for p in chosen], dim=1))
-    context = torch.tensor([offsets[-1] + int(parts[-1].context_len[0])])
+    context = offsets[-1] + parts[-1].context_len
     return SharedKV(keys, values, positions, valid, context, list(parts[0].full))

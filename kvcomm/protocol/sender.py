@@ -92,6 +92,14 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
     )
 
 
+def follow_on_keys(model: PreTrainedModel, layer: int, keys: Sequence[torch.Tensor],
+                   offsets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Parts' keys ``[B, H, T_i, D]`` (each prefilled from position 0) concatenated along tokens,
+    part ``i`` re-rotated by ``offsets[i]`` (``[B]``) so that its positions follow the earlier parts'."""
+    return torch.cat([rotate_keys(k, o, inverse_frequencies(model, layer)) if bool(o.any()) else k
+                      for k, o in zip(keys, offsets)], dim=2)
+
+
 def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
     """Several senders' KV as one context, in order, with consistent positions.
 
@@ -101,21 +109,13 @@ def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> Sender
     """
     if len(senders) == 1:
         return senders[0]
-    offset = torch.zeros_like(senders[0].context_len)
-    keys: list[list[torch.Tensor]] = [[] for _ in range(senders[0].num_layers)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(senders[0].num_layers)]
-    positions, valid = [], []
-    for sender in senders:
-        for layer in range(sender.num_layers):
-            k = sender.keys[layer]
-            if bool(offset.any()):
-                k = rotate_keys(k, offset, inverse_frequencies(model, layer))
-            keys[layer].append(k)
-            values[layer].append(sender.values[layer])
-        positions.append(sender.positions + offset[:, None])
-        valid.append(sender.valid)
-        offset = offset + sender.context_len
+    offsets = [torch.zeros_like(senders[0].context_len)]
+    for sender in senders[:-1]:
+        offsets.append(offsets[-1] + sender.context_len)
     return SenderKV(
-        keys=[torch.cat(k, dim=2) for k in keys], values=[torch.cat(v, dim=2) for v in values],
-        positions=torch.cat(positions, dim=1), valid=torch.cat(valid, dim=1),
+        keys=[follow_on_keys(model, layer, [s.keys[layer] for s in senders], offsets)
+              for layer in range(senders[0].num_layers)],
+        values=[torch.cat([s.values[layer] for s in senders], dim=2) for layer in range(senders[0].num_layers)],
+        positions=torch.cat([s.positions + o[:, None] for s, o in zip(senders, offsets)], dim=1),
+        valid=torch.cat([s.valid for s in senders], dim=1),
     )
