@@ -15,7 +15,18 @@ import torch
 from kvcomm.models.loading import LoadedModel, load_pair
 from kvcomm.protocol import SenderKV, greedy_generate, merge_senders, pad_left, prefill, receiver_input, share
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task, split_context
-from kvcomm.wire import KVMessage, check_fingerprint
+from kvcomm.tasks.loaders import load_task
+from kvcomm.wire import (
+    Codebook,
+    Codec,
+    KVMessage,
+    build_codebook,
+    check_fingerprint,
+    default_codebook_id,
+    load_codebook,
+    make_codec,
+    save_codebook,
+)
 
 
 @dataclass
@@ -61,14 +72,35 @@ def encode_context(
 
 
 def encode_ids(
-    sender: LoadedModel, ids: Sequence[int], layers: Sequence[int] | None = None, codec: str = "fp16",
+    sender: LoadedModel, ids: Sequence[int], layers: Sequence[int] | None = None, codec: str | Codec = "fp16",
     mode: str = "causal",
 ) -> KVMessage:
     """:func:`encode_context` for an already tokenised sender prompt (e.g. a chat transcript)."""
+    codec = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
     input_ids, valid = pad_left([list(ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
     shared = share(sender.model, prefill(sender.model, input_ids, valid), chosen, mode)
     return KVMessage.from_shared(shared, sender.fingerprint, codec, {"sender": sender.name, "mode": mode})
+
+
+def codebook_from_items(sender: LoadedModel, task: Task, items: Sequence[Item], batch_size: int = 8,
+                        default: bool = False) -> Codebook:
+    """A codebook from the sender's KV over ``items``' contexts, saved (as the model's default if
+    ``default``) so that receivers on this machine can decode with it."""
+    agents = Agents(sender, sender)
+    kvs = (Batch(agents, task, list(items[i:i + batch_size])).sender_kv() for i in range(0, len(items), batch_size))
+    book = build_codebook(kvs, sender.fingerprint)
+    save_codebook(book, default=default)
+    return book
+
+
+def model_codebook(sender: LoadedModel) -> Codebook:
+    """The model's default codebook: the one last saved as its default, or else one built now from
+    32 generated facts contexts (about 7,000 tokens) and saved as its default."""
+    if (book_id := default_codebook_id(sender.fingerprint)) is not None:
+        return load_codebook(book_id)
+    task = load_task("facts", items=32, facts_per_item=20)
+    return codebook_from_items(sender, task, task.items, default=True)
 
 
 def answer(

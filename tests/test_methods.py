@@ -13,6 +13,10 @@ from kvcomm.tasks.base import split_context
 from tests.conftest import tiny_loaded
 
 
+def no_codebook():
+    raise AssertionError("no codec here needs a codebook")
+
+
 @pytest.fixture(scope="module")
 def agents() -> Agents:
     model = tiny_loaded("llama")
@@ -85,7 +89,7 @@ def test_ac_changes_the_receiver_only_through_the_graft(agents):
     from kvcomm.methods.base import Setup
 
     method = ActivationCommunication(fuse="replace", layer_k=2, layer_j=1)
-    method.setup(Setup(agents.num_layers, "llama", lambda: []))
+    method.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
     task = load_task("facts", items=2)
     from kvcomm.agents import Batch
 
@@ -93,7 +97,7 @@ def test_ac_changes_the_receiver_only_through_the_graft(agents):
     grafted = method.run(batch).answers
     baseline = build_methods(["baseline"])[0].run(Batch(agents, task, task.items)).answers
     mean = ActivationCommunication(fuse="mean", layer_k=0, layer_j=0)
-    mean.setup(Setup(agents.num_layers, "llama", lambda: []))
+    mean.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
     assert isinstance(grafted[0], str) and len(baseline) == 2 and mean.label == "ac-mean@k0j0"
     # hooks are removed after each run: a later baseline is unaffected
     assert build_methods(["baseline"])[0].run(Batch(agents, task, task.items)).answers == baseline

@@ -9,7 +9,7 @@ from kvcomm.cli.calibrate import calibrate_command
 from kvcomm.cli.demo import demo
 from kvcomm.cli.evaluate import eval_command, sweep_command
 from kvcomm.cli.serve import remote, serve_command
-from kvcomm.cli.wire import answer_command, encode_command, inspect_command
+from kvcomm.cli.wire import answer_command, codebook_command, encode_command, inspect_command
 from kvcomm.errors import KvcommError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("calibrate")(calibrate_command)
 app.command("encode")(encode_command)
 app.command("inspect")(inspect_command)
 app.command("answer")(answer_command)
+app.command("codebook")(codebook_command)
 app.command("serve")(serve_command)
 app.add_typer(remote, name="remote")
 app.add_typer(models.app, name="models")

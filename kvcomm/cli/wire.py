@@ -10,14 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvcomm.agents import answer, encode_context
+from kvcomm.agents import answer, codebook_from_items, encode_context
 from kvcomm.cli.common import DEFAULTS, Dtype, Mode, Model, console
 from kvcomm.errors import ConfigError
 from kvcomm.models import load_model
 from kvcomm.selection import Profile, format_layers, parse_layers, top_layers
-from kvcomm.wire import KVMessage, MessageReader
+from kvcomm.tasks import load_task
+from kvcomm.wire import KVMessage, MessageReader, codebook_dir
 
-Codec = Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, int2, int4-ans, int2-ans, cachegen or zstd.")]
+Codec = Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, int2, int4-ans, int2-ans, klt, klt-coarse, "
+                                         "cachegen or zstd.")]
 
 
 def encode_command(
@@ -85,3 +87,23 @@ def answer_command(
 ) -> None:
     """Answer a question on the receiver using a message's KV (fingerprint checked first)."""
     print(answer(load_model(model, dtype), KVMessage.load(path), question, max_new_tokens))
+
+
+def codebook_command(
+    model: Model = DEFAULTS["model"], dtype: Dtype = DEFAULTS["dtype"],
+    task: Annotated[str, typer.Option(help="Task whose contexts calibrate the codebook (facts: generated).")] = "facts",
+    data: Annotated[Path | None, typer.Option(help="The task's data file (Countries, Tipsheets, JSONL).")] = None,
+    items: Annotated[int, typer.Option(help="How many contexts, taken from the end of the task.")] = 32,
+) -> None:
+    """Build the codebook of the `klt` codec for a model and make it that model's default.
+
+    Receivers decode `klt` messages only with the sender's codebook: on another machine, copy the
+    printed file into that machine's codebook folder.
+    """
+    sender = load_model(model, dtype)
+    source = load_task(task, data, items=items, facts_per_item=20) if task == "facts" else load_task(task, data)
+    if items < 1 or items > len(source.items):
+        raise ConfigError(f"--items must be in 1..{len(source.items)}")
+    book = codebook_from_items(sender, source, source.items[-items:], default=True)
+    console.print(f"codebook {book.id}: {book.meta['tokens']:,} tokens of {task}; default for {model}\n"
+                  f"file: {codebook_dir() / (book.id + '.safetensors')}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from kvcomm.agents import Agents, Batch
+from kvcomm.agents import Agents, Batch, codebook_from_items, model_codebook
 from kvcomm.errors import ConfigError
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
 from kvcomm.eval.results import ItemResult, Report, RunResult, environment, summarize
@@ -22,6 +22,7 @@ from kvcomm.selection.calibrate import Profile, calibrate
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import METRICS
+from kvcomm.wire import Codebook
 
 
 @dataclass
@@ -75,7 +76,16 @@ def evaluate(
             raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
         return profile.ranking
 
-    setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking)
+    codebooks: list[Codebook] = []
+
+    def codebook() -> Codebook:
+        """From the calibration items, like the ranking (the model's default without any)."""
+        if not codebooks:
+            codebooks.append(codebook_from_items(agents.sender, task, calib, config.batch_size) if calib
+                             else model_codebook(agents.sender))
+        return codebooks[0]
+
+    setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking, codebook)
     for method in methods:
         method.setup(setup)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
@@ -134,6 +144,7 @@ def evaluate(
             "sender": agents.sender.name, "receiver": agents.receiver.name, "task": task.name,
             "num_layers": agents.num_layers, "max_new_tokens": task.max_new_tokens, "metric": task.metric,
             "test_items": len(test), "calibration_items": [i.id for i in calib], **vars(config),
+            **({"codebook": {"id": codebooks[0].id, "tokens": codebooks[0].meta["tokens"]}} if codebooks else {}),
         },
         environment=environment(),
         profile=profile.model_dump() if profile is not None else None,

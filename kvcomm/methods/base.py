@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from kvcomm.agents import Batch
 from kvcomm.registry import Registry
+from kvcomm.wire import Codebook
 
 
 @dataclass
@@ -24,11 +25,13 @@ class Output:
 
 @dataclass
 class Setup:
-    """What methods may need before running: the depth, and a calibration profile on demand."""
+    """What methods may need before running: the depth, and on demand a calibrated layer ranking
+    and the sender's codebook (for codecs that rotate with one)."""
 
     num_layers: int
     model_type: str
     ranking: Callable[[], list[int]]
+    codebook: Callable[[], Codebook]
 
 
 class Method(ABC):

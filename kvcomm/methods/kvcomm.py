@@ -66,6 +66,8 @@ class KVCommMethod(Method):
         return top_layers(setup.ranking(), self.ratio)
 
     def setup(self, setup: Setup) -> None:
+        if self.codec is not None:
+            self.codec = self.codec.bind(setup.codebook)
         if self.ratio is not None:
             self._layers = self.choose(setup)
         elif self._layers and self._layers[-1] >= setup.num_layers:

@@ -271,6 +271,8 @@ def _decode_layer(codec: Codec, entry: dict[str, Any], payload: bytes, shape: tu
                   num_layers: int) -> LayerKV:
     try:
         keys, values = codec.decode(st_load(payload), shape, entry["index"], num_layers)
+    except WireError:  # e.g. a codebook this machine lacks: say so, not "corrupt"
+        raise
     except (SafetensorError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
         raise CorruptMessage(f"layer {entry['index']}: payload does not decode ({type(err).__name__}: {err})") from None
     except Exception as err:  # a codec library's own error type (zstd, constriction): still corrupt input

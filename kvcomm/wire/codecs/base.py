@@ -7,12 +7,16 @@ codec only decides *what* to store; framing, checksums and size limits live in `
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from kvcomm.errors import ConfigError
 from kvcomm.registry import Registry
+
+if TYPE_CHECKING:
+    from kvcomm.wire.codebook import Codebook
 
 Tensors = dict[str, torch.Tensor]
 
@@ -25,6 +29,11 @@ class Codec(ABC):
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the message header (enough to rebuild this codec)."""
         return {}
+
+    def bind(self, codebook: Callable[[], Codebook]) -> Codec:
+        """This codec ready to encode for one sender model. ``codebook`` returns that model's saved
+        codebook and is called only by codecs that rotate with one (``klt``)."""
+        return self
 
     @abstractmethod
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:

@@ -1,0 +1,172 @@
+"""Codebooks: per-model bases that decorrelate each head's KV channels before quantisation.
+
+One head's keys (or values) are strongly correlated across channels: on Qwen2.5-Coder-1.5B a
+128-channel head has an effective rank of 10-20, and rotating into its principal axes (the
+Karhunen-Loeve transform) leaves components whose variances differ by orders of magnitude, so a
+uniform step spends bits only where the energy is. The basis (``D x D`` per head, layer, keys and
+values) is too large to send with every message, so, like a zstd dictionary, it is built once per
+model from calibration text, stored under its content hash, and named by that hash in each
+message: the receiver must hold the same file (``kvcomm codebook`` builds one and prints its path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from kvcomm.protocol.sender import SenderKV
+from kvcomm.wire.errors import WireError
+
+FORMAT = "kvcomm-codebook-1"
+_LOADED: dict[str, Codebook] = {}
+
+
+class MissingCodebook(WireError):
+    """The message names a codebook this machine does not hold."""
+
+
+@dataclass
+class Codebook:
+    """Orthonormal bases, per layer ``[H, D, D]`` (columns = components, largest variance first).
+
+    Attributes:
+        keys, values: the bases for keys and for values.
+        meta: what it was built from (model fingerprint, token count), for ``inspect`` and humans.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """Content hash of the bases (16 hex digits): equal ids decode alike."""
+        digest = hashlib.sha256()
+        for tensor in (*self.keys, *self.values):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"{kind}.{i}": t.float().contiguous() for kind, bases in (("k", self.keys), ("v", self.values))
+                   for i, t in enumerate(bases)}
+        return save_tensors(tensors, {"format": FORMAT, "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Codebook:
+        """Raises:
+            WireError: not a codebook file.
+        """
+        try:
+            tensors = load_tensors(data)
+        except (SafetensorError, ValueError) as err:
+            raise WireError(f"not a codebook file: {err}") from None
+        layers = len(tensors) // 2
+        try:
+            keys = [tensors[f"k.{i}"] for i in range(layers)]
+            values = [tensors[f"v.{i}"] for i in range(layers)]
+        except KeyError as err:
+            raise WireError(f"codebook lacks tensor {err}") from None
+        return cls(keys, values, _metadata(data))
+
+
+def _metadata(data: bytes) -> dict[str, Any]:
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise WireError("not a kvcomm codebook (format tag missing)")
+    return json.loads(meta.get("meta", "{}"))
+
+
+def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Codebook:
+    """Principal axes of every head's keys and values over the real tokens of ``kvs`` (batches).
+
+    Each row's first token is left out: it is the attention sink, an outlier that codecs send
+    verbatim anyway.
+    """
+    moments: dict[tuple[str, int], list[torch.Tensor]] = {}  # (kind, layer) -> [count, sum, sum of outer products]
+    for kv in kvs:
+        tokens = kv.valid & (kv.valid.cumsum(dim=1) > 1)
+        for kind, tensors in (("k", kv.keys), ("v", kv.values)):
+            for layer, tensor in enumerate(tensors):
+                x = tensor.transpose(1, 2)[tokens].double()  # [N, H, D]
+                update = [torch.tensor(float(x.shape[0])), x.sum(0), torch.einsum("nhd,nhe->hde", x, x)]
+                moments[kind, layer] = [a + b for a, b in zip(moments[kind, layer], update)] \
+                    if (kind, layer) in moments else update
+    if not moments or float(moments["k", 0][0]) < 2:
+        raise ValueError("a codebook needs at least two context tokens besides the first")
+
+    def bases(kind: str, layer: int) -> torch.Tensor:
+        count, total, outer = moments[kind, layer]
+        mean = total / count
+        covariance = outer / count - mean[:, :, None] * mean[:, None, :]
+        return torch.linalg.eigh(covariance)[1].flip(-1).float()  # eigh sorts ascending
+
+    layers = len({layer for _, layer in moments})
+    return Codebook([bases("k", i) for i in range(layers)], [bases("v", i) for i in range(layers)],
+                    {"fingerprint": fingerprint, "tokens": int(moments["k", 0][0])})
+
+
+def codebook_dir() -> Path:
+    """Where codebooks live: ``KVCOMM_CODEBOOKS``, or ``codebooks/`` under the kvcomm cache."""
+    from kvcomm.models import cache_root
+
+    return Path(os.environ.get("KVCOMM_CODEBOOKS", cache_root() / "codebooks"))
+
+
+def save_codebook(book: Codebook, default: bool = False) -> Path:
+    """Stores ``book`` as ``<id>.safetensors``; with ``default``, also as its model's default."""
+    directory = codebook_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{book.id}.safetensors"
+    if not path.exists():
+        temporary = path.with_suffix(".partial")
+        temporary.write_bytes(book.to_bytes())
+        temporary.replace(path)
+    _LOADED[book.id] = book
+    if default:
+        _default_file(book.meta["fingerprint"]).write_text(book.id + "\n")
+    return path
+
+
+def load_codebook(book_id: str) -> Codebook:
+    """The codebook with this id, from memory or :func:`codebook_dir`.
+
+    Raises:
+        MissingCodebook: no such file here; it must be copied from the sender's machine.
+        WireError: the file is damaged (its content no longer hashes to its name).
+    """
+    if book_id in _LOADED:
+        return _LOADED[book_id]
+    path = codebook_dir() / f"{book_id}.safetensors"
+    if not path.is_file():
+        raise MissingCodebook(f"codebook {book_id} is not in {codebook_dir()}: copy {book_id}.safetensors from "
+                              f"the sender's machine (kvcomm codebook prints where it is)")
+    book = Codebook.from_bytes(path.read_bytes())
+    if book.id != book_id:
+        raise WireError(f"codebook file {path} is damaged: its content hashes to {book.id}")
+    _LOADED[book_id] = book
+    return book
+
+
+def default_codebook_id(fingerprint: dict[str, Any]) -> str | None:
+    """The id of the codebook last saved as default for this model, if any."""
+    path = _default_file(fingerprint)
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _default_file(fingerprint: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    directory = codebook_dir() / "defaults"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / key
