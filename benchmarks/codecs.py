@@ -11,6 +11,7 @@ float16 KV per second (the same yardstick for every codec), on one process of th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm import Agents, Batch, load_task
+from kvcomm.agents import codebook_from_items
 from kvcomm.protocol import share
 from kvcomm.wire import PRESETS, KVMessage, make_codec
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--codecs", default=",".join(sorted(PRESETS)))
+    parser.add_argument("--codebook-items", type=int, default=16,
+                        help="contexts from the end of the task that build the klt codebook")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
     args = parser.parse_args()
 
@@ -40,9 +44,10 @@ def main() -> None:
     shared = share(agents.sender.model, batch.sender_kv(), range(agents.num_layers))
     rows = [shared.row(i) for i in range(len(batch.items))]
     fp16_bytes = sum(int(r.kv_bytes[0]) // 2 for r in rows)  # the model runs in float32
+    codebook = functools.cache(lambda: codebook_from_items(agents.sender, task, task.items[-args.codebook_items:]))
     results = []
     for name in args.codecs.split(","):
-        codec = make_codec(name)
+        codec = make_codec(name).bind(codebook)
         messages = [KVMessage.from_shared(r, agents.sender.fingerprint, codec) for r in rows]
         began = time.perf_counter()
         blobs = [m.to_bytes() for m in messages]

@@ -84,3 +84,23 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not available")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def codebooks_in_a_temporary_folder(tmp_path_factory):
+    """Codebooks that tests build or save never land in the user's kvcomm cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KVCOMM_CODEBOOKS", str(tmp_path_factory.mktemp("codebooks")))
+    yield
+    patch.undo()
+
+
+def random_codebook(heads: int, dim: int, layers: int, seed: int = 0):
+    """A saved codebook of random orthonormal bases (for codec tests on synthetic KV)."""
+    from kvcomm.wire import Codebook, save_codebook
+
+    g = torch.Generator().manual_seed(seed)
+    basis = lambda: torch.linalg.qr(torch.randn(heads, dim, dim, generator=g))[0]  # noqa: E731
+    book = Codebook([basis() for _ in range(layers)], [basis() for _ in range(layers)], {"fingerprint": {}})
+    save_codebook(book)
+    return book

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -82,3 +83,27 @@ def test_sweep_over_codecs_records_message_bytes(tiny_dir, tmp_path):
     assert runs["kvcomm@1+fp32"]["kv_bytes_mean"] > runs["kvcomm@1"]["kv_bytes_mean"]  # plus headers
     assert runs["kvcomm@1+int4"]["kv_bytes_mean"] < runs["kvcomm@1"]["kv_bytes_mean"] / 4
     assert (tmp_path / "sweep-facts-tiny-bytes.png").exists()
+
+
+def test_codebook_then_klt_encode_inspect_answer(tiny_dir, tmp_path):
+    built = runner.invoke(app, ["codebook", "--model", str(tiny_dir), "--items", "4"])
+    assert built.exit_code == 0, built.output
+    book_id = re.search(r"codebook ([0-9a-f]{16}):", built.output).group(1)
+    message = tmp_path / "m.kvcm"
+    result = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "Mira lives in Oslo.",
+                                 "--codec", "klt"])
+    assert result.exit_code == 0, result.output
+    header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
+    assert header["codec"] == {"name": "klt", "params": {"step": 0.5, "codebook": book_id}}  # the new default
+    answered = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "Where?",
+                                   "--max-new-tokens", "3"])
+    assert answered.exit_code == 0, answered.output
+
+
+def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path):
+    result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "facts", "--limit", "2", "--calib-size",
+                                 "3", "--methods", "kvcomm", "--ratios", "1", "--codecs", "klt", "-q",
+                                 "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "sweep-facts-tiny.json").read_text())
+    assert report["config"]["codebook"]["tokens"] > 0 and len(report["config"]["codebook"]["id"]) == 16

@@ -27,12 +27,12 @@ from kvcomm.wire import (
     check_fingerprint,
     make_codec,
 )
-from tests.conftest import tiny_model
+from tests.conftest import random_codebook, tiny_model
 
 GOLDEN = Path(__file__).parent / "golden" / "message_v1.kvcm"
 # Worst relative error each codec may show on smooth, KV-like data (measured here, with margin).
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
-             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.1}
+             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.1, "klt": 0.15, "klt-coarse": 0.25}
 
 
 def kv_like(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -57,7 +57,8 @@ def message(codec: str = "fp32", layers: int = 3, tokens: int = 5, seed: int = 0
 def test_every_codec_round_trips_within_its_stated_error(codec, heads, tokens, dim, seed):
     keys, values = kv_like(heads, tokens, dim, seed), kv_like(heads, tokens, dim, seed + 1)
     layers = [LayerKV(0, True, keys, values), LayerKV(1, False, keys[:, :1], values[:, :1])]
-    original = KVMessage({"m": 1}, tokens, 0, layers, make_codec(codec))
+    bound = make_codec(codec).bind(lambda: random_codebook(heads, dim, layers=2, seed=seed))
+    original = KVMessage({"m": 1}, tokens, 0, layers, bound)
     back = KVMessage.from_bytes(original.to_bytes())
     for a, b in zip(original.layers, back.layers):
         for x, y in ((a.keys, b.keys), (a.values, b.values)):

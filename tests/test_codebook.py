@@ -1,0 +1,119 @@
+"""The ``klt`` codec and its codebooks: exact entropy coding, bounded error, clear refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcomm.agents import codebook_from_items, encode_context, model_codebook
+from kvcomm.protocol import pad_left, prefill
+from kvcomm.tasks import load_task
+from kvcomm.wire import (
+    Codebook,
+    KVMessage,
+    LayerKV,
+    MissingCodebook,
+    WireError,
+    build_codebook,
+    codebook_dir,
+    load_codebook,
+    make_codec,
+)
+from kvcomm.wire.codebook import _LOADED
+from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
+from kvcomm.wire.codecs.klt import transform_decode, transform_encode
+from tests.conftest import random_codebook, tiny_loaded
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-300, 300), max_size=200), st.floats(0.05, 50), st.integers(0, 2**31))
+def test_laplace_coding_is_exact(codes, spread, seed):
+    codes = np.array(codes, dtype=np.int64)
+    scales = np.random.default_rng(seed).uniform(0.05, spread, size=codes.shape)
+    low, high, stream = laplace_encode(codes, scales)
+    assert np.array_equal(laplace_decode(low, high, scales, stream), codes)
+
+
+def test_laplace_decoding_refuses_impossible_parameters():
+    with pytest.raises(ValueError):
+        laplace_decode(0, 5, np.array([1.0, 0.0]), np.zeros(1, dtype=np.uint32))
+    with pytest.raises(ValueError):
+        laplace_decode(0, 1 << 20, np.array([1.0]), np.zeros(1, dtype=np.uint32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 3), tokens=st.integers(1, 60), dim=st.sampled_from([4, 16, 32]),
+       step=st.floats(0.1, 2.0), seed=st.integers(0, 1000))
+def test_every_coefficient_is_within_half_a_step(heads, tokens, dim, step, seed):
+    """The transform is orthonormal, so the error is exactly the rounding of each coefficient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(heads, tokens, dim, generator=g) * torch.rand(1, 1, dim, generator=g) * 5 + 2
+    basis = torch.linalg.qr(torch.randn(heads, dim, dim, generator=g))[0]
+    t = transform_encode(x, basis, step)
+    back = transform_decode(t, basis, tuple(x.shape))
+    assert torch.allclose(back[:, 0], x[:, 0].half().float())  # the sink travels as float16
+    error = (back[:, 1:] - x[:, 1:]) @ basis  # in coefficients
+    assert (error.abs() <= t["step"].float()[:, None, None] / 2 * (1 + 1e-3) + 1e-4).all()
+
+
+def test_built_codebook_is_orthonormal_ordered_and_stable(tmp_path):
+    model = tiny_loaded("qwen2")
+    task = load_task("facts", items=6, facts_per_item=6)
+    book = codebook_from_items(model, task, task.items, batch_size=4)
+    for basis in (*book.keys, *book.values):
+        eye = torch.eye(basis.shape[-1]).expand_as(basis)
+        assert torch.allclose(basis.transpose(1, 2) @ basis, eye, atol=1e-4)
+    ids = [model.encode_message(task.sender_message(item)) for item in task.items[:4]]
+    kv = prefill(model.model, *pad_left(ids, model.pad_id))
+    first_layer = kv.keys[0][:, 0][kv.valid & (kv.valid.cumsum(1) > 1)] @ book.keys[0][0]
+    variances = first_layer.var(dim=0)
+    assert variances[:2].mean() > variances[-2:].mean()  # leading components carry the energy
+    assert Codebook.from_bytes(book.to_bytes()).id == book.id
+    assert load_codebook(book.id) is book
+
+
+def test_klt_messages_name_their_codebook_and_decode_only_where_it_is(monkeypatch, tmp_path):
+    model = tiny_loaded("llama")
+    message = encode_context(model, "Omar lives in Cairo. Ana lives in Lima.", None, "klt")
+    book_id = message.codec.params()["codebook"]
+    assert book_id == model_codebook(model).id  # the model's default, built on first use
+    data = message.to_bytes()
+    back = KVMessage.from_bytes(data)
+    error = max(((a.keys - b.keys).norm() / b.keys.norm()).item() for a, b in zip(back.layers, message.layers))
+    assert error < 0.2
+    assert len(data) < len(KVMessage(message.fingerprint, message.context_len, message.sink_position,
+                                     message.layers, make_codec("int8")).to_bytes())
+
+    _LOADED.clear()
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path / "elsewhere"))  # a receiver without the file
+    with pytest.raises(MissingCodebook, match=book_id):
+        KVMessage.from_bytes(data)
+
+
+def test_a_damaged_codebook_file_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path))
+    book = random_codebook(2, 8, 2, seed=3)
+    path = codebook_dir() / f"{book.id}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _LOADED.clear()
+    with pytest.raises(WireError, match="damaged"):
+        load_codebook(book.id)
+
+
+def test_codebook_must_fit_the_message():
+    book = random_codebook(2, 8, 2, seed=4)
+    codec = make_codec("klt", codebook=book.id)
+    keys = torch.randn(3, 5, 8)  # three heads; the codebook has two
+    with pytest.raises(ValueError, match="does not fit"):
+        KVMessage({"m": 1}, 5, 0, [LayerKV(0, True, keys, keys), LayerKV(1, True, keys, keys)], codec).to_bytes()
+
+
+def test_building_from_one_token_contexts_is_refused():
+    kv = prefill(tiny_loaded("llama").model, torch.tensor([[5]]), torch.tensor([[True]]))
+    with pytest.raises(ValueError, match="two context tokens"):
+        build_codebook([kv], {})
