@@ -29,19 +29,26 @@ MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero
 
 
 def transform_encode(x: torch.Tensor, basis: torch.Tensor, step: float) -> Tensors:
-    """One layer's keys or values ``[H, T, D]`` -> named tensors (see the module docstring)."""
+    """One layer's keys or values ``[H, T, D]`` -> named tensors (see the module docstring).
+
+    A sink-only layer (``T = 1``) is just its float16 token; otherwise ``side`` packs each head's
+    mean, Laplace scales and step (float16 ``[H, 2D + 1]``) beside the code range and ANS stream,
+    so short contexts do not pay for many small tensors.
+    """
     if basis.shape != (x.shape[0], x.shape[2], x.shape[2]):
         raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
+    first = {"first": x[:, 0].half()}
+    if x.shape[1] == 1:
+        return first
     rest = x[:, 1:].float()
-    mean = (rest.mean(dim=1) if rest.shape[1] else torch.zeros_like(x[:, 0])).half()
+    mean = rest.mean(dim=1).half()
     coefficients = (rest - mean.float()[:, None]) @ basis
-    rms = coefficients.pow(2).mean(dim=(1, 2)).sqrt() if rest.shape[1] else torch.ones(x.shape[0])
-    steps = (step * rms).clamp(min=1e-6).half()
+    steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
     codes = (coefficients / steps.float()[:, None, None]).round()
-    scales = codes.abs().mean(dim=1).clamp(min=MIN_SCALE).half() if rest.shape[1] else torch.ones_like(mean)
+    scales = codes.abs().mean(dim=1).clamp(min=MIN_SCALE).half()
     low, high, stream = laplace_encode(codes.to(torch.int64).numpy(),
                                        np.broadcast_to(scales.float().numpy()[:, None], codes.shape))
-    return {"first": x[:, 0].half(), "mean": mean, "step": steps, "scale": scales,
+    return {**first, "side": torch.cat([mean, scales, steps[:, None]], dim=1),
             "range": torch.tensor([low, high], dtype=torch.int32), "stream": torch.from_numpy(stream.view(np.int32))}
 
 
@@ -50,14 +57,18 @@ def transform_decode(t: Tensors, basis: torch.Tensor, shape: tuple[int, int, int
     heads, tokens, dim = shape
     if basis.shape != (heads, dim, dim):
         raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {shape}")
-    scales = t["scale"].float().numpy()
-    if scales.shape != (heads, dim) or t["step"].shape != (heads,) or t["mean"].shape != (heads, dim):
-        raise ValueError("transform-coded tensors have the wrong shapes")
+    first = t["first"].float()[:, None]
+    if tokens == 1:
+        return first
+    if t["side"].shape != (heads, 2 * dim + 1):
+        raise ValueError("transform-coded side tensor has the wrong shape")
+    side = t["side"].float()
+    mean, scales, steps = side[:, :dim], side[:, dim:2 * dim], side[:, 2 * dim]
     low, high = (int(v) for v in t["range"])
-    codes = laplace_decode(low, high, np.broadcast_to(scales[:, None], (heads, tokens - 1, dim)),
+    codes = laplace_decode(low, high, np.broadcast_to(scales.numpy()[:, None], (heads, tokens - 1, dim)),
                            t["stream"].numpy().view(np.uint32))
-    rest = (torch.from_numpy(codes).float() * t["step"].float()[:, None, None]) @ basis.transpose(1, 2)
-    return torch.cat([t["first"].float()[:, None], rest + t["mean"].float()[:, None]], dim=1)
+    rest = (torch.from_numpy(codes).float() * steps[:, None, None]) @ basis.transpose(1, 2)
+    return torch.cat([first, rest + mean[:, None]], dim=1)
 
 
 @CODECS.register("klt")
