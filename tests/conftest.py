@@ -101,6 +101,8 @@ def random_codebook(heads: int, dim: int, layers: int, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     basis = lambda: torch.linalg.qr(torch.randn(heads, dim, dim, generator=g))[0]  # noqa: E731
-    book = Codebook([basis() for _ in range(layers)], [basis() for _ in range(layers)], {"fingerprint": {}})
+    zeros = [torch.zeros(heads, dim) for _ in range(layers)]
+    book = Codebook([basis() for _ in range(layers)], [basis() for _ in range(layers)], zeros, zeros,
+                    {"fingerprint": {}})
     save_codebook(book)
     return book

@@ -31,9 +31,9 @@ from tests.conftest import random_codebook, tiny_model
 
 GOLDEN = Path(__file__).parent / "golden" / "message_v1.kvcm"
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
-# seeds here (cachegen 0.19, klt 0.13, klt-coarse 0.20), with margin.
+# seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
-             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.25, "klt": 0.2, "klt-coarse": 0.3}
+             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.25, "klt": 0.25, "klt-coarse": 0.4}
 
 
 def kv_like(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:

@@ -37,30 +37,37 @@ class MissingCodebook(WireError):
 
 @dataclass
 class Codebook:
-    """Orthonormal bases, per layer ``[H, D, D]`` (columns = components, largest variance first).
+    """Per layer, orthonormal bases ``[H, D, D]`` (columns = components, largest variance first)
+    and the means ``[H, D]`` they were measured around.
 
     Attributes:
         keys, values: the bases for keys and for values.
+        key_means, value_means: the calibration means (mostly the projections' biases), which
+            codecs subtract so that messages need not carry their own.
         meta: what it was built from (model fingerprint, token count), for ``inspect`` and humans.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    key_means: list[torch.Tensor]
+    value_means: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        parts = {"k": self.keys, "v": self.values, "km": self.key_means, "vm": self.value_means}
+        return {f"{kind}.{i}": t.float().contiguous().clone() for kind, ts in parts.items() for i, t in enumerate(ts)}
 
     @property
     def id(self) -> str:
-        """Content hash of the bases (16 hex digits): equal ids decode alike."""
+        """Content hash of the bases and means (16 hex digits): equal ids decode alike."""
         digest = hashlib.sha256()
-        for tensor in (*self.keys, *self.values):
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.float().contiguous().numpy().tobytes())
+        for name, tensor in self._tensors().items():
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def to_bytes(self) -> bytes:
-        tensors = {f"{kind}.{i}": t.float().contiguous() for kind, bases in (("k", self.keys), ("v", self.values))
-                   for i, t in enumerate(bases)}
-        return save_tensors(tensors, {"format": FORMAT, "meta": json.dumps(self.meta)})
+        return save_tensors(self._tensors(), {"format": FORMAT, "meta": json.dumps(self.meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Codebook:
@@ -71,13 +78,12 @@ class Codebook:
             tensors = load_tensors(data)
         except (SafetensorError, ValueError) as err:
             raise WireError(f"not a codebook file: {err}") from None
-        layers = len(tensors) // 2
+        layers = len(tensors) // 4
         try:
-            keys = [tensors[f"k.{i}"] for i in range(layers)]
-            values = [tensors[f"v.{i}"] for i in range(layers)]
+            parts = [[tensors[f"{kind}.{i}"] for i in range(layers)] for kind in ("k", "v", "km", "vm")]
         except KeyError as err:
             raise WireError(f"codebook lacks tensor {err}") from None
-        return cls(keys, values, _metadata(data))
+        return cls(*parts, meta=_metadata(data))
 
 
 def _metadata(data: bytes) -> dict[str, Any]:
@@ -106,14 +112,19 @@ def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Code
     if not moments or float(moments["k", 0][0]) < 2:
         raise ValueError("a codebook needs at least two context tokens besides the first")
 
+    def mean(kind: str, layer: int) -> torch.Tensor:
+        count, total, _ = moments[kind, layer]
+        return total / count
+
     def bases(kind: str, layer: int) -> torch.Tensor:
-        count, total, outer = moments[kind, layer]
-        mean = total / count
-        covariance = outer / count - mean[:, :, None] * mean[:, None, :]
+        count, _, outer = moments[kind, layer]
+        centre = mean(kind, layer)
+        covariance = outer / count - centre[:, :, None] * centre[:, None, :]
         return torch.linalg.eigh(covariance)[1].flip(-1).float()  # eigh sorts ascending
 
-    layers = len({layer for _, layer in moments})
-    return Codebook([bases("k", i) for i in range(layers)], [bases("v", i) for i in range(layers)],
+    layers = range(len({layer for _, layer in moments}))
+    return Codebook([bases("k", i) for i in layers], [bases("v", i) for i in layers],
+                    [mean("k", i).float() for i in layers], [mean("v", i).float() for i in layers],
                     {"fingerprint": fingerprint, "tokens": int(moments["k", 0][0])})
 
 

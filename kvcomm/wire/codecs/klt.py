@@ -1,15 +1,15 @@
 """Transform coding: rotate each head into its principal axes, quantise uniformly, entropy-code.
 
-After the rotation (a :class:`~kvcomm.wire.codebook.Codebook` basis) a few components carry
-nearly all of a head's energy. One uniform step per head, ``step`` times the RMS of its
-coefficients, then gives large components many levels and small ones a single zero code, the
-reverse water-filling that minimises squared error at a given rate; the codes are ANS-coded with
-a Laplace model whose scale per component travels as float16, so no histogram is sent. The first
-token (the attention sink, an outlier) and each head's mean travel as float16.
+After the rotation (a :class:`~kvcomm.wire.codebook.Codebook` basis, around the codebook's mean) a
+few components carry nearly all of a head's energy. One uniform step per head, ``step`` times the
+RMS of its coefficients, then gives large components many levels and small ones a single zero
+code, the reverse water-filling that minimises squared error at a given rate; the codes are
+ANS-coded with a Laplace model whose scale per component travels as one byte, so no histogram is
+sent. The first token (the attention sink, an outlier) travels apart, as int8 with a float16
+scale per head.
 
-Measured on Qwen2.5-Coder-1.5B (``docs/results.md``): at equal receiver-logit error this spends
-about 1.5x fewer bytes than quantising channels directly (``int4-ans``), because it codes the
-correlations between channels instead of each channel's range.
+Contexts of a few dozen tokens are common between agents, so the fixed cost per layer is kept
+small: four tensors per shared layer and two per sink-only layer.
 """
 
 from __future__ import annotations
@@ -26,48 +26,51 @@ from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
 from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
+SCALE_LEVELS = 16  # a scale byte q means MIN_SCALE * 2 ** (q / 16): 4.4% apart, up to ~3,000 steps
 
 
-def transform_encode(x: torch.Tensor, basis: torch.Tensor, step: float) -> Tensors:
-    """One layer's keys or values ``[H, T, D]`` -> named tensors (see the module docstring).
+def _scales(levels: torch.Tensor) -> np.ndarray:
+    return MIN_SCALE * np.exp2(levels.numpy().astype(np.float64) / SCALE_LEVELS)
 
-    A sink-only layer (``T = 1``) is just its float16 token; otherwise ``side`` packs each head's
-    mean, Laplace scales and step (float16 ``[H, 2D + 1]``) beside the code range and ANS stream,
-    so short contexts do not pay for many small tensors.
-    """
-    if basis.shape != (x.shape[0], x.shape[2], x.shape[2]):
+
+def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, step: float) -> Tensors:
+    """One layer's keys or values ``[H, T, D]`` -> ``first`` (int8 ``[H, D]``) and ``side`` (float16
+    ``[H, 1]``: its scale; ``[H, 2]``: its scale and the step) and, if ``T > 1``, ``scale`` (uint8
+    ``[H, D]``, one Laplace scale level per component) and ``codes`` (int32: lowest and highest
+    code, then the ANS stream)."""
+    if basis.shape != (x.shape[0], x.shape[2], x.shape[2]) or mean.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
-    first = {"first": x[:, 0].half()}
+    first_scale = (x[:, 0].abs().amax(dim=-1) / 127).clamp(min=1e-8).half()
+    first = (x[:, 0] / first_scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     if x.shape[1] == 1:
-        return first
-    rest = x[:, 1:].float()
-    mean = rest.mean(dim=1).half()
-    coefficients = (rest - mean.float()[:, None]) @ basis
+        return {"first": first, "side": first_scale[:, None]}
+    coefficients = (x[:, 1:].float() - mean[:, None]) @ basis
     steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
-    codes = (coefficients / steps.float()[:, None, None]).round()
-    scales = codes.abs().mean(dim=1).clamp(min=MIN_SCALE).half()
-    low, high, stream = laplace_encode(codes.to(torch.int64).numpy(),
-                                       np.broadcast_to(scales.float().numpy()[:, None], codes.shape))
-    return {**first, "side": torch.cat([mean, scales, steps[:, None]], dim=1),
-            "range": torch.tensor([low, high], dtype=torch.int32), "stream": torch.from_numpy(stream.view(np.int32))}
+    codes = (coefficients / steps.float()[:, None, None]).round().to(torch.int64)
+    spread = codes.abs().float().mean(dim=1).clamp(min=MIN_SCALE)
+    levels = (torch.log2(spread / MIN_SCALE) * SCALE_LEVELS).round().clamp(0, 255).to(torch.uint8)
+    low, high, stream = laplace_encode(codes.numpy(), np.broadcast_to(_scales(levels)[:, None], codes.shape))
+    return {"first": first, "side": torch.stack([first_scale, steps], dim=1), "scale": levels,
+            "codes": torch.from_numpy(np.concatenate([np.array([low, high], dtype=np.int32), stream.view(np.int32)]))}
 
 
-def transform_decode(t: Tensors, basis: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def transform_decode(t: Tensors, basis: torch.Tensor, mean: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Inverse of :func:`transform_encode` for KV of ``shape``."""
     heads, tokens, dim = shape
-    if basis.shape != (heads, dim, dim):
+    if basis.shape != (heads, dim, dim) or mean.shape != (heads, dim):
         raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {shape}")
-    first = t["first"].float()[:, None]
+    side = t["side"].float()
+    if t["first"].dtype != torch.int8 or t["first"].shape != (heads, dim) or side.shape != (heads, 1 + (tokens > 1)):
+        raise ValueError("transform-coded first token or side tensor has the wrong type or shape")
+    first = (t["first"].float() * side[:, :1])[:, None]
     if tokens == 1:
         return first
-    if t["side"].shape != (heads, 2 * dim + 1):
-        raise ValueError("transform-coded side tensor has the wrong shape")
-    side = t["side"].float()
-    mean, scales, steps = side[:, :dim], side[:, dim:2 * dim], side[:, 2 * dim]
-    low, high = (int(v) for v in t["range"])
-    codes = laplace_decode(low, high, np.broadcast_to(scales.numpy()[:, None], (heads, tokens - 1, dim)),
-                           t["stream"].numpy().view(np.uint32))
-    rest = (torch.from_numpy(codes).float() * steps[:, None, None]) @ basis.transpose(1, 2)
+    if t["scale"].dtype != torch.uint8 or t["scale"].shape != (heads, dim) or t["codes"].numel() < 2:
+        raise ValueError("transform-coded scales or codes have the wrong type or shape")
+    words = t["codes"].numpy().view(np.uint32)
+    codes = laplace_decode(int(t["codes"][0]), int(t["codes"][1]),
+                           np.broadcast_to(_scales(t["scale"])[:, None], (heads, tokens - 1, dim)), words[2:])
+    rest = (torch.from_numpy(codes).float() * side[:, 1, None, None]) @ basis.transpose(1, 2)
     return torch.cat([first, rest + mean[:, None]], dim=1)
 
 
@@ -105,8 +108,8 @@ class KLTCodec(Codec):
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         book = self._book()
-        k = transform_encode(keys, book.keys[layer], self.step)
-        v = transform_encode(values, book.values[layer], self.step)
+        k = transform_encode(keys, book.keys[layer], book.key_means[layer], self.step)
+        v = transform_encode(values, book.values[layer], book.value_means[layer], self.step)
         return {**{f"k.{n}": t for n, t in k.items()}, **{f"v.{n}": t for n, t in v.items()}}
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
@@ -115,8 +118,8 @@ class KLTCodec(Codec):
         if len(book.keys) != num_layers:
             raise ValueError(f"codebook {self.codebook} has {len(book.keys)} layers, the message {num_layers}")
         part = lambda p: {n[len(p) + 1:]: t for n, t in tensors.items() if n.startswith(f"{p}.")}  # noqa: E731
-        return (transform_decode(part("k"), book.keys[layer], shape),
-                transform_decode(part("v"), book.values[layer], shape))
+        return (transform_decode(part("k"), book.keys[layer], book.key_means[layer], shape),
+                transform_decode(part("v"), book.values[layer], book.value_means[layer], shape))
 
 
 preset("klt", "klt", step=0.5)
