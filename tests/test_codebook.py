@@ -63,6 +63,16 @@ def test_every_coefficient_is_within_half_a_step(heads, tokens, dim, step, seed)
         assert (error.abs() <= steps[:, None, None] / 2 * (1 + 1e-3) + 1e-4).all()
 
 
+@pytest.mark.parametrize("fill", [0.0, 1.5])
+def test_kv_equal_to_the_codebook_mean_is_one_repeated_code(fill):
+    """All coefficients zero: a degenerate distribution that still codes and decodes exactly."""
+    basis = torch.linalg.qr(torch.randn(2, 8, 8))[0]
+    x = torch.full((2, 10, 8), fill)
+    t = transform_encode(x, basis, torch.full((2, 8), fill), 0.5)
+    back = transform_decode(t, basis, torch.full((2, 8), fill), (2, 10, 8))
+    assert torch.equal(back[:, 1:], x[:, 1:]) and torch.allclose(back[:, 0], x[:, 0], atol=1e-3)  # sink: int8
+
+
 def test_built_codebook_is_orthonormal_ordered_and_stable(tmp_path):
     model = tiny_loaded("qwen2")
     task = load_task("facts", items=6, facts_per_item=6)

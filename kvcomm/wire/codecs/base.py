@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 Tensors = dict[str, torch.Tensor]
 
 
+def prefixed(tensors: Tensors, prefix: str) -> Tensors:
+    """The tensors named ``prefix.*``, without the prefix (codecs store keys as ``k.*``, values ``v.*``)."""
+    return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(f"{prefix}.")}
+
+
 class Codec(ABC):
     """Encodes one layer's keys and values, each ``[H, T, D]`` float32, into named tensors."""
 

@@ -22,7 +22,7 @@ import torch
 
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codebook import Codebook, load_codebook
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
@@ -40,7 +40,7 @@ def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, s
     code, then the ANS stream)."""
     if basis.shape != (x.shape[0], x.shape[2], x.shape[2]) or mean.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
-    first_scale = (x[:, 0].abs().amax(dim=-1) / 127).clamp(min=1e-8).half()
+    first_scale = (x[:, 0].abs().amax(dim=-1) / 127).half().clamp(min=2 ** -24)  # > 0 once in float16
     first = (x[:, 0] / first_scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     if x.shape[1] == 1:
         return {"first": first, "side": first_scale[:, None]}
@@ -100,26 +100,26 @@ class KLTCodec(Codec):
     def bind(self, codebook: Callable[[], Codebook]) -> KLTCodec:
         return self if self.codebook is not None else KLTCodec(self.step, codebook().id)
 
-    def _book(self) -> Codebook:
+    def _book(self, num_layers: int) -> Codebook:
         if self.codebook is None:
             raise ConfigError("the klt codec needs a codebook: encode through kvcomm (which binds the sender "
                               "model's codebook) or pass codebook=<id>")
-        return load_codebook(self.codebook)
+        book = load_codebook(self.codebook)
+        if len(book.keys) != num_layers:
+            raise ValueError(f"codebook {self.codebook} has {len(book.keys)} layers, the message {num_layers}")
+        return book
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
-        book = self._book()
+        book = self._book(num_layers)
         k = transform_encode(keys, book.keys[layer], book.key_means[layer], self.step)
         v = transform_encode(values, book.values[layer], book.value_means[layer], self.step)
         return {**{f"k.{n}": t for n, t in k.items()}, **{f"v.{n}": t for n, t in v.items()}}
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        book = self._book()
-        if len(book.keys) != num_layers:
-            raise ValueError(f"codebook {self.codebook} has {len(book.keys)} layers, the message {num_layers}")
-        part = lambda p: {n[len(p) + 1:]: t for n, t in tensors.items() if n.startswith(f"{p}.")}  # noqa: E731
-        return (transform_decode(part("k"), book.keys[layer], book.key_means[layer], shape),
-                transform_decode(part("v"), book.values[layer], book.value_means[layer], shape))
+        book = self._book(num_layers)
+        return (transform_decode(prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape),
+                transform_decode(prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape))
 
 
 preset("klt", "klt", step=0.5)

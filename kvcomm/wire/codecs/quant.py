@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 
 
@@ -112,9 +112,8 @@ class QuantCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = lambda p: {n[len(p) + 1:]: t for n, t in tensors.items() if n.startswith(f"{p}.")}  # noqa: E731
-        keys = dequantize(part("k"), self.bits, 1, self.group, shape)
-        values = dequantize(part("v"), self.bits, 2, self.group, shape)
+        keys = dequantize(prefixed(tensors, "k"), self.bits, 1, self.group, shape)
+        values = dequantize(prefixed(tensors, "v"), self.bits, 2, self.group, shape)
         return keys, values
 
 
