@@ -47,7 +47,9 @@ def eval_command(
     ratio: Annotated[float | None, typer.Option(help="Fraction of layers to share.")] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
     codec: Annotated[str | None, typer.Option(help="Send KV through a message with this codec (fp16, int8, "
-                                              "int4, cachegen, zstd …); bytes are the message's size.")] = None,
+                                              "int4, klt, cachegen, zstd …); bytes are the message's size. klt "
+                                              "builds its codebook from the calibration items: use "
+                                              "--calib-size 16 or more.")] = None,
     model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
@@ -75,7 +77,8 @@ def sweep_command(
     )] = "baseline,skyline,kvcomm,random@0.5",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions for KV methods.")] = "0.3,0.5,0.7,1.0",
     codecs: Annotated[str, typer.Option(help="Comma-separated codecs for KV methods; 'none' = in-process "
-                                        "(e.g. 'none,int8,int4,cachegen').")] = "none",
+                                        "(e.g. 'none,int8,klt,cachegen'). klt builds its codebook from the "
+                                        "calibration items: use --calib-size 16 or more.")] = "none",
     model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
     data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
     calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,

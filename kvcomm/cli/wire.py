@@ -97,8 +97,8 @@ def codebook_command(
 ) -> None:
     """Build the codebook of the `klt` codec for a model and make it that model's default.
 
-    Receivers decode `klt` messages only with the sender's codebook: on another machine, copy the
-    printed file into that machine's codebook folder.
+    Receivers decode `klt` messages only with the sender's codebook.
+    On another machine, copy the printed file into that machine's codebook folder.
     """
     sender = load_model(model, dtype)
     source = load_task(task, data, items=items, facts_per_item=20) if task == "facts" else load_task(task, data)
