@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ class Codebook:
         keys, values: the bases for keys and for values.
         key_means, value_means: the calibration means (mostly the projections' biases), which
             codecs subtract so that messages need not carry their own.
-        meta: what it was built from (model fingerprint, token count), for ``inspect`` and humans.
+        meta: what it was built from (model fingerprint, token count), for people and results.
     """
 
     keys: list[torch.Tensor]
@@ -57,7 +58,7 @@ class Codebook:
         parts = {"k": self.keys, "v": self.values, "km": self.key_means, "vm": self.value_means}
         return {f"{kind}.{i}": t.float().contiguous().clone() for kind, ts in parts.items() for i, t in enumerate(ts)}
 
-    @property
+    @cached_property
     def id(self) -> str:
         """Content hash of the bases and means (16 hex digits): equal ids decode alike."""
         digest = hashlib.sha256()
