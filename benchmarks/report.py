@@ -9,12 +9,14 @@
 (from an uncompressed kvcomm run: its float32 bytes per item and context length give the bytes of
 every layer at float16; or the ratio-1.0 run's bytes halved when the items carry no token ids) and
 the paired score change against the uncompressed run at the same layers; ✓ marks the wire goal
-(≥ 12× and at most 1 point lower).
+(≥ 12× and at most 1 point lower). ``--pool`` first merges files of the same model and task whose
+runs share labels and layers (e.g. a sweep extended to more items), item lists concatenated.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -79,13 +81,46 @@ def codecs_table(reports: list[dict]) -> None:
                   f"{'–' if delta is None else f'{delta:+.3f}'} | {'✓' if met else ''} |")
 
 
+def pooled(reports: list[dict]) -> list[dict]:
+    """Reports of the same model and task merged into one: the runs every file has (same label and
+    layers), their items concatenated; an item id seen twice is refused."""
+    merged: dict[tuple[str, str], dict] = {}
+    for report in reports:
+        key = (report["config"]["receiver"], report["config"]["task"])
+        if key not in merged:
+            merged[key] = copy.deepcopy(report)
+            continue
+        if report["config"].get("codebook") != merged[key]["config"].get("codebook"):
+            raise SystemExit(f"{key}: the files used different codebooks; their items cannot be pooled")
+        incoming = {run["label"]: run for run in report["runs"]}
+        merged[key]["runs"] = [run for run in merged[key]["runs"] if run["label"] in incoming]
+        for run in merged[key]["runs"]:
+            if incoming[run["label"]]["layers"] != run["layers"]:
+                raise SystemExit(f"{key}: {run['label']} shares different layers in different files")
+            run["items"] += incoming[run["label"]]["items"]
+    for report in merged.values():
+        for run in report["runs"]:
+            if len({item["id"] for item in run["items"]}) != len(run["items"]):
+                raise SystemExit(f"{report['config']['task']}: {run['label']} has an item twice; nothing pooled")
+    for report in merged.values():
+        for run in report["runs"]:
+            items = run["items"]
+            run["n"] = len(items)
+            run["kv_bytes_mean"] = sum(item["kv_bytes"] for item in items) / len(items)
+            run["scores"]["paper_f1"]["mean"] = sum(item["scores"]["paper_f1"] for item in items) / len(items)
+    return list(merged.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["methods", "codecs"])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--uncompressed", action="store_true", help="methods: skip runs through a wire codec")
+    parser.add_argument("--pool", action="store_true", help="merge files of the same model and task first")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.paths]
+    if args.pool:
+        reports = pooled(reports)
     if args.table == "methods":
         methods_table(reports, args.uncompressed)
     else:
