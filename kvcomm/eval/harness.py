@@ -76,14 +76,15 @@ def evaluate(
             raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
         return profile.ranking
 
-    codebooks: list[Codebook] = []
+    book: Codebook | None = None
 
     def codebook() -> Codebook:
         """From the calibration items, like the ranking (the model's default without any)."""
-        if not codebooks:
-            codebooks.append(codebook_from_items(agents.sender, task, calib, config.batch_size) if calib
-                             else model_codebook(agents.sender))
-        return codebooks[0]
+        nonlocal book
+        if book is None:
+            book = codebook_from_items(agents.sender, task, calib, config.batch_size) if calib \
+                else model_codebook(agents.sender)
+        return book
 
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking, codebook)
     for method in methods:
@@ -144,7 +145,7 @@ def evaluate(
             "sender": agents.sender.name, "receiver": agents.receiver.name, "task": task.name,
             "num_layers": agents.num_layers, "max_new_tokens": task.max_new_tokens, "metric": task.metric,
             "test_items": len(test), "calibration_items": [i.id for i in calib], **vars(config),
-            **({"codebook": {"id": codebooks[0].id, "tokens": codebooks[0].meta["tokens"]}} if codebooks else {}),
+            **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
         },
         environment=environment(),
         profile=profile.model_dump() if profile is not None else None,
