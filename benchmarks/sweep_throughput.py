@@ -36,7 +36,7 @@ def one_run(args: argparse.Namespace) -> dict:
     ranking = calibrate(agents, task, task.items[:1], progress=False).ranking
 
     def methods() -> list:
-        shared = [m for r in args.ratios for m in build_methods(["kvcomm"], layers=top_layers(ranking, r))]
+        shared = [m for r in args.ratios for m in build_methods(["kvcomm"], layers=tuple(top_layers(ranking, r)))]
         return build_methods(["baseline", "skyline"]) + shared
 
     config = dict(limit=args.items, calib_size=0)

@@ -63,7 +63,7 @@ def kvcomm_ttft(model, client: Client, message_id: str) -> float:
     began = time.perf_counter()
     message = KVMessage.from_bytes(client.get_message(message_id))
     check_fingerprint(message.fingerprint, model.fingerprint)
-    start = receiver_input(message.to_shared(next(model.model.parameters()).dtype), message.meta.get("mode", "causal"))
+    start = receiver_input(message.to_shared(model.dtype))
     first_token(model, start, model.encode_message(f"Question: {QUESTION}"))
     return time.perf_counter() - began
 

@@ -5,25 +5,41 @@ Typical use::
     import kvcomm
     agents = kvcomm.Agents.load("smollm2-135m")
     agents.ask("Mira lives in Oslo.", "Which city does Mira live in?", layers=range(15))
+
+Across processes, the two ends of an exchange are :func:`encode_context` (sender → :class:`KVMessage`)
+and :func:`answer` (receiver). Everything kvcomm raises on purpose is a :class:`KvcommError`.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from kvcomm.agents import Agents, Batch
-from kvcomm.errors import ConfigError, DataError, IncompatibleModelsError, KvcommError, ModelError
+from kvcomm.agents import Agents, answer, encode_context, encode_ids
+from kvcomm.errors import (
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    IncompatibleModelsError,
+    KvcommError,
+    ModelError,
+    ProtocolError,
+    WireError,
+)
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
-from kvcomm.methods import METHODS, Method, build_methods
+from kvcomm.eval.batch import Batch
+from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
-from kvcomm.protocol import SenderKV, build_receiver_input, greedy_generate, prefill
+from kvcomm.protocol import SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
 from kvcomm.selection import Profile, calibrate
 from kvcomm.serve.client import Client
 from kvcomm.tasks import Item, Task, load_task
+from kvcomm.wire import KVMessage
 
 __all__ = [
     "EMBEDDED", "METHODS", "Agents", "Batch", "Client", "ConfigError", "DataError", "EvalConfig",
-    "IncompatibleModelsError", "Item", "KvcommError", "LoadedModel", "Method", "ModelError", "Profile", "Report",
-    "SenderKV", "Task", "__version__", "build_methods", "build_receiver_input", "calibrate", "evaluate",
-    "greedy_generate", "load_model", "load_pair", "load_task", "plot_sweep", "prefill", "print_table",
+    "FingerprintMismatch", "IncompatibleModelsError", "Item", "KVMessage", "KvcommError", "LoadedModel", "Method",
+    "ModelError", "Profile", "ProtocolError", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__",
+    "answer", "build_methods", "build_receiver_input", "calibrate", "encode_context", "encode_ids", "evaluate",
+    "greedy_generate", "load_model", "load_pair", "load_task", "make_method", "plot_sweep", "prefill",
+    "print_table",
 ]

@@ -6,6 +6,7 @@ tokenizer is a byte-level BPE with no merges, so any text encodes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,12 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 
 def shared_file(name: str) -> Path:
+    """A file of the paper's data beside the checkout; CI (``KVCOMM_REQUIRE_SHARED_DATA=1``) fails
+    loudly without it instead of skipping the tests that read it."""
     path = SHARED_DATA / name
     if not path.is_file():
+        if os.environ.get("KVCOMM_REQUIRE_SHARED_DATA"):
+            pytest.fail(f"{path} is missing, and KVCOMM_REQUIRE_SHARED_DATA is set: the paper's data must be there")
         pytest.skip(f"{path} not available")
     return path
 

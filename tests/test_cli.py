@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from kvcomm.cli import app
@@ -42,7 +43,7 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
 
 def test_bad_options_fail_cleanly(tiny_dir):
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--method", "kvcom", "-q"])
-    assert result.exit_code != 0 and "Did you mean 'kvcomm'" in str(result.exception)
+    assert result.exit_code == 2 and "Did you mean 'kvcomm'" in result.stderr
 
 
 def test_encode_inspect_answer_round_trip(tiny_dir, tmp_path):
@@ -53,22 +54,25 @@ def test_encode_inspect_answer_round_trip(tiny_dir, tmp_path):
     shown = runner.invoke(app, ["inspect", str(message)])
     assert shown.exit_code == 0 and "valid" in shown.output and "0,2 (2/4)" in shown.output
     header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
-    assert header["codec"] == {"name": "quant", "params": {"bits": 8, "group": 32}}
+    assert header["codec"] == {"name": "quant", "params": {"bits": 8, "group": 32}} and header["mode"] == "causal"
     answered = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "Where?",
                                    "--max-new-tokens", "3"])
     assert answered.exit_code == 0, answered.output
 
 
 def test_answer_refuses_a_message_from_another_model(tiny_dir, tmp_path):
+    from kvcomm.models import load_model
     from kvcomm.wire import FingerprintMismatch, KVMessage
 
     message = tmp_path / "m.kvcm"
     runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x"])
     loaded = KVMessage.load(message)
-    loaded.fingerprint["num_kv_heads"] = 7
+    loaded.fingerprint["vocab_sha256"] = "0" * 32
     loaded.save(message)
     result = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "q"])
-    assert isinstance(result.exception, FingerprintMismatch)
+    assert result.exit_code == 2 and "incompatible model" in result.stderr and "vocab_sha256" in result.stderr
+    with pytest.raises(FingerprintMismatch):
+        KVMessage.load(message, receiver=load_model(str(tiny_dir)).fingerprint)
 
 
 def test_sweep_over_codecs_records_message_bytes(tiny_dir, tmp_path):

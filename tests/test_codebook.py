@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomm.agents import codebook_from_items, encode_context, model_codebook
+from kvcomm.agents import encode_context
+from kvcomm.errors import DataError
 from kvcomm.protocol import pad_left, prefill
 from kvcomm.tasks import load_task
 from kvcomm.wire import (
@@ -22,6 +23,7 @@ from kvcomm.wire import (
     load_codebook,
     make_codec,
 )
+from kvcomm.wire.bootstrap import codebook_from_items, model_codebook
 from kvcomm.wire.codebook import _LOADED
 from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
 from kvcomm.wire.codecs.klt import transform_decode, transform_encode
@@ -123,11 +125,11 @@ def test_codebook_must_fit_the_message():
     book = random_codebook(2, 8, 2, seed=4)
     codec = make_codec("klt", codebook=book.id)
     keys = torch.randn(3, 5, 8)  # three heads; the codebook has two
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(WireError, match="does not fit"):
         KVMessage({"m": 1}, 5, 0, [LayerKV(0, True, keys, keys), LayerKV(1, True, keys, keys)], codec).to_bytes()
 
 
 def test_building_from_one_token_contexts_is_refused():
     kv = prefill(tiny_loaded("llama").model, torch.tensor([[5]]), torch.tensor([[True]]))
-    with pytest.raises(ValueError, match="two context tokens"):
+    with pytest.raises(DataError, match="two context tokens"):
         build_codebook([kv], {})

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from kvcomm import Agents, EvalConfig, build_methods, evaluate
-from kvcomm.errors import ConfigError
+from kvcomm import Agents, EvalConfig, build_methods, evaluate, make_method
+from kvcomm.errors import ConfigError, DataError
+from kvcomm.eval.batch import Batch
+from kvcomm.methods.base import Setup
 from kvcomm.methods.debate import embedding_matrix, expected_embeddings
 from kvcomm.tasks import load_task
 from kvcomm.tasks.base import split_context
@@ -85,29 +88,39 @@ def test_ac_negative_indices_resolve_and_graft(agents):
 
 
 def test_ac_changes_the_receiver_only_through_the_graft(agents):
-    from kvcomm.methods.ac import ActivationCommunication
-    from kvcomm.methods.base import Setup
+    """The graft replaces the last prompt token's hidden state before layer j: that position's logits
+    change, every earlier position's logits stay exactly as without it, and the hook is removed after."""
+    from kvcomm.methods.ac import FUSIONS, ActivationCommunication, _graft_once
+    from kvcomm.protocol import empty_input, pad_left, prefill_logits
 
     method = ActivationCommunication(fuse="replace", layer_k=2, layer_j=1)
     method.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
-    task = load_task("facts", items=2)
-    from kvcomm.agents import Batch
-
-    batch = Batch(agents, task, task.items)
-    grafted = method.run(batch).answers
-    baseline = build_methods(["baseline"])[0].run(Batch(agents, task, task.items)).answers
     mean = ActivationCommunication(fuse="mean", layer_k=0, layer_j=0)
     mean.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
-    assert isinstance(grafted[0], str) and len(baseline) == 2 and mean.label == "ac-mean@k0j0"
-    # hooks are removed after each run: a later baseline is unaffected
-    assert build_methods(["baseline"])[0].run(Batch(agents, task, task.items)).answers == baseline
+    assert method.label == "ac-replace@k2j1" and mean.label == "ac-mean@k0j0"
+    model = agents.receiver
+    ids, valid = pad_left([model.encode_message("Instruction: answer. Question: where?")], model.pad_id)
+    vector = torch.randn(1, model.model.config.hidden_size)
+    plain = prefill_logits(model.model, empty_input(model.model, 1), ids, valid)
+    layer = model.model.get_decoder().layers[1]
+    handle = layer.register_forward_pre_hook(_graft_once(vector, FUSIONS["replace"]), with_kwargs=True)
+    try:
+        grafted = prefill_logits(model.model, empty_input(model.model, 1), ids, valid)
+    finally:
+        handle.remove()
+    assert (grafted[0, -1] - plain[0, -1]).abs().max() > 1e-3  # the last position moved
+    assert torch.equal(grafted[0, :-1], plain[0, :-1])  # nothing before it did
+    task = load_task("facts", items=2)
+    baseline = make_method("baseline").run(Batch(agents, task, task.items)).answers
+    method.run(Batch(agents, task, task.items))
+    assert make_method("baseline").run(Batch(agents, task, task.items)).answers == baseline  # hook removed
 
 
 def test_two_senders_split_the_context(agents):
     report = run(agents, ["kvcomm"], ratios=[1.0], senders=2)
     assert report.runs[0].label == "kvcomm@1x2" and report.runs[0].n == 4
     assert split_context("A b. C d. E f g h. I.", 2) == ["A b. C d.", "E f g h. I."]
-    with pytest.raises(Exception, match="cannot split"):
+    with pytest.raises(DataError, match="cannot split"):
         split_context("One sentence only", 2)
 
 
@@ -126,3 +139,78 @@ def test_every_method_in_one_sweep_reports_bytes(agents):
     sent = {r.method: r.kv_bytes_mean for r in report.runs}
     assert sent["baseline"] == sent["skyline"] == 0
     assert all(sent[m] > 0 for m in ("kvcomm", "ac", "online"))
+
+
+def test_online_takes_a_codec_and_senders_like_the_other_kv_methods(agents):
+    report = run(agents, ["online"], items=4, ratios=[1.0], interval=2, codecs=["fp32"], senders=2)
+    in_process = run(agents, ["online"], items=4, ratios=[1.0], interval=2, senders=2)
+    wired, plain = report.runs[0], in_process.runs[0]
+    assert wired.label == "online@1/2x2+fp32" and plain.label == "online@1/2x2"
+    assert [i.answer for i in wired.items] == [i.answer for i in plain.items]  # fp32 through the wire is exact
+    assert all(w.kv_bytes > p.kv_bytes for w, p in zip(wired.items, plain.items))  # real message sizes
+
+
+@pytest.mark.parametrize("name, option, value", [
+    ("nld", "codec", "int8"), ("cipher", "codec", "int8"), ("ac", "codec", "int8"), ("baseline", "senders", 2),
+    ("kvcomm", "interval", 4), ("random", "layers", (1, 2)), ("nld", "mode", "legacy"), ("ac", "ratio", 0.5),
+])
+def test_an_option_a_method_does_not_take_is_refused_naming_what_it_takes(name, option, value):
+    with pytest.raises(ConfigError, match=f"does not take '{option}'; it takes: ") as err:
+        build_methods([name], **{option: value}) if option not in ("ratio", "codec") else build_methods(
+            [name], ratios=[value] if option == "ratio" else None, codecs=[value] if option == "codec" else None)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_sweep_axes_and_options_apply_to_the_methods_that_take_them():
+    built = build_methods(["baseline", "kvcomm", "nld", "random@0.5"], ratios=[0.3, 1.0], codecs=[None, "int8"],
+                          senders=2, round_one_tokens=9)
+    assert [m.label for m in built] == ["baseline", "kvcomm@0.3x2", "kvcomm@0.3x2+int8", "kvcomm@1x2",
+                                        "kvcomm@1x2+int8", "nld", "random@0.5x2", "random@0.5x2+int8"]
+    assert built[5].options.round_one_tokens == 9
+    with pytest.raises(ConfigError, match="none of the methods baseline, nld takes 'senders'; it is taken by: "):
+        build_methods(["baseline", "nld"], senders=2)
+    with pytest.raises(ConfigError, match="takes no ratio"):
+        build_methods(["nld@0.5"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ratio=0), "ratio: Input should be greater than 0"), (dict(ratio=1.5), "ratio"),
+    (dict(senders=0), "senders"), (dict(codec="int9"), "Did you mean 'int8'"), (dict(mode="strict"), "mode"),
+    (dict(), "needs a ratio"), (dict(ratio=0.5, layers=(1,)), "not both"),
+])
+def test_method_options_are_typed_and_checked_where_they_are_made(options, message):
+    with pytest.raises(ConfigError, match=message):
+        make_method("kvcomm", **options)
+
+
+def test_options_are_frozen_and_recorded_in_the_results(agents):
+    method = make_method("random", ratio=0.5, seed=7)
+    with pytest.raises(ValidationError):
+        method.options.seed = 8  # type: ignore[misc]
+    report = run(agents, ["random@0.5"], seed=7)
+    assert report.runs[0].options == {"ratio": 0.5, "mode": "causal", "codec": None, "senders": 1, "seed": 7}
+
+
+def test_each_method_is_charged_its_own_sender_time_whatever_the_order(agents, monkeypatch):
+    """A deterministic clock (one second per reading): every KV method is charged the full cost of the
+    prefill it used, whoever ran first; methods that use no sender KV are charged none of it."""
+    from kvcomm.eval import batch as batch_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(batch_module, "clock", lambda: float(next(ticks)))
+    task = load_task("facts", items=5)
+    config = EvalConfig(limit=4, batch_size=4, calib_size=1)
+
+    def times(names):
+        report = evaluate(agents, task, build_methods(names, ratios=[0.5]), config, progress=False)
+        return {r.label: r.sender_seconds for r in report.runs}
+
+    forward = times(["kvcomm", "baseline", "kvcomm@1", "skyline"])
+    backward = times(["skyline", "kvcomm@1", "baseline", "kvcomm"])
+    assert forward == backward
+    assert forward["baseline"] == forward["skyline"] == 0
+    assert forward["kvcomm@0.5"] == forward["kvcomm@1"] == 1.0  # one prefill, one clock step, charged to both
+    two = evaluate(agents, task, [make_method("kvcomm", ratio=0.5), make_method("kvcomm", ratio=0.5, senders=2)],
+                   config, progress=False)
+    charged = {r.label: r.sender_seconds for r in two.runs}
+    assert charged["kvcomm@0.5"] == 1.0 and charged["kvcomm@0.5x2"] == 1.0  # each its own prefill only

@@ -49,3 +49,19 @@ def test_plain_prompt_without_chat_template():
     loaded = tiny_loaded("gemma3")
     loaded.tokenizer.chat_template = None
     assert loaded.tokenizer.decode(loaded.encode_message("Hi")) == "Hi\nAnswer:"
+
+
+def test_one_chat_prompt_for_the_harness_and_the_service():
+    """``encode_message`` (harness) is ``chat_ids`` of one user turn (service), with and without a template."""
+    for template in (True, False):
+        loaded = tiny_loaded("llama")
+        if not template:
+            loaded.tokenizer.chat_template = None
+        turn = [{"role": "user", "content": "Where is Oslo?"}]
+        assert loaded.encode_message("Where is Oslo?") == loaded.chat_ids(turn)
+    plain = tiny_loaded("gemma3")
+    plain.tokenizer.chat_template = None
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Where?"}]
+    assert plain.tokenizer.decode(plain.chat_ids(turns)) == "Be brief.\nHi\nAnswer: Hello.\nWhere?\nAnswer:"
+    assert plain.tokenizer.decode(plain.chat_ids(turns[:2], generation_prompt=False)) == "Be brief.\nHi\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcomm.errors import ConfigError
 from kvcomm.protocol import (
     AttentionLayout,
     build_receiver_input,
@@ -142,7 +143,7 @@ def test_greedy_decoding_matches_argmax_of_full_forward():
 def test_out_of_range_layers_are_refused():
     model = tiny_model("llama")
     sender = prefill(model, torch.randint(0, 99, (1, 5)), ones(torch.zeros(1, 5)))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         build_receiver_input(model, sender, [4])
 
 
@@ -211,3 +212,44 @@ def test_two_padded_senders_in_a_batch_equal_each_row_alone():
         return greedy_generate(model, start, q_ids, q_valid, 4, stop_ids=[], pad_id=0)
 
     assert run([0, 1]) == [run([0])[0], run([1])[0]]
+
+
+def test_pieces_with_different_mask_modes_are_refused_when_combined():
+    from kvcomm.protocol import concat_shared, share
+
+    model = tiny_model("llama")
+    parts = [prefill(model, c, ones(c)) for c in (torch.randint(0, 99, (1, 4)), torch.randint(0, 99, (1, 3)))]
+    with pytest.raises(ConfigError, match="one mask mode"):
+        concat_shared(model, [share(model, parts[0], [1], "causal"), share(model, parts[1], [1], "shift-back")])
+    with pytest.raises(ConfigError, match="same layers"):
+        concat_shared(model, [share(model, parts[0], [1]), share(model, parts[1], [2])])
+
+
+def test_shift_back_sink_follows_the_joined_context():
+    """Two shift-back messages joined: the kept sink sits right before the receiver, at |C1|+|C2|-1."""
+    from kvcomm.protocol import concat_shared, share
+
+    model = tiny_model("qwen2")
+    parts = [prefill(model, c, ones(c)) for c in (torch.randint(0, 99, (1, 6)), torch.randint(0, 99, (1, 4)))]
+    joined = concat_shared(model, [share(model, p, [1], "shift-back") for p in parts])
+    whole = share(model, merge_senders_of(model, parts), [1], "shift-back")
+    assert joined.positions[0].tolist() == [[9]] == whole.positions[0].tolist()
+    assert torch.allclose(joined.keys[0], whole.keys[0], atol=1e-5)
+
+
+def merge_senders_of(model, parts):
+    from kvcomm.protocol import merge_senders
+
+    return merge_senders(model, parts)
+
+
+def test_legacy_mode_reports_the_always_sent_layer_zero():
+    from kvcomm import make_method
+    from kvcomm.methods.base import Setup
+
+    method = make_method("kvcomm", layers=(2, 3), mode="legacy")
+    method.setup(Setup(4, "llama", lambda: [], lambda: None))  # type: ignore[arg-type, return-value]
+    assert method.layers == [0, 2, 3]
+    causal = make_method("kvcomm", layers=(2, 3))
+    causal.setup(Setup(4, "llama", lambda: [], lambda: None))  # type: ignore[arg-type, return-value]
+    assert causal.layers == [2, 3]

@@ -84,7 +84,7 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert http.put("/v1/messages/huge", content=huge).status_code == 413
     foreign = KVMessage.from_bytes(http.get(
         f"/v1/messages/{http.post('/v1/contexts', json={'context': 'x'}).json()['id']}").content)
-    foreign.fingerprint["num_kv_heads"] = 99
+    foreign.fingerprint["vocab_sha256"] = "0" * 32
     assert http.put("/v1/messages/foreign", content=foreign.to_bytes()).status_code == 409
     assert "junk" not in http.app.state.store.list() and "foreign" not in http.app.state.store.list()
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kvcomm.errors import ConfigError
 from kvcomm.serve.store import MemoryStore, RedisStore, StoreError, open_store
 
 
@@ -61,7 +62,7 @@ def test_contract(store):
     store.put("a", b"ONE")  # overwrite
     assert store.get("a") == b"ONE" and store.exists("b") and store.list() == ["a", "b"]
     assert store.delete("a") and not store.delete("a") and store.list() == ["b"]
-    for bad in ("../etc", "", "a b", ".hidden", "x" * 200):
+    for bad in ("../etc", "", "a b", ".hidden", "x" * 200, "abc\n", "torn.partial", "x.tmp"):
         with pytest.raises(StoreError):
             store.put(bad, b"x")
 
@@ -81,15 +82,15 @@ def test_disk_tier_survives_a_restart_and_ignores_partial_writes(tmp_path):
     first = MemoryStore(max_bytes=4, disk=tmp_path)
     first.put("kept", b"123456")  # larger than memory: disk only
     first.put("small", b"12")
-    (tmp_path / "torn.partial").write_bytes(b"half")
+    (tmp_path / ".torn.x1y2.tmp").write_bytes(b"half")  # what a write interrupted by a crash leaves
     second = MemoryStore(max_bytes=4, disk=tmp_path)  # a restarted agent
     assert second.get("kept") == b"123456" and second.get("small") == b"12"
-    assert second.list() == ["kept", "small"] and not (tmp_path / "torn.partial").exists()
+    assert second.list() == ["kept", "small"] and not (tmp_path / ".torn.x1y2.tmp").exists()
 
 
 def test_open_store_specs(tmp_path, redis_url):
     assert isinstance(open_store("memory"), MemoryStore)
     assert open_store(f"disk:{tmp_path}").disk == tmp_path
     assert isinstance(open_store(redis_url), RedisStore)
-    with pytest.raises(Exception, match="unknown store"):
+    with pytest.raises(ConfigError, match="unknown store"):
         open_store("ftp://x")

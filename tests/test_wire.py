@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kvcomm.protocol import prefill, prefill_logits, receiver_input, share
 from kvcomm.wire import (
     PRESETS,
+    VERSION,
     CorruptMessage,
     FingerprintMismatch,
     KVMessage,
@@ -29,7 +30,7 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = Path(__file__).parent / "golden" / "message_v1.kvcm"
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2)}
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
@@ -44,11 +45,11 @@ def kv_like(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
     return channel + drift + torch.randn(heads, tokens, dim, generator=g) * 0.3
 
 
-def message(codec: str = "fp32", layers: int = 3, tokens: int = 5, seed: int = 0) -> KVMessage:
+def message(codec: str = "fp32", layers: int = 3, tokens: int = 5, seed: int = 0, mode: str = "causal") -> KVMessage:
     entries = [LayerKV(i, i != 1, kv_like(2, tokens if i != 1 else 1, 4, seed + i),
                        kv_like(2, tokens if i != 1 else 1, 4, seed + 10 + i)) for i in range(layers)]
     return KVMessage({"model_type": "test", "num_layers": layers}, tokens, 0, entries, make_codec(codec),
-                     {"note": "golden"})
+                     {"note": "golden"}, mode)
 
 
 @pytest.mark.parametrize("codec", sorted(PRESETS))
@@ -87,15 +88,22 @@ def test_entropy_coded_codecs_handle_constant_tensors(codec):
     assert torch.allclose(back.keys, keys, atol=1e-3) and torch.allclose(back.values, keys * 2, atol=1e-3)
 
 
-def test_golden_file_decodes_and_encoding_is_stable():
-    expected = message().to_bytes()
+def test_golden_file_pins_todays_encoding():
+    expected = message(mode="legacy").to_bytes()
     if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):  # only when the format version is bumped on purpose
-        GOLDEN.write_bytes(expected)
-    golden = GOLDEN.read_bytes()
-    assert golden == expected, "the v1 byte layout changed: bump VERSION instead of editing the format"
+        GOLDEN[VERSION].write_bytes(expected)
+    assert GOLDEN[VERSION].read_bytes() == expected, \
+        f"the v{VERSION} byte layout changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
+
+
+@pytest.mark.parametrize("version, mode", [(1, "causal"), (2, "legacy")])
+def test_golden_files_of_every_version_decode(version, mode):
+    golden = GOLDEN[version].read_bytes()
+    assert struct.unpack("<H", golden[4:6])[0] == version
     decoded = KVMessage.from_bytes(golden)
-    assert decoded.meta == {"note": "golden"} and decoded.shared_layers == [0, 2]
+    assert decoded.meta == {"note": "golden"} and decoded.shared_layers == [0, 2] and decoded.mode == mode
     assert torch.equal(decoded.layers[2].values, message().layers[2].values)
+    assert MessageReader(io.BytesIO(golden)).version == version
 
 
 def test_receiver_through_the_wire_equals_in_process():
@@ -111,7 +119,7 @@ def test_receiver_through_the_wire_equals_in_process():
 def test_streaming_reader_yields_layers_in_order():
     data = message(layers=4).to_bytes()
     reader = MessageReader(io.BytesIO(data))
-    assert reader.header["context_len"] == 5
+    assert reader.header.context_len == 5
     assert [layer.index for layer in reader.layers()] == [0, 1, 2, 3]
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from kvcomm import __version__
 from kvcomm.cli import models
 from kvcomm.cli.calibrate import calibrate_command
 from kvcomm.cli.demo import demo
 from kvcomm.cli.evaluate import eval_command, sweep_command
+from kvcomm.cli.group import KvcommGroup
 from kvcomm.cli.serve import remote, serve_command
 from kvcomm.cli.wire import answer_command, codebook_command, encode_command, inspect_command
-from kvcomm.errors import KvcommError
 
 app = typer.Typer(
-    help="LLM agents that communicate through selected layers of their KV caches (KVComm).",
+    cls=KvcommGroup, help="LLM agents that communicate through selected layers of their KV caches (KVComm).",
     pretty_exceptions_enable=False, add_completion=False,
 )
 app.command("eval")(eval_command)
@@ -28,17 +31,23 @@ app.add_typer(remote, name="remote")
 app.add_typer(models.app, name="models")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvcomm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
-def main(ctx: typer.Context) -> None:
+def main(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Without a command: run the demo (embedded default model, generated task, < 2 minutes)."""
     if ctx.invoked_subcommand is None:
         demo()
 
 
 def run() -> None:
-    """Console entry point: kvcomm errors become one red line and exit code 2, not a traceback."""
-    try:
-        app()
-    except KvcommError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise SystemExit(2) from None
+    """Console entry point (errors are one line and exit code 2: see :mod:`kvcomm.cli.group`)."""
+    app()

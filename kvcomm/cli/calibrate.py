@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from kvcomm.agents import Agents
 from kvcomm.cli.common import (
-    DEFAULTS,
     Alpha,
     BatchSize,
     Data,
@@ -21,28 +20,34 @@ from kvcomm.cli.common import (
     Receiver,
     Sigma,
     TaskName,
+    check_output,
     console,
 )
-from kvcomm.eval import split_items
+from kvcomm.eval import EvalConfig, split_items
+from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.tasks import load_task
 
 
 def calibrate_command(
-    model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
-    data: Data = None,
-    calib_size: Annotated[int, typer.Option(help="Calibration items, taken from the end of the task.")] = 1,
-    batch_size: BatchSize = DEFAULTS["batch_size"], alpha: Alpha = None, mu: Mu = DEFAULTS["mu"],
-    sigma: Sigma = DEFAULTS["sigma"], dtype: Dtype = DEFAULTS["dtype"], quiet: Quiet = False,
-    out: Annotated[Path | None, typer.Option(help="Profile JSON (default results/profile-<task>.json).")] = None,
+    model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
+    calib_size: Annotated[int, typer.Option(min=1, help="Calibration items, taken from the end of the task.")] = 1,
+    batch_size: BatchSize = None, alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
+    dtype: Dtype = "float32", quiet: Quiet = False,
+    out: Annotated[Path | None, typer.Option(help="Profile JSON. (default: results/profile-<task>.json)")] = None,
 ) -> None:
     """Measure per-layer attention importance and save the ranking for `eval --profile`."""
+    resolve_model(model)
+    if receiver is not None:
+        resolve_model(receiver)
+    given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size)
+    config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
     _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
+    out = check_output(out or Path("results") / f"profile-{the_task.name}.json", "profile")
     agents = Agents.load(model, receiver, dtype)
-    profile = calibrate(agents, the_task, items, alpha, mu, sigma, batch_size, progress=not quiet)
-    out = out or Path("results") / f"profile-{the_task.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
+                        progress=not quiet)
     profile.save(out)
     table = Table(title=f"layer ranking · {the_task.name} · {len(items)} item(s) · alpha={profile.alpha}")
     for column in ("ratio", "layers"):
@@ -51,4 +56,4 @@ def calibrate_command(
         count = layer_count(ratio, profile.num_layers)
         table.add_row(f"{ratio} ({count})", format_layers(profile.ranking[:count]))
     console.print(table)
-    console.print(f"profile: {out}")
+    console.print(f"profile: {out}", markup=False)

@@ -1,63 +1,209 @@
-"""Options shared by the CLI commands, and the one function that runs an evaluation from them."""
+"""Options shared by the CLI commands, written once, and the one function that runs an evaluation.
+
+``eval``, ``sweep`` and ``calibrate`` share one option set (:class:`RunOptions`): the
+:func:`run_options` decorator adds those options to a command's signature and hands the command
+one object. Lists of valid names in ``--help`` come from the registries (methods, codecs, tasks,
+stores); defaults come from the option models (:class:`~kvcomm.eval.EvalConfig`, the methods'
+options), so a CLI option left out is "not given" and the model's default applies.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
-from kvcomm.agents import Agents
-from kvcomm.eval import EvalConfig, Report, evaluate, print_table
-from kvcomm.methods import Method
-from kvcomm.models import DEFAULT_MODEL
-from kvcomm.selection import Profile
-from kvcomm.tasks import Task
+from kvcomm.errors import ConfigError
+from kvcomm.eval import EvalConfig
+from kvcomm.methods import METHODS
+from kvcomm.methods.ac import ACOptions
+from kvcomm.methods.debate import CipherOptions
+from kvcomm.methods.kvcomm import RandomOptions, SharingOptions
+from kvcomm.methods.online import OnlineOptions
+from kvcomm.models import DEFAULT_MODEL, resolve_model
+from kvcomm.models.source import DType
+from kvcomm.protocol import MaskMode
+from kvcomm.selection import parse_layers
+from kvcomm.tasks import TASKS, Task, load_task
+from kvcomm.wire.codecs import codec_names
 
-console = Console(stderr=True)
-
-Model = Annotated[str, typer.Option("--model", "-m", envvar="KVCOMM_MODEL",
-                                    help="Sender model: embedded name, directory, .gguf file or hub id.")]
-Receiver = Annotated[str | None, typer.Option(envvar="KVCOMM_RECEIVER",
-                                              help="Receiver model if different (same KV shapes).")]
-TaskName = Annotated[str, typer.Option("--task", "-t", envvar="KVCOMM_TASK",
-                                       help="countries, tipsheets, jsonl or facts (generated).")]
-Data = Annotated[Path | None, typer.Option(envvar="KVCOMM_DATA",
-                                           help="Local dataset file (countries/tipsheets/jsonl).")]
-Limit = Annotated[int | None, typer.Option(help="Test items (from the front). Default: all but calibration.")]
-BatchSize = Annotated[int, typer.Option(envvar="KVCOMM_BATCH_SIZE", help="Items per forward pass.")]
-CalibSize = Annotated[int, typer.Option(help="Calibration items, taken from the end, disjoint from test.")]
-ProfilePath = Annotated[Path | None, typer.Option("--profile", help="Layer ranking from `kvcomm calibrate`.")]
-Alpha = Annotated[float | None, typer.Option(help="Attention weight vs. depth prior (default: 1.0 Llama, 0.8 Qwen).")]
-Mu = Annotated[float, typer.Option(help="Prior centre as a fraction of depth.")]
-Sigma = Annotated[float, typer.Option(help="Prior width in layers.")]
-Mode = Annotated[str, typer.Option(help="Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S).")]
-Seed = Annotated[int, typer.Option(help="Seed for random layer selection.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-MaxMemory = Annotated[float | None, typer.Option(envvar="KVCOMM_MAX_MEMORY",
-                                                 help="Memory budget in GiB; batches shrink to fit it.")]
-Senders = Annotated[int, typer.Option(help="Split each context among this many senders (KV methods).")]
-RoundOne = Annotated[int, typer.Option(help="NLD/CIPHER round-1 budget in tokens (or vectors).")]
-Fuse = Annotated[str, typer.Option(help="AC fusion: replace, sum or mean.")]
-LayerK = Annotated[int | None, typer.Option(help="AC: sender hidden state after this many layers (<0 from the end).")]
-LayerJ = Annotated[int | None, typer.Option(help="AC: receiver layer the vector enters before (<0 from the end).")]
-Interval = Annotated[int, typer.Option(help="Online calibration: rebuild the ranking every N items.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-DEFAULTS = dict(model=DEFAULT_MODEL, task="facts", batch_size=8, calib_size=1, mu=0.5, sigma=10.0,
-                mode="causal", seed=42, dtype="float32")
+console = Console(stderr=True, highlight=False)
 
 
-def run_eval(
-    model: str, receiver: str | None, task: Task, methods: list[Method], config: EvalConfig,
-    profile: Path | None, dtype: str, quiet: bool, out: Path,
-) -> Report:
-    """Loads the agents, evaluates, prints the table and writes the results JSON."""
-    agents = Agents.load(model, receiver, dtype)
-    loaded = Profile.load(profile) if profile else None
-    report = evaluate(agents, task, methods, config, loaded, progress=not quiet)
-    print_table(report, Console(width=None if console.is_terminal else 140))
-    report.save(out)
-    console.print(f"results: {out}")
-    return report
+def names(values: list[str]) -> str:
+    return ", ".join(values)
+
+
+def default_of(model: Any, field: str) -> Any:
+    return model.model_fields[field].default
+
+
+def options_help(what: str, model: Any, field: str) -> str:
+    return f"{what} (default: {default_of(model, field)})"
+
+
+# -- options every model-running command takes ---------------------------------------------------
+Model = Annotated[str, typer.Option(
+    "--model", "-m", envvar="KVCOMM_MODEL",
+    help="Sender model: an embedded name (`kvcomm models list`), a model directory, a .gguf file or a hub id.")]
+Receiver = Annotated[str | None, typer.Option(
+    envvar="KVCOMM_RECEIVER", help="Receiver model if different (it must have the same KV shapes).")]
+Dtype = Annotated[DType, typer.Option(help="Weights' dtype.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no model-loading messages.")]
+TaskName = Annotated[str, typer.Option(
+    "--task", "-t", envvar="KVCOMM_TASK", help=f"Task: {names(TASKS.names())} (`kvcomm tasks` lists them).")]
+Data = Annotated[Path | None, typer.Option(
+    envvar="KVCOMM_DATA", exists=True, dir_okay=False, readable=True,
+    help="Local dataset file (countries, tipsheets, jsonl).")]
+Mode = Annotated[MaskMode | None, typer.Option(
+    help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S).",
+                      SharingOptions, "mode"))]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options ``eval``, ``sweep`` and ``calibrate`` share, as the command line gave them (None: not given)."""
+
+    model: str
+    receiver: str | None
+    task: str
+    data: Path | None
+    limit: int | None
+    batch_size: int | None
+    calib_size: int | None
+    profile: Path | None
+    alpha: float | None
+    mu: float | None
+    sigma: float | None
+    mode: str | None
+    seed: int | None
+    dtype: str
+    max_memory: float | None
+    senders: int | None
+    round_one_tokens: int | None
+    temperature: float | None
+    ac_fuse: str | None
+    ac_k: int | None
+    ac_j: int | None
+    interval: int | None
+    quiet: bool
+
+    def eval_config(self) -> EvalConfig:
+        given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
+                                     alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory)
+        return EvalConfig(**{k: v for k, v in given.items() if v is not None})
+
+    def method_options(self) -> dict[str, Any]:
+        """Options for the methods (each method takes those it declares; None = not given)."""
+        return dict(mode=self.mode, seed=self.seed, senders=self.senders, round_one_tokens=self.round_one_tokens,
+                    temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
+                    interval=self.interval)
+
+    def load_task(self) -> Task:
+        return load_task(self.task, self.data)
+
+    def check_models(self) -> int | None:
+        """Resolves the model names (no weights read); returns the depth where it is known."""
+        depth = resolve_model(self.model).num_layers
+        if self.receiver is not None:
+            resolve_model(self.receiver)
+        return depth
+
+
+BatchSize = Annotated[int | None, typer.Option(
+    min=1, envvar="KVCOMM_BATCH_SIZE", help=options_help("Items per forward pass.", EvalConfig, "batch_size"))]
+Alpha = Annotated[float | None, typer.Option(
+    min=0, max=1, help="Weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
+Mu = Annotated[float | None, typer.Option(
+    min=0, max=1, help=options_help("Prior centre as a fraction of depth.", EvalConfig, "mu"))]
+Sigma = Annotated[float | None, typer.Option(
+    min=0, help=options_help("Prior width in layers.", EvalConfig, "sigma"))]
+
+_RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
+    "model": (Model, DEFAULT_MODEL),
+    "receiver": (Receiver, None),
+    "task": (TaskName, "facts"),
+    "data": (Data, None),
+    "limit": (Annotated[int | None, typer.Option(
+        min=1, help="Test items, from the front of the task. (default: all but the calibration items)")], None),
+    "batch_size": (BatchSize, None),
+    "calib_size": (Annotated[int | None, typer.Option(
+        min=0, help=options_help("Calibration items, from the end of the task, disjoint from the test items.",
+                                 EvalConfig, "calib_size"))], None),
+    "profile": (Annotated[Path | None, typer.Option(
+        "--profile", exists=True, dir_okay=False, help="Layer ranking from `kvcomm calibrate`.")], None),
+    "alpha": (Alpha, None),
+    "mu": (Mu, None),
+    "sigma": (Sigma, None),
+    "mode": (Mode, None),
+    "seed": (Annotated[int | None, typer.Option(
+        help=options_help("Seed of `random` layer selection.", RandomOptions, "seed"))], None),
+    "dtype": (Dtype, "float32"),
+    "max_memory": (Annotated[float | None, typer.Option(
+        min=0, envvar="KVCOMM_MAX_MEMORY",
+        help="Memory budget in GiB; batches shrink to fit it.")], None),
+    "senders": (Annotated[int | None, typer.Option(
+        min=1, help=options_help("Split each context among this many senders (methods that share KV).",
+                                 SharingOptions, "senders"))], None),
+    "round_one_tokens": (Annotated[int | None, typer.Option(
+        min=1, help=options_help("NLD/CIPHER round-1 budget in tokens (or vectors).", CipherOptions,
+                                 "round_one_tokens"))], None),
+    "temperature": (Annotated[float | None, typer.Option(
+        min=0, help=options_help("CIPHER: softmax temperature of the expected embeddings.", CipherOptions,
+                          "temperature"))], None),
+    "ac_fuse": (Annotated[Literal["replace", "sum", "mean"] | None, typer.Option(
+        help=options_help("AC: how the sender's vector is fused.", ACOptions, "fuse"))], None),
+    "ac_k": (Annotated[int | None, typer.Option(
+        help="AC: sender hidden state after this many layers (<0 from the end). (default: 3/4 of the depth)")], None),
+    "ac_j": (Annotated[int | None, typer.Option(
+        help="AC: receiver layer the vector enters before (<0 from the end). (default: 3/4 of the depth)")], None),
+    "interval": (Annotated[int | None, typer.Option(
+        min=1, help=options_help("Online calibration: rebuild the ranking every N items.", OnlineOptions,
+                                 "interval"))], None),
+    "quiet": (Quiet, False),
+}
+assert set(_RUN_OPTIONS) == {f.name for f in fields(RunOptions)}
+
+
+def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the shared run options to ``command``'s signature; the command receives them as ``run``."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "run"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+              for name, (annotation, default) in _RUN_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        run = RunOptions(**{name: kwargs.pop(name) for name in _RUN_OPTIONS})
+        return command(run=run, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared)
+    return wrapper
+
+
+METHOD_HELP = f"Methods: {names(METHODS.names())}."
+CODEC_HELP = f"Codecs: {names(codec_names())}."
+
+
+def check_method_name(name: str) -> None:
+    """Refuses an unknown method name (with the nearest one) before anything loads."""
+    METHODS.get(name.partition("@")[0])
+
+
+def check_layers(spec: str, depth: int | None) -> list[int]:
+    """Parses a layer list, against the model's depth where it is known without loading it."""
+    return parse_layers(spec, depth)
+
+
+def check_output(path: Path, what: str = "results") -> Path:
+    """Refuses an output path that is a folder (a finished run would have nowhere to go)."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name for the {what}")
+    return path
+

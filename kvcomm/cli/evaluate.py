@@ -1,4 +1,4 @@
-"""``kvcomm eval`` (one method) and ``kvcomm sweep`` (methods × ratios, with a plot)."""
+"""``kvcomm eval`` (one method) and ``kvcomm sweep`` (methods × ratios × codecs, with plots)."""
 
 from __future__ import annotations
 
@@ -6,106 +6,88 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
-from kvcomm.cli.common import (
-    DEFAULTS,
-    Alpha,
-    BatchSize,
-    CalibSize,
-    Data,
-    Dtype,
-    Fuse,
-    Interval,
-    LayerJ,
-    LayerK,
-    Limit,
-    MaxMemory,
-    Mode,
-    Model,
-    Mu,
-    ProfilePath,
-    Quiet,
-    Receiver,
-    RoundOne,
-    Seed,
-    Senders,
-    Sigma,
-    TaskName,
-    console,
-    run_eval,
-)
-from kvcomm.eval import EvalConfig, plot_sweep
-from kvcomm.methods import build_methods
-from kvcomm.models import load_model
-from kvcomm.selection import parse_layers
-from kvcomm.tasks import load_task
+from kvcomm.agents import Agents
+from kvcomm.cli.common import CODEC_HELP, METHOD_HELP, RunOptions, check_layers, check_output, console, run_options
+from kvcomm.errors import ConfigError
+from kvcomm.eval import Report, evaluate, plot_sweep, print_table, split_items
+from kvcomm.methods import METHODS, Method, build_methods
+from kvcomm.methods.kvcomm import DEFAULT_RATIO, DEFAULT_RATIOS
+from kvcomm.selection import Profile
 
 
+def run_eval(run: RunOptions, methods: list[Method], out: Path) -> Report:
+    """Loads the agents, evaluates, prints the table and writes the results JSON."""
+    task = run.load_task()
+    config = run.eval_config()
+    split_items(task.items, config.limit, config.calib_size)  # an impossible split fails before loading
+    profile = Profile.load(run.profile) if run.profile else None
+    agents = Agents.load(run.model, run.receiver, run.dtype)
+    report = evaluate(agents, task, methods, config, profile, progress=not run.quiet)
+    print_table(report, Console(width=None if console.is_terminal else 140))
+    report.save(out)
+    console.print(f"results: {out}", markup=False)
+    return report
+
+
+@run_options
 def eval_command(
-    method: Annotated[str, typer.Option(
-        help="baseline, skyline, kvcomm, random, contiguous, nld, cipher, ac or online.")] = "kvcomm",
-    ratio: Annotated[float | None, typer.Option(help="Fraction of layers to share.")] = None,
+    run: RunOptions,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "kvcomm",
+    ratio: Annotated[float | None, typer.Option(
+        min=0, max=1, help=f"Fraction of layers to share. (default: {DEFAULT_RATIO} for methods that share KV)")]
+    = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
-    codec: Annotated[str | None, typer.Option(help="Send KV through a message with this codec (fp16, int8, "
-                                              "int4, klt, cachegen, zstd …); bytes are the message's size. klt "
-                                              "builds its codebook from the calibration items: use "
-                                              "--calib-size 16 or more.")] = None,
-    model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
-    data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
-    calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
-    mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
-    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
-    senders: Senders = 1, round_one_tokens: RoundOne = 256, ac_fuse: Fuse = "mean", ac_k: LayerK = None,
-    ac_j: LayerJ = None, interval: Interval = 8, quiet: Quiet = False,
-    out: Annotated[Path | None, typer.Option(help="Results JSON (default results/<task>-<method>.json).")] = None,
+    codec: Annotated[str | None, typer.Option(
+        help=f"Send KV through a message with this codec; bytes are the message's size. {CODEC_HELP} "
+             "klt builds its codebook from the calibration items: use --calib-size 16 or more.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results JSON. (default: results/<task>-<method>.json)")] = None,
 ) -> None:
     """Evaluate one method on one task and write a results JSON."""
-    the_task = load_task(task, data)
-    if method in ("kvcomm", "random", "contiguous", "online") and ratio is None and layers is None:
-        ratio = 0.5
-    explicit = parse_layers(layers, load_model(model, dtype).num_layers) if layers else None
-    methods = build_methods([method], [ratio] if ratio is not None else None, explicit, mode, seed,
-                            [codec] if codec else None, senders, round_one_tokens, ac_fuse, ac_k, ac_j, interval)
-    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
-    out = out or Path("results") / f"{the_task.name}-{methods[0].label}.json"
-    run_eval(model, receiver, the_task, methods, config, profile, dtype, quiet, out)
+    depth = run.check_models()
+    explicit = check_layers(layers, depth) if layers else None
+    takes_ratio = "ratio" in METHODS.get(method).option_names()
+    if takes_ratio and ratio is None and explicit is None:
+        ratio = DEFAULT_RATIO
+    methods = build_methods([method], [ratio] if ratio is not None else None, [codec] if codec else None,
+                            layers=tuple(explicit) if explicit else None, **run.method_options())
+    run.eval_config()
+    task = run.load_task()
+    out = check_output(out or Path("results") / f"{task.name}-{methods[0].label}.json")
+    run_eval(run, methods, out)
 
 
+@run_options
 def sweep_command(
+    run: RunOptions,
     methods: Annotated[str, typer.Option(
-        help="Comma-separated methods; 'name@0.5' runs a KV method at that ratio only."
+        help=f"Comma-separated methods; 'name@0.5' runs a method that shares KV at that ratio only. {METHOD_HELP}"
     )] = "baseline,skyline,kvcomm,random@0.5",
-    ratios: Annotated[str, typer.Option(help="Comma-separated fractions for KV methods.")] = "0.3,0.5,0.7,1.0",
-    codecs: Annotated[str, typer.Option(help="Comma-separated codecs for KV methods; 'none' = in-process "
-                                        "(e.g. 'none,int8,klt,cachegen'). klt builds its codebook from the "
-                                        "calibration items: use --calib-size 16 or more.")] = "none",
-    model: Model = DEFAULTS["model"], receiver: Receiver = None, task: TaskName = DEFAULTS["task"],
-    data: Data = None, limit: Limit = None, batch_size: BatchSize = DEFAULTS["batch_size"],
-    calib_size: CalibSize = DEFAULTS["calib_size"], profile: ProfilePath = None, alpha: Alpha = None,
-    mu: Mu = DEFAULTS["mu"], sigma: Sigma = DEFAULTS["sigma"], mode: Mode = DEFAULTS["mode"],
-    seed: Seed = DEFAULTS["seed"], dtype: Dtype = DEFAULTS["dtype"], max_memory: MaxMemory = None,
-    senders: Senders = 1, round_one_tokens: RoundOne = 256, ac_fuse: Fuse = "mean", ac_k: LayerK = None,
-    ac_j: LayerJ = None, interval: Interval = 8, quiet: Quiet = False,
-    out_dir: Annotated[Path, typer.Option(help="Where sweep.json and sweep.png go.")] = Path("results"),
+    ratios: Annotated[str | None, typer.Option(
+        help=f"Comma-separated fractions for methods that share KV. (default: {','.join(map(str, DEFAULT_RATIOS))})")]
+    = None,
+    codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for methods that share KV; 'none' = in "
+                                        f"process. {CODEC_HELP} klt builds its codebook from the calibration "
+                                        "items: use --calib-size 16 or more.")] = "none",
+    out_dir: Annotated[Path, typer.Option(file_okay=False, help="Where the sweep's JSON and plots go.")]
+    = Path("results"),
 ) -> None:
-    """Evaluate methods × ratios on one task; write a results JSON and a score-vs-layers plot."""
-    the_task = load_task(task, data)
+    """Evaluate methods × ratios × codecs on one task; write a results JSON and score plots."""
+    run.check_models()
     try:
-        fractions = [float(r) for r in ratios.split(",") if r.strip()]
+        fractions = [float(r) for r in ratios.split(",") if r.strip()] if ratios is not None else None
     except ValueError:
-        raise typer.BadParameter(f"--ratios must be numbers, got {ratios!r}") from None
+        raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c.strip() == "none" else c.strip() for c in codecs.split(",") if c.strip()]
-    built = []
-    for token in filter(None, (m.strip() for m in methods.split(","))):
-        name, _, only = token.partition("@")
-        try:
-            chosen = [float(only)] if only else fractions
-        except ValueError:
-            raise typer.BadParameter(f"bad ratio in {token!r}") from None
-        built += build_methods([name], chosen, None, mode, seed, wire, senders, round_one_tokens, ac_fuse, ac_k,
-                               ac_j, interval)
-    config = EvalConfig(limit, batch_size, calib_size, alpha, mu, sigma, max_memory)
-    stem = f"sweep-{the_task.name}-{Path(model).name}"
-    report = run_eval(model, receiver, the_task, built, config, profile, dtype, quiet, out_dir / f"{stem}.json")
+    tokens = [m.strip() for m in methods.split(",") if m.strip()]
+    if fractions is None and any("@" not in t and "ratio" in METHODS.get(t.partition("@")[0]).option_names()
+                                 for t in tokens):
+        fractions = list(DEFAULT_RATIOS)  # the default applies to the methods that take a ratio
+    built = build_methods(tokens, fractions, wire, **run.method_options())
+    run.eval_config()
+    task = run.load_task()
+    stem = f"sweep-{task.name}-{Path(run.model).name}"
+    report = run_eval(run, built, check_output(out_dir / f"{stem}.json"))
     console.print(f"plots: {plot_sweep(report, out_dir / f'{stem}.png')}, "
-                  f"{plot_sweep(report, out_dir / f'{stem}-bytes.png', x='bytes')}")
+                  f"{plot_sweep(report, out_dir / f'{stem}-bytes.png', x='bytes')}", markup=False)

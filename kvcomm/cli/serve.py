@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-from kvcomm.cli.common import DEFAULTS, Dtype, Model, console
+from kvcomm.cli.common import CODEC_HELP, Dtype, Model, console
+from kvcomm.errors import ConfigError
+from kvcomm.models import DEFAULT_MODEL
 
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
@@ -17,29 +19,53 @@ Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer t
 
 
 def serve_command(
-    model: Model = DEFAULTS["model"], dtype: Dtype = DEFAULTS["dtype"],
+    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     store: Annotated[str, typer.Option(envvar="KVCOMM_STORE",
                                        help="memory, disk:/path (survives restarts) or redis://host:port/db.")]
     = "memory",
-    store_mb: Annotated[int, typer.Option(help="In-memory store bound (MB), least recently used evicted.")] = 1024,
+    store_mb: Annotated[int, typer.Option(min=1, help="In-memory store bound (MB), least recently used evicted.")]
+    = 1024,
     token: Token = None,
-    codec: Annotated[str, typer.Option(help="Default codec of stored messages.")] = "int8",
-    max_request_mb: Annotated[int, typer.Option(help="Largest request body (MB).")] = 64,
-    timeout: Annotated[float, typer.Option(help="Per-request deadline (s).")] = 300.0,
+    codec: Annotated[str, typer.Option(help=f"Default codec of stored messages. {CODEC_HELP}")] = "int8",
+    max_request_mb: Annotated[int, typer.Option(min=1, help="Largest request body (MB).")] = 64,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request deadline (s).")] = 300.0,
 ) -> None:
     """Run one agent (one model) as an HTTP service with an OpenAI-compatible chat endpoint."""
     import uvicorn
 
-    from kvcomm.models import load_model
+    from kvcomm.models import load_model, resolve_model
     from kvcomm.serve.app import ServeConfig, create_app
-    from kvcomm.serve.store import open_store
+    from kvcomm.serve.store import open_store, store_kind
+    from kvcomm.wire import make_codec
 
+    resolve_model(model)
+    store_kind(store)
+    make_codec(codec)
     config = ServeConfig(token=token, max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          timeout_s=timeout, codec=codec)
+    _check_port_free(host, port)
     app = create_app(load_model(model, dtype), open_store(store, store_mb << 20), config)
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info"))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuses a port another process listens on, before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}: {err}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another agent there?)") \
+                from None
 
 
 def _client(url: str, token: str | None):

@@ -10,51 +10,71 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvcomm.agents import answer, codebook_from_items, encode_context
-from kvcomm.cli.common import DEFAULTS, Dtype, Mode, Model, console
+from kvcomm.agents import answer, encode_context
+from kvcomm.cli.common import CODEC_HELP, Data, Dtype, Mode, Model, TaskName, check_layers, console
 from kvcomm.errors import ConfigError
-from kvcomm.models import load_model
-from kvcomm.selection import Profile, format_layers, parse_layers, top_layers
+from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
+from kvcomm.selection import Profile, format_layers, top_layers
 from kvcomm.tasks import load_task
-from kvcomm.wire import KVMessage, MessageReader, codebook_dir
+from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
+from kvcomm.wire.bootstrap import codebook_from_items
 
-Codec = Annotated[str, typer.Option(help="fp32, fp16, bf16, int8, int4, int2, int4-ans, int2-ans, klt, klt-coarse, "
-                                         "cachegen or zstd.")]
+Codec = Annotated[str, typer.Option(help=CODEC_HELP)]
+MessageFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="Message file.")]
 
 
 def encode_command(
     out: Annotated[Path, typer.Argument(help="Message file to write.")],
     context: Annotated[str | None, typer.Option(help="Context text.")] = None,
-    context_file: Annotated[Path | None, typer.Option(help="Read the context from a file.")] = None,
+    context_file: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, help="Read the context from a file.")] = None,
     layers: Annotated[str | None, typer.Option(help="Layers to share in full, e.g. '0,4,10-14'.")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Share the top fraction of a --profile's ranking.")] = None,
-    profile: Annotated[Path | None, typer.Option(help="Profile from `kvcomm calibrate`.")] = None,
-    codec: Codec = "fp16", model: Model = DEFAULTS["model"], mode: Mode = DEFAULTS["mode"],
-    dtype: Dtype = DEFAULTS["dtype"],
+    ratio: Annotated[float | None, typer.Option(
+        min=0, max=1, help="Share the top fraction of a --profile's ranking.")]
+    = None,
+    profile: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="Profile from `kvcomm calibrate`.")] = None,
+    codec: Codec = "fp16", model: Model = DEFAULT_MODEL, mode: Mode = None,
+    dtype: Dtype = "float32",
 ) -> None:
     """Prefill a context on the sender and write its KV (chosen layers) as a message file."""
     if (context is None) == (context_file is None):
         raise ConfigError("give exactly one of --context or --context-file")
-    text = context if context is not None else context_file.read_text(encoding="utf-8")
-    sender = load_model(model, dtype)
+    if ratio is not None and layers is not None:
+        raise ConfigError("give --layers or --ratio (with --profile), not both")
+    make_codec(codec)
+    depth = resolve_model(model).num_layers
+    chosen: list[int] | None = None
     if ratio is not None:
         if profile is None:
             raise ConfigError("--ratio needs --profile (layers ranked by `kvcomm calibrate`)")
         chosen = top_layers(Profile.load(profile).ranking, ratio)
-    else:
-        chosen = parse_layers(layers, sender.num_layers) if layers else None
-    size = encode_context(sender, text, chosen, codec, mode).save(out)
-    console.print(f"wrote {out}: {size:,} bytes")
+    elif layers:
+        chosen = check_layers(layers, depth)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give a file name for the message")
+    text = context if context is not None else _read_text(context_file)
+    sender = load_model(model, dtype)
+    size = encode_context(sender, text, chosen, codec, mode or "causal").save(out)
+    console.print(f"wrote {out}: {size:,} bytes", markup=False)
+
+
+def _read_text(path: Path | None) -> str:
+    assert path is not None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
 
 
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="Message file.")],
+    path: MessageFile,
     as_json: Annotated[bool, typer.Option("--json", help="Print the header as JSON.")] = False,
 ) -> None:
     """Show a message's header, layers, sizes, codec and fingerprint (and verify it fully)."""
     with path.open("rb") as f:
         reader = MessageReader(f)
-        header = reader.header
+        header = reader.header.model_dump(mode="json")
         list(reader.layers())  # verifies every checksum and decodes every layer
     if as_json:
         print(json.dumps(header, indent=1))
@@ -63,8 +83,9 @@ def inspect_command(
     fp16_all = 2 * 2 * header["heads"] * header["head_dim"] * header["context_len"] * len(layers)
     total = path.stat().st_size
     out = Console()
-    out.print(f"[bold]{path}[/bold]: {total:,} bytes, valid; codec {header['codec']['name']} "
-              f"{header['codec']['params']}; context {header['context_len']} tokens")
+    out.print(f"{path}: {total:,} bytes, valid (format version {reader.version}); codec {header['codec']['name']} "
+              f"{header['codec']['params']}; context {header['context_len']} tokens; mode {header['mode']}",
+              markup=False)
     out.print(f"shared layers: {format_layers([e['index'] for e in layers if e['full']]) or 'none'} "
               f"({sum(e['full'] for e in layers)}/{len(layers)}); {fp16_all / total:.1f}x smaller than "
               f"all layers in fp16 ({fp16_all:,} bytes)")
@@ -80,30 +101,31 @@ def inspect_command(
 
 
 def answer_command(
-    path: Annotated[Path, typer.Argument(help="Message file from `kvcomm encode`.")],
+    path: MessageFile,
     question: Annotated[str, typer.Option(help="The question for the receiver.")],
-    model: Model = DEFAULTS["model"], dtype: Dtype = DEFAULTS["dtype"],
-    max_new_tokens: Annotated[int, typer.Option(help="Answer budget in tokens.")] = 32,
+    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer budget in tokens.")] = 32,
 ) -> None:
     """Answer a question on the receiver using a message's KV (fingerprint checked first)."""
-    print(answer(load_model(model, dtype), KVMessage.load(path), question, max_new_tokens))
+    resolve_model(model)
+    message = KVMessage.load(path)  # a damaged file is refused before the model loads
+    print(answer(load_model(model, dtype), message, question, max_new_tokens))
 
 
 def codebook_command(
-    model: Model = DEFAULTS["model"], dtype: Dtype = DEFAULTS["dtype"],
-    task: Annotated[str, typer.Option(help="Task whose contexts calibrate the codebook (facts: generated).")] = "facts",
-    data: Annotated[Path | None, typer.Option(help="The task's data file (Countries, Tipsheets, JSONL).")] = None,
-    items: Annotated[int, typer.Option(help="How many contexts, taken from the end of the task.")] = 32,
+    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32", task: TaskName = "facts", data: Data = None,
+    items: Annotated[int, typer.Option(min=1, help="How many contexts, taken from the end of the task.")] = 32,
 ) -> None:
     """Build the codebook of the `klt` codec for a model and make it that model's default.
 
     Receivers decode `klt` messages only with the sender's codebook.
     On another machine, copy the printed file into that machine's codebook folder.
     """
-    sender = load_model(model, dtype)
+    resolve_model(model)
     source = load_task(task, data, items=items, facts_per_item=20) if task == "facts" else load_task(task, data)
-    if items < 1 or items > len(source.items):
+    if items > len(source.items):
         raise ConfigError(f"--items must be in 1..{len(source.items)}")
+    sender = load_model(model, dtype)
     book = codebook_from_items(sender, source, source.items[-items:], default=True)
     console.print(f"codebook {book.id}: {book.meta['tokens']:,} tokens of {task}; default for {model}\n"
-                  f"file: {codebook_dir() / (book.id + '.safetensors')}")
+                  f"file: {codebook_dir() / (book.id + '.safetensors')}", markup=False)

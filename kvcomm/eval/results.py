@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from kvcomm.files import atomic_write
+
 RESULTS_VERSION = 1
 
 
@@ -36,6 +38,7 @@ class RunResult(BaseModel):
 
     method: str
     label: str
+    options: dict[str, Any] = {}  # the method's options as given (defaults filled in)
     layers: list[int] | None
     fraction: float | None  # shared layers / all layers; None for methods that send no KV
     mode: str | None
@@ -44,7 +47,7 @@ class RunResult(BaseModel):
     scores: dict[str, Score]
     kv_bytes_mean: float
     seconds: float  # receiver-side wall time of this configuration
-    sender_seconds: float  # sender prefill time this configuration used (shared within a sweep)
+    sender_seconds: float  # sender-side time this configuration used (a shared prefill is charged in full)
     details: dict[str, Any] | None = None  # method-specific (e.g. online calibration drift)
     items: list[ItemResult]
 
@@ -59,9 +62,7 @@ class Report(BaseModel):
     runs: list[RunResult]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        atomic_write(path, self.model_dump_json(indent=1) + "\n")
 
 
 def environment() -> dict[str, str]:

@@ -1,52 +1,123 @@
-"""Communication methods behind one interface (:class:`Method`), looked up by name in ``METHODS``."""
+"""Communication methods behind one interface (:class:`Method`), looked up by name in ``METHODS``.
+
+Each method declares its options (:attr:`Method.options_model`); :func:`build_methods` expands a
+sweep's axes (ratios, codecs) over the methods that take them and refuses an option that none of
+the named methods takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from kvcomm.errors import ConfigError
-from kvcomm.methods.ac import ActivationCommunication
-from kvcomm.methods.base import METHODS, Method, Output, Setup
-from kvcomm.methods.debate import Cipher, Debate, NaturalLanguageDebate
-from kvcomm.methods.kvcomm import ContiguousLayers, KVCommMethod, RandomLayers
-from kvcomm.methods.online import OnlineKVComm
+from kvcomm.methods.ac import ACOptions, ActivationCommunication
+from kvcomm.methods.base import METHODS, Calibration, Method, MethodOptions, Output, Setup
+from kvcomm.methods.debate import Cipher, CipherOptions, Debate, DebateOptions, NaturalLanguageDebate
+from kvcomm.methods.kvcomm import (
+    ContiguousLayers,
+    KVCommMethod,
+    KVCommOptions,
+    RandomLayers,
+    RandomOptions,
+    SharingOptions,
+)
+from kvcomm.methods.online import OnlineKVComm, OnlineOptions
 from kvcomm.methods.prompt import Baseline, Skyline
 
 __all__ = [
-    "METHODS", "ActivationCommunication", "Baseline", "Cipher", "ContiguousLayers", "KVCommMethod", "Method",
-    "NaturalLanguageDebate", "OnlineKVComm", "Output", "RandomLayers", "Setup", "Skyline", "build_methods",
+    "METHODS", "ACOptions", "ActivationCommunication", "Baseline", "Calibration", "Cipher", "CipherOptions",
+    "ContiguousLayers", "Debate", "DebateOptions", "KVCommMethod", "KVCommOptions", "Method", "MethodOptions",
+    "NaturalLanguageDebate", "OnlineKVComm", "OnlineOptions", "Output", "RandomLayers", "RandomOptions", "Setup",
+    "SharingOptions", "Skyline", "build_methods", "make_method", "takers",
 ]
 
 
-def build_methods(
-    names: list[str], ratios: list[float] | None = None, layers: list[int] | None = None,
-    mode: str = "causal", seed: int = 42, codecs: list[str | None] | None = None, senders: int = 1,
-    round_one_tokens: int = 256, fuse: str = "mean", layer_k: int | None = None, layer_j: int | None = None,
-    interval: int = 8,
-) -> list[Method]:
-    """Method instances for names × ratios × codecs.
+def make_method(name: str, **options: Any) -> Method:
+    """One method by name with its options, validated (an option it does not take is refused)."""
+    return METHODS.get(name)(**options)
 
-    Methods that share KV get one instance per ratio and codec (``None`` = in process, no wire);
-    ``layers`` (explicit indices) replaces the ratios for ``kvcomm``. The other arguments go to
-    the methods that take them: ``senders`` (KV methods), ``round_one_tokens`` (nld, cipher),
-    ``fuse``/``layer_k``/``layer_j`` (ac), ``interval`` (online).
+
+def takers(option: str) -> list[str]:
+    """The registered methods that take ``option``."""
+    return [name for name in METHODS if option in METHODS.get(name).option_names()]
+
+
+def build_methods(
+    names: Sequence[str], ratios: Sequence[float] | None = None, codecs: Sequence[str | None] | None = None,
+    **options: Any,
+) -> list[Method]:
+    """Method configurations for ``names`` × ``ratios`` × ``codecs``.
+
+    A name may carry its own ratio (``random@0.5``), which replaces ``ratios`` for that method.
+
+    ``ratios`` and ``codecs`` are sweep axes: each method that takes ``ratio`` (``codec``) gets one
+    configuration per value (a codec of ``None`` means in process, no wire); methods that do not
+    take them run once. Every other keyword is an option given to each named method that takes
+    it (``None`` means "not given"). An option, ratio list or codec list that none of the named
+    methods takes is refused, naming the methods that do take it.
+
+    Raises:
+        ConfigError: an unknown method, an option no named method takes, or an invalid value.
     """
+    if not names:
+        raise ConfigError("name at least one method")
+    given = {key: value for key, value in options.items() if value is not None}
+    in_process_only = all(codec is None for codec in codecs or [])  # the default: no wire
+    axes: dict[str, list[Any]] = {"ratio": list(ratios or []),
+                                  "codec": [] if in_process_only else list(codecs or [])}
+    plans = [(token, METHODS.get(token.partition("@")[0])) for token in names]
+    for token, cls in plans:
+        if "@" in token:
+            _ratio_of(token, token.partition("@")[2], "ratio" in cls.option_names())
+    if len(plans) == 1 and "layers" in given and axes["ratio"]:
+        raise ConfigError(f"{names[0]}: give a ratio or a layer list, not both")
+    _refuse_unused(plans, given, axes)
     built: list[Method] = []
-    for name in names:
-        cls = METHODS.get(name)
-        if cls is OnlineKVComm:
-            if not ratios:
-                raise ConfigError("online needs a ratio")
-            built.extend(cls(ratio=r, interval=interval, mode=mode, seed=seed) for r in ratios)
-        elif issubclass(cls, KVCommMethod):
-            wire = codecs or [None]
-            if layers is not None and name == "kvcomm":
-                built.extend(cls(layers=layers, mode=mode, seed=seed, codec=c, senders=senders) for c in wire)
-            elif ratios:
-                built.extend(cls(ratio=r, mode=mode, seed=seed, codec=c, senders=senders)
-                             for r in ratios for c in wire)
-            else:
-                raise ConfigError(f"{name} needs --ratio (or, for kvcomm, --layers)")
-        elif issubclass(cls, Debate):
-            built.append(cls(round_one_tokens=round_one_tokens))
-        elif cls is ActivationCommunication:
-            built.append(cls(fuse=fuse, layer_k=layer_k, layer_j=layer_j))
-        else:
-            built.append(cls())
+    for token, cls in plans:
+        _, at, only = token.partition("@")
+        fields = set(cls.option_names())
+        mine = {key: value for key, value in given.items() if key in fields}
+        ratio_axis: list[Any] = [None]
+        if at:  # "kvcomm@0.5": this method at this ratio only
+            ratio_axis = [_ratio_of(token, only, "ratio" in fields)]
+        elif "ratio" in fields and "layers" not in mine and axes["ratio"]:  # a layer list replaces ratios
+            ratio_axis = axes["ratio"]
+        codec_axis: list[Any] = axes["codec"] if "codec" in fields and axes["codec"] else ["unset"]
+        for ratio in ratio_axis:
+            for codec in codec_axis:
+                chosen = dict(mine)
+                if ratio is not None:
+                    chosen["ratio"] = ratio
+                if codec != "unset":
+                    chosen["codec"] = codec
+                built.append(cls(**chosen))
     return built
+
+
+def _refuse_unused(plans: list[tuple[str, type[Method]]], given: dict[str, Any], axes: dict[str, list[Any]]) -> None:
+    """Refuses an option (or a ratio or codec axis) that none of the planned methods takes."""
+    unused = set(given) | {axis for axis, values in axes.items() if values}
+    for token, cls in plans:
+        fields = set(cls.option_names())
+        unused -= fields - {"ratio"}
+        if "ratio" in fields and "@" not in token and "layers" not in given:
+            unused.discard("ratio")
+    if not unused:
+        return
+    option = sorted(unused)[0]
+    names = [token.partition("@")[0] for token, _ in plans]
+    if len(names) == 1:
+        takes = ", ".join(plans[0][1].option_names()) or "no options"
+        raise ConfigError(f"method {names[0]!r} does not take {option!r}; it takes: {takes}")
+    raise ConfigError(f"none of the methods {', '.join(names)} takes {option!r}; it is taken by: "
+                      f"{', '.join(takers(option)) or 'no method'}")
+
+
+def _ratio_of(token: str, text: str, takes_ratio: bool) -> float:
+    if not takes_ratio:
+        raise ConfigError(f"{token!r}: method {token.partition('@')[0]!r} takes no ratio")
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{token!r}: {text!r} is not a ratio (e.g. kvcomm@0.5)") from None

@@ -8,15 +8,17 @@ reference code silently skips the graft for them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from kvcomm.agents import Batch
 from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Method, Output, Setup
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
 from kvcomm.protocol import empty_input, greedy_generate
 from kvcomm.protocol.sender import run_body
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
 
 FUSIONS = {
     "replace": lambda mine, theirs: theirs,
@@ -25,22 +27,28 @@ FUSIONS = {
 }
 
 
+class ACOptions(MethodOptions):
+    """``fuse``: ``replace``, ``sum`` or ``mean``; ``layer_k``, ``layer_j``: layer indices, negative
+    counting from the end, default ~3/4 of the depth."""
+
+    fuse: Literal["replace", "sum", "mean"] = "mean"
+    layer_k: int | None = None
+    layer_j: int | None = None
+
+
 @METHODS.register("ac")
 class ActivationCommunication(Method):
-    """Fuse the sender's last hidden state at depth ``layer_k`` into the receiver before layer ``layer_j``.
-
-    Args:
-        fuse: ``replace``, ``sum`` or ``mean``.
-        layer_k, layer_j: layer indices; negative counts from the end; default ~3/4 of the depth.
-    """
+    """Fuse the sender's last hidden state at depth ``layer_k`` into the receiver before layer ``layer_j``."""
 
     name = "ac"
+    options_model = ACOptions
+    options: ACOptions
 
-    def __init__(self, fuse: str = "mean", layer_k: int | None = None, layer_j: int | None = None) -> None:
-        if fuse not in FUSIONS:
-            raise ConfigError(f"unknown AC fusion {fuse!r}; valid: {', '.join(FUSIONS)}")
-        self.fuse, self.layer_k, self.layer_j = fuse, layer_k, layer_j
-        self._k = self._j = None
+    def __init__(self, options: ACOptions | None = None, **given: Any) -> None:
+        super().__init__(options, **given)
+        self.fuse, self.layer_k, self.layer_j = self.options.fuse, self.options.layer_k, self.options.layer_j
+        self._k: int | None = None
+        self._j: int | None = None
 
     @property
     def label(self) -> str:
@@ -60,10 +68,10 @@ class ActivationCommunication(Method):
         sender, receiver = batch.agents.sender, batch.agents.receiver
         sent = batch.prompt("sender", batch.task.sender_message)
         start = empty_input(sender.model, len(batch.items))
-        with torch.inference_mode():
+        with batch.sender_work(), torch.inference_mode():
             states = run_body(sender.model, sent.input_ids, sent.valid, start.cache, start.layout, head=False,
                               hidden_states=True).hidden_states
-        vector = states[self._k][:, -1]  # [B, H]: left padding puts every row's last token at -1
+            vector = states[self._k][:, -1]  # [B, H]: left padding puts every row's last token at -1
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         layer = receiver.model.get_decoder().layers[self._j]
         handle = layer.register_forward_pre_hook(_graft_once(vector, FUSIONS[self.fuse]), with_kwargs=True)

@@ -1,15 +1,29 @@
-"""The one interface every communication method implements."""
+"""The one interface every communication method implements, and the options each one declares.
+
+A method is a class registered in :data:`METHODS` with a frozen, typed options model
+(:class:`MethodOptions`, unknown keys refused). ``KVCommMethod(ratio=0.5, codec="int8")`` validates
+its options where it is made; an option the method does not take is refused naming the ones it
+does take.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvcomm.agents import Batch
+from kvcomm.config import Options
+from kvcomm.errors import ConfigError
 from kvcomm.registry import Registry
 from kvcomm.wire import Codebook
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
+
+
+class MethodOptions(Options):
+    """Options of a method that takes none; subclasses add fields."""
 
 
 @dataclass
@@ -23,21 +37,43 @@ class Output:
     messages: list[str] | None = None  # a readable form of what was sent (e.g. NLD's summary)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How attention importance and the depth prior are mixed (paper §3.2); ``alpha`` None = per family."""
+
+    alpha: float | None
+    mu: float
+    sigma: float
+
+
 @dataclass
 class Setup:
-    """What methods may need before running: the depth, and on demand a calibrated layer ranking
-    and the sender's codebook (for codecs that rotate with one)."""
+    """What methods may need before running: the depth, the calibration settings, and on demand a
+    calibrated layer ranking and the sender's codebook (for codecs that rotate with one)."""
 
     num_layers: int
     model_type: str
     ranking: Callable[[], list[int]]
     codebook: Callable[[], Codebook]
+    calibration: Calibration = Calibration(None, 0.5, 10.0)
 
 
 class Method(ABC):
     """A way for the receiver to answer, given the batch (and through it, the sender's context)."""
 
     name: ClassVar[str]
+    options_model: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions | None = None, **given: Any) -> None:
+        if options is not None and given:
+            raise ConfigError(f"{self.name}: give either an options object or keyword options, not both")
+        if options is not None and not isinstance(options, self.options_model):
+            options = self.options_model.build(self.name, **options.model_dump())
+        self.options = options if options is not None else self.options_model.build(self.name, **given)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return list(cls.options_model.model_fields)
 
     @property
     def label(self) -> str:

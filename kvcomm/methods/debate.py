@@ -11,15 +11,18 @@ message stops where its nearest token (cosine) is an end token.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
+from pydantic import Field
 
-from kvcomm.agents import Batch
-from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Method, Output
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import empty_input, greedy_generate, pad_left
 from kvcomm.protocol.sender import run_body
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
 
 SENDER_AWARE = ("Summarize the context passage in a concise way, as it will be used by another agent to answer "
                 "the question.")
@@ -31,19 +34,29 @@ REFINE = ("{prompt}\nYour previous answer:\n" + SELF + "\nOther agents' answers 
 def embedding_matrix(model: LoadedModel) -> torch.Tensor:
     """What an id embeds to: the input embedding weights, with any scale the module applies (Gemma)."""
     module = model.model.get_input_embeddings()
-    return module.weight * getattr(module, "embed_scale", 1.0)
+    return cast(torch.Tensor, module.weight) * cast(float, getattr(module, "embed_scale", 1.0))
 
 
 Spoken = tuple[torch.Tensor, list[int] | None]  # round-1 output: embeddings [n, H], and ids if tokens
 
 
+class DebateOptions(MethodOptions):
+    round_one_tokens: int = Field(256, ge=1, le=4096)  # round-1 budget in tokens (or vectors)
+
+
+class CipherOptions(DebateOptions):
+    temperature: float = Field(1.0, gt=0)
+
+
 class Debate(Method):
     """The shared two-round exchange; subclasses choose what a round-1 message is made of."""
 
-    def __init__(self, round_one_tokens: int = 256) -> None:
-        if round_one_tokens < 1:
-            raise ConfigError("round_one_tokens must be positive")
-        self.round_one_tokens = round_one_tokens
+    options_model: ClassVar[type[DebateOptions]] = DebateOptions
+    options: DebateOptions
+
+    @property
+    def round_one_tokens(self) -> int:
+        return self.options.round_one_tokens
 
     @abstractmethod
     def speak(self, model: LoadedModel, messages: list[list[int]]) -> list[Spoken]:
@@ -58,7 +71,9 @@ class Debate(Method):
         summary_prompts = [sender.encode_message(f"Instruction: {SENDER_AWARE} Context: {item.context}")
                            for item in batch.items]
         own_prompt = batch.prompt("receiver", batch.task.receiver_message)
-        summaries, own = self.speak(sender, summary_prompts), self.speak(receiver, own_prompt.ids)
+        with batch.sender_work():
+            summaries = self.speak(sender, summary_prompts)
+        own = self.speak(receiver, own_prompt.ids)
         pieces = [receiver.encode_message_parts(REFINE.format(prompt=batch.task.receiver_message(item)),
                                                 [SELF, OTHERS]) for item in batch.items]
         table = embedding_matrix(receiver)
@@ -110,15 +125,12 @@ class Cipher(Debate):
     """Round-1 messages are expected-embedding vectors (bytes = vectors × hidden × element size)."""
 
     name = "cipher"
-
-    def __init__(self, round_one_tokens: int = 256, temperature: float = 1.0) -> None:
-        super().__init__(round_one_tokens)
-        if temperature <= 0:
-            raise ConfigError("temperature must be positive")
-        self.temperature = temperature
+    options_model: ClassVar[type[DebateOptions]] = CipherOptions
+    options: CipherOptions
 
     def speak(self, model: LoadedModel, messages: list[list[int]]) -> list[Spoken]:
-        return [(v, None) for v in expected_embeddings(model, messages, self.round_one_tokens, self.temperature)]
+        return [(v, None) for v in expected_embeddings(model, messages, self.round_one_tokens,
+                                                       self.options.temperature)]
 
     def cost(self, model: LoadedModel, spoken: Spoken) -> tuple[int, str]:
         vectors = spoken[0]

@@ -1,87 +1,140 @@
-"""KVComm: the receiver answers on top of the sender's KV at a subset of layers.
+"""KVComm and its layer-selection baselines.
 
-How the subset is chosen is the only difference between ``kvcomm`` (attention importance with a
-Gaussian prior, or an explicit list), ``random`` and ``contiguous``: one class, one parameter.
+The paper's KVComm rows differ from its Random rows only in *which* layers are shared, so the
+difference between ``kvcomm`` (attention importance with a Gaussian prior, or an explicit list),
+``random`` and ``contiguous`` is one method, :meth:`KVCommMethod.choose`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Self
 
-from kvcomm.agents import Batch
+from pydantic import Field, field_validator, model_validator
+
 from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Method, Output, Setup
-from kvcomm.protocol import MASK_MODES, SharedKV, greedy_generate, receiver_input, share
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
+from kvcomm.protocol import MaskMode, SharedKV, effective_layers, greedy_generate, receiver_input, share
 from kvcomm.selection.rules import contiguous_layers, format_layers, random_layers, top_layers
-from kvcomm.wire import KVMessage, check_fingerprint, make_codec
+from kvcomm.wire import Codec, KVMessage, make_codec
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
+
+
+DEFAULT_RATIO = 0.5  # what the command line shares when given neither a ratio nor layers
+DEFAULT_RATIOS = (0.3, 0.5, 0.7, 1.0)  # what a sweep shares by default (the paper's fractions)
+
+
+class SharingOptions(MethodOptions):
+    """What every method that shares KV at chosen layers takes.
+
+    Attributes:
+        ratio: fraction of layers to share (``ceil(ratio * L)`` layers).
+        mode: mask mode: ``causal`` (correct), ``legacy`` (reference parity), ``shift-back`` (KVComm-S).
+        codec: when set (``fp16``, ``int8``, ``klt`` …), every item's KV goes through an encoded
+            :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are its real size.
+        senders: split each context among this many senders; their KV is concatenated with
+            consistent positions (the sink is the first sender's first token).
+    """
+
+    ratio: float | None = Field(None, gt=0, le=1)
+    mode: MaskMode = "causal"
+    codec: str | None = None
+    senders: int = Field(1, ge=1, le=64)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: str | None) -> str | None:
+        if codec is not None:
+            make_codec(codec)
+        return codec
+
+    @model_validator(mode="after")
+    def _needs_ratio(self) -> Self:
+        if self.ratio is None and getattr(self, "layers", None) is None:
+            raise ValueError("needs a ratio (the fraction of layers to share)")
+        return self
+
+
+class KVCommOptions(SharingOptions):
+    """KVComm's options: a ratio of the calibrated ranking, or an explicit layer list."""
+
+    layers: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if self.ratio is not None and self.layers is not None:
+            raise ValueError("give a ratio or a layer list, not both")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError("a layer list names one or more layers, each >= 0")
+        return self
+
+
+class RandomOptions(SharingOptions):
+    seed: int = 42
 
 
 class KVCommMethod(Method):
-    """Shares the sender's KV at chosen layers (sink token elsewhere) and decodes greedily.
-
-    Args:
-        ratio: fraction of layers to share (``ceil(ratio * L)`` layers).
-        layers: explicit layer indices (only for ``kvcomm``; excludes ``ratio``).
-        mode: mask mode, one of ``causal`` (default), ``legacy``, ``shift-back``.
-        seed: random seed (``random`` only).
-        codec: when set (``fp16``, ``int8``, ``int4``, ``cachegen`` …), every item's KV goes through
-            an encoded :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are the
-            message's real size.
-        senders: split each context among this many senders; their KV is concatenated at the
-            shared layers with consistent positions (the sink is the first sender's first token).
-    """
+    """Shares the sender's KV at chosen layers (sink token elsewhere) and decodes greedily."""
 
     name = "kvcomm"
+    options_model: ClassVar[type[SharingOptions]] = KVCommOptions
+    options: SharingOptions
 
-    def __init__(self, ratio: float | None = None, layers: Sequence[int] | None = None,
-                 mode: str = "causal", seed: int = 42, codec: str | None = None, senders: int = 1) -> None:
-        if (ratio is None) == (layers is None):
-            raise ConfigError(f"{self.name}: give exactly one of a ratio or a layer list")
-        if layers is not None and self.name != "kvcomm":
-            raise ConfigError(f"{self.name} chooses its own layers; it takes a ratio, not a layer list")
-        if mode not in MASK_MODES:
-            raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MASK_MODES)}")
-        self.ratio, self.mode, self.seed = ratio, mode, seed
-        self.codec = make_codec(codec) if codec else None
-        self.codec_name = codec
-        if senders < 1:
-            raise ConfigError("senders must be at least 1")
-        self.senders = senders
-        self._layers = sorted(set(layers)) if layers is not None else None
+    def __init__(self, options: SharingOptions | None = None, **given: object) -> None:
+        super().__init__(options, **given)
+        layers = getattr(self.options, "layers", None)
+        self._layers = sorted(set(layers)) if layers else None
+        self._codec: Codec | None = make_codec(self.options.codec) if self.options.codec else None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.options.ratio
+
+    @property
+    def mode(self) -> MaskMode:
+        return self.options.mode
+
+    @property
+    def codec_name(self) -> str | None:
+        return self.options.codec
 
     @property
     def label(self) -> str:
-        what = f"{self.ratio:g}" if self.ratio is not None else format_layers(self._layers or [])
-        suffix = "" if self.mode == "causal" else f"[{self.mode}]"
-        codec = f"+{self.codec_name}" if self.codec_name else ""
-        senders = f"x{self.senders}" if self.senders > 1 else ""
+        o = self.options
+        what = f"{o.ratio:g}" if o.ratio is not None else format_layers(self._layers or [])
+        suffix = "" if o.mode == "causal" else f"[{o.mode}]"
+        codec = f"+{o.codec}" if o.codec else ""
+        senders = f"x{o.senders}" if o.senders > 1 else ""
         return f"{self.name}@{what}{senders}{codec}{suffix}"
 
     @property
     def layers(self) -> list[int] | None:
-        return self._layers
+        """The layers the receiver gets in full (in ``legacy`` mode that includes layer 0)."""
+        return None if self._layers is None else effective_layers(self._layers, self.mode)
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
         return top_layers(setup.ranking(), self.ratio)
 
     def setup(self, setup: Setup) -> None:
-        if self.codec is not None:
-            self.codec = self.codec.bind(setup.codebook)
+        if self._codec is not None:
+            self._codec = self._codec.bind(setup.codebook)
         if self.ratio is not None:
             self._layers = self.choose(setup)
         elif self._layers and self._layers[-1] >= setup.num_layers:
-            raise ConfigError(f"layer {self._layers[-1]} out of range for {setup.num_layers} layers")
+            raise ConfigError(f"{self.label}: layer {self._layers[-1]} is out of range for a "
+                              f"{setup.num_layers}-layer model (0..{setup.num_layers - 1})")
 
     def run(self, batch: Batch) -> Output:
         if self._layers is None:
             raise ConfigError(f"{self.label}: setup() must run before run()")
         receiver = batch.agents.receiver
-        shared = share(receiver.model, batch.sender_kv(self.senders), self._layers, self.mode)
+        shared = share(receiver.model, batch.sender_kv(self.options.senders), self._layers, self.mode)
         message_bytes = None
-        if self.codec is not None:
+        if self._codec is not None:
             shared, message_bytes = self._through_wire(shared, batch)
-        start = receiver_input(shared, self.mode)
+        start = receiver_input(shared)
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         answers = greedy_generate(
             receiver.model, start, prompt.input_ids, prompt.valid,
@@ -96,14 +149,13 @@ class KVCommMethod(Method):
 
     def _through_wire(self, shared: SharedKV, batch: Batch) -> tuple[SharedKV, list[int]]:
         """Encodes each row as a KV message, decodes it back; returns the rows and message sizes."""
+        assert self._codec is not None
         sender, receiver = batch.agents.sender, batch.agents.receiver
-        dtype = next(receiver.model.parameters()).dtype
         rows, sizes = [], []
-        for i in range(len(batch.items)):
-            data = KVMessage.from_shared(shared.row(i), sender.fingerprint, self.codec).to_bytes()
-            message = KVMessage.from_bytes(data)
-            check_fingerprint(message.fingerprint, receiver.fingerprint)
-            rows.append(message.to_shared(dtype))
+        for i in range(shared.context_len.shape[0]):
+            data = KVMessage.from_shared(shared.row(i), sender.fingerprint, self._codec).to_bytes()
+            message = KVMessage.from_bytes(data, receiver=receiver.fingerprint)
+            rows.append(message.to_shared(receiver.dtype))
             sizes.append(len(data))
         return SharedKV.stack(rows), sizes
 
@@ -116,10 +168,12 @@ class RandomLayers(KVCommMethod):
     """KVComm with ``ceil(ratio * L)`` layers drawn at random (seeded): the paper's Random rows."""
 
     name = "random"
+    options_model: ClassVar[type[SharingOptions]] = RandomOptions
+    options: RandomOptions
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
-        return random_layers(setup.num_layers, self.ratio, self.seed)
+        return random_layers(setup.num_layers, self.ratio, self.options.seed)
 
 
 @METHODS.register("contiguous")
@@ -127,6 +181,7 @@ class ContiguousLayers(KVCommMethod):
     """KVComm with one block of consecutive layers centred in the middle of the stack."""
 
     name = "contiguous"
+    options_model: ClassVar[type[SharingOptions]] = SharingOptions
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None

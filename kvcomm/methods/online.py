@@ -5,22 +5,29 @@ importance of all items answered so far; before the first rebuild only the depth
 layers. Each item's importance is measured once (an all-layer receiver prefill, no generation)
 and each item is answered and scored once, with the ranking from the items *before* it (the
 reference re-runs and double-scores its calibration item). :meth:`details` reports the rankings
-and how much they drift between rebuilds.
+and how much they drift between rebuilds. The prior's parameters are the run's calibration
+settings (``--alpha``, ``--mu``, ``--sigma``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from kvcomm.agents import Batch, Prompt
-from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Output, Setup
-from kvcomm.methods.kvcomm import KVCommMethod
+from kvcomm.methods.base import METHODS, Calibration, Output, Setup
+from kvcomm.methods.kvcomm import KVCommMethod, SharingOptions
 from kvcomm.protocol import SenderKV, attention_importance, greedy_generate, receiver_input, share
-from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers, top_layers
+from kvcomm.selection.rules import combined_scores, default_alpha, rank_layers, top_layers
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
+
+
+class OnlineOptions(SharingOptions):
+    interval: int = Field(8, ge=1)
 
 
 @METHODS.register("online")
@@ -28,35 +35,40 @@ class OnlineKVComm(KVCommMethod):
     """KVComm whose ranking is rebuilt every ``interval`` items from the items seen so far."""
 
     name = "online"
+    options_model: ClassVar[type[SharingOptions]] = OnlineOptions
+    options: OnlineOptions
 
-    def __init__(self, ratio: float | None = None, interval: int = 8, mode: str = "causal", seed: int = 42,
-                 alpha: float | None = None, mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA) -> None:
-        super().__init__(ratio=ratio, mode=mode, seed=seed)
-        if interval < 1:
-            raise ConfigError("interval must be at least 1")
-        self.interval, self.alpha, self.mu, self.sigma = interval, alpha, mu, sigma
+    def __init__(self, options: OnlineOptions | None = None, **given: object) -> None:
+        super().__init__(options, **given)
+        self._calibration = Calibration(None, 0.5, 10.0)
+        self._alpha = 1.0
         self._importance: list[np.ndarray] = []
         self._history: list[dict[str, Any]] = []
 
     @property
     def label(self) -> str:
-        return f"online@{self.ratio:g}/{self.interval}"
+        return super().label.replace(f"online@{self.ratio:g}", f"online@{self.ratio:g}/{self.options.interval}", 1)
 
     def setup(self, setup: Setup) -> None:
-        self.alpha = default_alpha(setup.model_type) if self.alpha is None else self.alpha
+        if self._codec is not None:
+            self._codec = self._codec.bind(setup.codebook)
+        self._calibration = setup.calibration
+        alpha = setup.calibration.alpha
+        self._alpha = default_alpha(setup.model_type) if alpha is None else alpha
         self._rebuild(setup.num_layers)
 
     def _rebuild(self, num_layers: int) -> None:
         importance = np.mean(self._importance, axis=0) if self._importance else np.zeros(num_layers)
-        alpha = self.alpha if self._importance else 0.0  # nothing seen yet: the prior alone
-        ranking = rank_layers(combined_scores(importance, alpha, self.mu, self.sigma).tolist())
+        alpha = self._alpha if self._importance else 0.0  # nothing seen yet: the prior alone
+        scores = combined_scores(importance, alpha, self._calibration.mu, self._calibration.sigma)
+        ranking = rank_layers(scores.tolist())
         assert self.ratio is not None
         self._layers = top_layers(ranking, self.ratio)
         self._history.append({"after_items": len(self._importance), "ranking": ranking, "layers": self._layers})
 
     def run(self, batch: Batch) -> Output:
         receiver = batch.agents.receiver
-        sender = batch.sender_kv()
+        sender = batch.sender_kv(self.options.senders)
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         scores = attention_importance(receiver.model, sender, prompt.input_ids, prompt.valid).double().numpy()
         answers: list[list[int]] = []
@@ -64,16 +76,19 @@ class OnlineKVComm(KVCommMethod):
         start = 0
         while start < len(batch.items):
             # Rows up to the next rebuild share one ranking.
-            stop = min(len(batch.items), start + self.interval - len(self._importance) % self.interval)
+            stop = min(len(batch.items), start + self.options.interval - len(self._importance) % self.options.interval)
             rows = list(range(start, stop))
-            shared = share(receiver.model, _rows(sender, rows), self._layers, self.mode)
-            begin = receiver_input(shared, self.mode)
-            sub = _prompt_rows(prompt, rows)
+            shared = share(receiver.model, _rows(sender, rows), self._layers or [], self.mode)
+            sizes = shared.kv_bytes.tolist()
+            if self._codec is not None:
+                shared, sizes = self._through_wire(shared, batch)
+            begin = receiver_input(shared)
+            sub = prompt.rows(rows)
             answers += greedy_generate(receiver.model, begin, sub.input_ids, sub.valid, batch.task.max_new_tokens,
                                        receiver.stop_ids, receiver.pad_id)
-            kv_bytes += begin.kv_bytes.tolist()
+            kv_bytes += sizes
             self._importance.extend(scores[rows])
-            if len(self._importance) % self.interval == 0:
+            if len(self._importance) % self.options.interval == 0:
                 self._rebuild(scores.shape[1])
             start = stop
         return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
@@ -86,16 +101,12 @@ class OnlineKVComm(KVCommMethod):
             a, b = set(before["layers"]), set(after["layers"])
             drift.append({"after_items": after["after_items"], "jaccard": len(a & b) / len(a | b),
                           "kendall_tau": _kendall_tau(before["ranking"], after["ranking"])})
-        return {"interval": self.interval, "rebuilds": self._history, "drift": drift}
+        return {"interval": self.options.interval, "rebuilds": self._history, "drift": drift}
 
 
 def _rows(sender: SenderKV, rows: list[int]) -> SenderKV:
     return SenderKV([k[rows] for k in sender.keys], [v[rows] for v in sender.values],
                     sender.positions[rows], sender.valid[rows])
-
-
-def _prompt_rows(prompt: Prompt, rows: list[int]) -> Prompt:
-    return Prompt([prompt.ids[r] for r in rows], prompt.input_ids[rows], prompt.valid[rows])
 
 
 def _kendall_tau(first: list[int], second: list[int]) -> float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from kvcomm.agents import Batch
 from kvcomm.methods.base import METHODS, Method, Output
 from kvcomm.protocol import empty_input, greedy_generate
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
 
 
 class PromptOnly(Method):

@@ -8,11 +8,10 @@ process: a sender and receiver naming the same checkpoint share one copy in memo
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,17 +20,18 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvcomm.errors import IncompatibleModelsError, ModelError
+from kvcomm.cache import cache_root
+from kvcomm.errors import ConfigError, ModelError
+from kvcomm.files import TEMPORARY_SUFFIX, atomic_file
+from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
 from kvcomm.models.registry import EMBEDDED
+from kvcomm.models.source import DTYPES, resolve_model
 from kvcomm.protocol import ATTENTION_NAME
 
 # End-of-turn tokens of common chat templates; generation stops at any that the vocabulary has.
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
-
-def cache_root() -> Path:
-    """Where converted models and downloaded data live (``KVCOMM_CACHE`` or ``~/.cache/kvcomm``)."""
-    return Path(os.environ.get("KVCOMM_CACHE", Path.home() / ".cache" / "kvcomm"))
+Turn = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
 
 @dataclass
@@ -50,54 +50,52 @@ class LoadedModel:
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
 
-    @cached_property
-    def kv_signature(self) -> dict[str, Any]:
-        """What must match between sender and receiver for KV to be usable as is."""
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        return {
-            "model_type": cfg.model_type,
-            "num_layers": int(cfg.num_hidden_layers),
-            "num_kv_heads": int(cfg.num_key_value_heads),
-            "head_dim": int(head_dim),
-            "rope": {k: v for k, v in sorted(rope.items())} if isinstance(rope, dict) else str(rope),
-        }
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (and of the KV it makes)."""
+        return next(self.model.parameters()).dtype
 
     @cached_property
-    def fingerprint(self) -> dict[str, Any]:
-        """:attr:`kv_signature` plus a hash of the vocabulary: what a KV message is checked against."""
-        vocab = sorted(self.tokenizer.get_vocab().items())
-        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:32]
-        return {**self.kv_signature, "vocab_sha256": digest}
+    def fingerprint(self) -> Fingerprint:
+        """KV layout plus a hash of the vocabulary: what a pair and a KV message are checked against."""
+        return make_fingerprint(self.config, self.tokenizer.get_vocab())
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode_message(self, text: str) -> list[int]:
-        """Token ids of ``text`` as one user turn with the generation prompt.
+        """Token ids of ``text`` as one user turn with the generation prompt (see :meth:`chat_ids`)."""
+        return self.chat_ids([{"role": "user", "content": text}])
 
-        Models without a chat template (base models) get a plain ``text\\nAnswer:`` prompt.
-        """
-        return self.encode_message_parts(text, [])[0]
+    def chat_ids(self, turns: list[Turn], generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation: the harness's prompts and the service's chats alike."""
+        return self._chat_pieces(turns, generation_prompt, [])[0]
 
     def encode_message_parts(self, text: str, markers: list[str]) -> list[list[int]]:
         """Like :meth:`encode_message`, but cut at each marker in ``text`` (markers removed), so
         vectors or other tokens can be spliced in between the pieces."""
+        return self._chat_pieces([{"role": "user", "content": text}], True, markers)
+
+    def _chat_pieces(self, turns: list[Turn], generation_prompt: bool, markers: list[str]) -> list[list[int]]:
+        """Renders ``turns`` with the chat template (or the plain fallback), cuts the text at
+        ``markers`` and tokenises each piece; the first piece starts with BOS where the fallback needs it.
+
+        The fallback for models without a chat template (base models) writes system text on its
+        own line, each user turn as ``text\nAnswer:`` when an answer follows, and each assistant
+        turn after it, so one user turn with the generation prompt is ``text\nAnswer:``.
+        """
         if self.has_chat_template:
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
+            prompt = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
             start: list[int] = []
         else:
-            prompt = f"{text}\nAnswer:"
+            prompt = _plain_chat(turns, generation_prompt)
             start = list(self.tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if any
-        pieces = [prompt]
+        pieces = [str(prompt)]
         for marker in markers:
             head, found, tail = pieces.pop().partition(marker)
             if not found:
-                raise ValueError(f"marker {marker!r} not in the message")
+                raise ConfigError(f"marker {marker!r} not in the message")
             pieces += [head, tail]
         ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) if p else [] for p in pieces]
         ids[0] = start + ids[0]
@@ -122,7 +120,7 @@ class LoadedModel:
         return int(pad if pad is not None else self.stop_ids[0])
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
@@ -139,6 +137,8 @@ def load_model(name_or_path: str, dtype: str = "float32") -> LoadedModel:
     Raises:
         ModelError: the model cannot be found or loaded; the message says why.
     """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     key = (name_or_path, dtype)
     if key not in _LOADED:
         _LOADED[key] = _load(name_or_path, getattr(torch, dtype))
@@ -146,24 +146,16 @@ def load_model(name_or_path: str, dtype: str = "float32") -> LoadedModel:
 
 
 def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
-    if name_or_path in EMBEDDED:
-        gguf = _assemble(name_or_path)
-        directory = _converted(gguf, cache_root() / "models" / name_or_path)
-    elif name_or_path.endswith(".gguf"):
-        gguf = Path(name_or_path).expanduser().resolve()
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file {gguf} does not exist")
-        stat = gguf.stat()
-        tag = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        directory = _converted(gguf, cache_root() / "models" / f"{gguf.stem}-{tag}")
+    found = resolve_model(name_or_path)
+    if found.kind == "embedded":
+        source = str(_converted(_assemble(name_or_path), cache_root() / "models" / name_or_path))
+    elif found.kind == "gguf":
+        assert found.path is not None
+        stat = found.path.stat()
+        tag = hashlib.sha256(f"{found.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        source = str(_converted(found.path, cache_root() / "models" / f"{found.path.stem}-{tag}"))
     else:
-        directory = Path(name_or_path).expanduser()
-        if not directory.is_dir() and ("/" not in name_or_path or name_or_path.startswith((".", "/", "~"))):
-            raise ModelError(
-                f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED.names())}), "
-                "a model directory, a .gguf file nor a hub id (owner/name)"
-            )
-    source = str(directory) if directory.is_dir() else name_or_path
+        source = str(found.path) if found.path is not None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
@@ -181,13 +173,10 @@ def _assemble(name: str) -> Path:
     target = cache_root() / "gguf" / f"{name}.gguf"
     expected = sum(p.stat().st_size for p in parts)
     if not (target.is_file() and target.stat().st_size == expected):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        with partial.open("wb") as out:
+        with atomic_file(target) as out:  # a crash never leaves a truncated GGUF in place
             for part in parts:
                 with part.open("rb") as piece:
                     shutil.copyfileobj(piece, out, length=16 << 20)
-        partial.replace(target)  # atomic: a crash never leaves a truncated GGUF in place
     return target
 
 
@@ -198,32 +187,29 @@ def _converted(gguf: Path, directory: Path) -> Path:
     print(f"kvcomm: converting {gguf.name} to {directory} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=TEMPORARY_SUFFIX))
     # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain tensors
     # after dequantisation, so dropping the quantizer marker makes them savable as usual.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    if directory.exists():  # another process converted it meanwhile
+    try:
+        staging.rename(directory)  # atomic; fails if another process converted it meanwhile
+    except OSError:
         shutil.rmtree(staging)
-    else:
-        staging.replace(directory)
+        if not (directory / "config.json").is_file():
+            raise
     return directory
 
 
 def check_compatible(sender: LoadedModel, receiver: LoadedModel) -> None:
-    """Raises :class:`IncompatibleModelsError` unless the two models share one KV layout."""
-    a, b = sender.kv_signature, receiver.kv_signature
-    diffs = [f"{k}: sender {a[k]!r} vs receiver {b[k]!r}" for k in a if a[k] != b.get(k)]
-    if diffs:
-        raise IncompatibleModelsError(
-            f"{sender.name!r} and {receiver.name!r} cannot exchange KV caches: " + "; ".join(diffs)
-        )
-    if sender.tokenizer.get_vocab() != receiver.tokenizer.get_vocab():
-        raise IncompatibleModelsError(f"{sender.name!r} and {receiver.name!r} use different vocabularies")
+    """Raises :class:`~kvcomm.errors.FingerprintMismatch` (an :class:`IncompatibleModelsError`)
+    unless the two models share one KV layout and vocabulary: the check a KV message gets too."""
+    check_fingerprint(sender.fingerprint, receiver.fingerprint, source=f"sender {sender.name!r} (receiver "
+                      f"{receiver.name!r})", label="sender")
 
 
 def load_pair(sender: str, receiver: str | None = None, dtype: str = "float32") -> tuple[LoadedModel, LoadedModel]:
@@ -241,3 +227,18 @@ def install(name: str) -> None:
     print("kvcomm: running " + " ".join(command), file=sys.stderr)
     if subprocess.call(command) != 0:
         raise ModelError(f"pip could not install {name!r} ({', '.join(spec.packages)})")
+
+
+def _plain_chat(turns: list[Turn], generation_prompt: bool) -> str:
+    """A conversation as plain text for models without a chat template (see ``_chat_pieces``)."""
+    text = ""
+    for index, turn in enumerate(turns):
+        role, content = turn["role"], turn["content"]
+        if role == "user":
+            answered = index + 1 < len(turns) or generation_prompt
+            text += content + ("\nAnswer:" if answered else "\n")
+        elif role == "assistant":
+            text += f" {content}\n"
+        else:
+            text += content + "\n"
+    return text

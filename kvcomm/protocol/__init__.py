@@ -1,25 +1,23 @@
-"""The communication protocol: sender prefill, receiver cache surgery, masks, decoding."""
+"""The communication protocol, stage by stage.
+
+``sender.prefill`` → ``shared.share`` (cache surgery) → ``receiver.receiver_input`` →
+``decoding.greedy_generate``; ``layout`` and ``attention`` make every layer's mask;
+``importance`` measures what calibration ranks layers by.
+"""
 
 from kvcomm.protocol import attention as _attention  # registers the "kvcomm" attention
-from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder
-from kvcomm.protocol.receiver import (
-    ReceiverInput,
-    SharedKV,
-    attention_importance,
-    build_receiver_input,
-    concat_shared,
-    empty_input,
-    greedy_generate,
-    prefill_logits,
-    receiver_input,
-    share,
-)
-from kvcomm.protocol.sender import SenderKV, merge_senders, pad_left, prefill
+from kvcomm.protocol.decoding import greedy_generate, prefill_logits
+from kvcomm.protocol.importance import attention_importance
+from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder, MaskMode
+from kvcomm.protocol.receiver import ReceiverInput, build_receiver_input, empty_input, receiver_input
+from kvcomm.protocol.sender import SenderKV, pad_left, prefill, run_body
+from kvcomm.protocol.shared import SharedKV, concat_shared, effective_layers, follow_on_keys, merge_senders, share
 
 ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
-    "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "ReceiverInput", "SenderKV", "SharedKV",
-    "attention_importance", "build_receiver_input", "concat_shared", "empty_input", "greedy_generate",
-    "merge_senders", "pad_left", "prefill", "prefill_logits", "receiver_input", "share",
+    "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "MaskMode", "ReceiverInput", "SenderKV",
+    "SharedKV", "attention_importance", "build_receiver_input", "concat_shared", "effective_layers", "empty_input",
+    "follow_on_keys", "greedy_generate", "merge_senders", "pad_left", "prefill", "prefill_logits", "receiver_input",
+    "run_body", "share",
 ]

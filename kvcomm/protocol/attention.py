@@ -11,7 +11,7 @@ from ``AttentionMaskInterface``, and SDPA would then run unmasked (see the test 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from kvcomm.errors import ProtocolError
 from kvcomm.protocol.layout import AttentionLayout
 
 ATTENTION_NAME = "kvcomm"
@@ -51,13 +52,13 @@ def kvcomm_attention(
             sliding_window=sliding_window, **kwargs,
         )
     if getattr(module, "attn_logit_softcapping", None):
-        raise NotImplementedError("attention logit soft-capping is not supported by kvcomm attention")
-    layer = module.layer_idx
+        raise ProtocolError("attention logit soft-capping (e.g. Gemma 2) is not supported by kvcomm attention")
+    layer = cast(int, module.layer_idx)
     layout = kvcomm_layout
     query_len = query.shape[2]
     expected = layout.prefix_pos[layer].shape[1] + layout.own_pos.shape[1]
     if key.shape[2] != expected:
-        raise RuntimeError(f"layer {layer}: cache holds {key.shape[2]} keys, layout describes {expected}")
+        raise ProtocolError(f"layer {layer}: the cache holds {key.shape[2]} keys, its layout describes {expected}")
     mask = layout.mask(layer, query_len, sliding_window)  # [B, 1, T, K]
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)

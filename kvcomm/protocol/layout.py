@@ -11,12 +11,14 @@ Left padding (batches) is just invalid keys; sliding windows compare the same po
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
 from kvcomm.errors import ConfigError
 
-MASK_MODES = ("causal", "legacy", "shift-back")
+MaskMode = Literal["causal", "legacy", "shift-back"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class AttentionLayout:
     context_len: torch.Tensor
     own_pos: torch.Tensor
     own_valid: torch.Tensor
-    mode: str = "causal"
+    mode: MaskMode = "causal"
     recorder: ImportanceRecorder | None = None
 
     def __post_init__(self) -> None:

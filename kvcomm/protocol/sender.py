@@ -1,4 +1,8 @@
-"""The sender's side: one prefill over its chat-formatted message, keeping every layer's KV."""
+"""The sender's side: one prefill over its chat-formatted message, keeping every layer's KV.
+
+Also :func:`run_body`, the one forward step every stage uses (sender, receiver, decoding), masked
+by an :class:`~kvcomm.protocol.layout.AttentionLayout`.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.layout import AttentionLayout
-from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 
 
 def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pads token id lists into ``ids [B, T]`` and ``valid [B, T]`` (False on padding)."""
+    if not sequences:
+        raise ConfigError("nothing to pad: a batch needs at least one sequence")
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(sequences), width), dtype=torch.bool)
@@ -84,38 +90,17 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
     layout = AttentionLayout.empty(num_layers, input_ids.shape[0], input_ids.device)
     cache = DynamicCache()
     run_body(model, input_ids, valid, cache, layout, head=False)
-    return SenderKV(
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
-        positions=layout.own_pos,
-        valid=layout.own_valid,
-    )
+    keys, values = cache_tensors(cache)
+    return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid)
 
 
-def follow_on_keys(model: PreTrainedModel, layer: int, keys: Sequence[torch.Tensor],
-                   offsets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Parts' keys ``[B, H, T_i, D]`` (each prefilled from position 0) concatenated along tokens,
-    part ``i`` re-rotated by ``offsets[i]`` (``[B]``) so that its positions follow the earlier parts'."""
-    return torch.cat([rotate_keys(k, o, inverse_frequencies(model, layer)) if bool(o.any()) else k
-                      for k, o in zip(keys, offsets)], dim=2)
-
-
-def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
-    """Several senders' KV as one context, in order, with consistent positions.
-
-    Each sender prefilled its own context from position 0; every later sender's keys are
-    re-rotated so that its positions follow the earlier senders' (the reference code leaves them
-    overlapping). Padding may then sit between senders; masks only look at validity.
-    """
-    if len(senders) == 1:
-        return senders[0]
-    offsets = [torch.zeros_like(senders[0].context_len)]
-    for sender in senders[:-1]:
-        offsets.append(offsets[-1] + sender.context_len)
-    return SenderKV(
-        keys=[follow_on_keys(model, layer, [s.keys[layer] for s in senders], offsets)
-              for layer in range(senders[0].num_layers)],
-        values=[torch.cat([s.values[layer] for s in senders], dim=2) for layer in range(senders[0].num_layers)],
-        positions=torch.cat([s.positions + o[:, None] for s, o in zip(senders, offsets)], dim=1),
-        valid=torch.cat([s.valid for s in senders], dim=1),
-    )
+def cache_tensors(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's keys and values ``[B, H, T, D]`` held by a filled cache."""
+    keys, values = [], []
+    for index, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise ProtocolError(f"cache layer {index} holds no keys and values (a recurrent layer?)")
+        keys.append(k)
+        values.append(v)
+    return keys, values

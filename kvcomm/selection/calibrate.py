@@ -10,8 +10,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from kvcomm.agents import Agents, Batch
+from kvcomm.agents import Agents
 from kvcomm.errors import DataError
+from kvcomm.eval.batch import Batch
+from kvcomm.files import atomic_write
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.tasks.base import Item, Task
@@ -38,7 +40,7 @@ class Profile(BaseModel):
     ranking: list[int]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        atomic_write(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -71,10 +73,10 @@ def calibrate(
         scores = attention_importance(agents.receiver.model, batch.sender_kv(), prompt.input_ids, prompt.valid)
         total += scores.double().sum(dim=0)
     importance = (total / len(items)).tolist()
-    scores = combined_scores(importance, alpha, mu, sigma)
+    combined = combined_scores(importance, alpha, mu, sigma)
     return Profile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name,
         num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
         calibration_items=[item.id for item in items], importance=importance,
-        scores=scores.tolist(), ranking=rank_layers(scores.tolist()),
+        scores=combined.tolist(), ranking=rank_layers(combined.tolist()),
     )

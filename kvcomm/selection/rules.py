@@ -24,7 +24,7 @@ def default_alpha(model_type: str) -> float:
     return 0.8 if model_type.startswith(("qwen", "falcon")) else 1.0
 
 
-def minmax(values: Sequence[float]) -> np.ndarray:
+def minmax(values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Scales to [0, 1]; a constant vector (range below 1e-9) becomes all zeros."""
     arr = np.asarray(values, dtype=np.float64)
     span = arr.max() - arr.min()
@@ -39,13 +39,13 @@ def gaussian_prior(num_layers: int, mu: float = DEFAULT_MU, sigma: float = DEFAU
     return np.exp(-0.5 * ((depth - mu * (num_layers - 1)) / sigma) ** 2)
 
 
-def combined_scores(importance: Sequence[float], alpha: float, mu: float = DEFAULT_MU,
+def combined_scores(importance: Sequence[float] | np.ndarray, alpha: float, mu: float = DEFAULT_MU,
                     sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """``alpha * minmax(importance) + (1 - alpha) * minmax(prior)``, one score per layer."""
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     prior = gaussian_prior(len(importance), mu, sigma)
-    return alpha * minmax(importance) + (1.0 - alpha) * minmax(prior)
+    return np.asarray(alpha * minmax(importance) + (1.0 - alpha) * minmax(prior), dtype=np.float64)
 
 
 def rank_layers(scores: Sequence[float]) -> list[int]:
@@ -78,21 +78,34 @@ def contiguous_layers(num_layers: int, ratio: float, mu: float = DEFAULT_MU) -> 
     return list(range(start, start + count))
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Parses ``"3,5,7-9"`` (ranges inclusive; a negative index counts from the end)."""
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """Parses ``"3,5,7-9"`` (ranges inclusive; a negative index counts from the end).
+
+    ``num_layers`` None (a depth not known yet) checks the syntax only; negative indices then wait
+    for the depth and are refused.
+    """
     layers: set[int] = set()
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             lo, dash, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
             if dash:
+                if int(hi) < int(lo):
+                    raise ConfigError(f"layer range {part!r} runs backwards")
                 layers.update(range(int(lo), int(hi) + 1))
+            elif int(lo) < 0:
+                if num_layers is None:
+                    raise ConfigError(f"layer {lo} counts from the end of a model whose depth is not known yet")
+                layers.add(int(lo) + num_layers)
             else:
-                layers.add(int(lo) + num_layers if int(lo) < 0 else int(lo))
-    except ValueError:
+                layers.add(int(lo))
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"cannot parse layer list {spec!r}; use e.g. '0,4,10-14'") from None
-    bad = sorted(layer for layer in layers if not 0 <= layer < num_layers)
+    top = num_layers if num_layers is not None else 1 << 16
+    bad = sorted(layer for layer in layers if not 0 <= layer < top)
     if bad or not layers:
-        raise ConfigError(f"layer list {spec!r} must name layers in 0..{num_layers - 1}")
+        raise ConfigError(f"layer list {spec!r} must name layers in 0..{top - 1}")
     return sorted(layers)
 
 

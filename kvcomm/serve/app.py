@@ -149,10 +149,11 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             except ValueError:
                 raise HTTPException(400, "inline KV message is not valid base64") from None
         else:
-            data = store.get(check_id(ref))
-            metrics.store_lookups.labels("hit" if data is not None else "miss").inc()
-            if data is None:
+            stored = store.get(check_id(ref))
+            metrics.store_lookups.labels("hit" if stored is not None else "miss").inc()
+            if stored is None:
                 raise HTTPException(404, f"no KV message {ref!r}")
+            data = stored
         message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes)
         check_fingerprint(message.fingerprint, agent.fingerprint)
         metrics.kv_received.inc(len(data))
@@ -254,12 +255,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
 
 
 def _chat_ids(agent: LoadedModel, messages: list[ChatMessage], generation_prompt: bool) -> list[int]:
-    turns = [m.model_dump() for m in messages]
-    if agent.has_chat_template:
-        text = agent.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        return list(agent.tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = "\n".join(f"{m.role}: {m.content}" for m in messages) + ("\nassistant:" if generation_prompt else "")
-    return list(agent.tokenizer(text, add_special_tokens=True)["input_ids"])
+    return agent.chat_ids([m.model_dump() for m in messages], generation_prompt)
 
 
 def _generate(agent: LoadedModel, messages: list[KVMessage], ids: list[int], budget: int,
@@ -268,8 +264,7 @@ def _generate(agent: LoadedModel, messages: list[KVMessage], ids: list[int], bud
     model = agent.model
     dtype = next(model.parameters()).dtype
     if messages:
-        shared = concat_shared(model, [m.to_shared(dtype) for m in messages])
-        start = receiver_input(shared, messages[0].meta.get("mode", "causal"))
+        start = receiver_input(concat_shared(model, [m.to_shared(dtype) for m in messages]))
     else:
         start = empty_input(model, 1)
     input_ids, valid = pad_left([ids], agent.pad_id)

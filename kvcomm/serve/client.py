@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -11,10 +12,11 @@ from kvcomm.errors import KvcommError
 
 
 class ServiceError(KvcommError):
-    """The agent answered with an error status; ``status`` and ``detail`` say which and why."""
+    """The agent answered with an error status, or could not be reached (``status`` 0);
+    ``status`` and ``detail`` say which and why."""
 
     def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)
         self.status, self.detail = status, detail
 
 
@@ -40,7 +42,10 @@ class Client:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -68,7 +73,7 @@ class Client:
         return self._call("PUT", f"/v1/messages/{message_id}", content=data,
                           headers={"Content-Type": "application/octet-stream"}).json()
 
-    def chat(self, messages: list[dict[str, str]], kv_messages: list[str | bytes] = (),
+    def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
              max_tokens: int = 64) -> dict[str, Any]:
         """An OpenAI-style chat completion using stored message ids or raw message bytes."""
         refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]

@@ -11,16 +11,19 @@ sees a partial message.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from kvcomm.errors import ConfigError, KvcommError
+from kvcomm.files import atomic_write, is_temporary
+from kvcomm.registry import Registry
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_RESERVED_SUFFIXES = (".partial", ".tmp")  # what interrupted writes were (or are) called
 
 
 class StoreError(KvcommError):
@@ -28,8 +31,12 @@ class StoreError(KvcommError):
 
 
 def check_id(message_id: str) -> str:
-    if not _ID.match(message_id) or message_id.startswith("."):
-        raise StoreError(f"invalid message id {message_id!r}: use 1-128 letters, digits, '_', '.', '-'")
+    """Returns ``message_id`` if it is a valid id: 1-128 letters, digits, ``_``, ``.``, ``-``, not
+    starting with a dot and not ending in ``.partial`` or ``.tmp`` (names of interrupted writes)."""
+    if (not isinstance(message_id, str) or not _ID.fullmatch(message_id) or message_id.startswith(".")
+            or message_id.endswith(_RESERVED_SUFFIXES)):
+        raise StoreError(f"invalid message id {message_id!r}: use 1-128 letters, digits, '_', '.', '-', not "
+                         f"starting with '.' nor ending in {' or '.join(_RESERVED_SUFFIXES)}")
     return message_id
 
 
@@ -55,17 +62,16 @@ class MemoryStore:
         self.disk = Path(disk) if disk is not None else None
         if self.disk is not None:
             self.disk.mkdir(parents=True, exist_ok=True)
-            for stale in self.disk.glob("*.partial"):  # a crash mid-write leaves these; never valid
-                stale.unlink()
+            for stale in self.disk.iterdir():  # a crash mid-write leaves these; never valid
+                if is_temporary(stale):
+                    stale.unlink()
 
     def put(self, message_id: str, data: bytes) -> None:
         check_id(message_id)
         if len(data) > self.max_bytes and self.disk is None:
             raise StoreError(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
         if self.disk is not None:
-            partial = self.disk / f"{message_id}.partial"
-            partial.write_bytes(data)
-            os.replace(partial, self.disk / message_id)
+            atomic_write(self.disk / message_id, data)
         with self._lock:
             self._drop(message_id)
             if len(data) <= self.max_bytes:
@@ -112,7 +118,7 @@ class MemoryStore:
         with self._lock:
             names = set(self._items)
         if self.disk is not None:
-            names.update(p.name for p in self.disk.iterdir() if not p.name.endswith(".partial"))
+            names.update(p.name for p in self.disk.iterdir() if not is_temporary(p))
         return sorted(names)
 
     def close(self) -> None:
@@ -147,7 +153,7 @@ class RedisStore:
         self._client.set(self.prefix + check_id(message_id), data)  # one SET: atomic
 
     def get(self, message_id: str) -> bytes | None:
-        data = self._client.get(self.prefix + check_id(message_id))
+        data = cast(bytes | None, self._client.get(self.prefix + check_id(message_id)))
         if data is None:
             self.misses += 1
         else:
@@ -167,12 +173,41 @@ class RedisStore:
         self._client.close()
 
 
+StoreFactory = Callable[[str, int], MessageStore]  # (spec, memory bound in bytes) -> store
+STORES: Registry[StoreFactory] = Registry("store")
+STORES.add("memory", lambda spec, max_bytes: MemoryStore(max_bytes))
+STORES.add("disk", lambda spec, max_bytes: MemoryStore(max_bytes, disk=_disk_path(spec)))
+STORES.add("redis", lambda spec, max_bytes: RedisStore(spec))
+STORE_FORMS = {"memory": "memory", "disk": "disk:/path", "redis": "redis://host:port/db"}
+
+
+def _disk_path(spec: str) -> str:
+    path = spec.partition(":")[2]
+    if not path:
+        raise ConfigError("a disk store needs a folder: disk:/path")
+    return path
+
+
+def store_kind(spec: str | None) -> str:
+    """Which registered store a spec names (``memory``, ``disk:/path``, ``redis://…``, ``rediss://``,
+    ``unix://``), checked without connecting.
+
+    Raises:
+        ConfigError: an unknown kind of store, with the forms that are valid.
+    """
+    if spec in (None, "", "memory"):
+        return "memory"
+    assert spec is not None
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return "redis"
+    kind = spec.partition(":")[0]
+    if kind not in STORES or kind == "redis":
+        raise ConfigError(f"unknown store {spec!r}: use {', '.join(STORE_FORMS.values())}")
+    if kind == "disk":
+        _disk_path(spec)
+    return kind
+
+
 def open_store(spec: str | None, max_bytes: int = 1 << 30) -> MessageStore:
     """``None``/``memory`` (in process), ``disk:/path`` (memory + disk tier), or ``redis://…``."""
-    if spec in (None, "", "memory"):
-        return MemoryStore(max_bytes)
-    if spec.startswith("disk:"):
-        return MemoryStore(max_bytes, disk=spec[len("disk:"):])
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(spec)
-    raise ConfigError(f"unknown store {spec!r}: use memory, disk:/path or redis://host:port/db")
+    return STORES.get(store_kind(spec))(spec or "memory", max_bytes)

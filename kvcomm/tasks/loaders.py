@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kvcomm.cache import cache_root
 from kvcomm.errors import DataError
-from kvcomm.models.loading import cache_root
+from kvcomm.files import atomic_write
 from kvcomm.registry import Registry
 from kvcomm.tasks.base import Item, Task
 
@@ -63,9 +64,7 @@ def paper_file(name: str, path: str | Path | None) -> Path:
             raise DataError(
                 f"cannot download {name} from {url} ({err}); pass a local copy with --data PATH"
             ) from err
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.with_suffix(".partial").write_bytes(data)
-        target.with_suffix(".partial").replace(target)
+        atomic_write(target, data)
     return target
 
 

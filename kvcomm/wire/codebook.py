@@ -25,15 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from kvcomm.cache import cache_root
+from kvcomm.errors import DataError, MissingCodebook, WireError
+from kvcomm.files import atomic_write
 from kvcomm.protocol.sender import SenderKV
-from kvcomm.wire.errors import WireError
 
 FORMAT = "kvcomm-codebook-1"
 _LOADED: dict[str, Codebook] = {}
-
-
-class MissingCodebook(WireError):
-    """The message names a codebook this machine does not hold."""
 
 
 @dataclass
@@ -81,18 +79,25 @@ class Codebook:
             raise WireError(f"not a codebook file: {err}") from None
         layers = len(tensors) // 4
         try:
-            parts = [[tensors[f"{kind}.{i}"] for i in range(layers)] for kind in ("k", "v", "km", "vm")]
+            keys, values, key_means, value_means = (
+                [tensors[f"{kind}.{i}"] for i in range(layers)] for kind in ("k", "v", "km", "vm"))
         except KeyError as err:
             raise WireError(f"codebook lacks tensor {err}") from None
-        return cls(*parts, meta=_metadata(data))
+        return cls(list(keys), list(values), list(key_means), list(value_means), meta=_metadata(data))
 
 
 def _metadata(data: bytes) -> dict[str, Any]:
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    meta = header.get("__metadata__", {})
-    if meta.get("format") != FORMAT:
-        raise WireError("not a kvcomm codebook (format tag missing)")
-    return json.loads(meta.get("meta", "{}"))
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        meta = header.get("__metadata__", {})
+        if meta.get("format") != FORMAT:
+            raise WireError("not a kvcomm codebook (format tag missing)")
+        notes = json.loads(meta.get("meta", "{}"))
+    except (ValueError, AttributeError, RecursionError) as err:
+        raise WireError(f"not a kvcomm codebook: {err}") from None
+    if not isinstance(notes, dict):
+        raise WireError("a codebook's notes must be a JSON object")
+    return notes
 
 
 def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Codebook:
@@ -111,7 +116,7 @@ def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Code
                 moments[kind, layer] = [a + b for a, b in zip(moments[kind, layer], update)] \
                     if (kind, layer) in moments else update
     if not moments or float(moments["k", 0][0]) < 2:
-        raise ValueError("a codebook needs at least two context tokens besides the first")
+        raise DataError("a codebook needs at least two context tokens besides the first")
 
     def mean(kind: str, layer: int) -> torch.Tensor:
         count, total, _ = moments[kind, layer]
@@ -131,8 +136,6 @@ def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Code
 
 def codebook_dir() -> Path:
     """Where codebooks live: ``KVCOMM_CODEBOOKS``, or ``codebooks/`` under the kvcomm cache."""
-    from kvcomm.models import cache_root
-
     return Path(os.environ.get("KVCOMM_CODEBOOKS", cache_root() / "codebooks"))
 
 
@@ -142,12 +145,10 @@ def save_codebook(book: Codebook, default: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{book.id}.safetensors"
     if not path.exists():
-        temporary = path.with_suffix(".partial")
-        temporary.write_bytes(book.to_bytes())
-        temporary.replace(path)
+        atomic_write(path, book.to_bytes())
     _LOADED[book.id] = book
     if default:
-        _default_file(book.meta["fingerprint"]).write_text(book.id + "\n")
+        atomic_write(_default_file(book.meta["fingerprint"]), book.id + "\n")
     return path
 
 

@@ -1,29 +1,17 @@
-"""Every way a KV message can be refused; all are :class:`WireError`, so one ``except`` suffices."""
+"""Every way a KV message can be refused; all are :class:`WireError`, so one ``except`` suffices.
 
-from __future__ import annotations
+The classes live in :mod:`kvcomm.errors` (one tree for the package); this module names the wire's share.
+"""
 
-from kvcomm.errors import KvcommError
+from kvcomm.errors import (
+    CorruptMessage,
+    FingerprintMismatch,
+    MessageTooLarge,
+    MissingCodebook,
+    TruncatedMessage,
+    UnsupportedVersion,
+    WireError,
+)
 
-
-class WireError(KvcommError, ValueError):
-    """A KV message cannot be used. Nothing of a refused message is ever returned."""
-
-
-class TruncatedMessage(WireError):
-    """The bytes end before the message does."""
-
-
-class CorruptMessage(WireError):
-    """A checksum, a length, a field or a payload does not check out."""
-
-
-class UnsupportedVersion(WireError):
-    """The message was written by an incompatible version of the format."""
-
-
-class FingerprintMismatch(WireError):
-    """The message was made by a model whose KV layout differs from the receiver's."""
-
-
-class MessageTooLarge(WireError):
-    """The message exceeds the size the reader was told to accept."""
+__all__ = ["CorruptMessage", "FingerprintMismatch", "MessageTooLarge", "MissingCodebook", "TruncatedMessage",
+           "UnsupportedVersion", "WireError"]

@@ -1,15 +1,5 @@
-"""Checking a KV message's model fingerprint (see ``LoadedModel.fingerprint``) against a receiver."""
+"""The wire checks a message's fingerprint with the models' one check (:mod:`kvcomm.models.fingerprint`)."""
 
-from __future__ import annotations
+from kvcomm.models.fingerprint import check_fingerprint
 
-from typing import Any
-
-from kvcomm.wire.errors import FingerprintMismatch
-
-
-def check_fingerprint(message: dict[str, Any], receiver: dict[str, Any]) -> None:
-    """Raises :class:`FingerprintMismatch` naming every field that differs."""
-    diffs = [f"{k}: message {message.get(k)!r}, receiver {receiver[k]!r}" for k in receiver
-             if message.get(k) != receiver[k]]
-    if diffs:
-        raise FingerprintMismatch("KV message was made by an incompatible model: " + "; ".join(diffs))
+__all__ = ["check_fingerprint"]

@@ -6,19 +6,19 @@ Layout (all integers little-endian)::
     per layer, in order:   u32 payload length  payload (safetensors)  u32 crc32(payload)
     b"KEND"  16-byte BLAKE2b digest of everything before it
 
-The header describes itself: model fingerprint, codec and parameters, context length, positions
-and, per layer, whether it is shared in full, its token count and its payload length. Payloads
-are safetensors blobs (a plain, zero-copy-readable tensor container; never pickle). Each frame has
-its own CRC so a streaming reader can use layer 0 before the last layer arrives; the final digest
-covers the whole message. Any problem raises a :class:`~kvcomm.wire.errors.WireError` subclass
-and nothing partly decoded is returned.
+The header (:mod:`kvcomm.wire.header`) describes itself: model fingerprint, codec and
+parameters, context length, sink position, mask mode and, per layer, whether it is shared in
+full, its token count and its payload length. Payloads are safetensors blobs (a plain,
+zero-copy-readable tensor container; never pickle). Each frame has its own CRC so a streaming
+reader can use layer 0 before the last layer arrives; the final digest covers the whole message.
+Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing partly decoded is
+returned. Version 1 messages (mode in ``meta``) still read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 import zlib
 from collections.abc import Iterator
@@ -27,20 +27,23 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kvcomm.protocol.receiver import SharedKV
+from kvcomm.config import describe
+from kvcomm.errors import CorruptMessage, MessageTooLarge, TruncatedMessage, UnsupportedVersion, WireError
+from kvcomm.files import atomic_write
+from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
+from kvcomm.protocol.layout import MaskMode
+from kvcomm.protocol.shared import SharedKV
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.errors import CorruptMessage, MessageTooLarge, TruncatedMessage, UnsupportedVersion, WireError
+from kvcomm.wire.header import MAX_HEADER, READABLE, VERSION, CodecEntry, Header, LayerEntry, parse_header
 
 MAGIC, END = b"KVCM", b"KEND"
-VERSION = 1
-MAX_HEADER = 1 << 20
-MAX_EXPANSION = 256  # decoded float32 bytes per payload byte that any codec may claim
 DEFAULT_MAX_BYTES = 1 << 31
-_HEADER_FIELDS = {"fingerprint", "codec", "context_len", "sink_position", "heads", "head_dim", "layers", "meta"}
+DEFAULT_MAX_DECODED = 1 << 33  # 8 GiB of float32 KV; services set their own, smaller limit
 
 
 @dataclass
@@ -63,18 +66,20 @@ class KVMessage:
         sink_position: RoPE position of the sink at non-shared layers (0, or |C|-1 for shift-back).
         layers: one entry per model layer, in order.
         codec: how payloads are (or were) encoded.
-        meta: free-form JSON-serialisable notes (sender name, mode, …).
+        meta: free-form JSON-serialisable notes (sender name, …).
+        mode: the mask mode the receiver must use (``causal``, ``legacy``, ``shift-back``).
     """
 
-    fingerprint: dict[str, Any]
+    fingerprint: Fingerprint
     context_len: int
     sink_position: int
     layers: list[LayerKV]
     codec: Codec = field(default_factory=lambda: make_codec("fp16"))
     meta: dict[str, Any] = field(default_factory=dict)
+    mode: MaskMode = "causal"
 
     @classmethod
-    def from_shared(cls, shared: SharedKV, fingerprint: dict[str, Any], codec: Codec | str = "fp16",
+    def from_shared(cls, shared: SharedKV, fingerprint: Fingerprint, codec: Codec | str = "fp16",
                     meta: dict[str, Any] | None = None) -> KVMessage:
         """A message from a one-row :class:`SharedKV` (use ``SharedKV.row(i)`` for a batch)."""
         if shared.context_len.shape[0] != 1:
@@ -83,7 +88,7 @@ class KVMessage:
         layers = [LayerKV(i, full, k[0].float(), v[0].float())
                   for i, (k, v, full) in enumerate(zip(shared.keys, shared.values, shared.full))]
         return cls(fingerprint, int(shared.context_len[0]), sink, layers,
-                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}))
+                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}), shared.mode)
 
     def to_shared(self, dtype: torch.dtype = torch.float32) -> SharedKV:
         """The one-row :class:`SharedKV` a receiver builds its cache from."""
@@ -94,6 +99,7 @@ class KVMessage:
             positions=[context if layer.full else torch.tensor([[self.sink_position]]) for layer in self.layers],
             valid=[torch.ones(1, layer.keys.shape[1], dtype=torch.bool) for layer in self.layers],
             context_len=torch.tensor([self.context_len]), full=[layer.full for layer in self.layers],
+            mode=self.mode,
         )
 
     @property
@@ -111,14 +117,19 @@ class KVMessage:
         """Encodes and writes the message; returns the number of bytes written."""
         payloads = [self._encode_layer(layer) for layer in self.layers]
         first = self.layers[0].keys
-        header = {
-            "fingerprint": self.fingerprint, "context_len": self.context_len, "sink_position": self.sink_position,
-            "codec": {"name": self.codec.name, "params": self.codec.params()},
-            "heads": int(first.shape[0]), "head_dim": int(first.shape[2]), "meta": self.meta,
-            "layers": [{"index": l.index, "full": l.full, "tokens": int(l.keys.shape[1]), "bytes": len(p)}
-                       for l, p in zip(self.layers, payloads)],  # noqa: E741
-        }
-        blob = json.dumps(header, separators=(",", ":")).encode()
+        try:
+            header = Header(
+                fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
+                codec=CodecEntry(name=self.codec.name, params=self.codec.params()),
+                heads=int(first.shape[0]), head_dim=int(first.shape[2]), mode=self.mode, meta=self.meta,
+                layers=[LayerEntry(index=layer.index, full=layer.full, tokens=int(layer.keys.shape[1]), bytes=len(p))
+                        for layer, p in zip(self.layers, payloads)],
+            )
+            blob = header.to_json()
+        except ValidationError as err:
+            raise WireError(describe(err, "this message cannot be written")) from None
+        except TypeError as err:
+            raise WireError(f"this message cannot be written: {err}") from None
         digest = hashlib.blake2b(digest_size=16)
         written = 0
 
@@ -143,78 +154,92 @@ class KVMessage:
 
     def save(self, path: str | Path) -> int:
         """Writes the message to ``path`` atomically (a partial file is never left under that name)."""
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as f:
-            size = self.write(f)
-        partial.replace(path)
-        return size
+        data = self.to_bytes()
+        atomic_write(path, data)
+        return len(data)
 
     # -- reading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> KVMessage:
+    def from_bytes(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
+                   max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
+        """Decodes and verifies a whole message (see :class:`MessageReader` for the arguments)."""
         if len(data) > max_bytes:
             raise MessageTooLarge(f"message is {len(data)} bytes, the limit is {max_bytes}")
         stream = io.BytesIO(data)
-        message = cls.read(stream, max_bytes)
+        message = cls.read(stream, max_bytes, receiver, max_decoded_bytes)
         if stream.read(1):
             raise CorruptMessage("trailing bytes after the end of the message")
         return message
 
     @classmethod
-    def load(cls, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> KVMessage:
+    def load(cls, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
+             max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
         path = Path(path)
         if path.stat().st_size > max_bytes:
             raise MessageTooLarge(f"{path} is {path.stat().st_size} bytes, the limit is {max_bytes}")
         with path.open("rb") as f:
-            message = cls.read(f, max_bytes)
+            message = cls.read(f, max_bytes, receiver, max_decoded_bytes)
             if f.read(1):
                 raise CorruptMessage(f"{path}: trailing bytes after the end of the message")
         return message
 
     @classmethod
-    def read(cls, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES) -> KVMessage:
+    def read(cls, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
+             max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
         """Reads one whole message; returns it only once every check has passed."""
-        reader = MessageReader(stream, max_bytes)
+        reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes)
         layers = list(reader.layers())
         h = reader.header
-        return cls(h["fingerprint"], h["context_len"], h["sink_position"], layers, reader.codec, h["meta"])
+        return cls(dict(h.fingerprint), h.context_len, h.sink_position, layers, reader.codec, dict(h.meta), h.mode)
 
 
 class MessageReader:
     """Reads a message frame by frame: :attr:`header` first, then :meth:`layers` one at a time.
 
-    Each yielded layer has passed its own CRC and decoded cleanly; the whole-message digest is
-    checked after the last layer, so a consumer that starts early must discard its work if
-    iteration raises.
+    The header is checked before any payload is read: its schema, its sizes against each other,
+    the fingerprint against ``receiver`` (when given), and the decoded size against
+    ``max_decoded_bytes`` and the payload size. Each yielded layer has passed its own CRC and
+    decoded cleanly; the whole-message digest is checked after the last layer, so a consumer that
+    starts early must discard its work if iteration raises.
+
+    Args:
+        max_bytes: the most bytes the message may take on the wire.
+        receiver: the fingerprint of the model that will use the message.
+        max_decoded_bytes: the most float32 bytes its keys and values may take once decoded.
     """
 
-    def __init__(self, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> None:
         self._stream, self._max, self._read = stream, max_bytes, 0
         self._digest = hashlib.blake2b(digest_size=16)
         start = self._take(10, "the start of the message")
         if start[:4] != MAGIC:
             raise CorruptMessage("not a KV message (bad magic bytes)")
         version, size = struct.unpack("<HI", start[4:])
-        if version != VERSION:
-            raise UnsupportedVersion(f"message format version {version}; this reader supports {VERSION}")
+        if version not in READABLE:
+            raise UnsupportedVersion(f"message format version {version}; this reader supports "
+                                     f"{', '.join(map(str, READABLE))}")
         if size > MAX_HEADER:
             raise CorruptMessage(f"header length {size} exceeds {MAX_HEADER}")
         blob = self._take(size, "the header")
         (crc,) = struct.unpack("<I", self._take(4, "the header checksum"))
         if zlib.crc32(blob) != crc:
             raise CorruptMessage("header checksum mismatch")
-        self.header = _parse_header(blob)
+        self.version = version
+        self.header = parse_header(blob, version)
+        if receiver is not None:
+            check_fingerprint(self.header.fingerprint, receiver)
+        self.header.check_size(max_decoded_bytes)
         try:
-            self.codec = make_codec(self.header["codec"]["name"], **self.header["codec"]["params"])
+            self.codec = make_codec(self.header.codec.name, **self.header.codec.params)
         except (WireError, ValueError, TypeError) as err:
             raise CorruptMessage(f"header names an unusable codec: {err}") from None
 
     def _take(self, size: int, what: str, hashed: bool = True) -> bytes:
         if self._read + size > self._max:
             raise MessageTooLarge(f"message exceeds the limit of {self._max} bytes")
-        data = self._stream.read(size)
+        data = _read_exactly(self._stream, size)
         if len(data) != size:
             raise TruncatedMessage(f"message ends inside {what} ({len(data)} of {size} bytes)")
         self._read += size
@@ -224,61 +249,50 @@ class MessageReader:
 
     def layers(self) -> Iterator[LayerKV]:
         h = self.header
-        shape_of = lambda entry: (h["heads"], entry["tokens"], h["head_dim"])  # noqa: E731
-        for entry in h["layers"]:
-            (size,) = struct.unpack("<I", self._take(4, f"layer {entry['index']}'s length"))
-            if size != entry["bytes"]:
-                raise CorruptMessage(f"layer {entry['index']}: frame holds {size} bytes, header says {entry['bytes']}")
-            payload = self._take(size, f"layer {entry['index']}")
-            (crc,) = struct.unpack("<I", self._take(4, f"layer {entry['index']}'s checksum"))
+        for entry in h.layers:
+            (size,) = struct.unpack("<I", self._take(4, f"layer {entry.index}'s length"))
+            if size != entry.bytes:
+                raise CorruptMessage(f"layer {entry.index}: frame holds {size} bytes, header says {entry.bytes}")
+            payload = self._take(size, f"layer {entry.index}")
+            (crc,) = struct.unpack("<I", self._take(4, f"layer {entry.index}'s checksum"))
             if zlib.crc32(payload) != crc:
-                raise CorruptMessage(f"layer {entry['index']}: checksum mismatch")
-            decoded = 2 * 4 * h["heads"] * entry["tokens"] * h["head_dim"]
-            if decoded > MAX_EXPANSION * size + (1 << 20):  # guards against decompression bombs
-                raise CorruptMessage(f"layer {entry['index']}: {size} bytes cannot honestly decode to {decoded}")
-            yield _decode_layer(self.codec, entry, payload, shape_of(entry), len(h["layers"]))
+                raise CorruptMessage(f"layer {entry.index}: checksum mismatch")
+            yield _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
         end = self._take(4 + 16, "the end marker", hashed=False)
         if end[:4] != END or end[4:] != self._digest.digest():
             raise CorruptMessage("end marker or whole-message digest mismatch")
 
 
-def _parse_header(blob: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(blob.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptMessage(f"header is not valid JSON: {err}") from None
-    if not isinstance(header, dict) or set(header) != _HEADER_FIELDS:
-        raise CorruptMessage("header fields are not those of a KV message")
-    ints = ("context_len", "sink_position", "heads", "head_dim")
-    if not all(isinstance(header[k], int) and header[k] >= 0 for k in ints) or min(
-            header["heads"], header["head_dim"], header["context_len"]) < 1:
-        raise CorruptMessage("header sizes must be positive integers")
-    layers = header["layers"]
-    if not isinstance(layers, list) or not layers or not isinstance(header["codec"], dict):
-        raise CorruptMessage("header has no layers or no codec")
-    for i, entry in enumerate(layers):
-        ok = (isinstance(entry, dict) and entry.get("index") == i and isinstance(entry.get("full"), bool)
-              and entry.get("tokens") == (header["context_len"] if entry["full"] else 1)
-              and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0)
-        if not ok:
-            raise CorruptMessage(f"header entry for layer {i} is malformed")
-    if not isinstance(header["codec"].get("name"), str) or not isinstance(header["codec"].get("params"), dict):
-        raise CorruptMessage("header codec entry is malformed")
-    return header
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, or fewer only at the end of the stream (pipes and sockets return short reads)."""
+    data = stream.read(size)
+    if data is None:
+        data = b""
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    remaining = size - len(data)
+    while remaining:
+        more = stream.read(remaining)
+        if not more:
+            break
+        parts.append(more)
+        remaining -= len(more)
+    return b"".join(parts)
 
 
-def _decode_layer(codec: Codec, entry: dict[str, Any], payload: bytes, shape: tuple[int, int, int],
+def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[int, int, int],
                   num_layers: int) -> LayerKV:
     try:
-        keys, values = codec.decode(st_load(payload), shape, entry["index"], num_layers)
+        keys, values = codec.decode(st_load(payload), shape, entry.index, num_layers)
     except WireError:  # e.g. a codebook this machine lacks: say so, not "corrupt"
         raise
     except (SafetensorError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
-        raise CorruptMessage(f"layer {entry['index']}: payload does not decode ({type(err).__name__}: {err})") from None
+        raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__}: {err})") from None
     except Exception as err:  # a codec library's own error type (zstd, constriction): still corrupt input
-        raise CorruptMessage(f"layer {entry['index']}: payload does not decode ({type(err).__name__})") from None
+        raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__})") from None
     if tuple(keys.shape) != shape or tuple(values.shape) != shape:
-        raise CorruptMessage(f"layer {entry['index']}: decoded shape {tuple(keys.shape)}, expected {shape}")
+        raise CorruptMessage(f"layer {entry.index}: decoded shape {tuple(keys.shape)}, expected {shape}")
     if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
-        raise CorruptMessage(f"layer {entry['index']}: decoded keys or values are not finite")
-    return LayerKV(entry["index"], entry["full"], keys, values)
+        raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
+    return LayerKV(entry.index, entry.full, keys, values)

@@ -6,6 +6,7 @@ codec only decides *what* to store; framing, checksums and size limits live in `
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -64,12 +65,28 @@ def preset(name: str, codec: str, **params: Any) -> None:
     PRESETS[name] = (codec, params)
 
 
+def codec_names() -> list[str]:
+    """The names users type: every preset (``fp16``, ``int8``, ``klt`` …)."""
+    return sorted(PRESETS)
+
+
 def make_codec(name: str, **params: Any) -> Codec:
     """A codec from a preset name (``fp16``, ``int8``, ``int4``, ``cachegen``, ``zstd`` …) or a codec
-    class name with explicit parameters."""
+    class name with explicit parameters.
+
+    Raises:
+        ConfigError: an unknown name (with the nearest valid one) or parameters the codec does not take.
+    """
     if name in PRESETS:
         codec, defaults = PRESETS[name]
-        return CODECS.get(codec)(**{**defaults, **params})
-    if name in CODECS:
-        return CODECS.get(name)(**params)
-    raise ConfigError(f"unknown codec {name!r}; valid: {', '.join(sorted(PRESETS))}")
+        cls, params = CODECS.get(codec), {**defaults, **params}
+    elif name in CODECS:
+        cls = CODECS.get(name)
+    else:
+        close = difflib.get_close_matches(name, codec_names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown codec {name!r}.{hint} Valid: {', '.join(codec_names())}")
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ConfigError(f"codec {name!r} does not take these parameters: {err}") from None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
 from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 from kvcomm.wire.codecs.quant import dequantize, quantize
@@ -31,7 +32,7 @@ class CacheGenCodec(Codec):
     def __init__(self, group: int = 10, steps: tuple[float, float, float] | list[float] = (0.5, 0.75, 1.0),
                  max_code: int = 127) -> None:
         if group < 2 or len(steps) != 3 or not all(s > 0 for s in steps) or not 1 <= max_code <= 32767:
-            raise ValueError("cachegen needs group >= 2, three positive steps and max_code in 1..32767")
+            raise ConfigError("cachegen needs group >= 2, three positive steps and max_code in 1..32767")
         self.group, self.steps, self.max_code = group, tuple(float(s) for s in steps), max_code
 
     def params(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
+from kvcomm.errors import WireError
+
 MAX_SYMBOLS = 1 << 16
 
 
@@ -60,7 +62,7 @@ def laplace_encode(codes: np.ndarray, scales: np.ndarray) -> tuple[int, int, np.
         return 0, 0, np.zeros(0, dtype=np.uint32)
     low, high = int(codes.min()), int(codes.max())
     if high - low >= MAX_SYMBOLS:
-        raise ValueError(f"codes span {high - low + 1} values; at most {MAX_SYMBOLS} can be entropy-coded")
+        raise WireError(f"codes span {high - low + 1} values; at most {MAX_SYMBOLS} can be entropy-coded")
     model = constriction.stream.model.QuantizedLaplace(low, max(high, low + 1))
     flat = scales.astype(np.float64).ravel()
     coder = constriction.stream.stack.AnsCoder()

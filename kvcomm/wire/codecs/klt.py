@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, WireError
 from kvcomm.wire.codebook import Codebook, load_codebook
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
@@ -39,7 +39,7 @@ def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, s
     ``[H, D]``, one Laplace scale level per component) and ``codes`` (int32: lowest and highest
     code, then the ANS stream)."""
     if basis.shape != (x.shape[0], x.shape[2], x.shape[2]) or mean.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
+        raise WireError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
     first_scale = (x[:, 0].abs().amax(dim=-1) / 127).half().clamp(min=2 ** -24)  # > 0 once in float16
     first = (x[:, 0] / first_scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     if x.shape[1] == 1:
@@ -88,10 +88,10 @@ class KLTCodec(Codec):
 
     def __init__(self, step: float = 0.5, codebook: str | None = None) -> None:
         if not 0 < step <= 16:
-            raise ValueError("klt step must be in (0, 16]")
+            raise ConfigError("klt step must be in (0, 16]")
         if codebook is not None and not (isinstance(codebook, str) and len(codebook) == 16
                                          and all(c in "0123456789abcdef" for c in codebook)):
-            raise ValueError("klt codebook must be a 16-hex-digit codebook id")
+            raise ConfigError("klt codebook must be a 16-hex-digit codebook id")
         self.step, self.codebook = float(step), codebook
 
     def params(self) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class KLTCodec(Codec):
                               "model's codebook) or pass codebook=<id>")
         book = load_codebook(self.codebook)
         if len(book.keys) != num_layers:
-            raise ValueError(f"codebook {self.codebook} has {len(book.keys)} layers, the message {num_layers}")
+            raise WireError(f"codebook {self.codebook} has {len(book.keys)} layers, the message {num_layers}")
         return book
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:

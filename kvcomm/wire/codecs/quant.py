@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 
@@ -96,9 +97,9 @@ class QuantCodec(Codec):
 
     def __init__(self, bits: int = 8, group: int = 32, entropy: bool = False) -> None:
         if bits not in (2, 4, 8):
-            raise ValueError("quant codec bits must be 2, 4 or 8")
+            raise ConfigError("quant codec bits must be 2, 4 or 8")
         if group < 1:
-            raise ValueError("quant codec group must be positive")
+            raise ConfigError("quant codec group must be positive")
         self.bits, self.group, self.entropy = bits, group, bool(entropy)
 
     def params(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import zstandard
 
+from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,7 +22,7 @@ class RawCodec(Codec):
 
     def __init__(self, dtype: str = "float16") -> None:
         if dtype not in DTYPES:
-            raise ValueError(f"raw codec dtype must be one of {', '.join(DTYPES)}")
+            raise ConfigError(f"raw codec dtype must be one of {', '.join(DTYPES)}")
         self.dtype = dtype
 
     def params(self) -> dict[str, Any]:

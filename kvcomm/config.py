@@ -1,0 +1,56 @@
+"""Typed, frozen option models: one place for defaults and checks, one error for every bad value.
+
+Every configuration kvcomm takes from a user (a method's options, an evaluation, a service) is an
+:class:`Options` model: frozen, unknown keys refused, and a bad value raised as one
+:class:`~kvcomm.errors.ConfigError` line that names the field and what it must be.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kvcomm.errors import ConfigError
+
+
+def describe(err: ValidationError, what: str, fields: list[str] | None = None) -> str:
+    """One line from a pydantic error: ``what: field: problem; field: problem`` (and what is taken)."""
+    problems = []
+    unknown = False
+    for entry in err.errors():
+        field = ".".join(str(p) for p in entry["loc"]) or "value"
+        if entry["type"] == "extra_forbidden":
+            unknown = True
+            problems.append(f"{field!r} is not an option")
+        else:
+            problems.append(f"{field}: {entry['msg'].removeprefix('Value error, ')}")
+    line = f"{what}: " + "; ".join(problems)
+    if unknown and fields is not None:
+        line += f" (it takes: {', '.join(fields) or 'no options'})"
+    return line
+
+
+class Options(BaseModel):
+    """Base of kvcomm's option models: frozen, strict about unknown keys, errors as ConfigError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    what: ClassVar[str] = "options"  # names the model in error messages
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(describe(err, self.what, list(type(self).model_fields))) from None
+
+    @classmethod
+    def build(cls, what: str | None = None, **data: Any) -> Self:
+        """Like the constructor, naming ``what`` (e.g. a method name) in any error."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(describe(err, what or cls.what, list(cls.model_fields))) from None
+
+    def changed(self, **data: Any) -> Self:
+        """A validated copy with ``data`` replacing fields."""
+        return type(self).build(None, **{**self.model_dump(), **data})

@@ -1,0 +1,116 @@
+"""A batch of items that every method of a run works on, and what each method is charged for it.
+
+A :class:`Batch` tokenises each agent's messages once and computes each sender prefill once, on
+first use, so every configuration of a sweep reuses it. Time is attributed honestly: a method is
+charged the full cost of every shared sender computation it used (whether it triggered it or found
+it cached), plus the sender-side work it does itself (:meth:`Batch.sender_work`); a method that
+uses no sender computation is charged none. So the times a method gets do not depend on the order
+of methods in a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvcomm.agents import Agents
+from kvcomm.errors import ConfigError
+from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill
+from kvcomm.tasks.base import Item, Task, split_context
+
+clock: Callable[[], float] = time.perf_counter  # module-level so tests can make time deterministic
+
+
+@dataclass
+class Prompt:
+    """Token ids of one message per item, and the left-padded batch tensors."""
+
+    ids: list[list[int]]
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+
+    def rows(self, rows: list[int]) -> Prompt:
+        return Prompt([self.ids[r] for r in rows], self.input_ids[rows], self.valid[rows])
+
+
+class Batch:
+    """Items processed together by every method of a run."""
+
+    def __init__(self, agents: Agents, task: Task, items: list[Item]) -> None:
+        if not items:
+            raise ConfigError("a batch needs at least one item")
+        self.agents, self.task, self.items = agents, task, items
+        self._sender_kv: dict[int, SenderKV] = {}
+        self._prompts: dict[tuple[str, str], Prompt] = {}
+        self._cost: dict[str, float] = {}  # seconds each shared sender computation took, once
+        self._used: set[str] = set()  # shared computations the current run used
+        self._own = 0.0  # sender-side seconds the current run spent itself
+        self._fresh = 0.0  # sender-side seconds actually spent during the current run
+
+    def begin_run(self) -> None:
+        """Starts accounting for one method's run."""
+        self._used, self._own, self._fresh = set(), 0.0, 0.0
+
+    @property
+    def charged_sender_seconds(self) -> float:
+        """Sender time of the current run: shared computations it used (full cost) plus its own."""
+        return self._own + sum(self._cost[key] for key in self._used)
+
+    @property
+    def spent_sender_seconds(self) -> float:
+        """Sender time actually spent during the current run (to keep out of receiver time)."""
+        return self._fresh
+
+    @contextlib.contextmanager
+    def sender_work(self) -> Iterator[None]:
+        """Times sender-side work a method does itself (e.g. NLD's summaries)."""
+        began = clock()
+        try:
+            yield
+        finally:
+            spent = clock() - began
+            self._own += spent
+            self._fresh += spent
+
+    def prompt(self, agent: str, message: Callable[[Item], str]) -> Prompt:
+        """Tokenised messages for ``agent`` (``sender`` or ``receiver``), cached per template."""
+        key = (agent, message.__name__)
+        if key not in self._prompts:
+            model: LoadedModel = getattr(self.agents, agent)
+            ids = [model.encode_message(message(item)) for item in self.items]
+            input_ids, valid = pad_left(ids, model.pad_id)
+            self._prompts[key] = Prompt(ids, input_ids, valid)
+        return self._prompts[key]
+
+    def sender_kv(self, senders: int = 1) -> SenderKV:
+        """The senders' KV over their messages, computed on first call.
+
+        With ``senders`` > 1 each item's context is split in that many parts, each part is read by
+        its own sender, and their KV is merged with consistent positions.
+        """
+        key = f"sender_kv/{senders}"
+        if senders not in self._sender_kv:
+            began = clock()
+            self._sender_kv[senders] = self._prefill(senders)
+            self._cost[key] = clock() - began
+            self._fresh += self._cost[key]
+        self._used.add(key)
+        return self._sender_kv[senders]
+
+    def _prefill(self, senders: int) -> SenderKV:
+        model = self.agents.sender
+        if senders == 1:
+            prompt = self.prompt("sender", self.task.sender_message)
+            return prefill(model.model, prompt.input_ids, prompt.valid)
+        pieces = [split_context(item.context, senders) for item in self.items]
+        parts = []
+        for part in range(senders):
+            ids = [model.encode_message(self.task.sender_message(replace(item, context=p[part])))
+                   for item, p in zip(self.items, pieces)]
+            parts.append(prefill(model.model, *pad_left(ids, model.pad_id)))
+        return merge_senders(model.model, parts)

@@ -1,0 +1,65 @@
+"""One atomic write: a file appears whole under its name, or not at all.
+
+The data goes to a uniquely named temporary file in the target's folder (so two processes writing
+the same file never share one), is flushed to disk, and then replaces the target with one
+``os.replace``. Temporary names start with a dot and end in ``.tmp``: ids that kvcomm stores never
+do, so a crash leaves nothing that can be mistaken for real data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a leftover of an interrupted :func:`atomic_write`."""
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Opens a temporary file beside ``path`` for writing; on a clean exit it replaces ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+    _sync_folder(target.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
+    """Writes ``data`` (bytes, text as UTF-8, or a function that writes to the file) atomically."""
+    with atomic_file(path) as out:
+        if callable(data):
+            data(out)
+        else:
+            out.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

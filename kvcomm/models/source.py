@@ -1,0 +1,67 @@
+"""Where a model name points: an embedded checkpoint, a local directory, a GGUF file or a hub id.
+
+Resolving a name reads no weights, so the command line can refuse a mistyped name (with the
+nearest embedded name) and check layer indices against the model's depth before anything loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from kvcomm.errors import ModelError
+from kvcomm.models.registry import EMBEDDED
+
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(DType)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model name."""
+
+    name: str
+    kind: Literal["embedded", "directory", "gguf", "hub"]
+    path: Path | None = None
+
+    @property
+    def num_layers(self) -> int | None:
+        """The model's depth when it is known without loading it (embedded, or a directory's config)."""
+        if self.kind == "embedded":
+            return EMBEDDED.get(self.name).layers
+        if self.kind == "directory" and self.path is not None:
+            try:
+                config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            config = config.get("text_config", config) if isinstance(config, dict) else {}
+            layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+            return layers if isinstance(layers, int) else None
+        return None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """The source a model name points to.
+
+    Raises:
+        ModelError: nothing by that name (with the nearest embedded name), or a missing GGUF file.
+    """
+    if name in EMBEDDED:
+        return ModelSource(name, "embedded")
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist")
+        return ModelSource(name, "gguf", path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(name, "directory", path)
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        return ModelSource(name, "hub")
+    close = difflib.get_close_matches(name, EMBEDDED.names(), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ModelError(f"{name!r} is neither an embedded model ({', '.join(EMBEDDED.names())}), "
+                     f"a model directory, a .gguf file nor a hub id (owner/name).{hint}")

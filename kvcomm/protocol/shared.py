@@ -1,0 +1,218 @@
+"""Cache surgery: what the sender gives the receiver, layer by layer, and joining several such pieces.
+
+At a shared layer the receiver gets the sender's whole context; elsewhere only the first context
+token, an attention sink. Pieces prefilled apart (several senders, several KV messages) are joined
+by one mechanism, :func:`concat_shared`: later pieces' keys are re-rotated so that their positions
+follow the earlier pieces'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from kvcomm.errors import ConfigError
+from kvcomm.protocol.layout import MASK_MODES, MaskMode
+from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
+from kvcomm.protocol.sender import SenderKV
+
+
+def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
+    """The layers a receiver actually gets in full: ``layers``, plus layer 0 in ``legacy`` mode
+    (the reference code always sends it)."""
+    chosen = {int(layer) for layer in layers}
+    if mode == "legacy":
+        chosen.add(0)
+    return sorted(chosen)
+
+
+@dataclass
+class SharedKV:
+    """What the sender gives the receiver, layer by layer (left-padded over a batch).
+
+    At a shared layer: the whole context; elsewhere: the sink (first context token) only.
+
+    Attributes:
+        keys, values: per layer ``[B, Hkv, P_l, D]``.
+        positions: per layer ``[B, P_l]`` RoPE positions of those keys.
+        valid: per layer ``[B, P_l]`` False on padding.
+        context_len: ``[B]`` |C|, where the receiver's own positions start.
+        full: per layer, whether the whole context is shared there.
+        mode: the mask mode the receiver must use with it (``causal``, ``legacy``, ``shift-back``).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    valid: list[torch.Tensor]
+    context_len: torch.Tensor
+    full: list[bool]
+    mode: MaskMode = "causal"
+
+    @classmethod
+    def whole(cls, sender: SenderKV) -> SharedKV:
+        """Every layer of ``sender`` in full (what a receiver of all layers gets)."""
+        layers = range(sender.num_layers)
+        return cls(list(sender.keys), list(sender.values), [sender.positions for _ in layers],
+                   [sender.valid for _ in layers], sender.context_len, [True for _ in layers])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def kv_bytes(self) -> torch.Tensor:
+        """``[B]`` bytes of the real (non-padding) keys and values of each row."""
+        total = torch.zeros(self.context_len.shape[0], dtype=torch.long)
+        for keys, valid in zip(self.keys, self.valid):
+            total += valid.sum(1) * 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+        return total
+
+    def row(self, index: int) -> SharedKV:
+        """One row, padding removed (``B`` = 1)."""
+        def cut(tensor: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            keep = valid[index]
+            return tensor[index:index + 1, ..., keep, :] if tensor.dim() == 4 else tensor[index:index + 1, keep]
+
+        return replace(
+            self,
+            keys=[cut(k, m) for k, m in zip(self.keys, self.valid)],
+            values=[cut(v, m) for v, m in zip(self.values, self.valid)],
+            positions=[cut(p, m) for p, m in zip(self.positions, self.valid)],
+            valid=[m[index:index + 1, m[index]] for m in self.valid],
+            context_len=self.context_len[index:index + 1], full=list(self.full),
+        )
+
+    @classmethod
+    def stack(cls, rows: Sequence[SharedKV]) -> SharedKV:
+        """Left-pads single rows back into one batch (the inverse of :meth:`row`)."""
+        def pad(tensors: list[torch.Tensor]) -> torch.Tensor:
+            width = max(t.shape[-2 if t.dim() == 4 else -1] for t in tensors)
+            out = []
+            for t in tensors:
+                missing = width - t.shape[-2 if t.dim() == 4 else -1]
+                out.append(F.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)))
+            return torch.cat(out, dim=0)
+
+        def column(field: str) -> list[torch.Tensor]:
+            return [pad([getattr(r, field)[layer] for r in rows]) for layer in range(rows[0].num_layers)]
+
+        _check_joinable(rows)
+        return cls(
+            keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
+            context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full), mode=rows[0].mode,
+        )
+
+
+def _gather_sink(tensor: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """[B, H, C, D] -> [B, H, 1, D]: each row's first real (non-padding) token."""
+    index = first[:, None, None, None].expand(-1, tensor.shape[1], 1, tensor.shape[3])
+    return tensor.gather(2, index)
+
+
+def share(
+    model: PreTrainedModel | None, sender: SenderKV, layers: Iterable[int], mode: MaskMode = "causal"
+) -> SharedKV:
+    """Cache surgery: the sender's full KV at ``layers``, its first token (the sink) elsewhere.
+
+    Args:
+        model: the receiver; needed only for ``shift-back`` (its RoPE frequencies).
+        sender: the sender's KV for a batch.
+        layers: indices of the layers whose KV is shared in full.
+        mode: ``causal``; ``legacy`` (reference parity: layer 0 is always shared in full, as the
+            reference code does) or ``shift-back`` (KVComm-S: the sink key is re-rotated to
+            position |C|-1, right before the receiver's first token).
+
+    Raises:
+        ConfigError: a layer index is out of range or the mode is unknown.
+    """
+    if mode not in MASK_MODES:
+        raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
+    selected = set(effective_layers(layers, mode))
+    bad = sorted(layer for layer in selected if not 0 <= layer < sender.num_layers)
+    if bad:
+        raise ConfigError(f"layer indices {bad} out of range for a {sender.num_layers}-layer model")
+    if mode == "shift-back" and model is None:
+        raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
+    context_len = sender.context_len
+    first = sender.valid.int().argmax(dim=1)  # first real column per row (padding may be anywhere)
+    sink_pos = torch.zeros_like(context_len)[:, None]
+    if mode == "shift-back":
+        sink_pos = (context_len - 1).clamp(min=0)[:, None]
+    shared = SharedKV([], [], [], [], context_len, [], mode)
+    for layer in range(sender.num_layers):
+        keys, values = sender.keys[layer], sender.values[layer]
+        full = layer in selected
+        if not full:
+            keys, values = _gather_sink(keys, first), _gather_sink(values, first)
+            if mode == "shift-back":
+                assert model is not None
+                keys = rotate_keys(keys, sink_pos[:, 0], inverse_frequencies(model, layer))
+        shared.keys.append(keys)
+        shared.values.append(values)
+        shared.positions.append(sender.positions if full else sink_pos)
+        shared.valid.append(sender.valid if full else context_len[:, None] > 0)
+        shared.full.append(full)
+    return shared
+
+
+def follow_on_keys(model: PreTrainedModel, layer: int, keys: Sequence[torch.Tensor],
+                   offsets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Parts' keys ``[B, H, T_i, D]`` concatenated along tokens, part ``i`` re-rotated by
+    ``offsets[i]`` (``[B]``) so that its positions follow the earlier parts'."""
+    return torch.cat([rotate_keys(k, o, inverse_frequencies(model, layer)) if bool(o.any()) else k
+                      for k, o in zip(keys, offsets)], dim=2)
+
+
+def _check_joinable(parts: Sequence[SharedKV]) -> None:
+    if any(p.full != parts[0].full for p in parts):
+        raise ConfigError("KV pieces to combine must share the same layers")
+    if any(p.mode != parts[0].mode for p in parts):
+        raise ConfigError(f"KV pieces to combine must share one mask mode, got {sorted({p.mode for p in parts})}")
+
+
+def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
+    """Several pieces of shared KV (e.g. KV messages from different senders) as one context, in order.
+
+    Each piece was prefilled from position 0; later pieces' keys at full layers are re-rotated to
+    follow the earlier pieces' positions (padding may then sit between pieces: masks only look at
+    validity). At a sink layer only the first piece's sink is kept (in ``shift-back`` mode moved
+    next to the joined context's end). Every piece must share the same full layers and mode.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    _check_joinable(parts)
+    offsets = [torch.zeros_like(parts[0].context_len)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.context_len)
+    context = offsets[-1] + parts[-1].context_len
+    shift = context - parts[0].context_len  # how far a shifted-back sink moves
+    keys, values, positions, valid = [], [], [], []
+    for layer, full in enumerate(parts[0].full):
+        chosen = parts if full else parts[:1]
+        if full:
+            keys.append(follow_on_keys(model, layer, [p.keys[layer] for p in chosen], offsets))
+            positions.append(torch.cat([p.positions[layer] + o[:, None] for p, o in zip(chosen, offsets)], dim=1))
+        elif parts[0].mode == "shift-back":
+            keys.append(follow_on_keys(model, layer, [parts[0].keys[layer]], [shift]))
+            positions.append(parts[0].positions[layer] + shift[:, None])
+        else:
+            keys.append(parts[0].keys[layer])
+            positions.append(parts[0].positions[layer])
+        values.append(torch.cat([p.values[layer] for p in chosen], dim=2))
+        valid.append(torch.cat([p.valid[layer] for p in chosen], dim=1))
+    return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode)
+
+
+def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
+    """Several senders' KV as one context, in order, with consistent positions: every layer of each
+    sender is a full piece joined by :func:`concat_shared` (the reference code leaves positions
+    overlapping)."""
+    if len(senders) == 1:
+        return senders[0]
+    joined = concat_shared(model, [SharedKV.whole(s) for s in senders])
+    return SenderKV(joined.keys, joined.values, joined.positions[0], joined.valid[0])

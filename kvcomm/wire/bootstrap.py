@@ -1,0 +1,37 @@
+"""Where a sender's codebook comes from: built from a task's contexts, or on first use from generated text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol.sender import SenderKV, pad_left, prefill
+from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.loaders import load_task
+from kvcomm.wire.codebook import Codebook, build_codebook, default_codebook_id, load_codebook, save_codebook
+
+BOOTSTRAP_CONTEXTS = 32  # generated facts contexts of 20 facts each: about 7,000 tokens
+
+
+def codebook_from_items(sender: LoadedModel, task: Task, items: Sequence[Item], batch_size: int = 8,
+                        default: bool = False) -> Codebook:
+    """A codebook from the sender's KV over ``items``' contexts, saved (as the model's default if
+    ``default``) so that receivers on this machine can decode with it."""
+
+    def batches() -> Iterator[SenderKV]:
+        for start in range(0, len(items), batch_size):
+            ids = [sender.encode_message(task.sender_message(item)) for item in items[start:start + batch_size]]
+            yield prefill(sender.model, *pad_left(ids, sender.pad_id))
+
+    book = build_codebook(batches(), sender.fingerprint)
+    save_codebook(book, default=default)
+    return book
+
+
+def model_codebook(sender: LoadedModel) -> Codebook:
+    """The model's default codebook: the one last saved as its default, or else one built now from
+    generated facts contexts and saved as its default."""
+    if (book_id := default_codebook_id(sender.fingerprint)) is not None:
+        return load_codebook(book_id)
+    task = load_task("facts", items=BOOTSTRAP_CONTEXTS, facts_per_item=20)
+    return codebook_from_items(sender, task, task.items, default=True)

@@ -1,0 +1,154 @@
+"""The KV message header: parsed with bounds, validated by a schema, consistent before any tensor exists.
+
+The header is JSON. Before it is parsed its nesting depth and number sizes are bounded (a deeply
+nested or huge-number header would otherwise raise ``RecursionError`` or ``ValueError``); then a
+strict schema checks every field, and the sizes are checked against each other and against the
+fingerprint (layers, heads, head size), so that the decoded size of the whole message is known and
+bounded before a payload is read. Everything wrong is a :class:`~kvcomm.errors.CorruptMessage`.
+
+Versions: 1 carried the mask mode in ``meta``; 2 makes ``mode`` a checked field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+
+from kvcomm.config import describe
+from kvcomm.errors import CorruptMessage, MessageTooLarge
+from kvcomm.protocol.layout import MaskMode
+
+VERSION = 2
+READABLE = (1, 2)
+MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
+MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
+MAX_DIGITS = 20  # an integer longer than this is not a size
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_CONTEXT = 1 << 22  # tokens
+MAX_EXPANSION = 256  # decoded float32 bytes per payload byte that any codec may claim
+EXPANSION_SLACK = 1 << 16  # fixed allowance per message (sink-only layers of tiny contexts)
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def decoded_bytes(heads: int, head_dim: int, tokens: int) -> int:
+    """Float32 bytes of one layer's keys and values."""
+    return 2 * 4 * heads * tokens * head_dim
+
+
+class LayerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: Annotated[StrictInt, Field(ge=0, lt=MAX_LAYERS)]
+    full: StrictBool
+    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_CONTEXT)]
+    bytes: Annotated[StrictInt, Field(ge=0, lt=1 << 40)]
+
+
+class CodecEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    params: dict[StrictStr, Any]
+
+
+class Header(BaseModel):
+    """The fields of a message header (version 2; version 1 is read into the same model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fingerprint: dict[StrictStr, Any]
+    codec: CodecEntry
+    context_len: Annotated[StrictInt, Field(ge=1, le=MAX_CONTEXT)]
+    sink_position: Annotated[StrictInt, Field(ge=0, lt=MAX_CONTEXT)]
+    heads: Annotated[StrictInt, Field(ge=1, le=MAX_HEADS)]
+    head_dim: Annotated[StrictInt, Field(ge=1, le=MAX_HEAD_DIM)]
+    layers: Annotated[list[LayerEntry], Field(min_length=1, max_length=MAX_LAYERS)]
+    mode: MaskMode = "causal"
+    meta: dict[StrictStr, Any]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Header:
+        if self.sink_position >= self.context_len:
+            raise ValueError(f"sink_position {self.sink_position} is outside a {self.context_len}-token context")
+        for i, entry in enumerate(self.layers):
+            if entry.index != i:
+                raise ValueError(f"layer entry {i} has index {entry.index}")
+            if entry.tokens != (self.context_len if entry.full else 1):
+                raise ValueError(f"layer {i} holds {entry.tokens} tokens; a {'full' if entry.full else 'sink'} "
+                                 f"layer of a {self.context_len}-token context holds "
+                                 f"{self.context_len if entry.full else 1}")
+        expected = {"num_layers": len(self.layers), "num_kv_heads": self.heads, "head_dim": self.head_dim}
+        for key, value in expected.items():
+            if key in self.fingerprint and self.fingerprint[key] != value:
+                raise ValueError(f"fingerprint says {key}={self.fingerprint[key]!r}, the message has {value}")
+        return self
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Float32 bytes of every layer's keys and values once decoded."""
+        return sum(decoded_bytes(self.heads, self.head_dim, entry.tokens) for entry in self.layers)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.layers)
+
+    def check_size(self, max_decoded_bytes: int) -> None:
+        """Refuses a message whose decoded size is over ``max_decoded_bytes`` or more than
+        :data:`MAX_EXPANSION` times its payload (a decompression bomb), before anything is decoded."""
+        decoded = self.decoded_bytes
+        if decoded > max_decoded_bytes:
+            raise MessageTooLarge(f"message decodes to {decoded:,} bytes, the limit is {max_decoded_bytes:,}")
+        if decoded > MAX_EXPANSION * self.payload_bytes + EXPANSION_SLACK:
+            raise CorruptMessage(f"{self.payload_bytes:,} payload bytes cannot honestly decode to {decoded:,}")
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise CorruptMessage(f"header holds an integer of {len(text)} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> None:
+    raise CorruptMessage(f"header holds {name}, which is not JSON")
+
+
+def nesting_depth(blob: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text, strings excluded (no recursion, no parse)."""
+    bare = np.frombuffer(_STRING.sub(b'""', blob), dtype=np.uint8)
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(step.cumsum().max()) if step.size else 0
+
+
+def parse_header(blob: bytes, version: int) -> Header:
+    """A validated :class:`Header` from the raw header bytes of a message of ``version``.
+
+    Raises:
+        CorruptMessage: malformed JSON, too deep, a huge number, a missing, extra or inconsistent field.
+    """
+    if nesting_depth(blob) > MAX_DEPTH:
+        raise CorruptMessage(f"header JSON nests deeper than {MAX_DEPTH} levels")
+    try:
+        raw = json.loads(blob.decode(), parse_int=_bounded_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptMessage(f"header is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise CorruptMessage("header is not a JSON object")
+    if version == 1:
+        if "mode" in raw:
+            raise CorruptMessage("a version 1 header has no 'mode' field")
+        meta = raw.get("meta")
+        raw = {**raw, "mode": meta.get("mode", "causal") if isinstance(meta, dict) else "causal"}
+    elif "mode" not in raw:
+        raise CorruptMessage("header lacks the 'mode' field")
+    try:
+        return Header.model_validate(raw)
+    except ValidationError as err:
+        raise CorruptMessage(describe(err, "header")) from None

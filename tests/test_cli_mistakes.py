@@ -1,0 +1,120 @@
+"""Common command-line mistakes: each gives one line, ``error: …``, exit code 2, and no model loads."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from kvcomm.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def files(tmp_path, tiny_dir):
+    (tmp_path / "bad.jsonl").write_text('{"context": "x", "question": "q", "answers": ["a"]}\n{oops\n')
+    (tmp_path / "profile.json").write_text('{"not": "a profile"}')
+    (tmp_path / "junk.kvcm").write_bytes(b"definitely not a KV message")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    yield {"dir": str(tmp_path), "model": str(tiny_dir), "port": str(busy.getsockname()[1])}
+    busy.close()
+
+
+# (arguments, text the one line must contain); {model}, {dir}, {port} are filled from the fixture
+MISTAKES = [
+    ("eval -m {model} --method kvcom", "Did you mean 'kvcomm'"),
+    ("eval -m smollm2", "Did you mean 'smollm2-135m'"),
+    ("eval -m ./no/such/folder", "neither an embedded model"),
+    ("eval -m {model} -t countrys", "Did you mean 'countries'"),
+    ("eval -m {model} -t countries --data {dir}/missing.jsonl", "does not exist"),
+    ("eval -m {model} -t jsonl --data {dir}/bad.jsonl", "not valid JSON"),
+    ("eval -m {model} -t jsonl", "needs a file"),
+    ("eval -m {model} -t facts --data {dir}/file.txt", "takes no --data"),
+    ("eval -m {model} --ratio 0", "greater than 0"),
+    ("eval -m {model} --ratio 1.5", "less than or equal to 1"),
+    ("eval -m {model} --ratio abc", "valid number"),
+    ("eval -m {model} --layers 0,99", "must name layers in 0..3"),
+    ("eval -m {model} --layers x-y", "cannot parse layer list"),
+    ("eval -m {model} --layers 3-1", "runs backwards"),
+    ("eval -m {model} --ratio 0.5 --layers 0,1", "not both"),
+    ("eval -m {model} --method nld --codec int8", "does not take 'codec'"),
+    ("eval -m {model} --method baseline --senders 2", "does not take 'senders'"),
+    ("eval -m {model} --method online --senders 0", "--senders"),
+    ("eval -m {model} --codec int9", "Did you mean 'int8'"),
+    ("eval -m {model} --batch-size 0", "--batch-size"),
+    ("eval -m {model} --calib-size -1", "--calib-size"),
+    ("eval -m {model} --mode strict", "--mode"),
+    ("eval -m {model} --dtype float64", "--dtype"),
+    ("eval -m {model} --alpha 2", "--alpha"),
+    ("eval -m {model} --max-memory 0", "max_memory_gb"),
+    ("eval -m {model} --limit 1000", "cannot hold 1000 test"),
+    ("eval -m {model} --out {dir}/folder", "is a folder"),
+    ("eval -m {model} --profile {dir}/missing.json", "does not exist"),
+    ("eval -m {model} --profile {dir}/profile.json", "cannot read profile"),
+    ("eval -m {model} --no-such-option", "No such option"),
+    ("sweep -m {model} --ratios 0.5,abc", "--ratios must be"),
+    ("sweep -m {model} --methods baseline,nld --senders 2", "none of the methods"),
+    ("sweep -m {model} --methods nld@0.5", "takes no ratio"),
+    ("sweep -m {model} --codecs none,int9", "Did you mean 'int8'"),
+    ("sweep -m {model} --out-dir {dir}/file.txt", "--out-dir"),
+    ("calibrate -m {model} --calib-size 0", "--calib-size"),
+    ("encode {dir}/m.kvcm -m {model}", "exactly one of --context or --context-file"),
+    ("encode {dir}/m.kvcm -m {model} --context x --layers 0,99", "must name layers in 0..3"),
+    ("encode {dir}/m.kvcm -m {model} --context x --codec int9", "Did you mean 'int8'"),
+    ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5", "needs --profile"),
+    ("encode {dir}/folder -m {model} --context x", "is a folder"),
+    ("inspect {dir}/missing.kvcm", "does not exist"),
+    ("inspect {dir}/junk.kvcm", "not a KV message"),
+    ("answer {dir}/junk.kvcm -m {model} --question q", "not a KV message"),
+    ("serve -m {model} --port 70000", "--port"),
+    ("serve -m {model} --store ftp://x", "unknown store"),
+    ("serve -m {model} --store disk:", "needs a folder"),
+    ("serve -m {model} --port {port}", "cannot listen on 127.0.0.1:{port}"),
+    ("serve -m {model} --codec int9", "Did you mean 'int8'"),
+    ("models install smollm", "Did you mean 'smollm2-135m'"),
+    ("remote chat hello --url http://127.0.0.1:9", "cannot reach the agent"),
+    ("codebook -m {model} --items 0", "--items"),
+    ("codebook -m {model} -t tipsheets --data {dir}/missing.jsonl", "does not exist"),
+    ("frobnicate", "No such command"),
+]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr("kvcomm.models.loading._load", refuse)
+
+
+@pytest.mark.parametrize("arguments, expected", MISTAKES, ids=[m[0].split(" {")[0] + f"-{i}"
+                                                              for i, m in enumerate(MISTAKES)])
+def test_mistake_gives_one_line_and_exit_code_2_before_any_model_loads(arguments, expected, files, no_model_loads):
+    args = [part.format(**files) for part in arguments.split()]
+    result = runner.invoke(app, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected.format(**files) in lines[0]
+
+
+def test_at_least_thirty_mistakes_are_walked():
+    assert len(MISTAKES) >= 30
+
+
+def test_a_message_from_another_model_is_one_line_too(files, tmp_path):
+    from kvcomm.wire import KVMessage
+
+    path = tmp_path / "m.kvcm"
+    assert runner.invoke(app, ["encode", str(path), "-m", files["model"], "--context", "x"]).exit_code == 0
+    foreign = KVMessage.load(path)
+    foreign.fingerprint["vocab_sha256"] = "f" * 32
+    foreign.save(path)
+    result = runner.invoke(app, ["answer", str(path), "-m", files["model"], "--question", "q"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "incompatible model" in result.stderr

@@ -1,0 +1,89 @@
+"""The error contract: what kvcomm raises on purpose is a KvcommError, and configs are checked where made."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm import EvalConfig
+from kvcomm.errors import (
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    IncompatibleModelsError,
+    KvcommError,
+    ProtocolError,
+    WireError,
+)
+from kvcomm.models import check_compatible, check_fingerprint
+from kvcomm.protocol import pad_left, prefill, run_body
+from kvcomm.wire import build_codebook, make_codec
+from tests.conftest import tiny_loaded, tiny_model
+
+
+@pytest.mark.parametrize("name, params", [
+    ("raw", {"dtype": "float64"}), ("quant", {"bits": 3}), ("quant", {"group": 0}), ("cachegen", {"group": 1}),
+    ("klt", {"step": 0}), ("klt", {"codebook": "not-an-id"}), ("fp16", {"nonsense": 1}), ("int9", {}),
+])
+def test_codec_construction_refuses_with_config_error(name, params):
+    with pytest.raises(ConfigError):
+        make_codec(name, **params)
+
+
+@pytest.mark.parametrize("options", [dict(batch_size=0), dict(limit=0), dict(calib_size=-1), dict(alpha=1.5),
+                                     dict(sigma=0), dict(max_memory_gb=-1), dict(batch_sizes=4)])
+def test_eval_config_is_checked_where_it_is_made(options):
+    with pytest.raises(ConfigError) as err:
+        EvalConfig(**options)
+    assert str(err.value).startswith("evaluation: ") and len(str(err.value).splitlines()) == 1
+
+
+def test_building_a_codebook_from_nothing_is_a_data_error():
+    with pytest.raises(DataError):
+        build_codebook([], {})
+
+
+def test_a_missing_marker_is_a_config_error():
+    with pytest.raises(ConfigError, match="marker"):
+        tiny_loaded("llama").encode_message_parts("no marker here", ["\x00X\x00"])
+
+
+def test_a_cache_that_does_not_fit_its_layout_is_a_protocol_error():
+    model = tiny_model("llama")
+    ids, valid = pad_left([[5, 6, 7]], 0)
+    sender = prefill(model, ids, valid)
+    from kvcomm.protocol import build_receiver_input
+
+    start = build_receiver_input(model, sender, [0, 1])
+    start.layout.prefix_pos[0] = torch.zeros(1, 5, dtype=torch.long)  # the layout now describes 5 keys, not 3
+    start.layout.prefix_valid[0] = torch.ones(1, 5, dtype=torch.bool)
+    with pytest.raises(ProtocolError, match="layer 0"):
+        run_body(model, ids, valid, start.cache, start.layout)
+
+
+def test_empty_batches_are_refused_clearly():
+    with pytest.raises(ConfigError, match="at least one"):
+        pad_left([], 0)
+    from kvcomm import Agents, Batch, load_task
+
+    model = tiny_loaded("llama")
+    with pytest.raises(ConfigError, match="at least one item"):
+        Batch(Agents(model, model), load_task("facts", items=1), [])
+
+
+def test_one_compatibility_check_for_pairs_and_messages():
+    a, b = tiny_loaded("llama"), tiny_loaded("llama", kv_heads=4)
+    with pytest.raises(FingerprintMismatch, match="num_kv_heads: sender 2, receiver 4") as pair:
+        check_compatible(a, b)
+    with pytest.raises(FingerprintMismatch, match="num_kv_heads: message 2, receiver 4"):
+        check_fingerprint(a.fingerprint, b.fingerprint)
+    assert isinstance(pair.value, IncompatibleModelsError) and isinstance(pair.value, WireError)
+    with pytest.raises(FingerprintMismatch, match="no model fingerprint"):
+        check_fingerprint(["not", "a", "dict"], b.fingerprint)  # type: ignore[arg-type]
+
+
+def test_every_error_class_is_a_kvcomm_error():
+    import kvcomm.errors as errors
+
+    classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert len(classes) > 10 and all(issubclass(c, KvcommError) for c in classes)

@@ -1,0 +1,42 @@
+"""One atomic write: a file appears whole or not at all, and concurrent writers never interleave."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvcomm.files import atomic_file, atomic_write, is_temporary
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as out:
+            out.write(b"half of the new")
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_concurrent_writers_of_one_file_never_interleave(tmp_path):
+    path = tmp_path / "shared.bin"
+    payloads = [bytes([i]) * 200_000 for i in range(8)]
+
+    def write(data: bytes) -> None:
+        for _ in range(5):
+            atomic_write(path, data)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_bytes() in payloads  # one writer's whole payload, never a mix
+    assert not [p for p in tmp_path.iterdir() if is_temporary(p)]
+
+
+def test_text_and_writer_functions(tmp_path):
+    assert atomic_write(tmp_path / "a" / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
+    atomic_write(tmp_path / "w.bin", lambda out: out.write(b"xyz"))
+    assert (tmp_path / "w.bin").read_bytes() == b"xyz"
