@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm import Agents, Batch, load_task
-from kvcomm.wire.bootstrap import codebook_from_items
 from kvcomm.protocol import share
 from kvcomm.wire import PRESETS, KVMessage, make_codec
+from kvcomm.wire.bootstrap import codebook_from_items
 
 
 def main() -> None:

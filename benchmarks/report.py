@@ -1,7 +1,7 @@
 """Turns sweep results JSON files into the markdown tables that docs/results.md quotes.
 
-    python benchmarks/report.py methods results/sweep-*.json > methods.md
-    python benchmarks/report.py codecs results/sweep-*.json > codecs.md
+    python benchmarks/report.py methods results/*/countries.json results/*/tipsheets.json > methods.md
+    python benchmarks/report.py codecs results/*/tipsheets.json > codecs.md
 
 ``methods``: one row per configuration (score, interval, layers, bytes per item, wall time);
 ``--uncompressed`` leaves out the runs that went through a wire codec.

@@ -6,7 +6,9 @@ tokenizer is a byte-level BPE with no merges, so any text encodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,38 @@ def random_codebook(heads: int, dim: int, layers: int, seed: int = 0):
                     {"fingerprint": {}})
     save_codebook(book)
     return book
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a real loopback socket (for clients that open their own connections)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def craft(header: dict | bytes, payloads: list[bytes], version: int = 2) -> bytes:
+    """A KV message with any header, whose checksums and digest are all valid (what an attacker can make)."""
+    import hashlib
+    import json
+    import struct
+    import zlib
+
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    body = b"KVCM" + struct.pack("<HI", version, len(blob)) + blob + struct.pack("<I", zlib.crc32(blob))
+    for payload in payloads:
+        body += struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload))
+    return body + b"KEND" + hashlib.blake2b(body, digest_size=16).digest()

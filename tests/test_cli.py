@@ -1,4 +1,7 @@
-"""The command line on a tiny local model: eval, sweep (JSON + PNG), calibrate, errors."""
+"""The command line on a tiny local model: eval, sweep (JSON + PNG), calibrate, errors.
+
+Run folders, provenance, samples, resuming and several tasks per run: ``test_runs.py``.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ def test_sweep_writes_json_and_plot(tiny_dir, tmp_path):
                                  "--methods", "baseline,kvcomm,random@0.5", "--ratios", "0.5,1", "-q",
                                  "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "sweep-facts-tiny.json").read_text())
+    report = json.loads((tmp_path / "facts.json").read_text())
     assert [r["label"] for r in report["runs"]] == ["baseline", "kvcomm@0.5", "kvcomm@1", "random@0.5"]
-    assert (tmp_path / "sweep-facts-tiny.png").stat().st_size > 1000
+    assert (tmp_path / "facts.png").stat().st_size > 1000 and (tmp_path / "facts-bytes.png").stat().st_size > 1000
 
 
 def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
@@ -80,13 +83,13 @@ def test_sweep_over_codecs_records_message_bytes(tiny_dir, tmp_path):
                                  "--methods", "kvcomm", "--ratios", "1", "--codecs", "none,fp32,int4", "-q",
                                  "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    runs = {r["label"]: r for r in json.loads((tmp_path / "sweep-facts-tiny.json").read_text())["runs"]}
+    runs = {r["label"]: r for r in json.loads((tmp_path / "facts.json").read_text())["runs"]}
     assert set(runs) == {"kvcomm@1", "kvcomm@1+fp32", "kvcomm@1+int4"}
     # fp32 through the wire answers exactly as in process; its bytes are the real message size.
     assert [i["answer"] for i in runs["kvcomm@1"]["items"]] == [i["answer"] for i in runs["kvcomm@1+fp32"]["items"]]
     assert runs["kvcomm@1+fp32"]["kv_bytes_mean"] > runs["kvcomm@1"]["kv_bytes_mean"]  # plus headers
     assert runs["kvcomm@1+int4"]["kv_bytes_mean"] < runs["kvcomm@1"]["kv_bytes_mean"] / 4
-    assert (tmp_path / "sweep-facts-tiny-bytes.png").exists()
+    assert (tmp_path / "facts-bytes.png").exists()
 
 
 def test_codebook_then_klt_encode_inspect_answer(tiny_dir, tmp_path):
@@ -109,5 +112,5 @@ def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path
                                  "3", "--methods", "kvcomm", "--ratios", "1", "--codecs", "klt", "-q",
                                  "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "sweep-facts-tiny.json").read_text())
+    report = json.loads((tmp_path / "facts.json").read_text())
     assert report["config"]["codebook"]["tokens"] > 0 and len(report["config"]["codebook"]["id"]) == 16

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 from typer.testing import CliRunner
 
 from kvcomm.cli import app
+from kvcomm.selection import Profile
 
 runner = CliRunner()
 
@@ -15,6 +17,15 @@ runner = CliRunner()
 @pytest.fixture
 def files(tmp_path, tiny_dir):
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "question": "q", "answers": ["a"]}\n{oops\n')
+    (tmp_path / "ok.jsonl").write_text('{"context": "x", "question": "q", "answers": ["a"]}\n' * 3)
+    Profile(sender="m", receiver="m", task="countries", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+            calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4,
+            ranking=[0, 1, 2, 3]).save(tmp_path / "countries-profile.json")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "facts.json").write_text("{}")  # a finished run's results
+    (tmp_path / "other" / "facts.checkpoint").mkdir(parents=True)  # another run's checkpoint
+    (tmp_path / "other" / "facts.checkpoint" / "run.json").write_text(json.dumps(
+        {"version": 1, "identity": {"sender": "another-model"}, "date": "2026-01-01T00:00:00+00:00"}))
     (tmp_path / "profile.json").write_text('{"not": "a profile"}')
     (tmp_path / "junk.kvcm").write_bytes(b"definitely not a KV message")
     (tmp_path / "folder").mkdir()
@@ -82,6 +93,28 @@ MISTAKES = [
     ("codebook -m {model} --items 0", "--items"),
     ("codebook -m {model} -t tipsheets --data {dir}/missing.jsonl", "does not exist"),
     ("frobnicate", "No such command"),
+    # several tasks, their data, their metric and budget
+    ("eval -m {model} -t facts,countrys", "Did you mean 'countries'"),
+    ("sweep -m {model} -t facts,facts", "names 'facts' twice"),
+    ("eval -m {model} -t facts --data countries={dir}/ok.jsonl", "is not in this run"),
+    ("eval -m {model} -t jsonl --data countrys={dir}/ok.jsonl", "Did you mean 'countries'"),
+    ("eval -m {model} -t facts,jsonl --data {dir}/ok.jsonl", "--data TASK=PATH"),
+    ("eval -m {model} -t jsonl --data jsonl={dir}/ok.jsonl --data jsonl={dir}/ok.jsonl", "two files"),
+    ("eval -m {model} -t jsonl,countries --data jsonl={dir}/ok.jsonl,countries={dir}/missing.jsonl", "does not exist"),
+    ("eval -m {model} -t jsonl --data {dir}/ok.jsonl --metric f2", "--metric"),
+    ("eval -m {model} -t jsonl --data {dir}/ok.jsonl --max-new-tokens 0", "--max-new-tokens"),
+    # files that exist, resuming, profiles of other tasks
+    ("eval -m {model} --out {dir}/file.txt", "exists; pass --overwrite"),
+    ("sweep -m {model} --out-dir {dir}/done", "done/facts.json exists"),
+    ("eval -m {model} --resume {dir}/other", "cannot resume"),
+    ("eval -m {model} --resume {dir}/folder", "nothing to resume"),
+    ("eval -m {model} --resume {dir}/missing", "does not exist"),
+    ("eval -m {model} --resume {dir}/other --overwrite", "--resume continues a run"),
+    ("eval -m {model} --resume {dir}/other --out-dir {dir}/folder", "not in the --resume folder"),
+    ("eval -m {model} --out {dir}/r.json --out-dir {dir}/folder", "not both"),
+    ("eval -m {model} -t facts,jsonl --data jsonl={dir}/ok.jsonl --out {dir}/r.json", "one results file"),
+    ("eval -m {model} --profile {dir}/countries-profile.json", "calibrated on task 'countries'"),
+    ("calibrate -m {model} --out {dir}/file.txt", "exists; pass --overwrite"),
 ]
 
 

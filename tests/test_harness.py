@@ -112,3 +112,41 @@ def test_impossible_memory_budget_is_refused(agents):
     with pytest.raises(ConfigError, match="max-memory"):
         evaluate(agents, load_task("facts", items=4), build_methods(["baseline"]),
                  EvalConfig(limit=3, max_memory_gb=0.001), progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_same_report_online_state_included(agents, tmp_path, monkeypatch):
+    from kvcomm.eval import harness
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=8)
+    config = EvalConfig(limit=6, batch_size=2, calib_size=2)
+    methods = lambda: build_methods(["kvcomm", "online"], [0.5], interval=3)  # noqa: E731
+    whole = evaluate(agents, task, methods(), config, progress=False)
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), agents.sender.name,
+                            agents.receiver.name, "float32", None)
+    real, calls = harness._run_one, []
+
+    def stops_at_the_fourth(method, batch):
+        calls.append(method.label)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return real(method, batch)
+
+    monkeypatch.setattr(harness, "_run_one", stops_at_the_fourth)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    with pytest.raises(ConfigError, match="--resume"):  # a checkpoint is never started over silently
+        Checkpoint(tmp_path / "c", identity)
+    with pytest.raises(ConfigError, match="batch_size: 2 → 3"):
+        Checkpoint(tmp_path / "c", {**identity, "evaluation": {**identity["evaluation"], "batch_size": 3}},
+                   resume=True)
+    calls.clear()
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    assert calls == ["online@0.5/3", "kvcomm@0.5", "online@0.5/3"]  # only what had not finished
+    assert resumed.profile == whole.profile and resumed.config == whole.config
+    timing = {"seconds", "sender_seconds"}
+    for a, b in zip(whole.runs, resumed.runs):
+        assert a.model_dump(exclude=timing) == b.model_dump(exclude=timing)
+    assert len(resumed.runs[1].details["rebuilds"]) == 3  # online's rebuilds span the interruption

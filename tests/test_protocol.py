@@ -253,3 +253,36 @@ def test_legacy_mode_reports_the_always_sent_layer_zero():
     causal = make_method("kvcomm", layers=(2, 3))
     causal.setup(Setup(4, "llama", lambda: [], lambda: None))  # type: ignore[arg-type, return-value]
     assert causal.layers == [2, 3]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_equals_one_prefill(family, chunk):
+    """The service prefills long prompts in chunks (to notice deadlines): same answers, same logits."""
+    from kvcomm.protocol.decoding import chunked_prefill
+
+    model = tiny_model(family)
+    s_ids, s_valid = pad_left([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], 0)
+    r_ids, r_valid = pad_left([[20, 21, 22, 23, 24, 25, 26, 27, 28], [29, 30]], 0)
+    sender = prefill(model, s_ids, s_valid)
+    whole = chunked_prefill(model, build_receiver_input(model, sender, [0, 2]), r_ids, r_valid, None)
+    parts = chunked_prefill(model, build_receiver_input(model, sender, [0, 2]), r_ids, r_valid, chunk)
+    assert (whole - parts).abs().max().item() <= 1e-5
+    one = greedy_generate(model, build_receiver_input(model, sender, [0, 2]), r_ids, r_valid, 5, [], 0)
+    many = greedy_generate(model, build_receiver_input(model, sender, [0, 2]), r_ids, r_valid, 5, [], 0,
+                           prefill_chunk=chunk)
+    assert one == many
+
+
+def test_check_stops_prefill_and_decoding():
+    model = tiny_model("llama")
+    ids, valid = pad_left([list(range(5, 30))], 0)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 2:
+            raise TimeoutError("deadline")
+
+    with pytest.raises(TimeoutError):
+        greedy_generate(model, empty_input(model, 1), ids, valid, 50, [], 0, prefill_chunk=10, check=check)
+    assert len(calls) == 2  # stopped at the second chunk, before the third

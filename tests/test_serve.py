@@ -6,18 +6,16 @@ import asyncio
 import base64
 import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from kvcomm.serve import Client, MemoryStore, ServiceError
+from kvcomm.serve import Client, DiskStore, MemoryStore, ServiceError
 from kvcomm.serve.app import ServeConfig, create_app
 from kvcomm.wire import KVMessage
-from tests.conftest import tiny_loaded
+from tests.conftest import running, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,8 @@ def agent():
 
 @pytest.fixture
 def app(agent):
-    return create_app(agent, MemoryStore(1 << 24), ServeConfig(max_request_bytes=1 << 20, max_message_bytes=1 << 20))
+    return create_app(agent, MemoryStore(1 << 24), ServeConfig(max_request_bytes=1 << 20, max_message_bytes=1 << 20,
+                                                               served_model_names=("tiny",)))
 
 
 @pytest.fixture
@@ -79,7 +78,8 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert chat(http, "q", ["missing"]).status_code == 404
     assert chat(http, "q", max_tokens=10_000).status_code == 400
     assert http.post("/v1/contexts", json={"context": "x", "layers": [99]}).status_code == 400
-    assert http.post("/v1/contexts", json={"context": "x", "unknown": 1}).status_code == 422
+    unknown = http.post("/v1/contexts", json={"context": "x", "unknown": 1})
+    assert unknown.status_code == 400 and "Unrecognized request argument supplied: unknown" in unknown.text
     huge = b"x" * ((1 << 20) + 1)
     assert http.put("/v1/messages/huge", content=huge).status_code == 413
     foreign = KVMessage.from_bytes(http.get(
@@ -98,32 +98,33 @@ def test_bearer_token_is_required_when_configured(agent):
         assert ok.status_code == 200
 
 
-def test_metrics_are_prometheus_text(http):
+def test_metrics_are_prometheus_text_with_route_templates(http):
     chat(http, "hello")
+    for path in ("/v1/messages/a", "/v1/messages/b", "/random/path/1", "/random/path/2"):
+        http.get(path)
     text = http.get("/metrics").text
-    assert "kvcomm_requests_total" in text and "kvcomm_ttft_seconds_bucket" in text
+    for name in ("kvcomm:time_to_first_token_seconds_bucket", "kvcomm:num_requests_running",
+                 "kvcomm:num_requests_waiting", "kvcomm:prompt_tokens_total", "kvcomm:generation_tokens_total",
+                 "kvcomm:e2e_request_latency_seconds_bucket", "kvcomm:store_messages", "kvcomm:store_bytes",
+                 "kvcomm:store_lookups_total"):
+        assert name in text, name
+    handlers = {line.split('handler="')[1].split('"')[0] for line in text.splitlines()
+                if line.startswith("http_requests_total{")}
+    assert "/v1/messages/{message_id}" in handlers and "none" in handlers  # templates, and untemplated grouped
+    assert not any("/v1/messages/a" in h or "/random" in h for h in handlers)
 
 
-def test_restart_with_disk_tier_keeps_messages(agent, tmp_path):
-    with TestClient(create_app(agent, MemoryStore(disk=tmp_path), ServeConfig())) as http:
+def test_restart_with_disk_store_keeps_messages(agent, tmp_path):
+    with TestClient(create_app(agent, DiskStore(tmp_path), ServeConfig())) as http:
         message_id = http.post("/v1/contexts", json={"context": "Kept."}).json()["id"]
-    with TestClient(create_app(agent, MemoryStore(disk=tmp_path), ServeConfig())) as http:
+    with TestClient(create_app(agent, DiskStore(tmp_path), ServeConfig())) as http:
         assert http.get(f"/v1/messages/{message_id}").status_code == 200
 
 
 @pytest.fixture
 def live(app):
-    """The app on a real loopback socket, for clients that open their own connections."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield url
 
 
 def test_fifty_concurrent_requests_each_get_their_own_answer(live):
@@ -171,3 +172,89 @@ def test_client_errors_and_disconnected_upload(live):
     with Client(live) as client:
         with pytest.raises(ServiceError):
             client.get_message("torn")
+
+
+def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(http, agent, monkeypatch):
+    assert http.get("/v1/profile").status_code == 404  # nothing calibrated yet
+    spent = []
+    real = http.app.state.contexts.encode
+    monkeypatch.setattr(http.app.state.contexts, "encode", lambda plan: spent.append(plan) or real(plan))
+    first = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5}).json()
+    profile = http.get("/v1/profile").json()  # calibrated once, on the first ratio
+    assert first["layers"] == sorted(profile["ranking"][:2]) and not first["cached"]
+    again = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5}).json()
+    assert again["id"] == first["id"] and again["cached"] and len(spent) == 1  # no second prefill
+    ranking = [3, 2, 1, 0]
+    mine = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.25,
+                                           "profile": {"ranking": ranking}}).json()
+    assert mine["layers"] == [3] and mine["id"] != first["id"]
+    other_codec = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5, "codec": "fp16"})
+    assert other_codec.json()["id"] != first["id"] and len(spent) == 3
+    named = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "layers": [0], "id": "mine"}).json()
+    assert named["id"] == "mine" and named["layers"] == [0]
+    bad = http.post("/v1/contexts", json={"context": "x", "ratio": 0.5, "profile": {"ranking": [0, 0, 1, 2]}})
+    assert bad.status_code == 400 and "each of the model's 4 layers once" in bad.json()["error"]["message"]
+    both = http.post("/v1/contexts", json={"context": "x", "ratio": 0.5, "layers": [1]})
+    assert both.status_code == 422
+
+
+def test_the_service_default_ratio_uses_a_loaded_profile(agent):
+    from kvcomm.selection import Profile
+
+    profile = Profile(sender="t", receiver="t", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+                      calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[2, 0, 3, 1])
+    with TestClient(create_app(agent, MemoryStore(), ServeConfig(ratio=0.5), profile)) as http:
+        created = http.post("/v1/contexts", json={"context": "Mira lives in Oslo."}).json()
+        assert created["layers"] == [0, 2] and http.get("/v1/profile").json()["ranking"] == [2, 0, 3, 1]
+        assert http.post("/v1/contexts", json={"context": "x", "layers": [1, 2, 3]}).json()["layers"] == [1, 2, 3]
+
+
+def test_models_errors_and_unsupported_parameters_behave_as_against_vllm(live):
+    """The official client: models.list(), a chat with extra_body, and errors it can show."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    message_id = Client(live).create_context("Mira lives in Oslo.", layers=[0, 1])["id"]
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Where?"}],
+                                           max_tokens=3, extra_body={"kv_messages": [message_id]})
+    assert reply.usage.model_extra["kv_bytes_received"] > 0
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert "does not exist" in missing.value.message and missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as sampled:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0.8)
+    assert "greedy" in sampled.value.message and sampled.value.param == "temperature"
+    with pytest.raises(openai.NotFoundError) as unknown_kv:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"kv_messages": ["nope"]})
+    assert "no KV message 'nope'" in unknown_kv.value.message
+
+
+def test_health_both_ways(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["store"] == {"kind": "memory", "ok": True, "error": None}
+
+
+def test_remote_commands_drive_a_live_agent(live, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app as cli
+
+    runner = CliRunner()
+    models = runner.invoke(cli, ["remote", "models", "--url", live])
+    assert models.exit_code == 0 and json.loads(models.stdout) == ["tiny"]
+    created = runner.invoke(cli, ["remote", "context", "Mira lives in Oslo.", "--url", live, "--layers", "0-1"])
+    assert created.exit_code == 0, created.output
+    info = json.loads(created.stdout)
+    assert info["layers"] == [0, 1] and info["id"].startswith("kv-")
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"sender": "t", "receiver": "t", "task": "t", "num_layers": 4, "alpha": 1.0,
+                                   "mu": 0.5, "sigma": 10.0, "calibration_items": [], "importance": [0] * 4,
+                                   "scores": [0] * 4, "ranking": [1, 3, 0, 2]}))
+    ranked = runner.invoke(cli, ["remote", "context", "Mira lives in Oslo.", "--url", live, "--ratio", "0.5",
+                                 "--profile", str(profile)])
+    assert json.loads(ranked.stdout)["layers"] == [1, 3]
+    answered = runner.invoke(cli, ["remote", "chat", "Where?", "--url", live, "--kv", info["id"], "--max-tokens", "3"])
+    assert answered.exit_code == 0 and "kv_bytes_received" in answered.stderr

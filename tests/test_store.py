@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.store import MemoryStore, RedisStore, StoreError, open_store
+from kvcomm.serve.stores import DiskStore, MemoryStore, RedisStore, StoreError, StoreLimits, open_store
 
 
 def _free_port() -> int:
@@ -48,7 +48,7 @@ def store(request, tmp_path):
     if request.param == "memory":
         s = MemoryStore(1 << 20)
     elif request.param == "disk":
-        s = MemoryStore(1 << 20, disk=tmp_path / "tier")
+        s = DiskStore(tmp_path / "tier", 1 << 20)
     else:
         s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test:{time.time_ns()}:")
     yield s
@@ -78,19 +78,52 @@ def test_memory_store_evicts_least_recently_used_by_bytes():
         store.put("big", b"x" * 11)
 
 
-def test_disk_tier_survives_a_restart_and_ignores_partial_writes(tmp_path):
-    first = MemoryStore(max_bytes=4, disk=tmp_path)
-    first.put("kept", b"123456")  # larger than memory: disk only
+def test_disk_store_survives_a_restart(tmp_path):
+    first = DiskStore(tmp_path, max_bytes=1 << 20)
+    first.put("kept", b"123456")
     first.put("small", b"12")
-    (tmp_path / ".torn.x1y2.tmp").write_bytes(b"half")  # what a write interrupted by a crash leaves
-    second = MemoryStore(max_bytes=4, disk=tmp_path)  # a restarted agent
+    first.close()
+    second = DiskStore(tmp_path, max_bytes=1 << 20)  # a restarted agent
     assert second.get("kept") == b"123456" and second.get("small") == b"12"
-    assert second.list() == ["kept", "small"] and not (tmp_path / ".torn.x1y2.tmp").exists()
+    assert second.list() == ["kept", "small"] and second.count() == 2
+
+
+def test_disk_store_is_bounded_and_evicts_the_least_recently_used(tmp_path):
+    store = DiskStore(tmp_path, max_bytes=400_000)  # room for three messages beside the index
+    for i in range(6):
+        store.put(f"m{i}", bytes([i]) * 100_000)
+        store.get("m0")  # m0 stays recently used
+        assert store.size_bytes() <= 400_000
+    assert store.list() == ["m0", "m4", "m5"]
+    with pytest.raises(StoreError):
+        store.put("big", b"x" * 400_001)
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_messages_expire_after_their_time_to_live(kind, tmp_path):
+    store = open_store("memory" if kind == "memory" else f"disk:{tmp_path}", StoreLimits(ttl_s=0.2))
+    store.put("a", b"1")
+    assert store.get("a") == b"1"
+    time.sleep(0.4)
+    assert store.get("a") is None and not store.exists("a") and store.list() == []
+
+
+def test_the_disk_store_never_unpickles(tmp_path):
+    """A row a crafted cache file marks as pickled is refused, not loaded."""
+    import diskcache
+
+    store = DiskStore(tmp_path, max_bytes=1 << 20)
+    store.close()
+    raw = diskcache.Cache(str(tmp_path))  # the default disk pickles non-bytes values
+    raw.set("evil", {"not": "bytes"})
+    raw.close()
+    with pytest.raises(StoreError, match="refusing to unpickle"):
+        DiskStore(tmp_path, max_bytes=1 << 20).get("evil")
 
 
 def test_open_store_specs(tmp_path, redis_url):
     assert isinstance(open_store("memory"), MemoryStore)
-    assert open_store(f"disk:{tmp_path}").disk == tmp_path
+    assert open_store(f"disk:{tmp_path}").directory == tmp_path  # type: ignore[attr-defined]
     assert isinstance(open_store(redis_url), RedisStore)
     with pytest.raises(ConfigError, match="unknown store"):
         open_store("ftp://x")

@@ -8,7 +8,7 @@ import pytest
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval import split_items
-from kvcomm.tasks import load_task
+from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.tasks.loaders import COUNTRIES_SUFFIX
 from tests.conftest import shared_file
 
@@ -71,3 +71,54 @@ def test_split_keeps_calibration_and_test_disjoint():
     assert not {i.id for i in test} & {i.id for i in calib} and len(test) == 8
     with pytest.raises(ConfigError, match="overlap"):
         split_items(items, 9, 2)
+
+
+def test_registry_knows_each_tasks_metric_and_budget_without_loading_it(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n')
+    for name in TASKS:
+        info = TASKS.get(name)
+        assert info.metric in METRICS and info.max_new_tokens >= 1 and info.description
+        if name in ("jsonl", "facts"):
+            task = load_task(name, path if name == "jsonl" else None)
+            assert (task.metric, task.max_new_tokens) == (info.metric, info.max_new_tokens)
+
+
+def test_budget_and_metric_can_be_replaced(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n')
+    task = load_task("jsonl", path, max_new_tokens=3, metric="exact_match")
+    assert (task.name, task.max_new_tokens, task.metric, task.data) == ("mine", 3, "exact_match", str(path))
+    assert load_task("facts", items=2, seed=5).seed == 5 and load_task("facts", items=2).data is None
+    with pytest.raises(ConfigError, match="unknown metric 'f2'"):
+        load_task("jsonl", path, metric="f2")
+    with pytest.raises(ConfigError, match="at least 1 token"):
+        Task("t", [], max_new_tokens=0)
+
+
+def test_paper_data_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
+    """The shared files are the pinned ones; a download with other content is refused and not cached."""
+    import hashlib
+
+    from kvcomm.tasks import loaders
+
+    assert loaders.PAPER_DATA_COMMIT in loaders.PAPER_DATA_URL
+    for name in ("countries", "tipsheets"):
+        data = shared_file(f"{name}.jsonl").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == loaders.PAPER_DATA_SHA256[name]
+    monkeypatch.setenv("KVCOMM_CACHE", str(tmp_path))
+
+    class Tampered:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return b'{"prompt_A": "x", "prompt_B": "y", "y": "z"}\n'
+
+    monkeypatch.setattr(loaders.urllib.request, "urlopen", lambda url, timeout: Tampered())
+    with pytest.raises(DataError, match="not the pinned"):
+        loaders.paper_file("countries", None)
+    assert not (tmp_path / "data" / "countries.jsonl").exists()

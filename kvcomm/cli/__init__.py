@@ -13,6 +13,7 @@ from kvcomm.cli.demo import demo
 from kvcomm.cli.evaluate import eval_command, sweep_command
 from kvcomm.cli.group import KvcommGroup
 from kvcomm.cli.serve import remote, serve_command
+from kvcomm.cli.tasks import tasks_command
 from kvcomm.cli.wire import answer_command, codebook_command, encode_command, inspect_command
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("sweep")(sweep_command)
 app.command("calibrate")(calibrate_command)
+app.command("tasks")(tasks_command)
 app.command("encode")(encode_command)
 app.command("inspect")(inspect_command)
 app.command("answer")(answer_command)

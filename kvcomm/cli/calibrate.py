@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kvcomm.agents import Agents
 from kvcomm.cli.common import (
@@ -16,14 +17,17 @@ from kvcomm.cli.common import (
     Dtype,
     Model,
     Mu,
+    Overwrite,
     Quiet,
     Receiver,
     Sigma,
     TaskName,
     check_output,
     console,
+    quiet_libraries,
 )
 from kvcomm.eval import EvalConfig, split_items
+from kvcomm.eval.outputs import safe_name
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.tasks import load_task
@@ -33,7 +37,7 @@ def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
     calib_size: Annotated[int, typer.Option(min=1, help="Calibration items, taken from the end of the task.")] = 1,
     batch_size: BatchSize = None, alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
-    dtype: Dtype = "float32", quiet: Quiet = False,
+    dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(help="Profile JSON. (default: results/profile-<task>.json)")] = None,
 ) -> None:
     """Measure per-layer attention importance and save the ranking for `eval --profile`."""
@@ -44,12 +48,13 @@ def calibrate_command(
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
     _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
-    out = check_output(out or Path("results") / f"profile-{the_task.name}.json", "profile")
-    agents = Agents.load(model, receiver, dtype)
-    profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
-                        progress=not quiet)
+    out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
+    with quiet_libraries(quiet):
+        agents = Agents.load(model, receiver, dtype)
+        profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
+                            progress=not quiet)
     profile.save(out)
-    table = Table(title=f"layer ranking · {the_task.name} · {len(items)} item(s) · alpha={profile.alpha}")
+    table = Table(title=Text(f"layer ranking · {the_task.name} · {len(items)} item(s) · alpha={profile.alpha}"))
     for column in ("ratio", "layers"):
         table.add_column(column)
     for ratio in (0.3, 0.5, 0.7):

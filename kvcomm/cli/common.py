@@ -1,17 +1,19 @@
-"""Options shared by the CLI commands, written once, and the one function that runs an evaluation.
+"""Options shared by the CLI commands, written once.
 
-``eval``, ``sweep`` and ``calibrate`` share one option set (:class:`RunOptions`): the
-:func:`run_options` decorator adds those options to a command's signature and hands the command
-one object. Lists of valid names in ``--help`` come from the registries (methods, codecs, tasks,
-stores); defaults come from the option models (:class:`~kvcomm.eval.EvalConfig`, the methods'
-options), so a CLI option left out is "not given" and the model's default applies.
+``eval`` and ``sweep`` share one option set (:class:`RunOptions`): the :func:`run_options`
+decorator adds those options to a command's signature and hands the command one object. Lists
+of valid names in ``--help`` come from the registries (methods, codecs, tasks, metrics, stores);
+defaults come from the option models (:class:`~kvcomm.eval.EvalConfig`, the methods' options),
+so a CLI option left out is "not given" and the model's default applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +23,7 @@ from rich.console import Console
 
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
+from kvcomm.eval.outputs import safe_name
 from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
 from kvcomm.methods.debate import CipherOptions
@@ -30,10 +33,11 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.source import DType
 from kvcomm.protocol import MaskMode
 from kvcomm.selection import parse_layers
-from kvcomm.tasks import TASKS, Task, load_task
+from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.wire.codecs import codec_names
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, emoji=False)  # with markup=False, paths print literally
+_TASK_PREFIX = re.compile(r"[\w-]+=")  # "countries=" in --data countries=PATH
 
 
 def names(values: list[str]) -> str:
@@ -55,12 +59,43 @@ Model = Annotated[str, typer.Option(
 Receiver = Annotated[str | None, typer.Option(
     envvar="KVCOMM_RECEIVER", help="Receiver model if different (it must have the same KV shapes).")]
 Dtype = Annotated[DType, typer.Option(help="Weights' dtype.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no model-loading messages.")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress bars, and no loading messages or warnings from transformers.")]
 TaskName = Annotated[str, typer.Option(
     "--task", "-t", envvar="KVCOMM_TASK", help=f"Task: {names(TASKS.names())} (`kvcomm tasks` lists them).")]
+TaskNames = Annotated[str, typer.Option(
+    "--task", "-t", envvar="KVCOMM_TASK",
+    help=f"Task, or several separated by commas (one results JSON each): {names(TASKS.names())} "
+         "(`kvcomm tasks` lists them).")]
 Data = Annotated[Path | None, typer.Option(
     envvar="KVCOMM_DATA", exists=True, dir_okay=False, readable=True,
     help="Local dataset file (countries, tipsheets, jsonl).")]
+DataFiles = Annotated[list[str] | None, typer.Option(
+    "--data", envvar="KVCOMM_DATA",
+    help="Local dataset file (countries, tipsheets, jsonl); with several tasks TASK=PATH, repeated or "
+         "comma-separated (e.g. --data countries=c.jsonl,tipsheets=t.jsonl).")]
+MaxNewTokens = Annotated[int | None, typer.Option(
+    min=1, help="Answer budget in tokens, replacing each task's own (`kvcomm tasks` shows them).")]
+
+
+def _metric(value: str) -> str:
+    if value not in METRICS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(METRICS)}")
+    return value
+
+
+Metric = Annotated[str | None, typer.Option(
+    parser=_metric, metavar="|".join(METRICS),
+    help="Primary metric, replacing each task's own (every metric is recorded).")]
+OutDir = Annotated[Path | None, typer.Option(
+    file_okay=False, help="Run folder: per task a results JSON, a samples JSONL (and plots). "
+                          "(default: results/<YYYYmmdd-HHMMSS>-<model>/, UTC)")]
+Overwrite = Annotated[bool, typer.Option(
+    help="Replace the run's files where they exist already (without it, an existing file is refused).")]
+Resume = Annotated[Path | None, typer.Option(
+    exists=True, file_okay=False,
+    help="Continue the interrupted run in this folder: finished batches are kept, the rest runs. "
+         "Give the options the run had; another configuration is refused.")]
 Mode = Annotated[MaskMode | None, typer.Option(
     help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S).",
                       SharingOptions, "mode"))]
@@ -73,7 +108,9 @@ class RunOptions:
     model: str
     receiver: str | None
     task: str
-    data: Path | None
+    data: list[str] | None
+    max_new_tokens: int | None
+    metric: str | None
     limit: int | None
     batch_size: int | None
     calib_size: int | None
@@ -92,6 +129,9 @@ class RunOptions:
     ac_k: int | None
     ac_j: int | None
     interval: int | None
+    out_dir: Path | None
+    overwrite: bool
+    resume: Path | None
     quiet: bool
 
     def eval_config(self) -> EvalConfig:
@@ -105,8 +145,42 @@ class RunOptions:
                     temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
                     interval=self.interval)
 
-    def load_task(self) -> Task:
-        return load_task(self.task, self.data)
+    def task_names(self) -> list[str]:
+        """The ``--task`` names, each checked against the registry (with a "did you mean")."""
+        listed = [name.strip() for name in self.task.split(",") if name.strip()]
+        if not listed:
+            raise ConfigError("--task names no task")
+        for name in listed:
+            TASKS.get(name)
+            if listed.count(name) > 1:
+                raise ConfigError(f"--task names {name!r} twice")
+        return listed
+
+    def data_files(self, tasks: list[str]) -> dict[str, Path]:
+        """The ``--data`` files by task: ``PATH`` for a run of one task, ``TASK=PATH`` for any."""
+        files: dict[str, Path] = {}
+        for value in self.data or []:
+            pieces = value.split(",")
+            for entry in pieces if len(pieces) > 1 and all(_TASK_PREFIX.match(p) for p in pieces) else [value]:
+                task, path = _data_entry(entry, tasks)
+                if task in files:
+                    raise ConfigError(f"--data gives two files for task {task!r}")
+                if not path.is_file():
+                    raise ConfigError(f"--data {path} does not exist (or is not a file)")
+                files[task] = path
+        return files
+
+    def load_tasks(self) -> list[Task]:
+        """The tasks with their data, budget and metric; refuses two that would share file names."""
+        listed = self.task_names()
+        files = self.data_files(listed)
+        tasks = [load_task(name, files.get(name), max_new_tokens=self.max_new_tokens, metric=self.metric)
+                 for name in listed]
+        stems = [safe_name(task.name) for task in tasks]
+        for stem in stems:
+            if stems.count(stem) > 1:
+                raise ConfigError(f"two tasks of this run would both write {stem}.json; run them separately")
+        return tasks
 
     def check_models(self) -> int | None:
         """Resolves the model names (no weights read); returns the depth where it is known."""
@@ -128,8 +202,10 @@ Sigma = Annotated[float | None, typer.Option(
 _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "model": (Model, DEFAULT_MODEL),
     "receiver": (Receiver, None),
-    "task": (TaskName, "facts"),
-    "data": (Data, None),
+    "task": (TaskNames, "facts"),
+    "data": (DataFiles, None),
+    "max_new_tokens": (MaxNewTokens, None),
+    "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(
         min=1, help="Test items, from the front of the task. (default: all but the calibration items)")], None),
     "batch_size": (BatchSize, None),
@@ -166,6 +242,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "interval": (Annotated[int | None, typer.Option(
         min=1, help=options_help("Online calibration: rebuild the ranking every N items.", OnlineOptions,
                                  "interval"))], None),
+    "out_dir": (OutDir, None),
+    "overwrite": (Overwrite, False),
+    "resume": (Resume, None),
     "quiet": (Quiet, False),
 }
 assert set(_RUN_OPTIONS) == {f.name for f in fields(RunOptions)}
@@ -201,9 +280,51 @@ def check_layers(spec: str, depth: int | None) -> list[int]:
     return parse_layers(spec, depth)
 
 
-def check_output(path: Path, what: str = "results") -> Path:
-    """Refuses an output path that is a folder (a finished run would have nowhere to go)."""
+def check_output(path: Path, what: str = "results", overwrite: bool = True) -> Path:
+    """Refuses an output path that is a folder (a finished run would have nowhere to go), and an
+    existing file unless ``overwrite``."""
     if path.is_dir():
         raise ConfigError(f"--out {path} is a folder; give a file name for the {what}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another --out")
     return path
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """``-q``: inside, transformers logs errors only and, like the hub, shows no progress bars;
+    their settings are restored on leaving."""
+    if not quiet:
+        yield
+        return
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging
+
+    verbosity, bars, hub_bars = logging.get_verbosity(), logging.is_progress_bar_enabled(), \
+        not hub.are_progress_bars_disabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
+
+
+def _data_entry(entry: str, tasks: list[str]) -> tuple[str, Path]:
+    """``(task, path)`` of one ``--data`` value: ``TASK=PATH``, or ``PATH`` in a run of one task."""
+    task, given, path = entry.partition("=")
+    if given and task in TASKS:
+        if task not in tasks:
+            raise ConfigError(f"--data {entry}: task {task!r} is not in this run (--task {','.join(tasks)})")
+        return task, Path(path)
+    if given and not Path(entry).exists() and _TASK_PREFIX.fullmatch(task + "="):
+        TASKS.get(task)  # "countrys=…": an unknown task, with the nearest name
+    if len(tasks) > 1:
+        raise ConfigError(f"--data {entry}: with several tasks, say which one a file is for: --data TASK=PATH")
+    return tasks[0], Path(entry)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kvcomm.agents import Agents
 from kvcomm.cli.common import console
+from kvcomm.cli.group import command_line
 from kvcomm.errors import ModelError
 from kvcomm.eval import EvalConfig, evaluate, plot_sweep, print_table
+from kvcomm.eval.outputs import TaskFiles, new_run_folder
+from kvcomm.eval.samples import write_samples
 from kvcomm.methods import build_methods
 from kvcomm.models import DEFAULT_MODEL, EMBEDDED
 from kvcomm.tasks import load_task
@@ -16,7 +17,8 @@ DEMO_ITEMS = 16
 
 
 def demo() -> None:
-    """Baseline, skyline and KVComm at 0.5 and 1.0 on 16 generated look-up items, one batch."""
+    """Baseline, skyline and KVComm at 0.5 and 1.0 on 16 generated look-up items, one batch;
+    files in a new ``results/<YYYYmmdd-HHMMSS>-<model>/`` folder."""
     if not EMBEDDED.get(DEFAULT_MODEL).is_installed():
         raise ModelError(f"the default model is not installed; run: kvcomm models install {DEFAULT_MODEL}")
     console.print(f"kvcomm demo: {DEFAULT_MODEL}, {DEMO_ITEMS} generated fact look-ups "
@@ -24,9 +26,11 @@ def demo() -> None:
     task = load_task("facts", items=DEMO_ITEMS + 2)
     methods = build_methods(["baseline", "skyline", "kvcomm"], [0.5, 1.0])
     config = EvalConfig(limit=DEMO_ITEMS, batch_size=DEMO_ITEMS, calib_size=2)
-    report = evaluate(Agents.load(DEFAULT_MODEL), task, methods, config)
+    agents = Agents.load(DEFAULT_MODEL)
+    report = evaluate(agents, task, methods, config, command=command_line())
     print_table(report)
-    out = Path("results") / "demo.json"
-    report.save(out)
-    console.print(f"results: {out}\nplot: {plot_sweep(report, Path('results') / 'demo.png')}", markup=False)
+    files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL), task.name)
+    plot, samples = plot_sweep(report, files.plots[0]), write_samples(report, agents, files.samples)
+    report.save(files.results)
+    console.print(f"results: {files.results}\nsamples: {samples}\nplot: {plot}", markup=False, soft_wrap=True)
     console.print("Next: `kvcomm sweep --help`, `kvcomm eval --help`.")

@@ -3,12 +3,15 @@
 The parser's own usage errors (a bad choice, a number out of range, a missing file) and every
 :class:`~kvcomm.errors.KvcommError` a command raises end the same way: ``error: …`` on standard
 error, exit code 2, no traceback, whether the CLI runs as ``kvcomm`` or under a test runner.
+The group also keeps the command line it runs (:func:`command_line`), for results to record.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import typer
@@ -17,6 +20,12 @@ from typer.core import TyperGroup
 from kvcomm.errors import KvcommError
 
 USAGE_ERROR = 2
+_COMMAND_LINE: ContextVar[str | None] = ContextVar("kvcomm_command_line", default=None)
+
+
+def command_line() -> str | None:
+    """The running command as a shell would take it (``kvcomm sweep -t facts …``); None outside the CLI."""
+    return _COMMAND_LINE.get()
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> None:
@@ -31,6 +40,8 @@ class KvcommGroup(TyperGroup):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
              **extra: Any) -> Any:
+        given = list(args) if args is not None else sys.argv[1:]
+        token = _COMMAND_LINE.set(shlex.join(["kvcomm", *given]))
         try:
             result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
@@ -46,6 +57,8 @@ class KvcommGroup(TyperGroup):
             fail(err.format_message() + hint)
         except KvcommError as err:
             fail(str(err))
+        finally:
+            _COMMAND_LINE.reset(token)
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from kvcomm.cli.common import CODEC_HELP, Dtype, Model, console
+from kvcomm.cli.common import CODEC_HELP, Dtype, Mode, Model, console
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
+Ratio = Annotated[float | None, typer.Option(min=0, max=1, help="Share the top fraction of the layer ranking.")]
+ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                  help="Layer ranking from `kvcomm calibrate`.")]
 
 
 def serve_command(
@@ -25,28 +28,57 @@ def serve_command(
     store: Annotated[str, typer.Option(envvar="KVCOMM_STORE",
                                        help="memory, disk:/path (survives restarts) or redis://host:port/db.")]
     = "memory",
-    store_mb: Annotated[int, typer.Option(min=1, help="In-memory store bound (MB), least recently used evicted.")]
+    store_mb: Annotated[int, typer.Option(min=1, help="Memory store bound (MB), least recently used evicted.")]
     = 1024,
+    disk_mb: Annotated[int, typer.Option(min=1, help="Disk store bound (MB), least recently used evicted.")]
+    = 10240,
+    ttl: Annotated[float | None, typer.Option(min=1, help="Seconds a stored message lives (memory, disk, redis).")]
+    = None,
     token: Token = None,
+    public_docs: Annotated[bool, typer.Option(help="Serve /metrics, /docs and /openapi.json without the token.")]
+    = False,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        help="Name(s) clients use in `model` (repeatable), as vLLM's --served-model-name.")] = None,
     codec: Annotated[str, typer.Option(help=f"Default codec of stored messages. {CODEC_HELP}")] = "int8",
+    ratio: Ratio = None,
+    profile: ProfileFile = None,
+    mode: Mode = None,
     max_request_mb: Annotated[int, typer.Option(min=1, help="Largest request body (MB).")] = 64,
+    max_decoded_mb: Annotated[int, typer.Option(min=1, help="Most MB the KV of one request may decode to.")]
+    = 2048,
+    max_kv_messages: Annotated[int, typer.Option(min=1, help="Most KV messages one chat may use.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest answer budget a request may ask.")] = 512,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request deadline (s).")] = 300.0,
 ) -> None:
-    """Run one agent (one model) as an HTTP service with an OpenAI-compatible chat endpoint."""
+    """Run one agent (one model) as an HTTP service with an OpenAI-compatible chat endpoint.
+
+    With --ratio, contexts share the top fraction of layers by the --profile ranking, or by a
+    ranking the agent calibrates once on generated text when no profile is given.
+    """
     import uvicorn
 
     from kvcomm.models import load_model, resolve_model
-    from kvcomm.serve.app import ServeConfig, create_app
-    from kvcomm.serve.store import open_store, store_kind
-    from kvcomm.wire import make_codec
+    from kvcomm.selection import Profile
+    from kvcomm.serve.app import create_app
+    from kvcomm.serve.config import ServeConfig
+    from kvcomm.serve.stores import StoreLimits, open_store, store_kind
 
     resolve_model(model)
     store_kind(store)
-    make_codec(codec)
-    config = ServeConfig(token=token, max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
-                         timeout_s=timeout, codec=codec)
+    given: dict[str, Any] = dict(mode=mode, ratio=ratio)
+    config = ServeConfig(token=token, public_docs=public_docs, served_model_names=tuple(served_model_name or ()),
+                         max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
+                         max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,
+                         max_new_tokens=max_new_tokens, default_max_tokens=min(256, max_new_tokens),
+                         timeout_s=timeout, codec=codec, **{k: v for k, v in given.items() if v is not None})
+    loaded_profile = Profile.load(profile) if profile else None
     _check_port_free(host, port)
-    app = create_app(load_model(model, dtype), open_store(store, store_mb << 20), config)
+    limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
+    agent = load_model(model, dtype)
+    app = create_app(agent, open_store(store, limits), config, loaded_profile)
+    if ratio is not None and loaded_profile is None:
+        console.print(f"calibrating the layer ranking for --ratio {ratio} (once) …")
+        app.state.contexts.profile = app.state.contexts.calibrate()
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info"))
 
 
@@ -68,7 +100,7 @@ def _check_port_free(host: str, port: int) -> None:
                 from None
 
 
-def _client(url: str, token: str | None):
+def _client(url: str, token: str | None) -> Any:
     from kvcomm.serve.client import Client
 
     return Client(url, token)
@@ -79,10 +111,19 @@ def remote_context(
     context: Annotated[str, typer.Argument(help="Context text for the agent to read.")],
     url: Url = "http://127.0.0.1:8000", token: Token = None,
     codec: Annotated[str | None, typer.Option(help="Codec (agent default if omitted).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to share in full, e.g. '0,4,10-14'.")] = None,
+    ratio: Ratio = None, profile: ProfileFile = None, mode: Mode = None,
+    message_id: Annotated[str | None, typer.Option("--id", help="Store under this id (default: content address).")]
+    = None,
 ) -> None:
-    """Have an agent prefill a context; prints the stored message's id and size."""
+    """Have an agent prefill a context; prints the stored message's id, size and layers."""
+    from kvcomm.selection import Profile, parse_layers
+
+    chosen = parse_layers(layers, None) if layers else None
+    ranking = Profile.load(profile).ranking if profile else None
     with _client(url, token) as client:
-        print(json.dumps(client.create_context(context, codec=codec), indent=1))
+        print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
+                                               mode=mode, message_id=message_id), indent=1))
 
 
 @remote.command("chat")
@@ -90,25 +131,35 @@ def remote_chat(
     question: Annotated[str, typer.Argument(help="The user's message.")],
     kv: Annotated[list[str] | None, typer.Option(help="Stored KV message id to use (repeatable).")] = None,
     url: Url = "http://127.0.0.1:8000", token: Token = None,
-    max_tokens: Annotated[int, typer.Option(help="Answer budget.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Answer budget.")] = 64,
 ) -> None:
     """Ask an agent, optionally on top of KV messages; prints the answer and the usage."""
     with _client(url, token) as client:
         reply = client.chat([{"role": "user", "content": question}], kv or [], max_tokens)
     print(reply["choices"][0]["message"]["content"])
-    console.print(f"usage: {reply['usage']}")
+    console.print(f"usage: {reply['usage']}", markup=False)
+
+
+@remote.command("models")
+def remote_models(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """List the model names an agent serves."""
+    with _client(url, token) as client:
+        print(json.dumps(client.models(), indent=1))
 
 
 @remote.command("fetch")
 def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Download a stored message to a file."""
+    from kvcomm.files import atomic_write
+
     with _client(url, token) as client:
-        out.write_bytes(client.get_message(message_id))
-    console.print(f"wrote {out}")
+        atomic_write(out, client.get_message(message_id))
+    console.print(f"wrote {out}", markup=False)
 
 
 @remote.command("push")
-def remote_push(message_id: str, path: Path, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def remote_push(message_id: str, path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+                url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Upload a message file under an id (the agent verifies it before storing)."""
     with _client(url, token) as client:
         print(json.dumps(client.put_message(message_id, path.read_bytes())))

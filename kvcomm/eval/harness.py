@@ -3,12 +3,15 @@
 Items are split once: the test items are the first ``limit`` items, the calibration items are
 taken from the end of the list, and the two never overlap. Within a batch every method reuses
 the same sender prefill, and each method is charged for the sender work it used (see
-:mod:`kvcomm.eval.batch`).
+:mod:`kvcomm.eval.batch`). With a :class:`~kvcomm.eval.checkpoint.Checkpoint`, every finished
+(method, batch) is recorded as the run goes, and recorded work is taken instead of being redone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -18,11 +21,14 @@ from kvcomm.config import Options
 from kvcomm.errors import ConfigError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
+from kvcomm.eval.checkpoint import BatchRun, Checkpoint
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
-from kvcomm.eval.results import ItemResult, Report, RunResult, environment, summarize
+from kvcomm.eval.provenance import data_record, method_seeds, run_identity, utc_now
+from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup
+from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.calibrate import Profile, calibrate
-from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA
+from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import METRICS
 from kvcomm.wire import Codebook
@@ -66,97 +72,198 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int) -> tu
     return list(items[:limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 
+def dtype_name(model: LoadedModel) -> str:
+    """``float32``, ``bfloat16`` …: the model's weights' dtype as the command line names it."""
+    return str(model.dtype).removeprefix("torch.")
+
+
+def check_profile(profile: Profile, task: Task, test: Sequence[Item], num_layers: int | None = None) -> None:
+    """Refuses a profile calibrated on another task, on test items, or for another depth."""
+    if profile.task != task.name:
+        raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
+                          f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
+    if leaked := {item.id for item in test}.intersection(profile.calibration_items):
+        raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
+    if num_layers is not None and profile.num_layers != num_layers:
+        raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {num_layers}")
+
+
 def evaluate(
     agents: Agents, task: Task, methods: Sequence[Method], config: EvalConfig | None = None,
-    profile: Profile | None = None, progress: bool = True,
+    profile: Profile | None = None, progress: bool = True, checkpoint: Checkpoint | None = None,
+    command: str | None = None,
 ) -> Report:
     """Evaluates ``methods`` on ``task``; calibrates first if a method needs a ranking and no
     ``profile`` is given.
 
+    Args:
+        checkpoint: where finished work is recorded as the run goes, and taken from instead of
+            being redone (a resumed run); its identity must be this run's.
+        command: the command line, recorded in the results (a checkpoint records its own).
+
     Raises:
-        ConfigError: the item split is impossible, labels collide, or the profile was calibrated
-            on test items or for another depth.
+        ConfigError: the item split is impossible, labels collide, the profile was calibrated on
+            another task, on test items or for another depth, or the checkpoint is another run's.
     """
     config = config or EvalConfig()
+    started = utc_now()
     test, calib = split_items(task.items, config.limit, config.calib_size)
-    test_ids = {item.id for item in test}
-
-    def ranking() -> list[int]:
-        nonlocal profile
-        if profile is None:
-            if not calib:
-                raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
-            profile = calibrate(agents, task, calib, config.alpha, config.mu, config.sigma,
-                                config.batch_size, progress)
-        if profile.num_layers != agents.num_layers:
-            raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agents.num_layers}")
-        if leaked := test_ids.intersection(profile.calibration_items):
-            raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
-        return profile.ranking
-
-    book: Codebook | None = None
-
-    def codebook() -> Codebook:
-        """From the calibration items, like the ranking (the model's default without any)."""
-        nonlocal book
-        if book is None:
-            book = codebook_from_items(agents.sender, task, calib, config.batch_size) if calib \
-                else model_codebook(agents.sender)
-        return book
-
-    setup = Setup(agents.num_layers, agents.receiver.config.model_type, ranking, codebook, config.calibration)
+    if profile is not None:
+        check_profile(profile, task, test, agents.num_layers)
+    if checkpoint is not None:
+        checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
+                                       agents.receiver.name, dtype_name(agents.sender),
+                                       None if profile is None else profile.model_dump(mode="json")))
+        if profile is None and checkpoint.profile is not None:
+            profile = Profile.model_validate(checkpoint.profile)
+    sources = _Sources(agents, task, calib, config, profile, progress)
+    setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
+                  config.calibration)
     for method in methods:
         method.setup(setup)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two configurations share a label: {labels}")
+    if checkpoint is not None and sources.calibrated and sources.profile is not None:
+        checkpoint.save_profile(sources.profile.model_dump(mode="json"))
+    tally = _run_batches(agents, task, methods, test, config, checkpoint, progress)
+    return Report(
+        config=_report_config(agents, task, test, calib, config, methods, sources),
+        provenance=checkpoint.provenance() if checkpoint is not None else
+        {"command": command, "date": started, "resumed": []},
+        environment=environment(),
+        profile=sources.profile.model_dump() if sources.profile is not None else None,
+        runs=[tally.result(method, agents.num_layers) for method in methods],
+    )
 
-    records: dict[str, list[ItemResult]] = {label: [] for label in labels}
-    seconds = dict.fromkeys(labels, 0.0)
-    sender_seconds = dict.fromkeys(labels, 0.0)
+
+class _Sources:
+    """The layer ranking and the codebook, each made on first request from the calibration items."""
+
+    def __init__(self, agents: Agents, task: Task, calib: list[Item], config: EvalConfig,
+                 profile: Profile | None, progress: bool) -> None:
+        self.agents, self.task, self.calib, self.config = agents, task, calib, config
+        self.profile, self.progress = profile, progress
+        self.calibrated = False  # whether the profile was made here
+        self.book: Codebook | None = None
+
+    def ranking(self) -> list[int]:
+        if self.profile is None:
+            if not self.calib:
+                raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+            c = self.config
+            self.profile = calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size,
+                                     self.progress)
+            self.calibrated = True
+        return self.profile.ranking
+
+    def codebook(self) -> Codebook:
+        """From the calibration items, like the ranking (the model's default without any)."""
+        if self.book is None:
+            sender = self.agents.sender
+            self.book = codebook_from_items(sender, self.task, self.calib, self.config.batch_size) if self.calib \
+                else model_codebook(sender)
+        return self.book
+
+    def alpha(self) -> tuple[float, str]:
+        """The weight on attention actually used, and where it came from."""
+        if self.profile is not None:
+            return self.profile.alpha, "profile"
+        if self.config.alpha is not None:
+            return self.config.alpha, "given"
+        model_type = self.agents.receiver.config.model_type
+        return default_alpha(model_type), f"default for {model_type}"
+
+
+@dataclass
+class _Tally:
+    """Each configuration's item results and times, batch by batch."""
+
+    items: dict[str, list[ItemResult]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    sender_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, label: str, run: BatchRun) -> None:
+        self.items.setdefault(label, []).extend(run.items)
+        self.seconds[label] = self.seconds.get(label, 0.0) + run.seconds
+        self.sender_seconds[label] = self.sender_seconds.get(label, 0.0) + run.sender_seconds
+
+    def result(self, method: Method, num_layers: int) -> RunResult:
+        items, layers = self.items.get(method.label, []), method.layers
+        return RunResult(
+            method=method.name, label=method.label, options=method.options.model_dump(mode="json"), layers=layers,
+            fraction=None if layers is None else len(layers) / num_layers,
+            mode=getattr(method, "mode", None), codec=getattr(method, "codec_name", None), n=len(items),
+            scores=summarize(items), kv_bytes_mean=sum(i.kv_bytes for i in items) / max(len(items), 1),
+            seconds=self.seconds.get(method.label, 0.0), sender_seconds=self.sender_seconds.get(method.label, 0.0),
+            details=method.details(), items=items,
+        )
+
+
+def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: list[Item], config: EvalConfig,
+                 checkpoint: Checkpoint | None, progress: bool) -> _Tally:
+    """Runs every method on every batch, taking recorded work from ``checkpoint`` and recording new work."""
+    tally = _Tally()
+    bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
+    for index, chunk in enumerate(_chunks(agents, task, test, config, checkpoint)):
+        batch: Batch | None = None
+        for method in methods:
+            done = checkpoint.done(index, method.label) if checkpoint is not None else None
+            if done is None:
+                batch = batch or Batch(agents, task, chunk)
+                done = _run_one(method, batch)
+                if checkpoint is not None:
+                    checkpoint.save(index, [item.id for item in chunk], method.label, done)
+            elif done.state is not None:
+                method.restore(done.state)
+            tally.add(method.label, done)
+            bar.update(len(chunk))
+    bar.close()
+    return tally
+
+
+def _run_one(method: Method, batch: Batch) -> BatchRun:
+    batch.begin_run()
+    began = batch_module.clock()
+    output = method.run(batch)
+    return BatchRun(items=_item_results(batch.items, output),
+                    seconds=batch_module.clock() - began - batch.spent_sender_seconds,
+                    sender_seconds=batch.charged_sender_seconds, state=method.state())
+
+
+def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
+            checkpoint: Checkpoint | None) -> Iterator[list[Item]]:
+    """The batches a checkpoint recorded, as they were, then the remaining items in new batches."""
     budget = None
     if config.max_memory_gb is not None:
         budget = int(config.max_memory_gb * GIB) - rss_bytes()
         if budget <= 0:
             raise ConfigError(f"--max-memory {config.max_memory_gb} GiB is below what the loaded models "
                               f"already use ({rss_bytes() / GIB:.1f} GiB)")
-    bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
-    for chunk in plan_batches(agents, task, test, config.batch_size, budget):
-        batch = Batch(agents, task, chunk)
-        for method in methods:
-            batch.begin_run()
-            began = batch_module.clock()
-            output = method.run(batch)
-            seconds[method.label] += batch_module.clock() - began - batch.spent_sender_seconds
-            sender_seconds[method.label] += batch.charged_sender_seconds
-            records[method.label].extend(_item_results(batch.items, output))
-            bar.update(len(batch.items))
-    bar.close()
+    start = 0
+    for ids in checkpoint.batch_ids() if checkpoint is not None else []:
+        chunk = test[start:start + len(ids)]
+        if [item.id for item in chunk] != ids:
+            raise ConfigError(f"the checkpoint recorded items {ids[:3]} where this run has "
+                              f"{[item.id for item in chunk][:3]}")
+        yield chunk
+        start += len(ids)
+    yield from plan_batches(agents, task, test[start:], config.batch_size, budget)
 
-    runs = []
-    for method in methods:
-        items = records[method.label]
-        layers = method.layers
-        runs.append(RunResult(
-            method=method.name, label=method.label, options=method.options.model_dump(mode="json"), layers=layers,
-            fraction=None if layers is None else len(layers) / agents.num_layers,
-            mode=getattr(method, "mode", None), codec=getattr(method, "codec_name", None), n=len(items),
-            scores=summarize(items),
-            kv_bytes_mean=sum(i.kv_bytes for i in items) / max(len(items), 1),
-            seconds=seconds[method.label], sender_seconds=sender_seconds[method.label],
-            details=method.details(), items=items,
-        ))
-    return Report(
-        config={
-            "sender": agents.sender.name, "receiver": agents.receiver.name, "task": task.name,
-            "num_layers": agents.num_layers, "max_new_tokens": task.max_new_tokens, "metric": task.metric,
-            "test_items": len(test), "calibration_items": [i.id for i in calib], **config.model_dump(),
-            **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
-        },
-        environment=environment(),
-        profile=profile.model_dump() if profile is not None else None,
-        runs=runs,
-    )
+
+def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Item], config: EvalConfig,
+                   methods: Sequence[Method], sources: _Sources) -> dict[str, Any]:
+    alpha, alpha_source = sources.alpha()
+    book = sources.book
+    return {
+        "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": dtype_name(agents.sender),
+        "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
+        "max_new_tokens": task.max_new_tokens, "metric": task.metric, "test_items": len(test),
+        "calibration_items": [i.id for i in calib], **config.model_dump(), "alpha": alpha,
+        "alpha_source": alpha_source,
+        "seeds": {"bootstrap": BOOTSTRAP_SEED, "task": task.seed, "methods": method_seeds(methods)},
+        **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
+    }
 
 
 def _item_results(items: list[Item], output: Output) -> list[ItemResult]:

@@ -1,8 +1,14 @@
-"""The results schema (versioned JSON), confidence intervals and the terminal table."""
+"""The results schema (versioned JSON), confidence intervals and the terminal table.
+
+Version 2 added ``provenance`` (the command line, the UTC date the run started, its
+resumptions), the data file and its sha256, the dtype, the seeds, the alpha actually used
+(``alpha`` was null in version 1 when the per-family default applied) and the git commit.
+"""
 
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +17,12 @@ import torch
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvcomm.files import atomic_write
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+BOOTSTRAP_SEED = 0  # the seed of every confidence interval, so reports are reproducible
 
 
 class ItemResult(BaseModel):
@@ -57,6 +65,7 @@ class Report(BaseModel):
 
     version: int = RESULTS_VERSION
     config: dict[str, Any]
+    provenance: dict[str, Any] = {}  # command, date (UTC, when the run started), resumed
     environment: dict[str, str]
     profile: dict[str, Any] | None
     runs: list[RunResult]
@@ -66,17 +75,22 @@ class Report(BaseModel):
 
 
 def environment() -> dict[str, str]:
+    """Versions of kvcomm (and its git commit, when it runs from a repository), torch,
+    transformers and Python, and the machine."""
     import transformers
 
     from kvcomm import __version__
+    from kvcomm.eval.provenance import git_commit
 
+    commit = git_commit()
     return {
-        "kvcomm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "kvcomm": __version__, **({"git_commit": commit} if commit else {}), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
 
 
-def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean (seeded, so reports are reproducible)."""
     if not values:
         return (float("nan"), float("nan"))
@@ -97,19 +111,24 @@ def summarize(items: list[ItemResult]) -> dict[str, Score]:
 
 def print_table(report: Report, console: Console | None = None) -> None:
     """Prints one row per configuration: primary score with its interval, the other metrics,
-    layers shared, KV bytes given to the receiver and wall time (sender prefill included)."""
+    layers shared, KV bytes given to the receiver and wall time (sender prefill included).
+
+    Every cell and the title are printed literally (a label like ``kvcomm@0.5[shift-back]`` is
+    not read as a style tag) and in full (folded, never cut short). Without ``console``: standard
+    output, 140 columns wide when it is not a terminal.
+    """
     cfg = report.config
     primary = cfg["metric"]
     others = [m for m in (report.runs[0].scores if report.runs else {}) if m != primary]
-    table = Table(title=f"{cfg['task']} · {cfg['sender']} → {cfg['receiver']} · n={cfg['test_items']}")
+    table = Table(title=Text(f"{cfg['task']} · {cfg['sender']} → {cfg['receiver']} · n={cfg['test_items']}"))
     for column in ("method", primary, "95% CI", *others, "layers", "KV bytes/item", "time s"):
-        table.add_column(column, justify="left" if column in ("method", "layers") else "right")
+        table.add_column(Text(column), justify="left" if column in ("method", "layers") else "right",
+                         overflow="fold")
     for run in report.runs:
         score = run.scores[primary]
         layers = "-" if run.layers is None else f"{len(run.layers)}/{cfg['num_layers']}"
-        table.add_row(
-            run.label, f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
-            *(f"{run.scores[m].mean:.3f}" for m in others),
-            layers, f"{run.kv_bytes_mean:,.0f}", f"{run.seconds + run.sender_seconds:.1f}",
-        )
-    (console or Console()).print(table)
+        cells = [run.label, f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
+                 *(f"{run.scores[m].mean:.3f}" for m in others),
+                 layers, f"{run.kv_bytes_mean:,.0f}", f"{run.seconds + run.sender_seconds:.1f}"]
+        table.add_row(*(Text(cell) for cell in cells))
+    (console or Console(width=None if sys.stdout.isatty() else 140)).print(table)

@@ -92,6 +92,15 @@ class Method(ABC):
         """Method-specific facts for the results (e.g. online calibration's ranking drift)."""
         return None
 
+    def state(self) -> dict[str, Any] | None:
+        """What this method carries from one batch to the next, as JSON (None: nothing; its answers
+        on a batch depend on that batch alone). A resumed evaluation restores it with :meth:`restore`."""
+        return None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Takes back a :meth:`state` (after :meth:`setup`), as if the batches before had just run."""
+        raise ConfigError(f"{self.label}: keeps no state between batches, so there is none to restore")
+
     @abstractmethod
     def run(self, batch: Batch) -> Output:
         """Answers every item of ``batch``."""

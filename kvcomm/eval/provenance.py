@@ -1,0 +1,104 @@
+"""What a results file records so that a run can be reproduced and compared: data hashes, the
+code's commit, the time, and the identity a resumed run must match.
+
+Nothing here needs a model: the command line computes a run's identity before any model loads,
+so resuming with another configuration is refused at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from kvcomm.errors import DataError
+from kvcomm.methods.base import Method
+from kvcomm.tasks.base import Task
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the second (e.g. ``2026-01-31T12:00:00+00:00``)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    return digest.hexdigest()
+
+
+def data_record(task: Task) -> dict[str, str] | None:
+    """The task's data file and its sha256 (None for a generated task)."""
+    if task.data is None:
+        return None
+    return {"path": str(Path(task.data).resolve()), "sha256": file_sha256(task.data)}
+
+
+def items_sha256(task: Task) -> str:
+    """Hex sha256 of the task's items (ids, contexts, questions, answers) in order."""
+    rows = [[i.id, i.context, i.question, list(i.answers)] for i in task.items]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@cache
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the repository kvcomm is imported from, if it is one (else None)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and len(commit) == 40 else None
+
+
+def method_seeds(methods: Sequence[Method]) -> dict[str, int]:
+    """The seed of each configuration that takes one (e.g. ``random`` layer draws), by label."""
+    return {m.label: int(m.options.model_dump()["seed"]) for m in methods if "seed" in m.option_names()}
+
+
+def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,
+                 dtype: str, profile: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything that determines a run's answers: what a resumed run must repeat exactly.
+
+    The data is identified by its content (``items``), not its path, so a moved file resumes;
+    timing, the date and the code version are not part of it.
+    """
+    return {
+        "sender": sender, "receiver": receiver, "dtype": dtype, "task": task.name, "items": items_sha256(task),
+        "max_new_tokens": task.max_new_tokens, "metric": task.metric, "instruction": task.instruction,
+        "evaluation": config,
+        "methods": [{"method": m.name, "options": m.options.model_dump(mode="json")} for m in methods],
+        "profile": profile,
+    }
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """``key: old → new`` for the first key whose values differ (one level into nested dicts)."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = first_difference(a, b)
+            return f"{key}.{inner}" if inner else key
+        return f"{key}: {_short(a)} → {_short(b)}"
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -1,0 +1,101 @@
+"""A chat completion on top of received KV: the messages it uses, the decoding, and the stream.
+
+Messages are fetched and decoded off the event loop, each checked against this agent's model and
+against what is left of the request's decoded-bytes budget before a tensor is made. Generation
+runs in the model thread (:mod:`kvcomm.serve.worker`) with chunked prefill and per-step checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol import concat_shared, empty_input, greedy_generate, pad_left, receiver_input
+from kvcomm.serve.config import ServeConfig
+from kvcomm.serve.errors import ServiceRefusal
+from kvcomm.serve.metrics import ServiceMetrics
+from kvcomm.serve.schemas import InlineMessage, MessageRef
+from kvcomm.serve.stores import MessageStore, check_id
+from kvcomm.serve.worker import Job
+from kvcomm.wire import KVMessage
+
+
+@dataclass
+class Received:
+    """The KV messages a request uses, decoded and checked."""
+
+    messages: list[KVMessage] = field(default_factory=list)
+    bytes: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(m.context_len for m in self.messages)
+
+
+def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStore, config: ServeConfig,
+                  metrics: ServiceMetrics) -> Received:
+    """Fetches and decodes ``refs`` (run in a thread). The decoded-bytes budget is shared by all of them.
+
+    Raises:
+        ServiceRefusal: bad base64, or a stored id that does not exist (404).
+        WireError: a message that is corrupt, foreign, too large, or over the budget.
+    """
+    received = Received()
+    budget = config.max_decoded_bytes
+    for ref in refs:
+        data = _fetch(ref, store, config, metrics)
+        message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
+                                       max_decoded_bytes=budget)
+        budget -= sum(2 * 4 * layer.keys.numel() for layer in message.layers)
+        received.messages.append(message)
+        received.bytes += len(data)
+    metrics.kv_received.inc(received.bytes)
+    return received
+
+
+def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: ServiceMetrics) -> bytes:
+    if isinstance(ref, InlineMessage):
+        if len(ref.data) > 4 * (config.max_message_bytes // 3 + 1):
+            raise ServiceRefusal(413, f"inline KV message over {config.max_message_bytes} bytes", "message_too_large")
+        try:
+            return base64.b64decode(ref.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServiceRefusal(400, "inline KV message is not valid base64", "invalid_base64") from None
+    data = store.get(check_id(ref))
+    metrics.lookups.labels("hit" if data is not None else "miss").inc()
+    if data is None:
+        raise ServiceRefusal(404, f"no KV message {ref!r}", "message_not_found", "kv_messages")
+    return data
+
+
+def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
+             metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None = None) -> tuple[list[int], str]:
+    """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
+    model = agent.model
+    if received.messages:
+        start = receiver_input(concat_shared(model, [m.to_shared(agent.dtype) for m in received.messages]))
+    else:
+        start = empty_input(model, 1)
+    input_ids, valid = pad_left([ids], agent.pad_id)
+    last = time.monotonic()
+    first = True
+
+    def on_step(token: torch.Tensor, done: torch.Tensor) -> None:
+        nonlocal last, first
+        now = time.monotonic()
+        (metrics.ttft if first else metrics.per_token).observe(now - (job.started if first else last))
+        first, last = False, now
+        if emit is not None and not bool(done[0]):
+            emit(int(token[0]))
+
+    out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id, on_step,
+                          prefill_chunk=config.prefill_chunk, check=job.check)[0]
+    metrics.prompt_tokens.inc(len(ids))
+    metrics.generation_tokens.inc(len(out))
+    return out, "length" if len(out) >= budget else "stop"

@@ -1,0 +1,56 @@
+"""What one agent service allows and defaults to (``kvcomm serve`` options), checked where it is made."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from kvcomm.config import Options
+from kvcomm.protocol import MaskMode
+from kvcomm.wire import make_codec
+
+MIB = 1 << 20
+
+
+class ServeConfig(Options):
+    """Limits and defaults of one agent service.
+
+    Attributes:
+        token: when set, every ``/v1`` route (and ``/metrics``, ``/docs``, ``/openapi.json`` unless
+            ``public_docs``) needs ``Authorization: Bearer <token>``.
+        served_model_names: the names clients may use in ``model`` (vLLM's ``--served-model-name``);
+            the first is reported by ``/v1/models``. Empty: the model's own name.
+        max_request_bytes: largest request body, with or without a ``Content-Length``.
+        max_message_bytes: largest KV message stored, uploaded or used.
+        max_decoded_bytes: most float32 bytes the KV messages of one request may decode to.
+        max_kv_messages: most KV messages one chat request may use.
+        max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks none.
+        timeout_s: per-request deadline: waiting for the model, prefill and decoding.
+        prefill_chunk: prompts are prefilled this many tokens at a time, so deadlines and
+            disconnects are noticed during long prefills too.
+        codec: codec of messages the service makes, unless a request names another.
+        ratio: default fraction of layers a context shares (None: all layers); chosen by the
+            service's layer ranking (a profile, loaded or calibrated once).
+        mode: default mask mode of the messages the service makes.
+    """
+
+    what = "service"
+    token: str | None = None
+    public_docs: bool = False
+    served_model_names: tuple[str, ...] = ()
+    max_request_bytes: int = Field(64 * MIB, ge=1024)
+    max_message_bytes: int = Field(64 * MIB, ge=1024)
+    max_decoded_bytes: int = Field(2048 * MIB, ge=1024)
+    max_kv_messages: int = Field(64, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    prefill_chunk: int = Field(512, ge=1)
+    codec: str = "int8"
+    ratio: float | None = Field(None, gt=0, le=1)
+    mode: MaskMode = "causal"
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: str) -> str:
+        make_codec(codec)
+        return codec

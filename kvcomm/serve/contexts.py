@@ -1,0 +1,130 @@
+"""Contexts the service stores as KV messages: which layers, which id, and one prefill per content.
+
+A context shares the layers a request names, or the top ``ratio`` of a layer ranking: the
+request's own (``profile``), the service's (loaded with ``--profile``), or one the service
+calibrates once on generated text the first time a ratio is asked without either. Ids are
+content addresses: the same token ids, model, layers, mask mode and codec give the same id, so a
+second request for the same context spends no prefill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+
+from kvcomm.agents import Agents, encode_ids
+from kvcomm.errors import ConfigError, MessageTooLarge
+from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol import MaskMode, effective_layers
+from kvcomm.selection import Profile, calibrate, top_layers
+from kvcomm.serve.config import ServeConfig
+from kvcomm.serve.schemas import ContextRequest
+from kvcomm.serve.stores import MessageStore, check_id
+from kvcomm.tasks import Item, Task, load_task
+from kvcomm.wire import Codec, KVMessage, make_codec
+from kvcomm.wire.bootstrap import model_codebook
+
+CALIBRATION_ITEMS = 4  # generated facts items the service calibrates on when it must
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a context request resolves to before any prefill."""
+
+    ids: list[int]
+    layers: list[int] | None  # None: every layer
+    codec: Codec
+    mode: MaskMode
+    message_id: str
+    content_addressed: bool
+
+
+def check_ranking(ranking: list[int], num_layers: int) -> list[int]:
+    if sorted(ranking) != list(range(num_layers)):
+        raise ConfigError(f"a layer ranking must order each of the model's {num_layers} layers once")
+    return ranking
+
+
+class ContextMaker:
+    """Turns context requests into stored KV messages for one agent."""
+
+    def __init__(self, agent: LoadedModel, config: ServeConfig, profile: Profile | None = None) -> None:
+        self.agent, self.config = agent, config
+        if profile is not None:
+            if profile.num_layers != agent.num_layers:
+                raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agent.num_layers}")
+            check_ranking(profile.ranking, agent.num_layers)
+        self.profile = profile
+        self._calibrating = threading.Lock()
+
+    def tokens(self, body: ContextRequest) -> list[int]:
+        """The sender prompt's token ids (thread: tokenising a long context takes time)."""
+        if body.context is not None:
+            item = Item("0", body.context, "", ())
+            return self.agent.encode_message(Task("context", [item], 1).sender_message(item))
+        return self.agent.chat_ids([m.turn() for m in body.messages or []], generation_prompt=False)
+
+    def ranking(self, body: ContextRequest) -> list[int]:
+        """The request's ranking, else the service's (calibrated now, once, if it has none)."""
+        if body.profile is not None:
+            return check_ranking(body.profile.ranking, self.agent.num_layers)
+        with self._calibrating:
+            if self.profile is None:
+                self.profile = self.calibrate()
+        return self.profile.ranking
+
+    def calibrate(self) -> Profile:
+        """A ranking from the model's attention on generated facts (no generation, a few seconds)."""
+        task = load_task("facts", items=CALIBRATION_ITEMS)
+        return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False)
+
+    def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
+        """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
+        codec = make_codec(body.codec or self.config.codec).bind(lambda: model_codebook(self.agent))
+        mode = body.mode or self.config.mode
+        layers: list[int] | None = None
+        if body.layers is not None:
+            bad = [layer for layer in body.layers if not 0 <= layer < self.agent.num_layers]
+            if bad:
+                raise ConfigError(f"layers {bad} are out of range 0..{self.agent.num_layers - 1}")
+            layers = sorted(set(body.layers))
+        elif (ratio := body.ratio or self.config.ratio) is not None:
+            layers = top_layers(self.ranking(body), ratio)
+        if body.id is not None:
+            return Plan(ids, layers, codec, mode, check_id(body.id), False)
+        return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode), True)
+
+    def content_id(self, ids: list[int], layers: list[int] | None, codec: Codec, mode: MaskMode) -> str:
+        full = effective_layers(range(self.agent.num_layers) if layers is None else layers, mode)
+        key = json.dumps({"fingerprint": self.agent.fingerprint, "ids": ids, "layers": full, "mode": mode,
+                          "codec": [codec.name, codec.params()]}, sort_keys=True)
+        return "kv-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def existing(self, plan: Plan, store: MessageStore) -> bytes | None:
+        """The stored message of a content-addressed plan, if there is one (no prefill needed)."""
+        return store.get(plan.message_id) if plan.content_addressed else None
+
+    def check_size(self, plan: Plan) -> None:
+        """Refuses, before any prefill, a context whose message will be over the size limit for sure
+        (exact for the uncompressed codecs; compressing codecs are checked after encoding)."""
+        if plan.codec.name != "raw":
+            return
+        fp, width = self.agent.fingerprint, {"float32": 4}.get(str(plan.codec.params().get("dtype")), 2)
+        layers = set(effective_layers(range(fp["num_layers"]) if plan.layers is None else plan.layers, plan.mode))
+        tokens = sum(len(plan.ids) if layer in layers else 1 for layer in range(fp["num_layers"]))
+        size = 2 * width * fp["num_kv_heads"] * fp["head_dim"] * tokens
+        if size > self.config.max_message_bytes:
+            raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
+                                  f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
+
+    def encode(self, plan: Plan) -> tuple[bytes, KVMessage]:
+        """Prefills and encodes (model thread); refuses a message over the service's size limit."""
+        self.check_size(plan)
+        message = encode_ids(self.agent, plan.ids, plan.layers, plan.codec, plan.mode)
+        data = message.to_bytes()
+        if len(data) > self.config.max_message_bytes:
+            raise MessageTooLarge(f"the context's message is {len(data):,} bytes; the service stores at most "
+                                  f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
+        return data, message

@@ -1,0 +1,57 @@
+"""Whether the store's backend answers, known without ever blocking the event loop on it.
+
+A probe (``ping``, for stores that have one) runs in a thread; ``/healthz`` waits for it at most a
+few milliseconds and otherwise reports the store as not answering, so a paused Redis makes the
+agent *degraded*, never unresponsive. Results are kept for a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import anyio
+
+from kvcomm.serve.stores import MessageStore, Pingable, StoreError, StoreUnavailable, store_kind_of
+
+
+class StoreHealth:
+    """The last known state of one store, refreshed by at most one probe at a time."""
+
+    def __init__(self, store: MessageStore, fresh_s: float = 1.0) -> None:
+        self.store, self.fresh_s = store, fresh_s
+        self._state: dict[str, Any] = {"kind": store_kind_of(store), "ok": True, "error": None}
+        self._checked = -float("inf")
+        self._probe: asyncio.Task[None] | None = None
+
+    async def _run_probe(self) -> None:
+        assert isinstance(self.store, Pingable)
+        try:
+            await anyio.to_thread.run_sync(self.store.ping)
+            self._state = {**self._state, "ok": True, "error": None}
+        except StoreError as err:
+            self._state = {**self._state, "ok": False, "error": str(err)}
+        self._checked = time.monotonic()
+
+    def record_failure(self, error: str) -> None:
+        """A route found the store down: report it until the next probe says otherwise."""
+        self._state = {**self._state, "ok": False, "error": error}
+        self._checked = -float("inf")  # the next /healthz probes again (recovery is seen at once)
+
+    async def state(self, wait_s: float = 0.05) -> dict[str, Any]:
+        """The store's state, waiting at most ``wait_s`` for a probe to answer."""
+        if not isinstance(self.store, Pingable) or time.monotonic() - self._checked < self.fresh_s:
+            return self._state
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._run_probe())
+        done, _ = await asyncio.wait({self._probe}, timeout=wait_s)
+        if not done:
+            return {**self._state, "ok": False, "error": f"the store did not answer within {wait_s * 1000:.0f} ms"}
+        return self._state
+
+    async def require(self, wait_s: float = 3.0) -> None:
+        """Raises :class:`StoreUnavailable` unless the store answers within ``wait_s``."""
+        state = await self.state(wait_s)
+        if not state["ok"]:
+            raise StoreUnavailable(f"the message store is unavailable: {state['error']}")

@@ -1,0 +1,84 @@
+"""Chat completion responses in the ``openai`` package's own types, whole or streamed as events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from kvcomm.models.loading import LoadedModel
+from kvcomm.serve.chat import Received, generate
+from kvcomm.serve.config import ServeConfig
+from kvcomm.serve.errors import error_json
+from kvcomm.serve.metrics import ServiceMetrics
+from kvcomm.serve.worker import Job, ModelWorker
+
+
+def _usage(prompt: int, completion: int, extra: dict[str, int]) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **extra}
+
+
+def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+               extra: dict[str, int]) -> ChatCompletion:
+    """A whole chat completion (``usage`` adds ``kv_bytes_received`` and ``kv_tokens_received``)."""
+    return ChatCompletion.model_validate({
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+        "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": finish}],
+        "usage": _usage(prompt_tokens, completion_tokens, extra),
+    })
+
+
+async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, received: Received, ids: list[int],
+                        budget: int, config: ServeConfig, metrics: ServiceMetrics, model: str,
+                        extra: dict[str, int], began: float) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, the text growing token by token.
+
+    If the client goes away the generator is closed, the job is cancelled, and the model thread
+    stops at its next step; an error after the stream started is sent as an error event.
+    """
+    queue: asyncio.Queue[int | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def emit(token: int) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, token)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {ChatCompletionChunk.model_validate(body).model_dump_json(exclude_unset=True)}\n\n"
+
+    task = asyncio.create_task(worker.run(job, partial(generate, agent, received, ids, budget, config, metrics,
+                                                       emit=emit)))
+    task.add_done_callback(lambda done: loop.call_soon_threadsafe(queue.put_nowait, None))
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+    tokens: list[int] = []
+    sent = ""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (token := await queue.get()) is not None:
+            tokens.append(token)
+            text = agent.decode(tokens)
+            if text.startswith(sent) and len(text) > len(sent):
+                yield chunk({"content": text[len(sent):]})
+                sent = text
+        try:
+            _, finish = await task
+        except Exception as err:  # a refusal after the stream began (deadline): say so in the stream
+            status, detail = getattr(err, "status_code", 500), str(getattr(err, "detail", err))
+            yield f"data: {json.dumps(error_json(status, detail, getattr(err, 'code', None)))}\n\n"
+            return
+        yield chunk({}, finish, _usage(len(ids), len(tokens), extra))
+        yield "data: [DONE]\n\n"
+        metrics.e2e.observe(time.monotonic() - began)
+    finally:
+        job.cancelled.set()  # the client went away (or we are done): the model thread stops at its next step

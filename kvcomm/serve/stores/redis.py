@@ -1,0 +1,68 @@
+"""Messages in Redis, for agents on several machines: every backend fault is a StoreUnavailable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from kvcomm.errors import ConfigError
+from kvcomm.serve.stores.base import StoreUnavailable, check_id
+
+T = TypeVar("T")
+
+
+class RedisStore:
+    """Messages under ``prefix`` + id; each expires after ``ttl_s`` if set. Redis bounds its own memory
+    (``maxmemory`` and an eviction policy such as ``allkeys-lru``).
+
+    Connection errors and time-outs (``timeout_s``) raise :class:`StoreUnavailable`; the client
+    reconnects by itself on the next call once Redis is back.
+    """
+
+    def __init__(self, url: str, prefix: str = "kvcomm:msg:", ttl_s: float | None = None,
+                 timeout_s: float = 2.0, connect: bool = True) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError("the redis store needs the redis package: pip install 'kvcomm[serve]'") from None
+        self._errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                            health_check_interval=30)
+        self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
+        if connect:
+            self.ping()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except self._errors as err:
+            raise StoreUnavailable(f"Redis at {self.url} did not answer ({what}): {err}") from None
+
+    def ping(self) -> None:
+        self._call("ping", self._client.ping)
+
+    def put(self, message_id: str, data: bytes) -> None:
+        key = self.prefix + check_id(message_id)
+        expire = None if self.ttl_s is None else max(1, int(self.ttl_s))
+        self._call("put", lambda: self._client.set(key, data, ex=expire))  # one SET: atomic
+
+    def get(self, message_id: str) -> bytes | None:
+        key = self.prefix + check_id(message_id)
+        return cast(bytes | None, self._call("get", lambda: self._client.get(key)))
+
+    def exists(self, message_id: str) -> bool:
+        key = self.prefix + check_id(message_id)
+        return bool(self._call("exists", lambda: self._client.exists(key)))
+
+    def delete(self, message_id: str) -> bool:
+        key = self.prefix + check_id(message_id)
+        return bool(self._call("delete", lambda: self._client.delete(key)))
+
+    def list(self) -> list[str]:
+        def scan() -> list[Any]:
+            return list(self._client.scan_iter(match=self.prefix + "*"))
+
+        return sorted(k.decode()[len(self.prefix):] for k in self._call("list", scan))
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,103 @@
+"""The one model of an agent, used by one request at a time, and the ways a request's work stops.
+
+Requests queue on a lock and run in a worker thread, so concurrent requests never mix and the
+event loop stays free. Each request carries a :class:`Job`: a deadline (waiting for the model,
+prefill and decoding all count) and a cancellation flag set when the client goes away. The model
+thread checks the job between prefill chunks and decoding steps, so abandoned or overdue work
+stops within one step and the next request does not wait for it; work abandoned while still
+queued never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+from starlette.requests import Request
+
+from kvcomm.serve.errors import ServiceRefusal
+from kvcomm.serve.metrics import ServiceMetrics
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """A job stopped before finishing; ``reason`` is ``deadline`` or ``disconnected``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Job:
+    """One request's claim on the model: a deadline and a cancellation flag."""
+
+    timeout_s: float
+    started: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def check(self) -> None:
+        """Raises :class:`Stopped` if the client went away or the deadline passed."""
+        if self.cancelled.is_set():
+            raise Stopped("disconnected")
+        if time.monotonic() > self.deadline:
+            raise Stopped("deadline")
+
+
+class ModelWorker:
+    """Runs model work one job at a time in a thread, counting running and waiting requests."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._lock = asyncio.Lock()
+        self.metrics = metrics
+
+    async def run(self, job: Job, work: Callable[[Job], T]) -> T:
+        """``work(job)`` in the model thread, once the model is free.
+
+        Raises:
+            ServiceRefusal: 504 when the deadline passes (waiting or working), 499 when the client left.
+        """
+        self.metrics.waiting.inc()
+        try:
+            await asyncio.wait_for(self._lock.acquire(), timeout=job.remaining())
+        except TimeoutError:
+            self.metrics.cancelled.labels("deadline").inc()
+            raise ServiceRefusal(504, f"no model time within {job.timeout_s:g} s", "timeout") from None
+        finally:
+            self.metrics.waiting.dec()
+        self.metrics.running.inc()
+        try:
+            job.check()  # abandoned while it waited: do not start
+            # the thread is not abandoned when this coroutine is cancelled: the lock is held until
+            # the work returns, and the job's flag makes it return at its next check
+            return await anyio.to_thread.run_sync(work, job)
+        except Stopped as stop:
+            self.metrics.cancelled.labels(stop.reason).inc()
+            if stop.reason == "deadline":
+                raise ServiceRefusal(504, f"request exceeded {job.timeout_s:g} s", "timeout") from None
+            raise ServiceRefusal(499, "the client closed the request", "client_closed_request") from None
+        finally:
+            self.metrics.running.dec()
+            self._lock.release()
+
+
+async def watch_disconnect(request: Request, job: Job, every_s: float = 0.1) -> None:
+    """Sets ``job.cancelled`` when the client of ``request`` disconnects (run as a task)."""
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(every_s)

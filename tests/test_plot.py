@@ -1,0 +1,99 @@
+"""Sweep plots people can read: one colour per series in both plots, coinciding series named,
+bands for all or none, a score axis from 0, log-axis labels that do not collide."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import matplotlib.pyplot as plt
+import pytest
+from matplotlib.collections import PolyCollection
+
+from kvcomm.eval.plot import byte_label, plot_sweep, sweep_figure
+from kvcomm.eval.results import Report, RunResult, Score
+
+
+def run(label: str, method: str, fraction: float | None, mean: float, kv_bytes: float,
+        codec: str | None = None) -> RunResult:
+    return RunResult(method=method, label=label, layers=None, fraction=fraction, mode="causal", codec=codec, n=10,
+                     scores={"paper_f1": Score(mean=mean, ci95=(max(0.0, mean - 0.1), min(1.0, mean + 0.1)))},
+                     kv_bytes_mean=kv_bytes, seconds=1.0, sender_seconds=0.0, items=[])
+
+
+@pytest.fixture
+def report() -> Report:
+    runs = [run("baseline", "baseline", None, 0.2, 0), run("skyline", "skyline", None, 0.7, 0),
+            run("nld", "nld", None, 0.5, 300.0), run("ac", "ac", None, 0.45, 8000.0)]
+    for fraction in (0.25, 0.5, 1.0):
+        score = 0.3 + 0.3 * fraction
+        runs += [run(f"kvcomm@{fraction:g}", "kvcomm", fraction, score, 2e6 * fraction),
+                 run(f"random@{fraction:g}", "random", fraction, score, 2e6 * fraction),  # coincides with kvcomm
+                 run(f"kvcomm@{fraction:g}+int8", "kvcomm", fraction, score - 0.05, 5e5 * fraction, "int8")]
+    return Report(config={"metric": "paper_f1", "task": "t", "receiver": "m", "test_items": 10}, environment={},
+                  profile=None, runs=runs)
+
+
+def series(label: str) -> str:
+    """The series a legend entry names (less any "(= other)" note and a horizontal line's score)."""
+    return re.sub(r" \d\.\d\d( \[.*\])?$", "", label.split(" (=")[0])
+
+
+def colours(fig) -> dict[str, tuple]:
+    """Each legend entry's colour (lines, horizontal lines and error-bar points alike)."""
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    out = {}
+    for handle, label in zip(handles, labels):
+        artist = handle.lines[0] if hasattr(handle, "lines") else handle
+        out[series(label)] = tuple(plt.matplotlib.colors.to_rgba(artist.get_color()))
+    return out
+
+
+def test_each_series_keeps_one_distinct_colour_in_both_plots(report):
+    by_fraction, by_bytes = sweep_figure(report), sweep_figure(report, x="bytes")
+    a, b = colours(by_fraction), colours(by_bytes)
+    assert set(a) == set(b) == {"baseline", "skyline", "nld", "ac", "kvcomm", "random", "kvcomm +int8"}
+    assert a == b
+    assert len(set(a.values())) == len(a)  # no two series share a colour
+    plt.close("all")
+
+
+def test_coinciding_series_are_named_and_the_score_axis_starts_at_zero(report):
+    for x in ("fraction", "bytes"):
+        fig = sweep_figure(report, x=x)
+        ax = fig.axes[0]
+        assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 0.8  # the highest interval shows
+        labels = ax.get_legend_handles_labels()[1]
+        assert "random (= kvcomm)" in labels
+        sizes = {series(line.get_label()): line.get_markersize() for line in ax.get_lines()}
+        assert sizes["random"] < sizes["kvcomm"]  # drawn later and smaller: both stay visible
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("bands", [True, False])
+def test_bands_are_drawn_for_every_line_or_for_none(report, bands):
+    ax = sweep_figure(report, bands=bands).axes[0]
+    drawn = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(drawn) == (3 if bands else 0)  # kvcomm, random, kvcomm +int8
+    references = [label for label in ax.get_legend_handles_labels()[1] if label.startswith(("baseline", "nld"))]
+    assert all(("[" in label) == bands for label in references)  # the interval, in the legend
+    plt.close("all")
+
+
+def test_log_axis_labels_do_not_collide(report, tmp_path):
+    fig = sweep_figure(report, x="bytes")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    shown = [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+    assert len(shown) >= 3
+    boxes = [t.get_window_extent() for t in shown]
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    assert {t.get_text() for t in shown} >= {"1 kB", "1 MB"}
+    plt.close(fig)
+    assert plot_sweep(report, tmp_path / "p.png", x="bytes").stat().st_size > 1000
+
+
+def test_byte_labels():
+    assert [byte_label(v) for v in (512, 2e4, 1.5e6, 3e9)] == ["512 B", "20 kB", "1.5 MB", "3 GB"]

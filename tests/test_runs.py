@@ -1,0 +1,233 @@
+"""Runs as a researcher uses them (issue 13): provenance, run folders that never overwrite,
+samples with prompt text, resuming an interrupted sweep, several tasks per run, `kvcomm tasks`,
+literal printing and safe file names, and a quiet `-q`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import transformers
+from rich.console import Console
+from typer.testing import CliRunner
+
+from kvcomm.cli import app
+from kvcomm.eval import Report, print_table
+from kvcomm.eval import harness as harness_module
+from kvcomm.eval.outputs import safe_name
+from kvcomm.models import load_model
+from kvcomm.selection import default_alpha
+from kvcomm.tasks import METRICS, TASKS, load_task
+
+runner = CliRunner()
+GLOB_OR_SPACE = set(" *?[]")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def jsonl_file(path: Path, items: int = 8) -> Path:
+    """A JSONL task made of generated look-ups (so its answers are in its contexts)."""
+    rows = [{"id": f"mine_{i}", "context": item.context, "question": item.question, "answers": list(item.answers)}
+            for i, item in enumerate(load_task("facts", items=items, seed=7).items)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def without_timing(report: dict) -> dict:
+    """A results JSON less what may differ between two runs of the same work: times and dates."""
+    report = json.loads(json.dumps(report))
+    report.pop("provenance")
+    for run in report["runs"]:
+        run.pop("seconds"), run.pop("sender_seconds")
+    return report
+
+
+def test_results_record_provenance(tiny_dir, tmp_path):
+    data = jsonl_file(tmp_path / "mine.jsonl")
+    args = ["eval", "-m", str(tiny_dir), "-t", "jsonl", "--data", str(data), "--limit", "2", "--calib-size", "1",
+            "--ratio", "0.5", "-q", "--out-dir", str(tmp_path / "run")]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "mine.json").read_text())
+    config, provenance = report["config"], report["provenance"]
+    assert config["data"] == {"path": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert provenance["command"] == shlex.join(["kvcomm", *args]) and provenance["resumed"] == []
+    started = datetime.fromisoformat(provenance["date"])
+    assert started.utcoffset().total_seconds() == 0 and abs((datetime.now(UTC) - started).total_seconds()) < 300
+    assert config["alpha"] == default_alpha("llama") == report["profile"]["alpha"]  # resolved, not null
+    assert config["alpha_source"] == "profile" and config["dtype"] == "float32"
+    assert config["seeds"]["bootstrap"] == 0 and config["seeds"]["task"] is None  # read from a file
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        assert report["environment"]["git_commit"] == head
+    else:
+        assert "git_commit" not in report["environment"]
+
+
+def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
+    result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "random", "--ratios", "0.5",
+                    "--seed", "5", "--alpha", "0.3", "-q", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "facts.json").read_text())["config"]
+    assert (config["alpha"], config["alpha_source"]) == (0.3, "given")
+    assert config["seeds"] == {"bootstrap": 0, "task": 0, "methods": {"random@0.5": 5}}
+
+
+def test_default_folder_is_timestamped_and_nothing_is_overwritten(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "-m", str(tiny_dir), "--limit", "1", "--method", "baseline", "-q"]
+    assert invoke(*args).exit_code == 0 and invoke(*args).exit_code == 0
+    folders = sorted((tmp_path / "results").iterdir())
+    assert len(folders) == 2  # the second run did not reuse the first one's folder
+    for folder in folders:
+        assert re.fullmatch(r"\d{8}-\d{6}-tiny(-\d+)?", folder.name), folder.name
+        assert (folder / "facts.json").is_file() and (folder / "facts-samples.jsonl").is_file()
+    first = folders[0] / "facts.json"
+    before = first.read_bytes()
+    refused = invoke(*args, "--out-dir", str(folders[0]))
+    assert refused.exit_code == 2 and "exists; pass --overwrite" in refused.stderr
+    assert first.read_bytes() == before
+    replaced = invoke(*args, "--out-dir", str(folders[0]), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert "--overwrite" in json.loads(first.read_text())["provenance"]["command"]
+
+
+def test_samples_hold_each_prompt_as_text(tiny_dir, tmp_path):
+    result = invoke("sweep", "-m", str(tiny_dir), "--limit", "3", "--methods", "baseline,kvcomm", "--ratios", "1",
+                    "-q", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "facts-samples.jsonl").read_text().splitlines()]
+    assert [(s["label"], s["id"]) for s in lines] == [
+        (label, f"facts_0_{i:04d}") for label in ("baseline", "kvcomm@1") for i in range(3)]
+    tokenizer = load_model(str(tiny_dir)).tokenizer
+    items = {item.id: item for item in load_task("facts").items}
+    for sample in lines:
+        item = items[sample["id"]]
+        assert sample["receiver_prompt"] == tokenizer.decode(sample["receiver_ids"], skip_special_tokens=False)
+        assert item.question in sample["receiver_prompt"] and sample["gold"] == list(item.answers)
+        if sample["label"] == "baseline":
+            assert sample["sender_prompt"] is None and item.context not in sample["receiver_prompt"]
+        else:
+            assert sample["sender_prompt"] == tokenizer.decode(sample["sender_ids"], skip_special_tokens=False)
+            assert item.context in sample["sender_prompt"]
+    report = json.loads((tmp_path / "facts.json").read_text())
+    assert [s["answer"] for s in lines] == [i["answer"] for run in report["runs"] for i in run["items"]]
+
+
+def test_an_interrupted_two_task_sweep_resumes_to_the_same_results(tiny_dir, tmp_path, monkeypatch):
+    data = jsonl_file(tmp_path / "mine.jsonl")
+    common = ["sweep", "-m", str(tiny_dir), "-t", "facts,jsonl", "--data", f"jsonl={data}", "--limit", "6",
+              "--batch-size", "2", "--calib-size", "1", "--methods", "baseline,kvcomm,online", "--ratios", "0.5",
+              "--interval", "3", "-q"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert invoke(*common, "--out-dir", str(whole)).exit_code == 0
+
+    real_run_one, calls = harness_module._run_one, []
+
+    def interrupted(method, batch):  # 3 batches x 3 configurations per task: stop at the 14th
+        calls.append(method.label)
+        if len(calls) == 14:
+            raise KeyboardInterrupt
+        return real_run_one(method, batch)
+
+    monkeypatch.setattr(harness_module, "_run_one", interrupted)
+    stopped = invoke(*common, "--out-dir", str(parts))
+    assert stopped.exit_code in (1, 130) and f"--resume {parts}" in stopped.stderr  # 130: SIGINT
+    assert (parts / "facts.json").is_file() and not (parts / "mine.json").exists()
+
+    other = invoke(*common, "--out-dir", str(parts), "--resume", str(parts), "--batch-size", "3")
+    assert other.exit_code == 2 and "cannot resume" in other.stderr and "batch_size: 2 → 3" in other.stderr
+
+    calls.clear()
+    resumed = invoke(*common, "--out-dir", str(parts), "--resume", str(parts))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(calls) == 5  # the 13 finished (configuration, batch) pairs were not run again
+    for name in ("facts", "mine"):
+        finished, interrupted_then_resumed = (json.loads((folder / f"{name}.json").read_text())
+                                              for folder in (whole, parts))
+        assert without_timing(interrupted_then_resumed) == without_timing(finished)
+        assert (parts / f"{name}-samples.jsonl").read_text() == (whole / f"{name}-samples.jsonl").read_text()
+        assert (parts / f"{name}.png").is_file() and (parts / f"{name}-bytes.png").is_file()
+    provenance = json.loads((parts / "mine.json").read_text())["provenance"]
+    assert "--resume" not in provenance["command"] and "--resume" in provenance["resumed"][-1]["command"]
+    assert any(run["details"] and run["details"]["drift"] for run in json.loads((parts / "mine.json").read_text())[
+        "runs"])  # online calibration rebuilt its ranking across the interruption
+
+
+def test_several_tasks_with_their_data_write_one_results_file_each(tiny_dir, tmp_path):
+    data = jsonl_file(tmp_path / "mine.jsonl")
+    result = invoke("eval", "-m", str(tiny_dir), "-t", "jsonl,facts", "--data", f"jsonl={data}", "--limit", "2",
+                    "--method", "baseline", "-q", "--out-dir", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.json")) == ["facts.json", "mine.json"]
+    for name in ("facts", "mine"):
+        report = Report.model_validate_json((tmp_path / "run" / f"{name}.json").read_text())
+        assert report.config["task"] == name and report.runs[0].n == 2
+
+
+def test_a_jsonl_task_takes_its_metric_and_budget_from_the_command_line(tiny_dir, tmp_path):
+    data = jsonl_file(tmp_path / "mine.jsonl")
+    result = invoke("eval", "-m", str(tiny_dir), "-t", "jsonl", "--data", str(data), "--limit", "3", "--method",
+                    "skyline", "--metric", "exact_match", "--max-new-tokens", "2", "-q", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "mine.json").read_text())
+    assert (report["config"]["metric"], report["config"]["max_new_tokens"]) == ("exact_match", 2)
+    assert all(len(i["answer"]) <= 2 for i in report["runs"][0]["items"])  # a token is at most one character here
+    assert re.search(r"method\s+┃\s+exact_match\s+┃", result.stdout)  # the primary column
+
+
+def test_tasks_command_lists_metric_and_budget():
+    result = invoke("tasks")
+    assert result.exit_code == 0, result.output
+    for name in TASKS:
+        info = TASKS.get(name)
+        assert info.metric in METRICS
+        assert re.search(rf"│ {name}\s+│ {info.metric}\s+│\s+{info.max_new_tokens} │", result.stdout), name
+
+
+def test_labels_are_printed_literally(tiny_dir, tmp_path):
+    result = invoke("eval", "-m", str(tiny_dir), "--limit", "1", "--ratio", "0.5", "--mode", "shift-back", "-q",
+                    "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "kvcomm@0.5[shift-back]" in result.stdout
+    report = Report.model_validate_json((tmp_path / "facts.json").read_text())
+    report.runs[0].label = "[bold]x[/bold] :smile: [shift-back]"
+    console = Console(record=True, width=200)
+    print_table(report, console)
+    assert "[bold]x[/bold] :smile: [shift-back]" in console.export_text()
+
+
+def test_file_names_have_no_glob_characters_or_spaces(tiny_dir, tmp_path, monkeypatch):
+    odd = tmp_path / "my model [v2]*?"
+    shutil.copytree(tiny_dir, odd)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("sweep", "-m", str(odd), "--limit", "1", "--methods", "baseline,kvcomm", "--ratios", "1",
+                    "--mode", "shift-back", "-q")
+    assert result.exit_code == 0, result.output
+    written = list((tmp_path / "results").rglob("*"))
+    assert any(p.name == "facts.json" for p in written) and len(written) > 5
+    for path in written:
+        assert not GLOB_OR_SPACE & set(path.relative_to(tmp_path).as_posix()), path
+    assert safe_name("kvcomm@0.5[shift-back] x/y*?") == "kvcomm@0.5-shift-back-x-y"
+
+
+def test_quiet_silences_transformers(tiny_dir, tmp_path):
+    shutil.copytree(tiny_dir, tmp_path / "again")  # another name, so the model is loaded again
+    args = ["eval", "--limit", "1", "--method", "baseline"]
+    loud = invoke(*args, "-m", str(tiny_dir), "--out-dir", str(tmp_path / "loud"))
+    assert loud.exit_code == 0 and "Loading weights" in loud.stderr  # the bar -q must silence
+    verbosity = transformers.utils.logging.get_verbosity()
+    quiet = invoke(*args, "-m", str(tmp_path / "again"), "--out-dir", str(tmp_path / "quiet"), "-q")
+    assert quiet.exit_code == 0, quiet.output
+    assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr
+    assert transformers.utils.logging.get_verbosity() == verbosity  # set back afterwards
+    assert transformers.utils.logging.is_progress_bar_enabled()
