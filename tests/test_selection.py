@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -101,3 +102,75 @@ def test_parse_and_format_layers_round_trip():
     for bad in ("x", "31", "5-40", ""):
         with pytest.raises(ConfigError):
             parse_layers(bad, 30)
+
+
+def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family):
+    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set."""
+    from kvcomm.protocol import build_receiver_input, prefill_logits
+    from kvcomm.selection.likelihood import Scored, answer_loglik
+
+    model = tiny_model(family)
+    sender = prefill(model, torch.randint(0, 99, (1, 9)), torch.ones(1, 9, dtype=torch.bool))
+    prompt, answer = [5, 6, 7, 8], [9, 10, 11]
+    sets = [frozenset(), frozenset({1}), frozenset({0, 3}), frozenset(range(4))]
+    got = answer_loglik(model, Scored(sender, prompt, answer), sets, chunk=3)
+    for chosen, value in zip(sets, got):
+        ids = torch.tensor([prompt + answer[:-1]])
+        logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:], -1)[torch.arange(3), torch.tensor(answer)]
+        assert abs(float(logp.mean()) - float(value)) < 1e-4
+
+
+def test_greedy_selection_follows_the_objective():
+    """On an objective whose best sets are known, greedy adds layers in the order that helps most."""
+    from kvcomm.selection.search import greedy_order
+
+    value = {0: 0.1, 1: 2.0, 2: 0.5, 3: 1.0}
+    calls = []
+
+    def objective(sets):
+        calls.append(len(sets))
+        return np.array([sum(value[layer] for layer in s) for s in sets])
+
+    ranking, trace = greedy_order(objective, 4, steps=2)
+    assert ranking == [1, 3, 2, 0] and [t["layer"] for t in trace] == [1, 3] and calls == [4, 3]
+
+
+def test_a_fitted_prior_finds_the_depth_that_helps():
+    """When only deep layers help the answer, the fitted prior moves its centre deep."""
+    from kvcomm.selection.search import fit_prior
+
+    def objective(sets):
+        return np.array([sum(layer >= 14 for layer in s) / max(len(s), 1) for s in sets])
+
+    fitted = fit_prior(objective, importance=[0.0] * 20)
+    assert fitted["mu"] >= 0.7 and fitted["settings"] == 5 * 9 * 5 and fitted["distinct_sets"] >= 2
+
+
+@pytest.mark.parametrize("rule", ["paper", "answer", "prior"])
+def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
+    from kvcomm import Agents, calibrate, load_task
+    from tests.conftest import tiny_loaded
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=3)
+    profile = calibrate(Agents(model, model), task, task.items, progress=False, rule=rule, batch_size=2)
+    assert sorted(profile.ranking) == [0, 1, 2, 3] and profile.rule == rule and profile.version == 2
+    assert profile.cost["seconds"] > 0 and profile.cost["items"] == 3
+    if rule == "answer":
+        assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:3]  # 70% of 4 layers
+        assert profile.cost["forwards_per_item"] == 3  # one batched forward per step
+    if rule == "prior":
+        fitted = profile.details["fitted"]
+        assert (profile.alpha, profile.mu, profile.sigma) == (fitted["alpha"], fitted["mu"], fitted["sigma"])
+
+
+def test_version_1_profiles_still_load(tmp_path):
+    from kvcomm.selection import Profile
+
+    old = {"version": 1, "sender": "s", "receiver": "s", "task": "t", "num_layers": 2, "alpha": 1.0, "mu": 0.5,
+           "sigma": 10.0, "calibration_items": ["a"], "importance": [0.1, 0.2], "scores": [0.0, 1.0],
+           "ranking": [1, 0]}
+    (tmp_path / "p.json").write_text(json.dumps(old))
+    profile = Profile.load(tmp_path / "p.json")
+    assert profile.rule == "paper" and profile.ranking == [1, 0]

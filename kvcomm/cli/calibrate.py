@@ -20,6 +20,7 @@ from kvcomm.cli.common import (
     Overwrite,
     Quiet,
     Receiver,
+    Selection,
     Sigma,
     TaskName,
     check_output,
@@ -36,15 +37,16 @@ from kvcomm.tasks import load_task
 def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
     calib_size: Annotated[int, typer.Option(min=1, help="Calibration items, taken from the end of the task.")] = 1,
-    batch_size: BatchSize = None, alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
-    dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    batch_size: BatchSize = None, selection: Selection = None, alpha: Alpha = None, mu: Mu = None,
+    sigma: Sigma = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(help="Profile JSON. (default: results/profile-<task>.json)")] = None,
 ) -> None:
-    """Measure per-layer attention importance and save the ranking for `eval --profile`."""
+    """Rank layers on held-out items (by --selection) and save the profile for `eval --profile`."""
     resolve_model(model)
     if receiver is not None:
         resolve_model(receiver)
-    given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size)
+    given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
+                                 selection=selection)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
     _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
@@ -52,9 +54,11 @@ def calibrate_command(
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
         profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
-                            progress=not quiet)
+                            progress=not quiet, rule=config.selection)
     profile.save(out)
-    table = Table(title=Text(f"layer ranking · {the_task.name} · {len(items)} item(s) · alpha={profile.alpha}"))
+    cost = profile.cost
+    spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"
+    table = Table(title=Text(f"layer ranking · rule {profile.rule} · {the_task.name} · {len(items)} item(s) · {spent}"))
     for column in ("ratio", "layers"):
         table.add_column(column)
     for ratio in (0.3, 0.5, 0.7):

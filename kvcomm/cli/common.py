@@ -33,6 +33,7 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.source import DType
 from kvcomm.protocol import MaskMode
 from kvcomm.selection import parse_layers
+from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.wire.codecs import codec_names
 
@@ -115,6 +116,7 @@ class RunOptions:
     batch_size: int | None
     calib_size: int | None
     profile: Path | None
+    selection: str | None
     alpha: float | None
     mu: float | None
     sigma: float | None
@@ -136,7 +138,8 @@ class RunOptions:
 
     def eval_config(self) -> EvalConfig:
         given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
-                                     alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory)
+                                     alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
+                                     selection=self.selection)
         return EvalConfig(**{k: v for k, v in given.items() if v is not None})
 
     def method_options(self) -> dict[str, Any]:
@@ -192,8 +195,12 @@ class RunOptions:
 
 BatchSize = Annotated[int | None, typer.Option(
     min=1, envvar="KVCOMM_BATCH_SIZE", help=options_help("Items per forward pass.", EvalConfig, "batch_size"))]
+Selection = Annotated[Rule | None, typer.Option(
+    help="How calibration ranks layers: answer (greedy by the receiver's likelihood of the gold answer), prior "
+         "(attention and a depth prior fitted per model), paper (attention and the paper's fixed prior). "
+         f"(default: {DEFAULT_RULE})")]
 Alpha = Annotated[float | None, typer.Option(
-    min=0, max=1, help="Weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
+    min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(
     min=0, max=1, help=options_help("Prior centre as a fraction of depth.", EvalConfig, "mu"))]
 Sigma = Annotated[float | None, typer.Option(
@@ -214,6 +221,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                                  EvalConfig, "calib_size"))], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False, help="Layer ranking from `kvcomm calibrate`.")], None),
+    "selection": (Selection, None),
     "alpha": (Alpha, None),
     "mu": (Mu, None),
     "sigma": (Sigma, None),

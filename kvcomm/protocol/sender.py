@@ -56,6 +56,13 @@ class SenderKV:
         """``[B]`` number of real context tokens per row (|C|)."""
         return self.valid.sum(dim=1)
 
+    def row(self, index: int) -> SenderKV:
+        """One row with its padding removed (``B`` = 1)."""
+        keep = self.valid[index]
+        return SenderKV(keys=[k[index:index + 1][:, :, keep] for k in self.keys],
+                        values=[v[index:index + 1][:, :, keep] for v in self.values],
+                        positions=self.positions[index:index + 1, keep], valid=self.valid[index:index + 1, keep])
+
     def token_bytes(self, layer: int) -> int:
         """Bytes of one token's key and value at ``layer``."""
         k = self.keys[layer]

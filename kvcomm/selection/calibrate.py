@@ -1,28 +1,50 @@
-"""Calibration: measure per-layer attention importance on held-out items and save a profile."""
+"""Calibration: rank layers on held-out items, by one of three rules, and save a profile.
+
+- ``paper``: the receiver's prefill attention on the context, mixed with a Gaussian prior over
+  depth with the paper's per-family defaults (the KVComm paper's rule, for reproductions);
+- ``answer``: greedy forward selection by the receiver's likelihood of the gold answer;
+- ``prior``: the paper's form, with ``alpha``, ``mu``, ``sigma`` fitted per model by that likelihood.
+
+Every rule records the attention importance too, and the profile records the rule, what it chose
+and why (the greedy trace, the fitted prior), and what it cost (seconds, forwards per item).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
-from kvcomm.errors import DataError
+from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import atomic_write
 from kvcomm.protocol import attention_importance
+from kvcomm.selection.likelihood import Scored, answer_loglik
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
+from kvcomm.selection.search import default_steps, fit_prior, greedy_order
 from kvcomm.tasks.base import Item, Task
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+Rule = Literal["paper", "answer", "prior"]
+RULES: tuple[str, ...] = get_args(Rule)
+DEFAULT_RULE: Rule = "paper"
+CHUNK = 32  # layer sets per batched forward
 
 
 class Profile(BaseModel):
-    """A layer ranking and the measurements behind it (written as JSON, reusable by ``eval``)."""
+    """A layer ranking and the measurements behind it (written as JSON, reusable by ``eval``).
+
+    Version 1 profiles (the paper rule, before ``rule``, ``details`` and ``cost``) still load.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +60,9 @@ class Profile(BaseModel):
     importance: list[float]
     scores: list[float]
     ranking: list[int]
+    rule: str = "paper"
+    details: dict[str, Any] = {}
+    cost: dict[str, float] = {}
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, self.model_dump_json(indent=2) + "\n")
@@ -53,30 +78,81 @@ class Profile(BaseModel):
 def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,
+    rule: str = DEFAULT_RULE, steps: int | None = None,
 ) -> Profile:
-    """Ranks layers by the receiver's prefill attention on the sender's context.
-
-    The receiver's prompt is prefilled on top of all layers' sender KV; per item and layer the
-    mass on context keys 1..|C|-1 (mean over heads and query tokens) is taken, then averaged over
-    items, min-max normalised and mixed with the Gaussian prior. Nothing is generated.
+    """Ranks layers on ``items`` by ``rule`` (see the module's docstring).
 
     Args:
-        alpha: weight of attention against the prior; default per model family (paper App. B.2).
+        alpha, mu, sigma: the prior of the ``paper`` rule (``alpha`` None: 1.0 for Llama-family
+            models, 0.8 for Qwen, as in the paper); ignored by the fitted rules.
+        steps: how many layers greedy selection adds (``answer``; default: 70% of the layers).
+
+    Raises:
+        ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
     """
+    if rule not in RULES:
+        raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
     if not items:
         raise DataError("calibration needs at least one item")
-    alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
+    began = time.perf_counter()
+    scored: list[Scored] = []
     total = torch.zeros(agents.num_layers, dtype=torch.float64)
     for start in tqdm(range(0, len(items), batch_size), desc="calibrate", disable=not progress):
         batch = Batch(agents, task, list(items[start:start + batch_size]))
         prompt = batch.prompt("receiver", task.receiver_message)
-        scores = attention_importance(agents.receiver.model, batch.sender_kv(), prompt.input_ids, prompt.valid)
-        total += scores.double().sum(dim=0)
+        kv = batch.sender_kv()
+        total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid).double().sum(dim=0)
+        if rule != "paper":
+            scored += [Scored(kv.row(i), prompt.ids[i], _answer_ids(agents, item))
+                       for i, item in enumerate(batch.items)]
     importance = (total / len(items)).tolist()
+    alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
+    ranking: list[int] | None = None
+    details: dict[str, Any] = {}
+    forwards = 0.0
+    if rule != "paper":
+        objective, counter = _objective(agents, scored, progress)
+        if rule == "answer":
+            ranking, trace = greedy_order(objective, agents.num_layers, steps or default_steps(agents.num_layers))
+            details = {"search": "greedy forward", "objective": "mean log-likelihood per gold-answer token",
+                       "trace": trace}
+        else:
+            fitted = fit_prior(objective, importance)
+            alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]
+            details = {"search": "grid", "objective": "mean log-likelihood per gold-answer token", "fitted": fitted}
+        forwards = counter[0] / len(items)
     combined = combined_scores(importance, alpha, mu, sigma)
     return Profile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name,
         num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
         calibration_items=[item.id for item in items], importance=importance,
-        scores=combined.tolist(), ranking=rank_layers(combined.tolist()),
+        scores=combined.tolist(), ranking=ranking or rank_layers(combined.tolist()), rule=rule, details=details,
+        cost={"seconds": time.perf_counter() - began, "forwards_per_item": forwards, "items": float(len(items))},
     )
+
+
+def _answer_ids(agents: Agents, item: Item) -> list[int]:
+    """The first gold answer's tokens as the receiver would write them after its prompt."""
+    if not item.answers:
+        raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one")
+    model = agents.receiver
+    text = item.answers[0] if model.has_chat_template else " " + item.answers[0]  # after "Answer:"
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise DataError(f"item {item.id}'s gold answer has no tokens")
+    return ids
+
+
+def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, list[float]]:
+    """The mean answer log-likelihood of layer sets over the items, and a count of forwards made."""
+    counter = [0.0]
+    bar = tqdm(desc="answer likelihood", unit="forward", disable=not progress)
+
+    def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
+        values = [answer_loglik(agents.receiver.model, item, layer_sets, CHUNK).numpy() for item in scored]
+        batches = math.ceil(len(layer_sets) / CHUNK) * len(scored)
+        counter[0] += batches
+        bar.update(batches)
+        return np.mean(values, axis=0)
+
+    return objective, counter

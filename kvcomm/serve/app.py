@@ -183,7 +183,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise ServiceRefusal(404, f"no KV message {message_id!r}", "message_not_found")
         return Deleted(id=message_id, deleted=True)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_unset=True,
               responses={**documented(*V1, 404, 409, 499, 504), 200: {"content": {"text/event-stream": {}}}})
     async def chat(body: ChatRequest, request: Request) -> Any:
         """OpenAI chat completion; ``kv_messages`` adds KV contexts (stored ids or inline messages)."""

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator
 
 from kvcomm.config import Options
 from kvcomm.protocol import MaskMode
+from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
 from kvcomm.wire import make_codec
 
 MIB = 1 << 20
@@ -30,6 +31,7 @@ class ServeConfig(Options):
         codec: codec of messages the service makes, unless a request names another.
         ratio: default fraction of layers a context shares (None: all layers); chosen by the
             service's layer ranking (a profile, loaded or calibrated once).
+        selection: the rule the service calibrates its ranking with, when it has no profile.
         mode: default mask mode of the messages the service makes.
     """
 
@@ -47,6 +49,7 @@ class ServeConfig(Options):
     prefill_chunk: int = Field(512, ge=1)
     codec: str = "int8"
     ratio: float | None = Field(None, gt=0, le=1)
+    selection: Rule = DEFAULT_RULE
     mode: MaskMode = "causal"
 
     @field_validator("codec")

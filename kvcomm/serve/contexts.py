@@ -78,7 +78,8 @@ class ContextMaker:
     def calibrate(self) -> Profile:
         """A ranking from the model's attention on generated facts (no generation, a few seconds)."""
         task = load_task("facts", items=CALIBRATION_ITEMS)
-        return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False)
+        return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
+                         rule=self.config.selection)
 
     def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
         """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
