@@ -114,3 +114,22 @@ def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "facts.json").read_text())
     assert report["config"]["codebook"]["tokens"] > 0 and len(report["config"]["codebook"]["id"]) == 16
+
+
+def test_calibrate_by_a_rule_with_a_budget(tiny_dir, tmp_path):
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--task", "facts", "--calib-size", "2",
+                                 "--selection", "answer", "--tolerance", "0.5", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(out.read_text())
+    assert profile["rule"] == "answer" and 0 < profile["details"]["budget"]["ratio"] <= 1
+    assert "budget: ratio" in result.stderr
+
+
+def test_blend_runs_from_the_command_line(tiny_dir, tmp_path):
+    result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "multihop", "--limit", "3",
+                                 "--methods", "kvcomm@1,blend@0.3,prefix", "--senders", "2", "--deviation", "keys",
+                                 "-q", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    labels = [r["label"] for r in json.loads((tmp_path / "multihop.json").read_text())["runs"]]
+    assert labels[0] == "kvcomm@1x2" and "blend@0.3x2[k]" in labels and "prefix@x2" in labels

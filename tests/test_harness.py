@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, plot_sweep
+from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, make_method, plot_sweep
 from kvcomm.errors import ConfigError
 from kvcomm.eval import Report
 from kvcomm.eval.memory import item_bytes, plan_batches, rss_bytes
@@ -151,3 +151,18 @@ def test_an_interrupted_run_resumes_to_the_same_report_online_state_included(age
     for a, b in zip(whole.runs, resumed.runs):
         assert a.model_dump(exclude=timing) == b.model_dump(exclude=timing)
     assert len(resumed.runs[1].details["rebuilds"]) == 3  # online's rebuilds span the interruption
+
+
+def test_rules_side_by_side_in_one_run(agents):
+    """kvcomm's `selection` option: each rule's ranking is calibrated once and recorded."""
+    task = load_task("facts", items=6)
+    methods = [make_method("kvcomm", ratio=0.5, selection=rule) for rule in ("paper", "answer", "prior")]
+    methods.append(make_method("kvcomm", ratio=0.5))  # the run's rule (EvalConfig.selection)
+    report = evaluate(agents, task, methods, EvalConfig(limit=4, calib_size=2, selection="answer"), progress=False)
+    assert [r.label for r in report.runs] == ["kvcomm@0.5~paper", "kvcomm@0.5~answer", "kvcomm@0.5~prior",
+                                              "kvcomm@0.5"]
+    assert set(report.profiles) == {"paper", "answer", "prior"} and report.profile["rule"] == "answer"
+    by = {r.label: r for r in report.runs}
+    assert by["kvcomm@0.5"].layers == by["kvcomm@0.5~answer"].layers  # the same ranking, calibrated once
+    for rule, profile in report.profiles.items():
+        assert by[f"kvcomm@0.5~{rule}"].layers == sorted(profile["ranking"][:2])

@@ -94,9 +94,9 @@ def test_ac_changes_the_receiver_only_through_the_graft(agents):
     from kvcomm.protocol import empty_input, pad_left, prefill_logits
 
     method = ActivationCommunication(fuse="replace", layer_k=2, layer_j=1)
-    method.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
+    method.setup(Setup(agents.num_layers, "llama", lambda rule=None: [], no_codebook))
     mean = ActivationCommunication(fuse="mean", layer_k=0, layer_j=0)
-    mean.setup(Setup(agents.num_layers, "llama", lambda: [], no_codebook))
+    mean.setup(Setup(agents.num_layers, "llama", lambda rule=None: [], no_codebook))
     assert method.label == "ac-replace@k2j1" and mean.label == "ac-mean@k0j0"
     model = agents.receiver
     ids, valid = pad_left([model.encode_message("Instruction: answer. Question: where?")], model.pad_id)

@@ -248,10 +248,10 @@ def test_legacy_mode_reports_the_always_sent_layer_zero():
     from kvcomm.methods.base import Setup
 
     method = make_method("kvcomm", layers=(2, 3), mode="legacy")
-    method.setup(Setup(4, "llama", lambda: [], lambda: None))  # type: ignore[arg-type, return-value]
+    method.setup(Setup(4, "llama", lambda rule=None: [], lambda: None))  # type: ignore[arg-type, return-value]
     assert method.layers == [0, 2, 3]
     causal = make_method("kvcomm", layers=(2, 3))
-    causal.setup(Setup(4, "llama", lambda: [], lambda: None))  # type: ignore[arg-type, return-value]
+    causal.setup(Setup(4, "llama", lambda rule=None: [], lambda: None))  # type: ignore[arg-type, return-value]
     assert causal.layers == [2, 3]
 
 

@@ -45,8 +45,9 @@ def without_timing(report: dict) -> dict:
     """A results JSON less what may differ between two runs of the same work: times and dates."""
     report = json.loads(json.dumps(report))
     report.pop("provenance")
-    if report.get("profile"):
-        report["profile"]["cost"].pop("seconds", None)
+    for profile in [report.get("profile"), *report.get("profiles", {}).values()]:
+        if profile:
+            profile["cost"].pop("seconds", None)
     for run in report["runs"]:
         run.pop("seconds"), run.pop("sender_seconds")
     return report

@@ -174,3 +174,42 @@ def test_version_1_profiles_still_load(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(old))
     profile = Profile.load(tmp_path / "p.json")
     assert profile.rule == "paper" and profile.ranking == [1, 0]
+
+
+def test_the_budget_is_the_smallest_ratio_within_the_tolerance(monkeypatch):
+    """With answers right exactly when layers 2 and 3 are shared, the budget is the first ratio whose top
+    layers hold both; a looser tolerance gives a smaller budget."""
+    from kvcomm import Agents, load_task
+    from kvcomm.selection import budget as budget_module
+    from tests.conftest import tiny_loaded
+
+    model = tiny_loaded("llama", layers=8)
+    task = load_task("facts", items=4)
+    shared_layers = []
+    real_share = budget_module.share
+
+    def spy(model_, sender, layers, mode="causal"):
+        shared_layers.append(set(layers))
+        return real_share(model_, sender, layers, mode)
+
+    monkeypatch.setattr(budget_module, "share", spy)
+    monkeypatch.setattr(budget_module, "METRICS", {"contains": lambda answer, gold: float({2, 3} <= shared_layers[-1])})
+    ranking = [5, 2, 7, 3, 0, 1, 4, 6]  # 2 and 3 are in the top 4 (ratio 0.5)
+    tight = budget_module.smallest_ratio(Agents(model, model), task, task.items, ranking, tolerance=0.0)
+    assert tight["ratio"] == 0.5 and tight["all_layers"] == 1.0 and tight["scores"]["0.375"] == 0.0
+    loose = budget_module.smallest_ratio(Agents(model, model), task, task.items, ranking, tolerance=1.0)
+    assert loose["ratio"] == 0.125
+
+
+def test_greedy_with_a_pool_tries_only_the_previous_best():
+    from kvcomm.selection.search import greedy_order
+
+    value = {layer: float(layer) for layer in range(10)}
+    sizes = []
+
+    def objective(sets):
+        sizes.append(len(sets))
+        return np.array([sum(value[layer] for layer in s) for s in sets])
+
+    ranking, trace = greedy_order(objective, 10, steps=4, pool=3)
+    assert ranking[:4] == [9, 8, 7, 6] and sizes == [10, 3, 3, 3] and [t["tried"] for t in trace] == [10, 3, 3, 3]

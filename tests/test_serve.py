@@ -258,3 +258,35 @@ def test_remote_commands_drive_a_live_agent(live, tmp_path):
     assert json.loads(ranked.stdout)["layers"] == [1, 3]
     answered = runner.invoke(cli, ["remote", "chat", "Where?", "--url", live, "--kv", info["id"], "--max-tokens", "3"])
     assert answered.exit_code == 0 and "kv_bytes_received" in answered.stderr
+
+
+def test_stored_pieces_blend_in_any_order_and_combination(http, agent):
+    """kv_blend: pieces stored once are joined in any order; recompute 0 is plain joining, and every
+    token recomputed equals the model reading the pieces in sequence."""
+    from kvcomm.protocol import empty_input, greedy_generate, pad_left
+
+    passages = ["Omar lives in Velmora.", "Velmora is in Drenland.", "Lena lives in Ostrik."]
+    ids = [http.post("/v1/contexts", json={"context": p, "codec": "fp32"}).json()["id"] for p in passages]
+
+    def ask(refs, blend=None, question="Which country?"):
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 6, "kv_messages": refs}
+        if blend is not None:
+            body["kv_blend"] = blend
+        reply = http.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    plain = ask([ids[1], ids[0]])
+    none = ask([ids[1], ids[0]], {"ratio": 0.0})
+    assert none["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert none["usage"]["kv_tokens_recomputed"] == 0
+    every = ask([ids[2], ids[0]], {"ratio": 1.0})
+    assert every["usage"]["kv_tokens_recomputed"] == every["usage"]["kv_tokens_received"]
+    pieces = [KVMessage.from_bytes(http.get(f"/v1/messages/{i}").content).token_ids.tolist() for i in (ids[2], ids[0])]
+    question = agent.chat_ids([{"role": "user", "content": "Which country?"}])
+    whole, valid = pad_left([pieces[0] + pieces[1] + question], agent.pad_id)
+    expected = greedy_generate(agent.model, empty_input(agent.model, 1), whole, valid, 6, agent.stop_ids, agent.pad_id)
+    assert every["choices"][0]["message"]["content"] == agent.decode(expected[0])
+    bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "kv_messages": ids,
+                                                  "kv_blend": {"ratio": 2}})
+    assert bad.status_code == 422

@@ -30,7 +30,7 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3)}
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
@@ -88,20 +88,28 @@ def test_entropy_coded_codecs_handle_constant_tensors(codec):
     assert torch.allclose(back.keys, keys, atol=1e-3) and torch.allclose(back.values, keys * 2, atol=1e-3)
 
 
+def golden_message() -> KVMessage:
+    today = message(mode="legacy")
+    today.token_ids = torch.tensor([17, 4, 250, 0, 9])
+    return today
+
+
 def test_golden_file_pins_todays_encoding():
-    expected = message(mode="legacy").to_bytes()
+    expected = golden_message().to_bytes()
     if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):  # only when the format version is bumped on purpose
         GOLDEN[VERSION].write_bytes(expected)
     assert GOLDEN[VERSION].read_bytes() == expected, \
         f"the v{VERSION} byte layout changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
 
 
-@pytest.mark.parametrize("version, mode", [(1, "causal"), (2, "legacy")])
-def test_golden_files_of_every_version_decode(version, mode):
+@pytest.mark.parametrize("version, mode, ids", [(1, "causal", None), (2, "legacy", None),
+                                               (3, "legacy", [17, 4, 250, 0, 9])])
+def test_golden_files_of_every_version_decode(version, mode, ids):
     golden = GOLDEN[version].read_bytes()
     assert struct.unpack("<H", golden[4:6])[0] == version
     decoded = KVMessage.from_bytes(golden)
     assert decoded.meta == {"note": "golden"} and decoded.shared_layers == [0, 2] and decoded.mode == mode
+    assert (decoded.token_ids.tolist() if decoded.token_ids is not None else None) == ids
     assert torch.equal(decoded.layers[2].values, message().layers[2].values)
     assert MessageReader(io.BytesIO(golden)).version == version
 
@@ -182,3 +190,15 @@ def test_save_and_load_are_atomic(tmp_path):
     size = message().save(path)
     assert path.stat().st_size == size and not list(tmp_path.glob("*.partial"))
     assert KVMessage.load(path).context_len == 5
+
+
+def test_token_ids_travel_and_bad_ones_are_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 99, (1, 9))
+    shared = share(model, prefill(model, ids, ids >= 0), [0, 2])
+    back = KVMessage.from_bytes(KVMessage.from_shared(shared, {"m": 1}, "int8").to_bytes())
+    assert back.token_ids.tolist() == ids[0].tolist() and torch.equal(back.to_shared().token_ids, ids)
+    bad = KVMessage.from_shared(shared, {"m": 1}, "fp16")
+    bad.token_ids = torch.tensor([1, 2])  # not one per context token
+    with pytest.raises(WireError, match="token ids"):
+        bad.to_bytes()

@@ -38,7 +38,11 @@ def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
     calib_size: Annotated[int, typer.Option(min=1, help="Calibration items, taken from the end of the task.")] = 1,
     batch_size: BatchSize = None, selection: Selection = None, alpha: Alpha = None, mu: Mu = None,
-    sigma: Sigma = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    sigma: Sigma = None,
+    tolerance: Annotated[float | None, typer.Option(
+        min=0, max=1, help="Also find the budget: the smallest ratio whose score on the calibration items is within "
+                           "this of all layers' (e.g. 0.02 = 2 points).")] = None,
+    dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(help="Profile JSON. (default: results/profile-<task>.json)")] = None,
 ) -> None:
     """Rank layers on held-out items (by --selection) and save the profile for `eval --profile`."""
@@ -54,7 +58,7 @@ def calibrate_command(
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
         profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
-                            progress=not quiet, rule=config.selection)
+                            progress=not quiet, rule=config.selection, tolerance=tolerance)
     profile.save(out)
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"
@@ -65,4 +69,8 @@ def calibrate_command(
         count = layer_count(ratio, profile.num_layers)
         table.add_row(f"{ratio} ({count})", format_layers(profile.ranking[:count]))
     console.print(table)
+    if (budget := profile.details.get("budget")) is not None:
+        console.print(f"budget: ratio {budget['ratio']:g} keeps the calibration score within "
+                      f"{budget['tolerance']:g} of all layers' ({budget['all_layers']:.3f} on {budget['items']} items)",
+                      markup=False)
     console.print(f"profile: {out}", markup=False)

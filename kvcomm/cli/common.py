@@ -26,12 +26,14 @@ from kvcomm.eval import EvalConfig
 from kvcomm.eval.outputs import safe_name
 from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
+from kvcomm.methods.blend import BlendOptions
 from kvcomm.methods.debate import CipherOptions
 from kvcomm.methods.kvcomm import RandomOptions, SharingOptions
 from kvcomm.methods.online import OnlineOptions
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.source import DType
 from kvcomm.protocol import MaskMode
+from kvcomm.protocol.blend import Deviation
 from kvcomm.selection import parse_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
@@ -131,6 +133,8 @@ class RunOptions:
     ac_k: int | None
     ac_j: int | None
     interval: int | None
+    check_layer: int | None
+    deviation: str | None
     out_dir: Path | None
     overwrite: bool
     resume: Path | None
@@ -146,7 +150,8 @@ class RunOptions:
         """Options for the methods (each method takes those it declares; None = not given)."""
         return dict(mode=self.mode, seed=self.seed, senders=self.senders, round_one_tokens=self.round_one_tokens,
                     temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
-                    interval=self.interval)
+                    interval=self.interval, check_layer=self.check_layer,
+                    deviation=self.deviation)
 
     def task_names(self) -> list[str]:
         """The ``--task`` names, each checked against the registry (with a "did you mean")."""
@@ -250,6 +255,11 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "interval": (Annotated[int | None, typer.Option(
         min=1, help=options_help("Online calibration: rebuild the ranking every N items.", OnlineOptions,
                                  "interval"))], None),
+    "check_layer": (Annotated[int | None, typer.Option(
+        min=0, help=options_help("blend: the layer deviations are measured at (earlier layers: every token).",
+                                 BlendOptions, "check_layer"))], None),
+    "deviation": (Annotated[Deviation | None, typer.Option(
+        help=options_help("blend: what the deviation is measured on.", BlendOptions, "deviation"))], None),
     "out_dir": (OutDir, None),
     "overwrite": (Overwrite, False),
     "resume": (Resume, None),

@@ -11,7 +11,7 @@ import typer
 from kvcomm.cli.common import CODEC_HELP, METHOD_HELP, RunOptions, check_layers, check_output, run_options
 from kvcomm.cli.runner import run_tasks
 from kvcomm.errors import ConfigError
-from kvcomm.methods import METHODS, build_methods
+from kvcomm.methods import METHODS, base_name, build_methods
 from kvcomm.methods.kvcomm import DEFAULT_RATIO, DEFAULT_RATIOS
 
 
@@ -47,7 +47,8 @@ def eval_command(
 def sweep_command(
     run: RunOptions,
     methods: Annotated[str, typer.Option(
-        help=f"Comma-separated methods; 'name@0.5' runs a method that shares KV at that ratio only. {METHOD_HELP}"
+        help="Comma-separated methods; 'name@0.5' runs a method that shares KV at that ratio only; "
+             f"'kvcomm~paper' ranks its layers by another rule than --selection's. {METHOD_HELP}"
     )] = "baseline,skyline,kvcomm,random@0.5",
     ratios: Annotated[str | None, typer.Option(
         help=f"Comma-separated fractions for methods that share KV. (default: {','.join(map(str, DEFAULT_RATIOS))})")]
@@ -65,7 +66,7 @@ def sweep_command(
         raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c.strip() == "none" else c.strip() for c in codecs.split(",") if c.strip()]
     tokens = [m.strip() for m in methods.split(",") if m.strip()]
-    if fractions is None and any("@" not in t and "ratio" in METHODS.get(t.partition("@")[0]).option_names()
+    if fractions is None and any("@" not in t and "ratio" in METHODS.get(base_name(t)).option_names()
                                  for t in tokens):
         fractions = list(DEFAULT_RATIOS)  # the default applies to the methods that take a ratio
     build = lambda: build_methods(tokens, fractions, wire, **run.method_options())

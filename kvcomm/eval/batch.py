@@ -21,7 +21,7 @@ from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill
-from kvcomm.tasks.base import Item, Task, split_context
+from kvcomm.tasks.base import Item, Task
 
 clock: Callable[[], float] = time.perf_counter  # module-level so tests can make time deterministic
 
@@ -46,6 +46,7 @@ class Batch:
             raise ConfigError("a batch needs at least one item")
         self.agents, self.task, self.items = agents, task, items
         self._sender_kv: dict[int, SenderKV] = {}
+        self._pieces: dict[int, list[SenderKV]] = {}
         self._prompts: dict[tuple[str, str], Prompt] = {}
         self._cost: dict[str, float] = {}  # seconds each shared sender computation took, once
         self._used: set[str] = set()  # shared computations the current run used
@@ -93,24 +94,34 @@ class Batch:
         With ``senders`` > 1 each item's context is split in that many parts, each part is read by
         its own sender, and their KV is merged with consistent positions.
         """
+        self._compute(senders)
+        return self._sender_kv[senders]
+
+    def sender_pieces(self, senders: int) -> list[SenderKV]:
+        """Each sender's own KV (piece ``i``: the ``i``-th part of every item's context), before merging."""
+        self._compute(senders)
+        return self._pieces[senders]
+
+    def _compute(self, senders: int) -> None:
         key = f"sender_kv/{senders}"
         if senders not in self._sender_kv:
             began = clock()
-            self._sender_kv[senders] = self._prefill(senders)
+            self._pieces[senders] = self._prefill(senders)
+            parts = self._pieces[senders]
+            self._sender_kv[senders] = parts[0] if len(parts) == 1 else merge_senders(self.agents.sender.model, parts)
             self._cost[key] = clock() - began
             self._fresh += self._cost[key]
         self._used.add(key)
-        return self._sender_kv[senders]
 
-    def _prefill(self, senders: int) -> SenderKV:
+    def _prefill(self, senders: int) -> list[SenderKV]:
         model = self.agents.sender
         if senders == 1:
             prompt = self.prompt("sender", self.task.sender_message)
-            return prefill(model.model, prompt.input_ids, prompt.valid)
-        pieces = [split_context(item.context, senders) for item in self.items]
+            return [prefill(model.model, prompt.input_ids, prompt.valid)]
+        pieces = [item.parts(senders) for item in self.items]
         parts = []
         for part in range(senders):
             ids = [model.encode_message(self.task.sender_message(replace(item, context=p[part])))
                    for item, p in zip(self.items, pieces)]
             parts.append(prefill(model.model, *pad_left(ids, model.pad_id)))
-        return merge_senders(model.model, parts)
+        return parts

@@ -136,6 +136,7 @@ def evaluate(
         {"command": command, "date": started, "resumed": []},
         environment=environment(),
         profile=sources.profile.model_dump() if sources.profile is not None else None,
+        profiles=sources.all_profiles(),
         runs=[tally.result(method, agents.num_layers) for method in methods],
     )
 
@@ -146,19 +147,38 @@ class _Sources:
     def __init__(self, agents: Agents, task: Task, calib: list[Item], config: EvalConfig,
                  profile: Profile | None, progress: bool) -> None:
         self.agents, self.task, self.calib, self.config = agents, task, calib, config
-        self.profile, self.progress = profile, progress
-        self.calibrated = False  # whether the profile was made here
+        self.profile, self.progress = profile, progress  # the run's ranking (given, or its --selection's)
+        self.calibrated = False  # whether that profile was made here
+        self.others: dict[str, Profile] = {}  # rankings of other rules that methods asked for by name
         self.book: Codebook | None = None
 
-    def ranking(self) -> list[int]:
-        if self.profile is None:
-            if not self.calib:
-                raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
-            c = self.config
-            self.profile = calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size,
-                                     self.progress, rule=c.selection)
-            self.calibrated = True
-        return self.profile.ranking
+    def ranking(self, rule: str | None = None) -> list[int]:
+        """The run's ranking, or (``rule`` named and not the run's) that rule's, calibrated once."""
+        if rule is None or rule == self.config.selection or (self.profile is not None and rule == self.profile.rule
+                                                             and self.calibrated):
+            if self.profile is None:
+                self.profile = self._calibrate(self.config.selection)
+                self.calibrated = True
+            return self.profile.ranking
+        if self.profile is not None and self.profile.rule == rule:
+            return self.profile.ranking
+        if rule not in self.others:
+            self.others[rule] = self._calibrate(rule)
+        return self.others[rule].ranking
+
+    def _calibrate(self, rule: str) -> Profile:
+        if not self.calib:
+            raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+        c = self.config
+        return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
+                         rule=rule)
+
+    def all_profiles(self) -> dict[str, Any]:
+        """Every ranking the run used, by rule."""
+        used = dict(self.others)
+        if self.profile is not None:
+            used.setdefault(self.profile.rule, self.profile)
+        return {rule: profile.model_dump() for rule, profile in used.items()}
 
     def codebook(self) -> Codebook:
         """From the calibration items, like the ranking (the model's default without any)."""

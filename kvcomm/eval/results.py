@@ -68,6 +68,7 @@ class Report(BaseModel):
     provenance: dict[str, Any] = {}  # command, date (UTC, when the run started), resumed
     environment: dict[str, str]
     profile: dict[str, Any] | None
+    profiles: dict[str, dict[str, Any]] = {}  # every rule's ranking the run used (kvcomm's `selection` option)
     runs: list[RunResult]
 
     def save(self, path: str | Path) -> None:

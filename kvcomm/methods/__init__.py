@@ -13,6 +13,7 @@ from typing import Any
 from kvcomm.errors import ConfigError
 from kvcomm.methods.ac import ACOptions, ActivationCommunication
 from kvcomm.methods.base import METHODS, Calibration, Method, MethodOptions, Output, Setup
+from kvcomm.methods.blend import BlendMethod, BlendOptions, PrefixOptions, PrefixReuse
 from kvcomm.methods.debate import Cipher, CipherOptions, Debate, DebateOptions, NaturalLanguageDebate
 from kvcomm.methods.kvcomm import (
     ContiguousLayers,
@@ -26,10 +27,11 @@ from kvcomm.methods.online import OnlineKVComm, OnlineOptions
 from kvcomm.methods.prompt import Baseline, Skyline
 
 __all__ = [
-    "METHODS", "ACOptions", "ActivationCommunication", "Baseline", "Calibration", "Cipher", "CipherOptions",
+    "METHODS", "ACOptions", "ActivationCommunication", "Baseline", "BlendMethod", "BlendOptions", "Calibration",
+    "Cipher", "CipherOptions", "PrefixOptions", "PrefixReuse",
     "ContiguousLayers", "Debate", "DebateOptions", "KVCommMethod", "KVCommOptions", "Method", "MethodOptions",
     "NaturalLanguageDebate", "OnlineKVComm", "OnlineOptions", "Output", "RandomLayers", "RandomOptions", "Setup",
-    "SharingOptions", "Skyline", "build_methods", "make_method", "takers",
+    "SharingOptions", "Skyline", "base_name", "build_methods", "make_method", "takers",
 ]
 
 
@@ -49,7 +51,8 @@ def build_methods(
 ) -> list[Method]:
     """Method configurations for ``names`` × ``ratios`` × ``codecs``.
 
-    A name may carry its own ratio (``random@0.5``), which replaces ``ratios`` for that method.
+    A name may carry its own ratio (``random@0.5``), which replaces ``ratios`` for that method, and
+    ``kvcomm`` its own selection rule (``kvcomm~paper``, ``kvcomm~answer@0.3``).
 
     ``ratios`` and ``codecs`` are sweep axes: each method that takes ``ratio`` (``codec``) gets one
     configuration per value (a codec of ``None`` means in process, no wire); methods that do not
@@ -66,7 +69,7 @@ def build_methods(
     in_process_only = all(codec is None for codec in codecs or [])  # the default: no wire
     axes: dict[str, list[Any]] = {"ratio": list(ratios or []),
                                   "codec": [] if in_process_only else list(codecs or [])}
-    plans = [(token, METHODS.get(token.partition("@")[0])) for token in names]
+    plans = [(token, METHODS.get(base_name(token))) for token in names]
     for token, cls in plans:
         if "@" in token:
             _ratio_of(token, token.partition("@")[2], "ratio" in cls.option_names())
@@ -78,6 +81,8 @@ def build_methods(
         _, at, only = token.partition("@")
         fields = set(cls.option_names())
         mine = {key: value for key, value in given.items() if key in fields}
+        if rule := _rule_of(token, "selection" in fields):  # "kvcomm~answer": this method's ranking rule
+            mine["selection"] = rule
         ratio_axis: list[Any] = [None]
         if at:  # "kvcomm@0.5": this method at this ratio only
             ratio_axis = [_ratio_of(token, only, "ratio" in fields)]
@@ -106,7 +111,7 @@ def _refuse_unused(plans: list[tuple[str, type[Method]]], given: dict[str, Any],
     if not unused:
         return
     option = sorted(unused)[0]
-    names = [token.partition("@")[0] for token, _ in plans]
+    names = [base_name(token) for token, _ in plans]
     if len(names) == 1:
         takes = ", ".join(plans[0][1].option_names()) or "no options"
         raise ConfigError(f"method {names[0]!r} does not take {option!r}; it takes: {takes}")
@@ -114,9 +119,21 @@ def _refuse_unused(plans: list[tuple[str, type[Method]]], given: dict[str, Any],
                       f"{', '.join(takers(option)) or 'no method'}")
 
 
+def base_name(token: str) -> str:
+    """The method name in a sweep token ``name[~rule][@ratio]``."""
+    return token.partition("@")[0].partition("~")[0]
+
+
+def _rule_of(token: str, takes_rule: bool) -> str | None:
+    rule = token.partition("@")[0].partition("~")[2]
+    if rule and not takes_rule:
+        raise ConfigError(f"{token!r}: method {base_name(token)!r} has no selection rule")
+    return rule or None
+
+
 def _ratio_of(token: str, text: str, takes_ratio: bool) -> float:
     if not takes_ratio:
-        raise ConfigError(f"{token!r}: method {token.partition('@')[0]!r} takes no ratio")
+        raise ConfigError(f"{token!r}: method {base_name(token)!r} takes no ratio")
     try:
         return float(text)
     except ValueError:

@@ -53,7 +53,7 @@ class Setup:
 
     num_layers: int
     model_type: str
-    ranking: Callable[[], list[int]]
+    ranking: Callable[[str | None], list[int]]  # a rule's ranking (None: the run's rule)
     codebook: Callable[[], Codebook]
     calibration: Calibration = Calibration(None, 0.5, 10.0)
 

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
 from kvcomm.protocol import MaskMode, SharedKV, effective_layers, greedy_generate, receiver_input, share
+from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import contiguous_layers, format_layers, random_layers, top_layers
 from kvcomm.wire import Codec, KVMessage, make_codec
 
@@ -57,9 +58,11 @@ class SharingOptions(MethodOptions):
 
 
 class KVCommOptions(SharingOptions):
-    """KVComm's options: a ratio of the calibrated ranking, or an explicit layer list."""
+    """KVComm's options: a ratio of the calibrated ranking (by the run's rule, or ``selection``'s),
+    or an explicit layer list."""
 
     layers: tuple[int, ...] | None = None
+    selection: Rule | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> Self:
@@ -67,6 +70,8 @@ class KVCommOptions(SharingOptions):
             raise ValueError("give a ratio or a layer list, not both")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("a layer list names one or more layers, each >= 0")
+        if self.layers is not None and self.selection is not None:
+            raise ValueError("a layer list is not selected by a rule: give 'selection' with a ratio")
         return self
 
 
@@ -106,7 +111,8 @@ class KVCommMethod(Method):
         suffix = "" if o.mode == "causal" else f"[{o.mode}]"
         codec = f"+{o.codec}" if o.codec else ""
         senders = f"x{o.senders}" if o.senders > 1 else ""
-        return f"{self.name}@{what}{senders}{codec}{suffix}"
+        rule = getattr(o, "selection", None)
+        return f"{self.name}@{what}{senders}{codec}{suffix}" + (f"~{rule}" if rule else "")
 
     @property
     def layers(self) -> list[int] | None:
@@ -115,7 +121,7 @@ class KVCommMethod(Method):
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
-        return top_layers(setup.ranking(), self.ratio)
+        return top_layers(setup.ranking(getattr(self.options, "selection", None)), self.ratio)
 
     def setup(self, setup: Setup) -> None:
         if self._codec is not None:

@@ -76,14 +76,16 @@ class AttentionLayout:
             own_valid=none.bool(),
         )
 
-    def append(self, valid: torch.Tensor) -> torch.Tensor:
+    def append(self, valid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Registers ``[B, T]`` new own tokens and returns their position ids ``[B, T]``.
 
         Real tokens continue each row's numbering (``context_len`` + tokens seen so far); padding
-        gets the row's next position too but is never visible as a key.
+        gets the row's next position too but is never visible as a key. ``positions`` places the
+        tokens explicitly instead (recomputing context tokens where they stand: blending).
         """
-        seen = self.own_valid.sum(dim=1, keepdim=True)
-        positions = self.context_len[:, None] + seen + valid.long().cumsum(dim=1) - valid.long()
+        if positions is None:
+            seen = self.own_valid.sum(dim=1, keepdim=True)
+            positions = self.context_len[:, None] + seen + valid.long().cumsum(dim=1) - valid.long()
         self.own_pos = torch.cat([self.own_pos, positions], dim=1)
         self.own_valid = torch.cat([self.own_valid, valid], dim=1)
         return positions

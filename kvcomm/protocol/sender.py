@@ -40,12 +40,14 @@ class SenderKV:
         values: per layer ``[B, Hkv, C, D]``.
         positions: ``[B, C]`` RoPE position of each column.
         valid: ``[B, C]`` False on padding columns.
+        ids: ``[B, C]`` the token ids the KV was computed from (what recomputing tokens needs).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor
     valid: torch.Tensor
+    ids: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -61,7 +63,8 @@ class SenderKV:
         keep = self.valid[index]
         return SenderKV(keys=[k[index:index + 1][:, :, keep] for k in self.keys],
                         values=[v[index:index + 1][:, :, keep] for v in self.values],
-                        positions=self.positions[index:index + 1, keep], valid=self.valid[index:index + 1, keep])
+                        positions=self.positions[index:index + 1, keep], valid=self.valid[index:index + 1, keep],
+                        ids=None if self.ids is None else self.ids[index:index + 1, keep])
 
     def token_bytes(self, layer: int) -> int:
         """Bytes of one token's key and value at ``layer``."""
@@ -72,6 +75,7 @@ class SenderKV:
 def run_body(
     model: PreTrainedModel, tokens: torch.Tensor, valid: torch.Tensor, cache: DynamicCache,
     layout: AttentionLayout, head: bool = True, logits_to_keep: int = 0, hidden_states: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> Any:
     """One forward step of ``model`` over new own tokens, masked by ``layout``.
 
@@ -80,8 +84,9 @@ def run_body(
         head: run the language-model head (its output has ``logits``, the last ``logits_to_keep``
             positions or all if 0); prefill-only callers skip it.
         hidden_states: also return every layer's hidden states.
+        positions: ``[B, T]`` RoPE positions of the tokens (default: after everything seen so far).
     """
-    position_ids = layout.append(valid)
+    position_ids = layout.append(valid, positions)
     inputs = {"inputs_embeds": tokens} if tokens.is_floating_point() else {"input_ids": tokens}
     kwargs = dict(position_ids=position_ids, past_key_values=cache, use_cache=True, kvcomm_layout=layout,
                   output_hidden_states=hidden_states, **inputs)
@@ -98,7 +103,8 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
     cache = DynamicCache()
     run_body(model, input_ids, valid, cache, layout, head=False)
     keys, values = cache_tensors(cache)
-    return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid)
+    return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid,
+                    ids=None if input_ids.is_floating_point() else input_ids)
 
 
 def cache_tensors(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

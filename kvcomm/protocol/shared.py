@@ -43,6 +43,8 @@ class SharedKV:
         context_len: ``[B]`` |C|, where the receiver's own positions start.
         full: per layer, whether the whole context is shared there.
         mode: the mask mode the receiver must use with it (``causal``, ``legacy``, ``shift-back``).
+        token_ids: ``[B, C]`` the context's token ids, aligned with a full layer's columns, when
+            known (blending recomputes tokens from them).
     """
 
     keys: list[torch.Tensor]
@@ -52,13 +54,14 @@ class SharedKV:
     context_len: torch.Tensor
     full: list[bool]
     mode: MaskMode = "causal"
+    token_ids: torch.Tensor | None = None
 
     @classmethod
     def whole(cls, sender: SenderKV) -> SharedKV:
         """Every layer of ``sender`` in full (what a receiver of all layers gets)."""
         layers = range(sender.num_layers)
         return cls(list(sender.keys), list(sender.values), [sender.positions for _ in layers],
-                   [sender.valid for _ in layers], sender.context_len, [True for _ in layers])
+                   [sender.valid for _ in layers], sender.context_len, [True for _ in layers], token_ids=sender.ids)
 
     @property
     def num_layers(self) -> int:
@@ -85,7 +88,12 @@ class SharedKV:
             positions=[cut(p, m) for p, m in zip(self.positions, self.valid)],
             valid=[m[index:index + 1, m[index]] for m in self.valid],
             context_len=self.context_len[index:index + 1], full=list(self.full),
+            token_ids=None if self.token_ids is None else self.token_ids[index:index + 1, self._columns()[index]],
         )
+
+    def _columns(self) -> torch.Tensor:
+        """``[B, C]`` validity of the context columns (those of a full layer)."""
+        return next((v for v, full in zip(self.valid, self.full) if full), self.valid[0])
 
     @classmethod
     def stack(cls, rows: Sequence[SharedKV]) -> SharedKV:
@@ -102,9 +110,11 @@ class SharedKV:
             return [pad([getattr(r, field)[layer] for r in rows]) for layer in range(rows[0].num_layers)]
 
         _check_joinable(rows)
+        ids = pad([r.token_ids for r in rows]) if all(r.token_ids is not None for r in rows) else None  # type: ignore[misc]
         return cls(
             keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
             context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full), mode=rows[0].mode,
+            token_ids=ids,
         )
 
 
@@ -143,7 +153,7 @@ def share(
     sink_pos = torch.zeros_like(context_len)[:, None]
     if mode == "shift-back":
         sink_pos = (context_len - 1).clamp(min=0)[:, None]
-    shared = SharedKV([], [], [], [], context_len, [], mode)
+    shared = SharedKV([], [], [], [], context_len, [], mode, token_ids=sender.ids)
     for layer in range(sender.num_layers):
         keys, values = sender.keys[layer], sender.values[layer]
         full = layer in selected
@@ -205,7 +215,10 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
             positions.append(parts[0].positions[layer])
         values.append(torch.cat([p.values[layer] for p in chosen], dim=2))
         valid.append(torch.cat([p.valid[layer] for p in chosen], dim=1))
-    return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode)
+    ids = None
+    if all(p.token_ids is not None for p in parts):
+        ids = torch.cat([p.token_ids for p in parts], dim=1)  # type: ignore[misc]
+    return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode, token_ids=ids)
 
 
 def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
@@ -215,4 +228,4 @@ def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> Sender
     if len(senders) == 1:
         return senders[0]
     joined = concat_shared(model, [SharedKV.whole(s) for s in senders])
-    return SenderKV(joined.keys, joined.values, joined.positions[0], joined.valid[0])
+    return SenderKV(joined.keys, joined.values, joined.positions[0], joined.valid[0], joined.token_ids)

@@ -28,6 +28,7 @@ from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import atomic_write
 from kvcomm.protocol import attention_importance
+from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, answer_loglik
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.selection.search import default_steps, fit_prior, greedy_order
@@ -38,6 +39,7 @@ Rule = Literal["paper", "answer", "prior"]
 RULES: tuple[str, ...] = get_args(Rule)
 DEFAULT_RULE: Rule = "paper"
 CHUNK = 32  # layer sets per batched forward
+POOL = 8  # candidates greedy selection keeps trying after its first step
 
 
 class Profile(BaseModel):
@@ -78,7 +80,7 @@ class Profile(BaseModel):
 def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,
-    rule: str = DEFAULT_RULE, steps: int | None = None,
+    rule: str = DEFAULT_RULE, steps: int | None = None, tolerance: float | None = None, pool: int | None = POOL,
 ) -> Profile:
     """Ranks layers on ``items`` by ``rule`` (see the module's docstring).
 
@@ -86,6 +88,10 @@ def calibrate(
         alpha, mu, sigma: the prior of the ``paper`` rule (``alpha`` None: 1.0 for Llama-family
             models, 0.8 for Qwen, as in the paper); ignored by the fitted rules.
         steps: how many layers greedy selection adds (``answer``; default: 70% of the layers).
+        pool: how many of the previous step's best layers greedy selection tries at each later step
+            (None: every layer; each step costs one batched forward of that many sets per item).
+        tolerance: also find the budget: the smallest ratio whose score on the calibration items is
+            within this of all layers' (answers generated; recorded in ``details["budget"]``).
 
     Raises:
         ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
@@ -113,20 +119,24 @@ def calibrate(
     if rule != "paper":
         objective, counter = _objective(agents, scored, progress)
         if rule == "answer":
-            ranking, trace = greedy_order(objective, agents.num_layers, steps or default_steps(agents.num_layers))
-            details = {"search": "greedy forward", "objective": "mean log-likelihood per gold-answer token",
-                       "trace": trace}
+            ranking, trace = greedy_order(objective, agents.num_layers, steps or default_steps(agents.num_layers),
+                                          pool)
+            details = {"search": "greedy forward", "pool": pool, "trace": trace,
+                       "objective": "mean log-likelihood per gold-answer token"}
         else:
             fitted = fit_prior(objective, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]
             details = {"search": "grid", "objective": "mean log-likelihood per gold-answer token", "fitted": fitted}
         forwards = counter[0] / len(items)
     combined = combined_scores(importance, alpha, mu, sigma)
+    ranking = ranking or rank_layers(combined.tolist())
+    if tolerance is not None:
+        details["budget"] = smallest_ratio(agents, task, items, ranking, tolerance, batch_size=batch_size)
     return Profile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name,
         num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
         calibration_items=[item.id for item in items], importance=importance,
-        scores=combined.tolist(), ranking=ranking or rank_layers(combined.tolist()), rule=rule, details=details,
+        scores=combined.tolist(), ranking=ranking, rule=rule, details=details,
         cost={"seconds": time.perf_counter() - began, "forwards_per_item": forwards, "items": float(len(items))},
     )
 

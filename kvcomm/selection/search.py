@@ -31,21 +31,28 @@ SIGMAS = (2.0, 4.0, 7.0, 10.0, 20.0)
 TARGET_RATIOS = (0.3, 0.5, 0.7)
 
 
-def greedy_order(objective: Objective, num_layers: int, steps: int) -> tuple[list[int], list[dict[str, Any]]]:
+def greedy_order(objective: Objective, num_layers: int, steps: int,
+                 pool: int | None = None) -> tuple[list[int], list[dict[str, Any]]]:
     """The ranking greedy forward selection makes in ``steps`` steps, and its trace.
 
-    Layers left after ``steps`` follow in the order of their score at the last step.
+    Args:
+        pool: after the first step, only the ``pool`` layers that scored best at the previous step
+            are tried (a layer that helped little rarely becomes the best a step later); None: all.
+
+    Layers left after ``steps`` follow in the order of their score at the last step they were tried.
     """
     chosen: list[int] = []
     trace: list[dict[str, Any]] = []
     last: dict[int, float] = {}
     for _ in range(min(steps, num_layers)):
         candidates = [layer for layer in range(num_layers) if layer not in chosen]
+        if pool is not None and last:
+            candidates = sorted(candidates, key=lambda layer: (-last.get(layer, -math.inf), layer))[:pool]
         scores = objective([frozenset([*chosen, layer]) for layer in candidates])
-        last = dict(zip(candidates, scores.tolist()))
+        last.update(zip(candidates, scores.tolist()))
         best = max(candidates, key=lambda layer: (last[layer], -layer))
         chosen.append(best)
-        trace.append({"layer": best, "loglik": last[best]})
+        trace.append({"layer": best, "loglik": last[best], "tried": len(candidates)})
     left = [layer for layer in range(num_layers) if layer not in chosen]
     rest = sorted(left, key=lambda layer: (-last.get(layer, 0.0), layer))
     return chosen + rest, trace

@@ -198,18 +198,23 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                                       f"{budget} answer tokens); the model takes {max_len}",
                                  "context_length_exceeded", "messages")
         job = Job(config.timeout_s)
-        usage = {"kv_bytes_received": received.bytes, "kv_tokens_received": received.tokens}
         name = body.model or names[0]
+
+        def usage() -> dict[str, int]:
+            extra = {"kv_bytes_received": received.bytes, "kv_tokens_received": received.tokens}
+            return extra | ({"kv_tokens_recomputed": received.recomputed} if body.kv_blend is not None else {})
+
+        work = partial(generate, agent, received, ids, budget, config, metrics, blending=body.kv_blend)
         if body.stream:
-            return StreamingResponse(stream_events(worker, job, agent, received, ids, budget, config, metrics,
-                                                   name, usage, began), media_type="text/event-stream")
+            return StreamingResponse(stream_events(worker, job, agent, work, ids, name, usage, began, metrics),
+                                     media_type="text/event-stream")
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            tokens, finish = await worker.run(job, partial(generate, agent, received, ids, budget, config, metrics))
+            tokens, finish = await worker.run(job, work)
         finally:
             watcher.cancel()
         metrics.e2e.observe(time.monotonic() - began)
-        return completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage)
+        return completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage())
 
     app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app

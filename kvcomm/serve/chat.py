@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import concat_shared, empty_input, greedy_generate, pad_left, receiver_input
+from kvcomm.protocol import ReceiverInput, concat_shared, empty_input, greedy_generate, pad_left, receiver_input
+from kvcomm.protocol.blend import blend
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import ServiceRefusal
 from kvcomm.serve.metrics import ServiceMetrics
-from kvcomm.serve.schemas import InlineMessage, MessageRef
+from kvcomm.serve.schemas import BlendRequest, InlineMessage, MessageRef
 from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.serve.worker import Job
 from kvcomm.wire import KVMessage
@@ -32,6 +33,7 @@ class Received:
 
     messages: list[KVMessage] = field(default_factory=list)
     bytes: int = 0
+    recomputed: int = 0  # context tokens recomputed by blending
 
     @property
     def tokens(self) -> int:
@@ -74,14 +76,28 @@ def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: S
     return data
 
 
+def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | None) -> ReceiverInput:
+    """The receiver's starting cache: the messages joined, blended if asked (model thread)."""
+    model = agent.model
+    if not received.messages:
+        return empty_input(model, 1)
+    joined = concat_shared(model, [m.to_shared(agent.dtype) for m in received.messages])
+    if blending is None:
+        return receiver_input(joined)
+    if joined.token_ids is None:
+        raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
+                                  "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
+    blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation)
+    received.recomputed = stats.recomputed[0]
+    return receiver_input(blended)
+
+
 def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
-             metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None = None) -> tuple[list[int], str]:
+             metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None = None,
+             blending: BlendRequest | None = None) -> tuple[list[int], str]:
     """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
     model = agent.model
-    if received.messages:
-        start = receiver_input(concat_shared(model, [m.to_shared(agent.dtype) for m in received.messages]))
-    else:
-        start = empty_input(model, 1)
+    start = context_of(agent, received, blending)
     input_ids, valid = pad_left([ids], agent.pad_id)
     last = time.monotonic()
     first = True

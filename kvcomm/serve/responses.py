@@ -6,15 +6,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from kvcomm.models.loading import LoadedModel
-from kvcomm.serve.chat import Received, generate
-from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import error_json
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.worker import Job, ModelWorker
@@ -35,9 +33,9 @@ def completion(model: str, text: str, finish: str, prompt_tokens: int, completio
     })
 
 
-async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, received: Received, ids: list[int],
-                        budget: int, config: ServeConfig, metrics: ServiceMetrics, model: str,
-                        extra: dict[str, int], began: float) -> AsyncIterator[str]:
+async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work: Callable[..., tuple[list[int], str]],
+                        ids: list[int], model: str, extra: Callable[[], dict[str, int]], began: float,
+                        metrics: ServiceMetrics) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, the text growing token by token.
 
     If the client goes away the generator is closed, the job is cancelled, and the model thread
@@ -57,8 +55,7 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, recei
             body["usage"] = usage
         return f"data: {ChatCompletionChunk.model_validate(body).model_dump_json(exclude_unset=True)}\n\n"
 
-    task = asyncio.create_task(worker.run(job, partial(generate, agent, received, ids, budget, config, metrics,
-                                                       emit=emit)))
+    task = asyncio.create_task(worker.run(job, partial(work, emit=emit)))
     task.add_done_callback(lambda done: loop.call_soon_threadsafe(queue.put_nowait, None))
     task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
     tokens: list[int] = []
@@ -77,7 +74,7 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, recei
             status, detail = getattr(err, "status_code", 500), str(getattr(err, "detail", err))
             yield f"data: {json.dumps(error_json(status, detail, getattr(err, 'code', None)))}\n\n"
             return
-        yield chunk({}, finish, _usage(len(ids), len(tokens), extra))
+        yield chunk({}, finish, _usage(len(ids), len(tokens), extra()))
         yield "data: [DONE]\n\n"
         metrics.e2e.observe(time.monotonic() - began)
     finally:

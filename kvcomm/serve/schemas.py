@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvcomm.protocol import MaskMode
+from kvcomm.protocol.blend import Deviation
 
 MAX_TEXT = 4 << 20  # characters in one message or context
 
@@ -65,6 +66,16 @@ class InlineMessage(BaseModel):
 MessageRef = Annotated[str, Field(max_length=128)] | InlineMessage
 
 
+class BlendRequest(BaseModel):
+    """Blend the KV messages (CacheBlend): recompute this fraction of their tokens, chosen by KV
+    deviation at the check layer, so that pieces prefilled apart attend to each other."""
+
+    model_config = ConfigDict(extra="forbid")
+    ratio: Annotated[float, Field(ge=0, le=1)] = 0.15
+    check_layer: Annotated[int, Field(ge=0, le=4096)] = 1
+    deviation: Deviation = "values"
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat completion request, plus ``kv_messages`` (stored ids or inline messages)."""
 
@@ -76,6 +87,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     kv_messages: Annotated[list[MessageRef], Field(max_length=4096)] = Field(default_factory=list)
+    kv_blend: BlendRequest | None = None
     # accepted so that they can be refused with a reason (only greedy decoding exists)
     n: int | None = None
     temperature: float | None = None

@@ -13,12 +13,21 @@ QA_INSTRUCTION = "Directly answer the question based on the context passage, no 
 
 @dataclass(frozen=True)
 class Item:
-    """One question: the sender reads ``context``, the receiver is asked ``question``."""
+    """One question: the sender reads ``context``, the receiver is asked ``question``.
+
+    ``pieces``, when given, is how the context divides among several senders (each reads one);
+    otherwise a context is split at sentence ends (:func:`split_context`).
+    """
 
     id: str
     context: str
     question: str
     answers: tuple[str, ...]
+    pieces: tuple[str, ...] = ()
+
+    def parts(self, count: int) -> list[str]:
+        """The context in ``count`` pieces: the item's own when it has that many, else split evenly."""
+        return list(self.pieces) if len(self.pieces) == count else split_context(self.context, count)
 
 
 @dataclass(frozen=True)

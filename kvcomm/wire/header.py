@@ -6,14 +6,16 @@ strict schema checks every field, and the sizes are checked against each other a
 fingerprint (layers, heads, head size), so that the decoded size of the whole message is known and
 bounded before a payload is read. Everything wrong is a :class:`~kvcomm.errors.CorruptMessage`.
 
-Versions: 1 carried the mask mode in ``meta``; 2 makes ``mode`` a checked field.
+Versions: 1 carried the mask mode in ``meta``; 2 makes ``mode`` a checked field; 3 adds ``extras``,
+frames after the layers that carry what some receivers need besides KV (the context's token ids,
+for recomputing tokens when pieces are blended).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
@@ -22,8 +24,8 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 2
-READABLE = (1, 2)
+VERSION = 3
+READABLE = (1, 2, 3)
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
 MAX_DIGITS = 20  # an integer longer than this is not a size
@@ -50,6 +52,15 @@ class LayerEntry(BaseModel):
     bytes: Annotated[StrictInt, Field(ge=0, lt=1 << 40)]
 
 
+class ExtraEntry(BaseModel):
+    """A frame after the layers: ``token_ids`` (int32, one per context token)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["token_ids"]
+    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_CONTEXT)]
+    bytes: Annotated[StrictInt, Field(ge=0, lt=1 << 40)]
+
+
 class CodecEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
@@ -57,7 +68,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 2; version 1 is read into the same model)."""
+    """The fields of a message header (version 3; versions 1 and 2 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +81,7 @@ class Header(BaseModel):
     layers: Annotated[list[LayerEntry], Field(min_length=1, max_length=MAX_LAYERS)]
     mode: MaskMode = "causal"
     meta: dict[StrictStr, Any]
+    extras: Annotated[list[ExtraEntry], Field(max_length=8)] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> Header:
@@ -82,6 +94,11 @@ class Header(BaseModel):
                 raise ValueError(f"layer {i} holds {entry.tokens} tokens; a {'full' if entry.full else 'sink'} "
                                  f"layer of a {self.context_len}-token context holds "
                                  f"{self.context_len if entry.full else 1}")
+        kinds = [extra.kind for extra in self.extras]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"an extra frame kind appears twice: {kinds}")
+        if any(extra.tokens != self.context_len for extra in self.extras):
+            raise ValueError(f"an extra frame holds another token count than the context's {self.context_len}")
         expected = {"num_layers": len(self.layers), "num_kv_heads": self.heads, "head_dim": self.head_dim}
         for key, value in expected.items():
             if key in self.fingerprint and self.fingerprint[key] != value:
@@ -90,12 +107,13 @@ class Header(BaseModel):
 
     @property
     def decoded_bytes(self) -> int:
-        """Float32 bytes of every layer's keys and values once decoded."""
-        return sum(decoded_bytes(self.heads, self.head_dim, entry.tokens) for entry in self.layers)
+        """Float32 bytes of every layer's keys and values (and int64 token ids) once decoded."""
+        kv = sum(decoded_bytes(self.heads, self.head_dim, entry.tokens) for entry in self.layers)
+        return kv + sum(8 * extra.tokens for extra in self.extras)
 
     @property
     def payload_bytes(self) -> int:
-        return sum(entry.bytes for entry in self.layers)
+        return sum(entry.bytes for entry in self.layers) + sum(extra.bytes for extra in self.extras)
 
     def check_size(self, max_decoded_bytes: int) -> None:
         """Refuses a message whose decoded size is over ``max_decoded_bytes`` or more than
@@ -148,6 +166,10 @@ def parse_header(blob: bytes, version: int) -> Header:
         raw = {**raw, "mode": meta.get("mode", "causal") if isinstance(meta, dict) else "causal"}
     elif "mode" not in raw:
         raise CorruptMessage("header lacks the 'mode' field")
+    if version < 3 and "extras" in raw:
+        raise CorruptMessage(f"a version {version} header has no 'extras' field")
+    if version >= 3 and "extras" not in raw:
+        raise CorruptMessage("header lacks the 'extras' field")
     try:
         return Header.model_validate(raw)
     except ValidationError as err:

@@ -4,6 +4,7 @@ Layout (all integers little-endian)::
 
     b"KVCM"  u16 version  u32 header length  header (UTF-8 JSON)  u32 crc32(header)
     per layer, in order:   u32 payload length  payload (safetensors)  u32 crc32(payload)
+    per extra (version 3): u32 payload length  payload (safetensors)  u32 crc32(payload)
     b"KEND"  16-byte BLAKE2b digest of everything before it
 
 The header (:mod:`kvcomm.wire.header`) describes itself: model fingerprint, codec and
@@ -12,7 +13,8 @@ full, its token count and its payload length. Payloads are safetensors blobs (a 
 zero-copy-readable tensor container; never pickle). Each frame has its own CRC so a streaming
 reader can use layer 0 before the last layer arrives; the final digest covers the whole message.
 Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing partly decoded is
-returned. Version 1 messages (mode in ``meta``) still read.
+returned. Versions 1 (mode in ``meta``) and 2 (no extra frames) still read. The one extra frame
+today carries the context's token ids, which blending (recomputing tokens) needs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.header import MAX_HEADER, READABLE, VERSION, CodecEntry, Header, LayerEntry, parse_header
+from kvcomm.wire.header import MAX_HEADER, READABLE, VERSION, CodecEntry, ExtraEntry, Header, LayerEntry, parse_header
 
 MAGIC, END = b"KVCM", b"KEND"
 DEFAULT_MAX_BYTES = 1 << 31
@@ -68,6 +70,7 @@ class KVMessage:
         codec: how payloads are (or were) encoded.
         meta: free-form JSON-serialisable notes (sender name, …).
         mode: the mask mode the receiver must use (``causal``, ``legacy``, ``shift-back``).
+        token_ids: the context's token ids (``[C]``), when the sender sends them.
     """
 
     fingerprint: Fingerprint
@@ -77,6 +80,7 @@ class KVMessage:
     codec: Codec = field(default_factory=lambda: make_codec("fp16"))
     meta: dict[str, Any] = field(default_factory=dict)
     mode: MaskMode = "causal"
+    token_ids: torch.Tensor | None = None
 
     @classmethod
     def from_shared(cls, shared: SharedKV, fingerprint: Fingerprint, codec: Codec | str = "fp16",
@@ -87,8 +91,9 @@ class KVMessage:
         sink = next((int(p[0, 0]) for p, full in zip(shared.positions, shared.full) if not full), 0)
         layers = [LayerKV(i, full, k[0].float(), v[0].float())
                   for i, (k, v, full) in enumerate(zip(shared.keys, shared.values, shared.full))]
+        ids = None if shared.token_ids is None else shared.token_ids[0].to(torch.int64)
         return cls(fingerprint, int(shared.context_len[0]), sink, layers,
-                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}), shared.mode)
+                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}), shared.mode, ids)
 
     def to_shared(self, dtype: torch.dtype = torch.float32) -> SharedKV:
         """The one-row :class:`SharedKV` a receiver builds its cache from."""
@@ -99,7 +104,7 @@ class KVMessage:
             positions=[context if layer.full else torch.tensor([[self.sink_position]]) for layer in self.layers],
             valid=[torch.ones(1, layer.keys.shape[1], dtype=torch.bool) for layer in self.layers],
             context_len=torch.tensor([self.context_len]), full=[layer.full for layer in self.layers],
-            mode=self.mode,
+            mode=self.mode, token_ids=None if self.token_ids is None else self.token_ids[None],
         )
 
     @property
@@ -116,6 +121,7 @@ class KVMessage:
     def write(self, out: BinaryIO) -> int:
         """Encodes and writes the message; returns the number of bytes written."""
         payloads = [self._encode_layer(layer) for layer in self.layers]
+        extras = self._encode_extras()
         first = self.layers[0].keys
         try:
             header = Header(
@@ -124,6 +130,7 @@ class KVMessage:
                 heads=int(first.shape[0]), head_dim=int(first.shape[2]), mode=self.mode, meta=self.meta,
                 layers=[LayerEntry(index=layer.index, full=layer.full, tokens=int(layer.keys.shape[1]), bytes=len(p))
                         for layer, p in zip(self.layers, payloads)],
+                extras=[entry for entry, _ in extras],
             )
             blob = header.to_json()
         except ValidationError as err:
@@ -140,7 +147,7 @@ class KVMessage:
             written += len(data)
 
         emit(MAGIC + struct.pack("<HI", VERSION, len(blob)) + blob + struct.pack("<I", zlib.crc32(blob)))
-        for payload in payloads:
+        for payload in [*payloads, *(data for _, data in extras)]:
             emit(struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload)))
         out.write(END + digest.digest())
         return written + len(END) + 16
@@ -151,6 +158,15 @@ class KVMessage:
                             f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
         tensors = self.codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
         return st_save({name: t.contiguous() for name, t in tensors.items()})
+
+    def _encode_extras(self) -> list[tuple[ExtraEntry, bytes]]:
+        if self.token_ids is None:
+            return []
+        ids = self.token_ids.reshape(-1)
+        if ids.numel() != self.context_len or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31)):
+            raise WireError(f"token ids must be {self.context_len} non-negative int32 values")
+        data = st_save({"ids": ids.to(torch.int32).contiguous()})
+        return [(ExtraEntry(kind="token_ids", tokens=self.context_len, bytes=len(data)), data)]
 
     def save(self, path: str | Path) -> int:
         """Writes the message to ``path`` atomically (a partial file is never left under that name)."""
@@ -191,7 +207,8 @@ class KVMessage:
         reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes)
         layers = list(reader.layers())
         h = reader.header
-        return cls(dict(h.fingerprint), h.context_len, h.sink_position, layers, reader.codec, dict(h.meta), h.mode)
+        return cls(dict(h.fingerprint), h.context_len, h.sink_position, layers, reader.codec, dict(h.meta), h.mode,
+                   reader.token_ids)
 
 
 class MessageReader:
@@ -227,6 +244,7 @@ class MessageReader:
         if zlib.crc32(blob) != crc:
             raise CorruptMessage("header checksum mismatch")
         self.version = version
+        self.token_ids: torch.Tensor | None = None  # set once the extra frames are read
         self.header = parse_header(blob, version)
         if receiver is not None:
             check_fingerprint(self.header.fingerprint, receiver)
@@ -247,17 +265,24 @@ class MessageReader:
             self._digest.update(data)
         return data
 
+    def _frame(self, declared: int, what: str) -> bytes:
+        """One ``length | payload | crc32`` frame whose length the header declared."""
+        (size,) = struct.unpack("<I", self._take(4, f"{what}'s length"))
+        if size != declared:
+            raise CorruptMessage(f"{what} holds {size} bytes, the header says {declared}")
+        payload = self._take(size, what)
+        (crc,) = struct.unpack("<I", self._take(4, f"{what}'s checksum"))
+        if zlib.crc32(payload) != crc:
+            raise CorruptMessage(f"{what}: checksum mismatch")
+        return payload
+
     def layers(self) -> Iterator[LayerKV]:
         h = self.header
         for entry in h.layers:
-            (size,) = struct.unpack("<I", self._take(4, f"layer {entry.index}'s length"))
-            if size != entry.bytes:
-                raise CorruptMessage(f"layer {entry.index}: frame holds {size} bytes, header says {entry.bytes}")
-            payload = self._take(size, f"layer {entry.index}")
-            (crc,) = struct.unpack("<I", self._take(4, f"layer {entry.index}'s checksum"))
-            if zlib.crc32(payload) != crc:
-                raise CorruptMessage(f"layer {entry.index}: checksum mismatch")
+            payload = self._frame(entry.bytes, f"layer {entry.index}")
             yield _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
+        for extra in h.extras:
+            self.token_ids = _decode_ids(self._frame(extra.bytes, f"the {extra.kind} frame"), extra.tokens)
         end = self._take(4 + 16, "the end marker", hashed=False)
         if end[:4] != END or end[4:] != self._digest.digest():
             raise CorruptMessage("end marker or whole-message digest mismatch")
@@ -296,3 +321,14 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
     if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
         raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
     return LayerKV(entry.index, entry.full, keys, values)
+
+
+def _decode_ids(payload: bytes, tokens: int) -> torch.Tensor:
+    """The token ids frame: ``tokens`` non-negative int32 values (as int64)."""
+    try:
+        ids = st_load(payload)["ids"]
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise CorruptMessage(f"the token ids frame does not decode ({type(err).__name__})") from None
+    if ids.dtype != torch.int32 or tuple(ids.shape) != (tokens,) or (tokens and int(ids.min()) < 0):
+        raise CorruptMessage(f"the token ids frame must hold {tokens} non-negative int32 ids")
+    return ids.to(torch.int64)

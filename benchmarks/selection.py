@@ -1,0 +1,106 @@
+"""Layer selection rules side by side, on the same items: which layers help the answer?
+
+For one model and task: the paper's rule (attention importance + fixed prior), the answer-aware
+greedy rule, the fitted prior, random layers (seeded) at each ratio, all layers, the skyline and
+the baseline, in one run (each rule calibrated once on the same held-out items). Prints the table
+with 95% intervals, marks every rule that is not above random at a ratio, reports each rule's
+calibration cost, and writes the results JSON.
+
+    python benchmarks/selection.py --model smollm2-135m --task facts --items 200 --calib-size 4 \\
+        --out benchmarks/results/selection/smollm2-facts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
+from kvcomm.eval.results import Report  # noqa: E402
+
+RULES = ("paper", "prior", "answer")
+
+
+def methods(ratios: list[float], seed: int) -> list:
+    built = [make_method("baseline"), make_method("skyline"), make_method("kvcomm", ratio=1.0)]
+    for ratio in ratios:
+        built += [make_method("kvcomm", ratio=ratio, selection=rule) for rule in RULES]
+        built.append(make_method("random", ratio=ratio, seed=seed))
+    return built
+
+
+def paired(report: Report, a: str, b: str, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean per-item difference ``a - b`` (same items) and its 95% bootstrap interval."""
+    metric = report.config["metric"]
+    runs = {run.label: run for run in report.runs}
+    diff = np.array([x.scores[metric] - y.scores[metric] for x, y in zip(runs[a].items, runs[b].items)])
+    means = diff[np.random.default_rng(0).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def table(report: Report, ratios: list[float]) -> Table:
+    metric = report.config["metric"]
+    by = {run.label: run.scores[metric] for run in report.runs}
+    out = Table(title=f"{report.config['task']} · {report.config['receiver']} · n={report.config['test_items']} · "
+                      f"{metric} (95% CI) [paired difference to random, 95% CI]; ✗ = not above random")
+    out.add_column("ratio")
+    for column in (*RULES, "random"):
+        out.add_column(column, justify="right")
+    for ratio in ratios:
+        rand = by[f"random@{ratio:g}"]
+        cells = []
+        for rule in RULES:
+            score = by[f"kvcomm@{ratio:g}~{rule}"]
+            mark = "" if score.mean > rand.mean else " ✗"
+            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
+            interval = f"({score.ci95[0]:.2f}–{score.ci95[1]:.2f})"
+            cells.append(f"{score.mean:.3f} {interval} [{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
+        out.add_row(f"{ratio:g}", *cells, f"{rand.mean:.3f} ({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f})")
+    out.add_row("all layers", *[f"{by['kvcomm@1'].mean:.3f}"] * 3, "")
+    out.add_row("skyline / baseline", f"{by['skyline'].mean:.3f}", f"{by['baseline'].mean:.3f}", "", "")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="facts")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--items", type=int, default=200, help="generated tasks: how many items to make")
+    parser.add_argument("--limit", type=int, default=None, help="test items (default: all but calibration)")
+    parser.add_argument("--calib-size", type=int, default=4)
+    parser.add_argument("--ratios", default="0.3,0.5,0.7")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.report is not None:
+        saved = Report.model_validate_json(args.report.read_text())
+        Console(width=200).print(table(saved, [float(r) for r in args.ratios.split(",")]))
+        return
+    generated = {"items": args.items} if args.task == "facts" else {}
+    task = load_task(args.task, args.data, **generated)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
+    report = evaluate(Agents.load(args.model), task, methods(ratios, args.seed), config)
+    console = Console(width=200)
+    console.print(table(report, ratios))
+    for rule, profile in sorted(report.profiles.items()):
+        cost, ranking = profile["cost"], profile["ranking"]
+        console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {cost['forwards_per_item']:.0f} batched forwards "
+                      f"per item ({cost['items']:.0f} items); top half {sorted(ranking[:len(ranking) // 2])}",
+                      markup=False)
+    report.save(args.out)
+    console.print(f"results: {args.out}", markup=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Composing KV pieces computed apart: blending by selective token recompute, and prefix reuse.
+
+Each item's context is split among ``senders`` senders (or its own pieces), each piece prefilled
+alone; the receiver joins them with consistent positions and then:
+
+- ``blend`` recomputes the top ``ratio`` fraction of context tokens by KV deviation at the check
+  layer (CacheBlend; :mod:`kvcomm.protocol.blend`), optionally on pieces that share only
+  KVComm-selected layers (``share``: a fraction of the run's ranking);
+- ``prefix`` reuses the first piece as is and recomputes every token of the others (what prefix
+  caching gives when only the first piece is cached).
+
+Full reuse is ``kvcomm@1xN`` (no recompute) and full recompute is ``blend@1xN`` (every token).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
+from kvcomm.protocol import SharedKV, greedy_generate, receiver_input, share
+from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
+from kvcomm.selection.calibrate import Rule
+from kvcomm.selection.rules import top_layers
+from kvcomm.wire import Codec, KVMessage, make_codec
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
+
+
+class BlendOptions(MethodOptions):
+    """``ratio``: fraction of context tokens recomputed; ``check_layer``, ``deviation``: where and on
+    what deviations are measured; ``senders``: pieces per context; ``share``: fraction of layers the
+    pieces share (by the run's ranking, or ``selection``'s; 1 = all); ``codec``: pieces through messages."""
+
+    ratio: float = Field(0.15, ge=0, le=1)
+    check_layer: int = Field(1, ge=0)
+    deviation: Deviation = "values"
+    senders: int = Field(2, ge=1, le=64)
+    share: float = Field(1.0, gt=0, le=1)
+    selection: Rule | None = None
+    codec: str | None = None
+
+
+class PrefixOptions(MethodOptions):
+    senders: int = Field(2, ge=2, le=64)
+    codec: str | None = None
+
+
+class _Composing(Method):
+    """What both methods share: pieces joined (through the wire if a codec is set), answered."""
+
+    _layers: list[int] | None = None
+    _codec: Codec | None = None
+
+    def _stats_reset(self) -> None:
+        self._seen: dict[str, list[float]] = {"context": [], "recomputed": [], "flops_fraction": []}
+
+    def _record(self, stats: BlendStats) -> None:
+        for name in self._seen:
+            self._seen[name].extend(float(v) for v in getattr(stats, name))
+
+    def state(self) -> dict[str, Any]:
+        return {name: list(values) for name, values in self._seen.items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._seen = {name: [float(v) for v in values] for name, values in state.items()}
+
+    def details(self) -> dict[str, Any]:
+        mean = {name: sum(v) / len(v) if v else 0.0 for name, v in self._seen.items()}
+        return {"mean_context_tokens": mean["context"], "mean_recomputed_tokens": mean["recomputed"],
+                "mean_flops_fraction": mean["flops_fraction"], "layers": self._layers}
+
+    def _joined(self, batch: Batch, senders: int) -> tuple[SharedKV, list[int]]:
+        receiver = batch.agents.receiver
+        layers = self._layers if self._layers is not None else range(receiver.num_layers)
+        joined = share(receiver.model, batch.sender_kv(senders), layers)
+        if self._codec is None:
+            assert joined.token_ids is not None
+            return joined, (joined.kv_bytes + 4 * joined.context_len).tolist()  # KV and 4-byte token ids
+        rows, sizes = [], []
+        for i in range(joined.context_len.shape[0]):
+            data = KVMessage.from_shared(joined.row(i), batch.agents.sender.fingerprint, self._codec).to_bytes()
+            rows.append(KVMessage.from_bytes(data, receiver=receiver.fingerprint).to_shared(receiver.dtype))
+            sizes.append(len(data))
+        return SharedKV.stack(rows), sizes
+
+    def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int]) -> Output:
+        receiver = batch.agents.receiver
+        prompt = batch.prompt("receiver", batch.task.receiver_message)
+        answers = greedy_generate(receiver.model, receiver_input(start_shared), prompt.input_ids, prompt.valid,
+                                  batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
+        return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
+                      sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=kv_bytes)
+
+
+@METHODS.register("blend")
+class BlendMethod(_Composing):
+    """Pieces joined, then the most deviating tokens recomputed (CacheBlend)."""
+
+    name = "blend"
+    options_model: ClassVar[type[BlendOptions]] = BlendOptions
+    options: BlendOptions
+
+    def __init__(self, options: BlendOptions | None = None, **given: object) -> None:
+        super().__init__(options, **given)
+        self._codec = make_codec(self.options.codec) if self.options.codec else None
+        self._stats_reset()
+
+    @property
+    def label(self) -> str:
+        o = self.options
+        layers = f"/L{o.share:g}" if o.share < 1 else ""
+        codec = f"+{o.codec}" if o.codec else ""
+        rule = f"~{o.selection}" if o.selection else ""
+        check = f"c{o.check_layer}" if o.check_layer != 1 else ""
+        deviation = {"values": "", "keys": "k", "both": "kv"}[o.deviation]
+        return f"blend@{o.ratio:g}x{o.senders}{layers}{codec}{rule}" + (f"[{check}{deviation}]" if check or
+                                                                            deviation else "")
+
+    @property
+    def layers(self) -> list[int] | None:
+        return self._layers
+
+    def setup(self, setup: Setup) -> None:
+        if self._codec is not None:
+            self._codec = self._codec.bind(setup.codebook)
+        share = self.options.share
+        ranked = setup.ranking(self.options.selection) if share < 1 else list(range(setup.num_layers))
+        self._layers = top_layers(ranked, share)
+
+    def run(self, batch: Batch) -> Output:
+        o = self.options
+        joined, sent = self._joined(batch, o.senders)
+        blended, stats = blend(batch.agents.receiver.model, joined, o.ratio, o.check_layer, o.deviation)
+        self._record(stats)
+        return self._answer(batch, blended, sent)
+
+
+@METHODS.register("prefix")
+class PrefixReuse(_Composing):
+    """The first piece reused as is, every token of the others recomputed on top of it."""
+
+    name = "prefix"
+    options_model: ClassVar[type[PrefixOptions]] = PrefixOptions
+    options: PrefixOptions
+
+    def __init__(self, options: PrefixOptions | None = None, **given: object) -> None:
+        super().__init__(options, **given)
+        self._codec = make_codec(self.options.codec) if self.options.codec else None
+        self._stats_reset()
+
+    @property
+    def label(self) -> str:
+        return f"prefix@x{self.options.senders}" + (f"+{self.options.codec}" if self.options.codec else "")
+
+    def setup(self, setup: Setup) -> None:
+        if self._codec is not None:
+            self._codec = self._codec.bind(setup.codebook)
+
+    def run(self, batch: Batch) -> Output:
+        joined, sent = self._joined(batch, self.options.senders)
+        first = batch.sender_pieces(self.options.senders)[0].valid.shape[1]  # the first piece's columns
+        columns = torch.arange(joined.valid[0].shape[1])[None]
+        blended, stats = recompute_tokens(batch.agents.receiver.model, joined, joined.valid[0] & (columns >= first))
+        self._record(stats)
+        return self._answer(batch, blended, sent)

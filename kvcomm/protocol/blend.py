@@ -1,0 +1,188 @@
+"""Blending KV pieces computed apart: selective token recompute (CacheBlend, EuroSys '25).
+
+Pieces prefilled alone (several senders, stored passages) and joined with consistent positions
+(:func:`~kvcomm.protocol.shared.concat_shared`) miss every cross-piece attention: no token of piece
+2 ever saw piece 1. Blending restores the tokens where that matters most:
+
+1. every context token goes through the first layers again, up to the *check layer*, now seeing
+   the whole joined context (the cache keeps this fresh KV for those layers);
+2. at the check layer, the tokens whose fresh KV deviates most from the reused KV (keys, values or
+   both, summed over heads and channels) are chosen, the top ``recompute`` fraction of each row;
+3. only those tokens go through every later layer, attending to every key (their queries see the
+   whole context); their fresh KV replaces theirs in the reused cache.
+
+The recompute runs through the model's own layers: the chosen tokens are "own" tokens placed at
+their original positions over a cache whose prefix holds every other context token, so the masks
+(:mod:`~kvcomm.protocol.layout`) do the rest. Exact ends: ``recompute=1`` is a full prefill of the
+joined token ids; ``recompute=0`` is plain concatenation (layer 0's KV does not depend on other
+tokens); a single piece is its own prefill at any ratio.
+
+With KVComm layer selection (pieces sharing only some layers, the sink elsewhere) the recomputed
+tokens also keep their fresh KV at the sink-only layers, where the receiver computed it itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast, get_args
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from kvcomm.errors import ConfigError, WireError
+from kvcomm.protocol.layout import AttentionLayout
+from kvcomm.protocol.sender import cache_tensors, run_body
+from kvcomm.protocol.shared import SharedKV
+
+Deviation = Literal["keys", "values", "both"]
+DEVIATIONS: tuple[str, ...] = get_args(Deviation)
+
+
+@dataclass(frozen=True)
+class BlendStats:
+    """What a blend recomputed, per row."""
+
+    context: list[int]  # context tokens
+    recomputed: list[int]  # tokens recomputed through every layer after the check layer
+    check_layer: int  # the layer deviations were measured at (the first full layer from the one asked)
+    flops_fraction: list[float]  # of a full prefill of the context (the linear work, attention aside)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the check layer has run."""
+
+
+def _fresh_until(model: PreTrainedModel, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                 last: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every context token's fresh KV at layers ``0..last``, each token seeing the joined context."""
+    layers = model.config.get_text_config().num_hidden_layers
+    layout = AttentionLayout.empty(layers, ids.shape[0], ids.device)
+    cache = DynamicCache()
+
+    def stop(module: torch.nn.Module, args: object, output: object) -> None:
+        raise _Stop
+
+    handle = model.get_decoder().layers[last].register_forward_hook(stop)
+    try:
+        run_body(model, ids, valid, cache, layout, head=False, positions=positions)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    keys, values = cache_tensors(cache)
+    return keys[:last + 1], values[:last + 1]
+
+
+def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,
+            valid: torch.Tensor, recompute: float, deviation: str) -> torch.Tensor:
+    """``[B, C]`` the tokens to recompute: each row's top ``floor(recompute · n)`` by KV deviation."""
+    parts = {"keys": [(fresh_k, old_k)], "values": [(fresh_v, old_v)],
+             "both": [(fresh_k, old_k), (fresh_v, old_v)]}[deviation]
+    score = sum((f.float() - o.float()).pow(2).sum(dim=(1, 3)) for f, o in parts)  # [B, C]
+    assert isinstance(score, torch.Tensor)
+    score = score.masked_fill(~valid, -torch.inf)
+    counts = (valid.sum(dim=1).double() * recompute + 1e-9).floor().long()  # [B]
+    order = score.argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    return (ranks < counts[:, None]) & valid
+
+
+def _gather(chosen: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each row's chosen columns of ``[B, C]`` tensors, left-padded to the longest row, plus validity."""
+    width = int(chosen.sum(dim=1).max()) if chosen.numel() else 0
+    order = (chosen.long() * torch.arange(1, chosen.shape[1] + 1)).argsort(dim=1)[:, chosen.shape[1] - width:]
+    picked_valid = chosen.gather(1, order)
+    return (*(t.gather(1, order) for t in tensors), picked_valid)
+
+
+def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_layer: int = 1,
+          deviation: Deviation = "values") -> tuple[SharedKV, BlendStats]:
+    """The receiver's context cache after blending ``joined`` (see the module's docstring).
+
+    Args:
+        joined: the pieces joined by ``concat_shared``, with their token ids (``token_ids``).
+        recompute: the fraction of each row's context tokens to recompute (0..1).
+        check_layer: where deviations are measured (moved to the first layer after it that is
+            shared in full, when it is a sink-only layer); layers before it are recomputed for every token.
+        deviation: what deviation is measured on: ``keys``, ``values`` or ``both``.
+
+    Raises:
+        ConfigError: no token ids, a mask mode other than causal, no full layer at or after the
+            check layer, or an option out of range.
+    """
+    if joined.token_ids is None:
+        raise ConfigError("blending recomputes tokens: the KV pieces must carry their token ids")
+    if joined.mode != "causal":
+        raise ConfigError(f"blending needs causal masks, not {joined.mode!r}")
+    if not 0.0 <= recompute <= 1.0 or deviation not in DEVIATIONS:
+        raise ConfigError(f"recompute must be in [0, 1] and deviation one of {', '.join(DEVIATIONS)}")
+    check = next((layer for layer in range(check_layer, joined.num_layers) if joined.full[layer]), None)
+    if check is None:
+        raise ConfigError(f"no layer at or after check layer {check_layer} is shared in full")
+    valid, positions, ids = joined.valid[check], joined.positions[check], joined.token_ids
+    vocabulary = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
+    if bool(valid.any()) and int(ids[valid].max()) >= vocabulary:
+        raise WireError(f"a token id is outside the receiver's vocabulary of {vocabulary}")
+    fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, check)
+    chosen = _chosen(fresh_k[check], fresh_v[check], joined.keys[check], joined.values[check], valid, recompute,
+                     deviation)
+    return recompute_tokens(model, joined, chosen, (fresh_k, fresh_v), check)
+
+
+def recompute_tokens(model: PreTrainedModel, joined: SharedKV, chosen: torch.Tensor,
+                     fresh: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                     check: int = 0) -> tuple[SharedKV, BlendStats]:
+    """``joined`` with the ``chosen`` context tokens (``[B, C]``) recomputed through every layer,
+    attending to the whole context; ``fresh`` holds every token's fresh KV for the layers before
+    ``check`` (the blend's first stage), which replace the reused ones there.
+
+    Recomputing every token of all pieces after the first is prefix reuse.
+    """
+    if joined.token_ids is None:
+        raise ConfigError("recomputing tokens needs the KV pieces' token ids")
+    fresh_k, fresh_v = fresh if fresh is not None else ([], [])
+    columns = next((layer for layer in range(joined.num_layers) if joined.full[layer]), None)
+    if columns is None:
+        raise ConfigError("recomputing tokens needs a layer that is shared in full")
+    ids, positions = joined.token_ids, joined.positions[columns]
+    cache, layout = _cache_without(joined, fresh_k, fresh_v, chosen, check, columns)
+    picked_ids, picked_pos, picked_valid = _gather(chosen, ids, positions)
+    if picked_ids.shape[1]:
+        run_body(model, picked_ids, picked_valid, cache, layout, head=False, positions=picked_pos)
+    keys, values = cache_tensors(cache)
+    blended = SharedKV(
+        keys=keys, values=values, positions=[torch.cat([p, layout.own_pos], dim=1) for p in layout.prefix_pos],
+        valid=[torch.cat([v, layout.own_valid], dim=1) for v in layout.prefix_valid], context_len=joined.context_len,
+        full=[True if layer < check else joined.full[layer] for layer in range(joined.num_layers)])
+    return blended, _stats(joined, joined.valid[columns], chosen, check, ran_first_stage=fresh is not None)
+
+
+def _cache_without(joined: SharedKV, fresh_k: list[torch.Tensor], fresh_v: list[torch.Tensor],
+                   chosen: torch.Tensor, check: int, columns: int) -> tuple[DynamicCache, AttentionLayout]:
+    """The context cache with the chosen tokens left out (they come back as own tokens): fresh KV
+    before the check layer, the reused KV from it on, sink-only layers as they were. ``columns``
+    is a layer whose columns are the context's (a full one)."""
+    valid, positions = joined.valid[columns], joined.positions[columns]
+    cache, layout = DynamicCache(), AttentionLayout.empty(joined.num_layers, valid.shape[0])
+    layout.context_len = joined.context_len
+    for layer in range(joined.num_layers):
+        if layer < check:
+            parts = fresh_k[layer], fresh_v[layer], positions, valid & ~chosen
+        elif joined.full[layer]:
+            parts = joined.keys[layer], joined.values[layer], positions, valid & ~chosen
+        else:  # the sink stays; recomputed tokens add their own KV
+            parts = joined.keys[layer], joined.values[layer], joined.positions[layer], joined.valid[layer]
+        cache.update(parts[0], parts[1], layer)
+        layout.prefix_pos[layer], layout.prefix_valid[layer] = parts[2], parts[3]
+    return cache, layout
+
+
+def _stats(joined: SharedKV, valid: torch.Tensor, chosen: torch.Tensor, check: int,
+           ran_first_stage: bool) -> BlendStats:
+    layers = joined.num_layers
+    context = valid.sum(dim=1).tolist()
+    recomputed = chosen.sum(dim=1).tolist()
+    first = check + 1 if ran_first_stage else 0  # layers every token went through in the first stage
+    fraction = [(first * n + r * layers) / (layers * n) if n else 0.0 for n, r in zip(context, recomputed)]
+    return BlendStats(context=context, recomputed=recomputed, check_layer=check, flops_fraction=fraction)

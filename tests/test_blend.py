@@ -1,0 +1,160 @@
+"""Blending KV pieces by selective token recompute: its exact ends, batching, and what it recomputes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm.errors import ConfigError
+from kvcomm.protocol import concat_shared, pad_left, prefill, prefill_logits, receiver_input, share
+from kvcomm.protocol.blend import blend
+from kvcomm.protocol.receiver import empty_input
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def pieces(model, lengths=(7, 5, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 99, (1, n), generator=g) for n in lengths]
+    every = range(model.config.num_hidden_layers)
+    return ids, [share(model, prefill(model, i, torch.ones_like(i, dtype=torch.bool)), every) for i in ids]
+
+
+def question_logits(model, shared, question):
+    return prefill_logits(model, receiver_input(shared), question, torch.ones_like(question, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("deviation", ["keys", "values", "both"])
+def test_recomputing_everything_is_a_full_prefill_of_the_joined_tokens(family, deviation):
+    model = tiny_model(family)
+    ids, parts = pieces(model)
+    question = torch.randint(0, 99, (1, 4))
+    blended, stats = blend(model, concat_shared(model, parts), recompute=1.0, deviation=deviation)
+    whole = torch.cat([*ids, question], dim=1)
+    reference = prefill_logits(model, empty_input(model, 1), whole, torch.ones_like(whole, dtype=torch.bool))
+    got = question_logits(model, blended, question)
+    assert (got - reference[:, -4:]).abs().max().item() <= 1e-4
+    assert stats.recomputed == [18] and stats.context == [18]
+
+
+def test_recomputing_nothing_is_plain_concatenation(family):
+    model = tiny_model(family)
+    _, parts = pieces(model)
+    question = torch.randint(0, 99, (1, 4))
+    joined = concat_shared(model, parts)
+    blended, stats = blend(model, joined, recompute=0.0, check_layer=1)
+    assert stats.recomputed == [0]
+    assert (question_logits(model, blended, question) - question_logits(model, joined, question)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("recompute", [0.0, 0.3, 1.0])
+def test_one_piece_is_its_own_prefill_at_any_ratio(family, recompute):
+    model = tiny_model(family)
+    _, parts = pieces(model, lengths=(9,))
+    question = torch.randint(0, 99, (1, 3))
+    blended, _ = blend(model, parts[0], recompute=recompute)
+    assert (question_logits(model, blended, question) - question_logits(model, parts[0], question)).abs().max() <= 1e-4
+
+
+def test_a_left_padded_batch_equals_each_row_alone():
+    model = tiny_model("qwen2")
+    firsts, seconds = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]], [[16, 17, 18], [19, 20]]
+    questions = [[21, 22], [23, 24, 25]]
+
+    def run(rows):
+        parts = []
+        for chunk in (firsts, seconds):
+            ids, valid = pad_left([chunk[r] for r in rows], 0)
+            parts.append(share(model, prefill(model, ids, valid), range(4)))
+        blended, stats = blend(model, concat_shared(model, parts), recompute=0.5)
+        q_ids, q_valid = pad_left([questions[r] for r in rows], 0)
+        logits = prefill_logits(model, receiver_input(blended), q_ids, q_valid)[:, -1]
+        return logits, stats.recomputed
+
+    together, counts = run([0, 1])
+    assert counts == [3, 4]  # floor(0.5 * 7), floor(0.5 * 9)
+    for row in range(2):
+        alone, _ = run([row])
+        assert (together[row] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_selected_layers_with_sinks_elsewhere_blend_too():
+    """KVComm selection composes: sink-only layers stay sinks; recomputed tokens keep their own KV there."""
+    model = tiny_model("llama")
+    ids, _ = pieces(model, lengths=(6, 5))
+    parts = [share(model, prefill(model, i, torch.ones_like(i, dtype=torch.bool)), [1, 3]) for i in ids]
+    blended, stats = blend(model, concat_shared(model, parts), recompute=0.4, check_layer=1)
+    assert stats.check_layer == 1 and stats.recomputed == [4]
+    sink_layer_keys = int(blended.valid[2].sum())
+    assert sink_layer_keys == 1 + 4  # the sink and the recomputed tokens
+    assert question_logits(model, blended, torch.tensor([[7, 8]])).isfinite().all()
+    moved, _ = blend(model, concat_shared(model, [share(model, prefill(model, i, torch.ones_like(
+        i, dtype=torch.bool)), [3]) for i in ids]), recompute=0.4, check_layer=1)
+    assert int(moved.valid[1].sum()) == 11  # the check moved to layer 3: layers 0-2 are fresh for every token
+
+
+def test_the_flops_fraction_is_the_linear_work():
+    model = tiny_model("llama")
+    _, parts = pieces(model, lengths=(10, 10))
+    _, stats = blend(model, concat_shared(model, parts), recompute=0.25, check_layer=1)
+    assert stats.recomputed == [5] and stats.flops_fraction == [pytest.approx((2 * 20 + 5 * 4) / (4 * 20))]
+
+
+def test_blend_needs_token_ids_and_causal_masks():
+    model = tiny_model("llama")
+    _, parts = pieces(model, lengths=(5, 4))
+    joined = concat_shared(model, parts)
+    with pytest.raises(ConfigError, match="token ids"):
+        blend(model, type(joined)(**{**vars(joined), "token_ids": None}), recompute=0.5)
+    with pytest.raises(ConfigError, match="causal"):
+        blend(model, type(joined)(**{**vars(joined), "mode": "legacy"}), recompute=0.5)
+
+
+@pytest.fixture(scope="module")
+def agents():
+    from kvcomm import Agents
+    from tests.conftest import tiny_loaded
+
+    model = tiny_loaded("qwen2")
+    return Agents(model, model)
+
+
+def run_methods(agents, methods, items=4, pieces=2):
+    from kvcomm import EvalConfig, evaluate, load_task
+
+    task = load_task("multihop", items=items + 1, pieces=pieces, facts_per_piece=2)
+    return {r.label: r for r in evaluate(agents, task, methods, EvalConfig(limit=items, batch_size=3, calib_size=1),
+                                         progress=False).runs}
+
+
+def test_the_methods_exact_ends_hold_in_a_sweep(agents):
+    """blend@0 is full reuse (kvcomm@1xN); blend@1 and prefix reuse are both a full prefill of the pieces."""
+    from kvcomm import make_method
+
+    runs = run_methods(agents, [make_method("blend", ratio=0.0), make_method("kvcomm", ratio=1.0, senders=2),
+                                make_method("blend", ratio=1.0), make_method("prefix", senders=2),
+                                make_method("blend", ratio=0.5)])
+    answers = {label: [i.answer for i in run.items] for label, run in runs.items()}
+    assert answers["blend@0x2"] == answers["kvcomm@1x2"]
+    assert answers["blend@1x2"] == answers["prefix@x2"]
+    half = runs["blend@0.5x2"].details
+    assert 0 < half["mean_recomputed_tokens"] < half["mean_context_tokens"] and 0 < half["mean_flops_fraction"] < 1
+    assert runs["blend@1x2"].details["mean_recomputed_tokens"] == runs["blend@1x2"].details["mean_context_tokens"]
+
+
+def test_pieces_of_a_multihop_item_go_to_their_own_senders():
+    from kvcomm import load_task
+
+    item = load_task("multihop", items=1, pieces=4).items[0]
+    assert item.parts(4) == list(item.pieces) and " ".join(item.pieces) == item.context
+    assert len(item.parts(2)) == 2  # another count splits the context evenly
+
+
+def test_blend_through_the_wire_and_on_selected_layers(agents):
+    from kvcomm import make_method
+
+    runs = run_methods(agents, [make_method("blend", ratio=0.3, codec="fp32"), make_method("blend", ratio=0.3),
+                                make_method("blend", ratio=0.3, share=0.5)], items=2)
+    assert [i.answer for i in runs["blend@0.3x2+fp32"].items] == [i.answer for i in runs["blend@0.3x2"].items]
+    assert runs["blend@0.3x2/L0.5"].layers is not None and len(runs["blend@0.3x2/L0.5"].layers) == 2
