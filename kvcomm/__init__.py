@@ -31,15 +31,16 @@ from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
 from kvcomm.protocol import SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
 from kvcomm.selection import Profile, calibrate
+from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.serve.client import Client
 from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import KVMessage
 
 __all__ = [
-    "EMBEDDED", "METHODS", "Agents", "Batch", "Client", "ConfigError", "DataError", "EvalConfig",
+    "EMBEDDED", "METHODS", "Agents", "Batch", "BlockProfile", "Client", "ConfigError", "DataError", "EvalConfig",
     "FingerprintMismatch", "IncompatibleModelsError", "Item", "KVMessage", "KvcommError", "LoadedModel", "Method",
     "ModelError", "Profile", "ProtocolError", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__",
     "answer", "build_methods", "build_receiver_input", "calibrate", "encode_context", "encode_ids", "evaluate",
     "greedy_generate", "load_model", "load_pair", "load_task", "make_method", "plot_sweep", "prefill",
-    "print_table",
+    "print_table", "profile_blocks",
 ]

@@ -133,3 +133,54 @@ def test_blend_runs_from_the_command_line(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     labels = [r["label"] for r in json.loads((tmp_path / "multihop.json").read_text())["runs"]]
     assert labels[0] == "kvcomm@1x2" and "blend@0.3x2[k]" in labels and "prefix@x2" in labels
+
+
+@pytest.fixture
+def variant_dir(tmp_path):
+    """A second tiny Llama of the same shape with other weights (a stand-in for a fine-tune)."""
+    from tests.conftest import tiny_loaded
+
+    loaded = tiny_loaded("llama", seed=3)
+    loaded.model.save_pretrained(tmp_path / "variant")
+    loaded.tokenizer.save_pretrained(tmp_path / "variant")
+    return tmp_path / "variant"
+
+
+def test_droidspeak_is_profiled_by_calibrate_and_used_by_eval(tiny_dir, variant_dir, tmp_path):
+    blocks = tmp_path / "blocks.json"
+    result = runner.invoke(app, ["calibrate", "--method", "droidspeak", "--model", str(tiny_dir), "--receiver",
+                                 str(variant_dir), "--task", "facts", "--calib-size", "2", "--max-recompute", "0.5",
+                                 "-q", "--out", str(blocks)])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(blocks.read_text())
+    assert profile["kind"] == "droidspeak" and profile["max_block"] == 2 and len(profile["blocks"]) == 4 + 3
+    assert blocks.with_suffix(".png").stat().st_size > 1000 and "pick: block" in result.output
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--receiver", str(variant_dir), "--task", "facts",
+                                 "--limit", "3", "--calib-size", "2", "--method", "droidspeak",
+                                 "--max-recompute", "0.5", "--profile", str(blocks), "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = json.loads(out.read_text())["runs"][0]
+    assert re.fullmatch(r"droidspeak\[\d:\d\]", run["label"]) and run["details"]["profiled"] is not None
+
+
+def test_drift_is_zero_for_one_model_and_not_for_a_variant(tiny_dir, variant_dir, tmp_path):
+    for other, name in ((tiny_dir, "same"), (variant_dir, "variant")):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["drift", str(tiny_dir), str(other), "--task", "facts", "--items", "3", "-q",
+                                     "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        drift = json.loads(out.read_text())
+        assert len(drift["keys"]) == len(drift["values"]) == len(drift["hidden"]) == 4 and drift["tokens"] > 0
+        values = drift["keys"] + drift["values"] + drift["hidden"]
+        assert all(v == 0 for v in values) if name == "same" else all(v > 0.01 for v in values)
+        assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_inspect_shows_left_out_layers_and_hidden_frames():
+    from pathlib import Path
+
+    golden = Path(__file__).parent / "golden" / "message_v4.kvcm"
+    result = runner.invoke(app, ["inspect", str(golden)])
+    assert result.exit_code == 0, result.output
+    assert "format version 4" in result.output and "left out" in result.output and "hidden" in result.output

@@ -41,7 +41,7 @@ def files(tmp_path, tiny_dir):
 MISTAKES = [
     ("eval -m {model} --method kvcom", "Did you mean 'kvcomm'"),
     ("eval -m smollm2", "Did you mean 'smollm2-135m'"),
-    ("eval -m ./no/such/folder", "neither an embedded model"),
+    ("eval -m ./no/such/folder", "is not a known model"),
     ("eval -m {model} -t countrys", "Did you mean 'countries'"),
     ("eval -m {model} -t countries --data {dir}/missing.jsonl", "does not exist"),
     ("eval -m {model} -t jsonl --data {dir}/bad.jsonl", "not valid JSON"),
@@ -115,6 +115,17 @@ MISTAKES = [
     ("eval -m {model} -t facts,jsonl --data jsonl={dir}/ok.jsonl --out {dir}/r.json", "one results file"),
     ("eval -m {model} --profile {dir}/countries-profile.json", "calibrated on task 'countries'"),
     ("calibrate -m {model} --out {dir}/file.txt", "exists; pass --overwrite"),
+    # variants and droidspeak
+    ("eval -m {model} --method droidspeak --block 5", "is not a:b"),
+    ("eval -m {model} --method droidspeak --block 5:3", "needs 0 <= a < b"),
+    ("eval -m {model} --method kvcomm --block 1:3", "does not take 'block'"),
+    ("eval -m {model} --method kvcomm --block-tolerance 0.1", "does not take 'tolerance'"),
+    ("calibrate -m {model} --method droidspeak --selection answer", "droidspeak takes"),
+    ("calibrate -m {model} --method droidspek", "droidspek"),
+    ("drift {model} smollm2-13", "Did you mean"),
+    ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),
+    ("models derive smollm2-135m --from {model} --recipe terse", "embedded model's name"),
+    ("models derive 'bad name' --from {model} --recipe terse", "name"),
 ]
 
 

@@ -39,7 +39,7 @@ def test_missing_embedded_model_says_how_to_install():
 
 
 def test_unknown_names_are_explained():
-    with pytest.raises(ModelError, match="neither an embedded model"):
+    with pytest.raises(ModelError, match="is not a known model"):
         load_model("no-such-model")
     with pytest.raises(ConfigError, match="Did you mean 'smollm2-135m'"):
         EMBEDDED.get("smollm2")

@@ -30,7 +30,7 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4)}
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
@@ -89,8 +89,11 @@ def test_entropy_coded_codecs_handle_constant_tensors(codec):
 
 
 def golden_message() -> KVMessage:
-    today = message(mode="legacy")
+    """Layers 0 and 2 full, 1 a sink, 3 left out with the hidden state entering it (a droidspeak block)."""
+    today = message(mode="legacy", layers=4)
+    today.layers[3] = LayerKV(3, False, torch.zeros(2, 0, 4), torch.zeros(2, 0, 4))
     today.token_ids = torch.tensor([17, 4, 250, 0, 9])
+    today.hidden = {3: kv_like(1, 5, 6, 7)[0]}
     return today
 
 
@@ -112,6 +115,46 @@ def test_golden_files_of_every_version_decode(version, mode, ids):
     assert (decoded.token_ids.tolist() if decoded.token_ids is not None else None) == ids
     assert torch.equal(decoded.layers[2].values, message().layers[2].values)
     assert MessageReader(io.BytesIO(golden)).version == version
+    assert decoded.hidden == {}
+
+
+def test_golden_v4_carries_a_left_out_layer_and_a_hidden_state():
+    decoded = KVMessage.from_bytes(GOLDEN[4].read_bytes())
+    assert decoded.shared_layers == [0, 2] and decoded.layers[3].keys.shape == (2, 0, 4)
+    assert decoded.token_ids.tolist() == [17, 4, 250, 0, 9] and list(decoded.hidden) == [3]
+    assert torch.equal(decoded.hidden[3], kv_like(1, 5, 6, 7)[0])  # fp32 codec: exact
+    shared = decoded.to_shared()
+    assert shared.keys[3].shape == (1, 2, 0, 4) and shared.hidden[3].shape == (1, 5, 6)
+
+
+@pytest.mark.parametrize("codec", sorted(PRESETS))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.integers(1, 40), width=st.sampled_from([6, 32, 200]), seed=st.integers(0, 1000))
+def test_hidden_states_round_trip_through_every_codec(codec, tokens, width, seed):
+    keys, values = kv_like(2, tokens, 8, seed), kv_like(2, tokens, 8, seed + 1)
+    hidden = kv_like(1, tokens, width, seed + 2)[0] * 4
+    layers = [LayerKV(0, True, keys, values), LayerKV(1, False, keys[:, :0], values[:, :0])]
+    bound = make_codec(codec).bind(lambda: random_codebook(2, 8, layers=2, seed=seed))
+    back = KVMessage.from_bytes(KVMessage({"m": 1}, tokens, 0, layers, bound, hidden={1: hidden}).to_bytes())
+    assert back.layers[1].keys.shape == (2, 0, 8) and back.hidden[1].shape == hidden.shape
+    error = ((back.hidden[1] - hidden).norm() / hidden.norm()).item()
+    assert error <= max(TOLERANCE[codec], 1e-3), error
+
+
+def test_hidden_frames_and_left_out_layers_need_v4():
+    data = golden_message().to_bytes()
+    with pytest.raises(WireError, match="version 3 message has no hidden"):  # refused, not misread
+        KVMessage.from_bytes(data[:4] + struct.pack("<H", 3) + data[6:])
+
+
+def test_hidden_state_must_match_the_context():
+    bad = golden_message()
+    bad.hidden = {3: torch.zeros(4, 6)}
+    with pytest.raises(WireError, match="hidden state must be"):
+        bad.to_bytes()
+    bad.hidden = {9: torch.zeros(5, 6)}
+    with pytest.raises(WireError, match="enter a layer"):
+        bad.to_bytes()
 
 
 def test_receiver_through_the_wire_equals_in_process():

@@ -1,9 +1,10 @@
-"""``kvcomm calibrate``: rank layers on held-out items and write a profile JSON."""
+"""``kvcomm calibrate``: rank layers (kvcomm) or score recompute blocks (droidspeak) on held-out
+items and write a profile JSON (and, for blocks, a plot)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -27,10 +28,13 @@ from kvcomm.cli.common import (
     console,
     quiet_libraries,
 )
+from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, split_items
 from kvcomm.eval.outputs import safe_name
+from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
+from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
 from kvcomm.tasks import load_task
 
 
@@ -42,13 +46,30 @@ def calibrate_command(
     tolerance: Annotated[float | None, typer.Option(
         min=0, max=1, help="Also find the budget: the smallest ratio whose score on the calibration items is within "
                            "this of all layers' (e.g. 0.02 = 2 points).")] = None,
+    method: Annotated[Literal["kvcomm", "droidspeak"], typer.Option(
+        help="kvcomm: rank layers to share (by --selection); droidspeak: score every block of layers the "
+             "receiver could recompute from the sender's hidden state.")] = "kvcomm",
+    max_recompute: Annotated[float, typer.Option(
+        min=0, max=1, help="droidspeak: the longest block scored, as a fraction of the layers (the cap).")]
+    = DEFAULT_MAX_RECOMPUTE,
+    block_tolerance: Annotated[float, typer.Option(
+        min=0, help="droidspeak: the pick shown is the fewest layers within this many nats per answer token of "
+                    "the receiver's own prefill.")] = DEFAULT_BLOCK_TOLERANCE,
     dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
-    out: Annotated[Path | None, typer.Option(help="Profile JSON. (default: results/profile-<task>.json)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Profile JSON. (default: results/profile-<task>.json, blocks-<task>.json for droidspeak)")] = None,
 ) -> None:
-    """Rank layers on held-out items (by --selection) and save the profile for `eval --profile`."""
+    """Rank layers (or score droidspeak blocks) on held-out items and save the profile for `eval --profile`."""
     resolve_model(model)
     if receiver is not None:
         resolve_model(receiver)
+    if method == "droidspeak":
+        if selection is not None or tolerance is not None or any(v is not None for v in (alpha, mu, sigma)):
+            raise ConfigError("--selection, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
+                              "droidspeak takes --max-recompute and --block-tolerance")
+        _blocks(model, receiver, task, data, calib_size, batch_size, max_recompute, block_tolerance, dtype, quiet,
+                overwrite, out)
+        return
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
@@ -74,3 +95,33 @@ def calibrate_command(
                       f"{budget['tolerance']:g} of all layers' ({budget['all_layers']:.3f} on {budget['items']} items)",
                       markup=False)
     console.print(f"profile: {out}", markup=False)
+
+
+def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int, batch_size: int | None,
+            max_recompute: float, tolerance: float, dtype: str, quiet: bool, overwrite: bool,
+            out: Path | None) -> None:
+    the_task = load_task(task, data)
+    _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
+    out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
+    with quiet_libraries(quiet):
+        agents = Agents.load(model, receiver, dtype)
+        profile = profile_blocks(agents, the_task, items, max_recompute, batch_size or EvalConfig().batch_size,
+                                 progress=not quiet)
+    profile.save(out)
+    plot = plot_blocks(profile, out.with_suffix(".png"), tolerance)
+    picked = profile.pick(tolerance)
+    spent = f"{profile.cost['seconds']:.0f} s, {len(profile.blocks)} blocks"
+    table = Table(title=Text(f"droidspeak blocks · {profile.sender} → {profile.receiver} · {the_task.name} · "
+                             f"{len(items)} item(s) · cap {profile.max_block} of {profile.num_layers} layers "
+                             f"({max_recompute:g}) · {spent}"))
+    for column in ("layers recomputed", "best block", "answer log-lik/token"):
+        table.add_column(column, justify="right")
+    table.add_row("0 (sender's KV everywhere)", "-", f"{profile.reuse:.3f}")
+    for point in profile.curve():
+        table.add_row(str(point["layers"]), f"{point['start']}:{point['stop']}", f"{point['loglik']:.3f}")
+    table.add_row(f"{profile.num_layers} (receiver's own prefill)", "-", f"{profile.own:.3f}")
+    console.print(table)
+    verdict = "within" if picked.within_tolerance else "none within; best at the cap, not within"
+    console.print(f"pick: block {picked.start}:{picked.stop} ({picked.stop - picked.start} layers, {verdict} "
+                  f"{tolerance:g} of the receiver's own {profile.own:.3f})\nprofile: {out}\nplot: {plot}",
+                  markup=False, soft_wrap=True)

@@ -28,6 +28,7 @@ from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
 from kvcomm.methods.blend import BlendOptions
 from kvcomm.methods.debate import CipherOptions
+from kvcomm.methods.droidspeak import DroidSpeakOptions
 from kvcomm.methods.kvcomm import RandomOptions, SharingOptions
 from kvcomm.methods.online import OnlineOptions
 from kvcomm.models import DEFAULT_MODEL, resolve_model
@@ -135,6 +136,9 @@ class RunOptions:
     interval: int | None
     check_layer: int | None
     deviation: str | None
+    block: str | None
+    max_recompute: float | None
+    block_tolerance: float | None
     out_dir: Path | None
     overwrite: bool
     resume: Path | None
@@ -151,7 +155,8 @@ class RunOptions:
         return dict(mode=self.mode, seed=self.seed, senders=self.senders, round_one_tokens=self.round_one_tokens,
                     temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
                     interval=self.interval, check_layer=self.check_layer,
-                    deviation=self.deviation)
+                    deviation=self.deviation, block=None if self.block is None else parse_block(self.block),
+                    max_recompute=self.max_recompute, tolerance=self.block_tolerance)
 
     def task_names(self) -> list[str]:
         """The ``--task`` names, each checked against the registry (with a "did you mean")."""
@@ -225,7 +230,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=0, help=options_help("Calibration items, from the end of the task, disjoint from the test items.",
                                  EvalConfig, "calib_size"))], None),
     "profile": (Annotated[Path | None, typer.Option(
-        "--profile", exists=True, dir_okay=False, help="Layer ranking from `kvcomm calibrate`.")], None),
+        "--profile", exists=True, dir_okay=False,
+        help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`.")], None),
     "selection": (Selection, None),
     "alpha": (Alpha, None),
     "mu": (Mu, None),
@@ -260,6 +266,15 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                                  BlendOptions, "check_layer"))], None),
     "deviation": (Annotated[Deviation | None, typer.Option(
         help=options_help("blend: what the deviation is measured on.", BlendOptions, "deviation"))], None),
+    "block": (Annotated[str | None, typer.Option(
+        help="droidspeak: the layers a:b (a included, b not) the receiver recomputes from the sender's hidden "
+             "state. (default: profiled on the calibration items, or taken from a block --profile)")], None),
+    "max_recompute": (Annotated[float | None, typer.Option(
+        min=0, max=1, help=options_help("droidspeak: the longest block profiling may pick, as a fraction of the "
+                                        "layers.", DroidSpeakOptions, "max_recompute"))], None),
+    "block_tolerance": (Annotated[float | None, typer.Option(
+        min=0, help=options_help("droidspeak: how far (nats per answer token) below the receiver's own prefill "
+                                 "a profiled block may score.", DroidSpeakOptions, "tolerance"))], None),
     "out_dir": (OutDir, None),
     "overwrite": (Overwrite, False),
     "resume": (Resume, None),
@@ -291,6 +306,20 @@ CODEC_HELP = f"Codecs: {names(codec_names())}."
 def check_method_name(name: str) -> None:
     """Refuses an unknown method name (with the nearest one) before anything loads."""
     METHODS.get(name.partition("@")[0])
+
+
+def parse_block(spec: str) -> tuple[int, int]:
+    """``a:b`` as a block of layers (checked against the depth when the method is set up)."""
+    start, colon, stop = spec.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        block = int(start), int(stop)
+    except ValueError:
+        raise ConfigError(f"--block {spec!r} is not a:b (two layer indices, e.g. 4:9)") from None
+    if not 0 <= block[0] < block[1]:
+        raise ConfigError(f"--block {spec}: needs 0 <= a < b")
+    return block
 
 
 def check_layers(spec: str, depth: int | None) -> list[int]:

@@ -24,10 +24,11 @@ from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table, s
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.harness import check_profile
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
-from kvcomm.eval.provenance import run_identity
+from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
 from kvcomm.methods import Method
 from kvcomm.selection import Profile
+from kvcomm.selection.blocks import BlockProfile, read_profile
 from kvcomm.tasks import Task
 
 MethodFactory = Callable[[], list[Method]]  # fresh configurations for each task
@@ -48,6 +49,7 @@ class Plan:
     folder: Path
     config: EvalConfig
     profile: Profile | None
+    blocks: BlockProfile | None
     tasks: list[TaskRun]
 
 
@@ -60,11 +62,13 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     """
     tasks = run.load_tasks()
     config = run.eval_config()
-    profile = Profile.load(run.profile) if run.profile else None
+    given = read_profile(run.profile) if run.profile else None
+    profile = given if isinstance(given, Profile) else None
+    blocks = given if isinstance(given, BlockProfile) else None
     for task in tasks:
         test, _ = split_items(task.items, config.limit, config.calib_size)
-        if profile is not None:
-            check_profile(profile, task, test)
+        if given is not None:
+            check_profile(given, task, test)
     folder = _folder(run, out, len(tasks))
     planned = []
     for task in tasks:
@@ -75,13 +79,13 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
-                                run.dtype, None if profile is None else profile.model_dump(mode="json"))
+                                run.dtype, profiles_identity(profile, blocks))
         checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
         planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):
         raise ConfigError(f"nothing to resume in {folder}: it holds no checkpoint of "
                           f"{', '.join(p.task.name for p in planned)}")
-    return Plan(folder, config, profile, planned)
+    return Plan(folder, config, profile, blocks, planned)
 
 
 def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False) -> list[Report]:
@@ -104,7 +108,7 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool)
         agents = agents or Agents.load(run.model, run.receiver, run.dtype)
         try:
             report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,
-                              checkpoint=task_run.checkpoint)
+                              checkpoint=task_run.checkpoint, blocks=plan.blocks)
         except KeyboardInterrupt:
             console.print(f"interrupted; to continue, repeat the command with --resume {plan.folder}",
                           markup=False, soft_wrap=True)

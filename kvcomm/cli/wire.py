@@ -95,9 +95,16 @@ def inspect_command(
     out.print(table)
     sizes = Table("layer", "kind", "tokens", "bytes", title="layers")
     for entry in layers:
-        sizes.add_row(str(entry["index"]), "full" if entry["full"] else "sink", str(entry["tokens"]),
-                      f"{entry['bytes']:,}")
+        kind = "full" if entry["full"] else "left out (receiver recomputes)" if entry["tokens"] == 0 else "sink"
+        sizes.add_row(str(entry["index"]), kind, str(entry["tokens"]), f"{entry['bytes']:,}")
     out.print(sizes)
+    if header.get("extras"):
+        extras = Table("frame", "layer", "tokens", "width", "bytes", title="extra frames")
+        for extra in header["extras"]:
+            extras.add_row(extra["kind"], "" if extra.get("layer") is None else str(extra["layer"]),
+                           str(extra["tokens"]), "" if extra.get("width") is None else str(extra["width"]),
+                           f"{extra['bytes']:,}")
+        out.print(extras)
 
 
 def answer_command(

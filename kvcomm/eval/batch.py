@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +47,7 @@ class Batch:
         self.agents, self.task, self.items = agents, task, items
         self._sender_kv: dict[int, SenderKV] = {}
         self._pieces: dict[int, list[SenderKV]] = {}
+        self._with_hidden: dict[tuple[int, ...], SenderKV] = {}
         self._prompts: dict[tuple[str, str], Prompt] = {}
         self._cost: dict[str, float] = {}  # seconds each shared sender computation took, once
         self._used: set[str] = set()  # shared computations the current run used
@@ -96,6 +97,20 @@ class Batch:
         """
         self._compute(senders)
         return self._sender_kv[senders]
+
+    def sender_kv_with_hidden(self, layers: Sequence[int]) -> SenderKV:
+        """The sender's KV, with its hidden states entering ``layers`` recorded (DroidSpeak's
+        E-cache): a prefill of its own, computed on first call and charged like any other."""
+        wanted = tuple(sorted(set(layers)))
+        key = f"sender_kv/1/hidden{list(wanted)}"
+        if wanted not in self._with_hidden:
+            began = clock()
+            prompt = self.prompt("sender", self.task.sender_message)
+            self._with_hidden[wanted] = prefill(self.agents.sender.model, prompt.input_ids, prompt.valid, wanted)
+            self._cost[key] = clock() - began
+            self._fresh += self._cost[key]
+        self._used.add(key)
+        return self._with_hidden[wanted]
 
     def sender_pieces(self, senders: int) -> list[SenderKV]:
         """Each sender's own KV (piece ``i``: the ``i``-th part of every item's context), before merging."""

@@ -23,10 +23,11 @@ from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.checkpoint import BatchRun, Checkpoint
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
-from kvcomm.eval.provenance import data_record, method_seeds, run_identity, utc_now
+from kvcomm.eval.provenance import data_record, method_seeds, profiles_identity, run_identity, utc_now
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup
 from kvcomm.models.loading import LoadedModel
+from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import DEFAULT_RULE, Profile, Rule, calibrate
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
@@ -80,7 +81,8 @@ def dtype_name(model: LoadedModel) -> str:
     return str(model.dtype).removeprefix("torch.")
 
 
-def check_profile(profile: Profile, task: Task, test: Sequence[Item], num_layers: int | None = None) -> None:
+def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
+                  num_layers: int | None = None) -> None:
     """Refuses a profile calibrated on another task, on test items, or for another depth."""
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
@@ -94,7 +96,7 @@ def check_profile(profile: Profile, task: Task, test: Sequence[Item], num_layers
 def evaluate(
     agents: Agents, task: Task, methods: Sequence[Method], config: EvalConfig | None = None,
     profile: Profile | None = None, progress: bool = True, checkpoint: Checkpoint | None = None,
-    command: str | None = None,
+    command: str | None = None, blocks: BlockProfile | None = None,
 ) -> Report:
     """Evaluates ``methods`` on ``task``; calibrates first if a method needs a ranking and no
     ``profile`` is given.
@@ -103,6 +105,8 @@ def evaluate(
         checkpoint: where finished work is recorded as the run goes, and taken from instead of
             being redone (a resumed run); its identity must be this run's.
         command: the command line, recorded in the results (a checkpoint records its own).
+        blocks: a DroidSpeak block profile (``kvcomm calibrate --method droidspeak``) for
+            ``droidspeak`` without a block; profiled on the calibration items when absent.
 
     Raises:
         ConfigError: the item split is impossible, labels collide, the profile was calibrated on
@@ -111,17 +115,18 @@ def evaluate(
     config = config or EvalConfig()
     started = utc_now()
     test, calib = split_items(task.items, config.limit, config.calib_size)
-    if profile is not None:
-        check_profile(profile, task, test, agents.num_layers)
+    for given in (profile, blocks):
+        if given is not None:
+            check_profile(given, task, test, agents.num_layers)
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
-                                       None if profile is None else profile.model_dump(mode="json")))
+                                       profiles_identity(profile, blocks)))
         if profile is None and checkpoint.profile is not None:
             profile = Profile.model_validate(checkpoint.profile)
-    sources = _Sources(agents, task, calib, config, profile, progress)
+    sources = _Sources(agents, task, calib, config, profile, progress, blocks)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
-                  config.calibration)
+                  config.calibration, sources.blocks)
     for method in methods:
         method.setup(setup)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
@@ -145,12 +150,14 @@ class _Sources:
     """The layer ranking and the codebook, each made on first request from the calibration items."""
 
     def __init__(self, agents: Agents, task: Task, calib: list[Item], config: EvalConfig,
-                 profile: Profile | None, progress: bool) -> None:
+                 profile: Profile | None, progress: bool, blocks: BlockProfile | None = None) -> None:
         self.agents, self.task, self.calib, self.config = agents, task, calib, config
         self.profile, self.progress = profile, progress  # the run's ranking (given, or its --selection's)
         self.calibrated = False  # whether that profile was made here
         self.others: dict[str, Profile] = {}  # rankings of other rules that methods asked for by name
         self.book: Codebook | None = None
+        self.block_profiles: dict[float, BlockProfile] = {}  # by the cap on the recomputed fraction
+        self.given_blocks = blocks
 
     def ranking(self, rule: str | None = None) -> list[int]:
         """The run's ranking, or (``rule`` named and not the run's) that rule's, calibrated once."""
@@ -173,12 +180,29 @@ class _Sources:
         return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
                          rule=rule)
 
+    def blocks(self, max_recompute: float) -> BlockProfile:
+        """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a
+        given block profile serves every cap up to its own)."""
+        if self.given_blocks is not None and self.given_blocks.max_recompute >= max_recompute:
+            return self.given_blocks
+        if max_recompute not in self.block_profiles:
+            if not self.calib:
+                raise ConfigError("droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1")
+            self.block_profiles[max_recompute] = profile_blocks(self.agents, self.task, self.calib, max_recompute,
+                                                                self.config.batch_size, self.progress)
+        return self.block_profiles[max_recompute]
+
     def all_profiles(self) -> dict[str, Any]:
-        """Every ranking the run used, by rule."""
+        """Every ranking and block profile the run used, by rule (blocks: ``droidspeak@<cap>``)."""
         used = dict(self.others)
         if self.profile is not None:
             used.setdefault(self.profile.rule, self.profile)
-        return {rule: profile.model_dump() for rule, profile in used.items()}
+        out: dict[str, Any] = {rule: profile.model_dump() for rule, profile in used.items()}
+        for cap, blocks in self.block_profiles.items():
+            out[f"droidspeak@{cap:g}"] = blocks.model_dump()
+        if self.given_blocks is not None:
+            out[f"droidspeak@{self.given_blocks.max_recompute:g}"] = self.given_blocks.model_dump()
+        return out
 
     def codebook(self) -> Codebook:
         """From the calibration items, like the ranking (the model's default without any)."""

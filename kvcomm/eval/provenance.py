@@ -16,6 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from kvcomm.errors import DataError
 from kvcomm.methods.base import Method
 from kvcomm.tasks.base import Task
@@ -68,6 +70,12 @@ def git_commit() -> str | None:
 def method_seeds(methods: Sequence[Method]) -> dict[str, int]:
     """The seed of each configuration that takes one (e.g. ``random`` layer draws), by label."""
     return {m.label: int(m.options.model_dump()["seed"]) for m in methods if "seed" in m.option_names()}
+
+
+def profiles_identity(profile: BaseModel | None, blocks: BaseModel | None) -> dict[str, Any] | None:
+    """What a run's given profiles contribute to its identity (a ranking's alone as before blocks)."""
+    ranking = None if profile is None else profile.model_dump(mode="json")
+    return ranking if blocks is None else {"ranking": ranking, "blocks": blocks.model_dump(mode="json")}
 
 
 def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,

@@ -15,6 +15,7 @@ from kvcomm.methods.ac import ACOptions, ActivationCommunication
 from kvcomm.methods.base import METHODS, Calibration, Method, MethodOptions, Output, Setup
 from kvcomm.methods.blend import BlendMethod, BlendOptions, PrefixOptions, PrefixReuse
 from kvcomm.methods.debate import Cipher, CipherOptions, Debate, DebateOptions, NaturalLanguageDebate
+from kvcomm.methods.droidspeak import DroidSpeak, DroidSpeakOptions
 from kvcomm.methods.kvcomm import (
     ContiguousLayers,
     KVCommMethod,
@@ -28,7 +29,7 @@ from kvcomm.methods.prompt import Baseline, Skyline
 
 __all__ = [
     "METHODS", "ACOptions", "ActivationCommunication", "Baseline", "BlendMethod", "BlendOptions", "Calibration",
-    "Cipher", "CipherOptions", "PrefixOptions", "PrefixReuse",
+    "Cipher", "CipherOptions", "DroidSpeak", "DroidSpeakOptions", "PrefixOptions", "PrefixReuse",
     "ContiguousLayers", "Debate", "DebateOptions", "KVCommMethod", "KVCommOptions", "Method", "MethodOptions",
     "NaturalLanguageDebate", "OnlineKVComm", "OnlineOptions", "Output", "RandomLayers", "RandomOptions", "Setup",
     "SharingOptions", "Skyline", "base_name", "build_methods", "make_method", "takers",

@@ -20,6 +20,7 @@ from kvcomm.wire import Codebook
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
+    from kvcomm.selection.blocks import BlockProfile
 
 
 class MethodOptions(Options):
@@ -49,13 +50,20 @@ class Calibration:
 @dataclass
 class Setup:
     """What methods may need before running: the depth, the calibration settings, and on demand a
-    calibrated layer ranking and the sender's codebook (for codecs that rotate with one)."""
+    calibrated layer ranking, the sender's codebook (for codecs that rotate with one) and a
+    profile of DroidSpeak blocks (for a cap on the recomputed fraction)."""
 
     num_layers: int
     model_type: str
     ranking: Callable[[str | None], list[int]]  # a rule's ranking (None: the run's rule)
     codebook: Callable[[], Codebook]
     calibration: Calibration = Calibration(None, 0.5, 10.0)
+    blocks: Callable[[float], BlockProfile] | None = None
+
+    def block_profile(self, max_recompute: float) -> BlockProfile:
+        if self.blocks is None:
+            raise ConfigError("droidspeak needs a block: give one (--block a:b) or calibration items to profile on")
+        return self.blocks(max_recompute)
 
 
 class Method(ABC):

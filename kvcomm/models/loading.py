@@ -146,17 +146,22 @@ def load_model(name_or_path: str, dtype: str = "float32") -> LoadedModel:
     return _LOADED[key]
 
 
-def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
+def model_source(name_or_path: str) -> str:
+    """What ``from_pretrained`` loads for a model name: a directory of plain weights (GGUF files,
+    embedded or not, are dequantised into the cache once) or a hub id."""
     found = resolve_model(name_or_path)
     if found.kind == "embedded":
-        source = str(_converted(_assemble(name_or_path), cache_root() / "models" / name_or_path))
-    elif found.kind == "gguf":
+        return str(_converted(_assemble(name_or_path), cache_root() / "models" / name_or_path))
+    if found.kind == "gguf":
         assert found.path is not None
         stat = found.path.stat()
         tag = hashlib.sha256(f"{found.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        source = str(_converted(found.path, cache_root() / "models" / f"{found.path.stem}-{tag}"))
-    else:
-        source = str(found.path) if found.path is not None else name_or_path
+        return str(_converted(found.path, cache_root() / "models" / f"{found.path.stem}-{tag}"))
+    return str(found.path) if found.path is not None else name_or_path
+
+
+def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
+    source = model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)

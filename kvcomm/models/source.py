@@ -1,4 +1,5 @@
-"""Where a model name points: an embedded checkpoint, a local directory, a GGUF file or a hub id.
+"""Where a model name points: an embedded checkpoint, a derived variant, a local directory, a GGUF
+file or a hub id.
 
 Resolving a name reads no weights, so the command line can refuse a mistyped name (with the
 nearest embedded name) and check layer indices against the model's depth before anything loads.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from kvcomm.errors import ModelError
+from kvcomm.models.derived import derived_names, derived_path
 from kvcomm.models.registry import EMBEDDED
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -24,7 +26,7 @@ class ModelSource:
     """A resolved model name."""
 
     name: str
-    kind: Literal["embedded", "directory", "gguf", "hub"]
+    kind: Literal["embedded", "derived", "directory", "gguf", "hub"]
     path: Path | None = None
 
     @property
@@ -32,7 +34,7 @@ class ModelSource:
         """The model's depth when it is known without loading it (embedded, or a directory's config)."""
         if self.kind == "embedded":
             return EMBEDDED.get(self.name).layers
-        if self.kind == "directory" and self.path is not None:
+        if self.kind in ("directory", "derived") and self.path is not None:
             try:
                 config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -51,6 +53,8 @@ def resolve_model(name: str) -> ModelSource:
     """
     if name in EMBEDDED:
         return ModelSource(name, "embedded")
+    if (derived := derived_path(name)) is not None:
+        return ModelSource(name, "derived", derived)
     if name.endswith(".gguf"):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
@@ -61,7 +65,8 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "directory", path)
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
         return ModelSource(name, "hub")
-    close = difflib.get_close_matches(name, EMBEDDED.names(), n=1, cutoff=0.5)
+    known = [*EMBEDDED.names(), *derived_names()]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ModelError(f"{name!r} is neither an embedded model ({', '.join(EMBEDDED.names())}), "
-                     f"a model directory, a .gguf file nor a hub id (owner/name).{hint}")
+    raise ModelError(f"{name!r} is not a known model (embedded or derived: {', '.join(known)}), "
+                     f"a model directory, a .gguf file or a hub id (owner/name).{hint}")

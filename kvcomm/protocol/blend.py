@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import ConfigError, WireError
+from kvcomm.protocol.hidden import only_layers
 from kvcomm.protocol.layout import AttentionLayout
 from kvcomm.protocol.sender import cache_tensors, run_body
 from kvcomm.protocol.shared import SharedKV
@@ -48,29 +49,16 @@ class BlendStats:
     flops_fraction: list[float]  # of a full prefill of the context (the linear work, attention aside)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward once the check layer has run."""
-
-
 def _fresh_until(model: PreTrainedModel, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
                  last: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every context token's fresh KV at layers ``0..last``, each token seeing the joined context."""
     layers = model.config.get_text_config().num_hidden_layers
     layout = AttentionLayout.empty(layers, ids.shape[0], ids.device)
     cache = DynamicCache()
-
-    def stop(module: torch.nn.Module, args: object, output: object) -> None:
-        raise _Stop
-
-    handle = model.get_decoder().layers[last].register_forward_hook(stop)
-    try:
+    with only_layers(model, 0, last + 1):
         run_body(model, ids, valid, cache, layout, head=False, positions=positions)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
     keys, values = cache_tensors(cache)
-    return keys[:last + 1], values[:last + 1]
+    return keys, values
 
 
 def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,

@@ -6,14 +6,15 @@ by an :class:`~kvcomm.protocol.layout.AttentionLayout`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import ConfigError, ProtocolError
+from kvcomm.protocol.hidden import recording
 from kvcomm.protocol.layout import AttentionLayout
 
 
@@ -41,6 +42,8 @@ class SenderKV:
         positions: ``[B, C]`` RoPE position of each column.
         valid: ``[B, C]`` False on padding columns.
         ids: ``[B, C]`` the token ids the KV was computed from (what recomputing tokens needs).
+        hidden: ``{layer: [B, C, H]}`` hidden states entering those layers, where recorded
+            (what recomputing layers needs: DroidSpeak's E-cache).
     """
 
     keys: list[torch.Tensor]
@@ -48,6 +51,7 @@ class SenderKV:
     positions: torch.Tensor
     valid: torch.Tensor
     ids: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -64,7 +68,8 @@ class SenderKV:
         return SenderKV(keys=[k[index:index + 1][:, :, keep] for k in self.keys],
                         values=[v[index:index + 1][:, :, keep] for v in self.values],
                         positions=self.positions[index:index + 1, keep], valid=self.valid[index:index + 1, keep],
-                        ids=None if self.ids is None else self.ids[index:index + 1, keep])
+                        ids=None if self.ids is None else self.ids[index:index + 1, keep],
+                        hidden={layer: h[index:index + 1, keep] for layer, h in self.hidden.items()})
 
     def token_bytes(self, layer: int) -> int:
         """Bytes of one token's key and value at ``layer``."""
@@ -96,21 +101,26 @@ def run_body(
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor) -> SenderKV:
-    """Runs the sender once over its (left-padded) messages and returns every layer's KV."""
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor,
+            hidden: Iterable[int] = ()) -> SenderKV:
+    """Runs the sender once over its (left-padded) messages and returns every layer's KV, and the
+    hidden states entering the ``hidden`` layers (0..L) when asked."""
     num_layers = model.config.get_text_config().num_hidden_layers
     layout = AttentionLayout.empty(num_layers, input_ids.shape[0], input_ids.device)
     cache = DynamicCache()
-    run_body(model, input_ids, valid, cache, layout, head=False)
+    with recording(model, hidden) as states:
+        run_body(model, input_ids, valid, cache, layout, head=False)
     keys, values = cache_tensors(cache)
     return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid,
-                    ids=None if input_ids.is_floating_point() else input_ids)
+                    ids=None if input_ids.is_floating_point() else input_ids, hidden=dict(states))
 
 
-def cache_tensors(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every layer's keys and values ``[B, H, T, D]`` held by a filled cache."""
+def cache_tensors(cache: DynamicCache, skip: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's keys and values ``[B, H, T, D]`` held by a filled cache, from layer ``skip`` on."""
     keys, values = [], []
     for index, layer in enumerate(cache.layers):
+        if index < skip:
+            continue
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise ProtocolError(f"cache layer {index} holds no keys and values (a recurrent layer?)")

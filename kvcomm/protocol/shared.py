@@ -9,7 +9,7 @@ follow the earlier pieces'.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
 class SharedKV:
     """What the sender gives the receiver, layer by layer (left-padded over a batch).
 
-    At a shared layer: the whole context; elsewhere: the sink (first context token) only.
+    At a shared layer: the whole context; elsewhere: the sink (first context token) only, or
+    nothing at a layer the receiver computes itself (DroidSpeak's block).
 
     Attributes:
         keys, values: per layer ``[B, Hkv, P_l, D]``.
@@ -45,6 +46,8 @@ class SharedKV:
         mode: the mask mode the receiver must use with it (``causal``, ``legacy``, ``shift-back``).
         token_ids: ``[B, C]`` the context's token ids, aligned with a full layer's columns, when
             known (blending recomputes tokens from them).
+        hidden: ``{layer: [B, C, H]}`` the sender's hidden states entering those layers, aligned
+            with a full layer's columns (recomputing a block of layers starts from them).
     """
 
     keys: list[torch.Tensor]
@@ -55,13 +58,16 @@ class SharedKV:
     full: list[bool]
     mode: MaskMode = "causal"
     token_ids: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def whole(cls, sender: SenderKV) -> SharedKV:
-        """Every layer of ``sender`` in full (what a receiver of all layers gets)."""
+        """Every layer of ``sender`` in full (what a receiver of all layers gets), with the hidden
+        states it recorded."""
         layers = range(sender.num_layers)
         return cls(list(sender.keys), list(sender.values), [sender.positions for _ in layers],
-                   [sender.valid for _ in layers], sender.context_len, [True for _ in layers], token_ids=sender.ids)
+                   [sender.valid for _ in layers], sender.context_len, [True for _ in layers], token_ids=sender.ids,
+                   hidden=dict(sender.hidden))
 
     @property
     def num_layers(self) -> int:
@@ -73,6 +79,14 @@ class SharedKV:
         total = torch.zeros(self.context_len.shape[0], dtype=torch.long)
         for keys, valid in zip(self.keys, self.valid):
             total += valid.sum(1) * 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+        return total
+
+    @property
+    def sent_bytes(self) -> torch.Tensor:
+        """``[B]`` bytes of everything a row sends in process: keys, values and hidden states."""
+        total = self.kv_bytes
+        for hidden in self.hidden.values():
+            total = total + self._columns().sum(1) * hidden.shape[2] * hidden.element_size()
         return total
 
     def row(self, index: int) -> SharedKV:
@@ -89,6 +103,7 @@ class SharedKV:
             valid=[m[index:index + 1, m[index]] for m in self.valid],
             context_len=self.context_len[index:index + 1], full=list(self.full),
             token_ids=None if self.token_ids is None else self.token_ids[index:index + 1, self._columns()[index]],
+            hidden={layer: h[index:index + 1, self._columns()[index]] for layer, h in self.hidden.items()},
         )
 
     def _columns(self) -> torch.Tensor:
@@ -99,11 +114,12 @@ class SharedKV:
     def stack(cls, rows: Sequence[SharedKV]) -> SharedKV:
         """Left-pads single rows back into one batch (the inverse of :meth:`row`)."""
         def pad(tensors: list[torch.Tensor]) -> torch.Tensor:
-            width = max(t.shape[-2 if t.dim() == 4 else -1] for t in tensors)
+            axis = 1 if tensors[0].dim() in (2, 3) else 2  # [B, C], [B, C, H] or [B, H, C, D]
+            width = max(t.shape[axis] for t in tensors)
             out = []
             for t in tensors:
-                missing = width - t.shape[-2 if t.dim() == 4 else -1]
-                out.append(F.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)))
+                missing = width - t.shape[axis]
+                out.append(F.pad(t, {2: (missing, 0), 3: (0, 0, missing, 0), 4: (0, 0, missing, 0)}[t.dim()]))
             return torch.cat(out, dim=0)
 
         def column(field: str) -> list[torch.Tensor]:
@@ -111,10 +127,12 @@ class SharedKV:
 
         _check_joinable(rows)
         ids = pad([r.token_ids for r in rows]) if all(r.token_ids is not None for r in rows) else None  # type: ignore[misc]
+        if any(r.hidden.keys() != rows[0].hidden.keys() for r in rows):
+            raise ConfigError("rows to stack must carry hidden states at the same layers")
         return cls(
             keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
             context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full), mode=rows[0].mode,
-            token_ids=ids,
+            token_ids=ids, hidden={layer: pad([r.hidden[layer] for r in rows]) for layer in rows[0].hidden},
         )
 
 
@@ -196,6 +214,8 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
     if len(parts) == 1:
         return parts[0]
     _check_joinable(parts)
+    if any(p.hidden for p in parts):
+        raise ConfigError("pieces carrying hidden states (for recomputing layers) are used one at a time, not joined")
     offsets = [torch.zeros_like(parts[0].context_len)]
     for part in parts[:-1]:
         offsets.append(offsets[-1] + part.context_len)

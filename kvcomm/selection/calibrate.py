@@ -29,7 +29,7 @@ from kvcomm.eval.batch import Batch
 from kvcomm.files import atomic_write
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
-from kvcomm.selection.likelihood import Scored, answer_loglik
+from kvcomm.selection.likelihood import Scored, answer_ids, answer_loglik
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.selection.search import default_steps, fit_prior, greedy_order
 from kvcomm.tasks.base import Item, Task
@@ -109,7 +109,7 @@ def calibrate(
         kv = batch.sender_kv()
         total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid).double().sum(dim=0)
         if rule != "paper":
-            scored += [Scored(kv.row(i), prompt.ids[i], _answer_ids(agents, item))
+            scored += [Scored(kv.row(i), prompt.ids[i], answer_ids(agents.receiver, item))
                        for i, item in enumerate(batch.items)]
     importance = (total / len(items)).tolist()
     alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
@@ -139,18 +139,6 @@ def calibrate(
         scores=combined.tolist(), ranking=ranking, rule=rule, details=details,
         cost={"seconds": time.perf_counter() - began, "forwards_per_item": forwards, "items": float(len(items))},
     )
-
-
-def _answer_ids(agents: Agents, item: Item) -> list[int]:
-    """The first gold answer's tokens as the receiver would write them after its prompt."""
-    if not item.answers:
-        raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one")
-    model = agents.receiver
-    text = item.answers[0] if model.has_chat_template else " " + item.answers[0]  # after "Answer:"
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise DataError(f"item {item.id}'s gold answer has no tokens")
-    return ids
 
 
 def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, list[float]]:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, DataError
+from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import SenderKV, SharedKV, receiver_input, run_body
+from kvcomm.tasks.base import Item
 
 
 @dataclass(frozen=True)
@@ -52,16 +54,42 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
     Raises:
         ConfigError: the item has no answer tokens, or its sender KV holds more than one row.
     """
-    if not item.answer or item.sender.context_len.shape[0] != 1:
-        raise ConfigError("an answer-likelihood item needs one sender row and at least one answer token")
-    ids = torch.tensor(item.prompt + item.answer[:-1])[None]  # the last answer token is only predicted
-    target = torch.tensor(item.answer)
-    out = []
-    for start in range(0, len(layer_sets), chunk):
-        sets = layer_sets[start:start + chunk]
-        begin = receiver_input(_masked(item.sender, sets))
-        logits = run_body(model, ids.expand(len(sets), -1), torch.ones(len(sets), ids.shape[1], dtype=torch.bool),
-                          begin.cache, begin.layout, logits_to_keep=len(item.answer)).logits  # [R, A, V]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.expand(len(sets), -1)[..., None])
-        out.append(logp[..., 0].double().mean(dim=1))
-    return torch.cat(out)
+    if item.sender.context_len.shape[0] != 1:
+        raise ConfigError("an answer-likelihood item needs one sender row")
+    return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk]), item.prompt,
+                                  item.answer) for start in range(0, len(layer_sets), chunk)])
+
+
+@torch.inference_mode()
+def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """Mean log-probability per gold-answer token after ``prompt``, for each row of ``rows`` (one
+    candidate context KV per row, e.g. several ways of building the same context): ``[R]``, float64.
+
+    Raises:
+        ConfigError: no answer tokens.
+    """
+    if not answer:
+        raise ConfigError("an answer-likelihood item needs at least one answer token")
+    count = int(rows.context_len.shape[0])
+    ids = torch.tensor(prompt + answer[:-1])[None]  # the last answer token is only predicted
+    target = torch.tensor(answer)
+    begin = receiver_input(rows)
+    logits = run_body(model, ids.expand(count, -1), torch.ones(count, ids.shape[1], dtype=torch.bool),
+                      begin.cache, begin.layout, logits_to_keep=len(answer)).logits  # [R, A, V]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.expand(count, -1)[..., None])
+    return logp[..., 0].double().mean(dim=1)
+
+
+def answer_ids(model: LoadedModel, item: Item) -> list[int]:
+    """The first gold answer's tokens as ``model`` would write them after its prompt.
+
+    Raises:
+        DataError: the item has no gold answer, or it has no tokens.
+    """
+    if not item.answers:
+        raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one")
+    text = item.answers[0] if model.has_chat_template else " " + item.answers[0]  # after "Answer:"
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise DataError(f"item {item.id}'s gold answer has no tokens")
+    return ids

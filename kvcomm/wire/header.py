@@ -8,7 +8,9 @@ bounded before a payload is read. Everything wrong is a :class:`~kvcomm.errors.C
 
 Versions: 1 carried the mask mode in ``meta``; 2 makes ``mode`` a checked field; 3 adds ``extras``,
 frames after the layers that carry what some receivers need besides KV (the context's token ids,
-for recomputing tokens when pieces are blended).
+for recomputing tokens when pieces are blended); 4 adds ``hidden`` extras (the sender's hidden
+state entering a layer, for recomputing layers: DroidSpeak) and layers left out (0 tokens: the
+receiver computes them).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 3
-READABLE = (1, 2, 3)
+VERSION = 4
+READABLE = (1, 2, 3, 4)
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
 MAX_DIGITS = 20  # an integer longer than this is not a size
@@ -33,6 +35,7 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_HEAD_DIM = 1024
 MAX_CONTEXT = 1 << 22  # tokens
+MAX_WIDTH = 1 << 16  # hidden size
 MAX_EXPANSION = 256  # decoded float32 bytes per payload byte that any codec may claim
 EXPANSION_SLACK = 1 << 16  # fixed allowance per message (sink-only layers of tiny contexts)
 
@@ -48,17 +51,31 @@ class LayerEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     index: Annotated[StrictInt, Field(ge=0, lt=MAX_LAYERS)]
     full: StrictBool
-    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_CONTEXT)]
+    tokens: Annotated[StrictInt, Field(ge=0, le=MAX_CONTEXT)]
     bytes: Annotated[StrictInt, Field(ge=0, lt=1 << 40)]
 
 
 class ExtraEntry(BaseModel):
-    """A frame after the layers: ``token_ids`` (int32, one per context token)."""
+    """A frame after the layers: ``token_ids`` (int32, one per context token), or ``hidden`` (the
+    hidden state entering ``layer``, ``tokens`` × ``width``, through the message's codec)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["token_ids"]
+    kind: Literal["token_ids", "hidden"]
     tokens: Annotated[StrictInt, Field(ge=1, le=MAX_CONTEXT)]
     bytes: Annotated[StrictInt, Field(ge=0, lt=1 << 40)]
+    layer: Annotated[StrictInt, Field(ge=0, lt=MAX_LAYERS)] | None = None
+    width: Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> ExtraEntry:
+        if (self.kind == "hidden") != (self.layer is not None and self.width is not None) or \
+                (self.kind == "token_ids" and (self.layer, self.width) != (None, None)):
+            raise ValueError(f"a {self.kind} frame {'needs' if self.kind == 'hidden' else 'has no'} layer and width")
+        return self
+
+    @property
+    def decoded_bytes(self) -> int:
+        return 8 * self.tokens if self.kind == "token_ids" else 4 * self.tokens * (self.width or 0)
 
 
 class CodecEntry(BaseModel):
@@ -68,7 +85,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 3; versions 1 and 2 are read into the same model)."""
+    """The fields of a message header (version 4; versions 1–3 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,13 +107,17 @@ class Header(BaseModel):
         for i, entry in enumerate(self.layers):
             if entry.index != i:
                 raise ValueError(f"layer entry {i} has index {entry.index}")
-            if entry.tokens != (self.context_len if entry.full else 1):
+            if entry.full and entry.tokens != self.context_len or not entry.full and entry.tokens not in (0, 1):
                 raise ValueError(f"layer {i} holds {entry.tokens} tokens; a {'full' if entry.full else 'sink'} "
                                  f"layer of a {self.context_len}-token context holds "
-                                 f"{self.context_len if entry.full else 1}")
-        kinds = [extra.kind for extra in self.extras]
+                                 f"{self.context_len if entry.full else '1 (or 0: left out)'}")
+            if entry.tokens == 0 and entry.bytes != 0:
+                raise ValueError(f"layer {i} is left out but has a {entry.bytes}-byte payload")
+        kinds = [(extra.kind, extra.layer) for extra in self.extras]
         if len(set(kinds)) != len(kinds):
-            raise ValueError(f"an extra frame kind appears twice: {kinds}")
+            raise ValueError(f"an extra frame appears twice: {kinds}")
+        if any(extra.layer is not None and extra.layer >= len(self.layers) for extra in self.extras):
+            raise ValueError(f"a hidden frame names a layer outside 0..{len(self.layers) - 1}")
         if any(extra.tokens != self.context_len for extra in self.extras):
             raise ValueError(f"an extra frame holds another token count than the context's {self.context_len}")
         expected = {"num_layers": len(self.layers), "num_kv_heads": self.heads, "head_dim": self.head_dim}
@@ -107,9 +128,9 @@ class Header(BaseModel):
 
     @property
     def decoded_bytes(self) -> int:
-        """Float32 bytes of every layer's keys and values (and int64 token ids) once decoded."""
+        """Float32 bytes of every layer's keys and values and hidden states (and int64 token ids) once decoded."""
         kv = sum(decoded_bytes(self.heads, self.head_dim, entry.tokens) for entry in self.layers)
-        return kv + sum(8 * extra.tokens for extra in self.extras)
+        return kv + sum(extra.decoded_bytes for extra in self.extras)
 
     @property
     def payload_bytes(self) -> int:
@@ -171,6 +192,9 @@ def parse_header(blob: bytes, version: int) -> Header:
     if version >= 3 and "extras" not in raw:
         raise CorruptMessage("header lacks the 'extras' field")
     try:
-        return Header.model_validate(raw)
+        header = Header.model_validate(raw)
     except ValidationError as err:
         raise CorruptMessage(describe(err, "header")) from None
+    if version < 4 and (any(e.tokens == 0 for e in header.layers) or any(e.kind == "hidden" for e in header.extras)):
+        raise CorruptMessage(f"a version {version} message has no hidden frames or left-out layers")
+    return header

@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     b"KVCM"  u16 version  u32 header length  header (UTF-8 JSON)  u32 crc32(header)
     per layer, in order:   u32 payload length  payload (safetensors)  u32 crc32(payload)
-    per extra (version 3): u32 payload length  payload (safetensors)  u32 crc32(payload)
+    per extra (version 3+): u32 payload length  payload (safetensors)  u32 crc32(payload)
     b"KEND"  16-byte BLAKE2b digest of everything before it
 
 The header (:mod:`kvcomm.wire.header`) describes itself: model fingerprint, codec and
@@ -13,8 +13,10 @@ full, its token count and its payload length. Payloads are safetensors blobs (a 
 zero-copy-readable tensor container; never pickle). Each frame has its own CRC so a streaming
 reader can use layer 0 before the last layer arrives; the final digest covers the whole message.
 Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing partly decoded is
-returned. Versions 1 (mode in ``meta``) and 2 (no extra frames) still read. The one extra frame
-today carries the context's token ids, which blending (recomputing tokens) needs.
+returned. Versions 1 (mode in ``meta``), 2 (no extra frames) and 3 (token ids only) still read.
+Extra frames carry the context's token ids, which blending (recomputing tokens) needs, and hidden
+states entering a layer (through the message's codec), which recomputing layers (DroidSpeak)
+needs; a layer may be left out (0 tokens, no payload) where the receiver computes it itself.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ DEFAULT_MAX_DECODED = 1 << 33  # 8 GiB of float32 KV; services set their own, sm
 
 @dataclass
 class LayerKV:
-    """One layer of a message: keys and values ``[H, T, D]`` (T = |C| if full, else 1)."""
+    """One layer of a message: keys and values ``[H, T, D]`` (T = |C| if full, 1 for the sink,
+    0 where the layer is left out)."""
 
     index: int
     full: bool
@@ -71,6 +74,7 @@ class KVMessage:
         meta: free-form JSON-serialisable notes (sender name, …).
         mode: the mask mode the receiver must use (``causal``, ``legacy``, ``shift-back``).
         token_ids: the context's token ids (``[C]``), when the sender sends them.
+        hidden: ``{layer: [C, H]}`` the sender's hidden states entering those layers, when sent.
     """
 
     fingerprint: Fingerprint
@@ -81,6 +85,7 @@ class KVMessage:
     meta: dict[str, Any] = field(default_factory=dict)
     mode: MaskMode = "causal"
     token_ids: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_shared(cls, shared: SharedKV, fingerprint: Fingerprint, codec: Codec | str = "fp16",
@@ -88,23 +93,26 @@ class KVMessage:
         """A message from a one-row :class:`SharedKV` (use ``SharedKV.row(i)`` for a batch)."""
         if shared.context_len.shape[0] != 1:
             raise WireError("a KV message holds one context; pass SharedKV.row(i)")
-        sink = next((int(p[0, 0]) for p, full in zip(shared.positions, shared.full) if not full), 0)
+        sink = next((int(p[0, 0]) for p, full in zip(shared.positions, shared.full) if not full and p.shape[1]), 0)
         layers = [LayerKV(i, full, k[0].float(), v[0].float())
                   for i, (k, v, full) in enumerate(zip(shared.keys, shared.values, shared.full))]
         ids = None if shared.token_ids is None else shared.token_ids[0].to(torch.int64)
+        hidden = {layer: h[0].float() for layer, h in shared.hidden.items()}
         return cls(fingerprint, int(shared.context_len[0]), sink, layers,
-                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}), shared.mode, ids)
+                   make_codec(codec) if isinstance(codec, str) else codec, dict(meta or {}), shared.mode, ids, hidden)
 
     def to_shared(self, dtype: torch.dtype = torch.float32) -> SharedKV:
         """The one-row :class:`SharedKV` a receiver builds its cache from."""
         context = torch.arange(self.context_len)[None]
+        sink = torch.tensor([[self.sink_position]])
         return SharedKV(
             keys=[layer.keys[None].to(dtype) for layer in self.layers],
             values=[layer.values[None].to(dtype) for layer in self.layers],
-            positions=[context if layer.full else torch.tensor([[self.sink_position]]) for layer in self.layers],
+            positions=[context if layer.full else sink[:, :layer.keys.shape[1]] for layer in self.layers],
             valid=[torch.ones(1, layer.keys.shape[1], dtype=torch.bool) for layer in self.layers],
             context_len=torch.tensor([self.context_len]), full=[layer.full for layer in self.layers],
             mode=self.mode, token_ids=None if self.token_ids is None else self.token_ids[None],
+            hidden={layer: h[None].to(dtype) for layer, h in self.hidden.items()},
         )
 
     @property
@@ -156,17 +164,28 @@ class KVMessage:
         if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
             raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
                             f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
+        if layer.keys.shape[1] == 0:  # left out: the receiver computes this layer itself
+            return b""
         tensors = self.codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
         return st_save({name: t.contiguous() for name, t in tensors.items()})
 
     def _encode_extras(self) -> list[tuple[ExtraEntry, bytes]]:
-        if self.token_ids is None:
-            return []
-        ids = self.token_ids.reshape(-1)
-        if ids.numel() != self.context_len or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31)):
-            raise WireError(f"token ids must be {self.context_len} non-negative int32 values")
-        data = st_save({"ids": ids.to(torch.int32).contiguous()})
-        return [(ExtraEntry(kind="token_ids", tokens=self.context_len, bytes=len(data)), data)]
+        out = []
+        if self.token_ids is not None:
+            ids = self.token_ids.reshape(-1)
+            if ids.numel() != self.context_len or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31)):
+                raise WireError(f"token ids must be {self.context_len} non-negative int32 values")
+            data = st_save({"ids": ids.to(torch.int32).contiguous()})
+            out.append((ExtraEntry(kind="token_ids", tokens=self.context_len, bytes=len(data)), data))
+        for layer, hidden in sorted(self.hidden.items()):
+            if hidden.dim() != 2 or hidden.shape[0] != self.context_len or not 0 <= layer < len(self.layers):
+                raise WireError(f"a hidden state must be [{self.context_len}, width] and enter a layer of the "
+                                f"message; got {tuple(hidden.shape)} entering layer {layer}")
+            tensors = self.codec.encode_hidden(hidden.float(), layer, len(self.layers))
+            data = st_save({name: t.contiguous() for name, t in tensors.items()})
+            out.append((ExtraEntry(kind="hidden", tokens=self.context_len, bytes=len(data), layer=layer,
+                                   width=int(hidden.shape[1])), data))
+        return out
 
     def save(self, path: str | Path) -> int:
         """Writes the message to ``path`` atomically (a partial file is never left under that name)."""
@@ -208,7 +227,7 @@ class KVMessage:
         layers = list(reader.layers())
         h = reader.header
         return cls(dict(h.fingerprint), h.context_len, h.sink_position, layers, reader.codec, dict(h.meta), h.mode,
-                   reader.token_ids)
+                   reader.token_ids, reader.hidden)
 
 
 class MessageReader:
@@ -245,6 +264,7 @@ class MessageReader:
             raise CorruptMessage("header checksum mismatch")
         self.version = version
         self.token_ids: torch.Tensor | None = None  # set once the extra frames are read
+        self.hidden: dict[int, torch.Tensor] = {}  # likewise
         self.header = parse_header(blob, version)
         if receiver is not None:
             check_fingerprint(self.header.fingerprint, receiver)
@@ -282,7 +302,13 @@ class MessageReader:
             payload = self._frame(entry.bytes, f"layer {entry.index}")
             yield _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
         for extra in h.extras:
-            self.token_ids = _decode_ids(self._frame(extra.bytes, f"the {extra.kind} frame"), extra.tokens)
+            payload = self._frame(extra.bytes, f"the {extra.kind} frame")
+            if extra.kind == "token_ids":
+                self.token_ids = _decode_ids(payload, extra.tokens)
+            else:
+                assert extra.layer is not None and extra.width is not None
+                self.hidden[extra.layer] = _decode_hidden(self.codec, payload, (extra.tokens, extra.width),
+                                                          extra.layer, len(h.layers))
         end = self._take(4 + 16, "the end marker", hashed=False)
         if end[:4] != END or end[4:] != self._digest.digest():
             raise CorruptMessage("end marker or whole-message digest mismatch")
@@ -308,6 +334,8 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[int, int, int],
                   num_layers: int) -> LayerKV:
+    if entry.tokens == 0:  # left out (the header checked it has no payload)
+        return LayerKV(entry.index, entry.full, torch.zeros(shape), torch.zeros(shape))
     try:
         keys, values = codec.decode(st_load(payload), shape, entry.index, num_layers)
     except WireError:  # e.g. a codebook this machine lacks: say so, not "corrupt"
@@ -321,6 +349,20 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
     if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
         raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
     return LayerKV(entry.index, entry.full, keys, values)
+
+
+def _decode_hidden(codec: Codec, payload: bytes, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+    """A hidden-state frame: ``shape`` (tokens, width) finite float32 values."""
+    try:
+        hidden = codec.decode_hidden(st_load(payload), shape, layer, num_layers)
+    except WireError:
+        raise
+    except Exception as err:  # malformed tensors or a codec library's own error: corrupt input
+        raise CorruptMessage(f"the hidden state entering layer {layer} does not decode ({type(err).__name__})") \
+            from None
+    if tuple(hidden.shape) != shape or not torch.isfinite(hidden).all():
+        raise CorruptMessage(f"the hidden state entering layer {layer} is not {shape} finite values")
+    return hidden
 
 
 def _decode_ids(payload: bytes, tokens: int) -> torch.Tensor:

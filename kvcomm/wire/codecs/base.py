@@ -28,7 +28,8 @@ def prefixed(tensors: Tensors, prefix: str) -> Tensors:
 
 
 class Codec(ABC):
-    """Encodes one layer's keys and values, each ``[H, T, D]`` float32, into named tensors."""
+    """Encodes one layer's keys and values, each ``[H, T, D]`` float32, into named tensors (and
+    hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
 
@@ -54,6 +55,14 @@ class Codec(ABC):
             KeyError, ValueError, RuntimeError: malformed tensors (the reader turns these into
                 :class:`~kvcomm.wire.errors.CorruptMessage`).
         """
+
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        """Named tensors for a hidden state ``[T, W]`` entering ``layer`` (default: float16)."""
+        return {"h": hidden.half()}
+
+    def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+        """The hidden state ``[T, W]`` (float32) from :meth:`encode_hidden`'s output."""
+        return tensors["h"].float().reshape(shape)
 
 
 CODECS: Registry[type[Codec]] = Registry("codec")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 from kvcomm.wire.codecs.quant import dequantize, quantize
 
@@ -48,42 +48,52 @@ class CacheGenCodec(Codec):
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         out: Tensors = {}
-        anchor_of, is_delta = self._layout(keys.shape[1])
-        for name, x in (("k", keys.float()), ("v", values.float())):
-            anchors = x[:, :: self.group]  # [H, G, D]
-            coded = quantize(anchors, 8, dim=1, group=anchors.shape[1])  # 8 bits, per channel
-            anchors = dequantize(coded, 8, 1, anchors.shape[1], tuple(anchors.shape))
-            delta = (x - anchors[:, anchor_of])[:, is_delta]  # [H, T - G, D]
-            spread = delta.std(dim=1, unbiased=False) if delta.shape[1] > 1 else delta.abs().sum(dim=1)
-            step = (spread * self._step(layer, num_layers)).clamp(min=1e-6).half()  # per channel [H, D]
-            codes = (delta / step.float()[:, None]).round().clamp(-self.max_code, self.max_code).long()
-            low, counts, stream = ans_encode(codes.flatten().numpy())
-            out.update({f"{name}.anchor.{n}": t for n, t in coded.items()})
-            out[f"{name}.step"] = step
-            out[f"{name}.low"] = torch.tensor([low], dtype=torch.int32)
-            out[f"{name}.counts"] = torch.from_numpy(counts.astype(np.int32))
-            out[f"{name}.stream"] = torch.from_numpy(stream.view(np.int32).copy())
+        for name, x in (("k", keys), ("v", values)):
+            out.update({f"{name}.{n}": t for n, t in self._encode_one(x.float(), layer, num_layers).items()})
         return out
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self._decode_one(prefixed(tensors, "k"), shape, layer, num_layers),
+                self._decode_one(prefixed(tensors, "v"), shape, layer, num_layers))
+
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        """A hidden state goes the same way as one head of keys (``[1, T, W]``)."""
+        return self._encode_one(hidden.float()[None], layer, num_layers)
+
+    def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+        return self._decode_one(tensors, (1, *shape), layer, num_layers)[0]
+
+    def _encode_one(self, x: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        """One ``[H, T, D]`` tensor: 8-bit anchors, then ANS-coded deltas from them."""
+        anchor_of, is_delta = self._layout(x.shape[1])
+        anchors = x[:, :: self.group]  # [H, G, D]
+        coded = quantize(anchors, 8, dim=1, group=anchors.shape[1])  # 8 bits, per channel
+        anchors = dequantize(coded, 8, 1, anchors.shape[1], tuple(anchors.shape))
+        delta = (x - anchors[:, anchor_of])[:, is_delta]  # [H, T - G, D]
+        spread = delta.std(dim=1, unbiased=False) if delta.shape[1] > 1 else delta.abs().sum(dim=1)
+        step = (spread * self._step(layer, num_layers)).clamp(min=1e-6).half()  # per channel [H, D]
+        codes = (delta / step.float()[:, None]).round().clamp(-self.max_code, self.max_code).long()
+        low, counts, stream = ans_encode(codes.flatten().numpy())
+        return {**{f"anchor.{n}": t for n, t in coded.items()}, "step": step,
+                "low": torch.tensor([low], dtype=torch.int32), "counts": torch.from_numpy(counts.astype(np.int32)),
+                "stream": torch.from_numpy(stream.view(np.int32).copy())}
+
+    def _decode_one(self, tensors: Tensors, shape: tuple[int, int, int], layer: int, num_layers: int) -> torch.Tensor:
         heads, length, dim = shape
         anchor_of, is_delta = self._layout(length)
         n_anchors = int(anchor_of[-1]) + 1
-        result = []
-        for name in ("k", "v"):
-            coded = {n: tensors[f"{name}.anchor.{n}"] for n in ("q", "low", "scale")}
-            anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
-            size = heads * int(is_delta.sum()) * dim
-            codes = ans_decode(int(tensors[f"{name}.low"][0]), tensors[f"{name}.counts"].numpy().astype(np.int64),
-                               tensors[f"{name}.stream"].numpy().view(np.uint32), size)
-            if codes.size and np.abs(codes).max() > self.max_code:
-                raise ValueError("delta code outside the codec's range")
-            x = anchors[:, anchor_of].clone()
-            step = tensors[f"{name}.step"].float()[:, None]
-            x[:, is_delta] += torch.from_numpy(codes).float().view(heads, -1, dim) * step
-            result.append(x)
-        return result[0], result[1]
+        coded = {n: tensors[f"anchor.{n}"] for n in ("q", "low", "scale")}
+        anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
+        size = heads * int(is_delta.sum()) * dim
+        codes = ans_decode(int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64),
+                           tensors["stream"].numpy().view(np.uint32), size)
+        if codes.size and np.abs(codes).max() > self.max_code:
+            raise ValueError("delta code outside the codec's range")
+        x = anchors[:, anchor_of].clone()
+        step = tensors["step"].float()[:, None]
+        x[:, is_delta] += torch.from_numpy(codes).float().view(heads, -1, dim) * step
+        return x
 
 
 preset("cachegen", "cachegen", group=10, steps=(0.5, 0.75, 1.0))

@@ -24,8 +24,10 @@ from kvcomm.errors import ConfigError, WireError
 from kvcomm.wire.codebook import Codebook, load_codebook
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
 from kvcomm.wire.codecs.entropy import laplace_decode, laplace_encode
+from kvcomm.wire.codecs.quant import dequantize_hidden, quantize_hidden
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
+HIDDEN_GROUP = 128  # tokens per range of a hidden state's 8-bit codes (per channel)
 SCALE_LEVELS = 16  # a scale byte q means MIN_SCALE * 2 ** (q / 16): 4.4% apart, up to ~3,000 steps
 
 
@@ -120,6 +122,13 @@ class KLTCodec(Codec):
         book = self._book(num_layers)
         return (transform_decode(prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape),
                 transform_decode(prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape))
+
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        """Codebooks hold KV bases only: a hidden state travels as 8-bit codes per channel, ANS-coded."""
+        return quantize_hidden(hidden, 8, HIDDEN_GROUP, entropy=True)
+
+    def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+        return dequantize_hidden(tensors, 8, HIDDEN_GROUP, shape)
 
 
 preset("klt", "klt", step=0.5)

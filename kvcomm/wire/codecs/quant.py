@@ -88,6 +88,27 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
     return x.reshape(*lead, groups * group)[..., :length].movedim(-1, dim)
 
 
+def quantize_hidden(hidden: torch.Tensor, bits: int, group: int, entropy: bool) -> Tensors:
+    """A hidden state ``[T, W]``: the first token (the attention sink, whose activations are
+    outliers) in float16, the others per channel over groups of ``group`` tokens (like keys)."""
+    out: Tensors = {"first": hidden[:1].half()}
+    if hidden.shape[0] > 1:
+        out.update({f"rest.{n}": t for n, t in quantize(hidden[None, 1:], bits, 1, group, entropy).items()})
+    return out
+
+
+def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`quantize_hidden`."""
+    tokens, width = shape
+    first = t["first"].float()
+    if first.shape != (1, width):
+        raise ValueError(f"the hidden state's first token has shape {tuple(first.shape)}")
+    if tokens == 1:
+        return first
+    rest = dequantize(prefixed(t, "rest"), bits, 1, group, (1, tokens - 1, width))[0]
+    return torch.cat([first, rest])
+
+
 @CODECS.register("quant")
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
@@ -116,6 +137,12 @@ class QuantCodec(Codec):
         keys = dequantize(prefixed(tensors, "k"), self.bits, 1, self.group, shape)
         values = dequantize(prefixed(tensors, "v"), self.bits, 2, self.group, shape)
         return keys, values
+
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        return quantize_hidden(hidden, self.bits, self.group, self.entropy)
+
+    def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+        return dequantize_hidden(tensors, self.bits, self.group, shape)
 
 
 preset("int8", "quant", bits=8, group=32)

@@ -35,6 +35,9 @@ class RawCodec(Codec):
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         return tensors["k"].float().reshape(shape), tensors["v"].float().reshape(shape)
 
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        return {"h": hidden.to(DTYPES[self.dtype]).contiguous()}
+
 
 @CODECS.register("zstd")
 class ZstdCodec(Codec):
@@ -61,6 +64,17 @@ class ZstdCodec(Codec):
             raise ValueError(f"zstd payload holds {len(raw)} bytes, expected {size}")
         both = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float()
         return both[: size // 4].reshape(shape), both[size // 4:].reshape(shape)
+
+    def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        packed = zstandard.ZstdCompressor(level=self.level).compress(hidden.half().numpy().tobytes())
+        return {"zstd": torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy())}
+
+    def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
+        size = 2 * int(np.prod(shape))
+        raw = zstandard.ZstdDecompressor().decompress(tensors["zstd"].numpy().tobytes(), max_output_size=size)
+        if len(raw) != size:
+            raise ValueError(f"zstd payload holds {len(raw)} bytes, expected {size}")
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float().reshape(shape)
 
 
 preset("fp32", "raw", dtype="float32")

@@ -1,0 +1,48 @@
+"""``kvcomm drift``: where two models of one shape (a variant pair) diverge, layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from kvcomm.agents import Agents
+from kvcomm.cli.common import BatchSize, Data, Dtype, Overwrite, Quiet, TaskName, check_output, console, quiet_libraries
+from kvcomm.eval.drift import measure_drift
+from kvcomm.eval.outputs import safe_name
+from kvcomm.eval.plot_profiles import plot_drift
+from kvcomm.models import resolve_model
+from kvcomm.tasks import load_task
+
+
+def drift_command(
+    a: Annotated[str, typer.Argument(help="First model (e.g. the sender): embedded, derived, directory, .gguf.")],
+    b: Annotated[str, typer.Argument(help="Second model, of the same shape (e.g. the receiver).")],
+    task: TaskName = "facts", data: Data = None,
+    items: Annotated[int, typer.Option(min=1, help="Contexts compared, from the front of the task.")] = 32,
+    batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Drift JSON; the plot is written beside it. (default: results/drift-<a>-<b>-<task>.json)")] = None,
+) -> None:
+    """Per layer, the relative L2 difference of B's keys, values and hidden states from A's on the same contexts."""
+    resolve_model(a)
+    resolve_model(b)
+    the_task = load_task(task, data)
+    out = check_output(out or Path("results") / f"drift-{safe_name(a)}-{safe_name(b)}-{safe_name(the_task.name)}.json",
+                       "drift", overwrite)
+    with quiet_libraries(quiet):
+        agents = Agents.load(a, b, dtype)  # refuses models of different shapes, naming the fields
+        drift = measure_drift(agents, the_task, the_task.items[:items], batch_size or 8, progress=not quiet)
+    drift.save(out)
+    plot = plot_drift(drift, out.with_suffix(".png"))
+    table = Table(title=Text(f"drift of {b} from {a} · {the_task.name} · {drift.items} contexts, "
+                             f"{drift.tokens} tokens (sinks left out) · relative L2"))
+    for column in ("layer", "keys", "values", "hidden after"):
+        table.add_column(column, justify="right")
+    for layer, (k, v, h) in enumerate(zip(drift.keys, drift.values, drift.hidden)):
+        table.add_row(str(layer), f"{k:.3f}", f"{v:.3f}", f"{h:.3f}")
+    console.print(table)
+    console.print(f"drift: {out}\nplot: {plot}", markup=False, soft_wrap=True)

@@ -1,0 +1,218 @@
+"""Deriving a variant: LoRA fine-tuning on a recipe's generated data, merged into the weights.
+
+``derive("smollm2-135m-terse", "smollm2-135m", DeriveOptions(recipe="terse"))`` trains a LoRA
+adapter (``peft``) on every linear layer of the base, with the loss on the assistant's tokens only,
+merges it into the weights and saves a plain model directory under the kvcomm cache with a
+:class:`~kvcomm.models.derived.Card`. The result has the base's shapes, tokenizer and vocabulary,
+so it exchanges KV with the base and with every other variant of it.
+
+The same seed gives the same data and the same adapter initialisation; the card records the
+data's hash, the loss curve, the time and the library versions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kvcomm.config import Options
+from kvcomm.errors import ConfigError, ModelError
+from kvcomm.files import TEMPORARY_SUFFIX, atomic_write
+from kvcomm.models.derived import CARD_FILE, Card, check_name, derived_path, derived_root
+from kvcomm.models.loading import LoadedModel, model_source
+from kvcomm.models.recipes import RECIPES, Example, data_sha256, make_examples
+from kvcomm.models.registry import EMBEDDED
+from kvcomm.models.source import resolve_model
+
+IGNORE = -100  # label of a token the loss skips (the prompt, padding)
+
+
+class DeriveOptions(Options):
+    """How to derive a variant (recorded in its card).
+
+    Attributes:
+        recipe: the generated data and direction (``kvcomm.models.recipes``).
+        steps: optimisation steps (default: the recipe's).
+        seed: data and adapter initialisation seed.
+        learning_rate: peak learning rate (default: the recipe's); warm-up over the first tenth,
+            then a linear decay to a tenth of it.
+        rank: LoRA rank; the adapter's scale ``alpha`` is twice the rank.
+        batch_size: examples per step.
+        examples: generated examples (cycled through in a shuffled order).
+        max_tokens: an example longer than this is cut.
+    """
+
+    what = "derivation"
+    recipe: str
+    steps: int | None = Field(None, ge=1, le=100_000)
+    seed: int = 0
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    rank: int = Field(16, ge=1, le=256)
+    batch_size: int = Field(4, ge=1, le=512)
+    examples: int = Field(512, ge=1, le=1_000_000)
+    max_tokens: int = Field(256, ge=8, le=8192)
+
+
+def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, overwrite: bool = False) -> Card:
+    """Fine-tunes ``base`` by ``options.recipe`` and saves the merged model as the derived model ``name``.
+
+    Raises:
+        ConfigError: a bad or taken name (unless ``overwrite``), an unknown recipe.
+        ModelError: the base cannot be loaded, or has no tokens to learn from.
+    """
+    check_name(name)
+    if name in EMBEDDED:
+        raise ConfigError(f"{name!r} is an embedded model's name; choose another name for the variant")
+    if derived_path(name) is not None and not overwrite:
+        raise ConfigError(f"derived model {name!r} exists; pass --overwrite to replace it")
+    recipe = RECIPES.get(options.recipe)
+    resolve_model(base)
+    try:
+        from peft import LoraConfig, get_peft_model  # imported here: only deriving needs it
+    except ImportError:
+        raise ConfigError("deriving a variant needs peft: pip install 'kvcomm[variants]'") from None
+
+    steps = options.steps or recipe.steps
+    lr = options.learning_rate or recipe.learning_rate
+    source = model_source(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+    except OSError as err:
+        raise ModelError(f"cannot load {base!r}: {err}") from err
+    examples = make_examples(recipe, options.examples, options.seed)
+    encoded = _encode(LoadedModel(base, model, tokenizer), examples, options.max_tokens)
+    torch.manual_seed(options.seed)
+    lora = LoraConfig(r=options.rank, lora_alpha=2 * options.rank, lora_dropout=0.0, target_modules="all-linear",
+                      bias="none", task_type="CAUSAL_LM")
+    tuned = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup if step < warmup
+        else 1.0 - 0.9 * (step - warmup) / max(1, steps - warmup))
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    order = _order(len(encoded), steps * options.batch_size, options.seed)
+    losses: list[float] = []
+    began = time.perf_counter()
+    tuned.train()
+    bar = tqdm(range(steps), desc=f"derive {name}", disable=not progress, unit="step")
+    with torch.inference_mode(False), torch.enable_grad():  # whatever the caller turned off
+        for step in bar:
+            chosen = [encoded[i] for i in order[step * options.batch_size:(step + 1) * options.batch_size]]
+            loss = _loss(tuned.get_base_model(), chosen, pad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    seconds = time.perf_counter() - began
+    merged = tuned.merge_and_unload()
+    merged.eval()
+    card = Card(
+        name=name, base=base, recipe=recipe.name, description=recipe.description, steps=steps, seed=options.seed,
+        learning_rate=lr, rank=options.rank, batch_size=options.batch_size, examples=options.examples,
+        data_sha256=data_sha256(examples), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
+        losses=[round(value, 5) for value in losses], seconds=round(seconds, 2), trainable_parameters=trainable,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
+    )
+    _save(name, merged, tokenizer, card)
+    return card
+
+
+def _encode(model: LoadedModel, examples: list[Example], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Each example's token ids and labels (the prompt's tokens are not learned)."""
+    out = []
+    for example in examples:
+        prompt = model.chat_ids([{"role": "user", "content": example.user}])
+        whole = model.chat_ids([{"role": "user", "content": example.user},
+                                {"role": "assistant", "content": example.assistant}], generation_prompt=False)
+        shared = 0
+        while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
+            shared += 1
+        ids = whole[:max_tokens]
+        labels = [IGNORE] * min(shared, len(ids)) + ids[shared:]
+        if all(label == IGNORE for label in labels):
+            raise ModelError(f"an example has no answer tokens within {max_tokens} tokens; raise max_tokens")
+        out.append((ids, labels))
+    return out
+
+
+def _order(count: int, needed: int, seed: int) -> list[int]:
+    """Example indices for ``needed`` draws: shuffled passes over all examples."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(math.ceil(needed / count)):
+        epoch = list(range(count))
+        rng.shuffle(epoch)
+        order += epoch
+    return order[:needed]
+
+
+def _loss(model: torch.nn.Module, chosen: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a right-padded batch; the output head runs on
+    those positions only (vocabularies are large)."""
+    width = max(len(ids) for ids, _ in chosen)
+    ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+    labels = torch.full((len(chosen), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(chosen), width), dtype=torch.long)
+    for row, (tokens, targets) in enumerate(chosen):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        labels[row, :len(targets)] = torch.tensor(targets)
+        mask[row, :len(tokens)] = 1
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # type: ignore[operator]
+    shifted = labels[:, 1:]
+    learned = shifted != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][learned]).float()  # type: ignore[operator]
+    config: Any = model.config
+    cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, shifted[learned])
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("kvcomm", "torch", "transformers", "peft"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card) -> None:
+    """Writes the model, tokenizer and card to a staging folder, then renames it into place."""
+    root = derived_root()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=TEMPORARY_SUFFIX))
+    try:
+        model.save_pretrained(staging)  # type: ignore[operator]
+        tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        atomic_write(staging / CARD_FILE, card.model_dump_json(indent=2) + "\n")
+        target = root / name
+        if target.exists():  # --overwrite: move the old one aside first, so a crash never leaves neither
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old.", suffix=TEMPORARY_SUFFIX))
+            target.rename(old / name)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
