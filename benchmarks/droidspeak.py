@@ -11,6 +11,7 @@ derive``) and each direction sender → receiver, on the same test items:
 Then, at about ``--ttft-tokens`` context tokens, the receiver's time to first token (medians of
 ``--runs``): skyline (prefill of context and question), kvcomm@1 and droidspeak, each from an fp16
 message's bytes (decode and checks + the block's recompute + the question's prefill + one token).
+Each direction's block profile is also drawn (``<out>-blocks-<sender>-to-<receiver>.png``).
 
     python benchmarks/droidspeak.py --pair smollm2-135m-terse,smollm2-135m-lowercase --task facts \\
         --items 108 --calib-size 8 --out benchmarks/results/droidspeak/smollm2-facts.json
@@ -34,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval import split_items  # noqa: E402
+from kvcomm.eval.plot_profiles import plot_blocks  # noqa: E402
 from kvcomm.protocol import empty_input, greedy_generate, pad_left, prefill, receiver_input, share  # noqa: E402
 from kvcomm.protocol.droidspeak import recompute_block, send_block  # noqa: E402
-from kvcomm.selection.blocks import profile_blocks  # noqa: E402
+from kvcomm.selection.blocks import BlockProfile, profile_blocks  # noqa: E402
 from kvcomm.wire import KVMessage  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7, 1.0)
@@ -174,6 +176,8 @@ def main() -> None:
                               f"{label} {v['ttft_s'] * 1000:.0f} ms ({v['speedup']:.2f}×, {v['message_bytes']:,} B)"
                               for label, v in t.items() if isinstance(v, dict)), markup=False)
         results["directions"].append(direction)
+        plot = args.out.with_name(f"{args.out.stem}-blocks-{sender}-to-{receiver}.png")
+        plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plot, args.tolerance)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each direction: partial results survive
     console.print(f"results: {args.out}", markup=False)

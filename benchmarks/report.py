@@ -3,7 +3,8 @@
     python benchmarks/report.py methods results/*/countries.json results/*/tipsheets.json > methods.md
     python benchmarks/report.py codecs results/*/tipsheets.json > codecs.md
 
-``methods``: one row per configuration (score, interval, layers, bytes per item, wall time);
+``methods``: one row per configuration (score, interval, layers, bytes per item, wall time), and
+for every layer selection its difference to random layers at the same ratio, ✗ where it is not above;
 ``--uncompressed`` leaves out the runs that went through a wire codec.
 ``codecs``: one row per KV ratio × codec, with the compression against all layers in float16
 (from an uncompressed kvcomm run: its float32 bytes per item and context length give the bytes of
@@ -26,8 +27,9 @@ GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
 
 
 def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
-    print("| model | task | n | method | paper F1 [95% CI] | contains | layers | bytes/item | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | task | n | method | paper F1 [95% CI] | contains | vs random at its ratio | layers | bytes/item "
+          "| wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for report in reports:
         cfg = report["config"]
         for run in report["runs"]:
@@ -36,8 +38,23 @@ def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
             f1, contains = run["scores"]["paper_f1"], run["scores"]["contains"]
             layers = "–" if run["layers"] is None else format_layers(run["layers"])
             print(f"| {cfg['receiver']} | {cfg['task']} | {run['n']} | {run['label']} | {f1['mean']:.3f} "
-                  f"[{f1['ci95'][0]:.2f}, {f1['ci95'][1]:.2f}] | {contains['mean']:.3f} | {layers} | "
+                  f"[{f1['ci95'][0]:.2f}, {f1['ci95'][1]:.2f}] | {contains['mean']:.3f} | "
+                  f"{against_random(report, run)} | {layers} | "
                   f"{run['kv_bytes_mean']:,.0f} | {run['seconds'] + run['sender_seconds']:.0f} |")
+
+
+def against_random(report: dict, run: dict) -> str:
+    """A selection run's score minus random's at the same fraction of layers (the task's metric);
+    ✗ marks one that is not above random. Empty where there is no such pair."""
+    if run["method"] not in ("kvcomm", "online") or run.get("fraction") in (None, 1.0) or run.get("codec"):
+        return ""
+    metric = report["config"]["metric"]
+    twin = next((r for r in report["runs"] if r["method"] == "random" and r.get("fraction") == run["fraction"]
+                 and not r.get("codec")), None)
+    if twin is None:
+        return ""
+    diff = run["scores"][metric]["mean"] - twin["scores"][metric]["mean"]
+    return f"{diff:+.3f}" + ("" if diff > 0 else " ✗ not above random")
 
 
 def item_scores(run: dict) -> dict[str, float]:

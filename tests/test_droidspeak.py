@@ -237,3 +237,50 @@ def test_droidspeak_refusals(twins):
         run(twins, [make_method("droidspeak", block=(2, 9))], items=1)
     with pytest.raises(ConfigError, match="every layer"):
         run(twins, [make_method("droidspeak", block=(0, 4))], items=1)
+
+
+def test_left_out_layers_are_refused_where_they_cannot_be_used():
+    from kvcomm.wire import KVMessage
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 99, (1, 7))
+    sender = prefill(model, ids, ids >= 0, [1])
+    sent = send_block(sender, 1, 3)
+    with pytest.raises(WireError, match="left out"):  # a plain receiver would answer without layers 1 and 2
+        receiver_input(sent)
+    with pytest.raises(WireError, match="exactly those left out"):  # the receiver must recompute what was left out
+        recompute_block(model, sent, 1, 2)
+    message = KVMessage.from_shared(sent, {"m": 1}, "fp32")
+    message.hidden = {}
+    with pytest.raises(WireError, match="one block with a hidden frame"):
+        message.to_bytes()
+    scattered = KVMessage.from_shared(send_block(prefill(model, ids, ids >= 0, [0]), 0, 1), {"m": 1}, "fp32")
+    scattered.layers[2] = type(scattered.layers[2])(2, False, torch.zeros(2, 0, 8), torch.zeros(2, 0, 8))
+    with pytest.raises(WireError, match="one block"):
+        scattered.to_bytes()
+
+
+def test_a_hidden_state_beyond_float16_is_refused_not_sent_as_inf():
+    from kvcomm.wire import KVMessage
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 99, (1, 7))
+    sent = send_block(prefill(model, ids, ids >= 0, [1]), 1, 2)
+    sent.hidden[1] = sent.hidden[1].clone()
+    sent.hidden[1][0, 0, 0] = 1e6
+    for codec in ("fp16", "zstd", "int8"):
+        with pytest.raises(WireError, match="float16's range"):
+            KVMessage.from_shared(sent, {"m": 1}, codec).to_bytes()
+    back = KVMessage.from_bytes(KVMessage.from_shared(sent, {"m": 1}, "fp32").to_bytes())
+    assert back.hidden[1][0, 0] == 1e6
+
+
+def test_a_block_profile_of_another_pair_is_refused(variants, twins):
+    from kvcomm import make_method
+    from kvcomm.selection.blocks import profile_blocks
+
+    task = multihop(5)
+    profile = profile_blocks(variants, task, task.items[-1:], max_recompute=0.25, progress=False)
+    profile = profile.model_copy(update={"receiver": "someone-else"})
+    with pytest.raises(ConfigError, match="blocks depend on the pair"):
+        run(variants, [make_method("droidspeak")], blocks=profile)

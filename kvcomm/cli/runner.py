@@ -68,7 +68,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     for task in tasks:
         test, _ = split_items(task.items, config.limit, config.calib_size)
         if given is not None:
-            check_profile(given, task, test)
+            check_profile(given, task, test, pair=(run.model, run.receiver or run.model))
     folder = _folder(run, out, len(tasks))
     planned = []
     for task in tasks:

@@ -82,8 +82,12 @@ def dtype_name(model: LoadedModel) -> str:
 
 
 def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
-                  num_layers: int | None = None) -> None:
-    """Refuses a profile calibrated on another task, on test items, or for another depth."""
+                  num_layers: int | None = None, pair: tuple[str, str] | None = None) -> None:
+    """Refuses a profile calibrated on another task, on test items, or for another depth; and a
+    block profile of another sender and receiver (``pair``: this run's)."""
+    if isinstance(profile, BlockProfile) and pair is not None and (profile.sender, profile.receiver) != pair:
+        raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → {pair[1]}; "
+                          "blocks depend on the pair: profile this one (kvcomm calibrate --method droidspeak)")
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
@@ -117,7 +121,7 @@ def evaluate(
     test, calib = split_items(task.items, config.limit, config.calib_size)
     for given in (profile, blocks):
         if given is not None:
-            check_profile(given, task, test, agents.num_layers)
+            check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name))
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
@@ -187,7 +191,11 @@ class _Sources:
             return self.given_blocks
         if max_recompute not in self.block_profiles:
             if not self.calib:
-                raise ConfigError("droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1")
+                capped = "" if self.given_blocks is None else (
+                    f" (the given block profile stops at {self.given_blocks.max_recompute:g} of the layers, below "
+                    f"max_recompute {max_recompute:g})")
+                raise ConfigError(f"droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1"
+                                  f"{capped}")
             self.block_profiles[max_recompute] = profile_blocks(self.agents, self.task, self.calib, max_recompute,
                                                                 self.config.batch_size, self.progress)
         return self.block_profiles[max_recompute]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
+from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
 from kvcomm.protocol import SharedKV, greedy_generate, receiver_input
 from kvcomm.protocol.droidspeak import check_block, recompute_block, send_block
@@ -77,6 +78,9 @@ class DroidSpeak(Method):
             self._block = (self._pick.start, self._pick.stop)
         assert self._block is not None
         check_block(*self._block, setup.num_layers)
+        if self._block[1] - self._block[0] >= setup.num_layers:
+            raise ConfigError(f"block {self._block[0]}:{self._block[1]} is every layer and sends no KV; recompute "
+                              "fewer layers (the receiver reading the text is the skyline)")
 
     def details(self) -> dict[str, Any]:
         assert self._block is not None

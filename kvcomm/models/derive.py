@@ -127,6 +127,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
     card = Card(
         name=name, base=base, recipe=recipe.name, description=recipe.description, steps=steps, seed=options.seed,
         learning_rate=lr, rank=options.rank, batch_size=options.batch_size, examples=options.examples,
+        max_tokens=options.max_tokens,
         data_sha256=data_sha256(examples), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
         losses=[round(value, 5) for value in losses], seconds=round(seconds, 2), trainable_parameters=trainable,
         created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
@@ -209,7 +210,11 @@ def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card) -> N
         if target.exists():  # --overwrite: move the old one aside first, so a crash never leaves neither
             old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old.", suffix=TEMPORARY_SUFFIX))
             target.rename(old / name)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except OSError:
+                (old / name).rename(target)  # put the old one back
+                raise
             shutil.rmtree(old)
         else:
             staging.rename(target)

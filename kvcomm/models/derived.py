@@ -36,6 +36,7 @@ class Card(BaseModel):
     rank: int
     batch_size: int
     examples: int
+    max_tokens: int = 256
     data_sha256: str
     first_loss: float
     final_loss: float  # mean of the last 10 steps' losses

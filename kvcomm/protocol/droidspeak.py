@@ -47,6 +47,7 @@ def send_block(sender: SenderKV, start: int, stop: int) -> SharedKV:
         raise ConfigError(f"the sender's hidden state entering layer {start} was not recorded")
     shared = SharedKV.whole(sender)
     shared.hidden = {start: sender.hidden[start]} if start < stop else {}
+    shared.token_ids = None  # the receiver recomputes layers, not tokens
     for layer in range(start, stop):
         shared.keys[layer] = shared.keys[layer][:, :, :0]
         shared.values[layer] = shared.values[layer][:, :, :0]
@@ -87,9 +88,12 @@ def recompute_block(model: PreTrainedModel, shared: SharedKV, start: int, stop: 
     width = int(model.config.get_text_config().hidden_size)
     if hidden.dim() != 3 or hidden.shape[2] != width:
         raise WireError(f"the hidden state has shape {tuple(hidden.shape)}; this receiver's is [*, *, {width}]")
-    full = next((layer for layer in range(shared.num_layers) if shared.full[layer]), None)
-    if full is None:
-        raise ConfigError("recomputing a block needs a layer shared in full (for the context's positions)")
+    absent = [layer for layer in range(shared.num_layers) if shared.keys[layer].shape[2] == 0]
+    if absent != list(range(start, stop)) or not all(shared.full[layer] for layer in range(shared.num_layers)
+                                                     if layer not in absent):
+        raise WireError(f"recomputing layers {start}:{stop} needs exactly those left out and every other layer in "
+                        f"full; left out: {absent or 'none'}")
+    full = next(layer for layer in range(shared.num_layers) if shared.full[layer])  # send_block keeps one
     valid, positions = shared.valid[full], shared.positions[full]
     if hidden.shape[:2] != valid.shape:
         raise WireError(f"the hidden state covers {hidden.shape[1]} tokens, the context {valid.shape[1]}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from kvcomm.errors import WireError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
 from kvcomm.protocol.sender import SenderKV
 from kvcomm.protocol.shared import SharedKV, share
@@ -28,7 +29,14 @@ class ReceiverInput:
 
 
 def receiver_input(shared: SharedKV) -> ReceiverInput:
-    """A receiver cache holding ``shared`` at every layer, and the layout (in ``shared.mode``) that masks it."""
+    """A receiver cache holding ``shared`` at every layer, and the layout (in ``shared.mode``) that masks it.
+
+    Raises:
+        WireError: a layer is left out (a DroidSpeak message: only ``recompute_block`` can use it).
+    """
+    if absent := [layer for layer, keys in enumerate(shared.keys) if keys.shape[2] == 0]:
+        raise WireError(f"layers {absent[0]}:{absent[-1] + 1} are left out of this KV; only a droidspeak receiver, "
+                        "which recomputes them from the sender's hidden state, can use it")
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(zip(shared.keys, shared.values)):
         cache.update(keys, values, layer)

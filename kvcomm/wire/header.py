@@ -118,6 +118,10 @@ class Header(BaseModel):
             raise ValueError(f"an extra frame appears twice: {kinds}")
         if any(extra.layer is not None and extra.layer >= len(self.layers) for extra in self.extras):
             raise ValueError(f"a hidden frame names a layer outside 0..{len(self.layers) - 1}")
+        left_out = [entry.index for entry in self.layers if entry.tokens == 0]
+        if left_out and (left_out != list(range(left_out[0], left_out[-1] + 1))
+                         or ("hidden", left_out[0]) not in kinds):
+            raise ValueError(f"left-out layers {left_out} must be one block with a hidden frame entering its first")
         if any(extra.tokens != self.context_len for extra in self.extras):
             raise ValueError(f"an extra frame holds another token count than the context's {self.context_len}")
         expected = {"num_layers": len(self.layers), "num_kv_heads": self.heads, "head_dim": self.head_dim}

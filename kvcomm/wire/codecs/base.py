@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, WireError
 from kvcomm.registry import Registry
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class Codec(ABC):
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Named tensors for a hidden state ``[T, W]`` entering ``layer`` (default: float16)."""
-        return {"h": hidden.half()}
+        return {"h": half_or_refuse(hidden, f"the hidden state entering layer {layer}")}
 
     def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
         """The hidden state ``[T, W]`` (float32) from :meth:`encode_hidden`'s output."""
@@ -99,3 +99,12 @@ def make_codec(name: str, **params: Any) -> Codec:
         return cls(**params)
     except TypeError as err:
         raise ConfigError(f"codec {name!r} does not take these parameters: {err}") from None
+
+
+def half_or_refuse(hidden: torch.Tensor, what: str) -> torch.Tensor:
+    """``hidden`` as float16, refused (not sent as inf) where a value is beyond float16's range."""
+    half = hidden.half()
+    if not torch.isfinite(half).all():
+        raise WireError(f"{what} exceeds float16's range (|x| up to {hidden.abs().max().item():.3g}); "
+                        "send it with fp32 or bf16")
+    return half

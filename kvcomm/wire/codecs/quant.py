@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, prefixed, preset
 from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
 
 
@@ -91,7 +91,7 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
 def quantize_hidden(hidden: torch.Tensor, bits: int, group: int, entropy: bool) -> Tensors:
     """A hidden state ``[T, W]``: the first token (the attention sink, whose activations are
     outliers) in float16, the others per channel over groups of ``group`` tokens (like keys)."""
-    out: Tensors = {"first": hidden[:1].half()}
+    out: Tensors = {"first": half_or_refuse(hidden[:1], "a hidden state's first token")}
     if hidden.shape[0] > 1:
         out.update({f"rest.{n}": t for n, t in quantize(hidden[None, 1:], bits, 1, group, entropy).items()})
     return out

@@ -9,7 +9,7 @@ import torch
 import zstandard
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,6 +36,8 @@ class RawCodec(Codec):
         return tensors["k"].float().reshape(shape), tensors["v"].float().reshape(shape)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        if self.dtype == "float16":
+            return {"h": half_or_refuse(hidden, f"the hidden state entering layer {layer}")}
         return {"h": hidden.to(DTYPES[self.dtype]).contiguous()}
 
 
@@ -66,7 +68,8 @@ class ZstdCodec(Codec):
         return both[: size // 4].reshape(shape), both[size // 4:].reshape(shape)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
-        packed = zstandard.ZstdCompressor(level=self.level).compress(hidden.half().numpy().tobytes())
+        packed = zstandard.ZstdCompressor(level=self.level).compress(
+            half_or_refuse(hidden, f"the hidden state entering layer {layer}").numpy().tobytes())
         return {"zstd": torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy())}
 
     def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""An agent's turn as KV: greedy decoding that keeps the KV of everything the agent read and wrote.
+
+In a multi-agent graph what an agent sends onward is mostly what it *said*. :func:`generate_turn`
+decodes like :func:`~kvcomm.protocol.decoding.greedy_generate`, but feeds every accepted token
+(the last one too), so the cache ends up holding the KV of the agent's prompt and its whole reply;
+each row's part of it comes back as a :class:`~kvcomm.protocol.sender.SenderKV` (padding removed),
+at the positions the agent used. Shared onward, a receiver reads the turn without re-reading it as
+text: with every layer sent, what it computes equals a prefill of the prompt, the reply and its own
+tokens in one sequence (the tests check this on three model families).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from kvcomm.protocol.decoding import chunked_prefill
+from kvcomm.protocol.receiver import ReceiverInput
+from kvcomm.protocol.sender import SenderKV, cache_tensors, run_body
+
+
+@dataclass
+class Turn:
+    """What an agent produced: each row's reply ids (without the stop token) and the KV of its own
+    tokens (prompt and reply; the KV it was given is not repeated)."""
+
+    replies: list[list[int]]
+    kv: list[SenderKV]
+
+
+@torch.inference_mode()
+def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor,
+                  max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> Turn:
+    """Prefills ``input_ids`` (``[B, T]``, left-padded) on ``start``, decodes greedily, and returns the
+    replies with the KV of each row's prompt and reply (see the module docstring)."""
+    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    logits = chunked_prefill(model, start, input_ids, valid, None)
+    batch = input_ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool)
+    replies: list[list[int]] = [[] for _ in range(batch)]
+    fed = [input_ids]
+    for _ in range(max_new_tokens):
+        token = logits[:, -1].argmax(dim=-1)
+        done |= torch.isin(token, stops)
+        if bool(done.all()):
+            break
+        for row in (~done).nonzero().flatten().tolist():
+            replies[row].append(int(token[row]))
+        step = token.masked_fill(done, pad_id)[:, None]
+        fed.append(step)
+        logits = run_body(model, step, ~done[:, None], start.cache, start.layout).logits  # the token's KV too
+    own = start.layout.own_valid.shape[1]  # the prompt and the fed reply tokens, after any given prefix
+    keys, values = cache_tensors(start.cache)
+    ids = torch.cat(fed, dim=1)
+    whole = SenderKV(keys=[k[:, :, -own:] for k in keys], values=[v[:, :, -own:] for v in values],
+                     positions=start.layout.own_pos, valid=start.layout.own_valid, ids=ids)
+    return Turn(replies, [whole.row(i) for i in range(batch)])
