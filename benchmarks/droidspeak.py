@@ -57,7 +57,7 @@ def equal_bytes_layers(agents: Agents, block: tuple[int, int]) -> int:
 def quality(agents: Agents, task: Any, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
     _, calib = split_items(task.items, config.limit, config.calib_size)
-    blocks = profile_blocks(agents, task, calib, args.max_recompute, args.batch_size)
+    blocks = profile_blocks(agents, task, calib, args.max_recompute, args.batch_size, objective=args.objective)
     picked = blocks.pick(args.tolerance)
     equal = equal_bytes_layers(agents, (picked.start, picked.stop))
     methods = [make_method("baseline"), make_method("skyline"),
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=8)
     parser.add_argument("--max-recompute", type=float, default=0.25)
     parser.add_argument("--tolerance", type=float, default=0.1)
+    parser.add_argument("--objective", choices=["own", "gold"], default="own",
+                        help="what profiled blocks are scored by: the receiver's own answer, or the gold answer")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ttft-tokens", type=int, default=1024, help="0: skip the TTFT measurement")
     parser.add_argument("--runs", type=int, default=5)

@@ -180,6 +180,13 @@ def test_profiled_blocks_of_twins_all_score_as_their_own_prefill(twins):
     assert profile.reuse == pytest.approx(profile.own, abs=1e-4)
     assert all(b.loglik == pytest.approx(profile.own, abs=1e-4) for b in profile.blocks)
     assert profile.pick(tolerance=1e-3).stop - profile.pick(tolerance=1e-3).start == 1
+    assert profile.objective == "own"
+    gold = profile_blocks(twins, multihop(3), multihop(3).items[:2], max_recompute=0.25, objective="gold",
+                          progress=False)
+    assert gold.objective == "gold" and gold.own != pytest.approx(profile.own)  # another target answer
+    assert all(b.loglik == pytest.approx(gold.own, abs=1e-4) for b in gold.blocks)
+    with pytest.raises(ConfigError, match="objective"):
+        profile_blocks(twins, multihop(3), multihop(3).items[:2], objective="best", progress=False)
 
 
 def test_a_variant_pair_is_profiled_written_and_used(variants, tmp_path):

@@ -55,6 +55,9 @@ def calibrate_command(
     block_tolerance: Annotated[float, typer.Option(
         min=0, help="droidspeak: the pick shown is the fewest layers within this many nats per answer token of "
                     "the receiver's own prefill.")] = DEFAULT_BLOCK_TOLERANCE,
+    block_objective: Annotated[Literal["own", "gold"], typer.Option(
+        help="droidspeak: blocks are scored by the likelihood of the receiver's own answer (from its own prefill: "
+             "fidelity, DroidSpeak's criterion) or of the gold answer.")] = "own",
     dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(
         help="Profile JSON. (default: results/profile-<task>.json, blocks-<task>.json for droidspeak)")] = None,
@@ -67,8 +70,8 @@ def calibrate_command(
         if selection is not None or tolerance is not None or any(v is not None for v in (alpha, mu, sigma)):
             raise ConfigError("--selection, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
                               "droidspeak takes --max-recompute and --block-tolerance")
-        _blocks(model, receiver, task, data, calib_size, batch_size, max_recompute, block_tolerance, dtype, quiet,
-                overwrite, out)
+        _blocks(model, receiver, task, data, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
+                dtype, quiet, overwrite, out)
         return
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection)
@@ -98,15 +101,15 @@ def calibrate_command(
 
 
 def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int, batch_size: int | None,
-            max_recompute: float, tolerance: float, dtype: str, quiet: bool, overwrite: bool,
-            out: Path | None) -> None:
+            max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
+            overwrite: bool, out: Path | None) -> None:
     the_task = load_task(task, data)
     _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
         profile = profile_blocks(agents, the_task, items, max_recompute, batch_size or EvalConfig().batch_size,
-                                 progress=not quiet)
+                                 progress=not quiet, objective=objective)
     profile.save(out)
     plot = plot_blocks(profile, out.with_suffix(".png"), tolerance)
     picked = profile.pick(tolerance)
@@ -114,7 +117,7 @@ def _blocks(model: str, receiver: str | None, task: str, data: Path | None, cali
     table = Table(title=Text(f"droidspeak blocks · {profile.sender} → {profile.receiver} · {the_task.name} · "
                              f"{len(items)} item(s) · cap {profile.max_block} of {profile.num_layers} layers "
                              f"({max_recompute:g}) · {spent}"))
-    for column in ("layers recomputed", "best block", "answer log-lik/token"):
+    for column in ("layers recomputed", "best block", f"{profile.objective} answer log-lik/token"):
         table.add_column(column, justify="right")
     table.add_row("0 (sender's KV everywhere)", "-", f"{profile.reuse:.3f}")
     for point in profile.curve():

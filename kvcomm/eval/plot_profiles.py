@@ -36,10 +36,12 @@ def plot_blocks(profile: BlockProfile, path: str | Path, tolerance: float | None
                          edgecolors="tab:red", zorder=5,
                          label=f"picked {picked.start}:{picked.stop} (tol {tolerance:g})")
     curve_ax.set_xlabel(f"layers recomputed (of {profile.num_layers}; cap {profile.max_block})")
-    curve_ax.set_ylabel("gold-answer log-likelihood per token")
+    target = "the receiver's own answer" if profile.objective == "own" else "the gold answer"
+    curve_ax.set_ylabel(f"log-likelihood per token of {target}")
     curve_ax.set_title(f"{profile.sender} → {profile.receiver} · {profile.task} · "
                        f"{len(profile.calibration_items)} items", fontsize=9)
     curve_ax.legend(fontsize=7)
+    curve_ax.margins(x=0.1)  # room for the last block's label
     grid = np.full((profile.max_block, profile.num_layers), np.nan)
     for block in profile.blocks:
         grid[block.stop - block.start - 1, block.start] = block.loglik

@@ -3,9 +3,15 @@
 For every candidate block ``[a, b)`` (at most ``max_recompute`` of the layers long: the cap is part
 of the profile and printed with it), the receiver's cache is the sender's KV at every other layer
 and its own KV at ``[a, b)``, computed from the sender's hidden state entering ``a``. Each block is
-scored by the receiver's mean log-likelihood per gold-answer token on calibration items, next to
-two references: plain reuse of the sender's KV at every layer (no block) and the receiver's own
-prefill of the context (every layer its own; what the skyline reads).
+scored on calibration items by the receiver's mean log-likelihood per token of a target answer,
+next to two references: plain reuse of the sender's KV at every layer (no block) and the
+receiver's own prefill of the context (every layer its own; what the skyline reads).
+
+The target (``objective``) is, by default, the answer the receiver itself gives from its own
+prefill (``own``): DroidSpeak's criterion, fidelity to the receiver's full prefill. The gold
+answer (``gold``) is the other choice; between variants with different answer styles it misleads
+(e.g. a terse sender's KV makes a one-word gold answer *more* likely for a chatty receiver than
+its own prefill does, so every block looks good enough).
 
 One pass of the receiver's layers ``a .. a+cap-1`` from the sender's state entering ``a`` gives the
 KV of every block starting at ``a``, so profiling costs ``L`` partial prefills per item plus one
@@ -32,7 +38,7 @@ from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import atomic_write
-from kvcomm.protocol import SenderKV, SharedKV, prefill
+from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, prefill, receiver_input
 from kvcomm.protocol.droidspeak import block_kv
 from kvcomm.selection.calibrate import Profile
 from kvcomm.selection.likelihood import answer_ids, rows_loglik
@@ -66,6 +72,9 @@ class Pick(BaseModel):
     tolerance: float
 
 
+Objective = Literal["own", "gold"]
+
+
 class BlockProfile(BaseModel):
     """Every candidate block's score on the calibration items (JSON; ``eval --profile`` reads it)."""
 
@@ -73,6 +82,7 @@ class BlockProfile(BaseModel):
 
     kind: Literal["droidspeak"] = "droidspeak"
     version: int = BLOCKS_VERSION
+    objective: Objective = "gold"  # what the scores are the likelihood of (profiles before "own" scored gold)
     sender: str
     receiver: str
     task: str
@@ -148,13 +158,16 @@ def candidate_blocks(num_layers: int, cap: int) -> list[tuple[int, int]]:
 
 def profile_blocks(
     agents: Agents, task: Task, items: Sequence[Item], max_recompute: float = DEFAULT_MAX_RECOMPUTE,
-    batch_size: int = 8, progress: bool = True,
+    batch_size: int = 8, progress: bool = True, objective: Objective = "own",
 ) -> BlockProfile:
     """Scores every block of at most ``max_recompute`` of the layers on ``items`` (module docstring).
 
     Raises:
-        ConfigError: a cap outside (0, 1]; DataError: no items, or items without a gold answer.
+        ConfigError: a cap outside (0, 1], an unknown objective; DataError: no items, or (``gold``)
+            items without a gold answer.
     """
+    if objective not in ("own", "gold"):
+        raise ConfigError(f"unknown block objective {objective!r}; valid: own, gold")
     if not items:
         raise DataError("profiling blocks needs at least one item")
     num_layers = agents.num_layers
@@ -170,19 +183,31 @@ def profile_blocks(
         context = batch.prompt("sender", task.sender_message)  # the receiver reads the same tokens
         own = prefill(receiver, context.input_ids, context.valid)
         prompt = batch.prompt("receiver", task.receiver_message)
-        for row, item in enumerate(batch.items):
-            answer = answer_ids(agents.receiver, item)
+        targets = _own_answers(agents, own, prompt.input_ids, prompt.valid, task.max_new_tokens) \
+            if objective == "own" else [answer_ids(agents.receiver, item) for item in batch.items]
+        for row, answer in enumerate(targets):
             totals += _score_item(receiver, sent.row(row), own.row(row), blocks, prompt.ids[row], answer)
             bar.update(1)
     bar.close()
     means = (totals / len(items)).tolist()
     return BlockProfile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, num_layers=num_layers,
-        calibration_items=[item.id for item in items], max_recompute=max_recompute, max_block=cap,
+        objective=objective, calibration_items=[item.id for item in items], max_recompute=max_recompute, max_block=cap,
         own=means[-1], reuse=means[-2],
         blocks=[BlockScore(start=a, stop=b, loglik=value) for (a, b), value in zip(blocks, means)],
         cost={"seconds": time.perf_counter() - began, "items": float(len(items)), "blocks": float(len(blocks))},
     )
+
+
+def _own_answers(agents: Agents, own: SenderKV, input_ids: torch.Tensor, valid: torch.Tensor,
+                 max_new_tokens: int) -> list[list[int]]:
+    """What the receiver answers from its own prefill of the context, greedily (an immediate stop
+    is the stop token: that is the answer to match)."""
+    receiver = agents.receiver
+    start = receiver_input(SharedKV.whole(own))
+    replies = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids,
+                              receiver.pad_id)
+    return [reply or [receiver.stop_ids[0]] for reply in replies]
 
 
 def _score_item(receiver: Any, sent: SenderKV, own: SenderKV, blocks: list[tuple[int, int]], prompt: list[int],
