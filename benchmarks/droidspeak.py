@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="test items (default: all but calibration)")
     parser.add_argument("--calib-size", type=int, default=8)
     parser.add_argument("--max-recompute", type=float, default=0.25)
-    parser.add_argument("--tolerance", type=float, default=0.1)
+    parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--objective", choices=["own", "gold"], default="own",
                         help="what profiled blocks are scored by: the receiver's own answer, or the gold answer")
     parser.add_argument("--batch-size", type=int, default=8)
