@@ -9,11 +9,16 @@ do, so a crash leaves nothing that can be mistaken for real data.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, ClassVar, Self
+
+from pydantic import BaseModel
+
+from kvcomm.errors import DataError
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -63,3 +68,37 @@ def _sync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON value in ``path``.
+
+    Raises:
+        DataError: ``cannot read <what> <path>: …`` when it cannot be read or parsed.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from err
+
+
+class JsonFile(BaseModel):
+    """A pydantic model kept as a JSON file: written with :func:`atomic_write`, read back validated."""
+
+    what: ClassVar[str] = "file"  # what errors call it
+
+    def save(self, path: str | Path) -> None:
+        atomic_write(path, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Raises DataError when the file cannot be read or does not validate."""
+        return cls.from_json_value(read_json(path, cls.what), path)
+
+    @classmethod
+    def from_json_value(cls, raw: Any, path: str | Path) -> Self:
+        """``raw`` (read from ``path``) validated; DataError naming the file if it does not."""
+        try:
+            return cls.model_validate(raw)
+        except ValueError as err:
+            raise DataError(f"cannot read {cls.what} {path}: {err}") from err

@@ -9,26 +9,26 @@ the sender's KV there as its own; DroidSpeak recomputes where it is large.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
 from kvcomm.errors import DataError
 from kvcomm.eval.batch import Batch
-from kvcomm.files import atomic_write
+from kvcomm.files import JsonFile
 from kvcomm.protocol import prefill
 from kvcomm.tasks.base import Item, Task
 
 
-class Drift(BaseModel):
+class Drift(JsonFile):
     """Per layer, the relative difference of model ``b`` from model ``a`` (JSON)."""
 
     model_config = ConfigDict(extra="forbid")
+    what: ClassVar[str] = "drift"
 
     a: str
     b: str
@@ -38,16 +38,6 @@ class Drift(BaseModel):
     keys: list[float]
     values: list[float]
     hidden: list[float]  # after each layer (the state entering the next)
-
-    def save(self, path: str | Path) -> None:
-        atomic_write(path, self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Drift:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read drift {path}: {err}") from err
 
 
 @torch.inference_mode()

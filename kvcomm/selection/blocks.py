@@ -23,12 +23,11 @@ receiver's own (the best block at the cap when none is).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
-from kvcomm.files import atomic_write
+from kvcomm.files import JsonFile, read_json
 from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, prefill, receiver_input
 from kvcomm.protocol.droidspeak import block_kv
 from kvcomm.selection.calibrate import Profile
@@ -75,10 +74,11 @@ class Pick(BaseModel):
 Objective = Literal["own", "gold"]
 
 
-class BlockProfile(BaseModel):
+class BlockProfile(JsonFile):
     """Every candidate block's score on the calibration items (JSON; ``eval --profile`` reads it)."""
 
     model_config = ConfigDict(extra="forbid")
+    what: ClassVar[str] = "block profile"
 
     kind: Literal["droidspeak"] = "droidspeak"
     version: int = BLOCKS_VERSION
@@ -117,16 +117,6 @@ class BlockProfile(BaseModel):
         return [{"layers": n, "fraction": n / self.num_layers, "start": b.start, "stop": b.stop, "loglik": b.loglik}
                 for n, b in sorted(best.items())]
 
-    def save(self, path: str | Path) -> None:
-        atomic_write(path, self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> BlockProfile:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read block profile {path}: {err}") from err
-
 
 def read_profile(path: str | Path) -> Profile | BlockProfile:
     """A layer ranking or a block profile, told apart by the block profile's ``kind``.
@@ -134,13 +124,10 @@ def read_profile(path: str | Path) -> Profile | BlockProfile:
     Raises:
         DataError: the file cannot be read or is neither.
     """
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read profile {path}: {err}") from err
+    raw = read_json(path, "profile")
     if isinstance(raw, dict) and raw.get("kind") == "droidspeak":
-        return BlockProfile.load(path)
-    return Profile.load(path)
+        return BlockProfile.from_json_value(raw, path)
+    return Profile.from_json_value(raw, path)
 
 
 def max_block(num_layers: int, max_recompute: float) -> int:

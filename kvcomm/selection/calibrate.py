@@ -11,22 +11,20 @@ and why (the greedy trace, the fitted prior), and what it cost (seconds, forward
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
-from kvcomm.files import atomic_write
+from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, answer_ids, answer_loglik
@@ -42,13 +40,14 @@ CHUNK = 32  # layer sets per batched forward
 POOL = 8  # candidates greedy selection keeps trying after its first step
 
 
-class Profile(BaseModel):
+class Profile(JsonFile):
     """A layer ranking and the measurements behind it (written as JSON, reusable by ``eval``).
 
     Version 1 profiles (the paper rule, before ``rule``, ``details`` and ``cost``) still load.
     """
 
     model_config = ConfigDict(extra="forbid")
+    what: ClassVar[str] = "profile"
 
     version: int = PROFILE_VERSION
     sender: str
@@ -65,16 +64,6 @@ class Profile(BaseModel):
     rule: str = "paper"
     details: dict[str, Any] = {}
     cost: dict[str, float] = {}
-
-    def save(self, path: str | Path) -> None:
-        atomic_write(path, self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Profile:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read profile {path}: {err}") from err
 
 
 def calibrate(
