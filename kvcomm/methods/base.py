@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvcomm.config import Options
 from kvcomm.errors import ConfigError
+from kvcomm.protocol import SharedKV
 from kvcomm.registry import Registry
-from kvcomm.wire import Codebook
+from kvcomm.wire import Codebook, Codec, KVMessage, make_codec
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -78,6 +79,8 @@ class Method(ABC):
         if options is not None and not isinstance(options, self.options_model):
             options = self.options_model.build(self.name, **options.model_dump())
         self.options = options if options is not None else self.options_model.build(self.name, **given)
+        codec = getattr(self.options, "codec", None)  # the methods that send messages take one
+        self._codec: Codec | None = make_codec(codec) if codec else None
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -95,6 +98,11 @@ class Method(ABC):
 
     def setup(self, setup: Setup) -> None:
         """Resolves anything that depends on the model (e.g. which layers to share)."""
+
+    def _bind_codec(self, setup: Setup) -> None:
+        """Hands the codec (if any) the sender's codebook: the codecs that rotate with one need it."""
+        if self._codec is not None:
+            self._codec = self._codec.bind(setup.codebook)
 
     def details(self) -> dict[str, Any] | None:
         """Method-specific facts for the results (e.g. online calibration's ranking drift)."""
@@ -115,3 +123,15 @@ class Method(ABC):
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+def through_wire(shared: SharedKV, batch: Batch, codec: Codec) -> tuple[SharedKV, list[int]]:
+    """Encodes each row of ``shared`` as a KV message from the batch's sender and decodes it as the
+    receiver does (its fingerprint checked); returns the rows stacked and each message's size."""
+    sender, receiver = batch.agents.sender, batch.agents.receiver
+    rows, sizes = [], []
+    for i in range(shared.context_len.shape[0]):
+        data = KVMessage.from_shared(shared.row(i), sender.fingerprint, codec).to_bytes()
+        rows.append(KVMessage.from_bytes(data, receiver=receiver.fingerprint).to_shared(receiver.dtype))
+        sizes.append(len(data))
+    return SharedKV.stack(rows), sizes

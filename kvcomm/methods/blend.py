@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import Field
 
-from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import SharedKV, greedy_generate, receiver_input, share
 from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import top_layers
-from kvcomm.wire import Codec, KVMessage, make_codec
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -53,9 +52,9 @@ class _Composing(Method):
     """What both methods share: pieces joined (through the wire if a codec is set), answered."""
 
     _layers: list[int] | None = None
-    _codec: Codec | None = None
 
-    def _stats_reset(self) -> None:
+    def __init__(self, options: MethodOptions | None = None, **given: object) -> None:
+        super().__init__(options, **given)
         self._seen: dict[str, list[float]] = {"context": [], "recomputed": [], "flops_fraction": []}
 
     def _record(self, stats: BlendStats) -> None:
@@ -80,12 +79,7 @@ class _Composing(Method):
         if self._codec is None:
             assert joined.token_ids is not None
             return joined, (joined.kv_bytes + 4 * joined.context_len).tolist()  # KV and 4-byte token ids
-        rows, sizes = [], []
-        for i in range(joined.context_len.shape[0]):
-            data = KVMessage.from_shared(joined.row(i), batch.agents.sender.fingerprint, self._codec).to_bytes()
-            rows.append(KVMessage.from_bytes(data, receiver=receiver.fingerprint).to_shared(receiver.dtype))
-            sizes.append(len(data))
-        return SharedKV.stack(rows), sizes
+        return through_wire(joined, batch, self._codec)
 
     def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int]) -> Output:
         receiver = batch.agents.receiver
@@ -104,11 +98,6 @@ class BlendMethod(_Composing):
     options_model: ClassVar[type[BlendOptions]] = BlendOptions
     options: BlendOptions
 
-    def __init__(self, options: BlendOptions | None = None, **given: object) -> None:
-        super().__init__(options, **given)
-        self._codec = make_codec(self.options.codec) if self.options.codec else None
-        self._stats_reset()
-
     @property
     def label(self) -> str:
         o = self.options
@@ -125,8 +114,7 @@ class BlendMethod(_Composing):
         return self._layers
 
     def setup(self, setup: Setup) -> None:
-        if self._codec is not None:
-            self._codec = self._codec.bind(setup.codebook)
+        self._bind_codec(setup)
         share = self.options.share
         ranked = setup.ranking(self.options.selection) if share < 1 else list(range(setup.num_layers))
         self._layers = top_layers(ranked, share)
@@ -147,18 +135,12 @@ class PrefixReuse(_Composing):
     options_model: ClassVar[type[PrefixOptions]] = PrefixOptions
     options: PrefixOptions
 
-    def __init__(self, options: PrefixOptions | None = None, **given: object) -> None:
-        super().__init__(options, **given)
-        self._codec = make_codec(self.options.codec) if self.options.codec else None
-        self._stats_reset()
-
     @property
     def label(self) -> str:
         return f"prefix@x{self.options.senders}" + (f"+{self.options.codec}" if self.options.codec else "")
 
     def setup(self, setup: Setup) -> None:
-        if self._codec is not None:
-            self._codec = self._codec.bind(setup.codebook)
+        self._bind_codec(setup)
 
     def run(self, batch: Batch) -> Output:
         joined, sent = self._joined(batch, self.options.senders)

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field, field_validator
 
 from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
-from kvcomm.protocol import SharedKV, greedy_generate, receiver_input
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
+from kvcomm.protocol import greedy_generate, receiver_input
 from kvcomm.protocol.droidspeak import check_block, recompute_block, send_block
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, Pick, max_block
-from kvcomm.wire import Codec, KVMessage, make_codec
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -52,7 +51,6 @@ class DroidSpeak(Method):
 
     def __init__(self, options: DroidSpeakOptions | None = None, **given: object) -> None:
         super().__init__(options, **given)
-        self._codec: Codec | None = make_codec(self.options.codec) if self.options.codec else None
         self._block: tuple[int, int] | None = self.options.block
         self._pick: Pick | None = None
         self._num_layers = 0
@@ -70,8 +68,7 @@ class DroidSpeak(Method):
 
     def setup(self, setup: Setup) -> None:
         self._num_layers = setup.num_layers
-        if self._codec is not None:
-            self._codec = self._codec.bind(setup.codebook)
+        self._bind_codec(setup)
         if self.options.block is None:
             profile = setup.block_profile(self.options.max_recompute)
             self._pick = profile.pick(self.options.tolerance, max_block(setup.num_layers, self.options.max_recompute))
@@ -93,15 +90,8 @@ class DroidSpeak(Method):
         receiver = batch.agents.receiver
         sender = batch.sender_kv_with_hidden([start])
         sent = send_block(sender, start, stop)
-        if self._codec is None:
-            shared, sizes = sent, sent.sent_bytes.tolist()
-        else:
-            rows, sizes = [], []
-            for i in range(sent.context_len.shape[0]):
-                data = KVMessage.from_shared(sent.row(i), batch.agents.sender.fingerprint, self._codec).to_bytes()
-                rows.append(KVMessage.from_bytes(data, receiver=receiver.fingerprint).to_shared(receiver.dtype))
-                sizes.append(len(data))
-            shared = SharedKV.stack(rows)
+        shared, sizes = (sent, sent.sent_bytes.tolist()) if self._codec is None else \
+            through_wire(sent, batch, self._codec)
         cache = recompute_block(receiver.model, shared, start, stop)  # the receiver's work: timed as its own
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         answers = greedy_generate(receiver.model, receiver_input(cache), prompt.input_ids, prompt.valid,

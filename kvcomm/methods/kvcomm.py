@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, ClassVar, Self
 from pydantic import Field, field_validator, model_validator
 
 from kvcomm.errors import ConfigError
-from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
-from kvcomm.protocol import MaskMode, SharedKV, effective_layers, greedy_generate, receiver_input, share
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
+from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import contiguous_layers, format_layers, random_layers, top_layers
-from kvcomm.wire import Codec, KVMessage, make_codec
+from kvcomm.wire import make_codec
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -90,7 +90,6 @@ class KVCommMethod(Method):
         super().__init__(options, **given)
         layers = getattr(self.options, "layers", None)
         self._layers = sorted(set(layers)) if layers else None
-        self._codec: Codec | None = make_codec(self.options.codec) if self.options.codec else None
 
     @property
     def ratio(self) -> float | None:
@@ -124,8 +123,7 @@ class KVCommMethod(Method):
         return top_layers(setup.ranking(getattr(self.options, "selection", None)), self.ratio)
 
     def setup(self, setup: Setup) -> None:
-        if self._codec is not None:
-            self._codec = self._codec.bind(setup.codebook)
+        self._bind_codec(setup)
         if self.ratio is not None:
             self._layers = self.choose(setup)
         elif self._layers and self._layers[-1] >= setup.num_layers:
@@ -139,7 +137,7 @@ class KVCommMethod(Method):
         shared = share(receiver.model, batch.sender_kv(self.options.senders), self._layers, self.mode)
         message_bytes = None
         if self._codec is not None:
-            shared, message_bytes = self._through_wire(shared, batch)
+            shared, message_bytes = through_wire(shared, batch, self._codec)
         start = receiver_input(shared)
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         answers = greedy_generate(
@@ -152,18 +150,6 @@ class KVCommMethod(Method):
             sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
             kv_bytes=message_bytes if message_bytes is not None else start.kv_bytes.tolist(),
         )
-
-    def _through_wire(self, shared: SharedKV, batch: Batch) -> tuple[SharedKV, list[int]]:
-        """Encodes each row as a KV message, decodes it back; returns the rows and message sizes."""
-        assert self._codec is not None
-        sender, receiver = batch.agents.sender, batch.agents.receiver
-        rows, sizes = [], []
-        for i in range(shared.context_len.shape[0]):
-            data = KVMessage.from_shared(shared.row(i), sender.fingerprint, self._codec).to_bytes()
-            message = KVMessage.from_bytes(data, receiver=receiver.fingerprint)
-            rows.append(message.to_shared(receiver.dtype))
-            sizes.append(len(data))
-        return SharedKV.stack(rows), sizes
 
 
 METHODS.add("kvcomm", KVCommMethod)

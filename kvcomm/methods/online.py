@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from kvcomm.methods.base import METHODS, Calibration, Output, Setup
+from kvcomm.methods.base import METHODS, Calibration, Output, Setup, through_wire
 from kvcomm.methods.kvcomm import KVCommMethod, SharingOptions
 from kvcomm.protocol import SenderKV, attention_importance, greedy_generate, receiver_input, share
 from kvcomm.selection.rules import combined_scores, default_alpha, rank_layers, top_layers
@@ -50,8 +50,7 @@ class OnlineKVComm(KVCommMethod):
         return super().label.replace(f"online@{self.ratio:g}", f"online@{self.ratio:g}/{self.options.interval}", 1)
 
     def setup(self, setup: Setup) -> None:
-        if self._codec is not None:
-            self._codec = self._codec.bind(setup.codebook)
+        self._bind_codec(setup)
         self._calibration = setup.calibration
         alpha = setup.calibration.alpha
         self._alpha = default_alpha(setup.model_type) if alpha is None else alpha
@@ -81,7 +80,7 @@ class OnlineKVComm(KVCommMethod):
             shared = share(receiver.model, _rows(sender, rows), self._layers or [], self.mode)
             sizes = shared.kv_bytes.tolist()
             if self._codec is not None:
-                shared, sizes = self._through_wire(shared, batch)
+                shared, sizes = through_wire(shared, batch, self._codec)
             begin = receiver_input(shared)
             sub = prompt.rows(rows)
             answers += greedy_generate(receiver.model, begin, sub.input_ids, sub.valid, batch.task.max_new_tokens,
