@@ -181,6 +181,9 @@ def test_inspect_shows_left_out_layers_and_hidden_frames():
     from pathlib import Path
 
     golden = Path(__file__).parent / "golden" / "message_v4.kvcm"
-    result = runner.invoke(app, ["inspect", str(golden)])
+    # a deep checkout path must not split the header line; a terminal wide enough for the table is assumed
+    result = runner.invoke(app, ["inspect", str(golden)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
-    assert "format version 4" in result.output and "left out" in result.output and "hidden" in result.output
+    header = result.output.splitlines()[0]
+    assert header.startswith(str(golden)) and "valid (format version 4)" in header
+    assert "left out" in result.output and "hidden" in result.output

@@ -97,7 +97,7 @@ def calibrate_command(
         console.print(f"budget: ratio {budget['ratio']:g} keeps the calibration score within "
                       f"{budget['tolerance']:g} of all layers' ({budget['all_layers']:.3f} on {budget['items']} items)",
                       markup=False)
-    console.print(f"profile: {out}", markup=False)
+    console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
 def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int, batch_size: int | None,

@@ -24,7 +24,7 @@ def list_command() -> None:
     """List embedded models (installed or not) and derived variants."""
     table = Table(title="embedded models (GGUF weights, dequantised once to float32 in the kvcomm cache)")
     for column in ("name", "installed", "download", "quantisation", "on disk (float32)", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")  # names stay whole so they can be copied
     for name in EMBEDDED:
         spec = EMBEDDED.get(name)
         disk = f"{spec.disk_mb:,} MB" if spec.disk_mb else "-"
@@ -33,7 +33,7 @@ def list_command() -> None:
     Console().print(table)
     derived = Table(title="derived models (`kvcomm models derive`)")
     for column in ("name", "base", "recipe", "steps", "seed", "loss first → final", "minutes"):
-        derived.add_column(column)
+        derived.add_column(column, no_wrap=column == "name")
     for name in derived_names():
         card = load_card(name)
         derived.add_row(name, card.base, card.recipe, str(card.steps), str(card.seed),
@@ -95,4 +95,4 @@ def remove_command(name: Annotated[str, typer.Argument(help="A derived model's n
     path = derived_path(name)
     assert path is not None
     shutil.rmtree(path)
-    console.print(f"removed {name} ({path})", markup=False)
+    console.print(f"removed {name} ({path})", markup=False, soft_wrap=True)

@@ -155,7 +155,7 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
 
     with _client(url, token) as client:
         atomic_write(out, client.get_message(message_id))
-    console.print(f"wrote {out}", markup=False)
+    console.print(f"wrote {out}", markup=False, soft_wrap=True)
 
 
 @remote.command("push")

@@ -56,7 +56,7 @@ def encode_command(
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
     size = encode_context(sender, text, chosen, codec, mode or "causal").save(out)
-    console.print(f"wrote {out}: {size:,} bytes", markup=False)
+    console.print(f"wrote {out}: {size:,} bytes", markup=False, soft_wrap=True)
 
 
 def _read_text(path: Path | None) -> str:
@@ -85,7 +85,7 @@ def inspect_command(
     out = Console()
     out.print(f"{path}: {total:,} bytes, valid (format version {reader.version}); codec {header['codec']['name']} "
               f"{header['codec']['params']}; context {header['context_len']} tokens; mode {header['mode']}",
-              markup=False)
+              markup=False, soft_wrap=True)
     out.print(f"shared layers: {format_layers([e['index'] for e in layers if e['full']]) or 'none'} "
               f"({sum(e['full'] for e in layers)}/{len(layers)}); {fp16_all / total:.1f}x smaller than "
               f"all layers in fp16 ({fp16_all:,} bytes)")
