@@ -7,7 +7,15 @@ Typical use::
     agents.ask("Mira lives in Oslo.", "Which city does Mira live in?", layers=range(15))
 
 Across processes, the two ends of an exchange are :func:`encode_context` (sender → :class:`KVMessage`)
-and :func:`answer` (receiver). Everything kvcomm raises on purpose is a :class:`KvcommError`.
+and :func:`answer` (receiver). Several agents answering together, hearing each other's turns as KV
+or as text, are a :class:`Graph`::
+
+    graph = kvcomm.Graph.build(kvcomm.load_model("smollm2-135m"), "chain", agents=3,
+                               edge=kvcomm.EdgeOptions(via="kv", ratio=0.5, codec="fp16"))
+    task = kvcomm.load_task("relay", items=20, hops=3)
+    run = graph.run(task, task.items)  # run.scores, run.steps (bytes, TTFT per agent), run.items
+
+Everything kvcomm raises on purpose is a :class:`KvcommError`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from kvcomm.errors import (
 )
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.batch import Batch
+from kvcomm.graphs import EdgeOptions, Graph, GraphReport, GraphRun
 from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
 from kvcomm.protocol import SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
@@ -37,10 +46,10 @@ from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import KVMessage
 
 __all__ = [
-    "EMBEDDED", "METHODS", "Agents", "Batch", "BlockProfile", "Client", "ConfigError", "DataError", "EvalConfig",
-    "FingerprintMismatch", "IncompatibleModelsError", "Item", "KVMessage", "KvcommError", "LoadedModel", "Method",
-    "ModelError", "Profile", "ProtocolError", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__",
-    "answer", "build_methods", "build_receiver_input", "calibrate", "encode_context", "encode_ids", "evaluate",
-    "greedy_generate", "load_model", "load_pair", "load_task", "make_method", "plot_sweep", "prefill",
-    "print_table", "profile_blocks",
+    "Agents", "Batch", "BlockProfile", "Client", "ConfigError", "DataError", "EMBEDDED", "EdgeOptions", "EvalConfig",
+    "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError", "Item", "KVMessage",
+    "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError", "Report", "SenderKV",
+    "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods", "build_receiver_input", "calibrate",
+    "encode_context", "encode_ids", "evaluate", "greedy_generate", "load_model", "load_pair", "load_task",
+    "make_method", "plot_sweep", "prefill", "print_table", "profile_blocks",
 ]

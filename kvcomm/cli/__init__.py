@@ -12,6 +12,7 @@ from kvcomm.cli.calibrate import calibrate_command
 from kvcomm.cli.demo import demo
 from kvcomm.cli.drift import drift_command
 from kvcomm.cli.evaluate import eval_command, sweep_command
+from kvcomm.cli.graph import graph_command
 from kvcomm.cli.group import KvcommGroup
 from kvcomm.cli.serve import remote, serve_command
 from kvcomm.cli.tasks import tasks_command
@@ -26,6 +27,7 @@ app.command("sweep")(sweep_command)
 app.command("calibrate")(calibrate_command)
 app.command("tasks")(tasks_command)
 app.command("drift")(drift_command)
+app.command("graph")(graph_command)
 app.command("encode")(encode_command)
 app.command("inspect")(inspect_command)
 app.command("answer")(answer_command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,12 @@ def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = BOOTSTR
     return (float(low), float(high))
 
 
-def summarize(items: list[ItemResult]) -> dict[str, Score]:
-    metrics = items[0].scores.keys() if items else []
-    return {
-        m: Score(mean=float(np.mean([i.scores[m] for i in items])), ci95=bootstrap_ci([i.scores[m] for i in items]))
-        for m in metrics
-    }
+def summarize(items: Sequence[ItemResult] | Sequence[dict[str, float]]) -> dict[str, Score]:
+    """Each metric's mean and 95% interval over items (results, or their score dictionaries)."""
+    scores = [i if isinstance(i, dict) else i.scores for i in items]
+    metrics = scores[0].keys() if scores else []
+    return {m: Score(mean=float(np.mean([s[m] for s in scores])), ci95=bootstrap_ci([s[m] for s in scores]))
+            for m in metrics}
 
 
 def print_table(report: Report, console: Console | None = None) -> None:

@@ -129,9 +129,4 @@ def through_wire(shared: SharedKV, batch: Batch, codec: Codec) -> tuple[SharedKV
     """Encodes each row of ``shared`` as a KV message from the batch's sender and decodes it as the
     receiver does (its fingerprint checked); returns the rows stacked and each message's size."""
     sender, receiver = batch.agents.sender, batch.agents.receiver
-    rows, sizes = [], []
-    for i in range(shared.context_len.shape[0]):
-        data = KVMessage.from_shared(shared.row(i), sender.fingerprint, codec).to_bytes()
-        rows.append(KVMessage.from_bytes(data, receiver=receiver.fingerprint).to_shared(receiver.dtype))
-        sizes.append(len(data))
-    return SharedKV.stack(rows), sizes
+    return KVMessage.round_trip(shared, sender.fingerprint, receiver.fingerprint, codec, receiver.dtype)

@@ -11,14 +11,17 @@ tokens in one sequence (the tests check this on three model families).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
 
+from kvcomm.errors import ProtocolError
 from kvcomm.protocol.decoding import chunked_prefill
 from kvcomm.protocol.receiver import ReceiverInput
+from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 from kvcomm.protocol.sender import SenderKV, cache_tensors, run_body
 
 
@@ -29,6 +32,7 @@ class Turn:
 
     replies: list[list[int]]
     kv: list[SenderKV]
+    first_token_s: float = 0.0  # from the call to the first token's logits (prefill)
 
 
 @torch.inference_mode()
@@ -36,8 +40,10 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
                   max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> Turn:
     """Prefills ``input_ids`` (``[B, T]``, left-padded) on ``start``, decodes greedily, and returns the
     replies with the KV of each row's prompt and reply (see the module docstring)."""
+    began = time.perf_counter()
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, None)
+    first_token_s = time.perf_counter() - began
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
     replies: list[list[int]] = [[] for _ in range(batch)]
@@ -57,4 +63,16 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
     ids = torch.cat(fed, dim=1)
     whole = SenderKV(keys=[k[:, :, -own:] for k in keys], values=[v[:, :, -own:] for v in values],
                      positions=start.layout.own_pos, valid=start.layout.own_valid, ids=ids)
-    return Turn(replies, [whole.row(i) for i in range(batch)])
+    return Turn(replies, [whole.row(i) for i in range(batch)], first_token_s)
+
+
+def rebase(model: PreTrainedModel, kv: SenderKV) -> SenderKV:
+    """One row's turn moved to start at position 0 (keys re-rotated), as a message holds it: a
+    turn taken after other KV starts where that KV ended."""
+    if kv.positions.shape[0] != 1:
+        raise ProtocolError("rebase takes one row (Turn.kv[i])")
+    offset = kv.positions[:, 0]
+    if not bool(offset.any()):
+        return kv
+    keys = [rotate_keys(k, -offset, inverse_frequencies(model, layer)) for layer, k in enumerate(kv.keys)]
+    return replace(kv, keys=keys, positions=kv.positions - offset[:, None])

@@ -1,6 +1,7 @@
 """Datasets, prompts and metrics."""
 
 from kvcomm.tasks import multihop as _multihop  # noqa: F401  (registers the task)
+from kvcomm.tasks import relay as _relay  # noqa: F401  (registers the task)
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
 from kvcomm.tasks.loaders import TASKS, load_task
 from kvcomm.tasks.metrics import METRICS, contains, exact_match, normalize, paper_f1, set_f1

@@ -16,7 +16,9 @@ class Item:
     """One question: the sender reads ``context``, the receiver is asked ``question``.
 
     ``pieces``, when given, is how the context divides among several senders (each reads one);
-    otherwise a context is split at sentence ends (:func:`split_context`).
+    otherwise a context is split at sentence ends (:func:`split_context`). ``asks``, when given,
+    is what each agent of a graph holding one piece is asked (agent ``i`` reads piece ``i``; the
+    last ask is the item's question), and ``ask_answers`` what each should say: a relay's hops.
     """
 
     id: str
@@ -24,6 +26,8 @@ class Item:
     question: str
     answers: tuple[str, ...]
     pieces: tuple[str, ...] = ()
+    asks: tuple[str, ...] = ()
+    ask_answers: tuple[str, ...] = ()
 
     def parts(self, count: int) -> list[str]:
         """The context in ``count`` pieces: the item's own when it has that many, else split evenly."""

@@ -115,6 +115,19 @@ class KVMessage:
             hidden={layer: h[None].to(dtype) for layer, h in self.hidden.items()},
         )
 
+    @classmethod
+    def round_trip(cls, shared: SharedKV, sender: Fingerprint, receiver: Fingerprint, codec: Codec,
+                   dtype: torch.dtype = torch.float32) -> tuple[SharedKV, list[int]]:
+        """Each row of ``shared`` encoded as a message from ``sender`` and decoded as ``receiver``
+        does (its fingerprint checked): what a batch looks like after the wire, and each
+        message's size in bytes."""
+        rows, sizes = [], []
+        for i in range(shared.context_len.shape[0]):
+            data = cls.from_shared(shared.row(i), sender, codec).to_bytes()
+            rows.append(cls.from_bytes(data, receiver=receiver).to_shared(dtype))
+            sizes.append(len(data))
+        return SharedKV.stack(rows), sizes
+
     @property
     def shared_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.full]

@@ -1,0 +1,103 @@
+"""``kvcomm graph``: several agents of one model answer together, hearing each other as KV or as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from kvcomm.cli.common import (
+    BatchSize,
+    Data,
+    Dtype,
+    Overwrite,
+    Quiet,
+    TaskName,
+    check_output,
+    console,
+    quiet_libraries,
+)
+from kvcomm.cli.group import command_line
+from kvcomm.errors import ConfigError
+from kvcomm.eval.outputs import safe_name
+from kvcomm.graphs.compare import compare, edge_grid
+from kvcomm.graphs.report import plot_graph, print_graph
+from kvcomm.graphs.topology import TOPOLOGIES
+from kvcomm.models import DEFAULT_MODEL, resolve_model
+from kvcomm.models.loading import load_model
+from kvcomm.protocol import MaskMode
+from kvcomm.tasks import Task, load_task
+from kvcomm.wire.codecs import codec_names
+
+VIA = ("kv", "text", "transcript")
+
+
+def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int) -> Task:
+    """The task for a graph of ``agents``: a relay of as many hops, multihop facts in as many
+    pieces, or any other task split among them at sentence ends."""
+    if name == "relay":
+        return load_task("relay", data, items=items, hops=agents, seed=seed)
+    if name == "multihop":
+        return load_task("multihop", data, items=items, pieces=agents, seed=seed)
+    task = load_task(name, data)
+    return task if len(task.items) <= items else Task(**{**task.__dict__, "items": task.items[:items]})
+
+
+def _list(value: str, what: str) -> list[str]:
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    if not out:
+        raise ConfigError(f"--{what} names nothing")
+    return out
+
+
+def graph_command(
+    model: Annotated[str, typer.Option("--model", "-m", envvar="KVCOMM_MODEL",
+                                       help="The model every agent runs on.")] = DEFAULT_MODEL,
+    task: TaskName = "relay", data: Data = None,
+    topology: Annotated[Literal["chain", "star", "full", "debate"], typer.Option(
+        help="Who hears whom: chain (a relay), star (fan-out, a decision agent fans in), full, debate.")] = "chain",
+    agents: Annotated[int, typer.Option(min=1, max=16, help="Agents holding a piece of each context (the "
+                                        "relay's hops).")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=8, help="Rounds of turns.")] = 1,
+    via: Annotated[str, typer.Option(help="Comma-separated: kv (turns as KV), text (replies in the prompt), "
+                                     "transcript (the speaker's message and reply in the prompt).")] = "kv,text",
+    ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers for kv edges, ranked by the "
+                                        "depth prior; 1 = every layer.")] = "1.0",
+    codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for kv edges; 'none' = in process. "
+                                        f"Codecs: {', '.join(codec_names())}.")] = "fp16",
+    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges: causal or shift-back.")] = "causal",
+    single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
+    limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
+    reply_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Budget of every turn but the last. (default: the task's answer budget)")] = None,
+    batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Results JSON; the plot is written beside it. (default: results/graph-<task>-<topology>-<model>.json)")]
+    = None,
+) -> None:
+    """Run a multi-agent graph over a task: a table per configuration and per agent, a results JSON and a plot."""
+    kinds = _list(via, "via")
+    if bad := [k for k in kinds if k not in VIA]:
+        raise ConfigError(f"--via: {bad[0]!r} is not one of {', '.join(VIA)}")
+    try:
+        fractions = [None if float(r) >= 1 else float(r) for r in _list(ratios, "ratios")]
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    wire = [None if c == "none" else c for c in _list(codecs, "codecs")]
+    edges = edge_grid(kinds, fractions, wire, mode)
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"unknown topology {topology!r}")
+    resolve_model(model)
+    the_task = graph_task(task, data, agents, limit, seed)
+    out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
+                       "results", overwrite)
+    with quiet_libraries(quiet):
+        loaded = load_model(model, dtype)
+        report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
+                         batch_size or 8, reply_tokens, progress=not quiet, command=command_line())
+    report.save(out)
+    plot = plot_graph(report, out.with_suffix(".png"))
+    print_graph(report)
+    console.print(f"results: {out}\nplot: {plot}", markup=False, soft_wrap=True)

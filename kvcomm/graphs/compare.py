@@ -1,0 +1,42 @@
+"""Several graph configurations over the same items, side by side in one report: the single-agent
+reference, text edges and KV edges of several layer fractions and codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvcomm.eval.provenance import utc_now
+from kvcomm.eval.results import environment
+from kvcomm.graphs.graph import EdgeOptions, Graph, GraphReport
+from kvcomm.models.loading import LoadedModel
+from kvcomm.tasks.base import Item, Task
+
+
+def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequence[str | None],
+              mode: str = "causal") -> list[EdgeOptions]:
+    """Every configuration the lists name: text edges once each (``text``, ``transcript``), KV
+    edges for every ratio (None: every layer) × codec."""
+    edges: list[EdgeOptions] = []
+    for kind in via:
+        if kind == "kv":
+            edges += [EdgeOptions(via="kv", ratio=None if r is None or r >= 1 else r, codec=c, mode=mode)  # type: ignore[arg-type]
+                      for r in ratios for c in codecs]
+        else:
+            edges.append(EdgeOptions(via="text", content="transcript" if kind == "transcript" else "reply"))
+    return edges
+
+
+def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
+            edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
+            reply_tokens: int | None = None, progress: bool = True, command: str | None = None) -> GraphReport:
+    """Runs the single-agent reference (``single``) and the graph once per edge configuration."""
+    started = utc_now()
+    graphs = [Graph.single(model)] if single else []
+    graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens) for edge in edges]
+    runs = [graph.run(task, items, batch_size, progress) for graph in graphs]
+    config = {"task": task.name, "seed": task.seed, "metric": task.metric, "model": model.name,
+              "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,
+              "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,
+              "reply_tokens": reply_tokens, "dtype": str(model.dtype).removeprefix("torch.")}
+    return GraphReport(config=config, provenance={"command": command, "date": started}, environment=environment(),
+                       runs=runs)

@@ -1,0 +1,376 @@
+"""An agent graph over one model: agents that read their own piece, hear earlier turns as KV or as
+text, and reply; the last turn's reply is the answer.
+
+A turn sent ``via="kv"`` is the KV of everything the agent wrote in it: its prompt and its reply
+(:func:`~kvcomm.protocol.reply.generate_turn`), moved to start at position 0, cut to the edge's
+layers (sink token elsewhere) and, with a codec, put through a real :class:`~kvcomm.wire.KVMessage`
+and back, whose size is the bytes counted. An agent hearing several turns gets them joined in the
+order of its step's ``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`).
+With every layer sent in process, an agent computes exactly what it would on the concatenated
+token sequence of the turns it hears and its own prompt (the tests check this). ``via="text"`` is
+the natural-language baseline: an agent reads the replies it hears inside its own prompt.
+
+One model copy serves every agent (roles differ by prompt and piece); items run in batches, and a
+batch's answers equal those of one item at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from kvcomm.config import Options
+from kvcomm.errors import ConfigError
+from kvcomm.eval.results import Score, summarize
+from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
+from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol import (
+    MaskMode,
+    SharedKV,
+    concat_shared,
+    empty_input,
+    generate_turn,
+    pad_left,
+    receiver_input,
+    share,
+)
+from kvcomm.protocol.reply import rebase
+from kvcomm.selection.rules import format_layers, gaussian_prior, rank_layers, top_layers
+from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.metrics import METRICS, contains
+from kvcomm.wire import KVMessage, make_codec
+
+clock: Callable[[], float] = time.perf_counter
+RESULTS_VERSION = 1
+
+
+class EdgeOptions(Options):
+    """How turns travel between agents.
+
+    Attributes:
+        via: ``kv`` (the turn's KV: everything the speaker read in its prompt and wrote) or
+            ``text`` (read inside the hearer's prompt).
+        content: what a text edge carries: the ``reply``, or the speaker's whole ``transcript``
+            (its message and its reply: the text a kv edge's KV was computed from).
+        ratio: fraction of layers sent in full, ranked by the depth prior (the paper's Gaussian,
+            no calibration); with neither ratio nor layers, every layer.
+        layers: the layers sent in full, explicitly.
+        codec: what KV goes through on the wire (``fp16``, ``int8``, ``klt`` …); None: in process,
+            and the bytes counted are the float tensors'.
+        mode: the receiver's mask mode (``causal``, ``shift-back``; ``legacy`` is for parity runs).
+    """
+
+    what = "graph edge"
+    via: Literal["kv", "text"] = "kv"
+    content: Literal["reply", "transcript"] = "reply"
+    ratio: float | None = Field(None, gt=0, le=1)
+    layers: tuple[int, ...] | None = None
+    codec: str | None = "fp16"
+    mode: MaskMode = "causal"
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: str | None) -> str | None:
+        if codec is not None:
+            make_codec(codec)
+        return codec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.ratio is not None and self.layers is not None:
+            raise ValueError("give a ratio or a layer list, not both")
+        if self.via == "kv" and self.content != "reply":
+            raise ValueError("a kv edge carries the turn's KV; 'content' is for text edges")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError("a layer list names one or more layers, each >= 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.via == "text":
+            return "text" if self.content == "reply" else "text transcript"
+        what = "all" if self.ratio is None and self.layers is None else \
+            f"{self.ratio:g}" if self.ratio is not None else format_layers(list(self.layers or ()))
+        codec = f"+{self.codec}" if self.codec else ""
+        mode = "" if self.mode == "causal" else f"[{self.mode}]"
+        return f"kv@{what}{codec}{mode}"
+
+    def chosen_layers(self, num_layers: int) -> list[int] | None:
+        """The layers a kv edge sends in full (None for text)."""
+        if self.via == "text":
+            return None
+        if self.layers is not None:
+            if max(self.layers) >= num_layers:
+                raise ConfigError(f"graph edge: layer {max(self.layers)} is out of range for a {num_layers}-layer "
+                                  f"model (0..{num_layers - 1})")
+            return sorted(set(self.layers))
+        if self.ratio is None:
+            return list(range(num_layers))
+        return sorted(top_layers(rank_layers(gaussian_prior(num_layers).tolist()), self.ratio))
+
+
+class AgentRow(BaseModel):
+    """One step of the graph over all items: what it heard, sent and cost."""
+
+    agent: str
+    round: int
+    hears: list[str]
+    bytes_in: float  # per item: what the turns it heard weighed (messages, or reply text in UTF-8)
+    bytes_out: float  # per item: what its turn weighs as sent (0 if nobody hears it)
+    ttft_s: float  # per batch: from the step's start (messages joined) to its first token
+    seconds: float  # all batches: the whole step (decoding and encoding its turn included)
+    tokens: float  # per item: reply tokens generated
+    hop_accuracy: float | None = None  # share of items whose reply names this agent's gold hop
+
+
+class GraphItem(BaseModel):
+    id: str
+    answer: str
+    gold: list[str]
+    scores: dict[str, float]
+    replies: list[str]  # every step's reply, in step order
+
+
+class GraphRun(BaseModel):
+    """One graph configuration over the test items."""
+
+    label: str
+    topology: str
+    agents: int
+    rounds: int
+    edge: dict[str, Any]
+    layers: list[int] | None
+    n: int
+    scores: dict[str, Score]
+    seconds: float
+    seconds_per_item: float
+    bytes_per_item: float  # everything sent over every edge, per item
+    steps: list[AgentRow]
+    items: list[GraphItem]
+
+
+class GraphReport(BaseModel):
+    version: int = RESULTS_VERSION
+    config: dict[str, Any]
+    provenance: dict[str, Any] = {}
+    environment: dict[str, str]
+    runs: list[GraphRun]
+
+    def save(self, path: Any) -> None:
+        from kvcomm.files import atomic_write
+
+        atomic_write(path, self.model_dump_json(indent=1) + "\n")
+
+
+@dataclass
+class _Sent:
+    """What one turn sends onward, per row of a batch."""
+
+    texts: list[str]  # what a text edge carries, per row (the reply, or the transcript)
+    shared: list[SharedKV] | None  # per row, after the wire (kv edges, when someone hears it)
+    sizes: list[int]
+
+
+def agent_name(agent: int) -> str:
+    return "decision" if agent == DECISION else f"agent{agent + 1}"
+
+
+def turn_name(turn: Turn) -> str:
+    return f"{agent_name(turn.agent)}/r{turn.round + 1}"
+
+
+class Graph:
+    """Agents of one model taking the turns of ``steps``; every edge travels as ``edge`` says.
+
+    Args:
+        model: the one model every agent runs on.
+        steps: the turns, in order (:func:`~kvcomm.graphs.topology.unroll` makes them from a topology).
+        agents: how many agents hold a piece of each item's context (agent ``i`` reads piece ``i``);
+            1: a single agent reads the whole context.
+        edge: how turns travel (default: KV at every layer, fp16 on the wire).
+        reply_tokens: the budget of every turn but the last (default: the task's answer budget).
+        topology: a name for reports.
+    """
+
+    def __init__(self, model: LoadedModel, steps: Sequence[Step], agents: int, edge: EdgeOptions | None = None,
+                 reply_tokens: int | None = None, topology: str = "custom") -> None:
+        if not steps:
+            raise ConfigError("a graph needs at least one step")
+        seen: set[Turn] = set()
+        for step in steps:
+            if missing := [turn_name(t) for t in step.hears if t not in seen]:
+                raise ConfigError(f"{turn_name(step.turn)} hears {', '.join(missing)}, which has not spoken yet")
+            if step.agent != DECISION and not 0 <= step.agent < agents:
+                raise ConfigError(f"step {turn_name(step.turn)}: agent index out of range for {agents} agents")
+            seen.add(step.turn)
+        self.model, self.steps, self.agents = model, list(steps), agents
+        self.edge = edge or EdgeOptions()
+        self.reply_tokens, self.topology = reply_tokens, topology
+        self.layers = self.edge.chosen_layers(model.num_layers)
+        self._codec = None
+        if self.edge.via == "kv" and self.edge.codec is not None:
+            from kvcomm.wire.bootstrap import model_codebook
+
+            self._codec = make_codec(self.edge.codec).bind(lambda: model_codebook(model))
+        self._heard = {t for step in self.steps for t in step.hears}
+
+    @classmethod
+    def build(cls, model: LoadedModel, topology: str, agents: int, rounds: int = 1, edge: EdgeOptions | None = None,
+              reply_tokens: int | None = None) -> Graph:
+        """A graph of a named topology (``chain``, ``star``, ``full``, ``debate``)."""
+        return cls(model, unroll(topology, agents, rounds), agents, edge, reply_tokens, topology)
+
+    @classmethod
+    def single(cls, model: LoadedModel) -> Graph:
+        """The reference: one agent reads the whole context and answers."""
+        return cls(model, [Step(Turn(0, 0), ())], 1, EdgeOptions(via="text"), topology="single")
+
+    @property
+    def label(self) -> str:
+        if self.topology == "single":
+            return "single agent"
+        rounds = 1 + max(s.turn.round for s in self.steps)
+        return f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}"
+
+    def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]]) -> str:
+        """The user message of ``step`` for ``item``: the instruction, the agent's piece, the
+        replies it hears as text (text edges), and what it is asked."""
+        parts = [f"Instruction: {task.instruction}"]
+        if step.agent != DECISION:
+            piece = item.context if self.agents == 1 else item.parts(self.agents)[step.agent]
+            parts.append(f"Context: {piece}")
+        parts += [f"Message from {name}: {reply}" for name, reply in heard]
+        ask = item.question
+        if step.agent != DECISION and self.agents > 1 and len(item.asks) == self.agents:
+            ask = item.asks[step.agent]
+        parts.append(f"Question: {ask}")
+        return " ".join(parts)
+
+    def run(self, task: Task, items: Sequence[Item], batch_size: int = 8, progress: bool = True) -> GraphRun:
+        """Runs every item through the graph, ``batch_size`` at a time; the last step's reply is
+        scored with the task's metrics."""
+        if not items:
+            raise ConfigError("a graph run needs at least one item")
+        if self.agents > 1:
+            for item in items[:1]:
+                item.parts(self.agents)  # refuses, naming the item, a context that cannot be split
+        rows: list[GraphItem] = []
+        tally = [_StepTally() for _ in self.steps]
+        began = clock()
+        bar = tqdm(total=len(items) * len(self.steps), desc=self.label, unit="turn", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start:start + batch_size])
+            replies = self._run_batch(task, batch, tally, bar)
+            for row, item in enumerate(batch):
+                answer = replies[-1][row]
+                rows.append(GraphItem(id=item.id, answer=answer, gold=list(item.answers),
+                                      scores={m: fn(answer, item.answers) for m, fn in METRICS.items()},
+                                      replies=[r[row] for r in replies]))
+        bar.close()
+        seconds = clock() - began
+        n = len(items)
+        steps = [t.row(step, n, self._hop_golds(items, step)) for t, step in zip(tally, self.steps)]
+        return GraphRun(label=self.label, topology=self.topology, agents=self.agents,
+                        rounds=1 + max(s.turn.round for s in self.steps), edge=self.edge.model_dump(mode="json"),
+                        layers=self.layers, n=n, scores=summarize([r.scores for r in rows]), seconds=seconds,
+                        seconds_per_item=seconds / n, bytes_per_item=sum(s.bytes_out * len(self._listeners(st))
+                                                                         for s, st in zip(steps, self.steps)),
+                        steps=steps, items=rows)
+
+    def _listeners(self, step: Step) -> list[Step]:
+        return [s for s in self.steps if step.turn in s.hears]
+
+    def _hop_golds(self, items: Sequence[Item], step: Step) -> list[str] | None:
+        if step.agent == DECISION or self.agents == 1 or any(len(i.ask_answers) != self.agents for i in items):
+            return None
+        return [item.ask_answers[step.agent] for item in items]
+
+    def _run_batch(self, task: Task, batch: list[Item], tally: list[_StepTally], bar: Any) -> list[list[str]]:
+        model = self.model
+        sent: dict[Turn, _Sent] = {}
+        replies: list[list[str]] = []
+        for index, step in enumerate(self.steps):
+            began = clock()
+            heard = [sent[t] for t in step.hears]
+            if self.edge.via == "kv" and heard:
+                joined = [concat_shared(model.model, [h.shared[row] for h in heard])  # type: ignore[index]
+                          for row in range(len(batch))]
+                start = receiver_input(SharedKV.stack(joined))
+            else:
+                start = empty_input(model.model, len(batch))
+            texts = [[(agent_name(t.agent), h.texts[row]) for t, h in zip(step.hears, heard)]
+                     if self.edge.via == "text" else [] for row in range(len(batch))]
+            messages = [self.message(task, item, step, texts[row]) for row, item in enumerate(batch)]
+            ids = [model.encode_message(message) for message in messages]
+            input_ids, valid = pad_left(ids, model.pad_id)
+            assembled = clock() - began
+            last = index == len(self.steps) - 1
+            budget = task.max_new_tokens if last or self.reply_tokens is None else self.reply_tokens
+            turn = generate_turn(model.model, start, input_ids, valid, budget, model.stop_ids, model.pad_id)
+            texts_out = [model.decode(r) for r in turn.replies]
+            carried = texts_out if self.edge.content == "reply" else [f"{m} Answer: {r}" for m, r in
+                                                                      zip(messages, texts_out)]
+            out = _Sent(carried, None, [0] * len(batch))
+            if step.turn in self._heard:
+                if self.edge.via == "kv":
+                    out.shared, out.sizes = self._send(turn.kv)
+                else:
+                    out.sizes = [len(text.encode()) for text in carried]
+            sent[step.turn] = out
+            replies.append(texts_out)
+            tally[index].add(assembled + turn.first_token_s, clock() - began, [len(r) for r in turn.replies],
+                             sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out)
+            bar.update(len(batch))
+        return replies
+
+    def _send(self, kv: list[Any]) -> tuple[list[SharedKV], list[int]]:
+        """Each row's turn as it arrives: re-based to 0, cut to the edge's layers, through the wire."""
+        model = self.model
+        assert self.layers is not None
+        shared, sizes = [], []
+        for row in kv:
+            piece = share(model.model, rebase(model.model, row), self.layers, self.edge.mode)
+            if self._codec is not None:
+                piece, size = KVMessage.round_trip(piece, model.fingerprint, model.fingerprint, self._codec,
+                                                   model.dtype)
+                sizes.append(size[0])
+            else:
+                sizes.append(int(piece.kv_bytes[0]))
+            shared.append(piece)
+        return shared, sizes
+
+
+@dataclass
+class _StepTally:
+    ttft: float = 0.0
+    seconds: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    replies: list[str] | None = None
+
+    def add(self, ttft: float, seconds: float, tokens: list[int], bytes_in: int, bytes_out: int,
+            replies: list[str]) -> None:
+        self.ttft += ttft
+        self.seconds += seconds
+        self.batches += 1
+        self.tokens += sum(tokens)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.replies = (self.replies or []) + replies
+
+    def row(self, step: Step, n: int, golds: list[str] | None) -> AgentRow:
+        hop = None
+        if golds is not None and self.replies is not None:
+            hop = sum(contains(r, [g]) for r, g in zip(self.replies, golds)) / n
+        return AgentRow(agent=agent_name(step.agent), round=step.turn.round + 1,
+                        hears=[turn_name(t) for t in step.hears],
+                        bytes_in=self.bytes_in / n, bytes_out=self.bytes_out / n, ttft_s=self.ttft / self.batches,
+                        seconds=self.seconds, tokens=self.tokens / n, hop_accuracy=hop)
+

@@ -1,0 +1,85 @@
+"""A graph run read by a person: the configuration table, the per-agent table, and a plot of
+score against bytes sent and against time per item."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
+
+from kvcomm.eval.plot import byte_label  # noqa: E402
+from kvcomm.graphs.graph import GraphReport  # noqa: E402
+
+
+def graph_table(report: GraphReport) -> Table:
+    """One row per configuration: score and interval, bytes per item, time per item."""
+    cfg = report.config
+    metric = cfg["metric"]
+    table = Table(title=Text(f"{cfg['task']} · {cfg['model']} · {cfg['topology']} of {cfg['agents']} agents · "
+                             f"n={cfg['items']}"))
+    for column in ("configuration", metric, "95% CI", "bytes/item", "s/item", "hop accuracy by agent"):
+        table.add_column(Text(column), justify="left" if column in ("configuration", "hop accuracy by agent")
+                         else "right", overflow="fold")
+    for run in report.runs:
+        score = run.scores[metric]
+        hops = " ".join(f"{s.hop_accuracy:.2f}" for s in run.steps if s.hop_accuracy is not None) or "-"
+        table.add_row(Text(run.label), f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
+                      byte_label(run.bytes_per_item) if run.bytes_per_item else "0", f"{run.seconds_per_item:.2f}",
+                      hops)
+    return table
+
+
+def agents_table(report: GraphReport) -> Table:
+    """One row per configuration and step: what each agent heard, sent and cost."""
+    table = Table(title=Text("per agent (bytes per item; TTFT per batch of "
+                             f"{report.config['batch_size']})"))
+    for column in ("configuration", "agent", "round", "hears", "bytes in", "bytes out", "TTFT s", "step s",
+                   "tokens"):
+        table.add_column(Text(column), justify="left" if column in ("configuration", "agent", "hears") else "right",
+                         overflow="fold")
+    for run in report.runs:
+        for row in run.steps:
+            table.add_row(Text(run.label), row.agent, str(row.round), ", ".join(row.hears) or "-",
+                          byte_label(row.bytes_in) if row.bytes_in else "0",
+                          byte_label(row.bytes_out) if row.bytes_out else "0", f"{row.ttft_s:.3f}",
+                          f"{row.seconds:.1f}", f"{row.tokens:.1f}")
+    return table
+
+
+def print_graph(report: GraphReport, console: Console | None = None, agents: bool = True) -> None:
+    console = console or Console(width=140)
+    console.print(graph_table(report))
+    if agents:
+        console.print(agents_table(report))
+
+
+def plot_graph(report: GraphReport, path: str | Path) -> Path:
+    """Score (95% interval) against bytes sent per item (log) and against seconds per item."""
+    metric = report.config["metric"]
+    fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True, sharey=True)
+    for index, run in enumerate(report.runs):
+        score = run.scores[metric]
+        err = [[score.mean - score.ci95[0]], [score.ci95[1] - score.mean]]
+        style = dict(marker="osD^vP*X<>"[index % 10], linestyle="none", capsize=3, label=run.label)
+        by_bytes.errorbar([max(run.bytes_per_item, 1.0)], [score.mean], yerr=err, **style)
+        by_time.errorbar([run.seconds_per_item], [score.mean], yerr=err, **style)
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("bytes sent per item, all edges (log; 1 = nothing sent)")
+    by_time.set_xlabel("seconds per item, end to end")
+    by_bytes.set_ylabel(f"{metric} (95% interval)")
+    by_bytes.set_ylim(bottom=0)
+    cfg = report.config
+    fig.suptitle(f"{cfg['task']} · {cfg['model']} · {cfg['topology']} of {cfg['agents']} agents · n={cfg['items']}",
+                 fontsize=9)
+    by_time.legend(fontsize=7, loc="best")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,164 @@
+"""Agent graphs: topologies unroll as documented; a turn heard as KV at every layer equals reading
+the concatenated token sequence; batches equal single items; bytes are counted per edge; the relay
+task needs every hop."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcomm.errors import ConfigError, DataError
+from kvcomm.graphs import DECISION, EdgeOptions, Graph, Step, Turn, unroll
+from kvcomm.protocol import empty_input, greedy_generate, pad_left
+from kvcomm.tasks import load_task
+from kvcomm.tasks.base import Item
+from tests.conftest import tiny_loaded
+
+
+def hears(steps):
+    return {(s.agent, s.turn.round): [(t.agent, t.round) for t in s.hears] for s in steps}
+
+
+def test_topologies_unroll_into_the_documented_edges():
+    assert hears(unroll("chain", 3)) == {(0, 0): [], (1, 0): [(0, 0)], (2, 0): [(1, 0)]}
+    assert hears(unroll("chain", 2, rounds=2))[(0, 1)] == [(1, 0)]
+    assert hears(unroll("star", 3)) == {(0, 0): [], (1, 0): [], (2, 0): [], (DECISION, 0): [(0, 0), (1, 0), (2, 0)]}
+    full = hears(unroll("full", 3, rounds=2))
+    assert full[(2, 0)] == [(0, 0), (1, 0)] and full[(1, 1)] == [(0, 0), (2, 0), (0, 1)]
+    assert full[(DECISION, 1)] == [(0, 1), (1, 1), (2, 1)]
+    debate = hears(unroll("debate", 2, rounds=3))
+    assert debate[(0, 0)] == [] and debate[(1, 2)] == [(0, 1), (1, 1)] and debate[(DECISION, 2)] == [(0, 2), (1, 2)]
+
+
+def test_bad_graphs_are_refused_with_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown topology 'ring'; valid: chain, star, full, debate"):
+        unroll("ring", 3)
+    with pytest.raises(ConfigError, match="at least 2 turns"):
+        unroll("chain", 1)
+    model = tiny_loaded()
+    with pytest.raises(ConfigError, match="agent1/r1 hears agent2/r1, which has not spoken yet"):
+        Graph(model, [Step(Turn(0, 0), (Turn(1, 0),)), Step(Turn(1, 0), ())], 2)
+    with pytest.raises(ConfigError, match="ratio or a layer list, not both"):
+        EdgeOptions(ratio=0.5, layers=(1,))
+    with pytest.raises(ConfigError, match="out of range for a 4-layer model"):
+        Graph.build(model, "chain", 2, edge=EdgeOptions(layers=(7,)))
+    with pytest.raises(ConfigError, match="codec"):
+        EdgeOptions(codec="mp3")
+
+
+def items(count=3):
+    return [Item(id=str(i), context="", question=f"q{i}?", answers=("x",), pieces=(f"a{i}" * (i + 1), "bb", "c"))
+            for i in range(count)]
+
+
+def expected_replies(model, graph, task, item, budget):
+    """Every turn computed as plain generation over the concatenated token sequence it hears."""
+    ids, replies, text = {}, {}, []
+    for step in graph.steps:
+        own = model.encode_message(graph.message(task, item, step, []))
+        prefix = [token for t in step.hears for token in ids[t] + replies[t]]
+        tokens, valid = pad_left([prefix + own], model.pad_id)
+        out = greedy_generate(model.model, empty_input(model.model, 1), tokens, valid, budget, model.stop_ids,
+                              model.pad_id)[0]
+        ids[step.turn], replies[step.turn] = own, out
+        text.append(model.decode(out))
+    return text
+
+
+@pytest.mark.parametrize("topology", ["chain", "full"])
+def test_turns_heard_as_kv_at_every_layer_read_as_the_concatenated_sequence(family, topology):
+    model = tiny_loaded(family)
+    task = load_task("facts", items=1, max_new_tokens=5)
+    graph = Graph.build(model, topology, 3, edge=EdgeOptions(codec=None))  # every layer, in process
+    run = graph.run(task, items(2), batch_size=2, progress=False)
+    for row, item in zip(run.items, items(2)):
+        assert row.replies == expected_replies(model, graph, task, item, 5)
+
+
+def test_a_batch_answers_as_items_one_at_a_time_for_kv_and_text():
+    model = tiny_loaded("qwen2")
+    task = load_task("relay", items=5, hops=3, max_new_tokens=4)
+    for edge in (EdgeOptions(ratio=0.5, codec="int8"), EdgeOptions(via="text")):
+        graph = Graph.build(model, "chain", 3, edge=edge)
+        batched = graph.run(task, task.items, batch_size=5, progress=False)
+        alone = graph.run(task, task.items, batch_size=1, progress=False)
+        assert [r.replies for r in batched.items] == [r.replies for r in alone.items]
+
+
+def test_bytes_are_counted_per_edge_and_fall_with_fewer_layers():
+    model = tiny_loaded()
+    task = load_task("relay", items=2, hops=3, max_new_tokens=3)
+    every = Graph.build(model, "chain", 3, edge=EdgeOptions(codec="fp16")).run(task, task.items, progress=False)
+    half = Graph.build(model, "chain", 3, edge=EdgeOptions(ratio=0.5, codec="fp16")).run(task, task.items,
+                                                                                         progress=False)
+    text = Graph.build(model, "chain", 3, edge=EdgeOptions(via="text")).run(task, task.items, progress=False)
+    for run in (every, half, text):
+        first, middle, last = run.steps
+        assert first.bytes_in == 0 and first.bytes_out > 0 and middle.bytes_in == first.bytes_out
+        assert last.bytes_out == 0  # nobody hears the answer
+        assert run.bytes_per_item == pytest.approx(first.bytes_out + middle.bytes_out)
+    assert half.steps[0].bytes_out < every.steps[0].bytes_out and half.layers == [1, 2]
+    replies = [r.replies for r in text.items]
+    assert text.steps[0].bytes_out == pytest.approx(sum(len(r[0].encode()) for r in replies) / 2)
+
+
+def test_text_edges_put_the_replies_heard_in_the_prompt():
+    model = tiny_loaded()
+    task = load_task("relay", items=1, hops=2)
+    graph = Graph.build(model, "chain", 2, edge=EdgeOptions(via="text"))
+    item = task.items[0]
+    message = graph.message(task, item, graph.steps[1], [("agent1", "Istra")])
+    assert f"Context: {item.pieces[1]}" in message and "Message from agent1: Istra" in message
+    assert message.endswith(f"Question: {item.asks[1]}")
+    decision = Graph.build(model, "star", 2).message(task, item, Step(Turn(DECISION, 0), ()), [])
+    assert "Context" not in decision and decision.endswith(f"Question: {item.question}")
+    single = Graph.single(model).message(task, item, Step(Turn(0, 0), ()), [])
+    assert f"Context: {item.context}" in single and single.endswith(f"Question: {item.question}")
+
+
+@pytest.mark.parametrize("hops", [2, 3, 4])
+def test_the_relay_needs_every_hop_in_order(hops):
+    task = load_task("relay", items=20, hops=hops, seed=3)
+    assert task == load_task("relay", items=20, hops=hops, seed=3)  # seeded
+    for item in task.items:
+        assert len(item.pieces) == len(item.asks) == len(item.ask_answers) == hops
+        assert item.answers == (item.ask_answers[-1],)
+        start = item.asks[0].split("Who is ")[-1].split("Which city does ")[-1].split("'s")[0].split(" live")[0]
+        subjects = [start, *item.ask_answers[:-1]]
+        for j, (piece, subject, hop) in enumerate(zip(item.pieces, subjects, item.ask_answers)):
+            fact = next(s for s in piece.split(". ") if s.startswith(f"{subject} ") or s.startswith(f"{subject}'s"))
+            assert fact.rstrip(".").endswith(f" {hop}")  # each hop sits in its own piece …
+            assert [k for k, p in enumerate(item.pieces) if hop in p] == [j, j + 1][:hops - j]  # … and the next's
+        assert all("previous message" in ask for ask in item.asks[1:])  # … and needs the one before
+        countries = [s.split(" is in ")[1] for s in item.pieces[-1].split(". ") if " is in " in s]
+        assert len(set(countries)) == len(countries)  # the answer cannot be guessed from repeats
+    with pytest.raises(DataError, match="2..4 hops"):
+        load_task("relay", hops=5)
+
+
+def test_hop_accuracy_scores_each_agent_against_its_hop():
+    model = tiny_loaded()
+    task = load_task("relay", items=2, hops=2, max_new_tokens=2)
+    run = Graph.build(model, "chain", 2, edge=EdgeOptions(via="text")).run(task, task.items, progress=False)
+    assert all(row.hop_accuracy is not None and 0 <= row.hop_accuracy <= 1 for row in run.steps)
+    assert Graph.single(model).run(task, task.items, progress=False).steps[0].hop_accuracy is None
+
+
+def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    out = tmp_path / "graph.json"
+    result = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "relay", "--agents", "2", "--limit", "3",
+                                      "--via", "kv,text", "--ratios", "0.5,1", "--codecs", "none,int8", "-q",
+                                      "--out", str(out)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["runs"]] == ["single agent", "chain×2 kv@0.5", "chain×2 kv@0.5+int8",
+                                                    "chain×2 kv@all", "chain×2 kv@all+int8", "chain×2 text"]
+    assert all(r["n"] == 3 and len(r["steps"]) == (1 if r["topology"] == "single" else 2) for r in report["runs"])
+    assert out.with_suffix(".png").stat().st_size > 1000 and "per agent" in result.output
+    bad = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--via", "kv,smoke", "--out", str(out)])
+    assert bad.exit_code != 0 and "'smoke' is not one of kv, text, transcript" in bad.output
