@@ -45,17 +45,18 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         EdgeOptions(codec="mp3")
 
 
-def items(count=3):
-    return [Item(id=str(i), context="", question=f"q{i}?", answers=("x",), pieces=(f"a{i}" * (i + 1), "bb", "c"))
-            for i in range(count)]
+def items(count=3, pieces=3):
+    return [Item(id=str(i), context="", question=f"q{i}?", answers=("x",),
+                 pieces=(f"a{i}" * (i + 1), "bb", "c")[:pieces]) for i in range(count)]
 
 
-def expected_replies(model, graph, task, item, budget):
-    """Every turn computed as plain generation over the concatenated token sequence it hears."""
+def expected_replies(model, graph, task, item, budget, heard=True):
+    """Every turn computed as plain generation over the concatenated token sequence it hears
+    (``heard=False``: over its own prompt alone, to show the check is sensitive to what is heard)."""
     ids, replies, text = {}, {}, []
     for step in graph.steps:
-        own = model.encode_message(graph.message(task, item, step, []))
-        prefix = [token for t in step.hears for token in ids[t] + replies[t]]
+        own = graph.prompt_ids(step, graph.message(task, item, step, []))
+        prefix = [token for t in step.hears for token in ids[t] + replies[t]] if heard else []
         tokens, valid = pad_left([prefix + own], model.pad_id)
         out = greedy_generate(model.model, empty_input(model.model, 1), tokens, valid, budget, model.stop_ids,
                               model.pad_id)[0]
@@ -64,14 +65,47 @@ def expected_replies(model, graph, task, item, budget):
     return text
 
 
-@pytest.mark.parametrize("topology", ["chain", "full"])
-def test_turns_heard_as_kv_at_every_layer_read_as_the_concatenated_sequence(family, topology):
-    model = tiny_loaded(family)
+# where every hearer hears the whole history: a chain of 2; full (the decision agent hears all 3)
+@pytest.mark.parametrize("topology,agents", [("chain", 2), ("full", 3)])
+def test_turns_heard_as_kv_at_every_layer_read_as_the_concatenated_sequence(family, topology, agents):
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))  # seeds whose replies depend on context
+    task = load_task("facts", items=1, max_new_tokens=6)
+    edge = EdgeOptions(content="turn", place="prefix", codec=None)  # whole turns, every layer, in process
+    graph = Graph.build(model, topology, agents, edge=edge)
+    run = graph.run(task, items(3, agents), batch_size=3, progress=False)
+    sensitive = False
+    for row, item in zip(run.items, items(3, agents)):
+        assert row.replies == expected_replies(model, graph, task, item, 6)
+        sensitive |= row.replies != expected_replies(model, graph, task, item, 6, heard=False)
+    assert sensitive  # what is heard changes the replies, so the equality above says something
+
+
+def test_heard_kv_placed_inline_has_its_two_exact_ends(family):
+    """Blend 1 (every context token recomputed) reads the spliced token sequence as plain text;
+    blend 0 is the splice alone."""
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))
     task = load_task("facts", items=1, max_new_tokens=5)
-    graph = Graph.build(model, topology, 3, edge=EdgeOptions(codec=None))  # every layer, in process
-    run = graph.run(task, items(2), batch_size=2, progress=False)
-    for row, item in zip(run.items, items(2)):
-        assert row.replies == expected_replies(model, graph, task, item, 5)
+    for content in ("reply", "turn"):
+        full = Graph.build(model, "chain", 2, edge=EdgeOptions(content=content, codec=None, blend=1.0))
+        runs = full.run(task, items(2, 2), progress=False)
+        for row, item in zip(runs.items, items(2, 2)):
+            first = full.steps[0]
+            own = model.encode_message(full.message(task, item, first, []))
+            tokens, valid = pad_left([own], model.pad_id)
+            reply = greedy_generate(model.model, empty_input(model.model, 1), tokens, valid, 5, model.stop_ids,
+                                    model.pad_id)[0]
+            heard = (own if content == "turn" else []) + (reply or own[-1:])
+            marker = "\x00heard\x00"
+            head, tail = model.encode_message_parts(full.message(task, item, full.steps[1], [("agent1", marker)]),
+                                                    [marker])
+            tokens, valid = pad_left([head + heard + tail], model.pad_id)
+            expected = greedy_generate(model.model, empty_input(model.model, 1), tokens, valid, 5, model.stop_ids,
+                                       model.pad_id)[0]
+            assert row.replies == [model.decode(reply), model.decode(expected)]
+        none = Graph.build(model, "chain", 2, edge=EdgeOptions(content=content, codec=None, blend=0.0))
+        reuse = Graph.build(model, "chain", 2, edge=EdgeOptions(content=content, codec=None))
+        assert [r.replies for r in none.run(task, items(2, 2), progress=False).items] == \
+            [r.replies for r in reuse.run(task, items(2, 2), progress=False).items]
 
 
 def test_a_batch_answers_as_items_one_at_a_time_for_kv_and_text():
@@ -152,8 +186,8 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
 
     out = tmp_path / "graph.json"
     result = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "relay", "--agents", "2", "--limit", "3",
-                                      "--via", "kv,text", "--ratios", "0.5,1", "--codecs", "none,int8", "-q",
-                                      "--out", str(out)], env={"COLUMNS": "160"})
+                                      "--via", "kv,text", "--ratios", "0.5,1", "--codecs", "none,int8",
+                                      "--blends", "none", "-q", "--out", str(out)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [r["label"] for r in report["runs"]] == ["single agent", "chain×2 kv@0.5", "chain×2 kv@0.5+int8",
@@ -161,4 +195,22 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     assert all(r["n"] == 3 and len(r["steps"]) == (1 if r["topology"] == "single" else 2) for r in report["runs"])
     assert out.with_suffix(".png").stat().st_size > 1000 and "per agent" in result.output
     bad = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--via", "kv,smoke", "--out", str(out)])
-    assert bad.exit_code != 0 and "'smoke' is not one of kv, text, transcript" in bad.output
+    assert bad.exit_code != 0 and "--via: 'smoke' is not one of kv, kv-turn, text, text-turn" in bad.output
+
+
+def test_splice_joins_pieces_that_share_different_layers():
+    import torch
+
+    from kvcomm.protocol import SharedKV, concat_shared, prefill, share, splice
+
+    model = tiny_loaded()
+    a = prefill(model.model, *pad_left([[5, 6, 7, 8]], model.pad_id))
+    b = prefill(model.model, *pad_left([[9, 10, 11]], model.pad_id))
+    whole = [SharedKV.whole(a), SharedKV.whole(b)]
+    joined, reference = splice(model.model, whole), concat_shared(model.model, whole)
+    assert all(torch.equal(x, y) for x, y in zip(joined.keys, reference.keys)) and joined.full == reference.full
+    partial = splice(model.model, [whole[0], share(model.model, b, [1, 2])])
+    assert [k.shape[2] for k in partial.keys] == [4, 7, 7, 4] and partial.full == [False, True, True, False]
+    assert partial.positions[1][0].tolist() == [0, 1, 2, 3, 4, 5, 6] and int(partial.context_len[0]) == 7
+    with pytest.raises(ConfigError, match="first piece of a splice must be full at every layer"):
+        splice(model.model, [share(model.model, a, [1]), whole[1]])

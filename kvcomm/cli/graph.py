@@ -30,8 +30,6 @@ from kvcomm.protocol import MaskMode
 from kvcomm.tasks import Task, load_task
 from kvcomm.wire.codecs import codec_names
 
-VIA = ("kv", "text", "transcript")
-
 
 def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int) -> Task:
     """The task for a graph of ``agents``: a relay of as many hops, multihop facts in as many
@@ -60,13 +58,19 @@ def graph_command(
     agents: Annotated[int, typer.Option(min=1, max=16, help="Agents holding a piece of each context (the "
                                         "relay's hops).")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=8, help="Rounds of turns.")] = 1,
-    via: Annotated[str, typer.Option(help="Comma-separated: kv (turns as KV), text (replies in the prompt), "
-                                     "transcript (the speaker's message and reply in the prompt).")] = "kv,text",
+    via: Annotated[str, typer.Option(help="Comma-separated: kv (the reply tokens' KV, placed where text would be), "
+                                     "kv-turn (the KV of the speaker's message and reply), text (replies in the "
+                                     "hearer's prompt), text-turn (message and reply in the prompt).")] = "kv,text",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers for kv edges, ranked by the "
                                         "depth prior; 1 = every layer.")] = "1.0",
     codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for kv edges; 'none' = in process. "
                                         f"Codecs: {', '.join(codec_names())}.")] = "fp16",
-    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges: causal or shift-back.")] = "causal",
+    blends: Annotated[str, typer.Option(help="Comma-separated fractions of the hearer's context recomputed where "
+                                        "heard KV deviates most (CacheBlend); 'none' = pure reuse.")] = "0.15",
+    place: Annotated[Literal["inline", "prefix"], typer.Option(
+        help="Where heard KV goes: inline (where text would be) or prefix (before the hearer's chat; no blend).")]
+    = "inline",
+    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges: causal or shift-back (prefix only).")] = "causal",
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
     limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
@@ -79,14 +83,19 @@ def graph_command(
 ) -> None:
     """Run a multi-agent graph over a task: a table per configuration and per agent, a results JSON and a plot."""
     kinds = _list(via, "via")
-    if bad := [k for k in kinds if k not in VIA]:
-        raise ConfigError(f"--via: {bad[0]!r} is not one of {', '.join(VIA)}")
     try:
         fractions = [None if float(r) >= 1 else float(r) for r in _list(ratios, "ratios")]
     except ValueError:
         raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c == "none" else c for c in _list(codecs, "codecs")]
-    edges = edge_grid(kinds, fractions, wire, mode)
+    try:
+        recompute = [None if b == "none" else float(b) for b in _list(blends, "blends")]
+    except ValueError:
+        raise ConfigError(f"--blends must be comma-separated numbers or 'none', got {blends!r}") from None
+    try:
+        edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
+    except ConfigError as err:
+        raise ConfigError(f"--via: {err}") from None
     if topology not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {topology!r}")
     resolve_model(model)

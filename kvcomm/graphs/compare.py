@@ -4,25 +4,37 @@ reference, text edges and KV edges of several layer fractions and codecs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
+from kvcomm.errors import ConfigError
 from kvcomm.eval.provenance import utc_now
 from kvcomm.eval.results import environment
 from kvcomm.graphs.graph import EdgeOptions, Graph, GraphReport
 from kvcomm.models.loading import LoadedModel
+from kvcomm.protocol import MaskMode
 from kvcomm.tasks.base import Item, Task
+
+VIA = ("kv", "kv-turn", "text", "text-turn")  # what ``edge_grid`` takes: via, and what travels
 
 
 def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequence[str | None],
-              mode: str = "causal") -> list[EdgeOptions]:
-    """Every configuration the lists name: text edges once each (``text``, ``transcript``), KV
-    edges for every ratio (None: every layer) × codec."""
+              blends: Sequence[float | None] = (None,), mode: MaskMode = "causal",
+              place: Literal["inline", "prefix"] = "inline") -> list[EdgeOptions]:
+    """Every configuration the lists name: text edges once each (``text``: replies, ``text-turn``:
+    whole turns), KV edges (``kv``: replies, ``kv-turn``: whole turns) for every ratio (None:
+    every layer) × codec × blend fraction (None: no recompute; inline placement only)."""
     edges: list[EdgeOptions] = []
     for kind in via:
-        if kind == "kv":
-            edges += [EdgeOptions(via="kv", ratio=None if r is None or r >= 1 else r, codec=c, mode=mode)  # type: ignore[arg-type]
-                      for r in ratios for c in codecs]
+        if kind not in VIA:
+            raise ConfigError(f"{kind!r} is not one of {', '.join(VIA)}")
+        medium, _, content = kind.partition("-")
+        options: dict[str, Any] = {"via": medium, "content": content or "reply"}
+        if medium == "kv":
+            edges += [EdgeOptions(**options, ratio=None if r is None or r >= 1 else r, codec=c, mode=mode,
+                                  place=place, blend=b if place == "inline" else None)
+                      for r in ratios for c in codecs for b in blends]
         else:
-            edges.append(EdgeOptions(via="text", content="transcript" if kind == "transcript" else "reply"))
+            edges.append(EdgeOptions(**options))
     return edges
 
 

@@ -5,9 +5,11 @@ A turn sent ``via="kv"`` is the KV of everything the agent wrote in it: its prom
 (:func:`~kvcomm.protocol.reply.generate_turn`), moved to start at position 0, cut to the edge's
 layers (sink token elsewhere) and, with a codec, put through a real :class:`~kvcomm.wire.KVMessage`
 and back, whose size is the bytes counted. An agent hearing several turns gets them joined in the
-order of its step's ``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`).
-With every layer sent in process, an agent computes exactly what it would on the concatenated
-token sequence of the turns it hears and its own prompt (the tests check this). ``via="text"`` is
+order of its step's ``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`),
+and its own message follows as the conversation's next user turn
+(:meth:`~kvcomm.models.loading.LoadedModel.follow_up_ids`). With every layer sent in process, an
+agent computes exactly what it would on the concatenated token sequence of the turns it hears and
+its own prompt (the tests check this). ``via="text"`` is
 the natural-language baseline: an agent reads the replies it hears inside its own prompt.
 
 One model copy serves every agent (roles differ by prompt and piece); items run in batches, and a
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
+import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
@@ -31,14 +34,19 @@ from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import (
     MaskMode,
+    ReceiverInput,
+    SenderKV,
     SharedKV,
     concat_shared,
     empty_input,
     generate_turn,
     pad_left,
+    prefill,
     receiver_input,
     share,
+    splice,
 )
+from kvcomm.protocol.blend import blend
 from kvcomm.protocol.reply import rebase
 from kvcomm.selection.rules import format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
@@ -53,10 +61,15 @@ class EdgeOptions(Options):
     """How turns travel between agents.
 
     Attributes:
-        via: ``kv`` (the turn's KV: everything the speaker read in its prompt and wrote) or
-            ``text`` (read inside the hearer's prompt).
-        content: what a text edge carries: the ``reply``, or the speaker's whole ``transcript``
-            (its message and its reply: the text a kv edge's KV was computed from).
+        via: ``kv`` (KV, before the hearer's prompt) or ``text`` (read inside the hearer's prompt).
+        content: what travels: the speaker's ``reply`` (for KV: the reply tokens' KV, computed in
+            the speaker's context) or its whole ``turn`` (its message and its reply).
+        place: where heard KV goes: ``inline``, inside the hearer's prompt where a text edge puts
+            the words (after "Message from agent1:"; KVCOMM's placeholders), or ``prefix``, before
+            the hearer's chat, its message then continuing the conversation the turns hold.
+        blend: with ``inline``, recompute this fraction of the hearer's context tokens (its own
+            and those heard) where the reused KV deviates most (CacheBlend, check layer 1): heard
+            KV was computed in the speaker's context, never next to the hearer's words.
         ratio: fraction of layers sent in full, ranked by the depth prior (the paper's Gaussian,
             no calibration); with neither ratio nor layers, every layer.
         layers: the layers sent in full, explicitly.
@@ -67,7 +80,9 @@ class EdgeOptions(Options):
 
     what = "graph edge"
     via: Literal["kv", "text"] = "kv"
-    content: Literal["reply", "transcript"] = "reply"
+    content: Literal["reply", "turn"] = "reply"
+    place: Literal["inline", "prefix"] = "inline"
+    blend: float | None = Field(None, ge=0, le=1)
     ratio: float | None = Field(None, gt=0, le=1)
     layers: tuple[int, ...] | None = None
     codec: str | None = "fp16"
@@ -84,21 +99,23 @@ class EdgeOptions(Options):
     def _consistent(self) -> Self:
         if self.ratio is not None and self.layers is not None:
             raise ValueError("give a ratio or a layer list, not both")
-        if self.via == "kv" and self.content != "reply":
-            raise ValueError("a kv edge carries the turn's KV; 'content' is for text edges")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("a layer list names one or more layers, each >= 0")
+        if self.blend is not None and (self.via != "kv" or self.place != "inline" or self.mode != "causal"):
+            raise ValueError("blend recomputes heard KV placed inline: it needs via kv, place inline, mode causal")
         return self
 
     @property
     def label(self) -> str:
         if self.via == "text":
-            return "text" if self.content == "reply" else "text transcript"
+            return "text" if self.content == "reply" else "text-turn"
         what = "all" if self.ratio is None and self.layers is None else \
             f"{self.ratio:g}" if self.ratio is not None else format_layers(list(self.layers or ()))
         codec = f"+{self.codec}" if self.codec else ""
         mode = "" if self.mode == "causal" else f"[{self.mode}]"
-        return f"kv@{what}{codec}{mode}"
+        place = "/prefix" if self.place == "prefix" else ""
+        blend = "" if self.blend is None else f"~blend{self.blend:g}"
+        return f"kv{'-turn' if self.content == 'turn' else ''}{place}@{what}{codec}{mode}{blend}"
 
     def chosen_layers(self, num_layers: int) -> list[int] | None:
         """The layers a kv edge sends in full (None for text)."""
@@ -171,7 +188,7 @@ class GraphReport(BaseModel):
 class _Sent:
     """What one turn sends onward, per row of a batch."""
 
-    texts: list[str]  # what a text edge carries, per row (the reply, or the transcript)
+    texts: list[str]  # what a text edge carries, per row (the reply, or the whole turn)
     shared: list[SharedKV] | None  # per row, after the wire (kv edges, when someone hears it)
     sizes: list[int]
 
@@ -251,6 +268,15 @@ class Graph:
         parts.append(f"Question: {ask}")
         return " ".join(parts)
 
+    def prompt_ids(self, step: Step, message: str) -> list[int]:
+        """The tokens ``step`` prefills when what it hears is not placed inside its prompt: its
+        message as a new chat, or, when it hears whole turns as a KV prefix, as the next user turn
+        of the conversation those turns hold (so with every layer sent, it reads as one multi-turn
+        chat)."""
+        if self.edge.via == "kv" and self.edge.place == "prefix" and self.edge.content == "turn" and step.hears:
+            return self.model.follow_up_ids(message)
+        return self.model.encode_message(message)
+
     def run(self, task: Task, items: Sequence[Item], batch_size: int = 8, progress: bool = True) -> GraphRun:
         """Runs every item through the graph, ``batch_size`` at a time; the last step's reply is
         scored with the task's metrics."""
@@ -297,28 +323,20 @@ class Graph:
         for index, step in enumerate(self.steps):
             began = clock()
             heard = [sent[t] for t in step.hears]
-            if self.edge.via == "kv" and heard:
-                joined = [concat_shared(model.model, [h.shared[row] for h in heard])  # type: ignore[index]
-                          for row in range(len(batch))]
-                start = receiver_input(SharedKV.stack(joined))
-            else:
-                start = empty_input(model.model, len(batch))
-            texts = [[(agent_name(t.agent), h.texts[row]) for t, h in zip(step.hears, heard)]
-                     if self.edge.via == "text" else [] for row in range(len(batch))]
-            messages = [self.message(task, item, step, texts[row]) for row, item in enumerate(batch)]
-            ids = [model.encode_message(message) for message in messages]
-            input_ids, valid = pad_left(ids, model.pad_id)
+            start, input_ids, valid, messages = self._prompt(task, batch, step, heard)
             assembled = clock() - began
             last = index == len(self.steps) - 1
             budget = task.max_new_tokens if last or self.reply_tokens is None else self.reply_tokens
             turn = generate_turn(model.model, start, input_ids, valid, budget, model.stop_ids, model.pad_id)
             texts_out = [model.decode(r) for r in turn.replies]
-            carried = texts_out if self.edge.content == "reply" else [f"{m} Answer: {r}" for m, r in
-                                                                      zip(messages, texts_out)]
+            carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
+                f"{m} Answer: {r}" for m, r in zip(messages, texts_out)]
             out = _Sent(carried, None, [0] * len(batch))
             if step.turn in self._heard:
                 if self.edge.via == "kv":
-                    out.shared, out.sizes = self._send(turn.kv)
+                    kv = turn.kv if self.edge.content == "turn" else [
+                        _last(row, len(reply)) for row, reply in zip(turn.kv, turn.replies)]
+                    out.shared, out.sizes = self._send(kv)
                 else:
                     out.sizes = [len(text.encode()) for text in carried]
             sent[step.turn] = out
@@ -328,7 +346,40 @@ class Graph:
             bar.update(len(batch))
         return replies
 
-    def _send(self, kv: list[Any]) -> tuple[list[SharedKV], list[int]]:
+    def _prompt(self, task: Task, batch: list[Item], step: Step,
+                heard: list[_Sent]) -> tuple[ReceiverInput, torch.Tensor, torch.Tensor, list[str]]:
+        """Where ``step`` starts for each row: the cache of what it heard (as KV) and the tokens it
+        prefills, and its messages."""
+        model, rows = self.model, range(len(batch))
+        names = [agent_name(t.agent) for t in step.hears]
+        if self.edge.via == "text" or not heard:
+            messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)])
+                        for r, item in enumerate(batch)]
+            ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
+            return empty_input(model.model, len(batch)), ids, valid, messages
+        if self.edge.place == "prefix":
+            joined = [concat_shared(model.model, [h.shared[r] for h in heard]) for r in rows]  # type: ignore[index]
+            messages = [self.message(task, item, step, []) for item in batch]
+            ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
+            return receiver_input(SharedKV.stack(joined)), ids, valid, messages
+        # inline: each heard turn's KV sits where text would, after "Message from …:"
+        markers = [f"\x00kvcomm-heard-{i}\x00" for i in range(len(heard))]
+        messages = [self.message(task, item, step, list(zip(names, markers))) for item in batch]
+        segments = [model.encode_message_parts(m, markers) for m in messages]
+        own = []  # the hearer's own text before each heard turn, prefilled segment by segment
+        for i in range(len(heard)):
+            kv = prefill(model.model, *pad_left([s[i] for s in segments], model.pad_id))
+            whole = SharedKV.whole(kv)
+            own.append([whole.row(r) for r in rows])
+        joined = [splice(model.model, [piece for i, h in enumerate(heard)
+                                       for piece in (own[i][r], h.shared[r])]) for r in rows]  # type: ignore[index]
+        context = SharedKV.stack(joined)
+        if self.edge.blend is not None:
+            context, _ = blend(model.model, context, self.edge.blend)
+        ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
+        return receiver_input(context), ids, valid, messages
+
+    def _send(self, kv: list[SenderKV]) -> tuple[list[SharedKV], list[int]]:
         """Each row's turn as it arrives: re-based to 0, cut to the edge's layers, through the wire."""
         model = self.model
         assert self.layers is not None
@@ -343,6 +394,15 @@ class Graph:
                 sizes.append(int(piece.kv_bytes[0]))
             shared.append(piece)
         return shared, sizes
+
+
+def _last(kv: SenderKV, count: int) -> SenderKV:
+    """The last ``count`` columns of one row's KV (its reply); at least one, so a reply that
+    stopped at once still sends the token that asked for it."""
+    keep = slice(kv.keys[0].shape[2] - max(1, count), None)
+    return SenderKV(keys=[k[:, :, keep] for k in kv.keys], values=[v[:, :, keep] for v in kv.values],
+                    positions=kv.positions[:, keep], valid=kv.valid[:, keep],
+                    ids=None if kv.ids is None else kv.ids[:, keep])
 
 
 @dataclass

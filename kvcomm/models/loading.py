@@ -73,6 +73,15 @@ class LoadedModel:
         """Token ids of a conversation: the harness's prompts and the service's chats alike."""
         return self._chat_pieces(turns, generation_prompt, [])[0]
 
+    def follow_up_ids(self, text: str) -> list[int]:
+        """Token ids that continue a conversation after an assistant reply with one more user turn
+        ``text`` and the generation prompt: the reply's closing tokens, the user turn, the prompt.
+        A reply's KV followed by these reads as a multi-turn chat (agent graphs' KV edges)."""
+        reply, asked = "\x00kvcomm-reply\x00", "\x00kvcomm-user\x00"
+        pieces = self._chat_pieces([{"role": "user", "content": asked}, {"role": "assistant", "content": reply},
+                                    {"role": "user", "content": text}], True, [reply])
+        return pieces[1]
+
     def encode_message_parts(self, text: str, markers: list[str]) -> list[list[int]]:
         """Like :meth:`encode_message`, but cut at each marker in ``text`` (markers removed), so
         vectors or other tokens can be spliced in between the pieces."""

@@ -12,7 +12,15 @@ from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecord
 from kvcomm.protocol.receiver import ReceiverInput, build_receiver_input, empty_input, receiver_input
 from kvcomm.protocol.reply import Turn, generate_turn
 from kvcomm.protocol.sender import SenderKV, pad_left, prefill, run_body
-from kvcomm.protocol.shared import SharedKV, concat_shared, effective_layers, follow_on_keys, merge_senders, share
+from kvcomm.protocol.shared import (
+    SharedKV,
+    concat_shared,
+    effective_layers,
+    follow_on_keys,
+    merge_senders,
+    share,
+    splice,
+)
 
 ATTENTION_NAME = _attention.ATTENTION_NAME
 
@@ -20,5 +28,5 @@ __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "MaskMode", "ReceiverInput", "SenderKV",
     "SharedKV", "Turn", "attention_importance", "build_receiver_input", "concat_shared", "effective_layers",
     "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "merge_senders", "pad_left", "prefill",
-    "prefill_logits", "receiver_input", "run_body", "share",
+    "prefill_logits", "receiver_input", "run_body", "share", "splice",
 ]

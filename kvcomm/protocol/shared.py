@@ -241,6 +241,36 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
     return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode, token_ids=ids)
 
 
+def splice(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
+    """Pieces joined in order where they may share different layers: at each layer only the pieces
+    that are full there take part, at the positions they would have with every piece present (a
+    piece left out of a layer leaves a gap, which masks ignore). The first piece must be full at
+    every layer (e.g. the hearer's own prompt so far): its first token is each layer's sink.
+
+    This is how an agent graph places heard turns inside a prompt, between the hearer's own text
+    segments (KVCOMM's placeholders); with every piece full everywhere it is :func:`concat_shared`.
+    The result takes the first piece's mask mode (later pieces' sinks are not used).
+    """
+    if not all(parts[0].full):
+        raise ConfigError("the first piece of a splice must be full at every layer (it holds the sinks)")
+    offsets = [torch.zeros_like(parts[0].context_len)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.context_len)
+    keys, values, positions, valid = [], [], [], []
+    for layer in range(parts[0].num_layers):
+        chosen = [(p, o) for p, o in zip(parts, offsets) if p.full[layer]]
+        keys.append(follow_on_keys(model, layer, [p.keys[layer] for p, _ in chosen], [o for _, o in chosen]))
+        values.append(torch.cat([p.values[layer] for p, _ in chosen], dim=2))
+        positions.append(torch.cat([p.positions[layer] + o[:, None] for p, o in chosen], dim=1))
+        valid.append(torch.cat([p.valid[layer] for p, _ in chosen], dim=1))
+    full = [all(p.full[layer] for p in parts) for layer in range(parts[0].num_layers)]
+    ids = None
+    if all(p.token_ids is not None for p in parts):
+        ids = torch.cat([p.token_ids for p in parts], dim=1)  # type: ignore[misc]
+    return SharedKV(keys, values, positions, valid, offsets[-1] + parts[-1].context_len, full, parts[0].mode,
+                    token_ids=ids)
+
+
 def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
     """Several senders' KV as one context, in order, with consistent positions: every layer of each
     sender is a full piece joined by :func:`concat_shared` (the reference code leaves positions
