@@ -214,3 +214,15 @@ def test_splice_joins_pieces_that_share_different_layers():
     assert partial.positions[1][0].tolist() == [0, 1, 2, 3, 4, 5, 6] and int(partial.context_len[0]) == 7
     with pytest.raises(ConfigError, match="first piece of a splice must be full at every layer"):
         splice(model.model, [share(model.model, a, [1]), whole[1]])
+
+
+@pytest.mark.parametrize("topology,rounds", [("star", 1), ("full", 2), ("debate", 2), ("chain", 2)])
+def test_every_topology_runs_on_a_task_split_among_agents(topology, rounds):
+    model = tiny_loaded()
+    task = load_task("facts", items=3, facts_per_item=4, max_new_tokens=3)
+    for edge in (EdgeOptions(ratio=0.5, blend=0.15), EdgeOptions(via="text")):
+        run = Graph.build(model, topology, 2, rounds, edge).run(task, task.items, batch_size=2, progress=False)
+        decision = topology != "chain"
+        assert len(run.steps) == 2 * rounds + decision and run.n == 3 and run.rounds == rounds
+        assert (run.steps[-1].agent == "decision") == decision and run.steps[-1].bytes_out == 0
+        assert all(s.bytes_in > 0 for s in run.steps if s.hears) and run.bytes_per_item > 0
