@@ -120,8 +120,9 @@ def test_two_senders_split_the_context(agents):
     report = run(agents, ["kvcomm"], ratios=[1.0], senders=2)
     assert report.runs[0].label == "kvcomm@1x2" and report.runs[0].n == 4
     assert split_context("A b. C d. E f g h. I.", 2) == ["A b. C d.", "E f g h. I."]
-    with pytest.raises(DataError, match="cannot split"):
-        split_context("One sentence only", 2)
+    assert split_context("One sentence only", 2) == ["One sentence", "only"]  # too few sentences: words
+    with pytest.raises(DataError, match="cannot split a context of 1 word"):
+        split_context("One", 2)
 
 
 def test_online_calibration_rebuilds_and_scores_each_item_once(agents):

@@ -76,13 +76,16 @@ class Task:
 
 
 def split_context(text: str, parts: int) -> list[str]:
-    """Splits a context into ``parts`` consecutive pieces at sentence ends, balanced by length.
+    """Splits a context into ``parts`` consecutive pieces at sentence ends, balanced by length; a
+    context of fewer sentences than parts is split between words instead.
 
-    Used to give each of several senders its own share of one item's context.
+    Used to give each of several senders (or agents) its own share of one item's context.
     """
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    if len(sentences) < parts:
+        sentences = text.split()
     if parts < 1 or len(sentences) < parts:
-        raise DataError(f"cannot split a context of {len(sentences)} sentence(s) into {parts} parts")
+        raise DataError(f"cannot split a context of {len(sentences)} word(s) into {parts} parts")
     ends = [sum(len(s) for s in sentences[: i + 1]) for i in range(len(sentences))]
     cuts = [0]
     for k in range(1, parts):
