@@ -43,6 +43,11 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         Graph.build(model, "chain", 2, edge=EdgeOptions(layers=(7,)))
     with pytest.raises(ConfigError, match="codec"):
         EdgeOptions(codec="mp3")
+    with pytest.raises(ConfigError, match="blend recomputes heard KV placed inline"):
+        EdgeOptions(place="prefix", blend=0.15)
+    with pytest.raises(ConfigError, match="other than causal is for place prefix"):
+        EdgeOptions(mode="shift-back")
+    assert EdgeOptions(place="prefix", mode="shift-back").label == "kv/prefix@all+fp16[shift-back]"
 
 
 def items(count=3, pieces=3):

@@ -70,7 +70,8 @@ def graph_command(
     place: Annotated[Literal["inline", "prefix"], typer.Option(
         help="Where heard KV goes: inline (where text would be) or prefix (before the hearer's chat; no blend).")]
     = "inline",
-    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges: causal or shift-back (prefix only).")] = "causal",
+    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy or "
+                                           "shift-back (inline KV is causal).")] = "causal",
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
     limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,

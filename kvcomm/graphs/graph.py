@@ -75,7 +75,8 @@ class EdgeOptions(Options):
         layers: the layers sent in full, explicitly.
         codec: what KV goes through on the wire (``fp16``, ``int8``, ``klt`` …); None: in process,
             and the bytes counted are the float tensors'.
-        mode: the receiver's mask mode (``causal``, ``shift-back``; ``legacy`` is for parity runs).
+        mode: the hearer's mask mode with ``prefix`` (``causal``, ``shift-back``; ``legacy`` is for
+            parity runs); inline KV is always causal (the hearer's own first token is the sink).
     """
 
     what = "graph edge"
@@ -101,8 +102,10 @@ class EdgeOptions(Options):
             raise ValueError("give a ratio or a layer list, not both")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("a layer list names one or more layers, each >= 0")
-        if self.blend is not None and (self.via != "kv" or self.place != "inline" or self.mode != "causal"):
-            raise ValueError("blend recomputes heard KV placed inline: it needs via kv, place inline, mode causal")
+        if self.blend is not None and (self.via != "kv" or self.place != "inline"):
+            raise ValueError("blend recomputes heard KV placed inline: it needs via kv and place inline")
+        if self.mode != "causal" and self.place == "inline":
+            raise ValueError("a mask mode other than causal is for place prefix (inline KV uses the hearer's sinks)")
         return self
 
     @property
