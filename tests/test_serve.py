@@ -290,3 +290,40 @@ def test_stored_pieces_blend_in_any_order_and_combination(http, agent):
     bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "kv_messages": ids,
                                                   "kv_blend": {"ratio": 2}})
     assert bad.status_code == 422
+
+
+def test_a_completion_returns_its_turn_as_a_kv_message_that_another_agent_hears(http, agent):
+    """kv_return: the turn's KV is stored and named; heard by a second request at every layer
+    (fp32), it reads exactly as the turn's tokens followed by the second question."""
+    from kvcomm.protocol import empty_input, greedy_generate, pad_left
+
+    first = chat(http, "Mira lives in Oslo. Where?", max_tokens=4, kv_return={"content": "turn", "codec": "fp32"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    returned = body["kv_message"]
+    message = KVMessage.from_bytes(http.get(f"/v1/messages/{returned['id']}").content, receiver=agent.fingerprint)
+    assert returned["bytes"] > 0 and returned["content"] == "turn" and message.shared_layers == list(range(4))
+    prompt = agent.chat_ids([{"role": "user", "content": "Mira lives in Oslo. Where?"}])
+    ids = message.token_ids.tolist()
+    reply = ids[len(prompt):]
+    assert ids[:len(prompt)] == prompt and agent.decode(reply) == body["choices"][0]["message"]["content"]
+    heard = chat(http, "And then?", [returned["id"]], max_tokens=5).json()
+    question = agent.chat_ids([{"role": "user", "content": "And then?"}])
+    tokens, valid = pad_left([ids + question], agent.pad_id)
+    expected = greedy_generate(agent.model, empty_input(agent.model, 1), tokens, valid, 5, agent.stop_ids,
+                               agent.pad_id)[0]
+    assert heard["choices"][0]["message"]["content"] == agent.decode(expected)
+    only = chat(http, "Where?", max_tokens=3, kv_return={"layers": [1, 2]}).json()["kv_message"]
+    reply_message = KVMessage.from_bytes(http.get(f"/v1/messages/{only['id']}").content)
+    assert reply_message.shared_layers == [1, 2] and 1 <= reply_message.context_len <= 3
+
+
+def test_kv_return_refuses_what_it_cannot_do_and_stores_nothing(http, app):
+    before = len(app.state.store.list())
+    for extra, what in (({"stream": True}, "not available with stream"), ({"kv_return": {"codec": "mp3"}}, "codec"),
+                        ({"kv_return": {"layers": [9]}}, "out of range 0..3")):
+        body = {"kv_return": {}, **extra}
+        refused = chat(http, "Where?", **body)
+        assert refused.status_code == 400 and what in refused.json()["error"]["message"], refused.text
+    assert len(app.state.store.list()) == before
+    assert chat(http, "Where?", kv_return={}).status_code == 200 and len(app.state.store.list()) == before + 1

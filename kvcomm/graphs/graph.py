@@ -43,11 +43,10 @@ from kvcomm.protocol import (
     pad_left,
     prefill,
     receiver_input,
-    share,
     splice,
 )
 from kvcomm.protocol.blend import blend
-from kvcomm.protocol.reply import rebase
+from kvcomm.protocol.reply import outgoing
 from kvcomm.selection.rules import format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import METRICS, contains
@@ -337,9 +336,7 @@ class Graph:
             out = _Sent(carried, None, [0] * len(batch))
             if step.turn in self._heard:
                 if self.edge.via == "kv":
-                    kv = turn.kv if self.edge.content == "turn" else [
-                        _last(row, len(reply)) for row, reply in zip(turn.kv, turn.replies)]
-                    out.shared, out.sizes = self._send(kv)
+                    out.shared, out.sizes = self._send(turn.kv, [len(reply) for reply in turn.replies])
                 else:
                     out.sizes = [len(text.encode()) for text in carried]
             sent[step.turn] = out
@@ -382,13 +379,14 @@ class Graph:
         ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
         return receiver_input(context), ids, valid, messages
 
-    def _send(self, kv: list[SenderKV]) -> tuple[list[SharedKV], list[int]]:
-        """Each row's turn as it arrives: re-based to 0, cut to the edge's layers, through the wire."""
+    def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
+        """Each row's turn as it arrives: its reply or whole turn, re-based to 0, cut to the edge's
+        layers, through the wire."""
         model = self.model
         assert self.layers is not None
         shared, sizes = [], []
-        for row in kv:
-            piece = share(model.model, rebase(model.model, row), self.layers, self.edge.mode)
+        for row, count in zip(kv, reply_tokens):
+            piece = outgoing(model.model, row, count, self.edge.content, self.layers, self.edge.mode)
             if self._codec is not None:
                 piece, size = KVMessage.round_trip(piece, model.fingerprint, model.fingerprint, self._codec,
                                                    model.dtype)
@@ -397,15 +395,6 @@ class Graph:
                 sizes.append(int(piece.kv_bytes[0]))
             shared.append(piece)
         return shared, sizes
-
-
-def _last(kv: SenderKV, count: int) -> SenderKV:
-    """The last ``count`` columns of one row's KV (its reply); at least one, so a reply that
-    stopped at once still sends the token that asked for it."""
-    keep = slice(kv.keys[0].shape[2] - max(1, count), None)
-    return SenderKV(keys=[k[:, :, keep] for k in kv.keys], values=[v[:, :, keep] for v in kv.values],
-                    positions=kv.positions[:, keep], valid=kv.valid[:, keep],
-                    ids=None if kv.ids is None else kv.ids[:, keep])
 
 
 @dataclass

@@ -12,17 +12,20 @@ tokens in one sequence (the tests check this on three model families).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from kvcomm.errors import ProtocolError
 from kvcomm.protocol.decoding import chunked_prefill
+from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 from kvcomm.protocol.sender import SenderKV, cache_tensors, run_body
+from kvcomm.protocol.shared import SharedKV, share
 
 
 @dataclass
@@ -37,12 +40,15 @@ class Turn:
 
 @torch.inference_mode()
 def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor,
-                  max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> Turn:
+                  max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+                  on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                  prefill_chunk: int | None = None, check: Callable[[], None] | None = None) -> Turn:
     """Prefills ``input_ids`` (``[B, T]``, left-padded) on ``start``, decodes greedily, and returns the
-    replies with the KV of each row's prompt and reply (see the module docstring)."""
+    replies with the KV of each row's prompt and reply (see the module docstring). ``on_step``,
+    ``prefill_chunk`` and ``check`` work as in :func:`~kvcomm.protocol.decoding.greedy_generate`."""
     began = time.perf_counter()
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
-    logits = chunked_prefill(model, start, input_ids, valid, None)
+    logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
     first_token_s = time.perf_counter() - began
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
@@ -51,8 +57,12 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
     for _ in range(max_new_tokens):
         token = logits[:, -1].argmax(dim=-1)
         done |= torch.isin(token, stops)
+        if on_step is not None:
+            on_step(token, done)
         if bool(done.all()):
             break
+        if check is not None:
+            check()
         for row in (~done).nonzero().flatten().tolist():
             replies[row].append(int(token[row]))
         step = token.masked_fill(done, pad_id)[:, None]
@@ -64,6 +74,19 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
     whole = SenderKV(keys=[k[:, :, -own:] for k in keys], values=[v[:, :, -own:] for v in values],
                      positions=start.layout.own_pos, valid=start.layout.own_valid, ids=ids)
     return Turn(replies, [whole.row(i) for i in range(batch)], first_token_s)
+
+
+def outgoing(model: PreTrainedModel, kv: SenderKV, reply_tokens: int, content: Literal["reply", "turn"],
+             layers: Iterable[int], mode: MaskMode = "causal") -> SharedKV:
+    """What one row's turn (``Turn.kv[i]``) sends onward: the reply tokens' KV (at least one token,
+    so a reply that stopped at once still sends the token that asked for it) or the whole turn's,
+    moved to start at position 0 and cut to ``layers`` (the sink elsewhere)."""
+    if content == "reply":
+        keep = slice(kv.keys[0].shape[2] - max(1, reply_tokens), None)
+        kv = SenderKV(keys=[k[:, :, keep] for k in kv.keys], values=[v[:, :, keep] for v in kv.values],
+                      positions=kv.positions[:, keep], valid=kv.valid[:, keep],
+                      ids=None if kv.ids is None else kv.ids[:, keep])
+    return share(model, rebase(model, kv), layers, mode)
 
 
 def rebase(model: PreTrainedModel, kv: SenderKV) -> SenderKV:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from functools import partial
 from typing import Annotated, Any
 
@@ -27,10 +28,11 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from kvcomm import __version__
+from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
-from kvcomm.serve.chat import Received, generate, load_messages
+from kvcomm.serve.chat import Received, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.contexts import ContextMaker
 from kvcomm.serve.errors import ServiceRefusal, documented
@@ -41,7 +43,7 @@ from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
-from kvcomm.wire import KVMessage
+from kvcomm.wire import KVMessage, make_codec
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
 MessageId = Annotated[str, Path(description="1-128 letters, digits, '_', '.', '-'; not starting with '.', "
@@ -188,7 +190,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     async def chat(body: ChatRequest, request: Request) -> Any:
         """OpenAI chat completion; ``kv_messages`` adds KV contexts (stored ids or inline messages)."""
         began = time.monotonic()
-        budget = _check_chat(body, names, config)
+        budget = _check_chat(body, names, config, agent.num_layers)
         received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
                                                              config, metrics)
         ids = await anyio.to_thread.run_sync(agent.chat_ids, [m.turn() for m in body.messages])
@@ -204,6 +206,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             extra = {"kv_bytes_received": received.bytes, "kv_tokens_received": received.tokens}
             return extra | ({"kv_tokens_recomputed": received.recomputed} if body.kv_blend is not None else {})
 
+        if body.kv_return is not None:
+            return await _chat_returning(body, request, job, received, ids, budget, name, usage, began)
         work = partial(generate, agent, received, ids, budget, config, metrics, blending=body.kv_blend)
         if body.stream:
             return StreamingResponse(stream_events(worker, job, agent, work, ids, name, usage, began, metrics),
@@ -216,11 +220,29 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         metrics.e2e.observe(time.monotonic() - began)
         return completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage())
 
+    async def _chat_returning(body: ChatRequest, request: Request, job: Job, received: Received, ids: list[int],
+                              budget: int, name: str, usage: Any, began: float) -> Any:
+        """A completion that also stores its turn as a KV message (``kv_return``) and names it."""
+        assert body.kv_return is not None
+        work = partial(generate_returning, agent, received, ids, budget, config, metrics, blending=body.kv_blend,
+                       keep=body.kv_return)
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            tokens, finish, data = await worker.run(job, work)
+        finally:
+            watcher.cancel()
+        message_id = f"turn-{uuid.uuid4().hex}"
+        await anyio.to_thread.run_sync(store.put, message_id, data)
+        metrics.e2e.observe(time.monotonic() - began)
+        reply = completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage())
+        return reply.model_dump(exclude_unset=True) | {"kv_message": {"id": message_id, "bytes": len(data),
+                                                                      "content": body.kv_return.content}}
+
     app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app
 
 
-def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig) -> int:
+def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig, num_layers: int) -> int:
     """The answer budget of a chat request, after refusing what the service cannot do."""
     if (problem := body.unsupported()) is not None:
         raise ServiceRefusal(400, f"{problem[0]}: {problem[1]}", "unsupported_parameter", problem[0])
@@ -230,6 +252,17 @@ def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig) 
     if len(body.kv_messages) > config.max_kv_messages:
         raise ServiceRefusal(400, f"{len(body.kv_messages)} kv_messages; at most {config.max_kv_messages}",
                              "too_many_kv_messages", "kv_messages")
+    if body.kv_return is not None:
+        if body.stream:
+            raise ServiceRefusal(400, "kv_return: not available with stream; ask without streaming",
+                                 "unsupported_parameter", "kv_return")
+        try:
+            make_codec(body.kv_return.codec)
+        except ConfigError as err:
+            raise ServiceRefusal(400, f"kv_return.codec: {err}", "invalid_value", "kv_return") from None
+        if body.kv_return.layers is not None and not all(0 <= layer < num_layers for layer in body.kv_return.layers):
+            raise ServiceRefusal(400, f"kv_return.layers: out of range 0..{num_layers - 1}", "invalid_value",
+                                 "kv_return")
     budget = body.max_completion_tokens or body.max_tokens or min(config.default_max_tokens, config.max_new_tokens)
     if budget > config.max_new_tokens:
         raise ServiceRefusal(400, f"max_tokens must be at most {config.max_new_tokens}", "invalid_value", "max_tokens")

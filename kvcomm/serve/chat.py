@@ -18,13 +18,14 @@ import torch
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import ReceiverInput, concat_shared, empty_input, greedy_generate, pad_left, receiver_input
 from kvcomm.protocol.blend import blend
+from kvcomm.protocol.reply import generate_turn, outgoing
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import ServiceRefusal
 from kvcomm.serve.metrics import ServiceMetrics
-from kvcomm.serve.schemas import BlendRequest, InlineMessage, MessageRef
+from kvcomm.serve.schemas import BlendRequest, InlineMessage, KVReturn, MessageRef
 from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.serve.worker import Job
-from kvcomm.wire import KVMessage
+from kvcomm.wire import KVMessage, make_codec
 
 
 @dataclass
@@ -92,13 +93,9 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
     return receiver_input(blended)
 
 
-def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
-             metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None = None,
-             blending: BlendRequest | None = None) -> tuple[list[int], str]:
-    """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
-    model = agent.model
-    start = context_of(agent, received, blending)
-    input_ids, valid = pad_left([ids], agent.pad_id)
+def _observer(metrics: ServiceMetrics, job: Job,
+              emit: Callable[[int], None] | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The per-step hook: time to first token and per token into the metrics, tokens to ``emit``."""
     last = time.monotonic()
     first = True
 
@@ -110,8 +107,40 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
         if emit is not None and not bool(done[0]):
             emit(int(token[0]))
 
-    out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id, on_step,
-                          prefill_chunk=config.prefill_chunk, check=job.check)[0]
+    return on_step
+
+
+def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
+             metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None = None,
+             blending: BlendRequest | None = None) -> tuple[list[int], str]:
+    """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
+    model = agent.model
+    start = context_of(agent, received, blending)
+    input_ids, valid = pad_left([ids], agent.pad_id)
+    out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
+                          _observer(metrics, job, emit), prefill_chunk=config.prefill_chunk, check=job.check)[0]
     metrics.prompt_tokens.inc(len(ids))
     metrics.generation_tokens.inc(len(out))
     return out, "length" if len(out) >= budget else "stop"
+
+
+def generate_returning(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
+                       metrics: ServiceMetrics, job: Job, blending: BlendRequest | None,
+                       keep: KVReturn) -> tuple[list[int], str, bytes]:
+    """:func:`generate`, keeping the turn's KV: also returns it as an encoded KV message (``keep``
+    says which part, at which layers, with which codec)."""
+    from kvcomm.wire.bootstrap import model_codebook
+
+    model = agent.model
+    start = context_of(agent, received, blending)
+    input_ids, valid = pad_left([ids], agent.pad_id)
+    turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
+                         _observer(metrics, job, None), prefill_chunk=config.prefill_chunk, check=job.check)
+    out = turn.replies[0]
+    metrics.prompt_tokens.inc(len(ids))
+    metrics.generation_tokens.inc(len(out))
+    layers = keep.layers if keep.layers is not None else range(agent.num_layers)
+    shared = outgoing(model, turn.kv[0], len(out), keep.content, layers)
+    codec = make_codec(keep.codec).bind(lambda: model_codebook(agent))
+    data = KVMessage.from_shared(shared, agent.fingerprint, codec, {"sender": agent.name, "kv_return": keep.content})
+    return out, "length" if len(out) >= budget else "stop", data.to_bytes()

@@ -88,8 +88,14 @@ class Client:
                                headers={"Content-Type": "application/octet-stream"}).json())
 
     def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
-             max_tokens: int = 64) -> dict[str, Any]:
-        """An OpenAI-style chat completion using stored message ids or raw message bytes."""
+             max_tokens: int = 64, kv_return: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An OpenAI-style chat completion using stored message ids or raw message bytes.
+
+        ``kv_return`` (e.g. ``{"content": "reply", "codec": "fp16"}``, or ``{}`` for the defaults)
+        also stores the reply as a KV message; its id is in the response's ``kv_message``, for
+        another agent's ``kv_messages``."""
         refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
-        return dict(self._call("POST", "/v1/chat/completions",
-                               json={"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}).json())
+        body: dict[str, Any] = {"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}
+        if kv_return is not None:
+            body["kv_return"] = kv_return
+        return dict(self._call("POST", "/v1/chat/completions", json=body).json())

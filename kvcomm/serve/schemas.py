@@ -76,6 +76,18 @@ class BlendRequest(BaseModel):
     deviation: Deviation = "values"
 
 
+class KVReturn(BaseModel):
+    """Store this completion's turn as a KV message and return its id (``kv_message`` in the
+    response): the reply tokens' KV (``reply``) or the prompt's and the reply's (``turn``), at
+    ``layers`` (all if left out; the sink elsewhere), encoded with ``codec``. Another agent then
+    hears the reply as KV by naming the id in its ``kv_messages``."""
+
+    model_config = ConfigDict(extra="forbid")
+    content: Literal["reply", "turn"] = "reply"
+    layers: Annotated[list[int], Field(min_length=1, max_length=4096)] | None = None
+    codec: Annotated[str, Field(max_length=64)] = "fp16"
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat completion request, plus ``kv_messages`` (stored ids or inline messages)."""
 
@@ -88,6 +100,7 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     kv_messages: Annotated[list[MessageRef], Field(max_length=4096)] = Field(default_factory=list)
     kv_blend: BlendRequest | None = None
+    kv_return: KVReturn | None = None
     # accepted so that they can be refused with a reason (only greedy decoding exists)
     n: int | None = None
     temperature: float | None = None
