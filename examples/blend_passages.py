@@ -13,14 +13,11 @@ recomputed) and with the passages as plain text in the prompt.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 
 from kvcomm import Client
+from kvcomm.serve.launch import agents
 
 PASSAGES = [
     "Omar works at the Blue Harbor Cafe.",
@@ -40,20 +37,6 @@ QUESTIONS = [  # (question, the passages it needs, in the order they are sent, t
 ]
 
 
-def start(model: str, port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "kvcomm", "serve", "--model", model, "--port", str(port), "--codec", "fp16"]
-    process = subprocess.Popen(command, env={**os.environ, "KVCOMM_LOG_LEVEL": "warning"})
-    for _ in range(600):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
-            return process
-        except httpx.HTTPError:
-            if process.poll() is not None:
-                raise SystemExit(f"the agent exited with {process.returncode}") from None
-            time.sleep(0.5)
-    raise SystemExit("the agent did not start")
-
-
 def ask(http: httpx.Client, question: str, refs: list[str], blend: float | None) -> str:
     body: dict = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "kv_messages": refs}
     if blend is not None:
@@ -68,25 +51,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--port", type=int, default=8103)
     args = parser.parse_args()
-    agent = start(args.model, args.port)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        with Client(url) as client, httpx.Client(base_url=url) as http:
-            ids = [client.create_context(p)["id"] for p in PASSAGES]  # each passage prefilled once
-            print(f"stored {len(ids)} passages as KV messages")
-            for question, needed, gold in QUESTIONS:
-                refs = [ids[i] for i in needed]
-                text = " ".join(PASSAGES[i] for i in needed)
-                as_text = ask(http, f"Context: {text} Question: {question}", [], None)
-                joined = ask(http, question, refs, 0.0)
-                blended = ask(http, question, refs, 0.15)
-                print(f"\n{question} (needs passages {needed}; answer: {gold})\n"
-                      f"  passages as text:    {as_text!r}\n  KV joined:           {joined!r}\n"
-                      f"  KV blended (15%):    {blended!r}")
-    finally:
-        agent.terminate()
-        agent.wait(timeout=30)
-
+    with agents(args.model, [args.port], ["--codec", "fp16"]) as (url,), Client(url) as client, \
+            httpx.Client(base_url=url) as http:
+        ids = [client.create_context(p)["id"] for p in PASSAGES]  # each passage prefilled once
+        print(f"stored {len(ids)} passages as KV messages")
+        for question, needed, gold in QUESTIONS:
+            refs = [ids[i] for i in needed]
+            text = " ".join(PASSAGES[i] for i in needed)
+            as_text = ask(http, f"Context: {text} Question: {question}", [], None)
+            joined = ask(http, question, refs, 0.0)
+            blended = ask(http, question, refs, 0.15)
+            print(f"\n{question} (needs passages {needed}; answer: {gold})\n"
+                  f"  passages as text:    {as_text!r}\n  KV joined:           {joined!r}\n"
+                  f"  KV blended (15%):    {blended!r}")
 
 if __name__ == "__main__":
     main()
