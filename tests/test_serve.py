@@ -327,3 +327,22 @@ def test_kv_return_refuses_what_it_cannot_do_and_stores_nothing(http, app):
         assert refused.status_code == 400 and what in refused.json()["error"]["message"], refused.text
     assert len(app.state.store.list()) == before
     assert chat(http, "Where?", kv_return={}).status_code == 200 and len(app.state.store.list()) == before + 1
+
+
+def test_the_launcher_starts_agents_and_stops_them(tiny_dir):
+    import socket
+
+    import httpx
+
+    from kvcomm.errors import ConfigError
+    from kvcomm.serve.launch import agents, spawn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with agents(str(tiny_dir), [port]) as (url,):
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=1)  # stopped on leaving
+    with pytest.raises(ConfigError, match="exited with"):
+        spawn("no-such-model-anywhere", port, timeout_s=60)
