@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.config import Options
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.results import Score, summarize
 from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
 from kvcomm.models.loading import LoadedModel
@@ -284,9 +284,11 @@ class Graph:
         scored with the task's metrics."""
         if not items:
             raise ConfigError("a graph run needs at least one item")
-        if self.agents > 1:
-            for item in items[:1]:
-                item.parts(self.agents)  # refuses, naming the item, a context that cannot be split
+        for item in items if self.agents > 1 else ():
+            try:
+                item.parts(self.agents)
+            except DataError as err:  # before any work: which item cannot be split among the agents
+                raise DataError(f"item {item.id}: {err}") from None
         rows: list[GraphItem] = []
         tally = [_StepTally() for _ in self.steps]
         began = clock()
