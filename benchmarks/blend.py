@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,8 +68,8 @@ def paired(report: Report, a: str, b: str) -> tuple[float, float, float]:
 
 def quality_table(report: Report, full: str) -> Table:
     metric = report.config["metric"]
-    out = Table(title=f"{report.config['task']} · {report.config['receiver']} · n={report.config['test_items']} · "
-                      f"{metric}; paired difference to full recompute ({full})")
+    out = Table(title=Text(f"{report.config['task']} · {report.config['receiver']} · n={report.config['test_items']} "
+                           f"· {metric}; paired difference to full recompute ({full})"))
     for column in ("method", metric, "95% CI", "Δ vs full recompute [95% CI]", "recomputed tokens", "flops"):
         out.add_column(column, justify="left" if column == "method" else "right")
     for run in report.runs:
@@ -77,8 +78,8 @@ def quality_table(report: Report, full: str) -> Table:
         recomputed = f"{details['mean_recomputed_tokens']:.0f}/{details['mean_context_tokens']:.0f}" \
             if "mean_recomputed_tokens" in details else "-"
         flops = f"{details['mean_flops_fraction']:.2f}" if "mean_flops_fraction" in details else "-"
-        out.add_row(run.label, f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
-                    f"{d:+.3f} [{low:+.2f}, {high:+.2f}]", recomputed, flops)
+        out.add_row(Text(run.label), f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
+                    Text(f"{d:+.3f} [{low:+.2f}, {high:+.2f}]"), recomputed, flops)  # literal: labels hold [k]
     return out
 
 
