@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,7 +40,7 @@ def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int)
     if name == "multihop":
         return load_task("multihop", data, items=items, pieces=agents, seed=seed)
     task = load_task(name, data)
-    return task if len(task.items) <= items else Task(**{**task.__dict__, "items": task.items[:items]})
+    return dataclasses.replace(task, items=task.items[:items])
 
 
 def _list(value: str, what: str) -> list[str]:

@@ -31,7 +31,7 @@ from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import DEFAULT_RULE, Profile, Rule, calibrate
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
-from kvcomm.tasks.metrics import METRICS
+from kvcomm.tasks.metrics import score_all
 from kvcomm.wire import Codebook
 from kvcomm.wire.bootstrap import codebook_from_items, model_codebook
 
@@ -329,7 +329,7 @@ def _item_results(items: list[Item], output: Output) -> list[ItemResult]:
             receiver_ids=output.receiver_ids[i],
             answer=output.answers[i],
             gold=list(item.answers),
-            scores={name: fn(output.answers[i], item.answers) for name, fn in METRICS.items()},
+            scores=score_all(output.answers[i], item.answers),
             kv_bytes=output.kv_bytes[i],
             message=output.messages[i] if output.messages is not None else None,
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import torch
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.config import Options
@@ -47,10 +47,11 @@ from kvcomm.protocol import (
 )
 from kvcomm.protocol.blend import blend
 from kvcomm.protocol.reply import outgoing
-from kvcomm.selection.rules import format_layers, gaussian_prior, rank_layers, top_layers
+from kvcomm.selection.rules import check_layer_choice, format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
-from kvcomm.tasks.metrics import METRICS, contains
+from kvcomm.tasks.metrics import contains, score_all
 from kvcomm.wire import KVMessage, make_codec
+from kvcomm.wire.codecs import CodecName
 
 clock: Callable[[], float] = time.perf_counter
 RESULTS_VERSION = 1
@@ -85,22 +86,12 @@ class EdgeOptions(Options):
     blend: float | None = Field(None, ge=0, le=1)
     ratio: float | None = Field(None, gt=0, le=1)
     layers: tuple[int, ...] | None = None
-    codec: str | None = "fp16"
+    codec: CodecName | None = "fp16"
     mode: MaskMode = "causal"
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, codec: str | None) -> str | None:
-        if codec is not None:
-            make_codec(codec)
-        return codec
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.ratio is not None and self.layers is not None:
-            raise ValueError("give a ratio or a layer list, not both")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError("a layer list names one or more layers, each >= 0")
+        check_layer_choice(self.ratio, self.layers)
         if self.blend is not None and (self.via != "kv" or self.place != "inline"):
             raise ValueError("blend recomputes heard KV placed inline: it needs via kv and place inline")
         if self.mode != "causal" and self.place == "inline":
@@ -299,7 +290,7 @@ class Graph:
             for row, item in enumerate(batch):
                 answer = replies[-1][row]
                 rows.append(GraphItem(id=item.id, answer=answer, gold=list(item.answers),
-                                      scores={m: fn(answer, item.answers) for m, fn in METRICS.items()},
+                                      scores=score_all(answer, item.answers),
                                       replies=[r[row] for r in replies]))
         bar.close()
         seconds = clock() - began

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share
 from kvcomm.selection.calibrate import Rule
-from kvcomm.selection.rules import contiguous_layers, format_layers, random_layers, top_layers
-from kvcomm.wire import make_codec
+from kvcomm.selection.rules import check_layer_choice, contiguous_layers, format_layers, random_layers, top_layers
+from kvcomm.wire.codecs import CodecName
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -40,15 +40,8 @@ class SharingOptions(MethodOptions):
 
     ratio: float | None = Field(None, gt=0, le=1)
     mode: MaskMode = "causal"
-    codec: str | None = None
+    codec: CodecName | None = None
     senders: int = Field(1, ge=1, le=64)
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, codec: str | None) -> str | None:
-        if codec is not None:
-            make_codec(codec)
-        return codec
 
     @model_validator(mode="after")
     def _needs_ratio(self) -> Self:
@@ -66,10 +59,7 @@ class KVCommOptions(SharingOptions):
 
     @model_validator(mode="after")
     def _one_of(self) -> Self:
-        if self.ratio is not None and self.layers is not None:
-            raise ValueError("give a ratio or a layer list, not both")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError("a layer list names one or more layers, each >= 0")
+        check_layer_choice(self.ratio, self.layers)
         if self.layers is not None and self.selection is not None:
             raise ValueError("a layer list is not selected by a rule: give 'selection' with a ratio")
         return self

@@ -65,6 +65,15 @@ def top_layers(ranking: Sequence[int], ratio: float) -> list[int]:
     return sorted(ranking[: layer_count(ratio, len(ranking))])
 
 
+def check_layer_choice(ratio: float | None, layers: Sequence[int] | None) -> None:
+    """Options that choose layers take a ratio or a layer list, not both; a list names at least one
+    layer, each >= 0. Raises ``ValueError`` (inside an option model's validator)."""
+    if ratio is not None and layers is not None:
+        raise ValueError("give a ratio or a layer list, not both")
+    if layers is not None and (not layers or min(layers) < 0):
+        raise ValueError("a layer list names one or more layers, each >= 0")
+
+
 def random_layers(num_layers: int, ratio: float, seed: int = 42) -> list[int]:
     """``ceil(ratio * L)`` layers drawn uniformly without replacement (the paper's Random rows)."""
     return sorted(random.Random(seed).sample(range(num_layers), layer_count(ratio, num_layers)))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kvcomm.config import Options
 from kvcomm.protocol import MaskMode
 from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
-from kvcomm.wire import make_codec
+from kvcomm.wire.codecs import CodecName
 
 MIB = 1 << 20
 
@@ -47,13 +47,8 @@ class ServeConfig(Options):
     default_max_tokens: int = Field(256, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     prefill_chunk: int = Field(512, ge=1)
-    codec: str = "int8"
+    codec: CodecName = "int8"
     ratio: float | None = Field(None, gt=0, le=1)
     selection: Rule = DEFAULT_RULE
     mode: MaskMode = "causal"
 
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, codec: str) -> str:
-        make_codec(codec)
-        return codec

@@ -58,3 +58,8 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "exact_match": exact_match,
     "contains": contains,
 }
+
+
+def score_all(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """Every metric of ``prediction`` against ``golds`` (what results record per item)."""
+    return {name: fn(prediction, golds) for name, fn in METRICS.items()}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
+from pydantic import AfterValidator
 
 from kvcomm.errors import ConfigError, WireError
 from kvcomm.registry import Registry
@@ -77,6 +78,15 @@ def preset(name: str, codec: str, **params: Any) -> None:
 def codec_names() -> list[str]:
     """The names users type: every preset (``fp16``, ``int8``, ``klt`` …)."""
     return sorted(PRESETS)
+
+
+def known_codec(name: str) -> str:
+    """``name`` if it names a codec; else the :func:`make_codec` error (with the nearest name)."""
+    make_codec(name)
+    return name
+
+
+CodecName = Annotated[str, AfterValidator(known_codec)]  # an option field that takes a codec name
 
 
 def make_codec(name: str, **params: Any) -> Codec:
