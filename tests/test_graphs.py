@@ -201,6 +201,8 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     assert out.with_suffix(".png").stat().st_size > 1000 and "per agent" in result.output
     bad = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--via", "kv,smoke", "--out", str(out)])
     assert bad.exit_code != 0 and "--via: 'smoke' is not one of kv, kv-turn, text, text-turn" in bad.output
+    lonely = CliRunner().invoke(app, ["graph", "-m", "no-such-model", "--agents", "1", "--out", str(out)])
+    assert lonely.exit_code == 2 and "a chain needs at least 2 turns" in lonely.output  # before any model loads
 
 
 def test_splice_joins_pieces_that_share_different_layers():

@@ -24,7 +24,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.compare import compare, edge_grid
 from kvcomm.graphs.report import plot_graph, print_graph
-from kvcomm.graphs.topology import TOPOLOGIES
+from kvcomm.graphs.topology import unroll
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.loading import load_model
 from kvcomm.protocol import MaskMode
@@ -98,8 +98,7 @@ def graph_command(
         edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
     except ConfigError as err:
         raise ConfigError(f"--via: {err}") from None
-    if topology not in TOPOLOGIES:
-        raise ConfigError(f"unknown topology {topology!r}")
+    unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
     resolve_model(model)
     the_task = graph_task(task, data, agents, limit, seed)
     out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
