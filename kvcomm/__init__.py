@@ -15,6 +15,11 @@ or as text, are a :class:`Graph`::
     task = kvcomm.load_task("relay", items=20, hops=3)
     run = graph.run(task, task.items)  # run.scores, run.steps (bytes, TTFT per agent), run.items
 
+A sweep's batches run on a Ray cluster, one model copy per worker, with the serial run's results::
+
+    with kvcomm.Cluster(kvcomm.RayCluster(workers=2), "smollm2-135m", "smollm2-135m", "float32") as cluster:
+        report = kvcomm.evaluate(agents, task, kvcomm.build_methods(["kvcomm"], [0.5]), cluster=cluster)
+
 Everything kvcomm raises on purpose is a :class:`KvcommError`.
 """
 
@@ -24,6 +29,7 @@ __version__ = "0.1.0"
 
 from kvcomm.agents import Agents, answer, encode_context, encode_ids
 from kvcomm.errors import (
+    ClusterError,
     ConfigError,
     DataError,
     FingerprintMismatch,
@@ -35,6 +41,7 @@ from kvcomm.errors import (
 )
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.batch import Batch
+from kvcomm.eval.cluster import Cluster, RayCluster
 from kvcomm.graphs import EdgeOptions, Graph, GraphReport, GraphRun
 from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
@@ -46,10 +53,10 @@ from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import KVMessage
 
 __all__ = [
-    "Agents", "Batch", "BlockProfile", "Client", "ConfigError", "DataError", "EMBEDDED", "EdgeOptions", "EvalConfig",
-    "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError", "Item", "KVMessage",
-    "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError", "Report", "SenderKV",
-    "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods", "build_receiver_input", "calibrate",
-    "encode_context", "encode_ids", "evaluate", "greedy_generate", "load_model", "load_pair", "load_task",
-    "make_method", "plot_sweep", "prefill", "print_table", "profile_blocks",
+    "Agents", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError", "DataError", "EMBEDDED",
+    "EdgeOptions", "EvalConfig", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError",
+    "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError",
+    "RayCluster", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods",
+    "build_receiver_input", "calibrate", "encode_context", "encode_ids", "evaluate", "greedy_generate", "load_model",
+    "load_pair", "load_task", "make_method", "plot_sweep", "prefill", "print_table", "profile_blocks",
 ]

@@ -58,3 +58,8 @@ class MessageTooLarge(WireError):
 
 class MissingCodebook(WireError):
     """The message names a codebook this machine does not hold."""
+
+
+class ClusterError(KvcommError):
+    """Work sent to a cluster failed: Ray is missing or unreachable, or a batch's worker failed
+    more often than the retries allow."""

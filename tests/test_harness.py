@@ -114,22 +114,23 @@ def test_impossible_memory_budget_is_refused(agents):
                  EvalConfig(limit=3, max_memory_gb=0.001), progress=False)
 
 
-def test_an_interrupted_run_resumes_to_the_same_report_online_state_included(agents, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_report_method_state_included(agents, tmp_path, monkeypatch):
     from kvcomm.eval import harness
     from kvcomm.eval.checkpoint import Checkpoint
     from kvcomm.eval.provenance import run_identity
 
     task = load_task("facts", items=8)
     config = EvalConfig(limit=6, batch_size=2, calib_size=2)
-    methods = lambda: build_methods(["kvcomm", "online"], [0.5], interval=3)  # noqa: E731
+    methods = lambda: build_methods(["kvcomm", "online", "blend"], [0.5], interval=3)  # noqa: E731
     whole = evaluate(agents, task, methods(), config, progress=False)
     identity = run_identity(task, methods(), config.model_dump(mode="json"), agents.sender.name,
                             agents.receiver.name, "float32", None)
-    real, calls = harness._run_one, []
+    real, calls, stopped = harness._run_one, [], []
 
     def stops_at_the_fourth(method, batch):
         calls.append(method.label)
-        if len(calls) == 4:
+        if len(calls) == 4 and not stopped:
+            stopped.append(True)
             raise RuntimeError("interrupted")
         return real(method, batch)
 
@@ -144,13 +145,15 @@ def test_an_interrupted_run_resumes_to_the_same_report_online_state_included(age
     calls.clear()
     resumed = evaluate(agents, task, methods(), config, progress=False,
                        checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
-    assert calls == ["online@0.5/3", "kvcomm@0.5", "online@0.5/3"]  # only what had not finished
+    assert calls == ["kvcomm@0.5", "online@0.5/3", "blend@0.5x2", "kvcomm@0.5", "online@0.5/3",
+                     "blend@0.5x2"]  # only what had not finished
     untimed = lambda profile: {**profile, "cost": {**profile["cost"], "seconds": None}}  # noqa: E731
     assert untimed(resumed.profile) == untimed(whole.profile) and resumed.config == whole.config
     timing = {"seconds", "sender_seconds"}
     for a, b in zip(whole.runs, resumed.runs):
         assert a.model_dump(exclude=timing) == b.model_dump(exclude=timing)
     assert len(resumed.runs[1].details["rebuilds"]) == 3  # online's rebuilds span the interruption
+    assert resumed.runs[2].details == whole.runs[2].details  # blend's counts: every batch, once
 
 
 def test_rules_side_by_side_in_one_run(agents):

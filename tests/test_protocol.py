@@ -72,7 +72,8 @@ def test_layer_ranges_and_bytes_count_sinks():
     assert [layer.keys.shape[2] for layer in legacy.cache.layers] == [10, 10, 1, 1]
 
 
-@pytest.mark.parametrize("mode, leaks", [("causal", False), ("shift-back", False), ("legacy", True)])
+@pytest.mark.parametrize("mode, leaks", [("causal", False), ("shift-back", False), ("legacy", True),
+                                         ("padded-sink", False), ("padded-zero", False)])
 def test_later_receiver_token_cannot_change_earlier_logits(family, mode, leaks):
     model = tiny_model(family)
     sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 6))
@@ -82,6 +83,53 @@ def test_later_receiver_token_cannot_change_earlier_logits(family, mode, leaks):
     b = receiver_logits(model, sender_ids, changed, [1], mode)[:, :-1]
     difference = (a - b).abs().max().item()
     assert (difference > 1e-3) if leaks else (difference <= 1e-6)
+
+
+PADDED = ("padded-sink", "padded-zero")
+
+
+@pytest.mark.parametrize("mode", PADDED)
+def test_padded_modes_with_every_layer_or_a_one_token_context_are_exact(family, mode):
+    """The two ends: nothing to pad (all layers shared), and a context that is its sink alone."""
+    model = tiny_model(family)
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 7))
+    reference = model(torch.cat([sender_ids, receiver_ids], 1)).logits[:, 12:]
+    assert (receiver_logits(model, sender_ids, receiver_ids, range(4), mode) - reference).abs().max() <= 1e-4
+    single = sender_ids[:, :1]
+    assert (receiver_logits(model, single, receiver_ids, [1], mode)
+            - receiver_logits(model, single, receiver_ids, [1])).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("mode", PADDED)
+def test_padded_modes_fill_every_slot_and_count_only_what_was_sent(mode):
+    model = tiny_model("llama")
+    sender = prefill(model, torch.randint(0, 99, (1, 10)), ones(torch.zeros(1, 10)))
+    start = build_receiver_input(model, sender, [1], mode)
+    assert [layer.keys.shape[2] for layer in start.cache.layers] == [10, 10, 10, 10]
+    assert start.kv_bytes.item() == (10 + 3) * sender.token_bytes(0)  # the message stays compact
+    keys = start.cache.layers[2].keys
+    assert torch.equal(keys[:, :, 0], sender.keys[2][:, :, 0])  # the sink where it was
+    rest = keys[:, :, 1:]
+    expected = sender.keys[2][:, :, :1].expand_as(rest) if mode == "padded-sink" else torch.zeros_like(rest)
+    assert torch.equal(rest, expected)
+    assert start.layout.prefix_valid[2].all()  # unmasked
+
+
+@pytest.mark.parametrize("mode", PADDED)
+def test_padded_modes_change_the_answer_and_batch_like_one_row(mode):
+    model = tiny_model("qwen2")
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 12)), torch.randint(0, 99, (1, 6))
+    causal = receiver_logits(model, sender_ids, receiver_ids, [1])
+    assert (receiver_logits(model, sender_ids, receiver_ids, [1], mode) - causal).abs().max() > 1e-4
+    senders = [torch.randint(0, 99, (n,)).tolist() for n in (5, 11)]
+    receivers = [torch.randint(0, 99, (n,)).tolist() for n in (6, 3)]
+    s_ids, s_valid = pad_left(senders, 0)
+    r_ids, r_valid = pad_left(receivers, 0)
+    logits = prefill_logits(model, build_receiver_input(model, prefill(model, s_ids, s_valid), [1], mode),
+                            r_ids, r_valid)
+    for row, (s, r) in enumerate(zip(senders, receivers)):
+        alone = receiver_logits(model, torch.tensor([s]), torch.tensor([r]), [1], mode)
+        assert (logits[row, -len(r):] - alone[0]).abs().max().item() <= 1e-4
 
 
 def test_rotate_keys_moves_a_key_to_another_position(family):

@@ -101,7 +101,8 @@ Resume = Annotated[Path | None, typer.Option(
     help="Continue the interrupted run in this folder: finished batches are kept, the rest runs. "
          "Give the options the run had; another configuration is refused.")]
 Mode = Annotated[MaskMode | None, typer.Option(
-    help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S).",
+    help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S), padded-sink or "
+                      "padded-zero (a paged engine's view: sink-only layers padded to the context, unmasked).",
                       SharingOptions, "mode"))]
 
 

@@ -3,6 +3,7 @@ one task or several; where their files go and how a run resumes: :mod:`kvcomm.cl
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +12,10 @@ import typer
 from kvcomm.cli.common import CODEC_HELP, METHOD_HELP, RunOptions, check_layers, check_output, run_options
 from kvcomm.cli.runner import run_tasks
 from kvcomm.errors import ConfigError
+from kvcomm.eval.cluster import RayCluster
 from kvcomm.methods import METHODS, base_name, build_methods
 from kvcomm.methods.kvcomm import DEFAULT_RATIO, DEFAULT_RATIOS
+from kvcomm.protocol import MASK_MODES
 
 
 @run_options
@@ -56,6 +59,17 @@ def sweep_command(
     codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for methods that share KV; 'none' = in "
                                         f"process. {CODEC_HELP} klt builds its codebook from the calibration "
                                         "items: use --calib-size 16 or more.")] = "none",
+    modes: Annotated[str | None, typer.Option(
+        help=f"Comma-separated mask modes for methods that share KV, one configuration each "
+             f"({', '.join(MASK_MODES)}); instead of --mode.")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Run the batches on a Ray cluster, one model copy per worker, with the serial run's results: "
+             "'local' starts one on this machine, 'auto' joins the cluster this machine is in, or "
+             "ray://HOST:PORT. Needs: pip install \"kvcomm[ray]\".")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="--ray: workers. (default: the cluster's CPUs / --worker-threads)")] = None,
+    worker_threads: Annotated[int, typer.Option(min=1, help="--ray: torch threads (and CPUs) per worker.")] = 1,
 ) -> None:
     """Evaluate methods × ratios × codecs on one or more tasks; per task a results JSON, a samples
     file and score plots."""
@@ -69,6 +83,15 @@ def sweep_command(
     if fractions is None and any("@" not in t and "ratio" in METHODS.get(base_name(t)).option_names()
                                  for t in tokens):
         fractions = list(DEFAULT_RATIOS)  # the default applies to the methods that take a ratio
-    build = lambda: build_methods(tokens, fractions, wire, **run.method_options())
+    masks = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
+    for mask in masks or []:
+        if mask not in MASK_MODES:
+            close = difflib.get_close_matches(mask, MASK_MODES, n=1)
+            raise ConfigError(f"--modes: unknown mask mode {mask!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
+                              f"Valid: {', '.join(MASK_MODES)}")
+    build = lambda: build_methods(tokens, fractions, wire, masks, **run.method_options())
     build()
-    run_tasks(run, build, plots=True)
+    if ray is None and (workers is not None or worker_threads != 1):
+        raise ConfigError("--workers and --worker-threads are for --ray")
+    cluster = RayCluster(address=ray, workers=workers, threads=worker_threads) if ray is not None else None
+    run_tasks(run, build, plots=True, ray=cluster)

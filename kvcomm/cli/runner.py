@@ -12,6 +12,7 @@ already is refused unless ``--overwrite`` (which also discards that task's check
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table, split_items
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
+from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
 from kvcomm.eval.harness import check_profile
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.provenance import profiles_identity, run_identity
@@ -88,17 +90,23 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     return Plan(folder, config, profile, blocks, planned)
 
 
-def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False) -> list[Report]:
+def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False,
+              ray: RayCluster | None = None) -> list[Report]:
     """Runs every task of the command (models loaded once, after every check), printing a table
-    and writing the results JSON, the samples file and (``plots``) the plots of each."""
+    and writing the results JSON, the samples file and (``plots``) the plots of each; with ``ray``,
+    every task's batches run on that cluster's workers."""
+    if ray is not None:
+        check_apart(build())
     plan = plan_run(run, build, out, plots)
     console.print(f"run folder: {plan.folder}", markup=False, soft_wrap=True)
-    with quiet_libraries(run.quiet):
-        return _run_planned(run, build, plan, plots)
+    with quiet_libraries(run.quiet), contextlib.ExitStack() as stack:
+        return _run_planned(run, build, plan, plots, stack, ray)
 
 
-def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool) -> list[Report]:
+def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool, stack: contextlib.ExitStack,
+                 ray: RayCluster | None) -> list[Report]:
     agents: Agents | None = None
+    cluster: Cluster | None = None
     reports = []
     for task_run in plan.tasks:
         files = task_run.files
@@ -106,9 +114,12 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool)
             console.print(f"{task_run.task.name}: finished already: {files.results}", markup=False, soft_wrap=True)
             continue
         agents = agents or Agents.load(run.model, run.receiver, run.dtype)
+        if ray is not None and cluster is None:
+            cluster = stack.enter_context(Cluster(ray, run.model, run.receiver or run.model, run.dtype))
+            console.print(f"ray: {cluster.workers} workers, {ray.threads} thread(s) each", markup=False)
         try:
             report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,
-                              checkpoint=task_run.checkpoint, blocks=plan.blocks)
+                              checkpoint=task_run.checkpoint, blocks=plan.blocks, cluster=cluster)
         except KeyboardInterrupt:
             console.print(f"interrupted; to continue, repeat the command with --resume {plan.folder}",
                           markup=False, soft_wrap=True)

@@ -22,6 +22,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.checkpoint import BatchRun, Checkpoint
+from kvcomm.eval.cluster import Cluster, check_apart
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
 from kvcomm.eval.provenance import data_record, method_seeds, profiles_identity, run_identity, utc_now
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
@@ -100,7 +101,7 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
 def evaluate(
     agents: Agents, task: Task, methods: Sequence[Method], config: EvalConfig | None = None,
     profile: Profile | None = None, progress: bool = True, checkpoint: Checkpoint | None = None,
-    command: str | None = None, blocks: BlockProfile | None = None,
+    command: str | None = None, blocks: BlockProfile | None = None, cluster: Cluster | None = None,
 ) -> Report:
     """Evaluates ``methods`` on ``task``; calibrates first if a method needs a ranking and no
     ``profile`` is given.
@@ -111,12 +112,18 @@ def evaluate(
         command: the command line, recorded in the results (a checkpoint records its own).
         blocks: a DroidSpeak block profile (``kvcomm calibrate --method droidspeak``) for
             ``droidspeak`` without a block; profiled on the calibration items when absent.
+        cluster: run the batches on these workers (:mod:`kvcomm.eval.cluster`); calibration and
+            the report stay here, and the results are the serial run's.
 
     Raises:
         ConfigError: the item split is impossible, labels collide, the profile was calibrated on
-            another task, on test items or for another depth, or the checkpoint is another run's.
+            another task, on test items or for another depth, the checkpoint is another run's, or
+            a method cannot run on a cluster.
+        ClusterError: a batch's worker failed more often than the cluster's retries allow.
     """
     config = config or EvalConfig()
+    if cluster is not None:
+        check_apart(methods)
     started = utc_now()
     test, calib = split_items(task.items, config.limit, config.calib_size)
     for given in (profile, blocks):
@@ -138,7 +145,7 @@ def evaluate(
         raise ConfigError(f"two configurations share a label: {labels}")
     if checkpoint is not None and sources.calibrated and sources.profile is not None:
         checkpoint.save_profile(sources.profile.model_dump(mode="json"))
-    tally = _run_batches(agents, task, methods, test, config, checkpoint, progress)
+    tally = _run_batches(agents, task, methods, test, config, checkpoint, progress, cluster)
     return Report(
         config=_report_config(agents, task, test, calib, config, methods, sources),
         provenance=checkpoint.provenance() if checkpoint is not None else
@@ -256,28 +263,53 @@ class _Tally:
 
 
 def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: list[Item], config: EvalConfig,
-                 checkpoint: Checkpoint | None, progress: bool) -> _Tally:
-    """Runs every method on every batch, taking recorded work from ``checkpoint`` and recording new work."""
+                 checkpoint: Checkpoint | None, progress: bool, cluster: Cluster | None = None) -> _Tally:
+    """Runs every method on every batch, taking recorded work from ``checkpoint`` and recording new work.
+
+    With a ``cluster``, the work nobody recorded is sent to its workers at once, and taken here
+    batch by batch, in order, as if it had been recorded: each method gets the state it would
+    have had (:meth:`Method.restore`), so the tally and the report are the serial run's.
+    """
     tally = _Tally()
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
-    for index, chunk in enumerate(_chunks(agents, task, test, config, checkpoint)):
+    chunks = list(_chunks(agents, task, test, config, checkpoint))
+    remote = None
+    if cluster is not None:
+        todo = {index: [m for m in methods if checkpoint is None or checkpoint.done(index, m.label) is None]
+                for index in range(len(chunks))}
+        remote = cluster.submit(task, methods, [(index, chunks[index], todo[index]) for index in todo if todo[index]],
+                                bar.update)
+    for index, chunk in enumerate(chunks):
         batch: Batch | None = None
+        fetched = remote.take(index) if remote is not None else {}
         for method in methods:
             done = checkpoint.done(index, method.label) if checkpoint is not None else None
+            ran_here = done is None and method.label not in fetched
             if done is None:
-                batch = batch or Batch(agents, task, chunk)
-                done = _run_one(method, batch)
+                if ran_here:
+                    batch = batch or Batch(agents, task, chunk)
+                    done = _run_one(method, batch)
+                else:
+                    done = fetched[method.label]
                 if checkpoint is not None:
                     checkpoint.save(index, [item.id for item in chunk], method.label, done)
-            elif done.state is not None:
+            if not ran_here and done.state is not None:
                 method.restore(done.state)
             tally.add(method.label, done)
-            bar.update(len(chunk))
+            if method.label not in fetched:  # a worker's answers were counted as they came
+                bar.update(len(chunk))
     bar.close()
     return tally
 
 
+def run_batch(agents: Agents, task: Task, methods: Sequence[Method], items: list[Item]) -> dict[str, BatchRun]:
+    """Every method's work on one batch, as the serial run does it (what a cluster's worker runs)."""
+    batch = Batch(agents, task, items)
+    return {method.label: _run_one(method, batch) for method in methods}
+
+
 def _run_one(method: Method, batch: Batch) -> BatchRun:
+    """One method's work on a batch, timed; its state after the batch travels with it."""
     batch.begin_run()
     began = batch_module.clock()
     output = method.run(batch)

@@ -1,12 +1,13 @@
 """Communication methods behind one interface (:class:`Method`), looked up by name in ``METHODS``.
 
 Each method declares its options (:attr:`Method.options_model`); :func:`build_methods` expands a
-sweep's axes (ratios, codecs) over the methods that take them and refuses an option that none of
+sweep's axes (ratios, codecs, mask modes) over the methods that take them and refuses an option that none of
 the named methods takes.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,16 +49,17 @@ def takers(option: str) -> list[str]:
 
 def build_methods(
     names: Sequence[str], ratios: Sequence[float] | None = None, codecs: Sequence[str | None] | None = None,
-    **options: Any,
+    modes: Sequence[str] | None = None, **options: Any,
 ) -> list[Method]:
-    """Method configurations for ``names`` × ``ratios`` × ``codecs``.
+    """Method configurations for ``names`` × ``ratios`` × ``codecs`` × ``modes``.
 
     A name may carry its own ratio (``random@0.5``), which replaces ``ratios`` for that method, and
     ``kvcomm`` its own selection rule (``kvcomm~paper``, ``kvcomm~answer@0.3``).
 
-    ``ratios`` and ``codecs`` are sweep axes: each method that takes ``ratio`` (``codec``) gets one
-    configuration per value (a codec of ``None`` means in process, no wire); methods that do not
-    take them run once. Every other keyword is an option given to each named method that takes
+    ``ratios``, ``codecs`` and ``modes`` are sweep axes: each method that takes ``ratio``
+    (``codec``, ``mode``) gets one configuration per value (a codec of ``None`` means in process,
+    no wire); methods that do not take them run once. ``modes`` and a ``mode`` option exclude
+    each other. Every other keyword is an option given to each named method that takes
     it (``None`` means "not given"). An option, ratio list or codec list that none of the named
     methods takes is refused, naming the methods that do take it.
 
@@ -67,9 +69,11 @@ def build_methods(
     if not names:
         raise ConfigError("name at least one method")
     given = {key: value for key, value in options.items() if value is not None}
+    if modes and "mode" in given:
+        raise ConfigError("give one mask mode (--mode) or a list of them (--modes), not both")
     in_process_only = all(codec is None for codec in codecs or [])  # the default: no wire
     axes: dict[str, list[Any]] = {"ratio": list(ratios or []),
-                                  "codec": [] if in_process_only else list(codecs or [])}
+                                  "codec": [] if in_process_only else list(codecs or []), "mode": list(modes or [])}
     plans = [(token, METHODS.get(base_name(token))) for token in names]
     for token, cls in plans:
         if "@" in token:
@@ -90,14 +94,13 @@ def build_methods(
         elif "ratio" in fields and "layers" not in mine and axes["ratio"]:  # a layer list replaces ratios
             ratio_axis = axes["ratio"]
         codec_axis: list[Any] = axes["codec"] if "codec" in fields and axes["codec"] else ["unset"]
-        for ratio in ratio_axis:
-            for codec in codec_axis:
-                chosen = dict(mine)
-                if ratio is not None:
-                    chosen["ratio"] = ratio
-                if codec != "unset":
-                    chosen["codec"] = codec
-                built.append(cls(**chosen))
+        mode_axis: list[Any] = axes["mode"] if "mode" in fields and axes["mode"] else ["unset"]
+        for ratio, codec, mode in itertools.product(ratio_axis, codec_axis, mode_axis):
+            chosen = dict(mine)
+            if ratio is not None:
+                chosen["ratio"] = ratio
+            chosen.update({key: value for key, value in (("codec", codec), ("mode", mode)) if value != "unset"})
+            built.append(cls(**chosen))
     return built
 
 

@@ -72,6 +72,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     options_model: ClassVar[type[MethodOptions]] = MethodOptions
+    # Whether its answers on a batch depend on the batches before (it learns from the stream): a
+    # cluster cannot run such a method's batches apart.
+    sequential: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None, **given: Any) -> None:
         if options is not None and given:
@@ -109,12 +112,14 @@ class Method(ABC):
         return None
 
     def state(self) -> dict[str, Any] | None:
-        """What this method carries from one batch to the next, as JSON (None: nothing; its answers
-        on a batch depend on that batch alone). A resumed evaluation restores it with :meth:`restore`."""
+        """What the batch just run leaves for later batches, as JSON (None: nothing). It is recorded
+        with the batch; a resumed evaluation, or one whose batches a cluster ran elsewhere, gives
+        every batch's state back to :meth:`restore`, in order."""
         return None
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Takes back a :meth:`state` (after :meth:`setup`), as if the batches before had just run."""
+        """Takes back one batch's :meth:`state` (after :meth:`setup` and the batches before), as if
+        that batch had just run here."""
         raise ConfigError(f"{self.label}: keeps no state between batches, so there is none to restore")
 
     @abstractmethod

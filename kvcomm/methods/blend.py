@@ -56,16 +56,21 @@ class _Composing(Method):
     def __init__(self, options: MethodOptions | None = None, **given: object) -> None:
         super().__init__(options, **given)
         self._seen: dict[str, list[float]] = {"context": [], "recomputed": [], "flops_fraction": []}
+        self._reported = 0  # items whose counts an earlier state() handed out
 
     def _record(self, stats: BlendStats) -> None:
         for name in self._seen:
             self._seen[name].extend(float(v) for v in getattr(stats, name))
 
     def state(self) -> dict[str, Any]:
-        return {name: list(values) for name, values in self._seen.items()}
+        """The token counts of the batch just run (only its items: :meth:`restore` appends)."""
+        start, self._reported = self._reported, len(self._seen["context"])
+        return {name: values[start:] for name, values in self._seen.items()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self._seen = {name: [float(v) for v in values] for name, values in state.items()}
+        for name, values in state.items():
+            self._seen[name].extend(float(v) for v in values)
+        self._reported = len(self._seen["context"])
 
     def details(self) -> dict[str, Any]:
         mean = {name: sum(v) / len(v) if v else 0.0 for name, v in self._seen.items()}

@@ -31,7 +31,8 @@ class SharingOptions(MethodOptions):
 
     Attributes:
         ratio: fraction of layers to share (``ceil(ratio * L)`` layers).
-        mode: mask mode: ``causal`` (correct), ``legacy`` (reference parity), ``shift-back`` (KVComm-S).
+        mode: mask mode: ``causal`` (correct), ``legacy`` (reference parity), ``shift-back`` (KVComm-S),
+            ``padded-sink`` or ``padded-zero`` (what a paged engine would see, :mod:`kvcomm.protocol.padded`).
         codec: when set (``fp16``, ``int8``, ``klt`` …), every item's KV goes through an encoded
             :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are its real size.
         senders: split each context among this many senders; their KV is concatenated with

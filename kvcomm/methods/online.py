@@ -36,6 +36,7 @@ class OnlineKVComm(KVCommMethod):
 
     name = "online"
     options_model: ClassVar[type[SharingOptions]] = OnlineOptions
+    sequential = True
     options: OnlineOptions
 
     def __init__(self, options: OnlineOptions | None = None, **given: object) -> None:
@@ -94,7 +95,8 @@ class OnlineKVComm(KVCommMethod):
                       sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=kv_bytes)
 
     def state(self) -> dict[str, Any]:
-        """The importance of every item seen so far and each rebuild's ranking (JSON floats are exact)."""
+        """The importance of every item seen so far and each rebuild's ranking (JSON floats are
+        exact): the whole stream, so :meth:`restore` replaces."""
         return {"importance": [row.tolist() for row in self._importance], "history": self._history,
                 "layers": self._layers}
 

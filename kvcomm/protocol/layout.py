@@ -6,6 +6,11 @@ which is exactly the reference code's bug (a sliced mask lets receiver tokens se
 sink-only layers). Instead, every key carries its RoPE position and a validity bit, and the mask of
 each layer is derived from those: a query sees a valid key whose position is not after its own.
 Left padding (batches) is just invalid keys; sliding windows compare the same positions.
+
+Two further modes show what a paged serving engine (vLLM) would make of the same message: every
+layer of a request owns the same token slots there, so a sink-only layer must fill all |C| slots
+and cannot mask them (:mod:`kvcomm.protocol.padded`). Their masks are the causal ones; what
+differs is the keys.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from kvcomm.errors import ConfigError
 
-MaskMode = Literal["causal", "legacy", "shift-back"]
+MaskMode = Literal["causal", "legacy", "shift-back", "padded-sink", "padded-zero"]
 MASK_MODES: tuple[str, ...] = get_args(MaskMode)
 
 
@@ -47,8 +52,10 @@ class AttentionLayout:
         context_len: ``[B]`` valid context tokens per row; own tokens are numbered from here.
         own_pos: ``[B, R]`` positions of own tokens processed so far.
         own_valid: ``[B, R]`` whether each own token is real.
-        mode: ``causal`` (correct masks), ``legacy`` (the reference code's sliced mask) or
-            ``shift-back`` (KVComm-S: the sink is re-rotated next to the receiver; masks causal).
+        mode: ``causal`` (correct masks), ``legacy`` (the reference code's sliced mask),
+            ``shift-back`` (KVComm-S: the sink is re-rotated next to the receiver; masks causal),
+            ``padded-sink`` or ``padded-zero`` (a paged engine's view: sink-only layers padded to
+            the whole context, unmasked; masks causal).
         recorder: when set, prefill attention importance is recorded (calibration).
     """
 

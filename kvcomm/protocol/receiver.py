@@ -2,7 +2,9 @@
 
 At selected layers the receiver's cache starts with the sender's whole context; at the others
 with the sender's first token only (an attention sink). Receiver tokens take positions |C|,
-|C|+1, ... at every layer, so selected layers see exactly the concatenated sequence.
+|C|+1, ... at every layer, so selected layers see exactly the concatenated sequence. In the
+``padded-*`` modes the sink-only layers are widened here, at injection, as a paged engine would
+(:mod:`kvcomm.protocol.padded`); the message itself stays compact.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import WireError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
+from kvcomm.protocol.padded import pad_sink_layers
 from kvcomm.protocol.sender import SenderKV
 from kvcomm.protocol.shared import SharedKV, share
 
@@ -31,12 +34,16 @@ class ReceiverInput:
 def receiver_input(shared: SharedKV) -> ReceiverInput:
     """A receiver cache holding ``shared`` at every layer, and the layout (in ``shared.mode``) that masks it.
 
+    ``kv_bytes`` counts what was received, before a ``padded-*`` mode widens the sink-only layers.
+
     Raises:
         WireError: a layer is left out (a DroidSpeak message: only ``recompute_block`` can use it).
     """
     if absent := [layer for layer, keys in enumerate(shared.keys) if keys.shape[2] == 0]:
         raise WireError(f"layers {absent[0]}:{absent[-1] + 1} are left out of this KV; only a droidspeak receiver, "
                         "which recomputes them from the sender's hidden state, can use it")
+    received = shared.kv_bytes
+    shared = pad_sink_layers(shared)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(zip(shared.keys, shared.values)):
         cache.update(keys, values, layer)
@@ -46,7 +53,7 @@ def receiver_input(shared: SharedKV) -> ReceiverInput:
         own_pos=torch.zeros(batch, 0, dtype=torch.long), own_valid=torch.zeros(batch, 0, dtype=torch.bool),
         mode=shared.mode,
     )
-    return ReceiverInput(cache=cache, layout=layout, kv_bytes=shared.kv_bytes)
+    return ReceiverInput(cache=cache, layout=layout, kv_bytes=received)
 
 
 def build_receiver_input(

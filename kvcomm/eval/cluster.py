@@ -1,0 +1,186 @@
+"""A run's batches on a Ray cluster: one model copy per worker, the serial run's results.
+
+The driver plans the batches, calibrates once and sets the methods up (:func:`evaluate`, as in a
+serial run); the set-up methods, the task and each batch's items go to the workers, which load
+the models once each and run whole batches (:func:`~kvcomm.eval.harness.run_batch`). Their work
+comes back as recorded work does from a checkpoint, and is taken in batch order, so answers,
+scores, the results JSON and the checkpoint are those of the serial run; only the times differ.
+
+Ray starts its workers at nice 15, so that they yield to its own daemons; a local instance
+started here runs them at 0 instead: they do the run's work, and at 15 they lose the cores to
+anything else on the machine (measured here: a worker's matrix products 11× slower beside one
+other busy process). On a cluster of your own, start Ray with ``RAY_worker_niceness=0``.
+
+A worker that dies is started again (its models reloaded) and its batch run again: a batch counts
+once, when its results arrive. Ray is an optional extra (``pip install "kvcomm[ray]"``).
+
+``KVCOMM_WORKER_EXIT_ONCE=<file>``, in the environment the workers start with, makes the first
+worker to begin a batch exit at once, if ``<file>`` does not exist yet (it creates it): the tests,
+and anyone checking a deployment, use it to see a dead worker retried.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import Field
+
+from kvcomm.config import Options
+from kvcomm.errors import ClusterError, ConfigError
+from kvcomm.tasks.base import Item, Task
+
+if TYPE_CHECKING:
+    from kvcomm.eval.checkpoint import BatchRun
+    from kvcomm.methods.base import Method
+
+EXIT_ONCE = "KVCOMM_WORKER_EXIT_ONCE"
+Work = tuple[int, list[Item], list["Method"]]  # a batch's index, its items, the methods still to run on it
+
+
+class RayCluster(Options):
+    """Where a run's batches go.
+
+    Attributes:
+        address: ``local`` starts a Ray instance on this machine (stopped when the run ends);
+            ``auto`` joins the cluster this machine belongs to; ``ray://host:10001`` a remote one.
+        workers: how many workers (each loads the models once). Default: the cluster's CPUs
+            divided by ``threads``.
+        threads: torch threads of each worker, and the CPUs Ray reserves for it.
+        retries: how often a batch is run again after its worker died.
+    """
+
+    what = "ray cluster"
+    address: str = "local"
+    workers: int | None = Field(None, ge=1)
+    threads: int = Field(1, ge=1)
+    retries: int = Field(2, ge=0)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('running on a Ray cluster needs Ray: pip install "kvcomm[ray]"') from None
+    return ray
+
+
+def check_apart(methods: Sequence[Method]) -> None:
+    """Refuses methods whose batches cannot run apart (they learn from the batches before)."""
+    if sequential := [m.label for m in methods if m.sequential]:
+        raise ConfigError(f"{', '.join(sequential)} learns from the batches before, so its batches cannot run "
+                          "apart on a cluster; run it without --ray")
+
+
+class _Worker:
+    """One copy of the models on a worker, running whole batches."""
+
+    def __init__(self, sender: str, receiver: str, dtype: str, threads: int) -> None:
+        from kvcomm.agents import Agents
+
+        torch.set_num_threads(threads)
+        self.agents = Agents.load(sender, receiver, dtype)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, task: Task, methods: Sequence[Method], index: int, items: list[Item],
+            labels: list[str]) -> tuple[int, dict[str, BatchRun]]:
+        from kvcomm.eval.harness import run_batch
+
+        marker = os.environ.get(EXIT_ONCE)
+        if marker and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+        return index, run_batch(self.agents, task, [m for m in methods if m.label in labels], items)
+
+
+class Cluster:
+    """Workers on a Ray cluster, each holding the models ``sender`` and ``receiver`` in ``dtype``.
+
+    Use it as a context manager (or call :meth:`close`): a Ray instance it started is stopped.
+
+    Raises:
+        ConfigError: Ray is not installed.
+        ClusterError: the cluster cannot be reached, or has too few CPUs for one worker.
+    """
+
+    def __init__(self, options: RayCluster, sender: str, receiver: str, dtype: str) -> None:
+        ray = self._ray = _ray()
+        self.options = options
+        self._started = False
+        if not ray.is_initialized():
+            local = options.address == "local"
+            cpus = None if not local or options.workers is None else options.workers * options.threads
+            try:
+                ray.init(address=None if local else options.address, num_cpus=cpus, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False,
+                         _system_config={"worker_niceness": 0} if local else None)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise ClusterError(f"cannot reach the Ray cluster {options.address!r}: {err}") from None
+            self._started = True
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        self.workers = options.workers or cpus // options.threads
+        if self.workers < 1:
+            self.close()
+            raise ClusterError(f"the Ray cluster has {cpus} CPUs, fewer than the {options.threads} threads of "
+                               "one worker")
+        actor = ray.remote(num_cpus=options.threads, max_restarts=options.retries,
+                           max_task_retries=options.retries)(_Worker)
+        self._actors = [actor.remote(sender, receiver, dtype, options.threads) for _ in range(self.workers)]
+        try:  # every worker has its models before anything is sent (a worker that cannot load them says so now)
+            ray.get([a.ready.remote() for a in self._actors])
+        except ray.exceptions.RayError as err:
+            self.close()
+            raise ClusterError(f"a worker could not load {sender}: {' '.join(str(err).split())[:300]}") from None
+
+    def submit(self, task: Task, methods: Sequence[Method], work: list[Work],
+               progress: Callable[[int], object]) -> Pending:
+        """Sends every batch of ``work`` to the workers; ``progress`` hears of the answers as they arrive."""
+        check_apart(methods)
+        from ray.util import ActorPool
+
+        pool = ActorPool(self._actors)
+        task_ref, methods_ref = self._ray.put(task), self._ray.put(list(methods))
+        for index, items, todo in work:
+            pool.submit(lambda actor, job: actor.run.remote(task_ref, methods_ref, *job),
+                        (index, items, [m.label for m in todo]))
+        return Pending(pool, {index for index, _, _ in work}, progress, self._ray)
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Pending:
+    """Batches on their way back from the workers, taken in any order."""
+
+    def __init__(self, pool: Any, indices: set[int], progress: Callable[[int], object], ray: Any) -> None:
+        self._pool, self._waiting, self._progress, self._ray = pool, indices, progress, ray
+        self._arrived: dict[int, dict[str, BatchRun]] = {}
+
+    def take(self, index: int) -> dict[str, BatchRun]:
+        """Batch ``index``'s work by configuration label ({} if it was not sent), once it has arrived.
+
+        Raises:
+            ClusterError: its worker failed more often than the retries allow.
+        """
+        while index in self._waiting and index not in self._arrived:
+            try:
+                done, runs = self._pool.get_next_unordered()
+            except self._ray.exceptions.RayError as err:
+                raise ClusterError(f"a batch failed on the cluster: {' '.join(str(err).split())[:300]}") from None
+            self._arrived[done] = runs
+            self._progress(sum(len(run.items) for run in runs.values()))
+        self._waiting.discard(index)
+        return self._arrived.pop(index, {})

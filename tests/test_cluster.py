@@ -1,0 +1,123 @@
+"""Sweeps on a local Ray cluster (issue 17): the serial run's results, a dead worker retried,
+methods that cannot run apart refused, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvcomm import Agents, EvalConfig, build_methods, evaluate
+from kvcomm.cli import app
+from kvcomm.errors import ClusterError, ConfigError
+from kvcomm.eval import Report
+from kvcomm.eval.cluster import EXIT_ONCE, Cluster, RayCluster
+from kvcomm.models import DEFAULT_MODEL, EMBEDDED
+from kvcomm.tasks import load_task
+
+runner = CliRunner()
+METHODS = ["baseline", "skyline", "kvcomm", "random@0.5", "blend"]
+
+
+def same_results(serial: Report, remote: Report) -> None:
+    """Answers, scores, layers and method details equal; only the times may differ."""
+    assert [r.label for r in serial.runs] == [r.label for r in remote.runs]
+    for a, b in zip(serial.runs, remote.runs):
+        assert [i.model_dump() for i in a.items] == [i.model_dump() for i in b.items], a.label
+        assert (a.scores, a.layers, a.kv_bytes_mean, a.details, a.n) == (b.scores, b.layers, b.kv_bytes_mean,
+                                                                         b.details, b.n), a.label
+    timeless = lambda profile: {key: value for key, value in (profile or {}).items() if key != "cost"}
+    assert timeless(serial.profile) == timeless(remote.profile) and serial.profile
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Agents, str]:
+    from tests.conftest import tiny_loaded
+
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    loaded = tiny_loaded("llama")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return Agents.load(str(folder)), str(folder)
+
+
+def run_both(agents: Agents, name: str, threads: int = 1) -> tuple[Report, Report]:
+    task = load_task("facts", items=14)
+    config = EvalConfig(limit=12, batch_size=3, calib_size=2)
+    serial = evaluate(agents, task, build_methods(METHODS, [0.5]), config, progress=False)
+    with Cluster(RayCluster(workers=2, threads=threads), name, name, "float32") as cluster:
+        remote = evaluate(agents, task, build_methods(METHODS, [0.5]), config, progress=False, cluster=cluster)
+    return serial, remote
+
+
+def test_two_workers_give_the_serial_results(tiny):
+    serial, remote = run_both(*tiny, threads=torch.get_num_threads())
+    same_results(serial, remote)
+    assert remote.runs[0].n == 12 and remote.runs[-1].details["mean_recomputed_tokens"] > 0
+
+
+def test_a_dead_worker_is_started_again_and_its_batch_counted_once(tiny, tmp_path, monkeypatch):
+    marker = tmp_path / "exited"
+    monkeypatch.setenv(EXIT_ONCE, str(marker))  # workers start with it: the first to begin a batch exits
+    serial, remote = run_both(*tiny, threads=torch.get_num_threads())
+    assert marker.exists()  # a worker did die
+    same_results(serial, remote)
+
+
+def test_a_method_that_learns_from_earlier_batches_is_refused_before_anything_starts(tiny):
+    agents, _ = tiny
+
+    class Unreachable:
+        def submit(self, *args: object) -> None:
+            raise AssertionError("nothing may be sent")
+
+    with pytest.raises(ConfigError, match="online@0.5/8 learns from the batches before"):
+        evaluate(agents, load_task("facts", items=6), build_methods(["online"], [0.5]), EvalConfig(limit=4),
+                 progress=False, cluster=Unreachable())  # type: ignore[arg-type]
+    result = runner.invoke(app, ["sweep", "--methods", "online", "--ratios", "0.5", "--ray", "local"])
+    assert result.exit_code == 2 and "cannot run apart on a cluster" in result.output
+
+
+def test_a_worker_that_cannot_load_the_model_is_reported_before_any_work(tmp_path):
+    with pytest.raises(ClusterError, match="a worker could not load"):
+        Cluster(RayCluster(workers=1, retries=0), str(tmp_path / "missing"), str(tmp_path / "missing"), "float32")
+
+
+def test_worker_options_without_ray_are_refused():
+    result = runner.invoke(app, ["sweep", "--workers", "2"])
+    assert result.exit_code == 2 and "--workers and --worker-threads are for --ray" in result.output
+
+
+def sweep(model: str, folder: Path, *extra: str) -> dict:
+    args = ["sweep", "-m", model, "-t", "facts", "--limit", "9", "--batch-size", "3", "--calib-size", "1",
+            "--methods", "baseline,kvcomm", "--ratios", "0.5", "--out-dir", str(folder), "-q", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((folder / "facts.json").read_text())
+
+
+def answers(results: dict) -> list[tuple[str, list[tuple[str, str]], dict]]:
+    return [(run["label"], [(i["id"], i["answer"]) for i in run["items"]], run["scores"]) for run in results["runs"]]
+
+
+def test_the_command_line_runs_on_ray_and_records_every_batch(tiny, tmp_path):
+    _, name = tiny
+    threads = str(torch.get_num_threads())
+    serial = sweep(name, tmp_path / "serial")
+    remote = sweep(name, tmp_path / "ray", "--ray", "local", "--workers", "2", "--worker-threads", threads)
+    assert answers(serial) == answers(remote)
+    assert sorted(p.name for p in (tmp_path / "ray" / "facts.checkpoint").iterdir()) == [
+        "batch-00000.json", "batch-00001.json", "batch-00002.json", "run.json"]
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not EMBEDDED.get(DEFAULT_MODEL).is_installed(),
+                    reason=f"run `kvcomm models install {DEFAULT_MODEL}`")
+def test_smollm2_on_two_workers_answers_as_the_serial_run(tmp_path):
+    threads = str(torch.get_num_threads())
+    serial = sweep(DEFAULT_MODEL, tmp_path / "serial")
+    remote = sweep(DEFAULT_MODEL, tmp_path / "ray", "--ray", "local", "--workers", "2", "--worker-threads", threads)
+    assert answers(serial) == answers(remote)
