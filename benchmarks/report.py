@@ -2,6 +2,7 @@
 
     python benchmarks/report.py methods results/*/countries.json results/*/tipsheets.json > methods.md
     python benchmarks/report.py codecs results/*/tipsheets.json > codecs.md
+    python benchmarks/report.py modes results/*/facts.json > modes.md
 
 ``methods``: one row per configuration (score, interval, layers, bytes per item, wall time), and
 for every layer selection its difference to random layers at the same ratio, ✗ where it is not above;
@@ -10,8 +11,11 @@ for every layer selection its difference to random layers at the same ratio, ✗
 (from an uncompressed kvcomm run: its float32 bytes per item and context length give the bytes of
 every layer at float16; or the ratio-1.0 run's bytes halved when the items carry no token ids) and
 the paired score change against the uncompressed run at the same layers; ✓ marks the wire goal
-(≥ 12× and at most 1 point lower). ``--pool`` first merges files of the same model and task whose
-runs share labels and layers (e.g. a sweep extended to more items), item lists concatenated.
+(≥ 12× and at most 1 point lower).
+``modes``: per ratio, the correct per-layer masks (``causal``) against the paged-engine layouts
+(``padded-sink``, ``padded-zero``) of the same run: paired score difference and unchanged answers.
+``--pool`` first merges files of the same model and task whose runs share labels and layers (e.g.
+a sweep extended to more items), item lists concatenated.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import copy
 import json
 from pathlib import Path
 
+from kvcomm.eval.results import bootstrap_ci
 from kvcomm.selection import format_layers
 
 GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
@@ -98,6 +103,34 @@ def codecs_table(reports: list[dict]) -> None:
                   f"{'–' if delta is None else f'{delta:+.3f}'} | {'✓' if met else ''} |")
 
 
+def modes_table(reports: list[dict]) -> None:
+    """Per model, task and layers: the correct masks (``causal``) against each other mask mode of the
+    same run: score, paired difference with its 95% interval, and how many answers are unchanged."""
+    print("| model | task | n | ratio | layers | mode | score | Δ vs causal [95% CI] | answers as causal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for report in reports:
+        cfg = report["config"]
+        metric = cfg["metric"]
+        kv = [r for r in report["runs"] if r["method"] == "kvcomm" and not r.get("codec")]
+        causal = {tuple(r["layers"]): r for r in kv if r["mode"] == "causal"}
+        for run in sorted(kv, key=lambda r: (r["fraction"], MODE_ORDER.get(r["mode"], 9))):
+            base = causal.get(tuple(run["layers"]))
+            if base is None:
+                continue
+            mine = {i["id"]: i for i in run["items"]}
+            pairs = [(mine[i["id"]], i) for i in base["items"] if i["id"] in mine]
+            deltas = [a["scores"][metric] - b["scores"][metric] for a, b in pairs]
+            same = sum(a["answer"] == b["answer"] for a, b in pairs)
+            low, high = bootstrap_ci(deltas)
+            delta = "–" if run is base else f"{sum(deltas) / len(deltas):+.3f} [{low:+.3f}, {high:+.3f}]"
+            print(f"| {cfg['receiver']} | {cfg['task']} | {len(pairs)} | {run['fraction']:.1f} | "
+                  f"{len(run['layers'])}/{cfg['num_layers']} | {run['mode']} | "
+                  f"{run['scores'][metric]['mean']:.3f} ({metric}) | {delta} | {same}/{len(pairs)} |")
+
+
+MODE_ORDER = {"causal": 0, "padded-sink": 1, "padded-zero": 2}
+
+
 def pooled(reports: list[dict]) -> list[dict]:
     """Reports of the same model and task merged into one: the runs every file has (same label and
     layers), their items concatenated; an item id seen twice is refused."""
@@ -130,7 +163,7 @@ def pooled(reports: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["methods", "codecs"])
+    parser.add_argument("table", choices=["methods", "codecs", "modes"])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--uncompressed", action="store_true", help="methods: skip runs through a wire codec")
     parser.add_argument("--pool", action="store_true", help="merge files of the same model and task first")
@@ -140,6 +173,8 @@ def main() -> None:
         reports = pooled(reports)
     if args.table == "methods":
         methods_table(reports, args.uncompressed)
+    elif args.table == "modes":
+        modes_table(reports)
     else:
         codecs_table(reports)
 

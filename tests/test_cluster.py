@@ -15,6 +15,7 @@ from kvcomm.cli import app
 from kvcomm.errors import ClusterError, ConfigError
 from kvcomm.eval import Report
 from kvcomm.eval.cluster import EXIT_ONCE, Cluster, RayCluster
+from kvcomm.graphs.compare import compare, edge_grid
 from kvcomm.models import DEFAULT_MODEL, EMBEDDED
 from kvcomm.tasks import load_task
 
@@ -57,6 +58,21 @@ def test_two_workers_give_the_serial_results(tiny):
     serial, remote = run_both(*tiny, threads=torch.get_num_threads())
     same_results(serial, remote)
     assert remote.runs[0].n == 12 and remote.runs[-1].details["mean_recomputed_tokens"] > 0
+
+
+def test_a_graph_on_two_workers_gives_the_serial_replies_and_counts(tiny):
+    agents, name = tiny
+    task = load_task("relay", items=5, hops=2)
+    edges = edge_grid(["kv", "text"], [None, 0.5], ["fp16"], [0.15])
+    run = lambda cluster: compare(agents.sender, task, task.items, "chain", 2, edges, batch_size=2,  # noqa: E731
+                                  reply_tokens=4, progress=False, cluster=cluster)
+    serial = run(None)
+    with Cluster(RayCluster(workers=2, threads=torch.get_num_threads()), name, name, "float32") as cluster:
+        remote = run(cluster)
+    untimed = {"ttft_s", "seconds"}
+    for a, b in zip(serial.runs, remote.runs, strict=True):
+        assert a.items == b.items and a.scores == b.scores and a.bytes_per_item == b.bytes_per_item, a.label
+        assert [s.model_dump(exclude=untimed) for s in a.steps] == [s.model_dump(exclude=untimed) for s in b.steps]
 
 
 def test_a_dead_worker_is_started_again_and_its_batch_counted_once(tiny, tmp_path, monkeypatch):
@@ -111,6 +127,20 @@ def test_the_command_line_runs_on_ray_and_records_every_batch(tiny, tmp_path):
     assert answers(serial) == answers(remote)
     assert sorted(p.name for p in (tmp_path / "ray" / "facts.checkpoint").iterdir()) == [
         "batch-00000.json", "batch-00001.json", "batch-00002.json", "run.json"]
+
+
+def test_the_graph_command_runs_on_ray(tiny, tmp_path):
+    _, name = tiny
+    args = ["graph", "-m", name, "--agents", "2", "--limit", "4", "--via", "kv", "--blends", "none", "--no-single",
+            "--reply-tokens", "4", "--batch-size", "2", "-q"]
+    replies = []
+    for out, extra in ((tmp_path / "serial.json", []), (tmp_path / "ray.json", ["--ray", "local", "--workers", "2",
+                                                                               "--worker-threads",
+                                                                               str(torch.get_num_threads())])):
+        result = runner.invoke(app, [*args, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        replies.append([item["replies"] for run in json.loads(out.read_text())["runs"] for item in run["items"]])
+    assert replies[0] == replies[1] and len(replies[0]) == 4
 
 
 @pytest.mark.model

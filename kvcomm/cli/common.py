@@ -23,6 +23,7 @@ from rich.console import Console
 
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
+from kvcomm.eval.cluster import RayCluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
@@ -104,6 +105,25 @@ Mode = Annotated[MaskMode | None, typer.Option(
     help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S), padded-sink or "
                       "padded-zero (a paged engine's view: sink-only layers padded to the context, unmasked).",
                       SharingOptions, "mode"))]
+
+
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray", metavar="ADDRESS",
+    help="Run the batches on a Ray cluster, one model copy per worker, with the serial run's results: 'local' "
+         "starts one on this machine, 'auto' joins the cluster this machine is in, or ray://HOST:PORT. "
+         "Needs: pip install \"kvcomm[ray]\".")]
+Workers = Annotated[int | None, typer.Option(
+    min=1, help="--ray: workers. (default: the cluster's CPUs / --worker-threads)")]
+WorkerThreads = Annotated[int, typer.Option(min=1, help="--ray: torch threads (and CPUs) per worker.")]
+
+
+def ray_cluster(address: str | None, workers: int | None, threads: int) -> RayCluster | None:
+    """The cluster ``--ray`` names (None without it); the worker options are refused without it."""
+    if address is None:
+        if workers is not None or threads != 1:
+            raise ConfigError("--workers and --worker-threads are for --ray")
+        return None
+    return RayCluster(address=address, workers=workers, threads=threads)
 
 
 @dataclass(frozen=True)

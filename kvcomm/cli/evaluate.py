@@ -9,10 +9,20 @@ from typing import Annotated
 
 import typer
 
-from kvcomm.cli.common import CODEC_HELP, METHOD_HELP, RunOptions, check_layers, check_output, run_options
+from kvcomm.cli.common import (
+    CODEC_HELP,
+    METHOD_HELP,
+    RayAddress,
+    RunOptions,
+    Workers,
+    WorkerThreads,
+    check_layers,
+    check_output,
+    ray_cluster,
+    run_options,
+)
 from kvcomm.cli.runner import run_tasks
 from kvcomm.errors import ConfigError
-from kvcomm.eval.cluster import RayCluster
 from kvcomm.methods import METHODS, base_name, build_methods
 from kvcomm.methods.kvcomm import DEFAULT_RATIO, DEFAULT_RATIOS
 from kvcomm.protocol import MASK_MODES
@@ -62,14 +72,7 @@ def sweep_command(
     modes: Annotated[str | None, typer.Option(
         help=f"Comma-separated mask modes for methods that share KV, one configuration each "
              f"({', '.join(MASK_MODES)}); instead of --mode.")] = None,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", metavar="ADDRESS",
-        help="Run the batches on a Ray cluster, one model copy per worker, with the serial run's results: "
-             "'local' starts one on this machine, 'auto' joins the cluster this machine is in, or "
-             "ray://HOST:PORT. Needs: pip install \"kvcomm[ray]\".")] = None,
-    workers: Annotated[int | None, typer.Option(
-        min=1, help="--ray: workers. (default: the cluster's CPUs / --worker-threads)")] = None,
-    worker_threads: Annotated[int, typer.Option(min=1, help="--ray: torch threads (and CPUs) per worker.")] = 1,
+    ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
 ) -> None:
     """Evaluate methods × ratios × codecs on one or more tasks; per task a results JSON, a samples
     file and score plots."""
@@ -91,7 +94,4 @@ def sweep_command(
                               f"Valid: {', '.join(MASK_MODES)}")
     build = lambda: build_methods(tokens, fractions, wire, masks, **run.method_options())
     build()
-    if ray is None and (workers is not None or worker_threads != 1):
-        raise ConfigError("--workers and --worker-threads are for --ray")
-    cluster = RayCluster(address=ray, workers=workers, threads=worker_threads) if ray is not None else None
-    run_tasks(run, build, plots=True, ray=cluster)
+    run_tasks(run, build, plots=True, ray=ray_cluster(ray, workers, worker_threads))

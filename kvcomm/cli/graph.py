@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,13 +15,18 @@ from kvcomm.cli.common import (
     Dtype,
     Overwrite,
     Quiet,
+    RayAddress,
     TaskName,
+    Workers,
+    WorkerThreads,
     check_output,
     console,
     quiet_libraries,
+    ray_cluster,
 )
 from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
+from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.compare import compare, edge_grid
 from kvcomm.graphs.report import plot_graph, print_graph
@@ -79,6 +85,7 @@ def graph_command(
     reply_tokens: Annotated[int | None, typer.Option(
         min=1, help="Budget of every turn but the last. (default: the task's answer budget)")] = None,
     batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
     out: Annotated[Path | None, typer.Option(
         help="Results JSON; the plot is written beside it. (default: results/graph-<task>-<topology>-<model>.json)")]
     = None,
@@ -99,14 +106,19 @@ def graph_command(
     except ConfigError as err:
         raise ConfigError(f"--via: {err}") from None
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
+    cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
     the_task = graph_task(task, data, agents, limit, seed)
     out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
                        "results", overwrite)
-    with quiet_libraries(quiet):
+    with quiet_libraries(quiet), contextlib.ExitStack() as stack:
         loaded = load_model(model, dtype)
+        cluster = None
+        if cluster_options is not None:
+            cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype))
+            console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
-                         batch_size or 8, reply_tokens, progress=not quiet, command=command_line())
+                         batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster)
     report.save(out)
     plot = plot_graph(report, out.with_suffix(".png"))
     print_graph(report)

@@ -1,10 +1,11 @@
-"""A run's batches on a Ray cluster: one model copy per worker, the serial run's results.
+"""Batches of a run on a Ray cluster: one model copy per worker, the serial run's results.
 
-The driver plans the batches, calibrates once and sets the methods up (:func:`evaluate`, as in a
-serial run); the set-up methods, the task and each batch's items go to the workers, which load
-the models once each and run whole batches (:func:`~kvcomm.eval.harness.run_batch`). Their work
-comes back as recorded work does from a checkpoint, and is taken in batch order, so answers,
-scores, the results JSON and the checkpoint are those of the serial run; only the times differ.
+The driver plans the batches and does everything that decides a result once (a sweep calibrates
+and sets its methods up, as in a serial run); a :class:`Job` (the set-up methods, or a graph),
+the task and each batch's items go to the workers, which load the models once each and run whole
+batches. Their work comes back and is taken in batch order (a sweep takes it as recorded work,
+as from a checkpoint), so answers, scores, the results JSON and the checkpoint are those of the
+serial run; only the times differ.
 
 Ray starts its workers at nice 15, so that they yield to its own daemons; a local instance
 started here runs them at 0 instead: they do the run's work, and at 15 they lose the cores to
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import Field
@@ -34,11 +35,21 @@ from kvcomm.errors import ClusterError, ConfigError
 from kvcomm.tasks.base import Item, Task
 
 if TYPE_CHECKING:
-    from kvcomm.eval.checkpoint import BatchRun
+    from kvcomm.agents import Agents
     from kvcomm.methods.base import Method
 
 EXIT_ONCE = "KVCOMM_WORKER_EXIT_ONCE"
-Work = tuple[int, list[Item], list["Method"]]  # a batch's index, its items, the methods still to run on it
+Work = tuple[int, list[Item], Any]  # a batch's index, its items, what the job needs to know of this batch
+
+
+class Job(Protocol):
+    """What the workers do with a batch (pickled once per submission, so it holds no model)."""
+
+    def run_batch(self, agents: Agents, task: Task, items: list[Item], extra: Any) -> Any:
+        """The batch's results; ``extra`` is the batch's own part of the work."""
+
+    def answers(self, result: Any) -> int:
+        """How many answers a result holds (for progress)."""
 
 
 class RayCluster(Options):
@@ -87,15 +98,12 @@ class _Worker:
     def ready(self) -> bool:
         return True
 
-    def run(self, task: Task, methods: Sequence[Method], index: int, items: list[Item],
-            labels: list[str]) -> tuple[int, dict[str, BatchRun]]:
-        from kvcomm.eval.harness import run_batch
-
+    def run(self, task: Task, job: Job, index: int, items: list[Item], extra: Any) -> tuple[int, Any]:
         marker = os.environ.get(EXIT_ONCE)
         if marker and not Path(marker).exists():
             Path(marker).touch()
             os._exit(1)
-        return index, run_batch(self.agents, task, [m for m in methods if m.label in labels], items)
+        return index, job.run_batch(self.agents, task, items, extra)
 
 
 class Cluster:
@@ -137,18 +145,15 @@ class Cluster:
             self.close()
             raise ClusterError(f"a worker could not load {sender}: {' '.join(str(err).split())[:300]}") from None
 
-    def submit(self, task: Task, methods: Sequence[Method], work: list[Work],
-               progress: Callable[[int], object]) -> Pending:
+    def submit(self, task: Task, job: Job, work: list[Work], progress: Callable[[int], object]) -> Pending:
         """Sends every batch of ``work`` to the workers; ``progress`` hears of the answers as they arrive."""
-        check_apart(methods)
         from ray.util import ActorPool
 
         pool = ActorPool(self._actors)
-        task_ref, methods_ref = self._ray.put(task), self._ray.put(list(methods))
-        for index, items, todo in work:
-            pool.submit(lambda actor, job: actor.run.remote(task_ref, methods_ref, *job),
-                        (index, items, [m.label for m in todo]))
-        return Pending(pool, {index for index, _, _ in work}, progress, self._ray)
+        task_ref, job_ref = self._ray.put(task), self._ray.put(job)
+        for piece in work:
+            pool.submit(lambda actor, batch: actor.run.remote(task_ref, job_ref, *batch), piece)
+        return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray)
 
     def close(self) -> None:
         if self._started:
@@ -165,12 +170,12 @@ class Cluster:
 class Pending:
     """Batches on their way back from the workers, taken in any order."""
 
-    def __init__(self, pool: Any, indices: set[int], progress: Callable[[int], object], ray: Any) -> None:
-        self._pool, self._waiting, self._progress, self._ray = pool, indices, progress, ray
-        self._arrived: dict[int, dict[str, BatchRun]] = {}
+    def __init__(self, pool: Any, indices: set[int], progress: Callable[[int], object], job: Job, ray: Any) -> None:
+        self._pool, self._waiting, self._progress, self._job, self._ray = pool, indices, progress, job, ray
+        self._arrived: dict[int, Any] = {}
 
-    def take(self, index: int) -> dict[str, BatchRun]:
-        """Batch ``index``'s work by configuration label ({} if it was not sent), once it has arrived.
+    def take(self, index: int, default: Any = None) -> Any:
+        """Batch ``index``'s result once it has arrived (``default`` if it was not sent).
 
         Raises:
             ClusterError: its worker failed more often than the retries allow.
@@ -181,6 +186,6 @@ class Pending:
             except self._ray.exceptions.RayError as err:
                 raise ClusterError(f"a batch failed on the cluster: {' '.join(str(err).split())[:300]}") from None
             self._arrived[done] = runs
-            self._progress(sum(len(run.items) for run in runs.values()))
+            self._progress(self._job.answers(runs))
         self._waiting.discard(index)
-        return self._arrived.pop(index, {})
+        return self._arrived.pop(index, default)

@@ -277,11 +277,11 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     if cluster is not None:
         todo = {index: [m for m in methods if checkpoint is None or checkpoint.done(index, m.label) is None]
                 for index in range(len(chunks))}
-        remote = cluster.submit(task, methods, [(index, chunks[index], todo[index]) for index in todo if todo[index]],
-                                bar.update)
+        work = [(index, chunks[index], [m.label for m in todo[index]]) for index in todo if todo[index]]
+        remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
         batch: Batch | None = None
-        fetched = remote.take(index) if remote is not None else {}
+        fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
         for method in methods:
             done = checkpoint.done(index, method.label) if checkpoint is not None else None
             ran_here = done is None and method.label not in fetched
@@ -302,10 +302,19 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     return tally
 
 
-def run_batch(agents: Agents, task: Task, methods: Sequence[Method], items: list[Item]) -> dict[str, BatchRun]:
-    """Every method's work on one batch, as the serial run does it (what a cluster's worker runs)."""
-    batch = Batch(agents, task, items)
-    return {method.label: _run_one(method, batch) for method in methods}
+@dataclass
+class _SweepJob:
+    """What a cluster's worker does with a batch of a sweep: the named set-up methods, as the
+    serial loop runs them (on the worker's copies: fresh for every batch)."""
+
+    methods: list[Method]
+
+    def run_batch(self, agents: Agents, task: Task, items: list[Item], labels: list[str]) -> dict[str, BatchRun]:
+        batch = Batch(agents, task, items)
+        return {method.label: _run_one(method, batch) for method in self.methods if method.label in labels}
+
+    def answers(self, result: dict[str, BatchRun]) -> int:
+        return sum(len(run.items) for run in result.values())
 
 
 def _run_one(method: Method, batch: Batch) -> BatchRun:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from kvcomm.errors import ConfigError
+from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.provenance import utc_now
 from kvcomm.eval.results import environment
 from kvcomm.graphs.graph import EdgeOptions, Graph, GraphReport
@@ -40,12 +41,14 @@ def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequen
 
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
             edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
-            reply_tokens: int | None = None, progress: bool = True, command: str | None = None) -> GraphReport:
-    """Runs the single-agent reference (``single``) and the graph once per edge configuration."""
+            reply_tokens: int | None = None, progress: bool = True, command: str | None = None,
+            cluster: Cluster | None = None) -> GraphReport:
+    """Runs the single-agent reference (``single``) and the graph once per edge configuration (on
+    ``cluster``'s workers, batch by batch, when given)."""
     started = utc_now()
     graphs = [Graph.single(model)] if single else []
     graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens) for edge in edges]
-    runs = [graph.run(task, items, batch_size, progress) for graph in graphs]
+    runs = [graph.run(task, items, batch_size, progress, cluster) for graph in graphs]
     config = {"task": task.name, "seed": task.seed, "metric": task.metric, "model": model.name,
               "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,
               "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -52,6 +52,10 @@ from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import contains, score_all
 from kvcomm.wire import KVMessage, make_codec
 from kvcomm.wire.codecs import CodecName
+
+if TYPE_CHECKING:
+    from kvcomm.agents import Agents
+    from kvcomm.eval.cluster import Cluster
 
 clock: Callable[[], float] = time.perf_counter
 RESULTS_VERSION = 1
@@ -270,9 +274,11 @@ class Graph:
             return self.model.follow_up_ids(message)
         return self.model.encode_message(message)
 
-    def run(self, task: Task, items: Sequence[Item], batch_size: int = 8, progress: bool = True) -> GraphRun:
+    def run(self, task: Task, items: Sequence[Item], batch_size: int = 8, progress: bool = True,
+            cluster: Cluster | None = None) -> GraphRun:
         """Runs every item through the graph, ``batch_size`` at a time; the last step's reply is
-        scored with the task's metrics."""
+        scored with the task's metrics. With a ``cluster``, its workers run the batches (each on its
+        own copy of the model) and the results are taken in order: the same replies and scores."""
         if not items:
             raise ConfigError("a graph run needs at least one item")
         for item in items if self.agents > 1 else ():
@@ -284,9 +290,19 @@ class Graph:
         tally = [_StepTally() for _ in self.steps]
         began = clock()
         bar = tqdm(total=len(items) * len(self.steps), desc=self.label, unit="turn", disable=not progress)
-        for start in range(0, len(items), batch_size):
-            batch = list(items[start:start + batch_size])
-            replies = self._run_batch(task, batch, tally, bar)
+        batches = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+        remote = None
+        if cluster is not None:
+            job = _GraphJob(self.steps, self.agents, self.edge, self.reply_tokens, self.topology)
+            remote = cluster.submit(task, job, [(index, batch, None) for index, batch in enumerate(batches)],
+                                    bar.update)
+        for index, batch in enumerate(batches):
+            if remote is None:
+                replies = self._run_batch(task, batch, tally, bar)
+            else:
+                replies, parts = remote.take(index)
+                for whole, part in zip(tally, parts):
+                    whole.merge(part)
             for row, item in enumerate(batch):
                 answer = replies[-1][row]
                 rows.append(GraphItem(id=item.id, answer=answer, gold=list(item.answers),
@@ -410,6 +426,16 @@ class _StepTally:
         self.bytes_out += bytes_out
         self.replies = (self.replies or []) + replies
 
+    def merge(self, other: _StepTally) -> None:
+        """Adds the batches ``other`` counted (a worker's), after this one's."""
+        self.ttft += other.ttft
+        self.seconds += other.seconds
+        self.batches += other.batches
+        self.tokens += other.tokens
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.replies = (self.replies or []) + (other.replies or [])
+
     def row(self, step: Step, n: int, golds: list[str] | None) -> AgentRow:
         hop = None
         if golds is not None and self.replies is not None:
@@ -419,3 +445,24 @@ class _StepTally:
                         bytes_in=self.bytes_in / n, bytes_out=self.bytes_out / n, ttft_s=self.ttft / self.batches,
                         seconds=self.seconds, tokens=self.tokens / n, hop_accuracy=hop)
 
+
+@dataclass
+class _GraphJob:
+    """What a cluster's worker does with a batch of a graph run: the same graph on its own copy of
+    the model (the model itself never travels)."""
+
+    steps: list[Step]
+    agents: int
+    edge: EdgeOptions
+    reply_tokens: int | None
+    topology: str
+
+    def run_batch(self, agents: Agents, task: Task, items: list[Item],
+                  extra: None) -> tuple[list[list[str]], list[_StepTally]]:
+        graph = Graph(agents.sender, self.steps, self.agents, self.edge, self.reply_tokens, self.topology)
+        tally = [_StepTally() for _ in self.steps]
+        replies = graph._run_batch(task, items, tally, tqdm(disable=True))
+        return replies, tally
+
+    def answers(self, result: tuple[list[list[str]], list[_StepTally]]) -> int:
+        return sum(len(replies) for replies in result[0])
