@@ -7,6 +7,7 @@ Every configuration kvcomm takes from a user (a method's options, an evaluation,
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,6 +32,9 @@ def describe(err: ValidationError, what: str, fields: list[str] | None = None) -
     return line
 
 
+_NAMED: ContextVar[str | None] = ContextVar("kvcomm_options_named", default=None)  # the name build() was given
+
+
 class Options(BaseModel):
     """Base of kvcomm's option models: frozen, strict about unknown keys, errors as ConfigError."""
 
@@ -41,15 +45,19 @@ class Options(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError(describe(err, self.what, list(type(self).model_fields))) from None
+            raise ConfigError(describe(err, _NAMED.get() or self.what, list(type(self).model_fields))) from None
 
     @classmethod
     def build(cls, what: str | None = None, **data: Any) -> Self:
-        """Like the constructor, naming ``what`` (e.g. a method name) in any error."""
+        """Like the constructor, naming ``what`` (e.g. a method name) in any error.
+
+        (Not ``model_validate``: pydantic runs an overridden ``__init__`` inside validation, so
+        its error would come back wrapped in a second one.)"""
+        token = _NAMED.set(what)
         try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(describe(err, what or cls.what, list(cls.model_fields))) from None
+            return cls(**data)
+        finally:
+            _NAMED.reset(token)
 
     def changed(self, **data: Any) -> Self:
         """A validated copy with ``data`` replacing fields."""

@@ -126,6 +126,13 @@ MISTAKES = [
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),
     ("models derive smollm2-135m --from {model} --recipe terse", "embedded model's name"),
     ("models derive 'bad name' --from {model} --recipe terse", "name"),
+    ("sweep -m {model} --methods kvcomm --ratios 2", "error: kvcomm: ratio: Input should be less than"),  # said once
+    ("sweep -m {model} --methods kvcomm --modes causal,paded-sink", "Did you mean 'padded-sink'"),
+    ("sweep -m {model} --methods kvcomm --modes causal --mode legacy", "not both"),
+    ("sweep -m {model} --methods baseline --modes causal", "does not take 'mode'"),
+    ("sweep -m {model} --methods online --ray local", "cannot run apart on a cluster"),
+    ("sweep -m {model} --workers 2", "are for --ray"),
+    ("graph -m {model} --worker-threads 2", "are for --ray"),
 ]
 
 

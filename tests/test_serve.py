@@ -329,6 +329,16 @@ def test_kv_return_refuses_what_it_cannot_do_and_stores_nothing(http, app):
     assert chat(http, "Where?", kv_return={}).status_code == 200 and len(app.state.store.list()) == before + 1
 
 
+def test_kv_return_over_the_message_size_limit_is_refused_before_generating(agent):
+    config = ServeConfig(max_message_bytes=1024, served_model_names=("tiny",))
+    with TestClient(create_app(agent, MemoryStore(), config)) as http:
+        refused = chat(http, "Mira lives in Oslo. Where?", max_tokens=8, kv_return={"content": "turn"})
+        assert refused.status_code == 413 and "could be" in refused.json()["error"]["message"], refused.text
+        assert refused.json()["error"]["param"] == "kv_return"
+        assert http.app.state.store.list() == []
+        assert "kvcomm:generation_tokens_total 0.0" in http.get("/metrics").text  # nothing was generated
+
+
 def test_the_launcher_starts_agents_and_stops_them(tiny_dir):
     import socket
 

@@ -34,7 +34,7 @@ from kvcomm.selection import Profile
 from kvcomm.serve import errors
 from kvcomm.serve.chat import Received, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
-from kvcomm.serve.contexts import ContextMaker
+from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
@@ -222,8 +222,16 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
 
     async def _chat_returning(body: ChatRequest, request: Request, job: Job, received: Received, ids: list[int],
                               budget: int, name: str, usage: Any, began: float) -> Any:
-        """A completion that also stores its turn as a KV message (``kv_return``) and names it."""
+        """A completion that also stores its turn as a KV message (``kv_return``) and names it; a
+        message sure to be over the size limit is refused before any generation."""
         assert body.kv_return is not None
+        keep = body.kv_return
+        most = raw_payload_bytes(agent, make_codec(keep.codec), keep.layers,
+                                 (len(ids) if keep.content == "turn" else 0) + budget)
+        if most is not None and most > config.max_message_bytes:
+            raise ServiceRefusal(413, f"kv_return: the turn's message could be {most:,} bytes; the service stores at "
+                                      f"most {config.max_message_bytes:,} (fewer layers, a smaller codec, content "
+                                      "'reply' or a smaller max_tokens)", "message_too_large", "kv_return")
         work = partial(generate_returning, agent, received, ids, budget, config, metrics, blending=body.kv_blend,
                        keep=body.kv_return)
         watcher = asyncio.create_task(watch_disconnect(request, job))
@@ -231,6 +239,9 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             tokens, finish, data = await worker.run(job, work)
         finally:
             watcher.cancel()
+        if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
+            raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores at "
+                                      f"most {config.max_message_bytes:,}", "message_too_large", "kv_return")
         message_id = f"turn-{uuid.uuid4().hex}"
         await anyio.to_thread.run_sync(store.put, message_id, data)
         metrics.e2e.observe(time.monotonic() - began)

@@ -29,6 +29,18 @@ from kvcomm.wire.bootstrap import model_codebook
 CALIBRATION_ITEMS = 4  # generated facts items the service calibrates on when it must
 
 
+def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
+                      mode: MaskMode = "causal") -> int | None:
+    """The payload of a message of ``tokens`` tokens at ``layers`` (every layer if None; the sink
+    elsewhere): exact for the uncompressed codecs, None for the compressing ones."""
+    if codec.name != "raw":
+        return None
+    fp, width = agent.fingerprint, {"float32": 4}.get(str(codec.params().get("dtype")), 2)
+    full = set(effective_layers(range(fp["num_layers"]) if layers is None else layers, mode))
+    columns = sum(tokens if layer in full else 1 for layer in range(fp["num_layers"]))
+    return 2 * width * fp["num_kv_heads"] * fp["head_dim"] * columns
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a context request resolves to before any prefill."""
@@ -110,13 +122,8 @@ class ContextMaker:
     def check_size(self, plan: Plan) -> None:
         """Refuses, before any prefill, a context whose message will be over the size limit for sure
         (exact for the uncompressed codecs; compressing codecs are checked after encoding)."""
-        if plan.codec.name != "raw":
-            return
-        fp, width = self.agent.fingerprint, {"float32": 4}.get(str(plan.codec.params().get("dtype")), 2)
-        layers = set(effective_layers(range(fp["num_layers"]) if plan.layers is None else plan.layers, plan.mode))
-        tokens = sum(len(plan.ids) if layer in layers else 1 for layer in range(fp["num_layers"]))
-        size = 2 * width * fp["num_kv_heads"] * fp["head_dim"] * tokens
-        if size > self.config.max_message_bytes:
+        size = raw_payload_bytes(self.agent, plan.codec, plan.layers, len(plan.ids), plan.mode)
+        if size is not None and size > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
 
