@@ -2,7 +2,8 @@
 
 The data goes to a uniquely named temporary file in the target's folder (so two processes writing
 the same file never share one), is flushed to disk, and then replaces the target with one
-``os.replace``. Temporary names start with a dot and end in ``.tmp``: ids that kvcomm stores never
+``os.replace``; the file gets the permissions the replaced file had, or a new file's (the umask
+applies). Temporary names start with a dot and end in ``.tmp``: ids that kvcomm stores never
 do, so a crash leaves nothing that can be mistaken for real data.
 """
 
@@ -38,6 +39,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
     try:
+        os.fchmod(fd, _mode_for(target))  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "wb") as out:
             yield out
             out.flush()
@@ -58,6 +60,25 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], obje
         else:
             out.write(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
+
+
+def _mode_for(target: Path) -> int:
+    """The permissions the file gets: the replaced file's, else what ``open`` would give a new one
+    (0666 less the process's umask)."""
+    with contextlib.suppress(FileNotFoundError):
+        return target.stat().st_mode & 0o7777
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux); elsewhere set
+    and restored at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sync_folder(folder: Path) -> None:

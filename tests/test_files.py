@@ -40,3 +40,19 @@ def test_text_and_writer_functions(tmp_path):
     assert atomic_write(tmp_path / "a" / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
     atomic_write(tmp_path / "w.bin", lambda out: out.write(b"xyz"))
     assert (tmp_path / "w.bin").read_bytes() == b"xyz"
+
+
+def test_a_written_file_has_the_permissions_open_would_give_or_keeps_the_replaced_ones(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        fresh = atomic_write(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640  # 0666 less the umask, not mkstemp's 0600
+        (tmp_path / "private.json").write_text("x")
+        os.chmod(tmp_path / "private.json", 0o600)
+        atomic_write(tmp_path / "private.json", "y")
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
