@@ -120,6 +120,7 @@ class Cluster:
         ray = self._ray = _ray()
         self.options = options
         self._started = False
+        self._actors: list[Any] = []
         if not ray.is_initialized():
             local = options.address == "local"
             cpus = None if not local or options.workers is None else options.workers * options.threads
@@ -156,6 +157,10 @@ class Cluster:
         return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray)
 
     def close(self) -> None:
+        """Stops the workers (their models leave the cluster), and a Ray instance started here."""
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
         if self._started:
             self._ray.shutdown()
             self._started = False
@@ -182,10 +187,10 @@ class Pending:
         """
         while index in self._waiting and index not in self._arrived:
             try:
-                done, runs = self._pool.get_next_unordered()
+                done, result = self._pool.get_next_unordered()
             except self._ray.exceptions.RayError as err:
                 raise ClusterError(f"a batch failed on the cluster: {' '.join(str(err).split())[:300]}") from None
-            self._arrived[done] = runs
-            self._progress(self._job.answers(runs))
+            self._arrived[done] = result
+            self._progress(self._job.answers(result))
         self._waiting.discard(index)
         return self._arrived.pop(index, default)

@@ -275,9 +275,11 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     chunks = list(_chunks(agents, task, test, config, checkpoint))
     remote = None
     if cluster is not None:
-        todo = {index: [m for m in methods if checkpoint is None or checkpoint.done(index, m.label) is None]
-                for index in range(len(chunks))}
-        work = [(index, chunks[index], [m.label for m in todo[index]]) for index in todo if todo[index]]
+        work = []
+        for index, chunk in enumerate(chunks):
+            labels = [m.label for m in methods if checkpoint is None or checkpoint.done(index, m.label) is None]
+            if labels:
+                work.append((index, chunk, labels))
         remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
         batch: Batch | None = None
