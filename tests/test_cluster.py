@@ -57,6 +57,7 @@ def run_both(agents: Agents, name: str, threads: int = 1) -> tuple[Report, Repor
 def test_two_workers_give_the_serial_results(tiny):
     serial, remote = run_both(*tiny, threads=torch.get_num_threads())
     same_results(serial, remote)
+    assert "ray" not in serial.environment and "2 workers" in remote.environment["ray"]
     assert remote.runs[0].n == 12 and remote.runs[-1].details["mean_recomputed_tokens"] > 0
 
 

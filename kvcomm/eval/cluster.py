@@ -156,6 +156,11 @@ class Cluster:
             pool.submit(lambda actor, batch: actor.run.remote(task_ref, job_ref, *batch), piece)
         return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray)
 
+    def describe(self) -> str:
+        """Where the batches ran, for a report's environment: Ray's version, the workers, the address."""
+        return (f"ray {self._ray.__version__}, {self.workers} workers x {self.options.threads} thread(s), "
+                f"address {self.options.address}")
+
     def close(self) -> None:
         """Stops the workers (their models leave the cluster), and a Ray instance started here."""
         for actor in self._actors:

@@ -150,7 +150,7 @@ def evaluate(
         config=_report_config(agents, task, test, calib, config, methods, sources),
         provenance=checkpoint.provenance() if checkpoint is not None else
         {"command": command, "date": started, "resumed": []},
-        environment=environment(),
+        environment=environment(cluster),
         profile=sources.profile.model_dump() if sources.profile is not None else None,
         profiles=sources.all_profiles(),
         runs=[tally.result(method, agents.num_layers) for method in methods],

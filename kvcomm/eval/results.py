@@ -11,7 +11,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from kvcomm.files import atomic_write
+
+if TYPE_CHECKING:
+    from kvcomm.eval.cluster import Cluster
 
 RESULTS_VERSION = 2
 BOOTSTRAP_SEED = 0  # the seed of every confidence interval, so reports are reproducible
@@ -76,9 +79,9 @@ class Report(BaseModel):
         atomic_write(path, self.model_dump_json(indent=1) + "\n")
 
 
-def environment() -> dict[str, str]:
+def environment(cluster: Cluster | None = None) -> dict[str, str]:
     """Versions of kvcomm (and its git commit, when it runs from a repository), torch,
-    transformers and Python, and the machine."""
+    transformers and Python, and the machine; and the Ray cluster the batches ran on, if any."""
     import transformers
 
     from kvcomm import __version__
@@ -89,7 +92,7 @@ def environment() -> dict[str, str]:
         "kvcomm": __version__, **({"git_commit": commit} if commit else {}), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    } | ({"ray": cluster.describe()} if cluster is not None else {})
 
 
 def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
