@@ -42,6 +42,7 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(
         help="Results JSON of a one-task run; the samples file and checkpoint go beside it. "
              "(default: <task>.json in the run folder, see --out-dir)")] = None,
+    ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
 ) -> None:
     """Evaluate one method on one or more tasks; write a results JSON and a samples file per task."""
     depth = run.check_models()
@@ -53,7 +54,7 @@ def eval_command(
         [method], [ratio] if ratio is not None else None, [codec] if codec else None,
         layers=tuple(explicit) if explicit else None, **run.method_options())
     build()
-    run_tasks(run, build, check_output(out) if out is not None else None)
+    run_tasks(run, build, check_output(out) if out is not None else None, ray=ray_cluster(ray, workers, worker_threads))
 
 
 @run_options
