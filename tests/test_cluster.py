@@ -103,12 +103,14 @@ def test_a_worker_that_cannot_load_the_model_is_reported_before_any_work(tmp_pat
         Cluster(RayCluster(workers=1, retries=0), str(tmp_path / "missing"), str(tmp_path / "missing"), "float32")
 
 
-def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch):
+def test_without_ray_installed_the_error_says_how_to_install_it(tiny, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
     with pytest.raises(ConfigError, match=r'pip install "kvcomm\[ray\]"'):
         Cluster(RayCluster(workers=1), "smollm2-135m", "smollm2-135m", "float32")
+    result = runner.invoke(app, ["sweep", "-m", tiny[1], "--ray", "local"])
+    assert result.exit_code == 2 and 'pip install "kvcomm[ray]"' in result.output, result.output
 
 
 def test_worker_options_without_ray_are_refused():

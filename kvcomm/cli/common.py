@@ -23,7 +23,7 @@ from rich.console import Console
 
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
-from kvcomm.eval.cluster import RayCluster
+from kvcomm.eval.cluster import RayCluster, require_ray
 from kvcomm.eval.outputs import safe_name
 from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
@@ -118,11 +118,13 @@ WorkerThreads = Annotated[int, typer.Option(min=1, help="--ray: torch threads (a
 
 
 def ray_cluster(address: str | None, workers: int | None, threads: int) -> RayCluster | None:
-    """The cluster ``--ray`` names (None without it); the worker options are refused without it."""
+    """The cluster ``--ray`` names (None without it), once Ray is found to be installed; the worker
+    options are refused without it."""
     if address is None:
         if workers is not None or threads != 1:
             raise ConfigError("--workers and --worker-threads are for --ray")
         return None
+    require_ray()
     return RayCluster(address=address, workers=workers, threads=threads)
 
 

@@ -71,7 +71,8 @@ class RayCluster(Options):
     retries: int = Field(2, ge=0)
 
 
-def _ray() -> Any:
+def require_ray() -> Any:
+    """The ``ray`` module; without it, a ConfigError that says how to install it."""
     try:
         import ray
     except ImportError:
@@ -117,7 +118,7 @@ class Cluster:
     """
 
     def __init__(self, options: RayCluster, sender: str, receiver: str, dtype: str) -> None:
-        ray = self._ray = _ray()
+        ray = self._ray = require_ray()
         self.options = options
         self._started = False
         self._actors: list[Any] = []
