@@ -1,8 +1,8 @@
 """Communication methods behind one interface (:class:`Method`), looked up by name in ``METHODS``.
 
 Each method declares its options (:attr:`Method.options_model`); :func:`build_methods` expands a
-sweep's axes (ratios, codecs, mask modes) over the methods that take them and refuses an option that none of
-the named methods takes.
+sweep's axes (ratios, codecs, mask modes) over the methods that take them and refuses an option
+that none of the named methods takes.
 """
 
 from __future__ import annotations
