@@ -136,10 +136,12 @@ def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[An
     bar = tqdm(desc="answer likelihood", unit="forward", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
-        values = [answer_loglik(agents.receiver.model, item, layer_sets, CHUNK).numpy() for item in scored]
-        batches = math.ceil(len(layer_sets) / CHUNK) * len(scored)
-        counter[0] += batches
-        bar.update(batches)
+        values = []
+        for item in scored:  # the bar moves item by item: one step can take minutes on a large model
+            values.append(answer_loglik(agents.receiver.model, item, layer_sets, CHUNK).numpy())
+            batches = math.ceil(len(layer_sets) / CHUNK)
+            counter[0] += batches
+            bar.update(batches)
         return np.mean(values, axis=0)
 
     return objective, counter
