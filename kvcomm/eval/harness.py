@@ -285,18 +285,15 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
         batch: Batch | None = None
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
         for method in methods:
-            done = checkpoint.done(index, method.label) if checkpoint is not None else None
-            ran_here = done is None and method.label not in fetched
-            if done is None:
-                if ran_here:
-                    batch = batch or Batch(agents, task, chunk)
-                    done = _run_one(method, batch)
-                else:
-                    done = fetched[method.label]
-                if checkpoint is not None:
-                    checkpoint.save(index, [item.id for item in chunk], method.label, done)
-            if not ran_here and done.state is not None:
+            recorded = checkpoint.done(index, method.label) if checkpoint is not None else None
+            done = recorded if recorded is not None else fetched.get(method.label)
+            if done is None:  # nobody has run it: run it here
+                batch = batch or Batch(agents, task, chunk)
+                done = _run_one(method, batch)
+            elif done.state is not None:  # run elsewhere or earlier: take its state back
                 method.restore(done.state)
+            if recorded is None and checkpoint is not None:
+                checkpoint.save(index, [item.id for item in chunk], method.label, done)
             tally.add(method.label, done)
             if method.label not in fetched:  # a worker's answers were counted as they came
                 bar.update(len(chunk))
