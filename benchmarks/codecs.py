@@ -2,7 +2,9 @@
 
 Prefills the sender on a task's contexts, shares every layer, and passes each item's KV through
 every codec as a whole KV message (header, framing and checksums included). Throughput is MB of
-float16 KV per second (the same yardstick for every codec), on one process of this machine.
+float16 KV per second (the same yardstick for every codec), on one process of this machine, the
+best of ``--repeats`` passes. Entropy-coded codecs run once per entropy coder in ``--coders``
+(``rans``: format version 5; ``constriction``: the coder of versions 1–4), side by side.
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--codecs", default=",".join(sorted(PRESETS)))
     parser.add_argument("--codebook-items", type=int, default=16,
                         help="contexts from the end of the task that build the klt codebook")
+    parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
+                        "e.g. rans,constriction")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
     args = parser.parse_args()
 
@@ -46,15 +51,22 @@ def main() -> None:
     fp16_bytes = sum(int(r.kv_bytes[0]) // 2 for r in rows)  # the model runs in float32
     codebook = functools.cache(lambda: codebook_from_items(agents.sender, task, task.items[-args.codebook_items:]))
     results = []
+    runs = []
     for name in args.codecs.split(","):
-        codec = make_codec(name).bind(codebook)
+        coded = make_codec(name).entropy_coded and "coder" in make_codec(name).params()
+        runs += [(f"{name} ({c})", make_codec(name, coder=c)) for c in args.coders.split(",")] if coded \
+            else [(name, make_codec(name))]
+    for name, unbound in runs:
+        codec = unbound.bind(codebook)
         messages = [KVMessage.from_shared(r, agents.sender.fingerprint, codec) for r in rows]
-        began = time.perf_counter()
-        blobs = [m.to_bytes() for m in messages]
-        encode_s = time.perf_counter() - began
-        began = time.perf_counter()
-        decoded = [KVMessage.from_bytes(b) for b in blobs]
-        decode_s = time.perf_counter() - began
+        encode_s = decode_s = float("inf")
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            blobs = [m.to_bytes() for m in messages]
+            encode_s = min(encode_s, time.perf_counter() - began)
+            began = time.perf_counter()
+            decoded = [KVMessage.from_bytes(b) for b in blobs]
+            decode_s = min(decode_s, time.perf_counter() - began)
         error, cosine, count = 0.0, 0.0, 0
         for original, back in zip(messages, decoded):
             for a, b in zip(original.layers, back.layers):
@@ -70,7 +82,8 @@ def main() -> None:
         })
 
     table = Table(title=f"codecs · {args.model} · {args.task} · {len(rows)} contexts, all "
-                        f"{agents.num_layers} layers · fp16 KV {fp16_bytes / 1e6:.2f} MB")
+                        f"{agents.num_layers} layers · fp16 KV {fp16_bytes / 1e6:.2f} MB · "
+                        f"{torch.get_num_threads()} torch threads · best of {args.repeats}")
     for column in ("codec", "bytes", "× vs fp16", "rel. error", "cosine", "encode MB/s", "decode MB/s"):
         table.add_column(column, justify="right")
     for r in results:
@@ -79,7 +92,8 @@ def main() -> None:
     Console(width=140).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(rows),
-                                    "fp16_bytes": fp16_bytes, "codecs": results}, indent=1) + "\n")
+                                    "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
+                                    "repeats": args.repeats, "codecs": results}, indent=1) + "\n")
     print(f"written: {args.out}")
 
 

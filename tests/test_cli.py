@@ -101,7 +101,8 @@ def test_codebook_then_klt_encode_inspect_answer(tiny_dir, tmp_path):
                                  "--codec", "klt"])
     assert result.exit_code == 0, result.output
     header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
-    assert header["codec"] == {"name": "klt", "params": {"step": 0.5, "codebook": book_id}}  # the new default
+    # the new default
+    assert header["codec"] == {"name": "klt", "params": {"step": 0.5, "codebook": book_id, "coder": "rans"}}
     answered = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "Where?",
                                    "--max-new-tokens", "3"])
     assert answered.exit_code == 0, answered.output

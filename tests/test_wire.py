@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4, 5)}
+ENTROPY_CODECS = ["int4-ans", "int2-ans", "cachegen", "klt"]
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
@@ -118,8 +120,72 @@ def test_golden_files_of_every_version_decode(version, mode, ids):
     assert decoded.hidden == {}
 
 
-def test_golden_v4_carries_a_left_out_layer_and_a_hidden_state():
-    decoded = KVMessage.from_bytes(GOLDEN[4].read_bytes())
+def golden_codebook():
+    """A saved klt codebook whose bases are exact in float32 (scaled Hadamard): the same on every machine."""
+    from kvcomm.wire import Codebook, save_codebook
+
+    h = torch.ones(1, 1)
+    while h.shape[0] < 16:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    basis = (h / 4).expand(2, 16, 16).contiguous()
+    means = [torch.zeros(2, 16)] * 2
+    book = Codebook([basis] * 2, [basis.flip(-1).contiguous()] * 2, means, means, {"fingerprint": {}})
+    save_codebook(book)
+    return book
+
+
+def entropy_golden_message(codec: str) -> KVMessage:
+    """40 tokens at layer 0, a sink at layer 1 with the hidden state entering it: every stream kind."""
+    book = golden_codebook()
+    layers = [LayerKV(0, True, kv_like(2, 40, 16, 3), kv_like(2, 40, 16, 4)),
+              LayerKV(1, False, kv_like(2, 1, 16, 5), kv_like(2, 1, 16, 6))]
+    return KVMessage({"m": 1}, 40, 0, layers, make_codec(codec).bind(lambda: book), {"note": "golden"},
+                     hidden={1: kv_like(1, 40, 24, 7)[0] * 4})
+
+
+def golden_entropy_file(codec: str, version: int, suffix: str = "kvcm") -> Path:
+    return Path(__file__).parent / "golden" / f"entropy_v{version}_{codec}.{suffix}"
+
+
+@pytest.mark.parametrize("codec", ENTROPY_CODECS)
+def test_golden_entropy_files_pin_todays_coder(codec):
+    """Today's rANS streams are pinned byte for byte: a coder change must bump the version."""
+    expected = entropy_golden_message(codec).to_bytes()
+    if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):
+        golden_entropy_file(codec, VERSION).write_bytes(expected)
+    assert golden_entropy_file(codec, VERSION).read_bytes() == expected, \
+        f"the v{VERSION} {codec} stream changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
+
+
+@pytest.mark.parametrize("version", [4, VERSION])
+@pytest.mark.parametrize("codec", ENTROPY_CODECS)
+def test_golden_entropy_files_of_every_coder_decode(codec, version):
+    """v4 streams (constriction) still decode to what v4 decoded them to; v5 (rANS) decodes alike."""
+    from safetensors.torch import load_file
+
+    golden_codebook()
+    decoded = KVMessage.from_bytes(golden_entropy_file(codec, version).read_bytes())
+    assert decoded.codec.params()["coder"] == ("constriction" if version == 4 else "rans")
+    got = {"k0": decoded.layers[0].keys, "v0": decoded.layers[0].values, "k1": decoded.layers[1].keys,
+           "v1": decoded.layers[1].values, "h1": decoded.hidden[1]}
+    for name, tensor in load_file(golden_entropy_file(codec, 4, "safetensors")).items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-5)  # klt's matmul: BLAS may differ by an ulp
+
+
+def test_a_v4_header_naming_a_coder_is_refused():
+    data = bytearray(golden_entropy_file("klt", 4).read_bytes())
+    body = data.replace(b'"codebook":', b'"coder":"rans","codebook":', 1)
+    size = struct.unpack("<I", bytes(body[6:10]))[0] + len(b'"coder":"rans",')
+    header = bytes(body[10:10 + size])
+    fixed = bytes(body[:6]) + struct.pack("<I", size) + header + struct.pack("<I", zlib.crc32(header)) \
+        + bytes(body[14 + size:])
+    with pytest.raises(CorruptMessage, match="names no entropy coder"):
+        KVMessage.from_bytes(fixed)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_golden_v4_on_carries_a_left_out_layer_and_a_hidden_state(version):
+    decoded = KVMessage.from_bytes(GOLDEN[version].read_bytes())
     assert decoded.shared_layers == [0, 2] and decoded.layers[3].keys.shape == (2, 0, 4)
     assert decoded.token_ids.tolist() == [17, 4, 250, 0, 9] and list(decoded.hidden) == [3]
     assert torch.equal(decoded.hidden[3], kv_like(1, 5, 6, 7)[0])  # fp32 codec: exact

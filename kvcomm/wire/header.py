@@ -10,7 +10,8 @@ Versions: 1 carried the mask mode in ``meta``; 2 makes ``mode`` a checked field;
 frames after the layers that carry what some receivers need besides KV (the context's token ids,
 for recomputing tokens when pieces are blended); 4 adds ``hidden`` extras (the sender's hidden
 state entering a layer, for recomputing layers: DroidSpeak) and layers left out (0 tokens: the
-receiver computes them).
+receiver computes them); 5 codes entropy-coded codecs with kvcomm's table-driven rANS (their
+parameters name the ``coder``; earlier messages are read as ``constriction``-coded).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 4
-READABLE = (1, 2, 3, 4)
+VERSION = 5
+READABLE = (1, 2, 3, 4, 5)
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
 MAX_DIGITS = 20  # an integer longer than this is not a size
@@ -85,7 +86,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 4; versions 1–3 are read into the same model)."""
+    """The fields of a message header (version 5; versions 1–4 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

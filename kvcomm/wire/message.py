@@ -43,6 +43,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV
 from kvcomm.wire.codecs import Codec, make_codec
+from kvcomm.wire.codecs.base import header_codec
 from kvcomm.wire.header import MAX_HEADER, READABLE, VERSION, CodecEntry, ExtraEntry, Header, LayerEntry, parse_header
 
 MAGIC, END = b"KVCM", b"KEND"
@@ -283,7 +284,7 @@ class MessageReader:
             check_fingerprint(self.header.fingerprint, receiver)
         self.header.check_size(max_decoded_bytes)
         try:
-            self.codec = make_codec(self.header.codec.name, **self.header.codec.params)
+            self.codec = header_codec(self.header.codec.name, self.header.codec.params, version)
         except (WireError, ValueError, TypeError) as err:
             raise CorruptMessage(f"header names an unusable codec: {err}") from None
 

@@ -33,6 +33,7 @@ class Codec(ABC):
     hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
+    entropy_coded: ClassVar[bool] = False  # takes ``coder`` (``rans``, or ``constriction`` before format v5)
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the message header (enough to rebuild this codec)."""
@@ -109,6 +110,23 @@ def make_codec(name: str, **params: Any) -> Codec:
         return cls(**params)
     except TypeError as err:
         raise ConfigError(f"codec {name!r} does not take these parameters: {err}") from None
+
+
+RANS_SINCE = 5  # the message format version from which entropy-coded codecs use kvcomm's rANS
+
+
+def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
+    """The codec a message header of format ``version`` names. Entropy-coded codecs of messages
+    before version 5 were coded with ``constriction`` (their headers name no coder).
+
+    Raises:
+        ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5).
+    """
+    if version < RANS_SINCE and name in CODECS and CODECS.get(name).entropy_coded:
+        if "coder" in params:
+            raise ConfigError(f"a version {version} header names no entropy coder")
+        params = {**params, "coder": "constriction"}
+    return make_codec(name, **params)
 
 
 def half_or_refuse(hidden: torch.Tensor, what: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ Following CacheGen (SIGCOMM '24): neighbouring tokens' KV are similar, so within
 deltas from the *reconstructed* anchor. Deltas are quantised uniformly with a step that is a
 fraction of each channel's delta spread (standard deviation); shallow layers matter more, so the
 first, middle and last third of the stack get steps ``steps[0]``, ``steps[1]``, ``steps[2]``
-(smaller = finer). The codes are entropy-coded (asymmetric numeral systems, ``constriction``)
+(smaller = finer). The codes are entropy-coded (asymmetric numeral systems)
 with a per-layer, per-tensor symbol model that travels with the payload; uniform steps plus
 entropy coding spend bits where the distribution actually is, unlike fixed-width codes.
 """
@@ -19,7 +19,7 @@ import torch
 
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
-from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
+from kvcomm.wire.codecs.entropy import ans_decode, ans_encode, check_coder, stream_tensor, stream_words
 from kvcomm.wire.codecs.quant import dequantize, quantize
 
 
@@ -28,15 +28,17 @@ class CacheGenCodec(Codec):
     """Anchor + delta coding in token groups, depth-dependent steps, ANS entropy coding."""
 
     name = "cachegen"
+    entropy_coded = True
 
     def __init__(self, group: int = 10, steps: tuple[float, float, float] | list[float] = (0.5, 0.75, 1.0),
-                 max_code: int = 127) -> None:
+                 max_code: int = 127, coder: str = "rans") -> None:
         if group < 2 or len(steps) != 3 or not all(s > 0 for s in steps) or not 1 <= max_code <= 32767:
             raise ConfigError("cachegen needs group >= 2, three positive steps and max_code in 1..32767")
         self.group, self.steps, self.max_code = group, tuple(float(s) for s in steps), max_code
+        self.coder = check_coder(coder)
 
     def params(self) -> dict[str, Any]:
-        return {"group": self.group, "steps": list(self.steps), "max_code": self.max_code}
+        return {"group": self.group, "steps": list(self.steps), "max_code": self.max_code, "coder": self.coder}
 
     def _step(self, layer: int, num_layers: int) -> float:
         return self.steps[min(2, 3 * layer // max(num_layers, 1))]
@@ -74,10 +76,10 @@ class CacheGenCodec(Codec):
         spread = delta.std(dim=1, unbiased=False) if delta.shape[1] > 1 else delta.abs().sum(dim=1)
         step = (spread * self._step(layer, num_layers)).clamp(min=1e-6).half()  # per channel [H, D]
         codes = (delta / step.float()[:, None]).round().clamp(-self.max_code, self.max_code).long()
-        low, counts, stream = ans_encode(codes.flatten().numpy())
+        low, counts, stream = ans_encode(codes.flatten().numpy(), self.coder)
         return {**{f"anchor.{n}": t for n, t in coded.items()}, "step": step,
                 "low": torch.tensor([low], dtype=torch.int32), "counts": torch.from_numpy(counts.astype(np.int32)),
-                "stream": torch.from_numpy(stream.view(np.int32).copy())}
+                "stream": stream_tensor(stream)}
 
     def _decode_one(self, tensors: Tensors, shape: tuple[int, int, int], layer: int, num_layers: int) -> torch.Tensor:
         heads, length, dim = shape
@@ -87,7 +89,7 @@ class CacheGenCodec(Codec):
         anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
         size = heads * int(is_delta.sum()) * dim
         codes = ans_decode(int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64),
-                           tensors["stream"].numpy().view(np.uint32), size)
+                           stream_words(tensors["stream"], self.coder), size, self.coder)
         if codes.size and np.abs(codes).max() > self.max_code:
             raise ValueError("delta code outside the codec's range")
         x = anchors[:, anchor_of].clone()

@@ -1,35 +1,75 @@
-"""Entropy coding of integer codes with asymmetric numeral systems (``constriction``).
+"""Entropy coding of integer codes with asymmetric numeral systems.
 
 Quantised KV codes are far from uniform (most fall near the middle of their range or near zero
 delta), so coding them with their own measured distribution takes fewer bits than fixed-width
 packing. The symbol counts travel with the stream; decoding checks they match what it produced.
+
+Two coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`; message
+format version 5 on, a stream of uint16 words) and ``constriction`` (versions 1–4, uint32 words),
+kept so that older messages decode and so that the two can be measured side by side.
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import constriction
 import numpy as np
+import torch
 
-from kvcomm.errors import WireError
+from kvcomm.errors import ConfigError, WireError
+from kvcomm.wire.codecs.rans import rans_decode_categorical, rans_encode_categorical
 
 MAX_SYMBOLS = 1 << 16
+Coder = Literal["rans", "constriction"]
+CODERS: tuple[str, ...] = get_args(Coder)
+_WORD = {"rans": np.uint16, "constriction": np.uint32}
+_STORED = {"rans": torch.int16, "constriction": torch.int32}  # safetensors has no unsigned 16/32-bit
 
 
-def ans_encode(codes: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Integer codes -> (smallest code, count of each code from there, ANS stream of uint32 words)."""
+def check_coder(coder: str) -> Coder:
+    """``coder`` if it names an entropy coder, else a :class:`ConfigError` naming the valid ones."""
+    if coder not in CODERS:
+        raise ConfigError(f"unknown entropy coder {coder!r}; valid: {', '.join(CODERS)}")
+    return coder  # type: ignore[return-value]
+
+
+def stream_tensor(stream: np.ndarray) -> torch.Tensor:
+    """A coder's words as the tensor a message stores (int16 or int32, the same bits)."""
+    return torch.from_numpy(stream.view(np.int16 if stream.dtype == np.uint16 else np.int32).copy())
+
+
+def stream_words(tensor: torch.Tensor, coder: Coder) -> np.ndarray:
+    """Inverse of :func:`stream_tensor` for ``coder``'s words.
+
+    Raises:
+        ValueError: a stored stream of another type than ``coder`` writes.
+    """
+    if tensor.dtype != _STORED[coder] or tensor.dim() != 1:
+        raise ValueError(f"a {coder} stream is stored as 1-D {_STORED[coder]}, not {tensor.dtype}")
+    return tensor.numpy().view(_WORD[coder])
+
+
+def ans_encode(codes: np.ndarray, coder: Coder = "rans") -> tuple[int, np.ndarray, np.ndarray]:
+    """Integer codes -> (smallest code, count of each code from there, the coder's stream of words)."""
     if codes.size == 0:
-        return 0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint32)
+        return 0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=_WORD[coder])
     low = int(codes.min())
     symbols = (codes - low).astype(np.int32)
     counts = np.bincount(symbols).astype(np.int64)
     if counts.size == 1:  # one distinct code: the counts say it all (and ANS needs two symbols)
-        return low, counts, np.zeros(0, dtype=np.uint32)
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
-    return low, counts, coder.get_compressed()
+        return low, counts, np.zeros(0, dtype=_WORD[coder])
+    if coder == "rans":
+        try:
+            return low, counts, rans_encode_categorical(symbols, counts)
+        except ValueError as err:
+            raise WireError(str(err)) from None
+    ans = constriction.stream.stack.AnsCoder()
+    ans.encode_reverse(symbols, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
+    return low, counts, ans.get_compressed()
 
 
-def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int) -> np.ndarray:
+def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
     """Inverse of :func:`ans_encode`: ``size`` codes as int64.
 
     Raises:
@@ -44,6 +84,8 @@ def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int) -> n
         if stream.size:
             raise ValueError("a single-symbol stream must be empty")
         return np.full(size, low, dtype=np.int64)
+    if coder == "rans":  # checks its own end state: a corrupt stream does not end where encoding began
+        return rans_decode_categorical(stream, counts, size).astype(np.int64) + low
     model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
     symbols = constriction.stream.stack.AnsCoder(stream.astype(np.uint32)).decode(model, size)
     if not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):

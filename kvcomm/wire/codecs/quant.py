@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, prefixed, preset
-from kvcomm.wire.codecs.entropy import ans_decode, ans_encode
+from kvcomm.wire.codecs.entropy import Coder, ans_decode, ans_encode, check_coder, stream_tensor, stream_words
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -54,9 +54,10 @@ def _grouped(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
     return moved.reshape(*moved.shape[:-1], -1, group), length
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = False) -> Tensors:
+def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = False,
+             coder: Coder = "rans") -> Tensors:
     """Asymmetric uniform quantisation of ``x`` in groups of ``group`` along ``dim``; the codes are
-    packed at ``bits`` bits each, or ANS-coded when ``entropy``."""
+    packed at ``bits`` bits each, or ANS-coded (by ``coder``) when ``entropy``."""
     groups, _ = _grouped(x.float(), dim, group)
     low = groups.amin(dim=-1, keepdim=True).half()
     scale = ((groups.amax(dim=-1, keepdim=True) - low.float()) / ((1 << bits) - 1)).clamp(min=1e-6).half()
@@ -64,12 +65,13 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
     out = {"low": low.squeeze(-1), "scale": scale.squeeze(-1)}
     if not entropy:
         return {"q": pack(codes, bits), **out}
-    first, counts, stream = ans_encode(codes.flatten().to(torch.int64).numpy())
+    first, counts, stream = ans_encode(codes.flatten().to(torch.int64).numpy(), coder)
     return {"q.low": torch.tensor([first], dtype=torch.int32), "q.counts": torch.from_numpy(counts.astype(np.int32)),
-            "q.stream": torch.from_numpy(stream.view(np.int32).copy()), **out}
+            "q.stream": stream_tensor(stream), **out}
 
 
-def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...]) -> torch.Tensor:
+def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
+               coder: Coder = "rans") -> torch.Tensor:
     """Inverse of :func:`quantize` for a tensor of ``shape``."""
     lead = list(shape)
     length = lead.pop(dim)
@@ -80,7 +82,7 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
         codes = unpack(t["q"], bits, count)
     else:
         codes = torch.from_numpy(ans_decode(int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64),
-                                            t["q.stream"].numpy().view(np.uint32), count))
+                                            stream_words(t["q.stream"], coder), count, coder))
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
             raise ValueError(f"entropy-coded codes outside {bits}-bit range")
     codes = codes.view(*lead, groups, group).float()
@@ -88,16 +90,16 @@ def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ..
     return x.reshape(*lead, groups * group)[..., :length].movedim(-1, dim)
 
 
-def quantize_hidden(hidden: torch.Tensor, bits: int, group: int, entropy: bool) -> Tensors:
+def quantize_hidden(hidden: torch.Tensor, bits: int, group: int, entropy: bool, coder: Coder = "rans") -> Tensors:
     """A hidden state ``[T, W]``: the first token (the attention sink, whose activations are
     outliers) in float16, the others per channel over groups of ``group`` tokens (like keys)."""
     out: Tensors = {"first": half_or_refuse(hidden[:1], "a hidden state's first token")}
     if hidden.shape[0] > 1:
-        out.update({f"rest.{n}": t for n, t in quantize(hidden[None, 1:], bits, 1, group, entropy).items()})
+        out.update({f"rest.{n}": t for n, t in quantize(hidden[None, 1:], bits, 1, group, entropy, coder).items()})
     return out
 
 
-def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int]) -> torch.Tensor:
+def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int], coder: Coder = "rans") -> torch.Tensor:
     """Inverse of :func:`quantize_hidden`."""
     tokens, width = shape
     first = t["first"].float()
@@ -105,44 +107,47 @@ def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int])
         raise ValueError(f"the hidden state's first token has shape {tuple(first.shape)}")
     if tokens == 1:
         return first
-    rest = dequantize(prefixed(t, "rest"), bits, 1, group, (1, tokens - 1, width))[0]
+    rest = dequantize(prefixed(t, "rest"), bits, 1, group, (1, tokens - 1, width), coder)[0]
     return torch.cat([first, rest])
 
 
 @CODECS.register("quant")
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
-    (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes."""
+    (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes (with
+    ``coder``: ``rans``, or ``constriction`` as messages before format version 5 were)."""
 
     name = "quant"
+    entropy_coded = True
 
-    def __init__(self, bits: int = 8, group: int = 32, entropy: bool = False) -> None:
+    def __init__(self, bits: int = 8, group: int = 32, entropy: bool = False, coder: str = "rans") -> None:
         if bits not in (2, 4, 8):
             raise ConfigError("quant codec bits must be 2, 4 or 8")
         if group < 1:
             raise ConfigError("quant codec group must be positive")
-        self.bits, self.group, self.entropy = bits, group, bool(entropy)
+        self.bits, self.group, self.entropy, self.coder = bits, group, bool(entropy), check_coder(coder)
 
     def params(self) -> dict[str, Any]:
-        # ``entropy`` only when set, so packed messages keep the header they always had
-        return {"bits": self.bits, "group": self.group, **({"entropy": True} if self.entropy else {})}
+        # ``entropy`` and its coder only when set, so packed messages keep the header they always had
+        entropy = {"entropy": True, "coder": self.coder} if self.entropy else {}
+        return {"bits": self.bits, "group": self.group, **entropy}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
-        k = quantize(keys, self.bits, dim=1, group=self.group, entropy=self.entropy)  # per channel: token groups
-        v = quantize(values, self.bits, dim=2, group=self.group, entropy=self.entropy)  # per token: channel groups
+        k = quantize(keys, self.bits, 1, self.group, self.entropy, self.coder)  # per channel: token groups
+        v = quantize(values, self.bits, 2, self.group, self.entropy, self.coder)  # per token: channel groups
         return {**{f"k.{n}": t for n, t in k.items()}, **{f"v.{n}": t for n, t in v.items()}}
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = dequantize(prefixed(tensors, "k"), self.bits, 1, self.group, shape)
-        values = dequantize(prefixed(tensors, "v"), self.bits, 2, self.group, shape)
+        keys = dequantize(prefixed(tensors, "k"), self.bits, 1, self.group, shape, self.coder)
+        values = dequantize(prefixed(tensors, "v"), self.bits, 2, self.group, shape, self.coder)
         return keys, values
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
-        return quantize_hidden(hidden, self.bits, self.group, self.entropy)
+        return quantize_hidden(hidden, self.bits, self.group, self.entropy, self.coder)
 
     def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
-        return dequantize_hidden(tensors, self.bits, self.group, shape)
+        return dequantize_hidden(tensors, self.bits, self.group, shape, self.coder)
 
 
 preset("int8", "quant", bits=8, group=32)

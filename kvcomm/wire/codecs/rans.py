@@ -1,0 +1,381 @@
+"""Table-driven range asymmetric numeral systems (rANS), compiled with numba: kvcomm's entropy coder
+from message format version 5 on.
+
+Messages up to version 4 were coded with ``constriction``, whose decoder evaluates its model per
+symbol (about 6 million symbols a second here); a KV message is millions of symbols, so decoding
+cost more than the link it saved. This coder looks every symbol up in a table instead:
+
+- **States**: two 32-bit states in ``[2**16, 2**32)``, renormalised by 16-bit words; even symbols
+  use the first, odd ones the second, so that two look-ups are in flight at once (twice the speed
+  of one state on this CPU; four states were slower). Both start at ``2**16``: a decoder that ends
+  elsewhere, or before the last word, read a corrupt stream (a check for free).
+- **Tables**: one 32- or 64-bit entry per slot holds the symbol, its frequency and the slot's
+  offset within it, so a symbol costs one look-up, one multiply and one add.
+- **Categorical** (``int4-ans``, ``int2-ans``, ``cachegen``, hidden states): the symbol counts
+  travel with the stream, as before, and become frequencies out of ``2**14`` by integer
+  arithmetic alone, so encoder and decoder derive the same table on any machine.
+- **Laplace** (``klt``): each symbol has a scale level (one byte per component). Per level there
+  is a fixed table: the code ``s`` is split into a high part ``s >> r`` (Laplace with a scale of at
+  most 8, looked up in a ``2**12``-slot table over a window ``[-W, W]`` plus an escape) and ``r``
+  low bits (nearly uniform once the scale is large). Values outside the window follow the escape
+  as an exponent (5 bits), a mantissa and a sign, so any int32 code is coded. The 256 tables are
+  built once per process from the levels' scales (float64 ``exp``, then rounded: a table could
+  differ between machines only if a probability fell within an ulp of a rounding boundary).
+
+A stream is a sequence of uint16 words: the two final states (two words each, high first), the
+renormalisation words in the order the decoder reads them and, for Laplace streams, the raw bits
+(escapes and low bits, packed least significant first), which the decoder reads in a second pass
+so that its hot loop holds table look-ups only.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any
+
+import numba
+import numpy as np
+
+STATE_LOW = 1 << 16  # each state lives in [STATE_LOW, 2**32)
+CATEGORICAL_BITS = 14
+LAPLACE_BITS = 12
+MAX_SCALE = 8.0  # largest scale the high part's table is built for: larger scales shift bits out
+EXPONENT_BITS = 5  # escaped values: exponent, mantissa, sign
+MAX_CATEGORICAL = 1 << (CATEGORICAL_BITS - 1)  # distinct symbols a categorical table holds
+HEAD = 4  # words of the two final states
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled kernels. Decoders return -1 where the stream is not a valid encoding.
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put(x: Any, freq: Any, cum: Any, bits: Any, out: np.ndarray, pos: Any):
+    if x >= ((np.uint32(STATE_LOW) >> np.uint32(bits)) << np.uint32(16)) * freq:
+        pos -= 1
+        out[pos] = np.uint16(x & np.uint32(0xFFFF))
+        x >>= np.uint32(16)
+    quotient = x // freq
+    return (quotient << np.uint32(bits)) + (x - quotient * freq) + cum, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(freqs: np.ndarray, cums: np.ndarray, bits: Any, out: np.ndarray) -> Any:
+    """Symbols given as their frequencies and cumulative frequencies (uint32, out of ``2**bits``),
+    encoded backwards into the end of ``out``; returns where the stream starts."""
+    x0, x1, pos = np.uint32(STATE_LOW), np.uint32(STATE_LOW), np.int64(out.size)
+    for i in range(freqs.size - 1, -1, -1):
+        if i & 1:
+            x1, pos = _put(x1, freqs[i], cums[i], bits, out, pos)
+        else:
+            x0, pos = _put(x0, freqs[i], cums[i], bits, out, pos)
+    out[pos - 4], out[pos - 3] = np.uint16(x0 >> np.uint32(16)), np.uint16(x0 & np.uint32(0xFFFF))
+    out[pos - 2], out[pos - 1] = np.uint16(x1 >> np.uint32(16)), np.uint16(x1 & np.uint32(0xFFFF))
+    return pos - 4
+
+
+# The decoders' hot loops are written out by hand with 32-bit states: helper functions returning
+# (state, position) tuples, or 64-bit states, ran 4x slower under numba here.
+
+@numba.njit(cache=True, nogil=True)
+def _decode_categorical(words: np.ndarray, table: np.ndarray, out: np.ndarray) -> Any:
+    """``table``: uint64 entries ``symbol | freq << 16 | offset << 32``, one per slot."""
+    n, size = words.size, out.size
+    if n < HEAD:
+        return -1
+    x0 = (np.uint32(words[0]) << np.uint32(16)) | np.uint32(words[1])
+    x1 = (np.uint32(words[2]) << np.uint32(16)) | np.uint32(words[3])
+    pos, mask, low = np.int64(HEAD), np.uint32((1 << CATEGORICAL_BITS) - 1), np.uint32(STATE_LOW)
+    for i in range(0, size - 1, 2):
+        e0, e1 = table[x0 & mask], table[x1 & mask]
+        x0 = np.uint32((e0 >> np.uint64(16)) & np.uint64(0xFFFF)) * (x0 >> np.uint32(CATEGORICAL_BITS)) \
+            + np.uint32(e0 >> np.uint64(32))
+        x1 = np.uint32((e1 >> np.uint64(16)) & np.uint64(0xFFFF)) * (x1 >> np.uint32(CATEGORICAL_BITS)) \
+            + np.uint32(e1 >> np.uint64(32))
+        if x0 < low:
+            if pos >= n:
+                return -1
+            x0 = (x0 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        if x1 < low:
+            if pos >= n:
+                return -1
+            x1 = (x1 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        out[i] = np.int32(e0 & np.uint64(0xFFFF))
+        out[i + 1] = np.int32(e1 & np.uint64(0xFFFF))
+    if size & 1:
+        e0 = table[x0 & mask]
+        x0 = np.uint32((e0 >> np.uint64(16)) & np.uint64(0xFFFF)) * (x0 >> np.uint32(CATEGORICAL_BITS)) \
+            + np.uint32(e0 >> np.uint64(32))
+        if x0 < low:
+            if pos >= n:
+                return -1
+            x0 = (x0 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        out[size - 1] = np.int32(e0 & np.uint64(0xFFFF))
+    return 0 if x0 == low and x1 == low and pos == n else -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _write_bits(acc: Any, count: Any, value: Any, bits: Any, out: np.ndarray, pos: Any):
+    acc |= np.uint64(value) << np.uint64(count)
+    count += bits
+    while count >= 16:
+        out[pos] = np.uint16(acc & np.uint64(0xFFFF))
+        pos += 1
+        acc >>= np.uint64(16)
+        count -= 16
+    return acc, count, pos
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _read_bits(acc: Any, count: Any, bits: Any, words: np.ndarray, pos: Any):
+    while count < bits:
+        if pos < 0 or pos >= words.size:
+            return np.int64(0), acc, count, np.int64(-1)
+        acc |= np.uint64(words[pos]) << np.uint64(count)
+        pos += 1
+        count += 16
+    return np.int64(acc & np.uint64((1 << bits) - 1)), acc >> np.uint64(bits), count - bits, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_laplace(codes: np.ndarray, levels: np.ndarray, window: np.ndarray, shift: np.ndarray,
+                   table: np.ndarray, raw: np.ndarray) -> Any:
+    """Each code's table symbol into ``table``; the raw bits into ``raw`` (returns their words)."""
+    acc, count, end = np.uint64(0), np.int64(0), np.int64(0)
+    for i in range(codes.size):  # in decoding order
+        level, s = levels[i], np.int64(codes[i])
+        r, w = shift[level], window[level]
+        v = s >> r
+        if -w <= v <= w:
+            table[i] = v + w
+        else:
+            table[i] = 2 * w + 1
+            u = (v - w - 1) if v > 0 else (-v - w - 1)  # >= 0
+            e = np.int64(0)
+            while (u + 1) >> (e + 1):
+                e += 1
+            mantissa = (u + 1) - (np.int64(1) << e)
+            acc, count, end = _write_bits(acc, count, e, EXPONENT_BITS, raw, end)
+            if e > 16:
+                acc, count, end = _write_bits(acc, count, mantissa >> 16, e - 16, raw, end)
+                acc, count, end = _write_bits(acc, count, mantissa & 0xFFFF, 16, raw, end)
+            elif e > 0:
+                acc, count, end = _write_bits(acc, count, mantissa, e, raw, end)
+            acc, count, end = _write_bits(acc, count, 1 if v < 0 else 0, 1, raw, end)
+        if r > 0:
+            acc, count, end = _write_bits(acc, count, s & ((1 << r) - 1), r, raw, end)
+    if count > 0:
+        raw[end] = np.uint16(acc & np.uint64(0xFFFF))
+        end += 1
+    return end
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_laplace(words: np.ndarray, levels: np.ndarray, table: np.ndarray, window: np.ndarray,
+                    shift: np.ndarray, out: np.ndarray) -> Any:
+    """``table``: uint32 entries ``symbol | raw << 7 | freq << 8 | offset << 20`` per level and slot
+    (``raw``: the symbol has raw bits: an escape, or a level with low bits)."""
+    n, size = words.size, out.size
+    if n < HEAD:
+        return -1
+    x0 = (np.uint32(words[0]) << np.uint32(16)) | np.uint32(words[1])
+    x1 = (np.uint32(words[2]) << np.uint32(16)) | np.uint32(words[3])
+    pos, mask, low = np.int64(HEAD), np.uint32((1 << LAPLACE_BITS) - 1), np.uint32(STATE_LOW)
+    rare, n_rare = np.empty(size + 1, dtype=np.int32), np.int64(0)  # the symbols with raw bits (flagged in the table)
+    for i in range(0, size - 1, 2):  # the hot loop: table symbols only
+        l0, l1 = levels[i], levels[i + 1]
+        e0, e1 = table[l0, x0 & mask], table[l1, x1 & mask]
+        x0 = ((e0 >> np.uint32(8)) & np.uint32(0xFFF)) * (x0 >> np.uint32(LAPLACE_BITS)) + (e0 >> np.uint32(20))
+        x1 = ((e1 >> np.uint32(8)) & np.uint32(0xFFF)) * (x1 >> np.uint32(LAPLACE_BITS)) + (e1 >> np.uint32(20))
+        if x0 < low:
+            if pos >= n:
+                return -1
+            x0 = (x0 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        if x1 < low:
+            if pos >= n:
+                return -1
+            x1 = (x1 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        out[i] = np.int32(e0 & np.uint32(0x7F)) - window[l0]
+        rare[n_rare] = i
+        n_rare += np.int64((e0 >> np.uint32(7)) & np.uint32(1))
+        out[i + 1] = np.int32(e1 & np.uint32(0x7F)) - window[l1]
+        rare[n_rare] = i + 1
+        n_rare += np.int64((e1 >> np.uint32(7)) & np.uint32(1))
+    if size & 1:
+        l0 = levels[size - 1]
+        e0 = table[l0, x0 & mask]
+        x0 = ((e0 >> np.uint32(8)) & np.uint32(0xFFF)) * (x0 >> np.uint32(LAPLACE_BITS)) + (e0 >> np.uint32(20))
+        if x0 < low:
+            if pos >= n:
+                return -1
+            x0 = (x0 << np.uint32(16)) | np.uint32(words[pos])
+            pos += 1
+        out[size - 1] = np.int32(e0 & np.uint32(0x7F)) - window[l0]
+        rare[n_rare] = size - 1
+        n_rare += np.int64((e0 >> np.uint32(7)) & np.uint32(1))
+    if x0 != low or x1 != low:
+        return -1
+    acc, count = np.uint64(0), np.int64(0)
+    for k in range(n_rare):  # escapes and low bits, from the raw bits after the rANS words
+        i = rare[k]
+        level = levels[i]
+        v = np.int64(out[i])
+        w, r = window[level], shift[level]
+        if v > w:  # the escape
+            e, acc, count, pos = _read_bits(acc, count, EXPONENT_BITS, words, pos)
+            mantissa = np.int64(0)
+            if e > 16:
+                high, acc, count, pos = _read_bits(acc, count, e - 16, words, pos)
+                low, acc, count, pos = _read_bits(acc, count, 16, words, pos)
+                mantissa = (high << 16) | low
+            elif e > 0:
+                mantissa, acc, count, pos = _read_bits(acc, count, e, words, pos)
+            negative, acc, count, pos = _read_bits(acc, count, 1, words, pos)
+            u = (np.int64(1) << e) + mantissa - 1
+            v = -(u + w + 1) if negative else u + w + 1
+        if r > 0:
+            low, acc, count, pos = _read_bits(acc, count, r, words, pos)
+            v = (v << r) | low
+        if pos < 0 or v < -(1 << 31) or v >= (1 << 31):
+            return -1
+        out[i] = v
+    return 0 if pos == n and acc == np.uint64(0) and count < 16 else -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables.
+
+def categorical_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Counts -> frequencies summing to ``2**14``, every present symbol at least 1, by integer
+    arithmetic alone (the decoder derives the same table from the counts that travel)."""
+    total = int(counts.sum())
+    scale = 1 << CATEGORICAL_BITS
+    freq = counts.astype(np.int64) * scale // total
+    freq[(counts > 0) & (freq == 0)] = 1
+    excess = int(freq.sum()) - scale
+    while excess != 0:  # give to, or take from, the most frequent symbols (ties: the first)
+        top = int(np.argmax(freq))
+        change = excess if excess < 0 else min(excess, int(freq[top]) - 1)
+        freq[top] -= change
+        excess -= change
+    return freq
+
+
+def _cum(freq: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _entries(freq: np.ndarray, sym_bits: Any, freq_bits: Any) -> np.ndarray:
+    """One table entry per slot: ``symbol | freq << sym_bits | offset << (sym_bits + freq_bits)`` (uint64)."""
+    out = np.empty(freq.sum(), dtype=np.uint64)
+    slot = 0
+    for symbol in range(freq.size):
+        for offset in range(freq[symbol]):
+            out[slot] = np.uint64(symbol) | (np.uint64(freq[symbol]) << np.uint64(sym_bits)) \
+                | (np.uint64(offset) << np.uint64(sym_bits + freq_bits))
+            slot += 1
+    return out
+
+
+def _check_categorical(counts: np.ndarray) -> None:
+    if int((counts > 0).sum()) > MAX_CATEGORICAL:
+        raise ValueError(f"{int((counts > 0).sum())} distinct codes; an entropy-coded stream holds at most "
+                         f"{MAX_CATEGORICAL}")
+
+
+def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Symbols ``0 .. len(counts) - 1`` with these counts (at most 2**13 distinct) -> uint16 words."""
+    _check_categorical(counts)
+    freq = categorical_frequencies(counts)
+    out = np.empty(symbols.size + HEAD, dtype=np.uint16)
+    start = _encode(freq.astype(np.uint32)[symbols], _cum(freq).astype(np.uint32)[symbols], CATEGORICAL_BITS, out)
+    return out[start:].copy()
+
+
+def rans_decode_categorical(words: np.ndarray, counts: np.ndarray, size: int) -> np.ndarray:
+    """Inverse of :func:`rans_encode_categorical`: ``size`` symbols (int32).
+
+    Raises:
+        ValueError: a stream that is not an encoding of ``size`` symbols under these counts.
+    """
+    _check_categorical(counts)
+    out = np.empty(size, dtype=np.int32)
+    table = _entries(categorical_frequencies(counts), 16, 16)
+    if _decode_categorical(np.ascontiguousarray(words, dtype=np.uint16), table, out) < 0:
+        raise ValueError("entropy-coded stream is corrupt (it does not decode to its declared symbols)")
+    return out
+
+
+class LaplaceTables:
+    """One rANS table per scale level: built once from the levels' scales (in code units)."""
+
+    def __init__(self, scales: np.ndarray) -> None:
+        self.shift = np.array([max(0, math.ceil(math.log2(s / MAX_SCALE))) for s in scales], dtype=np.int64)
+        reduced = [s / 2.0 ** r for s, r in zip(scales, self.shift)]
+        size = 1 << LAPLACE_BITS
+        self.window = np.array([max(1, math.ceil(b * math.log(size / (2 * b)))) if 2 * b < size else 1
+                                for b in reduced], dtype=np.int64)
+        width = int(2 * self.window.max() + 2)
+        if width > 128:
+            raise ValueError("a Laplace window wider than a table entry's symbol field")
+        self.freq = np.zeros((len(scales), width), dtype=np.uint32)
+        self.cum = np.zeros((len(scales), width), dtype=np.uint32)
+        self.table = np.zeros((len(scales), size), dtype=np.uint32)
+        for level, (scale, r, w) in enumerate(zip(scales, self.shift, self.window)):
+            freq = _laplace_frequencies(float(scale), int(r), int(w))
+            self.freq[level, : freq.size], self.cum[level, : freq.size] = freq, _cum(freq)
+            entries = _entries(freq, 8, 12)
+            raw = (entries & np.uint64(0xFF)) == 2 * w + 1 if r == 0 else np.ones(size, dtype=bool)
+            self.table[level] = (entries | (raw.astype(np.uint64) << np.uint64(7))).astype(np.uint32)
+
+    def encode(self, codes: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        """int codes, each with its level (uint8, same size) -> uint16 words."""
+        flat = codes.astype(np.int64).ravel()
+        level = np.ascontiguousarray(levels, dtype=np.uint8).ravel()
+        symbols, raw = np.empty(flat.size, dtype=np.int64), np.empty(3 * flat.size + 1, dtype=np.uint16)
+        raw_words = _split_laplace(flat, level, self.window, self.shift, symbols, raw)
+        out = np.empty(flat.size + HEAD, dtype=np.uint16)
+        start = _encode(self.freq[level, symbols], self.cum[level, symbols], LAPLACE_BITS, out)
+        return np.concatenate((out[start:], raw[:raw_words]))
+
+    def decode(self, words: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`encode`: one int32 code per level (``levels``' shape).
+
+        Raises:
+            ValueError: a stream that is not an encoding of that many codes.
+        """
+        if levels.dtype != np.uint8:
+            raise ValueError(f"scale levels are uint8, not {levels.dtype}")
+        out = np.empty(levels.size, dtype=np.int32)
+        if _decode_laplace(np.ascontiguousarray(words, dtype=np.uint16), np.ascontiguousarray(levels).ravel(),
+                           self.table, self.window, self.shift, out) < 0:
+            raise ValueError("entropy-coded stream is corrupt (it does not decode to one code per scale)")
+        return out.reshape(levels.shape)
+
+
+def _laplace_frequencies(scale: float, shift: Any, window: Any) -> np.ndarray:
+    """Frequencies (out of ``2**12``) of the high part ``s >> shift`` over ``[-window, window]`` and the
+    escape, for codes ``s`` from a Laplace of ``scale`` rounded to integers."""
+    def cdf(x: np.ndarray) -> np.ndarray:
+        return np.where(x < 0, 0.5 * np.exp(np.minimum(x, 0) / scale), 1 - 0.5 * np.exp(-np.maximum(x, 0) / scale))
+
+    high = np.arange(-window, window + 1, dtype=np.float64)
+    width = float(1 << shift)
+    p = cdf((high + 1) * width - 0.5) - cdf(high * width - 0.5)
+    probabilities = np.append(p, max(0.0, 1.0 - float(p.sum())))
+    size = 1 << LAPLACE_BITS
+    freq = np.maximum(1, np.round(probabilities * size)).astype(np.int64)
+    freq[np.argmax(freq)] -= int(freq.sum()) - size
+    return freq
+
+
+@cache
+def laplace_tables(scales: tuple[float, ...]) -> LaplaceTables:
+    """The tables for these level scales, built once per process."""
+    return LaplaceTables(np.array(scales, dtype=np.float64))
