@@ -311,3 +311,24 @@ def test_token_ids_travel_and_bad_ones_are_refused():
     bad.token_ids = torch.tensor([1, 2])  # not one per context token
     with pytest.raises(WireError, match="token ids"):
         bad.to_bytes()
+
+
+def test_klt_decodes_keys_and_values_on_two_threads_as_on_one():
+    """Large layers decode keys on a helper thread beside values: the same tensors either way."""
+    from kvcomm.wire.codecs.klt import PARALLEL_FROM
+
+    tokens = PARALLEL_FROM // 32 + 1
+    keys, values = kv_like(2, tokens, 16, 1), kv_like(2, tokens, 16, 2)
+    book = random_codebook(2, 16, layers=1, seed=3)
+    codec = make_codec("klt").bind(lambda: book)
+    data = KVMessage({"m": 1}, tokens, 0, [LayerKV(0, True, keys, values)], codec).to_bytes()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KVMessage.from_bytes(data).layers[0]
+        torch.set_num_threads(2)
+        two = KVMessage.from_bytes(data).layers[0]
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one.keys, two.keys)  # one codes array, one basis: float rounding apart at most
+    torch.testing.assert_close(one.values, two.values)

@@ -15,7 +15,10 @@ small: four tensors per shared layer and two per sink-only layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +33,7 @@ from kvcomm.wire.codecs.rans import LaplaceTables, laplace_tables
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
 HIDDEN_GROUP = 128  # tokens per range of a hidden state's 8-bit codes (per channel)
+PARALLEL_FROM = 1 << 16  # codes per tensor from which keys and values decode on two threads (when torch has two)
 SCALE_LEVELS = 16  # a scale byte q means MIN_SCALE * 2 ** (q / 16): 4.4% apart, up to ~3,000 steps
 
 
@@ -42,6 +46,12 @@ LEVEL_SCALES = tuple(MIN_SCALE * 2.0 ** (level / SCALE_LEVELS) for level in rang
 
 def _tables() -> LaplaceTables:
     return laplace_tables(LEVEL_SCALES)
+
+
+@cache
+def _helper() -> ThreadPoolExecutor:
+    """One helper thread per process: decodes a layer's keys while the caller decodes its values."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-klt")
 
 
 def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, step: float,
@@ -141,9 +151,15 @@ class KLTCodec(Codec):
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         book = self._book(num_layers)
-        return (transform_decode(prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape, self.coder),
-                transform_decode(prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape,
-                                 self.coder))
+        keys = partial(transform_decode, prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape,
+                       self.coder)
+        values = partial(transform_decode, prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape,
+                         self.coder)
+        if torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
+            return keys(), values()
+        pending = _helper().submit(keys)  # the kernels release the GIL: keys and values decode side by side
+        decoded = values()
+        return pending.result(), decoded
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Codebooks hold KV bases only: a hidden state travels as 8-bit codes per channel, ANS-coded."""
