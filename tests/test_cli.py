@@ -108,6 +108,20 @@ def test_codebook_then_klt_encode_inspect_answer(tiny_dir, tmp_path):
     assert answered.exit_code == 0, answered.output
 
 
+def test_encode_with_codec_auto_names_its_choice(tiny_dir, tmp_path):
+    message = tmp_path / "auto.kvcm"
+    result = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "Mira lives in Oslo.",
+                                 "--codec", "auto", "--bandwidth", "0.01"])
+    assert result.exit_code == 0, result.output
+    header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
+    choice = header["meta"]["codec_choice"]
+    assert choice["bandwidth_mbit"] == 0.01 and f"({choice['chosen']}: fastest expected" in result.output
+    assert header["codec"]["name"] != "auto"
+    wrong = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x", "--codec", "int8",
+                                "--bandwidth", "10"])
+    assert wrong.exit_code == 2 and "goes with --codec auto" in wrong.output
+
+
 def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path):
     result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "facts", "--limit", "2", "--calib-size",
                                  "3", "--methods", "kvcomm", "--ratios", "1", "--codecs", "klt", "-q",

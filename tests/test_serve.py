@@ -198,6 +198,20 @@ def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(htt
     assert both.status_code == 422
 
 
+def test_codec_auto_chooses_for_the_declared_bandwidth_and_says_why(http):
+    slow = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "auto",
+                                           "bandwidth_mbit": 0.01}).json()
+    choice = slow["codec_choice"]
+    assert choice["bandwidth_mbit"] == 0.01 and choice["chosen"] in choice["candidates"]
+    assert choice["chosen"] == min(choice["candidates"], key=lambda n: choice["candidates"][n]["seconds"])
+    assert slow["codec"] == {"fp16": "raw", "int8": "quant", "int4-ans": "quant", "klt": "klt"}[choice["chosen"]]
+    stored = KVMessage.from_bytes(http.get(f"/v1/messages/{slow['id']}").content)
+    assert stored.meta["codec_choice"]["chosen"] == choice["chosen"]
+    assert f'kvcomm:codec_chosen_total{{codec="{choice["chosen"]}"}} 1.0' in http.get("/metrics").text
+    wrong = http.post("/v1/contexts", json={"context": "x", "codec": "int8", "bandwidth_mbit": 10})
+    assert wrong.status_code == 400 and "goes with codec 'auto'" in wrong.json()["error"]["message"]
+
+
 def test_the_service_default_ratio_uses_a_loaded_profile(agent):
     from kvcomm.selection import Profile
 

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvcomm.errors import ConfigError
 from kvcomm.protocol import prefill, prefill_logits, receiver_input, share
 from kvcomm.wire import (
     PRESETS,
@@ -36,7 +37,8 @@ ENTROPY_CODECS = ["int4-ans", "int2-ans", "cachegen", "klt"]
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
 TOLERANCE = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 1e-2, "zstd": 1e-3, "int8": 0.02, "int4": 0.2, "int2": 0.6,
-             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.25, "klt": 0.25, "klt-coarse": 0.4}
+             "int4-ans": 0.2, "int2-ans": 0.6, "cachegen": 0.25, "klt": 0.25, "klt-coarse": 0.4,
+             "auto": 0.25}  # auto: one of fp16, int8, int4-ans, klt
 
 
 def kv_like(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -68,7 +70,11 @@ def test_every_codec_round_trips_within_its_stated_error(codec, heads, tokens, d
         for x, y in ((a.keys, b.keys), (a.values, b.values)):
             assert x.shape == y.shape
             assert ((x - y).norm() / x.norm().clamp(min=1e-6)).item() <= TOLERANCE[codec]
-    assert back.codec.params() == original.codec.params() and back.fingerprint == {"m": 1}
+    if codec == "auto":  # the header names the codec chosen
+        assert back.codec.name in ("raw", "quant", "klt") and back.meta["codec_choice"]["chosen"] in bound.candidates
+    else:
+        assert back.codec.params() == original.codec.params()
+    assert back.fingerprint == {"m": 1}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -332,3 +338,39 @@ def test_klt_decodes_keys_and_values_on_two_threads_as_on_one():
         torch.set_num_threads(threads)
     torch.testing.assert_close(one.keys, two.keys)  # one codes array, one basis: float rounding apart at most
     torch.testing.assert_close(one.values, two.values)
+
+
+def auto_message(**params) -> KVMessage:
+    book = random_codebook(2, 16, layers=2, seed=5)
+    layers = [LayerKV(0, True, kv_like(2, 300, 16, 1), kv_like(2, 300, 16, 2)),
+              LayerKV(1, False, kv_like(2, 1, 16, 3), kv_like(2, 1, 16, 4))]
+    return KVMessage({"m": 1}, 300, 0, layers, make_codec("auto", **params).bind(lambda: book))
+
+
+def test_auto_sends_small_codes_over_a_slow_link_and_plain_floats_over_a_fast_one():
+    slow = KVMessage.from_bytes(auto_message(bandwidth_mbit=0.01).to_bytes())
+    fast = KVMessage.from_bytes(auto_message(bandwidth_mbit=1e6, candidates=["fp16", "klt"]).to_bytes())
+    choice = slow.meta["codec_choice"]
+    assert choice["chosen"] in ("klt", "int4-ans") and slow.codec.name in ("klt", "quant")
+    assert set(choice["candidates"]) == {"fp16", "int8", "int4-ans", "klt"}
+    smallest = min(choice["candidates"], key=lambda n: choice["candidates"][n]["bytes"])
+    assert choice["chosen"] == smallest  # at 10 kbit/s the transfer outweighs everything
+    assert fast.meta["codec_choice"]["chosen"] == "fp16" and fast.codec.name == "raw"
+    estimate = fast.meta["codec_choice"]["candidates"]["fp16"]
+    assert estimate["seconds"] >= estimate["encode_seconds"] + estimate["decode_seconds"]
+
+
+def test_auto_keeps_to_the_quality_budget():
+    strict = KVMessage.from_bytes(auto_message(bandwidth_mbit=0.01, max_error=0.01).to_bytes())
+    choice = strict.meta["codec_choice"]
+    assert all(choice["candidates"][n]["error"] > 0.01 for n in ("int4-ans", "klt"))
+    assert choice["chosen"] in ("fp16", "int8") and choice["candidates"][choice["chosen"]]["error"] <= 0.01
+    none = KVMessage.from_bytes(auto_message(max_error=1e-9, candidates=["int4-ans", "klt"]).to_bytes())
+    assert none.meta["codec_choice"]["reason"].startswith("no candidate within")
+
+
+@pytest.mark.parametrize("params, match", [({"bandwidth_mbit": 0}, "bandwidth"), ({"candidates": ["auto"]}, "other"),
+                                           ({"candidates": ["fp9"]}, "presets"), ({"max_error": -1}, "max_error")])
+def test_auto_refuses_bad_parameters(params, match):
+    with pytest.raises(ConfigError, match=match):
+        make_codec("auto", **params)

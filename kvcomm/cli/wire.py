@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Annotated
@@ -36,13 +37,18 @@ def encode_command(
         exists=True, dir_okay=False, help="Profile from `kvcomm calibrate`.")] = None,
     codec: Codec = "fp16", model: Model = DEFAULT_MODEL, mode: Mode = None,
     dtype: Dtype = "float32",
+    bandwidth: Annotated[float | None, typer.Option(
+        min=1e-6, max=1e6, help="With --codec auto: the link's bandwidth in Mbit/s the codec is chosen for "
+                                "(default 100).")] = None,
 ) -> None:
     """Prefill a context on the sender and write its KV (chosen layers) as a message file."""
     if (context is None) == (context_file is None):
         raise ConfigError("give exactly one of --context or --context-file")
     if ratio is not None and layers is not None:
         raise ConfigError("give --layers or --ratio (with --profile), not both")
-    make_codec(codec)
+    if bandwidth is not None and make_codec(codec).name != "auto":
+        raise ConfigError(f"--bandwidth chooses a codec: it goes with --codec auto, not {codec!r}")
+    chosen_codec = make_codec(codec, **({} if bandwidth is None else {"bandwidth_mbit": bandwidth}))
     depth = resolve_model(model).num_layers
     chosen: list[int] | None = None
     if ratio is not None:
@@ -55,8 +61,10 @@ def encode_command(
         raise ConfigError(f"{out} is a folder; give a file name for the message")
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
-    size = encode_context(sender, text, chosen, codec, mode or "causal").save(out)
-    console.print(f"wrote {out}: {size:,} bytes", markup=False, soft_wrap=True)
+    size = encode_context(sender, text, chosen, chosen_codec, mode or "causal").save(out)
+    choice = MessageReader(io.BytesIO(out.read_bytes())).header.meta.get("codec_choice")
+    how = f" ({choice['chosen']}: {choice['reason']})" if choice else ""
+    console.print(f"wrote {out}: {size:,} bytes{how}", markup=False, soft_wrap=True)
 
 
 def _read_text(path: Path | None) -> str:

@@ -13,6 +13,7 @@ store I/O, decoding and tokenising run off the event loop; the model serves one 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
 from functools import partial
@@ -43,7 +44,7 @@ from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
-from kvcomm.wire import KVMessage, make_codec
+from kvcomm.wire import KVMessage, MessageReader, make_codec
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
 MessageId = Annotated[str, Path(description="1-128 letters, digits, '_', '.', '-'; not starting with '.', "
@@ -143,9 +144,14 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             data, message = made
             await anyio.to_thread.run_sync(store.put, plan.message_id, data)
             metrics.contexts.labels("yes").inc()
+        header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
+        choice = header.meta.get("codec_choice")
+        if choice is not None and existing is None:
+            metrics.codec_chosen.labels(choice["chosen"]).inc()
         return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
                               fingerprint=agent.fingerprint, context_tokens=message.context_len,
-                              layers=message.shared_layers, codec=plan.codec.name, mode=message.mode)
+                              layers=message.shared_layers, codec=header.codec.name, mode=message.mode,
+                              codec_choice=choice)
 
     @app.get("/v1/messages/{message_id}", responses={**documented(*V1, 404),
                                                      200: {"content": {"application/octet-stream": {}}}})

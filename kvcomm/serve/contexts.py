@@ -95,7 +95,11 @@ class ContextMaker:
 
     def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
         """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
-        codec = make_codec(body.codec or self.config.codec).bind(lambda: model_codebook(self.agent))
+        name = body.codec or self.config.codec
+        if body.bandwidth_mbit is not None and make_codec(name).name != "auto":
+            raise ConfigError(f"'bandwidth_mbit' chooses a codec: it goes with codec 'auto', not {name!r}")
+        extra = {} if body.bandwidth_mbit is None else {"bandwidth_mbit": body.bandwidth_mbit}
+        codec = make_codec(name, **extra).bind(lambda: model_codebook(self.agent))
         mode = body.mode or self.config.mode
         layers: list[int] | None = None
         if body.layers is not None:

@@ -64,6 +64,8 @@ class ServiceMetrics:
         self.kv_sent = Counter("kvcomm:kv_bytes_sent", "KV message bytes served", registry=r)
         self.contexts = Counter("kvcomm:contexts", "Contexts stored, by whether a prefill was spent",
                                 ["prefill"], registry=r)
+        self.codec_chosen = Counter("kvcomm:codec_chosen", "Messages encoded by codec 'auto', by the codec chosen",
+                                    ["codec"], registry=r)
         self.lookups = Counter("kvcomm:store_lookups", "Message store lookups by result (hit rate)", ["result"],
                                registry=r)
         self.cancelled = Counter("kvcomm:requests_cancelled", "Requests stopped early, by reason", ["reason"],

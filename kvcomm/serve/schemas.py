@@ -156,6 +156,8 @@ class ContextRequest(BaseModel):
     ratio: Annotated[float, Field(gt=0, le=1)] | None = None
     profile: ProfileBody | None = None
     codec: Annotated[str, Field(max_length=64)] | None = None
+    bandwidth_mbit: Annotated[float, Field(gt=0, le=1e6, description=(
+        "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
 
@@ -182,6 +184,8 @@ class ContextCreated(BaseModel):
     layers: list[int]
     codec: str
     mode: str
+    codec_choice: dict[str, Any] | None = Field(
+        default=None, description="with codec 'auto': the codec chosen and why (each candidate's estimates)")
 
 
 class MessageStored(BaseModel):

@@ -141,15 +141,17 @@ class KVMessage:
         return buffer.getvalue()
 
     def write(self, out: BinaryIO) -> int:
-        """Encodes and writes the message; returns the number of bytes written."""
-        payloads = [self._encode_layer(layer) for layer in self.layers]
-        extras = self._encode_extras()
+        """Encodes and writes the message; returns the number of bytes written. A codec that chooses
+        per message (``auto``) encodes it with its choice, named in the header with its reasons."""
+        codec, notes = self.codec.for_message(self.layers)
+        payloads = [self._encode_layer(layer, codec) for layer in self.layers]
+        extras = self._encode_extras(codec)
         first = self.layers[0].keys
         try:
             header = Header(
                 fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
-                codec=CodecEntry(name=self.codec.name, params=self.codec.params()),
-                heads=int(first.shape[0]), head_dim=int(first.shape[2]), mode=self.mode, meta=self.meta,
+                codec=CodecEntry(name=codec.name, params=codec.params()),
+                heads=int(first.shape[0]), head_dim=int(first.shape[2]), mode=self.mode, meta={**self.meta, **notes},
                 layers=[LayerEntry(index=layer.index, full=layer.full, tokens=int(layer.keys.shape[1]), bytes=len(p))
                         for layer, p in zip(self.layers, payloads)],
                 extras=[entry for entry, _ in extras],
@@ -174,16 +176,16 @@ class KVMessage:
         out.write(END + digest.digest())
         return written + len(END) + 16
 
-    def _encode_layer(self, layer: LayerKV) -> bytes:
+    def _encode_layer(self, layer: LayerKV, codec: Codec) -> bytes:
         if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
             raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
                             f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
         if layer.keys.shape[1] == 0:  # left out: the receiver computes this layer itself
             return b""
-        tensors = self.codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
+        tensors = codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
         return st_save({name: t.contiguous() for name, t in tensors.items()})
 
-    def _encode_extras(self) -> list[tuple[ExtraEntry, bytes]]:
+    def _encode_extras(self, codec: Codec) -> list[tuple[ExtraEntry, bytes]]:
         out = []
         if self.token_ids is not None:
             ids = self.token_ids.reshape(-1)
@@ -195,7 +197,7 @@ class KVMessage:
             if hidden.dim() != 2 or hidden.shape[0] != self.context_len or not 0 <= layer < len(self.layers):
                 raise WireError(f"a hidden state must be [{self.context_len}, width] and enter a layer of the "
                                 f"message; got {tuple(hidden.shape)} entering layer {layer}")
-            tensors = self.codec.encode_hidden(hidden.float(), layer, len(self.layers))
+            tensors = codec.encode_hidden(hidden.float(), layer, len(self.layers))
             data = st_save({name: t.contiguous() for name, t in tensors.items()})
             out.append((ExtraEntry(kind="hidden", tokens=self.context_len, bytes=len(data), layer=layer,
                                    width=int(hidden.shape[1])), data))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
@@ -19,6 +19,7 @@ from kvcomm.registry import Registry
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
+    from kvcomm.wire.message import LayerKV
 
 Tensors = dict[str, torch.Tensor]
 
@@ -43,6 +44,11 @@ class Codec(ABC):
         """This codec ready to encode for one sender model. ``codebook`` returns that model's saved
         codebook and is called only by codecs that rotate with one (``klt``)."""
         return self
+
+    def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
+        """The codec that encodes a message of these layers, and notes for its header's ``meta``
+        (this codec and none, except for codecs that choose one per message: ``auto``)."""
+        return self, {}
 
     @abstractmethod
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:

@@ -1,0 +1,130 @@
+"""``auto``: per message, the codec with the lowest expected time to first token at a bandwidth.
+
+What a receiver waits for, codec by codec, is the sender's encoding, the transfer and its own
+decoding. Compression only pays where the link is slow: at 10 Mbit/s every byte saved counts,
+at 1 Gbit/s a codec that decodes at 50 MB/s costs more than the bytes it saves. ``auto`` measures
+instead of guessing: it encodes and decodes one layer of the message (the one with the most
+tokens) with every candidate, scales bytes and seconds to the whole message, adds the transfer at
+the declared bandwidth, drops candidates whose reconstruction error on that layer is over the
+quality budget, and encodes the message with the fastest of the rest. The header then names the
+chosen codec (a receiver needs nothing new) and ``meta["codec_choice"]`` says why: every
+candidate's estimated bytes, seconds and error.
+
+The quality budget is a relative L2 reconstruction error (default 0.15): ``klt``'s ~0.10 and
+``int4-ans``' ~0.08 showed no measurable score loss in the codec sweeps (``docs/results.md``),
+``cachegen``'s ~0.20 and ``int2-ans``' ~0.4 did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from kvcomm.errors import ConfigError, WireError
+from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
+
+if TYPE_CHECKING:
+    from kvcomm.wire.codebook import Codebook
+    from kvcomm.wire.message import LayerKV
+
+DEFAULT_CANDIDATES = ("fp16", "int8", "int4-ans", "klt")
+WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
+
+
+@CODECS.register("auto")
+class AutoCodec(Codec):
+    """Chooses, per message, among ``candidates`` (preset names) the one with the lowest expected
+    encode + transfer + decode time at ``bandwidth_mbit`` whose relative error is at most
+    ``max_error``.
+
+    Args:
+        bandwidth_mbit: the link's bandwidth in Mbit/s (declared).
+        candidates: codec presets to choose from.
+        max_error: the quality budget: the largest relative L2 reconstruction error allowed.
+    """
+
+    name = "auto"
+
+    def __init__(self, bandwidth_mbit: float = 100.0, candidates: Sequence[str] = DEFAULT_CANDIDATES,
+                 max_error: float = 0.15) -> None:
+        if not 0 < float(bandwidth_mbit) <= 1e6:
+            raise ConfigError("auto codec bandwidth_mbit must be in (0, 1e6] Mbit/s")
+        if not candidates or any(c not in PRESETS or PRESETS[c][0] == "auto" for c in candidates):
+            raise ConfigError(f"auto codec candidates must be codec presets other than auto; got {list(candidates)}")
+        if not 0 < float(max_error):
+            raise ConfigError("auto codec max_error must be positive")
+        self.bandwidth_mbit, self.candidates, self.max_error = float(bandwidth_mbit), list(candidates), float(max_error)
+        self._codebook: Callable[[], Codebook] | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"bandwidth_mbit": self.bandwidth_mbit, "candidates": self.candidates, "max_error": self.max_error}
+
+    def bind(self, codebook: Callable[[], Codebook]) -> AutoCodec:
+        bound = AutoCodec(self.bandwidth_mbit, self.candidates, self.max_error)
+        bound._codebook = codebook
+        return bound
+
+    def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
+        sample = max(layers, key=lambda layer: layer.keys.shape[1])
+        total = sum(layer.keys.numel() for layer in layers) or 1
+        scale = total / max(sample.keys.numel(), 1)
+        began = time.perf_counter()
+        estimates: dict[str, dict[str, float]] = {}
+        codecs: dict[str, Codec] = {}
+        for name in self.candidates:
+            codec = make_codec(name)
+            if self._codebook is not None:
+                codec = codec.bind(self._codebook)
+            elif name in ("klt", "klt-coarse"):
+                continue  # no codebook to rotate with: not a candidate here
+            codecs[name] = codec
+            estimates[name] = _measure(codec, sample, len(layers), scale, self.bandwidth_mbit)
+        if not estimates:
+            raise WireError("auto codec: no candidate can encode this message (klt needs a codebook)")
+        within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
+        if within:
+            chosen = min(within, key=lambda n: within[n]["seconds"])
+            reason = (f"fastest expected encode + transfer + decode at {self.bandwidth_mbit:g} Mbit/s among codecs "
+                      f"within relative error {self.max_error:g}")
+        else:
+            chosen = min(estimates, key=lambda n: estimates[n]["error"])
+            reason = f"no candidate within relative error {self.max_error:g}: the most accurate"
+        choice = {"chosen": chosen, "reason": reason, "bandwidth_mbit": self.bandwidth_mbit,
+                  "max_error": self.max_error, "sample_layer": sample.index,
+                  "choice_seconds": round(time.perf_counter() - began, 4), "candidates": estimates}
+        return codecs[chosen], {"codec_choice": choice}
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
+        raise WireError("the auto codec chooses a codec per message: encode through KVMessage")
+
+    def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+               num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("no message is encoded as 'auto': its header names the codec chosen")
+
+
+def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandwidth_mbit: float) -> dict[str, float]:
+    """One layer through ``codec``: bytes, seconds and error, the bytes and seconds scaled to the message."""
+    keys, values = sample.keys.float(), sample.values.float()
+    heads, tokens, dim = keys.shape
+    warm = keys[:, :WARM_TOKENS], values[:, :WARM_TOKENS]
+    codec.decode(codec.encode(*warm, sample.index, num_layers), (heads, min(tokens, WARM_TOKENS), dim), sample.index,
+                 num_layers)
+    began = time.perf_counter()
+    tensors = codec.encode(keys, values, sample.index, num_layers)
+    size = len(st_save({name: t.contiguous() for name, t in tensors.items()}))
+    encoded = time.perf_counter()
+    back_keys, back_values = codec.decode(tensors, (heads, tokens, dim), sample.index, num_layers)
+    decoded = time.perf_counter()
+    error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
+                for a, b in ((keys, back_keys), (values, back_values)))
+    transfer = size * scale * 8 / (bandwidth_mbit * 1e6)
+    return {"bytes": round(size * scale), "encode_seconds": round((encoded - began) * scale, 5),
+            "decode_seconds": round((decoded - encoded) * scale, 5), "transfer_seconds": round(transfer, 5),
+            "seconds": round((decoded - began) * scale + transfer, 5), "error": round(error, 5)}
+
+
+preset("auto", "auto", bandwidth_mbit=100.0)
