@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 
 from kvcomm.errors import KvcommError
+from kvcomm.models.fingerprint import Fingerprint
+from kvcomm.wire.message import KVMessage
+from kvcomm.wire.streaming import Timeline, receive
 
 
 class ServiceError(KvcommError):
@@ -46,16 +49,25 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as err:
             raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
-        if response.status_code >= 400:
-            detail, code = response.text, None
-            try:
-                error = response.json().get("error")
-                if isinstance(error, dict):
-                    detail, code = str(error.get("message", detail)), error.get("code")
-            except ValueError:
-                pass
-            raise ServiceError(response.status_code, detail, code)
+        _raise_for(response)
         return response
+
+    def get_message(self, message_id: str) -> bytes:
+        return self._call("GET", f"/v1/messages/{message_id}").content
+
+    def receive_message(self, message_id: str, receiver: Fingerprint | None = None,
+                        timeline: Timeline | None = None) -> KVMessage:
+        """A stored message, decoded layer by layer while the rest still arrives (checked against
+        ``receiver``'s fingerprint as soon as the header is in; see :mod:`kvcomm.wire.streaming`)."""
+        try:
+            with self._http.stream("GET", f"/v1/messages/{message_id}") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                return receive(response.iter_bytes(), receiver, timeline=timeline)
+        except httpx.TransportError as err:
+            raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
+
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/healthz").json())
@@ -80,9 +92,6 @@ class Client:
                 "codec": codec, "mode": mode, "id": message_id}
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
-    def get_message(self, message_id: str) -> bytes:
-        return self._call("GET", f"/v1/messages/{message_id}").content
-
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
         return dict(self._call("PUT", f"/v1/messages/{message_id}", content=data,
                                headers={"Content-Type": "application/octet-stream"}).json())
@@ -99,3 +108,17 @@ class Client:
         if kv_return is not None:
             body["kv_return"] = kv_return
         return dict(self._call("POST", "/v1/chat/completions", json=body).json())
+
+
+def _raise_for(response: httpx.Response) -> None:
+    """A :class:`ServiceError` for an error status, with the service's message and code."""
+    if response.status_code < 400:
+        return
+    detail, code = response.text, None
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict):
+            detail, code = str(error.get("message", detail)), error.get("code")
+    except ValueError:
+        pass
+    raise ServiceError(response.status_code, detail, code)

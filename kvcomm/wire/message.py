@@ -240,7 +240,11 @@ class KVMessage:
              max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
         """Reads one whole message; returns it only once every check has passed."""
         reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes)
-        layers = list(reader.layers())
+        return cls.from_reader(reader, list(reader.layers()))
+
+    @classmethod
+    def from_reader(cls, reader: MessageReader, layers: list[LayerKV]) -> KVMessage:
+        """The message a reader has read to its end (``layers``: what its :meth:`~MessageReader.layers` yielded)."""
         h = reader.header
         return cls(dict(h.fingerprint), h.context_len, h.sink_position, layers, reader.codec, dict(h.meta), h.mode,
                    reader.token_ids, reader.hidden)
