@@ -79,17 +79,18 @@ class Client:
     def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
                        layers: Sequence[int] | None = None, ratio: float | None = None,
                        ranking: Sequence[int] | None = None, codec: str | None = None, mode: str | None = None,
-                       message_id: str | None = None) -> dict[str, Any]:
+                       message_id: str | None = None, bandwidth_mbit: float | None = None) -> dict[str, Any]:
         """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
 
         Args:
             layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's).
             message_id: store under this id; by default the id is the content's address (the same
                 content, model, layers and codec give the same id, and no second prefill).
+            bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for.
         """
         body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
                 "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
-                "codec": codec, "mode": mode, "id": message_id}
+                "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit}
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
