@@ -43,7 +43,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.codecs.base import header_codec
+from kvcomm.wire.codecs.base import all_finite, header_codec
 from kvcomm.wire.header import MAX_HEADER, READABLE, VERSION, CodecEntry, ExtraEntry, Header, LayerEntry, parse_header
 
 MAGIC, END = b"KVCM", b"KEND"
@@ -350,16 +350,6 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
         parts.append(more)
         remaining -= len(more)
     return b"".join(parts)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no infinity in ``tensor``: its minimum and maximum are finite (NaN propagates
-    through both). One fused reduction, ~13x faster here than ``isfinite(t).all()``, which
-    materialises a mask."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[int, int, int],

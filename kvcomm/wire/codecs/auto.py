@@ -4,7 +4,8 @@ What a receiver waits for, codec by codec, is the sender's encoding, the transfe
 decoding. Compression only pays where the link is slow: at 10 Mbit/s every byte saved counts,
 at 1 Gbit/s a codec that decodes at 50 MB/s costs more than the bytes it saves. ``auto`` measures
 instead of guessing: it encodes and decodes one layer of the message (the one with the most
-tokens) with every candidate, scales bytes and seconds to the whole message, adds the transfer at
+tokens) with every candidate, as a writer and a reader would (safetensors, checksums, the
+finiteness check included), scales bytes and seconds to the whole message, adds the transfer at
 the declared bandwidth, drops candidates whose reconstruction error on that layer is over the
 quality budget, and encodes the message with the fastest of the rest. The header then names the
 chosen codec (a receiver needs nothing new) and ``meta["codec_choice"]`` says why: every
@@ -17,15 +18,18 @@ The quality budget is a relative L2 reconstruction error (default 0.15): ``klt``
 
 from __future__ import annotations
 
+import hashlib
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
+from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, all_finite, make_codec, preset
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -114,10 +118,15 @@ def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandw
     codec.decode(codec.encode(*warm, sample.index, num_layers), (heads, min(tokens, WARM_TOKENS), dim), sample.index,
                  num_layers)
     began = time.perf_counter()
-    tensors = codec.encode(keys, values, sample.index, num_layers)
-    size = len(st_save({name: t.contiguous() for name, t in tensors.items()}))
+    payload = st_save({name: t.contiguous() for name, t in codec.encode(keys, values, sample.index,
+                                                                         num_layers).items()})
+    size = len(payload)
     encoded = time.perf_counter()
-    back_keys, back_values = codec.decode(tensors, (heads, tokens, dim), sample.index, num_layers)
+    # what a reader does per frame: its checksums, the safetensors load, the codec, the finiteness check
+    zlib.crc32(payload)
+    hashlib.blake2b(payload, digest_size=16)
+    back_keys, back_values = codec.decode(st_load(payload), (heads, tokens, dim), sample.index, num_layers)
+    all_finite(back_keys) and all_finite(back_values)
     decoded = time.perf_counter()
     error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
                 for a, b in ((keys, back_keys), (values, back_values)))
