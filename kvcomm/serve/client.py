@@ -68,7 +68,6 @@ class Client:
         except httpx.TransportError as err:
             raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
 
-
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/healthz").json())
 
