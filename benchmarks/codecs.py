@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--codecs", default=",".join(sorted(PRESETS)))
     parser.add_argument("--codebook-items", type=int, default=16,
                         help="contexts from the end of the task that build the klt codebook")
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="instead of the task's contexts, --items copies of one generated context of about "
+                             "this many tokens (benchmarks/ttft.py's), e.g. 1024")
     parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
                         "e.g. rans,constriction")
     parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
@@ -45,7 +49,13 @@ def main() -> None:
 
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
-    batch = Batch(agents, task, task.items[: args.items])
+    items = task.items[: args.items]
+    if args.context_tokens:
+        from ttft import context_of  # benchmarks/ttft.py
+
+        context = context_of(agents.sender, args.context_tokens)
+        items = [replace(item, context=context) for item in items]
+    batch = Batch(agents, task, items)
     shared = share(agents.sender.model, batch.sender_kv(), range(agents.num_layers))
     rows = [shared.row(i) for i in range(len(batch.items))]
     fp16_bytes = sum(int(r.kv_bytes[0]) // 2 for r in rows)  # the model runs in float32
@@ -81,7 +91,8 @@ def main() -> None:
             "encode_mb_s": fp16_bytes / 1e6 / encode_s, "decode_mb_s": fp16_bytes / 1e6 / decode_s,
         })
 
-    table = Table(title=f"codecs · {args.model} · {args.task} · {len(rows)} contexts, all "
+    what = f"{args.context_tokens}-token generated context" if args.context_tokens else args.task
+    table = Table(title=f"codecs · {args.model} · {what} · {len(rows)} contexts, all "
                         f"{agents.num_layers} layers · fp16 KV {fp16_bytes / 1e6:.2f} MB · "
                         f"{torch.get_num_threads()} torch threads · best of {args.repeats}")
     for column in ("codec", "bytes", "× vs fp16", "rel. error", "cosine", "encode MB/s", "decode MB/s"):
@@ -91,7 +102,8 @@ def main() -> None:
                       f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}")
     Console(width=140).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(rows),
+    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "context_tokens": args.context_tokens,
+                                    "items": len(rows),
                                     "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
                                     "repeats": args.repeats, "codecs": results}, indent=1) + "\n")
     print(f"written: {args.out}")

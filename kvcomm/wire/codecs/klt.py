@@ -33,7 +33,7 @@ from kvcomm.wire.codecs.rans import LaplaceTables, laplace_tables
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
 HIDDEN_GROUP = 128  # tokens per range of a hidden state's 8-bit codes (per channel)
-PARALLEL_FROM = 1 << 14  # codes per tensor from which keys and values decode on two threads (when torch has two)
+PARALLEL_FROM = 1 << 16  # codes per tensor from which keys and values decode on two threads (when torch has two)
 SCALE_LEVELS = 16  # a scale byte q means MIN_SCALE * 2 ** (q / 16): 4.4% apart, up to ~3,000 steps
 
 
