@@ -31,11 +31,7 @@ from kvcomm.wire.codecs.entropy import ans_decode, ans_encode, laplace_decode, l
 
 def klt_codes(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """What ``klt`` entropy-codes for one ``[H, T, D]`` tensor: int codes and their scale levels."""
-    coefficients = (x[:, 1:].float() - mean[:, None]) @ basis
-    steps = (0.5 * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
-    codes = (coefficients / steps.float()[:, None, None]).round().to(torch.int64)
-    spread = codes.abs().float().mean(dim=1).clamp(min=klt.MIN_SCALE)
-    levels = (torch.log2(spread / klt.MIN_SCALE) * klt.SCALE_LEVELS).round().clamp(0, 255).to(torch.uint8)
+    _, codes, levels = klt.transform_codes(x[:, 1:], basis, mean, 0.5)
     return codes.numpy().ravel(), np.broadcast_to(levels.numpy()[:, None], codes.shape).ravel().copy()
 
 
@@ -76,7 +72,7 @@ def main() -> None:
     tables = klt._tables()
     rows = []
     symbols = sum(c.size for c, _ in laplace)
-    scales = [klt.MIN_SCALE * np.exp2(levels.astype(np.float64) / klt.SCALE_LEVELS) for _, levels in laplace]
+    scales = [klt._scales(torch.from_numpy(levels)) for _, levels in laplace]
     ours = [tables.encode(c, levels) for c, levels in laplace]
     theirs = [laplace_encode(c, s) for (c, _), s in zip(laplace, scales)]
     assert all(np.array_equal(tables.decode(w, levels), c) for w, (c, levels) in zip(ours, laplace))

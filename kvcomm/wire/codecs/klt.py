@@ -54,6 +54,19 @@ def _helper() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-klt")
 
 
+def transform_codes(rest: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
+                    step: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What is entropy-coded for tokens ``[H, T, D]`` (all but the sink): each head's step (float16
+    ``[H]``), the integer codes (``[H, T, D]``) and one Laplace scale level per component (uint8
+    ``[H, D]``)."""
+    coefficients = (rest.float() - mean[:, None]) @ basis
+    steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
+    codes = (coefficients / steps.float()[:, None, None]).round().to(torch.int64)
+    spread = codes.abs().float().mean(dim=1).clamp(min=MIN_SCALE)
+    levels = (torch.log2(spread / MIN_SCALE) * SCALE_LEVELS).round().clamp(0, 255).to(torch.uint8)
+    return steps, codes, levels
+
+
 def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, step: float,
                      coder: Coder = "rans") -> Tensors:
     """One layer's keys or values ``[H, T, D]`` -> ``first`` (int8 ``[H, D]``) and ``side`` (float16
@@ -66,11 +79,7 @@ def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, s
     first = (x[:, 0] / first_scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     if x.shape[1] == 1:
         return {"first": first, "side": first_scale[:, None]}
-    coefficients = (x[:, 1:].float() - mean[:, None]) @ basis
-    steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
-    codes = (coefficients / steps.float()[:, None, None]).round().to(torch.int64)
-    spread = codes.abs().float().mean(dim=1).clamp(min=MIN_SCALE)
-    levels = (torch.log2(spread / MIN_SCALE) * SCALE_LEVELS).round().clamp(0, 255).to(torch.uint8)
+    steps, codes, levels = transform_codes(x[:, 1:], basis, mean, step)
     side = {"first": first, "side": torch.stack([first_scale, steps], dim=1), "scale": levels}
     if coder == "rans":
         words = _tables().encode(codes.numpy(), np.broadcast_to(levels.numpy()[:, None], codes.shape))
