@@ -41,7 +41,7 @@ def _scales(levels: torch.Tensor) -> np.ndarray:
     return MIN_SCALE * np.exp2(levels.numpy().astype(np.float64) / SCALE_LEVELS)
 
 
-LEVEL_SCALES = tuple(MIN_SCALE * 2.0 ** (level / SCALE_LEVELS) for level in range(256))
+LEVEL_SCALES = tuple(_scales(torch.arange(256, dtype=torch.uint8)).tolist())  # one table each (rANS)
 
 
 def _tables() -> LaplaceTables:
