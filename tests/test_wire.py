@@ -357,7 +357,8 @@ def test_auto_sends_small_codes_over_a_slow_link_and_plain_floats_over_a_fast_on
     assert choice["chosen"] == smallest  # at 10 kbit/s the transfer outweighs everything
     assert fast.meta["codec_choice"]["chosen"] == "fp16" and fast.codec.name == "raw"
     estimate = fast.meta["codec_choice"]["candidates"]["fp16"]
-    assert estimate["seconds"] >= estimate["encode_seconds"] + estimate["decode_seconds"]
+    # each figure is rounded to 5 decimals on its own, so the sum may exceed the total by two roundings
+    assert estimate["seconds"] >= estimate["encode_seconds"] + estimate["decode_seconds"] - 1e-5
 
 
 def test_auto_keeps_to_the_quality_budget():
