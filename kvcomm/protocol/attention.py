@@ -61,18 +61,19 @@ def kvcomm_attention(
         raise ProtocolError(f"layer {layer}: the cache holds {key.shape[2]} keys, its layout describes {expected}")
     mask = layout.mask(layer, query_len, sliding_window)  # [B, 1, T, K]
     groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     if layout.recorder is not None and query_len > 1:
         # Calibration: materialise this layer's probabilities once, use them for the output too.
+        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # [B, H, T, K]
         _record_importance(layout, layer, probs)
         out = torch.matmul(probs, value)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        # Grouped heads share keys in place (the same result as repeating them, without the copy).
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None
 
 

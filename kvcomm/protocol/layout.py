@@ -66,6 +66,10 @@ class AttentionLayout:
     own_valid: torch.Tensor
     mode: MaskMode = "causal"
     recorder: ImportanceRecorder | None = None
+    # Masks already derived, with the tensors they were derived from: layers that received the
+    # same keys (every sink-only layer, every full one) share one mask per forward step.
+    _masks: dict[tuple[int, int, int, int | None], tuple[tuple[torch.Tensor, ...], torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MASK_MODES:
@@ -95,10 +99,21 @@ class AttentionLayout:
             positions = self.context_len[:, None] + seen + valid.long().cumsum(dim=1) - valid.long()
         self.own_pos = torch.cat([self.own_pos, positions], dim=1)
         self.own_valid = torch.cat([self.own_valid, valid], dim=1)
+        self._masks.clear()
         return positions
 
     def mask(self, layer: int, query_len: int, sliding_window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[B, 1, T, K]`` (True = may attend) for the last ``query_len`` own tokens."""
+        inputs = (self.prefix_pos[layer], self.prefix_valid[layer], self.own_pos, self.own_valid, self.context_len)
+        key = (id(inputs[0]), id(inputs[1]), query_len, sliding_window)
+        known = self._masks.get(key)
+        if known is not None and all(a is b for a, b in zip(known[0], inputs)):
+            return known[1]
+        mask = self._derive_mask(layer, query_len, sliding_window)
+        self._masks[key] = (inputs, mask)
+        return mask
+
+    def _derive_mask(self, layer: int, query_len: int, sliding_window: int | None) -> torch.Tensor:
         prefix_pos, prefix_valid = self.prefix_pos[layer], self.prefix_valid[layer]
         key_pos = torch.cat([prefix_pos, self.own_pos], dim=1)  # [B, K]
         key_valid = torch.cat([prefix_valid, self.own_valid], dim=1)

@@ -171,6 +171,7 @@ def share(
     sink_pos = torch.zeros_like(context_len)[:, None]
     if mode == "shift-back":
         sink_pos = (context_len - 1).clamp(min=0)[:, None]
+    sink_valid = context_len[:, None] > 0
     shared = SharedKV([], [], [], [], context_len, [], mode, token_ids=sender.ids)
     for layer in range(sender.num_layers):
         keys, values = sender.keys[layer], sender.values[layer]
@@ -183,7 +184,7 @@ def share(
         shared.keys.append(keys)
         shared.values.append(values)
         shared.positions.append(sender.positions if full else sink_pos)
-        shared.valid.append(sender.valid if full else context_len[:, None] > 0)
+        shared.valid.append(sender.valid if full else sink_valid)
         shared.full.append(full)
     return shared
 
