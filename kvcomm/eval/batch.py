@@ -1,7 +1,8 @@
 """A batch of items that every method of a run works on, and what each method is charged for it.
 
 A :class:`Batch` tokenises each agent's messages once and computes each sender prefill once, on
-first use, so every configuration of a sweep reuses it. Time is attributed honestly: a method is
+first use, so every configuration of a sweep reuses it (the opening its prompts share is computed
+once for the batch: :func:`~kvcomm.protocol.prefill_shared`). Time is attributed honestly: a method is
 charged the full cost of every shared sender computation it used (whether it triggered it or found
 it cached), plus the sender-side work it does itself (:meth:`Batch.sender_work`); a method that
 uses no sender computation is charged none. So the times a method gets do not depend on the order
@@ -20,7 +21,7 @@ import torch
 from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill
+from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill, prefill_shared
 from kvcomm.tasks.base import Item, Task
 
 clock: Callable[[], float] = time.perf_counter  # module-level so tests can make time deterministic
@@ -132,11 +133,11 @@ class Batch:
         model = self.agents.sender
         if senders == 1:
             prompt = self.prompt("sender", self.task.sender_message)
-            return [prefill(model.model, prompt.input_ids, prompt.valid)]
+            return [prefill_shared(model.model, prompt.ids, model.pad_id)]
         pieces = [item.parts(senders) for item in self.items]
         parts = []
         for part in range(senders):
             ids = [model.encode_message(self.task.sender_message(replace(item, context=p[part])))
                    for item, p in zip(self.items, pieces)]
-            parts.append(prefill(model.model, *pad_left(ids, model.pad_id)))
+            parts.append(prefill_shared(model.model, ids, model.pad_id))
         return parts

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from kvcomm.methods.base import METHODS, Method, Output
-from kvcomm.protocol import empty_input, greedy_generate
+from kvcomm.protocol import greedy_generate, prefix_start
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -19,10 +19,9 @@ class PromptOnly(Method):
     def run(self, batch: Batch) -> Output:
         receiver = batch.agents.receiver
         prompt = batch.prompt("receiver", getattr(batch.task, self.template))
-        answers = greedy_generate(
-            receiver.model, empty_input(receiver.model, len(batch.items)), prompt.input_ids, prompt.valid,
-            batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
-        )
+        start, rest, valid = prefix_start(receiver.model, prompt.ids, receiver.pad_id)  # the common opening once
+        answers = greedy_generate(receiver.model, start, rest, valid, batch.task.max_new_tokens, receiver.stop_ids,
+                                  receiver.pad_id)
         return Output(
             answers=[receiver.decode(ids) for ids in answers],
             receiver_ids=prompt.ids, sender_ids=None, kv_bytes=[0] * len(batch.items),

@@ -1,0 +1,87 @@
+"""A batch's common opening prefilled once: the same KV and the same answers as prefilling every row whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm.protocol import (
+    build_receiver_input,
+    common_prefix,
+    empty_input,
+    greedy_generate,
+    pad_left,
+    prefill,
+    prefill_shared,
+    prefix_start,
+)
+from kvcomm.protocol.decoding import chunked_prefill
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def rows_with_opening(opening: int, rests: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.randint(1, 99, (opening,), generator=generator).tolist()
+    return [head + torch.randint(1, 99, (n,), generator=generator).tolist() for n in rests]
+
+
+def test_common_prefix_leaves_every_row_a_token_of_its_own():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps its last token
+    assert common_prefix([[7, 2], [1, 2]]) == 0
+    assert common_prefix([[5, 6, 7]]) == 2 and common_prefix([]) == 0
+
+
+def test_shared_prefill_equals_prefilling_every_row(family):
+    model = tiny_model(family)
+    rows = rows_with_opening(10, (3, 9, 1, 6))  # Gemma3's sliding window (6) crosses the opening
+    reference = prefill(model, *pad_left(rows, 0))
+    got = prefill_shared(model, rows, 0, min_prefix=4)
+    assert torch.equal(got.valid, reference.valid) and torch.equal(got.ids, reference.ids)
+    assert torch.equal(got.positions[got.valid], reference.positions[reference.valid])
+    assert torch.equal(got.positions, reference.positions)  # padding keeps prefill's position 0 too
+    for k, v, rk, rv in zip(got.keys, got.values, reference.keys, reference.values):
+        valid = reference.valid[:, None, :, None].expand_as(rk)
+        assert (k - rk)[valid].abs().max().item() <= 1e-5 and (v - rv)[valid].abs().max().item() <= 1e-5
+
+
+def test_no_opening_worth_sharing_is_a_plain_prefill():
+    model = tiny_model("llama")
+    rows = rows_with_opening(3, (4, 6))
+    reference = prefill(model, *pad_left(rows, 0))
+    got = prefill_shared(model, rows, 0)  # 3 tokens < MIN_PREFIX: one forward, no split
+    assert all(torch.equal(a, b) for a, b in zip(got.keys, reference.keys))
+    start, ids, valid = prefix_start(model, rows, 0)
+    assert start.layout.prefix_pos[0].shape[1] == 0 and torch.equal(ids, pad_left(rows, 0)[0])
+
+
+def test_a_receiver_on_a_shared_prefill_answers_as_on_the_plain_one(family):
+    model = tiny_model(family)
+    senders = rows_with_opening(9, (2, 7, 4), seed=1)
+    receivers = [torch.randint(1, 99, (n,)).tolist() for n in (5, 3, 6)]
+    r_ids, r_valid = pad_left(receivers, 0)
+
+    def answers(kv):
+        start = build_receiver_input(model, kv, [0, 2])
+        return greedy_generate(model, start, r_ids, r_valid, 6, stop_ids=[98], pad_id=0)
+
+    assert answers(prefill_shared(model, senders, 0, min_prefix=4)) == answers(prefill(model, *pad_left(senders, 0)))
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_prompts_on_a_shared_opening_give_the_logits_and_answers_of_whole_prompts(family, same):
+    model = tiny_model(family)
+    rows = rows_with_opening(12, (5, 2, 8), seed=2)
+    if same:  # identical prompts: each keeps its last token to prefill on the opening
+        rows = [rows[0]] * 3
+    ids, valid = pad_left(rows, 0)
+    whole = chunked_prefill(model, empty_input(model, len(rows)), ids, valid, None)
+    start, rest, rest_valid = prefix_start(model, rows, 0, min_prefix=4)
+    assert start.layout.prefix_pos[0].shape[1] == (16 if same else 12) and rest.shape[1] == (1 if same else 8)
+    shared = chunked_prefill(model, start, rest, rest_valid, None)
+    assert (shared - whole).abs().max().item() <= 1e-4
+    plain = greedy_generate(model, empty_input(model, len(rows)), ids, valid, 5, stop_ids=[98], pad_id=0)
+    start, rest, rest_valid = prefix_start(model, rows, 0, min_prefix=4)
+    assert greedy_generate(model, start, rest, rest_valid, 5, stop_ids=[98], pad_id=0) == plain
