@@ -169,3 +169,61 @@ def test_rules_side_by_side_in_one_run(agents):
     assert by["kvcomm@0.5"].layers == by["kvcomm@0.5~answer"].layers  # the same ranking, calibrated once
     for rule, profile in report.profiles.items():
         assert by[f"kvcomm@0.5~{rule}"].layers == sorted(profile["ranking"][:2])
+
+
+def test_bucketed_batches_group_lengths_and_report_in_item_order(agents, tmp_path, monkeypatch):
+    from kvcomm.eval import harness
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=9)
+    lengths = {i.id: len(agents.sender.encode_message(task.sender_message(i))) for i in task.items}
+    assert len(set(lengths.values())) > 2  # the items differ in length, so the order can change
+    seen: list[list[str]] = []
+    real = harness._run_one
+
+    def records(method, batch):
+        seen.append([item.id for item in batch.items])
+        return real(method, batch)
+
+    monkeypatch.setattr(harness, "_run_one", records)
+    methods = lambda: build_methods(["skyline", "kvcomm"], [0.5])  # noqa: E731
+    config = EvalConfig(limit=8, batch_size=3)
+    bucketed = evaluate(agents, task, methods(), config, progress=False)
+    batches = seen[::2]  # each batch once (two methods ran on it)
+    assert sorted(sum(batches, [])) == sorted(i.id for i in task.items[:8])
+    assert [lengths[i] for i in sum(batches, [])] == sorted(lengths[i.id] for i in task.items[:8])
+    in_order = evaluate(agents, task, methods(), EvalConfig(limit=8, batch_size=3, bucket=False), progress=False)
+    for a, b in zip(bucketed.runs, in_order.runs):
+        assert [i.id for i in a.items] == [i.id for i in task.items[:8]] == [i.id for i in b.items]
+        assert [i.answer for i in a.items] == [i.answer for i in b.items]
+    assert seen[-2][0] == task.items[6].id  # without bucketing, batches follow the items
+
+    # a bucketed run interrupted and resumed takes its recorded batches as they were
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), agents.sender.name,
+                            agents.receiver.name, "float32", None)
+    seen.clear()
+
+    def stops_at_the_third(method, batch):
+        if len(seen) == 2:
+            raise RuntimeError("interrupted")
+        return records(method, batch)
+
+    monkeypatch.setattr(harness, "_run_one", stops_at_the_third)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    monkeypatch.setattr(harness, "_run_one", records)
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    timing = {"seconds", "sender_seconds"}
+    assert [r.model_dump(exclude=timing) for r in resumed.runs] == [r.model_dump(exclude=timing)
+                                                                     for r in bucketed.runs]
+
+
+def test_repeated_item_ids_are_refused():
+    from kvcomm.errors import DataError
+    from kvcomm.tasks.base import Item, Task
+
+    item = Item("a", "Mira lives in Oslo.", "Where does Mira live?", ("Oslo",))
+    with pytest.raises(DataError, match="unique"):
+        Task("t", [item, item], max_new_tokens=4)

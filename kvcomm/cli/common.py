@@ -150,6 +150,7 @@ class RunOptions:
     seed: int | None
     dtype: str
     max_memory: float | None
+    bucket: bool | None
     senders: int | None
     round_one_tokens: int | None
     temperature: float | None
@@ -170,7 +171,7 @@ class RunOptions:
     def eval_config(self) -> EvalConfig:
         given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
                                      alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
-                                     selection=self.selection)
+                                     selection=self.selection, bucket=self.bucket)
         return EvalConfig(**{k: v for k, v in given.items() if v is not None})
 
     def method_options(self) -> dict[str, Any]:
@@ -266,6 +267,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "max_memory": (Annotated[float | None, typer.Option(
         min=0, envvar="KVCOMM_MAX_MEMORY",
         help="Memory budget in GiB; batches shrink to fit it.")], None),
+    "bucket": (Annotated[bool | None, typer.Option(
+        "--bucket/--no-bucket", help="Batch items of similar prompt lengths together (less padding, the same "
+                                     "answers; results stay in item order). [default: bucket]")], None),
     "senders": (Annotated[int | None, typer.Option(
         min=1, help=options_help("Split each context among this many senders (methods that share KV).",
                                  SharingOptions, "senders"))], None),

@@ -49,6 +49,9 @@ class EvalConfig(Options):
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.
+        bucket: batch items of similar prompt lengths together (less padding, the same answers);
+            results stay in item order. Ignored when a method learns from the stream of batches
+            (``online``): those keep the items' order.
     """
 
     what = "evaluation"
@@ -60,6 +63,7 @@ class EvalConfig(Options):
     mu: float = Field(DEFAULT_MU, ge=0, le=1)
     sigma: float = Field(DEFAULT_SIGMA, gt=0)
     max_memory_gb: float | None = Field(None, gt=0)
+    bucket: bool = True
 
     @property
     def calibration(self) -> Calibration:
@@ -250,6 +254,12 @@ class _Tally:
         self.seconds[label] = self.seconds.get(label, 0.0) + run.seconds
         self.sender_seconds[label] = self.sender_seconds.get(label, 0.0) + run.sender_seconds
 
+    def order(self, ids: list[str]) -> None:
+        """Puts every configuration's item results in ``ids``' order (batches may have taken them in another)."""
+        rank = {item_id: index for index, item_id in enumerate(ids)}
+        for results in self.items.values():
+            results.sort(key=lambda result: rank[result.id])
+
     def result(self, method: Method, num_layers: int) -> RunResult:
         items, layers = self.items.get(method.label, []), method.layers
         return RunResult(
@@ -272,7 +282,8 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     """
     tally = _Tally()
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
-    chunks = list(_chunks(agents, task, test, config, checkpoint))
+    bucket = config.bucket and not any(m.sequential for m in methods)
+    chunks = list(_chunks(agents, task, test, config, checkpoint, bucket))
     remote = None
     if cluster is not None:
         work = []
@@ -298,6 +309,7 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
             if method.label not in fetched:  # a worker's answers were counted as they came
                 bar.update(len(chunk))
     bar.close()
+    tally.order([item.id for item in test])
     return tally
 
 
@@ -327,23 +339,37 @@ def _run_one(method: Method, batch: Batch) -> BatchRun:
 
 
 def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
-            checkpoint: Checkpoint | None) -> Iterator[list[Item]]:
-    """The batches a checkpoint recorded, as they were, then the remaining items in new batches."""
+            checkpoint: Checkpoint | None, bucket: bool) -> Iterator[list[Item]]:
+    """The batches a checkpoint recorded, as they were, then the remaining items in new batches
+    (``bucket``: ordered by prompt lengths first, so that a batch pads little)."""
     budget = None
     if config.max_memory_gb is not None:
         budget = int(config.max_memory_gb * GIB) - rss_bytes()
         if budget <= 0:
             raise ConfigError(f"--max-memory {config.max_memory_gb} GiB is below what the loaded models "
                               f"already use ({rss_bytes() / GIB:.1f} GiB)")
-    start = 0
+    by_id = {item.id: item for item in test}
+    taken: set[str] = set()
     for ids in checkpoint.batch_ids() if checkpoint is not None else []:
-        chunk = test[start:start + len(ids)]
-        if [item.id for item in chunk] != ids:
-            raise ConfigError(f"the checkpoint recorded items {ids[:3]} where this run has "
-                              f"{[item.id for item in chunk][:3]}")
-        yield chunk
-        start += len(ids)
-    yield from plan_batches(agents, task, test[start:], config.batch_size, budget)
+        if strange := [i for i in ids if i not in by_id or i in taken]:
+            raise ConfigError(f"the checkpoint recorded items {strange[:3]} that this run does not have "
+                              "(or recorded them twice)")
+        taken.update(ids)
+        yield [by_id[i] for i in ids]
+    rest = [item for item in test if item.id not in taken]
+    if not bucket and rest and test[len(test) - len(rest):] != rest:
+        raise ConfigError("the checkpoint recorded items out of order for a run that keeps the items' order")
+    yield from plan_batches(agents, task, by_length(agents, task, rest) if bucket else rest, config.batch_size,
+                            budget)
+
+
+def by_length(agents: Agents, task: Task, items: list[Item]) -> list[Item]:
+    """``items`` by the lengths of their sender and receiver prompts (stable: ties keep their order)."""
+    def lengths(item: Item) -> tuple[int, int]:
+        return (len(agents.sender.encode_message(task.sender_message(item))),
+                len(agents.receiver.encode_message(task.receiver_message(item))))
+
+    return sorted(items, key=lengths)
 
 
 def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Item], config: EvalConfig,

@@ -60,6 +60,10 @@ class Task:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ConfigError(f"task {self.name!r}: unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
+        ids = [item.id for item in self.items]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise DataError(f"task {self.name!r}: item ids must be unique; {len(twice)} repeat, e.g. {twice[:3]}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"task {self.name!r}: the answer budget must be at least 1 token, "
                               f"got {self.max_new_tokens}")
