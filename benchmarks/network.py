@@ -7,7 +7,9 @@ rate, context length and method, the receiver's time to first token, median of `
 
 - kvcomm with each codec: GET of the stored message over the link, decoded layer by layer while
   it arrives (``Client.receive_message``), cache building, the question's prefill, one token;
-  ``auto`` is told the rate (``bandwidth_mbit``) and its choice is reported; ``+whole`` rows read
+  ``auto`` is told the rate (``bandwidth_mbit``) and its choice is reported; ``auto-measured``
+  is told nothing and chooses for the link the sender measured while this receiver fetched the
+  earlier messages (the measured Mbit/s is reported beside the shaped rate); ``+whole`` rows read
   the whole body first and then decode (no overlap), to show what streaming saves;
 - skyline: the context as text (its bytes at the link's rate, computed) + the prefill of context
   and question + one token;
@@ -180,10 +182,13 @@ def inner(args: argparse.Namespace) -> None:
         rows.append({**base, "method": "nld", "bytes": len(summary_text.encode()),
                      "ttft_s": nld + len(summary_text.encode()) / wire, "sender_summary_s": summary_s})
         for codec in args.codecs.split(","):
-            sent = client.create_context(context, layers=layers, codec=codec,
+            measured = codec == "auto-measured"  # no bandwidth given: the sender's measurement of this link
+            sent = client.create_context(context, layers=layers, codec="auto" if measured else codec,
                                          bandwidth_mbit=args.rate if codec == "auto" else None)
             kv_ttft(sent["id"], True)  # untimed: compiles the codec's kernels, loads its codebook
             chosen = {"chosen": sent["codec_choice"]["chosen"]} if sent.get("codec_choice") else {}
+            if measured:
+                chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
             rows.append({**base, "method": f"kvcomm {codec}", "bytes": sent["bytes"],
                          "ttft_s": median(kv_ttft, sent["id"], True), **chosen})
             if codec in args.whole.split(","):
@@ -205,6 +210,8 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
     for r in rows:
         note = f"chose {r['chosen']}" if "chosen" in r else (f"summary took {r['sender_summary_s']:.1f} s"
                                                             if "sender_summary_s" in r else "")
+        if r.get("bandwidth_source") is not None:
+            note += f" for {r['measured_mbit']:g} Mbit/s ({r['bandwidth_source']})"
         table.add_row(f"{r['rate_mbit']:g}", str(r["context_tokens"]), r["method"], f"{r['bytes']:,}",
                       f"{r['ttft_s']:.3f}", f"{r['speedup_vs_skyline']:.1f}", note)
     Console(width=150).print(table)
@@ -242,7 +249,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--rates", default="10,100,1000", help="link bandwidths, Mbit/s")
-    parser.add_argument("--codecs", default="fp16,int8,int4-ans,klt,auto")
+    parser.add_argument("--codecs", default="fp16,int8,int4-ans,klt,auto,auto-measured")
     parser.add_argument("--whole", default="fp16,klt", help="codecs also measured without streaming (+whole)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=int, default=3)

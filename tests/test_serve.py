@@ -89,6 +89,25 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert "junk" not in http.app.state.store.list() and "foreign" not in http.app.state.store.list()
 
 
+def test_an_upload_streamed_in_small_chunks_is_checked_as_it_arrives_and_stored_whole(app, live):
+    with Client(live) as client:
+        data = client.get_message(client.create_context("Mira lives in Oslo. " * 10, codec="int8")["id"])
+
+    def pieces(body: bytes, size: int = 97):
+        for start in range(0, len(body), size):
+            yield body[start:start + size]
+
+    stored = httpx.put(f"{live}/v1/messages/streamed", content=pieces(data))
+    assert stored.status_code == 200 and app.state.store.get("streamed") == data
+    damaged = bytearray(data)
+    damaged[-40] ^= 0xFF  # inside the last frame or the final digest: caught only at the end
+    refused = httpx.put(f"{live}/v1/messages/damaged", content=pieces(bytes(damaged)))
+    cut = httpx.put(f"{live}/v1/messages/cut", content=pieces(data[: len(data) // 2]))
+    bad_header = httpx.put(f"{live}/v1/messages/bad", content=pieces(b"KVCM" + b"\xff" * 4000))
+    assert refused.status_code == 422 and cut.status_code == 422 and bad_header.status_code == 422
+    assert not {"damaged", "cut", "bad"} & set(app.state.store.list())
+
+
 def test_bearer_token_is_required_when_configured(agent):
     app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret"))
     with TestClient(app) as http:
@@ -210,6 +229,43 @@ def test_codec_auto_chooses_for_the_declared_bandwidth_and_says_why(http):
     assert f'kvcomm:codec_chosen_total{{codec="{choice["chosen"]}"}} 1.0' in http.get("/metrics").text
     wrong = http.post("/v1/contexts", json={"context": "x", "codec": "int8", "bandwidth_mbit": 10})
     assert wrong.status_code == 400 and "goes with codec 'auto'" in wrong.json()["error"]["message"]
+
+
+def test_link_meter_takes_the_median_of_large_transfers_per_peer():
+    from kvcomm.serve.links import LinkMeter, two_figures
+
+    meter = LinkMeter(min_bytes=1000, samples=3, max_peers=2)
+    meter.record("a", 999, 0.001)  # too small to say anything about bandwidth
+    assert meter.mbit("a") is None and meter.mbit(None) is None
+    for seconds in (0.008, 0.0008, 0.004, 0.002):  # 1, 10, 2, 4 Mbit/s; the first falls out of 3 samples
+        meter.record("a", 1000, seconds)
+    assert meter.mbit("a") == 4.0
+    meter.record("b", 10_000, 0.001)
+    meter.record("c", 10_000, 0.001)  # a third peer: the least recently measured ("a") is forgotten
+    assert meter.peers() == {"b": 80.0, "c": 80.0}
+    assert two_figures(94.37) == 94 and two_figures(1234) == 1200 and two_figures(0.01234) == 0.012
+
+
+def test_codec_auto_chooses_for_the_link_measured_to_the_peer(app, agent, monkeypatch):
+    from kvcomm.serve import links
+
+    context = {"context": "Mira lives in Oslo. " * 20, "codec": "auto"}
+    monkeypatch.setattr(links, "MIN_BYTES", 1)  # the tiny model's messages are small: time them all
+    measured = create_app(agent, MemoryStore(1 << 24), ServeConfig())
+    with running(measured) as url, Client(url) as client:
+        first = client.create_context(context["context"], codec="auto")
+        assert first["bandwidth_source"] == "default" and first["bandwidth_mbit"] == 100  # nothing measured yet
+        client.get_message(first["id"])  # a real transfer over loopback: now this peer is measured
+        metric = next(line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                      if line.startswith('kvcomm:peer_bandwidth_mbit{peer="127.0.0.1"}'))
+        rate = float(metric.split()[-1])
+        second = client.create_context(context["context"], codec="auto")
+        assert second["bandwidth_source"] == "measured" and second["bandwidth_mbit"] == rate > 0
+        assert second["codec_choice"]["bandwidth_mbit"] == rate
+        declared = client.create_context(context["context"], codec="auto", bandwidth_mbit=5)
+        assert declared["bandwidth_source"] == "declared" and declared["bandwidth_mbit"] == 5
+        plain = client.create_context(context["context"], codec="int8")
+        assert plain["bandwidth_mbit"] is None and plain["bandwidth_source"] is None
 
 
 def test_the_service_default_ratio_uses_a_loaded_profile(agent):

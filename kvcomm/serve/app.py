@@ -13,9 +13,12 @@ store I/O, decoding and tokenising run off the event loop; the model serves one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import queue
 import time
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from typing import Annotated, Any
 
@@ -39,12 +42,14 @@ from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
+from kvcomm.serve.links import LinkMeter, PeerBandwidth
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
 from kvcomm.wire import KVMessage, MessageReader, make_codec
+from kvcomm.wire.streaming import receive
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
 MessageId = Annotated[str, Path(description="1-128 letters, digits, '_', '.', '-'; not starting with '.', "
@@ -69,6 +74,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     app = FastAPI(title="kvcomm agent", version=__version__,
                   description="An LLM agent that exchanges attention KV caches (KVComm).")
     metrics = ServiceMetrics(app, store)
+    links = LinkMeter()  # each peer's bandwidth, measured by the messages it fetches
+    metrics.registry.register(PeerBandwidth(links))
     worker = ModelWorker(metrics)
     contexts = ContextMaker(agent, config, profile)
     health = StoreHealth(store)
@@ -116,8 +123,11 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return contexts.profile.model_dump()
 
     @app.post("/v1/contexts", response_model=ContextCreated, responses=documented(*V1, 404, 409, 504))
-    async def create_context(body: ContextRequest) -> ContextCreated:
-        """Prefill a context and store its KV message (content-addressed: the same content, once)."""
+    async def create_context(body: ContextRequest, request: Request) -> ContextCreated:
+        """Prefill a context and store its KV message (content-addressed: the same content, once).
+
+        With codec ``auto`` and no ``bandwidth_mbit``, the codec is chosen for the link this
+        service measured sending messages to the requesting peer (else for 100 Mbit/s)."""
         await health.require()  # a store that is down is found before a prefill is spent
         ids = await anyio.to_thread.run_sync(contexts.tokens, body)
         if max_len is not None and len(ids) > max_len:
@@ -126,7 +136,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         job = Job(config.timeout_s)
 
         def work(job: Job) -> tuple[Any, bytes | None, tuple[bytes, KVMessage] | None]:
-            plan = contexts.plan(body, ids)
+            plan = contexts.plan(body, ids, links.mbit(request.client.host if request.client else None))
             existing = contexts.existing(plan, store)
             if existing is not None:
                 return plan, existing, None
@@ -151,37 +161,55 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
                               fingerprint=agent.fingerprint, context_tokens=message.context_len,
                               layers=message.shared_layers, codec=header.codec.name, mode=message.mode,
-                              codec_choice=choice)
+                              codec_choice=choice, bandwidth_mbit=plan.bandwidth[0] if plan.bandwidth else None,
+                              bandwidth_source=plan.bandwidth[1] if plan.bandwidth else None)
 
     @app.get("/v1/messages/{message_id}", responses={**documented(*V1, 404),
                                                      200: {"content": {"application/octet-stream": {}}}})
-    async def get_message(message_id: MessageId) -> Response:
+    async def get_message(message_id: MessageId, request: Request) -> Response:
+        """A stored message's bytes; a large one is sent in chunks and timed (the peer's bandwidth)."""
         data = await anyio.to_thread.run_sync(store.get, check_id(message_id))
         metrics.lookups.labels("hit" if data is not None else "miss").inc()
         if data is None:
             raise ServiceRefusal(404, f"no KV message {message_id!r}", "message_not_found")
         metrics.kv_sent.inc(len(data))
-        return Response(data, media_type="application/octet-stream")
+        if request.client is None or len(data) < links.min_bytes:
+            return Response(data, media_type="application/octet-stream")
+        return StreamingResponse(links.send(request.client.host, data), media_type="application/octet-stream",
+                                 headers={"content-length": str(len(data))})
 
     @app.put("/v1/messages/{message_id}", response_model=MessageStored, responses=documented(*V1, 409),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}}})
     async def put_message(message_id: MessageId, request: Request) -> MessageStored:
-        """Store a message after verifying it fully against this agent's model."""
+        """Store a message after verifying it fully against this agent's model. Layers are
+        checked and decoded while later ones are still arriving; a message found bad is refused
+        without reading the rest, and nothing is stored before the final digest has passed."""
         check_id(message_id)
-        chunks, size = [], 0
+        feed: queue.Queue[bytes | BaseException | None] = queue.Queue()
+        checking = asyncio.ensure_future(anyio.to_thread.run_sync(partial(
+            receive, _fed(feed), receiver=agent.fingerprint, max_bytes=config.max_message_bytes,
+            max_decoded_bytes=config.max_decoded_bytes)))
+        chunks, size, ended = [], 0, False
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > config.max_message_bytes:
                     raise ServiceRefusal(413, f"message over {config.max_message_bytes} bytes", "message_too_large")
                 chunks.append(chunk)
+                feed.put(chunk)
+                if checking.done():  # refused before its end: its error is the answer
+                    break
+            ended = True
         except ClientDisconnect:  # nothing was stored: a partial upload never becomes visible
             raise ServiceRefusal(400, "client disconnected during upload", "client_disconnected") from None
+        finally:
+            feed.put(None if ended else _UploadStopped())
+            if not ended:
+                with contextlib.suppress(Exception):
+                    await checking
+        message = await checking
         data = b"".join(chunks)
-        message = await anyio.to_thread.run_sync(partial(
-            KVMessage.from_bytes, data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
-            max_decoded_bytes=config.max_decoded_bytes))
         await anyio.to_thread.run_sync(store.put, message_id, data)
         return MessageStored(id=message_id, bytes=len(data), layers=message.shared_layers)
 
@@ -257,6 +285,18 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
 
     app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app
+
+
+class _UploadStopped(Exception):
+    """Ends the check of an upload that stopped early (the client left, or the body was too large)."""
+
+
+def _fed(feed: queue.Queue[bytes | BaseException | None]) -> Iterator[bytes]:
+    """The chunks put on ``feed``, until None (an exception put there is raised)."""
+    while (item := feed.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig, num_layers: int) -> int:

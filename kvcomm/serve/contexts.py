@@ -51,6 +51,7 @@ class Plan:
     mode: MaskMode
     message_id: str
     content_addressed: bool
+    bandwidth: tuple[float, str] | None = None  # codec auto: Mbit/s, and declared / measured / default
 
 
 def check_ranking(ranking: list[int], num_layers: int) -> list[int]:
@@ -93,13 +94,20 @@ class ContextMaker:
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
                          rule=self.config.selection)
 
-    def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
-        """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
+    def plan(self, body: ContextRequest, ids: list[int], measured_mbit: float | None = None) -> Plan:
+        """Codec, layers and id of a request (model thread: may build a codebook or calibrate).
+
+        ``measured_mbit``: the requesting peer's link as this service measured it; codec ``auto``
+        chooses for it when the request declares no bandwidth."""
         name = body.codec or self.config.codec
-        if body.bandwidth_mbit is not None and make_codec(name).name != "auto":
+        auto = make_codec(name).name == "auto"
+        if body.bandwidth_mbit is not None and not auto:
             raise ConfigError(f"'bandwidth_mbit' chooses a codec: it goes with codec 'auto', not {name!r}")
-        extra = {} if body.bandwidth_mbit is None else {"bandwidth_mbit": body.bandwidth_mbit}
-        codec = make_codec(name, **extra).bind(lambda: model_codebook(self.agent))
+        given, source = (body.bandwidth_mbit, "declared") if body.bandwidth_mbit is not None else (
+            (measured_mbit, "measured") if measured_mbit is not None else (None, "default"))
+        codec = make_codec(name, **({"bandwidth_mbit": given} if auto and given is not None else {}))
+        bandwidth = (float(codec.params()["bandwidth_mbit"]), source) if auto else None
+        codec = codec.bind(lambda: model_codebook(self.agent))
         mode = body.mode or self.config.mode
         layers: list[int] | None = None
         if body.layers is not None:
@@ -110,8 +118,8 @@ class ContextMaker:
         elif (ratio := body.ratio or self.config.ratio) is not None:
             layers = top_layers(self.ranking(body), ratio)
         if body.id is not None:
-            return Plan(ids, layers, codec, mode, check_id(body.id), False)
-        return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode), True)
+            return Plan(ids, layers, codec, mode, check_id(body.id), False, bandwidth)
+        return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode), True, bandwidth)
 
     def content_id(self, ids: list[int], layers: list[int] | None, codec: Codec, mode: MaskMode) -> str:
         full = effective_layers(range(self.agent.num_layers) if layers is None else layers, mode)

@@ -157,7 +157,8 @@ class ContextRequest(BaseModel):
     profile: ProfileBody | None = None
     codec: Annotated[str, Field(max_length=64)] | None = None
     bandwidth_mbit: Annotated[float, Field(gt=0, le=1e6, description=(
-        "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
+        "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default: what the service "
+        "measured sending messages to this peer, else 100)"))] | None = None
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
 
@@ -186,6 +187,10 @@ class ContextCreated(BaseModel):
     mode: str
     codec_choice: dict[str, Any] | None = Field(
         default=None, description="with codec 'auto': the codec chosen and why (each candidate's estimates)")
+    bandwidth_mbit: float | None = Field(default=None, description="with codec 'auto': the bandwidth chosen for")
+    bandwidth_source: Literal["declared", "measured", "default"] | None = Field(
+        default=None, description="with codec 'auto': where that bandwidth came from (the request, this service's "
+                                  "measurement of the requesting peer's link, or the default)")
 
 
 class MessageStored(BaseModel):
