@@ -9,7 +9,8 @@ batches items and computes each sender prefill once for all configurations. Each
 separate process so its peak resident memory is its own.
 
     python benchmarks/sweep_throughput.py --model smollm2-135m --task countries \
-        --data ../shared/data/countries.jsonl --items 200 --out benchmarks/results/throughput-smollm2.json
+        --data ../shared/data/countries.jsonl --items 200 --batch-size 16,64 \
+        --out benchmarks/results/throughput-smollm2.json
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def one_run(args: argparse.Namespace) -> dict:
             agents, task, [m], EvalConfig(batch_size=1, **config), progress=False).runs]
     else:
         runs = evaluate(agents, task, methods(), EvalConfig(
-            batch_size=args.batch_size, max_memory_gb=args.max_memory, **config), progress=False).runs
+            batch_size=int(args.batch_size), max_memory_gb=args.max_memory, **config), progress=False).runs
     seconds = time.perf_counter() - began
     return {
         "mode": args.mode, "seconds": seconds, "answers": {r.label: [i.answer for i in r.items] for r in runs},
         "answers_per_second": sum(r.n for r in runs) / seconds, "items_per_second": args.items / seconds,
-        "rss_before_gib": rss_before / GIB, "rss_after_gib": rss_bytes() / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
+        "batch_size": 1 if args.mode == "one-by-one" else int(args.batch_size), "rss_before_gib": rss_before / GIB,
+        "rss_after_gib": rss_bytes() / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
     }
 
 
@@ -63,7 +65,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.5, 0.7, 1.0])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", default="16",
+                        help="items per batch of the optimised run; several (16,50) run it once per size")
     parser.add_argument("--max-memory", type=float, default=None)
     parser.add_argument("--mode", choices=["one-by-one", "optimised"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
@@ -72,34 +75,42 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
+    sizes = [int(x) for x in args.batch_size.split(",")]
     results = {}
-    for mode in ("one-by-one", "optimised"):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        print(f"running {mode} …", file=sys.stderr)
+    for mode, size in [("one-by-one", 1), *(("optimised", size) for size in sizes)]:
+        name = mode if mode == "one-by-one" or len(sizes) == 1 else f"optimised ×{size}"
+        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--batch-size", str(size)]
+        print(f"running {name} …", file=sys.stderr)
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-    slow, fast = results["one-by-one"], results["optimised"]
-    agree = {label: sum(a == b for a, b in zip(slow["answers"][label], fast["answers"][label]))
-             for label in slow["answers"]}
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    slow = results["one-by-one"]
     total = sum(len(v) for v in slow["answers"].values())
+    fast_runs = {name: run for name, run in results.items() if name != "one-by-one"}
+    for run in fast_runs.values():
+        run["speedup"] = run["answers_per_second"] / slow["answers_per_second"]
+        agree = {label: sum(a == b for a, b in zip(slow["answers"][label], run["answers"][label]))
+                 for label in slow["answers"]}
+        run["identical_answers"], run["agreement_by_config"] = sum(agree.values()), agree
+    best = max(fast_runs.values(), key=lambda run: run["speedup"])
     summary = {
         "model": args.model, "task": args.task, "items": args.items, "ratios": args.ratios,
-        "batch_size": args.batch_size, "speedup": fast["answers_per_second"] / slow["answers_per_second"],
-        "identical_answers": sum(agree.values()), "total_answers": total, "agreement_by_config": agree,
+        "batch_sizes": sizes, "speedup": best["speedup"], "identical_answers": best["identical_answers"],
+        "total_answers": total, "agreement_by_config": best["agreement_by_config"],
         "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()},
     }
     table = Table(title=f"sweep throughput · {args.model} · {args.task} · {args.items} items · "
                         f"{len(slow['answers'])} configurations")
-    for column in ("run", "seconds", "answers/s", "items/s", "peak RSS GiB", "RSS growth GiB"):
+    for column in ("run", "seconds", "answers/s", "items/s", "peak RSS GiB", "RSS growth GiB", "speed-up",
+                   "identical answers"):
         table.add_column(column, justify="right")
     for mode, run in results.items():
+        same = f"{run['identical_answers']}/{total}" if "identical_answers" in run else ""
         table.add_row(mode, f"{run['seconds']:.1f}", f"{run['answers_per_second']:.2f}",
                       f"{run['items_per_second']:.3f}", f"{run['peak_rss_gib']:.2f}",
-                      f"{run['rss_after_gib'] - run['rss_before_gib']:+.2f}")
-    console = Console(width=140)
+                      f"{run['rss_after_gib'] - run['rss_before_gib']:+.2f}",
+                      f"×{run['speedup']:.2f}" if "speedup" in run else "", same)
+    console = Console(width=160)
     console.print(table)
-    console.print(f"speed-up ×{summary['speedup']:.2f}; identical answers "
-                  f"{summary['identical_answers']}/{total} ({100 * summary['identical_answers'] / total:.1f}%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     console.print(f"written: {args.out}")

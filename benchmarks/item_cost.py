@@ -1,0 +1,151 @@
+"""Per-item cost of one KVComm configuration on one thread, against the official implementation.
+
+Runs ``kvcomm`` at one ratio over a task's test items once per batch size, each in its own process
+with one torch thread, and reports the seconds spent calibrating, in the sender's prefills and in
+the receiver, items per second, and the factor against the official KVComm code's time for the
+same work (``--official-seconds``: 122 s for the 200 Countries items at ratio 0.5 with
+SmolLM2-135M, one thread of this CPU, as measured when the issue was written; this benchmark does
+not run the official code).
+
+It also prints the floor that the arithmetic sets: every token a model reads costs about two
+multiply-adds per weight of its decoder layers, and the receiver's own prompt must be read per
+item whatever the method (it sits after the context, so no two items share its KV). The floor is
+that arithmetic at the matrix-multiply rate this CPU reaches on one thread, measured here on a
+layer-shaped product.
+
+    OMP_NUM_THREADS=1 python benchmarks/item_cost.py --model smollm2-135m --task countries \\
+        --data ../shared/data/countries.jsonl --batch-sizes 8,32 --out benchmarks/results/item-cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def one_run(args: argparse.Namespace) -> dict:
+    """Runs the configuration in this process at ``args.batch`` and returns its measurements."""
+    import torch
+
+    from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
+
+    torch.set_num_threads(args.threads)
+    agents = Agents.load(args.model)
+    task = load_task(args.task, args.data)
+    config = EvalConfig(limit=args.items, batch_size=args.batch, calib_size=1, bucket=not args.no_bucket)
+    began = time.perf_counter()
+    report = evaluate(agents, task, build_methods(["kvcomm"], ratio=args.ratio), config, progress=False)
+    total = time.perf_counter() - began
+    run = report.runs[0]
+    return {
+        "batch_size": args.batch, "bucket": not args.no_bucket, "seconds": total,
+        "sender_seconds": run.sender_seconds, "receiver_seconds": run.seconds,
+        "calibration_seconds": total - run.sender_seconds - run.seconds, "items": run.n,
+        "items_per_second": run.n / total, "score": run.scores[task.metric].mean,
+        "answers": [item.answer for item in run.items],
+    }
+
+
+def floor(args: argparse.Namespace) -> dict:
+    """Tokens each model reads, the decoder's multiply-adds per token, this CPU's one-thread
+    matrix-multiply rate, and the seconds that arithmetic takes at that rate."""
+    import torch
+
+    from kvcomm import Agents, load_task
+
+    torch.set_num_threads(args.threads)
+    agents = Agents.load(args.model)
+    task = load_task(args.task, args.data)
+    items = task.items[:args.items]
+    model = agents.receiver
+    sender = sum(len(agents.sender.encode_message(task.sender_message(i))) for i in items)
+    receiver = sum(len(model.encode_message(task.receiver_message(i))) for i in items)
+    layers = model.model.get_decoder().layers
+    weights = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2)
+    cfg = model.config.get_text_config()
+    a, b = torch.randn(64 * 35, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
+    for _ in range(3):
+        a @ b
+    began, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - began)
+    per_token = 2 * weights
+    return {
+        "sender_tokens": sender, "receiver_tokens": receiver, "answer_tokens": len(items) * task.max_new_tokens,
+        "decoder_weights": weights, "gflop_per_token": per_token / 1e9, "matmul_gflops": rate / 1e9,
+        "receiver_floor_seconds": receiver * per_token / rate,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="countries")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--items", type=int, default=199, help="test items (Countries has 200: one calibrates)")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-bucket", action="store_true", help="batches in item order (as before bucketing)")
+    parser.add_argument("--official-seconds", type=float, default=122.0)
+    parser.add_argument("--official-items", type=int, default=200)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/item-cost.json"))
+    args = parser.parse_args()
+    if args.batch or args.floor:  # child process
+        print(json.dumps(floor(args) if args.floor else one_run(args)))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    def child(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], *extra], check=True, capture_output=True,
+                             text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    runs = []
+    for size in args.batch_sizes:
+        print(f"batch size {size} …", file=sys.stderr)
+        runs.append(child("--batch", str(size)))
+    limits = child("--floor")
+    official = args.official_seconds / args.official_items  # seconds per item
+    reference = runs[0]["answers"]
+    table = Table(title=f"kvcomm@{args.ratio:g} · {args.model} · {args.task} · {runs[0]['items']} items · "
+                        f"{args.threads} thread(s)")
+    for column in ("batch", "seconds", "calibrate s", "sender s", "receiver s", "items/s", "× official",
+                   "same answers as first row"):
+        table.add_column(column, justify="right")
+    for run in runs:
+        run["x_official"] = official * run["items"] / run["seconds"]
+        run["same_answers"] = sum(a == b for a, b in zip(run["answers"], reference))
+        table.add_row(str(run["batch_size"]), f"{run['seconds']:.1f}", f"{run['calibration_seconds']:.1f}",
+                      f"{run['sender_seconds']:.1f}", f"{run['receiver_seconds']:.1f}",
+                      f"{run['items_per_second']:.2f}", f"{run['x_official']:.2f}",
+                      f"{run['same_answers']}/{len(reference)}")
+    console = Console(width=140)
+    console.print(table)
+    console.print(
+        f"floor: the receivers read {limits['receiver_tokens']:,} prompt tokens at {limits['gflop_per_token']:.3f} "
+        f"GFLOP each; at this CPU's {limits['matmul_gflops']:.0f} GFLOP/s (one-thread matmul) that alone takes "
+        f"{limits['receiver_floor_seconds']:.1f} s (the senders read {limits['sender_tokens']:,} tokens more); "
+        f"the official code: {args.official_seconds:g} s for {args.official_items} items")
+    summary = {"model": args.model, "task": args.task, "ratio": args.ratio, "threads": args.threads,
+               "official_seconds": args.official_seconds, "official_items": args.official_items,
+               "floor": limits, "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    console.print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
