@@ -102,7 +102,7 @@ def test_memory_budget_shrinks_batches_without_changing_answers(agents):
     assert [len(b) for b in plan_batches(agents, task, task.items, 8, budget=None)] == [8]
     methods = lambda: build_methods(["kvcomm"], [0.5])  # noqa: E731
     free = evaluate(agents, task, methods(), EvalConfig(limit=7, batch_size=8, calib_size=1), progress=False)
-    budget_gb = rss_bytes() / 2**30 + 0.0001  # ~100 KiB above what is in use: one item per batch
+    budget_gb = rss_bytes() / 2**30 + 0.002  # 2 MiB above what is in use: one item (~1.8 MiB) per batch
     tight = evaluate(agents, task, methods(), EvalConfig(limit=7, batch_size=8, calib_size=1,
                                                          max_memory_gb=budget_gb), progress=False)
     assert [i.answer for i in free.runs[0].items] == [i.answer for i in tight.runs[0].items]
@@ -227,3 +227,22 @@ def test_repeated_item_ids_are_refused():
     item = Item("a", "Mira lives in Oslo.", "Where does Mira live?", ("Oslo",))
     with pytest.raises(DataError, match="unique"):
         Task("t", [item, item], max_new_tokens=4)
+
+
+def test_configurations_run_together_give_what_each_gives_alone(agents, monkeypatch):
+    from kvcomm.eval import harness
+
+    task = load_task("facts", items=7)
+    methods = lambda: build_methods(["kvcomm", "random", "skyline"], [0.5, 1.0]) + build_methods(  # noqa: E731
+        ["kvcomm"], [0.5], codec="int8")
+    together: list[list[str]] = []
+    real = harness._run_together
+    monkeypatch.setattr(harness, "_run_together", lambda group, batch: together.append(
+        [m.label for m in group]) or real(group, batch))
+    both = evaluate(agents, task, methods(), EvalConfig(limit=6, batch_size=3), progress=False)
+    assert together == [["kvcomm@0.5", "kvcomm@1", "random@0.5", "random@1"]] * 2  # the int8 one runs alone
+    for method in methods():
+        alone = evaluate(agents, task, [method], EvalConfig(limit=6, batch_size=3), progress=False).runs[0]
+        run = next(r for r in both.runs if r.label == alone.label)
+        assert [i.answer for i in run.items] == [i.answer for i in alone.items]
+        assert [i.kv_bytes for i in run.items] == [i.kv_bytes for i in alone.items]

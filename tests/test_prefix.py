@@ -85,3 +85,26 @@ def test_prompts_on_a_shared_opening_give_the_logits_and_answers_of_whole_prompt
     plain = greedy_generate(model, empty_input(model, len(rows)), ids, valid, 5, stop_ids=[98], pad_id=0)
     start, rest, rest_valid = prefix_start(model, rows, 0, min_prefix=4)
     assert greedy_generate(model, start, rest, rest_valid, 5, stop_ids=[98], pad_id=0) == plain
+
+
+def test_configurations_decoded_together_answer_as_each_alone(family):
+    from kvcomm.protocol import prefill_logits, receiver_input, share, share_many
+
+    model = tiny_model(family)
+    senders = rows_with_opening(3, (6, 2, 9), seed=3)
+    receivers = [torch.randint(1, 99, (n,)).tolist() for n in (4, 7, 5)]
+    kv = prefill(model, *pad_left(senders, 0))
+    r_ids, r_valid = pad_left(receivers, 0)
+    configurations = [[1, 2], [0, 1, 2, 3], [3]]
+    together = receiver_input(share_many(kv, configurations))
+    copies = len(configurations)
+    logits = prefill_logits(model, together, r_ids.repeat(copies, 1), r_valid.repeat(copies, 1))
+    answers = greedy_generate(model, receiver_input(share_many(kv, configurations)), r_ids.repeat(copies, 1),
+                              r_valid.repeat(copies, 1), 6, stop_ids=[98], pad_id=0)
+    for i, layers in enumerate(configurations):
+        alone = receiver_input(share(model, kv, layers))
+        rows = slice(3 * i, 3 * i + 3)
+        expected = prefill_logits(model, alone, r_ids, r_valid)
+        assert (logits[rows] - expected)[r_valid].abs().max().item() <= 1e-5
+        assert answers[rows] == greedy_generate(model, receiver_input(share(model, kv, layers)), r_ids, r_valid, 6,
+                                                stop_ids=[98], pad_id=0)

@@ -9,7 +9,7 @@ the same sender prefill, and each method is charged for the sender work it used 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,19 +293,25 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
                 work.append((index, chunk, labels))
         remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
-        batch: Batch | None = None
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
+        recorded = {m.label: run for m in methods
+                    if checkpoint is not None and (run := checkpoint.done(index, m.label)) is not None}
+        ids = [item.id for item in chunk]
+
+        def record(label: str, run: BatchRun) -> None:  # as each finishes: an interruption keeps it
+            if checkpoint is not None:
+                checkpoint.save(index, ids, label, run)  # noqa: B023 (called before the loop moves on)
+
+        todo = [m for m in methods if m.label not in recorded and m.label not in fetched]
+        ran = _run_methods(todo, Batch(agents, task, chunk), record) if todo else {}  # nobody has run them: here
         for method in methods:
-            recorded = checkpoint.done(index, method.label) if checkpoint is not None else None
-            done = recorded if recorded is not None else fetched.get(method.label)
-            if done is None:  # nobody has run it: run it here
-                batch = batch or Batch(agents, task, chunk)
-                done = _run_one(method, batch)
-            elif done.state is not None:  # run elsewhere or earlier: take its state back
+            label = method.label
+            done = recorded[label] if label in recorded else fetched[label] if label in fetched else ran[label]
+            if label not in ran and done.state is not None:  # run elsewhere or earlier: take its state back
                 method.restore(done.state)
-            if recorded is None and checkpoint is not None:
-                checkpoint.save(index, [item.id for item in chunk], method.label, done)
-            tally.add(method.label, done)
+            if label in fetched:
+                record(label, done)
+            tally.add(label, done)
             if method.label not in fetched:  # a worker's answers were counted as they came
                 bar.update(len(chunk))
     bar.close()
@@ -321,11 +327,46 @@ class _SweepJob:
     methods: list[Method]
 
     def run_batch(self, agents: Agents, task: Task, items: list[Item], labels: list[str]) -> dict[str, BatchRun]:
-        batch = Batch(agents, task, items)
-        return {method.label: _run_one(method, batch) for method in self.methods if method.label in labels}
+        return _run_methods([m for m in self.methods if m.label in labels], Batch(agents, task, items))
 
     def answers(self, result: dict[str, BatchRun]) -> int:
         return sum(len(run.items) for run in result.values())
+
+
+def _run_methods(methods: Sequence[Method], batch: Batch,
+                 finished: Callable[[str, BatchRun], None] | None = None) -> dict[str, BatchRun]:
+    """Each method's work on a batch, handed to ``finished`` as it ends; configurations that can
+    answer together (the same :meth:`~kvcomm.methods.base.Method.fuse_key`) do, in one batch of rows."""
+    groups: dict[Any, list[Method]] = {}
+    for method in methods:
+        if (key := method.fuse_key()) is not None:
+            groups.setdefault(key, []).append(method)
+    runs: dict[str, BatchRun] = {}
+    for group in groups.values():
+        if len(group) > 1:
+            together = _run_together(group, batch)
+            runs.update(together)
+            for label, run in together.items():
+                if finished is not None:
+                    finished(label, run)
+    for method in methods:
+        if method.label not in runs:
+            runs[method.label] = _run_one(method, batch)
+            if finished is not None:
+                finished(method.label, runs[method.label])
+    return runs
+
+
+def _run_together(group: list[Method], batch: Batch) -> dict[str, BatchRun]:
+    """Configurations answering a batch together; each is charged an equal share of the time and,
+    as always, the full cost of the shared sender computations it used."""
+    batch.begin_run()
+    began = batch_module.clock()
+    outputs = type(group[0]).run_together(group, batch)
+    share = (batch_module.clock() - began - batch.spent_sender_seconds) / len(group)
+    return {method.label: BatchRun(items=_item_results(batch.items, output), seconds=share,
+                                   sender_seconds=batch.charged_sender_seconds, state=method.state())
+            for method, output in zip(group, outputs)}
 
 
 def _run_one(method: Method, batch: Batch) -> BatchRun:

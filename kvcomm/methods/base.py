@@ -9,7 +9,7 @@ does take.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -125,6 +125,17 @@ class Method(ABC):
     @abstractmethod
     def run(self, batch: Batch) -> Output:
         """Answers every item of ``batch``."""
+
+    def fuse_key(self) -> Hashable | None:
+        """Configurations with the same key (not None) may answer a batch together, through
+        :meth:`run_together` (one forward pass for all of them per decoding step)."""
+        return None
+
+    @classmethod
+    def run_together(cls, methods: Sequence[Method], batch: Batch) -> list[Output]:
+        """Every one of ``methods`` (the same :meth:`fuse_key`) on ``batch``, each output what its
+        :meth:`run` gives; by default one after the other."""
+        return [method.run(batch) for method in methods]
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -7,13 +7,14 @@ difference between ``kvcomm`` (attention importance with a Gaussian prior, or an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Self
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, ClassVar, Self, cast
 
 from pydantic import Field, model_validator
 
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
-from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share
+from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share, share_many
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import check_layer_choice, contiguous_layers, format_layers, random_layers, top_layers
 from kvcomm.wire.codecs import CodecName
@@ -122,10 +123,8 @@ class KVCommMethod(Method):
                               f"{setup.num_layers}-layer model (0..{setup.num_layers - 1})")
 
     def run(self, batch: Batch) -> Output:
-        if self._layers is None:
-            raise ConfigError(f"{self.label}: setup() must run before run()")
         receiver = batch.agents.receiver
-        shared = share(receiver.model, batch.sender_kv(self.options.senders), self._layers, self.mode)
+        shared = share(receiver.model, batch.sender_kv(self.options.senders), self._chosen(), self.mode)
         message_bytes = None
         if self._codec is not None:
             shared, message_bytes = through_wire(shared, batch, self._codec)
@@ -135,11 +134,42 @@ class KVCommMethod(Method):
             receiver.model, start, prompt.input_ids, prompt.valid,
             batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
         )
+        return self._output(batch, answers, message_bytes if message_bytes is not None else start.kv_bytes.tolist())
+
+    def fuse_key(self) -> Hashable | None:
+        """In-process causal configurations of the same senders decode together (a codec changes
+        each configuration's KV, other mask modes place it differently: those run alone)."""
+        return None if self._codec is not None or self.mode != "causal" else ("kvcomm", self.options.senders)
+
+    @classmethod
+    def run_together(cls, methods: Sequence[Method], batch: Batch) -> list[Output]:
+        """Every configuration's receiver in one batch over one copy of the sender's KV
+        (:func:`~kvcomm.protocol.share_many`): configuration ``i`` takes rows ``i·B …``."""
+        chosen = [cast(KVCommMethod, m) for m in methods]
+        sender = batch.sender_kv(chosen[0].options.senders)
+        receiver = batch.agents.receiver
+        prompt = batch.prompt("receiver", batch.task.receiver_message)
+        copies, rows = len(chosen), len(batch.items)
+        answers = greedy_generate(
+            receiver.model, receiver_input(share_many(sender, [m._chosen() for m in chosen])),
+            prompt.input_ids.repeat(copies, 1), prompt.valid.repeat(copies, 1),
+            batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
+        )
+        return [m._output(batch, answers[i * rows:(i + 1) * rows], share(None, sender, m._chosen()).kv_bytes.tolist())
+                for i, m in enumerate(chosen)]
+
+    def _chosen(self) -> list[int]:
+        if self._layers is None:
+            raise ConfigError(f"{self.label}: setup() must run before run()")
+        return self._layers
+
+    def _output(self, batch: Batch, answers: list[list[int]], kv_bytes: list[int]) -> Output:
+        receiver = batch.agents.receiver
         return Output(
             answers=[receiver.decode(ids) for ids in answers],
-            receiver_ids=prompt.ids,
+            receiver_ids=batch.prompt("receiver", batch.task.receiver_message).ids,
             sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
-            kv_bytes=message_bytes if message_bytes is not None else start.kv_bytes.tolist(),
+            kv_bytes=kv_bytes,
         )
 
 

@@ -11,6 +11,7 @@ settings (``--alpha``, ``--mu``, ``--sigma``).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -65,6 +66,9 @@ class OnlineKVComm(KVCommMethod):
         assert self.ratio is not None
         self._layers = top_layers(ranking, self.ratio)
         self._history.append({"after_items": len(self._importance), "ranking": ranking, "layers": self._layers})
+
+    def fuse_key(self) -> Hashable | None:
+        return None  # its layers change inside a batch: it runs alone
 
     def run(self, batch: Batch) -> Output:
         receiver = batch.agents.receiver

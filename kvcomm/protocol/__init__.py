@@ -21,6 +21,7 @@ from kvcomm.protocol.shared import (
     follow_on_keys,
     merge_senders,
     share,
+    share_many,
     splice,
 )
 
@@ -31,5 +32,5 @@ __all__ = [
     "SharedKV", "Turn", "attention_importance", "build_receiver_input", "common_prefix", "concat_shared",
     "effective_layers", "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "merge_senders",
     "pad_left", "prefill", "prefill_logits", "prefill_shared", "prefix_start", "receiver_input", "run_body", "share",
-    "splice",
+    "share_many", "splice",
 ]

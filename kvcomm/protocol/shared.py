@@ -189,6 +189,41 @@ def share(
     return shared
 
 
+def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]]) -> SharedKV:
+    """Several configurations' shares of one sender's KV as one batch, in ``causal`` mode:
+    configuration ``i`` takes rows ``i·B … i·B+B−1``. Every layer holds the whole context for every
+    row; a row whose configuration does not share that layer sees only its sink, the other
+    columns being invalid keys. A receiver then computes for each configuration what it computes on
+    :func:`share` of that configuration alone (up to float rounding: the tests bound it), and a
+    sweep decodes all of them with one pass over the weights per step.
+
+    Raises:
+        ConfigError: a layer index is out of range.
+    """
+    sets = [set(effective_layers(layers, "causal")) for layers in layer_sets]
+    if bad := sorted({layer for chosen in sets for layer in chosen if not 0 <= layer < sender.num_layers}):
+        raise ConfigError(f"layer indices {bad} out of range for a {sender.num_layers}-layer model")
+    rows, copies = sender.valid.shape[0], len(sets)
+    first = sender.valid.int().argmax(dim=1)
+    sink_only = torch.zeros_like(sender.valid)
+    sink_only[torch.arange(rows), first] = sender.valid[torch.arange(rows), first]
+    positions = sender.positions.repeat(copies, 1)
+    masks: dict[tuple[bool, ...], torch.Tensor] = {}  # one tensor per pattern: layers alike share a mask
+    valid = []
+    for layer in range(sender.num_layers):
+        pattern = tuple(layer in chosen for chosen in sets)
+        if pattern not in masks:
+            masks[pattern] = torch.cat([sender.valid if full else sink_only for full in pattern])
+        valid.append(masks[pattern])
+    return SharedKV(
+        keys=[k.repeat(copies, 1, 1, 1) for k in sender.keys],
+        values=[v.repeat(copies, 1, 1, 1) for v in sender.values],
+        positions=[positions] * sender.num_layers, valid=valid, context_len=sender.context_len.repeat(copies),
+        full=[all(layer in chosen for chosen in sets) for layer in range(sender.num_layers)],
+        token_ids=None if sender.ids is None else sender.ids.repeat(copies, 1),
+    )
+
+
 def follow_on_keys(model: PreTrainedModel, layer: int, keys: Sequence[torch.Tensor],
                    offsets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Parts' keys ``[B, H, T_i, D]`` concatenated along tokens, part ``i`` re-rotated by
