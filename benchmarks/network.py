@@ -8,8 +8,8 @@ rate, context length and method, the receiver's time to first token, median of `
 - kvcomm with each codec: GET of the stored message over the link, decoded layer by layer while
   it arrives (``Client.receive_message``), cache building, the question's prefill, one token;
   ``auto`` is told the rate (``bandwidth_mbit``) and its choice is reported; ``auto-measured``
-  is told nothing and chooses for the link the sender measured while this receiver fetched the
-  earlier messages (the measured Mbit/s is reported beside the shaped rate); ``+whole`` rows read
+  is told nothing: the receiver's client declares the link it measured fetching the earlier
+  messages (the measured Mbit/s is reported beside the shaped rate); ``+whole`` rows read
   the whole body first and then decode (no overlap), to show what streaming saves;
 - skyline: the context as text (its bytes at the link's rate, computed) + the prefill of context
   and question + one token;
@@ -182,7 +182,7 @@ def inner(args: argparse.Namespace) -> None:
         rows.append({**base, "method": "nld", "bytes": len(summary_text.encode()),
                      "ttft_s": nld + len(summary_text.encode()) / wire, "sender_summary_s": summary_s})
         for codec in args.codecs.split(","):
-            measured = codec == "auto-measured"  # no bandwidth given: the sender's measurement of this link
+            measured = codec == "auto-measured"  # no bandwidth given: the client's measurement of this link
             sent = client.create_context(context, layers=layers, codec="auto" if measured else codec,
                                          bandwidth_mbit=args.rate if codec == "auto" else None)
             kv_ttft(sent["id"], True)  # untimed: compiles the codec's kernels, loads its codebook

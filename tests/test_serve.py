@@ -231,41 +231,40 @@ def test_codec_auto_chooses_for_the_declared_bandwidth_and_says_why(http):
     assert wrong.status_code == 400 and "goes with codec 'auto'" in wrong.json()["error"]["message"]
 
 
-def test_link_meter_takes_the_median_of_large_transfers_per_peer():
+def test_link_meter_takes_the_median_of_large_transfers():
     from kvcomm.serve.links import LinkMeter, two_figures
 
-    meter = LinkMeter(min_bytes=1000, samples=3, max_peers=2)
-    meter.record("a", 999, 0.001)  # too small to say anything about bandwidth
-    assert meter.mbit("a") is None and meter.mbit(None) is None
+    meter = LinkMeter(min_bytes=1000, samples=3)
+    meter.record(999, 0.001)  # too small to say anything about bandwidth
+    assert meter.mbit is None
     for seconds in (0.008, 0.0008, 0.004, 0.002):  # 1, 10, 2, 4 Mbit/s; the first falls out of 3 samples
-        meter.record("a", 1000, seconds)
-    assert meter.mbit("a") == 4.0
-    meter.record("b", 10_000, 0.001)
-    meter.record("c", 10_000, 0.001)  # a third peer: the least recently measured ("a") is forgotten
-    assert meter.peers() == {"b": 80.0, "c": 80.0}
+        meter.record(1000, seconds)
+    assert meter.mbit == 4.0
     assert two_figures(94.37) == 94 and two_figures(1234) == 1200 and two_figures(0.01234) == 0.012
 
 
-def test_codec_auto_chooses_for_the_link_measured_to_the_peer(app, agent, monkeypatch):
+def test_codec_auto_chooses_for_the_link_the_client_measured(agent, monkeypatch):
     from kvcomm.serve import links
 
-    context = {"context": "Mira lives in Oslo. " * 20, "codec": "auto"}
+    context = "Mira lives in Oslo. " * 20
     monkeypatch.setattr(links, "MIN_BYTES", 1)  # the tiny model's messages are small: time them all
-    measured = create_app(agent, MemoryStore(1 << 24), ServeConfig())
-    with running(measured) as url, Client(url) as client:
-        first = client.create_context(context["context"], codec="auto")
+    with running(create_app(agent, MemoryStore(1 << 24), ServeConfig())) as url, Client(url) as client:
+        first = client.create_context(context, codec="auto")
         assert first["bandwidth_source"] == "default" and first["bandwidth_mbit"] == 100  # nothing measured yet
-        client.get_message(first["id"])  # a real transfer over loopback: now this peer is measured
-        metric = next(line for line in httpx.get(f"{url}/metrics").text.splitlines()
-                      if line.startswith('kvcomm:peer_bandwidth_mbit{peer="127.0.0.1"}'))
-        rate = float(metric.split()[-1])
-        second = client.create_context(context["context"], codec="auto")
-        assert second["bandwidth_source"] == "measured" and second["bandwidth_mbit"] == rate > 0
+        client.get_message(first["id"])  # a real transfer over loopback
+        rate = client.measured_mbit
+        assert rate is not None and rate > 0
+        second = client.create_context(context, codec="auto")
+        assert second["bandwidth_source"] == "measured" and second["bandwidth_mbit"] == rate
         assert second["codec_choice"]["bandwidth_mbit"] == rate
-        declared = client.create_context(context["context"], codec="auto", bandwidth_mbit=5)
+        client.receive_message(second["id"])  # streamed bodies are timed too
+        assert len(client.link._rates) == 2
+        declared = client.create_context(context, codec="auto", bandwidth_mbit=5)
         assert declared["bandwidth_source"] == "declared" and declared["bandwidth_mbit"] == 5
-        plain = client.create_context(context["context"], codec="int8")
+        plain = client.create_context(context, codec="int8")
         assert plain["bandwidth_mbit"] is None and plain["bandwidth_source"] is None
+        lone = httpx.post(f"{url}/v1/contexts", json={"context": "x", "codec": "auto", "bandwidth_measured": True})
+        assert lone.status_code == 422 and "give one" in lone.text
 
 
 def test_the_service_default_ratio_uses_a_loaded_profile(agent):

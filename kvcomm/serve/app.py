@@ -42,7 +42,6 @@ from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
-from kvcomm.serve.links import LinkMeter, PeerBandwidth
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
@@ -74,8 +73,6 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     app = FastAPI(title="kvcomm agent", version=__version__,
                   description="An LLM agent that exchanges attention KV caches (KVComm).")
     metrics = ServiceMetrics(app, store)
-    links = LinkMeter()  # each peer's bandwidth, measured by the messages it fetches
-    metrics.registry.register(PeerBandwidth(links))
     worker = ModelWorker(metrics)
     contexts = ContextMaker(agent, config, profile)
     health = StoreHealth(store)
@@ -123,11 +120,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return contexts.profile.model_dump()
 
     @app.post("/v1/contexts", response_model=ContextCreated, responses=documented(*V1, 404, 409, 504))
-    async def create_context(body: ContextRequest, request: Request) -> ContextCreated:
-        """Prefill a context and store its KV message (content-addressed: the same content, once).
-
-        With codec ``auto`` and no ``bandwidth_mbit``, the codec is chosen for the link this
-        service measured sending messages to the requesting peer (else for 100 Mbit/s)."""
+    async def create_context(body: ContextRequest) -> ContextCreated:
+        """Prefill a context and store its KV message (content-addressed: the same content, once)."""
         await health.require()  # a store that is down is found before a prefill is spent
         ids = await anyio.to_thread.run_sync(contexts.tokens, body)
         if max_len is not None and len(ids) > max_len:
@@ -136,7 +130,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         job = Job(config.timeout_s)
 
         def work(job: Job) -> tuple[Any, bytes | None, tuple[bytes, KVMessage] | None]:
-            plan = contexts.plan(body, ids, links.mbit(request.client.host if request.client else None))
+            plan = contexts.plan(body, ids)
             existing = contexts.existing(plan, store)
             if existing is not None:
                 return plan, existing, None
@@ -166,17 +160,13 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
 
     @app.get("/v1/messages/{message_id}", responses={**documented(*V1, 404),
                                                      200: {"content": {"application/octet-stream": {}}}})
-    async def get_message(message_id: MessageId, request: Request) -> Response:
-        """A stored message's bytes; a large one is sent in chunks and timed (the peer's bandwidth)."""
+    async def get_message(message_id: MessageId) -> Response:
         data = await anyio.to_thread.run_sync(store.get, check_id(message_id))
         metrics.lookups.labels("hit" if data is not None else "miss").inc()
         if data is None:
             raise ServiceRefusal(404, f"no KV message {message_id!r}", "message_not_found")
         metrics.kv_sent.inc(len(data))
-        if request.client is None or len(data) < links.min_bytes:
-            return Response(data, media_type="application/octet-stream")
-        return StreamingResponse(links.send(request.client.host, data), media_type="application/octet-stream",
-                                 headers={"content-length": str(len(data))})
+        return Response(data, media_type="application/octet-stream")
 
     @app.put("/v1/messages/{message_id}", response_model=MessageStored, responses=documented(*V1, 409),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {

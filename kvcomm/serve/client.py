@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 
 from kvcomm.errors import KvcommError
 from kvcomm.models.fingerprint import Fingerprint
+from kvcomm.serve.links import LinkMeter
 from kvcomm.wire.message import KVMessage
 from kvcomm.wire.streaming import Timeline, receive
 
@@ -34,6 +36,13 @@ class Client:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.link = LinkMeter()  # the link to this agent, timed on every large message fetched
+
+    @property
+    def measured_mbit(self) -> float | None:
+        """The link to the agent in Mbit/s, as measured by the messages fetched so far (see
+        :mod:`kvcomm.serve.links`); None before any message of 1 MiB or more."""
+        return self.link.mbit
 
     def __enter__(self) -> Client:
         return self
@@ -53,20 +62,32 @@ class Client:
         return response
 
     def get_message(self, message_id: str) -> bytes:
-        return self._call("GET", f"/v1/messages/{message_id}").content
+        began = time.perf_counter()
+        data = self._call("GET", f"/v1/messages/{message_id}").content
+        self.link.record(len(data), time.perf_counter() - began)
+        return data
 
     def receive_message(self, message_id: str, receiver: Fingerprint | None = None,
                         timeline: Timeline | None = None) -> KVMessage:
         """A stored message, decoded layer by layer while the rest still arrives (checked against
         ``receiver``'s fingerprint as soon as the header is in; see :mod:`kvcomm.wire.streaming`)."""
+        began = time.perf_counter()
         try:
             with self._http.stream("GET", f"/v1/messages/{message_id}") as response:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for(response)
-                return receive(response.iter_bytes(), receiver, timeline=timeline)
+                return receive(self._timed(response.iter_bytes(), began), receiver, timeline=timeline)
         except httpx.TransportError as err:
             raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
+
+    def _timed(self, chunks: Iterator[bytes], began: float) -> Iterator[bytes]:
+        """``chunks``, the whole body's arrival recorded once the last is in."""
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            yield chunk
+        self.link.record(size, time.perf_counter() - began)
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/healthz").json())
@@ -85,11 +106,17 @@ class Client:
             layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's).
             message_id: store under this id; by default the id is the content's address (the same
                 content, model, layers and codec give the same id, and no second prefill).
-            bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for.
+            bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the
+                link this client measured fetching messages from the agent (:attr:`measured_mbit`),
+                declared as measured, else the agent's default.
         """
+        measured = codec == "auto" and bandwidth_mbit is None and self.measured_mbit is not None
+        if measured:
+            bandwidth_mbit = self.measured_mbit
         body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
                 "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
-                "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit}
+                "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
+                "bandwidth_measured": measured or None}
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:

@@ -94,17 +94,14 @@ class ContextMaker:
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
                          rule=self.config.selection)
 
-    def plan(self, body: ContextRequest, ids: list[int], measured_mbit: float | None = None) -> Plan:
-        """Codec, layers and id of a request (model thread: may build a codebook or calibrate).
-
-        ``measured_mbit``: the requesting peer's link as this service measured it; codec ``auto``
-        chooses for it when the request declares no bandwidth."""
+    def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
+        """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
         name = body.codec or self.config.codec
         auto = make_codec(name).name == "auto"
         if body.bandwidth_mbit is not None and not auto:
             raise ConfigError(f"'bandwidth_mbit' chooses a codec: it goes with codec 'auto', not {name!r}")
-        given, source = (body.bandwidth_mbit, "declared") if body.bandwidth_mbit is not None else (
-            (measured_mbit, "measured") if measured_mbit is not None else (None, "default"))
+        given = body.bandwidth_mbit
+        source = "default" if given is None else "measured" if body.bandwidth_measured else "declared"
         codec = make_codec(name, **({"bandwidth_mbit": given} if auto and given is not None else {}))
         bandwidth = (float(codec.params()["bandwidth_mbit"]), source) if auto else None
         codec = codec.bind(lambda: model_codebook(self.agent))

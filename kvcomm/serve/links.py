@@ -1,29 +1,23 @@
-"""Each peer's link, as measured by the KV messages this agent sends it.
+"""The link to an agent, as measured by the KV messages a client fetches from it.
 
-A message of at least :data:`MIN_BYTES` that a peer GETs is sent in chunks and timed from the
-first chunk handed to the server to the last; the kernel's send buffer hides only its own size,
-small next to a message of megabytes. A peer's estimate is the median of its last
-:data:`SAMPLES` transfers, rounded to two significant figures (so that contexts chosen for the
-same link share their content address). Codec ``auto`` chooses for it when a request from that
-peer declares no bandwidth; ``GET /metrics`` exports it as ``kvcomm:peer_bandwidth_mbit``.
+The receiving end is where a link can be measured: a sender's writes complete as soon as the
+kernel's buffers and the link's queue take them, megabytes before they arrive (a sender timing
+its own sends over a 100 Mbit/s link measured 22 Gbit/s). A :class:`~kvcomm.serve.Client` times
+every message of at least :data:`MIN_BYTES` it fetches, from the request to the last byte; its
+estimate is the median of the last :data:`SAMPLES` transfers, rounded to two significant figures
+(so that contexts chosen for the same link share their content address). With codec ``auto`` and
+no bandwidth given, the client declares that estimate to the agent as measured.
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
 from math import floor, log10
 
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-MIN_BYTES = 1 << 20  # smaller transfers say more about latency and buffers than about bandwidth
-CHUNK = 1 << 18
+MIN_BYTES = 1 << 20  # smaller transfers say more about latency than about bandwidth
 SAMPLES = 5
-MAX_PEERS = 256  # the least recently measured peer is forgotten first
 
 
 def two_figures(value: float) -> float:
@@ -32,56 +26,22 @@ def two_figures(value: float) -> float:
 
 
 class LinkMeter:
-    """Measured bandwidth per peer (thread-safe; bounded to :data:`MAX_PEERS` peers)."""
+    """A link's bandwidth from timed transfers (thread-safe: streamed bodies are timed on the
+    thread that pulls them)."""
 
-    def __init__(self, min_bytes: int | None = None, samples: int = SAMPLES, max_peers: int = MAX_PEERS) -> None:
+    def __init__(self, min_bytes: int | None = None, samples: int = SAMPLES) -> None:
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-        self.samples, self.max_peers = samples, max_peers
-        self._peers: OrderedDict[str, deque[float]] = OrderedDict()
+        self._rates: deque[float] = deque(maxlen=samples)
         self._lock = threading.Lock()
 
-    def record(self, peer: str, size: int, seconds: float) -> None:
-        """One transfer of ``size`` bytes to ``peer`` that took ``seconds`` (too small or too fast: ignored)."""
-        if size < self.min_bytes or seconds <= 0:
-            return
+    def record(self, size: int, seconds: float) -> None:
+        """One transfer of ``size`` bytes that took ``seconds`` (too small or instantaneous: ignored)."""
+        if size >= self.min_bytes and seconds > 0:
+            with self._lock:
+                self._rates.append(size * 8 / seconds / 1e6)
+
+    @property
+    def mbit(self) -> float | None:
+        """Mbit/s: the median of the last transfers, to two figures; None before any."""
         with self._lock:
-            rates = self._peers.pop(peer, None) or deque(maxlen=self.samples)
-            rates.append(size * 8 / seconds / 1e6)
-            self._peers[peer] = rates
-            while len(self._peers) > self.max_peers:
-                self._peers.popitem(last=False)
-
-    def mbit(self, peer: str | None) -> float | None:
-        """``peer``'s bandwidth in Mbit/s (median of its last transfers, two figures), None if unmeasured."""
-        with self._lock:
-            rates = self._peers.get(peer) if peer is not None else None
-            return None if not rates else min(two_figures(statistics.median(rates)), 1e6)
-
-    def peers(self) -> dict[str, float]:
-        with self._lock:
-            names = list(self._peers)
-        return {peer: rate for peer in names if (rate := self.mbit(peer)) is not None}
-
-    async def send(self, peer: str, data: bytes) -> AsyncIterator[bytes]:
-        """``data`` in chunks for a streaming response, recording the transfer once the last chunk
-        has gone (a transfer the peer broke off is not recorded)."""
-        view = memoryview(data)
-        began = time.perf_counter()
-        for start in range(0, len(data), CHUNK):
-            yield bytes(view[start:start + CHUNK])
-        self.record(peer, len(data), time.perf_counter() - began)
-
-
-class PeerBandwidth(Collector):
-    """``kvcomm:peer_bandwidth_mbit{peer}`` from a :class:`LinkMeter`, read at each scrape."""
-
-    def __init__(self, meter: LinkMeter) -> None:
-        self.meter = meter
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("kvcomm:peer_bandwidth_mbit",
-                                  "Bandwidth measured to each peer by the KV messages sent to it (Mbit/s)",
-                                  labels=["peer"])
-        for peer, rate in self.meter.peers().items():
-            gauge.add_metric([peer], rate)
-        yield gauge
+            return min(two_figures(statistics.median(self._rates)), 1e6) if self._rates else None

@@ -157,8 +157,9 @@ class ContextRequest(BaseModel):
     profile: ProfileBody | None = None
     codec: Annotated[str, Field(max_length=64)] | None = None
     bandwidth_mbit: Annotated[float, Field(gt=0, le=1e6, description=(
-        "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default: what the service "
-        "measured sending messages to this peer, else 100)"))] | None = None
+        "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
+    bandwidth_measured: bool = Field(False, description=(
+        "the bandwidth was measured on this link (kvcomm.Client times the messages it fetches), not assumed"))
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
 
@@ -173,6 +174,8 @@ class ContextRequest(BaseModel):
             raise ValueError("give exactly one of 'context' or 'messages'")
         if self.layers is not None and (self.ratio is not None or self.profile is not None):
             raise ValueError("give 'layers', or a 'ratio' (with an optional 'profile'), not both")
+        if self.bandwidth_measured and self.bandwidth_mbit is None:
+            raise ValueError("'bandwidth_measured' describes a 'bandwidth_mbit': give one")
         return self
 
 
@@ -189,8 +192,8 @@ class ContextCreated(BaseModel):
         default=None, description="with codec 'auto': the codec chosen and why (each candidate's estimates)")
     bandwidth_mbit: float | None = Field(default=None, description="with codec 'auto': the bandwidth chosen for")
     bandwidth_source: Literal["declared", "measured", "default"] | None = Field(
-        default=None, description="with codec 'auto': where that bandwidth came from (the request, this service's "
-                                  "measurement of the requesting peer's link, or the default)")
+        default=None, description="with codec 'auto': where that bandwidth came from (given by the request, "
+                                  "measured by the requesting client on this link, or the default)")
 
 
 class MessageStored(BaseModel):
