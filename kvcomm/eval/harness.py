@@ -312,7 +312,7 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
             if label in fetched:
                 record(label, done)
             tally.add(label, done)
-            if method.label not in fetched:  # a worker's answers were counted as they came
+            if label not in fetched:  # a worker's answers were counted as they came
                 bar.update(len(chunk))
     bar.close()
     tally.order([item.id for item in test])
