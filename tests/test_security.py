@@ -172,15 +172,22 @@ def test_every_stored_message_is_one_a_chat_can_use(http, agent):
 
 # -- 3. requests are bounded -----------------------------------------------------------------------
 
-def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(app):
+def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(agent):
+    # A well-formed message (header and every frame's checksum pass the streamed check), so the only
+    # reason left to refuse it is the body limit; garbage would be refused earlier, as corrupt.
+    message = framed(agent, tokens=1000)
+    small = ServeConfig(max_request_bytes=len(message) // 2, max_message_bytes=LIMIT, token="s3cret",
+                        served_model_names=("tiny",))
+    app = create_app(agent, MemoryStore(1 << 24), small)
     with running(app) as url:
         def body():
-            for _ in range(3):
-                yield b"x" * LIMIT  # 3 MB, no Content-Length: sent chunked
+            for start in range(0, len(message), 64 << 10):
+                yield message[start:start + (64 << 10)]  # no Content-Length: sent chunked
 
         with httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
             response = client.put("/v1/messages/big", content=body())
         assert_openai_error(response, 413)
+        assert response.json()["error"]["code"] == "request_too_large"
         assert app.state.store.list() == []
 
 
