@@ -1,10 +1,12 @@
 """Composing KV pieces: quality against the fraction recomputed, and receiver TTFT against full recompute.
 
 **Quality** (``quality``): on the generated multi-hop task (each hop in another piece, 4 pieces by
-default) and optionally the paper's tasks split among senders, in one run: the skyline (the
-receiver reads everything as text), full recompute (``blend@1``: every token), full reuse
-(``kvcomm@1xN``: pieces only joined), prefix reuse (first piece reused, the rest recomputed), and
-``blend`` at each ratio (deviation on values), plus keys and both at 0.15. Prints the table with 95%
+default) and optionally the paper's tasks split in pieces, in one run: the skyline (the receiver
+reads everything as text), full recompute (``blend@1``: every token), full reuse (``blend@0``:
+pieces only joined; also ``kvcomm@1xN`` with chats), prefix reuse (first piece reused, the rest
+recomputed), and ``blend`` at each ratio (deviation on values), plus keys and both at 0.15. Pieces
+are passages of the receiver's own prompt by default (``--layout passages``: full recompute is then
+the skyline's prompt itself) or sender chats (``--layout chats``). Prints the table with 95%
 intervals and the paired difference to full recompute, writes the results JSON and a plot of
 score against the fraction recomputed.
 
@@ -50,12 +52,17 @@ from kvcomm.protocol.blend import blend  # noqa: E402
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 
 
-def quality_methods(pieces: int) -> list:
-    built = [make_method("skyline"), make_method("baseline"), make_method("kvcomm", ratio=1.0, senders=pieces),
-             make_method("prefix", senders=pieces)]
-    built += [make_method("blend", ratio=r, senders=pieces) for r in RATIOS]
-    built += [make_method("blend", ratio=0.15, senders=pieces, deviation=d) for d in ("keys", "both")]
+def quality_methods(pieces: int, layout: str) -> list:
+    built = [make_method("skyline"), make_method("baseline"), make_method("prefix", senders=pieces, pieces=layout)]
+    if layout == "chats":  # full reuse through KVComm's own path (blend@0 is the same answers)
+        built.append(make_method("kvcomm", ratio=1.0, senders=pieces))
+    built += [make_method("blend", ratio=r, senders=pieces, pieces=layout) for r in RATIOS]
+    built += [make_method("blend", ratio=0.15, senders=pieces, deviation=d, pieces=layout) for d in ("keys", "both")]
     return built
+
+
+def blend_label(ratio: float, pieces: int, layout: str) -> str:
+    return f"blend@{ratio:g}x{pieces}" + ("/passages" if layout == "passages" else "")
 
 
 def paired(report: Report, a: str, b: str) -> tuple[float, float, float]:
@@ -83,7 +90,7 @@ def quality_table(report: Report, full: str) -> Table:
     return out
 
 
-def plot(reports: list[Report], pieces: int, path: Path) -> None:
+def plot(reports: list[Report], pieces: int, layout: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,15 +100,16 @@ def plot(reports: list[Report], pieces: int, path: Path) -> None:
     for report in reports:
         metric = report.config["metric"]
         by = {run.label: run.scores[metric] for run in report.runs}
-        means = [by[f"blend@{r:g}x{pieces}"].mean for r in RATIOS]
-        low = [by[f"blend@{r:g}x{pieces}"].ci95[0] for r in RATIOS]
-        high = [by[f"blend@{r:g}x{pieces}"].ci95[1] for r in RATIOS]
+        means = [by[blend_label(r, pieces, layout)].mean for r in RATIOS]
+        low = [by[blend_label(r, pieces, layout)].ci95[0] for r in RATIOS]
+        high = [by[blend_label(r, pieces, layout)].ci95[1] for r in RATIOS]
         line = ax.plot(RATIOS, means, marker="o", label=f"blend · {report.config['receiver']}")[0]
         ax.fill_between(RATIOS, low, high, alpha=0.12, color=line.get_color())
         ax.axhline(by["skyline"].mean, linestyle="--", color=line.get_color(), linewidth=1,
                    label=f"skyline · {report.config['receiver']} ({by['skyline'].mean:.2f})")
     ax.set(xlabel="fraction of context tokens recomputed", ylabel=reports[0].config["metric"], ylim=(0, None),
-           title=f"{reports[0].config['task']}: {pieces} pieces, each prefilled alone")
+           title=f"{reports[0].config['task']}: {pieces} {'passages' if layout == 'passages' else 'sender chats'}, "
+                 "each prefilled alone")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -119,13 +127,13 @@ def run_quality(args: argparse.Namespace) -> None:
         else:
             task = load_task(task_name, args.data / f"{task_name}.jsonl")
         config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size)
-        report = evaluate(agents, task, quality_methods(args.pieces), config)
-        console.print(quality_table(report, f"blend@1x{args.pieces}"))
+        report = evaluate(agents, task, quality_methods(args.pieces, args.layout), config)
+        console.print(quality_table(report, blend_label(1, args.pieces, args.layout)))
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)
         reports.append(report)
         if task_name == "multihop":
-            plot([report], args.pieces, out.with_suffix(".png"))
+            plot([report], args.pieces, args.layout, out.with_suffix(".png"))
     console.print(f"results: {args.out.parent}", markup=False)
 
 
@@ -207,6 +215,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--pieces", type=int, default=4)
     parser.add_argument("--facts-per-piece", type=int, default=3)
+    parser.add_argument("--layout", choices=["chats", "passages"], default="passages",
+                        help="pieces as sender chats, or as passages of the receiver's own prompt (retrieval's layout)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--recompute", type=float, default=0.15)

@@ -158,3 +158,59 @@ def test_blend_through_the_wire_and_on_selected_layers(agents):
                                 make_method("blend", ratio=0.3, share=0.5)], items=2)
     assert [i.answer for i in runs["blend@0.3x2+fp32"].items] == [i.answer for i in runs["blend@0.3x2"].items]
     assert runs["blend@0.3x2/L0.5"].layers is not None and len(runs["blend@0.3x2/L0.5"].layers) == 2
+
+
+# -- passages: the receiver's own prompt cut up (retrieval's layout) ----------------------------------
+
+def passage_task():
+    from kvcomm import load_task
+
+    return load_task("multihop", items=4, pieces=3, facts_per_piece=2)
+
+
+def test_passages_are_the_skyline_prompt_cut_into_an_opening_passages_and_the_question():
+    from tests.conftest import tiny_loaded
+
+    model, task = tiny_loaded("llama"), passage_task()
+    for item in task.items:
+        text, markers = task.passage_message(item, 3)
+        for marker in markers:
+            text = text.replace(marker, "")
+        assert text == task.skyline_message(item)
+        cut = model.encode_message_parts(*task.passage_message(item, 3))
+        assert len(cut) == 5 and all(cut)
+        assert sum(cut, []) == model.encode_message(task.skyline_message(item))  # spaces travel with passages
+        assert model.tokenizer.decode(cut[1]).strip() == item.pieces[0]
+
+
+def test_blending_every_passage_is_reading_the_skyline_prompt(family):
+    """ratio 1 over passages each prefilled alone = one prefill of the whole skyline prompt."""
+    from kvcomm import Agents
+    from kvcomm.eval.batch import Batch
+    from tests.conftest import tiny_loaded
+
+    loaded, task = tiny_loaded(family), passage_task()
+    batch = Batch(Agents(loaded, loaded), task, task.items)
+    model = loaded.model
+    joined = share(model, batch.sender_kv(3, "passages"), range(model.config.num_hidden_layers))
+    question = batch.passage_question(3)
+    whole, valid = pad_left([loaded.encode_message(task.skyline_message(i)) for i in task.items], loaded.pad_id)
+    want = prefill_logits(model, empty_input(model, len(task.items)), whole, valid)[:, -1]
+    full, stats = blend(model, joined, recompute=1.0)
+    got = prefill_logits(model, receiver_input(full), question.input_ids, question.valid)[:, -1]
+    assert stats.recomputed == stats.context
+    assert (got - want).abs().max() <= 1e-4
+    reused, stats = blend(model, joined, recompute=0.0)
+    apart = prefill_logits(model, receiver_input(reused), question.input_ids, question.valid)[:, -1]
+    assert stats.recomputed == [0] * len(task.items) and (apart - want).abs().max() > 1e-3  # pieces never met
+
+
+def test_passage_methods_in_a_sweep_end_at_the_skyline(agents):
+    from kvcomm import make_method
+
+    runs = run_methods(agents, [make_method("skyline"), make_method("blend", ratio=1.0, senders=2, pieces="passages"),
+                                make_method("prefix", senders=2, pieces="passages"),
+                                make_method("blend", ratio=0.15, senders=2, pieces="passages")])
+    answers = {label: [i.answer for i in run.items] for label, run in runs.items()}
+    assert answers["blend@1x2/passages"] == answers["skyline"] == answers["prefix@x2/passages"]
+    assert 0 < runs["blend@0.15x2/passages"].details["mean_recomputed_tokens"]

@@ -39,6 +39,7 @@ from kvcomm.protocol.blend import Deviation
 from kvcomm.selection import parse_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
+from kvcomm.tasks.base import Pieces
 from kvcomm.wire.codecs import codec_names
 
 console = Console(stderr=True, highlight=False, emoji=False)  # with markup=False, paths print literally
@@ -160,6 +161,7 @@ class RunOptions:
     interval: int | None
     check_layer: int | None
     deviation: str | None
+    pieces: str | None
     block: str | None
     max_recompute: float | None
     block_tolerance: float | None
@@ -178,8 +180,8 @@ class RunOptions:
         """Options for the methods (each method takes those it declares; None = not given)."""
         return dict(mode=self.mode, seed=self.seed, senders=self.senders, round_one_tokens=self.round_one_tokens,
                     temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
-                    interval=self.interval, check_layer=self.check_layer,
-                    deviation=self.deviation, block=None if self.block is None else parse_block(self.block),
+                    interval=self.interval, check_layer=self.check_layer, deviation=self.deviation, pieces=self.pieces,
+                    block=None if self.block is None else parse_block(self.block),
                     max_recompute=self.max_recompute, tolerance=self.block_tolerance)
 
     def task_names(self) -> list[str]:
@@ -293,6 +295,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                                  BlendOptions, "check_layer"))], None),
     "deviation": (Annotated[Deviation | None, typer.Option(
         help=options_help("blend: what the deviation is measured on.", BlendOptions, "deviation"))], None),
+    "pieces": (Annotated[Pieces | None, typer.Option(
+        help=options_help("blend, prefix: each piece a sender's chat, or passages of the receiver's own prompt "
+                          "(each prefilled alone; the question follows).", BlendOptions, "pieces"))], None),
     "block": (Annotated[str | None, typer.Option(
         help="droidspeak: the layers a:b (a included, b not) the receiver recomputes from the sender's hidden "
              "state. (default: profiled on the calibration items, or taken from a block --profile)")], None),

@@ -22,7 +22,7 @@ from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill, prefill_shared
-from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.base import Item, Pieces, Task
 
 clock: Callable[[], float] = time.perf_counter  # module-level so tests can make time deterministic
 
@@ -46,8 +46,8 @@ class Batch:
         if not items:
             raise ConfigError("a batch needs at least one item")
         self.agents, self.task, self.items = agents, task, items
-        self._sender_kv: dict[int, SenderKV] = {}
-        self._pieces: dict[int, list[SenderKV]] = {}
+        self._sender_kv: dict[tuple[int, Pieces], SenderKV] = {}
+        self._pieces: dict[tuple[int, Pieces], list[SenderKV]] = {}
         self._with_hidden: dict[tuple[int, ...], SenderKV] = {}
         self._prompts: dict[tuple[str, str], Prompt] = {}
         self._cost: dict[str, float] = {}  # seconds each shared sender computation took, once
@@ -90,14 +90,15 @@ class Batch:
             self._prompts[key] = Prompt(ids, input_ids, valid)
         return self._prompts[key]
 
-    def sender_kv(self, senders: int = 1) -> SenderKV:
+    def sender_kv(self, senders: int = 1, pieces: Pieces = "chats") -> SenderKV:
         """The senders' KV over their messages, computed on first call.
 
         With ``senders`` > 1 each item's context is split in that many parts, each part is read by
-        its own sender, and their KV is merged with consistent positions.
+        its own sender, and their KV is merged with consistent positions. With ``pieces="passages"``
+        the parts are the receiver's own prompt cut up instead (:meth:`passage_question` is the rest).
         """
-        self._compute(senders)
-        return self._sender_kv[senders]
+        self._compute(senders, pieces)
+        return self._sender_kv[senders, pieces]
 
     def sender_kv_with_hidden(self, layers: Sequence[int]) -> SenderKV:
         """The sender's KV, with its hidden states entering ``layers`` recorded (DroidSpeak's
@@ -113,21 +114,39 @@ class Batch:
         self._used.add(key)
         return self._with_hidden[wanted]
 
-    def sender_pieces(self, senders: int) -> list[SenderKV]:
-        """Each sender's own KV (piece ``i``: the ``i``-th part of every item's context), before merging."""
-        self._compute(senders)
-        return self._pieces[senders]
+    def sender_pieces(self, senders: int, pieces: Pieces = "chats") -> list[SenderKV]:
+        """Each sender's own KV (piece ``i``: the ``i``-th part of every item's context), before
+        merging; with ``pieces="passages"``, the opening of the receiver's prompt and then each passage."""
+        self._compute(senders, pieces)
+        return self._pieces[senders, pieces]
 
-    def _compute(self, senders: int) -> None:
-        key = f"sender_kv/{senders}"
-        if senders not in self._sender_kv:
+    def passage_question(self, senders: int) -> Prompt:
+        """The receiver's prompt after its ``senders`` passages: the question and the chat's closing."""
+        key = ("receiver", f"passages/{senders}")
+        if key not in self._prompts:
+            model = self.agents.receiver
+            ids = [model.encode_message_parts(*self.task.passage_message(item, senders))[-1] for item in self.items]
+            self._prompts[key] = Prompt(ids, *pad_left(ids, model.pad_id))
+        return self._prompts[key]
+
+    def _compute(self, senders: int, pieces: Pieces = "chats") -> None:
+        key = f"sender_kv/{senders}" + ("/passages" if pieces == "passages" else "")
+        if (senders, pieces) not in self._sender_kv:
             began = clock()
-            self._pieces[senders] = self._prefill(senders)
-            parts = self._pieces[senders]
-            self._sender_kv[senders] = parts[0] if len(parts) == 1 else merge_senders(self.agents.sender.model, parts)
+            parts = self._passages(senders) if pieces == "passages" else self._prefill(senders)
+            self._pieces[senders, pieces] = parts
+            self._sender_kv[senders, pieces] = parts[0] if len(parts) == 1 else merge_senders(
+                self.agents.sender.model, parts)
             self._cost[key] = clock() - began
             self._fresh += self._cost[key]
         self._used.add(key)
+
+    def _passages(self, count: int) -> list[SenderKV]:
+        """The opening of each item's receiver prompt and its ``count`` passages, each prefilled alone
+        from position 0 (a stored passage knows nothing of what comes before it)."""
+        model = self.agents.sender
+        cut = [model.encode_message_parts(*self.task.passage_message(item, count)) for item in self.items]
+        return [prefill_shared(model.model, [row[part] for row in cut], model.pad_id) for part in range(count + 1)]
 
     def _prefill(self, senders: int) -> list[SenderKV]:
         model = self.agents.sender

@@ -9,7 +9,13 @@ alone; the receiver joins them with consistent positions and then:
 - ``prefix`` reuses the first piece as is and recomputes every token of the others (what prefix
   caching gives when only the first piece is cached).
 
-Full reuse is ``kvcomm@1xN`` (no recompute) and full recompute is ``blend@1xN`` (every token).
+Pieces are laid out one of two ways (``pieces``): ``chats``, each piece its own sender chat
+("Instruction … Context: piece", as several agents would send), or ``passages``, the receiver's
+own prompt cut into its opening and bare passages, each prefilled alone from position 0, as a
+retrieval pipeline stores them; the question and the chat's closing follow. With passages, full
+recompute is the skyline's prompt itself, so blending is measured against reading everything.
+
+Full reuse is ``blend@0xN`` (or ``kvcomm@1xN`` with chats) and full recompute ``blend@1xN``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from kvcomm.protocol import SharedKV, greedy_generate, receiver_input, share
 from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import top_layers
+from kvcomm.tasks.base import Pieces
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
@@ -32,7 +39,8 @@ if TYPE_CHECKING:
 class BlendOptions(MethodOptions):
     """``ratio``: fraction of context tokens recomputed; ``check_layer``, ``deviation``: where and on
     what deviations are measured; ``senders``: pieces per context; ``share``: fraction of layers the
-    pieces share (by the run's ranking, or ``selection``'s; 1 = all); ``codec``: pieces through messages."""
+    pieces share (by the run's ranking, or ``selection``'s; 1 = all); ``codec``: pieces through
+    messages; ``pieces``: sender chats or passages of the receiver's prompt (module docstring)."""
 
     ratio: float = Field(0.15, ge=0, le=1)
     check_layer: int = Field(1, ge=0)
@@ -41,11 +49,13 @@ class BlendOptions(MethodOptions):
     share: float = Field(1.0, gt=0, le=1)
     selection: Rule | None = None
     codec: str | None = None
+    pieces: Pieces = "chats"
 
 
 class PrefixOptions(MethodOptions):
     senders: int = Field(2, ge=2, le=64)
     codec: str | None = None
+    pieces: Pieces = "chats"
 
 
 class _Composing(Method):
@@ -77,22 +87,30 @@ class _Composing(Method):
         return {"mean_context_tokens": mean["context"], "mean_recomputed_tokens": mean["recomputed"],
                 "mean_flops_fraction": mean["flops_fraction"], "layers": self._layers}
 
-    def _joined(self, batch: Batch, senders: int) -> tuple[SharedKV, list[int]]:
+    def _joined(self, batch: Batch, senders: int, pieces: Pieces) -> tuple[SharedKV, list[int]]:
         receiver = batch.agents.receiver
         layers = self._layers if self._layers is not None else range(receiver.num_layers)
-        joined = share(receiver.model, batch.sender_kv(senders), layers)
+        joined = share(receiver.model, batch.sender_kv(senders, pieces), layers)
         if self._codec is None:
             assert joined.token_ids is not None
             return joined, (joined.kv_bytes + 4 * joined.context_len).tolist()  # KV and 4-byte token ids
         return through_wire(joined, batch, self._codec)
 
-    def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int]) -> Output:
+    def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int], senders: int,
+                pieces: Pieces) -> Output:
         receiver = batch.agents.receiver
-        prompt = batch.prompt("receiver", batch.task.receiver_message)
+        if pieces == "passages":
+            prompt = batch.passage_question(senders)
+            read = batch.sender_kv(senders, pieces)  # the opening and the passages, joined
+            assert read.ids is not None
+            sender_ids = [row[ok].tolist() for row, ok in zip(read.ids, read.valid)]
+        else:
+            prompt = batch.prompt("receiver", batch.task.receiver_message)
+            sender_ids = batch.prompt("sender", batch.task.sender_message).ids
         answers = greedy_generate(receiver.model, receiver_input(start_shared), prompt.input_ids, prompt.valid,
                                   batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
         return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
-                      sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=kv_bytes)
+                      sender_ids=sender_ids, kv_bytes=kv_bytes)
 
 
 @METHODS.register("blend")
@@ -106,7 +124,7 @@ class BlendMethod(_Composing):
     @property
     def label(self) -> str:
         o = self.options
-        layers = f"/L{o.share:g}" if o.share < 1 else ""
+        layers = (f"/L{o.share:g}" if o.share < 1 else "") + ("/passages" if o.pieces == "passages" else "")
         codec = f"+{o.codec}" if o.codec else ""
         rule = f"~{o.selection}" if o.selection else ""
         check = f"c{o.check_layer}" if o.check_layer != 1 else ""
@@ -126,10 +144,10 @@ class BlendMethod(_Composing):
 
     def run(self, batch: Batch) -> Output:
         o = self.options
-        joined, sent = self._joined(batch, o.senders)
+        joined, sent = self._joined(batch, o.senders, o.pieces)
         blended, stats = blend(batch.agents.receiver.model, joined, o.ratio, o.check_layer, o.deviation)
         self._record(stats)
-        return self._answer(batch, blended, sent)
+        return self._answer(batch, blended, sent, o.senders, o.pieces)
 
 
 @METHODS.register("prefix")
@@ -142,15 +160,18 @@ class PrefixReuse(_Composing):
 
     @property
     def label(self) -> str:
-        return f"prefix@x{self.options.senders}" + (f"+{self.options.codec}" if self.options.codec else "")
+        o = self.options
+        return f"prefix@x{o.senders}" + ("/passages" if o.pieces == "passages" else "") + (f"+{o.codec}" if o.codec
+                                                                                           else "")
 
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
 
     def run(self, batch: Batch) -> Output:
-        joined, sent = self._joined(batch, self.options.senders)
-        first = batch.sender_pieces(self.options.senders)[0].valid.shape[1]  # the first piece's columns
+        o = self.options
+        joined, sent = self._joined(batch, o.senders, o.pieces)
+        first = batch.sender_pieces(o.senders, o.pieces)[0].valid.shape[1]  # the first piece's (or opening's) columns
         columns = torch.arange(joined.valid[0].shape[1])[None]
         blended, stats = recompute_tokens(batch.agents.receiver.model, joined, joined.valid[0] & (columns >= first))
         self._record(stats)
-        return self._answer(batch, blended, sent)
+        return self._answer(batch, blended, sent, o.senders, o.pieces)

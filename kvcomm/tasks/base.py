@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.tasks.metrics import METRICS
+
+Pieces = Literal["chats", "passages"]
+"""How a context read in pieces is laid out: each piece its own sender chat (``chats``), or the
+receiver's own prompt cut into an opening and bare passages (``passages``: retrieval's layout;
+:meth:`Task.passage_message`)."""
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
 
@@ -77,6 +83,27 @@ class Task:
 
     def skyline_message(self, item: Item) -> str:
         return f"Instruction: {self.instruction} Context: {item.context} Question: {item.question}"
+
+    def passage_message(self, item: Item, count: int) -> tuple[str, list[str]]:
+        """The skyline message with its context as ``count`` passages, and the markers that cut it
+        into an opening, the passages and a closing (the question), for the receiver's own prompt
+        read in pieces (blend's passage layout; :meth:`LoadedModel.encode_message_parts`).
+
+        Each passage carries the space before it, so the pieces tokenise like the whole message
+        (a BPE tokeniser glues a word's leading space to it); without the markers the text is the
+        skyline's with the passages joined by spaces.
+        """
+        here = "\x00kvcomm-context\x00"
+        before, found, after = self.skyline_message(replace(item, context=here)).partition(here)
+        if not found:
+            raise ConfigError(f"task {self.name!r}: its skyline message does not contain the context")
+        markers = [f"\x00kvcomm-passage-{i}\x00" for i in range(count + 1)]
+        lead = " " if before.endswith(" ") else ""
+        text = before.removesuffix(lead)
+        for marker, passage in zip(markers, item.parts(count)):
+            text += f"{marker}{lead}{passage}"
+            lead = " "
+        return text + markers[-1] + after, markers
 
 
 def split_context(text: str, parts: int) -> list[str]:
