@@ -214,3 +214,23 @@ def test_passage_methods_in_a_sweep_end_at_the_skyline(agents):
     answers = {label: [i.answer for i in run.items] for label, run in runs.items()}
     assert answers["blend@1x2/passages"] == answers["skyline"] == answers["prefix@x2/passages"]
     assert 0 < runs["blend@0.15x2/passages"].details["mean_recomputed_tokens"]
+
+
+def test_a_passage_is_prefilled_behind_the_opening_and_moved_to_position_zero(family):
+    """Each passage saw the opening (not position 0 itself, which would make it a second sink) and
+    nothing else; stored from position 0, its layer-0 keys are those of the passage alone there."""
+    from kvcomm import Agents
+    from kvcomm.eval.batch import Batch
+    from tests.conftest import tiny_loaded
+
+    loaded, task = tiny_loaded(family), passage_task()
+    batch = Batch(Agents(loaded, loaded), task, task.items)
+    _, *passages = batch.sender_pieces(3, "passages")
+    cut = [loaded.encode_message_parts(*task.passage_message(item, 3)) for item in task.items]
+    for part, kv in enumerate(passages, start=1):
+        for row in range(len(task.items)):
+            mine, ids = kv.row(row), torch.tensor([cut[row][part]])
+            assert mine.ids.tolist() == ids.tolist() and mine.positions.tolist() == [list(range(ids.shape[1]))]
+            alone = prefill(loaded.model, ids, torch.ones_like(ids, dtype=torch.bool))
+            assert torch.allclose(mine.keys[0], alone.keys[0], atol=1e-5)  # layer 0: token and position only
+            assert not torch.allclose(mine.values[-1], alone.values[-1], atol=1e-3)  # later layers saw the opening

@@ -22,6 +22,7 @@ from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill, prefill_shared
+from kvcomm.protocol.reply import rebase
 from kvcomm.tasks.base import Item, Pieces, Task
 
 clock: Callable[[], float] = time.perf_counter  # module-level so tests can make time deterministic
@@ -142,11 +143,21 @@ class Batch:
         self._used.add(key)
 
     def _passages(self, count: int) -> list[SenderKV]:
-        """The opening of each item's receiver prompt and its ``count`` passages, each prefilled alone
-        from position 0 (a stored passage knows nothing of what comes before it)."""
+        """The opening of each item's receiver prompt, then its ``count`` passages, each prefilled
+        alone behind that opening (never behind another passage), the opening's KV dropped and the
+        passage moved to start at position 0: a stored passage, reusable in any order and place.
+
+        The opening holds position 0 (the attention sink) as it does in the whole prompt; a
+        passage prefilled from position 0 itself would carry a second sink into the joined
+        context. CacheBlend's code does the same with BOS.
+        """
         model = self.agents.sender
         cut = [model.encode_message_parts(*self.task.passage_message(item, count)) for item in self.items]
-        return [prefill_shared(model.model, [row[part] for row in cut], model.pad_id) for part in range(count + 1)]
+        parts = [prefill_shared(model.model, [row[0] for row in cut], model.pad_id)]
+        for part in range(1, count + 1):
+            behind = prefill_shared(model.model, [row[0] + row[part] for row in cut], model.pad_id)
+            parts.append(rebase(model.model, behind.last([len(row[part]) for row in cut])))
+        return parts
 
     def _prefill(self, senders: int) -> list[SenderKV]:
         model = self.agents.sender

@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from kvcomm.errors import ProtocolError
 from kvcomm.protocol.decoding import chunked_prefill
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.receiver import ReceiverInput
@@ -90,12 +89,12 @@ def outgoing(model: PreTrainedModel, kv: SenderKV, reply_tokens: int, content: L
 
 
 def rebase(model: PreTrainedModel, kv: SenderKV) -> SenderKV:
-    """One row's turn moved to start at position 0 (keys re-rotated), as a message holds it: a
-    turn taken after other KV starts where that KV ended."""
-    if kv.positions.shape[0] != 1:
-        raise ProtocolError("rebase takes one row (Turn.kv[i])")
-    offset = kv.positions[:, 0]
+    """Each row moved to start at position 0 (keys re-rotated), as a message holds it: a turn taken
+    after other KV starts where that KV ended, a passage prefilled behind an opening after it.
+    Each row moves by the position of its first real (not padding) column."""
+    first = kv.valid.to(torch.int8).argmax(dim=1)  # [B] first real column (left padding)
+    offset = kv.positions.gather(1, first[:, None])[:, 0]
     if not bool(offset.any()):
         return kv
     keys = [rotate_keys(k, -offset, inverse_frequencies(model, layer)) for layer, k in enumerate(kv.keys)]
-    return replace(kv, keys=keys, positions=kv.positions - offset[:, None])
+    return replace(kv, keys=keys, positions=(kv.positions - offset[:, None]).masked_fill(~kv.valid, 0))

@@ -71,6 +71,19 @@ class SenderKV:
                         ids=None if self.ids is None else self.ids[index:index + 1, keep],
                         hidden={layer: h[index:index + 1, keep] for layer, h in self.hidden.items()})
 
+    def last(self, lengths: Sequence[int]) -> SenderKV:
+        """Each row's last ``lengths[row]`` columns (its tokens after an opening), left-padded
+        again: what a prompt's tail holds, its positions unchanged (see ``rebase`` to move them)."""
+        width = max(lengths)
+        if width > self.valid.shape[1] or len(lengths) != self.valid.shape[0]:
+            raise ProtocolError(f"cannot keep {width} of {self.valid.shape[1]} columns for {len(lengths)} rows")
+        columns = torch.arange(width)[None, :]
+        valid = self.valid[:, -width:] & (columns >= width - torch.tensor(list(lengths))[:, None])
+        return SenderKV(keys=[k[:, :, -width:] for k in self.keys], values=[v[:, :, -width:] for v in self.values],
+                        positions=self.positions[:, -width:].masked_fill(~valid, 0), valid=valid,
+                        ids=None if self.ids is None else self.ids[:, -width:],
+                        hidden={layer: h[:, -width:] for layer, h in self.hidden.items()})
+
     def token_bytes(self, layer: int) -> int:
         """Bytes of one token's key and value at ``layer``."""
         k = self.keys[layer]
