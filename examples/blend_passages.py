@@ -1,11 +1,13 @@
 """Passages stored once as KV, combined per question, blended so that they attend to each other.
 
 Starts one `kvcomm serve` agent, has it prefill eight short passages once each (stored as KV
-messages with their token ids), and then answers questions that each need two or three of the
-passages: the passages a question needs are sent as `kv_messages` in any order, joined with
-consistent positions, and blended (`kv_blend`: 15% of their tokens recomputed, chosen where the
-reused KV deviates most). For comparison it also asks with the passages only joined (nothing
-recomputed) and with the passages as plain text in the prompt.
+passages with their token ids: `create_context(text, passage=True)`, prefilled behind the chat's
+opening and kept from position 0), and then answers questions that each need two or three of
+them: the passages a question needs are sent as `kv_messages` in any order and read at the start
+of the user turn, each as one line, then blended (`kv_blend`: 15% of their tokens recomputed,
+chosen where the reused KV deviates most). For comparison it also asks with the passages only
+joined (nothing recomputed) and with the same lines as plain text in the user turn (what
+recomputing every token gives).
 
     python examples/blend_passages.py --model qwen2.5-coder-1.5b
 """
@@ -13,8 +15,6 @@ recomputed) and with the passages as plain text in the prompt.
 from __future__ import annotations
 
 import argparse
-
-import httpx
 
 from kvcomm import Client
 from kvcomm.serve.launch import agents
@@ -37,13 +37,10 @@ QUESTIONS = [  # (question, the passages it needs, in the order they are sent, t
 ]
 
 
-def ask(http: httpx.Client, question: str, refs: list[str], blend: float | None) -> str:
-    body: dict = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "kv_messages": refs}
-    if blend is not None:
-        body["kv_blend"] = {"ratio": blend}
-    reply = http.post("/v1/chat/completions", json=body, timeout=600)
-    reply.raise_for_status()
-    return str(reply.json()["choices"][0]["message"]["content"])
+def ask(client: Client, question: str, refs: list[str], blend: float | None) -> str:
+    reply = client.chat([{"role": "user", "content": question}], refs, max_tokens=12,
+                        kv_blend=None if blend is None else {"ratio": blend})
+    return str(reply["choices"][0]["message"]["content"])
 
 
 def main() -> None:
@@ -51,16 +48,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--port", type=int, default=8103)
     args = parser.parse_args()
-    with agents(args.model, [args.port], ["--codec", "fp16"]) as (url,), Client(url) as client, \
-            httpx.Client(base_url=url) as http:
-        ids = [client.create_context(p)["id"] for p in PASSAGES]  # each passage prefilled once
+    with agents(args.model, [args.port], ["--codec", "fp16"]) as (url,), Client(url, timeout=600) as client:
+        ids = [client.create_context(p, passage=True)["id"] for p in PASSAGES]  # each passage prefilled once
         print(f"stored {len(ids)} passages as KV messages")
         for question, needed, gold in QUESTIONS:
             refs = [ids[i] for i in needed]
-            text = " ".join(PASSAGES[i] for i in needed)
-            as_text = ask(http, f"Context: {text} Question: {question}", [], None)
-            joined = ask(http, question, refs, 0.0)
-            blended = ask(http, question, refs, 0.15)
+            lines = "".join(f"{PASSAGES[i]}\n" for i in needed)  # how a chat reads passages: one line each
+            as_text = ask(client, lines + question, [], None)
+            joined = ask(client, question, refs, 0.0)
+            blended = ask(client, question, refs, 0.15)
             print(f"\n{question} (needs passages {needed}; answer: {gold})\n"
                   f"  passages as text:    {as_text!r}\n  KV joined:           {joined!r}\n"
                   f"  KV blended (15%):    {blended!r}")

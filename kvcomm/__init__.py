@@ -27,7 +27,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from kvcomm.agents import Agents, answer, encode_context, encode_ids
+from kvcomm.agents import Agents, answer, encode_context, encode_ids, encode_passage
 from kvcomm.errors import (
     ClusterError,
     ConfigError,
@@ -57,6 +57,7 @@ __all__ = [
     "EdgeOptions", "EvalConfig", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError",
     "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError",
     "RayCluster", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods",
-    "build_receiver_input", "calibrate", "encode_context", "encode_ids", "evaluate", "greedy_generate", "load_model",
+    "build_receiver_input", "calibrate", "encode_context", "encode_ids", "encode_passage",
+    "evaluate", "greedy_generate", "load_model",
     "load_pair", "load_task", "make_method", "plot_sweep", "prefill", "print_table", "profile_blocks",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from kvcomm.models.loading import LoadedModel, load_pair
 from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiver_input, share
+from kvcomm.protocol.reply import rebase
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
 from kvcomm.wire import Codec, KVMessage, check_fingerprint, make_codec
 
@@ -62,16 +63,37 @@ def encode_context(
 
 def encode_ids(
     sender: LoadedModel, ids: Sequence[int], layers: Sequence[int] | None = None, codec: str | Codec = "fp16",
-    mode: MaskMode = "causal",
+    mode: MaskMode = "causal", passage: int | None = None,
 ) -> KVMessage:
-    """:func:`encode_context` for an already tokenised sender prompt (e.g. a chat transcript)."""
+    """:func:`encode_context` for an already tokenised sender prompt (e.g. a chat transcript).
+
+    With ``passage`` (a count of tokens), only the last ``passage`` tokens are kept, moved to
+    start at position 0: a passage prefilled behind an opening (:func:`encode_passage`).
+    """
     from kvcomm.wire.bootstrap import model_codebook
 
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
     input_ids, valid = pad_left([list(ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
-    shared = share(sender.model, prefill(sender.model, input_ids, valid), chosen, mode)
-    return KVMessage.from_shared(shared, sender.fingerprint, bound, {"sender": sender.name})
+    kv = prefill(sender.model, input_ids, valid)
+    if passage is not None:
+        kv = rebase(sender.model, kv.last([passage]))
+    shared = share(sender.model, kv, chosen, mode)
+    return KVMessage.from_shared(shared, sender.fingerprint, bound,
+                                 {"sender": sender.name} | ({"passage": True} if passage is not None else {}))
+
+
+def encode_passage(
+    sender: LoadedModel, text: str, layers: Sequence[int] | None = None, codec: str | Codec = "fp16",
+    mode: MaskMode = "causal",
+) -> KVMessage:
+    """A passage as a KV message that a chat reads at the start of its last user turn, joined with
+    other passages in any order (the service's ``kv_messages`` of passages; ``kv_blend`` restores
+    their attention to each other). It is prefilled behind the chat's opening, which is dropped,
+    and stored from position 0, so it carries no attention sink of its own; its token ids travel
+    with it. Its text is read as one line (:meth:`LoadedModel.passage_parts`)."""
+    opening, own = sender.passage_parts(text)
+    return encode_ids(sender, opening + own, layers, codec, mode, passage=len(own))
 
 
 def answer(

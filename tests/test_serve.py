@@ -327,6 +327,11 @@ def test_remote_commands_drive_a_live_agent(live, tmp_path):
     assert json.loads(ranked.stdout)["layers"] == [1, 3]
     answered = runner.invoke(cli, ["remote", "chat", "Where?", "--url", live, "--kv", info["id"], "--max-tokens", "3"])
     assert answered.exit_code == 0 and "kv_bytes_received" in answered.stderr
+    passages = [json.loads(runner.invoke(cli, ["remote", "context", text, "--url", live, "--passage"]).stdout)["id"]
+                for text in ("Mira lives in Oslo.", "Oslo is in Norway.")]
+    blended = runner.invoke(cli, ["remote", "chat", "Which country?", "--url", live, "--kv", passages[1], "--kv",
+                                  passages[0], "--blend", "0.5", "--max-tokens", "3"])
+    assert blended.exit_code == 0 and "'kv_tokens_recomputed': " in blended.stderr, blended.output
 
 
 def test_stored_pieces_blend_in_any_order_and_combination(http, agent):
@@ -359,6 +364,40 @@ def test_stored_pieces_blend_in_any_order_and_combination(http, agent):
     bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "kv_messages": ids,
                                                   "kv_blend": {"ratio": 2}})
     assert bad.status_code == 422
+
+
+def test_stored_passages_are_read_inside_the_last_user_turn(http, agent):
+    """Passages: prefilled behind the chat's opening and stored from position 0; a chat reads them,
+    in any order, at the start of its last user turn. Every token recomputed equals the model
+    reading the chat whose turn begins with the passages' lines."""
+    from kvcomm.protocol import empty_input, greedy_generate, pad_left
+
+    passages = ["Omar lives in Velmora.", "Velmora is in Drenland.", "Lena lives in Ostrik."]
+    made = [http.post("/v1/contexts", json={"context": p, "codec": "fp32", "passage": True}).json() for p in passages]
+    assert made[0]["context_tokens"] == len(agent.passage_parts(passages[0])[1])
+    message = KVMessage.from_bytes(http.get(f"/v1/messages/{made[0]['id']}").content)
+    assert message.meta["passage"] is True and message.token_ids.tolist() == agent.passage_parts(passages[0])[1]
+    context = http.post("/v1/contexts", json={"context": passages[0], "codec": "fp32"}).json()
+    assert context["id"] != made[0]["id"]  # the same text as a context is another message
+
+    def ask(refs, blend=None):
+        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which country?"}],
+                "max_tokens": 6, "kv_messages": refs} | ({"kv_blend": blend} if blend is not None else {})
+        return http.post("/v1/chat/completions", json=body)
+
+    every = ask([made[1]["id"], made[0]["id"]], {"ratio": 1.0})
+    assert every.status_code == 200, every.text
+    as_text = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": f"{passages[1]}\n{passages[0]}\nWhich country?"}]
+    whole, valid = pad_left([agent.chat_ids(as_text)], agent.pad_id)
+    expected = greedy_generate(agent.model, empty_input(agent.model, 1), whole, valid, 6, agent.stop_ids, agent.pad_id)
+    assert every.json()["choices"][0]["message"]["content"] == agent.decode(expected[0])
+    assert every.json()["usage"]["prompt_tokens"] + every.json()["usage"]["kv_tokens_received"] == whole.shape[1]
+    assert ask([made[2]["id"], made[0]["id"]]).status_code == 200  # joined without recompute too
+    mixed = ask([made[0]["id"], context["id"]])
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "mixed_kv_messages"
+    refused = http.post("/v1/contexts", json={"messages": [{"role": "user", "content": "x"}], "passage": True})
+    assert refused.status_code == 422
 
 
 def test_a_completion_returns_its_turn_as_a_kv_message_that_another_agent_hears(http, agent):

@@ -116,6 +116,9 @@ def remote_context(
     ratio: Ratio = None, profile: ProfileFile = None, mode: Mode = None,
     message_id: Annotated[str | None, typer.Option("--id", help="Store under this id (default: content address).")]
     = None,
+    passage: Annotated[bool, typer.Option(help="Store it as a passage: read by a chat at the start of its last user "
+                                               "turn, joined with other passages (--blend restores their attention "
+                                               "to each other).")] = False,
 ) -> None:
     """Have an agent prefill a context; prints the stored message's id, size and layers."""
     from kvcomm.selection import Profile, parse_layers
@@ -124,7 +127,7 @@ def remote_context(
     ranking = Profile.load(profile).ranking if profile else None
     with _client(url, token) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
-                                               mode=mode, message_id=message_id), indent=1))
+                                               mode=mode, message_id=message_id, passage=passage), indent=1))
 
 
 @remote.command("chat")
@@ -133,10 +136,14 @@ def remote_chat(
     kv: Annotated[list[str] | None, typer.Option(help="Stored KV message id to use (repeatable).")] = None,
     url: Url = "http://127.0.0.1:8000", token: Token = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Answer budget.")] = 64,
+    blend: Annotated[float | None, typer.Option(min=0, max=1, help="Recompute this fraction of the KV messages' "
+                                                                   "tokens where reused KV deviates most (kv_blend).")]
+    = None,
 ) -> None:
     """Ask an agent, optionally on top of KV messages; prints the answer and the usage."""
     with _client(url, token) as client:
-        reply = client.chat([{"role": "user", "content": question}], kv or [], max_tokens)
+        reply = client.chat([{"role": "user", "content": question}], kv or [], max_tokens,
+                            kv_blend=None if blend is None else {"ratio": blend})
     print(reply["choices"][0]["message"]["content"])
     console.print(f"usage: {reply['usage']}", markup=False)
 

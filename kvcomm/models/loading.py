@@ -87,6 +87,26 @@ class LoadedModel:
         vectors or other tokens can be spliced in between the pieces."""
         return self._chat_pieces([{"role": "user", "content": text}], True, markers)
 
+    def passage_parts(self, text: str) -> tuple[list[int], list[int]]:
+        """A stored passage's tokens: the chat opening it is prefilled behind (everything before a
+        user turn's text) and ``text`` read as one line at the start of that turn (``text\\n``).
+        Lines tokenise apart, so passages joined one after another read like their text joined."""
+        begin, end = "\x00kvcomm-passage\x00", "\x00kvcomm-passage-end\x00"
+        opening, own, _ = self._chat_pieces([{"role": "user", "content": f"{begin}{text}\n{end}"}], True, [begin, end])
+        return opening, own
+
+    def chat_after_passages(self, turns: list[Turn]) -> tuple[list[int], list[int]]:
+        """A chat cut where stored passages go: before the last user turn's text. Returns the
+        opening (tokens before the passages) and the rest (the turn's text and what follows)."""
+        users = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+        if not users:
+            raise ConfigError("passages are read at the start of a user turn: the chat has none")
+        here = "\x00kvcomm-passages\x00"
+        cut = [dict(turn) for turn in turns]
+        cut[users[-1]]["content"] = here + str(cut[users[-1]]["content"])
+        opening, rest = self._chat_pieces(cut, True, [here])
+        return opening, rest
+
     def _chat_pieces(self, turns: list[Turn], generation_prompt: bool, markers: list[str]) -> list[list[int]]:
         """Renders ``turns`` with the chat template (or the plain fallback), cuts the text at
         ``markers`` and tokenises each piece; the first piece starts with BOS where the fallback needs it.

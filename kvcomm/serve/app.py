@@ -217,10 +217,15 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         budget = _check_chat(body, names, config, agent.num_layers)
         received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
                                                              config, metrics)
-        ids = await anyio.to_thread.run_sync(agent.chat_ids, [m.turn() for m in body.messages])
-        total = received.tokens + len(ids) + budget
+        turns = [m.turn() for m in body.messages]
+        if received.passages:  # read inside the last user turn: the chat's opening, then them, then the rest
+            received.opening, ids = await anyio.to_thread.run_sync(agent.chat_after_passages, turns)
+        else:
+            ids = await anyio.to_thread.run_sync(agent.chat_ids, turns)
+        prompt = len(ids) + len(received.opening or [])
+        total = received.tokens + prompt + budget
         if max_len is not None and total > max_len:
-            raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {len(ids)} prompt, "
+            raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {prompt} prompt, "
                                       f"{budget} answer tokens); the model takes {max_len}",
                                  "context_length_exceeded", "messages")
         job = Job(config.timeout_s)
@@ -234,7 +239,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             return await _chat_returning(body, request, job, received, ids, budget, name, usage, began)
         work = partial(generate, agent, received, ids, budget, config, metrics, blending=body.kv_blend)
         if body.stream:
-            return StreamingResponse(stream_events(worker, job, agent, work, ids, name, usage, began, metrics),
+            return StreamingResponse(stream_events(worker, job, agent, work, prompt, name, usage, began, metrics),
                                      media_type="text/event-stream")
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
@@ -242,7 +247,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         finally:
             watcher.cancel()
         metrics.e2e.observe(time.monotonic() - began)
-        return completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage())
+        return completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
 
     async def _chat_returning(body: ChatRequest, request: Request, job: Job, received: Received, ids: list[int],
                               budget: int, name: str, usage: Any, began: float) -> Any:

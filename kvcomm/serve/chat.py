@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import ReceiverInput, concat_shared, empty_input, greedy_generate, pad_left, receiver_input
+from kvcomm.protocol import (
+    ReceiverInput,
+    SharedKV,
+    concat_shared,
+    empty_input,
+    greedy_generate,
+    pad_left,
+    prefill,
+    receiver_input,
+    splice,
+)
 from kvcomm.protocol.blend import blend
 from kvcomm.protocol.reply import generate_turn, outgoing
 from kvcomm.serve.config import ServeConfig
@@ -30,15 +40,21 @@ from kvcomm.wire import KVMessage, make_codec
 
 @dataclass
 class Received:
-    """The KV messages a request uses, decoded and checked."""
+    """The KV messages a request uses, decoded and checked. Passages (every message or none) are
+    read inside the chat's last user turn: ``opening`` holds the chat's tokens before them."""
 
     messages: list[KVMessage] = field(default_factory=list)
     bytes: int = 0
     recomputed: int = 0  # context tokens recomputed by blending
+    opening: list[int] | None = None
 
     @property
     def tokens(self) -> int:
         return sum(m.context_len for m in self.messages)
+
+    @property
+    def passages(self) -> bool:
+        return bool(self.messages) and self.messages[0].meta.get("passage") is True
 
 
 def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStore, config: ServeConfig,
@@ -58,6 +74,9 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
         budget -= sum(2 * 4 * layer.keys.numel() for layer in message.layers)
         received.messages.append(message)
         received.bytes += len(data)
+    if len({m.meta.get("passage") is True for m in received.messages}) > 1:
+        raise ServiceRefusal(400, "kv_messages mixes passages (read inside the last user turn) with contexts (read "
+                                  "before the chat): send one kind", "mixed_kv_messages", "kv_messages")
     metrics.kv_received.inc(received.bytes)
     return received
 
@@ -78,11 +97,17 @@ def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: S
 
 
 def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | None) -> ReceiverInput:
-    """The receiver's starting cache: the messages joined, blended if asked (model thread)."""
+    """The receiver's starting cache: the messages joined (passages after the chat's opening,
+    prefilled here), blended if asked (model thread)."""
     model = agent.model
     if not received.messages:
         return empty_input(model, 1)
-    joined = concat_shared(model, [m.to_shared(agent.dtype) for m in received.messages])
+    parts = [m.to_shared(agent.dtype) for m in received.messages]
+    if received.opening is not None:
+        opening = prefill(model, *pad_left([received.opening], agent.pad_id))
+        joined = splice(model, [SharedKV.whole(opening), *parts])
+    else:
+        joined = concat_shared(model, parts)
     if blending is None:
         return receiver_input(joined)
     if joined.token_ids is None:

@@ -99,7 +99,8 @@ class Client:
     def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
                        layers: Sequence[int] | None = None, ratio: float | None = None,
                        ranking: Sequence[int] | None = None, codec: str | None = None, mode: str | None = None,
-                       message_id: str | None = None, bandwidth_mbit: float | None = None) -> dict[str, Any]:
+                       message_id: str | None = None, bandwidth_mbit: float | None = None,
+                       passage: bool = False) -> dict[str, Any]:
         """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
 
         Args:
@@ -109,6 +110,9 @@ class Client:
             bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the
                 link this client measured fetching messages from the agent (:attr:`measured_mbit`),
                 declared as measured, else the agent's default.
+            passage: store ``context`` as a passage, read by a chat at the start of its last user
+                turn and joined with other passages in any order (``kv_blend`` restores their
+                attention to each other); passages and contexts do not mix in one chat.
         """
         measured = codec == "auto" and bandwidth_mbit is None and self.measured_mbit is not None
         if measured:
@@ -116,7 +120,7 @@ class Client:
         body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
                 "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
                 "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
-                "bandwidth_measured": measured or None}
+                "bandwidth_measured": measured or None, "passage": passage or None}
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
@@ -124,16 +128,20 @@ class Client:
                                headers={"Content-Type": "application/octet-stream"}).json())
 
     def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
-             max_tokens: int = 64, kv_return: dict[str, Any] | None = None) -> dict[str, Any]:
+             max_tokens: int = 64, kv_return: dict[str, Any] | None = None,
+             kv_blend: dict[str, Any] | None = None) -> dict[str, Any]:
         """An OpenAI-style chat completion using stored message ids or raw message bytes.
 
         ``kv_return`` (e.g. ``{"content": "reply", "codec": "fp16"}``, or ``{}`` for the defaults)
         also stores the reply as a KV message; its id is in the response's ``kv_message``, for
-        another agent's ``kv_messages``."""
+        another agent's ``kv_messages``. ``kv_blend`` (e.g. ``{"ratio": 0.15}``) recomputes that
+        fraction of the joined messages' tokens where reused KV deviates most (CacheBlend)."""
         refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
         body: dict[str, Any] = {"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}
         if kv_return is not None:
             body["kv_return"] = kv_return
+        if kv_blend is not None:
+            body["kv_blend"] = kv_blend
         return dict(self._call("POST", "/v1/chat/completions", json=body).json())
 
 

@@ -52,6 +52,7 @@ class Plan:
     message_id: str
     content_addressed: bool
     bandwidth: tuple[float, str] | None = None  # codec auto: Mbit/s, and declared / measured / default
+    passage: int | None = None  # a passage: how many of ``ids`` are its own (the rest is the opening)
 
 
 def check_ranking(ranking: list[int], num_layers: int) -> list[int]:
@@ -73,7 +74,11 @@ class ContextMaker:
         self._calibrating = threading.Lock()
 
     def tokens(self, body: ContextRequest) -> list[int]:
-        """The sender prompt's token ids (thread: tokenising a long context takes time)."""
+        """The sender prompt's token ids (thread: tokenising a long context takes time); for a
+        passage, the chat opening it is prefilled behind and then its own tokens."""
+        if body.passage and body.context is not None:
+            opening, own = self.agent.passage_parts(body.context)
+            return opening + own
         if body.context is not None:
             item = Item("0", body.context, "", ())
             return self.agent.encode_message(Task("context", [item], 1).sender_message(item))
@@ -114,14 +119,18 @@ class ContextMaker:
             layers = sorted(set(body.layers))
         elif (ratio := body.ratio or self.config.ratio) is not None:
             layers = top_layers(self.ranking(body), ratio)
+        passage = len(ids) - len(self.agent.passage_parts("")[0]) if body.passage else None
         if body.id is not None:
-            return Plan(ids, layers, codec, mode, check_id(body.id), False, bandwidth)
-        return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode), True, bandwidth)
+            return Plan(ids, layers, codec, mode, check_id(body.id), False, bandwidth, passage)
+        return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode, passage), True, bandwidth,
+                    passage)
 
-    def content_id(self, ids: list[int], layers: list[int] | None, codec: Codec, mode: MaskMode) -> str:
+    def content_id(self, ids: list[int], layers: list[int] | None, codec: Codec, mode: MaskMode,
+                   passage: int | None = None) -> str:
         full = effective_layers(range(self.agent.num_layers) if layers is None else layers, mode)
         key = json.dumps({"fingerprint": self.agent.fingerprint, "ids": ids, "layers": full, "mode": mode,
-                          "codec": [codec.name, codec.params()]}, sort_keys=True)
+                          "codec": [codec.name, codec.params()]} | ({"passage": passage} if passage else {}),
+                         sort_keys=True)
         return "kv-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
     def existing(self, plan: Plan, store: MessageStore) -> bytes | None:
@@ -131,7 +140,7 @@ class ContextMaker:
     def check_size(self, plan: Plan) -> None:
         """Refuses, before any prefill, a context whose message will be over the size limit for sure
         (exact for the uncompressed codecs; compressing codecs are checked after encoding)."""
-        size = raw_payload_bytes(self.agent, plan.codec, plan.layers, len(plan.ids), plan.mode)
+        size = raw_payload_bytes(self.agent, plan.codec, plan.layers, plan.passage or len(plan.ids), plan.mode)
         if size is not None and size > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
@@ -139,7 +148,7 @@ class ContextMaker:
     def encode(self, plan: Plan) -> tuple[bytes, KVMessage]:
         """Prefills and encodes (model thread); refuses a message over the service's size limit."""
         self.check_size(plan)
-        message = encode_ids(self.agent, plan.ids, plan.layers, plan.codec, plan.mode)
+        message = encode_ids(self.agent, plan.ids, plan.layers, plan.codec, plan.mode, plan.passage)
         data = message.to_bytes()
         if len(data) > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message is {len(data):,} bytes; the service stores at most "

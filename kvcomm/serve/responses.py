@@ -34,7 +34,7 @@ def completion(model: str, text: str, finish: str, prompt_tokens: int, completio
 
 
 async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work: Callable[..., tuple[list[int], str]],
-                        ids: list[int], model: str, extra: Callable[[], dict[str, int]], began: float,
+                        prompt_tokens: int, model: str, extra: Callable[[], dict[str, int]], began: float,
                         metrics: ServiceMetrics) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, the text growing token by token.
 
@@ -74,7 +74,7 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
             status, detail = getattr(err, "status_code", 500), str(getattr(err, "detail", err))
             yield f"data: {json.dumps(error_json(status, detail, getattr(err, 'code', None)))}\n\n"
             return
-        yield chunk({}, finish, _usage(len(ids), len(tokens), extra()))
+        yield chunk({}, finish, _usage(prompt_tokens, len(tokens), extra()))
         yield "data: [DONE]\n\n"
         metrics.e2e.observe(time.monotonic() - began)
     finally:

@@ -162,6 +162,10 @@ class ContextRequest(BaseModel):
         "the bandwidth was measured on this link (kvcomm.Client times the messages it fetches), not assumed"))
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
+    passage: bool = Field(False, description=(
+        "store 'context' as a passage: read by a chat at the start of its last user turn, joined with other "
+        "passages in any order (kv_blend restores their attention to each other); prefilled behind the chat's "
+        "opening, which is dropped, and read as one line"))
 
     @field_validator("context")
     @classmethod
@@ -176,6 +180,8 @@ class ContextRequest(BaseModel):
             raise ValueError("give 'layers', or a 'ratio' (with an optional 'profile'), not both")
         if self.bandwidth_measured and self.bandwidth_mbit is None:
             raise ValueError("'bandwidth_measured' describes a 'bandwidth_mbit': give one")
+        if self.passage and self.context is None:
+            raise ValueError("a passage is a 'context' text, not 'messages'")
         return self
 
 
