@@ -203,6 +203,15 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     assert bad.exit_code != 0 and "--via: 'smoke' is not one of kv, kv-turn, text, text-turn" in bad.output
     lonely = CliRunner().invoke(app, ["graph", "-m", "no-such-model", "--agents", "1", "--out", str(out)])
     assert lonely.exit_code == 2 and "a chain needs at least 2 turns" in lonely.output  # before any model loads
+    reused = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "facts", "--topology", "star", "--agents",
+                                      "2", "--limit", "2", "--via", "text", "--reuse", "off,on", "--no-single", "-q",
+                                      "--overwrite", "--out", str(out)], env={"COLUMNS": "200"})
+    assert reused.exit_code == 0, reused.output
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["star×2 text", "star×2 text +reuse"]
+    assert runs[0]["steps"][0]["reused_tokens"] == 0 < runs[1]["steps"][0]["reused_tokens"]
+    wrong = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "maybe", "--out", str(out)])
+    assert wrong.exit_code != 0 and "--reuse takes off and on" in wrong.output
 
 
 def test_splice_joins_pieces_that_share_different_layers():
@@ -233,3 +242,43 @@ def test_every_topology_runs_on_a_task_split_among_agents(topology, rounds):
         assert len(run.steps) == 2 * rounds + decision and run.n == 3 and run.rounds == rounds
         assert (run.steps[-1].agent == "decision") == decision and run.steps[-1].bytes_out == 0
         assert all(s.bytes_in > 0 for s in run.steps if s.hears) and run.bytes_per_item > 0
+
+
+# -- reuse across agents: the shared question computed once ---------------------------------------
+
+def test_reusing_the_shared_question_has_its_exact_end_and_counts_what_it_reused(family):
+    """With every context token recomputed (blend 1), a graph that reuses each item's question KV
+    answers exactly as one that computes it in every agent's own context; reuse off is the plain
+    graph. Reused tokens are the heard turns' and the shared question's."""
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))
+    task = load_task("facts", items=1, max_new_tokens=4)
+    runs = {}
+    for reuse in (False, True):
+        for blend in (1.0, None):
+            edge = EdgeOptions(codec=None, blend=blend)
+            runs[reuse, blend] = Graph.build(model, "star", 2, edge=edge, reuse=reuse).run(task, items(3, 2),
+                                                                                           progress=False)
+    assert [r.replies for r in runs[True, 1.0].items] == [r.replies for r in runs[False, 1.0].items]
+    assert runs[True, None].label.endswith("+reuse") and runs[True, None].reuse
+    plain, reused = runs[False, None].steps, runs[True, None].steps
+    for before, after in zip(plain, reused):
+        assert after.prompt_tokens == before.prompt_tokens  # the same context, some of it reused
+    first, second, decision = reused
+    assert plain[0].reused_tokens == 0 and 0 < first.reuse_rate < 1 and first.reused_tokens == second.reused_tokens
+    assert decision.reused_tokens > plain[2].reused_tokens > 0  # heard replies, plus the question
+
+
+def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
+    import kvcomm.graphs.graph as graph_module
+
+    model = tiny_loaded()
+    task = load_task("facts", items=1, max_new_tokens=3)
+    calls = []
+    real = graph_module.prefill_shared
+    monkeypatch.setattr(graph_module, "prefill_shared", lambda m, rows, pad: calls.append(len(rows)) or real(m, rows,
+                                                                                                           pad))
+    Graph.build(model, "star", 3, edge=EdgeOptions(via="text"), reuse=True).run(task, items(2), batch_size=2,
+                                                                                progress=False)
+    assert calls == [2]  # one prefill of both items' questions; every other agent found them
+    with pytest.raises(ConfigError, match="not place prefix"):
+        Graph.build(model, "chain", 2, edge=EdgeOptions(place="prefix"), reuse=True)

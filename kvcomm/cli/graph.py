@@ -79,6 +79,9 @@ def graph_command(
     = "inline",
     mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy or "
                                            "shift-back (inline KV is causal).")] = "causal",
+    reuse: Annotated[str, typer.Option(help="Comma-separated: off, on. On: the question every agent is asked is "
+                                       "prefilled once per item and reused by each agent with re-rotated positions "
+                                       "(KVCOMM's shared input).")] = "off",
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
     limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
@@ -105,6 +108,9 @@ def graph_command(
         edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
     except ConfigError as err:
         raise ConfigError(f"--via: {err}") from None
+    settings = _list(reuse, "reuse")
+    if bad := [r for r in settings if r not in ("off", "on")]:
+        raise ConfigError(f"--reuse takes off and on, got {', '.join(bad)}")
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
     cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
@@ -118,7 +124,8 @@ def graph_command(
             cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype))
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
-                         batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster)
+                         batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,
+                         reuse=[r == "on" for r in dict.fromkeys(settings)])
     report.save(out)
     plot = plot_graph(report, out.with_suffix(".png"))
     print_graph(report)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.config import Options
-from kvcomm.errors import ConfigError, DataError
+from kvcomm.errors import ConfigError, DataError, ProtocolError
 from kvcomm.eval.results import Score, summarize
 from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
 from kvcomm.models.loading import LoadedModel
@@ -42,11 +42,12 @@ from kvcomm.protocol import (
     generate_turn,
     pad_left,
     prefill,
+    prefill_shared,
     receiver_input,
     splice,
 )
 from kvcomm.protocol.blend import blend
-from kvcomm.protocol.reply import outgoing
+from kvcomm.protocol.reply import outgoing, rebase
 from kvcomm.selection.rules import check_layer_choice, format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import contains, score_all
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 clock: Callable[[], float] = time.perf_counter
 RESULTS_VERSION = 1
+QUESTION = "\x00kvcomm-question\x00"  # where an agent's message is cut before its question (reuse)
 
 
 class EdgeOptions(Options):
@@ -140,6 +142,13 @@ class AgentRow(BaseModel):
     seconds: float  # all batches: the whole step (decoding and encoding its turn included)
     tokens: float  # per item: reply tokens generated
     hop_accuracy: float | None = None  # share of items whose reply names this agent's gold hop
+    prompt_tokens: float = 0.0  # per item: the agent's context, heard KV included
+    reused_tokens: float = 0.0  # per item: of those, tokens whose KV it took from elsewhere (heard, shared)
+
+    @property
+    def reuse_rate(self) -> float:
+        """The share of the agent's context whose KV it did not compute in its own context."""
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class GraphItem(BaseModel):
@@ -158,6 +167,7 @@ class GraphRun(BaseModel):
     agents: int
     rounds: int
     edge: dict[str, Any]
+    reuse: bool = False
     layers: list[int] | None
     n: int
     scores: dict[str, Score]
@@ -209,10 +219,16 @@ class Graph:
         edge: how turns travel (default: KV at every layer, fp16 on the wire).
         reply_tokens: the budget of every turn but the last (default: the task's answer budget).
         topology: a name for reports.
+        reuse: reuse across agents (KVCOMM's shared input): the question closing each agent's
+            prompt, the same text behind different prefixes, is prefilled once per item (behind
+            the chat's opening, then moved to position 0) and placed after each agent's own text
+            with re-rotated positions; each agent prefills only its last token. With the edges'
+            ``blend`` the reused question is blended with the rest of each agent's context. Not
+            with KV placed as a prefix (the question then continues the heard conversation).
     """
 
     def __init__(self, model: LoadedModel, steps: Sequence[Step], agents: int, edge: EdgeOptions | None = None,
-                 reply_tokens: int | None = None, topology: str = "custom") -> None:
+                 reply_tokens: int | None = None, topology: str = "custom", reuse: bool = False) -> None:
         if not steps:
             raise ConfigError("a graph needs at least one step")
         seen: set[Turn] = set()
@@ -224,7 +240,10 @@ class Graph:
             seen.add(step.turn)
         self.model, self.steps, self.agents = model, list(steps), agents
         self.edge = edge or EdgeOptions()
-        self.reply_tokens, self.topology = reply_tokens, topology
+        self.reply_tokens, self.topology, self.reuse = reply_tokens, topology, reuse
+        if reuse and self.edge.via == "kv" and self.edge.place == "prefix":
+            raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
+                              "kv edges placed inline, not place prefix")
         self.layers = self.edge.chosen_layers(model.num_layers)
         self._codec = None
         if self.edge.via == "kv" and self.edge.codec is not None:
@@ -235,9 +254,9 @@ class Graph:
 
     @classmethod
     def build(cls, model: LoadedModel, topology: str, agents: int, rounds: int = 1, edge: EdgeOptions | None = None,
-              reply_tokens: int | None = None) -> Graph:
+              reply_tokens: int | None = None, reuse: bool = False) -> Graph:
         """A graph of a named topology (``chain``, ``star``, ``full``, ``debate``)."""
-        return cls(model, unroll(topology, agents, rounds), agents, edge, reply_tokens, topology)
+        return cls(model, unroll(topology, agents, rounds), agents, edge, reply_tokens, topology, reuse)
 
     @classmethod
     def single(cls, model: LoadedModel) -> Graph:
@@ -249,11 +268,14 @@ class Graph:
         if self.topology == "single":
             return "single agent"
         rounds = 1 + max(s.turn.round for s in self.steps)
-        return f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}"
+        return (f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}"
+                + (" +reuse" if self.reuse else ""))
 
-    def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]]) -> str:
+    def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]],
+                mark_question: bool = False) -> str:
         """The user message of ``step`` for ``item``: the instruction, the agent's piece, the
-        replies it hears as text (text edges), and what it is asked."""
+        replies it hears as text (text edges), and what it is asked (after ``QUESTION`` with
+        ``mark_question``, to cut the message there: the space before the question goes with it)."""
         parts = [f"Instruction: {task.instruction}"]
         if step.agent != DECISION:
             piece = item.context if self.agents == 1 else item.parts(self.agents)[step.agent]
@@ -262,8 +284,7 @@ class Graph:
         ask = item.question
         if step.agent != DECISION and self.agents > 1 and len(item.asks) == self.agents:
             ask = item.asks[step.agent]
-        parts.append(f"Question: {ask}")
-        return " ".join(parts)
+        return " ".join(parts) + (QUESTION if mark_question else "") + f" Question: {ask}"
 
     def prompt_ids(self, step: Step, message: str) -> list[int]:
         """The tokens ``step`` prefills when what it hears is not placed inside its prompt: its
@@ -293,7 +314,7 @@ class Graph:
         batches = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
         remote = None
         if cluster is not None:
-            job = _GraphJob(self.steps, self.agents, self.edge, self.reply_tokens, self.topology)
+            job = _GraphJob(self.steps, self.agents, self.edge, self.reply_tokens, self.topology, self.reuse)
             remote = cluster.submit(task, job, [(index, batch, None) for index, batch in enumerate(batches)],
                                     bar.update)
         for index, batch in enumerate(batches):
@@ -314,6 +335,7 @@ class Graph:
         steps = [t.row(step, n, self._hop_golds(items, step)) for t, step in zip(tally, self.steps)]
         return GraphRun(label=self.label, topology=self.topology, agents=self.agents,
                         rounds=1 + max(s.turn.round for s in self.steps), edge=self.edge.model_dump(mode="json"),
+                        reuse=self.reuse,
                         layers=self.layers, n=n, scores=summarize([r.scores for r in rows]), seconds=seconds,
                         seconds_per_item=seconds / n, bytes_per_item=sum(s.bytes_out * len(self._listeners(st))
                                                                          for s, st in zip(steps, self.steps)),
@@ -330,18 +352,19 @@ class Graph:
     def _run_batch(self, task: Task, batch: list[Item], tally: list[_StepTally], bar: Any) -> list[list[str]]:
         model = self.model
         sent: dict[Turn, _Sent] = {}
+        shared: dict[tuple[str, tuple[int, ...]], SharedKV] = {}  # reuse: each item's question, computed once
         replies: list[list[str]] = []
         for index, step in enumerate(self.steps):
             began = clock()
             heard = [sent[t] for t in step.hears]
-            start, input_ids, valid, messages = self._prompt(task, batch, step, heard)
+            start = self._prompt(task, batch, step, heard, shared)
             assembled = clock() - began
             last = index == len(self.steps) - 1
             budget = task.max_new_tokens if last or self.reply_tokens is None else self.reply_tokens
-            turn = generate_turn(model.model, start, input_ids, valid, budget, model.stop_ids, model.pad_id)
+            turn = generate_turn(model.model, start.cache, start.ids, start.valid, budget, model.stop_ids, model.pad_id)
             texts_out = [model.decode(r) for r in turn.replies]
             carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
-                f"{m} Answer: {r}" for m, r in zip(messages, texts_out)]
+                f"{m} Answer: {r}" for m, r in zip(start.messages, texts_out)]
             out = _Sent(carried, None, [0] * len(batch))
             if step.turn in self._heard:
                 if self.edge.via == "kv":
@@ -351,42 +374,81 @@ class Graph:
             sent[step.turn] = out
             replies.append(texts_out)
             tally[index].add(assembled + turn.first_token_s, clock() - began, [len(r) for r in turn.replies],
-                             sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out)
+                             sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out, start.context, start.reused)
             bar.update(len(batch))
         return replies
 
-    def _prompt(self, task: Task, batch: list[Item], step: Step,
-                heard: list[_Sent]) -> tuple[ReceiverInput, torch.Tensor, torch.Tensor, list[str]]:
-        """Where ``step`` starts for each row: the cache of what it heard (as KV) and the tokens it
-        prefills, and its messages."""
+    def _prompt(self, task: Task, batch: list[Item], step: Step, heard: list[_Sent],
+                shared: dict[tuple[str, tuple[int, ...]], SharedKV]) -> _Start:
+        """Where ``step`` starts for each row: the cache of what it heard (as KV) and of the shared
+        question (reuse), the tokens it prefills, its messages, and how many context tokens it
+        has and took from elsewhere."""
         model, rows = self.model, range(len(batch))
         names = [agent_name(t.agent) for t in step.hears]
         if self.edge.via == "text" or not heard:
-            messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)])
+            messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)], self.reuse)
                         for r, item in enumerate(batch)]
-            ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
-            return empty_input(model.model, len(batch)), ids, valid, messages
+            if not self.reuse:
+                ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
+                return _Start(empty_input(model.model, len(batch)), ids, valid, messages, int(valid.sum()), 0)
+            segments = [model.encode_message_parts(m, [QUESTION]) for m in messages]
+            mine = SharedKV.whole(prefill(model.model, *pad_left([s[0] for s in segments], model.pad_id)))
+            pieces = [[mine.row(r)] for r in rows]
+            return self._reusing(batch, segments, pieces, self.edge.blend, messages, shared)
         if self.edge.place == "prefix":
             joined = [concat_shared(model.model, [h.shared[r] for h in heard]) for r in rows]  # type: ignore[index]
             messages = [self.message(task, item, step, []) for item in batch]
             ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
-            return receiver_input(SharedKV.stack(joined)), ids, valid, messages
+            context = SharedKV.stack(joined)
+            received = int(context.context_len.sum())
+            return _Start(receiver_input(context), ids, valid, messages, received + int(valid.sum()), received)
         # inline: each heard turn's KV sits where text would, after "Message from …:"
         markers = [f"\x00kvcomm-heard-{i}\x00" for i in range(len(heard))]
-        messages = [self.message(task, item, step, list(zip(names, markers))) for item in batch]
-        segments = [model.encode_message_parts(m, markers) for m in messages]
+        messages = [self.message(task, item, step, list(zip(names, markers)), self.reuse) for item in batch]
+        segments = [model.encode_message_parts(m, markers + ([QUESTION] if self.reuse else [])) for m in messages]
         own = []  # the hearer's own text before each heard turn, prefilled segment by segment
         for i in range(len(heard)):
             kv = prefill(model.model, *pad_left([s[i] for s in segments], model.pad_id))
             whole = SharedKV.whole(kv)
             own.append([whole.row(r) for r in rows])
-        joined = [splice(model.model, [piece for i, h in enumerate(heard)
-                                       for piece in (own[i][r], h.shared[r])]) for r in rows]  # type: ignore[index]
-        context = SharedKV.stack(joined)
+        pieces = [[piece for i, h in enumerate(heard) for piece in (own[i][r], h.shared[r])]  # type: ignore[index]
+                  for r in rows]
+        if self.reuse:
+            if any(s[len(heard)] for s in segments):
+                raise ProtocolError("reuse expects the question right after the last heard turn")
+            return self._reusing(batch, [[s[0], s[-1]] for s in segments], pieces, self.edge.blend, messages, shared)
+        context = SharedKV.stack([splice(model.model, row) for row in pieces])
         if self.edge.blend is not None:
             context, _ = blend(model.model, context, self.edge.blend)
         ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
-        return receiver_input(context), ids, valid, messages
+        received = sum(int(p.context_len[0]) for row in pieces for p in row[1::2])  # the heard turns
+        return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
+                      received)
+
+    def _reusing(self, batch: list[Item], segments: list[list[list[int]]], pieces: list[list[SharedKV]],
+                 blending: float | None, messages: list[str],
+                 shared: dict[tuple[str, tuple[int, ...]], SharedKV]) -> _Start:
+        """Each row's pieces followed by its item's question, computed once for every agent that
+        asks it (``segments[r][-1]``: the question and the chat's closing); the agent prefills its
+        last token."""
+        model, rows = self.model, range(len(batch))
+        tails = [s[-1] for s in segments]
+        if any(len(t) < 2 for t in tails):
+            raise ProtocolError("reuse needs a question of at least two tokens")
+        keys = [(item.id, tuple(tail)) for item, tail in zip(batch, tails)]
+        missing = list(dict.fromkeys(k for k in keys if k not in shared))
+        if missing:  # behind the chat's opening (not its own position 0: no second sink), then moved to 0
+            opening = model.turn_opening()
+            kv = prefill_shared(model.model, [opening + list(k[1][:-1]) for k in missing], model.pad_id)
+            made = SharedKV.whole(rebase(model.model, kv.last([len(k[1]) - 1 for k in missing])))
+            shared.update({key: made.row(i) for i, key in enumerate(missing)})
+        context = SharedKV.stack([splice(model.model, [*pieces[r], shared[keys[r]]]) for r in rows])
+        if blending is not None:
+            context, _ = blend(model.model, context, blending)
+        ids, valid = pad_left([t[-1:] for t in tails], model.pad_id)
+        own = sum(int(p.context_len[0]) for r in rows for p in pieces[r][::2])  # the agent's own segments
+        return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + len(batch),
+                      int(context.context_len.sum()) - own)
 
     def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
         """Each row's turn as it arrives: its reply or whole turn, re-based to 0, cut to the edge's
@@ -407,6 +469,18 @@ class Graph:
 
 
 @dataclass
+class _Start:
+    """Where a step starts: the cache, the tokens to prefill, the messages, and context counts."""
+
+    cache: ReceiverInput
+    ids: torch.Tensor
+    valid: torch.Tensor
+    messages: list[str]
+    context: int  # tokens in the agents' contexts (all rows), heard KV and the prefilled prompt included
+    reused: int  # of those, tokens whose KV came from elsewhere (heard turns, a shared question)
+
+
+@dataclass
 class _StepTally:
     ttft: float = 0.0
     seconds: float = 0.0
@@ -415,9 +489,11 @@ class _StepTally:
     bytes_in: int = 0
     bytes_out: int = 0
     replies: list[str] | None = None
+    context: int = 0
+    reused: int = 0
 
     def add(self, ttft: float, seconds: float, tokens: list[int], bytes_in: int, bytes_out: int,
-            replies: list[str]) -> None:
+            replies: list[str], context: int = 0, reused: int = 0) -> None:
         self.ttft += ttft
         self.seconds += seconds
         self.batches += 1
@@ -425,6 +501,8 @@ class _StepTally:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
         self.replies = (self.replies or []) + replies
+        self.context += context
+        self.reused += reused
 
     def merge(self, other: _StepTally) -> None:
         """Adds the batches ``other`` counted (a worker's), after this one's."""
@@ -435,6 +513,8 @@ class _StepTally:
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
         self.replies = (self.replies or []) + (other.replies or [])
+        self.context += other.context
+        self.reused += other.reused
 
     def row(self, step: Step, n: int, golds: list[str] | None) -> AgentRow:
         hop = None
@@ -443,7 +523,8 @@ class _StepTally:
         return AgentRow(agent=agent_name(step.agent), round=step.turn.round + 1,
                         hears=[turn_name(t) for t in step.hears],
                         bytes_in=self.bytes_in / n, bytes_out=self.bytes_out / n, ttft_s=self.ttft / self.batches,
-                        seconds=self.seconds, tokens=self.tokens / n, hop_accuracy=hop)
+                        seconds=self.seconds, tokens=self.tokens / n, hop_accuracy=hop, prompt_tokens=self.context / n,
+                        reused_tokens=self.reused / n)
 
 
 @dataclass
@@ -456,10 +537,11 @@ class _GraphJob:
     edge: EdgeOptions
     reply_tokens: int | None
     topology: str
+    reuse: bool = False
 
     def run_batch(self, agents: Agents, task: Task, items: list[Item],
                   extra: None) -> tuple[list[list[str]], list[_StepTally]]:
-        graph = Graph(agents.sender, self.steps, self.agents, self.edge, self.reply_tokens, self.topology)
+        graph = Graph(agents.sender, self.steps, self.agents, self.edge, self.reply_tokens, self.topology, self.reuse)
         tally = [_StepTally() for _ in self.steps]
         replies = graph._run_batch(task, items, tally, tqdm(disable=True))
         return replies, tally

@@ -40,7 +40,7 @@ def agents_table(report: GraphReport) -> Table:
     table = Table(title=Text("per agent (bytes per item; TTFT per batch of "
                              f"{report.config['batch_size']})"))
     for column in ("configuration", "agent", "round", "hears", "bytes in", "bytes out", "TTFT s", "step s",
-                   "tokens"):
+                   "tokens", "reuse"):
         table.add_column(Text(column), justify="left" if column in ("configuration", "agent", "hears") else "right",
                          overflow="fold")
     for run in report.runs:
@@ -48,7 +48,7 @@ def agents_table(report: GraphReport) -> Table:
             table.add_row(Text(run.label), row.agent, str(row.round), ", ".join(row.hears) or "-",
                           byte_label(row.bytes_in) if row.bytes_in else "0",
                           byte_label(row.bytes_out) if row.bytes_out else "0", f"{row.ttft_s:.3f}",
-                          f"{row.seconds:.1f}", f"{row.tokens:.1f}")
+                          f"{row.seconds:.1f}", f"{row.tokens:.1f}", f"{row.reuse_rate:.0%}")
     return table
 
 

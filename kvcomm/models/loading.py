@@ -95,6 +95,10 @@ class LoadedModel:
         opening, own, _ = self._chat_pieces([{"role": "user", "content": f"{begin}{text}\n{end}"}], True, [begin, end])
         return opening, own
 
+    def turn_opening(self) -> list[int]:
+        """The tokens a chat begins with before its first user turn's text (template, system prompt)."""
+        return self.passage_parts("")[0]
+
     def chat_after_passages(self, turns: list[Turn]) -> tuple[list[int], list[int]]:
         """A chat cut where stored passages go: before the last user turn's text. Returns the
         opening (tokens before the passages) and the rest (the turn's text and what follows)."""
