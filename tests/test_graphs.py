@@ -280,5 +280,10 @@ def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
     Graph.build(model, "star", 3, edge=EdgeOptions(via="text"), reuse=True).run(task, items(2), batch_size=2,
                                                                                 progress=False)
     assert calls == [2]  # one prefill of both items' questions; every other agent found them
+    relay = load_task("relay", items=2, hops=3, max_new_tokens=3)  # each agent asked its own hop: nothing shared
+    off, on = (Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=r).run(relay, relay.items,
+                                                                                        progress=False) for r in (0, 1))
+    assert [r.replies for r in on.items] == [r.replies for r in off.items]
+    assert all(step.reused_tokens == 0 for step in on.steps)
     with pytest.raises(ConfigError, match="not place prefix"):
         Graph.build(model, "chain", 2, edge=EdgeOptions(place="prefix"), reuse=True)

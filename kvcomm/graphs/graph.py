@@ -220,7 +220,8 @@ class Graph:
         reply_tokens: the budget of every turn but the last (default: the task's answer budget).
         topology: a name for reports.
         reuse: reuse across agents (KVCOMM's shared input): the question closing each agent's
-            prompt, the same text behind different prefixes, is prefilled once per item (behind
+            prompt, where several agents are asked the same (the same text behind different
+            prefixes), is prefilled once per item (behind
             the chat's opening, then moved to position 0) and placed after each agent's own text
             with re-rotated positions; each agent prefills only its last token. With the edges'
             ``blend`` the reused question is blended with the rest of each agent's context. Not
@@ -281,10 +282,20 @@ class Graph:
             piece = item.context if self.agents == 1 else item.parts(self.agents)[step.agent]
             parts.append(f"Context: {piece}")
         parts += [f"Message from {name}: {reply}" for name, reply in heard]
-        ask = item.question
+        return " ".join(parts) + (QUESTION if mark_question else "") + f" Question: {self.ask(item, step)}"
+
+    def ask(self, item: Item, step: Step) -> str:
+        """What ``step``'s agent is asked: its own hop's question where the item has one per
+        agent (a relay), else the item's question."""
         if step.agent != DECISION and self.agents > 1 and len(item.asks) == self.agents:
-            ask = item.asks[step.agent]
-        return " ".join(parts) + (QUESTION if mark_question else "") + f" Question: {ask}"
+            return item.asks[step.agent]
+        return item.question
+
+    def _reuses(self, batch: list[Item], step: Step) -> bool:
+        """Whether ``step`` reuses its question: reuse is on and, for every item, another step of
+        the graph is asked the same (a question only one agent asks is computed in its context)."""
+        return self.reuse and all(sum(self.ask(item, s) == self.ask(item, step) for s in self.steps) > 1
+                                  for item in batch)
 
     def prompt_ids(self, step: Step, message: str) -> list[int]:
         """The tokens ``step`` prefills when what it hears is not placed inside its prompt: its
@@ -385,10 +396,11 @@ class Graph:
         has and took from elsewhere."""
         model, rows = self.model, range(len(batch))
         names = [agent_name(t.agent) for t in step.hears]
+        reuse = self._reuses(batch, step)
         if self.edge.via == "text" or not heard:
-            messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)], self.reuse)
+            messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)], reuse)
                         for r, item in enumerate(batch)]
-            if not self.reuse:
+            if not reuse:
                 ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
                 return _Start(empty_input(model.model, len(batch)), ids, valid, messages, int(valid.sum()), 0)
             segments = [model.encode_message_parts(m, [QUESTION]) for m in messages]
@@ -404,8 +416,8 @@ class Graph:
             return _Start(receiver_input(context), ids, valid, messages, received + int(valid.sum()), received)
         # inline: each heard turn's KV sits where text would, after "Message from …:"
         markers = [f"\x00kvcomm-heard-{i}\x00" for i in range(len(heard))]
-        messages = [self.message(task, item, step, list(zip(names, markers)), self.reuse) for item in batch]
-        segments = [model.encode_message_parts(m, markers + ([QUESTION] if self.reuse else [])) for m in messages]
+        messages = [self.message(task, item, step, list(zip(names, markers)), reuse) for item in batch]
+        segments = [model.encode_message_parts(m, markers + ([QUESTION] if reuse else [])) for m in messages]
         own = []  # the hearer's own text before each heard turn, prefilled segment by segment
         for i in range(len(heard)):
             kv = prefill(model.model, *pad_left([s[i] for s in segments], model.pad_id))
@@ -413,7 +425,7 @@ class Graph:
             own.append([whole.row(r) for r in rows])
         pieces = [[piece for i, h in enumerate(heard) for piece in (own[i][r], h.shared[r])]  # type: ignore[index]
                   for r in rows]
-        if self.reuse:
+        if reuse:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
             return self._reusing(batch, [[s[0], s[-1]] for s in segments], pieces, self.edge.blend, messages, shared)
