@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 clock: Callable[[], float] = time.perf_counter
 RESULTS_VERSION = 1
 QUESTION = "\x00kvcomm-question\x00"  # where an agent's message is cut before its question (reuse)
+ASKED = "\x00kvcomm-asked\x00"  # and after it, before the chat's closing
 
 
 class EdgeOptions(Options):
@@ -275,14 +276,15 @@ class Graph:
     def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]],
                 mark_question: bool = False) -> str:
         """The user message of ``step`` for ``item``: the instruction, the agent's piece, the
-        replies it hears as text (text edges), and what it is asked (after ``QUESTION`` with
-        ``mark_question``, to cut the message there: the space before the question goes with it)."""
+        replies it hears as text (text edges), and what it is asked (between ``QUESTION`` and
+        ``ASKED`` with ``mark_question``, to cut the message there: the space before it goes with it)."""
         parts = [f"Instruction: {task.instruction}"]
         if step.agent != DECISION:
             piece = item.context if self.agents == 1 else item.parts(self.agents)[step.agent]
             parts.append(f"Context: {piece}")
         parts += [f"Message from {name}: {reply}" for name, reply in heard]
-        return " ".join(parts) + (QUESTION if mark_question else "") + f" Question: {self.ask(item, step)}"
+        question = f" Question: {self.ask(item, step)}"
+        return " ".join(parts) + (f"{QUESTION}{question}{ASKED}" if mark_question else question)
 
     def ask(self, item: Item, step: Step) -> str:
         """What ``step``'s agent is asked: its own hop's question where the item has one per
@@ -403,7 +405,7 @@ class Graph:
             if not reuse:
                 ids, valid = pad_left([self.prompt_ids(step, m) for m in messages], model.pad_id)
                 return _Start(empty_input(model.model, len(batch)), ids, valid, messages, int(valid.sum()), 0)
-            segments = [model.encode_message_parts(m, [QUESTION]) for m in messages]
+            segments = [model.encode_message_parts(m, [QUESTION, ASKED]) for m in messages]
             mine = SharedKV.whole(prefill(model.model, *pad_left([s[0] for s in segments], model.pad_id)))
             pieces = [[mine.row(r)] for r in rows]
             return self._reusing(batch, segments, pieces, self.edge.blend, messages, shared)
@@ -417,7 +419,7 @@ class Graph:
         # inline: each heard turn's KV sits where text would, after "Message from …:"
         markers = [f"\x00kvcomm-heard-{i}\x00" for i in range(len(heard))]
         messages = [self.message(task, item, step, list(zip(names, markers)), reuse) for item in batch]
-        segments = [model.encode_message_parts(m, markers + ([QUESTION] if reuse else [])) for m in messages]
+        segments = [model.encode_message_parts(m, markers + ([QUESTION, ASKED] if reuse else [])) for m in messages]
         own = []  # the hearer's own text before each heard turn, prefilled segment by segment
         for i in range(len(heard)):
             kv = prefill(model.model, *pad_left([s[i] for s in segments], model.pad_id))
@@ -428,7 +430,7 @@ class Graph:
         if reuse:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
-            return self._reusing(batch, [[s[0], s[-1]] for s in segments], pieces, self.edge.blend, messages, shared)
+            return self._reusing(batch, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
         context = SharedKV.stack([splice(model.model, row) for row in pieces])
         if self.edge.blend is not None:
             context, _ = blend(model.model, context, self.edge.blend)
@@ -441,25 +443,25 @@ class Graph:
                  blending: float | None, messages: list[str],
                  shared: dict[tuple[str, tuple[int, ...]], SharedKV]) -> _Start:
         """Each row's pieces followed by its item's question, computed once for every agent that
-        asks it (``segments[r][-1]``: the question and the chat's closing); the agent prefills its
-        last token."""
+        asks it (``segments[r]``: the question, then the chat's closing); the agent prefills the
+        closing itself, in its own context (where its answer starts to form)."""
         model, rows = self.model, range(len(batch))
-        tails = [s[-1] for s in segments]
-        if any(len(t) < 2 for t in tails):
-            raise ProtocolError("reuse needs a question of at least two tokens")
-        keys = [(item.id, tuple(tail)) for item, tail in zip(batch, tails)]
+        questions, closings = [s[-2] for s in segments], [s[-1] for s in segments]
+        if not all(questions) or not all(closings):
+            raise ProtocolError("reuse needs a question and a chat closing of at least one token each")
+        keys = [(item.id, tuple(question)) for item, question in zip(batch, questions)]
         missing = list(dict.fromkeys(k for k in keys if k not in shared))
         if missing:  # behind the chat's opening (not its own position 0: no second sink), then moved to 0
             opening = model.turn_opening()
-            kv = prefill_shared(model.model, [opening + list(k[1][:-1]) for k in missing], model.pad_id)
-            made = SharedKV.whole(rebase(model.model, kv.last([len(k[1]) - 1 for k in missing])))
+            kv = prefill_shared(model.model, [opening + list(k[1]) for k in missing], model.pad_id)
+            made = SharedKV.whole(rebase(model.model, kv.last([len(k[1]) for k in missing])))
             shared.update({key: made.row(i) for i, key in enumerate(missing)})
         context = SharedKV.stack([splice(model.model, [*pieces[r], shared[keys[r]]]) for r in rows])
         if blending is not None:
             context, _ = blend(model.model, context, blending)
-        ids, valid = pad_left([t[-1:] for t in tails], model.pad_id)
+        ids, valid = pad_left(closings, model.pad_id)
         own = sum(int(p.context_len[0]) for r in rows for p in pieces[r][::2])  # the agent's own segments
-        return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + len(batch),
+        return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
                       int(context.context_len.sum()) - own)
 
     def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
