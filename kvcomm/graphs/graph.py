@@ -222,11 +222,11 @@ class Graph:
         topology: a name for reports.
         reuse: reuse across agents (KVCOMM's shared input): the question closing each agent's
             prompt, where several agents are asked the same (the same text behind different
-            prefixes), is prefilled once per item (behind
-            the chat's opening, then moved to position 0) and placed after each agent's own text
-            with re-rotated positions; each agent prefills the chat's closing after it. With the edges'
-            ``blend`` the reused question is blended with the rest of each agent's context. Not
-            with KV placed as a prefix (the question then continues the heard conversation).
+            prefixes), is prefilled once per item (behind the chat's opening, then moved to
+            position 0) and placed after each agent's own text with re-rotated positions; each
+            agent prefills the chat's closing after it. With the edges' ``blend`` the reused
+            question is blended with the rest of each agent's context. Not with KV placed as a
+            prefix (the question then continues the heard conversation).
     """
 
     def __init__(self, model: LoadedModel, steps: Sequence[Step], agents: int, edge: EdgeOptions | None = None,
