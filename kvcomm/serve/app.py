@@ -274,7 +274,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         message_id = f"turn-{uuid.uuid4().hex}"
         await anyio.to_thread.run_sync(store.put, message_id, data)
         metrics.e2e.observe(time.monotonic() - began)
-        reply = completion(name, agent.decode(tokens), finish, len(ids), len(tokens), usage())
+        prompt = len(ids) + len(received.opening or [])  # passages: the chat's opening was prefilled too
+        reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
         return reply.model_dump(exclude_unset=True) | {"kv_message": {"id": message_id, "bytes": len(data),
                                                                       "content": body.kv_return.content}}
 
