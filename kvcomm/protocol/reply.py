@@ -92,8 +92,7 @@ def rebase(model: PreTrainedModel, kv: SenderKV) -> SenderKV:
     """Each row moved to start at position 0 (keys re-rotated), as a message holds it: a turn taken
     after other KV starts where that KV ended, a passage prefilled behind an opening after it.
     Each row moves by the position of its first real (not padding) column."""
-    first = kv.valid.to(torch.int8).argmax(dim=1)  # [B] first real column (left padding)
-    offset = kv.positions.gather(1, first[:, None])[:, 0]
+    offset = kv.positions.gather(1, kv.first_column[:, None])[:, 0]
     if not bool(offset.any()):
         return kv
     keys = [rotate_keys(k, -offset, inverse_frequencies(model, layer)) for layer, k in enumerate(kv.keys)]

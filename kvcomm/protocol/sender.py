@@ -62,6 +62,11 @@ class SenderKV:
         """``[B]`` number of real context tokens per row (|C|)."""
         return self.valid.sum(dim=1)
 
+    @property
+    def first_column(self) -> torch.Tensor:
+        """``[B]`` each row's first real (not padding) column: its sink token (padding may be anywhere)."""
+        return self.valid.int().argmax(dim=1)
+
     def row(self, index: int) -> SenderKV:
         """One row with its padding removed (``B`` = 1)."""
         keep = self.valid[index]

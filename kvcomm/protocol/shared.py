@@ -160,14 +160,11 @@ def share(
     """
     if mode not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
-    selected = set(effective_layers(layers, mode))
-    bad = sorted(layer for layer in selected if not 0 <= layer < sender.num_layers)
-    if bad:
-        raise ConfigError(f"layer indices {bad} out of range for a {sender.num_layers}-layer model")
+    selected = _in_range(effective_layers(layers, mode), sender.num_layers)
     if mode == "shift-back" and model is None:
         raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
     context_len = sender.context_len
-    first = sender.valid.int().argmax(dim=1)  # first real column per row (padding may be anywhere)
+    first = sender.first_column
     sink_pos = torch.zeros_like(context_len)[:, None]
     if mode == "shift-back":
         sink_pos = (context_len - 1).clamp(min=0)[:, None]
@@ -189,6 +186,14 @@ def share(
     return shared
 
 
+def _in_range(layers: Iterable[int], num_layers: int) -> set[int]:
+    """``layers`` as a set, each checked against the model's depth (a ConfigError names the bad ones)."""
+    chosen = set(layers)
+    if bad := sorted(layer for layer in chosen if not 0 <= layer < num_layers):
+        raise ConfigError(f"layer indices {bad} out of range for a {num_layers}-layer model")
+    return chosen
+
+
 def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]]) -> SharedKV:
     """Several configurations' shares of one sender's KV as one batch, in ``causal`` mode:
     configuration ``i`` takes rows ``i·B … i·B+B−1``. Every layer holds the whole context for every
@@ -200,11 +205,9 @@ def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]]) -> SharedK
     Raises:
         ConfigError: a layer index is out of range.
     """
-    sets = [set(effective_layers(layers, "causal")) for layers in layer_sets]
-    if bad := sorted({layer for chosen in sets for layer in chosen if not 0 <= layer < sender.num_layers}):
-        raise ConfigError(f"layer indices {bad} out of range for a {sender.num_layers}-layer model")
+    sets = [_in_range(effective_layers(layers, "causal"), sender.num_layers) for layers in layer_sets]
     rows, copies = sender.valid.shape[0], len(sets)
-    first = sender.valid.int().argmax(dim=1)
+    first = sender.first_column
     sink_only = torch.zeros_like(sender.valid)
     sink_only[torch.arange(rows), first] = sender.valid[torch.arange(rows), first]
     positions = sender.positions.repeat(copies, 1)

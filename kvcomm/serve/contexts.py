@@ -119,7 +119,7 @@ class ContextMaker:
             layers = sorted(set(body.layers))
         elif (ratio := body.ratio or self.config.ratio) is not None:
             layers = top_layers(self.ranking(body), ratio)
-        passage = len(ids) - len(self.agent.passage_parts("")[0]) if body.passage else None
+        passage = len(ids) - len(self.agent.turn_opening()) if body.passage else None
         if body.id is not None:
             return Plan(ids, layers, codec, mode, check_id(body.id), False, bandwidth, passage)
         return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode, passage), True, bandwidth,
