@@ -40,7 +40,8 @@ def one_run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
-    config = EvalConfig(limit=args.items, batch_size=args.batch, calib_size=1, bucket=not args.no_bucket)
+    config = EvalConfig(limit=args.items, batch_size=args.batch, calib_size=1, bucket=not args.no_bucket,
+                        selection="paper")  # the official code's rule and cost
     began = time.perf_counter()
     report = evaluate(agents, task, build_methods(["kvcomm"], ratio=args.ratio), config, progress=False)
     total = time.perf_counter() - began

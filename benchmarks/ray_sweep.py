@@ -42,7 +42,7 @@ def one_run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
-    config = EvalConfig(limit=args.items, batch_size=args.batch_size, calib_size=1)
+    config = EvalConfig(limit=args.items, batch_size=args.batch_size, calib_size=1, selection="paper")
     methods = build_methods(args.methods.split(","), [args.ratio])
     loaded = time.perf_counter()
     start_s = 0.0

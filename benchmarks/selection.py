@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
+from kvcomm.tasks import TASKS  # noqa: E402
 
 RULES = ("paper", "prior", "answer")
 
@@ -68,6 +69,35 @@ def table(report: Report, ratios: list[float]) -> Table:
     return out
 
 
+def markdown(report: Report, ratios: list[float]) -> str:
+    """The table as markdown (docs/results.md): score (95% CI) ÷ skyline [paired difference to
+    random, 95% CI] per rule and ratio, ✗ where not above random, then the rules' calibration cost."""
+    metric = report.config["metric"]
+    by = {run.label: run.scores[metric] for run in report.runs}
+    sky = by["skyline"].mean
+    lines = [f"**{report.config['receiver']}, {report.config['task']} ({report.config['test_items']} test items, "
+             f"{len(report.config['calibration_items'])} calibration items, {metric})**", "",
+             "| ratio | " + " | ".join(RULES) + " | random | all layers − random |", "|---" * (len(RULES) + 3) + "|"]
+    for ratio in ratios:
+        rand = by[f"random@{ratio:g}"]
+        cells = []
+        for rule in RULES:
+            score = by[f"kvcomm@{ratio:g}~{rule}"]
+            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
+            share = f" ÷sky {score.mean / sky:.2f}" if sky > 0 else ""
+            mark = "" if low > 0 else " ✗" if score.mean <= rand.mean else " ≈"
+            cells.append(f"{score.mean:.3f} ({score.ci95[0]:.2f}–{score.ci95[1]:.2f}){share} "
+                         f"[{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
+        d, low, high = paired(report, "kvcomm@1", f"random@{ratio:g}")
+        lines.append(f"| {ratio:g} | " + " | ".join(cells) + f" | {rand.mean:.3f} "
+                     f"({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f}) | {d:+.3f} [{low:+.2f}…{high:+.2f}] |")
+    lines += ["", f"All layers {by['kvcomm@1'].mean:.3f}, skyline {sky:.3f}, baseline {by['baseline'].mean:.3f}. "
+              "Calibration: " + ", ".join(
+                  f"{rule} {p['cost']['seconds']:.0f} s ({p['cost']['forwards_per_item']:.0f} forwards per item)"
+                  for rule, p in sorted(report.profiles.items()) if rule in RULES) + "."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -80,13 +110,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
+                        "(≈: above random but inside the interval; ✗: not above)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (required unless --report)")
     args = parser.parse_args()
     if args.report is not None:
         saved = Report.model_validate_json(args.report.read_text())
-        Console(width=200).print(table(saved, [float(r) for r in args.ratios.split(",")]))
+        ratios = [float(r) for r in args.ratios.split(",")]
+        if args.markdown:
+            print(markdown(saved, ratios))
+        else:
+            Console(width=200).print(table(saved, ratios))
         return
-    generated = {"items": args.items} if args.task == "facts" else {}
+    if args.out is None:
+        parser.error("--out is required (the results JSON)")
+    generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
     ratios = [float(r) for r in args.ratios.split(",")]
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.selection.calibrate import RULES, calibrate  # noqa: E402
 from kvcomm.selection.rules import top_layers  # noqa: E402
+from kvcomm.tasks import TASKS  # noqa: E402
 
 
 def jaccard(a: list[int], b: list[int]) -> float:
@@ -57,7 +58,7 @@ def main() -> None:
     if sizes != sorted(set(sizes)) or sizes[0] < 1:
         parser.error("--sizes must be increasing positive counts")
     ratios = [float(r) for r in args.ratios.split(",")]
-    generated = {"items": args.items} if args.task == "facts" else {}
+    generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
     pool = task.items[: sizes[-1]]
     agents = Agents.load(args.model)

@@ -34,7 +34,7 @@ def one_run(args: argparse.Namespace) -> dict:
     """Runs the sweep in this process in one mode and returns its measurements."""
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
-    ranking = calibrate(agents, task, task.items[:1], progress=False).ranking
+    ranking = calibrate(agents, task, task.items[:1], progress=False, rule="paper").ranking
 
     def methods() -> list:
         shared = [m for r in args.ratios for m in build_methods(["kvcomm"], layers=tuple(top_layers(ranking, r)))]

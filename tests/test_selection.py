@@ -105,15 +105,19 @@ def test_parse_and_format_layers_round_trip():
 
 
 def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family):
-    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set."""
+    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set;
+    sets resumed from the layers they share (greedy's chosen layers plus one) too."""
     from kvcomm.protocol import build_receiver_input, prefill_logits
     from kvcomm.selection.likelihood import Scored, answer_loglik
 
     model = tiny_model(family)
     sender = prefill(model, torch.randint(0, 99, (1, 9)), torch.ones(1, 9, dtype=torch.bool))
     prompt, answer = [5, 6, 7, 8], [9, 10, 11]
-    sets = [frozenset(), frozenset({1}), frozenset({0, 3}), frozenset(range(4))]
-    got = answer_loglik(model, Scored(sender, prompt, answer), sets, chunk=3)
+    unrelated = [frozenset(), frozenset({1}), frozenset({0, 3}), frozenset(range(4))]
+    greedy = [frozenset({1}), frozenset({1, 0}), frozenset({1, 2}), frozenset({1, 3}), frozenset({1, 2, 3})]
+    sets = unrelated + greedy
+    got = torch.cat([answer_loglik(model, Scored(sender, prompt, answer), unrelated, chunk=3),
+                     answer_loglik(model, Scored(sender, prompt, answer), greedy, chunk=1)])
     for chosen, value in zip(sets, got):
         ids = torch.tensor([prompt + answer[:-1]])
         logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)
@@ -213,3 +217,18 @@ def test_greedy_with_a_pool_tries_only_the_previous_best():
 
     ranking, trace = greedy_order(objective, 10, steps=4, pool=3)
     assert ranking[:4] == [9, 8, 7, 6] and sizes == [10, 3, 3, 3] and [t["tried"] for t in trace] == [10, 3, 3, 3]
+
+
+def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_away():
+    """The best measured rule (docs/results.md, issue 18) is what eval, sweep, the service and the
+    Python API calibrate with unless told; ``paper`` stays a valid choice for reproductions."""
+    import inspect
+
+    from kvcomm import EvalConfig, calibrate
+    from kvcomm.serve.config import ServeConfig
+
+    assert EvalConfig().selection == ServeConfig().selection == "answer"
+    assert inspect.signature(calibrate).parameters["rule"].default == "answer"
+    assert EvalConfig(selection="paper").selection == "paper"
+    with pytest.raises(ConfigError, match="'paper', 'answer' or 'prior'"):
+        EvalConfig(selection="attention")

@@ -78,7 +78,8 @@ def serve_command(
     agent = load_model(model, dtype)
     app = create_app(agent, open_store(store, limits), config, loaded_profile)
     if ratio is not None and loaded_profile is None:
-        console.print(f"calibrating the layer ranking for --ratio {ratio} (once) …")
+        console.print(f"calibrating the layer ranking for --ratio {ratio} (once, {config.selection} rule; "
+                      "--profile skips this) …")
         app.state.contexts.profile = app.state.contexts.calibrate()
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info"))
 

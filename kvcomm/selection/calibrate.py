@@ -35,7 +35,7 @@ from kvcomm.tasks.base import Item, Task
 PROFILE_VERSION = 2
 Rule = Literal["paper", "answer", "prior"]
 RULES: tuple[str, ...] = get_args(Rule)
-DEFAULT_RULE: Rule = "paper"
+DEFAULT_RULE: Rule = "answer"
 CHUNK = 32  # layer sets per batched forward
 POOL = 8  # candidates greedy selection keeps trying after its first step
 

@@ -87,7 +87,8 @@ def answer_ids(model: LoadedModel, item: Item) -> list[int]:
         DataError: the item has no gold answer, or it has no tokens.
     """
     if not item.answers:
-        raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one")
+        raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one "
+                        "(calibrate on items with answers, or rank by attention: --selection paper)")
     text = item.answers[0] if model.has_chat_template else " " + item.answers[0]  # after "Answer:"
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
