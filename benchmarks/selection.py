@@ -4,7 +4,9 @@ For one model and task: the paper's rule (attention importance + fixed prior), t
 greedy rule, the fitted prior, random layers (seeded) at each ratio, all layers, the skyline and
 the baseline, in one run (each rule calibrated once on the same held-out items). Prints the table
 with 95% intervals, marks every rule that is not above random at a ratio, reports each rule's
-calibration cost, and writes the results JSON.
+calibration cost, and writes the results JSON. ``--budget TOLERANCE`` also finds each rule's
+budget (the smallest ratio within the tolerance of all layers on the calibration items), written
+beside the JSON; ``--report`` prints (``--markdown``) or budgets a saved run.
 
     python benchmarks/selection.py --model smollm2-135m --task facts --items 200 --calib-size 4 \\
         --out benchmarks/results/selection/smollm2-facts.json
@@ -13,7 +15,9 @@ calibration cost, and writes the results JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
+from kvcomm.selection.budget import smallest_ratio  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
+from kvcomm.tasks.base import Task  # noqa: E402
 
 RULES = ("paper", "prior", "answer")
 
@@ -98,6 +104,19 @@ def markdown(report: Report, ratios: list[float]) -> str:
     return "\n".join(lines)
 
 
+def budgets(agents: Agents, task: Task, report: Report, tolerance: float, batch_size: int) -> dict[str, dict]:
+    """Each rule's budget: the smallest ratio whose score on the run's calibration items is within
+    ``tolerance`` of all layers' (:func:`kvcomm.selection.budget.smallest_ratio`), with seconds."""
+    ids = set(report.config["calibration_items"])
+    items = [item for item in task.items if item.id in ids]
+    out = {}
+    for rule, profile in sorted(report.profiles.items()):
+        began = time.perf_counter()
+        found = smallest_ratio(agents, task, items, profile["ranking"], tolerance, batch_size=batch_size)
+        out[rule] = {**found, "seconds": time.perf_counter() - began}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -113,7 +132,16 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (required unless --report)")
+    parser.add_argument("--budget", type=float, default=None, metavar="TOLERANCE",
+                        help="also find each rule's budget on the calibration items (with --report: of that run; "
+                             "give the same --model, --task, --data, --items); written beside the JSON")
     args = parser.parse_args()
+    if args.report is not None and args.budget is not None:
+        saved = Report.model_validate_json(args.report.read_text())
+        generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
+        task = load_task(args.task, args.data, **generated)
+        write_budgets(budgets(Agents.load(args.model), task, saved, args.budget, args.batch_size), args.report)
+        return
     if args.report is not None:
         saved = Report.model_validate_json(args.report.read_text())
         ratios = [float(r) for r in args.ratios.split(",")]
@@ -128,7 +156,8 @@ def main() -> None:
     task = load_task(args.task, args.data, **generated)
     ratios = [float(r) for r in args.ratios.split(",")]
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
-    report = evaluate(Agents.load(args.model), task, methods(ratios, args.seed), config)
+    agents = Agents.load(args.model)
+    report = evaluate(agents, task, methods(ratios, args.seed), config)
     console = Console(width=200)
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
@@ -138,6 +167,18 @@ def main() -> None:
                       markup=False)
     report.save(args.out)
     console.print(f"results: {args.out}", markup=False)
+    if args.budget is not None:
+        write_budgets(budgets(agents, task, report, args.budget, args.batch_size), args.out)
+
+
+def write_budgets(found: dict[str, dict], beside: Path) -> None:
+    path = beside.with_name(beside.stem + "-budgets.json")
+    path.write_text(json.dumps(found, indent=1) + "\n")
+    for rule, budget in found.items():
+        scores = ", ".join(f"{r}: {v:.2f}" for r, v in budget["scores"].items())
+        print(f"{rule}: budget {budget['ratio']:.3f} (tolerance {budget['tolerance']}, {budget['items']} items, "
+              f"{budget['seconds']:.0f} s); calibration scores {scores}")
+    print(f"budgets: {path}")
 
 
 if __name__ == "__main__":
