@@ -35,10 +35,10 @@ from kvcomm.tasks.base import Task  # noqa: E402
 RULES = ("paper", "prior", "answer")
 
 
-def methods(ratios: list[float], seed: int) -> list:
+def methods(ratios: list[float], seed: int, rules: tuple[str, ...] = RULES) -> list:
     built = [make_method("baseline"), make_method("skyline"), make_method("kvcomm", ratio=1.0)]
     for ratio in ratios:
-        built += [make_method("kvcomm", ratio=ratio, selection=rule) for rule in RULES]
+        built += [make_method("kvcomm", ratio=ratio, selection=rule) for rule in rules]
         built.append(make_method("random", ratio=ratio, seed=seed))
     return built
 
@@ -52,26 +52,34 @@ def paired(report: Report, a: str, b: str, resamples: int = 2000) -> tuple[float
     return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def present(report: Report) -> list[str]:
+    """The rules a run compared, in the order of :data:`RULES`."""
+    labels = {run.label for run in report.runs}
+    return [rule for rule in RULES if any(label.endswith(f"~{rule}") for label in labels)]
+
+
 def table(report: Report, ratios: list[float]) -> Table:
     metric = report.config["metric"]
     by = {run.label: run.scores[metric] for run in report.runs}
     out = Table(title=f"{report.config['task']} · {report.config['receiver']} · n={report.config['test_items']} · "
                       f"{metric} (95% CI) [paired difference to random, 95% CI]; ✗ = not above random")
     out.add_column("ratio")
-    for column in (*RULES, "random"):
+    rules = present(report)
+    for column in (*rules, "random"):
         out.add_column(column, justify="right")
     for ratio in ratios:
         rand = by[f"random@{ratio:g}"]
         cells = []
-        for rule in RULES:
+        for rule in rules:
             score = by[f"kvcomm@{ratio:g}~{rule}"]
             mark = "" if score.mean > rand.mean else " ✗"
             d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
             interval = f"({score.ci95[0]:.2f}–{score.ci95[1]:.2f})"
             cells.append(f"{score.mean:.3f} {interval} [{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
         out.add_row(f"{ratio:g}", *cells, f"{rand.mean:.3f} ({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f})")
-    out.add_row("all layers", *[f"{by['kvcomm@1'].mean:.3f}"] * 3, "")
-    out.add_row("skyline / baseline", f"{by['skyline'].mean:.3f}", f"{by['baseline'].mean:.3f}", "", "")
+    out.add_row("all layers", *[f"{by['kvcomm@1'].mean:.3f}"] * len(rules), "")
+    out.add_row("skyline / baseline", f"{by['skyline'].mean:.3f}", f"{by['baseline'].mean:.3f}",
+                *[""] * (len(rules) - 1))
     return out
 
 
@@ -81,13 +89,14 @@ def markdown(report: Report, ratios: list[float]) -> str:
     metric = report.config["metric"]
     by = {run.label: run.scores[metric] for run in report.runs}
     sky = by["skyline"].mean
+    rules = present(report)
     lines = [f"**{report.config['receiver']}, {report.config['task']} ({report.config['test_items']} test items, "
              f"{len(report.config['calibration_items'])} calibration items, {metric})**", "",
-             "| ratio | " + " | ".join(RULES) + " | random | all layers − random |", "|---" * (len(RULES) + 3) + "|"]
+             "| ratio | " + " | ".join(rules) + " | random | all layers − random |", "|---" * (len(rules) + 3) + "|"]
     for ratio in ratios:
         rand = by[f"random@{ratio:g}"]
         cells = []
-        for rule in RULES:
+        for rule in rules:
             score = by[f"kvcomm@{ratio:g}~{rule}"]
             d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
             share = f" ÷sky {score.mean / sky:.2f}" if sky > 0 else ""
@@ -100,7 +109,7 @@ def markdown(report: Report, ratios: list[float]) -> str:
     lines += ["", f"All layers {by['kvcomm@1'].mean:.3f}, skyline {sky:.3f}, baseline {by['baseline'].mean:.3f}. "
               "Calibration: " + ", ".join(
                   f"{rule} {p['cost']['seconds']:.0f} s ({p['cost']['forwards_per_item']:.0f} forwards per item)"
-                  for rule, p in sorted(report.profiles.items()) if rule in RULES) + "."]
+                  for rule, p in sorted(report.profiles.items()) if rule in rules) + "."]
     return "\n".join(lines)
 
 
@@ -128,6 +137,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rules", default=",".join(RULES), help="the rules to compare (comma-separated)")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")
@@ -157,7 +167,10 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
     agents = Agents.load(args.model)
-    report = evaluate(agents, task, methods(ratios, args.seed), config)
+    rules = tuple(args.rules.split(","))
+    if unknown := set(rules) - set(RULES):
+        parser.error(f"unknown rules {sorted(unknown)}; valid: {', '.join(RULES)}")
+    report = evaluate(agents, task, methods(ratios, args.seed, rules), config)
     console = Console(width=200)
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
