@@ -246,3 +246,26 @@ def test_configurations_run_together_give_what_each_gives_alone(agents, monkeypa
         run = next(r for r in both.runs if r.label == alone.label)
         assert [i.answer for i in run.items] == [i.answer for i in alone.items]
         assert [i.kv_bytes for i in run.items] == [i.kv_bytes for i in alone.items]
+
+
+def test_a_runs_results_serve_as_its_profile_so_calibration_is_paid_once(agents, tmp_path, monkeypatch):
+    """`--profile results.json` reuses the ranking an earlier run calibrated: the same layers, no
+    second calibration; results that made no ranking are refused with a clear error."""
+    from kvcomm.errors import DataError
+    from kvcomm.eval import harness
+    from kvcomm.selection.blocks import read_profile, read_ranking
+
+    task = load_task("facts", items=6)
+    first = evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=2), progress=False)
+    first.save(tmp_path / "run.json")
+    calls = []
+    monkeypatch.setattr(harness, "calibrate", lambda *a, **k: calls.append(1))
+    loaded = read_ranking(tmp_path / "run.json")
+    assert loaded.model_dump() == first.profile and loaded.rule == "answer"
+    again = evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), loaded,
+                     progress=False)
+    assert again.runs[0].layers == first.runs[0].layers and not calls
+    plain = evaluate(agents, task, build_methods(["skyline"], []), EvalConfig(limit=2), progress=False)
+    plain.save(tmp_path / "s.json")
+    with pytest.raises(DataError, match="no layer ranking"):
+        read_profile(tmp_path / "s.json")

@@ -257,7 +257,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                                  EvalConfig, "calib_size"))], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False,
-        help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`.")], None),
+        help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`; or the results JSON of an "
+             "earlier eval/sweep, whose ranking is reused (calibration paid once).")], None),
     "selection": (Selection, None),
     "alpha": (Alpha, None),
     "mu": (Mu, None),

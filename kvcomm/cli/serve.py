@@ -18,7 +18,8 @@ Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
 Ratio = Annotated[float | None, typer.Option(min=0, max=1, help="Share the top fraction of the layer ranking.")]
 ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                  help="Layer ranking from `kvcomm calibrate`.")]
+                                                  help="Layer ranking from `kvcomm calibrate`, or the results of "
+                                                       "`kvcomm eval`/`sweep` (their ranking).")]
 
 
 def serve_command(
@@ -59,7 +60,7 @@ def serve_command(
     import uvicorn
 
     from kvcomm.models import load_model, resolve_model
-    from kvcomm.selection import Profile
+    from kvcomm.selection.blocks import read_ranking
     from kvcomm.serve.app import create_app
     from kvcomm.serve.config import ServeConfig
     from kvcomm.serve.stores import StoreLimits, open_store, store_kind
@@ -72,7 +73,7 @@ def serve_command(
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,
                          max_new_tokens=max_new_tokens, default_max_tokens=min(256, max_new_tokens),
                          timeout_s=timeout, codec=codec, **{k: v for k, v in given.items() if v is not None})
-    loaded_profile = Profile.load(profile) if profile else None
+    loaded_profile = read_ranking(profile) if profile else None
     _check_port_free(host, port)
     limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
     agent = load_model(model, dtype)
@@ -122,10 +123,11 @@ def remote_context(
                                                "to each other).")] = False,
 ) -> None:
     """Have an agent prefill a context; prints the stored message's id, size and layers."""
-    from kvcomm.selection import Profile, parse_layers
+    from kvcomm.selection import parse_layers
+    from kvcomm.selection.blocks import read_ranking
 
     chosen = parse_layers(layers, None) if layers else None
-    ranking = Profile.load(profile).ranking if profile else None
+    ranking = read_ranking(profile).ranking if profile else None
     with _client(url, token) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
                                                mode=mode, message_id=message_id, passage=passage), indent=1))

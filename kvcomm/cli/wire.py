@@ -15,7 +15,8 @@ from kvcomm.agents import answer, encode_context
 from kvcomm.cli.common import CODEC_HELP, Data, Dtype, Mode, Model, TaskName, check_layers, console
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
-from kvcomm.selection import Profile, format_layers, top_layers
+from kvcomm.selection import format_layers, top_layers
+from kvcomm.selection.blocks import read_ranking
 from kvcomm.tasks import load_task
 from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
@@ -34,7 +35,8 @@ def encode_command(
         min=0, max=1, help="Share the top fraction of a --profile's ranking.")]
     = None,
     profile: Annotated[Path | None, typer.Option(
-        exists=True, dir_okay=False, help="Profile from `kvcomm calibrate`.")] = None,
+        exists=True, dir_okay=False,
+        help="Profile from `kvcomm calibrate`, or results of `kvcomm eval`/`sweep` (their ranking).")] = None,
     codec: Codec = "fp16", model: Model = DEFAULT_MODEL, mode: Mode = None,
     dtype: Dtype = "float32",
     bandwidth: Annotated[float | None, typer.Option(
@@ -54,7 +56,7 @@ def encode_command(
     if ratio is not None:
         if profile is None:
             raise ConfigError("--ratio needs --profile (layers ranked by `kvcomm calibrate`)")
-        chosen = top_layers(Profile.load(profile).ranking, ratio)
+        chosen = top_layers(read_ranking(profile).ranking, ratio)
     elif layers:
         chosen = check_layers(layers, depth)
     if out.is_dir():

@@ -119,15 +119,34 @@ class BlockProfile(JsonFile):
 
 
 def read_profile(path: str | Path) -> Profile | BlockProfile:
-    """A layer ranking or a block profile, told apart by the block profile's ``kind``.
+    """A layer ranking or a block profile, told apart by the block profile's ``kind``; or the
+    ranking of a results file (``kvcomm eval``/``sweep`` output), so that a run's calibration is
+    paid once.
 
     Raises:
-        DataError: the file cannot be read or is neither.
+        DataError: the file cannot be read or is neither, or is results that made no ranking.
     """
     raw = read_json(path, "profile")
+    if isinstance(raw, dict) and "runs" in raw and "config" in raw:  # a results file
+        if not isinstance(raw.get("profile"), dict):
+            raise DataError(f"results {path} hold no layer ranking (none of its methods needed one); "
+                            "calibrate one with `kvcomm calibrate`")
+        raw = raw["profile"]
     if isinstance(raw, dict) and raw.get("kind") == "droidspeak":
         return BlockProfile.from_json_value(raw, path)
     return Profile.from_json_value(raw, path)
+
+
+def read_ranking(path: str | Path) -> Profile:
+    """A layer ranking (a profile, or a results file's) from ``path``.
+
+    Raises:
+        DataError: as :func:`read_profile`, or the file is a DroidSpeak block profile.
+    """
+    profile = read_profile(path)
+    if isinstance(profile, BlockProfile):
+        raise DataError(f"{path} is a droidspeak block profile, not a layer ranking")
+    return profile
 
 
 def max_block(num_layers: int, max_recompute: float) -> int:
