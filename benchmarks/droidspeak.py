@@ -34,7 +34,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
-from kvcomm.eval import split_items  # noqa: E402
 from kvcomm.eval.plot_profiles import plot_blocks  # noqa: E402
 from kvcomm.protocol import empty_input, greedy_generate, pad_left, prefill, receiver_input, share  # noqa: E402
 from kvcomm.protocol.droidspeak import recompute_block, send_block  # noqa: E402
@@ -56,7 +55,7 @@ def equal_bytes_layers(agents: Agents, block: tuple[int, int]) -> int:
 
 def quality(agents: Agents, task: Any, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
-    _, calib = split_items(task.items, config.limit, config.calib_size)
+    _, calib = config.split(task.items)
     blocks = profile_blocks(agents, task, calib, args.max_recompute, args.batch_size, objective=args.objective)
     picked = blocks.pick(args.tolerance)
     equal = equal_bytes_layers(agents, (picked.start, picked.stop))

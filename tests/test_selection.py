@@ -219,6 +219,30 @@ def test_greedy_with_a_pool_tries_only_the_previous_best():
     assert ranking[:4] == [9, 8, 7, 6] and sizes == [10, 3, 3, 3] and [t["tried"] for t in trace] == [10, 3, 3, 3]
 
 
+@pytest.mark.parametrize("given, total, expected", [
+    ({}, 200, 4), ({"selection": "prior"}, 200, 4), ({"selection": "paper"}, 200, 1),
+    ({}, 3, 2), ({"limit": 2}, 3, 1), ({"limit": 197}, 200, 3), ({"limit": 50}, 200, 4),
+    ({"calib_size": 0}, 200, 0), ({"calib_size": 9, "selection": "paper"}, 200, 9),
+])
+def test_each_rule_takes_its_own_calibration_items_as_far_as_the_task_can_spare(given, total, expected):
+    """The answer-fitted rules calibrate on 4 items unless told (one leaves them noisy), the paper's
+    rule on 1 as in the paper; a small task keeps at least one test item, an explicit count wins."""
+    from kvcomm import EvalConfig
+
+    assert EvalConfig(**given).calibration_count(total) == expected
+
+
+def test_a_split_that_cannot_hold_its_items_names_the_fix():
+    from kvcomm import EvalConfig
+    from kvcomm.tasks.base import Item
+
+    items = [Item(id=f"i{n}", context="c", question="q", answers=("a",)) for n in range(3)]
+    test, calib = EvalConfig().split(items)
+    assert [i.id for i in test] == ["i0"] and [i.id for i in calib] == ["i1", "i2"]
+    with pytest.raises(ConfigError, match="lower --limit to at most 2"):
+        EvalConfig(limit=3).split(items)
+
+
 def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_away():
     """The best measured rule (docs/results.md, issue 18) is what eval, sweep, the service and the
     Python API calibrate with unless told; ``paper`` stays a valid choice for reproductions."""

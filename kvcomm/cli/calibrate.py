@@ -36,11 +36,14 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
 from kvcomm.tasks import load_task
+from kvcomm.tasks.base import Item, Task
 
 
 def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
-    calib_size: Annotated[int, typer.Option(min=1, help="Calibration items, taken from the end of the task.")] = 1,
+    calib_size: Annotated[int | None, typer.Option(
+        min=1, help="Calibration items, taken from the end of the task. (default: 1 for --selection paper, 4 for "
+                    "answer, prior and droidspeak, fewer if the task is smaller)")] = None,
     batch_size: BatchSize = None, selection: Selection = None, alpha: Alpha = None, mu: Mu = None,
     sigma: Sigma = None,
     tolerance: Annotated[float | None, typer.Option(
@@ -77,7 +80,7 @@ def calibrate_command(
                                  selection=selection)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
-    _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
+    _, items = _calibration_items(the_task, config)
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
@@ -100,11 +103,18 @@ def calibrate_command(
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
-def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int, batch_size: int | None,
+def _calibration_items(task: Task, config: EvalConfig) -> tuple[list[Item], list[Item]]:
+    """All of a task's items but the calibration items (``config``'s count), and those."""
+    count = config.calibration_count(len(task.items))
+    return split_items(task.items, len(task.items) - count, count)
+
+
+def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int | None,
+            batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
     the_task = load_task(task, data)
-    _, items = split_items(the_task.items, len(the_task.items) - calib_size, calib_size)
+    _, items = _calibration_items(the_task, EvalConfig(calib_size=calib_size))
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)

@@ -253,8 +253,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=1, help="Test items, from the front of the task. (default: all but the calibration items)")], None),
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
-        min=0, help=options_help("Calibration items, from the end of the task, disjoint from the test items.",
-                                 EvalConfig, "calib_size"))], None),
+        min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "
+                    "--selection paper, 4 for answer and prior, fewer if the task cannot spare them)")], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False,
         help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`; or the results JSON of an "

@@ -21,7 +21,7 @@ from kvcomm.agents import Agents
 from kvcomm.cli.common import RunOptions, console, quiet_libraries
 from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
-from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table, split_items
+from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
 from kvcomm.eval.harness import check_profile
@@ -68,7 +68,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
     for task in tasks:
-        test, _ = split_items(task.items, config.limit, config.calib_size)
+        test, _ = config.split(task.items)
         if given is not None:
             check_profile(given, task, test, pair=(run.model, run.receiver or run.model))
     folder = _folder(run, out, len(tasks))

@@ -29,7 +29,7 @@ from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, e
 from kvcomm.methods.base import Calibration, Method, Output, Setup
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
-from kvcomm.selection.calibrate import DEFAULT_RULE, Profile, Rule, calibrate
+from kvcomm.selection.calibrate import CALIBRATION_ITEMS, DEFAULT_RULE, Profile, Rule, calibrate
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import score_all
@@ -43,7 +43,10 @@ class EvalConfig(Options):
     Attributes:
         limit: test items, from the front of the task (default: all but the calibration items).
         batch_size: items per forward pass.
-        calib_size: calibration items, from the end of the task, disjoint from the test items.
+        calib_size: calibration items, from the end of the task, disjoint from the test items
+            (None: as many as the rule takes, ``CALIBRATION_ITEMS``: 1 for ``paper``, 4 for
+            ``answer`` and ``prior``; fewer if the task cannot spare them beside its test items,
+            never fewer than one).
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
@@ -57,7 +60,7 @@ class EvalConfig(Options):
     what = "evaluation"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
-    calib_size: int = Field(1, ge=0)
+    calib_size: int | None = Field(None, ge=0)
     selection: Rule = DEFAULT_RULE
     alpha: float | None = Field(None, ge=0, le=1)
     mu: float = Field(DEFAULT_MU, ge=0, le=1)
@@ -68,6 +71,17 @@ class EvalConfig(Options):
     @property
     def calibration(self) -> Calibration:
         return Calibration(self.alpha, self.mu, self.sigma)
+
+    def calibration_count(self, total: int) -> int:
+        """How many of a task's ``total`` items calibrate (``calib_size``, or the rule's default)."""
+        if self.calib_size is not None:
+            return self.calib_size
+        room = total - (self.limit if self.limit is not None else 1)
+        return max(1, min(CALIBRATION_ITEMS[self.selection], room))
+
+    def split(self, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
+        """The test and the calibration items of a task (see :func:`split_items`)."""
+        return split_items(items, self.limit, self.calibration_count(len(items)))
 
 
 def split_items(items: Sequence[Item], limit: int | None, calib_size: int) -> tuple[list[Item], list[Item]]:
@@ -129,7 +143,7 @@ def evaluate(
     if cluster is not None:
         check_apart(methods)
     started = utc_now()
-    test, calib = split_items(task.items, config.limit, config.calib_size)
+    test, calib = config.split(task.items)
     for given in (profile, blocks):
         if given is not None:
             check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name))

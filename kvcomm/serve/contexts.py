@@ -19,14 +19,13 @@ from kvcomm.errors import ConfigError, MessageTooLarge
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
+from kvcomm.selection.calibrate import CALIBRATION_ITEMS
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import Codec, KVMessage, make_codec
 from kvcomm.wire.bootstrap import model_codebook
-
-CALIBRATION_ITEMS = 4  # generated facts items the service calibrates on when it must
 
 
 def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
@@ -96,7 +95,7 @@ class ContextMaker:
     def calibrate(self) -> Profile:
         """A ranking calibrated by the service's rule on generated facts (no generation; about a
         minute with the ``answer`` rule on SmolLM2-135M, seconds with ``paper``)."""
-        task = load_task("facts", items=CALIBRATION_ITEMS)
+        task = load_task("facts", items=CALIBRATION_ITEMS[self.config.selection])
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
                          rule=self.config.selection)
 
