@@ -27,6 +27,7 @@ from kvcomm.eval.cluster import RayCluster, require_ray
 from kvcomm.eval.outputs import safe_name
 from kvcomm.methods import METHODS
 from kvcomm.methods.ac import ACOptions
+from kvcomm.methods.adaptive import AdaptiveOptions
 from kvcomm.methods.blend import BlendOptions
 from kvcomm.methods.debate import CipherOptions
 from kvcomm.methods.droidspeak import DroidSpeakOptions
@@ -159,6 +160,8 @@ class RunOptions:
     ac_k: int | None
     ac_j: int | None
     interval: int | None
+    step: float | None
+    patience: int | None
     check_layer: int | None
     deviation: str | None
     pieces: str | None
@@ -180,7 +183,8 @@ class RunOptions:
         """Options for the methods (each method takes those it declares; None = not given)."""
         return dict(mode=self.mode, seed=self.seed, senders=self.senders, round_one_tokens=self.round_one_tokens,
                     temperature=self.temperature, fuse=self.ac_fuse, layer_k=self.ac_k, layer_j=self.ac_j,
-                    interval=self.interval, check_layer=self.check_layer, deviation=self.deviation, pieces=self.pieces,
+                    interval=self.interval, step=self.step, patience=self.patience,
+                    check_layer=self.check_layer, deviation=self.deviation, pieces=self.pieces,
                     block=None if self.block is None else parse_block(self.block),
                     max_recompute=self.max_recompute, tolerance=self.block_tolerance)
 
@@ -291,6 +295,12 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "interval": (Annotated[int | None, typer.Option(
         min=1, help=options_help("Online calibration: rebuild the ranking every N items.", OnlineOptions,
                                  "interval"))], None),
+    "step": (Annotated[float | None, typer.Option(
+        min=0, max=1, help=options_help("adaptive: the fraction of the ranked layers each round adds.",
+                                        AdaptiveOptions, "step"))], None),
+    "patience": (Annotated[int | None, typer.Option(
+        min=1, help=options_help("adaptive: rounds in a row that must leave an item's answer unchanged before it "
+                                 "stops fetching layers.", AdaptiveOptions, "patience"))], None),
     "check_layer": (Annotated[int | None, typer.Option(
         min=0, help=options_help("blend: the layer deviations are measured at (earlier layers: every token).",
                                  BlendOptions, "check_layer"))], None),

@@ -13,6 +13,7 @@ from typing import Any
 
 from kvcomm.errors import ConfigError
 from kvcomm.methods.ac import ACOptions, ActivationCommunication
+from kvcomm.methods.adaptive import AdaptiveKVComm, AdaptiveOptions
 from kvcomm.methods.base import METHODS, Calibration, Method, MethodOptions, Output, Setup
 from kvcomm.methods.blend import BlendMethod, BlendOptions, PrefixOptions, PrefixReuse
 from kvcomm.methods.debate import Cipher, CipherOptions, Debate, DebateOptions, NaturalLanguageDebate
@@ -29,7 +30,8 @@ from kvcomm.methods.online import OnlineKVComm, OnlineOptions
 from kvcomm.methods.prompt import Baseline, Skyline
 
 __all__ = [
-    "METHODS", "ACOptions", "ActivationCommunication", "Baseline", "BlendMethod", "BlendOptions", "Calibration",
+    "METHODS", "ACOptions", "ActivationCommunication", "AdaptiveKVComm", "AdaptiveOptions",
+    "Baseline", "BlendMethod", "BlendOptions", "Calibration",
     "Cipher", "CipherOptions", "DroidSpeak", "DroidSpeakOptions", "PrefixOptions", "PrefixReuse",
     "ContiguousLayers", "Debate", "DebateOptions", "KVCommMethod", "KVCommOptions", "Method", "MethodOptions",
     "NaturalLanguageDebate", "OnlineKVComm", "OnlineOptions", "Output", "RandomLayers", "RandomOptions", "Setup",

@@ -1,0 +1,114 @@
+"""The adaptive budget: each item fetches ranked layers until its answer stops changing.
+
+A fixed ratio sends every item the same number of layers, though some answers are settled by the
+first few and others need most of them. Here the receiver fetches the calibrated ranking in rounds
+(``step`` of the layers each: the top 10%, then the top 20%, …), answers after each round, and
+stops once ``patience`` further rounds leave its answer as it was; the answer it keeps is the last
+one, and the layers it was sent are those it fetched. The signal costs no gold answer and nothing
+at the sender: only the receiver's own (short) prompt and answer are recomputed each round.
+
+The two ends are exact: ``step=1`` is one round with every layer (``kvcomm@1``), and a round count
+that reaches every layer is where each item stops at the latest. Each item's answer is what
+``kvcomm`` at its final ratio answers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field
+
+from kvcomm.errors import ConfigError
+from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup
+from kvcomm.protocol import greedy_generate, receiver_input, share
+from kvcomm.selection.calibrate import Rule
+from kvcomm.selection.rules import layer_count
+
+if TYPE_CHECKING:
+    from kvcomm.eval.batch import Batch
+
+
+class AdaptiveOptions(MethodOptions):
+    """Options of :class:`AdaptiveKVComm`.
+
+    Attributes:
+        step: the fraction of the layers each round adds (rounds at ``ceil(k·step·L)`` layers).
+        patience: rounds in a row that must leave the answer unchanged before an item stops.
+        selection: the rule whose ranking is fetched (None: the run's rule).
+    """
+
+    step: float = Field(0.1, gt=0, le=1)
+    patience: int = Field(1, ge=1, le=8)
+    selection: Rule | None = None
+
+
+def round_counts(num_layers: int, step: float) -> list[int]:
+    """The layer counts of the rounds: ``ceil(k·step·L)`` for k = 1, 2, … up to every layer, each once."""
+    counts = {layer_count(min(1.0, k * step), num_layers) for k in range(1, int(1 / step + 1e-9) + 2)}
+    return sorted(counts | {num_layers})
+
+
+@METHODS.register("adaptive")
+class AdaptiveKVComm(Method):
+    """KVComm with a budget per item: ranked layers in rounds until the answer is stable."""
+
+    name = "adaptive"
+    options_model: ClassVar[type[MethodOptions]] = AdaptiveOptions
+    options: AdaptiveOptions
+
+    def __init__(self, options: MethodOptions | None = None, **given: Any) -> None:
+        super().__init__(options, **given)
+        self._ranking: list[int] | None = None
+        self._stops: Counter[int] = Counter()  # layers fetched -> items that stopped there
+
+    @property
+    def label(self) -> str:
+        o = self.options
+        own = (f"/{o.step:g}" if o.step != 0.1 else "") + (f"x{o.patience}" if o.patience != 1 else "")
+        return f"{self.name}{own}" + (f"~{o.selection}" if o.selection else "")
+
+    def setup(self, setup: Setup) -> None:
+        self._ranking = list(setup.ranking(self.options.selection))
+
+    def run(self, batch: Batch) -> Output:
+        if self._ranking is None:
+            raise ConfigError(f"{self.label}: setup() must run before run()")
+        receiver = batch.agents.receiver
+        sender = batch.sender_kv()
+        prompt = batch.prompt("receiver", batch.task.receiver_message)
+        rows = len(batch.items)
+        history: list[list[list[int]]] = [[] for _ in range(rows)]
+        fetched = [0] * rows
+        counts = round_counts(len(self._ranking), self.options.step)
+        for count in counts:
+            active = [row for row in range(rows) if not fetched[row]]
+            if not active:
+                break
+            shared = share(receiver.model, sender, sorted(self._ranking[:count]))
+            answers = greedy_generate(receiver.model, receiver_input(shared), prompt.input_ids, prompt.valid,
+                                      batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
+            for row in active:
+                history[row].append(answers[row])
+                recent = history[row][-(self.options.patience + 1):]
+                stable = len(recent) > self.options.patience and all(answer == recent[-1] for answer in recent)
+                if stable or count == counts[-1]:
+                    fetched[row] = count
+        self._stops.update(fetched)
+        kv_bytes = [int(share(None, sender, sorted(self._ranking[:count])).kv_bytes[row])
+                    for row, count in enumerate(fetched)]
+        return Output(
+            answers=[receiver.decode(history[row][-1]) for row in range(rows)],
+            receiver_ids=prompt.ids,
+            sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
+            kv_bytes=kv_bytes,
+        )
+
+    def details(self) -> dict[str, Any] | None:
+        """How many layers the items fetched: the histogram, and the mean as a fraction of the depth."""
+        if self._ranking is None or not self._stops:
+            return None
+        items = sum(self._stops.values())
+        mean = sum(count * n for count, n in self._stops.items()) / items
+        return {"layers_fetched": {str(count): n for count, n in sorted(self._stops.items())},
+                "mean_ratio": mean / len(self._ranking), "rounds": round_counts(len(self._ranking), self.options.step)}
