@@ -85,11 +85,13 @@ class AdaptiveKVComm(Method):
             active = [row for row in range(rows) if not fetched[row]]
             if not active:
                 break
-            shared = share(receiver.model, sender, sorted(self._ranking[:count]))
-            answers = greedy_generate(receiver.model, receiver_input(shared), prompt.input_ids, prompt.valid,
+            every = len(active) == rows  # later rounds answer only the items still fetching
+            asked = prompt if every else prompt.rows(active)
+            shared = share(receiver.model, sender if every else sender.rows(active), sorted(self._ranking[:count]))
+            answers = greedy_generate(receiver.model, receiver_input(shared), asked.input_ids, asked.valid,
                                       batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
-            for row in active:
-                history[row].append(answers[row])
+            for row, answer in zip(active, answers, strict=True):
+                history[row].append(answer)
                 recent = history[row][-(self.options.patience + 1):]
                 stable = len(recent) > self.options.patience and all(answer == recent[-1] for answer in recent)
                 if stable or count == counts[-1]:

@@ -76,6 +76,14 @@ class SenderKV:
                         ids=None if self.ids is None else self.ids[index:index + 1, keep],
                         hidden={layer: h[index:index + 1, keep] for layer, h in self.hidden.items()})
 
+    def rows(self, indices: Sequence[int]) -> SenderKV:
+        """The rows ``indices``, in that order, their padding kept."""
+        pick = torch.tensor(list(indices), dtype=torch.long)
+        return SenderKV(keys=[k[pick] for k in self.keys], values=[v[pick] for v in self.values],
+                        positions=self.positions[pick], valid=self.valid[pick],
+                        ids=None if self.ids is None else self.ids[pick],
+                        hidden={layer: h[pick] for layer, h in self.hidden.items()})
+
     def last(self, lengths: Sequence[int]) -> SenderKV:
         """Each row's last ``lengths[row]`` columns (its tokens after an opening), left-padded
         again: what a prompt's tail holds, its positions unchanged (see ``rebase`` to move them)."""
