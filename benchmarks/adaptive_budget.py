@@ -29,6 +29,7 @@ from selection import paired  # noqa: E402  (benchmarks/selection.py, beside thi
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report, RunResult  # noqa: E402
+from kvcomm.selection.calibrate import Profile  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -125,6 +126,18 @@ def show(report: Report, console: Console) -> list[dict]:
     return found
 
 
+def saved_ranking(path: Path | None, rule: str) -> Profile | None:
+    """The ``rule``'s ranking from a results JSON (its main profile or one of its ``profiles``)."""
+    if path is None:
+        return None
+    raw = json.loads(path.read_text())
+    found = raw.get("profiles", {}).get(rule) or (raw.get("profile") if (raw.get("profile") or {}).get("rule") == rule
+                                                  else None)
+    if found is None:
+        raise SystemExit(f"{path} holds no {rule} ranking")
+    return Profile.from_json_value(found, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -136,6 +149,9 @@ def main() -> None:
     parser.add_argument("--selection", default="answer", help="the rule whose ranking every configuration uses")
     parser.add_argument("--step", type=float, default=0.1, help="adaptive: the fraction of layers each round adds")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="reuse the --selection rule's ranking from a results JSON that calibrated it (e.g. "
+                             "benchmarks/selection.py's, on the same model, task and calibration items)")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's tables; run nothing")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (required unless --report)")
     args = parser.parse_args()
@@ -150,7 +166,7 @@ def main() -> None:
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size,
                         selection=args.selection)
     agents = Agents.load(args.model)
-    report = evaluate(agents, task, methods(args.step), config)
+    report = evaluate(agents, task, methods(args.step), config, profile=saved_ranking(args.profile, args.selection))
     found = show(report, console)
     report.save(args.out)
     args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(found, indent=1) + "\n")
