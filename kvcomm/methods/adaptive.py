@@ -3,7 +3,7 @@
 A fixed ratio sends every item the same number of layers, though some answers are settled by the
 first few and others need most of them. Here the receiver fetches the calibrated ranking in rounds
 (``step`` of the layers each: the top 10%, then the top 20%, …), answers after each round, and
-stops once ``patience`` further rounds leave its answer as it was; the answer it keeps is the last
+stops once ``patience`` further rounds leave its answer's text as it was; the answer it keeps is the last
 one, and the layers it was sent are those it fetched. The signal costs no gold answer and nothing
 at the sender: only the receiver's own (short) prompt and answer are recomputed each round.
 
@@ -78,7 +78,7 @@ class AdaptiveKVComm(Method):
         sender = batch.sender_kv()
         prompt = batch.prompt("receiver", batch.task.receiver_message)
         rows = len(batch.items)
-        history: list[list[list[int]]] = [[] for _ in range(rows)]
+        history: list[list[str]] = [[] for _ in range(rows)]  # each round's answer, as text
         fetched = [0] * rows
         counts = round_counts(len(self._ranking), self.options.step)
         for count in counts:
@@ -91,16 +91,16 @@ class AdaptiveKVComm(Method):
             answers = greedy_generate(receiver.model, receiver_input(shared), asked.input_ids, asked.valid,
                                       batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
             for row, answer in zip(active, answers, strict=True):
-                history[row].append(answer)
+                history[row].append(receiver.decode(answer))
                 recent = history[row][-(self.options.patience + 1):]
-                stable = len(recent) > self.options.patience and all(answer == recent[-1] for answer in recent)
+                stable = len(recent) > self.options.patience and all(text == recent[-1] for text in recent)
                 if stable or count == counts[-1]:
                     fetched[row] = count
         self._stops.update(fetched)
         kv_bytes = [int(share(None, sender, sorted(self._ranking[:count])).kv_bytes[row])
                     for row, count in enumerate(fetched)]
         return Output(
-            answers=[receiver.decode(history[row][-1]) for row in range(rows)],
+            answers=[history[row][-1] for row in range(rows)],
             receiver_ids=prompt.ids,
             sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
             kv_bytes=kv_bytes,
