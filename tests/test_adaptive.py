@@ -33,9 +33,11 @@ def test_the_rounds_are_the_ranked_layer_counts_up_to_every_layer():
     assert round_counts(8, 0.25) == [2, 4, 6, 8]
 
 
-def test_one_round_of_every_layer_is_kvcomm_with_every_layer(agents):
-    runs = sweep(agents, ["adaptive", "kvcomm"], ratios=[1.0], step=1.0)
-    alone, full = runs["adaptive/1"], runs["kvcomm@1"]
+@pytest.mark.parametrize("step, patience, label", [(1.0, 1, "adaptive/1"), (0.25, 4, "adaptive/0.25x4")])
+def test_both_ends_are_kvcomm_with_every_layer(agents, step, patience, label):
+    """One round of every layer; or as much patience as there are rounds, so no item stops early."""
+    runs = sweep(agents, ["adaptive", "kvcomm"], ratios=[1.0], step=step, patience=patience)
+    alone, full = runs[label], runs["kvcomm@1"]
     assert [i.answer for i in alone.items] == [i.answer for i in full.items]
     assert [i.kv_bytes for i in alone.items] == [i.kv_bytes for i in full.items]
     assert alone.details["mean_ratio"] == 1.0 and alone.details["layers_fetched"] == {"8": ITEMS}

@@ -3,13 +3,14 @@
 A fixed ratio sends every item the same number of layers, though some answers are settled by the
 first few and others need most of them. Here the receiver fetches the calibrated ranking in rounds
 (``step`` of the layers each: the top 10%, then the top 20%, …), answers after each round, and
-stops once ``patience`` further rounds leave its answer's text as it was; the answer it keeps is the last
-one, and the layers it was sent are those it fetched. The signal costs no gold answer and nothing
-at the sender: only the receiver's own (short) prompt and answer are recomputed each round.
+stops once ``patience`` further rounds leave its answer's text as it was; the answer it keeps is
+the last one, and the layers it was sent are those it fetched. The signal costs no gold answer
+and nothing at the sender: only the receiver's own (short) prompt and answer are recomputed each
+round.
 
-The two ends are exact: ``step=1`` is one round with every layer (``kvcomm@1``), and a round count
-that reaches every layer is where each item stops at the latest. Each item's answer is what
-``kvcomm`` at its final ratio answers.
+Both ends are ``kvcomm@1``: ``step=1`` is one round with every layer, and a patience of as many
+rounds as there are lets no item stop before the last. In between, each item's answer is what
+``kvcomm`` answers at the ratio it stopped at.
 """
 
 from __future__ import annotations
