@@ -232,6 +232,18 @@ def test_each_rule_takes_its_own_calibration_items_as_far_as_the_task_can_spare(
     assert EvalConfig(**given).calibration_count(total) == expected
 
 
+def test_the_results_record_how_many_items_calibrated_when_the_rule_chose():
+    from kvcomm import Agents, EvalConfig, build_methods, evaluate
+    from kvcomm.tasks import load_task
+    from tests.conftest import tiny_loaded
+
+    model = tiny_loaded("llama")
+    report = evaluate(Agents(model, model), load_task("facts", items=4), build_methods(["kvcomm"], ratios=[0.5]),
+                      EvalConfig(selection="paper", batch_size=4), progress=False)
+    assert report.config["calib_size"] == len(report.config["calibration_items"]) == 1
+    assert report.config["test_items"] == 3
+
+
 def test_a_split_that_cannot_hold_its_items_names_the_fix():
     from kvcomm import EvalConfig
     from kvcomm.tasks.base import Item

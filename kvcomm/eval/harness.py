@@ -435,7 +435,7 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
         "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": dtype_name(agents.sender),
         "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "test_items": len(test),
-        "calibration_items": [i.id for i in calib], **config.model_dump(), "alpha": alpha,
+        "calibration_items": [i.id for i in calib], **config.model_dump(), "calib_size": len(calib), "alpha": alpha,
         "alpha_source": alpha_source,
         "seeds": {"bootstrap": BOOTSTRAP_SEED, "task": task.seed, "methods": method_seeds(methods)},
         **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
