@@ -72,3 +72,20 @@ def test_adaptive_options_are_checked_where_they_are_made():
     with pytest.raises(ConfigError, match="ratio"):
         AdaptiveKVComm(ratio=0.5)
     assert AdaptiveKVComm(selection="paper").label == "adaptive~paper"
+
+
+def test_a_resumed_run_counts_the_layers_its_earlier_batches_fetched(agents, tmp_path):
+    """Batches taken from a checkpoint give their per-item layer counts back (state/restore)."""
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=ITEMS + 1)
+    config = EvalConfig(limit=ITEMS, batch_size=3, calib_size=1, selection="paper")
+    methods = lambda: build_methods(["adaptive"], step=0.25)  # noqa: E731
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), agents.sender.name,
+                            agents.receiver.name, "float32", None)
+    first = evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    again = evaluate(agents, task, methods(), config, progress=False,
+                     checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))  # every batch from the checkpoint
+    assert again.runs[0].details == first.runs[0].details
+    assert sum(first.runs[0].details["layers_fetched"].values()) == ITEMS

@@ -62,6 +62,7 @@ class AdaptiveKVComm(Method):
         super().__init__(options, **given)
         self._ranking: list[int] | None = None
         self._stops: Counter[int] = Counter()  # layers fetched -> items that stopped there
+        self._last: list[int] = []  # the layers each item of the batch just run fetched
 
     @property
     def label(self) -> str:
@@ -71,6 +72,7 @@ class AdaptiveKVComm(Method):
 
     def setup(self, setup: Setup) -> None:
         self._ranking = list(setup.ranking(self.options.selection))
+        self._stops, self._last = Counter(), []
 
     def run(self, batch: Batch) -> Output:
         if self._ranking is None:
@@ -98,6 +100,7 @@ class AdaptiveKVComm(Method):
                 if stable or count == counts[-1]:
                     fetched[row] = count
         self._stops.update(fetched)
+        self._last = fetched
         kv_bytes = [int(share(None, sender, sorted(self._ranking[:count])).kv_bytes[row])
                     for row, count in enumerate(fetched)]
         return Output(
@@ -106,6 +109,14 @@ class AdaptiveKVComm(Method):
             sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
             kv_bytes=kv_bytes,
         )
+
+    def state(self) -> dict[str, Any] | None:
+        """The layers each item of the batch fetched: a resumed run, or one whose batches a cluster
+        ran, counts them in :meth:`details` as if the batch had run here."""
+        return {"layers_fetched": list(self._last)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._stops.update(int(count) for count in state["layers_fetched"])
 
     def details(self) -> dict[str, Any] | None:
         """How many layers the items fetched: the histogram, and the mean as a fraction of the depth."""
