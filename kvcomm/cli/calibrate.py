@@ -29,14 +29,13 @@ from kvcomm.cli.common import (
     quiet_libraries,
 )
 from kvcomm.errors import ConfigError
-from kvcomm.eval import EvalConfig, split_items
+from kvcomm.eval import EvalConfig
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
 from kvcomm.tasks import load_task
-from kvcomm.tasks.base import Item, Task
 
 
 def calibrate_command(
@@ -80,7 +79,7 @@ def calibrate_command(
                                  selection=selection)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
-    _, items = _calibration_items(the_task, config)
+    _, items = config.split(the_task.items)  # no --limit: every other item is a test item
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
@@ -103,18 +102,12 @@ def calibrate_command(
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
-def _calibration_items(task: Task, config: EvalConfig) -> tuple[list[Item], list[Item]]:
-    """All of a task's items but the calibration items (``config``'s count), and those."""
-    count = config.calibration_count(len(task.items))
-    return split_items(task.items, len(task.items) - count, count)
-
-
 def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int | None,
             batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
     the_task = load_task(task, data)
-    _, items = _calibration_items(the_task, EvalConfig(calib_size=calib_size))
+    _, items = EvalConfig(calib_size=calib_size).split(the_task.items)
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
