@@ -101,8 +101,8 @@ class AdaptiveKVComm(Method):
                     fetched[row] = count
         self._stops.update(fetched)
         self._last = fetched
-        kv_bytes = [int(share(None, sender, sorted(self._ranking[:count])).kv_bytes[row])
-                    for row, count in enumerate(fetched)]
+        sizes = {count: share(None, sender, sorted(self._ranking[:count])).kv_bytes for count in set(fetched)}
+        kv_bytes = [int(sizes[count][row]) for row, count in enumerate(fetched)]
         return Output(
             answers=[history[row][-1] for row in range(rows)],
             receiver_ids=prompt.ids,
