@@ -29,7 +29,7 @@ from selection import paired  # noqa: E402  (benchmarks/selection.py, beside thi
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report, RunResult  # noqa: E402
-from kvcomm.selection.calibrate import Profile  # noqa: E402
+from kvcomm.selection.blocks import read_ranking  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -126,18 +126,6 @@ def show(report: Report, console: Console) -> list[dict]:
     return found
 
 
-def saved_ranking(path: Path | None, rule: str) -> Profile | None:
-    """The ``rule``'s ranking from a results JSON (its main profile or one of its ``profiles``)."""
-    if path is None:
-        return None
-    raw = json.loads(path.read_text())
-    found = raw.get("profiles", {}).get(rule) or (raw.get("profile") if (raw.get("profile") or {}).get("rule") == rule
-                                                  else None)
-    if found is None:
-        raise SystemExit(f"{path} holds no {rule} ranking")
-    return Profile.from_json_value(found, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -165,8 +153,9 @@ def main() -> None:
     task = load_task(args.task, args.data, **generated)
     config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size,
                         selection=args.selection)
+    profile = read_ranking(args.profile, args.selection) if args.profile else None  # before the model loads
     agents = Agents.load(args.model)
-    report = evaluate(agents, task, methods(args.step), config, profile=saved_ranking(args.profile, args.selection))
+    report = evaluate(agents, task, methods(args.step), config, profile=profile)
     found = show(report, console)
     report.save(args.out)
     args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(found, indent=1) + "\n")

@@ -137,13 +137,21 @@ def read_profile(path: str | Path) -> Profile | BlockProfile:
     return Profile.from_json_value(raw, path)
 
 
-def read_ranking(path: str | Path) -> Profile:
-    """A layer ranking (a profile, or a results file's) from ``path``.
+def read_ranking(path: str | Path, rule: str | None = None) -> Profile:
+    """A layer ranking (a profile, or a results file's) from ``path``; with ``rule``, that rule's
+    (a results file keeps every rule its methods used, in ``profiles``).
 
     Raises:
-        DataError: as :func:`read_profile`, or the file is a DroidSpeak block profile.
+        DataError: as :func:`read_profile`, the file is a DroidSpeak block profile, or it holds no
+            ranking by ``rule``.
     """
+    if rule is not None:
+        raw = read_json(path, "profile")
+        if isinstance(raw, dict) and isinstance(raw.get("profiles"), dict) and rule in raw["profiles"]:
+            return Profile.from_json_value(raw["profiles"][rule], path)
     profile = read_profile(path)
+    if rule is not None and isinstance(profile, Profile) and profile.rule != rule:
+        raise DataError(f"{path} holds no {rule} ranking (its ranking is by the {profile.rule} rule)")
     if isinstance(profile, BlockProfile):
         raise DataError(f"{path} is a droidspeak block profile, not a layer ranking")
     return profile
