@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
 from kvcomm.selection.budget import smallest_ratio  # noqa: E402
+from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 from kvcomm.tasks.base import Task  # noqa: E402
 
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rules", default=",".join(RULES), help="the rules to compare (comma-separated)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                        help="what the answer and prior rules maximise on the calibration items")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")
@@ -169,7 +172,8 @@ def main() -> None:
     generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
     ratios = [float(r) for r in args.ratios.split(",")]
-    config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size)
+    config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size,
+                        objective=args.objective)
     agents = Agents.load(args.model)
     rules = tuple(args.rules.split(","))
     if unknown := set(rules) - set(RULES):
@@ -179,7 +183,7 @@ def main() -> None:
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
         cost, ranking = profile["cost"], profile["ranking"]
-        console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {cost['forwards_per_item']:.0f} batched forwards "
+        console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {cost['forwards_per_item']:.0f} forwards "
                       f"per item ({cost['items']:.0f} items); top half {sorted(ranking[:len(ranking) // 2])}",
                       markup=False)
     report.save(args.out)

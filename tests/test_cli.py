@@ -141,6 +141,24 @@ def test_calibrate_by_a_rule_with_a_budget(tiny_dir, tmp_path):
     assert "budget: ratio" in result.stderr
 
 
+def test_calibrate_by_the_choice_of_the_gold_option(tiny_dir, tmp_path):
+    """Items that list their options are scored by how surely the gold one is picked; the profile
+    says so (eval and sweep take the same --objective through EvalConfig)."""
+    data = tmp_path / "mc.jsonl"
+    rows = [{"context": f"Firm {n} grows.", "question": "Which firm grows? Say its name.", "answers": f"Firm {n}",
+             "choices": ["Firm 1", "Firm 2", "Firm 3"]} for n in (1, 2, 3)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--task", "jsonl", "--data", str(data),
+                                 "--calib-size", "2", "--objective", "choice", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    details = json.loads(out.read_text())["details"]
+    assert details["objective"].startswith("log-probability of choosing the gold option (2 of 2 items")
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--task", "jsonl", "--data", str(data),
+                                 "--calib-size", "2", "--objective", "guess", "-q", "--out", str(out)])
+    assert result.exit_code != 0 and "guess" in result.output
+
+
 def test_blend_runs_from_the_command_line(tiny_dir, tmp_path):
     result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "multihop", "--limit", "3",
                                  "--methods", "kvcomm@1,blend@0.3,prefix", "--senders", "2", "--deviation", "keys",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, DataError
 from kvcomm.protocol import attention_importance, pad_left, prefill
 from kvcomm.selection import (
     combined_scores,
@@ -22,7 +22,7 @@ from kvcomm.selection import (
     rank_layers,
     top_layers,
 )
-from tests.conftest import tiny_model
+from tests.conftest import tiny_loaded, tiny_model
 
 
 def test_importance_equals_eager_attention_mass_on_context(family):
@@ -105,24 +105,53 @@ def test_parse_and_format_layers_round_trip():
 
 
 def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family):
-    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set;
-    sets resumed from the layers they share (greedy's chosen layers plus one) too."""
+    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set,
+    whether each set runs whole or only from the first layer where it departs from the sets'
+    common layers (the staircase: greedy's chosen layers plus one); the staircase does less work."""
     from kvcomm.protocol import build_receiver_input, prefill_logits
-    from kvcomm.selection.likelihood import Scored, answer_loglik
+    from kvcomm.selection.likelihood import Scored, Work, answer_loglik
 
     model = tiny_model(family)
+    layers = model.config.get_text_config().num_hidden_layers
     sender = prefill(model, torch.randint(0, 99, (1, 9)), torch.ones(1, 9, dtype=torch.bool))
     prompt, answer = [5, 6, 7, 8], [9, 10, 11]
     unrelated = [frozenset(), frozenset({1}), frozenset({0, 3}), frozenset(range(4))]
-    greedy = [frozenset({1}), frozenset({1, 0}), frozenset({1, 2}), frozenset({1, 3}), frozenset({1, 2, 3})]
+    greedy = [frozenset({1}), frozenset({1, 0}), frozenset({1, 2}), frozenset({1, 3}), frozenset({1, 2, 3}),
+              frozenset({1, 3})]
     sets = unrelated + greedy
-    got = torch.cat([answer_loglik(model, Scored(sender, prompt, answer), unrelated, chunk=3),
-                     answer_loglik(model, Scored(sender, prompt, answer), greedy, chunk=1)])
-    for chosen, value in zip(sets, got):
+    item = Scored(sender, prompt, answer)
+    works = {True: Work(), False: Work()}
+    got = {staircase: torch.cat([answer_loglik(model, item, unrelated, chunk=3, staircase=staircase,
+                                               work=works[staircase]),
+                                 answer_loglik(model, item, greedy, chunk=1, staircase=staircase,
+                                               work=works[staircase])])
+           for staircase in (True, False)}
+    for chosen, value, whole in zip(sets, got[True], got[False]):
         ids = torch.tensor([prompt + answer[:-1]])
         logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)
         logp = torch.log_softmax(logits[0, len(prompt) - 1:], -1)[torch.arange(3), torch.tensor(answer)]
         assert abs(float(logp.mean()) - float(value)) < 1e-4
+        assert abs(float(whole) - float(value)) < 1e-4
+    assert works[False].layer_rows == layers * len(sets)
+    # greedy's sets share layer 1 and depart from it at layers 0, 2, 3: the staircase skips work
+    assert works[True].layer_rows < works[False].layer_rows
+
+
+def test_staircase_groups_start_each_row_no_later_than_its_own_first_layer():
+    """Rows join forwards that start at or before the first layer they do not share (where they
+    still compute what the common part does); every row once; a forward holds at most ``chunk``."""
+    from kvcomm.selection.likelihood import _groups
+
+    departing = [(layer, row) for row, layer in enumerate([5, 0, 27, 13, 13, 26, 1, 20])]
+    for chunk in (1, 3, 32):
+        groups = _groups(departing, 28, chunk)
+        rows = [row for _, members in groups for row in members]
+        assert sorted(rows) == list(range(8)) and all(len(members) <= chunk for _, members in groups)
+        first = dict((row, layer) for layer, row in departing)
+        assert all(start == min(first[row] for row in members) for start, members in groups)
+    # far-apart rows of a deep model run from their own layers; one forward would redo layers 0..26
+    assert len(_groups([(0, 0), (27, 1)], 28, 32)) == 2
+    assert _groups([(3, 0), (4, 1)], 28, 32) == [(3, [0, 1])]  # one layer apart: one forward
 
 
 def test_greedy_selection_follows_the_objective():
@@ -154,7 +183,6 @@ def test_a_fitted_prior_finds_the_depth_that_helps():
 @pytest.mark.parametrize("rule", ["paper", "answer", "prior"])
 def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
     from kvcomm import Agents, calibrate, load_task
-    from tests.conftest import tiny_loaded
 
     model = tiny_loaded("llama")
     task = load_task("facts", items=3)
@@ -163,7 +191,9 @@ def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
     assert profile.cost["seconds"] > 0 and profile.cost["items"] == 3
     if rule == "answer":
         assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:3]  # 70% of 4 layers
-        assert profile.cost["forwards_per_item"] == 3  # one batched forward per step
+        # each step: its common layers once, then the candidates from where they depart
+        assert profile.cost["forwards_per_item"] >= 2 * 3
+        assert 0 < profile.details["whole_forwards_per_item"] <= 4 + 3 + 2  # no more than every set whole
     if rule == "prior":
         fitted = profile.details["fitted"]
         assert (profile.alpha, profile.mu, profile.sigma) == (fitted["alpha"], fitted["mu"], fitted["sigma"])
@@ -185,7 +215,6 @@ def test_the_budget_is_the_smallest_ratio_within_the_tolerance(monkeypatch):
     layers hold both; a looser tolerance gives a smaller budget."""
     from kvcomm import Agents, load_task
     from kvcomm.selection import budget as budget_module
-    from tests.conftest import tiny_loaded
 
     model = tiny_loaded("llama", layers=8)
     task = load_task("facts", items=4)
@@ -235,7 +264,6 @@ def test_each_rule_takes_its_own_calibration_items_as_far_as_the_task_can_spare(
 def test_the_results_record_how_many_items_calibrated_when_the_rule_chose():
     from kvcomm import Agents, EvalConfig, build_methods, evaluate
     from kvcomm.tasks import load_task
-    from tests.conftest import tiny_loaded
 
     model = tiny_loaded("llama")
     report = evaluate(Agents(model, model), load_task("facts", items=4), build_methods(["kvcomm"], ratios=[0.5]),
@@ -268,3 +296,50 @@ def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_
     assert EvalConfig(selection="paper").selection == "paper"
     with pytest.raises(ConfigError, match="'paper', 'answer' or 'prior'"):
         EvalConfig(selection="attention")
+
+
+def test_choice_objective_is_the_gold_options_share_where_each_option_departs(family):
+    """With rivals, an item scores log P(gold) among the options, each option's logit taken at the
+    token where it departs from the gold answer; staircase and whole forwards agree."""
+    from kvcomm.protocol import build_receiver_input, prefill_logits
+    from kvcomm.selection.likelihood import Scored, answer_loglik
+
+    model = tiny_model(family)
+    sender = prefill(model, torch.randint(0, 99, (1, 9)), torch.ones(1, 9, dtype=torch.bool))
+    prompt, answer = [5, 6, 7, 8], [9, 10, 11]
+    rivals = ((0, 40), (1, 41), (1, 42))  # one option departs at the first token, two at the second
+    sets = [frozenset(), frozenset({1}), frozenset({1, 3})]
+    item = Scored(sender, prompt, answer, rivals)
+    for staircase in (True, False):
+        got = answer_loglik(model, item, sets, staircase=staircase)
+        for chosen, value in zip(sets, got):
+            ids = torch.tensor([prompt + answer[:-1]])
+            logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)[0]
+            at = logits[len(prompt) - 1:]  # at[i] predicts answer[i]
+            options = torch.stack([at[0, 9], at[0, 40], at[1, 41] - at[1, 10] + at[0, 9],
+                                   at[1, 42] - at[1, 10] + at[0, 9]])
+            assert abs(float(torch.log_softmax(options, 0)[0]) - float(value)) < 1e-4
+
+
+def test_rival_tokens_mark_where_each_option_departs_from_the_gold_answer():
+    from kvcomm.selection.likelihood import answer_ids, rival_tokens
+    from kvcomm.tasks.base import Item
+
+    loaded = tiny_loaded()
+    item = Item(id="x", context="c", question="q", answers=("Atlas LLC",),
+                choices=("Atlas LLC", "Apex LLC", "Sable LLC", "Atlas LLC Holdings"))
+    gold = answer_ids(loaded, item)
+    rivals = rival_tokens(loaded, item, gold)
+    written = {o: answer_ids(loaded, Item(id="o", context="c", question="q", answers=(o,))) for o in item.choices}
+    # "Atlas LLC Holdings" runs on past the gold answer's tokens: one pass cannot tell it apart
+    assert len(rivals) == 2
+    for option, (index, token) in zip(("Apex LLC", "Sable LLC"), rivals):
+        assert written[option][:index] == gold[:index] and written[option][index] == token != gold[index]
+    assert rival_tokens(loaded, Item(id="y", context="c", question="q", answers=("a",)), [1]) == ()
+
+
+def test_an_item_whose_answer_is_not_among_its_choices_is_refused():
+    from kvcomm.tasks.base import Item
+
+    with pytest.raises(DataError, match="not among its choices"):
+        Item(id="x", context="c", question="q", answers=("Nova LLC",), choices=("Atlas LLC", "Apex LLC"))

@@ -27,6 +27,8 @@ def test_tipsheets_gold_is_the_label():
     task = load_task("tipsheets", shared_file("tipsheets.jsonl"))
     assert len(task.items) == 500 and task.max_new_tokens == 10
     assert task.items[0].answers == ("Sable LLC",)
+    assert task.items[0].choices == ("Atlas LLC", "Sable LLC", "Trace LLC")  # the question's options
+    assert all(len(item.choices) == 3 for item in task.items)
 
 
 def test_generic_jsonl(tmp_path):
@@ -36,6 +38,12 @@ def test_generic_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     task = load_task("jsonl", path)
     assert [i.answers for i in task.items] == [("a", "b"), ("z",)] and task.items[1].id == "x"
+    assert task.items[0].choices == ()
+    path.write_text(json.dumps({"context": "c", "question": "q", "answers": "b", "choices": ["a", "b"]}) + "\n")
+    assert load_task("jsonl", path).items[0].choices == ("a", "b")
+    path.write_text(json.dumps({"context": "c", "question": "q", "answers": "z", "choices": ["a", "b"]}) + "\n")
+    with pytest.raises(DataError, match="not among its choices"):
+        load_task("jsonl", path)
 
 
 @pytest.mark.parametrize("line, message", [("{not json", "not valid JSON"), ('{"context": "c"}', "missing field"),

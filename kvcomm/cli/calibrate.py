@@ -14,6 +14,7 @@ from kvcomm.agents import Agents
 from kvcomm.cli.common import (
     Alpha,
     BatchSize,
+    CalibrationObjective,
     Data,
     Dtype,
     Model,
@@ -43,8 +44,8 @@ def calibrate_command(
     calib_size: Annotated[int | None, typer.Option(
         min=1, help="Calibration items, taken from the end of the task. (default: 1 for --selection paper, 4 for "
                     "answer, prior and droidspeak, fewer if the task is smaller)")] = None,
-    batch_size: BatchSize = None, selection: Selection = None, alpha: Alpha = None, mu: Mu = None,
-    sigma: Sigma = None,
+    batch_size: BatchSize = None, selection: Selection = None, objective: CalibrationObjective = None,
+    alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
     tolerance: Annotated[float | None, typer.Option(
         min=0, max=1, help="Also find the budget: the smallest ratio whose score on the calibration items is within "
                            "this of all layers' (e.g. 0.02 = 2 points).")] = None,
@@ -69,14 +70,15 @@ def calibrate_command(
     if receiver is not None:
         resolve_model(receiver)
     if method == "droidspeak":
-        if selection is not None or tolerance is not None or any(v is not None for v in (alpha, mu, sigma)):
-            raise ConfigError("--selection, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
+        if (selection is not None or tolerance is not None or objective is not None
+                or any(v is not None for v in (alpha, mu, sigma))):
+            raise ConfigError("--selection, --objective, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
                               "droidspeak takes --max-recompute and --block-tolerance")
         _blocks(model, receiver, task, data, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
                 dtype, quiet, overwrite, out)
         return
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
-                                 selection=selection)
+                                 selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     the_task = load_task(task, data)
     _, items = config.split(the_task.items)  # no --limit: every other item is a test item
@@ -84,7 +86,8 @@ def calibrate_command(
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
         profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
-                            progress=not quiet, rule=config.selection, tolerance=tolerance)
+                            progress=not quiet, rule=config.selection, tolerance=tolerance,
+                            objective=config.objective)
     profile.save(out)
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"

@@ -38,7 +38,7 @@ from kvcomm.models.source import DType
 from kvcomm.protocol import MaskMode
 from kvcomm.protocol.blend import Deviation
 from kvcomm.selection import parse_layers
-from kvcomm.selection.calibrate import DEFAULT_RULE, Rule
+from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, DEFAULT_RULE, Objective, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire.codecs import codec_names
@@ -145,6 +145,7 @@ class RunOptions:
     calib_size: int | None
     profile: Path | None
     selection: str | None
+    objective: str | None
     alpha: float | None
     mu: float | None
     sigma: float | None
@@ -176,7 +177,7 @@ class RunOptions:
     def eval_config(self) -> EvalConfig:
         given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
                                      alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
-                                     selection=self.selection, bucket=self.bucket)
+                                     selection=self.selection, objective=self.objective, bucket=self.bucket)
         return EvalConfig(**{k: v for k, v in given.items() if v is not None})
 
     def method_options(self) -> dict[str, Any]:
@@ -239,6 +240,10 @@ Selection = Annotated[Rule | None, typer.Option(
     help="How calibration ranks layers: answer (greedy by the receiver's likelihood of the gold answer), prior "
          "(attention and a depth prior fitted per model), paper (attention and the paper's fixed prior). "
          f"(default: {DEFAULT_RULE})")]
+CalibrationObjective = Annotated[Objective | None, typer.Option(
+    help="What the answer and prior rules maximise on the calibration items: likelihood (the gold answer's "
+         "log-probability per token) or choice (the probability of picking the gold option, on items that "
+         f"list their options; others fall back to likelihood). (default: {DEFAULT_OBJECTIVE})")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(
@@ -264,6 +269,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`; or the results JSON of an "
              "earlier eval/sweep, whose ranking is reused (calibration paid once).")], None),
     "selection": (Selection, None),
+    "objective": (CalibrationObjective, None),
     "alpha": (Alpha, None),
     "mu": (Mu, None),
     "sigma": (Sigma, None),

@@ -29,7 +29,15 @@ from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, e
 from kvcomm.methods.base import Calibration, Method, Output, Setup
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
-from kvcomm.selection.calibrate import CALIBRATION_ITEMS, DEFAULT_RULE, Profile, Rule, calibrate
+from kvcomm.selection.calibrate import (
+    CALIBRATION_ITEMS,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_RULE,
+    Objective,
+    Profile,
+    Rule,
+    calibrate,
+)
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import score_all
@@ -49,6 +57,8 @@ class EvalConfig(Options):
             never fewer than one).
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
+        objective: what ``answer`` and ``prior`` maximise on the calibration items: ``likelihood``
+            of the gold answer, or ``choice`` of the gold option where items list their options.
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.
@@ -62,6 +72,7 @@ class EvalConfig(Options):
     batch_size: int = Field(8, ge=1)
     calib_size: int | None = Field(None, ge=0)
     selection: Rule = DEFAULT_RULE
+    objective: Objective = DEFAULT_OBJECTIVE
     alpha: float | None = Field(None, ge=0, le=1)
     mu: float = Field(DEFAULT_MU, ge=0, le=1)
     sigma: float = Field(DEFAULT_SIGMA, gt=0)
@@ -207,7 +218,7 @@ class _Sources:
             raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
         c = self.config
         return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
-                         rule=rule)
+                         rule=rule, objective=c.objective)
 
     def blocks(self, max_recompute: float) -> BlockProfile:
         """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a

@@ -69,8 +69,9 @@ def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[None]
     """Inside, a forward of ``model`` given input embeddings ``h`` runs only layers ``start..stop-1``
     on ``h`` (the hidden state entering ``start``): earlier layers pass it through untouched and
     write no cache, and the forward ends after layer ``stop - 1`` (catch nothing: the context
-    manager swallows the stop). Each layer keeps its index, so its cache slot, mask type and RoPE
-    are its own.
+    manager swallows the stop), or, when ``stop`` is the number of layers, runs on to the model's
+    output (final norm, and the head if called with it). Each layer keeps its index, so its cache
+    slot, mask type and RoPE are its own.
 
     The model's layer list is patched while inside: callers that share a model across threads
     must not run it concurrently (the service runs one request at a time).
@@ -83,7 +84,7 @@ def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[None]
     def stop_here(module: torch.nn.Module, args: tuple, output: Any) -> None:
         raise _Stop
 
-    handle = stack[stop - 1].register_forward_hook(stop_here)
+    handle = stack[stop - 1].register_forward_hook(stop_here) if stop < len(stack) else None
     for index in range(start):
         stack[index] = _PassThrough()
     try:
@@ -91,6 +92,7 @@ def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[None]
     except _Stop:
         pass
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for index, layer in enumerate(originals):
             stack[index] = layer

@@ -11,7 +11,6 @@ and why (the greedy trace, the fitted prior), and what it cost (seconds, forward
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, get_args
@@ -27,7 +26,7 @@ from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
-from kvcomm.selection.likelihood import Scored, answer_ids, answer_loglik
+from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, rival_tokens
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.selection.search import default_steps, fit_prior, greedy_order
 from kvcomm.tasks.base import Item, Task
@@ -41,6 +40,9 @@ CALIBRATION_ITEMS: dict[str, int] = {"paper": 1, "answer": 4, "prior": 4}
 importance settles on one item), four for the rules fitted to the answer's likelihood, which one
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
 item, 0.296 on four; docs/results.md)."""
+Objective = Literal["likelihood", "choice"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+DEFAULT_OBJECTIVE: Objective = "likelihood"
 CHUNK = 32  # layer sets per batched forward
 POOL = 8  # candidates greedy selection keeps trying after its first step
 
@@ -75,6 +77,7 @@ def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,
     rule: str = DEFAULT_RULE, steps: int | None = None, tolerance: float | None = None, pool: int | None = POOL,
+    objective: Objective = DEFAULT_OBJECTIVE,
 ) -> Profile:
     """Ranks layers on ``items`` by ``rule`` (see the module's docstring).
 
@@ -86,12 +89,17 @@ def calibrate(
             (None: every layer; each step costs one batched forward of that many sets per item).
         tolerance: also find the budget: the smallest ratio whose score on the calibration items is
             within this of all layers' (answers generated; recorded in ``details["budget"]``).
+        objective: what the fitted rules maximise: ``likelihood`` (the gold answer's mean
+            log-probability per token) or ``choice`` (on items that list their options, the
+            log-probability of choosing the gold one; other items fall back to ``likelihood``).
 
     Raises:
         ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown calibration objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not items:
         raise DataError("calibration needs at least one item")
     began = time.perf_counter()
@@ -103,25 +111,31 @@ def calibrate(
         kv = batch.sender_kv()
         total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid).double().sum(dim=0)
         if rule != "paper":
-            scored += [Scored(kv.row(i), prompt.ids[i], answer_ids(agents.receiver, item))
-                       for i, item in enumerate(batch.items)]
+            for i, item in enumerate(batch.items):
+                answer = answer_ids(agents.receiver, item)
+                rivals = rival_tokens(agents.receiver, item, answer) if objective == "choice" else ()
+                scored.append(Scored(kv.row(i), prompt.ids[i], answer, rivals))
     importance = (total / len(items)).tolist()
     alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
     ranking: list[int] | None = None
     details: dict[str, Any] = {}
     forwards = 0.0
     if rule != "paper":
-        objective, counter = _objective(agents, scored, progress)
+        score, work = _objective(agents, scored, progress)
+        chosen = sum(bool(item.rivals) for item in scored)
+        what = ("mean log-likelihood per gold-answer token" if not chosen else
+                f"log-probability of choosing the gold option ({chosen} of {len(scored)} items list options; "
+                "the others: mean log-likelihood per gold-answer token)")
         if rule == "answer":
-            ranking, trace = greedy_order(objective, agents.num_layers, steps or default_steps(agents.num_layers),
-                                          pool)
-            details = {"search": "greedy forward", "pool": pool, "trace": trace,
-                       "objective": "mean log-likelihood per gold-answer token"}
+            ranking, trace = greedy_order(score, agents.num_layers, steps or default_steps(agents.num_layers), pool)
+            details = {"search": "greedy forward", "pool": pool, "trace": trace, "objective": what}
         else:
-            fitted = fit_prior(objective, importance)
+            fitted = fit_prior(score, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]
-            details = {"search": "grid", "objective": "mean log-likelihood per gold-answer token", "fitted": fitted}
-        forwards = counter[0] / len(items)
+            details = {"search": "grid", "objective": what, "fitted": fitted}
+        forwards = work.calls / len(items)
+        details["layer_rows_per_item"] = work.layer_rows / len(items)
+        details["whole_forwards_per_item"] = work.layer_rows / agents.num_layers / len(items)
     combined = combined_scores(importance, alpha, mu, sigma)
     ranking = ranking or rank_layers(combined.tolist())
     if tolerance is not None:
@@ -135,18 +149,17 @@ def calibrate(
     )
 
 
-def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, list[float]]:
-    """The mean answer log-likelihood of layer sets over the items, and a count of forwards made."""
-    counter = [0.0]
-    bar = tqdm(desc="answer likelihood", unit="forward", disable=not progress)
+def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, Work]:
+    """The mean answer log-likelihood of layer sets over the items, and the work it has done
+    (model calls, and decoder-layer passes of one row: :class:`~kvcomm.selection.likelihood.Work`)."""
+    work = Work()
+    bar = tqdm(desc="answer likelihood", unit="set", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
         values = []
         for item in scored:  # the bar moves item by item: one step can take minutes on a large model
-            values.append(answer_loglik(agents.receiver.model, item, layer_sets, CHUNK).numpy())
-            batches = math.ceil(len(layer_sets) / CHUNK)
-            counter[0] += batches
-            bar.update(batches)
+            values.append(answer_loglik(agents.receiver.model, item, layer_sets, CHUNK, work=work).numpy())
+            bar.update(len(layer_sets))
         return np.mean(values, axis=0)
 
-    return objective, counter
+    return objective, work

@@ -1,10 +1,17 @@
 """How well a receiver answers from a set of shared layers, measured without generating.
 
 The receiver's teacher-forced log-likelihood of the gold answer, given the sender's KV at a set of
-layers (and the sink elsewhere), is a smooth, cheap stand-in for the score it would get. Many
-candidate sets of one item are scored in one batched forward: each row is the same context, and a
-layer a row does not share has every context key but the sink masked out, which is exactly a
-sink-only layer (the sink keeps position 0; masked keys take no attention).
+layers (and the sink elsewhere), is a smooth, cheap stand-in for the score it would get. Each
+candidate set is a row over the same context, and a layer a row does not share has every context
+key but the sink masked out, which is exactly a sink-only layer (the sink keeps position 0;
+masked keys take no attention).
+
+Candidate sets mostly share their layers (greedy selection tries "the chosen layers plus one"), and
+a row computes exactly what the rows sharing its layers compute up to the first layer where its
+set differs. So the sets' common part is run once, recording the hidden state entering each
+layer where a set departs from it, and each set runs only its own layers from there on: for a
+greedy step over every layer that is about half the work of running each set whole
+(:func:`answer_loglik`, ``staircase``).
 """
 
 from __future__ import annotations
@@ -18,16 +25,23 @@ from transformers import PreTrainedModel
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import SenderKV, SharedKV, receiver_input, run_body
+from kvcomm.protocol.hidden import only_layers, recording
 from kvcomm.tasks.base import Item
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One calibration item as the likelihood needs it: its sender KV (one row) and token ids."""
+    """One calibration item as the likelihood needs it: its sender KV (one row) and token ids.
+
+    ``rivals``, for a multiple-choice item, are the other options as ``(index, token)``: where each
+    departs from the gold answer's tokens and its token there (:func:`rival_tokens`). With rivals,
+    the item's objective is the log-probability of choosing the gold option (below).
+    """
 
     sender: SenderKV
     prompt: list[int]  # the receiver's message, ending with the generation prompt
     answer: list[int]  # the gold answer's tokens, as the receiver would write them
+    rivals: tuple[tuple[int, int], ...] = ()
 
 
 def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]]) -> SharedKV:
@@ -46,24 +60,98 @@ def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]]) -> SharedKV:
     )
 
 
+@dataclass
+class Work:
+    """What scoring layer sets cost: decoder-layer passes of one row over the prompt and answer
+    (a whole forward of one set is ``num_layers`` of them), and model calls."""
+
+    layer_rows: int = 0
+    calls: int = 0
+
+
 @torch.inference_mode()
 def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[frozenset[int]],
-                  chunk: int = 32) -> torch.Tensor:
-    """Mean log-probability per gold-answer token for each layer set (``[len(layer_sets)]``, float64).
+                  chunk: int = 32, staircase: bool = True, work: Work | None = None) -> torch.Tensor:
+    """Each layer set's objective (``[len(layer_sets)]``, float64): the mean log-probability per
+    gold-answer token, or with ``item.rivals`` the log-probability of choosing the gold option.
+
+    Args:
+        chunk: sets per batched forward.
+        staircase: run the sets' common layers once and each set only from the first layer where
+            it departs from them (the module's docstring); False runs every set whole (the same
+            values up to float rounding).
+        work: when given, the layer passes and calls made are added to it.
 
     Raises:
         ConfigError: the item has no answer tokens, or its sender KV holds more than one row.
     """
     if item.sender.context_len.shape[0] != 1:
         raise ConfigError("an answer-likelihood item needs one sender row")
-    return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk]), item.prompt,
-                                  item.answer) for start in range(0, len(layer_sets), chunk)])
+    work = work if work is not None else Work()
+    if not layer_sets:
+        return torch.zeros(0, dtype=torch.float64)
+    layers = item.sender.num_layers
+    if not staircase:
+        work.layer_rows += layers * len(layer_sets)
+        work.calls += -(-len(layer_sets) // chunk)
+        return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk]), item.prompt,
+                                      item.answer, rivals=item.rivals) for start in range(0, len(layer_sets), chunk)])
+    common = frozenset.intersection(*map(frozenset, layer_sets))
+    departs = [min(chosen - common, default=layers) for chosen in layer_sets]  # first layer of its own
+    groups = _groups([(start, row) for row, start in enumerate(departs) if start < layers], layers, chunk)
+    with recording(model, {start for start, _ in groups}) as states:
+        base = rows_loglik(model, _masked(item.sender, [common]), item.prompt, item.answer, rivals=item.rivals)
+    work.layer_rows += layers
+    work.calls += 1
+    out = base.expand(len(layer_sets)).clone()
+    for start, rows in groups:
+        hidden = states[start].expand(len(rows), -1, -1)
+        shared = _masked(item.sender, [layer_sets[row] for row in rows])
+        out[rows] = rows_loglik(model, shared, item.prompt, item.answer, start=(start, hidden), rivals=item.rivals)
+        work.layer_rows += (layers - start) * len(rows)
+        work.calls += 1
+    return out
+
+
+def _groups(departing: list[tuple[int, int]], layers: int, chunk: int) -> list[tuple[int, list[int]]]:
+    """Rows (``(first own layer, row)``) gathered into forwards, each starting at its earliest
+    member's layer: a row may start before its own first layer, where it still computes what the
+    common part does. Fewest layer passes, counting a forward's fixed cost as a quarter of one
+    row's whole forward (exact dynamic programming over the rows sorted by layer; at most
+    ``chunk`` rows per forward)."""
+    ordered = sorted(departing)
+    call = layers / 4
+    best = [0.0] + [float("inf")] * len(ordered)  # best[i]: cost of the first i rows
+    cut = [0] * (len(ordered) + 1)
+    for end in range(1, len(ordered) + 1):
+        for begin in range(max(0, end - chunk), end):
+            cost = best[begin] + call + (layers - ordered[begin][0]) * (end - begin)
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups, end = [], len(ordered)
+    while end:
+        begin = cut[end]
+        groups.append((ordered[begin][0], [row for _, row in ordered[begin:end]]))
+        end = begin
+    return groups[::-1]
 
 
 @torch.inference_mode()
-def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answer: list[int]) -> torch.Tensor:
+def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answer: list[int],
+                start: tuple[int, torch.Tensor] | None = None,
+                rivals: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Mean log-probability per gold-answer token after ``prompt``, for each row of ``rows`` (one
     candidate context KV per row, e.g. several ways of building the same context): ``[R]``, float64.
+
+    With ``rivals`` (``(index, token)``: another option departs from the gold answer at token
+    ``index`` with ``token``), it is instead the log-probability of choosing the gold option: a
+    softmax over the options, each option's logit taken where it departs from the gold answer,
+    ``-log(1 + Σ exp(logit[i, rival] - logit[i, gold_i]))``. Up to where they depart, the options
+    are the gold answer's own tokens, so one teacher-forced pass scores them all.
+
+    ``start = (layer, hidden)`` runs only layers ``layer..L-1``, from ``hidden`` (``[R, T, H]``,
+    the state entering ``layer`` over the prompt and answer tokens, as recorded from a row that
+    computes the same as these up to there).
 
     Raises:
         ConfigError: no answer tokens.
@@ -74,10 +162,43 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
     ids = torch.tensor(prompt + answer[:-1])[None]  # the last answer token is only predicted
     target = torch.tensor(answer)
     begin = receiver_input(rows)
-    logits = run_body(model, ids.expand(count, -1), torch.ones(count, ids.shape[1], dtype=torch.bool),
-                      begin.cache, begin.layout, logits_to_keep=len(answer)).logits  # [R, A, V]
+    valid = torch.ones(count, ids.shape[1], dtype=torch.bool)
+    if start is None:
+        logits = run_body(model, ids.expand(count, -1), valid, begin.cache, begin.layout,
+                          logits_to_keep=len(answer)).logits  # [R, A, V]
+    else:
+        layer, hidden = start
+        with only_layers(model, layer, rows.num_layers):
+            logits = run_body(model, hidden, valid, begin.cache, begin.layout, logits_to_keep=len(answer)).logits
+    if rivals:
+        where = torch.tensor([index for index, _ in rivals])
+        gaps = logits[:, where, torch.tensor([token for _, token in rivals])] - logits[:, where, target[where]]
+        gaps = torch.cat([torch.zeros(count, 1), gaps.float()], dim=1)  # [R, 1 + rivals]; gold's own is 0
+        return -torch.logsumexp(gaps.double(), dim=1)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.expand(count, -1)[..., None])
     return logp[..., 0].double().mean(dim=1)
+
+
+def rival_tokens(model: LoadedModel, item: Item, answer: list[int]) -> tuple[tuple[int, int], ...]:
+    """For a multiple-choice item, each other option as ``(index, token)``: the first token where
+    its tokens (as ``model`` writes them) depart from the gold ``answer``'s, and its token there.
+    Options that depart nowhere inside the gold answer's tokens (one is the other's prefix) are
+    left out: one teacher-forced pass cannot tell them apart. No choices: ``()``."""
+    out = []
+    for option in item.choices:
+        if option == item.answers[0]:
+            continue
+        ids = _written(model, option)
+        index = next((i for i, (a, b) in enumerate(zip(answer, ids)) if a != b), None)
+        if index is not None:
+            out.append((index, ids[index]))
+    return tuple(out)
+
+
+def _written(model: LoadedModel, text: str) -> list[int]:
+    """``text``'s tokens as ``model`` writes them after its prompt."""
+    text = text if model.has_chat_template else " " + text  # after "Answer:"
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def answer_ids(model: LoadedModel, item: Item) -> list[int]:
@@ -89,8 +210,7 @@ def answer_ids(model: LoadedModel, item: Item) -> list[int]:
     if not item.answers:
         raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one "
                         "(calibrate on items with answers, or rank by attention: --selection paper)")
-    text = item.answers[0] if model.has_chat_template else " " + item.answers[0]  # after "Answer:"
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = _written(model, item.answers[0])
     if not ids:
         raise DataError(f"item {item.id}'s gold answer has no tokens")
     return ids

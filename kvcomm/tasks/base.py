@@ -25,6 +25,8 @@ class Item:
     otherwise a context is split at sentence ends (:func:`split_context`). ``asks``, when given,
     is what each agent of a graph holding one piece is asked (agent ``i`` reads piece ``i``; the
     last ask is the item's question), and ``ask_answers`` what each should say: a relay's hops.
+    ``choices``, when given, are the options the question offers (the first answer among them):
+    answer-aware calibration then scores how surely the receiver picks the gold one.
     """
 
     id: str
@@ -34,6 +36,11 @@ class Item:
     pieces: tuple[str, ...] = ()
     asks: tuple[str, ...] = ()
     ask_answers: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.choices and (not self.answers or self.answers[0] not in self.choices):
+            raise DataError(f"item {self.id}: its answer {self.answers[:1]} is not among its choices {self.choices}")
 
     def parts(self, count: int) -> list[str]:
         """The context in ``count`` pieces: the item's own when it has that many, else split evenly."""

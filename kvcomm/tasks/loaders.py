@@ -158,6 +158,7 @@ def tipsheets(path: str | Path | None = None) -> Task:
             context=_field(rec, "prompt_A", f"{file}:{number}"),
             question=_field(rec, "prompt_B", f"{file}:{number}"),
             answers=(str(_field(rec, "label", f"{file}:{number}")),),
+            choices=tuple(str(option) for option in rec.get("options", ())),
         )
         for number, rec in read_jsonl(file)
     ]
@@ -166,7 +167,8 @@ def tipsheets(path: str | Path | None = None) -> Task:
 
 @task("jsonl", max_new_tokens=32, source="--data (required)")
 def jsonl(path: str | Path | None = None) -> Task:
-    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one string); ``id`` optional."""
+    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one string); ``id`` and
+    ``choices`` (the options a multiple-choice question offers, the first answer among them) optional."""
     if path is None:
         raise DataError("the jsonl task needs a file: --data PATH")
     file = Path(path)
@@ -177,11 +179,15 @@ def jsonl(path: str | Path | None = None) -> Task:
         answers = (answers,) if isinstance(answers, str) else tuple(str(a) for a in answers)
         if not answers:
             raise DataError(f"{where}: 'answers' is empty")
+        choices = rec.get("choices", ())
+        if not isinstance(choices, list | tuple):
+            raise DataError(f"{where}: 'choices' must be a list of the options the question offers")
         items.append(Item(
             id=str(rec.get("id", f"{file.stem}_{number - 1:04d}")),
             context=str(_field(rec, "context", where)),
             question=str(_field(rec, "question", where)),
             answers=answers,
+            choices=tuple(str(c) for c in choices),
         ))
     return TASKS.get("jsonl").make(items, name=file.stem, data=file)
 
