@@ -1,9 +1,12 @@
 """Qwen Tipsheets, answer rule with the choice objective, 4 calibration items, greedy to 9 steps
 (ratio 0.3 needs ceil(0.3*28)=9 layers; the first 9 greedy steps are what the full 20-step run makes),
 evaluated at ratio 0.3 on the same 100 test items as qwen-tipsheets.json."""
-import json, sys, time
+import sys
+import time
+
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
 from kvcomm.selection.calibrate import calibrate
+
 agents = Agents.load("qwen2.5-coder-1.5b")
 task = load_task("tipsheets", "../shared/data/tipsheets.jsonl")
 config = EvalConfig(limit=100, calib_size=4, batch_size=16, objective="choice")
