@@ -150,7 +150,8 @@ def calibrate(
 
 
 def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, Work]:
-    """The mean answer log-likelihood of layer sets over the items, and the work it has done
+    """Each layer set's objective (answer likelihood, or choice of the gold option) averaged over
+    the items, and the work it has done
     (model calls, and decoder-layer passes of one row: :class:`~kvcomm.selection.likelihood.Work`)."""
     work = Work()
     bar = tqdm(desc="answer likelihood", unit="set", disable=not progress)
