@@ -42,7 +42,7 @@ from kvcomm.errors import (
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.cluster import Cluster, RayCluster
-from kvcomm.graphs import EdgeOptions, Graph, GraphReport, GraphRun
+from kvcomm.graphs import AnchorOptions, EdgeOptions, Graph, GraphReport, GraphRun
 from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
 from kvcomm.protocol import SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
@@ -53,7 +53,8 @@ from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import KVMessage
 
 __all__ = [
-    "Agents", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError", "DataError", "EMBEDDED",
+    "Agents", "AnchorOptions", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError", "DataError",
+    "EMBEDDED",
     "EdgeOptions", "EvalConfig", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError",
     "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError",
     "RayCluster", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods",

@@ -204,14 +204,20 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     lonely = CliRunner().invoke(app, ["graph", "-m", "no-such-model", "--agents", "1", "--out", str(out)])
     assert lonely.exit_code == 2 and "a chain needs at least 2 turns" in lonely.output  # before any model loads
     reused = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "facts", "--topology", "star", "--agents",
-                                      "2", "--limit", "2", "--via", "text", "--reuse", "off,on", "--no-single", "-q",
-                                      "--overwrite", "--out", str(out)], env={"COLUMNS": "200"})
+                                      "2", "--limit", "3", "--via", "text", "--reuse", "off,on,anchor", "--no-single",
+                                      "-q", "--batch-size", "1", "--anchor-threshold", "1", "--overwrite", "--out",
+                                      str(out)], env={"COLUMNS": "200"})
     assert reused.exit_code == 0, reused.output
     runs = json.loads(out.read_text())["runs"]
-    assert [r["label"] for r in runs] == ["star×2 text", "star×2 text +reuse"]
+    assert [r["label"] for r in runs] == ["star×2 text", "star×2 text +reuse", "star×2 text +reuse/anchorγ1"]
     assert runs[0]["steps"][0]["reused_tokens"] == 0 < runs[1]["steps"][0]["reused_tokens"]
+    assert runs[2]["anchored"] == pytest.approx(1 / 3) and runs[2]["anchors"]["threshold"] == 1  # 2 anchors, 1 reuse
+    assert "anchor-corrected items" in reused.output
     wrong = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "maybe", "--out", str(out)])
-    assert wrong.exit_code != 0 and "--reuse takes off and on" in wrong.output
+    assert wrong.exit_code != 0 and "--reuse takes off, on and anchor" in wrong.output
+    clustered = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "anchor", "--ray", "local", "--out",
+                                         str(out)])
+    assert clustered.exit_code == 2 and "not with --ray" in clustered.output
 
 
 def test_splice_joins_pieces_that_share_different_layers():

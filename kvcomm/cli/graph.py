@@ -28,6 +28,7 @@ from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
+from kvcomm.graphs.anchors import AnchorOptions
 from kvcomm.graphs.compare import compare, edge_grid
 from kvcomm.graphs.report import plot_graph, print_graph
 from kvcomm.graphs.topology import unroll
@@ -79,9 +80,16 @@ def graph_command(
     = "inline",
     mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy or "
                                            "shift-back (inline KV is causal).")] = "causal",
-    reuse: Annotated[str, typer.Option(help="Comma-separated: off, on. On: the question every agent is asked is "
-                                       "prefilled once per item and reused by each agent with re-rotated positions "
-                                       "(KVCOMM's shared input).")] = "off",
+    reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: the question every agent is "
+                                       "asked is prefilled once per item and reused by each agent with re-rotated "
+                                       "positions (KVCOMM's shared input). Anchor: also corrected by KVCOMM's "
+                                       "anchors (items computed in every agent's context), the chat's closing "
+                                       "reused too.")] = "off",
+    anchor_threshold: Annotated[float, typer.Option(min=0, help="With --reuse anchor: the shareability test's "
+                                                    "entropy bound γ (KVCOMM's --kv-threshold); higher reuses "
+                                                    "more.")] = 0.3,
+    anchor_closing: Annotated[bool, typer.Option(help="With --reuse anchor: reuse the chat's closing too (each "
+                                                 "agent prefills one token), or prefill it in each context.")] = True,
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
     limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
@@ -109,9 +117,13 @@ def graph_command(
     except ConfigError as err:
         raise ConfigError(f"--via: {err}") from None
     settings = _list(reuse, "reuse")
-    if bad := [r for r in settings if r not in ("off", "on")]:
-        raise ConfigError(f"--reuse takes off and on, got {', '.join(bad)}")
+    if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
+        raise ConfigError(f"--reuse takes off, on and anchor, got {', '.join(bad)}")
+    anchors = AnchorOptions(threshold=anchor_threshold, closing=anchor_closing)
+    choices: dict[str, bool | AnchorOptions] = {"off": False, "on": True, "anchor": anchors}
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
+    if ray is not None and "anchor" in settings:
+        raise ConfigError("--reuse anchor keeps one pool of anchors across the run's batches: not with --ray")
     cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
     the_task = graph_task(task, data, agents, limit, seed)
@@ -125,7 +137,7 @@ def graph_command(
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
                          batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,
-                         reuse=[r == "on" for r in dict.fromkeys(settings)])
+                         reuse=[choices[r] for r in dict.fromkeys(settings)])
     report.save(out)
     plot = plot_graph(report, out.with_suffix(".png"))
     print_graph(report)

@@ -10,6 +10,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.provenance import utc_now
 from kvcomm.eval.results import environment
+from kvcomm.graphs.anchors import AnchorOptions
 from kvcomm.graphs.graph import EdgeOptions, Graph, GraphReport
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode
@@ -42,14 +43,15 @@ def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequen
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
             edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
             reply_tokens: int | None = None, progress: bool = True, command: str | None = None,
-            cluster: Cluster | None = None, reuse: Sequence[bool] = (False,)) -> GraphReport:
+            cluster: Cluster | None = None, reuse: Sequence[bool | AnchorOptions] = (False,)) -> GraphReport:
     """Runs the single-agent reference (``single``) and the graph once per edge configuration and
-    ``reuse`` setting (on ``cluster``'s workers, batch by batch, when given). Reuse is skipped for
-    KV edges placed as a prefix, which cannot reuse the question."""
+    ``reuse`` setting (off, on, or on with anchor correction; on ``cluster``'s workers, batch by
+    batch, when given). Reuse is skipped for KV edges placed as a prefix, which cannot reuse the
+    question."""
     started = utc_now()
     graphs = [Graph.single(model)] if single else []
     graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens, shared) for edge in edges
-               for shared in reuse if not (shared and edge.via == "kv" and edge.place == "prefix")]
+               for shared in reuse if not (shared is not False and edge.via == "kv" and edge.place == "prefix")]
     runs = [graph.run(task, items, batch_size, progress, cluster) for graph in graphs]
     config = {"task": task.name, "seed": task.seed, "metric": task.metric, "model": model.name,
               "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import torch
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from kvcomm.config import Options
 from kvcomm.errors import ConfigError, DataError, ProtocolError
 from kvcomm.eval.results import Score, summarize
+from kvcomm.graphs.anchors import Anchor, AnchorOptions, AnchorPool, Segment
 from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import (
@@ -169,6 +170,8 @@ class GraphRun(BaseModel):
     rounds: int
     edge: dict[str, Any]
     reuse: bool = False
+    anchors: dict[str, Any] | None = None  # the anchor correction's options, when reuse used it
+    anchored: float | None = None  # with anchors: share of shared questions reused (the rest became anchors)
     layers: list[int] | None
     n: int
     scores: dict[str, Score]
@@ -226,11 +229,16 @@ class Graph:
             position 0) and placed after each agent's own text with re-rotated positions; each
             agent prefills the chat's closing after it. With the edges' ``blend`` the reused
             question is blended with the rest of each agent's context. Not with KV placed as a
-            prefix (the question then continues the heard conversation).
+            prefix (the question then continues the heard conversation). An
+            :class:`~kvcomm.graphs.anchors.AnchorOptions` reuses with KVCOMM's anchor-based offset
+            correction (and, by default, the chat's closing too): items that fail its shareability
+            test are computed in every agent's context and become anchors, in item order, so
+            answers depend on the batch size, and a run with anchors takes no cluster.
     """
 
     def __init__(self, model: LoadedModel, steps: Sequence[Step], agents: int, edge: EdgeOptions | None = None,
-                 reply_tokens: int | None = None, topology: str = "custom", reuse: bool = False) -> None:
+                 reply_tokens: int | None = None, topology: str = "custom",
+                 reuse: bool | AnchorOptions = False) -> None:
         if not steps:
             raise ConfigError("a graph needs at least one step")
         seen: set[Turn] = set()
@@ -242,7 +250,10 @@ class Graph:
             seen.add(step.turn)
         self.model, self.steps, self.agents = model, list(steps), agents
         self.edge = edge or EdgeOptions()
-        self.reply_tokens, self.topology, self.reuse = reply_tokens, topology, reuse
+        self.reply_tokens, self.topology = reply_tokens, topology
+        self.reuse, self.anchors = reuse is not False, reuse if isinstance(reuse, AnchorOptions) else None
+        self._pool = AnchorPool(self.anchors) if self.anchors is not None else None
+        self._anchored = [0, 0]  # shared questions reused with correction, computed densely
         if reuse and self.edge.via == "kv" and self.edge.place == "prefix":
             raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
                               "kv edges placed inline, not place prefix")
@@ -256,7 +267,7 @@ class Graph:
 
     @classmethod
     def build(cls, model: LoadedModel, topology: str, agents: int, rounds: int = 1, edge: EdgeOptions | None = None,
-              reply_tokens: int | None = None, reuse: bool = False) -> Graph:
+              reply_tokens: int | None = None, reuse: bool | AnchorOptions = False) -> Graph:
         """A graph of a named topology (``chain``, ``star``, ``full``, ``debate``)."""
         return cls(model, unroll(topology, agents, rounds), agents, edge, reply_tokens, topology, reuse)
 
@@ -270,8 +281,10 @@ class Graph:
         if self.topology == "single":
             return "single agent"
         rounds = 1 + max(s.turn.round for s in self.steps)
-        return (f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}"
-                + (" +reuse" if self.reuse else ""))
+        reuse = "" if not self.reuse else " +reuse" if self.anchors is None else " +reuse/anchor" + (
+            "" if self.anchors.threshold == AnchorOptions().threshold else f"γ{self.anchors.threshold:g}") + (
+            "" if self.anchors.closing else "[question]")
+        return f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}{reuse}"
 
     def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]],
                 mark_question: bool = False) -> str:
@@ -315,6 +328,11 @@ class Graph:
         own copy of the model) and the results are taken in order: the same replies and scores."""
         if not items:
             raise ConfigError("a graph run needs at least one item")
+        if cluster is not None and self.anchors is not None:
+            raise ConfigError("anchor correction keeps one pool of anchors across a run's batches: run it without "
+                              "a cluster")
+        if self.anchors is not None:
+            self._pool, self._anchored = AnchorPool(self.anchors), [0, 0]
         for item in items if self.agents > 1 else ():
             try:
                 item.parts(self.agents)
@@ -348,7 +366,9 @@ class Graph:
         steps = [t.row(step, n, self._hop_golds(items, step)) for t, step in zip(tally, self.steps)]
         return GraphRun(label=self.label, topology=self.topology, agents=self.agents,
                         rounds=1 + max(s.turn.round for s in self.steps), edge=self.edge.model_dump(mode="json"),
-                        reuse=self.reuse,
+                        reuse=self.reuse, anchors=None if self.anchors is None else self.anchors.model_dump(),
+                        anchored=None if self.anchors is None or not sum(self._anchored) else
+                        self._anchored[0] / sum(self._anchored),
                         layers=self.layers, n=n, scores=summarize([r.scores for r in rows]), seconds=seconds,
                         seconds_per_item=seconds / n, bytes_per_item=sum(s.bytes_out * len(self._listeners(st))
                                                                          for s, st in zip(steps, self.steps)),
@@ -365,16 +385,21 @@ class Graph:
     def _run_batch(self, task: Task, batch: list[Item], tally: list[_StepTally], bar: Any) -> list[list[str]]:
         model = self.model
         sent: dict[Turn, _Sent] = {}
-        shared: dict[tuple[str, tuple[int, ...]], SharedKV] = {}  # reuse: each item's question, computed once
+        shared: dict[tuple[str, tuple[int, ...]], _Question] = {}  # reuse: each item's question, computed once
         replies: list[list[str]] = []
         for index, step in enumerate(self.steps):
             began = clock()
             heard = [sent[t] for t in step.hears]
-            start = self._prompt(task, batch, step, heard, shared)
+            start = self._prompt(task, batch, index, heard, shared)
             assembled = clock() - began
             last = index == len(self.steps) - 1
             budget = task.max_new_tokens if last or self.reply_tokens is None else self.reply_tokens
             turn = generate_turn(model.model, start.cache, start.ids, start.valid, budget, model.stop_ids, model.pad_id)
+            for row, anchor in start.dense:  # an anchor's offsets: the question and closing as computed here
+                base = anchor.base
+                dense = rebase(model.model, turn.kv[row].first(base.keys[0].shape[1]))
+                anchor.offsets[index] = Segment([k[0] for k in dense.keys], [v[0] for v in dense.values],
+                                                base.length, base.tail).minus(base)
             texts_out = [model.decode(r) for r in turn.replies]
             carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
                 f"{m} Answer: {r}" for m, r in zip(start.messages, texts_out)]
@@ -389,14 +414,17 @@ class Graph:
             tally[index].add(assembled + turn.first_token_s, clock() - began, [len(r) for r in turn.replies],
                              sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out, start.context, start.reused)
             bar.update(len(batch))
+        for question in shared.values():  # the questions computed densely become anchors, in item order
+            if self._pool is not None and question.anchor is not None and question.anchor.offsets:
+                self._pool.add(question.anchor)
         return replies
 
-    def _prompt(self, task: Task, batch: list[Item], step: Step, heard: list[_Sent],
-                shared: dict[tuple[str, tuple[int, ...]], SharedKV]) -> _Start:
-        """Where ``step`` starts for each row: the cache of what it heard (as KV) and of the shared
-        question (reuse), the tokens it prefills, its messages, and how many context tokens it
-        has and took from elsewhere."""
-        model, rows = self.model, range(len(batch))
+    def _prompt(self, task: Task, batch: list[Item], index: int, heard: list[_Sent],
+                shared: dict[tuple[str, tuple[int, ...]], _Question]) -> _Start:
+        """Where step ``index`` starts for each row: the cache of what it heard (as KV) and of the
+        shared question (reuse), the tokens it prefills, its messages, and how many context tokens
+        it has and took from elsewhere."""
+        model, rows, step = self.model, range(len(batch)), self.steps[index]
         names = [agent_name(t.agent) for t in step.hears]
         reuse = self._reuses(batch, step)
         if self.edge.via == "text" or not heard:
@@ -408,7 +436,7 @@ class Graph:
             segments = [model.encode_message_parts(m, [QUESTION, ASKED]) for m in messages]
             mine = SharedKV.whole(prefill(model.model, *pad_left([s[0] for s in segments], model.pad_id)))
             pieces = [[mine.row(r)] for r in rows]
-            return self._reusing(batch, segments, pieces, self.edge.blend, messages, shared)
+            return self._reusing(batch, index, segments, pieces, self.edge.blend, messages, shared)
         if self.edge.place == "prefix":
             joined = [concat_shared(model.model, [h.shared[r] for h in heard]) for r in rows]  # type: ignore[index]
             messages = [self.message(task, item, step, []) for item in batch]
@@ -430,7 +458,7 @@ class Graph:
         if reuse:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
-            return self._reusing(batch, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
+            return self._reusing(batch, index, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
         context = SharedKV.stack([splice(model.model, row) for row in pieces])
         if self.edge.blend is not None:
             context, _ = blend(model.model, context, self.edge.blend)
@@ -439,30 +467,62 @@ class Graph:
         return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
                       received)
 
-    def _reusing(self, batch: list[Item], segments: list[list[list[int]]], pieces: list[list[SharedKV]],
+    def _reusing(self, batch: list[Item], index: int, segments: list[list[list[int]]], pieces: list[list[SharedKV]],
                  blending: float | None, messages: list[str],
-                 shared: dict[tuple[str, tuple[int, ...]], SharedKV]) -> _Start:
+                 shared: dict[tuple[str, tuple[int, ...]], _Question]) -> _Start:
         """Each row's pieces followed by its item's question, computed once for every agent that
         asks it (``segments[r]``: the question, then the chat's closing); the agent prefills the
-        closing itself, in its own context (where its answer starts to form)."""
-        model, rows = self.model, range(len(batch))
+        closing itself, in its own context (where its answer starts to form). With anchors, the
+        question (and the closing but its last token, which the agent prefills) is corrected by
+        them, or, for an item that fails the shareability test, computed in the agent's context
+        and recorded (``_Start.dense``)."""
+        model, rows, anchors = self.model, range(len(batch)), self.anchors
         questions, closings = [s[-2] for s in segments], [s[-1] for s in segments]
         if not all(questions) or not all(closings):
             raise ProtocolError("reuse needs a question and a chat closing of at least one token each")
         keys = [(item.id, tuple(question)) for item, question in zip(batch, questions)]
         missing = list(dict.fromkeys(k for k in keys if k not in shared))
         if missing:  # behind the chat's opening (not its own position 0: no second sink), then moved to 0
-            opening = model.turn_opening()
-            kv = prefill_shared(model.model, [opening + list(k[1]) for k in missing], model.pad_id)
-            made = SharedKV.whole(rebase(model.model, kv.last([len(k[1]) for k in missing])))
-            shared.update({key: made.row(i) for i, key in enumerate(missing)})
-        context = SharedKV.stack([splice(model.model, [*pieces[r], shared[keys[r]]]) for r in rows])
+            opening, tail = model.turn_opening(), closings[0] if anchors is not None else []
+            kv = prefill_shared(model.model, [opening + list(k[1]) + tail for k in missing], model.pad_id)
+            made = rebase(model.model, kv.last([len(k[1]) + len(tail) for k in missing]))
+            for i, key in enumerate(missing):
+                row = made.row(i)
+                base = None if anchors is None else Segment([k[0] for k in row.keys], [v[0] for v in row.values],
+                                                            len(key[1]), tuple(tail))
+                shared[key] = question = _Question(row, base)
+                if base is not None and self._pool is not None:
+                    reused = self._pool.shareable(base)
+                    question.anchor = None if reused else Anchor(base)
+                    self._anchored[0 if reused else 1] += 1
+        context_rows, ids, dense = [], [], []
+        for r in rows:
+            question = shared[keys[r]]
+            if question.base is None:  # plain reuse
+                context_rows.append(splice(model.model, [*pieces[r], SharedKV.whole(question.kv)]))
+                ids.append(closings[r])
+                continue
+            if question.base.tail != tuple(closings[r]):
+                raise ProtocolError("anchor correction expects every agent's chat closing to be the same tokens")
+            if question.anchor is not None:  # computed here, in the agent's context: the anchor's offsets
+                context_rows.append(splice(model.model, pieces[r]))
+                ids.append(questions[r] + closings[r])
+                dense.append((r, question.anchor))
+                continue
+            assert self._pool is not None and anchors is not None
+            corrected = self._pool.correct(index, question.base)
+            keep = len(questions[r]) + (len(closings[r]) - 1 if anchors.closing else 0)
+            kv = replace(question.kv, keys=[k[None] for k in corrected.keys],
+                         values=[v[None] for v in corrected.values])
+            context_rows.append(splice(model.model, [*pieces[r], SharedKV.whole(kv.first(keep))]))
+            ids.append(closings[r][-1:] if anchors.closing else closings[r])
+        context = SharedKV.stack(context_rows)
         if blending is not None:
             context, _ = blend(model.model, context, blending)
-        ids, valid = pad_left(closings, model.pad_id)
+        padded, valid = pad_left(ids, model.pad_id)
         own = sum(int(p.context_len[0]) for r in rows for p in pieces[r][::2])  # the agent's own segments
-        return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
-                      int(context.context_len.sum()) - own)
+        return _Start(receiver_input(context), padded, valid, messages,
+                      int(context.context_len.sum()) + int(valid.sum()), int(context.context_len.sum()) - own, dense)
 
     def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
         """Each row's turn as it arrives: its reply or whole turn, re-based to 0, cut to the edge's
@@ -492,6 +552,19 @@ class _Start:
     messages: list[str]
     context: int  # tokens in the agents' contexts (all rows), heard KV and the prefilled prompt included
     reused: int  # of those, tokens whose KV came from elsewhere (heard turns, a shared question)
+    dense: list[tuple[int, Anchor]] = field(default_factory=list)  # rows computing an anchor's question
+
+
+@dataclass
+class _Question:
+    """An item's shared question, prefilled once (reuse): its KV row in the position-0 frame (with
+    anchors, the chat's closing after it) and, with anchors, that KV as a base to correct, or, when
+    it failed the shareability test, the anchor it becomes (every agent computes it in its own
+    context, and the offsets are recorded there per step)."""
+
+    kv: SenderKV
+    base: Segment | None = None
+    anchor: Anchor | None = None
 
 
 @dataclass
@@ -551,7 +624,7 @@ class _GraphJob:
     edge: EdgeOptions
     reply_tokens: int | None
     topology: str
-    reuse: bool = False
+    reuse: bool | AnchorOptions = False
 
     def run_batch(self, agents: Agents, task: Task, items: list[Item],
                   extra: None) -> tuple[list[list[str]], list[_StepTally]]:

@@ -18,12 +18,15 @@ from kvcomm.graphs.graph import GraphReport  # noqa: E402
 
 
 def graph_table(report: GraphReport) -> Table:
-    """One row per configuration: score and interval, bytes per item, time per item."""
+    """One row per configuration: score and interval, bytes per item, time per item, and with
+    anchor correction the share of items whose question was reused (the others became anchors)."""
     cfg = report.config
     metric = cfg["metric"]
     table = Table(title=Text(f"{cfg['task']} · {cfg['model']} · {cfg['topology']} of {cfg['agents']} agents · "
                              f"n={cfg['items']}"))
-    for column in ("configuration", metric, "95% CI", "bytes/item", "s/item", "hop accuracy by agent"):
+    anchors = any(run.anchored is not None for run in report.runs)
+    for column in ("configuration", metric, "95% CI", "bytes/item", "s/item", "hop accuracy by agent",
+                   *(["anchor-corrected items"] if anchors else [])):
         table.add_column(Text(column), justify="left" if column in ("configuration", "hop accuracy by agent")
                          else "right", overflow="fold")
     for run in report.runs:
@@ -31,7 +34,7 @@ def graph_table(report: GraphReport) -> Table:
         hops = " ".join(f"{s.hop_accuracy:.2f}" for s in run.steps if s.hop_accuracy is not None) or "-"
         table.add_row(Text(run.label), f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
                       byte_label(run.bytes_per_item) if run.bytes_per_item else "0", f"{run.seconds_per_item:.2f}",
-                      hops)
+                      hops, *([] if not anchors else ["-" if run.anchored is None else f"{run.anchored:.0%}"]))
     return table
 
 

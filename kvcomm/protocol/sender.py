@@ -97,6 +97,15 @@ class SenderKV:
                         ids=None if self.ids is None else self.ids[:, -width:],
                         hidden={layer: h[:, -width:] for layer, h in self.hidden.items()})
 
+    def first(self, count: int) -> SenderKV:
+        """The first ``count`` columns of every row (of one row without padding: its first tokens)."""
+        if count > self.valid.shape[1]:
+            raise ProtocolError(f"cannot keep {count} of {self.valid.shape[1]} columns")
+        return SenderKV(keys=[k[:, :, :count] for k in self.keys], values=[v[:, :, :count] for v in self.values],
+                        positions=self.positions[:, :count], valid=self.valid[:, :count],
+                        ids=None if self.ids is None else self.ids[:, :count],
+                        hidden={layer: h[:, :count] for layer, h in self.hidden.items()})
+
     def token_bytes(self, layer: int) -> int:
         """Bytes of one token's key and value at ``layer``."""
         k = self.keys[layer]

@@ -1,0 +1,162 @@
+"""KVCOMM's anchor-based offset correction for shared text reused across agents.
+
+A question that several agents are asked is prefilled once (its *base* KV, moved to position 0)
+and placed after each agent's own text with re-rotated positions. Re-rotation fixes positions, not
+context: in an agent's own prefill the question's KV also depends on everything before it. KVCOMM
+(Ye et al., NeurIPS '25) estimates that dependence from *anchors*: earlier shared texts that every
+agent computed in its own context, for which the offset ``dense − base`` (in the position-0 frame)
+was recorded per agent. A new text's offset is the anchors' offsets weighted by how close its base
+KV is to each anchor's:
+
+- on the shared text (the question), per token: a softmax over anchors of minus the mean absolute
+  difference of the base KV over layers, heads and channels;
+- on the template text after it (the chat's closing), per layer, head and channel: a softmax of
+  minus the L2 distance of the shared text's base KV over its tokens;
+- layer 0 is never changed (its KV depends only on the token and its position).
+
+Keys and values are weighted each by their own distances. Whether a text is reused at all is
+KVCOMM's shareability test: with fewer than ``min_anchors`` anchors it is computed in every agent's
+context (and becomes an anchor); otherwise p = softmax(−‖V − V_anchor‖) over the anchors at least as
+long, and the text is reused when p's entropy in bits is at most ``threshold · log2(#anchors)``. The
+anchors holding p's top 0.9 count one more use; above ``max_anchors`` the least used of the
+``window`` oldest is dropped.
+
+With one anchor that is the text itself (same base, same context) the correction gives back the
+dense KV exactly (the tests check this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field
+
+from kvcomm.config import Options
+
+
+class AnchorOptions(Options):
+    """KVCOMM's anchor-based offset correction of reused shared text.
+
+    Attributes:
+        threshold: γ, the shareability test's entropy bound (a fraction of log2 of the anchors).
+        max_anchors: anchors kept; above it one is evicted.
+        window: eviction considers the ``window`` oldest anchors and drops the least used.
+        min_anchors: below this many anchors a shared text is computed densely and becomes one.
+        closing: also reuse the chat's closing after the question (corrected by the anchors), so
+            an agent prefills only the last token (KVCOMM's choice); otherwise each agent prefills
+            the closing in its own context.
+    """
+
+    what = "anchor correction"
+    threshold: float = Field(0.3, ge=0)
+    max_anchors: int = Field(20, ge=1)
+    window: int = Field(5, ge=1)
+    min_anchors: int = Field(2, ge=1)
+    closing: bool = True
+
+
+@dataclass(eq=False)
+class Segment:
+    """A shared text's KV in the position-0 frame: per layer ``[H, T, D]`` keys and values of the
+    shared text (its first ``length`` columns) and of the template text after it (``tail``)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int
+    tail: tuple[int, ...]
+
+    def minus(self, base: Segment) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, this segment's keys and values less ``base``'s (the same tokens' offsets)."""
+        if (self.length, self.tail) != (base.length, base.tail) or self.keys[0].shape != base.keys[0].shape:
+            raise ValueError("an offset is taken between the same text's dense and base KV")
+        return ([k - b for k, b in zip(self.keys, base.keys)], [v - b for v, b in zip(self.values, base.values)])
+
+
+@dataclass(eq=False)
+class Anchor:
+    """A shared text computed in every agent's context: its base and, per agent (graph step), the
+    offsets ``dense − base`` of its keys and values."""
+
+    base: Segment
+    offsets: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+    uses: int = 0
+
+
+class AnchorPool:
+    """The anchors of one graph run (see the module docstring)."""
+
+    def __init__(self, options: AnchorOptions) -> None:
+        self.options = options
+        self.anchors: list[Anchor] = []
+
+    def usable(self, base: Segment) -> list[Anchor]:
+        """Anchors at least as long as ``base``'s shared text, with the same template after it."""
+        return [a for a in self.anchors if a.base.length >= base.length and a.base.tail == base.tail]
+
+    def shareable(self, base: Segment) -> bool:
+        """KVCOMM's test: whether ``base`` is reused (True) or computed densely to become an anchor;
+        a reuse counts a use of the anchors it leans on."""
+        usable = self.usable(base)
+        if len(self.anchors) < self.options.min_anchors or not usable:
+            return False
+        n = base.length
+        distance = torch.stack([
+            torch.sqrt(sum(((v[:, :n] - a.base.values[layer][:, :n]).double() ** 2).sum()
+                           for layer, v in enumerate(base.values)))  # type: ignore[arg-type]
+            for a in usable])
+        p = torch.softmax(-distance, dim=0)
+        entropy = float(-torch.special.xlogy(p, p).sum() / torch.log(torch.tensor(2.0, dtype=torch.float64)))
+        if entropy > self.options.threshold * torch.log2(torch.tensor(float(len(usable)))).item():
+            return False
+        order = torch.argsort(p, descending=True)
+        mass = torch.cumsum(p[order], dim=0)
+        for rank, index in enumerate(order.tolist()):
+            usable[index].uses += 1
+            if mass[rank] >= 0.9:
+                break
+        return True
+
+    def correct(self, step: int, base: Segment) -> Segment:
+        """``base`` plus the anchors' offsets for ``step``, weighted by closeness (the module
+        docstring); ``base`` itself where no anchor holds offsets for ``step``."""
+        usable = [a for a in self.usable(base) if step in a.offsets]
+        if not usable:
+            return base
+        keys = _corrected(base.keys, base.length, [a.base.keys for a in usable],
+                          [a.offsets[step][0] for a in usable], [a.base.length for a in usable])
+        values = _corrected(base.values, base.length, [a.base.values for a in usable],
+                            [a.offsets[step][1] for a in usable], [a.base.length for a in usable])
+        return Segment(keys, values, base.length, base.tail)
+
+    def add(self, anchor: Anchor) -> None:
+        """Keeps ``anchor``; above ``max_anchors``, drops the least used of the ``window`` oldest."""
+        self.anchors.append(anchor)
+        if len(self.anchors) > self.options.max_anchors:
+            oldest = self.anchors[:self.options.window]
+            self.anchors.remove(min(oldest, key=lambda a: a.uses))
+
+
+def _corrected(base: list[torch.Tensor], n: int, anchors: Sequence[list[torch.Tensor]],
+               offsets: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> list[torch.Tensor]:
+    """One of keys or values (per layer ``[H, T, D]``) corrected by the anchors' offsets: per token
+    on the shared text's ``n`` columns, per head and channel on the template columns after them."""
+    layers = range(1, len(base))  # layer 0 is left as it is
+    per_token = torch.stack([
+        torch.stack([(base[layer][:, :n] - anchor[layer][:, :n]).abs().mean(dim=(0, 2)) for layer in layers]).mean(0)
+        for anchor in anchors])  # [A, n]
+    token_weights = torch.softmax(-per_token, dim=0)[:, None, :, None]  # [A, 1, n, 1]
+    out = [base[0]]
+    for layer in layers:
+        shared = base[layer][:, :n] + (token_weights * torch.stack([o[layer][:, :n] for o in offsets])).sum(0)
+        tail = base[layer].shape[1] - n
+        if tail:
+            per_channel = torch.stack([
+                torch.linalg.vector_norm(base[layer][:, :n] - anchor[layer][:, length - n:length], dim=1)
+                for anchor, length in zip(anchors, lengths)])  # [A, H, D]
+            channel_weights = torch.softmax(-per_channel, dim=0)[:, :, None, :]  # [A, H, 1, D]
+            after = torch.stack([o[layer][:, length:length + tail] for o, length in zip(offsets, lengths)])
+            shared = torch.cat([shared, base[layer][:, n:] + (channel_weights * after).sum(0)], dim=1)
+        out.append(shared)
+    return out

@@ -1,0 +1,103 @@
+"""KVCOMM's anchor-based offset correction: one anchor that is the text itself gives back the dense
+KV (and the graph's answers with reuse off); weights follow closeness per token and per channel;
+the shareability test and eviction work as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm.errors import ConfigError
+from kvcomm.graphs import AnchorOptions, EdgeOptions, Graph
+from kvcomm.graphs.anchors import Anchor, AnchorPool, Segment
+from kvcomm.tasks import load_task
+from kvcomm.tasks.base import Item
+from tests.conftest import tiny_loaded
+
+
+def segment(seed: int, length: int = 3, tail: int = 2, layers: int = 3, scale: float = 1.0) -> Segment:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, length + tail, 4)
+    return Segment([scale * torch.randn(shape, generator=g) for _ in range(layers)],
+                   [scale * torch.randn(shape, generator=g) for _ in range(layers)], length, tuple(range(tail)))
+
+
+def offsets(seed: int, like: Segment) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    moved = segment(seed, like.length, len(like.tail), len(like.keys))
+    return moved.minus(Segment([0 * k for k in moved.keys], [0 * v for v in moved.values], like.length, like.tail))
+
+
+def test_one_anchor_that_is_the_text_itself_gives_back_the_dense_kv_past_layer_0():
+    base, dense = segment(0), segment(1)
+    pool = AnchorPool(AnchorOptions(min_anchors=1))
+    pool.add(Anchor(base, {3: dense.minus(base)}))
+    corrected = pool.correct(3, base)
+    assert torch.equal(corrected.keys[0], base.keys[0]) and torch.equal(corrected.values[0], base.values[0])
+    for layer in (1, 2):
+        torch.testing.assert_close(corrected.keys[layer], dense.keys[layer], rtol=0, atol=1e-6)
+        torch.testing.assert_close(corrected.values[layer], dense.values[layer], rtol=0, atol=1e-6)
+    assert pool.correct(4, base) is base  # no anchor holds offsets for that step
+
+
+def test_the_weights_follow_closeness_per_token_and_per_channel():
+    near, far = segment(0), segment(1, scale=50.0)
+    pool = AnchorPool(AnchorOptions(min_anchors=1))
+    near_offsets, far_offsets = offsets(2, near), offsets(3, near)
+    pool.add(Anchor(far, {0: far_offsets}))
+    pool.add(Anchor(near, {0: near_offsets}))
+    out = pool.correct(0, near)  # the new text is the near anchor's: its offsets win everywhere
+    for layer in (1, 2):
+        torch.testing.assert_close(out.keys[layer], near.keys[layer] + near_offsets[0][layer], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.values[layer], near.values[layer] + near_offsets[1][layer], rtol=0, atol=1e-5)
+    shorter = Segment([k[:, 1:] for k in near.keys], [v[:, 1:] for v in near.values], 2, near.tail)
+    assert len(pool.usable(shorter)) == 2 and not pool.usable(segment(0, length=4))  # longer: no anchor fits
+    assert not pool.usable(segment(0, tail=1))  # another template after it
+
+
+def test_the_shareability_test_and_eviction():
+    pool = AnchorPool(AnchorOptions(min_anchors=2, max_anchors=3, window=2, threshold=0.3))
+    first, second = segment(0), segment(1)
+    assert not pool.shareable(first)  # no anchors yet: computed densely
+    pool.add(Anchor(first))
+    assert not pool.shareable(first)  # one anchor, fewer than min_anchors
+    pool.add(Anchor(second))
+    assert pool.shareable(first)  # one anchor is its twin: p is peaked, entropy 0
+    assert (pool.anchors[0].uses, pool.anchors[1].uses) == (1, 0)
+    between = Segment([(a + b) / 2 for a, b in zip(first.keys, second.keys)],
+                      [(a + b) / 2 for a, b in zip(first.values, second.values)], 3, first.tail)
+    assert not pool.shareable(between)  # equally close to both: entropy 1 bit > 0.3 × log2(2)
+    pool.add(Anchor(segment(2)))
+    pool.add(Anchor(segment(3)))  # four anchors: the least used of the two oldest goes (the second)
+    assert len(pool.anchors) == 3 and pool.anchors[0].base is first
+    assert all(a.base is not second for a in pool.anchors)
+
+
+def twin_items() -> list[Item]:
+    """Two items with the same content (the second's question can lean on the first as its anchor)."""
+    return [Item(id=name, context="", question="q0?", answers=("x",), pieces=("a0a0", "bb")) for name in ("0", "1")]
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_a_graph_whose_anchor_is_the_same_text_answers_as_computing_it_in_every_context(family, closing):
+    """The first item is computed in every agent's context and becomes the only anchor; its twin
+    reuses the question (and the chat's closing) corrected by it, which gives back each agent's
+    dense KV: the replies equal those with reuse off, and the twin reused more tokens."""
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))
+    task = load_task("facts", items=1, max_new_tokens=4)
+    for edge in (EdgeOptions(via="text"), EdgeOptions(codec=None)):
+        plain = Graph.build(model, "star", 2, edge=edge).run(task, twin_items(), batch_size=1, progress=False)
+        anchored = Graph.build(model, "star", 2, edge=edge, reuse=AnchorOptions(min_anchors=1, closing=closing)).run(
+            task, twin_items(), batch_size=1, progress=False)
+        assert [r.replies for r in anchored.items] == [r.replies for r in plain.items]
+        assert anchored.anchored == 0.5 and anchored.anchors is not None and anchored.anchors["closing"] is closing
+        assert anchored.label.endswith("+reuse/anchor" if closing else "+reuse/anchor[question]")
+        for before, after in zip(plain.steps, anchored.steps):
+            assert after.prompt_tokens == before.prompt_tokens and after.reused_tokens > before.reused_tokens
+
+
+def test_anchors_take_no_cluster_and_the_options_are_checked():
+    with pytest.raises(ConfigError, match="anchor correction: threshold"):
+        AnchorOptions(threshold=-1)
+    graph = Graph.build(tiny_loaded(), "star", 2, edge=EdgeOptions(via="text"), reuse=AnchorOptions())
+    with pytest.raises(ConfigError, match="without a cluster"):
+        graph.run(load_task("facts", items=1), twin_items(), cluster=object())  # type: ignore[arg-type]
