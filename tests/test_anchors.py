@@ -17,14 +17,14 @@ from tests.conftest import tiny_loaded
 
 def segment(seed: int, length: int = 3, tail: int = 2, layers: int = 3, scale: float = 1.0) -> Segment:
     g = torch.Generator().manual_seed(seed)
-    shape = (2, length + tail, 4)
-    return Segment([scale * torch.randn(shape, generator=g) for _ in range(layers)],
-                   [scale * torch.randn(shape, generator=g) for _ in range(layers)], length, tuple(range(tail)))
+    shape = (layers, 2, length + tail, 4)
+    return Segment(scale * torch.randn(shape, generator=g), scale * torch.randn(shape, generator=g), length,
+                   tuple(range(tail)))
 
 
-def offsets(seed: int, like: Segment) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def offsets(seed: int, like: Segment) -> tuple[torch.Tensor, torch.Tensor]:
     moved = segment(seed, like.length, len(like.tail), len(like.keys))
-    return moved.minus(Segment([0 * k for k in moved.keys], [0 * v for v in moved.values], like.length, like.tail))
+    return moved.minus(Segment(0 * moved.keys, 0 * moved.values, like.length, like.tail))
 
 
 def test_one_anchor_that_is_the_text_itself_gives_back_the_dense_kv_past_layer_0():
@@ -49,7 +49,7 @@ def test_the_weights_follow_closeness_per_token_and_per_channel():
     for layer in (1, 2):
         torch.testing.assert_close(out.keys[layer], near.keys[layer] + near_offsets[0][layer], rtol=0, atol=1e-5)
         torch.testing.assert_close(out.values[layer], near.values[layer] + near_offsets[1][layer], rtol=0, atol=1e-5)
-    shorter = Segment([k[:, 1:] for k in near.keys], [v[:, 1:] for v in near.values], 2, near.tail)
+    shorter = Segment(near.keys[:, :, 1:], near.values[:, :, 1:], 2, near.tail)
     assert len(pool.usable(shorter)) == 2 and not pool.usable(segment(0, length=4))  # longer: no anchor fits
     assert not pool.usable(segment(0, tail=1))  # another template after it
 
@@ -63,8 +63,7 @@ def test_the_shareability_test_and_eviction():
     pool.add(Anchor(second))
     assert pool.shareable(first)  # one anchor is its twin: p is peaked, entropy 0
     assert (pool.anchors[0].uses, pool.anchors[1].uses) == (1, 0)
-    between = Segment([(a + b) / 2 for a, b in zip(first.keys, second.keys)],
-                      [(a + b) / 2 for a, b in zip(first.values, second.values)], 3, first.tail)
+    between = Segment((first.keys + second.keys) / 2, (first.values + second.values) / 2, 3, first.tail)
     assert not pool.shareable(between)  # equally close to both: entropy 1 bit > 0.3 × log2(2)
     pool.add(Anchor(segment(2)))
     pool.add(Anchor(segment(3)))  # four anchors: the least used of the two oldest goes (the second)

@@ -27,6 +27,7 @@ dense KV exactly (the tests check this).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -59,19 +60,19 @@ class AnchorOptions(Options):
 
 @dataclass(eq=False)
 class Segment:
-    """A shared text's KV in the position-0 frame: per layer ``[H, T, D]`` keys and values of the
-    shared text (its first ``length`` columns) and of the template text after it (``tail``)."""
+    """A shared text's KV in the position-0 frame: keys and values ``[L, H, T, D]`` (layers stacked)
+    of the shared text (its first ``length`` columns) and of the template text after it (``tail``)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
     length: int
     tail: tuple[int, ...]
 
-    def minus(self, base: Segment) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer, this segment's keys and values less ``base``'s (the same tokens' offsets)."""
-        if (self.length, self.tail) != (base.length, base.tail) or self.keys[0].shape != base.keys[0].shape:
+    def minus(self, base: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """This segment's keys and values less ``base``'s (the same tokens' offsets)."""
+        if (self.length, self.tail) != (base.length, base.tail) or self.keys.shape != base.keys.shape:
             raise ValueError("an offset is taken between the same text's dense and base KV")
-        return ([k - b for k, b in zip(self.keys, base.keys)], [v - b for v, b in zip(self.values, base.values)])
+        return self.keys - base.keys, self.values - base.values
 
 
 @dataclass(eq=False)
@@ -80,7 +81,7 @@ class Anchor:
     offsets ``dense − base`` of its keys and values."""
 
     base: Segment
-    offsets: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+    offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     uses: int = 0
 
 
@@ -102,13 +103,11 @@ class AnchorPool:
         if len(self.anchors) < self.options.min_anchors or not usable:
             return False
         n = base.length
-        distance = torch.stack([
-            torch.sqrt(sum(((v[:, :n] - a.base.values[layer][:, :n]).double() ** 2).sum()
-                           for layer, v in enumerate(base.values)))  # type: ignore[arg-type]
-            for a in usable])
+        distance = torch.stack([(base.values[:, :, :n] - a.base.values[:, :, :n]).double().square().sum().sqrt()
+                                for a in usable])
         p = torch.softmax(-distance, dim=0)
-        entropy = float(-torch.special.xlogy(p, p).sum() / torch.log(torch.tensor(2.0, dtype=torch.float64)))
-        if entropy > self.options.threshold * torch.log2(torch.tensor(float(len(usable)))).item():
+        entropy = float(-torch.special.xlogy(p, p).sum() / math.log(2))
+        if entropy > self.options.threshold * math.log2(len(usable)):
             return False
         order = torch.argsort(p, descending=True)
         mass = torch.cumsum(p[order], dim=0)
@@ -124,10 +123,11 @@ class AnchorPool:
         usable = [a for a in self.usable(base) if step in a.offsets]
         if not usable:
             return base
-        keys = _corrected(base.keys, base.length, [a.base.keys for a in usable],
-                          [a.offsets[step][0] for a in usable], [a.base.length for a in usable])
+        lengths = [a.base.length for a in usable]
+        keys = _corrected(base.keys, base.length, [a.base.keys for a in usable], [a.offsets[step][0] for a in usable],
+                          lengths)
         values = _corrected(base.values, base.length, [a.base.values for a in usable],
-                            [a.offsets[step][1] for a in usable], [a.base.length for a in usable])
+                            [a.offsets[step][1] for a in usable], lengths)
         return Segment(keys, values, base.length, base.tail)
 
     def add(self, anchor: Anchor) -> None:
@@ -138,25 +138,24 @@ class AnchorPool:
             self.anchors.remove(min(oldest, key=lambda a: a.uses))
 
 
-def _corrected(base: list[torch.Tensor], n: int, anchors: Sequence[list[torch.Tensor]],
-               offsets: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> list[torch.Tensor]:
-    """One of keys or values (per layer ``[H, T, D]``) corrected by the anchors' offsets: per token
-    on the shared text's ``n`` columns, per head and channel on the template columns after them."""
-    layers = range(1, len(base))  # layer 0 is left as it is
-    per_token = torch.stack([
-        torch.stack([(base[layer][:, :n] - anchor[layer][:, :n]).abs().mean(dim=(0, 2)) for layer in layers]).mean(0)
-        for anchor in anchors])  # [A, n]
-    token_weights = torch.softmax(-per_token, dim=0)[:, None, :, None]  # [A, 1, n, 1]
-    out = [base[0]]
-    for layer in layers:
-        shared = base[layer][:, :n] + (token_weights * torch.stack([o[layer][:, :n] for o in offsets])).sum(0)
-        tail = base[layer].shape[1] - n
-        if tail:
-            per_channel = torch.stack([
-                torch.linalg.vector_norm(base[layer][:, :n] - anchor[layer][:, length - n:length], dim=1)
-                for anchor, length in zip(anchors, lengths)])  # [A, H, D]
-            channel_weights = torch.softmax(-per_channel, dim=0)[:, :, None, :]  # [A, H, 1, D]
-            after = torch.stack([o[layer][:, length:length + tail] for o, length in zip(offsets, lengths)])
-            shared = torch.cat([shared, base[layer][:, n:] + (channel_weights * after).sum(0)], dim=1)
-        out.append(shared)
-    return out
+def _corrected(base: torch.Tensor, n: int, anchors: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor],
+               lengths: Sequence[int]) -> torch.Tensor:
+    """Keys or values (``[L, H, T, D]``) corrected by the anchors' offsets: per token on the shared
+    text's ``n`` columns, per layer, head and channel on the template columns after them; layer 0
+    is left as it is."""
+    rest = base[1:, :, :n]
+    per_token = torch.stack([(rest - anchor[1:, :, :n]).abs().mean(dim=(0, 1, 3)) for anchor in anchors])  # [A, n]
+    token_weights = torch.softmax(-per_token, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
+    shared = rest.clone()
+    for weight, offset in zip(token_weights, offsets):
+        shared.addcmul_(weight, offset[1:, :, :n])
+    tail = base.shape[2] - n
+    if tail:
+        per_channel = torch.stack([(rest - anchor[1:, :, length - n:length]).square().sum(2).sqrt()  # L2 over tokens
+                                   for anchor, length in zip(anchors, lengths)])  # [A, L-1, H, D]
+        channel_weights = torch.softmax(-per_channel, dim=0)[:, :, :, None, :]  # [A, L-1, H, 1, D]
+        after = base[1:, :, n:].clone()
+        for weight, offset, length in zip(channel_weights, offsets, lengths):
+            after.addcmul_(weight, offset[1:, :, length:length + tail])
+        shared = torch.cat([shared, after], dim=2)
+    return torch.cat([base[:1], shared])

@@ -398,8 +398,8 @@ class Graph:
             for row, anchor in start.dense:  # an anchor's offsets: the question and closing as computed here
                 base = anchor.base
                 dense = rebase(model.model, turn.kv[row].first(base.keys[0].shape[1]))
-                anchor.offsets[index] = Segment([k[0] for k in dense.keys], [v[0] for v in dense.values],
-                                                base.length, base.tail).minus(base)
+                anchor.offsets[index] = Segment(torch.cat(dense.keys), torch.cat(dense.values), base.length,
+                                                base.tail).minus(base)
             texts_out = [model.decode(r) for r in turn.replies]
             carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
                 f"{m} Answer: {r}" for m, r in zip(start.messages, texts_out)]
@@ -488,8 +488,8 @@ class Graph:
             made = rebase(model.model, kv.last([len(k[1]) + len(tail) for k in missing]))
             for i, key in enumerate(missing):
                 row = made.row(i)
-                base = None if anchors is None else Segment([k[0] for k in row.keys], [v[0] for v in row.values],
-                                                            len(key[1]), tuple(tail))
+                base = None if anchors is None else Segment(torch.cat(row.keys), torch.cat(row.values), len(key[1]),
+                                                            tuple(tail))
                 shared[key] = question = _Question(row, base)
                 if base is not None and self._pool is not None:
                     reused = self._pool.shareable(base)
