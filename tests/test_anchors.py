@@ -97,6 +97,8 @@ def test_a_graph_whose_anchor_is_the_same_text_answers_as_computing_it_in_every_
 def test_anchors_take_no_cluster_and_the_options_are_checked():
     with pytest.raises(ConfigError, match="anchor correction: threshold"):
         AnchorOptions(threshold=-1)
+    with pytest.raises(ConfigError, match="would never reuse"):
+        AnchorOptions(min_anchors=3, max_anchors=2)
     graph = Graph.build(tiny_loaded(), "star", 2, edge=EdgeOptions(via="text"), reuse=AnchorOptions())
     with pytest.raises(ConfigError, match="without a cluster"):
         graph.run(load_task("facts", items=1), twin_items(), cluster=object())  # type: ignore[arg-type]

@@ -218,6 +218,9 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     clustered = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "anchor", "--ray", "local", "--out",
                                          str(out)])
     assert clustered.exit_code == 2 and "not with --ray" in clustered.output
+    stray = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "on", "--no-anchor-closing", "--out",
+                                     str(out)])
+    assert stray.exit_code == 2 and "are for --reuse anchor" in stray.output
 
 
 def test_splice_joins_pieces_that_share_different_layers():

@@ -119,6 +119,8 @@ def graph_command(
     settings = _list(reuse, "reuse")
     if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
         raise ConfigError(f"--reuse takes off, on and anchor, got {', '.join(bad)}")
+    if "anchor" not in settings and (anchor_threshold != 0.3 or not anchor_closing):
+        raise ConfigError("--anchor-threshold and --no-anchor-closing are for --reuse anchor")
     anchors = AnchorOptions(threshold=anchor_threshold, closing=anchor_closing)
     choices: dict[str, bool | AnchorOptions] = {"off": False, "on": True, "anchor": anchors}
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kvcomm.config import Options
+from kvcomm.errors import ProtocolError
 
 
 class AnchorOptions(Options):
@@ -57,6 +58,13 @@ class AnchorOptions(Options):
     min_anchors: int = Field(2, ge=1)
     closing: bool = True
 
+    @model_validator(mode="after")
+    def _reachable(self) -> AnchorOptions:
+        if self.min_anchors > self.max_anchors:
+            raise ValueError(f"min_anchors ({self.min_anchors}) above max_anchors ({self.max_anchors}) would never "
+                             "reuse")
+        return self
+
 
 @dataclass(eq=False)
 class Segment:
@@ -71,7 +79,7 @@ class Segment:
     def minus(self, base: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         """This segment's keys and values less ``base``'s (the same tokens' offsets)."""
         if (self.length, self.tail) != (base.length, base.tail) or self.keys.shape != base.keys.shape:
-            raise ValueError("an offset is taken between the same text's dense and base KV")
+            raise ProtocolError("an offset is taken between the same text's dense and base KV")
         return self.keys - base.keys, self.values - base.values
 
 
