@@ -87,7 +87,7 @@ def graph_command(
                                        "reused too.")] = "off",
     anchor_threshold: Annotated[float, typer.Option(min=0, help="With --reuse anchor: the shareability test's "
                                                     "entropy bound γ (KVCOMM's --kv-threshold); higher reuses "
-                                                    "more.")] = 0.3,
+                                                    "more.")] = AnchorOptions.model_fields["threshold"].default,
     anchor_closing: Annotated[bool, typer.Option(help="With --reuse anchor: reuse the chat's closing too (each "
                                                  "agent prefills one token), or prefill it in each context.")] = True,
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
@@ -119,7 +119,8 @@ def graph_command(
     settings = _list(reuse, "reuse")
     if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
         raise ConfigError(f"--reuse takes off, on and anchor, got {', '.join(bad)}")
-    if "anchor" not in settings and (anchor_threshold != 0.3 or not anchor_closing):
+    if "anchor" not in settings and (anchor_threshold != AnchorOptions.model_fields["threshold"].default
+                                     or not anchor_closing):
         raise ConfigError("--anchor-threshold and --no-anchor-closing are for --reuse anchor")
     anchors = AnchorOptions(threshold=anchor_threshold, closing=anchor_closing)
     choices: dict[str, bool | AnchorOptions] = {"off": False, "on": True, "anchor": anchors}

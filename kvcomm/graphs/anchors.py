@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from kvcomm.config import Options
 from kvcomm.errors import ProtocolError
+from kvcomm.protocol.sender import SenderKV
 
 
 class AnchorOptions(Options):
@@ -58,6 +59,13 @@ class AnchorOptions(Options):
     min_anchors: int = Field(2, ge=1)
     closing: bool = True
 
+    @property
+    def label(self) -> str:
+        """``anchor``, with γ when it is not the default and ``[question]`` when the closing is not reused."""
+        default = type(self).model_fields["threshold"].default
+        return ("anchor" + ("" if self.threshold == default else f"γ{self.threshold:g}")
+                + ("" if self.closing else "[question]"))
+
     @model_validator(mode="after")
     def _reachable(self) -> AnchorOptions:
         if self.min_anchors > self.max_anchors:
@@ -75,6 +83,16 @@ class Segment:
     values: torch.Tensor
     length: int
     tail: tuple[int, ...]
+
+    @classmethod
+    def of(cls, kv: SenderKV, length: int, tail: tuple[int, ...]) -> Segment:
+        """One row's KV (``B`` = 1, in the position-0 frame), layers stacked."""
+        return cls(torch.cat(kv.keys), torch.cat(kv.values), length, tail)
+
+    @property
+    def columns(self) -> int:
+        """Tokens held: the shared text's and the template's."""
+        return self.keys.shape[2]
 
     def minus(self, base: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         """This segment's keys and values less ``base``'s (the same tokens' offsets)."""

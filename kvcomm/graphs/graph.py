@@ -281,9 +281,7 @@ class Graph:
         if self.topology == "single":
             return "single agent"
         rounds = 1 + max(s.turn.round for s in self.steps)
-        reuse = "" if not self.reuse else " +reuse" if self.anchors is None else " +reuse/anchor" + (
-            "" if self.anchors.threshold == AnchorOptions().threshold else f"γ{self.anchors.threshold:g}") + (
-            "" if self.anchors.closing else "[question]")
+        reuse = "" if not self.reuse else " +reuse" + (f"/{self.anchors.label}" if self.anchors else "")
         return f"{self.topology}×{self.agents}" + (f"×{rounds}r" if rounds > 1 else "") + f" {self.edge.label}{reuse}"
 
     def message(self, task: Task, item: Item, step: Step, heard: Sequence[tuple[str, str]],
@@ -397,9 +395,8 @@ class Graph:
             turn = generate_turn(model.model, start.cache, start.ids, start.valid, budget, model.stop_ids, model.pad_id)
             for row, anchor in start.dense:  # an anchor's offsets: the question and closing as computed here
                 base = anchor.base
-                dense = rebase(model.model, turn.kv[row].first(base.keys[0].shape[1]))
-                anchor.offsets[index] = Segment(torch.cat(dense.keys), torch.cat(dense.values), base.length,
-                                                base.tail).minus(base)
+                dense = rebase(model.model, turn.kv[row].first(base.columns))
+                anchor.offsets[index] = Segment.of(dense, base.length, base.tail).minus(base)
             texts_out = [model.decode(r) for r in turn.replies]
             carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
                 f"{m} Answer: {r}" for m, r in zip(start.messages, texts_out)]
@@ -488,8 +485,7 @@ class Graph:
             made = rebase(model.model, kv.last([len(k[1]) + len(tail) for k in missing]))
             for i, key in enumerate(missing):
                 row = made.row(i)
-                base = None if anchors is None else Segment(torch.cat(row.keys), torch.cat(row.values), len(key[1]),
-                                                            tuple(tail))
+                base = None if anchors is None else Segment.of(row, len(key[1]), tuple(tail))
                 shared[key] = question = _Question(row, base)
                 if base is not None and self._pool is not None:
                     reused = self._pool.shareable(base)
