@@ -102,3 +102,18 @@ def test_anchors_take_no_cluster_and_the_options_are_checked():
     graph = Graph.build(tiny_loaded(), "star", 2, edge=EdgeOptions(via="text"), reuse=AnchorOptions())
     with pytest.raises(ConfigError, match="without a cluster"):
         graph.run(load_task("facts", items=1), twin_items(), cluster=object())  # type: ignore[arg-type]
+
+
+def test_with_no_item_shareable_every_question_is_computed_in_context_as_with_reuse_off(family):
+    """The other end: while the pool holds fewer than ``min_anchors`` anchors nothing is corrected,
+    every item is computed in every agent's context, and the replies are those of reuse off."""
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))
+    task = load_task("facts", items=1, max_new_tokens=4)
+    items = [Item(id=str(i), context="", question=f"q{i}?", answers=("x",), pieces=(f"a{i}" * (i + 1), "bb"))
+             for i in range(3)]
+    plain = Graph.build(model, "star", 2, edge=EdgeOptions(via="text")).run(task, items, batch_size=2,
+                                                                           progress=False)
+    dense = Graph.build(model, "star", 2, edge=EdgeOptions(via="text"), reuse=AnchorOptions(min_anchors=20)).run(
+        task, items, batch_size=2, progress=False)
+    assert dense.anchored == 0.0 and all(step.reused_tokens == 0 for step in dense.steps)
+    assert [r.replies for r in dense.items] == [r.replies for r in plain.items]
