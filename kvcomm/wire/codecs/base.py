@@ -7,10 +7,14 @@ codec only decides *what* to store; framing, checksums and size limits live in `
 from __future__ import annotations
 
 import difflib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import AfterValidator
 
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from kvcomm.wire.message import LayerKV
 
 Tensors = dict[str, torch.Tensor]
+PARALLEL_FROM = 1 << 16  # values per tensor from which keys and values decode on two threads (when torch has two)
 
 
 def prefixed(tensors: Tensors, prefix: str) -> Tensors:
@@ -34,7 +39,7 @@ class Codec(ABC):
     hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
-    entropy_coded: ClassVar[bool] = False  # takes ``coder`` (``rans``, or ``constriction`` before format v5)
+    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans``, ``rans-v5`` (v5) or ``constriction`` (v1-v4)
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the message header (enough to rebuild this codec)."""
@@ -119,19 +124,28 @@ def make_codec(name: str, **params: Any) -> Codec:
 
 
 RANS_SINCE = 5  # the message format version from which entropy-coded codecs use kvcomm's rANS
+FOUR_LANES_SINCE = 6  # ... and from which its categorical streams run on four states
 
 
 def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
     """The codec a message header of format ``version`` names. Entropy-coded codecs of messages
-    before version 5 were coded with ``constriction`` (their headers name no coder).
+    before version 5 were coded with ``constriction`` (their headers name no coder); a version 5
+    header's ``rans`` is two-state rANS, today's ``rans-v5``.
 
     Raises:
-        ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5).
+        ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5, or
+            one that version 5 did not write).
     """
-    if version < RANS_SINCE and name in CODECS and CODECS.get(name).entropy_coded:
-        if "coder" in params:
-            raise ConfigError(f"a version {version} header names no entropy coder")
-        params = {**params, "coder": "constriction"}
+    if name in CODECS and CODECS.get(name).entropy_coded:
+        if version < RANS_SINCE:
+            if "coder" in params:
+                raise ConfigError(f"a version {version} header names no entropy coder")
+            params = {**params, "coder": "constriction"}
+        elif version < FOUR_LANES_SINCE:
+            if params.get("coder") == "rans-v5":
+                raise ConfigError(f"a version {version} header names no coder 'rans-v5' (its 'rans' is that)")
+            if params.get("coder") == "rans":
+                params = {**params, "coder": "rans-v5"}
     return make_codec(name, **params)
 
 
@@ -146,9 +160,30 @@ def half_or_refuse(hidden: torch.Tensor, what: str) -> torch.Tensor:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN and no infinity in ``tensor``: its minimum and maximum are finite (NaN propagates
-    through both). One fused reduction, ~13x faster here than ``isfinite(t).all()``, which
-    materialises a mask."""
+    through both). Two reductions in numpy, on the caller's thread: ~13x faster here than
+    ``isfinite(t).all()``, which materialises a mask, and unlike a torch reduction it leaves no
+    OpenMP worker spinning on the other core while a decoding thread needs it."""
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    values = tensor.detach().numpy()
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+@cache
+def _helper() -> ThreadPoolExecutor:
+    """One helper thread per process: decodes a layer's keys while the caller decodes its values."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-decode")
+
+
+def side_by_side(keys: Callable[[], torch.Tensor], values: Callable[[], torch.Tensor],
+                 shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys(), values())``, the two on two threads when torch has two and the layer is large
+    (``shape`` ``[H, T, D]`` of at least :data:`PARALLEL_FROM` values). For calls that run compiled
+    code without the GIL (the entropy coders' and dequantisers' kernels): whatever Python they
+    would run is done before, on the caller's thread, so that neither thread waits for the GIL."""
+    if torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
+        return keys(), values()
+    pending = _helper().submit(keys)
+    decoded = values()
+    return pending.result(), decoded

@@ -12,15 +12,40 @@ entropy coding spend bits where the distribution actually is, unlike fixed-width
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
-from kvcomm.wire.codecs.entropy import ans_decode, ans_encode, check_coder, stream_tensor, stream_words
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
+from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
 from kvcomm.wire.codecs.quant import dequantize, quantize
+
+
+@numba.njit(cache=True, nogil=True)
+def _undelta(symbols: np.ndarray, first: Any, anchors: np.ndarray, step: np.ndarray, group: Any,
+             out: np.ndarray) -> None:
+    """``out`` ``[H, T, D]``: each group's first token its anchor, the others the anchor plus
+    ``(symbol + first) * step`` (float32, the multiply and the add each rounded, as torch does;
+    ``symbol + first`` is a small integer, exact in float32 either way), the symbols in the
+    encoder's order (head, delta token, channel)."""
+    heads, length, dim = out.shape
+    shift = np.float32(first)
+    k = 0
+    for h in range(heads):
+        scale = step[h]
+        for t in range(length):
+            row, anchor = out[h, t], anchors[h, t // group]
+            if t % group == 0:
+                row[:] = anchor
+                continue
+            source = symbols[k: k + dim]
+            for d in range(dim):
+                row[d] = anchor[d] + (np.float32(source[d]) + shift) * scale[d]
+            k += dim
 
 
 @CODECS.register("cachegen")
@@ -56,15 +81,15 @@ class CacheGenCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self._decode_one(prefixed(tensors, "k"), shape, layer, num_layers),
-                self._decode_one(prefixed(tensors, "v"), shape, layer, num_layers))
+        return side_by_side(self._decoder(prefixed(tensors, "k"), shape, layer, num_layers),
+                            self._decoder(prefixed(tensors, "v"), shape, layer, num_layers), shape)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """A hidden state goes the same way as one head of keys (``[1, T, W]``)."""
         return self._encode_one(hidden.float()[None], layer, num_layers)
 
     def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
-        return self._decode_one(tensors, (1, *shape), layer, num_layers)[0]
+        return self._decoder(tensors, (1, *shape), layer, num_layers)()[0]
 
     def _encode_one(self, x: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """One ``[H, T, D]`` tensor: 8-bit anchors, then ANS-coded deltas from them."""
@@ -81,21 +106,30 @@ class CacheGenCodec(Codec):
                 "low": torch.tensor([low], dtype=torch.int32), "counts": torch.from_numpy(counts.astype(np.int32)),
                 "stream": stream_tensor(stream)}
 
-    def _decode_one(self, tensors: Tensors, shape: tuple[int, int, int], layer: int, num_layers: int) -> torch.Tensor:
+    def _decoder(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> Callable[[], torch.Tensor]:
+        """One ``[H, T, D]`` tensor's decoding: anchors and checks now, the deltas (compiled code
+        without the GIL, for rANS) in the returned call."""
         heads, length, dim = shape
         anchor_of, is_delta = self._layout(length)
         n_anchors = int(anchor_of[-1]) + 1
         coded = {n: tensors[f"anchor.{n}"] for n in ("q", "low", "scale")}
-        anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim))
+        anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim)).numpy()
         size = heads * int(is_delta.sum()) * dim
-        codes = ans_decode(int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64),
-                           stream_words(tensors["stream"], self.coder), size, self.coder)
-        if codes.size and np.abs(codes).max() > self.max_code:
+        first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
+        if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
-        x = anchors[:, anchor_of].clone()
-        step = tensors["step"].float()[:, None]
-        x[:, is_delta] += torch.from_numpy(codes).float().view(heads, -1, dim) * step
-        return x
+        step = tensors["step"].float().numpy()
+        if step.shape != (heads, dim):
+            raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
+        symbols = symbols_decoder(counts, stream_words(tensors["stream"], self.coder), size, self.coder)
+
+        def decode() -> torch.Tensor:
+            out = np.empty((heads, length, dim), dtype=np.float32)
+            _undelta(symbols(), first, anchors, step, self.group, out)
+            return torch.from_numpy(out)
+
+        return decode
 
 
 preset("cachegen", "cachegen", group=10, steps=(0.5, 0.75, 1.0))

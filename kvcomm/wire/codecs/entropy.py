@@ -4,13 +4,16 @@ Quantised KV codes are far from uniform (most fall near the middle of their rang
 delta), so coding them with their own measured distribution takes fewer bits than fixed-width
 packing. The symbol counts travel with the stream; decoding checks they match what it produced.
 
-Two coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`; message
-format version 5 on, a stream of uint16 words) and ``constriction`` (versions 1–4, uint32 words),
-kept so that older messages decode and so that the two can be measured side by side.
+Three coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
+uint16 words; message format version 6 on, four interleaved states), ``rans-v5`` (the same with
+two states: how version 5 coded, and how a version 5 header's ``rans`` is read) and
+``constriction`` (versions 1–4, uint32 words), kept so that older messages decode and so that the
+coders can be measured side by side. ``klt``'s Laplace streams are the same under both rANS names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import constriction
@@ -18,13 +21,14 @@ import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.rans import rans_decode_categorical, rans_encode_categorical
+from kvcomm.wire.codecs.rans import LANES, rans_categorical_decoder, rans_encode_categorical
 
 MAX_SYMBOLS = 1 << 16
-Coder = Literal["rans", "constriction"]
+Coder = Literal["rans", "rans-v5", "constriction"]
 CODERS: tuple[str, ...] = get_args(Coder)
-_WORD = {"rans": np.uint16, "constriction": np.uint32}
-_STORED = {"rans": torch.int16, "constriction": torch.int32}  # safetensors has no unsigned 16/32-bit
+_WORD = {"rans": np.uint16, "rans-v5": np.uint16, "constriction": np.uint32}
+_STORED = {"rans": torch.int16, "rans-v5": torch.int16, "constriction": torch.int32}  # no unsigned 16/32-bit
+_LANES = {"rans": LANES, "rans-v5": 2}  # interleaved states of a categorical stream
 
 
 def check_coder(coder: str) -> Coder:
@@ -59,9 +63,9 @@ def ans_encode(codes: np.ndarray, coder: Coder = "rans") -> tuple[int, np.ndarra
     counts = np.bincount(symbols).astype(np.int64)
     if counts.size == 1:  # one distinct code: the counts say it all (and ANS needs two symbols)
         return low, counts, np.zeros(0, dtype=_WORD[coder])
-    if coder == "rans":
+    if coder in _LANES:
         try:
-            return low, counts, rans_encode_categorical(symbols, counts)
+            return low, counts, rans_encode_categorical(symbols, counts, _LANES[coder])
         except ValueError as err:
             raise WireError(str(err)) from None
     ans = constriction.stream.stack.AnsCoder()
@@ -69,28 +73,57 @@ def ans_encode(codes: np.ndarray, coder: Coder = "rans") -> tuple[int, np.ndarra
     return low, counts, ans.get_compressed()
 
 
-def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
-    """Inverse of :func:`ans_encode`: ``size`` codes as int64.
+def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
+                    coder: Coder = "rans") -> Callable[[], np.ndarray]:
+    """What :func:`ans_encode` coded, before its smallest code is added back, in two steps: the
+    counts are checked (and rANS's table built) now; the returned call decodes ``size`` symbols
+    ``0 .. len(counts) - 1``, as uint8 where ``counts`` has at most 256 entries (the 2-, 4- and
+    8-bit codecs: a quarter of the memory traffic of int32) and int32 otherwise. For rANS the
+    call runs compiled code alone, without the GIL: codecs prepare keys and values on one thread,
+    then decode them on two.
 
     Raises:
-        ValueError: counts that cannot describe ``size`` codes, or a stream that decodes to
-            other codes than the counts declare (corruption the checksums did not catch).
+        ValueError: counts that cannot describe ``size`` codes (now), or a stream that decodes to
+            other codes than the counts declare (from the call: corruption the checksums missed).
     """
+    dtype = np.uint8 if counts.size <= 256 else np.int32
     if size == 0:
-        return np.zeros(0, dtype=np.int64)
+        return lambda: np.zeros(0, dtype=dtype)
     if counts.sum() != size or (counts < 0).any() or counts.size > MAX_SYMBOLS:
         raise ValueError("symbol counts do not match the number of coded symbols")
     if counts.size == 1:
         if stream.size:
             raise ValueError("a single-symbol stream must be empty")
-        return np.full(size, low, dtype=np.int64)
-    if coder == "rans":  # checks its own end state: a corrupt stream does not end where encoding began
-        return rans_decode_categorical(stream, counts, size).astype(np.int64) + low
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    symbols = constriction.stream.stack.AnsCoder(stream.astype(np.uint32)).decode(model, size)
-    if not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
-        raise ValueError("entropy-coded stream does not decode to its declared symbols")
-    return symbols.astype(np.int64) + low
+        return lambda: np.zeros(size, dtype=dtype)
+    if coder in _LANES:  # checks its own end state: a corrupt stream does not end where encoding began
+        return rans_categorical_decoder(stream, counts, size, dtype, _LANES[coder])
+
+    def decode() -> np.ndarray:
+        model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+        symbols = constriction.stream.stack.AnsCoder(stream.astype(np.uint32)).decode(model, size)
+        if not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
+            raise ValueError("entropy-coded stream does not decode to its declared symbols")
+        return symbols.astype(dtype)
+
+    return decode
+
+
+def ans_symbols(counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
+    """:func:`symbols_decoder`'s symbols at once.
+
+    Raises:
+        ValueError: as :func:`symbols_decoder`.
+    """
+    return symbols_decoder(counts, stream, size, coder)()
+
+
+def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
+    """Inverse of :func:`ans_encode`: ``size`` codes as int64 (:func:`ans_symbols` plus ``low``).
+
+    Raises:
+        ValueError: as :func:`ans_symbols`.
+    """
+    return ans_symbols(counts, stream, size, coder).astype(np.int64) + low
 
 
 def laplace_encode(codes: np.ndarray, scales: np.ndarray) -> tuple[int, int, np.ndarray]:

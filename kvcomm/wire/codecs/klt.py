@@ -15,10 +15,8 @@ small: four tensors per shared layer and two per sink-only layer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,14 +24,13 @@ import torch
 
 from kvcomm.errors import ConfigError, WireError
 from kvcomm.wire.codebook import Codebook, load_codebook
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import Coder, check_coder, laplace_decode, laplace_encode, stream_words
 from kvcomm.wire.codecs.quant import dequantize_hidden, quantize_hidden
 from kvcomm.wire.codecs.rans import LaplaceTables, laplace_tables
 
 MIN_SCALE = 0.05  # Laplace scale floor (in steps): components that are all zero still cost ~0 bits
 HIDDEN_GROUP = 128  # tokens per range of a hidden state's 8-bit codes (per channel)
-PARALLEL_FROM = 1 << 16  # codes per tensor from which keys and values decode on two threads (when torch has two)
 SCALE_LEVELS = 16  # a scale byte q means MIN_SCALE * 2 ** (q / 16): 4.4% apart, up to ~3,000 steps
 
 
@@ -46,12 +43,6 @@ LEVEL_SCALES = tuple(_scales(torch.arange(256, dtype=torch.uint8)).tolist())  # 
 
 def _tables() -> LaplaceTables:
     return laplace_tables(LEVEL_SCALES)
-
-
-@cache
-def _helper() -> ThreadPoolExecutor:
-    """One helper thread per process: decodes a layer's keys while the caller decodes its values."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-klt")
 
 
 def transform_codes(rest: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
@@ -71,7 +62,7 @@ def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, s
                      coder: Coder = "rans") -> Tensors:
     """One layer's keys or values ``[H, T, D]`` -> ``first`` (int8 ``[H, D]``) and ``side`` (float16
     ``[H, 1]``: its scale; ``[H, 2]``: its scale and the step) and, if ``T > 1``, ``scale`` (uint8
-    ``[H, D]``, one Laplace scale level per component) and ``codes`` (``rans``: int16, the stream's
+    ``[H, D]``, one Laplace scale level per component) and ``codes`` (rANS: int16, the stream's
     words; ``constriction``: int32, the lowest and highest code, then the stream)."""
     if basis.shape != (x.shape[0], x.shape[2], x.shape[2]) or mean.shape != (x.shape[0], x.shape[2]):
         raise WireError(f"codebook basis {tuple(basis.shape)} does not fit KV of shape {tuple(x.shape)}")
@@ -81,7 +72,7 @@ def transform_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, s
         return {"first": first, "side": first_scale[:, None]}
     steps, codes, levels = transform_codes(x[:, 1:], basis, mean, step)
     side = {"first": first, "side": torch.stack([first_scale, steps], dim=1), "scale": levels}
-    if coder == "rans":
+    if coder != "constriction":
         words = _tables().encode(codes.numpy(), np.broadcast_to(levels.numpy()[:, None], codes.shape))
         return {**side, "codes": torch.from_numpy(words.view(np.int16))}
     low, high, stream = laplace_encode(codes.numpy(), np.broadcast_to(_scales(levels)[:, None], codes.shape))
@@ -103,9 +94,9 @@ def transform_decode(t: Tensors, basis: torch.Tensor, mean: torch.Tensor, shape:
         return first
     if t["scale"].dtype != torch.uint8 or t["scale"].shape != (heads, dim) or t["codes"].numel() < 2:
         raise ValueError("transform-coded scales or codes have the wrong type or shape")
-    if coder == "rans":
+    if coder != "constriction":
         levels = np.broadcast_to(t["scale"].numpy()[:, None], (heads, tokens - 1, dim))
-        codes = _tables().decode(stream_words(t["codes"], "rans"), levels)
+        codes = _tables().decode(stream_words(t["codes"], coder), levels)
     else:
         words = stream_words(t["codes"], "constriction")
         codes = laplace_decode(int(t["codes"][0]), int(t["codes"][1]),
@@ -122,7 +113,8 @@ class KLTCodec(Codec):
         step: quantisation step as a fraction of each head's coefficient RMS (smaller = finer).
         codebook: id of the :class:`~kvcomm.wire.codebook.Codebook` to rotate with; a sender
             leaves it unset and kvcomm binds its model's codebook (:meth:`Codec.bind`).
-        coder: the entropy coder: ``rans`` (format version 5 on) or ``constriction`` (before).
+        coder: the entropy coder: ``rans`` (format version 6; ``rans-v5``, version 5, codes klt's
+            Laplace streams alike) or ``constriction`` (before).
     """
 
     name = "klt"
@@ -164,11 +156,7 @@ class KLTCodec(Codec):
                        self.coder)
         values = partial(transform_decode, prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape,
                          self.coder)
-        if torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
-            return keys(), values()
-        pending = _helper().submit(keys)  # the kernels release the GIL: keys and values decode side by side
-        decoded = values()
-        return pending.result(), decoded
+        return side_by_side(keys, values, shape)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Codebooks hold KV bases only: a hidden state travels as 8-bit codes per channel, ANS-coded."""

@@ -13,15 +13,17 @@ then pay off because the per-group ranges become the dominant cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, prefixed, preset
-from kvcomm.wire.codecs.entropy import Coder, ans_decode, ans_encode, check_coder, stream_tensor, stream_words
+from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, prefixed, preset, side_by_side
+from kvcomm.wire.codecs.entropy import Coder, ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,14 +35,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``count`` codes, as int64."""
+def unpack(packed: torch.Tensor, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack`: the first ``count`` codes, as uint8."""
     per_byte = 8 // bits
     if packed.numel() * per_byte < count:
         raise ValueError(f"{packed.numel()} bytes cannot hold {count} {bits}-bit codes")
+    if bits == 8:
+        return packed.numpy().view(np.uint8)[:count]
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
     codes = (packed.to(torch.uint8)[:, None] >> shifts) & ((1 << bits) - 1)
-    return codes.flatten()[:count].long()
+    return codes.flatten()[:count].numpy()
 
 
 def _grouped(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
@@ -58,36 +62,128 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
              coder: Coder = "rans") -> Tensors:
     """Asymmetric uniform quantisation of ``x`` in groups of ``group`` along ``dim``; the codes are
     packed at ``bits`` bits each, or ANS-coded (by ``coder``) when ``entropy``."""
-    groups, _ = _grouped(x.float(), dim, group)
+    groups, length = _grouped(x.float(), dim, group)
     low = groups.amin(dim=-1, keepdim=True).half()
     scale = ((groups.amax(dim=-1, keepdim=True) - low.float()) / ((1 << bits) - 1)).clamp(min=1e-6).half()
     codes = ((groups - low.float()) / scale.float()).round().clamp(0, (1 << bits) - 1)
     out = {"low": low.squeeze(-1), "scale": scale.squeeze(-1)}
     if not entropy:
         return {"q": pack(codes, bits), **out}
+    if in_tensor_order(coder):
+        codes = codes.reshape(*codes.shape[:-2], -1)[..., :length].movedim(-1, dim)
     first, counts, stream = ans_encode(codes.flatten().to(torch.int64).numpy(), coder)
     return {"q.low": torch.tensor([first], dtype=torch.int32), "q.counts": torch.from_numpy(counts.astype(np.int32)),
             "q.stream": stream_tensor(stream), **out}
 
 
-def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
-               coder: Coder = "rans") -> torch.Tensor:
-    """Inverse of :func:`quantize` for a tensor of ``shape``."""
-    lead = list(shape)
-    length = lead.pop(dim)
+def in_tensor_order(coder: Coder) -> bool:
+    """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans``: format
+    version 6 on), not group by group (keys channel by channel, with each axis's last group
+    edge-padded: versions 1–5 and packed codes). The histogram is the same either way, so are the
+    bytes; in the tensor's order the decoder writes its output front to back instead of
+    transposing keys."""
+    return coder == "rans"
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_rows(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np.ndarray, group: Any, span: Any,
+                     out: np.ndarray) -> None:
+    """``out`` ``[A, L]`` quantised in groups along ``L`` (``scale``, ``low``: ``[A, groups]``), row
+    ``a``'s symbols starting at ``a * span``: ``(symbol + first) * scale + low`` in float32, one
+    multiply, then one add, each rounded, as torch computes it (``symbol + first`` is a small
+    integer, exact in float32 either way, and the float addition vectorises)."""
+    rows, length = out.shape
+    shift = np.float32(first)
+    for a in range(rows):
+        for g in range(scale.shape[1]):
+            s, m, begin = scale[a, g], low[a, g], g * group
+            end = min(length, begin + group)
+            row, source = out[a, begin:end], symbols[a * span + begin: a * span + end]
+            for j in range(end - begin):
+                row[j] = (np.float32(source[j]) + shift) * s + m
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_grouped(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np.ndarray, group: Any,
+                        out: np.ndarray) -> None:
+    """``out`` ``[A, L, B]`` from symbols in group order (``[A, B, groups, group]``, the last group
+    edge-padded), ranges ``[A, B, groups]``; written front to back (strided reads of the one-byte
+    symbols), with :func:`_dequantize_rows`' arithmetic."""
+    outer, length, inner = out.shape
+    span = scale.shape[2] * group
+    shift = np.float32(first)
+    for a in range(outer):
+        for t in range(length):
+            g, j = t // group, t % group
+            row, s, m = out[a, t], scale[a, :, g], low[a, :, g]
+            for b in range(inner):
+                row[b] = (np.float32(symbols[(a * inner + b) * span + g * group + j]) + shift) * s[b] + m[b]
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_ordered(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np.ndarray, group: Any,
+                        out: np.ndarray) -> None:
+    """``out`` ``[A, L, B]`` from symbols in its own order, ranges ``[A, groups, B]``, with
+    :func:`_dequantize_rows`' arithmetic: both run front to back."""
+    outer, length, inner = out.shape
+    shift = np.float32(first)
+    for a in range(outer):
+        for t in range(length):
+            row, s, m = out[a, t], scale[a, t // group], low[a, t // group]
+            source = symbols[(a * length + t) * inner: (a * length + t + 1) * inner]
+            for b in range(inner):
+                row[b] = (np.float32(source[b]) + shift) * s[b] + m[b]
+
+
+def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
+                coder: Coder = "rans") -> Callable[[], torch.Tensor]:
+    """The inverse of :func:`quantize` for a tensor of ``shape``, in two steps: the tensors are
+    checked (and an entropy coder's table built) now; the returned call decodes and dequantises
+    (for rANS streams: compiled code alone, without the GIL) into a contiguous float32 tensor.
+
+    Raises:
+        ValueError: malformed tensors (now), or a corrupt stream (from the call).
+    """
+    length = shape[dim]
+    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     group = min(group, length)
     groups = -(-length // group)
-    count = math.prod(lead) * groups * group
+    scale, low = t["scale"].float().numpy(), t["low"].float().numpy()
+    if scale.size != outer * inner * groups or low.size != scale.size:
+        raise ValueError(f"{scale.size} quantisation ranges for {outer * inner * groups} groups")
+    scale, low = scale.reshape(outer, inner, groups), low.reshape(outer, inner, groups)
+    ordered = "q" not in t and in_tensor_order(coder)
+    count = outer * inner * (length if ordered else groups * group)
     if "q" in t:
-        codes = unpack(t["q"], bits, count)
-    else:
-        codes = torch.from_numpy(ans_decode(int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64),
-                                            stream_words(t["q.stream"], coder), count, coder))
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        first, packed = 0, t["q"]
+        symbols: Callable[[], np.ndarray] = lambda: unpack(packed, bits, count)  # noqa: E731
+    else:  # entropy-coded: the symbols decode and dequantise without an int64 or float copy between
+        first, counts = int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64)
+        if first < 0 or first + counts.size > 1 << bits:
             raise ValueError(f"entropy-coded codes outside {bits}-bit range")
-    codes = codes.view(*lead, groups, group).float()
-    x = codes * t["scale"].float().view(*lead, groups, 1) + t["low"].float().view(*lead, groups, 1)
-    return x.reshape(*lead, groups * group)[..., :length].movedim(-1, dim)
+        symbols = symbols_decoder(counts, stream_words(t["q.stream"], coder), count, coder)
+    if ordered and inner > 1:
+        scale, low = np.ascontiguousarray(scale.transpose(0, 2, 1)), np.ascontiguousarray(low.transpose(0, 2, 1))
+
+    def decode() -> torch.Tensor:
+        out = np.empty((outer, length, inner), dtype=np.float32)
+        if inner == 1:  # grouped along the last axis: group order is the tensor's order (but the padding)
+            _dequantize_rows(symbols(), first, scale.reshape(outer, groups), low.reshape(outer, groups), group,
+                             length if ordered else groups * group, out.reshape(outer, length))  # C-ordered views
+        elif ordered:
+            _dequantize_ordered(symbols(), first, scale, low, group, out)
+        else:
+            _dequantize_grouped(symbols(), first, scale, low, group, out)
+        return torch.from_numpy(out).view(shape)
+
+    return decode
+
+
+def dequantize(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
+               coder: Coder = "rans") -> torch.Tensor:
+    """Inverse of :func:`quantize` for a tensor of ``shape`` (contiguous float32):
+    :func:`dequantizer` at once."""
+    return dequantizer(t, bits, dim, group, shape, coder)()
 
 
 def quantize_hidden(hidden: torch.Tensor, bits: int, group: int, entropy: bool, coder: Coder = "rans") -> Tensors:
@@ -115,7 +211,7 @@ def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int],
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
     (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes (with
-    ``coder``: ``rans``, or ``constriction`` as messages before format version 5 were)."""
+    ``coder``: ``rans``; ``rans-v5`` or ``constriction`` as messages of format version 5, or before, were)."""
 
     name = "quant"
     entropy_coded = True
@@ -139,9 +235,8 @@ class QuantCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = dequantize(prefixed(tensors, "k"), self.bits, 1, self.group, shape, self.coder)
-        values = dequantize(prefixed(tensors, "v"), self.bits, 2, self.group, shape, self.coder)
-        return keys, values
+        return side_by_side(dequantizer(prefixed(tensors, "k"), self.bits, 1, self.group, shape, self.coder),
+                            dequantizer(prefixed(tensors, "v"), self.bits, 2, self.group, shape, self.coder), shape)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         return quantize_hidden(hidden, self.bits, self.group, self.entropy, self.coder)
