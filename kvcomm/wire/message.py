@@ -14,8 +14,9 @@ full, its token count and its payload length. Payloads are safetensors blobs (a 
 zero-copy-readable tensor container; never pickle). Each frame has its own CRC so a streaming
 reader can use layer 0 before the last layer arrives; the final digest binds the frames, in their
 order, to the header. (Up to version 5 it hashed every byte again: at ~650 MB/s on this CPU, a
-second pass that cost more than decoding an entropy-coded message, and caught nothing the CRCs
-and the digest of the CRCs do not: a frame whose bytes change changes its CRC.)
+second pass that cost more than decoding an entropy-coded message. What it added was a second
+check of each frame's bytes against accidental damage, which its CRC catches but for one time in
+2**32; against a forger neither helps, since the digest was never keyed.)
 Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing partly decoded is
 returned. Versions 1 (mode in ``meta``), 2 (no extra frames) and 3 (token ids only) still read.
 Extra frames carry the context's token ids, which blending (recomputing tokens) needs, and hidden

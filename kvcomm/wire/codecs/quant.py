@@ -38,8 +38,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack`: the first ``count`` codes, as uint8."""
     per_byte = 8 // bits
-    if packed.numel() * per_byte < count:
-        raise ValueError(f"{packed.numel()} bytes cannot hold {count} {bits}-bit codes")
+    if packed.dtype != torch.uint8 or packed.numel() * per_byte < count:
+        raise ValueError(f"{packed.numel()} {packed.dtype} values cannot hold {count} packed {bits}-bit codes")
     if bits == 8:
         return packed.numpy().view(np.uint8)[:count]
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
@@ -79,9 +79,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
 def in_tensor_order(coder: Coder) -> bool:
     """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans``: format
     version 6 on), not group by group (keys channel by channel, with each axis's last group
-    edge-padded: versions 1–5 and packed codes). The histogram is the same either way, so are the
-    bytes; in the tensor's order the decoder writes its output front to back instead of
-    transposing keys."""
+    edge-padded: versions 1–5 and packed codes). The same codes but the padding's, so no more
+    bytes (fewer where an axis's last group was padded); in the tensor's order the decoder writes
+    its output front to back instead of transposing keys."""
     return coder == "rans"
 
 
