@@ -108,22 +108,13 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
     return decode
 
 
-def ans_symbols(counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
-    """:func:`symbols_decoder`'s symbols at once.
+def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
+    """Inverse of :func:`ans_encode`: ``size`` codes as int64 (:func:`symbols_decoder`'s plus ``low``).
 
     Raises:
         ValueError: as :func:`symbols_decoder`.
     """
-    return symbols_decoder(counts, stream, size, coder)()
-
-
-def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:
-    """Inverse of :func:`ans_encode`: ``size`` codes as int64 (:func:`ans_symbols` plus ``low``).
-
-    Raises:
-        ValueError: as :func:`ans_symbols`.
-    """
-    return ans_symbols(counts, stream, size, coder).astype(np.int64) + low
+    return symbols_decoder(counts, stream, size, coder)().astype(np.int64) + low
 
 
 def laplace_encode(codes: np.ndarray, scales: np.ndarray) -> tuple[int, int, np.ndarray]:
