@@ -367,18 +367,19 @@ def _slots(freq: np.ndarray, symbols: np.ndarray, steps: np.ndarray) -> None:
             slot += 1
 
 
-def _check_categorical(counts: np.ndarray) -> None:
+def _check_categorical(counts: np.ndarray, lanes: int) -> None:
+    """What a categorical stream can hold: at most 2**13 distinct codes, on 2 or 4 states."""
     if int((counts > 0).sum()) > MAX_CATEGORICAL:
         raise ValueError(f"{int((counts > 0).sum())} distinct codes; an entropy-coded stream holds at most "
                          f"{MAX_CATEGORICAL}")
+    if lanes not in (2, LANES):
+        raise ValueError(f"a categorical stream has 2 or {LANES} states, not {lanes}")
 
 
 def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int = LANES) -> np.ndarray:
     """Symbols ``0 .. len(counts) - 1`` with these counts (at most 2**13 distinct) -> uint16 words,
     on ``lanes`` interleaved states (4 from format version 6; 2 in version 5)."""
-    _check_categorical(counts)
-    if lanes not in (2, LANES):
-        raise ValueError(f"a categorical stream has 2 or {LANES} states, not {lanes}")
+    _check_categorical(counts, lanes)
     freq = categorical_frequencies(counts)
     out = np.empty(symbols.size + 2 * lanes, dtype=np.uint16)
     start = _encode(freq.astype(np.uint32)[symbols], _cum(freq).astype(np.uint32)[symbols], CATEGORICAL_BITS, out,
@@ -398,11 +399,9 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
             or 4 (now); a stream that is not an encoding of ``size`` symbols under these counts
             (from the call).
     """
-    _check_categorical(counts)
+    _check_categorical(counts, lanes)
     if dtype not in (np.uint8, np.int32) or (dtype is np.uint8 and counts.size > 256):
         raise ValueError(f"{counts.size} symbols do not decode to {np.dtype(dtype)}")
-    if lanes not in (2, LANES):
-        raise ValueError(f"a categorical stream has 2 or {LANES} states, not {lanes}")
     freq = categorical_frequencies(counts)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
