@@ -186,7 +186,9 @@ def inner(args: argparse.Namespace) -> None:
             sent = client.create_context(context, layers=layers, codec="auto" if measured else codec,
                                          bandwidth_mbit=args.rate if codec == "auto" else None)
             kv_ttft(sent["id"], True)  # untimed: compiles the codec's kernels, loads its codebook
-            chosen = {"chosen": sent["codec_choice"]["chosen"]} if sent.get("codec_choice") else {}
+            choice = sent.get("codec_choice")
+            chosen = {"chosen": choice["chosen"], "expected_s": {name: estimate["seconds"] for name, estimate
+                                                                 in choice["candidates"].items()}} if choice else {}
             if measured:
                 chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
             rows.append({**base, "method": f"kvcomm {codec}", "bytes": sent["bytes"],

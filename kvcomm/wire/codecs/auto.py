@@ -1,15 +1,24 @@
 """``auto``: per message, the codec with the lowest expected time to first token at a bandwidth.
 
-What a receiver waits for, codec by codec, is the sender's encoding, the transfer and its own
-decoding. Compression only pays where the link is slow: at 10 Mbit/s every byte saved counts,
-at 1 Gbit/s a codec that decodes at 50 MB/s costs more than the bytes it saves. ``auto`` measures
-instead of guessing: it encodes and decodes one layer of the message (the one with the most
-tokens) with every candidate, as a writer and a reader would (safetensors, checksums, the
-finiteness check included), scales bytes and seconds to the whole message, adds the transfer at
-the declared bandwidth, drops candidates whose reconstruction error on that layer is over the
-quality budget, and encodes the message with the fastest of the rest. The header then names the
-chosen codec (a receiver needs nothing new) and ``meta["codec_choice"]`` says why: every
-candidate's estimated bytes, seconds and error.
+What a receiver waits for, codec by codec, is the transfer and its own decoding, and the sender's
+encoding where the receiver is waiting on it. Compression only pays where the link is slow: at 10
+Mbit/s every byte saved counts, at 1 Gbit/s a codec that decodes at 50 MB/s costs more than the
+bytes it saves. ``auto`` measures instead of guessing: it encodes and decodes one layer of the
+message (the one with the most tokens) with every candidate, as a writer and a reader would
+(safetensors, checksums, the finiteness check included), scales bytes and seconds to the whole
+message, adds the transfer at the declared bandwidth, drops candidates whose reconstruction error
+on that layer is over the quality budget, and encodes the message with the fastest of the rest.
+The header then names the chosen codec (a receiver needs nothing new) and
+``meta["codec_choice"]`` says why: every candidate's estimated bytes, seconds and error.
+
+The expected wait follows how messages travel here:
+- a streaming receiver (``Client.receive_message``, the service) decodes layer i while layer i+1
+  arrives, so over L frames with transfer T and decode D in all it waits
+  ``max(T, D) + min(T, D) / L``; with ``streamed=False`` (whole body, then decode) it waits T + D;
+- the sender's encoding counts only with ``count_encode=True`` (a receiver waiting on a message
+  encoded on demand). By default it does not: a message is encoded once when it is created
+  (``/v1/contexts``, stored, sent ahead) and fetched later, perhaps many times, which is also what
+  ``benchmarks/network.py`` times.
 
 The quality budget is a relative L2 reconstruction error (default 0.15): ``klt``'s ~0.10 and
 ``int4-ans``' ~0.08 showed no measurable score loss in the codec sweeps (``docs/results.md``),
@@ -41,20 +50,23 @@ WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compi
 
 @CODECS.register("auto")
 class AutoCodec(Codec):
-    """Chooses, per message, among ``candidates`` (preset names) the one with the lowest expected
-    encode + transfer + decode time at ``bandwidth_mbit`` whose relative error is at most
-    ``max_error``.
+    """Chooses, per message, among ``candidates`` (preset names) the one with the shortest expected
+    receiver's wait at ``bandwidth_mbit`` (transfer and decode, overlapped when ``streamed``, plus
+    the encoding if ``count_encode``) whose relative error is at most ``max_error``.
 
     Args:
         bandwidth_mbit: the link's bandwidth in Mbit/s (declared).
         candidates: codec presets to choose from.
         max_error: the quality budget: the largest relative L2 reconstruction error allowed.
+        streamed: the receiver decodes each layer as it arrives (True) or after the whole body.
+        count_encode: the sender's encoding is part of the receiver's wait (a message encoded on
+            demand) rather than done before the message is fetched.
     """
 
     name = "auto"
 
     def __init__(self, bandwidth_mbit: float = 100.0, candidates: Sequence[str] = DEFAULT_CANDIDATES,
-                 max_error: float = 0.15) -> None:
+                 max_error: float = 0.15, streamed: bool = True, count_encode: bool = False) -> None:
         if not 0 < float(bandwidth_mbit) <= 1e6:
             raise ConfigError("auto codec bandwidth_mbit must be in (0, 1e6] Mbit/s")
         if not candidates or any(c not in PRESETS or PRESETS[c][0] == "auto" for c in candidates):
@@ -62,13 +74,15 @@ class AutoCodec(Codec):
         if not 0 < float(max_error):
             raise ConfigError("auto codec max_error must be positive")
         self.bandwidth_mbit, self.candidates, self.max_error = float(bandwidth_mbit), list(candidates), float(max_error)
+        self.streamed, self.count_encode = bool(streamed), bool(count_encode)
         self._codebook: Callable[[], Codebook] | None = None
 
     def params(self) -> dict[str, Any]:
-        return {"bandwidth_mbit": self.bandwidth_mbit, "candidates": self.candidates, "max_error": self.max_error}
+        return {"bandwidth_mbit": self.bandwidth_mbit, "candidates": self.candidates, "max_error": self.max_error,
+                "streamed": self.streamed, "count_encode": self.count_encode}
 
     def bind(self, codebook: Callable[[], Codebook]) -> AutoCodec:
-        bound = AutoCodec(self.bandwidth_mbit, self.candidates, self.max_error)
+        bound = AutoCodec(**self.params())
         bound._codebook = codebook
         return bound
 
@@ -86,14 +100,16 @@ class AutoCodec(Codec):
             elif name in ("klt", "klt-coarse"):
                 continue  # no codebook to rotate with: not a candidate here
             codecs[name] = codec
-            estimates[name] = _measure(codec, sample, len(layers), scale, self.bandwidth_mbit)
+            estimates[name] = self._estimate(_measure(codec, sample, len(layers), scale, self.bandwidth_mbit),
+                                             len(layers))
         if not estimates:
             raise WireError("auto codec: no candidate can encode this message (klt needs a codebook)")
         within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
         if within:
             chosen = min(within, key=lambda n: within[n]["seconds"])
-            reason = (f"fastest expected encode + transfer + decode at {self.bandwidth_mbit:g} Mbit/s among codecs "
-                      f"within relative error {self.max_error:g}")
+            wait = "max(transfer, decode) + min(transfer, decode) / layers" if self.streamed else "transfer + decode"
+            reason = (f"shortest expected wait ({'encode + ' if self.count_encode else ''}{wait}) at "
+                      f"{self.bandwidth_mbit:g} Mbit/s among codecs within relative error {self.max_error:g}")
         else:
             chosen = min(estimates, key=lambda n: estimates[n]["error"])
             reason = f"no candidate within relative error {self.max_error:g}: the most accurate"
@@ -101,6 +117,12 @@ class AutoCodec(Codec):
                   "max_error": self.max_error, "sample_layer": sample.index,
                   "choice_seconds": round(time.perf_counter() - began, 4), "candidates": estimates}
         return codecs[chosen], {"codec_choice": choice}
+
+    def _estimate(self, measured: dict[str, float], frames: int) -> dict[str, float]:
+        """``measured`` with ``seconds``, the receiver's expected wait (see the module's docstring)."""
+        transfer, decode = measured["transfer_seconds"], measured["decode_seconds"]
+        wait = max(transfer, decode) + min(transfer, decode) / max(frames, 1) if self.streamed else transfer + decode
+        return {**measured, "seconds": round(wait + (measured["encode_seconds"] if self.count_encode else 0.0), 5)}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         raise WireError("the auto codec chooses a codec per message: encode through KVMessage")
@@ -111,7 +133,8 @@ class AutoCodec(Codec):
 
 
 def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandwidth_mbit: float) -> dict[str, float]:
-    """One layer through ``codec``: bytes, seconds and error, the bytes and seconds scaled to the message."""
+    """One layer through ``codec``: bytes, encode, decode and transfer seconds and error, the bytes
+    and seconds scaled to the message."""
     keys, values = sample.keys.float(), sample.values.float()
     heads, tokens, dim = keys.shape
     warm = keys[:, :WARM_TOKENS], values[:, :WARM_TOKENS]
@@ -133,7 +156,7 @@ def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandw
     transfer = size * scale * 8 / (bandwidth_mbit * 1e6)
     return {"bytes": round(size * scale), "encode_seconds": round((encoded - began) * scale, 5),
             "decode_seconds": round((decoded - encoded) * scale, 5), "transfer_seconds": round(transfer, 5),
-            "seconds": round((decoded - began) * scale + transfer, 5), "error": round(error, 5)}
+            "error": round(error, 5)}
 
 
 preset("auto", "auto", bandwidth_mbit=100.0)
