@@ -123,6 +123,11 @@ def test_a_batch_answers_as_items_one_at_a_time_for_kv_and_text():
         assert [r.replies for r in batched.items] == [r.replies for r in alone.items]
 
 
+def test_an_auto_edge_counts_the_encoding_its_hearer_waits_for():
+    graph = Graph.build(tiny_loaded(), "chain", 2, edge=EdgeOptions(codec="auto"))
+    assert graph._codec is not None and graph._codec.params()["count_encode"] is True
+
+
 def test_bytes_are_counted_per_edge_and_fall_with_fewer_layers():
     model = tiny_loaded()
     task = load_task("relay", items=2, hops=3, max_new_tokens=3)

@@ -424,6 +424,9 @@ def test_a_completion_returns_its_turn_as_a_kv_message_that_another_agent_hears(
     only = chat(http, "Where?", max_tokens=3, kv_return={"layers": [1, 2]}).json()["kv_message"]
     reply_message = KVMessage.from_bytes(http.get(f"/v1/messages/{only['id']}").content)
     assert reply_message.shared_layers == [1, 2] and 1 <= reply_message.context_len <= 3
+    chosen = chat(http, "Where?", max_tokens=3, kv_return={"codec": "auto"}).json()["kv_message"]
+    choice = KVMessage.from_bytes(http.get(f"/v1/messages/{chosen['id']}").content).meta["codec_choice"]
+    assert choice["reason"].startswith("shortest expected wait (encode + ")  # the caller waits on the encoding
 
 
 def test_kv_return_refuses_what_it_cannot_do_and_stores_nothing(http, app):

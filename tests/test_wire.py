@@ -466,6 +466,16 @@ def test_auto_keeps_to_the_quality_budget():
     assert none.meta["codec_choice"]["reason"].startswith("no candidate within")
 
 
+def test_a_message_encoded_on_demand_counts_its_encoding_only_with_auto():
+    from kvcomm.wire.codecs.auto import encoded_on_demand
+
+    waited = encoded_on_demand("auto")
+    assert waited.params() == {**make_codec("auto").params(), "count_encode": True}
+    assert encoded_on_demand("int8").params() == make_codec("int8").params()
+    stored = KVMessage.from_bytes(auto_message().to_bytes()).meta["codec_choice"]["reason"]
+    assert stored.startswith("shortest expected wait (max(transfer, decode)")
+
+
 @pytest.mark.parametrize("params, match", [({"bandwidth_mbit": 0}, "bandwidth"), ({"candidates": ["auto"]}, "other"),
                                            ({"candidates": ["fp9"]}, "presets"), ({"max_error": -1}, "max_error")])
 def test_auto_refuses_bad_parameters(params, match):

@@ -52,8 +52,9 @@ from kvcomm.protocol.reply import outgoing, rebase
 from kvcomm.selection.rules import check_layer_choice, format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import contains, score_all
-from kvcomm.wire import KVMessage, make_codec
+from kvcomm.wire import KVMessage
 from kvcomm.wire.codecs import CodecName
+from kvcomm.wire.codecs.auto import encoded_on_demand
 
 if TYPE_CHECKING:
     from kvcomm.agents import Agents
@@ -262,7 +263,7 @@ class Graph:
         if self.edge.via == "kv" and self.edge.codec is not None:
             from kvcomm.wire.bootstrap import model_codebook
 
-            self._codec = make_codec(self.edge.codec).bind(lambda: model_codebook(model))
+            self._codec = encoded_on_demand(self.edge.codec).bind(lambda: model_codebook(model))
         self._heard = {t for step in self.steps for t in step.hears}
 
     @classmethod

@@ -35,7 +35,8 @@ from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.schemas import BlendRequest, InlineMessage, KVReturn, MessageRef
 from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.serve.worker import Job
-from kvcomm.wire import KVMessage, make_codec
+from kvcomm.wire import KVMessage
+from kvcomm.wire.codecs.auto import encoded_on_demand
 
 
 @dataclass
@@ -166,6 +167,6 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     metrics.generation_tokens.inc(len(out))
     layers = keep.layers if keep.layers is not None else range(agent.num_layers)
     shared = outgoing(model, turn.kv[0], len(out), keep.content, layers)
-    codec = make_codec(keep.codec).bind(lambda: model_codebook(agent))
+    codec = encoded_on_demand(keep.codec).bind(lambda: model_codebook(agent))  # the caller waits on it
     data = KVMessage.from_shared(shared, agent.fingerprint, codec, {"sender": agent.name, "kv_return": keep.content})
     return out, "length" if len(out) >= budget else "stop", data.to_bytes()

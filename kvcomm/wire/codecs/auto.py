@@ -132,6 +132,14 @@ class AutoCodec(Codec):
         raise ValueError("no message is encoded as 'auto': its header names the codec chosen")
 
 
+def encoded_on_demand(name: str) -> Codec:
+    """The codec preset ``name`` for a message its receiver waits on while it is encoded (a reply
+    passed on at once: a graph's edge, the service's ``kv_return``): ``auto`` then counts the
+    encoding in the wait; any other codec is returned as it is."""
+    codec = make_codec(name)
+    return AutoCodec(**{**codec.params(), "count_encode": True}) if isinstance(codec, AutoCodec) else codec
+
+
 def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandwidth_mbit: float) -> dict[str, float]:
     """One layer through ``codec``: bytes, encode, decode and transfer seconds and error, the bytes
     and seconds scaled to the message."""
