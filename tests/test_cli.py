@@ -115,7 +115,7 @@ def test_encode_with_codec_auto_names_its_choice(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
     choice = header["meta"]["codec_choice"]
-    assert choice["bandwidth_mbit"] == 0.01 and f"({choice['chosen']}: fastest expected" in result.output
+    assert choice["bandwidth_mbit"] == 0.01 and f"({choice['chosen']}: shortest expected wait" in result.output
     assert header["codec"]["name"] != "auto"
     wrong = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x", "--codec", "int8",
                                 "--bandwidth", "10"])
