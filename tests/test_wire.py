@@ -477,7 +477,9 @@ def test_a_message_encoded_on_demand_counts_its_encoding_only_with_auto():
 
 
 @pytest.mark.parametrize("params, match", [({"bandwidth_mbit": 0}, "bandwidth"), ({"candidates": ["auto"]}, "other"),
-                                           ({"candidates": ["fp9"]}, "presets"), ({"max_error": -1}, "max_error")])
+                                           ({"candidates": ["fp9"]}, "presets"), ({"max_error": -1}, "max_error"),
+                                           ({"streamed": "no"}, "true or false"),
+                                           ({"count_encode": 1}, "true or false")])
 def test_auto_refuses_bad_parameters(params, match):
     with pytest.raises(ConfigError, match=match):
         make_codec("auto", **params)

@@ -74,7 +74,9 @@ class AutoCodec(Codec):
         if not 0 < float(max_error):
             raise ConfigError("auto codec max_error must be positive")
         self.bandwidth_mbit, self.candidates, self.max_error = float(bandwidth_mbit), list(candidates), float(max_error)
-        self.streamed, self.count_encode = bool(streamed), bool(count_encode)
+        if not isinstance(streamed, bool) or not isinstance(count_encode, bool):
+            raise ConfigError("auto codec streamed and count_encode must be true or false")
+        self.streamed, self.count_encode = streamed, count_encode
         self._codebook: Callable[[], Codebook] | None = None
 
     def params(self) -> dict[str, Any]:
