@@ -4,7 +4,8 @@ Prefills the sender on a task's contexts, shares every layer, and passes each it
 every codec as a whole KV message (header, framing and checksums included). Throughput is MB of
 float16 KV per second (the same yardstick for every codec), on one process of this machine, the
 best of ``--repeats`` passes. Entropy-coded codecs run once per entropy coder in ``--coders``
-(``rans``: format version 5; ``constriction``: the coder of versions 1–4), side by side.
+(``rans``: today's, format version 7; ``rans-v6``, ``rans-v5``: versions 6 and 5; ``constriction``: the
+coder of versions 1–4), side by side.
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json
@@ -42,7 +43,7 @@ def main() -> None:
                         help="instead of the task's contexts, --items copies of one generated context of about "
                              "this many tokens (benchmarks/ttft.py's), e.g. 1024")
     parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
-                        "e.g. rans,constriction")
+                        "e.g. rans,rans-v6,constriction")
     parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
     args = parser.parse_args()

@@ -137,7 +137,9 @@ def running(app) -> Iterator[str]:
 
 
 def craft(header: dict | bytes, payloads: list[bytes], version: int = 2) -> bytes:
-    """A KV message with any header, whose checksums and digest are all valid (what an attacker can make)."""
+    """A KV message with any header, whose checksums and digest are all valid (what an attacker can
+    make): the digest of every byte (versions 1–5) or of the header part and each frame's length
+    and CRC (6 on)."""
     import hashlib
     import json
     import struct
@@ -145,6 +147,9 @@ def craft(header: dict | bytes, payloads: list[bytes], version: int = 2) -> byte
 
     blob = header if isinstance(header, bytes) else json.dumps(header).encode()
     body = b"KVCM" + struct.pack("<HI", version, len(blob)) + blob + struct.pack("<I", zlib.crc32(blob))
+    digest = hashlib.blake2b(body, digest_size=16)
     for payload in payloads:
-        body += struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload))
-    return body + b"KEND" + hashlib.blake2b(body, digest_size=16).digest()
+        length, crc = struct.pack("<I", len(payload)), struct.pack("<I", zlib.crc32(payload))
+        body += length + payload + crc
+        digest.update(length + payload + crc if version < 6 else length + crc)
+    return body + b"KEND" + digest.digest()

@@ -28,7 +28,8 @@ from kvcomm.errors import CorruptMessage, WireError
 from kvcomm.serve.app import create_app
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.stores import MemoryStore, RedisStore
-from kvcomm.wire import KVMessage, MessageReader
+from kvcomm.wire import VERSION, KVMessage, MessageReader
+from kvcomm.wire.codecs import make_codec
 from tests.conftest import craft, running, tiny_loaded
 
 LIMIT = 1 << 20
@@ -67,13 +68,16 @@ def payload(tokens: int) -> bytes:
     return st_save({"k": torch.randn(2, tokens, 8), "v": torch.randn(2, tokens, 8)})
 
 
-def framed(agent, tokens: int = 3, layers: int = 4, **changes) -> bytes:
+def framed(agent, tokens: int = 3, layers: int = 4, payloads: list[bytes] | None = None, version: int = 2,
+           **changes) -> bytes:
     """A message whose frames match its (possibly hostile) header; checksums all valid."""
     head = header(agent, tokens, layers, **changes)
-    payloads = [payload(tokens) for _ in range(layers)]
+    if version >= 3:
+        head["extras"] = []
+    payloads = payloads or [payload(tokens) for _ in range(layers)]
     for entry, data in zip(head["layers"], payloads):
         entry["bytes"] = len(data)
-    return craft(head, payloads)
+    return craft(head, payloads, version)
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:
@@ -140,10 +144,26 @@ def hostile_messages(agent):
         "bool as a size": framed(agent, heads=True),
         "unknown field": framed(agent, extra=1),
         "a decompression bomb": craft(header(agent, tokens=1 << 22), [b"x" * 8] * 4),
+        "a raw layer holding NaN": framed(agent, payloads=[payload(3)] * 3 + [
+            st_save({"k": torch.full((2, 3, 8), float("nan")), "v": torch.randn(2, 3, 8)})]),
+        **{f"{name} ranges that are not finite": framed(agent, payloads=unbounded(make_codec(name)), version=VERSION,
+                                                        codec={"name": make_codec(name).name,
+                                                               "params": make_codec(name).params()})
+           for name in ("int4-ans", "int8", "cachegen")},
         "payload disagrees with the header": craft({**header(agent), "layers": [
             {"index": i, "full": True, "tokens": 3, "bytes": len(payload(5))} for i in range(4)]},
             [payload(5) for _ in range(4)]),
     }
+
+
+def unbounded(codec) -> list[bytes]:
+    """Four layers through ``codec``, the last with one range (or step) infinite: codecs that skip
+    checking every decoded value (``finite_by_construction``) must refuse it from the ranges."""
+    layers = [codec.encode(torch.randn(2, 3, 8), torch.randn(2, 3, 8), i, 4) for i in range(4)]
+    name = next(n for n in ("k.scale", "k.step") if n in layers[3])
+    layers[3][name] = layers[3][name].clone()
+    layers[3][name].view(-1)[0] = float("inf")
+    return [st_save(layer) for layer in layers]
 
 
 def test_crafted_messages_with_valid_checksums_are_refused_and_never_stored(http, agent):

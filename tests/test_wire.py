@@ -33,7 +33,7 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4, 5, 6)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4, 5, 6, 7)}
 ENTROPY_CODECS = ["int4-ans", "int2-ans", "cachegen", "klt"]
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
@@ -164,15 +164,15 @@ def test_golden_entropy_files_pin_todays_coder(codec):
         f"the v{VERSION} {codec} stream changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
 
 
-@pytest.mark.parametrize("version", [4, 5, VERSION])
+@pytest.mark.parametrize("version", [4, 5, 6, VERSION])
 @pytest.mark.parametrize("codec", ENTROPY_CODECS)
 def test_golden_entropy_files_of_every_coder_decode(codec, version):
     """v4 streams (constriction) still decode to what v4 decoded them to (kept as an fp32 message);
-    v5 (two-state rANS, keys' codes channel by channel) and v6 (four states, the tensor's order)
-    decode alike."""
+    v5 (two-state rANS, keys' codes channel by channel), v6 (four states, the tensor's order) and
+    v7 (two or four small codes to a symbol) decode alike."""
     golden_codebook()
     decoded = KVMessage.from_bytes(golden_entropy_file(codec, version).read_bytes())
-    assert decoded.codec.params()["coder"] == {4: "constriction", 5: "rans-v5", 6: "rans"}[version]
+    assert decoded.codec.params()["coder"] == {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans"}[version]
     expected = KVMessage.from_bytes(golden_entropy_file(codec, 4, "decoded.kvcm").read_bytes())
     pairs = [(a.keys, b.keys) for a, b in zip(decoded.layers, expected.layers)]
     pairs += [(a.values, b.values) for a, b in zip(decoded.layers, expected.layers)]
@@ -215,13 +215,27 @@ def test_a_v4_header_naming_a_coder_is_refused():
         KVMessage.from_bytes(fixed)
 
 
-def test_a_v5_header_naming_the_coder_v5_did_not_write_is_refused():
-    fixed = edited_header(golden_entropy_file("int4-ans", 5).read_bytes(), b'"coder":"rans"', b'"coder":"rans-v5"')
-    with pytest.raises(CorruptMessage, match="names no coder 'rans-v5'"):
+@pytest.mark.parametrize("version, named", [(5, "rans-v5"), (5, "rans-v6"), (6, "rans-v6")])
+def test_a_header_naming_a_coder_its_version_did_not_write_is_refused(version, named):
+    fixed = edited_header(golden_entropy_file("int4-ans", version).read_bytes(), b'"coder":"rans"',
+                          f'"coder":"{named}"'.encode())
+    with pytest.raises(CorruptMessage, match=f"names no coder '{named}'"):
         KVMessage.from_bytes(fixed)
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+def test_a_v7_message_may_name_the_older_coders_it_was_written_with():
+    """Benchmarks write today's format with the older coders side by side: each reads back as itself."""
+    golden_codebook()
+    for coder in ("rans-v6", "rans-v5", "constriction"):
+        sent = entropy_golden_message("int4-ans")
+        sent.codec = make_codec("int4-ans", coder=coder)
+        back = KVMessage.from_bytes(sent.to_bytes())
+        assert back.codec.params()["coder"] == coder
+        torch.testing.assert_close(back.layers[0].keys, KVMessage.from_bytes(
+            entropy_golden_message("int4-ans").to_bytes()).layers[0].keys, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_golden_v4_on_carries_a_left_out_layer_and_a_hidden_state(version):
     decoded = KVMessage.from_bytes(GOLDEN[version].read_bytes())
     assert decoded.shared_layers == [0, 2] and decoded.layers[3].keys.shape == (2, 0, 4)

@@ -27,8 +27,8 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 6
-READABLE = (1, 2, 3, 4, 5, 6)
+VERSION = 7
+READABLE = (1, 2, 3, 4, 5, 6, 7)
 DIGEST_OF_CRCS_SINCE = 6  # the final digest covers the frames' lengths and CRCs, not their bytes again
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
@@ -87,7 +87,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 6; versions 1–5 are read into the same model)."""
+    """The fields of a message header (version 7; versions 1–6 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

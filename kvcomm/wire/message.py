@@ -19,6 +19,9 @@ check of each frame's bytes against accidental damage, which its CRC catches but
 2**32; against a forger neither helps, since the digest was never keyed.)
 Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing partly decoded is
 returned. Versions 1 (mode in ``meta``), 2 (no extra frames) and 3 (token ids only) still read.
+Versions 4–7 share this layout and differ in the entropy coder an entropy-coded codec's payloads
+use (:func:`~kvcomm.wire.codecs.base.header_codec`): ``constriction`` up to 4, then kvcomm's rANS
+on two states (5), on four (6), and with two or four small codes to a symbol (7).
 Extra frames carry the context's token ids, which blending (recomputing tokens) needs, and hidden
 states entering a layer (through the message's codec), which recomputing layers (DroidSpeak)
 needs; a layer may be left out (0 tokens, no payload) where the receiver computes it itself.
@@ -385,7 +388,7 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
         raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__})") from None
     if tuple(keys.shape) != shape or tuple(values.shape) != shape:
         raise CorruptMessage(f"layer {entry.index}: decoded shape {tuple(keys.shape)}, expected {shape}")
-    if not (all_finite(keys) and all_finite(values)):
+    if not codec.finite_by_construction and not (all_finite(keys) and all_finite(values)):
         raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
     return LayerKV(entry.index, entry.full, keys, values)
 

@@ -39,7 +39,10 @@ class Codec(ABC):
     hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
-    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans``, ``rans-v5`` (v5) or ``constriction`` (v1-v4)
+    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans`` (v7), ``rans-v6``, ``rans-v5``, ``constriction``
+    # ``decode`` refuses parameters (ranges, steps) that are not finite, and from finite ones only
+    # finite keys and values come: the reader then does not check every decoded value again
+    finite_by_construction: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the message header (enough to rebuild this codec)."""
@@ -124,28 +127,32 @@ def make_codec(name: str, **params: Any) -> Codec:
 
 
 RANS_SINCE = 5  # the message format version from which entropy-coded codecs use kvcomm's rANS
-FOUR_LANES_SINCE = 6  # ... and from which its categorical streams run on four states
+GROUPED_SINCE = 7  # ... and from which its categorical streams code two or four codes to a symbol
+_RANS_UNTIL = {5: "rans-v5", 6: "rans-v6"}  # what a header's 'rans' was, by version, before GROUPED_SINCE
 
 
 def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
     """The codec a message header of format ``version`` names. Entropy-coded codecs of messages
     before version 5 were coded with ``constriction`` (their headers name no coder); a version 5
-    header's ``rans`` is two-state rANS, today's ``rans-v5``.
+    header's ``rans`` is two-state rANS, today's ``rans-v5``, and a version 6 header's is
+    ``rans-v6`` (one code to a symbol).
 
     Raises:
         ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5, or
-            one that version 5 did not write).
+            a name for a coder that its version did not yet write).
     """
     if name in CODECS and CODECS.get(name).entropy_coded:
         if version < RANS_SINCE:
             if "coder" in params:
                 raise ConfigError(f"a version {version} header names no entropy coder")
             params = {**params, "coder": "constriction"}
-        elif version < FOUR_LANES_SINCE:
-            if params.get("coder") == "rans-v5":
-                raise ConfigError(f"a version {version} header names no coder 'rans-v5' (its 'rans' is that)")
+        elif version < GROUPED_SINCE:
+            later = [coder for since, coder in _RANS_UNTIL.items() if since >= version]
+            if params.get("coder") in later:
+                raise ConfigError(f"a version {version} header names no coder {params['coder']!r} "
+                                  f"(its 'rans' is {_RANS_UNTIL[version]!r})")
             if params.get("coder") == "rans":
-                params = {**params, "coder": "rans-v5"}
+                params = {**params, "coder": _RANS_UNTIL[version]}
     return make_codec(name, **params)
 
 

@@ -54,6 +54,7 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     entropy_coded = True
+    finite_by_construction = True  # finite anchor ranges (the dequantiser checks) and steps (checked here)
 
     def __init__(self, group: int = 10, steps: tuple[float, float, float] | list[float] = (0.5, 0.75, 1.0),
                  max_code: int = 127, coder: str = "rans") -> None:
@@ -122,6 +123,8 @@ class CacheGenCodec(Codec):
         step = tensors["step"].float().numpy()
         if step.shape != (heads, dim):
             raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
+        if not np.isfinite(step).all():  # with finite anchors, every value is: |code| < 2**15, float16 steps
+            raise ValueError("cachegen steps are not finite")
         symbols = symbols_decoder(counts, stream_words(tensors["stream"], self.coder), size, self.coder)
 
         def decode() -> torch.Tensor:

@@ -4,11 +4,13 @@ Quantised KV codes are far from uniform (most fall near the middle of their rang
 delta), so coding them with their own measured distribution takes fewer bits than fixed-width
 packing. The symbol counts travel with the stream; decoding checks they match what it produced.
 
-Three coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
-uint16 words; message format version 6 on, four interleaved states), ``rans-v5`` (the same with
-two states: how version 5 coded, and how a version 5 header's ``rans`` is read) and
-``constriction`` (versions 1–4, uint32 words), kept so that older messages decode and so that the
-coders can be measured side by side. ``klt``'s Laplace streams are the same under both rANS names.
+Four coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
+uint16 words on four interleaved states, two or four codes to a symbol where a stream has at most
+16 or 4 distinct codes: message format version 7 on), ``rans-v6`` (the same, one code to a symbol:
+how version 6 coded, and how a version 6 header's ``rans`` is read), ``rans-v5`` (one code to a
+symbol on two states: version 5) and ``constriction`` (versions 1–4, uint32 words), kept so that
+older messages decode and so that the coders can be measured side by side. ``klt``'s Laplace
+streams are the same under every rANS name.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from kvcomm.errors import ConfigError, WireError
 from kvcomm.wire.codecs.rans import LANES, rans_categorical_decoder, rans_encode_categorical
 
 MAX_SYMBOLS = 1 << 16
-Coder = Literal["rans", "rans-v5", "constriction"]
+Coder = Literal["rans", "rans-v6", "rans-v5", "constriction"]
 CODERS: tuple[str, ...] = get_args(Coder)
-_WORD = {"rans": np.uint16, "rans-v5": np.uint16, "constriction": np.uint32}
-_STORED = {"rans": torch.int16, "rans-v5": torch.int16, "constriction": torch.int32}  # no unsigned 16/32-bit
-_LANES = {"rans": LANES, "rans-v5": 2}  # interleaved states of a categorical stream
+_WORD = {"rans": np.uint16, "rans-v6": np.uint16, "rans-v5": np.uint16, "constriction": np.uint32}
+_STORED = {"rans": torch.int16, "rans-v6": torch.int16, "rans-v5": torch.int16,
+           "constriction": torch.int32}  # no unsigned 16/32-bit
+# a categorical stream's interleaved states, and whether it groups codes
+_LAYOUT = {"rans": (LANES, True), "rans-v6": (LANES, False), "rans-v5": (2, False)}
 
 
 def check_coder(coder: str) -> Coder:
@@ -63,9 +67,9 @@ def ans_encode(codes: np.ndarray, coder: Coder = "rans") -> tuple[int, np.ndarra
     counts = np.bincount(symbols).astype(np.int64)
     if counts.size == 1:  # one distinct code: the counts say it all (and ANS needs two symbols)
         return low, counts, np.zeros(0, dtype=_WORD[coder])
-    if coder in _LANES:
+    if coder in _LAYOUT:
         try:
-            return low, counts, rans_encode_categorical(symbols, counts, _LANES[coder])
+            return low, counts, rans_encode_categorical(symbols, counts, *_LAYOUT[coder])
         except ValueError as err:
             raise WireError(str(err)) from None
     ans = constriction.stream.stack.AnsCoder()
@@ -95,8 +99,8 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
         if stream.size:
             raise ValueError("a single-symbol stream must be empty")
         return lambda: np.zeros(size, dtype=dtype)
-    if coder in _LANES:  # checks its own end state: a corrupt stream does not end where encoding began
-        return rans_categorical_decoder(stream, counts, size, dtype, _LANES[coder])
+    if coder in _LAYOUT:  # checks its own end state: a corrupt stream does not end where encoding began
+        return rans_categorical_decoder(stream, counts, size, dtype, *_LAYOUT[coder])
 
     def decode() -> np.ndarray:
         model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)

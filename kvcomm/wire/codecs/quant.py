@@ -77,12 +77,12 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
 
 
 def in_tensor_order(coder: Coder) -> bool:
-    """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans``: format
-    version 6 on), not group by group (keys channel by channel, with each axis's last group
-    edge-padded: versions 1–5 and packed codes). The same codes but the padding's, so no more
+    """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans`` and
+    ``rans-v6``: format version 6 on), not group by group (keys channel by channel, with each
+    axis's last group edge-padded: versions 1–5 and packed codes). The same codes but the padding's, so no more
     bytes (fewer where an axis's last group was padded); in the tensor's order the decoder writes
     its output front to back instead of transposing keys."""
-    return coder == "rans"
+    return coder in ("rans", "rans-v6")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -151,6 +151,8 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
     scale, low = t["scale"].float().numpy(), t["low"].float().numpy()
     if scale.size != outer * inner * groups or low.size != scale.size:
         raise ValueError(f"{scale.size} quantisation ranges for {outer * inner * groups} groups")
+    if not (np.isfinite(scale).all() and np.isfinite(low).all()):  # then every value is (float16 ranges,
+        raise ValueError("quantisation ranges are not finite")     # codes below 256: far below float32's max)
     scale, low = scale.reshape(outer, inner, groups), low.reshape(outer, inner, groups)
     ordered = "q" not in t and in_tensor_order(coder)
     count = outer * inner * (length if ordered else groups * group)
@@ -211,10 +213,12 @@ def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int],
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
     (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes (with
-    ``coder``: ``rans``; ``rans-v5`` or ``constriction`` as messages of format version 5, or before, were)."""
+    ``coder``: ``rans``; ``rans-v6``, ``rans-v5`` or ``constriction`` as messages of format version 6, 5,
+    or before, were)."""
 
     name = "quant"
     entropy_coded = True
+    finite_by_construction = True  # the dequantiser refuses ranges that are not finite
 
     def __init__(self, bits: int = 8, group: int = 32, entropy: bool = False, coder: str = "rans") -> None:
         if bits not in (2, 4, 8):
