@@ -147,7 +147,7 @@ def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
                 raise ConfigError(f"a version {version} header names no entropy coder")
             params = {**params, "coder": "constriction"}
         elif version < GROUPED_SINCE:
-            later = [coder for since, coder in _RANS_UNTIL.items() if since >= version]
+            later = [coder for was_rans_in, coder in _RANS_UNTIL.items() if was_rans_in >= version]
             if params.get("coder") in later:
                 raise ConfigError(f"a version {version} header names no coder {params['coder']!r} "
                                   f"(its 'rans' is {_RANS_UNTIL[version]!r})")

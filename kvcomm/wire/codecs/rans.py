@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numba
@@ -135,7 +135,7 @@ def _decode_categorical(words: np.ndarray, table: np.ndarray, out: np.ndarray) -
 
 @numba.njit(cache=True, nogil=True)
 def _decode_categorical4(words: np.ndarray, sym: np.ndarray, step: np.ndarray, out: np.ndarray) -> Any:
-    """Four states (format version 6): ``sym`` (uint8 or int32; for grouped codes, their bytes as
+    """Four states (format version 6 on): ``sym`` (uint8 or int32; for grouped codes, their bytes as
     one uint16 or uint32, ``out`` a view of the bytes alike) and ``step`` (uint32 ``freq | offset
     << 16``) per slot, two narrow tables instead of one uint64, so four look-ups fit in flight;
     1.7x the two-state loop's speed on this CPU."""
@@ -424,7 +424,7 @@ def _tuples(symbols: np.ndarray, counts: np.ndarray, group: int) -> np.ndarray:
     return padded.reshape(-1, group) @ (alphabet ** np.arange(group - 1, -1, -1, dtype=np.int64))
 
 
-@cache
+@lru_cache(maxsize=64)  # bounded: a message chooses its alphabet sizes
 def _symbol_values(alphabet: int, group: int, dtype: np.dtype) -> np.ndarray:
     """What the decoder's table holds per symbol: the code itself as ``dtype``, or for grouped
     codes (``group`` > 1) the tuple's codes as ``group`` bytes read as one uint16 or uint32 (the
@@ -476,8 +476,8 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
 
     Raises:
         ValueError: a ``dtype`` too narrow for these symbols, or another number of states than 2
-            or 4 (now); a stream that is not an encoding of ``size`` symbols under these counts
-            (from the call).
+            or 4 (grouped: 4) (now); a stream that is not an encoding of ``size`` symbols under
+            these counts (from the call).
     """
     _check_categorical(counts, lanes, grouped)
     if dtype not in (np.uint8, np.int32) or (dtype is np.uint8 and counts.size > 256):
