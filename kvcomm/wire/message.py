@@ -389,7 +389,7 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
         raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__})") from None
     if tuple(keys.shape) != shape or tuple(values.shape) != shape:
         raise CorruptMessage(f"layer {entry.index}: decoded shape {tuple(keys.shape)}, expected {shape}")
-    if not codec.finite_by_construction and not (all_finite(keys) and all_finite(values)):
+    if not codec.finite(keys, values):
         raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
     return LayerKV(entry.index, entry.full, keys, values)
 

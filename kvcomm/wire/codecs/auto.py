@@ -38,7 +38,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, all_finite, make_codec, preset
+from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -159,7 +159,7 @@ def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandw
     zlib.crc32(payload)
     hashlib.blake2b(payload, digest_size=16)
     back_keys, back_values = codec.decode(st_load(payload), (heads, tokens, dim), sample.index, num_layers)
-    all_finite(back_keys) and all_finite(back_values)
+    codec.finite(back_keys, back_values)
     decoded = time.perf_counter()
     error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
                 for a, b in ((keys, back_keys), (values, back_values)))

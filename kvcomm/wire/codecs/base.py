@@ -62,6 +62,11 @@ class Codec(ABC):
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Named tensors that :meth:`decode` turns back into ``(keys, values)``."""
 
+    def finite(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether keys and values this codec decoded are finite, as a reader checks them: at no
+        cost where the codec's ``decode`` already refused non-finite parameters, else every value."""
+        return self.finite_by_construction or (all_finite(keys) and all_finite(values))
+
     @abstractmethod
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:

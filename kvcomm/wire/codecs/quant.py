@@ -79,9 +79,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
 def in_tensor_order(coder: Coder) -> bool:
     """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans`` and
     ``rans-v6``: format version 6 on), not group by group (keys channel by channel, with each
-    axis's last group edge-padded: versions 1–5 and packed codes). The same codes but the padding's, so no more
-    bytes (fewer where an axis's last group was padded); in the tensor's order the decoder writes
-    its output front to back instead of transposing keys."""
+    axis's last group edge-padded: versions 1–5 and packed codes). The same codes but the
+    padding's, so no more bytes (fewer where an axis's last group was padded); in the tensor's
+    order the decoder writes its output front to back instead of transposing keys."""
     return coder in ("rans", "rans-v6")
 
 

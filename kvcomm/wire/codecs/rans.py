@@ -489,7 +489,7 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
         values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes
         symbols, steps = np.empty(1 << CATEGORICAL_BITS, dtype=values.dtype), np.empty(1 << CATEGORICAL_BITS, np.uint32)
         _slots(freq, values, symbols, steps)
-        padding = _padding(counts)
+        padding = _padding(counts) if group > 1 else 0
     else:
         entries = _entries(freq, 16, 16)
 
