@@ -6,11 +6,13 @@ other; the link between them is shaped with a token bucket (`tc qdisc ... tbf`) 
 rate, context length and method, the receiver's time to first token, median of ``--runs``:
 
 - kvcomm with each codec: GET of the stored message over the link, decoded layer by layer while
-  it arrives (``Client.receive_message``), cache building, the question's prefill, one token;
-  ``auto`` is told the rate (``bandwidth_mbit``) and its choice is reported; ``auto-measured``
-  is told nothing: the receiver's client declares the link it measured fetching the earlier
-  messages (the measured Mbit/s is reported beside the shaped rate); ``+whole`` rows read
-  the whole body first and then decode (no overlap), to show what streaming saves;
+  it arrives, and the question's prefill running layer by layer behind it (``Client.arriving``:
+  layer l of the prefill starts once layer l is decoded), then one token; ``auto`` is told the
+  rate (``bandwidth_mbit``) and its choice is reported; ``auto-measured`` is told nothing: the
+  receiver's client declares the link it measured fetching the earlier messages (the measured
+  Mbit/s is reported beside the shaped rate). Two kinds of rows show what each overlap saves:
+  ``+serial`` decodes while the message arrives but prefills only once it is whole
+  (``Client.receive_message``), and ``+whole`` reads the whole body first and then decodes;
 - skyline: the context as text (its bytes at the link's rate, computed) + the prefill of context
   and question + one token;
 - NLD: the sender's summary as text (bytes at the link's rate) + its prefill with the question +
@@ -109,7 +111,8 @@ def outer(args: argparse.Namespace) -> None:
                 part = Path(f"{args.out}.part-{rate:g}.json")
                 subprocess.run(["ip", "netns", "exec", RECEIVER_NS, sys.executable, __file__, "--inner",
                                 "--rate", str(rate), "--model", args.model, "--lengths", args.lengths,
-                                "--codecs", args.codecs, "--whole", args.whole, "--ratio", str(args.ratio),
+                                "--codecs", args.codecs, "--serial", args.serial, "--whole", args.whole,
+                                "--ratio", str(args.ratio),
                                 "--runs", str(args.runs), "--threads", str(args.threads), "--port", str(args.port),
                                 "--out", str(part)], check=True, env=env)
                 rows += json.loads(part.read_text())["rows"]
@@ -158,9 +161,13 @@ def inner(args: argparse.Namespace) -> None:
         first_token(model, empty_input(model.model, 1), model.encode_message(prompt))
         return time.perf_counter() - began
 
-    def kv_ttft(message_id: str, streaming: bool) -> float:
+    def kv_ttft(message_id: str, how: str) -> float:
         began = time.perf_counter()
-        if streaming:  # decode layer i while layer i+1 arrives
+        if how == "pipelined":  # prefill layer l once layer l is in, while the rest arrives
+            with client.arriving(message_id, receiver=model.fingerprint) as arrival:
+                first_token(model, arrival.receiver_input(model.dtype), question)
+            return time.perf_counter() - began
+        if how == "serial":  # decode layer i while layer i+1 arrives, prefill once all is in
             message = client.receive_message(message_id, receiver=model.fingerprint)
         else:
             message = KVMessage.from_bytes(client.get_message(message_id))
@@ -185,17 +192,18 @@ def inner(args: argparse.Namespace) -> None:
             measured = codec == "auto-measured"  # no bandwidth given: the client's measurement of this link
             sent = client.create_context(context, layers=layers, codec="auto" if measured else codec,
                                          bandwidth_mbit=args.rate if codec == "auto" else None)
-            kv_ttft(sent["id"], True)  # untimed: compiles the codec's kernels, loads its codebook
+            kv_ttft(sent["id"], "pipelined")  # untimed: compiles the codec's kernels, loads its codebook
             choice = sent.get("codec_choice")
             chosen = {"chosen": choice["chosen"], "expected_s": {name: estimate["seconds"] for name, estimate
                                                                  in choice["candidates"].items()}} if choice else {}
             if measured:
                 chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
             rows.append({**base, "method": f"kvcomm {codec}", "bytes": sent["bytes"],
-                         "ttft_s": median(kv_ttft, sent["id"], True), **chosen})
-            if codec in args.whole.split(","):
-                rows.append({**base, "method": f"kvcomm {codec}+whole", "bytes": sent["bytes"],
-                             "ttft_s": median(kv_ttft, sent["id"], False)})
+                         "ttft_s": median(kv_ttft, sent["id"], "pipelined"), **chosen})
+            for how in ("serial", "whole"):
+                if codec in getattr(args, how).split(","):
+                    rows.append({**base, "method": f"kvcomm {codec}+{how}", "bytes": sent["bytes"],
+                                 "ttft_s": median(kv_ttft, sent["id"], how)})
         for row in rows:
             if row["context_tokens"] == base["context_tokens"]:
                 row["speedup_vs_skyline"] = sky / row["ttft_s"]
@@ -252,7 +260,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--rates", default="10,100,1000", help="link bandwidths, Mbit/s")
     parser.add_argument("--codecs", default="fp16,int8,int4-ans,klt,auto,auto-measured")
-    parser.add_argument("--whole", default="fp16,klt", help="codecs also measured without streaming (+whole)")
+    parser.add_argument("--serial", default="klt",
+                        help="codecs also measured prefilling only once the message is whole (+serial)")
+    parser.add_argument("--whole", default="none", help="codecs also measured reading the whole body first (+whole)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the receiver (0: torch's default)")

@@ -7,8 +7,9 @@ Typical use::
     agents.ask("Mira lives in Oslo.", "Which city does Mira live in?", layers=range(15))
 
 Across processes, the two ends of an exchange are :func:`encode_context` (sender → :class:`KVMessage`)
-and :func:`answer` (receiver). Several agents answering together, hearing each other's turns as KV
-or as text, are a :class:`Graph`::
+and :func:`answer` (receiver); a receiver can start on a message still arriving over the network
+(:meth:`Client.arriving`: layer l of its prefill runs as soon as layer l is in). Several agents
+answering together, hearing each other's turns as KV or as text, are a :class:`Graph`::
 
     graph = kvcomm.Graph.build(kvcomm.load_model("smollm2-135m"), "chain", agents=3,
                                edge=kvcomm.EdgeOptions(via="kv", ratio=0.5, codec="fp16"))
@@ -51,10 +52,11 @@ from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.serve.client import Client
 from kvcomm.tasks import Item, Task, load_task
 from kvcomm.wire import KVMessage
+from kvcomm.wire.streaming import Arrival
 
 __all__ = [
-    "Agents", "AnchorOptions", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError", "DataError",
-    "EMBEDDED",
+    "Agents", "AnchorOptions", "Arrival", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError",
+    "DataError", "EMBEDDED",
     "EdgeOptions", "EvalConfig", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError",
     "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError",
     "RayCluster", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods",

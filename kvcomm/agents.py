@@ -14,6 +14,7 @@ from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiv
 from kvcomm.protocol.reply import rebase
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
 from kvcomm.wire import Codec, KVMessage, check_fingerprint, make_codec
+from kvcomm.wire.streaming import Arrival
 
 
 @dataclass
@@ -97,18 +98,26 @@ def encode_passage(
 
 
 def answer(
-    receiver: LoadedModel, message: KVMessage, question: str, max_new_tokens: int = 32,
+    receiver: LoadedModel, message: KVMessage | Arrival, question: str, max_new_tokens: int = 32,
     instruction: str = QA_INSTRUCTION,
 ) -> str:
     """The receiver's side: check the message's fingerprint, prefill the question on it, decode.
 
+    ``message`` may still be arriving (:meth:`Client.arriving`): the question's prefill then runs
+    layer by layer behind it, and the same answer comes sooner.
+
     Raises:
         FingerprintMismatch: the message was made by an incompatible model.
+        WireError: an arriving message turned out corrupt (nothing was decoded from it).
     """
-    check_fingerprint(message.fingerprint, receiver.fingerprint)
+    if isinstance(message, Arrival):
+        check_fingerprint(message.header.fingerprint, receiver.fingerprint)
+        start = message.receiver_input(receiver.dtype)
+    else:
+        check_fingerprint(message.fingerprint, receiver.fingerprint)
+        start = receiver_input(message.to_shared(receiver.dtype))
     item = Item("0", "", question, ())
     ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
     input_ids, valid = pad_left([ids], receiver.pad_id)
-    start = receiver_input(message.to_shared(receiver.dtype))
     out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
     return receiver.decode(out[0])

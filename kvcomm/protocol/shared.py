@@ -30,6 +30,12 @@ def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
     return sorted(chosen)
 
 
+def received_positions(full: bool, tokens: int, context_len: int, sink_position: int) -> torch.Tensor:
+    """``[1, tokens]`` RoPE positions of one received layer of a one-row message: the context's
+    0..|C|-1 where it is shared in full, else the sink's (none where the layer is left out)."""
+    return torch.arange(context_len)[None] if full else torch.tensor([[sink_position]])[:, :tokens]
+
+
 @dataclass
 class SharedKV:
     """What the sender gives the receiver, layer by layer (left-padded over a batch).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ from kvcomm.errors import KvcommError
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.serve.links import LinkMeter
 from kvcomm.wire.message import KVMessage
-from kvcomm.wire.streaming import Timeline, receive
+from kvcomm.wire.streaming import Arrival, Timeline
 
 
 class ServiceError(KvcommError):
@@ -71,13 +72,29 @@ class Client:
                         timeline: Timeline | None = None) -> KVMessage:
         """A stored message, decoded layer by layer while the rest still arrives (checked against
         ``receiver``'s fingerprint as soon as the header is in; see :mod:`kvcomm.wire.streaming`)."""
+        with self.arriving(message_id, receiver, timeline) as arrival:
+            return arrival.message()
+
+    @contextmanager
+    def arriving(self, message_id: str, receiver: Fingerprint | None = None,
+                 timeline: Timeline | None = None) -> Iterator[Arrival]:
+        """A stored message as it arrives: the header at once, layers as they are decoded. A
+        receiver prefills on ``arrival.receiver_input(dtype)`` while the rest is on the wire::
+
+            with client.arriving(message_id, receiver=agent.fingerprint) as arrival:
+                text = kvcomm.answer(agent, arrival, question)
+
+        The body is read until the block ends; the message is checked in full before the
+        model's last layer uses it (see :class:`~kvcomm.wire.streaming.Arrival`).
+        """
         began = time.perf_counter()
         try:
             with self._http.stream("GET", f"/v1/messages/{message_id}") as response:
                 if response.status_code >= 400:
                     response.read()
                     _raise_for(response)
-                return receive(self._timed(response.iter_bytes(), began), receiver, timeline=timeline)
+                with Arrival(self._timed(response.iter_bytes(), began), receiver, timeline=timeline) as arrival:
+                    yield arrival
         except httpx.TransportError as err:
             raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
 

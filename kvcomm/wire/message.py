@@ -50,7 +50,7 @@ from kvcomm.errors import CorruptMessage, MessageTooLarge, TruncatedMessage, Uns
 from kvcomm.files import atomic_write
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
-from kvcomm.protocol.shared import SharedKV
+from kvcomm.protocol.shared import SharedKV, received_positions
 from kvcomm.wire.codecs import Codec, make_codec
 from kvcomm.wire.codecs.base import all_finite, header_codec
 from kvcomm.wire.header import (
@@ -123,12 +123,11 @@ class KVMessage:
 
     def to_shared(self, dtype: torch.dtype = torch.float32) -> SharedKV:
         """The one-row :class:`SharedKV` a receiver builds its cache from."""
-        context = torch.arange(self.context_len)[None]
-        sink = torch.tensor([[self.sink_position]])
         return SharedKV(
             keys=[layer.keys[None].to(dtype) for layer in self.layers],
             values=[layer.values[None].to(dtype) for layer in self.layers],
-            positions=[context if layer.full else sink[:, :layer.keys.shape[1]] for layer in self.layers],
+            positions=[received_positions(layer.full, layer.keys.shape[1], self.context_len, self.sink_position)
+                       for layer in self.layers],
             valid=[torch.ones(1, layer.keys.shape[1], dtype=torch.bool) for layer in self.layers],
             context_len=torch.tensor([self.context_len]), full=[layer.full for layer in self.layers],
             mode=self.mode, token_ids=None if self.token_ids is None else self.token_ids[None],

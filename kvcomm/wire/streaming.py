@@ -1,13 +1,20 @@
-"""Receiving a message while it arrives: decode layer i while layer i+1 is still on the wire.
+"""Receiving a message while it arrives: decode layer i while layer i+1 is still on the wire, and
+use layer i while layer i+1 is decoded.
 
 A message is framed layer by layer (``message.py``), so a reader can decode a layer as soon as
 its frame is complete. Reading and decoding in one thread would still serialise them: while the
 decoder works nobody reads the socket, and once the kernel's receive buffer fills the sender
 stalls. :class:`ChunkStream` therefore pulls the body's chunks on a background thread into a
-bounded queue, and :func:`receive` decodes frames from it on the caller's thread: the link and
-the decoder work at the same time, and the time to the whole message is about the larger of the
-two instead of their sum. :func:`receive` returns only once every check (the final digest too)
-has passed.
+bounded queue, and an :class:`Arrival` decodes frames from it on a second one: the link and the
+decoder work at the same time, and the time to the whole message is about the larger of the two
+instead of their sum.
+
+An :class:`Arrival` hands out its header at once, each layer as soon as it is decoded, and the
+whole message once every check (the final digest too) has passed. Its
+:meth:`~Arrival.receiver_input` lets a receiver's prefill run layer by layer behind the arriving
+KV (:mod:`kvcomm.protocol.arriving`); the model's last layer is handed out only after the digest
+has passed, so no logit exists before the message has been checked in full. :func:`receive`
+waits for the whole message.
 """
 
 from __future__ import annotations
@@ -19,11 +26,22 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from kvcomm.errors import CorruptMessage
 from kvcomm.models.fingerprint import Fingerprint
-from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage, MessageReader
+from kvcomm.protocol.arriving import arriving_input
+from kvcomm.protocol.padded import PADDED_MODES
+from kvcomm.protocol.receiver import ReceiverInput, receiver_input
+from kvcomm.protocol.shared import received_positions
+from kvcomm.wire.header import Header
+from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage, LayerKV, MessageReader
 
 _END = object()
+
+
+class StreamClosed(ConnectionAbortedError):
+    """Receiving was stopped (:meth:`ChunkStream.close`) while a reader still waited for data."""
 
 
 class ChunkStream(io.RawIOBase):
@@ -70,12 +88,17 @@ class ChunkStream(io.RawIOBase):
         return size
 
     def close(self) -> None:
+        """Stops the puller; a reader still waiting for data gets :class:`StreamClosed`."""
         self._stop.set()
         while self._thread.is_alive():  # unblock a puller waiting on a full queue
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(timeout=0.05)
+        try:
+            self._queue.put_nowait(StreamClosed("receiving was stopped before the message was whole"))
+        except queue.Full:  # a reader has not taken the last one yet
+            pass
         super().close()
 
 
@@ -88,6 +111,116 @@ class Timeline:
     done: float = 0.0
 
 
+class Arrival:
+    """A message being received from ``chunks`` (e.g. an HTTP body): its :attr:`header` once
+    constructed, each :meth:`layer` as soon as it is decoded, the whole :meth:`message` once every
+    check has passed. Decoding runs on a background thread from construction on.
+
+    The header is read and checked (fingerprint against ``receiver``, sizes against the limits) in
+    the constructor, which raises what :class:`MessageReader` raises. A failure later (a corrupt
+    frame, a bad digest, the link) is raised by every :meth:`layer` and :meth:`message` call that
+    waits past it. Use it as a context manager (or :meth:`close` it): that stops the threads.
+    """
+
+    def __init__(self, chunks: Iterable[bytes], receiver: Fingerprint | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_decoded_bytes: int = DEFAULT_MAX_DECODED,
+                 timeline: Timeline | None = None) -> None:
+        self._began = time.perf_counter()
+        self._timeline = timeline
+        self._stream = ChunkStream(chunks)
+        self._buffered = io.BufferedReader(self._stream, buffer_size=1 << 16)
+        try:
+            self._reader = MessageReader(self._buffered, max_bytes, receiver, max_decoded_bytes)
+        except BaseException:
+            self._stream.close()
+            raise
+        self.header: Header = self._reader.header
+        if timeline is not None:
+            timeline.header = time.perf_counter() - self._began
+        self._layers: list[LayerKV] = []
+        self._message: KVMessage | None = None
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._decode, daemon=True, name="kvcomm-decode")
+        self._thread.start()
+
+    def _decode(self) -> None:
+        try:
+            for layer in self._reader.layers():
+                with self._changed:
+                    self._layers.append(layer)
+                    self._changed.notify_all()
+                if self._timeline is not None:
+                    self._timeline.layers.append(time.perf_counter() - self._began)
+            if self._buffered.read(1):
+                raise CorruptMessage("trailing bytes after the end of the message")
+            message = KVMessage.from_reader(self._reader, self._layers)
+            with self._changed:
+                self._message = message
+                self._changed.notify_all()
+        except BaseException as err:  # handed to whoever waits
+            with self._changed:
+                self._error = err
+                self._changed.notify_all()
+        finally:
+            self._stream.close()
+            if self._timeline is not None:
+                self._timeline.done = time.perf_counter() - self._began
+
+    def layer(self, index: int) -> LayerKV:
+        """Layer ``index``, decoded and past its own checks (waits for it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._layers) > index or self._error is not None)
+            if len(self._layers) > index:
+                return self._layers[index]
+            assert self._error is not None
+            raise self._error
+
+    def message(self) -> KVMessage:
+        """The whole message, once every check has passed (waits for it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._message is not None or self._error is not None)
+            if self._error is not None:
+                raise self._error
+            assert self._message is not None
+            return self._message
+
+    def receiver_input(self, dtype: torch.dtype = torch.float32) -> ReceiverInput:
+        """A receiver's starting point whose layers fill in as they arrive: a forward on it runs
+        layer l as soon as layer l is in, and its last layer waits for the final digest.
+
+        Messages in a ``padded-*`` mode, and DroidSpeak messages (layers left out), are waited
+        for whole and built as :func:`~kvcomm.protocol.receiver_input` builds them (and refused
+        as it refuses them).
+        """
+        h = self.header
+        if h.mode in PADDED_MODES or any(entry.tokens == 0 for entry in h.layers):
+            return receiver_input(self.message().to_shared(dtype))
+        last = len(h.layers) - 1
+
+        def fetch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            layer = self.layer(index)
+            if index == last:
+                self.message()  # the digest, before anything the last layer computes
+            return layer.keys[None].to(dtype), layer.values[None].to(dtype)
+
+        positions = [received_positions(entry.full, entry.tokens, h.context_len, h.sink_position)
+                     for entry in h.layers]
+        return arriving_input(fetch, positions, h.context_len, h.mode, torch.empty((), dtype=dtype).element_size(),
+                              h.heads, h.head_dim)
+
+    def close(self) -> None:
+        """Stops receiving (a message not yet whole is abandoned) and waits for the decoder to stop."""
+        self._stream.close()
+        self._thread.join()
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def receive(chunks: Iterable[bytes], receiver: Fingerprint | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
             max_decoded_bytes: int = DEFAULT_MAX_DECODED, timeline: Timeline | None = None) -> KVMessage:
     """A message from a stream of chunks (e.g. an HTTP body), decoded layer by layer as the
@@ -96,23 +229,5 @@ def receive(chunks: Iterable[bytes], receiver: Fingerprint | None = None, max_by
     Raises:
         WireError: as :class:`MessageReader` (and ``CorruptMessage`` for bytes after the end).
     """
-    began = time.perf_counter()
-    stream = ChunkStream(chunks)
-    buffered = io.BufferedReader(stream, buffer_size=1 << 16)
-    try:
-        reader = MessageReader(buffered, max_bytes, receiver, max_decoded_bytes)
-        if timeline is not None:
-            timeline.header = time.perf_counter() - began
-        layers = []
-        for layer in reader.layers():
-            layers.append(layer)
-            if timeline is not None:
-                timeline.layers.append(time.perf_counter() - began)
-        if buffered.read(1):
-            raise CorruptMessage("trailing bytes after the end of the message")
-        message = KVMessage.from_reader(reader, layers)
-    finally:
-        stream.close()
-    if timeline is not None:
-        timeline.done = time.perf_counter() - began
-    return message
+    with Arrival(chunks, receiver, max_bytes, max_decoded_bytes, timeline) as arrival:
+        return arrival.message()
