@@ -122,3 +122,13 @@ def test_the_client_answers_while_the_message_arrives():
             text = kvcomm.answer(agent, arrival, QUESTION, 6)
             assert arrival.message().context_len == created["context_tokens"]
         assert text == whole
+
+
+def test_a_layer_the_message_does_not_have_is_refused_at_once():
+    agent = tiny_loaded("llama")
+    data = kvcomm.encode_context(agent, CONTEXT, layers=[1], codec="fp16").to_bytes()
+    with Arrival(pieces(data, [700]), receiver=agent.fingerprint) as arrival:
+        for index in (-1, agent.num_layers):
+            with pytest.raises(IndexError, match="layer"):
+                arrival.layer(index)
+        assert arrival.layer(agent.num_layers - 1).index == agent.num_layers - 1

@@ -155,20 +155,23 @@ class Arrival:
             if self._buffered.read(1):
                 raise CorruptMessage("trailing bytes after the end of the message")
             message = KVMessage.from_reader(self._reader, self._layers)
-            with self._changed:
-                self._message = message
-                self._changed.notify_all()
-        except BaseException as err:  # handed to whoever waits
-            with self._changed:
-                self._error = err
-                self._changed.notify_all()
-        finally:
             self._stream.close()
-            if self._timeline is not None:
-                self._timeline.done = time.perf_counter() - self._began
+            self._finish(message=message)
+        except BaseException as err:  # handed to whoever waits
+            self._stream.close()
+            self._finish(error=err)
+
+    def _finish(self, message: KVMessage | None = None, error: BaseException | None = None) -> None:
+        if self._timeline is not None:  # before anyone waiting on the message can read it
+            self._timeline.done = time.perf_counter() - self._began
+        with self._changed:
+            self._message, self._error = message, error
+            self._changed.notify_all()
 
     def layer(self, index: int) -> LayerKV:
         """Layer ``index``, decoded and past its own checks (waits for it)."""
+        if not 0 <= index < len(self.header.layers):
+            raise IndexError(f"layer {index} of a {len(self.header.layers)}-layer message")
         with self._changed:
             self._changed.wait_for(lambda: len(self._layers) > index or self._error is not None)
             if len(self._layers) > index:
