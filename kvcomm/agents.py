@@ -111,8 +111,7 @@ def answer(
         WireError: an arriving message turned out corrupt (nothing was decoded from it).
     """
     if isinstance(message, Arrival):
-        check_fingerprint(message.header.fingerprint, receiver.fingerprint)
-        start = message.receiver_input(receiver.dtype)
+        start = message.receiver_input(receiver.dtype, receiver.fingerprint)
     else:
         check_fingerprint(message.fingerprint, receiver.fingerprint)
         start = receiver_input(message.to_shared(receiver.dtype))

@@ -4,19 +4,21 @@ and every refusal of a whole read."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 
 import pytest
 import torch
 
 import kvcomm
-from kvcomm.errors import CorruptMessage
+from kvcomm.errors import CorruptMessage, FingerprintMismatch, ProtocolError
 from kvcomm.protocol import pad_left, prefill_logits, receiver_input
 from kvcomm.protocol.arriving import ArrivingCache
 from kvcomm.serve import Client, MemoryStore
 from kvcomm.serve.app import ServeConfig, create_app
 from kvcomm.wire import KVMessage
-from kvcomm.wire.streaming import Arrival, StreamClosed
+from kvcomm.wire.streaming import Arrival, ChunkStream, StreamClosed
 from tests.conftest import running, tiny_loaded
 from tests.test_streaming import pieces
 
@@ -108,8 +110,70 @@ def test_closing_mid_message_stops_both_threads():
     began = time.perf_counter()
     arrival.close()
     assert time.perf_counter() - began < 5 and not arrival._thread.is_alive()
-    with pytest.raises((StreamClosed, ValueError)):
+    with pytest.raises(StreamClosed):
         arrival.message()
+
+
+def stalling(data: bytes, keep: int, release: threading.Event):
+    """All but the last ``keep`` bytes, then a link that stalls until ``release`` (at most 60 s)."""
+    yield data[:-keep]
+    release.wait(60)
+    yield data[-keep:]
+
+
+def test_a_stalled_link_neither_delays_an_error_nor_blocks_closing():
+    agent = tiny_loaded("llama")
+    data = kvcomm.encode_context(agent, CONTEXT, layers=[0, 1, 2, 3], codec="fp32").to_bytes()
+    bad = bytearray(data)
+    header = int.from_bytes(data[6:10], "little")
+    bad[10 + header + 4 + 4 + 20] ^= 0xFF  # inside layer 0's payload (after the header, its CRC, the frame length)
+    release = threading.Event()
+    try:
+        began = time.perf_counter()
+        with Arrival(stalling(bytes(bad), 500, release), receiver=agent.fingerprint) as arrival:
+            with pytest.raises(CorruptMessage, match="checksum"):
+                arrival.layer(agent.num_layers - 1)
+        assert time.perf_counter() - began < 10  # not the stall's 60 s
+        began = time.perf_counter()
+        arrival = Arrival(stalling(data, 500, release), receiver=agent.fingerprint)
+        arrival.layer(0)
+        arrival.close()
+        assert time.perf_counter() - began < 10 and not arrival._thread.is_alive()
+        with pytest.raises(StreamClosed):
+            arrival.message()
+    finally:
+        release.set()
+
+
+def read_until_it_fails(stream: ChunkStream, got: list[BaseException]) -> None:
+    try:
+        while stream.read(1):
+            pass
+    except BaseException as err:  # what closing gave the reader
+        got.append(err)
+
+
+def test_closing_wakes_a_reader_even_with_a_full_queue():
+    for _ in range(50):
+        stream = ChunkStream(itertools.repeat(b"x"), ahead=1)
+        got: list[BaseException] = []
+        reader = threading.Thread(target=read_until_it_fails, args=(stream, got))
+        reader.start()
+        time.sleep(0.002)
+        stream.close()
+        reader.join(5)
+        assert not reader.is_alive() and isinstance(got[0], StreamClosed)
+
+
+def test_prefilling_while_it_arrives_needs_the_receiver_checked():
+    agent, other = tiny_loaded("llama"), tiny_loaded("qwen2")
+    data = kvcomm.encode_context(agent, CONTEXT, layers=[1], codec="fp16").to_bytes()
+    with Arrival(pieces(data, [700])) as arrival:
+        with pytest.raises(ProtocolError, match="fingerprint"):
+            arrival.receiver_input(agent.dtype)
+        with pytest.raises(FingerprintMismatch):
+            arrival.receiver_input(agent.dtype, other.fingerprint)
+        assert isinstance(arrival.receiver_input(agent.dtype, agent.fingerprint).cache, ArrivingCache)
 
 
 def test_the_client_answers_while_the_message_arrives():

@@ -40,18 +40,22 @@ class ArrivingCache(DynamicCache):
 
     def __init__(self, fetch: Fetch, lengths: Sequence[int]) -> None:
         super().__init__()
-        self._fetch, self._lengths = fetch, list(lengths)
+        self._fetch: Fetch | None = fetch
+        self._lengths = list(lengths)
         self.arrived = 0  # layers 0..arrived-1 hold their received KV
 
     def fill(self, upto: int) -> None:
         """Puts in the received KV of every layer up to ``upto`` (inclusive), in order."""
         while self.arrived <= min(upto, len(self._lengths) - 1):
+            assert self._fetch is not None
             keys, values = self._fetch(self.arrived)
             if keys.shape[2] != self._lengths[self.arrived]:
                 raise ValueError(f"layer {self.arrived} arrived with {keys.shape[2]} keys, "
                                  f"{self._lengths[self.arrived]} were declared")
             super().update(keys, values, self.arrived)
             self.arrived += 1
+            if self.arrived == len(self._lengths):
+                self._fetch = None  # all in: let go of the source (an arriving message, its threads)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

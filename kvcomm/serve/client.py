@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -58,7 +58,7 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as err:
-            raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
+            raise self._unreachable(err) from None
         _raise_for(response)
         return response
 
@@ -88,23 +88,32 @@ class Client:
         model's last layer uses it (see :class:`~kvcomm.wire.streaming.Arrival`).
         """
         began = time.perf_counter()
-        try:
-            with self._http.stream("GET", f"/v1/messages/{message_id}") as response:
+        with ExitStack() as opened:
+            try:
+                response = opened.enter_context(self._http.stream("GET", f"/v1/messages/{message_id}"))
                 if response.status_code >= 400:
                     response.read()
                     _raise_for(response)
-                with Arrival(self._timed(response.iter_bytes(), began), receiver, timeline=timeline) as arrival:
-                    yield arrival
-        except httpx.TransportError as err:
-            raise ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}") from None
+                arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes(), began), receiver,
+                                                       timeline=timeline))
+            except httpx.TransportError as err:
+                raise self._unreachable(err) from None
+            yield arrival  # the body's own errors come from the arrival, as ServiceError (see _timed)
 
     def _timed(self, chunks: Iterator[bytes], began: float) -> Iterator[bytes]:
-        """``chunks``, the whole body's arrival recorded once the last is in."""
+        """``chunks``, the whole body's arrival recorded once the last is in; a broken link is a
+        :class:`ServiceError`."""
         size = 0
-        for chunk in chunks:
-            size += len(chunk)
-            yield chunk
+        try:
+            for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+        except httpx.TransportError as err:
+            raise self._unreachable(err) from None
         self.link.record(size, time.perf_counter() - began)
+
+    def _unreachable(self, err: httpx.TransportError) -> ServiceError:
+        return ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}")
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/healthz").json())

@@ -28,26 +28,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcomm.errors import CorruptMessage
+from kvcomm.errors import CorruptMessage, ProtocolError, WireError
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.protocol.arriving import arriving_input
 from kvcomm.protocol.padded import PADDED_MODES
 from kvcomm.protocol.receiver import ReceiverInput, receiver_input
 from kvcomm.protocol.shared import received_positions
+from kvcomm.wire.fingerprint import check_fingerprint
 from kvcomm.wire.header import Header
 from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage, LayerKV, MessageReader
 
 _END = object()
 
 
-class StreamClosed(ConnectionAbortedError):
-    """Receiving was stopped (:meth:`ChunkStream.close`) while a reader still waited for data."""
+class StreamClosed(WireError):
+    """Receiving was stopped (:meth:`ChunkStream.close`, :meth:`Arrival.close`) before the message was whole."""
+
+    def __init__(self) -> None:
+        super().__init__("receiving was stopped before the message was whole")
 
 
 class ChunkStream(io.RawIOBase):
     """A readable stream over ``chunks``, which a background thread pulls ahead of the reader
     (at most ``ahead`` chunks: memory stays bounded). An error while pulling is raised to the
-    reader at the point the data ran out."""
+    reader at the point the data ran out. :meth:`close` never waits for the source: a puller
+    blocked in it stops at its next chunk, and a reader gets :class:`StreamClosed`."""
 
     def __init__(self, chunks: Iterable[bytes], ahead: int = 256) -> None:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=ahead)
@@ -61,19 +66,29 @@ class ChunkStream(io.RawIOBase):
     def _pull(self, chunks: Iterator[bytes]) -> None:
         try:
             for chunk in chunks:
-                if self._stop.is_set():
+                if chunk and not self._put(chunk):
                     return
-                if chunk:
-                    self._queue.put(chunk)
-            self._queue.put(_END)
+            self._put(_END)
         except BaseException as err:  # handed to the reader, which raises it
-            self._queue.put(err)
+            self._put(err)
+
+    def _put(self, item: object) -> bool:
+        """Queues ``item`` unless the stream was closed (then False, and nothing is queued)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         while not self._pending and not self._done:
+            if self._stop.is_set():
+                raise StreamClosed()
             item = self._queue.get()
             if item is _END:
                 self._done = True
@@ -88,17 +103,19 @@ class ChunkStream(io.RawIOBase):
         return size
 
     def close(self) -> None:
-        """Stops the puller; a reader still waiting for data gets :class:`StreamClosed`."""
+        """Stops the puller and wakes a reader waiting for data (it gets :class:`StreamClosed`)."""
         self._stop.set()
-        while self._thread.is_alive():  # unblock a puller waiting on a full queue
+        while True:  # drop what was queued, then leave the reader one StreamClosed
             try:
                 self._queue.get_nowait()
+                continue
             except queue.Empty:
-                self._thread.join(timeout=0.05)
-        try:
-            self._queue.put_nowait(StreamClosed("receiving was stopped before the message was whole"))
-        except queue.Full:  # a reader has not taken the last one yet
-            pass
+                pass
+            try:
+                self._queue.put_nowait(StreamClosed())
+                break
+            except queue.Full:  # the puller's last put landed in between
+                continue
         super().close()
 
 
@@ -135,11 +152,13 @@ class Arrival:
             self._stream.close()
             raise
         self.header: Header = self._reader.header
+        self._checked = receiver is not None  # the reader checked the fingerprint
         if timeline is not None:
             timeline.header = time.perf_counter() - self._began
         self._layers: list[LayerKV] = []
         self._message: KVMessage | None = None
         self._error: BaseException | None = None
+        self._closed = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._decode, daemon=True, name="kvcomm-decode")
         self._thread.start()
@@ -147,19 +166,18 @@ class Arrival:
     def _decode(self) -> None:
         try:
             for layer in self._reader.layers():
+                if self._timeline is not None:
+                    self._timeline.layers.append(time.perf_counter() - self._began)
                 with self._changed:
                     self._layers.append(layer)
                     self._changed.notify_all()
-                if self._timeline is not None:
-                    self._timeline.layers.append(time.perf_counter() - self._began)
             if self._buffered.read(1):
                 raise CorruptMessage("trailing bytes after the end of the message")
-            message = KVMessage.from_reader(self._reader, self._layers)
+            self._finish(message=KVMessage.from_reader(self._reader, self._layers))
+        except BaseException as err:  # handed to whoever waits, at once (the source may stall)
+            self._finish(error=StreamClosed() if self._closed else err)
+        finally:
             self._stream.close()
-            self._finish(message=message)
-        except BaseException as err:  # handed to whoever waits
-            self._stream.close()
-            self._finish(error=err)
 
     def _finish(self, message: KVMessage | None = None, error: BaseException | None = None) -> None:
         if self._timeline is not None:  # before anyone waiting on the message can read it
@@ -188,15 +206,28 @@ class Arrival:
             assert self._message is not None
             return self._message
 
-    def receiver_input(self, dtype: torch.dtype = torch.float32) -> ReceiverInput:
+    def receiver_input(self, dtype: torch.dtype = torch.float32, receiver: Fingerprint | None = None) -> ReceiverInput:
         """A receiver's starting point whose layers fill in as they arrive: a forward on it runs
         layer l as soon as layer l is in, and its last layer waits for the final digest.
+
+        The model must be the one the message was made for (``receiver``, here or when the
+        arrival was made): only a model with the message's layer count reaches the last layer, the
+        one that waits for the digest.
 
         Messages in a ``padded-*`` mode, and DroidSpeak messages (layers left out), are waited
         for whole and built as :func:`~kvcomm.protocol.receiver_input` builds them (and refused
         as it refuses them).
+
+        Raises:
+            FingerprintMismatch: ``receiver`` is not the model the message was made for.
+            ProtocolError: no receiver fingerprint was given, here or to the constructor.
         """
         h = self.header
+        if receiver is not None:
+            check_fingerprint(h.fingerprint, receiver)
+        elif not self._checked:
+            raise ProtocolError("a receiver that prefills while the message arrives must check its fingerprint "
+                                "first: pass receiver= (the receiving model's fingerprint)")
         if h.mode in PADDED_MODES or any(entry.tokens == 0 for entry in h.layers):
             return receiver_input(self.message().to_shared(dtype))
         last = len(h.layers) - 1
@@ -213,7 +244,9 @@ class Arrival:
                               h.heads, h.head_dim)
 
     def close(self) -> None:
-        """Stops receiving (a message not yet whole is abandoned) and waits for the decoder to stop."""
+        """Stops receiving (a message not yet whole is abandoned: waiting calls get
+        :class:`StreamClosed`) and waits for the decoder, which stops at its next read."""
+        self._closed = True
         self._stream.close()
         self._thread.join()
 
