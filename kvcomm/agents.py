@@ -108,7 +108,7 @@ def answer(
 
     Raises:
         FingerprintMismatch: the message was made by an incompatible model.
-        WireError: an arriving message turned out corrupt (nothing was decoded from it).
+        WireError: an arriving message turned out corrupt; the forward is abandoned before any token.
     """
     if isinstance(message, Arrival):
         start = message.receiver_input(receiver.dtype, receiver.fingerprint)

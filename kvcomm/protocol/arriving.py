@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from kvcomm.errors import ProtocolError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
 from kvcomm.protocol.receiver import ReceiverInput
 
@@ -50,7 +51,7 @@ class ArrivingCache(DynamicCache):
             assert self._fetch is not None
             keys, values = self._fetch(self.arrived)
             if keys.shape[2] != self._lengths[self.arrived]:
-                raise ValueError(f"layer {self.arrived} arrived with {keys.shape[2]} keys, "
+                raise ProtocolError(f"layer {self.arrived} arrived with {keys.shape[2]} keys, "
                                  f"{self._lengths[self.arrived]} were declared")
             super().update(keys, values, self.arrived)
             self.arrived += 1
