@@ -26,13 +26,9 @@ CONTEXT = "Mira lives in Oslo. Tom lives in Rome. Ada lives in Lima."
 QUESTION = "Where does Tom live?"
 
 
-def whole_and_arriving(agent, data: bytes, chunks) -> tuple[torch.Tensor, torch.Tensor, Arrival]:
-    ids, valid = pad_left([agent.encode_message(QUESTION)], agent.pad_id)
-    whole = prefill_logits(agent.model, receiver_input(KVMessage.from_bytes(data).to_shared(agent.dtype)), ids, valid)
-    arrival = Arrival(chunks, receiver=agent.fingerprint)
-    with arrival:
-        arriving = prefill_logits(agent.model, arrival.receiver_input(agent.dtype), ids, valid)
-    return whole, arriving, arrival
+def question(agent) -> tuple[torch.Tensor, torch.Tensor]:
+    """The receiver's prompt, as ids and validity (one row)."""
+    return pad_left([agent.encode_message(QUESTION)], agent.pad_id)
 
 
 @pytest.mark.parametrize("mode", ["causal", "shift-back", "legacy", "padded-sink"])
@@ -40,8 +36,10 @@ def whole_and_arriving(agent, data: bytes, chunks) -> tuple[torch.Tensor, torch.
 def test_logits_equal_those_of_the_whole_message(family, mode, codec):
     agent = tiny_loaded(family)
     data = kvcomm.encode_context(agent, CONTEXT, layers=[1, 2], codec=codec, mode=mode).to_bytes()
-    whole, arriving, _ = whole_and_arriving(agent, data, pieces(data, [97, 1000, 13]))
-    assert torch.equal(whole, arriving)
+    ids, valid = question(agent)
+    whole = prefill_logits(agent.model, receiver_input(KVMessage.from_bytes(data).to_shared(agent.dtype)), ids, valid)
+    with Arrival(pieces(data, [97, 1000, 13]), receiver=agent.fingerprint) as arrival:
+        assert torch.equal(whole, prefill_logits(agent.model, arrival.receiver_input(agent.dtype), ids, valid))
 
 
 def test_layer_l_is_used_before_the_last_byte_is_sent(family):
@@ -59,7 +57,7 @@ def test_layer_l_is_used_before_the_last_byte_is_sent(family):
             time.sleep(0.01)
         yield data[-600:]
 
-    ids, valid = pad_left([agent.encode_message(QUESTION)], agent.pad_id)
+    ids, valid = question(agent)
     with Arrival(held_back(), receiver=agent.fingerprint) as arrival:
         start = arrival.receiver_input(agent.dtype)
         assert isinstance(start.cache, ArrivingCache)
@@ -74,7 +72,7 @@ def test_the_last_layer_waits_for_the_digest_and_a_bad_one_abandons_the_forward(
     agent = tiny_loaded(family)
     data = bytearray(kvcomm.encode_context(agent, CONTEXT, layers=[1], codec="fp16").to_bytes())
     data[-1] ^= 0xFF  # the whole-message digest
-    ids, valid = pad_left([agent.encode_message(QUESTION)], agent.pad_id)
+    ids, valid = question(agent)
     with Arrival(pieces(bytes(data), [500]), receiver=agent.fingerprint) as arrival:
         start = arrival.receiver_input(agent.dtype)
         with pytest.raises(CorruptMessage, match="digest"):
@@ -87,7 +85,7 @@ def test_a_corrupt_frame_stops_the_forward_at_that_layer():
     message = kvcomm.encode_context(agent, CONTEXT, layers=[0, 1, 2, 3], codec="fp16")
     data = bytearray(message.to_bytes())
     data[-200] ^= 0xFF  # inside the last layer's payload: its CRC fails
-    ids, valid = pad_left([agent.encode_message(QUESTION)], agent.pad_id)
+    ids, valid = question(agent)
     with Arrival(pieces(bytes(data), [300]), receiver=agent.fingerprint) as arrival:
         start = arrival.receiver_input(agent.dtype)
         with pytest.raises(CorruptMessage, match="checksum"):
