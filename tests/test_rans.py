@@ -22,34 +22,36 @@ from kvcomm.wire.codecs.rans import (
 INT32 = st.integers(-(1 << 31), (1 << 31) - 1)
 
 
-@pytest.mark.parametrize("coder", ["rans", "rans-v6", "rans-v5"])
+@pytest.mark.parametrize("coder", ["rans", "rans-v7", "rans-v6", "rans-v5"])
 @settings(max_examples=60, deadline=None)
 @given(codes=hnp.arrays(np.int64, st.integers(1, 3000), elements=st.integers(-40, 40)))
 def test_categorical_round_trips(codes, coder):
-    """Four states (v6, v7) and two (v5), any length (the four-state loop's tail and its careful end)."""
+    """Four states (v6 on) and two (v5), any length (the four-state loop's tail and its careful end)."""
     low, counts, stream = ans_encode(codes, coder)
     assert stream.dtype == np.uint16
     assert np.array_equal(ans_decode(low, counts, stream, codes.size, coder), codes)
 
 
 @settings(max_examples=120, deadline=None)
-@given(data=st.data(), alphabet=st.integers(1, 20), size=st.integers(1, 3000))
+@given(data=st.data(), alphabet=st.integers(1, 40), size=st.integers(1, 3000))
 def test_grouped_codes_round_trip_any_small_alphabet_and_length(data, alphabet, size):
-    """Four codes to a symbol (at most 4 distinct), two (at most 16) or one: any length, so the
-    last group's padding too, as uint8 and as int32."""
+    """Four codes to a symbol (at most 4 distinct), two (at most 32; 16 in version 7) or one: any
+    length, so the last group's padding too, as uint8 and as int32."""
     symbols = data.draw(hnp.arrays(np.int64, size, elements=st.integers(0, alphabet - 1)))
     counts = np.bincount(symbols)
     if (counts > 0).sum() < 2:
         return  # one distinct code travels as its count alone (no stream)
-    words = rans_encode_categorical(symbols, counts)
-    for dtype in (np.uint8, np.int32):
-        decoded = rans_decode_categorical(words, counts, size, dtype)
-        assert decoded.dtype == dtype and np.array_equal(decoded, symbols)
+    for pairs in (32, 16):
+        words = rans_encode_categorical(symbols, counts, pairs=pairs)
+        for dtype in (np.uint8, np.int32):
+            decoded = rans_decode_categorical(words, counts, size, dtype, pairs=pairs)
+            assert decoded.dtype == dtype and np.array_equal(decoded, symbols)
 
 
-@pytest.mark.parametrize("alphabet, group", [(2, 4), (4, 4), (5, 2), (16, 2), (17, 1), (255, 1)])
-def test_group_size_and_the_tuple_frequencies(alphabet, group):
-    assert group_size(alphabet) == group
+@pytest.mark.parametrize("alphabet, group, v7", [(2, 4, 4), (4, 4, 4), (5, 2, 2), (16, 2, 2), (17, 2, 1), (32, 2, 1),
+                                                 (33, 1, 1), (255, 1, 1)])
+def test_group_size_and_the_tuple_frequencies(alphabet, group, v7):
+    assert group_size(alphabet) == group and group_size(alphabet, pairs=16) == v7 and group_size(alphabet, 0) == 1
     counts = np.random.default_rng(alphabet).integers(1, 10**6, alphabet)
     freq = grouped_frequencies(counts, group)
     assert freq.size == alphabet ** group and freq.sum() == 1 << 14 and (freq >= 1).all()
@@ -63,7 +65,7 @@ def test_padding_that_does_not_decode_to_the_lowest_code_is_refused():
         rans_decode_categorical(words, np.bincount(symbols), 4)
 
 
-@pytest.mark.parametrize("alphabet", [4, 16])
+@pytest.mark.parametrize("alphabet", [4, 16, 24, 32])
 @pytest.mark.parametrize("spread", [0.5, 2.0])
 def test_grouped_streams_cost_at_most_half_a_percent_more(alphabet, spread):
     """Grouping trades a little rounding of the tuples' frequencies for half (a quarter of) the
@@ -86,9 +88,9 @@ def test_four_states_round_trip_long_skewed_streams_as_uint8(size, skew):
     words = rans_encode_categorical(symbols, counts)
     assert np.array_equal(rans_decode_categorical(words, counts, size, np.uint8), symbols)
     assert np.array_equal(rans_decode_categorical(words, counts, size, np.uint8), symbols)
-    single = rans_encode_categorical(symbols, counts, grouped=False)
-    assert np.array_equal(rans_decode_categorical(single, counts, size, np.uint8, grouped=False), symbols)
-    two = rans_encode_categorical(symbols, counts, lanes=2, grouped=False)
+    single = rans_encode_categorical(symbols, counts, pairs=0)
+    assert np.array_equal(rans_decode_categorical(single, counts, size, np.uint8, pairs=0), symbols)
+    two = rans_encode_categorical(symbols, counts, lanes=2, pairs=0)
     assert abs(single.size - two.size) <= 8 + two.size // 1000  # two more final states; the rest alike
 
 
@@ -132,7 +134,7 @@ def test_corrupt_streams_are_refused_not_misread(data):
     symbols = rng.integers(0, 9, 500)
     counts = np.bincount(symbols)
     words = rans_encode_categorical(symbols, counts)
-    words_v5 = rans_encode_categorical(symbols, counts, lanes=2, grouped=False)
+    words_v5 = rans_encode_categorical(symbols, counts, lanes=2, pairs=0)
     fours = rng.integers(0, 4, 500)  # four codes to a symbol
     words_4 = rans_encode_categorical(fours, np.bincount(fours))
     levels = rng.integers(0, 256, 500).astype(np.uint8)
@@ -140,7 +142,7 @@ def test_corrupt_streams_are_refused_not_misread(data):
     laplace = _tables().encode(codes, levels)
     for good, decode in ((words, lambda w: rans_decode_categorical(w, counts, symbols.size)),
                          (words_v5, lambda w: rans_decode_categorical(w, counts, symbols.size, lanes=2,
-                                                                      grouped=False)),
+                                                                      pairs=0)),
                          (words_4, lambda w: rans_decode_categorical(w, np.bincount(fours), 500)),
                          (laplace, lambda w: _tables().decode(w, levels))):
         bad = good.copy()

@@ -33,7 +33,7 @@ from kvcomm.wire import (
 )
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in (1, 2, 3, 4, 5, 6, 7)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in range(1, 9)}
 ENTROPY_CODECS = ["int4-ans", "int2-ans", "cachegen", "klt"]
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
@@ -164,20 +164,47 @@ def test_golden_entropy_files_pin_todays_coder(codec):
         f"the v{VERSION} {codec} stream changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
 
 
-@pytest.mark.parametrize("version", [4, 5, 6, VERSION])
+@pytest.mark.parametrize("version", [4, 5, 6, 7, VERSION])
 @pytest.mark.parametrize("codec", ENTROPY_CODECS)
 def test_golden_entropy_files_of_every_coder_decode(codec, version):
     """v4 streams (constriction) still decode to what v4 decoded them to (kept as an fp32 message);
-    v5 (two-state rANS, keys' codes channel by channel), v6 (four states, the tensor's order) and
-    v7 (two or four small codes to a symbol) decode alike."""
+    v5 (two-state rANS, keys' codes channel by channel), v6 (four states, the tensor's order), v7
+    (two or four small codes to a symbol) and v8 (pairs of up to 32 distinct codes) decode alike."""
     golden_codebook()
     decoded = KVMessage.from_bytes(golden_entropy_file(codec, version).read_bytes())
-    assert decoded.codec.params()["coder"] == {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans"}[version]
+    coders = {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans-v7", 8: "rans"}
+    assert decoded.codec.params()["coder"] == coders[version]
     expected = KVMessage.from_bytes(golden_entropy_file(codec, 4, "decoded.kvcm").read_bytes())
     pairs = [(a.keys, b.keys) for a, b in zip(decoded.layers, expected.layers)]
     pairs += [(a.values, b.values) for a, b in zip(decoded.layers, expected.layers)]
     for got, want in [*pairs, (decoded.hidden[1], expected.hidden[1])]:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # klt's matmul: BLAS may differ by an ulp
+
+
+def test_golden_v8_pairs_streams_of_up_to_32_distinct_codes():
+    """Version 8 codes two codes to a symbol where a stream has 17-32 distinct codes (version 7 coded
+    them one by one): pinned byte for byte on a cachegen message whose deltas span 22-25 codes, and
+    decoding to exactly what the same codes decode to under version 7's coder."""
+    golden_codebook()
+    sent = entropy_golden_message("int4-ans")
+    sent.codec = make_codec("cachegen", steps=(0.3, 0.3, 0.3))
+    spans = [t.numel() for n, t in sent.codec.encode(sent.layers[0].keys, sent.layers[0].values, 0, 2).items()
+             if n.endswith("counts")]
+    assert all(16 < span <= 32 for span in spans), spans
+    path = golden_entropy_file("cachegen-pairs", VERSION)
+    if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):
+        path.write_bytes(sent.to_bytes())
+    assert path.read_bytes() == sent.to_bytes(), "the v8 pair coding changed: bump VERSION instead of editing it"
+    decoded = KVMessage.from_bytes(path.read_bytes())
+    sent.codec = make_codec("cachegen", steps=(0.3, 0.3, 0.3), coder="rans-v7")
+    as_v7 = sent.to_bytes()
+    assert len(as_v7) > len(path.read_bytes()) * 0.99  # the pairs cost at most a little
+    back = KVMessage.from_bytes(as_v7)
+    assert back.codec.params()["coder"] == "rans-v7"
+    for a, b in zip(decoded.layers, back.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert torch.equal(decoded.hidden[1], back.hidden[1])
+    assert ((decoded.layers[0].keys - sent.layers[0].keys).norm() / sent.layers[0].keys.norm()) < TOLERANCE["cachegen"]
 
 
 def edited_header(data: bytes, old: bytes, new: bytes) -> bytes:
@@ -215,7 +242,8 @@ def test_a_v4_header_naming_a_coder_is_refused():
         KVMessage.from_bytes(fixed)
 
 
-@pytest.mark.parametrize("version, named", [(5, "rans-v5"), (5, "rans-v6"), (6, "rans-v6")])
+@pytest.mark.parametrize("version, named", [(5, "rans-v5"), (5, "rans-v6"), (6, "rans-v6"), (6, "rans-v7"),
+                                            (7, "rans-v7")])
 def test_a_header_naming_a_coder_its_version_did_not_write_is_refused(version, named):
     fixed = edited_header(golden_entropy_file("int4-ans", version).read_bytes(), b'"coder":"rans"',
                           f'"coder":"{named}"'.encode())
@@ -223,10 +251,10 @@ def test_a_header_naming_a_coder_its_version_did_not_write_is_refused(version, n
         KVMessage.from_bytes(fixed)
 
 
-def test_a_v7_message_may_name_the_older_coders_it_was_written_with():
+def test_todays_message_may_name_the_older_coders_it_was_written_with():
     """Benchmarks write today's format with the older coders side by side: each reads back as itself."""
     golden_codebook()
-    for coder in ("rans-v6", "rans-v5", "constriction"):
+    for coder in ("rans-v7", "rans-v6", "rans-v5", "constriction"):
         sent = entropy_golden_message("int4-ans")
         sent.codec = make_codec("int4-ans", coder=coder)
         back = KVMessage.from_bytes(sent.to_bytes())
@@ -235,7 +263,7 @@ def test_a_v7_message_may_name_the_older_coders_it_was_written_with():
             entropy_golden_message("int4-ans").to_bytes()).layers[0].keys, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("version", [4, 5, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7, 8])
 def test_golden_v4_on_carries_a_left_out_layer_and_a_hidden_state(version):
     decoded = KVMessage.from_bytes(GOLDEN[version].read_bytes())
     assert decoded.shared_layers == [0, 2] and decoded.layers[3].keys.shape == (2, 0, 4)

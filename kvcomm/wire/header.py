@@ -11,7 +11,8 @@ frames after the layers that carry what some receivers need besides KV (the cont
 for recomputing tokens when pieces are blended); 4 adds ``hidden`` extras (the sender's hidden
 state entering a layer, for recomputing layers: DroidSpeak) and layers left out (0 tokens: the
 receiver computes them); 5 codes entropy-coded codecs with kvcomm's table-driven rANS (their
-parameters name the ``coder``; earlier messages are read as ``constriction``-coded).
+parameters name the ``coder``; earlier messages are read as ``constriction``-coded); 6, 7 and 8
+change the digest and the rANS streams (:mod:`kvcomm.wire.message`), not the header's fields.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 7
-READABLE = (1, 2, 3, 4, 5, 6, 7)
+VERSION = 8
+READABLE = (1, 2, 3, 4, 5, 6, 7, 8)
 DIGEST_OF_CRCS_SINCE = 6  # the final digest covers the frames' lengths and CRCs, not their bytes again
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
@@ -87,7 +88,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 7; versions 1–6 are read into the same model)."""
+    """The fields of a message header (version 8; versions 1–7 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

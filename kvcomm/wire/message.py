@@ -21,8 +21,8 @@ Any problem raises a :class:`~kvcomm.errors.WireError` subclass and nothing part
 returned. Versions 1 (mode in ``meta``), 2 (no extra frames) and 3 (token ids only) still read.
 From version 4 on, versions differ in the entropy coder of an entropy-coded codec's payloads
 (:func:`~kvcomm.wire.codecs.base.header_codec`): ``constriction`` up to 4, then kvcomm's rANS on
-two states (5), on four (6), and with two or four small codes to a symbol (7); and in the final
-digest (6 on, above).
+two states (5), on four (6), with two or four small codes to a symbol (7: pairs where a stream
+has at most 16 distinct codes; 8: at most 32); and in the final digest (6 on, above).
 Extra frames carry the context's token ids, which blending (recomputing tokens) needs, and hidden
 states entering a layer (through the message's codec), which recomputing layers (DroidSpeak)
 needs; a layer may be left out (0 tokens, no payload) where the receiver computes it itself.

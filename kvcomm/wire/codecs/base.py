@@ -39,7 +39,8 @@ class Codec(ABC):
     hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
-    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans`` (v7), ``rans-v6``, ``rans-v5``, ``constriction``
+    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans`` (v8), ``rans-v7``, ``rans-v6``, ``rans-v5``,
+    # ``constriction``
     # ``decode`` refuses parameters (ranges, steps) that are not finite, and from finite ones only
     # finite keys and values come: the reader then does not check every decoded value again
     finite_by_construction: ClassVar[bool] = False
@@ -132,15 +133,16 @@ def make_codec(name: str, **params: Any) -> Codec:
 
 
 RANS_SINCE = 5  # the message format version from which entropy-coded codecs use kvcomm's rANS
-GROUPED_SINCE = 7  # ... and from which its categorical streams code two or four codes to a symbol
-_RANS_UNTIL = {5: "rans-v5", 6: "rans-v6"}  # what a header's 'rans' was, by version, before GROUPED_SINCE
+# what a header's 'rans' was, by version, before today's (version 8: pairs of up to 32 distinct codes)
+_RANS_UNTIL = {5: "rans-v5", 6: "rans-v6", 7: "rans-v7"}
 
 
 def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
     """The codec a message header of format ``version`` names. Entropy-coded codecs of messages
     before version 5 were coded with ``constriction`` (their headers name no coder); a version 5
-    header's ``rans`` is two-state rANS, today's ``rans-v5``, and a version 6 header's is
-    ``rans-v6`` (one code to a symbol).
+    header's ``rans`` is two-state rANS, today's ``rans-v5``, a version 6 header's is ``rans-v6``
+    (one code to a symbol), and a version 7 header's ``rans-v7`` (pairs of at most 16 distinct
+    codes).
 
     Raises:
         ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5, or
@@ -151,7 +153,7 @@ def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
             if "coder" in params:
                 raise ConfigError(f"a version {version} header names no entropy coder")
             params = {**params, "coder": "constriction"}
-        elif version < GROUPED_SINCE:
+        elif version in _RANS_UNTIL:
             later = [coder for was_rans_in, coder in _RANS_UNTIL.items() if was_rans_in >= version]
             if params.get("coder") in later:
                 raise ConfigError(f"a version {version} header names no coder {params['coder']!r} "

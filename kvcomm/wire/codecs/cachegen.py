@@ -22,7 +22,7 @@ import torch
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
-from kvcomm.wire.codecs.quant import dequantize, quantize
+from kvcomm.wire.codecs.quant import dequantize, dequantizer, quantize
 
 
 @numba.njit(cache=True, nogil=True)
@@ -109,27 +109,26 @@ class CacheGenCodec(Codec):
 
     def _decoder(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                  num_layers: int) -> Callable[[], torch.Tensor]:
-        """One ``[H, T, D]`` tensor's decoding: anchors and checks now, the deltas (compiled code
-        without the GIL, for rANS) in the returned call."""
+        """One ``[H, T, D]`` tensor's decoding: checks and tables now, the anchors and deltas
+        (compiled code, for rANS without the GIL) in the returned call."""
         heads, length, dim = shape
-        anchor_of, is_delta = self._layout(length)
-        n_anchors = int(anchor_of[-1]) + 1
-        coded = {n: tensors[f"anchor.{n}"] for n in ("q", "low", "scale")}
-        anchors = dequantize(coded, 8, 1, n_anchors, (heads, n_anchors, dim)).numpy()
-        size = heads * int(is_delta.sum()) * dim
+        n_anchors = -(-length // self.group)
+        anchors = dequantizer({n: tensors[f"anchor.{n}"] for n in ("q", "low", "scale")}, 8, 1, n_anchors,
+                              (heads, n_anchors, dim))
         first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
-        step = tensors["step"].float().numpy()
+        step = tensors["step"].numpy().astype(np.float32)
         if step.shape != (heads, dim):
             raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
         if not np.isfinite(step).all():  # with finite anchors, every value is: |code| < 2**15, float16 steps
             raise ValueError("cachegen steps are not finite")
-        symbols = symbols_decoder(counts, stream_words(tensors["stream"], self.coder), size, self.coder)
+        symbols = symbols_decoder(counts, stream_words(tensors["stream"], self.coder),
+                                  heads * (length - n_anchors) * dim, self.coder)
 
         def decode() -> torch.Tensor:
             out = np.empty((heads, length, dim), dtype=np.float32)
-            _undelta(symbols(), first, anchors, step, self.group, out)
+            _undelta(symbols(), first, anchors().numpy(), step, self.group, out)
             return torch.from_numpy(out)
 
         return decode

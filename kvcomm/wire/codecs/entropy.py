@@ -4,13 +4,13 @@ Quantised KV codes are far from uniform (most fall near the middle of their rang
 delta), so coding them with their own measured distribution takes fewer bits than fixed-width
 packing. The symbol counts travel with the stream; decoding checks they match what it produced.
 
-Four coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
+Five coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
 uint16 words on four interleaved states, two or four codes to a symbol where a stream has at most
-16 or 4 distinct codes: message format version 7 on), ``rans-v6`` (the same, one code to a symbol:
-how version 6 coded, and how a version 6 header's ``rans`` is read), ``rans-v5`` (one code to a
-symbol on two states: version 5) and ``constriction`` (versions 1–4, uint32 words), kept so that
-older messages decode and so that the coders can be measured side by side. ``klt``'s Laplace
-streams are the same under every rANS name.
+32 or 4 distinct codes: message format version 8 on), ``rans-v7`` (pairs of at most 16 distinct
+codes: how version 7 coded, and how a version 7 header's ``rans`` is read), ``rans-v6`` (one code
+to a symbol: version 6), ``rans-v5`` (one code to a symbol on two states: version 5) and
+``constriction`` (versions 1–4, uint32 words), kept so that older messages decode and so that the
+coders can be measured side by side. ``klt``'s Laplace streams are the same under every rANS name.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.rans import LANES, rans_categorical_decoder, rans_encode_categorical
+from kvcomm.wire.codecs.rans import LANES, PAIRS, rans_categorical_decoder, rans_encode_categorical
 
 MAX_SYMBOLS = 1 << 16
-Coder = Literal["rans", "rans-v6", "rans-v5", "constriction"]
+Coder = Literal["rans", "rans-v7", "rans-v6", "rans-v5", "constriction"]
 CODERS: tuple[str, ...] = get_args(Coder)
-_WORD = {"rans": np.uint16, "rans-v6": np.uint16, "rans-v5": np.uint16, "constriction": np.uint32}
-_STORED = {"rans": torch.int16, "rans-v6": torch.int16, "rans-v5": torch.int16,
-           "constriction": torch.int32}  # no unsigned 16/32-bit
-# a categorical stream's interleaved states, and whether it groups codes
-_LAYOUT = {"rans": (LANES, True), "rans-v6": (LANES, False), "rans-v5": (2, False)}
+# a rANS categorical stream's interleaved states, and the most distinct codes it codes two to a symbol
+_LAYOUT = {"rans": (LANES, PAIRS), "rans-v7": (LANES, 16), "rans-v6": (LANES, 0), "rans-v5": (2, 0)}
+_WORD = {**{coder: np.uint16 for coder in _LAYOUT}, "constriction": np.uint32}
+_STORED = {**{coder: torch.int16 for coder in _LAYOUT}, "constriction": torch.int32}  # no unsigned 16/32-bit
 
 
 def check_coder(coder: str) -> Coder:

@@ -113,8 +113,9 @@ class KLTCodec(Codec):
         step: quantisation step as a fraction of each head's coefficient RMS (smaller = finer).
         codebook: id of the :class:`~kvcomm.wire.codebook.Codebook` to rotate with; a sender
             leaves it unset and kvcomm binds its model's codebook (:meth:`Codec.bind`).
-        coder: the entropy coder: ``rans`` (format version 7; ``rans-v6`` and ``rans-v5``, versions
-            6 and 5, code klt's Laplace streams alike) or ``constriction`` (before).
+        coder: the entropy coder: ``rans`` (format version 8; ``rans-v7``, ``rans-v6`` and
+            ``rans-v5``, versions 7, 6 and 5, code klt's Laplace streams alike) or ``constriction``
+            (before).
     """
 
     name = "klt"

@@ -77,12 +77,12 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int, entropy: bool = F
 
 
 def in_tensor_order(coder: Coder) -> bool:
-    """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans`` and
-    ``rans-v6``: format version 6 on), not group by group (keys channel by channel, with each
+    """Whether an entropy-coded stream holds the codes in the tensor's own order (``rans``,
+    ``rans-v7`` and ``rans-v6``: format version 6 on), not group by group (keys channel by channel, with each
     axis's last group edge-padded: versions 1–5 and packed codes). The same codes but the
     padding's, so no more bytes (fewer where an axis's last group was padded); in the tensor's
     order the decoder writes its output front to back instead of transposing keys."""
-    return coder in ("rans", "rans-v6")
+    return coder in ("rans", "rans-v7", "rans-v6")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -213,8 +213,8 @@ def dequantize_hidden(t: Tensors, bits: int, group: int, shape: tuple[int, int],
 class QuantCodec(Codec):
     """``bits``-bit integer codes (8, 4 or 2), in groups of ``group`` tokens (keys) or channels
     (values), with a float16 minimum and step per group; ``entropy`` ANS-codes the codes (with
-    ``coder``: ``rans``; ``rans-v6``, ``rans-v5`` or ``constriction`` as messages of format version 6, 5,
-    or before, were)."""
+    ``coder``: ``rans``; ``rans-v7``, ``rans-v6``, ``rans-v5`` or ``constriction`` as messages of format
+    version 7, 6, 5, or before, were)."""
 
     name = "quant"
     entropy_coded = True

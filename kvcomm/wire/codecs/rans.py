@@ -1,6 +1,6 @@
 """Table-driven range asymmetric numeral systems (rANS), compiled with numba: kvcomm's entropy coder
 from message format version 5 on (four states per categorical stream from version 6, two or four small
-codes to a symbol from version 7).
+codes to a symbol from version 7, pairs of up to 32 distinct codes from version 8).
 
 Messages up to version 4 were coded with ``constriction``, whose decoder evaluates its model per
 symbol (about 6 million symbols a second here); a KV message is millions of symbols, so decoding
@@ -18,11 +18,13 @@ cost more than the link it saved. This coder looks every symbol up in a table in
 - **Categorical** (``int4-ans``, ``int2-ans``, ``cachegen``, hidden states): the symbol counts
   travel with the stream, as before, and become frequencies out of ``2**14`` by integer
   arithmetic alone, so encoder and decoder derive the same table on any machine.
-- **Grouped codes** (format version 7 on): where a stream has at most 16 distinct codes, one rANS
-  symbol carries two of them (at most 4 distinct: four), its frequency the product of theirs
-  brought back to ``2**14`` (again by integer arithmetic), and its table entry the codes' bytes,
-  written in one store. The symbol rate is what limits decoding, so a 4-bit stream decodes in
-  half the steps (an int2 stream in a quarter) for 0.1-0.2% more bytes: the products' rounding.
+- **Grouped codes** (format version 7 on): where a stream has at most :data:`PAIRS` distinct
+  codes (32 from format version 8, 16 in version 7), one rANS symbol carries two of them (at most
+  4 distinct: four), its frequency the product of theirs brought back to ``2**14`` (again by
+  integer arithmetic), and its table entry the codes' bytes, written in one store. The symbol
+  rate is what limits decoding, so a 4-bit stream decodes in half the steps (an int2 stream in a
+  quarter) for 0.1-0.2% more bytes: the products' rounding. Version 8 pairs ``cachegen``'s deltas
+  too (17-32 distinct codes on Qwen's shallow layers), for about 0.4% more of its bytes.
   A stream whose length is not a multiple of the group is padded with the lowest code present,
   and the decoder checks that the padding decoded to it.
 - **Laplace** (``klt``): each symbol has a scale level (one byte per component). Per level there
@@ -57,6 +59,7 @@ EXPONENT_BITS = 5  # escaped values: exponent, mantissa, sign
 MAX_CATEGORICAL = 1 << (CATEGORICAL_BITS - 1)  # distinct symbols a categorical table holds
 HEAD = 4  # words of the two final states (format version 5, and klt's Laplace streams)
 LANES = 4  # states of a categorical stream from format version 6
+PAIRS = 32  # a stream with at most this many distinct codes codes two to a symbol (format version 8; 7: 16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,11 +386,14 @@ def _slots(freq: np.ndarray, values: np.ndarray, symbols: np.ndarray, steps: np.
             slot += 1
 
 
-def group_size(alphabet: int) -> int:
-    """How many codes one symbol of a grouped stream carries: 4 for at most 4 distinct codes, 2 for
-    at most 16, else 1 (every group then has at most 256 values, and the table entry one byte per
-    code)."""
-    return 4 if alphabet <= 4 else 2 if alphabet <= 16 else 1
+def group_size(alphabet: int, pairs: int = PAIRS) -> int:
+    """How many codes one symbol of a stream carries: 4 for at most 4 distinct codes, 2 for at most
+    ``pairs`` (:data:`PAIRS` from format version 8, 16 in version 7; 0: never grouped, versions 5
+    and 6), else 1 (a pair then has at most 1,024 values, well inside the ``2**14`` slots, and the
+    table entry one byte per code)."""
+    if pairs == 0:
+        return 1
+    return 4 if alphabet <= 4 else 2 if alphabet <= pairs else 1
 
 
 def grouped_frequencies(counts: np.ndarray, group: int) -> np.ndarray:
@@ -439,25 +445,27 @@ def _symbol_values(alphabet: int, group: int, dtype: np.dtype) -> np.ndarray:
     return values
 
 
-def _check_categorical(counts: np.ndarray, lanes: int, grouped: bool) -> None:
+def _check_categorical(counts: np.ndarray, lanes: int, pairs: int) -> None:
     """What a categorical stream can hold: at most 2**13 distinct codes, on 2 or 4 states (grouped:
-    4)."""
+    4), pairs of at most 32 distinct codes."""
     if int((counts > 0).sum()) > MAX_CATEGORICAL:
         raise ValueError(f"{int((counts > 0).sum())} distinct codes; an entropy-coded stream holds at most "
                          f"{MAX_CATEGORICAL}")
     if lanes not in (2, LANES):
         raise ValueError(f"a categorical stream has 2 or {LANES} states, not {lanes}")
-    if grouped and lanes != LANES:
+    if pairs and lanes != LANES:
         raise ValueError(f"a grouped categorical stream has {LANES} states, not {lanes}")
+    if not 0 <= pairs <= PAIRS:
+        raise ValueError(f"pairs of at most {PAIRS} distinct codes, not {pairs}")
 
 
 def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int = LANES,
-                            grouped: bool = True) -> np.ndarray:
+                            pairs: int = PAIRS) -> np.ndarray:
     """Symbols ``0 .. len(counts) - 1`` with these counts (at most 2**13 distinct) -> uint16 words,
     on ``lanes`` interleaved states (4 from format version 6; 2 in version 5), several codes to a
-    symbol where ``grouped`` and the alphabet is small (:func:`group_size`; format version 7 on)."""
-    _check_categorical(counts, lanes, grouped)
-    group = group_size(counts.size) if grouped else 1
+    symbol where the alphabet is small (:func:`group_size` with ``pairs``: format version 7 on)."""
+    _check_categorical(counts, lanes, pairs)
+    group = group_size(counts.size, pairs)
     freq = grouped_frequencies(counts, group)
     if group > 1:
         symbols = _tuples(symbols, counts, group)
@@ -468,7 +476,7 @@ def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int 
 
 
 def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, dtype: type[np.integer] = np.int32,
-                             lanes: int = LANES, grouped: bool = True) -> Callable[[], np.ndarray]:
+                             lanes: int = LANES, pairs: int = PAIRS) -> Callable[[], np.ndarray]:
     """The inverse of :func:`rans_encode_categorical`, in two steps: the table is built and the
     arguments checked now; the returned call decodes ``size`` symbols as ``dtype`` (uint8 where
     there are at most 256 symbols, or int32) in the compiled kernel alone, which releases the GIL
@@ -479,10 +487,10 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
             or 4 (grouped: 4) (now); a stream that is not an encoding of ``size`` symbols under
             these counts (from the call).
     """
-    _check_categorical(counts, lanes, grouped)
+    _check_categorical(counts, lanes, pairs)
     if dtype not in (np.uint8, np.int32) or (dtype is np.uint8 and counts.size > 256):
         raise ValueError(f"{counts.size} symbols do not decode to {np.dtype(dtype)}")
-    group = group_size(counts.size) if grouped else 1
+    group = group_size(counts.size, pairs)
     freq = grouped_frequencies(counts, group)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
@@ -514,14 +522,14 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
 
 
 def rans_decode_categorical(words: np.ndarray, counts: np.ndarray, size: int, dtype: type[np.integer] = np.int32,
-                            lanes: int = LANES, grouped: bool = True) -> np.ndarray:
+                            lanes: int = LANES, pairs: int = PAIRS) -> np.ndarray:
     """Inverse of :func:`rans_encode_categorical`: ``size`` symbols as ``dtype``
     (:func:`rans_categorical_decoder` at once).
 
     Raises:
         ValueError: as :func:`rans_categorical_decoder`.
     """
-    return rans_categorical_decoder(words, counts, size, dtype, lanes, grouped)()
+    return rans_categorical_decoder(words, counts, size, dtype, lanes, pairs)()
 
 
 class LaplaceTables:
