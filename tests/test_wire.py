@@ -468,6 +468,17 @@ def test_cachegen_reconstruction_equals_torchs_arithmetic():
     assert torch.equal(codec._decoder(coded, (2, 47, 16), 0, 4)(), want)
 
 
+@pytest.mark.parametrize("broken, match", [("anchor.q", "cannot hold"), ("anchor.scale", "ranges"),
+                                           ("step", "steps have shape")])
+def test_cachegen_refuses_malformed_parameters_before_any_decoding(broken, match):
+    """Everything cachegen reads besides the symbols is checked when a tensor's decoding is
+    prepared, on the caller's thread, not inside the call that runs on the decoding thread."""
+    codec = make_codec("cachegen")
+    coded = codec._encode_one(kv_like(2, 47, 16, 9), 0, 4)
+    with pytest.raises(ValueError, match=match):
+        codec._decoder({**coded, broken: coded[broken][..., :-1]}, (2, 47, 16), 0, 4)
+
+
 def auto_message(**params) -> KVMessage:
     book = random_codebook(2, 16, layers=2, seed=5)
     layers = [LayerKV(0, True, kv_like(2, 300, 16, 1), kv_like(2, 300, 16, 2)),

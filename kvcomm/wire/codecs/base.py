@@ -133,7 +133,7 @@ def make_codec(name: str, **params: Any) -> Codec:
 
 
 RANS_SINCE = 5  # the message format version from which entropy-coded codecs use kvcomm's rANS
-# what a header's 'rans' was, by version, before today's (version 8: pairs of up to 32 distinct codes)
+# what a header's 'rans' was, by version, before today's (version 8: pairs where codes span up to 32 values)
 _RANS_UNTIL = {5: "rans-v5", 6: "rans-v6", 7: "rans-v7"}
 
 
@@ -141,8 +141,8 @@ def header_codec(name: str, params: dict[str, Any], version: int) -> Codec:
     """The codec a message header of format ``version`` names. Entropy-coded codecs of messages
     before version 5 were coded with ``constriction`` (their headers name no coder); a version 5
     header's ``rans`` is two-state rANS, today's ``rans-v5``, a version 6 header's is ``rans-v6``
-    (one code to a symbol), and a version 7 header's ``rans-v7`` (pairs of at most 16 distinct
-    codes).
+    (one code to a symbol), and a version 7 header's ``rans-v7`` (pairs where the codes
+    span at most 16 values).
 
     Raises:
         ConfigError: an unknown codec or parameters it does not take (a ``coder`` before v5, or

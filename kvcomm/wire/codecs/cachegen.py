@@ -22,29 +22,37 @@ import torch
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
-from kvcomm.wire.codecs.quant import dequantize, dequantizer, quantize
+from kvcomm.wire.codecs.quant import checked_ranges, dequantize, quantize, unpack
 
 
 @numba.njit(cache=True, nogil=True)
-def _undelta(symbols: np.ndarray, first: Any, anchors: np.ndarray, step: np.ndarray, group: Any,
-             out: np.ndarray) -> None:
+def _undelta(symbols: np.ndarray, first: Any, codes: np.ndarray, scale: np.ndarray, low: np.ndarray,
+             step: np.ndarray, group: Any, out: np.ndarray) -> None:
     """``out`` ``[H, T, D]``: each group's first token its anchor, the others the anchor plus
     ``(symbol + first) * step`` (float32, the multiply and the add each rounded, as torch does;
     ``symbol + first`` is a small integer, exact in float32 either way), the symbols in the
-    encoder's order (head, delta token, channel)."""
+    encoder's order (head, delta token, channel). The anchors come from their 8-bit ``codes``
+    (``[H, D, anchors]`` flat), ``code * scale + low`` per channel (``scale``, ``low``: ``[H, D]``
+    flat), the arithmetic of :func:`~kvcomm.wire.codecs.quant.dequantize`."""
     heads, length, dim = out.shape
+    anchors = -(-length // group)
     shift = np.float32(first)
+    anchor = np.empty(dim, dtype=np.float32)
     k = 0
     for h in range(heads):
-        scale = step[h]
+        scaled = step[h]
         for t in range(length):
-            row, anchor = out[h, t], anchors[h, t // group]
+            row = out[h, t]
             if t % group == 0:
+                g = t // group
+                for d in range(dim):
+                    c = h * dim + d
+                    anchor[d] = (np.float32(codes[c * anchors + g]) + np.float32(0.0)) * scale[c] + low[c]
                 row[:] = anchor
                 continue
             source = symbols[k: k + dim]
             for d in range(dim):
-                row[d] = anchor[d] + (np.float32(source[d]) + shift) * scale[d]
+                row[d] = anchor[d] + (np.float32(source[d]) + shift) * scaled[d]
             k += dim
 
 
@@ -109,16 +117,16 @@ class CacheGenCodec(Codec):
 
     def _decoder(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                  num_layers: int) -> Callable[[], torch.Tensor]:
-        """One ``[H, T, D]`` tensor's decoding: checks and tables now, the anchors and deltas
-        (compiled code, for rANS without the GIL) in the returned call."""
+        """One ``[H, T, D]`` tensor's decoding: checks and tables now, the anchors and deltas in the
+        returned call (compiled code, for rANS without the GIL)."""
         heads, length, dim = shape
         n_anchors = -(-length // self.group)
-        anchors = dequantizer({n: tensors[f"anchor.{n}"] for n in ("q", "low", "scale")}, 8, 1, n_anchors,
-                              (heads, n_anchors, dim))
+        codes = unpack(tensors["anchor.q"], 8, heads * dim * n_anchors)  # a view: one 8-bit group per channel
+        scale, low = checked_ranges({n: tensors[f"anchor.{n}"] for n in ("low", "scale")}, heads * dim)
         first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
-        step = tensors["step"].numpy().astype(np.float32)
+        step = tensors["step"].float().numpy()
         if step.shape != (heads, dim):
             raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
         if not np.isfinite(step).all():  # with finite anchors, every value is: |code| < 2**15, float16 steps
@@ -128,7 +136,7 @@ class CacheGenCodec(Codec):
 
         def decode() -> torch.Tensor:
             out = np.empty((heads, length, dim), dtype=np.float32)
-            _undelta(symbols(), first, anchors().numpy(), step, self.group, out)
+            _undelta(symbols(), first, codes, scale, low, step, self.group, out)
             return torch.from_numpy(out)
 
         return decode

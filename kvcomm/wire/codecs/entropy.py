@@ -5,9 +5,9 @@ delta), so coding them with their own measured distribution takes fewer bits tha
 packing. The symbol counts travel with the stream; decoding checks they match what it produced.
 
 Five coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
-uint16 words on four interleaved states, two or four codes to a symbol where a stream has at most
-32 or 4 distinct codes: message format version 8 on), ``rans-v7`` (pairs of at most 16 distinct
-codes: how version 7 coded, and how a version 7 header's ``rans`` is read), ``rans-v6`` (one code
+uint16 words on four interleaved states, two or four codes to a symbol where a stream's codes span
+at most 32 or 4 values: message format version 8 on), ``rans-v7`` (pairs where they span at most
+16: how version 7 coded, and how a version 7 header's ``rans`` is read), ``rans-v6`` (one code
 to a symbol: version 6), ``rans-v5`` (one code to a symbol on two states: version 5) and
 ``constriction`` (versions 1–4, uint32 words), kept so that older messages decode and so that the
 coders can be measured side by side. ``klt``'s Laplace streams are the same under every rANS name.
@@ -28,7 +28,7 @@ from kvcomm.wire.codecs.rans import LANES, PAIRS, rans_categorical_decoder, rans
 MAX_SYMBOLS = 1 << 16
 Coder = Literal["rans", "rans-v7", "rans-v6", "rans-v5", "constriction"]
 CODERS: tuple[str, ...] = get_args(Coder)
-# a rANS categorical stream's interleaved states, and the most distinct codes it codes two to a symbol
+# a rANS categorical stream's interleaved states, and the widest span of codes it codes two to a symbol
 _LAYOUT = {"rans": (LANES, PAIRS), "rans-v7": (LANES, 16), "rans-v6": (LANES, 0), "rans-v5": (2, 0)}
 _WORD = {**{coder: np.uint16 for coder in _LAYOUT}, "constriction": np.uint32}
 _STORED = {**{coder: torch.int16 for coder in _LAYOUT}, "constriction": torch.int32}  # no unsigned 16/32-bit

@@ -35,11 +35,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
+def check_packed(packed: torch.Tensor, bits: int, count: int) -> None:
+    """Raises ValueError unless ``packed`` holds at least ``count`` packed ``bits``-bit codes."""
+    if packed.dtype != torch.uint8 or packed.numel() * (8 // bits) < count:
+        raise ValueError(f"{packed.numel()} {packed.dtype} values cannot hold {count} packed {bits}-bit codes")
+
+
 def unpack(packed: torch.Tensor, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack`: the first ``count`` codes, as uint8."""
     per_byte = 8 // bits
-    if packed.dtype != torch.uint8 or packed.numel() * per_byte < count:
-        raise ValueError(f"{packed.numel()} {packed.dtype} values cannot hold {count} packed {bits}-bit codes")
+    check_packed(packed, bits, count)
     if bits == 8:
         return packed.numpy().view(np.uint8)[:count]
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
@@ -135,6 +140,20 @@ def _dequantize_ordered(symbols: np.ndarray, first: Any, scale: np.ndarray, low:
                 row[b] = (np.float32(source[b]) + shift) * s[b] + m[b]
 
 
+def checked_ranges(t: Tensors, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``scale`` and ``low`` of ``groups`` quantisation groups as flat float32 arrays.
+
+    Raises:
+        ValueError: another number of ranges, or a range that is not finite.
+    """
+    scale, low = t["scale"].float().numpy().ravel(), t["low"].float().numpy().ravel()
+    if scale.size != groups or low.size != scale.size:
+        raise ValueError(f"{scale.size} quantisation ranges for {groups} groups")
+    if not (np.isfinite(scale).all() and np.isfinite(low).all()):  # then every value is (float16 ranges,
+        raise ValueError("quantisation ranges are not finite")     # codes below 256: far below float32's max)
+    return scale, low
+
+
 def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
                 coder: Coder = "rans") -> Callable[[], torch.Tensor]:
     """The inverse of :func:`quantize` for a tensor of ``shape``, in two steps: the tensors are
@@ -148,16 +167,13 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
     outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     group = min(group, length)
     groups = -(-length // group)
-    scale, low = t["scale"].float().numpy(), t["low"].float().numpy()
-    if scale.size != outer * inner * groups or low.size != scale.size:
-        raise ValueError(f"{scale.size} quantisation ranges for {outer * inner * groups} groups")
-    if not (np.isfinite(scale).all() and np.isfinite(low).all()):  # then every value is (float16 ranges,
-        raise ValueError("quantisation ranges are not finite")     # codes below 256: far below float32's max)
+    scale, low = checked_ranges(t, outer * inner * groups)
     scale, low = scale.reshape(outer, inner, groups), low.reshape(outer, inner, groups)
     ordered = "q" not in t and in_tensor_order(coder)
     count = outer * inner * (length if ordered else groups * group)
     if "q" in t:
         first, packed = 0, t["q"]
+        check_packed(packed, bits, count)  # now, not when the call runs
         symbols: Callable[[], np.ndarray] = lambda: unpack(packed, bits, count)  # noqa: E731
     else:  # entropy-coded: the symbols decode and dequantise without an int64 or float copy between
         first, counts = int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64)

@@ -1,6 +1,6 @@
 """Table-driven range asymmetric numeral systems (rANS), compiled with numba: kvcomm's entropy coder
 from message format version 5 on (four states per categorical stream from version 6, two or four small
-codes to a symbol from version 7, pairs of up to 32 distinct codes from version 8).
+codes to a symbol from version 7, pairs where the codes span up to 32 values from version 8).
 
 Messages up to version 4 were coded with ``constriction``, whose decoder evaluates its model per
 symbol (about 6 million symbols a second here); a KV message is millions of symbols, so decoding
@@ -18,15 +18,15 @@ cost more than the link it saved. This coder looks every symbol up in a table in
 - **Categorical** (``int4-ans``, ``int2-ans``, ``cachegen``, hidden states): the symbol counts
   travel with the stream, as before, and become frequencies out of ``2**14`` by integer
   arithmetic alone, so encoder and decoder derive the same table on any machine.
-- **Grouped codes** (format version 7 on): where a stream has at most :data:`PAIRS` distinct
-  codes (32 from format version 8, 16 in version 7), one rANS symbol carries two of them (at most
-  4 distinct: four), its frequency the product of theirs brought back to ``2**14`` (again by
-  integer arithmetic), and its table entry the codes' bytes, written in one store. The symbol
-  rate is what limits decoding, so a 4-bit stream decodes in half the steps (an int2 stream in a
-  quarter) for 0.1-0.2% more bytes: the products' rounding. Version 8 pairs ``cachegen``'s deltas
-  too (17-32 distinct codes on Qwen's shallow layers), for about 0.4% more of its bytes.
-  A stream whose length is not a multiple of the group is padded with the lowest code present,
-  and the decoder checks that the padding decoded to it.
+- **Grouped codes** (format version 7 on): where a stream's codes span at most :data:`PAIRS` values
+  (32 from format version 8, 16 in version 7; lowest to highest code), one rANS symbol carries two
+  of them (a span of at most 4: four), its frequency the product of theirs brought back to ``2**14``
+  (again by integer arithmetic), and its table entry the codes' bytes, written in one store. The
+  symbol rate is what limits decoding, so a 4-bit stream decodes in half the steps (an int2 stream
+  in a quarter) for 0.1-0.2% more bytes: the products' rounding. Version 8 pairs ``cachegen``'s
+  deltas too (spans of 17-32 on Qwen's shallow layers), for about 0.4% more of its bytes. A stream
+  whose length is not a multiple of the group is padded with the lowest code present, and the
+  decoder checks that the padding decoded to it.
 - **Laplace** (``klt``): each symbol has a scale level (one byte per component). Per level there
   is a fixed table: the code ``s`` is split into a high part ``s >> r`` (Laplace with a scale of at
   most 8, looked up in a ``2**12``-slot table over a window ``[-W, W]`` plus an escape) and ``r``
@@ -59,7 +59,7 @@ EXPONENT_BITS = 5  # escaped values: exponent, mantissa, sign
 MAX_CATEGORICAL = 1 << (CATEGORICAL_BITS - 1)  # distinct symbols a categorical table holds
 HEAD = 4  # words of the two final states (format version 5, and klt's Laplace streams)
 LANES = 4  # states of a categorical stream from format version 6
-PAIRS = 32  # a stream with at most this many distinct codes codes two to a symbol (format version 8; 7: 16)
+PAIRS = 32  # a stream whose codes span at most this many values codes two to a symbol (format version 8; 7: 16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def _symbol_values(alphabet: int, group: int, dtype: np.dtype) -> np.ndarray:
 
 def _check_categorical(counts: np.ndarray, lanes: int, pairs: int) -> None:
     """What a categorical stream can hold: at most 2**13 distinct codes, on 2 or 4 states (grouped:
-    4), pairs of at most 32 distinct codes."""
+    4), pairs of codes spanning at most 32 values."""
     if int((counts > 0).sum()) > MAX_CATEGORICAL:
         raise ValueError(f"{int((counts > 0).sum())} distinct codes; an entropy-coded stream holds at most "
                          f"{MAX_CATEGORICAL}")
