@@ -3,10 +3,9 @@
 Prefills the sender on a task's contexts, shares every layer, and passes each item's KV through
 every codec as a whole KV message (header, framing and checksums included). Throughput is MB of
 float16 KV per second (the same yardstick for every codec), on one process of this machine, the
-best of ``--repeats`` passes (the codecs take turns, pass by pass). Entropy-coded codecs run once per
-entropy coder in ``--coders``
-(``rans``: today's, format version 8; ``rans-v7``, ``rans-v6``, ``rans-v5``: versions 7, 6 and 5;
-``constriction``: the coder of versions 1–4), side by side.
+best of ``--repeats`` passes (the codecs take turns, pass by pass). Entropy-coded codecs run once
+per entropy coder in ``--coders`` (``rans``: today's, format version 8; ``rans-v7``, ``rans-v6``,
+``rans-v5``: versions 7, 6 and 5; ``constriction``: the coder of versions 1–4), side by side.
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json

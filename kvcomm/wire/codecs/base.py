@@ -39,8 +39,7 @@ class Codec(ABC):
     hidden states ``[T, W]``, which some protocols send too)."""
 
     name: ClassVar[str]
-    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans`` (v8), ``rans-v7``, ``rans-v6``, ``rans-v5``,
-    # ``constriction``
+    entropy_coded: ClassVar[bool] = False  # takes ``coder``: ``rans`` (v8) or an older one (entropy.CODERS)
     # ``decode`` refuses parameters (ranges, steps) that are not finite, and from finite ones only
     # finite keys and values come: the reader then does not check every decoded value again
     finite_by_construction: ClassVar[bool] = False
