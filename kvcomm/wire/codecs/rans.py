@@ -456,7 +456,7 @@ def _check_categorical(counts: np.ndarray, lanes: int, pairs: int) -> None:
     if pairs and lanes != LANES:
         raise ValueError(f"a grouped categorical stream has {LANES} states, not {lanes}")
     if not 0 <= pairs <= PAIRS:
-        raise ValueError(f"codes are paired where they span at most 0..{PAIRS} values, not {pairs}")
+        raise ValueError(f"pairs (the widest span of codes coded two to a symbol) is 0 to {PAIRS}, not {pairs}")
 
 
 def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int = LANES,
