@@ -169,7 +169,7 @@ def test_golden_entropy_files_pin_todays_coder(codec):
 def test_golden_entropy_files_of_every_coder_decode(codec, version):
     """v4 streams (constriction) still decode to what v4 decoded them to (kept as an fp32 message);
     v5 (two-state rANS, keys' codes channel by channel), v6 (four states, the tensor's order), v7
-    (two or four small codes to a symbol) and v8 (pairs of up to 32 distinct codes) decode alike."""
+    (two or four small codes to a symbol) and v8 (pairs where the codes span up to 32) decode alike."""
     golden_codebook()
     decoded = KVMessage.from_bytes(golden_entropy_file(codec, version).read_bytes())
     coders = {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans-v7", 8: "rans"}
@@ -181,9 +181,9 @@ def test_golden_entropy_files_of_every_coder_decode(codec, version):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # klt's matmul: BLAS may differ by an ulp
 
 
-def test_golden_v8_pairs_streams_of_up_to_32_distinct_codes():
-    """Version 8 codes two codes to a symbol where a stream has 17-32 distinct codes (version 7 coded
-    them one by one): pinned byte for byte on a cachegen message whose deltas span 22-25 codes, and
+def test_golden_v8_pairs_streams_whose_codes_span_up_to_32_values():
+    """Version 8 codes two codes to a symbol where a stream's codes span 17-32 values (version 7
+    coded them one by one): pinned byte for byte on a cachegen message whose deltas span 22-25 codes, and
     decoding to exactly what the same codes decode to under version 7's coder."""
     golden_codebook()
     sent = entropy_golden_message("int4-ans")

@@ -22,7 +22,7 @@ import torch
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
-from kvcomm.wire.codecs.quant import checked_ranges, dequantize, quantize, unpack
+from kvcomm.wire.codecs.quant import checked_ranges, dequantize, dequantize_grouped, quantize, unpack
 
 
 @numba.njit(cache=True, nogil=True)
@@ -31,23 +31,19 @@ def _undelta(symbols: np.ndarray, first: Any, codes: np.ndarray, scale: np.ndarr
     """``out`` ``[H, T, D]``: each group's first token its anchor, the others the anchor plus
     ``(symbol + first) * step`` (float32, the multiply and the add each rounded, as torch does;
     ``symbol + first`` is a small integer, exact in float32 either way), the symbols in the
-    encoder's order (head, delta token, channel). The anchors come from their 8-bit ``codes``
-    (``[H, D, anchors]`` flat), ``code * scale + low`` per channel (``scale``, ``low``: ``[H, D]``
-    flat), the arithmetic of :func:`~kvcomm.wire.codecs.quant.dequantize`."""
+    encoder's order (head, delta token, channel). The anchors are dequantised here, by the
+    quantiser's own kernel, from their 8-bit ``codes`` (one group per channel; ``scale``, ``low``:
+    ``[H, D, 1]``)."""
     heads, length, dim = out.shape
-    anchors = -(-length // group)
+    anchors = np.empty((heads, -(-length // group), dim), dtype=np.float32)
+    dequantize_grouped(codes, 0, scale, low, anchors.shape[1], anchors)
     shift = np.float32(first)
-    anchor = np.empty(dim, dtype=np.float32)
     k = 0
     for h in range(heads):
         scaled = step[h]
         for t in range(length):
-            row = out[h, t]
+            row, anchor = out[h, t], anchors[h, t // group]
             if t % group == 0:
-                g = t // group
-                for d in range(dim):
-                    c = h * dim + d
-                    anchor[d] = (np.float32(codes[c * anchors + g]) + np.float32(0.0)) * scale[c] + low[c]
                 row[:] = anchor
                 continue
             source = symbols[k: k + dim]
@@ -123,6 +119,7 @@ class CacheGenCodec(Codec):
         n_anchors = -(-length // self.group)
         codes = unpack(tensors["anchor.q"], 8, heads * dim * n_anchors)  # a view: one 8-bit group per channel
         scale, low = checked_ranges({n: tensors[f"anchor.{n}"] for n in ("low", "scale")}, heads * dim)
+        scale, low = scale.reshape(heads, dim, 1), low.reshape(heads, dim, 1)
         first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")

@@ -109,7 +109,7 @@ def _dequantize_rows(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np
 
 
 @numba.njit(cache=True, nogil=True)
-def _dequantize_grouped(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np.ndarray, group: Any,
+def dequantize_grouped(symbols: np.ndarray, first: Any, scale: np.ndarray, low: np.ndarray, group: Any,
                         out: np.ndarray) -> None:
     """``out`` ``[A, L, B]`` from symbols in group order (``[A, B, groups, group]``, the last group
     edge-padded), ranges ``[A, B, groups]``; written front to back (strided reads of the one-byte
@@ -191,7 +191,7 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
         elif ordered:
             _dequantize_ordered(symbols(), first, scale, low, group, out)
         else:
-            _dequantize_grouped(symbols(), first, scale, low, group, out)
+            dequantize_grouped(symbols(), first, scale, low, group, out)
         return torch.from_numpy(out).view(shape)
 
     return decode
