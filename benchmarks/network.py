@@ -18,6 +18,10 @@ rate, context length and method, the receiver's time to first token, median of `
 - NLD: the sender's summary as text (bytes at the link's rate) + its prefill with the question +
   one token; the sender's time to write the summary is reported beside it (not in the TTFT).
 
+``--linears dense,packed`` measures every row once per way the receiver's linear layers compute
+(``load_model(..., linear=...)``; the sender agent stays ``dense``), each in its own receiver
+process; packed rows are labelled ``(packed)``.
+
 The sender prefills and encodes before any timing (messages are stored, content-addressed).
 Everything it creates (namespaces ``kvn-snd``/``kvn-rcv``, the veth pair, addresses 10.231.0.1/2)
 is removed at the end, also on errors; nothing else is touched. Where namespaces cannot be made
@@ -93,12 +97,18 @@ def can_make_namespaces() -> str | None:
 
 
 def outer(args: argparse.Namespace) -> None:
+    from kvcomm.models.packing import LINEARS
+
+    unknown = [way for way in args.linears.split(",") if way not in LINEARS]
+    if unknown:
+        raise SystemExit(f"--linears: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(LINEARS)}")
     reason = can_make_namespaces()
     if reason is not None:
         print(f"skipped: {reason}")
         return
     rows: list[dict] = []
     env = {**os.environ, "KVCOMM_LOG_LEVEL": "warning"}
+    env.pop("KVCOMM_LINEAR", None)  # the sender computes as usual; --linears applies to the receiver
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with Link() as link:
         sender = subprocess.Popen(["ip", "netns", "exec", SENDER_NS, sys.executable, "-m", "kvcomm", "serve",
@@ -108,15 +118,16 @@ def outer(args: argparse.Namespace) -> None:
             for rate in (float(r) for r in args.rates.split(",")):
                 link.shape(rate)
                 print(f"link shaped to {rate:g} Mbit/s", flush=True)
-                part = Path(f"{args.out}.part-{rate:g}.json")
-                subprocess.run(["ip", "netns", "exec", RECEIVER_NS, sys.executable, __file__, "--inner",
-                                "--rate", str(rate), "--model", args.model, "--lengths", args.lengths,
-                                "--codecs", args.codecs, "--serial", args.serial, "--whole", args.whole,
-                                "--ratio", str(args.ratio),
-                                "--runs", str(args.runs), "--threads", str(args.threads), "--port", str(args.port),
-                                "--out", str(part)], check=True, env=env)
-                rows += json.loads(part.read_text())["rows"]
-                part.unlink()
+                for linear in args.linears.split(","):
+                    part = Path(f"{args.out}.part-{rate:g}-{linear}.json")
+                    subprocess.run(["ip", "netns", "exec", RECEIVER_NS, sys.executable, __file__, "--inner",
+                                    "--rate", str(rate), "--model", args.model, "--lengths", args.lengths,
+                                    "--codecs", args.codecs, "--serial", args.serial, "--whole", args.whole,
+                                    "--ratio", str(args.ratio), "--linears", linear,
+                                    "--runs", str(args.runs), "--threads", str(args.threads),
+                                    "--port", str(args.port), "--out", str(part)], check=True, env=env)
+                    rows += json.loads(part.read_text())["rows"]
+                    part.unlink()
         finally:
             sender.terminate()
             sender.wait(timeout=60)
@@ -133,7 +144,8 @@ def inner(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, linear=args.linears)
+    label = "" if args.linears == "dense" else f" ({args.linears})"
     url = f"http://{SENDER_IP}:{args.port}"
     deadline = time.monotonic() + 600
     while True:
@@ -179,14 +191,15 @@ def inner(args: argparse.Namespace) -> None:
         context = context_of(model, length)
         text_ttft(f"Context: {context} Question: {QUESTION}")  # untimed: first calls fill caches
         sky = median(text_ttft, f"Context: {context} Question: {QUESTION}") + len(context.encode()) / wire
-        base = {"rate_mbit": args.rate, "context_tokens": len(model.encode_message(context))}
-        rows.append({**base, "method": "skyline", "bytes": len(context.encode()), "ttft_s": sky})
+        base = {"rate_mbit": args.rate, "context_tokens": len(model.encode_message(context)),
+                "linear": args.linears}
+        rows.append({**base, "method": f"skyline{label}", "bytes": len(context.encode()), "ttft_s": sky})
         began = time.perf_counter()
         summary = client.chat([{"role": "user", "content": f"{context}\n\n{SUMMARY_PROMPT}"}], max_tokens=64)
         summary_s = time.perf_counter() - began
         summary_text = summary["choices"][0]["message"]["content"]
         nld = median(text_ttft, f"Context: {summary_text} Question: {QUESTION}")
-        rows.append({**base, "method": "nld", "bytes": len(summary_text.encode()),
+        rows.append({**base, "method": f"nld{label}", "bytes": len(summary_text.encode()),
                      "ttft_s": nld + len(summary_text.encode()) / wire, "sender_summary_s": summary_s})
         for codec in args.codecs.split(","):
             measured = codec == "auto-measured"  # no bandwidth given: the client's measurement of this link
@@ -198,11 +211,11 @@ def inner(args: argparse.Namespace) -> None:
                                                                  in choice["candidates"].items()}} if choice else {}
             if measured:
                 chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
-            rows.append({**base, "method": f"kvcomm {codec}", "bytes": sent["bytes"],
+            rows.append({**base, "method": f"kvcomm {codec}{label}", "bytes": sent["bytes"],
                          "ttft_s": median(kv_ttft, sent["id"], "pipelined"), **chosen})
             for how in ("serial", "whole"):
                 if codec in getattr(args, how).split(","):
-                    rows.append({**base, "method": f"kvcomm {codec}+{how}", "bytes": sent["bytes"],
+                    rows.append({**base, "method": f"kvcomm {codec}+{how}{label}", "bytes": sent["bytes"],
                                  "ttft_s": median(kv_ttft, sent["id"], how)})
         for row in rows:
             if row["context_tokens"] == base["context_tokens"]:
@@ -244,7 +257,7 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
         for method in dict.fromkeys(r["method"] for r in rows):
             points = sorted((r["rate_mbit"], r["ttft_s"]) for r in rows
                             if r["method"] == method and r["context_tokens"] == length)
-            style = "--" if method in ("skyline", "nld") else "-"
+            style = "--" if method.startswith(("skyline", "nld")) else "-"
             ax.plot(*zip(*points), style, marker="o", label=method)
         ax.set(xscale="log", yscale="log", xlabel="link bandwidth (Mbit/s)", ylabel="receiver TTFT (s)",
                title=f"{model}, {length} context tokens")
@@ -265,6 +278,8 @@ def main() -> None:
     parser.add_argument("--whole", default="none", help="codecs also measured reading the whole body first (+whole)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--linears", default="dense",
+                        help="how the receiver's linear layers compute: dense, packed, or both (dense,packed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the receiver (0: torch's default)")
     parser.add_argument("--port", type=int, default=8141)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/network/network.json"))

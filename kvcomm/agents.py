@@ -25,8 +25,10 @@ class Agents:
     receiver: LoadedModel
 
     @classmethod
-    def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32") -> Agents:
-        a, b = load_pair(sender, receiver, dtype)
+    def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32",
+             linear: str | None = None) -> Agents:
+        """Loads both models (one copy when they are the same); ``linear`` as in :func:`load_model`."""
+        a, b = load_pair(sender, receiver, dtype, linear)
         return cls(a, b)
 
     @property

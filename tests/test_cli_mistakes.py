@@ -48,6 +48,8 @@ MISTAKES = [
     ("eval -m {model} -t jsonl", "needs a file"),
     ("eval -m {model} -t facts --data {dir}/file.txt", "takes no --data"),
     ("eval -m {model} --ratio 0", "greater than 0"),
+    ("eval -m {model} --linear fast", "'fast' is not one of 'dense', 'packed'"),
+    ("serve -m {model} --linear sparse", "'sparse' is not one of 'dense', 'packed'"),
     ("eval -m {model} --ratio 1.5", "less than or equal to 1"),
     ("eval -m {model} --ratio abc", "valid number"),
     ("eval -m {model} --layers 0,99", "must name layers in 0..3"),

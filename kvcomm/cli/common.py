@@ -34,6 +34,7 @@ from kvcomm.methods.droidspeak import DroidSpeakOptions
 from kvcomm.methods.kvcomm import RandomOptions, SharingOptions
 from kvcomm.methods.online import OnlineOptions
 from kvcomm.models import DEFAULT_MODEL, resolve_model
+from kvcomm.models.packing import Linear
 from kvcomm.models.source import DType
 from kvcomm.protocol import MaskMode
 from kvcomm.protocol.blend import Deviation
@@ -66,6 +67,11 @@ Model = Annotated[str, typer.Option(
 Receiver = Annotated[str | None, typer.Option(
     envvar="KVCOMM_RECEIVER", help="Receiver model if different (it must have the same KV shapes).")]
 Dtype = Annotated[DType, typer.Option(help="Weights' dtype.")]
+LinearOption = Annotated[Linear, typer.Option(
+    envvar="KVCOMM_LINEAR",
+    help="How linear layers compute: dense (torch's products) or packed (a second, oneDNN-packed copy of "
+         "each large weight for calls of up to 128 rows: decoding steps and short prompts run faster on "
+         "CPU; those layers' memory doubles; values round differently, ~1e-4).")]
 Quiet = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress bars, and no loading messages or warnings from transformers.")]
 TaskName = Annotated[str, typer.Option(
@@ -152,6 +158,7 @@ class RunOptions:
     mode: str | None
     seed: int | None
     dtype: str
+    linear: str
     max_memory: float | None
     bucket: bool | None
     senders: int | None
@@ -277,6 +284,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "seed": (Annotated[int | None, typer.Option(
         help=options_help("Seed of `random` layer selection.", RandomOptions, "seed"))], None),
     "dtype": (Dtype, "float32"),
+    "linear": (LinearOption, "dense"),
     "max_memory": (Annotated[float | None, typer.Option(
         min=0, envvar="KVCOMM_MAX_MEMORY",
         help="Memory budget in GiB; batches shrink to fit it.")], None),

@@ -13,6 +13,7 @@ from kvcomm.cli.common import (
     BatchSize,
     Data,
     Dtype,
+    LinearOption,
     Overwrite,
     Quiet,
     RayAddress,
@@ -95,7 +96,8 @@ def graph_command(
     seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
     reply_tokens: Annotated[int | None, typer.Option(
         min=1, help="Budget of every turn but the last. (default: the task's answer budget)")] = None,
-    batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
+    batch_size: BatchSize = None, dtype: Dtype = "float32", linear: LinearOption = "dense", quiet: Quiet = False,
+    overwrite: Overwrite = False,
     ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
     out: Annotated[Path | None, typer.Option(
         help="Results JSON; the plot is written beside it. (default: results/graph-<task>-<topology>-<model>.json)")]
@@ -133,10 +135,10 @@ def graph_command(
     out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
                        "results", overwrite)
     with quiet_libraries(quiet), contextlib.ExitStack() as stack:
-        loaded = load_model(model, dtype)
+        loaded = load_model(model, dtype, linear)
         cluster = None
         if cluster_options is not None:
-            cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype))
+            cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype, linear))
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
                          batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,

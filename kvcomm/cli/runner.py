@@ -81,7 +81,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
-                                run.dtype, profiles_identity(profile, blocks))
+                                run.dtype, profiles_identity(profile, blocks), run.linear)
         checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
         planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):
@@ -113,9 +113,9 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
         if task_run.finished:
             console.print(f"{task_run.task.name}: finished already: {files.results}", markup=False, soft_wrap=True)
             continue
-        agents = agents or Agents.load(run.model, run.receiver, run.dtype)
+        agents = agents or Agents.load(run.model, run.receiver, run.dtype, run.linear)
         if ray is not None and cluster is None:
-            cluster = stack.enter_context(Cluster(ray, run.model, run.receiver or run.model, run.dtype))
+            cluster = stack.enter_context(Cluster(ray, run.model, run.receiver or run.model, run.dtype, run.linear))
             console.print(f"ray: {cluster.workers} workers, {ray.threads} thread(s) each", markup=False)
         try:
             report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,

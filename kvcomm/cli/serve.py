@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvcomm.cli.common import CODEC_HELP, Dtype, Mode, Model, Selection, console
+from kvcomm.cli.common import CODEC_HELP, Dtype, LinearOption, Mode, Model, Selection, console
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 
@@ -23,7 +23,7 @@ ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
 
 
 def serve_command(
-    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32",
+    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32", linear: LinearOption = "dense",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     store: Annotated[str, typer.Option(envvar="KVCOMM_STORE",
@@ -76,7 +76,7 @@ def serve_command(
     loaded_profile = read_ranking(profile) if profile else None
     _check_port_free(host, port)
     limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
-    agent = load_model(model, dtype)
+    agent = load_model(model, dtype, linear)
     app = create_app(agent, open_store(store, limits), config, loaded_profile)
     if ratio is not None and loaded_profile is None:
         console.print(f"calibrating the layer ranking for --ratio {ratio} (once, {config.selection} rule; "

@@ -90,11 +90,11 @@ def check_apart(methods: Sequence[Method]) -> None:
 class _Worker:
     """One copy of the models on a worker, running whole batches."""
 
-    def __init__(self, sender: str, receiver: str, dtype: str, threads: int) -> None:
+    def __init__(self, sender: str, receiver: str, dtype: str, threads: int, linear: str | None = None) -> None:
         from kvcomm.agents import Agents
 
         torch.set_num_threads(threads)
-        self.agents = Agents.load(sender, receiver, dtype)
+        self.agents = Agents.load(sender, receiver, dtype, linear)
 
     def ready(self) -> bool:
         return True
@@ -117,7 +117,9 @@ class Cluster:
         ClusterError: the cluster cannot be reached, or has too few CPUs for one worker.
     """
 
-    def __init__(self, options: RayCluster, sender: str, receiver: str, dtype: str) -> None:
+    def __init__(
+        self, options: RayCluster, sender: str, receiver: str, dtype: str, linear: str | None = None,
+    ) -> None:
         ray = self._ray = require_ray()
         self.options = options
         self._started = False
@@ -140,7 +142,7 @@ class Cluster:
                                "one worker")
         actor = ray.remote(num_cpus=options.threads, max_restarts=options.retries,
                            max_task_retries=options.retries)(_Worker)
-        self._actors = [actor.remote(sender, receiver, dtype, options.threads) for _ in range(self.workers)]
+        self._actors = [actor.remote(sender, receiver, dtype, options.threads, linear) for _ in range(self.workers)]
         try:  # every worker has its models before anything is sent (a worker that cannot load them says so now)
             ray.get([a.ready.remote() for a in self._actors])
         except ray.exceptions.RayError as err:

@@ -161,7 +161,7 @@ def evaluate(
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
-                                       profiles_identity(profile, blocks)))
+                                       profiles_identity(profile, blocks), agents.sender.linear))
         if profile is None and checkpoint.profile is not None:
             profile = Profile.model_validate(checkpoint.profile)
     sources = _Sources(agents, task, calib, config, profile, progress, blocks)
@@ -444,7 +444,7 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
     book = sources.book
     return {
         "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": dtype_name(agents.sender),
-        "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
+        "linear": agents.sender.linear, "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "test_items": len(test),
         "calibration_items": [i.id for i in calib], **config.model_dump(), "calib_size": len(calib), "alpha": alpha,
         "alpha_source": alpha_source,

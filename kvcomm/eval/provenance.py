@@ -79,7 +79,7 @@ def profiles_identity(profile: BaseModel | None, blocks: BaseModel | None) -> di
 
 
 def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,
-                 dtype: str, profile: dict[str, Any] | None) -> dict[str, Any]:
+                 dtype: str, profile: dict[str, Any] | None, linear: str = "dense") -> dict[str, Any]:
     """Everything that determines a run's answers: what a resumed run must repeat exactly.
 
     The data is identified by its content (``items``), not its path, so a moved file resumes;
@@ -91,6 +91,9 @@ def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], 
         "evaluation": config,
         "methods": [{"method": m.name, "options": m.options.model_dump(mode="json")} for m in methods],
         "profile": profile,
+        # packed linear layers round differently (models/packing.py); named only when used, so
+        # the checkpoints of dense runs written before the option existed still resume
+        **({"linear": linear} if linear != "dense" else {}),
     }
 
 

@@ -1,0 +1,116 @@
+"""Linear layers with a second, oneDNN-packed copy of their weight for few rows.
+
+torch's CPU ``linear`` calls MKL's ``sgemm``, which re-packs the whole weight on every call. For a
+long prefill that cost is spread over many rows; for a decoding step (one row per sequence) or a
+question of a few dozen tokens it is most of the call. oneDNN can pack a weight once, ahead of
+time. On this project's 2-core AVX2 machine Qwen2.5-Coder-1.5B's 8,960 × 1,536 product then ran
+1.3–1.9× faster from 1 to 128 rows, 1.15× at 256 and 0.78× at 1,058, its 151,936-row output
+layer 1.3–3.1× from 1 to 128 rows (``benchmarks/linear.py``,
+``benchmarks/results/linear/linear-qwen.json``; ±20% on this machine). So a packed layer takes the packed path up to
+:data:`PACKED_ROWS` rows and torch's own above: it keeps both copies of the weight, and those
+layers' memory doubles (for Qwen2.5-Coder-1.5B nearly every weight, +6 GB; for SmolLM2-135M only
+the tied output layer, +113 MB).
+
+The packed path is float32 on the CPU and inference only; anything else (another dtype or
+device, autograd, a weight replaced or changed in place through the parameter since it was
+packed) takes torch's path, so a packed model computes what it computed before wherever the
+packed path does not apply. Where it does, values differ from MKL's by rounding (~1e-4
+relative), and each row's result does not depend on how many rows share the call.
+
+Packing is for fixed weights. Writes that bypass the parameter's version counter (through
+``weight.data``, as peft's ``merge_and_unload`` does, or through a NumPy view) are not seen:
+pack a model after such changes, not before. A packed model cannot be deep-copied or pickled
+whole (oneDNN's packed tensor has no storage); ``state_dict`` and ``save_pretrained`` hold only
+the ordinary parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvcomm.errors import ConfigError
+
+Linear = Literal["dense", "packed"]
+LINEARS: tuple[str, ...] = get_args(Linear)
+
+PACKED_ROWS = 128
+"""Calls with at most this many rows take the packed path (see the module docstring)."""
+
+PACKED_MIN_WEIGHT = 1 << 20
+"""Layers with fewer weights than this (4 MiB in float32) stay as they are: MKL's packing of a
+small weight is cheap, and packed ones ran slower at one row and no faster at 16–128 (Qwen's
+256 × 1,536 key and value layers: 0.13 against 0.06 ms at one row)."""
+
+
+def packing_available() -> bool:
+    """Whether this torch build can pack weights with oneDNN."""
+    ops = torch.ops.mkldnn
+    return bool(torch.backends.mkldnn.is_available()) and all(
+        hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, shared with the layer it replaced) that also holds its
+    weight packed by oneDNN and uses it for calls of at most ``rows`` rows."""
+
+    packed: torch.Tensor
+    rows: int
+    _packed_from: tuple[int, int, torch.dtype]  # the weight packed: its storage, version and dtype
+
+    @classmethod
+    def of(cls, linear: nn.Linear, rows: int = PACKED_ROWS) -> PackedLinear:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight  # the same Parameter: tied weights stay tied
+        layer.bias = linear.bias
+        layer.rows = rows
+        with torch.no_grad():
+            layer.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        layer._packed_from = _identity(linear.weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(self.in_features, 1)
+        if (rows == 0 or rows > self.rows or x.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                 or (self.bias is not None and self.bias.requires_grad)))
+                or _identity(self.weight) != self._packed_from):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        bias = None if self.bias is None else self.bias.detach()
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, packed up to {self.rows} rows"
+
+
+def _identity(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+def pack_linears(model: nn.Module, rows: int = PACKED_ROWS, min_weight: int = PACKED_MIN_WEIGHT) -> int:
+    """Replaces every float32 CPU ``nn.Linear`` of ``model`` with at least ``min_weight`` weights
+    by a :class:`PackedLinear` sharing its parameters; returns how many were replaced.
+
+    Raises:
+        ConfigError: this torch build has no oneDNN packing, or ``rows`` < 1.
+    """
+    if rows < 1:
+        raise ConfigError(f"rows must be at least 1, not {rows}")
+    if not packing_available():
+        raise ConfigError("packed linear layers need a torch build with oneDNN (torch.backends.mkldnn); "
+                          "this one has none: use linear='dense'")
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Linear and child.weight.dtype == torch.float32
+                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_weight):
+                setattr(parent, name, PackedLinear.of(child, rows))
+                replaced += 1
+    return replaced
