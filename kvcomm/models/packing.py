@@ -1,15 +1,16 @@
 """Linear layers with a second, oneDNN-packed copy of their weight for few rows.
 
-torch's CPU ``linear`` calls MKL's ``sgemm``, which re-packs the whole weight on every call. For a
-long prefill that cost is spread over many rows; for a decoding step (one row per sequence) or a
-question of a few dozen tokens it is most of the call. oneDNN can pack a weight once, ahead of
-time. On this project's 2-core AVX2 machine Qwen2.5-Coder-1.5B's 8,960 × 1,536 product then ran
-1.3–1.9× faster from 1 to 128 rows, 1.15× at 256 and 0.78× at 1,058, its 151,936-row output
-layer 1.3–3.1× from 1 to 128 rows (``benchmarks/linear.py``,
-``benchmarks/results/linear/linear-qwen.json``; ±20% on this machine). So a packed layer takes the packed path up to
-:data:`PACKED_ROWS` rows and torch's own above: it keeps both copies of the weight, and those
-layers' memory doubles (for Qwen2.5-Coder-1.5B nearly every weight, +6 GB; for SmolLM2-135M only
-the tied output layer, +113 MB).
+torch's CPU ``linear`` calls MKL's ``sgemm``, which packs the weight anew on every call and, on
+this project's 2-core AMD (AVX2) machine, runs few rows at about half the rate of many: a
+decoding step (one row per sequence) or a question of a few dozen tokens pays most. oneDNN packs a
+weight once, ahead of time, and its kernels for few rows are faster here (MKL's own pre-packing,
+``torch.ops.mkl._mkl_linear``, gained only 1.1–1.2× in a probe). Qwen2.5-Coder-1.5B's 8,960 ×
+1,536 product ran 1.3–1.9× faster from 1 to 128 rows, 1.15× at 256 and 0.78× at 1,058, its
+151,936-row output layer 1.3–3.1× from 1 to 128 rows (``benchmarks/linear.py``,
+``benchmarks/results/linear/linear-qwen.json``; ±20% on this machine). So a packed layer takes
+the packed path up to :data:`PACKED_ROWS` rows and torch's own above: it keeps both copies of
+the weight, and those layers' memory doubles (for Qwen2.5-Coder-1.5B nearly every weight, +6 GB;
+for SmolLM2-135M only the tied output layer, +113 MB).
 
 The packed path is float32 on the CPU and inference only; anything else (another dtype or
 device, autograd, a weight replaced or changed in place through the parameter since it was
