@@ -36,14 +36,12 @@ from kvcomm.models import load_model  # noqa: E402
 from kvcomm.models.packing import PACKED_MIN_WEIGHT, PACKED_ROWS, PackedLinear, pack_linears  # noqa: E402
 
 
-def best(run: Callable[[], object], repeats: int) -> float:
-    run()  # untimed: first calls create oneDNN primitives and fill caches
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - began)
-    return min(times)
+def once(run: Callable[[], object]) -> float:
+    """One timed call after an untimed one (first calls create oneDNN primitives and fill caches)."""
+    run()
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
 
 
 def decoding_step(model: torch.nn.Module, step: torch.Tensor, cache: Any, position: torch.Tensor) -> None:
@@ -61,7 +59,7 @@ def side_by_side(
         for way in ("dense", "packed") if round_ % 2 == 0 else ("packed", "dense"):  # neither always first
             for layer in layers:
                 layer.rows = limit if way == "packed" else 0
-            times[way].append(best(run, 1))
+            times[way].append(once(run))
     return {way: min(values) for way, values in times.items()}
 
 

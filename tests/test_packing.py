@@ -8,6 +8,8 @@ from torch import nn
 
 from kvcomm.errors import ConfigError
 from kvcomm.models import load_model, load_pair
+from kvcomm.models import loading as loading_module
+from kvcomm.models import packing as packing_module
 from kvcomm.models.packing import PackedLinear, pack_linears, packing_available
 from tests.conftest import tiny_loaded
 
@@ -123,3 +125,10 @@ def test_load_model_packs_on_request_and_names_a_bad_choice(tiny_dir, monkeypatc
     monkeypatch.setenv("KVCOMM_LINEAR", "fast")
     with pytest.raises(ConfigError, match=r"unknown linear 'fast'.*KVCOMM_LINEAR.*dense, packed"):
         load_model(str(tiny_dir))
+
+
+def test_packed_without_onednn_is_refused_before_any_weight_loads(tiny_dir, monkeypatch):
+    monkeypatch.setattr(packing_module, "packing_available", lambda: False)
+    monkeypatch.setattr(loading_module, "_load", lambda *a: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match="oneDNN.*use linear='dense'"):
+        load_model(str(tiny_dir) + "-never-loaded", linear="packed")

@@ -25,7 +25,7 @@ from kvcomm.cache import cache_root
 from kvcomm.errors import ConfigError, ModelError
 from kvcomm.files import TEMPORARY_SUFFIX, atomic_file
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
-from kvcomm.models.packing import LINEARS, pack_linears
+from kvcomm.models.packing import LINEARS, pack_linears, require_packing
 from kvcomm.models.pins import PINS
 from kvcomm.models.registry import EMBEDDED
 from kvcomm.models.source import DTYPES, resolve_model
@@ -188,6 +188,8 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
     if linear not in LINEARS:
         raise ConfigError(f"unknown linear {linear!r} (from the argument or $KVCOMM_LINEAR); "
                           f"valid: {', '.join(LINEARS)}")
+    if linear == "packed":
+        require_packing()  # before any weight loads
     key = (name_or_path, dtype, linear)
     if key not in _LOADED:
         loaded = _load(name_or_path, getattr(torch, dtype))

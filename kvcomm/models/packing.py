@@ -54,6 +54,13 @@ def packing_available() -> bool:
         hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
+def require_packing() -> None:
+    """Raises ConfigError, saying what to use instead, where :func:`packing_available` is false."""
+    if not packing_available():
+        raise ConfigError("packed linear layers need a torch build with oneDNN (torch.backends.mkldnn); "
+                          "this one has none: use linear='dense'")
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, shared with the layer it replaced) that also holds its
     weight packed by oneDNN and uses it for calls of at most ``rows`` rows."""
@@ -104,9 +111,7 @@ def pack_linears(model: nn.Module, rows: int = PACKED_ROWS, min_weight: int = PA
     """
     if rows < 1:
         raise ConfigError(f"rows must be at least 1, not {rows}")
-    if not packing_available():
-        raise ConfigError("packed linear layers need a torch build with oneDNN (torch.backends.mkldnn); "
-                          "this one has none: use linear='dense'")
+    require_packing()
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
