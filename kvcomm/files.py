@@ -1,17 +1,24 @@
-"""One atomic write: a file appears whole under its name, or not at all.
+"""One atomic write: a file appears whole under its name, or not at all; and one lock for work
+that two processes should not both do.
 
 The data goes to a uniquely named temporary file in the target's folder (so two processes writing
 the same file never share one), is flushed to disk, and then replaces the target with one
 ``os.replace``; the file gets the permissions the replaced file had, or a new file's (the umask
 applies). Temporary names start with a dot and end in ``.tmp``: ids that kvcomm stores never
 do, so a crash leaves nothing that can be mistaken for real data.
+
+:func:`exclusive` serialises a costly one-time job (converting a model, say) between processes:
+atomic writes keep two concurrent jobs correct, the lock keeps the second from redoing the first's
+work. The lock is advisory (``flock``) and the kernel drops it when its holder exits, crash or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +57,25 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(name)
         raise
     _sync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, waiting: str | None = None) -> Iterator[None]:
+    """Holds an exclusive lock on the file ``path`` (created if missing) for the ``with`` block;
+    another process asking for it waits, after printing ``waiting`` to stderr if given."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:

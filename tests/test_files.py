@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvcomm.files import atomic_file, atomic_write, is_temporary
+from kvcomm.files import atomic_file, atomic_write, exclusive, is_temporary
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -56,3 +56,65 @@ def test_a_written_file_has_the_permissions_open_would_give_or_keeps_the_replace
         assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_exclusive_makes_a_second_holder_wait_and_says_why(tmp_path, capfd):
+    import threading
+    import time
+
+    lock, order = tmp_path / "job.lock", []
+    entered, release = threading.Event(), threading.Event()
+
+    def first():
+        with exclusive(lock):
+            order.append("first in")
+            entered.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second():
+        with exclusive(lock, "waiting for the first"):
+            order.append("second in")
+
+    one = threading.Thread(target=first)
+    one.start()
+    assert entered.wait(10)
+    two = threading.Thread(target=second)
+    two.start()
+    time.sleep(0.3)
+    assert order == ["first in"]  # the second holder is still waiting
+    release.set()
+    one.join(10)
+    two.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert "waiting for the first" in capfd.readouterr().err
+    with exclusive(lock):  # released: taken again at once
+        pass
+
+
+def test_two_loaders_of_one_new_model_convert_it_once(tmp_path, monkeypatch):
+    """A second process (here a thread) asking for a model being converted waits for that
+    conversion instead of dequantising the GGUF again beside it."""
+    import threading
+    import time
+
+    from kvcomm.models import loading
+
+    converted = []
+
+    def slow_convert(gguf, directory):
+        converted.append(directory)
+        time.sleep(0.3)
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text("{}")
+        return directory
+
+    monkeypatch.setattr(loading, "_convert", slow_convert)
+    target, results = tmp_path / "models" / "m", []
+    threads = [threading.Thread(target=lambda: results.append(loading._converted(tmp_path / "m.gguf", target)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [target, target] and converted == [target]
