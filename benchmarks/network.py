@@ -8,7 +8,10 @@ rate, context length and method, the receiver's time to first token, median of `
 - kvcomm with each codec: GET of the stored message over the link, decoded layer by layer while
   it arrives, and the question's prefill running layer by layer behind it (``Client.arriving``:
   layer l of the prefill starts once layer l is decoded), then one token; ``auto`` is told the
-  rate (``bandwidth_mbit``) and its choice is reported; ``auto-measured`` is told nothing: the
+  rate (``bandwidth_mbit``) and its choice is reported; ``auto-prefill`` is told the rate and the
+  receiver's own computing behind the message (``receiver_compute_s``: this receiver's question
+  prefill and first token, timed alone before the rows), which its decoding competes with for the
+  CPU; ``auto-measured`` is told nothing: the
   receiver's client declares the link it measured fetching the earlier messages (the measured
   Mbit/s is reported beside the shaped rate). Two kinds of rows show what each overlap saves:
   ``+serial`` decodes while the message arrives but prefills only once it is whole
@@ -165,6 +168,14 @@ def inner(args: argparse.Namespace) -> None:
     first_token(model, empty_input(model.model, 1), model.encode_message("warm up"))
     rows = []
 
+    def question_alone() -> float:
+        began = time.perf_counter()
+        first_token(model, empty_input(model.model, 1), question)
+        return time.perf_counter() - began
+
+    question_alone()
+    compute_s = round(statistics.median(question_alone() for _ in range(5)), 3)  # what auto-prefill declares
+
     def median(measure, *given) -> float:
         return statistics.median(measure(*given) for _ in range(args.runs))
 
@@ -203,14 +214,18 @@ def inner(args: argparse.Namespace) -> None:
                      "ttft_s": nld + len(summary_text.encode()) / wire, "sender_summary_s": summary_s})
         for codec in args.codecs.split(","):
             measured = codec == "auto-measured"  # no bandwidth given: the client's measurement of this link
-            sent = client.create_context(context, layers=layers, codec="auto" if measured else codec,
-                                         bandwidth_mbit=args.rate if codec == "auto" else None)
+            told = codec in ("auto", "auto-prefill")
+            sent = client.create_context(context, layers=layers, codec="auto" if codec.startswith("auto") else codec,
+                                         bandwidth_mbit=args.rate if told else None,
+                                         receiver_compute_s=compute_s if codec == "auto-prefill" else None)
             kv_ttft(sent["id"], "pipelined")  # untimed: compiles the codec's kernels, loads its codebook
             choice = sent.get("codec_choice")
             chosen = {"chosen": choice["chosen"], "expected_s": {name: estimate["seconds"] for name, estimate
                                                                  in choice["candidates"].items()}} if choice else {}
             if measured:
                 chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
+            if codec == "auto-prefill":
+                chosen |= {"receiver_compute_s": compute_s}
             rows.append({**base, "method": f"kvcomm {codec}{label}", "bytes": sent["bytes"],
                          "ttft_s": median(kv_ttft, sent["id"], "pipelined"), **chosen})
             for how in ("serial", "whole"):
@@ -235,6 +250,8 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
                                                             if "sender_summary_s" in r else "")
         if r.get("bandwidth_source") is not None:
             note += f" for {r['measured_mbit']:g} Mbit/s ({r['bandwidth_source']})"
+        if "receiver_compute_s" in r:
+            note += f", told {r['receiver_compute_s']:g} s of prefill"
         table.add_row(f"{r['rate_mbit']:g}", str(r["context_tokens"]), r["method"], f"{r['bytes']:,}",
                       f"{r['ttft_s']:.3f}", f"{r['speedup_vs_skyline']:.1f}", note)
     Console(width=150).print(table)
@@ -272,7 +289,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--rates", default="10,100,1000", help="link bandwidths, Mbit/s")
-    parser.add_argument("--codecs", default="fp16,int8,int4-ans,klt,auto,auto-measured")
+    parser.add_argument("--codecs", default="fp16,int8,int4-ans,klt,auto,auto-prefill,auto-measured")
     parser.add_argument("--serial", default="klt",
                         help="codecs also measured prefilling only once the message is whole (+serial)")
     parser.add_argument("--whole", default="none", help="codecs also measured reading the whole body first (+whole)")

@@ -120,6 +120,14 @@ def test_encode_with_codec_auto_names_its_choice(tiny_dir, tmp_path):
     wrong = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x", "--codec", "int8",
                                 "--bandwidth", "10"])
     assert wrong.exit_code == 2 and "goes with --codec auto" in wrong.output
+    busy = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "Mira lives in Oslo.",
+                               "--codec", "auto", "--receiver-compute", "1.5"])
+    assert busy.exit_code == 0, busy.output
+    header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
+    assert header["meta"]["codec_choice"]["receiver_compute_s"] == 1.5
+    wrong = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "x", "--codec", "int8",
+                                "--receiver-compute", "1"])
+    assert wrong.exit_code == 2 and "--receiver-compute chooses a codec" in wrong.output
 
 
 def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path):

@@ -229,6 +229,14 @@ def test_codec_auto_chooses_for_the_declared_bandwidth_and_says_why(http):
     assert f'kvcomm:codec_chosen_total{{codec="{choice["chosen"]}"}} 1.0' in http.get("/metrics").text
     wrong = http.post("/v1/contexts", json={"context": "x", "codec": "int8", "bandwidth_mbit": 10})
     assert wrong.status_code == 400 and "goes with codec 'auto'" in wrong.json()["error"]["message"]
+    busy = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "auto",
+                                           "receiver_compute_s": 2.5}).json()["codec_choice"]
+    assert busy["receiver_compute_s"] == 2.5 and "receiver compute" in busy["reason"]
+    assert all(estimate["seconds"] >= 2.5 for estimate in busy["candidates"].values())
+    wrong = http.post("/v1/contexts", json={"context": "x", "codec": "int8", "receiver_compute_s": 1})
+    assert wrong.status_code == 400 and "'receiver_compute_s' chooses a codec" in wrong.json()["error"]["message"]
+    negative = http.post("/v1/contexts", json={"context": "x", "codec": "auto", "receiver_compute_s": -1})
+    assert negative.status_code == 422
 
 
 def test_link_meter_takes_the_median_of_large_transfers():
@@ -261,6 +269,8 @@ def test_codec_auto_chooses_for_the_link_the_client_measured(agent, monkeypatch)
         assert len(client.link._rates) == 2
         declared = client.create_context(context, codec="auto", bandwidth_mbit=5)
         assert declared["bandwidth_source"] == "declared" and declared["bandwidth_mbit"] == 5
+        busy = client.create_context(context, codec="auto", bandwidth_mbit=5, receiver_compute_s=0.75)
+        assert busy["codec_choice"]["receiver_compute_s"] == 0.75 and busy["id"] != declared["id"]
         plain = client.create_context(context, codec="int8")
         assert plain["bandwidth_mbit"] is None and plain["bandwidth_source"] is None
         lone = httpx.post(f"{url}/v1/contexts", json={"context": "x", "codec": "auto", "bandwidth_measured": True})

@@ -510,6 +510,57 @@ def test_auto_expects_the_wait_of_a_streaming_receiver_of_a_stored_message(param
     assert make_codec("auto", **params)._estimate(slow_decoder, 4)["seconds"] == pytest.approx(wait)
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_auto_with_no_receiver_compute_expects_what_it_did_without_it(streamed):
+    measured = {"bytes": 1, "encode_seconds": 3.0, "decode_seconds": 0.5, "transfer_seconds": 2.0, "error": 0.1}
+    for decode, transfer in ((0.5, 2.0), (2.0, 0.5), (1.0, 1.0)):
+        given = {**measured, "decode_seconds": decode, "transfer_seconds": transfer}
+        plain = make_codec("auto", streamed=streamed)._estimate(given, 7)["seconds"]
+        assert make_codec("auto", streamed=streamed, receiver_compute_s=0.0)._estimate(given, 7)["seconds"] == plain
+        assert plain == pytest.approx(max(transfer, decode) + min(transfer, decode) / 7 if streamed
+                                      else transfer + decode, abs=1e-5)  # rounded to 5 decimals
+
+
+def test_auto_counts_the_receivers_computing_against_decoding_not_against_the_link():
+    """Receiver compute R shares the CPU with decoding D while the transfer T runs beside them:
+    streamed over L frames, the wait is max(T + (D + R) / L, D + R + T / L)."""
+    measured = {"bytes": 1, "encode_seconds": 0.0, "decode_seconds": 0.1, "transfer_seconds": 0.2, "error": 0.1}
+    auto = make_codec("auto", receiver_compute_s=1.0)
+    assert auto._estimate(measured, 10)["seconds"] == pytest.approx(max(0.2 + 1.1 / 10, 1.1 + 0.2 / 10))
+    whole = make_codec("auto", receiver_compute_s=1.0, streamed=False)
+    assert whole._estimate(measured, 10)["seconds"] == pytest.approx(1.3)
+    # a link slower than all the computing: the computing hides behind it but for one frame's share
+    slow_link = {**measured, "transfer_seconds": 5.0}
+    assert auto._estimate(slow_link, 10)["seconds"] == pytest.approx(5.0 + 1.1 / 10)
+
+
+def test_auto_prefers_the_cheaper_decoder_once_the_receiver_computes_longer_than_the_link_takes():
+    """Fewer bytes that cost more decoding win while the receiver waits on the link, and lose once
+    its own computing (the question's prefill) outlasts the transfer: the decoding is then on the
+    critical path. The codecs are stand-ins with fixed estimates, so the choice is deterministic."""
+    from kvcomm.wire.codecs import auto as auto_module
+
+    small_slow = {"bytes": 2_700_000, "encode_seconds": 0.0, "decode_seconds": 0.10, "transfer_seconds": 0.216,
+                  "error": 0.1}
+    large_fast = {**small_slow, "bytes": 3_800_000, "decode_seconds": 0.02, "transfer_seconds": 0.307}
+
+    def fake_measure(codec, sample, num_layers, scale, bandwidth_mbit):
+        return dict(small_slow if codec.name == "klt" else large_fast)
+
+    layers = auto_message().layers
+    book = random_codebook(2, 16, layers=2, seed=5)
+    original = auto_module._measure
+    auto_module._measure = fake_measure
+    try:
+        chosen = {compute: make_codec("auto", candidates=["int4-ans", "klt"], receiver_compute_s=compute)
+                  .bind(lambda: book).for_message(layers)[1]["codec_choice"] for compute in (0.0, 1.0)}
+    finally:
+        auto_module._measure = original
+    assert chosen[0.0]["chosen"] == "klt" and chosen[1.0]["chosen"] == "int4-ans"
+    assert chosen[1.0]["receiver_compute_s"] == 1.0 and "receiver compute" in chosen[1.0]["reason"]
+    assert "receiver compute" not in chosen[0.0]["reason"]
+
+
 def test_auto_keeps_to_the_quality_budget():
     strict = KVMessage.from_bytes(auto_message(bandwidth_mbit=0.01, max_error=0.01).to_bytes())
     choice = strict.meta["codec_choice"]
@@ -532,7 +583,9 @@ def test_a_message_encoded_on_demand_counts_its_encoding_only_with_auto():
 @pytest.mark.parametrize("params, match", [({"bandwidth_mbit": 0}, "bandwidth"), ({"candidates": ["auto"]}, "other"),
                                            ({"candidates": ["fp9"]}, "presets"), ({"max_error": -1}, "max_error"),
                                            ({"streamed": "no"}, "true or false"),
-                                           ({"count_encode": 1}, "true or false")])
+                                           ({"count_encode": 1}, "true or false"),
+                                           ({"receiver_compute_s": -0.5}, "receiver_compute_s"),
+                                           ({"receiver_compute_s": True}, "receiver_compute_s")])
 def test_auto_refuses_bad_parameters(params, match):
     with pytest.raises(ConfigError, match=match):
         make_codec("auto", **params)

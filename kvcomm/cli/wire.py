@@ -42,15 +42,20 @@ def encode_command(
     bandwidth: Annotated[float | None, typer.Option(
         min=1e-6, max=1e6, help="With --codec auto: the link's bandwidth in Mbit/s the codec is chosen for "
                                 "(default 100).")] = None,
+    receiver_compute: Annotated[float | None, typer.Option(
+        min=0, max=3600, help="With --codec auto: seconds the receiver computes while the message arrives (its "
+                              "question's prefill), which decoding competes with (default 0).")] = None,
 ) -> None:
     """Prefill a context on the sender and write its KV (chosen layers) as a message file."""
     if (context is None) == (context_file is None):
         raise ConfigError("give exactly one of --context or --context-file")
     if ratio is not None and layers is not None:
         raise ConfigError("give --layers or --ratio (with --profile), not both")
-    if bandwidth is not None and make_codec(codec).name != "auto":
-        raise ConfigError(f"--bandwidth chooses a codec: it goes with --codec auto, not {codec!r}")
-    chosen_codec = make_codec(codec, **({} if bandwidth is None else {"bandwidth_mbit": bandwidth}))
+    told = {"bandwidth_mbit": bandwidth, "receiver_compute_s": receiver_compute}
+    for option, value in zip(("--bandwidth", "--receiver-compute"), told.values()):
+        if value is not None and make_codec(codec).name != "auto":
+            raise ConfigError(f"{option} chooses a codec: it goes with --codec auto, not {codec!r}")
+    chosen_codec = make_codec(codec, **{k: v for k, v in told.items() if v is not None})
     depth = resolve_model(model).num_layers
     chosen: list[int] | None = None
     if ratio is not None:

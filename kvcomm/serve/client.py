@@ -126,7 +126,7 @@ class Client:
                        layers: Sequence[int] | None = None, ratio: float | None = None,
                        ranking: Sequence[int] | None = None, codec: str | None = None, mode: str | None = None,
                        message_id: str | None = None, bandwidth_mbit: float | None = None,
-                       passage: bool = False) -> dict[str, Any]:
+                       passage: bool = False, receiver_compute_s: float | None = None) -> dict[str, Any]:
         """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
 
         Args:
@@ -136,6 +136,9 @@ class Client:
             bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the
                 link this client measured fetching messages from the agent (:attr:`measured_mbit`),
                 declared as measured, else the agent's default.
+            receiver_compute_s: with ``codec="auto"``, the seconds the receiver computes while the
+                message arrives (its question's prefill behind :meth:`arriving`), which its decoding
+                competes with: a cheaper decoder then beats fewer bytes once that outlasts the link.
             passage: store ``context`` as a passage, read by a chat at the start of its last user
                 turn and joined with other passages in any order (``kv_blend`` restores their
                 attention to each other); passages and contexts do not mix in one chat.
@@ -146,7 +149,8 @@ class Client:
         body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
                 "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
                 "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
-                "bandwidth_measured": measured or None, "passage": passage or None}
+                "bandwidth_measured": measured or None, "passage": passage or None,
+                "receiver_compute_s": receiver_compute_s}
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:

@@ -103,11 +103,13 @@ class ContextMaker:
         """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""
         name = body.codec or self.config.codec
         auto = make_codec(name).name == "auto"
-        if body.bandwidth_mbit is not None and not auto:
-            raise ConfigError(f"'bandwidth_mbit' chooses a codec: it goes with codec 'auto', not {name!r}")
+        for field in ("bandwidth_mbit", "receiver_compute_s"):
+            if getattr(body, field) is not None and not auto:
+                raise ConfigError(f"{field!r} chooses a codec: it goes with codec 'auto', not {name!r}")
         given = body.bandwidth_mbit
         source = "default" if given is None else "measured" if body.bandwidth_measured else "declared"
-        codec = make_codec(name, **({"bandwidth_mbit": given} if auto and given is not None else {}))
+        told = {"bandwidth_mbit": given, "receiver_compute_s": body.receiver_compute_s}
+        codec = make_codec(name, **({k: v for k, v in told.items() if v is not None} if auto else {}))
         bandwidth = (float(codec.params()["bandwidth_mbit"]), source) if auto else None
         codec = codec.bind(lambda: model_codebook(self.agent))
         mode = body.mode or self.config.mode

@@ -15,6 +15,14 @@ The expected wait follows how messages travel here:
 - a streaming receiver (``Client.receive_message``, the service) decodes layer i while layer i+1
   arrives, so over L frames with transfer T and decode D in all it waits
   ``max(T, D) + min(T, D) / L``; with ``streamed=False`` (whole body, then decode) it waits T + D;
+- a receiver that computes behind the message (``Client.arriving``: its question's prefill runs
+  layer l once layer l is decoded) spends ``receiver_compute_s`` = R of its own on the same CPU
+  as the decoding. The two take turns on the cores while the link runs beside them, so it waits
+  ``max(T + (D + R) / L, D + R + T / L)`` (the first layer's arrival and then all the computing,
+  or the whole transfer and then the last layer's): a codec's decoding is no longer hidden behind
+  the link once the receiver's own computing outlasts the transfer. R = 0 gives the line above.
+  Streamed or not, R is the receiver's to declare (``Client.create_context(...,
+  receiver_compute_s=...)``): the sender cannot know how fast its receiver prefills;
 - the sender's encoding counts only with ``count_encode=True`` (a receiver waiting on a message
   encoded on demand). By default it does not: a message is encoded once when it is created
   (``/v1/contexts``, stored, sent ahead) and fetched later, perhaps many times, which is also what
@@ -51,7 +59,8 @@ WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compi
 class AutoCodec(Codec):
     """Chooses, per message, among ``candidates`` (preset names) the one with the shortest expected
     receiver's wait at ``bandwidth_mbit`` (transfer and decode, overlapped when ``streamed``, plus
-    the encoding if ``count_encode``) whose relative error is at most ``max_error``.
+    the receiver's own ``receiver_compute_s`` and the encoding if ``count_encode``) whose relative
+    error is at most ``max_error``.
 
     Args:
         bandwidth_mbit: the link's bandwidth in Mbit/s (declared).
@@ -60,12 +69,15 @@ class AutoCodec(Codec):
         streamed: the receiver decodes each layer as it arrives (True) or after the whole body.
         count_encode: the sender's encoding is part of the receiver's wait (a message encoded on
             demand) rather than done before the message is fetched.
+        receiver_compute_s: seconds of the receiver's own computing on the CPU that decodes (its
+            question's prefill, run behind the arriving layers); 0: the receiver only decodes.
     """
 
     name = "auto"
 
     def __init__(self, bandwidth_mbit: float = 100.0, candidates: Sequence[str] = DEFAULT_CANDIDATES,
-                 max_error: float = 0.15, streamed: bool = True, count_encode: bool = False) -> None:
+                 max_error: float = 0.15, streamed: bool = True, count_encode: bool = False,
+                 receiver_compute_s: float = 0.0) -> None:
         if not 0 < float(bandwidth_mbit) <= 1e6:
             raise ConfigError("auto codec bandwidth_mbit must be in (0, 1e6] Mbit/s")
         if not candidates or any(c not in PRESETS or PRESETS[c][0] == "auto" for c in candidates):
@@ -76,11 +88,15 @@ class AutoCodec(Codec):
         if not isinstance(streamed, bool) or not isinstance(count_encode, bool):
             raise ConfigError("auto codec streamed and count_encode must be true or false")
         self.streamed, self.count_encode = streamed, count_encode
+        if isinstance(receiver_compute_s, bool) or not 0 <= float(receiver_compute_s) <= 3600:
+            raise ConfigError("auto codec receiver_compute_s must be in [0, 3600] seconds")
+        self.receiver_compute_s = float(receiver_compute_s)
         self._codebook: Callable[[], Codebook] | None = None
 
     def params(self) -> dict[str, Any]:
         return {"bandwidth_mbit": self.bandwidth_mbit, "candidates": self.candidates, "max_error": self.max_error,
-                "streamed": self.streamed, "count_encode": self.count_encode}
+                "streamed": self.streamed, "count_encode": self.count_encode,
+                "receiver_compute_s": self.receiver_compute_s}
 
     def bind(self, codebook: Callable[[], Codebook]) -> AutoCodec:
         bound = AutoCodec(**self.params())
@@ -108,21 +124,31 @@ class AutoCodec(Codec):
         within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
         if within:
             chosen = min(within, key=lambda n: within[n]["seconds"])
-            wait = "max(transfer, decode) + min(transfer, decode) / layers" if self.streamed else "transfer + decode"
-            reason = (f"shortest expected wait ({'encode + ' if self.count_encode else ''}{wait}) at "
+            reason = (f"shortest expected wait ({'encode + ' if self.count_encode else ''}{self._wait_rule()}) at "
                       f"{self.bandwidth_mbit:g} Mbit/s among codecs within relative error {self.max_error:g}")
         else:
             chosen = min(estimates, key=lambda n: estimates[n]["error"])
             reason = f"no candidate within relative error {self.max_error:g}: the most accurate"
         choice = {"chosen": chosen, "reason": reason, "bandwidth_mbit": self.bandwidth_mbit,
-                  "max_error": self.max_error, "sample_layer": sample.index,
+                  "max_error": self.max_error, "receiver_compute_s": self.receiver_compute_s,
+                  "sample_layer": sample.index,
                   "choice_seconds": round(time.perf_counter() - began, 4), "candidates": estimates}
         return codecs[chosen], {"codec_choice": choice}
 
+    def _wait_rule(self) -> str:
+        """The expected wait's formula, as the choice's reason names it."""
+        if not self.streamed:
+            return "transfer + decode" + (" + receiver compute" if self.receiver_compute_s else "")
+        if not self.receiver_compute_s:
+            return "max(transfer, decode) + min(transfer, decode) / layers"
+        return ("max(transfer + (decode + receiver compute) / layers, "
+                "decode + receiver compute + transfer / layers)")
+
     def _estimate(self, measured: dict[str, float], frames: int) -> dict[str, float]:
         """``measured`` with ``seconds``, the receiver's expected wait (see the module's docstring)."""
-        transfer, decode = measured["transfer_seconds"], measured["decode_seconds"]
-        wait = max(transfer, decode) + min(transfer, decode) / max(frames, 1) if self.streamed else transfer + decode
+        transfer, cpu = measured["transfer_seconds"], measured["decode_seconds"] + self.receiver_compute_s
+        layers = max(frames, 1)
+        wait = max(transfer + cpu / layers, cpu + transfer / layers) if self.streamed else transfer + cpu
         return {**measured, "seconds": round(wait + (measured["encode_seconds"] if self.count_encode else 0.0), 5)}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
