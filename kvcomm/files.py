@@ -15,7 +15,7 @@ work. The lock is advisory (``flock``) and the kernel drops it when its holder e
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
 import sys
@@ -62,13 +62,35 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
 @contextlib.contextmanager
 def exclusive(path: str | Path, waiting: str | None = None) -> Iterator[None]:
     """Holds an exclusive lock on the file ``path`` (created if missing) for the ``with`` block;
-    another process asking for it waits, after printing ``waiting`` to stderr if given."""
+    another process asking for it waits, after printing ``waiting`` to stderr if given.
+
+    Not re-entrant: a thread holding the lock that asks for it again waits for itself. Where no
+    lock can be had (no ``fcntl``, a file system without ``flock``, a lock file another user owns)
+    the block runs unlocked, with a warning: the lock saves repeated work, the atomic writes inside
+    keep the result whole either way.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("a") as handle:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = target.open("a")
+    except OSError as err:
+        print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock", file=sys.stderr)
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock",
+                      file=sys.stderr)
+                yield
+                return
             if waiting:
                 print(waiting, file=sys.stderr)
             fcntl.flock(handle, fcntl.LOCK_EX)

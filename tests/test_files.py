@@ -118,3 +118,13 @@ def test_two_loaders_of_one_new_model_convert_it_once(tmp_path, monkeypatch):
     for thread in threads:
         thread.join(10)
     assert results == [target, target] and converted == [target]
+
+
+def test_exclusive_goes_on_without_a_lock_it_cannot_take(tmp_path, capfd):
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    (folder / "job.lock").mkdir()  # a folder where the lock file should be: it cannot be opened
+    ran = []
+    with exclusive(folder / "job.lock"):
+        ran.append(True)
+    assert ran == [True] and "going on without the lock" in capfd.readouterr().err

@@ -505,9 +505,9 @@ def test_auto_sends_small_codes_over_a_slow_link_and_plain_floats_over_a_fast_on
                                           ({"streamed": False, "count_encode": True}, 5.5)])
 def test_auto_expects_the_wait_of_a_streaming_receiver_of_a_stored_message(params, wait):
     measured = {"bytes": 1, "encode_seconds": 3.0, "decode_seconds": 0.5, "transfer_seconds": 2.0, "error": 0.1}
-    assert make_codec("auto", **params)._estimate(measured, 4)["seconds"] == pytest.approx(wait)
+    assert make_codec("auto", **params)._estimate(measured, [1] * 4)["seconds"] == pytest.approx(wait)
     slow_decoder = {**measured, "decode_seconds": 2.0, "transfer_seconds": 0.5}  # decode outlasts the transfer
-    assert make_codec("auto", **params)._estimate(slow_decoder, 4)["seconds"] == pytest.approx(wait)
+    assert make_codec("auto", **params)._estimate(slow_decoder, [1] * 4)["seconds"] == pytest.approx(wait)
 
 
 @pytest.mark.parametrize("streamed", [True, False])
@@ -515,8 +515,7 @@ def test_auto_with_no_receiver_compute_expects_what_it_did_without_it(streamed):
     measured = {"bytes": 1, "encode_seconds": 3.0, "decode_seconds": 0.5, "transfer_seconds": 2.0, "error": 0.1}
     for decode, transfer in ((0.5, 2.0), (2.0, 0.5), (1.0, 1.0)):
         given = {**measured, "decode_seconds": decode, "transfer_seconds": transfer}
-        plain = make_codec("auto", streamed=streamed)._estimate(given, 7)["seconds"]
-        assert make_codec("auto", streamed=streamed, receiver_compute_s=0.0)._estimate(given, 7)["seconds"] == plain
+        plain = make_codec("auto", streamed=streamed, receiver_compute_s=0.0)._estimate(given, [3] * 7)["seconds"]
         assert plain == pytest.approx(max(transfer, decode) + min(transfer, decode) / 7 if streamed
                                       else transfer + decode, abs=1e-5)  # rounded to 5 decimals
 
@@ -526,12 +525,34 @@ def test_auto_counts_the_receivers_computing_against_decoding_not_against_the_li
     streamed over L frames, the wait is max(T + (D + R) / L, D + R + T / L)."""
     measured = {"bytes": 1, "encode_seconds": 0.0, "decode_seconds": 0.1, "transfer_seconds": 0.2, "error": 0.1}
     auto = make_codec("auto", receiver_compute_s=1.0)
-    assert auto._estimate(measured, 10)["seconds"] == pytest.approx(max(0.2 + 1.1 / 10, 1.1 + 0.2 / 10))
+    assert auto._estimate(measured, [1] * 10)["seconds"] == pytest.approx(max(0.2 + 1.1 / 10, 1.1 + 0.2 / 10))
     whole = make_codec("auto", receiver_compute_s=1.0, streamed=False)
-    assert whole._estimate(measured, 10)["seconds"] == pytest.approx(1.3)
+    assert whole._estimate(measured, [1] * 10)["seconds"] == pytest.approx(1.3)
     # a link slower than all the computing: the computing hides behind it but for one frame's share
     slow_link = {**measured, "transfer_seconds": 5.0}
-    assert auto._estimate(slow_link, 10)["seconds"] == pytest.approx(5.0 + 1.1 / 10)
+    assert auto._estimate(slow_link, [1] * 10)["seconds"] == pytest.approx(5.0 + 1.1 / 10)
+    # computing that merely adds to the wait (R + the same T and D) would give 1.3: the overlap matters
+    assert auto._estimate(measured, [1] * 10)["seconds"] < 1.2
+
+
+def test_auto_follows_the_frames_of_a_message_that_shares_some_layers():
+    """Unshared layers travel as one-token sink frames: the shared frames carry the bytes and the
+    decoding, while the receiver computes every layer. Frames [sink, shared, shared, sink]: the
+    first shared frame is in at T/2, the sink frames cost nothing to fetch or decode."""
+    measured = {"bytes": 1, "encode_seconds": 0.0, "decode_seconds": 0.4, "transfer_seconds": 1.0, "error": 0.1}
+    auto = make_codec("auto", receiver_compute_s=0.8)
+    frames = [0, 1, 1, 0]  # weights of the values each frame holds (a sink's share rounds to nothing)
+    # layer 0: 0.2 at once; layer 1: in at 0.5, +0.2 decode +0.2 -> 0.9; layer 2: in at 1.0, +0.4 -> 1.4; layer 3: 1.6
+    assert auto._estimate(measured, frames)["seconds"] == pytest.approx(1.6)
+    # spread evenly over four frames the same message would be expected later: max(1 + 1.2/4, 1.2 + 1/4)
+    assert auto._estimate(measured, [1] * 4)["seconds"] == pytest.approx(1.45)
+
+
+def test_auto_rounds_the_declared_compute_and_leaves_it_out_when_none():
+    assert "receiver_compute_s" not in make_codec("auto").params()  # stored contexts keep their address
+    assert make_codec("auto", receiver_compute_s=0.8561).params()["receiver_compute_s"] == 0.86
+    near = make_codec("auto", receiver_compute_s=0.857)
+    assert make_codec("auto", receiver_compute_s=0.8561).params() == near.params()
 
 
 def test_auto_prefers_the_cheaper_decoder_once_the_receiver_computes_longer_than_the_link_takes():
@@ -547,8 +568,8 @@ def test_auto_prefers_the_cheaper_decoder_once_the_receiver_computes_longer_than
     def fake_measure(codec, sample, num_layers, scale, bandwidth_mbit):
         return dict(small_slow if codec.name == "klt" else large_fast)
 
-    layers = auto_message().layers
-    book = random_codebook(2, 16, layers=2, seed=5)
+    layers = [LayerKV(i, True, kv_like(2, 30, 16, 2 * i), kv_like(2, 30, 16, 2 * i + 1)) for i in range(10)]
+    book = random_codebook(2, 16, layers=10, seed=5)
     original = auto_module._measure
     auto_module._measure = fake_measure
     try:

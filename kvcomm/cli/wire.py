@@ -43,8 +43,8 @@ def encode_command(
         min=1e-6, max=1e6, help="With --codec auto: the link's bandwidth in Mbit/s the codec is chosen for "
                                 "(default 100).")] = None,
     receiver_compute: Annotated[float | None, typer.Option(
-        min=0, max=3600, help="With --codec auto: seconds the receiver computes while the message arrives (its "
-                              "question's prefill), which decoding competes with (default 0).")] = None,
+        min=0, max=3600, help="With --codec auto, for a receiver that prefills while the layers arrive: the seconds "
+                              "of that prefill, which decoding competes with for the CPU (default 0).")] = None,
 ) -> None:
     """Prefill a context on the sender and write its KV (chosen layers) as a message file."""
     if (context is None) == (context_file is None):

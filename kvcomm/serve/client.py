@@ -136,9 +136,9 @@ class Client:
             bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the
                 link this client measured fetching messages from the agent (:attr:`measured_mbit`),
                 declared as measured, else the agent's default.
-            receiver_compute_s: with ``codec="auto"``, the seconds the receiver computes while the
-                message arrives (its question's prefill behind :meth:`arriving`), which its decoding
-                competes with: a cheaper decoder then beats fewer bytes once that outlasts the link.
+            receiver_compute_s: with ``codec="auto"``, for a receiver that prefills while the layers
+                arrive (:meth:`arriving`): the seconds of that prefill, which its decoding competes
+                with for the CPU; a cheaper decoder then beats fewer bytes once it outlasts the link.
             passage: store ``context`` as a passage, read by a chat at the start of its last user
                 turn and joined with other passages in any order (``kv_blend`` restores their
                 attention to each other); passages and contexts do not mix in one chat.

@@ -14,15 +14,11 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
-from math import floor, log10
+
+from kvcomm.wire.codecs.auto import two_figures
 
 MIN_BYTES = 1 << 20  # smaller transfers say more about latency than about bandwidth
 SAMPLES = 5
-
-
-def two_figures(value: float) -> float:
-    """``value`` rounded to two significant figures (94.37 → 94, 1234 → 1200)."""
-    return round(value, 1 - floor(log10(abs(value)))) if value else 0.0
 
 
 class LinkMeter:

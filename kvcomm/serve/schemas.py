@@ -160,10 +160,10 @@ class ContextRequest(BaseModel):
         "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
     bandwidth_measured: bool = Field(False, description=(
         "the bandwidth was measured on this link (kvcomm.Client times the messages it fetches), not assumed"))
-    receiver_compute_s: Annotated[float, Field(ge=0, le=3600, description=(
-        "with codec 'auto': seconds the receiver computes on the CPU that decodes while the message arrives "
-        "(its question's prefill, run behind the arriving layers); decoding then competes with it (default 0)"))] \
-        | None = None
+    receiver_compute_s: Annotated[float, Field(ge=0, le=3600, strict=True, description=(
+        "with codec 'auto', for a receiver that prefills while the layers arrive (kvcomm.Client.arriving): the "
+        "seconds of that prefill, on the CPU that also decodes, so decoding competes with it (default 0; rounded "
+        "to two significant figures)"))] | None = None
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
     passage: bool = Field(False, description=(

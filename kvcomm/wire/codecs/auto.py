@@ -17,12 +17,20 @@ The expected wait follows how messages travel here:
   ``max(T, D) + min(T, D) / L``; with ``streamed=False`` (whole body, then decode) it waits T + D;
 - a receiver that computes behind the message (``Client.arriving``: its question's prefill runs
   layer l once layer l is decoded) spends ``receiver_compute_s`` = R of its own on the same CPU
-  as the decoding. The two take turns on the cores while the link runs beside them, so it waits
-  ``max(T + (D + R) / L, D + R + T / L)`` (the first layer's arrival and then all the computing,
-  or the whole transfer and then the last layer's): a codec's decoding is no longer hidden behind
-  the link once the receiver's own computing outlasts the transfer. R = 0 gives the line above.
-  Streamed or not, R is the receiver's to declare (``Client.create_context(...,
-  receiver_compute_s=...)``): the sender cannot know how fast its receiver prefills;
+  as the decoding, R / L per layer. The two take turns on the cores while the link runs beside
+  them, so with equal frames it waits ``max(T + (D + R) / L, D + R + T / L)`` (the first frame's
+  arrival and then all the computing, or the whole transfer and then the last frame's share): a
+  codec's decoding is no longer hidden behind the link once the receiver's own computing outlasts
+  the transfer. R = 0 gives the line above. Frames are not equal where only some layers are
+  shared (the others travel as one-token sink frames), so the wait is computed frame by frame:
+  frame k arrives when its share of the bytes has, and the CPU decodes it (its share of D) and
+  prefills its layer (R / L) once both the frame and the previous layer's work are done. A
+  receiver that prefills only once the message is whole waits T + D + R (``streamed=False``), or
+  ``max(T, D) + min(T, D) / L + R`` streamed, the same order of codecs as R = 0: R is for
+  receivers that prefill while the layers arrive. It is the receiver's to declare
+  (``Client.create_context(..., receiver_compute_s=...)``; rounded to two significant figures, as
+  a measured bandwidth is, so that receivers declaring about the same time share one content
+  address): the sender cannot know how fast its receiver prefills;
 - the sender's encoding counts only with ``count_encode=True`` (a receiver waiting on a message
   encoded on demand). By default it does not: a message is encoded once when it is created
   (``/v1/contexts``, stored, sent ahead) and fetched later, perhaps many times, which is also what
@@ -38,6 +46,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from math import floor, log10
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +61,12 @@ if TYPE_CHECKING:
     from kvcomm.wire.message import LayerKV
 
 DEFAULT_CANDIDATES = ("fp16", "int8", "int4-ans", "klt")
+
+
+def two_figures(value: float) -> float:
+    """``value`` rounded to two significant figures (94.37 → 94, 1234 → 1200): what ``auto`` is
+    told, so that about the same link or receiver keeps one content address."""
+    return round(value, 1 - floor(log10(abs(value)))) if value else 0.0
 WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
 
 
@@ -69,8 +84,9 @@ class AutoCodec(Codec):
         streamed: the receiver decodes each layer as it arrives (True) or after the whole body.
         count_encode: the sender's encoding is part of the receiver's wait (a message encoded on
             demand) rather than done before the message is fetched.
-        receiver_compute_s: seconds of the receiver's own computing on the CPU that decodes (its
-            question's prefill, run behind the arriving layers); 0: the receiver only decodes.
+        receiver_compute_s: seconds of the receiver's own computing on the CPU that decodes, run
+            layer by layer behind the arriving layers (its question's prefill with
+            ``Client.arriving``); 0: the receiver only decodes. Rounded to two significant figures.
     """
 
     name = "auto"
@@ -90,13 +106,14 @@ class AutoCodec(Codec):
         self.streamed, self.count_encode = streamed, count_encode
         if isinstance(receiver_compute_s, bool) or not 0 <= float(receiver_compute_s) <= 3600:
             raise ConfigError("auto codec receiver_compute_s must be in [0, 3600] seconds")
-        self.receiver_compute_s = float(receiver_compute_s)
+        self.receiver_compute_s = two_figures(float(receiver_compute_s))
         self._codebook: Callable[[], Codebook] | None = None
 
     def params(self) -> dict[str, Any]:
+        # receiver_compute_s only where given: contexts stored before it existed keep their content address
         return {"bandwidth_mbit": self.bandwidth_mbit, "candidates": self.candidates, "max_error": self.max_error,
-                "streamed": self.streamed, "count_encode": self.count_encode,
-                "receiver_compute_s": self.receiver_compute_s}
+                "streamed": self.streamed, "count_encode": self.count_encode} | (
+                    {"receiver_compute_s": self.receiver_compute_s} if self.receiver_compute_s else {})
 
     def bind(self, codebook: Callable[[], Codebook]) -> AutoCodec:
         bound = AutoCodec(**self.params())
@@ -105,7 +122,8 @@ class AutoCodec(Codec):
 
     def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
         sample = max(layers, key=lambda layer: layer.keys.shape[1])
-        total = sum(layer.keys.numel() for layer in layers) or 1
+        sizes = [layer.keys.numel() for layer in layers]
+        total = sum(sizes) or 1
         scale = total / max(sample.keys.numel(), 1)
         began = time.perf_counter()
         estimates: dict[str, dict[str, float]] = {}
@@ -117,8 +135,7 @@ class AutoCodec(Codec):
             elif name in ("klt", "klt-coarse"):
                 continue  # no codebook to rotate with: not a candidate here
             codecs[name] = codec
-            estimates[name] = self._estimate(_measure(codec, sample, len(layers), scale, self.bandwidth_mbit),
-                                             len(layers))
+            estimates[name] = self._estimate(_measure(codec, sample, len(layers), scale, self.bandwidth_mbit), sizes)
         if not estimates:
             raise WireError("auto codec: no candidate can encode this message (klt needs a codebook)")
         within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
@@ -141,14 +158,22 @@ class AutoCodec(Codec):
             return "transfer + decode" + (" + receiver compute" if self.receiver_compute_s else "")
         if not self.receiver_compute_s:
             return "max(transfer, decode) + min(transfer, decode) / layers"
-        return ("max(transfer + (decode + receiver compute) / layers, "
-                "decode + receiver compute + transfer / layers)")
+        return "each frame arriving, then its decode and its layer's share of the receiver compute, in turn"
 
-    def _estimate(self, measured: dict[str, float], frames: int) -> dict[str, float]:
-        """``measured`` with ``seconds``, the receiver's expected wait (see the module's docstring)."""
-        transfer, cpu = measured["transfer_seconds"], measured["decode_seconds"] + self.receiver_compute_s
-        layers = max(frames, 1)
-        wait = max(transfer + cpu / layers, cpu + transfer / layers) if self.streamed else transfer + cpu
+    def _estimate(self, measured: dict[str, float], frames: Sequence[float]) -> dict[str, float]:
+        """``measured`` with ``seconds``, the receiver's expected wait (see the module's docstring);
+        ``frames`` weighs each frame (its values), in the order they travel."""
+        transfer, decode = measured["transfer_seconds"], measured["decode_seconds"]
+        if not self.streamed:
+            wait = transfer + decode + self.receiver_compute_s
+        else:
+            weight = sum(frames) or 1.0
+            per_layer = self.receiver_compute_s / max(len(frames), 1)
+            arrived = free = 0.0  # bytes' share in so far; when the receiver's CPU is next free
+            for frame in frames:
+                arrived += frame / weight
+                free = max(free, transfer * arrived) + decode * frame / weight + per_layer
+            wait = free
         return {**measured, "seconds": round(wait + (measured["encode_seconds"] if self.count_encode else 0.0), 5)}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
