@@ -224,8 +224,8 @@ def inner(args: argparse.Namespace) -> None:
                                                                  in choice["candidates"].items()}} if choice else {}
             if measured:
                 chosen |= {"measured_mbit": sent["bandwidth_mbit"], "bandwidth_source": sent["bandwidth_source"]}
-            if codec == "auto-prefill":
-                chosen |= {"receiver_compute_s": compute_s}
+            if codec == "auto-prefill":  # what auto was told (rounded to two figures), and what was measured
+                chosen |= {"receiver_compute_s": choice["receiver_compute_s"], "measured_compute_s": compute_s}
             rows.append({**base, "method": f"kvcomm {codec}{label}", "bytes": sent["bytes"],
                          "ttft_s": median(kv_ttft, sent["id"], "pipelined"), **chosen})
             for how in ("serial", "whole"):
