@@ -598,7 +598,7 @@ def test_a_message_encoded_on_demand_counts_its_encoding_only_with_auto():
     assert waited.params() == {**make_codec("auto").params(), "count_encode": True}
     assert encoded_on_demand("int8").params() == make_codec("int8").params()
     stored = KVMessage.from_bytes(auto_message().to_bytes()).meta["codec_choice"]["reason"]
-    assert stored.startswith("shortest expected wait (max(transfer, decode)")
+    assert stored.startswith("shortest expected wait (each frame arriving, then its decode, in turn)")
 
 
 @pytest.mark.parametrize("params, match", [({"bandwidth_mbit": 0}, "bandwidth"), ({"candidates": ["auto"]}, "other"),

@@ -61,13 +61,13 @@ if TYPE_CHECKING:
     from kvcomm.wire.message import LayerKV
 
 DEFAULT_CANDIDATES = ("fp16", "int8", "int4-ans", "klt")
+WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
 
 
 def two_figures(value: float) -> float:
     """``value`` rounded to two significant figures (94.37 → 94, 1234 → 1200): what ``auto`` is
     told, so that about the same link or receiver keeps one content address."""
     return round(value, 1 - floor(log10(abs(value)))) if value else 0.0
-WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
 
 
 @CODECS.register("auto")
@@ -157,7 +157,7 @@ class AutoCodec(Codec):
         if not self.streamed:
             return "transfer + decode" + (" + receiver compute" if self.receiver_compute_s else "")
         if not self.receiver_compute_s:
-            return "max(transfer, decode) + min(transfer, decode) / layers"
+            return "each frame arriving, then its decode, in turn"
         return "each frame arriving, then its decode and its layer's share of the receiver compute, in turn"
 
     def _estimate(self, measured: dict[str, float], frames: Sequence[float]) -> dict[str, float]:
