@@ -71,33 +71,39 @@ def exclusive(path: str | Path, waiting: str | None = None) -> Iterator[None]:
     """
     try:
         import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle = target.open("a")
-    except OSError as err:
-        print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock", file=sys.stderr)
+    except ImportError:  # not POSIX: no lock
+        fcntl = None  # type: ignore[assignment]
+    target, handle = Path(path), None
+    if fcntl is not None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle = target.open("a")
+        except OSError as err:
+            _unlocked(target, err)
+    if handle is None:
         yield
         return
     with handle:
+        locked = True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock",
-                      file=sys.stderr)
-                yield
-                return
-            if waiting:
-                print(waiting, file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # held by another: wait for it
+                if waiting:
+                    print(waiting, file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:  # no flock on this file system
+                _unlocked(target, err)
+                locked = False
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _unlocked(target: Path, err: OSError) -> None:
+    print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock", file=sys.stderr)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:

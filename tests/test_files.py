@@ -1,4 +1,4 @@
-"""One atomic write: a file appears whole or not at all, and concurrent writers never interleave."""
+"""One atomic write: a file appears whole or not at all, and concurrent writers never interleave; one lock."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def test_exclusive_makes_a_second_holder_wait_and_says_why(tmp_path, capfd):
     assert "waiting for the first" in capfd.readouterr().err
     with exclusive(lock):  # released: taken again at once
         pass
+    with pytest.raises(ValueError, match="inside") as raised, exclusive(lock):
+        raise ValueError("inside")
+    assert raised.value.__context__ is None  # the body's error, not chained to anything in the lock
+    with exclusive(lock, "must not wait"):  # an error in the body released the lock too
+        pass
+    assert "must not wait" not in capfd.readouterr().err
 
 
 def test_two_loaders_of_one_new_model_convert_it_once(tmp_path, monkeypatch):
