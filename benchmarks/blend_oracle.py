@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.methods.base import METHODS, Output  # noqa: E402
 from kvcomm.methods.blend import BlendMethod  # noqa: E402
-from kvcomm.protocol.blend import _fresh_until, recompute_tokens  # noqa: E402
+from kvcomm.protocol.blend import _fresh_until, recompute_tokens, top_fraction  # noqa: E402
 
 
 def oracle_tokens(model, joined, ratio: float) -> torch.Tensor:
@@ -45,12 +45,7 @@ def oracle_tokens(model, joined, ratio: float) -> torch.Tensor:
         old = joined.values[layer].float()
         scale = old.pow(2).sum(dim=(1, 3)).clamp(min=1e-9).mean(dim=1, keepdim=True)
         score += ((fresh_v[layer].float() - old).pow(2).sum(dim=(1, 3)) / scale).double()
-    score = score.masked_fill(~valid, -torch.inf)
-    counts = (valid.sum(dim=1).double() * ratio + 1e-9).floor().long()
-    order = score.argsort(dim=1, descending=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-    return (ranks < counts[:, None]) & valid
+    return top_fraction(score, valid, ratio)  # chosen as blend chooses, from another score
 
 
 @METHODS.register("blend-oracle")

@@ -68,8 +68,13 @@ def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, o
              "both": [(fresh_k, old_k), (fresh_v, old_v)]}[deviation]
     score = sum((f.float() - o.float()).pow(2).sum(dim=(1, 3)) for f, o in parts)  # [B, C]
     assert isinstance(score, torch.Tensor)
+    return top_fraction(score, valid, recompute)
+
+
+def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[B, C]``: each row's top ``floor(fraction · n)`` valid columns by ``score`` (n: the row's valid columns)."""
     score = score.masked_fill(~valid, -torch.inf)
-    counts = (valid.sum(dim=1).double() * recompute + 1e-9).floor().long()  # [B]
+    counts = (valid.sum(dim=1).double() * fraction + 1e-9).floor().long()  # [B]
     order = score.argsort(dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
