@@ -102,6 +102,17 @@ def exclusive(path: str | Path, waiting: str | None = None) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def produce_once(target: Path, done: Callable[[], bool], produce: Callable[[], object], what: str) -> None:
+    """Runs ``produce`` unless ``done()``, one process at a time: under a lock beside ``target``
+    (hidden), checked again once held, so a process that waited uses the result of the one it
+    waited for. ``what`` names the job in the message a waiting process prints."""
+    if done():
+        return
+    with exclusive(target.parent / f".{target.name}.lock", f"kvcomm: waiting for another process {what}"):
+        if not done():
+            produce()
+
+
 def _unlocked(target: Path, err: OSError) -> None:
     print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock", file=sys.stderr)
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvcomm.cache import cache_root
 from kvcomm.errors import ConfigError, ModelError
-from kvcomm.files import TEMPORARY_SUFFIX, atomic_file, exclusive
+from kvcomm.files import TEMPORARY_SUFFIX, atomic_file, produce_once
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
 from kvcomm.models.packing import LINEARS, pack_linears, require_packing
 from kvcomm.models.pins import PINS
@@ -235,31 +235,24 @@ def _assemble(name: str) -> Path:
         return parts[0]
     target = cache_root() / "gguf" / f"{name}.gguf"
     expected = sum(p.stat().st_size for p in parts)
-    if target.is_file() and target.stat().st_size == expected:
-        return target
-    with exclusive(_lock_of(target), f"kvcomm: waiting for another process assembling {target.name}"):
-        if not (target.is_file() and target.stat().st_size == expected):
-            with atomic_file(target) as out:  # a crash never leaves a truncated GGUF in place
-                for part in parts:
-                    with part.open("rb") as piece:
-                        shutil.copyfileobj(piece, out, length=16 << 20)
+
+    def concatenate() -> None:
+        with atomic_file(target) as out:  # a crash never leaves a truncated GGUF in place
+            for part in parts:
+                with part.open("rb") as piece:
+                    shutil.copyfileobj(piece, out, length=16 << 20)
+
+    produce_once(target, lambda: target.is_file() and target.stat().st_size == expected, concatenate,
+                 f"assembling {target.name}")
     return target
-
-
-def _lock_of(path: Path) -> Path:
-    """The lock file that serialises producing ``path`` (beside it, hidden)."""
-    return path.parent / f".{path.name}.lock"
 
 
 def _converted(gguf: Path, directory: Path) -> Path:
     """Dequantises ``gguf`` once into a safetensors model directory and returns it; a second
     process asking meanwhile waits for the first's result instead of converting it again."""
-    if (directory / "config.json").is_file():
-        return directory
-    with exclusive(_lock_of(directory), f"kvcomm: waiting for another process converting {gguf.name}"):
-        if (directory / "config.json").is_file():  # converted by the process that held the lock
-            return directory
-        return _convert(gguf, directory)
+    produce_once(directory, (directory / "config.json").is_file, lambda: _convert(gguf, directory),
+                 f"converting {gguf.name}")
+    return directory
 
 
 def _convert(gguf: Path, directory: Path) -> Path:
