@@ -52,12 +52,13 @@ from kvcomm.protocol.blend import blend  # noqa: E402
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 
 
-def quality_methods(pieces: int, layout: str) -> list:
+def quality_methods(pieces: int, layout: str, ratios: tuple[float, ...] = RATIOS,
+                    deviations: tuple[str, ...] = ("keys", "both")) -> list:
     built = [make_method("skyline"), make_method("baseline"), make_method("prefix", senders=pieces, pieces=layout)]
     if layout == "chats":  # full reuse through KVComm's own path (blend@0 is the same answers)
         built.append(make_method("kvcomm", ratio=1.0, senders=pieces))
-    built += [make_method("blend", ratio=r, senders=pieces, pieces=layout) for r in RATIOS]
-    built += [make_method("blend", ratio=0.15, senders=pieces, deviation=d, pieces=layout) for d in ("keys", "both")]
+    built += [make_method("blend", ratio=r, senders=pieces, pieces=layout) for r in ratios]
+    built += [make_method("blend", ratio=0.15, senders=pieces, deviation=d, pieces=layout) for d in deviations]
     return built
 
 
@@ -90,7 +91,7 @@ def quality_table(report: Report, full: str) -> Table:
     return out
 
 
-def plot(reports: list[Report], pieces: int, layout: str, path: Path) -> None:
+def plot(reports: list[Report], pieces: int, layout: str, path: Path, ratios: tuple[float, ...] = RATIOS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,11 +101,11 @@ def plot(reports: list[Report], pieces: int, layout: str, path: Path) -> None:
     for report in reports:
         metric = report.config["metric"]
         by = {run.label: run.scores[metric] for run in report.runs}
-        means = [by[blend_label(r, pieces, layout)].mean for r in RATIOS]
-        low = [by[blend_label(r, pieces, layout)].ci95[0] for r in RATIOS]
-        high = [by[blend_label(r, pieces, layout)].ci95[1] for r in RATIOS]
-        line = ax.plot(RATIOS, means, marker="o", label=f"blend · {report.config['receiver']}")[0]
-        ax.fill_between(RATIOS, low, high, alpha=0.12, color=line.get_color())
+        means = [by[blend_label(r, pieces, layout)].mean for r in ratios]
+        low = [by[blend_label(r, pieces, layout)].ci95[0] for r in ratios]
+        high = [by[blend_label(r, pieces, layout)].ci95[1] for r in ratios]
+        line = ax.plot(ratios, means, marker="o", label=f"blend · {report.config['receiver']}")[0]
+        ax.fill_between(ratios, low, high, alpha=0.12, color=line.get_color())
         ax.axhline(by["skyline"].mean, linestyle="--", color=line.get_color(), linewidth=1,
                    label=f"skyline · {report.config['receiver']} ({by['skyline'].mean:.2f})")
     ax.set(xlabel="fraction of context tokens recomputed", ylabel=reports[0].config["metric"], ylim=(0, None),
@@ -118,22 +119,28 @@ def plot(reports: list[Report], pieces: int, layout: str, path: Path) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> None:
+    ratios = tuple(sorted({0.0, 1.0, *(float(r) for r in args.ratios.split(","))}))  # both ends, always
+    deviations = tuple(d for d in args.deviations.split(",") if d)
     agents = Agents.load(args.model)
     console = Console(width=200)
     reports = []
     for task_name in args.tasks.split(","):
         if task_name == "multihop":
-            task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece)
+            task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece,
+                             filler_per_piece=args.filler)
         else:
             task = load_task(task_name, args.data / f"{task_name}.jsonl")
         config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size)
-        report = evaluate(agents, task, quality_methods(args.pieces, args.layout), config)
+        report = evaluate(agents, task, quality_methods(args.pieces, args.layout, ratios, deviations), config)
+        if task_name == "multihop":  # what the generator was given: the items follow from it and the seed
+            report.config["task_options"] = {"pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
+                                             "filler_per_piece": args.filler}
         console.print(quality_table(report, blend_label(1, args.pieces, args.layout)))
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)
         reports.append(report)
         if task_name == "multihop":
-            plot([report], args.pieces, args.layout, out.with_suffix(".png"))
+            plot([report], args.pieces, args.layout, out.with_suffix(".png"), ratios)
     console.print(f"results: {args.out.parent}", markup=False)
 
 
@@ -215,6 +222,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--pieces", type=int, default=4)
     parser.add_argument("--facts-per-piece", type=int, default=3)
+    parser.add_argument("--filler", type=int, default=0,
+                        help="multihop: sentences per piece that link to nothing (0: the facts alone)")
+    parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),
+                        help="quality: blend ratios (0 and 1, full reuse and full recompute, are always run)")
+    parser.add_argument("--deviations", default="keys,both",
+                        help="quality: other deviation signals run at 0.15 besides values ('' for none)")
     parser.add_argument("--layout", choices=["chats", "passages"], default="passages",
                         help="pieces as sender chats, or as passages of the receiver's own prompt (retrieval's layout)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -73,13 +73,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=33, help="generated items (one is held out for calibration)")
     parser.add_argument("--pieces", type=int, default=4)
     parser.add_argument("--facts-per-piece", type=int, default=2)
+    parser.add_argument("--filler", type=int, default=0, help="sentences per piece that link to nothing")
     parser.add_argument("--ratios", default="0.15,0.3,0.5")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     agents = Agents.load(args.model)
-    task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece)
+    task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece,
+                     filler_per_piece=args.filler)
     shape = dict(senders=args.pieces, pieces="passages")
     methods = [make_method("blend", ratio=r, **shape) for r in (0.0, 1.0, *ratios)]
     methods += [make_method("blend-oracle", ratio=r, **shape) for r in ratios]
@@ -98,7 +100,8 @@ def main() -> None:
     Console(width=120).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "items": report.config["test_items"], "metric": metric,
-                                    "rows": rows}, indent=1) + "\n")
+                                    "pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
+                                    "filler_per_piece": args.filler, "rows": rows}, indent=1) + "\n")
     print(f"written: {args.out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -130,3 +131,26 @@ def test_paper_data_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not the pinned"):
         loaders.paper_file("countries", None)
     assert not (tmp_path / "data" / "countries.jsonl").exists()
+
+
+def test_multihop_filler_adds_unlinked_sentences_and_keeps_the_facts():
+    """Filler lengthens every piece with sentences naming no person, city or country; the facts,
+    their pieces, the question and the answer are those of the same item without filler."""
+    from kvcomm.tasks.multihop import CITIES, COUNTRIES, FILLER
+
+    plain = load_task("multihop", items=20, pieces=4, facts_per_piece=2).items
+    padded = load_task("multihop", items=20, pieces=4, facts_per_piece=2, filler_per_piece=5).items
+    assert load_task("multihop", items=20, pieces=4, facts_per_piece=2, filler_per_piece=5).items == padded
+    names = {*CITIES, *COUNTRIES}
+    assert not any(word.strip(".'s") in names for sentence in FILLER for word in sentence.split())
+    for a, b in zip(plain, padded):
+        assert (a.question, a.answers, a.id) == (b.question, b.answers, b.id)
+        every = []
+        for piece, longer in zip(a.pieces, b.pieces):
+            sentences = re.split(r"(?<=\.) ", longer)
+            kept = [s for s in sentences if s not in FILLER]
+            assert " ".join(kept) == piece and len(sentences) - len(kept) == 5
+            every += sentences
+        assert len(set(every)) == len(every)  # no filler sentence twice in one item
+    with pytest.raises(DataError, match="filler sentences: at most 8 per piece"):
+        load_task("multihop", items=1, pieces=4, filler_per_piece=9)

@@ -5,6 +5,10 @@ person lives ("Omar lives in Velmora."), another which country that city is in (
 Drenland."); the others hold distractors of both kinds. The question ("Which country does Omar
 live in?") needs both hops. Cities and countries are made up, so the answer cannot come from what
 the model already knows: it must connect two passages it was given apart.
+
+Every fact is a hop of some pair, so most of a passage's tokens depend on another passage. Filler
+sentences (``filler_per_piece``) add text that links to nothing, as retrieved passages mostly are:
+the share of tokens that need another passage then falls while the question stays as hard.
 """
 
 from __future__ import annotations
@@ -23,7 +27,27 @@ COUNTRIES = ("Drenland Kalmeria Vostria Aldemar Sarnovia Eskaria Morvane Telluri
              "Faltara Zenovia Carthal Wessmark").split()
 
 
-def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int) -> Item:
+FILLER = (
+    "The morning market opened late because of the rain.", "A grey cat slept on the warm steps.",
+    "Bread prices rose a little during the long winter.", "The old bridge was painted green last spring.",
+    "Children played football in the square after school.", "A heavy fog covered the hills until noon.",
+    "The library added two hundred new books this year.", "Fishing boats came back early with a small catch.",
+    "The town choir practised every Thursday evening.", "A strong wind knocked over several fruit stalls.",
+    "The museum closed one wing for repairs.", "Farmers expected a good harvest of apples.",
+    "The night train was delayed by twenty minutes.", "A new bakery opened near the harbour.",
+    "Snow fell for three days without stopping.", "The council met to discuss the price of water.",
+    "Tourists crowded the beaches in August.", "The clock tower rang twelve times at midnight.",
+    "A small fire was put out quickly by neighbours.", "The river rose after the spring storms.",
+    "Most shops closed early on the holiday.", "The school planted a row of young trees.",
+    "A travelling circus stayed for one week.", "The roads were repaired before the festival.",
+    "Local artists sold paintings at the fair.", "The price of coffee doubled over the summer.",
+    "A flock of geese flew south in October.", "The hospital opened a new children's ward.",
+    "Street lamps were replaced with brighter ones.", "The bus service added an evening route.",
+    "An old ship was turned into a floating restaurant.", "The park's fountain was cleaned in May.",
+)
+
+
+def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int, filler: int = 0) -> Item:
     pairs = max(1, pieces * per_piece // 2)
     people, cities = rng.sample(_NAMES, pairs), rng.sample(CITIES, pairs)
     countries = [rng.choice(COUNTRIES) for _ in cities]
@@ -36,8 +60,14 @@ def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int
     if where[lives[asked]] == where[located[asked]]:  # the hops must sit in different pieces
         other = rng.choice([fact for fact, slot in where.items() if slot != where[lives[asked]]])
         where[located[asked]], where[other] = where[other], where[located[asked]]
-    texts = [" ".join(fact for fact in rng.sample(list(where), len(where)) if where[fact] == piece)
-             for piece in range(pieces)]
+    chosen = [[fact for fact in rng.sample(list(where), len(where)) if where[fact] == piece] for piece in range(pieces)]
+    if filler:  # sentences that link to nothing, spread through each piece; none repeats within an item.
+        own = random.Random(f"multihop-filler-{seed}-{index}")  # its own stream: the facts stay those without filler
+        unused = own.sample(FILLER, pieces * filler)
+        for piece, sentences in enumerate(chosen):
+            for sentence in unused[piece * filler:(piece + 1) * filler]:
+                sentences.insert(own.randrange(len(sentences) + 1), sentence)
+    texts = [" ".join(sentences) for sentences in chosen]
     return Item(id=f"multihop_{seed}_{index:04d}", context=" ".join(texts), pieces=tuple(texts),
                 question=f"Which country does {people[asked]} live in? Answer with the country name only.",
                 answers=(countries[asked],))
@@ -45,17 +75,21 @@ def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int
 
 @task("multihop", max_new_tokens=8, metric="contains", source="generated")
 def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, facts_per_piece: int = 3,
-             seed: int = 0) -> Task:
+             seed: int = 0, filler_per_piece: int = 0) -> Task:
     """Generated two-hop look-up across pieces: where a person lives is in one piece, which country
     that (made-up) city is in is in another; the question needs both.
 
     ``pieces`` passages per item (one per sender), about ``facts_per_piece`` facts each (the
-    hops and distractors); more facts per piece make longer pieces.
+    hops and distractors); more facts per piece make longer pieces. ``filler_per_piece`` sentences
+    that link to nothing are added to each piece (0 by default: items are unchanged without it).
     """
     if path is not None:
         raise DataError("the multihop task is generated; it takes no --data file")
     if not 2 <= pieces <= 16 or not 1 <= facts_per_piece or pieces * facts_per_piece // 2 > len(CITIES):
         raise DataError(f"multihop needs 2..16 pieces and at most {2 * len(CITIES)} facts per item")
+    if not 0 <= pieces * filler_per_piece <= len(FILLER):
+        raise DataError(f"multihop has {len(FILLER)} filler sentences: at most {len(FILLER) // pieces} per piece "
+                        f"with {pieces} pieces (got {filler_per_piece})")
     rng = random.Random(seed)
-    return TASKS.get("multihop").make([_item(rng, i, seed, pieces, facts_per_piece) for i in range(items)],
-                                      seed=seed)
+    made = [_item(rng, i, seed, pieces, facts_per_piece, filler_per_piece) for i in range(items)]
+    return TASKS.get("multihop").make(made, seed=seed)
