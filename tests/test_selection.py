@@ -320,6 +320,42 @@ def test_choice_objective_is_the_gold_options_share_where_each_option_departs(fa
             assert abs(float(torch.log_softmax(options, 0)[0]) - float(value)) < 1e-4
 
 
+def test_fidelity_is_minus_the_kl_from_every_layer_shared(family):
+    """Fidelity scores a set by -mean KL(every layer ‖ set) over the answer's positions, against the
+    receiver given exactly those layers; every layer scores 0 and staircase agrees with whole forwards."""
+    from kvcomm.protocol import build_receiver_input, prefill_logits
+    from kvcomm.selection.likelihood import Scored, answer_loglik, reference_logprobs
+
+    model = tiny_model(family)
+    sender = prefill(model, torch.randint(0, 99, (1, 9)), torch.ones(1, 9, dtype=torch.bool))
+    prompt, answer = [5, 6, 7, 8], [9, 10, 11]
+    reference = reference_logprobs(model, sender, prompt, answer)
+    every = frozenset(range(sender.num_layers))
+    sets = [frozenset(), frozenset({1}), frozenset({1, 3}), every]
+    item = Scored(sender, prompt, answer, reference=reference)
+    ids = torch.tensor([prompt + answer[:-1]])
+    full = prefill_logits(model, build_receiver_input(model, sender, sorted(every)), ids, ids >= 0)[0]
+    assert torch.allclose(reference, torch.log_softmax(full[len(prompt) - 1:], -1), atol=1e-5)
+    for staircase in (True, False):
+        got = answer_loglik(model, item, sets, staircase=staircase)
+        for chosen, value in zip(sets, got):
+            logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1:], -1)
+            kl = (reference.exp() * (reference - logp)).sum(-1).mean()
+            assert abs(float(-kl) - float(value)) < 1e-4
+        assert abs(float(got[-1])) < 1e-5 and float(got[0]) < -1e-4  # no layer shared moves the distribution
+
+
+def test_calibration_by_fidelity_ranks_every_layer_and_says_so():
+    from kvcomm import Agents, calibrate, load_task
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=3)
+    profile = calibrate(Agents(model, model), task, task.items, progress=False, rule="answer", objective="fidelity")
+    assert sorted(profile.ranking) == [0, 1, 2, 3] and "KL divergence" in profile.details["objective"]
+    assert all(t["loglik"] <= 1e-6 for t in profile.details["trace"])  # no set is closer than every layer
+
+
 def test_rival_tokens_mark_where_each_option_departs_from_the_gold_answer():
     from kvcomm.selection.likelihood import answer_ids, rival_tokens
     from kvcomm.tasks.base import Item

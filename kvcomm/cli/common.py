@@ -249,8 +249,10 @@ Selection = Annotated[Rule | None, typer.Option(
          f"(default: {DEFAULT_RULE})")]
 CalibrationObjective = Annotated[Objective | None, typer.Option(
     help="What the answer and prior rules maximise on the calibration items: likelihood (the gold answer's "
-         "log-probability per token) or choice (the probability of picking the gold option, on items that "
-         f"list their options; others fall back to likelihood). (default: {DEFAULT_OBJECTIVE})")]
+         "log-probability per token), choice (the probability of picking the gold option, on items that "
+         "list their options; others fall back to likelihood) or fidelity (closeness of the receiver's "
+         "next-token distributions to those with every layer shared). "
+         f"(default: {DEFAULT_OBJECTIVE})")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(

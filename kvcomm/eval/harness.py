@@ -58,7 +58,8 @@ class EvalConfig(Options):
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
         objective: what ``answer`` and ``prior`` maximise on the calibration items: ``likelihood``
-            of the gold answer, or ``choice`` of the gold option where items list their options.
+            of the gold answer, ``choice`` of the gold option where items list their options, or
+            ``fidelity`` to the receiver's next-token distributions with every layer shared.
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.

@@ -26,7 +26,7 @@ from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
-from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, rival_tokens
+from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.selection.search import default_steps, fit_prior, greedy_order
 from kvcomm.tasks.base import Item, Task
@@ -40,7 +40,7 @@ CALIBRATION_ITEMS: dict[str, int] = {"paper": 1, "answer": 4, "prior": 4}
 importance settles on one item), four for the rules fitted to the answer's likelihood, which one
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
 item, 0.296 on four; docs/results.md)."""
-Objective = Literal["likelihood", "choice"]
+Objective = Literal["likelihood", "choice", "fidelity"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "likelihood"
 CHUNK = 32  # layer sets per batched forward
@@ -90,8 +90,10 @@ def calibrate(
         tolerance: also find the budget: the smallest ratio whose score on the calibration items is
             within this of all layers' (answers generated; recorded in ``details["budget"]``).
         objective: what the fitted rules maximise: ``likelihood`` (the gold answer's mean
-            log-probability per token) or ``choice`` (on items that list their options, the
-            log-probability of choosing the gold one; other items fall back to ``likelihood``).
+            log-probability per token), ``choice`` (on items that list their options, the
+            log-probability of choosing the gold one; other items fall back to ``likelihood``) or
+            ``fidelity`` (minus the mean KL divergence of the receiver's next-token distributions
+            over the gold answer from those it has with every layer shared).
 
     Raises:
         ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
@@ -114,7 +116,10 @@ def calibrate(
             for i, item in enumerate(batch.items):
                 answer = answer_ids(agents.receiver, item)
                 rivals = rival_tokens(agents.receiver, item, answer) if objective == "choice" else ()
-                scored.append(Scored(kv.row(i), prompt.ids[i], answer, rivals))
+                row = kv.row(i)
+                reference = reference_logprobs(agents.receiver.model, row, prompt.ids[i], answer) \
+                    if objective == "fidelity" else None
+                scored.append(Scored(row, prompt.ids[i], answer, rivals, reference))
     importance = (total / len(items)).tolist()
     alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
     ranking: list[int] | None = None
@@ -123,7 +128,8 @@ def calibrate(
     if rule != "paper":
         score, work = _objective(agents, scored, progress)
         chosen = sum(bool(item.rivals) for item in scored)
-        what = ("mean log-likelihood per gold-answer token" if not chosen else
+        what = ("minus the mean KL divergence from every layer's next-token distributions over the gold answer"
+                if objective == "fidelity" else "mean log-likelihood per gold-answer token" if not chosen else
                 f"log-probability of choosing the gold option ({chosen} of {len(scored)} items list options; "
                 "the others: mean log-likelihood per gold-answer token)")
         if rule == "answer":

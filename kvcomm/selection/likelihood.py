@@ -37,12 +37,17 @@ class Scored:
     ``rivals``, for a multiple-choice item, are the other options as ``(index, token)``: where each
     departs from the gold answer's tokens and its token there (:func:`rival_tokens`). With rivals,
     the item's objective is the log-probability of choosing the gold option (below).
+
+    ``reference``, when given (``[A, V]``: log-probabilities at each answer position with every
+    layer shared, :func:`reference_logprobs`), makes the item's objective fidelity instead: minus
+    the mean Kullback-Leibler divergence of a set's next-token distributions from it.
     """
 
     sender: SenderKV
     prompt: list[int]  # the receiver's message, ending with the generation prompt
     answer: list[int]  # the gold answer's tokens, as the receiver would write them
     rivals: tuple[tuple[int, int], ...] = ()
+    reference: torch.Tensor | None = None
 
 
 def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]]) -> SharedKV:
@@ -98,19 +103,22 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
         work.layer_rows += layers * len(layer_sets)
         work.calls += -(-len(layer_sets) // chunk)
         return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk]), item.prompt,
-                                      item.answer, rivals=item.rivals) for start in range(0, len(layer_sets), chunk)])
+                                      item.answer, rivals=item.rivals, reference=item.reference)
+                          for start in range(0, len(layer_sets), chunk)])
     common = frozenset.intersection(*map(frozenset, layer_sets))
     departs = [min(chosen - common, default=layers) for chosen in layer_sets]  # first layer of its own
     groups = _groups([(start, row) for row, start in enumerate(departs) if start < layers], layers, chunk)
     with recording(model, {start for start, _ in groups}) as states:
-        base = rows_loglik(model, _masked(item.sender, [common]), item.prompt, item.answer, rivals=item.rivals)
+        base = rows_loglik(model, _masked(item.sender, [common]), item.prompt, item.answer, rivals=item.rivals,
+                           reference=item.reference)
     work.layer_rows += layers
     work.calls += 1
     out = base.expand(len(layer_sets)).clone()
     for start, rows in groups:
         hidden = states[start].expand(len(rows), -1, -1)
         shared = _masked(item.sender, [layer_sets[row] for row in rows])
-        out[rows] = rows_loglik(model, shared, item.prompt, item.answer, start=(start, hidden), rivals=item.rivals)
+        out[rows] = rows_loglik(model, shared, item.prompt, item.answer, start=(start, hidden), rivals=item.rivals,
+                                reference=item.reference)
         work.layer_rows += (layers - start) * len(rows)
         work.calls += 1
     return out
@@ -142,7 +150,7 @@ def _groups(departing: list[tuple[int, int]], layers: int, chunk: int) -> list[t
 @torch.inference_mode()
 def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answer: list[int],
                 start: tuple[int, torch.Tensor] | None = None,
-                rivals: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+                rivals: Sequence[tuple[int, int]] = (), reference: torch.Tensor | None = None) -> torch.Tensor:
     """Mean log-probability per gold-answer token after ``prompt``, for each row of ``rows`` (one
     candidate context KV per row, e.g. several ways of building the same context): ``[R]``, float64.
 
@@ -151,6 +159,10 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
     softmax over the options, each option's logit taken where it departs from the gold answer,
     ``-log(1 + Σ exp(logit[i, rival] - logit[i, gold_i]))``. Up to where they depart, the options
     are the gold answer's own tokens, so one teacher-forced pass scores them all.
+
+    With ``reference`` (``[A, V]`` log-probabilities), it is instead fidelity: minus the mean over
+    the answer's positions of KL(reference ‖ row), the row's next-token distribution against the
+    reference's (every layer shared, :func:`reference_logprobs`), teacher-forced on the same tokens.
 
     ``start = (layer, hidden)`` runs only layers ``layer..L-1``, from ``hidden`` (``[R, T, H]``,
     the state entering ``layer`` over the prompt and answer tokens, as recorded from a row that
@@ -173,6 +185,10 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
         layer, hidden = start
         with only_layers(model, layer, rows.num_layers):
             logits = run_body(model, hidden, valid, begin.cache, begin.layout, logits_to_keep=len(answer)).logits
+    if reference is not None:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [R, A, V]
+        kl = (reference.exp() * (reference - logp)).sum(dim=-1)  # [R, A]
+        return -kl.double().mean(dim=1)
     if rivals:
         where = torch.tensor([index for index, _ in rivals])
         gaps = logits[:, where, torch.tensor([token for _, token in rivals])] - logits[:, where, target[where]]
@@ -180,6 +196,20 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
         return -torch.logsumexp(gaps.double(), dim=1)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.expand(count, -1)[..., None])
     return logp[..., 0].double().mean(dim=1)
+
+
+@torch.inference_mode()
+def reference_logprobs(model: PreTrainedModel, sender: SenderKV, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """The receiver's log-probabilities at each of ``answer``'s positions (``[A, V]``, float32),
+    teacher-forced, with the sender's KV at every layer: what fidelity compares a layer set with."""
+    if not answer:
+        raise ConfigError("an answer-likelihood item needs at least one answer token")
+    every = frozenset(range(sender.num_layers))
+    begin = receiver_input(_masked(sender, [every]))
+    ids = torch.tensor(prompt + answer[:-1])[None]
+    logits = run_body(model, ids, torch.ones_like(ids, dtype=torch.bool), begin.cache, begin.layout,
+                      logits_to_keep=len(answer)).logits  # [1, A, V]
+    return torch.log_softmax(logits[0].float(), dim=-1)
 
 
 def rival_tokens(model: LoadedModel, item: Item, answer: list[int]) -> tuple[tuple[int, int], ...]:
