@@ -176,6 +176,22 @@ def test_blend_runs_from_the_command_line(tiny_dir, tmp_path):
     assert labels[0] == "kvcomm@1x2" and "blend@0.3x2[k]" in labels and "prefix@x2" in labels
 
 
+def test_a_generated_task_takes_its_options_from_the_command_line(tiny_dir, tmp_path):
+    """--task-option reaches the generator: 5 items leave room for 4 test items beside the calibration
+    item, not 5; the filler sentences reach the prompts."""
+    from kvcomm.tasks.multihop import FILLER
+
+    base = ["eval", "--model", str(tiny_dir), "--task", "multihop", "--method", "skyline", "--task-option", "items=5",
+            "--task-option", "filler-per-piece=2", "--task-option", "pieces=2", "-q"]
+    result = runner.invoke(app, [*base, "--limit", "5", "--out", str(tmp_path / "a.json")])
+    assert result.exit_code != 0 and "cannot hold 5 test" in result.output
+    result = runner.invoke(app, [*base, "--limit", "4", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["config"]["test_items"] == 4
+    samples = (tmp_path / "b-samples.jsonl").read_text()
+    assert sum(sentence in samples for sentence in FILLER) >= 4
+
+
 @pytest.fixture
 def variant_dir(tmp_path):
     """A second tiny Llama of the same shape with other weights (a stand-in for a fine-tune)."""

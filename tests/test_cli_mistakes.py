@@ -105,6 +105,11 @@ MISTAKES = [
     ("eval -m {model} -t jsonl,countries --data jsonl={dir}/ok.jsonl,countries={dir}/missing.jsonl", "does not exist"),
     ("eval -m {model} -t jsonl --data {dir}/ok.jsonl --metric f2", "--metric"),
     ("eval -m {model} -t jsonl --data {dir}/ok.jsonl --max-new-tokens 0", "--max-new-tokens"),
+    ("eval -m {model} -t multihop --task-option filer_per_piece=2", "Did you mean 'filler_per_piece'"),
+    ("eval -m {model} -t multihop --task-option items=many", "takes int, not 'many'"),
+    ("eval -m {model} -t countries --task-option items=5", "takes no option 'items'"),
+    ("eval -m {model} -t facts --task-option items", "is not KEY=VALUE"),
+    ("eval -m {model} -t facts --task-option seed=1 --task-option seed=2", "gives 'seed' twice"),
     # files that exist, resuming, profiles of other tasks
     ("eval -m {model} --out {dir}/file.txt", "exists; pass --overwrite"),
     ("sweep -m {model} --out-dir {dir}/done", "done/facts.json exists"),

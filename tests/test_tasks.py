@@ -154,3 +154,11 @@ def test_multihop_filler_adds_unlinked_sentences_and_keeps_the_facts():
         assert len(set(every)) == len(every)  # no filler sentence twice in one item
     with pytest.raises(DataError, match="filler sentences: at most 8 per piece"):
         load_task("multihop", items=1, pieces=4, filler_per_piece=9)
+
+
+def test_an_option_a_task_does_not_take_is_refused_with_the_nearest():
+    with pytest.raises(ConfigError, match="Did you mean 'facts_per_piece'.*Its options: items, pieces"):
+        load_task("multihop", items=2, fact_per_piece=2)
+    with pytest.raises(ConfigError, match="takes no option 'items'. Its options: none"):
+        load_task("jsonl", "x.jsonl", items=2)
+    assert TASKS.get("relay").options["hops"] == (int, 3) and TASKS.get("countries").options == {}

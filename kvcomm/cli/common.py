@@ -42,6 +42,7 @@ from kvcomm.selection import parse_layers
 from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, DEFAULT_RULE, Objective, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.tasks.base import Pieces
+from kvcomm.tasks.options import parse_options
 from kvcomm.wire.codecs import codec_names
 
 console = Console(stderr=True, highlight=False, emoji=False)  # with markup=False, paths print literally
@@ -144,6 +145,7 @@ class RunOptions:
     receiver: str | None
     task: str
     data: list[str] | None
+    task_option: list[str] | None
     max_new_tokens: int | None
     metric: str | None
     limit: int | None
@@ -225,7 +227,8 @@ class RunOptions:
         """The tasks with their data, budget and metric; refuses two that would share file names."""
         listed = self.task_names()
         files = self.data_files(listed)
-        tasks = [load_task(name, files.get(name), max_new_tokens=self.max_new_tokens, metric=self.metric)
+        tasks = [load_task(name, files.get(name), max_new_tokens=self.max_new_tokens, metric=self.metric,
+                           **parse_options(name, TASKS.get(name).load, self.task_option or []))
                  for name in listed]
         stems = [safe_name(task.name) for task in tasks]
         for stem in stems:
@@ -265,6 +268,10 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "receiver": (Receiver, None),
     "task": (TaskNames, "facts"),
     "data": (DataFiles, None),
+    "task_option": (Annotated[list[str] | None, typer.Option(
+        "--task-option", metavar="KEY=VALUE",
+        help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2 (repeatable; "
+             "`kvcomm tasks` lists each task's).")], None),
     "max_new_tokens": (MaxNewTokens, None),
     "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(

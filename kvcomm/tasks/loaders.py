@@ -21,6 +21,7 @@ from kvcomm.errors import DataError
 from kvcomm.files import atomic_write
 from kvcomm.registry import Registry
 from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.options import check_options, task_options
 
 # The paper's files, pinned: the commit they are downloaded from and the sha256 they must have.
 PAPER_DATA_COMMIT = "1fa086edb17d6e00d80953cb06f391bc0a85268c"
@@ -53,9 +54,15 @@ class TaskInfo:
     source: str = "--data"
 
     @property
+    def options(self) -> dict[str, tuple[type, Any]]:
+        """``{option: (type, default)}``: what ``--task-option`` may set (:mod:`kvcomm.tasks.options`)."""
+        return task_options(self.load)
+
+    @property
     def description(self) -> str:
-        """The first line of the loader's docstring."""
-        return (self.load.__doc__ or "").strip().partition("\n")[0]
+        """The first paragraph of the loader's docstring, on one line."""
+        first = (self.load.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in first.splitlines())
 
     def make(self, items: list[Item], name: str | None = None, data: Path | None = None,
              seed: int | None = None) -> Task:
@@ -238,9 +245,11 @@ def load_task(name: str, path: str | Path | None = None, max_new_tokens: int | N
     ``params`` go to the task's loader (e.g. ``items`` and ``seed`` of ``facts``).
 
     Raises:
-        ConfigError: an unknown task or metric, or a budget below 1.
+        ConfigError: an unknown task, option or metric, or a budget below 1.
         DataError: the data is missing or malformed.
     """
-    task = TASKS.get(name).load(path=path, **params)
+    info = TASKS.get(name)
+    check_options(name, info.load, params)
+    task = info.load(path=path, **params)
     return dataclasses.replace(task, max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,
                                metric=task.metric if metric is None else metric)
