@@ -162,3 +162,13 @@ def test_an_option_a_task_does_not_take_is_refused_with_the_nearest():
     with pytest.raises(ConfigError, match="takes no option 'items'. Its options: none"):
         load_task("jsonl", "x.jsonl", items=2)
     assert TASKS.get("relay").options["hops"] == (int, 3) and TASKS.get("countries").options == {}
+
+
+def test_task_options_parse_to_their_types_and_a_prefix_picks_the_task():
+    from kvcomm.tasks.options import option_task, parse_options
+
+    load = TASKS.get("multihop").load
+    pairs = ["items=7", "multihop:filler-per-piece=2", "facts:facts_per_item=3"]
+    assert parse_options("multihop", load, pairs) == {"items": 7, "filler_per_piece": 2}
+    assert parse_options("facts", TASKS.get("facts").load, pairs) == {"items": 7, "facts_per_item": 3}
+    assert [option_task(p) for p in pairs] == [None, "multihop", "facts"]

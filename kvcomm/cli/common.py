@@ -42,7 +42,7 @@ from kvcomm.selection import parse_layers
 from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, DEFAULT_RULE, Objective, Rule
 from kvcomm.tasks import METRICS, TASKS, Task, load_task
 from kvcomm.tasks.base import Pieces
-from kvcomm.tasks.options import parse_options
+from kvcomm.tasks.options import option_task, parse_options
 from kvcomm.wire.codecs import codec_names
 
 console = Console(stderr=True, highlight=False, emoji=False)  # with markup=False, paths print literally
@@ -227,6 +227,11 @@ class RunOptions:
         """The tasks with their data, budget and metric; refuses two that would share file names."""
         listed = self.task_names()
         files = self.data_files(listed)
+        for pair in self.task_option or []:
+            named = option_task(pair)
+            if named is not None and named not in listed:
+                TASKS.get(named)  # an unknown name: "did you mean"
+                raise ConfigError(f"--task-option {pair!r} is for task {named!r}, which is not in this run")
         tasks = [load_task(name, files.get(name), max_new_tokens=self.max_new_tokens, metric=self.metric,
                            **parse_options(name, TASKS.get(name).load, self.task_option or []))
                  for name in listed]
@@ -270,8 +275,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "data": (DataFiles, None),
     "task_option": (Annotated[list[str] | None, typer.Option(
         "--task-option", metavar="KEY=VALUE",
-        help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2 (repeatable; "
-             "`kvcomm tasks` lists each task's).")], None),
+        help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2; TASK:KEY=VALUE for "
+             "one task of several (repeatable; `kvcomm tasks` lists each task's).")], None),
     "max_new_tokens": (MaxNewTokens, None),
     "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(

@@ -45,7 +45,8 @@ def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -
 
 def parse_options(name: str, load: Callable[..., Any], pairs: Sequence[str]) -> dict[str, Any]:
     """``["items=200", "filler-per-piece=2"]`` as the loader's keyword arguments, each converted
-    to the parameter's type (a dash stands for an underscore).
+    to the parameter's type (a dash stands for an underscore). A pair ``TASK:KEY=VALUE`` is for
+    that task only: another task's pairs are passed over.
 
     Raises:
         ConfigError: a pair without ``=``, an option the task does not take, a value of the wrong
@@ -55,6 +56,9 @@ def parse_options(name: str, load: Callable[..., Any], pairs: Sequence[str]) -> 
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
+        task, colon, key = key.rpartition(":")
+        if colon and task.strip() != name:
+            continue
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--task-option {pair!r} is not KEY=VALUE (e.g. items=200)")
@@ -70,3 +74,9 @@ def parse_options(name: str, load: Callable[..., Any], pairs: Sequence[str]) -> 
         except ValueError:
             raise ConfigError(f"option {key!r} of task {name!r} takes {kind.__name__}, not {text!r}") from None
     return out
+
+
+def option_task(pair: str) -> str | None:
+    """The task a ``TASK:KEY=VALUE`` pair is for; None when it is for every task of the run."""
+    task, colon, _ = pair.partition("=")[0].rpartition(":")
+    return task.strip() if colon else None
