@@ -119,8 +119,16 @@ def plot(reports: list[Report], pieces: int, layout: str, path: Path, ratios: tu
 
 
 def run_quality(args: argparse.Namespace) -> None:
-    ratios = tuple(sorted({0.0, 1.0, *(float(r) for r in args.ratios.split(","))}))  # both ends, always
-    deviations = tuple(d for d in args.deviations.split(",") if d)
+    try:
+        ratios = tuple(sorted({0.0, 1.0, *(float(r) for r in args.ratios.split(",") if r.strip())}))  # both ends
+    except ValueError:
+        sys.exit(f"error: --ratios must be numbers separated by commas, not {args.ratios!r}")
+    deviations = tuple(d.strip() for d in args.deviations.split(",") if d.strip())
+    if "values" in deviations:
+        sys.exit("error: --deviations lists the signals run besides values (values runs at every ratio)")
+    if args.filler and args.tasks != "multihop":
+        print("note: --filler applies to the multihop task only", file=sys.stderr)
+    quality_methods(args.pieces, args.layout, ratios, deviations)  # every bad option refused before the model loads
     agents = Agents.load(args.model)
     console = Console(width=200)
     reports = []

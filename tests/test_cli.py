@@ -190,6 +190,11 @@ def test_a_generated_task_takes_its_options_from_the_command_line(tiny_dir, tmp_
     assert json.loads((tmp_path / "b.json").read_text())["config"]["test_items"] == 4
     samples = (tmp_path / "b-samples.jsonl").read_text()
     assert sum(sentence in samples for sentence in FILLER) >= 4
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "-t", "multihop", "--task-option", "items=3",
+                                 "--task-option", "multihop:seed=4", "--selection", "paper", "--calib-size", "1", "-q",
+                                 "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "p.json").read_text())["calibration_items"] == ["multihop_4_0002"]
 
 
 @pytest.fixture

@@ -351,9 +351,28 @@ def test_calibration_by_fidelity_ranks_every_layer_and_says_so():
 
     model = tiny_loaded("llama")
     task = load_task("facts", items=3)
-    profile = calibrate(Agents(model, model), task, task.items, progress=False, rule="answer", objective="fidelity")
+    agents = Agents(model, model)
+    profile = calibrate(agents, task, task.items, progress=False, rule="answer", objective="fidelity")
     assert sorted(profile.ranking) == [0, 1, 2, 3] and "KL divergence" in profile.details["objective"]
-    assert all(t["loglik"] <= 1e-6 for t in profile.details["trace"])  # no set is closer than every layer
+    likelihood = calibrate(agents, task, task.items, progress=False, rule="answer")
+    fidelity = [t["loglik"] for t in profile.details["trace"]]
+    assert fidelity != [t["loglik"] for t in likelihood.details["trace"]]  # another objective was maximised
+    assert all(-50 < value < 0 for value in fidelity)  # minus a KL: below 0 short of every layer, finite
+
+
+def test_fidelity_ignores_tokens_the_reference_gives_no_probability():
+    """A vocabulary entry masked to -inf in the reference adds 0 to the KL, not NaN."""
+    from kvcomm.selection.likelihood import Scored, answer_loglik, reference_logprobs
+
+    model = tiny_model("llama")
+    sender = prefill(model, torch.randint(0, 99, (1, 6)), torch.ones(1, 6, dtype=torch.bool))
+    prompt, answer = [5, 6, 7], [9, 10]
+    reference = reference_logprobs(model, sender, prompt, answer)
+    masked = reference.clone()
+    masked[:, 50:] = float("-inf")
+    masked = torch.log_softmax(masked, dim=-1)
+    values = answer_loglik(model, Scored(sender, prompt, answer, reference=masked), [frozenset(), frozenset({0})])
+    assert torch.isfinite(values).all() and (values < 0).all()
 
 
 def test_rival_tokens_mark_where_each_option_departs_from_the_gold_answer():

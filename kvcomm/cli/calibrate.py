@@ -25,6 +25,7 @@ from kvcomm.cli.common import (
     Selection,
     Sigma,
     TaskName,
+    TaskOptions,
     check_output,
     console,
     quiet_libraries,
@@ -36,11 +37,13 @@ from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
-from kvcomm.tasks import load_task
+from kvcomm.tasks import TASKS, Task, load_task
+from kvcomm.tasks.options import option_task, parse_options
 
 
 def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
+    task_option: TaskOptions = None,
     calib_size: Annotated[int | None, typer.Option(
         min=1, help="Calibration items, taken from the end of the task. (default: 1 for --selection paper, 4 for "
                     "answer, prior and droidspeak, fewer if the task is smaller)")] = None,
@@ -69,18 +72,18 @@ def calibrate_command(
     resolve_model(model)
     if receiver is not None:
         resolve_model(receiver)
+    the_task = load_task(task, data, **_options(task, task_option or []))
     if method == "droidspeak":
         if (selection is not None or tolerance is not None or objective is not None
                 or any(v is not None for v in (alpha, mu, sigma))):
             raise ConfigError("--selection, --objective, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
                               "droidspeak takes --max-recompute and --block-tolerance")
-        _blocks(model, receiver, task, data, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
+        _blocks(model, receiver, the_task, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
                 dtype, quiet, overwrite, out)
         return
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    the_task = load_task(task, data)
     _, items = config.split(the_task.items)  # no --limit: every other item is a test item
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
@@ -105,11 +108,19 @@ def calibrate_command(
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
-def _blocks(model: str, receiver: str | None, task: str, data: Path | None, calib_size: int | None,
-            batch_size: int | None,
+def _options(task: str, pairs: list[str]) -> dict[str, Any]:
+    """``--task-option`` pairs for the one task calibrated (a ``TASK:`` prefix must name it)."""
+    for pair in pairs:
+        named = option_task(pair)
+        if named is not None and named != task:
+            TASKS.get(named)  # an unknown name: "did you mean"
+            raise ConfigError(f"--task-option {pair!r} is for task {named!r}; this calibrates {task!r}")
+    return parse_options(task, TASKS.get(task).load, pairs)
+
+
+def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | None, batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
-    the_task = load_task(task, data)
     _, items = EvalConfig(calib_size=calib_size).split(the_task.items)
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):

@@ -84,6 +84,10 @@ TaskNames = Annotated[str, typer.Option(
 Data = Annotated[Path | None, typer.Option(
     envvar="KVCOMM_DATA", exists=True, dir_okay=False, readable=True,
     help="Local dataset file (countries, tipsheets, jsonl).")]
+TaskOptions = Annotated[list[str] | None, typer.Option(
+    "--task-option", metavar="KEY=VALUE",
+    help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2; TASK:KEY=VALUE for "
+         "one task of several (repeatable; `kvcomm tasks` lists each task's).")]
 DataFiles = Annotated[list[str] | None, typer.Option(
     "--data", envvar="KVCOMM_DATA",
     help="Local dataset file (countries, tipsheets, jsonl); with several tasks TASK=PATH, repeated or "
@@ -273,10 +277,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "receiver": (Receiver, None),
     "task": (TaskNames, "facts"),
     "data": (DataFiles, None),
-    "task_option": (Annotated[list[str] | None, typer.Option(
-        "--task-option", metavar="KEY=VALUE",
-        help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2; TASK:KEY=VALUE for "
-             "one task of several (repeatable; `kvcomm tasks` lists each task's).")], None),
+    "task_option": (TaskOptions, None),
     "max_new_tokens": (MaxNewTokens, None),
     "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(

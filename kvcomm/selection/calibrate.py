@@ -5,6 +5,10 @@
 - ``answer``: greedy forward selection by the receiver's likelihood of the gold answer;
 - ``prior``: the paper's form, with ``alpha``, ``mu``, ``sigma`` fitted per model by that likelihood.
 
+Both fitted rules can maximise another objective instead of the likelihood: ``choice`` (the
+probability of picking the gold option) or ``fidelity`` (closeness to the receiver's next-token
+distributions with every layer shared). A greedy trace's ``loglik`` is that objective's value.
+
 Every rule records the attention importance too, and the profile records the rule, what it chose
 and why (the greedy trace, the fitted prior), and what it cost (seconds, forwards per item).
 """
@@ -156,11 +160,11 @@ def calibrate(
 
 
 def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, Work]:
-    """Each layer set's objective (answer likelihood, or choice of the gold option) averaged over
-    the items, and the work it has done
+    """Each layer set's objective (answer likelihood, choice of the gold option, or fidelity) averaged
+    over the items, and the work it has done
     (model calls, and decoder-layer passes of one row: :class:`~kvcomm.selection.likelihood.Work`)."""
     work = Work()
-    bar = tqdm(desc="answer likelihood", unit="set", disable=not progress)
+    bar = tqdm(desc="scoring layer sets", unit="set", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
         values = []

@@ -79,7 +79,8 @@ class Work:
 def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[frozenset[int]],
                   chunk: int = 32, staircase: bool = False, work: Work | None = None) -> torch.Tensor:
     """Each layer set's objective (``[len(layer_sets)]``, float64): the mean log-probability per
-    gold-answer token, or with ``item.rivals`` the log-probability of choosing the gold option.
+    gold-answer token, with ``item.rivals`` the log-probability of choosing the gold option, or
+    with ``item.reference`` fidelity (minus the mean KL divergence from every layer shared).
 
     Args:
         chunk: sets per batched forward.
@@ -187,7 +188,9 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
             logits = run_body(model, hidden, valid, begin.cache, begin.layout, logits_to_keep=len(answer)).logits
     if reference is not None:
         logp = torch.log_softmax(logits.float(), dim=-1)  # [R, A, V]
-        kl = (reference.exp() * (reference - logp)).sum(dim=-1)  # [R, A]
+        # a token the reference gives no probability adds nothing (0 · log 0 = 0, not NaN)
+        terms = torch.where(torch.isfinite(reference), reference.exp() * (reference - logp), 0.0)
+        kl = terms.sum(dim=-1)  # [R, A]
         return -kl.double().mean(dim=1)
     if rivals:
         where = torch.tensor([index for index, _ in rivals])

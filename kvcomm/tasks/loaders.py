@@ -66,7 +66,14 @@ class TaskInfo:
 
     def make(self, items: list[Item], name: str | None = None, data: Path | None = None,
              seed: int | None = None) -> Task:
-        """The task of ``items`` with this task's budget and metric."""
+        """The task of ``items`` with this task's budget and metric.
+
+        Raises:
+            DataError: no items (an empty file, or a generated task asked for fewer than one).
+        """
+        if not items:
+            raise DataError(f"task {self.name!r} has no items" + (" (items must be at least 1)"
+                                                                  if self.source == "generated" else ""))
         return Task(name or self.name, items, self.max_new_tokens, metric=self.metric,
                     data=None if data is None else str(data), seed=seed)
 
