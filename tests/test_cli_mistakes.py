@@ -112,7 +112,9 @@ MISTAKES = [
     ("eval -m {model} -t facts --task-option seed=1 --task-option seed=2", "gives 'seed' twice"),
     ("eval -m {model} -t facts --task-option multihop:items=5", "not in this run"),
     ("eval -m {model} -t relay --task-option items=0", "has no items (items must be at least 1)"),
-    ("calibrate -m {model} -t facts --task-option multihop:items=5", "this calibrates 'facts'"),
+    ("calibrate -m {model} -t facts --task-option multihop:items=5", "not in this run"),
+    ("graph -m {model} -t relay --task-option hops=4", "cannot set hops (set by --agents)"),
+    ("graph -m {model} -t relay --task-option distracters=4", "Did you mean 'distractors'"),
     ("eval -m {model} -t facts --task-option multihp:items=5", "Did you mean 'multihop'"),
     ("sweep -m {model} -t facts,multihop --task-option filler_per_piece=1", "'facts' takes no option"),
     # files that exist, resuming, profiles of other tasks

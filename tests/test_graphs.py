@@ -301,3 +301,16 @@ def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
     assert all(step.reused_tokens == 0 for step in on.steps)
     with pytest.raises(ConfigError, match="not place prefix"):
         Graph.build(model, "chain", 2, edge=EdgeOptions(place="prefix"), reuse=True)
+
+
+def test_a_graphs_task_takes_the_generators_other_options():
+    """--task-option reaches a graph's generated task beside the options the graph sets itself."""
+    from kvcomm.cli.graph import graph_task
+    from kvcomm.tasks.multihop import FILLER
+
+    plain, more = graph_task("relay", None, 3, 4, 0), graph_task("relay", None, 3, 4, 0, ["distractors=5"])
+    assert len(more.items) == 4 and all(len(b.context) > len(a.context) for a, b in zip(plain.items, more.items))
+    filled = graph_task("multihop", None, 2, 3, 0, ["multihop:filler_per_piece=1"])
+    assert all(len(item.pieces) == 2 and sum(s in item.context for s in FILLER) == 2 for item in filled.items)
+    with pytest.raises(ConfigError, match="cannot set items \\(set by --limit\\)"):
+        graph_task("relay", None, 3, 4, 0, ["items=9"])

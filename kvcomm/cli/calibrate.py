@@ -29,6 +29,7 @@ from kvcomm.cli.common import (
     check_output,
     console,
     quiet_libraries,
+    task_options_for,
 )
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
@@ -37,8 +38,7 @@ from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
-from kvcomm.tasks import TASKS, Task, load_task
-from kvcomm.tasks.options import option_task, parse_options
+from kvcomm.tasks import Task, load_task
 
 
 def calibrate_command(
@@ -72,7 +72,7 @@ def calibrate_command(
     resolve_model(model)
     if receiver is not None:
         resolve_model(receiver)
-    the_task = load_task(task, data, **_options(task, task_option or []))
+    the_task = load_task(task, data, **task_options_for(task, task_option or [], [task]))
     if method == "droidspeak":
         if (selection is not None or tolerance is not None or objective is not None
                 or any(v is not None for v in (alpha, mu, sigma))):
@@ -106,16 +106,6 @@ def calibrate_command(
                       f"{budget['tolerance']:g} of all layers' ({budget['all_layers']:.3f} on {budget['items']} items)",
                       markup=False)
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
-
-
-def _options(task: str, pairs: list[str]) -> dict[str, Any]:
-    """``--task-option`` pairs for the one task calibrated (a ``TASK:`` prefix must name it)."""
-    for pair in pairs:
-        named = option_task(pair)
-        if named is not None and named != task:
-            TASKS.get(named)  # an unknown name: "did you mean"
-            raise ConfigError(f"--task-option {pair!r} is for task {named!r}; this calibrates {task!r}")
-    return parse_options(task, TASKS.get(task).load, pairs)
 
 
 def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | None, batch_size: int | None,

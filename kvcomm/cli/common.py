@@ -13,7 +13,7 @@ import contextlib
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,6 +47,21 @@ from kvcomm.wire.codecs import codec_names
 
 console = Console(stderr=True, highlight=False, emoji=False)  # with markup=False, paths print literally
 _TASK_PREFIX = re.compile(r"[\w-]+=")  # "countries=" in --data countries=PATH
+
+
+def task_options_for(name: str, pairs: Sequence[str], run: Sequence[str]) -> dict[str, Any]:
+    """The ``--task-option`` pairs for the task ``name``, parsed; a ``TASK:`` prefix must name a
+    task of the ``run`` (a "did you mean" for an unknown one).
+
+    Raises:
+        ConfigError: a prefix outside the run, or a pair the task refuses (:func:`parse_options`).
+    """
+    for pair in pairs:
+        named = option_task(pair)
+        if named is not None and named not in run:
+            TASKS.get(named)  # an unknown name: "did you mean"
+            raise ConfigError(f"--task-option {pair!r} is for task {named!r}, which is not in this run")
+    return parse_options(name, TASKS.get(name).load, pairs)
 
 
 def names(values: list[str]) -> str:
@@ -231,13 +246,8 @@ class RunOptions:
         """The tasks with their data, budget and metric; refuses two that would share file names."""
         listed = self.task_names()
         files = self.data_files(listed)
-        for pair in self.task_option or []:
-            named = option_task(pair)
-            if named is not None and named not in listed:
-                TASKS.get(named)  # an unknown name: "did you mean"
-                raise ConfigError(f"--task-option {pair!r} is for task {named!r}, which is not in this run")
         tasks = [load_task(name, files.get(name), max_new_tokens=self.max_new_tokens, metric=self.metric,
-                           **parse_options(name, TASKS.get(name).load, self.task_option or []))
+                           **task_options_for(name, self.task_option or [], listed))
                  for name in listed]
         stems = [safe_name(task.name) for task in tasks]
         for stem in stems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,12 +19,14 @@ from kvcomm.cli.common import (
     Quiet,
     RayAddress,
     TaskName,
+    TaskOptions,
     Workers,
     WorkerThreads,
     check_output,
     console,
     quiet_libraries,
     ray_cluster,
+    task_options_for,
 )
 from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
@@ -39,15 +42,26 @@ from kvcomm.protocol import MaskMode
 from kvcomm.tasks import Task, load_task
 from kvcomm.wire.codecs import codec_names
 
+_SET_BY_GRAPH = {"items": "--limit", "seed": "--seed", "hops": "--agents", "pieces": "--agents"}
 
-def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int) -> Task:
+
+def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int,
+               pairs: Sequence[str] = ()) -> Task:
     """The task for a graph of ``agents``: a relay of as many hops, multihop facts in as many
-    pieces, or any other task split among them at sentence ends."""
+    pieces, or any other task split among them at sentence ends. ``pairs`` (``--task-option``)
+    set the generator's other options (a relay's distractors, multihop's filler).
+
+    Raises:
+        ConfigError: an option the task does not take, or one the graph's own flags set.
+    """
+    options = task_options_for(name, pairs, [name])
+    if taken := [f"{key} (set by {_SET_BY_GRAPH[key]})" for key in options if key in _SET_BY_GRAPH]:
+        raise ConfigError(f"--task-option cannot set {', '.join(taken)} in a graph")
     if name == "relay":
-        return load_task("relay", data, items=items, hops=agents, seed=seed)
+        return load_task("relay", data, items=items, hops=agents, seed=seed, **options)
     if name == "multihop":
-        return load_task("multihop", data, items=items, pieces=agents, seed=seed)
-    task = load_task(name, data)
+        return load_task("multihop", data, items=items, pieces=agents, seed=seed, **options)
+    task = load_task(name, data, **options)
     return dataclasses.replace(task, items=task.items[:items])
 
 
@@ -61,7 +75,7 @@ def _list(value: str, what: str) -> list[str]:
 def graph_command(
     model: Annotated[str, typer.Option("--model", "-m", envvar="KVCOMM_MODEL",
                                        help="The model every agent runs on.")] = DEFAULT_MODEL,
-    task: TaskName = "relay", data: Data = None,
+    task: TaskName = "relay", data: Data = None, task_option: TaskOptions = None,
     topology: Annotated[Literal["chain", "star", "full", "debate"], typer.Option(
         help="Who hears whom: chain (a relay), star (fan-out, a decision agent fans in), full, debate.")] = "chain",
     agents: Annotated[int, typer.Option(min=1, max=16, help="Agents holding a piece of each context (the "
@@ -131,7 +145,7 @@ def graph_command(
         raise ConfigError("--reuse anchor keeps one pool of anchors across the run's batches: not with --ray")
     cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
-    the_task = graph_task(task, data, agents, limit, seed)
+    the_task = graph_task(task, data, agents, limit, seed, task_option or [])
     out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
                        "results", overwrite)
     with quiet_libraries(quiet), contextlib.ExitStack() as stack:
