@@ -72,12 +72,12 @@ def calibrate_command(
     resolve_model(model)
     if receiver is not None:
         resolve_model(receiver)
+    if method == "droidspeak" and (selection is not None or tolerance is not None or objective is not None
+                                   or any(v is not None for v in (alpha, mu, sigma))):
+        raise ConfigError("--selection, --objective, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
+                          "droidspeak takes --max-recompute and --block-tolerance")
     the_task = load_task(task, data, **task_options_for(task, task_option or [], [task]))
     if method == "droidspeak":
-        if (selection is not None or tolerance is not None or objective is not None
-                or any(v is not None for v in (alpha, mu, sigma))):
-            raise ConfigError("--selection, --objective, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
-                              "droidspeak takes --max-recompute and --block-tolerance")
         _blocks(model, receiver, the_task, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
                 dtype, quiet, overwrite, out)
         return
