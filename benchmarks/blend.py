@@ -132,17 +132,16 @@ def run_quality(args: argparse.Namespace) -> None:
     agents = Agents.load(args.model)
     console = Console(width=200)
     reports = []
+    generated = {"pieces": args.pieces, "facts_per_piece": args.facts_per_piece, "filler_per_piece": args.filler}
     for task_name in args.tasks.split(","):
         if task_name == "multihop":
-            task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece,
-                             filler_per_piece=args.filler)
+            task = load_task("multihop", items=args.items, **generated)
         else:
             task = load_task(task_name, args.data / f"{task_name}.jsonl")
         config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size)
         report = evaluate(agents, task, quality_methods(args.pieces, args.layout, ratios, deviations), config)
         if task_name == "multihop":  # what the generator was given: the items follow from it and the seed
-            report.config["task_options"] = {"pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
-                                             "filler_per_piece": args.filler}
+            report.config["task_options"] = generated
         console.print(quality_table(report, blend_label(1, args.pieces, args.layout)))
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kvcomm.errors import ConfigError
-
-_PARSE: dict[type, Any] = {int: int, float: float, str: str}
 
 
 def task_options(load: Callable[..., Any]) -> dict[str, tuple[type, Any]]:
@@ -34,8 +32,11 @@ def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -
     Raises:
         ConfigError: an unknown option.
     """
-    known = task_options(load)
-    for key in params:
+    _refuse_unknown(name, task_options(load), params)
+
+
+def _refuse_unknown(name: str, known: dict[str, tuple[type, Any]], keys: Iterable[str]) -> None:
+    for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -62,15 +63,14 @@ def parse_options(name: str, load: Callable[..., Any], pairs: Sequence[str]) -> 
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--task-option {pair!r} is not KEY=VALUE (e.g. items=200)")
-        check_options(name, load, {key: text})
+        _refuse_unknown(name, known, [key])
         if key in out:
             raise ConfigError(f"--task-option gives {key!r} twice")
         kind = known[key][0]
-        parse = _PARSE.get(kind)
-        if parse is None:
+        if kind not in (int, float, str):
             raise ConfigError(f"option {key!r} of task {name!r} ({kind}) cannot be given on the command line")
         try:
-            out[key] = parse(text.strip())
+            out[key] = kind(text.strip())
         except ValueError:
             raise ConfigError(f"option {key!r} of task {name!r} takes {kind.__name__}, not {text!r}") from None
     return out
