@@ -65,3 +65,31 @@ def test_one_chat_prompt_for_the_harness_and_the_service():
              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Where?"}]
     assert plain.tokenizer.decode(plain.chat_ids(turns)) == "Be brief.\nHi\nAnswer: Hello.\nWhere?\nAnswer:"
     assert plain.tokenizer.decode(plain.chat_ids(turns[:2], generation_prompt=False)) == "Be brief.\nHi\n"
+
+
+def test_the_head_gets_a_contiguous_input_and_the_same_logits(family):
+    """``logits_to_keep`` slices ``hidden[:, -k:]`` (not contiguous for batch > 1), which sends
+    ``F.linear`` down a slow batched path; the loaded model's head is handed a contiguous copy,
+    and the logits are those of the head on exactly those rows."""
+    import torch
+
+    from kvcomm.models.loading import contiguous_head
+
+    loaded = tiny_loaded(family)
+    head = loaded.model.get_output_embeddings()
+    assert len(head._forward_pre_hooks) == 1  # made a LoadedModel: hooked already
+    contiguous_head(loaded.model)
+    contiguous_head(loaded.model)  # calling again adds no second hook
+    assert len(head._forward_pre_hooks) == 1
+    seen: list[bool] = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 200, (3, 9))
+    hidden = loaded.model.get_decoder()(input_ids=ids).last_hidden_state
+    logits = loaded.model(input_ids=ids, logits_to_keep=2).logits
+    assert seen == [True]
+    assert hidden[:, -2:].is_contiguous() is False
+    expected = torch.nn.functional.linear(hidden[:, -2:].contiguous(), head.weight)
+    if getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None):
+        cap = loaded.model.config.get_text_config().final_logit_softcapping
+        expected = torch.tanh(expected / cap) * cap
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

@@ -106,6 +106,21 @@ def test_only_float32_layers_of_the_minimum_size_are_packed():
     assert isinstance(model[0], PackedLinear) and type(model[1]) is nn.Linear and type(model[2]) is nn.Linear
 
 
+def test_a_packed_head_is_hooked_to_take_contiguous_inputs(tiny_dir, monkeypatch):
+    """Packing replaces the head with a new module; ``load_model`` hooks that one too."""
+    from kvcomm.models import loading
+
+    monkeypatch.setattr(loading, "pack_linears", lambda model: pack_linears(model, min_weight=0))
+    monkeypatch.setattr(loading, "_LOADED", {})
+    packed = load_model(str(tiny_dir), linear="packed")
+    head = packed.model.get_output_embeddings()
+    assert isinstance(head, PackedLinear)
+    seen: list[bool] = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    packed.model(input_ids=torch.randint(0, 200, (3, 9)), logits_to_keep=2)
+    assert seen == [True]
+
+
 def test_pack_linears_refuses_a_row_limit_below_one():
     with pytest.raises(ConfigError, match="at least 1"):
         pack_linears(nn.Sequential(nn.Linear(2, 2)), rows=0)
