@@ -1,7 +1,8 @@
 """Per-item cost of one KVComm configuration on one thread, against the official implementation.
 
-Runs ``kvcomm`` at one ratio over a task's test items once per batch size, each in its own process
-with one torch thread, and reports the seconds spent calibrating, in the sender's prefills and in
+Runs ``kvcomm`` at one ratio over a task's test items once per batch size and weights' dtype
+(``--dtypes float32,bfloat16``; float32 by default, as the official code ran), each in its own
+process with one torch thread, and reports the seconds spent calibrating, in the sender's prefills and in
 the receiver, items per second, and the factor against the official KVComm code's time for the
 same work (``--official-seconds``: 122 s for the 200 Countries items at ratio 0.5 with
 SmolLM2-135M, one thread of this CPU, as measured when the issue was written; this benchmark does
@@ -11,7 +12,8 @@ It also prints the floor that the arithmetic sets: every token a model reads cos
 multiply-adds per weight of its decoder layers, and the receiver's own prompt must be read per
 item whatever the method (it sits after the context, so no two items share its KV). The floor is
 that arithmetic at the matrix-multiply rate this CPU reaches on one thread, measured here on a
-layer-shaped product.
+layer-shaped product, for each dtype. Every run's answers are compared with the first run's (the
+first batch size in the first dtype).
 
     OMP_NUM_THREADS=1 python benchmarks/item_cost.py --model smollm2-135m --task countries \\
         --data ../shared/data/countries.jsonl --batch-sizes 8,32 --out benchmarks/results/item-cost.json
@@ -38,7 +40,7 @@ def one_run(args: argparse.Namespace) -> dict:
     from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
 
     torch.set_num_threads(args.threads)
-    agents = Agents.load(args.model)
+    agents = Agents.load(args.model, dtype=args.dtype)
     task = load_task(args.task, args.data)
     config = EvalConfig(limit=args.items, batch_size=args.batch, calib_size=1, bucket=not args.no_bucket,
                         selection="paper")  # the official code's rule and cost
@@ -47,7 +49,7 @@ def one_run(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - began
     run = report.runs[0]
     return {
-        "batch_size": args.batch, "bucket": not args.no_bucket, "seconds": total,
+        "batch_size": args.batch, "dtype": args.dtype, "bucket": not args.no_bucket, "seconds": total,
         "sender_seconds": run.sender_seconds, "receiver_seconds": run.seconds,
         "calibration_seconds": total - run.sender_seconds - run.seconds, "items": run.n,
         "items_per_second": run.n / total, "score": run.scores[task.metric].mean,
@@ -57,7 +59,7 @@ def one_run(args: argparse.Namespace) -> dict:
 
 def floor(args: argparse.Namespace) -> dict:
     """Tokens each model reads, the decoder's multiply-adds per token, this CPU's one-thread
-    matrix-multiply rate, and the seconds that arithmetic takes at that rate."""
+    matrix-multiply rate in each of ``--dtypes``, and the seconds that arithmetic takes at each rate."""
     import torch
 
     from kvcomm import Agents, load_task
@@ -72,18 +74,22 @@ def floor(args: argparse.Namespace) -> dict:
     layers = model.model.get_decoder().layers
     weights = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2)
     cfg = model.config.get_text_config()
-    a, b = torch.randn(64 * 35, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
-    for _ in range(3):
-        a @ b
-    began, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
-        a @ b
-    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - began)
     per_token = 2 * weights
+    rates = {}
+    for dtype in args.dtypes:
+        a = torch.randn(64 * 35, cfg.hidden_size, dtype=getattr(torch, dtype))
+        b = torch.randn(cfg.hidden_size, cfg.intermediate_size, dtype=getattr(torch, dtype))
+        for _ in range(3):
+            a @ b
+        began, repeats = time.perf_counter(), 20
+        for _ in range(repeats):
+            a @ b
+        rates[dtype] = 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - began)
     return {
         "sender_tokens": sender, "receiver_tokens": receiver, "answer_tokens": len(items) * task.max_new_tokens,
-        "decoder_weights": weights, "gflop_per_token": per_token / 1e9, "matmul_gflops": rate / 1e9,
-        "receiver_floor_seconds": receiver * per_token / rate,
+        "decoder_weights": weights, "gflop_per_token": per_token / 1e9,
+        "matmul_gflops": {dtype: rate / 1e9 for dtype, rate in rates.items()},
+        "receiver_floor_seconds": {dtype: receiver * per_token / rate for dtype, rate in rates.items()},
     }
 
 
@@ -95,11 +101,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=199, help="test items (Countries has 200: one calibrates)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32"],
+                        help="weights' dtypes to run, each at every batch size (e.g. float32,bfloat16); answers "
+                             "are compared with the first run's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-bucket", action="store_true", help="batches in item order (as before bucketing)")
     parser.add_argument("--official-seconds", type=float, default=122.0)
     parser.add_argument("--official-items", type=int, default=200)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/item-cost.json"))
     args = parser.parse_args()
@@ -114,32 +124,39 @@ def main() -> None:
                              text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    from kvcomm.models.source import DTYPES
+
+    if bad := [d for d in args.dtypes if d not in DTYPES]:
+        parser.error(f"unknown dtype {bad[0]!r}; valid: {', '.join(DTYPES)}")
     runs = []
-    for size in args.batch_sizes:
-        print(f"batch size {size} …", file=sys.stderr)
-        runs.append(child("--batch", str(size)))
+    for dtype in args.dtypes:
+        for size in args.batch_sizes:
+            print(f"{dtype}, batch size {size} …", file=sys.stderr)
+            runs.append(child("--batch", str(size), "--dtype", dtype))
     limits = child("--floor")
     official = args.official_seconds / args.official_items  # seconds per item
     reference = runs[0]["answers"]
     table = Table(title=f"kvcomm@{args.ratio:g} · {args.model} · {args.task} · {runs[0]['items']} items · "
                         f"{args.threads} thread(s)")
-    for column in ("batch", "seconds", "calibrate s", "sender s", "receiver s", "items/s", "× official",
+    for column in ("dtype", "batch", "seconds", "calibrate s", "sender s", "receiver s", "items/s", "× official",
                    "same answers as first row"):
         table.add_column(column, justify="right")
     for run in runs:
         run["x_official"] = official * run["items"] / run["seconds"]
         run["same_answers"] = sum(a == b for a, b in zip(run["answers"], reference))
-        table.add_row(str(run["batch_size"]), f"{run['seconds']:.1f}", f"{run['calibration_seconds']:.1f}",
-                      f"{run['sender_seconds']:.1f}", f"{run['receiver_seconds']:.1f}",
-                      f"{run['items_per_second']:.2f}", f"{run['x_official']:.2f}",
+        table.add_row(run["dtype"], str(run["batch_size"]), f"{run['seconds']:.1f}",
+                      f"{run['calibration_seconds']:.1f}", f"{run['sender_seconds']:.1f}",
+                      f"{run['receiver_seconds']:.1f}", f"{run['items_per_second']:.2f}", f"{run['x_official']:.2f}",
                       f"{run['same_answers']}/{len(reference)}")
     console = Console(width=140)
     console.print(table)
-    console.print(
-        f"floor: the receivers read {limits['receiver_tokens']:,} prompt tokens at {limits['gflop_per_token']:.3f} "
-        f"GFLOP each; at this CPU's {limits['matmul_gflops']:.0f} GFLOP/s (one-thread matmul) that alone takes "
-        f"{limits['receiver_floor_seconds']:.1f} s (the senders read {limits['sender_tokens']:,} tokens more); "
-        f"the official code: {args.official_seconds:g} s for {args.official_items} items")
+    for dtype in args.dtypes:
+        console.print(
+            f"floor in {dtype}: the receivers read {limits['receiver_tokens']:,} prompt tokens at "
+            f"{limits['gflop_per_token']:.3f} GFLOP each; at this CPU's {limits['matmul_gflops'][dtype]:.0f} GFLOP/s "
+            f"(one-thread matmul) that alone takes {limits['receiver_floor_seconds'][dtype]:.1f} s (the senders read "
+            f"{limits['sender_tokens']:,} tokens more)")
+    console.print(f"the official code: {args.official_seconds:g} s for {args.official_items} items (float32)")
     summary = {"model": args.model, "task": args.task, "ratio": args.ratio, "threads": args.threads,
                "official_seconds": args.official_seconds, "official_items": args.official_items,
                "floor": limits, "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs]}
