@@ -172,20 +172,8 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
     Raises:
         ConfigError: no answer tokens.
     """
-    if not answer:
-        raise ConfigError("an answer-likelihood item needs at least one answer token")
-    count = int(rows.context_len.shape[0])
-    ids = torch.tensor(prompt + answer[:-1])[None]  # the last answer token is only predicted
-    target = torch.tensor(answer)
-    begin = receiver_input(rows)
-    valid = torch.ones(count, ids.shape[1], dtype=torch.bool)
-    if start is None:
-        logits = run_body(model, ids.expand(count, -1), valid, begin.cache, begin.layout,
-                          logits_to_keep=len(answer)).logits  # [R, A, V]
-    else:
-        layer, hidden = start
-        with only_layers(model, layer, rows.num_layers):
-            logits = run_body(model, hidden, valid, begin.cache, begin.layout, logits_to_keep=len(answer)).logits
+    logits = _answer_logits(model, rows, prompt, answer, start)  # [R, A, V]
+    count, target = logits.shape[0], torch.tensor(answer)
     if reference is not None:
         logp = torch.log_softmax(logits.float(), dim=-1)  # [R, A, V]
         # a token the reference gives no probability adds nothing (0 · log 0 = 0, not NaN)
@@ -205,14 +193,30 @@ def rows_loglik(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answe
 def reference_logprobs(model: PreTrainedModel, sender: SenderKV, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """The receiver's log-probabilities at each of ``answer``'s positions (``[A, V]``, float32),
     teacher-forced, with the sender's KV at every layer: what fidelity compares a layer set with."""
+    logits = _answer_logits(model, _masked(sender, [frozenset(range(sender.num_layers))]), prompt, answer)
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def _answer_logits(model: PreTrainedModel, rows: SharedKV, prompt: list[int], answer: list[int],
+                   start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The receiver's logits at each of ``answer``'s positions (``[R, A, V]``), teacher-forced after
+    ``prompt`` on every row of ``rows``; ``start`` as in :func:`rows_loglik`.
+
+    Raises:
+        ConfigError: no answer tokens.
+    """
     if not answer:
         raise ConfigError("an answer-likelihood item needs at least one answer token")
-    every = frozenset(range(sender.num_layers))
-    begin = receiver_input(_masked(sender, [every]))
-    ids = torch.tensor(prompt + answer[:-1])[None]
-    logits = run_body(model, ids, torch.ones_like(ids, dtype=torch.bool), begin.cache, begin.layout,
-                      logits_to_keep=len(answer)).logits  # [1, A, V]
-    return torch.log_softmax(logits[0].float(), dim=-1)
+    count = int(rows.context_len.shape[0])
+    ids = torch.tensor(prompt + answer[:-1])[None]  # the last answer token is only predicted
+    begin = receiver_input(rows)
+    valid = torch.ones(count, ids.shape[1], dtype=torch.bool)
+    if start is None:
+        return run_body(model, ids.expand(count, -1), valid, begin.cache, begin.layout,
+                        logits_to_keep=len(answer)).logits
+    layer, hidden = start
+    with only_layers(model, layer, rows.num_layers):
+        return run_body(model, hidden, valid, begin.cache, begin.layout, logits_to_keep=len(answer)).logits
 
 
 def rival_tokens(model: LoadedModel, item: Item, answer: list[int]) -> tuple[tuple[int, int], ...]:
