@@ -71,10 +71,34 @@ def kvcomm_attention(
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # [B, H, T, K]
         _record_importance(layout, layer, probs)
         out = torch.matmul(probs, value)
+    elif query_len == 1 and query.dtype in REDUCED and query.device.type == "cpu":
+        out = _one_query(query, key, value, mask, scale)
     else:
         # Grouped heads share keys in place (the same result as repeating them, without the copy).
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _one_query(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """A decoding step's attention in float32 for bfloat16/float16 models on CPU: ``[B, H, 1, D]``.
+
+    torch's CPU kernel for scaled-dot-product attention is 5-12x slower on one bfloat16 query
+    than these two products in float32 (``docs/results.md``, the bfloat16 decoding step), and no
+    less exact: it too accumulates and normalises in float32. Each key-value head's query heads
+    form the rows of one product, so grouped keys are read in place.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, K]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, K]
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())
+    return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
 def _record_importance(layout: AttentionLayout, layer: int, probs: torch.Tensor) -> None:
