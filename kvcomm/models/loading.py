@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kvcomm.cache import cache_root
 from kvcomm.errors import ConfigError, ModelError
 from kvcomm.files import TEMPORARY_SUFFIX, atomic_file, produce_once
+from kvcomm.models.allocator import keep_freed_memory
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
 from kvcomm.models.packing import LINEARS, pack_linears, require_packing
 from kvcomm.models.pins import PINS
@@ -197,6 +198,7 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
                           f"valid: {', '.join(LINEARS)}")
     if linear == "packed":
         require_packing()  # before any weight loads
+    keep_freed_memory()
     key = (name_or_path, dtype, linear)
     if key not in _LOADED:
         loaded = _load(name_or_path, getattr(torch, dtype))

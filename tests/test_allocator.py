@@ -1,0 +1,72 @@
+"""The allocator thresholds (kvcomm/models/allocator.py): freed memory stays in the process."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvcomm.errors import ConfigError
+from kvcomm.models import allocator
+
+GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version") and hasattr(ctypes.CDLL(None), "mallinfo2")
+
+# Allocates and frees a 20 MiB block: how much of it was a new mapping (returned at once when
+# freed) and how much free heap the process holds afterwards.
+PROBE = """
+import ctypes, json, sys
+from kvcomm.models.allocator import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+applied = keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(20 * 2**20)
+mapped = libc.mallinfo2().hblkhd - before
+libc.free(block)
+print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2().fordblks}))
+"""
+
+
+def _probe(mode: str) -> dict:
+    env = {**os.environ, "KVCOMM_MALLOC": mode}
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only (mallinfo2, glibc >= 2.33)")
+def test_keep_serves_a_20_mib_block_from_the_heap_and_keeps_it_when_freed():
+    kept = _probe("keep")
+    assert kept["applied"] is True
+    assert kept["mapped"] < 2**20  # not an mmap of its own
+    assert kept["kept"] >= 20 * 2**20  # still the process's after free
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only (mallinfo2, glibc >= 2.33)")
+def test_system_leaves_glibc_as_it_is():
+    system = _probe("system")
+    assert system["applied"] is False
+    assert system["mapped"] >= 20 * 2**20  # glibc's own first choice for a block this size
+    assert system["kept"] < 20 * 2**20
+
+
+def test_an_unknown_mode_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("KVCOMM_MALLOC", "jemalloc")
+    with pytest.raises(ConfigError, match="unknown KVCOMM_MALLOC 'jemalloc'; valid: keep, system"):
+        allocator.keep_freed_memory()
+
+
+def test_the_settings_are_made_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setattr(allocator, "_set_thresholds", lambda: calls.append(1) or True)
+    monkeypatch.delenv("KVCOMM_MALLOC", raising=False)
+    assert allocator.keep_freed_memory() and allocator.keep_freed_memory()
+    assert calls == [1]
