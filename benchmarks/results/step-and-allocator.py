@@ -1,0 +1,69 @@
+"""Issue 19 part 6: the one-thread Countries run (kvcomm@0.5, the paper rule, batch 64) with the
+decoding step's attention and the allocator thresholds of 2026-11-24 switched off and on, each
+variant in its own process, one torch thread, in float32 and bfloat16. Prints a table, writes JSON.
+
+    OMP_NUM_THREADS=1 python benchmarks/results/step-and-allocator.py ../shared/data/countries.jsonl \\
+        benchmarks/results/item-cost-step-allocator.json
+
+Variants: ``before`` (the SDPA kernel for one-token queries, glibc's adaptive allocator), ``step``
+(the float32 one-query path for bfloat16 models; float32 models are untouched by it), ``both``
+(that and ``KVCOMM_MALLOC=keep``). Rounds alternate the order; answers are compared with each
+dtype's ``before``.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
+from kvcomm.protocol import attention
+dtype, variant, data = sys.argv[1:4]
+if variant == "before":
+    attention.REDUCED = ()
+agents = Agents.load("smollm2-135m", dtype=dtype)
+task = load_task("countries", data)
+config = EvalConfig(limit=199, batch_size=64, calib_size=1, bucket=True, selection="paper")
+began = time.perf_counter()
+report = evaluate(agents, task, build_methods(["kvcomm"], ratio=0.5), config, progress=False)
+run = report.runs[0]
+print(json.dumps({"dtype": dtype, "variant": variant, "seconds": time.perf_counter() - began,
+                  "sender": run.sender_seconds, "receiver": run.seconds, "n": run.n,
+                  "answers": [item.answer for item in run.items]}))
+"""
+
+data, out = sys.argv[1], Path(sys.argv[2])
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+rows = []
+for r in range(rounds):
+    for dtype in ("float32", "bfloat16"):
+        variants = ("before", "step", "both") if r % 2 == 0 else ("both", "step", "before")
+        for variant in variants:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "KVCOMM_MALLOC": "keep" if variant == "both" else "system"}
+            done = subprocess.run([sys.executable, "-c", CHILD, dtype, variant, data], env=env,
+                                  capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["round"] = r
+            rows.append(row)
+            print(f"round {r} {dtype:8} {variant:6} {row['seconds']:6.1f} s  sender {row['sender']:5.1f}  "
+                  f"receiver {row['receiver']:5.1f}", flush=True)
+
+print("\n| dtype | variant | seconds (each round) | mean | × official (122 s) | answers equal to before |")
+print("|---|---|---|---|---|---|")
+summary = []
+for dtype in ("float32", "bfloat16"):
+    base = next(row["answers"] for row in rows if row["dtype"] == dtype and row["variant"] == "before")
+    for variant in ("before", "step", "both"):
+        mine = [row for row in rows if row["dtype"] == dtype and row["variant"] == variant]
+        mean = sum(row["seconds"] for row in mine) / len(mine)
+        equal = min(sum(a == b for a, b in zip(row["answers"], base)) for row in mine)
+        summary.append({"dtype": dtype, "variant": variant, "seconds": [row["seconds"] for row in mine],
+                        "mean": mean, "answers_equal": equal, "n": mine[0]["n"]})
+        each = ", ".join(f"{row['seconds']:.1f}" for row in mine)
+        print(f"| {dtype} | {variant} | {each} | {mean:.1f} | "
+              f"{122 / mean:.2f} | {equal}/{mine[0]['n']} |")
+out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}, indent=1))
