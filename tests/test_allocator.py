@@ -13,13 +13,13 @@ import pytest
 from kvcomm.errors import ConfigError
 from kvcomm.models import allocator
 
-GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version") and hasattr(ctypes.CDLL(None), "mallinfo2")
+GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
 
 # Allocates and frees a 20 MiB block: how much of it was a new mapping (returned at once when
 # freed) and how much free heap the process holds afterwards.
 PROBE = """
 import ctypes, json, sys
-from kvcomm.models.allocator import keep_freed_memory
+from kvcomm.models.allocator import allocator_state, keep_freed_memory, release_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -31,12 +31,16 @@ before = libc.mallinfo2().hblkhd
 block = libc.malloc(20 * 2**20)
 mapped = libc.mallinfo2().hblkhd - before
 libc.free(block)
-print(json.dumps({"applied": applied, "mapped": mapped, "kept": libc.mallinfo2().fordblks}))
+kept = libc.mallinfo2().fordblks
+release_freed_memory()
+print(json.dumps({"applied": applied, "state": allocator_state(), "mapped": mapped, "kept": kept,
+                  "released": libc.mallinfo2().fordblks}))
 """
 
 
-def _probe(mode: str) -> dict:
-    env = {**os.environ, "KVCOMM_MALLOC": mode}
+def _probe(mode: str, **settings: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env |= {"KVCOMM_MALLOC": mode, **settings}
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -47,6 +51,8 @@ def test_keep_serves_a_20_mib_block_from_the_heap_and_keeps_it_when_freed():
     assert kept["applied"] is True
     assert kept["mapped"] < 2**20  # not an mmap of its own
     assert kept["kept"] >= 20 * 2**20  # still the process's after free
+    assert kept["state"] == "keep"
+    assert kept["released"] < 20 * 2**20  # release_freed_memory hands it back
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only (mallinfo2, glibc >= 2.33)")
@@ -55,6 +61,13 @@ def test_system_leaves_glibc_as_it_is():
     assert system["applied"] is False
     assert system["mapped"] >= 20 * 2**20  # glibc's own first choice for a block this size
     assert system["kept"] < 20 * 2**20
+    assert system["state"] == "system"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only (mallinfo2, glibc >= 2.33)")
+def test_the_users_own_glibc_thresholds_are_left_alone():
+    mine = _probe("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576")
+    assert mine["applied"] is False and mine["state"] == "user settings"
 
 
 def test_an_unknown_mode_is_one_clear_error(monkeypatch):
@@ -65,8 +78,18 @@ def test_an_unknown_mode_is_one_clear_error(monkeypatch):
 
 def test_the_settings_are_made_once_per_process(monkeypatch):
     calls = []
-    monkeypatch.setattr(allocator, "_applied", None)
-    monkeypatch.setattr(allocator, "_set_thresholds", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "_state", None)
+    monkeypatch.setattr(allocator, "_settle", lambda mode: calls.append(mode) or "keep")
     monkeypatch.delenv("KVCOMM_MALLOC", raising=False)
     assert allocator.keep_freed_memory() and allocator.keep_freed_memory()
-    assert calls == [1]
+    assert calls == ["keep"] and allocator.allocator_state() == "keep"
+
+
+def test_load_model_sets_the_allocator_before_loading(monkeypatch, tiny_dir):
+    from kvcomm.models import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "keep_freed_memory", lambda: calls.append(len(loading._LOADED)) or True)
+    monkeypatch.setattr(loading, "_LOADED", {})
+    loading.load_model(str(tiny_dir))
+    assert calls == [0]  # called, and before the model was loaded

@@ -27,6 +27,7 @@ from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
 from kvcomm.eval.provenance import data_record, method_seeds, profiles_identity, run_identity, utc_now
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup
+from kvcomm.models.allocator import release_freed_memory
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import (
@@ -411,6 +412,7 @@ def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
     (``bucket``: ordered by prompt lengths first, so that a batch pads little)."""
     budget = None
     if config.max_memory_gb is not None:
+        release_freed_memory()  # what the allocator keeps from earlier runs is not the models' memory
         budget = int(config.max_memory_gb * GIB) - rss_bytes()
         if budget <= 0:
             raise ConfigError(f"--max-memory {config.max_memory_gb} GiB is below what the loaded models "

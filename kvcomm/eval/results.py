@@ -81,17 +81,19 @@ class Report(BaseModel):
 
 def environment(cluster: Cluster | None = None) -> dict[str, str]:
     """Versions of kvcomm (and its git commit, when it runs from a repository), torch,
-    transformers and Python, and the machine; and the Ray cluster the batches ran on, if any."""
+    transformers and Python, the machine, the allocator setting (``models/allocator.py``); and the
+    Ray cluster the batches ran on, if any."""
     import transformers
 
     from kvcomm import __version__
     from kvcomm.eval.provenance import git_commit
+    from kvcomm.models.allocator import allocator_state
 
     commit = git_commit()
     return {
         "kvcomm": __version__, **({"git_commit": commit} if commit else {}), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "allocator": allocator_state(),
     } | ({"ray": cluster.describe()} if cluster is not None else {})
 
 

@@ -185,9 +185,13 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
             decoding step at batch 16 2.2× and a 45-token prefill 1.25×; those layers' memory
             doubles; ``models/packing.py``). Default: ``$KVCOMM_LINEAR``, else ``dense``.
 
+    The first call in a process also sets glibc's allocator to keep freed memory (a process-wide
+    setting; ``$KVCOMM_MALLOC=system``, or the user's own glibc thresholds, leave it alone;
+    ``models/allocator.py``).
+
     Raises:
         ModelError: the model cannot be found or loaded; the message says why.
-        ConfigError: an unknown dtype or linear, or ``packed`` without oneDNN.
+        ConfigError: an unknown dtype, linear or ``$KVCOMM_MALLOC``, or ``packed`` without oneDNN.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
