@@ -336,20 +336,21 @@ def test_check_stops_prefill_and_decoding():
     assert len(calls) == 2  # stopped at the second chunk, before the third
 
 
-def test_one_query_attention_in_bfloat16_equals_a_float64_reference():
-    """The decoding step's path for bfloat16 models (``_one_query``): grouped heads, masked keys."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_attention_equals_a_float64_reference(dtype):
+    """The decoding step's path for bfloat16/float16 models (``_one_query``): grouped heads, masked keys."""
     from kvcomm.protocol.attention import _one_query
 
     gen = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, dim, keys = 3, 6, 2, 8, 11
-    query = torch.randn(batch, heads, 1, dim, generator=gen).to(torch.bfloat16)
-    key, value = (torch.randn(batch, kv_heads, keys, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    query = torch.randn(batch, heads, 1, dim, generator=gen).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, keys, dim, generator=gen).to(dtype) for _ in range(2))
     mask = torch.rand(batch, 1, 1, keys, generator=gen) > 0.4
     mask[..., 0] = True
     reference = torch.nn.functional.scaled_dot_product_attention(
         query.double(), key.double(), value.double(), attn_mask=mask, scale=0.3, enable_gqa=True)
     got = _one_query(query, key, value, mask, 0.3)
-    assert got.dtype == torch.bfloat16 and got.shape == query.shape
+    assert got.dtype == dtype and got.shape == query.shape
     assert (got.double() - reference).abs().max().item() <= 2**-8 * reference.abs().max().item()  # bf16 rounding
     hidden = value.clone()
     hidden[~mask[:, 0, 0][:, None, :, None].expand_as(value)] = 1e4  # masked keys' values never count
@@ -375,3 +376,20 @@ def test_bfloat16_decoding_steps_skip_the_cpu_sdpa_kernel_and_agree_with_it(fami
     slow = receiver_logits(model, sender_ids, step, [0, 2]).float()
     assert 1 in calls
     assert (fast - slow).abs().max().item() <= 0.05 * slow.abs().max().item()
+
+
+def test_float32_decoding_steps_keep_the_sdpa_kernel(family, monkeypatch):
+    """Float32 answers stay as recorded: a float32 one-token step still runs torch's kernel."""
+    from kvcomm.protocol import attention
+
+    model = tiny_model(family)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counted)
+    receiver_logits(model, torch.randint(0, 99, (2, 12)), torch.randint(0, 99, (2, 1)), [0, 2])
+    assert 1 in calls

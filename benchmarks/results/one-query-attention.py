@@ -7,6 +7,7 @@ the two outputs.
     OMP_NUM_THREADS=1 python benchmarks/results/one-query-attention.py
 """
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from kvcomm.protocol.attention import _one_query
 torch.set_num_threads(1)
 
 
-def ms(call, repeats: int = 20) -> float:
+def ms(call: Callable[[], torch.Tensor], repeats: int = 20) -> float:
     call()
     began = time.perf_counter()
     for _ in range(repeats):

@@ -23,6 +23,7 @@ from kvcomm.errors import ProtocolError
 from kvcomm.protocol.layout import AttentionLayout
 
 ATTENTION_NAME = "kvcomm"
+REDUCED = (torch.bfloat16, torch.float16)  # dtypes whose one-query steps take `_one_query` (benchmarks switch it off)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,18 +80,16 @@ def kvcomm_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-REDUCED = (torch.bfloat16, torch.float16)
-
-
 def _one_query(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """A decoding step's attention in float32 for bfloat16/float16 models on CPU: ``[B, H, 1, D]``.
 
     torch's CPU kernel for scaled-dot-product attention is 5-12x slower on one bfloat16 query
-    than these two products in float32 (``docs/results.md``, the bfloat16 decoding step), and no
-    less exact: it too accumulates and normalises in float32. Each key-value head's query heads
-    form the rows of one product, so grouped keys are read in place.
+    on this project's machine than these two products in float32 (``docs/results.md``, the
+    bfloat16 decoding step), and no more exact against a float64 reference. Each key-value head's
+    query heads form the rows of one product, so grouped keys are read in place; keys and values
+    are copied to float32 once per call.
     """
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
