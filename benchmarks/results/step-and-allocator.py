@@ -8,7 +8,8 @@ variant in its own process, one torch thread, in float32 and bfloat16. Prints a 
 Variants: ``before`` (the SDPA kernel for one-token queries, glibc's adaptive allocator), ``step``
 (the float32 one-query path for bfloat16 models; float32 models are untouched by it), ``both``
 (that and ``KVCOMM_MALLOC=keep``). Rounds alternate the order; answers are compared with each
-dtype's ``before``.
+dtype's ``before``. Each run's peak and final resident size are recorded too (the JSON of
+2026-11-24 morning predates them; ``item-cost-step-allocator-memory.json`` has them, one round).
 """
 import json
 import os
@@ -31,8 +32,11 @@ config = EvalConfig(limit=199, batch_size=64, calib_size=1, bucket=True, selecti
 began = time.perf_counter()
 report = evaluate(agents, task, build_methods(["kvcomm"], ratio=0.5), config, progress=False)
 run = report.runs[0]
-print(json.dumps({"dtype": dtype, "variant": variant, "seconds": time.perf_counter() - began,
+seconds = time.perf_counter() - began
+from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
+print(json.dumps({"dtype": dtype, "variant": variant, "seconds": seconds,
                   "sender": run.sender_seconds, "receiver": run.seconds, "n": run.n,
+                  "peak_rss_gib": peak_rss_bytes() / GIB, "end_rss_gib": rss_bytes() / GIB,
                   "answers": [item.answer for item in run.items]}))
 """
 
@@ -49,8 +53,10 @@ for r in range(rounds):
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row["round"] = r
             rows.append(row)
+            memory = f"  peak RSS {row['peak_rss_gib']:.2f} GiB, at the end {row['end_rss_gib']:.2f}" \
+                if "peak_rss_gib" in row else ""
             print(f"round {r} {dtype:8} {variant:6} {row['seconds']:6.1f} s  sender {row['sender']:5.1f}  "
-                  f"receiver {row['receiver']:5.1f}", flush=True)
+                  f"receiver {row['receiver']:5.1f}{memory}", flush=True)
 
 print("\n| dtype | variant | seconds (each round) | mean | × official (122 s) | answers equal to before |")
 print("|---|---|---|---|---|---|")

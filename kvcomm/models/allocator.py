@@ -6,10 +6,11 @@ largest block freed so far, at most 32 MiB) from a fresh ``mmap``, and trims the
 heap back to the system, so the next layer's tensors fault the same pages in again and the
 kernel zeroes them. :func:`keep_freed_memory` fixes two thresholds instead: requests below 32 MiB
 (glibc's largest mmap threshold) come from the heap, and the heap's free top is trimmed only
-beyond 1 GiB. Measured on SmolLM2-135M, one thread, 199 Countries items at batch 64: 7-9% less
-time in float32 and in bfloat16 (``docs/results.md``, "The decoding step's attention in bfloat16,
-and the allocator"). The cost: freed memory stays with the process for its next allocations, so
-its resident size stays nearer its peak (:func:`release_freed_memory` hands it back on demand).
+beyond 1 GiB. Measured on SmolLM2-135M, one thread, 199 Countries items at batch 64: 4-7% less
+time in bfloat16, and 9% in float32 in two rounds of three (``docs/results.md``, "The decoding
+step's attention in bfloat16, and the allocator"). The cost: freed memory stays with the process
+for its next allocations, so its resident size stays nearer its peak (the peak itself did not
+change; :func:`release_freed_memory` hands the rest back on demand).
 
 :func:`~kvcomm.models.loading.load_model` calls :func:`keep_freed_memory` before the first model
 loads. ``$KVCOMM_MALLOC`` chooses: ``keep`` (default) or ``system`` (glibc's own behaviour).
