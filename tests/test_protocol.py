@@ -365,6 +365,7 @@ def test_bfloat16_decoding_steps_skip_the_cpu_sdpa_kernel_and_agree_with_it(fami
     sender_ids, step = torch.randint(0, 99, (2, 12)), torch.randint(0, 99, (2, 1))
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
+
     def counted(query, *args, **kwargs):
         calls.append(query.shape[2])  # the query length: the sender's prefill calls it too
         return sdpa(query, *args, **kwargs)
