@@ -38,6 +38,7 @@ def one_run(args: argparse.Namespace) -> dict:
     import torch
 
     from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
+    from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(args.threads)
     agents = Agents.load(args.model, dtype=args.dtype)
@@ -53,6 +54,7 @@ def one_run(args: argparse.Namespace) -> dict:
         "sender_seconds": run.sender_seconds, "receiver_seconds": run.seconds,
         "calibration_seconds": total - run.sender_seconds - run.seconds, "items": run.n,
         "items_per_second": run.n / total, "score": run.scores[task.metric].mean,
+        "peak_rss_gib": peak_rss_bytes() / GIB, "end_rss_gib": rss_bytes() / GIB,
         "answers": [item.answer for item in run.items],
     }
 

@@ -19,27 +19,22 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, sys, time, torch
-torch.set_num_threads(1)
-from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
+import json, sys
+from argparse import Namespace
 from kvcomm.protocol import attention
-dtype, variant, data = sys.argv[1:4]
+dtype, variant, data, benchmarks = sys.argv[1:5]
+sys.path.insert(0, benchmarks)
+from item_cost import one_run  # the per-item benchmark's own run, so the setup is the same
 if variant == "before":
     attention.REDUCED = ()
-agents = Agents.load("smollm2-135m", dtype=dtype)
-task = load_task("countries", data)
-config = EvalConfig(limit=199, batch_size=64, calib_size=1, bucket=True, selection="paper")
-began = time.perf_counter()
-report = evaluate(agents, task, build_methods(["kvcomm"], ratio=0.5), config, progress=False)
-run = report.runs[0]
-seconds = time.perf_counter() - began
-from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
-print(json.dumps({"dtype": dtype, "variant": variant, "seconds": seconds,
-                  "sender": run.sender_seconds, "receiver": run.seconds, "n": run.n,
-                  "peak_rss_gib": peak_rss_bytes() / GIB, "end_rss_gib": rss_bytes() / GIB,
-                  "answers": [item.answer for item in run.items]}))
+run = one_run(Namespace(model="smollm2-135m", task="countries", data=data, items=199, ratio=0.5, batch=64,
+                        dtype=dtype, threads=1, no_bucket=False))
+print(json.dumps({"dtype": dtype, "variant": variant, "seconds": run["seconds"], "sender": run["sender_seconds"],
+                  "receiver": run["receiver_seconds"], "n": run["items"], "peak_rss_gib": run["peak_rss_gib"],
+                  "end_rss_gib": run["end_rss_gib"], "answers": run["answers"]}))
 """
 
+BENCHMARKS = str(Path(__file__).resolve().parents[1])  # where item_cost.py lives
 data, out = sys.argv[1], Path(sys.argv[2])
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 rows = []
@@ -48,7 +43,7 @@ for r in range(rounds):
         variants = ("before", "step", "both") if r % 2 == 0 else ("both", "step", "before")
         for variant in variants:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "KVCOMM_MALLOC": "keep" if variant == "both" else "system"}
-            done = subprocess.run([sys.executable, "-c", CHILD, dtype, variant, data], env=env,
+            done = subprocess.run([sys.executable, "-c", CHILD, dtype, variant, data, BENCHMARKS], env=env,
                                   capture_output=True, text=True, check=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row["round"] = r
