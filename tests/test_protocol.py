@@ -357,20 +357,28 @@ def test_one_query_attention_equals_a_float64_reference(dtype):
     assert torch.equal(_one_query(query, key, hidden, mask, 0.3), got)
 
 
+def _sdpa_query_lengths(monkeypatch) -> list[int]:
+    """The query length of every call to torch's SDPA kernel from now on (the sender's prefill calls it too)."""
+    from kvcomm.protocol import attention
+
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counted)
+    return calls
+
+
 def test_bfloat16_decoding_steps_skip_the_cpu_sdpa_kernel_and_agree_with_it(family, monkeypatch):
     """A one-token receiver step in bfloat16 runs ``_one_query`` (no SDPA call), with SDPA's logits."""
     from kvcomm.protocol import attention
 
     model = tiny_model(family).to(torch.bfloat16)
     sender_ids, step = torch.randint(0, 99, (2, 12)), torch.randint(0, 99, (2, 1))
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counted(query, *args, **kwargs):
-        calls.append(query.shape[2])  # the query length: the sender's prefill calls it too
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counted)
+    calls = _sdpa_query_lengths(monkeypatch)
     fast = receiver_logits(model, sender_ids, step, [0, 2]).float()
     assert 1 not in calls
     monkeypatch.setattr(attention, "REDUCED", ())  # the SDPA kernel for every query length
@@ -381,16 +389,8 @@ def test_bfloat16_decoding_steps_skip_the_cpu_sdpa_kernel_and_agree_with_it(fami
 
 def test_float32_decoding_steps_keep_the_sdpa_kernel(family, monkeypatch):
     """Float32 answers stay as recorded: a float32 one-token step still runs torch's kernel."""
-    from kvcomm.protocol import attention
 
     model = tiny_model(family)
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counted(query, *args, **kwargs):
-        calls.append(query.shape[2])
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counted)
+    calls = _sdpa_query_lengths(monkeypatch)
     receiver_logits(model, torch.randint(0, 99, (2, 12)), torch.randint(0, 99, (2, 1)), [0, 2])
     assert 1 in calls
