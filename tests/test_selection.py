@@ -25,15 +25,16 @@ from kvcomm.selection import (
 from tests.conftest import tiny_loaded, tiny_model
 
 
-def test_importance_equals_eager_attention_mass_on_context(family):
+@pytest.mark.parametrize("receiver_len", [5, 1])  # a one-token prompt is recorded too
+def test_importance_equals_eager_attention_mass_on_context(family, receiver_len):
     model = tiny_model(family)
     eager = tiny_model(family)
     eager.set_attn_implementation("eager")
-    sender_ids, receiver_ids = torch.randint(0, 99, (1, 10)), torch.randint(0, 99, (1, 5))
+    sender_ids, receiver_ids = torch.randint(0, 99, (1, 10)), torch.randint(0, 99, (1, receiver_len))
     with torch.no_grad():
         attentions = eager(torch.cat([sender_ids, receiver_ids], 1), output_attentions=True).attentions
         got = attention_importance(model, prefill(model, sender_ids, sender_ids >= 0), receiver_ids, receiver_ids >= 0)
-    # Receiver queries (rows 10..14) on context keys 1..9, summed over keys, mean over heads and queries.
+    # Receiver queries (rows 10 on) on context keys 1..9, summed over keys, mean over heads and queries.
     expected = torch.stack([a[0, :, 10:, 1:10].sum(-1).mean() for a in attentions])
     assert torch.allclose(got[0], expected, atol=1e-5)
 

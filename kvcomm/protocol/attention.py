@@ -64,8 +64,9 @@ def kvcomm_attention(
     groups = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
-    if layout.recorder is not None and query_len > 1:
-        # Calibration: materialise this layer's probabilities once, use them for the output too.
+    if layout.recorder is not None:
+        # Calibration (a prompt's prefill, never a decoding step; a one-token prompt included):
+        # materialise this layer's probabilities once, use them for the output too.
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~mask, float("-inf"))
