@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm import Agents, Batch, load_task
+from kvcomm.models.allocator import allocator_state
 from kvcomm.protocol import share
 from kvcomm.wire import PRESETS, KVMessage, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
@@ -111,7 +112,8 @@ def main() -> None:
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "context_tokens": args.context_tokens,
                                     "items": len(rows),
                                     "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
-                                    "repeats": args.repeats, "codecs": results}, indent=1) + "\n")
+                                    "repeats": args.repeats, "allocator": allocator_state(),
+                                    "codecs": results}, indent=1) + "\n")
     print(f"written: {args.out}")
 
 
