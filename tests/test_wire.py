@@ -416,6 +416,106 @@ def test_entropy_codecs_decode_keys_and_values_on_two_threads_as_on_one(name):
     torch.testing.assert_close(one.values, two.values, rtol=exact, atol=exact)
 
 
+@pytest.mark.parametrize("name", [*ENTROPY_CODECS, "fp16", "int8"])
+def test_a_whole_message_decodes_two_layers_at_a_time_as_layer_by_layer(name, monkeypatch):
+    """``read`` (every layer wanted) hands alternate layers to the helper thread; streaming layer
+    by layer does not. The same tensors either way, and the helper got one lane per message."""
+    from kvcomm.wire.codecs import base
+    from kvcomm.wire.codecs.base import PARALLEL_FROM
+
+    tokens = PARALLEL_FROM // 32 + 1
+    layers = [LayerKV(i, True, kv_like(2, tokens, 16, i), kv_like(2, tokens, 16, 10 + i)) for i in range(5)]
+    book = random_codebook(2, 16, layers=5, seed=3)
+    data = KVMessage({"m": 1}, tokens, 0, layers, make_codec(name).bind(lambda: book)).to_bytes()
+    pool = base._helper()
+    submitted: list[str] = []
+
+    class Spy:
+        def submit(self, job, *args):
+            submitted.append(getattr(job, "__name__", ""))
+            return pool.submit(job, *args)
+
+    monkeypatch.setattr(base, "_helper", lambda: Spy())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = KVMessage.from_bytes(data).layers
+        assert submitted == ["lane"]  # one lane of layers 1 and 3; nothing side by side inside it
+        streamed = list(MessageReader(io.BytesIO(data)).layers())
+    finally:
+        torch.set_num_threads(threads)
+    exact = 0.0 if name != "klt" else None  # klt's basis product may round apart by an ulp
+    assert [layer.index for layer in whole] == list(range(5))
+    for a, b in zip(whole, streamed):
+        torch.testing.assert_close(a.keys, b.keys, rtol=exact, atol=exact)
+        torch.testing.assert_close(a.values, b.values, rtol=exact, atol=exact)
+
+
+def test_two_lanes_raise_the_first_error_in_order_after_the_jobs_before_it():
+    from kvcomm.wire.codecs.base import PARALLEL_FROM, in_two_lanes
+
+    ran: list[int] = []
+
+    def job(i):
+        def run():
+            ran.append(i)
+            if i in (1, 2):
+                raise CorruptMessage(f"layer {i}")
+            return i
+        return run
+
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            ran.clear()
+            jobs = [job(i) for i in (0, 3, 4, 5)]
+            assert in_two_lanes(jobs, PARALLEL_FROM) == [0, 3, 4, 5] and jobs == []  # the list is emptied
+            assert sorted(ran) == [0, 3, 4, 5]
+            ran.clear()
+            with pytest.raises(CorruptMessage, match="layer 1"):  # on two lanes 1 and 2 may run side by side
+                in_two_lanes([job(i) for i in range(6)], PARALLEL_FROM)
+            assert {0, 1} <= set(ran)
+            if count == 1:
+                assert ran == [0, 1]  # one lane stops at the error
+    finally:
+        torch.set_num_threads(threads)
+
+
+def split_message(data: bytes) -> tuple[bytes, int, list[bytes]]:
+    """A message's header blob, version and layer payloads (no extras), to craft variants of it."""
+    version, size = struct.unpack("<HI", data[4:10])
+    blob, at, payloads = data[10:10 + size], 14 + size, []
+    while data[at:at + 4] != b"KEND":
+        (length,) = struct.unpack("<I", data[at:at + 4])
+        payloads.append(data[at + 4:at + 4 + length])
+        at += 8 + length
+    return blob, version, payloads
+
+
+def test_a_bad_layer_of_a_whole_message_with_valid_checksums_is_refused_and_named():
+    """Layer 1 (the helper's lane) holds a garbled stream under valid checksums: its own error is
+    raised, and neither thread is left marked as a lane."""
+    from kvcomm.wire.codecs import base
+    from kvcomm.wire.codecs.base import PARALLEL_FROM
+    from tests.conftest import craft
+
+    tokens = PARALLEL_FROM // 32 + 1
+    layers = [LayerKV(i, True, kv_like(2, tokens, 16, i), kv_like(2, tokens, 16, 10 + i)) for i in range(4)]
+    blob, version, payloads = split_message(KVMessage({"m": 1}, tokens, 0, layers, make_codec("int4-ans")).to_bytes())
+    payloads[1] = payloads[1][:-256] + bytes(256)  # the same length: only the decoder can tell
+    data = craft(blob, payloads, version)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(CorruptMessage, match="layer 1"):
+            KVMessage.from_bytes(data)
+    finally:
+        torch.set_num_threads(threads)
+    assert not getattr(base._lane, "active", False)
+    assert not base._helper().submit(lambda: getattr(base._lane, "active", False)).result()
+
+
 @pytest.mark.parametrize("coder", ["rans", "rans-v5", None])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dim,length", [(1, 300), (2, 16), (1, 7), (2, 200)])

@@ -90,7 +90,7 @@ def inspect_command(
     with path.open("rb") as f:
         reader = MessageReader(f)
         header = reader.header.model_dump(mode="json")
-        list(reader.layers())  # verifies every checksum and decodes every layer
+        list(reader.layers(whole=True))  # verifies every checksum and decodes every layer
     if as_json:
         print(json.dumps(header, indent=1))
         return

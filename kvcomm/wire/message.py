@@ -30,11 +30,12 @@ needs; a layer may be left out (0 tokens, no payload) where the receiver compute
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,7 +53,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV, received_positions
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.codecs.base import all_finite, header_codec
+from kvcomm.wire.codecs.base import all_finite, header_codec, in_two_lanes
 from kvcomm.wire.header import (
     DIGEST_OF_CRCS_SINCE,
     MAX_HEADER,
@@ -262,7 +263,7 @@ class KVMessage:
              max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
         """Reads one whole message; returns it only once every check has passed."""
         reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes)
-        return cls.from_reader(reader, list(reader.layers()))
+        return cls.from_reader(reader, list(reader.layers(whole=True)))
 
     @classmethod
     def from_reader(cls, reader: MessageReader, layers: list[LayerKV]) -> KVMessage:
@@ -338,11 +339,25 @@ class MessageReader:
             raise CorruptMessage(f"{what}: checksum mismatch")
         return payload
 
-    def layers(self) -> Iterator[LayerKV]:
+    def layers(self, whole: bool = False) -> Iterator[LayerKV]:
+        """The layers in order, each decoded as its frame arrives; with ``whole`` (the caller
+        wants every layer before using any), every frame is read and checked first and the
+        layers decode two at a time (:func:`~kvcomm.wire.codecs.base.in_two_lanes`), so a bad
+        frame anywhere is refused before a bad payload in an earlier layer."""
         h = self.header
-        for entry in h.layers:
-            payload = self._frame(entry.bytes, f"layer {entry.index}")
-            yield _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
+
+        def decode(entry: LayerEntry, payload: bytes) -> LayerKV:
+            return _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
+
+        if whole:
+            jobs: list[Callable[[], LayerKV]] = [
+                functools.partial(decode, entry, self._frame(entry.bytes, f"layer {entry.index}"))
+                for entry in h.layers]
+            largest = max((entry.tokens for entry in h.layers), default=0)  # small layers stay on one lane
+            yield from in_two_lanes(jobs, h.heads * largest * h.head_dim)
+        else:
+            for entry in h.layers:
+                yield decode(entry, self._frame(entry.bytes, f"layer {entry.index}"))
         for extra in h.extras:
             payload = self._frame(extra.bytes, f"the {extra.kind} frame")
             if extra.kind == "token_ids":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -189,14 +191,72 @@ def _helper() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-decode")
 
 
+_lane = threading.local()  # set while a thread runs one lane of :func:`in_two_lanes`
+T = TypeVar("T")
+
+
 def side_by_side(keys: Callable[[], torch.Tensor], values: Callable[[], torch.Tensor],
                  shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys(), values())``, the two on two threads when torch has two and the layer is large
     (``shape`` ``[H, T, D]`` of at least :data:`PARALLEL_FROM` values). For calls that run compiled
     code without the GIL (the entropy coders' and dequantisers' kernels): whatever Python they
-    would run is done before, on the caller's thread, so that neither thread waits for the GIL."""
-    if torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
+    would run is done before, on the caller's thread, so that neither thread waits for the GIL.
+    Inside a lane of :func:`in_two_lanes` both run on the lane's thread."""
+    if getattr(_lane, "active", False) or torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
         return keys(), values()
     pending = _helper().submit(keys)
     decoded = values()
+    if pending.cancel():  # the helper was busy with other work: decode the keys here
+        return keys(), decoded
     return pending.result(), decoded
+
+
+def in_two_lanes(jobs: list[Callable[[], T]], values: int) -> list[T]:
+    """Every job's result, in order, the jobs run by two lanes (the caller and the helper thread)
+    that take the next job from one queue, when torch has two threads and the largest job writes
+    at least :data:`PARALLEL_FROM` values per tensor (``values``; below it, both lanes would
+    mostly run Python and take the GIL from each other); otherwise one after the other on the
+    caller's thread. ``jobs`` is emptied: what a job holds is freed once it has run.
+
+    For whole messages, whose layers are all at hand: a layer's Python (its payload's tensors,
+    checks, tables) then runs beside another layer's compiled code, where :func:`side_by_side`
+    leaves the helper idle during it. Inside a lane, :func:`side_by_side` runs on the lane's thread.
+    If the helper is busy with other work, the caller runs every job itself. The first failing
+    job in order raises its own error, once the jobs before it have run; later ones are skipped.
+    """
+    queue = deque(enumerate(jobs))
+    count = len(jobs)
+    jobs.clear()
+    if count < 2 or getattr(_lane, "active", False) or torch.get_num_threads() < 2 or values < PARALLEL_FROM:
+        return [queue.popleft()[1]() for _ in range(count)]
+    results: list[T | None] = [None] * count
+    errors: dict[int, Exception] = {}
+    guard = threading.Lock()
+
+    def lane() -> None:
+        _lane.active = True
+        try:
+            while True:
+                try:
+                    index, job = queue.popleft()
+                except IndexError:
+                    return
+                with guard:
+                    if errors and index > min(errors):
+                        continue  # an earlier job failed: this one's result would not be used
+                try:
+                    results[index] = job()
+                except Exception as err:  # raised below, once every job before it has run
+                    with guard:
+                        errors[index] = err
+                del job
+        finally:
+            _lane.active = False
+
+    theirs = _helper().submit(lane)
+    lane()
+    if not theirs.cancel():  # it started: wait for its last job
+        theirs.result()
+    if errors:
+        raise errors[min(errors)]
+    return results  # type: ignore[return-value]
