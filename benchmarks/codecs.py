@@ -6,6 +6,9 @@ float16 KV per second (the same yardstick for every codec), on one process of th
 best of ``--repeats`` passes (the codecs take turns, pass by pass). Entropy-coded codecs run once
 per entropy coder in ``--coders`` (``rans``: today's, format version 8; ``rans-v7``, ``rans-v6``,
 ``rans-v5``: versions 7, 6 and 5; ``constriction``: the coder of versions 1–4), side by side.
+"decode" reads whole messages (``KVMessage.from_bytes``: every frame first, then two layers at a
+time when torch has two threads); "streamed" reads them layer by layer, as a streaming receiver
+does (each large layer's keys and values side by side).
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import time
 from dataclasses import replace
@@ -27,7 +31,7 @@ from rich.table import Table
 from kvcomm import Agents, Batch, load_task
 from kvcomm.models.allocator import allocator_state
 from kvcomm.protocol import share
-from kvcomm.wire import PRESETS, KVMessage, make_codec
+from kvcomm.wire import PRESETS, KVMessage, MessageReader, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
 
 
@@ -71,6 +75,7 @@ def main() -> None:
     messages = {name: [KVMessage.from_shared(r, agents.sender.fingerprint, unbound.bind(codebook)) for r in rows]
                 for name, unbound in runs}
     encode_s, decode_s = dict.fromkeys(messages, float("inf")), dict.fromkeys(messages, float("inf"))
+    streamed_s = dict.fromkeys(messages, float("inf"))
     for _ in range(args.repeats):  # the codecs take turns, so that a slow spell of the machine hits them alike
         for name in messages:
             began = time.perf_counter()
@@ -80,6 +85,10 @@ def main() -> None:
             decoded = [KVMessage.from_bytes(b) for b in blobs]
             decode_s[name] = min(decode_s[name], time.perf_counter() - began)
             del decoded
+            began = time.perf_counter()  # layer by layer, as a streaming receiver reads
+            streamed = [list(MessageReader(io.BytesIO(b)).layers()) for b in blobs]
+            streamed_s[name] = min(streamed_s[name], time.perf_counter() - began)
+            del streamed
     for name, _ in runs:
         codec = messages[name][0].codec
         blobs = [m.to_bytes() for m in messages[name]]
@@ -96,17 +105,20 @@ def main() -> None:
             "codec": name, "params": codec.params(), "bytes": size, "ratio_vs_fp16": fp16_bytes / size,
             "relative_error": error / count, "cosine": cosine / count,
             "encode_mb_s": fp16_bytes / 1e6 / encode_s[name], "decode_mb_s": fp16_bytes / 1e6 / decode_s[name],
+            "decode_streamed_mb_s": fp16_bytes / 1e6 / streamed_s[name],
         })
 
     what = f"{args.context_tokens}-token generated context" if args.context_tokens else args.task
     table = Table(title=f"codecs · {args.model} · {what} · {len(rows)} contexts, all "
                         f"{agents.num_layers} layers · fp16 KV {fp16_bytes / 1e6:.2f} MB · "
                         f"{torch.get_num_threads()} torch threads · best of {args.repeats}")
-    for column in ("codec", "bytes", "× vs fp16", "rel. error", "cosine", "encode MB/s", "decode MB/s"):
+    for column in ("codec", "bytes", "× vs fp16", "rel. error", "cosine", "encode MB/s", "decode MB/s",
+                   "streamed MB/s"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["codec"], f"{r['bytes']:,}", f"{r['ratio_vs_fp16']:.2f}", f"{r['relative_error']:.4f}",
-                      f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}")
+                      f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}",
+                      f"{r['decode_streamed_mb_s']:.1f}")
     Console(width=140).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "context_tokens": args.context_tokens,
