@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -393,6 +394,25 @@ def test_token_ids_travel_and_bad_ones_are_refused():
         bad.to_bytes()
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count set to ``count`` inside, and restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def large_layers(count: int) -> list[LayerKV]:
+    """``count`` full layers of 2 heads × 16 channels, each tensor above the two-thread threshold."""
+    from kvcomm.wire.codecs.base import PARALLEL_FROM
+
+    tokens = PARALLEL_FROM // 32 + 1
+    return [LayerKV(i, True, kv_like(2, tokens, 16, i), kv_like(2, tokens, 16, 10 + i)) for i in range(count)]
+
+
 @pytest.mark.parametrize("name", ENTROPY_CODECS)
 def test_entropy_codecs_decode_keys_and_values_on_two_threads_as_on_one(name):
     """Large layers decode keys on a helper thread beside values: the same tensors either way."""
@@ -403,14 +423,10 @@ def test_entropy_codecs_decode_keys_and_values_on_two_threads_as_on_one(name):
     book = random_codebook(2, 16, layers=1, seed=3)
     codec = make_codec(name).bind(lambda: book)
     data = KVMessage({"m": 1}, tokens, 0, [LayerKV(0, True, keys, values)], codec).to_bytes()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = KVMessage.from_bytes(data).layers[0]
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = KVMessage.from_bytes(data).layers[0]
-    finally:
-        torch.set_num_threads(threads)
     exact = 0.0 if name != "klt" else None  # klt's basis product may round apart by an ulp; the others do not
     torch.testing.assert_close(one.keys, two.keys, rtol=exact, atol=exact)
     torch.testing.assert_close(one.values, two.values, rtol=exact, atol=exact)
@@ -418,14 +434,13 @@ def test_entropy_codecs_decode_keys_and_values_on_two_threads_as_on_one(name):
 
 @pytest.mark.parametrize("name", [*ENTROPY_CODECS, "fp16", "int8"])
 def test_a_whole_message_decodes_two_layers_at_a_time_as_layer_by_layer(name, monkeypatch):
-    """``read`` (every layer wanted) hands alternate layers to the helper thread; streaming layer
-    by layer does not. The same tensors either way, and the helper got one lane per message."""
+    """``read`` (every layer wanted) hands the helper thread a lane of layers; streaming layer by
+    layer does not. The same tensors either way, and the helper got one lane per message."""
     from kvcomm.wire.codecs import base
-    from kvcomm.wire.codecs.base import PARALLEL_FROM
 
-    tokens = PARALLEL_FROM // 32 + 1
-    layers = [LayerKV(i, True, kv_like(2, tokens, 16, i), kv_like(2, tokens, 16, 10 + i)) for i in range(5)]
+    layers = large_layers(5)
     book = random_codebook(2, 16, layers=5, seed=3)
+    tokens = layers[0].keys.shape[1]
     data = KVMessage({"m": 1}, tokens, 0, layers, make_codec(name).bind(lambda: book)).to_bytes()
     pool = base._helper()
     submitted: list[str] = []
@@ -436,14 +451,10 @@ def test_a_whole_message_decodes_two_layers_at_a_time_as_layer_by_layer(name, mo
             return pool.submit(job, *args)
 
     monkeypatch.setattr(base, "_helper", lambda: Spy())
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         whole = KVMessage.from_bytes(data).layers
-        assert submitted == ["lane"]  # one lane of layers 1 and 3; nothing side by side inside it
+        assert submitted == ["lane"]  # one lane; nothing side by side inside it
         streamed = list(MessageReader(io.BytesIO(data)).layers())
-    finally:
-        torch.set_num_threads(threads)
     exact = 0.0 if name != "klt" else None  # klt's basis product may round apart by an ulp
     assert [layer.index for layer in whole] == list(range(5))
     for a, b in zip(whole, streamed):
@@ -464,10 +475,8 @@ def test_two_lanes_raise_the_first_error_in_order_after_the_jobs_before_it():
             return i
         return run
 
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2):
+        with torch_threads(count):
             ran.clear()
             jobs = [job(i) for i in (0, 3, 4, 5)]
             assert in_two_lanes(jobs, PARALLEL_FROM) == [0, 3, 4, 5] and jobs == []  # the list is emptied
@@ -478,8 +487,6 @@ def test_two_lanes_raise_the_first_error_in_order_after_the_jobs_before_it():
             assert {0, 1} <= set(ran)
             if count == 1:
                 assert ran == [0, 1]  # one lane stops at the error
-    finally:
-        torch.set_num_threads(threads)
 
 
 def split_message(data: bytes) -> tuple[bytes, int, list[bytes]]:
@@ -497,21 +504,15 @@ def test_a_bad_layer_of_a_whole_message_with_valid_checksums_is_refused_and_name
     """Layer 1 (the helper's lane) holds a garbled stream under valid checksums: its own error is
     raised, and neither thread is left marked as a lane."""
     from kvcomm.wire.codecs import base
-    from kvcomm.wire.codecs.base import PARALLEL_FROM
     from tests.conftest import craft
 
-    tokens = PARALLEL_FROM // 32 + 1
-    layers = [LayerKV(i, True, kv_like(2, tokens, 16, i), kv_like(2, tokens, 16, 10 + i)) for i in range(4)]
-    blob, version, payloads = split_message(KVMessage({"m": 1}, tokens, 0, layers, make_codec("int4-ans")).to_bytes())
+    layers = large_layers(4)
+    message = KVMessage({"m": 1}, layers[0].keys.shape[1], 0, layers, make_codec("int4-ans"))
+    blob, version, payloads = split_message(message.to_bytes())
     payloads[1] = payloads[1][:-256] + bytes(256)  # the same length: only the decoder can tell
     data = craft(blob, payloads, version)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with pytest.raises(CorruptMessage, match="layer 1"):
-            KVMessage.from_bytes(data)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(2), pytest.raises(CorruptMessage, match="layer 1"):
+        KVMessage.from_bytes(data)
     assert not getattr(base._lane, "active", False)
     assert not base._helper().submit(lambda: getattr(base._lane, "active", False)).result()
 

@@ -195,6 +195,12 @@ _lane = threading.local()  # set while a thread runs one lane of :func:`in_two_l
 T = TypeVar("T")
 
 
+def _second_thread(values: int) -> bool:
+    """Whether work writing ``values`` per tensor goes to two threads: torch has two, the work is
+    at least :data:`PARALLEL_FROM` values, and this thread is not already a lane."""
+    return not getattr(_lane, "active", False) and torch.get_num_threads() >= 2 and values >= PARALLEL_FROM
+
+
 def side_by_side(keys: Callable[[], torch.Tensor], values: Callable[[], torch.Tensor],
                  shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys(), values())``, the two on two threads when torch has two and the layer is large
@@ -202,7 +208,7 @@ def side_by_side(keys: Callable[[], torch.Tensor], values: Callable[[], torch.Te
     code without the GIL (the entropy coders' and dequantisers' kernels): whatever Python they
     would run is done before, on the caller's thread, so that neither thread waits for the GIL.
     Inside a lane of :func:`in_two_lanes` both run on the lane's thread."""
-    if getattr(_lane, "active", False) or torch.get_num_threads() < 2 or math.prod(shape) < PARALLEL_FROM:
+    if not _second_thread(math.prod(shape)):
         return keys(), values()
     pending = _helper().submit(keys)
     decoded = values()
@@ -227,7 +233,7 @@ def in_two_lanes(jobs: list[Callable[[], T]], values: int) -> list[T]:
     queue = deque(enumerate(jobs))
     count = len(jobs)
     jobs.clear()
-    if count < 2 or getattr(_lane, "active", False) or torch.get_num_threads() < 2 or values < PARALLEL_FROM:
+    if count < 2 or not _second_thread(values):
         return [queue.popleft()[1]() for _ in range(count)]
     results: list[T | None] = [None] * count
     errors: dict[int, Exception] = {}
