@@ -87,24 +87,34 @@ def test_prompts_on_a_shared_opening_give_the_logits_and_answers_of_whole_prompt
     assert greedy_generate(model, start, rest, rest_valid, 5, stop_ids=[98], pad_id=0) == plain
 
 
-def test_configurations_decoded_together_answer_as_each_alone(family):
-    from kvcomm.protocol import prefill_logits, receiver_input, share, share_many
+@pytest.mark.parametrize("with_opening", [False, True], ids=["sink", "opening"])
+def test_configurations_decoded_together_answer_as_each_alone(family, with_opening):
+    """Also where rows keep an opening (a first piece of 2-3 tokens) at layers not shared."""
+    from kvcomm.protocol import merge_senders, prefill_logits, receiver_input, share, share_many
 
     model = tiny_model(family)
     senders = rows_with_opening(3, (6, 2, 9), seed=3)
     receivers = [torch.randint(1, 99, (n,)).tolist() for n in (4, 7, 5)]
-    kv = prefill(model, *pad_left(senders, 0))
+    kv, opening = prefill(model, *pad_left(senders, 0)), 0
+    if with_opening:  # as passages are: the opening piece, then the rest, joined
+        heads = [row[:3] if i else row[:2] for i, row in enumerate(senders)]
+        first = prefill(model, *pad_left(heads, 0))
+        kv = merge_senders(model, [first, prefill(model, *pad_left([r[len(h):] for r, h in zip(senders, heads)], 0))])
+        opening = first.valid.shape[1]
     r_ids, r_valid = pad_left(receivers, 0)
     configurations = [[1, 2], [0, 1, 2, 3], [3]]
-    together = receiver_input(share_many(kv, configurations))
+    together = receiver_input(share_many(kv, configurations, opening))
     copies = len(configurations)
     logits = prefill_logits(model, together, r_ids.repeat(copies, 1), r_valid.repeat(copies, 1))
-    answers = greedy_generate(model, receiver_input(share_many(kv, configurations)), r_ids.repeat(copies, 1),
-                              r_valid.repeat(copies, 1), 6, stop_ids=[98], pad_id=0)
+    answers = greedy_generate(model, receiver_input(share_many(kv, configurations, opening)),
+                              r_ids.repeat(copies, 1), r_valid.repeat(copies, 1), 6, stop_ids=[98], pad_id=0)
     for i, layers in enumerate(configurations):
-        alone = receiver_input(share(model, kv, layers))
+        alone = receiver_input(share(model, kv, layers, opening=opening))
         rows = slice(3 * i, 3 * i + 3)
         expected = prefill_logits(model, alone, r_ids, r_valid)
         assert (logits[rows] - expected)[r_valid].abs().max().item() <= 1e-5
-        assert answers[rows] == greedy_generate(model, receiver_input(share(model, kv, layers)), r_ids, r_valid, 6,
-                                                stop_ids=[98], pad_id=0)
+        assert answers[rows] == greedy_generate(model, receiver_input(share(model, kv, layers, opening=opening)),
+                                                r_ids, r_valid, 6, stop_ids=[98], pad_id=0)
+    if with_opening:  # the opening is more than the sink: it changes what unshared layers give
+        sink = prefill_logits(model, receiver_input(share(model, kv, [1, 2])), r_ids, r_valid)
+        assert (sink - logits[:3])[r_valid].abs().max().item() > 1e-3

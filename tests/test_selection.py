@@ -105,11 +105,13 @@ def test_parse_and_format_layers_round_trip():
             parse_layers(bad, 30)
 
 
-def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family):
-    """Batched scoring with masked sink layers must equal the real sink-only cache, set by set,
-    whether each set runs whole or only from the first layer where it departs from the sets'
-    common layers (the staircase: greedy's chosen layers plus one); the staircase does less work."""
-    from kvcomm.protocol import build_receiver_input, prefill_logits
+@pytest.mark.parametrize("opening", [0, 3], ids=["sink", "opening"])
+def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family, opening):
+    """Batched scoring with masked sink layers must equal the real sink-only cache (or the cache
+    keeping an opening of 3 tokens, as passages do), set by set, whether each set runs whole or only
+    from the first layer where it departs from the sets' common layers (the staircase: greedy's
+    chosen layers plus one); the staircase does less work."""
+    from kvcomm.protocol import prefill_logits, receiver_input, share
     from kvcomm.selection.likelihood import Scored, Work, answer_loglik
 
     model = tiny_model(family)
@@ -120,7 +122,7 @@ def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers
     greedy = [frozenset({1}), frozenset({1, 0}), frozenset({1, 2}), frozenset({1, 3}), frozenset({1, 2, 3}),
               frozenset({1, 3})]
     sets = unrelated + greedy
-    item = Scored(sender, prompt, answer)
+    item = Scored(sender, prompt, answer, opening=opening)
     works = {True: Work(), False: Work()}
     got = {staircase: torch.cat([answer_loglik(model, item, unrelated, chunk=3, staircase=staircase,
                                                work=works[staircase]),
@@ -129,11 +131,15 @@ def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers
            for staircase in (True, False)}
     for chosen, value, whole in zip(sets, got[True], got[False]):
         ids = torch.tensor([prompt + answer[:-1]])
-        logits = prefill_logits(model, build_receiver_input(model, sender, sorted(chosen)), ids, ids >= 0)
+        logits = prefill_logits(model, receiver_input(share(model, sender, sorted(chosen), opening=opening)), ids,
+                                ids >= 0)
         logp = torch.log_softmax(logits[0, len(prompt) - 1:], -1)[torch.arange(3), torch.tensor(answer)]
         assert abs(float(logp.mean()) - float(value)) < 1e-4
         assert abs(float(whole) - float(value)) < 1e-4
     assert works[False].layer_rows == layers * len(sets)
+    if opening:  # the opening is not the sink alone: a set without every layer scores otherwise
+        sink = answer_loglik(model, Scored(sender, prompt, answer), unrelated[:1])
+        assert abs(float(sink[0]) - float(got[False][0])) > 1e-4
     # greedy's sets share layer 1 and depart from it at layers 0, 2, 3: the staircase skips work
     assert works[True].layer_rows < works[False].layer_rows
 

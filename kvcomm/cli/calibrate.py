@@ -39,6 +39,7 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
 from kvcomm.tasks import Task, load_task
+from kvcomm.tasks.base import Pieces
 
 
 def calibrate_command(
@@ -64,6 +65,9 @@ def calibrate_command(
     block_objective: Annotated[Literal["own", "gold"], typer.Option(
         help="droidspeak: blocks are scored by the likelihood of the receiver's own answer (from its own prefill: "
              "fidelity, DroidSpeak's criterion) or of the gold answer.")] = "own",
+    pieces: Annotated[Pieces, typer.Option(
+        help="kvcomm: read each item as the paper's two chats, or as passages (one chat cut in two, the opening "
+             "kept at layers not shared), as `--pieces passages` reads in eval and sweep.")] = "chats",
     dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(
         help="Profile JSON. (default: results/profile-<task>.json, blocks-<task>.json for droidspeak)")] = None,
@@ -73,9 +77,9 @@ def calibrate_command(
     if receiver is not None:
         resolve_model(receiver)
     if method == "droidspeak" and (selection is not None or tolerance is not None or objective is not None
-                                   or any(v is not None for v in (alpha, mu, sigma))):
-        raise ConfigError("--selection, --objective, --tolerance, --alpha, --mu and --sigma rank kvcomm's layers; "
-                          "droidspeak takes --max-recompute and --block-tolerance")
+                                   or pieces != "chats" or any(v is not None for v in (alpha, mu, sigma))):
+        raise ConfigError("--selection, --objective, --tolerance, --pieces, --alpha, --mu and --sigma rank kvcomm's "
+                          "layers; droidspeak takes --max-recompute and --block-tolerance")
     the_task = load_task(task, data, **task_options_for(task, task_option or [], [task]))
     if method == "droidspeak":
         _blocks(model, receiver, the_task, calib_size, batch_size, max_recompute, block_tolerance, block_objective,
@@ -90,7 +94,7 @@ def calibrate_command(
         agents = Agents.load(model, receiver, dtype)
         profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
                             progress=not quiet, rule=config.selection, tolerance=tolerance,
-                            objective=config.objective)
+                            objective=config.objective, pieces=pieces)
     profile.save(out)
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"

@@ -205,7 +205,8 @@ class RunOptions:
     def eval_config(self) -> EvalConfig:
         given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
                                      alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
-                                     selection=self.selection, objective=self.objective, bucket=self.bucket)
+                                     selection=self.selection, objective=self.objective, bucket=self.bucket,
+                                     pieces=self.pieces)
         return EvalConfig(**{k: v for k, v in given.items() if v is not None})
 
     def method_options(self) -> dict[str, Any]:
@@ -346,8 +347,10 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "deviation": (Annotated[Deviation | None, typer.Option(
         help=options_help("blend: what the deviation is measured on.", BlendOptions, "deviation"))], None),
     "pieces": (Annotated[Pieces | None, typer.Option(
-        help=options_help("blend, prefix: each piece a sender's chat, or passages of the receiver's own prompt "
-                          "(each prefilled alone; the question follows).", BlendOptions, "pieces"))], None),
+        help=options_help("blend, prefix, kvcomm, random, contiguous: each piece a sender's chat (the paper's), "
+                          "or passages of the receiver's own prompt (each prefilled alone behind its opening; the "
+                          "question follows; kvcomm keeps the opening at layers not shared).", BlendOptions,
+                          "pieces"))], None),
     "block": (Annotated[str | None, typer.Option(
         help="droidspeak: the layers a:b (a included, b not) the receiver recomputes from the sender's hidden "
              "state. (default: profiled on the calibration items, or taken from a block --profile)")], None),

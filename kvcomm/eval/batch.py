@@ -40,6 +40,18 @@ class Prompt:
         return Prompt([self.ids[r] for r in rows], self.input_ids[rows], self.valid[rows])
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What a receiver reads: the senders' KV, the width of the opening it keeps at layers not
+    shared (0: the sink alone; passages keep the opening of the chat they were cut from), its own
+    prompt, and each item's sender tokens (as recorded in results)."""
+
+    kv: SenderKV
+    opening: int
+    prompt: Prompt
+    sender_ids: list[list[int]]
+
+
 class Batch:
     """Items processed together by every method of a run."""
 
@@ -120,6 +132,16 @@ class Batch:
         merging; with ``pieces="passages"``, the opening of the receiver's prompt and then each passage."""
         self._compute(senders, pieces)
         return self._pieces[senders, pieces]
+
+    def reading(self, senders: int = 1, pieces: Pieces = "chats") -> Reading:
+        """What a receiver of ``senders`` pieces laid out as ``pieces`` reads (computed on first call)."""
+        kv = self.sender_kv(senders, pieces)
+        if pieces == "passages":
+            assert kv.ids is not None
+            return Reading(kv, self.sender_pieces(senders, pieces)[0].valid.shape[1], self.passage_question(senders),
+                           [row[ok].tolist() for row, ok in zip(kv.ids, kv.valid)])
+        return Reading(kv, 0, self.prompt("receiver", self.task.receiver_message),
+                       self.prompt("sender", self.task.sender_message).ids)
 
     def passage_question(self, senders: int) -> Prompt:
         """The receiver's prompt after its ``senders`` passages: the question and the chat's closing."""

@@ -40,7 +40,7 @@ from kvcomm.selection.calibrate import (
     calibrate,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
-from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.base import Item, Pieces, Task
 from kvcomm.tasks.metrics import score_all
 from kvcomm.wire import Codebook
 from kvcomm.wire.bootstrap import codebook_from_items, model_codebook
@@ -67,6 +67,8 @@ class EvalConfig(Options):
         bucket: batch items of similar prompt lengths together (less padding, the same answers);
             results stay in item order. Ignored when a method learns from the stream of batches
             (``online``): those keep the items' order.
+        pieces: how calibration reads its items: the paper's two ``chats``, or ``passages`` (one
+            chat cut in two, as ``kvcomm`` with ``pieces="passages"`` reads them).
     """
 
     what = "evaluation"
@@ -80,6 +82,7 @@ class EvalConfig(Options):
     sigma: float = Field(DEFAULT_SIGMA, gt=0)
     max_memory_gb: float | None = Field(None, gt=0)
     bucket: bool = True
+    pieces: Pieces = "chats"
 
     @property
     def calibration(self) -> Calibration:
@@ -220,7 +223,7 @@ class _Sources:
             raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
         c = self.config
         return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
-                         rule=rule, objective=c.objective)
+                         rule=rule, objective=c.objective, pieces=c.pieces)
 
     def blocks(self, max_recompute: float) -> BlockProfile:
         """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a

@@ -99,18 +99,11 @@ class _Composing(Method):
     def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int], senders: int,
                 pieces: Pieces) -> Output:
         receiver = batch.agents.receiver
-        if pieces == "passages":
-            prompt = batch.passage_question(senders)
-            read = batch.sender_kv(senders, pieces)  # the opening and the passages, joined
-            assert read.ids is not None
-            sender_ids = [row[ok].tolist() for row, ok in zip(read.ids, read.valid)]
-        else:
-            prompt = batch.prompt("receiver", batch.task.receiver_message)
-            sender_ids = batch.prompt("sender", batch.task.sender_message).ids
-        answers = greedy_generate(receiver.model, receiver_input(start_shared), prompt.input_ids, prompt.valid,
-                                  batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
-        return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
-                      sender_ids=sender_ids, kv_bytes=kv_bytes)
+        read = batch.reading(senders, pieces)
+        answers = greedy_generate(receiver.model, receiver_input(start_shared), read.prompt.input_ids,
+                                  read.prompt.valid, batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
+        return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=read.prompt.ids,
+                      sender_ids=read.sender_ids, kv_bytes=kv_bytes)
 
 
 @METHODS.register("blend")

@@ -17,6 +17,7 @@ from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, t
 from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share, share_many
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import check_layer_choice, contiguous_layers, format_layers, random_layers, top_layers
+from kvcomm.tasks.base import Pieces
 from kvcomm.wire.codecs import CodecName
 
 if TYPE_CHECKING:
@@ -38,17 +39,27 @@ class SharingOptions(MethodOptions):
             :class:`~kvcomm.wire.KVMessage` and back, and the bytes counted are its real size.
         senders: split each context among this many senders; their KV is concatenated with
             consistent positions (the sink is the first sender's first token).
+        pieces: ``chats`` (the paper's: the sender reads its own chat with the context, the
+            receiver its own with the question) or ``passages`` (one chat cut in two: the sender
+            reads the skyline prompt's opening and the context as ``senders`` passages, the
+            receiver the question and the chat's closing; at layers not shared the receiver keeps
+            the opening instead of the sink alone). With every layer shared, ``passages`` computes
+            what the skyline computes.
     """
 
     ratio: float | None = Field(None, gt=0, le=1)
     mode: MaskMode = "causal"
     codec: CodecName | None = None
     senders: int = Field(1, ge=1, le=64)
+    pieces: Pieces = "chats"
 
     @model_validator(mode="after")
     def _needs_ratio(self) -> Self:
         if self.ratio is None and getattr(self, "layers", None) is None:
             raise ValueError("needs a ratio (the fraction of layers to share)")
+        if self.pieces == "passages" and self.mode not in ("causal", "legacy"):
+            raise ValueError(f"passages keep an opening at layers not shared; mask mode {self.mode!r} moves "
+                             "or pads one sink token (use causal or legacy)")
         return self
 
 
@@ -103,7 +114,8 @@ class KVCommMethod(Method):
         codec = f"+{o.codec}" if o.codec else ""
         senders = f"x{o.senders}" if o.senders > 1 else ""
         rule = getattr(o, "selection", None)
-        return f"{self.name}@{what}{senders}{codec}{suffix}" + (f"~{rule}" if rule else "")
+        pieces = "/passages" if o.pieces == "passages" else ""
+        return f"{self.name}@{what}{senders}{pieces}{codec}{suffix}" + (f"~{rule}" if rule else "")
 
     @property
     def layers(self) -> list[int] | None:
@@ -124,38 +136,40 @@ class KVCommMethod(Method):
 
     def run(self, batch: Batch) -> Output:
         receiver = batch.agents.receiver
-        shared = share(receiver.model, batch.sender_kv(self.options.senders), self._chosen(), self.mode)
+        read = batch.reading(self.options.senders, self.options.pieces)
+        shared = share(receiver.model, read.kv, self._chosen(), self.mode, read.opening)
         message_bytes = None
         if self._codec is not None:
             shared, message_bytes = through_wire(shared, batch, self._codec)
         start = receiver_input(shared)
-        prompt = batch.prompt("receiver", batch.task.receiver_message)
         answers = greedy_generate(
-            receiver.model, start, prompt.input_ids, prompt.valid,
+            receiver.model, start, read.prompt.input_ids, read.prompt.valid,
             batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
         )
         return self._output(batch, answers, message_bytes if message_bytes is not None else start.kv_bytes.tolist())
 
     def fuse_key(self) -> Hashable | None:
-        """In-process causal configurations of the same senders decode together (a codec changes
-        each configuration's KV, other mask modes place it differently: those run alone)."""
-        return None if self._codec is not None or self.mode != "causal" else ("kvcomm", self.options.senders)
+        """In-process causal configurations of the same senders and pieces decode together (a codec
+        changes each configuration's KV, other mask modes place it differently: those run alone)."""
+        if self._codec is not None or self.mode != "causal":
+            return None
+        return ("kvcomm", self.options.senders, self.options.pieces)
 
     @classmethod
     def run_together(cls, methods: Sequence[Method], batch: Batch) -> list[Output]:
         """Every configuration's receiver in one batch over one copy of the sender's KV
         (:func:`~kvcomm.protocol.share_many`): configuration ``i`` takes rows ``i·B …``."""
         chosen = [cast(KVCommMethod, m) for m in methods]
-        sender = batch.sender_kv(chosen[0].options.senders)
+        read = batch.reading(chosen[0].options.senders, chosen[0].options.pieces)
         receiver = batch.agents.receiver
-        prompt = batch.prompt("receiver", batch.task.receiver_message)
         copies, rows = len(chosen), len(batch.items)
         answers = greedy_generate(
-            receiver.model, receiver_input(share_many(sender, [m._chosen() for m in chosen])),
-            prompt.input_ids.repeat(copies, 1), prompt.valid.repeat(copies, 1),
+            receiver.model, receiver_input(share_many(read.kv, [m._chosen() for m in chosen], read.opening)),
+            read.prompt.input_ids.repeat(copies, 1), read.prompt.valid.repeat(copies, 1),
             batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
         )
-        return [m._output(batch, answers[i * rows:(i + 1) * rows], share(None, sender, m._chosen()).kv_bytes.tolist())
+        return [m._output(batch, answers[i * rows:(i + 1) * rows],
+                          share(None, read.kv, m._chosen(), opening=read.opening).kv_bytes.tolist())
                 for i, m in enumerate(chosen)]
 
     def _chosen(self) -> list[int]:
@@ -165,12 +179,9 @@ class KVCommMethod(Method):
 
     def _output(self, batch: Batch, answers: list[list[int]], kv_bytes: list[int]) -> Output:
         receiver = batch.agents.receiver
-        return Output(
-            answers=[receiver.decode(ids) for ids in answers],
-            receiver_ids=batch.prompt("receiver", batch.task.receiver_message).ids,
-            sender_ids=batch.prompt("sender", batch.task.sender_message).ids,
-            kv_bytes=kv_bytes,
-        )
+        read = batch.reading(self.options.senders, self.options.pieces)
+        return Output(answers=[receiver.decode(ids) for ids in answers], receiver_ids=read.prompt.ids,
+                      sender_ids=read.sender_ids, kv_bytes=kv_bytes)
 
 
 METHODS.add("kvcomm", KVCommMethod)

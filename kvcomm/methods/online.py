@@ -12,11 +12,11 @@ settings (``--alpha``, ``--mu``, ``--sigma``).
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kvcomm.methods.base import METHODS, Calibration, Output, Setup, through_wire
 from kvcomm.methods.kvcomm import KVCommMethod, SharingOptions
@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 class OnlineOptions(SharingOptions):
     interval: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _chats_only(self) -> Self:
+        if self.pieces != "chats":
+            raise ValueError("online ranks layers on the paper's chats; it does not read passages")
+        return self
 
 
 @METHODS.register("online")

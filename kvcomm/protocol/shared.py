@@ -32,8 +32,9 @@ def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
 
 def received_positions(full: bool, tokens: int, context_len: int, sink_position: int) -> torch.Tensor:
     """``[1, tokens]`` RoPE positions of one received layer of a one-row message: the context's
-    0..|C|-1 where it is shared in full, else the sink's (none where the layer is left out)."""
-    return torch.arange(context_len)[None] if full else torch.tensor([[sink_position]])[:, :tokens]
+    0..|C|-1 where it is shared in full, else the sink's (none where the layer is left out), or an
+    opening's, from the sink's position on (0..``tokens``-1)."""
+    return torch.arange(context_len)[None] if full else (sink_position + torch.arange(tokens))[None]
 
 
 @dataclass
@@ -149,7 +150,8 @@ def _gather_sink(tensor: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 
 
 def share(
-    model: PreTrainedModel | None, sender: SenderKV, layers: Iterable[int], mode: MaskMode = "causal"
+    model: PreTrainedModel | None, sender: SenderKV, layers: Iterable[int], mode: MaskMode = "causal",
+    opening: int = 0,
 ) -> SharedKV:
     """Cache surgery: the sender's full KV at ``layers``, its first token (the sink) elsewhere.
 
@@ -160,15 +162,21 @@ def share(
         mode: ``causal``; ``legacy`` (reference parity: layer 0 is always shared in full, as the
             reference code does) or ``shift-back`` (KVComm-S: the sink key is re-rotated to
             position |C|-1, right before the receiver's first token).
+        opening: when > 0, the first ``opening`` columns (the opening of a prompt cut in two, the
+            valid ones among them: :func:`opening_columns`) are kept at every other layer instead
+            of the sink alone.
 
     Raises:
-        ConfigError: a layer index is out of range or the mode is unknown.
+        ConfigError: a layer index is out of range, the mode is unknown, or an opening is asked
+            with ``shift-back`` (which moves one sink token) or is wider than the context.
     """
     if mode not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
     selected = _in_range(effective_layers(layers, mode), sender.num_layers)
     if mode == "shift-back" and model is None:
         raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
+    if opening:
+        return _share_opening(sender, selected, mode, opening)
     context_len = sender.context_len
     first = sender.first_column
     sink_pos = torch.zeros_like(context_len)[:, None]
@@ -192,6 +200,41 @@ def share(
     return shared
 
 
+def opening_columns(sender: SenderKV, opening: int) -> torch.Tensor:
+    """``[B, C]`` the valid columns among the first ``opening`` (an opening piece's width; padding
+    may sit anywhere), the keys a receiver keeps at layers not shared in full.
+
+    Raises:
+        ConfigError: ``opening`` is negative or wider than the context, or leaves a row without a
+            token (no sink).
+    """
+    width = sender.valid.shape[1]
+    if not 0 < opening <= width:
+        raise ConfigError(f"an opening of {opening} columns does not fit a context of {width}")
+    kept = sender.valid.clone()
+    kept[:, opening:] = False
+    if not bool(kept.any(dim=1).all()):
+        raise ConfigError("the opening holds no token in some row: it would leave that row without a sink")
+    return kept
+
+
+def _share_opening(sender: SenderKV, selected: set[int], mode: MaskMode, opening: int) -> SharedKV:
+    """:func:`share` keeping the opening's columns (not the sink alone) at layers not shared."""
+    if mode == "shift-back":
+        raise ConfigError("shift-back moves one sink token; it cannot keep an opening")
+    kept = opening_columns(sender, opening)
+    shared = SharedKV([], [], [], [], sender.context_len, [], mode, token_ids=sender.ids)
+    for layer in range(sender.num_layers):
+        full = layer in selected
+        cut = slice(None) if full else slice(0, opening)
+        shared.keys.append(sender.keys[layer][:, :, cut])
+        shared.values.append(sender.values[layer][:, :, cut])
+        shared.positions.append(sender.positions[:, cut])
+        shared.valid.append(sender.valid if full else kept[:, :opening])
+        shared.full.append(full)
+    return shared
+
+
 def _in_range(layers: Iterable[int], num_layers: int) -> set[int]:
     """``layers`` as a set, each checked against the model's depth (a ConfigError names the bad ones)."""
     chosen = set(layers)
@@ -200,22 +243,26 @@ def _in_range(layers: Iterable[int], num_layers: int) -> set[int]:
     return chosen
 
 
-def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]]) -> SharedKV:
+def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]], opening: int = 0) -> SharedKV:
     """Several configurations' shares of one sender's KV as one batch, in ``causal`` mode:
     configuration ``i`` takes rows ``i·B … i·B+B−1``. Every layer holds the whole context for every
-    row; a row whose configuration does not share that layer sees only its sink, the other
-    columns being invalid keys. A receiver then computes for each configuration what it computes on
-    :func:`share` of that configuration alone (up to float rounding: the tests bound it), and a
-    sweep decodes all of them with one pass over the weights per step.
+    row; a row whose configuration does not share that layer sees only its sink (or its
+    ``opening``'s columns, as :func:`share`), the other columns being invalid keys. A receiver then
+    computes for each configuration what it computes on :func:`share` of that configuration alone
+    (up to float rounding: the tests bound it), and a sweep decodes all of them with one pass over
+    the weights per step.
 
     Raises:
-        ConfigError: a layer index is out of range.
+        ConfigError: a layer index is out of range, or the opening does not fit (:func:`opening_columns`).
     """
     sets = [_in_range(effective_layers(layers, "causal"), sender.num_layers) for layers in layer_sets]
     rows, copies = sender.valid.shape[0], len(sets)
-    first = sender.first_column
-    sink_only = torch.zeros_like(sender.valid)
-    sink_only[torch.arange(rows), first] = sender.valid[torch.arange(rows), first]
+    if opening:
+        sink_only = opening_columns(sender, opening)
+    else:
+        first = sender.first_column
+        sink_only = torch.zeros_like(sender.valid)
+        sink_only[torch.arange(rows), first] = sender.valid[torch.arange(rows), first]
     positions = sender.positions.repeat(copies, 1)
     masks: dict[tuple[bool, ...], torch.Tensor] = {}  # one tensor per pattern: layers alike share a mask
     valid = []

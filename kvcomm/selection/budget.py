@@ -14,26 +14,27 @@ from kvcomm.agents import Agents
 from kvcomm.eval.batch import Batch
 from kvcomm.protocol import greedy_generate, receiver_input, share
 from kvcomm.selection.rules import layer_count, top_layers
-from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.base import Item, Pieces, Task
 from kvcomm.tasks.metrics import METRICS
 
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def smallest_ratio(agents: Agents, task: Task, items: Sequence[Item], ranking: Sequence[int], tolerance: float,
-                   grid: Sequence[float] = GRID, batch_size: int = 8) -> dict[str, Any]:
+                   grid: Sequence[float] = GRID, batch_size: int = 8, pieces: Pieces = "chats") -> dict[str, Any]:
     """``{"ratio", "tolerance", "scores": {ratio: score}, "all_layers"}``: the smallest ``grid``
-    ratio whose calibration score is at least all layers' minus ``tolerance`` (1.0 if none is)."""
+    ratio whose calibration score is at least all layers' minus ``tolerance`` (1.0 if none is),
+    each item read as ``pieces`` lays it out (:meth:`~kvcomm.eval.batch.Batch.reading`)."""
     metric = METRICS[task.metric]
     ratios = sorted({layer_count(r, len(ranking)) / len(ranking) for r in grid} | {1.0})
     totals = dict.fromkeys(ratios, 0.0)
     receiver = agents.receiver
     for start in range(0, len(items), batch_size):
         batch = Batch(agents, task, list(items[start:start + batch_size]))
-        prompt = batch.prompt("receiver", task.receiver_message)
+        read = batch.reading(1, pieces)
         for ratio in ratios:
-            shared = share(receiver.model, batch.sender_kv(), top_layers(ranking, ratio))
-            answers = greedy_generate(receiver.model, receiver_input(shared), prompt.input_ids, prompt.valid,
+            shared = share(receiver.model, read.kv, top_layers(ranking, ratio), opening=read.opening)
+            answers = greedy_generate(receiver.model, receiver_input(shared), read.prompt.input_ids, read.prompt.valid,
                                       task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
             totals[ratio] += sum(metric(receiver.decode(a), item.answers) for a, item in zip(answers, batch.items))
     scores = {ratio: total / len(items) for ratio, total in totals.items()}

@@ -33,7 +33,7 @@ from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
 from kvcomm.selection.search import default_steps, fit_prior, greedy_order
-from kvcomm.tasks.base import Item, Task
+from kvcomm.tasks.base import Item, Pieces, Task
 
 PROFILE_VERSION = 2
 Rule = Literal["paper", "answer", "prior"]
@@ -81,7 +81,7 @@ def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,
     rule: str = DEFAULT_RULE, steps: int | None = None, tolerance: float | None = None, pool: int | None = POOL,
-    objective: Objective = DEFAULT_OBJECTIVE,
+    objective: Objective = DEFAULT_OBJECTIVE, pieces: Pieces = "chats",
 ) -> Profile:
     """Ranks layers on ``items`` by ``rule`` (see the module's docstring).
 
@@ -98,6 +98,9 @@ def calibrate(
             log-probability of choosing the gold one; other items fall back to ``likelihood``) or
             ``fidelity`` (minus the mean KL divergence of the receiver's next-token distributions
             over the gold answer from those it has with every layer shared).
+        pieces: how each item is read: the paper's two chats, or ``passages`` (one chat cut in two,
+            the opening kept at layers not shared, as ``kvcomm --pieces passages`` reads); recorded
+            in the profile's ``details``.
 
     Raises:
         ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
@@ -113,8 +116,8 @@ def calibrate(
     total = torch.zeros(agents.num_layers, dtype=torch.float64)
     for start in tqdm(range(0, len(items), batch_size), desc="calibrate", disable=not progress):
         batch = Batch(agents, task, list(items[start:start + batch_size]))
-        prompt = batch.prompt("receiver", task.receiver_message)
-        kv = batch.sender_kv()
+        read = batch.reading(1, pieces)
+        prompt, kv = read.prompt, read.kv
         total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid).double().sum(dim=0)
         if rule != "paper":
             for i, item in enumerate(batch.items):
@@ -123,7 +126,8 @@ def calibrate(
                 row = kv.row(i)
                 reference = reference_logprobs(agents.receiver.model, row, prompt.ids[i], answer) \
                     if objective == "fidelity" else None
-                scored.append(Scored(row, prompt.ids[i], answer, rivals, reference))
+                opening = int(kv.valid[i, :read.opening].sum())  # the row's own opening, padding removed
+                scored.append(Scored(row, prompt.ids[i], answer, rivals, reference, opening))
     importance = (total / len(items)).tolist()
     alpha = default_alpha(agents.receiver.config.model_type) if alpha is None else alpha
     ranking: list[int] | None = None
@@ -149,7 +153,10 @@ def calibrate(
     combined = combined_scores(importance, alpha, mu, sigma)
     ranking = ranking or rank_layers(combined.tolist())
     if tolerance is not None:
-        details["budget"] = smallest_ratio(agents, task, items, ranking, tolerance, batch_size=batch_size)
+        details["budget"] = smallest_ratio(agents, task, items, ranking, tolerance, batch_size=batch_size,
+                                           pieces=pieces)
+    if pieces != "chats":
+        details["pieces"] = pieces
     return Profile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name,
         num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import SenderKV, SharedKV, receiver_input, run_body
+from kvcomm.protocol import SenderKV, SharedKV, opening_columns, receiver_input, run_body
 from kvcomm.protocol.hidden import only_layers, recording
 from kvcomm.tasks.base import Item
 
@@ -48,12 +48,17 @@ class Scored:
     answer: list[int]  # the gold answer's tokens, as the receiver would write them
     rivals: tuple[tuple[int, int], ...] = ()
     reference: torch.Tensor | None = None
+    opening: int = 0  # the first columns kept at layers not shared (passages' opening); 0: the sink alone
 
 
-def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]]) -> SharedKV:
-    """``len(layer_sets)`` rows of ``sender``; at a layer a row does not share, only its sink is valid."""
+def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]], opening: int = 0) -> SharedKV:
+    """``len(layer_sets)`` rows of ``sender``; at a layer a row does not share, only its sink (or its
+    ``opening``'s columns, as :func:`~kvcomm.protocol.share` keeps them) is valid."""
     rows, layers = len(layer_sets), sender.num_layers
-    sink_only = sender.valid & (sender.valid.cumsum(dim=1) == 1)  # [1, C]: the first real token
+    if opening:
+        sink_only = opening_columns(sender, opening)
+    else:
+        sink_only = sender.valid & (sender.valid.cumsum(dim=1) == 1)  # [1, C]: the first real token
     valid = []
     for layer in range(layers):
         shares = torch.tensor([layer in chosen for chosen in layer_sets])[:, None]  # [R, 1]
@@ -103,21 +108,22 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
     if not staircase:
         work.layer_rows += layers * len(layer_sets)
         work.calls += -(-len(layer_sets) // chunk)
-        return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk]), item.prompt,
+        return torch.cat([rows_loglik(model, _masked(item.sender, layer_sets[start:start + chunk], item.opening),
+                                      item.prompt,
                                       item.answer, rivals=item.rivals, reference=item.reference)
                           for start in range(0, len(layer_sets), chunk)])
     common = frozenset.intersection(*map(frozenset, layer_sets))
     departs = [min(chosen - common, default=layers) for chosen in layer_sets]  # first layer of its own
     groups = _groups([(start, row) for row, start in enumerate(departs) if start < layers], layers, chunk)
     with recording(model, {start for start, _ in groups}) as states:
-        base = rows_loglik(model, _masked(item.sender, [common]), item.prompt, item.answer, rivals=item.rivals,
-                           reference=item.reference)
+        base = rows_loglik(model, _masked(item.sender, [common], item.opening), item.prompt, item.answer,
+                           rivals=item.rivals, reference=item.reference)
     work.layer_rows += layers
     work.calls += 1
     out = base.expand(len(layer_sets)).clone()
     for start, rows in groups:
         hidden = states[start].expand(len(rows), -1, -1)
-        shared = _masked(item.sender, [layer_sets[row] for row in rows])
+        shared = _masked(item.sender, [layer_sets[row] for row in rows], item.opening)
         out[rows] = rows_loglik(model, shared, item.prompt, item.answer, start=(start, hidden), rivals=item.rivals,
                                 reference=item.reference)
         work.layer_rows += (layers - start) * len(rows)

@@ -1,0 +1,130 @@
+"""KVComm over one chat cut in two (``pieces="passages"``): the sender reads the skyline prompt's
+opening and the context, the receiver the question and the closing, keeping the opening at the
+layers not shared. Its two exact ends, fused configurations, and what it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvcomm.errors import ConfigError
+from kvcomm.protocol import SharedKV, pad_left, prefill_logits, receiver_input, share
+from kvcomm.protocol.receiver import empty_input
+from tests.conftest import tiny_loaded
+
+torch.set_grad_enabled(False)
+
+
+def reading(family: str, senders: int = 1):
+    from kvcomm import Agents, load_task
+    from kvcomm.eval.batch import Batch
+
+    loaded, task = tiny_loaded(family), load_task("multihop", items=4, pieces=3, facts_per_piece=2)
+    batch = Batch(Agents(loaded, loaded), task, task.items)
+    return loaded, task, batch, batch.reading(senders, "passages")
+
+
+def test_every_layer_shared_is_reading_the_skyline_prompt(family):
+    loaded, task, batch, read = reading(family)
+    model = loaded.model
+    whole, valid = pad_left([loaded.encode_message(task.skyline_message(i)) for i in task.items], loaded.pad_id)
+    want = prefill_logits(model, empty_input(model, len(task.items)), whole, valid)[:, -1]
+    every = share(model, read.kv, range(model.config.num_hidden_layers), opening=read.opening)
+    got = prefill_logits(model, receiver_input(every), read.prompt.input_ids, read.prompt.valid)[:, -1]
+    assert (got - want).abs().max().item() <= 1e-4
+    sink_only = share(model, read.kv, [1])  # the paper's sink at the other layers: not the same reading
+    apart = prefill_logits(model, receiver_input(sink_only), read.prompt.input_ids, read.prompt.valid)[:, -1]
+    assert (apart - want).abs().max().item() > 1e-3
+
+
+def test_no_layer_shared_is_reading_the_opening_and_the_question(family):
+    """At every layer the receiver sees the opening and nothing of the context; its own tokens still
+    sit after the context (positions from |C|)."""
+    loaded, task, batch, read = reading(family)
+    model = loaded.model
+    opening = batch.sender_pieces(1, "passages")[0]
+    assert opening.valid.shape[1] == read.opening
+    alone = dataclasses.replace(SharedKV.whole(opening), context_len=read.kv.context_len)
+    want = prefill_logits(model, receiver_input(alone), read.prompt.input_ids, read.prompt.valid)
+    got = prefill_logits(model, receiver_input(share(model, read.kv, [], opening=read.opening)),
+                         read.prompt.input_ids, read.prompt.valid)
+    assert (got - want)[read.prompt.valid].abs().max().item() <= 1e-5
+
+
+def test_in_a_sweep_every_layer_answers_as_the_skyline_and_fused_as_alone():
+    from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
+
+    loaded = tiny_loaded("qwen2")
+    agents, task = Agents(loaded, loaded), load_task("multihop", items=5, pieces=2, facts_per_piece=2)
+    config = EvalConfig(limit=4, batch_size=3, calib_size=1)
+
+    def answers(*methods):
+        report = evaluate(agents, task, list(methods), config, progress=False)
+        return {run.label: [item.answer for item in run.items] for run in report.runs}
+
+    together = answers(make_method("skyline"), make_method("kvcomm", ratio=1.0, pieces="passages"),
+                       make_method("kvcomm", ratio=0.5, pieces="passages"),
+                       make_method("random", ratio=0.5, senders=2, pieces="passages"))
+    assert together["kvcomm@1/passages"] == together["skyline"]
+    assert together["kvcomm@0.5/passages"] == answers(make_method("kvcomm", ratio=0.5, pieces="passages"))[
+        "kvcomm@0.5/passages"]  # decoded with kvcomm@1 in one batch, the same as alone
+    assert "random@0.5x2/passages" in together
+
+
+@pytest.mark.parametrize(("method", "options", "refusal"), [
+    ("kvcomm", {"mode": "shift-back"}, "shift-back"),
+    ("random", {"mode": "padded-zero"}, "padded-zero"),
+    ("online", {}, "chats"),
+])
+def test_what_passages_cannot_do_is_refused(method, options, refusal):
+    from kvcomm import make_method
+
+    with pytest.raises(ConfigError, match=refusal):
+        make_method(method, ratio=0.5, pieces="passages", **options)
+
+
+def test_an_opening_must_fit_and_leave_every_row_a_token():
+    loaded, _, _, read = reading("llama")
+    with pytest.raises(ConfigError, match="does not fit"):
+        share(None, read.kv, [0], opening=read.kv.valid.shape[1] + 1)
+    padded = dataclasses.replace(read.kv, valid=read.kv.valid.clone())
+    padded.valid[0, :read.opening] = False  # a row whose opening columns are all padding
+    with pytest.raises(ConfigError, match="without a sink"):
+        share(None, padded, [0], opening=read.opening)
+    with pytest.raises(ConfigError, match="cannot keep an opening"):
+        share(loaded.model, read.kv, [0], mode="shift-back", opening=read.opening)
+
+
+def test_calibration_reads_items_as_passages_when_asked():
+    """The answer rule scores layer sets on the layout the method will read (and says so in the
+    profile); the budget is found on it too."""
+    from kvcomm import Agents, load_task
+    from kvcomm.selection.calibrate import calibrate
+
+    loaded = tiny_loaded("qwen2")
+    agents, task = Agents(loaded, loaded), load_task("multihop", items=3, pieces=2, facts_per_piece=2)
+    profiles = {pieces: calibrate(agents, task, task.items, rule="answer", steps=2, pool=3, progress=False,
+                                  pieces=pieces, tolerance=0.5)
+                for pieces in ("chats", "passages")}
+    assert profiles["passages"].details["pieces"] == "passages" and "pieces" not in profiles["chats"].details
+    assert profiles["passages"].details["budget"]["items"] == 3
+    trace = {pieces: profile.details["trace"] for pieces, profile in profiles.items()}
+    assert trace["chats"] != trace["passages"]  # the objective was measured on another reading
+
+
+def test_passages_travel_as_kv_messages_with_their_opening():
+    """Through the wire (format 9) a layer not shared carries the opening; an fp32 message gives the
+    in-process answers, and its bytes are the message's."""
+    from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
+
+    loaded = tiny_loaded("llama")
+    agents, task = Agents(loaded, loaded), load_task("multihop", items=4, pieces=2, facts_per_piece=2)
+    report = evaluate(agents, task, [make_method("kvcomm", ratio=0.5, pieces="passages"),
+                                     make_method("kvcomm", ratio=0.5, pieces="passages", codec="fp32")],
+                      EvalConfig(limit=3, batch_size=3, calib_size=1), progress=False)
+    here, wired = report.runs
+    assert wired.label == "kvcomm@0.5/passages+fp32"
+    assert [i.answer for i in here.items] == [i.answer for i in wired.items]
+    assert all(w.kv_bytes > h.kv_bytes for h, w in zip(here.items, wired.items))  # header and frames on top
