@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import struct
@@ -32,9 +33,10 @@ from kvcomm.wire import (
     check_fingerprint,
     make_codec,
 )
+from kvcomm.wire.header import parse_header
 from tests.conftest import random_codebook, tiny_model
 
-GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in range(1, 9)}
+GOLDEN = {version: Path(__file__).parent / "golden" / f"message_v{version}.kvcm" for version in range(1, 10)}
 ENTROPY_CODECS = ["int4-ans", "int2-ans", "cachegen", "klt"]
 # Worst relative error each codec may show on smooth, KV-like data: the worst of a scan over shapes and
 # seeds here (cachegen 0.19; klt 0.19 and klt-coarse 0.30 with random bases and zero means), with margin.
@@ -165,7 +167,7 @@ def test_golden_entropy_files_pin_todays_coder(codec):
         f"the v{VERSION} {codec} stream changed: bump VERSION (and keep reading v{VERSION}) instead of editing it"
 
 
-@pytest.mark.parametrize("version", [4, 5, 6, 7, VERSION])
+@pytest.mark.parametrize("version", [4, 5, 6, 7, 8, VERSION])
 @pytest.mark.parametrize("codec", ENTROPY_CODECS)
 def test_golden_entropy_files_of_every_coder_decode(codec, version):
     """v4 streams (constriction) still decode to what v4 decoded them to (kept as an fp32 message);
@@ -173,7 +175,7 @@ def test_golden_entropy_files_of_every_coder_decode(codec, version):
     (two or four small codes to a symbol) and v8 (pairs where the codes span up to 32) decode alike."""
     golden_codebook()
     decoded = KVMessage.from_bytes(golden_entropy_file(codec, version).read_bytes())
-    coders = {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans-v7", 8: "rans"}
+    coders = {4: "constriction", 5: "rans-v5", 6: "rans-v6", 7: "rans-v7", 8: "rans", 9: "rans"}
     assert decoded.codec.params()["coder"] == coders[version]
     expected = KVMessage.from_bytes(golden_entropy_file(codec, 4, "decoded.kvcm").read_bytes())
     pairs = [(a.keys, b.keys) for a, b in zip(decoded.layers, expected.layers)]
@@ -197,6 +199,9 @@ def test_golden_v8_pairs_streams_whose_codes_span_up_to_32_values():
         path.write_bytes(sent.to_bytes())
     assert path.read_bytes() == sent.to_bytes(), "the v8 pair coding changed: bump VERSION instead of editing it"
     decoded = KVMessage.from_bytes(path.read_bytes())
+    v8 = KVMessage.from_bytes(golden_entropy_file("cachegen-pairs", 8).read_bytes())  # version 9 codes alike
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(v8.layers, decoded.layers))
     sent.codec = make_codec("cachegen", steps=(0.3, 0.3, 0.3), coder="rans-v7")
     as_v7 = sent.to_bytes()
     assert len(as_v7) > len(path.read_bytes()) * 0.99  # the pairs cost at most a little
@@ -264,7 +269,7 @@ def test_todays_message_may_name_the_older_coders_it_was_written_with():
             entropy_golden_message("int4-ans").to_bytes()).layers[0].keys, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("version", [4, 5, 6, 7, 8])
+@pytest.mark.parametrize("version", [4, 5, 6, 7, 8, 9])
 def test_golden_v4_on_carries_a_left_out_layer_and_a_hidden_state(version):
     decoded = KVMessage.from_bytes(GOLDEN[version].read_bytes())
     assert decoded.shared_layers == [0, 2] and decoded.layers[3].keys.shape == (2, 0, 4)
@@ -288,10 +293,48 @@ def test_hidden_states_round_trip_through_every_codec(codec, tokens, width, seed
     assert error <= max(TOLERANCE[codec], 1e-3), error
 
 
+def header_json(data: bytes) -> dict:
+    """The header of an encoded message, as JSON."""
+    size = struct.unpack("<I", data[6:10])[0]
+    return json.loads(data[10:10 + size])
+
+
 def test_hidden_frames_and_left_out_layers_need_v4():
     data = golden_message().to_bytes()
-    with pytest.raises(WireError, match="version 3 message has no hidden"):  # refused, not misread
-        KVMessage.from_bytes(data[:4] + struct.pack("<H", 3) + data[6:])
+    with pytest.raises(WireError, match="version 3 header has no 'opening'"):
+        KVMessage.from_bytes(data[:4] + struct.pack("<H", 3) + data[6:])  # refused, not misread
+    raw = header_json(data)
+    del raw["opening"]
+    with pytest.raises(WireError, match="version 3 message has no hidden"):
+        parse_header(json.dumps(raw).encode(), 3)
+
+
+def test_an_opening_needs_v9_and_must_be_consistent():
+    """Version 9 layers not shared may hold an opening (positions 0..n-1) instead of one sink; the
+    header says how many tokens, and every such layer holds that many (or none)."""
+    keys, values = kv_like(2, 6, 4, 1), kv_like(2, 6, 4, 2)
+    layers = [LayerKV(0, True, keys, values), LayerKV(1, False, keys[:, :3], values[:, :3])]
+    sent = KVMessage({"m": 1}, 6, 0, layers, make_codec("fp32"))
+    data = sent.to_bytes()
+    assert header_json(data)["opening"] == 3 == sent.opening
+    back = KVMessage.from_bytes(data)
+    assert torch.equal(back.layers[1].keys, keys[:, :3])
+    assert back.to_shared().positions[1].tolist() == [[0, 1, 2]]
+    assert header_json(golden_message().to_bytes())["opening"] == 0  # a sink: not an opening
+    raw = header_json(data)
+    with pytest.raises(WireError, match="has no 'opening'"):
+        parse_header(json.dumps(raw).encode(), 8)
+    for change, refusal in [({"opening": 1}, "must be 0"), ({"opening": 7}, "must be 0"),
+                            ({"opening": 2}, "holds 3 tokens"), ({"opening": 0}, "holds 3 tokens"),
+                            ({"sink_position": 5}, "starts at position 0"),
+                            ({"mode": "shift-back"}, "causal or legacy")]:
+        with pytest.raises(WireError, match=refusal):
+            parse_header(json.dumps({**raw, **change}).encode(), 9)
+    with pytest.raises(WireError, match="lacks the 'opening'"):
+        parse_header(json.dumps({k: v for k, v in raw.items() if k != "opening"}).encode(), 9)
+    uneven = KVMessage({"m": 1}, 6, 0, [*layers, LayerKV(2, False, keys[:, :2], values[:, :2])], make_codec("fp32"))
+    with pytest.raises(WireError, match="one sink, or one opening"):
+        uneven.to_bytes()
 
 
 def test_hidden_state_must_match_the_context():

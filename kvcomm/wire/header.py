@@ -12,7 +12,9 @@ for recomputing tokens when pieces are blended); 4 adds ``hidden`` extras (the s
 state entering a layer, for recomputing layers: DroidSpeak) and layers left out (0 tokens: the
 receiver computes them); 5 codes entropy-coded codecs with kvcomm's table-driven rANS (their
 parameters name the ``coder``; earlier messages are read as ``constriction``-coded); 6, 7 and 8
-change the digest and the rANS streams (:mod:`kvcomm.wire.message`), not the header's fields.
+change the digest and the rANS streams (:mod:`kvcomm.wire.message`), not the header's fields; 9
+adds ``opening``: where it is above 1, a layer not shared holds the context's first ``opening``
+tokens (the opening of a prompt cut in two, ``pieces="passages"``) instead of one sink token.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from kvcomm.config import describe
 from kvcomm.errors import CorruptMessage, MessageTooLarge
 from kvcomm.protocol.layout import MaskMode
 
-VERSION = 8
-READABLE = (1, 2, 3, 4, 5, 6, 7, 8)
+VERSION = 9
+READABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+OPENING_SINCE = 9
 DIGEST_OF_CRCS_SINCE = 6  # the final digest covers the frames' lengths and CRCs, not their bytes again
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)
@@ -88,7 +91,7 @@ class CodecEntry(BaseModel):
 
 
 class Header(BaseModel):
-    """The fields of a message header (version 8; versions 1–7 are read into the same model)."""
+    """The fields of a message header (version 9; versions 1–8 are read into the same model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,18 +105,26 @@ class Header(BaseModel):
     mode: MaskMode = "causal"
     meta: dict[StrictStr, Any]
     extras: Annotated[list[ExtraEntry], Field(max_length=8)] = []
+    opening: Annotated[StrictInt, Field(ge=0, le=MAX_CONTEXT)] = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> Header:
         if self.sink_position >= self.context_len:
             raise ValueError(f"sink_position {self.sink_position} is outside a {self.context_len}-token context")
+        if self.opening == 1 or self.opening > self.context_len:
+            raise ValueError(f"an opening of {self.opening} tokens: it must be 0 (a sink) or 2..{self.context_len}")
+        if self.opening and (self.sink_position != 0 or self.mode not in ("causal", "legacy")):
+            raise ValueError(f"an opening starts at position 0 in causal or legacy mode, not at {self.sink_position} "
+                             f"in {self.mode} mode")
+        unshared = (0, self.opening) if self.opening else (0, 1)
         for i, entry in enumerate(self.layers):
             if entry.index != i:
                 raise ValueError(f"layer entry {i} has index {entry.index}")
-            if entry.full and entry.tokens != self.context_len or not entry.full and entry.tokens not in (0, 1):
-                raise ValueError(f"layer {i} holds {entry.tokens} tokens; a {'full' if entry.full else 'sink'} "
-                                 f"layer of a {self.context_len}-token context holds "
-                                 f"{self.context_len if entry.full else '1 (or 0: left out)'}")
+            if entry.full and entry.tokens != self.context_len or not entry.full and entry.tokens not in unshared:
+                kind = "full" if entry.full else "opening" if self.opening else "sink"
+                holds = self.context_len if entry.full else f"{unshared[1]} (or 0: left out)"
+                raise ValueError(f"layer {i} holds {entry.tokens} tokens; a {kind} layer of a "
+                                 f"{self.context_len}-token context holds {holds}")
             if entry.tokens == 0 and entry.bytes != 0:
                 raise ValueError(f"layer {i} is left out but has a {entry.bytes}-byte payload")
         kinds = [(extra.kind, extra.layer) for extra in self.extras]
@@ -198,6 +209,10 @@ def parse_header(blob: bytes, version: int) -> Header:
         raise CorruptMessage(f"a version {version} header has no 'extras' field")
     if version >= 3 and "extras" not in raw:
         raise CorruptMessage("header lacks the 'extras' field")
+    if version < OPENING_SINCE and "opening" in raw:
+        raise CorruptMessage(f"a version {version} header has no 'opening' field")
+    if version >= OPENING_SINCE and "opening" not in raw:
+        raise CorruptMessage("header lacks the 'opening' field")
     try:
         header = Header.model_validate(raw)
     except ValidationError as err:

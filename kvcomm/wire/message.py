@@ -26,6 +26,8 @@ has at most 16 distinct codes; 8: at most 32); and in the final digest (6 on, ab
 Extra frames carry the context's token ids, which blending (recomputing tokens) needs, and hidden
 states entering a layer (through the message's codec), which recomputing layers (DroidSpeak)
 needs; a layer may be left out (0 tokens, no payload) where the receiver computes it itself.
+From version 9 a layer not shared may hold an opening (the header's ``opening`` tokens from
+position 0, as a receiver of passages keeps them) instead of one sink token.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class KVMessage:
     Attributes:
         fingerprint: the sender model's fingerprint (``LoadedModel.fingerprint``).
         context_len: |C|; the receiver's positions start here.
-        sink_position: RoPE position of the sink at non-shared layers (0, or |C|-1 for shift-back).
+        sink_position: RoPE position of the sink at non-shared layers (0, or |C|-1 for shift-back);
+            an opening (layers not shared holding more than one token, :attr:`opening`) starts there.
         layers: one entry per model layer, in order.
         codec: how payloads are (or were) encoded.
         meta: free-form JSON-serialisable notes (sender name, …).
@@ -152,6 +155,19 @@ class KVMessage:
     def shared_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.full]
 
+    @property
+    def opening(self) -> int:
+        """How many tokens the layers not shared hold when that is more than a sink (0: a sink each).
+
+        Raises:
+            WireError: those layers hold different numbers of tokens.
+        """
+        held = {int(layer.keys.shape[1]) for layer in self.layers if not layer.full} - {0}
+        if len(held) > 1:
+            raise WireError(f"the layers not shared hold {sorted(held)} tokens: one sink, or one opening, each")
+        width = held.pop() if held else 0
+        return width if width > 1 else 0
+
     # -- writing -------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -169,6 +185,7 @@ class KVMessage:
         try:
             header = Header(
                 fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
+                opening=self.opening,
                 codec=CodecEntry(name=codec.name, params=codec.params()),
                 heads=int(first.shape[0]), head_dim=int(first.shape[2]), mode=self.mode, meta={**self.meta, **notes},
                 layers=[LayerEntry(index=layer.index, full=layer.full, tokens=int(layer.keys.shape[1]), bytes=len(p))
