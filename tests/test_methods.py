@@ -189,7 +189,8 @@ def test_options_are_frozen_and_recorded_in_the_results(agents):
     with pytest.raises(ValidationError):
         method.options.seed = 8  # type: ignore[misc]
     report = run(agents, ["random@0.5"], seed=7)
-    assert report.runs[0].options == {"ratio": 0.5, "mode": "causal", "codec": None, "senders": 1, "seed": 7}
+    assert report.runs[0].options == {"ratio": 0.5, "mode": "causal", "codec": None, "senders": 1, "pieces": "chats",
+                                      "seed": 7}
 
 
 def test_each_method_is_charged_its_own_sender_time_whatever_the_order(agents, monkeypatch):

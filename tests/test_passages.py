@@ -75,6 +75,7 @@ def test_in_a_sweep_every_layer_answers_as_the_skyline_and_fused_as_alone():
 
 @pytest.mark.parametrize(("method", "options", "refusal"), [
     ("kvcomm", {"mode": "shift-back"}, "shift-back"),
+    ("kvcomm", {"mode": "legacy"}, "causal mode only"),
     ("random", {"mode": "padded-zero"}, "padded-zero"),
     ("online", {}, "chats"),
 ])
@@ -93,25 +94,66 @@ def test_an_opening_must_fit_and_leave_every_row_a_token():
     padded.valid[0, :read.opening] = False  # a row whose opening columns are all padding
     with pytest.raises(ConfigError, match="without a sink"):
         share(None, padded, [0], opening=read.opening)
-    with pytest.raises(ConfigError, match="cannot keep an opening"):
-        share(loaded.model, read.kv, [0], mode="shift-back", opening=read.opening)
+    for mode in ("shift-back", "legacy", "padded-sink"):
+        with pytest.raises(ConfigError, match="causal mode only"):
+            share(loaded.model, read.kv, [0], mode=mode, opening=read.opening)
 
 
-def test_calibration_reads_items_as_passages_when_asked():
-    """The answer rule scores layer sets on the layout the method will read (and says so in the
-    profile); the budget is found on it too."""
+def test_calibration_reads_items_as_passages_when_asked(monkeypatch):
+    """The answer rule scores layer sets on the layout the method will read, keeping each row's
+    opening (and says so in the profile); the budget answers on it too."""
+    from importlib import import_module
+
     from kvcomm import Agents, load_task
-    from kvcomm.selection.calibrate import calibrate
+
+    budget, calibration = (import_module(f"kvcomm.selection.{name}") for name in ("budget", "calibrate"))
 
     loaded = tiny_loaded("qwen2")
     agents, task = Agents(loaded, loaded), load_task("multihop", items=3, pieces=2, facts_per_piece=2)
-    profiles = {pieces: calibrate(agents, task, task.items, rule="answer", steps=2, pool=3, progress=False,
-                                  pieces=pieces, tolerance=0.5)
-                for pieces in ("chats", "passages")}
+    seen: dict[str, list] = {"scored": [], "shared": []}
+    real_scored, real_share = calibration.Scored, budget.share
+    monkeypatch.setattr(calibration, "Scored", lambda *a: seen["scored"].append(a[5]) or real_scored(*a))
+    monkeypatch.setattr(budget, "share", lambda *a, **k: seen["shared"].append(k["opening"]) or real_share(*a, **k))
+    opening = opening_width(agents, task)
+    profiles = {}
+    for pieces in ("chats", "passages"):
+        seen["scored"].clear(), seen["shared"].clear()
+        profiles[pieces] = calibration.calibrate(agents, task, task.items, rule="answer", steps=2, pool=3,
+                                                 progress=False, pieces=pieces, tolerance=0.5)
+        want = 0 if pieces == "chats" else opening
+        assert seen["scored"] == [want] * 3 and set(seen["shared"]) == {want}
     assert profiles["passages"].details["pieces"] == "passages" and "pieces" not in profiles["chats"].details
     assert profiles["passages"].details["budget"]["items"] == 3
-    trace = {pieces: profile.details["trace"] for pieces, profile in profiles.items()}
-    assert trace["chats"] != trace["passages"]  # the objective was measured on another reading
+
+
+def opening_width(agents, task) -> int:
+    """The opening's width in tokens (every item of a task shares it)."""
+    from kvcomm.eval.batch import Batch
+
+    read = Batch(agents, task, task.items).reading(1, "passages")
+    widths = {int(n) for n in read.kv.valid[:, :read.opening].sum(dim=1)}
+    assert len(widths) == 1 and widths.pop() > 1
+    return read.opening
+
+
+def test_a_run_ranks_each_layout_on_its_own_reading_and_refuses_a_profile_of_the_other():
+    from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
+
+    loaded = tiny_loaded("qwen2")
+    agents, task = Agents(loaded, loaded), load_task("multihop", items=5, pieces=2, facts_per_piece=2)
+    config = EvalConfig(limit=3, batch_size=3, calib_size=2, selection="paper")
+    report = evaluate(agents, task, [make_method("kvcomm", ratio=0.5), make_method("kvcomm", ratio=0.5,
+                                                                                   pieces="passages")],
+                      config, progress=False)
+    assert set(report.profiles) == {"paper", "paper/passages"}
+    assert report.profiles["paper/passages"]["details"]["pieces"] == "passages"
+    assert report.profiles["paper"]["importance"] != report.profiles["paper/passages"]["importance"]
+    from kvcomm.selection.calibrate import Profile
+
+    chats = Profile.model_validate(report.profiles["paper"])
+    with pytest.raises(ConfigError, match="read as chats, this run reads passages"):
+        evaluate(agents, task, [make_method("kvcomm", ratio=0.5, pieces="passages")],
+                 config.model_copy(update={"pieces": "passages"}), profile=chats, progress=False)
 
 
 def test_passages_travel_as_kv_messages_with_their_opening():

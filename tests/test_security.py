@@ -74,6 +74,8 @@ def framed(agent, tokens: int = 3, layers: int = 4, payloads: list[bytes] | None
     head = header(agent, tokens, layers, **changes)
     if version >= 3:
         head["extras"] = []
+    if version >= 9:
+        head.setdefault("opening", 0)
     payloads = payloads or [payload(tokens) for _ in range(layers)]
     for entry, data in zip(head["layers"], payloads):
         entry["bytes"] = len(data)

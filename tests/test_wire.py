@@ -316,6 +316,10 @@ def test_an_opening_needs_v9_and_must_be_consistent():
     layers = [LayerKV(0, True, keys, values), LayerKV(1, False, keys[:, :3], values[:, :3])]
     sent = KVMessage({"m": 1}, 6, 0, layers, make_codec("fp32"))
     data = sent.to_bytes()
+    pinned = Path(__file__).parent / "golden" / "message_v9_opening.kvcm"
+    if os.environ.get("KVCOMM_REGENERATE_GOLDEN"):
+        pinned.write_bytes(data)
+    assert pinned.read_bytes() == data, "the v9 opening layout changed: bump VERSION instead of editing it"
     assert header_json(data)["opening"] == 3 == sent.opening
     back = KVMessage.from_bytes(data)
     assert torch.equal(back.layers[1].keys, keys[:, :3])
@@ -327,7 +331,7 @@ def test_an_opening_needs_v9_and_must_be_consistent():
     for change, refusal in [({"opening": 1}, "must be 0"), ({"opening": 7}, "must be 0"),
                             ({"opening": 2}, "holds 3 tokens"), ({"opening": 0}, "holds 3 tokens"),
                             ({"sink_position": 5}, "starts at position 0"),
-                            ({"mode": "shift-back"}, "causal or legacy")]:
+                            ({"mode": "shift-back"}, "in causal mode"), ({"mode": "legacy"}, "in causal mode")]:
         with pytest.raises(WireError, match=refusal):
             parse_header(json.dumps({**raw, **change}).encode(), 9)
     with pytest.raises(WireError, match="lacks the 'opening'"):

@@ -70,7 +70,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     for task in tasks:
         test, _ = config.split(task.items)
         if given is not None:
-            check_profile(given, task, test, pair=(run.model, run.receiver or run.model))
+            check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))
     planned = []
     for task in tasks:

@@ -99,7 +99,8 @@ def inspect_command(
     total = path.stat().st_size
     out = Console()
     out.print(f"{path}: {total:,} bytes, valid (format version {reader.version}); codec {header['codec']['name']} "
-              f"{header['codec']['params']}; context {header['context_len']} tokens; mode {header['mode']}",
+              f"{header['codec']['params']}; context {header['context_len']} tokens; mode {header['mode']}"
+              + (f"; layers not shared keep an opening of {header['opening']} tokens" if header["opening"] else ""),
               markup=False, soft_wrap=True)
     out.print(f"shared layers: {format_layers([e['index'] for e in layers if e['full']]) or 'none'} "
               f"({sum(e['full'] for e in layers)}/{len(layers)}); {fp16_all / total:.1f}x smaller than "
@@ -110,7 +111,8 @@ def inspect_command(
     out.print(table)
     sizes = Table("layer", "kind", "tokens", "bytes", title="layers")
     for entry in layers:
-        kind = "full" if entry["full"] else "left out (receiver recomputes)" if entry["tokens"] == 0 else "sink"
+        kind = ("full" if entry["full"] else "left out (receiver recomputes)" if entry["tokens"] == 0
+                else "opening" if header["opening"] else "sink")
         sizes.add_row(str(entry["index"]), kind, str(entry["tokens"]), f"{entry['bytes']:,}")
     out.print(sizes)
     if header.get("extras"):

@@ -67,8 +67,9 @@ class EvalConfig(Options):
         bucket: batch items of similar prompt lengths together (less padding, the same answers);
             results stay in item order. Ignored when a method learns from the stream of batches
             (``online``): those keep the items' order.
-        pieces: how calibration reads its items: the paper's two ``chats``, or ``passages`` (one
-            chat cut in two, as ``kvcomm`` with ``pieces="passages"`` reads them).
+        pieces: how the run's ranking is calibrated: on the paper's two ``chats``, or on
+            ``passages`` (one chat cut in two, as ``kvcomm`` with ``pieces="passages"`` reads
+            them). A method that reads the other layout gets a ranking calibrated on it.
     """
 
     what = "evaluation"
@@ -117,9 +118,11 @@ def dtype_name(model: LoadedModel) -> str:
 
 
 def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
-                  num_layers: int | None = None, pair: tuple[str, str] | None = None) -> None:
-    """Refuses a profile calibrated on another task, on test items, or for another depth; and a
-    block profile of another sender and receiver (``pair``: this run's)."""
+                  num_layers: int | None = None, pair: tuple[str, str] | None = None,
+                  pieces: Pieces | None = None) -> None:
+    """Refuses a profile calibrated on another task, on test items, for another depth, or (given
+    the run's ``pieces``) on items read in another layout; and a block profile of another sender
+    and receiver (``pair``: this run's)."""
     if isinstance(profile, BlockProfile) and pair is not None and (profile.sender, profile.receiver) != pair:
         raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → {pair[1]}; "
                           "blocks depend on the pair: profile this one (kvcomm calibrate --method droidspeak)")
@@ -130,6 +133,9 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:
         raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {num_layers}")
+    if isinstance(profile, Profile) and pieces is not None and profile.details.get("pieces", "chats") != pieces:
+        raise ConfigError(f"the profile was calibrated on items read as {profile.details.get('pieces', 'chats')}, "
+                          f"this run reads {pieces}: calibrate with --pieces {pieces} or leave out --profile")
 
 
 def evaluate(
@@ -162,7 +168,8 @@ def evaluate(
     test, calib = config.split(task.items)
     for given in (profile, blocks):
         if given is not None:
-            check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name))
+            check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name),
+                          config.pieces)
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
@@ -204,8 +211,15 @@ class _Sources:
         self.block_profiles: dict[float, BlockProfile] = {}  # by the cap on the recomputed fraction
         self.given_blocks = blocks
 
-    def ranking(self, rule: str | None = None) -> list[int]:
-        """The run's ranking, or (``rule`` named and not the run's) that rule's, calibrated once."""
+    def ranking(self, rule: str | None = None, pieces: Pieces | None = None) -> list[int]:
+        """The run's ranking, or (``rule`` named and not the run's) that rule's, calibrated once;
+        with ``pieces`` other than the run's layout (``EvalConfig.pieces``), the ranking
+        calibrated on items read that way (``rule/pieces`` among the run's profiles)."""
+        if pieces is not None and pieces != self.config.pieces:
+            name = f"{rule or self.config.selection}/{pieces}"
+            if name not in self.others:
+                self.others[name] = self._calibrate(rule or self.config.selection, pieces)
+            return self.others[name].ranking
         if rule is None or rule == self.config.selection or (self.profile is not None and rule == self.profile.rule
                                                              and self.calibrated):
             if self.profile is None:
@@ -218,12 +232,12 @@ class _Sources:
             self.others[rule] = self._calibrate(rule)
         return self.others[rule].ranking
 
-    def _calibrate(self, rule: str) -> Profile:
+    def _calibrate(self, rule: str, pieces: Pieces | None = None) -> Profile:
         if not self.calib:
             raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
         c = self.config
         return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
-                         rule=rule, objective=c.objective, pieces=c.pieces)
+                         rule=rule, objective=c.objective, pieces=pieces or c.pieces)
 
     def blocks(self, max_recompute: float) -> BlockProfile:
         """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from kvcomm.errors import DataError
 from kvcomm.methods.base import Method
+from kvcomm.methods.kvcomm import SharingOptions
 from kvcomm.tasks.base import Task
 
 
@@ -88,13 +89,21 @@ def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], 
     return {
         "sender": sender, "receiver": receiver, "dtype": dtype, "task": task.name, "items": items_sha256(task),
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "instruction": task.instruction,
-        "evaluation": config,
-        "methods": [{"method": m.name, "options": m.options.model_dump(mode="json")} for m in methods],
+        # kvcomm's layouts other than the paper's chats are named only when used, so the checkpoints
+        # written before it took the option still resume (blend and prefix always took it)
+        "evaluation": _without_default_pieces(config),
+        "methods": [{"method": m.name, "options": _without_default_pieces(m.options.model_dump(mode="json"))
+                     if isinstance(m.options, SharingOptions) else m.options.model_dump(mode="json")}
+                    for m in methods],
         "profile": profile,
         # packed linear layers round differently (models/packing.py); named only when used, so
         # the checkpoints of dense runs written before the option existed still resume
         **({"linear": linear} if linear != "dense" else {}),
     }
+
+
+def _without_default_pieces(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if not (k == "pieces" and v == "chats")}
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -71,7 +71,7 @@ class AdaptiveKVComm(Method):
         return f"{self.name}{own}" + (f"~{o.selection}" if o.selection else "")
 
     def setup(self, setup: Setup) -> None:
-        self._ranking = list(setup.ranking(self.options.selection))
+        self._ranking = list(setup.ranking(self.options.selection, "chats"))  # it reads the paper's chats
         self._stops, self._last = Counter(), []
 
     def run(self, batch: Batch) -> Output:

@@ -56,7 +56,9 @@ class Setup:
 
     num_layers: int
     model_type: str
-    ranking: Callable[[str | None], list[int]]  # a rule's ranking (None: the run's rule)
+    # a rule's ranking (None: the run's rule), calibrated on items read as the run's layout or the
+    # one given (``pieces``: ``chats`` or ``passages``)
+    ranking: Callable[..., list[int]]
     codebook: Callable[[], Codebook]
     calibration: Calibration = Calibration(None, 0.5, 10.0)
     blocks: Callable[[float], BlockProfile] | None = None

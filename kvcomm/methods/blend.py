@@ -132,7 +132,8 @@ class BlendMethod(_Composing):
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
         share = self.options.share
-        ranked = setup.ranking(self.options.selection) if share < 1 else list(range(setup.num_layers))
+        # pieces sharing some layers keep the sink alone elsewhere, as chats do: ranked on chats
+        ranked = setup.ranking(self.options.selection, "chats") if share < 1 else list(range(setup.num_layers))
         self._layers = top_layers(ranked, share)
 
     def run(self, batch: Batch) -> Output:

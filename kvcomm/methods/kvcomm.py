@@ -43,8 +43,8 @@ class SharingOptions(MethodOptions):
             receiver its own with the question) or ``passages`` (one chat cut in two: the sender
             reads the skyline prompt's opening and the context as ``senders`` passages, the
             receiver the question and the chat's closing; at layers not shared the receiver keeps
-            the opening instead of the sink alone). With every layer shared, ``passages`` computes
-            what the skyline computes.
+            the opening instead of the sink alone; causal mode only). With one passage and every
+            layer shared, ``passages`` computes what the skyline computes.
     """
 
     ratio: float | None = Field(None, gt=0, le=1)
@@ -57,9 +57,9 @@ class SharingOptions(MethodOptions):
     def _needs_ratio(self) -> Self:
         if self.ratio is None and getattr(self, "layers", None) is None:
             raise ValueError("needs a ratio (the fraction of layers to share)")
-        if self.pieces == "passages" and self.mode not in ("causal", "legacy"):
-            raise ValueError(f"passages keep an opening at layers not shared; mask mode {self.mode!r} moves "
-                             "or pads one sink token (use causal or legacy)")
+        if self.pieces == "passages" and self.mode != "causal":
+            raise ValueError(f"passages keep an opening at layers not shared, in causal mode only; mask mode "
+                             f"{self.mode!r} moves, pads or leaks around one sink token")
         return self
 
 
@@ -124,7 +124,7 @@ class KVCommMethod(Method):
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
-        return top_layers(setup.ranking(getattr(self.options, "selection", None)), self.ratio)
+        return top_layers(setup.ranking(getattr(self.options, "selection", None), self.options.pieces), self.ratio)
 
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)

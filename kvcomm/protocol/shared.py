@@ -1,9 +1,10 @@
 """Cache surgery: what the sender gives the receiver, layer by layer, and joining several such pieces.
 
 At a shared layer the receiver gets the sender's whole context; elsewhere only the first context
-token, an attention sink. Pieces prefilled apart (several senders, several KV messages) are joined
-by one mechanism, :func:`concat_shared`: later pieces' keys are re-rotated so that their positions
-follow the earlier pieces'.
+token, an attention sink (or, for passages, the opening of the prompt they were cut from). Pieces
+prefilled apart (several senders, several KV messages) are joined by one mechanism,
+:func:`concat_shared`: later pieces' keys are re-rotated so that their positions follow the earlier
+pieces'.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def received_positions(full: bool, tokens: int, context_len: int, sink_position:
 class SharedKV:
     """What the sender gives the receiver, layer by layer (left-padded over a batch).
 
-    At a shared layer: the whole context; elsewhere: the sink (first context token) only, or
-    nothing at a layer the receiver computes itself (DroidSpeak's block).
+    At a shared layer: the whole context; elsewhere: the sink (first context token) only, or the
+    opening's columns (passages, :func:`share`'s ``opening``), or nothing at a layer the receiver
+    computes itself (DroidSpeak's block).
 
     Attributes:
         keys, values: per layer ``[B, Hkv, P_l, D]``.
@@ -168,7 +170,7 @@ def share(
 
     Raises:
         ConfigError: a layer index is out of range, the mode is unknown, or an opening is asked
-            with ``shift-back`` (which moves one sink token) or is wider than the context.
+            in another mode than ``causal`` or is wider than the context.
     """
     if mode not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
@@ -220,8 +222,8 @@ def opening_columns(sender: SenderKV, opening: int) -> torch.Tensor:
 
 def _share_opening(sender: SenderKV, selected: set[int], mode: MaskMode, opening: int) -> SharedKV:
     """:func:`share` keeping the opening's columns (not the sink alone) at layers not shared."""
-    if mode == "shift-back":
-        raise ConfigError("shift-back moves one sink token; it cannot keep an opening")
+    if mode != "causal":
+        raise ConfigError(f"an opening is kept in causal mode only; {mode} moves, pads or leaks around one sink token")
     kept = opening_columns(sender, opening)
     shared = SharedKV([], [], [], [], sender.context_len, [], mode, token_ids=sender.ids)
     for layer in range(sender.num_layers):
@@ -300,8 +302,8 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
 
     Each piece was prefilled from position 0; later pieces' keys at full layers are re-rotated to
     follow the earlier pieces' positions (padding may then sit between pieces: masks only look at
-    validity). At a sink layer only the first piece's sink is kept (in ``shift-back`` mode moved
-    next to the joined context's end). Every piece must share the same full layers and mode.
+    validity). At a sink layer only the first piece's sink (or opening) is kept (in ``shift-back``
+    mode the sink is moved next to the joined context's end). Every piece must share the same full layers and mode.
     """
     if len(parts) == 1:
         return parts[0]

@@ -14,7 +14,8 @@ receiver computes them); 5 codes entropy-coded codecs with kvcomm's table-driven
 parameters name the ``coder``; earlier messages are read as ``constriction``-coded); 6, 7 and 8
 change the digest and the rANS streams (:mod:`kvcomm.wire.message`), not the header's fields; 9
 adds ``opening``: where it is above 1, a layer not shared holds the context's first ``opening``
-tokens (the opening of a prompt cut in two, ``pieces="passages"``) instead of one sink token.
+tokens (the opening of a prompt cut in two, ``pieces="passages"``; causal mode) instead of one
+sink token.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class Header(BaseModel):
             raise ValueError(f"sink_position {self.sink_position} is outside a {self.context_len}-token context")
         if self.opening == 1 or self.opening > self.context_len:
             raise ValueError(f"an opening of {self.opening} tokens: it must be 0 (a sink) or 2..{self.context_len}")
-        if self.opening and (self.sink_position != 0 or self.mode not in ("causal", "legacy")):
-            raise ValueError(f"an opening starts at position 0 in causal or legacy mode, not at {self.sink_position} "
+        if self.opening and (self.sink_position != 0 or self.mode != "causal"):
+            raise ValueError(f"an opening starts at position 0 in causal mode, not at {self.sink_position} "
                              f"in {self.mode} mode")
         unshared = (0, self.opening) if self.opening else (0, 1)
         for i, entry in enumerate(self.layers):

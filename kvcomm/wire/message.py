@@ -75,8 +75,8 @@ DEFAULT_MAX_DECODED = 1 << 33  # 8 GiB of float32 KV; services set their own, sm
 
 @dataclass
 class LayerKV:
-    """One layer of a message: keys and values ``[H, T, D]`` (T = |C| if full, 1 for the sink,
-    0 where the layer is left out)."""
+    """One layer of a message: keys and values ``[H, T, D]`` (T = |C| if full, 1 for the sink or
+    the opening's width where passages keep one, 0 where the layer is left out)."""
 
     index: int
     full: bool
