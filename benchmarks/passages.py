@@ -1,0 +1,137 @@
+"""The same layers read two ways: the paper's two chats against one chat cut in two (passages).
+
+Takes a saved run in the paper's layout (a results JSON of `kvcomm sweep` or
+`benchmarks/selection.py`) and runs, on its test items and with its calibration items held out,
+the skyline and each of its chosen layer sets (``--labels``; by default every ``kvcomm@…`` and
+``random@…`` configuration below 1) with ``pieces="passages"``: the sender reads the skyline
+prompt's opening and the context, the receiver the question, keeping the opening at the layers
+not shared. The layers are the saved run's, not calibrated again, so the difference is the
+layout's alone. Prints, per configuration, both layouts' scores as shares of the skyline (95%
+intervals, items resampled in pairs) and the paired difference passages − chats; checks that the
+skyline's answers equal the saved run's; writes the passages run's results JSON to ``--out`` and
+the comparison beside it (``-comparison.json``).
+
+    python benchmarks/passages.py --model qwen2.5-coder-1.5b --data ../shared/data/countries.jsonl \\
+        --chats benchmarks/results/selection/qwen-countries.json \\
+        --labels kvcomm@0.3~answer,kvcomm@0.5~answer,random@0.3,random@0.5 \\
+        --out benchmarks/results/selection/passages-qwen-countries.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
+from kvcomm.eval.results import BOOTSTRAP_SEED, bootstrap_ci  # noqa: E402
+
+
+def share_interval(values: list[float], skyline: list[float], resamples: int = 2000) -> list[float]:
+    """95% interval of a configuration's share of the skyline (items resampled in pairs)."""
+    a, b = np.asarray(values), np.asarray(skyline)
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(a), size=(resamples, len(a)))
+    shares = a[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1e-12)
+    return [round(float(x), 3) for x in np.percentile(shares, [2.5, 97.5])]
+
+
+def chosen_labels(saved: dict, given: str | None) -> list[str]:
+    labels = [r["label"] for r in saved["runs"]]
+    if given:
+        wanted = [label.strip() for label in given.split(",") if label.strip()]
+        if missing := [label for label in wanted if label not in labels]:
+            raise SystemExit(f"--labels: {missing} are not in the saved run ({', '.join(labels)})")
+        return wanted
+    return [r["label"] for r in saved["runs"] if r["method"] in ("kvcomm", "random") and (r["fraction"] or 1) < 1]
+
+
+def run(args: argparse.Namespace, saved: dict, labels: list[str]) -> dict:
+    """The passages run: the skyline and each saved configuration's layers, read as passages."""
+    config = saved["config"]
+    task = load_task(config["task"], args.data)
+    by_id = {item.id: item for item in task.items}
+    runs = {r["label"]: r for r in saved["runs"]}
+    test = [by_id[i["id"]] for i in runs["skyline"]["items"]]
+    calib = [by_id[i] for i in config["calibration_items"]]
+    task = dataclasses.replace(task, items=test + calib)
+    methods = [make_method("skyline")]
+    for label in labels:
+        r = runs[label]
+        if r["method"] == "random":  # the same seeded draw, named as random (checked below)
+            methods.append(make_method("random", ratio=r["options"]["ratio"], seed=r["options"]["seed"],
+                                       pieces="passages"))
+        else:
+            methods.append(make_method("kvcomm", layers=tuple(r["layers"]), pieces="passages"))
+    agents = Agents.load(args.model, dtype=config["dtype"])
+    report = evaluate(agents, task, methods, EvalConfig(limit=len(test), calib_size=len(calib),
+                                                        batch_size=args.batch_size))
+    report.save(args.out)
+    return json.loads(Path(args.out).read_text())
+
+
+def compare(saved: dict, new: dict, labels: list[str]) -> dict:
+    chats = {r["label"]: r for r in saved["runs"]}
+    here = {r["label"]: r for r in new["runs"]}
+    assert [i["answer"] for i in here["skyline"]["items"]] == [i["answer"] for i in chats["skyline"]["items"]], \
+        "the skyline's answers differ from the saved run's: not the same items or not the same code"
+    metric = saved["config"]["metric"]
+
+    def scores(run: dict) -> list[float]:
+        return [float(i["scores"][metric]) for i in run["items"]]
+
+    sky = scores(here["skyline"])
+    rows = {}
+    for label, passages in zip(labels, [r for r in new["runs"] if r["label"] != "skyline"]):
+        old = chats[label]
+        assert passages["layers"] == old["layers"], f"{label}: other layers than the saved run's"
+        a, b = scores(passages), scores(old)
+        diff = [x - y for x, y in zip(a, b)]
+        rows[label] = {
+            "layers": old["layers"], "n": len(a),
+            "chats": round(float(np.mean(b)), 3), "chats_of_skyline": round(float(np.mean(b) / np.mean(sky)), 3),
+            "chats_of_skyline_ci95": share_interval(b, sky),
+            "passages": round(float(np.mean(a)), 3), "passages_ci95": [round(x, 3) for x in bootstrap_ci(a)],
+            "passages_of_skyline": round(float(np.mean(a) / np.mean(sky)), 3),
+            "passages_of_skyline_ci95": share_interval(a, sky),
+            "passages_minus_chats": [round(float(np.mean(diff)), 3), [round(x, 3) for x in bootstrap_ci(diff)]],
+        }
+    return {"task": saved["config"]["task"], "metric": metric, "items": len(sky),
+            "skyline": round(float(np.mean(sky)), 3), "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="the data file the saved run read")
+    parser.add_argument("--chats", type=Path, required=True, help="the saved run in the paper's layout")
+    parser.add_argument("--labels", help="its configurations to read as passages (comma-separated)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    saved = json.loads(args.chats.read_text())
+    labels = chosen_labels(saved, args.labels)
+    new = json.loads(args.out.read_text()) if args.out.exists() else run(args, saved, labels)
+    summary = compare(saved, new, labels)
+    args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = Table(title=f"{summary['task']}, {summary['items']} items, skyline {summary['skyline']}: "
+                        "score ÷ skyline [95% CI]")
+    for column in ("configuration", "layers", "chats", "passages", "passages − chats [95% CI]"):
+        table.add_column(column)
+    for label, row in summary["rows"].items():
+        table.add_row(label, ",".join(map(str, row["layers"])),
+                      f"{row['chats_of_skyline']:.3f} {row['chats_of_skyline_ci95']}",
+                      f"{row['passages_of_skyline']:.3f} {row['passages_of_skyline_ci95']}",
+                      f"{row['passages_minus_chats'][0]:+.3f} {row['passages_minus_chats'][1]}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
