@@ -15,6 +15,10 @@ the comparison beside it (``-comparison.json``).
         --chats benchmarks/results/selection/qwen-countries.json \\
         --labels kvcomm@0.3~answer,kvcomm@0.5~answer,random@0.3,random@0.5 \\
         --out benchmarks/results/selection/passages-qwen-countries.json
+
+``--summarise RUN.json`` instead prints a saved run that has a skyline (e.g. ``kvcomm sweep …
+--pieces passages``): each configuration's score, its share of the skyline (paired intervals) and
+its paired difference to random at the same ratio, and writes them beside it (``-summary.json``).
 """
 
 from __future__ import annotations
@@ -107,15 +111,53 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
             "skyline": round(float(np.mean(sky)), 3), "rows": rows}
 
 
+def summarise(path: Path) -> dict:
+    """Each configuration of a saved run against its skyline and against random at its ratio."""
+    saved = json.loads(path.read_text())
+    metric = saved["config"]["metric"]
+    runs = {r["label"]: r for r in saved["runs"]}
+    scores = {label: [float(i["scores"][metric]) for i in r["items"]] for label, r in runs.items()}
+    sky = scores["skyline"]
+    rows = {}
+    for label, values in scores.items():
+        row = {"layers": runs[label]["layers"], "n": len(values), "score": round(float(np.mean(values)), 3),
+               "ci95": [round(x, 3) for x in bootstrap_ci(values)],
+               "of_skyline": round(float(np.mean(values) / np.mean(sky)), 3),
+               "of_skyline_ci95": share_interval(values, sky)}
+        fraction = runs[label]["fraction"]
+        rival = next((r for r, run in runs.items() if run["method"] == "random" and run["fraction"] == fraction), None)
+        if runs[label]["method"] == "kvcomm" and rival is not None:
+            diff = [x - y for x, y in zip(values, scores[rival])]
+            row["minus_random"] = [round(float(np.mean(diff)), 3), [round(x, 3) for x in bootstrap_ci(diff)]]
+        rows[label] = row
+    return {"run": path.name, "task": saved["config"]["task"], "metric": metric, "items": len(sky), "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="the data file the saved run read")
-    parser.add_argument("--chats", type=Path, required=True, help="the saved run in the paper's layout")
+    parser.add_argument("--summarise", type=Path, help="print a saved run against its skyline and random, then stop")
+    parser.add_argument("--model")
+    parser.add_argument("--data", help="the data file the saved run read")
+    parser.add_argument("--chats", type=Path, help="the saved run in the paper's layout")
     parser.add_argument("--labels", help="its configurations to read as passages (comma-separated)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.summarise:
+        summary = summarise(args.summarise)
+        args.summarise.with_name(args.summarise.stem + "-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        table = Table(title=f"{summary['task']}, {summary['items']} items ({summary['metric']})")
+        for column in ("configuration", "layers", "score [95% CI]", "÷ skyline [95% CI]", "− random [95% CI]"):
+            table.add_column(column)
+        for label, row in summary["rows"].items():
+            lead = row.get("minus_random")
+            table.add_row(label, ",".join(map(str, row["layers"] or [])), f"{row['score']:.3f} {row['ci95']}",
+                          f"{row['of_skyline']:.3f} {row['of_skyline_ci95']}",
+                          f"{lead[0]:+.3f} {lead[1]}" if lead else "")
+        Console().print(table)
+        return
+    if not (args.model and args.data and args.chats and args.out):
+        parser.error("--model, --data, --chats and --out are needed (or --summarise RUN.json)")
     saved = json.loads(args.chats.read_text())
     labels = chosen_labels(saved, args.labels)
     new = json.loads(args.out.read_text()) if args.out.exists() else run(args, saved, labels)
