@@ -227,9 +227,9 @@ def test_the_budget_is_the_smallest_ratio_within_the_tolerance(monkeypatch):
     shared_layers = []
     real_share = budget_module.share
 
-    def spy(model_, sender, layers, mode="causal"):
+    def spy(model_, sender, layers, mode="causal", opening=0):
         shared_layers.append(set(layers))
-        return real_share(model_, sender, layers, mode)
+        return real_share(model_, sender, layers, mode, opening)
 
     monkeypatch.setattr(budget_module, "share", spy)
     monkeypatch.setattr(budget_module, "METRICS", {"contains": lambda answer, gold: float({2, 3} <= shared_layers[-1])})
