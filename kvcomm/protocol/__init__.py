@@ -19,8 +19,8 @@ from kvcomm.protocol.shared import (
     concat_shared,
     effective_layers,
     follow_on_keys,
+    kept_columns,
     merge_senders,
-    opening_columns,
     share,
     share_many,
     splice,
@@ -31,7 +31,7 @@ ATTENTION_NAME = _attention.ATTENTION_NAME
 __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "MaskMode", "ReceiverInput", "SenderKV",
     "SharedKV", "Turn", "attention_importance", "build_receiver_input", "common_prefix", "concat_shared",
-    "effective_layers", "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "merge_senders",
-    "opening_columns", "pad_left", "prefill", "prefill_logits", "prefill_shared", "prefix_start", "receiver_input",
+    "effective_layers", "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "kept_columns",
+    "merge_senders", "pad_left", "prefill", "prefill_logits", "prefill_shared", "prefix_start", "receiver_input",
     "run_body", "share", "share_many", "splice",
 ]

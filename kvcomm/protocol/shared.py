@@ -165,7 +165,7 @@ def share(
             reference code does) or ``shift-back`` (KVComm-S: the sink key is re-rotated to
             position |C|-1, right before the receiver's first token).
         opening: when > 0, the first ``opening`` columns (the opening of a prompt cut in two, the
-            valid ones among them: :func:`opening_columns`) are kept at every other layer instead
+            valid ones among them: :func:`kept_columns`) are kept at every other layer instead
             of the sink alone.
 
     Raises:
@@ -202,14 +202,17 @@ def share(
     return shared
 
 
-def opening_columns(sender: SenderKV, opening: int) -> torch.Tensor:
-    """``[B, C]`` the valid columns among the first ``opening`` (an opening piece's width; padding
-    may sit anywhere), the keys a receiver keeps at layers not shared in full.
+def kept_columns(sender: SenderKV, opening: int = 0) -> torch.Tensor:
+    """``[B, C]`` the columns a receiver keeps at layers not shared in full: each row's sink (its
+    first real token) or, with ``opening`` > 0, the valid columns among the first ``opening`` (an
+    opening piece's width; padding may sit anywhere).
 
     Raises:
         ConfigError: ``opening`` is negative or wider than the context, or leaves a row without a
             token (no sink).
     """
+    if not opening:
+        return sender.valid & (sender.valid.cumsum(dim=1) == 1)
     width = sender.valid.shape[1]
     if not 0 < opening <= width:
         raise ConfigError(f"an opening of {opening} columns does not fit a context of {width}")
@@ -224,7 +227,7 @@ def _share_opening(sender: SenderKV, selected: set[int], mode: MaskMode, opening
     """:func:`share` keeping the opening's columns (not the sink alone) at layers not shared."""
     if mode != "causal":
         raise ConfigError(f"an opening is kept in causal mode only; {mode} moves, pads or leaks around one sink token")
-    kept = opening_columns(sender, opening)
+    kept = kept_columns(sender, opening)
     shared = SharedKV([], [], [], [], sender.context_len, [], mode, token_ids=sender.ids)
     for layer in range(sender.num_layers):
         full = layer in selected
@@ -255,16 +258,11 @@ def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]], opening: i
     the weights per step.
 
     Raises:
-        ConfigError: a layer index is out of range, or the opening does not fit (:func:`opening_columns`).
+        ConfigError: a layer index is out of range, or the opening does not fit (:func:`kept_columns`).
     """
     sets = [_in_range(effective_layers(layers, "causal"), sender.num_layers) for layers in layer_sets]
-    rows, copies = sender.valid.shape[0], len(sets)
-    if opening:
-        sink_only = opening_columns(sender, opening)
-    else:
-        first = sender.first_column
-        sink_only = torch.zeros_like(sender.valid)
-        sink_only[torch.arange(rows), first] = sender.valid[torch.arange(rows), first]
+    copies = len(sets)
+    sink_only = kept_columns(sender, opening)
     positions = sender.positions.repeat(copies, 1)
     masks: dict[tuple[bool, ...], torch.Tensor] = {}  # one tensor per pattern: layers alike share a mask
     valid = []

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import SenderKV, SharedKV, opening_columns, receiver_input, run_body
+from kvcomm.protocol import SenderKV, SharedKV, kept_columns, receiver_input, run_body
 from kvcomm.protocol.hidden import only_layers, recording
 from kvcomm.tasks.base import Item
 
@@ -55,10 +55,7 @@ def _masked(sender: SenderKV, layer_sets: Sequence[frozenset[int]], opening: int
     """``len(layer_sets)`` rows of ``sender``; at a layer a row does not share, only its sink (or its
     ``opening``'s columns, as :func:`~kvcomm.protocol.share` keeps them) is valid."""
     rows, layers = len(layer_sets), sender.num_layers
-    if opening:
-        sink_only = opening_columns(sender, opening)
-    else:
-        sink_only = sender.valid & (sender.valid.cumsum(dim=1) == 1)  # [1, C]: the first real token
+    sink_only = kept_columns(sender, opening)  # [1, C]
     valid = []
     for layer in range(layers):
         shares = torch.tensor([layer in chosen for chosen in layer_sets])[:, None]  # [R, 1]
