@@ -36,15 +36,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
-from kvcomm.eval.results import BOOTSTRAP_SEED, bootstrap_ci  # noqa: E402
+from kvcomm.eval.results import bootstrap_ci, share_ci  # noqa: E402
 
 
-def share_interval(values: list[float], skyline: list[float], resamples: int = 2000) -> list[float]:
-    """95% interval of a configuration's share of the skyline (items resampled in pairs)."""
-    a, b = np.asarray(values), np.asarray(skyline)
-    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(a), size=(resamples, len(a)))
-    shares = a[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1e-12)
-    return [round(float(x), 3) for x in np.percentile(shares, [2.5, 97.5])]
+def share_interval(values: list[float], skyline: list[float]) -> list[float]:
+    """95% interval of a configuration's share of the skyline (items resampled in pairs), rounded."""
+    return [round(x, 3) for x in share_ci(values, skyline)]
 
 
 def chosen_labels(saved: dict, given: str | None) -> list[str]:

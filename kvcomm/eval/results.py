@@ -108,6 +108,16 @@ def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = BOOTSTR
     return (float(low), float(high))
 
 
+def share_ci(values: list[float], reference: list[float], resamples: int = 2000,
+             seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of ``sum(values) / sum(reference)`` (e.g. a configuration's
+    share of the skyline), items resampled in pairs (seeded)."""
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    low, high = np.percentile(a[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1e-12), [2.5, 97.5])
+    return (float(low), float(high))
+
+
 def summarize(items: Sequence[ItemResult] | Sequence[dict[str, float]]) -> dict[str, Score]:
     """Each metric's mean and 95% interval over items (results, or their score dictionaries)."""
     scores = [i if isinstance(i, dict) else i.scores for i in items]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvcomm.eval.results import BOOTSTRAP_SEED, bootstrap_ci
+from kvcomm.eval.results import bootstrap_ci, share_ci
 
 HERE = Path(__file__).parent
 SAVED = HERE / "qwen-tipsheets.json"
@@ -41,12 +41,9 @@ def run(out: Path) -> None:
     evaluate(agents, task, methods, EvalConfig(limit=COUNT, calib_size=4, batch_size=16), profile=profile).save(out)
 
 
-def share_interval(values: list[float], skyline: list[float], resamples: int = 2000) -> list[float]:
-    """95% interval of a configuration's share of the skyline (items resampled in pairs)."""
-    a, b = np.asarray(values), np.asarray(skyline)
-    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(a), size=(resamples, len(a)))
-    shares = a[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1e-12)
-    return [round(float(x), 3) for x in np.percentile(shares, [2.5, 97.5])]
+def share_interval(values: list[float], skyline: list[float]) -> list[float]:
+    """95% interval of a configuration's share of the skyline (items resampled in pairs), rounded."""
+    return [round(x, 3) for x in share_ci(values, skyline)]
 
 
 def merge(out: Path) -> dict:
