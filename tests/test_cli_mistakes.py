@@ -92,6 +92,8 @@ MISTAKES = [
     ("serve -m {model} --codec int9", "Did you mean 'int8'"),
     ("models install smollm", "Did you mean 'smollm2-135m'"),
     ("remote chat hello --url http://127.0.0.1:9", "cannot reach the agent"),
+    ("remote context x --passage --ratio 0.5 --profile {dir}/countries-profile.json --url http://127.0.0.1:9",
+     "calibrated on items read as chats"),
     ("codebook -m {model} --items 0", "--items"),
     ("codebook -m {model} -t tipsheets --data {dir}/missing.jsonl", "does not exist"),
     ("frobnicate", "No such command"),

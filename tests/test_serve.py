@@ -410,6 +410,59 @@ def test_stored_passages_are_read_inside_the_last_user_turn(http, agent):
     assert refused.status_code == 422
 
 
+def test_a_passage_at_a_ratio_is_ranked_on_passages_and_read_as_kvcomm_over_passages(monkeypatch):
+    """A passage stored at a ratio takes the service's ranking for passages (calibrated once, on
+    items read as passages, apart from the contexts' ranking). A chat reads it as ``kvcomm
+    --pieces passages`` does: the chat's opening at every layer, the passage at the shared layers
+    only; the same answer as that layout computed in process from the chat cut in two (a template
+    whose opening is several tokens, so that the opening is not a sink alone)."""
+    from kvcomm.protocol import greedy_generate, pad_left, prefill, receiver_input, share
+
+    agent = tiny_loaded("llama")
+    agent.tokenizer.chat_template = ("{% for m in messages %}<|user|>Use what you read. {{ m['content'] }}<|end|>"
+                                     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with TestClient(create_app(agent, MemoryStore(1 << 24), ServeConfig())) as http:
+        contexts = http.app.state.contexts
+        layouts: list[str] = []
+        real = contexts.calibrate
+        monkeypatch.setattr(contexts, "calibrate", lambda pieces="chats": layouts.append(pieces) or real(pieces))
+        text = "Omar lives in Velmora."
+        made = http.post("/v1/contexts", json={"context": text, "codec": "fp32", "passage": True, "ratio": 0.5}).json()
+        profile = http.get("/v1/profile", params={"pieces": "passages"}).json()
+        assert layouts == ["passages"] and profile["details"]["pieces"] == "passages"
+        assert made["layers"] == sorted(profile["ranking"][:2])
+        missing = http.get("/v1/profile")  # the contexts' ranking is another one, not calibrated yet
+        assert missing.status_code == 404 and "chats" in missing.json()["error"]["message"]
+        again = http.post("/v1/contexts", json={"context": "Lena lives in Ostrik.", "passage": True, "ratio": 0.5})
+        assert again.status_code == 200 and layouts == ["passages"]  # calibrated once
+
+        turns = [{"role": "user", "content": "Which country?"}]
+        opening, rest = agent.chat_after_passages(turns)
+        assert len(opening) > 1 and opening == agent.passage_parts(text)[0]
+        kv = prefill(agent.model, *pad_left([opening + agent.passage_parts(text)[1]], agent.pad_id))
+        named = http.post("/v1/contexts", json={"context": text, "codec": "fp32", "passage": True, "layers": [1, 3]})
+        for message in (made, named.json()):
+            reply = http.post("/v1/chat/completions",
+                              json={"messages": turns, "max_tokens": 6, "kv_messages": [message["id"]]})
+            assert reply.status_code == 200, reply.text
+            expected = {}
+            for kept in (len(opening), 0):  # the opening kept at layers not shared, or a sink alone
+                shared = share(agent.model, kv, message["layers"], opening=kept)
+                tokens = greedy_generate(agent.model, receiver_input(shared), *pad_left([rest], agent.pad_id), 6,
+                                         agent.stop_ids, agent.pad_id)
+                expected[kept] = agent.decode(tokens[0])
+            assert reply.json()["choices"][0]["message"]["content"] == expected[len(opening)]
+        assert expected[len(opening)] != expected[0]  # layers 1 and 3: the two layouts answer apart here
+
+        for_contexts = {"ranking": [3, 2, 1, 0], "details": {"search": "greedy forward"}}  # a profile of chats
+        refused = http.post("/v1/contexts", json={"context": text, "passage": True, "ratio": 0.5,
+                                                  "profile": for_contexts})
+        assert refused.status_code == 400 and "--pieces passages" in refused.json()["error"]["message"]
+        bare = http.post("/v1/contexts", json={"context": text, "passage": True, "ratio": 0.25,
+                                               "profile": {"ranking": [3, 2, 1, 0]}})
+        assert bare.json()["layers"] == [3]  # a bare ranking makes no claim about its layout
+
+
 def test_a_completion_returns_its_turn_as_a_kv_message_that_another_agent_hears(http, agent):
     """kv_return: the turn's KV is stored and named; heard by a second request at every layer
     (fp32), it reads exactly as the turn's tokens followed by the second question."""

@@ -55,7 +55,9 @@ def serve_command(
     """Run one agent (one model) as an HTTP service with an OpenAI-compatible chat endpoint.
 
     With --ratio, contexts share the top fraction of layers by the --profile ranking, or by a
-    ranking the agent calibrates once on generated text when no profile is given.
+    ranking the agent calibrates once on generated text when no profile is given. Passages have a
+    ranking of their own (a --profile made with `kvcomm calibrate --pieces passages` serves them;
+    otherwise one is calibrated on the first passage stored at a ratio).
     """
     import uvicorn
 
@@ -78,10 +80,10 @@ def serve_command(
     limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
     agent = load_model(model, dtype, linear)
     app = create_app(agent, open_store(store, limits), config, loaded_profile)
-    if ratio is not None and loaded_profile is None:
-        console.print(f"calibrating the layer ranking for --ratio {ratio} (once, {config.selection} rule; "
-                      "--profile skips this) …")
-        app.state.contexts.profile = app.state.contexts.calibrate()
+    if ratio is not None and (loaded_profile is None or loaded_profile.pieces != "chats"):
+        console.print(f"calibrating the contexts' layer ranking for --ratio {ratio} (once, {config.selection} rule; "
+                      "a --profile calibrated on chats skips this) …")
+        app.state.contexts.prepare("chats")
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info"))
 
 
@@ -127,7 +129,14 @@ def remote_context(
     from kvcomm.selection.blocks import read_ranking
 
     chosen = parse_layers(layers, None) if layers else None
-    ranking = read_ranking(profile).ranking if profile else None
+    ranking = None
+    if profile:
+        read = read_ranking(profile)
+        if read.pieces != ("passages" if passage else "chats"):
+            raise ConfigError(f"{profile} was calibrated on items read as {read.pieces}: "
+                              f"{'a passage needs' if passage else 'a context needs'} a profile calibrated with "
+                              f"--pieces {'passages' if passage else 'chats'}")
+        ranking = read.ranking
     with _client(url, token) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
                                                mode=mode, message_id=message_id, passage=passage), indent=1))

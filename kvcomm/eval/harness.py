@@ -133,8 +133,8 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:
         raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {num_layers}")
-    if isinstance(profile, Profile) and pieces is not None and profile.details.get("pieces", "chats") != pieces:
-        raise ConfigError(f"the profile was calibrated on items read as {profile.details.get('pieces', 'chats')}, "
+    if isinstance(profile, Profile) and pieces is not None and profile.pieces != pieces:
+        raise ConfigError(f"the profile was calibrated on items read as {profile.pieces}, "
                           f"this run reads {pieces}: calibrate with --pieces {pieces} or leave out --profile")
 
 

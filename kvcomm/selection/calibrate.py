@@ -76,6 +76,11 @@ class Profile(JsonFile):
     details: dict[str, Any] = {}
     cost: dict[str, float] = {}
 
+    @property
+    def pieces(self) -> Pieces:
+        """How the calibration items were read: ``chats`` unless ``details`` says ``passages``."""
+        return "passages" if self.details.get("pieces") == "passages" else "chats"
+
 
 def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,

@@ -47,6 +47,7 @@ from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
+from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
 from kvcomm.wire.streaming import receive
 
@@ -111,13 +112,15 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return ModelList(data=[Model.model_validate({"id": n, "object": "model", "created": created,
                                                      "owned_by": "kvcomm", **extra}) for n in names])
 
-    @app.get("/v1/profile", responses=documented(401, 404, 413))
-    async def current_profile() -> dict[str, Any]:
-        """The layer ranking contexts use for a ratio (404 until one is loaded or calibrated)."""
-        if contexts.profile is None:
-            raise ServiceRefusal(404, "no layer ranking yet: the service calibrates one on the first ratio",
+    @app.get("/v1/profile", responses=documented(401, 404, 413, 422))
+    async def current_profile(pieces: Pieces = "chats") -> dict[str, Any]:
+        """The layer ranking contexts (``pieces=chats``) or passages (``pieces=passages``) use for a
+        ratio (404 until one is loaded or calibrated)."""
+        if pieces not in contexts.profiles:
+            raise ServiceRefusal(404, f"no layer ranking for {pieces} yet: the service calibrates one on the first "
+                                      f"ratio asked for {'a passage' if pieces == 'passages' else 'a context'}",
                                  "profile_not_found")
-        return contexts.profile.model_dump()
+        return contexts.profiles[pieces].model_dump()
 
     @app.post("/v1/contexts", response_model=ContextCreated, responses=documented(*V1, 404, 409, 504))
     async def create_context(body: ContextRequest) -> ContextCreated:

@@ -30,8 +30,8 @@ class ServeConfig(Options):
             disconnects are noticed during long prefills too.
         codec: codec of messages the service makes, unless a request names another.
         ratio: default fraction of layers a context shares (None: all layers); chosen by the
-            service's layer ranking (a profile, loaded or calibrated once).
-        selection: the rule the service calibrates its ranking with, when it has no profile.
+            service's layer ranking for the request's layout (a profile, loaded or calibrated once).
+        selection: the rule the service calibrates a ranking with, when it has no profile for a layout.
         mode: default mask mode of the messages the service makes.
     """
 

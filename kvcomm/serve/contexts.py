@@ -2,7 +2,9 @@
 
 A context shares the layers a request names, or the top ``ratio`` of a layer ranking: the
 request's own (``profile``), the service's (loaded with ``--profile``), or one the service
-calibrates once on generated text the first time a ratio is asked without either. Ids are
+calibrates once on generated text the first time a ratio is asked without either. The service keeps
+one ranking per layout: contexts (read before a chat, as the paper's two chats) and passages (read
+inside a chat's last user turn, behind its opening) are ranked on items read the same way. Ids are
 content addresses: the same token ids, model, layers, mask mode and codec give the same id, so a
 second request for the same context spends no prefill.
 """
@@ -24,6 +26,7 @@ from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.tasks import Item, Task, load_task
+from kvcomm.tasks.base import Pieces
 from kvcomm.wire import Codec, KVMessage, make_codec
 from kvcomm.wire.bootstrap import model_codebook
 
@@ -69,7 +72,7 @@ class ContextMaker:
             if profile.num_layers != agent.num_layers:
                 raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agent.num_layers}")
             check_ranking(profile.ranking, agent.num_layers)
-        self.profile = profile
+        self.profiles: dict[Pieces, Profile] = {} if profile is None else {profile.pieces: profile}
         self._calibrating = threading.Lock()
 
     def tokens(self, body: ContextRequest) -> list[int]:
@@ -84,20 +87,35 @@ class ContextMaker:
         return self.agent.chat_ids([m.turn() for m in body.messages or []], generation_prompt=False)
 
     def ranking(self, body: ContextRequest) -> list[int]:
-        """The request's ranking, else the service's (calibrated now, once, if it has none)."""
-        if body.profile is not None:
-            return check_ranking(body.profile.ranking, self.agent.num_layers)
-        with self._calibrating:
-            if self.profile is None:
-                self.profile = self.calibrate()
-        return self.profile.ranking
+        """The request's ranking, else the service's for the request's layout (calibrated now,
+        once, if it has none).
 
-    def calibrate(self) -> Profile:
-        """A ranking calibrated by the service's rule on generated facts (no generation; about a
-        minute with the ``answer`` rule on SmolLM2-135M, seconds with ``paper``)."""
+        Raises:
+            ConfigError: the request's profile says it was calibrated on the other layout.
+        """
+        pieces: Pieces = "passages" if body.passage else "chats"
+        if body.profile is not None:
+            given = body.profile.pieces
+            if given is not None and given != pieces:
+                raise ConfigError(f"the profile was calibrated on items read as {given}, this request stores "
+                                  f"{'a passage' if body.passage else 'a context'}: calibrate with --pieces {pieces}")
+            return check_ranking(body.profile.ranking, self.agent.num_layers)
+        return self.prepare(pieces).ranking
+
+    def prepare(self, pieces: Pieces = "chats") -> Profile:
+        """The service's ranking for ``pieces``, calibrated now if it has none (once: concurrent
+        requests wait for the first)."""
+        with self._calibrating:
+            if pieces not in self.profiles:
+                self.profiles[pieces] = self.calibrate(pieces)
+        return self.profiles[pieces]
+
+    def calibrate(self, pieces: Pieces = "chats") -> Profile:
+        """A ranking calibrated by the service's rule on generated facts read as ``pieces`` (no
+        generation; about a minute with the ``answer`` rule on SmolLM2-135M, seconds with ``paper``)."""
         task = load_task("facts", items=CALIBRATION_ITEMS[self.config.selection])
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
-                         rule=self.config.selection)
+                         rule=self.config.selection, pieces=pieces)
 
     def plan(self, body: ContextRequest, ids: list[int]) -> Plan:
         """Codec, layers and id of a request (model thread: may build a codebook or calibrate)."""

@@ -140,10 +140,18 @@ class ChatRequest(BaseModel):
 
 
 class ProfileBody(BaseModel):
-    """A layer ranking (the ``ranking`` of a ``kvcomm calibrate`` profile; other fields are ignored)."""
+    """A layer ranking: the ``ranking`` of a ``kvcomm calibrate`` profile, and optionally its
+    ``details`` (a profile's ``pieces`` there, ``chats`` when absent, says which layout it was
+    calibrated on; a bare ranking claims none). Other fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     ranking: Annotated[list[int], Field(min_length=1, max_length=4096)]
+    details: dict[str, Any] | None = None
+
+    @property
+    def pieces(self) -> str | None:
+        """The layout the profile was calibrated on (None: a bare ranking)."""
+        return None if self.details is None else str(self.details.get("pieces", "chats"))
 
 
 class ContextRequest(BaseModel):
