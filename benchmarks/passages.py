@@ -19,6 +19,9 @@ the comparison beside it (``-comparison.json``).
 ``--summarise RUN.json`` instead prints a saved run that has a skyline (e.g. ``kvcomm sweep …
 --pieces passages``): each configuration's score, its share of the skyline (paired intervals) and
 its paired difference to random at the same ratio, and writes them beside it (``-summary.json``).
+``--beside OTHER.json`` (repeatable) takes the configurations RUN.json lacks (its skyline, random)
+from another run on the same test items, e.g. a run of new layers against an earlier run's
+skyline and random (the items' ids and the configurations' options must match).
 """
 
 from __future__ import annotations
@@ -108,11 +111,22 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
             "skyline": round(float(np.mean(sky)), 3), "rows": rows}
 
 
-def summarise(path: Path) -> dict:
-    """Each configuration of a saved run against its skyline and against random at its ratio."""
+def summarise(path: Path, beside: list[Path] | None = None) -> dict:
+    """Each configuration of a saved run against its skyline and against random at its ratio; the
+    configurations it lacks are taken from the runs ``beside`` it, on the same items."""
     saved = json.loads(path.read_text())
     metric = saved["config"]["metric"]
     runs = {r["label"]: r for r in saved["runs"]}
+    ids = [i["id"] for i in saved["runs"][0]["items"]]
+    for other_path in beside or []:
+        other = json.loads(other_path.read_text())
+        if other["config"]["metric"] != metric or other["config"]["data"] != saved["config"]["data"]:
+            raise SystemExit(f"{other_path}: another metric or data file than {path}'s")
+        for r in other["runs"]:
+            if r["label"] not in runs:
+                if [i["id"] for i in r["items"]] != ids:
+                    raise SystemExit(f"{other_path}: {r['label']} ran on other items than {path}")
+                runs[r["label"]] = r
     scores = {label: [float(i["scores"][metric]) for i in r["items"]] for label, r in runs.items()}
     sky = scores["skyline"]
     rows = {}
@@ -127,12 +141,15 @@ def summarise(path: Path) -> dict:
             diff = [x - y for x, y in zip(values, scores[rival])]
             row["minus_random"] = [round(float(np.mean(diff)), 3), [round(x, 3) for x in bootstrap_ci(diff)]]
         rows[label] = row
-    return {"run": path.name, "task": saved["config"]["task"], "metric": metric, "items": len(sky), "rows": rows}
+    return {"run": path.name, "beside": [p.name for p in beside or []], "task": saved["config"]["task"],
+            "metric": metric, "items": len(sky), "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--summarise", type=Path, help="print a saved run against its skyline and random, then stop")
+    parser.add_argument("--beside", type=Path, action="append",
+                        help="with --summarise: a run on the same items that holds the configurations RUN lacks")
     parser.add_argument("--model")
     parser.add_argument("--data", help="the data file the saved run read")
     parser.add_argument("--chats", type=Path, help="the saved run in the paper's layout")
@@ -141,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.summarise:
-        summary = summarise(args.summarise)
+        summary = summarise(args.summarise, args.beside)
         args.summarise.with_name(args.summarise.stem + "-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         table = Table(title=f"{summary['task']}, {summary['items']} items ({summary['metric']})")
         for column in ("configuration", "layers", "score [95% CI]", "÷ skyline [95% CI]", "− random [95% CI]"):
