@@ -19,9 +19,10 @@ the comparison beside it (``-comparison.json``).
 ``--summarise RUN.json`` instead prints a saved run that has a skyline (e.g. ``kvcomm sweep …
 --pieces passages``): each configuration's score, its share of the skyline (paired intervals) and
 its paired difference to random at the same ratio, and writes them beside it (``-summary.json``).
-``--beside OTHER.json`` (repeatable) takes the configurations RUN.json lacks (its skyline, random)
-from another run on the same test items, e.g. a run of new layers against an earlier run's
-skyline and random (the items' ids and the configurations' options must match).
+``--beside OTHER.json`` (repeatable) takes the skyline, baseline and random configurations
+RUN.json lacks from another run of the same model, data, task, budget and metric on the same test
+items, e.g. a run of newly calibrated layers against an earlier run's skyline and random (a random
+configuration must read the items as RUN's kvcomm configurations do; borrowed rows are marked).
 """
 
 from __future__ import annotations
@@ -111,22 +112,48 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
             "skyline": round(float(np.mean(sky)), 3), "rows": rows}
 
 
+SAME_CONFIG = ("sender", "receiver", "dtype", "linear", "task", "num_layers", "max_new_tokens", "metric")
+SAME_OPTIONS = ("mode", "codec", "senders", "pieces")
+BORROWED = ("skyline", "baseline", "random")  # what a run may take from another: its references, not rivals
+
+
+def borrow(saved: dict, path: Path, runs: dict, beside: list[Path]) -> dict[str, str]:
+    """Adds to ``runs`` the skyline, baseline and random configurations ``saved`` lacks, from the
+    runs ``beside`` it; returns each borrowed label's file. The other run must be of the same
+    model, data, task, budget and metric, on the same items, and a random configuration must read
+    the items as ``saved``'s kvcomm configurations do (mask mode, codec, senders, layout)."""
+    ids = [i["id"] for i in saved["runs"][0]["items"]]
+    own = {tuple(r["options"].get(k) for k in SAME_OPTIONS) for r in saved["runs"] if r["method"] == "kvcomm"}
+    borrowed: dict[str, str] = {}
+    for other_path in beside:
+        other = json.loads(other_path.read_text())
+        differ = [k for k in SAME_CONFIG if other["config"].get(k) != saved["config"].get(k)]
+        if other["config"]["data"].get("sha256") != saved["config"]["data"].get("sha256"):
+            differ.append("data")
+        if differ:
+            raise SystemExit(f"{other_path}: its {', '.join(differ)} differ from {path}'s")
+        for r in other["runs"]:
+            if r["label"] in runs or r["method"] not in BORROWED:
+                continue
+            if [i["id"] for i in r["items"]] != ids:
+                raise SystemExit(f"{other_path}: {r['label']} ran on other items than {path}")
+            if r["method"] == "random" and {tuple(r["options"].get(k) for k in SAME_OPTIONS)} != own:
+                raise SystemExit(f"{other_path}: {r['label']} reads the items otherwise ({SAME_OPTIONS}) than "
+                                 f"{path}'s kvcomm configurations")
+            runs[r["label"]] = r
+            borrowed[r["label"]] = other_path.name
+    return borrowed
+
+
 def summarise(path: Path, beside: list[Path] | None = None) -> dict:
     """Each configuration of a saved run against its skyline and against random at its ratio; the
-    configurations it lacks are taken from the runs ``beside`` it, on the same items."""
+    skyline, baseline and random it lacks are taken from the runs ``beside`` it (:func:`borrow`)."""
     saved = json.loads(path.read_text())
     metric = saved["config"]["metric"]
     runs = {r["label"]: r for r in saved["runs"]}
-    ids = [i["id"] for i in saved["runs"][0]["items"]]
-    for other_path in beside or []:
-        other = json.loads(other_path.read_text())
-        if other["config"]["metric"] != metric or other["config"]["data"] != saved["config"]["data"]:
-            raise SystemExit(f"{other_path}: another metric or data file than {path}'s")
-        for r in other["runs"]:
-            if r["label"] not in runs:
-                if [i["id"] for i in r["items"]] != ids:
-                    raise SystemExit(f"{other_path}: {r['label']} ran on other items than {path}")
-                runs[r["label"]] = r
+    borrowed = borrow(saved, path, runs, beside or [])
+    if "skyline" not in runs:
+        raise SystemExit(f"{path} has no skyline: give a run that has one with --beside")
     scores = {label: [float(i["scores"][metric]) for i in r["items"]] for label, r in runs.items()}
     sky = scores["skyline"]
     rows = {}
@@ -140,6 +167,8 @@ def summarise(path: Path, beside: list[Path] | None = None) -> dict:
         if runs[label]["method"] == "kvcomm" and rival is not None:
             diff = [x - y for x, y in zip(values, scores[rival])]
             row["minus_random"] = [round(float(np.mean(diff)), 3), [round(x, 3) for x in bootstrap_ci(diff)]]
+        if label in borrowed:
+            row["from"] = borrowed[label]
         rows[label] = row
     return {"run": path.name, "beside": [p.name for p in beside or []], "task": saved["config"]["task"],
             "metric": metric, "items": len(sky), "rows": rows}
@@ -165,7 +194,8 @@ def main() -> None:
             table.add_column(column)
         for label, row in summary["rows"].items():
             lead = row.get("minus_random")
-            table.add_row(label, ",".join(map(str, row["layers"] or [])), f"{row['score']:.3f} {row['ci95']}",
+            table.add_row(label + (f" (from {row['from']})" if "from" in row else ""),
+                          ",".join(map(str, row["layers"] or [])), f"{row['score']:.3f} {row['ci95']}",
                           f"{row['of_skyline']:.3f} {row['of_skyline_ci95']}",
                           f"{lead[0]:+.3f} {lead[1]}" if lead else "")
         Console().print(table)

@@ -21,6 +21,9 @@ def files(tmp_path, tiny_dir):
     Profile(sender="m", receiver="m", task="countries", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
             calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4,
             ranking=[0, 1, 2, 3]).save(tmp_path / "countries-profile.json")
+    Profile(sender="m", receiver="m", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+            calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[0, 1, 2, 3],
+            details={"pieces": "passages"}).save(tmp_path / "passages-profile.json")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "facts.json").write_text("{}")  # a finished run's results
     (tmp_path / "other" / "facts.checkpoint").mkdir(parents=True)  # another run's checkpoint
@@ -94,6 +97,10 @@ MISTAKES = [
     ("remote chat hello --url http://127.0.0.1:9", "cannot reach the agent"),
     ("remote context x --passage --ratio 0.5 --profile {dir}/countries-profile.json --url http://127.0.0.1:9",
      "calibrated on items read as chats"),
+    ("remote context x --ratio 0.5 --profile {dir}/passages-profile.json --url http://127.0.0.1:9",
+     "calibrated on items read as passages"),
+    ("serve -m {model} --profile {dir}/passages-profile.json --profile {dir}/passages-profile.json",
+     "one per layout"),
     ("codebook -m {model} --items 0", "--items"),
     ("codebook -m {model} -t tipsheets --data {dir}/missing.jsonl", "does not exist"),
     ("frobnicate", "No such command"),

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from kvcomm.errors import ConfigError
 from kvcomm.serve import Client, DiskStore, MemoryStore, ServiceError
 from kvcomm.serve.app import ServeConfig, create_app
 from kvcomm.wire import KVMessage
@@ -286,6 +287,20 @@ def test_the_service_default_ratio_uses_a_loaded_profile(agent):
         created = http.post("/v1/contexts", json={"context": "Mira lives in Oslo."}).json()
         assert created["layers"] == [0, 2] and http.get("/v1/profile").json()["ranking"] == [2, 0, 3, 1]
         assert http.post("/v1/contexts", json={"context": "x", "layers": [1, 2, 3]}).json()["layers"] == [1, 2, 3]
+
+    passages = profile.model_copy(update={"ranking": [3, 1, 0, 2], "details": {"pieces": "passages"}})
+    with TestClient(create_app(agent, MemoryStore(), ServeConfig(ratio=0.5), [profile, passages])) as http:
+        stored = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "passage": True}).json()
+        assert stored["layers"] == [1, 3] and http.get("/v1/profile?pieces=passages").json()["ranking"] == [3, 1, 0, 2]
+        assert http.post("/v1/contexts", json={"context": "Mira lives in Oslo."}).json()["layers"] == [0, 2]
+        claimed = {"ranking": [3, 1, 0, 2], "details": {"pieces": "passages"}}
+        refused = http.post("/v1/contexts", json={"context": "x", "ratio": 0.5, "profile": claimed})
+        assert refused.status_code == 400 and "--pieces chats" in refused.json()["error"]["message"]
+        odd = http.post("/v1/contexts", json={"context": "x", "ratio": 0.5,
+                                              "profile": {"ranking": [0, 1, 2, 3], "details": {"pieces": [1] * 9}}})
+        assert odd.status_code == 422 and "[1, 1" not in odd.text  # checked, not echoed
+    with pytest.raises(ConfigError, match="one per layout"):
+        create_app(agent, MemoryStore(), ServeConfig(), [passages, passages])
 
 
 def test_models_errors_and_unsupported_parameters_behave_as_against_vllm(live):

@@ -18,7 +18,7 @@ import io
 import queue
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Annotated, Any
 
@@ -63,11 +63,12 @@ class ModelList(BaseModel):
 
 
 def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | None = None,
-               profile: Profile | None = None) -> FastAPI:
+               profile: Profile | Sequence[Profile] | None = None) -> FastAPI:
     """The FastAPI application of one agent holding ``agent`` and using ``store``.
 
     Args:
-        profile: the layer ranking contexts use for a ratio (calibrated once on first need if None).
+        profile: the layer ranking(s) a ratio takes, at most one per layout (its ``details.pieces``:
+            contexts or passages); a layout without one is calibrated once on first need.
     """
     config = config or ServeConfig()
     names = config.served_model_names or (agent.name,)
@@ -75,7 +76,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                   description="An LLM agent that exchanges attention KV caches (KVComm).")
     metrics = ServiceMetrics(app, store)
     worker = ModelWorker(metrics)
-    contexts = ContextMaker(agent, config, profile)
+    contexts = ContextMaker(agent, config, [profile] if isinstance(profile, Profile) else list(profile or ()))
     health = StoreHealth(store)
     errors.install(app)
     app.add_middleware(RequestLimits, token=config.token, public_docs=config.public_docs,

@@ -130,7 +130,9 @@ class Client:
         """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
 
         Args:
-            layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's).
+            layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's
+                for the layout: contexts, or passages with ``passage``). A ``ranking`` is sent bare:
+                the agent does not check which layout it was calibrated on.
             message_id: store under this id; by default the id is the content's address (the same
                 content, model, layers and codec give the same id, and no second prefill).
             bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the

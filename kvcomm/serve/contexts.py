@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcomm.agents import Agents, encode_ids
@@ -57,6 +58,20 @@ class Plan:
     passage: int | None = None  # a passage: how many of ``ids`` are its own (the rest is the opening)
 
 
+def by_layout(profiles: Sequence[Profile]) -> dict[Pieces, Profile]:
+    """``profiles`` by the layout each was calibrated on.
+
+    Raises:
+        ConfigError: two profiles of one layout.
+    """
+    held: dict[Pieces, Profile] = {}
+    for profile in profiles:
+        if profile.pieces in held:
+            raise ConfigError(f"two profiles calibrated on items read as {profile.pieces}: give one per layout")
+        held[profile.pieces] = profile
+    return held
+
+
 def check_ranking(ranking: list[int], num_layers: int) -> list[int]:
     if sorted(ranking) != list(range(num_layers)):
         raise ConfigError(f"a layer ranking must order each of the model's {num_layers} layers once")
@@ -66,13 +81,19 @@ def check_ranking(ranking: list[int], num_layers: int) -> list[int]:
 class ContextMaker:
     """Turns context requests into stored KV messages for one agent."""
 
-    def __init__(self, agent: LoadedModel, config: ServeConfig, profile: Profile | None = None) -> None:
+    def __init__(self, agent: LoadedModel, config: ServeConfig, profiles: Sequence[Profile] = ()) -> None:
+        """``profiles``: at most one per layout (each says its own in ``details.pieces``).
+
+        Raises:
+            ConfigError: a profile for another depth, a ranking that is not one, or two profiles
+                of one layout.
+        """
         self.agent, self.config = agent, config
-        if profile is not None:
+        self.profiles = by_layout(profiles)
+        for profile in self.profiles.values():
             if profile.num_layers != agent.num_layers:
                 raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agent.num_layers}")
             check_ranking(profile.ranking, agent.num_layers)
-        self.profiles: dict[Pieces, Profile] = {} if profile is None else {profile.pieces: profile}
         self._calibrating = threading.Lock()
 
     def tokens(self, body: ContextRequest) -> list[int]:
@@ -95,10 +116,11 @@ class ContextMaker:
         """
         pieces: Pieces = "passages" if body.passage else "chats"
         if body.profile is not None:
-            given = body.profile.pieces
-            if given is not None and given != pieces:
-                raise ConfigError(f"the profile was calibrated on items read as {given}, this request stores "
-                                  f"{'a passage' if body.passage else 'a context'}: calibrate with --pieces {pieces}")
+            given = body.profile.details
+            if given is not None and given.pieces != pieces:
+                raise ConfigError(f"the profile was calibrated on items read as {given.pieces}, this request stores "
+                                  f"{'a passage' if body.passage else 'a context'}: use a profile made by `kvcomm "
+                                  f"calibrate --pieces {pieces}`, or send its bare 'ranking'")
             return check_ranking(body.profile.ranking, self.agent.num_layers)
         return self.prepare(pieces).ranking
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kvcomm.protocol import MaskMode
 from kvcomm.protocol.blend import Deviation
+from kvcomm.tasks.base import Pieces
 
 MAX_TEXT = 4 << 20  # characters in one message or context
 
@@ -139,19 +140,22 @@ class ChatRequest(BaseModel):
         return next(((name, reason) for name, bad, reason in checks if bad), None)
 
 
+class ProfileDetails(BaseModel):
+    """The part of a profile's ``details`` the service reads: the layout it was calibrated on."""
+
+    model_config = ConfigDict(extra="ignore")
+    pieces: Pieces = "chats"
+
+
 class ProfileBody(BaseModel):
     """A layer ranking: the ``ranking`` of a ``kvcomm calibrate`` profile, and optionally its
-    ``details`` (a profile's ``pieces`` there, ``chats`` when absent, says which layout it was
-    calibrated on; a bare ranking claims none). Other fields are ignored."""
+    ``details``. A profile with ``details`` was calibrated on items read as ``details.pieces``
+    (``chats`` when absent) and is refused for the other layout; a bare ranking claims none.
+    Other fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     ranking: Annotated[list[int], Field(min_length=1, max_length=4096)]
-    details: dict[str, Any] | None = None
-
-    @property
-    def pieces(self) -> str | None:
-        """The layout the profile was calibrated on (None: a bare ranking)."""
-        return None if self.details is None else str(self.details.get("pieces", "chats"))
+    details: ProfileDetails | None = None
 
 
 class ContextRequest(BaseModel):
