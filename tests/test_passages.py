@@ -123,7 +123,23 @@ def test_calibration_reads_items_as_passages_when_asked(monkeypatch):
         want = 0 if pieces == "chats" else opening
         assert seen["scored"] == [want] * 3 and set(seen["shared"]) == {want}
     assert profiles["passages"].details["pieces"] == "passages" and "pieces" not in profiles["chats"].details
+    assert profiles["passages"].importance != profiles["chats"].importance
     assert profiles["passages"].details["budget"]["items"] == 3
+
+
+def test_importance_counts_no_mass_on_the_opening_a_receiver_keeps_anyway(family):
+    """Attention importance over passages: the opening's columns are held at every layer, so their
+    mass does not count; an opening as wide as the context leaves nothing to count."""
+    from kvcomm.protocol import attention_importance
+
+    loaded, _, _, read = reading(family)
+    model, prompt = loaded.model, read.prompt
+    whole = attention_importance(model, read.kv, prompt.input_ids, prompt.valid)
+    less = attention_importance(model, read.kv, prompt.input_ids, prompt.valid, read.opening)
+    assert bool((less <= whole + 1e-6).all()) and bool((less >= 0).all())
+    assert (whole - less).max().item() > 1e-2  # the opening held mass (Gemma3's sliding layers do not see it)
+    width = read.kv.valid.shape[1]
+    assert attention_importance(model, read.kv, prompt.input_ids, prompt.valid, width).abs().max().item() == 0.0
 
 
 def opening_width(agents, task) -> int:

@@ -102,10 +102,15 @@ def _one_query(
 
 
 def _record_importance(layout: AttentionLayout, layer: int, probs: torch.Tensor) -> None:
-    """Mean over heads and valid queries of the mass on context keys 1..|C|-1; one value per row."""
+    """Mean over heads and valid queries of the mass on context keys 1..|C|-1 (less the recorder's
+    ``kept`` columns); one value per row. Every layer is shared here, so a layer's keys are the
+    context's columns."""
     assert layout.recorder is not None
     prefix = layout.prefix_pos[layer].shape[1]
-    context = layout.context_keys(layer).to(probs.dtype)  # [B, P]
+    counted = layout.context_keys(layer)
+    if layout.recorder.kept is not None:
+        counted = counted & ~layout.recorder.kept
+    context = counted.to(probs.dtype)  # [B, P]
     mass = (probs[..., :prefix].float() * context[:, None, None, :]).sum(-1)  # [B, H, T]
     mass = torch.nan_to_num(mass.mean(dim=1))  # [B, T]
     queries = layout.own_valid[:, -probs.shape[2]:].float()

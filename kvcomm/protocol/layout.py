@@ -32,11 +32,13 @@ class ImportanceRecorder:
 
     ``scores[layer]`` is a ``[B]`` tensor: per row, the mean over heads and valid query tokens of
     the attention probability on context keys 1..|C|-1 (the sink, key 0, is excluded as in the
-    reference code). It is filled one layer at a time by the attention function, so no layer's
-    full attention matrix outlives that layer's forward.
+    reference code), and not on the ``kept`` columns (``[B, C]``, e.g. a passages opening, which a
+    receiver holds at every layer whether the layer is shared or not). It is filled one layer at a
+    time by the attention function, so no layer's full attention matrix outlives that layer's forward.
     """
 
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept: torch.Tensor | None = None
 
 
 @dataclass

@@ -123,7 +123,8 @@ def calibrate(
         batch = Batch(agents, task, list(items[start:start + batch_size]))
         read = batch.reading(1, pieces)
         prompt, kv = read.prompt, read.kv
-        total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid).double().sum(dim=0)
+        total += attention_importance(agents.receiver.model, kv, prompt.input_ids, prompt.valid,
+                                      read.opening).double().sum(dim=0)
         if rule != "paper":
             for i, item in enumerate(batch.items):
                 answer = answer_ids(agents.receiver, item)
