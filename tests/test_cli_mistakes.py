@@ -95,6 +95,7 @@ MISTAKES = [
     ("serve -m {model} --codec int9", "Did you mean 'int8'"),
     ("models install smollm", "Did you mean 'smollm2-135m'"),
     ("remote chat hello --url http://127.0.0.1:9", "cannot reach the agent"),
+    ("eval -m {model} -t facts --task-option items=10 --skip 8 --limit 2", "after the first 8"),
     ("remote context x --passage --ratio 0.5 --profile {dir}/countries-profile.json --url http://127.0.0.1:9",
      "calibrated on items read as chats"),
     ("remote context x --ratio 0.5 --profile {dir}/passages-profile.json --url http://127.0.0.1:9",

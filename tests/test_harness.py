@@ -114,6 +114,24 @@ def test_impossible_memory_budget_is_refused(agents):
                  EvalConfig(limit=3, max_memory_gb=0.001), progress=False)
 
 
+def test_skip_evaluates_a_later_set_of_test_items_and_names_itself_only_when_used(agents):
+    """``skip`` moves the test items past the first ones (the calibration items stay at the end);
+    answers on them equal those of a run over every item; at 0 it is left out of the run's
+    identity, so checkpoints written before the option still resume."""
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=8)
+    methods = [make_method("kvcomm", ratio=0.5)]
+    later = evaluate(agents, task, methods, EvalConfig(limit=3, skip=3, batch_size=4, calib_size=2), progress=False)
+    every = evaluate(agents, task, methods, EvalConfig(limit=6, batch_size=4, calib_size=2), progress=False)
+    assert [i.id for i in later.runs[0].items] == [i.id for i in task.items[3:6]]
+    assert [i.answer for i in later.runs[0].items] == [i.answer for i in every.runs[0].items[3:]]
+    assert later.config["calibration_items"] == every.config["calibration_items"] == ["facts_0_0006", "facts_0_0007"]
+    identity = {skip: run_identity(task, methods, EvalConfig(skip=skip).model_dump(mode="json"), "m", "m", "float32",
+                                   None)["evaluation"] for skip in (0, 3)}
+    assert "skip" not in identity[0] and identity[3]["skip"] == 3
+
+
 def test_an_interrupted_run_resumes_to_the_same_report_method_state_included(agents, tmp_path, monkeypatch):
     from kvcomm.eval import harness
     from kvcomm.eval.checkpoint import Checkpoint

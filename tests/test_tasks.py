@@ -80,6 +80,11 @@ def test_split_keeps_calibration_and_test_disjoint():
     assert not {i.id for i in test} & {i.id for i in calib} and len(test) == 8
     with pytest.raises(ConfigError, match="overlap"):
         split_items(items, 9, 2)
+    later, calib = split_items(items, 3, 2, skip=4)
+    assert [i.id for i in later] == [i.id for i in items[4:7]] and calib == list(items[8:])
+    assert [i.id for i in split_items(items, None, 2, skip=5)[0]] == [i.id for i in items[5:8]]
+    with pytest.raises(ConfigError, match="after the first 4.*--skip"):
+        split_items(items, 5, 2, skip=4)
 
 
 def test_registry_knows_each_tasks_metric_and_budget_without_loading_it(tmp_path):

@@ -168,6 +168,7 @@ class RunOptions:
     max_new_tokens: int | None
     metric: str | None
     limit: int | None
+    skip: int | None
     batch_size: int | None
     calib_size: int | None
     profile: Path | None
@@ -203,7 +204,8 @@ class RunOptions:
     quiet: bool
 
     def eval_config(self) -> EvalConfig:
-        given: dict[str, Any] = dict(limit=self.limit, batch_size=self.batch_size, calib_size=self.calib_size,
+        given: dict[str, Any] = dict(limit=self.limit, skip=self.skip, batch_size=self.batch_size,
+                                     calib_size=self.calib_size,
                                      alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
                                      selection=self.selection, objective=self.objective, bucket=self.bucket,
                                      pieces=self.pieces)
@@ -293,6 +295,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(
         min=1, help="Test items, from the front of the task. (default: all but the calibration items)")], None),
+    "skip": (Annotated[int | None, typer.Option(
+        min=0, help="Start the test items after this many (e.g. to confirm on items an earlier run did not "
+                    "read). (default: 0)")], None),
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
         min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "

@@ -1,7 +1,7 @@
 """Runs methods over a task's test items, batch by batch, and collects a :class:`Report`.
 
-Items are split once: the test items are the first ``limit`` items, the calibration items are
-taken from the end of the list, and the two never overlap. Within a batch every method reuses
+Items are split once: the test items are the first ``limit`` items (after the first ``skip``),
+the calibration items are taken from the end of the list, and the two never overlap. Within a batch every method reuses
 the same sender prefill, and each method is charged for the sender work it used (see
 :mod:`kvcomm.eval.batch`). With a :class:`~kvcomm.eval.checkpoint.Checkpoint`, every finished
 (method, batch) is recorded as the run goes, and recorded work is taken instead of being redone.
@@ -51,6 +51,8 @@ class EvalConfig(Options):
 
     Attributes:
         limit: test items, from the front of the task (default: all but the calibration items).
+        skip: the test items start after this many (0: at the front): a second set of test items,
+            e.g. to confirm on items no earlier run read what was chosen on the first ones.
         batch_size: items per forward pass.
         calib_size: calibration items, from the end of the task, disjoint from the test items
             (None: as many as the rule takes, ``CALIBRATION_ITEMS``: 1 for ``paper``, 4 for
@@ -74,6 +76,7 @@ class EvalConfig(Options):
 
     what = "evaluation"
     limit: int | None = Field(None, ge=1)
+    skip: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     calib_size: int | None = Field(None, ge=0)
     selection: Rule = DEFAULT_RULE
@@ -93,23 +96,26 @@ class EvalConfig(Options):
         """How many of a task's ``total`` items calibrate (``calib_size``, or the rule's default)."""
         if self.calib_size is not None:
             return self.calib_size
-        room = total - (self.limit if self.limit is not None else 1)
+        room = total - self.skip - (self.limit if self.limit is not None else 1)
         return max(1, min(CALIBRATION_ITEMS[self.selection], room))
 
     def split(self, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
         """The test and the calibration items of a task (see :func:`split_items`)."""
-        return split_items(items, self.limit, self.calibration_count(len(items)))
+        return split_items(items, self.limit, self.calibration_count(len(items)), self.skip)
 
 
-def split_items(items: Sequence[Item], limit: int | None, calib_size: int) -> tuple[list[Item], list[Item]]:
-    """Test items from the front, calibration items from the back; refuses any overlap."""
-    limit = len(items) - calib_size if limit is None else limit
-    if limit < 1 or calib_size < 0 or limit + calib_size > len(items):
+def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
+                skip: int = 0) -> tuple[list[Item], list[Item]]:
+    """Test items from the front (after the first ``skip``), calibration items from the back;
+    refuses any overlap."""
+    limit = len(items) - calib_size - skip if limit is None else limit
+    if limit < 1 or calib_size < 0 or skip < 0 or skip + limit + calib_size > len(items):
+        after = f" after the first {skip}" if skip else ""
         raise ConfigError(
-            f"{len(items)} items cannot hold {limit} test and {calib_size} calibration items without "
-            f"overlap; lower --limit to at most {len(items) - calib_size} or --calib-size"
+            f"{len(items)} items cannot hold {limit} test items{after} and {calib_size} calibration items without "
+            f"overlap; lower --limit to at most {len(items) - calib_size - skip}, --skip or --calib-size"
         )
-    return list(items[:limit]), list(items[len(items) - calib_size:]) if calib_size else []
+    return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 
 def dtype_name(model: LoadedModel) -> str:

@@ -89,10 +89,11 @@ def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], 
     return {
         "sender": sender, "receiver": receiver, "dtype": dtype, "task": task.name, "items": items_sha256(task),
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "instruction": task.instruction,
-        # kvcomm's layouts other than the paper's chats are named only when used, so the checkpoints
-        # written before it took the option still resume (blend and prefix always took it)
-        "evaluation": _without_default_pieces(config),
-        "methods": [{"method": m.name, "options": _without_default_pieces(m.options.model_dump(mode="json"))
+        # kvcomm's layouts other than the paper's chats, and test items that do not start at the
+        # front, are named only when used, so the checkpoints written before those options existed
+        # still resume (blend and prefix always took pieces)
+        "evaluation": _without_defaults(config),
+        "methods": [{"method": m.name, "options": _without_defaults(m.options.model_dump(mode="json"))
                      if isinstance(m.options, SharingOptions) else m.options.model_dump(mode="json")}
                     for m in methods],
         "profile": profile,
@@ -102,8 +103,11 @@ def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], 
     }
 
 
-def _without_default_pieces(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if not (k == "pieces" and v == "chats")}
+LATER_DEFAULTS: dict[str, Any] = {"pieces": "chats", "skip": 0}  # options added after runs were checkpointed
+
+
+def _without_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
