@@ -110,20 +110,21 @@ def test_calibration_reads_items_as_passages_when_asked(monkeypatch):
 
     loaded = tiny_loaded("qwen2")
     agents, task = Agents(loaded, loaded), load_task("multihop", items=3, pieces=2, facts_per_piece=2)
-    seen: dict[str, list] = {"scored": [], "shared": []}
-    real_scored, real_share = calibration.Scored, budget.share
+    seen: dict[str, list] = {"scored": [], "shared": [], "importance": []}
+    real_scored, real_share, real_importance = calibration.Scored, budget.share, calibration.attention_importance
     monkeypatch.setattr(calibration, "Scored", lambda *a: seen["scored"].append(a[5]) or real_scored(*a))
+    monkeypatch.setattr(calibration, "attention_importance",
+                        lambda *a: seen["importance"].append(a[4]) or real_importance(*a))
     monkeypatch.setattr(budget, "share", lambda *a, **k: seen["shared"].append(k["opening"]) or real_share(*a, **k))
     opening = opening_width(agents, task)
     profiles = {}
     for pieces in ("chats", "passages"):
-        seen["scored"].clear(), seen["shared"].clear()
+        seen["scored"].clear(), seen["shared"].clear(), seen["importance"].clear()
         profiles[pieces] = calibration.calibrate(agents, task, task.items, rule="answer", steps=2, pool=3,
                                                  progress=False, pieces=pieces, tolerance=0.5)
         want = 0 if pieces == "chats" else opening
-        assert seen["scored"] == [want] * 3 and set(seen["shared"]) == {want}
+        assert seen["scored"] == [want] * 3 and set(seen["shared"]) == {want} and seen["importance"] == [want]
     assert profiles["passages"].details["pieces"] == "passages" and "pieces" not in profiles["chats"].details
-    assert profiles["passages"].importance != profiles["chats"].importance
     assert profiles["passages"].details["budget"]["items"] == 3
 
 
@@ -136,8 +137,13 @@ def test_importance_counts_no_mass_on_the_opening_a_receiver_keeps_anyway(family
     model, prompt = loaded.model, read.prompt
     whole = attention_importance(model, read.kv, prompt.input_ids, prompt.valid)
     less = attention_importance(model, read.kv, prompt.input_ids, prompt.valid, read.opening)
-    assert bool((less <= whole + 1e-6).all()) and bool((less >= 0).all())
+    assert bool((less <= whole + 1e-6).all()) and bool((less >= 0).all()) and bool((less > 1e-3).any())
     assert (whole - less).max().item() > 1e-2  # the opening held mass (Gemma3's sliding layers do not see it)
+    assert len({int(n) for n in read.kv.valid[:, :read.opening].sum(dim=1)}) == 1  # one opening width: column 0
+    sink = attention_importance(model, read.kv, prompt.input_ids, prompt.valid, 1)  # is every row's sink
+    assert torch.equal(sink, whole)
+    half = attention_importance(model, read.kv, prompt.input_ids, prompt.valid, read.opening // 2)
+    assert bool((less <= half + 1e-6).all()) and bool((half <= whole + 1e-6).all())
     width = read.kv.valid.shape[1]
     assert attention_importance(model, read.kv, prompt.input_ids, prompt.valid, width).abs().max().item() == 0.0
 

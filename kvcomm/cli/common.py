@@ -294,10 +294,12 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "max_new_tokens": (MaxNewTokens, None),
     "metric": (Metric, None),
     "limit": (Annotated[int | None, typer.Option(
-        min=1, help="Test items, from the front of the task. (default: all but the calibration items)")], None),
+        min=1, help="Test items, from the front of the task (after --skip). (default: all but the calibration "
+                    "items)")], None),
     "skip": (Annotated[int | None, typer.Option(
         min=0, help="Start the test items after this many (e.g. to confirm on items an earlier run did not "
-                    "read). (default: 0)")], None),
+                    "read; give it that run's --profile or --calib-size so that it ranks the layers the "
+                    "same way). (default: 0)")], None),
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
         min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "

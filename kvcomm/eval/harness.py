@@ -1,8 +1,9 @@
 """Runs methods over a task's test items, batch by batch, and collects a :class:`Report`.
 
 Items are split once: the test items are the first ``limit`` items (after the first ``skip``),
-the calibration items are taken from the end of the list, and the two never overlap. Within a batch every method reuses
-the same sender prefill, and each method is charged for the sender work it used (see
+the calibration items are taken from the end of the list, and the two never overlap. Within a
+batch every method reuses the same sender prefill, and each method is charged for the sender work
+it used (see
 :mod:`kvcomm.eval.batch`). With a :class:`~kvcomm.eval.checkpoint.Checkpoint`, every finished
 (method, batch) is recorded as the run goes, and recorded work is taken instead of being redone.
 """
@@ -50,7 +51,8 @@ class EvalConfig(Options):
     """How to run an evaluation (recorded verbatim in the results).
 
     Attributes:
-        limit: test items, from the front of the task (default: all but the calibration items).
+        limit: test items, from the front of the task after ``skip`` (default: all but the
+            calibration items).
         skip: the test items start after this many (0: at the front): a second set of test items,
             e.g. to confirm on items no earlier run read what was chosen on the first ones.
         batch_size: items per forward pass.
@@ -111,10 +113,11 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
     limit = len(items) - calib_size - skip if limit is None else limit
     if limit < 1 or calib_size < 0 or skip < 0 or skip + limit + calib_size > len(items):
         after = f" after the first {skip}" if skip else ""
-        raise ConfigError(
-            f"{len(items)} items cannot hold {limit} test items{after} and {calib_size} calibration items without "
-            f"overlap; lower --limit to at most {len(items) - calib_size - skip}, --skip or --calib-size"
-        )
+        room = len(items) - calib_size - skip
+        lower = (f"--limit to at most {room}, or --skip or --calib-size" if room >= 1 else
+                 f"--skip to at most {len(items) - calib_size - 1} or --calib-size")
+        raise ConfigError(f"{len(items)} items cannot hold {limit} test items{after} and {calib_size} calibration "
+                          f"items without overlap; lower {lower}")
     return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 

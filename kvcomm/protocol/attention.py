@@ -109,6 +109,7 @@ def _record_importance(layout: AttentionLayout, layer: int, probs: torch.Tensor)
     prefix = layout.prefix_pos[layer].shape[1]
     counted = layout.context_keys(layer)
     if layout.recorder.kept is not None:
+        assert layout.recorder.kept.shape == counted.shape, "kept columns are a shared layer's columns"
         counted = counted & ~layout.recorder.kept
     context = counted.to(probs.dtype)  # [B, P]
     mass = (probs[..., :prefix].float() * context[:, None, None, :]).sum(-1)  # [B, H, T]
