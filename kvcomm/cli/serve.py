@@ -137,11 +137,11 @@ def remote_context(
     chosen = parse_layers(layers, None) if layers else None
     ranking = None
     if profile:
-        read = read_ranking(profile)
-        if read.pieces != ("passages" if passage else "chats"):
-            raise ConfigError(f"{profile} was calibrated on items read as {read.pieces}: "
-                              f"{'a passage needs' if passage else 'a context needs'} a profile calibrated with "
-                              f"--pieces {'passages' if passage else 'chats'}")
+        read, wanted = read_ranking(profile), "passages" if passage else "chats"
+        if read.pieces != wanted:
+            raise ConfigError(f"{profile} was calibrated on items read as {read.pieces}: a "
+                              f"{'passage' if passage else 'context'} needs a profile calibrated with "
+                              f"--pieces {wanted}")
         ranking = read.ranking
     with _client(url, token) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
