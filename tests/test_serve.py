@@ -194,6 +194,24 @@ def test_client_errors_and_disconnected_upload(live):
             client.get_message("torn")
 
 
+def test_the_python_client_sends_a_profile_with_its_layout_and_the_agent_checks_it(live):
+    from kvcomm.selection import Profile
+
+    chats = Profile(sender="t", receiver="t", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+                    calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[2, 0, 3, 1])
+    passages = chats.model_copy(update={"ranking": [3, 1, 0, 2], "details": {"pieces": "passages"}})
+    with Client(live) as client:
+        assert client.create_context("Mira lives in Oslo.", ratio=0.5, ranking=chats)["layers"] == [0, 2]
+        assert client.create_context("Mira lives in Oslo.", ratio=0.5, ranking=passages,
+                                     passage=True)["layers"] == [1, 3]
+        for profile, passage in ((passages, False), (chats, True)):
+            with pytest.raises(ServiceError, match=f"--pieces {'passages' if passage else 'chats'}") as err:
+                client.create_context("Mira lives in Oslo.", ratio=0.5, ranking=profile, passage=passage)
+            assert err.value.status == 400
+        bare = client.create_context("Mira lives in Oslo.", ratio=0.5, ranking=passages.ranking)  # claims no layout
+        assert bare["layers"] == [1, 3]
+
+
 def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(http, agent, monkeypatch):
     assert http.get("/v1/profile").status_code == 404  # nothing calibrated yet
     spent = []

@@ -142,7 +142,7 @@ def remote_context(
             raise ConfigError(f"{profile} was calibrated on items read as {read.pieces}: a "
                               f"{'passage' if passage else 'context'} needs a profile calibrated with "
                               f"--pieces {wanted}")
-        ranking = read.ranking
+        ranking = read  # sent with its layout: the agent checks it too
     with _client(url, token) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
                                                mode=mode, message_id=message_id, passage=passage), indent=1))

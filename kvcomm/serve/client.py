@@ -6,7 +6,7 @@ import base64
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -15,6 +15,9 @@ from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.serve.links import LinkMeter
 from kvcomm.wire.message import KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
+
+if TYPE_CHECKING:
+    from kvcomm.selection.calibrate import Profile
 
 
 class ServiceError(KvcommError):
@@ -124,15 +127,18 @@ class Client:
 
     def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
                        layers: Sequence[int] | None = None, ratio: float | None = None,
-                       ranking: Sequence[int] | None = None, codec: str | None = None, mode: str | None = None,
-                       message_id: str | None = None, bandwidth_mbit: float | None = None,
+                       ranking: Sequence[int] | Profile | None = None, codec: str | None = None,
+                       mode: str | None = None, message_id: str | None = None, bandwidth_mbit: float | None = None,
                        passage: bool = False, receiver_compute_s: float | None = None) -> dict[str, Any]:
         """Has the agent prefill a context and store its KV message; returns id, bytes, layers, …
 
         Args:
             layers: layers to share in full; or ``ratio`` of a ranking (``ranking``, else the agent's
-                for the layout: contexts, or passages with ``passage``). A ``ranking`` is sent bare:
-                the agent does not check which layout it was calibrated on.
+                for the layout: contexts, or passages with ``passage``).
+            ranking: a :class:`~kvcomm.selection.calibrate.Profile` (from ``kvcomm calibrate``) is
+                sent with the layout it was calibrated on, and the agent refuses it for the other
+                layout (a profile of passages for a context, or the reverse); a bare list of layers
+                claims no layout.
             message_id: store under this id; by default the id is the content's address (the same
                 content, model, layers and codec give the same id, and no second prefill).
             bandwidth_mbit: with ``codec="auto"``, the link the codec is chosen for; by default the
@@ -149,7 +155,7 @@ class Client:
         if measured:
             bandwidth_mbit = self.measured_mbit
         body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
-                "ratio": ratio, "profile": {"ranking": list(ranking)} if ranking is not None else None,
+                "ratio": ratio, "profile": _profile_body(ranking),
                 "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
                 "bandwidth_measured": measured or None, "passage": passage or None,
                 "receiver_compute_s": receiver_compute_s}
@@ -175,6 +181,17 @@ class Client:
         if kv_blend is not None:
             body["kv_blend"] = kv_blend
         return dict(self._call("POST", "/v1/chat/completions", json=body).json())
+
+
+def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | None:
+    """The request's ``profile``: a bare ranking, or a profile's with the layout it was calibrated on."""
+    from kvcomm.selection.calibrate import Profile
+
+    if ranking is None:
+        return None
+    if isinstance(ranking, Profile):
+        return {"ranking": list(ranking.ranking), "details": {"pieces": ranking.pieces}}
+    return {"ranking": list(ranking)}
 
 
 def _raise_for(response: httpx.Response) -> None:
