@@ -138,6 +138,33 @@ def test_paper_data_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
     assert not (tmp_path / "data" / "countries.jsonl").exists()
 
 
+def test_multihop_loose_distractors_leave_the_asked_pair_the_only_link():
+    """With loose distractors each item has as many facts, in different pieces for the two hops,
+    but only the asked person's city is located anywhere; the default is unchanged ("pairs")."""
+    assert load_task("multihop", items=5, pieces=4, facts_per_piece=2).items == \
+        load_task("multihop", items=5, pieces=4, facts_per_piece=2, distractors="pairs").items
+    plain = load_task("multihop", items=30, pieces=4, facts_per_piece=2).items
+    loose = load_task("multihop", items=30, pieces=4, facts_per_piece=2, distractors="loose").items
+    for kind, items in (("pairs", plain), ("loose", loose)):
+        for item in items:
+            facts = [(i, f) for i, piece in enumerate(item.pieces) for f in re.split(r"(?<=\.) ", piece)]
+            assert len(facts) == 8
+            homes = {f.split(" lives in ")[1].rstrip("."): (i, f.split(" lives in ")[0]) for i, f in facts
+                     if " lives in " in f}
+            placed = {f.split(" is in ")[0]: (i, f.split(" is in ")[1].rstrip(".")) for i, f in facts
+                      if " is in " in f}
+            linked = homes.keys() & placed.keys()
+            assert len(linked) == (1 if kind == "loose" else 4)
+            person = item.question.removeprefix("Which country does ").split(" live in?")[0]
+            city = next(c for c, (_, who) in homes.items() if who == person)
+            assert city in linked and placed[city][1] == item.answers[0] and homes[city][0] != placed[city][0]
+    assert [i.question for i in loose] != [i.question for i in plain]
+    with pytest.raises(DataError, match="pairs or loose"):
+        load_task("multihop", items=1, distractors="chains")
+    with pytest.raises(DataError, match="at most 31 facts per item with loose"):
+        load_task("multihop", items=1, pieces=16, facts_per_piece=2, distractors="loose")
+
+
 def test_multihop_filler_adds_unlinked_sentences_and_keeps_the_facts():
     """Filler lengthens every piece with sentences naming no person, city or country; the facts,
     their pieces, the question and the answer are those of the same item without filler."""

@@ -6,16 +6,23 @@ Drenland."); the others hold distractors of both kinds. The question ("Which cou
 live in?") needs both hops. Cities and countries are made up, so the answer cannot come from what
 the model already knows: it must connect two passages it was given apart.
 
-Every fact is a hop of some pair, so most of a passage's tokens depend on another passage. Filler
-sentences (``filler_per_piece``) add text that links to nothing, as retrieved passages mostly are:
-the share of tokens that need another passage then falls, with the same facts and question. A
-small model finds the hops less often among more text (docs/results.md, *Longer passages*).
+By default every fact is a hop of some pair (``distractors="pairs"``), so most of a passage's
+tokens depend on another passage. Two ways make that share smaller, as in retrieved passages,
+which mostly link to nothing:
+
+- ``filler_per_piece`` neutral sentences added to each piece, with the same facts and question; a
+  small model finds the hops less often among more text (docs/results.md, *Longer passages*);
+- ``distractors="loose"``: as many facts, but the distractors link to nothing (other people live
+  in cities that no fact locates, and the other located cities are not where anyone lives), so the
+  asked pair is the only link between two facts, and its later hop the only text that needs
+  another piece.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Literal, cast, get_args
 
 from kvcomm.errors import DataError
 from kvcomm.tasks.base import Item, Task
@@ -27,6 +34,7 @@ CITIES = ("Velmora Ostrik Brandel Quenna Taloris Mirevo Kestrin Dolvar Ysmere Fe
 COUNTRIES = ("Drenland Kalmeria Vostria Aldemar Sarnovia Eskaria Morvane Telluria Quarnis Bravonia Lystria Ombria "
              "Faltara Zenovia Carthal Wessmark").split()
 
+Distractors = Literal["pairs", "loose"]
 
 FILLER = (
     "The morning market opened late because of the rain.", "A grey cat slept on the warm steps.",
@@ -48,16 +56,20 @@ FILLER = (
 )
 
 
-def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int, filler: int = 0) -> Item:
+def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int, filler: int = 0,
+          distractors: Distractors = "pairs") -> Item:
     pairs = max(1, pieces * per_piece // 2)
     people, cities = rng.sample(_NAMES, pairs), rng.sample(CITIES, pairs)
     countries = [rng.choice(COUNTRIES) for _ in cities]
+    placed = cities  # the cities the "is in" facts name
+    if distractors == "loose":  # only the asked (first) person's city is located; the others are nobody's
+        placed = [cities[0], *rng.sample([c for c in CITIES if c not in cities], pairs - 1)]
     lives = [f"{p} lives in {c}." for p, c in zip(people, cities)]
-    located = [f"{c} is in {k}." for c, k in zip(cities, countries)]
+    located = [f"{c} is in {k}." for c, k in zip(placed, countries)]
     slots = [i % pieces for i in range(2 * pairs)]
     rng.shuffle(slots)
     where = dict(zip([*lives, *located], slots))
-    asked = rng.randrange(pairs)
+    asked = 0 if distractors == "loose" else rng.randrange(pairs)
     if where[lives[asked]] == where[located[asked]]:  # the hops must sit in different pieces
         other = rng.choice([fact for fact, slot in where.items() if slot != where[lives[asked]]])
         where[located[asked]], where[other] = where[other], where[located[asked]]
@@ -76,21 +88,30 @@ def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int
 
 @task("multihop", max_new_tokens=8, metric="contains", source="generated")
 def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, facts_per_piece: int = 3,
-             seed: int = 0, filler_per_piece: int = 0) -> Task:
+             seed: int = 0, filler_per_piece: int = 0, distractors: str = "pairs") -> Task:
     """Generated two-hop look-up across pieces: where a person lives is in one piece, which country
     that (made-up) city is in is in another; the question needs both.
 
     ``pieces`` passages per item (one per sender), about ``facts_per_piece`` facts each (the
     hops and distractors); more facts per piece make longer pieces. ``filler_per_piece`` sentences
     that link to nothing are added to each piece (0 by default: items are unchanged without it).
+    ``distractors``: ``pairs`` (every distractor a hop of another pair) or ``loose`` (distractors
+    that link to nothing; the module docstring).
     """
     if path is not None:
         raise DataError("the multihop task is generated; it takes no --data file")
-    if not 2 <= pieces <= 16 or not 1 <= facts_per_piece or pieces * facts_per_piece // 2 > len(CITIES):
-        raise DataError(f"multihop needs 2..16 pieces and at most {2 * len(CITIES)} facts per item")
+    if distractors not in get_args(Distractors):
+        raise DataError(f"multihop distractors are {' or '.join(get_args(Distractors))}, not {distractors!r}")
+    pairs = pieces * facts_per_piece // 2
+    cities = 2 * pairs - 1 if distractors == "loose" else pairs
+    if not 2 <= pieces <= 16 or not 1 <= facts_per_piece or cities > len(CITIES):
+        most = 2 * len(CITIES) if distractors == "pairs" else len(CITIES) + 1
+        raise DataError(f"multihop needs 2..16 pieces and at most {most} facts per item "
+                        f"with {distractors} distractors")
     if not 0 <= pieces * filler_per_piece <= len(FILLER):
         raise DataError(f"multihop has {len(FILLER)} filler sentences: at most {len(FILLER) // pieces} per piece "
                         f"with {pieces} pieces (got {filler_per_piece})")
     rng = random.Random(seed)
-    made = [_item(rng, i, seed, pieces, facts_per_piece, filler_per_piece) for i in range(items)]
+    kind = cast(Distractors, distractors)
+    made = [_item(rng, i, seed, pieces, facts_per_piece, filler_per_piece, kind) for i in range(items)]
     return TASKS.get("multihop").make(made, seed=seed)
