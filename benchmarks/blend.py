@@ -48,6 +48,7 @@ from kvcomm.protocol import (  # noqa: E402
     share,
 )
 from kvcomm.protocol.blend import blend  # noqa: E402
+from kvcomm.tasks.multihop import DISTRACTOR_KINDS  # noqa: E402
 
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 
@@ -126,14 +127,14 @@ def run_quality(args: argparse.Namespace) -> None:
     deviations = tuple(d.strip() for d in args.deviations.split(",") if d.strip())
     if "values" in deviations:
         sys.exit("error: --deviations lists the signals run besides values (values runs at every ratio)")
-    if (args.filler or args.distractors != "pairs") and args.tasks != "multihop":
-        print("note: --filler and --distractors apply to the multihop task only", file=sys.stderr)
+    if (args.filler or args.distractor_kind != "pairs") and args.tasks != "multihop":
+        print("note: --filler and --distractor-kind apply to the multihop task only", file=sys.stderr)
     quality_methods(args.pieces, args.layout, ratios, deviations)  # every bad option refused before the model loads
     agents = Agents.load(args.model)
     console = Console(width=200)
     reports = []
     generated = {"pieces": args.pieces, "facts_per_piece": args.facts_per_piece, "filler_per_piece": args.filler,
-                 "distractors": args.distractors}
+                 "distractor_kind": args.distractor_kind}
     for task_name in args.tasks.split(","):
         if task_name == "multihop":
             task = load_task("multihop", items=args.items, **generated)
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--facts-per-piece", type=int, default=3)
     parser.add_argument("--filler", type=int, default=0,
                         help="multihop: sentences per piece that link to nothing (0: the facts alone)")
-    parser.add_argument("--distractors", choices=["pairs", "loose"], default="pairs",
+    parser.add_argument("--distractor-kind", choices=DISTRACTOR_KINDS, default="pairs",
                         help="multihop: distractors that are hops of other pairs, or facts that link to nothing "
                              "(the asked pair the only link)")
     parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),

@@ -33,6 +33,7 @@ from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa:
 from kvcomm.methods.base import METHODS, Output  # noqa: E402
 from kvcomm.methods.blend import BlendMethod  # noqa: E402
 from kvcomm.protocol.blend import _fresh_until, recompute_tokens, top_fraction  # noqa: E402
+from kvcomm.tasks.multihop import DISTRACTOR_KINDS  # noqa: E402
 
 
 def oracle_tokens(model, joined, ratio: float) -> torch.Tensor:
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--pieces", type=int, default=4)
     parser.add_argument("--facts-per-piece", type=int, default=2)
     parser.add_argument("--filler", type=int, default=0, help="sentences per piece that link to nothing")
-    parser.add_argument("--distractors", choices=["pairs", "loose"], default="pairs",
+    parser.add_argument("--distractor-kind", choices=DISTRACTOR_KINDS, default="pairs",
                         help="distractors that are hops of other pairs, or facts that link to nothing")
     parser.add_argument("--ratios", default="0.15,0.3,0.5")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -83,7 +84,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     agents = Agents.load(args.model)
     task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece,
-                     filler_per_piece=args.filler, distractors=args.distractors)
+                     filler_per_piece=args.filler, distractor_kind=args.distractor_kind)
     shape = dict(senders=args.pieces, pieces="passages")
     methods = [make_method("blend", ratio=r, **shape) for r in (0.0, 1.0, *ratios)]
     methods += [make_method("blend-oracle", ratio=r, **shape) for r in ratios]
@@ -103,7 +104,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "items": report.config["test_items"], "metric": metric,
                                     "pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
-                                    "filler_per_piece": args.filler, "distractors": args.distractors,
+                                    "filler_per_piece": args.filler, "distractor_kind": args.distractor_kind,
                                     "rows": rows}, indent=1) + "\n")
     print(f"written: {args.out}")
 

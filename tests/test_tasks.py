@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -138,13 +139,26 @@ def test_paper_data_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
     assert not (tmp_path / "data" / "countries.jsonl").exists()
 
 
+def test_multihop_items_are_pinned():
+    """The generated items every multihop result was measured on (seed, pieces, facts, filler):
+    a change to the generator that moves them fails here (hash of 30 items, pinned before
+    ``distractor_kind`` existed)."""
+    items = (load_task("multihop", items=20, pieces=4, facts_per_piece=2).items
+             + load_task("multihop", items=10, seed=3, pieces=3, facts_per_piece=3, filler_per_piece=1).items)
+    blob = json.dumps([[i.id, i.context, list(i.pieces), i.question, list(i.answers)] for i in items])
+    pinned = "f93cd60488351fdd25d5bb4c8692ee30739f54f97db9ea3a8c87e5a582488d84"
+    assert hashlib.sha256(blob.encode()).hexdigest() == pinned
+
+
 def test_multihop_loose_distractors_leave_the_asked_pair_the_only_link():
     """With loose distractors each item has as many facts, in different pieces for the two hops,
-    but only the asked person's city is located anywhere; the default is unchanged ("pairs")."""
+    but only the asked person's city is located anywhere; the default ("pairs") is unchanged."""
+    from kvcomm.tasks.options import parse_options
+
     assert load_task("multihop", items=5, pieces=4, facts_per_piece=2).items == \
-        load_task("multihop", items=5, pieces=4, facts_per_piece=2, distractors="pairs").items
+        load_task("multihop", items=5, pieces=4, facts_per_piece=2, distractor_kind="pairs").items
     plain = load_task("multihop", items=30, pieces=4, facts_per_piece=2).items
-    loose = load_task("multihop", items=30, pieces=4, facts_per_piece=2, distractors="loose").items
+    loose = load_task("multihop", items=30, pieces=4, facts_per_piece=2, distractor_kind="loose").items
     for kind, items in (("pairs", plain), ("loose", loose)):
         for item in items:
             facts = [(i, f) for i, piece in enumerate(item.pieces) for f in re.split(r"(?<=\.) ", piece)]
@@ -159,10 +173,13 @@ def test_multihop_loose_distractors_leave_the_asked_pair_the_only_link():
             city = next(c for c, (_, who) in homes.items() if who == person)
             assert city in linked and placed[city][1] == item.answers[0] and homes[city][0] != placed[city][0]
     assert [i.question for i in loose] != [i.question for i in plain]
-    with pytest.raises(DataError, match="pairs or loose"):
-        load_task("multihop", items=1, distractors="chains")
-    with pytest.raises(DataError, match="at most 31 facts per item with loose"):
-        load_task("multihop", items=1, pieces=16, facts_per_piece=2, distractors="loose")
+    assert parse_options("multihop", TASKS.get("multihop").load, ["distractor-kind=loose"]) == \
+        {"distractor_kind": "loose"}  # from the command line: a str
+    with pytest.raises(DataError, match="pairs or loose, not 'chains'"):
+        load_task("multihop", items=1, distractor_kind="chains")
+    assert len(load_task("multihop", items=1, pieces=15, facts_per_piece=2, distractor_kind="loose").items) == 1
+    with pytest.raises(DataError, match="at most 30 facts per item with loose"):
+        load_task("multihop", items=1, pieces=16, facts_per_piece=2, distractor_kind="loose")
 
 
 def test_multihop_filler_adds_unlinked_sentences_and_keeps_the_facts():

@@ -6,18 +6,16 @@ import base64
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from kvcomm.errors import KvcommError
 from kvcomm.models.fingerprint import Fingerprint
+from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
 from kvcomm.wire.message import KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
-
-if TYPE_CHECKING:
-    from kvcomm.selection.calibrate import Profile
 
 
 class ServiceError(KvcommError):
@@ -185,8 +183,6 @@ class Client:
 
 def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | None:
     """The request's ``profile``: a bare ranking, or a profile's with the layout it was calibrated on."""
-    from kvcomm.selection.calibrate import Profile
-
     if ranking is None:
         return None
     if isinstance(ranking, Profile):

@@ -6,13 +6,13 @@ Drenland."); the others hold distractors of both kinds. The question ("Which cou
 live in?") needs both hops. Cities and countries are made up, so the answer cannot come from what
 the model already knows: it must connect two passages it was given apart.
 
-By default every fact is a hop of some pair (``distractors="pairs"``), so most of a passage's
+By default every fact is a hop of some pair (``distractor_kind="pairs"``), so most of a passage's
 tokens depend on another passage. Two ways make that share smaller, as in retrieved passages,
 which mostly link to nothing:
 
 - ``filler_per_piece`` neutral sentences added to each piece, with the same facts and question; a
   small model finds the hops less often among more text (docs/results.md, *Longer passages*);
-- ``distractors="loose"``: as many facts, but the distractors link to nothing (other people live
+- ``distractor_kind="loose"``: as many facts, but the distractors link to nothing (other people live
   in cities that no fact locates, and the other located cities are not where anyone lives), so the
   asked pair is the only link between two facts, and its later hop the only text that needs
   another piece.
@@ -34,7 +34,8 @@ CITIES = ("Velmora Ostrik Brandel Quenna Taloris Mirevo Kestrin Dolvar Ysmere Fe
 COUNTRIES = ("Drenland Kalmeria Vostria Aldemar Sarnovia Eskaria Morvane Telluria Quarnis Bravonia Lystria Ombria "
              "Faltara Zenovia Carthal Wessmark").split()
 
-Distractors = Literal["pairs", "loose"]
+DistractorKind = Literal["pairs", "loose"]
+DISTRACTOR_KINDS: tuple[str, ...] = get_args(DistractorKind)
 
 FILLER = (
     "The morning market opened late because of the rain.", "A grey cat slept on the warm steps.",
@@ -57,19 +58,19 @@ FILLER = (
 
 
 def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int, filler: int = 0,
-          distractors: Distractors = "pairs") -> Item:
+          kind: DistractorKind = "pairs") -> Item:
     pairs = max(1, pieces * per_piece // 2)
     people, cities = rng.sample(_NAMES, pairs), rng.sample(CITIES, pairs)
     countries = [rng.choice(COUNTRIES) for _ in cities]
     placed = cities  # the cities the "is in" facts name
-    if distractors == "loose":  # only the asked (first) person's city is located; the others are nobody's
+    if kind == "loose":  # only the asked (first) person's city is located; the others are nobody's
         placed = [cities[0], *rng.sample([c for c in CITIES if c not in cities], pairs - 1)]
     lives = [f"{p} lives in {c}." for p, c in zip(people, cities)]
     located = [f"{c} is in {k}." for c, k in zip(placed, countries)]
     slots = [i % pieces for i in range(2 * pairs)]
     rng.shuffle(slots)
     where = dict(zip([*lives, *located], slots))
-    asked = 0 if distractors == "loose" else rng.randrange(pairs)
+    asked = 0 if kind == "loose" else rng.randrange(pairs)
     if where[lives[asked]] == where[located[asked]]:  # the hops must sit in different pieces
         other = rng.choice([fact for fact, slot in where.items() if slot != where[lives[asked]]])
         where[located[asked]], where[other] = where[other], where[located[asked]]
@@ -88,30 +89,32 @@ def _item(rng: random.Random, index: int, seed: int, pieces: int, per_piece: int
 
 @task("multihop", max_new_tokens=8, metric="contains", source="generated")
 def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, facts_per_piece: int = 3,
-             seed: int = 0, filler_per_piece: int = 0, distractors: str = "pairs") -> Task:
+             seed: int = 0, filler_per_piece: int = 0, distractor_kind: str = "pairs") -> Task:
     """Generated two-hop look-up across pieces: where a person lives is in one piece, which country
     that (made-up) city is in is in another; the question needs both.
 
     ``pieces`` passages per item (one per sender), about ``facts_per_piece`` facts each (the
     hops and distractors); more facts per piece make longer pieces. ``filler_per_piece`` sentences
     that link to nothing are added to each piece (0 by default: items are unchanged without it).
-    ``distractors``: ``pairs`` (every distractor a hop of another pair) or ``loose`` (distractors
-    that link to nothing; the module docstring).
+    ``distractor_kind``: ``pairs`` (every distractor a hop of another pair) or ``loose``
+    (distractors that link to nothing; the module docstring). It is typed ``str``, not
+    :data:`DistractorKind`, so that ``--task-option`` can give it.
     """
     if path is not None:
         raise DataError("the multihop task is generated; it takes no --data file")
-    if distractors not in get_args(Distractors):
-        raise DataError(f"multihop distractors are {' or '.join(get_args(Distractors))}, not {distractors!r}")
+    if distractor_kind not in DISTRACTOR_KINDS:
+        raise DataError(f"multihop's distractor_kind is {' or '.join(DISTRACTOR_KINDS)}, not {distractor_kind!r}")
+    if not 2 <= pieces <= 16 or not 1 <= facts_per_piece:
+        raise DataError("multihop needs 2..16 pieces and at least 1 fact per piece")
     pairs = pieces * facts_per_piece // 2
-    cities = 2 * pairs - 1 if distractors == "loose" else pairs
-    if not 2 <= pieces <= 16 or not 1 <= facts_per_piece or cities > len(CITIES):
-        most = 2 * len(CITIES) if distractors == "pairs" else len(CITIES) + 1
-        raise DataError(f"multihop needs 2..16 pieces and at most {most} facts per item "
-                        f"with {distractors} distractors")
+    if (2 * pairs - 1 if distractor_kind == "loose" else pairs) > len(CITIES):
+        most = 2 * len(CITIES) if distractor_kind == "pairs" else 2 * ((len(CITIES) + 1) // 2)
+        raise DataError(f"multihop has {len(CITIES)} cities: at most {most} facts per item with "
+                        f"{distractor_kind} distractors (pieces × facts_per_piece)")
     if not 0 <= pieces * filler_per_piece <= len(FILLER):
         raise DataError(f"multihop has {len(FILLER)} filler sentences: at most {len(FILLER) // pieces} per piece "
                         f"with {pieces} pieces (got {filler_per_piece})")
     rng = random.Random(seed)
-    kind = cast(Distractors, distractors)
+    kind = cast(DistractorKind, distractor_kind)
     made = [_item(rng, i, seed, pieces, facts_per_piece, filler_per_piece, kind) for i in range(items)]
     return TASKS.get("multihop").make(made, seed=seed)
