@@ -142,8 +142,6 @@ def run_quality(args: argparse.Namespace) -> None:
             task = load_task(task_name, args.data / f"{task_name}.jsonl")
         config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size)
         report = evaluate(agents, task, quality_methods(args.pieces, args.layout, ratios, deviations), config)
-        if task_name == "multihop":  # what the generator was given: the items follow from it and the seed
-            report.config["task_options"] = generated
         console.print(quality_table(report, blend_label(1, args.pieces, args.layout)))
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)

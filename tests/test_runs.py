@@ -68,6 +68,7 @@ def test_results_record_provenance(tiny_dir, tmp_path):
     assert config["alpha"] == default_alpha("llama") == report["profile"]["alpha"]  # resolved, not null
     assert config["alpha_source"] == "profile" and config["dtype"] == "float32"
     assert config["seeds"]["bootstrap"] == 0 and config["seeds"]["task"] is None  # read from a file
+    assert "task_options" not in config  # the file says it all
     root = Path(__file__).resolve().parents[1]
     if (root / ".git").exists():
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
@@ -83,6 +84,7 @@ def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
     config = json.loads((tmp_path / "facts.json").read_text())["config"]
     assert (config["alpha"], config["alpha_source"]) == (0.3, "given")
     assert config["seeds"] == {"bootstrap": 0, "task": 0, "methods": {"random@0.5": 5}}
+    assert config["task_options"] == load_task("facts").options  # the generator's, defaults filled in
 
 
 def test_default_folder_is_timestamped_and_nothing_is_overwritten(tiny_dir, tmp_path, monkeypatch):

@@ -139,6 +139,14 @@ def test_paper_data_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
     assert not (tmp_path / "data" / "countries.jsonl").exists()
 
 
+def test_a_task_keeps_the_options_it_was_made_with(tmp_path):
+    """``Task.options``: what the loader was given, its defaults filled in; nothing for a file."""
+    assert load_task("multihop", items=3, pieces=2).options == {
+        "items": 3, "pieces": 2, "facts_per_piece": 3, "seed": 0, "filler_per_piece": 0, "distractor_kind": "pairs"}
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n")
+    assert load_task("jsonl", tmp_path / "mine.jsonl").options == {}
+
+
 def test_multihop_items_are_pinned():
     """The generated items every multihop result was measured on (seed, pieces, facts, filler):
     a change to the generator that moves them fails here (hash of 30 items, pinned before

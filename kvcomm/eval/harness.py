@@ -478,6 +478,7 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
         "calibration_items": [i.id for i in calib], **config.model_dump(), "calib_size": len(calib), "alpha": alpha,
         "alpha_source": alpha_source,
         "seeds": {"bootstrap": BOOTSTRAP_SEED, "task": task.seed, "methods": method_seeds(methods)},
+        **({"task_options": task.options} if task.options else {}),
         **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
     }
 

@@ -53,7 +53,8 @@ def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str
     graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens, shared) for edge in edges
                for shared in reuse if not (shared is not False and edge.via == "kv" and edge.place == "prefix")]
     runs = [graph.run(task, items, batch_size, progress, cluster) for graph in graphs]
-    config = {"task": task.name, "seed": task.seed, "metric": task.metric, "model": model.name,
+    config = {"task": task.name, "seed": task.seed, **({"task_options": task.options} if task.options else {}),
+              "metric": task.metric, "model": model.name,
               "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,
               "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,
               "reply_tokens": reply_tokens, "dtype": str(model.dtype).removeprefix("torch."),

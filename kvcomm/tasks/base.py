@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.tasks.metrics import METRICS
@@ -60,6 +60,9 @@ class Task:
         data: the file the items were read from (None for generated tasks), recorded with its
             sha256 in results.
         seed: the seed a generated task was made with (None for tasks read from a file).
+        options: every option its loader was given by :func:`~kvcomm.tasks.load_task`, defaults
+            filled in (a generated task's item count, seed, pieces ...; empty for the paper's
+            files), recorded in results as ``task_options``.
     """
 
     name: str
@@ -69,6 +72,7 @@ class Task:
     metric: str = "paper_f1"
     data: str | None = None
     seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
