@@ -1,12 +1,13 @@
 """Layer selection rules side by side, on the same items: which layers help the answer?
 
 For one model and task: the paper's rule (attention importance + fixed prior), the answer-aware
-greedy rule, the fitted prior, random layers (seeded) at each ratio, all layers, the skyline and
-the baseline, in one run (each rule calibrated once on the same held-out items). Prints the table
-with 95% intervals, marks every rule that is not above random at a ratio, reports each rule's
-calibration cost, and writes the results JSON. ``--budget TOLERANCE`` also finds each rule's
-budget (the smallest ratio within the tolerance of all layers on the calibration items), written
-beside the JSON; ``--report`` prints (``--markdown``) or budgets a saved run.
+greedy rule, its backward elimination (``prune``), the fitted prior, random layers (seeded) at each
+ratio, all layers, the skyline and the baseline, in one run (each rule calibrated once on the same
+held-out items). Prints the table with 95% intervals, marks every rule that is not above random at
+a ratio, reports each rule's calibration cost, and writes the results JSON. ``--budget TOLERANCE``
+also finds each rule's budget (the smallest ratio within the tolerance of all layers on the
+calibration items), written beside the JSON; ``--report`` prints (``--markdown``) or budgets a
+saved run.
 
     python benchmarks/selection.py --model smollm2-135m --task facts --items 200 --calib-size 4 \\
         --out benchmarks/results/selection/smollm2-facts.json
@@ -33,7 +34,7 @@ from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E4
 from kvcomm.tasks import TASKS  # noqa: E402
 from kvcomm.tasks.base import Task  # noqa: E402
 
-RULES = ("paper", "prior", "answer")
+RULES = ("paper", "prior", "answer", "prune")
 
 
 def methods(ratios: list[float], seed: int, rules: tuple[str, ...] = RULES) -> list:
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rules", default=",".join(RULES), help="the rules to compare (comma-separated)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                        help="what the answer and prior rules maximise on the calibration items")
+                        help="what the answer, prune and prior rules maximise on the calibration items")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")

@@ -176,6 +176,23 @@ def test_greedy_selection_follows_the_objective():
     assert ranking == [1, 3, 2, 0] and [t["layer"] for t in trace] == [1, 3] and calls == [4, 3]
 
 
+def test_backward_elimination_removes_what_is_missed_least_and_judges_layers_together():
+    """Layers 0 and 1 help only together (forward selection, judging them alone, starts elsewhere);
+    elimination from every layer keeps the pair, and its ranking reverses the removals."""
+    from kvcomm.selection.search import backward_order, greedy_order
+
+    def objective(sets):
+        return np.array([3.0 * ({0, 1} <= s) + 1.0 * (2 in s) + 0.5 * (3 in s) + 0.1 * (4 in s) for s in sets])
+
+    ranking, trace = backward_order(objective, 5, steps=3)
+    assert [t["layer"] for t in trace] == [4, 3, 2] and ranking == [0, 1, 2, 3, 4]
+    assert [t["left"] for t in trace] == [4, 3, 2] and trace[-1]["loglik"] == 3.0
+    assert greedy_order(objective, 5, steps=2)[0][:2] == [2, 3]  # forward: the pair is invisible alone
+    # a pool of 2 after the first step tries only the two layers missed least before
+    tried = backward_order(objective, 5, steps=3, pool=2)[1]
+    assert [t["tried"] for t in tried] == [5, 2, 2] and [t["layer"] for t in tried] == [4, 3, 2]
+
+
 def test_a_fitted_prior_finds_the_depth_that_helps():
     """When only deep layers help the answer, the fitted prior moves its centre deep."""
     from kvcomm.selection.search import fit_prior
@@ -187,7 +204,7 @@ def test_a_fitted_prior_finds_the_depth_that_helps():
     assert fitted["mu"] >= 0.7 and fitted["settings"] == 5 * 9 * 5 and fitted["distinct_sets"] >= 2
 
 
-@pytest.mark.parametrize("rule", ["paper", "answer", "prior"])
+@pytest.mark.parametrize("rule", ["paper", "answer", "prior", "prune"])
 def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
     from kvcomm import Agents, calibrate, load_task
 
@@ -200,6 +217,9 @@ def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
         assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:3]  # 70% of 4 layers
         assert profile.cost["forwards_per_item"] == 3  # one batched forward per step
         assert profile.details["whole_forwards_per_item"] == 4 + 3 + 2  # every set tried, whole
+    if rule == "prune":  # down to 30% of 4 layers: 2 removals, of 4 then 3 sets
+        assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:1:-1]
+        assert profile.details["whole_forwards_per_item"] == 4 + 3
     if rule == "prior":
         fitted = profile.details["fitted"]
         assert (profile.alpha, profile.mu, profile.sigma) == (fitted["alpha"], fitted["mu"], fitted["sigma"])
@@ -300,7 +320,7 @@ def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_
     assert EvalConfig().selection == ServeConfig().selection == "answer"
     assert inspect.signature(calibrate).parameters["rule"].default == "answer"
     assert EvalConfig(selection="paper").selection == "paper"
-    with pytest.raises(ConfigError, match="'paper', 'answer' or 'prior'"):
+    with pytest.raises(ConfigError, match="'paper', 'answer', 'prior' or 'prune'"):
         EvalConfig(selection="attention")
 
 

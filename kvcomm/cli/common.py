@@ -269,11 +269,12 @@ class RunOptions:
 BatchSize = Annotated[int | None, typer.Option(
     min=1, envvar="KVCOMM_BATCH_SIZE", help=options_help("Items per forward pass.", EvalConfig, "batch_size"))]
 Selection = Annotated[Rule | None, typer.Option(
-    help="How calibration ranks layers: answer (greedy by the receiver's likelihood of the gold answer), prior "
+    help="How calibration ranks layers: answer (greedy by the receiver's likelihood of the gold answer), prune "
+         "(backward elimination by that likelihood: from every layer, drop the one missed least), prior "
          "(attention and a depth prior fitted per model), paper (attention and the paper's fixed prior). "
          f"(default: {DEFAULT_RULE})")]
 CalibrationObjective = Annotated[Objective | None, typer.Option(
-    help="What the answer and prior rules maximise on the calibration items: likelihood (the gold answer's "
+    help="What the answer, prune and prior rules maximise on the calibration items: likelihood (the gold answer's "
          "log-probability per token), choice (the probability of picking the gold option, on items that "
          "list their options; others fall back to likelihood) or fidelity (closeness of the receiver's "
          "next-token distributions to those with every layer shared). "
@@ -303,7 +304,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
         min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "
-                    "--selection paper, 4 for answer and prior, fewer if the task cannot spare them)")], None),
+                    "--selection paper, 4 for answer, prune and prior, fewer if the task cannot spare them)")], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False,
         help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`; or the results JSON of an "

@@ -58,11 +58,11 @@ class EvalConfig(Options):
         batch_size: items per forward pass.
         calib_size: calibration items, from the end of the task, disjoint from the test items
             (None: as many as the rule takes, ``CALIBRATION_ITEMS``: 1 for ``paper``, 4 for
-            ``answer`` and ``prior``; fewer if the task cannot spare them beside its test items,
+            ``answer``, ``prune`` and ``prior``; fewer if the task cannot spare them beside its test items,
             never fewer than one).
-        selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prior``; see
+        selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prune``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
-        objective: what ``answer`` and ``prior`` maximise on the calibration items: ``likelihood``
+        objective: what ``answer``, ``prune`` and ``prior`` maximise on the calibration items: ``likelihood``
             of the gold answer, ``choice`` of the gold option where items list their options, or
             ``fidelity`` to the receiver's next-token distributions with every layer shared.
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior

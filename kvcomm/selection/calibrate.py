@@ -1,11 +1,12 @@
-"""Calibration: rank layers on held-out items, by one of three rules, and save a profile.
+"""Calibration: rank layers on held-out items, by one of four rules, and save a profile.
 
 - ``paper``: the receiver's prefill attention on the context, mixed with a Gaussian prior over
   depth with the paper's per-family defaults (the KVComm paper's rule, for reproductions);
 - ``answer``: greedy forward selection by the receiver's likelihood of the gold answer;
+- ``prune``: backward elimination by that likelihood (from every layer, drop the one missed least);
 - ``prior``: the paper's form, with ``alpha``, ``mu``, ``sigma`` fitted per model by that likelihood.
 
-Both fitted rules can maximise another objective instead of the likelihood: ``choice`` (the
+The fitted rules can maximise another objective instead of the likelihood: ``choice`` (the
 probability of picking the gold option) or ``fidelity`` (closeness to the receiver's next-token
 distributions with every layer shared). A greedy trace's ``loglik`` is that objective's value.
 
@@ -32,14 +33,14 @@ from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
-from kvcomm.selection.search import default_steps, fit_prior, greedy_order
+from kvcomm.selection.search import backward_order, default_removals, default_steps, fit_prior, greedy_order
 from kvcomm.tasks.base import Item, Pieces, Task
 
 PROFILE_VERSION = 2
-Rule = Literal["paper", "answer", "prior"]
+Rule = Literal["paper", "answer", "prior", "prune"]
 RULES: tuple[str, ...] = get_args(Rule)
 DEFAULT_RULE: Rule = "answer"
-CALIBRATION_ITEMS: dict[str, int] = {"paper": 1, "answer": 4, "prior": 4}
+CALIBRATION_ITEMS: dict[str, int] = {"paper": 1, "answer": 4, "prior": 4, "prune": 4}
 """Calibration items each rule takes unless told: the paper's one for its own rule (attention
 importance settles on one item), four for the rules fitted to the answer's likelihood, which one
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
@@ -93,9 +94,11 @@ def calibrate(
     Args:
         alpha, mu, sigma: the prior of the ``paper`` rule (``alpha`` None: 1.0 for Llama-family
             models, 0.8 for Qwen, as in the paper); ignored by the fitted rules.
-        steps: how many layers greedy selection adds (``answer``; default: 70% of the layers).
-        pool: how many of the previous step's best layers greedy selection tries at each later step
-            (None: every layer; each step costs one batched forward of that many sets per item).
+        steps: how many layers greedy selection adds (``answer``; default: 70% of the layers) or
+            backward elimination removes (``prune``; default: down to 30% of the layers).
+        pool: how many of the previous step's best layers greedy selection (or elimination) tries
+            at each later step (None: every layer; each step costs one batched forward of that many
+            sets per item).
         tolerance: also find the budget: the smallest ratio whose score on the calibration items is
             within this of all layers' (answers generated; recorded in ``details["budget"]``).
         objective: what the fitted rules maximise: ``likelihood`` (the gold answer's mean
@@ -149,6 +152,10 @@ def calibrate(
         if rule == "answer":
             ranking, trace = greedy_order(score, agents.num_layers, steps or default_steps(agents.num_layers), pool)
             details = {"search": "greedy forward", "pool": pool, "trace": trace, "objective": what}
+        elif rule == "prune":
+            ranking, trace = backward_order(score, agents.num_layers, steps or default_removals(agents.num_layers),
+                                            pool)
+            details = {"search": "backward elimination", "pool": pool, "trace": trace, "objective": what}
         else:
             fitted = fit_prior(score, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]

@@ -1,4 +1,5 @@
-"""Searching layer sets by what they do to the answer: greedy forward selection, and a fitted prior.
+"""Searching layer sets by what they do to the answer: greedy forward selection, backward
+elimination, and a fitted prior.
 
 Both use one objective: the receiver's mean log-likelihood of the gold answer over the calibration
 items (:mod:`kvcomm.selection.likelihood`), each item's sender prefill computed once.
@@ -6,6 +7,10 @@ items (:mod:`kvcomm.selection.likelihood`), each item's sender prefill computed 
 - :func:`greedy_order` adds, step by step, the layer that helps the answer most; the order of
   addition is a ranking, so every ratio's top layers are the greedy set of that size. Cost: one
   batched forward per item per step (the remaining layers are the batch).
+- :func:`backward_order` starts from every layer and removes, step by step, the layer whose absence
+  hurts the answer least; the reverse order of removal is a ranking. Each layer is judged beside
+  the others it would be shared with, where forward selection judges its first layers alone, in a
+  regime where almost nothing is answered. Cost as greedy's.
 - :func:`fit_prior` keeps the paper's form (attention importance mixed with a Gaussian prior over
   depth) but chooses ``alpha``, ``mu`` and ``sigma`` per model on the calibration items, instead
   of fixed per-family defaults: every setting of a grid is judged by the likelihood of the top
@@ -58,6 +63,37 @@ def greedy_order(objective: Objective, num_layers: int, steps: int,
     return chosen + rest, trace
 
 
+def backward_order(objective: Objective, num_layers: int, steps: int,
+                   pool: int | None = None) -> tuple[list[int], list[dict[str, Any]]]:
+    """The ranking backward elimination makes in ``steps`` removals, and its trace.
+
+    Each step removes the layer whose removal leaves the highest objective. The layers never
+    removed come first (those whose removal hurt most at the last step they were tried first),
+    then the removed ones, the last removed first: every prefix of the ranking is the set some
+    step left (or a subset of the unremoved layers).
+
+    Args:
+        pool: after the first step, only the ``pool`` layers whose removal hurt least at the
+            previous step are tried; None: every layer left.
+    """
+    kept = list(range(num_layers))
+    removed: list[int] = []
+    trace: list[dict[str, Any]] = []
+    last: dict[int, float] = {}
+    for _ in range(min(steps, num_layers - 1)):
+        candidates = kept
+        if pool is not None and last:
+            candidates = sorted(kept, key=lambda layer: (-last.get(layer, -math.inf), -layer))[:pool]
+        scores = objective([frozenset(layer for layer in kept if layer != out) for out in candidates])
+        last.update(zip(candidates, scores.tolist()))
+        worst = max(candidates, key=lambda layer: (last[layer], layer))  # ties: drop the deeper layer
+        kept = [layer for layer in kept if layer != worst]
+        removed.append(worst)
+        trace.append({"layer": worst, "loglik": last[worst], "tried": len(candidates), "left": len(kept)})
+    ahead = sorted(kept, key=lambda layer: (last.get(layer, -math.inf), layer))
+    return ahead + removed[::-1], trace
+
+
 def fit_prior(objective: Objective, importance: Sequence[float],
               ratios: Sequence[float] = TARGET_RATIOS) -> dict[str, Any]:
     """The ``alpha``, ``mu``, ``sigma`` whose rankings' top layers (at ``ratios``) the receiver
@@ -82,3 +118,8 @@ def fit_prior(objective: Objective, importance: Sequence[float],
 def default_steps(num_layers: int) -> int:
     """How far greedy selection goes by default: the layers of the largest target ratio."""
     return max(1, math.ceil(max(TARGET_RATIOS) * num_layers - 1e-9))
+
+
+def default_removals(num_layers: int) -> int:
+    """How far backward elimination goes by default: down to the layers of the smallest target ratio."""
+    return max(1, num_layers - math.ceil(min(TARGET_RATIOS) * num_layers - 1e-9))
