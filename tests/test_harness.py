@@ -279,8 +279,8 @@ def test_a_runs_results_serve_as_its_profile_so_calibration_is_paid_once(agents,
     calls = []
     monkeypatch.setattr(harness, "calibrate", lambda *a, **k: calls.append(1))
     loaded = read_ranking(tmp_path / "run.json")
-    assert loaded.model_dump() == first.profile and loaded.rule == "answer"
-    assert read_ranking(tmp_path / "run.json", "answer").model_dump() == first.profile  # one rule's, by name
+    assert loaded.model_dump() == first.profile and loaded.rule == "prune"
+    assert read_ranking(tmp_path / "run.json", "prune").model_dump() == first.profile  # one rule's, by name
     with pytest.raises(DataError, match="holds no paper ranking"):
         read_ranking(tmp_path / "run.json", "paper")
     again = evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), loaded,

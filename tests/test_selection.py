@@ -309,7 +309,7 @@ def test_a_split_that_cannot_hold_its_items_names_the_fix():
         EvalConfig(limit=3).split(items)
 
 
-def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_away():
+def test_backward_elimination_is_the_default_everywhere_and_the_papers_is_one_option_away():
     """The best measured rule (docs/results.md, issue 18) is what eval, sweep, the service and the
     Python API calibrate with unless told; ``paper`` stays a valid choice for reproductions."""
     import inspect
@@ -317,8 +317,8 @@ def test_the_answer_rule_is_the_default_everywhere_and_the_papers_is_one_option_
     from kvcomm import EvalConfig, calibrate
     from kvcomm.serve.config import ServeConfig
 
-    assert EvalConfig().selection == ServeConfig().selection == "answer"
-    assert inspect.signature(calibrate).parameters["rule"].default == "answer"
+    assert EvalConfig().selection == ServeConfig().selection == "prune"
+    assert inspect.signature(calibrate).parameters["rule"].default == "prune"
     assert EvalConfig(selection="paper").selection == "paper"
     with pytest.raises(ConfigError, match="'paper', 'answer', 'prior' or 'prune'"):
         EvalConfig(selection="attention")

@@ -269,8 +269,9 @@ class RunOptions:
 BatchSize = Annotated[int | None, typer.Option(
     min=1, envvar="KVCOMM_BATCH_SIZE", help=options_help("Items per forward pass.", EvalConfig, "batch_size"))]
 Selection = Annotated[Rule | None, typer.Option(
-    help="How calibration ranks layers: answer (greedy by the receiver's likelihood of the gold answer), prune "
-         "(backward elimination by that likelihood: from every layer, drop the one missed least), prior "
+    help="How calibration ranks layers: prune (backward elimination by the receiver's likelihood of the gold "
+         "answer: from every layer, drop the one missed least), answer (greedy forward selection by that "
+         "likelihood), prior "
          "(attention and a depth prior fitted per model), paper (attention and the paper's fixed prior). "
          f"(default: {DEFAULT_RULE})")]
 CalibrationObjective = Annotated[Objective | None, typer.Option(

@@ -61,7 +61,7 @@ def serve_command(
     ranking the agent calibrates at start on generated text when no profile is given. Passages have
     a ranking of their own: a --profile made with `kvcomm calibrate --pieces passages`, else one
     calibrated when the first passage is stored at a ratio (about a minute on SmolLM2-135M with the
-    answer rule).
+    default rule).
     """
     import uvicorn
 
