@@ -134,7 +134,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200, help="generated tasks: how many items to make")
     parser.add_argument("--limit", type=int, default=None, help="test items (default: all but calibration)")
     parser.add_argument("--calib-size", type=int, default=None, help="(default: the rule's own count)")
-    parser.add_argument("--selection", default="answer", help="the rule whose ranking every configuration uses")
+    parser.add_argument("--selection", default="answer",
+                        help="the rule whose ranking every configuration uses (default answer: the rule of the runs "
+                             "in docs/results.md)")
     parser.add_argument("--step", type=float, default=0.1, help="adaptive: the fraction of layers each round adds")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--profile", type=Path, default=None,

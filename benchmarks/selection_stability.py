@@ -1,6 +1,6 @@
 """How many calibration items does each selection rule need before its choice stops changing?
 
-For one model and task, each rule (``paper``, ``prior``, ``answer``) is calibrated on the first
+For one model and task, each rule (``paper``, ``prior``, ``answer``, ``prune``) is calibrated on the first
 ``n`` items of one fixed calibration pool, for each ``n`` of ``--sizes`` (the pool is the task's
 first ``max(sizes)`` items). At each ratio the chosen layer set is compared with the set chosen on the whole pool
 (Jaccard overlap, 1 = the same layers). A rule *settles* at the smallest ``n`` from which every

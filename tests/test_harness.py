@@ -13,6 +13,7 @@ from kvcomm.eval import Report
 from kvcomm.eval.memory import item_bytes, plan_batches, rss_bytes
 from kvcomm.protocol import empty_input, greedy_generate
 from kvcomm.selection import Profile
+from kvcomm.selection.calibrate import DEFAULT_RULE
 from kvcomm.tasks import load_task
 from tests.conftest import tiny_loaded
 
@@ -279,8 +280,8 @@ def test_a_runs_results_serve_as_its_profile_so_calibration_is_paid_once(agents,
     calls = []
     monkeypatch.setattr(harness, "calibrate", lambda *a, **k: calls.append(1))
     loaded = read_ranking(tmp_path / "run.json")
-    assert loaded.model_dump() == first.profile and loaded.rule == "prune"
-    assert read_ranking(tmp_path / "run.json", "prune").model_dump() == first.profile  # one rule's, by name
+    assert loaded.model_dump() == first.profile and loaded.rule == DEFAULT_RULE
+    assert read_ranking(tmp_path / "run.json", DEFAULT_RULE).model_dump() == first.profile  # one rule's, by name
     with pytest.raises(DataError, match="holds no paper ranking"):
         read_ranking(tmp_path / "run.json", "paper")
     again = evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), loaded,

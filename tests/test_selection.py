@@ -193,6 +193,33 @@ def test_backward_elimination_removes_what_is_missed_least_and_judges_layers_tog
     assert [t["tried"] for t in tried] == [5, 2, 2] and [t["layer"] for t in tried] == [4, 3, 2]
 
 
+def test_backward_elimination_drops_a_redundant_layer_and_every_prefix_is_a_set_it_scored():
+    """Layers 0 and 1 carry the same thing: either is enough. Leaving one out at a time would rank
+    both last (each is missed by nothing); elimination drops one (the deeper, on a tie) and then
+    finds the other indispensable. Down to one layer, every prefix of the ranking is a set it left."""
+    from kvcomm.selection.search import backward_order, default_removals
+
+    def objective(sets):
+        return np.array([2.0 * bool({0, 1} & s) + 1.0 * (2 in s) + 0.5 * (3 in s) for s in sets])
+
+    ranking, trace = backward_order(objective, 4, steps=default_removals(4))
+    assert [t["layer"] for t in trace] == [1, 3, 2] and ranking == [0, 2, 3, 1]
+    assert [t["loglik"] for t in trace] == [3.5, 3.0, 2.0]
+    left = [set(range(4)) - {t["layer"] for t in trace[:k]} for k in range(len(trace) + 1)]
+    assert all(set(ranking[:4 - k]) == left[k] for k in range(len(left)))
+    assert default_removals(28) == 27 and default_removals(1) == 0
+    assert backward_order(objective, 1, steps=default_removals(1)) == ([0], [])
+
+
+def test_a_search_pool_below_one_layer_is_refused():
+    from kvcomm import Agents, calibrate, load_task
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=2)
+    with pytest.raises(ConfigError, match="pool must be at least 1"):
+        calibrate(Agents(model, model), task, task.items, progress=False, rule="prune", pool=0)
+
+
 def test_a_fitted_prior_finds_the_depth_that_helps():
     """When only deep layers help the answer, the fitted prior moves its centre deep."""
     from kvcomm.selection.search import fit_prior
@@ -217,9 +244,9 @@ def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
         assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:3]  # 70% of 4 layers
         assert profile.cost["forwards_per_item"] == 3  # one batched forward per step
         assert profile.details["whole_forwards_per_item"] == 4 + 3 + 2  # every set tried, whole
-    if rule == "prune":  # down to 30% of 4 layers: 2 removals, of 4 then 3 sets
-        assert [t["layer"] for t in profile.details["trace"]] == profile.ranking[:1:-1]
-        assert profile.details["whole_forwards_per_item"] == 4 + 3
+    if rule == "prune":  # down to one layer: 3 removals, of 4, 3 and 2 sets
+        assert [t["layer"] for t in profile.details["trace"]] == list(reversed(profile.ranking[1:]))
+        assert profile.details["whole_forwards_per_item"] == 4 + 3 + 2
     if rule == "prior":
         fitted = profile.details["fitted"]
         assert (profile.alpha, profile.mu, profile.sigma) == (fitted["alpha"], fitted["mu"], fitted["sigma"])

@@ -47,7 +47,7 @@ def calibrate_command(
     task_option: TaskOptions = None,
     calib_size: Annotated[int | None, typer.Option(
         min=1, help="Calibration items, taken from the end of the task. (default: 1 for --selection paper, 4 for "
-                    "answer, prior and droidspeak, fewer if the task is smaller)")] = None,
+                    "prune, answer, prior and droidspeak, fewer if the task is smaller)")] = None,
     batch_size: BatchSize = None, selection: Selection = None, objective: CalibrationObjective = None,
     alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
     tolerance: Annotated[float | None, typer.Option(

@@ -9,10 +9,10 @@
 
 The fitted rules can maximise another objective instead of the likelihood: ``choice`` (the
 probability of picking the gold option) or ``fidelity`` (closeness to the receiver's next-token
-distributions with every layer shared). A greedy trace's ``loglik`` is that objective's value.
+distributions with every layer shared). A search trace's ``loglik`` is that objective's value.
 
 Every rule records the attention importance too, and the profile records the rule, what it chose
-and why (the greedy trace, the fitted prior), and what it cost (seconds, forwards per item).
+and why (the search's trace, the fitted prior), and what it cost (seconds, forwards per item).
 """
 
 from __future__ import annotations
@@ -41,20 +41,19 @@ PROFILE_VERSION = 2
 Rule = Literal["paper", "answer", "prior", "prune"]
 RULES: tuple[str, ...] = get_args(Rule)
 DEFAULT_RULE: Rule = "prune"
-"""The default rule: in the 14 cells (model, task, ratio) where backward elimination and the answer
-rule's greedy path ran on the same items (Qwen2.5-Coder-1.5B facts, Countries, Tipsheets;
-SmolLM2-135M facts and multi-hop), ``prune`` scored above ``answer`` outside the 95% interval in 8
-and below it in 2, inside the interval (docs/results.md, issue 18)."""
+"""The default rule: the one that scored best where the rules were run side by side (docs/results.md,
+"Backward elimination: prune")."""
 CALIBRATION_ITEMS: dict[str, int] = {"paper": 1, "answer": 4, "prior": 4, "prune": 4}
 """Calibration items each rule takes unless told: the paper's one for its own rule (attention
 importance settles on one item), four for the rules fitted to the answer's likelihood, which one
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
-item, 0.296 on four; docs/results.md)."""
+item, 0.296 on four; docs/results.md). ``prune`` takes the answer rule's four: it was measured with
+them."""
 Objective = Literal["likelihood", "choice", "fidelity"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "likelihood"
 CHUNK = 32  # layer sets per batched forward
-POOL = 8  # candidates greedy selection keeps trying after its first step
+POOL = 8  # candidates the searches (greedy, elimination) keep trying after their first step
 
 
 class Profile(JsonFile):
@@ -100,10 +99,10 @@ def calibrate(
         alpha, mu, sigma: the prior of the ``paper`` rule (``alpha`` None: 1.0 for Llama-family
             models, 0.8 for Qwen, as in the paper); ignored by the fitted rules.
         steps: how many layers greedy selection adds (``answer``; default: 70% of the layers) or
-            backward elimination removes (``prune``; default: down to 30% of the layers).
+            backward elimination removes (``prune``; default: down to one layer).
         pool: how many of the previous step's best layers greedy selection (or elimination) tries
-            at each later step (None: every layer; each step costs one batched forward of that many
-            sets per item).
+            at each later step, at least 1 (None: every layer; each step costs one batched forward
+            of that many sets per item).
         tolerance: also find the budget: the smallest ratio whose score on the calibration items is
             within this of all layers' (answers generated; recorded in ``details["budget"]``).
         objective: what the fitted rules maximise: ``likelihood`` (the gold answer's mean
@@ -116,10 +115,13 @@ def calibrate(
             in the profile's ``details``.
 
     Raises:
-        ConfigError: an unknown rule; DataError: no items, or items without a gold answer.
+        ConfigError: an unknown rule, or a pool below 1; DataError: no items, or items without a
+            gold answer.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
+    if pool is not None and pool < 1:
+        raise ConfigError(f"the search's pool must be at least 1 layer, got {pool}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown calibration objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not items:

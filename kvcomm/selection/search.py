@@ -1,7 +1,7 @@
 """Searching layer sets by what they do to the answer: greedy forward selection, backward
 elimination, and a fitted prior.
 
-Both use one objective: the receiver's mean log-likelihood of the gold answer over the calibration
+All three use one objective: the receiver's mean log-likelihood of the gold answer over the calibration
 items (:mod:`kvcomm.selection.likelihood`), each item's sender prefill computed once.
 
 - :func:`greedy_order` adds, step by step, the layer that helps the answer most; the order of
@@ -10,7 +10,10 @@ items (:mod:`kvcomm.selection.likelihood`), each item's sender prefill computed 
 - :func:`backward_order` starts from every layer and removes, step by step, the layer whose absence
   hurts the answer least; the reverse order of removal is a ranking. Each layer is judged beside
   the others it would be shared with, where forward selection judges its first layers alone, in a
-  regime where almost nothing is answered. Cost as greedy's.
+  regime where almost nothing is answered. By default it goes down to one layer, so every prefix
+  of the ranking (every ratio, and the small ones budgets and ``adaptive`` read) is a set it
+  scored. Cost: one batched forward per item per step, like greedy's; on 28 layers with a pool of
+  8, 215 sets per item against greedy's 180 (to 70% of the layers).
 - :func:`fit_prior` keeps the paper's form (attention importance mixed with a Gaussian prior over
   depth) but chooses ``alpha``, ``mu`` and ``sigma`` per model on the calibration items, instead
   of fixed per-family defaults: every setting of a grid is judged by the likelihood of the top
@@ -67,10 +70,12 @@ def backward_order(objective: Objective, num_layers: int, steps: int,
                    pool: int | None = None) -> tuple[list[int], list[dict[str, Any]]]:
     """The ranking backward elimination makes in ``steps`` removals, and its trace.
 
-    Each step removes the layer whose removal leaves the highest objective. The layers never
-    removed come first (those whose removal hurt most at the last step they were tried first),
-    then the removed ones, the last removed first: every prefix of the ranking is the set some
-    step left (or a subset of the unremoved layers).
+    Each step removes the layer whose removal leaves the highest objective (ties: the deeper
+    layer goes). The ranking is the layers never removed (those whose removal hurt most at the
+    last step they were tried first), then the removed ones, the last removed first: with
+    ``steps = num_layers - 1`` (:func:`default_removals`) every prefix is a set some step left;
+    with fewer steps, the prefixes shorter than what is left are ordered by scores measured
+    against different sets.
 
     Args:
         pool: after the first step, only the ``pool`` layers whose removal hurt least at the
@@ -121,5 +126,7 @@ def default_steps(num_layers: int) -> int:
 
 
 def default_removals(num_layers: int) -> int:
-    """How far backward elimination goes by default: down to the layers of the smallest target ratio."""
-    return max(1, num_layers - math.ceil(min(TARGET_RATIOS) * num_layers - 1e-9))
+    """How far backward elimination goes by default: down to one layer, so that every prefix of its
+    ranking is a set it scored (the layers at each ratio of :data:`TARGET_RATIOS` are the same as
+    stopping at the smallest: later steps only order the layers left)."""
+    return max(0, num_layers - 1)

@@ -134,7 +134,8 @@ class ContextMaker:
 
     def calibrate(self, pieces: Pieces = "chats") -> Profile:
         """A ranking calibrated by the service's rule on generated facts read as ``pieces`` (no
-        generation; about a minute with the ``answer`` rule on SmolLM2-135M, seconds with ``paper``)."""
+        generation; about a minute with the ``prune`` or ``answer`` rule on SmolLM2-135M, seconds with
+        ``paper``)."""
         task = load_task("facts", items=CALIBRATION_ITEMS[self.config.selection])
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
                          rule=self.config.selection, pieces=pieces)
