@@ -35,6 +35,7 @@ from kvcomm.tasks import TASKS  # noqa: E402
 from kvcomm.tasks.base import Task  # noqa: E402
 
 RULES = ("paper", "prior", "answer", "prune")
+LEADS = (("answer", "paper"), ("prune", "paper"), ("prune", "answer"))  # paired differences the markdown reports
 
 
 def methods(ratios: list[float], seed: int, rules: tuple[str, ...] = RULES) -> list:
@@ -108,10 +109,11 @@ def markdown(report: Report, ratios: list[float]) -> str:
         d, low, high = paired(report, "kvcomm@1", f"random@{ratio:g}")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + f" | {rand.mean:.3f} "
                      f"({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f}) | {d:+.3f} [{low:+.2f}…{high:+.2f}] |")
-    if {"answer", "paper"} <= set(rules):
-        gains = [f"{ratio:g}: {d:+.3f} [{low:+.2f}…{high:+.2f}]" for ratio in ratios
-                 for d, low, high in [paired(report, f"kvcomm@{ratio:g}~answer", f"kvcomm@{ratio:g}~paper")]]
-        lines += ["", "answer − paper (paired, 95% CI): " + "; ".join(gains) + "."]
+    for better, worse in LEADS:
+        if {better, worse} <= set(rules):
+            gains = [f"{ratio:g}: {d:+.3f} [{low:+.2f}…{high:+.2f}]" for ratio in ratios
+                     for d, low, high in [paired(report, f"kvcomm@{ratio:g}~{better}", f"kvcomm@{ratio:g}~{worse}")]]
+            lines += ["", f"{better} − {worse} (paired, 95% CI): " + "; ".join(gains) + "."]
     lines += ["", f"All layers {by['kvcomm@1'].mean:.3f}, skyline {sky:.3f}, baseline {by['baseline'].mean:.3f}. "
               "Calibration: " + ", ".join(
                   f"{rule} {p['cost']['seconds']:.0f} s ({p['cost']['forwards_per_item']:.0f} forwards per item)"
