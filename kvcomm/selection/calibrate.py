@@ -18,7 +18,7 @@ and why (the search's trace, the fitted prior), and what it cost (seconds, forwa
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
@@ -34,7 +34,14 @@ from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
-from kvcomm.selection.search import backward_order, default_removals, default_steps, fit_prior, greedy_order
+from kvcomm.selection.search import (
+    Search,
+    backward_order,
+    default_removals,
+    default_steps,
+    fit_prior,
+    greedy_order,
+)
 from kvcomm.tasks.base import Item, Pieces, Task
 
 PROFILE_VERSION = 2
@@ -54,6 +61,11 @@ OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "likelihood"
 CHUNK = 32  # layer sets per batched forward
 POOL = 8  # candidates the searches (greedy, elimination) keep trying after their first step
+SEARCHES: dict[str, tuple[str, Search, Callable[[int], int]]] = {
+    "answer": ("greedy forward", greedy_order, default_steps),
+    "prune": ("backward elimination", backward_order, default_removals),
+}
+"""The rules that search layer sets step by step: the search's name, the search, its default steps."""
 
 
 class Profile(JsonFile):
@@ -156,13 +168,10 @@ def calibrate(
                 if objective == "fidelity" else "mean log-likelihood per gold-answer token" if not chosen else
                 f"log-probability of choosing the gold option ({chosen} of {len(scored)} items list options; "
                 "the others: mean log-likelihood per gold-answer token)")
-        if rule == "answer":
-            ranking, trace = greedy_order(score, agents.num_layers, steps or default_steps(agents.num_layers), pool)
-            details = {"search": "greedy forward", "pool": pool, "trace": trace, "objective": what}
-        elif rule == "prune":
-            ranking, trace = backward_order(score, agents.num_layers, steps or default_removals(agents.num_layers),
-                                            pool)
-            details = {"search": "backward elimination", "pool": pool, "trace": trace, "objective": what}
+        if rule in SEARCHES:
+            name, search, default = SEARCHES[rule]
+            ranking, trace = search(score, agents.num_layers, steps or default(agents.num_layers), pool)
+            details = {"search": name, "pool": pool, "trace": trace, "objective": what}
         else:
             fitted = fit_prior(score, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]

@@ -32,6 +32,8 @@ import numpy as np
 from kvcomm.selection.rules import combined_scores, layer_count, rank_layers
 
 Objective = Callable[[Sequence[frozenset[int]]], np.ndarray]  # layer sets -> mean log-likelihood each
+Search = Callable[[Objective, int, int, int | None], tuple[list[int], list[dict[str, Any]]]]
+"""A step-by-step search (objective, layers, steps, pool) -> (ranking, trace): greedy, elimination."""
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -88,7 +90,7 @@ def backward_order(objective: Objective, num_layers: int, steps: int,
     for _ in range(min(steps, num_layers - 1)):
         candidates = kept
         if pool is not None and last:
-            candidates = sorted(kept, key=lambda layer: (-last.get(layer, -math.inf), -layer))[:pool]
+            candidates = sorted(kept, key=lambda layer: (-last[layer], -layer))[:pool]  # step 1 scored every layer
         scores = objective([frozenset(layer for layer in kept if layer != out) for out in candidates])
         last.update(zip(candidates, scores.tolist()))
         worst = max(candidates, key=lambda layer: (last[layer], layer))  # ties: drop the deeper layer
