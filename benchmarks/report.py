@@ -14,6 +14,12 @@ the paired score change against the uncompressed run at the same layers; ✓ mar
 (≥ 12× and at most 1 point lower).
 ``modes``: per ratio, the correct per-layer masks (``causal``) against the paged-engine layouts
 (``padded-sink``, ``padded-zero``) of the same run: paired score difference and unchanged answers.
+``goals``: issue 18's grid for one selection rule (``--rule``, default ``prune``): per model, task,
+layout and ratio (0.3, 0.5, 0.7), the rule's score against random layers, every layer and the
+skyline, runs matched by item id across all the files given (so a rule's own sweep pairs with an
+earlier sweep's random and all-layer runs on the same items); the paired differences with 95%
+intervals, the share of the skyline, and whether the cell meets the goal: at least random, and
+above it outside the interval wherever every layer is. ``--json`` also writes the grid.
 ``--pool`` first merges files of the same model and task whose runs share labels and layers (e.g.
 a sweep extended to more items), item lists concatenated.
 """
@@ -25,7 +31,7 @@ import copy
 import json
 from pathlib import Path
 
-from kvcomm.eval.results import bootstrap_ci
+from kvcomm.eval.results import bootstrap_ci, share_ci
 from kvcomm.selection import format_layers
 
 GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
@@ -161,12 +167,125 @@ def pooled(reports: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
+GOAL_RATIOS = (0.3, 0.5, 0.7)
+
+
+def _rule(report: dict, run: dict) -> str:
+    """The selection rule a kvcomm run used: its own option, else the file's default (old files:
+    the paper's)."""
+    return run["options"].get("selection") or report["config"].get("selection") or "paper"
+
+
+def _layout(run: dict) -> str:
+    return run["options"].get("pieces") or "chats"
+
+
+def _scores(report: dict, run: dict) -> dict[str, float]:
+    metric = report["config"]["metric"]
+    return {item["id"]: item["scores"][metric] for item in run["items"]}
+
+
+def goals_grid(reports: list[dict], rule: str) -> list[dict]:
+    """One row per model, task, layout and ratio where ``rule`` ran: see the module's docstring.
+
+    Of several runs of one kind for a cell (e.g. random in two files), the first file's is used."""
+    cells: dict[tuple[str, str, str], dict] = {}
+    skylines: dict[tuple[str, str], tuple[dict[str, float], None]] = {}
+    for report in reports:
+        cfg = report["config"]
+        for run in report["runs"]:
+            if run.get("codec"):
+                continue
+            ratio = run["options"].get("ratio")
+            if run["method"] == "skyline":  # the context as text: one per model and task, whatever the layout
+                skylines.setdefault((cfg["receiver"], cfg["task"]), (_scores(report, run), None))
+                continue
+            key = (cfg["receiver"], cfg["task"], _layout(run))
+            cell = cells.setdefault(key, {"metric": cfg["metric"], "num_layers": cfg["num_layers"]})
+            if run["method"] == "kvcomm" and ratio == 1.0:
+                kind = "all"
+            elif run["method"] == "kvcomm" and ratio in GOAL_RATIOS and _rule(report, run) == rule:
+                kind = f"rule@{ratio:g}"
+            elif run["method"] == "random" and ratio in GOAL_RATIOS:
+                kind = f"random@{ratio:g}"
+            else:
+                continue
+            cell.setdefault(kind, (_scores(report, run), run.get("layers")))
+    rows = []
+    for (model, task, layout), cell in cells.items():
+        skyline = skylines.get((model, task))
+        # read as passages, every layer shared is the skyline's own computation
+        all_layers = cell.get("all") or (skyline if layout == "passages" else None)
+        for ratio in GOAL_RATIOS:
+            if f"rule@{ratio:g}" not in cell:
+                continue
+            mine, layers = cell[f"rule@{ratio:g}"]
+            row: dict = {"model": model, "task": task, "layout": layout, "ratio": ratio, "metric": cell["metric"],
+                         "layers": layers, "all_is_skyline": "all" not in cell and all_layers is not None}
+            row["n"], row["rule"] = len(mine), sum(mine.values()) / len(mine)
+            for name, other in (("random", cell.get(f"random@{ratio:g}")), ("all", all_layers),
+                                ("skyline", skyline)):
+                if other is None:
+                    continue
+                ids = [i for i in mine if i in other[0]]
+                a, b = [mine[i] for i in ids], [other[0][i] for i in ids]
+                row[name] = sum(b) / len(b)
+                row[f"n_{name}"] = len(ids)
+                diff = [x - y for x, y in zip(a, b)]
+                row[f"rule_minus_{name}"] = (sum(diff) / len(diff), *bootstrap_ci(diff))
+                if name == "skyline":
+                    row["share_of_skyline"] = (sum(a) / max(sum(b), 1e-12), *share_ci(a, b))
+                if name == "random" and all_layers is not None:
+                    both = [i for i in ids if i in all_layers[0]]
+                    lead = [all_layers[0][i] - other[0][i] for i in both]
+                    row["all_minus_random"] = (sum(lead) / len(lead), *bootstrap_ci(lead))
+            row["verdict"] = _verdict(row)
+            rows.append(row)
+    return rows
+
+
+def _verdict(row: dict) -> str:
+    """The goal for one cell: at least random, and above it outside the interval where every layer is."""
+    if "rule_minus_random" not in row:
+        return "no random run"
+    diff, low, _ = row["rule_minus_random"]
+    if diff < 0:
+        return "✗ below random"
+    lead = row.get("all_minus_random")
+    if lead is None:
+        return "≥ random (no all-layer run)"
+    if lead[1] > 0 and low <= 0:
+        return "✗ not outside the interval (every layer is)"
+    return "✓"
+
+
+def goals_table(rows: list[dict], rule: str) -> None:
+    def pm(value: tuple[float, float, float] | None) -> str:
+        return "–" if value is None else f"{value[0]:+.3f} [{value[1]:+.2f}…{value[2]:+.2f}]"
+
+    def num(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    print(f"| model | task | layout | ratio | n | {rule} | random | all layers | skyline | {rule} − random | "
+          f"all − random | ÷ skyline | goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        share = row.get("share_of_skyline")
+        every = num(row.get("all")) + (" (= skyline)" if row["all_is_skyline"] else "")
+        print(f"| {row['model']} | {row['task']} ({row['metric']}) | {row['layout']} | {row['ratio']:g} | {row['n']} | "
+              f"{row['rule']:.3f} | {num(row.get('random'))} | {every} | {num(row.get('skyline'))} | "
+              f"{pm(row.get('rule_minus_random'))} | {pm(row.get('all_minus_random'))} | "
+              f"{'–' if share is None else f'{share[0]:.3f} ({share[1]:.2f}–{share[2]:.2f})'} | {row['verdict']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["methods", "codecs", "modes"])
+    parser.add_argument("table", choices=["methods", "codecs", "modes", "goals"])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--uncompressed", action="store_true", help="methods: skip runs through a wire codec")
     parser.add_argument("--pool", action="store_true", help="merge files of the same model and task first")
+    parser.add_argument("--rule", default="prune", help="goals: the selection rule to judge")
+    parser.add_argument("--json", type=Path, help="goals: also write the grid here")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.paths]
     if args.pool:
@@ -175,6 +294,11 @@ def main() -> None:
         methods_table(reports, args.uncompressed)
     elif args.table == "modes":
         modes_table(reports)
+    elif args.table == "goals":
+        rows = goals_grid(reports, args.rule)
+        goals_table(rows, args.rule)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
     else:
         codecs_table(reports)
 
