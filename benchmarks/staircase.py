@@ -1,12 +1,12 @@
 """Answer-aware calibration's cost: every layer set run whole, against the staircase.
 
-Greedy selection scores "the chosen layers plus one" for many candidates. Run whole, each set is a
-full forward of the receiver's prompt and the gold answer; the staircase runs the sets' common
-layers once and each set only from the first layer where it departs
+Greedy selection scores "the chosen layers plus one" for many candidates, backward elimination
+(``prune``) "the kept layers but one". Run whole, each set is a full forward of the receiver's
+prompt and the gold answer; the staircase runs one base set once (the sets' common layers, or
+every layer they share) and each set only from the first layer where it departs from it
 (:func:`kvcomm.selection.likelihood.answer_loglik`). This times both on real calibration items, side
-by side in one process (alternating, best of ``--repeats``), for greedy's first step (every layer
-alone) and for a later step (8 candidates added to a chosen third of the layers), and checks that
-both give the same values.
+by side in one process (alternating, best of ``--repeats``), for each search's first step and a
+later one (8 candidates), and checks that both give the same values.
 
     python benchmarks/staircase.py --model smollm2-135m --task facts --items 4 \\
         --out benchmarks/results/selection/staircase-smollm2.json
@@ -33,12 +33,18 @@ from kvcomm.tasks import TASKS  # noqa: E402
 
 
 def steps(layers: int) -> dict[str, list[frozenset[int]]]:
-    """Greedy's first step, and a later one: a third of the layers chosen (every third), 8 others tried."""
+    """Greedy's first step, and a later one: a third of the layers chosen (every third), 8 others
+    tried; elimination's first step, and a later one: half the layers kept (every other), 8 of them
+    left out in turn."""
     chosen = frozenset(range(0, layers, 3))
     others = [layer for layer in range(layers) if layer not in chosen]
     tried = others[:: max(1, len(others) // 8)][:8]
-    return {"first step (every layer alone)": [frozenset([layer]) for layer in range(layers)],
-            "later step (8 candidates)": [chosen | {layer} for layer in tried]}
+    everything, kept = frozenset(range(layers)), sorted(range(0, layers, 2))
+    out = kept[:: max(1, len(kept) // 8)][:8]
+    return {"greedy: first step (every layer alone)": [frozenset([layer]) for layer in range(layers)],
+            "greedy: later step (8 candidates)": [chosen | {layer} for layer in tried],
+            "prune: first step (every layer but one)": [everything - {layer} for layer in range(layers)],
+            "prune: later step (8 candidates)": [frozenset(kept) - {layer} for layer in out]}
 
 
 def main() -> None:

@@ -109,10 +109,10 @@ def test_parse_and_format_layers_round_trip():
 def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers(family, opening):
     """Batched scoring with masked sink layers must equal the real sink-only cache (or the cache
     keeping an opening of 3 tokens, as passages do), set by set, whether each set runs whole or only
-    from the first layer where it departs from the sets' common layers (the staircase: greedy's
-    chosen layers plus one); the staircase does less work."""
+    from the first layer where it departs from a base set (the staircase: greedy's chosen layers
+    plus one, or elimination's kept layers but one); the staircase does less work."""
     from kvcomm.protocol import prefill_logits, receiver_input, share
-    from kvcomm.selection.likelihood import Scored, Work, answer_loglik
+    from kvcomm.selection.likelihood import Scored, Work, _base, answer_loglik
 
     model = tiny_model(family)
     layers = model.config.get_text_config().num_hidden_layers
@@ -121,13 +121,21 @@ def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers
     unrelated = [frozenset(), frozenset({1}), frozenset({0, 3}), frozenset(range(4))]
     greedy = [frozenset({1}), frozenset({1, 0}), frozenset({1, 2}), frozenset({1, 3}), frozenset({1, 2, 3}),
               frozenset({1, 3})]
-    sets = unrelated + greedy
+    # elimination's steps: every layer but one, then the kept layers {0, 2, 3} but one
+    everything = frozenset(range(layers))
+    elimination = [everything - {out} for out in range(layers)] + [frozenset({0, 2, 3}) - {out} for out in (0, 2, 3)]
+    sets = unrelated + greedy + elimination
     item = Scored(sender, prompt, answer, opening=opening)
     works = {True: Work(), False: Work()}
+    pruned = {True: Work(), False: Work()}
     got = {staircase: torch.cat([answer_loglik(model, item, unrelated, chunk=3, staircase=staircase,
                                                work=works[staircase]),
                                  answer_loglik(model, item, greedy, chunk=1, staircase=staircase,
-                                               work=works[staircase])])
+                                               work=works[staircase]),
+                                 answer_loglik(model, item, elimination[:layers], chunk=1, staircase=staircase,
+                                               work=pruned[staircase]),
+                                 answer_loglik(model, item, elimination[layers:], chunk=2, staircase=staircase,
+                                               work=pruned[staircase])])
            for staircase in (True, False)}
     for chosen, value, whole in zip(sets, got[True], got[False]):
         ids = torch.tensor([prompt + answer[:-1]])
@@ -136,12 +144,16 @@ def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers
         logp = torch.log_softmax(logits[0, len(prompt) - 1:], -1)[torch.arange(3), torch.tensor(answer)]
         assert abs(float(logp.mean()) - float(value)) < 1e-4
         assert abs(float(whole) - float(value)) < 1e-4
-    assert works[False].layer_rows == layers * len(sets)
+    assert works[False].layer_rows + pruned[False].layer_rows == layers * len(sets)
     if opening:  # the opening is not the sink alone: a set without every layer scores otherwise
         sink = answer_loglik(model, Scored(sender, prompt, answer), unrelated[:1])
         assert abs(float(sink[0]) - float(got[False][0])) > 1e-4
     # greedy's sets share layer 1 and depart from it at layers 0, 2, 3: the staircase skips work
     assert works[True].layer_rows < works[False].layer_rows
+    # elimination's sets are the kept layers but one: the base is every layer they share, and each
+    # runs from the layer it leaves out
+    assert _base(elimination[:layers], layers) == everything and _base(greedy, layers) == frozenset({1})
+    assert pruned[True].layer_rows < pruned[False].layer_rows
 
 
 def test_staircase_groups_start_each_row_no_later_than_its_own_first_layer():
