@@ -188,7 +188,9 @@ def _scores(report: dict, run: dict) -> dict[str, float]:
 def goals_grid(reports: list[dict], rule: str) -> list[dict]:
     """One row per model, task, layout and ratio where ``rule`` ran: see the module's docstring.
 
-    Of several runs of one kind for a cell (e.g. random in two files), the first file's is used."""
+    Runs of one kind for a cell in several files (e.g. random layers on items 0-89 in one and 90-249
+    in another) are joined item by item when they share the same layers; otherwise the first file's
+    is used (an item in both: the first file's score)."""
     cells: dict[tuple[str, str, str], dict] = {}
     skylines: dict[tuple[str, str], tuple[dict[str, float], None]] = {}
     for report in reports:
@@ -198,7 +200,8 @@ def goals_grid(reports: list[dict], rule: str) -> list[dict]:
                 continue
             ratio = run["options"].get("ratio")
             if run["method"] == "skyline":  # the context as text: one per model and task, whatever the layout
-                skylines.setdefault((cfg["receiver"], cfg["task"]), (_scores(report, run), None))
+                seen = skylines.setdefault((cfg["receiver"], cfg["task"]), ({}, None))[0]
+                seen.update({i: v for i, v in _scores(report, run).items() if i not in seen})
                 continue
             key = (cfg["receiver"], cfg["task"], _layout(run))
             cell = cells.setdefault(key, {"metric": cfg["metric"], "num_layers": cfg["num_layers"]})
@@ -210,7 +213,9 @@ def goals_grid(reports: list[dict], rule: str) -> list[dict]:
                 kind = f"random@{ratio:g}"
             else:
                 continue
-            cell.setdefault(kind, (_scores(report, run), run.get("layers")))
+            scores, layers = cell.setdefault(kind, ({}, run.get("layers")))
+            if layers == run.get("layers"):  # the same configuration in another file: more items
+                scores.update({i: v for i, v in _scores(report, run).items() if i not in scores})
     rows = []
     for (model, task, layout), cell in cells.items():
         skyline = skylines.get((model, task))
