@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 from kvcomm.eval.results import bootstrap_ci, share_ci
@@ -171,13 +172,16 @@ GOAL_RATIOS = (0.3, 0.5, 0.7)
 
 
 def _rule(report: dict, run: dict) -> str:
-    """The selection rule a kvcomm run used: its own option, else the file's default (old files:
-    the paper's)."""
-    return run["options"].get("selection") or report["config"].get("selection") or "paper"
+    """The selection rule a kvcomm run used: its own option, else the profile the file's runs took
+    (a ``--profile`` run: that profile's rule), else the file's default (old files: the paper's)."""
+    profile = report.get("profile") or {}
+    return run["options"].get("selection") or profile.get("rule") or report["config"].get("selection") or "paper"
 
 
 def _layout(run: dict) -> str:
-    return run["options"].get("pieces") or "chats"
+    """How the context was read (``chats`` or ``passages``), and the mask mode when not the correct one."""
+    layout = run["options"].get("pieces") or "chats"
+    return layout if run.get("mode", "causal") == "causal" else f"{layout}, {run['mode']}"
 
 
 def _scores(report: dict, run: dict) -> dict[str, float]:
@@ -185,26 +189,32 @@ def _scores(report: dict, run: dict) -> dict[str, float]:
     return {item["id"]: item["scores"][metric] for item in run["items"]}
 
 
-def goals_grid(reports: list[dict], rule: str) -> list[dict]:
+def _model(cfg: dict) -> str:
+    return cfg["receiver"] if cfg["sender"] == cfg["receiver"] else f"{cfg['sender']} → {cfg['receiver']}"
+
+
+def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -> list[dict]:
     """One row per model, task, layout and ratio where ``rule`` ran: see the module's docstring.
 
     Runs of one kind for a cell in several files (e.g. random layers on items 0-89 in one and 90-249
-    in another) are joined item by item when they share the same layers; otherwise the first file's
-    is used (an item in both: the first file's score)."""
+    in another) are joined item by item when they share the same layers (an item in both: the first
+    file's score). A run of that kind with other layers (another calibration, another seed) is left
+    out, and a warning on stderr names it: the first file given decides."""
+    names = names or [f"file {n + 1}" for n in range(len(reports))]
     cells: dict[tuple[str, str, str], dict] = {}
-    skylines: dict[tuple[str, str], tuple[dict[str, float], None]] = {}
-    for report in reports:
+    skylines: dict[tuple[str, str], dict[str, float]] = {}
+    for name, report in zip(names, reports):
         cfg = report["config"]
         for run in report["runs"]:
             if run.get("codec"):
                 continue
             ratio = run["options"].get("ratio")
-            if run["method"] == "skyline":  # the context as text: one per model and task, whatever the layout
-                seen = skylines.setdefault((cfg["receiver"], cfg["task"]), ({}, None))[0]
+            if run["method"] == "skyline":  # the context as text: one per receiver and task, whatever the layout
+                seen = skylines.setdefault((cfg["receiver"], cfg["task"]), {})
                 seen.update({i: v for i, v in _scores(report, run).items() if i not in seen})
                 continue
-            key = (cfg["receiver"], cfg["task"], _layout(run))
-            cell = cells.setdefault(key, {"metric": cfg["metric"], "num_layers": cfg["num_layers"]})
+            key = (_model(cfg), cfg["task"], _layout(run))
+            cell = cells.setdefault(key, {"metric": cfg["metric"], "receiver": cfg["receiver"]})
             if run["method"] == "kvcomm" and ratio == 1.0:
                 kind = "all"
             elif run["method"] == "kvcomm" and ratio in GOAL_RATIOS and _rule(report, run) == rule:
@@ -216,33 +226,36 @@ def goals_grid(reports: list[dict], rule: str) -> list[dict]:
             scores, layers = cell.setdefault(kind, ({}, run.get("layers")))
             if layers == run.get("layers"):  # the same configuration in another file: more items
                 scores.update({i: v for i, v in _scores(report, run).items() if i not in scores})
+            else:
+                print(f"warning: {' · '.join(key)}: {run['label']} in {name} shares other layers than the "
+                      "first file's run of that kind; left out", file=sys.stderr)
     rows = []
     for (model, task, layout), cell in cells.items():
-        skyline = skylines.get((model, task))
+        skyline = skylines.get((cell["receiver"], task))
         # read as passages, every layer shared is the skyline's own computation
-        all_layers = cell.get("all") or (skyline if layout == "passages" else None)
+        all_layers = cell["all"][0] if "all" in cell else skyline if layout == "passages" else None
         for ratio in GOAL_RATIOS:
             if f"rule@{ratio:g}" not in cell:
                 continue
             mine, layers = cell[f"rule@{ratio:g}"]
             row: dict = {"model": model, "task": task, "layout": layout, "ratio": ratio, "metric": cell["metric"],
-                         "layers": layers, "all_is_skyline": "all" not in cell and all_layers is not None}
-            row["n"], row["rule"] = len(mine), sum(mine.values()) / len(mine)
-            for name, other in (("random", cell.get(f"random@{ratio:g}")), ("all", all_layers),
-                                ("skyline", skyline)):
-                if other is None:
+                         "layers": layers, "all_is_skyline": "all" not in cell and all_layers is not None,
+                         "n": len(mine), "rule": sum(mine.values()) / len(mine)}
+            random = cell.get(f"random@{ratio:g}")
+            for name, other in (("random", random and random[0]), ("all", all_layers), ("skyline", skyline)):
+                ids = [i for i in mine if i in other] if other else []
+                if not ids:
                     continue
-                ids = [i for i in mine if i in other[0]]
-                a, b = [mine[i] for i in ids], [other[0][i] for i in ids]
-                row[name] = sum(b) / len(b)
-                row[f"n_{name}"] = len(ids)
+                a, b = [mine[i] for i in ids], [other[i] for i in ids]
+                row[name], row[f"n_{name}"] = sum(b) / len(b), len(ids)
                 diff = [x - y for x, y in zip(a, b)]
                 row[f"rule_minus_{name}"] = (sum(diff) / len(diff), *bootstrap_ci(diff))
                 if name == "skyline":
                     row["share_of_skyline"] = (sum(a) / max(sum(b), 1e-12), *share_ci(a, b))
-                if name == "random" and all_layers is not None:
-                    both = [i for i in ids if i in all_layers[0]]
-                    lead = [all_layers[0][i] - other[0][i] for i in both]
+            if "rule_minus_random" in row and all_layers is not None and random is not None:
+                both = [i for i in mine if i in random[0] and i in all_layers]
+                if both:  # every layer's own lead over random, on the items the rule is judged on
+                    lead = [all_layers[i] - random[0][i] for i in both]
                     row["all_minus_random"] = (sum(lead) / len(lead), *bootstrap_ci(lead))
             row["verdict"] = _verdict(row)
             rows.append(row)
@@ -252,7 +265,7 @@ def goals_grid(reports: list[dict], rule: str) -> list[dict]:
 def _verdict(row: dict) -> str:
     """The goal for one cell: at least random, and above it outside the interval where every layer is."""
     if "rule_minus_random" not in row:
-        return "no random run"
+        return "no random run on these items"
     diff, low, _ = row["rule_minus_random"]
     if diff < 0:
         return "✗ below random"
@@ -271,13 +284,17 @@ def goals_table(rows: list[dict], rule: str) -> None:
     def num(value: float | None) -> str:
         return "–" if value is None else f"{value:.3f}"
 
-    print(f"| model | task | layout | ratio | n | {rule} | random | all layers | skyline | {rule} − random | "
-          f"all − random | ÷ skyline | goal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | task | layout | ratio | n | {rule}: layers | {rule} | random | all layers | skyline | "
+          f"{rule} − random | all − random | ÷ skyline | goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         share = row.get("share_of_skyline")
         every = num(row.get("all")) + (" (= skyline)" if row["all_is_skyline"] else "")
-        print(f"| {row['model']} | {row['task']} ({row['metric']}) | {row['layout']} | {row['ratio']:g} | {row['n']} | "
+        paired = {row.get(f"n_{name}", row["n"]) for name in ("random", "all", "skyline")} - {row["n"]}
+        n = f"{row['n']}" + (f" (paired: {', '.join(map(str, sorted(paired)))})" if paired else "")
+        layers = "–" if row["layers"] is None else format_layers(row["layers"])
+        print(f"| {row['model']} | {row['task']} ({row['metric']}) | {row['layout']} | {row['ratio']:g} | {n} | "
+              f"{layers} | "
               f"{row['rule']:.3f} | {num(row.get('random'))} | {every} | {num(row.get('skyline'))} | "
               f"{pm(row.get('rule_minus_random'))} | {pm(row.get('all_minus_random'))} | "
               f"{'–' if share is None else f'{share[0]:.3f} ({share[1]:.2f}–{share[2]:.2f})'} | {row['verdict']} |")
@@ -300,7 +317,7 @@ def main() -> None:
     elif args.table == "modes":
         modes_table(reports)
     elif args.table == "goals":
-        rows = goals_grid(reports, args.rule)
+        rows = goals_grid(reports, args.rule, [str(path) for path in args.paths])
         goals_table(rows, args.rule)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")

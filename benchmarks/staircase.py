@@ -3,7 +3,7 @@
 Greedy selection scores "the chosen layers plus one" for many candidates, backward elimination
 (``prune``) "the kept layers but one". Run whole, each set is a full forward of the receiver's
 prompt and the gold answer; the staircase runs one base set once (the sets' common layers, or
-every layer they share) and each set only from the first layer where it departs from it
+their union) and each set only from the first layer where it departs from it
 (:func:`kvcomm.selection.likelihood.answer_loglik`). This times both on real calibration items, side
 by side in one process (alternating, best of ``--repeats``), for each search's first step and a
 later one (8 candidates), and checks that both give the same values.

@@ -150,7 +150,7 @@ def test_answer_likelihood_of_a_layer_set_equals_the_receiver_given_those_layers
         assert abs(float(sink[0]) - float(got[False][0])) > 1e-4
     # greedy's sets share layer 1 and depart from it at layers 0, 2, 3: the staircase skips work
     assert works[True].layer_rows < works[False].layer_rows
-    # elimination's sets are the kept layers but one: the base is every layer they share, and each
+    # elimination's sets are the kept layers but one: the base is their union, and each
     # runs from the layer it leaves out
     assert _base(elimination[:layers], layers) == everything and _base(greedy, layers) == frozenset({1})
     assert pruned[True].layer_rows < pruned[False].layer_rows

@@ -9,7 +9,7 @@ masked keys take no attention).
 Candidate sets mostly share their layers (greedy selection tries "the chosen layers plus one",
 backward elimination "the kept layers but one"), and a row computes exactly what another row
 computes up to the first layer where their sets differ. So one base set (the sets' common layers,
-or for elimination every layer they share) is run once, recording the hidden state entering each
+or for elimination their union) is run once, recording the hidden state entering each
 layer where a set departs from it, and each set runs only its own layers from there on: for a
 step over every layer that is about half the layer passes of running each set whole
 (:func:`answer_loglik`, ``staircase=True``; not the default: its forwards are small, and on
@@ -87,7 +87,7 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
 
     Args:
         chunk: sets per batched forward.
-        staircase: run one base set once (the sets' common layers, or every layer they share)
+        staircase: run one base set once (the sets' common layers, or their union)
             and each set only from the first layer where it departs from it (the module's
             docstring); False (the default) runs every set whole, batched: the same values up
             to float rounding. The staircase does fewer layer
@@ -132,7 +132,7 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
 
 def _base(layer_sets: Sequence[frozenset[int]], layers: int) -> frozenset[int]:
     """The set the staircase runs whole: the sets' common layers (greedy's step: the chosen layers,
-    each candidate adding one) or every layer any of them shares (elimination's step: the layers
+    each candidate adding one) or their union (elimination's step: the layers
     kept, each candidate leaving one out), whichever lets the rows start deeper. A row computes
     what the base computes up to the first layer where the two differ."""
     sets = [frozenset(chosen) for chosen in layer_sets]
