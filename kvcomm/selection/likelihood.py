@@ -13,7 +13,8 @@ or for elimination their union) is run once, recording the hidden state entering
 layer where a set departs from it, and each set runs only its own layers from there on: for a
 step over every layer that is about half the layer passes of running each set whole
 (:func:`answer_loglik`, ``staircase=True``; not the default: its forwards are small, and on
-Qwen2.5-Coder-1.5B it was slower than batched whole forwards).
+Qwen2.5-Coder-1.5B only a search's first step gains; later steps are slower than batched whole
+forwards).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
         staircase: run one base set once (the sets' common layers, or their union)
             and each set only from the first layer where it departs from it (the module's
             docstring); False (the default) runs every set whole, batched: the same values up
-            to float rounding. The staircase does fewer layer
-            passes but in small forwards; measured, it is 1.7x faster on greedy's first step on
-            SmolLM2-135M and about 2x slower per greedy step on Qwen2.5-Coder-1.5B (docs/results.md).
+            to float rounding. The staircase does fewer layer passes but in small forwards;
+            measured, a search's first step is 1.7x faster on SmolLM2-135M and 1.4x on
+            Qwen2.5-Coder-1.5B, and a later step of 8 candidates 0.8-0.9x on Qwen (docs/results.md).
         work: when given, the layer passes and calls made are added to it.
 
     Raises:
