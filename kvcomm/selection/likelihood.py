@@ -92,8 +92,8 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
             and each set only from the first layer where it departs from it (the module's
             docstring); False (the default) runs every set whole, batched: the same values up
             to float rounding. The staircase does fewer layer passes but in small forwards;
-            measured, a search's first step is 1.7x faster on SmolLM2-135M and 1.4x on
-            Qwen2.5-Coder-1.5B, and a later step of 8 candidates 0.8-0.9x on Qwen (docs/results.md).
+            measured, greedy's first step is 1.7x faster on SmolLM2-135M, either search's first
+            step 1.4x on Qwen2.5-Coder-1.5B, and a later step of 8 candidates 0.8-0.9x on Qwen (docs/results.md).
         work: when given, the layer passes and calls made are added to it.
 
     Raises:
