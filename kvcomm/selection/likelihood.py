@@ -112,8 +112,7 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
                                       item.prompt,
                                       item.answer, rivals=item.rivals, reference=item.reference)
                           for start in range(0, len(layer_sets), chunk)])
-    common = _base(layer_sets, layers)
-    departs = [min(chosen ^ common, default=layers) for chosen in layer_sets]  # first layer of its own
+    common, departs = _base(layer_sets, layers)
     groups = _groups([(start, row) for row, start in enumerate(departs) if start < layers], layers, chunk)
     with recording(model, {start for start, _ in groups}) as states:
         base = rows_loglik(model, _masked(item.sender, [common], item.opening), item.prompt, item.answer,
@@ -131,14 +130,17 @@ def answer_loglik(model: PreTrainedModel, item: Scored, layer_sets: Sequence[fro
     return out
 
 
-def _base(layer_sets: Sequence[frozenset[int]], layers: int) -> frozenset[int]:
-    """The set the staircase runs whole: the sets' common layers (greedy's step: the chosen layers,
-    each candidate adding one) or their union (elimination's step: the layers
-    kept, each candidate leaving one out), whichever lets the rows start deeper. A row computes
-    what the base computes up to the first layer where the two differ."""
+def _base(layer_sets: Sequence[frozenset[int]], layers: int) -> tuple[frozenset[int], list[int]]:
+    """The set the staircase runs whole, and where each set departs from it (its first layer that
+    differs; ``layers`` for none): the sets' common layers (greedy's step: the chosen layers, each
+    candidate adding one) or their union (elimination's step: the layers kept, each candidate
+    leaving one out), whichever lets the rows start deeper. A row computes what the base computes
+    up to the layer where it departs."""
     sets = [frozenset(chosen) for chosen in layer_sets]
-    bases = (frozenset.intersection(*sets), frozenset.union(*sets))
-    return max(bases, key=lambda base: sum(min(chosen ^ base, default=layers) for chosen in sets))
+    options = []
+    for base in (frozenset.intersection(*sets), frozenset.union(*sets)):
+        options.append((base, [min(chosen ^ base, default=layers) for chosen in sets]))
+    return max(options, key=lambda option: sum(option[1]))
 
 
 def _groups(departing: list[tuple[int, int]], layers: int, chunk: int) -> list[tuple[int, list[int]]]:
