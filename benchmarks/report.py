@@ -189,6 +189,11 @@ def _scores(report: dict, run: dict) -> dict[str, float]:
     return {item["id"]: item["scores"][metric] for item in run["items"]}
 
 
+def _join(into: dict[str, float], scores: dict[str, float]) -> None:
+    """Adds another file's items of the same configuration; an item already there keeps its score."""
+    into.update({i: v for i, v in scores.items() if i not in into})
+
+
 def _model(cfg: dict) -> str:
     return cfg["receiver"] if cfg["sender"] == cfg["receiver"] else f"{cfg['sender']} → {cfg['receiver']}"
 
@@ -210,8 +215,7 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
                 continue
             ratio = run["options"].get("ratio")
             if run["method"] == "skyline":  # the context as text: one per receiver and task, whatever the layout
-                seen = skylines.setdefault((cfg["receiver"], cfg["task"]), {})
-                seen.update({i: v for i, v in _scores(report, run).items() if i not in seen})
+                _join(skylines.setdefault((cfg["receiver"], cfg["task"]), {}), _scores(report, run))
                 continue
             key = (_model(cfg), cfg["task"], _layout(run))
             cell = cells.setdefault(key, {"metric": cfg["metric"], "receiver": cfg["receiver"]})
@@ -225,7 +229,7 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
                 continue
             scores, layers = cell.setdefault(kind, ({}, run.get("layers")))
             if layers == run.get("layers"):  # the same configuration in another file: more items
-                scores.update({i: v for i, v in _scores(report, run).items() if i not in scores})
+                _join(scores, _scores(report, run))
             else:
                 print(f"warning: {' · '.join(key)}: {run['label']} in {name} shares other layers than the "
                       "first file's run of that kind; left out", file=sys.stderr)
