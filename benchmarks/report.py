@@ -14,7 +14,7 @@ the paired score change against the uncompressed run at the same layers; ✓ mar
 (≥ 12× and at most 1 point lower).
 ``modes``: per ratio, the correct per-layer masks (``causal``) against the paged-engine layouts
 (``padded-sink``, ``padded-zero``) of the same run: paired score difference and unchanged answers.
-``goals``: issue 18's grid for one selection rule (``--rule``, default ``prune``): per model, task,
+``goals``: issue 18's grid for one selection rule (``--rule``, default the default rule, ``prune``): per model, task,
 layout and ratio (0.3, 0.5, 0.7), the rule's score against random layers, every layer and the
 skyline, runs matched by item id across all the files given (so a rule's own sweep pairs with an
 earlier sweep's random and all-layer runs on the same items); the paired differences with 95%
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvcomm.eval.results import bootstrap_ci, share_ci
 from kvcomm.selection import format_layers
+from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
 
 GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
 
@@ -310,7 +311,7 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--uncompressed", action="store_true", help="methods: skip runs through a wire codec")
     parser.add_argument("--pool", action="store_true", help="merge files of the same model and task first")
-    parser.add_argument("--rule", default="prune", help="goals: the selection rule to judge")
+    parser.add_argument("--rule", default=DEFAULT_RULE, choices=RULES, help="goals: the selection rule to judge")
     parser.add_argument("--json", type=Path, help="goals: also write the grid here")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.paths]
