@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcomm.models import load_model  # noqa: E402
 from kvcomm.models.packing import PACKED_MIN_WEIGHT, PACKED_ROWS, PackedLinear, pack_linears  # noqa: E402
+from kvcomm.protocol.sender import cache_argument  # noqa: E402
 
 
 def once(run: Callable[[], object]) -> float:
@@ -45,7 +46,7 @@ def once(run: Callable[[], object]) -> float:
 
 
 def decoding_step(model: torch.nn.Module, step: torch.Tensor, cache: Any, position: torch.Tensor) -> None:
-    model(step, past_key_values=cache, position_ids=position, use_cache=True)
+    model(step, **{cache_argument(type(model)): cache}, position_ids=position, use_cache=True)
     cache.crop(-1)  # drop the step: the next one sees the same 64 tokens
 
 
@@ -99,7 +100,7 @@ def main() -> None:
             print(rows_out[-1], flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
             ids = torch.randint(100, min(vocab, 20000), (batch, 64))
-            cache = model(ids, use_cache=True).past_key_values
+            cache = getattr(model(ids, use_cache=True), cache_argument(type(model)))
             step = torch.randint(100, min(vocab, 20000), (batch, 1))
             position = torch.full((batch, 1), 64)
 

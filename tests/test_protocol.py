@@ -16,6 +16,7 @@ from kvcomm.protocol import (
     prefill_logits,
 )
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
+from kvcomm.protocol.sender import cache_argument
 from tests.conftest import tiny_model
 
 torch.set_grad_enabled(False)
@@ -160,7 +161,8 @@ def test_kvcomm_attention_without_layout_matches_sdpa_after_a_cache(family):
     ids = torch.randint(0, 99, (1, 14))
     reference = model(ids).logits
     first = model(ids[:, :9], use_cache=True)
-    rest = model(ids[:, 9:], past_key_values=first.past_key_values).logits
+    name = cache_argument(type(model))  # ``cache`` from transformers 5.24, ``past_key_values`` before
+    rest = model(ids[:, 9:], **{name: getattr(first, name)}).logits
     assert (rest - reference[:, 9:]).abs().max().item() <= 1e-4
 
 

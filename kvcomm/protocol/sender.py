@@ -6,8 +6,10 @@ by an :class:`~kvcomm.protocol.layout.AttentionLayout`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache as _once
 from typing import Any
 
 import torch
@@ -128,11 +130,21 @@ def run_body(
     """
     position_ids = layout.append(valid, positions)
     inputs = {"inputs_embeds": tokens} if tokens.is_floating_point() else {"input_ids": tokens}
-    kwargs = dict(position_ids=position_ids, past_key_values=cache, use_cache=True, kvcomm_layout=layout,
+    kwargs = dict(position_ids=position_ids, use_cache=True, kvcomm_layout=layout,
                   output_hidden_states=hidden_states, **inputs)
     if head:
-        return model(logits_to_keep=logits_to_keep, **kwargs)
-    return model.get_decoder()(**kwargs)
+        return model(logits_to_keep=logits_to_keep, **{cache_argument(type(model)): cache}, **kwargs)
+    decoder = model.get_decoder()
+    return decoder(**{cache_argument(type(decoder)): cache}, **kwargs)
+
+
+@_once
+def cache_argument(model_class: type) -> str:
+    """The name a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24
+    (where ``past_key_values`` still works but warns, until its removal in 5.40), or
+    ``past_key_values`` before."""
+    parameters = inspect.signature(model_class.forward).parameters  # the deprecation wrapper keeps the signature
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @torch.inference_mode()
