@@ -195,7 +195,8 @@ def test_options_are_frozen_and_recorded_in_the_results(agents):
 
 def test_each_method_is_charged_its_own_sender_time_whatever_the_order(agents, monkeypatch):
     """A deterministic clock (one second per reading): every KV method is charged the full cost of the
-    prefill it used, whoever ran first; methods that use no sender KV are charged none of it."""
+    prefill it used, whoever ran first, and so is the skyline, which reads its context's KV from that
+    prefill (sender and receiver are one model here); the baseline uses none and is charged none."""
     from kvcomm.eval import batch as batch_module
 
     ticks = iter(range(10**6))
@@ -210,9 +211,37 @@ def test_each_method_is_charged_its_own_sender_time_whatever_the_order(agents, m
     forward = times(["kvcomm", "baseline", "kvcomm@1", "skyline"])
     backward = times(["skyline", "kvcomm@1", "baseline", "kvcomm"])
     assert forward == backward
-    assert forward["baseline"] == forward["skyline"] == 0
-    assert forward["kvcomm@0.5"] == forward["kvcomm@1"] == 1.0  # one prefill, one clock step, charged to both
+    assert forward["baseline"] == 0
+    assert forward["kvcomm@0.5"] == forward["kvcomm@1"] == forward["skyline"] == 1.0  # one prefill, charged to each
     two = evaluate(agents, task, [make_method("kvcomm", ratio=0.5), make_method("kvcomm", ratio=0.5, senders=2)],
                    config, progress=False)
     charged = {r.label: r.sender_seconds for r in two.runs}
     assert charged["kvcomm@0.5"] == 1.0 and charged["kvcomm@0.5x2"] == 1.0  # each its own prefill only
+
+
+def test_the_skyline_reads_its_context_from_the_senders_prefill_and_answers_as_alone():
+    """Sender and receiver one model: the skyline prefills only its question on the sender's KV and
+    gives the answers of its whole prompt prefilled (two models: it prefills its prompt whole)."""
+    from kvcomm.eval.batch import Batch
+    from kvcomm.methods.prompt import Baseline, Skyline
+    from kvcomm.protocol import greedy_generate
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=6)
+    batch = Batch(Agents(model, model), task, task.items[:5])
+    prompt = batch.prompt("receiver", task.skyline_message)
+    reused = batch.after_sender(prompt)
+    assert reused is not None
+    start, rest, valid = reused
+    senders = batch.prompt("sender", task.sender_message).ids
+    held = start.layout.context_len.tolist()
+    assert all(len(s) - 5 <= n < len(s) for n, s in zip(held, senders))  # all but the sender's chat closing
+    assert rest.shape[1] < min(len(ids) for ids in prompt.ids) // 2
+    alone = Skyline.start(Baseline(), batch, prompt)  # the prompt whole, on its common opening only
+    budget = task.max_new_tokens
+    plain = greedy_generate(model.model, *alone, budget, model.stop_ids, model.pad_id)
+    assert greedy_generate(model.model, start, rest, valid, budget, model.stop_ids, model.pad_id) == plain
+    assert Skyline().run(batch).answers == [model.decode(ids) for ids in plain]
+    other = tiny_loaded("llama", seed=1)
+    assert Batch(Agents(other, model), task, task.items[:5]).after_sender(prompt) is None
+    assert batch.after_sender(batch.prompt("receiver", task.receiver_message)) is None  # the opening only

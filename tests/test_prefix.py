@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcomm.errors import ProtocolError
 from kvcomm.protocol import (
     build_receiver_input,
     common_prefix,
+    continuing,
     empty_input,
     greedy_generate,
     pad_left,
@@ -118,3 +120,50 @@ def test_configurations_decoded_together_answer_as_each_alone(family, with_openi
     if with_opening:  # the opening is more than the sink: it changes what unshared layers give
         sink = prefill_logits(model, receiver_input(share(model, kv, [1, 2])), r_ids, r_valid)
         assert (sink - logits[:3])[r_valid].abs().max().item() > 1e-3
+
+
+def test_leading_keeps_each_rows_first_tokens_left_padded():
+    model = tiny_model("llama")
+    rows = [torch.randint(1, 99, (n,)).tolist() for n in (6, 3, 9)]
+    kv = prefill(model, *pad_left(rows, 0))
+    head = kv.leading([4, 3, 2])
+    assert head.valid.tolist() == [[True] * 4, [False, True, True, True], [False, False, True, True]]
+    assert [ids[ok].tolist() for ids, ok in zip(head.ids, head.valid)] == [rows[0][:4], rows[1], rows[2][:2]]
+    assert head.positions.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 1]]
+    for row, count in enumerate((4, 3, 2)):
+        for k, kk in zip(head.row(row).keys, kv.row(row).keys):
+            assert torch.equal(k, kk[:, :, :count])
+    with pytest.raises(ProtocolError):
+        kv.leading([7, 3, 2])  # row 0 holds 6 tokens
+    with pytest.raises(ProtocolError):
+        kv.leading([0, 3, 2])
+
+
+def test_a_prompt_continuing_a_prefill_of_its_opening_equals_the_prompt_whole(family):
+    """The skyline's path: another prefill's KV of each row's opening (of different lengths), and the
+    rest on top: the logits and answers of prefilling the rows whole."""
+    model = tiny_model(family)
+    openings = [torch.randint(1, 99, (n,)).tolist() for n in (9, 5, 12)]
+    earlier = [row + [7, 8] for row in openings]  # the other prompt goes on differently (a chat's closing)
+    rows = [row + torch.randint(1, 99, (n,)).tolist() for row, n in zip(openings, (3, 6, 2))]
+    kv = prefill(model, *pad_left(earlier, 0))
+    ids, valid = pad_left(rows, 0)
+    whole = chunked_prefill(model, empty_input(model, 3), ids, valid, None)
+    start, rest, rest_valid = continuing(kv, rows, [len(o) for o in openings], 0)
+    assert rest_valid.sum(1).tolist() == [3, 6, 2]
+    assert (chunked_prefill(model, start, rest, rest_valid, None) - whole).abs().max().item() <= 1e-4
+    plain = greedy_generate(model, empty_input(model, 3), ids, valid, 5, stop_ids=[98], pad_id=0)
+    start, rest, rest_valid = continuing(kv, rows, [len(o) for o in openings], 0)
+    assert greedy_generate(model, start, rest, rest_valid, 5, stop_ids=[98], pad_id=0) == plain
+
+
+def test_continuing_refuses_kv_of_other_tokens_or_positions():
+    model = tiny_model("llama")
+    rows = [torch.randint(1, 99, (n,)).tolist() for n in (6, 8)]
+    kv = prefill(model, *pad_left(rows, 0))
+    with pytest.raises(ProtocolError, match="not a prefill"):
+        continuing(kv, [[r[0] + 1, *r[1:]] for r in rows], [4, 4], 0)
+    moved = prefill_shared(model, rows, 0)
+    moved.positions = moved.positions + 3
+    with pytest.raises(ProtocolError, match="not a prefill"):
+        continuing(moved, rows, [4, 4], 0)

@@ -21,7 +21,17 @@ import torch
 from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
-from kvcomm.protocol import SenderKV, merge_senders, pad_left, prefill, prefill_shared
+from kvcomm.protocol import (
+    ReceiverInput,
+    SenderKV,
+    common_prefix,
+    continuing,
+    merge_senders,
+    pad_left,
+    prefill,
+    prefill_shared,
+)
+from kvcomm.protocol.prefix import MIN_PREFIX
 from kvcomm.protocol.reply import rebase
 from kvcomm.tasks.base import Item, Pieces, Task
 
@@ -112,6 +122,25 @@ class Batch:
         """
         self._compute(senders, pieces)
         return self._sender_kv[senders, pieces]
+
+    def after_sender(self, prompt: Prompt) -> tuple[ReceiverInput, torch.Tensor, torch.Tensor] | None:
+        """For a receiver prompt that opens with the sender's own message (the skyline's opens with
+        the sender's chat up to the end of the context): a start holding the sender's KV of that
+        opening (:meth:`sender_kv`, computed once for every method and charged as sender time) and
+        each row's rest, left-padded, to prefill on top of it (:func:`~kvcomm.protocol.continuing`).
+
+        None where the sender's KV is not the receiver's own computation (two models), or where it
+        covers no more of the prompts than their common opening (which the prompt's own prefill
+        computes once per batch anyway).
+        """
+        sender, receiver = self.agents.sender, self.agents.receiver
+        if sender.model is not receiver.model:
+            return None
+        ids = self.prompt("sender", self.task.sender_message).ids
+        opening = [common_prefix([theirs, ours]) for theirs, ours in zip(ids, prompt.ids)]
+        if min(opening) < MIN_PREFIX or sum(opening) <= len(prompt.ids) * common_prefix(prompt.ids):
+            return None
+        return continuing(self.sender_kv(), prompt.ids, opening, receiver.pad_id)
 
     def sender_kv_with_hidden(self, layers: Sequence[int]) -> SenderKV:
         """The sender's KV, with its hidden states entering ``layers`` recorded (DroidSpeak's

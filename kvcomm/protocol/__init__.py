@@ -10,7 +10,7 @@ from kvcomm.protocol import attention as _attention  # registers the "kvcomm" at
 from kvcomm.protocol.decoding import greedy_generate, prefill_logits
 from kvcomm.protocol.importance import attention_importance
 from kvcomm.protocol.layout import MASK_MODES, AttentionLayout, ImportanceRecorder, MaskMode
-from kvcomm.protocol.prefix import common_prefix, prefill_shared, prefix_start
+from kvcomm.protocol.prefix import common_prefix, continuing, prefill_shared, prefix_start
 from kvcomm.protocol.receiver import ReceiverInput, build_receiver_input, empty_input, receiver_input
 from kvcomm.protocol.reply import Turn, generate_turn
 from kvcomm.protocol.sender import SenderKV, pad_left, prefill, run_body
@@ -30,7 +30,7 @@ ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "MaskMode", "ReceiverInput", "SenderKV",
-    "SharedKV", "Turn", "attention_importance", "build_receiver_input", "common_prefix", "concat_shared",
+    "SharedKV", "Turn", "attention_importance", "build_receiver_input", "common_prefix", "concat_shared", "continuing",
     "effective_layers", "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "kept_columns",
     "merge_senders", "pad_left", "prefill", "prefill_logits", "prefill_shared", "prefix_start", "receiver_input",
     "run_body", "share", "share_many", "splice",

@@ -7,7 +7,10 @@ every row; the rest of each prompt is then prefilled on top of it, exactly as a 
 prefills its prompt on top of received KV (the layout numbers the rows' own tokens after the
 prefix). :func:`prefill_shared` does this for a sender and returns the same left-padded
 :class:`~kvcomm.protocol.sender.SenderKV` as :func:`~kvcomm.protocol.sender.prefill` (equal up
-to float rounding, which the tests bound).
+to float rounding, which the tests bound). :func:`continuing` starts a prompt from KV already
+computed for its first tokens by another prefill: the skyline's prompt opens with the sender's
+chat up to the end of the context, so a sweep's skyline reads only the question on top of the
+sender's KV.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from kvcomm.errors import ProtocolError
 from kvcomm.protocol.receiver import ReceiverInput, empty_input, receiver_input
 from kvcomm.protocol.sender import SenderKV, cache_tensors, pad_left, prefill, run_body
 from kvcomm.protocol.shared import SharedKV
@@ -56,6 +60,26 @@ def prefix_start(
         positions=head.positions.expand(batch, -1), valid=head.valid.expand(batch, -1),
     )
     return (receiver_input(SharedKV.whole(every_row)), *pad_left([row[length:] for row in rows], pad_id))
+
+
+def continuing(kv: SenderKV, rows: Sequence[Sequence[int]], opening: Sequence[int],
+               pad_id: int) -> tuple[ReceiverInput, torch.Tensor, torch.Tensor]:
+    """A starting point holding each row's first ``opening[row]`` tokens, taken from ``kv`` (a
+    prefill from position 0 of token lists that begin with those tokens: its KV of them is what a
+    prefill of ``rows`` computes, up to float rounding), and the rest of each row left-padded
+    (``ids [B, T]``, ``valid [B, T]``) to prefill on top of it.
+
+    Raises:
+        ProtocolError: ``kv`` does not hold those tokens at positions ``0 ..`` (another text, or KV
+            moved to other positions).
+    """
+    head = kv.leading(opening)
+    expected = [list(row[:count]) for row, count in zip(rows, opening)]
+    held = [ids[ok].tolist() for ids, ok in zip(head.ids, head.valid)] if head.ids is not None else None
+    places = [pos[ok].tolist() for pos, ok in zip(head.positions, head.valid)]
+    if held != expected or places != [list(range(count)) for count in opening]:
+        raise ProtocolError("this KV is not a prefill of the rows' opening tokens from position 0")
+    return (receiver_input(SharedKV.whole(head)), *pad_left([row[count:] for row, count in zip(rows, opening)], pad_id))
 
 
 @torch.inference_mode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache as _once
 from typing import Any
 
 import torch
@@ -99,6 +98,28 @@ class SenderKV:
                         ids=None if self.ids is None else self.ids[:, -width:],
                         hidden={layer: h[:, -width:] for layer, h in self.hidden.items()})
 
+    def leading(self, lengths: Sequence[int]) -> SenderKV:
+        """Each row's first ``lengths[row]`` real tokens (at least one each), left-padded again, their
+        positions unchanged: the KV of a prompt's opening, where a later prompt begins alike."""
+        rows = self.valid.shape[0]
+        counts = torch.tensor(list(lengths), dtype=torch.long)
+        if counts.shape != (rows,) or bool((counts < 1).any()) or bool((counts > self.context_len).any()):
+            raise ProtocolError(f"cannot keep {list(lengths)} tokens of rows holding {self.context_len.tolist()}")
+        width = int(counts.max())
+        index = torch.zeros(rows, width, dtype=torch.long)  # padding columns read column 0, masked below
+        valid = torch.arange(width)[None, :] >= width - counts[:, None]
+        for row in range(rows):
+            index[row, width - int(counts[row]):] = self.valid[row].nonzero().flatten()[: int(counts[row])]
+
+        def taken(tensor: torch.Tensor) -> torch.Tensor:  # [B, H, C, D] -> [B, H, width, D]
+            return tensor.gather(2, index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3]))
+
+        return SenderKV(keys=[taken(k) for k in self.keys], values=[taken(v) for v in self.values],
+                        positions=self.positions.gather(1, index).masked_fill(~valid, 0), valid=valid,
+                        ids=None if self.ids is None else self.ids.gather(1, index),
+                        hidden={layer: h.gather(1, index[:, :, None].expand(-1, -1, h.shape[2]))
+                                for layer, h in self.hidden.items()})
+
     def first(self, count: int) -> SenderKV:
         """The first ``count`` columns of every row (of one row without padding: its first tokens)."""
         if count > self.valid.shape[1]:
@@ -138,13 +159,17 @@ def run_body(
     return decoder(**{cache_argument(type(decoder)): cache}, **kwargs)
 
 
-@_once
-def cache_argument(model_class: type) -> str:
+_CACHE_ARGUMENT: dict[type[torch.nn.Module], str] = {}
+
+
+def cache_argument(model_class: type[torch.nn.Module]) -> str:
     """The name a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24
     (where ``past_key_values`` still works but warns, until its removal in 5.40), or
     ``past_key_values`` before."""
-    parameters = inspect.signature(model_class.forward).parameters  # the deprecation wrapper keeps the signature
-    return "cache" if "cache" in parameters else "past_key_values"
+    if model_class not in _CACHE_ARGUMENT:
+        parameters = inspect.signature(model_class.forward).parameters  # the deprecation wrapper keeps it
+        _CACHE_ARGUMENT[model_class] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_ARGUMENT[model_class]
 
 
 @torch.inference_mode()
