@@ -190,6 +190,31 @@ def test_rules_side_by_side_in_one_run(agents):
         assert by[f"kvcomm@0.5~{rule}"].layers == sorted(profile["ranking"][:2])
 
 
+def test_a_given_profile_ranks_only_its_own_rules_methods(agents):
+    """With a paper-rule profile given and --selection prune, ``kvcomm~prune`` gets prune's ranking
+    (calibrated here), not the profile's under prune's name; plain ``kvcomm`` keeps the profile's."""
+    task = load_task("facts", items=6)
+    paper = calibrate(agents, task, task.items[-2:], progress=False, rule="paper")
+    paper.ranking = [3, 1, 0, 2]  # a ranking no search makes, so that borrowing it shows
+    methods = [make_method("kvcomm", ratio=0.5), make_method("kvcomm", ratio=0.5, selection="prune"),
+               make_method("kvcomm", ratio=0.5, selection="paper")]
+    report = evaluate(agents, task, methods, EvalConfig(limit=4, calib_size=2, selection="prune"), paper,
+                      progress=False)
+    by = {r.label: r.layers for r in report.runs}
+    assert by["kvcomm@0.5"] == by["kvcomm@0.5~paper"] == [1, 3]
+    assert set(report.profiles) == {"paper", "prune"}
+    assert by["kvcomm@0.5~prune"] == sorted(report.profiles["prune"]["ranking"][:2])
+
+
+def test_a_profile_of_another_pair_is_refused(agents):
+    task = load_task("facts", items=6)
+    profile = calibrate(agents, task, task.items[-1:], progress=False, rule="paper")
+    profile.receiver = "another-model"
+    with pytest.raises(ConfigError, match="ranks layers for .* another-model"):
+        evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=1), profile,
+                 progress=False)
+
+
 def test_bucketed_batches_group_lengths_and_report_in_item_order(agents, tmp_path, monkeypatch):
     from kvcomm.eval import harness
     from kvcomm.eval.checkpoint import Checkpoint

@@ -129,12 +129,17 @@ def dtype_name(model: LoadedModel) -> str:
 def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
                   num_layers: int | None = None, pair: tuple[str, str] | None = None,
                   pieces: Pieces | None = None) -> None:
-    """Refuses a profile calibrated on another task, on test items, for another depth, or (given
-    the run's ``pieces``) on items read in another layout; and a block profile of another sender
-    and receiver (``pair``: this run's)."""
-    if isinstance(profile, BlockProfile) and pair is not None and (profile.sender, profile.receiver) != pair:
-        raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → {pair[1]}; "
-                          "blocks depend on the pair: profile this one (kvcomm calibrate --method droidspeak)")
+    """Refuses a profile made for another sender and receiver (``pair``: this run's), on another
+    task, on test items, for another depth, or (given the run's ``pieces``) on items read in
+    another layout."""
+    if pair is not None and (profile.sender, profile.receiver) != pair:
+        if isinstance(profile, BlockProfile):
+            raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
+                              f"{pair[1]}; blocks depend on the pair: profile this one (kvcomm calibrate --method "
+                              "droidspeak)")
+        raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
+                          f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
+                          "leave out --profile")
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
@@ -221,25 +226,26 @@ class _Sources:
         self.given_blocks = blocks
 
     def ranking(self, rule: str | None = None, pieces: Pieces | None = None) -> list[int]:
-        """The run's ranking, or (``rule`` named and not the run's) that rule's, calibrated once;
-        with ``pieces`` other than the run's layout (``EvalConfig.pieces``), the ranking
-        calibrated on items read that way (``rule/pieces`` among the run's profiles)."""
+        """The run's ranking (the given profile's, or its ``--selection``'s, calibrated once), or
+        (``rule`` named and not the run's) that rule's, calibrated once; with ``pieces`` other than
+        the run's layout (``EvalConfig.pieces``), the ranking calibrated on items read that way
+        (``rule/pieces`` among the run's profiles). A given profile is its own rule's ranking only:
+        a method that names another rule gets that rule's, not the profile's under its name."""
+        own = self.profile.rule if self.profile is not None else self.config.selection
+        wanted = rule or own
         if pieces is not None and pieces != self.config.pieces:
-            name = f"{rule or self.config.selection}/{pieces}"
+            name = f"{wanted}/{pieces}"
             if name not in self.others:
-                self.others[name] = self._calibrate(rule or self.config.selection, pieces)
+                self.others[name] = self._calibrate(wanted, pieces)
             return self.others[name].ranking
-        if rule is None or rule == self.config.selection or (self.profile is not None and rule == self.profile.rule
-                                                             and self.calibrated):
+        if wanted == own:
             if self.profile is None:
-                self.profile = self._calibrate(self.config.selection)
+                self.profile = self._calibrate(own)
                 self.calibrated = True
             return self.profile.ranking
-        if self.profile is not None and self.profile.rule == rule:
-            return self.profile.ranking
-        if rule not in self.others:
-            self.others[rule] = self._calibrate(rule)
-        return self.others[rule].ranking
+        if wanted not in self.others:
+            self.others[wanted] = self._calibrate(wanted)
+        return self.others[wanted].ranking
 
     def _calibrate(self, rule: str, pieces: Pieces | None = None) -> Profile:
         if not self.calib:
