@@ -44,6 +44,18 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
     assert sorted(json.loads(out.read_text())["ranking"]) == [0, 1, 2, 3]
 
 
+def test_calibrate_may_use_every_item_of_a_task(tiny_dir, tmp_path):
+    """Calibration alone holds out no test items: a 3-item task calibrates on all 3."""
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "-t", "facts", "--task-option", "items=3",
+                                 "--calib-size", "3", "--selection", "paper", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(out.read_text())["calibration_items"]) == 3
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "-t", "facts", "--task-option", "items=3",
+                                 "--calib-size", "4", "-q", "--out", str(tmp_path / "q.json")])
+    assert result.exit_code != 0 and "calibrate on 1 to 3" in result.output + result.stderr
+
+
 def test_bad_options_fail_cleanly(tiny_dir):
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--method", "kvcom", "-q"])
     assert result.exit_code == 2 and "Did you mean 'kvcomm'" in result.stderr

@@ -233,6 +233,8 @@ def test_candidate_blocks_and_the_cap():
     assert max_block(30, 0.25) == 7 and max_block(24, 0.25) == 6 and max_block(4, 1.0) == 3 and max_block(2, 0.1) == 1
     with pytest.raises(ConfigError):
         max_block(4, 0)
+    with pytest.raises(ConfigError, match="no block"):
+        max_block(1, 1.0)  # its only block, every layer, would send no KV
 
 
 def test_droidspeak_refusals(twins):

@@ -464,3 +464,24 @@ def test_an_item_whose_answer_is_not_among_its_choices_is_refused():
 
     with pytest.raises(DataError, match="not among its choices"):
         Item(id="x", context="c", question="q", answers=("Nova LLC",), choices=("Atlas LLC", "Apex LLC"))
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+def test_a_blank_gold_answer_is_refused_with_or_without_a_chat_template(chat):
+    """Without a chat template an answer is written after a space: a blank gold answer would score
+    that space instead of being refused."""
+    import copy
+    from dataclasses import replace
+
+    from kvcomm.selection.likelihood import answer_ids
+    from kvcomm.tasks.base import Item
+
+    loaded = tiny_loaded()
+    if not chat:
+        plain = copy.deepcopy(loaded.tokenizer)
+        plain.chat_template = None
+        loaded = replace(loaded, tokenizer=plain)
+    assert loaded.has_chat_template == chat
+    for blank in ("", "  "):
+        with pytest.raises(DataError, match="no tokens"):
+            answer_ids(loaded, Item(id="b", context="c", question="q", answers=(blank,)))

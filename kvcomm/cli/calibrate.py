@@ -88,7 +88,11 @@ def calibrate_command(
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    _, items = config.split(the_task.items)  # no --limit: every other item is a test item
+    count = config.calibration_count(len(the_task.items))  # calibration alone: any item may serve
+    if not 1 <= count <= len(the_task.items):
+        raise ConfigError(f"--calib-size {count}: the task holds {len(the_task.items)} items; calibrate on 1 to "
+                          f"{len(the_task.items)} of them")
+    items = list(the_task.items[len(the_task.items) - count:])  # the last, as eval and sweep hold them out
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)

@@ -110,13 +110,16 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
                 skip: int = 0) -> tuple[list[Item], list[Item]]:
     """Test items from the front (after the first ``skip``), calibration items from the back;
     refuses any overlap."""
+    given = limit is not None
     limit = len(items) - calib_size - skip if limit is None else limit
     if limit < 1 or calib_size < 0 or skip < 0 or skip + limit + calib_size > len(items):
         after = f" after the first {skip}" if skip else ""
         room = len(items) - calib_size - skip
         lower = (f"--limit to at most {room}, or --skip or --calib-size" if room >= 1 else
-                 f"--skip to at most {len(items) - calib_size - 1} or --calib-size")
-        raise ConfigError(f"{len(items)} items cannot hold {limit} test items{after} and {calib_size} calibration "
+                 f"--skip to at most {len(items) - calib_size - 1} or --calib-size" if len(items) > calib_size else
+                 f"--calib-size to at most {len(items) - 1}")
+        wanted = f"{limit} test items{after}" if given else f"a test item{after}"
+        raise ConfigError(f"{len(items)} items cannot hold {wanted} and {calib_size} calibration "
                           f"items without overlap; lower {lower}")
     return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 

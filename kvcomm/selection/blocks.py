@@ -162,6 +162,8 @@ def max_block(num_layers: int, max_recompute: float) -> int:
     (a block of every layer sends no KV)."""
     if not 0 < max_recompute <= 1:
         raise ConfigError(f"max_recompute must be in (0, 1], got {max_recompute}")
+    if num_layers < 2:
+        raise ConfigError(f"a {num_layers}-layer model has no block to recompute: one of every layer sends no KV")
     return max(1, min(num_layers - 1, math.floor(max_recompute * num_layers + 1e-9)))
 
 

@@ -268,7 +268,7 @@ def answer_ids(model: LoadedModel, item: Item) -> list[int]:
     if not item.answers:
         raise DataError(f"item {item.id} has no gold answer; the answer-aware rules need one "
                         "(calibrate on items with answers, or rank by attention: --selection paper)")
-    ids = _written(model, item.answers[0])
+    ids = _written(model, item.answers[0]) if item.answers[0].strip() else []  # not a lone space
     if not ids:
         raise DataError(f"item {item.id}'s gold answer has no tokens")
     return ids
