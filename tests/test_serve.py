@@ -236,6 +236,26 @@ def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(htt
     assert both.status_code == 422
 
 
+def test_agents_of_other_weights_sharing_a_store_keep_their_own_content_addresses(agent):
+    """Two checkpoints of one architecture (their fingerprints agree) get their own KV, never the
+    other's as ``cached``; and a content address (``kv-…``) cannot be taken by an upload or a
+    client's id, so what is found under one is what its id says."""
+    store = MemoryStore(1 << 24)
+    other = tiny_loaded("llama", seed=1)
+    assert other.fingerprint == agent.fingerprint and other.weights_digest != agent.weights_digest
+    mine = TestClient(create_app(agent, store, ServeConfig(served_model_names=("tiny",))))
+    theirs = TestClient(create_app(other, store, ServeConfig(served_model_names=("tiny",))))
+    body = {"context": "Mira lives in Oslo.", "codec": "fp32"}
+    first, second = mine.post("/v1/contexts", json=body).json(), theirs.post("/v1/contexts", json=body).json()
+    assert first["id"] != second["id"] and not second["cached"]
+    data = mine.get(f"/v1/messages/{first['id']}").content
+    taken = mine.put(f"/v1/messages/{first['id']}", content=data)
+    assert taken.status_code == 400 and "content addresses" in taken.json()["error"]["message"]
+    named = mine.post("/v1/contexts", json={**body, "id": "kv-mine"})
+    assert named.status_code == 400 and "content addresses" in named.json()["error"]["message"]
+    assert mine.put("/v1/messages/copy-of-it", content=data).status_code == 200  # any other id is the client's
+
+
 def test_codec_auto_chooses_for_the_declared_bandwidth_and_says_why(http):
     slow = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "auto",
                                            "bandwidth_mbit": 0.01}).json()

@@ -73,6 +73,18 @@ class LoadedModel:
         """KV layout plus a hash of the vocabulary: what a pair and a KV message are checked against."""
         return make_fingerprint(self.config, self.tokenizer.get_vocab())
 
+    @cached_property
+    def weights_digest(self) -> str:
+        """A hash of the weights' first 4,096 values of every parameter (names, shapes and bytes,
+        in order): two checkpoints of one architecture, whose fingerprints agree, differ here
+        (what a store shared by several agents keys their KV by)."""
+        digest = hashlib.sha256()
+        for name, parameter in self.model.named_parameters():
+            sample = parameter.detach().reshape(-1)[:4096].contiguous()
+            digest.update(f"{name}{tuple(parameter.shape)}{sample.dtype}".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:32]
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))

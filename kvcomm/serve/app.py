@@ -45,7 +45,7 @@ from kvcomm.serve.limits import RequestLimits
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
-from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_id
+from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
@@ -178,8 +178,9 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     async def put_message(message_id: MessageId, request: Request) -> MessageStored:
         """Store a message after verifying it fully against this agent's model. Layers are
         checked and decoded while later ones are still arriving; a message found bad is refused
-        without reading the rest, and nothing is stored before the final digest has passed."""
-        check_id(message_id)
+        without reading the rest, and nothing is stored before the final digest has passed. An id
+        starting ``kv-`` is refused: those are the service's content addresses."""
+        check_given_id(message_id)
         feed: queue.Queue[bytes | BaseException | None] = queue.Queue()
         checking = asyncio.ensure_future(anyio.to_thread.run_sync(partial(
             receive, _fed(feed), receiver=agent.fingerprint, max_bytes=config.max_message_bytes,

@@ -25,7 +25,7 @@ from kvcomm.selection import Profile, calibrate, top_layers
 from kvcomm.selection.calibrate import CALIBRATION_ITEMS
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.schemas import ContextRequest
-from kvcomm.serve.stores import MessageStore, check_id
+from kvcomm.serve.stores import MessageStore, check_given_id
 from kvcomm.tasks import Item, Task, load_task
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import Codec, KVMessage, make_codec
@@ -164,14 +164,15 @@ class ContextMaker:
             layers = top_layers(self.ranking(body), ratio)
         passage = len(ids) - len(self.agent.turn_opening()) if body.passage else None
         if body.id is not None:
-            return Plan(ids, layers, codec, mode, check_id(body.id), False, bandwidth, passage)
+            return Plan(ids, layers, codec, mode, check_given_id(body.id), False, bandwidth, passage)
         return Plan(ids, layers, codec, mode, self.content_id(ids, layers, codec, mode, passage), True, bandwidth,
                     passage)
 
     def content_id(self, ids: list[int], layers: list[int] | None, codec: Codec, mode: MaskMode,
                    passage: int | None = None) -> str:
         full = effective_layers(range(self.agent.num_layers) if layers is None else layers, mode)
-        key = json.dumps({"fingerprint": self.agent.fingerprint, "ids": ids, "layers": full, "mode": mode,
+        key = json.dumps({"fingerprint": self.agent.fingerprint, "weights": self.agent.weights_digest, "ids": ids,
+                          "layers": full, "mode": mode,
                           "codec": [codec.name, codec.params()]} | ({"passage": passage} if passage else {}),
                          sort_keys=True)
         return "kv-" + hashlib.sha256(key.encode()).hexdigest()[:40]

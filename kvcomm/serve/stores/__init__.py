@@ -14,6 +14,7 @@ from kvcomm.serve.stores.base import (
     Sized,
     StoreError,
     StoreUnavailable,
+    check_given_id,
     check_id,
 )
 from kvcomm.serve.stores.disk import DiskStore
@@ -78,5 +79,6 @@ def open_store(spec: str | None, limits: StoreLimits | None = None) -> MessageSt
 
 __all__ = [
     "ID_PATTERN", "STORES", "STORE_FORMS", "DiskStore", "MemoryStore", "MessageStore", "Pingable", "RedisStore",
-    "Sized", "StoreError", "StoreLimits", "StoreUnavailable", "check_id", "open_store", "store_kind", "store_kind_of",
+    "Sized", "StoreError", "StoreLimits", "StoreUnavailable", "check_given_id", "check_id", "open_store", "store_kind",
+    "store_kind_of",
 ]

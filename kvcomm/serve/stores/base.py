@@ -40,6 +40,22 @@ def check_id(message_id: str) -> str:
     return message_id
 
 
+CONTENT_PREFIX = "kv-"  # ids the service makes from what a message holds (``POST /v1/contexts``)
+
+
+def check_given_id(message_id: str) -> str:
+    """:func:`check_id` for an id a client chooses (an upload, a context's ``id``): a content
+    address (``kv-…``) is the service's own, so that a message found under one is what its id says.
+
+    Raises:
+        StoreError: an invalid id, or one starting ``kv-``.
+    """
+    if check_id(message_id).startswith(CONTENT_PREFIX):
+        raise StoreError(f"ids starting {CONTENT_PREFIX!r} are the service's content addresses; store "
+                         f"{message_id!r} under an id of your own")
+    return message_id
+
+
 class MessageStore(Protocol):
     def put(self, message_id: str, data: bytes) -> None: ...
     def get(self, message_id: str) -> bytes | None: ...
