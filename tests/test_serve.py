@@ -90,6 +90,41 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert "junk" not in http.app.state.store.list() and "foreign" not in http.app.state.store.list()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_messages_that_cannot_be_joined_are_refused_before_the_answer_begins(http, stream):
+    """Contexts at other layers or in another mask mode are refused with a 4xx before any 200,
+    streamed or not (before, a stream answered 200 and then a server error)."""
+    def context(text, **options):
+        return http.post("/v1/contexts", json={"context": text, "codec": "fp32", **options}).json()["id"]
+
+    first, other_layers = context("Mira lives in Oslo.", layers=[0, 2]), context("Oslo is cold.", layers=[1, 3])
+    other_mode = context("Oslo is cold.", layers=[0, 2], mode="shift-back")
+    for pair in ([first, other_layers], [first, other_mode]):
+        answer = chat(http, "Where?", pair, stream=stream)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "unjoinable_kv_messages"
+    assert chat(http, "Where?", [first, context("Oslo is cold.", layers=[0, 2])], stream=stream).status_code == 200
+
+
+def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch):
+    from kvcomm.serve import chat as chat_module
+
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(chat_module, "context_of", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = chat(client, "Where?")
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "Where?"}], "stream": True}) as streamed:
+            lines = [line for line in streamed.iter_lines() if line]
+        error = json.loads(lines[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "internal_error" and error["type"] == "server_error"
+
+
 def test_an_upload_streamed_in_small_chunks_is_checked_as_it_arrives_and_stored_whole(app, live):
     with Client(live) as client:
         data = client.get_message(client.create_context("Mira lives in Oslo. " * 10, codec="int8")["id"])

@@ -127,3 +127,26 @@ def test_open_store_specs(tmp_path, redis_url):
     assert isinstance(open_store(redis_url), RedisStore)
     with pytest.raises(ConfigError, match="unknown store"):
         open_store("ftp://x")
+
+
+def test_every_redis_fault_is_store_unavailable(monkeypatch):
+    """A full Redis (OOM under noeviction) or a read-only replica refuses with errors of its own:
+    they are StoreUnavailable (503) like a lost connection, not an unhandled 500."""
+    import redis
+
+    from kvcomm.serve.stores import StoreUnavailable
+
+    store = RedisStore("redis://127.0.0.1:1", connect=False)
+
+    def full(*args, **kwargs):
+        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+
+    def replica(*args, **kwargs):
+        raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
+
+    monkeypatch.setattr(store._client, "set", full)
+    with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+        store.put("m", b"x")
+    monkeypatch.setattr(store._client, "set", replica)
+    with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+        store.put("m", b"x")

@@ -84,6 +84,17 @@ def describe_kvcomm_error(err: KvcommError) -> tuple[int, str, str, str]:
     raise AssertionError("unreachable: KvcommError is the last entry")
 
 
+def describe_error(err: BaseException) -> tuple[int, str, str | None, str]:
+    """``(status, type, code, message)`` of whatever a request's work raised: a refusal as it
+    is, a kvcomm error by its kind, anything else a 500 (named, without its text)."""
+    if isinstance(err, HTTPException):
+        return err.status_code, _TYPES.get(err.status_code, "invalid_request_error"), getattr(err, "code", None), \
+            str(err.detail)
+    if isinstance(err, KvcommError):
+        return describe_kvcomm_error(err)
+    return 500, "server_error", "internal_error", f"internal error ({type(err).__name__}); the service logged it"
+
+
 def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
     """Unknown arguments are 400 (as OpenAI says); other schema errors 422, without echoing input."""
     errors = err.errors()
@@ -119,6 +130,11 @@ def install(app: FastAPI) -> None:
         if err.status_code == 405:  # every method the path has, not only those of the first route matched
             headers["Allow"] = ", ".join(_methods_of(app, request))
         return error_response(err.status_code, str(err.detail), code, param, headers or None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
+        status, type_, code, message = describe_error(err)
+        return JSONResponse(error_json(status, message, code, kind=type_), status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

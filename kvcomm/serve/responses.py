@@ -13,7 +13,7 @@ from typing import Any
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from kvcomm.models.loading import LoadedModel
-from kvcomm.serve.errors import error_json
+from kvcomm.serve.errors import describe_error, error_json
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.worker import Job, ModelWorker
 
@@ -71,8 +71,8 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
         try:
             _, finish = await task
         except Exception as err:  # a refusal after the stream began (deadline): say so in the stream
-            status, detail = getattr(err, "status_code", 500), str(getattr(err, "detail", err))
-            yield f"data: {json.dumps(error_json(status, detail, getattr(err, 'code', None)))}\n\n"
+            status, type_, code, message = describe_error(err)
+            yield f"data: {json.dumps(error_json(status, message, code, kind=type_))}\n\n"
             return
         yield chunk({}, finish, _usage(prompt_tokens, len(tokens), extra()))
         yield "data: [DONE]\n\n"

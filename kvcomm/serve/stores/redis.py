@@ -15,8 +15,8 @@ class RedisStore:
     """Messages under ``prefix`` + id; each expires after ``ttl_s`` if set. Redis bounds its own memory
     (``maxmemory`` and an eviction policy such as ``allkeys-lru``).
 
-    Connection errors and time-outs (``timeout_s``) raise :class:`StoreUnavailable`; the client
-    reconnects by itself on the next call once Redis is back.
+    Every Redis error (connection, time-out after ``timeout_s``, a full or read-only Redis) raises
+    :class:`StoreUnavailable`; the client reconnects by itself on the next call once Redis is back.
     """
 
     def __init__(self, url: str, prefix: str = "kvcomm:msg:", ttl_s: float | None = None,
@@ -25,7 +25,9 @@ class RedisStore:
             import redis
         except ImportError:
             raise ConfigError("the redis store needs the redis package: pip install 'kvcomm[serve]'") from None
-        self._errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        # every Redis fault, not only the connection's: a full Redis (OOM under noeviction) or a
+        # read-only replica refuses writes with errors of their own
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             health_check_interval=30)
         self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
@@ -36,7 +38,7 @@ class RedisStore:
         try:
             return fn()
         except self._errors as err:
-            raise StoreUnavailable(f"Redis at {self.url} did not answer ({what}): {err}") from None
+            raise StoreUnavailable(f"Redis at {self.url} failed ({what}): {type(err).__name__}: {err}") from None
 
     def ping(self) -> None:
         self._call("ping", self._client.ping)
