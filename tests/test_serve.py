@@ -106,6 +106,27 @@ def test_messages_that_cannot_be_joined_are_refused_before_the_answer_begins(htt
     assert chat(http, "Where?", [first, context("Oslo is cold.", layers=[0, 2])], stream=stream).status_code == 200
 
 
+def test_a_message_larger_than_the_store_is_refused_as_too_large_before_the_prefill(agent, monkeypatch):
+    """A store smaller than the service's message limit lowers the limit: the context is refused
+    (413) before any prefill, not stored-and-failed after it as a bad id."""
+    from kvcomm.serve.errors import describe_kvcomm_error
+    from kvcomm.serve.stores import StoreFull
+
+    app = create_app(agent, MemoryStore(8192), ServeConfig(served_model_names=("tiny",)))
+    from kvcomm.serve import contexts as contexts_module
+
+    prefills = []
+    real = contexts_module.encode_ids
+    monkeypatch.setattr(contexts_module, "encode_ids", lambda *a, **k: prefills.append(a) or real(*a, **k))
+    with TestClient(app) as client:
+        refused = client.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 5, "codec": "fp32"})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "message_too_large"
+        assert "8,192" in refused.json()["error"]["message"] and not prefills
+    assert describe_kvcomm_error(StoreFull("x"))[:3] == (507, "server_error", "store_full")
+    with pytest.raises(StoreFull):
+        MemoryStore(10).put("m", b"x" * 11)
+
+
 def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch):
     from kvcomm.serve import chat as chat_module
 
@@ -269,6 +290,8 @@ def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(htt
     assert bad.status_code == 400 and "each of the model's 4 layers once" in bad.json()["error"]["message"]
     both = http.post("/v1/contexts", json={"context": "x", "ratio": 0.5, "layers": [1]})
     assert both.status_code == 422
+    unused = http.post("/v1/contexts", json={"context": "x", "profile": {"ranking": [99]}})  # no ratio anywhere
+    assert unused.status_code == 400 and "give 'ratio' with it" in unused.json()["error"]["message"]
 
 
 def test_agents_of_other_weights_sharing_a_store_keep_their_own_content_addresses(agent):

@@ -71,6 +71,9 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             contexts or passages); a layout without one is calibrated once on first need.
     """
     config = config or ServeConfig()
+    if (bound := getattr(store, "max_bytes", None)) is not None and bound < config.max_message_bytes:
+        # a message the store cannot hold is refused as too large before any prefill, not after
+        config = config.model_copy(update={"max_message_bytes": int(bound)})
     names = config.served_model_names or (agent.name,)
     app = FastAPI(title="kvcomm agent", version=__version__,
                   description="An LLM agent that exchanges attention KV caches (KVComm).")

@@ -162,6 +162,9 @@ class ContextMaker:
             layers = sorted(set(body.layers))
         elif (ratio := body.ratio or self.config.ratio) is not None:
             layers = top_layers(self.ranking(body), ratio)
+        elif body.profile is not None:
+            raise ConfigError("a profile ranks layers for a ratio: give 'ratio' with it (this agent has no default "
+                              "ratio), or 'layers' instead")
         passage = len(ids) - len(self.agent.turn_opening()) if body.passage else None
         if body.id is not None:
             return Plan(ids, layers, codec, mode, check_given_id(body.id), False, bandwidth, passage)

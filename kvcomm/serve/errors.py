@@ -22,7 +22,7 @@ from kvcomm.errors import (
     MissingCodebook,
     WireError,
 )
-from kvcomm.serve.stores import StoreError, StoreUnavailable
+from kvcomm.serve.stores import StoreError, StoreFull, StoreUnavailable
 
 # kvcomm errors as (status, type, code); the first match wins
 _KINDS: tuple[tuple[type[KvcommError], int, str, str], ...] = (
@@ -31,6 +31,7 @@ _KINDS: tuple[tuple[type[KvcommError], int, str, str], ...] = (
     (MissingCodebook, 422, "invalid_request_error", "missing_codebook"),
     (WireError, 422, "invalid_request_error", "invalid_kv_message"),
     (StoreUnavailable, 503, "service_unavailable", "store_unavailable"),
+    (StoreFull, 507, "server_error", "store_full"),
     (StoreError, 400, "invalid_request_error", "invalid_id"),
     (ConfigError, 400, "invalid_request_error", "invalid_value"),
     (KvcommError, 400, "invalid_request_error", "invalid_request"),
@@ -38,7 +39,7 @@ _KINDS: tuple[tuple[type[KvcommError], int, str, str], ...] = (
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
-          503: "service_unavailable", 504: "timeout"}
+          503: "service_unavailable", 504: "timeout", 507: "server_error"}
 
 
 class ErrorDetail(BaseModel):

@@ -13,6 +13,7 @@ from kvcomm.serve.stores.base import (
     Pingable,
     Sized,
     StoreError,
+    StoreFull,
     StoreUnavailable,
     check_given_id,
     check_id,
@@ -79,6 +80,6 @@ def open_store(spec: str | None, limits: StoreLimits | None = None) -> MessageSt
 
 __all__ = [
     "ID_PATTERN", "STORES", "STORE_FORMS", "DiskStore", "MemoryStore", "MessageStore", "Pingable", "RedisStore",
-    "Sized", "StoreError", "StoreLimits", "StoreUnavailable", "check_given_id", "check_id", "open_store", "store_kind",
-    "store_kind_of",
+    "Sized", "StoreError", "StoreFull", "StoreLimits", "StoreUnavailable", "check_given_id", "check_id", "open_store",
+    "store_kind", "store_kind_of",
 ]

@@ -22,6 +22,10 @@ class StoreError(KvcommError):
     """A store cannot hold or return a message (a bad id, too large)."""
 
 
+class StoreFull(StoreError):
+    """A message larger than the store can hold at all (its whole bound)."""
+
+
 class StoreUnavailable(StoreError):
     """The store's backend cannot be reached or timed out (a service answers 503 and retries later)."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import diskcache
 
-from kvcomm.serve.stores.base import StoreError, check_id
+from kvcomm.serve.stores.base import StoreError, StoreFull, check_id
 
 
 class _BytesOnlyDisk(diskcache.Disk):
@@ -47,7 +47,7 @@ class DiskStore:
     def put(self, message_id: str, data: bytes) -> None:
         check_id(message_id)
         if len(data) > self.max_bytes:
-            raise StoreError(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
+            raise StoreFull(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
         self._cache.set(message_id, bytes(data), expire=self.ttl_s)
         if self._cache.volume() > self.max_bytes:
             self._cache.cull()

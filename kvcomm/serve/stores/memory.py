@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from kvcomm.serve.stores.base import StoreError, check_id
+from kvcomm.serve.stores.base import StoreFull, check_id
 
 
 class MemoryStore:
@@ -21,7 +21,7 @@ class MemoryStore:
     def put(self, message_id: str, data: bytes) -> None:
         check_id(message_id)
         if len(data) > self.max_bytes:
-            raise StoreError(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
+            raise StoreFull(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
         with self._lock:
             self._drop(message_id)
             self._items[message_id] = (data, time.monotonic())
