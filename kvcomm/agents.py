@@ -6,7 +6,7 @@ processes through :class:`~kvcomm.wire.KVMessage` bytes); :meth:`Agents.ask` run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvcomm.models.loading import LoadedModel, load_pair
@@ -66,19 +66,22 @@ def encode_context(
 
 def encode_ids(
     sender: LoadedModel, ids: Sequence[int], layers: Sequence[int] | None = None, codec: str | Codec = "fp16",
-    mode: MaskMode = "causal", passage: int | None = None,
+    mode: MaskMode = "causal", passage: int | None = None, chunk: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> KVMessage:
     """:func:`encode_context` for an already tokenised sender prompt (e.g. a chat transcript).
 
     With ``passage`` (a count of tokens), only the last ``passage`` tokens are kept, moved to
     start at position 0: a passage prefilled behind an opening (:func:`encode_passage`).
+    ``chunk`` and ``check``: the prefill goes ``chunk`` tokens at a time, calling ``check``
+    before each (a service's deadline and disconnect checks).
     """
     from kvcomm.wire.bootstrap import model_codebook
 
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
     input_ids, valid = pad_left([list(ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
-    kv = prefill(sender.model, input_ids, valid)
+    kv = prefill(sender.model, input_ids, valid, chunk=chunk, check=check)
     if passage is not None:
         kv = rebase(sender.model, kv.last([passage]))
     shared = share(sender.model, kv, chosen, mode)

@@ -323,6 +323,30 @@ def test_chunked_prefill_equals_one_prefill(family, chunk):
     assert one == many
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_a_sender_prefilled_in_chunks_has_the_kv_of_one_prefill(family, chunk):
+    """The service's /v1/contexts prefills in chunks (to notice deadlines): the same KV, positions
+    and validity, left padding included; a check that raises stops it between chunks."""
+    model = tiny_model(family)
+    ids, valid = pad_left([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 0)
+    whole, parts = prefill(model, ids, valid), prefill(model, ids, valid, chunk=chunk)
+    assert torch.equal(whole.valid, parts.valid) and torch.equal(whole.positions, parts.positions)
+    for a, b in zip(whole.keys + whole.values, parts.keys + parts.values):
+        assert (a - b)[whole.valid[:, None, :, None].expand_as(a)].abs().max().item() <= 1e-5
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 2:
+            raise TimeoutError("deadline")
+
+    with pytest.raises(TimeoutError):
+        prefill(model, ids, valid, chunk=3, check=check)
+    assert len(calls) == 2
+    with pytest.raises(ConfigError, match="without chunks"):
+        prefill(model, ids, valid, hidden=[1], chunk=3)
+
+
 def test_check_stops_prefill_and_decoding():
     model = tiny_model("llama")
     ids, valid = pad_left([list(range(5, 30))], 0)

@@ -127,6 +127,41 @@ def test_a_message_larger_than_the_store_is_refused_as_too_large_before_the_pref
         MemoryStore(10).put("m", b"x" * 11)
 
 
+def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled_once(agent, monkeypatch):
+    """/v1/contexts prefills in chunks, checking the request's deadline between them (504), and
+    stores its message before the next request looks: identical requests at once, one prefill."""
+    import concurrent.futures
+
+    from kvcomm.serve import worker as worker_module
+
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), prefill_chunk=4))
+    checks = []
+    real = worker_module.Job.check
+
+    def counted(job):
+        checks.append(1)
+        real(job)
+
+    monkeypatch.setattr(worker_module.Job, "check", counted)
+    with TestClient(app) as client:
+        made = client.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 3, "codec": "fp32"})
+        assert made.status_code == 200 and len(checks) > made.json()["context_tokens"] // 4  # every chunk checked
+        def expires_after_the_first_chunk(job):
+            checks.append(1)
+            if len(checks) > 2:  # the worker's check before the work, then the first chunk's
+                raise worker_module.Stopped("deadline")
+
+        monkeypatch.setattr(worker_module.Job, "check", expires_after_the_first_chunk)
+        checks.clear()
+        late = client.post("/v1/contexts", json={"context": "Lena lives in Rome. " * 3, "codec": "fp32"})
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        monkeypatch.setattr(worker_module.Job, "check", real)
+        body = {"context": "Omar lives in Cairo.", "codec": "fp32"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: client.post("/v1/contexts", json=body).json(), range(4)))
+        assert len({a["id"] for a in answers}) == 1 and sum(not a["cached"] for a in answers) == 1
+
+
 def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch):
     from kvcomm.serve import chat as chat_module
 
@@ -272,7 +307,8 @@ def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(htt
     assert http.get("/v1/profile").status_code == 404  # nothing calibrated yet
     spent = []
     real = http.app.state.contexts.encode
-    monkeypatch.setattr(http.app.state.contexts, "encode", lambda plan: spent.append(plan) or real(plan))
+    monkeypatch.setattr(http.app.state.contexts, "encode",
+                        lambda plan, check=None: spent.append(plan) or real(plan, check))
     first = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5}).json()
     profile = http.get("/v1/profile").json()  # calibrated once, on the first ratio
     assert first["layers"] == sorted(profile["ranking"][:2]) and not first["cached"]

@@ -7,7 +7,7 @@ by an :class:`~kvcomm.protocol.layout.AttentionLayout`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,14 +174,28 @@ def cache_argument(model_class: type[torch.nn.Module]) -> str:
 
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor,
-            hidden: Iterable[int] = ()) -> SenderKV:
+            hidden: Iterable[int] = (), chunk: int | None = None, check: Callable[[], None] | None = None) -> SenderKV:
     """Runs the sender once over its (left-padded) messages and returns every layer's KV, and the
-    hidden states entering the ``hidden`` layers (0..L) when asked."""
+    hidden states entering the ``hidden`` layers (0..L) when asked.
+
+    Args:
+        chunk: prefill at most this many tokens per forward (the same KV up to float rounding; a
+            long context then gives ``check`` a chance between chunks); not with ``hidden``.
+        check: called before each chunk; it raises to stop (a deadline, a client that went away).
+    """
     num_layers = model.config.get_text_config().num_hidden_layers
     layout = AttentionLayout.empty(num_layers, input_ids.shape[0], input_ids.device)
     cache = DynamicCache()
+    hidden = list(hidden)
+    width = input_ids.shape[1]
+    step = max(1, width if chunk is None else chunk)
+    if hidden and step < width:
+        raise ConfigError("hidden states are recorded in one forward: prefill them without chunks")
     with recording(model, hidden) as states:
-        run_body(model, input_ids, valid, cache, layout, head=False)
+        for begin in range(0, width, step):
+            if check is not None:
+                check()
+            run_body(model, input_ids[:, begin:begin + step], valid[:, begin:begin + step], cache, layout, head=False)
     keys, values = cache_tensors(cache)
     return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid,
                     ids=None if input_ids.is_floating_point() else input_ids, hidden=dict(states))

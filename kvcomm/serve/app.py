@@ -142,7 +142,9 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             if existing is not None:
                 return plan, existing, None
             job.check()
-            return plan, None, contexts.encode(plan)
+            made = contexts.encode(plan, job.check)
+            store.put(plan.message_id, made[0])  # before the next request's lookup: the same content, one prefill
+            return plan, None, made
 
         plan, existing, made = await worker.run(job, work)
         if existing is not None:
@@ -153,7 +155,6 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         else:
             assert made is not None
             data, message = made
-            await anyio.to_thread.run_sync(store.put, plan.message_id, data)
             metrics.contexts.labels("yes").inc()
         header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
         choice = header.meta.get("codec_choice")

@@ -112,15 +112,18 @@ def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: S
     return data
 
 
-def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | None) -> ReceiverInput:
+def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | None, config: ServeConfig,
+               job: Job) -> ReceiverInput:
     """The receiver's starting cache: the messages joined (passages after the chat's opening,
-    prefilled here), blended if asked (model thread)."""
+    prefilled here ``prefill_chunk`` tokens at a time, the deadline checked between), blended if
+    asked (model thread)."""
     model = agent.model
     if not received.messages:
         return empty_input(model, 1)
     parts = [m.to_shared(agent.dtype) for m in received.messages]
     if received.opening is not None:
-        opening = prefill(model, *pad_left([received.opening], agent.pad_id))
+        opening = prefill(model, *pad_left([received.opening], agent.pad_id), chunk=config.prefill_chunk,
+                          check=job.check)
         joined = splice(model, [SharedKV.whole(opening), *parts])
     else:
         joined = concat_shared(model, parts)
@@ -156,7 +159,7 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
              blending: BlendRequest | None = None) -> tuple[list[int], str]:
     """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
     model = agent.model
-    start = context_of(agent, received, blending)
+    start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
                           _observer(metrics, job, emit), prefill_chunk=config.prefill_chunk, check=job.check)[0]
@@ -173,7 +176,7 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     from kvcomm.wire.bootstrap import model_codebook
 
     model = agent.model
-    start = context_of(agent, received, blending)
+    start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
                          _observer(metrics, job, None), prefill_chunk=config.prefill_chunk, check=job.check)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvcomm.agents import Agents, encode_ids
@@ -192,10 +192,12 @@ class ContextMaker:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
 
-    def encode(self, plan: Plan) -> tuple[bytes, KVMessage]:
-        """Prefills and encodes (model thread); refuses a message over the service's size limit."""
+    def encode(self, plan: Plan, check: Callable[[], None] | None = None) -> tuple[bytes, KVMessage]:
+        """Prefills and encodes (model thread), ``prefill_chunk`` tokens at a time with ``check``
+        (the request's deadline) between them; refuses a message over the service's size limit."""
         self.check_size(plan)
-        message = encode_ids(self.agent, plan.ids, plan.layers, plan.codec, plan.mode, plan.passage)
+        message = encode_ids(self.agent, plan.ids, plan.layers, plan.codec, plan.mode, plan.passage,
+                             chunk=self.config.prefill_chunk, check=check)
         data = message.to_bytes()
         if len(data) > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message is {len(data):,} bytes; the service stores at most "
