@@ -11,6 +11,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -758,3 +759,73 @@ def test_a_message_encoded_on_demand_counts_its_encoding_only_with_auto():
 def test_auto_refuses_bad_parameters(params, match):
     with pytest.raises(ConfigError, match=match):
         make_codec("auto", **params)
+
+
+def test_a_header_that_never_closes_its_quote_is_one_linear_scan():
+    """A header of ``"`` and escaped quotes (no closing quote) took minutes to strip of strings
+    (a regular expression rescanning from every quote, holding the GIL): now refused at once."""
+    import time
+
+    from kvcomm.wire.header import nesting_depth
+    from tests.conftest import craft
+
+    blob = b'"' + b'\\"' * 131_000
+    began = time.perf_counter()
+    assert nesting_depth(blob) == 0 and nesting_depth(b'{"a": "[[[ never closed') == 1
+    with pytest.raises(CorruptMessage):
+        KVMessage.from_bytes(craft(blob, [], version=9))
+    assert time.perf_counter() - began < 5  # quadratic: 18.7 s for a quarter of this
+    assert nesting_depth(b'{"a": [1, {"b": "x]]] \\" ["}]}') == 3
+
+
+@pytest.mark.parametrize("codec", sorted(PRESETS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_keys_or_values_that_are_not_finite_are_refused_by_the_writer(codec, bad):
+    """Refused with a WireError before any codec sees them (klt's coder wrote past its buffer on
+    a NaN; others raised bare errors or wrote messages no reader accepts)."""
+    keys, values = kv_like(2, 12, 8, 0), kv_like(2, 12, 8, 1)
+    keys[1, 3, 2] = bad
+    bound = make_codec(codec).bind(lambda: random_codebook(2, 8, layers=1, seed=0))
+    with pytest.raises(WireError, match="NaN or infinity"):
+        KVMessage({"m": 1}, 12, 0, [LayerKV(0, True, keys, values)], bound).to_bytes()
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4-ans", "cachegen", "zstd"])
+def test_kv_beyond_float16s_range_is_refused_by_codecs_that_store_float16(codec):
+    keys, values = kv_like(2, 12, 8, 0), kv_like(2, 12, 8, 1)
+    keys[0, 5, 1] = -1e5
+    with pytest.raises(WireError, match="float16's range"):
+        KVMessage({"m": 1}, 12, 0, [LayerKV(0, True, keys, values)], make_codec(codec)).to_bytes()
+    back = KVMessage.from_bytes(KVMessage({"m": 1}, 12, 0, [LayerKV(0, True, keys, values)],
+                                          make_codec("fp32")).to_bytes())
+    assert back.layers[0].keys[0, 5, 1].item() == -1e5
+
+
+def test_a_laplace_code_outside_int32_is_refused_not_written_past_the_buffer():
+    from kvcomm.wire.codecs.klt import _tables
+
+    with pytest.raises(ValueError, match="outside int32"):
+        _tables().encode(np.full(100, -(2**63), dtype=np.int64), np.full(100, 255, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("codec, name", [("int8", "k.scale"), ("int4-ans", "v.low"), ("cachegen", "k.step"),
+                                         ("cachegen", "v.anchor.scale")])
+def test_ranges_or_steps_wider_than_float16_are_refused(codec, name):
+    """Quantisation ranges and cachegen steps are float16, which is what makes their codecs finite by
+    construction (the reader skips its finiteness check for them): a float32 one could reach
+    infinity under valid checksums."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from tests.conftest import craft
+
+    keys, values = kv_like(2, 40, 8, 0), kv_like(2, 40, 8, 1)
+    data = KVMessage({"m": 1}, 40, 0, [LayerKV(0, True, keys, values)], make_codec(codec)).to_bytes()
+    blob, version, payloads = split_message(data)
+    tensors = st_load(payloads[0])
+    tensors[name] = torch.full(tensors[name].shape, 3e38, dtype=torch.float32)
+    payloads[0] = st_save(tensors)
+    header = json.loads(blob)
+    header["layers"][0]["bytes"] = len(payloads[0])
+    with pytest.raises(CorruptMessage, match="float16"):
+        KVMessage.from_bytes(craft(json.dumps(header).encode(), payloads, version))

@@ -46,7 +46,10 @@ MAX_WIDTH = 1 << 16  # hidden size
 MAX_EXPANSION = 256  # decoded float32 bytes per payload byte that any codec may claim
 EXPANSION_SLACK = 1 << 16  # fixed allowance per message (sink-only layers of tiny contexts)
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# a JSON string, or an unclosed one to the end: each step takes one plain byte or one escape, so a
+# header that never closes its quote is one linear scan (a pattern that can fail there rescans from
+# every quote: quadratic, minutes for a 256 KiB header of escaped quotes)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*"?', re.DOTALL)
 
 
 def decoded_bytes(heads: int, head_dim: int, tokens: int) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV, received_positions
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.codecs.base import all_finite, header_codec, in_two_lanes
+from kvcomm.wire.codecs.base import all_finite, header_codec, in_two_lanes, value_range
 from kvcomm.wire.header import (
     DIGEST_OF_CRCS_SINCE,
     MAX_HEADER,
@@ -178,6 +179,16 @@ class KVMessage:
     def write(self, out: BinaryIO) -> int:
         """Encodes and writes the message; returns the number of bytes written. A codec that chooses
         per message (``auto``) encodes it with its choice, named in the header with its reasons."""
+        largest = self.codec.largest_value()
+        for layer in self.layers:  # before any codec (``auto`` measures them all) sees the values
+            for low, high in (value_range(layer.keys), value_range(layer.values)):
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    raise WireError(f"layer {layer.index}: the keys or values hold NaN or infinity; a message "
+                                    "carries finite values only")
+                if largest is not None and max(-low, high) > largest:
+                    raise WireError(f"layer {layer.index}: {self.codec.name} stores float16 values, ranges or steps, "
+                                    f"and this KV exceeds float16's range (|x| up to {max(-low, high):.3g}); send it "
+                                    "with fp32 or bf16")
         codec, notes = self.codec.for_message(self.layers)
         payloads = [self._encode_layer(layer, codec) for layer in self.layers]
         extras = self._encode_extras(codec)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
-import numpy as np
 import torch
 from pydantic import AfterValidator
 
@@ -34,6 +33,9 @@ PARALLEL_FROM = 1 << 16  # values per tensor from which keys and values decode o
 def prefixed(tensors: Tensors, prefix: str) -> Tensors:
     """The tensors named ``prefix.*``, without the prefix (codecs store keys as ``k.*``, values ``v.*``)."""
     return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(f"{prefix}.")}
+
+
+FLOAT16_MAX = 65504.0
 
 
 class Codec(ABC):
@@ -63,6 +65,11 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Named tensors that :meth:`decode` turns back into ``(keys, values)``."""
+
+    def largest_value(self) -> float | None:
+        """The largest magnitude this codec carries: float16's, where it stores values, ranges or
+        steps as float16 (every codec but raw float32 and bfloat16); None: any finite value."""
+        return FLOAT16_MAX
 
     def finite(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether keys and values this codec decoded are finite, as a reader checks them: at no
@@ -173,17 +180,23 @@ def half_or_refuse(hidden: torch.Tensor, what: str) -> torch.Tensor:
     return half
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no infinity in ``tensor``: its minimum and maximum are finite (NaN propagates
-    through both). Two reductions in numpy, on the caller's thread: ~13x faster here than
-    ``isfinite(t).all()``, which materialises a mask, and unlike a torch reduction it leaves no
-    OpenMP worker spinning on the other core while a decoding thread needs it."""
+def value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """``tensor``'s minimum and maximum (NaN propagates through both; ``(0, 0)`` when empty). Two
+    reductions in numpy, on the caller's thread: ~13x faster here than ``isfinite(t).all()``, which
+    materialises a mask, and unlike a torch reduction it leaves no OpenMP worker spinning on the
+    other core while a decoding thread needs it."""
     if tensor.numel() == 0:
-        return True
+        return 0.0, 0.0
     if tensor.dtype not in (torch.float32, torch.float64):
         tensor = tensor.float()
     values = tensor.detach().numpy()
-    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+    return float(values.min()), float(values.max())
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity in ``tensor``: its minimum and maximum are finite."""
+    low, high = value_range(tensor)
+    return math.isfinite(low) and math.isfinite(high)
 
 @cache
 def _helper() -> ThreadPoolExecutor:

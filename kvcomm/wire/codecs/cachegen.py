@@ -123,6 +123,8 @@ class CacheGenCodec(Codec):
         first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
+        if tensors["step"].dtype != torch.float16:  # a wider step could take a finite code to infinity
+            raise ValueError(f"cachegen steps are float16, not {tensors['step'].dtype}")
         step = tensors["step"].float().numpy()
         if step.shape != (heads, dim):
             raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")

@@ -146,6 +146,8 @@ def checked_ranges(t: Tensors, groups: int) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: another number of ranges, or a range that is not finite.
     """
+    if t["scale"].dtype != torch.float16 or t["low"].dtype != torch.float16:  # wider ones could reach infinity
+        raise ValueError(f"quantisation ranges are float16, not {t['scale'].dtype} and {t['low'].dtype}")
     scale, low = t["scale"].float().numpy().ravel(), t["low"].float().numpy().ravel()
     if scale.size != groups or low.size != scale.size:
         raise ValueError(f"{scale.size} quantisation ranges for {groups} groups")

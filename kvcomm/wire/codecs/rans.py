@@ -555,8 +555,15 @@ class LaplaceTables:
             self.table[level] = (entries | (raw.astype(np.uint64) << np.uint64(7))).astype(np.uint32)
 
     def encode(self, codes: np.ndarray, levels: np.ndarray) -> np.ndarray:
-        """int codes, each with its level (uint8, same size) -> uint16 words."""
+        """int codes, each with its level (uint8, same size) -> uint16 words.
+
+        Raises:
+            ValueError: a code outside int32 (what decoding returns; beyond it the escape's exponent
+                field and the raw words' room overflow).
+        """
         flat = codes.astype(np.int64).ravel()
+        if flat.size and (int(flat.min()) < -(2**31) or int(flat.max()) > 2**31 - 1):
+            raise ValueError("a Laplace-coded code outside int32 (were the values finite?)")
         level = np.ascontiguousarray(levels, dtype=np.uint8).ravel()
         symbols, raw = np.empty(flat.size, dtype=np.int64), np.empty(3 * flat.size + 1, dtype=np.uint16)
         raw_words = _split_laplace(flat, level, self.window, self.shift, symbols, raw)

@@ -9,7 +9,7 @@ import torch
 import zstandard
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, preset
+from kvcomm.wire.codecs.base import CODECS, FLOAT16_MAX, Codec, Tensors, half_or_refuse, preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,6 +27,9 @@ class RawCodec(Codec):
 
     def params(self) -> dict[str, Any]:
         return {"dtype": self.dtype}
+
+    def largest_value(self) -> float | None:
+        return FLOAT16_MAX if self.dtype == "float16" else None
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         return {"k": keys.to(DTYPES[self.dtype]).contiguous(), "v": values.to(DTYPES[self.dtype]).contiguous()}
