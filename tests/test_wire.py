@@ -829,3 +829,18 @@ def test_ranges_or_steps_wider_than_float16_are_refused(codec, name):
     header["layers"][0]["bytes"] = len(payloads[0])
     with pytest.raises(CorruptMessage, match="float16"):
         KVMessage.from_bytes(craft(json.dumps(header).encode(), payloads, version))
+
+
+def test_the_writer_refuses_what_no_reader_would_accept():
+    """Constant KV that zstd shrinks past the readers' bomb guard, layers of other shapes, no
+    layers: each a WireError for the sender, not a message every receiver refuses as corrupt."""
+    still = torch.full((2, 300, 64), 0.5)
+    with pytest.raises(WireError, match="nearly constant"):
+        KVMessage({"m": 1}, 300, 0, [LayerKV(0, True, still, still)], make_codec("zstd")).to_bytes()
+    KVMessage.from_bytes(KVMessage({"m": 1}, 300, 0, [LayerKV(0, True, still, still)], make_codec("fp16")).to_bytes())
+    layers = [LayerKV(0, True, kv_like(2, 5, 4, 0), kv_like(2, 5, 4, 1)),
+              LayerKV(1, True, kv_like(4, 5, 4, 2), kv_like(4, 5, 4, 3))]
+    with pytest.raises(WireError, match=r"layers \[1\] have other heads"):
+        KVMessage({"m": 1}, 5, 0, layers, make_codec("fp16")).to_bytes()
+    with pytest.raises(WireError, match="at least one layer"):
+        KVMessage({"m": 1}, 5, 0, [], make_codec("fp16")).to_bytes()

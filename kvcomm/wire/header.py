@@ -164,8 +164,14 @@ class Header(BaseModel):
         decoded = self.decoded_bytes
         if decoded > max_decoded_bytes:
             raise MessageTooLarge(f"message decodes to {decoded:,} bytes, the limit is {max_decoded_bytes:,}")
-        if decoded > MAX_EXPANSION * self.payload_bytes + EXPANSION_SLACK:
+        if self.too_expanded:
             raise CorruptMessage(f"{self.payload_bytes:,} payload bytes cannot honestly decode to {decoded:,}")
+
+    @property
+    def too_expanded(self) -> bool:
+        """Whether the message decodes to more than :data:`MAX_EXPANSION` times its payload (plus
+        :data:`EXPANSION_SLACK`): what readers refuse as a decompression bomb."""
+        return self.decoded_bytes > MAX_EXPANSION * self.payload_bytes + EXPANSION_SLACK
 
     def to_json(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()

@@ -179,6 +179,8 @@ class KVMessage:
     def write(self, out: BinaryIO) -> int:
         """Encodes and writes the message; returns the number of bytes written. A codec that chooses
         per message (``auto``) encodes it with its choice, named in the header with its reasons."""
+        if not self.layers:
+            raise WireError("a message holds at least one layer")
         largest = self.codec.largest_value()
         for layer in self.layers:  # before any codec (``auto`` measures them all) sees the values
             for low, high in (value_range(layer.keys), value_range(layer.values)):
@@ -193,6 +195,10 @@ class KVMessage:
         payloads = [self._encode_layer(layer, codec) for layer in self.layers]
         extras = self._encode_extras(codec)
         first = self.layers[0].keys
+        if odd := [layer.index for layer in self.layers if layer.keys.shape[1] and (
+                layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
+            raise WireError(f"layers {odd} have other heads or head size than layer {self.layers[0].index}'s "
+                            f"{first.shape[0]} × {first.shape[2]}: one message holds one model's KV")
         try:
             header = Header(
                 fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
@@ -204,6 +210,10 @@ class KVMessage:
                 extras=[entry for entry, _ in extras],
             )
             blob = header.to_json()
+            if header.too_expanded:
+                raise WireError(f"this KV encodes to {header.payload_bytes:,} bytes that decode to "
+                                f"{header.decoded_bytes:,}, more than readers accept from so few (a decompression "
+                                "bomb's mark): it is nearly constant; send it with fp16")
         except ValidationError as err:
             raise WireError(describe(err, "this message cannot be written")) from None
         except TypeError as err:
