@@ -38,6 +38,23 @@ def test_recomputing_everything_is_a_full_prefill_of_the_joined_tokens(family, d
     assert stats.recomputed == [18] and stats.context == [18]
 
 
+def test_an_exact_opening_is_never_recomputed_nor_counted(family):
+    """The first piece (a prompt's opening, prefilled before the others) is already exact: with
+    ``exact`` its 7 tokens are neither chosen nor counted, and recomputing every other token is
+    still the full prefill; half of the other 11 is 5 tokens, none of them the opening's."""
+    model = tiny_model(family)
+    ids, parts = pieces(model)
+    question = torch.randint(0, 99, (1, 4))
+    joined = concat_shared(model, parts)
+    blended, stats = blend(model, joined, recompute=1.0, exact=7)
+    whole = torch.cat([*ids, question], dim=1)
+    reference = prefill_logits(model, empty_input(model, 1), whole, torch.ones_like(whole, dtype=torch.bool))
+    assert (question_logits(model, blended, question) - reference[:, -4:]).abs().max().item() <= 1e-4
+    assert stats.recomputed == [11]
+    _, half = blend(model, joined, recompute=0.5, exact=7)
+    assert half.recomputed == [5]
+
+
 def test_recomputing_nothing_is_plain_concatenation(family):
     model = tiny_model(family)
     _, parts = pieces(model)

@@ -550,6 +550,8 @@ def test_stored_passages_are_read_inside_the_last_user_turn(http, agent):
     expected = greedy_generate(agent.model, empty_input(agent.model, 1), whole, valid, 6, agent.stop_ids, agent.pad_id)
     assert every.json()["choices"][0]["message"]["content"] == agent.decode(expected[0])
     assert every.json()["usage"]["prompt_tokens"] + every.json()["usage"]["kv_tokens_received"] == whole.shape[1]
+    usage = every.json()["usage"]  # every passage token recomputed, none of the opening (prefilled here, exact)
+    assert usage["kv_tokens_recomputed"] == sum(m["context_tokens"] for m in made[:2])
     assert ask([made[2]["id"], made[0]["id"]]).status_code == 200  # joined without recompute too
     mixed = ask([made[0]["id"], context["id"]])
     assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "mixed_kv_messages"

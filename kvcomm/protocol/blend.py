@@ -90,12 +90,15 @@ def _gather(chosen: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_layer: int = 1,
-          deviation: Deviation = "values") -> tuple[SharedKV, BlendStats]:
+          deviation: Deviation = "values", exact: int = 0) -> tuple[SharedKV, BlendStats]:
     """The receiver's context cache after blending ``joined`` (see the module's docstring).
 
     Args:
         joined: the pieces joined by ``concat_shared``, with their token ids (``token_ids``).
-        recompute: the fraction of each row's context tokens to recompute (0..1).
+        recompute: the fraction of each row's context tokens to recompute (0..1), of those after
+            the first ``exact``.
+        exact: each row's first context tokens whose KV is already a full prefill's (a prompt's
+            opening, prefilled before the pieces): never recomputed, nor counted in ``recompute``.
         check_layer: where deviations are measured (moved to the first layer after it that is
             shared in full, when it is a sink-only layer); layers before it are recomputed for every token.
         deviation: what deviation is measured on: ``keys``, ``values`` or ``both``.
@@ -118,8 +121,9 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
     if bool(valid.any()) and int(ids[valid].max()) >= vocabulary:
         raise WireError(f"a token id is outside the receiver's vocabulary of {vocabulary}")
     fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, check)
-    chosen = _chosen(fresh_k[check], fresh_v[check], joined.keys[check], joined.values[check], valid, recompute,
-                     deviation)
+    blendable = valid & (valid.long().cumsum(dim=1) > exact)  # after each row's first ``exact`` tokens
+    chosen = _chosen(fresh_k[check], fresh_v[check], joined.keys[check], joined.values[check], blendable,
+                     recompute, deviation)
     return recompute_tokens(model, joined, chosen, (fresh_k, fresh_v), check)
 
 

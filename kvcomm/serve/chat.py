@@ -132,7 +132,8 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
     if joined.token_ids is None:
         raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
                                   "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
-    blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation)
+    exact = len(received.opening) if received.opening is not None else 0  # prefilled here: never recomputed
+    blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation, exact=exact)
     received.recomputed = stats.recomputed[0]
     return receiver_input(blended)
 
