@@ -305,7 +305,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
         min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "
-                    "--selection paper, 4 for answer, prune and prior, fewer if the task cannot spare them)")], None),
+                    "--selection paper, 4 for answer, prune and prior; the most of the rules the run calibrates, "
+                    "methods' own (kvcomm~prune) included; fewer if the task cannot spare them)")], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False,
         help="Layer ranking, or droidspeak block profile, from `kvcomm calibrate`; or the results JSON of an "

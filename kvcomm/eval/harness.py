@@ -10,7 +10,7 @@ it used (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,16 +94,25 @@ class EvalConfig(Options):
     def calibration(self) -> Calibration:
         return Calibration(self.alpha, self.mu, self.sigma)
 
-    def calibration_count(self, total: int) -> int:
-        """How many of a task's ``total`` items calibrate (``calib_size``, or the rule's default)."""
+    def calibration_count(self, total: int, rules: Iterable[str] = ()) -> int:
+        """How many of a task's ``total`` items calibrate: ``calib_size``, or the most any rule
+        the run calibrates asks for (``selection``'s, and ``rules``: those its methods name, e.g.
+        ``kvcomm~prune`` beside ``--selection paper``)."""
         if self.calib_size is not None:
             return self.calib_size
         room = total - self.skip - (self.limit if self.limit is not None else 1)
-        return max(1, min(CALIBRATION_ITEMS[self.selection], room))
+        wanted = max(CALIBRATION_ITEMS[rule] for rule in {self.selection, *rules})
+        return max(1, min(wanted, room))
 
-    def split(self, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
-        """The test and the calibration items of a task (see :func:`split_items`)."""
-        return split_items(items, self.limit, self.calibration_count(len(items)), self.skip)
+    def split(self, items: Sequence[Item], rules: Iterable[str] = ()) -> tuple[list[Item], list[Item]]:
+        """The test and the calibration items of a task (see :func:`split_items`), for a run whose
+        methods name ``rules`` (:func:`named_rules`)."""
+        return split_items(items, self.limit, self.calibration_count(len(items), rules), self.skip)
+
+
+def named_rules(methods: Sequence[Method]) -> set[str]:
+    """The selection rules ``methods`` name for themselves (``kvcomm~prune``'s ``selection``)."""
+    return {rule for method in methods if (rule := getattr(method.options, "selection", None)) is not None}
 
 
 def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
@@ -135,6 +144,9 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
     """Refuses a profile made for another sender and receiver (``pair``: this run's), on another
     task, on test items, for another depth, or (given the run's ``pieces``) on items read in
     another layout."""
+    if profile.task != task.name:
+        raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
+                          f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
     if pair is not None and (profile.sender, profile.receiver) != pair:
         if isinstance(profile, BlockProfile):
             raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
@@ -143,9 +155,6 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
                           f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
                           "leave out --profile")
-    if profile.task != task.name:
-        raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
-                          f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
     if leaked := {item.id for item in test}.intersection(profile.calibration_items):
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:
@@ -182,7 +191,7 @@ def evaluate(
     if cluster is not None:
         check_apart(methods)
     started = utc_now()
-    test, calib = config.split(task.items)
+    test, calib = config.split(task.items, named_rules(methods))
     for given in (profile, blocks):
         if given is not None:
             check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name),
