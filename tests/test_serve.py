@@ -78,6 +78,8 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert http.put("/v1/messages/../x", content=b"x").status_code in (400, 404)
     assert chat(http, "q", ["missing"]).status_code == 404
     assert chat(http, "q", max_tokens=10_000).status_code == 400
+    lone = chat(http, "q", kv_blend={"ratio": 0.5})  # nothing to blend
+    assert lone.status_code == 400 and lone.json()["error"]["param"] == "kv_blend"
     assert http.post("/v1/contexts", json={"context": "x", "layers": [99]}).status_code == 400
     unknown = http.post("/v1/contexts", json={"context": "x", "unknown": 1})
     assert unknown.status_code == 400 and "Unrecognized request argument supplied: unknown" in unknown.text

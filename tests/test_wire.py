@@ -844,3 +844,16 @@ def test_the_writer_refuses_what_no_reader_would_accept():
         KVMessage({"m": 1}, 5, 0, layers, make_codec("fp16")).to_bytes()
     with pytest.raises(WireError, match="at least one layer"):
         KVMessage({"m": 1}, 5, 0, [], make_codec("fp16")).to_bytes()
+
+
+def test_a_header_number_beyond_a_finite_float_is_refused():
+    """``1e999`` parses as infinity, which the header could not be written back with (not JSON)."""
+    from tests.conftest import craft
+
+    data = message("fp16").to_bytes()
+    blob, version, payloads = split_message(data)
+    header = json.loads(blob)
+    header["meta"]["note"] = 1.5
+    edited = json.dumps(header).replace("1.5", "1e999").encode()
+    with pytest.raises(CorruptMessage, match="1e999"):
+        KVMessage.from_bytes(craft(edited, payloads, version))

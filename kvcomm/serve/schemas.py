@@ -135,6 +135,8 @@ class ChatRequest(BaseModel):
             ("response_format", self.response_format not in (None, {"type": "text"}),
              "only text responses are supported"),
         ]
+        checks.append(("kv_blend", self.kv_blend is not None and not self.kv_messages,
+                       "kv_blend recomputes tokens of kv_messages: send some, or leave kv_blend out"))
         checks += [("messages", m.role in ("tool", "function"), f"the {m.role!r} role is not supported")
                    for m in self.messages]
         return next(((name, reason) for name, bad, reason in checks if bad), None)

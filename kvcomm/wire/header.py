@@ -21,6 +21,7 @@ sink token.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -183,6 +184,13 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: infinity, which the header could not be written back with
+        raise CorruptMessage(f"header holds {text}, beyond a finite number")
+    return value
+
+
 def _no_constant(name: str) -> None:
     raise CorruptMessage(f"header holds {name}, which is not JSON")
 
@@ -203,7 +211,7 @@ def parse_header(blob: bytes, version: int) -> Header:
     if nesting_depth(blob) > MAX_DEPTH:
         raise CorruptMessage(f"header JSON nests deeper than {MAX_DEPTH} levels")
     try:
-        raw = json.loads(blob.decode(), parse_int=_bounded_int, parse_constant=_no_constant)
+        raw = json.loads(blob.decode(), parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptMessage(f"header is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
