@@ -244,4 +244,6 @@ def test_the_skyline_reads_its_context_from_the_senders_prefill_and_answers_as_a
     assert Skyline().run(batch).answers == [model.decode(ids) for ids in plain]
     other = tiny_loaded("llama", seed=1)
     assert Batch(Agents(other, model), task, task.items[:5]).after_sender(prompt) is None
+    one = Batch(Agents(model, model), task, task.items[:1])  # a batch of one reuses it too
+    assert one.after_sender(one.prompt("receiver", task.skyline_message)) is not None
     assert batch.after_sender(batch.prompt("receiver", task.receiver_message)) is None  # the opening only

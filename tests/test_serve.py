@@ -164,7 +164,7 @@ def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled
         assert len({a["id"] for a in answers}) == 1 and sum(not a["cached"] for a in answers) == 1
 
 
-def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch):
+def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch, caplog):
     from kvcomm.serve import chat as chat_module
 
     app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",)))
@@ -176,11 +176,13 @@ def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch):
     with TestClient(app, raise_server_exceptions=False) as client:
         answer = chat(client, "Where?")
         assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+        caplog.clear()  # the stream's failure, once its 200 went out, is logged by the stream itself
         with client.stream("POST", "/v1/chat/completions", json={
                 "model": "tiny", "messages": [{"role": "user", "content": "Where?"}], "stream": True}) as streamed:
             lines = [line for line in streamed.iter_lines() if line]
         error = json.loads(lines[-1].removeprefix("data: "))["error"]
         assert error["code"] == "internal_error" and error["type"] == "server_error"
+    assert any("a bug" in str(record.exc_info[1]) for record in caplog.records if record.exc_info)  # logged
 
 
 def test_an_upload_streamed_in_small_chunks_is_checked_as_it_arrives_and_stored_whole(app, live):

@@ -857,3 +857,16 @@ def test_a_header_number_beyond_a_finite_float_is_refused():
     edited = json.dumps(header).replace("1.5", "1e999").encode()
     with pytest.raises(CorruptMessage, match="1e999"):
         KVMessage.from_bytes(craft(edited, payloads, version))
+
+
+def test_auto_leaves_out_the_candidates_a_messages_values_exceed():
+    """KV beyond float16's range: ``auto`` over fp32 and fp16 sends fp32; over float16 codecs only
+    it is refused with the reason."""
+    keys, values = kv_like(2, 12, 8, 0), kv_like(2, 12, 8, 1)
+    keys[0, 3, 3] = 1e5
+    layers = [LayerKV(0, True, keys, values)]
+    sent = KVMessage({"m": 1}, 12, 0, layers, make_codec("auto", candidates=["fp16", "fp32"])).to_bytes()
+    back = KVMessage.from_bytes(sent)
+    assert back.meta["codec_choice"]["chosen"] == "fp32" and back.layers[0].keys[0, 3, 3].item() == 1e5
+    with pytest.raises(WireError, match="float16's range"):
+        KVMessage({"m": 1}, 12, 0, layers, make_codec("auto", candidates=["fp16", "int8"])).to_bytes()

@@ -39,7 +39,7 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
 from kvcomm.tasks import Task, load_task
-from kvcomm.tasks.base import Pieces
+from kvcomm.tasks.base import Item, Pieces
 
 
 def calibrate_command(
@@ -88,11 +88,7 @@ def calibrate_command(
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    count = config.calibration_count(len(the_task.items))  # calibration alone: any item may serve
-    if not 1 <= count <= len(the_task.items):
-        raise ConfigError(f"--calib-size {count}: the task holds {len(the_task.items)} items; calibrate on 1 to "
-                          f"{len(the_task.items)} of them")
-    items = list(the_task.items[len(the_task.items) - count:])  # the last, as eval and sweep hold them out
+    items = _last_items(the_task, config)
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
@@ -116,10 +112,20 @@ def calibrate_command(
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
+def _last_items(task: Task, config: EvalConfig) -> list[Item]:
+    """The task's last items, as many as ``config`` calibrates on (eval and sweep hold out these):
+    calibration alone keeps no test item, so any item may serve."""
+    count = config.calibration_count(len(task.items))
+    if not 1 <= count <= len(task.items):
+        raise ConfigError(f"--calib-size {count}: the task holds {len(task.items)} items; calibrate on 1 to "
+                          f"{len(task.items)} of them")
+    return list(task.items[len(task.items) - count:])
+
+
 def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | None, batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
-    _, items = EvalConfig(calib_size=calib_size).split(the_task.items)
+    items = _last_items(the_task, EvalConfig(calib_size=calib_size))
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)

@@ -138,7 +138,8 @@ class Batch:
             return None
         ids = self.prompt("sender", self.task.sender_message).ids
         opening = [common_prefix([theirs, ours]) for theirs, ours in zip(ids, prompt.ids)]
-        if min(opening) < MIN_PREFIX or sum(opening) <= len(prompt.ids) * common_prefix(prompt.ids):
+        together = common_prefix(prompt.ids) if len(prompt.ids) > 1 else 0  # what prefix_start shares
+        if min(opening) < MIN_PREFIX or sum(opening) <= len(prompt.ids) * (together if together >= MIN_PREFIX else 0):
             return None
         return continuing(self.sender_kv(), prompt.ids, opening, receiver.pad_id)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from kvcomm.serve.errors import describe_error, error_json
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.worker import Job, ModelWorker
 
+logger = logging.getLogger(__name__)
 
 def _usage(prompt: int, completion: int, extra: dict[str, int]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **extra}
@@ -72,6 +74,8 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
             _, finish = await task
         except Exception as err:  # a refusal after the stream began (deadline): say so in the stream
             status, type_, code, message = describe_error(err)
+            if status == 500:  # a bug: no handler sees it once the stream began, so log it here
+                logger.exception("a streamed chat completion failed")
             yield f"data: {json.dumps(error_json(status, message, code, kind=type_))}\n\n"
             return
         yield chunk({}, finish, _usage(prompt_tokens, len(tokens), extra()))

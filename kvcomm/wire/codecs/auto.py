@@ -54,7 +54,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
+from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset, value_range
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -120,8 +120,16 @@ class AutoCodec(Codec):
         bound._codebook = codebook
         return bound
 
+    def largest_value(self) -> float | None:
+        """The largest any candidate carries (None where one carries any finite value): ``for_message``
+        leaves out the candidates this message's values exceed."""
+        carried = [make_codec(name).largest_value() for name in self.candidates]
+        return None if None in carried else max(value for value in carried if value is not None)
+
     def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
         sample = max(layers, key=lambda layer: layer.keys.shape[1])
+        extent = max((max(-low, high) for layer in layers for low, high in (value_range(layer.keys),
+                                                                          value_range(layer.values))), default=0.0)
         sizes = [layer.keys.numel() for layer in layers]
         total = sum(sizes) or 1
         scale = total / max(sample.keys.numel(), 1)
@@ -130,6 +138,8 @@ class AutoCodec(Codec):
         codecs: dict[str, Codec] = {}
         for name in self.candidates:
             codec = make_codec(name)
+            if (largest := codec.largest_value()) is not None and extent > largest:
+                continue  # these values exceed what it stores (float16): not a candidate here
             if self._codebook is not None:
                 codec = codec.bind(self._codebook)
             elif name in ("klt", "klt-coarse"):
@@ -137,7 +147,8 @@ class AutoCodec(Codec):
             codecs[name] = codec
             estimates[name] = self._estimate(_measure(codec, sample, len(layers), scale, self.bandwidth_mbit), sizes)
         if not estimates:
-            raise WireError("auto codec: no candidate can encode this message (klt needs a codebook)")
+            raise WireError("auto codec: no candidate can encode this message (klt needs a codebook; float16 "
+                            "codecs carry |x| up to 65504)")
         within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
         if within:
             chosen = min(within, key=lambda n: within[n]["seconds"])
