@@ -24,6 +24,9 @@ def files(tmp_path, tiny_dir):
     Profile(sender="m", receiver="m", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
             calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[0, 1, 2, 3],
             details={"pieces": "passages"}).save(tmp_path / "passages-profile.json")
+    Profile(sender="m", receiver="m", task="facts", num_layers=6, alpha=1.0, mu=0.5, sigma=10.0,
+            calibration_items=[], importance=[0.0] * 6, scores=[0.0] * 6,
+            ranking=[5, 4, 3, 2, 1, 0]).save(tmp_path / "deeper-profile.json")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "facts.json").write_text("{}")  # a finished run's results
     (tmp_path / "other" / "facts.checkpoint").mkdir(parents=True)  # another run's checkpoint
@@ -84,6 +87,7 @@ MISTAKES = [
     ("encode {dir}/m.kvcm -m {model} --context x --layers 0,99", "must name layers in 0..3"),
     ("encode {dir}/m.kvcm -m {model} --context x --codec int9", "Did you mean 'int8'"),
     ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5", "needs --profile"),
+    ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5 --profile {dir}/deeper-profile.json", "ranks 6 layers"),
     ("encode {dir}/folder -m {model} --context x", "is a folder"),
     ("inspect {dir}/missing.kvcm", "does not exist"),
     ("inspect {dir}/junk.kvcm", "not a KV message"),

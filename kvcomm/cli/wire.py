@@ -61,7 +61,11 @@ def encode_command(
     if ratio is not None:
         if profile is None:
             raise ConfigError("--ratio needs --profile (layers ranked by `kvcomm calibrate`)")
-        chosen = top_layers(read_ranking(profile).ranking, ratio)
+        ranked = read_ranking(profile)
+        if ranked.num_layers != depth:
+            raise ConfigError(f"{profile} ranks {ranked.num_layers} layers; {model} has {depth}: calibrate it "
+                              "(kvcomm calibrate)")
+        chosen = top_layers(ranked.ranking, ratio)
     elif layers:
         chosen = check_layers(layers, depth)
     if out.is_dir():
