@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -323,6 +325,18 @@ def test_chunked_prefill_equals_one_prefill(family, chunk):
     assert one == many
 
 
+def stopping_at_the_second_call() -> tuple[list[int], Callable[[], None]]:
+    """A deadline check that raises on its second call, and the list of its calls."""
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise TimeoutError("deadline")
+
+    return calls, check
+
+
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_a_sender_prefilled_in_chunks_has_the_kv_of_one_prefill(family, chunk):
     """The service's /v1/contexts prefills in chunks (to notice deadlines): the same KV, positions
@@ -333,13 +347,7 @@ def test_a_sender_prefilled_in_chunks_has_the_kv_of_one_prefill(family, chunk):
     assert torch.equal(whole.valid, parts.valid) and torch.equal(whole.positions, parts.positions)
     for a, b in zip(whole.keys + whole.values, parts.keys + parts.values):
         assert (a - b)[whole.valid[:, None, :, None].expand_as(a)].abs().max().item() <= 1e-5
-    calls = []
-
-    def check():
-        calls.append(1)
-        if len(calls) == 2:
-            raise TimeoutError("deadline")
-
+    calls, check = stopping_at_the_second_call()
     with pytest.raises(TimeoutError):
         prefill(model, ids, valid, chunk=3, check=check)
     assert len(calls) == 2
@@ -350,13 +358,7 @@ def test_a_sender_prefilled_in_chunks_has_the_kv_of_one_prefill(family, chunk):
 def test_check_stops_prefill_and_decoding():
     model = tiny_model("llama")
     ids, valid = pad_left([list(range(5, 30))], 0)
-    calls = []
-
-    def check():
-        calls.append(1)
-        if len(calls) == 2:
-            raise TimeoutError("deadline")
-
+    calls, check = stopping_at_the_second_call()
     with pytest.raises(TimeoutError):
         greedy_generate(model, empty_input(model, 1), ids, valid, 50, [], 0, prefill_chunk=10, check=check)
     assert len(calls) == 2  # stopped at the second chunk, before the third
