@@ -31,7 +31,7 @@ from kvcomm.protocol import (
     prefill,
     prefill_shared,
 )
-from kvcomm.protocol.prefix import MIN_PREFIX
+from kvcomm.protocol.prefix import MIN_PREFIX, shared_opening
 from kvcomm.protocol.reply import rebase
 from kvcomm.tasks.base import Item, Pieces, Task
 
@@ -138,8 +138,7 @@ class Batch:
             return None
         ids = self.prompt("sender", self.task.sender_message).ids
         opening = [common_prefix([theirs, ours]) for theirs, ours in zip(ids, prompt.ids)]
-        together = common_prefix(prompt.ids) if len(prompt.ids) > 1 else 0  # what prefix_start shares
-        if min(opening) < MIN_PREFIX or sum(opening) <= len(prompt.ids) * (together if together >= MIN_PREFIX else 0):
+        if min(opening) < MIN_PREFIX or sum(opening) <= len(prompt.ids) * shared_opening(prompt.ids):
             return None
         return continuing(self.sender_kv(), prompt.ids, opening, receiver.pad_id)
 

@@ -39,6 +39,13 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def shared_opening(rows: Sequence[Sequence[int]], min_prefix: int = MIN_PREFIX) -> int:
+    """How many tokens :func:`prefix_start` prefills once for ``rows``: their common opening, or 0
+    for one row or an opening shorter than ``min_prefix``."""
+    length = common_prefix(rows) if len(rows) > 1 else 0
+    return length if length >= min_prefix else 0
+
+
 def prefix_start(
     model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: int, min_prefix: int = MIN_PREFIX
 ) -> tuple[ReceiverInput, torch.Tensor, torch.Tensor]:
@@ -48,8 +55,8 @@ def prefix_start(
     With one row, or an opening shorter than ``min_prefix``, the start is empty and the rest is
     every row whole.
     """
-    length = common_prefix(rows) if len(rows) > 1 else 0
-    if length < min_prefix:
+    length = shared_opening(rows, min_prefix)
+    if not length:
         return (empty_input(model, len(rows)), *pad_left(rows, pad_id))
     opening = torch.tensor([list(rows[0][:length])], dtype=torch.long)
     head = prefill(model, opening, torch.ones_like(opening, dtype=torch.bool))
