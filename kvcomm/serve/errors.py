@@ -110,9 +110,9 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str | No
     return 422, "; ".join(parts), str(first) if first is not None else None
 
 
-async def respond(err: KvcommError) -> JSONResponse:
-    """The error response of a kvcomm error."""
-    status, type_, code, message = describe_kvcomm_error(err)
+async def respond(err: BaseException) -> JSONResponse:
+    """The error response of a kvcomm error (or of an unexpected one: :func:`describe_error`)."""
+    status, type_, code, message = describe_error(err)
     return JSONResponse(error_json(status, message, code, kind=type_), status)
 
 
@@ -134,8 +134,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
-        status, type_, code, message = describe_error(err)
-        return JSONResponse(error_json(status, message, code, kind=type_), status)
+        return await respond(err)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -20,6 +20,7 @@ from kvcomm.serve.worker import Job, ModelWorker
 
 logger = logging.getLogger(__name__)
 
+
 def _usage(prompt: int, completion: int, extra: dict[str, int]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **extra}
 
