@@ -183,6 +183,9 @@ class KVMessage:
             raise WireError("a message holds at least one layer")
         largest = self.codec.largest_value()
         for layer in self.layers:  # before any codec (``auto`` measures them all) sees the values
+            if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
+                raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
+                                f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
             for low, high in (value_range(layer.keys), value_range(layer.values)):
                 if not (math.isfinite(low) and math.isfinite(high)):
                     raise WireError(f"layer {layer.index}: the keys or values hold NaN or infinity; a message "
@@ -191,14 +194,14 @@ class KVMessage:
                     raise WireError(f"layer {layer.index}: {self.codec.name} stores float16 values, ranges or steps, "
                                     f"and this KV exceeds float16's range (|x| up to {max(-low, high):.3g}); send it "
                                     "with fp32 or bf16")
-        codec, notes = self.codec.for_message(self.layers)
-        payloads = [self._encode_layer(layer, codec) for layer in self.layers]
-        extras = self._encode_extras(codec)
         first = self.layers[0].keys
         if odd := [layer.index for layer in self.layers if layer.keys.shape[1] and (
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
             raise WireError(f"layers {odd} have other heads or head size than layer {self.layers[0].index}'s "
                             f"{first.shape[0]} × {first.shape[2]}: one message holds one model's KV")
+        codec, notes = self.codec.for_message(self.layers)
+        payloads = [self._encode_layer(layer, codec) for layer in self.layers]
+        extras = self._encode_extras(codec)
         try:
             header = Header(
                 fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
@@ -238,9 +241,7 @@ class KVMessage:
         return written + len(END) + 16
 
     def _encode_layer(self, layer: LayerKV, codec: Codec) -> bytes:
-        if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
-            raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
-                            f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
+        """One layer's payload (its shape and values checked by :meth:`write`)."""
         if layer.keys.shape[1] == 0:  # left out: the receiver computes this layer itself
             return b""
         tensors = codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
