@@ -386,6 +386,17 @@ def _slots(freq: np.ndarray, values: np.ndarray, symbols: np.ndarray, steps: np.
             slot += 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _decode_tabled(words: np.ndarray, freq: np.ndarray, values: np.ndarray, out: np.ndarray) -> Any:
+    """:func:`_slots`' tables, then :func:`_decode_categorical4` with them: one compiled call, so
+    that building the table (a sizeable part of a small tensor's decoding) runs without the GIL
+    too, beside the other lane's Python."""
+    symbols = np.empty(1 << CATEGORICAL_BITS, dtype=values.dtype)
+    steps = np.empty(1 << CATEGORICAL_BITS, dtype=np.uint32)
+    _slots(freq, values, symbols, steps)
+    return _decode_categorical4(words, symbols, steps, out)
+
+
 def group_size(alphabet: int, pairs: int = PAIRS) -> int:
     """How many codes one symbol of a stream carries: 4 for at most 4 distinct codes, 2 for at most
     ``pairs`` (:data:`PAIRS` from format version 8, 16 in version 7; 0: never grouped, versions 5
@@ -477,10 +488,10 @@ def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int 
 
 def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, dtype: type[np.integer] = np.int32,
                              lanes: int = LANES, pairs: int = PAIRS) -> Callable[[], np.ndarray]:
-    """The inverse of :func:`rans_encode_categorical`, in two steps: the table is built and the
-    arguments checked now; the returned call decodes ``size`` symbols as ``dtype`` (uint8 where
-    there are at most 256 symbols, or int32) in the compiled kernel alone, which releases the GIL
-    (so that another thread's Python runs meanwhile).
+    """The inverse of :func:`rans_encode_categorical`, in two steps: the arguments are checked and
+    the frequencies derived now; the returned call builds the table and decodes ``size`` symbols as
+    ``dtype`` (uint8 where there are at most 256 symbols, or int32) in compiled code alone, which
+    releases the GIL (so that another thread's Python runs meanwhile).
 
     Raises:
         ValueError: a ``dtype`` too narrow for these symbols, or another number of states than 2
@@ -495,8 +506,6 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
         values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes
-        symbols, steps = np.empty(1 << CATEGORICAL_BITS, dtype=values.dtype), np.empty(1 << CATEGORICAL_BITS, np.uint32)
-        _slots(freq, values, symbols, steps)
         padding = _padding(counts) if group > 1 else 0
     else:
         entries = _entries(freq, 16, 16)
@@ -504,14 +513,14 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
     def decode() -> np.ndarray:
         if group > 1:
             codes = np.empty(-(-size // group) * group, dtype=np.uint8)
-            status = _decode_categorical4(words, symbols, steps, codes.view(symbols.dtype))
+            status = _decode_tabled(words, freq, values, codes.view(values.dtype))
             if status == 0 and (codes[size:] != padding).any():
                 status = -1
             out = codes[:size] if dtype is np.uint8 else codes[:size].astype(dtype)
         else:
             out = np.empty(size, dtype=dtype)
             if lanes == LANES:
-                status = _decode_categorical4(words, symbols, steps, out)
+                status = _decode_tabled(words, freq, values, out)
             else:
                 status = _decode_categorical(words, entries, out)
         if status < 0:
