@@ -16,6 +16,7 @@ from kvcomm.protocol.reply import Turn, generate_turn
 from kvcomm.protocol.sender import SenderKV, pad_left, prefill, run_body
 from kvcomm.protocol.shared import (
     SharedKV,
+    check_joinable,
     concat_shared,
     effective_layers,
     follow_on_keys,
@@ -30,8 +31,8 @@ ATTENTION_NAME = _attention.ATTENTION_NAME
 
 __all__ = [
     "ATTENTION_NAME", "MASK_MODES", "AttentionLayout", "ImportanceRecorder", "MaskMode", "ReceiverInput", "SenderKV",
-    "SharedKV", "Turn", "attention_importance", "build_receiver_input", "common_prefix", "concat_shared", "continuing",
-    "effective_layers", "empty_input", "follow_on_keys", "generate_turn", "greedy_generate", "kept_columns",
-    "merge_senders", "pad_left", "prefill", "prefill_logits", "prefill_shared", "prefix_start", "receiver_input",
-    "run_body", "share", "share_many", "splice",
+    "SharedKV", "Turn", "attention_importance", "build_receiver_input", "check_joinable", "common_prefix",
+    "concat_shared", "continuing", "effective_layers", "empty_input", "follow_on_keys", "generate_turn",
+    "greedy_generate", "kept_columns", "merge_senders", "pad_left", "prefill", "prefill_logits", "prefill_shared",
+    "prefix_start", "receiver_input", "run_body", "share", "share_many", "splice",
 ]

@@ -288,11 +288,23 @@ def follow_on_keys(model: PreTrainedModel, layer: int, keys: Sequence[torch.Tens
                       for k, o in zip(keys, offsets)], dim=2)
 
 
+def check_joinable(fulls: Sequence[Sequence[bool]], modes: Sequence[str]) -> None:
+    """Pieces joined into one context (or stacked into one batch) share their full layers and their
+    mask mode: the one check for the protocol and for the service, which runs it on messages
+    before any answer begins.
+
+    Raises:
+        ConfigError: naming the layers and modes found.
+    """
+    if len({tuple(full) for full in fulls}) > 1 or len(set(modes)) > 1:
+        found = sorted({f"layers {[i for i, f in enumerate(full) if f]} in {mode} mode"
+                        for full, mode in zip(fulls, modes)})
+        raise ConfigError(f"KV pieces joined into one context must share their layers and mask mode; got "
+                          f"{'; '.join(found)}")
+
+
 def _check_joinable(parts: Sequence[SharedKV]) -> None:
-    if any(p.full != parts[0].full for p in parts):
-        raise ConfigError("KV pieces to combine must share the same layers")
-    if any(p.mode != parts[0].mode for p in parts):
-        raise ConfigError(f"KV pieces to combine must share one mask mode, got {sorted({p.mode for p in parts})}")
+    check_joinable([p.full for p in parts], [p.mode for p in parts])
 
 
 def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import (
     ReceiverInput,
     SharedKV,
+    check_joinable,
     concat_shared,
     empty_input,
     greedy_generate,
@@ -86,15 +88,15 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
 def _check_joinable(messages: list[KVMessage]) -> None:
     """Refuses, before any answer begins (a stream's 200 included), messages the model thread could
     not join: one leaving layers out (a droidspeak message), or contexts (read one after the other,
-    not passages, which may differ) at different layers or in different mask modes."""
+    not passages, which may differ) that :func:`check_joinable` refuses."""
     if any(layer.keys.shape[1] == 0 for message in messages for layer in message.layers):
         raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
                                   "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
     if messages and messages[0].meta.get("passage") is not True:
-        if len({tuple(m.shared_layers) for m in messages}) > 1 or len({m.mode for m in messages}) > 1:
-            found = sorted({f"layers {m.shared_layers} in {m.mode} mode" for m in messages})
-            raise ServiceRefusal(400, f"kv_messages read one after the other must share their layers and mask mode; "
-                                      f"got {'; '.join(found)}", "unjoinable_kv_messages", "kv_messages")
+        try:
+            check_joinable([[layer.full for layer in m.layers] for m in messages], [m.mode for m in messages])
+        except ConfigError as err:
+            raise ServiceRefusal(400, str(err), "unjoinable_kv_messages", "kv_messages") from None
 
 
 def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: ServiceMetrics) -> bytes:
