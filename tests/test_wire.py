@@ -723,7 +723,7 @@ def test_auto_prefers_the_cheaper_decoder_once_the_receiver_computes_longer_than
     auto_module._measure = fake_measure
     try:
         chosen = {compute: make_codec("auto", candidates=["int4-ans", "klt"], receiver_compute_s=compute)
-                  .bind(lambda: book).for_message(layers)[1]["codec_choice"] for compute in (0.0, 1.0)}
+                  .bind(lambda: book).for_message(layers, 1.0)[1]["codec_choice"] for compute in (0.0, 1.0)}
     finally:
         auto_module._measure = original
     assert chosen[0.0]["chosen"] == "klt" and chosen[1.0]["chosen"] == "int4-ans"

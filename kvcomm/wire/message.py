@@ -181,7 +181,7 @@ class KVMessage:
         per message (``auto``) encodes it with its choice, named in the header with its reasons."""
         if not self.layers:
             raise WireError("a message holds at least one layer")
-        largest = self.codec.largest_value()
+        largest, extent = self.codec.largest_value(), 0.0
         for layer in self.layers:  # before any codec (``auto`` measures them all) sees the values
             if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
                 raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
@@ -190,6 +190,7 @@ class KVMessage:
                 if not (math.isfinite(low) and math.isfinite(high)):
                     raise WireError(f"layer {layer.index}: the keys or values hold NaN or infinity; a message "
                                     "carries finite values only")
+                extent = max(extent, -low, high)
                 if largest is not None and max(-low, high) > largest:
                     raise WireError(f"layer {layer.index}: {self.codec.name} stores float16 values, ranges or steps, "
                                     f"and this KV exceeds float16's range (|x| up to {max(-low, high):.3g}); send it "
@@ -199,7 +200,7 @@ class KVMessage:
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
             raise WireError(f"layers {odd} have other heads or head size than layer {self.layers[0].index}'s "
                             f"{first.shape[0]} × {first.shape[2]}: one message holds one model's KV")
-        codec, notes = self.codec.for_message(self.layers)
+        codec, notes = self.codec.for_message(self.layers, extent)
         payloads = [self._encode_layer(layer, codec) for layer in self.layers]
         extras = self._encode_extras(codec)
         try:

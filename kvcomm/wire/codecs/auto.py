@@ -54,7 +54,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset, value_range
+from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -126,10 +126,8 @@ class AutoCodec(Codec):
         carried = [make_codec(name).largest_value() for name in self.candidates]
         return None if None in carried else max(value for value in carried if value is not None)
 
-    def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
+    def for_message(self, layers: Sequence[LayerKV], extent: float) -> tuple[Codec, dict[str, Any]]:
         sample = max(layers, key=lambda layer: layer.keys.shape[1])
-        extent = max((max(-low, high) for layer in layers for low, high in (value_range(layer.keys),
-                                                                          value_range(layer.values))), default=0.0)
         sizes = [layer.keys.numel() for layer in layers]
         total = sum(sizes) or 1
         scale = total / max(sample.keys.numel(), 1)

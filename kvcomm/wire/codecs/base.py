@@ -57,9 +57,10 @@ class Codec(ABC):
         codebook and is called only by codecs that rotate with one (``klt``)."""
         return self
 
-    def for_message(self, layers: Sequence[LayerKV]) -> tuple[Codec, dict[str, Any]]:
-        """The codec that encodes a message of these layers, and notes for its header's ``meta``
-        (this codec and none, except for codecs that choose one per message: ``auto``)."""
+    def for_message(self, layers: Sequence[LayerKV], extent: float) -> tuple[Codec, dict[str, Any]]:
+        """The codec that encodes a message of these layers, whose largest magnitude is ``extent``
+        (measured once, by the writer's checks), and notes for its header's ``meta`` (this codec
+        and none, except for codecs that choose one per message: ``auto``)."""
         return self, {}
 
     @abstractmethod
