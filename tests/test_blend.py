@@ -74,6 +74,32 @@ def test_one_piece_is_its_own_prefill_at_any_ratio(family, recompute):
     assert (question_logits(model, blended, question) - question_logits(model, parts[0], question)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("recompute", [0.3, 1.0])
+def test_a_chunked_first_pass_blends_alike_and_is_checked_between_chunks(recompute):
+    """``chunk`` splits the first layers' pass over the context (18 tokens, 5 at a time: 4
+    forwards); ``check`` runs before each and once before the recompute, and stops the blend when
+    it raises. The question's logits equal the one-pass blend's."""
+    model = tiny_model("llama")
+    _, parts = pieces(model)
+    question = torch.randint(0, 99, (1, 4))
+    joined = concat_shared(model, parts)
+    whole, stats = blend(model, joined, recompute=recompute)
+    calls = []
+    chunked, chunked_stats = blend(model, joined, recompute=recompute, chunk=5, check=lambda: calls.append(1))
+    assert len(calls) == 4 + 1 and chunked_stats.recomputed == stats.recomputed
+    assert (question_logits(model, chunked, question) - question_logits(model, whole, question)).abs().max() <= 1e-4
+
+    def stop():
+        calls.append(1)
+        if len(calls) > 2:
+            raise TimeoutError("deadline")
+
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        blend(model, joined, recompute=recompute, chunk=5, check=stop)
+    assert len(calls) == 3
+
+
 def test_a_left_padded_batch_equals_each_row_alone():
     model = tiny_model("qwen2")
     firsts, seconds = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]], [[16, 17, 18], [19, 20]]

@@ -164,6 +164,44 @@ def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled
         assert len({a["id"] for a in answers}) == 1 and sum(not a["cached"] for a in answers) == 1
 
 
+def test_kv_blend_is_chunked_and_keeps_the_deadline(agent, monkeypatch):
+    """kv_blend's pass over every context token runs ``prefill_chunk`` tokens at a time, with the
+    request's deadline checked before each chunk and before the recompute: a deadline that passes
+    during the blend answers 504."""
+    from kvcomm.serve import worker as worker_module
+
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), prefill_chunk=4))
+    checks = []
+    real = worker_module.Job.check
+
+    def counted(job):
+        checks.append(1)
+        real(job)
+
+    with TestClient(app) as client:
+        made = [client.post("/v1/contexts", json={"context": text, "codec": "fp32"}).json()
+                for text in ("Mira lives in Oslo. " * 2, "Oslo is in Norway. " * 2)]
+        tokens = sum(m["context_tokens"] for m in made)
+        monkeypatch.setattr(worker_module.Job, "check", counted)
+        checks.clear()
+        assert chat(client, "Where?", [m["id"] for m in made], max_tokens=1).status_code == 200
+        without = len(checks)
+        checks.clear()
+        blended = chat(client, "Where?", [m["id"] for m in made], max_tokens=1, kv_blend={"ratio": 0.5})
+        assert blended.status_code == 200, blended.text
+        assert len(checks) - without == -(-tokens // 4) + 1  # one per chunk of the context, one before the recompute
+
+        def expires_in_the_blend(job):
+            checks.append(1)
+            if len(checks) > 2:  # the worker's check before the work, then the blend's first chunk's
+                raise worker_module.Stopped("deadline")
+
+        monkeypatch.setattr(worker_module.Job, "check", expires_in_the_blend)
+        checks.clear()
+        late = chat(client, "Where?", [m["id"] for m in made], max_tokens=1, kv_blend={"ratio": 0.5})
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+
+
 def test_an_unexpected_error_keeps_openai_s_shape(agent, monkeypatch, caplog):
     from kvcomm.serve import chat as chat_module
 

@@ -23,6 +23,7 @@ tokens also keep their fresh KV at the sink-only layers, where the receiver comp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -50,13 +51,22 @@ class BlendStats:
 
 
 def _fresh_until(model: PreTrainedModel, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-                 last: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every context token's fresh KV at layers ``0..last``, each token seeing the joined context."""
+                 last: int, chunk: int | None = None,
+                 check: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every context token's fresh KV at layers ``0..last``, each token seeing the joined context
+    (at most ``chunk`` tokens per forward, ``check`` called before each)."""
     layers = model.config.get_text_config().num_hidden_layers
     layout = AttentionLayout.empty(layers, ids.shape[0], ids.device)
     cache = DynamicCache()
-    with only_layers(model, 0, last + 1):
-        run_body(model, ids, valid, cache, layout, head=False, positions=positions)
+    width = ids.shape[1]
+    step = max(1, width if chunk is None else chunk)
+    for begin in range(0, width, step):
+        if check is not None:
+            check()
+        end = begin + step
+        with only_layers(model, 0, last + 1):  # ends each forward after layer ``last``
+            run_body(model, ids[:, begin:end], valid[:, begin:end], cache, layout, head=False,
+                     positions=positions[:, begin:end])
     keys, values = cache_tensors(cache)
     return keys, values
 
@@ -90,7 +100,8 @@ def _gather(chosen: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_layer: int = 1,
-          deviation: Deviation = "values", exact: int = 0) -> tuple[SharedKV, BlendStats]:
+          deviation: Deviation = "values", exact: int = 0, chunk: int | None = None,
+          check: Callable[[], None] | None = None) -> tuple[SharedKV, BlendStats]:
     """The receiver's context cache after blending ``joined`` (see the module's docstring).
 
     Args:
@@ -102,6 +113,11 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
         check_layer: where deviations are measured (moved to the first layer after it that is
             shared in full, when it is a sink-only layer); layers before it are recomputed for every token.
         deviation: what deviation is measured on: ``keys``, ``values`` or ``both``.
+        chunk: the first layers' pass over every context token takes at most this many tokens per
+            forward (the same KV up to float rounding; a long context then gives ``check`` a
+            chance between chunks).
+        check: called before each such chunk and before the recompute; it raises to stop (a
+            deadline, a client that went away).
 
     Raises:
         ConfigError: no token ids, a mask mode other than causal, no full layer at or after the
@@ -113,18 +129,20 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
         raise ConfigError(f"blending needs causal masks, not {joined.mode!r}")
     if not 0.0 <= recompute <= 1.0 or deviation not in DEVIATIONS:
         raise ConfigError(f"recompute must be in [0, 1] and deviation one of {', '.join(DEVIATIONS)}")
-    check = next((layer for layer in range(check_layer, joined.num_layers) if joined.full[layer]), None)
-    if check is None:
+    at = next((layer for layer in range(check_layer, joined.num_layers) if joined.full[layer]), None)
+    if at is None:
         raise ConfigError(f"no layer at or after check layer {check_layer} is shared in full")
-    valid, positions, ids = joined.valid[check], joined.positions[check], joined.token_ids
+    valid, positions, ids = joined.valid[at], joined.positions[at], joined.token_ids
     vocabulary = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
     if bool(valid.any()) and int(ids[valid].max()) >= vocabulary:
         raise WireError(f"a token id is outside the receiver's vocabulary of {vocabulary}")
-    fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, check)
+    fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, at, chunk, check)
     blendable = valid & (valid.long().cumsum(dim=1) > exact)  # after each row's first ``exact`` tokens
-    chosen = _chosen(fresh_k[check], fresh_v[check], joined.keys[check], joined.values[check], blendable,
+    chosen = _chosen(fresh_k[at], fresh_v[at], joined.keys[at], joined.values[at], blendable,
                      recompute, deviation)
-    return recompute_tokens(model, joined, chosen, (fresh_k, fresh_v), check)
+    if check is not None:
+        check()
+    return recompute_tokens(model, joined, chosen, (fresh_k, fresh_v), at)
 
 
 def recompute_tokens(model: PreTrainedModel, joined: SharedKV, chosen: torch.Tensor,

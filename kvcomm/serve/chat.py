@@ -118,7 +118,8 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
                job: Job) -> ReceiverInput:
     """The receiver's starting cache: the messages joined (passages after the chat's opening,
     prefilled here ``prefill_chunk`` tokens at a time, the deadline checked between), blended if
-    asked (model thread)."""
+    asked (its first layers' pass over the context chunked alike, the deadline checked between and
+    before the recompute) (model thread)."""
     model = agent.model
     if not received.messages:
         return empty_input(model, 1)
@@ -135,7 +136,8 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
         raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
                                   "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
     exact = len(received.opening) if received.opening is not None else 0  # prefilled here: never recomputed
-    blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation, exact=exact)
+    blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation, exact=exact,
+                           chunk=config.prefill_chunk, check=job.check)
     received.recomputed = stats.recomputed[0]
     return receiver_input(blended)
 
