@@ -47,6 +47,13 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         EdgeOptions(place="prefix", blend=0.15)
     with pytest.raises(ConfigError, match="other than causal is for place prefix"):
         EdgeOptions(mode="shift-back")
+    turns = EdgeOptions(content="turn")  # inline: a speaker that hears turns would send only what follows them
+    with pytest.raises(ConfigError, match="agent2/r1 hears turns inline and is heard: no one piece of KV holds"):
+        Graph.build(model, "chain", 3, edge=turns)
+    with pytest.raises(ConfigError, match="cannot reuse the question"):
+        Graph.build(model, "star", 2, edge=turns, reuse=True)
+    assert Graph.build(model, "star", 3, edge=turns).label == "star×3 kv-turn@all+fp16"  # speakers hear nothing
+    assert Graph.build(model, "chain", 3, edge=turns.model_copy(update={"place": "prefix"})).steps
     assert EdgeOptions(place="prefix", mode="shift-back").label == "kv/prefix@all+fp16[shift-back]"
 
 
@@ -303,6 +310,39 @@ def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
         Graph.build(model, "chain", 2, edge=EdgeOptions(place="prefix"), reuse=True)
 
 
+def test_whole_turns_heard_as_text_carry_no_reuse_markers_and_reuse_counts_blends_recompute(monkeypatch):
+    """text-turn with reuse: the turns heard are the words their speakers read (the markers reuse
+    cuts a message at stay out of every prompt), and anchors run on them; blend's recomputed tokens
+    do not count as reused."""
+    import kvcomm.graphs.graph as graph_module
+    from kvcomm.graphs import AnchorOptions
+
+    model = tiny_loaded()
+    task = load_task("facts", items=1, max_new_tokens=3)
+    seen = []
+    real = graph_module.Graph._prompt
+
+    def spy(self, *args):
+        start = real(self, *args)
+        seen.extend(start.messages)
+        return start
+
+    monkeypatch.setattr(graph_module.Graph, "_prompt", spy)
+    turns = EdgeOptions(via="text", content="turn")
+    for reuse in (False, True, AnchorOptions()):
+        seen.clear()
+        run = Graph.build(model, "star", 2, edge=turns, reuse=reuse).run(task, items(2, 2), progress=False)
+        hearer = [m for m in seen if "Message from agent1:" in m]
+        assert hearer and all(m.count(graph_module.QUESTION) <= 1 for m in hearer)  # its own question's cut only
+        assert all(graph_module.ASKED not in m.split(" Message from ")[1] for m in hearer)  # none in what it heard
+        assert run.steps[-1].bytes_in > 0
+    monkeypatch.setattr(graph_module.Graph, "_prompt", real)
+    blended = {blend: Graph.build(model, "star", 2, edge=EdgeOptions(codec=None, blend=blend), reuse=True)
+               .run(task, items(2, 2), progress=False).steps[-1] for blend in (None, 1.0)}
+    assert blended[None].recomputed_tokens == 0 and blended[None].reuse_rate > 0
+    assert blended[1.0].recomputed_tokens >= blended[1.0].reused_tokens and blended[1.0].reuse_rate == 0
+
+
 def test_a_graphs_task_takes_the_generators_other_options():
     """--task-option reaches a graph's generated task beside the options the graph sets itself."""
     from kvcomm.cli.graph import graph_task
@@ -314,3 +354,5 @@ def test_a_graphs_task_takes_the_generators_other_options():
     assert all(len(item.pieces) == 2 and sum(s in item.context for s in FILLER) == 2 for item in filled.items)
     with pytest.raises(ConfigError, match="cannot set items \\(set by --limit\\)"):
         graph_task("relay", None, 3, 4, 0, ["items=9"])
+    facts = [graph_task("facts", None, 3, 150, seed) for seed in (0, 7)]  # --limit and --seed reach facts too
+    assert [len(t.items) for t in facts] == [150, 150] and facts[0].items[0].context != facts[1].items[0].context

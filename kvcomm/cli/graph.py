@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,13 +34,13 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.anchors import AnchorOptions
-from kvcomm.graphs.compare import compare, edge_grid
+from kvcomm.graphs.compare import VIA, compare, edge_grid
 from kvcomm.graphs.report import plot_graph, print_graph
 from kvcomm.graphs.topology import unroll
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.loading import load_model
 from kvcomm.protocol import MaskMode
-from kvcomm.tasks import Task, load_task
+from kvcomm.tasks import TASKS, Task, load_task
 from kvcomm.wire.codecs import codec_names
 
 _SET_BY_GRAPH = {"items": "--limit", "seed": "--seed", "hops": "--agents", "pieces": "--agents"}
@@ -61,7 +62,9 @@ def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int,
         return load_task("relay", data, items=items, hops=agents, seed=seed, **options)
     if name == "multihop":
         return load_task("multihop", data, items=items, pieces=agents, seed=seed, **options)
-    task = load_task(name, data, **options)
+    generated = {key: value for key, value in (("items", items), ("seed", seed))
+                 if key in inspect.signature(TASKS.get(name).load).parameters}  # e.g. facts: made to measure
+    task = load_task(name, data, **generated, **options)
     return dataclasses.replace(task, items=task.items[:items])
 
 
@@ -82,7 +85,8 @@ def graph_command(
                                         "relay's hops).")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=8, help="Rounds of turns.")] = 1,
     via: Annotated[str, typer.Option(help="Comma-separated: kv (the reply tokens' KV, placed where text would be), "
-                                     "kv-turn (the KV of the speaker's message and reply), text (replies in the "
+                                     "kv-turn (the KV of the speaker's message and reply; inline only from speakers "
+                                     "that hear nothing), text (replies in the "
                                      "hearer's prompt), text-turn (message and reply in the prompt).")] = "kv,text",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers for kv edges, ranked by the "
                                         "depth prior; 1 = every layer.")] = "1.0",
@@ -107,7 +111,7 @@ def graph_command(
                                                  "agent prefills one token), or prefill it in each context.")] = True,
     single: Annotated[bool, typer.Option(help="Also run the reference: one agent reads the whole context.")] = True,
     limit: Annotated[int, typer.Option(min=1, help="Items (generated tasks make this many).")] = 20,
-    seed: Annotated[int, typer.Option(help="Seed of a generated task.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of a generated task (relay, multihop, facts).")] = 0,
     reply_tokens: Annotated[int | None, typer.Option(
         min=1, help="Budget of every turn but the last. (default: the task's answer budget)")] = None,
     batch_size: BatchSize = None, dtype: Dtype = "float32", linear: LinearOption = "dense", quiet: Quiet = False,
@@ -128,10 +132,9 @@ def graph_command(
         recompute = [None if b == "none" else float(b) for b in _list(blends, "blends")]
     except ValueError:
         raise ConfigError(f"--blends must be comma-separated numbers or 'none', got {blends!r}") from None
-    try:
-        edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
-    except ConfigError as err:
-        raise ConfigError(f"--via: {err}") from None
+    if unknown := [kind for kind in kinds if kind not in VIA]:
+        raise ConfigError(f"--via: {unknown[0]!r} is not one of {', '.join(VIA)}")
+    edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
     settings = _list(reuse, "reuse")
     if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
         raise ConfigError(f"--reuse takes off, on and anchor, got {', '.join(bad)}")

@@ -37,7 +37,7 @@ def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequen
                       for r in ratios for c in codecs for b in blends]
         else:
             edges.append(EdgeOptions(**options))
-    return edges
+    return list(dict.fromkeys(edges))  # once each: e.g. every blend fraction is None when placed as a prefix
 
 
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,

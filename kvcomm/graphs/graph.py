@@ -7,13 +7,17 @@ layers (sink token elsewhere) and, with a codec, put through a real :class:`~kvc
 and back, whose size is the bytes counted. An agent hearing several turns gets them joined in the
 order of its step's ``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`),
 and its own message follows as the conversation's next user turn
-(:meth:`~kvcomm.models.loading.LoadedModel.follow_up_ids`). With every layer sent in process, an
-agent computes exactly what it would on the concatenated token sequence of the turns it hears and
-its own prompt (the tests check this). ``via="text"`` is
+(:meth:`~kvcomm.models.loading.LoadedModel.follow_up_ids`). With whole turns at every layer
+placed as a prefix in process, an agent that hears every earlier turn computes exactly what it would
+on the concatenated multi-turn chat (the tests check a chain of two and a full graph); where it
+hears only some (the third agent of a chain hears the second, whose turn was computed after the
+first's), the turn it hears keeps what its speaker heard only in its own KV. ``via="text"`` is
 the natural-language baseline: an agent reads the replies it hears inside its own prompt.
 
 One model copy serves every agent (roles differ by prompt and piece); items run in batches, and a
-batch's answers equal those of one item at a time.
+batch's answers equal those of one item at a time, up to float rounding: with ``blend``, a
+rounding-level difference can move a near tie in the choice of tokens to recompute, and so an
+answer.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ class EdgeOptions(Options):
     Attributes:
         via: ``kv`` (KV, before the hearer's prompt) or ``text`` (read inside the hearer's prompt).
         content: what travels: the speaker's ``reply`` (for KV: the reply tokens' KV, computed in
-            the speaker's context) or its whole ``turn`` (its message and its reply).
+            the speaker's context) or its whole ``turn`` (its message and its reply; for KV placed
+            inline, only from speakers that hear nothing, without reuse: see :class:`Graph`).
         place: where heard KV goes: ``inline``, inside the hearer's prompt where a text edge puts
             the words (after "Message from agent1:"; KVCOMM's placeholders), or ``prefix``, before
             the hearer's chat, its message then continuing the conversation the turns hold.
@@ -147,11 +152,15 @@ class AgentRow(BaseModel):
     hop_accuracy: float | None = None  # share of items whose reply names this agent's gold hop
     prompt_tokens: float = 0.0  # per item: the agent's context, heard KV included
     reused_tokens: float = 0.0  # per item: of those, tokens whose KV it took from elsewhere (heard, shared)
+    recomputed_tokens: float = 0.0  # per item: context tokens blend recomputed in the agent's own context
 
     @property
     def reuse_rate(self) -> float:
-        """The share of the agent's context whose KV it did not compute in its own context."""
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        """The share of the agent's context whose KV it did not compute in its own context: the
+        tokens taken from elsewhere less those blend recomputed (all counted against it, though
+        some may be the agent's own: a lower bound)."""
+        kept = max(self.reused_tokens - self.recomputed_tokens, 0.0)
+        return kept / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class GraphItem(BaseModel):
@@ -203,6 +212,11 @@ class _Sent:
     texts: list[str]  # what a text edge carries, per row (the reply, or the whole turn)
     shared: list[SharedKV] | None  # per row, after the wire (kv edges, when someone hears it)
     sizes: list[int]
+
+
+def unmarked(message: str) -> str:
+    """``message`` without the markers reuse cuts it at (what the agent was asked, as words)."""
+    return message.replace(QUESTION, "").replace(ASKED, "")
 
 
 def agent_name(agent: int) -> str:
@@ -258,13 +272,23 @@ class Graph:
         if reuse and self.edge.via == "kv" and self.edge.place == "prefix":
             raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
                               "kv edges placed inline, not place prefix")
+        heard = {t for step in self.steps for t in step.hears}
+        if self.edge.via == "kv" and self.edge.content == "turn" and self.edge.place == "inline":
+            # inline, an agent prefills its message around what it hears (and with reuse, after the
+            # shared question's KV): its last forward, the turn's KV, would hold only what follows
+            if reuse:
+                raise ConfigError("whole turns as KV placed inline cannot reuse the question (the turn sent would "
+                                  "lack it): reuse off, or send replies (content reply)")
+            if relays := [turn_name(s.turn) for s in self.steps if s.hears and s.turn in heard]:
+                raise ConfigError(f"{relays[0]} hears turns inline and is heard: no one piece of KV holds its whole "
+                                  "turn; place whole turns as a prefix (place prefix), or send replies")
         self.layers = self.edge.chosen_layers(model.num_layers)
         self._codec = None
         if self.edge.via == "kv" and self.edge.codec is not None:
             from kvcomm.wire.bootstrap import model_codebook
 
             self._codec = encoded_on_demand(self.edge.codec).bind(lambda: model_codebook(model))
-        self._heard = {t for step in self.steps for t in step.hears}
+        self._heard = heard
 
     @classmethod
     def build(cls, model: LoadedModel, topology: str, agents: int, rounds: int = 1, edge: EdgeOptions | None = None,
@@ -400,7 +424,7 @@ class Graph:
                 anchor.offsets[index] = Segment.of(dense, base.length, base.tail).minus(base)
             texts_out = [model.decode(r) for r in turn.replies]
             carried = texts_out if self.edge.content == "reply" or self.edge.via == "kv" else [
-                f"{m} Answer: {r}" for m, r in zip(start.messages, texts_out)]
+                f"{unmarked(m)} Answer: {r}" for m, r in zip(start.messages, texts_out)]
             out = _Sent(carried, None, [0] * len(batch))
             if step.turn in self._heard:
                 if self.edge.via == "kv":
@@ -410,7 +434,8 @@ class Graph:
             sent[step.turn] = out
             replies.append(texts_out)
             tally[index].add(assembled + turn.first_token_s, clock() - began, [len(r) for r in turn.replies],
-                             sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out, start.context, start.reused)
+                             sum(sum(h.sizes) for h in heard), sum(out.sizes), texts_out, start.context, start.reused,
+                             start.recomputed)
             bar.update(len(batch))
         for question in shared.values():  # the questions computed densely become anchors, in item order
             if self._pool is not None and question.anchor is not None and question.anchor.offsets:
@@ -458,12 +483,14 @@ class Graph:
                 raise ProtocolError("reuse expects the question right after the last heard turn")
             return self._reusing(batch, index, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
         context = SharedKV.stack([splice(model.model, row) for row in pieces])
+        recomputed = 0
         if self.edge.blend is not None:
-            context, _ = blend(model.model, context, self.edge.blend)
+            context, stats = blend(model.model, context, self.edge.blend)
+            recomputed = sum(stats.recomputed)
         ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
         received = sum(int(p.context_len[0]) for row in pieces for p in row[1::2])  # the heard turns
         return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
-                      received)
+                      received, recomputed=recomputed)
 
     def _reusing(self, batch: list[Item], index: int, segments: list[list[list[int]]], pieces: list[list[SharedKV]],
                  blending: float | None, messages: list[str],
@@ -514,12 +541,15 @@ class Graph:
             context_rows.append(splice(model.model, [*pieces[r], SharedKV.whole(kv.first(keep))]))
             ids.append(closings[r][-1:] if anchors.closing else closings[r])
         context = SharedKV.stack(context_rows)
+        recomputed = 0
         if blending is not None:
-            context, _ = blend(model.model, context, blending)
+            context, stats = blend(model.model, context, blending)
+            recomputed = sum(stats.recomputed)
         padded, valid = pad_left(ids, model.pad_id)
         own = sum(int(p.context_len[0]) for r in rows for p in pieces[r][::2])  # the agent's own segments
         return _Start(receiver_input(context), padded, valid, messages,
-                      int(context.context_len.sum()) + int(valid.sum()), int(context.context_len.sum()) - own, dense)
+                      int(context.context_len.sum()) + int(valid.sum()), int(context.context_len.sum()) - own, dense,
+                      recomputed)
 
     def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
         """Each row's turn as it arrives: its reply or whole turn, re-based to 0, cut to the edge's
@@ -550,6 +580,7 @@ class _Start:
     context: int  # tokens in the agents' contexts (all rows), heard KV and the prefilled prompt included
     reused: int  # of those, tokens whose KV came from elsewhere (heard turns, a shared question)
     dense: list[tuple[int, Anchor]] = field(default_factory=list)  # rows computing an anchor's question
+    recomputed: int = 0  # context tokens blend recomputed (all rows)
 
 
 @dataclass
@@ -575,9 +606,10 @@ class _StepTally:
     replies: list[str] | None = None
     context: int = 0
     reused: int = 0
+    recomputed: int = 0
 
     def add(self, ttft: float, seconds: float, tokens: list[int], bytes_in: int, bytes_out: int,
-            replies: list[str], context: int = 0, reused: int = 0) -> None:
+            replies: list[str], context: int = 0, reused: int = 0, recomputed: int = 0) -> None:
         self.ttft += ttft
         self.seconds += seconds
         self.batches += 1
@@ -587,6 +619,7 @@ class _StepTally:
         self.replies = (self.replies or []) + replies
         self.context += context
         self.reused += reused
+        self.recomputed += recomputed
 
     def merge(self, other: _StepTally) -> None:
         """Adds the batches ``other`` counted (a worker's), after this one's."""
@@ -599,6 +632,7 @@ class _StepTally:
         self.replies = (self.replies or []) + (other.replies or [])
         self.context += other.context
         self.reused += other.reused
+        self.recomputed += other.recomputed
 
     def row(self, step: Step, n: int, golds: list[str] | None) -> AgentRow:
         hop = None
@@ -608,7 +642,7 @@ class _StepTally:
                         hears=[turn_name(t) for t in step.hears],
                         bytes_in=self.bytes_in / n, bytes_out=self.bytes_out / n, ttft_s=self.ttft / self.batches,
                         seconds=self.seconds, tokens=self.tokens / n, hop_accuracy=hop, prompt_tokens=self.context / n,
-                        reused_tokens=self.reused / n)
+                        reused_tokens=self.reused / n, recomputed_tokens=self.recomputed / n)
 
 
 @dataclass

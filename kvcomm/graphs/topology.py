@@ -8,8 +8,8 @@ previous round, as in KVCOMM's GPTSwarm-style graphs:
 - ``chain``: ``j`` hears ``j-1``; from round 2 on, agent 0 hears the last agent's previous turn.
   The last agent of the last round answers (a relay).
 - ``star``: every agent reads its piece alone (fan-out); a decision agent hears them all (fan-in).
-- ``full``: ``j`` hears every earlier agent of its round and, from round 2 on, every agent's
-  previous turn; a decision agent hears the last round.
+- ``full``: ``j`` hears every earlier agent of its round and, from round 2 on, every other
+  agent's previous turn (not its own); a decision agent hears the last round.
 - ``debate``: round 1, every agent alone; later rounds, every agent hears every agent's previous
   turn (its own too); a decision agent hears the last round.
 """
