@@ -168,6 +168,49 @@ def test_an_interrupted_two_task_sweep_resumes_to_the_same_results(tiny_dir, tmp
         "runs"])  # online calibration rebuilt its ranking across the interruption
 
 
+def test_overwrite_discards_the_earlier_results_so_a_resume_finishes_the_new_run(tiny_dir, tmp_path, monkeypatch):
+    """A finished run, then the same folder with --overwrite and a larger --limit, interrupted: its
+    --resume runs the new items to the end (before, the earlier results file marked the task
+    finished, and the resume stopped there with the old run's 2 items)."""
+    folder = tmp_path / "run"
+    common = ["eval", "-m", str(tiny_dir), "-t", "facts", "--method", "baseline", "--batch-size", "2", "-q",
+              "--out-dir", str(folder)]
+    assert invoke(*common, "--limit", "2").exit_code == 0
+    real_run_one, calls = harness_module._run_one, []
+
+    def interrupted(method, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_one(method, batch)
+
+    monkeypatch.setattr(harness_module, "_run_one", interrupted)
+    stopped = invoke(*common, "--limit", "4", "--overwrite")
+    assert stopped.exit_code in (1, 130) and not (folder / "facts.json").exists()
+    monkeypatch.setattr(harness_module, "_run_one", real_run_one)
+    resumed = invoke(*common, "--limit", "4", "--resume", str(folder))
+    assert resumed.exit_code == 0 and "finished already" not in resumed.stdout, resumed.output
+    assert json.loads((folder / "facts.json").read_text())["config"]["test_items"] == 4
+
+
+def test_mistakes_in_the_methods_or_selection_are_refused_before_a_model_loads(tiny_dir, tmp_path, monkeypatch):
+    from kvcomm import agents as agents_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    profile = tmp_path / "paper.json"
+    assert invoke("calibrate", "-m", str(tiny_dir), "-t", "facts", "--selection", "paper", "--out",
+                  str(profile)).exit_code == 0
+    monkeypatch.setattr(agents_module.Agents, "load", no_model)
+    twice = invoke("sweep", "-m", str(tiny_dir), "-t", "facts", "--methods", "kvcomm@0.5,kvcomm", "--ratios", "0.5",
+                   "--out-dir", str(tmp_path / "a"))
+    assert twice.exit_code == 2 and "kvcomm@0.5 is given twice" in twice.stderr, twice.output
+    other = invoke("eval", "-m", str(tiny_dir), "-t", "facts", "--method", "kvcomm", "--selection", "prune",
+                   "--profile", str(profile), "--out-dir", str(tmp_path / "b"))
+    assert other.exit_code == 2 and "--selection prune and a profile ranked by paper" in other.stderr, other.output
+
+
 def test_several_tasks_with_their_data_write_one_results_file_each(tiny_dir, tmp_path):
     data = jsonl_file(tmp_path / "mine.jsonl")
     result = invoke("eval", "-m", str(tiny_dir), "-t", "jsonl,facts", "--data", f"jsonl={data}", "--limit", "2",

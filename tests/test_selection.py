@@ -347,6 +347,10 @@ def test_a_split_that_cannot_hold_its_items_names_the_fix():
     assert [i.id for i in test] == ["i0"] and [i.id for i in calib] == ["i1", "i2"]
     with pytest.raises(ConfigError, match="lower --limit to at most 2"):
         EvalConfig(limit=3).split(items)
+    many = [Item(id=f"i{n}", context="c", question="q", answers=("a",)) for n in range(100)]
+    with pytest.raises(ConfigError, match="lower --skip to at most 97, or --limit,"):  # 2 test items after 97 fit
+        EvalConfig(limit=2, skip=99, calib_size=1).split(many)
+    assert len(EvalConfig(limit=2, skip=97, calib_size=1).split(many)[0]) == 2
 
 
 def test_backward_elimination_is_the_default_everywhere_and_the_papers_is_one_option_away():

@@ -6,8 +6,10 @@ their data, the item split, the profile, the run folder and the files in it, and
 
 The run folder is ``--resume FOLDER``, else ``--out-dir``, else the folder of ``eval --out``,
 else a new ``results/<YYYYmmdd-HHMMSS>-<model>/`` (UTC). A file the run would write that exists
-already is refused unless ``--overwrite`` (which also discards that task's checkpoint); with
-``--resume`` the run's own files are replaced and its finished tasks are skipped.
+already is refused unless ``--overwrite``, which discards that task's checkpoint and the files
+an earlier run left (results, samples, plots) at once, so that a later ``--resume`` never takes
+them for this run's; with ``--resume`` the run's own files are replaced and its finished tasks
+are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
-from kvcomm.eval.harness import check_profile, named_rules
+from kvcomm.eval.harness import check_distinct, check_profile, named_rules
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
@@ -64,7 +66,11 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     """
     tasks = run.load_tasks()
     config = run.eval_config()
+    check_distinct(build())
     given = read_profile(run.profile) if run.profile else None
+    if isinstance(given, Profile) and run.selection is not None and run.selection != given.rule:
+        raise ConfigError(f"--selection {run.selection} and a profile ranked by {given.rule}: the profile's ranking is "
+                          f"what runs; leave out --selection, or calibrate with --selection {run.selection}")
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
     for task in tasks:
@@ -77,6 +83,8 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         files = TaskFiles.beside(out) if out is not None else TaskFiles.for_task(folder, task.name)
         if run.overwrite:
             remove_checkpoint(files.checkpoint)
+            for path in files.existing(plots=True):  # a finished task is marked by its results file
+                path.unlink()
         elif run.resume is None and (existing := files.existing(plots)):
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")

@@ -115,6 +115,22 @@ def named_rules(methods: Sequence[Method]) -> set[str]:
     return {rule for method in methods if (rule := getattr(method.options, "selection", None)) is not None}
 
 
+def check_distinct(methods: Sequence[Method]) -> None:
+    """Refuses one configuration given twice (the same method with the same options), before any
+    model loads or calibrates (after set-up, labels are checked again: they may resolve alike).
+
+    Raises:
+        ConfigError: naming the configuration.
+    """
+    seen: set[tuple[str, str]] = set()
+    for method in methods:
+        key = (method.name, method.options.model_dump_json())
+        if key in seen:
+            raise ConfigError(f"the configuration {method.label} is given twice (e.g. as a method and by --ratios): "
+                              "give each once")
+        seen.add(key)
+
+
 def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
                 skip: int = 0) -> tuple[list[Item], list[Item]]:
     """Test items from the front (after the first ``skip``), calibration items from the back;
@@ -123,10 +139,12 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
     limit = len(items) - calib_size - skip if limit is None else limit
     if limit < 1 or calib_size < 0 or skip < 0 or skip + limit + calib_size > len(items):
         after = f" after the first {skip}" if skip else ""
-        room = len(items) - calib_size - skip
+        room = len(items) - calib_size - skip  # test items that fit after the skipped ones
+        most_skip = len(items) - calib_size - (limit if given else 1)  # the skip that leaves room for them
         lower = (f"--limit to at most {room}, or --skip or --calib-size" if room >= 1 else
-                 f"--skip to at most {len(items) - calib_size - 1} or --calib-size" if len(items) > calib_size else
-                 f"--calib-size to at most {len(items) - 1}")
+                 f"--skip to at most {most_skip}{', or --limit,' if given else ''} or --calib-size" if most_skip >= 0
+                 else f"--limit to at most {len(items) - calib_size} (--skip 0) or --calib-size"
+                 if len(items) > calib_size else f"--calib-size to at most {len(items) - 1}")
         wanted = f"{limit} test items{after}" if given else f"a test item{after}"
         raise ConfigError(f"{len(items)} items cannot hold {wanted} and {calib_size} calibration "
                           f"items without overlap; lower {lower}")
@@ -188,6 +206,7 @@ def evaluate(
         ClusterError: a batch's worker failed more often than the cluster's retries allow.
     """
     config = config or EvalConfig()
+    check_distinct(methods)
     if cluster is not None:
         check_apart(methods)
     started = utc_now()
