@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvcomm.eval.results import bootstrap_ci, share_ci
+from kvcomm.eval.results import bootstrap_ci, share_ci, summarize
 from kvcomm.selection import format_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
 
@@ -57,13 +57,13 @@ def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
 
 
 def against_random(report: dict, run: dict) -> str:
-    """A selection run's score minus random's at the same fraction of layers (the task's metric);
-    ✗ marks one that is not above random. Empty where there is no such pair."""
+    """A selection run's score minus random's at the same fraction of layers and mask mode (the
+    task's metric); ✗ marks one that is not above random. Empty where there is no such pair."""
     if run["method"] not in ("kvcomm", "online") or run.get("fraction") in (None, 1.0) or run.get("codec"):
         return ""
     metric = report["config"]["metric"]
     twin = next((r for r in report["runs"] if r["method"] == "random" and r.get("fraction") == run["fraction"]
-                 and not r.get("codec")), None)
+                 and r.get("mode") == run.get("mode") and not r.get("codec")), None)
     if twin is None:
         return ""
     diff = run["scores"][metric]["mean"] - twin["scores"][metric]["mean"]
@@ -75,7 +75,15 @@ def item_scores(run: dict) -> dict[str, float]:
 
 
 def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
-    """Mean bytes per item of every layer's KV in float16, from uncompressed (float32) kvcomm runs."""
+    """Mean bytes per item of every layer's KV in float16, from uncompressed (float32) kvcomm runs:
+    the ratio 1.0 run's bytes where there is one, else (the paper's layout only: a layer not shared
+    sends one sink token) the bytes per token and layer of a run that recorded its token ids."""
+    full = [r for r in plain if r["fraction"] == 1.0]
+    if full:
+        return full[0]["kv_bytes_mean"] / 2
+    if cfg.get("pieces", "chats") != "chats":  # a layer not shared sends the whole opening: its width is not recorded
+        raise SystemExit(f"{cfg['task']}: read as {cfg['pieces']}, the codec table needs an uncompressed kvcomm run "
+                         "at ratio 1.0")
     for run in plain:
         if all(item.get("sender_ids") for item in run["items"]):
             shared, layers = len(run["layers"]), cfg["num_layers"]
@@ -84,11 +92,8 @@ def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
                 tokens = len(item["sender_ids"])
                 total += item["kv_bytes"] / (shared * tokens + layers - shared) * layers * tokens / 2
             return total / len(run["items"])
-    full = [r for r in plain if r["fraction"] == 1.0]
-    if not full:
-        raise SystemExit(f"{cfg['task']}: the codec table needs an uncompressed kvcomm run with token ids, "
-                         "or one at ratio 1.0")
-    return full[0]["kv_bytes_mean"] / 2
+    raise SystemExit(f"{cfg['task']}: the codec table needs an uncompressed kvcomm run with token ids, "
+                     "or one at ratio 1.0")
 
 
 def codecs_table(reports: list[dict]) -> None:
@@ -99,9 +104,9 @@ def codecs_table(reports: list[dict]) -> None:
         cfg = report["config"]
         kv = [r for r in report["runs"] if r["method"] == "kvcomm" and r["fraction"] is not None]
         reference = fp16_all_layers(cfg, [r for r in kv if r["codec"] is None])
-        plain = {tuple(r["layers"]): item_scores(r) for r in kv if r["codec"] is None}
+        plain = {(tuple(r["layers"]), r.get("mode")): item_scores(r) for r in kv if r["codec"] is None}
         for run in sorted(kv, key=lambda r: (r["fraction"], r["codec"] or "")):
-            scores, base = item_scores(run), plain.get(tuple(run["layers"]))
+            scores, base = item_scores(run), plain.get((tuple(run["layers"]), run.get("mode")))
             delta = None if base is None else sum(scores[i] - base[i] for i in scores) / len(scores)
             ratio = reference / run["kv_bytes_mean"]
             met = run["codec"] is not None and delta is not None and ratio >= GOAL_RATIO and delta >= -GOAL_LOSS
@@ -141,7 +146,8 @@ MODE_ORDER = {"causal": 0, "padded-sink": 1, "padded-zero": 2}
 
 def pooled(reports: list[dict]) -> list[dict]:
     """Reports of the same model and task merged into one: the runs every file has (same label and
-    layers), their items concatenated; an item id seen twice is refused."""
+    layers), their items concatenated and every statistic computed again over them (means and
+    intervals of every metric, bytes, seconds summed); an item id seen twice is refused."""
     merged: dict[tuple[str, str], dict] = {}
     for report in reports:
         key = (report["config"]["receiver"], report["config"]["task"])
@@ -156,6 +162,8 @@ def pooled(reports: list[dict]) -> list[dict]:
             if incoming[run["label"]]["layers"] != run["layers"]:
                 raise SystemExit(f"{key}: {run['label']} shares different layers in different files")
             run["items"] += incoming[run["label"]]["items"]
+            for clock in ("seconds", "sender_seconds"):
+                run[clock] = run.get(clock, 0.0) + incoming[run["label"]].get(clock, 0.0)
     for report in merged.values():
         for run in report["runs"]:
             if len({item["id"] for item in run["items"]}) != len(run["items"]):
@@ -165,7 +173,8 @@ def pooled(reports: list[dict]) -> list[dict]:
             items = run["items"]
             run["n"] = len(items)
             run["kv_bytes_mean"] = sum(item["kv_bytes"] for item in items) / len(items)
-            run["scores"]["paper_f1"]["mean"] = sum(item["scores"]["paper_f1"] for item in items) / len(items)
+            scores = summarize([item["scores"] for item in items])
+            run["scores"] = {name: score.model_dump() for name, score in scores.items()}
     return list(merged.values())
 
 
