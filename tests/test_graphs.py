@@ -39,6 +39,12 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         Graph(model, [Step(Turn(0, 0), (Turn(1, 0),)), Step(Turn(1, 0), ())], 2)
     with pytest.raises(ConfigError, match="ratio or a layer list, not both"):
         EdgeOptions(ratio=0.5, layers=(1,))
+    with pytest.raises(ConfigError, match="are for kv edges: a text edge carries words"):
+        EdgeOptions(via="text", ratio=0.5)
+    with pytest.raises(ConfigError, match="agent2/r1 hears a turn twice"):
+        Graph(model, [Step(Turn(0, 0), ()), Step(Turn(1, 0), (Turn(0, 0), Turn(0, 0)))], 2)
+    with pytest.raises(ConfigError, match="agent1/r1 speaks twice"):
+        Graph(model, [Step(Turn(0, 0), ()), Step(Turn(0, 0), ())], 2)
     with pytest.raises(ConfigError, match="out of range for a 4-layer model"):
         Graph.build(model, "chain", 2, edge=EdgeOptions(layers=(7,)))
     with pytest.raises(ConfigError, match="codec"):

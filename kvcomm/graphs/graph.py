@@ -106,6 +106,9 @@ class EdgeOptions(Options):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         check_layer_choice(self.ratio, self.layers)
+        if self.via == "text" and (self.ratio is not None or self.layers is not None or self.place != "inline"
+                                   or self.mode != "causal"):
+            raise ValueError("ratio, layers, place and mode are for kv edges: a text edge carries words")
         if self.blend is not None and (self.via != "kv" or self.place != "inline"):
             raise ValueError("blend recomputes heard KV placed inline: it needs via kv and place inline")
         if self.mode != "causal" and self.place == "inline":
@@ -258,6 +261,10 @@ class Graph:
             raise ConfigError("a graph needs at least one step")
         seen: set[Turn] = set()
         for step in steps:
+            if step.turn in seen:
+                raise ConfigError(f"{turn_name(step.turn)} speaks twice: a turn is one step")
+            if len(set(step.hears)) != len(step.hears):
+                raise ConfigError(f"{turn_name(step.turn)} hears a turn twice")
             if missing := [turn_name(t) for t in step.hears if t not in seen]:
                 raise ConfigError(f"{turn_name(step.turn)} hears {', '.join(missing)}, which has not spoken yet")
             if step.agent != DECISION and not 0 <= step.agent < agents:
