@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -62,7 +62,7 @@ def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int,
         return load_task("relay", data, items=items, hops=agents, seed=seed, **options)
     if name == "multihop":
         return load_task("multihop", data, items=items, pieces=agents, seed=seed, **options)
-    generated = {key: value for key, value in (("items", items), ("seed", seed))
+    generated: dict[str, Any] = {key: value for key, value in (("items", items), ("seed", seed))
                  if key in inspect.signature(TASKS.get(name).load).parameters}  # e.g. facts: made to measure
     task = load_task(name, data, **generated, **options)
     return dataclasses.replace(task, items=task.items[:items])
