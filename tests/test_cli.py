@@ -186,6 +186,11 @@ def test_blend_runs_from_the_command_line(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     labels = [r["label"] for r in json.loads((tmp_path / "multihop.json").read_text())["runs"]]
     assert labels[0] == "kvcomm@1x2" and "blend@0.3x2[k]" in labels and "prefix@x2" in labels
+    alone = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--task", "multihop", "--limit", "2", "--method",
+                                "blend", "--codec", "fp32", "-q", "--out", str(tmp_path / "alone.json")])
+    assert alone.exit_code == 0, alone.output
+    run = json.loads((tmp_path / "alone.json").read_text())["runs"][0]  # blend's own ratio, not eval's 0.5 of layers
+    assert run["label"] == "blend@0.15x2+fp32" and run["codec"] == "fp32"
 
 
 def test_a_generated_task_takes_its_options_from_the_command_line(tiny_dir, tmp_path):

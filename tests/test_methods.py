@@ -45,6 +45,34 @@ def test_nld_sends_a_bounded_text_summary_and_is_deterministic(agents):
     assert len(ids) <= 5 and embeds.shape == (len(ids), agents.sender.model.config.hidden_size)
 
 
+def test_nld_receivers_read_the_summary_with_their_own_embeddings(monkeypatch):
+    """The summary travels as words: a receiver of other weights embeds its tokens with its own
+    table (before, the sender's embedding rows were spliced into the receiver's input)."""
+    import kvcomm.methods.debate as debate
+
+    sender, receiver = tiny_loaded("llama", seed=1), tiny_loaded("llama", seed=2)
+    seen = []
+    real = debate.greedy_generate
+
+    def spy(model, start, tokens, *args):
+        if tokens.is_floating_point():
+            seen.append(tokens)
+        return real(model, start, tokens, *args)
+
+    monkeypatch.setattr(debate, "greedy_generate", spy)
+    task = load_task("facts", items=2)
+    batch = Batch(Agents(sender, receiver), task, task.items[:1])
+    method = make_method("nld", round_one_tokens=4)
+    summary = method.speak(sender, [sender.encode_message(f"Instruction: {debate.SENDER_AWARE} Context: "
+                                                          f"{task.items[0].context}")])[0][1]
+    method.run(batch)
+    assert summary  # the sender says something
+    rows = embedding_matrix(receiver)[torch.tensor(summary)]
+    inputs = seen[-1][0]
+    found = any(torch.equal(inputs[i:i + len(summary)], rows) for i in range(inputs.shape[0] - len(summary) + 1))
+    assert found and not torch.equal(rows, embedding_matrix(sender)[torch.tensor(summary)])
+
+
 def test_cipher_sends_at_most_budget_vectors(agents):
     result = run(agents, ["cipher"], round_one_tokens=4).runs[0]
     hidden = agents.sender.model.config.hidden_size
@@ -149,6 +177,28 @@ def test_online_takes_a_codec_and_senders_like_the_other_kv_methods(agents):
     assert wired.label == "online@1/2x2+fp32" and plain.label == "online@1/2x2"
     assert [i.answer for i in wired.items] == [i.answer for i in plain.items]  # fp32 through the wire is exact
     assert all(w.kv_bytes > p.kv_bytes for w, p in zip(wired.items, plain.items))  # real message sizes
+
+
+def test_a_commands_default_ratios_are_of_layers_and_blend_keeps_its_own():
+    """Default ratios (eval's 0.5, sweep's list) are fractions of layers: blend's ratio is the
+    fraction of context tokens recomputed, so it keeps its 0.15 unless ratios are given."""
+    defaulted = build_methods(["kvcomm", "blend"], ratios=[0.3, 0.5], layer_ratios_only=True)
+    assert [m.label for m in defaulted] == ["kvcomm@0.3", "kvcomm@0.5", "blend@0.15x2"]
+    given = build_methods(["kvcomm", "blend"], ratios=[0.3, 0.5])
+    assert [m.label for m in given] == ["kvcomm@0.3", "kvcomm@0.5", "blend@0.3x2", "blend@0.5x2"]
+    mixed = build_methods(["kvcomm", "random"], ratios=[0.5], layers=(1, 2))  # the list is kvcomm's; random: 0.5
+    assert [m.label for m in mixed] == ["kvcomm@1-2", "random@0.5"]
+    assert [make_method(name, codec="fp16").codec_name for name in ("blend", "droidspeak")] == ["fp16"] * 2
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("blend", {"selection": "answer"}, "with share 1 they share every layer"),
+    ("droidspeak", {"block": (1, 3), "tolerance": 5.0}, "tolerance guide the profiling"),
+])
+def test_options_that_would_do_nothing_are_refused(name, options, message):
+    with pytest.raises(ConfigError, match=message):
+        make_method(name, **options)
+    assert make_method("adaptive", patience=10).options.patience == 10  # every round of the default step
 
 
 @pytest.mark.parametrize("name, option, value", [

@@ -33,7 +33,8 @@ def eval_command(
     run: RunOptions,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "kvcomm",
     ratio: Annotated[float | None, typer.Option(
-        min=0, max=1, help=f"Fraction of layers to share. (default: {DEFAULT_RATIO} for methods that share KV)")]
+        min=0, max=1, help="Fraction of layers to share (blend: of context tokens to recompute). "
+                           f"(default: {DEFAULT_RATIO} for methods that share KV; blend's own 0.15)")]
     = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
     codec: Annotated[str | None, typer.Option(
@@ -47,8 +48,8 @@ def eval_command(
     """Evaluate one method on one or more tasks; write a results JSON and a samples file per task."""
     depth = run.check_models()
     explicit = check_layers(layers, depth) if layers else None
-    takes_ratio = "ratio" in METHODS.get(method).option_names()
-    if takes_ratio and ratio is None and explicit is None:
+    cls = METHODS.get(method)
+    if "ratio" in cls.option_names() and cls.ratio_of_layers and ratio is None and explicit is None:
         ratio = DEFAULT_RATIO
     build = lambda: build_methods(
         [method], [ratio] if ratio is not None else None, [codec] if codec else None,
@@ -65,7 +66,8 @@ def sweep_command(
              f"'kvcomm~paper' ranks its layers by another rule than --selection's. {METHOD_HELP}"
     )] = "baseline,skyline,kvcomm,random@0.5",
     ratios: Annotated[str | None, typer.Option(
-        help=f"Comma-separated fractions for methods that share KV. (default: {','.join(map(str, DEFAULT_RATIOS))})")]
+        help="Comma-separated fractions for methods that share KV (blend: of context tokens to recompute). "
+             f"(default: {','.join(map(str, DEFAULT_RATIOS))} for the methods that share layers; blend's own 0.15)")]
     = None,
     codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for methods that share KV; 'none' = in "
                                         f"process. {CODEC_HELP} klt builds its codebook from the calibration "
@@ -84,15 +86,17 @@ def sweep_command(
         raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c.strip() == "none" else c.strip() for c in codecs.split(",") if c.strip()]
     tokens = [m.strip() for m in methods.split(",") if m.strip()]
-    if fractions is None and any("@" not in t and "ratio" in METHODS.get(base_name(t)).option_names()
-                                 for t in tokens):
-        fractions = list(DEFAULT_RATIOS)  # the default applies to the methods that take a ratio
+    defaulted = fractions is None and any("@" not in t and "ratio" in METHODS.get(base_name(t)).option_names()
+                                          and METHODS.get(base_name(t)).ratio_of_layers for t in tokens)
+    if defaulted:
+        fractions = list(DEFAULT_RATIOS)  # the default applies to the methods whose ratio is of layers
     masks = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
     for mask in masks or []:
         if mask not in MASK_MODES:
             close = difflib.get_close_matches(mask, MASK_MODES, n=1)
             raise ConfigError(f"--modes: unknown mask mode {mask!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
                               f"Valid: {', '.join(MASK_MODES)}")
-    build = lambda: build_methods(tokens, fractions, wire, masks, **run.method_options())
+    build = lambda: build_methods(tokens, fractions, wire, masks, layer_ratios_only=defaulted,
+                                  **run.method_options())
     build()
     run_tasks(run, build, plots=True, ray=ray_cluster(ray, workers, worker_threads))

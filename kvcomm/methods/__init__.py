@@ -51,7 +51,7 @@ def takers(option: str) -> list[str]:
 
 def build_methods(
     names: Sequence[str], ratios: Sequence[float] | None = None, codecs: Sequence[str | None] | None = None,
-    modes: Sequence[str] | None = None, **options: Any,
+    modes: Sequence[str] | None = None, layer_ratios_only: bool = False, **options: Any,
 ) -> list[Method]:
     """Method configurations for ``names`` × ``ratios`` × ``codecs`` × ``modes``.
 
@@ -60,7 +60,9 @@ def build_methods(
 
     ``ratios``, ``codecs`` and ``modes`` are sweep axes: each method that takes ``ratio``
     (``codec``, ``mode``) gets one configuration per value (a codec of ``None`` means in process,
-    no wire); methods that do not take them run once. ``modes`` and a ``mode`` option exclude
+    no wire); methods that do not take them run once (with ``layer_ratios_only``, a command's
+    default ratios, ``ratios`` go only to methods whose ratio is a fraction of layers: ``blend``
+    keeps its own). ``modes`` and a ``mode`` option exclude
     each other. Every other keyword is an option given to each named method that takes
     it (``None`` means "not given"). An option, ratio list or codec list that none of the named
     methods takes is refused, naming the methods that do take it.
@@ -93,7 +95,8 @@ def build_methods(
         ratio_axis: list[Any] = [None]
         if at:  # "kvcomm@0.5": this method at this ratio only
             ratio_axis = [_ratio_of(token, only, "ratio" in fields)]
-        elif "ratio" in fields and "layers" not in mine and axes["ratio"]:  # a layer list replaces ratios
+        elif "ratio" in fields and "layers" not in mine and axes["ratio"] and (
+                cls.ratio_of_layers or not layer_ratios_only):  # a layer list replaces ratios
             ratio_axis = axes["ratio"]
         codec_axis: list[Any] = axes["codec"] if "codec" in fields and axes["codec"] else ["unset"]
         mode_axis: list[Any] = axes["mode"] if "mode" in fields and axes["mode"] else ["unset"]
@@ -112,7 +115,7 @@ def _refuse_unused(plans: list[tuple[str, type[Method]]], given: dict[str, Any],
     for token, cls in plans:
         fields = set(cls.option_names())
         unused -= fields - {"ratio"}
-        if "ratio" in fields and "@" not in token and "layers" not in given:
+        if "ratio" in fields and "@" not in token and ("layers" not in given or "layers" not in fields):
             unused.discard("ratio")
     if not unused:
         return

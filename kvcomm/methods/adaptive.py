@@ -40,7 +40,7 @@ class AdaptiveOptions(MethodOptions):
     """
 
     step: float = Field(0.1, gt=0, le=1)
-    patience: int = Field(1, ge=1, le=8)
+    patience: int = Field(1, ge=1, le=100)  # up to every round of the smallest step (0.01)
     selection: Rule | None = None
 
 

@@ -77,6 +77,9 @@ class Method(ABC):
     # Whether its answers on a batch depend on the batches before (it learns from the stream): a
     # cluster cannot run such a method's batches apart.
     sequential: ClassVar[bool] = False
+    # Whether its ``ratio`` (where it takes one) is a fraction of layers, which commands default
+    # (``--ratio``, ``--ratios``); False: its own default stands (``blend``: context tokens recomputed).
+    ratio_of_layers: ClassVar[bool] = True
 
     def __init__(self, options: MethodOptions | None = None, **given: Any) -> None:
         if options is not None and given:
@@ -100,6 +103,11 @@ class Method(ABC):
     def layers(self) -> list[int] | None:
         """Layers whose KV the receiver is given in full (None for methods without KV)."""
         return None
+
+    @property
+    def codec_name(self) -> str | None:
+        """The codec its messages go through (None: in process, or a method that sends none)."""
+        return getattr(self.options, "codec", None)
 
     def setup(self, setup: Setup) -> None:
         """Resolves anything that depends on the model (e.g. which layers to share)."""

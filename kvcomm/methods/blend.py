@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import SharedKV, greedy_generate, receiver_input, share
@@ -50,6 +50,13 @@ class BlendOptions(MethodOptions):
     selection: Rule | None = None
     codec: str | None = None
     pieces: Pieces = "chats"
+
+    @model_validator(mode="after")
+    def _rule_needs_a_share(self) -> BlendOptions:
+        if self.selection is not None and self.share == 1:
+            raise ValueError(f"a selection rule ({self.selection}) ranks the layers the pieces share: with share 1 "
+                             "they share every layer; give share below 1, or leave out the rule")
+        return self
 
 
 class PrefixOptions(MethodOptions):
@@ -113,6 +120,7 @@ class BlendMethod(_Composing):
     name = "blend"
     options_model: ClassVar[type[BlendOptions]] = BlendOptions
     options: BlendOptions
+    ratio_of_layers = False  # its ratio is the fraction of context tokens recomputed (default 0.15)
 
     @property
     def label(self) -> str:

@@ -77,7 +77,12 @@ class Debate(Method):
         pieces = [receiver.encode_message_parts(REFINE.format(prompt=batch.task.receiver_message(item)),
                                                 [SELF, OTHERS]) for item in batch.items]
         table = embedding_matrix(receiver)
-        rows = [torch.cat([table[p[0]], mine[0], table[p[1]], theirs[0], table[p[2]]])
+
+        def heard(spoken: Spoken) -> torch.Tensor:  # words the receiver reads with its own embeddings
+            vectors, ids = spoken
+            return vectors if ids is None else table[torch.tensor(ids, dtype=torch.long)]
+
+        rows = [torch.cat([table[p[0]], mine[0], table[p[1]], heard(theirs), table[p[2]]])
                 for p, mine, theirs in zip(pieces, own, summaries)]
         embeds, valid = _pad_embeddings(rows)
         answers = greedy_generate(receiver.model, empty_input(receiver.model, len(rows)), embeds, valid,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
@@ -39,6 +39,13 @@ class DroidSpeakOptions(MethodOptions):
         if block is not None and not 0 <= block[0] < block[1]:
             raise ValueError(f"a block a:b needs 0 <= a < b, got {block[0]}:{block[1]}")
         return block
+
+    @model_validator(mode="after")
+    def _profiling_options_need_profiling(self) -> DroidSpeakOptions:
+        if self.block is not None and (given := sorted({"max_recompute", "tolerance"} & self.model_fields_set)):
+            raise ValueError(f"{' and '.join(given)} guide the profiling that chooses a block: not with a block "
+                             "given")
+        return self
 
 
 @METHODS.register("droidspeak")

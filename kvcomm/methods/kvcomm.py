@@ -103,10 +103,6 @@ class KVCommMethod(Method):
         return self.options.mode
 
     @property
-    def codec_name(self) -> str | None:
-        return self.options.codec
-
-    @property
     def label(self) -> str:
         o = self.options
         what = f"{o.ratio:g}" if o.ratio is not None else format_layers(self._layers or [])
