@@ -33,13 +33,15 @@ def test_packed_layer_computes_the_product_and_shares_the_parameters(bias):
     assert packed.weight is dense.weight and packed.bias is dense.bias
 
 
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    _, packed = _layer()
-    x = torch.randn(100, 48)
+@pytest.mark.parametrize("shape", [(48, 80), (1536, 1024)])  # and at a real model's size, where a lone
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(shape):  # row took another kernel
+    torch.manual_seed(0)
+    packed = PackedLinear.of(torch.nn.Linear(*shape))
+    x = torch.randn(40, shape[0])
     with torch.inference_mode():
         together = packed(x)
-        assert all(torch.equal(packed(x[i:i + 1]), together[i:i + 1]) for i in range(0, 100, 7))
-        assert torch.equal(packed(x[:37]), together[:37])
+        assert all(torch.equal(packed(x[i:i + 1]), together[i:i + 1]) for i in range(0, 40, 7))
+        assert torch.equal(packed(x[:37]), together[:37]) and torch.equal(packed(x[3]), together[3])
 
 
 def test_calls_the_packed_path_does_not_take_are_torchs_own_product_exactly():

@@ -16,7 +16,8 @@ The packed path is float32 on the CPU and inference only; anything else (another
 device, autograd, a weight replaced or changed in place through the parameter since it was
 packed) takes torch's path, so a packed model computes what it computed before wherever the
 packed path does not apply. Where it does, values differ from MKL's by rounding (~1e-4
-relative), and each row's result does not depend on how many rows share the call.
+relative), and each row's result does not depend on how many rows share the call (a lone row
+is computed as two copies of itself: oneDNN's one-row kernel rounds otherwise, at real sizes).
 
 Packing is for fixed weights. Writes that bypass the parameter's version counter (through
 ``weight.data``, as peft's ``merge_and_unload`` does, or through a NumPy view) are not seen:
@@ -90,9 +91,11 @@ class PackedLinear(nn.Linear):
                 or _identity(self.weight) != self._packed_from):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
+        if rows == 1:  # oneDNN's one-row kernel rounds otherwise than its kernel for several rows
+            flat = flat.expand(2, -1)
         bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed up to {self.rows} rows"
