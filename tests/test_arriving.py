@@ -194,3 +194,14 @@ def test_a_layer_the_message_does_not_have_is_refused_at_once():
             with pytest.raises(IndexError, match="layer"):
                 arrival.layer(index)
         assert arrival.layer(agent.num_layers - 1).index == agent.num_layers - 1
+
+
+@pytest.mark.parametrize("mode", ["padded-sink", "padded-zero"])
+def test_a_padded_mask_mode_is_refused_for_kv_that_arrives(mode):
+    """Padded modes widen the sink-only layers before the forward, which KV still arriving cannot
+    be: refused, where before the causal result came back under the padded mode's name."""
+    from kvcomm.errors import ProtocolError
+    from kvcomm.protocol.arriving import arriving_input
+
+    with pytest.raises(ProtocolError, match=f"not {mode}"):
+        arriving_input(lambda layer: None, [torch.zeros(1, 1, dtype=torch.long)], 1, mode, 4, 1, 2)

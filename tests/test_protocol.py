@@ -422,3 +422,26 @@ def test_float32_decoding_steps_keep_the_sdpa_kernel(family, monkeypatch):
     calls = _sdpa_query_lengths(monkeypatch)
     receiver_logits(model, torch.randint(0, 99, (2, 12)), torch.randint(0, 99, (2, 1)), [0, 2])
     assert 1 in calls
+
+
+def test_a_slice_of_a_prefill_must_be_rebased_before_it_is_shared():
+    """KV cut from a longer prefill keeps its positions (7..11); shared as it was, its receiver
+    saw the wrong positions and no error (review, 2026-11-25). Refused; rebased, it is shared."""
+    from kvcomm.errors import ProtocolError
+    from kvcomm.protocol import share
+    from kvcomm.protocol.reply import rebase
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 99, (1, 12))
+    tail = prefill(model, ids, ones(ids)).last([5])
+    with pytest.raises(ProtocolError, match="positions 0, 1, 2"):
+        share(model, tail, [0, 1])
+    assert share(model, rebase(model, tail), [0, 1]).context_len.tolist() == [5]
+
+
+def test_a_row_without_prompt_tokens_is_refused():
+    """A left-padded batch row with no prompt token was answered from a padding query's output."""
+    model = tiny_model("llama")
+    tokens, valid = pad_left([[8, 9, 10], []], 0)
+    with pytest.raises(ConfigError, match="row 1 of the batch has no prompt token"):
+        greedy_generate(model, empty_input(model, 2), tokens, valid, 3, [2], 0)

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from kvcomm.errors import ProtocolError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
+from kvcomm.protocol.padded import PADDED_MODES
 from kvcomm.protocol.receiver import ReceiverInput
 
 Fetch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values [1, Hkv, P_l, D]
@@ -83,7 +84,14 @@ def arriving_input(fetch: Fetch, positions: Sequence[torch.Tensor], context_len:
         positions: per layer, ``[1, P_l]`` RoPE positions of the received keys (as
             :meth:`~kvcomm.wire.KVMessage.to_shared` gives them).
         element_size: bytes per value of what ``fetch`` returns (for ``kv_bytes``).
+
+    Raises:
+        ProtocolError: a padded mask mode (its sink-only layers are widened before the forward,
+            which KV that has not arrived cannot be).
     """
+    if mode in PADDED_MODES:
+        raise ProtocolError(f"KV that arrives during the forward is read in causal, shift-back or legacy mode, "
+                            f"not {mode} (its sink-only layers are widened beforehand: read the whole message)")
     lengths = [int(p.shape[1]) for p in positions]
     layout = AttentionLayout(
         prefix_pos=list(positions), prefix_valid=[torch.ones(1, n, dtype=torch.bool) for n in lengths],

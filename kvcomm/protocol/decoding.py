@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
+from kvcomm.errors import ConfigError
 from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.sender import run_body
 
@@ -61,7 +62,13 @@ def greedy_generate(
 def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor,
                     chunk: int | None, check: Callable[[], None] | None = None) -> torch.Tensor:
     """The last position's logits ``[B, 1, V]`` after prefilling ``input_ids`` ``chunk`` tokens at a
-    time (all at once if None), calling ``check`` before each chunk."""
+    time (all at once if None), calling ``check`` before each chunk.
+
+    Raises:
+        ConfigError: a row with no token to prefill (its logits would be a padding query's).
+    """
+    if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
+        raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")
     width = input_ids.shape[1]
     step = width if chunk is None else max(1, chunk)
     logits = None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.layout import MASK_MODES, MaskMode
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
 from kvcomm.protocol.sender import SenderKV
@@ -171,6 +171,8 @@ def share(
     Raises:
         ConfigError: a layer index is out of range, the mode is unknown, or an opening is asked
             in another mode than ``causal`` or is wider than the context.
+        ProtocolError: the sender's KV does not start at position 0 (a slice of a longer prefill:
+            :func:`~kvcomm.protocol.reply.rebase` it first).
     """
     if mode not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
@@ -179,6 +181,10 @@ def share(
         raise ConfigError("shift-back mode needs the receiver model for its RoPE frequencies")
     if opening:
         return _share_opening(sender, selected, mode, opening)
+    expected = sender.valid.long().cumsum(dim=1) - 1  # each row's valid columns at 0, 1, 2, …
+    if bool(((sender.positions != expected) & sender.valid).any()):
+        raise ProtocolError("the sender's KV must hold positions 0, 1, 2, … (a slice of a longer prefill: rebase it "
+                            "to position 0 first)")
     context_len = sender.context_len
     first = sender.first_column
     sink_pos = torch.zeros_like(context_len)[:, None]
