@@ -431,6 +431,27 @@ def test_calibration_by_fidelity_ranks_every_layer_and_says_so():
     assert all(-50 < value < 0 for value in fidelity)  # minus a KL: below 0 short of every layer, finite
 
 
+def test_calibration_by_probability_averages_each_items_exp_likelihood():
+    """``probability`` scores a set by the mean over items of exp(mean log-likelihood per gold
+    token): the first greedy step's values equal that, computed item by item, and lie in (0, 1]."""
+    import numpy as np
+
+    from kvcomm import Agents, Batch, calibrate, load_task
+    from kvcomm.selection.likelihood import Scored, answer_ids, answer_loglik
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=3)
+    agents = Agents(model, model)
+    profile = calibrate(agents, task, task.items, progress=False, rule="answer", objective="probability", pool=None)
+    assert sorted(profile.ranking) == [0, 1, 2, 3] and "probability" in profile.details["objective"]
+    first = profile.details["trace"][0]
+    read = Batch(agents, task, task.items).reading(1, "chats")
+    per_item = [answer_loglik(model.model, Scored(read.kv.row(i), read.prompt.ids[i], answer_ids(model, item)),
+                              [frozenset([first["layer"]])]).numpy()[0] for i, item in enumerate(task.items)]
+    assert abs(first["loglik"] - float(np.mean(np.exp(per_item)))) < 1e-6
+    assert all(0 < t["loglik"] <= 1 for t in profile.details["trace"])
+
+
 def test_fidelity_ignores_tokens_the_reference_gives_no_probability():
     """A vocabulary entry masked to -inf in the reference adds 0 to the KL, not NaN."""
     from kvcomm.selection.likelihood import Scored, answer_loglik, reference_logprobs

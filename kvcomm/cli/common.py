@@ -276,7 +276,8 @@ Selection = Annotated[Rule | None, typer.Option(
          f"(default: {DEFAULT_RULE})")]
 CalibrationObjective = Annotated[Objective | None, typer.Option(
     help="What the answer, prune and prior rules maximise on the calibration items: likelihood (the gold answer's "
-         "log-probability per token), choice (the probability of picking the gold option, on items that "
+         "log-probability per token), probability (its exp, averaged over items: an item the model cannot answer "
+         "weighs no more than one it answers), choice (the probability of picking the gold option, on items that "
          "list their options; others fall back to likelihood) or fidelity (closeness of the receiver's "
          "next-token distributions to those with every layer shared). "
          f"(default: {DEFAULT_OBJECTIVE})")]

@@ -63,7 +63,8 @@ class EvalConfig(Options):
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prune``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
         objective: what ``answer``, ``prune`` and ``prior`` maximise on the calibration items: ``likelihood``
-            of the gold answer, ``choice`` of the gold option where items list their options, or
+            of the gold answer, its ``probability`` per token (averaged over items), ``choice`` of the gold
+            option where items list their options, or
             ``fidelity`` to the receiver's next-token distributions with every layer shared.
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).

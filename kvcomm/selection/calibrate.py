@@ -7,9 +7,12 @@
   missed least);
 - ``prior``: the paper's form, with ``alpha``, ``mu``, ``sigma`` fitted per model by that likelihood.
 
-The fitted rules can maximise another objective instead of the likelihood: ``choice`` (the
-probability of picking the gold option) or ``fidelity`` (closeness to the receiver's next-token
-distributions with every layer shared). A search trace's ``loglik`` is that objective's value.
+The fitted rules can maximise another objective instead of the likelihood: ``probability`` (the
+gold answer's probability per token, exp of the likelihood, averaged over items: bounded, so an
+item the model cannot answer, whose log-likelihood swings widely, weighs no more than one it
+answers), ``choice`` (the probability of picking the gold option) or ``fidelity`` (closeness to
+the receiver's next-token distributions with every layer shared). A search trace's ``loglik`` is
+that objective's value.
 
 Every rule records the attention importance too, and the profile records the rule, what it chose
 and why (the search's trace, the fitted prior), and what it cost (seconds, forwards per item).
@@ -56,7 +59,7 @@ importance settles on one item), four for the rules fitted to the answer's likel
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
 item, 0.296 on four; docs/results.md). ``prune`` takes the answer rule's four: it was measured with
 them."""
-Objective = Literal["likelihood", "choice", "fidelity"]
+Objective = Literal["likelihood", "probability", "choice", "fidelity"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "likelihood"
 CHUNK = 32  # layer sets per batched forward
@@ -118,7 +121,8 @@ def calibrate(
         tolerance: also find the budget: the smallest ratio whose score on the calibration items is
             within this of all layers' (answers generated; recorded in ``details["budget"]``).
         objective: what the fitted rules maximise: ``likelihood`` (the gold answer's mean
-            log-probability per token), ``choice`` (on items that list their options, the
+            log-probability per token), ``probability`` (its exp, the geometric mean of the gold
+            tokens' probabilities, averaged over items), ``choice`` (on items that list their options, the
             log-probability of choosing the gold one; other items fall back to ``likelihood``) or
             ``fidelity`` (minus the mean KL divergence of the receiver's next-token distributions
             over the gold answer from those it has with every layer shared).
@@ -162,10 +166,12 @@ def calibrate(
     details: dict[str, Any] = {}
     forwards = 0.0
     if rule != "paper":
-        score, work = _objective(agents, scored, progress)
+        score, work = _objective(agents, scored, progress, bounded=objective == "probability")
         chosen = sum(bool(item.rivals) for item in scored)
         what = ("minus the mean KL divergence from every layer's next-token distributions over the gold answer"
-                if objective == "fidelity" else "mean log-likelihood per gold-answer token" if not chosen else
+                if objective == "fidelity" else
+                "mean over items of the gold answer's probability per token (exp of its mean log-likelihood)"
+                if objective == "probability" else "mean log-likelihood per gold-answer token" if not chosen else
                 f"log-probability of choosing the gold option ({chosen} of {len(scored)} items list options; "
                 "the others: mean log-likelihood per gold-answer token)")
         if rule in SEARCHES:
@@ -195,17 +201,19 @@ def calibrate(
     )
 
 
-def _objective(agents: Agents, scored: list[Scored], progress: bool) -> tuple[Any, Work]:
+def _objective(agents: Agents, scored: list[Scored], progress: bool, bounded: bool = False) -> tuple[Any, Work]:
     """Each layer set's objective (answer likelihood, choice of the gold option, or fidelity) averaged
-    over the items, and the work it has done
-    (model calls, and decoder-layer passes of one row: :class:`~kvcomm.selection.likelihood.Work`)."""
+    over the items (``bounded``: each item's exp, the gold answer's probability per token), and the
+    work it has done (model calls, and decoder-layer passes of one row:
+    :class:`~kvcomm.selection.likelihood.Work`)."""
     work = Work()
     bar = tqdm(desc="scoring layer sets", unit="set", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
         values = []
         for item in scored:  # the bar moves item by item: one step can take minutes on a large model
-            values.append(answer_loglik(agents.receiver.model, item, layer_sets, CHUNK, work=work).numpy())
+            value = answer_loglik(agents.receiver.model, item, layer_sets, CHUNK, work=work).numpy()
+            values.append(np.exp(value) if bounded else value)
             bar.update(len(layer_sets))
         return np.mean(values, axis=0)
 
