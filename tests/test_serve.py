@@ -129,15 +129,13 @@ def test_a_message_larger_than_the_store_is_refused_as_too_large_before_the_pref
         MemoryStore(10).put("m", b"x" * 11)
 
 
-def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled_once(agent, monkeypatch):
-    """/v1/contexts prefills in chunks, checking the request's deadline between them (504), and
-    stores its message before the next request looks: identical requests at once, one prefill."""
-    import concurrent.futures
-
+def counting_checks(agent, monkeypatch):
+    """An app that prefills 4 tokens at a time, the list its jobs' deadline checks are counted in,
+    and the real check (to put back)."""
     from kvcomm.serve import worker as worker_module
 
     app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), prefill_chunk=4))
-    checks = []
+    checks: list[int] = []
     real = worker_module.Job.check
 
     def counted(job):
@@ -145,6 +143,17 @@ def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled
         real(job)
 
     monkeypatch.setattr(worker_module.Job, "check", counted)
+    return app, checks, real
+
+
+def test_a_contexts_prefill_keeps_the_deadline_and_the_same_content_is_prefilled_once(agent, monkeypatch):
+    """/v1/contexts prefills in chunks, checking the request's deadline between them (504), and
+    stores its message before the next request looks: identical requests at once, one prefill."""
+    import concurrent.futures
+
+    from kvcomm.serve import worker as worker_module
+
+    app, checks, real = counting_checks(agent, monkeypatch)
     with TestClient(app) as client:
         made = client.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 3, "codec": "fp32"})
         assert made.status_code == 200 and len(checks) > made.json()["context_tokens"] // 4  # every chunk checked
@@ -170,19 +179,11 @@ def test_kv_blend_is_chunked_and_keeps_the_deadline(agent, monkeypatch):
     during the blend answers 504."""
     from kvcomm.serve import worker as worker_module
 
-    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), prefill_chunk=4))
-    checks = []
-    real = worker_module.Job.check
-
-    def counted(job):
-        checks.append(1)
-        real(job)
-
+    app, checks, _ = counting_checks(agent, monkeypatch)
     with TestClient(app) as client:
         made = [client.post("/v1/contexts", json={"context": text, "codec": "fp32"}).json()
                 for text in ("Mira lives in Oslo. " * 2, "Oslo is in Norway. " * 2)]
         tokens = sum(m["context_tokens"] for m in made)
-        monkeypatch.setattr(worker_module.Job, "check", counted)
         checks.clear()
         assert chat(client, "Where?", [m["id"] for m in made], max_tokens=1).status_code == 200
         without = len(checks)
