@@ -48,8 +48,7 @@ def eval_command(
     """Evaluate one method on one or more tasks; write a results JSON and a samples file per task."""
     depth = run.check_models()
     explicit = check_layers(layers, depth) if layers else None
-    cls = METHODS.get(method)
-    if "ratio" in cls.option_names() and cls.ratio_of_layers and ratio is None and explicit is None:
+    if METHODS.get(method).takes_layer_ratio() and ratio is None and explicit is None:
         ratio = DEFAULT_RATIO
     build = lambda: build_methods(
         [method], [ratio] if ratio is not None else None, [codec] if codec else None,
@@ -86,8 +85,8 @@ def sweep_command(
         raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c.strip() == "none" else c.strip() for c in codecs.split(",") if c.strip()]
     tokens = [m.strip() for m in methods.split(",") if m.strip()]
-    defaulted = fractions is None and any("@" not in t and "ratio" in METHODS.get(base_name(t)).option_names()
-                                          and METHODS.get(base_name(t)).ratio_of_layers for t in tokens)
+    defaulted = fractions is None and any("@" not in t and METHODS.get(base_name(t)).takes_layer_ratio()
+                                          for t in tokens)
     if defaulted:
         fractions = list(DEFAULT_RATIOS)  # the default applies to the methods whose ratio is of layers
     masks = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None

@@ -489,11 +489,8 @@ class Graph:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
             return self._reusing(batch, index, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
-        context = SharedKV.stack([splice(model.model, row) for row in pieces])
-        recomputed = 0
-        if self.edge.blend is not None:
-            context, stats = blend(model.model, context, self.edge.blend)
-            recomputed = sum(stats.recomputed)
+        context, recomputed = self._blended(SharedKV.stack([splice(model.model, row) for row in pieces]),
+                                            self.edge.blend)
         ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
         received = sum(int(p.context_len[0]) for row in pieces for p in row[1::2])  # the heard turns
         return _Start(receiver_input(context), ids, valid, messages, int(context.context_len.sum()) + int(valid.sum()),
@@ -547,16 +544,19 @@ class Graph:
                          values=[v[None] for v in corrected.values])
             context_rows.append(splice(model.model, [*pieces[r], SharedKV.whole(kv.first(keep))]))
             ids.append(closings[r][-1:] if anchors.closing else closings[r])
-        context = SharedKV.stack(context_rows)
-        recomputed = 0
-        if blending is not None:
-            context, stats = blend(model.model, context, blending)
-            recomputed = sum(stats.recomputed)
+        context, recomputed = self._blended(SharedKV.stack(context_rows), blending)
         padded, valid = pad_left(ids, model.pad_id)
         own = sum(int(p.context_len[0]) for r in rows for p in pieces[r][::2])  # the agent's own segments
         return _Start(receiver_input(context), padded, valid, messages,
                       int(context.context_len.sum()) + int(valid.sum()), int(context.context_len.sum()) - own, dense,
                       recomputed)
+
+    def _blended(self, context: SharedKV, fraction: float | None) -> tuple[SharedKV, int]:
+        """``context`` blended at ``fraction`` (None: as it is), and the tokens recomputed (all rows)."""
+        if fraction is None:
+            return context, 0
+        blended, stats = blend(self.model.model, context, fraction)
+        return blended, sum(stats.recomputed)
 
     def _send(self, kv: list[SenderKV], reply_tokens: list[int]) -> tuple[list[SharedKV], list[int]]:
         """Each row's turn as it arrives: its reply or whole turn, re-based to 0, cut to the edge's

@@ -87,12 +87,17 @@ class Method(ABC):
         if options is not None and not isinstance(options, self.options_model):
             options = self.options_model.build(self.name, **options.model_dump())
         self.options = options if options is not None else self.options_model.build(self.name, **given)
-        codec = getattr(self.options, "codec", None)  # the methods that send messages take one
+        codec = self.codec_name  # the methods that send messages take one
         self._codec: Codec | None = make_codec(codec) if codec else None
 
     @classmethod
     def option_names(cls) -> list[str]:
         return list(cls.options_model.model_fields)
+
+    @classmethod
+    def takes_layer_ratio(cls) -> bool:
+        """Whether it takes a ``ratio`` that is a fraction of layers (what commands default)."""
+        return cls.ratio_of_layers and "ratio" in cls.option_names()
 
     @property
     def label(self) -> str:
