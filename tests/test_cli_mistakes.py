@@ -197,3 +197,21 @@ def test_a_message_from_another_model_is_one_line_too(files, tmp_path):
     foreign.save(path)
     result = runner.invoke(app, ["answer", str(path), "-m", files["model"], "--question", "q"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "incompatible model" in result.stderr
+
+
+def test_the_base_install_imports_and_serve_names_the_extra_it_needs():
+    """Without the service's packages (the README's first command installs kvcomm alone), kvcomm
+    and its CLI import, and `kvcomm serve` says in one line what to install. A fresh process with
+    those packages hidden."""
+    import subprocess
+    import sys
+
+    hidden = ["diskcache", "fastapi", "uvicorn", "redis", "openai", "prometheus_client",
+              "prometheus_fastapi_instrumentator"]
+    script = (f"import sys\nfor name in {hidden!r}: sys.modules[name] = None\n"
+              "import kvcomm, kvcomm.cli\nfrom typer.testing import CliRunner\n"
+              "result = CliRunner().invoke(kvcomm.cli.app, ['serve'])\n"
+              "print(result.exit_code, result.output.strip().splitlines()[-1])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("2 ") and "pip install 'kvcomm[serve]'" in done.stdout, done.stdout

@@ -63,11 +63,15 @@ def serve_command(
     calibrated when the first passage is stored at a ratio (about a minute on SmolLM2-135M with the
     default rule).
     """
-    import uvicorn
+    try:
+        import uvicorn
 
+        from kvcomm.serve.app import create_app
+    except ImportError as err:
+        raise ConfigError(f"kvcomm serve needs the service's packages ({err.name} is missing): "
+                          "pip install 'kvcomm[serve]'") from None
     from kvcomm.models import load_model, resolve_model
     from kvcomm.selection.blocks import read_ranking
-    from kvcomm.serve.app import create_app
     from kvcomm.serve.config import ServeConfig
     from kvcomm.serve.contexts import by_layout
     from kvcomm.serve.stores import StoreLimits, open_store, store_kind

@@ -7,31 +7,40 @@ unpickled is refused, so nothing read back is ever unpickled.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import diskcache
-
+from kvcomm.errors import ConfigError
 from kvcomm.serve.stores.base import StoreError, StoreFull, check_id
 
 
-class _BytesOnlyDisk(diskcache.Disk):
-    """diskcache's storage with pickling switched off both ways."""
+@cache
+def _bytes_only_disk() -> type:
+    """diskcache's storage with pickling switched off both ways (diskcache is imported when a disk
+    store is made: the service's extra, ``kvcomm[serve]``, not the base install)."""
+    try:
+        import diskcache
+    except ImportError:
+        raise ConfigError("the disk store needs the diskcache package: pip install 'kvcomm[serve]'") from None
 
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
-        if type(value) is not bytes:
-            raise StoreError("the disk store holds bytes only")
-        return super().store(value, read, key)
+    class BytesOnlyDisk(diskcache.Disk):
+        def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+            if type(value) is not bytes:
+                raise StoreError("the disk store holds bytes only")
+            return super().store(value, read, key)
 
-    def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
-        if mode == diskcache.core.MODE_PICKLE:
-            raise StoreError("the disk store holds a pickled row; refusing to unpickle it")
-        return super().fetch(mode, filename, value, read)
+        def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
+            if mode == diskcache.core.MODE_PICKLE:
+                raise StoreError("the disk store holds a pickled row; refusing to unpickle it")
+            return super().fetch(mode, filename, value, read)
 
-    def get(self, key: Any, raw: bool) -> Any:
-        if not raw:
-            raise StoreError("the disk store holds a pickled key; refusing to unpickle it")
-        return super().get(key, raw)
+        def get(self, key: Any, raw: bool) -> Any:
+            if not raw:
+                raise StoreError("the disk store holds a pickled key; refusing to unpickle it")
+            return super().get(key, raw)
+
+    return BytesOnlyDisk
 
 
 class DiskStore:
@@ -41,7 +50,10 @@ class DiskStore:
         self.directory, self.max_bytes, self.ttl_s = Path(directory), max_bytes, ttl_s
         # each write evicts the least recently used message while the store is full (cull_limit 1);
         # a write that still leaves it over its bound (a large message replacing small ones) culls more
-        self._cache = diskcache.Cache(str(directory), disk=_BytesOnlyDisk, size_limit=max_bytes,
+        import diskcache  # importable: _bytes_only_disk checked it
+
+        disk = _bytes_only_disk()
+        self._cache = diskcache.Cache(str(directory), disk=disk, size_limit=max_bytes,
                                       eviction_policy="least-recently-used", cull_limit=1)
 
     def put(self, message_id: str, data: bytes) -> None:
