@@ -215,6 +215,32 @@ def test_shared_rows_restack_to_the_same_receiver_logits():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_row_keeps_its_token_ids_where_no_layer_is_full_in_every_piece():
+    """Pieces spliced at disjoint layers leave no layer holding every column: the column mask does,
+    so a row keeps every token id (it used to cut them to one layer's, or fail), and restacks."""
+    from kvcomm.errors import ProtocolError
+    from kvcomm.protocol import SharedKV, share, share_many, splice
+
+    model = tiny_model("qwen2")
+    own = prefill(model, *pad_left([[5, 6, 7], [8, 9, 10, 11]], 0))
+    a, b = (prefill(model, *pad_left(rows, 0)) for rows in ([[12, 13], [14, 15, 16]], [[17], [18, 19]]))
+    joined = splice(model, [SharedKV.whole(own), share(model, a, [1]), share(model, b, [2])])
+    assert not any(joined.full)
+    rows = [joined.row(i) for i in range(2)]
+    assert [r.token_ids[0].tolist() for r in rows] == [[5, 6, 7, 12, 13, 17], [8, 9, 10, 11, 14, 15, 16, 18, 19]]
+    again = SharedKV.stack(rows)
+    assert again.columns is not None and again.columns.sum(1).tolist() == [6, 9]
+    assert again.row(0).token_ids.tolist() == rows[0].token_ids.tolist()
+    alone = share(model, own, [])  # nothing shared in full: the sink alone at every layer
+    assert alone.row(1).token_ids[0].tolist() == [8, 9, 10, 11]
+    disjoint = share_many(own, [[0], [1]])  # two configurations, no layer common to both
+    assert disjoint.row(3).token_ids[0].tolist() == [8, 9, 10, 11]
+    unknown = SharedKV(joined.keys, joined.values, joined.positions, joined.valid, joined.context_len, joined.full,
+                       token_ids=joined.token_ids)
+    with pytest.raises(ProtocolError, match="no layer shared in full and no column mask"):
+        unknown.row(0)
+
+
 def test_two_senders_with_all_layers_equal_reading_both_contexts_in_sequence(family):
     """Sender 2 never saw sender 1, so the reference is one sequence [C1; C2; Q] in which C2 does not
     attend to C1; positions run on through all three (sender 2's keys are re-rotated)."""

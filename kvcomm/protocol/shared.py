@@ -57,6 +57,9 @@ class SharedKV:
             known (blending recomputes tokens from them).
         hidden: ``{layer: [B, C, H]}`` the sender's hidden states entering those layers, aligned
             with a full layer's columns (recomputing a block of layers starts from them).
+        columns: ``[B, C]`` which columns of ``token_ids`` and ``hidden`` are real tokens (not
+            padding); None: those of a full layer. Pieces joined where no layer is full in
+            all of them (:func:`splice`) need it: no one layer then holds every column.
     """
 
     keys: list[torch.Tensor]
@@ -68,6 +71,7 @@ class SharedKV:
     mode: MaskMode = "causal"
     token_ids: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    columns: torch.Tensor | None = None
 
     @classmethod
     def whole(cls, sender: SenderKV) -> SharedKV:
@@ -76,7 +80,7 @@ class SharedKV:
         layers = range(sender.num_layers)
         return cls(list(sender.keys), list(sender.values), [sender.positions for _ in layers],
                    [sender.valid for _ in layers], sender.context_len, [True for _ in layers], token_ids=sender.ids,
-                   hidden=dict(sender.hidden))
+                   hidden=dict(sender.hidden), columns=sender.valid)
 
     @property
     def num_layers(self) -> int:
@@ -104,6 +108,8 @@ class SharedKV:
             keep = valid[index]
             return tensor[index:index + 1, ..., keep, :] if tensor.dim() == 4 else tensor[index:index + 1, keep]
 
+        columns = self._columns()[index] if self.token_ids is not None or self.hidden or self.columns is not None \
+            else None
         return replace(
             self,
             keys=[cut(k, m) for k, m in zip(self.keys, self.valid)],
@@ -111,13 +117,24 @@ class SharedKV:
             positions=[cut(p, m) for p, m in zip(self.positions, self.valid)],
             valid=[m[index:index + 1, m[index]] for m in self.valid],
             context_len=self.context_len[index:index + 1], full=list(self.full),
-            token_ids=None if self.token_ids is None else self.token_ids[index:index + 1, self._columns()[index]],
-            hidden={layer: h[index:index + 1, self._columns()[index]] for layer, h in self.hidden.items()},
+            token_ids=None if self.token_ids is None else self.token_ids[index:index + 1, columns],
+            hidden={layer: h[index:index + 1, columns] for layer, h in self.hidden.items()},
+            columns=None if columns is None else torch.ones(1, int(columns.sum()), dtype=torch.bool),
         )
 
     def _columns(self) -> torch.Tensor:
-        """``[B, C]`` validity of the context columns (those of a full layer)."""
-        return next((v for v, full in zip(self.valid, self.full) if full), self.valid[0])
+        """``[B, C]`` validity of the context columns: :attr:`columns`, else a full layer's.
+
+        Raises:
+            ProtocolError: neither is known (no column mask, and no layer shared in full).
+        """
+        if self.columns is not None:
+            return self.columns
+        found = next((v for v, full in zip(self.valid, self.full) if full), None)
+        if found is None:
+            raise ProtocolError("this KV has no layer shared in full and no column mask: its token ids and hidden "
+                                "states cannot be lined up with its context")
+        return found
 
     @classmethod
     def stack(cls, rows: Sequence[SharedKV]) -> SharedKV:
@@ -136,12 +153,14 @@ class SharedKV:
 
         _check_joinable(rows)
         ids = pad([r.token_ids for r in rows]) if all(r.token_ids is not None for r in rows) else None  # type: ignore[misc]
+        known = all(r.columns is not None or any(r.full) for r in rows)
         if any(r.hidden.keys() != rows[0].hidden.keys() for r in rows):
             raise ConfigError("rows to stack must carry hidden states at the same layers")
         return cls(
             keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
             context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full), mode=rows[0].mode,
             token_ids=ids, hidden={layer: pad([r.hidden[layer] for r in rows]) for layer in rows[0].hidden},
+            columns=pad([r._columns() for r in rows]) if known else None,
         )
 
 
@@ -191,7 +210,7 @@ def share(
     if mode == "shift-back":
         sink_pos = (context_len - 1).clamp(min=0)[:, None]
     sink_valid = context_len[:, None] > 0
-    shared = SharedKV([], [], [], [], context_len, [], mode, token_ids=sender.ids)
+    shared = SharedKV([], [], [], [], context_len, [], mode, token_ids=sender.ids, columns=sender.valid)
     for layer in range(sender.num_layers):
         keys, values = sender.keys[layer], sender.values[layer]
         full = layer in selected
@@ -234,7 +253,7 @@ def _share_opening(sender: SenderKV, selected: set[int], mode: MaskMode, opening
     if mode != "causal":
         raise ConfigError(f"an opening is kept in causal mode only; {mode} moves, pads or leaks around one sink token")
     kept = kept_columns(sender, opening)
-    shared = SharedKV([], [], [], [], sender.context_len, [], mode, token_ids=sender.ids)
+    shared = SharedKV([], [], [], [], sender.context_len, [], mode, token_ids=sender.ids, columns=sender.valid)
     for layer in range(sender.num_layers):
         full = layer in selected
         cut = slice(None) if full else slice(0, opening)
@@ -282,7 +301,7 @@ def share_many(sender: SenderKV, layer_sets: Sequence[Iterable[int]], opening: i
         values=[v.repeat(copies, 1, 1, 1) for v in sender.values],
         positions=[positions] * sender.num_layers, valid=valid, context_len=sender.context_len.repeat(copies),
         full=[all(layer in chosen for chosen in sets) for layer in range(sender.num_layers)],
-        token_ids=None if sender.ids is None else sender.ids.repeat(copies, 1),
+        token_ids=None if sender.ids is None else sender.ids.repeat(copies, 1), columns=sender.valid.repeat(copies, 1),
     )
 
 
@@ -345,10 +364,9 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
             positions.append(parts[0].positions[layer])
         values.append(torch.cat([p.values[layer] for p in chosen], dim=2))
         valid.append(torch.cat([p.valid[layer] for p in chosen], dim=1))
-    ids = None
-    if all(p.token_ids is not None for p in parts):
-        ids = torch.cat([p.token_ids for p in parts], dim=1)  # type: ignore[misc]
-    return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode, token_ids=ids)
+    ids, columns = _joined_columns(parts)
+    return SharedKV(keys, values, positions, valid, context, list(parts[0].full), parts[0].mode, token_ids=ids,
+                    columns=columns)
 
 
 def splice(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
@@ -374,11 +392,19 @@ def splice(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
         positions.append(torch.cat([p.positions[layer] + o[:, None] for p, o in chosen], dim=1))
         valid.append(torch.cat([p.valid[layer] for p, _ in chosen], dim=1))
     full = [all(p.full[layer] for p in parts) for layer in range(parts[0].num_layers)]
+    ids, columns = _joined_columns(parts)
+    return SharedKV(keys, values, positions, valid, offsets[-1] + parts[-1].context_len, full, parts[0].mode,
+                    token_ids=ids, columns=columns)
+
+
+def _joined_columns(parts: Sequence[SharedKV]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The joined context's token ids (when every piece has them) and its column mask: each piece's,
+    in order. None where a piece does not know its columns (no mask, no full layer)."""
     ids = None
     if all(p.token_ids is not None for p in parts):
         ids = torch.cat([p.token_ids for p in parts], dim=1)  # type: ignore[misc]
-    return SharedKV(keys, values, positions, valid, offsets[-1] + parts[-1].context_len, full, parts[0].mode,
-                    token_ids=ids)
+    known = all(p.columns is not None or any(p.full) for p in parts)
+    return ids, torch.cat([p._columns() for p in parts], dim=1) if known else None
 
 
 def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:

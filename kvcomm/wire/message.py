@@ -137,6 +137,7 @@ class KVMessage:
             context_len=torch.tensor([self.context_len]), full=[layer.full for layer in self.layers],
             mode=self.mode, token_ids=None if self.token_ids is None else self.token_ids[None],
             hidden={layer: h[None].to(dtype) for layer, h in self.hidden.items()},
+            columns=torch.ones(1, self.context_len, dtype=torch.bool),
         )
 
     @classmethod
