@@ -28,3 +28,10 @@ def test_exact_match_and_contains():
     assert exact_match("In Egypt", ["egypt"]) == 0.0
     assert contains("Carmen lives in Riga.", ["Riga"]) == 1.0
     assert contains("Rigatoni", ["Riga"]) == 0.0
+
+
+def test_a_gold_answer_of_articles_alone_is_compared_with_them_and_an_empty_one_matches_nothing():
+    assert paper_f1("A", ["A"]) == exact_match("a", ["A"]) == contains("The answer is A.", ["A"]) == 1.0
+    assert paper_f1("B", ["A"]) == exact_match("", ["A"]) == contains("Bob", ["A"]) == 0.0
+    assert exact_match("", [""]) == contains("", [""]) == paper_f1("", [""]) == 0.0
+    assert exact_match("The Paris", ["Paris"]) == 1.0  # other golds drop articles as the paper does

@@ -57,6 +57,57 @@ def test_bad_jsonl_names_the_line(tmp_path, line, message):
         load_task("jsonl", path)
 
 
+@pytest.mark.parametrize("record, message", [
+    ({"answers": 42}, "'answers' must be a list of strings or one string"),
+    ({"answers": None}, "'answers' must be a list of strings"),
+    ({"answers": {"Paris": 1}}, "'answers' must be a list"),
+    ({"answers": [None]}, "'answers' must be a list"),
+    ({"answers": ["Paris", " "]}, "'answers' holds an empty string"),
+    ({"answers": []}, "'answers' is empty"),
+    ({"context": {"a": 1}}, "'context' must be a string, got dict"),
+    ({"question": None}, "'question' must be a string, got NoneType"),
+    ({"choices": "Paris"}, "'choices' must be a list of strings"),
+])
+def test_jsonl_fields_of_the_wrong_type_are_refused(tmp_path, record, message):
+    path = tmp_path / "typed.jsonl"
+    path.write_text(json.dumps({"context": "c", "question": "q", "answers": ["Paris"]} | record) + "\n")
+    with pytest.raises(DataError, match=f"typed.jsonl:1: {message}"):
+        load_task("jsonl", path)
+
+
+def test_paper_files_of_the_wrong_type_are_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt_A": "c", "prompt_B": 5, "y": "France"}) + "\n")
+    with pytest.raises(DataError, match="p.jsonl:1: 'prompt_B' must be a string, got int"):
+        load_task("countries", path)
+    path.write_text(json.dumps({"prompt_A": "c", "prompt_B": "q", "label": "Acme", "options": "Acme"}) + "\n")
+    with pytest.raises(DataError, match="'options' must be a list of strings"):
+        load_task("tipsheets", path)
+    path.write_text(json.dumps({"prompt_A": "c", "prompt_B": "q", "y": ""}) + "\n")
+    with pytest.raises(DataError, match="'y' is empty"):
+        load_task("countries", path)
+
+
+def test_jsonl_lines_end_at_newlines_only_and_bad_bytes_are_a_data_error(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"context": "one\u2028two\x85three", "question": "q", "answers": "a"},
+                               ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert load_task("jsonl", path).items[0].context == "one\u2028two\x85three"
+    path.write_bytes(b'{"context": "caf\xe9", "question": "q", "answers": "a"}\n')
+    with pytest.raises(DataError, match="cannot read .*u.jsonl"):
+        load_task("jsonl", path)
+
+
+def test_generated_tasks_refuse_options_they_cannot_honour():
+    with pytest.raises(DataError, match="16 countries"):
+        load_task("relay", hops=2, distractors=16, items=1)
+    assert load_task("relay", hops=2, distractors=15, items=1).items
+    with pytest.raises(DataError, match="leaving a piece empty"):
+        load_task("multihop", pieces=3, facts_per_piece=1, items=1)
+    made = load_task("multihop", pieces=3, facts_per_piece=2, items=5)
+    assert all(all(piece for piece in item.pieces) for item in made.items)
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError):
         load_task("countries", tmp_path / "nope.jsonl")

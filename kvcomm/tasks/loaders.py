@@ -95,10 +95,11 @@ def task(name: str, max_new_tokens: int, metric: str = "paper_f1",
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields ``(line number, record)``; a malformed line raises :class:`DataError` naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}") from err
-    for number, line in enumerate(lines, 1):
+    # lines end at "\n" only: JSON strings may hold U+2028 or U+0085 raw, where splitlines would cut
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 record = json.loads(line)
@@ -113,6 +114,48 @@ def _field(record: dict[str, Any], key: str, where: str) -> Any:
     if key not in record:
         raise DataError(f"{where}: missing field {key!r} (has {', '.join(sorted(record))})")
     return record[key]
+
+
+def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False) -> str:
+    """``record[key]`` as text: a string (``scalar``: or a number, as a label may be).
+
+    Raises:
+        DataError: the field is missing or of another type.
+    """
+    value = _field(record, key, where)
+    kinds = (str, int, float) if scalar else (str,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise DataError(f"{where}: {key!r} must be {'a string or a number' if scalar else 'a string'}, "
+                        f"got {type(value).__name__}")
+    return str(value)
+
+
+def _answer(record: dict[str, Any], key: str, where: str) -> str:
+    """``record[key]``, a gold answer: a string or a number, not empty.
+
+    Raises:
+        DataError: the field is missing, of another type, or empty.
+    """
+    answer = _text(record, key, where, scalar=True)
+    if not answer.strip():
+        raise DataError(f"{where}: {key!r} is empty")
+    return answer
+
+
+def _texts(record: dict[str, Any], key: str, where: str, one: bool = False) -> tuple[str, ...]:
+    """``record[key]`` as a tuple of non-empty strings: a list of them (``one``: or one string);
+    absent: ``()``.
+
+    Raises:
+        DataError: another type, or an empty string among them.
+    """
+    value = record.get(key, [])
+    values = [value] if one and isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise DataError(f"{where}: {key!r} must be a list of strings{' or one string' if one else ''}")
+    if not all(v.strip() for v in values):
+        raise DataError(f"{where}: {key!r} holds an empty string")
+    return tuple(values)
 
 
 def paper_file(name: str, path: str | Path | None) -> Path:
@@ -155,9 +198,9 @@ def countries(path: str | Path | None = None) -> Task:
         where = f"{file}:{number}"
         items.append(Item(
             id=str(rec.get("id", f"countries_{number - 1:04d}")),
-            context=_field(rec, "prompt_A", where),
-            question=_field(rec, "prompt_B", where) + COUNTRIES_SUFFIX,
-            answers=(str(_field(rec, "y", where)),),
+            context=_text(rec, "prompt_A", where),
+            question=_text(rec, "prompt_B", where) + COUNTRIES_SUFFIX,
+            answers=(_answer(rec, "y", where),),
         ))
     return TASKS.get("countries").make(items, data=file)
 
@@ -169,10 +212,10 @@ def tipsheets(path: str | Path | None = None) -> Task:
     items = [
         Item(
             id=f"tipsheets_{number - 1:04d}",
-            context=_field(rec, "prompt_A", f"{file}:{number}"),
-            question=_field(rec, "prompt_B", f"{file}:{number}"),
-            answers=(str(_field(rec, "label", f"{file}:{number}")),),
-            choices=tuple(str(option) for option in rec.get("options", ())),
+            context=_text(rec, "prompt_A", f"{file}:{number}"),
+            question=_text(rec, "prompt_B", f"{file}:{number}"),
+            answers=(_answer(rec, "label", f"{file}:{number}"),),
+            choices=_texts(rec, "options", f"{file}:{number}"),
         )
         for number, rec in read_jsonl(file)
     ]
@@ -189,19 +232,16 @@ def jsonl(path: str | Path | None = None) -> Task:
     items = []
     for number, rec in read_jsonl(file):
         where = f"{file}:{number}"
-        answers = _field(rec, "answers", where)
-        answers = (answers,) if isinstance(answers, str) else tuple(str(a) for a in answers)
+        _field(rec, "answers", where)
+        answers = _texts(rec, "answers", where, one=True)
         if not answers:
             raise DataError(f"{where}: 'answers' is empty")
-        choices = rec.get("choices", ())
-        if not isinstance(choices, list | tuple):
-            raise DataError(f"{where}: 'choices' must be a list of the options the question offers")
         items.append(Item(
             id=str(rec.get("id", f"{file.stem}_{number - 1:04d}")),
-            context=str(_field(rec, "context", where)),
-            question=str(_field(rec, "question", where)),
+            context=_text(rec, "context", where),
+            question=_text(rec, "question", where),
             answers=answers,
-            choices=tuple(str(c) for c in choices),
+            choices=_texts(rec, "choices", where),
         ))
     return TASKS.get("jsonl").make(items, name=file.stem, data=file)
 

@@ -5,6 +5,12 @@ time. kvcomm lemmatises with simplemma, which ships its data; it has no part-of-
 few words lemmatise differently (e.g. "saw" stays a noun). Everything else follows the paper:
 lowercase, drop punctuation and articles, collapse whitespace, compare token *sets*, and count an
 item as correct when F1 > 0.5, taking the best gold answer.
+
+Two choices the paper's code does not make. Punctuation becomes a space, where SQuAD-style
+normalisers delete it ("U.S." reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of
+Countries or Tipsheets holds punctuation. A gold answer made only of articles (a multiple-choice
+letter "A") is compared with the articles kept, on both sides, where the paper's rule would leave
+it empty and unscorable; and an empty gold answer matches nothing.
 """
 
 from __future__ import annotations
@@ -18,17 +24,26 @@ import simplemma
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def normalize(text: str) -> str:
-    """Lowercase, straighten quotes, drop punctuation and articles, lemmatise, collapse spaces."""
+def normalize(text: str, articles: bool = False) -> str:
+    """Lowercase, straighten quotes, drop punctuation and articles (``articles``: keep them),
+    lemmatise, collapse spaces."""
     text = text.lower().replace("\u2019", "'")
     text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
-    text = _ARTICLES.sub(" ", text)
+    text = text if articles else _ARTICLES.sub(" ", text)
     return " ".join(simplemma.lemmatize(word, lang="en") for word in text.split())
+
+
+def _pair(prediction: str, gold: str) -> tuple[str, str]:
+    """Both normalised, the articles kept where the gold answer is nothing but articles ("A")."""
+    ref = normalize(gold)
+    if ref:
+        return normalize(prediction), ref
+    return normalize(prediction, articles=True), normalize(gold, articles=True)
 
 
 def set_f1(prediction: str, gold: str) -> float:
     """F1 between the normalised token sets of ``prediction`` and ``gold``."""
-    pred, ref = set(normalize(prediction).split()), set(normalize(gold).split())
+    pred, ref = (set(text.split()) for text in _pair(prediction, gold))
     common = len(pred & ref)
     if common == 0:
         return 0.0
@@ -42,15 +57,13 @@ def paper_f1(prediction: str, golds: Sequence[str]) -> float:
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals some normalised gold answer."""
-    pred = normalize(prediction)
-    return float(any(pred == normalize(gold) for gold in golds))
+    """1.0 if the normalised prediction equals some normalised gold answer (an empty one matches nothing)."""
+    return float(any(pred == ref and ref for pred, ref in (_pair(prediction, gold) for gold in golds)))
 
 
 def contains(prediction: str, golds: Sequence[str]) -> float:
     """1.0 if some normalised gold answer occurs in the normalised prediction (word-aligned)."""
-    pred = f" {normalize(prediction)} "
-    return float(any(f" {normalize(gold)} " in pred for gold in golds if normalize(gold)))
+    return float(any(f" {ref} " in f" {pred} " for pred, ref in (_pair(prediction, gold) for gold in golds) if ref))
 
 
 METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {

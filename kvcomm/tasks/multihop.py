@@ -107,6 +107,9 @@ def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, 
     if not 2 <= pieces <= 16 or not 1 <= facts_per_piece:
         raise DataError("multihop needs 2..16 pieces and at least 1 fact per piece")
     pairs = pieces * facts_per_piece // 2
+    if 2 * max(1, pairs) < pieces:
+        raise DataError(f"multihop's {pieces} pieces would hold {2 * max(1, pairs)} facts, leaving a piece empty: "
+                        "give at least 2 facts per piece with an odd number of pieces")
     if (2 * pairs - 1 if distractor_kind == "loose" else pairs) > len(CITIES):
         most = 2 * len(CITIES) if distractor_kind == "pairs" else 2 * ((len(CITIES) + 1) // 2)
         raise DataError(f"multihop has {len(CITIES)} cities: at most {most} facts per item with "

@@ -89,8 +89,9 @@ def relay(path: str | Path | None = None, items: int = 100, hops: int = 3, distr
         raise DataError("the relay task is generated; it takes no --data file")
     if not 2 <= hops <= 2 + len(PERSON_HOPS):
         raise DataError(f"relay needs 2..{2 + len(PERSON_HOPS)} hops, got {hops}")
-    if distractors < 0 or _names_needed(hops, distractors) > len(_NAMES) or distractors + 1 > len(CITIES):
-        raise DataError(f"relay: {distractors} distractors per hop need more than the {len(_NAMES)} names and "
-                        f"{len(CITIES)} cities there are; use fewer")
+    if (distractors < 0 or _names_needed(hops, distractors) > len(_NAMES) or distractors + 1 > len(CITIES)
+            or distractors + 1 > len(COUNTRIES)):
+        raise DataError(f"relay: {distractors} distractors per hop need more than the {len(_NAMES)} names, "
+                        f"{len(CITIES)} cities and {len(COUNTRIES)} countries there are; use fewer")
     rng = random.Random(seed)
     return TASKS.get("relay").make([_item(rng, i, seed, hops, distractors) for i in range(items)], seed=seed)
