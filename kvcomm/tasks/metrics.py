@@ -6,9 +6,9 @@ few words lemmatise differently (e.g. "saw" stays a noun). Everything else follo
 lowercase, drop punctuation and articles, collapse whitespace, compare token *sets*, and count an
 item as correct when F1 > 0.5, taking the best gold answer.
 
-Two choices the paper's code does not make. Punctuation becomes a space, where SQuAD-style
-normalisers delete it ("U.S." reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of
-Countries or Tipsheets holds punctuation. A gold answer made only of articles (a multiple-choice
+Two choices to know. Punctuation becomes a space, where SQuAD-style normalisers delete it ("U.S."
+reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of Countries or Tipsheets holds
+punctuation. A gold answer made only of articles (a multiple-choice
 letter "A") is compared with the articles kept, on both sides, where the paper's rule would leave
 it empty and unscorable; and an empty gold answer matches nothing.
 """
