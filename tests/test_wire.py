@@ -548,6 +548,36 @@ def split_message(data: bytes) -> tuple[bytes, int, list[bytes]]:
     return blob, version, payloads
 
 
+def test_a_frame_declared_huge_allocates_only_what_arrives(tmp_path):
+    """A one-token layer whose header declares a frame of almost 2 GiB, followed by 100 bytes: the
+    reader (a file, as ``load`` and the service read) is refused as truncated after taking memory
+    for what came, not for what was declared; declared frames over the limit are refused at the header."""
+    import tracemalloc
+
+    from tests.conftest import craft
+
+    message = KVMessage({"m": 1}, 1, 0, [LayerKV(0, True, kv_like(2, 1, 16, 0), kv_like(2, 1, 16, 1))],
+                        make_codec("fp16"))
+    blob, version, _ = split_message(message.to_bytes())
+    header = json.loads(blob)
+    declared = (1 << 31) - 4096
+    header["layers"][0]["bytes"] = declared
+    crafted = craft(json.dumps(header).encode(), [b""], version)
+    (size,) = struct.unpack("<I", crafted[6:10])
+    path = tmp_path / "hostile.kvm"
+    path.write_bytes(crafted[:14 + size] + struct.pack("<I", declared) + b"x" * 100)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TruncatedMessage, match=f"100 of {declared} bytes"):
+            KVMessage.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    with pytest.raises(MessageTooLarge, match="the header declares"):
+        KVMessage.load(path, max_bytes=1 << 20)
+
+
 def test_a_bad_layer_of_a_whole_message_with_valid_checksums_is_refused_and_named():
     """Layer 1 (the helper's lane) holds a garbled stream under valid checksums: its own error is
     raised, and neither thread is left marked as a lane."""

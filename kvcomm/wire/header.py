@@ -159,9 +159,13 @@ class Header(BaseModel):
     def payload_bytes(self) -> int:
         return sum(entry.bytes for entry in self.layers) + sum(extra.bytes for extra in self.extras)
 
-    def check_size(self, max_decoded_bytes: int) -> None:
+    def check_size(self, max_decoded_bytes: int, max_bytes: int | None = None) -> None:
         """Refuses a message whose decoded size is over ``max_decoded_bytes`` or more than
-        :data:`MAX_EXPANSION` times its payload (a decompression bomb), before anything is decoded."""
+        :data:`MAX_EXPANSION` times its payload (a decompression bomb), or whose frames the header
+        declares larger than ``max_bytes`` in all, before anything is read or decoded."""
+        if max_bytes is not None and self.payload_bytes > max_bytes:
+            raise MessageTooLarge(f"the header declares {self.payload_bytes:,} payload bytes, "
+                                  f"the limit is {max_bytes:,}")
         decoded = self.decoded_bytes
         if decoded > max_decoded_bytes:
             raise MessageTooLarge(f"message decodes to {decoded:,} bytes, the limit is {max_decoded_bytes:,}")

@@ -352,7 +352,7 @@ class MessageReader:
         self.header = parse_header(blob, version)
         if receiver is not None:
             check_fingerprint(self.header.fingerprint, receiver)
-        self.header.check_size(max_decoded_bytes)
+        self.header.check_size(max_decoded_bytes, max_bytes)
         try:
             self.codec = header_codec(self.header.codec.name, self.header.codec.params, version)
         except (WireError, ValueError, TypeError) as err:
@@ -412,9 +412,16 @@ class MessageReader:
             raise CorruptMessage("end marker or whole-message digest mismatch")
 
 
+READ_PIECE = 1 << 20
+"""The most bytes asked of a stream at once: a buffered reader allocates what it is asked for
+before any arrives, so a frame is read in pieces and memory follows the bytes that came."""
+
+
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
-    """``size`` bytes, or fewer only at the end of the stream (pipes and sockets return short reads)."""
-    data = stream.read(size)
+    """``size`` bytes, or fewer only at the end of the stream (pipes and sockets return short reads),
+    asked for :data:`READ_PIECE` at a time (at once from memory, which returns no more than it holds)."""
+    whole = size <= READ_PIECE or isinstance(stream, io.BytesIO)
+    data = stream.read(size if whole else READ_PIECE)
     if data is None:
         data = b""
     if len(data) == size or not data:
@@ -422,7 +429,7 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
     parts = [data]
     remaining = size - len(data)
     while remaining:
-        more = stream.read(remaining)
+        more = stream.read(min(remaining, READ_PIECE))
         if not more:
             break
         parts.append(more)
