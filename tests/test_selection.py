@@ -452,6 +452,45 @@ def test_calibration_by_probability_averages_each_items_exp_likelihood():
     assert all(0 < t["loglik"] <= 1 for t in profile.details["trace"])
 
 
+def test_the_auto_objective_keeps_the_ranking_held_out_items_answer_better():
+    """``auto`` searches with each candidate objective on the later half of the items (each ranking
+    equals that search run alone), scores both rankings' top layers at 0.3/0.5/0.7 on the earlier
+    half by likelihood (the recorded scores equal it, item by item) and keeps the better."""
+    import numpy as np
+
+    from kvcomm import Agents, Batch, EvalConfig, calibrate, load_task
+    from kvcomm.errors import ConfigError, DataError
+    from kvcomm.selection.likelihood import Scored, answer_ids, answer_loglik
+    from kvcomm.selection.rules import top_layers
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=4)
+    agents = Agents(model, model)
+    profile = calibrate(agents, task, task.items, progress=False, objective="auto", batch_size=1)
+    held = profile.details["held_out"]
+    assert held["items"] == [i.id for i in task.items[:2]] and held["searched_on"] == [i.id for i in task.items[2:]]
+    for candidate in ("likelihood", "probability"):
+        alone = calibrate(agents, task, task.items[2:], progress=False, objective=candidate, batch_size=1)
+        assert held["rankings"][candidate] == alone.ranking
+    rows = []
+    for item in task.items[:2]:
+        read = Batch(agents, task, [item]).reading(1, "chats")
+        rows.append(Scored(read.kv.row(0), read.prompt.ids[0], answer_ids(model, item)))
+    for candidate, ranking in held["rankings"].items():
+        sets = [frozenset(top_layers(ranking, ratio)) for ratio in (0.3, 0.5, 0.7)]
+        want = np.mean([answer_loglik(model.model, row, sets).numpy() for row in rows])
+        assert abs(held["scores"][candidate] - want) < 1e-6
+    assert held["chosen"] == max(held["scores"], key=held["scores"].get)
+    assert profile.details["objective"] == f"auto: {held['chosen']}"
+    assert profile.ranking == held["rankings"][held["chosen"]]
+    assert EvalConfig(objective="auto").calibration_count(200) == 8 and EvalConfig(
+        objective="auto", selection="paper").calibration_count(200) == 1
+    with pytest.raises(ConfigError, match="not prior"):
+        calibrate(agents, task, task.items, progress=False, rule="prior", objective="auto")
+    with pytest.raises(DataError, match="at least 2"):
+        calibrate(agents, task, task.items[:1], progress=False, objective="auto")
+
+
 def test_fidelity_ignores_tokens_the_reference_gives_no_probability():
     """A vocabulary entry masked to -inf in the reference adds 0 to the KL, not NaN."""
     from kvcomm.selection.likelihood import Scored, answer_loglik, reference_logprobs

@@ -279,7 +279,9 @@ CalibrationObjective = Annotated[Objective | None, typer.Option(
          "log-probability per token), probability (its exp, averaged over items: an item the model cannot answer "
          "weighs no more than one it answers), choice (the probability of picking the gold option, on items that "
          "list their options; others fall back to likelihood) or fidelity (closeness of the receiver's "
-         "next-token distributions to those with every layer shared). "
+         "next-token distributions to those with every layer shared) or auto (answer and prune rules: "
+         "likelihood or probability, whichever's ranking held-out calibration items answer better; takes 8 "
+         "calibration items unless told, searches on the later half). "
          f"(default: {DEFAULT_OBJECTIVE})")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]

@@ -32,13 +32,13 @@ from kvcomm.models.allocator import release_freed_memory
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import (
-    CALIBRATION_ITEMS,
     DEFAULT_OBJECTIVE,
     DEFAULT_RULE,
     Objective,
     Profile,
     Rule,
     calibrate,
+    calibration_items,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Pieces, Task
@@ -58,14 +58,15 @@ class EvalConfig(Options):
         batch_size: items per forward pass.
         calib_size: calibration items, from the end of the task, disjoint from the test items
             (None: as many as the rule takes, ``CALIBRATION_ITEMS``: 1 for ``paper``, 4 for
-            ``answer``, ``prune`` and ``prior``; fewer if the task cannot spare them beside its test items,
-            never fewer than one).
+            ``answer``, ``prune`` and ``prior``, 8 for ``answer`` and ``prune`` with the ``auto``
+            objective; fewer if the task cannot spare them beside its test items, never fewer than one).
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prune``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
         objective: what ``answer``, ``prune`` and ``prior`` maximise on the calibration items: ``likelihood``
             of the gold answer, its ``probability`` per token (averaged over items), ``choice`` of the gold
-            option where items list their options, or
-            ``fidelity`` to the receiver's next-token distributions with every layer shared.
+            option where items list their options,
+            ``fidelity`` to the receiver's next-token distributions with every layer shared, or ``auto``:
+            ``likelihood`` or ``probability``, whichever's ranking held-out calibration items answer better.
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.
@@ -102,7 +103,7 @@ class EvalConfig(Options):
         if self.calib_size is not None:
             return self.calib_size
         room = total - self.skip - (self.limit if self.limit is not None else 1)
-        wanted = max(CALIBRATION_ITEMS[rule] for rule in {self.selection, *rules})
+        wanted = max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
         return max(1, min(wanted, room))
 
     def split(self, items: Sequence[Item], rules: Iterable[str] = ()) -> tuple[list[Item], list[Item]]:

@@ -12,7 +12,10 @@ gold answer's probability per token, exp of the likelihood, averaged over items:
 item the model cannot answer, whose log-likelihood swings widely, weighs no more than one it
 answers), ``choice`` (the probability of picking the gold option) or ``fidelity`` (closeness to
 the receiver's next-token distributions with every layer shared). A search trace's ``loglik`` is
-that objective's value.
+that objective's value. ``auto`` chooses between the first two where they are searched (``answer``,
+``prune``): each searches on the later half of the calibration items, and the ranking kept is the
+one whose top layers (at ratios 0.3, 0.5 and 0.7) give the earlier half, which no search read, the
+higher likelihood; the profile records both rankings and their held-out scores.
 
 Every rule records the attention importance too, and the profile records the rule, what it chose
 and why (the search's trace, the fitted prior), and what it cost (seconds, forwards per item).
@@ -36,8 +39,9 @@ from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
-from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers
+from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers, top_layers
 from kvcomm.selection.search import (
+    TARGET_RATIOS,
     Search,
     backward_order,
     default_removals,
@@ -59,9 +63,11 @@ importance settles on one item), four for the rules fitted to the answer's likel
 item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 calibrated on one
 item, 0.296 on four; docs/results.md). ``prune`` takes the answer rule's four: it was measured with
 them."""
-Objective = Literal["likelihood", "probability", "choice", "fidelity"]
+Objective = Literal["likelihood", "probability", "choice", "fidelity", "auto"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "likelihood"
+AUTO_CANDIDATES: tuple[Objective, ...] = ("likelihood", "probability")
+"""The objectives ``auto`` searches with, the first kept on a tie."""
 CHUNK = 32  # layer sets per batched forward
 POOL = 8  # candidates the searches (greedy, elimination) keep trying after their first step
 SEARCHES: dict[str, tuple[str, Search, Callable[[int], int]]] = {
@@ -69,6 +75,12 @@ SEARCHES: dict[str, tuple[str, Search, Callable[[int], int]]] = {
     "prune": ("backward elimination", backward_order, default_removals),
 }
 """The rules that search layer sets step by step: the search's name, the search, its default steps."""
+
+
+def calibration_items(rule: str, objective: str = DEFAULT_OBJECTIVE) -> int:
+    """Calibration items a rule takes unless told (:data:`CALIBRATION_ITEMS`); twice as many with
+    the ``auto`` objective where the rule searches (half of them are held out to choose)."""
+    return CALIBRATION_ITEMS[rule] * (2 if objective == "auto" and rule in SEARCHES else 1)
 
 
 class Profile(JsonFile):
@@ -125,14 +137,16 @@ def calibrate(
             tokens' probabilities, averaged over items), ``choice`` (on items that list their options, the
             log-probability of choosing the gold one; other items fall back to ``likelihood``) or
             ``fidelity`` (minus the mean KL divergence of the receiver's next-token distributions
-            over the gold answer from those it has with every layer shared).
+            over the gold answer from those it has with every layer shared), or ``auto`` (the
+            ``answer`` and ``prune`` rules: ``likelihood`` or ``probability``, whichever's ranking
+            the held-out first half of ``items`` answers better; the module's docstring).
         pieces: how each item is read: the paper's two chats, or ``passages`` (one chat cut in two,
             the opening kept at layers not shared, as ``kvcomm --pieces passages`` reads); recorded
             in the profile's ``details``.
 
     Raises:
-        ConfigError: an unknown rule, or a pool below 1; DataError: no items, or items without a
-            gold answer.
+        ConfigError: an unknown rule, a pool below 1, or ``auto`` with the ``prior`` rule;
+            DataError: no items, items without a gold answer, or fewer than 2 items for ``auto``.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
@@ -142,6 +156,11 @@ def calibrate(
         raise ConfigError(f"unknown calibration objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not items:
         raise DataError("calibration needs at least one item")
+    if objective == "auto" and rule == "prior":
+        raise ConfigError("the auto objective chooses between two searches' rankings: use it with the prune or "
+                          "answer rule, not prior")
+    if objective == "auto" and rule in SEARCHES and len(items) < 2:
+        raise DataError("the auto objective holds out half of the calibration items: it needs at least 2")
     began = time.perf_counter()
     scored: list[Scored] = []
     total = torch.zeros(agents.num_layers, dtype=torch.float64)
@@ -165,7 +184,10 @@ def calibrate(
     ranking: list[int] | None = None
     details: dict[str, Any] = {}
     forwards = 0.0
-    if rule != "paper":
+    if objective == "auto" and rule in SEARCHES:
+        ranking, details, work = _held_out_choice(agents, scored, [item.id for item in items], rule, steps, pool,
+                                                  progress)
+    elif rule != "paper":
         score, work = _objective(agents, scored, progress, bounded=objective == "probability")
         chosen = sum(bool(item.rivals) for item in scored)
         what = ("minus the mean KL divergence from every layer's next-token distributions over the gold answer"
@@ -182,6 +204,7 @@ def calibrate(
             fitted = fit_prior(score, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]
             details = {"search": "grid", "objective": what, "fitted": fitted}
+    if rule != "paper":
         forwards = work.calls / len(items)
         details["layer_rows_per_item"] = work.layer_rows / len(items)
         details["whole_forwards_per_item"] = work.layer_rows / agents.num_layers / len(items)
@@ -201,12 +224,44 @@ def calibrate(
     )
 
 
-def _objective(agents: Agents, scored: list[Scored], progress: bool, bounded: bool = False) -> tuple[Any, Work]:
+def _held_out_choice(agents: Agents, scored: list[Scored], ids: list[str], rule: str, steps: int | None,
+                     pool: int | None, progress: bool) -> tuple[list[int], dict[str, Any], Work]:
+    """The ``auto`` objective: ``rule``'s search with each of :data:`AUTO_CANDIDATES` on the later
+    half of the items, and the ranking whose top layers at :data:`TARGET_RATIOS` give the earlier
+    half the higher mean likelihood; with the details a profile records and the work done."""
+    name, search, default = SEARCHES[rule]
+    half = len(scored) // 2
+    held, searched = scored[:half], scored[half:]
+    work = Work()
+    rankings, traces = {}, {}
+    for candidate in AUTO_CANDIDATES:
+        score, _ = _objective(agents, searched, progress, bounded=candidate == "probability", work=work)
+        rankings[candidate], traces[candidate] = search(score, agents.num_layers, steps or default(agents.num_layers),
+                                                        pool)
+    judge, _ = _objective(agents, held, progress, work=work)
+    sets = [frozenset(top_layers(rankings[c], ratio)) for c in AUTO_CANDIDATES for ratio in TARGET_RATIOS]
+    values = judge(sets).reshape(len(AUTO_CANDIDATES), len(TARGET_RATIOS)).mean(axis=1)
+    held_out = {c: float(v) for c, v in zip(AUTO_CANDIDATES, values)}
+    chosen = max(AUTO_CANDIDATES, key=lambda c: (held_out[c], -AUTO_CANDIDATES.index(c)))
+    details = {
+        "search": name, "pool": pool, "trace": traces[chosen], "objective": f"auto: {chosen}",
+        "held_out": {
+            "criterion": "mean log-likelihood per gold-answer token of each ranking's top layers at ratios "
+                         f"{', '.join(map(str, TARGET_RATIOS))}, on items no search read",
+            "items": ids[:half], "searched_on": ids[half:], "scores": held_out, "chosen": chosen,
+            "rankings": rankings,
+        },
+    }
+    return rankings[chosen], details, work
+
+
+def _objective(agents: Agents, scored: list[Scored], progress: bool, bounded: bool = False,
+               work: Work | None = None) -> tuple[Any, Work]:
     """Each layer set's objective (answer likelihood, choice of the gold option, or fidelity) averaged
     over the items (``bounded``: each item's exp, the gold answer's probability per token), and the
     work it has done (model calls, and decoder-layer passes of one row:
-    :class:`~kvcomm.selection.likelihood.Work`)."""
-    work = Work()
+    :class:`~kvcomm.selection.likelihood.Work`; added to ``work`` when given)."""
+    work = work if work is not None else Work()
     bar = tqdm(desc="scoring layer sets", unit="set", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
