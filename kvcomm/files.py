@@ -1,5 +1,5 @@
-"""One atomic write: a file appears whole under its name, or not at all; and one lock for work
-that two processes should not both do.
+"""One atomic write: a file appears whole under its name, or not at all (a folder likewise:
+:func:`staged_folder`); and one lock for work that two processes should not both do.
 
 The data goes to a uniquely named temporary file in the target's folder (so two processes writing
 the same file never share one), is flushed to disk, and then replaces the target with one
@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -115,6 +116,39 @@ def produce_once(target: Path, done: Callable[[], bool], produce: Callable[[], o
 
 def _unlocked(target: Path, err: OSError) -> None:
     print(f"kvcomm: cannot lock {target} ({err.strerror or err}); going on without the lock", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yields an empty staging folder beside ``target``; on a clean exit it is renamed to ``target``.
+
+    Args:
+        replace: an existing ``target`` is moved aside first and deleted once the new folder is in
+            place (a crash in between never leaves neither). Without it, an existing ``target``
+            (other than an empty folder) makes the rename fail and is left as it was.
+
+    Raises:
+        OSError: the rename failed (``target`` exists and ``replace`` is false, or the file system
+            refused); the staging folder is removed all the same.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX))
+    try:
+        yield staging
+        if replace and target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old.", suffix=TEMPORARY_SUFFIX))
+            target.rename(old / target.name)
+            try:
+                staging.rename(target)
+            except OSError:
+                (old / target.name).rename(target)  # put the old one back
+                raise
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)  # atomic
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:

@@ -93,3 +93,107 @@ def test_the_head_gets_a_contiguous_input_and_the_same_logits(family):
         cap = loaded.model.config.get_text_config().final_logit_softcapping
         expected = torch.tanh(expected / cap) * cap
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    from kvcomm.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)  # a folder that resolving "" used to take for a model directory
+    for name in ("", "  "):
+        with pytest.raises(ModelError, match="model name is empty"):
+            resolve_model(name)
+    with pytest.raises(ModelError, match="model name is empty"):
+        load_model("")
+
+
+def test_files_that_are_not_a_model_give_a_model_error_naming_them(tmp_path, monkeypatch):
+    """A folder whose config is no model's, a model folder without a tokenizer and a file named
+    ``.gguf`` that is not GGUF or is cut short: ``cannot load`` with the path and the cause, not a bare ValueError."""
+    monkeypatch.setenv("KVCOMM_CACHE", str(tmp_path / "cache"))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"hidden_size": 8}')
+    no_tokenizer = tmp_path / "no-tokenizer"
+    tiny_loaded("llama").model.save_pretrained(no_tokenizer)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF")  # the magic, then nothing
+    for path in (odd, no_tokenizer, garbage, truncated):
+        with pytest.raises(ModelError, match="cannot load") as raised:
+            load_model(str(path))
+        assert str(path) in str(raised.value)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # the failed conversion left nothing
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, folder):
+        (folder / "tokenizer.json").write_text("{}")
+
+
+def _fake_gguf_loading(monkeypatch, failure: BaseException | None):
+    """``loading``'s transformers classes replaced: the "GGUF" loads at once, and saving the model
+    writes a partial weights file, then raises ``failure`` (or writes its config)."""
+    from kvcomm.models import loading
+
+    class FakeModel:
+        class config:  # noqa: N801  (transformers' attribute name)
+            pass
+
+        def save_pretrained(self, folder):
+            (folder / "model.safetensors").write_bytes(b"x" * 1000)
+            if failure is not None:
+                raise failure
+            (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "AutoTokenizer", type("T", (), {"from_pretrained": staticmethod(
+        lambda *a, **k: _FakeTokenizer())}))
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", type("M", (), {"from_pretrained": staticmethod(
+        lambda *a, **k: FakeModel())}))
+    return loading
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_a_failed_or_interrupted_conversion_leaves_no_staging_folder(tmp_path, monkeypatch, failure):
+    loading = _fake_gguf_loading(monkeypatch, failure)
+    gguf, target = tmp_path / "m.gguf", tmp_path / "models" / "m-x"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(type(failure)):
+        loading._convert(gguf, target)
+    assert list(target.parent.iterdir()) == []  # neither the target nor a hidden .tmp staging folder
+
+
+def test_a_conversion_appears_whole_under_its_name(tmp_path, monkeypatch):
+    loading = _fake_gguf_loading(monkeypatch, None)
+    gguf, target = tmp_path / "m.gguf", tmp_path / "models" / "m-x"
+    gguf.write_bytes(b"GGUF")
+    assert loading._convert(gguf, target) == target
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert [p.name for p in target.parent.iterdir()] == ["m-x"]
+
+
+def test_an_architecture_without_kv_heads_in_its_config_pairs_with_itself(tmp_path):
+    """GPT-2's config has no ``num_key_value_heads`` (one KV head per attention head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer))).save_pretrained(
+        tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    sender, _ = load_pair(str(tmp_path / "gpt2"), str(tmp_path / "gpt2"))
+    assert {k: sender.fingerprint[k] for k in ("model_type", "num_layers", "num_kv_heads", "head_dim")} == {
+        "model_type": "gpt2", "num_layers": 1, "num_kv_heads": 2, "head_dim": 8}
+
+
+def test_a_config_missing_a_layout_field_is_an_unsupported_architecture():
+    from types import SimpleNamespace
+
+    from kvcomm.models import make_fingerprint
+
+    with pytest.raises(ModelError, match="unsupported architecture 'odd'.*num_hidden_layers"):
+        make_fingerprint(SimpleNamespace(model_type="odd", num_attention_heads=2, hidden_size=16), {})
+    with pytest.raises(ModelError, match="unsupported architecture 'odd'.*num_attention_heads"):
+        make_fingerprint(SimpleNamespace(model_type="odd", num_hidden_layers=2, hidden_size=16), {})

@@ -10,9 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm.cli.common import Overwrite, Quiet, console, default_of, quiet_libraries
+from kvcomm.errors import DataError, ModelError
 from kvcomm.models import EMBEDDED, install
 from kvcomm.models.derive import DeriveOptions
-from kvcomm.models.derived import derived_names, derived_path, load_card
+from kvcomm.models.derived import card_problem, check_name, derived_names, derived_root, load_card, no_such_model
 from kvcomm.models.recipes import RECIPES
 
 app = typer.Typer(help="Models: list them, install embedded ones, derive variants by fine-tuning.",
@@ -35,7 +36,11 @@ def list_command() -> None:
     for column in ("name", "base", "recipe", "steps", "seed", "loss first → final", "minutes"):
         derived.add_column(column, no_wrap=column == "name")
     for name in derived_names():
-        card = load_card(name)
+        try:
+            card = load_card(name)
+        except DataError as err:  # listed all the same, so it can be removed
+            derived.add_row(name, f"(card unreadable: {card_problem(err.__cause__ or err)})", *["-"] * 5)
+            continue
         derived.add_row(name, card.base, card.recipe, str(card.steps), str(card.seed),
                         f"{card.first_loss:.3f} → {card.final_loss:.3f}", f"{card.seconds / 60:.1f}")
     if derived.row_count:
@@ -90,9 +95,13 @@ def show_command(name: Annotated[str, typer.Argument(help="A derived model's nam
 
 @app.command("remove")
 def remove_command(name: Annotated[str, typer.Argument(help="A derived model's name.")]) -> None:
-    """Delete a derived model from the cache."""
-    load_card(name)  # refuses a name that is not a derived model
-    path = derived_path(name)
-    assert path is not None
-    shutil.rmtree(path)
+    """Delete a derived model from the cache (its folder, whether or not its card can be read)."""
+    check_name(name)  # a plain name: nothing outside the derived models' folder
+    path = derived_root() / name
+    if not path.is_dir():
+        raise no_such_model(name)
+    try:
+        shutil.rmtree(path)  # refuses a symbolic link (OSError): what it points to is not the cache's
+    except OSError as err:
+        raise ModelError(f"cannot remove derived model {name!r} ({path}): {err}") from err
     console.print(f"removed {name} ({path})", markup=False, soft_wrap=True)

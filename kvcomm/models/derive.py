@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 import time
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvcomm.config import Options
 from kvcomm.errors import ConfigError, ModelError
-from kvcomm.files import TEMPORARY_SUFFIX, atomic_write
+from kvcomm.files import atomic_write, staged_folder
 from kvcomm.models.derived import CARD_FILE, Card, check_name, derived_path, derived_root
-from kvcomm.models.loading import LoadedModel, model_source
+from kvcomm.models.loading import LoadedModel, load_pretrained
 from kvcomm.models.recipes import RECIPES, Example, data_sha256, make_examples
 from kvcomm.models.registry import EMBEDDED
 from kvcomm.models.source import resolve_model
@@ -47,8 +43,11 @@ class DeriveOptions(Options):
         recipe: the generated data and direction (``kvcomm.models.recipes``).
         steps: optimisation steps (default: the recipe's).
         seed: data and adapter initialisation seed.
-        learning_rate: peak learning rate (default: the recipe's); warm-up over the first tenth,
-            then a linear decay to a tenth of it.
+        learning_rate: peak learning rate (default: the recipe's). The rate rises linearly over
+            the first tenth of the steps (``w = max(1, steps // 10)``: below 20 steps the first
+            step already runs at the peak), then falls linearly by ``0.9 / (steps - w)`` a step,
+            towards a tenth of the peak, which the step after the last would reach
+            (:func:`lr_factor`; the schedule every recorded variant was derived with).
         rank: LoRA rank; the adapter's scale ``alpha`` is twice the rank.
         batch_size: examples per step.
         examples: generated examples (cycled through in a shuffled order).
@@ -69,15 +68,23 @@ class DeriveOptions(Options):
 def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, overwrite: bool = False) -> Card:
     """Fine-tunes ``base`` by ``options.recipe`` and saves the merged model as the derived model ``name``.
 
+    With ``overwrite``, whatever is at ``<cache>/derived/<name>`` is replaced once the new model is saved.
+
     Raises:
-        ConfigError: a bad or taken name (unless ``overwrite``), an unknown recipe.
+        ConfigError: a bad or taken name (unless ``overwrite``: a derived model, or any other file
+            or folder at its place in the cache), an unknown recipe.
         ModelError: the base cannot be loaded, or has no tokens to learn from.
     """
     check_name(name)
     if name in EMBEDDED:
         raise ConfigError(f"{name!r} is an embedded model's name; choose another name for the variant")
-    if derived_path(name) is not None and not overwrite:
+    target = derived_root() / name
+    if not overwrite and derived_path(name) is not None:
         raise ConfigError(f"derived model {name!r} exists; pass --overwrite to replace it")
+    if not overwrite and target.exists():
+        what = f"a folder without config.json or {CARD_FILE}" if target.is_dir() else "a file"
+        raise ConfigError(f"{target} exists and is not a derived model ({what}); choose another name, move it "
+                          "away, or pass --overwrite to delete it and save the variant there")
     recipe = RECIPES.get(options.recipe)
     resolve_model(base)
     try:
@@ -87,12 +94,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
 
     steps = options.steps or recipe.steps
     lr = options.learning_rate or recipe.learning_rate
-    source = model_source(base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
-    except OSError as err:
-        raise ModelError(f"cannot load {base!r}: {err}") from err
+    tokenizer, model = load_pretrained(base, torch.float32, "sdpa")
     examples = make_examples(recipe, options.examples, options.seed)
     encoded = _encode(LoadedModel(base, model, tokenizer), examples, options.max_tokens)
     torch.manual_seed(options.seed)
@@ -101,10 +103,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
     tuned = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / warmup if step < warmup
-        else 1.0 - 0.9 * (step - warmup) / max(1, steps - warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps))
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     order = _order(len(encoded), steps * options.batch_size, options.seed)
     losses: list[float] = []
@@ -132,8 +131,22 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         losses=[round(value, 5) for value in losses], seconds=round(seconds, 2), trainable_parameters=trainable,
         created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
     )
-    _save(name, merged, tokenizer, card)
+    _save(name, merged, tokenizer, card, overwrite)
     return card
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (from 0) of ``steps``, as a fraction of the peak.
+
+    The first ``w = max(1, steps // 10)`` steps warm up: ``1/w, 2/w, …, 1`` (steps ``w - 1`` and
+    ``w`` at the peak); the rate then falls by ``0.9 / (steps - w)`` a step, so the last step runs one such
+    decrement above 0.1. Kept as it was when the recorded variants were derived: changing it
+    changes their weights.
+    """
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 1.0 - 0.9 * (step - warmup) / max(1, steps - warmup)
 
 
 def _encode(model: LoadedModel, examples: list[Example], max_tokens: int) -> list[tuple[list[int], list[int]]]:
@@ -197,27 +210,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card) -> None:
-    """Writes the model, tokenizer and card to a staging folder, then renames it into place."""
-    root = derived_root()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=TEMPORARY_SUFFIX))
-    try:
+def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card, overwrite: bool) -> None:
+    """Writes the model, tokenizer and card as ``<cache>/derived/<name>`` atomically
+    (:func:`~kvcomm.files.staged_folder`); ``overwrite`` replaces what is there, else
+    something that appeared there meanwhile makes the final rename fail (OSError) and is kept."""
+    with staged_folder(derived_root() / name, replace=overwrite) as staging:
         model.save_pretrained(staging)  # type: ignore[operator]
         tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
         atomic_write(staging / CARD_FILE, card.model_dump_json(indent=2) + "\n")
-        target = root / name
-        if target.exists():  # --overwrite: move the old one aside first, so a crash never leaves neither
-            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old.", suffix=TEMPORARY_SUFFIX))
-            target.rename(old / name)
-            try:
-                staging.rename(target)
-            except OSError:
-                (old / name).rename(target)  # put the old one back
-                raise
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)

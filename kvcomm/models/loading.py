@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvcomm.cache import cache_root
-from kvcomm.errors import ConfigError, ModelError
-from kvcomm.files import TEMPORARY_SUFFIX, atomic_file, produce_once
+from kvcomm.errors import ConfigError, KvcommError, ModelError
+from kvcomm.files import atomic_file, produce_once, staged_folder
 from kvcomm.models.allocator import keep_freed_memory
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
 from kvcomm.models.packing import LINEARS, pack_linears, require_packing
@@ -249,7 +250,13 @@ def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[A
 
 def model_source(name_or_path: str) -> str:
     """What ``from_pretrained`` loads for a model name: a directory of plain weights (GGUF files,
-    embedded or not, are dequantised into the cache once) or a hub id."""
+    embedded or not, are dequantised into the cache once) or a hub id.
+
+    Raises:
+        ModelError: what :func:`resolve_model` refuses, or an embedded model not installed. A GGUF
+            that cannot be converted raises the reader's own error (:func:`load_pretrained`, which
+            callers use, turns it into a ModelError).
+    """
     found = resolve_model(name_or_path)
     if found.kind == "embedded":
         return str(_converted(_assemble(name_or_path), cache_root() / "models" / name_or_path))
@@ -261,13 +268,32 @@ def model_source(name_or_path: str) -> str:
     return str(found.path) if found.path is not None else name_or_path
 
 
-def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
-    source = model_source(name_or_path)
+def load_pretrained(name_or_path: str, dtype: torch.dtype,
+                    attention: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and model a name points to (:func:`model_source`; a GGUF file is converted
+    first), the model's weights in ``dtype`` with attention implementation ``attention``.
+
+    Raises:
+        ModelError: ``cannot load <name> (from <source>): <cause>`` when the files are missing,
+            unreadable or not a model (a folder without a tokenizer, a file that is not GGUF or is
+            cut short); and what :func:`model_source` refuses (an unknown or empty name, an
+            embedded model not installed).
+    """
+    source = name_or_path
     try:
+        source = model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    except OSError as err:
-        raise ModelError(f"cannot load {name_or_path!r}: {err}") from err
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
+    except KvcommError:
+        raise
+    except (OSError, ValueError, struct.error) as err:  # struct.error: a truncated GGUF file
+        at = "" if source == name_or_path else f" (from {source})"
+        raise ModelError(f"cannot load {name_or_path!r}{at}: {err}") from err
+    return tokenizer, model
+
+
+def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
+    tokenizer, model = load_pretrained(name_or_path, dtype, ATTENTION_NAME)
     model.eval()
     model.requires_grad_(False)  # loaded for inference: no forward records autograd (derive.py trains its own)
     return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer)
@@ -301,23 +327,22 @@ def _converted(gguf: Path, directory: Path) -> Path:
 
 
 def _convert(gguf: Path, directory: Path) -> Path:
+    """Dequantises ``gguf`` into the model directory ``directory``, written atomically
+    (:func:`~kvcomm.files.staged_folder`: a failed or interrupted conversion leaves nothing)."""
     print(f"kvcomm: converting {gguf.name} to {directory} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=TEMPORARY_SUFFIX))
     # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain tensors
     # after dequantisation, so dropping the quantizer marker makes them savable as usual.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     try:
-        staging.rename(directory)  # atomic; fails if another process converted it meanwhile
+        with staged_folder(directory) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except OSError:
-        shutil.rmtree(staging)
-        if not (directory / "config.json").is_file():
+        if not (directory / "config.json").is_file():  # else another process converted it meanwhile
             raise
     return directory
 

@@ -49,8 +49,12 @@ def resolve_model(name: str) -> ModelSource:
     """The source a model name points to.
 
     Raises:
-        ModelError: nothing by that name (with the nearest embedded name), or a missing GGUF file.
+        ModelError: an empty name, nothing by that name (with the nearest embedded name), or a
+            missing GGUF file.
     """
+    if not name.strip():  # "" would otherwise be the current folder, read as a model directory
+        raise ModelError(f"the model name is empty ({name!r}); give an embedded or derived name, a model "
+                         "directory, a .gguf file or a hub id (owner/name)")
     if name in EMBEDDED:
         return ModelSource(name, "embedded")
     if (derived := derived_path(name)) is not None:
