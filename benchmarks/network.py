@@ -64,14 +64,18 @@ class Link:
 
     def __enter__(self) -> Link:
         self.close()  # leftovers of an interrupted run
-        sh("ip", "netns", "add", SENDER_NS)
-        sh("ip", "netns", "add", RECEIVER_NS)
-        sh("ip", "link", "add", SENDER_IF, "type", "veth", "peer", "name", RECEIVER_IF)
-        for ns, dev, ip in ((SENDER_NS, SENDER_IF, SENDER_IP), (RECEIVER_NS, RECEIVER_IF, RECEIVER_IP)):
-            sh("ip", "link", "set", dev, "netns", ns)
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        try:
+            sh("ip", "netns", "add", SENDER_NS)
+            sh("ip", "netns", "add", RECEIVER_NS)
+            sh("ip", "link", "add", SENDER_IF, "type", "veth", "peer", "name", RECEIVER_IF)
+            for ns, dev, ip in ((SENDER_NS, SENDER_IF, SENDER_IP), (RECEIVER_NS, RECEIVER_IF, RECEIVER_IP)):
+                sh("ip", "link", "set", dev, "netns", ns)
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+        except BaseException:  # a step failed (or was interrupted): what the earlier ones made goes too
+            self.close()
+            raise
         return self
 
     def shape(self, mbit: float) -> None:
@@ -83,6 +87,8 @@ class Link:
     def close(self) -> None:
         for ns in (SENDER_NS, RECEIVER_NS):
             sh("ip", "netns", "del", ns, check=False)  # takes its end of the veth pair with it
+        for dev in (SENDER_IF, RECEIVER_IF):  # an end still in the root namespace (deleting one deletes both)
+            sh("ip", "link", "del", dev, check=False)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

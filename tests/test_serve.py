@@ -243,6 +243,133 @@ def test_an_upload_streamed_in_small_chunks_is_checked_as_it_arrives_and_stored_
     assert not {"damaged", "cut", "bad"} & set(app.state.store.list())
 
 
+def _answer(raw: socket.socket) -> tuple[int, dict, bytes]:
+    """The status, headers and body of one HTTP answer read off ``raw`` (its Content-Length)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = raw.recv(4096)
+        assert more, head
+        head += more
+    head, body = head.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        body += raw.recv(4096)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_stalled_uploads_are_bounded_and_refused_and_leave_the_other_routes_alone(agent):
+    """Uploads that stall after their first bytes, more than anyio's 40 shared threads: before, each
+    held one of those threads until its body ended (never), and every route that runs on one (a
+    message's GET, contexts, chat) waited while /healthz said ok. Now they hold at most
+    ``max_uploads`` threads of their own, the others are refused at once (503), and a stalled
+    one is refused after ``upload_idle_s`` (408) with its connection closed; nothing is stored."""
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(max_uploads=2, upload_idle_s=1.0))
+    with running(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = []
+        try:
+            for i in range(45):
+                raw = socket.create_connection((host, int(port)), timeout=15)
+                raw.sendall(b"PUT /v1/messages/up%d HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                            b"\r\nContent-Length: 100000\r\n\r\nKVCM" % i)  # 4 bytes of the body, then silence
+                stalled.append(raw)
+            time.sleep(0.3)
+            began = time.monotonic()
+            assert httpx.get(f"{url}/v1/messages/nope", timeout=5).status_code == 404  # runs on a worker thread
+            assert time.monotonic() - began < 3
+            answers = [_answer(raw) for raw in stalled]
+            statuses = [status for status, _, _ in answers]
+            assert statuses.count(503) == 43 and statuses.count(408) == 2, statuses
+            for (status, headers, body), raw in zip(answers, stalled):
+                error = json.loads(body)["error"]
+                if status == 503:
+                    assert error["code"] == "too_many_uploads" and "2 uploads" in error["message"]
+                    assert headers["retry-after"] == "1"
+                else:
+                    assert error["code"] == "upload_timeout" and "nothing for 1 s" in error["message"]
+                    assert raw.recv(1) == b""  # and the connection was closed
+        finally:
+            for raw in stalled:
+                raw.close()
+        assert app.state.store.list() == []
+        with Client(url) as client:  # the slots were given back: an upload is received again
+            data = client.get_message(client.create_context("Mira lives in Oslo.")["id"])
+            assert client.put_message("after", data)["bytes"] == len(data)
+
+
+def test_an_upload_that_pauses_less_than_the_idle_timeout_is_received(agent):
+    """The timeout is on silence, not on the whole upload: pauses under it, longer in all, are fine."""
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(upload_idle_s=1.0))
+    with running(app) as url, Client(url) as client:
+        data = client.get_message(client.create_context("Mira lives in Oslo.")["id"])
+
+        def paced():
+            for start in range(0, len(data), len(data) // 4 + 1):
+                time.sleep(0.4)
+                yield data[start:start + len(data) // 4 + 1]
+
+        began = time.monotonic()
+        stored = httpx.put(f"{url}/v1/messages/paced", content=paced(), timeout=30)
+        assert stored.status_code == 200 and time.monotonic() - began > 1.0
+        assert app.state.store.get("paced") == data
+
+
+def _mocked(handler) -> Client:
+    """A client whose requests ``handler`` answers (httpx's mock transport: no network)."""
+    client = Client("http://agent.invalid")
+    client._http = httpx.Client(base_url="http://agent.invalid", transport=httpx.MockTransport(handler))
+    return client
+
+
+@pytest.mark.parametrize("message_id", ["mine?v=2", "../../healthz", "x/../other", "a#b", "..", ".hidden", "",
+                                        "x" * 129, "half.partial", "line\n"])
+def test_the_client_refuses_an_id_the_agent_would_before_any_request(message_id):
+    """Ids go into the URL: before, ``mine?v=2`` fetched ``mine`` and ``../../healthz`` the health route."""
+    from kvcomm.serve import StoreError
+
+    seen = []
+    client = _mocked(lambda request: seen.append(request) or httpx.Response(200, content=b"{}"))
+    for call in (lambda: client.get_message(message_id), lambda: client.put_message(message_id, b"KVCM"),
+                 lambda: client.receive_message(message_id)):
+        with pytest.raises(StoreError, match="invalid message id"):
+            call()
+    assert seen == []
+    client.get_message("fine_id.v2-1")
+    assert [request.url.path for request in seen] == ["/v1/messages/fine_id.v2-1"]
+
+
+@pytest.mark.parametrize("body, detail, code", [
+    (b'["upstream down"]', '["upstream down"]', None),
+    (b'"Bad Gateway"', '"Bad Gateway"', None),
+    (b"null", "null", None),
+    (b'{"error": "plain words"}', '{"error": "plain words"}', None),
+    (b'{"detail": "Not Found"}', '{"detail": "Not Found"}', None),
+    (b'{"error": {"message": "no KV message", "code": 404}}', "no KV message", None),
+    (b'{"error": {"message": "no KV message", "code": "message_not_found"}}', "no KV message", "message_not_found"),
+    (b"<html>Bad Gateway</html>", "<html>Bad Gateway</html>", None),
+])
+def test_any_error_body_is_a_service_error(body, detail, code):
+    """A proxy's error body need not be OpenAI's shape: before, JSON that was not an object (a
+    list, a string, null) raised AttributeError."""
+    client = _mocked(lambda request: httpx.Response(502, content=body, headers={"content-type": "application/json"}))
+    for call in (client.health, lambda: client.get_message("m"), lambda: client.receive_message("m")):
+        with pytest.raises(ServiceError) as err:
+            call()
+        assert (err.value.status, err.value.detail, err.value.code) == (502, detail, code)
+
+
+def test_a_body_that_cannot_be_read_is_a_service_error():
+    """A body its Content-Encoding does not decode is a ServiceError, whole or streamed (before,
+    httpx's DecodingError escaped)."""
+    client = _mocked(lambda request: httpx.Response(200, content=b"not gzip at all",
+                                                     headers={"content-encoding": "gzip"}))
+    for call in (lambda: client.get_message("m"), lambda: client.receive_message("m")):
+        with pytest.raises(ServiceError, match="cannot be read: DecodingError") as err:
+            call()
+        assert err.value.status == 0
+
+
 def test_bearer_token_is_required_when_configured(agent):
     app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret"))
     with TestClient(app) as http:
@@ -425,6 +552,26 @@ def test_link_meter_takes_the_median_of_large_transfers():
         meter.record(1000, seconds)
     assert meter.mbit == 4.0
     assert two_figures(94.37) == 94 and two_figures(1234) == 1200 and two_figures(0.01234) == 0.012
+
+
+def test_a_streamed_transfer_its_consumer_held_back_is_not_taken_for_the_link():
+    """The link sends a chunk every 5 ms. A consumer that keeps up times the link; one that takes
+    20 ms a chunk (a slow decoder behind a full queue) holds the reading back, and its transfer
+    (which measured the decoder) is not recorded. Before, it was: the link looked 4 times slower."""
+    from kvcomm.serve.links import LinkMeter
+
+    def link(chunks: int = 20, size: int = 10_000):
+        for _ in range(chunks):
+            time.sleep(0.005)
+            yield b"x" * size
+
+    meter = LinkMeter(min_bytes=1, samples=3)
+    assert sum(map(len, meter.timed(link(), time.perf_counter()))) == 200_000
+    assert meter.mbit is not None and 5 < meter.mbit <= 16  # 10 kB per 5 ms: 16 Mbit/s, less the overheads
+    kept = list(meter._rates)
+    for _ in meter.timed(link(), time.perf_counter()):
+        time.sleep(0.02)
+    assert list(meter._rates) == kept
 
 
 def test_codec_auto_chooses_for_the_link_the_client_measured(agent, monkeypatch):
@@ -722,3 +869,109 @@ def test_the_launcher_starts_agents_and_stops_them(tiny_dir):
         httpx.get(f"{url}/healthz", timeout=1)  # stopped on leaving
     with pytest.raises(ConfigError, match="exited with"):
         spawn("no-such-model-anywhere", port, timeout_s=60)
+
+
+class _Process:
+    """Stands in for a ``kvcomm serve`` process: exits with ``code`` (None: runs until killed, or
+    until terminated unless ``ignores_sigterm``), having written ``output``."""
+
+    def __init__(self, code: int | None = None, output: bytes = b"", ignores_sigterm: bool = False) -> None:
+        import io
+
+        self.returncode, self.stdout, self.ignores_sigterm = code, io.BytesIO(output), ignores_sigterm
+        self.calls: list[str] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def terminate(self) -> None:
+        self.calls.append("terminate")
+        if not self.ignores_sigterm:
+            self.returncode = -15
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        self.returncode = -9
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self.calls.append("wait")
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("kvcomm serve", timeout or 0)
+        return self.returncode
+
+
+@pytest.fixture
+def answering():
+    """A port on which another program already answers /healthz with 200."""
+    import http.server
+    import threading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_launcher_refuses_a_port_that_answers_before_starting_anything(answering, monkeypatch):
+    """Before, spawn() took another server's /healthz for its agent's, while the agent exited."""
+    from kvcomm.serve import launch
+
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a) or _Process(code=2))
+    port = answering.server_address[1]
+    with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use already"):
+        launch.spawn("tiny", port, timeout_s=5)
+    assert started == []
+
+
+def test_the_launcher_does_not_take_another_server_for_an_agent_that_exited(answering, monkeypatch):
+    """Something answers /healthz, but the process started has exited: its exit and last output are
+    the error (another program took the port between the check and the start)."""
+    from kvcomm.serve import launch
+
+    monkeypatch.setattr(launch, "_listened_on", lambda port: False)  # the port was free when checked
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: _Process(
+        code=2, output=b"loading\nerror: cannot listen on 127.0.0.1: Address already in use\n"))
+    with pytest.raises(ConfigError, match="exited with 2; its last output:\nloading\nerror: cannot listen") as err:
+        launch.spawn("tiny", answering.server_address[1], timeout_s=5)
+    assert "Address already in use" in str(err.value)
+
+
+def test_the_launcher_kills_an_agent_that_neither_answers_nor_stops(monkeypatch):
+    from kvcomm.serve import launch
+
+    process = _Process(ignores_sigterm=True)
+    monkeypatch.setattr(launch, "_listened_on", lambda port: False)
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: process)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there
+    with pytest.raises(ConfigError, match="did not answer within 0.5 s"):
+        launch.spawn("tiny", port, timeout_s=0.5)
+    assert process.calls == ["terminate", "wait", "kill", "wait"] and process.returncode == -9
+
+
+def test_stopping_agents_goes_on_past_one_that_will_not_stop(monkeypatch):
+    """Before, the first agent that outlived its 30 s raised TimeoutExpired and the rest were not waited for."""
+    from kvcomm.serve import launch
+
+    stubborn, polite, last = _Process(ignores_sigterm=True), _Process(), _Process()
+    spawned = iter([stubborn, polite, last])
+    monkeypatch.setattr(launch, "spawn", lambda *a, **k: next(spawned))
+    with launch.agents("tiny", [1, 2, 3]) as urls:
+        assert urls == ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+    assert stubborn.calls == ["terminate", "wait", "kill", "wait"] and stubborn.returncode == -9
+    assert polite.calls == last.calls == ["terminate", "wait"]

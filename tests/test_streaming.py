@@ -3,6 +3,9 @@ the last byte is in, and every refusal of a whole read."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 
 import pytest
@@ -91,3 +94,55 @@ def test_the_client_receives_a_stored_message_layer_by_layer():
         with pytest.raises(ServiceError) as missing:
             client.receive_message("nope")
         assert missing.value.status == 404
+
+
+class Stalling:
+    """A one-connection HTTP server that sends a message's first bytes and then stalls (a stuck
+    peer, or a link gone quiet); :attr:`hung_up` is set when the client closes its end."""
+
+    def __init__(self, data: bytes, sent: int = 2000) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.hung_up = threading.Event()
+        threading.Thread(target=self._serve, args=(data, sent), daemon=True).start()
+
+    def _serve(self, data: bytes, sent: int) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(data) + data[:sent])
+            conn.settimeout(90)
+            try:
+                if conn.recv(1) == b"":
+                    self.hung_up.set()
+            except OSError:  # reset by the client: hung up too
+                self.hung_up.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("leaving", ["after-the-header", "error-in-the-block", "fingerprint-mismatch"])
+def test_leaving_arriving_early_hangs_up_at_once(leaving):
+    """A block left before the body's end closes the connection and ends the receiving threads at
+    once, not at the read timeout (60 s here): before, both lived on until it."""
+    server = Stalling(message_bytes(layers=6, tokens=64))
+    before = set(threading.enumerate())
+    expected = {"after-the-header": contextlib.nullcontext(), "error-in-the-block": pytest.raises(RuntimeError),
+                "fingerprint-mismatch": pytest.raises(FingerprintMismatch)}[leaving]
+    try:
+        with Client(server.url, timeout=60) as client:
+            began = time.monotonic()
+            with expected:
+                with client.arriving("m", receiver={"m": 2} if leaving == "fingerprint-mismatch" else None) as arrival:
+                    assert arrival.header.context_len == 64
+                    if leaving == "error-in-the-block":
+                        raise RuntimeError("the receiver's own failure")
+            assert server.hung_up.wait(5) and time.monotonic() - began < 5
+        receiving = [t for t in set(threading.enumerate()) - before if t.name.startswith("kvcomm-")]
+        for thread in receiving:
+            thread.join(max(0.0, began + 5 - time.monotonic()))
+            assert not thread.is_alive(), thread.name
+    finally:
+        server.close()

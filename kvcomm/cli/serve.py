@@ -16,7 +16,21 @@ from kvcomm.models import DEFAULT_MODEL
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
-Ratio = Annotated[float | None, typer.Option(min=0, max=1, help="Share the top fraction of the layer ranking.")]
+
+
+def _ratio(value: str) -> float:
+    """A ``--ratio``: over 0 and at most 1, as the service takes it."""
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a valid number") from None
+    if not 0 < ratio <= 1:
+        raise typer.BadParameter(f"{value} is not in 0 < RATIO <= 1")
+    return ratio
+
+
+Ratio = Annotated[float | None, typer.Option(parser=_ratio, metavar="RATIO",
+                                             help="Share the top fraction of the layer ranking (0 < RATIO <= 1).")]
 ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                   help="Layer ranking from `kvcomm calibrate`, or the results of "
                                                        "`kvcomm eval`/`sweep` (their ranking).")]
@@ -54,6 +68,10 @@ def serve_command(
     max_kv_messages: Annotated[int, typer.Option(min=1, help="Most KV messages one chat may use.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest answer budget a request may ask.")] = 512,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request deadline (s).")] = 300.0,
+    max_uploads: Annotated[int, typer.Option(min=1, help="Most message uploads (PUT) received at once; one more is "
+                                                         "refused (503) until one ends.")] = 8,
+    upload_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds an upload may send nothing before it is "
+                                                                  "refused (408) and nothing of it stored.")] = 30.0,
 ) -> None:
     """Run one agent (one model) as an HTTP service with an OpenAI-compatible chat endpoint.
 
@@ -83,7 +101,8 @@ def serve_command(
                          max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,
                          max_new_tokens=max_new_tokens, default_max_tokens=min(256, max_new_tokens),
-                         timeout_s=timeout, codec=codec, **{k: v for k, v in given.items() if v is not None})
+                         timeout_s=timeout, max_uploads=max_uploads, upload_idle_s=upload_timeout,
+                         codec=codec, **{k: v for k, v in given.items() if v is not None})
     loaded = [read_ranking(path) for path in profile or []]
     by_layout(loaded)  # two of one layout: refused before the model loads
     _check_port_free(host, port)

@@ -7,7 +7,9 @@ extension field ``kv_messages`` names stored ids or carries base64 messages), ``
 
 Every request passes :class:`~kvcomm.serve.limits.RequestLimits` first (token, then body size);
 store I/O, decoding and tokenising run off the event loop; the model serves one request at a time
-(:mod:`kvcomm.serve.worker`); every error has OpenAI's shape (:mod:`kvcomm.serve.errors`).
+(:mod:`kvcomm.serve.worker`); every error has OpenAI's shape (:mod:`kvcomm.serve.errors`). Uploads
+are bounded apart from the rest: at most ``max_uploads`` at once, each checked on a thread of its
+own, and one that sends nothing for ``upload_idle_s`` seconds is refused (``ServeConfig``).
 """
 
 from __future__ import annotations
@@ -176,22 +178,50 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         metrics.kv_sent.inc(len(data))
         return Response(data, media_type="application/octet-stream")
 
-    @app.put("/v1/messages/{message_id}", response_model=MessageStored, responses=documented(*V1, 409),
+    # Uploads hold a slot each while their body arrives: at most config.max_uploads at once, so that
+    # slow or stalled uploaders cannot take what the other routes need (anyio's shared threads).
+    uploads = anyio.CapacityLimiter(config.max_uploads)
+
+    @app.put("/v1/messages/{message_id}", response_model=MessageStored, responses=documented(*V1, 408, 409),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}}})
     async def put_message(message_id: MessageId, request: Request) -> MessageStored:
         """Store a message after verifying it fully against this agent's model. Layers are
         checked and decoded while later ones are still arriving; a message found bad is refused
         without reading the rest, and nothing is stored before the final digest has passed. An id
-        starting ``kv-`` is refused: those are the service's content addresses."""
+        starting ``kv-`` is refused: those are the service's content addresses. At most
+        ``max_uploads`` uploads are received at once (one more: 503, ``too_many_uploads``), and an
+        upload that sends nothing for ``upload_idle_s`` seconds is refused (408, ``upload_timeout``)."""
         check_given_id(message_id)
+        try:
+            uploads.acquire_nowait()
+        except anyio.WouldBlock:
+            raise ServiceRefusal(503, f"{config.max_uploads} uploads are being received already (the most at once); "
+                                      "retry once one has ended", "too_many_uploads",
+                                 headers={"Retry-After": "1"}) from None
+        try:
+            return await _receive_upload(message_id, request)
+        finally:
+            uploads.release()
+
+    async def _receive_upload(message_id: str, request: Request) -> MessageStored:
+        """The body of one admitted upload, checked on a thread of its own while it arrives (its
+        limiter is its own: the upload's slot in ``uploads`` is what bounds these threads)."""
         feed: queue.Queue[bytes | BaseException | None] = queue.Queue()
         checking = asyncio.ensure_future(anyio.to_thread.run_sync(partial(
             receive, _fed(feed), receiver=agent.fingerprint, max_bytes=config.max_message_bytes,
-            max_decoded_bytes=config.max_decoded_bytes)))
+            max_decoded_bytes=config.max_decoded_bytes), limiter=anyio.CapacityLimiter(1)))
         chunks, size, ended = [], 0, False
+        body = aiter(request.stream())
         try:
-            async for chunk in request.stream():
+            while True:
+                with anyio.move_on_after(config.upload_idle_s) as idle:
+                    chunk = await anext(body, None)
+                if idle.cancelled_caught:
+                    raise ServiceRefusal(408, f"the upload sent nothing for {config.upload_idle_s:g} s; nothing of it "
+                                              "was stored", "upload_timeout", headers={"Connection": "close"})
+                if chunk is None:
+                    break
                 size += len(chunk)
                 if size > config.max_message_bytes:
                     raise ServiceRefusal(413, f"message over {config.max_message_bytes} bytes", "message_too_large")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -14,13 +16,14 @@ from kvcomm.errors import KvcommError
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
+from kvcomm.serve.stores.base import check_id
 from kvcomm.wire.message import KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
 
 
 class ServiceError(KvcommError):
-    """The agent answered with an error status, or could not be reached (``status`` 0);
-    ``status``, ``detail`` and ``code`` say which and why."""
+    """The agent answered with an error status, or could not be reached or its answer could not be
+    read (``status`` 0); ``status``, ``detail`` and ``code`` say which and why."""
 
     def __init__(self, status: int, detail: str, code: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}" if status else detail)
@@ -29,6 +32,11 @@ class ServiceError(KvcommError):
 
 class Client:
     """A thin synchronous client of one agent.
+
+    The agent's refusals, a link that fails and an answer that cannot be read are
+    :class:`ServiceError`; a received message that fails its checks is a
+    :class:`~kvcomm.errors.WireError`; a message id the agent would refuse is a
+    :class:`~kvcomm.serve.stores.StoreError`, raised before any request (ids go into the URL).
 
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
@@ -43,7 +51,8 @@ class Client:
     @property
     def measured_mbit(self) -> float | None:
         """The link to the agent in Mbit/s, as measured by the messages fetched so far (see
-        :mod:`kvcomm.serve.links`); None before any message of 1 MiB or more."""
+        :mod:`kvcomm.serve.links`); None before any message of 1 MiB or more was timed. A streamed
+        message whose decoding held its reading back is not timed: it measured the decoder."""
         return self.link.mbit
 
     def __enter__(self) -> Client:
@@ -58,14 +67,16 @@ class Client:
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as err:
-            raise self._unreachable(err) from None
+        except _HTTPX_ERRORS as err:
+            raise self._failed(err) from None
         _raise_for(response)
         return response
 
     def get_message(self, message_id: str) -> bytes:
+        """A stored message's bytes, whole (unchecked: :meth:`KVMessage.from_bytes` checks them)."""
+        path = _message_path(message_id)
         began = time.perf_counter()
-        data = self._call("GET", f"/v1/messages/{message_id}").content
+        data = self._call("GET", path).content
         self.link.record(len(data), time.perf_counter() - began)
         return data
 
@@ -86,35 +97,38 @@ class Client:
                 text = kvcomm.answer(agent, arrival, question)
 
         The body is read until the block ends; the message is checked in full before the
-        model's last layer uses it (see :class:`~kvcomm.wire.streaming.Arrival`).
+        model's last layer uses it (see :class:`~kvcomm.wire.streaming.Arrival`). A block left
+        before the body's end (an error in it, a refused header, only the header wanted) hangs up:
+        the connection is shut at once, and the thread reading it ends.
         """
+        path = _message_path(message_id)
         began = time.perf_counter()
         with ExitStack() as opened:
             try:
-                response = opened.enter_context(self._http.stream("GET", f"/v1/messages/{message_id}"))
+                response = opened.enter_context(self._http.stream("GET", path))
+                opened.callback(_hang_up, response)  # on leaving, after the arrival stopped, before the close
                 if response.status_code >= 400:
                     response.read()
                     _raise_for(response)
                 arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes(), began), receiver,
                                                        timeline=timeline))
-            except httpx.TransportError as err:
-                raise self._unreachable(err) from None
+            except _HTTPX_ERRORS as err:
+                raise self._failed(err) from None
             yield arrival  # the body's own errors come from the arrival, as ServiceError (see _timed)
 
     def _timed(self, chunks: Iterator[bytes], began: float) -> Iterator[bytes]:
-        """``chunks``, the whole body's arrival recorded once the last is in; a broken link is a
-        :class:`ServiceError`."""
-        size = 0
+        """``chunks``, timed by :meth:`LinkMeter.timed <kvcomm.serve.links.LinkMeter.timed>`; a
+        broken link or an unreadable body is a :class:`ServiceError`."""
         try:
-            for chunk in chunks:
-                size += len(chunk)
-                yield chunk
-        except httpx.TransportError as err:
-            raise self._unreachable(err) from None
-        self.link.record(size, time.perf_counter() - began)
+            yield from self.link.timed(chunks, began)
+        except _HTTPX_ERRORS as err:
+            raise self._failed(err) from None
 
-    def _unreachable(self, err: httpx.TransportError) -> ServiceError:
-        return ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}")
+    def _failed(self, err: httpx.RequestError | httpx.StreamError) -> ServiceError:
+        if isinstance(err, httpx.TransportError):
+            return ServiceError(0, f"cannot reach the agent at {self._http.base_url}: {err}")
+        return ServiceError(0, f"the answer of the agent at {self._http.base_url} cannot be read: "
+                               f"{type(err).__name__}: {err}")
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/healthz").json())
@@ -160,7 +174,8 @@ class Client:
         return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
-        return dict(self._call("PUT", f"/v1/messages/{message_id}", content=data,
+        """Uploads a message under ``message_id``; the agent checks it in full before storing it."""
+        return dict(self._call("PUT", _message_path(message_id), content=data,
                                headers={"Content-Type": "application/octet-stream"}).json())
 
     def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
@@ -190,15 +205,44 @@ def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | N
     return {"ranking": list(ranking)}
 
 
+_HTTPX_ERRORS = (httpx.RequestError, httpx.StreamError)  # the link, or a body that cannot be read
+
+
+def _message_path(message_id: str) -> str:
+    """The URL path of a stored message; an id the agent would refuse is refused here, before any
+    request (it goes into the URL unescaped: ``a?b``, ``../x`` would name other resources).
+
+    Raises:
+        StoreError: the id is not one :func:`~kvcomm.serve.stores.check_id` accepts.
+    """
+    return f"/v1/messages/{check_id(message_id)}"
+
+
+def _hang_up(response: httpx.Response) -> None:
+    """Shuts the socket under a response whose body is still coming, so that a thread blocked
+    reading it wakes now instead of at the read timeout. A body read to its end has closed the
+    response and freed the connection for the next request: that one is left alone."""
+    if response.is_closed:
+        return
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _raise_for(response: httpx.Response) -> None:
-    """A :class:`ServiceError` for an error status, with the service's message and code."""
+    """A :class:`ServiceError` for an error status, with the service's message and code when the
+    body has OpenAI's error shape, else with the body's text."""
     if response.status_code < 400:
         return
     detail, code = response.text, None
     try:
-        error = response.json().get("error")
-        if isinstance(error, dict):
-            detail, code = str(error.get("message", detail)), error.get("code")
+        body = response.json()
     except ValueError:
-        pass
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        detail = str(error.get("message", detail))
+        code = error["code"] if isinstance(error.get("code"), str) else None
     raise ServiceError(response.status_code, detail, code)

@@ -26,6 +26,11 @@ class ServeConfig(Options):
         max_kv_messages: most KV messages one chat request may use.
         max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks none.
         timeout_s: per-request deadline: waiting for the model, prefill and decoding.
+        max_uploads: most uploads (``PUT /v1/messages/{id}``) received at once; one more is refused
+            (503, ``too_many_uploads``) until one ends. Each is checked on a thread of its own, so
+            uploads never take the threads the other routes (chat included) run on.
+        upload_idle_s: an upload that sends no byte for this many seconds is refused (408,
+            ``upload_timeout``) and its connection closed; nothing of it is stored.
         prefill_chunk: prompts are prefilled this many tokens at a time, so deadlines and
             disconnects are noticed during long prefills too.
         codec: codec of messages the service makes, unless a request names another.
@@ -46,6 +51,8 @@ class ServeConfig(Options):
     max_new_tokens: int = Field(512, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     timeout_s: float = Field(300.0, gt=0)
+    max_uploads: int = Field(8, ge=1)
+    upload_idle_s: float = Field(30.0, gt=0)
     prefill_chunk: int = Field(512, ge=1)
     codec: CodecName = "int8"
     ratio: float | None = Field(None, gt=0, le=1)

@@ -37,7 +37,7 @@ _KINDS: tuple[tuple[type[KvcommError], int, str, str], ...] = (
     (KvcommError, 400, "invalid_request_error", "invalid_request"),
 )
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout", 409: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
           503: "service_unavailable", 504: "timeout", 507: "server_error"}
 

@@ -7,18 +7,34 @@ every message of at least :data:`MIN_BYTES` it fetches, from the request to the 
 estimate is the median of the last :data:`SAMPLES` transfers, rounded to two significant figures
 (so that contexts chosen for the same link share their content address). With codec ``auto`` and
 no bandwidth given, the client declares that estimate to the agent as measured.
+
+A message received while it arrives (``Client.arriving``, ``receive_message``) is read by a
+thread that hands its chunks to the decoder through a bounded queue (:mod:`kvcomm.wire.streaming`).
+Where the decoder is slower than the link the queue fills, the reader waits for room, TCP's flow
+control holds the sender back, and the transfer's time is the decoder's, not the link's. Timing
+only the reads would not help: while the reader waits the kernel's buffer fills at the link's
+rate, and the reads after it are served from memory (34 MB over a 400 Mbit/s link, taken at
+90 Mbit/s: the reads alone said 636 Mbit/s, more the longer the message). Such a transfer shows
+only that the link is faster than the decoder, so :meth:`LinkMeter.timed` does not record it: a
+streamed transfer is recorded when its reader spent at most :data:`HELD_BACK` of the time waiting
+to hand chunks on; the link then was the slower, and the time measures it to within about that
+fraction. A receiver whose decoding is always the slower measures nothing this way (a whole read,
+``Client.get_message``, does).
 """
 
 from __future__ import annotations
 
 import statistics
 import threading
+import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from kvcomm.wire.codecs.auto import two_figures
 
 MIN_BYTES = 1 << 20  # smaller transfers say more about latency than about bandwidth
 SAMPLES = 5
+HELD_BACK = 0.1  # a streamed transfer whose reader waited longer on its consumer measured the consumer
 
 
 class LinkMeter:
@@ -35,6 +51,21 @@ class LinkMeter:
         if size >= self.min_bytes and seconds > 0:
             with self._lock:
                 self._rates.append(size * 8 / seconds / 1e6)
+
+    def timed(self, chunks: Iterable[bytes], began: float) -> Iterator[bytes]:
+        """``chunks`` (a body being read), passed on as they come; once the last is in, the
+        transfer from ``began`` (the request, :func:`time.perf_counter`) is recorded, unless
+        whoever takes the chunks held the reading back for more than :data:`HELD_BACK` of it
+        (then it measured the consumer, not the link: see the module's description)."""
+        size, held = 0, 0.0
+        for chunk in chunks:
+            size += len(chunk)
+            handed = time.perf_counter()
+            yield chunk
+            held += time.perf_counter() - handed
+        seconds = time.perf_counter() - began
+        if held <= HELD_BACK * seconds:
+            self.record(size, seconds)
 
     @property
     def mbit(self) -> float | None:
