@@ -8,20 +8,28 @@
 for every layer selection its difference to random layers at the same ratio, ✗ where it is not above;
 ``--uncompressed`` leaves out the runs that went through a wire codec.
 ``codecs``: one row per KV ratio × codec, with the compression against all layers in float16
-(from an uncompressed kvcomm run: its float32 bytes per item and context length give the bytes of
-every layer at float16; or the ratio-1.0 run's bytes halved when the items carry no token ids) and
-the paired score change against the uncompressed run at the same layers; ✓ marks the wire goal
-(≥ 12× and at most 1 point lower).
+(from an uncompressed kvcomm run: its bytes per item in the run's dtype and context length give the
+bytes of every layer at float16; or the ratio-1.0 run's bytes scaled to float16, halved for float32,
+when the items carry no token ids) and the paired score change against the uncompressed run at the
+same layers, mask mode, layout and number of senders (two such runs are refused: which one is the
+baseline would be a guess); ✓ marks the wire goal (≥ 12× and at most 1 point lower).
 ``modes``: per ratio, the correct per-layer masks (``causal``) against the paged-engine layouts
-(``padded-sink``, ``padded-zero``) of the same run: paired score difference and unchanged answers.
+(``padded-sink``, ``padded-zero``) of the same run (same layers, layout and senders): paired score
+difference and unchanged answers.
 ``goals``: issue 18's grid for one selection rule (``--rule``, default the default rule, ``prune``): per model, task,
 layout and ratio (0.3, 0.5, 0.7), the rule's score against random layers, every layer and the
 skyline, runs matched by item id across all the files given (so a rule's own sweep pairs with an
 earlier sweep's random and all-layer runs on the same items); the paired differences with 95%
 intervals, the share of the skyline, and whether the cell meets the goal: at least random, and
-above it outside the interval wherever every layer is. ``--json`` also writes the grid.
+above it outside the interval wherever every layer is. Only runs made on the same items are paired:
+a cell is also keyed by the task's options (all but the item count), the data file's sha256, the
+dtype, the linear layers and the number of senders (a file from before one was recorded: its
+default); files that differ in one of them make separate cells, with a warning naming which file
+went where. ``--json`` also writes the grid.
 ``--pool`` first merges files of the same model and task whose runs share labels and layers (e.g.
-a sweep extended to more items), item lists concatenated.
+a sweep extended to more items), item lists concatenated; files of the same receiver and task that
+differ in sender, task options, data, dtype or linear layers are refused, naming which file has
+which.
 """
 
 from __future__ import annotations
@@ -31,12 +39,66 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from kvcomm.eval.results import bootstrap_ci, share_ci, summarize
 from kvcomm.selection import format_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
+from kvcomm.tasks import TASKS
 
 GOAL_RATIO, GOAL_LOSS = 12.0, 0.01
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+COUNT_OPTIONS = ("items",)  # how many items a generated task makes: item i is the same whatever the count
+
+
+def _options(run: dict) -> dict:
+    return run.get("options") or {}  # results of version 1 record none
+
+
+def _pieces(run: dict) -> str:
+    return _options(run).get("pieces") or "chats"
+
+
+def _senders(run: dict) -> int:
+    return _options(run).get("senders") or 1
+
+
+def _task_options(cfg: dict) -> tuple[tuple[str, Any], ...]:
+    """The options the task's items were made with, less the item count; one a file does not record
+    (files from before options were recorded, or before the option existed) is the loader's default,
+    the seed the file's recorded task seed."""
+    known = TASKS.get(cfg["task"]).options if cfg["task"] in TASKS else {}
+    options = {name: default for name, (_, default) in known.items()}
+    if "seed" in options and (cfg.get("seeds") or {}).get("task") is not None:
+        options["seed"] = cfg["seeds"]["task"]
+    options |= cfg.get("task_options") or {}
+    return tuple(sorted((name, value) for name, value in options.items() if name not in COUNT_OPTIONS))
+
+
+def _setup(cfg: dict) -> dict[str, Any]:
+    """What besides the models and the task decides whether two files' items (and their KV) can be
+    compared: the task's options, the data file, the dtype and the linear layers (missing: the default)."""
+    return {"task options": _task_options(cfg), "data": (cfg.get("data") or {}).get("sha256"),
+            "dtype": cfg.get("dtype") or "float32", "linear": cfg.get("linear") or "dense"}
+
+
+def _describe(setup: dict[str, Any], fields: list[str]) -> str:
+    def text(field: str) -> str:
+        value = setup[field]
+        if field == "task options":
+            return ", ".join(f"{name}={option}" for name, option in value) or "no task options"
+        if field == "data":
+            return f"data sha256 {str(value)[:12]}" if value else "no data sha256"
+        return f"{field} {value}"
+
+    return " · ".join(text(field) for field in fields)
+
+
+def _apart(groups: dict[tuple, list[str]], setups: dict[tuple, dict[str, Any]]) -> tuple[list[str], str]:
+    """The fields in which ``groups`` (files by setup) differ, and a line naming each group's files."""
+    fields = [field for field in next(iter(setups.values())) if len({str(s[field]) for s in setups.values()}) > 1]
+    return fields, "; ".join(f"{_describe(setups[key], fields)}: {', '.join(files)}" for key, files in groups.items())
 
 
 def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
@@ -57,15 +119,22 @@ def methods_table(reports: list[dict], uncompressed: bool = False) -> None:
 
 
 def against_random(report: dict, run: dict) -> str:
-    """A selection run's score minus random's at the same fraction of layers and mask mode (the
-    task's metric); ✗ marks one that is not above random. Empty where there is no such pair."""
+    """A selection run's score minus random's at the same fraction of layers, mask mode, layout and
+    number of senders (the task's metric); ✗ marks one that is not above random. Empty where there
+    is no such pair; two such random runs are refused."""
     if run["method"] not in ("kvcomm", "online") or run.get("fraction") in (None, 1.0) or run.get("codec"):
         return ""
     metric = report["config"]["metric"]
-    twin = next((r for r in report["runs"] if r["method"] == "random" and r.get("fraction") == run["fraction"]
-                 and r.get("mode") == run.get("mode") and not r.get("codec")), None)
-    if twin is None:
+    twins = [r for r in report["runs"] if r["method"] == "random" and r.get("fraction") == run["fraction"]
+             and r.get("mode") == run.get("mode") and _pieces(r) == _pieces(run) and _senders(r) == _senders(run)
+             and not r.get("codec")]
+    if len(twins) > 1:
+        raise SystemExit(f"{report['config']['task']}: {' and '.join(r['label'] for r in twins)} are both random at "
+                         f"{run['fraction']:g} in {run['label']}'s mode, layout and senders; which one it is "
+                         "compared with would be a guess")
+    if not twins:
         return ""
+    twin = twins[0]
     diff = run["scores"][metric]["mean"] - twin["scores"][metric]["mean"]
     return f"{diff:+.3f}" + ("" if diff > 0 else " ✗ not above random")
 
@@ -74,13 +143,24 @@ def item_scores(run: dict) -> dict[str, float]:
     return {item["id"]: item["scores"]["paper_f1"] for item in run["items"]}
 
 
+def to_fp16(cfg: dict) -> float:
+    """What turns an uncompressed run's bytes (in its dtype; files that do not say: float32) into float16's."""
+    dtype = cfg.get("dtype") or "float32"
+    if dtype not in ELEMENT_BYTES:
+        raise SystemExit(f"{cfg['task']}: runs in {dtype}; the codec table knows the element size of "
+                         f"{', '.join(ELEMENT_BYTES)} only")
+    return 2 / ELEMENT_BYTES[dtype]
+
+
 def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
-    """Mean bytes per item of every layer's KV in float16, from uncompressed (float32) kvcomm runs:
-    the ratio 1.0 run's bytes where there is one, else (the paper's layout only: a layer not shared
-    sends one sink token) the bytes per token and layer of a run that recorded its token ids."""
+    """Mean bytes per item of every layer's KV in float16, from uncompressed kvcomm runs (in the
+    file's dtype): the ratio 1.0 run's bytes where there is one, else (the paper's layout only: a
+    layer not shared sends one sink token) the bytes per token and layer of a run that recorded its
+    token ids."""
+    scale = to_fp16(cfg)
     full = [r for r in plain if r["fraction"] == 1.0]
     if full:
-        return full[0]["kv_bytes_mean"] / 2
+        return full[0]["kv_bytes_mean"] * scale
     if cfg.get("pieces", "chats") != "chats":  # a layer not shared sends the whole opening: its width is not recorded
         raise SystemExit(f"{cfg['task']}: read as {cfg['pieces']}, the codec table needs an uncompressed kvcomm run "
                          "at ratio 1.0")
@@ -90,10 +170,29 @@ def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
             total = 0.0
             for item in run["items"]:  # bytes = per-token-layer bytes * (shared * T + sinks elsewhere)
                 tokens = len(item["sender_ids"])
-                total += item["kv_bytes"] / (shared * tokens + layers - shared) * layers * tokens / 2
+                total += item["kv_bytes"] / (shared * tokens + layers - shared) * layers * tokens * scale
             return total / len(run["items"])
     raise SystemExit(f"{cfg['task']}: the codec table needs an uncompressed kvcomm run with token ids, "
                      "or one at ratio 1.0")
+
+
+def baseline_key(run: dict) -> tuple:
+    """What an uncompressed run must share with the run it is the baseline of."""
+    return tuple(run["layers"]), run.get("mode") or "causal", _pieces(run), _senders(run)
+
+
+def uncompressed(cfg: dict, runs: list[dict]) -> dict[tuple, dict]:
+    """``runs`` (uncompressed) by :func:`baseline_key`; two under one key are refused."""
+    out: dict[tuple, dict] = {}
+    for run in runs:
+        key = baseline_key(run)
+        if key in out:
+            layers, mode, pieces, senders = key
+            raise SystemExit(f"{cfg['receiver']} · {cfg['task']}: {out[key]['label']} and {run['label']} are both "
+                             f"uncompressed at layers {format_layers(list(layers))} ({mode}, {pieces}, {senders} "
+                             "sender(s)); which one is the baseline would be a guess")
+        out[key] = run
+    return out
 
 
 def codecs_table(reports: list[dict]) -> None:
@@ -103,15 +202,17 @@ def codecs_table(reports: list[dict]) -> None:
     for report in reports:
         cfg = report["config"]
         kv = [r for r in report["runs"] if r["method"] == "kvcomm" and r["fraction"] is not None]
+        in_process = SHORT_DTYPE.get(cfg.get("dtype") or "float32", cfg.get("dtype"))
         reference = fp16_all_layers(cfg, [r for r in kv if r["codec"] is None])
-        plain = {(tuple(r["layers"]), r.get("mode")): item_scores(r) for r in kv if r["codec"] is None}
+        plain = uncompressed(cfg, [r for r in kv if r["codec"] is None])
         for run in sorted(kv, key=lambda r: (r["fraction"], r["codec"] or "")):
-            scores, base = item_scores(run), plain.get((tuple(run["layers"]), run.get("mode")))
+            twin = plain.get(baseline_key(run))
+            scores, base = item_scores(run), None if twin is None else item_scores(twin)
             delta = None if base is None else sum(scores[i] - base[i] for i in scores) / len(scores)
             ratio = reference / run["kv_bytes_mean"]
             met = run["codec"] is not None and delta is not None and ratio >= GOAL_RATIO and delta >= -GOAL_LOSS
             print(f"| {cfg['receiver']} | {cfg['task']} | {run['n']} | {run['fraction']:.2f} | "
-                  f"{len(run['layers'])} | {run['codec'] or 'none (fp32, in process)'} | "
+                  f"{len(run['layers'])} | {run['codec'] or f'none ({in_process}, in process)'} | "
                   f"{run['kv_bytes_mean']:,.0f} | {ratio:.1f} | {run['scores']['paper_f1']['mean']:.3f} | "
                   f"{'–' if delta is None else f'{delta:+.3f}'} | {'✓' if met else ''} |")
 
@@ -125,9 +226,9 @@ def modes_table(reports: list[dict]) -> None:
         cfg = report["config"]
         metric = cfg["metric"]
         kv = [r for r in report["runs"] if r["method"] == "kvcomm" and not r.get("codec")]
-        causal = {tuple(r["layers"]): r for r in kv if r["mode"] == "causal"}
+        causal = uncompressed(cfg, [r for r in kv if r["mode"] == "causal"])
         for run in sorted(kv, key=lambda r: (r["fraction"], MODE_ORDER.get(r["mode"], 9))):
-            base = causal.get(tuple(run["layers"]))
+            base = causal.get((tuple(run["layers"]), "causal", _pieces(run), _senders(run)))
             if base is None:
                 continue
             mine = {i["id"]: i for i in run["items"]}
@@ -144,23 +245,39 @@ def modes_table(reports: list[dict]) -> None:
 MODE_ORDER = {"causal": 0, "padded-sink": 1, "padded-zero": 2}
 
 
-def pooled(reports: list[dict]) -> list[dict]:
+def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
     """Reports of the same model and task merged into one: the runs every file has (same label and
     layers), their items concatenated and every statistic computed again over them (means and
-    intervals of every metric, bytes, seconds summed); an item id seen twice is refused."""
+    intervals of every metric, bytes, seconds summed); an item id seen twice is refused, and so are
+    files of the same receiver and task from another sender, task options, data, dtype or linear
+    layers (:func:`_setup`), naming which file has which."""
+    names = names or [f"file {n + 1}" for n in range(len(reports))]
+    groups: dict[tuple[str, str], dict[tuple, list[str]]] = {}
+    setups: dict[tuple, dict[str, Any]] = {}
+    for name, report in zip(names, reports):
+        cfg = report["config"]
+        setup = {"sender": cfg["sender"]} | _setup(cfg)
+        setups[key := tuple(map(str, setup.values()))] = setup
+        groups.setdefault((cfg["receiver"], cfg["task"]), {}).setdefault(key, []).append(name)
+    for where, files in groups.items():
+        if len(files) > 1:
+            fields, which = _apart(files, {key: setups[key] for key in files})
+            raise SystemExit(f"{' · '.join(where)}: the files differ in {', '.join(fields)}; their items cannot be "
+                             f"pooled ({which})")
     merged: dict[tuple[str, str], dict] = {}
-    for report in reports:
+    for name, report in zip(names, reports):
         key = (report["config"]["receiver"], report["config"]["task"])
         if key not in merged:
-            merged[key] = copy.deepcopy(report)
+            merged[key] = copy.deepcopy(report) | {"pooled_from": [name]}
             continue
+        merged[key]["pooled_from"].append(name)
         if report["config"].get("codebook") != merged[key]["config"].get("codebook"):
-            raise SystemExit(f"{key}: the files used different codebooks; their items cannot be pooled")
+            raise SystemExit(f"{' · '.join(key)}: the files used different codebooks; their items cannot be pooled")
         incoming = {run["label"]: run for run in report["runs"]}
         merged[key]["runs"] = [run for run in merged[key]["runs"] if run["label"] in incoming]
         for run in merged[key]["runs"]:
             if incoming[run["label"]]["layers"] != run["layers"]:
-                raise SystemExit(f"{key}: {run['label']} shares different layers in different files")
+                raise SystemExit(f"{' · '.join(key)}: {run['label']} shares different layers in different files")
             run["items"] += incoming[run["label"]]["items"]
             for clock in ("seconds", "sender_seconds"):
                 run[clock] = run.get(clock, 0.0) + incoming[run["label"]].get(clock, 0.0)
@@ -190,7 +307,7 @@ def _rule(report: dict, run: dict) -> str:
 
 def _layout(run: dict) -> str:
     """How the context was read (``chats`` or ``passages``), and the mask mode when not the correct one."""
-    layout = run["options"].get("pieces") or "chats"
+    layout = _pieces(run)
     return layout if run.get("mode", "causal") == "causal" else f"{layout}, {run['mode']}"
 
 
@@ -214,21 +331,29 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
     Runs of one kind for a cell in several files (e.g. random layers on items 0-89 in one and 90-249
     in another) are joined item by item when they share the same layers (an item in both: the first
     file's score). A run of that kind with other layers (another calibration, another seed) is left
-    out, and a warning on stderr names it: the first file given decides."""
+    out, and a warning on stderr names it: the first file given decides. Files of other task
+    options, data, dtype or linear layers (:func:`_setup`), and runs of another number of senders,
+    make cells of their own: a warning on stderr names the files of each where the model, task and
+    layout are the same, and the table tells such cells apart."""
     names = names or [f"file {n + 1}" for n in range(len(reports))]
-    cells: dict[tuple[str, str, str], dict] = {}
-    skylines: dict[tuple[str, str], dict[str, float]] = {}
+    cells: dict[tuple, dict] = {}
+    skylines: dict[tuple, dict[str, float]] = {}
     for name, report in zip(names, reports):
         cfg = report["config"]
+        setup = _setup(cfg)
+        same = tuple(map(str, setup.values()))  # the items and their KV are comparable within it
         for run in report["runs"]:
             if run.get("codec"):
                 continue
-            ratio = run["options"].get("ratio")
+            ratio = _options(run).get("ratio")
             if run["method"] == "skyline":  # the context as text: one per receiver and task, whatever the layout
-                _join(skylines.setdefault((cfg["receiver"], cfg["task"]), {}), _scores(report, run))
+                _join(skylines.setdefault((cfg["receiver"], cfg["task"], same), {}), _scores(report, run))
                 continue
-            key = (_model(cfg), cfg["task"], _layout(run))
-            cell = cells.setdefault(key, {"metric": cfg["metric"], "receiver": cfg["receiver"]})
+            key = (_model(cfg), cfg["task"], _layout(run), same, _senders(run))
+            cell = cells.setdefault(key, {"metric": cfg["metric"], "receiver": cfg["receiver"],
+                                          "setup": setup | {"senders": _senders(run)}, "files": []})
+            if name not in cell["files"]:
+                cell["files"].append(name)
             if run["method"] == "kvcomm" and ratio == 1.0:
                 kind = "all"
             elif run["method"] == "kvcomm" and ratio in GOAL_RATIOS and _rule(report, run) == rule:
@@ -241,11 +366,22 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             if layers == run.get("layers"):  # the same configuration in another file: more items
                 _join(scores, _scores(report, run))
             else:
-                print(f"warning: {' · '.join(key)}: {run['label']} in {name} shares other layers than the "
+                print(f"warning: {' · '.join(key[:3])}: {run['label']} in {name} shares other layers than the "
                       "first file's run of that kind; left out", file=sys.stderr)
+    variants: dict[tuple, dict[tuple, dict]] = {}
+    for key, cell in cells.items():
+        variants.setdefault(key[:3], {})[key[3:]] = cell
+    for where, apart in variants.items():
+        if len(apart) > 1:
+            fields, which = _apart({key: cell["files"] for key, cell in apart.items()},
+                                   {key: cell["setup"] for key, cell in apart.items()})
+            print(f"warning: {' · '.join(where)}: runs of other {', '.join(fields)} are not paired; each makes "
+                  f"cells of its own ({which})", file=sys.stderr)
+            for cell in apart.values():
+                cell["variant"] = _describe(cell["setup"], fields)
     rows = []
-    for (model, task, layout), cell in cells.items():
-        skyline = skylines.get((cell["receiver"], task))
+    for (model, task, layout, same, _), cell in cells.items():
+        skyline = skylines.get((cell["receiver"], task, same))
         # read as passages, every layer shared is the skyline's own computation
         all_layers = cell["all"][0] if "all" in cell else skyline if layout == "passages" else None
         for ratio in GOAL_RATIOS:
@@ -255,6 +391,8 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             row: dict = {"model": model, "task": task, "layout": layout, "ratio": ratio, "metric": cell["metric"],
                          "layers": layers, "all_is_skyline": "all" not in cell and all_layers is not None,
                          "n": len(mine), "rule": sum(mine.values()) / len(mine)}
+            if "variant" in cell:
+                row["variant"] = cell["variant"]
             random = cell.get(f"random@{ratio:g}")
             for name, other in (("random", random and random[0]), ("all", all_layers), ("skyline", skyline)):
                 ids = [i for i in mine if i in other] if other else []
@@ -307,7 +445,8 @@ def goals_table(rows: list[dict], rule: str) -> None:
         paired = {row.get(f"n_{name}", row["n"]) for name in ("random", "all", "skyline")} - {row["n"]}
         n = f"{row['n']}" + (f" (paired: {', '.join(map(str, sorted(paired)))})" if paired else "")
         layers = "–" if row["layers"] is None else format_layers(row["layers"])
-        print(f"| {row['model']} | {row['task']} ({row['metric']}) | {row['layout']} | {row['ratio']:g} | {n} | "
+        layout = row["layout"] + (f" ({row['variant']})" if "variant" in row else "")
+        print(f"| {row['model']} | {row['task']} ({row['metric']}) | {layout} | {row['ratio']:g} | {n} | "
               f"{layers} | "
               f"{row['rule']:.3f} | {num(row.get('random'))} | {every} | {num(row.get('skyline'))} | "
               f"{pm(row.get('rule_minus_random'))} | {pm(row.get('all_minus_random'))} | "
@@ -324,14 +463,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="goals: also write the grid here")
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.paths]
+    names = [str(path) for path in args.paths]
     if args.pool:
-        reports = pooled(reports)
+        reports = pooled(reports, names)
+        names = [" + ".join(report["pooled_from"]) for report in reports]
     if args.table == "methods":
         methods_table(reports, args.uncompressed)
     elif args.table == "modes":
         modes_table(reports)
     elif args.table == "goals":
-        rows = goals_grid(reports, args.rule, [str(path) for path in args.paths])
+        rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -1,12 +1,18 @@
 """benchmarks/report.py: pooled files are summarised again in full, runs pair with random in their
-own mask mode, and the codec table's reference fits the layout the run read."""
+own mask mode, and the codec table's reference fits the layout the run read and its dtype; files
+and runs made on other items (task options, data), in another dtype, with other linear layers or
+senders are neither pooled nor paired, and an uncompressed baseline is never a guess."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
+
+from kvcomm.tasks import TASKS, load_task
 
 spec = importlib.util.spec_from_file_location("report", Path(__file__).parents[1] / "benchmarks" / "report.py")
 assert spec is not None and spec.loader is not None
@@ -15,19 +21,49 @@ spec.loader.exec_module(report)
 
 
 def run(label, scores, method="kvcomm", fraction=0.5, mode="causal", codec=None, layers=(0, 1), kv_bytes=100.0,
-        start=0):
+        start=0, pieces="chats", senders=1):
     items = [{"id": f"i{start + n}", "kv_bytes": kv_bytes, "scores": {"paper_f1": s, "contains": s}, "answer": "a"}
              for n, s in enumerate(scores)]
     mean = sum(scores) / len(scores)
     return {"label": label, "method": method, "fraction": fraction, "mode": mode, "codec": codec,
             "layers": list(layers), "n": len(items), "kv_bytes_mean": kv_bytes, "seconds": 1.0,
             "sender_seconds": 0.5, "items": items,
+            "options": {"ratio": fraction, "mode": mode, "codec": codec, "pieces": pieces, "senders": senders,
+                        "selection": "prune" if method == "kvcomm" else None},
             "scores": {metric: {"mean": mean, "ci95": [mean, mean]} for metric in ("paper_f1", "contains")}}
 
 
-def file(*runs, pieces="chats"):
-    return {"config": {"receiver": "m", "task": "t", "metric": "contains", "num_layers": 4, "pieces": pieces},
+def file(*runs, pieces="chats", **config):
+    return {"config": {"sender": "m", "receiver": "m", "task": "t", "metric": "contains", "num_layers": 4,
+                       "pieces": pieces} | config,
             "runs": list(runs)}
+
+
+def facts(*runs, **config):
+    """A results file of the generated facts task as ``kvcomm eval`` writes it now (defaults: float32,
+    dense linear layers, the task's options recorded)."""
+    return file(*runs, **({"task": "facts", "dtype": "float32", "linear": "dense", "data": None, "seeds": {"task": 0},
+                           "task_options": {"items": 8, "facts_per_item": 4, "seed": 0}} | config))
+
+
+def baselines(**config):
+    """Random and every layer on items i0-i3: random answers none, every layer all."""
+    return facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@1", [1.0] * 4, fraction=1.0,
+                                                                        layers=(0, 1, 2, 3)),
+                 run("skyline", [1.0] * 4, method="skyline", fraction=None, layers=()), **config)
+
+
+def rule(senders=1, **config):
+    """The rule at 0.5 on the same item ids, answering all: ✓ against ``baselines`` when comparable."""
+    return facts(run("kvcomm@0.5", [1.0] * 4, senders=senders), **config)
+
+
+OTHER_ITEMS = [  # config changes that make a file's items (or their KV) another thing under the same ids
+    {"task_options": {"items": 8, "facts_per_item": 8, "seed": 0}},
+    {"data": {"path": "other.jsonl", "sha256": "ab" * 32}},
+    {"dtype": "bfloat16"},
+    {"linear": "int8"},
+]
 
 
 def test_pooling_summarises_every_metric_again_and_sums_the_time():
@@ -52,3 +88,119 @@ def test_the_codec_reference_for_passages_is_the_every_layer_run():
         report.fp16_all_layers(file(half, pieces="passages")["config"], [half])
     every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=400.0)
     assert report.fp16_all_layers(file(half, every, pieces="passages")["config"], [half, every]) == 200.0
+
+
+@pytest.mark.parametrize("change", OTHER_ITEMS + [{"sender": "other"}], ids=lambda c: next(iter(c)))
+def test_pooling_refuses_files_made_on_other_items_and_names_which_file_has_which(change):
+    ones, other = facts(run("kvcomm@0.5", [1.0] * 4)), facts(run("kvcomm@0.5", [0.0] * 4, start=4), **change)
+    refusal = r"m · facts: the files differ in .*; their items cannot be pooled \(.*: a\.json; .*: b\.json\)"
+    with pytest.raises(SystemExit, match=refusal):
+        report.pooled([ones, other], ["a.json", "b.json"])
+
+
+def test_pooling_reads_a_field_a_file_does_not_record_as_its_default():
+    old = facts(run("kvcomm@0.5", [1.0] * 4))  # written before dtype, linear layers and task options were recorded
+    for field in ("dtype", "linear", "task_options"):
+        del old["config"][field]
+    more = facts(run("kvcomm@0.5", [0.0] * 4, start=4), task_options={"items": 12, "facts_per_item": 4, "seed": 0})
+    assert report.pooled([old, more], ["a.json", "b.json"])[0]["runs"][0]["n"] == 8
+
+
+@pytest.mark.parametrize("change", OTHER_ITEMS, ids=lambda c: next(iter(c)))
+def test_goals_pair_no_runs_made_on_other_items_under_the_same_ids(change, capsys):
+    assert report.goals_grid([baselines(), rule()], "prune")[0]["verdict"] == "✓"
+    row = report.goals_grid([baselines(), rule(**change)], "prune", ["a.json", "b.json"])[0]
+    assert row["verdict"] == "no random run on these items" and "all" not in row and "skyline" not in row
+    assert "not paired" in capsys.readouterr().err and f" ({row['variant']}" in _table(row)
+
+
+def test_goals_pair_no_runs_of_another_number_of_senders(capsys):
+    row = report.goals_grid([baselines(), rule(senders=2)], "prune", ["a.json", "b.json"])[0]
+    assert row["verdict"] == "no random run on these items" and row["variant"] == "senders 2"
+    assert "runs of other senders are not paired" in capsys.readouterr().err
+
+
+def test_goals_read_a_field_a_file_does_not_record_as_its_default(capsys):
+    old = baselines(seeds={"task": 0})  # from before dtype, linear layers and task options were recorded
+    for field in ("dtype", "linear", "task_options"):
+        del old["config"][field]
+    # another item count makes the same items under the same ids (the test below): still paired
+    row = report.goals_grid([old, rule(task_options={"items": 12, "facts_per_item": 4, "seed": 0})], "prune")[0]
+    assert row["verdict"] == "✓" and row["n_random"] == 4 and "variant" not in row
+    assert capsys.readouterr().err == ""
+
+
+def test_a_generated_tasks_items_do_not_depend_on_how_many_are_made():
+    counted = [name for name in TASKS if set(report.COUNT_OPTIONS) & set(TASKS.get(name).options)]
+    assert counted
+    for name in counted:
+        assert load_task(name, items=3).items == load_task(name, items=6).items[:3], name
+
+
+def _table(row):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        report.goals_table([row], "prune")
+    return out.getvalue()
+
+
+def _codecs(*files):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        report.codecs_table(list(files))
+    return [line.split(" | ") for line in out.getvalue().splitlines()[2:]]
+
+
+@pytest.mark.parametrize("other", [{"pieces": "passages"}, {"senders": 2}])
+def test_a_codec_run_is_compared_with_the_uncompressed_run_of_its_own_layout_and_senders(other):
+    every = run("kvcomm@1", [1.0] * 2, fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=32000.0)
+    mine = run("kvcomm@0.5", [1.0] * 2, kv_bytes=16000.0)
+    theirs = run("kvcomm@0.5/other", [0.0] * 2, kv_bytes=16000.0, **other)
+    q4 = run("kvcomm@0.5+q4", [0.0] * 2, codec="q4", kv_bytes=1000.0)
+    row = next(r for r in _codecs(file(every, mine, theirs, q4)) if r[5] == "q4")
+    assert row[9] == "-1.000" and "✓" not in row[10]  # 16x smaller, but every point lost: not the goal
+
+
+def test_two_uncompressed_runs_a_codec_run_could_be_compared_with_are_refused():
+    every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=32000.0)
+    twins = run("kvcomm@0.5~paper", [1.0], kv_bytes=16000.0), run("kvcomm@0.5~answer", [0.0], kv_bytes=16000.0)
+    with pytest.raises(SystemExit, match="kvcomm@0.5~paper and kvcomm@0.5~answer are both uncompressed at layers "
+                                         "0-1 .*which one is the baseline would be a guess"):
+        _codecs(file(every, *twins, run("kvcomm@0.5+q4", [0.0], codec="q4", kv_bytes=1000.0)))
+
+
+def test_a_mask_mode_is_compared_with_the_causal_run_of_its_own_layout(capsys):
+    padded = run("kvcomm@0.5/passages[padded-zero]", [0.0] * 2, mode="padded-zero", pieces="passages")
+    report.modes_table([file(run("kvcomm@0.5/passages", [0.0] * 2, pieces="passages"), padded,
+                             run("kvcomm@0.5", [1.0] * 2))])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "padded-zero" in line)
+    assert "| +0.000 [+0.000, +0.000] | 2/2 |" in row
+
+
+def test_a_run_is_compared_with_random_of_its_own_layout_and_senders():
+    for other in ({"pieces": "passages"}, {"senders": 2}):
+        mine = run("kvcomm@0.5/other", [1.0] * 2, **other)
+        runs = file(run("random@0.5", [1.0] * 2, method="random"), mine,
+                    run("random@0.5/other", [0.0] * 2, method="random", **other))
+        assert report.against_random(runs, mine) == "+1.000"
+    twice = file(mine, *(run(f"random@0.5/{seed}", [0.0] * 2, method="random", **other) for seed in (1, 2)))
+    with pytest.raises(SystemExit, match="random@0.5/1 and random@0.5/2 are both random at 0.5"):
+        report.against_random(twice, mine)
+
+
+@pytest.mark.parametrize(("dtype", "reference"), [(None, 200.0), ("float32", 200.0), ("bfloat16", 400.0),
+                                                  ("float16", 400.0)])
+def test_the_fp16_reference_scales_the_runs_own_element_size(dtype, reference):
+    every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=400.0)
+    assert report.fp16_all_layers(file(every, dtype=dtype)["config"], [every]) == reference
+    half = run("kvcomm@0.5", [1.0], kv_bytes=100.0)  # no ratio-1.0 run: from the token ids
+    half["items"][0]["sender_ids"] = [1] * 10  # 2 of 4 layers * 10 tokens + 2 sinks: 100 bytes = 22 token-layers
+    assert report.fp16_all_layers(file(half, dtype=dtype)["config"], [half]) == pytest.approx(
+        100.0 / 22 * 40 * reference / 400.0)
+
+
+def test_the_codec_table_names_the_dtype_of_an_uncompressed_run_and_refuses_one_it_cannot_size():
+    every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=400.0)
+    assert _codecs(file(every, dtype="bfloat16"))[0][5] == "none (bf16, in process)"
+    with pytest.raises(SystemExit, match="runs in float8; the codec table knows the element size of"):
+        _codecs(file(every, dtype="float8"))
