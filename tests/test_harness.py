@@ -328,3 +328,384 @@ def test_a_runs_results_serve_as_its_profile_so_calibration_is_paid_once(agents,
     plain.save(tmp_path / "s.json")
     with pytest.raises(DataError, match="no layer ranking"):
         read_profile(tmp_path / "s.json")
+
+
+# --- checkpoints: what a resumed run reads is checked, and what the run made is reused ---
+
+
+def _checkpointed(agents, folder, task, config, methods, stop_at=None, monkeypatch=None, resume=False):
+    """``evaluate`` recording into the checkpoint ``folder``; ``stop_at``: interrupted at that
+    ``_run_one`` call (the checkpoint keeps what finished before). Returns the report, or None."""
+    from kvcomm.eval import harness
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), agents.sender.name,
+                            agents.receiver.name, "float32", None)
+    if stop_at is None:
+        return evaluate(agents, task, methods(), config, progress=False,
+                        checkpoint=Checkpoint(folder, identity, resume=resume))
+    real, calls = harness._run_one, []
+
+    def stops(method, batch):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise RuntimeError("interrupted")
+        return real(method, batch)
+
+    monkeypatch.setattr(harness, "_run_one", stops)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(folder, identity))
+    monkeypatch.setattr(harness, "_run_one", real)
+    return None
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _edit(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    # batch 0 holds facts_0_0000 and facts_0_0001 (no bucketing)
+    (lambda b0, b1: _edit(b0, lambda r: r["runs"]["baseline"]["items"].pop()),
+     r"batch-00000.json: the results of baseline are for items \[\"facts_0_0000\"\]"),
+    (lambda b0, b1: _edit(b0, lambda r: r["runs"]["baseline"]["items"][0].update(id="nope")),
+     r"batch-00000.json: the results of baseline are for items"),
+    (lambda b0, b1: _edit(b0, lambda r: (r.update(ids=[r["ids"][0]] * 2), r["runs"]["baseline"].update(
+        items=[r["runs"]["baseline"]["items"][0]] * 2))),
+     r"batch-00000.json holds items \['facts_0_0000'\] already in this or an earlier batch"),
+    (lambda b0, b1: b1.write_bytes(b0.read_bytes()),
+     r"batch-00001.json holds items \['facts_0_0000', 'facts_0_0001'\] already in this or an earlier batch"),
+    (lambda b0, b1: _edit(b0, lambda r: r.update(ids=[], runs={})), r"batch-00000.json holds a batch of no items"),
+])
+def test_a_batch_whose_results_miss_repeat_or_swap_items_is_refused_naming_its_file(agents, tmp_path, damage,
+                                                                                     message):
+    """Before, a batch missing an item's results resumed with n one short of the test items, and a
+    result of an item not the batch's escaped as a KeyError."""
+    from kvcomm.errors import DataError
+
+    task = load_task("facts", items=6)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["baseline"])  # noqa: E731
+    folder = tmp_path / "c"
+    whole = _checkpointed(agents, folder, task, config, methods)
+    assert whole.runs[0].n == 4
+    damage(folder / "batch-00000.json", folder / "batch-00001.json")
+    before = _files(folder)
+    with pytest.raises(DataError, match=message):
+        _checkpointed(agents, folder, task, config, methods, resume=True)
+    assert _files(folder) == before  # nothing lost
+
+
+def test_a_batch_of_items_that_are_not_the_runs_test_items_is_refused(agents, tmp_path):
+    from kvcomm.errors import DataError
+
+    task = load_task("facts", items=6)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["baseline"])  # noqa: E731
+    folder = tmp_path / "c"
+    _checkpointed(agents, folder, task, config, methods)
+    batch = folder / "batch-00001.json"
+    recorded = batch.read_bytes()  # facts_0_0002, facts_0_0003
+
+    def rename(record):  # a consistent batch, of an item this run does not test
+        record["ids"][0] = record["runs"]["baseline"]["items"][0]["id"] = "facts_0_0005"
+
+    def reverse(record):  # facts_0_0003, facts_0_0002: out of order, for a run that keeps the items' order
+        record["ids"].reverse()
+        record["runs"]["baseline"]["items"].reverse()
+
+    for change, message in ((rename, r"batch-00001.json holds items \['facts_0_0005'\] that are not test items"),
+                            (reverse, r"batch-00001.json holds items out of order")):
+        batch.write_bytes(recorded)
+        _edit(batch, change)
+        with pytest.raises(DataError, match=message):
+            _checkpointed(agents, folder, task, config, methods, resume=True)
+
+
+def test_a_damaged_or_foreign_ranking_in_a_checkpoint_is_refused_naming_it(agents, tmp_path):
+    """Before, a recorded ranking [0, 0, 0, 0] ran (one layer shared at ratio 0.5), and a recorded
+    profile that was not one escaped as a raw pydantic ValidationError."""
+    from kvcomm.errors import DataError
+
+    task = load_task("facts", items=5)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=1)
+    methods = lambda: build_methods(["kvcomm"], [0.5])  # noqa: E731
+    folder = tmp_path / "c"
+    whole = _checkpointed(agents, folder, task, config, methods)
+    header = json.loads((folder / "run.json").read_text())
+    assert list(header["profiles"]) == [DEFAULT_RULE] and header["profiles"][DEFAULT_RULE] == json.loads(
+        Profile.model_validate(whole.profile).model_dump_json())
+    for path in folder.glob("batch-*.json"):
+        path.unlink()
+    damages = [
+        (lambda p: p.update(ranking=[0, 0, 0, 0]), r"its profile prune's ranking \[0, 0, 0, 0\] do not fit its 4"),
+        (lambda p: p.clear() or p.update(rule="prune"), "its profile prune is not a profile"),
+        (lambda p: p.update(sender="another-model"), "its profile prune is for sender 'another-model'"),
+        (lambda p: p.update(num_layers=3, ranking=[2, 1, 0], importance=[0.0] * 3, scores=[0.0] * 3),
+         "its profile prune has num_layers 3, this run's would have 4"),
+        (lambda p: p.update(calibration_items=["facts_0_0000"]),
+         r"its profile prune has calibration_items \[\"facts_0_0000\"\], this run's would have \[\"facts_0_0004\"\]"),
+        (lambda p: p.update(rule="answer"), "its profile prune has rule \"answer\", this run's would have \"prune\""),
+    ]
+    for change, message in damages:
+        damaged = json.loads(json.dumps(header))
+        change(damaged["profiles"][DEFAULT_RULE])
+        (folder / "run.json").write_text(json.dumps(damaged))
+        with pytest.raises(DataError, match=message) as refused:
+            _checkpointed(agents, folder, task, config, methods, resume=True)
+        assert str(folder / "run.json") in str(refused.value)
+
+
+def test_batch_files_without_run_json_are_refused_until_overwrite_removes_them(agents, tmp_path):
+    """Before, a folder of batch files without run.json (e.g. an interrupted removal) started a run
+    on top of them, and its resumption took the earlier run's batches (1-token answers) as its own."""
+    from kvcomm.errors import DataError
+    from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
+
+    task = load_task("facts", items=7)
+    config = EvalConfig(limit=6, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["skyline"])  # noqa: E731
+    folder = tmp_path / "c"
+    _checkpointed(agents, folder, task, config, methods)
+    (folder / "run.json").unlink()
+    before = _files(folder)
+    for resume in (False, True):
+        with pytest.raises(DataError, match=f"{folder} holds batch files .* but no run.json.*--overwrite"):
+            Checkpoint(folder, {"task": "facts"}, resume=resume)
+    assert _files(folder) == before
+    remove_checkpoint(folder)  # what --overwrite does
+    assert not folder.exists()
+
+
+def test_remove_checkpoint_deletes_the_last_batches_first_and_run_json_last(agents, tmp_path, monkeypatch):
+    """An interrupted removal leaves the first batches of the same run, resumable, never batch
+    files without their run.json."""
+    from pathlib import Path
+
+    from kvcomm.eval.checkpoint import remove_checkpoint
+
+    task = load_task("facts", items=7)
+    config = EvalConfig(limit=6, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["skyline"])  # noqa: E731
+    folder = tmp_path / "c"
+    whole = _checkpointed(agents, folder, task, config, methods)
+    order = []
+    real = Path.unlink
+
+    def interrupted(path, missing_ok=False):
+        if len(order) == 1:
+            raise KeyboardInterrupt
+        order.append(path.name)
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        remove_checkpoint(folder)
+    monkeypatch.setattr(Path, "unlink", real)
+    assert order == ["batch-00002.json"]
+    resumed = _checkpointed(agents, folder, task, config, methods, resume=True)
+    assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in whole.runs[0].items]
+    order.clear()
+    monkeypatch.setattr(Path, "unlink", lambda path, missing_ok=False: order.append(path.name) or real(
+        path, missing_ok=missing_ok))
+    remove_checkpoint(folder)
+    assert order == ["batch-00002.json", "batch-00001.json", "batch-00000.json", "run.json"] and not folder.exists()
+
+
+def test_a_batch_file_of_another_run_is_refused(agents, tmp_path):
+    """Each batch file names its run (the sha256 of its identity): one of a run with 1-token
+    answers in a checkpoint of 8-token answers is refused, and so is one naming none in a
+    checkpoint whose batch files all name theirs."""
+    from kvcomm.errors import DataError
+
+    config = EvalConfig(limit=6, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["skyline"])  # noqa: E731
+    short, long = (load_task("facts", items=7, max_new_tokens=n) for n in (1, 8))
+    _checkpointed(agents, tmp_path / "short", short, config, methods)
+    _checkpointed(agents, tmp_path / "long", long, config, methods)
+    foreign = (tmp_path / "short" / "batch-00002.json").read_bytes()
+    (tmp_path / "long" / "batch-00002.json").write_bytes(foreign)
+    with pytest.raises(DataError, match=r"batch-00002.json belongs to another run than .*long/run.json"):
+        _checkpointed(agents, tmp_path / "long", long, config, methods, resume=True)
+    _edit(tmp_path / "long" / "batch-00002.json", lambda r: r.pop("run"))
+    with pytest.raises(DataError, match=r"batch-00002.json does not name the run it belongs to"):
+        _checkpointed(agents, tmp_path / "long", long, config, methods, resume=True)
+
+
+def test_a_resumed_run_reuses_every_ranking_and_block_profile_it_made(agents, tmp_path, monkeypatch):
+    """The rankings of rules its methods name (``kvcomm~prune`` beside ``--selection paper``), of
+    the other pieces layout, and block profiles are recorded once made and taken back on resuming:
+    before, only the run's own rule's was, and the others were made again, unchecked against what
+    the recorded batches used."""
+    from kvcomm.eval import harness
+
+    task = load_task("facts", items=8)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=2, selection="paper", bucket=False)
+    methods = lambda: [make_method("kvcomm", ratio=0.5, selection="prune"),  # noqa: E731
+                       make_method("kvcomm", ratio=0.5, pieces="passages"),
+                       make_method("droidspeak", max_recompute=0.5)]
+    folder = tmp_path / "c"
+    whole = evaluate(agents, task, methods(), config, progress=False)
+    _checkpointed(agents, folder, task, config, methods, stop_at=4, monkeypatch=monkeypatch)
+    header = json.loads((folder / "run.json").read_text())
+    assert set(header["profiles"]) == {"prune", "paper/passages", "droidspeak@0.5"}
+    header["profiles"]["prune"]["ranking"] = ranking = [3, 1, 0, 2]  # not what a search makes: its use shows
+    (folder / "run.json").write_text(json.dumps(header))
+
+    def made_again(*args, **kwargs):
+        raise AssertionError("a profile the checkpoint holds was made again")
+
+    monkeypatch.setattr(harness, "calibrate", made_again)
+    monkeypatch.setattr(harness, "profile_blocks", made_again)
+    resumed = _checkpointed(agents, folder, task, config, methods, resume=True)
+    by = {run.label: run for run in resumed.runs}
+    assert by["kvcomm@0.5~prune"].layers == sorted(ranking[:2]) and resumed.profiles["prune"]["ranking"] == ranking
+    for before, after in list(zip(whole.runs, resumed.runs))[1:]:  # kvcomm@0.5/passages, droidspeak's pick
+        assert before.label == after.label and [i.answer for i in before.items] == [i.answer for i in after.items]
+    for name in header["profiles"]:  # the recorded ones, to their timings: not made again
+        assert resumed.profiles[name] == header["profiles"][name]
+
+
+def test_a_resumed_run_reuses_the_codebook_its_batches_used(agents, tmp_path, monkeypatch):
+    """The codebook's id is recorded once made; a resumed run loads that one (not made again), and
+    where this machine does not hold it, takes one made again only if it is the same."""
+    from kvcomm.errors import DataError
+    from kvcomm.eval import harness
+
+    task = load_task("facts", items=6)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=2, bucket=False)
+    methods = lambda: [make_method("kvcomm", ratio=1.0, codec="klt")]  # noqa: E731
+    folder = tmp_path / "c"
+    whole = evaluate(agents, task, methods(), config, progress=False)
+    _checkpointed(agents, folder, task, config, methods, stop_at=2, monkeypatch=monkeypatch)
+    header = json.loads((folder / "run.json").read_text())
+    assert header["codebook"] == whole.config["codebook"]["id"]
+    real = harness.codebook_from_items
+
+    def made_again(*args, **kwargs):
+        raise AssertionError("the recorded codebook was made again")
+
+    monkeypatch.setattr(harness, "codebook_from_items", made_again)
+    resumed = _checkpointed(agents, folder, task, config, methods, resume=True)
+    assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in whole.runs[0].items]
+    monkeypatch.setattr(harness, "codebook_from_items", real)
+    (folder / "batch-00001.json").unlink()
+    header["codebook"] = "0123456789abcdef"  # one this machine does not hold, and not the one made now
+    (folder / "run.json").write_text(json.dumps(header))
+    made_now = whole.config["codebook"]["id"]
+    with pytest.raises(DataError, match=r"run.json: the recorded batches used codebook 0123456789abcdef, which is "
+                                        rf"not in .*the one made now is {made_now}"):
+        _checkpointed(agents, folder, task, config, methods, resume=True)
+
+
+def test_a_version_1_checkpoint_resumes_unless_it_lacks_a_profile_its_batches_used(agents, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Checkpoints of the earlier format (no run named in batch files, no code, the run's own
+    ranking alone) still resume; one that ran ``kvcomm~prune`` beside another rule did not record
+    that ranking, so what its batches used cannot be told: refused, saying how to go on."""
+    task = load_task("facts", items=8)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=2, selection="paper", bucket=False)
+
+    def as_version_1(folder):
+        def header(record):
+            own = record["profiles"].pop("paper", None)
+            record.update(version=1, profile=own)
+            for name in ("profiles", "code", "codebook"):
+                record.pop(name)
+
+        _edit(folder / "run.json", header)
+        for path in folder.glob("batch-*.json"):
+            _edit(path, lambda r: r.pop("run"))
+
+    own = lambda: [make_method("kvcomm", ratio=0.5)]  # noqa: E731
+    whole = evaluate(agents, task, own(), config, progress=False)
+    _checkpointed(agents, tmp_path / "own", task, config, own, stop_at=2, monkeypatch=monkeypatch)
+    as_version_1(tmp_path / "own")
+    resumed = _checkpointed(agents, tmp_path / "own", task, config, own, resume=True)
+    assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in whole.runs[0].items]
+    assert "did not record its version" in capsys.readouterr().err
+    assert "did not record its version" in resumed.provenance["resumed"][-1]["warning"]
+
+    named = lambda: [make_method("kvcomm", ratio=0.5, selection="prune")]  # noqa: E731
+    _checkpointed(agents, tmp_path / "named", task, config, named, stop_at=2, monkeypatch=monkeypatch)
+    as_version_1(tmp_path / "named")
+    with pytest.raises(ConfigError, match="did not record the profile prune its batches used.*--overwrite"):
+        _checkpointed(agents, tmp_path / "named", task, config, named, resume=True)
+
+
+def test_items_identity_covers_choices_and_pieces_only_where_items_have_them(tmp_path):
+    """Before, two data files differing only in their choices had one identity, so a resumed run
+    calibrated on other choices than its recorded batches; a task without choices or pieces keeps
+    the identity it had, so its checkpoints still resume."""
+    import dataclasses
+    import hashlib
+
+    from kvcomm.eval.provenance import items_sha256
+
+    task = load_task("facts", items=3)
+    assert not any(i.choices or i.pieces for i in task.items)
+    rows = [[i.id, i.context, i.question, list(i.answers)] for i in task.items]
+    assert items_sha256(task) == hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    first = task.items[0]
+    variants = [dataclasses.replace(first, choices=(first.answers[0], "Oslo")),
+                dataclasses.replace(first, choices=(first.answers[0], "Lima")),
+                dataclasses.replace(first, pieces=("a", "b"))]
+    hashes = {items_sha256(dataclasses.replace(task, items=(variant, *task.items[1:]))) for variant in variants}
+    assert len(hashes) == 3 and items_sha256(task) not in hashes
+
+
+def test_resuming_under_other_code_warns_and_records_each_version(agents, tmp_path, monkeypatch, capsys):
+    """Before, a run resumed by another kvcomm version or commit said nothing, and its results
+    named only the last one."""
+    from kvcomm.eval import checkpoint as checkpoint_module
+
+    task = load_task("facts", items=6)
+    config = EvalConfig(limit=4, batch_size=2, calib_size=1)
+    methods = lambda: build_methods(["baseline"])  # noqa: E731
+    old, new = ({"kvcomm": version, "git_commit": commit} for version, commit in
+                (("0.1.0", "a" * 40), ("0.2.0", "b" * 40 + "+dirty")))
+    monkeypatch.setattr(checkpoint_module, "code_version", lambda: old)
+    _checkpointed(agents, tmp_path / "c", task, config, methods, stop_at=2, monkeypatch=monkeypatch)
+    resumed_alike = _checkpointed(agents, tmp_path / "c", task, config, methods, resume=True)
+    assert "warning" not in resumed_alike.provenance["resumed"][-1] and "warning" not in capsys.readouterr().err
+    (tmp_path / "c" / "batch-00001.json").unlink()
+    monkeypatch.setattr(checkpoint_module, "code_version", lambda: new)
+    report = _checkpointed(agents, tmp_path / "c", task, config, methods, resume=True)
+    assert report.runs[0].n == 4
+    provenance = report.provenance
+    assert provenance["code"] == old and [r["code"] for r in provenance["resumed"]] == [old, new]
+    warning = provenance["resumed"][-1]["warning"]
+    assert f"kvcomm 0.1.0 (commit {'a' * 40})" in warning and f"kvcomm 0.2.0 (commit {'b' * 40}+dirty)" in warning
+    assert warning in capsys.readouterr().err
+    saved = json.loads((tmp_path / "c" / "run.json").read_text())
+    assert saved["code"] == old and saved["resumed"][-1]["warning"] == warning
+
+
+def test_git_commit_marks_a_tree_with_uncommitted_changes(monkeypatch):
+    import subprocess
+
+    from kvcomm.eval import provenance
+
+    head = "c" * 40
+    answers: dict[str, object] = {}
+
+    def git(args, **kwargs):
+        answer = answers[args[1]]
+        if isinstance(answer, Exception):
+            raise answer
+        return subprocess.CompletedProcess(args, 0, stdout=answer, stderr="")
+
+    monkeypatch.setattr(provenance.subprocess, "run", git)
+    monkeypatch.setattr(provenance.Path, "exists", lambda path: True)
+    for status, commit in ((" M kvcomm/eval/harness.py\n", head + "+dirty"), ("", head),
+                           (subprocess.TimeoutExpired("git", 30), head + "+dirty")):
+        answers.update({"rev-parse": head + "\n", "status": status})
+        assert provenance.git_commit.__wrapped__() == commit
+    answers["rev-parse"] = OSError("no git")
+    assert provenance.git_commit.__wrapped__() is None

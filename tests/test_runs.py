@@ -72,9 +72,13 @@ def test_results_record_provenance(tiny_dir, tmp_path):
     root = Path(__file__).resolve().parents[1]
     if (root / ".git").exists():
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        assert report["environment"]["git_commit"] == head
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        assert report["environment"]["git_commit"] == head + ("+dirty" if dirty else "")
     else:
         assert "git_commit" not in report["environment"]
+    assert provenance["code"] == {"kvcomm": report["environment"]["kvcomm"],
+                                  "git_commit": report["environment"].get("git_commit")}
 
 
 def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
@@ -191,6 +195,26 @@ def test_overwrite_discards_the_earlier_results_so_a_resume_finishes_the_new_run
     resumed = invoke(*common, "--limit", "4", "--resume", str(folder))
     assert resumed.exit_code == 0 and "finished already" not in resumed.stdout, resumed.output
     assert json.loads((folder / "facts.json").read_text())["config"]["test_items"] == 4
+
+
+def test_batch_files_left_without_their_run_json_are_refused_until_overwrite(tiny_dir, tmp_path):
+    """A checkpoint folder holding batch files but no run.json (an earlier removal interrupted) is
+    refused, naming it, rather than a new run started on top of them; --overwrite clears it."""
+    folder = tmp_path / "run"
+    common = ["eval", "-m", str(tiny_dir), "-t", "facts", "--method", "baseline", "--limit", "4", "--batch-size", "2",
+              "-q", "--out-dir", str(folder)]
+    assert invoke(*common).exit_code == 0
+    (checkpoint,) = folder.glob("*.checkpoint")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["batch-00000.json", "batch-00001.json", "run.json"]
+    for path in [checkpoint / "run.json", *(p for p in folder.iterdir() if p.is_file())]:
+        path.unlink()
+    for extra, message in (([], f"{checkpoint} exists; pass --overwrite"),
+                           (["--resume", str(folder)], f"{checkpoint} holds batch files")):
+        refused = invoke(*common, *extra)
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output
+        assert "--overwrite" in refused.stderr and len(list(checkpoint.iterdir())) == 2
+    assert invoke(*common, "--overwrite").exit_code == 0
+    assert json.loads((folder / "facts.json").read_text())["runs"][0]["n"] == 4
 
 
 def test_mistakes_in_the_methods_or_selection_are_refused_before_a_model_loads(tiny_dir, tmp_path, monkeypatch):

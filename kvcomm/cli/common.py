@@ -127,8 +127,10 @@ Overwrite = Annotated[bool, typer.Option(
     help="Replace the run's files where they exist already (without it, an existing file is refused).")]
 Resume = Annotated[Path | None, typer.Option(
     exists=True, file_okay=False,
-    help="Continue the interrupted run in this folder: finished batches are kept, the rest runs. "
-         "Give the options the run had; another configuration is refused.")]
+    help="Continue the interrupted run in this folder: finished batches are kept, the rest runs with the "
+         "rankings, block profiles and codebook the run made. Give the options the run had; another "
+         "configuration is refused, and so are checkpoint files that are damaged or another run's. Another "
+         "kvcomm version or commit is allowed, with a warning, and recorded.")]
 Mode = Annotated[MaskMode | None, typer.Option(
     help=options_help("Masks: causal (correct), legacy (reference parity), shift-back (KVComm-S), padded-sink or "
                       "padded-zero (a paged engine's view: sink-only layers padded to the context, unmasked).",

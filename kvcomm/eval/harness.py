@@ -5,7 +5,9 @@ the calibration items are taken from the end of the list, and the two never over
 batch every method reuses the same sender prefill, and each method is charged for the sender work
 it used (see
 :mod:`kvcomm.eval.batch`). With a :class:`~kvcomm.eval.checkpoint.Checkpoint`, every finished
-(method, batch) is recorded as the run goes, and recorded work is taken instead of being redone.
+(method, batch) is recorded as the run goes, and recorded work is taken instead of being redone;
+so are the layer rankings, block profiles and codebook the run made (a resumed run takes them
+from the checkpoint, so its new batches use what its recorded ones did).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from kvcomm.config import Options
 from kvcomm.errors import ConfigError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
-from kvcomm.eval.checkpoint import BatchRun, Checkpoint
+from kvcomm.eval.checkpoint import BLOCKS_PREFIX, BatchRun, Checkpoint
 from kvcomm.eval.cluster import Cluster, check_apart
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
-from kvcomm.eval.provenance import data_record, method_seeds, profiles_identity, run_identity, utc_now
+from kvcomm.eval.provenance import code_version, data_record, method_seeds, profiles_identity, run_identity, utc_now
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup
 from kvcomm.models.allocator import release_freed_memory
@@ -193,8 +195,9 @@ def evaluate(
     ``profile`` is given.
 
     Args:
-        checkpoint: where finished work is recorded as the run goes, and taken from instead of
-            being redone (a resumed run); its identity must be this run's.
+        checkpoint: where finished work, and every profile and codebook the run makes, are
+            recorded as the run goes, and taken from instead of being redone (a resumed run); its
+            identity must be this run's.
         command: the command line, recorded in the results (a checkpoint records its own).
         blocks: a DroidSpeak block profile (``kvcomm calibrate --method droidspeak``) for
             ``droidspeak`` without a block; profiled on the calibration items when absent.
@@ -205,6 +208,9 @@ def evaluate(
         ConfigError: the item split is impossible, labels collide, the profile was calibrated on
             another task, on test items or for another depth, the checkpoint is another run's, or
             a method cannot run on a cluster.
+        DataError: the checkpoint's batches hold items that are not this run's test items, or
+            (for a run that keeps the items' order) out of order; or a profile it recorded does
+            not fit this run.
         ClusterError: a batch's worker failed more often than the cluster's retries allow.
     """
     config = config or EvalConfig()
@@ -221,9 +227,8 @@ def evaluate(
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
                                        profiles_identity(profile, blocks), agents.sender.linear))
-        if profile is None and checkpoint.profile is not None:
-            profile = Profile.model_validate(checkpoint.profile)
-    sources = _Sources(agents, task, calib, config, profile, progress, blocks)
+        checkpoint.check_items([item.id for item in test], ordered=not _bucketed(config, methods))
+    sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
                   config.calibration, sources.blocks)
     for method in methods:
@@ -231,13 +236,11 @@ def evaluate(
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two configurations share a label: {labels}")
-    if checkpoint is not None and sources.calibrated and sources.profile is not None:
-        checkpoint.save_profile(sources.profile.model_dump(mode="json"))
     tally = _run_batches(agents, task, methods, test, config, checkpoint, progress, cluster)
     return Report(
         config=_report_config(agents, task, test, calib, config, methods, sources),
         provenance=checkpoint.provenance() if checkpoint is not None else
-        {"command": command, "date": started, "resumed": []},
+        {"command": command, "date": started, "code": code_version(), "resumed": []},
         environment=environment(cluster),
         profile=sources.profile.model_dump() if sources.profile is not None else None,
         profiles=sources.all_profiles(),
@@ -246,13 +249,15 @@ def evaluate(
 
 
 class _Sources:
-    """The layer ranking and the codebook, each made on first request from the calibration items."""
+    """The layer rankings, block profiles and the codebook, each made on first request from the
+    calibration items, or (a resumed run) taken from the checkpoint, which records what is made."""
 
     def __init__(self, agents: Agents, task: Task, calib: list[Item], config: EvalConfig,
-                 profile: Profile | None, progress: bool, blocks: BlockProfile | None = None) -> None:
+                 profile: Profile | None, progress: bool, blocks: BlockProfile | None = None,
+                 checkpoint: Checkpoint | None = None) -> None:
         self.agents, self.task, self.calib, self.config = agents, task, calib, config
         self.profile, self.progress = profile, progress  # the run's ranking (given, or its --selection's)
-        self.calibrated = False  # whether that profile was made here
+        self.checkpoint = checkpoint
         self.others: dict[str, Profile] = {}  # rankings of other rules that methods asked for by name
         self.book: Codebook | None = None
         self.block_profiles: dict[float, BlockProfile] = {}  # by the cap on the recomputed fraction
@@ -269,23 +274,33 @@ class _Sources:
         if pieces is not None and pieces != self.config.pieces:
             name = f"{wanted}/{pieces}"
             if name not in self.others:
-                self.others[name] = self._calibrate(wanted, pieces)
+                self.others[name] = self._calibrate(name, wanted, pieces)
             return self.others[name].ranking
         if wanted == own:
             if self.profile is None:
-                self.profile = self._calibrate(own)
-                self.calibrated = True
+                self.profile = self._calibrate(own, own, self.config.pieces)
             return self.profile.ranking
         if wanted not in self.others:
-            self.others[wanted] = self._calibrate(wanted)
+            self.others[wanted] = self._calibrate(wanted, wanted, self.config.pieces)
         return self.others[wanted].ranking
 
-    def _calibrate(self, rule: str, pieces: Pieces | None = None) -> Profile:
+    def _calibrate(self, name: str, rule: str, pieces: Pieces) -> Profile:
+        """``rule``'s ranking on items read as ``pieces`` (the checkpoint's ``name``, if it holds it)."""
         if not self.calib:
             raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
         c = self.config
-        return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
-                         rule=rule, objective=c.objective, pieces=pieces or c.pieces)
+
+        def made() -> Profile:
+            return calibrate(self.agents, self.task, self.calib, c.alpha, c.mu, c.sigma, c.batch_size, self.progress,
+                             rule=rule, objective=c.objective, pieces=pieces)
+
+        if self.checkpoint is None:
+            return made()
+        return self.checkpoint.reuse(name, Profile, made, rule=rule, pieces=pieces, **self._made_for())
+
+    def _made_for(self) -> dict[str, Any]:
+        """What every profile made for this run has: its depth and calibration items."""
+        return {"num_layers": self.agents.num_layers, "calibration_items": [item.id for item in self.calib]}
 
     def blocks(self, max_recompute: float) -> BlockProfile:
         """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a
@@ -299,8 +314,13 @@ class _Sources:
                     f"max_recompute {max_recompute:g})")
                 raise ConfigError(f"droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1"
                                   f"{capped}")
-            self.block_profiles[max_recompute] = profile_blocks(self.agents, self.task, self.calib, max_recompute,
-                                                                self.config.batch_size, self.progress)
+
+            def made() -> BlockProfile:
+                return profile_blocks(self.agents, self.task, self.calib, max_recompute, self.config.batch_size,
+                                      self.progress)
+
+            self.block_profiles[max_recompute] = made() if self.checkpoint is None else self.checkpoint.reuse(
+                _blocks_name(max_recompute), BlockProfile, made, max_recompute=max_recompute, **self._made_for())
         return self.block_profiles[max_recompute]
 
     def all_profiles(self) -> dict[str, Any]:
@@ -310,17 +330,22 @@ class _Sources:
             used.setdefault(self.profile.rule, self.profile)
         out: dict[str, Any] = {rule: profile.model_dump() for rule, profile in used.items()}
         for cap, blocks in self.block_profiles.items():
-            out[f"droidspeak@{cap:g}"] = blocks.model_dump()
+            out[_blocks_name(cap)] = blocks.model_dump()
         if self.given_blocks is not None:
-            out[f"droidspeak@{self.given_blocks.max_recompute:g}"] = self.given_blocks.model_dump()
+            out[_blocks_name(self.given_blocks.max_recompute)] = self.given_blocks.model_dump()
         return out
 
     def codebook(self) -> Codebook:
-        """From the calibration items, like the ranking (the model's default without any)."""
+        """From the calibration items, like the ranking (the model's default without any); a resumed
+        run's is the one its checkpoint recorded."""
         if self.book is None:
             sender = self.agents.sender
-            self.book = codebook_from_items(sender, self.task, self.calib, self.config.batch_size) if self.calib \
-                else model_codebook(sender)
+
+            def made() -> Codebook:
+                return codebook_from_items(sender, self.task, self.calib, self.config.batch_size) if self.calib \
+                    else model_codebook(sender)
+
+            self.book = made() if self.checkpoint is None else self.checkpoint.reuse_codebook(made)
         return self.book
 
     def alpha(self) -> tuple[float, str]:
@@ -374,7 +399,7 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     """
     tally = _Tally()
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
-    bucket = config.bucket and not any(m.sequential for m in methods)
+    bucket = _bucketed(config, methods)
     chunks = list(_chunks(agents, task, test, config, checkpoint, bucket))
     remote = None
     if cluster is not None:
@@ -471,10 +496,17 @@ def _run_one(method: Method, batch: Batch) -> BatchRun:
                     sender_seconds=batch.charged_sender_seconds, state=method.state())
 
 
+def _bucketed(config: EvalConfig, methods: Sequence[Method]) -> bool:
+    """Whether the run batches items by prompt length: ``bucket``, unless a method learns from the
+    stream of batches (those keep the items' order)."""
+    return config.bucket and not any(m.sequential for m in methods)
+
+
 def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
             checkpoint: Checkpoint | None, bucket: bool) -> Iterator[list[Item]]:
-    """The batches a checkpoint recorded, as they were, then the remaining items in new batches
-    (``bucket``: ordered by prompt lengths first, so that a batch pads little)."""
+    """The batches a checkpoint recorded (checked to hold test items: :meth:`Checkpoint.check_items`),
+    as they were, then the remaining items in new batches (``bucket``: ordered by prompt lengths
+    first, so that a batch pads little)."""
     budget = None
     if config.max_memory_gb is not None:
         release_freed_memory()  # what the allocator keeps from earlier runs is not the models' memory
@@ -485,16 +517,16 @@ def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
     by_id = {item.id: item for item in test}
     taken: set[str] = set()
     for ids in checkpoint.batch_ids() if checkpoint is not None else []:
-        if strange := [i for i in ids if i not in by_id or i in taken]:
-            raise ConfigError(f"the checkpoint recorded items {strange[:3]} that this run does not have "
-                              "(or recorded them twice)")
         taken.update(ids)
         yield [by_id[i] for i in ids]
     rest = [item for item in test if item.id not in taken]
-    if not bucket and rest and test[len(test) - len(rest):] != rest:
-        raise ConfigError("the checkpoint recorded items out of order for a run that keeps the items' order")
     yield from plan_batches(agents, task, by_length(agents, task, rest) if bucket else rest, config.batch_size,
                             budget)
+
+
+def _blocks_name(max_recompute: float) -> str:
+    """The name of a block profile among a run's profiles (``droidspeak@0.25``)."""
+    return f"{BLOCKS_PREFIX}{max_recompute:g}"
 
 
 def by_length(agents: Agents, task: Task, items: list[Item]) -> list[Item]:

@@ -49,14 +49,24 @@ def data_record(task: Task) -> dict[str, str] | None:
 
 
 def items_sha256(task: Task) -> str:
-    """Hex sha256 of the task's items (ids, contexts, questions, answers) in order."""
-    rows = [[i.id, i.context, i.question, list(i.answers)] for i in task.items]
+    """Hex sha256 of the task's items (ids, contexts, questions, answers, and the pieces and choices
+    of the items that have them) in order. Pieces and choices are added only where an item has
+    some, so that the identities of tasks without them, and their checkpoints, stay as they were."""
+    rows = []
+    for i in task.items:
+        row: list[Any] = [i.id, i.context, i.question, list(i.answers)]
+        if extra := {name: list(value) for name, value in (("pieces", i.pieces), ("choices", i.choices)) if value}:
+            row.append(extra)
+        rows.append(row)
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @cache
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository kvcomm is imported from, if it is one (else None)."""
+    """``git rev-parse HEAD`` of the repository kvcomm is imported from, if it is one (else None),
+    with ``+dirty`` appended where tracked files differ from that commit (``git status --porcelain
+    --untracked-files=no`` lists any) or that cannot be told: the code that runs is then not the
+    commit's."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
@@ -65,7 +75,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     commit = done.stdout.strip()
-    return commit if done.returncode == 0 and len(commit) == 40 else None
+    if done.returncode != 0 or len(commit) != 40:
+        return None
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return commit + "+dirty"
+    return commit if status.returncode == 0 and not status.stdout.strip() else commit + "+dirty"
+
+
+def code_version() -> dict[str, str | None]:
+    """The code running now: the kvcomm version and :func:`git_commit` (None outside a repository)."""
+    from kvcomm import __version__
+
+    return {"kvcomm": __version__, "git_commit": git_commit()}
 
 
 def method_seeds(methods: Sequence[Method]) -> dict[str, int]:
@@ -111,7 +135,8 @@ def _without_defaults(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """``key: old → new`` for the first key whose values differ (one level into nested dicts)."""
+    """``key: old → new`` for the first key whose values differ, into nested dicts at any depth
+    (``evaluation.batch_size: 2 → 3``)."""
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b:
