@@ -95,6 +95,19 @@ def test_method_options_are_checked():
         build_methods(["random"], layers=[1, 2])
 
 
+def test_a_memory_budget_counts_the_rows_fused_configurations_add_and_takes_the_largest_batch_that_fits(agents):
+    """Three ratios of kvcomm answer a batch together, three receiver rows an item: the budget
+    that holds 6 lone items holds 2 such items; 3 items' worth gives batches of 3, not the 2 halving 8 gave."""
+    from kvcomm.eval.harness import _fused_rows
+
+    task = load_task("facts", items=8)
+    longest = max(len(agents.receiver.encode_message(task.skyline_message(i))) for i in task.items)
+    per_item = item_bytes(agents, longest + task.max_new_tokens)  # what the longest item takes
+    assert [len(b) for b in plan_batches(agents, task, task.items, 8, budget=3 * per_item)] == [3, 3, 2]
+    assert max(len(b) for b in plan_batches(agents, task, task.items, 8, budget=6 * per_item, rows_per_item=3)) == 2
+    assert _fused_rows(build_methods(["kvcomm"], [0.3, 0.5, 0.7])) == 3 and _fused_rows(build_methods(["skyline"])) == 1
+
+
 def test_memory_budget_shrinks_batches_without_changing_answers(agents):
     task = load_task("facts", items=8)
     per_item = item_bytes(agents, 200)

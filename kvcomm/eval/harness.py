@@ -400,7 +400,7 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     tally = _Tally()
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
     bucket = _bucketed(config, methods)
-    chunks = list(_chunks(agents, task, test, config, checkpoint, bucket))
+    chunks = list(_chunks(agents, task, test, config, checkpoint, bucket, _fused_rows(methods)))
     remote = None
     if cluster is not None:
         work = []
@@ -502,11 +502,22 @@ def _bucketed(config: EvalConfig, methods: Sequence[Method]) -> bool:
     return config.bucket and not any(m.sequential for m in methods)
 
 
+def _fused_rows(methods: Sequence[Method]) -> int:
+    """The most configurations that answer a batch together (:func:`_run_methods`): each item then
+    takes that many receiver rows at once."""
+    groups: dict[Any, int] = {}
+    for method in methods:
+        if (key := method.fuse_key()) is not None:
+            groups[key] = groups.get(key, 0) + 1
+    return max(groups.values(), default=1)
+
+
 def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
-            checkpoint: Checkpoint | None, bucket: bool) -> Iterator[list[Item]]:
+            checkpoint: Checkpoint | None, bucket: bool, rows_per_item: int = 1) -> Iterator[list[Item]]:
     """The batches a checkpoint recorded (checked to hold test items: :meth:`Checkpoint.check_items`),
     as they were, then the remaining items in new batches (``bucket``: ordered by prompt lengths
-    first, so that a batch pads little)."""
+    first, so that a batch pads little), sized for ``rows_per_item`` receiver rows an item under
+    a memory budget."""
     budget = None
     if config.max_memory_gb is not None:
         release_freed_memory()  # what the allocator keeps from earlier runs is not the models' memory
@@ -521,7 +532,7 @@ def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,
         yield [by_id[i] for i in ids]
     rest = [item for item in test if item.id not in taken]
     yield from plan_batches(agents, task, by_length(agents, task, rest) if bucket else rest, config.batch_size,
-                            budget)
+                            budget, rows_per_item)
 
 
 def _blocks_name(max_recompute: float) -> str:

@@ -44,9 +44,14 @@ def item_bytes(agents: Agents, tokens: int) -> int:
 
 
 def plan_batches(agents: Agents, task: Task, items: Sequence[Item], batch_size: int,
-                 budget: int | None) -> Iterator[list[Item]]:
-    """Consecutive batches of at most ``batch_size`` items, smaller where ``budget`` bytes would
-    not hold them (never below one item)."""
+                 budget: int | None, rows_per_item: int = 1) -> Iterator[list[Item]]:
+    """Consecutive batches of at most ``batch_size`` items, the largest that ``budget`` bytes hold
+    where it would not hold that many (never below one item).
+
+    Args:
+        rows_per_item: receiver rows each item takes at once: configurations that answer a batch
+            together (:meth:`~kvcomm.methods.base.Method.fuse_key`) run ``k`` rows per item.
+    """
     start = 0
     while start < len(items):
         size = min(batch_size, len(items) - start)
@@ -54,7 +59,7 @@ def plan_batches(agents: Agents, task: Task, items: Sequence[Item], batch_size: 
             model = agents.receiver
             tokens = [len(model.encode_message(task.skyline_message(i))) + task.max_new_tokens
                       for i in items[start:start + size]]
-            while size > 1 and size * item_bytes(agents, max(tokens[:size])) > budget:
-                size //= 2
+            while size > 1 and size * rows_per_item * item_bytes(agents, max(tokens[:size])) > budget:
+                size -= 1
         yield list(items[start:start + size])
         start += size
