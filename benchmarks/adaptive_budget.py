@@ -25,6 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command  # noqa: E402  (benchmarks/record.py, beside this file)
 from selection import paired  # noqa: E402  (benchmarks/selection.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
@@ -157,7 +158,7 @@ def main() -> None:
                         selection=args.selection)
     profile = read_ranking(args.profile, args.selection) if args.profile else None  # before the model loads
     agents = Agents.load(args.model)
-    report = evaluate(agents, task, methods(args.step), config, profile=profile)
+    report = evaluate(agents, task, methods(args.step), config, profile=profile, command=command())
     found = show(report, console)
     report.save(args.out)
     args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(found, indent=1) + "\n")

@@ -25,6 +25,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm.graphs.anchors import Anchor, AnchorOptions, AnchorPool, Segment  # noqa: E402
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    record = run_record(args)
 
     generator = torch.Generator().manual_seed(0)
 
@@ -75,7 +78,7 @@ def main() -> None:
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                    "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
+                                    "threads": torch.get_num_threads(), "rows": rows, **record}, indent=1) + "\n")
     print(f"results: {args.out}")
 
 

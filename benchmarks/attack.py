@@ -26,6 +26,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -52,12 +53,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fuzz_decoder import frame, mutate_header, mutate_header_text, mutate_payload, split  # noqa: E402
+from record import run_record  # noqa: E402
 
 from kvcomm.wire import KVMessage  # noqa: E402
 
 TOKEN = "attack-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENTED_5XX = {503, 504}
+EVENT_LOOP_PHASES = ("upload", "decode128", "redis-paused", "after")  # the probe's labels in phase_event_loop
+
+
+class StartError(RuntimeError):
+    """A process this benchmark starts did not come up (its port taken, or it exited or hung)."""
 
 
 def free_port() -> int:
@@ -79,27 +86,73 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        refuse_busy(self.port, "redis-server")
         self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                                          "--save", "", "--appendonly", "yes", "--appendfsync", "always",
                                          "--dir", str(self.folder)], stdout=subprocess.DEVNULL)
-        wait_port(self.port)
+        try:
+            wait_port(self.port, self.process, "redis-server", seconds=30)
+        except BaseException:  # interrupted too: nothing is left running
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        stop_process(self.process, 10)
 
 
-def wait_port(port: int, seconds: float = 120) -> None:
+def listened_on(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def refuse_busy(port: int, what: str) -> None:
+    """Stops the run if another program already answers on ``port`` (it would be measured instead)."""
+    if listened_on(port):
+        raise StartError(f"{what}: port {port} on 127.0.0.1 is in use already (another program answers there)")
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], what: str, seconds: float = 120,
+              log: Path | None = None) -> None:
+    """Returns once ``process`` listens on ``port``; raises at once if it exits, or after ``seconds``
+    (it is then stopped). The error holds the end of ``log``, where the process writes."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        if process.poll() is not None:
+            raise StartError(f"{what} exited with {process.returncode} before it listened on port {port}"
+                               + last_lines(log))
+        if listened_on(port):
+            if process.poll() is not None:  # what answered was not this process
+                raise StartError(f"{what} exited with {process.returncode}; something else answers on port {port}"
+                                   + last_lines(log))
             return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}")
+        time.sleep(0.1)
+    stop_process(process, 10)
+    raise StartError(f"{what} did not listen on port {port} within {seconds:g} s (it was stopped)" + last_lines(log))
+
+
+def last_lines(log: Path | None, count: int = 15) -> str:
+    if log is None or not log.is_file():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()[-count:]
+    return ("; its last output:\n" + "\n".join(lines)) if lines else ""
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGCONT (it may be paused), SIGTERM, and SIGKILL once ``grace_s`` has passed."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class Agent:
@@ -107,6 +160,7 @@ class Agent:
 
     def __init__(self, model: str, store: str, log: Path, *extra: str) -> None:
         self.port, self.log, self.model, self.store, self.extra = free_port(), log, model, store, extra
+        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -117,12 +171,22 @@ class Agent:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "KVCOMM_LOG_LEVEL": "warning"}
         command = [sys.executable, "-m", "kvcomm", "serve", "-m", self.model, "--port", str(self.port),
                    "--store", self.store, "--token", TOKEN, *self.extra]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=self.log.open("ab"))
-        wait_port(self.port)
+        refuse_busy(self.port, "the agent")
+        with self.log.open("ab") as log:  # the child keeps its own copy of the file
+            self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_port(self.port, self.process, f"the agent ({self.model})", log=self.log)
+        except BaseException:  # interrupted too: nothing is left running
+            self.stop()
+            raise
+
+    @property
+    def running(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None, "the agent was not started"
+        return self.process
 
     def rss_mb(self, field: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.running.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
@@ -131,13 +195,11 @@ class Agent:
         return self.log.read_text(errors="replace").count("Traceback")
 
     def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
+        self.running.send_signal(signal.SIGKILL)
+        self.running.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        stop_process(self.process, 20)
 
 
 class HealthProbe:
@@ -152,12 +214,12 @@ class HealthProbe:
     def _run(self) -> None:
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
-                began = time.monotonic()
+                phase, began = self.phase, time.monotonic()  # a sample counts for the phase it began in
                 try:
                     status = client.get(f"{self.url}/healthz").status_code
                 except httpx.HTTPError:
                     status = 0
-                self.samples.append((self.phase, time.monotonic() - began, status))
+                self.samples.append((phase, time.monotonic() - began, status))
                 time.sleep(0.02)
 
     def stats(self, phase: str) -> dict[str, float]:
@@ -314,13 +376,20 @@ def phase_event_loop(agent: Agent, redis: Redis, probe: HealthProbe, context_ids
         os.kill(redis.process.pid, signal.SIGCONT)
         probe.phase = "after"
         time.sleep(1.5)
-    stats = {phase: probe.stats(phase) for phase in ("upload", "decode128", "redis-paused", "after")}
-    hangs = sum(1 for _, seconds, _ in probe.samples if seconds > 2)
+        probe.phase = "later"  # the other phases' samples are not this phase's
+    stats = {phase: probe.stats(phase) for phase in EVENT_LOOP_PHASES}
+    hangs = event_loop_hangs(probe.samples)
     notes = "; ".join(f"{p}: p99 {s.get('p99_ms', float('nan')):.0f} ms (n={s['n']})" for p, s in stats.items())
     result = row("event loop (/healthz)", statuses, agent.tracebacks() - tb, hangs,
                  notes=f"{notes}; the 128-message chat used {kv_bytes / 2**20:.0f} MB of KV")
     result["healthz"] = stats
     return result
+
+
+def event_loop_hangs(samples: list[tuple[str, float, int]], seconds: float = 2.0) -> int:
+    """The ``/healthz`` probes of the event-loop phases (:data:`EVENT_LOOP_PHASES`) that took over
+    ``seconds``; the probes of the other phases, which run throughout, are not theirs to count."""
+    return sum(1 for phase, took, _ in samples if phase in EVENT_LOOP_PHASES and took > seconds)
 
 
 def phase_schemathesis(agent: Agent, examples: int, folder: Path) -> dict[str, Any]:
@@ -330,7 +399,7 @@ def phase_schemathesis(agent: Agent, examples: int, folder: Path) -> dict[str, A
                "-n", str(examples), "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                "--seed", "1", "-w", "1", "--report", "junit", "--report-junit-path", str(report),
                "--request-timeout", "120", "--max-response-time", "120"]
-    done = subprocess.run([shutil.which("st") or "st", *command[1:]], capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([schemathesis(), *command[1:]], capture_output=True, text=True, timeout=1800)
     cases = re.search(r"(\d+) generated", done.stdout)
     generated = int(cases.group(1)) if cases else 0
     suites = ElementTree.parse(report).getroot() if report.is_file() else None
@@ -341,6 +410,16 @@ def phase_schemathesis(agent: Agent, examples: int, folder: Path) -> dict[str, A
                        f"{done.returncode}; " + "; ".join(summary)[-400:])
     result.update(inputs=generated, clean_errors="-", accepted="-", check_failures=failures)
     return result
+
+
+def schemathesis() -> str:
+    """The schemathesis command (``st``): on the PATH, or beside this Python (a virtual environment
+    not activated); raises if neither has it."""
+    found = shutil.which("st") or shutil.which("st", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise SystemExit("schemathesis is not installed (pip install schemathesis): its `st` command is on neither "
+                         f"the PATH nor beside {sys.executable}")
+    return found
 
 
 def phase_redis(agent: Agent, redis: Redis, valid: bytes) -> dict[str, Any]:
@@ -417,23 +496,26 @@ def phase_kill9(model: str, folder: Path, valid: bytes) -> dict[str, Any]:
                 i += 1
 
     threads = [threading.Thread(target=upload) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3.0)
-    agent.kill9()
-    stop.set()
-    for t in threads:
-        t.join(timeout=15)
-    agent.start()
-    with httpx.Client(base_url=agent.url, headers=AUTH, timeout=30) as client:
-        lost = sum(client.get(f"/v1/messages/{m}").content != valid for m in acknowledged)
-    tracebacks = agent.tracebacks()
-    agent.stop()
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        agent.kill9()
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+        agent.start()
+        with httpx.Client(base_url=agent.url, headers=AUTH, timeout=30) as client:
+            lost = sum(client.get(f"/v1/messages/{m}").content != valid for m in acknowledged)
+        tracebacks = agent.tracebacks()
+    finally:
+        stop.set()
+        agent.stop()
     return row("kill -9 during uploads", statuses, tracebacks, lost=lost,
                notes=f"{len(acknowledged)} uploads acknowledged before the kill; all re-read after a restart")
 
 
-def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     table = Table(title="attack · " + " · ".join(f"{k} {v}" for k, v in meta.items()))
     for column in ("phase", "inputs", "clean errors", "accepted", "other exceptions", "5xx (not 503/504)", "hangs",
                    "RSS growth MB", "data lost"):
@@ -447,8 +529,11 @@ def report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     console.print(table)
     for r in rows:
         console.print(f"- {r['phase']}: {r['notes']}", markup=False)
+
+
+def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"meta": meta, "rows": rows, **record}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -461,13 +546,20 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    schemathesis()  # before anything starts: its phase comes after three others
+    record = run_record(args)
+    meta: dict[str, Any] = {"model": args.model, "seed": args.seed, "mutations": args.mutations}
     folder = Path(tempfile.mkdtemp(prefix="kvcomm-attack-"))
-    redis = Redis(folder)
-    agent = Agent(args.model, redis.url, folder / "agent.log", "--max-request-mb", "8", "--max-kv-messages", "128",
-                  "--max-decoded-mb", "1024", "--codec", "fp16")
-    probe = HealthProbe(agent.url)
+    redis: Redis | None = None
+    agent: Agent | None = None
+    probe: HealthProbe | None = None
     rows: list[dict[str, Any]] = []
+    complete = False
     try:
+        redis = Redis(folder)
+        agent = Agent(args.model, redis.url, folder / "agent.log", "--max-request-mb", "8", "--max-kv-messages",
+                      "128", "--max-decoded-mb", "1024", "--codec", "fp16")
+        probe = HealthProbe(agent.url)
         with httpx.Client(base_url=agent.url, headers=AUTH, timeout=120) as client:
             facts = [f"Person {i} lives in city {i}. Their friend lives next door." for i in range(8)]
             ids = [client.post("/v1/contexts", json={"context": text}).json()["id"] for text in facts]
@@ -483,12 +575,26 @@ def main() -> None:
             rows.append(phase())
             print(f"{rows[-1]['phase']}: {rows[-1]['inputs']} inputs, {rows[-1]['undocumented_5xx']} 5xx, "
                   f"{rows[-1]['other_exceptions']} tracebacks", flush=True)
+        complete = True
+    except BaseException as err:
+        meta.update(complete=False, stopped_by=f"{type(err).__name__}: {err}"[:2000])
+        if isinstance(err, StartError):
+            raise SystemExit(f"error: {err}") from None
+        raise
     finally:
-        probe.stop()
-        agent.stop()
-        redis.stop()
+        if probe is not None:
+            probe.stop()
+        if agent is not None:
+            agent.stop()
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    report(rows, args.out, {"model": args.model, "seed": args.seed, "mutations": args.mutations})
+        if not complete and rows:  # the phases that finished are kept, marked as an incomplete run
+            write(args.out, meta, rows, record)
+            print(f"the run stopped after {len(rows)} of 7 phases; their rows: {args.out} (marked incomplete)",
+                  file=sys.stderr)
+    report(rows, meta)
+    write(args.out, {**meta, "complete": True}, rows, record)
 
 
 if __name__ == "__main__":

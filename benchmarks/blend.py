@@ -36,6 +36,8 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, EvalConfig, KVMessage, evaluate, load_model, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
 from kvcomm.protocol import (  # noqa: E402
@@ -140,8 +142,11 @@ def run_quality(args: argparse.Namespace) -> None:
             task = load_task("multihop", items=args.items, **generated)
         else:
             task = load_task(task_name, args.data / f"{task_name}.jsonl")
-        config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size)
-        report = evaluate(agents, task, quality_methods(args.pieces, args.layout, ratios, deviations), config)
+        # the one ranking this run reads is kvcomm@1xN's (chats), all layers, which any ranking serves:
+        # the paper's rule, the cheapest (one forward per calibration item; the default rule searches)
+        config = EvalConfig(limit=args.limit, calib_size=1, batch_size=args.batch_size, selection="paper")
+        report = evaluate(agents, task, quality_methods(args.pieces, args.layout, ratios, deviations), config,
+                          command=command())
         console.print(quality_table(report, blend_label(1, args.pieces, args.layout)))
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)
@@ -206,6 +211,7 @@ def measure(model, tokens: int, question: list[int], recompute: float, runs: int
 
 
 def run_ttft(args: argparse.Namespace) -> None:
+    record = run_record(args)
     model = load_model(args.model)
     question = model.encode_message("Which country does Omar live in? Answer with the country name only.")
     rows = [measure(model, int(n), question, args.recompute, args.runs) for n in args.lengths.split(",")]
@@ -216,7 +222,8 @@ def run_ttft(args: argparse.Namespace) -> None:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else f"{v:,}" for v in r.values()])
     Console(width=200).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "rows": rows, **record},
+                                   indent=1))
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.methods.base import METHODS, Output  # noqa: E402
 from kvcomm.methods.blend import BlendMethod  # noqa: E402
@@ -82,13 +84,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    record = run_record(args)
     agents = Agents.load(args.model)
     task = load_task("multihop", items=args.items, pieces=args.pieces, facts_per_piece=args.facts_per_piece,
                      filler_per_piece=args.filler, distractor_kind=args.distractor_kind)
     shape = dict(senders=args.pieces, pieces="passages")
     methods = [make_method("blend", ratio=r, **shape) for r in (0.0, 1.0, *ratios)]
     methods += [make_method("blend-oracle", ratio=r, **shape) for r in ratios]
-    report = evaluate(agents, task, methods, EvalConfig(calib_size=1, batch_size=args.batch_size))
+    report = evaluate(agents, task, methods, EvalConfig(calib_size=1, batch_size=args.batch_size), command=command())
     metric = report.config["metric"]
     table = Table(title=f"multihop · {args.model} · n={report.config['test_items']} · {metric}")
     for column in ("method", metric, "95% CI", "recomputed tokens"):
@@ -105,7 +108,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"model": args.model, "items": report.config["test_items"], "metric": metric,
                                     "pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
                                     "filler_per_piece": args.filler, "distractor_kind": args.distractor_kind,
-                                    "rows": rows}, indent=1) + "\n")
+                                    "rows": rows, **record}, indent=1) + "\n")
     print(f"written: {args.out}")
 
 

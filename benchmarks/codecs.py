@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
     args = parser.parse_args()
+    record = run_record(args)
 
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
@@ -125,7 +127,7 @@ def main() -> None:
                                     "items": len(rows),
                                     "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
                                     "repeats": args.repeats, "allocator": allocator_state(),
-                                    "codecs": results}, indent=1) + "\n")
+                                    "codecs": results, **record}, indent=1) + "\n")
     print(f"written: {args.out}")
 
 

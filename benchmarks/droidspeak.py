@@ -33,6 +33,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.plot_profiles import plot_blocks  # noqa: E402
 from kvcomm.protocol import empty_input, greedy_generate, pad_left, prefill, receiver_input, share  # noqa: E402
@@ -64,7 +66,7 @@ def quality(agents: Agents, task: Any, args: argparse.Namespace, console: Consol
                make_method("droidspeak", max_recompute=args.max_recompute, tolerance=args.tolerance)]
     if equal / agents.num_layers not in RATIOS:
         methods.append(make_method("kvcomm", ratio=equal / agents.num_layers))
-    report = evaluate(agents, task, methods, config, blocks=blocks)
+    report = evaluate(agents, task, methods, config, blocks=blocks, command=command())
     metric = report.config["metric"]
     rows = []
     for run in report.runs:
@@ -165,7 +167,7 @@ def main() -> None:
     task = load_task(args.task, args.data, **generated)
     console = Console(width=200)
     results: dict[str, Any] = {"pair": [a, b], "task": task.name, "args": {k: str(v) for k, v in vars(args).items()},
-                               "torch_threads": torch.get_num_threads(), "directions": []}
+                               "torch_threads": torch.get_num_threads(), "directions": [], **run_record(args)}
     for sender, receiver in [(a, b)] if args.one_way else [(a, b), (b, a)]:
         agents = Agents.load(sender, receiver)
         direction = {"sender": sender, "receiver": receiver, **quality(agents, task, args, console)}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs/entropy.json"))
     args = parser.parse_args()
+    record = run_record(args)
 
     agents = Agents.load(args.model)
     task = load_task(args.task, args.data)
@@ -114,7 +116,8 @@ def main() -> None:
     Console(width=150).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(batch.items),
-                                    "torch_threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
+                                    "torch_threads": torch.get_num_threads(), "rows": rows, **record},
+                                   indent=1) + "\n")
     print(f"written: {args.out}")
 
 

@@ -10,7 +10,8 @@ Seeds are valid messages (several codecs, both format versions). Four mutators m
 
 Every input goes through ``KVMessage.from_bytes`` (with a 256 MB decoded-bytes limit, so a run
 stays bounded). Any other exception is counted by type and its input saved for a repro. A table is
-printed and JSON written.
+printed and JSON written. The ``klt`` seeds' codebook is saved in a temporary folder of the run's
+own (``$KVCOMM_CODEBOOKS`` for the run, removed at the end; ``seeds()`` makes the same one again).
 
     python benchmarks/fuzz_decoder.py --seconds 600 --out benchmarks/results/fuzz-decoder.json
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +39,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("KVCOMM_CODEBOOKS", tempfile.mkdtemp(prefix="kvcomm-fuzz-books-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/record.py, beside this file
+
+from record import run_record  # noqa: E402
 
 from kvcomm.errors import WireError  # noqa: E402
 from kvcomm.wire import Codebook, KVMessage, LayerKV, make_codec, save_codebook  # noqa: E402
@@ -48,6 +53,8 @@ HOSTILE = [0, -1, 1, 2**31, 2**63, 10**30, -(10**30), 1.5, float("1e308"), True,
 
 
 def seeds() -> list[bytes]:
+    """Valid messages; the ``klt`` ones with a codebook this saves under ``$KVCOMM_CODEBOOKS`` (set it
+    to a private folder first: :func:`private_codebooks`)."""
     g = torch.Generator().manual_seed(0)
     book = Codebook([torch.linalg.qr(torch.randn(2, 8, 8, generator=g))[0] for _ in range(3)],
                     [torch.linalg.qr(torch.randn(2, 8, 8, generator=g))[0] for _ in range(3)],
@@ -149,12 +156,35 @@ MUTATORS = {"bytes": edit_bytes, "header": mutate_header, "header-text": mutate_
             "payload": mutate_payload}
 
 
+@contextlib.contextmanager
+def private_codebooks() -> Iterator[Path]:
+    """``$KVCOMM_CODEBOOKS`` set to a new temporary folder, removed on leaving (with the variable's
+    old value back): the fuzz's codebook never lands among the user's, and a mutated codebook id
+    never finds one of theirs."""
+    before = os.environ.get("KVCOMM_CODEBOOKS")
+    with tempfile.TemporaryDirectory(prefix="kvcomm-fuzz-books-") as folder:
+        os.environ["KVCOMM_CODEBOOKS"] = folder
+        try:
+            yield Path(folder)
+        finally:
+            if before is None:
+                os.environ.pop("KVCOMM_CODEBOOKS", None)
+            else:
+                os.environ["KVCOMM_CODEBOOKS"] = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fuzz-decoder.json"))
     args = parser.parse_args()
+    record = run_record(args)
+    with private_codebooks():
+        fuzz(args, record)
+
+
+def fuzz(args: argparse.Namespace, record: dict) -> None:
     rng, pool = random.Random(args.seed), seeds()
     counts: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in MUTATORS}
     crashes: list[dict[str, str]] = []
@@ -190,8 +220,8 @@ def main() -> None:
     print(f"peak RSS {peak_mb:.0f} MB; non-WireError exceptions: {len(crashes)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"seconds": args.seconds, "seed": args.seed, "peak_rss_mb": peak_mb,
-                                    "counts": {k: dict(v) for k, v in counts.items()}, "crashes": crashes},
-                                   indent=1) + "\n")
+                                    "counts": {k: dict(v) for k, v in counts.items()}, "crashes": crashes,
+                                    **record}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -122,14 +123,34 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
     def child(*extra: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], *extra], check=True, capture_output=True,
-                             text=True, env=env).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], *extra], stdout=subprocess.PIPE, text=True,
+                              env=env)  # its stderr (an error) shows as it comes
+        if done.returncode != 0:
+            raise SystemExit(f"error: the run {' '.join(extra)} exited with {done.returncode} (its error is above)")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    from kvcomm.models.source import DTYPES
+    import torch
+
+    from kvcomm import load_task
+    from kvcomm.errors import KvcommError
+    from kvcomm.models.source import DTYPES, resolve_model
 
     if bad := [d for d in args.dtypes if d not in DTYPES]:
         parser.error(f"unknown dtype {bad[0]!r}; valid: {', '.join(DTYPES)}")
+    if args.threads < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error("--threads and --batch-sizes must be positive")
+    if not 0 < args.ratio <= 1:
+        parser.error(f"--ratio is a fraction of the layers, 0 < RATIO <= 1, not {args.ratio:g}")
+    try:  # a mistyped model, task or data file, or too many items, is refused here, not in the first child
+        resolve_model(args.model)
+        available = len(load_task(args.task, args.data).items) - 1  # one item calibrates
+    except KvcommError as err:
+        parser.error(str(err))
+    if not 1 <= args.items <= available:
+        parser.error(f"--items must be between 1 and {available} (the task's items but the one that calibrates), "
+                     f"not {args.items}")
+    torch.set_num_threads(args.threads)  # the children's count, for the record
+    record = run_record(args)
     runs = []
     for dtype in args.dtypes:
         for size in args.batch_sizes:
@@ -161,7 +182,7 @@ def main() -> None:
     console.print(f"the official code: {args.official_seconds:g} s for {args.official_items} items (float32)")
     summary = {"model": args.model, "task": args.task, "ratio": args.ratio, "threads": args.threads,
                "official_seconds": args.official_seconds, "official_items": args.official_items,
-               "floor": limits, "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs]}
+               "floor": limits, "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs], **record}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     console.print(f"written: {args.out}")

@@ -32,6 +32,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm.models import load_model  # noqa: E402
 from kvcomm.models.packing import PACKED_MIN_WEIGHT, PACKED_ROWS, PackedLinear, pack_linears  # noqa: E402
 from kvcomm.protocol.sender import cache_argument  # noqa: E402
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/linear/linear.json"))
     args = parser.parse_args()
+    record = run_record(args)
 
     model = load_model(args.model).model  # packed here, small layers too, to show every shape
     pack_linears(model, min_weight=0)
@@ -119,7 +122,7 @@ def main() -> None:
     Console(width=120).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                    "packed_rows": PACKED_ROWS, "repeats": args.repeats, "rows": rows_out},
+                                    "packed_rows": PACKED_ROWS, "repeats": args.repeats, "rows": rows_out, **record},
                                    indent=1) + "\n")
     print(f"written: {args.out}")
 

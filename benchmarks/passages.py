@@ -39,6 +39,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import bootstrap_ci, share_ci  # noqa: E402
 
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace, saved: dict, labels: list[str]) -> dict:
             methods.append(make_method("kvcomm", layers=tuple(r["layers"]), pieces="passages"))
     agents = Agents.load(args.model, dtype=config["dtype"])
     report = evaluate(agents, task, methods, EvalConfig(limit=len(test), calib_size=len(calib),
-                                                        batch_size=args.batch_size))
+                                                        batch_size=args.batch_size), command=command())
     report.save(args.out)
     return json.loads(Path(args.out).read_text())
 
@@ -188,7 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarise:
         summary = summarise(args.summarise, args.beside)
-        args.summarise.with_name(args.summarise.stem + "-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        args.summarise.with_name(args.summarise.stem + "-summary.json").write_text(
+            json.dumps({**summary, **run_record(args)}, indent=1) + "\n")
         table = Table(title=f"{summary['task']}, {summary['items']} items ({summary['metric']})")
         for column in ("configuration", "layers", "score [95% CI]", "÷ skyline [95% CI]", "− random [95% CI]"):
             table.add_column(column)
@@ -204,9 +207,11 @@ def main() -> None:
         parser.error("--model, --data, --chats and --out are needed (or --summarise RUN.json)")
     saved = json.loads(args.chats.read_text())
     labels = chosen_labels(saved, args.labels)
+    record = run_record(args)
     new = json.loads(args.out.read_text()) if args.out.exists() else run(args, saved, labels)
     summary = compare(saved, new, labels)
-    args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
+    args.out.with_name(args.out.stem + "-comparison.json").write_text(
+        json.dumps({**summary, **record}, indent=1) + "\n")
     table = Table(title=f"{summary['task']}, {summary['items']} items, skyline {summary['skyline']}: "
                         "score ÷ skyline [95% CI]")
     for column in ("configuration", "layers", "chats", "passages", "passages − chats [95% CI]"):

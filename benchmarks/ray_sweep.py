@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -83,6 +84,8 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
+    torch.set_num_threads(args.threads)  # the serial run's and each worker's count, for the record
+    record = run_record(args)
     results = {}
     for run in ["serial", *(f"ray-{n}" for n in args.workers.split(","))]:
         print(f"running {run} …", file=sys.stderr)
@@ -106,7 +109,7 @@ def main() -> None:
         "batch_size": args.batch_size, "threads": args.threads, "total_answers": total,
         "ray_overhead": None if one is None else one["eval_s"] / serial["eval_s"] - 1,
         "projected_speedup": projection,
-        "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()},
+        "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()}, **record,
     }
     table = Table(title=f"sweep on Ray · {args.model} · {args.task} · {args.items} items · {args.methods} · "
                         f"{args.threads} thread(s) per process")

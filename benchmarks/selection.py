@@ -27,6 +27,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
 from kvcomm.selection.budget import smallest_ratio  # noqa: E402
@@ -39,6 +41,9 @@ LEADS = (("answer", "paper"), ("prune", "paper"), ("prune", "answer"))  # paired
 
 
 def methods(ratios: list[float], seed: int, rules: tuple[str, ...] = RULES) -> list:
+    """``kvcomm@1`` (all layers) names no rule: it takes the run's own ranking (``EvalConfig.selection``),
+    which any ranking serves, so the run's rule must be one of ``rules`` (:func:`run_config`) or a
+    rule nobody compares is calibrated for nothing."""
     built = [make_method("baseline"), make_method("skyline"), make_method("kvcomm", ratio=1.0)]
     for ratio in ratios:
         built += [make_method("kvcomm", ratio=ratio, selection=rule) for rule in rules]
@@ -70,6 +75,8 @@ def table(report: Report, ratios: list[float]) -> Table:
     rules = present(report)
     for column in (*rules, "random"):
         out.add_column(column, justify="right")
+    out.caption = (f"references on the same items: all layers (kvcomm@1) {by['kvcomm@1'].mean:.3f} · "
+                   f"skyline {by['skyline'].mean:.3f} · baseline {by['baseline'].mean:.3f}")
     for ratio in ratios:
         rand = by[f"random@{ratio:g}"]
         cells = []
@@ -80,9 +87,6 @@ def table(report: Report, ratios: list[float]) -> Table:
             interval = f"({score.ci95[0]:.2f}–{score.ci95[1]:.2f})"
             cells.append(f"{score.mean:.3f} {interval} [{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
         out.add_row(f"{ratio:g}", *cells, f"{rand.mean:.3f} ({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f})")
-    out.add_row("all layers", *[f"{by['kvcomm@1'].mean:.3f}"] * len(rules), "")
-    out.add_row("skyline / baseline", f"{by['skyline'].mean:.3f}", f"{by['baseline'].mean:.3f}",
-                *[""] * (len(rules) - 1))
     return out
 
 
@@ -119,6 +123,13 @@ def markdown(report: Report, ratios: list[float]) -> str:
                   f"{rule} {p['cost']['seconds']:.0f} s ({p['cost']['forwards_per_item']:.0f} forwards per item)"
                   for rule, p in sorted(report.profiles.items()) if rule in rules) + "."]
     return "\n".join(lines)
+
+
+def run_config(args: argparse.Namespace, rules: tuple[str, ...]) -> EvalConfig:
+    """The run's evaluation settings; its own rule (what ``kvcomm@1`` is given, and which any
+    ranking serves) is the first compared rule, so that no other rule is calibrated for it."""
+    return EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size,
+                      objective=args.objective, selection=rules[0])
 
 
 def budgets(agents: Agents, task: Task, report: Report, tolerance: float, batch_size: int) -> dict[str, dict]:
@@ -160,7 +171,8 @@ def main() -> None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
         task = load_task(args.task, args.data, **generated)
-        write_budgets(budgets(Agents.load(args.model), task, saved, args.budget, args.batch_size), args.report)
+        record = run_record(args)
+        write_budgets(budgets(Agents.load(args.model), task, saved, args.budget, args.batch_size), args.report, record)
         return
     if args.report is not None:
         saved = Report.model_validate_json(args.report.read_text())
@@ -172,16 +184,18 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required (the results JSON)")
+    rules = tuple(rule for rule in args.rules.split(",") if rule)
+    if not rules:
+        parser.error(f"--rules must name at least one rule of {', '.join(RULES)}")
+    if unknown := set(rules) - set(RULES):
+        parser.error(f"unknown rules {sorted(unknown)}; valid: {', '.join(RULES)}")
     generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
     ratios = [float(r) for r in args.ratios.split(",")]
-    config = EvalConfig(limit=args.limit, calib_size=args.calib_size, batch_size=args.batch_size,
-                        objective=args.objective)
+    config = run_config(args, rules)
+    record = run_record(args)
     agents = Agents.load(args.model)
-    rules = tuple(args.rules.split(","))
-    if unknown := set(rules) - set(RULES):
-        parser.error(f"unknown rules {sorted(unknown)}; valid: {', '.join(RULES)}")
-    report = evaluate(agents, task, methods(ratios, args.seed, rules), config)
+    report = evaluate(agents, task, methods(ratios, args.seed, rules), config, command=command())
     console = Console(width=200)
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
@@ -192,13 +206,13 @@ def main() -> None:
     report.save(args.out)
     console.print(f"results: {args.out}", markup=False)
     if args.budget is not None:
-        write_budgets(budgets(agents, task, report, args.budget, args.batch_size), args.out)
+        write_budgets(budgets(agents, task, report, args.budget, args.batch_size), args.out, record)
 
 
-def write_budgets(found: dict[str, dict], beside: Path) -> None:
+def write_budgets(found: dict[str, dict], beside: Path, record: dict) -> None:
     path = beside.with_name(beside.stem + "-budgets.json")
-    path.write_text(json.dumps(found, indent=1) + "\n")
-    for rule, budget in found.items():
+    path.write_text(json.dumps({**found, **record}, indent=1) + "\n")
+    for rule, budget in found.items():  # (the JSON also holds the run's provenance and environment)
         scores = ", ".join(f"{r}: {v:.2f}" for r, v in budget["scores"].items())
         print(f"{rule}: budget {budget['ratio']:.3f} (tolerance {budget['tolerance']}, {budget['items']} items, "
               f"{budget['seconds']:.0f} s); calibration scores {scores}")

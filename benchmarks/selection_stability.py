@@ -24,6 +24,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.selection.calibrate import RULES, calibrate  # noqa: E402
 from kvcomm.selection.rules import top_layers  # noqa: E402
@@ -48,23 +50,38 @@ def main() -> None:
     parser.add_argument("--task", default="facts")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--items", type=int, default=200, help="generated tasks: how many items to make")
-    parser.add_argument("--sizes", default="1,2,4,8", help="calibration pool sizes, increasing")
+    parser.add_argument("--sizes", default="1,2,4,8",
+                        help="calibration pool sizes, increasing, at least two (the last is the whole pool)")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        parser.error(f"--sizes must be counts and --ratios fractions, separated by commas, not {args.sizes!r} and "
+                     f"{args.ratios!r}")
     if sizes != sorted(set(sizes)) or sizes[0] < 1:
         parser.error("--sizes must be increasing positive counts")
-    ratios = [float(r) for r in args.ratios.split(",")]
+    if len(sizes) < 2:
+        parser.error("--sizes needs at least two sizes: each is compared with the last (the whole pool)")
+    if not all(0 < r <= 1 for r in ratios):
+        parser.error("--ratios must be fractions of the layers, 0 < RATIO <= 1")
+    rules = [rule for rule in args.rules.split(",") if rule]
+    if not rules or (unknown := sorted(set(rules) - set(RULES))):
+        parser.error(f"--rules must name rules of {', '.join(RULES)}" + (f"; unknown: {unknown}" if rules else ""))
     generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
+    if len(task.items) < sizes[-1]:
+        parser.error(f"--sizes: the task has {len(task.items)} items, fewer than the largest size {sizes[-1]}")
     pool = task.items[: sizes[-1]]
+    record = run_record(args)
     agents = Agents.load(args.model)
     console = Console(width=200)
     rows = []
-    for rule in args.rules.split(","):
+    for rule in rules:
         rankings, seconds = [], []
         for n in sizes:
             began = time.perf_counter()
@@ -89,7 +106,7 @@ def main() -> None:
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "pool": [i.id for i in pool],
-                                    "rows": rows}, indent=1))
+                                    "rows": rows, **record}, indent=1))
     console.print(f"results: {args.out}", markup=False)
 
 

@@ -26,6 +26,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.eval.batch import Batch  # noqa: E402
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik  # noqa: E402
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    record = run_record(args)
 
     generated = {"items": max(args.items, 8)} if TASKS.get(args.task).source == "generated" else {}
     task = load_task(args.task, args.data, **generated)
@@ -97,7 +100,7 @@ def main() -> None:
     Console(width=200).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "task": args.task, "threads": torch.get_num_threads(),
-                                    "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
+                                    "repeats": args.repeats, "rows": rows, **record}, indent=1) + "\n")
     print(f"results: {args.out}")
 
 

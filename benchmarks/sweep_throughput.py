@@ -22,11 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
 from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, load_task
+from kvcomm.errors import KvcommError
 from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
+from kvcomm.models.source import resolve_model
 from kvcomm.selection import top_layers
 
 
@@ -75,14 +78,33 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
-    sizes = [int(x) for x in args.batch_size.split(",")]
+    try:
+        sizes = [int(x) for x in args.batch_size.split(",")]
+    except ValueError:
+        parser.error(f"--batch-size must be counts separated by commas, not {args.batch_size!r}")
+    if min(sizes) < 1:
+        parser.error("--batch-size must be positive counts")
+    if not all(0 < r <= 1 for r in args.ratios):
+        parser.error("--ratios are fractions of the layers, 0 < RATIO <= 1")
+    if args.max_memory is not None and args.max_memory <= 0:
+        parser.error("--max-memory must be a positive number of GB")
+    try:  # a mistyped model, task or data file, or too many items, is refused here, not in the first child
+        resolve_model(args.model)
+        available = len(load_task(args.task, args.data).items)
+    except KvcommError as err:
+        parser.error(str(err))
+    if not 1 <= args.items <= available:
+        parser.error(f"--items must be between 1 and {available} (the task's items), not {args.items}")
+    record = run_record(args)
     results = {}
     for mode, size in [("one-by-one", 1), *(("optimised", size) for size in sizes)]:
         name = mode if mode == "one-by-one" or len(sizes) == 1 else f"optimised ×{size}"
         command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--batch-size", str(size)]
         print(f"running {name} …", file=sys.stderr)
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its stderr (errors) shows as it comes
+        if done.returncode != 0:
+            raise SystemExit(f"error: the {name} run exited with {done.returncode} (its error is above)")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     slow = results["one-by-one"]
     total = sum(len(v) for v in slow["answers"].values())
     fast_runs = {name: run for name, run in results.items() if name != "one-by-one"}
@@ -96,7 +118,7 @@ def main() -> None:
         "model": args.model, "task": args.task, "items": args.items, "ratios": args.ratios,
         "batch_sizes": sizes, "speedup": best["speedup"], "identical_answers": best["identical_answers"],
         "total_answers": total, "agreement_by_config": best["agreement_by_config"],
-        "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()},
+        "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()}, **record,
     }
     table = Table(title=f"sweep throughput · {args.model} · {args.task} · {args.items} items · "
                         f"{len(slow['answers'])} configurations")

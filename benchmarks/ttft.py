@@ -7,8 +7,10 @@ message. This process is the receiver and measures, per run:
   of the question + the first token;
 - skyline: tokenising context and question together + their prefill + the first token.
 
-Then the store's transfer rate (GET of the largest message) and request latency under 8
-concurrent clients. Medians of --runs runs.
+Then the store's transfer rate (GET of the largest message, by bytes) and request latency under 8
+concurrent clients (the median, and the 99th percentile where there are at least 100 requests,
+else the maximum). Medians of --runs runs. The sender is started on --port, which must be free:
+a server already there is refused, not measured.
 
     python benchmarks/ttft.py --model smollm2-135m --lengths 256,1024,4096 --runs 5 \
         --out benchmarks/results/ttft-smollm2.json
@@ -19,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +31,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvcomm import Client, load_model
-from kvcomm.protocol import empty_input, greedy_generate, pad_left, receiver_input
-from kvcomm.tasks.loaders import load_task
-from kvcomm.wire import KVMessage, check_fingerprint
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/record.py, beside this file
+
+from record import run_record  # noqa: E402
+
+from kvcomm import Client, load_model  # noqa: E402
+from kvcomm.errors import KvcommError  # noqa: E402
+from kvcomm.protocol import empty_input, greedy_generate, pad_left, receiver_input  # noqa: E402
+from kvcomm.serve.launch import agents  # noqa: E402
+from kvcomm.tasks.loaders import load_task  # noqa: E402
+from kvcomm.wire import KVMessage, check_fingerprint  # noqa: E402
 
 QUESTION = "Which city does Omar live in? Answer with the city name only."
 
@@ -88,6 +94,18 @@ async def concurrent_gets(url: str, message_id: str, clients: int, requests: int
     return latencies
 
 
+def latency_summary(latencies: list[float]) -> dict[str, float | int]:
+    """The median and the tail of request latencies: the 99th percentile where there are at least
+    100 samples, else the maximum (fewer samples do not tell a 99th percentile)."""
+    ordered = sorted(latencies)
+    out: dict[str, float | int] = {"requests": len(ordered), "p50_s": statistics.median(ordered)}
+    if len(ordered) >= 100:
+        out["p99_s"] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    else:
+        out["max_s"] = ordered[-1]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -98,64 +116,69 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ttft.json"))
     args = parser.parse_args()
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be token counts separated by commas, not {args.lengths!r}")
+    if not lengths or min(lengths) < 1:
+        parser.error("--lengths must be positive token counts")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    codecs = [c for c in args.codecs.split(",") if c]
+    if not codecs:
+        parser.error("--codecs must name at least one codec")
+    record = run_record(args)
 
     model = load_model(args.model)
     count = max(1, round(args.ratio * model.num_layers))
     first = (model.num_layers - count) // 2
     layers = list(range(first, first + count))
-    env = {**os.environ, "KVCOMM_LOG_LEVEL": "warning"}
-    sender = subprocess.Popen([sys.executable, "-m", "kvcomm", "serve", "--model", args.model, "--port",
-                               str(args.port), "--max-request-mb", "1024", "--timeout", "3000"], env=env)
-    url = f"http://127.0.0.1:{args.port}"
     rows, store = [], {}
-    try:
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if sender.poll() is not None:
-                    raise SystemExit("sender agent exited") from None
-                time.sleep(0.5)
-        client = Client(url, timeout=3000)
-        first_token(model, empty_input(model.model, 1), model.encode_message("warm up"))
-        largest = None
-        for length in (int(x) for x in args.lengths.split(",")):
-            context = context_of(model, length)
-            skyline = statistics.median(skyline_ttft(model, context) for _ in range(args.runs))
-            for codec in args.codecs.split(","):
-                sent = client.create_context(context, layers=layers, codec=codec)
-                kv = statistics.median(kvcomm_ttft(model, client, sent["id"]) for _ in range(args.runs))
-                rows.append({"context_tokens": sent["context_tokens"], "codec": codec, "message_bytes": sent["bytes"],
-                             "kvcomm_ttft_s": kv, "skyline_ttft_s": skyline, "speedup": skyline / kv})
-                largest = sent
-        began = time.perf_counter()
-        for _ in range(args.runs):
-            client.get_message(largest["id"])
-        store["get_mb_s"] = largest["bytes"] * args.runs / 1e6 / (time.perf_counter() - began)
-        latencies = sorted(asyncio.run(concurrent_gets(url, largest["id"], 8, 8)))
-        store.update({"concurrent_clients": 8, "message_bytes": largest["bytes"], "requests": len(latencies),
-                      "p50_s": latencies[len(latencies) // 2], "p99_s": latencies[min(len(latencies) - 1,
-                                                                                     int(0.99 * len(latencies)))]})
-    finally:
-        sender.terminate()
-        sender.wait(timeout=30)
+    try:  # spawn refuses a port another server answers on and checks that what answers is its own child
+        with agents(args.model, [args.port], ["--max-request-mb", "1024", "--timeout", "3000"]) as (url,), \
+                Client(url, timeout=3000) as client:
+            first_token(model, empty_input(model.model, 1), model.encode_message("warm up"))
+            largest = None
+            for length in lengths:
+                context = context_of(model, length)
+                skyline = statistics.median(skyline_ttft(model, context) for _ in range(args.runs))
+                for codec in codecs:
+                    sent = client.create_context(context, layers=layers, codec=codec)
+                    kv = statistics.median(kvcomm_ttft(model, client, sent["id"]) for _ in range(args.runs))
+                    rows.append({"requested_tokens": length, "context_tokens": sent["context_tokens"], "codec": codec,
+                                 "message_bytes": sent["bytes"], "kvcomm_ttft_s": kv, "skyline_ttft_s": skyline,
+                                 "speedup": skyline / kv})
+                    if largest is None or sent["bytes"] > largest["bytes"]:
+                        largest = sent
+            assert largest is not None
+            began = time.perf_counter()
+            for _ in range(args.runs):
+                client.get_message(largest["id"])
+            store["get_mb_s"] = largest["bytes"] * args.runs / 1e6 / (time.perf_counter() - began)
+            latencies = asyncio.run(concurrent_gets(url, largest["id"], 8, 8))
+            store.update({"concurrent_clients": 8, "message_id": largest["id"], "message_bytes": largest["bytes"],
+                          **latency_summary(latencies)})
+    except KvcommError as err:  # the agent did not start, or the port is taken
+        raise SystemExit(f"error: {err}") from None
 
     table = Table(title=f"receiver TTFT · {args.model} · {len(layers)}/{model.num_layers} layers shared · "
                         f"median of {args.runs}")
-    for column in ("context tokens", "codec", "message bytes", "kvcomm TTFT s", "skyline TTFT s", "speed-up"):
+    for column in ("requested tokens", "context tokens", "codec", "message bytes", "kvcomm TTFT s", "skyline TTFT s",
+                   "speed-up"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["context_tokens"]), r["codec"], f"{r['message_bytes']:,}", f"{r['kvcomm_ttft_s']:.3f}",
-                      f"{r['skyline_ttft_s']:.3f}", f"{r['speedup']:.1f}x")
+        table.add_row(str(r["requested_tokens"]), str(r["context_tokens"]), r["codec"], f"{r['message_bytes']:,}",
+                      f"{r['kvcomm_ttft_s']:.3f}", f"{r['skyline_ttft_s']:.3f}", f"{r['speedup']:.1f}x")
     console = Console(width=140)
     console.print(table)
-    console.print(f"store: GET {store['get_mb_s']:.0f} MB/s; 8 concurrent clients, {store['requests']} requests of "
-                  f"{store['message_bytes']:,} bytes: p50 {store['p50_s'] * 1000:.0f} ms, "
-                  f"p99 {store['p99_s'] * 1000:.0f} ms")
+    tail = (f"p99 {store['p99_s'] * 1000:.0f} ms" if "p99_s" in store
+            else f"max {store['max_s'] * 1000:.0f} ms (too few requests for a p99)")
+    console.print(f"store: GET {store['get_mb_s']:.0f} MB/s (the largest message, {args.runs} GETs); 8 concurrent "
+                  f"clients, {store['requests']} requests of {store['message_bytes']:,} bytes: "
+                  f"p50 {store['p50_s'] * 1000:.0f} ms, {tail}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "layers": layers, "runs": args.runs, "rows": rows,
-                                    "store": store}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"model": args.model, "layers": layers, "lengths": lengths, "codecs": codecs,
+                                    "runs": args.runs, "rows": rows, "store": store, **record}, indent=1) + "\n")
     console.print(f"written: {args.out}")
 
 

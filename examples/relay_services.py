@@ -1,7 +1,8 @@
 """Three agents in three processes pass a relay along as KV: each reply travels as a KV message.
 
 Starts three `kvcomm serve` agents that share one message store (a directory here; pass --store
-redis://host:port/0 to share through Redis, e.g. across machines). Each item of the generated
+redis://host:port/0 to share through Redis, e.g. across machines; the temporary directory is
+removed at the end). Each item of the generated
 3-hop relay task gives agent i one hop ("Bela's friend is Nadia." among other people's friends).
 Agent 1 answers its hop and asks its service to keep the turn as KV (`kv_return`); agent 2 hears
 that turn through `kv_messages` (the stored id: the KV of agent 1's prompt and reply, read before
@@ -15,6 +16,7 @@ beside it. Prints each hop, the bytes each KV message weighed, and the accuracy 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 
 from kvcomm import Client, load_task
@@ -34,10 +36,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=4)
     args = parser.parse_args()
     task = load_task("relay", items=args.items, hops=3)
-    store = args.store or f"disk:{tempfile.mkdtemp(prefix='kvcomm-store-')}"
     right = {"kv": 0, "text": 0}
-    with agents(args.model, [8111, 8112, 8113], ["--store", store]) as urls:
-        clients = [Client(url) for url in urls]
+    with contextlib.ExitStack() as stack:  # left in reverse: clients closed, agents stopped, store removed
+        store = args.store or f"disk:{stack.enter_context(tempfile.TemporaryDirectory(prefix='kvcomm-store-'))}"
+        urls = stack.enter_context(agents(args.model, [8111, 8112, 8113], ["--store", store]))
+        clients = [stack.enter_context(Client(url)) for url in urls]
         for item in task.items:
             heard: list[str] = []  # the previous agent's stored turn (KV chain)
             said = ""  # the previous agent's reply (text chain)
@@ -60,8 +63,6 @@ def main() -> None:
             print(f"{item.question}  (hops {' → '.join(item.ask_answers)})\n"
                   f"  KV chain:   {' → '.join(kv_replies)}   messages {', '.join(f'{s:,} B' for s in sizes)}\n"
                   f"  text chain: {' → '.join(text_replies)}")
-        for client in clients:
-            client.close()
     print(f"\ncorrect on {len(task.items)} items: KV chain {right['kv']}, text chain {right['text']}")
 
 

@@ -1,0 +1,91 @@
+"""Benchmark scripts' own logic, without a model: what their results files record, the latency
+tail's honest name, the event-loop hang count, the fuzz's private codebook folder, the selection
+run's own rule and the options refused before any work."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module; the folder is put at the end of the path (the scripts
+    import their neighbours, e.g. ``record``), so that it shadows nothing."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(BENCHMARKS)])
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_record_names_the_command_the_code_and_the_threads(monkeypatch):
+    record = script("record", monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/ttft.py", "--lengths", "256,1024", "--out", "a b.json"])
+    got = record.run_record(argparse.Namespace(lengths="256,1024", out=Path("a b.json"), beside=[Path("x.json")]))
+    assert got["provenance"]["command"] == "python benchmarks/ttft.py --lengths 256,1024 --out 'a b.json'"
+    assert got["provenance"]["args"] == {"lengths": "256,1024", "out": "a b.json", "beside": ["x.json"]}
+    assert got["provenance"]["date"]
+    assert {"kvcomm", "torch", "transformers", "python", "torch_threads"} <= set(got["environment"])
+
+
+def test_a_latency_tail_is_called_p99_only_with_100_samples(monkeypatch):
+    ttft = script("ttft", monkeypatch)
+    few = ttft.latency_summary([0.1 * i for i in range(1, 65)])
+    assert few["requests"] == 64 and "p99_s" not in few and few["max_s"] == pytest.approx(6.4)
+    many = ttft.latency_summary([float(i) for i in range(1, 201)])
+    assert "max_s" not in many and many["p99_s"] == 199.0 and many["p50_s"] == 100.5
+
+
+def test_event_loop_hangs_count_only_that_phases_samples(monkeypatch):
+    attack = script("attack", monkeypatch)
+    samples = [("idle", 5.0, 200), ("later", 3.0, 0), ("upload", 2.5, 200), ("decode128", 0.1, 200),
+               ("redis-paused", 2.1, 200), ("after", 1.9, 200)]
+    assert attack.event_loop_hangs(samples) == 2
+
+
+def test_the_fuzz_keeps_its_codebook_in_a_folder_of_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path / "users"))
+    fuzz = script("fuzz_decoder", monkeypatch)  # importing it sets nothing and makes no folder
+    assert os.environ["KVCOMM_CODEBOOKS"] == str(tmp_path / "users")
+    with fuzz.private_codebooks() as folder:
+        assert os.environ["KVCOMM_CODEBOOKS"] == str(folder) and folder.is_dir()
+        fuzz.seeds()
+        assert list(folder.glob("*.safetensors"))
+    assert not folder.exists()
+    assert os.environ["KVCOMM_CODEBOOKS"] == str(tmp_path / "users")
+    assert not (tmp_path / "users").exists()
+
+
+def test_all_layers_take_a_compared_rules_ranking(monkeypatch):
+    selection = script("selection", monkeypatch)
+    args = argparse.Namespace(limit=4, calib_size=1, batch_size=8, objective="likelihood")
+    assert selection.run_config(args, ("answer",)).selection == "answer"
+    labels = [m.label for m in selection.methods([0.5], 42, ("answer",))]
+    assert labels == ["baseline", "skyline", "kvcomm@1", "kvcomm@0.5~answer", "random@0.5"]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), [
+    ("selection_stability", ["--sizes", "4", "--out", "x.json"], "at least two sizes"),
+    ("selection_stability", ["--rules", "paper,nope", "--out", "x.json"], "unknown: ['nope']"),
+    ("sweep_throughput", ["--model", "no-such-model"], "not a known model"),
+    ("sweep_throughput", ["--task", "no-such-task"], "unknown task"),
+    ("item_cost", ["--task", "facts", "--items", "500"], "--items must be between 1 and 99"),
+    ("selection", ["--rules", "paper,nope", "--out", "x.json"], "unknown rules ['nope']"),
+    ("ttft", ["--lengths", "256,x"], "--lengths must be token counts"),
+])
+def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv, message):
+    module = script(name, monkeypatch)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *argv])
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
