@@ -338,6 +338,16 @@ def test_the_results_record_how_many_items_calibrated_when_the_rule_chose():
     assert report.config["test_items"] == 3
 
 
+def test_every_layer_asks_for_no_ranking_so_nothing_is_calibrated_for_it():
+    from kvcomm import Agents, EvalConfig, build_methods, evaluate
+    from kvcomm.tasks import load_task
+
+    model = tiny_loaded("llama")
+    report = evaluate(Agents(model, model), load_task("facts", items=4), build_methods(["kvcomm"], ratios=[1.0]),
+                      EvalConfig(batch_size=4, calib_size=1), progress=False)
+    assert report.runs[0].layers == [0, 1, 2, 3] and report.profiles == {} and report.profile is None
+
+
 def test_a_split_that_cannot_hold_its_items_names_the_fix():
     from kvcomm import EvalConfig
     from kvcomm.tasks.base import Item

@@ -119,7 +119,11 @@ class KVCommMethod(Method):
         return None if self._layers is None else effective_layers(self._layers, self.mode)
 
     def choose(self, setup: Setup) -> list[int]:
+        """The top ``ratio`` of the run's ranking; every layer at ratio 1 (no ranking asked for, so
+        nothing is calibrated for it)."""
         assert self.ratio is not None
+        if self.ratio >= 1.0:
+            return list(range(setup.num_layers))
         return top_layers(setup.ranking(getattr(self.options, "selection", None), self.options.pieces), self.ratio)
 
     def setup(self, setup: Setup) -> None:
