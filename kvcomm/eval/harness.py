@@ -454,12 +454,8 @@ def _run_methods(methods: Sequence[Method], batch: Batch,
                  finished: Callable[[str, BatchRun], None] | None = None) -> dict[str, BatchRun]:
     """Each method's work on a batch, handed to ``finished`` as it ends; configurations that can
     answer together (the same :meth:`~kvcomm.methods.base.Method.fuse_key`) do, in one batch of rows."""
-    groups: dict[Any, list[Method]] = {}
-    for method in methods:
-        if (key := method.fuse_key()) is not None:
-            groups.setdefault(key, []).append(method)
     runs: dict[str, BatchRun] = {}
-    for group in groups.values():
+    for group in _fuse_groups(methods):
         if len(group) > 1:
             together = _run_together(group, batch)
             runs.update(together)
@@ -502,14 +498,20 @@ def _bucketed(config: EvalConfig, methods: Sequence[Method]) -> bool:
     return config.bucket and not any(m.sequential for m in methods)
 
 
+def _fuse_groups(methods: Sequence[Method]) -> list[list[Method]]:
+    """``methods`` that can answer together, grouped by :meth:`~kvcomm.methods.base.Method.fuse_key`
+    (methods without a key are in no group)."""
+    groups: dict[Any, list[Method]] = {}
+    for method in methods:
+        if (key := method.fuse_key()) is not None:
+            groups.setdefault(key, []).append(method)
+    return list(groups.values())
+
+
 def _fused_rows(methods: Sequence[Method]) -> int:
     """The most configurations that answer a batch together (:func:`_run_methods`): each item then
     takes that many receiver rows at once."""
-    groups: dict[Any, int] = {}
-    for method in methods:
-        if (key := method.fuse_key()) is not None:
-            groups[key] = groups.get(key, 0) + 1
-    return max(groups.values(), default=1)
+    return max((len(group) for group in _fuse_groups(methods)), default=1)
 
 
 def _chunks(agents: Agents, task: Task, test: list[Item], config: EvalConfig,

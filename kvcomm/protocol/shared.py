@@ -122,6 +122,11 @@ class SharedKV:
             columns=None if columns is None else torch.ones(1, int(columns.sum()), dtype=torch.bool),
         )
 
+    @property
+    def knows_columns(self) -> bool:
+        """Whether :meth:`_columns` can answer: a column mask, or a layer shared in full."""
+        return self.columns is not None or any(self.full)
+
     def _columns(self) -> torch.Tensor:
         """``[B, C]`` validity of the context columns: :attr:`columns`, else a full layer's.
 
@@ -153,14 +158,13 @@ class SharedKV:
 
         _check_joinable(rows)
         ids = pad([r.token_ids for r in rows]) if all(r.token_ids is not None for r in rows) else None  # type: ignore[misc]
-        known = all(r.columns is not None or any(r.full) for r in rows)
         if any(r.hidden.keys() != rows[0].hidden.keys() for r in rows):
             raise ConfigError("rows to stack must carry hidden states at the same layers")
         return cls(
             keys=column("keys"), values=column("values"), positions=column("positions"), valid=column("valid"),
             context_len=torch.cat([r.context_len for r in rows]), full=list(rows[0].full), mode=rows[0].mode,
             token_ids=ids, hidden={layer: pad([r.hidden[layer] for r in rows]) for layer in rows[0].hidden},
-            columns=pad([r._columns() for r in rows]) if known else None,
+            columns=pad([r._columns() for r in rows]) if all(r.knows_columns for r in rows) else None,
         )
 
 
@@ -403,8 +407,7 @@ def _joined_columns(parts: Sequence[SharedKV]) -> tuple[torch.Tensor | None, tor
     ids = None
     if all(p.token_ids is not None for p in parts):
         ids = torch.cat([p.token_ids for p in parts], dim=1)  # type: ignore[misc]
-    known = all(p.columns is not None or any(p.full) for p in parts)
-    return ids, torch.cat([p._columns() for p in parts], dim=1) if known else None
+    return ids, torch.cat([p._columns() for p in parts], dim=1) if all(p.knows_columns for p in parts) else None
 
 
 def merge_senders(model: PreTrainedModel, senders: Sequence[SenderKV]) -> SenderKV:
