@@ -497,6 +497,11 @@ def test_the_auto_objective_keeps_the_ranking_held_out_items_answer_better():
         objective="auto", selection="paper").calibration_count(200) == 1
     with pytest.raises(ConfigError, match="not prior"):
         calibrate(agents, task, task.items, progress=False, rule="prior", objective="auto")
+    with pytest.raises(ConfigError, match="not prior"):  # refused before any model loads
+        EvalConfig(objective="auto", selection="prior")
+    with pytest.raises(ConfigError, match="at least 2, not --calib-size 1"):
+        EvalConfig(objective="auto", calib_size=1)
+    assert EvalConfig(objective="auto", selection="paper", calib_size=1).calib_size == 1  # paper ignores it
     with pytest.raises(DataError, match="at least 2"):
         calibrate(agents, task, task.items[:1], progress=False, objective="auto")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
@@ -34,13 +34,16 @@ from kvcomm.models.allocator import release_freed_memory
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import (
+    AUTO_MIN_ITEMS,
     DEFAULT_OBJECTIVE,
     DEFAULT_RULE,
+    SEARCHES,
     Objective,
     Profile,
     Rule,
     calibrate,
     calibration_items,
+    check_objective,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Pieces, Task
@@ -93,6 +96,17 @@ class EvalConfig(Options):
     max_memory_gb: float | None = Field(None, gt=0)
     bucket: bool = True
     pieces: Pieces = "chats"
+
+    @model_validator(mode="after")
+    def _auto_can_choose(self) -> EvalConfig:
+        """``auto`` chooses between two searches on held-out items: refused, before any model
+        loads, where there is no search or no item to hold out."""
+        check_objective(self.selection, self.objective)
+        if self.objective == "auto" and self.selection in SEARCHES and self.calib_size is not None \
+                and self.calib_size < AUTO_MIN_ITEMS:
+            raise ValueError(f"the auto objective holds out half of the calibration items: it needs at least "
+                             f"{AUTO_MIN_ITEMS}, not --calib-size {self.calib_size}")
+        return self
 
     @property
     def calibration(self) -> Calibration:

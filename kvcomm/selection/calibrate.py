@@ -77,6 +77,22 @@ SEARCHES: dict[str, tuple[str, Search, Callable[[int], int]]] = {
 """The rules that search layer sets step by step: the search's name, the search, its default steps."""
 
 
+AUTO_MIN_ITEMS = 2
+"""The fewest calibration items ``auto`` takes: one to search on, one to hold out."""
+
+
+def check_objective(rule: str, objective: str) -> None:
+    """Refuses an objective a rule cannot use (one check for :func:`calibrate` and the run's
+    configuration, which checks before any model loads).
+
+    Raises:
+        ConfigError: ``auto`` with the ``prior`` rule (it chooses between two searches' rankings).
+    """
+    if objective == "auto" and rule == "prior":
+        raise ConfigError("the auto objective chooses between two searches' rankings: use it with the prune or "
+                          "answer rule, not prior")
+
+
 def calibration_items(rule: str, objective: str = DEFAULT_OBJECTIVE) -> int:
     """Calibration items a rule takes unless told (:data:`CALIBRATION_ITEMS`); twice as many with
     the ``auto`` objective where the rule searches (half of them are held out to choose)."""
@@ -156,11 +172,10 @@ def calibrate(
         raise ConfigError(f"unknown calibration objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not items:
         raise DataError("calibration needs at least one item")
-    if objective == "auto" and rule == "prior":
-        raise ConfigError("the auto objective chooses between two searches' rankings: use it with the prune or "
-                          "answer rule, not prior")
-    if objective == "auto" and rule in SEARCHES and len(items) < 2:
-        raise DataError("the auto objective holds out half of the calibration items: it needs at least 2")
+    check_objective(rule, objective)
+    if objective == "auto" and rule in SEARCHES and len(items) < AUTO_MIN_ITEMS:
+        raise DataError(f"the auto objective holds out half of the calibration items: it needs at least "
+                        f"{AUTO_MIN_ITEMS}")
     began = time.perf_counter()
     scored: list[Scored] = []
     total = torch.zeros(agents.num_layers, dtype=torch.float64)
