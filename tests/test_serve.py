@@ -370,6 +370,28 @@ def test_a_body_that_cannot_be_read_is_a_service_error():
         assert err.value.status == 0
 
 
+def test_the_client_stops_reading_a_message_larger_than_it_accepts():
+    """``get_message`` takes at most ``max_bytes``: a body announced larger is refused before it
+    is read, and one that does not announce its size is cut off once it passes the limit."""
+    from kvcomm.errors import MessageTooLarge
+
+    sent = []
+
+    def endless():
+        for _ in range(1000):
+            sent.append(1)
+            yield b"x" * 1024
+
+    announced = _mocked(lambda request: httpx.Response(200, content=b"x" * 5000))
+    with pytest.raises(MessageTooLarge, match="5,000 bytes, the limit is 4,096"):
+        announced.get_message("m", max_bytes=4096)
+    assert announced.get_message("m", max_bytes=5000) == b"x" * 5000
+    unannounced = _mocked(lambda request: httpx.Response(200, content=endless()))
+    with pytest.raises(MessageTooLarge, match="more than 4,096 bytes"):
+        unannounced.get_message("m", max_bytes=4096)
+    assert len(sent) < 10  # stopped near the limit, not after the 1,000 chunks
+
+
 def test_bearer_token_is_required_when_configured(agent):
     app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret"))
     with TestClient(app) as http:

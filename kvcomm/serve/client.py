@@ -12,12 +12,12 @@ from typing import Any
 
 import httpx
 
-from kvcomm.errors import KvcommError
+from kvcomm.errors import KvcommError, MessageTooLarge
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
 from kvcomm.serve.stores.base import check_id
-from kvcomm.wire.message import KVMessage
+from kvcomm.wire.message import DEFAULT_MAX_BYTES, KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
 
 
@@ -72,13 +72,35 @@ class Client:
         _raise_for(response)
         return response
 
-    def get_message(self, message_id: str) -> bytes:
-        """A stored message's bytes, whole (unchecked: :meth:`KVMessage.from_bytes` checks them)."""
+    def get_message(self, message_id: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+        """A stored message's bytes, whole (unchecked: :meth:`KVMessage.from_bytes` checks them).
+
+        Raises:
+            MessageTooLarge: the agent sends (or announces) more than ``max_bytes``; the reading
+                stops there, so an agent cannot fill this process's memory.
+        """
         path = _message_path(message_id)
         began = time.perf_counter()
-        data = self._call("GET", path).content
+        with ExitStack() as opened:
+            try:
+                response = opened.enter_context(self._http.stream("GET", path))
+                opened.callback(_hang_up, response)
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise MessageTooLarge(f"message {message_id!r} is {int(declared):,} bytes, the limit is "
+                                          f"{max_bytes:,}")
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise MessageTooLarge(f"message {message_id!r} is more than {max_bytes:,} bytes, the limit")
+            except _HTTPX_ERRORS as err:
+                raise self._failed(err) from None
         self.link.record(len(data), time.perf_counter() - began)
-        return data
+        return bytes(data)
 
     def receive_message(self, message_id: str, receiver: Fingerprint | None = None,
                         timeline: Timeline | None = None) -> KVMessage:
