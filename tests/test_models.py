@@ -126,6 +126,21 @@ def test_files_that_are_not_a_model_give_a_model_error_naming_them(tmp_path, mon
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # the failed conversion left nothing
 
 
+def test_a_folder_name_that_is_not_here_says_it_was_read_as_a_hub_id(tmp_path, monkeypatch):
+    """``models/x`` with no such folder is a hub id to transformers: when the hub cannot give it,
+    the error says the folder was not found, not only that the hub could not be reached."""
+    from kvcomm.models import loading
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(ModelError, match="read as a Hugging Face hub id") as raised:
+        load_model("models/x")
+    assert str(tmp_path / "models" / "x") in str(raised.value) and "couldn't connect" in str(raised.value)
+
+
 class _FakeTokenizer:
     def save_pretrained(self, folder):
         (folder / "tokenizer.json").write_text("{}")

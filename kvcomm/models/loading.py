@@ -279,8 +279,9 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
             cut short); and what :func:`model_source` refuses (an unknown or empty name, an
             embedded model not installed).
     """
-    source = name_or_path
+    source, hub = name_or_path, False
     try:
+        hub = resolve_model(name_or_path).kind == "hub"
         source = model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
@@ -288,7 +289,9 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
         raise
     except (OSError, ValueError, struct.error) as err:  # struct.error: a truncated GGUF file
         at = "" if source == name_or_path else f" (from {source})"
-        raise ModelError(f"cannot load {name_or_path!r}{at}: {err}") from err
+        read_as = (f" (no folder {str(Path(name_or_path).expanduser().resolve())!r} here, so the name was read "
+                   "as a Hugging Face hub id)" if hub else "")
+        raise ModelError(f"cannot load {name_or_path!r}{at}{read_as}: {err}") from err
     return tokenizer, model
 
 
