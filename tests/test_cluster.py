@@ -103,6 +103,53 @@ def test_a_worker_that_cannot_load_the_model_is_reported_before_any_work(tmp_pat
         Cluster(RayCluster(workers=1, retries=0), str(tmp_path / "missing"), str(tmp_path / "missing"), "float32")
 
 
+class _Reached(Exception):
+    pass
+
+
+class _FakeRay:
+    """What :class:`Cluster` asks of Ray, recorded: no cluster starts."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus, self.inits, self.remotes = cpus, [], 0
+        self.exceptions = type("exceptions", (), {"RayError": RuntimeError})
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        self.inits.append(kwargs)
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": float(self.cpus)}
+
+    def remote(self, **kwargs):
+        self.remotes += 1
+        raise _Reached  # the workers would be asked for here
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_local_cluster_is_started_here_and_workers_beyond_the_cpus_are_refused(monkeypatch):
+    """``local`` starts an instance even where ``RAY_ADDRESS`` names another cluster (Ray reads the
+    variable when it is given no address); workers whose threads exceed the cluster's CPUs are
+    refused at once (Ray would keep the extra ones waiting for CPUs forever)."""
+    import sys
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    fake = _FakeRay(cpus=2)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(ClusterError, match="fewer than the 3 that 3 worker"):
+        Cluster(RayCluster(address="auto", workers=3), "m", "m", "float32")
+    with pytest.raises(ClusterError, match="fewer than the 4 that 1 worker.* of 4 thread"):
+        Cluster(RayCluster(address="auto", threads=4), "m", "m", "float32")
+    assert fake.remotes == 0
+    with pytest.raises(_Reached):  # 1 worker of 2 threads on 2 CPUs: asked for
+        Cluster(RayCluster(address="local", threads=2), "m", "m", "float32")
+    assert [i["address"] for i in fake.inits] == ["auto", "auto", "local"]
+
+
 def test_without_ray_installed_the_error_says_how_to_install_it(tiny, monkeypatch):
     import sys
 

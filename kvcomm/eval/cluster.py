@@ -127,8 +127,8 @@ class Cluster:
         if not ray.is_initialized():
             local = options.address == "local"
             cpus = None if not local or options.workers is None else options.workers * options.threads
-            try:
-                ray.init(address=None if local else options.address, num_cpus=cpus, include_dashboard=False,
+            try:  # "local", not None: None would join the cluster RAY_ADDRESS or an earlier `ray start` names
+                ray.init(address=options.address, num_cpus=cpus, include_dashboard=False,
                          log_to_driver=False, configure_logging=False,
                          _system_config={"worker_niceness": 0} if local else None)
             except (ConnectionError, RuntimeError, ValueError) as err:
@@ -136,10 +136,12 @@ class Cluster:
             self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
         self.workers = options.workers or cpus // options.threads
-        if self.workers < 1:
-            self.close()
-            raise ClusterError(f"the Ray cluster has {cpus} CPUs, fewer than the {options.threads} threads of "
-                               "one worker")
+        if self.workers < 1 or self.workers * options.threads > cpus:
+            self.close()  # more would wait for CPUs forever: Ray schedules an actor only where its CPUs are free
+            wanted = max(self.workers, 1)
+            raise ClusterError(f"the Ray cluster has {cpus} CPUs, fewer than the {wanted * options.threads} that "
+                               f"{wanted} worker(s) of {options.threads} thread(s) reserve: ask for fewer --workers "
+                               "or --worker-threads")
         actor = ray.remote(num_cpus=options.threads, max_restarts=options.retries,
                            max_task_retries=options.retries)(_Worker)
         self._actors = [actor.remote(sender, receiver, dtype, options.threads, linear) for _ in range(self.workers)]
