@@ -266,3 +266,25 @@ def test_inspect_shows_left_out_layers_and_hidden_frames():
     header = result.output.splitlines()[0]
     assert header.startswith(str(golden)) and "valid (format version 4)" in header
     assert "left out" in result.output and "hidden" in result.output
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_no_help_text_loses_brackets_to_rich_markup():
+    """Rich reads ``[word]`` in a help text as markup and drops it (``pip install "kvcomm[ray]"``
+    showed as ``"kvcomm"``): every bracket in a command's or option's help is escaped (``\\[``),
+    and the one that went missing shows."""
+    import typer.main
+
+    unescaped = re.compile(r"(?<!\\)\[[^\]]*\]")
+    found = []
+    for path, command in _commands(typer.main.get_command(app)):
+        for text in (command.help or "", *(getattr(p, "help", None) or "" for p in command.params)):
+            found += [(" ".join(path), m) for m in unescaped.findall(text)]
+    assert not found
+    shown = runner.invoke(app, ["sweep", "--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert 'pip install "kvcomm[ray]"' in shown.output and "(default: bucket)" in shown.output

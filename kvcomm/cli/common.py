@@ -141,7 +141,7 @@ RayAddress = Annotated[str | None, typer.Option(
     "--ray", metavar="ADDRESS",
     help="Run the batches on a Ray cluster, one model copy per worker, with the serial run's results: 'local' "
          "starts one on this machine, 'auto' joins the cluster this machine is in, or ray://HOST:PORT. "
-         "Needs: pip install \"kvcomm[ray]\".")]
+         "Needs: pip install \"kvcomm\\[ray]\".")]  # \\[: Rich would take [ray] for markup and drop it
 Workers = Annotated[int | None, typer.Option(
     min=1, help="--ray: workers. (default: the cluster's CPUs / --worker-threads)")]
 WorkerThreads = Annotated[int, typer.Option(min=1, help="--ray: torch threads (and CPUs) per worker.")]
@@ -331,7 +331,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         help="Memory budget in GiB; batches shrink to fit it.")], None),
     "bucket": (Annotated[bool | None, typer.Option(
         "--bucket/--no-bucket", help="Batch items of similar prompt lengths together (less padding, the same "
-                                     "answers; results stay in item order). [default: bucket]")], None),
+                                     "answers; results stay in item order). (default: bucket)")], None),
     "senders": (Annotated[int | None, typer.Option(
         min=1, help=options_help("Split each context among this many senders (methods that share KV).",
                                  SharingOptions, "senders"))], None),
