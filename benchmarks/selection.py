@@ -10,7 +10,7 @@ calibration items), written beside the JSON; ``--report`` prints (``--markdown``
 saved run.
 
     python benchmarks/selection.py --model smollm2-135m --task facts --items 200 --calib-size 4 \\
-        --out benchmarks/results/selection/smollm2-facts.json
+        --objective likelihood --out benchmarks/results/selection/smollm2-facts.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from record import command, run_record  # noqa: E402  (benchmarks/record.py, bes
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
 from kvcomm.selection.budget import smallest_ratio  # noqa: E402
-from kvcomm.selection.calibrate import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
+from kvcomm.selection.calibrate import OBJECTIVES  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 from kvcomm.tasks.base import Task  # noqa: E402
 
@@ -152,13 +152,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--items", type=int, default=200, help="generated tasks: how many items to make")
     parser.add_argument("--limit", type=int, default=None, help="test items (default: all but calibration)")
-    parser.add_argument("--calib-size", type=int, default=4)
+    parser.add_argument("--calib-size", type=int, default=None,
+                        help="(default: the rules' own count: 8 for prune and answer with auto, 4 otherwise)")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rules", default=",".join(RULES), help="the rules to compare (comma-separated)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                        help="what the answer, prune and prior rules maximise on the calibration items")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
+                        help="what the answer, prune and prior rules maximise on the calibration items "
+                             "(default: each rule's own: auto for answer and prune, likelihood for prior)")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, load_task  # noqa: E402
-from kvcomm.selection.calibrate import RULES, calibrate  # noqa: E402
+from kvcomm.selection.calibrate import OBJECTIVES, RULES, calibrate  # noqa: E402
 from kvcomm.selection.rules import top_layers  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 
@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="likelihood",
+                        help="what the answer-fitted rules maximise, the same at every size (auto, the library's "
+                             "default with 8 items, searches on half of them)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
@@ -85,7 +88,8 @@ def main() -> None:
         rankings, seconds = [], []
         for n in sizes:
             began = time.perf_counter()
-            profile = calibrate(agents, task, pool[:n], rule=rule, batch_size=args.batch_size, progress=False)
+            profile = calibrate(agents, task, pool[:n], rule=rule, batch_size=args.batch_size, progress=False,
+                                objective=args.objective)
             seconds.append(time.perf_counter() - began)
             rankings.append(profile.ranking)
             console.print(f"{rule} on {n} item(s): {seconds[-1]:.1f} s", markup=False)
@@ -105,7 +109,8 @@ def main() -> None:
                       " / ".join(f"{s:.0f}" for s in row["seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "pool": [i.id for i in pool],
+    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "objective": args.objective,
+                                    "pool": [i.id for i in pool],
                                     "rows": rows, **record}, indent=1))
     console.print(f"results: {args.out}", markup=False)
 

@@ -220,15 +220,17 @@ def test_a_given_profile_ranks_only_its_own_rules_methods(agents):
 
 
 def test_a_method_naming_a_rule_gets_that_rules_calibration_items(agents):
-    """``--selection paper`` takes one calibration item, ``prune`` four: a run with ``kvcomm~prune``
-    holds out four, so prune is not calibrated on the paper rule's one."""
+    """``--selection paper`` takes one calibration item, ``prune`` eight (four to search on, four
+    held out to choose its objective): a run with ``kvcomm~prune`` holds out eight, so prune is
+    not calibrated on the paper rule's one, and chooses its objective as it would alone."""
     task = load_task("facts", items=10)
     config = EvalConfig(selection="paper")
     alone = evaluate(agents, task, [make_method("kvcomm", ratio=0.5)], config, progress=False)
     assert len(alone.config["calibration_items"]) == 1 and alone.runs[0].n == 9
     report = evaluate(agents, task, [make_method("kvcomm", ratio=0.5, selection="prune")], config, progress=False)
-    assert len(report.config["calibration_items"]) == 4 and report.runs[0].n == 6
-    assert len(report.profiles["prune"]["calibration_items"]) == 4
+    assert len(report.config["calibration_items"]) == 8 and report.runs[0].n == 2
+    prune = report.profiles["prune"]
+    assert len(prune["calibration_items"]) == 8 and prune["details"]["objective"].startswith("auto: ")
 
 
 def test_a_profile_of_another_pair_is_refused(agents):

@@ -250,7 +250,8 @@ def test_every_rule_ranks_every_layer_once_and_records_what_it_did(rule):
 
     model = tiny_loaded("llama")
     task = load_task("facts", items=3)
-    profile = calibrate(Agents(model, model), task, task.items, progress=False, rule=rule, batch_size=2)
+    profile = calibrate(Agents(model, model), task, task.items, progress=False, rule=rule, batch_size=2,
+                        objective="likelihood")  # one search: its steps counted (auto's two: a test below)
     assert sorted(profile.ranking) == [0, 1, 2, 3] and profile.rule == rule and profile.version == 2
     assert profile.cost["seconds"] > 0 and profile.cost["items"] == 3
     if rule == "answer":
@@ -315,13 +316,17 @@ def test_greedy_with_a_pool_tries_only_the_previous_best():
 
 
 @pytest.mark.parametrize("given, total, expected", [
-    ({}, 200, 4), ({"selection": "prior"}, 200, 4), ({"selection": "paper"}, 200, 1),
-    ({}, 3, 2), ({"limit": 2}, 3, 1), ({"limit": 197}, 200, 3), ({"limit": 50}, 200, 4),
+    ({}, 200, 8), ({"objective": "likelihood"}, 200, 4), ({"selection": "answer"}, 200, 8),
+    ({"selection": "prior"}, 200, 4), ({"selection": "paper"}, 200, 1),
+    ({}, 3, 2), ({"limit": 2}, 3, 1), ({"limit": 197}, 200, 3), ({"limit": 50}, 200, 8),
+    ({"limit": 50, "objective": "probability"}, 200, 4),
     ({"calib_size": 0}, 200, 0), ({"calib_size": 9, "selection": "paper"}, 200, 9),
 ])
 def test_each_rule_takes_its_own_calibration_items_as_far_as_the_task_can_spare(given, total, expected):
-    """The answer-fitted rules calibrate on 4 items unless told (one leaves them noisy), the paper's
-    rule on 1 as in the paper; a small task keeps at least one test item, an explicit count wins."""
+    """The searches calibrate on 8 items unless told with their default objective, ``auto`` (4 to
+    search on, 4 held out), and on 4 with another (one leaves them noisy); ``prior`` on 4, the
+    paper's rule on 1 as in the paper; a small task keeps at least one test item, an explicit
+    count wins."""
     from kvcomm import EvalConfig
 
     assert EvalConfig(**given).calibration_count(total) == expected
@@ -504,6 +509,33 @@ def test_the_auto_objective_keeps_the_ranking_held_out_items_answer_better():
     assert EvalConfig(objective="auto", selection="paper", calib_size=1).calib_size == 1  # paper ignores it
     with pytest.raises(DataError, match="at least 2"):
         calibrate(agents, task, task.items[:1], progress=False, objective="auto")
+
+
+def test_unless_told_the_searches_choose_their_objective_and_the_prior_fits_the_likelihood():
+    """The default objective is each rule's own: ``auto`` for ``prune`` and ``answer`` given the 8
+    items it takes (the same ranking as asking for it), ``likelihood`` on fewer (a search on fewer
+    items than it was measured with only when ``auto`` is asked for) and for ``prior`` (which
+    ``auto`` refuses: the default must not)."""
+    from kvcomm import Agents, EvalConfig, calibrate, load_task
+    from kvcomm.selection.calibrate import default_objective
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=8)
+    agents = Agents(model, model)
+    default = calibrate(agents, task, task.items, progress=False, batch_size=4)
+    asked = calibrate(agents, task, task.items, progress=False, batch_size=4, objective="auto")
+    assert default.details["objective"].startswith("auto: ") and default.ranking == asked.ranking
+    assert default.details["held_out"] == asked.details["held_out"]
+    assert len(default.details["held_out"]["searched_on"]) == 4
+    for fewer in (task.items[:1], task.items[:4], task.items[:7]):
+        profile = calibrate(agents, task, fewer, progress=False, batch_size=4)
+        assert profile.details["objective"] == "mean log-likelihood per gold-answer token"
+        assert "held_out" not in profile.details
+    prior = calibrate(agents, task, task.items[:2], progress=False, rule="prior")
+    assert prior.details["objective"] == "mean log-likelihood per gold-answer token"
+    assert [default_objective(rule, 8) for rule in ("prune", "answer", "prior", "paper")] == \
+        ["auto", "auto", "likelihood", "likelihood"] and default_objective("prune", 7) == "likelihood"
+    assert EvalConfig(selection="prior").objective is None and EvalConfig(calib_size=1).calib_size == 1
 
 
 def test_fidelity_ignores_tokens_the_reference_gives_no_probability():

@@ -34,7 +34,7 @@ for r in range(rounds):
     for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
         unhook() if mode == "off" else contiguous_head(agents.receiver.model)
         began = time.perf_counter()
-        profile = calibrate(agents, task, items, batch_size=16, progress=False, rule="answer")
+        profile = calibrate(agents, task, items, batch_size=16, progress=False, rule="answer", objective="likelihood")
         print(f"hook {mode}: {time.perf_counter() - began:.1f} s, top layers {profile.ranking[:10]}", flush=True)
         rankings.append(profile.ranking)
 print("same rankings:", all(ranking == rankings[0] for ranking in rankings))

@@ -46,8 +46,9 @@ def calibrate_command(
     model: Model = DEFAULT_MODEL, receiver: Receiver = None, task: TaskName = "facts", data: Data = None,
     task_option: TaskOptions = None,
     calib_size: Annotated[int | None, typer.Option(
-        min=1, help="Calibration items, taken from the end of the task. (default: 1 for --selection paper, 4 for "
-                    "prune, answer, prior and droidspeak, fewer if the task is smaller)")] = None,
+        min=1, help="Calibration items, taken from the end of the task. (default: 8 for prune and answer with the "
+                    "auto objective, their default; 4 for them with another objective, for prior and droidspeak; 1 "
+                    "for --selection paper; fewer if the task is smaller)")] = None,
     batch_size: BatchSize = None, selection: Selection = None, objective: CalibrationObjective = None,
     alpha: Alpha = None, mu: Mu = None, sigma: Sigma = None,
     tolerance: Annotated[float | None, typer.Option(
@@ -125,7 +126,7 @@ def _last_items(task: Task, config: EvalConfig) -> list[Item]:
 def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | None, batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
-    items = _last_items(the_task, EvalConfig(calib_size=calib_size))
+    items = _last_items(the_task, EvalConfig(calib_size=calib_size, objective="likelihood"))  # 4: no objective chosen
     out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)

@@ -284,7 +284,8 @@ CalibrationObjective = Annotated[Objective | None, typer.Option(
          "next-token distributions to those with every layer shared) or auto (answer and prune rules: "
          "likelihood or probability, whichever's ranking held-out calibration items answer better; takes 8 "
          "calibration items unless told, searches on the later half). "
-         f"(default: {DEFAULT_OBJECTIVE})")]
+         f"(default: {DEFAULT_OBJECTIVE} for prune and answer, likelihood for them with fewer than 8 calibration items "
+         "and for prior)")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(
@@ -309,8 +310,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                     "same way). (default: 0)")], None),
     "batch_size": (BatchSize, None),
     "calib_size": (Annotated[int | None, typer.Option(
-        min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 1 for "
-                    "--selection paper, 4 for answer, prune and prior; the most of the rules the run calibrates, "
+        min=0, help="Calibration items, from the end of the task, disjoint from the test items. (default: 8 for "
+                    "prune and answer with the auto objective, their default; 4 for them with another objective "
+                    "and for prior; 1 for --selection paper; the most of the rules the run calibrates, "
                     "methods' own (kvcomm~prune) included; fewer if the task cannot spare them)")], None),
     "profile": (Annotated[Path | None, typer.Option(
         "--profile", exists=True, dir_okay=False,

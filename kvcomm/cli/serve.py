@@ -78,8 +78,8 @@ def serve_command(
     With --ratio, contexts share the top fraction of layers by the --profile ranking, or by a
     ranking the agent calibrates at start on generated text when no profile is given. Passages have
     a ranking of their own: a --profile made with `kvcomm calibrate --pieces passages`, else one
-    calibrated when the first passage is stored at a ratio (about a minute on SmolLM2-135M with the
-    default rule).
+    calibrated when the first passage is stored at a ratio (about three minutes on SmolLM2-135M with
+    the default rule).
     """
     try:
         import uvicorn

@@ -122,7 +122,9 @@ class Checkpoint:
                             f"(this kvcomm writes {CHECKPOINT_VERSION})")
         if difference := first_difference(self.header.identity, identity):
             raise ConfigError(f"cannot resume {self.folder}: that run had another configuration ({difference}); "
-                              "repeat its options exactly, or start a new run without --resume")
+                              "repeat its options exactly (where the run recorded a value and this one has "
+                              "none, a default changed since: give the recorded value as the option), or start "
+                              "a new run without --resume")
         self.run = self._identity_sha256()
         self.profiles = self._read_profiles()
         self.batches = self._read_batches()

@@ -35,7 +35,6 @@ from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import (
     AUTO_MIN_ITEMS,
-    DEFAULT_OBJECTIVE,
     DEFAULT_RULE,
     SEARCHES,
     Objective,
@@ -63,8 +62,9 @@ class EvalConfig(Options):
         batch_size: items per forward pass.
         calib_size: calibration items, from the end of the task, disjoint from the test items
             (None: as many as the rule takes, ``CALIBRATION_ITEMS``: 1 for ``paper``, 4 for
-            ``answer``, ``prune`` and ``prior``, 8 for ``answer`` and ``prune`` with the ``auto``
-            objective; fewer if the task cannot spare them beside its test items, never fewer than one).
+            ``prior`` and for ``answer`` and ``prune`` told another objective than ``auto``, 8 for
+            ``answer`` and ``prune`` with ``auto`` (their default); fewer if the task cannot spare
+            them beside its test items, never fewer than one).
         selection: the calibration rule that ranks layers (``paper``, ``answer``, ``prune``, ``prior``; see
             :mod:`kvcomm.selection.calibrate`).
         objective: what ``answer``, ``prune`` and ``prior`` maximise on the calibration items: ``likelihood``
@@ -72,6 +72,9 @@ class EvalConfig(Options):
             option where items list their options,
             ``fidelity`` to the receiver's next-token distributions with every layer shared, or ``auto``:
             ``likelihood`` or ``probability``, whichever's ranking held-out calibration items answer better.
+            None (the default): each rule's own, ``auto`` for ``answer`` and ``prune`` (``likelihood``
+            with fewer than 8 calibration items), ``likelihood`` for ``prior``
+            (:func:`~kvcomm.selection.calibrate.default_objective`).
         alpha, mu, sigma: how the ``paper`` rule mixes attention importance with the depth prior
             (``alpha`` None: 1.0 for Llama-family models, 0.8 for Qwen, as in the paper).
         max_memory_gb: process memory budget; batches shrink to stay inside it.
@@ -89,7 +92,7 @@ class EvalConfig(Options):
     batch_size: int = Field(8, ge=1)
     calib_size: int | None = Field(None, ge=0)
     selection: Rule = DEFAULT_RULE
-    objective: Objective = DEFAULT_OBJECTIVE
+    objective: Objective | None = None
     alpha: float | None = Field(None, ge=0, le=1)
     mu: float = Field(DEFAULT_MU, ge=0, le=1)
     sigma: float = Field(DEFAULT_SIGMA, gt=0)
@@ -101,7 +104,8 @@ class EvalConfig(Options):
     def _auto_can_choose(self) -> EvalConfig:
         """``auto`` chooses between two searches on held-out items: refused, before any model
         loads, where there is no search or no item to hold out."""
-        check_objective(self.selection, self.objective)
+        if self.objective is not None:
+            check_objective(self.selection, self.objective)
         if self.objective == "auto" and self.selection in SEARCHES and self.calib_size is not None \
                 and self.calib_size < AUTO_MIN_ITEMS:
             raise ValueError(f"the auto objective holds out half of the calibration items: it needs at least "

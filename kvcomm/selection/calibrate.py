@@ -15,7 +15,9 @@ the receiver's next-token distributions with every layer shared). A search trace
 that objective's value. ``auto`` chooses between the first two where they are searched (``answer``,
 ``prune``): each searches on the later half of the calibration items, and the ranking kept is the
 one whose top layers (at ratios 0.3, 0.5 and 0.7) give the earlier half, which no search read, the
-higher likelihood; the profile records both rankings and their held-out scores.
+higher likelihood; the profile records both rankings and their held-out scores. Unless told,
+the searches use ``auto`` given 8 calibration items (:func:`default_objective`; ``likelihood`` on
+fewer) and ``prior`` the likelihood.
 
 Every rule records the attention importance too, and the profile records the rule, what it chose
 and why (the search's trace, the fitted prior), and what it cost (seconds, forwards per item).
@@ -65,7 +67,10 @@ item, 0.296 on four; docs/results.md). ``prune`` takes the answer rule's four: i
 them."""
 Objective = Literal["likelihood", "probability", "choice", "fidelity", "auto"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-DEFAULT_OBJECTIVE: Objective = "likelihood"
+DEFAULT_OBJECTIVE: Objective = "auto"
+"""The searches' objective unless told (:func:`default_objective`): the one that met every goal
+where the objectives were run side by side (docs/results.md, "Choosing the objective on held-out
+items")."""
 AUTO_CANDIDATES: tuple[Objective, ...] = ("likelihood", "probability")
 """The objectives ``auto`` searches with, the first kept on a tie."""
 CHUNK = 32  # layer sets per batched forward
@@ -93,9 +98,23 @@ def check_objective(rule: str, objective: str) -> None:
                           "answer rule, not prior")
 
 
-def calibration_items(rule: str, objective: str = DEFAULT_OBJECTIVE) -> int:
+def default_objective(rule: str, items: int | None = None) -> Objective:
+    """The objective ``rule`` maximises unless told: :data:`DEFAULT_OBJECTIVE` (``auto``) where the
+    rule searches and has the items ``auto`` takes (twice the rule's own: as many to search on as
+    the other objectives use, and as many held out; ``items`` None: not yet known), else
+    ``likelihood``: fewer items would leave the search fewer than it was measured with (``auto``
+    asked for by name takes any number from :data:`AUTO_MIN_ITEMS`), and ``prior`` fits one grid,
+    with nothing to choose between."""
+    if rule in SEARCHES and (items is None or items >= 2 * CALIBRATION_ITEMS[rule]):
+        return DEFAULT_OBJECTIVE
+    return "likelihood"
+
+
+def calibration_items(rule: str, objective: str | None = None) -> int:
     """Calibration items a rule takes unless told (:data:`CALIBRATION_ITEMS`); twice as many with
-    the ``auto`` objective where the rule searches (half of them are held out to choose)."""
+    the ``auto`` objective (``objective`` None: the rule's default) where the rule searches (half
+    of them are held out to choose)."""
+    objective = objective or default_objective(rule)
     return CALIBRATION_ITEMS[rule] * (2 if objective == "auto" and rule in SEARCHES else 1)
 
 
@@ -134,7 +153,7 @@ def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,
     rule: str = DEFAULT_RULE, steps: int | None = None, tolerance: float | None = None, pool: int | None = POOL,
-    objective: Objective = DEFAULT_OBJECTIVE, pieces: Pieces = "chats",
+    objective: Objective | None = None, pieces: Pieces = "chats",
 ) -> Profile:
     """Ranks layers on ``items`` by ``rule`` (see the module's docstring).
 
@@ -155,7 +174,9 @@ def calibrate(
             ``fidelity`` (minus the mean KL divergence of the receiver's next-token distributions
             over the gold answer from those it has with every layer shared), or ``auto`` (the
             ``answer`` and ``prune`` rules: ``likelihood`` or ``probability``, whichever's ranking
-            the held-out first half of ``items`` answers better; the module's docstring).
+            the held-out first half of ``items`` answers better; the module's docstring). None:
+            the rule's default (:func:`default_objective`: ``auto`` for the searches given 8 items,
+            else ``likelihood``).
         pieces: how each item is read: the paper's two chats, or ``passages`` (one chat cut in two,
             the opening kept at layers not shared, as ``kvcomm --pieces passages`` reads); recorded
             in the profile's ``details``.
@@ -168,6 +189,8 @@ def calibrate(
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
     if pool is not None and pool < 1:
         raise ConfigError(f"the search's pool must be at least 1 layer, got {pool}")
+    if objective is None:
+        objective = default_objective(rule, len(items))
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown calibration objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not items:

@@ -22,7 +22,7 @@ from kvcomm.errors import ConfigError, MessageTooLarge
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
-from kvcomm.selection.calibrate import CALIBRATION_ITEMS
+from kvcomm.selection.calibrate import calibration_items
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_given_id
@@ -134,9 +134,9 @@ class ContextMaker:
 
     def calibrate(self, pieces: Pieces = "chats") -> Profile:
         """A ranking calibrated by the service's rule on generated facts read as ``pieces`` (no
-        generation; about a minute with the ``prune`` or ``answer`` rule on SmolLM2-135M, seconds with
+        generation; about three minutes with the ``prune`` or ``answer`` rule on SmolLM2-135M, seconds with
         ``paper``)."""
-        task = load_task("facts", items=CALIBRATION_ITEMS[self.config.selection])
+        task = load_task("facts", items=calibration_items(self.config.selection))
         return calibrate(Agents(self.agent, self.agent), task, task.items, progress=False,
                          rule=self.config.selection, pieces=pieces)
 
