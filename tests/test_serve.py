@@ -504,6 +504,9 @@ def test_contexts_take_a_ratio_layers_or_a_profile_and_are_content_addressed(htt
     first = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5}).json()
     profile = http.get("/v1/profile").json()  # calibrated once, on the first ratio
     assert first["layers"] == sorted(profile["ranking"][:2]) and not first["cached"]
+    # by the default rule and objective, as a run would: prune with auto, on the 8 items auto takes
+    assert profile["rule"] == "prune" and len(profile["calibration_items"]) == 8
+    assert profile["details"]["objective"].startswith("auto: ")
     again = http.post("/v1/contexts", json={"context": "Mira lives in Oslo.", "ratio": 0.5}).json()
     assert again["id"] == first["id"] and again["cached"] and len(spent) == 1  # no second prefill
     ranking = [3, 2, 1, 0]
