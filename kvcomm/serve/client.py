@@ -79,15 +79,9 @@ class Client:
             MessageTooLarge: the agent sends (or announces) more than ``max_bytes``; the reading
                 stops there, so an agent cannot fill this process's memory.
         """
-        path = _message_path(message_id)
         began = time.perf_counter()
-        with ExitStack() as opened:
-            try:
-                response = opened.enter_context(self._http.stream("GET", path))
-                opened.callback(_hang_up, response)
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response)
+        try:
+            with self._streamed(_message_path(message_id)) as response:
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise MessageTooLarge(f"message {message_id!r} is {int(declared):,} bytes, the limit is "
@@ -97,8 +91,8 @@ class Client:
                     data += chunk
                     if len(data) > max_bytes:
                         raise MessageTooLarge(f"message {message_id!r} is more than {max_bytes:,} bytes, the limit")
-            except _HTTPX_ERRORS as err:
-                raise self._failed(err) from None
+        except _HTTPX_ERRORS as err:
+            raise self._failed(err) from None
         self.link.record(len(data), time.perf_counter() - began)
         return bytes(data)
 
@@ -127,16 +121,26 @@ class Client:
         began = time.perf_counter()
         with ExitStack() as opened:
             try:
-                response = opened.enter_context(self._http.stream("GET", path))
-                opened.callback(_hang_up, response)  # on leaving, after the arrival stopped, before the close
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response)
+                response = opened.enter_context(self._streamed(path))
                 arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes(), began), receiver,
                                                        timeline=timeline))
             except _HTTPX_ERRORS as err:
                 raise self._failed(err) from None
             yield arrival  # the body's own errors come from the arrival, as ServiceError (see _timed)
+
+    @contextmanager
+    def _streamed(self, path: str) -> Iterator[httpx.Response]:
+        """A GET of ``path`` whose body is read as it comes; an error status is a
+        :class:`ServiceError`. Left before the body's end, the connection is hung up (after what
+        the block opened on it stopped, before the response closes)."""
+        with self._http.stream("GET", path) as response:
+            try:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                yield response
+            finally:
+                _hang_up(response)
 
     def _timed(self, chunks: Iterator[bytes], began: float) -> Iterator[bytes]:
         """``chunks``, timed by :meth:`LinkMeter.timed <kvcomm.serve.links.LinkMeter.timed>`; a
