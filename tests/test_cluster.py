@@ -112,7 +112,6 @@ class _FakeRay:
 
     def __init__(self, cpus: int) -> None:
         self.cpus, self.inits, self.remotes = cpus, [], 0
-        self.exceptions = type("exceptions", (), {"RayError": RuntimeError})
 
     def is_initialized(self) -> bool:
         return False

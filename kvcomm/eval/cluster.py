@@ -136,9 +136,8 @@ class Cluster:
             self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
         self.workers = options.workers or cpus // options.threads
-        if self.workers < 1 or self.workers * options.threads > cpus:
+        if (wanted := max(self.workers, 1)) * options.threads > cpus:
             self.close()  # more would wait for CPUs forever: Ray schedules an actor only where its CPUs are free
-            wanted = max(self.workers, 1)
             raise ClusterError(f"the Ray cluster has {cpus} CPUs, fewer than the {wanted * options.threads} that "
                                f"{wanted} worker(s) of {options.threads} thread(s) reserve: ask for fewer --workers "
                                "or --worker-threads")

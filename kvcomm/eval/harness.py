@@ -104,8 +104,7 @@ class EvalConfig(Options):
     def _auto_can_choose(self) -> EvalConfig:
         """``auto`` chooses between two searches on held-out items: refused, before any model
         loads, where there is no search or no item to hold out."""
-        if self.objective is not None:
-            check_objective(self.selection, self.objective)
+        check_objective(self.selection, self.objective)
         if self.objective == "auto" and self.selection in SEARCHES and self.calib_size is not None \
                 and self.calib_size < AUTO_MIN_ITEMS:
             raise ValueError(f"the auto objective holds out half of the calibration items: it needs at least "

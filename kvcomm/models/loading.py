@@ -279,9 +279,8 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
             cut short); and what :func:`model_source` refuses (an unknown or empty name, an
             embedded model not installed).
     """
-    source, hub = name_or_path, False
+    source = name_or_path
     try:
-        hub = resolve_model(name_or_path).kind == "hub"
         source = model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
@@ -290,7 +289,7 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
     except (OSError, ValueError, struct.error) as err:  # struct.error: a truncated GGUF file
         at = "" if source == name_or_path else f" (from {source})"
         read_as = (f" (no folder {str(Path(name_or_path).expanduser().resolve())!r} here, so the name was read "
-                   "as a Hugging Face hub id)" if hub else "")
+                   "as a Hugging Face hub id)" if resolve_model(name_or_path).kind == "hub" else "")
         raise ModelError(f"cannot load {name_or_path!r}{at}{read_as}: {err}") from err
     return tokenizer, model
 

@@ -86,7 +86,7 @@ AUTO_MIN_ITEMS = 2
 """The fewest calibration items ``auto`` takes: one to search on, one to hold out."""
 
 
-def check_objective(rule: str, objective: str) -> None:
+def check_objective(rule: str, objective: str | None) -> None:
     """Refuses an objective a rule cannot use (one check for :func:`calibrate` and the run's
     configuration, which checks before any model loads).
 
@@ -105,7 +105,7 @@ def default_objective(rule: str, items: int | None = None) -> Objective:
     ``likelihood``: fewer items would leave the search fewer than it was measured with (``auto``
     asked for by name takes any number from :data:`AUTO_MIN_ITEMS`), and ``prior`` fits one grid,
     with nothing to choose between."""
-    if rule in SEARCHES and (items is None or items >= 2 * CALIBRATION_ITEMS[rule]):
+    if rule in SEARCHES and (items is None or items >= calibration_items(rule, DEFAULT_OBJECTIVE)):
         return DEFAULT_OBJECTIVE
     return "likelihood"
 
