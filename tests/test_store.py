@@ -150,3 +150,18 @@ def test_every_redis_fault_is_store_unavailable(monkeypatch):
     monkeypatch.setattr(store._client, "set", replica)
     with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
         store.put("m", b"x")
+
+
+def test_redis_errors_never_show_its_password():
+    """A store's errors reach ``/healthz``, which is open without the token: the address they name
+    has its user and password masked."""
+    from kvcomm.serve.stores import StoreUnavailable
+    from kvcomm.serve.stores.redis import without_password
+
+    store = RedisStore("redis://admin:hunter2-secret@127.0.0.1:1/0", connect=False, timeout_s=0.2)
+    with pytest.raises(StoreUnavailable) as caught:
+        store.ping()
+    assert "hunter2" not in str(caught.value) and "admin" not in str(caught.value)
+    assert "redis://***@127.0.0.1:1/0" in str(caught.value)
+    assert without_password("redis://:pw@[::1]:6379/2") == "redis://***@[::1]:6379/2"
+    assert without_password("rediss://host/0") == "rediss://host/0"

@@ -152,6 +152,9 @@ class LoadedModel:
             start = list(self.tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if any
         pieces = [str(prompt)]
         for marker in markers:
+            if str(prompt).count(marker) > 1:  # the caller's text holds it too: the cut would go there
+                raise ConfigError(f"the chat's text contains {marker!r}, which kvcomm reserves to mark where "
+                                  "its pieces go: remove it")
             head, found, tail = pieces.pop().partition(marker)
             if not found:
                 raise ConfigError(f"marker {marker!r} not in the message")

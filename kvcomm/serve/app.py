@@ -38,7 +38,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
-from kvcomm.serve.chat import Received, generate, generate_returning, load_messages
+from kvcomm.serve.chat import Received, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
@@ -238,6 +238,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                 with contextlib.suppress(Exception):
                     await checking
         message = await checking
+        check_usable(message, agent)  # what the fingerprint does not cover: nothing unusable is stored
         data = b"".join(chunks)
         await anyio.to_thread.run_sync(store.put, message_id, data)
         return MessageStored(id=message_id, bytes=len(data), layers=message.shared_layers)
@@ -255,7 +256,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         began = time.monotonic()
         budget = _check_chat(body, names, config, agent.num_layers)
         received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
-                                                             config, metrics)
+                                                             config, metrics, body.kv_blend)
         turns = [m.turn() for m in body.messages]
         if received.passages:  # read inside the last user turn: the chat's opening, then them, then the rest
             received.opening, ids = await anyio.to_thread.run_sync(agent.chat_after_passages, turns)

@@ -61,11 +61,14 @@ class Received:
 
 
 def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStore, config: ServeConfig,
-                  metrics: ServiceMetrics) -> Received:
-    """Fetches and decodes ``refs`` (run in a thread). The decoded-bytes budget is shared by all of them.
+                  metrics: ServiceMetrics, blending: BlendRequest | None = None) -> Received:
+    """Fetches and decodes ``refs`` (run in a thread). The decoded-bytes budget is shared by all of
+    them. Everything the model thread would refuse is refused here, before any answer begins (a
+    stream's 200 included): messages that do not fit the model (:func:`check_usable`), cannot be
+    joined, or cannot be blended as ``blending`` asks.
 
     Raises:
-        ServiceRefusal: bad base64, or a stored id that does not exist (404).
+        ServiceRefusal: bad base64, a stored id that does not exist (404), or one of the above.
         WireError: a message that is corrupt, foreign, too large, or over the budget.
     """
     received = Received()
@@ -74,29 +77,77 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
         data = _fetch(ref, store, config, metrics)
         message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
                                        max_decoded_bytes=budget)
-        budget -= sum(2 * 4 * layer.keys.numel() for layer in message.layers)
+        check_usable(message, agent)
+        budget -= message.decoded_bytes  # every frame: keys, values, hidden states, token ids
         received.messages.append(message)
         received.bytes += len(data)
     if len({m.meta.get("passage") is True for m in received.messages}) > 1:
         raise ServiceRefusal(400, "kv_messages mixes passages (read inside the last user turn) with contexts (read "
                                   "before the chat): send one kind", "mixed_kv_messages", "kv_messages")
     _check_joinable(received.messages)
+    if blending is not None:
+        _check_blendable(received.messages, blending)
     metrics.kv_received.inc(received.bytes)
     return received
 
 
+def check_usable(message: KVMessage, agent: LoadedModel) -> None:
+    """What a message's fingerprint does not vouch for, checked against ``agent``'s model before the
+    message is stored or used: its token ids inside the vocabulary, hidden states as wide as the
+    model's, a passage in causal masks (the only mode a passage is read in), and a context the
+    model's positions can hold.
+
+    Raises:
+        ServiceRefusal: 422 (``invalid_kv_message``) naming what does not fit.
+    """
+    vocabulary = int(agent.model.get_input_embeddings().weight.shape[0])
+    width = int(agent.config.hidden_size)
+    longest = int(getattr(agent.config, "max_position_embeddings", 0) or 0)
+    problem = None
+    if message.token_ids is not None and message.token_ids.numel() and int(message.token_ids.max()) >= vocabulary:
+        problem = f"a token id is outside the model's vocabulary of {vocabulary}"
+    elif wrong := sorted(layer for layer, h in message.hidden.items() if h.shape[-1] != width):
+        problem = f"the hidden state entering layer {wrong[0]} is not {width} wide (the model's hidden size)"
+    elif message.meta.get("passage") is True and message.mode != "causal":
+        problem = f"a passage is read in causal masks, not {message.mode!r}"
+    elif longest and message.context_len > longest:
+        problem = f"its context is {message.context_len} tokens; the model takes {longest}"
+    if problem is not None:
+        raise ServiceRefusal(422, f"the KV message does not fit this model: {problem}", "invalid_kv_message",
+                             "kv_messages")
+
+
 def _check_joinable(messages: list[KVMessage]) -> None:
     """Refuses, before any answer begins (a stream's 200 included), messages the model thread could
-    not join: one leaving layers out (a droidspeak message), or contexts (read one after the other,
-    not passages, which may differ) that :func:`check_joinable` refuses."""
+    not join: one leaving layers out (a droidspeak message), several where one carries hidden
+    states, or contexts (read one after the other, not passages, which may differ) that
+    :func:`check_joinable` refuses."""
     if any(layer.keys.shape[1] == 0 for message in messages for layer in message.layers):
         raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
                                   "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
+    if len(messages) > 1 and any(m.hidden for m in messages):
+        raise ServiceRefusal(400, "a KV message carrying hidden states is read alone, not joined with others",
+                             "unjoinable_kv_messages", "kv_messages")
     if messages and messages[0].meta.get("passage") is not True:
         try:
             check_joinable([[layer.full for layer in m.layers] for m in messages], [m.mode for m in messages])
         except ConfigError as err:
             raise ServiceRefusal(400, str(err), "unjoinable_kv_messages", "kv_messages") from None
+
+
+def _check_blendable(messages: list[KVMessage], blending: BlendRequest) -> None:
+    """Refuses, before any answer begins, messages ``kv_blend`` cannot blend: one without token
+    ids, masks other than causal, or no layer from the check layer on that every message shares in full."""
+    if any(m.token_ids is None for m in messages):
+        raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
+                                  "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
+    if modes := sorted({m.mode for m in messages} - {"causal"}):
+        raise ServiceRefusal(400, f"kv_blend needs causal masks, not {modes[0]!r}", "invalid_value", "kv_blend")
+    layers = len(messages[0].layers) if messages else 0
+    if messages and not any(all(m.layers[layer].full for m in messages)
+                            for layer in range(blending.check_layer, layers)):
+        raise ServiceRefusal(400, f"kv_blend: no layer at or after check layer {blending.check_layer} is shared "
+                                  "in full by every message", "invalid_value", "kv_blend")
 
 
 def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: ServiceMetrics) -> bytes:

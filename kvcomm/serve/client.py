@@ -72,6 +72,18 @@ class Client:
         _raise_for(response)
         return response
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`_call`'s answer read as a JSON object; an answer that is not one is a :class:`ServiceError`."""
+        response = self._call(method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:  # not JSON (a proxy's HTML page, a cut body)
+            body = None
+        if not isinstance(body, dict):
+            raise ServiceError(0, f"the answer of the agent at {self._http.base_url} to {method} {path} is not a "
+                                  f"JSON object: {response.text[:200]!r}")
+        return body
+
     def get_message(self, message_id: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         """A stored message's bytes, whole (unchecked: :meth:`KVMessage.from_bytes` checks them).
 
@@ -157,11 +169,15 @@ class Client:
                                f"{type(err).__name__}: {err}")
 
     def health(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/healthz").json())
+        return self._object("GET", "/healthz")
 
     def models(self) -> list[str]:
         """The names the agent serves its model under."""
-        return [m["id"] for m in self._call("GET", "/v1/models").json()["data"]]
+        listed = self._object("GET", "/v1/models").get("data")
+        if not isinstance(listed, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in listed):
+            raise ServiceError(0, f"the agent at {self._http.base_url} answered /v1/models without a list of models")
+        return [m["id"] for m in listed]
 
     def create_context(self, context: str | None = None, messages: list[dict[str, str]] | None = None,
                        layers: Sequence[int] | None = None, ratio: float | None = None,
@@ -197,12 +213,12 @@ class Client:
                 "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
                 "bandwidth_measured": measured or None, "passage": passage or None,
                 "receiver_compute_s": receiver_compute_s}
-        return dict(self._call("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None}).json())
+        return self._object("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None})
 
     def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
         """Uploads a message under ``message_id``; the agent checks it in full before storing it."""
-        return dict(self._call("PUT", _message_path(message_id), content=data,
-                               headers={"Content-Type": "application/octet-stream"}).json())
+        return self._object("PUT", _message_path(message_id), content=data,
+                            headers={"Content-Type": "application/octet-stream"})
 
     def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
              max_tokens: int = 64, kv_return: dict[str, Any] | None = None,
@@ -219,7 +235,7 @@ class Client:
             body["kv_return"] = kv_return
         if kv_blend is not None:
             body["kv_blend"] = kv_blend
-        return dict(self._call("POST", "/v1/chat/completions", json=body).json())
+        return self._object("POST", "/v1/chat/completions", json=body)
 
 
 def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | None:

@@ -153,7 +153,9 @@ class ContextMaker:
         codec = make_codec(name, **({k: v for k, v in told.items() if v is not None} if auto else {}))
         bandwidth = (float(codec.params()["bandwidth_mbit"]), source) if auto else None
         codec = codec.bind(lambda: model_codebook(self.agent))
-        mode = body.mode or self.config.mode
+        if body.passage and body.mode not in (None, "causal"):
+            raise ConfigError(f"a passage is read in causal masks (spliced into the chat), not {body.mode!r}")
+        mode = "causal" if body.passage else body.mode or self.config.mode
         layers: list[int] | None = None
         if body.layers is not None:
             bad = [layer for layer in body.layers if not 0 <= layer < self.agent.num_layers]

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from kvcomm.errors import ConfigError
 from kvcomm.serve.stores.base import StoreUnavailable, check_id
 
 T = TypeVar("T")
+
+
+def without_password(url: str) -> str:
+    """``url`` with its user and password replaced by ``***`` (errors show the store's address, and
+    ``/healthz`` shows errors to anyone)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisStore:
@@ -30,7 +43,7 @@ class RedisStore:
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             health_check_interval=30)
-        self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
+        self.url, self.prefix, self.ttl_s = without_password(url), prefix, ttl_s  # url: what errors may show
         if connect:
             self.ping()
 
