@@ -89,6 +89,13 @@ MISTAKES = [
     ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5", "needs --profile"),
     ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5 --profile {dir}/deeper-profile.json", "ranks 6 layers"),
     ("encode {dir}/folder -m {model} --context x", "is a folder"),
+    ("encode {dir}/m.kvcm -m {model} --context x --profile {dir}/countries-profile.json", "give --ratio with it"),
+    ("encode {dir}/m.kvcm -m {model} --context x --layers 0 --profile {dir}/profile.json", "give --ratio with it"),
+    ("eval -m {model} --selection paper --objective likelihood", "leave out --objective"),
+    ("eval -m {model} -t facts --pieces passages --calib-size 0 --profile {dir}/passages-profile.json "
+     "--objective probability", "the profile's ranking is used"),
+    ("sweep -m {model} --methods kvcomm,kvcomm~prior --objective auto", "not prior"),
+    ("eval -m {model} -t jsonl --data {dir}/ok.jsonl --objective auto --limit 2", "lower --limit"),
     ("inspect {dir}/missing.kvcm", "does not exist"),
     ("inspect {dir}/junk.kvcm", "not a KV message"),
     ("answer {dir}/junk.kvcm -m {model} --question q", "not a KV message"),

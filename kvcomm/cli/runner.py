@@ -26,7 +26,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
-from kvcomm.eval.harness import check_distinct, check_profile, named_rules
+from kvcomm.eval.harness import check_calibration, check_distinct, check_profile, named_rules
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
@@ -75,6 +75,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     blocks = given if isinstance(given, BlockProfile) else None
     for task in tasks:
         test, _ = config.split(task.items, named_rules(build()))
+        check_calibration(config, named_rules(build()), len(task.items), profile.rule if profile is not None else None)
         if given is not None:
             check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))

@@ -51,6 +51,8 @@ def encode_command(
         raise ConfigError("give exactly one of --context or --context-file")
     if ratio is not None and layers is not None:
         raise ConfigError("give --layers or --ratio (with --profile), not both")
+    if profile is not None and ratio is None:  # before, every layer was sent and the profile never read
+        raise ConfigError("--profile ranks layers for a --ratio: give --ratio with it, or --layers without it")
     told = {"bandwidth_mbit": bandwidth, "receiver_compute_s": receiver_compute}
     for option, value in zip(("--bandwidth", "--receiver-compute"), told.values()):
         if value is not None and make_codec(codec).name != "auto":

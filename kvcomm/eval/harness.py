@@ -136,6 +136,37 @@ def named_rules(methods: Sequence[Method]) -> set[str]:
     return {rule for method in methods if (rule := getattr(method.options, "selection", None)) is not None}
 
 
+def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, profiled: str | None = None) -> None:
+    """Refuses, before any model loads or calibrates, an ``objective`` that a rule the run
+    calibrates refuses (``auto`` with ``prior``), that no rule it calibrates uses (``paper`` ranks
+    by attention; a given profile's ranking is used as it was made), or ``auto`` where the task
+    leaves fewer than :data:`AUTO_MIN_ITEMS` calibration items.
+
+    Args:
+        rules: the rules the run's methods name (:func:`named_rules`).
+        total: the task's items.
+        profiled: the rule of the profile given, if one is (its ranking is not calibrated again).
+
+    Raises:
+        ConfigError: naming the option to change.
+    """
+    if config.objective is None:
+        return
+    calibrated = ({config.selection} if profiled is None else set()) | (set(rules) - {profiled})
+    for rule in sorted(calibrated):
+        check_objective(rule, config.objective)
+    if not calibrated - {"paper"}:
+        why = "the profile's ranking is used as it was calibrated" if profiled is not None else \
+            "the paper rule ranks layers by attention"
+        raise ConfigError(f"--objective {config.objective} is what prune, answer and prior calibrate by; {why}: leave "
+                          "out --objective")
+    count = config.calibration_count(total, rules)
+    if config.objective == "auto" and calibrated & set(SEARCHES) and count < AUTO_MIN_ITEMS:
+        raise ConfigError(f"the auto objective holds out half of the calibration items: it needs at least "
+                          f"{AUTO_MIN_ITEMS}, and {total} items leave {count} beside the test items: lower --limit "
+                          "or --skip")
+
+
 def check_distinct(methods: Sequence[Method]) -> None:
     """Refuses one configuration given twice (the same method with the same options), before any
     model loads or calibrates (after set-up, labels are checked again: they may resolve alike).
@@ -236,6 +267,7 @@ def evaluate(
         check_apart(methods)
     started = utc_now()
     test, calib = config.split(task.items, named_rules(methods))
+    check_calibration(config, named_rules(methods), len(task.items), profile.rule if profile is not None else None)
     for given in (profile, blocks):
         if given is not None:
             check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name),
