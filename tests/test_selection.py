@@ -484,9 +484,16 @@ def test_the_auto_objective_keeps_the_ranking_held_out_items_answer_better():
     profile = calibrate(agents, task, task.items, progress=False, objective="auto", batch_size=1)
     held = profile.details["held_out"]
     assert held["items"] == [i.id for i in task.items[:2]] and held["searched_on"] == [i.id for i in task.items[2:]]
+    rows = 0.0  # decoder-layer passes of one row, over both searches run alone
     for candidate in ("likelihood", "probability"):
         alone = calibrate(agents, task, task.items[2:], progress=False, objective=candidate, batch_size=1)
         assert held["rankings"][candidate] == alone.ranking
+        rows += alone.details["layer_rows_per_item"] * 2
+    # the first step (every layer but one, for each layer) is the same in both searches: scored once
+    layers = agents.num_layers
+    assert held["steps_shared"] >= 1
+    judged = 2 * 3 * 2 * layers  # 2 held-out items, 3 ratios of 2 rankings, whole forwards
+    assert profile.details["layer_rows_per_item"] * 4 <= rows - 2 * layers * layers + judged
     rows = []
     for item in task.items[:2]:
         read = Batch(agents, task, [item]).reading(1, "chats")

@@ -272,8 +272,10 @@ def _held_out_choice(agents: Agents, scored: list[Scored], ids: list[str], rule:
     held, searched = scored[:half], scored[half:]
     work = Work()
     rankings, traces = {}, {}
+    steps_seen: dict[tuple[frozenset[int], ...], np.ndarray] = {}  # a step both searches take is scored once
     for candidate in AUTO_CANDIDATES:
-        score, _ = _objective(agents, searched, progress, bounded=candidate == "probability", work=work)
+        score, _ = _objective(agents, searched, progress, bounded=candidate == "probability", work=work,
+                              seen=steps_seen)
         rankings[candidate], traces[candidate] = search(score, agents.num_layers, steps or default(agents.num_layers),
                                                         pool)
     judge, _ = _objective(agents, held, progress, work=work)
@@ -288,26 +290,39 @@ def _held_out_choice(agents: Agents, scored: list[Scored], ids: list[str], rule:
                          f"{', '.join(map(str, TARGET_RATIOS))}, on items no search read",
             "items": ids[:half], "searched_on": ids[half:], "scores": held_out, "chosen": chosen,
             "rankings": rankings,
+            "steps_shared": sum(map(len, traces.values())) - len(steps_seen),  # the second search's from the first
         },
     }
     return rankings[chosen], details, work
 
 
 def _objective(agents: Agents, scored: list[Scored], progress: bool, bounded: bool = False,
-               work: Work | None = None) -> tuple[Any, Work]:
+               work: Work | None = None,
+               seen: dict[tuple[frozenset[int], ...], np.ndarray] | None = None) -> tuple[Any, Work]:
     """Each layer set's objective (answer likelihood, choice of the gold option, or fidelity) averaged
     over the items (``bounded``: each item's exp, the gold answer's probability per token), and the
     work it has done (model calls, and decoder-layer passes of one row:
-    :class:`~kvcomm.selection.likelihood.Work`; added to ``work`` when given)."""
+    :class:`~kvcomm.selection.likelihood.Work`; added to ``work`` when given).
+
+    ``seen``, when given, keeps each step's per-item values (``[items, sets]``) by its list of layer
+    sets, and a step asked again (``auto``'s second search, where it takes the first's step) is
+    answered from it: the same forwards' values, with no work counted."""
     work = work if work is not None else Work()
     bar = tqdm(desc="scoring layer sets", unit="set", disable=not progress)
 
     def objective(layer_sets: Sequence[frozenset[int]]) -> np.ndarray:
-        values = []
-        for item in scored:  # the bar moves item by item: one step can take minutes on a large model
-            value = answer_loglik(agents.receiver.model, item, layer_sets, CHUNK, work=work).numpy()
-            values.append(np.exp(value) if bounded else value)
-            bar.update(len(layer_sets))
-        return np.mean(values, axis=0)
+        key = tuple(layer_sets)
+        if seen is not None and key in seen:
+            values = seen[key]
+            bar.update(len(layer_sets) * len(scored))
+        else:
+            rows = []
+            for item in scored:  # the bar moves item by item: one step can take minutes on a large model
+                rows.append(answer_loglik(agents.receiver.model, item, layer_sets, CHUNK, work=work).numpy())
+                bar.update(len(layer_sets))
+            values = np.stack(rows)
+            if seen is not None:
+                seen[key] = values
+        return np.mean(np.exp(values) if bounded else values, axis=0)
 
     return objective, work
