@@ -380,10 +380,12 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             for cell in apart.values():
                 cell["variant"] = _describe(cell["setup"], fields)
     rows = []
-    for (model, task, layout, same, _), cell in cells.items():
+    for (model, task, layout, same, senders), cell in cells.items():
         skyline = skylines.get((cell["receiver"], task, same))
-        # read as passages, every layer shared is the skyline's own computation
-        all_layers = cell["all"][0] if "all" in cell else skyline if layout == "passages" else None
+        # read as one passage by its own model, every layer shared is the skyline's own computation
+        # (several passages are each prefilled alone; another sender's KV is its own)
+        alike = layout == "passages" and senders == 1 and model == cell["receiver"]
+        all_layers = cell["all"][0] if "all" in cell else skyline if alike else None
         for ratio in GOAL_RATIOS:
             if f"rule@{ratio:g}" not in cell:
                 continue

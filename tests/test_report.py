@@ -120,6 +120,20 @@ def test_goals_pair_no_runs_of_another_number_of_senders(capsys):
     assert "runs of other senders are not paired" in capsys.readouterr().err
 
 
+def test_goals_take_the_skyline_for_every_layer_only_where_it_computes_the_same():
+    """Read as one passage by the receiver's own model, every layer shared is the skyline's
+    computation; several passages (each prefilled alone) or another sender's KV are not."""
+    def passages(senders=1, **config):
+        return facts(run("random@0.5", [0.0] * 4, method="random", pieces="passages", senders=senders),
+                     run("kvcomm@0.5", [0.0] * 4, pieces="passages", senders=senders),
+                     run("skyline", [1.0] * 4, method="skyline", fraction=None, layers=()), **config)
+
+    assert report.goals_grid([passages()], "prune")[0]["all_is_skyline"] is True
+    for made in (passages(senders=2), passages(sender="other")):
+        row = report.goals_grid([made], "prune")[0]
+        assert row["all_is_skyline"] is False and "all" not in row, row
+
+
 def test_goals_read_a_field_a_file_does_not_record_as_its_default(capsys):
     old = baselines(seeds={"task": 0})  # from before dtype, linear layers and task options were recorded
     for field in ("dtype", "linear", "task_options"):
