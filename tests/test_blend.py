@@ -184,6 +184,17 @@ def test_the_methods_exact_ends_hold_in_a_sweep(agents):
     half = runs["blend@0.5x2"].details
     assert 0 < half["mean_recomputed_tokens"] < half["mean_context_tokens"] and 0 < half["mean_flops_fraction"] < 1
     assert runs["blend@1x2"].details["mean_recomputed_tokens"] == runs["blend@1x2"].details["mean_context_tokens"]
+    # prefix reuse sends the first piece's KV and every token's id (before: every piece's KV too)
+    from kvcomm import load_task
+    from kvcomm.eval.batch import Batch
+    from kvcomm.protocol import share
+
+    task = load_task("multihop", items=5, pieces=2, facts_per_piece=2)
+    for reused, whole in zip(runs["prefix@x2"].items, runs["blend@0x2"].items):
+        batch = Batch(agents, task, [next(i for i in task.items if i.id == reused.id)])
+        piece = share(agents.receiver.model, batch.sender_pieces(2, "chats")[0], range(agents.num_layers))
+        assert reused.kv_bytes == int(piece.kv_bytes[0]) + 4 * int(batch.sender_kv(2, "chats").context_len[0])
+        assert reused.kv_bytes < whole.kv_bytes
 
 
 def test_pieces_of_a_multihop_item_go_to_their_own_senders():

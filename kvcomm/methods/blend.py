@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
-from kvcomm.protocol import SharedKV, greedy_generate, receiver_input, share
+from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, receiver_input, share
 from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import top_layers
@@ -95,13 +95,18 @@ class _Composing(Method):
                 "mean_flops_fraction": mean["flops_fraction"], "layers": self._layers}
 
     def _joined(self, batch: Batch, senders: int, pieces: Pieces) -> tuple[SharedKV, list[int]]:
+        """The pieces joined (through messages with a codec), and each row's bytes: its KV and
+        4-byte token ids, or its message."""
+        return self._sent(batch, batch.sender_kv(senders, pieces))
+
+    def _sent(self, batch: Batch, sender: SenderKV) -> tuple[SharedKV, list[int]]:
         receiver = batch.agents.receiver
         layers = self._layers if self._layers is not None else range(receiver.num_layers)
-        joined = share(receiver.model, batch.sender_kv(senders, pieces), layers)
+        shared = share(receiver.model, sender, layers)
         if self._codec is None:
-            assert joined.token_ids is not None
-            return joined, (joined.kv_bytes + 4 * joined.context_len).tolist()  # KV and 4-byte token ids
-        return through_wire(joined, batch, self._codec)
+            assert shared.token_ids is not None
+            return shared, (shared.kv_bytes + 4 * shared.context_len).tolist()  # KV and 4-byte token ids
+        return through_wire(shared, batch, self._codec)
 
     def _answer(self, batch: Batch, start_shared: SharedKV, kv_bytes: list[int], senders: int,
                 pieces: Pieces) -> Output:
@@ -171,9 +176,13 @@ class PrefixReuse(_Composing):
 
     def run(self, batch: Batch) -> Output:
         o = self.options
-        joined, sent = self._joined(batch, o.senders, o.pieces)
-        first = batch.sender_pieces(o.senders, o.pieces)[0].valid.shape[1]  # the first piece's (or opening's) columns
+        joined, _ = self._joined(batch, o.senders, o.pieces)
+        reused = batch.sender_pieces(o.senders, o.pieces)[0]  # the first piece (or opening)
         columns = torch.arange(joined.valid[0].shape[1])[None]
-        blended, stats = recompute_tokens(batch.agents.receiver.model, joined, joined.valid[0] & (columns >= first))
+        blended, stats = recompute_tokens(batch.agents.receiver.model, joined,
+                                          joined.valid[0] & (columns >= reused.valid.shape[1]))
         self._record(stats)
-        return self._answer(batch, blended, sent, o.senders, o.pieces)
+        # what travels: the first piece (its KV and ids, or its message) and the others' token ids alone
+        _, first = self._sent(batch, reused)
+        rest = (joined.context_len - reused.context_len).tolist()
+        return self._answer(batch, blended, [b + 4 * int(r) for b, r in zip(first, rest)], o.senders, o.pieces)
