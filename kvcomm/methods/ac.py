@@ -3,7 +3,10 @@
 The sender's last-token hidden state after ``layer_k`` layers (0 = the embeddings) is fused into
 the receiver's last-token hidden state just before its decoder layer ``layer_j``, during the
 receiver's prefill: ``replace``, ``sum`` or ``mean``. Negative indices count from the end (the
-reference code silently skips the graft for them).
+reference code silently skips the graft for them). The sender's state is transformers'
+``hidden_states[layer_k]``, as the reference code takes it: so ``layer_k`` = the depth (or -1) is
+the last layer's output *after the model's final norm*, where a smaller ``layer_k`` is a layer's
+raw output (the residual stream).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ FUSIONS = {
 
 class ACOptions(MethodOptions):
     """``fuse``: ``replace``, ``sum`` or ``mean``; ``layer_k``, ``layer_j``: layer indices, negative
-    counting from the end, default ~3/4 of the depth."""
+    counting from the end, default ~3/4 of the depth (``layer_k`` = the depth: after the final
+    norm, as the module's docstring says)."""
 
     fuse: Literal["replace", "sum", "mean"] = "mean"
     layer_k: int | None = None
