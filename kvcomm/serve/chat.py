@@ -12,6 +12,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -100,7 +101,7 @@ def check_usable(message: KVMessage, agent: LoadedModel) -> None:
     Raises:
         ServiceRefusal: 422 (``invalid_kv_message``) naming what does not fit.
     """
-    vocabulary = int(agent.model.get_input_embeddings().weight.shape[0])
+    vocabulary = int(cast(torch.Tensor, agent.model.get_input_embeddings().weight).shape[0])
     width = int(agent.config.hidden_size)
     longest = int(getattr(agent.config, "max_position_embeddings", 0) or 0)
     problem = None
