@@ -724,3 +724,46 @@ def test_git_commit_marks_a_tree_with_uncommitted_changes(monkeypatch):
         assert provenance.git_commit.__wrapped__() == commit
     answers["rev-parse"] = OSError("no git")
     assert provenance.git_commit.__wrapped__() is None
+
+
+def test_a_checkpoint_names_what_the_calibration_options_came_to(agents, tmp_path):
+    """A run's identity records its calibration items and each calibrated rule's objective, so that
+    a default that changes later is a difference the resumed run repeats by giving the recorded
+    value, and giving a default's value is the same run. A checkpoint written before (no such
+    record, its options left to their defaults: 4 items and the likelihood, then) resumes with
+    those values given, where before its null options matched no value."""
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.harness import calibration_identity
+    from kvcomm.eval.provenance import identity_difference, run_identity
+
+    task = load_task("facts", items=12)
+    methods = lambda: build_methods(["kvcomm"], [0.5])  # noqa: E731
+
+    def identity(config, recorded=True):
+        calibration = calibration_identity(config, [], len(task.items)) if recorded else None
+        return run_identity(task, methods(), config.model_dump(mode="json"), "m", "m", "float32", None,
+                            calibration=calibration)
+
+    default = identity(EvalConfig(limit=2))
+    assert default["calibration"] == {"items": 8, "objectives": {"prune": "auto"}}
+    assert identity_difference(default, identity(EvalConfig(limit=2, calib_size=8, objective="auto"))) is None
+    assert identity_difference(default, identity(EvalConfig(limit=2, calib_size=4))) == "calibration.items: 8 → 4"
+    assert identity_difference(identity(EvalConfig(limit=2, calib_size=4)),  # 4 items: the likelihood's default
+                               identity(EvalConfig(limit=2, calib_size=4, objective="likelihood"))) is None
+    # written before identities recorded the calibration, with the options left to their defaults
+    older = identity(EvalConfig(limit=2), recorded=False)
+    assert identity_difference(older, identity(EvalConfig(limit=2, calib_size=4, objective="likelihood"))) is None
+    assert identity_difference(older, identity(EvalConfig(limit=2, objective="probability"))) == \
+        "evaluation.objective: null → \"probability\""
+    # such a run (4 items and the likelihood, the defaults then) resumed with those values given
+    name = agents.sender.name
+    recorded = run_identity(task, methods(), EvalConfig(limit=2, batch_size=2).model_dump(mode="json"), name, name,
+                            "float32", None)
+    then = EvalConfig(limit=2, batch_size=2, calib_size=4, objective="likelihood")
+    first = evaluate(agents, task, methods(), then, progress=False, checkpoint=Checkpoint(tmp_path / "c", recorded))
+    now = run_identity(task, methods(), then.model_dump(mode="json"), name, name, "float32", None,
+                       calibration=calibration_identity(then, [], len(task.items)))
+    resumed = evaluate(agents, task, methods(), then, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", now, resume=True))
+    assert resumed.profile["calibration_items"] == first.profile["calibration_items"]
+    assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]

@@ -26,7 +26,13 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
-from kvcomm.eval.harness import check_calibration, check_distinct, check_profile, named_rules
+from kvcomm.eval.harness import (
+    calibration_identity,
+    check_calibration,
+    check_distinct,
+    check_profile,
+    named_rules,
+)
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
@@ -90,7 +96,9 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
-                                run.dtype, profiles_identity(profile, blocks), run.linear)
+                                run.dtype, profiles_identity(profile, blocks), run.linear,
+                                calibration_identity(config, named_rules(build()), len(task.items),
+                                                     profile.rule if profile is not None else None))
         checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
         planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kvcomm.errors import ConfigError, DataError, MissingCodebook
-from kvcomm.eval.provenance import code_version, first_difference, utc_now
+from kvcomm.eval.provenance import code_version, identity_difference, utc_now
 from kvcomm.eval.results import ItemResult
 from kvcomm.files import atomic_write
 from kvcomm.selection.blocks import BlockProfile
@@ -120,7 +120,7 @@ class Checkpoint:
         if self.header.version not in READABLE_VERSIONS:
             raise DataError(f"{self.folder}: checkpoint version {self.header.version} is not supported "
                             f"(this kvcomm writes {CHECKPOINT_VERSION})")
-        if difference := first_difference(self.header.identity, identity):
+        if difference := identity_difference(self.header.identity, identity):
             raise ConfigError(f"cannot resume {self.folder}: that run had another configuration ({difference}); "
                               "repeat its options exactly (where the run recorded a value and this one has "
                               "none, a default changed since: give the recorded value as the option), or start "
@@ -146,7 +146,7 @@ class Checkpoint:
 
     def expect(self, identity: dict[str, Any]) -> None:
         """Refuses to record a run whose identity is not the checkpoint's."""
-        if difference := first_difference(self.identity, identity):
+        if difference := identity_difference(self.identity, identity):
             raise ConfigError(f"checkpoint {self.folder} is for another run ({difference})")
 
     def batch_ids(self) -> list[list[str]]:

@@ -43,6 +43,7 @@ from kvcomm.selection.calibrate import (
     calibrate,
     calibration_items,
     check_objective,
+    default_objective,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
 from kvcomm.tasks.base import Item, Pieces, Task
@@ -167,6 +168,18 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
                           "or --skip")
 
 
+def calibration_identity(config: EvalConfig, rules: Iterable[str], total: int,
+                         profiled: str | None = None) -> dict[str, Any]:
+    """What a run's calibration options come to, for its identity (:func:`~kvcomm.eval.provenance.run_identity`):
+    how many of the task's ``total`` items calibrate, and the objective of each rule it calibrates
+    (the run's ``selection`` unless a profile of rule ``profiled`` is given, and the ``rules`` its
+    methods name), given or each rule's default for that many items."""
+    count = config.calibration_count(total, rules)
+    calibrated = ({config.selection} if profiled is None else set()) | (set(rules) - {profiled})
+    return {"items": count,
+            "objectives": {rule: config.objective or default_objective(rule, count) for rule in sorted(calibrated)}}
+
+
 def check_distinct(methods: Sequence[Method]) -> None:
     """Refuses one configuration given twice (the same method with the same options), before any
     model loads or calibrates (after set-up, labels are checked again: they may resolve alike).
@@ -275,7 +288,9 @@ def evaluate(
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
-                                       profiles_identity(profile, blocks), agents.sender.linear))
+                                       profiles_identity(profile, blocks), agents.sender.linear,
+                                       calibration_identity(config, named_rules(methods), len(task.items),
+                                                            profile.rule if profile is not None else None)))
         checkpoint.check_items([item.id for item in test], ordered=not _bucketed(config, methods))
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,

@@ -104,13 +104,18 @@ def profiles_identity(profile: BaseModel | None, blocks: BaseModel | None) -> di
 
 
 def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,
-                 dtype: str, profile: dict[str, Any] | None, linear: str = "dense") -> dict[str, Any]:
+                 dtype: str, profile: dict[str, Any] | None, linear: str = "dense",
+                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that determines a run's answers: what a resumed run must repeat exactly.
 
     The data is identified by its content (``items``), not its path, so a moved file resumes;
-    timing, the date and the code version are not part of it.
+    timing, the date and the code version are not part of it. ``calibration`` is what the
+    calibration options come to (``calibration_identity`` in :mod:`kvcomm.eval.harness`: the items
+    and each calibrated rule's objective), so that a default changed later is a difference a
+    resumed run can repeat by giving the recorded value (:func:`identity_difference`).
     """
     return {
+        **({"calibration": calibration} if calibration is not None else {}),
         "sender": sender, "receiver": receiver, "dtype": dtype, "task": task.name, "items": items_sha256(task),
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "instruction": task.instruction,
         # kvcomm's layouts other than the paper's chats, and test items that do not start at the
@@ -132,6 +137,33 @@ LATER_DEFAULTS: dict[str, Any] = {"pieces": "chats", "skip": 0}  # options added
 
 def _without_defaults(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+
+
+CALIBRATION_OPTIONS = ("calib_size", "objective")  # what ``calibration`` records the effect of
+
+
+def identity_difference(recorded: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first difference (:func:`first_difference`) between a checkpoint's ``recorded``
+    identity and a resumed run's ``new`` one, comparing the calibration by what its options come
+    to: the ``calibration`` both record, not whether each option was given or left to its
+    default. An identity recorded before ``calibration`` was (it has none) compares the options as
+    given, where an option it left to its default matches the same value given now: any
+    ``calib_size`` (the recorded profile's items are checked when it is reused) and the
+    ``likelihood``, every rule's objective then."""
+    if "calibration" in recorded and "calibration" in new:
+        return first_difference(_without_calibration_options(recorded), _without_calibration_options(new))
+    new = {key: value for key, value in new.items() if key != "calibration"}
+    then, now = recorded.get("evaluation", {}), dict(new.get("evaluation", {}))
+    if then.get("calib_size") is None:
+        now["calib_size"] = None
+    if then.get("objective") is None and now.get("objective") == "likelihood":
+        now["objective"] = None
+    return first_difference(recorded, {**new, "evaluation": now})
+
+
+def _without_calibration_options(identity: dict[str, Any]) -> dict[str, Any]:
+    evaluation = {k: v for k, v in identity.get("evaluation", {}).items() if k not in CALIBRATION_OPTIONS}
+    return {**identity, "evaluation": evaluation}
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
