@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.stores import DiskStore, MemoryStore, RedisStore, StoreError, StoreLimits, open_store
+from kvcomm.serve.stores import DiskStore, MemoryStore, RedisStore, StoreError, StoreFull, StoreLimits, open_store
 
 
 def _free_port() -> int:
@@ -114,11 +114,41 @@ def test_the_disk_store_never_unpickles(tmp_path):
 
     store = DiskStore(tmp_path, max_bytes=1 << 20)
     store.close()
-    raw = diskcache.Cache(str(tmp_path))  # the default disk pickles non-bytes values
+    raw = diskcache.Cache(str(tmp_path))  # the default disk pickles non-bytes values, and keys but text
     raw.set("evil", {"not": "bytes"})
+    raw.set(("pickled", "key"), b"KVCM")
+    raw.set("fine", b"KVCM")
     raw.close()
+    store = DiskStore(tmp_path, max_bytes=1 << 20)
     with pytest.raises(StoreError, match="refusing to unpickle"):
-        DiskStore(tmp_path, max_bytes=1 << 20).get("evil")
+        store.get("evil")
+    assert store.list() == ["evil", "fine"]  # the pickled key is left out, not unpickled (before: no listing)
+
+
+def test_a_disk_fault_is_a_store_error_the_service_answers(tmp_path, monkeypatch):
+    """A full disk is StoreFull (507); any other fault of the disk or its SQLite index is
+    StoreUnavailable (503), not an unhandled error (500)."""
+    import errno
+    import sqlite3
+
+    from kvcomm.serve.stores import StoreUnavailable
+
+    store = DiskStore(tmp_path, max_bytes=1 << 20)
+
+    def fails(err):
+        def call(*args, **kwargs):
+            raise err
+        return call
+
+    monkeypatch.setattr(store._cache, "set", fails(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(StoreFull, match="No space left"):
+        store.put("m", b"x")
+    monkeypatch.setattr(store._cache, "set", fails(sqlite3.OperationalError("database or disk is full")))
+    with pytest.raises(StoreFull):
+        store.put("m", b"x")
+    monkeypatch.setattr(store._cache, "get", fails(sqlite3.OperationalError("database is locked")))
+    with pytest.raises(StoreUnavailable, match="database is locked"):
+        store.get("m")
 
 
 def test_open_store_specs(tmp_path, redis_url):

@@ -7,12 +7,21 @@ unpickled is refused, so nothing read back is ever unpickled.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.stores.base import StoreError, StoreFull, check_id
+from kvcomm.serve.stores.base import StoreError, StoreFull, StoreUnavailable, check_id
+
+T = TypeVar("T")
+
+
+PICKLED_KEY = object()
+"""What the disk store reads a pickled key as (it never unpickles one)."""
 
 
 @cache
@@ -36,8 +45,8 @@ def _bytes_only_disk() -> type:
             return super().fetch(mode, filename, value, read)
 
         def get(self, key: Any, raw: bool) -> Any:
-            if not raw:
-                raise StoreError("the disk store holds a pickled key; refusing to unpickle it")
+            if not raw:  # a key some other writer pickled: never unpickled, and no id of a message
+                return PICKLED_KEY
             return super().get(key, raw)
 
     return BytesOnlyDisk
@@ -56,32 +65,54 @@ class DiskStore:
         self._cache = diskcache.Cache(str(directory), disk=disk, size_limit=max_bytes,
                                       eviction_policy="least-recently-used", cull_limit=1)
 
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, where a full disk is :class:`StoreFull` (507) and any other fault of the disk
+        or its SQLite index :class:`StoreUnavailable` (503), not an unhandled error."""
+        try:
+            return fn()
+        except (OSError, sqlite3.Error) as err:
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in str(err).lower()
+            where = f"the disk store at {self.directory} failed ({what}): {type(err).__name__}: {err}"
+            raise (StoreFull if full else StoreUnavailable)(where) from None
+
     def put(self, message_id: str, data: bytes) -> None:
         check_id(message_id)
         if len(data) > self.max_bytes:
             raise StoreFull(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
-        self._cache.set(message_id, bytes(data), expire=self.ttl_s)
-        if self._cache.volume() > self.max_bytes:
-            self._cache.cull()
+
+        def write() -> None:
+            self._cache.set(message_id, bytes(data), expire=self.ttl_s)
+            if self._cache.volume() > self.max_bytes:
+                self._cache.cull()
+
+        self._call("put", write)
 
     def get(self, message_id: str) -> bytes | None:
-        value = self._cache.get(check_id(message_id))
+        check_id(message_id)
+        value = self._call("get", lambda: self._cache.get(message_id))
         return value if isinstance(value, bytes) else None
 
     def exists(self, message_id: str) -> bool:
-        return check_id(message_id) in self._cache
+        check_id(message_id)
+        return self._call("exists", lambda: message_id in self._cache)
 
     def delete(self, message_id: str) -> bool:
-        return bool(self._cache.delete(check_id(message_id)))
+        check_id(message_id)
+        return bool(self._call("delete", lambda: self._cache.delete(message_id)))
 
     def list(self) -> list[str]:
-        return sorted(str(key) for key in self._cache.iterkeys() if key in self._cache)
+        """The ids held; a key some other writer pickled (never unpickled, and no id of a message:
+        ids are text) is left out, where before it refused the whole listing."""
+        def keys() -> list[str]:
+            return [key for key in self._cache.iterkeys() if isinstance(key, str) and key in self._cache]
+
+        return sorted(self._call("list", keys))
 
     def count(self) -> int:
-        return len(self._cache)
+        return self._call("count", lambda: len(self._cache))
 
     def size_bytes(self) -> int:
-        return int(self._cache.volume())
+        return int(self._call("size", self._cache.volume))
 
     def close(self) -> None:
         self._cache.close()
