@@ -393,6 +393,31 @@ def test_the_client_stops_reading_a_message_larger_than_it_accepts():
     assert len(sent) < 10  # stopped near the limit, not after the 1,000 chunks
 
 
+def test_the_client_bounds_what_a_streamed_message_and_an_error_may_take(agent):
+    """``receive_message`` (and ``arriving``) take the reader's limits on the wire and decoded; a
+    streamed GET's error body is read for its first 64 KiB only, however long it is."""
+    from kvcomm.errors import MessageTooLarge
+
+    data = _kv_message(agent, tokens=64).to_bytes()
+    client = _mocked(lambda request: httpx.Response(200, content=data))
+    assert client.receive_message("m", receiver=agent.fingerprint).context_len == 64
+    with pytest.raises(MessageTooLarge):
+        client.receive_message("m", max_bytes=len(data) // 2)
+    with pytest.raises(MessageTooLarge):
+        client.receive_message("m", max_decoded_bytes=1000)
+    sent = []
+
+    def endless():
+        for _ in range(10_000):
+            sent.append(1)
+            yield b"e" * 1024
+
+    failing = _mocked(lambda request: httpx.Response(502, content=endless()))
+    with pytest.raises(ServiceError) as err:
+        failing.receive_message("m")
+    assert err.value.status == 502 and len(err.value.detail) == 64 << 10 and len(sent) < 100
+
+
 def test_bearer_token_is_required_when_configured(agent):
     app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret"))
     with TestClient(app) as http:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
 from kvcomm.serve.stores.base import check_id
-from kvcomm.wire.message import DEFAULT_MAX_BYTES, KVMessage
+from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
 
 
@@ -109,15 +110,18 @@ class Client:
         return bytes(data)
 
     def receive_message(self, message_id: str, receiver: Fingerprint | None = None,
-                        timeline: Timeline | None = None) -> KVMessage:
+                        timeline: Timeline | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                        max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
         """A stored message, decoded layer by layer while the rest still arrives (checked against
-        ``receiver``'s fingerprint as soon as the header is in; see :mod:`kvcomm.wire.streaming`)."""
-        with self.arriving(message_id, receiver, timeline) as arrival:
+        ``receiver``'s fingerprint as soon as the header is in, and against ``max_bytes`` on the
+        wire and ``max_decoded_bytes`` decoded; see :mod:`kvcomm.wire.streaming`)."""
+        with self.arriving(message_id, receiver, timeline, max_bytes, max_decoded_bytes) as arrival:
             return arrival.message()
 
     @contextmanager
     def arriving(self, message_id: str, receiver: Fingerprint | None = None,
-                 timeline: Timeline | None = None) -> Iterator[Arrival]:
+                 timeline: Timeline | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> Iterator[Arrival]:
         """A stored message as it arrives: the header at once, layers as they are decoded. A
         receiver prefills on ``arrival.receiver_input(dtype)`` while the rest is on the wire::
 
@@ -135,7 +139,7 @@ class Client:
             try:
                 response = opened.enter_context(self._streamed(path))
                 arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes(), began), receiver,
-                                                       timeline=timeline))
+                                                       max_bytes, max_decoded_bytes, timeline))
             except _HTTPX_ERRORS as err:
                 raise self._failed(err) from None
             yield arrival  # the body's own errors come from the arrival, as ServiceError (see _timed)
@@ -147,9 +151,13 @@ class Client:
         the block opened on it stopped, before the response closes)."""
         with self._http.stream("GET", path) as response:
             try:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response)
+                if response.status_code >= 400:  # its first ERROR_BODY bytes: a peer's error need not be small
+                    head = b""
+                    for chunk in response.iter_bytes():
+                        head += chunk
+                        if len(head) >= ERROR_BODY:
+                            break
+                    _raise_for(response, head[:ERROR_BODY].decode(response.encoding or "utf-8", errors="replace"))
                 yield response
             finally:
                 _hang_up(response)
@@ -273,14 +281,18 @@ def _hang_up(response: httpx.Response) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _raise_for(response: httpx.Response) -> None:
+ERROR_BODY = 64 << 10
+"""The most bytes of an error's body a streamed GET reads (an agent's errors are a few hundred)."""
+
+
+def _raise_for(response: httpx.Response, text: str | None = None) -> None:
     """A :class:`ServiceError` for an error status, with the service's message and code when the
-    body has OpenAI's error shape, else with the body's text."""
+    body (``text``, where the caller read it) has OpenAI's error shape, else with the body's text."""
     if response.status_code < 400:
         return
-    detail, code = response.text, None
+    detail, code = response.text if text is None else text, None
     try:
-        body = response.json()
+        body = json.loads(detail)
     except ValueError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
