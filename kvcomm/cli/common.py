@@ -285,7 +285,8 @@ CalibrationObjective = Annotated[Objective | None, typer.Option(
          "likelihood or probability, whichever's ranking held-out calibration items answer better; takes 8 "
          "calibration items unless told, searches on the later half). "
          f"(default: {DEFAULT_OBJECTIVE} for prune and answer, likelihood for them with fewer than 8 calibration items "
-         "and for prior)")]
+         "and for prior). Refused where the run calibrates no such rule (--selection paper, or a --profile's "
+         "ranking used as given).")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(
