@@ -161,6 +161,12 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], obje
     return Path(path)
 
 
+def save_figure(fig: Any, path: str | Path, **options: Any) -> Path:
+    """A matplotlib figure saved atomically (:func:`atomic_write`), in the format its suffix names."""
+    target = Path(path)
+    return atomic_write(target, lambda out: fig.savefig(out, format=target.suffix.lstrip(".") or "png", **options))
+
+
 def _mode_for(target: Path) -> int:
     """The permissions the file gets: the replaced file's, else what ``open`` would give a new one
     (0666 less the process's umask)."""

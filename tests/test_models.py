@@ -119,11 +119,21 @@ def test_files_that_are_not_a_model_give_a_model_error_naming_them(tmp_path, mon
     garbage.write_bytes(b"not a gguf file at all" * 10)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF")  # the magic, then nothing
-    for path in (odd, no_tokenizer, garbage, truncated):
+    loaded = tiny_loaded("llama")
+    cut, listed = tmp_path / "cut-weights", tmp_path / "config-a-list"
+    for folder in (cut, listed):
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # before: SafetensorError's traceback
+    (listed / "config.json").write_text("[]")  # before: TypeError's traceback
+    for path in (odd, no_tokenizer, garbage, truncated, cut, listed):
         with pytest.raises(ModelError, match="cannot load") as raised:
             load_model(str(path))
         assert str(path) in str(raised.value)
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # the failed conversion left nothing
+    with pytest.raises(ModelError, match="GGUF file .*UPPER.GGUF does not exist"):  # read as GGUF whatever its case
+        load_model(str(tmp_path / "UPPER.GGUF"))
 
 
 def test_a_folder_name_that_is_not_here_says_it_was_read_as_a_hub_id(tmp_path, monkeypatch):

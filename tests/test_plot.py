@@ -97,3 +97,26 @@ def test_log_axis_labels_do_not_collide(report, tmp_path):
 
 def test_byte_labels():
     assert [byte_label(v) for v in (512, 2e4, 1.5e6, 3e9)] == ["512 B", "20 kB", "1.5 MB", "3 GB"]
+
+
+def test_a_figure_is_saved_atomically(tmp_path):
+    """A plot replaces its file whole or not at all (before, savefig wrote in place: an interrupted
+    write left half a PNG where the last good one was)."""
+    import matplotlib.pyplot as plt
+
+    from kvcomm.files import save_figure
+
+    fig = plt.figure()
+    path = tmp_path / "p.png"
+    assert save_figure(fig, path) == path and path.read_bytes().startswith(b"\x89PNG")
+    before = path.read_bytes()
+
+    class Failing:
+        def savefig(self, out, **options):
+            out.write(b"half a pn")
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        save_figure(Failing(), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    plt.close(fig)

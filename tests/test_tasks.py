@@ -48,8 +48,15 @@ def test_generic_jsonl(tmp_path):
         load_task("jsonl", path)
 
 
-@pytest.mark.parametrize("line, message", [("{not json", "not valid JSON"), ('{"context": "c"}', "missing field"),
-                                           ("[1, 2]", "JSON object")])
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"), ('{"context": "c"}', "missing field"), ("[1, 2]", "JSON object"),
+    # valid JSON that Python refuses to read, or that is no text: before, a traceback
+    ('{"context": "c", "question": "q", "answers": ["a"], "n": ' + "9" * 5000 + "}", "ValueError"),
+    ('{"context": "c", "question": "q", "answers": ["a"], "n": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "RecursionError"),
+    ('{"context": "c", "question": "q", "answers": ["a"], "n": NaN}', "NaN is not a number"),
+    ('{"context": "c\\ud800", "question": "q", "answers": ["a"]}', "lone surrogate"),
+])
 def test_bad_jsonl_names_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n' + line + "\n")
@@ -67,6 +74,11 @@ def test_bad_jsonl_names_the_line(tmp_path, line, message):
     ({"context": {"a": 1}}, "'context' must be a string, got dict"),
     ({"question": None}, "'question' must be a string, got NoneType"),
     ({"choices": "Paris"}, "'choices' must be a list of strings"),
+    ({"context": " "}, "'context' is empty"),
+    ({"question": ""}, "'question' is empty"),
+    ({"id": {"k": 1}}, "'id' must be a non-empty string or an integer"),
+    ({"id": None}, "'id' must be a non-empty string or an integer"),
+    ({"id": True}, "'id' must be"),
 ])
 def test_jsonl_fields_of_the_wrong_type_are_refused(tmp_path, record, message):
     path = tmp_path / "typed.jsonl"
@@ -280,3 +292,12 @@ def test_task_options_parse_to_their_types_and_a_prefix_picks_the_task():
     assert parse_options("multihop", load, pairs) == {"items": 7, "filler_per_piece": 2}
     assert parse_options("facts", TASKS.get("facts").load, pairs) == {"items": 7, "facts_per_item": 3}
     assert [option_task(p) for p in pairs] == [None, "multihop", "facts"]
+
+
+@pytest.mark.parametrize("name", ["facts", "multihop", "relay"])
+def test_a_negative_seed_is_refused(name):
+    """random.Random(-5) draws what random.Random(5) does: a negative seed would repeat another
+    seed's items under other ids (which the profile's leak check, by id, cannot see)."""
+    with pytest.raises(DataError, match="seed is 0 or more, not -5"):
+        load_task(name, items=2, seed=-5)
+    assert load_task(name, items=2, seed=5).items

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from kvcomm.eval.results import Report, RunResult  # noqa: E402
+from kvcomm.files import save_figure  # noqa: E402
 
 MARKERS = "osD^vP*X<>"
 FIXED = {"baseline": "0.5", "skyline": "black"}
@@ -63,11 +64,9 @@ def plot_sweep(report: Report, path: str | Path, metric: str | None = None, x: s
     """Writes a PNG of score against ``x``: ``fraction`` of layers shared, or ``bytes`` sent per item
     (see :func:`sweep_figure`)."""
     fig = sweep_figure(report, metric, x, bands)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    saved = save_figure(fig, path)
     plt.close(fig)
-    return path
+    return saved
 
 
 def sweep_figure(report: Report, metric: str | None = None, x: str = "fraction", bands: bool = True) -> Figure:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kvcomm.files import save_figure  # noqa: E402
+
 if TYPE_CHECKING:
     from kvcomm.eval.drift import Drift
     from kvcomm.selection.blocks import BlockProfile
@@ -69,8 +71,6 @@ def plot_drift(drift: Drift, path: str | Path) -> Path:
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    saved = save_figure(fig, path, dpi=120)
     plt.close(fig)
-    return path
+    return saved

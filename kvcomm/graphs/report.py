@@ -14,6 +14,7 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from kvcomm.eval.plot import byte_label  # noqa: E402
+from kvcomm.files import save_figure  # noqa: E402
 from kvcomm.graphs.graph import GraphReport  # noqa: E402
 
 
@@ -81,8 +82,6 @@ def plot_graph(report: GraphReport, path: str | Path) -> Path:
     fig.suptitle(f"{cfg['task']} · {cfg['model']} · {cfg['topology']} of {cfg['agents']} agents · n={cfg['items']}",
                  fontsize=9)
     by_time.legend(fontsize=7, loc="best")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    saved = save_figure(fig, path, dpi=120)
     plt.close(fig)
-    return path
+    return saved

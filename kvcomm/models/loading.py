@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvcomm.cache import cache_root
@@ -289,7 +290,9 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
     except KvcommError:
         raise
-    except (OSError, ValueError, struct.error) as err:  # struct.error: a truncated GGUF file
+    except (OSError, ValueError, TypeError, struct.error, SafetensorError) as err:
+        # struct.error: a truncated GGUF file; SafetensorError: a truncated safetensors file;
+        # TypeError: a config.json that is not an object
         at = "" if source == name_or_path else f" (from {source})"
         read_as = (f" (no folder {str(Path(name_or_path).expanduser().resolve())!r} here, so the name was read "
                    "as a Hugging Face hub id)" if resolve_model(name_or_path).kind == "hub" else "")

@@ -59,7 +59,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "embedded")
     if (derived := derived_path(name)) is not None:
         return ModelSource(name, "derived", derived)
-    if name.endswith(".gguf"):
+    if name.lower().endswith(".gguf"):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist")

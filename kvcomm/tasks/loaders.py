@@ -74,6 +74,9 @@ class TaskInfo:
         if not items:
             raise DataError(f"task {self.name!r} has no items" + (" (items must be at least 1)"
                                                                   if self.source == "generated" else ""))
+        if seed is not None and seed < 0:  # random.Random(-5) draws what random.Random(5) does
+            raise DataError(f"task {self.name!r}: the seed is 0 or more, not {seed} (a negative seed would repeat "
+                            f"seed {-seed}'s items under other ids)")
         return Task(name or self.name, items, self.max_new_tokens, metric=self.metric,
                     data=None if data is None else str(data), seed=seed)
 
@@ -102,12 +105,35 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # a 5,000-digit number, arrays nested 10,000 deep, NaN
+                raise DataError(f"{path}:{number}: not a record kvcomm reads ({type(err).__name__}: "
+                                f"{str(err)[:120]})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object")
+            try:  # "\ud800" is valid JSON but no text: the tokenizer and the files written later refuse it
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{number}: holds a lone surrogate (an escape such as \\ud800 that is no "
+                                "character)") from None
             yield number, record
+
+
+def _no_constant(name: str) -> Any:
+    """JSON's non-standard constants (NaN, Infinity) are refused: no field kvcomm reads is one."""
+    raise ValueError(f"{name} is not a number a record may hold")
+
+
+def _id(record: dict[str, Any], default: str, where: str) -> str:
+    """An item's ``id``: a non-empty string or an integer, or ``default`` where it has none."""
+    if "id" not in record:
+        return default
+    value = record["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise DataError(f"{where}: 'id' must be a non-empty string or an integer, got {value!r}"[:200])
+    return str(value)
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> Any:
@@ -127,6 +153,8 @@ def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise DataError(f"{where}: {key!r} must be {'a string or a number' if scalar else 'a string'}, "
                         f"got {type(value).__name__}")
+    if not str(value).strip():
+        raise DataError(f"{where}: {key!r} is empty")
     return str(value)
 
 
@@ -197,7 +225,7 @@ def countries(path: str | Path | None = None) -> Task:
     for number, rec in read_jsonl(file):
         where = f"{file}:{number}"
         items.append(Item(
-            id=str(rec.get("id", f"countries_{number - 1:04d}")),
+            id=_id(rec, f"countries_{number - 1:04d}", where),
             context=_text(rec, "prompt_A", where),
             question=_text(rec, "prompt_B", where) + COUNTRIES_SUFFIX,
             answers=(_answer(rec, "y", where),),
@@ -237,7 +265,7 @@ def jsonl(path: str | Path | None = None) -> Task:
         if not answers:
             raise DataError(f"{where}: 'answers' is empty")
         items.append(Item(
-            id=str(rec.get("id", f"{file.stem}_{number - 1:04d}")),
+            id=_id(rec, f"{file.stem}_{number - 1:04d}", where),
             context=_text(rec, "context", where),
             question=_text(rec, "question", where),
             answers=answers,

@@ -26,18 +26,29 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 def normalize(text: str, articles: bool = False) -> str:
     """Lowercase, straighten quotes, drop punctuation and articles (``articles``: keep them),
-    lemmatise, collapse spaces."""
-    text = text.lower().replace("\u2019", "'")
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    lemmatise (which capitalises proper nouns again: "lisbon" becomes "Lisbon", on both sides of a
+    comparison alike), collapse spaces."""
+    text = _words(text.lower())
     text = text if articles else _ARTICLES.sub(" ", text)
     return " ".join(simplemma.lemmatize(word, lang="en") for word in text.split())
 
 
+def _words(text: str) -> str:
+    """Quotes straightened, punctuation made spaces, spaces collapsed; case kept."""
+    text = text.replace("\u2019", "'")
+    return " ".join("".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text).split())
+
+
 def _pair(prediction: str, gold: str) -> tuple[str, str]:
-    """Both normalised, the articles kept where the gold answer is nothing but articles ("A")."""
+    """Both normalised, the articles kept where the gold answer is nothing but articles. The choice
+    letter "A" is compared by its words with their case, so that the article "a" in a wrong answer
+    ("a guess: B") is not taken for it; an answer that is "a" alone is the letter."""
     ref = normalize(gold)
     if ref:
         return normalize(prediction), ref
+    if _words(gold) == "A":
+        words = _words(prediction)
+        return ("A" if words == "a" else words), "A"
     return normalize(prediction, articles=True), normalize(gold, articles=True)
 
 
