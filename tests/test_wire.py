@@ -900,3 +900,34 @@ def test_auto_leaves_out_the_candidates_a_messages_values_exceed():
     assert back.meta["codec_choice"]["chosen"] == "fp32" and back.layers[0].keys[0, 3, 3].item() == 1e5
     with pytest.raises(WireError, match="float16's range"):
         KVMessage({"m": 1}, 12, 0, layers, make_codec("auto", candidates=["fp16", "int8"])).to_bytes()
+
+
+@pytest.mark.parametrize("name", ["klt", "auto"])
+def test_a_pickled_codec_carries_its_codebook_and_no_model(name, tmp_path, monkeypatch):
+    """A codec pickled to a cluster's worker on another machine (no codebook there) decodes what the
+    driver encoded: it carries its codebook; ``auto`` carries the codebook it was bound to, made at
+    once, not the call that makes it (before, that call held the run's models and went with every
+    job, and a worker elsewhere refused ``klt`` for want of the codebook)."""
+    import pickle
+
+    from kvcomm.wire import codebook as codebooks
+
+    heads, dim, tokens = 2, 8, 6
+    book = random_codebook(heads, dim, layers=2, seed=3)
+    heavy = torch.zeros(1 << 20)  # what a bound call may reach (the run's models)
+    codec = make_codec(name, **({"bandwidth_mbit": 1.0} if name == "auto" else {}))
+    codec = codec.bind(lambda: (heavy, book)[1])
+    data = pickle.dumps(codec)
+    assert len(data) < len(book.to_bytes()) + 4096  # the codebook, not the heavy tensor
+    g = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(heads, tokens, dim, generator=g) for _ in range(2))
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path / "elsewhere"))  # another machine: no codebooks
+    monkeypatch.setattr(codebooks, "_LOADED", {})
+    arrived = pickle.loads(data)
+    if name == "auto":
+        arrived = arrived._codebook and make_codec("klt").bind(arrived._codebook)
+    encoded = make_codec("klt").bind(lambda: book).encode(keys, values, 0, 2)
+    out_k, out_v = arrived.decode(encoded, (heads, tokens, dim), 0, 2)
+    want_k, want_v = make_codec("klt").bind(lambda: book).decode(encoded, (heads, tokens, dim), 0, 2)
+    assert torch.equal(out_k, want_k) and torch.equal(out_v, want_v)
+    assert (tmp_path / "elsewhere" / f"{book.id}.safetensors").is_file()

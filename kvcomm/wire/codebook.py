@@ -172,6 +172,29 @@ def load_codebook(book_id: str) -> Codebook:
     return book
 
 
+def carried(book_id: str) -> bytes | None:
+    """The bytes of codebook ``book_id`` for a codec pickled to another machine (a cluster's
+    worker has no codebook of its own), or None where this machine has none to send either."""
+    try:
+        return load_codebook(book_id).to_bytes()
+    except MissingCodebook:
+        return None
+
+
+def arrived(data: bytes, book_id: str) -> None:
+    """A carried codebook, saved here (:func:`save_codebook`) for codecs naming ``book_id``.
+
+    Raises:
+        WireError: the bytes are no codebook, or their content does not hash to ``book_id``.
+    """
+    if book_id in _LOADED:
+        return
+    book = Codebook.from_bytes(data)
+    if book.id != book_id:
+        raise WireError(f"a carried codebook hashes to {book.id}, not the {book_id} its codec names")
+    save_codebook(book)
+
+
 def default_codebook_id(fingerprint: dict[str, Any]) -> str | None:
     """The id of the codebook last saved as default for this model, if any."""
     path = _default_file(fingerprint)

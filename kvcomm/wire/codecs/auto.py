@@ -46,6 +46,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from functools import partial
 from math import floor, log10
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,12 @@ class AutoCodec(Codec):
         bound = AutoCodec(**self.params())
         bound._codebook = codebook
         return bound
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (to a cluster's workers), the codec carries the codebook it was bound to, made now,
+        not the call that makes it (which may hold the run's models)."""
+        book = self._codebook() if self._codebook is not None else None
+        return _auto_arriving, (self.params(), None if book is None else (book.id, book.to_bytes()))
 
     def largest_value(self) -> float | None:
         """The largest any candidate carries (None where one carries any finite value): ``for_message``
@@ -229,3 +236,14 @@ def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandw
 
 
 preset("auto", "auto", bandwidth_mbit=100.0)
+
+
+def _auto_arriving(params: dict[str, Any], book: tuple[str, bytes] | None) -> AutoCodec:
+    """An unpickled :class:`AutoCodec`, bound to its carried codebook (saved here first)."""
+    codec = AutoCodec(**params)
+    if book is not None:
+        from kvcomm.wire.codebook import arrived, load_codebook
+
+        arrived(book[1], book[0])
+        codec._codebook = partial(load_codebook, book[0])
+    return codec

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.wire.codebook import Codebook, load_codebook
+from kvcomm.wire.codebook import Codebook, arrived, carried, load_codebook
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import Coder, check_coder, laplace_decode, laplace_encode, stream_words
 from kvcomm.wire.codecs.quant import dequantize_hidden, quantize_hidden
@@ -135,6 +135,12 @@ class KLTCodec(Codec):
     def bind(self, codebook: Callable[[], Codebook]) -> KLTCodec:
         return self if self.codebook is not None else KLTCodec(self.step, codebook().id, self.coder)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (to a cluster's workers), the codec carries its codebook, which a worker on another
+        machine does not have."""
+        book = carried(self.codebook) if self.codebook is not None else None
+        return _klt_arriving, (self.step, self.codebook, self.coder, book)
+
     def _book(self, num_layers: int) -> Codebook:
         if self.codebook is None:
             raise ConfigError("the klt codec needs a codebook: encode through kvcomm (which binds the sender "
@@ -169,3 +175,10 @@ class KLTCodec(Codec):
 
 preset("klt", "klt", step=0.5)
 preset("klt-coarse", "klt", step=0.8)
+
+
+def _klt_arriving(step: float, codebook: str | None, coder: str, book: bytes | None) -> KLTCodec:
+    """An unpickled :class:`KLTCodec`, its carried codebook saved here first."""
+    if book is not None and codebook is not None:
+        arrived(book, codebook)
+    return KLTCodec(step, codebook, coder)
