@@ -152,18 +152,20 @@ def to_fp16(cfg: dict) -> float:
     return 2 / ELEMENT_BYTES[dtype]
 
 
-def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
+def fp16_all_layers(cfg: dict, plain: list[dict], like: dict | None = None) -> float | None:
     """Mean bytes per item of every layer's KV in float16, from uncompressed kvcomm runs (in the
-    file's dtype): the ratio 1.0 run's bytes where there is one, else (the paper's layout only: a
+    file's dtype) read as ``like`` is (its layout and number of senders; default: the file's, one
+    sender): the ratio 1.0 causal run's bytes where there is one, else (the paper's layout only: a
     layer not shared sends one sink token) the bytes per token and layer of a run that recorded its
-    token ids."""
+    token ids; None where neither is in the file."""
     scale = to_fp16(cfg)
-    full = [r for r in plain if r["fraction"] == 1.0]
+    pieces, senders = (_pieces(like), _senders(like)) if like is not None else (cfg.get("pieces", "chats"), 1)
+    plain = [r for r in plain if _pieces(r) == pieces and _senders(r) == senders]
+    full = [r for r in plain if r["fraction"] == 1.0 and (r.get("mode") or "causal") == "causal"]
     if full:
         return full[0]["kv_bytes_mean"] * scale
-    if cfg.get("pieces", "chats") != "chats":  # a layer not shared sends the whole opening: its width is not recorded
-        raise SystemExit(f"{cfg['task']}: read as {cfg['pieces']}, the codec table needs an uncompressed kvcomm run "
-                         "at ratio 1.0")
+    if pieces != "chats":  # a layer not shared sends the whole opening: its width is not recorded
+        return None
     for run in plain:
         if all(item.get("sender_ids") for item in run["items"]):
             shared, layers = len(run["layers"]), cfg["num_layers"]
@@ -172,8 +174,7 @@ def fp16_all_layers(cfg: dict, plain: list[dict]) -> float:
                 tokens = len(item["sender_ids"])
                 total += item["kv_bytes"] / (shared * tokens + layers - shared) * layers * tokens * scale
             return total / len(run["items"])
-    raise SystemExit(f"{cfg['task']}: the codec table needs an uncompressed kvcomm run with token ids, "
-                     "or one at ratio 1.0")
+    return None
 
 
 def baseline_key(run: dict) -> tuple:
@@ -203,17 +204,21 @@ def codecs_table(reports: list[dict]) -> None:
         cfg = report["config"]
         kv = [r for r in report["runs"] if r["method"] == "kvcomm" and r["fraction"] is not None]
         in_process = SHORT_DTYPE.get(cfg.get("dtype") or "float32", cfg.get("dtype"))
-        reference = fp16_all_layers(cfg, [r for r in kv if r["codec"] is None])
         plain = uncompressed(cfg, [r for r in kv if r["codec"] is None])
         for run in sorted(kv, key=lambda r: (r["fraction"], r["codec"] or "")):
+            # every layer in float16, read as this run is (its layout and senders): a file of several
+            # holds one such run each, and the first of them is not every run's reference
+            reference = fp16_all_layers(cfg, [r for r in kv if r["codec"] is None], like=run)
             twin = plain.get(baseline_key(run))
             scores, base = item_scores(run), None if twin is None else item_scores(twin)
             delta = None if base is None else sum(scores[i] - base[i] for i in scores) / len(scores)
-            ratio = reference / run["kv_bytes_mean"]
-            met = run["codec"] is not None and delta is not None and ratio >= GOAL_RATIO and delta >= -GOAL_LOSS
+            ratio = None if reference is None else reference / run["kv_bytes_mean"]
+            met = run["codec"] is not None and delta is not None and ratio is not None and ratio >= GOAL_RATIO \
+                and delta >= -GOAL_LOSS
             print(f"| {cfg['receiver']} | {cfg['task']} | {run['n']} | {run['fraction']:.2f} | "
                   f"{len(run['layers'])} | {run['codec'] or f'none ({in_process}, in process)'} | "
-                  f"{run['kv_bytes_mean']:,.0f} | {ratio:.1f} | {run['scores']['paper_f1']['mean']:.3f} | "
+                  f"{run['kv_bytes_mean']:,.0f} | {'–' if ratio is None else f'{ratio:.1f}'} | "
+                  f"{run['scores']['paper_f1']['mean']:.3f} | "
                   f"{'–' if delta is None else f'{delta:+.3f}'} | {'✓' if met else ''} |")
 
 

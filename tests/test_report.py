@@ -83,11 +83,22 @@ def test_a_run_is_compared_with_random_in_its_own_mask_mode():
 
 
 def test_the_codec_reference_for_passages_is_the_every_layer_run():
-    half = run("kvcomm@0.5", [1.0], kv_bytes=300.0)
-    with pytest.raises(SystemExit, match="read as passages, the codec table needs an uncompressed kvcomm run at ratio"):
-        report.fp16_all_layers(file(half, pieces="passages")["config"], [half])
-    every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=400.0)
+    half = run("kvcomm@0.5", [1.0], kv_bytes=300.0, pieces="passages")
+    assert report.fp16_all_layers(file(half, pieces="passages")["config"], [half]) is None  # no width to scale
+    every = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=400.0, pieces="passages")
     assert report.fp16_all_layers(file(half, every, pieces="passages")["config"], [half, every]) == 200.0
+
+
+def test_the_codec_reference_is_read_as_the_run_is_whatever_the_order(capsys):
+    """A file with every layer sent by one sender and by two: each run's reference is the one of its
+    own senders (before, the first such run in the file was every run's)."""
+    two = run("kvcomm@1x2", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=4700.0, senders=2)
+    one = run("kvcomm@1", [1.0], fraction=1.0, layers=(0, 1, 2, 3), kv_bytes=3300.0)
+    small = run("kvcomm@0.5+int2", [1.0], codec="int2", kv_bytes=275.0)
+    for order in ((two, one, small), (one, two, small)):
+        report.codecs_table([file(*order)])
+        row = next(line for line in capsys.readouterr().out.splitlines() if "| int2 |" in line)
+        assert "| 6.0 |" in row, row  # 3,300 bytes of float32 = 1,650 in float16, over 275
 
 
 @pytest.mark.parametrize("change", OTHER_ITEMS + [{"sender": "other"}], ids=lambda c: next(iter(c)))
