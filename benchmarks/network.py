@@ -115,7 +115,11 @@ def outer(args: argparse.Namespace) -> None:
     if reason is not None:
         print(f"skipped: {reason}")
         return
+    from record import run_record  # benchmarks/record.py, beside this file
+
+    record = run_record(args)  # taken at the start: the code that ran
     rows: list[dict] = []
+    layers: list[int] | None = None
     env = {**os.environ, "KVCOMM_LOG_LEVEL": "warning"}
     env.pop("KVCOMM_LINEAR", None)  # the sender computes as usual; --linears applies to the receiver
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,12 +139,14 @@ def outer(args: argparse.Namespace) -> None:
                                     "--ratio", str(args.ratio), "--linears", linear,
                                     "--runs", str(args.runs), "--threads", str(args.threads),
                                     "--port", str(args.port), "--out", str(part)], check=True, env=env)
-                    rows += json.loads(part.read_text())["rows"]
+                    measured = json.loads(part.read_text())
+                    rows += measured["rows"]
+                    layers = measured["layers"]
                     part.unlink()
         finally:
             sender.terminate()
             sender.wait(timeout=60)
-    report(args, rows)
+    report(args, rows, {**record, "layers": layers})
 
 
 def inner(args: argparse.Namespace) -> None:
@@ -170,7 +176,8 @@ def inner(args: argparse.Namespace) -> None:
     first = (model.num_layers - count) // 2
     layers = list(range(first, first + count))
     wire = args.rate * 1e6 / 8  # bytes per second
-    question = model.encode_message(f"Question: {QUESTION}")
+    asked = f"Question: {QUESTION}"
+    question = model.encode_message(asked)
     first_token(model, empty_input(model.model, 1), model.encode_message("warm up"))
     rows = []
 
@@ -191,17 +198,17 @@ def inner(args: argparse.Namespace) -> None:
         return time.perf_counter() - began
 
     def kv_ttft(message_id: str, how: str) -> float:
-        began = time.perf_counter()
+        began = time.perf_counter()  # the question is tokenised inside, as the skyline's prompt is
         if how == "pipelined":  # prefill layer l once layer l is in, while the rest arrives
             with client.arriving(message_id, receiver=model.fingerprint) as arrival:
-                first_token(model, arrival.receiver_input(model.dtype), question)
+                first_token(model, arrival.receiver_input(model.dtype), model.encode_message(asked))
             return time.perf_counter() - began
         if how == "serial":  # decode layer i while layer i+1 arrives, prefill once all is in
             message = client.receive_message(message_id, receiver=model.fingerprint)
         else:
             message = KVMessage.from_bytes(client.get_message(message_id))
             check_fingerprint(message.fingerprint, model.fingerprint)
-        first_token(model, receiver_input(message.to_shared(model.dtype)), question)
+        first_token(model, receiver_input(message.to_shared(model.dtype)), model.encode_message(asked))
         return time.perf_counter() - began
 
     for length in (int(x) for x in args.lengths.split(",")):
@@ -244,7 +251,9 @@ def inner(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"rows": rows, "layers": layers}, indent=1) + "\n")
 
 
-def report(args: argparse.Namespace, rows: list[dict]) -> None:
+def report(args: argparse.Namespace, rows: list[dict], record: dict | None = None) -> None:
+    """Prints the table and writes the JSON (with ``record``: the run's provenance, environment and
+    the layers sent) and the plot."""
     from rich.console import Console
     from rich.table import Table
 
@@ -262,8 +271,8 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
                       f"{r['ttft_s']:.3f}", f"{r['speedup_vs_skyline']:.1f}", note)
     Console(width=150).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "ratio": args.ratio, "runs": args.runs, "rows": rows},
-                                   indent=1) + "\n")
+    args.out.write_text(json.dumps({**(record or {}), "model": args.model, "ratio": args.ratio, "runs": args.runs,
+                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"), args.model)
     print(f"written: {args.out} and {args.out.with_suffix('.png')}")
 

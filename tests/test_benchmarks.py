@@ -89,3 +89,20 @@ def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv
         module.main()
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_network_results_record_their_run_and_the_layers_sent(monkeypatch, tmp_path):
+    """``network.py``'s JSON says which command, code and threads made it and which layers were
+    sent (before: the model, ratio, runs and rows alone)."""
+    import json
+
+    network, record = script("network", monkeypatch), script("record", monkeypatch)
+    args = argparse.Namespace(model="m", ratio=0.5, runs=3, threads=1, out=tmp_path / "n.json")
+    rows = [{"rate_mbit": 100.0, "context_tokens": 10, "method": "skyline", "bytes": 40, "ttft_s": 0.2,
+             "speedup_vs_skyline": 1.0},
+            {"rate_mbit": 100.0, "context_tokens": 10, "method": "kvcomm fp16", "bytes": 400, "ttft_s": 0.1,
+             "speedup_vs_skyline": 2.0}]
+    network.report(args, rows, {**record.run_record(args), "layers": [1, 2]})
+    written = json.loads(args.out.read_text())
+    assert written["layers"] == [1, 2] and written["threads"] == 1 and written["rows"] == rows
+    assert written["provenance"]["args"]["ratio"] == 0.5 and "torch_threads" in written["environment"]

@@ -61,7 +61,8 @@ class RayCluster(Options):
         workers: how many workers (each loads the models once). Default: the cluster's CPUs
             divided by ``threads``.
         threads: torch threads of each worker, and the CPUs Ray reserves for it.
-        retries: how often a batch is run again after its worker died.
+        retries: how often each worker is started again after it died, over the whole run
+            (Ray's ``max_restarts``; the batch it was running runs again each time).
     """
 
     what = "ray cluster"
