@@ -184,9 +184,6 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
         joined = concat_shared(model, parts)
     if blending is None:
         return receiver_input(joined)
-    if joined.token_ids is None:
-        raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
-                                  "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
     exact = len(received.opening) if received.opening is not None else 0  # prefilled here: never recomputed
     blended, stats = blend(model, joined, blending.ratio, blending.check_layer, blending.deviation, exact=exact,
                            chunk=config.prefill_chunk, check=job.check)
