@@ -1148,3 +1148,29 @@ def test_the_chat_s_own_text_cannot_move_where_passages_go(agent):
         agent.chat_after_passages(turns)
     opening, rest = agent.chat_after_passages(turns[2:])
     assert "kvcomm" not in agent.decode(opening + rest)
+
+
+def test_what_a_header_shows_is_refused_before_any_layer_is_decoded(http, agent, monkeypatch):
+    """A context longer than the model's positions (at upload and in a chat) and a message leaving
+    layers out (in a chat) are refused from the header: no layer is decoded for them."""
+    import torch
+
+    from kvcomm.wire import message as wire_message
+
+    longest = agent.config.max_position_embeddings
+    too_long = _kv_message(agent, tokens=longest + 1).to_bytes()
+    droidspeak = _kv_message(agent, full=(True, False, True, True))
+    droidspeak.layers[1] = type(droidspeak.layers[1])(1, False, droidspeak.layers[1].keys[:, :0],
+                                                       droidspeak.layers[1].values[:, :0])
+    droidspeak.hidden[1] = torch.zeros(droidspeak.context_len, agent.config.hidden_size)
+    assert http.put("/v1/messages/ds", content=droidspeak.to_bytes()).status_code == 200  # stored for others
+    decoded = []
+    real = wire_message._decode_layer
+    monkeypatch.setattr(wire_message, "_decode_layer", lambda *a: decoded.append(1) or real(*a))
+    answer = http.put("/v1/messages/long", content=too_long)
+    assert answer.status_code == 422 and "the model takes" in answer.text
+    inline = {"data": base64.b64encode(too_long).decode()}
+    for refs, why in (([inline], "the model takes"), (["ds"], "leaves layers out")):
+        answer = chat(http, "Where?", refs)
+        assert answer.status_code == 422 and why in answer.text, answer.text
+    assert decoded == []

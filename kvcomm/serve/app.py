@@ -38,7 +38,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
-from kvcomm.serve.chat import Received, check_usable, generate, generate_returning, load_messages
+from kvcomm.serve.chat import Received, check_header, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
@@ -210,7 +210,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         feed: queue.Queue[bytes | BaseException | None] = queue.Queue()
         checking = asyncio.ensure_future(anyio.to_thread.run_sync(partial(
             receive, _fed(feed), receiver=agent.fingerprint, max_bytes=config.max_message_bytes,
-            max_decoded_bytes=config.max_decoded_bytes), limiter=anyio.CapacityLimiter(1)))
+            max_decoded_bytes=config.max_decoded_bytes, admit=partial(check_header, agent=agent)),
+            limiter=anyio.CapacityLimiter(1)))
         chunks, size, ended = [], 0, False
         body = aiter(request.stream())
         try:

@@ -12,7 +12,8 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from functools import partial
+from typing import NoReturn, cast
 
 import torch
 
@@ -40,6 +41,7 @@ from kvcomm.serve.stores import MessageStore, check_id
 from kvcomm.serve.worker import Job
 from kvcomm.wire import KVMessage
 from kvcomm.wire.codecs.auto import encoded_on_demand
+from kvcomm.wire.header import Header
 
 
 @dataclass
@@ -77,7 +79,7 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
     for ref in refs:
         data = _fetch(ref, store, config, metrics)
         message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
-                                       max_decoded_bytes=budget)
+                                       max_decoded_bytes=budget, admit=partial(_readable, agent))
         check_usable(message, agent)
         budget -= message.decoded_bytes  # every frame: keys, values, hidden states, token ids
         received.messages.append(message)
@@ -92,40 +94,56 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
     return received
 
 
-def check_usable(message: KVMessage, agent: LoadedModel) -> None:
-    """What a message's fingerprint does not vouch for, checked against ``agent``'s model before the
-    message is stored or used: its token ids inside the vocabulary, hidden states as wide as the
-    model's, a passage in causal masks (the only mode a passage is read in), and a context the
-    model's positions can hold.
+def check_header(header: Header, agent: LoadedModel) -> None:
+    """What a message's fingerprint does not vouch for and its header shows, checked against
+    ``agent``'s model before any payload is decoded (``admit`` of the readers): hidden states as
+    wide as the model's, a passage in causal masks (the only mode a passage is read in), a context
+    the model's positions can hold.
 
     Raises:
         ServiceRefusal: 422 (``invalid_kv_message``) naming what does not fit.
     """
-    vocabulary = int(cast(torch.Tensor, agent.model.get_input_embeddings().weight).shape[0])
     width = int(agent.config.hidden_size)
     longest = int(getattr(agent.config, "max_position_embeddings", 0) or 0)
-    problem = None
+    if wrong := [extra.layer for extra in header.extras if extra.kind == "hidden" and extra.width != width]:
+        _unfit(f"the hidden state entering layer {wrong[0]} is not {width} wide (the model's hidden size)")
+    if header.meta.get("passage") is True and header.mode != "causal":
+        _unfit(f"a passage is read in causal masks, not {header.mode!r}")
+    if longest and header.context_len > longest:
+        _unfit(f"its context is {header.context_len} tokens; the model takes {longest}")
+
+
+def check_usable(message: KVMessage, agent: LoadedModel) -> None:
+    """What only the decoded message shows, checked before it is stored or used: its token ids
+    inside ``agent``'s vocabulary (:func:`check_header` checked the rest before decoding).
+
+    Raises:
+        ServiceRefusal: 422 (``invalid_kv_message``).
+    """
+    vocabulary = int(cast(torch.Tensor, agent.model.get_input_embeddings().weight).shape[0])
     if message.token_ids is not None and message.token_ids.numel() and int(message.token_ids.max()) >= vocabulary:
-        problem = f"a token id is outside the model's vocabulary of {vocabulary}"
-    elif wrong := sorted(layer for layer, h in message.hidden.items() if h.shape[-1] != width):
-        problem = f"the hidden state entering layer {wrong[0]} is not {width} wide (the model's hidden size)"
-    elif message.meta.get("passage") is True and message.mode != "causal":
-        problem = f"a passage is read in causal masks, not {message.mode!r}"
-    elif longest and message.context_len > longest:
-        problem = f"its context is {message.context_len} tokens; the model takes {longest}"
-    if problem is not None:
-        raise ServiceRefusal(422, f"the KV message does not fit this model: {problem}", "invalid_kv_message",
-                             "kv_messages")
+        _unfit(f"a token id is outside the model's vocabulary of {vocabulary}")
+
+
+def _readable(agent: LoadedModel, header: Header) -> None:
+    """:func:`check_header`, and a chat's own refusal from the header, before anything is decoded:
+    a message leaving layers out (a droidspeak message) is read only by a droidspeak receiver."""
+    check_header(header, agent)
+    if any(entry.tokens == 0 for entry in header.layers):
+        raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
+                                  "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
+
+
+def _unfit(problem: str) -> NoReturn:
+    raise ServiceRefusal(422, f"the KV message does not fit this model: {problem}", "invalid_kv_message",
+                         "kv_messages")
 
 
 def _check_joinable(messages: list[KVMessage]) -> None:
     """Refuses, before any answer begins (a stream's 200 included), messages the model thread could
-    not join: one leaving layers out (a droidspeak message), several where one carries hidden
-    states, or contexts (read one after the other, not passages, which may differ) that
-    :func:`check_joinable` refuses."""
-    if any(layer.keys.shape[1] == 0 for message in messages for layer in message.layers):
-        raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
-                                  "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
+    not join: several where one carries hidden states, or contexts (read one after the other, not
+    passages, which may differ) that :func:`check_joinable` refuses (a message leaving layers out
+    was refused from its header: :func:`_readable`)."""
     if len(messages) > 1 and any(m.hidden for m in messages):
         raise ServiceRefusal(400, "a KV message carrying hidden states is read alone, not joined with others",
                              "unjoinable_kv_messages", "kv_messages")

@@ -285,12 +285,13 @@ class KVMessage:
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
-                   max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
+                   max_decoded_bytes: int = DEFAULT_MAX_DECODED,
+                   admit: Callable[[Header], None] | None = None) -> KVMessage:
         """Decodes and verifies a whole message (see :class:`MessageReader` for the arguments)."""
         if len(data) > max_bytes:
             raise MessageTooLarge(f"message is {len(data)} bytes, the limit is {max_bytes}")
         stream = io.BytesIO(data)
-        message = cls.read(stream, max_bytes, receiver, max_decoded_bytes)
+        message = cls.read(stream, max_bytes, receiver, max_decoded_bytes, admit)
         if stream.read(1):
             raise CorruptMessage("trailing bytes after the end of the message")
         return message
@@ -309,9 +310,9 @@ class KVMessage:
 
     @classmethod
     def read(cls, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
-             max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
+             max_decoded_bytes: int = DEFAULT_MAX_DECODED, admit: Callable[[Header], None] | None = None) -> KVMessage:
         """Reads one whole message; returns it only once every check has passed."""
-        reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes)
+        reader = MessageReader(stream, max_bytes, receiver, max_decoded_bytes, admit)
         return cls.from_reader(reader, list(reader.layers(whole=True)))
 
     @classmethod
@@ -335,10 +336,13 @@ class MessageReader:
         max_bytes: the most bytes the message may take on the wire.
         receiver: the fingerprint of the model that will use the message.
         max_decoded_bytes: the most float32 bytes its keys and values may take once decoded.
+        admit: what will use the message checks its header (it raises to refuse it), after the
+            checks above and before any payload is read (e.g. a service: the context against its
+            model's positions).
     """
 
     def __init__(self, stream: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
-                 max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> None:
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED, admit: Callable[[Header], None] | None = None) -> None:
         self._stream, self._max, self._read = stream, max_bytes, 0
         self._digest = hashlib.blake2b(digest_size=16)
         start = self._take(10, "the start of the message")
@@ -361,6 +365,8 @@ class MessageReader:
         if receiver is not None:
             check_fingerprint(self.header.fingerprint, receiver)
         self.header.check_size(max_decoded_bytes, max_bytes)
+        if admit is not None:
+            admit(self.header)
         try:
             self.codec = header_codec(self.header.codec.name, self.header.codec.params, version)
         except (WireError, ValueError, TypeError) as err:

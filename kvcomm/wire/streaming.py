@@ -23,7 +23,7 @@ import io
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -141,13 +141,13 @@ class Arrival:
 
     def __init__(self, chunks: Iterable[bytes], receiver: Fingerprint | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_decoded_bytes: int = DEFAULT_MAX_DECODED,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, admit: Callable[[Header], None] | None = None) -> None:
         self._began = time.perf_counter()
         self._timeline = timeline
         self._stream = ChunkStream(chunks)
         self._buffered = io.BufferedReader(self._stream, buffer_size=1 << 16)
         try:
-            self._reader = MessageReader(self._buffered, max_bytes, receiver, max_decoded_bytes)
+            self._reader = MessageReader(self._buffered, max_bytes, receiver, max_decoded_bytes, admit)
         except BaseException:
             self._stream.close()
             raise
@@ -258,12 +258,13 @@ class Arrival:
 
 
 def receive(chunks: Iterable[bytes], receiver: Fingerprint | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-            max_decoded_bytes: int = DEFAULT_MAX_DECODED, timeline: Timeline | None = None) -> KVMessage:
+            max_decoded_bytes: int = DEFAULT_MAX_DECODED, timeline: Timeline | None = None,
+            admit: Callable[[Header], None] | None = None) -> KVMessage:
     """A message from a stream of chunks (e.g. an HTTP body), decoded layer by layer as the
     chunks arrive; checked as :meth:`KVMessage.from_bytes` checks a whole one.
 
     Raises:
         WireError: as :class:`MessageReader` (and ``CorruptMessage`` for bytes after the end).
     """
-    with Arrival(chunks, receiver, max_bytes, max_decoded_bytes, timeline) as arrival:
+    with Arrival(chunks, receiver, max_bytes, max_decoded_bytes, timeline, admit) as arrival:
         return arrival.message()
