@@ -92,6 +92,7 @@ MISTAKES = [
     ("encode {dir}/m.kvcm -m {model} --context x --profile {dir}/countries-profile.json", "give --ratio with it"),
     ("encode {dir}/m.kvcm -m {model} --context x --layers 0 --profile {dir}/profile.json", "give --ratio with it"),
     ("eval -m {model} --selection paper --objective likelihood", "leave out --objective"),
+    ("calibrate -m {model} --selection paper --objective probability", "leave out --objective"),
     ("eval -m {model} -t facts --pieces passages --calib-size 0 --profile {dir}/passages-profile.json "
      "--objective probability", "the profile's ranking is used"),
     ("sweep -m {model} --methods kvcomm,kvcomm~prior --objective auto", "not prior"),

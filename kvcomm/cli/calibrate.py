@@ -33,6 +33,7 @@ from kvcomm.cli.common import (
 )
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
+from kvcomm.eval.harness import check_calibration
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
@@ -89,6 +90,7 @@ def calibrate_command(
     given: dict[str, Any] = dict(batch_size=batch_size, alpha=alpha, mu=mu, sigma=sigma, calib_size=calib_size,
                                  selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
+    check_calibration(config, [], len(the_task.items))  # an objective the rule does not use, before any model
     items = _last_items(the_task, config)
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):
