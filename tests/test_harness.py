@@ -767,3 +767,22 @@ def test_a_checkpoint_names_what_the_calibration_options_came_to(agents, tmp_pat
                        checkpoint=Checkpoint(tmp_path / "c", now, resume=True))
     assert resumed.profile["calibration_items"] == first.profile["calibration_items"]
     assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
+
+
+def test_an_objective_is_refused_only_where_no_calibrated_rule_uses_it():
+    """The command line refuses an objective nothing calibrates with (the paper's rule, a given
+    profile read as it was made); a profile's own rule counts where the run reads passages (methods
+    reading chats calibrate it again), and the Python API takes a script's objective for any run."""
+    from kvcomm.errors import ConfigError
+    from kvcomm.eval.harness import calibration_identity, check_calibration
+
+    passages = EvalConfig(pieces="passages", objective="probability")
+    check_calibration(passages, [], 60, profiled="prune")  # before: refused, then calibrated with it anyway
+    assert calibration_identity(passages, [], 60, "prune")["objectives"] == {"prune": "probability"}
+    chats = EvalConfig(objective="probability")
+    with pytest.raises(ConfigError, match="the profile's ranking is used as it was calibrated"):
+        check_calibration(chats, [], 60, profiled="prune")
+    check_calibration(chats, [], 60, profiled="prune", unused=False)
+    with pytest.raises(ConfigError, match="ranks layers by attention"):
+        check_calibration(EvalConfig(selection="paper", objective="likelihood"), [], 60)
+    check_calibration(EvalConfig(selection="paper", objective="likelihood"), ["prune"], 60)  # kvcomm~prune uses it

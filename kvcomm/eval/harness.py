@@ -137,11 +137,13 @@ def named_rules(methods: Sequence[Method]) -> set[str]:
     return {rule for method in methods if (rule := getattr(method.options, "selection", None)) is not None}
 
 
-def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, profiled: str | None = None) -> None:
+def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, profiled: str | None = None,
+                      unused: bool = True) -> None:
     """Refuses, before any model loads or calibrates, an ``objective`` that a rule the run
-    calibrates refuses (``auto`` with ``prior``), that no rule it calibrates uses (``paper`` ranks
-    by attention; a given profile's ranking is used as it was made), or ``auto`` where the task
-    leaves fewer than :data:`AUTO_MIN_ITEMS` calibration items.
+    calibrates refuses (``auto`` with ``prior``), ``auto`` where the task leaves fewer than
+    :data:`AUTO_MIN_ITEMS` calibration items, and (``unused``: an objective a person gave on the
+    command line) one that no rule it calibrates uses (``paper`` ranks by attention; a given
+    profile's ranking is used as it was made).
 
     Args:
         rules: the rules the run's methods name (:func:`named_rules`).
@@ -153,10 +155,10 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
     """
     if config.objective is None:
         return
-    calibrated = ({config.selection} if profiled is None else set()) | (set(rules) - {profiled})
+    calibrated = _calibrated(config, rules, profiled)
     for rule in sorted(calibrated):
         check_objective(rule, config.objective)
-    if not calibrated - {"paper"}:
+    if unused and not calibrated - {"paper"}:
         why = "the profile's ranking is used as it was calibrated" if profiled is not None else \
             "the paper rule ranks layers by attention"
         raise ConfigError(f"--objective {config.objective} is what prune, answer and prior calibrate by; {why}: leave "
@@ -168,16 +170,22 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
                           "or --skip")
 
 
+def _calibrated(config: EvalConfig, rules: Iterable[str], profiled: str | None) -> set[str]:
+    """The rules a run may calibrate: its ``selection`` unless a profile of rule ``profiled`` is
+    given, and the ``rules`` its methods name; the profile's own rule too where the run reads
+    passages (methods that read chats, e.g. ``adaptive``, calibrate it again on chats)."""
+    own = {config.selection} if profiled is None else {profiled} if config.pieces != "chats" else set()
+    return own | (set(rules) - ({profiled} if config.pieces == "chats" else set()))
+
+
 def calibration_identity(config: EvalConfig, rules: Iterable[str], total: int,
                          profiled: str | None = None) -> dict[str, Any]:
     """What a run's calibration options come to, for its identity (:func:`~kvcomm.eval.provenance.run_identity`):
-    how many of the task's ``total`` items calibrate, and the objective of each rule it calibrates
-    (the run's ``selection`` unless a profile of rule ``profiled`` is given, and the ``rules`` its
-    methods name), given or each rule's default for that many items."""
+    how many of the task's ``total`` items calibrate, and the objective of each rule it may
+    calibrate (:func:`_calibrated`), given or each rule's default for that many items."""
     count = config.calibration_count(total, rules)
-    calibrated = ({config.selection} if profiled is None else set()) | (set(rules) - {profiled})
-    return {"items": count,
-            "objectives": {rule: config.objective or default_objective(rule, count) for rule in sorted(calibrated)}}
+    return {"items": count, "objectives": {rule: config.objective or default_objective(rule, count)
+                                           for rule in sorted(_calibrated(config, rules, profiled))}}
 
 
 def check_distinct(methods: Sequence[Method]) -> None:
@@ -280,7 +288,8 @@ def evaluate(
         check_apart(methods)
     started = utc_now()
     test, calib = config.split(task.items, named_rules(methods))
-    check_calibration(config, named_rules(methods), len(task.items), profile.rule if profile is not None else None)
+    check_calibration(config, named_rules(methods), len(task.items), profile.rule if profile is not None else None,
+                      unused=False)  # a script's objective for every run, the profile's or not: not refused
     for given in (profile, blocks):
         if given is not None:
             check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name),
