@@ -146,6 +146,10 @@ def test_a_disk_fault_is_a_store_error_the_service_answers(tmp_path, monkeypatch
     monkeypatch.setattr(store._cache, "set", fails(sqlite3.OperationalError("database or disk is full")))
     with pytest.raises(StoreFull):
         store.put("m", b"x")
+    monkeypatch.setattr(store._cache, "set", fails(PermissionError(errno.EACCES, "Permission denied",
+                                                                    "/srv/fullstack/cache.db")))
+    with pytest.raises(StoreUnavailable, match="Permission denied"):  # "full" in a path is no full disk
+        store.put("m", b"x")
     monkeypatch.setattr(store._cache, "get", fails(sqlite3.OperationalError("database is locked")))
     with pytest.raises(StoreUnavailable, match="database is locked"):
         store.get("m")
@@ -195,3 +199,4 @@ def test_redis_errors_never_show_its_password():
     assert "redis://***@127.0.0.1:1/0" in str(caught.value)
     assert without_password("redis://:pw@[::1]:6379/2") == "redis://***@[::1]:6379/2"
     assert without_password("rediss://host/0") == "rediss://host/0"
+    assert without_password("redis://h:6379/0?password=s3cret&db=1") == "redis://h:6379/0?password=***&db=1"

@@ -71,7 +71,8 @@ class DiskStore:
         try:
             return fn()
         except (OSError, sqlite3.Error) as err:
-            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in str(err).lower()
+            full = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) if isinstance(err, OSError)
+                    else "full" in str(err).lower())  # SQLite says "database or disk is full"; a path may say "full"
             where = f"the disk store at {self.directory} failed ({what}): {type(err).__name__}: {err}"
             raise (StoreFull if full else StoreUnavailable)(where) from None
 

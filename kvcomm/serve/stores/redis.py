@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvcomm.errors import ConfigError
 from kvcomm.serve.stores.base import StoreUnavailable, check_id
@@ -13,15 +13,17 @@ T = TypeVar("T")
 
 
 def without_password(url: str) -> str:
-    """``url`` with its user and password replaced by ``***`` (errors show the store's address, and
-    ``/healthz`` shows errors to anyone)."""
+    """``url`` with its user and password replaced by ``***``, in the address and in the query
+    (``?password=…``, which redis-py reads too): errors show the store's address, and ``/healthz``
+    shows errors to anyone."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        parts = parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port is not None else ""))
+    query = [(key, "***" if key.lower() in ("password", "username") else value)
+             for key, value in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 class RedisStore:
