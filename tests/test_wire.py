@@ -931,3 +931,19 @@ def test_a_pickled_codec_carries_its_codebook_and_no_model(name, tmp_path, monke
     want_k, want_v = make_codec("klt").bind(lambda: book).decode(encoded, (heads, tokens, dim), 0, 2)
     assert torch.equal(out_k, want_k) and torch.equal(out_v, want_v)
     assert (tmp_path / "elsewhere" / f"{book.id}.safetensors").is_file()
+    if name == "auto":  # no candidate rotating with a codebook: none is made to be carried
+        def refuses():
+            raise AssertionError("no codebook is made for candidates that need none")
+
+        plain = make_codec("auto", bandwidth_mbit=1.0, candidates=["fp16", "int8"]).bind(refuses)
+        assert pickle.loads(pickle.dumps(plain)).candidates == ["fp16", "int8"]
+
+
+def test_a_carried_codebook_that_is_not_the_named_one_is_refused(tmp_path, monkeypatch):
+    from kvcomm.wire import codebook as codebooks
+
+    book, other = random_codebook(2, 8, layers=2, seed=3), random_codebook(2, 8, layers=2, seed=4)
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path))
+    monkeypatch.setattr(codebooks, "_LOADED", {})
+    with pytest.raises(WireError, match=f"hashes to {other.id}, not the {book.id}"):
+        codebooks.arrived(other.to_bytes(), book.id)

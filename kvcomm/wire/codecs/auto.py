@@ -43,6 +43,7 @@ The quality budget is a relative L2 reconstruction error (default 0.15): ``klt``
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -54,7 +55,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kvcomm.errors import ConfigError, WireError
+from kvcomm.errors import ConfigError, MissingCodebook, WireError
 from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
 
 if TYPE_CHECKING:
@@ -123,8 +124,12 @@ class AutoCodec(Codec):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (to a cluster's workers), the codec carries the codebook it was bound to, made now,
-        not the call that makes it (which may hold the run's models)."""
-        book = self._codebook() if self._codebook is not None else None
+        not the call that makes it (which may hold the run's models); only where a candidate
+        rotates with one, and none where this machine cannot make it (as it could not encode)."""
+        book = None
+        if self._codebook is not None and any(make_codec(name).name == "klt" for name in self.candidates):
+            with contextlib.suppress(MissingCodebook):
+                book = self._codebook()
         return _auto_arriving, (self.params(), None if book is None else (book.id, book.to_bytes()))
 
     def largest_value(self) -> float | None:
