@@ -33,7 +33,11 @@ def test_exact_match_and_contains():
 def test_a_gold_answer_of_articles_alone_is_compared_with_them_and_an_empty_one_matches_nothing():
     assert paper_f1("A", ["A"]) == exact_match("a", ["A"]) == contains("The answer is A.", ["A"]) == 1.0
     assert paper_f1("B", ["A"]) == exact_match("", ["A"]) == contains("Bob", ["A"]) == 0.0
-    # the article "a" in a wrong answer is not the letter (before, both scored 1.0)
-    assert contains("I think it is a trick question, so B", ["A"]) == paper_f1("B, a", ["A"]) == 0.0
+    # the letter A told from the article "a" by where it stands, not by its case
+    for named in ("a", "A.", "(a)", "A) Paris", "The answer is (a).", "answer: a", "Option A", "the answer is a."):
+        assert contains(named, ["A"]) == 1.0, named
+    for article in ("I think it is a trick question, so B", "A guess: B", "the answer is a city, B", "B"):
+        assert contains(article, ["A"]) == paper_f1(article, ["A"]) == 0.0, article
+    assert exact_match("a", ["A"]) == exact_match("(A)", ["A"]) == 1.0 and exact_match("answer: a", ["A"]) == 0.0
     assert exact_match("", [""]) == contains("", [""]) == paper_f1("", [""]) == 0.0
     assert exact_match("The Paris", ["Paris"]) == 1.0  # other golds drop articles as the paper does

@@ -39,16 +39,27 @@ def _words(text: str) -> str:
     return " ".join("".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text).split())
 
 
+LETTER_A = re.compile(
+    r"^\W*\(?a\)?\W*$"  # the answer is the letter alone: "A", "(a)", "A."
+    r"|^\W*\(?a\)?(?=[.):,;])"  # it opens the answer, marked: "A) Paris", "A. Paris"
+    r"|\(a\)"  # in parentheses anywhere: "The answer is (A)."
+    r"|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\b(?!\W*[a-z0-9])",  # "answer: a"
+    re.IGNORECASE)
+"""Where an answer names the choice letter A, which is also the article "a": alone, opening the
+answer with a mark after it, in parentheses, or after "answer", "option" or "choice" with nothing
+following it. An article ("A guess: B", "it is a trick") is none of these."""
+
+
 def _pair(prediction: str, gold: str) -> tuple[str, str]:
     """Both normalised, the articles kept where the gold answer is nothing but articles. The choice
-    letter "A" is compared by its words with their case, so that the article "a" in a wrong answer
-    ("a guess: B") is not taken for it; an answer that is "a" alone is the letter."""
+    letter "A" is told from the article: the prediction is normalised as usual (articles dropped)
+    and given the token ``A`` where :data:`LETTER_A` finds the letter."""
     ref = normalize(gold)
     if ref:
         return normalize(prediction), ref
-    if _words(gold) == "A":
-        words = _words(prediction)
-        return ("A" if words == "a" else words), "A"
+    if _words(gold).lower() == "a":
+        named = " A" if LETTER_A.search(prediction) else ""
+        return (normalize(prediction) + named).strip(), "A"
     return normalize(prediction, articles=True), normalize(gold, articles=True)
 
 
