@@ -142,18 +142,19 @@ def _field(record: dict[str, Any], key: str, where: str) -> Any:
     return record[key]
 
 
-def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False) -> str:
-    """``record[key]`` as text: a string (``scalar``: or a number, as a label may be).
+def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False, empty: bool = False) -> str:
+    """``record[key]`` as text: a string (``scalar``: or a number, as a label may be), not blank
+    (``empty``: blank allowed, e.g. a closed-book item's context).
 
     Raises:
-        DataError: the field is missing or of another type.
+        DataError: the field is missing, of another type, or blank.
     """
     value = _field(record, key, where)
     kinds = (str, int, float) if scalar else (str,)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise DataError(f"{where}: {key!r} must be {'a string or a number' if scalar else 'a string'}, "
                         f"got {type(value).__name__}")
-    if not str(value).strip():
+    if not empty and not str(value).strip():
         raise DataError(f"{where}: {key!r} is empty")
     return str(value)
 
@@ -266,7 +267,7 @@ def jsonl(path: str | Path | None = None) -> Task:
             raise DataError(f"{where}: 'answers' is empty")
         items.append(Item(
             id=_id(rec, f"{file.stem}_{number - 1:04d}", where),
-            context=_text(rec, "context", where),
+            context=_text(rec, "context", where, empty=True),
             question=_text(rec, "question", where),
             answers=answers,
             choices=_texts(rec, "choices", where),
