@@ -1114,7 +1114,6 @@ def test_the_decoded_bytes_budget_counts_every_frame(agent):
     for i, message in enumerate(messages):
         store.put(f"m{i}", message.to_bytes())
     sizes = [MessageReader(io.BytesIO(m.to_bytes())).header.decoded_bytes for m in messages]  # as headers count
-    assert sizes == [KVMessage.from_bytes(m.to_bytes()).decoded_bytes for m in messages]
     config = ServeConfig(max_decoded_bytes=sum(sizes))
     assert len(load_messages(["m0", "m1"], agent, store, config, ServiceMetrics(FastAPI(), store)).messages) == 2
     config = ServeConfig(max_decoded_bytes=sum(sizes) - 1)

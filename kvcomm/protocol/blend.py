@@ -23,7 +23,7 @@ tokens also keep their fresh KV at the sink-only layers, where the receiver comp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -99,6 +99,32 @@ def _gather(chosen: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor,
     return (*(t.gather(1, order) for t in tensors), picked_valid)
 
 
+def unblendable(token_ids: bool, modes: Iterable[str], full: Sequence[bool],
+                check_layer: int) -> tuple[Literal["token_ids", "mode", "layer"], str] | None:
+    """Why pieces cannot be blended, and what it concerns (None: they can): no token ids (every
+    piece must carry them: ``token_ids``), a mask mode other than causal among ``modes``, or no
+    layer at or after ``check_layer`` that is ``full`` (shared in full by every piece)."""
+    if not token_ids:
+        return "token_ids", "blending recomputes tokens: the KV pieces must carry their token ids"
+    if odd := sorted(set(modes) - {"causal"}):
+        return "mode", f"blending needs causal masks, not {odd[0]!r}"
+    if not any(full[check_layer:]):
+        return "layer", f"no layer at or after check layer {check_layer} is shared in full"
+    return None
+
+
+def check_token_ids(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    """Refuses token ids that are not rows of ``model``'s embedding (a message's ids, which its
+    fingerprint does not vouch for).
+
+    Raises:
+        WireError: naming the vocabulary's size.
+    """
+    vocabulary = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
+    if ids.numel() and int(ids.max()) >= vocabulary:
+        raise WireError(f"a token id is outside the receiver's vocabulary of {vocabulary}")
+
+
 def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_layer: int = 1,
           deviation: Deviation = "values", exact: int = 0, chunk: int | None = None,
           check: Callable[[], None] | None = None) -> tuple[SharedKV, BlendStats]:
@@ -123,19 +149,14 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
         ConfigError: no token ids, a mask mode other than causal, no full layer at or after the
             check layer, or an option out of range.
     """
-    if joined.token_ids is None:
-        raise ConfigError("blending recomputes tokens: the KV pieces must carry their token ids")
-    if joined.mode != "causal":
-        raise ConfigError(f"blending needs causal masks, not {joined.mode!r}")
+    if (refusal := unblendable(joined.token_ids is not None, [joined.mode], joined.full, check_layer)) is not None:
+        raise ConfigError(refusal[1])
     if not 0.0 <= recompute <= 1.0 or deviation not in DEVIATIONS:
         raise ConfigError(f"recompute must be in [0, 1] and deviation one of {', '.join(DEVIATIONS)}")
-    at = next((layer for layer in range(check_layer, joined.num_layers) if joined.full[layer]), None)
-    if at is None:
-        raise ConfigError(f"no layer at or after check layer {check_layer} is shared in full")
+    at = next(layer for layer in range(check_layer, joined.num_layers) if joined.full[layer])
     valid, positions, ids = joined.valid[at], joined.positions[at], joined.token_ids
-    vocabulary = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
-    if bool(valid.any()) and int(ids[valid].max()) >= vocabulary:
-        raise WireError(f"a token id is outside the receiver's vocabulary of {vocabulary}")
+    assert ids is not None
+    check_token_ids(model, ids[valid])
     fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, at, chunk, check)
     blendable = valid & (valid.long().cumsum(dim=1) > exact)  # after each row's first ``exact`` tokens
     chosen = _chosen(fresh_k[at], fresh_v[at], joined.keys[at], joined.values[at], blendable,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NoReturn, cast
+from typing import NoReturn
 
 import torch
 
@@ -31,7 +31,7 @@ from kvcomm.protocol import (
     receiver_input,
     splice,
 )
-from kvcomm.protocol.blend import blend
+from kvcomm.protocol.blend import blend, check_token_ids, unblendable
 from kvcomm.protocol.reply import generate_turn, outgoing
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import ServiceRefusal
@@ -78,10 +78,11 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
     budget = config.max_decoded_bytes
     for ref in refs:
         data = _fetch(ref, store, config, metrics)
+        headers: list[Header] = []
         message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
-                                       max_decoded_bytes=budget, admit=partial(_readable, agent))
+                                       max_decoded_bytes=budget, admit=partial(_readable, agent, headers))
         check_usable(message, agent)
-        budget -= message.decoded_bytes  # every frame: keys, values, hidden states, token ids
+        budget -= headers[0].decoded_bytes  # every frame as the header counts it: KV, hidden states, token ids
         received.messages.append(message)
         received.bytes += len(data)
     if len({m.meta.get("passage") is True for m in received.messages}) > 1:
@@ -118,16 +119,17 @@ def check_usable(message: KVMessage, agent: LoadedModel) -> None:
     inside ``agent``'s vocabulary (:func:`check_header` checked the rest before decoding).
 
     Raises:
-        ServiceRefusal: 422 (``invalid_kv_message``).
+        WireError: 422 (``invalid_kv_message``).
     """
-    vocabulary = int(cast(torch.Tensor, agent.model.get_input_embeddings().weight).shape[0])
-    if message.token_ids is not None and message.token_ids.numel() and int(message.token_ids.max()) >= vocabulary:
-        _unfit(f"a token id is outside the model's vocabulary of {vocabulary}")
+    if message.token_ids is not None:
+        check_token_ids(agent.model, message.token_ids)
 
 
-def _readable(agent: LoadedModel, header: Header) -> None:
+def _readable(agent: LoadedModel, headers: list[Header], header: Header) -> None:
     """:func:`check_header`, and a chat's own refusal from the header, before anything is decoded:
-    a message leaving layers out (a droidspeak message) is read only by a droidspeak receiver."""
+    a message leaving layers out (a droidspeak message) is read only by a droidspeak receiver.
+    The header is kept in ``headers`` (for the request's decoded-bytes budget)."""
+    headers.append(header)
     check_header(header, agent)
     if any(entry.tokens == 0 for entry in header.layers):
         raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
@@ -155,18 +157,18 @@ def _check_joinable(messages: list[KVMessage]) -> None:
 
 
 def _check_blendable(messages: list[KVMessage], blending: BlendRequest) -> None:
-    """Refuses, before any answer begins, messages ``kv_blend`` cannot blend: one without token
-    ids, masks other than causal, or no layer from the check layer on that every message shares in full."""
-    if any(m.token_ids is None for m in messages):
-        raise ServiceRefusal(400, "kv_blend recomputes tokens: every KV message must carry its token ids "
-                                  "(messages made by kvcomm 0.1 with format version 3 do)", "no_token_ids", "kv_blend")
-    if modes := sorted({m.mode for m in messages} - {"causal"}):
-        raise ServiceRefusal(400, f"kv_blend needs causal masks, not {modes[0]!r}", "invalid_value", "kv_blend")
-    layers = len(messages[0].layers) if messages else 0
-    if messages and not any(all(m.layers[layer].full for m in messages)
-                            for layer in range(blending.check_layer, layers)):
-        raise ServiceRefusal(400, f"kv_blend: no layer at or after check layer {blending.check_layer} is shared "
-                                  "in full by every message", "invalid_value", "kv_blend")
+    """Refuses, before any answer begins, messages ``kv_blend`` cannot blend (the protocol's own
+    :func:`~kvcomm.protocol.blend.unblendable`, on every message's layers)."""
+    if not messages:
+        return
+    full = [all(m.layers[layer].full for m in messages) for layer in range(len(messages[0].layers))]
+    refusal = unblendable(all(m.token_ids is not None for m in messages), [m.mode for m in messages], full,
+                          blending.check_layer)
+    if refusal is not None:
+        kind, why = refusal
+        raise ServiceRefusal(400, f"kv_blend: {why}" + (" (messages made by kvcomm 0.1 with format version 3 on "
+                                                           "carry them)" if kind == "token_ids" else ""),
+                             "no_token_ids" if kind == "token_ids" else "invalid_value", "kv_blend")
 
 
 def _fetch(ref: MessageRef, store: MessageStore, config: ServeConfig, metrics: ServiceMetrics) -> bytes:

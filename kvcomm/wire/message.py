@@ -154,14 +154,6 @@ class KVMessage:
         return SharedKV.stack(rows), sizes
 
     @property
-    def decoded_bytes(self) -> int:
-        """What the message holds decoded, counted as its header counts it for readers'
-        ``max_decoded_bytes``: float32 keys, values and hidden states, int64 token ids."""
-        ids = 8 * self.token_ids.numel() if self.token_ids is not None else 0
-        return sum(8 * layer.keys.numel() for layer in self.layers) + sum(4 * h.numel() for h in self.hidden.values()) \
-            + ids
-
-    @property
     def shared_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.full]
 
