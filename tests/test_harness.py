@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, make_method, plot_sweep
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval import Report
 from kvcomm.eval.memory import item_bytes, plan_batches, rss_bytes
 from kvcomm.protocol import empty_input, greedy_generate
@@ -763,6 +763,11 @@ def test_a_checkpoint_names_what_the_calibration_options_came_to(agents, tmp_pat
     first = evaluate(agents, task, methods(), then, progress=False, checkpoint=Checkpoint(tmp_path / "c", recorded))
     now = run_identity(task, methods(), then.model_dump(mode="json"), name, name, "float32", None,
                        calibration=calibration_identity(then, [], len(task.items)))
+    today = EvalConfig(limit=2, batch_size=2)  # today's defaults: 8 items and auto; the advice names the way back
+    with pytest.raises(DataError, match="--calib-size 4 .* resumes it"):
+        evaluate(agents, task, methods(), today, progress=False, checkpoint=Checkpoint(
+            tmp_path / "c", run_identity(task, methods(), today.model_dump(mode="json"), name, name, "float32", None,
+                                         calibration=calibration_identity(today, [], len(task.items))), resume=True))
     resumed = evaluate(agents, task, methods(), then, progress=False,
                        checkpoint=Checkpoint(tmp_path / "c", now, resume=True))
     assert resumed.profile["calibration_items"] == first.profile["calibration_items"]

@@ -213,9 +213,12 @@ class Checkpoint:
                             "start again with --overwrite")
         for field, value in expected.items():
             if getattr(held, field) != value:
+                count = len(held.calibration_items) if field == "calibration_items" else None
+                how = (f"--calib-size {count} (and the objective it was made with, e.g. --objective likelihood where "
+                       "the run predates the auto default) resumes it, or start again with --overwrite"
+                       if count is not None and len(value) != count else "start again with --overwrite")
                 raise DataError(f"checkpoint file {self.header_path}: its profile {name} has {field} "
-                                f"{_short(getattr(held, field))}, this run's would have {_short(value)}; start again "
-                                "with --overwrite")
+                                f"{_short(getattr(held, field))}, this run's would have {_short(value)}; {how}")
         return held
 
     def reuse_codebook(self, make: Callable[[], Codebook]) -> Codebook:
