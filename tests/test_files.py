@@ -134,3 +134,21 @@ def test_exclusive_goes_on_without_a_lock_it_cannot_take(tmp_path, capfd):
     with exclusive(folder / "job.lock"):
         ran.append(True)
     assert ran == [True] and "going on without the lock" in capfd.readouterr().err
+
+
+def test_run_folders_claimed_in_the_same_second_are_distinct(tmp_path, monkeypatch):
+    """A caller about to write (the demo) claims its folder at once: two in the same second, or in
+    threads at once, get two folders (before, both were handed the same unmade name)."""
+    from kvcomm.eval import outputs
+
+    monkeypatch.setattr(outputs, "run_stamp", lambda: "20260101-000000")
+    assert outputs.new_run_folder("m", tmp_path) == outputs.new_run_folder("m", tmp_path)  # unclaimed: a name
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(outputs.new_run_folder("m", tmp_path, claim=True)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(got)) == 8 and all(folder.is_dir() for folder in got)
+    assert outputs.new_run_folder("m", tmp_path).name == "20260101-000000-m-9"  # the next free name

@@ -29,7 +29,7 @@ def demo() -> None:
     agents = Agents.load(DEFAULT_MODEL)
     report = evaluate(agents, task, methods, config, command=command_line())
     print_table(report)
-    files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL), task.name)
+    files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL, claim=True), task.name)  # writes into it at once
     plot, samples = plot_sweep(report, files.plots[0]), write_samples(report, agents, files.samples)
     report.save(files.results)
     console.print(f"results: {files.results}\nsamples: {samples}\nplot: {plot}", markup=False, soft_wrap=True)

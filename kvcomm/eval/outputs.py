@@ -27,15 +27,24 @@ def run_stamp(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
 
 
-def new_run_folder(model: str, root: Path = RESULTS_ROOT) -> Path:
+def new_run_folder(model: str, root: Path = RESULTS_ROOT, claim: bool = False) -> Path:
     """``root/<YYYYmmdd-HHMMSS>-<model>`` (UTC), with ``-2``, ``-3`` … appended while that name is
-    taken. The folder is not created here."""
+    taken. Not created here, unless ``claim`` (for a caller about to write into it): then it is
+    made at once, atomically, so that two runs finishing in the same second never share one."""
     base = f"{run_stamp()}-{safe_name(Path(model).name or model)}"
-    folder, n = root / base, 1
-    while folder.exists():
+    n = 1
+    while True:
+        folder = root / (base if n == 1 else f"{base}-{n}")
+        if not claim and not folder.exists():
+            return folder
+        if claim:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                pass
         n += 1
-        folder = root / f"{base}-{n}"
-    return folder
 
 
 @dataclass(frozen=True)
