@@ -288,3 +288,25 @@ def test_no_help_text_loses_brackets_to_rich_markup():
     assert not found
     shown = runner.invoke(app, ["sweep", "--help"], terminal_width=400, env={"COLUMNS": "400"})
     assert 'pip install "kvcomm[ray]"' in shown.output and "(default: bucket)" in shown.output
+
+
+def test_the_demo_writes_its_table_results_samples_and_plot(tiny_dir, tmp_path, monkeypatch):
+    """``kvcomm`` with no command (the README's first step), on the tiny model: one table and the
+    run's four files in a new results folder of the current directory."""
+    import importlib
+
+    demo_module = importlib.import_module("kvcomm.cli.demo")
+
+    class Installed:
+        def is_installed(self) -> bool:
+            return True
+
+    monkeypatch.setattr(demo_module, "DEFAULT_MODEL", str(tiny_dir))
+    monkeypatch.setattr(demo_module, "EMBEDDED", {str(tiny_dir): Installed()})
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 0, result.output
+    folders = list((tmp_path / "results").iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith("-tiny")
+    assert sorted(p.name for p in folders[0].iterdir()) == ["facts-samples.jsonl", "facts.json", "facts.png"]
+    assert "kvcomm@0.5" in result.output and "Next:" in result.output
