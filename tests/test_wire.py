@@ -924,8 +924,9 @@ def test_a_pickled_codec_carries_its_codebook_and_no_model(name, tmp_path, monke
     monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path / "elsewhere"))  # another machine: no codebooks
     monkeypatch.setattr(codebooks, "_LOADED", {})
     arrived = pickle.loads(data)
-    if name == "auto":
-        arrived = arrived._codebook and make_codec("klt").bind(arrived._codebook)
+    if name == "auto":  # its klt candidate, bound to the codebook the arrived codec carries
+        assert arrived._codebook is not None
+        arrived = make_codec("klt").bind(arrived._codebook)
     encoded = make_codec("klt").bind(lambda: book).encode(keys, values, 0, 2)
     out_k, out_v = arrived.decode(encoded, (heads, tokens, dim), 0, 2)
     want_k, want_v = make_codec("klt").bind(lambda: book).decode(encoded, (heads, tokens, dim), 0, 2)
