@@ -79,9 +79,10 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
                           f"what runs; leave out --selection, or calibrate with --selection {run.selection}")
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
+    rules, profiled = named_rules(build()), profile.rule if profile is not None else None
     for task in tasks:
-        test, _ = config.split(task.items, named_rules(build()))
-        check_calibration(config, named_rules(build()), len(task.items), profile.rule if profile is not None else None)
+        test, _ = config.split(task.items, rules)
+        check_calibration(config, rules, len(task.items), profiled)
         if given is not None:
             check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))
@@ -97,8 +98,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
                               f"--resume {folder} to continue the run there")
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
                                 run.dtype, profiles_identity(profile, blocks), run.linear,
-                                calibration_identity(config, named_rules(build()), len(task.items),
-                                                     profile.rule if profile is not None else None))
+                                calibration_identity(config, rules, len(task.items), profiled))
         checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
         planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):

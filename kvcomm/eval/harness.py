@@ -287,8 +287,9 @@ def evaluate(
     if cluster is not None:
         check_apart(methods)
     started = utc_now()
-    test, calib = config.split(task.items, named_rules(methods))
-    check_calibration(config, named_rules(methods), len(task.items), profile.rule if profile is not None else None,
+    rules, profiled = named_rules(methods), profile.rule if profile is not None else None
+    test, calib = config.split(task.items, rules)
+    check_calibration(config, rules, len(task.items), profiled,
                       unused=False)  # a script's objective for every run, the profile's or not: not refused
     for given in (profile, blocks):
         if given is not None:
@@ -298,8 +299,7 @@ def evaluate(
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
                                        profiles_identity(profile, blocks), agents.sender.linear,
-                                       calibration_identity(config, named_rules(methods), len(task.items),
-                                                            profile.rule if profile is not None else None)))
+                                       calibration_identity(config, rules, len(task.items), profiled)))
         checkpoint.check_items([item.id for item in test], ordered=not _bucketed(config, methods))
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
