@@ -8,6 +8,8 @@ shell glob characters: model and task names are reduced to letters, digits and `
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,19 +34,17 @@ def new_run_folder(model: str, root: Path = RESULTS_ROOT, claim: bool = False) -
     taken. Not created here, unless ``claim`` (for a caller about to write into it): then it is
     made at once, atomically, so that two runs finishing in the same second never share one."""
     base = f"{run_stamp()}-{safe_name(Path(model).name or model)}"
-    n = 1
-    while True:
+    if claim:
+        root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
         folder = root / (base if n == 1 else f"{base}-{n}")
-        if not claim and not folder.exists():
-            return folder
         if claim:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            with contextlib.suppress(FileExistsError):  # taken meanwhile: the next name
                 folder.mkdir()
                 return folder
-            except FileExistsError:
-                pass
-        n += 1
+        elif not folder.exists():
+            return folder
+    raise AssertionError("unreachable: the names never run out")
 
 
 @dataclass(frozen=True)
