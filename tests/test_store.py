@@ -106,6 +106,7 @@ def test_messages_expire_after_their_time_to_live(kind, tmp_path):
     assert store.get("a") == b"1"
     time.sleep(0.4)
     assert store.get("a") is None and not store.exists("a") and store.list() == []
+    assert store.count() == 0  # the disk's index still holds the row until it evicts it
 
 
 def test_the_disk_store_never_unpickles(tmp_path):
@@ -123,6 +124,7 @@ def test_the_disk_store_never_unpickles(tmp_path):
     with pytest.raises(StoreError, match="refusing to unpickle"):
         store.get("evil")
     assert store.list() == ["evil", "fine"]  # the pickled key is left out, not unpickled (before: no listing)
+    assert store.count() == 2  # counted as listed (before: 3, the pickled key too)
 
 
 def test_a_disk_fault_is_a_store_error_the_service_answers(tmp_path, monkeypatch):
