@@ -903,6 +903,41 @@ def test_kv_return_over_the_message_size_limit_is_refused_before_generating(agen
         assert "kvcomm:generation_tokens_total 0.0" in http.get("/metrics").text  # nothing was generated
 
 
+@pytest.mark.parametrize("failure", ["over the limit", "store full", "store down"])
+def test_a_turn_that_cannot_be_stored_still_gives_back_its_reply(agent, monkeypatch, failure):
+    """kv_return: where the turn's message cannot be stored after the reply was generated (a codec
+    that did not compress as bounded, a full or unreachable store), the refusal carries the
+    completion (before, the generated reply was lost with it); the client gives it in ``carried``."""
+    import kvcomm.serve.app as app_module
+    from kvcomm.serve.stores import StoreFull, StoreUnavailable
+
+    store = MemoryStore()
+    if failure == "over the limit":  # the bound before generating says it fits; the message does not
+        monkeypatch.setattr(app_module, "raw_payload_bytes", lambda *args: 0)
+    else:
+        def put(message_id, data):
+            raise (StoreFull if failure == "store full" else StoreUnavailable)("no room" if failure == "store full"
+                                                                               else "down")
+        monkeypatch.setattr(store, "put", put)
+    config = ServeConfig(max_message_bytes=1024 if failure == "over the limit" else 1 << 20,
+                         served_model_names=("tiny",))
+    with TestClient(create_app(agent, store, config)) as http:
+        plain = chat(http, "Mira lives in Oslo. Where?", max_tokens=4).json()
+        refused = chat(http, "Mira lives in Oslo. Where?", max_tokens=4, kv_return={"content": "turn", "codec": "fp32"})
+        status = {"over the limit": 413, "store full": 507, "store down": 503}[failure]
+        assert refused.status_code == status, refused.text
+        body = refused.json()
+        assert body["error"]["code"] in ("message_too_large", "store_full", "store_unavailable")
+        carried = body["completion"]
+        assert carried["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        assert carried["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+        assert "kv_message" not in carried and store.list() == []
+        client = _mocked(lambda request: httpx.Response(refused.status_code, content=refused.content))
+        with pytest.raises(ServiceError) as err:
+            client.chat([{"role": "user", "content": "Mira lives in Oslo. Where?"}], kv_return={})
+        assert err.value.carried["completion"] == carried
+
+
 def test_the_launcher_starts_agents_and_stops_them(tiny_dir):
     import socket
 

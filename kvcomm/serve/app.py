@@ -47,7 +47,7 @@ from kvcomm.serve.limits import RequestLimits
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
-from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreUnavailable, check_given_id, check_id
+from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
@@ -309,16 +309,19 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             tokens, finish, data = await worker.run(job, work)
         finally:
             watcher.cancel()
-        if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
-            raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores at "
-                                      f"most {config.max_message_bytes:,}", "message_too_large", "kv_return")
-        message_id = f"turn-{uuid.uuid4().hex}"
-        await anyio.to_thread.run_sync(store.put, message_id, data)
-        metrics.e2e.observe(time.monotonic() - began)
         prompt = len(ids) + len(received.opening or [])  # passages: the chat's opening was prefilled too
-        reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
-        return reply.model_dump(exclude_unset=True) | {"kv_message": {"id": message_id, "bytes": len(data),
-                                                                      "content": body.kv_return.content}}
+        reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage()).model_dump(
+            exclude_unset=True)
+        message_id = f"turn-{uuid.uuid4().hex}"
+        try:
+            if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
+                raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores "
+                                          f"at most {config.max_message_bytes:,}", "message_too_large", "kv_return")
+            await anyio.to_thread.run_sync(store.put, message_id, data)
+        except (ServiceRefusal, StoreError) as err:  # the reply was generated: it goes back with the refusal
+            raise errors.carrying(err, completion=reply) from None
+        metrics.e2e.observe(time.monotonic() - began)
+        return reply | {"kv_message": {"id": message_id, "bytes": len(data), "content": body.kv_return.content}}
 
     app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app

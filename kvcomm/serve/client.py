@@ -24,11 +24,15 @@ from kvcomm.wire.streaming import Arrival, Timeline
 
 class ServiceError(KvcommError):
     """The agent answered with an error status, or could not be reached or its answer could not be
-    read (``status`` 0); ``status``, ``detail`` and ``code`` say which and why."""
+    read (``status`` 0); ``status``, ``detail`` and ``code`` say which and why. ``carried`` holds
+    what the error's body carried beside the error: a chat whose ``kv_return`` turn could not be
+    stored still gives its ``completion`` there."""
 
-    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
+    def __init__(self, status: int, detail: str, code: str | None = None,
+                 carried: dict[str, Any] | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}" if status else detail)
         self.status, self.detail, self.code = status, detail, code
+        self.carried: dict[str, Any] = carried or {}
 
 
 class Client:
@@ -235,7 +239,9 @@ class Client:
 
         ``kv_return`` (e.g. ``{"content": "reply", "codec": "fp16"}``, or ``{}`` for the defaults)
         also stores the reply as a KV message; its id is in the response's ``kv_message``, for
-        another agent's ``kv_messages``. ``kv_blend`` (e.g. ``{"ratio": 0.15}``) recomputes that
+        another agent's ``kv_messages``; a turn that could not be stored (over the agent's size limit,
+        or its store full or down) is a :class:`ServiceError` whose ``carried["completion"]`` is the
+        reply generated before. ``kv_blend`` (e.g. ``{"ratio": 0.15}``) recomputes that
         fraction of the joined messages' tokens where reused KV deviates most (CacheBlend)."""
         refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
         body: dict[str, Any] = {"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}
@@ -296,7 +302,9 @@ def _raise_for(response: httpx.Response, text: str | None = None) -> None:
     except ValueError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
+    carried: dict[str, Any] = {}
     if isinstance(error, dict):
         detail = str(error.get("message", detail))
         code = error["code"] if isinstance(error.get("code"), str) else None
-    raise ServiceError(response.status_code, detail, code)
+        carried = {key: value for key, value in body.items() if key != "error"}
+    raise ServiceError(response.status_code, detail, code, carried)

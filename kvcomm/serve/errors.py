@@ -110,10 +110,22 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str | No
     return 422, "; ".join(parts), str(first) if first is not None else None
 
 
+def carrying(err: BaseException, **fields: Any) -> BaseException:
+    """``err``, marked to carry ``fields`` beside ``error`` in its response's body: work done before
+    a later step failed (a generated completion whose turn could not be stored) goes back to the
+    caller with the refusal instead of being lost with it."""
+    err.carried = {**getattr(err, "carried", {}), **fields}  # type: ignore[attr-defined]
+    return err
+
+
+def _carried(err: BaseException) -> dict[str, Any]:
+    return dict(getattr(err, "carried", {}))
+
+
 async def respond(err: BaseException) -> JSONResponse:
     """The error response of a kvcomm error (or of an unexpected one: :func:`describe_error`)."""
     status, type_, code, message = describe_error(err)
-    return JSONResponse(error_json(status, message, code, kind=type_), status)
+    return JSONResponse(error_json(status, message, code, kind=type_) | _carried(err), status)
 
 
 def install(app: FastAPI) -> None:
@@ -130,7 +142,8 @@ def install(app: FastAPI) -> None:
         headers = dict(getattr(err, "headers", None) or {})
         if err.status_code == 405:  # every method the path has, not only those of the first route matched
             headers["Allow"] = ", ".join(_methods_of(app, request))
-        return error_response(err.status_code, str(err.detail), code, param, headers or None)
+        return JSONResponse(error_json(err.status_code, str(err.detail), code, param) | _carried(err), err.status_code,
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
