@@ -65,6 +65,25 @@ def test_profile_calibrated_on_test_items_is_refused(agents):
                  progress=False)
 
 
+def test_a_profile_of_items_made_with_other_options_is_refused(agents):
+    """Generated ids number items and do not name the options that made them: a profile of
+    ``facts`` with 2 facts per item is refused for items with 4 (before, its ids were compared as
+    if they named the same items), while another item count is fine (the first items are the same)."""
+    other = load_task("facts", items=6, facts_per_item=2)
+    profile = calibrate(agents, other, other.items[-1:], progress=False)
+    assert profile.task_options == {"facts_per_item": 2, "seed": 0}
+    task = load_task("facts", items=6)
+    with pytest.raises(ConfigError, match=r"made with facts_per_item=2, this run's are made with facts_per_item=4"):
+        evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
+                 progress=False)
+    more = load_task("facts", items=9, facts_per_item=2)
+    report = evaluate(agents, more, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
+                      progress=False)
+    assert report.runs[0].layers == sorted(profile.ranking[:2])
+    old = profile.model_copy(update={"task_options": None})  # written before options were recorded: not compared
+    evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), old, progress=False)
+
+
 def test_answers_do_not_depend_on_batch_size(agents):
     task = load_task("facts", items=7)
     methods = lambda: build_methods(["skyline", "kvcomm"], [0.5])  # noqa: E731

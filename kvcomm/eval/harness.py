@@ -233,8 +233,8 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
                   num_layers: int | None = None, pair: tuple[str, str] | None = None,
                   pieces: Pieces | None = None) -> None:
     """Refuses a profile made for another sender and receiver (``pair``: this run's), on another
-    task, on test items, for another depth, or (given the run's ``pieces``) on items read in
-    another layout."""
+    task or its items made with other options, on test items, for another depth, or (given the
+    run's ``pieces``) on items read in another layout."""
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
@@ -246,6 +246,14 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
                           f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
                           "leave out --profile")
+    if profile.task_options and task.item_options and profile.task_options != task.item_options:
+        differ = sorted(k for k in {*profile.task_options, *task.item_options}
+                        if profile.task_options.get(k) != task.item_options.get(k))
+        said = ", ".join(f"{k}={profile.task_options.get(k)!r}" for k in differ)
+        ours = ", ".join(f"{k}={task.item_options.get(k)!r}" for k in differ)
+        raise ConfigError(f"the profile was calibrated on {task.name} items made with {said}, this run's are made "
+                          f"with {ours}: the same ids name other items; calibrate on these (kvcomm calibrate "
+                          "--task-option …) or leave out --profile")
     if leaked := {item.id for item in test}.intersection(profile.calibration_items):
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:

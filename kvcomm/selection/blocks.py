@@ -86,6 +86,7 @@ class BlockProfile(JsonFile):
     sender: str
     receiver: str
     task: str
+    task_options: dict[str, Any] | None = None  # the task's item_options (None: written before they were recorded)
     num_layers: int
     calibration_items: list[str]
     max_recompute: float
@@ -207,7 +208,8 @@ def profile_blocks(
     bar.close()
     means = (totals / len(items)).tolist()
     return BlockProfile(
-        sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, num_layers=num_layers,
+        sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, task_options=task.item_options,
+        num_layers=num_layers,
         objective=objective, calibration_items=[item.id for item in items], max_recompute=max_recompute, max_block=cap,
         own=means[-1], reuse=means[-2],
         blocks=[BlockScore(start=a, stop=b, loglik=value) for (a, b), value in zip(blocks, means)],

@@ -122,6 +122,8 @@ class Profile(JsonFile):
     """A layer ranking and the measurements behind it (written as JSON, reusable by ``eval``).
 
     Version 1 profiles (the paper rule, before ``rule``, ``details`` and ``cost``) still load.
+    ``task_options`` are the calibration task's :attr:`~kvcomm.tasks.Task.item_options` (None in
+    profiles written before they were recorded).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -131,6 +133,7 @@ class Profile(JsonFile):
     sender: str
     receiver: str
     task: str
+    task_options: dict[str, Any] | None = None
     num_layers: int
     alpha: float
     mu: float
@@ -254,7 +257,7 @@ def calibrate(
     if pieces != "chats":
         details["pieces"] = pieces
     return Profile(
-        sender=agents.sender.name, receiver=agents.receiver.name, task=task.name,
+        sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, task_options=task.item_options,
         num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
         calibration_items=[item.id for item in items], importance=importance,
         scores=combined.tolist(), ranking=ranking, rule=rule, details=details,

@@ -85,6 +85,13 @@ class Task:
             raise ConfigError(f"task {self.name!r}: the answer budget must be at least 1 token, "
                               f"got {self.max_new_tokens}")
 
+    @property
+    def item_options(self) -> dict[str, Any]:
+        """The options that make each item what it is: :attr:`options` but the item count (a
+        generated task's first items are the same at any count; its ids number items and do not
+        name the other options, so a seed's ``facts_0_0003`` is another item with other options)."""
+        return {key: value for key, value in self.options.items() if key != "items"}
+
     def sender_message(self, item: Item) -> str:
         return f"Instruction: {self.instruction} Context: {item.context}"
 
