@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.graphs import AnchorOptions, EdgeOptions, Graph
 from kvcomm.graphs.anchors import Anchor, AnchorPool, Segment
 from kvcomm.tasks import load_task
@@ -36,7 +36,8 @@ def test_one_anchor_that_is_the_text_itself_gives_back_the_dense_kv_past_layer_0
     for layer in (1, 2):
         torch.testing.assert_close(corrected.keys[layer], dense.keys[layer], rtol=0, atol=1e-6)
         torch.testing.assert_close(corrected.values[layer], dense.values[layer], rtol=0, atol=1e-6)
-    assert pool.correct(4, base) is base  # no anchor holds offsets for that step
+    with pytest.raises(ProtocolError, match="no anchor holds offsets for step 4"):
+        pool.correct(4, base)  # never corrected with nothing (before: base given back as if corrected)
 
 
 def test_the_weights_follow_closeness_per_token_and_per_channel():
@@ -57,18 +58,33 @@ def test_the_weights_follow_closeness_per_token_and_per_channel():
 def test_the_shareability_test_and_eviction():
     pool = AnchorPool(AnchorOptions(min_anchors=2, max_anchors=3, window=2, threshold=0.3))
     first, second = segment(0), segment(1)
-    assert not pool.shareable(first)  # no anchors yet: computed densely
-    pool.add(Anchor(first))
-    assert not pool.shareable(first)  # one anchor, fewer than min_anchors
-    pool.add(Anchor(second))
-    assert pool.shareable(first)  # one anchor is its twin: p is peaked, entropy 0
+    assert not pool.shareable(first, 0)  # no anchors yet: computed densely
+    pool.add(Anchor(first, {0: offsets(5, first)}))
+    assert not pool.shareable(first, 0)  # one anchor, fewer than min_anchors
+    pool.add(Anchor(second, {0: offsets(6, second)}))
+    assert pool.shareable(first, 0)  # one anchor is its twin: p is peaked, entropy 0
     assert (pool.anchors[0].uses, pool.anchors[1].uses) == (1, 0)
     between = Segment((first.keys + second.keys) / 2, (first.values + second.values) / 2, 3, first.tail)
-    assert not pool.shareable(between)  # equally close to both: entropy 1 bit > 0.3 × log2(2)
+    assert not pool.shareable(between, 0)  # equally close to both: entropy 1 bit > 0.3 × log2(2)
     pool.add(Anchor(segment(2)))
     pool.add(Anchor(segment(3)))  # four anchors: the least used of the two oldest goes (the second)
     assert len(pool.anchors) == 3 and pool.anchors[0].base is first
     assert all(a.base is not second for a in pool.anchors)
+
+
+def test_only_anchors_with_offsets_for_the_step_count_toward_the_test():
+    """Anchors that hold no offsets for a step cannot correct it: they neither make the minimum
+    nor enter the entropy (before, one usable anchor among several passed the test with entropy 0,
+    and the step's text was then reused with no correction at all)."""
+    pool = AnchorPool(AnchorOptions(min_anchors=2, threshold=0.3))
+    text = segment(0)
+    pool.add(Anchor(segment(1), {0: offsets(2, text)}))
+    pool.add(Anchor(segment(3), {0: offsets(4, text)}))
+    pool.add(Anchor(text, {1: offsets(5, text)}))  # its twin, but with offsets for step 1 only
+    assert not pool.shareable(text, 1)  # one anchor holds step 1's offsets: fewer than min_anchors
+    pool.add(Anchor(segment(6), {1: offsets(7, text)}))
+    assert pool.shareable(text, 1)  # two for step 1, the twin far closer: reused, and corrected by them
+    pool.correct(1, text)
 
 
 def twin_items() -> list[Item]:

@@ -230,7 +230,7 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     assert [r["label"] for r in runs] == ["star×2 text", "star×2 text +reuse", "star×2 text +reuse/anchorγ1"]
     assert runs[0]["steps"][0]["reused_tokens"] == 0 < runs[1]["steps"][0]["reused_tokens"]
     assert runs[2]["anchored"] == pytest.approx(1 / 3) and runs[2]["anchors"]["threshold"] == 1  # 2 anchors, 1 reuse
-    assert "anchor-corrected items" in reused.output
+    assert "questions anchor-corrected" in reused.output
     wrong = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "maybe", "--out", str(out)])
     assert wrong.exit_code != 0 and "--reuse takes off, on and anchor" in wrong.output
     clustered = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "anchor", "--ray", "local", "--out",

@@ -15,9 +15,11 @@ KV is to each anchor's:
 - layer 0 is never changed (its KV depends only on the token and its position).
 
 Keys and values are weighted each by their own distances. Whether a text is reused at all is
-KVCOMM's shareability test: with fewer than ``min_anchors`` anchors it is computed in every agent's
-context (and becomes an anchor); otherwise p = softmax(−‖V − V_anchor‖) over the anchors at least as
-long, and the text is reused when p's entropy in bits is at most ``threshold · log2(#anchors)``. The
+KVCOMM's shareability test, made for each agent (graph step) that is asked the text: with fewer
+than ``min_anchors`` anchors at least as long that hold offsets for that agent, it is computed in
+the agent's context (and the text becomes an anchor, with that agent's offsets); otherwise p =
+softmax(−‖V − V_anchor‖) over those anchors, and the text is reused when p's entropy in bits is at
+most ``threshold · log2(#anchors)``. The
 anchors holding p's top 0.9 count one more use; above ``max_anchors`` the least used of the
 ``window`` oldest is dropped.
 
@@ -122,11 +124,13 @@ class AnchorPool:
         """Anchors at least as long as ``base``'s shared text, with the same template after it."""
         return [a for a in self.anchors if a.base.length >= base.length and a.base.tail == base.tail]
 
-    def shareable(self, base: Segment) -> bool:
-        """KVCOMM's test: whether ``base`` is reused (True) or computed densely to become an anchor;
-        a reuse counts a use of the anchors it leans on."""
-        usable = self.usable(base)
-        if len(self.anchors) < self.options.min_anchors or not usable:
+    def shareable(self, base: Segment, step: int) -> bool:
+        """KVCOMM's test: whether ``base`` is reused at ``step`` (True) or computed densely there to
+        become an anchor; judged over the usable anchors that hold offsets for ``step`` (those its
+        correction would use), at least ``min_anchors`` of them. A reuse counts a use of the
+        anchors it leans on."""
+        usable = [a for a in self.usable(base) if step in a.offsets]
+        if len(usable) < self.options.min_anchors:
             return False
         n = base.length
         distance = torch.stack([(base.values[:, :, :n] - a.base.values[:, :, :n]).double().square().sum().sqrt()
@@ -145,10 +149,14 @@ class AnchorPool:
 
     def correct(self, step: int, base: Segment) -> Segment:
         """``base`` plus the anchors' offsets for ``step``, weighted by closeness (the module
-        docstring); ``base`` itself where no anchor holds offsets for ``step``."""
+        docstring).
+
+        Raises:
+            ProtocolError: no usable anchor holds offsets for ``step`` (:meth:`shareable` said no).
+        """
         usable = [a for a in self.usable(base) if step in a.offsets]
         if not usable:
-            return base
+            raise ProtocolError(f"no anchor holds offsets for step {step}: the text is computed in context there")
         lengths = [a.base.length for a in usable]
         keys = _corrected(base.keys, base.length, [a.base.keys for a in usable], [a.offsets[step][0] for a in usable],
                           lengths)

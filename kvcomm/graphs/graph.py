@@ -184,7 +184,8 @@ class GraphRun(BaseModel):
     edge: dict[str, Any]
     reuse: bool = False
     anchors: dict[str, Any] | None = None  # the anchor correction's options, when reuse used it
-    anchored: float | None = None  # with anchors: share of shared questions reused (the rest became anchors)
+    anchored: float | None = None  # with anchors: share of the askings of shared questions (an item's question
+    # at one step) reused with correction; the rest were computed in the agent's context (anchors' offsets)
     layers: list[int] | None
     n: int
     scores: dict[str, Score]
@@ -275,7 +276,7 @@ class Graph:
         self.reply_tokens, self.topology = reply_tokens, topology
         self.reuse, self.anchors = reuse is not False, reuse if isinstance(reuse, AnchorOptions) else None
         self._pool = AnchorPool(self.anchors) if self.anchors is not None else None
-        self._anchored = [0, 0]  # shared questions reused with correction, computed densely
+        self._anchored = [0, 0]  # askings of shared questions reused with correction, computed densely
         if reuse and self.edge.via == "kv" and self.edge.place == "prefix":
             raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
                               "kv edges placed inline, not place prefix")
@@ -518,11 +519,7 @@ class Graph:
             for i, key in enumerate(missing):
                 row = made.row(i)
                 base = None if anchors is None else Segment.of(row, len(key[1]), tuple(tail))
-                shared[key] = question = _Question(row, base)
-                if base is not None and self._pool is not None:
-                    reused = self._pool.shareable(base)
-                    question.anchor = None if reused else Anchor(base)
-                    self._anchored[0 if reused else 1] += 1
+                shared[key] = _Question(row, base, None if base is None else Anchor(base))
         context_rows, ids, dense = [], [], []
         for r in rows:
             question = shared[keys[r]]
@@ -532,12 +529,14 @@ class Graph:
                 continue
             if question.base.tail != tuple(closings[r]):
                 raise ProtocolError("anchor correction expects every agent's chat closing to be the same tokens")
-            if question.anchor is not None:  # computed here, in the agent's context: the anchor's offsets
+            assert self._pool is not None and anchors is not None and question.anchor is not None
+            reused = self._pool.shareable(question.base, index)
+            self._anchored[0 if reused else 1] += 1
+            if not reused:  # computed here, in the agent's context: the anchor's offsets for this step
                 context_rows.append(splice(model.model, pieces[r]))
                 ids.append(questions[r] + closings[r])
                 dense.append((r, question.anchor))
                 continue
-            assert self._pool is not None and anchors is not None
             corrected = self._pool.correct(index, question.base)
             keep = len(questions[r]) + (len(closings[r]) - 1 if anchors.closing else 0)
             kv = replace(question.kv, keys=[k[None] for k in corrected.keys],
@@ -593,9 +592,9 @@ class _Start:
 @dataclass
 class _Question:
     """An item's shared question, prefilled once (reuse): its KV row in the position-0 frame (with
-    anchors, the chat's closing after it) and, with anchors, that KV as a base to correct, or, when
-    it failed the shareability test, the anchor it becomes (every agent computes it in its own
-    context, and the offsets are recorded there per step)."""
+    anchors, the chat's closing after it) and, with anchors, that KV as a base to correct and the
+    anchor it becomes where it fails the shareability test at a step (that agent computes it in its
+    own context, and the anchor records the offsets there)."""
 
     kv: SenderKV
     base: Segment | None = None

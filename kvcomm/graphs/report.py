@@ -20,14 +20,15 @@ from kvcomm.graphs.graph import GraphReport  # noqa: E402
 
 def graph_table(report: GraphReport) -> Table:
     """One row per configuration: score and interval, bytes per item, time per item, and with
-    anchor correction the share of items whose question was reused (the others became anchors)."""
+    anchor correction the share of the shared questions' askings (an item's question at one step)
+    reused with correction (the others were computed in context, as anchors)."""
     cfg = report.config
     metric = cfg["metric"]
     table = Table(title=Text(f"{cfg['task']} · {cfg['model']} · {cfg['topology']} of {cfg['agents']} agents · "
                              f"n={cfg['items']}"))
     anchors = any(run.anchored is not None for run in report.runs)
     for column in ("configuration", metric, "95% CI", "bytes/item", "s/item", "hop accuracy by agent",
-                   *(["anchor-corrected items"] if anchors else [])):
+                   *(["questions anchor-corrected"] if anchors else [])):
         table.add_column(Text(column), justify="left" if column in ("configuration", "hop accuracy by agent")
                          else "right", overflow="fold")
     for run in report.runs:
