@@ -34,6 +34,8 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         unroll("ring", 3)
     with pytest.raises(ConfigError, match="at least 2 turns"):
         unroll("chain", 1)
+    with pytest.raises(ConfigError, match="a star has one round"):  # before: later rounds ran, heard by no one
+        unroll("star", 2, rounds=2)
     model = tiny_loaded()
     with pytest.raises(ConfigError, match="agent1/r1 hears agent2/r1, which has not spoken yet"):
         Graph(model, [Step(Turn(0, 0), (Turn(1, 0),)), Step(Turn(1, 0), ())], 2)
@@ -222,14 +224,15 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     lonely = CliRunner().invoke(app, ["graph", "-m", "no-such-model", "--agents", "1", "--out", str(out)])
     assert lonely.exit_code == 2 and "a chain needs at least 2 turns" in lonely.output  # before any model loads
     reused = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "facts", "--topology", "star", "--agents",
-                                      "2", "--limit", "3", "--via", "text", "--reuse", "off,on,anchor", "--no-single",
+                                      "2", "--limit", "4", "--via", "text", "--reuse", "off,on,anchor", "--no-single",
                                       "-q", "--batch-size", "1", "--anchor-threshold", "1", "--overwrite", "--out",
                                       str(out)], env={"COLUMNS": "200"})
     assert reused.exit_code == 0, reused.output
     runs = json.loads(out.read_text())["runs"]
     assert [r["label"] for r in runs] == ["star×2 text", "star×2 text +reuse", "star×2 text +reuse/anchorγ1"]
     assert runs[0]["steps"][0]["reused_tokens"] == 0 < runs[1]["steps"][0]["reused_tokens"]
-    assert runs[2]["anchored"] == pytest.approx(1 / 3) and runs[2]["anchors"]["threshold"] == 1  # 2 anchors, 1 reuse
+    # three anchors (the 2nd and 3rd had fewer than 2 at least as long), the 4th item reused at every step
+    assert runs[2]["anchored"] == pytest.approx(1 / 4) and runs[2]["anchors"]["threshold"] == 1
     assert "questions anchor-corrected" in reused.output
     wrong = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "maybe", "--out", str(out)])
     assert wrong.exit_code != 0 and "--reuse takes off, on and anchor" in wrong.output
@@ -239,6 +242,37 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     stray = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "--reuse", "on", "--no-anchor-closing", "--out",
                                      str(out)])
     assert stray.exit_code == 2 and "are for --reuse anchor" in stray.output
+
+
+def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, tmp_path):
+    """Before any model loads: KV-only options with no KV edge, a ratio above 1, a codec or blend
+    that does not exist, whatever --via says (before, they ran, or --ratios 5 became every layer),
+    a grid whose every graph is left out (before, only the single agent ran, exit 0), an --out
+    whose plot would replace it, and a plot in the way."""
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    out = tmp_path / "g.json"
+    base = ["graph", "-m", str(tiny_dir), "-t", "relay", "--agents", "2", "--limit", "1", "-q"]
+    for extra, said in ((["--via", "text", "--codecs", "bogus"], "bogus"),
+                        (["--via", "text", "--blends", "7"], "blend"),
+                        (["--via", "text", "--ratios", "0.5"], "are for kv edges; --via text has none"),
+                        (["--via", "text", "--place", "prefix"], "are for kv edges"),
+                        (["--via", "kv", "--ratios", "5"], "0 < RATIO <= 1"),
+                        (["--via", "kv", "--place", "prefix", "--reuse", "on"], "no graph to run"),
+                        (["--out", str(tmp_path / "g.png")], "give the results another name")):
+        refused = CliRunner().invoke(app, [*base, *extra, *(["--out", str(out)] if "--out" not in extra else [])],
+                                     env={"COLUMNS": "200"})
+        assert refused.exit_code == 2 and said in refused.output, (extra, refused.output)
+    (tmp_path / "g.png").write_bytes(b"precious")
+    in_the_way = CliRunner().invoke(app, [*base, "--out", str(out)], env={"COLUMNS": "200"})
+    assert in_the_way.exit_code == 2 and "g.png exists" in in_the_way.output
+    assert (tmp_path / "g.png").read_bytes() == b"precious" and not out.exists()
+    grid = CliRunner().invoke(app, [*base, "--via", "kv,text", "--place", "prefix", "--reuse", "off,on", "--no-single",
+                                    "--blends", "none", "--overwrite", "--out", str(out)], env={"COLUMNS": "200"})
+    assert grid.exit_code == 0, grid.output
+    assert "not run: kv/prefix@all+fp16 with reuse on" in grid.output
 
 
 def test_splice_joins_pieces_that_share_different_layers():
@@ -309,9 +343,13 @@ def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
     assert calls == [2]  # one prefill of both items' questions; every other agent found them
     relay = load_task("relay", items=2, hops=3, max_new_tokens=3)  # each agent asked its own hop: nothing shared
     off, on = (Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=r).run(relay, relay.items,
-                                                                                        progress=False) for r in (0, 1))
-    assert [r.replies for r in on.items] == [r.replies for r in off.items]
+                                                                                        progress=False)
+               for r in (False, True))
+    assert [r.replies for r in on.items] == [r.replies for r in off.items] and on.reuse and not off.reuse
     assert all(step.reused_tokens == 0 for step in on.steps)
+    for wrong in (0, None, "on"):  # before, 0 and None turned reuse on (and 0 got past the prefix check)
+        with pytest.raises(ConfigError, match="reuse is True, False or AnchorOptions"):
+            Graph.build(model, "chain", 2, edge=EdgeOptions(via="text"), reuse=wrong)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="not place prefix"):
         Graph.build(model, "chain", 2, edge=EdgeOptions(place="prefix"), reuse=True)
 

@@ -27,6 +27,7 @@ from kvcomm.cli.common import (
     TaskName,
     TaskOptions,
     check_output,
+    check_output_and_plot,
     console,
     quiet_libraries,
     task_options_for,
@@ -129,13 +130,14 @@ def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | 
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
     items = _last_items(the_task, EvalConfig(calib_size=calib_size, objective="likelihood"))  # 4: no objective chosen
-    out = check_output(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json", "block profile", overwrite)
+    out, plot_path = check_output_and_plot(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json",
+                                           "block profile", overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(model, receiver, dtype)
         profile = profile_blocks(agents, the_task, items, max_recompute, batch_size or EvalConfig().batch_size,
                                  progress=not quiet, objective=objective)
     profile.save(out)
-    plot = plot_blocks(profile, out.with_suffix(".png"), tolerance)
+    plot = plot_blocks(profile, plot_path, tolerance)
     picked = profile.pick(tolerance)
     spent = f"{profile.cost['seconds']:.0f} s, {len(profile.blocks)} blocks"
     table = Table(title=Text(f"droidspeak blocks · {profile.sender} → {profile.receiver} · {the_task.name} · "

@@ -440,6 +440,17 @@ def check_output(path: Path, what: str = "results", overwrite: bool = True) -> P
     return path
 
 
+def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = True) -> tuple[Path, Path]:
+    """The output file (checked as by :func:`check_output`) and the plot written beside it (its
+    name with ``.png``, checked too): refused where the two would be one file (``--out x.png``)."""
+    check_output(path, what, overwrite)
+    plot = path.with_suffix(".png")
+    if plot == path:
+        raise ConfigError(f"--out {path}: the plot is written beside the {what} as {plot.name}; give the {what} "
+                          "another name (e.g. .json)")
+    return path, check_output(plot, "plot", overwrite)
+
+
 @contextlib.contextmanager
 def quiet_libraries(quiet: bool = True) -> Iterator[None]:
     """``-q``: inside, transformers logs errors only and, like the hub, shows no progress bars;

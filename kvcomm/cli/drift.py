@@ -10,7 +10,17 @@ from rich.table import Table
 from rich.text import Text
 
 from kvcomm.agents import Agents
-from kvcomm.cli.common import BatchSize, Data, Dtype, Overwrite, Quiet, TaskName, check_output, console, quiet_libraries
+from kvcomm.cli.common import (
+    BatchSize,
+    Data,
+    Dtype,
+    Overwrite,
+    Quiet,
+    TaskName,
+    check_output_and_plot,
+    console,
+    quiet_libraries,
+)
 from kvcomm.eval.drift import measure_drift
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_drift
@@ -31,13 +41,14 @@ def drift_command(
     resolve_model(a)
     resolve_model(b)
     the_task = load_task(task, data)
-    out = check_output(out or Path("results") / f"drift-{safe_name(a)}-{safe_name(b)}-{safe_name(the_task.name)}.json",
-                       "drift", overwrite)
+    out, plot_path = check_output_and_plot(
+        out or Path("results") / f"drift-{safe_name(a)}-{safe_name(b)}-{safe_name(the_task.name)}.json", "drift",
+        overwrite)
     with quiet_libraries(quiet):
         agents = Agents.load(a, b, dtype)  # refuses models of different shapes, naming the fields
         drift = measure_drift(agents, the_task, the_task.items[:items], batch_size or 8, progress=not quiet)
     drift.save(out)
-    plot = plot_drift(drift, out.with_suffix(".png"))
+    plot = plot_drift(drift, plot_path)
     table = Table(title=Text(f"drift of {b} from {a} · {the_task.name} · {drift.items} contexts, "
                              f"{drift.tokens} tokens (sinks left out) · relative L2"))
     for column in ("layer", "keys", "values", "hidden after"):

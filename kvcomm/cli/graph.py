@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,7 +24,7 @@ from kvcomm.cli.common import (
     TaskOptions,
     Workers,
     WorkerThreads,
-    check_output,
+    check_output_and_plot,
     console,
     quiet_libraries,
     ray_cluster,
@@ -34,7 +35,8 @@ from kvcomm.errors import ConfigError
 from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.anchors import AnchorOptions
-from kvcomm.graphs.compare import VIA, compare, edge_grid
+from kvcomm.graphs.compare import VIA, compare, edge_grid, graph_grid
+from kvcomm.graphs.graph import EdgeOptions
 from kvcomm.graphs.report import plot_graph, print_graph
 from kvcomm.graphs.topology import unroll
 from kvcomm.models import DEFAULT_MODEL, resolve_model
@@ -134,6 +136,14 @@ def graph_command(
         raise ConfigError(f"--blends must be comma-separated numbers or 'none', got {blends!r}") from None
     if unknown := [kind for kind in kinds if kind not in VIA]:
         raise ConfigError(f"--via: {unknown[0]!r} is not one of {', '.join(VIA)}")
+    if bad_ratios := [r for r in _list(ratios, "ratios") if not 0 < float(r) <= 1]:
+        raise ConfigError(f"--ratios are fractions of the layers, 0 < RATIO <= 1 (1: every layer), not {bad_ratios[0]}")
+    for codec, fraction in itertools.product(wire, recompute):  # checked whatever --via says: a typo is a typo
+        EdgeOptions(via="kv", codec=codec, blend=fraction)
+    if not any(kind.startswith("kv") for kind in kinds) and (
+            fractions != [None] or wire != ["fp16"] or recompute != [0.15] or place != "inline" or mode != "causal"):
+        raise ConfigError("--ratios, --codecs, --blends, --place and --mode are for kv edges; --via "
+                          f"{via} has none")
     edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
     settings = _list(reuse, "reuse")
     if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
@@ -143,14 +153,18 @@ def graph_command(
         raise ConfigError("--anchor-threshold and --no-anchor-closing are for --reuse anchor")
     anchors = AnchorOptions(threshold=anchor_threshold, closing=anchor_closing)
     choices: dict[str, bool | AnchorOptions] = {"off": False, "on": True, "anchor": anchors}
+    reuses = [choices[r] for r in dict.fromkeys(settings)]
+    for left_out in graph_grid(edges, reuses)[1]:  # before a model loads: a grid with nothing to run is refused
+        console.print(f"not run: {left_out} (KV placed as a prefix cannot reuse the question)", markup=False)
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
     if ray is not None and "anchor" in settings:
         raise ConfigError("--reuse anchor keeps one pool of anchors across the run's batches: not with --ray")
     cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
     the_task = graph_task(task, data, agents, limit, seed, task_option or [])
-    out = check_output(out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json",
-                       "results", overwrite)
+    out, plot_path = check_output_and_plot(
+        out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json", "results",
+        overwrite)
     with quiet_libraries(quiet), contextlib.ExitStack() as stack:
         loaded = load_model(model, dtype, linear)
         cluster = None
@@ -159,8 +173,8 @@ def graph_command(
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
                          batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,
-                         reuse=[choices[r] for r in dict.fromkeys(settings)])
+                         reuse=reuses)
     report.save(out)
-    plot = plot_graph(report, out.with_suffix(".png"))
+    plot = plot_graph(report, plot_path)
     print_graph(report)
     console.print(f"results: {out}\nplot: {plot}", markup=False, soft_wrap=True)

@@ -40,18 +40,39 @@ def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequen
     return list(dict.fromkeys(edges))  # once each: e.g. every blend fraction is None when placed as a prefix
 
 
+def graph_grid(edges: Sequence[EdgeOptions], reuse: Sequence[bool | AnchorOptions] = (False,)
+               ) -> tuple[list[tuple[EdgeOptions, bool | AnchorOptions]], list[str]]:
+    """The graphs ``compare`` runs: each edge configuration with each ``reuse`` setting, but reuse
+    with KV edges placed as a prefix (which cannot reuse the question); and those left out, named.
+
+    Raises:
+        ConfigError: every pair is left out (nothing but the single agent would run).
+    """
+    pairs, skipped = [], []
+    for edge in edges:
+        for shared in reuse:
+            if shared is not False and edge.via == "kv" and edge.place == "prefix":
+                skipped.append(f"{edge.label} with reuse {'anchor' if isinstance(shared, AnchorOptions) else 'on'}")
+            else:
+                pairs.append((edge, shared))
+    if not pairs:
+        raise ConfigError("no graph to run: reuse places the question after each agent's own text, and KV edges "
+                          "placed as a prefix cannot (add --reuse off, or text edges, or --place inline)")
+    return pairs, skipped
+
+
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
             edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
             reply_tokens: int | None = None, progress: bool = True, command: str | None = None,
             cluster: Cluster | None = None, reuse: Sequence[bool | AnchorOptions] = (False,)) -> GraphReport:
     """Runs the single-agent reference (``single``) and the graph once per edge configuration and
     ``reuse`` setting (off, on, or on with anchor correction; on ``cluster``'s workers, batch by
-    batch, when given). Reuse is skipped for KV edges placed as a prefix, which cannot reuse the
-    question."""
+    batch, when given). Reuse is left out for KV edges placed as a prefix, which cannot reuse the
+    question (:func:`graph_grid`)."""
     started = utc_now()
     graphs = [Graph.single(model)] if single else []
-    graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens, shared) for edge in edges
-               for shared in reuse if not (shared is not False and edge.via == "kv" and edge.place == "prefix")]
+    graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens, shared)
+               for edge, shared in graph_grid(edges, reuse)[0]]
     runs = [graph.run(task, items, batch_size, progress, cluster) for graph in graphs]
     config = {"task": task.name, "seed": task.seed, **({"task_options": task.options} if task.options else {}),
               "metric": task.metric, "model": model.name,

@@ -274,6 +274,8 @@ class Graph:
         self.model, self.steps, self.agents = model, list(steps), agents
         self.edge = edge or EdgeOptions()
         self.reply_tokens, self.topology = reply_tokens, topology
+        if not isinstance(reuse, bool | AnchorOptions):  # 0 or None would read as on where truthiness is not asked
+            raise ConfigError(f"reuse is True, False or AnchorOptions, not {reuse!r}")
         self.reuse, self.anchors = reuse is not False, reuse if isinstance(reuse, AnchorOptions) else None
         self._pool = AnchorPool(self.anchors) if self.anchors is not None else None
         self._anchored = [0, 0]  # askings of shared questions reused with correction, computed densely

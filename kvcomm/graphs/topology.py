@@ -50,8 +50,8 @@ def unroll(topology: str, agents: int, rounds: int = 1) -> list[Step]:
     """The steps of ``topology`` with ``agents`` piece-holding agents over ``rounds`` rounds.
 
     Raises:
-        ConfigError: an unknown topology, fewer than 1 agent or round, or a graph too small to
-            have edges.
+        ConfigError: an unknown topology, fewer than 1 agent or round, a graph too small to
+            have edges, or a star of more than one round.
     """
     if topology not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {topology!r}; valid: {', '.join(TOPOLOGIES)}")
@@ -59,6 +59,9 @@ def unroll(topology: str, agents: int, rounds: int = 1) -> list[Step]:
         raise ConfigError(f"a graph needs at least 1 agent and 1 round, got {agents} agents, {rounds} rounds")
     if topology == "chain" and agents * rounds < 2:
         raise ConfigError("a chain needs at least 2 turns (2 agents, or 2 rounds)")
+    if topology == "star" and rounds > 1:  # its agents hear no one: a later round repeats the first, unheard
+        raise ConfigError(f"a star has one round (its agents read alone and the decision agent hears them once), not "
+                          f"{rounds}; for rounds use full or debate")
     steps: list[Step] = []
     for r in range(rounds):
         for j in range(agents):
