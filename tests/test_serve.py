@@ -794,6 +794,12 @@ def test_stored_passages_are_read_inside_the_last_user_turn(http, agent):
     usage = every.json()["usage"]  # every passage token recomputed, none of the opening (prefilled here, exact)
     assert usage["kv_tokens_recomputed"] == sum(m["context_tokens"] for m in made[:2])
     assert ask([made[2]["id"], made[0]["id"]]).status_code == 200  # joined without recompute too
+    body = {"messages": [{"role": "user", "content": "Which country?"}], "max_tokens": 2,
+            "kv_messages": [made[0]["id"]]}
+    turn = http.post("/v1/chat/completions", json=body | {"kv_return": {"content": "turn"}})
+    assert turn.status_code == 400 and "content 'turn' after passages" in turn.json()["error"]["message"]
+    reply = http.post("/v1/chat/completions", json=body | {"kv_return": {"content": "reply"}})
+    assert reply.status_code == 200 and reply.json()["kv_message"]["content"] == "reply"  # (before: a turn cut short)
     mixed = ask([made[0]["id"], context["id"]])
     assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "mixed_kv_messages"
     refused = http.post("/v1/contexts", json={"messages": [{"role": "user", "content": "x"}], "passage": True})

@@ -296,6 +296,10 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         message sure to be over the size limit is refused before any generation."""
         assert body.kv_return is not None
         keep = body.kv_return
+        if keep.content == "turn" and received.passages:  # the turn's own KV starts inside its last user turn
+            raise ServiceRefusal(400, "kv_return: content 'turn' after passages: the chat's opening and the passages "
+                                      "are other messages, so no one message holds the whole turn; ask for content "
+                                      "'reply'", "unsupported_parameter", "kv_return")
         most = raw_payload_bytes(agent, make_codec(keep.codec), keep.layers,
                                  (len(ids) if keep.content == "turn" else 0) + budget)
         if most is not None and most > config.max_message_bytes:
