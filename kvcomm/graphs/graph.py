@@ -339,11 +339,12 @@ class Graph:
             return item.asks[step.agent]
         return item.question
 
-    def _reuses(self, batch: list[Item], step: Step) -> bool:
-        """Whether ``step`` reuses its question: reuse is on and, for every item, another step of
-        the graph is asked the same (a question only one agent asks is computed in its context)."""
-        return self.reuse and all(sum(self.ask(item, s) == self.ask(item, step) for s in self.steps) > 1
-                                  for item in batch)
+    def _reuses(self, batch: list[Item], step: Step) -> list[bool]:
+        """Per row, whether ``step`` reuses the item's question: reuse is on and another step of the
+        graph is asked the same (a question only one agent asks is computed in its context). Decided
+        per item, so an item's answers do not depend on the others in its batch."""
+        return [self.reuse and sum(self.ask(item, s) == self.ask(item, step) for s in self.steps) > 1
+                for item in batch]
 
     def prompt_ids(self, step: Step, message: str) -> list[int]:
         """The tokens ``step`` prefills when what it hears is not placed inside its prompt: its
@@ -459,7 +460,8 @@ class Graph:
         it has and took from elsewhere."""
         model, rows, step = self.model, range(len(batch)), self.steps[index]
         names = [agent_name(t.agent) for t in step.hears]
-        reuse = self._reuses(batch, step)
+        reusing = self._reuses(batch, step)
+        reuse, alone = any(reusing), {r for r in rows if not reusing[r]}
         if self.edge.via == "text" or not heard:
             messages = [self.message(task, item, step, [(n, h.texts[r]) for n, h in zip(names, heard)], reuse)
                         for r, item in enumerate(batch)]
@@ -469,7 +471,7 @@ class Graph:
             segments = [model.encode_message_parts(m, [QUESTION, ASKED]) for m in messages]
             mine = SharedKV.whole(prefill(model.model, *pad_left([s[0] for s in segments], model.pad_id)))
             pieces = [[mine.row(r)] for r in rows]
-            return self._reusing(batch, index, segments, pieces, self.edge.blend, messages, shared)
+            return self._reusing(batch, index, segments, pieces, self.edge.blend, messages, shared, alone)
         if self.edge.place == "prefix":
             joined = [concat_shared(model.model, [h.shared[r] for h in heard]) for r in rows]  # type: ignore[index]
             messages = [self.message(task, item, step, []) for item in batch]
@@ -491,7 +493,8 @@ class Graph:
         if reuse:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
-            return self._reusing(batch, index, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared)
+            return self._reusing(batch, index, [s[-2:] for s in segments], pieces, self.edge.blend, messages, shared,
+                                 alone)
         context, recomputed = self._blended(SharedKV.stack([splice(model.model, row) for row in pieces]),
                                             self.edge.blend)
         ids, valid = pad_left([s[-1] for s in segments], model.pad_id)
@@ -501,19 +504,20 @@ class Graph:
 
     def _reusing(self, batch: list[Item], index: int, segments: list[list[list[int]]], pieces: list[list[SharedKV]],
                  blending: float | None, messages: list[str],
-                 shared: dict[tuple[str, tuple[int, ...]], _Question]) -> _Start:
+                 shared: dict[tuple[str, tuple[int, ...]], _Question], alone: set[int]) -> _Start:
         """Each row's pieces followed by its item's question, computed once for every agent that
         asks it (``segments[r]``: the question, then the chat's closing); the agent prefills the
         closing itself, in its own context (where its answer starts to form). With anchors, the
         question (and the closing but its last token, which the agent prefills) is corrected by
         them, or, for an item that fails the shareability test, computed in the agent's context
-        and recorded (``_Start.dense``)."""
+        and recorded (``_Start.dense``). Rows in ``alone`` (a question no other step asks) compute
+        theirs in the agent's context."""
         model, rows, anchors = self.model, range(len(batch)), self.anchors
         questions, closings = [s[-2] for s in segments], [s[-1] for s in segments]
         if not all(questions) or not all(closings):
             raise ProtocolError("reuse needs a question and a chat closing of at least one token each")
         keys = [(item.id, tuple(question)) for item, question in zip(batch, questions)]
-        missing = list(dict.fromkeys(k for k in keys if k not in shared))
+        missing = list(dict.fromkeys(k for r, k in enumerate(keys) if k not in shared and r not in alone))
         if missing:  # behind the chat's opening (not its own position 0: no second sink), then moved to 0
             opening, tail = model.turn_opening(), closings[0] if anchors is not None else []
             kv = prefill_shared(model.model, [opening + list(k[1]) + tail for k in missing], model.pad_id)
@@ -524,6 +528,10 @@ class Graph:
                 shared[key] = _Question(row, base, None if base is None else Anchor(base))
         context_rows, ids, dense = [], [], []
         for r in rows:
+            if r in alone:
+                context_rows.append(splice(model.model, pieces[r]))
+                ids.append(questions[r] + closings[r])
+                continue
             question = shared[keys[r]]
             if question.base is None:  # plain reuse
                 context_rows.append(splice(model.model, [*pieces[r], SharedKV.whole(question.kv)]))
