@@ -36,6 +36,11 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         unroll("chain", 1)
     with pytest.raises(ConfigError, match="a star has one round"):  # before: later rounds ran, heard by no one
         unroll("star", 2, rounds=2)
+    with pytest.raises(ConfigError, match="reply_tokens is the budget of a turn, at least 1, not 0"):
+        Graph.build(tiny_loaded(), "chain", 2, reply_tokens=0)
+    with pytest.raises(ConfigError, match="the batch size is at least 1, not 0"):  # before: range()'s ValueError
+        Graph.build(tiny_loaded(), "chain", 2).run(load_task("relay", items=1, hops=2), load_task(
+            "relay", items=1, hops=2).items, batch_size=0)
     model = tiny_loaded()
     with pytest.raises(ConfigError, match="agent1/r1 hears agent2/r1, which has not spoken yet"):
         Graph(model, [Step(Turn(0, 0), (Turn(1, 0),)), Step(Turn(1, 0), ())], 2)
@@ -273,6 +278,25 @@ def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, 
                                     "--blends", "none", "--overwrite", "--out", str(out)], env={"COLUMNS": "200"})
     assert grid.exit_code == 0, grid.output
     assert "not run: kv/prefix@all+fp16 with reuse on" in grid.output
+
+
+def test_a_codec_s_one_off_costs_are_paid_before_the_clock_starts(monkeypatch):
+    """Entropy coders compile and build tables on their first long message: a graph with a codec
+    sends one message before its clock starts (before, the first item's turn paid for it)."""
+    import kvcomm.graphs.graph as graph_module
+
+    model = tiny_loaded()
+    task = load_task("relay", items=1, hops=2, max_new_tokens=2)
+    events: list[str] = []
+    real_clock, real_send = graph_module.clock, graph_module.Graph._send
+    monkeypatch.setattr(graph_module, "clock", lambda: events.append("clock") or real_clock())
+    monkeypatch.setattr(graph_module.Graph, "_send",
+                        lambda self, kv, counts: events.append(f"send {max(counts)}") or real_send(self, kv, counts))
+    Graph.build(model, "chain", 2, edge=EdgeOptions(codec="int4-ans")).run(task, task.items, progress=False)
+    assert events[0].startswith("send") and int(events[0].split()[1]) >= 32 and events[1] == "clock"
+    events.clear()
+    Graph.build(model, "chain", 2, edge=EdgeOptions(codec=None)).run(task, task.items, progress=False)
+    assert events[0] == "clock"  # in process: nothing to warm
 
 
 def test_splice_joins_pieces_that_share_different_layers():

@@ -271,6 +271,8 @@ class Graph:
             if step.agent != DECISION and not 0 <= step.agent < agents:
                 raise ConfigError(f"step {turn_name(step.turn)}: agent index out of range for {agents} agents")
             seen.add(step.turn)
+        if reply_tokens is not None and reply_tokens < 1:
+            raise ConfigError(f"reply_tokens is the budget of a turn, at least 1, not {reply_tokens}")
         self.model, self.steps, self.agents = model, list(steps), agents
         self.edge = edge or EdgeOptions()
         self.reply_tokens, self.topology = reply_tokens, topology
@@ -362,6 +364,8 @@ class Graph:
         own copy of the model) and the results are taken in order: the same replies and scores."""
         if not items:
             raise ConfigError("a graph run needs at least one item")
+        if batch_size < 1:
+            raise ConfigError(f"the batch size is at least 1, not {batch_size}")
         if cluster is not None and self.anchors is not None:
             raise ConfigError("anchor correction keeps one pool of anchors across a run's batches: run it without "
                               "a cluster")
@@ -374,27 +378,31 @@ class Graph:
                 raise DataError(f"item {item.id}: {err}") from None
         rows: list[GraphItem] = []
         tally = [_StepTally() for _ in self.steps]
+        if self._codec is not None and cluster is None:  # one-off costs (compiled kernels, tables) are no item's
+            ids = self.model.encode_message(" ".join(["Mira lives in Oslo."] * 8))
+            warm = prefill(self.model.model, *pad_left([ids], self.model.pad_id))
+            self._send([warm], [len(ids) - 1])  # entropy coders take their compiled path on longer messages only
         began = clock()
         bar = tqdm(total=len(items) * len(self.steps), desc=self.label, unit="turn", disable=not progress)
         batches = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
         remote = None
-        if cluster is not None:
-            job = _GraphJob(self.steps, self.agents, self.edge, self.reply_tokens, self.topology, self.reuse)
-            remote = cluster.submit(task, job, [(index, batch, None) for index, batch in enumerate(batches)],
-                                    bar.update)
-        for index, batch in enumerate(batches):
-            if remote is None:
-                replies = self._run_batch(task, batch, tally, bar)
-            else:
-                replies, parts = remote.take(index)
-                for whole, part in zip(tally, parts):
-                    whole.merge(part)
-            for row, item in enumerate(batch):
-                answer = replies[-1][row]
-                rows.append(GraphItem(id=item.id, answer=answer, gold=list(item.answers),
-                                      scores=score_all(answer, item.answers),
-                                      replies=[r[row] for r in replies]))
-        bar.close()
+        with bar:  # closed however the run ends
+            if cluster is not None:
+                job = _GraphJob(self.steps, self.agents, self.edge, self.reply_tokens, self.topology, self.reuse)
+                remote = cluster.submit(task, job, [(index, batch, None) for index, batch in enumerate(batches)],
+                                        bar.update)
+            for index, batch in enumerate(batches):
+                if remote is None:
+                    replies = self._run_batch(task, batch, tally, bar)
+                else:
+                    replies, parts = remote.take(index)
+                    for whole, part in zip(tally, parts):
+                        whole.merge(part)
+                for row, item in enumerate(batch):
+                    answer = replies[-1][row]
+                    rows.append(GraphItem(id=item.id, answer=answer, gold=list(item.answers),
+                                          scores=score_all(answer, item.answers),
+                                          replies=[r[row] for r in replies]))
         seconds = clock() - began
         n = len(items)
         steps = [t.row(step, n, self._hop_golds(items, step)) for t, step in zip(tally, self.steps)]
