@@ -1,12 +1,14 @@
 """An agent graph over one model: agents that read their own piece, hear earlier turns as KV or as
 text, and reply; the last turn's reply is the answer.
 
-A turn sent ``via="kv"`` is the KV of everything the agent wrote in it: its prompt and its reply
-(:func:`~kvcomm.protocol.reply.generate_turn`), moved to start at position 0, cut to the edge's
-layers (sink token elsewhere) and, with a codec, put through a real :class:`~kvcomm.wire.KVMessage`
-and back, whose size is the bytes counted. An agent hearing several turns gets them joined in the
-order of its step's ``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`),
-and its own message follows as the conversation's next user turn
+A turn sent ``via="kv"`` is, by default, the KV of the agent's reply tokens (``content="reply"``;
+``"turn"``: its prompt and its reply, :func:`~kvcomm.protocol.reply.generate_turn`), moved to
+start at position 0, cut to the edge's layers (sink token elsewhere) and, with a codec, put
+through a real :class:`~kvcomm.wire.KVMessage` and back, whose size is the bytes counted. By
+default a hearer reads it inline, where a text edge puts the words (``place="inline"``). Placed
+as a prefix instead, an agent hearing several turns gets them joined in the order of its step's
+``hears`` with consistent positions (:func:`~kvcomm.protocol.concat_shared`), and its own message
+follows as the conversation's next user turn
 (:meth:`~kvcomm.models.loading.LoadedModel.follow_up_ids`). With whole turns at every layer
 placed as a prefix in process, an agent that hears every earlier turn computes exactly what it would
 on the concatenated multi-turn chat (the tests check a chain of two and a full graph); where it
@@ -74,7 +76,7 @@ class EdgeOptions(Options):
     """How turns travel between agents.
 
     Attributes:
-        via: ``kv`` (KV, before the hearer's prompt) or ``text`` (read inside the hearer's prompt).
+        via: ``kv`` (KV, placed as ``place`` says) or ``text`` (read inside the hearer's prompt).
         content: what travels: the speaker's ``reply`` (for KV: the reply tokens' KV, computed in
             the speaker's context) or its whole ``turn`` (its message and its reply; for KV placed
             inline, only from speakers that hear nothing, without reuse: see :class:`Graph`).
