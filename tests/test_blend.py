@@ -214,6 +214,21 @@ def test_blend_through_the_wire_and_on_selected_layers(agents):
     assert runs["blend@0.3x2/L0.5"].layers is not None and len(runs["blend@0.3x2/L0.5"].layers) == 2
 
 
+def test_prefix_reuse_through_the_wire_recomputes_the_same_tokens_in_any_batch(agents):
+    """prefix+fp32 (lossless) recomputes every token after the first piece and answers as in
+    process, in batches whose rows' pieces differ in length (before, the join went through the wire
+    whole, re-padded row by row, and rows of other lengths recomputed the wrong columns); its bytes
+    are the first piece's own message and the others' token ids."""
+    from kvcomm import make_method
+
+    runs = run_methods(agents, [make_method("prefix", senders=2), make_method("prefix", senders=2, codec="fp32")],
+                       items=4)
+    plain, wired = runs["prefix@x2"], runs["prefix@x2+fp32"]
+    assert [i.answer for i in wired.items] == [i.answer for i in plain.items]
+    assert wired.details["mean_recomputed_tokens"] == plain.details["mean_recomputed_tokens"]
+    assert all(w.kv_bytes > p.kv_bytes for w, p in zip(wired.items, plain.items))  # a message: header, float32
+
+
 # -- passages: the receiver's own prompt cut up (retrieval's layout) ----------------------------------
 
 def passage_task():

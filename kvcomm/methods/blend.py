@@ -20,11 +20,13 @@ Full reuse is ``blend@0xN`` (or ``kvcomm@1xN`` with chats) and full recompute ``
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
 
+from kvcomm.errors import ProtocolError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, receiver_input, share
 from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
@@ -176,13 +178,30 @@ class PrefixReuse(_Composing):
 
     def run(self, batch: Batch) -> Output:
         o = self.options
-        joined, _ = self._joined(batch, o.senders, o.pieces)
-        reused = batch.sender_pieces(o.senders, o.pieces)[0]  # the first piece (or opening)
-        columns = torch.arange(joined.valid[0].shape[1])[None]
-        blended, stats = recompute_tokens(batch.agents.receiver.model, joined,
-                                          joined.valid[0] & (columns >= reused.valid.shape[1]))
-        self._record(stats)
+        receiver = batch.agents.receiver
         # what travels: the first piece (its KV and ids, or its message) and the others' token ids alone
-        _, first = self._sent(batch, reused)
+        joined = share(receiver.model, batch.sender_kv(o.senders, o.pieces), range(receiver.num_layers))
+        reused = batch.sender_pieces(o.senders, o.pieces)[0]  # the first piece (or opening)
+        first, sent = self._sent(batch, reused)
+        if self._codec is not None:  # the first piece as its own message arrives; the rest is recomputed
+            joined = _arrived_first(joined, first)
+        columns = torch.arange(joined.valid[0].shape[1])[None]
+        blended, stats = recompute_tokens(receiver.model, joined, joined.valid[0] & (columns >= reused.valid.shape[1]))
+        self._record(stats)
         rest = (joined.context_len - reused.context_len).tolist()
-        return self._answer(batch, blended, [b + 4 * int(r) for b, r in zip(first, rest)], o.senders, o.pieces)
+        return self._answer(batch, blended, [b + 4 * int(r) for b, r in zip(sent, rest)], o.senders, o.pieces)
+
+
+def _arrived_first(joined: SharedKV, first: SharedKV) -> SharedKV:
+    """``joined`` (the pieces in process, the first in its first columns, left-padded alike) with
+    the first piece's keys and values replaced by ``first``'s: that piece as its own message
+    decoded it (before, the whole join went through the wire, re-padded row by row, and the
+    columns taken for the first piece were not its own in rows of other lengths)."""
+    width = first.valid[0].shape[1]
+    if any(f.shape != j[:, :width].shape or not torch.equal(f, j[:, :width])
+           for f, j in zip(first.valid, joined.valid)):
+        raise ProtocolError("the first piece's message does not line up with the pieces joined")
+    return replace(joined, keys=[torch.cat([f.to(j.dtype), j[:, :, width:]], dim=2) for f, j in zip(first.keys,
+                                                                                                     joined.keys)],
+                   values=[torch.cat([f.to(j.dtype), j[:, :, width:]], dim=2) for f, j in zip(first.values,
+                                                                                             joined.values)])
