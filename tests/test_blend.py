@@ -237,6 +237,44 @@ def passage_task():
     return load_task("multihop", items=4, pieces=3, facts_per_piece=2)
 
 
+def test_blend_over_passages_takes_its_ratio_of_the_passages_not_the_opening(agents):
+    """In process as in the service, the opening (prefilled first, exact) is neither recomputed nor
+    counted in the ratio (before, in process, the ratio was of the opening and the passages)."""
+    from kvcomm import EvalConfig, evaluate, make_method
+    from kvcomm.eval.batch import Batch
+
+    task = passage_task()
+    run = evaluate(agents, task, [make_method("blend", ratio=0.5, senders=3, pieces="passages")],
+                   EvalConfig(limit=3, batch_size=3, calib_size=1), progress=False).runs[0]
+    batch = Batch(agents, task, task.items[:3])
+    opening = batch.sender_pieces(3, "passages")[0].context_len
+    passages = batch.sender_kv(3, "passages").context_len - opening
+    assert run.details["mean_recomputed_tokens"] == pytest.approx(float((passages // 2).double().mean()))
+
+
+def test_blend_over_passages_at_some_layers_keeps_the_opening_at_the_others(agents, monkeypatch):
+    """share < 1 over passages: a layer not shared holds the opening, as kvcomm over passages does
+    (before, only the sink: the receiver lost its own system prompt and instruction there)."""
+    import kvcomm.methods.blend as blend_module
+    from kvcomm import make_method
+    from kvcomm.eval.batch import Batch
+    from kvcomm.methods.base import Setup
+
+    task = passage_task()
+    seen = []
+    real = blend_module.receiver_input
+    monkeypatch.setattr(blend_module, "receiver_input", lambda shared: seen.append(shared) or real(shared))
+    method = make_method("blend", ratio=0.0, senders=3, pieces="passages", share=0.5)
+    method.setup(Setup(agents.num_layers, "qwen2", lambda *args: [1, 3, 0, 2], lambda: None))
+    batch = Batch(agents, task, task.items[:2])
+    batch.begin_run()
+    method.run(batch)
+    opening = batch.sender_pieces(3, "passages")[0].context_len
+    whole = batch.sender_kv(3, "passages").context_len
+    assert method.layers == [1, 3]
+    assert torch.equal(seen[0].valid[2].sum(dim=1), opening) and torch.equal(seen[0].valid[3].sum(dim=1), whole)
+
+
 def test_passages_are_the_skyline_prompt_cut_into_an_opening_passages_and_the_question():
     from tests.conftest import tiny_loaded
 

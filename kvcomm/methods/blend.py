@@ -99,12 +99,14 @@ class _Composing(Method):
     def _joined(self, batch: Batch, senders: int, pieces: Pieces) -> tuple[SharedKV, list[int]]:
         """The pieces joined (through messages with a codec), and each row's bytes: its KV and
         4-byte token ids, or its message."""
-        return self._sent(batch, batch.sender_kv(senders, pieces))
+        return self._sent(batch, batch.sender_kv(senders, pieces), batch.reading(senders, pieces).opening)
 
-    def _sent(self, batch: Batch, sender: SenderKV) -> tuple[SharedKV, list[int]]:
+    def _sent(self, batch: Batch, sender: SenderKV, opening: int = 0) -> tuple[SharedKV, list[int]]:
+        """``sender`` at the method's layers (the opening's columns kept at the others: passages),
+        through the wire with a codec, and each row's bytes."""
         receiver = batch.agents.receiver
         layers = self._layers if self._layers is not None else range(receiver.num_layers)
-        shared = share(receiver.model, sender, layers)
+        shared = share(receiver.model, sender, layers, opening=opening)
         if self._codec is None:
             assert shared.token_ids is not None
             return shared, (shared.kv_bytes + 4 * shared.context_len).tolist()  # KV and 4-byte token ids
@@ -147,14 +149,18 @@ class BlendMethod(_Composing):
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
         share = self.options.share
-        # pieces sharing some layers keep the sink alone elsewhere, as chats do: ranked on chats
-        ranked = setup.ranking(self.options.selection, "chats") if share < 1 else list(range(setup.num_layers))
+        # pieces sharing some layers keep the sink alone elsewhere, as chats do, or passages the opening:
+        # ranked in their own layout
+        ranked = setup.ranking(self.options.selection, self.options.pieces) if share < 1 else \
+            list(range(setup.num_layers))
         self._layers = top_layers(ranked, share)
 
     def run(self, batch: Batch) -> Output:
         o = self.options
         joined, sent = self._joined(batch, o.senders, o.pieces)
-        blended, stats = blend(batch.agents.receiver.model, joined, o.ratio, o.check_layer, o.deviation)
+        # passages: the opening was prefilled first, alone, as in a full prefill: exact, as the service counts it
+        exact = batch.sender_pieces(o.senders, o.pieces)[0].context_len if o.pieces == "passages" else 0
+        blended, stats = blend(batch.agents.receiver.model, joined, o.ratio, o.check_layer, o.deviation, exact=exact)
         self._record(stats)
         return self._answer(batch, blended, sent, o.senders, o.pieces)
 

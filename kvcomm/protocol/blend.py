@@ -126,7 +126,7 @@ def check_token_ids(model: PreTrainedModel, ids: torch.Tensor) -> None:
 
 
 def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_layer: int = 1,
-          deviation: Deviation = "values", exact: int = 0, chunk: int | None = None,
+          deviation: Deviation = "values", exact: int | torch.Tensor = 0, chunk: int | None = None,
           check: Callable[[], None] | None = None) -> tuple[SharedKV, BlendStats]:
     """The receiver's context cache after blending ``joined`` (see the module's docstring).
 
@@ -135,7 +135,8 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
         recompute: the fraction of each row's context tokens to recompute (0..1), of those after
             the first ``exact``.
         exact: each row's first context tokens whose KV is already a full prefill's (a prompt's
-            opening, prefilled before the pieces): never recomputed, nor counted in ``recompute``.
+            opening, prefilled before the pieces): never recomputed, nor counted in ``recompute``
+            (one count for every row, or ``[B]``).
         check_layer: where deviations are measured (moved to the first layer after it that is
             shared in full, when it is a sink-only layer); layers before it are recomputed for every token.
         deviation: what deviation is measured on: ``keys``, ``values`` or ``both``.
@@ -158,7 +159,8 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
     assert ids is not None
     check_token_ids(model, ids[valid])
     fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, at, chunk, check)
-    blendable = valid & (valid.long().cumsum(dim=1) > exact)  # after each row's first ``exact`` tokens
+    # after each row's first ``exact`` tokens
+    blendable = valid & (valid.long().cumsum(dim=1) > torch.as_tensor(exact).reshape(-1, 1))
     chosen = _chosen(fresh_k[at], fresh_v[at], joined.keys[at], joined.values[at], blendable,
                      recompute, deviation)
     if check is not None:
