@@ -269,6 +269,21 @@ def test_each_method_is_charged_its_own_sender_time_whatever_the_order(agents, m
     assert charged["kvcomm@0.5"] == 1.0 and charged["kvcomm@0.5x2"] == 1.0  # each its own prefill only
 
 
+def test_encoding_a_message_is_sender_time_and_decoding_it_receiver_time(agents, monkeypatch):
+    """A deterministic clock (one second per reading): each message a codec encodes adds one
+    second of sender time, and none of receiver time beyond the in-process run's (before, the
+    encoding was charged to the receiver)."""
+    from kvcomm.eval import batch as batch_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(batch_module, "clock", lambda: float(next(ticks)))
+    task = load_task("facts", items=5)
+    report = evaluate(agents, task, [make_method("kvcomm", ratio=0.5, codec="fp16"), make_method("kvcomm", ratio=0.5)],
+                      EvalConfig(limit=4, batch_size=4, calib_size=1), progress=False)
+    wired, plain = report.runs
+    assert wired.label == "kvcomm@0.5+fp16" and wired.sender_seconds == plain.sender_seconds + 4  # four messages
+
+
 def test_the_skyline_reads_its_context_from_the_senders_prefill_and_answers_as_alone():
     """Sender and receiver one model: the skyline prefills only its question on the sender's KV and
     gives the answers of its whole prompt prefilled (two models: it prefills its prompt whole)."""

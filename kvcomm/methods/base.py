@@ -157,7 +157,9 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 def through_wire(shared: SharedKV, batch: Batch, codec: Codec) -> tuple[SharedKV, list[int]]:
-    """Encodes each row of ``shared`` as a KV message from the batch's sender and decodes it as the
-    receiver does (its fingerprint checked); returns the rows stacked and each message's size."""
+    """Encodes each row of ``shared`` as a KV message from the batch's sender (sender time) and
+    decodes it as the receiver does (its fingerprint checked; receiver time); returns the rows
+    stacked and each message's size."""
     sender, receiver = batch.agents.sender, batch.agents.receiver
-    return KVMessage.round_trip(shared, sender.fingerprint, receiver.fingerprint, codec, receiver.dtype)
+    return KVMessage.round_trip(shared, sender.fingerprint, receiver.fingerprint, codec, receiver.dtype,
+                                encoding=batch.sender_work)

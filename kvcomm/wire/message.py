@@ -39,6 +39,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -142,13 +143,16 @@ class KVMessage:
 
     @classmethod
     def round_trip(cls, shared: SharedKV, sender: Fingerprint, receiver: Fingerprint, codec: Codec,
-                   dtype: torch.dtype = torch.float32) -> tuple[SharedKV, list[int]]:
+                   dtype: torch.dtype = torch.float32,
+                   encoding: Callable[[], AbstractContextManager[Any]] = nullcontext) -> tuple[SharedKV, list[int]]:
         """Each row of ``shared`` encoded as a message from ``sender`` and decoded as ``receiver``
         does (its fingerprint checked): what a batch looks like after the wire, and each
-        message's size in bytes."""
+        message's size in bytes. Each encoding runs inside ``encoding()`` (e.g. a timer that
+        charges it to the sender)."""
         rows, sizes = [], []
         for i in range(shared.context_len.shape[0]):
-            data = cls.from_shared(shared.row(i), sender, codec).to_bytes()
+            with encoding():
+                data = cls.from_shared(shared.row(i), sender, codec).to_bytes()
             rows.append(cls.from_bytes(data, receiver=receiver).to_shared(dtype))
             sizes.append(len(data))
         return SharedKV.stack(rows), sizes
