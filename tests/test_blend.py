@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -152,6 +154,23 @@ def test_blend_needs_token_ids_and_causal_masks():
         blend(model, type(joined)(**{**vars(joined), "token_ids": None}), recompute=0.5)
     with pytest.raises(ConfigError, match="causal"):
         blend(model, type(joined)(**{**vars(joined), "mode": "legacy"}), recompute=0.5)
+    with pytest.raises(ConfigError, match="the check layer is 1 or more, not 0"):  # before: ties, chosen arbitrarily
+        blend(model, joined, recompute=0.5, check_layer=0)
+
+
+def test_blend_options_that_cannot_work_are_refused_at_setup():
+    """Before any prefill (before, per batch, after the sender's prefill): a check layer past the
+    model's depth, or past every layer the pieces share; and a check layer of 0."""
+    from kvcomm import make_method
+    from kvcomm.methods.base import Setup
+
+    setup = Setup(4, "llama", lambda *args: [0, 1, 2, 3], lambda: None)
+    for options, said in (({"check_layer": 9}, "no layer at or after check layer 9"),
+                          ({"share": 0.25}, "no layer at or after check layer 1 is shared in full (layers shared: 0)")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            make_method("blend", **options).setup(setup)
+    with pytest.raises(ConfigError, match="check_layer"):
+        make_method("blend", check_layer=0)
 
 
 @pytest.fixture(scope="module")

@@ -360,7 +360,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=1, help=options_help("adaptive: rounds in a row that must leave an item's answer unchanged before it "
                                  "stops fetching layers.", AdaptiveOptions, "patience"))], None),
     "check_layer": (Annotated[int | None, typer.Option(
-        min=0, help=options_help("blend: the layer deviations are measured at (earlier layers: every token).",
+        min=1, help=options_help("blend: the layer deviations are measured at (earlier layers: every token).",
                                  BlendOptions, "check_layer"))], None),
     "deviation": (Annotated[Deviation | None, typer.Option(
         help=options_help("blend: what the deviation is measured on.", BlendOptions, "deviation"))], None),

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from kvcomm.errors import ProtocolError
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, receiver_input, share
-from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens
+from kvcomm.protocol.blend import BlendStats, Deviation, blend, recompute_tokens, unblendable
 from kvcomm.selection.calibrate import Rule
-from kvcomm.selection.rules import top_layers
+from kvcomm.selection.rules import format_layers, top_layers
 from kvcomm.tasks.base import Pieces
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class BlendOptions(MethodOptions):
     messages; ``pieces``: sender chats or passages of the receiver's prompt (module docstring)."""
 
     ratio: float = Field(0.15, ge=0, le=1)
-    check_layer: int = Field(1, ge=0)
+    check_layer: int = Field(1, ge=1)
     deviation: Deviation = "values"
     senders: int = Field(2, ge=1, le=64)
     share: float = Field(1.0, gt=0, le=1)
@@ -154,6 +154,9 @@ class BlendMethod(_Composing):
         ranked = setup.ranking(self.options.selection, self.options.pieces) if share < 1 else \
             list(range(setup.num_layers))
         self._layers = top_layers(ranked, share)
+        full = [layer in self._layers for layer in range(setup.num_layers)]  # before any prefill, not per batch
+        if (refusal := unblendable(True, ["causal"], full, self.options.check_layer)) is not None:
+            raise ConfigError(f"{self.label}: {refusal[1]} (layers shared: {format_layers(self._layers)})")
 
     def run(self, batch: Batch) -> Output:
         o = self.options

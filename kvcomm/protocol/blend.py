@@ -102,12 +102,15 @@ def _gather(chosen: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor,
 def unblendable(token_ids: bool, modes: Iterable[str], full: Sequence[bool],
                 check_layer: int) -> tuple[Literal["token_ids", "mode", "layer"], str] | None:
     """Why pieces cannot be blended, and what it concerns (None: they can): no token ids (every
-    piece must carry them: ``token_ids``), a mask mode other than causal among ``modes``, or no
-    layer at or after ``check_layer`` that is ``full`` (shared in full by every piece)."""
+    piece must carry them: ``token_ids``), a mask mode other than causal among ``modes``, a check
+    layer below 1, or no layer at or after ``check_layer`` that is ``full`` (shared in full by
+    every piece)."""
     if not token_ids:
         return "token_ids", "blending recomputes tokens: the KV pieces must carry their token ids"
     if odd := sorted(set(modes) - {"causal"}):
         return "mode", f"blending needs causal masks, not {odd[0]!r}"
+    if check_layer < 1:  # layer 0's KV depends on a token and its position only: no token deviates there
+        return "layer", f"the check layer is 1 or more, not {check_layer}: at layer 0 no reused token deviates"
     if not any(full[check_layer:]):
         return "layer", f"no layer at or after check layer {check_layer} is shared in full"
     return None

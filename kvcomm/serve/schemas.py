@@ -73,7 +73,7 @@ class BlendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     ratio: Annotated[float, Field(ge=0, le=1)] = 0.15
-    check_layer: Annotated[int, Field(ge=0, le=4096)] = 1
+    check_layer: Annotated[int, Field(ge=1, le=4096)] = 1
     deviation: Deviation = "values"
 
 
