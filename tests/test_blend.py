@@ -216,6 +216,21 @@ def test_the_methods_exact_ends_hold_in_a_sweep(agents):
         assert reused.kv_bytes < whole.kv_bytes
 
 
+def test_results_record_what_several_senders_read(agents):
+    """kvcomm and blend over two senders record the tokens both read, joined (before, the one
+    sender's chat of the whole context, which no sender read)."""
+    from kvcomm import load_task, make_method
+    from kvcomm.eval.batch import Batch
+
+    runs = run_methods(agents, [make_method("kvcomm", ratio=1.0, senders=2), make_method("blend", ratio=0.5)], items=2)
+    task = load_task("multihop", items=3, pieces=2, facts_per_piece=2)
+    batch = Batch(agents, task, task.items[:2])
+    joined = batch.sender_kv(2, "chats")
+    read = [row[ok].tolist() for row, ok in zip(joined.ids, joined.valid)]
+    for run in runs.values():
+        assert [item.sender_ids for item in run.items] == read
+
+
 def test_pieces_of_a_multihop_item_go_to_their_own_senders():
     from kvcomm import load_task
 

@@ -165,12 +165,15 @@ class Batch:
     def reading(self, senders: int = 1, pieces: Pieces = "chats") -> Reading:
         """What a receiver of ``senders`` pieces laid out as ``pieces`` reads (computed on first call)."""
         kv = self.sender_kv(senders, pieces)
-        if pieces == "passages":
+        if pieces == "passages" or senders > 1:  # what the senders read, joined
             assert kv.ids is not None
+            read = [row[ok].tolist() for row, ok in zip(kv.ids, kv.valid)]
+        else:
+            read = self.prompt("sender", self.task.sender_message).ids
+        if pieces == "passages":
             return Reading(kv, self.sender_pieces(senders, pieces)[0].valid.shape[1], self.passage_question(senders),
-                           [row[ok].tolist() for row, ok in zip(kv.ids, kv.valid)])
-        return Reading(kv, 0, self.prompt("receiver", self.task.receiver_message),
-                       self.prompt("sender", self.task.sender_message).ids)
+                           read)
+        return Reading(kv, 0, self.prompt("receiver", self.task.receiver_message), read)
 
     def passage_question(self, senders: int) -> Prompt:
         """The receiver's prompt after its ``senders`` passages: the question and the chat's closing."""
