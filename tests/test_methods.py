@@ -216,7 +216,8 @@ def test_sweep_axes_and_options_apply_to_the_methods_that_take_them():
     built = build_methods(["baseline", "kvcomm", "nld", "random@0.5"], ratios=[0.3, 1.0], codecs=[None, "int8"],
                           senders=2, round_one_tokens=9)
     assert [m.label for m in built] == ["baseline", "kvcomm@0.3x2", "kvcomm@0.3x2+int8", "kvcomm@1x2",
-                                        "kvcomm@1x2+int8", "nld", "random@0.5x2", "random@0.5x2+int8"]
+                                        "kvcomm@1x2+int8", "nld[round_one_tokens=9]", "random@0.5x2",
+                                        "random@0.5x2+int8"]
     assert built[5].options.round_one_tokens == 9
     with pytest.raises(ConfigError, match="none of the methods baseline, nld takes 'senders'; it is taken by: "):
         build_methods(["baseline", "nld"], senders=2)
@@ -232,6 +233,19 @@ def test_sweep_axes_and_options_apply_to_the_methods_that_take_them():
 def test_method_options_are_typed_and_checked_where_they_are_made(options, message):
     with pytest.raises(ConfigError, match=message):
         make_method("kvcomm", **options)
+
+
+def test_configurations_that_differ_in_an_option_have_their_own_labels(agents):
+    """Random layers of two seeds, debates of two budgets, ciphers of two temperatures run side by
+    side (before, each pair shared a label and the run was refused); defaults keep the plain names."""
+    assert make_method("random", ratio=0.5).label == "random@0.5"
+    assert make_method("random", ratio=0.5, seed=3).label == "random@0.5~seed3"
+    assert make_method("nld").label == "nld"
+    assert make_method("nld", round_one_tokens=64).label == "nld[round_one_tokens=64]"
+    assert make_method("cipher", temperature=0.5).label == "cipher[temperature=0.5]"
+    report = evaluate(agents, load_task("facts", items=3), [make_method("random", ratio=0.5, seed=s) for s in (1, 2)],
+                      EvalConfig(limit=2, calib_size=0), progress=False)
+    assert [r.label for r in report.runs] == ["random@0.5~seed1", "random@0.5~seed2"]
 
 
 def test_options_are_frozen_and_recorded_in_the_results(agents):

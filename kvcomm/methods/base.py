@@ -101,8 +101,13 @@ class Method(ABC):
 
     @property
     def label(self) -> str:
-        """Unique, human-readable name of this configuration in tables and plots."""
-        return self.name
+        """Unique, human-readable name of this configuration in tables and plots: the method's
+        name, and the options given other values than their defaults (``nld[round_one_tokens=64]``)."""
+        changed = {name: value for name, value in self.options.model_dump().items()
+                   if name in self.options_model.model_fields
+                   and value != self.options_model.model_fields[name].get_default(call_default_factory=True)}
+        shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items()]
+        return self.name + (f"[{', '.join(shown)}]" if shown else "")
 
     @property
     def layers(self) -> list[int] | None:

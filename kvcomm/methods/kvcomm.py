@@ -195,6 +195,11 @@ class RandomLayers(KVCommMethod):
     options_model: ClassVar[type[SharingOptions]] = RandomOptions
     options: RandomOptions
 
+    @property
+    def label(self) -> str:
+        seed = self.options.seed
+        return super().label + ("" if seed == RandomOptions.model_fields["seed"].default else f"~seed{seed}")
+
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
         return random_layers(setup.num_layers, self.ratio, self.options.seed)
