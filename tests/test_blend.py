@@ -231,6 +231,20 @@ def test_results_record_what_several_senders_read(agents):
         assert [item.sender_ids for item in run.items] == read
 
 
+def test_a_method_object_used_for_a_second_run_reports_that_run_only(agents):
+    """blend's and online's counts start afresh at setup (before, a second evaluate() with the same
+    objects reported the first run's items too)."""
+    from kvcomm import EvalConfig, evaluate, load_task, make_method
+
+    task = load_task("multihop", items=4, pieces=2, facts_per_piece=2)
+    methods = [make_method("blend", ratio=0.5), make_method("online", ratio=0.5)]
+    config = EvalConfig(limit=2, batch_size=2, calib_size=1)
+    first = evaluate(agents, task, methods, config, progress=False).runs
+    again = evaluate(agents, task, methods, config, progress=False).runs
+    for a, b in zip(first, again):
+        assert a.details == b.details
+
+
 def test_pieces_of_a_multihop_item_go_to_their_own_senders():
     from kvcomm import load_task
 

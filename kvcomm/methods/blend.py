@@ -77,6 +77,11 @@ class _Composing(Method):
         self._seen: dict[str, list[float]] = {"context": [], "recomputed": [], "flops_fraction": []}
         self._reported = 0  # items whose counts an earlier state() handed out
 
+    def _start(self) -> None:
+        """A run's counts start empty (a method object used for a second run counts that run's only)."""
+        self._seen = {name: [] for name in self._seen}
+        self._reported = 0
+
     def _record(self, stats: BlendStats) -> None:
         for name in self._seen:
             self._seen[name].extend(float(v) for v in getattr(stats, name))
@@ -148,6 +153,7 @@ class BlendMethod(_Composing):
 
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
+        self._start()
         share = self.options.share
         # pieces sharing some layers keep the sink alone elsewhere, as chats do, or passages the opening:
         # ranked in their own layout
@@ -184,6 +190,7 @@ class PrefixReuse(_Composing):
 
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
+        self._start()
 
     def run(self, batch: Batch) -> Output:
         o = self.options

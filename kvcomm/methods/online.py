@@ -62,6 +62,7 @@ class OnlineKVComm(KVCommMethod):
         self._calibration = setup.calibration
         alpha = setup.calibration.alpha
         self._alpha = default_alpha(setup.model_type) if alpha is None else alpha
+        self._importance, self._history = [], []  # a run starts from the prior (restore() then adds a resumed run's)
         self._rebuild(setup.num_layers)
 
     def _rebuild(self, num_layers: int) -> None:
