@@ -87,7 +87,7 @@ def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "facts.json").read_text())["config"]
     assert (config["alpha"], config["alpha_source"]) == (0.3, "given")
-    assert config["seeds"] == {"bootstrap": 0, "task": 0, "methods": {"random@0.5": 5}}
+    assert config["seeds"] == {"bootstrap": 0, "task": 0, "methods": {"random@0.5~seed5": 5}}
     assert config["task_options"] == load_task("facts").options  # the generator's, defaults filled in
 
 
