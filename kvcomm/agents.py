@@ -35,6 +35,12 @@ class Agents:
     def num_layers(self) -> int:
         return self.receiver.num_layers
 
+    @property
+    def weights(self) -> tuple[str, str]:
+        """The sender's and the receiver's weights digests: what a profile and a resumed run are
+        tied to (names can be spelled otherwise, or name another model after a re-derive)."""
+        return self.sender.weights_digest, self.receiver.weights_digest
+
     def ask(
         self, context: str, question: str, layers: Sequence[int] | None = None,
         mode: MaskMode = "causal", max_new_tokens: int = 32, instruction: str = QA_INSTRUCTION,

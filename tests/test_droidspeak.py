@@ -290,6 +290,12 @@ def test_a_block_profile_of_another_pair_is_refused(variants, twins):
 
     task = multihop(5)
     profile = profile_blocks(variants, task, task.items[-1:], max_recompute=0.25, progress=False)
-    profile = profile.model_copy(update={"receiver": "someone-else"})
+    assert profile.weights == list(variants.weights)
+    other = profile.model_copy(update={"weights": [variants.weights[0], variants.weights[0]]})
+    with pytest.raises(ConfigError, match="calibrated on other weights"):  # e.g. the receiver derived again
+        run(variants, [make_method("droidspeak")], blocks=other)
+    unweighed = profile.model_copy(update={"receiver": "someone-else", "weights": None})  # written before weights
     with pytest.raises(ConfigError, match="blocks depend on the pair"):
-        run(variants, [make_method("droidspeak")], blocks=profile)
+        run(variants, [make_method("droidspeak")], blocks=unweighed)
+    spelled = profile.model_copy(update={"receiver": "./elsewhere/the-same-receiver"})  # its weights: accepted
+    assert run(variants, [make_method("droidspeak")], blocks=spelled)[1].runs

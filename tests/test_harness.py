@@ -255,10 +255,14 @@ def test_a_method_naming_a_rule_gets_that_rules_calibration_items(agents):
 def test_a_profile_of_another_pair_is_refused(agents):
     task = load_task("facts", items=6)
     profile = calibrate(agents, task, task.items[-1:], progress=False, rule="paper")
-    profile.receiver = "another-model"
-    with pytest.raises(ConfigError, match="ranks layers for .* another-model"):
-        evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=1), profile,
-                 progress=False)
+    assert profile.weights == list(agents.weights)
+    run = lambda given: evaluate(agents, task, build_methods(["kvcomm"], [0.5]),  # noqa: E731
+                                 EvalConfig(limit=4, calib_size=1), given, progress=False)
+    with pytest.raises(ConfigError, match="calibrated on other weights"):  # a model derived again under its name
+        run(profile.model_copy(update={"weights": ["0" * 32, agents.weights[1]]}))
+    with pytest.raises(ConfigError, match="ranks layers for .* another-model"):  # a profile without weights: names
+        run(profile.model_copy(update={"receiver": "another-model", "weights": None}))
+    assert run(profile.model_copy(update={"receiver": "./the/same/model"})).runs  # other name, same weights
 
 
 def test_bucketed_batches_group_lengths_and_report_in_item_order(agents, tmp_path, monkeypatch):
@@ -790,6 +794,35 @@ def test_a_checkpoint_names_what_the_calibration_options_came_to(agents, tmp_pat
     resumed = evaluate(agents, task, methods(), then, progress=False,
                        checkpoint=Checkpoint(tmp_path / "c", now, resume=True))
     assert resumed.profile["calibration_items"] == first.profile["calibration_items"]
+    assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
+
+
+def test_a_run_resumed_on_other_weights_under_the_same_names_is_refused(agents, tmp_path):
+    """The checkpoint records the models' weights once they load (the command line's identity,
+    made before, has none); resuming with a model derived again under the same name is refused
+    (before, its answers were mixed with the first model's), the same weights resume."""
+    import copy
+
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.harness import calibration_identity, named_rules
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=6)
+    methods = lambda: build_methods(["kvcomm"], [0.5])  # noqa: E731
+    config = EvalConfig(limit=4, batch_size=2, calib_size=1)
+    name = agents.sender.name
+    calibration = calibration_identity(config, named_rules(methods()), len(task.items))
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), name, name, "float32", None,
+                            calibration=calibration)  # what the command line makes, before the models load
+    first = evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    assert Checkpoint(tmp_path / "c", identity, resume=True).identity["weights"] == list(agents.weights)
+    again = copy.copy(agents.sender)
+    again.__dict__["weights_digest"] = "0" * 32  # the same name, other weights
+    with pytest.raises(ConfigError, match="weights"):
+        evaluate(Agents(again, again), task, methods(), config, progress=False,
+                 checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
     assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
 
 

@@ -145,9 +145,13 @@ class Checkpoint:
                 "resumed": self.header.resumed}
 
     def expect(self, identity: dict[str, Any]) -> None:
-        """Refuses to record a run whose identity is not the checkpoint's."""
+        """Refuses to record a run whose identity is not the checkpoint's. A new checkpoint not yet
+        written takes the models' weights from ``identity`` (known once they load)."""
         if difference := identity_difference(self.identity, identity):
             raise ConfigError(f"checkpoint {self.folder} is for another run ({difference})")
+        if not self.continued and not self._written and "weights" in identity and "weights" not in self.identity:
+            self.header.identity = {**self.header.identity, "weights": identity["weights"]}
+            self.run = self._identity_sha256()
 
     def batch_ids(self) -> list[list[str]]:
         """The item ids of each recorded batch, in order."""

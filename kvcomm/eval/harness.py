@@ -231,14 +231,23 @@ def dtype_name(model: LoadedModel) -> str:
 
 def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
                   num_layers: int | None = None, pair: tuple[str, str] | None = None,
-                  pieces: Pieces | None = None) -> None:
-    """Refuses a profile made for another sender and receiver (``pair``: this run's), on another
-    task or its items made with other options, on test items, for another depth, or (given the
-    run's ``pieces``) on items read in another layout."""
+                  pieces: Pieces | None = None, weights: tuple[str, str] | None = None) -> None:
+    """Refuses a profile made for another sender and receiver, on another task or its items made
+    with other options, on test items, for another depth, or (given the run's ``pieces``) on
+    items read in another layout. The pair is told by the models' ``weights`` digests where the
+    profile and the run both have them (the names may be spelled otherwise, or name a model
+    derived again since), else by their names (``pair``); a profile that records weights is not
+    refused by name before the models load (``weights`` None)."""
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
-    if pair is not None and (profile.sender, profile.receiver) != pair:
+    if profile.weights is not None and weights is not None:
+        if tuple(profile.weights) != tuple(weights):
+            names = f"{pair[0]} → {pair[1]}" if pair is not None else "pair"
+            raise ConfigError(f"the profile was calibrated on other weights than this run's {names} (a model derived "
+                              "again, or another checkpoint under that name): calibrate again for these weights, or "
+                              "leave out --profile")
+    elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != pair:
         if isinstance(profile, BlockProfile):
             raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
                               f"{pair[1]}; blocks depend on the pair: profile this one (kvcomm calibrate --method "
@@ -302,12 +311,13 @@ def evaluate(
     for given in (profile, blocks):
         if given is not None:
             check_profile(given, task, test, agents.num_layers, (agents.sender.name, agents.receiver.name),
-                          config.pieces)
+                          config.pieces, agents.weights)
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
                                        agents.receiver.name, dtype_name(agents.sender),
                                        profiles_identity(profile, blocks), agents.sender.linear,
-                                       calibration_identity(config, rules, len(task.items), profiled)))
+                                       calibration_identity(config, rules, len(task.items), profiled),
+                                       agents.weights))
         checkpoint.check_items([item.id for item in test], ordered=not _bucketed(config, methods))
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,

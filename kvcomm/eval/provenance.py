@@ -105,7 +105,7 @@ def profiles_identity(profile: BaseModel | None, blocks: BaseModel | None) -> di
 
 def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,
                  dtype: str, profile: dict[str, Any] | None, linear: str = "dense",
-                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                 calibration: dict[str, Any] | None = None, weights: Sequence[str] | None = None) -> dict[str, Any]:
     """Everything that determines a run's answers: what a resumed run must repeat exactly.
 
     The data is identified by its content (``items``), not its path, so a moved file resumes;
@@ -113,8 +113,11 @@ def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], 
     calibration options come to (``calibration_identity`` in :mod:`kvcomm.eval.harness`: the items
     and each calibrated rule's objective), so that a default changed later is a difference a
     resumed run can repeat by giving the recorded value (:func:`identity_difference`).
+    ``weights`` are the models' weights digests, known once they load: a model derived again
+    under its name is another run.
     """
     return {
+        **({"weights": list(weights)} if weights is not None else {}),
         **({"calibration": calibration} if calibration is not None else {}),
         "sender": sender, "receiver": receiver, "dtype": dtype, "task": task.name, "items": items_sha256(task),
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "instruction": task.instruction,
@@ -149,7 +152,10 @@ def identity_difference(recorded: dict[str, Any], new: dict[str, Any]) -> str | 
     default. An identity recorded before ``calibration`` was (it has none) compares the options as
     given, where an option it left to its default matches the same value given now: any
     ``calib_size`` (the recorded profile's items are checked when it is reused) and the
-    ``likelihood``, every rule's objective then."""
+    ``likelihood``, every rule's objective then. The models' ``weights`` are compared where both
+    record them (not before the models load, nor against a checkpoint written before weights were)."""
+    if ("weights" in recorded) != ("weights" in new):
+        recorded, new = ({k: v for k, v in identity.items() if k != "weights"} for identity in (recorded, new))
     if "calibration" in recorded and "calibration" in new:
         return first_difference(_without_calibration_options(recorded), _without_calibration_options(new))
     new = {key: value for key, value in new.items() if key != "calibration"}

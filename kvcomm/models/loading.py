@@ -77,12 +77,16 @@ class LoadedModel:
 
     @cached_property
     def weights_digest(self) -> str:
-        """A hash of the weights' first 4,096 values of every parameter (names, shapes and bytes,
-        in order): two checkpoints of one architecture, whose fingerprints agree, differ here
-        (what a store shared by several agents keys their KV by)."""
+        """A hash of every parameter's names, shape and up to 65,536 of its values, spread evenly
+        over the whole tensor (every row of an embedding is sampled): two checkpoints of one
+        architecture, whose fingerprints agree, differ here (what a store shared by several agents
+        keys their KV by, and what ties a profile to the weights it was calibrated on). Before,
+        only each parameter's first 4,096 values were hashed, and a fine-tune that changed only
+        later rows kept its base's digest."""
         digest = hashlib.sha256()
         for name, parameter in self.model.named_parameters():
-            sample = parameter.detach().reshape(-1)[:4096].contiguous()
+            flat = parameter.detach().reshape(-1)
+            sample = flat[::max(1, -(-flat.numel() // 65536))].contiguous()
             digest.update(f"{name}{tuple(parameter.shape)}{sample.dtype}".encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:32]

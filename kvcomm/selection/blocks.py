@@ -87,6 +87,7 @@ class BlockProfile(JsonFile):
     receiver: str
     task: str
     task_options: dict[str, Any] | None = None  # the task's item_options (None: written before they were recorded)
+    weights: list[str] | None = None  # the sender's and receiver's weights digests (None: as above)
     num_layers: int
     calibration_items: list[str]
     max_recompute: float
@@ -209,7 +210,7 @@ def profile_blocks(
     means = (totals / len(items)).tolist()
     return BlockProfile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, task_options=task.item_options,
-        num_layers=num_layers,
+        weights=list(agents.weights), num_layers=num_layers,
         objective=objective, calibration_items=[item.id for item in items], max_recompute=max_recompute, max_block=cap,
         own=means[-1], reuse=means[-2],
         blocks=[BlockScore(start=a, stop=b, loglik=value) for (a, b), value in zip(blocks, means)],

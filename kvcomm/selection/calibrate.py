@@ -122,8 +122,10 @@ class Profile(JsonFile):
     """A layer ranking and the measurements behind it (written as JSON, reusable by ``eval``).
 
     Version 1 profiles (the paper rule, before ``rule``, ``details`` and ``cost``) still load.
-    ``task_options`` are the calibration task's :attr:`~kvcomm.tasks.Task.item_options` (None in
-    profiles written before they were recorded).
+    ``task_options`` are the calibration task's :attr:`~kvcomm.tasks.Task.item_options`, and
+    ``weights`` the sender's and the receiver's
+    :attr:`~kvcomm.models.loading.LoadedModel.weights_digest` (both None in profiles written
+    before they were recorded).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -134,6 +136,7 @@ class Profile(JsonFile):
     receiver: str
     task: str
     task_options: dict[str, Any] | None = None
+    weights: list[str] | None = None
     num_layers: int
     alpha: float
     mu: float
@@ -258,7 +261,7 @@ def calibrate(
         details["pieces"] = pieces
     return Profile(
         sender=agents.sender.name, receiver=agents.receiver.name, task=task.name, task_options=task.item_options,
-        num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
+        weights=list(agents.weights), num_layers=agents.num_layers, alpha=alpha, mu=mu, sigma=sigma,
         calibration_items=[item.id for item in items], importance=importance,
         scores=combined.tolist(), ranking=ranking, rule=rule, details=details,
         cost={"seconds": time.perf_counter() - began, "forwards_per_item": forwards, "items": float(len(items))},
