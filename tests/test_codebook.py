@@ -91,6 +91,17 @@ def test_built_codebook_is_orthonormal_ordered_and_stable(tmp_path):
     assert load_codebook(book.id) is book
 
 
+def test_a_variant_gets_its_own_default_codebook_not_its_base_s(monkeypatch, tmp_path):
+    """Two models of one fingerprint (a base and a fine-tune) and other weights: each has its own
+    default codebook, built from its own KV (before, whichever ran first set it for both)."""
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path))
+    base, variant = tiny_loaded("llama"), tiny_loaded("llama", seed=3)
+    assert base.fingerprint == variant.fingerprint and base.weights_digest != variant.weights_digest
+    first, second = model_codebook(base), model_codebook(variant)
+    assert first.id != second.id
+    assert model_codebook(base).id == first.id and model_codebook(variant).id == second.id  # each kept as its default
+
+
 def test_klt_messages_name_their_codebook_and_decode_only_where_it_is(monkeypatch, tmp_path):
     model = tiny_loaded("llama")
     message = encode_context(model, "Omar lives in Cairo. Ana lives in Lima.", None, "klt")

@@ -24,14 +24,15 @@ def codebook_from_items(sender: LoadedModel, task: Task, items: Sequence[Item], 
             yield prefill(sender.model, *pad_left(ids, sender.pad_id))
 
     book = build_codebook(batches(), sender.fingerprint)
-    save_codebook(book, default=default)
+    save_codebook(book, default=default, weights=sender.weights_digest)
     return book
 
 
 def model_codebook(sender: LoadedModel) -> Codebook:
-    """The model's default codebook: the one last saved as its default, or else one built now from
+    """The model's default codebook (the model told by its fingerprint and its weights: a variant
+    does not take its base's): the one last saved as its default, or else one built now from
     generated facts contexts and saved as its default."""
-    if (book_id := default_codebook_id(sender.fingerprint)) is not None:
+    if (book_id := default_codebook_id(sender.fingerprint, sender.weights_digest)) is not None:
         return load_codebook(book_id)
     task = load_task("facts", items=BOOTSTRAP_CONTEXTS, facts_per_item=20)
     return codebook_from_items(sender, task, task.items, default=True)

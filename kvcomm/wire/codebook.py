@@ -139,8 +139,10 @@ def codebook_dir() -> Path:
     return Path(os.environ.get("KVCOMM_CODEBOOKS", cache_root() / "codebooks"))
 
 
-def save_codebook(book: Codebook, default: bool = False) -> Path:
-    """Stores ``book`` as ``<id>.safetensors``; with ``default``, also as its model's default."""
+def save_codebook(book: Codebook, default: bool = False, weights: str | None = None) -> Path:
+    """Stores ``book`` as ``<id>.safetensors``; with ``default``, also as its model's default (the
+    model told by its fingerprint and, given, its weights digest: fine-tunes of one base share a
+    fingerprint, not their KV's statistics)."""
     directory = codebook_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{book.id}.safetensors"
@@ -148,7 +150,7 @@ def save_codebook(book: Codebook, default: bool = False) -> Path:
         atomic_write(path, book.to_bytes())
     _LOADED[book.id] = book
     if default:
-        atomic_write(_default_file(book.meta["fingerprint"]), book.id + "\n")
+        atomic_write(_default_file(book.meta["fingerprint"], weights), book.id + "\n")
     return path
 
 
@@ -195,14 +197,16 @@ def arrived(data: bytes, book_id: str) -> None:
     save_codebook(book)
 
 
-def default_codebook_id(fingerprint: dict[str, Any]) -> str | None:
-    """The id of the codebook last saved as default for this model, if any."""
-    path = _default_file(fingerprint)
+def default_codebook_id(fingerprint: dict[str, Any], weights: str | None = None) -> str | None:
+    """The id of the codebook last saved as default for this model (its fingerprint and, given,
+    its weights digest), if any."""
+    path = _default_file(fingerprint, weights)
     return path.read_text().strip() if path.is_file() else None
 
 
-def _default_file(fingerprint: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+def _default_file(fingerprint: dict[str, Any], weights: str | None = None) -> Path:
+    told = json.dumps(fingerprint, sort_keys=True) + ("" if weights is None else f"/{weights}")
+    key = hashlib.sha256(told.encode()).hexdigest()[:16]
     directory = codebook_dir() / "defaults"
     directory.mkdir(parents=True, exist_ok=True)
     return directory / key
