@@ -62,6 +62,14 @@ def test_a_derived_model_is_saved_with_its_card_and_is_reproducible(tiny_dir, ca
     again = weights("tiny-terse")
     assert all(torch.equal(first[k], again[k]) for k in first)  # same seed, same weights
     assert not list(cache.joinpath("derived").glob(".*"))  # no staging folder left behind
+    from kvcomm.models import load_model
+
+    before = load_model("tiny-terse")
+    derive("tiny-terse", str(tiny_dir), options.model_copy(update={"seed": 9}), progress=False, overwrite=True)
+    after = load_model("tiny-terse")  # the new weights (before, the copy loaded before the derive)
+    assert after is not before and after.weights_digest != before.weights_digest
+    with pytest.raises(ConfigError, match="seed"):  # torch's range (before: an OverflowError after the base loaded)
+        DeriveOptions(recipe="terse", seed=2**70)
 
 
 def test_the_cli_derives_lists_shows_uses_and_removes(tiny_dir, cache, tmp_path):
@@ -129,17 +137,19 @@ def _card(name):
 
 def test_saving_keeps_what_appeared_meanwhile_unless_told_to_overwrite(cache):
     """A folder that appears under the name while a variant trains is not replaced without
-    ``overwrite`` (the rename fails, nothing is left of the attempt); with it, it is."""
+    ``overwrite``: the variant is saved under the next free name, which the error names (before,
+    a raw OSError, and the trained model was thrown away); with ``overwrite``, it is replaced."""
     mine = derived_root() / "mine"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("my own files")
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="appeared while 'mine' was being derived and is kept; the variant is saved "
+                                          "as 'mine-2' instead"):
         derive_module._save("mine", _Saves("config.json"), _Saves("tokenizer.json"), _card("mine"), False)
-    assert sorted(p.name for p in derived_root().iterdir()) == ["mine"]  # no staging folder left
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in derived_root().iterdir()) == ["mine", "mine-2"]  # no staging folder left
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and load_card("mine-2") == _card("mine-2")
     derive_module._save("mine", _Saves("config.json"), _Saves("tokenizer.json"), _card("mine"), True)
     assert load_card("mine") == _card("mine") and not (mine / "notes.txt").exists()
-    assert sorted(p.name for p in derived_root().iterdir()) == ["mine"]
+    assert sorted(p.name for p in derived_root().iterdir()) == ["mine", "mine-2"]
 
 
 def test_a_base_that_is_not_a_model_is_a_model_error(tmp_path, cache):

@@ -299,3 +299,22 @@ def test_a_block_profile_of_another_pair_is_refused(variants, twins):
         run(variants, [make_method("droidspeak")], blocks=unweighed)
     spelled = profile.model_copy(update={"receiver": "./elsewhere/the-same-receiver"})  # its weights: accepted
     assert run(variants, [make_method("droidspeak")], blocks=spelled)[1].runs
+
+
+def test_an_immediate_stop_is_scored_as_the_stop_token_the_receiver_chose(twins, monkeypatch):
+    """The ``own`` objective's target where the receiver stops at once is the token it chose, the
+    argmax of its first step (before, the first of its stop ids, which it may never produce)."""
+    import kvcomm.selection.blocks as blocks_module
+    from kvcomm.eval.batch import Batch
+    from kvcomm.protocol import SharedKV, prefill, prefill_logits, receiver_input
+
+    task = multihop(3)
+    batch = Batch(twins, task, task.items[:2])
+    context = batch.prompt("sender", task.sender_message)
+    own = prefill(twins.receiver.model, context.input_ids, context.valid)
+    prompt = batch.prompt("receiver", task.receiver_message)
+    monkeypatch.setattr(blocks_module, "greedy_generate", lambda *args: [[], [7]])  # the first row stops at once
+    answers = blocks_module._own_answers(twins, own, prompt.input_ids, prompt.valid, 4)
+    first = prefill_logits(twins.receiver.model, receiver_input(SharedKV.whole(own)), prompt.input_ids,
+                           prompt.valid)[0, -1].argmax()
+    assert answers == [[int(first)], [7]]

@@ -28,7 +28,7 @@ from kvcomm.config import Options
 from kvcomm.errors import ConfigError, ModelError
 from kvcomm.files import atomic_write, staged_folder
 from kvcomm.models.derived import CARD_FILE, Card, check_name, derived_path, derived_root
-from kvcomm.models.loading import LoadedModel, load_pretrained
+from kvcomm.models.loading import LoadedModel, forget_loaded, load_pretrained
 from kvcomm.models.recipes import RECIPES, Example, data_sha256, make_examples
 from kvcomm.models.registry import EMBEDDED
 from kvcomm.models.source import resolve_model
@@ -57,7 +57,7 @@ class DeriveOptions(Options):
     what = "derivation"
     recipe: str
     steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # torch.manual_seed's range
     learning_rate: float | None = Field(None, gt=0, le=1)
     rank: int = Field(16, ge=1, le=256)
     batch_size: int = Field(4, ge=1, le=512)
@@ -132,6 +132,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
     )
     _save(name, merged, tokenizer, card, overwrite)
+    forget_loaded(name)  # a model loaded under this name before is not this one
     return card
 
 
@@ -212,9 +213,26 @@ def _versions() -> dict[str, str]:
 
 def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card, overwrite: bool) -> None:
     """Writes the model, tokenizer and card as ``<cache>/derived/<name>`` atomically
-    (:func:`~kvcomm.files.staged_folder`); ``overwrite`` replaces what is there, else
-    something that appeared there meanwhile makes the final rename fail (OSError) and is kept."""
-    with staged_folder(derived_root() / name, replace=overwrite) as staging:
-        model.save_pretrained(staging)  # type: ignore[operator]
-        tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
-        atomic_write(staging / CARD_FILE, card.model_dump_json(indent=2) + "\n")
+    (:func:`~kvcomm.files.staged_folder`); ``overwrite`` replaces what is there.
+
+    Raises:
+        ConfigError: something appeared at ``name`` while the variant trained (without
+            ``overwrite``): it is kept, and the variant is saved under the first free name
+            ``<name>-2``, ``<name>-3`` … instead, which the message names (the training is not lost).
+        ModelError: the file system refused the save.
+    """
+    def write(at: str, told: Card) -> None:
+        with staged_folder(derived_root() / at, replace=overwrite) as staging:
+            model.save_pretrained(staging)  # type: ignore[operator]
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+            atomic_write(staging / CARD_FILE, told.model_dump_json(indent=2) + "\n")
+
+    try:
+        write(name, card)
+    except OSError as err:
+        if overwrite or not (derived_root() / name).exists():
+            raise ModelError(f"could not save the derived model {name!r} in {derived_root()}: {err}") from None
+        kept = next(f"{name}-{n}" for n in range(2, 10_000) if not (derived_root() / f"{name}-{n}").exists())
+        write(kept, card.model_copy(update={"name": kept}))
+        raise ConfigError(f"{derived_root() / name} appeared while {name!r} was being derived and is kept; the "
+                          f"variant is saved as {kept!r} instead (remove one, or derive with --overwrite)") from None

@@ -193,6 +193,13 @@ class LoadedModel:
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}
 
 
+def forget_loaded(name_or_path: str) -> None:
+    """Drops the copies :func:`load_model` keeps of ``name_or_path`` (in every dtype and linear):
+    its next load reads the files again (a derived model saved again under its name)."""
+    for key in [key for key in _LOADED if key[0] == name_or_path]:
+        del _LOADED[key]
+
+
 def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = None) -> LoadedModel:
     """Loads a causal LM set up for kvcomm attention (memoised by name, dtype and linear).
 

@@ -37,7 +37,7 @@ from kvcomm.agents import Agents
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile, read_json
-from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, prefill, receiver_input
+from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, prefill, prefill_logits, receiver_input
 from kvcomm.protocol.droidspeak import block_kv
 from kvcomm.selection.calibrate import Profile
 from kvcomm.selection.likelihood import answer_ids, rows_loglik
@@ -221,12 +221,14 @@ def profile_blocks(
 def _own_answers(agents: Agents, own: SenderKV, input_ids: torch.Tensor, valid: torch.Tensor,
                  max_new_tokens: int) -> list[list[int]]:
     """What the receiver answers from its own prefill of the context, greedily (an immediate stop
-    is the stop token: that is the answer to match)."""
+    is the stop token it chose: that is the answer to match)."""
     receiver = agents.receiver
-    start = receiver_input(SharedKV.whole(own))
-    replies = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids,
-                              receiver.pad_id)
-    return [reply or [receiver.stop_ids[0]] for reply in replies]
+    replies = greedy_generate(receiver.model, receiver_input(SharedKV.whole(own)), input_ids, valid, max_new_tokens,
+                              receiver.stop_ids, receiver.pad_id)
+    if all(replies):
+        return replies
+    first = prefill_logits(receiver.model, receiver_input(SharedKV.whole(own)), input_ids, valid)[:, -1].argmax(-1)
+    return [reply or [int(first[row])] for row, reply in enumerate(replies)]
 
 
 def _score_item(receiver: Any, sent: SenderKV, own: SenderKV, blocks: list[tuple[int, int]], prompt: list[int],
