@@ -161,6 +161,9 @@ MISTAKES = [
     ("eval -m {model} --method kvcomm --block-tolerance 0.1", "does not take 'tolerance'"),
     ("calibrate -m {model} --method droidspeak --selection answer", "droidspeak takes"),
     ("calibrate -m {model} --method droidspek", "droidspek"),
+    ("calibrate -m {model} --method droidspeak --max-recompute 0", "in (0, 1], not 0"),  # before: after loading
+    ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
+    ("models derive x --from {model} --recipe terse --seed -1", "greater than or equal to 0"),
     ("drift {model} smollm2-13", "Did you mean"),
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),
     ("models derive smollm2-135m --from {model} --recipe terse", "embedded model's name"),

@@ -129,6 +129,8 @@ def _last_items(task: Task, config: EvalConfig) -> list[Item]:
 def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | None, batch_size: int | None,
             max_recompute: float, tolerance: float, objective: Literal["own", "gold"], dtype: str, quiet: bool,
             overwrite: bool, out: Path | None) -> None:
+    if not 0 < max_recompute <= 1:  # before the models load (profile_blocks says so too, after)
+        raise ConfigError(f"--max-recompute is a fraction of the layers in (0, 1], not {max_recompute:g}")
     items = _last_items(the_task, EvalConfig(calib_size=calib_size, objective="likelihood"))  # 4: no objective chosen
     out, plot_path = check_output_and_plot(out or Path("results") / f"blocks-{safe_name(the_task.name)}.json",
                                            "block profile", overwrite)
