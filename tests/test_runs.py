@@ -155,6 +155,9 @@ def test_an_interrupted_two_task_sweep_resumes_to_the_same_results(tiny_dir, tmp
 
     other = invoke(*common, "--out-dir", str(parts), "--resume", str(parts), "--batch-size", "3")
     assert other.exit_code == 2 and "cannot resume" in other.stderr and "batch_size: 2 → 3" in other.stderr
+    ratio = invoke(*common[:-5], "--ratios", "0.3", "--interval", "3", "-q", "--out-dir", str(parts), "--resume",
+                   str(parts))  # the difference inside the methods' list is named (before, both lists cut short)
+    assert ratio.exit_code == 2 and "methods[1].options.ratio: 0.5 → 0.3" in ratio.stderr, ratio.stderr
 
     calls.clear()
     resumed = invoke(*common, "--out-dir", str(parts), "--resume", str(parts))

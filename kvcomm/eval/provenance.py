@@ -173,17 +173,27 @@ def _without_calibration_options(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """``key: old → new`` for the first key whose values differ, into nested dicts at any depth
-    (``evaluation.batch_size: 2 → 3``)."""
+    """``key: old → new`` for the first key whose values differ, into nested dicts and lists of
+    the same length at any depth (``evaluation.batch_size: 2 → 3``,
+    ``methods[1].options.ratio: 0.5 → 0.3``)."""
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = first_difference(a, b)
-            return f"{key}.{inner}" if inner else key
-        return f"{key}: {_short(a)} → {_short(b)}"
+        if (inner := _difference(old.get(key), new.get(key))) is not None:
+            return f"{key}{inner}"
     return None
+
+
+def _difference(a: Any, b: Any) -> str | None:
+    """Where ``a`` and ``b`` first differ, as the path's rest (``.key``, ``[index]``) and
+    ``: a → b`` (None: equal)."""
+    if a == b:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        inner = first_difference(a, b)
+        return f".{inner}" if inner else ""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        index, (x, y) = next((i, pair) for i, pair in enumerate(zip(a, b)) if pair[0] != pair[1])
+        return f"[{index}]{_difference(x, y)}"
+    return f": {_short(a)} → {_short(b)}"
 
 
 def _short(value: Any, limit: int = 60) -> str:
