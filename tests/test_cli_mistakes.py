@@ -84,6 +84,7 @@ MISTAKES = [
     ("sweep -m {model} --out-dir {dir}/file.txt", "--out-dir"),
     ("calibrate -m {model} --calib-size 0", "--calib-size"),
     ("encode {dir}/m.kvcm -m {model}", "exactly one of --context or --context-file"),
+    ("encode {dir}/file.txt -m {model} --context x", "file.txt exists; pass --overwrite"),  # before: replaced
     ("encode {dir}/m.kvcm -m {model} --context x --layers 0,99", "must name layers in 0..3"),
     ("encode {dir}/m.kvcm -m {model} --context x --codec int9", "Did you mean 'int8'"),
     ("encode {dir}/m.kvcm -m {model} --context x --ratio 0.5", "needs --profile"),

@@ -730,6 +730,12 @@ def test_remote_commands_drive_a_live_agent(live, tmp_path):
     blended = runner.invoke(cli, ["remote", "chat", "Which country?", "--url", live, "--kv", passages[1], "--kv",
                                   passages[0], "--blend", "0.5", "--max-tokens", "3"])
     assert blended.exit_code == 0 and "'kv_tokens_recomputed': " in blended.stderr, blended.output
+    kept = tmp_path / "kept.kvcm"
+    kept.write_bytes(b"mine")
+    refused = runner.invoke(cli, ["remote", "fetch", info["id"], str(kept), "--url", live])
+    assert refused.exit_code == 2 and "exists; pass --overwrite" in refused.output and kept.read_bytes() == b"mine"
+    fetched = runner.invoke(cli, ["remote", "fetch", info["id"], str(kept), "--url", live, "--overwrite"])
+    assert fetched.exit_code == 0 and KVMessage.from_bytes(kept.read_bytes()).shared_layers == [0, 1]
 
 
 def test_stored_pieces_blend_in_any_order_and_combination(http, agent):

@@ -9,7 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
-from kvcomm.cli.common import CODEC_HELP, Dtype, LinearOption, Mode, Model, Selection, console
+from kvcomm.cli.common import (
+    CODEC_HELP,
+    Dtype,
+    LinearOption,
+    Mode,
+    Model,
+    Overwrite,
+    Selection,
+    check_output,
+    console,
+)
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 
@@ -197,10 +207,12 @@ def remote_models(url: Url = "http://127.0.0.1:8000", token: Token = None) -> No
 
 
 @remote.command("fetch")
-def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000", token: Token = None,
+                 overwrite: Overwrite = False) -> None:
     """Download a stored message to a file."""
     from kvcomm.files import atomic_write
 
+    check_output(out, "message", overwrite)
     with _client(url, token) as client:
         atomic_write(out, client.get_message(message_id))
     console.print(f"wrote {out}", markup=False, soft_wrap=True)

@@ -12,7 +12,18 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm.agents import answer, encode_context
-from kvcomm.cli.common import CODEC_HELP, Data, Dtype, Mode, Model, TaskName, check_layers, console
+from kvcomm.cli.common import (
+    CODEC_HELP,
+    Data,
+    Dtype,
+    Mode,
+    Model,
+    Overwrite,
+    TaskName,
+    check_layers,
+    check_output,
+    console,
+)
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
 from kvcomm.selection import format_layers, top_layers
@@ -45,6 +56,7 @@ def encode_command(
     receiver_compute: Annotated[float | None, typer.Option(
         min=0, max=3600, help="With --codec auto, for a receiver that prefills while the layers arrive: the seconds "
                               "of that prefill, which decoding competes with for the CPU (default 0).")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Prefill a context on the sender and write its KV (chosen layers) as a message file."""
     if (context is None) == (context_file is None):
@@ -70,8 +82,7 @@ def encode_command(
         chosen = top_layers(ranked.ranking, ratio)
     elif layers:
         chosen = check_layers(layers, depth)
-    if out.is_dir():
-        raise ConfigError(f"{out} is a folder; give a file name for the message")
+    check_output(out, "message", overwrite)
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
     size = encode_context(sender, text, chosen, chosen_codec, mode or "causal").save(out)
