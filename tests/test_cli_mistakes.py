@@ -158,6 +158,10 @@ MISTAKES = [
     # variants and droidspeak
     ("eval -m {model} --method droidspeak --block 5", "is not a:b"),
     ("eval -m {model} --method droidspeak --block 5:3", "needs 0 <= a < b"),
+    ("eval -m {model} --method droidspeak --block 2:9", "the model has 4 layers"),  # before: after loading
+    ("eval -m {model} --method droidspeak --block 0:4", "is every layer"),
+    ("eval -m {model} --method ac --ac-k 99", "layer_k (--ac-k) 99 is out of range"),
+    ("sweep -m {model} --methods blend --check-layer 7", "the model has 4 layers (--check-layer)"),
     ("eval -m {model} --method kvcomm --block 1:3", "does not take 'block'"),
     ("eval -m {model} --method kvcomm --block-tolerance 0.1", "does not take 'tolerance'"),
     ("calibrate -m {model} --method droidspeak --selection answer", "droidspeak takes"),

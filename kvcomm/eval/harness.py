@@ -322,6 +322,8 @@ def evaluate(
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
                   config.calibration, sources.blocks)
+    for method in methods:  # all of them, before any calibration a setup starts
+        method.check_depth(agents.num_layers)
     for method in methods:
         method.setup(setup)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)

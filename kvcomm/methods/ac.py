@@ -60,11 +60,17 @@ class ActivationCommunication(Method):
         j = self._j if self._j is not None else self.layer_j
         return f"ac-{self.fuse}@k{k}j{j}" if k is not None else f"ac-{self.fuse}"
 
+    def check_depth(self, num_layers: int) -> None:
+        self._positions(num_layers)
+
     def setup(self, setup: Setup) -> None:
-        depth = setup.num_layers
+        self._k, self._j = self._positions(setup.num_layers)
+
+    def _positions(self, depth: int) -> tuple[int, int]:
+        """``layer_k`` and ``layer_j`` for a model of ``depth`` layers, negative ones counted from the end."""
         default = round(0.75 * depth)
-        self._k = _normalise(self.layer_k if self.layer_k is not None else default, depth + 1, "layer_k")
-        self._j = _normalise(self.layer_j if self.layer_j is not None else default, depth, "layer_j")
+        return (_normalise(self.layer_k if self.layer_k is not None else default, depth + 1, "layer_k (--ac-k)"),
+                _normalise(self.layer_j if self.layer_j is not None else default, depth, "layer_j (--ac-j)"))
 
     def run(self, batch: Batch) -> Output:
         if self._k is None or self._j is None:
@@ -93,7 +99,8 @@ class ActivationCommunication(Method):
 
 def _normalise(index: int, size: int, what: str) -> int:
     if not -size <= index < size:
-        raise ConfigError(f"{what}={index} out of range for {size} positions")
+        raise ConfigError(f"ac: {what} {index} is out of range: the model has {size} positions there "
+                          f"({-size}..{size - 1})")
     return index % size
 
 

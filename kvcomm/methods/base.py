@@ -119,6 +119,11 @@ class Method(ABC):
         """The codec its messages go through (None: in process, or a method that sends none)."""
         return getattr(self.options, "codec", None)
 
+    def check_depth(self, num_layers: int) -> None:
+        """Refuses options that cannot fit a model of ``num_layers`` layers (a block, a check layer,
+        a layer index past its depth): called before any model loads where the depth is known
+        from the model's name, and before :meth:`setup` (nothing to refuse by default)."""
+
     def setup(self, setup: Setup) -> None:
         """Resolves anything that depends on the model (e.g. which layers to share)."""
 

@@ -151,6 +151,10 @@ class BlendMethod(_Composing):
     def layers(self) -> list[int] | None:
         return self._layers
 
+    def check_depth(self, num_layers: int) -> None:
+        if (refusal := unblendable(True, ["causal"], [True] * num_layers, self.options.check_layer)) is not None:
+            raise ConfigError(f"{self.label}: {refusal[1]}: the model has {num_layers} layers (--check-layer)")
+
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
         self._start()

@@ -73,6 +73,16 @@ class DroidSpeak(Method):
             return None
         return [layer for layer in range(self._num_layers) if not self._block[0] <= layer < self._block[1]]
 
+    def check_depth(self, num_layers: int) -> None:
+        if self.options.block is not None:
+            start, stop = self.options.block
+            if stop > num_layers:
+                raise ConfigError(f"--block {start}:{stop}: the model has {num_layers} layers (a block a:b needs "
+                                  f"b <= {num_layers})")
+            if stop - start >= num_layers:
+                raise ConfigError(f"block {start}:{stop} is every layer and sends no KV; recompute fewer layers (the "
+                                  "receiver reading the text is the skyline)")
+
     def setup(self, setup: Setup) -> None:
         self._num_layers = setup.num_layers
         self._bind_codec(setup)

@@ -126,13 +126,15 @@ class KVCommMethod(Method):
             return list(range(setup.num_layers))
         return top_layers(setup.ranking(getattr(self.options, "selection", None), self.options.pieces), self.ratio)
 
+    def check_depth(self, num_layers: int) -> None:
+        if self.ratio is None and self._layers and self._layers[-1] >= num_layers:
+            raise ConfigError(f"{self.label}: layer {self._layers[-1]} is out of range for a "
+                              f"{num_layers}-layer model (0..{num_layers - 1})")
+
     def setup(self, setup: Setup) -> None:
         self._bind_codec(setup)
         if self.ratio is not None:
             self._layers = self.choose(setup)
-        elif self._layers and self._layers[-1] >= setup.num_layers:
-            raise ConfigError(f"{self.label}: layer {self._layers[-1]} is out of range for a "
-                              f"{setup.num_layers}-layer model (0..{setup.num_layers - 1})")
 
     def run(self, batch: Batch) -> Output:
         receiver = batch.agents.receiver
