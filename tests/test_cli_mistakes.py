@@ -170,6 +170,7 @@ MISTAKES = [
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
     ("models derive x --from {model} --recipe terse --seed -1", "greater than or equal to 0"),
     ("drift {model} smollm2-13", "Did you mean"),
+    ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),
     ("models derive smollm2-135m --from {model} --recipe terse", "embedded model's name"),
     ("models derive 'bad name' --from {model} --recipe terse", "name"),

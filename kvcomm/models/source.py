@@ -49,8 +49,8 @@ def resolve_model(name: str) -> ModelSource:
     """The source a model name points to.
 
     Raises:
-        ModelError: an empty name, nothing by that name (with the nearest embedded name), or a
-            missing GGUF file.
+        ModelError: an empty name, nothing by that name (with the nearest embedded name), a
+            folder without a ``config.json``, or a missing GGUF file.
     """
     if not name.strip():  # "" would otherwise be the current folder, read as a model directory
         raise ModelError(f"the model name is empty ({name!r}); give an embedded or derived name, a model "
@@ -66,6 +66,10 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "gguf", path)
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():  # before, its tokenizer's error named sentencepiece
+            raise ModelError(f"{path} is a folder but not a model directory (no config.json); give a model "
+                             "directory saved by transformers, an embedded or derived name, a .gguf file or a "
+                             "hub id (owner/name)")
         return ModelSource(name, "directory", path)
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
         return ModelSource(name, "hub")
