@@ -133,7 +133,7 @@ def test_encode_with_codec_auto_names_its_choice(tiny_dir, tmp_path):
                                 "--bandwidth", "10"])
     assert wrong.exit_code == 2 and "goes with --codec auto" in wrong.output
     busy = runner.invoke(app, ["encode", str(message), "--model", str(tiny_dir), "--context", "Mira lives in Oslo.",
-                               "--codec", "auto", "--receiver-compute", "1.5"])
+                               "--codec", "auto", "--receiver-compute", "1.5", "--overwrite"])
     assert busy.exit_code == 0, busy.output
     header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
     assert header["meta"]["codec_choice"]["receiver_compute_s"] == 1.5
