@@ -109,6 +109,23 @@ def test_messages_expire_after_their_time_to_live(kind, tmp_path):
     assert store.count() == 0  # the disk's index still holds the row until it evicts it
 
 
+def test_a_disk_store_without_diskcache_names_the_extra(tmp_path, monkeypatch):
+    """Where diskcache is not installed, opening a disk store says which extra brings it (before,
+    a ModuleNotFoundError from the store's own import came first)."""
+    import sys
+
+    from kvcomm.errors import ConfigError
+    from kvcomm.serve.stores import disk
+
+    monkeypatch.setitem(sys.modules, "diskcache", None)  # import diskcache raises ImportError
+    disk._bytes_only_disk.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"pip install 'kvcomm\[serve\]'"):
+            open_store(f"disk:{tmp_path}")
+    finally:
+        disk._bytes_only_disk.cache_clear()
+
+
 def test_the_disk_store_never_unpickles(tmp_path):
     """A row a crafted cache file marks as pickled is refused, not loaded."""
     import diskcache

@@ -117,8 +117,9 @@ def serve_command(
     by_layout(loaded)  # two of one layout: refused before the model loads
     _check_port_free(host, port)
     limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
+    opened = open_store(store, limits)  # before the model loads: a store whose package is missing says so now
     agent = load_model(model, dtype, linear)
-    app = create_app(agent, open_store(store, limits), config, loaded)
+    app = create_app(agent, opened, config, loaded)
     if ratio is not None and all(p.pieces != "chats" for p in loaded):
         console.print(f"calibrating the contexts' layer ranking for --ratio {ratio} (once, {config.selection} rule; "
                       "a --profile calibrated on chats skips this) …")

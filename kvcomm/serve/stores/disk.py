@@ -59,9 +59,8 @@ class DiskStore:
         self.directory, self.max_bytes, self.ttl_s = Path(directory), max_bytes, ttl_s
         # each write evicts the least recently used message while the store is full (cull_limit 1);
         # a write that still leaves it over its bound (a large message replacing small ones) culls more
-        import diskcache  # importable: _bytes_only_disk checked it
-
-        disk = _bytes_only_disk()
+        disk = _bytes_only_disk()  # first: where diskcache is missing, it says which extra brings it
+        import diskcache
         self._cache = diskcache.Cache(str(directory), disk=disk, size_limit=max_bytes,
                                       eviction_policy="least-recently-used", cull_limit=1)
 
