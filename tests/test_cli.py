@@ -310,3 +310,22 @@ def test_the_demo_writes_its_table_results_samples_and_plot(tiny_dir, tmp_path, 
     assert len(folders) == 1 and folders[0].name.endswith("-tiny")
     assert sorted(p.name for p in folders[0].iterdir()) == ["facts-samples.jsonl", "facts.json", "facts.png"]
     assert "kvcomm@0.5" in result.output and "Next:" in result.output
+
+
+def test_quiet_hides_the_warnings_transformers_raises_and_only_inside():
+    """-q: a FutureWarning raised by transformers is hidden (before, only its logs were), and
+    warnings are shown again after."""
+    import warnings
+
+    from kvcomm.cli.common import quiet_libraries
+
+    def warn() -> None:
+        warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_libraries(True):
+            warn()
+        assert caught == []
+        warn()
+        assert len(caught) == 1

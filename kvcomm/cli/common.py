@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -453,8 +454,9 @@ def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = T
 
 @contextlib.contextmanager
 def quiet_libraries(quiet: bool = True) -> Iterator[None]:
-    """``-q``: inside, transformers logs errors only and, like the hub, shows no progress bars;
-    their settings are restored on leaving."""
+    """``-q``: inside, transformers logs errors only and, like the hub, shows no progress bars, and
+    the Python warnings that transformers, peft and the hub raise are hidden; their settings are
+    restored on leaving."""
     if not quiet:
         yield
         return
@@ -467,7 +469,9 @@ def quiet_libraries(quiet: bool = True) -> Iterator[None]:
     logging.disable_progress_bar()
     hub.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"(transformers|peft|huggingface_hub)(\..*)?$")
+            yield
     finally:
         logging.set_verbosity(verbosity)
         if bars:
