@@ -320,7 +320,7 @@ def test_quiet_hides_the_warnings_transformers_raises_and_only_inside():
     from kvcomm.cli.common import quiet_libraries
 
     def warn() -> None:
-        warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("deprecated", FutureWarning, "utils.py", 1, module="transformers.modeling_utils")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
