@@ -19,7 +19,9 @@ from kvcomm.cli.tasks import tasks_command
 from kvcomm.cli.wire import answer_command, codebook_command, encode_command, inspect_command
 
 app = typer.Typer(
-    cls=KvcommGroup, help="LLM agents that communicate through selected layers of their KV caches (KVComm).",
+    cls=KvcommGroup, help="LLM agents that communicate through selected layers of their KV caches (KVComm). "
+                          "Without a command: a demo (the embedded default model on a generated task, about 2 "
+                          "minutes; results in a new folder under results/).",
     pretty_exceptions_enable=False, add_completion=False,
 )
 app.command("eval")(eval_command)

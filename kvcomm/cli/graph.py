@@ -99,8 +99,8 @@ def graph_command(
     place: Annotated[Literal["inline", "prefix"], typer.Option(
         help="Where heard KV goes: inline (where text would be) or prefix (before the hearer's chat; no blend).")]
     = "inline",
-    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy or "
-                                           "shift-back (inline KV is causal).")] = "causal",
+    mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy, shift-back, "
+                                           "padded-sink or padded-zero (inline KV is causal).")] = "causal",
     reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: the question every agent is "
                                        "asked is prefilled once per item and reused by each agent with re-rotated "
                                        "positions (KVCOMM's shared input). Anchor: also corrected by KVCOMM's "

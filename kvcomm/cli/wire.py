@@ -144,7 +144,11 @@ def inspect_command(
 def answer_command(
     path: MessageFile,
     question: Annotated[str, typer.Option(help="The question for the receiver.")],
-    model: Model = DEFAULT_MODEL, dtype: Dtype = "float32",
+    model: Annotated[str, typer.Option(
+        "--model", "-m", envvar="KVCOMM_MODEL",
+        help="The receiver that answers (the message's sender's shape): an embedded name (`kvcomm models list`), a "
+             "model directory, a .gguf file or a hub id.")] = DEFAULT_MODEL,
+    dtype: Dtype = "float32",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer budget in tokens.")] = 32,
 ) -> None:
     """Answer a question on the receiver using a message's KV (fingerprint checked first)."""
