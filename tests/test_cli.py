@@ -68,6 +68,7 @@ def test_encode_inspect_answer_round_trip(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     shown = runner.invoke(app, ["inspect", str(message)])
     assert shown.exit_code == 0 and "valid" in shown.output and "0,2 (2/4)" in shown.output
+    assert "codec int8 (quant {'bits': 8, 'group': 32})" in shown.output  # the name given, then its class
     header = json.loads(runner.invoke(app, ["inspect", str(message), "--json"]).output)
     assert header["codec"] == {"name": "quant", "params": {"bits": 8, "group": 32}} and header["mode"] == "causal"
     answered = runner.invoke(app, ["answer", str(message), "--model", str(tiny_dir), "--question", "Where?",

@@ -31,6 +31,7 @@ from kvcomm.selection.blocks import read_ranking
 from kvcomm.tasks import load_task
 from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
+from kvcomm.wire.codecs import preset_of
 
 Codec = Annotated[str, typer.Option(help=CODEC_HELP)]
 MessageFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="Message file.")]
@@ -115,8 +116,10 @@ def inspect_command(
     fp16_all = 2 * 2 * header["heads"] * header["head_dim"] * header["context_len"] * len(layers)
     total = path.stat().st_size
     out = Console()
-    out.print(f"{path}: {total:,} bytes, valid (format version {reader.version}); codec {header['codec']['name']} "
-              f"{header['codec']['params']}; context {header['context_len']} tokens; mode {header['mode']}"
+    named = preset_of(header["codec"]["name"], header["codec"]["params"])
+    spec = f"{header['codec']['name']} {header['codec']['params']}"
+    out.print(f"{path}: {total:,} bytes, valid (format version {reader.version}); codec "
+              f"{f'{named} ({spec})' if named else spec}; context {header['context_len']} tokens; mode {header['mode']}"
               + (f"; layers not shared keep an opening of {header['opening']} tokens" if header["opening"] else ""),
               markup=False, soft_wrap=True)
     out.print(f"shared layers: {format_layers([e['index'] for e in layers if e['full']]) or 'none'} "

@@ -51,6 +51,7 @@ from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnava
 from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
+from kvcomm.wire.codecs import preset_of
 from kvcomm.wire.streaming import receive
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
@@ -164,7 +165,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             metrics.codec_chosen.labels(choice["chosen"]).inc()
         return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
                               fingerprint=agent.fingerprint, context_tokens=message.context_len,
-                              layers=message.shared_layers, codec=header.codec.name, mode=message.mode,
+                              layers=message.shared_layers, mode=message.mode,
+                              codec=preset_of(header.codec.name, header.codec.params) or header.codec.name,
                               codec_choice=choice, bandwidth_mbit=plan.bandwidth[0] if plan.bandwidth else None,
                               bandwidth_source=plan.bandwidth[1] if plan.bandwidth else None)
 

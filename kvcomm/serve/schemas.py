@@ -210,7 +210,8 @@ class ContextCreated(BaseModel):
     fingerprint: dict[str, Any]
     context_tokens: int
     layers: list[int]
-    codec: str
+    codec: str = Field(description="the codec's name as a request gives it (int8, klt …; auto's choice), or its "
+                                   "class where no such name is it")
     mode: str
     codec_choice: dict[str, Any] | None = Field(
         default=None, description="with codec 'auto': the codec chosen and why (each candidate's estimates)")

@@ -7,6 +7,7 @@ codec only decides *what* to store; framing, checksums and size limits live in `
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -108,6 +109,21 @@ def preset(name: str, codec: str, **params: Any) -> None:
 def codec_names() -> list[str]:
     """The names users type: every preset (``fp16``, ``int8``, ``klt`` …)."""
     return sorted(PRESETS)
+
+
+def preset_of(codec: str, params: dict[str, Any]) -> str | None:
+    """The name users type for the codec ``codec`` with ``params`` (a header's): ``int8`` for
+    ``quant`` with 8 bits in groups of 32; None where no preset is that codec (a message's own
+    codebook, ``klt``'s, is not part of the comparison)."""
+    def told(given: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in given.items() if k != "codebook"}, sort_keys=True, default=list)
+
+    wanted = told(params)
+    for name in sorted(PRESETS):
+        made = make_codec(name)
+        if made.name == codec and told(made.params()) == wanted:
+            return name
+    return None
 
 
 def known_codec(name: str) -> str:
