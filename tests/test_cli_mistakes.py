@@ -71,7 +71,7 @@ MISTAKES = [
     ("eval -m {model} --mode strict", "--mode"),
     ("eval -m {model} --dtype float64", "--dtype"),
     ("eval -m {model} --alpha 2", "--alpha"),
-    ("eval -m {model} --max-memory 0", "max_memory_gb"),
+    ("eval -m {model} --max-memory 0", "--max-memory must be above 0"),  # before: named the field max_memory_gb
     ("eval -m {model} --limit 1000", "cannot hold 1000 test"),
     ("eval -m {model} --out {dir}/folder", "is a folder"),
     ("eval -m {model} --profile {dir}/missing.json", "does not exist"),
@@ -167,6 +167,7 @@ MISTAKES = [
     ("calibrate -m {model} --method droidspeak --selection answer", "droidspeak takes"),
     ("calibrate -m {model} --method droidspek", "droidspek"),
     ("calibrate -m {model} --method droidspeak --max-recompute 0", "in (0, 1], not 0"),  # before: after loading
+    ("eval -m {model} --sigma 0", "--sigma must be above 0"),  # before: named the field
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
     ("models derive x --from {model} --recipe terse --seed -1", "greater than or equal to 0"),
     ("drift {model} smollm2-13", "Did you mean"),

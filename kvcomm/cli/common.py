@@ -207,6 +207,9 @@ class RunOptions:
     quiet: bool
 
     def eval_config(self) -> EvalConfig:
+        for flag, value in (("--sigma", self.sigma), ("--max-memory", self.max_memory)):
+            if value is not None and value <= 0:  # the flags' lower bound (0) is open; said by flag, not field
+                raise ConfigError(f"{flag} must be above 0, not {value:g}")
         given: dict[str, Any] = dict(limit=self.limit, skip=self.skip, batch_size=self.batch_size,
                                      calib_size=self.calib_size,
                                      alpha=self.alpha, mu=self.mu, sigma=self.sigma, max_memory_gb=self.max_memory,
@@ -293,7 +296,7 @@ Alpha = Annotated[float | None, typer.Option(
 Mu = Annotated[float | None, typer.Option(
     min=0, max=1, help=options_help("Prior centre as a fraction of depth.", EvalConfig, "mu"))]
 Sigma = Annotated[float | None, typer.Option(
-    min=0, help=options_help("Prior width in layers.", EvalConfig, "sigma"))]
+    min=0, help=options_help("Prior width in layers, above 0.", EvalConfig, "sigma"))]
 
 _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "model": (Model, DEFAULT_MODEL),
@@ -332,7 +335,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "linear": (LinearOption, "dense"),
     "max_memory": (Annotated[float | None, typer.Option(
         min=0, envvar="KVCOMM_MAX_MEMORY",
-        help="Memory budget in GiB; batches shrink to fit it.")], None),
+        help="Memory budget in GiB, above 0; batches shrink to fit it.")], None),
     "bucket": (Annotated[bool | None, typer.Option(
         "--bucket/--no-bucket", help="Batch items of similar prompt lengths together (less padding, the same "
                                      "answers; results stay in item order). (default: bucket)")], None),
