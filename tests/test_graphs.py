@@ -5,6 +5,7 @@ task needs every hop."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.graphs import DECISION, EdgeOptions, Graph, Step, Turn, unroll
@@ -297,6 +298,35 @@ def test_a_codec_s_one_off_costs_are_paid_before_the_clock_starts(monkeypatch):
     events.clear()
     Graph.build(model, "chain", 2, edge=EdgeOptions(codec=None)).run(task, task.items, progress=False)
     assert events[0] == "clock"  # in process: nothing to warm
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_the_hearer_s_own_text_between_heard_turns_is_computed_after_them(family, monkeypatch):
+    """Exact end: where the pieces before it are a full prefill's, the hearer's own text after them
+    (``continued``) is what that prefill computes for it (before, each own segment was prefilled
+    alone from position 0); and a hearer of two turns inline uses it for the text between them."""
+    import kvcomm.graphs.graph as graph_module
+    from kvcomm.graphs.graph import continued
+    from kvcomm.protocol import SharedKV, pad_left, prefill, splice
+    from kvcomm.protocol.reply import rebase
+
+    model = tiny_loaded(family, seed={"gemma3": 2}.get(family, 1))
+    tokens = torch.randint(3, 90, (1, 17), generator=torch.Generator().manual_seed(0))
+    full = prefill(model.model, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    a, b = SharedKV.whole(full.first(6)), SharedKV.whole(rebase(model.model, full.last([11]).first(5)))
+    tail = rebase(model.model, full.last([6]))
+    after = continued(model, [splice(model.model, [a, b])], *pad_left([tokens[0, 11:].tolist()], model.pad_id))[0]
+    alone = SharedKV.whole(prefill(model.model, tokens[:, 11:], torch.ones(1, 6, dtype=torch.bool)))
+    for layer in range(1, len(tail.keys)):
+        torch.testing.assert_close(after.keys[layer], tail.keys[layer], rtol=0, atol=1e-4)
+        torch.testing.assert_close(after.values[layer], tail.values[layer], rtol=0, atol=1e-4)
+    assert (alone.values[1] - tail.values[1]).abs().max() > 1e-3  # alone it is another computation
+    calls = []
+    real = graph_module.continued
+    monkeypatch.setattr(graph_module, "continued", lambda *args: calls.append(len(args[1])) or real(*args))
+    task = load_task("facts", items=1, max_new_tokens=2)
+    Graph.build(model, "star", 2, edge=EdgeOptions(codec=None)).run(task, task.items, progress=False)
+    assert calls == [1]  # the decision agent: its text between the two turns it hears
 
 
 def test_splice_joins_pieces_that_share_different_layers():

@@ -480,7 +480,7 @@ class Graph:
                 return _Start(empty_input(model.model, len(batch)), ids, valid, messages, int(valid.sum()), 0)
             segments = [model.encode_message_parts(m, [QUESTION, ASKED]) for m in messages]
             mine = SharedKV.whole(prefill(model.model, *pad_left([s[0] for s in segments], model.pad_id)))
-            pieces = [[mine.row(r)] for r in rows]
+            pieces: list[list[SharedKV]] = [[mine.row(r)] for r in rows]
             return self._reusing(batch, index, segments, pieces, self.edge.blend, messages, shared, alone)
         if self.edge.place == "prefix":
             joined = [concat_shared(model.model, [h.shared[r] for h in heard]) for r in rows]  # type: ignore[index]
@@ -493,13 +493,18 @@ class Graph:
         markers = [f"\x00kvcomm-heard-{i}\x00" for i in range(len(heard))]
         messages = [self.message(task, item, step, list(zip(names, markers)), reuse) for item in batch]
         segments = [model.encode_message_parts(m, markers + ([QUESTION, ASKED] if reuse else [])) for m in messages]
-        own = []  # the hearer's own text before each heard turn, prefilled segment by segment
-        for i in range(len(heard)):
-            kv = prefill(model.model, *pad_left([s[i] for s in segments], model.pad_id))
-            whole = SharedKV.whole(kv)
-            own.append([whole.row(r) for r in rows])
-        pieces = [[piece for i, h in enumerate(heard) for piece in (own[i][r], h.shared[r])]  # type: ignore[index]
-                  for r in rows]
+        # the hearer's own text before each heard turn, each computed after what precedes it (its own text
+        # and the turns heard so far), as its whole prompt's prefill would (before, each alone from position 0)
+        pieces = [[] for _ in rows]
+        for i, turn_heard in enumerate(heard):
+            ids, valid = pad_left([s[i] for s in segments], model.pad_id)
+            if i == 0:
+                whole = SharedKV.whole(prefill(model.model, ids, valid))
+                texts = [whole.row(r) for r in rows]
+            else:
+                texts = continued(model, [splice(model.model, row) for row in pieces], ids, valid)
+            for r in rows:
+                pieces[r] += [texts[r], turn_heard.shared[r]]  # type: ignore[index]
         if reuse:
             if any(s[len(heard)] for s in segments):
                 raise ProtocolError("reuse expects the question right after the last heard turn")
@@ -593,6 +598,15 @@ class Graph:
                 sizes.append(int(piece.kv_bytes[0]))
             shared.append(piece)
         return shared, sizes
+
+
+def continued(model: LoadedModel, before: Sequence[SharedKV], ids: torch.Tensor, valid: torch.Tensor) -> list[SharedKV]:
+    """Each row's tokens ``ids`` (``[B, T]``, left-padded) prefilled on its cache ``before`` (what
+    a prefill of the whole sequence computes for them, where ``before`` is that prefill's KV), moved
+    to start at position 0: the pieces to splice after ``before``."""
+    turn = generate_turn(model.model, receiver_input(SharedKV.stack(list(before))), ids, valid, 0, model.stop_ids,
+                         model.pad_id)
+    return [SharedKV.whole(rebase(model.model, kv)) for kv in turn.kv]
 
 
 @dataclass
