@@ -6,7 +6,9 @@ so the ranking is passed as explicit layer lists). The one-by-one run
 evaluates each configuration separately with batch size 1, so every kvcomm configuration redoes
 the sender prefill of every item, as the reference implementation does; the optimised run
 batches items and computes each sender prefill once for all configurations. Each run is a
-separate process so its peak resident memory is its own.
+separate process so its peak resident memory is its own. With ``--bracket`` each optimised run
+also runs before the one-by-one run, and the ratio takes the mean of the two: a drift of the
+machine's speed over the run (this shared CPU's days differ by 2x) then cancels to first order.
 
     python benchmarks/sweep_throughput.py --model smollm2-135m --task countries \
         --data ../shared/data/countries.jsonl --items 200 --batch-size 16,64 \
@@ -71,6 +73,10 @@ def main() -> None:
     parser.add_argument("--batch-size", default="16",
                         help="items per batch of the optimised run; several (16,50) run it once per size")
     parser.add_argument("--max-memory", type=float, default=None)
+    parser.add_argument("--bracket", action="store_true",
+                        help="run the optimised runs both before and after the one-by-one run and take the mean "
+                             "of each pair: a machine whose speed drifts over the run (linearly) then drifts out "
+                             "of the ratio")
     parser.add_argument("--mode", choices=["one-by-one", "optimised"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
@@ -96,18 +102,32 @@ def main() -> None:
     if not 1 <= args.items <= available:
         parser.error(f"--items must be between 1 and {available} (the task's items), not {args.items}")
     record = run_record(args)
-    results = {}
-    for mode, size in [("one-by-one", 1), *(("optimised", size) for size in sizes)]:
+    results: dict[str, dict] = {}
+    optimised = [("optimised", size) for size in sizes]
+    order = [*(optimised if args.bracket else []), ("one-by-one", 1), *optimised]
+    for mode, size in order:
         name = mode if mode == "one-by-one" or len(sizes) == 1 else f"optimised ×{size}"
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--batch-size", str(size)]
+        if args.bracket and mode == "optimised":  # the bracket's first run of this size, then its second
+            name += " (after)" if f"{name} (before)" in results else " (before)"
+        command = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--bracket"], "--mode", mode,
+                   "--batch-size", str(size)]
         print(f"running {name} …", file=sys.stderr)
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its stderr (errors) shows as it comes
         if done.returncode != 0:
             raise SystemExit(f"error: the {name} run exited with {done.returncode} (its error is above)")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.bracket:  # each size's two runs as one, at their mean time (the one-by-one run sits between them)
+        for mode, size in optimised:
+            name = mode if len(sizes) == 1 else f"optimised ×{size}"
+            before, after = results[f"{name} (before)"], results[f"{name} (after)"]
+            seconds = (before["seconds"] + after["seconds"]) / 2
+            answers = sum(len(v) for v in before["answers"].values())
+            results[name] = {**after, "seconds": seconds, "answers_per_second": answers / seconds,
+                             "items_per_second": args.items / seconds, "bracket": [before["seconds"], after["seconds"]],
+                             "bracket_answers_equal": before["answers"] == after["answers"]}
     slow = results["one-by-one"]
     total = sum(len(v) for v in slow["answers"].values())
-    fast_runs = {name: run for name, run in results.items() if name != "one-by-one"}
+    fast_runs = {name: run for name, run in results.items() if name != "one-by-one" and "(" not in name}
     for run in fast_runs.values():
         run["speedup"] = run["answers_per_second"] / slow["answers_per_second"]
         agree = {label: sum(a == b for a, b in zip(slow["answers"][label], run["answers"][label]))
@@ -116,7 +136,8 @@ def main() -> None:
     best = max(fast_runs.values(), key=lambda run: run["speedup"])
     summary = {
         "model": args.model, "task": args.task, "items": args.items, "ratios": args.ratios,
-        "batch_sizes": sizes, "speedup": best["speedup"], "identical_answers": best["identical_answers"],
+        "batch_sizes": sizes, "bracket": args.bracket, "speedup": best["speedup"],
+        "identical_answers": best["identical_answers"],
         "total_answers": total, "agreement_by_config": best["agreement_by_config"],
         "runs": {k: {x: y for x, y in v.items() if x != "answers"} for k, v in results.items()}, **record,
     }
