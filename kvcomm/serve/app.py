@@ -111,7 +111,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
              responses={**documented(401, 413), 200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus() -> Response:
         # off the event loop: collecting asks the store how much it holds
-        return Response(await anyio.to_thread.run_sync(generate_latest, metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        scraped = await anyio.to_thread.run_sync(generate_latest, metrics.registry)
+        return Response(scraped, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, responses=documented(401, 413))
     async def models() -> ModelList:
