@@ -222,3 +222,23 @@ def test_a_config_missing_a_layout_field_is_an_unsupported_architecture():
         make_fingerprint(SimpleNamespace(model_type="odd", num_attention_heads=2, hidden_size=16), {})
     with pytest.raises(ModelError, match="unsupported architecture 'odd'.*num_attention_heads"):
         make_fingerprint(SimpleNamespace(model_type="odd", num_hidden_layers=2, hidden_size=16), {})
+
+
+def test_the_weights_digest_tells_fine_tunes_apart_and_not_dtypes():
+    """One checkpoint in float32 and bfloat16 has one digest (a profile calibrated in one dtype
+    is used in the other); a change to one late row of the embedding changes it (before, only
+    each parameter's first 4,096 values were hashed)."""
+    import copy
+
+    import torch
+
+    from kvcomm.models.loading import LoadedModel
+    from tests.conftest import tiny_loaded
+
+    model = tiny_loaded("llama")
+    half = LoadedModel(model.name, copy.deepcopy(model.model).to(torch.bfloat16), model.tokenizer)
+    assert half.weights_digest == model.weights_digest
+    tuned = copy.deepcopy(model.model)
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight[-1] += 1.0
+    assert LoadedModel(model.name, tuned, model.tokenizer).weights_digest != model.weights_digest

@@ -77,18 +77,24 @@ class LoadedModel:
 
     @cached_property
     def weights_digest(self) -> str:
-        """A hash of every parameter's names, shape and up to 65,536 of its values, spread evenly
-        over the whole tensor (every row of an embedding is sampled): two checkpoints of one
-        architecture, whose fingerprints agree, differ here (what a store shared by several agents
-        keys their KV by, and what ties a profile to the weights it was calibrated on). Before,
-        only each parameter's first 4,096 values were hashed, and a fine-tune that changed only
-        later rows kept its base's digest."""
+        """A hash of every parameter's name, shape and a sample of its values: at least 4 values
+        of every row of a matrix (an embedding's too), up to 65,536 spread over the rest, each as
+        bfloat16 (so a float32 and a bfloat16 copy of one checkpoint agree). Two checkpoints of
+        one architecture, whose fingerprints agree, differ here: what a store shared by several
+        agents keys their KV by, and what ties a profile to the weights it was calibrated on.
+        Before, only each parameter's first 4,096 values were hashed, and a fine-tune that changed
+        only later rows kept its base's digest."""
         digest = hashlib.sha256()
         for name, parameter in self.model.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            sample = flat[::max(1, -(-flat.numel() // 65536))].contiguous()
-            digest.update(f"{name}{tuple(parameter.shape)}{sample.dtype}".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
+            values = parameter.detach()
+            if values.dim() == 2:  # every row, a few of its columns
+                rows, columns = values.shape
+                sample = values[:, ::max(1, columns // max(4, 65536 // max(rows, 1)))]
+            else:
+                flat = values.reshape(-1)
+                sample = flat[::max(1, -(-flat.numel() // 65536))]
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            digest.update(sample.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
         return digest.hexdigest()[:32]
 
     @property
