@@ -915,7 +915,7 @@ def test_kv_return_over_the_message_size_limit_is_refused_before_generating(agen
         assert "kvcomm:generation_tokens_total 0.0" in http.get("/metrics").text  # nothing was generated
 
 
-@pytest.mark.parametrize("failure", ["over the limit", "store full", "store down"])
+@pytest.mark.parametrize("failure", ["over the limit", "store full", "store down", "not encodable"])
 def test_a_turn_that_cannot_be_stored_still_gives_back_its_reply(agent, monkeypatch, failure):
     """kv_return: where the turn's message cannot be stored after the reply was generated (a codec
     that did not compress as bounded, a full or unreachable store), the refusal carries the
@@ -926,6 +926,13 @@ def test_a_turn_that_cannot_be_stored_still_gives_back_its_reply(agent, monkeypa
     store = MemoryStore()
     if failure == "over the limit":  # the bound before generating says it fits; the message does not
         monkeypatch.setattr(app_module, "raw_payload_bytes", lambda *args: 0)
+    elif failure == "not encodable":  # values the codec cannot carry (e.g. past float16's range)
+        import kvcomm.serve.chat as chat_module
+        from kvcomm.errors import WireError
+
+        def refuse(*args, **kwargs):
+            raise WireError("layer 0: raw stores float16 values")
+        monkeypatch.setattr(chat_module.KVMessage, "from_shared", refuse)
     else:
         def put(message_id, data):
             raise (StoreFull if failure == "store full" else StoreUnavailable)("no room" if failure == "store full"
@@ -936,10 +943,10 @@ def test_a_turn_that_cannot_be_stored_still_gives_back_its_reply(agent, monkeypa
     with TestClient(create_app(agent, store, config)) as http:
         plain = chat(http, "Mira lives in Oslo. Where?", max_tokens=4).json()
         refused = chat(http, "Mira lives in Oslo. Where?", max_tokens=4, kv_return={"content": "turn", "codec": "fp32"})
-        status = {"over the limit": 413, "store full": 507, "store down": 503}[failure]
+        status = {"over the limit": 413, "store full": 507, "store down": 503, "not encodable": 422}[failure]
         assert refused.status_code == status, refused.text
         body = refused.json()
-        assert body["error"]["code"] in ("message_too_large", "store_full", "store_unavailable")
+        assert body["error"]["code"] in ("message_too_large", "store_full", "store_unavailable", "invalid_kv_message")
         carried = body["completion"]
         assert carried["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
         assert carried["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from kvcomm import __version__
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, KvcommError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
@@ -321,6 +321,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage()).model_dump(
             exclude_unset=True)
         message_id = f"turn-{uuid.uuid4().hex}"
+        if isinstance(data, KvcommError):  # the turn could not be encoded (values its codec cannot carry)
+            raise errors.carrying(data, completion=reply)
         try:
             if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
                 raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores "

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, KvcommError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import (
     ReceiverInput,
@@ -244,9 +244,10 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
 
 def generate_returning(agent: LoadedModel, received: Received, ids: list[int], budget: int, config: ServeConfig,
                        metrics: ServiceMetrics, job: Job, blending: BlendRequest | None,
-                       keep: KVReturn) -> tuple[list[int], str, bytes]:
+                       keep: KVReturn) -> tuple[list[int], str, bytes | KvcommError]:
     """:func:`generate`, keeping the turn's KV: also returns it as an encoded KV message (``keep``
-    says which part, at which layers, with which codec)."""
+    says which part, at which layers, with which codec), or why it could not be encoded (values a
+    codec cannot carry): the reply is returned either way."""
     from kvcomm.wire.bootstrap import model_codebook
 
     model = agent.model
@@ -260,5 +261,10 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     layers = keep.layers if keep.layers is not None else range(agent.num_layers)
     shared = outgoing(model, turn.kv[0], len(out), keep.content, layers)
     codec = encoded_on_demand(keep.codec).bind(lambda: model_codebook(agent))  # the caller waits on it
-    data = KVMessage.from_shared(shared, agent.fingerprint, codec, {"sender": agent.name, "kv_return": keep.content})
-    return out, "length" if len(out) >= budget else "stop", data.to_bytes()
+    finish = "length" if len(out) >= budget else "stop"
+    try:
+        data = KVMessage.from_shared(shared, agent.fingerprint, codec, {"sender": agent.name,
+                                                                        "kv_return": keep.content}).to_bytes()
+    except KvcommError as err:
+        return out, finish, err
+    return out, finish, data
