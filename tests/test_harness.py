@@ -826,6 +826,34 @@ def test_a_run_resumed_on_other_weights_under_the_same_names_is_refused(agents, 
     assert [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
 
 
+def test_a_checkpoint_recorded_under_a_former_label_resumes_without_redoing_its_work(agents, tmp_path, monkeypatch):
+    """Labels name options given other values than their defaults since this version (random's
+    seed); a checkpoint whose batches were recorded under the former label is found, not redone."""
+    import json as json_module
+
+    from kvcomm.eval import harness
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=5)
+    methods = lambda: [make_method("random", ratio=0.5, seed=5)]  # noqa: E731
+    config = EvalConfig(limit=4, batch_size=2, calib_size=0)
+    name = agents.sender.name
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), name, name, "float32", None)
+    first = evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    assert methods()[0].former_labels == ("random@0.5",)
+    for batch in (tmp_path / "c").glob("batch-*.json"):  # as the version before wrote it
+        record = json_module.loads(batch.read_text())
+        record["runs"] = {"random@0.5": record["runs"]["random@0.5~seed5"]}
+        batch.write_text(json_module.dumps(record))
+    calls = []
+    real = harness._run_one
+    monkeypatch.setattr(harness, "_run_one", lambda method, batch: calls.append(method.label) or real(method, batch))
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    assert calls == [] and [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
+
+
 def test_an_objective_is_refused_only_where_no_calibrated_rule_uses_it():
     """The command line refuses an objective nothing calibrates with (the paper's rule, a given
     profile read as it was made); a profile's own rule counts where the run reads passages (methods

@@ -175,9 +175,13 @@ class Checkpoint:
                                 "keeps the items' order; start again with --overwrite")
             position += len(record.ids)
 
-    def done(self, index: int, label: str) -> BatchRun | None:
-        """The recorded work of configuration ``label`` on batch ``index``, if any."""
-        return self.batches[index].runs.get(label) if index < len(self.batches) else None
+    def done(self, index: int, label: str, former: Sequence[str] = ()) -> BatchRun | None:
+        """The recorded work of configuration ``label`` on batch ``index``, if any, or of the labels
+        it had before (``former``: a checkpoint written by an earlier kvcomm)."""
+        if index >= len(self.batches):
+            return None
+        runs = self.batches[index].runs
+        return next((runs[name] for name in (label, *former) if name in runs), None)
 
     def save(self, index: int, ids: list[str], label: str, run: BatchRun) -> None:
         """Records ``label``'s work on batch ``index`` (batches are recorded in order)."""

@@ -498,14 +498,15 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     if cluster is not None:
         work = []
         for index, chunk in enumerate(chunks):
-            labels = [m.label for m in methods if checkpoint is None or checkpoint.done(index, m.label) is None]
+            labels = [m.label for m in methods
+                      if checkpoint is None or checkpoint.done(index, m.label, m.former_labels) is None]
             if labels:
                 work.append((index, chunk, labels))
         remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
         recorded = {m.label: run for m in methods
-                    if checkpoint is not None and (run := checkpoint.done(index, m.label)) is not None}
+                    if checkpoint is not None and (run := checkpoint.done(index, m.label, m.former_labels)) is not None}
         ids = [item.id for item in chunk]
 
         def record(label: str, run: BatchRun) -> None:  # as each finishes: an interruption keeps it

@@ -110,6 +110,13 @@ class Method(ABC):
         return self.name + (f"[{', '.join(shown)}]" if shown else "")
 
     @property
+    def former_labels(self) -> tuple[str, ...]:
+        """Labels this configuration had in earlier kvcomm versions, under which a checkpoint of
+        theirs recorded its work (resumed, it is found): the method's bare name, before labels
+        named the options given other values than their defaults."""
+        return (self.name,) if type(self).label is Method.label and self.label != self.name else ()
+
+    @property
     def layers(self) -> list[int] | None:
         """Layers whose KV the receiver is given in full (None for methods without KV)."""
         return None

@@ -199,8 +199,15 @@ class RandomLayers(KVCommMethod):
 
     @property
     def label(self) -> str:
-        seed = self.options.seed
-        return super().label + ("" if seed == RandomOptions.model_fields["seed"].default else f"~seed{seed}")
+        return super().label + ("" if self._default_seed else f"~seed{self.options.seed}")
+
+    @property
+    def former_labels(self) -> tuple[str, ...]:
+        return () if self._default_seed else (super().label,)  # before labels named the seed
+
+    @property
+    def _default_seed(self) -> bool:
+        return self.options.seed == RandomOptions.model_fields["seed"].default
 
     def choose(self, setup: Setup) -> list[int]:
         assert self.ratio is not None
