@@ -120,3 +120,18 @@ def test_a_figure_is_saved_atomically(tmp_path):
         save_figure(Failing(), path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.png"]
     plt.close(fig)
+
+
+def test_configurations_that_differ_in_more_than_their_fraction_are_their_own_lines():
+    """A sweep's line joins one configuration's fractions: random layers of two seeds, one sender
+    and two, are separate lines (before, every random run was one line, zig-zagging)."""
+    from types import SimpleNamespace
+
+    from kvcomm.eval.plot import series_name
+
+    def named(label: str) -> str:
+        return series_name(SimpleNamespace(label=label, fraction=0.5))  # type: ignore[arg-type]
+
+    assert named("random@0.25~seed1") == named("random@0.5~seed1") != named("random@0.5~seed2")
+    assert named("kvcomm@0.3") == named("kvcomm@1") == "kvcomm" != named("kvcomm@0.5x2") == "kvcomm x2"
+    assert named("kvcomm@0.5x2+int8") == "kvcomm x2+int8" and named("kvcomm@0.5[legacy]") == "kvcomm [legacy]"

@@ -11,6 +11,7 @@ with short labels (``20 kB``) that do not collide.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,14 @@ class Style:
 
 
 def series_name(run: RunResult) -> str:
-    """Runs that share KV form one line per method, codec and mask mode; any other run is its own series."""
+    """Runs that share KV form one line per configuration but its fraction: their label without
+    what follows ``@`` up to the next part (``kvcomm@0.5x2+int8`` → ``kvcomm x2+int8``, random
+    layers of two seeds two lines); any other run is its own series."""
     if run.fraction is None:
         return run.label
-    return run.method + (f" +{run.codec}" if run.codec else "") + (
-        f" [{run.mode}]" if run.mode not in (None, "causal") else "")
+    head, _, rest = run.label.partition("@")
+    rest = re.sub(r"^[^x+\[~/]*", "", rest)
+    return head + (f" {rest}" if rest else "")
 
 
 def series_styles(report: Report) -> dict[str, Style]:

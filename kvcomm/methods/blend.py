@@ -159,10 +159,9 @@ class BlendMethod(_Composing):
         self._bind_codec(setup)
         self._start()
         share = self.options.share
-        # pieces sharing some layers keep the sink alone elsewhere, as chats do, or passages the opening:
-        # ranked in their own layout
-        ranked = setup.ranking(self.options.selection, self.options.pieces) if share < 1 else \
-            list(range(setup.num_layers))
+        # pieces sharing some layers keep the sink alone elsewhere, as chats do (passages keep the opening):
+        # ranked on chats, so a run's --profile (of chats) serves it
+        ranked = setup.ranking(self.options.selection, "chats") if share < 1 else list(range(setup.num_layers))
         self._layers = top_layers(ranked, share)
         full = [layer in self._layers for layer in range(setup.num_layers)]  # before any prefill, not per batch
         if (refusal := unblendable(True, ["causal"], full, self.options.check_layer)) is not None:
