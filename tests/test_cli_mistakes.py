@@ -169,7 +169,7 @@ MISTAKES = [
     ("calibrate -m {model} --method droidspeak --max-recompute 0", "in (0, 1], not 0"),  # before: after loading
     ("eval -m {model} --sigma 0", "--sigma must be above 0"),  # before: named the field
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
-    ("models derive x --from {model} --recipe terse --seed -1", "greater than or equal to 0"),
+    ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),

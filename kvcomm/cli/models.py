@@ -63,7 +63,7 @@ def derive_command(
     recipe: Annotated[str, typer.Option(
         help="What to fine-tune on: " + "; ".join(f"{r}: {RECIPES.get(r).description}" for r in RECIPES) + ".")],
     steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps. (default: the recipe's)")] = None,
-    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1,
+    seed: Annotated[int, typer.Option(min=-2**63, max=2**64 - 1,
                                       help="Seed of the generated data and the adapter's initialisation.")] = 0,
     learning_rate: Annotated[float | None, typer.Option(
         "--lr", min=0, max=1, help="Peak learning rate, above 0. (default: the recipe's)")] = None,

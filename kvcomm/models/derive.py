@@ -57,7 +57,7 @@ class DeriveOptions(Options):
     what = "derivation"
     recipe: str
     steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int = Field(0, ge=0, le=2**63 - 1)  # torch.manual_seed's range
+    seed: int = Field(0, ge=-2**63, le=2**64 - 1)  # torch.manual_seed's range
     learning_rate: float | None = Field(None, gt=0, le=1)
     rank: int = Field(16, ge=1, le=256)
     batch_size: int = Field(4, ge=1, le=512)
