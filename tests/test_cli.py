@@ -330,3 +330,17 @@ def test_quiet_hides_the_warnings_transformers_raises_and_only_inside():
         assert caught == []
         warn()
         assert len(caught) == 1
+
+
+def test_encode_refuses_a_ranking_of_other_weights(tiny_dir, tmp_path):
+    """encode --ratio --profile: a profile that records other weights is refused, as eval refuses it."""
+    from kvcomm.selection import Profile
+
+    profile = tmp_path / "p.json"
+    Profile(sender="t", receiver="t", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+            calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[2, 0, 3, 1],
+            weights=["0" * 32, "0" * 32]).save(profile)
+    refused = runner.invoke(app, ["encode", str(tmp_path / "m.kvcm"), "--model", str(tiny_dir), "--context", "x",
+                                  "--ratio", "0.5", "--profile", str(profile)])
+    assert refused.exit_code == 2 and "calibrated on other weights" in refused.output
+    assert not (tmp_path / "m.kvcm").exists()

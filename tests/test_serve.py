@@ -674,6 +674,11 @@ def test_the_service_default_ratio_uses_a_loaded_profile(agent):
         assert odd.status_code == 422 and "[1, 1" not in odd.text  # checked, not echoed
     with pytest.raises(ConfigError, match="one per layout"):
         create_app(agent, MemoryStore(), ServeConfig(), [passages, passages])
+    other = profile.model_copy(update={"weights": ["0" * 32, "0" * 32]})  # as eval refuses it (before, served)
+    with pytest.raises(ConfigError, match="calibrated on other weights"):
+        create_app(agent, MemoryStore(), ServeConfig(), other)
+    mine = profile.model_copy(update={"weights": [agent.weights_digest] * 2})
+    create_app(agent, MemoryStore(), ServeConfig(), mine)
 
 
 def test_models_errors_and_unsupported_parameters_behave_as_against_vllm(live):

@@ -28,6 +28,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
 from kvcomm.selection import format_layers, top_layers
 from kvcomm.selection.blocks import read_ranking
+from kvcomm.selection.calibrate import check_weights
 from kvcomm.tasks import load_task
 from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
@@ -73,6 +74,7 @@ def encode_command(
     chosen_codec = make_codec(codec, **{k: v for k, v in told.items() if v is not None})
     depth = resolve_model(model).num_layers
     chosen: list[int] | None = None
+    ranked = None
     if ratio is not None:
         if profile is None:
             raise ConfigError("--ratio needs --profile (layers ranked by `kvcomm calibrate`)")
@@ -86,6 +88,8 @@ def encode_command(
     check_output(out, "message", overwrite)
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
+    if ranked is not None:  # a ranking for other weights under this name is refused, as eval refuses it
+        check_weights(ranked, (sender.weights_digest, sender.weights_digest), f"{model} → {model}")
     size = encode_context(sender, text, chosen, chosen_codec, mode or "causal").save(out)
     choice = MessageReader(io.BytesIO(out.read_bytes())).header.meta.get("codec_choice")
     how = f" ({choice['chosen']}: {choice['reason']})" if choice else ""

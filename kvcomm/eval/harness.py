@@ -43,6 +43,7 @@ from kvcomm.selection.calibrate import (
     calibrate,
     calibration_items,
     check_objective,
+    check_weights,
     default_objective,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
@@ -242,11 +243,7 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
     if profile.weights is not None and weights is not None:
-        if tuple(profile.weights) != tuple(weights):
-            names = f"{pair[0]} → {pair[1]}" if pair is not None else "pair"
-            raise ConfigError(f"the profile was calibrated on other weights than this run's {names} (a model derived "
-                              "again, or another checkpoint under that name): calibrate again for these weights, or "
-                              "leave out --profile")
+        check_weights(profile, weights, f"{pair[0]} → {pair[1]}" if pair is not None else "pair")
     elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != pair:
         if isinstance(profile, BlockProfile):
             raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "

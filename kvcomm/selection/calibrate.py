@@ -155,6 +155,20 @@ class Profile(JsonFile):
         return "passages" if self.details.get("pieces") == "passages" else "chats"
 
 
+def check_weights(profile: Profile | Any, weights: Sequence[str], names: str = "pair") -> None:
+    """Refuses a profile (or block profile) that records other weights than ``weights`` (the
+    sender's and the receiver's digests): a model derived again under its name, or another
+    checkpoint there. A profile written before weights were recorded is not refused here.
+
+    Raises:
+        ConfigError: naming ``names`` (e.g. ``sender → receiver``).
+    """
+    if profile.weights is not None and tuple(profile.weights) != tuple(weights):
+        raise ConfigError(f"the profile was calibrated on other weights than this run's {names} (a model derived "
+                          "again, or another checkpoint under that name): calibrate again for these weights, or "
+                          "leave out --profile")
+
+
 def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,

@@ -22,7 +22,7 @@ from kvcomm.errors import ConfigError, MessageTooLarge
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
-from kvcomm.selection.calibrate import calibration_items
+from kvcomm.selection.calibrate import calibration_items, check_weights
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_given_id
@@ -94,6 +94,7 @@ class ContextMaker:
             if profile.num_layers != agent.num_layers:
                 raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agent.num_layers}")
             check_ranking(profile.ranking, agent.num_layers)
+            check_weights(profile, (agent.weights_digest, agent.weights_digest), f"{agent.name} → {agent.name}")
         self._calibrating = threading.Lock()
 
     def tokens(self, body: ContextRequest) -> list[int]:
