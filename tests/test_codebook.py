@@ -100,6 +100,24 @@ def test_a_variant_gets_its_own_default_codebook_not_its_base_s(monkeypatch, tmp
     first, second = model_codebook(base), model_codebook(variant)
     assert first.id != second.id
     assert model_codebook(base).id == first.id and model_codebook(variant).id == second.id  # each kept as its default
+    assert first.meta["weights"] == base.weights_digest
+
+
+def test_a_default_codebook_saved_before_weights_told_models_apart_is_still_found(monkeypatch, tmp_path):
+    """A default saved by an earlier kvcomm (keyed by the fingerprint alone, recording no weights)
+    is the model's default still (before this fallback, it was ignored and another one built)."""
+    from kvcomm.wire.codebook import save_codebook
+
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path))
+    model = tiny_loaded("llama")
+    built = model_codebook(model)  # today's: recorded under the weights
+    older = Codebook(built.keys, built.values, [m + 1 for m in built.key_means], built.value_means,
+                     {"fingerprint": model.fingerprint})  # another book, saved as an earlier version did
+    for path in (tmp_path / "defaults").iterdir():
+        path.unlink()
+    save_codebook(older, default=True)
+    assert model_codebook(model).id == older.id != built.id
+    assert model_codebook(tiny_loaded("llama", seed=3)).id == older.id  # an older default serves whoever asks first
 
 
 def test_klt_messages_name_their_codebook_and_decode_only_where_it_is(monkeypatch, tmp_path):

@@ -24,15 +24,22 @@ def codebook_from_items(sender: LoadedModel, task: Task, items: Sequence[Item], 
             yield prefill(sender.model, *pad_left(ids, sender.pad_id))
 
     book = build_codebook(batches(), sender.fingerprint)
+    book.meta["weights"] = sender.weights_digest  # whose KV it was measured on
     save_codebook(book, default=default, weights=sender.weights_digest)
     return book
 
 
 def model_codebook(sender: LoadedModel) -> Codebook:
     """The model's default codebook (the model told by its fingerprint and its weights: a variant
-    does not take its base's): the one last saved as its default, or else one built now from
-    generated facts contexts and saved as its default."""
+    does not take its base's): the one last saved as its default; or a default saved before
+    defaults were told by weights (it records none), kept as this model's from now on; or else one
+    built now from generated facts contexts and saved as its default."""
     if (book_id := default_codebook_id(sender.fingerprint, sender.weights_digest)) is not None:
         return load_codebook(book_id)
+    if (book_id := default_codebook_id(sender.fingerprint)) is not None:  # this shape's last default
+        book = load_codebook(book_id)
+        if book.meta.get("weights") is None:  # saved before defaults were told by weights: kept as this model's
+            save_codebook(book, default=True, weights=sender.weights_digest)
+            return book
     task = load_task("facts", items=BOOTSTRAP_CONTEXTS, facts_per_item=20)
     return codebook_from_items(sender, task, task.items, default=True)

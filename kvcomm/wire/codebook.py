@@ -151,6 +151,8 @@ def save_codebook(book: Codebook, default: bool = False, weights: str | None = N
     _LOADED[book.id] = book
     if default:
         atomic_write(_default_file(book.meta["fingerprint"], weights), book.id + "\n")
+        if weights is not None:  # the fingerprint's last default too (``default_codebook_id`` without weights)
+            atomic_write(_default_file(book.meta["fingerprint"]), book.id + "\n")
     return path
 
 
