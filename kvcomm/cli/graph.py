@@ -104,8 +104,9 @@ def graph_command(
     reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: the question every agent is "
                                        "asked is prefilled once per item and reused by each agent with re-rotated "
                                        "positions (KVCOMM's shared input). Anchor: also corrected by KVCOMM's "
-                                       "anchors (items computed in every agent's context), the chat's closing "
-                                       "reused too.")] = "off",
+                                       "anchors (where an agent fails the shareability test, it computes the "
+                                       "question in its context and the item becomes an anchor), the chat's "
+                                       "closing reused too.")] = "off",
     anchor_threshold: Annotated[float, typer.Option(min=0, help="With --reuse anchor: the shareability test's "
                                                     "entropy bound γ (KVCOMM's --kv-threshold); higher reuses "
                                                     "more.")] = AnchorOptions.model_fields["threshold"].default,
