@@ -434,13 +434,13 @@ def check_layers(spec: str, depth: int | None) -> list[int]:
     return parse_layers(spec, depth)
 
 
-def check_output(path: Path, what: str = "results", overwrite: bool = True) -> Path:
+def check_output(path: Path, what: str = "results", overwrite: bool = True, given_as: str = "--out") -> Path:
     """Refuses an output path that is a folder (a finished run would have nowhere to go), and an
-    existing file unless ``overwrite``."""
+    existing file unless ``overwrite``; ``given_as`` names the option or argument that gave it."""
     if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; give a file name for the {what}")
+        raise ConfigError(f"{given_as} {path} is a folder; give a file name for the {what}")
     if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another --out")
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another {given_as}")
     return path
 
 

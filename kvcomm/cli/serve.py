@@ -213,7 +213,7 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
     """Download a stored message to a file."""
     from kvcomm.files import atomic_write
 
-    check_output(out, "message", overwrite)
+    check_output(out, "message", overwrite, "OUT")
     with _client(url, token) as client:
         atomic_write(out, client.get_message(message_id))
     console.print(f"wrote {out}", markup=False, soft_wrap=True)

@@ -85,7 +85,7 @@ def encode_command(
         chosen = top_layers(ranked.ranking, ratio)
     elif layers:
         chosen = check_layers(layers, depth)
-    check_output(out, "message", overwrite)
+    check_output(out, "message", overwrite, "OUT")
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
     if ranked is not None:  # a ranking for other weights under this name is refused, as eval refuses it
