@@ -75,13 +75,7 @@ class DroidSpeak(Method):
 
     def check_depth(self, num_layers: int) -> None:
         if self.options.block is not None:
-            start, stop = self.options.block
-            if stop > num_layers:
-                raise ConfigError(f"--block {start}:{stop}: the model has {num_layers} layers (a block a:b needs "
-                                  f"b <= {num_layers})")
-            if stop - start >= num_layers:
-                raise ConfigError(f"block {start}:{stop} is every layer and sends no KV; recompute fewer layers (the "
-                                  "receiver reading the text is the skyline)")
+            _check_fits(*self.options.block, num_layers)
 
     def setup(self, setup: Setup) -> None:
         self._num_layers = setup.num_layers
@@ -91,10 +85,7 @@ class DroidSpeak(Method):
             self._pick = profile.pick(self.options.tolerance, max_block(setup.num_layers, self.options.max_recompute))
             self._block = (self._pick.start, self._pick.stop)
         assert self._block is not None
-        check_block(*self._block, setup.num_layers)
-        if self._block[1] - self._block[0] >= setup.num_layers:
-            raise ConfigError(f"block {self._block[0]}:{self._block[1]} is every layer and sends no KV; recompute "
-                              "fewer layers (the receiver reading the text is the skyline)")
+        _check_fits(*self._block, setup.num_layers)
 
     def details(self) -> dict[str, Any]:
         assert self._block is not None
@@ -115,3 +106,15 @@ class DroidSpeak(Method):
                                   batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id)
         return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
                       sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=sizes)
+
+
+def _check_fits(start: int, stop: int, num_layers: int) -> None:
+    """Refuses a block ``[start, stop)`` past a model of ``num_layers`` layers, or covering every
+    layer (it would send no KV): the given block before the model loads, and the profiled one."""
+    if stop > num_layers:
+        raise ConfigError(f"block {start}:{stop}: the model has {num_layers} layers (a block a:b needs "
+                          f"b <= {num_layers})")
+    check_block(start, stop, num_layers)
+    if stop - start >= num_layers:
+        raise ConfigError(f"block {start}:{stop} is every layer and sends no KV; recompute fewer layers (the "
+                          "receiver reading the text is the skyline)")
