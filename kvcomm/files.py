@@ -18,7 +18,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -132,11 +134,13 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
             refused); the staging folder is removed all the same.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX))
+    sweep_staging(target.parent, target.name)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target), suffix=TEMPORARY_SUFFIX))
     try:
         yield staging
         if replace and target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old.", suffix=TEMPORARY_SUFFIX))
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "old."),
+                                        suffix=TEMPORARY_SUFFIX))
             target.rename(old / target.name)
             try:
                 staging.rename(target)
@@ -149,6 +153,53 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def sweep_staging(folder: Path, name: str | None = None) -> list[Path]:
+    """Removes the staging folders in ``folder`` (of the target ``name``, or of any) that a process
+    on this machine left when it was killed (its id no longer runs): :func:`staged_folder` names
+    each after its target, its process and its machine. Where one was killed while replacing its
+    target (the old folder moved aside, the new one not yet in place), the old folder is put back
+    first. Folders of running processes, of other machines, or named otherwise are left alone.
+    Returns the folders removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in folder.iterdir():
+            found = _STAGING.fullmatch(entry.name)
+            if (not found or (name is not None and found["name"] != name) or found["host"] != _host()
+                    or _running(int(found["pid"])) or not entry.is_dir()):
+                continue
+            target = folder / found["name"]
+            kept = entry / found["name"]
+            if found["old"] and kept.is_dir() and not target.exists():
+                kept.rename(target)  # killed between moving the old one aside and putting the new one in
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+_STAGING = re.compile(rf"\.(?P<name>.+?)\.(?P<old>old\.)?pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.[a-z0-9_]+"
+                      rf"{re.escape(TEMPORARY_SUFFIX)}")
+
+
+def _staging_prefix(target: Path, kind: str = "") -> str:
+    """A staging folder's name opens with its target's, then its process's id and machine."""
+    return f".{target.name}.{kind}pid{os.getpid()}@{_host()}."
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one we may not signal runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:

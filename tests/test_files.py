@@ -152,3 +152,55 @@ def test_run_folders_claimed_in_the_same_second_are_distinct(tmp_path, monkeypat
         thread.join()
     assert len(set(got)) == 8 and all(folder.is_dir() for folder in got)
     assert outputs.new_run_folder("m", tmp_path).name == "20260101-000000-m-9"  # the next free name
+
+
+def _killed_staging(tmp_path, script: str) -> None:
+    """Runs ``script`` in a process that enters ``staged_folder`` and is killed inside it (SIGKILL:
+    no ``finally`` runs)."""
+    import subprocess
+    import sys
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom kvcomm.files import staged_folder\n"
+            f"target = Path({str(tmp_path / 'model')!r})\n" + script)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+
+
+def test_a_killed_processs_staging_folder_is_swept_and_a_live_ones_kept(tmp_path):
+    from kvcomm.files import staged_folder
+    _killed_staging(tmp_path, "with staged_folder(target) as s:\n    (s / 'weights').write_bytes(b'x' * 1000)\n"
+                              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    left = [p for p in tmp_path.iterdir() if is_temporary(p)]
+    assert len(left) == 1 and left[0].name.startswith(".model.pid")  # what a killed derive leaves
+    with staged_folder(tmp_path / "model") as staging:
+        assert left[0].exists() is False  # swept when the same target is staged again
+        (staging / "weights").write_bytes(b"y")
+        with staged_folder(tmp_path / "other") as mine:  # another target's live staging is not touched
+            assert staging.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other"]
+
+
+def test_a_process_killed_while_replacing_gets_the_old_folder_back(tmp_path):
+    from kvcomm.files import sweep_staging
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights").write_bytes(b"old")
+    # killed after moving the old folder aside, before the new one is renamed into place
+    _killed_staging(tmp_path, "import shutil\nreal = Path.rename\n"
+                              "def rename(self, to):\n    real(self, to)\n"
+                              "    if '.old.' in str(to): os.kill(os.getpid(), signal.SIGKILL)\n"
+                              "Path.rename = rename\n"
+                              "with staged_folder(target, replace=True) as s:\n"
+                              "    (s / 'weights').write_bytes(b'new')\n")
+    assert not (tmp_path / "model").exists()  # neither in place: the old one is inside a hidden folder
+    removed = sweep_staging(tmp_path)
+    assert len(removed) == 2  # the new staging and the old one's holder
+    assert (tmp_path / "model" / "weights").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_staging_folders_of_other_machines_or_names_are_left_alone(tmp_path):
+    from kvcomm.files import sweep_staging
+    foreign = tmp_path / ".model.pid1@elsewhere-host.abc_123.tmp"
+    odd = tmp_path / ".model.pid.tmp"
+    for folder in (foreign, odd):
+        folder.mkdir()
+    assert sweep_staging(tmp_path) == [] and foreign.exists() and odd.exists()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from kvcomm.config import Options
 from kvcomm.errors import ConfigError, ModelError
-from kvcomm.files import atomic_write, staged_folder
+from kvcomm.files import atomic_write, staged_folder, sweep_staging
 from kvcomm.models.derived import CARD_FILE, Card, check_name, derived_path, derived_root
 from kvcomm.models.loading import LoadedModel, forget_loaded, load_pretrained
 from kvcomm.models.recipes import RECIPES, Example, data_sha256, make_examples
@@ -78,6 +78,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
     check_name(name)
     if name in EMBEDDED:
         raise ConfigError(f"{name!r} is an embedded model's name; choose another name for the variant")
+    sweep_staging(derived_root())  # what derives killed earlier left (a replaced model put back first)
     target = derived_root() / name
     if not overwrite and derived_path(name) is not None:
         raise ConfigError(f"derived model {name!r} exists; pass --overwrite to replace it")
