@@ -871,3 +871,24 @@ def test_an_objective_is_refused_only_where_no_calibrated_rule_uses_it():
     with pytest.raises(ConfigError, match="ranks layers by attention"):
         check_calibration(EvalConfig(selection="paper", objective="likelihood"), [], 60)
     check_calibration(EvalConfig(selection="paper", objective="likelihood"), ["prune"], 60)  # kvcomm~prune uses it
+
+
+def test_a_codecs_one_off_costs_are_paid_before_the_clock_not_by_the_first_batch(agents, monkeypatch):
+    import time
+
+    from kvcomm.wire import make_codec
+
+    codec_class, first = type(make_codec("int8")), []
+    real = codec_class.encode
+
+    def encode(self, *args, **kwargs):
+        if not first:
+            first.append(True)
+            time.sleep(1.0)  # a one-off cost: a kernel compiled, a table built
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(codec_class, "encode", encode)
+    task = load_task("facts", items=4)
+    report = evaluate(agents, task, [make_method("kvcomm", ratio=1.0, codec="int8")],
+                      EvalConfig(limit=2, batch_size=1, calib_size=1), progress=False)
+    assert first and report.runs[0].sender_seconds < 0.5  # the sleep was before the clock

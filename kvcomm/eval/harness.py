@@ -323,6 +323,8 @@ def evaluate(
         method.check_depth(agents.num_layers)
     for method in methods:
         method.setup(setup)
+    for method in methods if cluster is None else ():  # a cluster's workers compute (and warm up) apart
+        method.warm_up(agents.sender, agents.receiver)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two configurations share a label: {labels}")

@@ -38,6 +38,7 @@ from kvcomm.errors import ConfigError, DataError, ProtocolError
 from kvcomm.eval.results import Score, summarize
 from kvcomm.graphs.anchors import Anchor, AnchorOptions, AnchorPool, Segment
 from kvcomm.graphs.topology import DECISION, Step, Turn, unroll
+from kvcomm.methods.base import WARM_TEXT
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import (
     MaskMode,
@@ -381,9 +382,9 @@ class Graph:
         rows: list[GraphItem] = []
         tally = [_StepTally() for _ in self.steps]
         if self._codec is not None and cluster is None:  # one-off costs (compiled kernels, tables) are no item's
-            ids = self.model.encode_message(" ".join(["Mira lives in Oslo."] * 8))
+            ids = self.model.encode_message(WARM_TEXT)
             warm = prefill(self.model.model, *pad_left([ids], self.model.pad_id))
-            self._send([warm], [len(ids) - 1])  # entropy coders take their compiled path on longer messages only
+            self._send([warm], [len(ids) - 1])
         began = clock()
         bar = tqdm(total=len(items) * len(self.steps), desc=self.label, unit="turn", disable=not progress)
         batches = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]

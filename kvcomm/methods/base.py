@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvcomm.config import Options
 from kvcomm.errors import ConfigError
-from kvcomm.protocol import SharedKV
+from kvcomm.protocol import SharedKV, prefill
+from kvcomm.protocol.sender import pad_left
 from kvcomm.registry import Registry
 from kvcomm.wire import Codebook, Codec, KVMessage, make_codec
 
 if TYPE_CHECKING:
     from kvcomm.eval.batch import Batch
+    from kvcomm.models.loading import LoadedModel
     from kvcomm.selection.blocks import BlockProfile
 
 
@@ -134,6 +136,13 @@ class Method(ABC):
     def setup(self, setup: Setup) -> None:
         """Resolves anything that depends on the model (e.g. which layers to share)."""
 
+    def warm_up(self, sender: LoadedModel, receiver: LoadedModel) -> None:
+        """Sends one message through its codec (if any), untimed: a codec's one-off costs (compiled
+        kernels, tables, a codebook made on first use) are no batch's. Called by the harness once
+        set up, before its clock starts."""
+        if self._codec is not None:
+            warm_codec(self._codec, sender, receiver)
+
     def _bind_codec(self, setup: Setup) -> None:
         """Hands the codec (if any) the sender's codebook: the codecs that rotate with one need it."""
         if self._codec is not None:
@@ -171,6 +180,16 @@ class Method(ABC):
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+WARM_TEXT = " ".join(["Mira lives in Oslo."] * 8)  # long enough for entropy coders' compiled path
+
+
+def warm_codec(codec: Codec, sender: LoadedModel, receiver: LoadedModel) -> None:
+    """``WARM_TEXT``'s KV from ``sender`` through ``codec`` to ``receiver``, every layer, untimed."""
+    ids = sender.encode_message(WARM_TEXT)
+    kv = prefill(sender.model, *pad_left([ids], sender.pad_id))
+    KVMessage.round_trip(SharedKV.whole(kv), sender.fingerprint, receiver.fingerprint, codec, receiver.dtype)
 
 
 def through_wire(shared: SharedKV, batch: Batch, codec: Codec) -> tuple[SharedKV, list[int]]:
