@@ -4,7 +4,6 @@ one task or several; where their files go and how a run resumes: :mod:`kvcomm.cl
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +24,7 @@ from kvcomm.cli.common import (
 from kvcomm.cli.runner import run_tasks
 from kvcomm.errors import ConfigError
 from kvcomm.methods import METHODS, base_name, build_methods
-from kvcomm.methods.base import Method
+from kvcomm.methods.base import check_depths
 from kvcomm.methods.kvcomm import DEFAULT_RATIO, DEFAULT_RATIOS
 from kvcomm.protocol import MASK_MODES
 
@@ -55,7 +54,7 @@ def eval_command(
     build = lambda: build_methods(
         [method], [ratio] if ratio is not None else None, [codec] if codec else None,
         layers=tuple(explicit) if explicit else None, **run.method_options())
-    check_depth(build(), depth)
+    check_depths(build(), depth)
     run_tasks(run, build, check_output(out) if out is not None else None, ray=ray_cluster(ray, workers, worker_threads))
 
 
@@ -99,13 +98,5 @@ def sweep_command(
                               f"Valid: {', '.join(MASK_MODES)}")
     build = lambda: build_methods(tokens, fractions, wire, masks, layer_ratios_only=defaulted,
                                   **run.method_options())
-    check_depth(build(), depth)
+    check_depths(build(), depth)
     run_tasks(run, build, plots=True, ray=ray_cluster(ray, workers, worker_threads))
-
-
-def check_depth(methods: Sequence[Method], depth: int | None) -> None:
-    """Each method's options against the model's depth, where its name tells it: before any model loads."""
-    if depth is None:
-        return
-    for method in methods:
-        method.check_depth(depth)

@@ -29,7 +29,7 @@ from kvcomm.eval.cluster import Cluster, check_apart
 from kvcomm.eval.memory import GIB, plan_batches, rss_bytes
 from kvcomm.eval.provenance import code_version, data_record, method_seeds, profiles_identity, run_identity, utc_now
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
-from kvcomm.methods.base import Calibration, Method, Output, Setup
+from kvcomm.methods.base import Calibration, Method, Output, Setup, check_depths
 from kvcomm.models.allocator import release_freed_memory
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
@@ -319,8 +319,7 @@ def evaluate(
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
                   config.calibration, sources.blocks)
-    for method in methods:  # all of them, before any calibration a setup starts
-        method.check_depth(agents.num_layers)
+    check_depths(methods, agents.num_layers)  # all of them, before any calibration a setup starts
     for method in methods:
         method.setup(setup)
     for method in methods if cluster is None else ():  # a cluster's workers compute (and warm up) apart

@@ -543,10 +543,14 @@ class Graph:
                 base = None if anchors is None else Segment.of(row, len(key[1]), tuple(tail))
                 shared[key] = _Question(row, base, None if base is None else Anchor(base))
         context_rows, ids, dense = [], [], []
+
+        def in_context(r: int) -> None:  # the question computed in the agent's own context
+            context_rows.append(splice(model.model, pieces[r]))
+            ids.append(questions[r] + closings[r])
+
         for r in rows:
             if r in alone:
-                context_rows.append(splice(model.model, pieces[r]))
-                ids.append(questions[r] + closings[r])
+                in_context(r)
                 continue
             question = shared[keys[r]]
             if question.base is None:  # plain reuse
@@ -559,8 +563,7 @@ class Graph:
             reused = self._pool.shareable(question.base, index)
             self._anchored[0 if reused else 1] += 1
             if not reused:  # computed here, in the agent's context: the anchor's offsets for this step
-                context_rows.append(splice(model.model, pieces[r]))
-                ids.append(questions[r] + closings[r])
+                in_context(r)
                 dense.append((r, question.anchor))
                 continue
             corrected = self._pool.correct(index, question.base)

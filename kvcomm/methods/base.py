@@ -182,6 +182,14 @@ class Method(ABC):
 METHODS: Registry[type[Method]] = Registry("method")
 
 
+def check_depths(methods: Sequence[Method], depth: int | None) -> None:
+    """Each method's options against the model's depth (:meth:`Method.check_depth`); None: not known
+    yet (checked once the model loads)."""
+    if depth is not None:
+        for method in methods:
+            method.check_depth(depth)
+
+
 WARM_TEXT = " ".join(["Mira lives in Oslo."] * 8)  # long enough for entropy coders' compiled path
 
 
