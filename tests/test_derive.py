@@ -210,3 +210,27 @@ def test_remove_refuses_a_linked_model_and_keeps_what_the_link_points_to(cache, 
     result = runner.invoke(app, ["models", "remove", "linked"])
     assert result.exit_code == 2 and "cannot remove derived model 'linked'" in result.stderr, result.output
     assert sorted(p.name for p in elsewhere.iterdir()) == ["config.json", "kvcomm-card.json"]
+
+
+def test_the_next_free_name_of_a_64_character_name_is_a_valid_derived_name(cache):
+    from kvcomm.models.derived import check_name
+
+    name = "m" * 64
+    (derived_root() / name).mkdir(parents=True)
+    (derived_root() / name / "notes.txt").write_text("my own files")
+    with pytest.raises(ConfigError, match=f"saved as '{'m' * 62}-2' instead"):
+        derive_module._save(name, _Saves("config.json"), _Saves("tokenizer.json"), _card(name), False)
+    check_name("m" * 62 + "-2")
+    assert load_card("m" * 62 + "-2").name == "m" * 62 + "-2"
+
+
+def test_forgetting_a_derived_model_drops_it_loaded_by_name_and_by_path(cache, monkeypatch):
+    from kvcomm.models import loading
+
+    folder = derived_root() / "mine"
+    folder.mkdir(parents=True)
+    kept = {("mine", "float32", "dense"): 1, (str(folder / ".." / "mine"), "float32", "dense"): 2,
+            ("other", "float32", "dense"): 3}
+    monkeypatch.setattr(loading, "_LOADED", dict(kept))
+    loading.forget_loaded("mine", folder)
+    assert list(loading._LOADED) == [("other", "float32", "dense")]

@@ -133,7 +133,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
     )
     _save(name, merged, tokenizer, card, overwrite)
-    forget_loaded(name)  # a model loaded under this name before is not this one
+    forget_loaded(name, target)  # a model loaded under this name (or its path) before is not this one
     return card
 
 
@@ -212,6 +212,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _numbered(name: str, n: int) -> str:
+    """``name-n``, ``name`` shortened where that would pass a derived name's 64 characters."""
+    suffix = f"-{n}"
+    return name[:64 - len(suffix)] + suffix
+
+
 def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card, overwrite: bool) -> None:
     """Writes the model, tokenizer and card as ``<cache>/derived/<name>`` atomically
     (:func:`~kvcomm.files.staged_folder`); ``overwrite`` replaces what is there.
@@ -233,7 +239,7 @@ def _save(name: str, model: torch.nn.Module, tokenizer: object, card: Card, over
     except OSError as err:
         if overwrite or not (derived_root() / name).exists():
             raise ModelError(f"could not save the derived model {name!r} in {derived_root()}: {err}") from None
-        kept = next(f"{name}-{n}" for n in range(2, 10_000) if not (derived_root() / f"{name}-{n}").exists())
+        kept = next(at for n in range(2, 10_000) if not (derived_root() / (at := _numbered(name, n))).exists())
         write(kept, card.model_copy(update={"name": kept}))
         raise ConfigError(f"{derived_root() / name} appeared while {name!r} was being derived and is kept; the "
                           f"variant is saved as {kept!r} instead (remove one, or derive with --overwrite)") from None

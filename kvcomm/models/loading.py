@@ -7,6 +7,7 @@ process: a sender and receiver naming the same checkpoint share one copy in memo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -199,10 +200,18 @@ class LoadedModel:
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}
 
 
-def forget_loaded(name_or_path: str) -> None:
-    """Drops the copies :func:`load_model` keeps of ``name_or_path`` (in every dtype and linear):
-    its next load reads the files again (a derived model saved again under its name)."""
-    for key in [key for key in _LOADED if key[0] == name_or_path]:
+def forget_loaded(name_or_path: str, folder: Path | None = None) -> None:
+    """Drops the copies :func:`load_model` keeps of ``name_or_path`` (in every dtype and linear),
+    and of any path that leads to ``folder`` (the same model loaded by its path): its next load
+    reads the files again (a derived model saved again under its name)."""
+    def same(given: str) -> bool:
+        if given == name_or_path:
+            return True
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            return folder is not None and Path(given).expanduser().resolve() == folder.resolve()
+        return False
+
+    for key in [key for key in _LOADED if same(key[0])]:
         del _LOADED[key]
 
 
