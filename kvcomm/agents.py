@@ -97,15 +97,15 @@ def encode_ids(
 
 def encode_passage(
     sender: LoadedModel, text: str, layers: Sequence[int] | None = None, codec: str | Codec = "fp16",
-    mode: MaskMode = "causal",
 ) -> KVMessage:
     """A passage as a KV message that a chat reads at the start of its last user turn, joined with
     other passages in any order (the service's ``kv_messages`` of passages; ``kv_blend`` restores
     their attention to each other). It is prefilled behind the chat's opening, which is dropped,
     and stored from position 0, so it carries no attention sink of its own; its token ids travel
-    with it. Its text is read as one line (:meth:`LoadedModel.passage_parts`)."""
+    with it. Its text is read as one line (:meth:`LoadedModel.passage_parts`), in causal masks
+    (the only ones passages are read in)."""
     opening, own = sender.passage_parts(text)
-    return encode_ids(sender, opening + own, layers, codec, mode, passage=len(own))
+    return encode_ids(sender, opening + own, layers, codec, "causal", passage=len(own))
 
 
 def answer(

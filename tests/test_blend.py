@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcomm.errors import ConfigError
-from kvcomm.protocol import concat_shared, pad_left, prefill, prefill_logits, receiver_input, share
+from kvcomm.protocol import concat_shared, pad_left, prefill, prefill_logits, receiver_input, share, splice
 from kvcomm.protocol.blend import blend
 from kvcomm.protocol.receiver import empty_input
 from tests.conftest import tiny_model
@@ -137,6 +137,31 @@ def test_selected_layers_with_sinks_elsewhere_blend_too():
     moved, _ = blend(model, concat_shared(model, [share(model, prefill(model, i, torch.ones_like(
         i, dtype=torch.bool)), [3]) for i in ids]), recompute=0.4, check_layer=1)
     assert int(moved.valid[1].sum()) == 11  # the check moved to layer 3: layers 0-2 are fresh for every token
+
+
+@pytest.mark.parametrize("joined_by", ["concat", "splice"])
+def test_recomputing_everything_is_a_full_prefill_whatever_each_piece_shares(family, joined_by):
+    """At a layer not every piece shares in full, a token it holds (the sink; in a splice, the pieces
+    full there) that is recomputed keeps only its fresh KV: before, its reused copy stayed beside it
+    (two keys at one position) and ``recompute=1`` was no full prefill."""
+    model = tiny_model(family)
+    ids, _ = pieces(model, lengths=(6, 9, 5), seed=3)
+    sent = [prefill(model, i, torch.ones_like(i, dtype=torch.bool)) for i in ids]
+    if joined_by == "concat":  # every piece at layers 1 and 3, the sink elsewhere
+        joined = concat_shared(model, [share(model, kv, [1, 3]) for kv in sent])
+    else:  # a graph's hearer: its own text full, a heard turn at layers 1 and 3, its own text again
+        joined = splice(model, [share(model, sent[0], range(4)), share(model, sent[1], [1, 3]),
+                                share(model, sent[2], range(4))])
+    question = torch.randint(0, 99, (1, 3))
+    whole = torch.cat([*ids, question], dim=1)
+    reference = prefill_logits(model, empty_input(model, 1), whole, torch.ones_like(whole, dtype=torch.bool))
+    for ratio in (1.0, 0.5):
+        blended, _ = blend(model, joined, recompute=ratio)
+        for layer in range(4):
+            held = blended.positions[layer][blended.valid[layer]].tolist()
+            assert len(held) == len(set(held)), (ratio, layer)  # each position once
+        if ratio == 1.0:
+            assert (question_logits(model, blended, question) - reference[:, -3:]).abs().max().item() <= 1e-4
 
 
 def test_the_flops_fraction_is_the_linear_work():

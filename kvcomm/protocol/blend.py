@@ -14,11 +14,14 @@ Pieces prefilled alone (several senders, stored passages) and joined with consis
 The recompute runs through the model's own layers: the chosen tokens are "own" tokens placed at
 their original positions over a cache whose prefix holds every other context token, so the masks
 (:mod:`~kvcomm.protocol.layout`) do the rest. Exact ends: ``recompute=1`` is a full prefill of the
-joined token ids; ``recompute=0`` is plain concatenation (layer 0's KV does not depend on other
-tokens); a single piece is its own prefill at any ratio.
+joined token ids; ``recompute=0`` at check layer 1 is plain concatenation (layer 0's KV does not
+depend on other tokens; at a later check layer every token keeps its fresh KV below it); a single
+piece is its own prefill at any ratio.
 
 With KVComm layer selection (pieces sharing only some layers, the sink elsewhere) the recomputed
-tokens also keep their fresh KV at the sink-only layers, where the receiver computed it itself.
+tokens also keep their fresh KV at the sink-only layers, where the receiver computed it itself; a
+token such a layer holds (the sink, a piece shared there in full) that is recomputed keeps only its
+fresh KV there, so ``recompute=1`` is a full prefill whatever each piece shares.
 """
 
 from __future__ import annotations
@@ -207,13 +210,20 @@ def _cache_without(joined: SharedKV, fresh_k: list[torch.Tensor], fresh_v: list[
     valid, positions = joined.valid[columns], joined.positions[columns]
     cache, layout = DynamicCache(), AttentionLayout.empty(joined.num_layers, valid.shape[0])
     layout.context_len = joined.context_len
+    # by position (unique in a row): which positions are recomputed, for layers with other columns
+    picked = torch.zeros(valid.shape[0], int(positions.max()) + 2, dtype=torch.bool, device=valid.device)
+    picked.scatter_(1, torch.where(valid & chosen, positions, -1) + 1, True)
+    picked[:, 0] = False  # (column 0 collects what is not picked)
     for layer in range(joined.num_layers):
         if layer < check:
             parts = fresh_k[layer], fresh_v[layer], positions, valid & ~chosen
         elif joined.full[layer]:
             parts = joined.keys[layer], joined.values[layer], positions, valid & ~chosen
-        else:  # the sink stays; recomputed tokens add their own KV
-            parts = joined.keys[layer], joined.values[layer], joined.positions[layer], joined.valid[layer]
+        else:  # what this layer holds (the sink, pieces shared here in full) but the recomputed tokens, which
+            # add their own KV: a token held here and recomputed is not kept twice
+            at = joined.positions[layer]
+            stale = picked.gather(1, (at + 1).clamp(0, picked.shape[1] - 1)) & (at >= 0) & (at <= positions.max())
+            parts = joined.keys[layer], joined.values[layer], at, joined.valid[layer] & ~stale
         cache.update(parts[0], parts[1], layer)
         layout.prefix_pos[layer], layout.prefix_valid[layer] = parts[2], parts[3]
     return cache, layout
