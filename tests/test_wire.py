@@ -679,14 +679,24 @@ def test_auto_sends_small_codes_over_a_slow_link_and_plain_floats_over_a_fast_on
     assert estimate["seconds"] >= max(estimate["transfer_seconds"], estimate["decode_seconds"]) - 1e-5
 
 
+def _wait(auto, measured, weights):
+    """``auto``'s expected wait for a message whose ``measured`` totals (transfer, decode and encode
+    seconds) are spread over frames in proportion to ``weights``."""
+    total, per_second = sum(weights) or 1, auto.bandwidth_mbit * 1e6 / 8
+    travel = [{"bytes": measured["transfer_seconds"] * per_second * w / total,
+               "encode_seconds": measured["encode_seconds"] * w / total,
+               "decode_seconds": measured["decode_seconds"] * w / total} for w in weights]
+    return auto._estimate(travel, measured["error"])
+
+
 @pytest.mark.parametrize("params, wait", [({}, 2.0 + 0.5 / 4), ({"streamed": False}, 2.5),
                                           ({"count_encode": True}, 3.0 + 2.0 + 0.5 / 4),
                                           ({"streamed": False, "count_encode": True}, 5.5)])
 def test_auto_expects_the_wait_of_a_streaming_receiver_of_a_stored_message(params, wait):
     measured = {"bytes": 1, "encode_seconds": 3.0, "decode_seconds": 0.5, "transfer_seconds": 2.0, "error": 0.1}
-    assert make_codec("auto", **params)._estimate(measured, [1] * 4)["seconds"] == pytest.approx(wait)
+    assert _wait(make_codec("auto", **params), measured, [1] * 4)["seconds"] == pytest.approx(wait)
     slow_decoder = {**measured, "decode_seconds": 2.0, "transfer_seconds": 0.5}  # decode outlasts the transfer
-    assert make_codec("auto", **params)._estimate(slow_decoder, [1] * 4)["seconds"] == pytest.approx(wait)
+    assert _wait(make_codec("auto", **params), slow_decoder, [1] * 4)["seconds"] == pytest.approx(wait)
 
 
 @pytest.mark.parametrize("streamed", [True, False])
@@ -694,7 +704,7 @@ def test_auto_with_no_receiver_compute_expects_what_it_did_without_it(streamed):
     measured = {"bytes": 1, "encode_seconds": 3.0, "decode_seconds": 0.5, "transfer_seconds": 2.0, "error": 0.1}
     for decode, transfer in ((0.5, 2.0), (2.0, 0.5), (1.0, 1.0)):
         given = {**measured, "decode_seconds": decode, "transfer_seconds": transfer}
-        plain = make_codec("auto", streamed=streamed, receiver_compute_s=0.0)._estimate(given, [3] * 7)["seconds"]
+        plain = _wait(make_codec("auto", streamed=streamed, receiver_compute_s=0.0), given, [3] * 7)["seconds"]
         assert plain == pytest.approx(max(transfer, decode) + min(transfer, decode) / 7 if streamed
                                       else transfer + decode, abs=1e-5)  # rounded to 5 decimals
 
@@ -704,14 +714,14 @@ def test_auto_counts_the_receivers_computing_against_decoding_not_against_the_li
     streamed over L frames, the wait is max(T + (D + R) / L, D + R + T / L)."""
     measured = {"bytes": 1, "encode_seconds": 0.0, "decode_seconds": 0.1, "transfer_seconds": 0.2, "error": 0.1}
     auto = make_codec("auto", receiver_compute_s=1.0)
-    assert auto._estimate(measured, [1] * 10)["seconds"] == pytest.approx(max(0.2 + 1.1 / 10, 1.1 + 0.2 / 10))
+    assert _wait(auto, measured, [1] * 10)["seconds"] == pytest.approx(max(0.2 + 1.1 / 10, 1.1 + 0.2 / 10))
     whole = make_codec("auto", receiver_compute_s=1.0, streamed=False)
-    assert whole._estimate(measured, [1] * 10)["seconds"] == pytest.approx(1.3)
+    assert _wait(whole, measured, [1] * 10)["seconds"] == pytest.approx(1.3)
     # a link slower than all the computing: the computing hides behind it but for one frame's share
     slow_link = {**measured, "transfer_seconds": 5.0}
-    assert auto._estimate(slow_link, [1] * 10)["seconds"] == pytest.approx(5.0 + 1.1 / 10)
+    assert _wait(auto, slow_link, [1] * 10)["seconds"] == pytest.approx(5.0 + 1.1 / 10)
     # computing that merely adds to the wait (R + the same T and D) would give 1.3: the overlap matters
-    assert auto._estimate(measured, [1] * 10)["seconds"] < 1.2
+    assert _wait(auto, measured, [1] * 10)["seconds"] < 1.2
 
 
 def test_auto_follows_the_frames_of_a_message_that_shares_some_layers():
@@ -722,9 +732,9 @@ def test_auto_follows_the_frames_of_a_message_that_shares_some_layers():
     auto = make_codec("auto", receiver_compute_s=0.8)
     frames = [0, 1, 1, 0]  # weights of the values each frame holds (a sink's share rounds to nothing)
     # layer 0: 0.2 at once; layer 1: in at 0.5, +0.2 decode +0.2 -> 0.9; layer 2: in at 1.0, +0.4 -> 1.4; layer 3: 1.6
-    assert auto._estimate(measured, frames)["seconds"] == pytest.approx(1.6)
+    assert _wait(auto, measured, frames)["seconds"] == pytest.approx(1.6)
     # spread evenly over four frames the same message would be expected later: max(1 + 1.2/4, 1.2 + 1/4)
-    assert auto._estimate(measured, [1] * 4)["seconds"] == pytest.approx(1.45)
+    assert _wait(auto, measured, [1] * 4)["seconds"] == pytest.approx(1.45)
 
 
 def test_auto_rounds_the_declared_compute_and_leaves_it_out_when_none():
@@ -744,8 +754,10 @@ def test_auto_prefers_the_cheaper_decoder_once_the_receiver_computes_longer_than
                   "error": 0.1}
     large_fast = {**small_slow, "bytes": 3_800_000, "decode_seconds": 0.02, "transfer_seconds": 0.307}
 
-    def fake_measure(codec, sample, num_layers, scale, bandwidth_mbit):
-        return dict(small_slow if codec.name == "klt" else large_fast)
+    def fake_measure(codec, layer, num_layers):  # one of the message's 10 frames
+        whole = small_slow if codec.name == "klt" else large_fast
+        return {"bytes": whole["bytes"] / 10, "encode_seconds": 0.0, "decode_seconds": whole["decode_seconds"] / 10,
+                "error": 0.1}
 
     layers = [LayerKV(i, True, kv_like(2, 30, 16, 2 * i), kv_like(2, 30, 16, 2 * i + 1)) for i in range(10)]
     book = random_codebook(2, 16, layers=10, seed=5)
@@ -948,3 +960,24 @@ def test_a_carried_codebook_that_is_not_the_named_one_is_refused(tmp_path, monke
     monkeypatch.setattr(codebooks, "_LOADED", {})
     with pytest.raises(WireError, match=f"hashes to {other.id}, not the {book.id}"):
         codebooks.arrived(other.to_bytes(), book.id)
+
+
+def test_auto_estimates_each_frame_so_sinks_and_hidden_states_count():
+    """Each frame's fixed cost (safetensors header, scales, rANS tables) and the hidden-state and
+    token-id frames are counted: a message of a few short shared layers and many one-token sink
+    frames was estimated at a fraction of its bytes, and ``auto`` could send a lossy codec whose
+    message was larger than fp16's."""
+    def message(codec, hidden=False):
+        layers = [LayerKV(i, i < 2, kv_like(2, 12 if i < 2 else 1, 64, i), kv_like(2, 12 if i < 2 else 1, 64, 50 + i))
+                  for i in range(20)]
+        return KVMessage({"m": 1}, 12, 0, layers, codec, token_ids=torch.arange(12),
+                         hidden={3: kv_like(1, 12, 96, 7)[0]} if hidden else {})
+
+    for hidden in (False, True):
+        sent = KVMessage.from_bytes(message(make_codec("auto", bandwidth_mbit=1.0), hidden).to_bytes())
+        choice = sent.meta["codec_choice"]
+        for name, estimate in choice["candidates"].items():
+            real = len(message(make_codec(name), hidden).to_bytes())  # the header (a few hundred bytes) aside
+            assert 0.9 * real <= estimate["bytes"] <= real, (name, hidden)
+        fastest = min(choice["candidates"], key=lambda n: choice["candidates"][n]["seconds"])
+        assert choice["chosen"] == fastest  # within the budget: every candidate here is

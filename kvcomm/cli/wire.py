@@ -33,6 +33,7 @@ from kvcomm.tasks import load_task
 from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
 from kvcomm.wire.codecs import preset_of
+from kvcomm.wire.codecs.auto import MAX_BANDWIDTH_MBIT, MIN_BANDWIDTH_MBIT
 
 Codec = Annotated[str, typer.Option(help=CODEC_HELP)]
 MessageFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="Message file.")]
@@ -53,8 +54,8 @@ def encode_command(
     codec: Codec = "fp16", model: Model = DEFAULT_MODEL, mode: Mode = None,
     dtype: Dtype = "float32",
     bandwidth: Annotated[float | None, typer.Option(
-        min=1e-6, max=1e6, help="With --codec auto: the link's bandwidth in Mbit/s the codec is chosen for "
-                                "(default 100).")] = None,
+        min=MIN_BANDWIDTH_MBIT, max=MAX_BANDWIDTH_MBIT,
+        help="With --codec auto: the link's bandwidth in Mbit/s the codec is chosen for (default 100).")] = None,
     receiver_compute: Annotated[float | None, typer.Option(
         min=0, max=3600, help="With --codec auto, for a receiver that prefills while the layers arrive: the seconds "
                               "of that prefill, which decoding competes with for the CPU (default 0).")] = None,

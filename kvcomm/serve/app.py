@@ -52,6 +52,7 @@ from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
 from kvcomm.wire.codecs import preset_of
+from kvcomm.wire.header import Header
 from kvcomm.wire.streaming import receive
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
@@ -163,8 +164,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             metrics.contexts.labels("yes").inc()
         header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
         choice = header.meta.get("codec_choice")
-        if choice is not None and existing is None:
-            metrics.codec_chosen.labels(choice["chosen"]).inc()
+        if existing is None:
+            _count_choice(metrics, header)
         return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
                               fingerprint=agent.fingerprint, context_tokens=message.context_len,
                               layers=message.shared_layers, mode=message.mode,
@@ -331,10 +332,20 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         except (ServiceRefusal, StoreError) as err:  # the reply was generated: it goes back with the refusal
             raise errors.carrying(err, completion=reply) from None
         metrics.e2e.observe(time.monotonic() - began)
-        return reply | {"kv_message": {"id": message_id, "bytes": len(data), "content": body.kv_return.content}}
+        choice = _count_choice(metrics, MessageReader(io.BytesIO(data)).header)
+        return reply | {"kv_message": {"id": message_id, "bytes": len(data), "content": body.kv_return.content}
+                        | ({"codec_choice": choice} if choice is not None else {})}
 
     app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
     return app
+
+
+def _count_choice(metrics: ServiceMetrics, header: Header) -> dict[str, Any] | None:
+    """What codec ``auto`` chose for a message the service encoded (None: another codec), counted."""
+    choice = header.meta.get("codec_choice")
+    if choice is not None:
+        metrics.codec_chosen.labels(choice["chosen"]).inc()
+    return choice
 
 
 class _UploadStopped(Exception):

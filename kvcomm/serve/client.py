@@ -6,7 +6,6 @@ import base64
 import contextlib
 import json
 import socket
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -96,7 +95,6 @@ class Client:
             MessageTooLarge: the agent sends (or announces) more than ``max_bytes``; the reading
                 stops there, so an agent cannot fill this process's memory.
         """
-        began = time.perf_counter()
         try:
             with self._streamed(_message_path(message_id)) as response:
                 declared = response.headers.get("content-length", "")
@@ -104,13 +102,12 @@ class Client:
                     raise MessageTooLarge(f"message {message_id!r} is {int(declared):,} bytes, the limit is "
                                           f"{max_bytes:,}")
                 data = bytearray()
-                for chunk in response.iter_bytes():
+                for chunk in self.link.timed(response.iter_bytes(), streamed=False):
                     data += chunk
                     if len(data) > max_bytes:
                         raise MessageTooLarge(f"message {message_id!r} is more than {max_bytes:,} bytes, the limit")
         except _HTTPX_ERRORS as err:
             raise self._failed(err) from None
-        self.link.record(len(data), time.perf_counter() - began)
         return bytes(data)
 
     def receive_message(self, message_id: str, receiver: Fingerprint | None = None,
@@ -138,11 +135,10 @@ class Client:
         the connection is shut at once, and the thread reading it ends.
         """
         path = _message_path(message_id)
-        began = time.perf_counter()
         with ExitStack() as opened:
             try:
                 response = opened.enter_context(self._streamed(path))
-                arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes(), began), receiver,
+                arrival = opened.enter_context(Arrival(self._timed(response.iter_bytes()), receiver,
                                                        max_bytes, max_decoded_bytes, timeline))
             except _HTTPX_ERRORS as err:
                 raise self._failed(err) from None
@@ -166,11 +162,11 @@ class Client:
             finally:
                 _hang_up(response)
 
-    def _timed(self, chunks: Iterator[bytes], began: float) -> Iterator[bytes]:
+    def _timed(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """``chunks``, timed by :meth:`LinkMeter.timed <kvcomm.serve.links.LinkMeter.timed>`; a
         broken link or an unreadable body is a :class:`ServiceError`."""
         try:
-            yield from self.link.timed(chunks, began)
+            yield from self.link.timed(chunks)
         except _HTTPX_ERRORS as err:
             raise self._failed(err) from None
 

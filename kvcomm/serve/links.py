@@ -3,10 +3,13 @@
 The receiving end is where a link can be measured: a sender's writes complete as soon as the
 kernel's buffers and the link's queue take them, megabytes before they arrive (a sender timing
 its own sends over a 100 Mbit/s link measured 22 Gbit/s). A :class:`~kvcomm.serve.Client` times
-every message of at least :data:`MIN_BYTES` it fetches, from the request to the last byte; its
-estimate is the median of the last :data:`SAMPLES` transfers, rounded to two significant figures
-(so that contexts chosen for the same link share their content address). With codec ``auto`` and
-no bandwidth given, the client declares that estimate to the agent as measured.
+every message of at least :data:`MIN_BYTES` it fetches, from its body's first chunk to its last
+(the bytes after the first: what came before the first chunk, the round trip and the agent's own
+work, is latency, not bandwidth; a fast link behind a slow store lookup measured 81 Mbit/s where it
+carried the body at 30 Gbit/s); its estimate is the median of the last :data:`SAMPLES` transfers,
+rounded to two significant figures (so that contexts chosen for the same link share their content
+address). With codec ``auto`` and no bandwidth given, the client declares that estimate to the
+agent as measured.
 
 A message received while it arrives (``Client.arriving``, ``receive_message``) is read by a
 thread that hands its chunks to the decoder through a bounded queue (:mod:`kvcomm.wire.streaming`).
@@ -52,20 +55,25 @@ class LinkMeter:
             with self._lock:
                 self._rates.append(size * 8 / seconds / 1e6)
 
-    def timed(self, chunks: Iterable[bytes], began: float) -> Iterator[bytes]:
+    def timed(self, chunks: Iterable[bytes], streamed: bool = True) -> Iterator[bytes]:
         """``chunks`` (a body being read), passed on as they come; once the last is in, the
-        transfer from ``began`` (the request, :func:`time.perf_counter`) is recorded, unless
-        whoever takes the chunks held the reading back for more than :data:`HELD_BACK` of it
-        (then it measured the consumer, not the link: see the module's description)."""
-        size, held = 0, 0.0
+        transfer of the bytes after the first chunk, from its arrival, is recorded, unless whoever
+        takes the chunks (a decoder: ``streamed``) held the reading back for more than
+        :data:`HELD_BACK` of it (then it measured the consumer, not the link: see the module's
+        description). A whole read (not ``streamed``) only gathers the chunks: it is recorded."""
+        size, held, began = 0, 0.0, None
         for chunk in chunks:
-            size += len(chunk)
+            if began is None:
+                began = time.perf_counter()  # the first chunk is in: the link's latency is behind
+            else:
+                size += len(chunk)
             handed = time.perf_counter()
             yield chunk
             held += time.perf_counter() - handed
-        seconds = time.perf_counter() - began
-        if held <= HELD_BACK * seconds:
-            self.record(size, seconds)
+        if began is not None:
+            seconds = time.perf_counter() - began
+            if not streamed or held <= HELD_BACK * seconds:
+                self.record(size, seconds)
 
     @property
     def mbit(self) -> float | None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from kvcomm.protocol import MaskMode
 from kvcomm.protocol.blend import Deviation
 from kvcomm.tasks.base import Pieces
+from kvcomm.wire.codecs.auto import MAX_BANDWIDTH_MBIT, MIN_BANDWIDTH_MBIT
 
 MAX_TEXT = 4 << 20  # characters in one message or context
 
@@ -170,7 +171,7 @@ class ContextRequest(BaseModel):
     ratio: Annotated[float, Field(gt=0, le=1)] | None = None
     profile: ProfileBody | None = None
     codec: Annotated[str, Field(max_length=64)] | None = None
-    bandwidth_mbit: Annotated[float, Field(gt=0, le=1e6, description=(
+    bandwidth_mbit: Annotated[float, Field(ge=MIN_BANDWIDTH_MBIT, le=MAX_BANDWIDTH_MBIT, description=(
         "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
     bandwidth_measured: bool = Field(False, description=(
         "the bandwidth was measured on this link (kvcomm.Client times the messages it fetches), not assumed"))

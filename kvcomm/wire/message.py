@@ -205,9 +205,15 @@ class KVMessage:
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
             raise WireError(f"layers {odd} have other heads or head size than layer {self.layers[0].index}'s "
                             f"{first.shape[0]} × {first.shape[2]}: one message holds one model's KV")
-        codec, notes = self.codec.for_message(self.layers, extent)
+        for index, hidden in self.hidden.items():
+            if hidden.dim() != 2 or hidden.shape[0] != self.context_len or not 0 <= index < len(self.layers):
+                raise WireError(f"a hidden state must be [{self.context_len}, width] and enter a layer of the "
+                                f"message; got {tuple(hidden.shape)} entering layer {index}")
+        ids = self._ids_frame()
+        codec, notes = self.codec.for_message(self.layers, extent, self.hidden,
+                                              sum(len(data) + 8 for _, data in ids))  # with its length and CRC
         payloads = [self._encode_layer(layer, codec) for layer in self.layers]
-        extras = self._encode_extras(codec)
+        extras = ids + self._encode_hidden(codec)
         try:
             header = Header(
                 fingerprint=self.fingerprint, context_len=self.context_len, sink_position=self.sink_position,
@@ -253,18 +259,19 @@ class KVMessage:
         tensors = codec.encode(layer.keys.float(), layer.values.float(), layer.index, len(self.layers))
         return st_save({name: t.contiguous() for name, t in tensors.items()})
 
-    def _encode_extras(self, codec: Codec) -> list[tuple[ExtraEntry, bytes]]:
+    def _ids_frame(self) -> list[tuple[ExtraEntry, bytes]]:
+        """The token ids' frame, if the message carries them (no codec touches it)."""
+        if self.token_ids is None:
+            return []
+        ids = self.token_ids.reshape(-1)
+        if ids.numel() != self.context_len or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31)):
+            raise WireError(f"token ids must be {self.context_len} non-negative int32 values")
+        data = st_save({"ids": ids.to(torch.int32).contiguous()})
+        return [(ExtraEntry(kind="token_ids", tokens=self.context_len, bytes=len(data)), data)]
+
+    def _encode_hidden(self, codec: Codec) -> list[tuple[ExtraEntry, bytes]]:
         out = []
-        if self.token_ids is not None:
-            ids = self.token_ids.reshape(-1)
-            if ids.numel() != self.context_len or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31)):
-                raise WireError(f"token ids must be {self.context_len} non-negative int32 values")
-            data = st_save({"ids": ids.to(torch.int32).contiguous()})
-            out.append((ExtraEntry(kind="token_ids", tokens=self.context_len, bytes=len(data)), data))
-        for layer, hidden in sorted(self.hidden.items()):
-            if hidden.dim() != 2 or hidden.shape[0] != self.context_len or not 0 <= layer < len(self.layers):
-                raise WireError(f"a hidden state must be [{self.context_len}, width] and enter a layer of the "
-                                f"message; got {tuple(hidden.shape)} entering layer {layer}")
+        for layer, hidden in sorted(self.hidden.items()):  # (shapes checked by write)
             tensors = codec.encode_hidden(hidden.float(), layer, len(self.layers))
             data = st_save({name: t.contiguous() for name, t in tensors.items()})
             out.append((ExtraEntry(kind="hidden", tokens=self.context_len, bytes=len(data), layer=layer,

@@ -3,11 +3,13 @@
 What a receiver waits for, codec by codec, is the transfer and its own decoding, and the sender's
 encoding where the receiver is waiting on it. Compression only pays where the link is slow: at 10
 Mbit/s every byte saved counts, at 1 Gbit/s a codec that decodes at 50 MB/s costs more than the
-bytes it saves. ``auto`` measures instead of guessing: it encodes and decodes one layer of the
-message (the one with the most tokens) with every candidate, as a writer and a reader would
-(safetensors, checksums, the finiteness check included), scales bytes and seconds to the whole
-message, adds the transfer at the declared bandwidth, drops candidates whose reconstruction error
-on that layer is over the quality budget, and encodes the message with the fastest of the rest.
+bytes it saves. ``auto`` measures instead of guessing: with every candidate it encodes and decodes
+one frame of each shape the message holds (a shared layer, a sink or opening layer, each hidden
+state), as a writer and a reader would (safetensors, frame lengths and checksums, the finiteness
+check included), sums bytes and seconds frame by frame (the token ids' frame too: no frame's fixed
+cost is scaled away), adds the transfer at the declared bandwidth, drops candidates whose
+reconstruction error on the layer with the most tokens is over the quality budget, and encodes the
+message with the fastest of the rest.
 The header then names the chosen codec (a receiver needs nothing new) and
 ``meta["codec_choice"]`` says why: every candidate's estimated bytes, seconds and error.
 
@@ -46,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from math import floor, log10
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,8 @@ if TYPE_CHECKING:
     from kvcomm.wire.message import LayerKV
 
 DEFAULT_CANDIDATES = ("fp16", "int8", "int4-ans", "klt")
+MIN_BANDWIDTH_MBIT, MAX_BANDWIDTH_MBIT = 1e-6, 1e6  # 1 bit/s to 1 Tbit/s: the transfer's estimate stays finite
+FRAME_BYTES = 8  # each frame's length and CRC
 WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
 
 
@@ -96,8 +100,9 @@ class AutoCodec(Codec):
     def __init__(self, bandwidth_mbit: float = 100.0, candidates: Sequence[str] = DEFAULT_CANDIDATES,
                  max_error: float = 0.15, streamed: bool = True, count_encode: bool = False,
                  receiver_compute_s: float = 0.0) -> None:
-        if not 0 < float(bandwidth_mbit) <= 1e6:
-            raise ConfigError("auto codec bandwidth_mbit must be in (0, 1e6] Mbit/s")
+        if not MIN_BANDWIDTH_MBIT <= float(bandwidth_mbit) <= MAX_BANDWIDTH_MBIT:
+            raise ConfigError(f"auto codec bandwidth_mbit must be in [{MIN_BANDWIDTH_MBIT:g}, {MAX_BANDWIDTH_MBIT:g}] "
+                              "Mbit/s")
         if not candidates or any(c not in PRESETS or PRESETS[c][0] == "auto" for c in candidates):
             raise ConfigError(f"auto codec candidates must be codec presets other than auto; got {list(candidates)}")
         if not 0 < float(max_error):
@@ -138,11 +143,12 @@ class AutoCodec(Codec):
         carried = [make_codec(name).largest_value() for name in self.candidates]
         return None if None in carried else max(value for value in carried if value is not None)
 
-    def for_message(self, layers: Sequence[LayerKV], extent: float) -> tuple[Codec, dict[str, Any]]:
-        sample = max(layers, key=lambda layer: layer.keys.shape[1])
-        sizes = [layer.keys.numel() for layer in layers]
-        total = sum(sizes) or 1
-        scale = total / max(sample.keys.numel(), 1)
+    def for_message(self, layers: Sequence[LayerKV], extent: float, hidden: Mapping[int, torch.Tensor] | None = None,
+                    fixed_bytes: int = 0) -> tuple[Codec, dict[str, Any]]:
+        frames = _frame_shapes(layers)
+        if not frames:
+            raise WireError("auto codec: the message has no layer with tokens to measure")
+        sample = frames[max(frames)]
         began = time.perf_counter()
         estimates: dict[str, dict[str, float]] = {}
         codecs: dict[str, Codec] = {}
@@ -155,7 +161,12 @@ class AutoCodec(Codec):
             elif name in ("klt", "klt-coarse"):
                 continue  # no codebook to rotate with: not a candidate here
             codecs[name] = codec
-            estimates[name] = self._estimate(_measure(codec, sample, len(layers), scale, self.bandwidth_mbit), sizes)
+            by_shape = {tokens: _measure(codec, layer, len(layers)) for tokens, layer in frames.items()}
+            travel = [by_shape[int(layer.keys.shape[1])] for layer in layers if layer.keys.shape[1]]
+            travel += [_measure_hidden(codec, state, at, len(layers)) for at, state in sorted((hidden or {}).items())]
+            if fixed_bytes:
+                travel.append({"bytes": fixed_bytes, "encode_seconds": 0.0, "decode_seconds": 0.0})
+            estimates[name] = self._estimate(travel, by_shape[max(frames)]["error"])
         if not estimates:
             raise WireError("auto codec: no candidate can encode this message (klt needs a codebook; float16 "
                             "codecs carry |x| up to 65504)")
@@ -181,21 +192,26 @@ class AutoCodec(Codec):
             return "each frame arriving, then its decode, in turn"
         return "each frame arriving, then its decode and its layer's share of the receiver compute, in turn"
 
-    def _estimate(self, measured: dict[str, float], frames: Sequence[float]) -> dict[str, float]:
-        """``measured`` with ``seconds``, the receiver's expected wait (see the module's docstring);
-        ``frames`` weighs each frame (its values), in the order they travel."""
-        transfer, decode = measured["transfer_seconds"], measured["decode_seconds"]
+    def _estimate(self, travel: Sequence[dict[str, float]], error: float) -> dict[str, float]:
+        """The message's bytes and seconds, summed over ``travel`` (each frame's measured ``bytes``,
+        ``encode_seconds`` and ``decode_seconds``, in the order frames travel), its ``error``, and
+        ``seconds``, the receiver's expected wait (see the module's docstring)."""
+        size = sum(frame["bytes"] for frame in travel) or 1.0
+        transfer = size * 8 / (self.bandwidth_mbit * 1e6)
+        decode = sum(frame["decode_seconds"] for frame in travel)
+        encode = sum(frame["encode_seconds"] for frame in travel)
         if not self.streamed:
             wait = transfer + decode + self.receiver_compute_s
         else:
-            weight = sum(frames) or 1.0
-            per_layer = self.receiver_compute_s / max(len(frames), 1)
+            per_layer = self.receiver_compute_s / max(len(travel), 1)
             arrived = free = 0.0  # bytes' share in so far; when the receiver's CPU is next free
-            for frame in frames:
-                arrived += frame / weight
-                free = max(free, transfer * arrived) + decode * frame / weight + per_layer
+            for frame in travel:
+                arrived += frame["bytes"] / size
+                free = max(free, transfer * arrived) + frame["decode_seconds"] + per_layer
             wait = free
-        return {**measured, "seconds": round(wait + (measured["encode_seconds"] if self.count_encode else 0.0), 5)}
+        return {"bytes": round(size), "encode_seconds": round(encode, 5), "decode_seconds": round(decode, 5),
+                "transfer_seconds": round(transfer, 5), "error": round(error, 5),
+                "seconds": round(wait + (encode if self.count_encode else 0.0), 5)}
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         raise WireError("the auto codec chooses a codec per message: encode through KVMessage")
@@ -213,31 +229,49 @@ def encoded_on_demand(name: str) -> Codec:
     return AutoCodec(**{**codec.params(), "count_encode": True}) if isinstance(codec, AutoCodec) else codec
 
 
-def _measure(codec: Codec, sample: LayerKV, num_layers: int, scale: float, bandwidth_mbit: float) -> dict[str, float]:
-    """One layer through ``codec``: bytes, encode, decode and transfer seconds and error, the bytes
-    and seconds scaled to the message."""
-    keys, values = sample.keys.float(), sample.values.float()
+def _frame_shapes(layers: Sequence[LayerKV]) -> dict[int, LayerKV]:
+    """One layer of each token count the message's frames hold (the first of each; layers left
+    out, of no tokens, travel empty): a message has a few (its shared layers, its sinks or opening)."""
+    shapes: dict[int, LayerKV] = {}
+    for layer in layers:
+        if layer.keys.shape[1]:
+            shapes.setdefault(int(layer.keys.shape[1]), layer)
+    return shapes
+
+
+def _measure(codec: Codec, layer: LayerKV, num_layers: int) -> dict[str, float]:
+    """One layer's frame through ``codec``, as a writer and a reader handle it: its bytes, encode
+    and decode seconds, and relative error (after an untimed pass on a few tokens)."""
+    keys, values = layer.keys.float(), layer.values.float()
     heads, tokens, dim = keys.shape
     warm = keys[:, :WARM_TOKENS], values[:, :WARM_TOKENS]
-    codec.decode(codec.encode(*warm, sample.index, num_layers), (heads, min(tokens, WARM_TOKENS), dim), sample.index,
+    codec.decode(codec.encode(*warm, layer.index, num_layers), (heads, min(tokens, WARM_TOKENS), dim), layer.index,
                  num_layers)
     began = time.perf_counter()
-    payload = st_save({name: t.contiguous() for name, t in codec.encode(keys, values, sample.index,
+    payload = st_save({name: t.contiguous() for name, t in codec.encode(keys, values, layer.index,
                                                                          num_layers).items()})
-    size = len(payload)
     encoded = time.perf_counter()
     # what a reader does per frame: its CRC (the digest, from format v6, covers lengths and CRCs, not the
     # bytes again), the safetensors load, the codec, the finiteness check
     zlib.crc32(payload)
-    back_keys, back_values = codec.decode(st_load(payload), (heads, tokens, dim), sample.index, num_layers)
+    back_keys, back_values = codec.decode(st_load(payload), (heads, tokens, dim), layer.index, num_layers)
     codec.finite(back_keys, back_values)
     decoded = time.perf_counter()
     error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
                 for a, b in ((keys, back_keys), (values, back_values)))
-    transfer = size * scale * 8 / (bandwidth_mbit * 1e6)
-    return {"bytes": round(size * scale), "encode_seconds": round((encoded - began) * scale, 5),
-            "decode_seconds": round((decoded - encoded) * scale, 5), "transfer_seconds": round(transfer, 5),
-            "error": round(error, 5)}
+    return {"bytes": len(payload) + FRAME_BYTES, "encode_seconds": encoded - began,
+            "decode_seconds": decoded - encoded, "error": error}
+
+
+def _measure_hidden(codec: Codec, hidden: torch.Tensor, layer: int, num_layers: int) -> dict[str, float]:
+    """A hidden-state frame through ``codec``: its bytes, encode and decode seconds."""
+    began = time.perf_counter()
+    payload = st_save({name: t.contiguous() for name, t in codec.encode_hidden(hidden.float(), layer,
+                                                                                num_layers).items()})
+    encoded = time.perf_counter()
+    codec.decode_hidden(st_load(payload), tuple(hidden.shape), layer, num_layers)  # type: ignore[arg-type]
+    return {"bytes": len(payload) + FRAME_BYTES, "encode_seconds": encoded - began,
+            "decode_seconds": time.perf_counter() - encoded}
 
 
 preset("auto", "auto", bandwidth_mbit=100.0)

@@ -12,7 +12,7 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
@@ -58,10 +58,12 @@ class Codec(ABC):
         codebook and is called only by codecs that rotate with one (``klt``)."""
         return self
 
-    def for_message(self, layers: Sequence[LayerKV], extent: float) -> tuple[Codec, dict[str, Any]]:
-        """The codec that encodes a message of these layers, whose largest magnitude is ``extent``
-        (measured once, by the writer's checks), and notes for its header's ``meta`` (this codec
-        and none, except for codecs that choose one per message: ``auto``)."""
+    def for_message(self, layers: Sequence[LayerKV], extent: float, hidden: Mapping[int, torch.Tensor] | None = None,
+                    fixed_bytes: int = 0) -> tuple[Codec, dict[str, Any]]:
+        """The codec that encodes a message of these layers (and ``hidden`` states, and frames of
+        ``fixed_bytes`` no codec changes), whose largest magnitude is ``extent`` (measured once, by
+        the writer's checks), and notes for its header's ``meta`` (this codec and none, except for
+        codecs that choose one per message: ``auto``)."""
         return self, {}
 
     @abstractmethod
