@@ -87,3 +87,31 @@ def test_every_error_class_is_a_kvcomm_error():
 
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(classes) > 10 and all(issubclass(c, KvcommError) for c in classes)
+
+
+@pytest.mark.parametrize("layers, match", [("15", "not '15'"), ([20.7], "integers; got 20.7"),
+                                           ([True], "integers; got True"), (3, "not 3")])
+def test_layers_that_are_not_a_list_of_integers_are_refused_not_read(layers, match):
+    """A string was read digit by digit ("15": layers 1 and 5) and floats were truncated."""
+    import kvcomm
+
+    with pytest.raises(ConfigError, match=match):
+        kvcomm.encode_context(tiny_loaded("llama"), "Mira lives in Oslo.", layers=layers)
+
+
+def test_a_receiver_input_serves_one_generation_and_a_budget_is_at_least_one_token():
+    """A second generation on one input answered on the first one's tokens, which its cache held."""
+    from kvcomm.protocol import build_receiver_input, greedy_generate
+
+    model = tiny_loaded("llama")
+    ids, valid = pad_left([model.encode_message("Mira lives in Oslo.")], model.pad_id)
+    start = build_receiver_input(model.model, prefill(model.model, ids, valid), [1, 2])
+    question, asked = pad_left([model.encode_message("Where?")], model.pad_id)
+    for budget in (0, -1, 2.5):
+        with pytest.raises(ConfigError, match="max_new_tokens"):
+            greedy_generate(model.model, start, question, asked, budget, model.stop_ids, model.pad_id)
+    first = greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
+    with pytest.raises(ProtocolError, match="used by an earlier generation"):
+        greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
+    again = build_receiver_input(model.model, prefill(model.model, ids, valid), [1, 2])
+    assert greedy_generate(model.model, again, question, asked, 3, model.stop_ids, model.pad_id) == first

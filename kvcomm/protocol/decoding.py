@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Integral
 
 import torch
 from transformers import PreTrainedModel
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.sender import run_body
 
@@ -37,7 +38,17 @@ def greedy_generate(
 
     Returns:
         the generated ids of each row, without the stop token.
+
+    Raises:
+        ConfigError: a budget below 1 token.
+        ProtocolError: ``start`` was used by an earlier generation (its cache holds that one's tokens).
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least 1, not {max_new_tokens!r}")
+    if start.used:
+        raise ProtocolError("this receiver input was used by an earlier generation, whose tokens its cache now "
+                            "holds: build one per question (receiver_input or build_receiver_input again)")
+    start.used = True
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
     batch = input_ids.shape[0]

@@ -24,11 +24,16 @@ from kvcomm.protocol.shared import SharedKV, share
 
 @dataclass
 class ReceiverInput:
-    """What a receiver starts from: a cache, its layout, and how many KV bytes it was given."""
+    """What a receiver starts from: a cache, its layout, and how many KV bytes it was given.
+
+    One generation's: the cache grows with the tokens prefilled and decoded on it, so
+    :func:`~kvcomm.protocol.greedy_generate` refuses one that a generation has used (build one per
+    question: :func:`receiver_input` again on the same :class:`SharedKV`)."""
 
     cache: DynamicCache
     layout: AttentionLayout
     kv_bytes: torch.Tensor  # [B] bytes of received keys and values (sinks included)
+    used: bool = False  # a generation ran on it
 
 
 def receiver_input(shared: SharedKV) -> ReceiverInput:

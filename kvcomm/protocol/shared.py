@@ -9,6 +9,7 @@ pieces'.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -25,10 +26,30 @@ from kvcomm.protocol.sender import SenderKV
 def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
     """The layers a receiver actually gets in full: ``layers``, plus layer 0 in ``legacy`` mode
     (the reference code always sends it)."""
-    chosen = {int(layer) for layer in layers}
+    chosen = set(layer_indices(layers))
     if mode == "legacy":
         chosen.add(0)
     return sorted(chosen)
+
+
+def layer_indices(layers: Iterable[int]) -> list[int]:
+    """``layers`` as a list of ints: a string (``"15"`` would be read as layers 1 and 5) or a
+    number that is not an integer (``20.7``) is refused, not read.
+
+    Raises:
+        ConfigError: naming what was given.
+    """
+    if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise ConfigError(f"layers are a list or range of layer indices, not {layers!r}")
+    indices = []
+    for layer in layers:
+        try:
+            if isinstance(layer, bool):
+                raise TypeError
+            indices.append(operator.index(layer))
+        except TypeError:
+            raise ConfigError(f"layer indices are integers; got {layer!r} in the layers given") from None
+    return indices
 
 
 def received_positions(full: bool, tokens: int, context_len: int, sink_position: int) -> torch.Tensor:

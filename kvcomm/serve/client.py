@@ -14,6 +14,7 @@ import httpx
 
 from kvcomm.errors import KvcommError, MessageTooLarge
 from kvcomm.models.fingerprint import Fingerprint
+from kvcomm.protocol.shared import layer_indices
 from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
 from kvcomm.serve.stores.base import check_id
@@ -216,7 +217,8 @@ class Client:
         measured = codec == "auto" and bandwidth_mbit is None and self.measured_mbit is not None
         if measured:
             bandwidth_mbit = self.measured_mbit
-        body = {"context": context, "messages": messages, "layers": list(layers) if layers is not None else None,
+        body = {"context": context, "messages": messages,
+                "layers": layer_indices(layers) if layers is not None else None,
                 "ratio": ratio, "profile": _profile_body(ranking),
                 "codec": codec, "mode": mode, "id": message_id, "bandwidth_mbit": bandwidth_mbit,
                 "bandwidth_measured": measured or None, "passage": passage or None,
