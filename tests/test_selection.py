@@ -603,3 +603,17 @@ def test_a_blank_gold_answer_is_refused_with_or_without_a_chat_template(chat):
     for blank in ("", "  "):
         with pytest.raises(DataError, match="no tokens"):
             answer_ids(loaded, Item(id="b", context="c", question="q", answers=(blank,)))
+
+
+@pytest.mark.parametrize("options, match", [({"pieces": "passage"}, "unknown pieces 'passage'"),
+                                            ({"mu": 5.0}, "mu"), ({"sigma": 0.0}, "sigma"),
+                                            ({"batch_size": 0}, "batch size")])
+def test_calibration_options_are_checked_before_any_work(options, match):
+    """A typo in ``pieces`` calibrated on chats and recorded the typo; ``mu=5`` ranked layers."""
+    from kvcomm import Agents, calibrate
+    from kvcomm.tasks import load_task
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=2)
+    with pytest.raises(ConfigError, match=match):
+        calibrate(Agents(model, model), task, task.items, progress=False, rule="paper", **options)

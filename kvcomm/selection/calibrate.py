@@ -41,7 +41,15 @@ from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
-from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, combined_scores, default_alpha, rank_layers, top_layers
+from kvcomm.selection.rules import (
+    DEFAULT_MU,
+    DEFAULT_SIGMA,
+    check_prior,
+    combined_scores,
+    default_alpha,
+    rank_layers,
+    top_layers,
+)
 from kvcomm.selection.search import (
     TARGET_RATIOS,
     Search,
@@ -202,13 +210,19 @@ def calibrate(
             in the profile's ``details``.
 
     Raises:
-        ConfigError: an unknown rule, a pool below 1, or ``auto`` with the ``prior`` rule;
+        ConfigError: an unknown rule or pieces, a pool or batch size below 1, ``mu`` outside [0, 1]
+            or ``sigma`` not positive, or ``auto`` with the ``prior`` rule;
             DataError: no items, items without a gold answer, or fewer than 2 items for ``auto``.
     """
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
     if pool is not None and pool < 1:
         raise ConfigError(f"the search's pool must be at least 1 layer, got {pool}")
+    if pieces not in get_args(Pieces):
+        raise ConfigError(f"unknown pieces {pieces!r}; valid: {', '.join(get_args(Pieces))}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"the calibration batch size is at least 1, not {batch_size!r}")
+    check_prior(mu, sigma)
     if objective is None:
         objective = default_objective(rule, len(items))
     if objective not in OBJECTIVES:

@@ -31,10 +31,18 @@ def minmax(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.zeros_like(arr) if span < 1e-9 else (arr - arr.min()) / span
 
 
+def check_prior(mu: float, sigma: float) -> None:
+    """The depth prior's centre ``mu`` is a fraction of the depth, in [0, 1]; its width ``sigma``
+    (layers) is positive. Raises ``ConfigError`` naming the one that is not."""
+    if not 0.0 <= mu <= 1.0:
+        raise ConfigError(f"mu (the prior's centre, a fraction of the depth) must be in [0, 1], got {mu}")
+    if not sigma > 0:
+        raise ConfigError(f"sigma must be positive, got {sigma}")
+
+
 def gaussian_prior(num_layers: int, mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """Unnormalised prior over depths: a Gaussian centred at ``mu * (L - 1)``, width ``sigma`` layers."""
-    if sigma <= 0:
-        raise ConfigError(f"sigma must be positive, got {sigma}")
+    check_prior(mu, sigma)
     depth = np.arange(num_layers, dtype=np.float64)
     return np.exp(-0.5 * ((depth - mu * (num_layers - 1)) / sigma) ** 2)
 
