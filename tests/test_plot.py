@@ -135,3 +135,15 @@ def test_configurations_that_differ_in_more_than_their_fraction_are_their_own_li
     assert named("random@0.25~seed1") == named("random@0.5~seed1") != named("random@0.5~seed2")
     assert named("kvcomm@0.3") == named("kvcomm@1") == "kvcomm" != named("kvcomm@0.5x2") == "kvcomm x2"
     assert named("kvcomm@0.5x2+int8") == "kvcomm x2+int8" and named("kvcomm@0.5[legacy]") == "kvcomm [legacy]"
+
+
+def test_an_unknown_axis_or_metric_is_refused_naming_the_valid_ones(report, tmp_path):
+    """``x="layers"`` drew byte counts on the fraction axis (points off the plot) and an unknown
+    metric was a raw KeyError."""
+    from kvcomm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown x axis 'layers'; valid: fraction, bytes"):
+        plot_sweep(report, tmp_path / "p.png", x="layers")
+    with pytest.raises(ConfigError, match="metric 'f1' is not among the report's scores"):
+        plot_sweep(report, tmp_path / "p.png", metric="f1")
+    assert not (tmp_path / "p.png").exists()

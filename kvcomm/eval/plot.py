@@ -24,6 +24,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from kvcomm.errors import ConfigError  # noqa: E402
 from kvcomm.eval.results import Report, RunResult  # noqa: E402
 from kvcomm.files import save_figure  # noqa: E402
 
@@ -63,6 +64,9 @@ def series_styles(report: Report) -> dict[str, Style]:
     return styles
 
 
+X_AXES = ("fraction", "bytes")
+
+
 def plot_sweep(report: Report, path: str | Path, metric: str | None = None, x: str = "fraction",
                bands: bool = True) -> Path:
     """Writes a PNG of score against ``x``: ``fraction`` of layers shared, or ``bytes`` sent per item
@@ -81,7 +85,13 @@ def sweep_figure(report: Report, metric: str | None = None, x: str = "fraction",
     horizontal lines. ``bands``: 95% intervals as bands, spans or error bars, for every series.
     ``metric`` defaults to the task's primary metric.
     """
+    if x not in X_AXES:
+        raise ConfigError(f"unknown x axis {x!r}; valid: {', '.join(X_AXES)}")
     metric = metric or report.config["metric"]
+    if missing := [run.label for run in report.runs if metric not in run.scores]:
+        scored = sorted({name for run in report.runs for name in run.scores})
+        raise ConfigError(f"metric {metric!r} is not among the report's scores ({', '.join(scored)}; missing in "
+                          f"{', '.join(missing[:3])})")
     styles = series_styles(report)
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     lines: dict[str, list[Point]] = defaultdict(list)
