@@ -4,7 +4,7 @@ Typical use::
 
     import kvcomm
     agents = kvcomm.Agents.load("smollm2-135m")
-    agents.ask("Mira lives in Oslo.", "Which city does Mira live in?", layers=range(15))
+    agents.ask("Mira lives in Oslo.", "Which city does Mira live in?", layers=range(15, 30))
 
 Across processes, the two ends of an exchange are :func:`encode_context` (sender → :class:`KVMessage`)
 and :func:`answer` (receiver); a receiver can start on a message still arriving over the network
@@ -43,23 +43,30 @@ from kvcomm.errors import (
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.cluster import Cluster, RayCluster
+from kvcomm.eval.results import RunResult, Score
 from kvcomm.graphs import AnchorOptions, EdgeOptions, Graph, GraphReport, GraphRun
 from kvcomm.methods import METHODS, Method, build_methods, make_method
 from kvcomm.models import EMBEDDED, LoadedModel, load_model, load_pair
-from kvcomm.protocol import SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
+from kvcomm.models.fingerprint import Fingerprint
+from kvcomm.protocol import MaskMode, SenderKV, SharedKV, build_receiver_input, greedy_generate, prefill
+from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.selection import Profile, calibrate
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
-from kvcomm.serve.client import Client
+from kvcomm.selection.calibrate import Objective
+from kvcomm.serve.client import Client, ServiceError
 from kvcomm.tasks import Item, Task, load_task
-from kvcomm.wire import KVMessage
+from kvcomm.tasks.base import Pieces
+from kvcomm.wire import Codec, KVMessage
 from kvcomm.wire.streaming import Arrival
 
 __all__ = [
-    "Agents", "AnchorOptions", "Arrival", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "ConfigError",
-    "DataError", "EMBEDDED",
-    "EdgeOptions", "EvalConfig", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun", "IncompatibleModelsError",
-    "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "Method", "ModelError", "Profile", "ProtocolError",
-    "RayCluster", "Report", "SenderKV", "SharedKV", "Task", "WireError", "__version__", "answer", "build_methods",
+    "Agents", "AnchorOptions", "Arrival", "Batch", "BlockProfile", "Client", "Cluster", "ClusterError", "Codec",
+    "ConfigError", "DataError", "EMBEDDED",
+    "EdgeOptions", "EvalConfig", "Fingerprint", "FingerprintMismatch", "Graph", "GraphReport", "GraphRun",
+    "IncompatibleModelsError", "Item", "KVMessage", "KvcommError", "LoadedModel", "METHODS", "MaskMode", "Method",
+    "ModelError", "Objective", "Pieces", "Profile", "ProtocolError", "RayCluster", "ReceiverInput", "Report",
+    "RunResult", "Score", "SenderKV", "ServiceError", "SharedKV", "Task", "WireError", "__version__", "answer",
+    "build_methods",
     "build_receiver_input", "calibrate", "encode_context", "encode_ids", "encode_passage",
     "evaluate", "greedy_generate", "load_model",
     "load_pair", "load_task", "make_method", "plot_sweep", "prefill", "print_table", "profile_blocks",

@@ -67,9 +67,9 @@ class RayCluster(Options):
 
     what = "ray cluster"
     address: str = "local"
-    workers: int | None = Field(None, ge=1)
-    threads: int = Field(1, ge=1)
-    retries: int = Field(2, ge=0)
+    workers: int | None = Field(default=None, ge=1)
+    threads: int = Field(default=1, ge=1)
+    retries: int = Field(default=2, ge=0)
 
 
 def require_ray() -> Any:

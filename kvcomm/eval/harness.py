@@ -89,16 +89,16 @@ class EvalConfig(Options):
     """
 
     what = "evaluation"
-    limit: int | None = Field(None, ge=1)
-    skip: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    calib_size: int | None = Field(None, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+    skip: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    calib_size: int | None = Field(default=None, ge=0)
     selection: Rule = DEFAULT_RULE
     objective: Objective | None = None
-    alpha: float | None = Field(None, ge=0, le=1)
-    mu: float = Field(DEFAULT_MU, ge=0, le=1)
-    sigma: float = Field(DEFAULT_SIGMA, gt=0)
-    max_memory_gb: float | None = Field(None, gt=0)
+    alpha: float | None = Field(default=None, ge=0, le=1)
+    mu: float = Field(default=DEFAULT_MU, ge=0, le=1)
+    sigma: float = Field(default=DEFAULT_SIGMA, gt=0)
+    max_memory_gb: float | None = Field(default=None, gt=0)
     bucket: bool = True
     pieces: Pieces = "chats"
 

@@ -55,10 +55,10 @@ class AnchorOptions(Options):
     """
 
     what = "anchor correction"
-    threshold: float = Field(0.3, ge=0)
-    max_anchors: int = Field(20, ge=1)
-    window: int = Field(5, ge=1)
-    min_anchors: int = Field(2, ge=1)
+    threshold: float = Field(default=0.3, ge=0)
+    max_anchors: int = Field(default=20, ge=1)
+    window: int = Field(default=5, ge=1)
+    min_anchors: int = Field(default=2, ge=1)
     closing: bool = True
 
     @property

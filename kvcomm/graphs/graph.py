@@ -100,8 +100,8 @@ class EdgeOptions(Options):
     via: Literal["kv", "text"] = "kv"
     content: Literal["reply", "turn"] = "reply"
     place: Literal["inline", "prefix"] = "inline"
-    blend: float | None = Field(None, ge=0, le=1)
-    ratio: float | None = Field(None, gt=0, le=1)
+    blend: float | None = Field(default=None, ge=0, le=1)
+    ratio: float | None = Field(default=None, gt=0, le=1)
     layers: tuple[int, ...] | None = None
     codec: CodecName | None = "fp16"
     mode: MaskMode = "causal"

@@ -39,8 +39,8 @@ class AdaptiveOptions(MethodOptions):
         selection: the rule whose ranking is fetched (None: the run's rule).
     """
 
-    step: float = Field(0.1, gt=0, le=1)
-    patience: int = Field(1, ge=1, le=100)  # up to every round of the smallest step (0.01)
+    step: float = Field(default=0.1, gt=0, le=1)
+    patience: int = Field(default=1, ge=1, le=100)  # up to every round of the smallest step (0.01)
     selection: Rule | None = None
 
 

@@ -45,11 +45,11 @@ class BlendOptions(MethodOptions):
     pieces share (by the run's ranking, or ``selection``'s; 1 = all); ``codec``: pieces through
     messages; ``pieces``: sender chats or passages of the receiver's prompt (module docstring)."""
 
-    ratio: float = Field(0.15, ge=0, le=1)
-    check_layer: int = Field(1, ge=1)
+    ratio: float = Field(default=0.15, ge=0, le=1)
+    check_layer: int = Field(default=1, ge=1)
     deviation: Deviation = "values"
-    senders: int = Field(2, ge=1, le=64)
-    share: float = Field(1.0, gt=0, le=1)
+    senders: int = Field(default=2, ge=1, le=64)
+    share: float = Field(default=1.0, gt=0, le=1)
     selection: Rule | None = None
     codec: str | None = None
     pieces: Pieces = "chats"
@@ -63,7 +63,7 @@ class BlendOptions(MethodOptions):
 
 
 class PrefixOptions(MethodOptions):
-    senders: int = Field(2, ge=2, le=64)
+    senders: int = Field(default=2, ge=2, le=64)
     codec: str | None = None
     pieces: Pieces = "chats"
 

@@ -41,11 +41,11 @@ Spoken = tuple[torch.Tensor, list[int] | None]  # round-1 output: embeddings [n,
 
 
 class DebateOptions(MethodOptions):
-    round_one_tokens: int = Field(256, ge=1, le=4096)  # round-1 budget in tokens (or vectors)
+    round_one_tokens: int = Field(default=256, ge=1, le=4096)  # round-1 budget in tokens (or vectors)
 
 
 class CipherOptions(DebateOptions):
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
 
 
 class Debate(Method):

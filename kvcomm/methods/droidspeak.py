@@ -29,8 +29,8 @@ class DroidSpeakOptions(MethodOptions):
     answer token below the receiver's own prefill a chosen block may score; ``codec``: through messages."""
 
     block: tuple[int, int] | None = None
-    max_recompute: float = Field(DEFAULT_MAX_RECOMPUTE, gt=0, le=1)
-    tolerance: float = Field(DEFAULT_BLOCK_TOLERANCE, ge=0)
+    max_recompute: float = Field(default=DEFAULT_MAX_RECOMPUTE, gt=0, le=1)
+    tolerance: float = Field(default=DEFAULT_BLOCK_TOLERANCE, ge=0)
     codec: str | None = None
 
     @field_validator("block")

@@ -47,10 +47,10 @@ class SharingOptions(MethodOptions):
             layer shared, ``passages`` computes what the skyline computes.
     """
 
-    ratio: float | None = Field(None, gt=0, le=1)
+    ratio: float | None = Field(default=None, gt=0, le=1)
     mode: MaskMode = "causal"
     codec: CodecName | None = None
-    senders: int = Field(1, ge=1, le=64)
+    senders: int = Field(default=1, ge=1, le=64)
     pieces: Pieces = "chats"
 
     @model_validator(mode="after")

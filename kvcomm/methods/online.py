@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 class OnlineOptions(SharingOptions):
-    interval: int = Field(8, ge=1)
+    interval: int = Field(default=8, ge=1)
 
     @model_validator(mode="after")
     def _chats_only(self) -> Self:

@@ -56,13 +56,13 @@ class DeriveOptions(Options):
 
     what = "derivation"
     recipe: str
-    steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int = Field(0, ge=-2**63, le=2**64 - 1)  # torch.manual_seed's range
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    rank: int = Field(16, ge=1, le=256)
-    batch_size: int = Field(4, ge=1, le=512)
-    examples: int = Field(512, ge=1, le=1_000_000)
-    max_tokens: int = Field(256, ge=8, le=8192)
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=-2**63, le=2**64 - 1)  # torch.manual_seed's range
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    rank: int = Field(default=16, ge=1, le=256)
+    batch_size: int = Field(default=4, ge=1, le=512)
+    examples: int = Field(default=512, ge=1, le=1_000_000)
+    max_tokens: int = Field(default=256, ge=8, le=8192)
 
 
 def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, overwrite: bool = False) -> Card:

@@ -44,18 +44,18 @@ class ServeConfig(Options):
     token: str | None = None
     public_docs: bool = False
     served_model_names: tuple[str, ...] = ()
-    max_request_bytes: int = Field(64 * MIB, ge=1024)
-    max_message_bytes: int = Field(64 * MIB, ge=1024)
-    max_decoded_bytes: int = Field(2048 * MIB, ge=1024)
-    max_kv_messages: int = Field(64, ge=1)
-    max_new_tokens: int = Field(512, ge=1)
-    default_max_tokens: int = Field(256, ge=1)
-    timeout_s: float = Field(300.0, gt=0)
-    max_uploads: int = Field(8, ge=1)
-    upload_idle_s: float = Field(30.0, gt=0)
-    prefill_chunk: int = Field(512, ge=1)
+    max_request_bytes: int = Field(default=64 * MIB, ge=1024)
+    max_message_bytes: int = Field(default=64 * MIB, ge=1024)
+    max_decoded_bytes: int = Field(default=2048 * MIB, ge=1024)
+    max_kv_messages: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    timeout_s: float = Field(default=300.0, gt=0)
+    max_uploads: int = Field(default=8, ge=1)
+    upload_idle_s: float = Field(default=30.0, gt=0)
+    prefill_chunk: int = Field(default=512, ge=1)
     codec: CodecName = "int8"
-    ratio: float | None = Field(None, gt=0, le=1)
+    ratio: float | None = Field(default=None, gt=0, le=1)
     selection: Rule = DEFAULT_RULE
     mode: MaskMode = "causal"
 

@@ -173,7 +173,7 @@ class ContextRequest(BaseModel):
     codec: Annotated[str, Field(max_length=64)] | None = None
     bandwidth_mbit: Annotated[float, Field(ge=MIN_BANDWIDTH_MBIT, le=MAX_BANDWIDTH_MBIT, description=(
         "with codec 'auto': the link's bandwidth (Mbit/s) the codec is chosen for (default 100)"))] | None = None
-    bandwidth_measured: bool = Field(False, description=(
+    bandwidth_measured: bool = Field(default=False, description=(
         "the bandwidth was measured on this link (kvcomm.Client times the messages it fetches), not assumed"))
     receiver_compute_s: Annotated[float, Field(ge=0, le=3600, strict=True, description=(
         "with codec 'auto', for a receiver that prefills while the layers arrive (kvcomm.Client.arriving): the "
@@ -181,7 +181,7 @@ class ContextRequest(BaseModel):
         "to two significant figures)"))] | None = None
     mode: MaskMode | None = None
     id: Annotated[str, Field(max_length=128)] | None = None
-    passage: bool = Field(False, description=(
+    passage: bool = Field(default=False, description=(
         "store 'context' as a passage: read by a chat at the start of its last user turn, joined with other "
         "passages in any order (kv_blend restores their attention to each other); prefilled behind the chat's "
         "opening, which is dropped, and read as one line"))
