@@ -6,9 +6,14 @@ processes through :class:`~kvcomm.wire.KVMessage` bytes); :meth:`Agents.ask` run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+import torch
+
+from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel, load_pair
 from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiver_input, share
 from kvcomm.protocol.reply import rebase
@@ -84,8 +89,9 @@ def encode_ids(
     """
     from kvcomm.wire.bootstrap import model_codebook
 
+    _check_model(sender, "sender")
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
-    input_ids, valid = pad_left([list(ids)], sender.pad_id)
+    input_ids, valid = pad_left([_token_ids(sender, ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
     kv = prefill(sender.model, input_ids, valid, chunk=chunk, check=check)
     if passage is not None:
@@ -121,6 +127,10 @@ def answer(
         FingerprintMismatch: the message was made by an incompatible model.
         WireError: an arriving message turned out corrupt; the forward is abandoned before any token.
     """
+    _check_model(receiver, "receiver")
+    if not isinstance(message, KVMessage | Arrival):
+        raise ConfigError(f"answer reads a KVMessage or an Arrival, not {type(message).__name__} (bytes: "
+                          "KVMessage.from_bytes first)")
     if isinstance(message, Arrival):
         start = message.receiver_input(receiver.dtype, receiver.fingerprint)
     else:
@@ -131,3 +141,33 @@ def answer(
     input_ids, valid = pad_left([ids], receiver.pad_id)
     out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
     return receiver.decode(out[0])
+
+
+def _check_model(model: object, role: str) -> None:
+    """The ``role`` (sender, receiver) is one loaded model, not a pair or a name."""
+    if not isinstance(model, LoadedModel):
+        hint = " (an Agents pair: its .sender or .receiver)" if isinstance(model, Agents) else \
+            " (a name: kvcomm.load_model(name) first)" if isinstance(model, str) else ""
+        raise ConfigError(f"the {role} is a LoadedModel, not {type(model).__name__}{hint}")
+
+
+def _token_ids(model: LoadedModel, ids: Sequence[int]) -> list[int]:
+    """``ids`` as a list of token ids of ``model``'s vocabulary, at least one.
+
+    Raises:
+        ConfigError: a string, an empty list, a value that is not an integer, or an id outside the
+            vocabulary (ids made by another tokenizer).
+    """
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise ConfigError(f"token ids are a list of integers, not {type(ids).__name__} (text: encode_context)")
+    try:
+        given = [operator.index(i) for i in ids]
+    except TypeError:
+        raise ConfigError("token ids are integers") from None
+    vocabulary = int(cast(torch.Tensor, model.model.get_input_embeddings().weight).shape[0])
+    if not given:
+        raise ConfigError("no token ids to prefill: a message holds at least one token")
+    if bad := [i for i in given if not 0 <= i < vocabulary]:
+        raise ConfigError(f"token id {bad[0]} is outside the model's vocabulary of {vocabulary} (ids of another "
+                          "tokenizer?)")
+    return given

@@ -115,3 +115,20 @@ def test_a_receiver_input_serves_one_generation_and_a_budget_is_at_least_one_tok
         greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
     again = build_receiver_input(model.model, prefill(model.model, ids, valid), [1, 2])
     assert greedy_generate(model.model, again, question, asked, 3, model.stop_ids, model.pad_id) == first
+
+
+def test_the_exchange_refuses_what_is_not_a_model_a_message_or_token_ids_naming_it():
+    """Each was a raw AttributeError, IndexError or ValueError from deep inside."""
+    import kvcomm
+
+    model = tiny_loaded("llama")
+    message = kvcomm.encode_context(model, "Mira lives in Oslo.")
+    for given, match in ((b"KVC", "not bytes .bytes: KVMessage.from_bytes"), ("text", "not str")):
+        with pytest.raises(ConfigError, match=match):
+            kvcomm.answer(model, given, "Where?")
+    with pytest.raises(ConfigError, match="the receiver is a LoadedModel, not Agents .an Agents pair"):
+        kvcomm.answer(kvcomm.Agents(model, model), message, "Where?")
+    for ids, match in (([10**6], "outside the model's vocabulary"), ([-5, 3], "token id -5"),
+                       ([], "no token ids"), ("hello", "not str"), ([1.5], "integers")):
+        with pytest.raises(ConfigError, match=match):
+            kvcomm.encode_ids(model, ids)
