@@ -7,6 +7,7 @@ Every configuration kvcomm takes from a user (a method's options, an evaluation,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any, ClassVar, Self
 
@@ -62,3 +63,15 @@ class Options(BaseModel):
     def changed(self, **data: Any) -> Self:
         """A validated copy with ``data`` replacing fields."""
         return type(self).build(None, **{**self.model_dump(), **data})
+
+
+def listed(value: Any, what: str) -> list[Any]:
+    """``value``, a list, tuple or other iterable of values, as a list: a bare string or number is
+    refused (a string would be read character by character: ``"kvcomm"`` as methods k, v, c …).
+
+    Raises:
+        ConfigError: naming ``what`` and showing how to give one value.
+    """
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"{what} is a list of values, not {value!r} (one value: [{value!r}])")
+    return list(value)

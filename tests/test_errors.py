@@ -132,3 +132,14 @@ def test_the_exchange_refuses_what_is_not_a_model_a_message_or_token_ids_naming_
                        ([], "no token ids"), ("hello", "not str"), ([1.5], "integers")):
         with pytest.raises(ConfigError, match=match):
             kvcomm.encode_ids(model, ids)
+
+
+@pytest.mark.parametrize("given, match", [({"names": "kvcomm"}, "names is a list of values, not 'kvcomm'"),
+                                          ({"names": ["kvcomm"], "ratios": 0.5}, "ratios is a list"),
+                                          ({"names": ["kvcomm"], "ratios": "0.5"}, "ratios is a list"),
+                                          ({"names": ["kvcomm"], "codecs": "int8"}, "codecs is a list")])
+def test_a_bare_value_where_a_list_is_expected_is_refused_not_read_letter_by_letter(given, match):
+    from kvcomm import build_methods
+
+    with pytest.raises(ConfigError, match=match):
+        build_methods(**given)

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from kvcomm.config import listed
 from kvcomm.errors import ConfigError
 from kvcomm.methods.ac import ACOptions, ActivationCommunication
 from kvcomm.methods.adaptive import AdaptiveKVComm, AdaptiveOptions
@@ -70,6 +71,9 @@ def build_methods(
     Raises:
         ConfigError: an unknown method, an option no named method takes, or an invalid value.
     """
+    names = listed(names, "names")
+    ratios, codecs, modes = (None if axis is None else listed(axis, what)
+                             for axis, what in ((ratios, "ratios"), (codecs, "codecs"), (modes, "modes")))
     if not names:
         raise ConfigError("name at least one method")
     given = {key: value for key, value in options.items() if value is not None}

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from kvcomm.config import listed
 from kvcomm.errors import KvcommError, MessageTooLarge
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.protocol.shared import layer_indices
@@ -241,7 +242,8 @@ class Client:
         or its store full or down) is a :class:`ServiceError` whose ``carried["completion"]`` is the
         reply generated before. ``kv_blend`` (e.g. ``{"ratio": 0.15}``) recomputes that
         fraction of the joined messages' tokens where reused KV deviates most (CacheBlend)."""
-        refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m for m in kv_messages]
+        refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m
+                for m in listed(kv_messages, "kv_messages")]
         body: dict[str, Any] = {"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}
         if kv_return is not None:
             body["kv_return"] = kv_return
