@@ -981,3 +981,10 @@ def test_auto_estimates_each_frame_so_sinks_and_hidden_states_count():
             assert 0.9 * real <= estimate["bytes"] <= real, (name, hidden)
         fastest = min(choice["candidates"], key=lambda n: choice["candidates"][n]["seconds"])
         assert choice["chosen"] == fastest  # within the budget: every candidate here is
+
+
+def test_loading_a_message_that_is_not_a_readable_file_is_a_wire_error(tmp_path):
+    with pytest.raises(WireError, match="cannot read the message .*No such file"):
+        KVMessage.load(tmp_path / "missing.kvc")
+    with pytest.raises(WireError, match="Is a directory"):
+        KVMessage.load(tmp_path)

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import io
 import math
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -302,13 +303,22 @@ class KVMessage:
     @classmethod
     def load(cls, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, receiver: Fingerprint | None = None,
              max_decoded_bytes: int = DEFAULT_MAX_DECODED) -> KVMessage:
+        """The message saved at ``path`` (checked as :meth:`read` checks it).
+
+        Raises:
+            WireError: the file cannot be read (missing, a folder, no permission), or what
+                :meth:`read` raises.
+        """
         path = Path(path)
-        if path.stat().st_size > max_bytes:
-            raise MessageTooLarge(f"{path} is {path.stat().st_size} bytes, the limit is {max_bytes}")
-        with path.open("rb") as f:
-            message = cls.read(f, max_bytes, receiver, max_decoded_bytes)
-            if f.read(1):
-                raise CorruptMessage(f"{path}: trailing bytes after the end of the message")
+        try:
+            with path.open("rb") as f:
+                if (size := os.fstat(f.fileno()).st_size) > max_bytes:
+                    raise MessageTooLarge(f"{path} is {size} bytes, the limit is {max_bytes}")
+                message = cls.read(f, max_bytes, receiver, max_decoded_bytes)
+                if f.read(1):
+                    raise CorruptMessage(f"{path}: trailing bytes after the end of the message")
+        except OSError as err:
+            raise WireError(f"cannot read the message {path}: {err.strerror or err}") from None
         return message
 
     @classmethod
