@@ -65,7 +65,9 @@ def encode_context(
     Args:
         layers: layers shared in full (all if None); the others carry the sink token.
         codec: payload codec (``fp32``, ``fp16``, ``int8``, ``int4``, ``klt``, ``cachegen``, ``zstd`` …).
-        mode: ``causal``, ``legacy`` or ``shift-back``; carried by the message so the receiver masks alike.
+        mode: a mask mode (``causal``, ``legacy``, ``shift-back``, ``padded-sink`` or
+            ``padded-zero``: ``kvcomm.protocol.MASK_MODES``); carried by the message so the
+            receiver masks alike.
 
     Raises:
         ConfigError: an unknown codec or mode, or a layer out of range.

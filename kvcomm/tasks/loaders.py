@@ -315,14 +315,16 @@ def facts(path: str | Path | None = None, items: int = 100, facts_per_item: int 
 
 def load_task(name: str, path: str | Path | None = None, max_new_tokens: int | None = None,
               metric: str | None = None, **params: Any) -> Task:
-    """Builds a registered task by name (``countries``, ``tipsheets``, ``jsonl``, ``facts``).
+    """Builds a registered task by name: ``countries``, ``tipsheets`` and ``jsonl`` (read from
+    ``path``), or the generated ``facts``, ``multihop`` and ``relay`` (``kvcomm tasks``).
 
     ``max_new_tokens`` and ``metric`` replace the task's answer budget and primary metric; other
     ``params`` go to the task's loader (e.g. ``items`` and ``seed`` of ``facts``).
 
     Raises:
         ConfigError: an unknown task, option or metric, or a budget below 1.
-        DataError: the data is missing or malformed.
+        DataError: the data is missing or malformed, or an option's value cannot make items (e.g.
+            ``items`` below 1, a relay of fewer than 2 hops).
     """
     info = TASKS.get(name)
     check_options(name, info.load, params)

@@ -99,7 +99,7 @@ class KVMessage:
         layers: one entry per model layer, in order.
         codec: how payloads are (or were) encoded.
         meta: free-form JSON-serialisable notes (sender name, …).
-        mode: the mask mode the receiver must use (``causal``, ``legacy``, ``shift-back``).
+        mode: the mask mode the receiver must use (one of ``kvcomm.protocol.MASK_MODES``).
         token_ids: the context's token ids (``[C]``), when the sender sends them.
         hidden: ``{layer: [C, H]}`` the sender's hidden states entering those layers, when sent.
     """
