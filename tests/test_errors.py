@@ -143,3 +143,22 @@ def test_a_bare_value_where_a_list_is_expected_is_refused_not_read_letter_by_let
 
     with pytest.raises(ConfigError, match=match):
         build_methods(**given)
+
+
+def test_evaluate_and_graphs_refuse_wrong_objects_naming_what_they_take():
+    """Each was an AttributeError or TypeError from inside (a graph built on an Agents pair only
+    failed once it ran)."""
+    import kvcomm
+
+    model = tiny_loaded("llama")
+    task = kvcomm.load_task("facts", items=4)
+    methods = kvcomm.build_methods(["baseline"])
+    agents = kvcomm.Agents(model, model)
+    for args, match in (((model, task, methods), "agents: an Agents pair"),
+                        ((agents, "facts", methods), "task: a Task"),
+                        ((agents, task, methods[0]), "methods: a list of Method"),
+                        ((agents, task, methods, {"limit": 2}), "config: an EvalConfig")):
+        with pytest.raises(ConfigError, match=match):
+            kvcomm.evaluate(*args, progress=False)
+    with pytest.raises(ConfigError, match="one LoadedModel .kvcomm.load_model., not Agents"):
+        kvcomm.Graph.build(agents, "chain", agents=2)

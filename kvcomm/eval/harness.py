@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
-from kvcomm.config import Options
+from kvcomm.config import Options, listed
 from kvcomm.errors import ConfigError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
@@ -296,6 +296,13 @@ def evaluate(
             not fit this run.
         ClusterError: a batch's worker failed more often than the cluster's retries allow.
     """
+    for value, kind, what in ((agents, Agents, "agents: an Agents pair (Agents(sender, receiver), Agents.load)"),
+                              (task, Task, "task: a Task (load_task)"), (config, EvalConfig | None,
+                                                                         "config: an EvalConfig")):
+        if not isinstance(value, kind):
+            raise ConfigError(f"evaluate's {what}, not {type(value).__name__}")
+    if isinstance(methods, Method) or not all(isinstance(method, Method) for method in listed(methods, "methods")):
+        raise ConfigError("evaluate's methods: a list of Method (build_methods, make_method)")
     config = config or EvalConfig()
     check_distinct(methods)
     if cluster is not None:

@@ -261,6 +261,8 @@ class Graph:
     def __init__(self, model: LoadedModel, steps: Sequence[Step], agents: int, edge: EdgeOptions | None = None,
                  reply_tokens: int | None = None, topology: str = "custom",
                  reuse: bool | AnchorOptions = False) -> None:
+        if not isinstance(model, LoadedModel):
+            raise ConfigError(f"a graph's agents share one LoadedModel (kvcomm.load_model), not {type(model).__name__}")
         if not steps:
             raise ConfigError("a graph needs at least one step")
         seen: set[Turn] = set()
