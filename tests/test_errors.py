@@ -162,3 +162,14 @@ def test_evaluate_and_graphs_refuse_wrong_objects_naming_what_they_take():
             kvcomm.evaluate(*args, progress=False)
     with pytest.raises(ConfigError, match="one LoadedModel .kvcomm.load_model., not Agents"):
         kvcomm.Graph.build(agents, "chain", agents=2)
+
+
+def test_one_item_where_a_list_goes_is_refused():
+    import kvcomm
+
+    model = tiny_loaded("llama")
+    task = kvcomm.load_task("facts", items=4)
+    with pytest.raises(ConfigError, match="a list of items"):
+        kvcomm.calibrate(kvcomm.Agents(model, model), task, task.items[0], progress=False)
+    with pytest.raises(ConfigError, match="a list of items"):
+        kvcomm.Graph.build(model, "chain", agents=2).run(task, task.items[0], progress=False)

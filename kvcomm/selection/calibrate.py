@@ -35,6 +35,7 @@ from pydantic import ConfigDict
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
+from kvcomm.config import listed
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile
@@ -214,6 +215,8 @@ def calibrate(
             or ``sigma`` not positive, or ``auto`` with the ``prior`` rule;
             DataError: no items, items without a gold answer, or fewer than 2 items for ``auto``.
     """
+    if isinstance(items, Item) or not all(isinstance(item, Item) for item in listed(items, "items")):
+        raise ConfigError("calibration takes a list of items (some of task.items)")
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
     if pool is not None and pool < 1:
