@@ -421,3 +421,29 @@ def test_the_openapi_spec_documents_every_status_a_route_returns(http):
                 assert {400, 422, 503} <= documented, (method, path, documented)
     chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"404", "409", "499", "504"} <= set(chat)
+
+
+def test_one_disk_fault_does_not_refuse_contexts_for_ever(tmp_path, monkeypatch):
+    """A route that met the disk store down marked it failed, and a store without a probe was never
+    seen to recover: every later POST /v1/contexts was a 503 until a restart (its message one
+    "unavailable:" longer each time)."""
+    import sqlite3
+
+    from kvcomm.serve import DiskStore
+
+    store = DiskStore(tmp_path / "d", 1 << 24)
+    with TestClient(create_app(tiny_loaded("llama"), store, ServeConfig())) as http:
+        real = store._cache.get
+
+        def locked(*args, **kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(store._cache, "get", locked)
+        assert http.get("/v1/messages/x").status_code == 503
+        monkeypatch.setattr(store._cache, "get", real)  # the fault is gone
+        time.sleep(1.1)  # past the health result's freshness
+        health = http.get("/healthz").json()
+        assert health["status"] == "ok", health
+        for _ in range(2):
+            made = http.post("/v1/contexts", json={"context": "Mira lives in Oslo."})
+            assert made.status_code == 200, made.text

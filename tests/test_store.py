@@ -219,3 +219,71 @@ def test_redis_errors_never_show_its_password():
     assert without_password("redis://:pw@[::1]:6379/2") == "redis://***@[::1]:6379/2"
     assert without_password("rediss://host/0") == "rediss://host/0"
     assert without_password("redis://h:6379/0?password=s3cret&db=1") == "redis://h:6379/0?password=***&db=1"
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_a_message_that_fits_is_kept_and_one_that_does_not_is_refused_never_stored_then_lost(kind, tmp_path):
+    """The disk store's cull deleted ten messages at a time, the one just written among them
+    (the write answered, the id then 404): a large message replacing small ones, or one near the
+    bound in an empty store, was dropped with everything else."""
+    store = MemoryStore(1_000_000) if kind == "memory" else DiskStore(tmp_path / "d", 1_000_000)
+    for i in range(5):
+        store.put(f"s{i}", bytes([i]) * 60_000)
+    store.put("big", b"b" * 700_000)
+    assert store.get("big") == b"b" * 700_000  # kept: older messages made room, one at a time
+    assert "big" in store.list() and len(store.list()) >= 2 and store.size_bytes() <= 1_000_000
+    if kind == "disk":  # the index takes room too: a message that fits only without it is refused
+        with pytest.raises(StoreFull, match="beside its index"):
+            store.put("huge", b"h" * 999_000)
+        assert store.get("huge") is None and store.get("big") is None  # room was made for it, then refused
+        empty = DiskStore(tmp_path / "e", 1_000_000)
+        with pytest.raises(StoreFull):
+            empty.put("near", b"n" * 999_000)
+        assert empty.list() == []
+
+
+def test_the_memory_store_drops_what_expired_before_evicting_a_live_message():
+    store = MemoryStore(10, ttl_s=0.2)
+    store.put("a", b"aaaa")
+    time.sleep(0.1)
+    store.put("b", b"bbbb")
+    assert store.get("a") == b"aaaa"  # read before it expires: now the most recently used
+    time.sleep(0.15)  # a is past its time to live, b is not
+    store.put("c", b"cccc")  # before: b, the least recently used, was evicted and a kept its bytes
+    assert store.get("b") == b"bbbb" and store.list() == ["b", "c"] and store.size_bytes() == 8
+
+
+def test_redis_keeps_a_time_to_live_below_a_second_and_lists_only_ids(redis_url):
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"test:{time.time_ns()}:", ttl_s=0.3)
+    store.put("a", b"1")
+    other = redis.Redis.from_url(redis_url)
+    other.set(store.prefix + "not an id/x", b"2")
+    other.set(store.prefix.encode() + b"\xff\xfe", b"3")
+    assert store.list() == ["a"]  # what other writers put under the prefix is no message id
+    time.sleep(0.5)
+    assert store.get("a") is None  # before: whole seconds, so it lived a second
+    with pytest.raises(ConfigError, match="not a Redis address"):
+        RedisStore("redis://127.0.0.1:abc/0")
+    other.close()
+    store.close()
+
+
+def test_a_disk_index_locked_past_the_timeout_is_store_unavailable(tmp_path, monkeypatch):
+    import sqlite3
+
+    from kvcomm.serve.stores import StoreUnavailable, disk
+
+    monkeypatch.setattr(disk, "LOCK_TIMEOUT_S", 0.2)
+    store = DiskStore(tmp_path, max_bytes=1 << 20)
+    store.put("m", b"x")
+    holder = sqlite3.connect(str(tmp_path / "cache.db"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.delete("m")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.delete("m")

@@ -15,6 +15,8 @@ import anyio
 
 from kvcomm.serve.stores import MessageStore, Pingable, StoreError, StoreUnavailable, store_kind_of
 
+UNAVAILABLE = "the message store is unavailable: "
+
 
 class StoreHealth:
     """The last known state of one store, refreshed by at most one probe at a time."""
@@ -22,7 +24,7 @@ class StoreHealth:
     def __init__(self, store: MessageStore, fresh_s: float = 1.0) -> None:
         self.store, self.fresh_s = store, fresh_s
         self._state: dict[str, Any] = {"kind": store_kind_of(store), "ok": True, "error": None}
-        self._checked = -float("inf")
+        self._checked = self._failed = -float("inf")
         self._probe: asyncio.Task[None] | None = None
 
     async def _run_probe(self) -> None:
@@ -35,13 +37,19 @@ class StoreHealth:
         self._checked = time.monotonic()
 
     def record_failure(self, error: str) -> None:
-        """A route found the store down: report it until the next probe says otherwise."""
-        self._state = {**self._state, "ok": False, "error": error}
+        """A route found the store down: report it until the next probe says otherwise (a store
+        that cannot be probed: for ``fresh_s``, then the next request tries it again)."""
+        self._state = {**self._state, "ok": False, "error": error.removeprefix(UNAVAILABLE)}
+        self._failed = time.monotonic()
         self._checked = -float("inf")  # the next /healthz probes again (recovery is seen at once)
 
     async def state(self, wait_s: float = 0.05) -> dict[str, Any]:
         """The store's state, waiting at most ``wait_s`` for a probe to answer."""
-        if not isinstance(self.store, Pingable) or time.monotonic() - self._checked < self.fresh_s:
+        if not isinstance(self.store, Pingable):
+            if not self._state["ok"] and time.monotonic() - self._failed >= self.fresh_s:
+                self._state = {**self._state, "ok": True, "error": None}  # no probe: a failure is not for ever
+            return self._state
+        if time.monotonic() - self._checked < self.fresh_s:
             return self._state
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._run_probe())
@@ -54,4 +62,4 @@ class StoreHealth:
         """Raises :class:`StoreUnavailable` unless the store answers within ``wait_s``."""
         state = await self.state(wait_s)
         if not state["ok"]:
-            raise StoreUnavailable(f"the message store is unavailable: {state['error']}")
+            raise StoreUnavailable(f"{UNAVAILABLE}{state['error']}")

@@ -44,6 +44,15 @@ def check_id(message_id: str) -> str:
     return message_id
 
 
+def is_id(message_id: object) -> bool:
+    """Whether :func:`check_id` takes ``message_id``."""
+    try:
+        check_id(message_id)  # type: ignore[arg-type]
+    except StoreError:
+        return False
+    return True
+
+
 CONTENT_PREFIX = "kv-"  # ids the service makes from what a message holds (``POST /v1/contexts``)
 
 

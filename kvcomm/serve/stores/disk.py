@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.stores.base import StoreError, StoreFull, StoreUnavailable, check_id
+from kvcomm.serve.stores.base import StoreError, StoreFull, StoreUnavailable, check_id, is_id
 
 T = TypeVar("T")
+LOCK_TIMEOUT_S = 5.0  # how long a write waits for the index another process holds (diskcache: 60)
 
 
 PICKLED_KEY = object()
@@ -58,18 +59,25 @@ class DiskStore:
 
     def __init__(self, directory: str | Path, max_bytes: int = 10 << 30, ttl_s: float | None = None) -> None:
         self.directory, self.max_bytes, self.ttl_s = Path(directory), max_bytes, ttl_s
-        # each write evicts the least recently used message while the store is full (cull_limit 1);
-        # a write that still leaves it over its bound (a large message replacing small ones) culls more
+        # diskcache culls nothing itself (cull_limit 0): its cull could take the message just written
+        # (it deletes in batches, and counts the index); :meth:`put` evicts one message at a time
         disk = _bytes_only_disk()  # first: where diskcache is missing, it says which extra brings it
         import diskcache
-        self._cache = diskcache.Cache(str(directory), disk=disk, size_limit=max_bytes,
-                                      eviction_policy="least-recently-used", cull_limit=1)
+        self._timeout = diskcache.Timeout
+        try:
+            self._cache = diskcache.Cache(str(directory), disk=disk, size_limit=max_bytes, timeout=LOCK_TIMEOUT_S,
+                                          eviction_policy="least-recently-used", cull_limit=0)
+        except (OSError, sqlite3.Error) as err:
+            raise ConfigError(f"cannot open a disk store at {directory}: {type(err).__name__}: {err}") from None
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()``, where a full disk is :class:`StoreFull` (507) and any other fault of the disk
         or its SQLite index :class:`StoreUnavailable` (503), not an unhandled error."""
         try:
             return fn()
+        except self._timeout:
+            raise StoreUnavailable(f"the disk store at {self.directory} failed ({what}): its index stayed locked "
+                                   f"for {LOCK_TIMEOUT_S:g} s") from None
         except (OSError, sqlite3.Error) as err:
             full = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) if isinstance(err, OSError)
                     else "full" in str(err).lower())  # SQLite says "database or disk is full"; a path may say "full"
@@ -82,11 +90,23 @@ class DiskStore:
             raise StoreFull(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
 
         def write() -> None:
+            self._cache.expire()  # what is past its time to live goes before anything live
             self._cache.set(message_id, bytes(data), expire=self.ttl_s)
-            if self._cache.volume() > self.max_bytes:
-                self._cache.cull()
+            while self._cache.volume() > self.max_bytes:  # (the index counts: SQLite's pages)
+                oldest = self._cache._sql(
+                    "SELECT key FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND key != ? "
+                    "ORDER BY access_time LIMIT 1", (message_id,)).fetchone()
+                if oldest is None:  # nothing else to evict: it does not fit beside the index
+                    self._cache.delete(message_id)
+                    raise StoreFull(f"message of {len(data)} bytes does not fit the store's {self.max_bytes} bytes "
+                                    "beside its index")
+                self._cache.delete(oldest[0])
 
         self._call("put", write)
+
+    def ping(self) -> None:
+        """The index answers (``/healthz`` after a fault: the store is seen to recover)."""
+        self._call("ping", lambda: self._cache._sql("SELECT 1").fetchone())
 
     def get(self, message_id: str) -> bytes | None:
         check_id(message_id)
@@ -105,7 +125,7 @@ class DiskStore:
         """The ids held; a key some other writer pickled (never unpickled, and no id of a message:
         ids are text) is left out, where before it refused the whole listing."""
         def keys() -> list[str]:
-            return [key for key in self._cache.iterkeys() if isinstance(key, str) and key in self._cache]
+            return [key for key in self._cache.iterkeys() if isinstance(key, str) and is_id(key) and key in self._cache]
 
         return sorted(self._call("list", keys))
 

@@ -26,6 +26,9 @@ class MemoryStore:
             self._drop(message_id)
             self._items[message_id] = (data, time.monotonic())
             self._size += len(data)
+            if self._size > self.max_bytes:  # what is past its time to live goes before anything live
+                for held in list(self._items):
+                    self._live(held)
             while self._size > self.max_bytes:
                 _, (evicted, _) = self._items.popitem(last=False)
                 self._size -= len(evicted)
@@ -57,7 +60,10 @@ class MemoryStore:
         return len(self.list())
 
     def size_bytes(self) -> int:
+        """The bytes of the messages :meth:`list` gives (those past their time to live dropped)."""
         with self._lock:
+            for held in list(self._items):
+                self._live(held)
             return self._size
 
     def close(self) -> None:

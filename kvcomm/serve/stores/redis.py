@@ -7,7 +7,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.stores.base import StoreUnavailable, check_id
+from kvcomm.serve.stores.base import StoreUnavailable, check_id, is_id
 
 T = TypeVar("T")
 
@@ -43,8 +43,11 @@ class RedisStore:
         # every Redis fault, not only the connection's: a full Redis (OOM under noeviction) or a
         # read-only replica refuses writes with errors of their own
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                            health_check_interval=30)
+        try:
+            self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                health_check_interval=30)
+        except ValueError as err:  # a malformed address (a port that is no number, an unknown scheme)
+            raise ConfigError(f"not a Redis address: {without_password(url)} ({err})") from None
         self.url, self.prefix, self.ttl_s = without_password(url), prefix, ttl_s  # url: what errors may show
         if connect:
             self.ping()
@@ -60,8 +63,8 @@ class RedisStore:
 
     def put(self, message_id: str, data: bytes) -> None:
         key = self.prefix + check_id(message_id)
-        expire = None if self.ttl_s is None else max(1, int(self.ttl_s))
-        self._call("put", lambda: self._client.set(key, data, ex=expire))  # one SET: atomic
+        expire = None if self.ttl_s is None else max(1, round(self.ttl_s * 1000))  # ms, as the other stores keep it
+        self._call("put", lambda: self._client.set(key, data, px=expire))  # one SET: atomic
 
     def get(self, message_id: str) -> bytes | None:
         key = self.prefix + check_id(message_id)
@@ -79,7 +82,8 @@ class RedisStore:
         def scan() -> list[Any]:
             return list(self._client.scan_iter(match=self.prefix + "*"))
 
-        return sorted(k.decode()[len(self.prefix):] for k in self._call("list", scan))
+        ids = (key.decode("utf-8", errors="replace")[len(self.prefix):] for key in self._call("list", scan))
+        return sorted(message_id for message_id in ids if is_id(message_id))  # not what other writers put there
 
     def close(self) -> None:
         self._client.close()
