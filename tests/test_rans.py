@@ -165,3 +165,25 @@ def test_corrupt_streams_are_refused_not_misread(data):
 def test_wrong_level_type_is_refused():
     with pytest.raises(ValueError, match="uint8"):
         _tables().decode(np.zeros(8, dtype=np.uint16), np.zeros(4, dtype=np.int64))
+
+
+def test_crafted_counts_whose_sum_wraps_are_refused_before_any_table_is_built():
+    """int64 counts of 2**63 - 1 wrapped to the declared size, gave negative frequencies summing
+    to 2**14, and the table builders (compiled, unchecked) wrote past their tables: a segfault or
+    heap corruption from a 2 KB message."""
+    from kvcomm.wire.codecs.entropy import symbols_decoder
+    from kvcomm.wire.codecs.rans import rans_categorical_decoder
+
+    size = 288
+    crafted = np.zeros(40, dtype=np.int64)
+    crafted[0] = crafted[1] = (1 << 63) - 1
+    crafted[2] = size + 2
+    assert int(crafted.sum()) == size  # wrapped
+    words = np.zeros(16, dtype=np.uint16)
+    with pytest.raises(ValueError, match="symbol counts"):
+        symbols_decoder(crafted, words, size, "rans")
+    with pytest.raises(ValueError, match="symbol counts"):
+        symbols_decoder(np.array([100.0, 188.0]), words, size, "rans")  # counts are integers
+    for pairs in (0, 4):  # the compiled decoder's own guard, for callers that skip the one above
+        with pytest.raises(ValueError, match="no table of frequencies"):
+            rans_categorical_decoder(words, crafted, size, np.int32 if pairs == 0 else np.uint8, pairs=pairs)

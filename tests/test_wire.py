@@ -988,3 +988,22 @@ def test_loading_a_message_that_is_not_a_readable_file_is_a_wire_error(tmp_path)
         KVMessage.load(tmp_path / "missing.kvc")
     with pytest.raises(WireError, match="Is a directory"):
         KVMessage.load(tmp_path)
+
+
+def test_a_zstd_payload_is_never_inflated_past_its_declared_size():
+    """A frame that states a larger content size was decompressed in full before its length was
+    checked (64 KB of message made 2 GiB); one that states none is read only to the size + 1."""
+    import resource
+
+    import numpy as np
+    import zstandard
+
+    codec = make_codec("zstd")
+    shape = (1, 4, 8)  # 64 float16 values, keys and values: 128 bytes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for stated in (True, False):
+        packed = zstandard.ZstdCompressor(write_content_size=stated).compress(bytes(64 << 20))
+        tensors = {"zstd": torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy())}
+        with pytest.raises(ValueError, match="zstd payload (states|holds more than)"):
+            codec.decode(tensors, shape, 0, 1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10  # KiB: below the 64 MiB

@@ -92,7 +92,8 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
     dtype = np.uint8 if counts.size <= 256 else np.int32
     if size == 0:
         return lambda: np.zeros(0, dtype=dtype)
-    if counts.sum() != size or (counts < 0).any() or counts.size > MAX_SYMBOLS:
+    if (counts.dtype.kind not in "iu" or counts.size > MAX_SYMBOLS or (counts < 0).any() or (counts > size).any()
+            or sum(int(count) for count in counts.tolist()) != size):  # Python ints: a crafted sum cannot wrap
         raise ValueError("symbol counts do not match the number of coded symbols")
     if counts.size == 1:
         if stream.size:

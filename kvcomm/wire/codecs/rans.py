@@ -503,6 +503,8 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
         raise ValueError(f"{counts.size} symbols do not decode to {np.dtype(dtype)}")
     group = group_size(counts.size, pairs)
     freq = grouped_frequencies(counts, group)
+    if freq.size and (int(freq.min()) < 0 or int(freq.sum()) != 1 << CATEGORICAL_BITS):  # the tables' bounds
+        raise ValueError("symbol counts give no table of frequencies: they cannot be an encoder's")
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
         values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes

@@ -64,9 +64,7 @@ class ZstdCodec(Codec):
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = 2 * 2 * int(np.prod(shape))
-        raw = zstandard.ZstdDecompressor().decompress(tensors["zstd"].numpy().tobytes(), max_output_size=size)
-        if len(raw) != size:
-            raise ValueError(f"zstd payload holds {len(raw)} bytes, expected {size}")
+        raw = _inflate(tensors["zstd"], size)
         both = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float()
         return both[: size // 4].reshape(shape), both[size // 4:].reshape(shape)
 
@@ -77,10 +75,30 @@ class ZstdCodec(Codec):
 
     def decode_hidden(self, tensors: Tensors, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
         size = 2 * int(np.prod(shape))
-        raw = zstandard.ZstdDecompressor().decompress(tensors["zstd"].numpy().tobytes(), max_output_size=size)
-        if len(raw) != size:
-            raise ValueError(f"zstd payload holds {len(raw)} bytes, expected {size}")
+        raw = _inflate(tensors["zstd"], size)
         return torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).float().reshape(shape)
+
+
+def _inflate(packed: torch.Tensor, size: int) -> bytes:
+    """A zstd payload's ``size`` bytes, never more read (a frame that states a larger content size
+    was decompressed in full before the length was checked: 64 KB made 2 GiB).
+
+    Raises:
+        ValueError: the payload holds another number of bytes.
+    """
+    blob = packed.numpy().tobytes()
+    try:
+        stated = zstandard.frame_content_size(blob)
+        if stated not in (size, -1, zstandard.CONTENTSIZE_UNKNOWN):
+            raise ValueError(f"zstd payload states {stated} bytes, expected {size}")
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            raw = reader.read(size + 1)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"zstd payload does not decode: {err}") from None
+    if len(raw) != size:
+        raise ValueError(f"zstd payload holds {len(raw) if len(raw) <= size else 'more than ' + str(size)} bytes, "
+                         f"expected {size}")
+    return raw
 
 
 preset("fp32", "raw", dtype="float32")
