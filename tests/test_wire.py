@@ -1007,3 +1007,18 @@ def test_a_zstd_payload_is_never_inflated_past_its_declared_size():
         with pytest.raises(ValueError, match="zstd payload (states|holds more than)"):
             codec.decode(tensors, shape, 0, 1)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10  # KiB: below the 64 MiB
+
+
+def test_what_a_codec_writes_its_readers_take_even_at_the_edge_of_float16():
+    """cachegen's and klt's steps (float16) could overflow to infinity on values float16 holds:
+    the writer wrote messages every reader refused as corrupt. bf16 took float32 values above
+    bfloat16's range (infinite once cast)."""
+    alternating = torch.full((2, 30, 16), 60000.0) * (torch.arange(30) % 2 * 2 - 1)[None, :, None]
+    book = random_codebook(2, 16, layers=1, seed=3)
+    for codec in (make_codec("cachegen"), make_codec("klt", step=16.0).bind(lambda: book)):
+        layers = [LayerKV(0, True, alternating, -alternating)]
+        back = KVMessage.from_bytes(KVMessage({"m": 1}, 30, 0, layers, codec).to_bytes())
+        assert back.layers[0].keys.isfinite().all(), codec.name
+    huge = torch.full((1, 2, 4), 3.4e38)
+    with pytest.raises(WireError, match="bfloat16 values.*send it with fp32$"):
+        KVMessage({"m": 1}, 2, 0, [LayerKV(0, True, huge, huge)], make_codec("bf16")).to_bytes()

@@ -58,7 +58,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV, received_positions
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.codecs.base import all_finite, header_codec, in_two_lanes, value_range
+from kvcomm.wire.codecs.base import FLOAT16_MAX, all_finite, header_codec, in_two_lanes, value_range
 from kvcomm.wire.header import (
     DIGEST_OF_CRCS_SINCE,
     MAX_HEADER,
@@ -198,9 +198,10 @@ class KVMessage:
                                     "carries finite values only")
                 extent = max(extent, -low, high)
                 if largest is not None and max(-low, high) > largest:
-                    raise WireError(f"layer {layer.index}: {self.codec.name} stores float16 values, ranges or steps, "
-                                    f"and this KV exceeds float16's range (|x| up to {max(-low, high):.3g}); send it "
-                                    "with fp32 or bf16")
+                    stored = "float16 values, ranges or steps" if largest <= FLOAT16_MAX else "bfloat16 values"
+                    raise WireError(f"layer {layer.index}: {self.codec.name} stores {stored}, and this KV exceeds "
+                                    f"their range (|x| up to {max(-low, high):.3g}); send it with "
+                                    + ("fp32 or bf16" if largest <= FLOAT16_MAX else "fp32"))
         first = self.layers[0].keys
         if odd := [layer.index for layer in self.layers if layer.keys.shape[1] and (
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kvcomm.errors import ConfigError
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
+from kvcomm.wire.codecs.base import CODECS, FLOAT16_MAX, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
 from kvcomm.wire.codecs.quant import checked_ranges, dequantize, dequantize_grouped, quantize, unpack
 
@@ -104,7 +104,7 @@ class CacheGenCodec(Codec):
         anchors = dequantize(coded, 8, 1, anchors.shape[1], tuple(anchors.shape))
         delta = (x - anchors[:, anchor_of])[:, is_delta]  # [H, T - G, D]
         spread = delta.std(dim=1, unbiased=False) if delta.shape[1] > 1 else delta.abs().sum(dim=1)
-        step = (spread * self._step(layer, num_layers)).clamp(min=1e-6).half()  # per channel [H, D]
+        step = (spread * self._step(layer, num_layers)).clamp(1e-6, FLOAT16_MAX).half()  # per channel [H, D], finite
         codes = (delta / step.float()[:, None]).round().clamp(-self.max_code, self.max_code).long()
         low, counts, stream = ans_encode(codes.flatten().numpy(), self.coder)
         return {**{f"anchor.{n}": t for n, t in coded.items()}, "step": step,

@@ -2,7 +2,11 @@
 
 Quantised KV codes are far from uniform (most fall near the middle of their range or near zero
 delta), so coding them with their own measured distribution takes fewer bits than fixed-width
-packing. The symbol counts travel with the stream; decoding checks they match what it produced.
+packing. The symbol counts travel with the stream and are checked before decoding (integers, each
+at most the symbols' number, summing to it); a decoded stream is checked too: rANS's states must
+end where encoding began, and ``constriction``'s symbols must match the counts. (A stream altered
+to decode to other symbols with the right end state is the frame checksums' and the message
+digest's to catch, before any decoding.)
 
 Five coders: ``rans`` (kvcomm's table-driven coder, :mod:`~kvcomm.wire.codecs.rans`, a stream of
 uint16 words on four interleaved states, two or four codes to a symbol where a stream's codes span
@@ -86,8 +90,8 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
     then decode them on two.
 
     Raises:
-        ValueError: counts that cannot describe ``size`` codes (now), or a stream that decodes to
-            other codes than the counts declare (from the call: corruption the checksums missed).
+        ValueError: counts that cannot describe ``size`` codes (now), or a stream that is no
+            encoding under them (from the call: rANS's end state, ``constriction``'s histogram).
     """
     dtype = np.uint8 if counts.size <= 256 else np.int32
     if size == 0:

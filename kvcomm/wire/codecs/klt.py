@@ -24,7 +24,7 @@ import torch
 
 from kvcomm.errors import ConfigError, WireError
 from kvcomm.wire.codebook import Codebook, arrived, carried, load_codebook
-from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, prefixed, preset, side_by_side
+from kvcomm.wire.codecs.base import CODECS, FLOAT16_MAX, Codec, Tensors, prefixed, preset, side_by_side
 from kvcomm.wire.codecs.entropy import Coder, check_coder, laplace_decode, laplace_encode, stream_words
 from kvcomm.wire.codecs.quant import dequantize_hidden, quantize_hidden
 from kvcomm.wire.codecs.rans import LaplaceTables, laplace_tables
@@ -51,7 +51,7 @@ def transform_codes(rest: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor,
     ``[H]``), the integer codes (``[H, T, D]``) and one Laplace scale level per component (uint8
     ``[H, D]``)."""
     coefficients = (rest.float() - mean[:, None]) @ basis
-    steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(min=1e-6).half()
+    steps = (step * coefficients.pow(2).mean(dim=(1, 2)).sqrt()).clamp(1e-6, FLOAT16_MAX).half()  # finite
     codes = (coefficients / steps.float()[:, None, None]).round().to(torch.int64)
     spread = codes.abs().float().mean(dim=1).clamp(min=MIN_SCALE)
     levels = (torch.log2(spread / MIN_SCALE) * SCALE_LEVELS).round().clamp(0, 255).to(torch.uint8)

@@ -29,7 +29,7 @@ class RawCodec(Codec):
         return {"dtype": self.dtype}
 
     def largest_value(self) -> float | None:
-        return FLOAT16_MAX if self.dtype == "float16" else None
+        return {"float16": FLOAT16_MAX, "bfloat16": torch.finfo(torch.bfloat16).max}.get(self.dtype)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         return {"k": keys.to(DTYPES[self.dtype]).contiguous(), "v": values.to(DTYPES[self.dtype]).contiguous()}
