@@ -302,3 +302,15 @@ def test_a_negative_seed_is_refused(name):
     with pytest.raises(DataError, match="seed is 0 or more, not -5"):
         load_task(name, items=2, seed=-5)
     assert load_task(name, items=2, seed=5).items
+
+
+def test_a_task_option_of_the_wrong_type_is_refused_naming_it():
+    import numpy as np
+
+    from kvcomm.errors import ConfigError
+    from kvcomm.tasks import load_task
+
+    for bad in ("5", 2.5, True):
+        with pytest.raises(ConfigError, match="option 'items' is a whole number"):
+            load_task("facts", items=bad)
+    assert len(load_task("facts", items=np.int64(3)).items) == 3

@@ -13,6 +13,7 @@ import difflib
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Integral, Real
 from typing import Any
 
 from kvcomm.errors import ConfigError
@@ -30,9 +31,17 @@ def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -
     and the valid ones.
 
     Raises:
-        ConfigError: an unknown option.
+        ConfigError: an unknown option, or a value not of the option's type (``items="5"``).
     """
-    _refuse_unknown(name, task_options(load), params)
+    known = task_options(load)
+    _refuse_unknown(name, known, params)
+    for key, value in params.items():
+        kind = known[key][0]
+        wanted = {int: Integral, float: Real}.get(kind, kind)
+        if kind in (int, float, bool, str) and (not isinstance(value, wanted) or
+                                                (kind is not bool and isinstance(value, bool))):
+            raise ConfigError(f"task {name!r} option {key!r} is {'a whole number' if kind is int else kind.__name__}, "
+                              f"not {value!r}")
 
 
 def _refuse_unknown(name: str, known: dict[str, tuple[type, Any]], keys: Iterable[str]) -> None:
