@@ -139,7 +139,7 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     try:
         yield staging
         if replace and target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "old."),
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "old"),
                                         suffix=TEMPORARY_SUFFIX))
             target.rename(old / target.name)
             try:
@@ -157,34 +157,46 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
 
 def sweep_staging(folder: Path, name: str | None = None) -> list[Path]:
     """Removes the staging folders in ``folder`` (of the target ``name``, or of any) that a process
-    on this machine left when it was killed (its id no longer runs): :func:`staged_folder` names
-    each after its target, its process and its machine. Where one was killed while replacing its
-    target (the old folder moved aside, the new one not yet in place), the old folder is put back
-    first. Folders of running processes, of other machines, or named otherwise are left alone.
+    of this machine and PID namespace left when it was killed (its id no longer runs):
+    :func:`staged_folder` names each after its target, its process, its machine and its kind.
+    Where one was killed while replacing its target (the old folder moved aside, the new one not
+    yet in place), the old folder is put back first. Folders of running processes, of other
+    machines or PID namespaces (another container's), or named otherwise are left alone.
     Returns the folders removed."""
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in folder.iterdir():
             found = _STAGING.fullmatch(entry.name)
             if (not found or (name is not None and found["name"] != name) or found["host"] != _host()
-                    or _running(int(found["pid"])) or not entry.is_dir()):
+                    or int(found["namespace"]) != _pid_namespace() or _running(int(found["pid"]))
+                    or not entry.is_dir()):
                 continue
             target = folder / found["name"]
             kept = entry / found["name"]
-            if found["old"] and kept.is_dir() and not target.exists():
+            if found["kind"] == "old" and kept.is_dir() and not target.exists():
                 kept.rename(target)  # killed between moving the old one aside and putting the new one in
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
-_STAGING = re.compile(rf"\.(?P<name>.+?)\.(?P<old>old\.)?pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.[a-z0-9_]+"
-                      rf"{re.escape(TEMPORARY_SUFFIX)}")
+_STAGING = re.compile(rf"\.(?P<name>.+)\.pid(?P<pid>\d+)-(?P<namespace>\d+)@(?P<host>[A-Za-z0-9-]*)"
+                      rf"\.(?P<kind>new|old)\.[a-z0-9_]+{re.escape(TEMPORARY_SUFFIX)}")
 
 
-def _staging_prefix(target: Path, kind: str = "") -> str:
-    """A staging folder's name opens with its target's, then its process's id and machine."""
-    return f".{target.name}.{kind}pid{os.getpid()}@{_host()}."
+def _staging_prefix(target: Path, kind: str = "new") -> str:
+    """A staging folder's name opens with its target's, then its process (id and PID namespace:
+    an id says nothing about a process of another container), its machine, and its kind (``new``:
+    what is being written; ``old``: a replaced folder moved aside)."""
+    return f".{target.name}.pid{os.getpid()}-{_pid_namespace()}@{_host()}.{kind}."
+
+
+def _pid_namespace() -> int:
+    """This process's PID namespace (its inode; 0 where the system does not say)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _host() -> str:

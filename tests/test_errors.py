@@ -111,10 +111,19 @@ def test_a_receiver_input_serves_one_generation_and_a_budget_is_at_least_one_tok
         with pytest.raises(ConfigError, match="max_new_tokens"):
             greedy_generate(model.model, start, question, asked, budget, model.stop_ids, model.pad_id)
     first = greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
-    with pytest.raises(ProtocolError, match="used by an earlier generation"):
+    with pytest.raises(ProtocolError, match="used by an earlier prefill or generation"):
         greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
     again = build_receiver_input(model.model, prefill(model.model, ids, valid), [1, 2])
     assert greedy_generate(model.model, again, question, asked, 3, model.stop_ids, model.pad_id) == first
+    from kvcomm.protocol import prefill_logits
+    from kvcomm.protocol.reply import generate_turn
+
+    for used_by in (lambda s: prefill_logits(model.model, s, question, asked),
+                    lambda s: generate_turn(model.model, s, question, asked, 2, model.stop_ids, model.pad_id)):
+        start = build_receiver_input(model.model, prefill(model.model, ids, valid), [1, 2])
+        used_by(start)
+        with pytest.raises(ProtocolError, match="used by an earlier prefill"):
+            greedy_generate(model.model, start, question, asked, 3, model.stop_ids, model.pad_id)
 
 
 def test_the_exchange_refuses_what_is_not_a_model_a_message_or_token_ids_naming_it():

@@ -197,10 +197,22 @@ def test_a_process_killed_while_replacing_gets_the_old_folder_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_staging_folders_of_other_machines_or_names_are_left_alone(tmp_path):
-    from kvcomm.files import sweep_staging
-    foreign = tmp_path / ".model.pid1@elsewhere-host.abc_123.tmp"
+def test_staging_folders_of_other_machines_namespaces_or_names_are_left_alone(tmp_path):
+    from kvcomm.files import _host, _pid_namespace, sweep_staging
+    dead = 2**22 + 12_345  # above Linux's largest pid: no process has it
+    foreign = tmp_path / f".model.pid{dead}-{_pid_namespace()}@elsewhere-host.new.abc_123.tmp"
+    container = tmp_path / f".model.pid{dead}-{_pid_namespace() + 1}@{_host()}.new.abc_123.tmp"  # its ids are not ours
     odd = tmp_path / ".model.pid.tmp"
-    for folder in (foreign, odd):
+    for folder in (foreign, container, odd):
         folder.mkdir()
-    assert sweep_staging(tmp_path) == [] and foreign.exists() and odd.exists()
+    assert sweep_staging(tmp_path) == [] and foreign.exists() and container.exists() and odd.exists()
+
+
+def test_a_target_named_like_a_kind_is_parsed_as_its_own(tmp_path):
+    """A derived name may hold dots: 'qwen.old' was read as 'qwen' and an old folder."""
+    from kvcomm.files import _host, _pid_namespace, sweep_staging
+    dead = 2**22 + 12_345
+    left = tmp_path / f".qwen.old.pid{dead}-{_pid_namespace()}@{_host()}.new.abc_123.tmp"
+    left.mkdir()
+    assert sweep_staging(tmp_path, "qwen") == [] and left.exists()
+    assert sweep_staging(tmp_path, "qwen.old") == [left] and not left.exists()

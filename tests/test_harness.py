@@ -888,7 +888,25 @@ def test_a_codecs_one_off_costs_are_paid_before_the_clock_not_by_the_first_batch
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(codec_class, "encode", encode)
+    from kvcomm.methods import base
+
+    monkeypatch.setattr(base, "_WARMED", set())  # as in a fresh process (earlier tests warmed int8 up)
     task = load_task("facts", items=4)
     report = evaluate(agents, task, [make_method("kvcomm", ratio=1.0, codec="int8")],
                       EvalConfig(limit=2, batch_size=1, calib_size=1), progress=False)
     assert first and report.runs[0].sender_seconds < 0.5  # the sleep was before the clock
+
+
+def test_a_clusters_worker_warms_its_codecs_up_before_its_batches(agents, monkeypatch):
+    from kvcomm.eval.harness import _SweepJob
+    from kvcomm.methods.base import Method
+
+    warmed = []
+    monkeypatch.setattr(Method, "warm_up", lambda self, sender, receiver: warmed.append(self.label))
+    task = load_task("facts", items=2)
+    methods = [make_method("kvcomm", ratio=1.0, codec="int8"), make_method("baseline")]
+    calls = []
+    monkeypatch.setattr("kvcomm.eval.harness._run_methods", lambda chosen, batch: calls.append(warmed[:]) or {})
+    _SweepJob(methods).run_batch(agents, task, task.items, [m.label for m in methods])
+    assert calls == [[m.label for m in methods]]  # warmed before the batch ran
+    assert warmed == [m.label for m in methods]  # (a method without a codec warms nothing)

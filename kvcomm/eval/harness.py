@@ -329,7 +329,7 @@ def evaluate(
     check_depths(methods, agents.num_layers)  # all of them, before any calibration a setup starts
     for method in methods:
         method.setup(setup)
-    for method in methods if cluster is None else ():  # a cluster's workers compute (and warm up) apart
+    for method in methods if cluster is None else ():  # a cluster's workers warm up on their own (_SweepJob)
         method.warm_up(agents.sender, agents.receiver)
     labels = [m.label for m in methods]  # final once set up (e.g. AC's resolved layer indices)
     if len(set(labels)) != len(labels):
@@ -543,7 +543,10 @@ class _SweepJob:
     methods: list[Method]
 
     def run_batch(self, agents: Agents, task: Task, items: list[Item], labels: list[str]) -> dict[str, BatchRun]:
-        return _run_methods([m for m in self.methods if m.label in labels], Batch(agents, task, items))
+        chosen = [m for m in self.methods if m.label in labels]
+        for method in chosen:  # before the clock, once a process (the worker's first batch)
+            method.warm_up(agents.sender, agents.receiver)
+        return _run_methods(chosen, Batch(agents, task, items))
 
     def answers(self, result: dict[str, BatchRun]) -> int:
         return sum(len(run.items) for run in result.values())

@@ -8,6 +8,7 @@ does take.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ class Method(ABC):
     def warm_up(self, sender: LoadedModel, receiver: LoadedModel) -> None:
         """Sends one message through its codec (if any), untimed: a codec's one-off costs (compiled
         kernels, tables, a codebook made on first use) are no batch's. Called by the harness once
-        set up, before its clock starts."""
+        set up, before its clock starts, and a cluster's worker before its batches (once a process)."""
         if self._codec is not None:
             warm_codec(self._codec, sender, receiver)
 
@@ -193,8 +194,16 @@ def check_depths(methods: Sequence[Method], depth: int | None) -> None:
 WARM_TEXT = " ".join(["Mira lives in Oslo."] * 8)  # long enough for entropy coders' compiled path
 
 
+_WARMED: set[tuple[int, int, str]] = set()  # (sender, receiver, codec) warmed in this process
+
+
 def warm_codec(codec: Codec, sender: LoadedModel, receiver: LoadedModel) -> None:
-    """``WARM_TEXT``'s KV from ``sender`` through ``codec`` to ``receiver``, every layer, untimed."""
+    """``WARM_TEXT``'s KV from ``sender`` through ``codec`` to ``receiver``, every layer, untimed;
+    once per process for a pair and a codec (a cluster's worker warms on its first batch)."""
+    key = (id(sender), id(receiver), json.dumps([codec.name, codec.params()], sort_keys=True, default=str))
+    if key in _WARMED:
+        return
+    _WARMED.add(key)
     ids = sender.encode_message(WARM_TEXT)
     kv = prefill(sender.model, *pad_left([ids], sender.pad_id))
     KVMessage.round_trip(SharedKV.whole(kv), sender.fingerprint, receiver.fingerprint, codec, receiver.dtype)

@@ -41,14 +41,10 @@ def greedy_generate(
 
     Raises:
         ConfigError: a budget below 1 token.
-        ProtocolError: ``start`` was used by an earlier generation (its cache holds that one's tokens).
+        ProtocolError: ``start`` was used by an earlier prefill or generation (its cache holds those tokens).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least 1, not {max_new_tokens!r}")
-    if start.used:
-        raise ProtocolError("this receiver input was used by an earlier generation, whose tokens its cache now "
-                            "holds: build one per question (receiver_input or build_receiver_input again)")
-    start.used = True
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
     batch = input_ids.shape[0]
@@ -77,9 +73,11 @@ def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: tor
 
     Raises:
         ConfigError: a row with no token to prefill (its logits would be a padding query's).
+        ProtocolError: ``start`` was used by an earlier prefill (:func:`take`).
     """
     if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
         raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")
+    take(start)
     width = input_ids.shape[1]
     step = width if chunk is None else max(1, chunk)
     logits = None
@@ -93,9 +91,22 @@ def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: tor
     return logits
 
 
+def take(start: ReceiverInput) -> None:
+    """Marks ``start`` used by a prefill (its cache now holds that prompt's tokens).
+
+    Raises:
+        ProtocolError: a prefill used it before.
+    """
+    if start.used:
+        raise ProtocolError("this receiver input was used by an earlier prefill or generation, whose tokens its "
+                            "cache now holds: build one per question (receiver_input or build_receiver_input again)")
+    start.used = True
+
+
 @torch.inference_mode()
 def prefill_logits(
     model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """Receiver logits ``[B, T, V]`` over its whole prompt (used by tests and analysis)."""
+    take(start)
     return run_body(model, input_ids, valid, start.cache, start.layout).logits

@@ -26,9 +26,9 @@ from kvcomm.protocol.shared import SharedKV, share
 class ReceiverInput:
     """What a receiver starts from: a cache, its layout, and how many KV bytes it was given.
 
-    One generation's: the cache grows with the tokens prefilled and decoded on it, so
-    :func:`~kvcomm.protocol.greedy_generate` refuses one that a generation has used (build one per
-    question: :func:`receiver_input` again on the same :class:`SharedKV`)."""
+    One prefill's: the cache grows with the tokens prefilled and decoded on it, so a second
+    prefill on it (``greedy_generate``, ``generate_turn``, ``prefill_logits``) is refused (build
+    one per question: :func:`receiver_input` again on the same :class:`SharedKV`)."""
 
     cache: DynamicCache
     layout: AttentionLayout

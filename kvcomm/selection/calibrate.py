@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
@@ -223,7 +224,7 @@ def calibrate(
         raise ConfigError(f"the search's pool must be at least 1 layer, got {pool}")
     if pieces not in get_args(Pieces):
         raise ConfigError(f"unknown pieces {pieces!r}; valid: {', '.join(get_args(Pieces))}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ConfigError(f"the calibration batch size is at least 1, not {batch_size!r}")
     check_prior(mu, sigma)
     if objective is None:

@@ -198,10 +198,11 @@ class KVMessage:
                                     "carries finite values only")
                 extent = max(extent, -low, high)
                 if largest is not None and max(-low, high) > largest:
-                    stored = "float16 values, ranges or steps" if largest <= FLOAT16_MAX else "bfloat16 values"
+                    half = largest <= FLOAT16_MAX
+                    stored = "float16 values, ranges or steps" if half else "bfloat16 values"
                     raise WireError(f"layer {layer.index}: {self.codec.name} stores {stored}, and this KV exceeds "
-                                    f"their range (|x| up to {max(-low, high):.3g}); send it with "
-                                    + ("fp32 or bf16" if largest <= FLOAT16_MAX else "fp32"))
+                                    f"{'float16' if half else 'bfloat16'}'s range (|x| up to {max(-low, high):.3g}); "
+                                    "send it with " + ("fp32 or bf16" if half else "fp32"))
         first = self.layers[0].keys
         if odd := [layer.index for layer in self.layers if layer.keys.shape[1] and (
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
