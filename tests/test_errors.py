@@ -182,3 +182,10 @@ def test_one_item_where_a_list_goes_is_refused():
         kvcomm.calibrate(kvcomm.Agents(model, model), task, task.items[0], progress=False)
     with pytest.raises(ConfigError, match="a list of items"):
         kvcomm.Graph.build(model, "chain", agents=2).run(task, task.items[0], progress=False)
+
+
+def test_print_table_refuses_what_is_not_a_report():
+    import kvcomm
+
+    with pytest.raises(ConfigError, match="print_table prints a Report"):
+        kvcomm.print_table({"runs": []})

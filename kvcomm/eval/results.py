@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kvcomm.errors import ConfigError
 from kvcomm.files import atomic_write
 
 if TYPE_CHECKING:
@@ -133,7 +134,14 @@ def print_table(report: Report, console: Console | None = None) -> None:
     Every cell and the title are printed literally (a label like ``kvcomm@0.5[shift-back]`` is
     not read as a style tag) and in full (folded, never cut short). Without ``console``: standard
     output, 140 columns wide when it is not a terminal.
+
+    Raises:
+        ConfigError: ``report`` is not a :class:`Report` (a saved one reads back with
+            ``Report.model_validate_json(path.read_text())``).
     """
+    if not isinstance(report, Report):
+        raise ConfigError(f"print_table prints a Report (evaluate's, or a saved one read back with "
+                          f"Report.model_validate_json), not {type(report).__name__}")
     cfg = report.config
     primary = cfg["metric"]
     others = [m for m in (report.runs[0].scores if report.runs else {}) if m != primary]
