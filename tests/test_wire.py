@@ -1022,3 +1022,13 @@ def test_what_a_codec_writes_its_readers_take_even_at_the_edge_of_float16():
     huge = torch.full((1, 2, 4), 3.4e38)
     with pytest.raises(WireError, match="bfloat16's range.*send it with fp32$"):
         KVMessage({"m": 1}, 2, 0, [LayerKV(0, True, huge, huge)], make_codec("bf16")).to_bytes()
+
+
+def test_auto_spreads_the_receivers_computing_over_layer_frames_only():
+    """A token-id or hidden-state frame is no layer: the receiver's per-layer computing does not
+    follow it (before, each such frame took a layer's share and the last share came after the end)."""
+    auto = make_codec("auto", receiver_compute_s=1.0, bandwidth_mbit=1e6)
+    layer = {"bytes": 10.0, "encode_seconds": 0.0, "decode_seconds": 0.0}
+    ids = {"bytes": 10.0, "encode_seconds": 0.0, "decode_seconds": 0.0, "layer": 0.0}
+    assert auto._estimate([layer, layer, ids], 0.1)["seconds"] == pytest.approx(1.0, abs=1e-4)
+    assert auto._estimate([layer, layer], 0.1)["seconds"] == pytest.approx(1.0, abs=1e-4)

@@ -165,7 +165,7 @@ class AutoCodec(Codec):
             travel = [by_shape[int(layer.keys.shape[1])] for layer in layers if layer.keys.shape[1]]
             travel += [_measure_hidden(codec, state, at, len(layers)) for at, state in sorted((hidden or {}).items())]
             if fixed_bytes:
-                travel.append({"bytes": fixed_bytes, "encode_seconds": 0.0, "decode_seconds": 0.0})
+                travel.append({"bytes": fixed_bytes, "encode_seconds": 0.0, "decode_seconds": 0.0, "layer": 0.0})
             estimates[name] = self._estimate(travel, by_shape[max(frames)]["error"])
         if not estimates:
             raise WireError("auto codec: no candidate can encode this message (klt needs a codebook; float16 "
@@ -194,8 +194,9 @@ class AutoCodec(Codec):
 
     def _estimate(self, travel: Sequence[dict[str, float]], error: float) -> dict[str, float]:
         """The message's bytes and seconds, summed over ``travel`` (each frame's measured ``bytes``,
-        ``encode_seconds`` and ``decode_seconds``, in the order frames travel), its ``error``, and
-        ``seconds``, the receiver's expected wait (see the module's docstring)."""
+        ``encode_seconds`` and ``decode_seconds``, in the order frames travel; ``layer`` 0 for a
+        frame that is no layer's, which the receiver's per-layer computing does not follow), its
+        ``error``, and ``seconds``, the receiver's expected wait (see the module's docstring)."""
         size = sum(frame["bytes"] for frame in travel) or 1.0
         transfer = size * 8 / (self.bandwidth_mbit * 1e6)
         decode = sum(frame["decode_seconds"] for frame in travel)
@@ -203,11 +204,12 @@ class AutoCodec(Codec):
         if not self.streamed:
             wait = transfer + decode + self.receiver_compute_s
         else:
-            per_layer = self.receiver_compute_s / max(len(travel), 1)
+            layers = sum(frame.get("layer", 1.0) for frame in travel)  # the receiver computes per layer frame
+            per_layer = self.receiver_compute_s / max(layers, 1.0)
             arrived = free = 0.0  # bytes' share in so far; when the receiver's CPU is next free
             for frame in travel:
                 arrived += frame["bytes"] / size
-                free = max(free, transfer * arrived) + frame["decode_seconds"] + per_layer
+                free = max(free, transfer * arrived) + frame["decode_seconds"] + per_layer * frame.get("layer", 1.0)
             wait = free
         return {"bytes": round(size), "encode_seconds": round(encode, 5), "decode_seconds": round(decode, 5),
                 "transfer_seconds": round(transfer, 5), "error": round(error, 5),
@@ -271,7 +273,7 @@ def _measure_hidden(codec: Codec, hidden: torch.Tensor, layer: int, num_layers: 
     encoded = time.perf_counter()
     codec.decode_hidden(st_load(payload), tuple(hidden.shape), layer, num_layers)  # type: ignore[arg-type]
     return {"bytes": len(payload) + FRAME_BYTES, "encode_seconds": encoded - began,
-            "decode_seconds": time.perf_counter() - encoded}
+            "decode_seconds": time.perf_counter() - encoded, "layer": 0.0}
 
 
 preset("auto", "auto", bandwidth_mbit=100.0)
