@@ -73,5 +73,7 @@ def listed(value: Any, what: str) -> list[Any]:
         ConfigError: naming ``what`` and showing how to give one value.
     """
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ConfigError(f"{what} is a list of values, not {value!r} (one value: [{value!r}])")
+        plain = isinstance(value, str | bytes | int | float)
+        shown = f"{value!r} (one value: [{value!r}])" if plain else f"one {type(value).__name__} (one value: [it])"
+        raise ConfigError(f"{what} is a list of values, not {shown}")
     return list(value)

@@ -165,7 +165,7 @@ def test_evaluate_and_graphs_refuse_wrong_objects_naming_what_they_take():
     agents = kvcomm.Agents(model, model)
     for args, match in (((model, task, methods), "agents: an Agents pair"),
                         ((agents, "facts", methods), "task: a Task"),
-                        ((agents, task, methods[0]), "methods: a list of Method"),
+                        ((agents, task, methods[0]), "methods is a list of values, not one Baseline"),
                         ((agents, task, methods, {"limit": 2}), "config: an EvalConfig")):
         with pytest.raises(ConfigError, match=match):
             kvcomm.evaluate(*args, progress=False)
@@ -178,9 +178,9 @@ def test_one_item_where_a_list_goes_is_refused():
 
     model = tiny_loaded("llama")
     task = kvcomm.load_task("facts", items=4)
-    with pytest.raises(ConfigError, match="a list of items"):
+    with pytest.raises(ConfigError, match=r"items is a list of values, not one Item \(one value: \[it\]\)"):
         kvcomm.calibrate(kvcomm.Agents(model, model), task, task.items[0], progress=False)
-    with pytest.raises(ConfigError, match="a list of items"):
+    with pytest.raises(ConfigError, match="items is a list of values, not one Item"):
         kvcomm.Graph.build(model, "chain", agents=2).run(task, task.items[0], progress=False)
 
 

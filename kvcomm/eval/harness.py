@@ -301,7 +301,8 @@ def evaluate(
                                                                          "config: an EvalConfig")):
         if not isinstance(value, kind):
             raise ConfigError(f"evaluate's {what}, not {type(value).__name__}")
-    if isinstance(methods, Method) or not all(isinstance(method, Method) for method in listed(methods, "methods")):
+    methods = listed(methods, "methods")
+    if not all(isinstance(method, Method) for method in methods):
         raise ConfigError("evaluate's methods: a list of Method (build_methods, make_method)")
     config = config or EvalConfig()
     check_distinct(methods)

@@ -367,7 +367,8 @@ class Graph:
         """Runs every item through the graph, ``batch_size`` at a time; the last step's reply is
         scored with the task's metrics. With a ``cluster``, its workers run the batches (each on its
         own copy of the model) and the results are taken in order: the same replies and scores."""
-        if isinstance(items, Item) or not all(isinstance(item, Item) for item in listed(items, "items")):
+        items = listed(items, "items")
+        if not all(isinstance(item, Item) for item in items):
             raise ConfigError("a graph runs a list of items (task.items, or some of them)")
         if not items:
             raise ConfigError("a graph run needs at least one item")

@@ -216,7 +216,8 @@ def calibrate(
             or ``sigma`` not positive, or ``auto`` with the ``prior`` rule;
             DataError: no items, items without a gold answer, or fewer than 2 items for ``auto``.
     """
-    if isinstance(items, Item) or not all(isinstance(item, Item) for item in listed(items, "items")):
+    items = listed(items, "items")
+    if not all(isinstance(item, Item) for item in items):
         raise ConfigError("calibration takes a list of items (some of task.items)")
     if rule not in RULES:
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
