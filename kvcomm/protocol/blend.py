@@ -211,7 +211,8 @@ def _cache_without(joined: SharedKV, fresh_k: list[torch.Tensor], fresh_v: list[
     cache, layout = DynamicCache(), AttentionLayout.empty(joined.num_layers, valid.shape[0])
     layout.context_len = joined.context_len
     # by position (unique in a row): which positions are recomputed, for layers with other columns
-    picked = torch.zeros(valid.shape[0], int(positions.max()) + 2, dtype=torch.bool, device=valid.device)
+    last = int(positions.max())
+    picked = torch.zeros(valid.shape[0], last + 2, dtype=torch.bool, device=valid.device)
     picked.scatter_(1, torch.where(valid & chosen, positions, -1) + 1, True)
     picked[:, 0] = False  # (column 0 collects what is not picked)
     for layer in range(joined.num_layers):
@@ -222,7 +223,7 @@ def _cache_without(joined: SharedKV, fresh_k: list[torch.Tensor], fresh_v: list[
         else:  # what this layer holds (the sink, pieces shared here in full) but the recomputed tokens, which
             # add their own KV: a token held here and recomputed is not kept twice
             at = joined.positions[layer]
-            stale = picked.gather(1, (at + 1).clamp(0, picked.shape[1] - 1)) & (at >= 0) & (at <= positions.max())
+            stale = picked.gather(1, (at + 1).clamp(0, last + 1)) & (at >= 0) & (at <= last)
             parts = joined.keys[layer], joined.values[layer], at, joined.valid[layer] & ~stale
         cache.update(parts[0], parts[1], layer)
         layout.prefix_pos[layer], layout.prefix_valid[layer] = parts[2], parts[3]

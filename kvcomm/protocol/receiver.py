@@ -33,7 +33,7 @@ class ReceiverInput:
     cache: DynamicCache
     layout: AttentionLayout
     kv_bytes: torch.Tensor  # [B] bytes of received keys and values (sinks included)
-    used: bool = False  # a generation ran on it
+    used: bool = False  # a prefill ran on it (:func:`~kvcomm.protocol.decoding.take`)
 
 
 def receiver_input(shared: SharedKV) -> ReceiverInput:

@@ -35,6 +35,7 @@ from kvcomm.protocol.layout import MaskMode
 VERSION = 9
 READABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 OPENING_SINCE = 9
+FRAME_OVERHEAD = 8  # bytes a frame adds to its payload: its length before it and its CRC after (uint32 each)
 DIGEST_OF_CRCS_SINCE = 6  # the final digest covers the frames' lengths and CRCs, not their bytes again
 MAX_HEADER = 1 << 18  # 256 KiB: ~60 bytes per layer entry, a fingerprint and small notes
 MAX_DEPTH = 16  # JSON nesting (the fingerprint's RoPE parameters are the deepest part: 3 levels)

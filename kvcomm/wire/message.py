@@ -61,6 +61,7 @@ from kvcomm.wire.codecs import Codec, make_codec
 from kvcomm.wire.codecs.base import FLOAT16_MAX, all_finite, header_codec, in_two_lanes, value_range
 from kvcomm.wire.header import (
     DIGEST_OF_CRCS_SINCE,
+    FRAME_OVERHEAD,
     MAX_HEADER,
     READABLE,
     VERSION,
@@ -214,7 +215,7 @@ class KVMessage:
                                 f"message; got {tuple(hidden.shape)} entering layer {index}")
         ids = self._ids_frame()
         codec, notes = self.codec.for_message(self.layers, extent, self.hidden,
-                                              sum(len(data) + 8 for _, data in ids))  # with its length and CRC
+                                              sum(len(data) + FRAME_OVERHEAD for _, data in ids))
         payloads = [self._encode_layer(layer, codec) for layer in self.layers]
         extras = ids + self._encode_hidden(codec)
         try:

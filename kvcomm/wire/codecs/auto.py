@@ -59,6 +59,7 @@ from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, MissingCodebook, WireError
 from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
+from kvcomm.wire.header import FRAME_OVERHEAD
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CANDIDATES = ("fp16", "int8", "int4-ans", "klt")
 MIN_BANDWIDTH_MBIT, MAX_BANDWIDTH_MBIT = 1e-6, 1e6  # 1 bit/s to 1 Tbit/s: the transfer's estimate stays finite
-FRAME_BYTES = 8  # each frame's length and CRC
 WARM_TOKENS = 8  # a first, untimed pass on this many tokens compiles what compiles (numba) and fills caches
 
 
@@ -261,7 +261,7 @@ def _measure(codec: Codec, layer: LayerKV, num_layers: int) -> dict[str, float]:
     decoded = time.perf_counter()
     error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
                 for a, b in ((keys, back_keys), (values, back_values)))
-    return {"bytes": len(payload) + FRAME_BYTES, "encode_seconds": encoded - began,
+    return {"bytes": len(payload) + FRAME_OVERHEAD, "encode_seconds": encoded - began,
             "decode_seconds": decoded - encoded, "error": error}
 
 
@@ -272,7 +272,7 @@ def _measure_hidden(codec: Codec, hidden: torch.Tensor, layer: int, num_layers: 
                                                                                 num_layers).items()})
     encoded = time.perf_counter()
     codec.decode_hidden(st_load(payload), tuple(hidden.shape), layer, num_layers)  # type: ignore[arg-type]
-    return {"bytes": len(payload) + FRAME_BYTES, "encode_seconds": encoded - began,
+    return {"bytes": len(payload) + FRAME_OVERHEAD, "encode_seconds": encoded - began,
             "decode_seconds": time.perf_counter() - encoded, "layer": 0.0}
 
 
