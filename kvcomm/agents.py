@@ -17,6 +17,7 @@ from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel, load_pair
 from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiver_input, share
 from kvcomm.protocol.reply import rebase
+from kvcomm.protocol.shallow import shallow_share
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
 from kvcomm.wire import Codec, KVMessage, check_fingerprint, make_codec
 from kvcomm.wire.streaming import Arrival
@@ -95,10 +96,11 @@ def encode_ids(
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
     input_ids, valid = pad_left([_token_ids(sender, ids)], sender.pad_id)
     chosen = range(sender.num_layers) if layers is None else layers
-    kv = prefill(sender.model, input_ids, valid, chunk=chunk, check=check)
-    if passage is not None:
-        kv = rebase(sender.model, kv.last([passage]))
-    shared = share(sender.model, kv, chosen, mode)
+    if passage is None:  # the context only through the deepest layer shared in full
+        shared = shallow_share(sender.model, input_ids, valid, chosen, mode, chunk=chunk, check=check)
+    else:
+        kv = prefill(sender.model, input_ids, valid, chunk=chunk, check=check)
+        shared = share(sender.model, rebase(sender.model, kv.last([passage])), chosen, mode)
     return KVMessage.from_shared(shared, sender.fingerprint, bound,
                                  {"sender": sender.name} | ({"passage": True} if passage is not None else {}))
 

@@ -471,3 +471,81 @@ def test_a_row_without_prompt_tokens_is_refused():
     tokens, valid = pad_left([[8, 9, 10], []], 0)
     with pytest.raises(ConfigError, match="row 1 of the batch has no prompt token"):
         greedy_generate(model, empty_input(model, 2), tokens, valid, 3, [2], 0)
+
+
+def layer_lengths(model) -> tuple[list, list]:
+    """Hooks that record how many tokens each decoder layer ran on (remove them after)."""
+    seen: list[tuple[int, int]] = []
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: seen.append((index, (args[0] if args else kwargs["hidden_states"])
+                                                               .shape[1])), with_kwargs=True)
+        for index, layer in enumerate(model.get_decoder().layers)]
+    return seen, handles
+
+
+@pytest.mark.parametrize(("layers", "mode", "depth"), [
+    ([1], "causal", 2), ([0, 2], "causal", 3), ([], "causal", 0), ([2], "legacy", 3), ([1], "shift-back", 2),
+    ([3], "causal", 4),
+])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_a_sender_computes_its_context_only_through_the_deepest_shared_layer(family, layers, mode, depth, chunk):
+    """shallow_share = share(prefill): the shared layers bit for bit, the sink-only layers within
+    rounding (the sink computed alone), and the context's tokens go no deeper than they must."""
+    from kvcomm.protocol.shallow import depth_needed, shallow_share
+    from kvcomm.protocol.shared import share
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 99, (1, 11))
+    assert depth_needed(layers, mode, 4) == depth
+    seen, handles = layer_lengths(model)
+    try:
+        got = shallow_share(model, ids, ones(ids), layers, mode, chunk=chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {index for index, tokens in seen if tokens > 1} == set(range(depth))
+    want = share(model, prefill(model, ids, ones(ids)), layers, mode)
+    assert got.full == want.full and torch.equal(got.context_len, want.context_len)
+    for layer, full in enumerate(want.full):
+        assert torch.equal(got.positions[layer], want.positions[layer]) and torch.equal(got.valid[layer],
+                                                                                        want.valid[layer])
+        for a, b in ((got.keys[layer], want.keys[layer]), (got.values[layer], want.values[layer])):
+            assert a.shape == b.shape
+            if full and chunk is None:
+                assert torch.equal(a, b)
+            else:
+                assert (a - b).abs().max().item() <= 1e-5
+    question = torch.randint(3, 99, (1, 5))
+    from kvcomm.protocol import receiver_input
+    a = prefill_logits(model, receiver_input(got), question, ones(question))
+    b = prefill_logits(model, receiver_input(want), question, ones(question))
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_a_shallow_sender_takes_the_whole_prefill_for_batches_and_padding():
+    """Rows whose sink is not column 0 (padding) or several rows: the whole prefill, as before."""
+    from kvcomm.protocol.shallow import shallow_share
+
+    model = tiny_model("llama")
+    ids, valid = pad_left([[5, 6, 7, 8, 9], [10, 11]], 0)
+    seen, handles = layer_lengths(model)
+    try:
+        shallow_share(model, ids, valid, [0], "causal")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(index for index, _ in seen) == [0, 1, 2, 3]
+
+
+def test_a_prefill_depth_is_checked():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 99, (1, 6))
+    for depth in (0, 5):
+        with pytest.raises(ConfigError, match="depth"):
+            prefill(model, ids, ones(ids), depth=depth)
+    with pytest.raises(ConfigError, match="hidden states"):
+        prefill(model, ids, ones(ids), hidden=[2], depth=2)
+    kv = prefill(model, ids, ones(ids), hidden=[1], depth=2)
+    whole = prefill(model, ids, ones(ids), hidden=[1])
+    assert kv.num_layers == 2 and torch.equal(kv.hidden[1], whole.hidden[1])
+    assert all(torch.equal(a, b) for a, b in zip(kv.keys, whole.keys[:2]))

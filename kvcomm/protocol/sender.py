@@ -6,6 +6,7 @@ by an :class:`~kvcomm.protocol.layout.AttentionLayout`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import ConfigError, ProtocolError
-from kvcomm.protocol.hidden import recording
+from kvcomm.protocol.hidden import only_layers, recording
 from kvcomm.protocol.layout import AttentionLayout
 
 
@@ -174,7 +175,8 @@ def cache_argument(model_class: type[torch.nn.Module]) -> str:
 
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor,
-            hidden: Iterable[int] = (), chunk: int | None = None, check: Callable[[], None] | None = None) -> SenderKV:
+            hidden: Iterable[int] = (), chunk: int | None = None, check: Callable[[], None] | None = None,
+            depth: int | None = None) -> SenderKV:
     """Runs the sender once over its (left-padded) messages and returns every layer's KV, and the
     hidden states entering the ``hidden`` layers (0..L) when asked.
 
@@ -182,11 +184,18 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
         chunk: prefill at most this many tokens per forward (the same KV up to float rounding; a
             long context then gives ``check`` a chance between chunks); not with ``hidden``.
         check: called before each chunk; it raises to stop (a deadline, a client that went away).
+        depth: compute layers ``0..depth-1`` only (1 ≤ depth ≤ L): the KV then holds those
+            layers, bit for bit what the whole prefill computes there
+            (:func:`~kvcomm.protocol.shallow.shallow_share` builds a message from it).
     """
     num_layers = model.config.get_text_config().num_hidden_layers
+    if depth is not None and not 1 <= depth <= num_layers:
+        raise ConfigError(f"a prefill's depth is 1..{num_layers} layers, not {depth}")
     layout = AttentionLayout.empty(num_layers, input_ids.shape[0], input_ids.device)
     cache = DynamicCache()
     hidden = list(hidden)
+    if depth is not None and depth < num_layers and any(layer >= depth for layer in hidden):
+        raise ConfigError(f"a prefill of depth {depth} records hidden states entering layers 0..{depth - 1} only")
     width = input_ids.shape[1]
     step = max(1, width if chunk is None else chunk)
     if hidden and step < width:
@@ -195,7 +204,9 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
         for begin in range(0, width, step):
             if check is not None:
                 check()
-            run_body(model, input_ids[:, begin:begin + step], valid[:, begin:begin + step], cache, layout, head=False)
+            with contextlib.nullcontext() if depth is None or depth == num_layers else only_layers(model, 0, depth):
+                run_body(model, input_ids[:, begin:begin + step], valid[:, begin:begin + step], cache, layout,
+                         head=False)
     keys, values = cache_tensors(cache)
     return SenderKV(keys=keys, values=values, positions=layout.own_pos, valid=layout.own_valid,
                     ids=None if input_ids.is_floating_point() else input_ids, hidden=dict(states))
