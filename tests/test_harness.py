@@ -854,6 +854,38 @@ def test_a_checkpoint_recorded_under_a_former_label_resumes_without_redoing_its_
     assert calls == [] and [i.answer for i in resumed.runs[0].items] == [i.answer for i in first.runs[0].items]
 
 
+def test_a_former_label_that_another_configuration_bears_now_is_not_taken(agents, tmp_path, monkeypatch):
+    """``random@0.5`` is the default seed's label and seed 7's former one: a run of both, stopped
+    after the default seed recorded a batch and before seed 7 did, took the default seed's answers
+    for seed 7 when resumed."""
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=6)
+    methods = lambda: [make_method("random", ratio=0.5), make_method("random", ratio=0.5, seed=7)]  # noqa: E731
+    config = EvalConfig(limit=4, batch_size=4, calib_size=0, bucket=False)
+    name = agents.sender.name
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), name, name, "float32", None)
+    whole = evaluate(agents, task, methods(), config, progress=False)
+    assert whole.runs[0].layers != whole.runs[1].layers
+    real = Checkpoint.save
+
+    def killed(self, index, ids, label, run):
+        if label.endswith("~seed7"):
+            raise KeyboardInterrupt
+        return real(self, index, ids, label, run)
+
+    monkeypatch.setattr(Checkpoint, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    monkeypatch.setattr(Checkpoint, "save", real)
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    for a, b in zip(whole.runs, resumed.runs):
+        assert a.label == b.label and [i.answer for i in a.items] == [i.answer for i in b.items]
+        assert [i.kv_bytes for i in a.items] == [i.kv_bytes for i in b.items]
+
+
 def test_an_objective_is_refused_only_where_no_calibrated_rule_uses_it():
     """The command line refuses an objective nothing calibrates with (the paper's rule, a given
     profile read as it was made); a profile's own rule counts where the run reads passages (methods

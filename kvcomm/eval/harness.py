@@ -501,18 +501,22 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     bucket = _bucketed(config, methods)
     chunks = list(_chunks(agents, task, test, config, checkpoint, bucket, _fused_rows(methods)))
     remote = None
+    labels_now = {m.label for m in methods}
+    # a former label that another configuration of this run now bears is that one's work, not this one's
+    # (``random@0.5`` is both the default seed's label and seed 7's before labels named the seed)
+    former = {m.label: tuple(f for f in m.former_labels if f not in labels_now) for m in methods}
     if cluster is not None:
         work = []
         for index, chunk in enumerate(chunks):
             labels = [m.label for m in methods
-                      if checkpoint is None or checkpoint.done(index, m.label, m.former_labels) is None]
+                      if checkpoint is None or checkpoint.done(index, m.label, former[m.label]) is None]
             if labels:
                 work.append((index, chunk, labels))
         remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
         recorded = {m.label: run for m in methods
-                    if checkpoint is not None and (run := checkpoint.done(index, m.label, m.former_labels)) is not None}
+                    if checkpoint is not None and (run := checkpoint.done(index, m.label, former[m.label])) is not None}
         ids = [item.id for item in chunk]
 
         def record(label: str, run: BatchRun) -> None:  # as each finishes: an interruption keeps it
