@@ -93,6 +93,40 @@ def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
     assert "junk" not in http.app.state.store.list() and "foreign" not in http.app.state.store.list()
 
 
+def test_a_character_split_across_tokens_streams_whole_and_the_deltas_add_up_to_the_reply():
+    """A stream sent U+FFFD for a character's first bytes, after which no decode extended what it
+    had sent: everything after the first emoji or CJK character was lost, and [DONE] still came."""
+    from fastapi import FastAPI
+
+    from kvcomm.serve.metrics import ServiceMetrics
+    from kvcomm.serve.responses import stream_events
+    from kvcomm.serve.worker import Job, ModelWorker
+
+    pieces = [b"I", b" love", b" \xf0", b"\x9f", b"\x8d", b"\x95", b" and", b" \xe6", b"\x9d\xb1", b"\xe4\xba\xac",
+              b".",
+              b" \xe6"]  # the last character never completes
+
+    class Agent:
+        def decode(self, ids):
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace").strip()
+
+    def work(job, emit):
+        for token in range(len(pieces)):
+            emit(token)
+        return list(range(len(pieces))), "length"
+
+    async def run():
+        metrics = ServiceMetrics(FastAPI(), MemoryStore())
+        return [event async for event in stream_events(ModelWorker(metrics), Job(30), Agent(), work, 3, "m",
+                                                       lambda: {}, time.monotonic(), metrics)]
+
+    events = asyncio.run(run())
+    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events
+              if e.startswith("data: {") and "choices" in e]
+    assert "".join(deltas) == Agent().decode(range(len(pieces))) == "I love 🍕 and 東京. \ufffd"
+    assert not any(d.endswith("\ufffd") for d in deltas[:-2]) and events[-1] == "data: [DONE]\n\n"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_messages_that_cannot_be_joined_are_refused_before_the_answer_begins(http, stream):
     """Contexts at other layers or in another mask mode are refused with a 4xx before any 200,
@@ -1254,3 +1288,4 @@ def test_what_a_header_shows_is_refused_before_any_layer_is_decoded(http, agent,
         answer = chat(http, "Where?", refs)
         assert answer.status_code == 422 and why in answer.text, answer.text
     assert decoded == []
+

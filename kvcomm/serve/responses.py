@@ -36,6 +36,16 @@ def completion(model: str, text: str, finish: str, prompt_tokens: int, completio
     })
 
 
+def _new_text(text: str, sent: str, final: bool) -> str:
+    """What a stream sends of ``text`` (the reply decoded so far) after ``sent``: nothing while the
+    last character is still incomplete (a character split across tokens decodes to U+FFFD until
+    its last byte comes; sent early, no later text would extend what was sent), the rest once
+    ``final``, so the deltas add up to the whole reply's text."""
+    if not text.startswith(sent) or (not final and text.endswith("\ufffd")):
+        return ""
+    return text[len(sent):]
+
+
 async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work: Callable[..., tuple[list[int], str]],
                         prompt_tokens: int, model: str, extra: Callable[[], dict[str, int]], began: float,
                         metrics: ServiceMetrics) -> AsyncIterator[str]:
@@ -67,10 +77,9 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
         yield chunk({"role": "assistant", "content": ""})
         while (token := await queue.get()) is not None:
             tokens.append(token)
-            text = agent.decode(tokens)
-            if text.startswith(sent) and len(text) > len(sent):
-                yield chunk({"content": text[len(sent):]})
-                sent = text
+            if delta := _new_text(agent.decode(tokens), sent, final=False):
+                yield chunk({"content": delta})
+                sent += delta
         try:
             _, finish = await task
         except Exception as err:  # a refusal after the stream began (deadline): say so in the stream
@@ -79,6 +88,8 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
                 logger.exception("a streamed chat completion failed")
             yield f"data: {json.dumps(error_json(status, message, code, kind=type_))}\n\n"
             return
+        if delta := _new_text(agent.decode(tokens), sent, final=True):
+            yield chunk({"content": delta})
         yield chunk({}, finish, _usage(prompt_tokens, len(tokens), extra()))
         yield "data: [DONE]\n\n"
         metrics.e2e.observe(time.monotonic() - began)
