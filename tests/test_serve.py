@@ -1289,3 +1289,47 @@ def test_what_a_header_shows_is_refused_before_any_layer_is_decoded(http, agent,
         assert answer.status_code == 422 and why in answer.text, answer.text
     assert decoded == []
 
+
+def test_a_context_whose_client_left_stops_its_prefill_and_stores_nothing(agent, monkeypatch):
+    """/v1/contexts ran on after its client had gone, holding the model (a chat's stopped at its next step)."""
+    import threading
+
+    from kvcomm.serve import worker as worker_module
+
+    store = MemoryStore(1 << 26)
+    app = create_app(agent, store, ServeConfig(served_model_names=("tiny",), prefill_chunk=4))
+    checks, started = [0], threading.Event()
+    real = worker_module.Job.check
+
+    def slow(job):  # every prefill chunk takes 20 ms
+        checks[0] += 1
+        started.set()
+        time.sleep(0.02)
+        real(job)
+
+    monkeypatch.setattr(worker_module.Job, "check", slow)
+    body = json.dumps({"context": "fact " * 160, "layers": [0, 1]}).encode()  # ~200 chunks: 4 s
+    with running(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert started.wait(10)
+        began = time.monotonic()
+        reply = httpx.post(url + "/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        waited = time.monotonic() - began
+        metrics = httpx.get(url + "/metrics").text
+    assert reply.status_code == 200 and waited < 2.0 and checks[0] < 100
+    assert 'kvcomm:requests_cancelled_total{reason="disconnected"} 1.0' in metrics and store.list() == []
+
+
+def test_the_app_served_again_on_a_new_event_loop_takes_concurrent_requests(app):
+    """The model's asyncio lock bound to the first loop that waited on it: a second TestClient's
+    concurrent requests failed with 500."""
+    import concurrent.futures
+
+    for _ in range(2):
+        with TestClient(app) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda q: chat(client, f"question {q}?", max_tokens=3), range(4)))
+        assert [r.status_code for r in replies] == [200] * 4

@@ -48,7 +48,7 @@ from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
-from kvcomm.serve.worker import Job, ModelWorker, watch_disconnect
+from kvcomm.serve.worker import Job, ModelWorker
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
 from kvcomm.wire.codecs import preset_of
@@ -133,7 +133,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return contexts.profiles[pieces].model_dump()
 
     @app.post("/v1/contexts", response_model=ContextCreated, responses=documented(*V1, 404, 409, 504))
-    async def create_context(body: ContextRequest) -> ContextCreated:
+    async def create_context(body: ContextRequest, request: Request) -> ContextCreated:
         """Prefill a context and store its KV message (content-addressed: the same content, once)."""
         await health.require()  # a store that is down is found before a prefill is spent
         ids = await anyio.to_thread.run_sync(contexts.tokens, body)
@@ -152,7 +152,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             store.put(plan.message_id, made[0])  # before the next request's lookup: the same content, one prefill
             return plan, None, made
 
-        plan, existing, made = await worker.run(job, work)
+        plan, existing, made = await worker.run_watched(request, job, work)  # a client that left stops the prefill
         if existing is not None:
             metrics.contexts.labels("no").inc()
             message = await anyio.to_thread.run_sync(partial(KVMessage.from_bytes, existing,
@@ -287,11 +287,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         if body.stream:
             return StreamingResponse(stream_events(worker, job, agent, work, prompt, name, usage, began, metrics),
                                      media_type="text/event-stream")
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        try:
-            tokens, finish = await worker.run(job, work)
-        finally:
-            watcher.cancel()
+        tokens, finish = await worker.run_watched(request, job, work)
         metrics.e2e.observe(time.monotonic() - began)
         return completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
 
@@ -313,11 +309,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                                       "'reply' or a smaller max_tokens)", "message_too_large", "kv_return")
         work = partial(generate_returning, agent, received, ids, budget, config, metrics, blending=body.kv_blend,
                        keep=body.kv_return)
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        try:
-            tokens, finish, data = await worker.run(job, work)
-        finally:
-            watcher.cancel()
+        tokens, finish, data = await worker.run_watched(request, job, work)
         prompt = len(ids) + len(received.opening or [])  # passages: the chat's opening was prefilled too
         reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage()).model_dump(
             exclude_unset=True)

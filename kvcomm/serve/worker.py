@@ -62,7 +62,25 @@ class ModelWorker:
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = metrics
+
+    def _model_lock(self) -> asyncio.Lock:
+        """The lock of the running event loop (an asyncio lock binds to the first loop that waits on
+        it: the same app served again on a new loop, as a second TestClient or a restarted server
+        does, failed its concurrent requests)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._lock, self._loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def run_watched(self, request: Request, job: Job, work: Callable[[Job], T]) -> T:
+        """:meth:`run`, stopped at the model thread's next check when the client of ``request`` goes away."""
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            return await self.run(job, work)
+        finally:
+            watcher.cancel()
 
     async def run(self, job: Job, work: Callable[[Job], T]) -> T:
         """``work(job)`` in the model thread, once the model is free.
@@ -71,8 +89,9 @@ class ModelWorker:
             ServiceRefusal: 504 when the deadline passes (waiting or working), 499 when the client left.
         """
         self.metrics.waiting.inc()
+        lock = self._model_lock()
         try:
-            await asyncio.wait_for(self._lock.acquire(), timeout=job.remaining())
+            await asyncio.wait_for(lock.acquire(), timeout=job.remaining())
         except TimeoutError:
             self.metrics.cancelled.labels("deadline").inc()
             raise ServiceRefusal(504, f"no model time within {job.timeout_s:g} s", "timeout") from None
@@ -91,7 +110,7 @@ class ModelWorker:
             raise ServiceRefusal(499, "the client closed the request", "client_closed_request") from None
         finally:
             self.metrics.running.dec()
-            self._lock.release()
+            lock.release()
 
 
 async def watch_disconnect(request: Request, job: Job, every_s: float = 0.1) -> None:
