@@ -1333,3 +1333,70 @@ def test_the_app_served_again_on_a_new_event_loop_takes_concurrent_requests(app)
         with TestClient(app) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda q: chat(client, f"question {q}?", max_tokens=3), range(4)))
         assert [r.status_code for r in replies] == [200] * 4
+
+
+def test_requests_in_flight_share_one_decoded_budget_and_give_it_back(agent, monkeypatch):
+    """Chats waiting for the model held what they had decoded, so a queue multiplied the per-request
+    limit (12 chats of 56 MiB held 794 MiB). Now all requests in flight share one budget: one that
+    does not fit is refused (503, Retry-After) before it decodes anything, and every way a request
+    ends gives its share back (answered, streamed, refused, a client that left)."""
+    import threading
+
+    from kvcomm.serve import app as app_module
+    from kvcomm.wire import MessageReader
+
+    app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",)))
+    with TestClient(app) as http:
+        http_context = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 8, "codec": "fp16"}).json()
+    size = MessageReader(io.BytesIO(app.state.store.get(http_context["id"]))).header.decoded_bytes
+    app = create_app(agent, app.state.store, ServeConfig(served_model_names=("tiny",), max_decoded_bytes=size,
+                                                         max_decoded_total_bytes=size + size // 2))
+    decoded, inside, go = app.state.decoded, threading.Event(), threading.Event()
+    real = app_module.generate
+
+    def waiting(*args, **kwargs):  # the first chat holds the model until told to go on
+        inside.set()
+        go.wait(10)
+        return real(*args, **kwargs)
+
+    with TestClient(app) as http:
+        assert chat(http, "Where?", [http_context["id"]]).status_code == 200 and decoded.held == 0
+        monkeypatch.setattr(app_module, "generate", waiting)
+        first = threading.Thread(target=lambda: chat(http, "Where?", [http_context["id"]]))
+        first.start()
+        assert inside.wait(10) and decoded.held == size
+        second = chat(http, "And?", [http_context["id"]])
+        upload = http.put("/v1/messages/copy", content=app.state.store.get(http_context["id"]))
+        go.set()
+        first.join(10)
+        monkeypatch.setattr(app_module, "generate", real)
+        assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+        assert second.json()["error"]["code"] == "decoded_budget_busy"
+        assert upload.status_code == 503 and "copy" not in app.state.store.list()
+        assert decoded.held == 0
+        for stream in (False, True):
+            assert chat(http, "Where?", [http_context["id"]], stream=stream).status_code == 200
+        assert chat(http, "Where?", [http_context["id"], "missing"]).status_code == 404
+        assert http.put("/v1/messages/copy", content=app.state.store.get(http_context["id"])).status_code == 200
+        assert decoded.held == 0
+
+
+def test_a_cached_context_is_answered_from_its_header_and_one_no_chat_could_read_is_not_made(agent, monkeypatch):
+    """A cached /v1/contexts decoded the whole stored message (outside the model lock, past every
+    limit) only to name its layers; and the service stored contexts its own chats then refused."""
+    app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",),
+                                                               max_decoded_bytes=64 << 10))
+    body = {"context": "Mira lives in Oslo.", "layers": [0, 2], "codec": "fp16"}
+    with TestClient(app) as http:
+        made = http.post("/v1/contexts", json=body).json()
+        decodes = []
+        real = KVMessage.from_bytes
+        monkeypatch.setattr(KVMessage, "from_bytes", lambda *a, **k: decodes.append(1) or real(*a, **k))
+        again = http.post("/v1/contexts", json=body).json()
+        assert again == made | {"cached": True} and decodes == []
+        monkeypatch.setattr(KVMessage, "from_bytes", real)
+        assert chat(http, "Where?", [made["id"]]).status_code == 200
+        stored = len(app.state.store.list())
+        big = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "int8"})
+        assert big.status_code == 413 and "a chat of this service reads at most" in big.json()["error"]["message"]
+        assert len(app.state.store.list()) == stored

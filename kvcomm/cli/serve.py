@@ -75,6 +75,9 @@ def serve_command(
     max_request_mb: Annotated[int, typer.Option(min=1, help="Largest request body (MB).")] = 64,
     max_decoded_mb: Annotated[int, typer.Option(min=1, help="Most MB the KV of one request may decode to.")]
     = 2048,
+    max_decoded_total_mb: Annotated[int | None, typer.Option(
+        min=1, help="Most MB the KV of all requests in flight (waiting for the model or answering) may decode to "
+                    "together; one more gets 503 and Retry-After. Default: 4 × --max-decoded-mb.")] = None,
     max_kv_messages: Annotated[int, typer.Option(min=1, help="Most KV messages one chat may use.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest answer budget a request may ask.")] = 512,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request deadline (s).")] = 300.0,
@@ -110,6 +113,7 @@ def serve_command(
     config = ServeConfig(token=token, public_docs=public_docs, served_model_names=tuple(served_model_name or ()),
                          max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,
+                         max_decoded_total_bytes=None if max_decoded_total_mb is None else max_decoded_total_mb << 20,
                          max_new_tokens=max_new_tokens, default_max_tokens=min(256, max_new_tokens),
                          timeout_s=timeout, max_uploads=max_uploads, upload_idle_s=upload_timeout,
                          codec=codec, **{k: v for k, v in given.items() if v is not None})

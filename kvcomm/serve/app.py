@@ -38,6 +38,7 @@ from kvcomm.errors import ConfigError, KvcommError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
+from kvcomm.serve.budget import DecodedBudget, Hold
 from kvcomm.serve.chat import Received, check_header, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
@@ -50,7 +51,7 @@ from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, De
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker
 from kvcomm.tasks.base import Pieces
-from kvcomm.wire import KVMessage, MessageReader, make_codec
+from kvcomm.wire import KVMessage, MessageReader, check_fingerprint, make_codec
 from kvcomm.wire.codecs import preset_of
 from kvcomm.wire.header import Header
 from kvcomm.wire.streaming import receive
@@ -83,6 +84,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                   description="An LLM agent that exchanges attention KV caches (KVComm).")
     metrics = ServiceMetrics(app, store)
     worker = ModelWorker(metrics)
+    decoded = DecodedBudget(config.decoded_total_bytes)
     contexts = ContextMaker(agent, config, [profile] if isinstance(profile, Profile) else list(profile or ()))
     health = StoreHealth(store)
     errors.install(app)
@@ -153,22 +155,22 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             return plan, None, made
 
         plan, existing, made = await worker.run_watched(request, job, work)  # a client that left stops the prefill
-        if existing is not None:
+        if existing is not None:  # stored under its content address: its header says what the reply needs
             metrics.contexts.labels("no").inc()
-            message = await anyio.to_thread.run_sync(partial(KVMessage.from_bytes, existing,
-                                                             receiver=agent.fingerprint))
             data = existing
         else:
             assert made is not None
-            data, message = made
+            data = made[0]
             metrics.contexts.labels("yes").inc()
         header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
+        if existing is not None:
+            check_fingerprint(header.fingerprint, agent.fingerprint)  # a store shared with a foreign writer
         choice = header.meta.get("codec_choice")
         if existing is None:
             _count_choice(metrics, header)
         return ContextCreated(id=plan.message_id, bytes=len(data), cached=existing is not None,
-                              fingerprint=agent.fingerprint, context_tokens=message.context_len,
-                              layers=message.shared_layers, mode=message.mode,
+                              fingerprint=agent.fingerprint, context_tokens=header.context_len,
+                              layers=[entry.index for entry in header.layers if entry.full], mode=header.mode,
                               codec=preset_of(header.codec.name, header.codec.params) or header.codec.name,
                               codec_choice=choice, bandwidth_mbit=plan.bandwidth[0] if plan.bandwidth else None,
                               bandwidth_source=plan.bandwidth[1] if plan.bandwidth else None)
@@ -204,19 +206,25 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise ServiceRefusal(503, f"{config.max_uploads} uploads are being received already (the most at once); "
                                       "retry once one has ended", "too_many_uploads",
                                  headers={"Retry-After": "1"}) from None
+        hold = decoded.hold()  # what its check decodes counts with the chats' KV
         try:
-            return await _receive_upload(message_id, request)
+            return await _receive_upload(message_id, request, hold)
         finally:
+            hold.release()
             uploads.release()
 
-    async def _receive_upload(message_id: str, request: Request) -> MessageStored:
+    async def _receive_upload(message_id: str, request: Request, hold: Hold) -> MessageStored:
         """The body of one admitted upload, checked on a thread of its own while it arrives (its
         limiter is its own: the upload's slot in ``uploads`` is what bounds these threads)."""
         feed: queue.Queue[bytes | BaseException | None] = queue.Queue()
+
+        def admit(header: Header) -> None:
+            check_header(header, agent)
+            hold.take(header.decoded_bytes)
+
         checking = asyncio.ensure_future(anyio.to_thread.run_sync(partial(
             receive, _fed(feed), receiver=agent.fingerprint, max_bytes=config.max_message_bytes,
-            max_decoded_bytes=config.max_decoded_bytes, admit=partial(check_header, agent=agent)),
-            limiter=anyio.CapacityLimiter(1)))
+            max_decoded_bytes=config.max_decoded_bytes, admit=admit), limiter=anyio.CapacityLimiter(1)))
         chunks, size, ended = [], 0, False
         body = aiter(request.stream())
         try:
@@ -261,8 +269,26 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         """OpenAI chat completion; ``kv_messages`` adds KV contexts (stored ids or inline messages)."""
         began = time.monotonic()
         budget = _check_chat(body, names, config, agent.num_layers)
-        received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
-                                                             config, metrics, body.kv_blend)
+        hold = decoded.hold()  # this request's share of what every request in flight may decode to
+        try:
+            received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
+                                                                 config, metrics, body.kv_blend, hold)
+        except BaseException:
+            hold.release()
+            raise
+        hold.tie(received)  # given back when the request's messages are dropped, if not before
+        streaming = False
+        try:
+            response = await _chat_on(body, request, received, budget, began, hold)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not streaming:  # a stream gives it back when it ends
+                hold.release()
+
+    async def _chat_on(body: ChatRequest, request: Request, received: Received, budget: int, began: float,
+                       hold: Hold) -> Any:
+        """The chat once its KV messages are decoded and checked."""
         turns = [m.turn() for m in body.messages]
         if received.passages:  # read inside the last user turn: the chat's opening, then them, then the rest
             received.opening, ids = await anyio.to_thread.run_sync(agent.chat_after_passages, turns)
@@ -285,8 +311,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             return await _chat_returning(body, request, job, received, ids, budget, name, usage, began)
         work = partial(generate, agent, received, ids, budget, config, metrics, blending=body.kv_blend)
         if body.stream:
-            return StreamingResponse(stream_events(worker, job, agent, work, prompt, name, usage, began, metrics),
-                                     media_type="text/event-stream")
+            return StreamingResponse(stream_events(worker, job, agent, work, prompt, name, usage, began, metrics,
+                                                   hold.release), media_type="text/event-stream")
         tokens, finish = await worker.run_watched(request, job, work)
         metrics.e2e.observe(time.monotonic() - began)
         return completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
@@ -328,7 +354,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         return reply | {"kv_message": {"id": message_id, "bytes": len(data), "content": body.kv_return.content}
                         | ({"codec_choice": choice} if choice is not None else {})}
 
-    app.state.store, app.state.metrics, app.state.contexts = store, metrics, contexts
+    app.state.store, app.state.metrics, app.state.contexts, app.state.decoded = store, metrics, contexts, decoded
     return app
 
 

@@ -33,6 +33,7 @@ from kvcomm.protocol import (
 )
 from kvcomm.protocol.blend import blend, check_token_ids, unblendable
 from kvcomm.protocol.reply import generate_turn, outgoing
+from kvcomm.serve.budget import Hold
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import ServiceRefusal
 from kvcomm.serve.metrics import ServiceMetrics
@@ -64,14 +65,16 @@ class Received:
 
 
 def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStore, config: ServeConfig,
-                  metrics: ServiceMetrics, blending: BlendRequest | None = None) -> Received:
+                  metrics: ServiceMetrics, blending: BlendRequest | None = None, hold: Hold | None = None) -> Received:
     """Fetches and decodes ``refs`` (run in a thread). The decoded-bytes budget is shared by all of
-    them. Everything the model thread would refuse is refused here, before any answer begins (a
-    stream's 200 included): messages that do not fit the model (:func:`check_usable`), cannot be
-    joined, or cannot be blended as ``blending`` asks.
+    them, and each message's share is taken into ``hold`` (the service's budget for every request in
+    flight) from its header, before it is decoded. Everything the model thread would refuse is
+    refused here, before any answer begins (a stream's 200 included): messages that do not fit the
+    model (:func:`check_usable`), cannot be joined, or cannot be blended as ``blending`` asks.
 
     Raises:
-        ServiceRefusal: bad base64, a stored id that does not exist (404), or one of the above.
+        ServiceRefusal: bad base64, a stored id that does not exist (404), the service's budget
+            busy (503), or one of the above.
         WireError: a message that is corrupt, foreign, too large, or over the budget.
     """
     received = Received()
@@ -80,7 +83,7 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
         data = _fetch(ref, store, config, metrics)
         headers: list[Header] = []
         message = KVMessage.from_bytes(data, max_bytes=config.max_message_bytes, receiver=agent.fingerprint,
-                                       max_decoded_bytes=budget, admit=partial(_readable, agent, headers))
+                                       max_decoded_bytes=budget, admit=partial(_readable, agent, headers, hold))
         check_usable(message, agent)
         budget -= headers[0].decoded_bytes  # every frame as the header counts it: KV, hidden states, token ids
         received.messages.append(message)
@@ -125,15 +128,18 @@ def check_usable(message: KVMessage, agent: LoadedModel) -> None:
         check_token_ids(agent.model, message.token_ids)
 
 
-def _readable(agent: LoadedModel, headers: list[Header], header: Header) -> None:
+def _readable(agent: LoadedModel, headers: list[Header], hold: Hold | None, header: Header) -> None:
     """:func:`check_header`, and a chat's own refusal from the header, before anything is decoded:
     a message leaving layers out (a droidspeak message) is read only by a droidspeak receiver.
-    The header is kept in ``headers`` (for the request's decoded-bytes budget)."""
+    The header is kept in ``headers`` (for the request's decoded-bytes budget) and its decoded
+    size taken into ``hold``."""
     headers.append(header)
     check_header(header, agent)
     if any(entry.tokens == 0 for entry in header.layers):
         raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
                                   "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
+    if hold is not None:
+        hold.take(header.decoded_bytes)
 
 
 def _unfit(problem: str) -> NoReturn:

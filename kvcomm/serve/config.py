@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 
 from kvcomm.config import Options
 from kvcomm.protocol import MaskMode
@@ -23,6 +25,10 @@ class ServeConfig(Options):
         max_request_bytes: largest request body, with or without a ``Content-Length``.
         max_message_bytes: largest KV message stored, uploaded or used.
         max_decoded_bytes: most float32 bytes the KV messages of one request may decode to.
+        max_decoded_total_bytes: most float32 bytes the KV messages of all requests in flight
+            (decoded, waiting for the model or answering) may decode to together; one more is
+            refused (503, ``decoded_budget_busy``, ``Retry-After``) before it decodes anything.
+            None: 4 × ``max_decoded_bytes``.
         max_kv_messages: most KV messages one chat request may use.
         max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks none.
         timeout_s: per-request deadline: waiting for the model, prefill and decoding.
@@ -47,6 +53,7 @@ class ServeConfig(Options):
     max_request_bytes: int = Field(default=64 * MIB, ge=1024)
     max_message_bytes: int = Field(default=64 * MIB, ge=1024)
     max_decoded_bytes: int = Field(default=2048 * MIB, ge=1024)
+    max_decoded_total_bytes: int | None = Field(default=None, ge=1024)
     max_kv_messages: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=512, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
@@ -59,3 +66,15 @@ class ServeConfig(Options):
     selection: Rule = DEFAULT_RULE
     mode: MaskMode = "causal"
 
+
+    @model_validator(mode="after")
+    def _total_holds_one(self) -> Self:
+        if self.max_decoded_total_bytes is not None and self.max_decoded_total_bytes < self.max_decoded_bytes:
+            raise ValueError(f"max_decoded_total_bytes ({self.max_decoded_total_bytes:,}) is below one request's "
+                             f"max_decoded_bytes ({self.max_decoded_bytes:,}): a request at its limit could never run")
+        return self
+
+    @property
+    def decoded_total_bytes(self) -> int:
+        """What all requests in flight may decode to together."""
+        return self.max_decoded_total_bytes if self.max_decoded_total_bytes is not None else 4 * self.max_decoded_bytes

@@ -12,6 +12,7 @@ second request for the same context spends no prefill.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 from collections.abc import Callable, Sequence
@@ -28,8 +29,9 @@ from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_given_id
 from kvcomm.tasks import Item, Task, load_task
 from kvcomm.tasks.base import Pieces
-from kvcomm.wire import Codec, KVMessage, make_codec
+from kvcomm.wire import Codec, KVMessage, MessageReader, make_codec
 from kvcomm.wire.bootstrap import model_codebook
+from kvcomm.wire.header import decoded_bytes
 
 
 def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
@@ -189,11 +191,25 @@ class ContextMaker:
 
     def check_size(self, plan: Plan) -> None:
         """Refuses, before any prefill, a context whose message will be over the size limit for sure
-        (exact for the uncompressed codecs; compressing codecs are checked after encoding)."""
-        size = raw_payload_bytes(self.agent, plan.codec, plan.layers, plan.passage or len(plan.ids), plan.mode)
+        (exact for the uncompressed codecs; compressing codecs are checked after encoding), or
+        whose KV decodes to more than a chat of this service may read (``max_decoded_bytes``)."""
+        tokens = plan.passage or len(plan.ids)
+        size = raw_payload_bytes(self.agent, plan.codec, plan.layers, tokens, plan.mode)
         if size is not None and size > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
+        fp = self.agent.fingerprint
+        full = set(effective_layers(range(fp["num_layers"]) if plan.layers is None else plan.layers, plan.mode))
+        kv = sum(decoded_bytes(fp["num_kv_heads"], fp["head_dim"], tokens if layer in full else 1)
+                 for layer in range(fp["num_layers"]))
+        self.check_decoded(kv)
+
+    def check_decoded(self, size: int) -> None:
+        """Refuses a context whose message decodes to ``size`` bytes, more than a chat of this
+        service may read: stored, it would be refused by every chat that names it."""
+        if size > self.config.max_decoded_bytes:
+            raise MessageTooLarge(f"the context's message decodes to {size:,} bytes; a chat of this service reads at "
+                                  f"most {self.config.max_decoded_bytes:,} (share fewer layers or a shorter context)")
 
     def encode(self, plan: Plan, check: Callable[[], None] | None = None) -> tuple[bytes, KVMessage]:
         """Prefills and encodes (model thread), ``prefill_chunk`` tokens at a time with ``check``
@@ -205,4 +221,5 @@ class ContextMaker:
         if len(data) > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message is {len(data):,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
+        self.check_decoded(MessageReader(io.BytesIO(data)).header.decoded_bytes)  # its token ids counted too
         return data, message

@@ -48,11 +48,13 @@ def _new_text(text: str, sent: str, final: bool) -> str:
 
 async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work: Callable[..., tuple[list[int], str]],
                         prompt_tokens: int, model: str, extra: Callable[[], dict[str, int]], began: float,
-                        metrics: ServiceMetrics) -> AsyncIterator[str]:
+                        metrics: ServiceMetrics, ended: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, the text growing token by token.
 
     If the client goes away the generator is closed, the job is cancelled, and the model thread
     stops at its next step; an error after the stream started is sent as an error event.
+    ``ended`` is called once the model thread has let go of the request's work (the decoded
+    budget's share given back).
     """
     queue: asyncio.Queue[int | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -95,3 +97,4 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
         metrics.e2e.observe(time.monotonic() - began)
     finally:
         job.cancelled.set()  # the client went away (or we are done): the model thread stops at its next step
+        task.add_done_callback(lambda done: ended())  # at once if it is done, else when the model thread lets go
