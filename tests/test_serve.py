@@ -461,6 +461,37 @@ def test_bearer_token_is_required_when_configured(agent):
         assert ok.status_code == 200
 
 
+def test_healthz_tells_a_caller_without_the_token_only_the_status(agent):
+    """/healthz is open (probes carry no token); it showed anyone the store's address and driver
+    errors and the model's name, which /v1/models keeps behind the token."""
+    from kvcomm.serve import StoreUnavailable
+
+    def down(message_id):
+        raise StoreUnavailable("the message store is unavailable: Redis at redis://10.0.0.7:6379/3 failed")
+
+    app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret"))
+    app.state.store.get = down
+    with TestClient(app) as http:
+        http.post("/v1/chat/completions", headers={"Authorization": "Bearer s3cret"},
+                  json={"messages": [{"role": "user", "content": "q"}], "kv_messages": ["m"]})
+        anyone = http.get("/healthz").json()
+        holder = http.get("/healthz", headers={"Authorization": "Bearer s3cret"}).json()
+    assert anyone == {"status": "degraded", "store": {"kind": "memory", "ok": False}}
+    assert holder["model"] == agent.name and "10.0.0.7" in holder["store"]["error"]
+
+
+def test_refusals_before_the_routes_are_counted_in_the_metrics(agent):
+    """The token and body-size refusals (401, 413) happened outside the metrics' middleware."""
+    app = create_app(agent, MemoryStore(), ServeConfig(token="s3cret", public_docs=True, max_request_bytes=2048))
+    with TestClient(app) as http:
+        assert http.post("/v1/chat/completions", json={}).status_code == 401
+        assert http.post("/v1/chat/completions", content=b"x" * 5000,
+                         headers={"Authorization": "Bearer s3cret"}).status_code == 413
+        text = http.get("/metrics").text
+    for status in ("401", "413"):
+        assert f'http_requests_total{{handler="/v1/chat/completions",method="POST",status="{status}"}} 1.0' in text
+
+
 def test_metrics_are_prometheus_text_with_route_templates(http):
     chat(http, "hello")
     for path in ("/v1/messages/a", "/v1/messages/b", "/random/path/1", "/random/path/2"):

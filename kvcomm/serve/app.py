@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import FastAPI, Path, Request, Response
@@ -82,14 +82,15 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     names = config.served_model_names or (agent.name,)
     app = FastAPI(title="kvcomm agent", version=__version__,
                   description="An LLM agent that exchanges attention KV caches (KVComm).")
+    # the token and body checks inside the metrics' middleware (added after: outer), so their 401s and 413s are counted
+    app.add_middleware(RequestLimits, token=config.token, public_docs=config.public_docs,
+                       max_body=config.max_request_bytes)
     metrics = ServiceMetrics(app, store)
     worker = ModelWorker(metrics)
     decoded = DecodedBudget(config.decoded_total_bytes)
     contexts = ContextMaker(agent, config, [profile] if isinstance(profile, Profile) else list(profile or ()))
     health = StoreHealth(store)
     errors.install(app)
-    app.add_middleware(RequestLimits, token=config.token, public_docs=config.public_docs,
-                       max_body=config.max_request_bytes)
     created = int(time.time())
     max_len = int(getattr(agent.config, "max_position_embeddings", 0) or 0) or None
 
@@ -98,12 +99,16 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         """Liveness, as vLLM's ``/health``: 200 while the process serves."""
         return {"status": "ok"}
 
-    @app.get("/healthz", response_model=Health)
-    async def healthz() -> Health:
-        """Readiness with details: the model, and the store (``degraded`` while its backend is down)."""
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True)
+    async def healthz(request: Request) -> Health:
+        """Readiness with details: the model, and the store (``degraded`` while its backend is down).
+        With ``--token``, a caller without it gets the status and the store's kind only (the
+        store's address and errors, and the model, are the token's)."""
         store_state = await health.state()
-        return Health(status="ok" if store_state["ok"] else "degraded", model=agent.name,
-                      layers=agent.num_layers, store=store_state)
+        status: Literal["ok", "degraded"] = "ok" if store_state["ok"] else "degraded"
+        if not getattr(request.state, "authorised", True):
+            return Health(status=status, store={"kind": store_state["kind"], "ok": store_state["ok"]})
+        return Health(status=status, model=agent.name, layers=agent.num_layers, store=store_state)
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, err: StoreUnavailable) -> Response:

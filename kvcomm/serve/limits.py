@@ -57,7 +57,9 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._protected(scope["path"]) and not self._authorised(scope):
+        # open routes answer in full only to a caller who could use the others (``/healthz``'s details)
+        scope.setdefault("state", {})["authorised"] = self.token is None or self._authorised(scope)
+        if self._protected(scope["path"]) and not scope["state"]["authorised"]:
             await _answer(send, 401, "missing or wrong bearer token", "invalid_api_key",
                           [(b"www-authenticate", b"Bearer")])
             return

@@ -234,7 +234,9 @@ class Deleted(BaseModel):
 
 
 class Health(BaseModel):
+    """``/healthz``: with a token set, a caller without it sees the status and the store's kind only."""
+
     status: Literal["ok", "degraded"]
-    model: str
-    layers: int
+    model: str | None = None
+    layers: int | None = None
     store: dict[str, Any]
