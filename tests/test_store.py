@@ -270,6 +270,20 @@ def test_redis_keeps_a_time_to_live_below_a_second_and_lists_only_ids(redis_url)
     store.close()
 
 
+def test_a_value_of_another_type_under_an_id_is_no_message_not_an_unavailable_redis(redis_url):
+    """Another program's list under the prefix answered 503 (retry later) where there is simply no message."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"test:{time.time_ns()}:")
+    other = redis.Redis.from_url(redis_url)
+    other.rpush(store.prefix + "listed", b"x")
+    assert store.get("listed") is None
+    store.put("listed", b"message")  # a SET replaces it
+    assert store.get("listed") == b"message"
+    other.close()
+    store.close()
+
+
 def test_a_disk_index_locked_past_the_timeout_is_store_unavailable(tmp_path, monkeypatch):
     import sqlite3
 

@@ -43,6 +43,7 @@ class RedisStore:
         # every Redis fault, not only the connection's: a full Redis (OOM under noeviction) or a
         # read-only replica refuses writes with errors of their own
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._response_error: type[BaseException] = redis.ResponseError
         try:
             self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                                 health_check_interval=30)
@@ -67,8 +68,19 @@ class RedisStore:
         self._call("put", lambda: self._client.set(key, data, px=expire))  # one SET: atomic
 
     def get(self, message_id: str) -> bytes | None:
+        """The message, or None, also where another program keeps a value of another type (a list,
+        a hash) under its key: no message is there, and Redis is not down."""
         key = self.prefix + check_id(message_id)
-        return cast(bytes | None, self._call("get", lambda: self._client.get(key)))
+
+        def fetch() -> bytes | None:
+            try:
+                return cast(bytes | None, self._client.get(key))
+            except self._response_error as err:
+                if str(err).startswith("WRONGTYPE"):
+                    return None
+                raise
+
+        return self._call("get", fetch)
 
     def exists(self, message_id: str) -> bool:
         key = self.prefix + check_id(message_id)
