@@ -350,6 +350,45 @@ def test_an_upload_that_pauses_less_than_the_idle_timeout_is_received(agent):
         assert app.state.store.get("paced") == data
 
 
+def test_a_trickling_upload_ends_at_the_request_deadline_and_a_refused_one_is_answered_at_once(agent):
+    """A byte just inside the idle limit, again and again, held an upload slot for ever; and a body
+    its first bytes had refused was answered only when its next bytes came."""
+    import threading
+
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(upload_idle_s=1.0, timeout_s=2.0))
+    with running(app) as url:
+        with Client(url) as client:
+            data = client.get_message(client.create_context("Mira lives in Oslo.")["id"])
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=15) as raw:
+            raw.sendall(b"PUT /v1/messages/slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data)
+                        + data[:200])
+            began, answered = time.monotonic(), threading.Event()
+
+            def trickle():  # the message's next byte every 0.5 s: never silent for 1 s
+                for at in range(200, len(data) - 1):
+                    if answered.wait(0.5):
+                        return
+                    try:
+                        raw.sendall(data[at:at + 1])
+                    except OSError:
+                        return
+
+            sender = threading.Thread(target=trickle)
+            sender.start()
+            status, _, body = _answer(raw)
+            answered.set()
+            sender.join()
+            assert status == 408 and "did not end within 2 s" in json.loads(body)["error"]["message"]
+            assert time.monotonic() - began < 4.5
+        with socket.create_connection((host, int(port)), timeout=15) as raw:
+            raw.sendall(b"PUT /v1/messages/bad HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nNOTAKVMESSAGE")
+            began = time.monotonic()
+            status, _, _ = _answer(raw)
+            assert status == 422 and time.monotonic() - began < 0.9  # before the idle limit, with no more bytes
+    assert "slow" not in app.state.store.list() and "bad" not in app.state.store.list()
+
+
 def _mocked(handler) -> Client:
     """A client whose requests ``handler`` answers (httpx's mock transport: no network)."""
     client = Client("http://agent.invalid")

@@ -80,7 +80,9 @@ def serve_command(
                     "together; one more gets 503 and Retry-After. Default: 4 × --max-decoded-mb.")] = None,
     max_kv_messages: Annotated[int, typer.Option(min=1, help="Most KV messages one chat may use.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest answer budget a request may ask.")] = 512,
-    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request deadline (s).")] = 300.0,
+    timeout: Annotated[float, typer.Option(
+        min=0.001, help="Per-request deadline (s): waiting for the model, prefill and decoding; an upload's "
+                        "whole body.")] = 300.0,
     max_uploads: Annotated[int, typer.Option(min=1, help="Most message uploads (PUT) received at once; one more is "
                                                          "refused (503) until one ends.")] = 8,
     upload_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds an upload may send nothing before it is "

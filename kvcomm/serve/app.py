@@ -232,13 +232,24 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             max_decoded_bytes=config.max_decoded_bytes, admit=admit), limiter=anyio.CapacityLimiter(1)))
         chunks, size, ended = [], 0, False
         body = aiter(request.stream())
+        deadline = time.monotonic() + config.timeout_s  # a trickle just inside the idle limit ends too
         try:
             while True:
-                with anyio.move_on_after(config.upload_idle_s) as idle:
-                    chunk = await anext(body, None)
-                if idle.cancelled_caught:
-                    raise ServiceRefusal(408, f"the upload sent nothing for {config.upload_idle_s:g} s; nothing of it "
-                                              "was stored", "upload_timeout", headers={"Connection": "close"})
+                left = deadline - time.monotonic()
+                arriving = asyncio.ensure_future(anext(body, None))
+                done, _ = await asyncio.wait({arriving, checking}, timeout=max(0.0, min(config.upload_idle_s, left)),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if arriving not in done:
+                    arriving.cancel()
+                    with contextlib.suppress(BaseException):
+                        await arriving
+                    if checking in done:  # refused before its end (by what arrived): its error is the answer
+                        break
+                    why = (f"sent nothing for {config.upload_idle_s:g} s" if left > config.upload_idle_s
+                           else f"did not end within {config.timeout_s:g} s (the request deadline)")
+                    raise ServiceRefusal(408, f"the upload {why}; nothing of it was stored", "upload_timeout",
+                                         headers={"Connection": "close"})
+                chunk = arriving.result()
                 if chunk is None:
                     break
                 size += len(chunk)
