@@ -1470,3 +1470,29 @@ def test_a_cached_context_is_answered_from_its_header_and_one_no_chat_could_read
         big = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "int8"})
         assert big.status_code == 413 and "a chat of this service reads at most" in big.json()["error"]["message"]
         assert len(app.state.store.list()) == stored
+
+
+def test_a_stream_stopped_by_its_deadline_counts_what_it_generated_and_its_error(agent, monkeypatch):
+    """Tokens were counted only when generation finished, so a stream cut by its deadline counted
+    none of those it had sent; and its error, after the 200, showed nowhere in the metrics."""
+    from kvcomm.serve import worker as worker_module
+
+    real = worker_module.Job.check
+
+    def slow(job):  # each step takes 50 ms: the 1 s deadline passes mid-answer
+        time.sleep(0.05)
+        real(job)
+
+    monkeypatch.setattr(worker_module.Job, "check", slow)
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), timeout_s=1.0))
+    with TestClient(app) as http:
+        events = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 200, "stream": True}).text
+        text = http.get("/metrics").text
+    sent = sum(1 for line in events.splitlines() if line.startswith("data: {") and '"content":' in line) - 1
+    assert sent > 2 and '"code": "timeout"' in events and "[DONE]" not in events
+    counted = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith(("kvcomm:generation_tokens_total", "kvcomm:stream_errors_total",
+                                   "kvcomm:prompt_tokens_total"))}
+    assert counted["kvcomm:generation_tokens_total"] >= sent and counted["kvcomm:prompt_tokens_total"] > 0
+    assert counted['kvcomm:stream_errors_total{code="timeout"}'] == 1.0

@@ -217,9 +217,11 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
     return receiver_input(blended)
 
 
-def _observer(metrics: ServiceMetrics, job: Job,
-              emit: Callable[[int], None] | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """The per-step hook: time to first token and per token into the metrics, tokens to ``emit``."""
+def _observer(metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None,
+              prompt: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The per-step hook: time to first token and per token into the metrics, the ``prompt``
+    tokens once prefilled and each token as it is generated (a request stopped later, by its
+    deadline or its client, is counted for what it did), tokens to ``emit``."""
     last = time.monotonic()
     first = True
 
@@ -227,9 +229,13 @@ def _observer(metrics: ServiceMetrics, job: Job,
         nonlocal last, first
         now = time.monotonic()
         (metrics.ttft if first else metrics.per_token).observe(now - (job.started if first else last))
+        if first:
+            metrics.prompt_tokens.inc(prompt)
         first, last = False, now
-        if emit is not None and not bool(done[0]):
-            emit(int(token[0]))
+        if not bool(done[0]):
+            metrics.generation_tokens.inc()
+            if emit is not None:
+                emit(int(token[0]))
 
     return on_step
 
@@ -242,9 +248,8 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                          _observer(metrics, job, emit), prefill_chunk=config.prefill_chunk, check=job.check)[0]
-    metrics.prompt_tokens.inc(len(ids))
-    metrics.generation_tokens.inc(len(out))
+                          _observer(metrics, job, emit, len(ids)), prefill_chunk=config.prefill_chunk,
+                          check=job.check)[0]
     return out, "length" if len(out) >= budget else "stop"
 
 
@@ -260,10 +265,8 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                         _observer(metrics, job, None), prefill_chunk=config.prefill_chunk, check=job.check)
+                         _observer(metrics, job, None, len(ids)), prefill_chunk=config.prefill_chunk, check=job.check)
     out = turn.replies[0]
-    metrics.prompt_tokens.inc(len(ids))
-    metrics.generation_tokens.inc(len(out))
     layers = keep.layers if keep.layers is not None else range(agent.num_layers)
     shared = outgoing(model, turn.kv[0], len(out), keep.content, layers)
     codec = encoded_on_demand(keep.codec).bind(lambda: model_codebook(agent))  # the caller waits on it

@@ -70,4 +70,7 @@ class ServiceMetrics:
                                registry=r)
         self.cancelled = Counter("kvcomm:requests_cancelled", "Requests stopped early, by reason", ["reason"],
                                  registry=r)
+        self.stream_errors = Counter("kvcomm:stream_errors", "Streamed chats that ended in an error event after "
+                                     "their 200 (recorded as 200 by the HTTP metrics), by error code", ["code"],
+                                     registry=r)
         r.register(_StoreSize(store))

@@ -86,6 +86,7 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
             _, finish = await task
         except Exception as err:  # a refusal after the stream began (deadline): say so in the stream
             status, type_, code, message = describe_error(err)
+            metrics.stream_errors.labels(code or type_).inc()
             if status == 500:  # a bug: no handler sees it once the stream began, so log it here
                 logger.exception("a streamed chat completion failed")
             yield f"data: {json.dumps(error_json(status, message, code, kind=type_))}\n\n"
