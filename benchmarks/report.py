@@ -37,11 +37,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from kvcomm.eval.results import bootstrap_ci, share_ci, summarize
+from kvcomm.eval.results import bootstrap_ci, share, share_ci, summarize
 from kvcomm.selection import format_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
 from kvcomm.tasks import TASKS
@@ -356,7 +357,8 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
                 continue
             key = (_model(cfg), cfg["task"], _layout(run), same, _senders(run))
             cell = cells.setdefault(key, {"metric": cfg["metric"], "receiver": cfg["receiver"],
-                                          "setup": setup | {"senders": _senders(run)}, "files": []})
+                                          "setup": setup | {"senders": _senders(run)}, "files": [],
+                                          "calibrated_on": {}})
             if name not in cell["files"]:
                 cell["files"].append(name)
             if run["method"] == "kvcomm" and ratio == 1.0:
@@ -370,6 +372,8 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             scores, layers = cell.setdefault(kind, ({}, run.get("layers")))
             if layers == run.get("layers"):  # the same configuration in another file: more items
                 _join(scores, _scores(report, run))
+                if kind.startswith("rule@"):  # the layers were chosen on these: no test items of theirs
+                    cell["calibrated_on"].setdefault(kind, set()).update(cfg.get("calibration_items") or ())
             else:
                 print(f"warning: {' · '.join(key[:3])}: {run['label']} in {name} shares other layers than the "
                       "first file's run of that kind; left out", file=sys.stderr)
@@ -395,6 +399,16 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             if f"rule@{ratio:g}" not in cell:
                 continue
             mine, layers = cell[f"rule@{ratio:g}"]
+            # the rule's layers were chosen on its files' calibration items: another file's run of the
+            # same layers may have tested some of them (joined, the rule would be judged on them)
+            calibrated = cell["calibrated_on"].get(f"rule@{ratio:g}", set())
+            if dropped := sorted(set(mine) & calibrated):
+                print(f"warning: {model} · {task} · {layout} @{ratio:g}: {len(dropped)} item(s) the rule's layers "
+                      f"were calibrated on left out ({', '.join(dropped[:4])}{'…' if len(dropped) > 4 else ''})",
+                      file=sys.stderr)
+                mine = {i: v for i, v in mine.items() if i not in calibrated}
+            if not mine:
+                continue
             row: dict = {"model": model, "task": task, "layout": layout, "ratio": ratio, "metric": cell["metric"],
                          "layers": layers, "all_is_skyline": "all" not in cell and all_layers is not None,
                          "n": len(mine), "rule": sum(mine.values()) / len(mine)}
@@ -410,7 +424,7 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
                 diff = [x - y for x, y in zip(a, b)]
                 row[f"rule_minus_{name}"] = (sum(diff) / len(diff), *bootstrap_ci(diff))
                 if name == "skyline":
-                    row["share_of_skyline"] = (sum(a) / max(sum(b), 1e-12), *share_ci(a, b))
+                    row["share_of_skyline"] = (share(a, b), *share_ci(a, b))
             if "rule_minus_random" in row and all_layers is not None and random is not None:
                 both = [i for i in mine if i in random[0] and i in all_layers]
                 if both:  # every layer's own lead over random, on the items the rule is judged on
@@ -426,6 +440,8 @@ def _verdict(row: dict) -> str:
     if "rule_minus_random" not in row:
         return "no random run on these items"
     diff, low, _ = row["rule_minus_random"]
+    if row["rule"] == 0 and row.get("random") == 0 and row.get("all", 0) == 0:
+        return "– uninformative: nothing answers"  # ≥ random by 0 = 0, which says nothing of the rule
     if diff < 0:
         return "✗ below random"
     lead = row.get("all_minus_random")
@@ -457,7 +473,25 @@ def goals_table(rows: list[dict], rule: str) -> None:
               f"{layers} | "
               f"{row['rule']:.3f} | {num(row.get('random'))} | {every} | {num(row.get('skyline'))} | "
               f"{pm(row.get('rule_minus_random'))} | {pm(row.get('all_minus_random'))} | "
-              f"{'–' if share is None else f'{share[0]:.3f} ({share[1]:.2f}–{share[2]:.2f})'} | {row['verdict']} |")
+              f"{_share_text(share)} | {row['verdict']} |")
+
+
+def _finite(value):
+    """``value`` with every infinite or undefined float as None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _share_text(share: tuple[float, float, float] | None) -> str:
+    """A share of the skyline with its interval; "–" without one, and where the skyline answers nothing."""
+    if share is None or not math.isfinite(share[0]):
+        return "–" if share is None else "– (the skyline answers nothing)"
+    return f"{share[0]:.3f} ({share[1]:.2f}–{share[2]:.2f})"
 
 
 def main() -> None:
@@ -482,7 +516,7 @@ def main() -> None:
         rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            args.json.write_text(json.dumps(_finite(rows), indent=1) + "\n")
     else:
         codecs_table(reports)
 

@@ -229,3 +229,28 @@ def test_the_codec_table_names_the_dtype_of_an_uncompressed_run_and_refuses_one_
     assert _codecs(file(every, dtype="bfloat16"))[0][5] == "none (bf16, in process)"
     with pytest.raises(SystemExit, match="runs in float8; the codec table knows the element size of"):
         _codecs(file(every, dtype="float8"))
+
+
+def test_goals_judge_a_rule_on_no_item_its_layers_were_calibrated_on(capsys):
+    """Runs of the same layers are joined across files: an earlier run had tested items that a later
+    calibration (the same layers, chosen on more items) then used, and the rule was judged on them."""
+    later = facts(run("kvcomm@0.5", [1.0] * 2), calibration_items=["i2", "i3"])
+    earlier = facts(run("kvcomm@0.5", [0.0] * 4))  # tested i0-i3; i2 and i3 score 0 there
+    row = report.goals_grid([later, earlier, baselines()], "prune", ["later", "earlier", "base"])[0]
+    assert row["n"] == 2 and row["rule"] == 1.0
+    assert "2 item(s) the rule's layers were calibrated on left out (i2, i3)" in capsys.readouterr().err
+    # calibration items of a random or every-layer file are no concern of the rule's
+    row = report.goals_grid([rule(), baselines(calibration_items=["i0", "i1"])], "prune")[0]
+    assert row["n"] == 4 and row["verdict"] == "✓"
+
+
+def test_a_cell_where_nothing_answers_is_no_goal_met_and_a_skyline_of_zero_has_no_share():
+    nothing = facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@0.5", [0.0] * 4),
+                    run("kvcomm@1", [0.0] * 4, fraction=1.0, layers=(0, 1, 2, 3)),
+                    run("skyline", [0.0] * 4, method="skyline", fraction=None, layers=()))
+    row = report.goals_grid([nothing], "prune")[0]
+    assert row["verdict"].startswith("– uninformative") and "the skyline answers nothing" in _table(row)
+    some = facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@0.5", [1.0, 0.0, 0.0, 0.0]),
+                 run("skyline", [0.0] * 4, method="skyline", fraction=None, layers=()))
+    share = report.goals_grid([some], "prune")[0]["share_of_skyline"]
+    assert share[0] == float("inf") and report._finite([share]) == [[None, None, None]]

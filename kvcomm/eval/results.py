@@ -109,13 +109,32 @@ def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = BOOTSTR
     return (float(low), float(high))
 
 
+def share(values: list[float], reference: list[float]) -> float:
+    """``sum(values) / sum(reference)`` (e.g. a configuration's share of the skyline): infinite
+    where the reference sums to 0 and the values do not, undefined (NaN) where both do."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(sum(values)) / np.float64(sum(reference)))
+
+
 def share_ci(values: list[float], reference: list[float], resamples: int = 2000,
              seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of ``sum(values) / sum(reference)`` (e.g. a configuration's
-    share of the skyline), items resampled in pairs (seeded)."""
+    """Percentile bootstrap 95% interval of :func:`share`, items resampled in pairs (seeded).
+    Resamples where both sums are 0 have no share and are left out; where only the reference's
+    is, the share is infinite (so is the upper bound, where they are more than 2.5%); NaN when no
+    resample has a share."""
     a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if not len(a):
+        return (float("nan"), float("nan"))
     picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    low, high = np.percentile(a[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1e-12), [2.5, 97.5])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = a[picks].sum(axis=1) / b[picks].sum(axis=1)
+    if np.isnan(ratios).all():
+        return (float("nan"), float("nan"))
+    # linear interpolation between an infinite share and another is undefined: take the nearest there
+    if np.isinf(ratios).any():
+        low, high = np.nanpercentile(ratios, [2.5, 97.5], method="nearest")
+    else:
+        low, high = np.nanpercentile(ratios, [2.5, 97.5])
     return (float(low), float(high))
 
 
