@@ -942,3 +942,20 @@ def test_a_clusters_worker_warms_its_codecs_up_before_its_batches(agents, monkey
     _SweepJob(methods).run_batch(agents, task, task.items, [m.label for m in methods])
     assert calls == [[m.label for m in methods]]  # warmed before the batch ran
     assert warmed == [m.label for m in methods]  # (a method without a codec warms nothing)
+
+
+def test_an_output_with_another_number_of_entries_than_items_is_refused():
+    """A method returning an answer too many had every answer shifted onto the next item."""
+    from kvcomm.errors import ProtocolError
+    from kvcomm.eval.harness import _item_results
+    from kvcomm.methods.base import Output
+    from kvcomm.tasks import Item
+
+    items = [Item("q0", "", "?", ("Paris",)), Item("q1", "", "?", ("Rome",))]
+    good = Output(answers=["Paris", "Rome"], receiver_ids=[[1], [2]], sender_ids=None, kv_bytes=[0, 0])
+    assert [r.answer for r in _item_results(items, good)] == ["Paris", "Rome"]
+    for bad in (Output(answers=["Lisbon", "Paris", "Rome"], receiver_ids=[[1], [2], [3]], sender_ids=None,
+                       kv_bytes=[0, 0, 0]),
+                Output(answers=["Paris", "Rome"], receiver_ids=[[1], [2]], sender_ids=[[1]], kv_bytes=[0, 0])):
+        with pytest.raises(ProtocolError, match="for a batch of 2 items"):
+            _item_results(items, bad)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
 from kvcomm.config import Options, listed
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.checkpoint import BLOCKS_PREFIX, BatchRun, Checkpoint
@@ -675,6 +675,15 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
 
 
 def _item_results(items: list[Item], output: Output) -> list[ItemResult]:
+    """One result per item, from a method's :class:`Output` (one entry per item in every field).
+
+    Raises:
+        ProtocolError: a field holds another number of entries than there are items (extra
+            answers would shift onto the wrong items, or fall off silently).
+    """
+    counts = {name: len(value) for name, value in vars(output).items() if value is not None}
+    if wrong := {name: count for name, count in counts.items() if count != len(items)}:
+        raise ProtocolError(f"a method's output holds {wrong} entries for a batch of {len(items)} items")
     return [
         ItemResult(
             id=item.id,
