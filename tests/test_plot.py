@@ -130,7 +130,7 @@ def test_configurations_that_differ_in_more_than_their_fraction_are_their_own_li
     from kvcomm.eval.plot import series_name
 
     def named(label: str) -> str:
-        return series_name(SimpleNamespace(label=label, fraction=0.5))  # type: ignore[arg-type]
+        return series_name(SimpleNamespace(label=label, fraction=0.5, options={}))  # type: ignore[arg-type]
 
     assert named("random@0.25~seed1") == named("random@0.5~seed1") != named("random@0.5~seed2")
     assert named("kvcomm@0.3") == named("kvcomm@1") == "kvcomm" != named("kvcomm@0.5x2") == "kvcomm x2"
@@ -147,3 +147,18 @@ def test_an_unknown_axis_or_metric_is_refused_naming_the_valid_ones(report, tmp_
     with pytest.raises(ConfigError, match="metric 'f1' is not among the report's scores"):
         plot_sweep(report, tmp_path / "p.png", metric="f1")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_runs_given_their_layers_are_series_of_their_own():
+    """Two explicit layer lists were drawn as one line with the ratio runs (the label's layers cut off)."""
+    from kvcomm.eval.plot import series_name
+    from kvcomm.methods import make_method
+
+    names = []
+    for options in (dict(ratio=0.5), dict(ratio=0.3), dict(layers=(0, 1, 2, 3)), dict(layers=(20, 21, 22, 23))):
+        method = make_method("kvcomm", **options)
+        names.append(series_name(RunResult(method="kvcomm", label=method.label, options=method.options.model_dump(),
+                                           layers=[0], fraction=0.5, mode="causal", n=1,
+                                           scores={"contains": Score(mean=0, ci95=(0, 0))}, kv_bytes_mean=1,
+                                           seconds=0, sender_seconds=0, items=[])))
+    assert names[0] == names[1] == "kvcomm" and names[2:] == ["kvcomm@0-3", "kvcomm@20-23"]

@@ -44,8 +44,9 @@ class Style:
 def series_name(run: RunResult) -> str:
     """Runs that share KV form one line per configuration but its fraction: their label without
     what follows ``@`` up to the next part (``kvcomm@0.5x2+int8`` → ``kvcomm x2+int8``, random
-    layers of two seeds two lines); any other run is its own series."""
-    if run.fraction is None:
+    layers of two seeds two lines); any other run is its own series, a run given its layers
+    (``kvcomm@0-3``) too."""
+    if run.fraction is None or run.options.get("layers") is not None:
         return run.label
     head, _, rest = run.label.partition("@")
     rest = re.sub(r"^[^x+\[~/]*", "", rest)
