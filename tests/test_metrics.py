@@ -41,3 +41,16 @@ def test_a_gold_answer_of_articles_alone_is_compared_with_them_and_an_empty_one_
     assert exact_match("a", ["A"]) == exact_match("(A)", ["A"]) == 1.0 and exact_match("answer: a", ["A"]) == 0.0
     assert exact_match("", [""]) == contains("", [""]) == paper_f1("", [""]) == 0.0
     assert exact_match("The Paris", ["Paris"]) == 1.0  # other golds drop articles as the paper does
+
+
+def test_every_choice_letter_scores_as_the_letter_a_does():
+    """Only A was told from the article, so a hedge scored by which letter was gold: "I think A"
+    missed A where "I think B" hit B, and "A or B" was wrong for A but right for B."""
+    from kvcomm.tasks.metrics import score_all
+
+    for for_a, for_b in (("I think A", "I think B"), ("A or B", "B or A"), ("A, B, C or D", "B, A, C or D"),
+                         ("(A)", "(B)"), ("Option A", "Option B"), ("A. Paris", "B. Paris"), ("A", "b")):
+        assert score_all(for_a, ["A"]) == score_all(for_b, ["B"]), (for_a, for_b)
+    assert contains("I think A", ["A"]) == contains("I think B", ["B"]) == 1.0
+    assert paper_f1("A or B", ["A"]) == paper_f1("A or B", ["B"]) == 0.0
+    assert contains("A guess: C", ["A"]) == 0.0 and exact_match("b.", ["B"]) == 1.0
