@@ -1496,3 +1496,20 @@ def test_a_stream_stopped_by_its_deadline_counts_what_it_generated_and_its_error
                                    "kvcomm:prompt_tokens_total"))}
     assert counted["kvcomm:generation_tokens_total"] >= sent and counted["kvcomm:prompt_tokens_total"] > 0
     assert counted['kvcomm:stream_errors_total{code="timeout"}'] == 1.0
+
+
+def test_the_request_deadline_counts_the_time_its_kv_messages_take_to_load(agent, monkeypatch):
+    """The deadline started after the messages were fetched and decoded, so a slow decode was not bounded by it."""
+    from kvcomm.serve import app as app_module
+
+    real = app_module.load_messages
+
+    def slow(*args, **kwargs):
+        time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_messages", slow)
+    app = create_app(agent, MemoryStore(1 << 24), ServeConfig(served_model_names=("tiny",), timeout_s=1.0))
+    with TestClient(app) as http:
+        reply = chat(http, "Where?")
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"

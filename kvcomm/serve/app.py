@@ -285,6 +285,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         """OpenAI chat completion; ``kv_messages`` adds KV contexts (stored ids or inline messages)."""
         began = time.monotonic()
         budget = _check_chat(body, names, config, agent.num_layers)
+        job = Job(config.timeout_s)  # the deadline counts from here: fetching and decoding its KV messages too
         hold = decoded.hold()  # this request's share of what every request in flight may decode to
         try:
             received: Received = await anyio.to_thread.run_sync(load_messages, body.kv_messages, agent, store,
@@ -295,7 +296,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         hold.tie(received)  # given back when the request's messages are dropped, if not before
         streaming = False
         try:
-            response = await _chat_on(body, request, received, budget, began, hold)
+            response = await _chat_on(body, request, received, budget, began, hold, job)
             streaming = isinstance(response, StreamingResponse)
             return response
         finally:
@@ -303,7 +304,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
                 hold.release()
 
     async def _chat_on(body: ChatRequest, request: Request, received: Received, budget: int, began: float,
-                       hold: Hold) -> Any:
+                       hold: Hold, job: Job) -> Any:
         """The chat once its KV messages are decoded and checked."""
         turns = [m.turn() for m in body.messages]
         if received.passages:  # read inside the last user turn: the chat's opening, then them, then the rest
@@ -316,7 +317,6 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {prompt} prompt, "
                                       f"{budget} answer tokens); the model takes {max_len}",
                                  "context_length_exceeded", "messages")
-        job = Job(config.timeout_s)
         name = body.model or names[0]
 
         def usage() -> dict[str, int]:

@@ -31,8 +31,9 @@ class ServeConfig(Options):
             None: 4 × ``max_decoded_bytes``.
         max_kv_messages: most KV messages one chat request may use.
         max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks none.
-        timeout_s: per-request deadline: waiting for the model, prefill and decoding; an upload's
-            whole body must arrive within it too.
+        timeout_s: per-request deadline, from the request's arrival: fetching and decoding its KV
+            messages, waiting for the model, prefill and generation; an upload's whole body must
+            arrive within it too.
         max_uploads: most uploads (``PUT /v1/messages/{id}``) received at once; one more is refused
             (503, ``too_many_uploads``) until one ends. Each is checked on a thread of its own, so
             uploads never take the threads the other routes (chat included) run on.
