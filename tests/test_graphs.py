@@ -454,3 +454,19 @@ def test_a_graphs_task_takes_the_generators_other_options():
         graph_task("relay", None, 3, 4, 0, ["items=9"])
     facts = [graph_task("facts", None, 3, 150, seed) for seed in (0, 7)]  # --limit and --seed reach facts too
     assert [len(t.items) for t in facts] == [150, 150] and facts[0].items[0].context != facts[1].items[0].context
+
+
+def test_hop_accuracy_refuses_replies_that_do_not_pair_with_the_items():
+    """Replies and hop answers were zipped: a missing reply dropped out of the count while n stayed."""
+    from kvcomm.errors import ProtocolError
+    from kvcomm.graphs.graph import _StepTally
+    from kvcomm.graphs.topology import unroll
+
+    step = unroll("chain", 2)[0]
+    tally = _StepTally()
+    tally.add(0.1, 0.2, [1, 1], 0, 0, ["Cairo", "Oslo"])
+    assert tally.row(step, 2, ["Cairo", "Rome"]).hop_accuracy == 0.5
+    with pytest.raises(ProtocolError, match="1 replies and 2 hop answers for 2 items"):
+        short = _StepTally()
+        short.add(0.1, 0.2, [1], 0, 0, ["Cairo"])
+        short.row(step, 2, ["Cairo", "Rome"])

@@ -686,6 +686,9 @@ class _StepTally:
     def row(self, step: Step, n: int, golds: list[str] | None) -> AgentRow:
         hop = None
         if golds is not None and self.replies is not None:
+            if not len(self.replies) == len(golds) == n:  # zip would drop what does not pair, n would not
+                raise ProtocolError(f"{agent_name(step.agent)} has {len(self.replies)} replies and {len(golds)} "
+                                    f"hop answers for {n} items")
             hop = sum(contains(r, [g]) for r, g in zip(self.replies, golds)) / n
         return AgentRow(agent=agent_name(step.agent), round=step.turn.round + 1,
                         hears=[turn_name(t) for t in step.hears],
