@@ -959,3 +959,29 @@ def test_an_output_with_another_number_of_entries_than_items_is_refused():
                 Output(answers=["Paris", "Rome"], receiver_ids=[[1], [2]], sender_ids=[[1]], kv_bytes=[0, 0])):
         with pytest.raises(ProtocolError, match="for a batch of 2 items"):
             _item_results(items, bad)
+
+
+def test_a_resumed_run_scores_recorded_answers_as_this_kvcomm_scores_them(agents, tmp_path):
+    """Recorded batches kept the scores of the kvcomm that wrote them: after a metric changed, one
+    report mixed two scorings (a choice letter's hedge scored 0 in old batches, 1 in new ones)."""
+    import json as json_module
+
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    task = load_task("facts", items=6)
+    methods = lambda: [make_method("baseline")]  # noqa: E731
+    config = EvalConfig(limit=4, batch_size=2, calib_size=0)
+    name = agents.sender.name
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), name, name, "float32", None)
+    first = evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity))
+    for batch in (tmp_path / "c").glob("batch-*.json"):  # as another scoring wrote them
+        record = json_module.loads(batch.read_text())
+        for run in record["runs"].values():
+            for item in run["items"]:
+                item["scores"] = {metric: 0.5 for metric in item["scores"]}
+        batch.write_text(json_module.dumps(record))
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    assert [i.scores for i in resumed.runs[0].items] == [i.scores for i in first.runs[0].items]
+    assert resumed.runs[0].scores == first.runs[0].scores

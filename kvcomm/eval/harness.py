@@ -515,7 +515,7 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
         remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
     for index, chunk in enumerate(chunks):
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
-        recorded = {m.label: run for m in methods
+        recorded = {m.label: _rescored(run, chunk) for m in methods
                     if checkpoint is not None and (run := checkpoint.done(index, m.label, former[m.label])) is not None}
         ids = [item.id for item in chunk]
 
@@ -538,6 +538,16 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     bar.close()
     tally.order([item.id for item in test])
     return tally
+
+
+def _rescored(run: BatchRun, items: Sequence[Item]) -> BatchRun:
+    """A recorded batch's answers scored as this kvcomm scores them, against these items' gold
+    answers (a checkpoint written by an earlier kvcomm keeps the scores of its metrics: resumed,
+    one report would mix two scorings)."""
+    golds = {item.id: list(item.answers) for item in items}
+    return run.model_copy(update={"items": [
+        result.model_copy(update={"gold": golds[result.id], "scores": score_all(result.answer, golds[result.id])})
+        for result in run.items]})
 
 
 @dataclass
