@@ -208,3 +208,56 @@ def test_smollm2_on_two_workers_answers_as_the_serial_run(tmp_path):
     serial = sweep(DEFAULT_MODEL, tmp_path / "serial")
     remote = sweep(DEFAULT_MODEL, tmp_path / "ray", "--ray", "local", "--workers", "2", "--worker-threads", threads)
     assert answers(serial) == answers(remote)
+
+
+class _BackwardsCluster:
+    """Stands in for a :class:`Cluster`: runs the batches here and hands them back last first; the
+    driver is interrupted while waiting for the first (a slow early batch, then Ctrl-C)."""
+
+    def __init__(self, agents: Agents) -> None:
+        self.agents = agents
+
+    def describe(self) -> str:
+        return "backwards"
+
+    def submit(self, task, job, work, progress, arrived=None):
+        results = {index: job.run_batch(self.agents, task, chunk, labels) for index, chunk, labels in work}
+        cluster = self
+
+        class Backwards:
+            def take(self, index, default=None):
+                if index == min(results):
+                    for later in sorted(results, reverse=True)[:-1]:
+                        if arrived is not None:
+                            arrived(later, results[later])
+                    raise KeyboardInterrupt
+                return results.pop(index, default)
+
+        cluster.pending = Backwards()
+        return cluster.pending
+
+
+def test_batches_that_came_back_before_an_earlier_one_are_recorded_and_not_run_again(tiny, tmp_path, monkeypatch):
+    """Batches were recorded only in batch order: interrupted while batch 0 was still out, every
+    later batch that had come back was lost and run again."""
+    from kvcomm.eval import harness
+    from kvcomm.eval.checkpoint import Checkpoint
+    from kvcomm.eval.provenance import run_identity
+
+    agents, name = tiny
+    task = load_task("facts", items=10)
+    config = EvalConfig(limit=8, batch_size=2, calib_size=1, bucket=False)
+    methods = lambda: build_methods(["baseline", "kvcomm"], [0.5])  # noqa: E731
+    identity = run_identity(task, methods(), config.model_dump(mode="json"), name, name, "float32", None)
+    serial = evaluate(agents, task, methods(), config, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(agents, task, methods(), config, progress=False, checkpoint=Checkpoint(tmp_path / "c", identity),
+                 cluster=_BackwardsCluster(agents))  # type: ignore[arg-type]
+    assert len(list((tmp_path / "c").glob("batch-*.json"))) == 3  # batches 3, 2 and 1, as they came
+    ran = []
+    real = harness._run_one
+    monkeypatch.setattr(harness, "_run_one", lambda method, batch: ran.append(batch.items[0].id) or real(method, batch))
+    resumed = evaluate(agents, task, methods(), config, progress=False,
+                       checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
+    assert set(ran) == {serial.runs[0].items[0].id}  # only batch 0 runs again
+    same_results(serial, resumed)

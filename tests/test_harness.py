@@ -456,14 +456,21 @@ def test_a_batch_of_items_that_are_not_the_runs_test_items_is_refused(agents, tm
 
     def reverse(record):  # facts_0_0003, facts_0_0002: out of order, for a run that keeps the items' order
         record["ids"].reverse()
-        record["runs"]["baseline"]["items"].reverse()
+        for run in record["runs"].values():
+            run["items"].reverse()
 
-    for change, message in ((rename, r"batch-00001.json holds items \['facts_0_0005'\] that are not test items"),
-                            (reverse, r"batch-00001.json holds items out of order")):
-        batch.write_bytes(recorded)
-        _edit(batch, change)
-        with pytest.raises(DataError, match=message):
-            _checkpointed(agents, folder, task, config, methods, resume=True)
+    batch.write_bytes(recorded)
+    _edit(batch, rename)
+    with pytest.raises(DataError, match=r"batch-00001.json holds items \['facts_0_0005'\] that are not test items"):
+        _checkpointed(agents, folder, task, config, methods, resume=True)
+    batch.write_bytes(recorded)
+    _edit(batch, reverse)  # in another order: taken (a cluster's batches come back in any order)
+    assert _checkpointed(agents, folder, task, config, methods, resume=True).runs[0].n == 4
+    online = lambda: build_methods(["online"], [0.5])  # noqa: E731  (it learns from the stream of batches, in order)
+    _checkpointed(agents, tmp_path / "online", task, config, online)
+    _edit(tmp_path / "online" / "batch-00001.json", reverse)
+    with pytest.raises(DataError, match=r"batch-00001.json holds items out of order"):
+        _checkpointed(agents, tmp_path / "online", task, config, online, resume=True)
 
 
 def test_a_damaged_or_foreign_ranking_in_a_checkpoint_is_refused_naming_it(agents, tmp_path):

@@ -5,7 +5,8 @@ A checkpoint is a folder: ``run.json`` holds what the run is (its identity, see
 :func:`~kvcomm.eval.provenance.run_identity`), the command, date and code (kvcomm version and git
 commit) that started it, each resumption with its own, every layer ranking and block profile the
 run made (by name: a rule, ``rule/pieces``, ``droidspeak@<cap>``) and the id of the codebook its
-codecs rotate with; ``batch-00000.json``, ``batch-00001.json`` … hold, per batch, the sha256 of the
+codecs rotate with; ``batch-00000.json``, ``batch-00001.json`` … (numbered in the order batches were
+recorded, which on a cluster is the order they came back) hold, per batch, the sha256 of the
 run's identity, the ids of its items and, per configuration label, the item results, the times,
 and the method's state after the batch (for methods whose answers depend on earlier batches, e.g.
 online calibration). Every file is written whole or not at all (:func:`~kvcomm.files.atomic_write`),
@@ -184,7 +185,7 @@ class Checkpoint:
         return next((runs[name] for name in (label, *former) if name in runs), None)
 
     def save(self, index: int, ids: list[str], label: str, run: BatchRun) -> None:
-        """Records ``label``'s work on batch ``index`` (batches are recorded in order)."""
+        """Records ``label``'s work on batch ``index`` (the next batch number, or one recorded before)."""
         if index > len(self.batches):
             raise ConfigError(f"checkpoint {self.folder}: batch {index} recorded before batch {len(self.batches)}")
         if index == len(self.batches):

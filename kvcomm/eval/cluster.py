@@ -151,15 +151,17 @@ class Cluster:
             self.close()
             raise ClusterError(f"a worker could not load {sender}: {' '.join(str(err).split())[:300]}") from None
 
-    def submit(self, task: Task, job: Job, work: list[Work], progress: Callable[[int], object]) -> Pending:
-        """Sends every batch of ``work`` to the workers; ``progress`` hears of the answers as they arrive."""
+    def submit(self, task: Task, job: Job, work: list[Work], progress: Callable[[int], object],
+               arrived: Callable[[int, Any], object] | None = None) -> Pending:
+        """Sends every batch of ``work`` to the workers; ``progress`` hears of the answers as they
+        arrive, and ``arrived`` of each batch's index and result (in the order they come back)."""
         from ray.util import ActorPool
 
         pool = ActorPool(self._actors)
         task_ref, job_ref = self._ray.put(task), self._ray.put(job)
         for piece in work:
             pool.submit(lambda actor, batch: actor.run.remote(task_ref, job_ref, *batch), piece)
-        return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray)
+        return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray, arrived)
 
     def describe(self) -> str:
         """Where the batches ran, for a report's environment: Ray's version, the workers, the address."""
@@ -185,9 +187,11 @@ class Cluster:
 class Pending:
     """Batches on their way back from the workers, taken in any order."""
 
-    def __init__(self, pool: Any, indices: set[int], progress: Callable[[int], object], job: Job, ray: Any) -> None:
+    def __init__(self, pool: Any, indices: set[int], progress: Callable[[int], object], job: Job, ray: Any,
+                 arrived: Callable[[int, Any], object] | None = None) -> None:
         self._pool, self._waiting, self._progress, self._job, self._ray = pool, indices, progress, job, ray
         self._arrived: dict[int, Any] = {}
+        self._on_arrival = arrived
 
     def take(self, index: int, default: Any = None) -> Any:
         """Batch ``index``'s result once it has arrived (``default`` if it was not sent).
@@ -202,5 +206,7 @@ class Pending:
                 raise ClusterError(f"a batch failed on the cluster: {' '.join(str(err).split())[:300]}") from None
             self._arrived[done] = result
             self._progress(self._job.answers(result))
+            if self._on_arrival is not None:
+                self._on_arrival(done, result)
         self._waiting.discard(index)
         return self._arrived.pop(index, default)

@@ -323,7 +323,9 @@ def evaluate(
                                        profiles_identity(profile, blocks), agents.sender.linear,
                                        calibration_identity(config, rules, len(task.items), profiled),
                                        agents.weights))
-        checkpoint.check_items([item.id for item in test], ordered=not _bucketed(config, methods))
+        # the front of the items, in order, only where a method learns from the stream of batches
+        # (unbucketed runs of other methods take recorded batches in any order: a cluster's come back so)
+        checkpoint.check_items([item.id for item in test], ordered=any(m.sequential for m in methods))
     sources = _Sources(agents, task, calib, config, profile, progress, blocks, checkpoint)
     setup = Setup(agents.num_layers, agents.receiver.config.model_type, sources.ranking, sources.codebook,
                   config.calibration, sources.blocks)
@@ -494,7 +496,10 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
 
     With a ``cluster``, the work nobody recorded is sent to its workers at once, and taken here
     batch by batch, in order, as if it had been recorded: each method gets the state it would
-    have had (:meth:`Method.restore`), so the tally and the report are the serial run's.
+    have had (:meth:`Method.restore`), so the tally and the report are the serial run's. Each
+    batch is recorded as it arrives, in whatever order (an interruption while an early batch is
+    still out keeps the later ones that came back): a checkpoint's batch files are numbered in
+    the order they were recorded, and a resumed run takes them first, in that order.
     """
     tally = _Tally()
     bar = tqdm(total=len(test) * len(methods), desc=f"{task.name}", disable=not progress, unit="answer")
@@ -505,23 +510,41 @@ def _run_batches(agents: Agents, task: Task, methods: Sequence[Method], test: li
     # a former label that another configuration of this run now bears is that one's work, not this one's
     # (``random@0.5`` is both the default seed's label and seed 7's before labels named the seed)
     former = {m.label: tuple(f for f in m.former_labels if f not in labels_now) for m in methods}
+    # chunk index -> the checkpoint's batch index: the recorded batches come first, as they were;
+    # a new batch takes the next number when its first result is recorded
+    slots = {index: index for index in range(len(checkpoint.batches) if checkpoint is not None else 0)}
+    saved: set[tuple[int, str]] = set()
+
+    def save(index: int, label: str, run: BatchRun) -> None:
+        if checkpoint is not None and (index, label) not in saved:
+            slot = slots.setdefault(index, len(checkpoint.batches))
+            checkpoint.save(slot, [item.id for item in chunks[index]], label, run)
+            saved.add((index, label))
+
+    def recorded_run(index: int, label: str) -> BatchRun | None:
+        if checkpoint is None or index not in slots:
+            return None
+        return checkpoint.done(slots[index], label, former[label])
+
     if cluster is not None:
         work = []
         for index, chunk in enumerate(chunks):
-            labels = [m.label for m in methods
-                      if checkpoint is None or checkpoint.done(index, m.label, former[m.label]) is None]
+            labels = [m.label for m in methods if recorded_run(index, m.label) is None]
             if labels:
                 work.append((index, chunk, labels))
-        remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update)
+
+        def arrived(index: int, result: dict[str, BatchRun]) -> None:  # recorded at once, in any order
+            for label, run in result.items():
+                save(index, label, run)
+
+        remote = cluster.submit(task, _SweepJob(list(methods)), work, bar.update, arrived)
     for index, chunk in enumerate(chunks):
         fetched: dict[str, BatchRun] = remote.take(index, {}) if remote is not None else {}
         recorded = {m.label: _rescored(run, chunk) for m in methods
-                    if checkpoint is not None and (run := checkpoint.done(index, m.label, former[m.label])) is not None}
-        ids = [item.id for item in chunk]
+                    if m.label not in fetched and (run := recorded_run(index, m.label)) is not None}
 
         def record(label: str, run: BatchRun) -> None:  # as each finishes: an interruption keeps it
-            if checkpoint is not None:
-                checkpoint.save(index, ids, label, run)  # noqa: B023 (called before the loop moves on)
+            save(index, label, run)  # noqa: B023 (called before the loop moves on)
 
         todo = [m for m in methods if m.label not in recorded and m.label not in fetched]
         ran = _run_methods(todo, Batch(agents, task, chunk), record) if todo else {}  # nobody has run them: here
