@@ -220,6 +220,9 @@ class _BackwardsCluster:
     def describe(self) -> str:
         return "backwards"
 
+    def check_models(self, weights, dtype, linear) -> None:  # it runs the driver's own models
+        pass
+
     def submit(self, task, job, work, progress, arrived=None):
         results = {index: job.run_batch(self.agents, task, chunk, labels) for index, chunk, labels in work}
         cluster = self
@@ -261,3 +264,19 @@ def test_batches_that_came_back_before_an_earlier_one_are_recorded_and_not_run_a
                        checkpoint=Checkpoint(tmp_path / "c", identity, resume=True))
     assert set(ran) == {serial.runs[0].items[0].id}  # only batch 0 runs again
     same_results(serial, resumed)
+
+
+def test_a_cluster_holding_other_models_than_the_run_is_refused(tiny, tmp_path):
+    """The workers answered with whatever they held, and the report named the driver's weights."""
+    from tests.conftest import tiny_loaded
+
+    agents, name = tiny
+    other = tiny_loaded("llama", seed=1)
+    other.model.save_pretrained(tmp_path / "other")
+    other.tokenizer.save_pretrained(tmp_path / "other")
+    task = load_task("facts", items=6)
+    with Cluster(RayCluster(workers=1, threads=1), str(tmp_path / "other"), str(tmp_path / "other"),
+                 "float32") as cluster:
+        with pytest.raises(ClusterError, match="other models than this run's \\(weights"):
+            evaluate(agents, task, build_methods(["baseline"]), EvalConfig(limit=4, calib_size=0), progress=False,
+                     cluster=cluster)

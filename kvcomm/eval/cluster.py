@@ -97,8 +97,10 @@ class _Worker:
         torch.set_num_threads(threads)
         self.agents = Agents.load(sender, receiver, dtype, linear)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> tuple[tuple[str, str], str, str]:
+        """What this worker holds: the sender's and receiver's weights digests, dtype and linear layers."""
+        receiver = self.agents.receiver
+        return self.agents.weights, str(receiver.dtype).removeprefix("torch."), receiver.linear
 
     def run(self, task: Task, job: Job, index: int, items: list[Item], extra: Any) -> tuple[int, Any]:
         marker = os.environ.get(EXIT_ONCE)
@@ -146,10 +148,26 @@ class Cluster:
                            max_task_retries=options.retries)(_Worker)
         self._actors = [actor.remote(sender, receiver, dtype, options.threads, linear) for _ in range(self.workers)]
         try:  # every worker has its models before anything is sent (a worker that cannot load them says so now)
-            ray.get([a.ready.remote() for a in self._actors])
+            held = ray.get([a.ready.remote() for a in self._actors])
         except ray.exceptions.RayError as err:
             self.close()
             raise ClusterError(f"a worker could not load {sender}: {' '.join(str(err).split())[:300]}") from None
+        if len(set(held)) > 1:  # machines whose files under one name differ
+            self.close()
+            raise ClusterError(f"the workers hold different models under {sender!r}: {sorted(set(held))}")
+        self.holds: tuple[tuple[str, str], str, str] = tuple(held[0])
+
+    def check_models(self, weights: tuple[str, str], dtype: str, linear: str) -> None:
+        """Refuses a run whose models are not the workers': its report and checkpoint would name
+        the driver's weights beside the workers' answers.
+
+        Raises:
+            ClusterError: naming what differs.
+        """
+        theirs, mine = self.holds, (tuple(weights), dtype, linear)
+        names = ("weights", "dtype", "linear layers")
+        if differ := [f"{name} {a} against {b}" for name, a, b in zip(names, theirs, mine) if a != b]:
+            raise ClusterError(f"the cluster's workers hold other models than this run's ({'; '.join(differ)})")
 
     def submit(self, task: Task, job: Job, work: list[Work], progress: Callable[[int], object],
                arrived: Callable[[int, Any], object] | None = None) -> Pending:

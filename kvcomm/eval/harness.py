@@ -308,6 +308,7 @@ def evaluate(
     check_distinct(methods)
     if cluster is not None:
         check_apart(methods)
+        cluster.check_models(agents.weights, dtype_name(agents.receiver), agents.receiver.linear)
     started = utc_now()
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     test, calib = config.split(task.items, rules)

@@ -377,6 +377,9 @@ class Graph:
         if cluster is not None and self.anchors is not None:
             raise ConfigError("anchor correction keeps one pool of anchors across a run's batches: run it without "
                               "a cluster")
+        if cluster is not None:  # a graph's agents are one model: the workers must hold it
+            model = self.model
+            cluster.check_models((model.weights_digest,) * 2, str(model.dtype).removeprefix("torch."), model.linear)
         if self.anchors is not None:
             self._pool, self._anchored = AnchorPool(self.anchors), [0, 0]
         for item in items if self.agents > 1 else ():
