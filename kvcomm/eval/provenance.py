@@ -153,7 +153,12 @@ def identity_difference(recorded: dict[str, Any], new: dict[str, Any]) -> str | 
     given, where an option it left to its default matches the same value given now: any
     ``calib_size`` (the recorded profile's items are checked when it is reused) and the
     ``likelihood``, every rule's objective then. The models' ``weights`` are compared where both
-    record them (not before the models load, nor against a checkpoint written before weights were)."""
+    record them (not before the models load, nor against a checkpoint written before weights were).
+    Where the checkpoint records weights, the models' names are not compared (``-m tiny`` and
+    ``-m ./tiny`` are one model): their weights are, once both are known."""
+    if "weights" in recorded:  # the weights say which models: a name may be spelled otherwise
+        recorded, new = ({k: v for k, v in identity.items() if k not in ("sender", "receiver")}
+                         for identity in (recorded, new))
     if ("weights" in recorded) != ("weights" in new):
         recorded, new = ({k: v for k, v in identity.items() if k != "weights"} for identity in (recorded, new))
     if "calibration" in recorded and "calibration" in new:
