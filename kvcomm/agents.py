@@ -14,10 +14,11 @@ from typing import cast
 import torch
 
 from kvcomm.errors import ConfigError
-from kvcomm.models.loading import LoadedModel, load_pair
+from kvcomm.models.loading import LoadedModel, check_compatible, load_pair
 from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiver_input, share
 from kvcomm.protocol.reply import rebase
 from kvcomm.protocol.shallow import shallow_share
+from kvcomm.protocol.shared import layer_indices
 from kvcomm.tasks.base import QA_INSTRUCTION, Item, Task
 from kvcomm.wire import Codec, KVMessage, check_fingerprint, make_codec
 from kvcomm.wire.streaming import Arrival
@@ -29,6 +30,18 @@ class Agents:
 
     sender: LoadedModel
     receiver: LoadedModel
+
+    def __post_init__(self) -> None:
+        """Refuses what is not two loaded models, or two whose KV layouts differ (before, a pair of
+        other depths ran until the first layer the receiver lacked, a bare ``KeyError``).
+
+        Raises:
+            ConfigError: a name, a pair or another object where a loaded model goes.
+            FingerprintMismatch: the receiver cannot read the sender's KV.
+        """
+        _check_model(self.sender, "sender")
+        _check_model(self.receiver, "receiver")
+        check_compatible(self.sender, self.receiver)
 
     @classmethod
     def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32",
@@ -73,6 +86,8 @@ def encode_context(
     Raises:
         ConfigError: an unknown codec or mode, or a layer out of range.
     """
+    _check_model(sender, "sender")
+    _check_text(context, "context")
     item = Item("0", context, "", ())
     ids = sender.encode_message(Task("encode", [item], 1, instruction).sender_message(item))
     return encode_ids(sender, ids, layers, codec, mode)
@@ -95,6 +110,8 @@ def encode_ids(
     _check_model(sender, "sender")
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
     input_ids, valid = pad_left([_token_ids(sender, ids)], sender.pad_id)
+    if layers is not None and not layer_indices(layers):  # as a method's and an edge's layer lists
+        raise ConfigError("a layer list names one or more layers (None: every layer)")
     chosen = range(sender.num_layers) if layers is None else layers
     if passage is None:  # the context only through the deepest layer shared in full
         shared = shallow_share(sender.model, input_ids, valid, chosen, mode, chunk=chunk, check=check)
@@ -114,6 +131,8 @@ def encode_passage(
     and stored from position 0, so it carries no attention sink of its own; its token ids travel
     with it. Its text is read as one line (:meth:`LoadedModel.passage_parts`), in causal masks
     (the only ones passages are read in)."""
+    _check_model(sender, "sender")
+    _check_text(text, "passage")
     opening, own = sender.passage_parts(text)
     return encode_ids(sender, opening + own, layers, codec, "causal", passage=len(own))
 
@@ -132,6 +151,7 @@ def answer(
         WireError: an arriving message turned out corrupt; the forward is abandoned before any token.
     """
     _check_model(receiver, "receiver")
+    _check_text(question, "question")
     if not isinstance(message, KVMessage | Arrival):
         raise ConfigError(f"answer reads a KVMessage or an Arrival, not {type(message).__name__} (bytes: "
                           "KVMessage.from_bytes first)")
@@ -145,6 +165,12 @@ def answer(
     input_ids, valid = pad_left([ids], receiver.pad_id)
     out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
     return receiver.decode(out[0])
+
+
+def _check_text(text: object, what: str) -> None:
+    """A context, passage or question is a string (``None`` was sent as the word "None")."""
+    if not isinstance(text, str):
+        raise ConfigError(f"the {what} is a string, not {type(text).__name__}")
 
 
 def _check_model(model: object, role: str) -> None:

@@ -143,6 +143,29 @@ def test_the_exchange_refuses_what_is_not_a_model_a_message_or_token_ids_naming_
             kvcomm.encode_ids(model, ids)
 
 
+def test_a_pair_texts_and_layer_lists_are_checked_where_they_are_given():
+    """A pair of other depths ran to a bare KeyError; a name or a pair given to encode_context
+    was an AttributeError; None was sent as the word "None"; an empty layer list shared nothing."""
+    import kvcomm
+    from kvcomm.errors import FingerprintMismatch
+
+    model, deeper = tiny_loaded("llama"), tiny_loaded("llama", layers=6)
+    with pytest.raises(FingerprintMismatch):
+        kvcomm.Agents(model, deeper)
+    with pytest.raises(ConfigError, match="the receiver is a LoadedModel, not str"):
+        kvcomm.Agents(model, "smollm2-135m")  # type: ignore[arg-type]
+    for encode in (kvcomm.encode_context, kvcomm.encode_passage):
+        with pytest.raises(ConfigError, match="the sender is a LoadedModel, not Agents"):
+            encode(kvcomm.Agents(model, model), "Mira lives in Oslo.")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="is a string, not NoneType"):
+            encode(model, None)  # type: ignore[arg-type]
+    message = kvcomm.encode_context(model, "Mira lives in Oslo.")
+    with pytest.raises(ConfigError, match="the question is a string, not NoneType"):
+        kvcomm.answer(model, message, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="names one or more layers"):
+        kvcomm.Agents(model, model).ask("Mira lives in Oslo.", "Where?", layers=[])
+
+
 @pytest.mark.parametrize("given, match", [({"names": "kvcomm"}, "names is a list of values, not 'kvcomm'"),
                                           ({"names": ["kvcomm"], "ratios": 0.5}, "ratios is a list"),
                                           ({"names": ["kvcomm"], "ratios": "0.5"}, "ratios is a list"),
