@@ -99,8 +99,26 @@ def test_a_method_that_learns_from_earlier_batches_is_refused_before_anything_st
 
 
 def test_a_worker_that_cannot_load_the_model_is_reported_before_any_work(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a model folder by its look, which no worker can load
     with pytest.raises(ClusterError, match="a worker could not load"):
-        Cluster(RayCluster(workers=1, retries=0), str(tmp_path / "missing"), str(tmp_path / "missing"), "float32")
+        Cluster(RayCluster(workers=1, retries=0), str(broken), str(broken), "float32")
+
+
+def test_a_mistyped_model_or_dtype_is_refused_here_before_ray_starts(monkeypatch):
+    """They were found inside each worker: three retries, a worker's traceback, no nearest name."""
+    from kvcomm.errors import ModelError
+    from kvcomm.eval import cluster as cluster_module
+
+    def no_ray():
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cluster_module, "require_ray", no_ray)
+    with pytest.raises(ModelError, match="smollm2-135m"):
+        Cluster(RayCluster(workers=1), "smollm2-135", "smollm2-135", "float32")
+    with pytest.raises(ConfigError, match="unknown dtype 'fp32'"):
+        Cluster(RayCluster(workers=1), DEFAULT_MODEL, DEFAULT_MODEL, "fp32")
 
 
 class _Reached(Exception):

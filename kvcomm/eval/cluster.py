@@ -123,6 +123,14 @@ class Cluster:
     def __init__(
         self, options: RayCluster, sender: str, receiver: str, dtype: str, linear: str | None = None,
     ) -> None:
+        from kvcomm.models.source import DTYPES, resolve_model
+
+        for name in (sender, receiver):  # here, with the nearest name, not in every worker's traceback
+            if not isinstance(name, str):
+                raise ConfigError(f"a cluster's models are named by a string, not {type(name).__name__}")
+            resolve_model(name)
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         ray = self._ray = require_ray()
         self.options = options
         self._started = False
