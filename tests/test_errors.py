@@ -164,6 +164,8 @@ def test_a_pair_texts_and_layer_lists_are_checked_where_they_are_given():
         kvcomm.answer(model, message, None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="names one or more layers"):
         kvcomm.Agents(model, model).ask("Mira lives in Oslo.", "Where?", layers=[])
+    with pytest.raises(ConfigError, match=r"a dict \(a loaded model's .fingerprint\), not LoadedModel"):
+        kvcomm.KVMessage.from_bytes(message.to_bytes(), receiver=model)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("given, match", [({"names": "kvcomm"}, "names is a list of values, not 'kvcomm'"),

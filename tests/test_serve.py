@@ -1513,3 +1513,22 @@ def test_the_request_deadline_counts_the_time_its_kv_messages_take_to_load(agent
     with TestClient(app) as http:
         reply = chat(http, "Where?")
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+
+
+def test_the_client_takes_a_kv_message_where_bytes_go_and_refuses_calls_once_closed(live, agent):
+    """A KVMessage was not JSON serialisable in chat and not content for put_message; a closed
+    client's calls were httpx's RuntimeError."""
+    from kvcomm import encode_context
+
+    message = encode_context(agent, "Mira lives in Oslo.")
+    client = Client(live)
+    by_bytes = client.chat([{"role": "user", "content": "Where?"}], [message.to_bytes()], max_tokens=3)
+    by_object = client.chat([{"role": "user", "content": "Where?"}], [message], max_tokens=3)
+    assert by_bytes["choices"] == by_object["choices"]
+    assert client.put_message("as-object", message)["bytes"] == len(message.to_bytes())
+    with pytest.raises(ConfigError, match="its bytes or a KVMessage .* not int"):
+        client.chat([{"role": "user", "content": "Where?"}], [5], max_tokens=3)  # type: ignore[list-item]
+    client.close()
+    for call in (client.health, lambda: client.get_message("as-object")):
+        with pytest.raises(ConfigError, match="was closed"):
+            call()

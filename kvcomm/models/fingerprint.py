@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from kvcomm.errors import FingerprintMismatch, ModelError
+from kvcomm.errors import ConfigError, FingerprintMismatch, ModelError
 
 Fingerprint = dict[str, Any]  # JSON object: model_type, num_layers, num_kv_heads, head_dim, rope, vocab_sha256
 
@@ -50,6 +50,9 @@ def check_fingerprint(given: Fingerprint, receiver: Fingerprint, source: str = "
         source: what ``given`` belongs to, for the message (``KV message``, ``sender 'x'``).
         label: how ``given``'s values are introduced per field (``message``, ``sender``).
     """
+    if not isinstance(receiver, dict):  # a caller's mistake: a model where its fingerprint goes
+        hint = " (a loaded model's .fingerprint)" if hasattr(receiver, "fingerprint") else ""
+        raise ConfigError(f"the receiver's fingerprint is a dict{hint}, not {type(receiver).__name__}")
     if not isinstance(given, dict):
         raise FingerprintMismatch(f"{source} carries no model fingerprint (got {type(given).__name__})")
     diffs = [f"{k}: {label} {given.get(k)!r}, receiver {receiver[k]!r}"

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from kvcomm.config import listed
-from kvcomm.errors import KvcommError, MessageTooLarge
+from kvcomm.errors import ConfigError, KvcommError, MessageTooLarge
 from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.protocol.shared import layer_indices
 from kvcomm.selection.calibrate import Profile
@@ -68,9 +68,15 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Closes the connections; a call after it is a :class:`~kvcomm.errors.ConfigError`."""
         self._http.close()
 
+    def _check_open(self) -> None:
+        if self._http.is_closed:
+            raise ConfigError(f"this client of {self._http.base_url} was closed: open a new one")
+
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        self._check_open()
         try:
             response = self._http.request(method, path, **kwargs)
         except _HTTPX_ERRORS as err:
@@ -151,6 +157,7 @@ class Client:
         """A GET of ``path`` whose body is read as it comes; an error status is a
         :class:`ServiceError`. Left before the body's end, the connection is hung up (after what
         the block opened on it stopped, before the response closes)."""
+        self._check_open()
         with self._http.stream("GET", path) as response:
             try:
                 if response.status_code >= 400:  # its first ERROR_BODY bytes: a peer's error need not be small
@@ -226,12 +233,13 @@ class Client:
                 "receiver_compute_s": receiver_compute_s}
         return self._object("POST", "/v1/contexts", json={k: v for k, v in body.items() if v is not None})
 
-    def put_message(self, message_id: str, data: bytes) -> dict[str, Any]:
-        """Uploads a message under ``message_id``; the agent checks it in full before storing it."""
-        return self._object("PUT", _message_path(message_id), content=data,
+    def put_message(self, message_id: str, data: bytes | KVMessage) -> dict[str, Any]:
+        """Uploads a message (its bytes, or a :class:`~kvcomm.wire.KVMessage`) under ``message_id``;
+        the agent checks it in full before storing it."""
+        return self._object("PUT", _message_path(message_id), content=_message_bytes(data),
                             headers={"Content-Type": "application/octet-stream"})
 
-    def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes] = (),
+    def chat(self, messages: list[dict[str, str]], kv_messages: Sequence[str | bytes | KVMessage] = (),
              max_tokens: int = 64, kv_return: dict[str, Any] | None = None,
              kv_blend: dict[str, Any] | None = None) -> dict[str, Any]:
         """An OpenAI-style chat completion using stored message ids or raw message bytes.
@@ -242,7 +250,7 @@ class Client:
         or its store full or down) is a :class:`ServiceError` whose ``carried["completion"]`` is the
         reply generated before. ``kv_blend`` (e.g. ``{"ratio": 0.15}``) recomputes that
         fraction of the joined messages' tokens where reused KV deviates most (CacheBlend)."""
-        refs = [{"data": base64.b64encode(m).decode()} if isinstance(m, bytes) else m
+        refs = [m if isinstance(m, str) else {"data": base64.b64encode(_message_bytes(m)).decode()}
                 for m in listed(kv_messages, "kv_messages")]
         body: dict[str, Any] = {"messages": messages, "kv_messages": refs, "max_tokens": max_tokens}
         if kv_return is not None:
@@ -308,3 +316,17 @@ def _raise_for(response: httpx.Response, text: str | None = None) -> None:
         code = error["code"] if isinstance(error.get("code"), str) else None
         carried = {key: value for key, value in body.items() if key != "error"}
     raise ServiceError(response.status_code, detail, code, carried)
+
+
+def _message_bytes(message: object) -> bytes:
+    """A message's bytes: given as bytes, or a :class:`KVMessage` encoded.
+
+    Raises:
+        ConfigError: anything else, named.
+    """
+    if isinstance(message, KVMessage):
+        return message.to_bytes()
+    if isinstance(message, bytes | bytearray | memoryview):
+        return bytes(message)
+    raise ConfigError(f"a KV message is its bytes or a KVMessage (a stored one: its id, a str), "
+                      f"not {type(message).__name__}")
