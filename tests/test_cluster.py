@@ -298,3 +298,6 @@ def test_a_cluster_holding_other_models_than_the_run_is_refused(tiny, tmp_path):
         with pytest.raises(ClusterError, match="other models than this run's \\(weights"):
             evaluate(agents, task, build_methods(["baseline"]), EvalConfig(limit=4, calib_size=0), progress=False,
                      cluster=cluster)
+    with pytest.raises(ClusterError, match="this cluster was closed"):  # was Ray's StopIteration
+        evaluate(agents, task, build_methods(["baseline"]), EvalConfig(limit=4, calib_size=0), progress=False,
+                 cluster=cluster)

@@ -164,6 +164,17 @@ def test_a_pair_texts_and_layer_lists_are_checked_where_they_are_given():
         kvcomm.answer(model, message, None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="names one or more layers"):
         kvcomm.Agents(model, model).ask("Mira lives in Oslo.", "Where?", layers=[])
+    from kvcomm.errors import ModelError
+    with pytest.raises(ModelError, match="a model is named by a string .*, not int"):
+        kvcomm.Agents.load(135)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="agents is a whole number, not '3'"):
+        kvcomm.Graph.build(model, "chain", "3")  # type: ignore[arg-type]
+    graph = kvcomm.Graph.build(model, "chain", 2, edge={"via": "kv", "ratio": 0.5})  # type: ignore[arg-type]
+    assert graph.edge.via == "kv" and graph.edge.ratio == 0.5
+    with pytest.raises(ConfigError, match="EdgeOptions .or a dict of its fields., not list"):
+        kvcomm.Graph.build(model, "chain", 2, edge=["kv"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="via"):
+        kvcomm.Graph.build(model, "chain", 2, edge={"via": "carrier pigeon"})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"a dict \(a loaded model's .fingerprint\), not LoadedModel"):
         kvcomm.KVMessage.from_bytes(message.to_bytes(), receiver=model)  # type: ignore[arg-type]
 

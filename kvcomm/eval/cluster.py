@@ -165,6 +165,10 @@ class Cluster:
             raise ClusterError(f"the workers hold different models under {sender!r}: {sorted(set(held))}")
         self.holds: tuple[tuple[str, str], str, str] = tuple(held[0])
 
+    def _check_open(self) -> None:
+        if not self._actors:
+            raise ClusterError("this cluster was closed (its workers are gone): make a new Cluster")
+
     def check_models(self, weights: tuple[str, str], dtype: str, linear: str) -> None:
         """Refuses a run whose models are not the workers': its report and checkpoint would name
         the driver's weights beside the workers' answers.
@@ -172,6 +176,7 @@ class Cluster:
         Raises:
             ClusterError: naming what differs.
         """
+        self._check_open()
         theirs, mine = self.holds, (tuple(weights), dtype, linear)
         names = ("weights", "dtype", "linear layers")
         if differ := [f"{name} {a} against {b}" for name, a, b in zip(names, theirs, mine) if a != b]:
@@ -183,6 +188,7 @@ class Cluster:
         arrive, and ``arrived`` of each batch's index and result (in the order they come back)."""
         from ray.util import ActorPool
 
+        self._check_open()
         pool = ActorPool(self._actors)
         task_ref, job_ref = self._ray.put(task), self._ray.put(job)
         for piece in work:

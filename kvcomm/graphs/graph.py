@@ -265,6 +265,10 @@ class Graph:
             raise ConfigError(f"a graph's agents share one LoadedModel (kvcomm.load_model), not {type(model).__name__}")
         if not steps:
             raise ConfigError("a graph needs at least one step")
+        if isinstance(edge, dict):
+            edge = EdgeOptions(**edge)  # its fields checked, a refusal one ConfigError
+        elif edge is not None and not isinstance(edge, EdgeOptions):
+            raise ConfigError(f"a graph's edge is an EdgeOptions (or a dict of its fields), not {type(edge).__name__}")
         seen: set[Turn] = set()
         for step in steps:
             if step.turn in seen:
@@ -310,7 +314,15 @@ class Graph:
     @classmethod
     def build(cls, model: LoadedModel, topology: str, agents: int, rounds: int = 1, edge: EdgeOptions | None = None,
               reply_tokens: int | None = None, reuse: bool | AnchorOptions = False) -> Graph:
-        """A graph of a named topology (``chain``, ``star``, ``full``, ``debate``)."""
+        """A graph of a named topology (``chain``, ``star``, ``full``, ``debate``).
+
+        Raises:
+            ConfigError: ``agents`` or ``rounds`` not a whole number, or ``edge`` not an
+                :class:`EdgeOptions` (a dict of its fields is read as one).
+        """
+        for name, value in (("agents", agents), ("rounds", rounds)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} is a whole number, not {value!r}")
         return cls(model, unroll(topology, agents, rounds), agents, edge, reply_tokens, topology, reuse)
 
     @classmethod

@@ -52,6 +52,9 @@ def resolve_model(name: str) -> ModelSource:
         ModelError: an empty name, nothing by that name (with the nearest embedded name), a
             folder without a ``config.json``, or a missing GGUF file.
     """
+    if not isinstance(name, str):
+        raise ModelError(f"a model is named by a string (an embedded or derived name, a folder, a .gguf file or a "
+                         f"hub id), not {type(name).__name__}")
     if not name.strip():  # "" would otherwise be the current folder, read as a model directory
         raise ModelError(f"the model name is empty ({name!r}); give an embedded or derived name, a model "
                          "directory, a .gguf file or a hub id (owner/name)")
