@@ -225,3 +225,25 @@ def test_print_table_refuses_what_is_not_a_report():
 
     with pytest.raises(ConfigError, match="print_table prints a Report"):
         kvcomm.print_table({"runs": []})
+
+
+def test_the_low_level_functions_name_what_they_take():
+    """A LoadedModel, an int64 mask, a list of ids or a batch of another size went deep: an
+    AttributeError, torch's attn_mask dtype error or a size mismatch inside the layout."""
+    from kvcomm.protocol import build_receiver_input, empty_input, greedy_generate, prefill_logits
+
+    loaded = tiny_loaded("llama")
+    ids, valid = pad_left([[5, 6, 7], [8, 9]], 0)
+    with pytest.raises(ConfigError, match=r"take a transformers model \(a LoadedModel: pass its .model\)"):
+        prefill(loaded, ids, valid)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="valid is a boolean"):
+        prefill(loaded.model, ids, valid.long())
+    with pytest.raises(ConfigError, match="are tensors"):
+        prefill(loaded.model, [[5, 6, 7]], valid)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"take a transformers model \(a LoadedModel"):
+        greedy_generate(loaded, empty_input(loaded.model, 2), ids, valid, 3, [], 0)  # type: ignore[arg-type]
+    start = build_receiver_input(loaded.model, prefill(loaded.model, ids, valid), [0, 1])
+    one, one_valid = pad_left([[5, 6]], 0)
+    with pytest.raises(ConfigError, match="1 prompt rows on a receiver input of 2 rows"):
+        prefill_logits(loaded.model, start, one, one_valid)
+    assert not start.used  # refused before it was taken

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.receiver import ReceiverInput
-from kvcomm.protocol.sender import run_body
+from kvcomm.protocol.sender import check_rows, run_body
 
 
 @torch.inference_mode()
@@ -75,6 +75,7 @@ def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: tor
         ConfigError: a row with no token to prefill (its logits would be a padding query's).
         ProtocolError: ``start`` was used by an earlier prefill (:func:`take`).
     """
+    check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
     if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
         raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")
     take(start)
@@ -108,5 +109,6 @@ def prefill_logits(
     model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """Receiver logits ``[B, T, V]`` over its whole prompt (used by tests and analysis)."""
+    check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
     take(start)
     return run_body(model, input_ids, valid, start.cache, start.layout).logits

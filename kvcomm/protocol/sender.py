@@ -136,6 +136,28 @@ class SenderKV:
         return 2 * k.shape[1] * k.shape[3] * k.element_size()
 
 
+def check_rows(model: object, input_ids: object, valid: object, batch: int | None = None) -> None:
+    """What the protocol's forwards take, checked before any: the transformers model (a
+    :class:`~kvcomm.models.loading.LoadedModel` holds it as ``.model``), token ids ``[B, T]`` (or
+    embeddings ``[B, T, H]``) and a boolean ``valid [B, T]`` beside them, ``batch`` rows where a
+    receiver input holds that many.
+
+    Raises:
+        ConfigError: naming what is not so.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
+        hint = " (a LoadedModel: pass its .model)" if hasattr(model, "model") and hasattr(model, "fingerprint") else ""
+        raise ConfigError(f"the protocol's functions take a transformers model{hint}, not {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(valid, torch.Tensor):
+        raise ConfigError(f"input_ids and valid are tensors (pad_left makes both from lists of token ids), not "
+                          f"{type(input_ids).__name__} and {type(valid).__name__}")
+    if valid.dtype != torch.bool or valid.dim() != 2 or tuple(valid.shape) != tuple(input_ids.shape[:2]):
+        raise ConfigError(f"valid is a boolean [B, T] beside input_ids {list(input_ids.shape)}, not {valid.dtype} "
+                          f"{list(valid.shape)}")
+    if batch is not None and input_ids.shape[0] != batch:
+        raise ConfigError(f"{input_ids.shape[0]} prompt rows on a receiver input of {batch} rows")
+
+
 def run_body(
     model: PreTrainedModel, tokens: torch.Tensor, valid: torch.Tensor, cache: DynamicCache,
     layout: AttentionLayout, head: bool = True, logits_to_keep: int = 0, hidden_states: bool = False,
@@ -188,6 +210,7 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
             layers, bit for bit what the whole prefill computes there
             (:func:`~kvcomm.protocol.shallow.shallow_share` builds a message from it).
     """
+    check_rows(model, input_ids, valid)
     num_layers = model.config.get_text_config().num_hidden_layers
     if depth is not None and not 1 <= depth <= num_layers:
         raise ConfigError(f"a prefill's depth is 1..{num_layers} layers, not {depth}")
