@@ -221,7 +221,7 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
                  if len(items) > calib_size else f"--calib-size to at most {len(items) - 1}")
         wanted = f"{limit} test items{after}" if given else f"a test item{after}"
         raise ConfigError(f"{len(items)} items cannot hold {wanted} and {calib_size} calibration "
-                          f"items without overlap; lower {lower}")
+                          f"items without overlap; lower {lower} (in Python: EvalConfig's limit, skip, calib_size)")
     return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 

@@ -256,7 +256,7 @@ def jsonl(path: str | Path | None = None) -> Task:
     """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one string); ``id`` and
     ``choices`` (the options a multiple-choice question offers, the first answer among them) optional."""
     if path is None:
-        raise DataError("the jsonl task needs a file: --data PATH")
+        raise DataError("the jsonl task needs a file: --data PATH (load_task's path)")
     file = Path(path)
     items = []
     for number, rec in read_jsonl(file):
@@ -294,7 +294,7 @@ def facts(path: str | Path | None = None, items: int = 100, facts_per_item: int 
     answer in a sentence ("Omar lives in Cairo."), so the primary metric is ``contains``.
     """
     if path is not None:
-        raise DataError("the facts task is generated; it takes no --data file")
+        raise DataError("the facts task is generated; it takes no --data file (path)")
     if not 1 <= facts_per_item <= len(_NAMES):
         raise DataError(f"facts_per_item must be in 1..{len(_NAMES)}")
     rng = random.Random(seed)

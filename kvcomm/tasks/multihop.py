@@ -101,7 +101,7 @@ def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, 
     :data:`DistractorKind`, so that ``--task-option`` can give it.
     """
     if path is not None:
-        raise DataError("the multihop task is generated; it takes no --data file")
+        raise DataError("the multihop task is generated; it takes no --data file (path)")
     if distractor_kind not in DISTRACTOR_KINDS:
         raise DataError(f"multihop's distractor_kind is {' or '.join(DISTRACTOR_KINDS)}, not {distractor_kind!r}")
     if not 2 <= pieces <= 16 or not 1 <= facts_per_piece:

@@ -86,7 +86,7 @@ def relay(path: str | Path | None = None, items: int = 100, hops: int = 3, distr
     Each item carries what every agent is asked (``asks``) and should answer (``ask_answers``).
     """
     if path is not None:
-        raise DataError("the relay task is generated; it takes no --data file")
+        raise DataError("the relay task is generated; it takes no --data file (path)")
     if not 2 <= hops <= 2 + len(PERSON_HOPS):
         raise DataError(f"relay needs 2..{2 + len(PERSON_HOPS)} hops, got {hops}")
     if (distractors < 0 or _names_needed(hops, distractors) > len(_NAMES) or distractors + 1 > len(CITIES)
