@@ -158,12 +158,12 @@ def test_a_local_cluster_is_started_here_and_workers_beyond_the_cpus_are_refused
     fake = _FakeRay(cpus=2)
     monkeypatch.setitem(sys.modules, "ray", fake)
     with pytest.raises(ClusterError, match="fewer than the 3 that 3 worker"):
-        Cluster(RayCluster(address="auto", workers=3), "m", "m", "float32")
+        Cluster(RayCluster(address="auto", workers=3), DEFAULT_MODEL, DEFAULT_MODEL, "float32")
     with pytest.raises(ClusterError, match="fewer than the 4 that 1 worker.* of 4 thread"):
-        Cluster(RayCluster(address="auto", threads=4), "m", "m", "float32")
+        Cluster(RayCluster(address="auto", threads=4), DEFAULT_MODEL, DEFAULT_MODEL, "float32")
     assert fake.remotes == 0
     with pytest.raises(_Reached):  # 1 worker of 2 threads on 2 CPUs: asked for
-        Cluster(RayCluster(address="local", threads=2), "m", "m", "float32")
+        Cluster(RayCluster(address="local", threads=2), DEFAULT_MODEL, DEFAULT_MODEL, "float32")
     assert [i["address"] for i in fake.inits] == ["auto", "auto", "local"]
 
 
