@@ -67,7 +67,7 @@ def main() -> None:
             pool.add(Anchor(segment(args.question + i % 4), {0: (offsets.keys, offsets.values)}))
         base = segment(args.question)
         rows.append({"anchors": count,
-                     "shareable_s": best(lambda pool=pool, base=base: pool.shareable(base), args.repeats),
+                     "shareable_s": best(lambda pool=pool, base=base: pool.shareable(base, 0), args.repeats),
                      "correct_s": best(lambda pool=pool, base=base: pool.correct(0, base), args.repeats)})
     table = Table(title=f"anchor correction, {args.layers} layers × {args.heads} heads × {args.dim}, "
                         f"{args.question}+{args.closing} tokens, {torch.get_num_threads()} thread(s)")

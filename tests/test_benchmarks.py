@@ -1,6 +1,6 @@
 """Benchmark scripts' own logic, without a model: what their results files record, the latency
 tail's honest name, the event-loop hang count, the fuzz's private codebook folder, the selection
-run's own rule and the options refused before any work."""
+run's own rule, the options refused before any work, and that the model-free ones run."""
 
 from __future__ import annotations
 
@@ -106,3 +106,16 @@ def test_the_network_results_record_their_run_and_the_layers_sent(monkeypatch, t
     written = json.loads(args.out.read_text())
     assert written["layers"] == [1, 2] and written["threads"] == 1 and written["rows"] == rows
     assert written["provenance"]["args"]["ratio"] == 0.5 and "torch_threads" in written["environment"]
+
+
+def test_the_anchor_benchmark_runs(monkeypatch, tmp_path):
+    """It called AnchorPool.shareable without the step a later change added: every run crashed."""
+    import json
+
+    module = script("anchors", monkeypatch)
+    out = tmp_path / "anchors.json"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/anchors.py", "--layers", "2", "--heads", "1", "--dim", "8",
+                                      "--question", "3", "--closing", "2", "--anchors", "1,2", "--repeats", "1",
+                                      "--out", str(out)])
+    module.main()
+    assert [row["anchors"] for row in json.loads(out.read_text())["rows"]] == [1, 2]
