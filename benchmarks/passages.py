@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,12 +43,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
-from kvcomm.eval.results import bootstrap_ci, share_ci  # noqa: E402
+from kvcomm.eval.results import bootstrap_ci, share, share_ci  # noqa: E402
 
 
-def share_interval(values: list[float], skyline: list[float]) -> list[float]:
-    """95% interval of a configuration's share of the skyline (items resampled in pairs), rounded."""
-    return [round(x, 3) for x in share_ci(values, skyline)]
+def share_interval(values: list[float], skyline: list[float]) -> list[float] | None:
+    """95% interval of a configuration's share of the skyline (items resampled in pairs), rounded;
+    None where the skyline answers nothing (no share: strict JSON has no NaN)."""
+    low, high = share_ci(values, skyline)
+    return [round(low, 3), round(high, 3)] if math.isfinite(low) and math.isfinite(high) else None
+
+
+def share_of(values: list[float], skyline: list[float]) -> float | None:
+    """A configuration's share of the skyline, rounded; None where the skyline answers nothing."""
+    value = share(values, skyline)
+    return round(value, 3) if math.isfinite(value) else None
+
+
+def _share(value: float | None) -> str:
+    return "– (the skyline answers nothing)" if value is None else f"{value:.3f}"
 
 
 def chosen_labels(saved: dict, given: str | None) -> list[str]:
@@ -103,10 +116,10 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
         diff = [x - y for x, y in zip(a, b)]
         rows[label] = {
             "layers": old["layers"], "n": len(a),
-            "chats": round(float(np.mean(b)), 3), "chats_of_skyline": round(float(np.mean(b) / np.mean(sky)), 3),
+            "chats": round(float(np.mean(b)), 3), "chats_of_skyline": share_of(b, sky),
             "chats_of_skyline_ci95": share_interval(b, sky),
             "passages": round(float(np.mean(a)), 3), "passages_ci95": [round(x, 3) for x in bootstrap_ci(a)],
-            "passages_of_skyline": round(float(np.mean(a) / np.mean(sky)), 3),
+            "passages_of_skyline": share_of(a, sky),
             "passages_of_skyline_ci95": share_interval(a, sky),
             "passages_minus_chats": [round(float(np.mean(diff)), 3), [round(x, 3) for x in bootstrap_ci(diff)]],
         }
@@ -162,7 +175,7 @@ def summarise(path: Path, beside: list[Path] | None = None) -> dict:
     for label, values in scores.items():
         row = {"layers": runs[label]["layers"], "n": len(values), "score": round(float(np.mean(values)), 3),
                "ci95": [round(x, 3) for x in bootstrap_ci(values)],
-               "of_skyline": round(float(np.mean(values) / np.mean(sky)), 3),
+               "of_skyline": share_of(values, sky),
                "of_skyline_ci95": share_interval(values, sky)}
         fraction = runs[label]["fraction"]
         rival = next((r for r, run in runs.items() if run["method"] == "random" and run["fraction"] == fraction), None)
@@ -199,7 +212,7 @@ def main() -> None:
             lead = row.get("minus_random")
             table.add_row(label + (f" (from {row['from']})" if "from" in row else ""),
                           ",".join(map(str, row["layers"] or [])), f"{row['score']:.3f} {row['ci95']}",
-                          f"{row['of_skyline']:.3f} {row['of_skyline_ci95']}",
+                          f"{_share(row['of_skyline'])} {row['of_skyline_ci95']}",
                           f"{lead[0]:+.3f} {lead[1]}" if lead else "")
         Console().print(table)
         return
@@ -218,8 +231,8 @@ def main() -> None:
         table.add_column(column)
     for label, row in summary["rows"].items():
         table.add_row(label, ",".join(map(str, row["layers"])),
-                      f"{row['chats_of_skyline']:.3f} {row['chats_of_skyline_ci95']}",
-                      f"{row['passages_of_skyline']:.3f} {row['passages_of_skyline_ci95']}",
+                      f"{_share(row['chats_of_skyline'])} {row['chats_of_skyline_ci95']}",
+                      f"{_share(row['passages_of_skyline'])} {row['passages_of_skyline_ci95']}",
                       f"{row['passages_minus_chats'][0]:+.3f} {row['passages_minus_chats'][1]}")
     Console().print(table)
 

@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="test items (default: all but calibration)")
     parser.add_argument("--calib-size", type=int, default=None,
                         help="(default: the rules' own count: 8 for prune and answer with auto, 4 otherwise)")
-    parser.add_argument("--ratios", default="0.3,0.5,0.7")
+    parser.add_argument("--ratios", default="0.3,0.5,0.7", help="ratios to run (--report reads the saved run's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rules", default=",".join(RULES), help="the rules to compare (comma-separated)")
@@ -178,7 +178,11 @@ def main() -> None:
         return
     if args.report is not None:
         saved = Report.model_validate_json(args.report.read_text())
-        ratios = [float(r) for r in args.ratios.split(",")]
+        # the saved run's ratios (its random rows), not --ratios' default: a run at others was a KeyError
+        ratios = sorted({float(run.label.removeprefix("random@").split("~")[0]) for run in saved.runs
+                         if run.label.startswith("random@")})
+        if not ratios:
+            parser.error(f"{args.report} holds no random@RATIO run: not a results file of this benchmark")
         if args.markdown:
             print(markdown(saved, ratios))
         else:
