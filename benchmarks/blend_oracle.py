@@ -34,13 +34,21 @@ from record import command, run_record  # noqa: E402  (benchmarks/record.py, bes
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.methods.base import METHODS, Output  # noqa: E402
 from kvcomm.methods.blend import BlendMethod  # noqa: E402
-from kvcomm.protocol.blend import _fresh_until, recompute_tokens, top_fraction  # noqa: E402
+from kvcomm.protocol.blend import (  # noqa: E402
+    _fresh_until,
+    blendable,
+    recompute_tokens,
+    rounding_noise,
+    top_fraction,
+)
 from kvcomm.tasks.multihop import DISTRACTOR_KINDS  # noqa: E402
 
 
-def oracle_tokens(model, joined, ratio: float) -> torch.Tensor:
+def oracle_tokens(model, joined, ratio: float, exact: int | torch.Tensor = 0) -> torch.Tensor:
     """``[B, C]``: each row's top ``floor(ratio · n)`` context tokens by value deviation from a full
-    prefill of the joined context, summed over the layers (each scaled by its mean squared value)."""
+    prefill of the joined context, summed over the layers (each scaled by its mean squared value),
+    among the tokens blend chooses from: those after each row's first ``exact`` (an opening that
+    is already a full prefill's), so that the same ratio is the same number of tokens."""
     valid = joined.valid[0]
     fresh_k, fresh_v = _fresh_until(model, joined.token_ids, valid, joined.positions[0], joined.num_layers - 1)
     score = torch.zeros(valid.shape, dtype=torch.float64)
@@ -48,7 +56,7 @@ def oracle_tokens(model, joined, ratio: float) -> torch.Tensor:
         old = joined.values[layer].float()
         scale = old.pow(2).sum(dim=(1, 3)).clamp(min=1e-9).mean(dim=1, keepdim=True)
         score += ((fresh_v[layer].float() - old).pow(2).sum(dim=(1, 3)) / scale).double()
-    return top_fraction(score, valid, ratio)  # chosen as blend chooses, from another score
+    return top_fraction(score, blendable(valid, exact), ratio, rounding_noise(torch.float32))  # as blend chooses
 
 
 @METHODS.register("blend-oracle")
@@ -65,7 +73,8 @@ class OracleBlend(BlendMethod):
         o = self.options
         joined, sent = self._joined(batch, o.senders, o.pieces)
         model = batch.agents.receiver.model
-        blended, stats = recompute_tokens(model, joined, oracle_tokens(model, joined, o.ratio))
+        exact = batch.sender_pieces(o.senders, o.pieces)[0].context_len if o.pieces == "passages" else 0  # as blend
+        blended, stats = recompute_tokens(model, joined, oracle_tokens(model, joined, o.ratio, exact))
         self._record(stats)
         return self._answer(batch, blended, sent, o.senders, o.pieces)
 

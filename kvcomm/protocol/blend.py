@@ -74,6 +74,12 @@ def _fresh_until(model: PreTrainedModel, ids: torch.Tensor, valid: torch.Tensor,
     return keys, values
 
 
+def blendable(valid: torch.Tensor, exact: int | torch.Tensor = 0) -> torch.Tensor:
+    """``[B, C]`` the tokens a blend chooses among: each row's valid ones after its first ``exact``
+    (an opening already a full prefill's; one count for every row, or ``[B]``)."""
+    return valid & (valid.long().cumsum(dim=1) > torch.as_tensor(exact).reshape(-1, 1))
+
+
 def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,
             valid: torch.Tensor, recompute: float, deviation: str) -> torch.Tensor:
     """``[B, C]`` the tokens to recompute: each row's top ``floor(recompute · n)`` by KV deviation."""
@@ -180,9 +186,7 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
     assert ids is not None
     check_token_ids(model, ids[valid])
     fresh_k, fresh_v = _fresh_until(model, ids, valid, positions, at, chunk, check)
-    # after each row's first ``exact`` tokens
-    blendable = valid & (valid.long().cumsum(dim=1) > torch.as_tensor(exact).reshape(-1, 1))
-    chosen = _chosen(fresh_k[at], fresh_v[at], joined.keys[at], joined.values[at], blendable,
+    chosen = _chosen(fresh_k[at], fresh_v[at], joined.keys[at], joined.values[at], blendable(valid, exact),
                      recompute, deviation)
     if check is not None:
         check()
