@@ -1532,3 +1532,56 @@ def test_the_client_takes_a_kv_message_where_bytes_go_and_refuses_calls_once_clo
     for call in (client.health, lambda: client.get_message("as-object")):
         with pytest.raises(ConfigError, match="was closed"):
             call()
+
+
+def test_two_event_loops_never_run_the_model_at_once():
+    """Each loop queued on its own lock, so two loops' requests ran the model in two threads at once."""
+    import threading
+    from unittest.mock import MagicMock
+
+    from kvcomm.serve.worker import Job, ModelWorker
+
+    worker, guard, state = ModelWorker(MagicMock()), threading.Lock(), {"now": 0, "most": 0}
+
+    def work(job):
+        with guard:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.1)
+        with guard:
+            state["now"] -= 1
+        return "ok"
+
+    def loop():
+        async def main():
+            return await asyncio.gather(*[worker.run(Job(10), work) for _ in range(3)])
+        assert asyncio.run(main()) == ["ok"] * 3
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert state["most"] == 1
+
+
+def test_a_share_given_back_by_the_garbage_collector_inside_the_budgets_lock_does_not_deadlock():
+    """A dropped request's share is given back during garbage collection, on whatever thread runs
+    it: one that held the budget's lock (making a refusal) waited for itself for ever."""
+    import threading
+
+    from kvcomm.serve.budget import DecodedBudget
+
+    budget = DecodedBudget(100)
+    hold = budget.hold()
+    hold.take(60)
+    done = threading.Event()
+
+    def collect_inside_the_lock():
+        with budget._lock:  # as a collection triggered while _take holds it
+            hold.release()
+        done.set()
+
+    thread = threading.Thread(target=collect_inside_the_lock, daemon=True)
+    thread.start()
+    assert done.wait(5) and budget.held == 0

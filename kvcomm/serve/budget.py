@@ -23,7 +23,9 @@ class DecodedBudget:
     def __init__(self, total: int) -> None:
         self.total = total
         self.held = 0
-        self._lock = threading.Lock()
+        # re-entrant: a share tied to a dropped request is given back inside garbage collection,
+        # which may run on a thread that holds this lock already (allocating in _take)
+        self._lock = threading.RLock()
 
     def hold(self) -> Hold:
         """An empty share for one request (take into it as its messages' headers come)."""
@@ -31,12 +33,15 @@ class DecodedBudget:
 
     def _take(self, size: int) -> None:
         with self._lock:
-            if self.held + size > self.total:
-                raise ServiceRefusal(
-                    503, f"the requests in flight hold {self.held:,} decoded bytes of KV and this one needs {size:,} "
-                         f"more; the service holds at most {self.total:,} at once: retry when others have ended",
-                    "decoded_budget_busy", "kv_messages", headers={"Retry-After": "1"})
-            self.held += size
+            held = self.held
+            fits = held + size <= self.total
+            if fits:
+                self.held += size
+        if not fits:  # the refusal is made outside the lock
+            raise ServiceRefusal(
+                503, f"the requests in flight hold {held:,} decoded bytes of KV and this one needs {size:,} "
+                     f"more; the service holds at most {self.total:,} at once: retry when others have ended",
+                "decoded_budget_busy", "kv_messages", headers={"Retry-After": "1"})
 
     def _give(self, size: int) -> None:
         with self._lock:

@@ -63,12 +63,14 @@ class ModelWorker:
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._model = threading.Lock()  # the model itself, whichever loop's request holds it
         self.metrics = metrics
 
     def _model_lock(self) -> asyncio.Lock:
-        """The lock of the running event loop (an asyncio lock binds to the first loop that waits on
-        it: the same app served again on a new loop, as a second TestClient or a restarted server
-        does, failed its concurrent requests)."""
+        """The lock a request of the running event loop queues on (an asyncio lock binds to the first
+        loop that waits on it: the same app served again on a new loop, as a second TestClient or a
+        restarted server does, failed its concurrent requests). Two loops at once each queue on
+        their own; the model thread's own lock keeps their work apart."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._lock, self._loop = asyncio.Lock(), loop
@@ -102,7 +104,7 @@ class ModelWorker:
             job.check()  # abandoned while it waited: do not start
             # the thread is not abandoned when this coroutine is cancelled: the lock is held until
             # the work returns, and the job's flag makes it return at its next check
-            return await anyio.to_thread.run_sync(work, job)
+            return await anyio.to_thread.run_sync(self._alone, work, job)
         except Stopped as stop:
             self.metrics.cancelled.labels(stop.reason).inc()
             if stop.reason == "deadline":
@@ -111,6 +113,12 @@ class ModelWorker:
         finally:
             self.metrics.running.dec()
             lock.release()
+
+
+    def _alone(self, work: Callable[[Job], T], job: Job) -> T:
+        """``work(job)`` with the model to itself, also against another event loop's requests (model thread)."""
+        with self._model:
+            return work(job)
 
 
 async def watch_disconnect(request: Request, job: Job, every_s: float = 0.1) -> None:
