@@ -49,8 +49,10 @@ def test_every_choice_letter_scores_as_the_letter_a_does():
     from kvcomm.tasks.metrics import score_all
 
     for for_a, for_b in (("I think A", "I think B"), ("A or B", "B or A"), ("A, B, C or D", "B, A, C or D"),
-                         ("(A)", "(B)"), ("Option A", "Option B"), ("A. Paris", "B. Paris"), ("A", "b")):
+                         ("(A)", "(B)"), ("Option A", "Option B"), ("A. Paris", "B. Paris"), ("A", "b"),
+                         ("The A", "The B"), ("A is correct", "B is correct")):
         assert score_all(for_a, ["A"]) == score_all(for_b, ["B"]), (for_a, for_b)
     assert contains("I think A", ["A"]) == contains("I think B", ["B"]) == 1.0
     assert paper_f1("A or B", ["A"]) == paper_f1("A or B", ["B"]) == 0.0
+    assert exact_match("The B", ["B"]) == exact_match("The A", ["A"]) == 1.0  # the article dropped, as before
     assert contains("A guess: C", ["A"]) == 0.0 and exact_match("b.", ["B"]) == 1.0

@@ -10,8 +10,8 @@ Two choices to know. Punctuation becomes a space, where SQuAD-style normalisers 
 reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of Countries or Tipsheets holds
 punctuation. A gold answer made only of articles (a multiple-choice
 letter "A") is compared with the articles kept, on both sides, where the paper's rule would leave
-it empty and unscorable; another choice letter is compared with the prediction's articles kept,
-so that every letter scores alike; and an empty gold answer matches nothing.
+it empty and unscorable; the letter A is found in a prediction against any one-letter gold, so
+that every letter scores alike; and an empty gold answer matches nothing.
 """
 
 from __future__ import annotations
@@ -45,26 +45,24 @@ LETTER_A = re.compile(
     r"|^\W*\(?a\)?(?=[.):,;])"  # it opens the answer, marked: "A) Paris", "A. Paris"
     r"|\(a\)"  # in parentheses anywhere: "The answer is (A)."
     r"|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\b(?!\W*[a-z0-9])"  # "answer: a"
-    r"|\ba\b(?=\W*$|\s*[,/]|\s+(?:or|and)\b)",  # where no article stands: last ("I think A"), "A or B", "A, B"
+    r"|\ba\b(?=\W*$|\s*[,/]|\s+(?:or|and|is|was)\b)",  # no article stands there: "I think A", "A or B", "A is it"
     re.IGNORECASE)
 """Where an answer names the choice letter A, which is also the article "a": alone, opening the
 answer with a mark after it, in parentheses, after "answer", "option" or "choice" with nothing
-following it, or where an article cannot stand (last, or before a comma, a slash, "or" or
-"and"). An article ("A guess: B", "it is a trick") is none of these."""
+following it, or where an article cannot stand (last, or before a comma, a slash, "or", "and",
+"is" or "was"). An article ("A guess: B", "it is a trick") is none of these."""
 
 
 def _pair(prediction: str, gold: str) -> tuple[str, str]:
     """Both normalised, the articles kept where the gold answer is nothing but articles. The choice
-    letter "A" is told from the article: the prediction is normalised as usual (articles dropped)
-    and given the token ``A`` where :data:`LETTER_A` finds the letter. Against another choice
-    letter the prediction keeps its articles, so that a letter scores as "A" does ("A or B" as
-    wrong for B as for A: dropping its "a" made it half B)."""
+    letter "A" is told from the article: against any one-letter gold the prediction is normalised
+    as usual (articles dropped) and given the token ``A`` where :data:`LETTER_A` finds the letter,
+    so that every letter scores alike ("A or B" is "or b A" for gold A and for gold B: before,
+    only gold A's saw the A, and the hedge was half B but a third A)."""
     letter = _words(gold).lower()
-    if letter == "a":
-        named = " A" if LETTER_A.search(prediction) else ""
-        return (normalize(prediction) + named).strip(), "A"
     if len(letter) == 1 and letter.isalpha():
-        return normalize(prediction, articles=True), normalize(gold, articles=True)
+        named = " A" if LETTER_A.search(prediction) else ""
+        return (normalize(prediction) + named).strip(), "A" if letter == "a" else normalize(gold)
     ref = normalize(gold)
     if ref:
         return normalize(prediction), ref
