@@ -994,16 +994,20 @@ def test_a_resumed_run_scores_recorded_answers_as_this_kvcomm_scores_them(agents
     assert resumed.runs[0].scores == first.runs[0].scores
 
 
-def test_a_resume_naming_the_same_model_another_way_is_taken_and_other_weights_are_not():
+def test_a_resume_naming_the_same_model_another_way_is_taken_and_other_weights_are_not(tmp_path, monkeypatch):
     """``-m tiny`` then ``-m ./tiny`` was refused though the checkpoint's weights were the same."""
     from kvcomm.eval.provenance import identity_difference
 
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
     recorded = {"sender": "tiny", "receiver": "tiny", "dtype": "float32", "evaluation": {"calib_size": 1},
                 "weights": ["ab", "ab"]}
     before_load = {"sender": "./tiny", "receiver": "./tiny", "dtype": "float32", "evaluation": {"calib_size": 1}}
-    assert identity_difference(recorded, before_load) is None  # the weights decide once loaded
+    assert identity_difference(recorded, before_load) is None  # one folder; the weights decide once loaded
+    other = {**before_load, "sender": "qwen2.5-coder-1.5b", "receiver": "qwen2.5-coder-1.5b"}
+    assert "receiver" in identity_difference(recorded, other)  # another model, refused before it loads
     assert identity_difference(recorded, before_load | {"weights": ["ab", "ab"]}) is None
     assert "weights" in identity_difference(recorded, before_load | {"weights": ["cd", "cd"]})
     assert "dtype" in identity_difference(recorded, before_load | {"dtype": "bfloat16"})
     old = {k: v for k, v in recorded.items() if k != "weights"}  # written before weights were recorded
-    assert "receiver" in identity_difference(old, before_load)
+    assert identity_difference(old, before_load) is None and "receiver" in identity_difference(old, other)

@@ -154,11 +154,15 @@ def identity_difference(recorded: dict[str, Any], new: dict[str, Any]) -> str | 
     ``calib_size`` (the recorded profile's items are checked when it is reused) and the
     ``likelihood``, every rule's objective then. The models' ``weights`` are compared where both
     record them (not before the models load, nor against a checkpoint written before weights were).
-    Where the checkpoint records weights, the models' names are not compared (``-m tiny`` and
-    ``-m ./tiny`` are one model): their weights are, once both are known."""
-    if "weights" in recorded:  # the weights say which models: a name may be spelled otherwise
+    Where both record weights, the models' names are not compared (``-m tiny`` and ``-m ./tiny``
+    are one model: the weights say which); before the models load, two names of one folder are
+    one model."""
+    if "weights" in recorded and "weights" in new:  # the weights say which models: a name may be spelled otherwise
         recorded, new = ({k: v for k, v in identity.items() if k not in ("sender", "receiver")}
                          for identity in (recorded, new))
+    else:
+        new = {**new, **{key: recorded[key] for key in ("sender", "receiver")
+                         if key in recorded and key in new and _one_folder(recorded[key], new[key])}}
     if ("weights" in recorded) != ("weights" in new):
         recorded, new = ({k: v for k, v in identity.items() if k != "weights"} for identity in (recorded, new))
     if "calibration" in recorded and "calibration" in new:
@@ -170,6 +174,14 @@ def identity_difference(recorded: dict[str, Any], new: dict[str, Any]) -> str | 
     if then.get("objective") is None and now.get("objective") == "likelihood":
         now["objective"] = None
     return first_difference(recorded, {**new, "evaluation": now})
+
+
+def _one_folder(a: Any, b: Any) -> bool:
+    """Whether two model names are paths of one existing folder or file (``tiny`` and ``./tiny``)."""
+    if not isinstance(a, str) or not isinstance(b, str) or a == b:
+        return False
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
 def _without_calibration_options(identity: dict[str, Any]) -> dict[str, Any]:
