@@ -38,7 +38,6 @@ from kvcomm.protocol.blend import (  # noqa: E402
     _fresh_until,
     blendable,
     recompute_tokens,
-    rounding_noise,
     top_fraction,
 )
 from kvcomm.tasks.multihop import DISTRACTOR_KINDS  # noqa: E402
@@ -56,7 +55,7 @@ def oracle_tokens(model, joined, ratio: float, exact: int | torch.Tensor = 0) ->
         old = joined.values[layer].float()
         scale = old.pow(2).sum(dim=(1, 3)).clamp(min=1e-9).mean(dim=1, keepdim=True)
         score += ((fresh_v[layer].float() - old).pow(2).sum(dim=(1, 3)) / scale).double()
-    return top_fraction(score, blendable(valid, exact), ratio, rounding_noise(torch.float32))  # as blend chooses
+    return top_fraction(score, blendable(valid, exact), ratio)  # chosen as blend chooses, from another score
 
 
 @METHODS.register("blend-oracle")

@@ -82,31 +82,33 @@ def blendable(valid: torch.Tensor, exact: int | torch.Tensor = 0) -> torch.Tenso
 
 def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,
             valid: torch.Tensor, recompute: float, deviation: str) -> torch.Tensor:
-    """``[B, C]`` the tokens to recompute: each row's top ``floor(recompute · n)`` by KV deviation."""
+    """``[B, C]`` the tokens to recompute: each row's top ``floor(recompute · n)`` by KV deviation,
+    a deviation within rounding of the token's own KV counting as none."""
     parts = {"keys": [(fresh_k, old_k)], "values": [(fresh_v, old_v)],
              "both": [(fresh_k, old_k), (fresh_v, old_v)]}[deviation]
     score = sum((f.float() - o.float()).pow(2).sum(dim=(1, 3)) for f, o in parts)  # [B, C]
-    assert isinstance(score, torch.Tensor)
-    return top_fraction(score, valid, recompute, rounding_noise(fresh_k.dtype))
+    size = sum(o.float().pow(2).sum(dim=(1, 3)) for _, o in parts)  # [B, C] the reused KV's own squared norm
+    assert isinstance(score, torch.Tensor) and isinstance(size, torch.Tensor)
+    return top_fraction(score, valid, recompute, size * rounding_noise(fresh_k.dtype))
 
 
 def rounding_noise(dtype: torch.dtype) -> float:
-    """The share of a row's largest squared KV deviation below which a token's deviation is taken
-    for float rounding (a token computed the same way twice, in another batch shape): 1.5e-8 in
-    float32 (about 1,000 units in the last place, squared), 1e-3 in 16-bit floats."""
-    return min(1e-3, (1024 * torch.finfo(dtype).eps) ** 2)
+    """The share of a token's own squared KV norm below which its squared deviation is taken for
+    float rounding (the token computed the same way twice, in another batch shape): a deviation
+    of 4 units in the last place of ``dtype``, in norm (2e-13 in float32, 1e-3 in bfloat16)."""
+    return float((4 * torch.finfo(dtype).eps) ** 2)
 
 
-def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float, noise: float = 0.0) -> torch.Tensor:
+def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]``: each row's top ``floor(fraction · n)`` valid columns by ``score`` (n: the row's
-    valid columns). Scores at or below ``noise`` times the row's largest count as 0 (rounding, not
+    valid columns). Scores at or below ``noise`` (``[B, C]``) count as 0 (rounding, not
     deviation), and equal scores go to the earlier column, so a row chooses the same tokens
     whatever the batch and its left padding (the budget is often larger than the tokens that
     deviate: a first piece's tokens, or on sliding-window layers those a window past every
     piece's start, deviate by rounding only)."""
-    if noise:
-        largest = score.masked_fill(~valid, 0.0).amax(dim=1, keepdim=True)
-        score = score.masked_fill(score <= largest * noise, 0.0)
+    if noise is not None:
+        score = score.masked_fill(score <= noise, 0.0)
     score = score.masked_fill(~valid, -torch.inf)
     counts = (valid.sum(dim=1).double() * fraction + 1e-9).floor().long()  # [B]
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
