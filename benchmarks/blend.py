@@ -137,6 +137,7 @@ def run_quality(args: argparse.Namespace) -> None:
     reports = []
     generated = {"pieces": args.pieces, "facts_per_piece": args.facts_per_piece, "filler_per_piece": args.filler,
                  "distractor_kind": args.distractor_kind}
+    written: list[Path] = []
     for task_name in args.tasks.split(","):
         if task_name == "multihop":
             task = load_task("multihop", items=args.items, **generated)
@@ -151,9 +152,11 @@ def run_quality(args: argparse.Namespace) -> None:
         out = args.out.with_name(f"{args.out.stem}-{task_name}.json")
         report.save(out)
         reports.append(report)
+        written.append(out)
         if task_name == "multihop":
             plot([report], args.pieces, args.layout, out.with_suffix(".png"), ratios)
-    console.print(f"results: {args.out.parent}", markup=False)
+            written.append(out.with_suffix(".png"))
+    console.print(f"written (one file per task, named after --out): {', '.join(map(str, written))}", markup=False)
 
 
 def pieces_of(model, tokens: int, count: int) -> list[str]:

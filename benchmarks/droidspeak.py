@@ -163,6 +163,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     a, b = args.pair.split(",")
+    from kvcomm.errors import ModelError
+    from kvcomm.models.source import resolve_model
+
+    for name in (a, b):  # before any work: a variant not derived here yet
+        try:
+            resolve_model(name)
+        except ModelError as err:
+            parser.error(f"{err} (a variant pair is derived on this machine first: kvcomm models derive …, see "
+                         "the README)")
     generated = {"items": args.items} if args.task in ("facts", "multihop") else {}
     task = load_task(args.task, args.data, **generated)
     console = Console(width=200)

@@ -1,8 +1,8 @@
 """Turns sweep results JSON files into the markdown tables that docs/results.md quotes.
 
-    python benchmarks/report.py methods results/*/countries.json results/*/tipsheets.json > methods.md
-    python benchmarks/report.py codecs results/*/tipsheets.json > codecs.md
-    python benchmarks/report.py modes results/*/facts.json > modes.md
+    cd benchmarks/results/sweeps && python ../../report.py methods qwen-cty.json qwen-tip.json > methods.md
+    python ../../report.py codecs klt-qwen-tip.json > codecs.md
+    python ../../report.py modes ../padded/qwen-facts.json > modes.md
 
 ``methods``: one row per configuration (score, interval, layers, bytes per item, wall time), and
 for every layer selection its difference to random layers at the same ratio, ✗ where it is not above;
