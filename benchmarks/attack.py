@@ -542,7 +542,7 @@ def main() -> None:
     parser.add_argument("--mutations", type=int, default=300, help="mutated messages besides the hand-made ones")
     parser.add_argument("--schemathesis-examples", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attack.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
                         "e.g. rans,rans-v7,constriction")
     parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     record = run_record(args)
 

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--items", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codecs/entropy.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     record = run_record(args)
 

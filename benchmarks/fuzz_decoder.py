@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fuzz-decoder.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     record = run_record(args)
     with private_codebooks():

@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/item-cost.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     if args.batch or args.floor:  # child process
         print(json.dumps(floor(args) if args.floor else one_run(args)))

@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="45,1058", help="prompt lengths (tokens) prefilled at batch 1")
     parser.add_argument("--batches", default="1,16", help="batch sizes of one decoding step")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/linear/linear.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     record = run_record(args)
 

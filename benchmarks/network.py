@@ -314,7 +314,7 @@ def main() -> None:
                         help="how the receiver's linear layers compute: dense, packed, or both (dense,packed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the receiver (0: torch's default)")
     parser.add_argument("--port", type=int, default=8141)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/network/network.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()

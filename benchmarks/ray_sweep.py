@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to run")
     parser.add_argument("--project", type=int, default=8, help="project the speed-up up to this many workers")
     parser.add_argument("--run", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ray/ray-sweep.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     if args.run:  # child process
         print(json.dumps(one_run(args)))

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024", help="context tokens, comma-separated")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the layers shared")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sender-depth.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     try:
         lengths = [int(x) for x in args.lengths.split(",")]

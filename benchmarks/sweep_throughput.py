@@ -78,7 +78,7 @@ def main() -> None:
                              "of each pair: a machine whose speed drifts over the run (linearly) then drifts out "
                              "of the ratio")
     parser.add_argument("--mode", choices=["one-by-one", "optimised"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     if args.mode:  # child process
         print(json.dumps(one_run(args)))

@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--port", type=int, default=8131)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ttft.json"))
+    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
     args = parser.parse_args()
     try:
         lengths = [int(x) for x in args.lengths.split(",")]

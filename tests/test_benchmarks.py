@@ -76,11 +76,12 @@ def test_all_layers_take_a_compared_rules_ranking(monkeypatch):
 @pytest.mark.parametrize(("name", "argv", "message"), [
     ("selection_stability", ["--sizes", "4", "--out", "x.json"], "at least two sizes"),
     ("selection_stability", ["--rules", "paper,nope", "--out", "x.json"], "unknown: ['nope']"),
-    ("sweep_throughput", ["--model", "no-such-model"], "not a known model"),
-    ("sweep_throughput", ["--task", "no-such-task"], "unknown task"),
-    ("item_cost", ["--task", "facts", "--items", "500"], "--items must be between 1 and 99"),
+    ("sweep_throughput", ["--model", "no-such-model", "--out", "x.json"], "not a known model"),
+    ("sweep_throughput", ["--task", "no-such-task", "--out", "x.json"], "unknown task"),
+    ("item_cost", ["--task", "facts", "--items", "500", "--out", "x.json"], "--items must be between 1 and 99"),
     ("selection", ["--rules", "paper,nope", "--out", "x.json"], "unknown rules ['nope']"),
-    ("ttft", ["--lengths", "256,x"], "--lengths must be token counts"),
+    ("ttft", ["--lengths", "256,x", "--out", "x.json"], "--lengths must be token counts"),
+    ("fuzz_decoder", ["--seconds", "1"], "the following arguments are required: --out"),  # it overwrote a result
 ])
 def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv, message):
     module = script(name, monkeypatch)
