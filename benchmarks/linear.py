@@ -1,6 +1,7 @@
 """Packed linear layers against torch's own products (``load_model(..., linear="packed")``).
 
-Two tables, dense and packed measured in turn in one process, best of ``--repeats``:
+One table of two parts, dense and packed measured in turn in one process, best of ``--repeats``
+(each row is also printed as it is measured, for long runs):
 
 - every distinct linear shape of the model at several row counts (one product each, the packed
   path forced at every count: this is where ``PACKED_ROWS`` comes from);

@@ -56,7 +56,8 @@ def largest_difference(a: KVMessage, b: KVMessage) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", default="1024", help="context tokens, comma-separated")
+    parser.add_argument("--lengths", default="1024", help="context tokens, comma-separated (the sender's prompt "
+                        "adds its template's)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the layers shared")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
@@ -77,7 +78,7 @@ def main() -> None:
     sets = {"middle": list(range(middle, middle + count)), "first": list(range(count)),
             "every": list(range(model.num_layers))}
     table = Table(title=f"sender prefill + share + fp16 message · {args.model} · median of {args.runs}")
-    for column in ("context tokens", "layers", "deepest", "whole s", "shallow s", "×", "max |Δ| shared",
+    for column in ("sender prompt tokens", "layers", "deepest", "whole s", "shallow s", "×", "max |Δ| shared",
                    "max |Δ| sink"):
         table.add_column(column, justify="right")
     rows = []

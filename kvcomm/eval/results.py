@@ -77,6 +77,8 @@ class Report(BaseModel):
     runs: list[RunResult]
 
     def save(self, path: str | Path) -> None:
+        """Writes the report as JSON to ``path`` (whole or not at all; an existing file is replaced:
+        the command line's ``--overwrite`` guards its own run folders)."""
         atomic_write(path, self.model_dump_json(indent=1) + "\n")
 
 

@@ -186,6 +186,7 @@ class Client:
                                f"{type(err).__name__}: {err}")
 
     def health(self) -> dict[str, Any]:
+        """The agent's ``/healthz``: its status, model and store."""
         return self._object("GET", "/healthz")
 
     def models(self) -> list[str]:

@@ -93,6 +93,7 @@ class Task:
         return {key: value for key, value in self.options.items() if key != "items"}
 
     def sender_message(self, item: Item) -> str:
+        """What the sender reads: the instruction and the item's context (the paper's sender prompt)."""
         return f"Instruction: {self.instruction} Context: {item.context}"
 
     def receiver_message(self, item: Item) -> str:
@@ -100,6 +101,7 @@ class Task:
         return f"Instruction: {self.instruction} Question: {item.question}"
 
     def skyline_message(self, item: Item) -> str:
+        """The skyline's one prompt: the instruction, the context and the question together."""
         return f"Instruction: {self.instruction} Context: {item.context} Question: {item.question}"
 
     def passage_message(self, item: Item, count: int) -> tuple[str, list[str]]:

@@ -161,6 +161,7 @@ class KVMessage:
 
     @property
     def shared_layers(self) -> list[int]:
+        """The layers whose KV the message holds in full (the others hold the sink, or an opening)."""
         return [layer.index for layer in self.layers if layer.full]
 
     @property
@@ -179,6 +180,7 @@ class KVMessage:
     # -- writing -------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """The message in the wire format (:meth:`from_bytes` reads it; :meth:`save` writes it to a file)."""
         buffer = io.BytesIO()
         self.write(buffer)
         return buffer.getvalue()
