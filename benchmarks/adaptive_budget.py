@@ -1,7 +1,7 @@
 """The adaptive budget against fixed ratios: the same answers for fewer layers?
 
-One run on one model and task: ``kvcomm`` at every ratio the rounds pass through (0.1, 0.2, … 1.0
-of the run's ranking, fused into one decode), ``adaptive`` (ranked layers in rounds until an
+One run on one model and task: ``kvcomm`` at the fixed ratios 0.1, 0.2, … 1.0 of the run's
+ranking (the rounds' with the default ``--step``; fused into one decode), ``adaptive`` (ranked layers in rounds until an
 item's answer holds; patience 1 and 2), the skyline and the baseline, all on the same items and
 one calibrated ranking. Prints each configuration's score with its 95% interval, the fraction of
 layers and the KV bytes it sent and its receiver seconds; then, for each adaptive configuration,

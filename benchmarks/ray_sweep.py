@@ -124,7 +124,8 @@ def main() -> None:
     console.print(table)
     if one is not None:
         console.print(f"Ray's overhead (ray-1 against serial, evaluation): {100 * summary['ray_overhead']:+.1f}%")
-        console.print("projected speed-up: " + ", ".join(f"{n} workers ×{s:.2f}" for n, s in projection.items()))
+        console.print("projected speed-up: " + ", ".join(f"{n} workers ×{s:.2f}" for n, s in projection.items())
+                      + (" (the run is one batch: more workers have nothing to share)" if one["batches"] == 1 else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     console.print(f"written: {args.out}")

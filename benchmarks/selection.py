@@ -66,6 +66,12 @@ def present(report: Report) -> list[str]:
     return [rule for rule in RULES if any(label.endswith(f"~{rule}") for label in labels)]
 
 
+def _forwards(cost: dict) -> str:
+    """A rule's search cost per calibration item (the paper's rule searches nothing)."""
+    count = cost.get("forwards_per_item") or 0
+    return f"{count:.0f} forwards per item" if count else "no search (attention importance, read once)"
+
+
 def table(report: Report, ratios: list[float]) -> Table:
     metric = report.config["metric"]
     by = {run.label: run.scores[metric] for run in report.runs}
@@ -120,7 +126,7 @@ def markdown(report: Report, ratios: list[float]) -> str:
             lines += ["", f"{better} − {worse} (paired, 95% CI): " + "; ".join(gains) + "."]
     lines += ["", f"All layers {by['kvcomm@1'].mean:.3f}, skyline {sky:.3f}, baseline {by['baseline'].mean:.3f}. "
               "Calibration: " + ", ".join(
-                  f"{rule} {p['cost']['seconds']:.0f} s ({p['cost']['forwards_per_item']:.0f} forwards per item)"
+                  f"{rule} {p['cost']['seconds']:.0f} s ({_forwards(p['cost'])})"
                   for rule, p in sorted(report.profiles.items()) if rule in rules) + "."]
     return "\n".join(lines)
 
@@ -206,8 +212,8 @@ def main() -> None:
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
         cost, ranking = profile["cost"], profile["ranking"]
-        console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {cost['forwards_per_item']:.0f} forwards "
-                      f"per item ({cost['items']:.0f} items); top half {sorted(ranking[:len(ranking) // 2])}",
+        console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {_forwards(cost)} "
+                      f"({cost['items']:.0f} items); top half {sorted(ranking[:len(ranking) // 2])}",
                       markup=False)
     report.save(args.out)
     console.print(f"results: {args.out}", markup=False)
