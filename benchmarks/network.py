@@ -151,7 +151,7 @@ def outer(args: argparse.Namespace) -> None:
 
 def inner(args: argparse.Namespace) -> None:
     import torch
-    from ttft import context_of, first_token  # benchmarks/ttft.py
+    from ttft import context_of, first_token, middle_layers  # benchmarks/ttft.py
 
     from kvcomm import Client, load_model
     from kvcomm.protocol import empty_input, receiver_input
@@ -172,9 +172,7 @@ def inner(args: argparse.Namespace) -> None:
                 raise SystemExit("the sender agent did not come up") from None
             time.sleep(1)
     client = Client(url, timeout=3000)
-    count = max(1, round(args.ratio * model.num_layers))
-    first = (model.num_layers - count) // 2
-    layers = list(range(first, first + count))
+    layers = middle_layers(model.num_layers, args.ratio)
     wire = args.rate * 1e6 / 8  # bytes per second
     asked = f"Question: {QUESTION}"
     question = model.encode_message(asked)

@@ -24,7 +24,7 @@ import torch
 from record import run_record  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
-from ttft import context_of
+from ttft import context_of, middle_layers
 
 from kvcomm import encode_ids
 from kvcomm.errors import KvcommError
@@ -73,10 +73,8 @@ def main() -> None:
         model = load_model(args.model)
     except KvcommError as err:
         parser.error(str(err))
-    count = max(1, round(args.ratio * model.num_layers))
-    middle = (model.num_layers - count) // 2
-    sets = {"middle": list(range(middle, middle + count)), "first": list(range(count)),
-            "every": list(range(model.num_layers))}
+    middle = middle_layers(model.num_layers, args.ratio)
+    sets = {"middle": middle, "first": list(range(len(middle))), "every": list(range(model.num_layers))}
     table = Table(title=f"sender prefill + share + fp16 message · {args.model} · median of {args.runs}")
     for column in ("sender prompt tokens", "layers", "deepest", "whole s", "shallow s", "×", "max |Δ| shared",
                    "max |Δ| sink"):

@@ -45,6 +45,13 @@ from kvcomm.wire import KVMessage, check_fingerprint  # noqa: E402
 QUESTION = "Which city does Omar live in? Answer with the city name only."
 
 
+def middle_layers(num_layers: int, ratio: float) -> list[int]:
+    """The middle ``ratio`` of the layers (at least one): what the service benchmarks share."""
+    count = max(1, round(ratio * num_layers))
+    first = (num_layers - count) // 2
+    return list(range(first, first + count))
+
+
 def context_of(model, tokens: int) -> str:
     """Generated facts repeated until the context is about ``tokens`` tokens long."""
     facts = " ".join(item.context for item in load_task("facts", items=400, facts_per_item=8).items)
@@ -130,9 +137,7 @@ def main() -> None:
     record = run_record(args)
 
     model = load_model(args.model)
-    count = max(1, round(args.ratio * model.num_layers))
-    first = (model.num_layers - count) // 2
-    layers = list(range(first, first + count))
+    layers = middle_layers(model.num_layers, args.ratio)
     rows, store = [], {}
     try:  # spawn refuses a port another server answers on and checks that what answers is its own child
         with agents(args.model, [args.port], ["--max-request-mb", "1024", "--timeout", "3000"]) as (url,), \
