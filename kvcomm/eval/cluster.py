@@ -100,7 +100,7 @@ class _Worker:
     def ready(self) -> tuple[tuple[str, str], str, str]:
         """What this worker holds: the sender's and receiver's weights digests, dtype and linear layers."""
         receiver = self.agents.receiver
-        return self.agents.weights, str(receiver.dtype).removeprefix("torch."), receiver.linear
+        return self.agents.weights, receiver.dtype_name, receiver.linear
 
     def run(self, task: Task, job: Job, index: int, items: list[Item], extra: Any) -> tuple[int, Any]:
         marker = os.environ.get(EXIT_ONCE)

@@ -31,7 +31,6 @@ from kvcomm.eval.provenance import code_version, data_record, method_seeds, prof
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup, check_depths
 from kvcomm.models.allocator import release_freed_memory
-from kvcomm.models.loading import LoadedModel
 from kvcomm.selection.blocks import BlockProfile, profile_blocks
 from kvcomm.selection.calibrate import (
     AUTO_MIN_ITEMS,
@@ -225,11 +224,6 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
     return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 
-def dtype_name(model: LoadedModel) -> str:
-    """``float32``, ``bfloat16`` …: the model's weights' dtype as the command line names it."""
-    return str(model.dtype).removeprefix("torch.")
-
-
 def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[Item],
                   num_layers: int | None = None, pair: tuple[str, str] | None = None,
                   pieces: Pieces | None = None, weights: tuple[str, str] | None = None) -> None:
@@ -308,7 +302,7 @@ def evaluate(
     check_distinct(methods)
     if cluster is not None:
         check_apart(methods)
-        cluster.check_models(agents.weights, dtype_name(agents.receiver), agents.receiver.linear)
+        cluster.check_models(agents.weights, agents.receiver.dtype_name, agents.receiver.linear)
     started = utc_now()
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     test, calib = config.split(task.items, rules)
@@ -320,7 +314,7 @@ def evaluate(
                           config.pieces, agents.weights)
     if checkpoint is not None:
         checkpoint.expect(run_identity(task, methods, config.model_dump(mode="json"), agents.sender.name,
-                                       agents.receiver.name, dtype_name(agents.sender),
+                                       agents.receiver.name, agents.sender.dtype_name,
                                        profiles_identity(profile, blocks), agents.sender.linear,
                                        calibration_identity(config, rules, len(task.items), profiled),
                                        agents.weights))
@@ -697,7 +691,7 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
     alpha, alpha_source = sources.alpha()
     book = sources.book
     return {
-        "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": dtype_name(agents.sender),
+        "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": agents.sender.dtype_name,
         "linear": agents.sender.linear, "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "test_items": len(test),
         "calibration_items": [i.id for i in calib], **config.model_dump(), "calib_size": len(calib), "alpha": alpha,

@@ -78,7 +78,7 @@ def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str
               "metric": task.metric, "model": model.name,
               "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,
               "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,
-              "reply_tokens": reply_tokens, "dtype": str(model.dtype).removeprefix("torch."),
+              "reply_tokens": reply_tokens, "dtype": model.dtype_name,
               "linear": model.linear}
     return GraphReport(config=config, provenance={"command": command, "date": started},
                        environment=environment(cluster), runs=runs)

@@ -391,7 +391,7 @@ class Graph:
                               "a cluster")
         if cluster is not None:  # a graph's agents are one model: the workers must hold it
             model = self.model
-            cluster.check_models((model.weights_digest,) * 2, str(model.dtype).removeprefix("torch."), model.linear)
+            cluster.check_models((model.weights_digest,) * 2, model.dtype_name, model.linear)
         if self.anchors is not None:
             self._pool, self._anchored = AnchorPool(self.anchors), [0, 0]
         for item in items if self.agents > 1 else ():

@@ -71,6 +71,11 @@ class LoadedModel:
         """The dtype of the model's weights (and of the KV it makes)."""
         return next(self.model.parameters()).dtype
 
+    @property
+    def dtype_name(self) -> str:
+        """``float32``, ``bfloat16`` …: the weights' dtype as the command line names it."""
+        return str(self.dtype).removeprefix("torch.")
+
     @cached_property
     def fingerprint(self) -> Fingerprint:
         """KV layout plus a hash of the vocabulary: what a pair and a KV message are checked against."""
