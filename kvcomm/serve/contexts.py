@@ -41,9 +41,15 @@ def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None
     if codec.name != "raw":
         return None
     fp, width = agent.fingerprint, {"float32": 4}.get(str(codec.params().get("dtype")), 2)
-    full = set(effective_layers(range(fp["num_layers"]) if layers is None else layers, mode))
-    columns = sum(tokens if layer in full else 1 for layer in range(fp["num_layers"]))
-    return 2 * width * fp["num_kv_heads"] * fp["head_dim"] * columns
+    return 2 * width * fp["num_kv_heads"] * fp["head_dim"] * kv_columns(agent, layers, tokens, mode)
+
+
+def kv_columns(agent: LoadedModel, layers: list[int] | None, tokens: int, mode: MaskMode = "causal") -> int:
+    """Token columns a message of ``tokens`` tokens holds over all layers: every token at
+    ``layers`` (every layer if None), the sink elsewhere."""
+    num_layers = agent.fingerprint["num_layers"]
+    full = set(effective_layers(range(num_layers) if layers is None else layers, mode))
+    return sum(tokens if layer in full else 1 for layer in range(num_layers))
 
 
 @dataclass(frozen=True)
@@ -199,10 +205,8 @@ class ContextMaker:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
         fp = self.agent.fingerprint
-        full = set(effective_layers(range(fp["num_layers"]) if plan.layers is None else plan.layers, plan.mode))
-        kv = sum(decoded_bytes(fp["num_kv_heads"], fp["head_dim"], tokens if layer in full else 1)
-                 for layer in range(fp["num_layers"]))
-        self.check_decoded(kv)
+        columns = kv_columns(self.agent, plan.layers, tokens, plan.mode)
+        self.check_decoded(decoded_bytes(fp["num_kv_heads"], fp["head_dim"], columns))
 
     def check_decoded(self, size: int) -> None:
         """Refuses a context whose message decodes to ``size`` bytes, more than a chat of this
