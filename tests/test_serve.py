@@ -1451,9 +1451,10 @@ def test_requests_in_flight_share_one_decoded_budget_and_give_it_back(agent, mon
         assert decoded.held == 0
 
 
-def test_a_cached_context_is_answered_from_its_header_and_one_no_chat_could_read_is_not_made(agent, monkeypatch):
-    """A cached /v1/contexts decoded the whole stored message (outside the model lock, past every
-    limit) only to name its layers; and the service stored contexts its own chats then refused."""
+def test_a_cached_context_is_read_within_the_limits_and_one_no_chat_could_read_is_not_made(agent, monkeypatch):
+    """A cached /v1/contexts decoded the whole stored message with ``from_bytes`` (outside the model
+    lock, past every limit) only to name its layers; and the service stored contexts its own chats
+    then refused. (It is now checked as an upload is: streamed, within the limits, on the model's thread.)"""
     app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",),
                                                                max_decoded_bytes=64 << 10))
     body = {"context": "Mira lives in Oslo.", "layers": [0, 2], "codec": "fp16"}
@@ -1470,6 +1471,27 @@ def test_a_cached_context_is_answered_from_its_header_and_one_no_chat_could_read
         big = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 20, "codec": "int8"})
         assert big.status_code == 413 and "a chat of this service reads at most" in big.json()["error"]["message"]
         assert len(app.state.store.list()) == stored
+
+
+def test_a_stored_context_that_does_not_hold_what_its_address_promises_is_prefilled_again(agent):
+    """A cached /v1/contexts was checked by its header's fingerprint alone: bytes under its content
+    address that were corrupt or of another content (a store shared with another writer) were
+    answered as cached, and every chat naming them failed."""
+    app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",)))
+    body = {"context": "Mira lives in Oslo.", "layers": [0, 2], "codec": "fp16"}
+    with TestClient(app) as http:
+        made = http.post("/v1/contexts", json=body).json()
+        good = app.state.store.get(made["id"])
+        other = http.post("/v1/contexts", json=body | {"context": "Omar lives in Cairo."}).json()
+        wrong_layers = http.post("/v1/contexts", json=body | {"layers": [1]}).json()
+        for bad in (good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1]),
+                    app.state.store.get(other["id"]), app.state.store.get(wrong_layers["id"])):
+            app.state.store.put(made["id"], bad)
+            again = http.post("/v1/contexts", json=body)
+            assert again.status_code == 200 and again.json() == made  # not cached: prefilled again
+            assert app.state.store.get(made["id"]) == good
+        assert http.post("/v1/contexts", json=body).json() == made | {"cached": True}
+        assert chat(http, "Where?", [made["id"]]).status_code == 200
 
 
 def test_a_stream_stopped_by_its_deadline_counts_what_it_generated_and_its_error(agent, monkeypatch):

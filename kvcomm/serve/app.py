@@ -51,7 +51,7 @@ from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, De
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker
 from kvcomm.tasks.base import Pieces
-from kvcomm.wire import KVMessage, MessageReader, check_fingerprint, make_codec
+from kvcomm.wire import KVMessage, MessageReader, make_codec
 from kvcomm.wire.codecs import preset_of
 from kvcomm.wire.header import Header
 from kvcomm.wire.streaming import receive
@@ -168,8 +168,6 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             data = made[0]
             metrics.contexts.labels("yes").inc()
         header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
-        if existing is not None:
-            check_fingerprint(header.fingerprint, agent.fingerprint)  # a store shared with a foreign writer
         choice = header.meta.get("codec_choice")
         if existing is None:
             _count_choice(metrics, header)

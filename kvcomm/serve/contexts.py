@@ -14,17 +14,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvcomm.agents import Agents, encode_ids
-from kvcomm.errors import ConfigError, MessageTooLarge
+from kvcomm.errors import ConfigError, MessageTooLarge, WireError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
 from kvcomm.selection.calibrate import calibration_items, check_weights
+from kvcomm.serve.chat import check_header, check_usable
 from kvcomm.serve.config import ServeConfig
+from kvcomm.serve.errors import ServiceRefusal
 from kvcomm.serve.schemas import ContextRequest
 from kvcomm.serve.stores import MessageStore, check_given_id
 from kvcomm.tasks import Item, Task, load_task
@@ -32,6 +35,9 @@ from kvcomm.tasks.base import Pieces
 from kvcomm.wire import Codec, KVMessage, MessageReader, make_codec
 from kvcomm.wire.bootstrap import model_codebook
 from kvcomm.wire.header import decoded_bytes
+from kvcomm.wire.streaming import receive
+
+logger = logging.getLogger(__name__)
 
 
 def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
@@ -192,8 +198,38 @@ class ContextMaker:
         return "kv-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
     def existing(self, plan: Plan, store: MessageStore) -> bytes | None:
-        """The stored message of a content-addressed plan, if there is one (no prefill needed)."""
-        return store.get(plan.message_id) if plan.content_addressed else None
+        """The stored message of a content-addressed plan, if there is one and it holds what the
+        plan asks (no prefill needed). It is checked in full, as an upload is: a store shared with
+        another writer may hold, under this address, bytes that are corrupt, made for another model,
+        or of other content. Such an entry counts as absent (logged), so the prefill replaces it."""
+        if not plan.content_addressed or (data := store.get(plan.message_id)) is None:
+            return None
+        try:
+            message = receive([data], receiver=self.agent.fingerprint, max_bytes=self.config.max_message_bytes,
+                              max_decoded_bytes=self.config.max_decoded_bytes,
+                              admit=lambda header: check_header(header, self.agent))
+            check_usable(message, self.agent)
+        except (WireError, ServiceRefusal) as error:
+            logger.warning("stored context %s is not usable (%s); it is prefilled again", plan.message_id, error)
+            return None
+        if problem := self._differs(plan, message):
+            logger.warning("stored context %s %s; it is prefilled again", plan.message_id, problem)
+            return None
+        return data
+
+    def _differs(self, plan: Plan, message: KVMessage) -> str | None:
+        """What in ``message`` is not what ``plan`` makes (its content address promises both are
+        one): the token ids, the layers shared in full, the mask mode; None when nothing differs."""
+        ids = plan.ids[-plan.passage:] if plan.passage else plan.ids
+        held = None if message.token_ids is None else message.token_ids.tolist()
+        if held != ids:
+            return "holds other token ids than the context's"
+        layers = effective_layers(range(self.agent.num_layers) if plan.layers is None else plan.layers, plan.mode)
+        if message.shared_layers != layers:
+            return f"shares layers {message.shared_layers}, not {layers}"
+        if message.mode != plan.mode:
+            return f"is in mode {message.mode!r}, not {plan.mode!r}"
+        return None
 
     def check_size(self, plan: Plan) -> None:
         """Refuses, before any prefill, a context whose message will be over the size limit for sure
