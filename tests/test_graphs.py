@@ -4,6 +4,8 @@ task needs every hop."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -357,6 +359,21 @@ def test_every_topology_runs_on_a_task_split_among_agents(topology, rounds):
         assert len(run.steps) == 2 * rounds + decision and run.n == 3 and run.rounds == rounds
         assert (run.steps[-1].agent == "decision") == decision and run.steps[-1].bytes_out == 0
         assert all(s.bytes_in > 0 for s in run.steps if s.hears) and run.bytes_per_item > 0
+
+
+def test_a_graph_of_other_agents_than_the_items_pieces_says_so():
+    """Through the Python API a relay of 3 hops run by 2 agents was split between sentences and
+    asked the item's question, silently; the command line makes the task with as many hops."""
+    model = tiny_loaded()
+    relay = load_task("relay", items=2, hops=3, max_new_tokens=2)
+    graph = Graph.build(model, "chain", 2, edge=EdgeOptions(via="text"))
+    with pytest.warns(UserWarning, match="comes in 3 pieces of its own .* 2 agents.*no hop accuracy"):
+        run = graph.run(relay, relay.items, progress=False)
+    assert all(step.hop_accuracy is None for step in run.steps)
+    matched = load_task("relay", items=2, hops=2, max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.run(matched, matched.items, progress=False)
 
 
 # -- reuse across agents: the shared question computed once ---------------------------------------

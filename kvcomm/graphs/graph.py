@@ -25,6 +25,7 @@ answer.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -399,6 +400,12 @@ class Graph:
                 item.parts(self.agents)
             except DataError as err:  # before any work: which item cannot be split among the agents
                 raise DataError(f"item {item.id}: {err}") from None
+        if self.agents > 1 and (other := next((i for i in items if i.pieces and len(i.pieces) != self.agents), None)):
+            asked = " and every agent is asked the item's question (no hop accuracy)" if other.asks else ""
+            warnings.warn(f"item {other.id} comes in {len(other.pieces)} pieces of its own (a relay's hops, "
+                          f"multihop's pieces) but the graph has {self.agents} agents: its context is split "
+                          f"between sentences instead{asked}. Make the task with as many pieces as agents "
+                          "(kvcomm graph does).", UserWarning, stacklevel=2)
         rows: list[GraphItem] = []
         tally = [_StepTally() for _ in self.steps]
         if self._codec is not None and cluster is None:  # one-off costs (compiled kernels, tables) are no item's
