@@ -22,6 +22,8 @@ from typing import Literal, get_args
 from kvcomm.errors import ConfigError
 
 TopologyName = Literal["chain", "star", "full", "debate"]
+"""Who hears whom, as :func:`unroll` lays it out (the module's docstring says each): ``chain`` (a
+relay), ``star`` (fan-out and a decision agent's fan-in), ``full``, ``debate``."""
 TOPOLOGIES: tuple[str, ...] = get_args(TopologyName)
 DECISION = -1  # the agent index of a decision agent (holds no piece, hears, answers)
 

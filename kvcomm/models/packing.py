@@ -37,6 +37,8 @@ from torch import nn
 from kvcomm.errors import ConfigError
 
 Linear = Literal["dense", "packed"]
+"""How a model's linear layers run: ``dense`` (torch's) or ``packed`` (a second, oneDNN-packed copy
+of each weight, used for products of up to :data:`PACKED_ROWS` rows: :func:`pack_linears`)."""
 LINEARS: tuple[str, ...] = get_args(Linear)
 
 PACKED_ROWS = 128

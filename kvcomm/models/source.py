@@ -18,6 +18,7 @@ from kvcomm.models.derived import derived_names, derived_path
 from kvcomm.models.registry import EMBEDDED
 
 DType = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a model loads in, by their command-line names (``LoadedModel.dtype_name``)."""
 DTYPES: tuple[str, ...] = get_args(DType)
 
 

@@ -40,6 +40,8 @@ from kvcomm.protocol.sender import cache_tensors, run_body
 from kvcomm.protocol.shared import SharedKV
 
 Deviation = Literal["keys", "values", "both"]
+"""What blend ranks a token's deviation from a full prefill on, at the check layer: its keys, its
+values (the default, CacheBlend's), or both summed."""
 DEVIATIONS: tuple[str, ...] = get_args(Deviation)
 
 

@@ -72,6 +72,8 @@ class Pick(BaseModel):
 
 
 Objective = Literal["own", "gold"]
+"""What a block's score is the likelihood of: the receiver's own full-prefill answer (``own``) or the
+gold answer (``gold``); the module's docstring says why ``own`` is the default."""
 
 
 class BlockProfile(JsonFile):

@@ -65,6 +65,8 @@ from kvcomm.tasks.base import Item, Pieces, Task
 
 PROFILE_VERSION = 2
 Rule = Literal["paper", "answer", "prior", "prune"]
+"""How layers are ranked (the module's docstring): the paper's attention importance with a Gaussian
+prior, greedy selection or backward pruning by the gold answer's likelihood, or the prior fitted to it."""
 RULES: tuple[str, ...] = get_args(Rule)
 DEFAULT_RULE: Rule = "prune"
 """The default rule: the one that scored best where the rules were run side by side (docs/results.md,
@@ -76,6 +78,8 @@ item leaves noisy (SmolLM2-135M, facts, ratio 0.5: the answer rule scores 0.184 
 item, 0.296 on four; docs/results.md). ``prune`` takes the answer rule's four: it was measured with
 them."""
 Objective = Literal["likelihood", "probability", "choice", "fidelity", "auto"]
+"""What the fitted rules maximise (:func:`calibrate`'s ``objective`` says each; ``auto`` picks
+:func:`default_objective`'s)."""
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_OBJECTIVE: Objective = "auto"
 """The searches' objective unless told (:func:`default_objective`): where the objectives were run

@@ -35,6 +35,8 @@ COUNTRIES = ("Drenland Kalmeria Vostria Aldemar Sarnovia Eskaria Morvane Telluri
              "Faltara Zenovia Carthal Wessmark").split()
 
 DistractorKind = Literal["pairs", "loose"]
+"""Distractors that are hops of other pairs (``pairs``) or facts that link to nothing (``loose``:
+the asked pair is the only link between two facts)."""
 DISTRACTOR_KINDS: tuple[str, ...] = get_args(DistractorKind)
 
 FILLER = (

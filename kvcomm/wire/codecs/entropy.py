@@ -31,6 +31,7 @@ from kvcomm.wire.codecs.rans import LANES, PAIRS, rans_categorical_decoder, rans
 
 MAX_SYMBOLS = 1 << 16
 Coder = Literal["rans", "rans-v7", "rans-v6", "rans-v5", "constriction"]
+"""The entropy coders, newest first (the module's docstring says which format versions each reads)."""
 CODERS: tuple[str, ...] = get_args(Coder)
 # a rANS categorical stream's interleaved states, and the widest span of codes it codes two to a symbol
 _LAYOUT = {"rans": (LANES, PAIRS), "rans-v7": (LANES, 16), "rans-v6": (LANES, 0), "rans-v5": (2, 0)}
