@@ -235,7 +235,7 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
     refused by name before the models load (``weights`` None)."""
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
-                          f"calibrate on {task.name!r} (kvcomm calibrate -t …) or leave out --profile")
+                          f"calibrate on {task.name!r} (kvcomm calibrate -t …) or run without this profile (--profile)")
     if profile.weights is not None and weights is not None:
         check_weights(profile, weights, f"{pair[0]} → {pair[1]}" if pair is not None else "pair")
     elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != pair:
@@ -245,7 +245,7 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
                               "droidspeak)")
         raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
                           f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
-                          "leave out --profile")
+                          "run without this profile (--profile)")
     if profile.task_options and task.item_options and profile.task_options != task.item_options:
         differ = sorted(k for k in {*profile.task_options, *task.item_options}
                         if profile.task_options.get(k) != task.item_options.get(k))
@@ -253,14 +253,14 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         ours = ", ".join(f"{k}={task.item_options.get(k)!r}" for k in differ)
         raise ConfigError(f"the profile was calibrated on {task.name} items made with {said}, this run's are made "
                           f"with {ours}: the same ids name other items; calibrate on these (kvcomm calibrate "
-                          "--task-option …) or leave out --profile")
+                          "--task-option …) or run without this profile (--profile)")
     if leaked := {item.id for item in test}.intersection(profile.calibration_items):
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:
         raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {num_layers}")
     if isinstance(profile, Profile) and pieces is not None and profile.pieces != pieces:
-        raise ConfigError(f"the profile was calibrated on items read as {profile.pieces}, "
-                          f"this run reads {pieces}: calibrate with --pieces {pieces} or leave out --profile")
+        raise ConfigError(f"the profile was calibrated on items read as {profile.pieces}, this run reads "
+                          f"{pieces}: calibrate with --pieces {pieces} or run without this profile (--profile)")
 
 
 def evaluate(

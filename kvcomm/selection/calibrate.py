@@ -180,7 +180,7 @@ def check_weights(profile: Profile | Any, weights: Sequence[str], names: str = "
     if profile.weights is not None and tuple(profile.weights) != tuple(weights):
         raise ConfigError(f"the profile was calibrated on other weights than this run's {names} (a model derived "
                           "again, or another checkpoint under that name): calibrate again for these weights, or "
-                          "leave out --profile")
+                          "run without this profile (--profile)")
 
 
 def calibrate(
