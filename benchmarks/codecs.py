@@ -1,4 +1,4 @@
-"""Codecs on real KV: size against float16, reconstruction error, encode and decode throughput.
+r"""Codecs on real KV: size against float16, reconstruction error, encode and decode throughput.
 
 Prefills the sender on a task's contexts, shares every layer, and passes each item's KV through
 every codec as a whole KV message (header, framing and checksums included). Throughput is MB of

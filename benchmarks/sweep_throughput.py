@@ -1,4 +1,4 @@
-"""Throughput of a sweep: one configuration and one item at a time, against kvcomm's batched path.
+r"""Throughput of a sweep: one configuration and one item at a time, against kvcomm's batched path.
 
 Both runs answer the same items with the same configurations (baseline, skyline, kvcomm at each
 ratio) and the same layers (ranked on the first item, not timed; quality is not the point here,

@@ -1,4 +1,4 @@
-"""Receiver time to first token: a KV message fetched over loopback against the context as text.
+r"""Receiver time to first token: a KV message fetched over loopback against the context as text.
 
 A sender agent (`kvcomm serve`, a separate process) prefills each context once and stores its KV
 message. This process is the receiver and measures, per run:
