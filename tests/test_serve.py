@@ -8,9 +8,11 @@ import io
 import json
 import socket
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from kvcomm.errors import ConfigError
@@ -1484,14 +1486,73 @@ def test_a_stored_context_that_does_not_hold_what_its_address_promises_is_prefil
         good = app.state.store.get(made["id"])
         other = http.post("/v1/contexts", json=body | {"context": "Omar lives in Cairo."}).json()
         wrong_layers = http.post("/v1/contexts", json=body | {"layers": [1]}).json()
+        int8 = http.post("/v1/contexts", json=body | {"codec": "int8"}).json()
+        variants = {"droidspeak": KVMessage.from_bytes(good), "hidden": KVMessage.from_bytes(good),
+                    "passage": KVMessage.from_bytes(good)}
+        left_out = variants["droidspeak"].layers[1]  # layer 1 left out, the hidden state entering it sent
+        variants["droidspeak"].layers[1] = replace(left_out, keys=left_out.keys[:, :0], values=left_out.values[:, :0])
+        variants["droidspeak"].hidden[1] = torch.zeros(variants["droidspeak"].context_len, agent.config.hidden_size)
+        variants["hidden"].hidden[0] = torch.zeros(variants["hidden"].context_len, agent.config.hidden_size)
+        variants["passage"].meta = variants["passage"].meta | {"passage": True}
         for bad in (good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1]),
-                    app.state.store.get(other["id"]), app.state.store.get(wrong_layers["id"])):
+                    *(app.state.store.get(entry["id"]) for entry in (other, wrong_layers, int8)),
+                    *(message.to_bytes() for message in variants.values())):
             app.state.store.put(made["id"], bad)
             again = http.post("/v1/contexts", json=body)
             assert again.status_code == 200 and again.json() == made  # not cached: prefilled again
             assert app.state.store.get(made["id"]) == good
         assert http.post("/v1/contexts", json=body).json() == made | {"cached": True}
-        assert chat(http, "Where?", [made["id"]]).status_code == 200
+        assert chat(http, "Where?", [made["id"], made["id"]]).status_code == 200
+        for codec in ("int8", "auto", "klt"):  # a well-made entry of every kind of codec is taken as it is
+            asked = body | {"codec": codec}
+            first = http.post("/v1/contexts", json=asked).json()
+            assert http.post("/v1/contexts", json=asked).json() == first | {"cached": True}
+
+
+def test_a_returned_turn_no_chat_of_the_service_could_read_is_not_stored(agent):
+    """kv_return checked the turn's message against the byte limit only: a turn that decodes to more
+    than a chat reads was stored, and every chat naming it refused (/v1/contexts refuses such a context)."""
+    app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",), max_decoded_bytes=4096))
+    question = "Where does Mira live? " * 3
+    with TestClient(app) as http:
+        ask = {"messages": [{"role": "user", "content": question}], "max_tokens": 5}
+        for keep in ({"content": "turn", "codec": "int8"}, {"content": "turn", "codec": "int8", "layers": [0]}):
+            refused = http.post("/v1/chat/completions", json=ask | {"kv_return": keep})
+            assert refused.status_code == 413 and "a chat of this service reads at most" in refused.text
+        assert app.state.store.list() == []
+        assert http.post("/v1/contexts", json={"context": question, "codec": "int8"}).status_code == 413
+        kept = http.post("/v1/chat/completions", json=ask | {"kv_return": {"content": "reply", "layers": [0]}})
+        assert kept.status_code == 200 and chat(http, "Q", [kept.json()["kv_message"]["id"]]).status_code == 200
+
+
+def test_checking_a_cached_context_counts_in_the_decoded_budget_and_the_deadline(agent, monkeypatch):
+    """The check of a cached context decodes it: that decoding took no share of the service's decoded
+    budget (a chat and an upload were refused where it went ahead) and ran past the deadline."""
+    from kvcomm.serve import contexts as contexts_module
+
+    app = create_app(agent, MemoryStore(1 << 26), ServeConfig(served_model_names=("tiny",), timeout_s=0.5))
+    body = {"context": "Mira lives in Oslo.", "layers": [0, 2], "codec": "fp16"}
+    with TestClient(app) as http:
+        made = http.post("/v1/contexts", json=body).json()
+        held = app.state.decoded.hold()
+        held.take(app.state.decoded.total - 1)  # all but one byte of the budget taken by requests in flight
+        try:
+            busy = http.post("/v1/contexts", json=body)
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "decoded_budget_busy"
+        finally:
+            held.release()
+        assert http.post("/v1/contexts", json=body).json()["cached"] is True
+        monkeypatch.setattr(contexts_module, "SLICE", 64)  # the deadline is checked between slices
+        real = contexts_module._slices
+
+        def slow(data, check):
+            for piece in real(data, check):
+                time.sleep(0.05)
+                yield piece
+
+        monkeypatch.setattr(contexts_module, "_slices", slow)
+        late = http.post("/v1/contexts", json=body)
+        assert late.status_code == 504 and app.state.store.get(made["id"]) is not None
 
 
 def test_a_stream_stopped_by_its_deadline_counts_what_it_generated_and_its_error(agent, monkeypatch):

@@ -128,16 +128,24 @@ def check_usable(message: KVMessage, agent: LoadedModel) -> None:
         check_token_ids(agent.model, message.token_ids)
 
 
-def _readable(agent: LoadedModel, headers: list[Header], hold: Hold | None, header: Header) -> None:
+def check_readable(header: Header, agent: LoadedModel) -> None:
     """:func:`check_header`, and a chat's own refusal from the header, before anything is decoded:
     a message leaving layers out (a droidspeak message) is read only by a droidspeak receiver.
-    The header is kept in ``headers`` (for the request's decoded-bytes budget) and its decoded
-    size taken into ``hold``."""
-    headers.append(header)
+
+    Raises:
+        ServiceRefusal: 422 (``invalid_kv_message``).
+    """
     check_header(header, agent)
     if any(entry.tokens == 0 for entry in header.layers):
         raise ServiceRefusal(422, "a KV message leaves layers out (a droidspeak message): only a droidspeak receiver, "
                                   "which recomputes them, can read it", "invalid_kv_message", "kv_messages")
+
+
+def _readable(agent: LoadedModel, headers: list[Header], hold: Hold | None, header: Header) -> None:
+    """:func:`check_readable`, with the header kept in ``headers`` (for the request's decoded-bytes
+    budget) and its decoded size taken into ``hold``."""
+    headers.append(header)
+    check_readable(header, agent)
     if hold is not None:
         hold.take(header.decoded_bytes)
 

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvcomm.agents import Agents, encode_ids
@@ -25,7 +25,8 @@ from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
 from kvcomm.selection.calibrate import calibration_items, check_weights
-from kvcomm.serve.chat import check_header, check_usable
+from kvcomm.serve.budget import Hold
+from kvcomm.serve.chat import check_readable, check_usable
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.errors import ServiceRefusal
 from kvcomm.serve.schemas import ContextRequest
@@ -34,10 +35,27 @@ from kvcomm.tasks import Item, Task, load_task
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import Codec, KVMessage, MessageReader, make_codec
 from kvcomm.wire.bootstrap import model_codebook
-from kvcomm.wire.header import decoded_bytes
+from kvcomm.wire.codecs import preset_of
+from kvcomm.wire.codecs.auto import AutoCodec
+from kvcomm.wire.header import Header, decoded_bytes
 from kvcomm.wire.streaming import receive
 
 logger = logging.getLogger(__name__)
+SLICE = 1 << 20  # a stored message is decoded this many bytes at a time, the request's deadline checked between
+
+
+def _slices(data: bytes, check: Callable[[], None] | None) -> Iterator[bytes]:
+    """``data`` in ``SLICE``-byte pieces, ``check`` called before each."""
+    for start in range(0, len(data), SLICE):
+        if check is not None:
+            check()
+        yield data[start:start + SLICE]
+
+
+def _codec_key(codec: Codec) -> tuple[str, str]:
+    """A codec's preset name (else its own) and its parameters, comparable across a JSON round trip."""
+    params = codec.params()
+    return preset_of(codec.name, params) or codec.name, json.dumps(params, sort_keys=True)
 
 
 def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
@@ -197,38 +215,64 @@ class ContextMaker:
                          sort_keys=True)
         return "kv-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
-    def existing(self, plan: Plan, store: MessageStore) -> bytes | None:
-        """The stored message of a content-addressed plan, if there is one and it holds what the
-        plan asks (no prefill needed). It is checked in full, as an upload is: a store shared with
-        another writer may hold, under this address, bytes that are corrupt, made for another model,
-        or of other content. Such an entry counts as absent (logged), so the prefill replaces it."""
+    def existing(self, plan: Plan, store: MessageStore, hold: Hold | None = None,
+                 check: Callable[[], None] | None = None) -> bytes | None:
+        """The stored message of a content-addressed plan, if there is one that holds what the plan
+        asks and a chat of this service can read (no prefill needed). It is checked in full, as an
+        upload is: decoded within the service's limits, its decoded size taken into ``hold`` (the
+        service's decoded-bytes budget) and ``check`` (the request's deadline) called as it goes. A
+        store shared with another writer may hold, under this address, bytes that are corrupt, made
+        for another model, or of other content: such an entry counts as absent (logged), so the
+        prefill replaces it."""
         if not plan.content_addressed or (data := store.get(plan.message_id)) is None:
             return None
+
+        def admit(header: Header) -> None:
+            check_readable(header, self.agent)
+            if hold is not None:
+                hold.take(header.decoded_bytes)
+
         try:
-            message = receive([data], receiver=self.agent.fingerprint, max_bytes=self.config.max_message_bytes,
-                              max_decoded_bytes=self.config.max_decoded_bytes,
-                              admit=lambda header: check_header(header, self.agent))
+            message = receive(_slices(data, check), receiver=self.agent.fingerprint,
+                              max_bytes=self.config.max_message_bytes,
+                              max_decoded_bytes=self.config.max_decoded_bytes, admit=admit)
             check_usable(message, self.agent)
-        except (WireError, ServiceRefusal) as error:
-            logger.warning("stored context %s is not usable (%s); it is prefilled again", plan.message_id, error)
-            return None
-        if problem := self._differs(plan, message):
-            logger.warning("stored context %s %s; it is prefilled again", plan.message_id, problem)
-            return None
-        return data
+        except ServiceRefusal as error:  # the service's own refusals (its decoded budget is busy) are the answer
+            if error.status_code != 422:
+                raise
+            problem = error.detail
+        except WireError as error:
+            problem = str(error)
+        else:
+            if (differs := self._differs(plan, message)) is None:
+                return data
+            problem = differs
+        logger.warning("stored context %s cannot serve (%s); it is prefilled again", plan.message_id, problem)
+        return None
 
     def _differs(self, plan: Plan, message: KVMessage) -> str | None:
         """What in ``message`` is not what ``plan`` makes (its content address promises both are
-        one): the token ids, the layers shared in full, the mask mode; None when nothing differs."""
+        one): the token ids, the layers shared in full, the mask mode, being a passage, the codec
+        (for ``auto``, one of its candidates), no hidden states; None when nothing differs."""
         ids = plan.ids[-plan.passage:] if plan.passage else plan.ids
         held = None if message.token_ids is None else message.token_ids.tolist()
         if held != ids:
-            return "holds other token ids than the context's"
+            return "it holds other token ids than the context's"
         layers = effective_layers(range(self.agent.num_layers) if plan.layers is None else plan.layers, plan.mode)
         if message.shared_layers != layers:
-            return f"shares layers {message.shared_layers}, not {layers}"
+            return f"it shares layers {message.shared_layers}, not {layers}"
         if message.mode != plan.mode:
-            return f"is in mode {message.mode!r}, not {plan.mode!r}"
+            return f"it is in mode {message.mode!r}, not {plan.mode!r}"
+        if bool(message.meta.get("passage")) != bool(plan.passage):
+            return "it is a passage and the context is not" if plan.passage is None else "it is no passage"
+        if message.hidden:
+            return "it carries hidden states"
+        held_codec = _codec_key(message.codec)
+        if isinstance(plan.codec, AutoCodec):
+            if held_codec[0] not in plan.codec.candidates:
+                return f"its codec {held_codec[0]!r} is none of auto's candidates"
+        elif held_codec != (asked := _codec_key(plan.codec)):
+            return f"its codec is {held_codec[0]!r}, not {asked[0]!r}"
         return None
 
     def check_size(self, plan: Plan) -> None:
