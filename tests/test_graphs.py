@@ -39,9 +39,10 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         unroll("chain", 1)
     with pytest.raises(ConfigError, match="a star has one round"):  # before: later rounds ran, heard by no one
         unroll("star", 2, rounds=2)
-    with pytest.raises(ConfigError, match="reply_tokens is the budget of a turn, at least 1, not 0"):
+    with pytest.raises(ConfigError, match="reply_tokens is the budget of a turn, a whole number at least 1, not 0"):
         Graph.build(tiny_loaded(), "chain", 2, reply_tokens=0)
-    with pytest.raises(ConfigError, match="the batch size is at least 1, not 0"):  # before: range()'s ValueError
+    # before: range()'s ValueError
+    with pytest.raises(ConfigError, match="the batch size is a whole number at least 1, not 0"):
         Graph.build(tiny_loaded(), "chain", 2).run(load_task("relay", items=1, hops=2), load_task(
             "relay", items=1, hops=2).items, batch_size=0)
     model = tiny_loaded()
@@ -283,6 +284,70 @@ def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, 
     assert "not run: kv/prefix@all+fp16 with reuse on" in grid.output
 
 
+def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path):
+    """Reuse on a chain relay (each agent asked its own hop) ran extra rows that reused nothing,
+    labelled +reuse; --blends with KV placed as a prefix was dropped silently; --agents beyond a
+    relay's hops was refused as 'hops'; text edges recorded a codec."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    out = tmp_path / "g.json"
+    base = ["graph", "-m", str(tiny_dir), "-t", "relay", "--limit", "2", "-q", "--no-single", "--out", str(out)]
+    ran = CliRunner().invoke(app, [*base, "--agents", "2", "--via", "text", "--reuse", "off,on,anchor"],
+                             env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    assert "not run: reuse on (no two agents are asked the same question" in ran.output
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["runs"]] == ["chain×2 text"] and report["runs"][0]["edge"]["codec"] is None
+    assert report["config"]["data"] is None
+    for extra, said in ((["--agents", "2", "--via", "text", "--reuse", "on"], "no graph to run: reuse reuses"),
+                        (["--agents", "2", "--via", "kv", "--place", "prefix", "--blends", "0.3"],
+                         "--place prefix) recomputes nothing"),
+                        (["--agents", "5"], "--agents 5: a graph over relay gives each agent one of its hops, "
+                                            "and relay has 2 to 4")):
+        refused = CliRunner().invoke(app, [*base, "--overwrite", *extra], env={"COLUMNS": "200"})
+        assert refused.exit_code == 2 and said in " ".join(refused.output.split()), (extra, refused.output)
+
+
+def test_a_relay_asks_its_hops_only_of_agents_that_hear_the_hop_before():
+    """In a star every agent but the first hears no one, yet was asked about "the previous message"
+    and scored on that hop; they are asked the item's question now, and have no hop accuracy."""
+    model = tiny_loaded()
+    task = load_task("relay", items=2, hops=3, max_new_tokens=2)
+    item = task.items[0]
+    star = Graph.build(model, "star", 3, edge=EdgeOptions(via="text"))
+    assert [star.ask(item, step) for step in star.steps] == [item.asks[0], item.question, item.question,
+                                                             item.question]
+    chain = Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"))
+    assert [chain.ask(item, step) for step in chain.steps] == list(item.asks)
+    run = star.run(task, task.items, progress=False)
+    assert [s.hop_accuracy is None for s in run.steps] == [False, True, True, True]
+    assert not chain.shares_question(task.items) and star.shares_question(task.items)
+    with pytest.warns(UserWarning, match="nothing is reused"):
+        Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=True).run(task, task.items, progress=False)
+
+
+def test_graph_api_mistakes_are_config_errors():
+    from kvcomm.graphs.compare import compare
+
+    model = tiny_loaded()
+    task = load_task("relay", items=1, hops=2, max_new_tokens=2)
+    graph = Graph.build(model, "chain", 2, edge=EdgeOptions(via="text"))
+    for call, said in ((lambda: Graph.build(model, "chain", 2, reply_tokens=2.5), "reply_tokens is the budget"),
+                       (lambda: graph.run(task, task.items, batch_size=2.5), "batch size is a whole number"),
+                       (lambda: graph.run(task, task.items, batch_size="4"), "batch size is a whole number"),
+                       (lambda: compare(model, task, task.items, "chain", 2, [EdgeOptions()], reuse=True),
+                        "reuse is a list"),
+                       (lambda: compare(model, task, task.items, "chain", 2, EdgeOptions()), "edges is a list"),
+                       (lambda: EdgeOptions(via="text", codec="klt"), "a codec is for kv edges")):
+        with pytest.raises(ConfigError, match=said):
+            call()
+    assert EdgeOptions(via="text").codec is None and EdgeOptions(via="text", codec="fp16").codec is None
+
+
 def test_a_codec_s_one_off_costs_are_paid_before_the_clock_starts(monkeypatch):
     """Entropy coders compile and build tables on their first long message: a graph with a codec
     sends one message before its clock starts (before, the first item's turn paid for it)."""
@@ -413,9 +478,10 @@ def test_the_question_is_prefilled_once_per_item_for_every_agent(monkeypatch):
                                                                                 progress=False)
     assert calls == [2]  # one prefill of both items' questions; every other agent found them
     relay = load_task("relay", items=2, hops=3, max_new_tokens=3)  # each agent asked its own hop: nothing shared
-    off, on = (Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=r).run(relay, relay.items,
-                                                                                        progress=False)
-               for r in (False, True))
+    off = Graph.build(model, "chain", 3, edge=EdgeOptions(via="text")).run(relay, relay.items, progress=False)
+    with pytest.warns(UserWarning, match="nothing is reused"):
+        on = Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=True).run(relay, relay.items,
+                                                                                          progress=False)
     assert [r.replies for r in on.items] == [r.replies for r in off.items] and on.reuse and not off.reuse
     assert all(step.reused_tokens == 0 for step in on.steps)
     for wrong in (0, None, "on"):  # before, 0 and None turned reuse on (and 0 got past the prefix check)

@@ -36,13 +36,14 @@ from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.anchors import AnchorOptions
 from kvcomm.graphs.compare import VIA, compare, edge_grid, graph_grid
-from kvcomm.graphs.graph import EdgeOptions
+from kvcomm.graphs.graph import EdgeOptions, shares_question
 from kvcomm.graphs.report import plot_graph, print_graph
 from kvcomm.graphs.topology import unroll
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.loading import load_model
 from kvcomm.protocol import MaskMode
 from kvcomm.tasks import TASKS, Task, load_task
+from kvcomm.tasks.relay import PERSON_HOPS
 from kvcomm.wire.codecs import codec_names
 
 _SET_BY_GRAPH = {"items": "--limit", "seed": "--seed", "hops": "--agents", "pieces": "--agents"}
@@ -60,6 +61,11 @@ def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int,
     options = task_options_for(name, pairs, [name])
     if taken := [f"{key} (set by {_SET_BY_GRAPH[key]})" for key in options if key in _SET_BY_GRAPH]:
         raise ConfigError(f"--task-option cannot set {', '.join(taken)} in a graph")
+    spans = {"relay": (2, 2 + len(PERSON_HOPS), "hops"), "multihop": (2, 16, "pieces")}
+    if name in spans and not spans[name][0] <= agents <= spans[name][1]:
+        least, most, what = spans[name]
+        raise ConfigError(f"--agents {agents}: a graph over {name} gives each agent one of its {what}, and {name} "
+                          f"has {least} to {most}")
     if name == "relay":
         return load_task("relay", data, items=items, hops=agents, seed=seed, **options)
     if name == "multihop":
@@ -101,9 +107,10 @@ def graph_command(
     = "inline",
     mode: Annotated[MaskMode, typer.Option(help="Masks of kv edges placed as a prefix: causal, legacy, shift-back, "
                                            "padded-sink or padded-zero (inline KV is causal).")] = "causal",
-    reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: the question every agent is "
+    reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: a question several agents are "
                                        "asked is prefilled once per item and reused by each agent with re-rotated "
-                                       "positions (KVCOMM's shared input). Anchor: also corrected by KVCOMM's "
+                                       "positions (KVCOMM's shared input; a chain relay asks each agent its own hop, "
+                                       "so there it is not run). Anchor: also corrected by KVCOMM's "
                                        "anchors (where an agent fails the shareability test, it computes the "
                                        "question in its context and the item becomes an anchor), the chat's "
                                        "closing reused too.")] = "off",
@@ -145,6 +152,9 @@ def graph_command(
             fractions != [None] or wire != ["fp16"] or recompute != [0.15] or place != "inline" or mode != "causal"):
         raise ConfigError("--ratios, --codecs, --blends, --place and --mode are for kv edges; --via "
                           f"{via} has none")
+    if place == "prefix" and recompute not in ([0.15], [None]):  # the default, or none, says nothing
+        raise ConfigError("--blends recomputes heard KV placed inline; KV placed as a prefix (--place prefix) "
+                          "recomputes nothing")
     edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
     settings = _list(reuse, "reuse")
     if bad := [r for r in settings if r not in ("off", "on", "anchor")]:
@@ -163,6 +173,15 @@ def graph_command(
     cluster_options = ray_cluster(ray, workers, worker_threads)
     resolve_model(model)
     the_task = graph_task(task, data, agents, limit, seed, task_option or [])
+    if any(r is not False for r in reuses) and not shares_question(unroll(topology, agents, rounds), agents,
+                                                                   the_task.items[:limit]):
+        why = "no two agents are asked the same question: each agent of a chain relay is asked its own hop"
+        if False not in reuses:
+            raise ConfigError(f"no graph to run: reuse reuses the question agents share, and {why} (add --reuse off)")
+        for setting in dict.fromkeys(settings):
+            if setting != "off":
+                console.print(f"not run: reuse {setting} ({why})", markup=False)
+        reuses = [False]
     out, plot_path = check_output_and_plot(
         out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json", "results",
         overwrite)

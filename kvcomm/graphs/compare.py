@@ -8,13 +8,16 @@ from typing import Any, Literal
 
 from kvcomm.errors import ConfigError
 from kvcomm.eval.cluster import Cluster
-from kvcomm.eval.provenance import utc_now
+from kvcomm.eval.provenance import data_record, utc_now
 from kvcomm.eval.results import environment
 from kvcomm.graphs.anchors import AnchorOptions
 from kvcomm.graphs.graph import EdgeOptions, Graph, GraphReport
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode
 from kvcomm.tasks.base import Item, Task
+from kvcomm.wire import make_codec
+from kvcomm.wire.bootstrap import model_codebook
+from kvcomm.wire.codecs.auto import AutoCodec
 
 VIA = ("kv", "kv-turn", "text", "text-turn")  # what ``edge_grid`` takes: via, and what travels
 
@@ -61,6 +64,15 @@ def graph_grid(edges: Sequence[EdgeOptions], reuse: Sequence[bool | AnchorOption
     return pairs, skipped
 
 
+def _rotates(codec: str | None) -> bool:
+    """Whether a kv edge's codec rotates with the model's codebook (``klt``, or ``auto`` that may choose it)."""
+    if codec is None:
+        return False
+    made = make_codec(codec)
+    return "klt" in ([make_codec(name).name for name in made.candidates] if isinstance(made, AutoCodec) else
+                     [made.name])
+
+
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
             edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
             reply_tokens: int | None = None, progress: bool = True, command: str | None = None,
@@ -70,6 +82,10 @@ def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str
     batch, when given). Reuse is left out for KV edges placed as a prefix, which cannot reuse the
     question (:func:`graph_grid`)."""
     started = utc_now()
+    if isinstance(reuse, bool | AnchorOptions) or not isinstance(reuse, Sequence):
+        raise ConfigError(f"reuse is a list of settings (False, True, AnchorOptions), not {reuse!r}")
+    if isinstance(edges, EdgeOptions) or not isinstance(edges, Sequence):
+        raise ConfigError(f"edges is a list of EdgeOptions (edge_grid makes one), not {edges!r}")
     graphs = [Graph.single(model)] if single else []
     graphs += [Graph.build(model, topology, agents, rounds, edge, reply_tokens, shared)
                for edge, shared in graph_grid(edges, reuse)[0]]
@@ -79,6 +95,9 @@ def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str
               "num_layers": model.num_layers, "topology": topology, "agents": agents, "rounds": rounds,
               "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,
               "reply_tokens": reply_tokens, "dtype": model.dtype_name,
-              "linear": model.linear}
+              "linear": model.linear, "data": data_record(task)}
+    if any(edge.via == "kv" and _rotates(edge.codec) for edge in edges):
+        book = model_codebook(model)  # the one the edges encoded with (the model's default)
+        config["codebook"] = {"id": book.id, "tokens": book.meta["tokens"]}
     return GraphReport(config=config, provenance={"command": command, "date": started},
                        environment=environment(cluster), runs=runs)

@@ -107,6 +107,16 @@ class EdgeOptions(Options):
     codec: CodecName | None = "fp16"
     mode: MaskMode = "causal"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_codec_on_text(cls, data: Any) -> Any:
+        """A text edge carries words: its codec is None (the default fp16 is a kv edge's)."""
+        if isinstance(data, dict) and data.get("via") == "text":
+            if data.get("codec", "fp16") not in (None, "fp16"):
+                raise ValueError("a codec is for kv edges: a text edge carries words")
+            data = data | {"codec": None}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         check_layer_choice(self.ratio, self.layers)
@@ -227,6 +237,25 @@ def unmarked(message: str) -> str:
     return message.replace(QUESTION, "").replace(ASKED, "")
 
 
+def asks_hop(step: Step, agents: int, item: Item) -> bool:
+    """Whether ``step`` is asked its own hop of a relay ``item``: the item has one question per
+    agent, and the step is the first agent's or hears the agent before it (in a star, agents after
+    the first hear no one, so a hop about "the previous message" would ask about nothing)."""
+    return (step.agent != DECISION and agents > 1 and len(item.asks) == agents
+            and (step.agent == 0 or any(turn.agent == step.agent - 1 for turn in step.hears)))
+
+
+def asked(item: Item, step: Step, agents: int) -> str:
+    """What ``step``'s agent is asked: its own hop's question where :func:`asks_hop`, else the item's question."""
+    return item.asks[step.agent] if asks_hop(step, agents, item) else item.question
+
+
+def shares_question(steps: Sequence[Step], agents: int, items: Sequence[Item]) -> bool:
+    """Whether two of ``steps`` are asked the same question on some item: where none are (each agent
+    of a chain relay is asked its own hop), reusing the question reuses nothing."""
+    return any(len({asked(item, step, agents) for step in steps}) < len(steps) for item in items)
+
+
 def agent_name(agent: int) -> str:
     return "decision" if agent == DECISION else f"agent{agent + 1}"
 
@@ -281,8 +310,9 @@ class Graph:
             if step.agent != DECISION and not 0 <= step.agent < agents:
                 raise ConfigError(f"step {turn_name(step.turn)}: agent index out of range for {agents} agents")
             seen.add(step.turn)
-        if reply_tokens is not None and reply_tokens < 1:
-            raise ConfigError(f"reply_tokens is the budget of a turn, at least 1, not {reply_tokens}")
+        if reply_tokens is not None and (not isinstance(reply_tokens, int) or isinstance(reply_tokens, bool)
+                                         or reply_tokens < 1):
+            raise ConfigError(f"reply_tokens is the budget of a turn, a whole number at least 1, not {reply_tokens!r}")
         self.model, self.steps, self.agents = model, list(steps), agents
         self.edge = edge or EdgeOptions()
         self.reply_tokens, self.topology = reply_tokens, topology
@@ -353,11 +383,12 @@ class Graph:
         return " ".join(parts) + (f"{QUESTION}{question}{ASKED}" if mark_question else question)
 
     def ask(self, item: Item, step: Step) -> str:
-        """What ``step``'s agent is asked: its own hop's question where the item has one per
-        agent (a relay), else the item's question."""
-        if step.agent != DECISION and self.agents > 1 and len(item.asks) == self.agents:
-            return item.asks[step.agent]
-        return item.question
+        """What ``step``'s agent is asked: :func:`asked`."""
+        return asked(item, step, self.agents)
+
+    def shares_question(self, items: Sequence[Item]) -> bool:
+        """Whether two steps are asked the same question on some item (what reuse reuses)."""
+        return shares_question(self.steps, self.agents, items)
 
     def _reuses(self, batch: list[Item], step: Step) -> list[bool]:
         """Per row, whether ``step`` reuses the item's question: reuse is on and another step of the
@@ -385,8 +416,8 @@ class Graph:
             raise ConfigError("a graph runs a list of items (task.items, or some of them)")
         if not items:
             raise ConfigError("a graph run needs at least one item")
-        if batch_size < 1:
-            raise ConfigError(f"the batch size is at least 1, not {batch_size}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"the batch size is a whole number at least 1, not {batch_size!r}")
         if cluster is not None and self.anchors is not None:
             raise ConfigError("anchor correction keeps one pool of anchors across a run's batches: run it without "
                               "a cluster")
@@ -401,11 +432,15 @@ class Graph:
             except DataError as err:  # before any work: which item cannot be split among the agents
                 raise DataError(f"item {item.id}: {err}") from None
         if self.agents > 1 and (other := next((i for i in items if i.pieces and len(i.pieces) != self.agents), None)):
-            asked = " and every agent is asked the item's question (no hop accuracy)" if other.asks else ""
+            hops = " and every agent is asked the item's question (no hop accuracy)" if other.asks else ""
             warnings.warn(f"item {other.id} comes in {len(other.pieces)} pieces of its own (a relay's hops, "
                           f"multihop's pieces) but the graph has {self.agents} agents: its context is split "
-                          f"between sentences instead{asked}. Make the task with as many pieces as agents "
-                          "(kvcomm graph does).", UserWarning, stacklevel=2)
+                          f"at sentence ends (or between words) instead{hops}. Make the task with as many pieces "
+                          "as agents, as kvcomm graph does (a relay has 2 to 4 hops).", UserWarning, stacklevel=2)
+        if self.reuse and not self.shares_question(items):
+            warnings.warn("reuse is on, but no two agents are asked the same question (each agent of a chain relay "
+                          "is asked its own hop): nothing is reused, and the run is the graph without reuse",
+                          UserWarning, stacklevel=2)
         rows: list[GraphItem] = []
         tally = [_StepTally() for _ in self.steps]
         if self._codec is not None and cluster is None:  # one-off costs (compiled kernels, tables) are no item's
@@ -450,7 +485,7 @@ class Graph:
         return [s for s in self.steps if step.turn in s.hears]
 
     def _hop_golds(self, items: Sequence[Item], step: Step) -> list[str] | None:
-        if step.agent == DECISION or self.agents == 1 or any(len(i.ask_answers) != self.agents for i in items):
+        if any(len(i.ask_answers) != self.agents or not asks_hop(step, self.agents, i) for i in items):
             return None
         return [item.ask_answers[step.agent] for item in items]
 

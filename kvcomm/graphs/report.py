@@ -42,8 +42,8 @@ def graph_table(report: GraphReport) -> Table:
 
 def agents_table(report: GraphReport) -> Table:
     """One row per configuration and step: what each agent heard, sent and cost."""
-    table = Table(title=Text("per agent (bytes per item; TTFT per batch of "
-                             f"{report.config['batch_size']})"))
+    batch = min(report.config["batch_size"], report.config["items"])
+    table = Table(title=Text(f"per agent (bytes per item; TTFT per batch of {'' if batch == 1 else 'up to '}{batch})"))
     for column in ("configuration", "agent", "round", "hears", "bytes in", "bytes out", "TTFT s", "step s",
                    "tokens", "reuse"):
         table.add_column(Text(column), justify="left" if column in ("configuration", "agent", "hears") else "right",
