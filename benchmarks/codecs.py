@@ -4,7 +4,7 @@ Prefills the sender on a task's contexts, shares every layer, and passes each it
 every codec as a whole KV message (header, framing and checksums included). Throughput is MB of
 float16 KV per second (the same yardstick for every codec), on one process of this machine, the
 best of ``--repeats`` passes (the codecs take turns, pass by pass). Entropy-coded codecs run once
-per entropy coder in ``--coders`` (``rans``: today's, format version 8; ``rans-v7``, ``rans-v6``,
+per entropy coder in ``--coders`` (``rans``: today's, format versions 8 and 9; ``rans-v7``, ``rans-v6``,
 ``rans-v5``: versions 7, 6 and 5; ``constriction``: the coder of versions 1–4), side by side.
 "decode" reads whole messages (``KVMessage.from_bytes``: every frame first, then two layers at a
 time when torch has two threads); "streamed" reads them layer by layer, as a streaming receiver

@@ -77,6 +77,18 @@ def options_help(what: str, model: Any, field: str) -> str:
     return f"{what} (default: {default_of(model, field)})"
 
 
+def fraction(value: str) -> float:
+    """An option that is a fraction over 0 and at most 1 (``--ratio``, ``--step``): typer's ranges
+    close both ends, and would show 0 as allowed."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a valid number") from None
+    if not 0 < number <= 1:
+        raise typer.BadParameter(f"{value} is not in 0 < x <= 1")
+    return number
+
+
 # -- options every model-running command takes ---------------------------------------------------
 Model = Annotated[str, typer.Option(
     "--model", "-m", envvar="KVCOMM_MODEL",
@@ -340,8 +352,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         "--bucket/--no-bucket", help="Batch items of similar prompt lengths together (less padding, the same "
                                      "answers; results stay in item order). (default: bucket)")], None),
     "senders": (Annotated[int | None, typer.Option(
-        min=1, help=options_help("Split each context among this many senders (methods that share KV).",
-                                 SharingOptions, "senders"))], None),
+        min=1, help="Split each context among this many senders (methods that share KV). (default: 1; blend "
+                    "and prefix: 2, prefix at least 2)")], None),
     "round_one_tokens": (Annotated[int | None, typer.Option(
         min=1, help=options_help("NLD/CIPHER round-1 budget in tokens (or vectors).", CipherOptions,
                                  "round_one_tokens"))], None),
@@ -358,8 +370,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=1, help=options_help("Online calibration: rebuild the ranking every N items.", OnlineOptions,
                                  "interval"))], None),
     "step": (Annotated[float | None, typer.Option(
-        min=0, max=1, help=options_help("adaptive: the fraction of the ranked layers each round adds.",
-                                        AdaptiveOptions, "step"))], None),
+        parser=fraction, metavar="FRACTION", help=options_help(
+            "adaptive: the fraction of the ranked layers each round adds (0 < FRACTION <= 1).", AdaptiveOptions,
+            "step"))], None),
     "patience": (Annotated[int | None, typer.Option(
         min=1, help=options_help("adaptive: rounds in a row that must leave an item's answer unchanged before it "
                                  "stops fetching layers.", AdaptiveOptions, "patience"))], None),

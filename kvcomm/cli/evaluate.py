@@ -34,8 +34,8 @@ def eval_command(
     run: RunOptions,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "kvcomm",
     ratio: Annotated[float | None, typer.Option(
-        min=0, max=1, help="Fraction of layers to share (blend: of context tokens to recompute). "
-                           f"(default: {DEFAULT_RATIO} for methods that share KV; blend's own 0.15)")]
+        min=0, max=1, help="Fraction of layers to share, above 0 (blend: of context tokens to recompute, 0 = "
+                           f"full reuse). (default: {DEFAULT_RATIO} for methods that share KV; blend's own 0.15)")]
     = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
     codec: Annotated[str | None, typer.Option(
@@ -77,8 +77,10 @@ def sweep_command(
              f"({', '.join(MASK_MODES)}); instead of --mode.")] = None,
     ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
 ) -> None:
-    """Evaluate methods × ratios × codecs on one or more tasks; per task a results JSON, a samples
-    file and score plots."""
+    """Evaluate methods × ratios × codecs on one or more tasks.
+
+    Per task: a results JSON, a samples file and score plots.
+    """
     depth = run.check_models()
     try:
         fractions = [float(r) for r in ratios.split(",") if r.strip()] if ratios is not None else None

@@ -19,6 +19,7 @@ from kvcomm.cli.common import (
     Selection,
     check_output,
     console,
+    fraction,
 )
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
@@ -28,18 +29,7 @@ Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
 
 
-def _ratio(value: str) -> float:
-    """A ``--ratio``: over 0 and at most 1, as the service takes it."""
-    try:
-        ratio = float(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a valid number") from None
-    if not 0 < ratio <= 1:
-        raise typer.BadParameter(f"{value} is not in 0 < RATIO <= 1")
-    return ratio
-
-
-Ratio = Annotated[float | None, typer.Option(parser=_ratio, metavar="RATIO",
+Ratio = Annotated[float | None, typer.Option(parser=fraction, metavar="RATIO",
                                              help="Share the top fraction of the layer ranking (0 < RATIO <= 1).")]
 ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                   help="Layer ranking from `kvcomm calibrate`, or the results of "

@@ -12,8 +12,10 @@ from kvcomm.tasks import TASKS
 
 
 def tasks_command() -> None:
-    """List the tasks: primary metric, answer budget in tokens, where the items come from, and the
-    options a generated task takes (--task-option KEY=VALUE)."""
+    """List the tasks: metric, answer budget, source, and a generated task's options.
+
+    Options are given with --task-option KEY=VALUE.
+    """
     table = Table(title="tasks (--metric and --max-new-tokens replace a task's own)")
     for column in ("task", "metric", "max new tokens", "data", "options (--task-option)", "description"):
         table.add_column(column, justify="right" if column == "max new tokens" else "left")

@@ -23,6 +23,7 @@ from kvcomm.cli.common import (
     check_layers,
     check_output,
     console,
+    fraction,
 )
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
@@ -44,9 +45,10 @@ def encode_command(
     context: Annotated[str | None, typer.Option(help="Context text.")] = None,
     context_file: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="Read the context from a file.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Layers to share in full, e.g. '0,4,10-14'.")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="Layers to share in full, e.g. '0,4,10-14'. (default: every layer, unless --ratio)")] = None,
     ratio: Annotated[float | None, typer.Option(
-        min=0, max=1, help="Share the top fraction of a --profile's ranking.")]
+        parser=fraction, metavar="RATIO", help="Share the top fraction of a --profile's ranking (0 < RATIO <= 1).")]
     = None,
     profile: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False,
