@@ -26,6 +26,19 @@ def test_eval_writes_results(tiny_dir, tmp_path):
     assert "kvcomm@0,2" in result.output
 
 
+def test_a_run_that_leaves_fewer_calibration_items_than_its_rule_wants_says_so(tiny_dir, tmp_path):
+    """--limit can leave the default rule (8 items) one calibration item; the run went ahead silently."""
+    base = ["eval", "--model", str(tiny_dir), "--task", "facts", "--task-option", "items=4", "--method", "kvcomm",
+            "--ratio", "0.5", "-q"]
+    short = runner.invoke(app, [*base, "--limit", "3", "--out", str(tmp_path / "a.json")], env={"COLUMNS": "200"})
+    assert short.exit_code == 0, short.output
+    assert "note: facts: the layers are ranked on 1 calibration item(s), not the 8" in " ".join(short.output.split())
+    assert json.loads((tmp_path / "a.json").read_text())["config"]["calib_size"] == 1
+    given = runner.invoke(app, [*base, "--limit", "3", "--calib-size", "1", "--out", str(tmp_path / "b.json")],
+                          env={"COLUMNS": "200"})
+    assert given.exit_code == 0 and "note:" not in given.output
+
+
 def test_sweep_writes_json_and_plot(tiny_dir, tmp_path):
     result = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--task", "facts", "--limit", "3",
                                  "--methods", "baseline,kvcomm,random@0.5", "--ratios", "0.5,1", "-q",

@@ -80,9 +80,14 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
     rules, profiled = named_rules(build()), profile.rule if profile is not None else None
+    ranks = given is None and any(type(method).takes_layer_ratio() for method in build())
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
+        if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
+            console.print(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
+                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "
+                          "--calib-size)", markup=False, soft_wrap=True)
         if given is not None:
             check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))

@@ -126,6 +126,16 @@ class EvalConfig(Options):
         wanted = max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
         return max(1, min(wanted, room))
 
+    def calibration_shortfall(self, total: int, rules: Iterable[str] = ()) -> tuple[int, int] | None:
+        """``(count, wanted)`` where the task leaves fewer calibration items than its rules ask for
+        and no ``calib_size`` was given (the run then calibrates on what is left); else None."""
+        if self.calib_size is not None:
+            return None
+        rules = list(rules)
+        wanted = max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
+        count = self.calibration_count(total, rules)
+        return (count, wanted) if count < wanted else None
+
     def split(self, items: Sequence[Item], rules: Iterable[str] = ()) -> tuple[list[Item], list[Item]]:
         """The test and the calibration items of a task (see :func:`split_items`), for a run whose
         methods name ``rules`` (:func:`named_rules`)."""
