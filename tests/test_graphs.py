@@ -284,7 +284,7 @@ def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, 
     assert "not run: kv/prefix@all+fp16 with reuse on" in grid.output
 
 
-def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path):
+def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path, monkeypatch):
     """Reuse on a chain relay (each agent asked its own hop) ran extra rows that reused nothing,
     labelled +reuse; --blends with KV placed as a prefix was dropped silently; --agents beyond a
     relay's hops was refused as 'hops'; text edges recorded a codec."""
@@ -310,6 +310,11 @@ def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path):
                                             "and relay has 2 to 4")):
         refused = CliRunner().invoke(app, [*base, "--overwrite", *extra], env={"COLUMNS": "200"})
         assert refused.exit_code == 2 and said in " ".join(refused.output.split()), (extra, refused.output)
+    # what only a graph refuses, before any model loads
+    monkeypatch.setattr("kvcomm.cli.graph.load_model", lambda *args, **kwargs: pytest.fail("a model loaded"))
+    early = CliRunner().invoke(app, ["graph", "-m", str(tiny_dir), "-t", "relay", "--agents", "3",
+                                     "--via", "kv-turn", "--out", str(out)], env={"COLUMNS": "200"})
+    assert early.exit_code == 2 and "hears turns inline and is heard" in " ".join(early.output.split())
 
 
 def test_a_relay_asks_its_hops_only_of_agents_that_hear_the_hop_before():

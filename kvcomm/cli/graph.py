@@ -36,7 +36,7 @@ from kvcomm.eval.cluster import Cluster
 from kvcomm.eval.outputs import safe_name
 from kvcomm.graphs.anchors import AnchorOptions
 from kvcomm.graphs.compare import VIA, compare, edge_grid, graph_grid
-from kvcomm.graphs.graph import EdgeOptions, shares_question
+from kvcomm.graphs.graph import EdgeOptions, check_graph, shares_question
 from kvcomm.graphs.report import plot_graph, print_graph
 from kvcomm.graphs.topology import unroll
 from kvcomm.models import DEFAULT_MODEL, resolve_model
@@ -182,6 +182,8 @@ def graph_command(
             if setting != "off":
                 console.print(f"not run: reuse {setting} ({why})", markup=False)
         reuses = [False]
+    for edge, shared in graph_grid(edges, reuses)[0]:  # what only a graph refuses, before a model loads
+        check_graph(unroll(topology, agents, rounds), agents, edge, reply_tokens, shared)
     out, plot_path = check_output_and_plot(
         out or Path("results") / f"graph-{safe_name(the_task.name)}-{topology}-{safe_name(model)}.json", "results",
         overwrite)

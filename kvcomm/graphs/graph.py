@@ -264,6 +264,55 @@ def turn_name(turn: Turn) -> str:
     return f"{agent_name(turn.agent)}/r{turn.round + 1}"
 
 
+def check_graph(steps: Sequence[Step], agents: int, edge: EdgeOptions | dict[str, Any] | None = None,
+                reply_tokens: int | None = None, reuse: bool | AnchorOptions = False) -> EdgeOptions:
+    """Refuses a graph that cannot run, before any model is needed (a command checks its whole grid
+    before loading one): steps that hear what was not said, an agent out of range, a turn budget or
+    reuse setting of the wrong kind, and edges that cannot do what they are asked. Returns the edge
+    (a dict of its fields read as one; None: the default).
+
+    Raises:
+        ConfigError: naming what cannot run.
+    """
+    if not steps:
+        raise ConfigError("a graph needs at least one step")
+    if isinstance(edge, dict):
+        edge = EdgeOptions(**edge)  # its fields checked, a refusal one ConfigError
+    elif edge is not None and not isinstance(edge, EdgeOptions):
+        raise ConfigError(f"a graph's edge is an EdgeOptions (or a dict of its fields), not {type(edge).__name__}")
+    edge = edge or EdgeOptions()
+    seen: set[Turn] = set()
+    for step in steps:
+        if step.turn in seen:
+            raise ConfigError(f"{turn_name(step.turn)} speaks twice: a turn is one step")
+        if len(set(step.hears)) != len(step.hears):
+            raise ConfigError(f"{turn_name(step.turn)} hears a turn twice")
+        if missing := [turn_name(t) for t in step.hears if t not in seen]:
+            raise ConfigError(f"{turn_name(step.turn)} hears {', '.join(missing)}, which has not spoken yet")
+        if step.agent != DECISION and not 0 <= step.agent < agents:
+            raise ConfigError(f"step {turn_name(step.turn)}: agent index out of range for {agents} agents")
+        seen.add(step.turn)
+    if reply_tokens is not None and (not isinstance(reply_tokens, int) or isinstance(reply_tokens, bool)
+                                     or reply_tokens < 1):
+        raise ConfigError(f"reply_tokens is the budget of a turn, a whole number at least 1, not {reply_tokens!r}")
+    if not isinstance(reuse, bool | AnchorOptions):  # 0 or None would read as on where truthiness is not asked
+        raise ConfigError(f"reuse is True, False or AnchorOptions, not {reuse!r}")
+    if reuse and edge.via == "kv" and edge.place == "prefix":
+        raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
+                          "kv edges placed inline, not place prefix")
+    heard = {t for step in steps for t in step.hears}
+    if edge.via == "kv" and edge.content == "turn" and edge.place == "inline":
+        # inline, an agent prefills its message around what it hears (and with reuse, after the
+        # shared question's KV): its last forward, the turn's KV, would hold only what follows
+        if reuse:
+            raise ConfigError("whole turns as KV placed inline cannot reuse the question (the turn sent would "
+                              "lack it): reuse off, or send replies (content reply)")
+        if relays := [turn_name(s.turn) for s in steps if s.hears and s.turn in heard]:
+            raise ConfigError(f"{relays[0]} hears turns inline and is heard: no one piece of KV holds its whole "
+                              "turn; place whole turns as a prefix (place prefix), or send replies")
+    return edge
+
+
 class Graph:
     """Agents of one model taking the turns of ``steps``; every edge travels as ``edge`` says.
 
@@ -293,47 +342,13 @@ class Graph:
                  reuse: bool | AnchorOptions = False) -> None:
         if not isinstance(model, LoadedModel):
             raise ConfigError(f"a graph's agents share one LoadedModel (kvcomm.load_model), not {type(model).__name__}")
-        if not steps:
-            raise ConfigError("a graph needs at least one step")
-        if isinstance(edge, dict):
-            edge = EdgeOptions(**edge)  # its fields checked, a refusal one ConfigError
-        elif edge is not None and not isinstance(edge, EdgeOptions):
-            raise ConfigError(f"a graph's edge is an EdgeOptions (or a dict of its fields), not {type(edge).__name__}")
-        seen: set[Turn] = set()
-        for step in steps:
-            if step.turn in seen:
-                raise ConfigError(f"{turn_name(step.turn)} speaks twice: a turn is one step")
-            if len(set(step.hears)) != len(step.hears):
-                raise ConfigError(f"{turn_name(step.turn)} hears a turn twice")
-            if missing := [turn_name(t) for t in step.hears if t not in seen]:
-                raise ConfigError(f"{turn_name(step.turn)} hears {', '.join(missing)}, which has not spoken yet")
-            if step.agent != DECISION and not 0 <= step.agent < agents:
-                raise ConfigError(f"step {turn_name(step.turn)}: agent index out of range for {agents} agents")
-            seen.add(step.turn)
-        if reply_tokens is not None and (not isinstance(reply_tokens, int) or isinstance(reply_tokens, bool)
-                                         or reply_tokens < 1):
-            raise ConfigError(f"reply_tokens is the budget of a turn, a whole number at least 1, not {reply_tokens!r}")
+        self.edge = check_graph(steps, agents, edge, reply_tokens, reuse)
         self.model, self.steps, self.agents = model, list(steps), agents
-        self.edge = edge or EdgeOptions()
         self.reply_tokens, self.topology = reply_tokens, topology
-        if not isinstance(reuse, bool | AnchorOptions):  # 0 or None would read as on where truthiness is not asked
-            raise ConfigError(f"reuse is True, False or AnchorOptions, not {reuse!r}")
         self.reuse, self.anchors = reuse is not False, reuse if isinstance(reuse, AnchorOptions) else None
         self._pool = AnchorPool(self.anchors) if self.anchors is not None else None
         self._anchored = [0, 0]  # askings of shared questions reused with correction, computed densely
-        if reuse and self.edge.via == "kv" and self.edge.place == "prefix":
-            raise ConfigError("reuse places the shared question after each agent's own text: it needs text edges or "
-                              "kv edges placed inline, not place prefix")
         heard = {t for step in self.steps for t in step.hears}
-        if self.edge.via == "kv" and self.edge.content == "turn" and self.edge.place == "inline":
-            # inline, an agent prefills its message around what it hears (and with reuse, after the
-            # shared question's KV): its last forward, the turn's KV, would hold only what follows
-            if reuse:
-                raise ConfigError("whole turns as KV placed inline cannot reuse the question (the turn sent would "
-                                  "lack it): reuse off, or send replies (content reply)")
-            if relays := [turn_name(s.turn) for s in self.steps if s.hears and s.turn in heard]:
-                raise ConfigError(f"{relays[0]} hears turns inline and is heard: no one piece of KV holds its whole "
-                                  "turn; place whole turns as a prefix (place prefix), or send replies")
         self.layers = self.edge.chosen_layers(model.num_layers)
         self._codec = None
         if self.edge.via == "kv" and self.edge.codec is not None:
