@@ -1503,6 +1503,10 @@ def test_a_stored_context_that_does_not_hold_what_its_address_promises_is_prefil
             assert app.state.store.get(made["id"]) == good
         assert http.post("/v1/contexts", json=body).json() == made | {"cached": True}
         assert chat(http, "Where?", [made["id"], made["id"]]).status_code == 200
+        app.state.store.put(made["id"], good[:100])  # a bad entry whose prefill is then refused is gone all the same
+        app.state.contexts.config = app.state.contexts.config.model_copy(update={"max_message_bytes": 100})
+        assert http.post("/v1/contexts", json=body).status_code == 413 and app.state.store.get(made["id"]) is None
+        app.state.contexts.config = app.state.contexts.config.model_copy(update={"max_message_bytes": 1 << 24})
         for codec in ("int8", "auto", "klt"):  # a well-made entry of every kind of codec is taken as it is
             asked = body | {"codec": codec}
             first = http.post("/v1/contexts", json=asked).json()

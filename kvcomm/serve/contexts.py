@@ -222,7 +222,7 @@ class ContextMaker:
         upload is: decoded within the service's limits, its decoded size taken into ``hold`` (the
         service's decoded-bytes budget) and ``check`` (the request's deadline) called as it goes. A
         store shared with another writer may hold, under this address, bytes that are corrupt, made
-        for another model, or of other content: such an entry counts as absent (logged), so the
+        for another model, or of other content: such an entry is removed (logged), and the
         prefill replaces it."""
         if not plan.content_addressed or (data := store.get(plan.message_id)) is None:
             return None
@@ -247,7 +247,9 @@ class ContextMaker:
             if (differs := self._differs(plan, message)) is None:
                 return data
             problem = differs
-        logger.warning("stored context %s cannot serve (%s); it is prefilled again", plan.message_id, problem)
+        logger.warning("stored context %s cannot serve (%s); it is removed and prefilled again", plan.message_id,
+                       problem)
+        store.delete(plan.message_id)  # a kv- address is the service's own: gone even if the prefill is refused
         return None
 
     def _differs(self, plan: Plan, message: KVMessage) -> str | None:
