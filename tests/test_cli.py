@@ -37,6 +37,12 @@ def test_a_run_that_leaves_fewer_calibration_items_than_its_rule_wants_says_so(t
     given = runner.invoke(app, [*base, "--limit", "3", "--calib-size", "1", "--out", str(tmp_path / "b.json")],
                           env={"COLUMNS": "200"})
     assert given.exit_code == 0 and "note:" not in given.output
+    base = base[:base.index("--method")]
+    for i, rank_free in enumerate((["--method", "random", "--ratio", "0.5"], ["--method", "kvcomm", "--layers", "0,2"],
+                                   ["--method", "kvcomm", "--ratio", "1"])):  # nothing is ranked: nothing to note
+        ran = runner.invoke(app, [*base, *rank_free, "--limit", "3", "--out", str(tmp_path / f"c{i}.json")],
+                            env={"COLUMNS": "200"})
+        assert ran.exit_code == 0 and "note:" not in ran.output, (rank_free, ran.output)
 
 
 def test_sweep_writes_json_and_plot(tiny_dir, tmp_path):

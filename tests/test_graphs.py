@@ -331,6 +331,19 @@ def test_a_relay_asks_its_hops_only_of_agents_that_hear_the_hop_before():
     run = star.run(task, task.items, progress=False)
     assert [s.hop_accuracy is None for s in run.steps] == [False, True, True, True]
     assert not chain.shares_question(task.items) and star.shares_question(task.items)
+    debate = Graph.build(model, "debate", 3, rounds=2, edge=EdgeOptions(via="text"))
+    hop = {(s.agent, s.turn.round): debate.ask(item, s) != item.question for s in debate.steps}
+    # round 2: agent 2 hears agent 1's first turn, asked its hop; agent 3 hears agent 2's, which was not
+    assert hop == {(0, 0): True, (1, 0): False, (2, 0): False, (0, 1): True, (1, 1): True, (2, 1): False,
+                   (-1, 1): False}
+    from kvcomm.graphs.report import _hop_column
+
+    ran = debate.run(task, task.items, progress=False)
+    assert [s.hop_accuracy is None for s in ran.steps] == [not hop[s.agent, s.turn.round] for s in debate.steps]
+    column = _hop_column(ran.steps)  # each value named by its turn, "-" where none was asked
+    assert column.startswith("agent1 ") and "agent2 -" in column and "agent3/r2 -" in column
+    assert _hop_column(star.run(task, task.items, progress=False).steps).endswith(", agent2 -, agent3 -, decision -")
+    assert _hop_column(chain.run(task, task.items, progress=False).steps).count(" ") == 2  # a chain's: bare
     with pytest.warns(UserWarning, match="nothing is reused"):
         Graph.build(model, "chain", 3, edge=EdgeOptions(via="text"), reuse=True).run(task, task.items, progress=False)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, MessageTooLarge
 from kvcomm.serve import Client, DiskStore, MemoryStore, ServiceError
 from kvcomm.serve.app import ServeConfig, create_app
 from kvcomm.wire import KVMessage
@@ -1503,10 +1503,11 @@ def test_a_stored_context_that_does_not_hold_what_its_address_promises_is_prefil
             assert app.state.store.get(made["id"]) == good
         assert http.post("/v1/contexts", json=body).json() == made | {"cached": True}
         assert chat(http, "Where?", [made["id"], made["id"]]).status_code == 200
-        app.state.store.put(made["id"], good[:100])  # a bad entry whose prefill is then refused is gone all the same
-        app.state.contexts.config = app.state.contexts.config.model_copy(update={"max_message_bytes": 100})
+        app.state.store.put(made["id"], good[:-1] + bytes([good[-1] ^ 1]))  # a bad entry whose prefill is refused:
+        real = app.state.contexts.encode                                    # gone all the same
+        app.state.contexts.encode = lambda *args, **kwargs: (_ for _ in ()).throw(MessageTooLarge("refused"))
         assert http.post("/v1/contexts", json=body).status_code == 413 and app.state.store.get(made["id"]) is None
-        app.state.contexts.config = app.state.contexts.config.model_copy(update={"max_message_bytes": 1 << 24})
+        app.state.contexts.encode = real
         for codec in ("int8", "auto", "klt"):  # a well-made entry of every kind of codec is taken as it is
             asked = body | {"codec": codec}
             first = http.post("/v1/contexts", json=asked).json()
@@ -1527,6 +1528,20 @@ def test_a_returned_turn_no_chat_of_the_service_could_read_is_not_stored(agent):
         assert http.post("/v1/contexts", json={"context": question, "codec": "int8"}).status_code == 413
         kept = http.post("/v1/chat/completions", json=ask | {"kv_return": {"content": "reply", "layers": [0]}})
         assert kept.status_code == 200 and chat(http, "Q", [kept.json()["kv_message"]["id"]]).status_code == 200
+
+
+def test_a_cached_context_over_one_service_s_limits_is_refused_and_kept_for_the_others(agent):
+    """Two services share a store; the stricter one, asked for a context the other made, removed
+    it as if it were bad (it is only over its own limit)."""
+    store = MemoryStore(1 << 26)
+    roomy = create_app(agent, store, ServeConfig(served_model_names=("tiny",)))
+    strict = create_app(agent, store, ServeConfig(served_model_names=("tiny",), max_decoded_bytes=4096))
+    body = {"context": "Mira lives in Oslo. " * 4, "codec": "fp16"}
+    with TestClient(roomy) as a, TestClient(strict) as b:
+        made = a.post("/v1/contexts", json=body).json()
+        refused = b.post("/v1/contexts", json=body)
+        assert refused.status_code == 413 and store.get(made["id"]) is not None
+        assert a.post("/v1/contexts", json=body).json() == made | {"cached": True}
 
 
 def test_checking_a_cached_context_counts_in_the_decoded_budget_and_the_deadline(agent, monkeypatch):

@@ -43,7 +43,8 @@ from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.models.loading import load_model
 from kvcomm.protocol import MaskMode
 from kvcomm.tasks import TASKS, Task, load_task
-from kvcomm.tasks.relay import PERSON_HOPS
+from kvcomm.tasks.multihop import PIECES
+from kvcomm.tasks.relay import HOPS
 from kvcomm.wire.codecs import codec_names
 
 _SET_BY_GRAPH = {"items": "--limit", "seed": "--seed", "hops": "--agents", "pieces": "--agents"}
@@ -61,11 +62,11 @@ def graph_task(name: str, data: Path | None, agents: int, items: int, seed: int,
     options = task_options_for(name, pairs, [name])
     if taken := [f"{key} (set by {_SET_BY_GRAPH[key]})" for key in options if key in _SET_BY_GRAPH]:
         raise ConfigError(f"--task-option cannot set {', '.join(taken)} in a graph")
-    spans = {"relay": (2, 2 + len(PERSON_HOPS), "hops"), "multihop": (2, 16, "pieces")}
-    if name in spans and not spans[name][0] <= agents <= spans[name][1]:
-        least, most, what = spans[name]
+    spans = {"relay": (HOPS, "hops"), "multihop": (PIECES, "pieces")}
+    if name in spans and agents not in spans[name][0]:
+        span, what = spans[name]
         raise ConfigError(f"--agents {agents}: a graph over {name} gives each agent one of its {what}, and {name} "
-                          f"has {least} to {most}")
+                          f"has {span[0]} to {span[-1]}")
     if name == "relay":
         return load_task("relay", data, items=items, hops=agents, seed=seed, **options)
     if name == "multihop":
@@ -109,8 +110,8 @@ def graph_command(
                                            "padded-sink or padded-zero (inline KV is causal).")] = "causal",
     reuse: Annotated[str, typer.Option(help="Comma-separated: off, on, anchor. On: a question several agents are "
                                        "asked is prefilled once per item and reused by each agent with re-rotated "
-                                       "positions (KVCOMM's shared input; a chain relay asks each agent its own hop, "
-                                       "so there it is not run). Anchor: also corrected by KVCOMM's "
+                                       "positions (KVCOMM's shared input; not run where each agent is asked its own "
+                                       "hop, as on a relay chain). Anchor: also corrected by KVCOMM's "
                                        "anchors (where an agent fails the shareability test, it computes the "
                                        "question in its context and the item becomes an anchor), the chat's "
                                        "closing reused too.")] = "off",
@@ -175,7 +176,7 @@ def graph_command(
     the_task = graph_task(task, data, agents, limit, seed, task_option or [])
     if any(r is not False for r in reuses) and not shares_question(unroll(topology, agents, rounds), agents,
                                                                    the_task.items[:limit]):
-        why = "no two agents are asked the same question: each agent of a chain relay is asked its own hop"
+        why = f"no two agents are asked the same question: each agent of this relay ({topology}) is asked its own hop"
         if False not in reuses:
             raise ConfigError(f"no graph to run: reuse reuses the question agents share, and {why} (add --reuse off)")
         for setting in dict.fromkeys(settings):

@@ -80,7 +80,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
     rules, profiled = named_rules(build()), profile.rule if profile is not None else None
-    ranks = given is None and any(type(method).takes_layer_ratio() for method in build())
+    ranks = given is None and any(method.ranks_layers for method in build())
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)

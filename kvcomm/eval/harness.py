@@ -123,8 +123,11 @@ class EvalConfig(Options):
         if self.calib_size is not None:
             return self.calib_size
         room = total - self.skip - (self.limit if self.limit is not None else 1)
-        wanted = max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
-        return max(1, min(wanted, room))
+        return max(1, min(self.calibration_wanted(rules), room))
+
+    def calibration_wanted(self, rules: Iterable[str] = ()) -> int:
+        """The most calibration items any rule the run calibrates was measured with."""
+        return max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
 
     def calibration_shortfall(self, total: int, rules: Iterable[str] = ()) -> tuple[int, int] | None:
         """``(count, wanted)`` where the task leaves fewer calibration items than its rules ask for
@@ -132,8 +135,7 @@ class EvalConfig(Options):
         if self.calib_size is not None:
             return None
         rules = list(rules)
-        wanted = max(calibration_items(rule, self.objective) for rule in {self.selection, *rules})
-        count = self.calibration_count(total, rules)
+        wanted, count = self.calibration_wanted(rules), self.calibration_count(total, rules)
         return (count, wanted) if count < wanted else None
 
     def split(self, items: Sequence[Item], rules: Iterable[str] = ()) -> tuple[list[Item], list[Item]]:

@@ -237,23 +237,28 @@ def unmarked(message: str) -> str:
     return message.replace(QUESTION, "").replace(ASKED, "")
 
 
-def asks_hop(step: Step, agents: int, item: Item) -> bool:
-    """Whether ``step`` is asked its own hop of a relay ``item``: the item has one question per
-    agent, and the step is the first agent's or hears the agent before it (in a star, agents after
-    the first hear no one, so a hop about "the previous message" would ask about nothing)."""
-    return (step.agent != DECISION and agents > 1 and len(item.asks) == agents
-            and (step.agent == 0 or any(turn.agent == step.agent - 1 for turn in step.hears)))
+def hop_turns(steps: Sequence[Step]) -> set[Turn]:
+    """The turns asked their own hop of a relay: the first agent's, and those of an agent that
+    hears the agent before it in a turn itself asked its hop (a star's other agents hear no one; a
+    debate's later rounds may hear a turn that was asked the item's question)."""
+    asked: set[Turn] = set()
+    for step in steps:  # in order: a heard turn was decided before
+        if step.agent == 0 or (step.agent > 0 and any(t.agent == step.agent - 1 and t in asked for t in step.hears)):
+            asked.add(step.turn)
+    return asked
 
 
-def asked(item: Item, step: Step, agents: int) -> str:
-    """What ``step``'s agent is asked: its own hop's question where :func:`asks_hop`, else the item's question."""
-    return item.asks[step.agent] if asks_hop(step, agents, item) else item.question
+def asked(item: Item, step: Step, agents: int, hops: set[Turn]) -> str:
+    """What ``step``'s agent is asked: its own hop's question where the item has one per agent and
+    the step is among ``hops`` (:func:`hop_turns`), else the item's question."""
+    return item.asks[step.agent] if agents > 1 and len(item.asks) == agents and step.turn in hops else item.question
 
 
 def shares_question(steps: Sequence[Step], agents: int, items: Sequence[Item]) -> bool:
     """Whether two of ``steps`` are asked the same question on some item: where none are (each agent
-    of a chain relay is asked its own hop), reusing the question reuses nothing."""
-    return any(len({asked(item, step, agents) for step in steps}) < len(steps) for item in items)
+    of a relay chain is asked its own hop), reusing the question reuses nothing."""
+    hops = hop_turns(steps)
+    return any(len({asked(item, step, agents, hops) for step in steps}) < len(steps) for item in items)
 
 
 def agent_name(agent: int) -> str:
@@ -349,6 +354,7 @@ class Graph:
         self._pool = AnchorPool(self.anchors) if self.anchors is not None else None
         self._anchored = [0, 0]  # askings of shared questions reused with correction, computed densely
         heard = {t for step in self.steps for t in step.hears}
+        self._hops = hop_turns(self.steps)
         self.layers = self.edge.chosen_layers(model.num_layers)
         self._codec = None
         if self.edge.via == "kv" and self.edge.codec is not None:
@@ -399,7 +405,7 @@ class Graph:
 
     def ask(self, item: Item, step: Step) -> str:
         """What ``step``'s agent is asked: :func:`asked`."""
-        return asked(item, step, self.agents)
+        return asked(item, step, self.agents, self._hops)
 
     def shares_question(self, items: Sequence[Item]) -> bool:
         """Whether two steps are asked the same question on some item (what reuse reuses)."""
@@ -453,7 +459,7 @@ class Graph:
                           f"at sentence ends (or between words) instead{hops}. Make the task with as many pieces "
                           "as agents, as kvcomm graph does (a relay has 2 to 4 hops).", UserWarning, stacklevel=2)
         if self.reuse and not self.shares_question(items):
-            warnings.warn("reuse is on, but no two agents are asked the same question (each agent of a chain relay "
+            warnings.warn("reuse is on, but no two agents are asked the same question (each agent of a relay here "
                           "is asked its own hop): nothing is reused, and the run is the graph without reuse",
                           UserWarning, stacklevel=2)
         rows: list[GraphItem] = []
@@ -500,7 +506,7 @@ class Graph:
         return [s for s in self.steps if step.turn in s.hears]
 
     def _hop_golds(self, items: Sequence[Item], step: Step) -> list[str] | None:
-        if any(len(i.ask_answers) != self.agents or not asks_hop(step, self.agents, i) for i in items):
+        if self.agents == 1 or step.turn not in self._hops or any(len(i.ask_answers) != self.agents for i in items):
             return None
         return [item.ask_answers[step.agent] for item in items]
 

@@ -15,7 +15,7 @@ from rich.text import Text  # noqa: E402
 
 from kvcomm.eval.plot import byte_label  # noqa: E402
 from kvcomm.files import save_figure  # noqa: E402
-from kvcomm.graphs.graph import GraphReport  # noqa: E402
+from kvcomm.graphs.graph import AgentRow, GraphReport  # noqa: E402
 
 
 def graph_table(report: GraphReport) -> Table:
@@ -33,11 +33,23 @@ def graph_table(report: GraphReport) -> Table:
                          else "right", overflow="fold")
     for run in report.runs:
         score = run.scores[metric]
-        hops = " ".join(f"{s.hop_accuracy:.2f}" for s in run.steps if s.hop_accuracy is not None) or "-"
+        hops = _hop_column(run.steps)
         table.add_row(Text(run.label), f"{score.mean:.3f}", f"{score.ci95[0]:.2f}–{score.ci95[1]:.2f}",
                       byte_label(run.bytes_per_item) if run.bytes_per_item else "0", f"{run.seconds_per_item:.2f}",
                       hops, *([] if not anchors else ["-" if run.anchored is None else f"{run.anchored:.0%}"]))
     return table
+
+
+def _hop_column(steps: list[AgentRow]) -> str:
+    """Each step's hop accuracy in step order ("-" where a step was asked no hop), bare for one
+    round of agents (agent 1, 2, ...), else each named by its turn."""
+    if all(step.hop_accuracy is None for step in steps):
+        return "-"
+    values = ["-" if step.hop_accuracy is None else f"{step.hop_accuracy:.2f}" for step in steps]
+    if all(step.round == 1 and step.agent != "decision" for step in steps):
+        return " ".join(values)
+    return ", ".join(f"{step.agent}{'' if step.round == 1 else f'/r{step.round}'} {value}"
+                     for step, value in zip(steps, values))
 
 
 def agents_table(report: GraphReport) -> Table:

@@ -58,6 +58,10 @@ class AdaptiveKVComm(Method):
     options_model: ClassVar[type[MethodOptions]] = AdaptiveOptions
     options: AdaptiveOptions
 
+    @property
+    def ranks_layers(self) -> bool:
+        return True
+
     def __init__(self, options: MethodOptions | None = None, **given: Any) -> None:
         super().__init__(options, **given)
         self._ranking: list[int] | None = None

@@ -125,6 +125,11 @@ class Method(ABC):
         return None
 
     @property
+    def ranks_layers(self) -> bool:
+        """Whether :meth:`setup` asks the run for its layer ranking (what calibration makes)."""
+        return False
+
+    @property
     def codec_name(self) -> str | None:
         """The codec its messages go through (None: in process, or a method that sends none)."""
         return getattr(self.options, "codec", None)

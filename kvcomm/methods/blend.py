@@ -152,6 +152,10 @@ class BlendMethod(_Composing):
     def layers(self) -> list[int] | None:
         return self._layers
 
+    @property
+    def ranks_layers(self) -> bool:
+        return self.options.share < 1
+
     def check_depth(self, num_layers: int) -> None:
         if (refusal := unblendable(True, ["causal"], [True] * num_layers, self.options.check_layer)) is not None:
             raise ConfigError(f"{self.label}: {refusal[1]}: the model has {num_layers} layers (--check-layer)")

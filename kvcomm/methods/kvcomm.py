@@ -118,6 +118,10 @@ class KVCommMethod(Method):
         """The layers the receiver gets in full (in ``legacy`` mode that includes layer 0)."""
         return None if self._layers is None else effective_layers(self._layers, self.mode)
 
+    @property
+    def ranks_layers(self) -> bool:
+        return self.ratio is not None and self.ratio < 1 and type(self).choose is KVCommMethod.choose
+
     def choose(self, setup: Setup) -> list[int]:
         """The top ``ratio`` of the run's ranking; every layer at ratio 1 (no ranking asked for, so
         nothing is calibrated for it)."""

@@ -34,14 +34,14 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from kvcomm import __version__
-from kvcomm.errors import ConfigError, KvcommError
+from kvcomm.errors import ConfigError, KvcommError, MessageTooLarge
 from kvcomm.models.loading import LoadedModel
 from kvcomm.selection import Profile
 from kvcomm.serve import errors
 from kvcomm.serve.budget import DecodedBudget, Hold
 from kvcomm.serve.chat import Received, check_header, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
-from kvcomm.serve.contexts import ContextMaker, kv_columns, raw_payload_bytes
+from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
@@ -53,7 +53,7 @@ from kvcomm.serve.worker import Job, ModelWorker
 from kvcomm.tasks.base import Pieces
 from kvcomm.wire import KVMessage, MessageReader, make_codec
 from kvcomm.wire.codecs import preset_of
-from kvcomm.wire.header import Header, decoded_bytes
+from kvcomm.wire.header import Header
 from kvcomm.wire.streaming import receive
 
 V1 = (400, 401, 413, 422, 503)  # what any /v1 route may answer besides its own statuses
@@ -351,12 +351,11 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             raise ServiceRefusal(413, f"kv_return: the turn's message could be {most:,} bytes; the service stores at "
                                       f"most {config.max_message_bytes:,} (fewer layers, a smaller codec, content "
                                       "'reply' or a smaller max_tokens)", "message_too_large", "kv_return")
-        widest = decoded_bytes(agent.fingerprint["num_kv_heads"], agent.fingerprint["head_dim"],
-                               kv_columns(agent, keep.layers, longest))
-        if widest > config.max_decoded_bytes:  # stored, it would be refused by every chat that names it
-            raise ServiceRefusal(413, f"kv_return: the turn's message could decode to {widest:,} bytes; a chat of this "
-                                      f"service reads at most {config.max_decoded_bytes:,} (fewer layers, content "
-                                      "'reply' or a smaller max_tokens)", "message_too_large", "kv_return")
+        try:  # stored, a turn no chat could read would be refused by every chat that names it
+            contexts.check_decoded(contexts.decoded_size(keep.layers, longest))
+        except MessageTooLarge as err:
+            raise ServiceRefusal(413, f"kv_return: {err} (or content 'reply', or a smaller max_tokens)",
+                                 "message_too_large", "kv_return") from None
         work = partial(generate_returning, agent, received, ids, budget, config, metrics, blending=body.kv_blend,
                        keep=body.kv_return)
         tokens, finish, data = await worker.run_watched(request, job, work)
@@ -370,10 +369,10 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
                 raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores "
                                           f"at most {config.max_message_bytes:,}", "message_too_large", "kv_return")
-            if (size := MessageReader(io.BytesIO(data)).header.decoded_bytes) > config.max_decoded_bytes:
-                raise ServiceRefusal(413, f"kv_return: the turn's message decodes to {size:,} bytes (its token ids "
-                                          f"counted); a chat of this service reads at most "
-                                          f"{config.max_decoded_bytes:,}", "message_too_large", "kv_return")
+            try:
+                contexts.check_decoded(MessageReader(io.BytesIO(data)).header.decoded_bytes)  # token ids counted
+            except MessageTooLarge as err:
+                raise ServiceRefusal(413, f"kv_return: {err}", "message_too_large", "kv_return") from None
             await anyio.to_thread.run_sync(store.put, message_id, data)
         except (ServiceRefusal, StoreError) as err:  # the reply was generated: it goes back with the refusal
             raise errors.carrying(err, completion=reply) from None

@@ -223,7 +223,11 @@ class ContextMaker:
         service's decoded-bytes budget) and ``check`` (the request's deadline) called as it goes. A
         store shared with another writer may hold, under this address, bytes that are corrupt, made
         for another model, or of other content: such an entry is removed (logged), and the
-        prefill replaces it."""
+        prefill replaces it. One over this service's own size limits is refused (413) and kept.
+
+        Raises:
+            MessageTooLarge: the stored message is over this service's limits.
+        """
         if not plan.content_addressed or (data := store.get(plan.message_id)) is None:
             return None
 
@@ -241,6 +245,8 @@ class ContextMaker:
             if error.status_code != 422:
                 raise
             problem = error.detail
+        except MessageTooLarge:  # over this service's limits, not bad: another service sharing the store may read it
+            raise
         except WireError as error:
             problem = str(error)
         else:
@@ -286,15 +292,18 @@ class ContextMaker:
         if size is not None and size > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message would be {size:,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
+        self.check_decoded(self.decoded_size(plan.layers, tokens, plan.mode))
+
+    def decoded_size(self, layers: list[int] | None, tokens: int, mode: MaskMode = "causal") -> int:
+        """What a message of ``tokens`` tokens sharing ``layers`` decodes to (its KV; token ids aside)."""
         fp = self.agent.fingerprint
-        columns = kv_columns(self.agent, plan.layers, tokens, plan.mode)
-        self.check_decoded(decoded_bytes(fp["num_kv_heads"], fp["head_dim"], columns))
+        return decoded_bytes(fp["num_kv_heads"], fp["head_dim"], kv_columns(self.agent, layers, tokens, mode))
 
     def check_decoded(self, size: int) -> None:
         """Refuses a context whose message decodes to ``size`` bytes, more than a chat of this
         service may read: stored, it would be refused by every chat that names it."""
         if size > self.config.max_decoded_bytes:
-            raise MessageTooLarge(f"the context's message decodes to {size:,} bytes; a chat of this service reads at "
+            raise MessageTooLarge(f"the message decodes to {size:,} bytes; a chat of this service reads at "
                                   f"most {self.config.max_decoded_bytes:,} (share fewer layers or a shorter context)")
 
     def encode(self, plan: Plan, check: Callable[[], None] | None = None) -> tuple[bytes, KVMessage]:

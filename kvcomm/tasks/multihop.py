@@ -34,6 +34,7 @@ CITIES = ("Velmora Ostrik Brandel Quenna Taloris Mirevo Kestrin Dolvar Ysmere Fe
 COUNTRIES = ("Drenland Kalmeria Vostria Aldemar Sarnovia Eskaria Morvane Telluria Quarnis Bravonia Lystria Ombria "
              "Faltara Zenovia Carthal Wessmark").split()
 
+PIECES = range(2, 17)  # the pieces an item can be cut into
 DistractorKind = Literal["pairs", "loose"]
 """Distractors that are hops of other pairs (``pairs``) or facts that link to nothing (``loose``:
 the asked pair is the only link between two facts)."""
@@ -106,8 +107,8 @@ def multihop(path: str | Path | None = None, items: int = 100, pieces: int = 4, 
         raise DataError("the multihop task is generated; it takes no --data file (path)")
     if distractor_kind not in DISTRACTOR_KINDS:
         raise DataError(f"multihop's distractor_kind is {' or '.join(DISTRACTOR_KINDS)}, not {distractor_kind!r}")
-    if not 2 <= pieces <= 16 or not 1 <= facts_per_piece:
-        raise DataError("multihop needs 2..16 pieces and at least 1 fact per piece")
+    if pieces not in PIECES or not 1 <= facts_per_piece:
+        raise DataError(f"multihop needs {PIECES[0]}..{PIECES[-1]} pieces and at least 1 fact per piece")
     pairs = pieces * facts_per_piece // 2
     if 2 * max(1, pairs) < pieces:
         raise DataError(f"multihop's {pieces} pieces would hold {2 * max(1, pairs)} facts, leaving a piece empty: "

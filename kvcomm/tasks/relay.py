@@ -20,6 +20,7 @@ from kvcomm.tasks.multihop import CITIES, COUNTRIES
 
 # person-to-person hops, outermost first: 4 hops = colleague, friend, lives, located
 PERSON_HOPS = ("colleague", "friend")
+HOPS = range(2, 3 + len(PERSON_HOPS))  # the hops a relay can have: person hops, then lives and located
 
 
 def _item(rng: random.Random, index: int, seed: int, hops: int, distractors: int) -> Item:
@@ -87,8 +88,8 @@ def relay(path: str | Path | None = None, items: int = 100, hops: int = 3, distr
     """
     if path is not None:
         raise DataError("the relay task is generated; it takes no --data file (path)")
-    if not 2 <= hops <= 2 + len(PERSON_HOPS):
-        raise DataError(f"relay needs 2..{2 + len(PERSON_HOPS)} hops, got {hops}")
+    if hops not in HOPS:
+        raise DataError(f"relay needs {HOPS[0]}..{HOPS[-1]} hops, got {hops}")
     if (distractors < 0 or _names_needed(hops, distractors) > len(_NAMES) or distractors + 1 > len(CITIES)
             or distractors + 1 > len(COUNTRIES)):
         raise DataError(f"relay: {distractors} distractors per hop need more than the {len(_NAMES)} names, "
