@@ -61,6 +61,7 @@ class Plan:
     profile: Profile | None
     blocks: BlockProfile | None
     tasks: list[TaskRun]
+    notes: list[str]  # what the run does otherwise than asked, said before it starts
 
 
 def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False) -> Plan:
@@ -81,13 +82,14 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     blocks = given if isinstance(given, BlockProfile) else None
     rules, profiled = named_rules(build()), profile.rule if profile is not None else None
     ranks = given is None and any(method.ranks_layers for method in build())
+    notes: list[str] = []  # said once every check has passed
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
         if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
-            console.print(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
-                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "
-                          "--calib-size)", markup=False, soft_wrap=True)
+            notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
+                         f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "
+                         "--calib-size)")
         if given is not None:
             check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))
@@ -109,7 +111,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):
         raise ConfigError(f"nothing to resume in {folder}: it holds no checkpoint of "
                           f"{', '.join(p.task.name for p in planned)}")
-    return Plan(folder, config, profile, blocks, planned)
+    return Plan(folder, config, profile, blocks, planned, notes)
 
 
 def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, plots: bool = False,
@@ -121,6 +123,8 @@ def run_tasks(run: RunOptions, build: MethodFactory, out: Path | None = None, pl
         check_apart(build())
     plan = plan_run(run, build, out, plots)
     console.print(f"run folder: {plan.folder}", markup=False, soft_wrap=True)
+    for note in plan.notes:
+        console.print(note, markup=False, soft_wrap=True)
     with quiet_libraries(run.quiet), contextlib.ExitStack() as stack:
         return _run_planned(run, build, plan, plots, stack, ray)
 
