@@ -21,12 +21,13 @@ def describe(err: ValidationError, what: str, fields: list[str] | None = None) -
     problems = []
     unknown = False
     for entry in err.errors():
-        field = ".".join(str(p) for p in entry["loc"]) or "value"
+        field = ".".join(str(p) for p in entry["loc"])
+        message = entry["msg"].removeprefix("Value error, ")
         if entry["type"] == "extra_forbidden":
             unknown = True
             problems.append(f"{field!r} is not an option")
-        else:
-            problems.append(f"{field}: {entry['msg'].removeprefix('Value error, ')}")
+        else:  # a check of the whole model (no field) says what is wrong itself
+            problems.append(f"{field}: {message}" if field else message)
     line = f"{what}: " + "; ".join(problems)
     if unknown and fields is not None:
         line += f" (it takes: {', '.join(fields) or 'no options'})"

@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Self
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from kvcomm.config import describe
 from kvcomm.errors import DataError
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -289,5 +290,7 @@ class JsonFile(BaseModel):
         """``raw`` (read from ``path``) validated; DataError naming the file if it does not."""
         try:
             return cls.model_validate(raw)
+        except ValidationError as err:  # one line per problem: where it is and what it is
+            raise DataError(describe(err, f"cannot read {cls.what} {path}")) from None
         except ValueError as err:
             raise DataError(f"cannot read {cls.what} {path}: {err}") from err

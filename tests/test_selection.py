@@ -277,6 +277,27 @@ def test_version_1_profiles_still_load(tmp_path):
     assert profile.rule == "paper" and profile.ranking == [1, 0]
 
 
+def test_a_damaged_profile_is_refused_when_read(tmp_path):
+    """A ranking that leaves layers out or names one twice, an unknown rule or a newer version was
+    read as given: a ratio then shared as many layers as the ranking held, silently."""
+    from kvcomm.selection import Profile
+
+    good = {"version": 2, "sender": "s", "receiver": "s", "task": "t", "num_layers": 4, "alpha": 1.0, "mu": 0.5,
+            "sigma": 10.0, "calibration_items": ["a"], "importance": [0.1] * 4, "scores": [0.0] * 4,
+            "ranking": [1, 0, 3, 2], "rule": "prune"}
+    (tmp_path / "p.json").write_text(json.dumps(good))
+    assert Profile.load(tmp_path / "p.json").ranking == [1, 0, 3, 2]
+    for change, said in (({"ranking": [1]}, "ranking must order each of the 4 layers once"),
+                         ({"ranking": [0, 0, 0, 0]}, "ranking must order"),
+                         ({"ranking": [0, 1, 2, 4]}, "ranking must order"),
+                         ({"scores": [0.0]}, "importance and scores must hold one value per layer"),
+                         ({"rule": "bogus"}, "rule 'bogus' is none of paper"),
+                         ({"version": 9}, "version 9 is not one this kvcomm reads")):
+        (tmp_path / "p.json").write_text(json.dumps(good | change))
+        with pytest.raises(DataError, match=f"cannot read profile .*p.json: {said}"):
+            Profile.load(tmp_path / "p.json")
+
+
 def test_the_budget_is_the_smallest_ratio_within_the_tolerance(monkeypatch):
     """With answers right exactly when layers 2 and 3 are shared, the budget is the first ratio whose top
     layers hold both; a looser tolerance gives a smaller budget."""

@@ -28,11 +28,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from numbers import Integral
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 import numpy as np
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
@@ -162,6 +162,20 @@ class Profile(JsonFile):
     rule: str = "paper"
     details: dict[str, Any] = {}
     cost: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _whole(self) -> Self:
+        """A profile that ranks each of its layers once, with a value per layer, of a known rule and
+        version (a damaged or hand-edited one changed how many layers a ratio shares, silently)."""
+        if not 1 <= self.version <= PROFILE_VERSION:
+            raise ValueError(f"version {self.version} is not one this kvcomm reads (1..{PROFILE_VERSION})")
+        if self.rule not in RULES:
+            raise ValueError(f"rule {self.rule!r} is none of {', '.join(RULES)}")
+        if self.num_layers < 1 or sorted(self.ranking) != list(range(self.num_layers)):
+            raise ValueError(f"ranking must order each of the {self.num_layers} layers once, not {self.ranking}")
+        if len(self.importance) != self.num_layers or len(self.scores) != self.num_layers:
+            raise ValueError(f"importance and scores must hold one value per layer ({self.num_layers})")
+        return self
 
     @property
     def pieces(self) -> Pieces:
