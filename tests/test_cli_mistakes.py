@@ -170,6 +170,9 @@ MISTAKES = [
     ("calibrate -m {model} --method droidspek", "droidspek"),
     ("calibrate -m {model} --method droidspeak --max-recompute 0", "in (0, 1], not 0"),  # before: after loading
     ("eval -m {model} --sigma 0", "--sigma must be above 0"),  # before: named the field
+    # the prior's shape given where no paper rule ranks: before, ignored and recorded as used
+    ("eval -m {model} --alpha 0.5", "shape the paper rule's prior; this run ranks with prune"),
+    ("calibrate -m {model} --selection prior --mu 0.3", "this run ranks with prior (prior fits its own)"),
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
     ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),

@@ -83,7 +83,7 @@ def test_results_record_provenance(tiny_dir, tmp_path):
 
 def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
     result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "random", "--ratios", "0.5",
-                    "--seed", "5", "--alpha", "0.3", "-q", "--out-dir", str(tmp_path))
+                    "--seed", "5", "--alpha", "0.3", "--selection", "paper", "-q", "--out-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "facts.json").read_text())["config"]
     assert (config["alpha"], config["alpha_source"]) == (0.3, "given")

@@ -34,7 +34,7 @@ from kvcomm.cli.common import (
 )
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
-from kvcomm.eval.harness import check_calibration
+from kvcomm.eval.harness import check_calibration, check_prior_given
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_blocks
 from kvcomm.models import DEFAULT_MODEL, resolve_model
@@ -92,6 +92,8 @@ def calibrate_command(
                                  selection=selection, objective=objective)
     config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     check_calibration(config, [], len(the_task.items))  # an objective the rule does not use, before any model
+    if any(value is not None for value in (alpha, mu, sigma)):
+        check_prior_given(config, [])
     items = _last_items(the_task, config)
     out = check_output(out or Path("results") / f"profile-{safe_name(the_task.name)}.json", "profile", overwrite)
     with quiet_libraries(quiet):

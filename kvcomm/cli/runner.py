@@ -30,6 +30,7 @@ from kvcomm.eval.harness import (
     calibration_identity,
     check_calibration,
     check_distinct,
+    check_prior_given,
     check_profile,
     named_rules,
 )
@@ -86,6 +87,8 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
+        if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
+            check_prior_given(config, rules, profiled)
         if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
             notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "

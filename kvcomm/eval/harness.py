@@ -182,6 +182,21 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
                           "or --skip")
 
 
+def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | None = None) -> None:
+    """Refuses ``--alpha``, ``--mu`` or ``--sigma`` given (the caller says they were) to a run that
+    calibrates no ``paper`` rule: ``prune`` and ``answer`` rank without the prior, ``prior`` fits its
+    own, and a profile's ranking is used as it was made; before, they were ignored and recorded.
+
+    Raises:
+        ConfigError: naming the options to leave out.
+    """
+    calibrated = _calibrated(config, rules, profiled)
+    if "paper" not in calibrated:
+        ranks = ", ".join(sorted(calibrated)) or "nothing (the profile's ranking is used as it was made)"
+        raise ConfigError(f"--alpha, --mu and --sigma shape the paper rule's prior; this run ranks with {ranks} "
+                          "(prior fits its own): add --selection paper, or leave them out")
+
+
 def _calibrated(config: EvalConfig, rules: Iterable[str], profiled: str | None) -> set[str]:
     """The rules a run may calibrate: its ``selection`` unless a profile of rule ``profiled`` is
     given, and the ``rules`` its methods name; the profile's own rule too where the run reads
