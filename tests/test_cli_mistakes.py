@@ -176,6 +176,7 @@ MISTAKES = [
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
     ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),
+    ("drift {model} {model} --items 1000", "--items 1000: facts has 100 items"),  # before: 100 compared, silently
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),
     ("models derive smollm2-135m --from {model} --recipe terse", "embedded model's name"),

@@ -17,10 +17,13 @@ from kvcomm.cli.common import (
     Overwrite,
     Quiet,
     TaskName,
+    TaskOptions,
     check_output_and_plot,
     console,
     quiet_libraries,
+    task_options_for,
 )
+from kvcomm.errors import ConfigError
 from kvcomm.eval.drift import measure_drift
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_drift
@@ -29,9 +32,10 @@ from kvcomm.tasks import load_task
 
 
 def drift_command(
-    a: Annotated[str, typer.Argument(help="First model (e.g. the sender): embedded, derived, directory, .gguf.")],
+    a: Annotated[str, typer.Argument(help="First model (e.g. the sender): embedded, derived, directory, .gguf "
+                                     "or hub id.")],
     b: Annotated[str, typer.Argument(help="Second model, of the same shape (e.g. the receiver).")],
-    task: TaskName = "facts", data: Data = None,
+    task: TaskName = "facts", data: Data = None, task_option: TaskOptions = None,
     items: Annotated[int, typer.Option(min=1, help="Contexts compared, from the front of the task.")] = 32,
     batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(
@@ -40,7 +44,10 @@ def drift_command(
     """Per layer, the relative L2 difference of B's keys, values and hidden states from A's on the same contexts."""
     resolve_model(a)
     resolve_model(b)
-    the_task = load_task(task, data)
+    the_task = load_task(task, data, **task_options_for(task, task_option or [], [task]))
+    if items > len(the_task.items):
+        raise ConfigError(f"--items {items}: {the_task.name} has {len(the_task.items)} items (a generated task "
+                          "makes more with --task-option items=N)")
     out, plot_path = check_output_and_plot(
         out or Path("results") / f"drift-{safe_name(a)}-{safe_name(b)}-{safe_name(the_task.name)}.json", "drift",
         overwrite)
