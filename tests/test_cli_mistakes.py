@@ -27,6 +27,9 @@ def files(tmp_path, tiny_dir):
     Profile(sender="m", receiver="m", task="facts", num_layers=6, alpha=1.0, mu=0.5, sigma=10.0,
             calibration_items=[], importance=[0.0] * 6, scores=[0.0] * 6,
             ranking=[5, 4, 3, 2, 1, 0]).save(tmp_path / "deeper-profile.json")
+    Profile(sender=str(tiny_dir), receiver=str(tiny_dir), task="facts", num_layers=6, alpha=1.0, mu=0.5, sigma=10.0,
+            calibration_items=[], importance=[0.0] * 6, scores=[0.0] * 6,
+            ranking=[5, 4, 3, 2, 1, 0]).save(tmp_path / "deeper-pair-profile.json")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "facts.json").write_text("{}")  # a finished run's results
     (tmp_path / "other" / "facts.checkpoint").mkdir(parents=True)  # another run's checkpoint
@@ -156,6 +159,7 @@ MISTAKES = [
     ("eval -m {model} --out {dir}/r.json --out-dir {dir}/folder", "not both"),
     ("eval -m {model} -t facts,jsonl --data jsonl={dir}/ok.jsonl --out {dir}/r.json", "one results file"),
     ("eval -m {model} --profile {dir}/countries-profile.json", "calibrated on task 'countries'"),
+    ("eval -m {model} --profile {dir}/deeper-pair-profile.json", "profile is for 6 layers, the model has 4"),
     ("calibrate -m {model} --out {dir}/file.txt", "exists; pass --overwrite"),
     # variants and droidspeak
     ("eval -m {model} --method droidspeak --block 5", "is not a:b"),

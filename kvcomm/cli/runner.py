@@ -38,6 +38,7 @@ from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
 from kvcomm.methods import Method
+from kvcomm.models import resolve_model
 from kvcomm.selection import Profile
 from kvcomm.selection.blocks import BlockProfile, read_profile
 from kvcomm.tasks import Task
@@ -93,8 +94,9 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "
                          "--calib-size)")
-        if given is not None:
-            check_profile(given, task, test, pair=(run.model, run.receiver or run.model), pieces=config.pieces)
+        if given is not None:  # the depth where the model's name tells it: before a model loads
+            check_profile(given, task, test, resolve_model(run.model).num_layers,
+                          pair=(run.model, run.receiver or run.model), pieces=config.pieces)
     folder = _folder(run, out, len(tasks))
     planned = []
     for task in tasks:
