@@ -139,6 +139,7 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target), suffix=TEMPORARY_SUFFIX))
     try:
         yield staging
+        _share_like_new_files(staging)
         if replace and target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "old"),
                                         suffix=TEMPORARY_SUFFIX))
@@ -237,6 +238,18 @@ def _mode_for(target: Path) -> int:
     with contextlib.suppress(FileNotFoundError):
         return target.stat().st_mode & 0o7777
     return 0o666 & ~_umask()
+
+
+def _share_like_new_files(folder: Path) -> None:
+    """Gives ``folder`` and what it holds the permissions new ones would have (the umask's):
+    ``mkdtemp`` makes it 0700, and temporary files inside may be 0600, which other users of a
+    shared cache (a cluster's workers) could then not read."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:

@@ -216,3 +216,26 @@ def test_a_target_named_like_a_kind_is_parsed_as_its_own(tmp_path):
     left.mkdir()
     assert sweep_staging(tmp_path, "qwen") == [] and left.exists()
     assert sweep_staging(tmp_path, "qwen.old") == [left] and not left.exists()
+
+
+def test_a_staged_folder_is_published_with_the_permissions_of_new_files(tmp_path):
+    """``mkdtemp`` made published model folders 0700 (and files written through temporary files
+    0600): other users of a shared cache could not read them."""
+    import os
+    import stat
+    import tempfile
+
+    from kvcomm.files import staged_folder
+
+    mask = os.umask(0o022)
+    try:
+        with staged_folder(tmp_path / "model") as staging:
+            (staging / "sub").mkdir()
+            handle, name = tempfile.mkstemp(dir=staging / "sub")  # 0600, as a temporary file is made
+            os.close(handle)
+            os.rename(name, staging / "sub" / "weights")
+        assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+        assert stat.S_IMODE((tmp_path / "model" / "sub").stat().st_mode) == 0o755
+        assert stat.S_IMODE((tmp_path / "model" / "sub" / "weights").stat().st_mode) == 0o644
+    finally:
+        os.umask(mask)
