@@ -489,7 +489,8 @@ def test_a_damaged_or_foreign_ranking_in_a_checkpoint_is_refused_naming_it(agent
     for path in folder.glob("batch-*.json"):
         path.unlink()
     damages = [
-        (lambda p: p.update(ranking=[0, 0, 0, 0]), r"its profile prune's ranking \[0, 0, 0, 0\] do not fit its 4"),
+        (lambda p: p.update(ranking=[0, 0, 0, 0]),
+         r"its profile prune is not a profile: ranking must order each of the 4 layers once, not \[0, 0, 0, 0\]"),
         (lambda p: p.clear() or p.update(rule="prune"), "its profile prune is not a profile"),
         (lambda p: p.update(sender="another-model"), "its profile prune is for sender 'another-model'"),
         (lambda p: p.update(num_layers=3, ranking=[2, 1, 0], importance=[0.0] * 3, scores=[0.0] * 3),

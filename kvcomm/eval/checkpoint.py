@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from kvcomm.config import describe
 from kvcomm.errors import ConfigError, DataError, MissingCodebook
 from kvcomm.eval.provenance import code_version, identity_difference, utc_now
 from kvcomm.eval.results import ItemResult
@@ -311,14 +312,11 @@ class Checkpoint:
                     raise DataError(f"checkpoint file {self.header_path}: its profile {name} is for {field} "
                                     f"{getattr(profile, field)!r}, the run's is {self.identity.get(field)!r}; start "
                                     "again with --overwrite")
-            layers = list(range(profile.num_layers))
-            wrong = (sorted(profile.ranking) != layers if isinstance(profile, Profile) else
-                     not profile.blocks or any(not 0 <= b.start < b.stop <= profile.num_layers
-                                               for b in profile.blocks))
-            if wrong:
-                what = "ranking" if isinstance(profile, Profile) else "blocks"
-                raise DataError(f"checkpoint file {self.header_path}: its profile {name}'s {what} "
-                                f"{_short(profile.model_dump(mode='json')[what])} do not fit its "
+            # a Profile's ranking is checked by the model itself; a block profile's blocks here
+            if isinstance(profile, BlockProfile) and (not profile.blocks or any(
+                    not 0 <= b.start < b.stop <= profile.num_layers for b in profile.blocks)):
+                raise DataError(f"checkpoint file {self.header_path}: its profile {name}'s blocks "
+                                f"{_short(profile.model_dump(mode='json')['blocks'])} do not fit its "
                                 f"{profile.num_layers} layers; start again with --overwrite")
             out[name] = profile
         return out
@@ -327,8 +325,8 @@ class Checkpoint:
         try:
             return kind.model_validate(data)
         except ValidationError as err:
-            raise DataError(f"checkpoint file {self.header_path}: its profile {name} is not a {kind.what}: "
-                            f"{' '.join(str(err).split())[:200]}") from None
+            raise DataError(describe(err, f"checkpoint file {self.header_path}: its profile {name} is not a "
+                                          f"{kind.what}")[:400] + "; start again with --overwrite") from None
 
     def _read_batches(self) -> list[BatchRecord]:
         """The batch files, in order, each checked to be this run's and whole (see the module's docstring)."""
