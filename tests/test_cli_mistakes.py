@@ -177,7 +177,7 @@ MISTAKES = [
     # the prior's shape given where no paper rule ranks: before, ignored and recorded as used
     ("eval -m {model} --alpha 0.5", "shape the paper rule's prior; this run ranks with prune"),
     ("calibrate -m {model} --selection prior --mu 0.3", "this run ranks with prior (prior fits its own)"),
-    ("models derive x --from {model} --recipe terse --lr 0", "greater than 0"),
+    ("models derive x --from {model} --recipe terse --lr 0", "'--lr': 0 is not in 0 < x <= 1"),  # named the field
     ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),
     ("models install smollm2-135m smolm2-135m", "Did you mean 'smollm2-135m'"),  # before: the first installed first

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvcomm.cli.common import Overwrite, Quiet, console, default_of, quiet_libraries
+from kvcomm.cli.common import Overwrite, Quiet, console, default_of, fraction, quiet_libraries
 from kvcomm.errors import DataError, ModelError
 from kvcomm.models import EMBEDDED, install
 from kvcomm.models.derive import DeriveOptions
@@ -68,7 +68,7 @@ def derive_command(
     seed: Annotated[int, typer.Option(min=-2**63, max=2**64 - 1,
                                       help="Seed of the generated data and the adapter's initialisation.")] = 0,
     learning_rate: Annotated[float | None, typer.Option(
-        "--lr", min=0, max=1, help="Peak learning rate, above 0. (default: the recipe's)")] = None,
+        "--lr", parser=fraction, metavar="LR", help="Peak learning rate, 0 < LR <= 1. (default: the recipe's)")] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = default_of(DeriveOptions, "rank"),
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = default_of(
         DeriveOptions, "batch_size"),
