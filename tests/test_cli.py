@@ -60,7 +60,10 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
     result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--task", "facts", "--calib-size", "2",
                                  "-q", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(json.loads(out.read_text())["ranking"]) == [0, 1, 2, 3]
+    written = json.loads(out.read_text())
+    assert sorted(written["ranking"]) == [0, 1, 2, 3]
+    made = written["details"]["provenance"]  # what made it, as a results file records
+    assert made["command"].startswith("kvcomm calibrate") and made["dtype"] == "float32" and "kvcomm" in made["code"]
 
 
 def test_calibrate_may_use_every_item_of_a_task(tiny_dir, tmp_path):

@@ -32,11 +32,13 @@ from kvcomm.cli.common import (
     quiet_libraries,
     task_options_for,
 )
+from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig
 from kvcomm.eval.harness import check_calibration, check_prior_given
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_blocks
+from kvcomm.eval.provenance import code_version, utc_now
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
@@ -101,6 +103,8 @@ def calibrate_command(
         profile = calibrate(agents, the_task, items, config.alpha, config.mu, config.sigma, config.batch_size,
                             progress=not quiet, rule=config.selection, tolerance=tolerance,
                             objective=config.objective, pieces=pieces)
+    profile.details["provenance"] = {"command": command_line(), "date": utc_now(), "code": code_version(),
+                                     "dtype": dtype}  # what made it, as a results file records
     profile.save(out)
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"
