@@ -41,10 +41,16 @@ def is_temporary(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, replace: bool = True) -> Iterator[BinaryIO]:
     """Opens a temporary file beside ``path`` for writing; on a clean exit it replaces ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. With ``replace``
+    false the file is published only where ``path`` does not exist at that moment (a hard link:
+    the check and the publishing are one step), so a file that appeared while the work ran (another
+    run with the same ``--out``) is kept.
+
+    Raises:
+        DataError: ``replace`` is false and ``path`` exists.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,12 +61,29 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield out
             out.flush()
             os.fsync(out.fileno())
-        os.replace(name, target)
+        if replace:
+            os.replace(name, target)
+        else:
+            _publish_new(name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
         raise
     _sync_folder(target.parent)
+
+
+def _publish_new(name: str, target: Path) -> None:
+    """The temporary file ``name`` as ``target``, where ``target`` does not exist (else DataError)."""
+    try:
+        os.link(name, target)
+    except FileExistsError:
+        raise DataError(f"{target} exists (written while this ran?); pass --overwrite to replace it") from None
+    except OSError:  # a file system without hard links: checked, then replaced
+        if target.exists():
+            raise DataError(f"{target} exists (written while this ran?); pass --overwrite to replace it") from None
+        os.replace(name, target)
+        return
+    os.unlink(name)
 
 
 @contextlib.contextmanager
@@ -216,9 +239,10 @@ def _running(pid: int) -> bool:
     return True
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
-    """Writes ``data`` (bytes, text as UTF-8, or a function that writes to the file) atomically."""
-    with atomic_file(path) as out:
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], replace: bool = True) -> Path:
+    """Writes ``data`` (bytes, text as UTF-8, or a function that writes to the file) atomically
+    (``replace`` false: only where ``path`` does not exist then, :func:`atomic_file`)."""
+    with atomic_file(path, replace) as out:
         if callable(data):
             data(out)
         else:
@@ -290,8 +314,9 @@ class JsonFile(BaseModel):
 
     what: ClassVar[str] = "file"  # what errors call it
 
-    def save(self, path: str | Path) -> None:
-        atomic_write(path, self.model_dump_json(indent=2) + "\n")
+    def save(self, path: str | Path, replace: bool = True) -> None:
+        """Written atomically; with ``replace`` false, only where ``path`` does not exist then."""
+        atomic_write(path, self.model_dump_json(indent=2) + "\n", replace)
 
     @classmethod
     def load(cls, path: str | Path) -> Self:

@@ -66,6 +66,17 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
     assert made["command"].startswith("kvcomm calibrate") and made["dtype"] == "float32" and "kvcomm" in made["code"]
 
 
+def test_calibrate_keeps_a_profile_that_appeared_while_it_ran(tiny_dir, tmp_path, monkeypatch):
+    import kvcomm.cli.calibrate as calibrate_module
+
+    out, real = tmp_path / "p.json", calibrate_module.calibrate
+    monkeypatch.setattr(calibrate_module, "calibrate",
+                        lambda *a, **k: out.write_text("another run's") and real(*a, **k))  # it appears meanwhile
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--task", "facts", "--calib-size", "1",
+                                 "--selection", "paper", "-q", "--out", str(out)])
+    assert result.exit_code == 2 and "p.json exists" in result.output and out.read_text() == "another run's"
+
+
 def test_calibrate_may_use_every_item_of_a_task(tiny_dir, tmp_path):
     """Calibration alone holds out no test items: a 3-item task calibrates on all 3."""
     out = tmp_path / "p.json"

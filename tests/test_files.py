@@ -239,3 +239,18 @@ def test_a_staged_folder_is_published_with_the_permissions_of_new_files(tmp_path
         assert stat.S_IMODE((tmp_path / "model" / "sub" / "weights").stat().st_mode) == 0o644
     finally:
         os.umask(mask)
+
+
+def test_a_write_that_may_not_replace_keeps_a_file_that_appeared(tmp_path):
+    """Two runs with one new --out both passed the existence check; the second's atomic write then
+    replaced the first's file. Without replace, the check and the publishing are one step."""
+    from kvcomm.errors import DataError
+
+    target = tmp_path / "p.json"
+    atomic_write(target, "first", replace=False)
+    assert target.read_text() == "first"
+    with pytest.raises(DataError, match="p.json exists .*pass --overwrite"):
+        atomic_write(target, "second", replace=False)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+    atomic_write(target, "third")
+    assert target.read_text() == "third"

@@ -105,7 +105,7 @@ def calibrate_command(
                             objective=config.objective, pieces=pieces)
     profile.details["provenance"] = {"command": command_line(), "date": utc_now(), "code": code_version(),
                                      "dtype": dtype}  # what made it, as a results file records
-    profile.save(out)
+    profile.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"
     table = Table(title=Text(f"layer ranking · rule {profile.rule} · {the_task.name} · {len(items)} item(s) · {spent}"))
@@ -144,7 +144,7 @@ def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | 
         agents = Agents.load(model, receiver, dtype)
         profile = profile_blocks(agents, the_task, items, max_recompute, batch_size or EvalConfig().batch_size,
                                  progress=not quiet, objective=objective)
-    profile.save(out)
+    profile.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     plot = plot_blocks(profile, plot_path, tolerance)
     picked = profile.pick(tolerance)
     spent = f"{profile.cost['seconds']:.0f} s, {len(profile.blocks)} blocks"

@@ -54,7 +54,7 @@ def drift_command(
     with quiet_libraries(quiet):
         agents = Agents.load(a, b, dtype)  # refuses models of different shapes, naming the fields
         drift = measure_drift(agents, the_task, the_task.items[:items], batch_size or 8, progress=not quiet)
-    drift.save(out)
+    drift.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     plot = plot_drift(drift, plot_path)
     table = Table(title=Text(f"drift of {b} from {a} · {the_task.name} · {drift.items} contexts, "
                              f"{drift.tokens} tokens (sinks left out) · relative L2"))
