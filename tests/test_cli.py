@@ -288,6 +288,8 @@ def test_drift_is_zero_for_one_model_and_not_for_a_variant(tiny_dir, variant_dir
         values = drift["keys"] + drift["values"] + drift["hidden"]
         assert all(v == 0 for v in values) if name == "same" else all(v > 0.01 for v in values)
         assert out.with_suffix(".png").stat().st_size > 1000
+        assert drift["provenance"]["command"].startswith("kvcomm drift") and len(drift["weights"]) == 2
+        assert (drift["weights"][0] == drift["weights"][1]) == (name == "same") and drift["task_options"]
 
 
 def test_inspect_shows_left_out_layers_and_hidden_frames():

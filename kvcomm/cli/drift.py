@@ -23,10 +23,12 @@ from kvcomm.cli.common import (
     quiet_libraries,
     task_options_for,
 )
+from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval.drift import measure_drift
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_drift
+from kvcomm.eval.provenance import code_version, utc_now
 from kvcomm.models import resolve_model
 from kvcomm.tasks import load_task
 
@@ -54,6 +56,7 @@ def drift_command(
     with quiet_libraries(quiet):
         agents = Agents.load(a, b, dtype)  # refuses models of different shapes, naming the fields
         drift = measure_drift(agents, the_task, the_task.items[:items], batch_size or 8, progress=not quiet)
+    drift.provenance = {"command": command_line(), "date": utc_now(), "code": code_version(), "dtype": dtype}
     drift.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     plot = plot_drift(drift, plot_path)
     table = Table(title=Text(f"drift of {b} from {a} · {the_task.name} · {drift.items} contexts, "

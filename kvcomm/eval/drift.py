@@ -10,7 +10,7 @@ the sender's KV there as its own; DroidSpeak recomputes where it is large.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import ConfigDict
@@ -38,6 +38,9 @@ class Drift(JsonFile):
     keys: list[float]
     values: list[float]
     hidden: list[float]  # after each layer (the state entering the next)
+    weights: list[str] | None = None  # a's and b's weights digests (None: written before they were recorded)
+    task_options: dict[str, Any] | None = None  # the task's item options (None: as above)
+    provenance: dict[str, Any] | None = None  # the command, date, code and dtype that made it (kvcomm drift)
 
 
 @torch.inference_mode()
@@ -71,4 +74,6 @@ def measure_drift(agents: Agents, task: Task, items: Sequence[Item], batch_size:
                 norm[kind, layer] += x.pow(2).sum()
     relative = (diff / norm.clamp(min=1e-30)).sqrt()
     return Drift(a=agents.sender.name, b=agents.receiver.name, task=task.name, items=len(items), tokens=tokens,
-                 keys=relative[0].tolist(), values=relative[1].tolist(), hidden=relative[2].tolist())
+                 keys=relative[0].tolist(), values=relative[1].tolist(), hidden=relative[2].tolist(),
+                 weights=[agents.sender.weights_digest, agents.receiver.weights_digest],
+                 task_options=task.item_options or None)
