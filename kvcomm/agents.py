@@ -90,6 +90,9 @@ def encode_context(
     _check_text(context, "context")
     item = Item("0", context, "", ())
     ids = sender.encode_message(Task("encode", [item], 1, instruction).sender_message(item))
+    if sender.max_positions is not None and len(ids) > sender.max_positions:  # as the service refuses it
+        raise ConfigError(f"the context is {len(ids)} tokens with its prompt; {sender.name} takes "
+                          f"{sender.max_positions}")
     return encode_ids(sender, ids, layers, codec, mode)
 
 
@@ -162,6 +165,10 @@ def answer(
         start = receiver_input(message.to_shared(receiver.dtype))
     item = Item("0", "", question, ())
     ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
+    total = int(start.layout.context_len.max()) + len(ids) + max_new_tokens
+    if receiver.max_positions is not None and total > receiver.max_positions:  # past it the answer is noise
+        raise ConfigError(f"the message's context, the question and {max_new_tokens} answer tokens are {total} "
+                          f"positions; {receiver.name} takes {receiver.max_positions}")
     input_ids, valid = pad_left([ids], receiver.pad_id)
     out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
     return receiver.decode(out[0])

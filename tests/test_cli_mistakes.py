@@ -180,6 +180,11 @@ MISTAKES = [
     ("models derive x --from {model} --recipe terse --lr 0", "'--lr': 0 is not in 0 < x <= 1"),  # named the field
     ("models derive x --from {model} --recipe terse --seed 18446744073709551616", "18446744073709551615"),
     ("drift {model} smollm2-13", "Did you mean"),
+    # before: tracebacks (an output under a file, a URL or token no HTTP client can send)
+    ("encode {dir}/file.txt/m.kvcm -m {model} --context x", "file.txt is a file, not a folder"),
+    ("remote models --url http://localhost:8000x", "is not an agent's URL"),
+    ("remote models --url http://127.0.0.1:9 --token sekrít", "the token must be ASCII"),
+    ("serve -m {model} --token sekrít", "--token must be ASCII"),
     ("models install smollm2-135m smolm2-135m", "Did you mean 'smollm2-135m'"),  # before: the first installed first
     ("drift {model} {model} --items 1000", "--items 1000: facts has 100 items"),  # before: 100 compared, silently
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load

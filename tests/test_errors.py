@@ -247,3 +247,19 @@ def test_the_low_level_functions_name_what_they_take():
     with pytest.raises(ConfigError, match="1 prompt rows on a receiver input of 2 rows"):
         prefill_logits(loaded.model, start, one, one_valid)
     assert not start.used  # refused before it was taken
+
+
+def test_encode_and_answer_refuse_what_the_model_s_positions_cannot_hold():
+    """encode_context wrote, and answer read, contexts past max_position_embeddings (garbage answers)
+    that the service refuses."""
+    from kvcomm import answer, encode_context, encode_ids
+
+    model = tiny_loaded()
+    most = model.max_positions
+    assert most is not None
+    with pytest.raises(ConfigError, match=f"tokens with its prompt; tiny-llama takes {most}"):
+        encode_context(model, "Mira lives in Oslo. " * most)
+    long = encode_ids(model, [5] * (most - 8), [0])  # fits alone; not with a question after it
+    with pytest.raises(ConfigError, match=f"positions; tiny-llama takes {most}"):
+        answer(model, long, "Where does Mira live?", 8)
+    assert isinstance(answer(model, encode_context(model, "Mira lives in Oslo."), "Where?", 3), str)

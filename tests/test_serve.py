@@ -1687,3 +1687,30 @@ def test_a_share_given_back_by_the_garbage_collector_inside_the_budgets_lock_doe
     thread = threading.Thread(target=collect_inside_the_lock, daemon=True)
     thread.start()
     assert done.wait(5) and budget.held == 0
+
+
+def test_the_client_refuses_a_chat_answer_without_content_and_fetch_keeps_what_is_no_message(tmp_path, monkeypatch):
+    """A reply without choices escaped `kvcomm remote chat` as KeyError; `remote fetch` wrote any
+    200 body (a proxy's login page) as a message and said so."""
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/chat/completions":
+            return httpx.Response(200, json={"id": "x", "object": "chat.completion"})
+        return httpx.Response(200, content=b"<html>login page</html>")
+
+    real = Client.__init__
+
+    def mocked(self, base_url, token=None, timeout=300.0):
+        real(self, base_url, token, timeout)
+        self._http = httpx.Client(base_url=base_url, transport=httpx.MockTransport(answer))
+
+    monkeypatch.setattr(Client, "__init__", mocked)
+    with Client("http://agent") as client, pytest.raises(ServiceError, match="without choices"):
+        client.chat([{"role": "user", "content": "hi"}])
+    fetched = CliRunner().invoke(app, ["remote", "fetch", "abc", str(tmp_path / "m.kvcm"), "--url", "http://agent"])
+    assert fetched.exit_code == 2 and "error:" in fetched.output and not (tmp_path / "m.kvcm").exists()
+    chatted = CliRunner().invoke(app, ["remote", "chat", "hi", "--url", "http://agent"])
+    assert chatted.exit_code == 2 and "without choices" in chatted.output

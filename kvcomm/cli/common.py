@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -454,6 +455,11 @@ def check_output(path: Path, what: str = "results", overwrite: bool = True, give
         raise ConfigError(f"{given_as} {path} is a folder; give a file name for the {what}")
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another {given_as}")
+    blocked = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    if blocked is not None and not blocked.is_dir():  # before, the write failed after the work, with a traceback
+        raise ConfigError(f"{given_as} {path}: {blocked} is a file, not a folder")
+    if blocked is not None and not os.access(blocked, os.W_OK):
+        raise ConfigError(f"{given_as} {path}: cannot write in {blocked}")
     return path
 
 

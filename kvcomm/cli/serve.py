@@ -23,6 +23,7 @@ from kvcomm.cli.common import (
 )
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
+from kvcomm.wire import KVMessage
 
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
@@ -102,6 +103,8 @@ def serve_command(
     resolve_model(model)
     store_kind(store)
     given: dict[str, Any] = dict(mode=mode, ratio=ratio, selection=selection)
+    if token and not token.isascii():  # no client could send it: an HTTP header carries ASCII only
+        raise ConfigError("--token must be ASCII: an HTTP header cannot carry other characters")
     config = ServeConfig(token=token, public_docs=public_docs, served_model_names=tuple(served_model_name or ()),
                          max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,
@@ -192,8 +195,8 @@ def remote_chat(
     with _client(url, token) as client:
         reply = client.chat([{"role": "user", "content": question}], kv or [], max_tokens,
                             kv_blend=None if blend is None else {"ratio": blend})
-    print(reply["choices"][0]["message"]["content"])
-    console.print(f"usage: {reply['usage']}", markup=False)
+    print(reply["choices"][0]["message"]["content"])  # the shape is checked by Client.chat
+    console.print(f"usage: {reply.get('usage')}", markup=False, soft_wrap=True)
 
 
 @remote.command("models")
@@ -211,7 +214,9 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
 
     check_output(out, "message", overwrite, "OUT")
     with _client(url, token) as client:
-        atomic_write(out, client.get_message(message_id))
+        data = client.get_message(message_id)
+    KVMessage.from_bytes(data)  # a KV message, whole, before it is written (not an error page a proxy sent)
+    atomic_write(out, data)
     console.print(f"wrote {out}", markup=False, soft_wrap=True)
 
 

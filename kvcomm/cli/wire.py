@@ -25,7 +25,7 @@ from kvcomm.cli.common import (
     console,
     fraction,
 )
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, CorruptMessage
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
 from kvcomm.selection import format_layers, top_layers
 from kvcomm.selection.blocks import read_ranking
@@ -116,6 +116,8 @@ def inspect_command(
         reader = MessageReader(f)
         header = reader.header.model_dump(mode="json")
         list(reader.layers(whole=True))  # verifies every checksum and decodes every layer
+        if f.read(1):  # as KVMessage.load refuses it: bytes after the end
+            raise CorruptMessage(f"{path}: trailing bytes after the end of the message")
     if as_json:
         print(json.dumps(header, indent=1))
         return
@@ -129,9 +131,10 @@ def inspect_command(
               f"{f'{named} ({spec})' if named else spec}; context {header['context_len']} tokens; mode {header['mode']}"
               + (f"; layers not shared keep an opening of {header['opening']} tokens" if header["opening"] else ""),
               markup=False, soft_wrap=True)
+    ratio = f"{fp16_all / total:.1f}x smaller than" if fp16_all >= total else f"{total / fp16_all:.1f}x larger than"
     out.print(f"shared layers: {format_layers([e['index'] for e in layers if e['full']]) or 'none'} "
-              f"({sum(e['full'] for e in layers)}/{len(layers)}); {fp16_all / total:.1f}x smaller than "
-              f"all layers in fp16 ({fp16_all:,} bytes)")
+              f"({sum(e['full'] for e in layers)}/{len(layers)}); {ratio} all layers in fp16 ({fp16_all:,} bytes)",
+              markup=False, soft_wrap=True)
     table = Table("field", "value", title="fingerprint")
     for key, value in header["fingerprint"].items():
         table.add_row(key, str(value))
@@ -183,4 +186,4 @@ def codebook_command(
     sender = load_model(model, dtype)
     book = codebook_from_items(sender, source, source.items[-items:], default=True)
     console.print(f"codebook {book.id}: {book.meta['tokens']:,} tokens of {task}; default for {model}\n"
-                  f"file: {codebook_dir() / (book.id + '.safetensors')}", markup=False)
+                  f"file: {codebook_dir() / (book.id + '.safetensors')}", markup=False, soft_wrap=True)

@@ -72,6 +72,11 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
     @property
+    def max_positions(self) -> int | None:
+        """The most positions the model takes (``max_position_embeddings``; None where it says none)."""
+        return int(getattr(self.config, "max_position_embeddings", 0) or 0) or None
+
+    @property
     def dtype_name(self) -> str:
         """``float32``, ``bfloat16`` …: the weights' dtype as the command line names it."""
         return str(self.dtype).removeprefix("torch.")

@@ -92,7 +92,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     health = StoreHealth(store)
     errors.install(app)
     created = int(time.time())
-    max_len = int(getattr(agent.config, "max_position_embeddings", 0) or 0) or None
+    max_len = agent.max_positions
 
     @app.get("/health", responses=documented(503))
     async def live() -> dict[str, str]:

@@ -108,7 +108,7 @@ def check_header(header: Header, agent: LoadedModel) -> None:
         ServiceRefusal: 422 (``invalid_kv_message``) naming what does not fit.
     """
     width = int(agent.config.hidden_size)
-    longest = int(getattr(agent.config, "max_position_embeddings", 0) or 0)
+    longest = agent.max_positions or 0
     if wrong := [extra.layer for extra in header.extras if extra.kind == "hidden" and extra.width != width]:
         _unfit(f"the hidden state entering layer {wrong[0]} is not {width} wide (the model's hidden size)")
     if header.meta.get("passage") is True and header.mode != "causal":

@@ -50,8 +50,13 @@ class Client:
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
+        if token and not token.isascii():  # no HTTP header carries it (the agent refuses one at start too)
+            raise ConfigError("the token must be ASCII: an HTTP header cannot carry other characters")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        try:
+            self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        except (httpx.InvalidURL, ValueError, TypeError) as err:
+            raise ConfigError(f"{base_url!r} is not an agent's URL ({err}); e.g. http://127.0.0.1:8000") from None
         self.link = LinkMeter()  # the link to this agent, timed on every large message fetched
 
     @property
@@ -258,7 +263,14 @@ class Client:
             body["kv_return"] = kv_return
         if kv_blend is not None:
             body["kv_blend"] = kv_blend
-        return self._object("POST", "/v1/chat/completions", json=body)
+        answer = self._object("POST", "/v1/chat/completions", json=body)
+        choices = answer.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
+                and isinstance(choices[0].get("message"), dict)
+                and isinstance(choices[0]["message"].get("content"), str)):
+            raise ServiceError(0, f"the agent at {self._http.base_url} answered a chat completion without "
+                                  "choices[0].message.content")
+        return answer
 
 
 def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | None:
