@@ -1714,3 +1714,18 @@ def test_the_client_refuses_a_chat_answer_without_content_and_fetch_keeps_what_i
     assert fetched.exit_code == 2 and "error:" in fetched.output and not (tmp_path / "m.kvcm").exists()
     chatted = CliRunner().invoke(app, ["remote", "chat", "hi", "--url", "http://agent"])
     assert chatted.exit_code == 2 and "without choices" in chatted.output
+
+
+def test_remote_commands_give_up_on_a_stalled_agent_after_their_timeout():
+    """`kvcomm remote` waited 300 s per read on an agent that accepts and never answers; it had no --timeout."""
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(1)
+        began = time.monotonic()
+        result = CliRunner().invoke(app, ["remote", "models", "--url", f"http://127.0.0.1:{stalled.getsockname()[1]}",
+                                          "--timeout", "0.5"])
+    assert result.exit_code == 2 and "timed out" in result.output and time.monotonic() - began < 30

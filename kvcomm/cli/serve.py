@@ -28,6 +28,9 @@ from kvcomm.wire import KVMessage
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
+Timeout = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the agent's answer (a first --ratio "
+                                                      "context calibrates, minutes on a CPU); connecting waits at "
+                                                      "most 10.")]
 
 
 Ratio = Annotated[float | None, typer.Option(parser=fraction, metavar="RATIO",
@@ -144,16 +147,16 @@ def _check_port_free(host: str, port: int) -> None:
                 from None
 
 
-def _client(url: str, token: str | None) -> Any:
+def _client(url: str, token: str | None, timeout: float) -> Any:
     from kvcomm.serve.client import Client
 
-    return Client(url, token)
+    return Client(url, token, timeout)
 
 
 @remote.command("context")
 def remote_context(
     context: Annotated[str, typer.Argument(help="Context text for the agent to read.")],
-    url: Url = "http://127.0.0.1:8000", token: Token = None,
+    url: Url = "http://127.0.0.1:8000", token: Token = None, timeout: Timeout = 300.0,
     codec: Annotated[str | None, typer.Option(help="Codec (agent default if omitted).")] = None,
     layers: Annotated[str | None, typer.Option(help="Layers to share in full, e.g. '0,4,10-14'.")] = None,
     ratio: Ratio = None, profile: ProfileFile = None, mode: Mode = None,
@@ -176,7 +179,7 @@ def remote_context(
                               f"{'passage' if passage else 'context'} needs a profile calibrated with "
                               f"--pieces {wanted}")
         ranking = read  # sent with its layout: the agent checks it too
-    with _client(url, token) as client:
+    with _client(url, token, timeout) as client:
         print(json.dumps(client.create_context(context, layers=chosen, ratio=ratio, ranking=ranking, codec=codec,
                                                mode=mode, message_id=message_id, passage=passage), indent=1))
 
@@ -185,14 +188,14 @@ def remote_context(
 def remote_chat(
     question: Annotated[str, typer.Argument(help="The user's message.")],
     kv: Annotated[list[str] | None, typer.Option(help="Stored KV message id to use (repeatable).")] = None,
-    url: Url = "http://127.0.0.1:8000", token: Token = None,
+    url: Url = "http://127.0.0.1:8000", token: Token = None, timeout: Timeout = 300.0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Answer budget.")] = 64,
     blend: Annotated[float | None, typer.Option(min=0, max=1, help="Recompute this fraction of the KV messages' "
                                                                    "tokens where reused KV deviates most (kv_blend).")]
     = None,
 ) -> None:
     """Ask an agent, optionally on top of KV messages; prints the answer and the usage."""
-    with _client(url, token) as client:
+    with _client(url, token, timeout) as client:
         reply = client.chat([{"role": "user", "content": question}], kv or [], max_tokens,
                             kv_blend=None if blend is None else {"ratio": blend})
     print(reply["choices"][0]["message"]["content"])  # the shape is checked by Client.chat
@@ -200,20 +203,20 @@ def remote_chat(
 
 
 @remote.command("models")
-def remote_models(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def remote_models(url: Url = "http://127.0.0.1:8000", token: Token = None, timeout: Timeout = 300.0) -> None:
     """List the model names an agent serves."""
-    with _client(url, token) as client:
+    with _client(url, token, timeout) as client:
         print(json.dumps(client.models(), indent=1))
 
 
 @remote.command("fetch")
 def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000", token: Token = None,
-                 overwrite: Overwrite = False) -> None:
+                 timeout: Timeout = 300.0, overwrite: Overwrite = False) -> None:
     """Download a stored message to a file."""
     from kvcomm.files import atomic_write
 
     check_output(out, "message", overwrite, "OUT")
-    with _client(url, token) as client:
+    with _client(url, token, timeout) as client:
         data = client.get_message(message_id)
     KVMessage.from_bytes(data)  # a KV message, whole, before it is written (not an error page a proxy sent)
     atomic_write(out, data)
@@ -222,7 +225,7 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
 
 @remote.command("push")
 def remote_push(message_id: str, path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-                url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+                url: Url = "http://127.0.0.1:8000", token: Token = None, timeout: Timeout = 300.0) -> None:
     """Upload a message file under an id (the agent verifies it before storing)."""
-    with _client(url, token) as client:
+    with _client(url, token, timeout) as client:
         print(json.dumps(client.put_message(message_id, path.read_bytes())))

@@ -47,6 +47,7 @@ class Client:
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
         token: bearer token, if the agent was started with one.
+        timeout: seconds to wait for each read of the agent's answer; connecting waits at most 10.
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
@@ -54,7 +55,8 @@ class Client:
             raise ConfigError("the token must be ASCII: an HTTP header cannot carry other characters")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+            self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                      timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)))
         except (httpx.InvalidURL, ValueError, TypeError) as err:
             raise ConfigError(f"{base_url!r} is not an agent's URL ({err}); e.g. http://127.0.0.1:8000") from None
         self.link = LinkMeter()  # the link to this agent, timed on every large message fetched
