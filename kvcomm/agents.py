@@ -158,17 +158,18 @@ def answer(
     if not isinstance(message, KVMessage | Arrival):
         raise ConfigError(f"answer reads a KVMessage or an Arrival, not {type(message).__name__} (bytes: "
                           "KVMessage.from_bytes first)")
+    item = Item("0", "", question, ())
+    ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
+    context = message.header.context_len if isinstance(message, Arrival) else message.context_len
+    total = context + len(ids) + max_new_tokens  # checked before a message still arriving is taken
+    if receiver.max_positions is not None and total > receiver.max_positions:  # past it the answer is noise
+        raise ConfigError(f"the message's context, the question and {max_new_tokens} answer tokens are {total} "
+                          f"positions; {receiver.name} takes {receiver.max_positions}")
     if isinstance(message, Arrival):
         start = message.receiver_input(receiver.dtype, receiver.fingerprint)
     else:
         check_fingerprint(message.fingerprint, receiver.fingerprint)
         start = receiver_input(message.to_shared(receiver.dtype))
-    item = Item("0", "", question, ())
-    ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
-    total = int(start.layout.context_len.max()) + len(ids) + max_new_tokens
-    if receiver.max_positions is not None and total > receiver.max_positions:  # past it the answer is noise
-        raise ConfigError(f"the message's context, the question and {max_new_tokens} answer tokens are {total} "
-                          f"positions; {receiver.name} takes {receiver.max_positions}")
     input_ids, valid = pad_left([ids], receiver.pad_id)
     out = greedy_generate(receiver.model, start, input_ids, valid, max_new_tokens, receiver.stop_ids, receiver.pad_id)
     return receiver.decode(out[0])

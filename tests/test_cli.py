@@ -26,6 +26,14 @@ def test_eval_writes_results(tiny_dir, tmp_path):
     assert "kvcomm@0,2" in result.output
 
 
+def test_online_takes_the_prior_s_shape(tiny_dir, tmp_path):
+    """online builds its ranking on the paper's prior: --alpha is its, not refused as unused."""
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--task", "facts", "--method", "online",
+                                 "--alpha", "0.5", "--limit", "3", "-q", "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o.json").read_text())["config"]["alpha"] == 0.5
+
+
 def test_a_run_that_leaves_fewer_calibration_items_than_its_rule_wants_says_so(tiny_dir, tmp_path):
     """--limit can leave the default rule (8 items) one calibration item; the run went ahead silently."""
     base = ["eval", "--model", str(tiny_dir), "--task", "facts", "--task-option", "items=4", "--method", "kvcomm",
@@ -306,6 +314,11 @@ def test_drift_is_zero_for_one_model_and_not_for_a_variant(tiny_dir, variant_dir
         assert out.with_suffix(".png").stat().st_size > 1000
         assert drift["provenance"]["command"].startswith("kvcomm drift") and len(drift["weights"]) == 2
         assert (drift["weights"][0] == drift["weights"][1]) == (name == "same") and drift["task_options"]
+    small = tmp_path / "small.jsonl"  # fewer items than the default 32: all of them, as before
+    small.write_text('{"context": "Mira lives in Oslo.", "question": "Where?", "answers": ["Oslo"]}\n' * 3)
+    ran = runner.invoke(app, ["drift", str(tiny_dir), str(tiny_dir), "--task", "jsonl", "--data", str(small), "-q",
+                              "--out", str(tmp_path / "small.json")])
+    assert ran.exit_code == 0 and json.loads((tmp_path / "small.json").read_text())["items"] == 3, ran.output
 
 
 def test_inspect_shows_left_out_layers_and_hidden_frames():

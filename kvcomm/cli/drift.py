@@ -38,7 +38,8 @@ def drift_command(
                                      "or hub id.")],
     b: Annotated[str, typer.Argument(help="Second model, of the same shape (e.g. the receiver).")],
     task: TaskName = "facts", data: Data = None, task_option: TaskOptions = None,
-    items: Annotated[int, typer.Option(min=1, help="Contexts compared, from the front of the task.")] = 32,
+    items: Annotated[int | None, typer.Option(
+        min=1, help="Contexts compared, from the front of the task. (default: 32, or all of a smaller task)")] = None,
     batch_size: BatchSize = None, dtype: Dtype = "float32", quiet: Quiet = False, overwrite: Overwrite = False,
     out: Annotated[Path | None, typer.Option(
         help="Drift JSON; the plot is written beside it. (default: results/drift-<a>-<b>-<task>.json)")] = None,
@@ -47,9 +48,10 @@ def drift_command(
     resolve_model(a)
     resolve_model(b)
     the_task = load_task(task, data, **task_options_for(task, task_option or [], [task]))
-    if items > len(the_task.items):
+    if items is not None and items > len(the_task.items):  # given: more than there are is a mistake
         raise ConfigError(f"--items {items}: {the_task.name} has {len(the_task.items)} items (a generated task "
                           "makes more with --task-option items=N)")
+    items = items or min(32, len(the_task.items))
     out, plot_path = check_output_and_plot(
         out or Path("results") / f"drift-{safe_name(a)}-{safe_name(b)}-{safe_name(the_task.name)}.json", "drift",
         overwrite)

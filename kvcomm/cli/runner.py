@@ -89,7 +89,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
-            check_prior_given(config, rules, profiled)
+            check_prior_given(config, rules, profiled, any(method.uses_prior for method in build()))
         if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
             notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "

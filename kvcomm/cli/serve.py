@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +25,7 @@ from kvcomm.cli.common import (
 )
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
-from kvcomm.wire import KVMessage
+from kvcomm.wire import MessageReader
 
 remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
@@ -218,7 +220,9 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
     check_output(out, "message", overwrite, "OUT")
     with _client(url, token, timeout) as client:
         data = client.get_message(message_id)
-    KVMessage.from_bytes(data)  # a KV message, whole, before it is written (not an error page a proxy sent)
+    # a KV message's header, whole (not an error page a proxy sent); its payload is checked where it is read
+    # (no decoding, nor this side's limits, here: a klt message needs a codebook this side may lack)
+    MessageReader(io.BytesIO(data), max_bytes=max(1, len(data)), max_decoded_bytes=sys.maxsize)
     atomic_write(out, data)
     console.print(f"wrote {out}", markup=False, soft_wrap=True)
 

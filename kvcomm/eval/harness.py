@@ -182,7 +182,8 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
                           "or --skip")
 
 
-def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | None = None) -> None:
+def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | None = None,
+                      methods_use_it: bool = False) -> None:
     """Refuses ``--alpha``, ``--mu`` or ``--sigma`` given (the caller says they were) to a run that
     calibrates no ``paper`` rule: ``prune`` and ``answer`` rank without the prior, ``prior`` fits its
     own, and a profile's ranking is used as it was made; before, they were ignored and recorded.
@@ -191,7 +192,7 @@ def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | 
         ConfigError: naming the options to leave out.
     """
     calibrated = _calibrated(config, rules, profiled)
-    if "paper" not in calibrated:
+    if "paper" not in calibrated and not methods_use_it:  # ``online`` builds its ranking on the prior itself
         ranks = ", ".join(sorted(calibrated)) or "nothing (the profile's ranking is used as it was made)"
         raise ConfigError(f"--alpha, --mu and --sigma shape the paper rule's prior; this run ranks with {ranks} "
                           "(prior fits its own): add --selection paper, or leave them out")

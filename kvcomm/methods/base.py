@@ -124,6 +124,8 @@ class Method(ABC):
         """Layers whose KV the receiver is given in full (None for methods without KV)."""
         return None
 
+    uses_prior: ClassVar[bool] = False  # builds on the paper's prior itself (--alpha, --mu, --sigma): ``online``
+
     @property
     def ranks_layers(self) -> bool:
         """Whether :meth:`setup` asks the run for its layer ranking (what calibration makes)."""

@@ -53,6 +53,8 @@ class OnlineKVComm(KVCommMethod):
         self._importance: list[np.ndarray] = []
         self._history: list[dict[str, Any]] = []
 
+    uses_prior: ClassVar[bool] = True
+
     @property
     def label(self) -> str:
         return super().label.replace(f"online@{self.ratio:g}", f"online@{self.ratio:g}/{self.options.interval}", 1)
