@@ -17,7 +17,7 @@ from kvcomm.protocol import MaskMode
 from kvcomm.tasks.base import Item, Task
 from kvcomm.wire import make_codec
 from kvcomm.wire.bootstrap import model_codebook
-from kvcomm.wire.codecs.auto import AutoCodec
+from kvcomm.wire.codecs.auto import rotates_with_codebook
 
 VIA = ("kv", "kv-turn", "text", "text-turn")  # what ``edge_grid`` takes: via, and what travels
 
@@ -64,15 +64,6 @@ def graph_grid(edges: Sequence[EdgeOptions], reuse: Sequence[bool | AnchorOption
     return pairs, skipped
 
 
-def _rotates(codec: str | None) -> bool:
-    """Whether a kv edge's codec rotates with the model's codebook (``klt``, or ``auto`` that may choose it)."""
-    if codec is None:
-        return False
-    made = make_codec(codec)
-    return "klt" in ([make_codec(name).name for name in made.candidates] if isinstance(made, AutoCodec) else
-                     [made.name])
-
-
 def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str, agents: int,
             edges: Sequence[EdgeOptions], rounds: int = 1, single: bool = True, batch_size: int = 8,
             reply_tokens: int | None = None, progress: bool = True, command: str | None = None,
@@ -96,7 +87,8 @@ def compare(model: LoadedModel, task: Task, items: Sequence[Item], topology: str
               "items": len(items), "batch_size": batch_size, "max_new_tokens": task.max_new_tokens,
               "reply_tokens": reply_tokens, "dtype": model.dtype_name,
               "linear": model.linear, "data": data_record(task)}
-    if any(edge.via == "kv" and _rotates(edge.codec) for edge in edges):
+    if any(edge.via == "kv" and edge.codec is not None and rotates_with_codebook(make_codec(edge.codec))
+           for edge in edges):
         book = model_codebook(model)  # the one the edges encoded with (the model's default)
         config["codebook"] = {"id": book.id, "tokens": book.meta["tokens"]}
     return GraphReport(config=config, provenance={"command": command, "date": started},

@@ -76,6 +76,13 @@ def two_figures(value: float) -> float:
     return round(value, 1 - floor(log10(abs(value)))) if value else 0.0
 
 
+def rotates_with_codebook(codec: Codec) -> bool:
+    """Whether ``codec`` encodes with the sender's codebook: ``klt``, or ``auto`` with it among its candidates."""
+    if isinstance(codec, AutoCodec):
+        return any(rotates_with_codebook(make_codec(name)) for name in codec.candidates)
+    return codec.name == "klt"
+
+
 @CODECS.register("auto")
 class AutoCodec(Codec):
     """Chooses, per message, among ``candidates`` (preset names) the one with the shortest expected
@@ -132,7 +139,7 @@ class AutoCodec(Codec):
         not the call that makes it (which may hold the run's models); only where a candidate
         rotates with one, and none where this machine cannot make it (as it could not encode)."""
         book = None
-        if self._codebook is not None and any(make_codec(name).name == "klt" for name in self.candidates):
+        if self._codebook is not None and rotates_with_codebook(self):
             with contextlib.suppress(MissingCodebook):
                 book = self._codebook()
         return _auto_arriving, (self.params(), None if book is None else (book.id, book.to_bytes()))
