@@ -60,6 +60,7 @@ from kvcomm.protocol.reply import outgoing, rebase
 from kvcomm.selection.rules import check_layer_choice, format_layers, gaussian_prior, rank_layers, top_layers
 from kvcomm.tasks.base import Item, Task
 from kvcomm.tasks.metrics import contains, score_all
+from kvcomm.tasks.relay import HOPS
 from kvcomm.wire import KVMessage
 from kvcomm.wire.codecs import CodecName
 from kvcomm.wire.codecs.auto import encoded_on_demand
@@ -457,7 +458,8 @@ class Graph:
             warnings.warn(f"item {other.id} comes in {len(other.pieces)} pieces of its own (a relay's hops, "
                           f"multihop's pieces) but the graph has {self.agents} agents: its context is split "
                           f"at sentence ends (or between words) instead{hops}. Make the task with as many pieces "
-                          "as agents, as kvcomm graph does (a relay has 2 to 4 hops).", UserWarning, stacklevel=2)
+                          f"as agents, as kvcomm graph does (a relay has {HOPS[0]} to {HOPS[-1]} hops).", UserWarning,
+                          stacklevel=2)
         if self.reuse and not self.shares_question(items):
             warnings.warn("reuse is on, but no two agents are asked the same question (each agent of a relay here "
                           "is asked its own hop): nothing is reused, and the run is the graph without reuse",
