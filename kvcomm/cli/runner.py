@@ -82,14 +82,15 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
                           f"what runs; leave out --selection, or calibrate with --selection {run.selection}")
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
-    rules, profiled = named_rules(build()), profile.rule if profile is not None else None
-    ranks = given is None and any(method.ranks_layers for method in build())
+    methods = build()
+    rules, profiled = named_rules(methods), profile.rule if profile is not None else None
+    ranks, prior_used = given is None and any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
     notes: list[str] = []  # said once every check has passed
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
-            check_prior_given(config, rules, profiled, any(method.uses_prior for method in build()))
+            check_prior_given(config, rules, profiled, prior_used)
         if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
             notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "
