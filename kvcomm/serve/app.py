@@ -365,19 +365,20 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         message_id = f"turn-{uuid.uuid4().hex}"
         if isinstance(data, KvcommError):  # the turn could not be encoded (values its codec cannot carry)
             raise errors.carrying(data, completion=reply)
+        header = MessageReader(io.BytesIO(data)).header  # its decoded size, and the codec 'auto' chose
         try:
             if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
                 raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores "
                                           f"at most {config.max_message_bytes:,}", "message_too_large", "kv_return")
             try:
-                contexts.check_decoded(MessageReader(io.BytesIO(data)).header.decoded_bytes)  # token ids counted
+                contexts.check_decoded(header.decoded_bytes)  # its token ids counted
             except MessageTooLarge as err:
                 raise ServiceRefusal(413, f"kv_return: {err}", "message_too_large", "kv_return") from None
             await anyio.to_thread.run_sync(store.put, message_id, data)
         except (ServiceRefusal, StoreError) as err:  # the reply was generated: it goes back with the refusal
             raise errors.carrying(err, completion=reply) from None
         metrics.e2e.observe(time.monotonic() - began)
-        choice = _count_choice(metrics, MessageReader(io.BytesIO(data)).header)
+        choice = _count_choice(metrics, header)
         return reply | {"kv_message": {"id": message_id, "bytes": len(data), "content": body.kv_return.content}
                         | ({"codec_choice": choice} if choice is not None else {})}
 
