@@ -74,13 +74,14 @@ def atomic_file(path: str | Path, replace: bool = True) -> Iterator[BinaryIO]:
 
 def _publish_new(name: str, target: Path) -> None:
     """The temporary file ``name`` as ``target``, where ``target`` does not exist (else DataError)."""
+    taken = DataError(f"{target} exists (written while this ran?); pass --overwrite to replace it")
     try:
         os.link(name, target)
     except FileExistsError:
-        raise DataError(f"{target} exists (written while this ran?); pass --overwrite to replace it") from None
+        raise taken from None
     except OSError:  # a file system without hard links: checked, then replaced
         if target.exists():
-            raise DataError(f"{target} exists (written while this ran?); pass --overwrite to replace it") from None
+            raise taken from None
         os.replace(name, target)
         return
     os.unlink(name)
