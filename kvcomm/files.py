@@ -50,9 +50,11 @@ def atomic_file(path: str | Path, replace: bool = True) -> Iterator[BinaryIO]:
     run with the same ``--out``) is kept.
 
     Raises:
-        DataError: ``replace`` is false and ``path`` exists.
+        DataError: ``path`` is a folder, or ``replace`` is false and ``path`` exists.
     """
     target = Path(path)
+    if target.is_dir():  # before, os.replace raised a bare IsADirectoryError after the work was done
+        raise DataError(f"{target} is a folder; give a file name to write to")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
     try:

@@ -254,3 +254,15 @@ def test_a_write_that_may_not_replace_keeps_a_file_that_appeared(tmp_path):
     assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
     atomic_write(target, "third")
     assert target.read_text() == "third"
+
+
+def test_a_write_to_a_folder_is_refused_by_name_and_the_folder_is_left_alone(tmp_path):
+    """``KVMessage.save`` (and every atomic write) to a folder raised a bare IsADirectoryError from
+    the rename, after the work; it is now a DataError that says what to give."""
+    from kvcomm.errors import DataError
+
+    folder = tmp_path / "out"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(DataError, match="out is a folder; give a file name"):
+        atomic_write(folder, b"bytes")
+    assert [p.name for p in folder.iterdir()] == ["inside"] and [p.name for p in tmp_path.iterdir()] == ["out"]
