@@ -106,6 +106,24 @@ def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path,
         load_model("")
 
 
+def test_a_registered_name_that_is_also_a_model_folder_here_says_which_it_takes(tmp_path, monkeypatch):
+    """A folder named like an embedded model was passed over silently for the embedded model."""
+    import warnings
+
+    from kvcomm.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_model("smollm2-135m").kind == "embedded"  # no folder of that name: nothing said
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="names the embedded model; the model folder smollm2-135m here is not used "
+                                         r"\(give ./smollm2-135m for it\)"):
+        assert resolve_model("smollm2-135m").kind == "embedded"
+    assert resolve_model("./smollm2-135m").kind == "directory"
+
+
 def test_files_that_are_not_a_model_give_a_model_error_naming_them(tmp_path, monkeypatch):
     """A folder whose config is no model's, a model folder without a tokenizer and a file named
     ``.gguf`` that is not GGUF or is cut short: ``cannot load`` with the path and the cause, not a bare ValueError."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -46,6 +47,13 @@ class ModelSource:
         return None
 
 
+def _shadows(name: str, kind: str) -> None:
+    """Warns where a registered name is also a model folder here: the name wins, said once."""
+    if (Path(name) / "config.json").is_file():
+        warnings.warn(f"{name!r} names the {kind} model; the model folder {name} here is not used (give "
+                      f"./{name} for it)", stacklevel=3)
+
+
 def resolve_model(name: str) -> ModelSource:
     """The source a model name points to.
 
@@ -60,8 +68,10 @@ def resolve_model(name: str) -> ModelSource:
         raise ModelError(f"the model name is empty ({name!r}); give an embedded or derived name, a model "
                          "directory, a .gguf file or a hub id (owner/name)")
     if name in EMBEDDED:
+        _shadows(name, "embedded")
         return ModelSource(name, "embedded")
     if (derived := derived_path(name)) is not None:
+        _shadows(name, "derived")
         return ModelSource(name, "derived", derived)
     if name.lower().endswith(".gguf"):
         path = Path(name).expanduser().resolve()
