@@ -306,6 +306,9 @@ def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path, monkeypatch):
     for extra, said in ((["--agents", "2", "--via", "text", "--reuse", "on"], "no graph to run: reuse reuses"),
                         (["--agents", "2", "--via", "kv", "--place", "prefix", "--blends", "0.3"],
                          "--place prefix) recomputes nothing"),
+                        (["--agents", "2", "--via", "kv", "--place", "prefix", "--blends", "0.15"],  # the default's
+                         "--place prefix) recomputes nothing"),                                       # value, given
+                        (["--agents", "2", "--via", "text", "--blends", "0.15"], "are for kv edges"),
                         (["--agents", "5"], "--agents 5: a graph over relay gives each agent one of its hops, "
                                             "and relay has 2 to 4")):
         refused = CliRunner().invoke(app, [*base, "--overwrite", *extra], env={"COLUMNS": "200"})

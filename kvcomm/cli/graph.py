@@ -101,8 +101,10 @@ def graph_command(
                                         "depth prior; 1 = every layer.")] = "1.0",
     codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for kv edges; 'none' = in process. "
                                         f"Codecs: {', '.join(codec_names())}.")] = "fp16",
-    blends: Annotated[str, typer.Option(help="Comma-separated fractions of the hearer's context recomputed where "
-                                        "heard KV deviates most (CacheBlend); 'none' = pure reuse.")] = "0.15",
+    blends: Annotated[str | None, typer.Option(
+        help="Comma-separated fractions of the hearer's context recomputed where heard KV deviates most "
+             "(CacheBlend); 'none' = pure reuse. Inline KV only. (default: 0.15 inline, none with --place "
+             "prefix)")] = None,
     place: Annotated[Literal["inline", "prefix"], typer.Option(
         help="Where heard KV goes: inline (where text would be) or prefix (before the hearer's chat; no blend).")]
     = "inline",
@@ -140,7 +142,7 @@ def graph_command(
         raise ConfigError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     wire = [None if c == "none" else c for c in _list(codecs, "codecs")]
     try:
-        recompute = [None if b == "none" else float(b) for b in _list(blends, "blends")]
+        recompute = [0.15] if blends is None else [None if b == "none" else float(b) for b in _list(blends, "blends")]
     except ValueError:
         raise ConfigError(f"--blends must be comma-separated numbers or 'none', got {blends!r}") from None
     if unknown := [kind for kind in kinds if kind not in VIA]:
@@ -150,10 +152,10 @@ def graph_command(
     for codec, fraction in itertools.product(wire, recompute):  # checked whatever --via says: a typo is a typo
         EdgeOptions(via="kv", codec=codec, blend=fraction)
     if not any(kind.startswith("kv") for kind in kinds) and (
-            fractions != [None] or wire != ["fp16"] or recompute != [0.15] or place != "inline" or mode != "causal"):
+            fractions != [None] or wire != ["fp16"] or blends is not None or place != "inline" or mode != "causal"):
         raise ConfigError("--ratios, --codecs, --blends, --place and --mode are for kv edges; --via "
                           f"{via} has none")
-    if place == "prefix" and recompute not in ([0.15], [None]):  # the default, or none, says nothing
+    if place == "prefix" and blends is not None and recompute != [None]:  # left out, or none, says nothing
         raise ConfigError("--blends recomputes heard KV placed inline; KV placed as a prefix (--place prefix) "
                           "recomputes nothing")
     edges = edge_grid(kinds, fractions, wire, recompute, mode, place)
