@@ -230,6 +230,7 @@ def remote_fetch(message_id: str, out: Path, url: Url = "http://127.0.0.1:8000",
 @remote.command("push")
 def remote_push(message_id: str, path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
                 url: Url = "http://127.0.0.1:8000", token: Token = None, timeout: Timeout = 300.0) -> None:
-    """Upload a message file under an id (the agent verifies it before storing)."""
+    """Upload a message file under an id (the agent verifies it before storing); a message already
+    stored under that id is replaced, as HTTP PUT does."""
     with _client(url, token, timeout) as client:
         print(json.dumps(client.put_message(message_id, path.read_bytes())))
