@@ -233,13 +233,31 @@ def test_a_message_that_fits_is_kept_and_one_that_does_not_is_refused_never_stor
     assert store.get("big") == b"b" * 700_000  # kept: older messages made room, one at a time
     assert "big" in store.list() and len(store.list()) >= 2 and store.size_bytes() <= 1_000_000
     if kind == "disk":  # the index takes room too: a message that fits only without it is refused
+        held = store.list()
         with pytest.raises(StoreFull, match="beside its index"):
             store.put("huge", b"h" * 999_000)
-        assert store.get("huge") is None and store.get("big") is None  # room was made for it, then refused
+        # refused before anything was evicted (before, room was made for it, every other message
+        # deleted, and then it was refused too)
+        assert store.get("huge") is None and store.list() == held and store.get("big") == b"b" * 700_000
+        store.put("big", b"B" * 700_000)  # replacing a message under its own id makes room beside it
+        assert store.get("big") == b"B" * 700_000 and store.size_bytes() <= 1_000_000
         empty = DiskStore(tmp_path / "e", 1_000_000)
         with pytest.raises(StoreFull):
             empty.put("near", b"n" * 999_000)
         assert empty.list() == []
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_sized_stores_count_the_bytes_of_the_messages_they_list(kind, tmp_path):
+    """The disk store's size_bytes counted its SQLite index (32 kB when empty) and messages past
+    their time to live, which count and list leave out; both stores count only what they list."""
+    store = MemoryStore(1 << 20, ttl_s=0.3) if kind == "memory" else DiskStore(tmp_path / "d", 1 << 20, ttl_s=0.3)
+    assert (store.count(), store.size_bytes()) == (0, 0)
+    store.put("small", b"s" * 10)  # diskcache keeps this in its index
+    store.put("large", b"L" * 100_000)  # and this in a file
+    assert (store.count(), store.size_bytes()) == (2, 100_010)
+    time.sleep(0.4)
+    assert (store.list(), store.count(), store.size_bytes()) == ([], 0, 0)
 
 
 def test_the_memory_store_drops_what_expired_before_evicting_a_live_message():
@@ -278,8 +296,13 @@ def test_a_value_of_another_type_under_an_id_is_no_message_not_an_unavailable_re
     other = redis.Redis.from_url(redis_url)
     other.rpush(store.prefix + "listed", b"x")
     assert store.get("listed") is None
+    # nor does it exist, list or delete as one (before, DELETE /v1/messages removed the other's data)
+    other.hset(store.prefix + "hashed", "field", b"y")
+    assert not store.exists("listed") and not store.exists("hashed") and store.list() == []
+    assert not store.delete("hashed") and other.hget(store.prefix + "hashed", "field") == b"y"
     store.put("listed", b"message")  # a SET replaces it
-    assert store.get("listed") == b"message"
+    assert store.get("listed") == b"message" and store.exists("listed") and store.list() == ["listed"]
+    assert store.delete("listed") and not store.exists("listed")
     other.close()
     store.close()
 

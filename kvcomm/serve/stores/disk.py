@@ -22,6 +22,20 @@ T = TypeVar("T")
 LOCK_TIMEOUT_S = 5.0  # how long a write waits for the index another process holds (diskcache: 60)
 
 
+ROW_SLACK = 8192  # what a message's row may add to the index beside its bytes: two SQLite pages
+
+
+@cache
+def _empty_volume() -> int:
+    """What an empty store's index takes (its SQLite pages), measured once on a store made aside."""
+    import tempfile
+
+    import diskcache
+
+    with tempfile.TemporaryDirectory() as folder, diskcache.Cache(folder) as empty:
+        return int(empty.volume())
+
+
 PICKLED_KEY = object()
 """What the disk store reads a pickled key as (it never unpickles one)."""
 
@@ -89,18 +103,27 @@ class DiskStore:
         if len(data) > self.max_bytes:
             raise StoreFull(f"message of {len(data)} bytes exceeds the store's {self.max_bytes} bytes")
 
+        def oldest() -> str | None:
+            row = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND key != ? "
+                                   "ORDER BY access_time LIMIT 1", (message_id,)).fetchone()
+            return None if row is None else str(row[0])
+
         def write() -> None:
+            # what cannot fit even alone beside an empty store's index is refused before anything
+            # is evicted (before, every other message went first, then it was refused too)
+            if (floor := _empty_volume()) + len(data) + ROW_SLACK > self.max_bytes:
+                raise StoreFull(f"message of {len(data)} bytes does not fit the store's {self.max_bytes} bytes "
+                                f"beside its index ({floor} bytes when empty)")
             self._cache.expire()  # what is past its time to live goes before anything live
+            while self._cache.volume() + len(data) + ROW_SLACK > self.max_bytes and (key := oldest()) is not None:
+                self._cache.delete(key)  # room first, one message at a time (the index counts: SQLite's pages)
             self._cache.set(message_id, bytes(data), expire=self.ttl_s)
-            while self._cache.volume() > self.max_bytes:  # (the index counts: SQLite's pages)
-                oldest = self._cache._sql(
-                    "SELECT key FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND key != ? "
-                    "ORDER BY access_time LIMIT 1", (message_id,)).fetchone()
-                if oldest is None:  # nothing else to evict: it does not fit beside the index
+            while self._cache.volume() > self.max_bytes:  # the index grew more than ROW_SLACK: rare
+                if (key := oldest()) is None:
                     self._cache.delete(message_id)
                     raise StoreFull(f"message of {len(data)} bytes does not fit the store's {self.max_bytes} bytes "
                                     "beside its index")
-                self._cache.delete(oldest[0])
+                self._cache.delete(key)
 
         self._call("put", write)
 
@@ -141,7 +164,15 @@ class DiskStore:
         return self._call("count", query)
 
     def size_bytes(self) -> int:
-        return int(self._call("size", self._cache.volume))
+        """Bytes of the messages :meth:`list` gives, as the other stores count them (the bound,
+        ``max_bytes``, also counts the SQLite index and what expired but is not yet evicted)."""
+        def query() -> int:  # a value under diskcache's file threshold is held in the index itself
+            rows = self._cache._sql("SELECT COALESCE(SUM(CASE WHEN value IS NULL THEN size ELSE length(value) END), 0) "
+                                    "FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND "
+                                    "(expire_time IS NULL OR expire_time > ?)", (time.time(),))
+            return int(rows.fetchone()[0])
+
+        return int(self._call("size", query))
 
     def close(self) -> None:
         self._cache.close()
