@@ -26,6 +26,10 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
+_DELETE_STRING = ("if redis.call('TYPE', KEYS[1]).ok == 'string' then return redis.call('DEL', KEYS[1]) "
+                  "else return 0 end")
+
+
 class RedisStore:
     """Messages under ``prefix`` + id; each expires after ``ttl_s`` if set. Redis bounds its own memory
     (``maxmemory`` and an eviction policy such as ``allkeys-lru``).
@@ -82,17 +86,19 @@ class RedisStore:
 
         return self._call("get", fetch)
 
+    # exists, delete and list see only strings, as get does: another program's list or hash under
+    # the prefix is no message (before, DELETE removed it and the listing named it)
     def exists(self, message_id: str) -> bool:
         key = self.prefix + check_id(message_id)
-        return bool(self._call("exists", lambda: self._client.exists(key)))
+        return self._call("exists", lambda: self._client.type(key)) in (b"string", "string")
 
     def delete(self, message_id: str) -> bool:
         key = self.prefix + check_id(message_id)
-        return bool(self._call("delete", lambda: self._client.delete(key)))
+        return bool(self._call("delete", lambda: self._client.eval(_DELETE_STRING, 1, key)))  # one step
 
     def list(self) -> list[str]:
         def scan() -> list[Any]:
-            return list(self._client.scan_iter(match=self.prefix + "*"))
+            return list(self._client.scan_iter(match=self.prefix + "*", _type="STRING"))
 
         ids = (key.decode("utf-8", errors="replace")[len(self.prefix):] for key in self._call("list", scan))
         return sorted(message_id for message_id in ids if is_id(message_id))  # not what other writers put there
