@@ -193,6 +193,24 @@ def test_selected_layers_with_sinks_elsewhere_blend_too():
     assert int(moved.valid[1].sum()) == 11  # the check moved to layer 3: layers 0-2 are fresh for every token
 
 
+def test_below_a_moved_check_layer_every_token_is_read_as_text_even_at_ratio_zero(family):
+    """What the docs say of pieces that share only some layers: the check moves to the first layer
+    every piece shares in full, and the layers below it hold a full prefill's KV of the joined
+    tokens (not the sink alone), at ratio 0 too; above it, ratio 0 keeps the pieces' own KV."""
+    model = tiny_model(family)
+    ids, _ = pieces(model, lengths=(6, 5), seed=5)
+    sent = [prefill(model, i, torch.ones_like(i, dtype=torch.bool)) for i in ids]
+    joined = concat_shared(model, [share(model, kv, [3]) for kv in sent])
+    blended, stats = blend(model, joined, recompute=0.0, check_layer=1)
+    assert stats.check_layer == 3 and stats.recomputed == [0] and blended.full == [True] * 4
+    whole = torch.cat(ids, dim=1)
+    text = prefill(model, whole, torch.ones_like(whole, dtype=torch.bool))
+    for layer in range(3):
+        held = blended.keys[layer][..., blended.valid[layer][0], :]
+        assert (held - text.keys[layer]).abs().max() <= 1e-4, layer
+    assert (blended.keys[3] - joined.keys[3]).abs().max() == 0
+
+
 @pytest.mark.parametrize("joined_by", ["concat", "splice"])
 def test_recomputing_everything_is_a_full_prefill_whatever_each_piece_shares(family, joined_by):
     """At a layer not every piece shares in full, a token it holds (the sink; in a splice, the pieces

@@ -14,14 +14,19 @@ Pieces prefilled alone (several senders, stored passages) and joined with consis
 The recompute runs through the model's own layers: the chosen tokens are "own" tokens placed at
 their original positions over a cache whose prefix holds every other context token, so the masks
 (:mod:`~kvcomm.protocol.layout`) do the rest. Exact ends: ``recompute=1`` is a full prefill of the
-joined token ids; ``recompute=0`` at check layer 1 is plain concatenation (layer 0's KV does not
-depend on other tokens; at a later check layer every token keeps its fresh KV below it); a single
-piece is its own prefill at any ratio.
+joined token ids; ``recompute=0`` at check layer 1 is plain concatenation where layer 0 is shared
+in full (layer 0's KV does not depend on other tokens; at a later check layer every token keeps
+its fresh KV below it); a single piece shared in full is its own prefill at any ratio.
 
-With KVComm layer selection (pieces sharing only some layers, the sink elsewhere) the recomputed
-tokens also keep their fresh KV at the sink-only layers, where the receiver computed it itself; a
-token such a layer holds (the sink, a piece shared there in full) that is recomputed keeps only its
-fresh KV there, so ``recompute=1`` is a full prefill whatever each piece shares.
+With KVComm layer selection (pieces sharing only some layers, the sink elsewhere) the check moves
+to the first layer from the one asked that every piece shares in full, and every layer below it
+keeps every context token's fresh KV from the first stage, sink-only layers too: what reading the
+context as text gives at those layers, computed anyway. So there ``recompute=0`` is not the plain
+join (the join with those first layers read as text) and a piece shared at some layers is not its
+own prefill. Above the check, the recomputed tokens also keep their fresh KV at the sink-only
+layers, where the receiver computed it itself; a token such a layer holds (the sink, a piece shared
+there in full) that is recomputed keeps only its fresh KV there, so ``recompute=1`` is a full
+prefill whatever each piece shares.
 """
 
 from __future__ import annotations
