@@ -192,3 +192,16 @@ def test_passages_travel_as_kv_messages_with_their_opening():
     assert wired.label == "kvcomm@0.5/passages+fp32"
     assert [i.answer for i in here.items] == [i.answer for i in wired.items]
     assert all(w.kv_bytes > h.kv_bytes for h, w in zip(here.items, wired.items))  # header and frames on top
+
+
+def test_a_stored_passage_ending_in_whitespace_reads_as_the_same_line():
+    """``passage_parts`` read ``text + "\\n"``: a passage from a file (ending in a newline) or with a
+    trailing space tokenised into another token there (``.\\n\\n``, `` \\n``), so blending it at
+    ratio 1 no longer read like the same lines typed; trailing whitespace is dropped."""
+    from kvcomm import encode_passage
+
+    loaded = tiny_loaded()
+    line = loaded.passage_parts("Omar lives in Cairo.")
+    for text in ("Omar lives in Cairo.\n", "Omar lives in Cairo. ", "Omar lives in Cairo.\r\n\n \t"):
+        assert loaded.passage_parts(text) == line, repr(text)
+    assert encode_passage(loaded, "Omar lives in Cairo.\n").token_ids.flatten().tolist() == line[1]

@@ -137,9 +137,12 @@ class LoadedModel:
     def passage_parts(self, text: str) -> tuple[list[int], list[int]]:
         """A stored passage's tokens: the chat opening it is prefilled behind (everything before a
         user turn's text) and ``text`` read as one line at the start of that turn (``text\\n``).
-        Lines tokenise apart, so passages joined one after another read like their text joined."""
+        Lines tokenise apart, so passages joined one after another read like their text joined.
+        Trailing whitespace is dropped (a passage read from a file ends in a newline): the line's
+        own newline would merge with it into another token (``.\\n\\n``, `` \\n``)."""
         begin, end = "\x00kvcomm-passage\x00", "\x00kvcomm-passage-end\x00"
-        opening, own, _ = self._chat_pieces([{"role": "user", "content": f"{begin}{text}\n{end}"}], True, [begin, end])
+        line = text.rstrip()
+        opening, own, _ = self._chat_pieces([{"role": "user", "content": f"{begin}{line}\n{end}"}], True, [begin, end])
         return opening, own
 
     def turn_opening(self) -> list[int]:
