@@ -16,6 +16,7 @@ import torch
 from kvcomm.errors import ConfigError
 from kvcomm.models.loading import LoadedModel, check_compatible, load_pair
 from kvcomm.protocol import MaskMode, greedy_generate, pad_left, prefill, receiver_input, share
+from kvcomm.protocol.decoding import check_budget
 from kvcomm.protocol.reply import rebase
 from kvcomm.protocol.shallow import shallow_share
 from kvcomm.protocol.shared import layer_indices
@@ -90,9 +91,6 @@ def encode_context(
     _check_text(context, "context")
     item = Item("0", context, "", ())
     ids = sender.encode_message(Task("encode", [item], 1, instruction).sender_message(item))
-    if sender.max_positions is not None and len(ids) > sender.max_positions:  # as the service refuses it
-        raise ConfigError(f"the context is {len(ids)} tokens with its prompt; {sender.name} takes "
-                          f"{sender.max_positions}")
     return encode_ids(sender, ids, layers, codec, mode)
 
 
@@ -112,10 +110,18 @@ def encode_ids(
 
     _check_model(sender, "sender")
     bound = (make_codec(codec) if isinstance(codec, str) else codec).bind(lambda: model_codebook(sender))
-    input_ids, valid = pad_left([_token_ids(sender, ids)], sender.pad_id)
-    if layers is not None and not layer_indices(layers):  # as a method's and an edge's layer lists
+    tokens = _token_ids(sender, ids)
+    if sender.max_positions is not None and len(tokens) > sender.max_positions:  # as the service refuses it
+        raise ConfigError(f"the context is {len(tokens)} tokens with its prompt; {sender.name} takes "
+                          f"{sender.max_positions}")
+    if passage is not None and (isinstance(passage, bool) or not isinstance(passage, int)
+                                or not 1 <= passage <= len(tokens) or mode != "causal"):
+        raise ConfigError(f"passage is a count of the last tokens, 1 to {len(tokens)}, read in causal masks; not "
+                          f"{passage!r} in {mode}")
+    input_ids, valid = pad_left([tokens], sender.pad_id)
+    chosen = range(sender.num_layers) if layers is None else layer_indices(layers)  # once: a generator is read once
+    if not chosen:  # as a method's and an edge's layer lists
         raise ConfigError("a layer list names one or more layers (None: every layer)")
-    chosen = range(sender.num_layers) if layers is None else layers
     if passage is None:  # the context only through the deepest layer shared in full
         shared = shallow_share(sender.model, input_ids, valid, chosen, mode, chunk=chunk, check=check)
     else:
@@ -158,6 +164,7 @@ def answer(
     if not isinstance(message, KVMessage | Arrival):
         raise ConfigError(f"answer reads a KVMessage or an Arrival, not {type(message).__name__} (bytes: "
                           "KVMessage.from_bytes first)")
+    check_budget(max_new_tokens)  # before it is added to the positions
     item = Item("0", "", question, ())
     ids = receiver.encode_message(Task("answer", [item], 1, instruction).receiver_message(item))
     context = message.header.context_len if isinstance(message, Arrival) else message.context_len

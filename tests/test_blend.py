@@ -262,7 +262,7 @@ def test_blend_options_that_cannot_work_are_refused_at_setup():
     from kvcomm.methods.base import Setup
 
     setup = Setup(4, "llama", lambda *args: [0, 1, 2, 3], lambda: None)
-    for options, said in (({"check_layer": 9}, "no layer at or after check layer 9"),
+    for options, said in (({"check_layer": 9}, "check layer 9 is past the model's last layer (3)"),
                           ({"share": 0.25}, "no layer at or after check layer 1 is shared in full (layers shared: 0)")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             make_method("blend", **options).setup(setup)

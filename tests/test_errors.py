@@ -263,3 +263,28 @@ def test_encode_and_answer_refuse_what_the_model_s_positions_cannot_hold():
     with pytest.raises(ConfigError, match=f"positions; tiny-llama takes {most}"):
         answer(model, long, "Where does Mira live?", 8)
     assert isinstance(answer(model, encode_context(model, "Mira lives in Oslo."), "Where?", 3), str)
+    with pytest.raises(ConfigError, match=f"tokens with its prompt; tiny-llama takes {most}"):  # ids too
+        encode_ids(model, [5] * (most + 1))
+
+
+def test_encode_ids_and_answer_check_their_arguments_before_using_them():
+    """A generator of layers was read once by the check and the message shared no layer; passage 0,
+    -2 or True and a budget "5" failed deep in torch or arithmetic; a passage in legacy masks was
+    made, then refused by every chat; a check layer 1.5 was a TypeError from a slice."""
+    from kvcomm import answer, encode_ids
+    from kvcomm.protocol.blend import unblendable
+
+    model = tiny_loaded()
+    ids = list(range(5, 15))
+    assert encode_ids(model, ids, (layer for layer in [1, 2])).shared_layers == [1, 2]
+    for passage, mode in ((0, "causal"), (-2, "causal"), (True, "causal"), (11, "causal"), (2.0, "causal"),
+                          (4, "legacy")):
+        with pytest.raises(ConfigError, match="passage is a count of the last tokens, 1 to 10, read in causal"):
+            encode_ids(model, ids, passage=passage, mode=mode)
+    assert encode_ids(model, ids, passage=4).context_len == 4
+    message = encode_ids(model, ids)
+    for budget in ("5", 0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="max_new_tokens .the answer budget. is a whole number"):
+            answer(model, message, "Where?", budget)
+    assert unblendable(True, ["causal"], [True] * 4, 1.5) == ("layer", "the check layer is a layer index, not 1.5")
+    assert unblendable(True, ["causal"], [True] * 4, 4)[1] == "check layer 4 is past the model's last layer (3)"

@@ -142,8 +142,12 @@ def unblendable(token_ids: bool, modes: Iterable[str], full: Sequence[bool],
         return "token_ids", "blending recomputes tokens: the KV pieces must carry their token ids"
     if odd := sorted(set(modes) - {"causal"}):
         return "mode", f"blending needs causal masks, not {odd[0]!r}"
+    if isinstance(check_layer, bool) or not isinstance(check_layer, int):
+        return "layer", f"the check layer is a layer index, not {check_layer!r}"
     if check_layer < 1:  # layer 0's KV depends on a token and its position only: no token deviates there
         return "layer", f"the check layer is 1 or more, not {check_layer}: at layer 0 no reused token deviates"
+    if check_layer >= len(full):
+        return "layer", f"check layer {check_layer} is past the model's last layer ({len(full) - 1})"
     if not any(full[check_layer:]):
         return "layer", f"no layer at or after check layer {check_layer} is shared in full"
     return None

@@ -13,6 +13,17 @@ from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.sender import check_rows, run_body
 
 
+def check_budget(max_new_tokens: object) -> int:
+    """``max_new_tokens`` if it is an answer budget: a whole number of at least 1.
+
+    Raises:
+        ConfigError: anything else (before, ``"5"`` failed in arithmetic and ``-1`` gave empty replies).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least 1, not {max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: PreTrainedModel,
@@ -43,8 +54,7 @@ def greedy_generate(
         ConfigError: a budget below 1 token.
         ProtocolError: ``start`` was used by an earlier prefill or generation (its cache holds those tokens).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least 1, not {max_new_tokens!r}")
+    check_budget(max_new_tokens)
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
     batch = input_ids.shape[0]

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from kvcomm.protocol.decoding import chunked_prefill
+from kvcomm.protocol.decoding import check_budget, chunked_prefill
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
@@ -45,6 +45,7 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
     """Prefills ``input_ids`` (``[B, T]``, left-padded) on ``start``, decodes greedily, and returns the
     replies with the KV of each row's prompt and reply (see the module docstring). ``on_step``,
     ``prefill_chunk`` and ``check`` work as in :func:`~kvcomm.protocol.decoding.greedy_generate`."""
+    check_budget(max_new_tokens)
     began = time.perf_counter()
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
