@@ -37,12 +37,17 @@ class Agents:
         other depths ran until the first layer the receiver lacked, a bare ``KeyError``).
 
         Raises:
-            ConfigError: a name, a pair or another object where a loaded model goes.
+            ConfigError: a name, a pair or another object where a loaded model goes, or two
+                models of different dtypes.
             FingerprintMismatch: the receiver cannot read the sender's KV.
         """
         _check_model(self.sender, "sender")
         _check_model(self.receiver, "receiver")
         check_compatible(self.sender, self.receiver)
+        if self.sender.dtype != self.receiver.dtype:  # in process the sender's KV goes in as it is
+            raise ConfigError(f"the sender computes in {self.sender.dtype} and the receiver in "
+                              f"{self.receiver.dtype}; load both in one dtype (Agents.load(..., dtype=...)), or send "
+                              "the KV as a message (encode_context, then answer), which the receiver reads in its own")
 
     @classmethod
     def load(cls, sender: str, receiver: str | None = None, dtype: str = "float32",

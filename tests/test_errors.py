@@ -154,6 +154,11 @@ def test_a_pair_texts_and_layer_lists_are_checked_where_they_are_given():
         kvcomm.Agents(model, deeper)
     with pytest.raises(ConfigError, match="the receiver is a LoadedModel, not str"):
         kvcomm.Agents(model, "smollm2-135m")  # type: ignore[arg-type]
+    half = tiny_loaded("llama")  # in process, its float32 KV reached a bfloat16 receiver: a raw torch error
+    half.model.to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="the sender computes in torch.float32 and the receiver in torch.bfloat16"):
+        kvcomm.Agents(model, half)
+    assert kvcomm.answer(half, kvcomm.encode_context(model, "Mira lives in Oslo."), "Where?", 2) is not None
     for encode in (kvcomm.encode_context, kvcomm.encode_passage):
         with pytest.raises(ConfigError, match="the sender is a LoadedModel, not Agents"):
             encode(kvcomm.Agents(model, model), "Mira lives in Oslo.")  # type: ignore[arg-type]
