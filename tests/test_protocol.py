@@ -549,3 +549,21 @@ def test_a_prefill_depth_is_checked():
     whole = prefill(model, ids, ones(ids), hidden=[1])
     assert kv.num_layers == 2 and torch.equal(kv.hidden[1], whole.hidden[1])
     assert all(torch.equal(a, b) for a, b in zip(kv.keys, whole.keys[:2]))
+
+
+def test_learned_attention_sinks_are_refused_not_dropped():
+    """gpt-oss passes each head's learned sink logit (``s_aux``); kvcomm attention took it in its
+    keyword arguments and left it out of the softmax (0.027 in the logits of a tiny model)."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from kvcomm.errors import ProtocolError
+
+    config = GptOssConfig(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=64, layer_types=["full_attention"] * 2)
+    config._attn_implementation = "kvcomm"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 99, (1, 6))
+    with pytest.raises(ProtocolError, match="learned attention sinks"):
+        prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))

@@ -54,6 +54,8 @@ def kvcomm_attention(
         )
     if getattr(module, "attn_logit_softcapping", None):
         raise ProtocolError("attention logit soft-capping (e.g. Gemma 2) is not supported by kvcomm attention")
+    if kwargs.get("s_aux") is not None:  # before, dropped: the softmax lost its sink logits
+        raise ProtocolError("learned attention sinks (e.g. gpt-oss) are not supported by kvcomm attention")
     layer = cast(int, module.layer_idx)
     layout = kvcomm_layout
     query_len = query.shape[2]
