@@ -471,6 +471,24 @@ def test_a_row_without_prompt_tokens_is_refused():
     tokens, valid = pad_left([[8, 9, 10], []], 0)
     with pytest.raises(ConfigError, match="row 1 of the batch has no prompt token"):
         greedy_generate(model, empty_input(model, 2), tokens, valid, 3, [2], 0)
+    with pytest.raises(ConfigError, match="row 1 of the batch has no prompt token"):  # it gave that row's logits
+        prefill_logits(model, empty_input(model, 2), tokens, valid)
+    nothing = torch.zeros(1, 0, dtype=torch.long)  # a SenderKV of no layers, refused later as "out of range"
+    with pytest.raises(ConfigError, match="nothing to prefill"):
+        prefill(model, nothing, torch.zeros(1, 0, dtype=torch.bool))
+
+
+def test_cache_surgery_takes_the_transformers_model_and_says_so():
+    """A LoadedModel was taken in causal mode and failed in shift-back with a raw AttributeError."""
+    from kvcomm.protocol import build_receiver_input
+    from tests.conftest import tiny_loaded
+
+    loaded = tiny_loaded()
+    ids = torch.tensor([[5, 6, 7]])
+    kv = prefill(loaded.model, ids, torch.ones_like(ids, dtype=torch.bool))
+    for mode in ("causal", "shift-back"):
+        with pytest.raises(ConfigError, match="a transformers model .a LoadedModel: pass its .model."):
+            build_receiver_input(loaded, kv, [1], mode)
 
 
 def layer_lengths(model) -> tuple[list, list]:

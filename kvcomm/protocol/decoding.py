@@ -85,9 +85,7 @@ def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: tor
         ConfigError: a row with no token to prefill (its logits would be a padding query's).
         ProtocolError: ``start`` was used by an earlier prefill (:func:`take`).
     """
-    check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
-    if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
-        raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")
+    _check_prompt(model, start, input_ids, valid)
     take(start)
     width = input_ids.shape[1]
     step = width if chunk is None else max(1, chunk)
@@ -119,6 +117,14 @@ def prefill_logits(
     model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """Receiver logits ``[B, T, V]`` over its whole prompt (used by tests and analysis)."""
-    check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
+    _check_prompt(model, start, input_ids, valid)
     take(start)
     return run_body(model, input_ids, valid, start.cache, start.layout).logits
+
+
+def _check_prompt(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    """:func:`check_rows` for a receiver's prompt on ``start``, and every row has a token (a row
+    without one would give a padding query's logits)."""
+    check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
+    if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
+        raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")

@@ -136,6 +136,18 @@ class SenderKV:
         return 2 * k.shape[1] * k.shape[3] * k.element_size()
 
 
+def check_model_argument(model: object) -> None:
+    """The protocol's functions take the transformers model (a :class:`~kvcomm.models.loading.LoadedModel`
+    holds it as ``.model``).
+
+    Raises:
+        ConfigError: naming what was given.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
+        hint = " (a LoadedModel: pass its .model)" if hasattr(model, "model") and hasattr(model, "fingerprint") else ""
+        raise ConfigError(f"the protocol's functions take a transformers model{hint}, not {type(model).__name__}")
+
+
 def check_rows(model: object, input_ids: object, valid: object, batch: int | None = None) -> None:
     """What the protocol's forwards take, checked before any: the transformers model (a
     :class:`~kvcomm.models.loading.LoadedModel` holds it as ``.model``), token ids ``[B, T]`` (or
@@ -145,9 +157,7 @@ def check_rows(model: object, input_ids: object, valid: object, batch: int | Non
     Raises:
         ConfigError: naming what is not so.
     """
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
-        hint = " (a LoadedModel: pass its .model)" if hasattr(model, "model") and hasattr(model, "fingerprint") else ""
-        raise ConfigError(f"the protocol's functions take a transformers model{hint}, not {type(model).__name__}")
+    check_model_argument(model)
     if not isinstance(input_ids, torch.Tensor) or not isinstance(valid, torch.Tensor):
         raise ConfigError(f"input_ids and valid are tensors (pad_left makes both from lists of token ids), not "
                           f"{type(input_ids).__name__} and {type(valid).__name__}")
@@ -211,6 +221,8 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, valid: torch.Tensor
             (:func:`~kvcomm.protocol.shallow.shallow_share` builds a message from it).
     """
     check_rows(model, input_ids, valid)
+    if input_ids.shape[1] == 0:  # before, a SenderKV of no layers, refused later as out of range
+        raise ConfigError("nothing to prefill: input_ids has no columns")
     num_layers = model.config.get_text_config().num_hidden_layers
     if depth is not None and not 1 <= depth <= num_layers:
         raise ConfigError(f"a prefill's depth is 1..{num_layers} layers, not {depth}")

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.layout import MASK_MODES, MaskMode
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
-from kvcomm.protocol.sender import SenderKV
+from kvcomm.protocol.sender import SenderKV, check_model_argument
 
 
 def effective_layers(layers: Iterable[int], mode: MaskMode) -> list[int]:
@@ -218,6 +218,8 @@ def share(
         ProtocolError: the sender's KV does not start at position 0 (a slice of a longer prefill:
             :func:`~kvcomm.protocol.reply.rebase` it first).
     """
+    if model is not None:
+        check_model_argument(model)
     if mode not in MASK_MODES:
         raise ConfigError(f"unknown mask mode {mode!r}; valid: {', '.join(MASK_MODES)}")
     selected = _in_range(effective_layers(layers, mode), sender.num_layers)
