@@ -42,6 +42,8 @@ class ItemResult(BaseModel):
 
 
 class Score(BaseModel):
+    """A metric's mean over a run's items and its 95% bootstrap interval."""
+
     mean: float
     ci95: tuple[float, float]
 

@@ -212,6 +212,9 @@ class GraphRun(BaseModel):
 
 
 class GraphReport(BaseModel):
+    """What :func:`~kvcomm.graphs.compare.compare` and ``kvcomm graph`` report: the configuration, provenance and
+    environment, and one :class:`GraphRun` per graph run (its score, bytes and per-agent rows)."""
+
     version: int = RESULTS_VERSION
     config: dict[str, Any]
     provenance: dict[str, Any] = {}

@@ -23,7 +23,7 @@ import torch
 from kvcomm.errors import ConfigError
 
 MaskMode = Literal["causal", "legacy", "shift-back", "padded-sink", "padded-zero"]
-"""How a receiver reads a message (:class:`Layout`'s ``mode`` says each): ``causal`` (masks from key
+"""How a receiver reads a message (:class:`AttentionLayout`'s ``mode`` says each): ``causal`` (masks from key
 positions: kvcomm's default), ``legacy`` (the reference code's one sliced mask, and layer 0 always
 sent: its answers), ``shift-back`` (KVComm-S: the sink re-rotated next to the receiver),
 ``padded-sink`` / ``padded-zero`` (a paged engine's view: sink-only layers filled to the whole

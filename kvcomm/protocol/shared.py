@@ -73,7 +73,7 @@ class SharedKV:
         valid: per layer ``[B, P_l]`` False on padding.
         context_len: ``[B]`` |C|, where the receiver's own positions start.
         full: per layer, whether the whole context is shared there.
-        mode: the mask mode the receiver must use with it (``causal``, ``legacy``, ``shift-back``).
+        mode: the mask mode the receiver must use with it (:data:`~kvcomm.protocol.layout.MaskMode`).
         token_ids: ``[B, C]`` the context's token ids, aligned with a full layer's columns, when
             known (blending recomputes tokens from them).
         hidden: ``{layer: [B, C, H]}`` the sender's hidden states entering those layers, aligned
@@ -206,8 +206,9 @@ def share(
         sender: the sender's KV for a batch.
         layers: indices of the layers whose KV is shared in full.
         mode: ``causal``; ``legacy`` (reference parity: layer 0 is always shared in full, as the
-            reference code does) or ``shift-back`` (KVComm-S: the sink key is re-rotated to
-            position |C|-1, right before the receiver's first token).
+            reference code does), ``shift-back`` (KVComm-S: the sink key is re-rotated to
+            position |C|-1, right before the receiver's first token), or ``padded-sink`` /
+            ``padded-zero`` (a paged engine's view: :data:`~kvcomm.protocol.layout.MaskMode`).
         opening: when > 0, the first ``opening`` columns (the opening of a prompt cut in two, the
             valid ones among them: :func:`kept_columns`) are kept at every other layer instead
             of the sink alone.
