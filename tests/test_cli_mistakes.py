@@ -184,7 +184,7 @@ MISTAKES = [
     ("encode {dir}/file.txt/m.kvcm -m {model} --context x", "file.txt is a file, not a folder"),
     ("remote models --url http://localhost:8000x", "is not an agent's URL"),
     ("remote models --url http://127.0.0.1:9 --token sekrít", "the token must be ASCII"),
-    ("serve -m {model} --token sekrít", "--token must be ASCII"),
+    ("serve -m {model} --token sekrít", "token must be ASCII"),
     ("models install smollm2-135m smolm2-135m", "Did you mean 'smollm2-135m'"),  # before: the first installed first
     ("drift {model} {model} --items 1000", "--items 1000: facts has 100 items"),  # before: 100 compared, silently
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
@@ -252,3 +252,9 @@ def test_the_base_install_imports_and_serve_names_the_extra_it_needs():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("2 ") and "pip install 'kvcomm[serve]'" in done.stdout, done.stdout
+
+
+def test_an_empty_token_is_refused_not_served_as_one_no_client_sends(files, no_model_loads):
+    """``--token "$UNSET"`` became a real token, ``Bearer `` with nothing after it, which no client sends."""
+    result = runner.invoke(app, ["serve", "-m", files["model"], "--token", ""])
+    assert result.exit_code == 2 and "the token is empty (an unset variable?)" in result.stderr, result.output

@@ -108,8 +108,6 @@ def serve_command(
     resolve_model(model)
     store_kind(store)
     given: dict[str, Any] = dict(mode=mode, ratio=ratio, selection=selection)
-    if token and not token.isascii():  # no client could send it: an HTTP header carries ASCII only
-        raise ConfigError("--token must be ASCII: an HTTP header cannot carry other characters")
     config = ServeConfig(token=token, public_docs=public_docs, served_model_names=tuple(served_model_name or ()),
                          max_request_bytes=max_request_mb << 20, max_message_bytes=max_request_mb << 20,
                          max_decoded_bytes=max_decoded_mb << 20, max_kv_messages=max_kv_messages,

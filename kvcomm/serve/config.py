@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvcomm.config import Options
 from kvcomm.protocol import MaskMode
@@ -68,6 +68,17 @@ class ServeConfig(Options):
     selection: Rule = DEFAULT_RULE
     mode: MaskMode = "causal"
 
+
+    @field_validator("token")
+    @classmethod
+    def _sendable(cls, token: str | None) -> str | None:
+        """A token a client can send: not empty (``--token "$UNSET"`` made every request 401) and
+        ASCII (an HTTP header carries nothing else)."""
+        if token is not None and not token.strip():
+            raise ValueError("the token is empty (an unset variable?); leave it out to serve without one")
+        if token is not None and not token.isascii():
+            raise ValueError("the token must be ASCII: an HTTP header cannot carry other characters")
+        return token
 
     @model_validator(mode="after")
     def _total_holds_one(self) -> Self:
