@@ -1729,3 +1729,24 @@ def test_remote_commands_give_up_on_a_stalled_agent_after_their_timeout():
         result = CliRunner().invoke(app, ["remote", "models", "--url", f"http://127.0.0.1:{stalled.getsockname()[1]}",
                                           "--timeout", "0.5"])
     assert result.exit_code == 2 and "timed out" in result.output and time.monotonic() - began < 30
+
+
+def _counted(http, name: str) -> float:
+    return float(next(line.split()[-1] for line in http.get("/metrics").text.splitlines() if line.startswith(name)))
+
+
+def test_prompt_tokens_count_context_prefills_and_the_opening_before_passages(http):
+    """A context's prefill for /v1/contexts counted nothing, and a chat over passages counted its
+    prompt without the opening it prefilled: the metric said less than the usage did."""
+    before = _counted(http, "kvcomm:prompt_tokens_total")
+    made = http.post("/v1/contexts", json={"context": "Omar lives in Cairo. Mira lives in Oslo."}).json()
+    after = _counted(http, "kvcomm:prompt_tokens_total")
+    assert after - before == made["context_tokens"] > 0
+    again = http.post("/v1/contexts", json={"context": "Omar lives in Cairo. Mira lives in Oslo."}).json()
+    assert again["cached"] and _counted(http, "kvcomm:prompt_tokens_total") == after  # no prefill, no tokens
+    passage = http.post("/v1/contexts", json={"context": "Omar lives in Cairo.", "passage": True}).json()
+    start = _counted(http, "kvcomm:prompt_tokens_total")
+    answer = http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Where?"}], "max_tokens": 2,
+        "kv_messages": [passage["id"]]}).json()
+    assert _counted(http, "kvcomm:prompt_tokens_total") - start == answer["usage"]["prompt_tokens"]

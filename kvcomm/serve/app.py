@@ -171,6 +171,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             assert made is not None
             data = made[0]
             metrics.contexts.labels("yes").inc()
+            metrics.prompt_tokens.inc(len(plan.ids))  # a context's prefill is prompt work too
         header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
         choice = header.meta.get("codec_choice")
         if existing is None:

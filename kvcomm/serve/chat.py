@@ -228,8 +228,9 @@ def context_of(agent: LoadedModel, received: Received, blending: BlendRequest | 
 def _observer(metrics: ServiceMetrics, job: Job, emit: Callable[[int], None] | None,
               prompt: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The per-step hook: time to first token and per token into the metrics, the ``prompt``
-    tokens once prefilled and each token as it is generated (a request stopped later, by its
-    deadline or its client, is counted for what it did), tokens to ``emit``."""
+    tokens (the chat's opening before passages included) once prefilled and each token as it is
+    generated (a request stopped later, by its deadline or its client, is counted for what it
+    did), tokens to ``emit``."""
     last = time.monotonic()
     first = True
 
@@ -256,8 +257,8 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                          _observer(metrics, job, emit, len(ids)), prefill_chunk=config.prefill_chunk,
-                          check=job.check)[0]
+                          _observer(metrics, job, emit, len(ids) + len(received.opening or [])),
+                          prefill_chunk=config.prefill_chunk, check=job.check)[0]
     return out, "length" if len(out) >= budget else "stop"
 
 
@@ -273,7 +274,8 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                         _observer(metrics, job, None, len(ids)), prefill_chunk=config.prefill_chunk, check=job.check)
+                         _observer(metrics, job, None, len(ids) + len(received.opening or [])),
+                         prefill_chunk=config.prefill_chunk, check=job.check)
     out = turn.replies[0]
     layers = keep.layers if keep.layers is not None else range(agent.num_layers)
     shared = outgoing(model, turn.kv[0], len(out), keep.content, layers)
