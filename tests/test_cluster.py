@@ -301,3 +301,17 @@ def test_a_cluster_holding_other_models_than_the_run_is_refused(tiny, tmp_path):
     with pytest.raises(ClusterError, match="this cluster was closed"):  # was Ray's StopIteration
         evaluate(agents, task, build_methods(["baseline"]), EvalConfig(limit=4, calib_size=0), progress=False,
                  cluster=cluster)
+
+
+def test_a_workers_error_is_reported_by_its_cause_not_rays_header():
+    """Ray's text opens with a coloured ``ray::_Worker.run()`` header, the pid and the actor's repr:
+    the first 300 characters, all that was kept, never reached the exception the worker raised."""
+    from kvcomm.eval.cluster import ray_cause
+
+    class TaskError(Exception):  # as Ray's RayTaskError: its text, and the worker's exception as ``cause``
+        cause = ValueError("batch blew up")
+
+    header = "\x1b[36mray::_Worker.run()\x1b[39m (pid=4242, actor_id=abc, repr=<_Worker object>) " + "^" * 600
+    assert ray_cause(TaskError(header)) == "ValueError: batch blew up"
+    plain = ray_cause(RuntimeError(header))  # no cause (an actor that died): Ray's text, without colour codes
+    assert plain.startswith("ray::_Worker.run() (pid=4242") and "\x1b" not in plain and len(plain) == 500

@@ -23,6 +23,7 @@ and anyone checking a deployment, use it to see a dead worker retried.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,6 +42,19 @@ if TYPE_CHECKING:
 EXIT_ONCE = "KVCOMM_WORKER_EXIT_ONCE"
 Work = tuple[int, list[Item], Any]  # a batch's index, its items, what the job needs to know of this batch
 
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def ray_cause(err: BaseException, limit: int = 500) -> str:
+    """What went wrong on a worker, in one line: the exception a task raised there (Ray's own text
+    opens with a coloured ``ray::_Worker.run()`` header, its pid and the actor's repr, which hid it
+    within the first 300 characters), else Ray's message, without colour codes."""
+    cause = getattr(err, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
+    line = " ".join(_ANSI.sub("", text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 class Job(Protocol):
     """What the workers do with a batch (pickled once per submission, so it holds no model)."""
@@ -159,7 +173,7 @@ class Cluster:
             held = ray.get([a.ready.remote() for a in self._actors])
         except ray.exceptions.RayError as err:
             self.close()
-            raise ClusterError(f"a worker could not load {sender}: {' '.join(str(err).split())[:300]}") from None
+            raise ClusterError(f"a worker could not load {sender}: {ray_cause(err)}") from None
         if len(set(held)) > 1:  # machines whose files under one name differ
             self.close()
             raise ClusterError(f"the workers hold different models under {sender!r}: {sorted(set(held))}")
@@ -235,7 +249,7 @@ class Pending:
             try:
                 done, result = self._pool.get_next_unordered()
             except self._ray.exceptions.RayError as err:
-                raise ClusterError(f"a batch failed on the cluster: {' '.join(str(err).split())[:300]}") from None
+                raise ClusterError(f"a batch failed on the cluster: {ray_cause(err)}") from None
             self._arrived[done] = result
             self._progress(self._job.answers(result))
             if self._on_arrival is not None:
