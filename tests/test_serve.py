@@ -1750,3 +1750,27 @@ def test_prompt_tokens_count_context_prefills_and_the_opening_before_passages(ht
         "model": "tiny", "messages": [{"role": "user", "content": "Where?"}], "max_tokens": 2,
         "kv_messages": [passage["id"]]}).json()
     assert _counted(http, "kvcomm:prompt_tokens_total") - start == answer["usage"]["prompt_tokens"]
+
+
+def test_a_request_queued_for_the_model_leaves_the_queue_when_its_client_leaves():
+    """The wait for the model watched only the deadline: a request whose client had gone stayed
+    queued (with its share of the decoded budget, counted as waiting) until the model came to it."""
+    import asyncio
+
+    from kvcomm.serve.worker import Job, _acquire
+
+    async def scenario() -> list:
+        lock = asyncio.Lock()
+        await lock.acquire()  # the model is busy
+        left, late = Job(timeout_s=30), Job(timeout_s=0.2)
+        waiting = asyncio.ensure_future(_acquire(lock, left))
+        await asyncio.sleep(0.1)
+        left.cancelled.set()  # its client went away
+        began = asyncio.get_running_loop().time()
+        said = [await waiting, asyncio.get_running_loop().time() - began < 1.0]
+        said.append(await _acquire(lock, late))  # nobody comes: the deadline
+        lock.release()
+        said += [await _acquire(lock, Job(timeout_s=5)), lock.locked()]  # free: held
+        return said
+
+    assert asyncio.run(scenario()) == ["disconnected", True, "deadline", None, True]

@@ -93,12 +93,14 @@ class ModelWorker:
         self.metrics.waiting.inc()
         lock = self._model_lock()
         try:
-            await asyncio.wait_for(lock.acquire(), timeout=job.remaining())
-        except TimeoutError:
-            self.metrics.cancelled.labels("deadline").inc()
-            raise ServiceRefusal(504, f"no model time within {job.timeout_s:g} s", "timeout") from None
+            stopped = await _acquire(lock, job)
         finally:
             self.metrics.waiting.dec()
+        if stopped is not None:
+            self.metrics.cancelled.labels(stopped).inc()
+            if stopped == "deadline":
+                raise ServiceRefusal(504, f"no model time within {job.timeout_s:g} s", "timeout")
+            raise ServiceRefusal(499, "the client closed the request", "client_closed_request")
         self.metrics.running.inc()
         try:
             job.check()  # abandoned while it waited: do not start
@@ -119,6 +121,26 @@ class ModelWorker:
         """``work(job)`` with the model to itself, also against another event loop's requests (model thread)."""
         with self._model:
             return work(job)
+
+
+async def _acquire(lock: asyncio.Lock, job: Job, every_s: float = 0.05) -> str | None:
+    """Waits for ``lock`` until ``job`` is cancelled or its deadline passes: None once it is held,
+    else why it was given up (``disconnected``, ``deadline``; then it is not held). Before, a
+    request whose client had left waited on in the queue, with its share of the decoded budget,
+    until the model came to it."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    while not acquiring.done():
+        if job.cancelled.is_set() or job.remaining() <= 0:
+            break
+        await asyncio.wait({acquiring}, timeout=min(every_s, job.remaining()))
+    if acquiring.done() and not acquiring.cancelled():
+        return None
+    acquiring.cancel()
+    try:
+        await acquiring
+    except asyncio.CancelledError:
+        return "disconnected" if job.cancelled.is_set() else "deadline"
+    return None  # granted while it was being given up: held, so used
 
 
 async def watch_disconnect(request: Request, job: Job, every_s: float = 0.1) -> None:
