@@ -1774,3 +1774,34 @@ def test_a_request_queued_for_the_model_leaves_the_queue_when_its_client_leaves(
         return said
 
     assert asyncio.run(scenario()) == ["disconnected", True, "deadline", None, True]
+
+
+def test_a_store_that_answers_slowly_is_healthy_and_one_that_does_not_answer_is_not():
+    """Each /healthz waited 50 ms for a fresh probe: a store 100 ms away was 'degraded' at every poll."""
+    import asyncio
+
+    from kvcomm.serve import health as health_module
+    from kvcomm.serve.health import StoreHealth
+
+    class Slow(MemoryStore):
+        delay = 0.1
+
+        def ping(self) -> None:
+            time.sleep(self.delay)
+
+    async def polls(store: Slow, count: int) -> list:
+        health, seen = StoreHealth(store, fresh_s=0.0), []
+        for _ in range(count):
+            seen.append((await health.state())["ok"])
+            await asyncio.sleep(0.15)
+        return seen
+
+    assert asyncio.run(polls(Slow(1 << 20), 4)) == [True] * 4
+    hung = Slow(1 << 20)
+    hung.delay = 1.0
+    original = health_module.SLOW_S
+    health_module.SLOW_S = 0.3
+    try:
+        assert asyncio.run(polls(hung, 4)) == [True, True, False, False]  # the last answer, then not answering
+    finally:
+        health_module.SLOW_S = original
