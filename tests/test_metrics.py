@@ -36,7 +36,8 @@ def test_a_gold_answer_of_articles_alone_is_compared_with_them_and_an_empty_one_
     # the letter A told from the article "a" by where it stands, not by its case
     for named in ("a", "A.", "(a)", "A) Paris", "The answer is (a).", "answer: a", "Option A", "the answer is a."):
         assert contains(named, ["A"]) == 1.0, named
-    for article in ("I think it is a trick question, so B", "A guess: B", "the answer is a city, B", "B"):
+    for article in ("I think it is a trick question, so B", "A guess: B", "the answer is a city, B", "B",
+                    "the answer is a bit unclear: B", "Option a lot like B"):
         assert contains(article, ["A"]) == paper_f1(article, ["A"]) == 0.0, article
     assert exact_match("a", ["A"]) == exact_match("(A)", ["A"]) == 1.0 and exact_match("answer: a", ["A"]) == 0.0
     assert exact_match("", [""]) == contains("", [""]) == paper_f1("", [""]) == 0.0
@@ -50,7 +51,11 @@ def test_every_choice_letter_scores_as_the_letter_a_does():
 
     for for_a, for_b in (("I think A", "I think B"), ("A or B", "B or A"), ("A, B, C or D", "B, A, C or D"),
                          ("(A)", "(B)"), ("Option A", "Option B"), ("A. Paris", "B. Paris"), ("A", "b"),
-                         ("The A", "The B"), ("A is correct", "B is correct")):
+                         ("The A", "The B"), ("A is correct", "B is correct"),
+                         # before, the letter A went unseen in these (gold A scored 0, gold B 1)
+                         ("A - Atlas", "B - Atlas"), ("A seems", "B seems"), ("A\nAtlas", "B\nAtlas"),
+                         ("Option A: Atlas LLC", "Option B: Atlas LLC"), ("The answer is A because", "The answer is "
+                                                                                                 "B because")):
         assert score_all(for_a, ["A"]) == score_all(for_b, ["B"]), (for_a, for_b)
     assert contains("I think A", ["A"]) == contains("I think B", ["B"]) == 1.0
     assert paper_f1("A or B", ["A"]) == paper_f1("A or B", ["B"]) == 0.0

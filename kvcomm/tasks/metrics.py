@@ -42,15 +42,20 @@ def _words(text: str) -> str:
 
 LETTER_A = re.compile(
     r"^\W*\(?a\)?\W*$"  # the answer is the letter alone: "A", "(a)", "A."
-    r"|^\W*\(?a\)?(?=[.):,;])"  # it opens the answer, marked: "A) Paris", "A. Paris"
+    r"|^\W*\(?a\)?(?=[.):,;]|\s*[-\u2013\u2014\n])"  # it opens the answer, marked: "A) Paris", "A - Paris", "A\nParis"
     r"|\(a\)"  # in parentheses anywhere: "The answer is (A)."
-    r"|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\b(?!\W*[a-z0-9])"  # "answer: a"
-    r"|\ba\b(?=\W*$|\s*[,/]|\s+(?:or|and|is|was)\b)",  # no article stands there: "I think A", "A or B", "A is it"
+    r"|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\b"  # "answer: a", "Option A: Paris",
+    r"(?!\W*[a-z0-9])|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\)?"  # "the answer is
+    r"(?=\s*[-\u2013\u2014.):;\n]|\s+because\b)"  # A because …", but not "the answer is a city"
+    r"|\ba\b(?=\W*$|\s*[,/]|\s+(?:or|and|is|was|seems)\b)",  # no article stands there: "I think A", "A or B"
     re.IGNORECASE)
 """Where an answer names the choice letter A, which is also the article "a": alone, opening the
-answer with a mark after it, in parentheses, after "answer", "option" or "choice" with nothing
-following it, or where an article cannot stand (last, or before a comma, a slash, "or", "and",
-"is" or "was"). An article ("A guess: B", "it is a trick") is none of these."""
+answer with a mark after it (a stop, a bracket, a colon, a dash, a new line), in parentheses,
+after "answer", "option" or "choice" with nothing following it or a mark or "because", or where
+an article cannot stand (last, or before a comma, a slash, "or", "and", "is", "was" or
+"seems"). An article ("A guess: B", "it is a trick", "the answer is a city") is none of these.
+The other letters are words of their own, so a letter A that is none of these (e.g. "I would go
+with A here") scores below the same answer naming B."""
 
 
 def _pair(prediction: str, gold: str) -> tuple[str, str]:
