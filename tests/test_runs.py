@@ -66,7 +66,9 @@ def test_results_record_provenance(tiny_dir, tmp_path):
     started = datetime.fromisoformat(provenance["date"])
     assert started.utcoffset().total_seconds() == 0 and abs((datetime.now(UTC) - started).total_seconds()) < 300
     assert config["alpha"] == default_alpha("llama") == report["profile"]["alpha"]  # resolved, not null
-    assert config["alpha_source"] == "profile" and config["dtype"] == "float32"
+    # made by this run's prune, which does not weigh attention (before: "profile", as if one was given)
+    assert config["alpha_source"] == "not used (prune ranks by the answer's likelihood)"
+    assert config["dtype"] == "float32"
     assert config["seeds"]["bootstrap"] == 0 and config["seeds"]["task"] is None  # read from a file
     assert "task_options" not in config  # the file says it all
     root = Path(__file__).resolve().parents[1]

@@ -381,6 +381,7 @@ class _Sources:
                  checkpoint: Checkpoint | None = None) -> None:
         self.agents, self.task, self.calib, self.config = agents, task, calib, config
         self.profile, self.progress = profile, progress  # the run's ranking (given, or its --selection's)
+        self.profile_given = profile is not None
         self.checkpoint = checkpoint
         self.others: dict[str, Profile] = {}  # rankings of other rules that methods asked for by name
         self.book: Codebook | None = None
@@ -473,9 +474,14 @@ class _Sources:
         return self.book
 
     def alpha(self) -> tuple[float, str]:
-        """The weight on attention actually used, and where it came from."""
-        if self.profile is not None:
+        """The weight on attention actually used, and where it came from: a given profile, the
+        prior's own fit, none (a search ranks by the answer), or the option or the family's default."""
+        if self.profile is not None and self.profile_given:
             return self.profile.alpha, "profile"
+        if self.profile is not None and self.profile.rule == "prior":
+            return self.profile.alpha, "fitted by prior"
+        if self.profile is not None and self.profile.rule in SEARCHES:
+            return self.profile.alpha, f"not used ({self.profile.rule} ranks by the answer's likelihood)"
         if self.config.alpha is not None:
             return self.config.alpha, "given"
         model_type = self.agents.receiver.config.model_type
