@@ -251,6 +251,16 @@ def modes_table(reports: list[dict]) -> None:
 MODE_ORDER = {"causal": 0, "padded-sink": 1, "padded-zero": 2}
 
 
+
+def ranked_on(report: dict) -> set[str]:
+    """The items any ranking of ``report`` was made on: those it held out to calibrate, and those
+    of a profile it was given (``--profile``: before, only the first were read, so a profile made
+    on test items passed as disjoint) or of every rule's profile it used."""
+    profiles = [report.get("profile") or {}, *(report.get("profiles") or {}).values()]
+    return set(report["config"].get("calibration_items") or ()).union(
+        *(profile.get("calibration_items") or () for profile in profiles))
+
+
 def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
     """Reports of the same model and task merged into one: the runs every file has (same label and
     layers), their items concatenated and every statistic computed again over them (means and
@@ -277,6 +287,7 @@ def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
             merged[key] = copy.deepcopy(report) | {"pooled_from": [name]}
             continue
         merged[key]["pooled_from"].append(name)
+        merged[key]["config"]["calibration_items"] = sorted(ranked_on(merged[key]) | ranked_on(report))
         if report["config"].get("codebook") != merged[key]["config"].get("codebook"):
             raise SystemExit(f"{' · '.join(key)}: the files used different codebooks; their items cannot be pooled")
         incoming = {run["label"]: run for run in report["runs"]}
@@ -373,7 +384,7 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
             if layers == run.get("layers"):  # the same configuration in another file: more items
                 _join(scores, _scores(report, run))
                 if kind.startswith("rule@"):  # the layers were chosen on these: no test items of theirs
-                    cell["calibrated_on"].setdefault(kind, set()).update(cfg.get("calibration_items") or ())
+                    cell["calibrated_on"].setdefault(kind, set()).update(ranked_on(report))
             else:
                 print(f"warning: {' · '.join(key[:3])}: {run['label']} in {name} shares other layers than the "
                       "first file's run of that kind; left out", file=sys.stderr)

@@ -244,6 +244,22 @@ def test_goals_judge_a_rule_on_no_item_its_layers_were_calibrated_on(capsys):
     assert row["n"] == 4 and row["verdict"] == "✓"
 
 
+def test_goals_read_the_items_of_a_given_profile_and_pooling_keeps_every_files(capsys):
+    """A run given --profile records the profile's items in ``profile``, not ``calibration_items``:
+    goals read only the latter, so a profile made on test items passed; and pooling kept the first
+    file's calibration items, so the result depended on the files' order."""
+    profiled = rule()
+    profiled["profile"] = {"rule": "prune", "calibration_items": ["i0", "i1"]}
+    assert report.ranked_on(profiled) == {"i0", "i1"}
+    row = report.goals_grid([profiled, baselines()], "prune")[0]
+    assert row["n"] == 2 and "2 item(s) the rule's layers were calibrated on left out (i0, i1)" in \
+        capsys.readouterr().err
+    plain, calibrated = rule(), facts(run("kvcomm@0.5", [1.0] * 2, start=4), calibration_items=["i0", "i1"])
+    for order in ([plain, calibrated], [calibrated, plain]):
+        merged = report.pooled([dict(f) for f in order])
+        assert set(merged[0]["config"]["calibration_items"]) == {"i0", "i1"}, order
+
+
 def test_a_cell_where_nothing_answers_is_no_goal_met_and_a_skyline_of_zero_has_no_share():
     nothing = facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@0.5", [0.0] * 4),
                     run("kvcomm@1", [0.0] * 4, fraction=1.0, layers=(0, 1, 2, 3)),
