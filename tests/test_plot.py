@@ -81,18 +81,38 @@ def test_bands_are_drawn_for_every_line_or_for_none(report, bands):
     plt.close("all")
 
 
-def test_log_axis_labels_do_not_collide(report, tmp_path):
-    fig = sweep_figure(report, x="bytes")
+def labels_shown(fig) -> list:
     fig.canvas.draw()
     ax = fig.axes[0]
     low, high = ax.get_xlim()
-    shown = [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+    return [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+
+
+def test_log_axis_labels_do_not_collide(report, tmp_path):
+    fig = sweep_figure(report, x="bytes")
+    shown = labels_shown(fig)
     assert len(shown) >= 3
     boxes = [t.get_window_extent() for t in shown]
     assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
     assert {t.get_text() for t in shown} >= {"1 kB", "1 MB"}
     plt.close(fig)
     assert plot_sweep(report, tmp_path / "p.png", x="bytes").stat().st_size > 1000
+
+
+def test_a_short_bytes_axis_and_a_series_of_one_point_are_readable():
+    """Under a decade of bytes every step 1-9 was labelled and 700 kB, 800 kB, 900 kB, 1 MB collided;
+    a series of one point (the default sweep's random@0.5) had a band of no width: no interval."""
+    runs = [run(f"kvcomm@{f:g}", "kvcomm", f, 0.3 + f / 4, 1e6 * f) for f in (0.7, 0.8, 0.9, 1.0)]
+    runs.append(run("random@0.5", "random", 0.5, 0.3, 5e5))
+    short = Report(config={"metric": "paper_f1", "task": "t", "receiver": "m", "test_items": 10}, environment={},
+                   profile=None, runs=runs)
+    fig = sweep_figure(short, x="bytes")
+    shown = labels_shown(fig)
+    assert len(shown) >= 2
+    assert not any(a.overlaps(b) for a, b in itertools.combinations([t.get_window_extent() for t in shown], 2))
+    bars = [c for c in fig.axes[0].collections if not isinstance(c, PolyCollection)]
+    assert len(bars) == 1 and bars[0].get_segments()[0][:, 1].tolist() == pytest.approx([0.2, 0.4])
+    plt.close("all")
 
 
 def test_byte_labels():

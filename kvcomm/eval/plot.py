@@ -125,11 +125,16 @@ def sweep_figure(report: Report, metric: str | None = None, x: str = "fraction",
 
 def _line(ax: Axes, name: str, points: list[Point], style: Style, drawn: dict[tuple[float, ...], str],
           shade: float) -> None:
-    """One series as a line with markers and, if ``shade`` > 0, its 95% band at that opacity."""
+    """One series as a line with markers and, if ``shade`` > 0, its 95% band at that opacity (a
+    series of one point, e.g. ``random@0.5``, has an error bar: a band of no width is not seen)."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     ax.plot(xs, ys, marker=style.marker, markersize=style.size, color=style.color, linewidth=1.5, clip_on=False,
             label=name + _twin(drawn, tuple(xs + ys), name))
-    if shade > 0:
+    if shade > 0 and len(points) == 1:
+        (low, high), y = points[0][2], ys[0]
+        ax.errorbar(xs, ys, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], fmt="none", ecolor=style.color,
+                    elinewidth=1.2, capsize=4, clip_on=False)
+    elif shade > 0:
         ax.fill_between(xs, [p[2][0] for p in points], [p[2][1] for p in points], color=style.color, alpha=shade,
                         linewidth=0)
 
@@ -162,7 +167,8 @@ def _bytes_axis(ax: Axes, low: float, high: float) -> None:
     ax.set_xscale("log")
     ax.set_xlim(low / 1.6, high * 1.6)
     decades = math.log10(ax.get_xlim()[1] / ax.get_xlim()[0])
-    subs = (1.0,) if decades >= 2.5 else (1.0, 2.0, 5.0) if decades >= 1.0 else tuple(float(s) for s in range(1, 10))
+    # every step 1-9 only where the axis spans well under a decade (their labels collide near its end)
+    subs = (1.0,) if decades >= 2.5 else (1.0, 2.0, 5.0) if decades >= 0.6 else tuple(float(s) for s in range(1, 10))
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: byte_label(value)))
     ax.xaxis.set_minor_formatter(NullFormatter())
