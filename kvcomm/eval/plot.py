@@ -132,7 +132,7 @@ def _line(ax: Axes, name: str, points: list[Point], style: Style, drawn: dict[tu
             label=name + _twin(drawn, tuple(xs + ys), name))
     if shade > 0 and len(points) == 1:
         (low, high), y = points[0][2], ys[0]
-        ax.errorbar(xs, ys, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], fmt="none", ecolor=style.color,
+        ax.errorbar(xs, ys, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], fmt="none", color=style.color,
                     elinewidth=1.2, capsize=4, clip_on=False)
     elif shade > 0:
         ax.fill_between(xs, [p[2][0] for p in points], [p[2][1] for p in points], color=style.color, alpha=shade,
