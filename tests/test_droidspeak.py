@@ -248,6 +248,32 @@ def test_droidspeak_refusals(twins):
         run(twins, [make_method("droidspeak", block=(0, 4))], items=1)
 
 
+def test_a_pair_whose_hidden_states_differ_in_width_is_refused_before_any_prefill(monkeypatch):
+    """The pair's check compares KV layouts only: a receiver twice as wide (same layers, KV heads and
+    head size) passed it, and profiling ended in a raw torch error on the hidden states' width."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kvcomm import Agents, make_method
+    from kvcomm.models.loading import LoadedModel
+    from kvcomm.selection.blocks import profile_blocks
+    from tests.conftest import tiny_loaded, tiny_tokenizer
+
+    narrow = tiny_loaded("llama")
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024)
+    config._attn_implementation = "kvcomm"
+    wide = LoadedModel(name="tiny-wide", model=AutoModelForCausalLM.from_config(config).eval(),
+                       tokenizer=tiny_tokenizer())
+    pair = Agents(narrow, wide)  # the KV layouts match
+    monkeypatch.setattr("kvcomm.eval.batch.Batch.sender_kv_with_hidden",
+                        lambda *a, **k: pytest.fail("the sender prefilled first"))
+    said = "the sender's are 32 wide and the receiver's 64"
+    with pytest.raises(ConfigError, match=said):
+        run(pair, [make_method("droidspeak", block=(1, 3))], items=1)
+    with pytest.raises(ConfigError, match=said):
+        profile_blocks(pair, multihop(2), multihop(2).items, progress=False)
+
+
 def test_left_out_layers_are_refused_where_they_cannot_be_used():
     from kvcomm.wire import KVMessage
 

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import greedy_generate, receiver_input
-from kvcomm.protocol.droidspeak import check_block, recompute_block, send_block
+from kvcomm.protocol.droidspeak import check_block, check_hidden_widths, recompute_block, send_block
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, Pick, max_block
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class DroidSpeak(Method):
         assert self._block is not None
         start, stop = self._block
         receiver = batch.agents.receiver
+        check_hidden_widths(batch.agents.sender.model, receiver.model)  # before the sender's prefill
         sender = batch.sender_kv_with_hidden([start])
         sent = send_block(sender, start, stop)
         shared, sizes = (sent, sent.sent_bytes.tolist()) if self._codec is None else \

@@ -25,6 +25,19 @@ from kvcomm.protocol.sender import SenderKV, cache_tensors, run_body
 from kvcomm.protocol.shared import SharedKV
 
 
+def check_hidden_widths(sender: PreTrainedModel, receiver: PreTrainedModel) -> None:
+    """DroidSpeak hands the receiver the sender's hidden state: both must be as wide (two models
+    may share a KV layout, which is all the pair's compatibility check compares, and differ here).
+
+    Raises:
+        ConfigError: naming both widths.
+    """
+    widths = [int(model.config.get_text_config().hidden_size) for model in (sender, receiver)]
+    if widths[0] != widths[1]:
+        raise ConfigError(f"droidspeak hands the receiver the sender's hidden states: the sender's are {widths[0]} "
+                          f"wide and the receiver's {widths[1]} (their KV layouts match, their hidden states do not)")
+
+
 def check_block(start: int, stop: int, num_layers: int) -> None:
     """Refuses a block outside ``0 <= start <= stop <= num_layers`` (``start == stop``: none)."""
     if not 0 <= start <= stop <= num_layers:

@@ -38,7 +38,7 @@ from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile, read_json
 from kvcomm.protocol import SenderKV, SharedKV, greedy_generate, prefill, prefill_logits, receiver_input
-from kvcomm.protocol.droidspeak import block_kv
+from kvcomm.protocol.droidspeak import block_kv, check_hidden_widths
 from kvcomm.selection.calibrate import Profile
 from kvcomm.selection.likelihood import answer_ids, rows_loglik
 from kvcomm.tasks.base import Item, Task
@@ -190,6 +190,7 @@ def profile_blocks(
         raise ConfigError(f"unknown block objective {objective!r}; valid: own, gold")
     if not items:
         raise DataError("profiling blocks needs at least one item")
+    check_hidden_widths(agents.sender.model, agents.receiver.model)
     num_layers = agents.num_layers
     cap = max_block(num_layers, max_recompute)
     blocks = candidate_blocks(num_layers, cap)
