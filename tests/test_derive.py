@@ -51,6 +51,9 @@ def test_a_derived_model_is_saved_with_its_card_and_is_reproducible(tiny_dir, ca
     assert rates == pytest.approx([card.learning_rate * f for f in (1.0, 1.0, 0.55)])  # lr_factor
     assert derived_names() == ["tiny-terse"] and load_card("tiny-terse") == card
     assert card.base == str(tiny_dir) and card.steps == 3 and len(card.losses) == 3 and card.trainable_parameters > 0
+    # what bit-identical weights need, and the base where it was (a relative path meant nothing elsewhere)
+    assert card.extra == {"torch_threads": torch.get_num_threads(), "device": "cpu",
+                          "base_path": str(tiny_dir.resolve())}
     assert card.data_sha256 == data_sha256(make_examples(RECIPES.get("terse"), 8, 0))
     first = weights("tiny-terse")
     base = load_file(str(next(tiny_dir.glob("*.safetensors"))))
@@ -234,3 +237,23 @@ def test_forgetting_a_derived_model_drops_it_loaded_by_name_and_by_path(cache, m
     monkeypatch.setattr(loading, "_LOADED", dict(kept))
     loading.forget_loaded("mine", folder)
     assert list(loading._LOADED) == [("other", "float32", "dense")]
+
+
+def test_a_loss_that_turns_not_finite_stops_the_derive_and_saves_nothing(tiny_dir, cache, monkeypatch):
+    """A diverging fine-tune was saved with NaN weights and a card that could not be read back."""
+    from kvcomm.errors import ModelError
+    from kvcomm.models import derive as derive_module
+
+    real = derive_module._loss
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 2 else loss
+
+    monkeypatch.setattr(derive_module, "_loss", diverging)
+    options = DeriveOptions(recipe="terse", steps=3, examples=8, batch_size=2, max_tokens=2048)
+    with pytest.raises(ModelError, match="the loss is nan at step 2 of 3; nothing was saved"):
+        derive("tiny-nan", str(tiny_dir), options, progress=False)
+    assert derived_names() == []

@@ -73,7 +73,8 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
     Raises:
         ConfigError: a bad or taken name (unless ``overwrite``: a derived model, or any other file
             or folder at its place in the cache), an unknown recipe.
-        ModelError: the base cannot be loaded, or has no tokens to learn from.
+        ModelError: the base cannot be loaded, or has no tokens to learn from, or training's loss
+            turned not finite (nothing is saved).
     """
     check_name(name)
     if name in EMBEDDED:
@@ -87,7 +88,7 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         raise ConfigError(f"{target} exists and is not a derived model ({what}); choose another name, move it "
                           "away, or pass --overwrite to delete it and save the variant there")
     recipe = RECIPES.get(options.recipe)
-    resolve_model(base)
+    source = resolve_model(base)
     try:
         from peft import LoraConfig, get_peft_model  # imported here: only deriving needs it
     except ImportError:
@@ -120,6 +121,9 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):  # before, saved with NaN weights and a card no one could read
+                raise ModelError(f"deriving {name}: the loss is {losses[-1]} at step {step + 1} of {steps}; nothing "
+                                 f"was saved (a lower learning rate, --lr, may train)")
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - began
     merged = tuned.merge_and_unload()
@@ -131,6 +135,10 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         data_sha256=data_sha256(examples), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
         losses=[round(value, 5) for value in losses], seconds=round(seconds, 2), trainable_parameters=trainable,
         created=datetime.now(UTC).isoformat(timespec="seconds"), versions=_versions(),
+        # the same weights bit for bit need the same thread count (torch's sums split by thread); a
+        # base given as a folder or file is recorded where it was, not as typed
+        extra={"torch_threads": torch.get_num_threads(), "device": "cpu",
+               **({"base_path": str(source.path)} if source.path is not None and source.kind != "derived" else {})},
     )
     _save(name, merged, tokenizer, card, overwrite)
     forget_loaded(name, target)  # a model loaded under this name (or its path) before is not this one
