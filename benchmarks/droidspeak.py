@@ -162,8 +162,11 @@ def main() -> None:
     parser.add_argument("--one-way", action="store_true", help="only A→B")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    a, b = args.pair.split(",")
+    if len(pair := args.pair.split(",")) != 2 or not all(pair):
+        parser.error(f"--pair is two models, SENDER,RECEIVER (names, folders or files), not {args.pair!r}")
+    a, b = pair
     from kvcomm.errors import ModelError
+    from kvcomm.eval.outputs import safe_name
     from kvcomm.models.source import resolve_model
 
     for name in (a, b):  # before any work: a variant not derived here yet
@@ -188,10 +191,11 @@ def main() -> None:
                               f"{label} {v['ttft_s'] * 1000:.0f} ms ({v['speedup']:.2f}×, {v['message_bytes']:,} B)"
                               for label, v in t.items() if isinstance(v, dict)), markup=False)
         results["directions"].append(direction)
-        plot = args.out.with_name(f"{args.out.stem}-blocks-{sender}-to-{receiver}.png")
-        plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plot, args.tolerance)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each direction: partial results survive
+        # a pair given as folders names its plot by the models' names, not their paths (a '/' in the name failed)
+        plot = args.out.with_name(f"{args.out.stem}-blocks-{safe_name(sender)}-to-{safe_name(receiver)}.png")
+        plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plot, args.tolerance)
     console.print(f"results: {args.out}", markup=False)
 
 
