@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, KVMessage, evaluate, load_model, load_task, make_method  # noqa: E402
+from kvcomm.errors import KvcommError  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
 from kvcomm.protocol import (  # noqa: E402
     concat_shared,
@@ -131,7 +132,10 @@ def run_quality(args: argparse.Namespace) -> None:
         sys.exit("error: --deviations lists the signals run besides values (values runs at every ratio)")
     if (args.filler or args.distractor_kind != "pairs") and args.tasks != "multihop":
         print("note: --filler and --distractor-kind apply to the multihop task only", file=sys.stderr)
-    quality_methods(args.pieces, args.layout, ratios, deviations)  # every bad option refused before the model loads
+    try:  # every bad option refused before the model loads, in one line
+        quality_methods(args.pieces, args.layout, ratios, deviations)
+    except KvcommError as err:
+        sys.exit(f"error: {err}")
     agents = Agents.load(args.model)
     console = Console(width=200)
     reports = []
@@ -214,10 +218,16 @@ def measure(model, tokens: int, question: list[int], recompute: float, runs: int
 
 
 def run_ttft(args: argparse.Namespace) -> None:
+    if not 0 <= args.recompute <= 1:  # before, refused inside blend, after the full recompute's timing
+        sys.exit(f"error: --recompute is a fraction of the context's tokens, 0 to 1, not {args.recompute:g}")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        sys.exit(f"error: --lengths must be token counts separated by commas, not {args.lengths!r}")
     record = run_record(args)
     model = load_model(args.model)
     question = model.encode_message("Which country does Omar live in? Answer with the country name only.")
-    rows = [measure(model, int(n), question, args.recompute, args.runs) for n in args.lengths.split(",")]
+    rows = [measure(model, n, question, args.recompute, args.runs) for n in lengths]
     table = Table(title=f"receiver TTFT · {args.model} · 4 pieces · median of {args.runs}")
     for column in rows[0]:
         table.add_column(column, justify="right")
