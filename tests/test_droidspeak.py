@@ -208,6 +208,13 @@ def test_a_variant_pair_is_profiled_written_and_used(variants, tmp_path):
     assert label == f"droidspeak[{chosen.start}:{chosen.stop}]"
     assert result.details["profiled"]["within_tolerance"] == chosen.within_tolerance
     assert "droidspeak@0.5" in report.profiles
+    # a cap of other fraction but the same layers reads it (before, profiled again); a --block reads
+    # none (before, the profile was listed as used)
+    narrow = profile_blocks(variants, task, task.items[-1:], max_recompute=0.3, progress=False)  # 1 layer of 4
+    _, report = run(variants, [make_method("droidspeak", max_recompute=0.45, tolerance=0.1)], blocks=narrow)
+    assert list(report.profiles) == ["droidspeak@0.3"]
+    _, report = run(variants, [make_method("droidspeak", block=(1, 2))], blocks=loaded)
+    assert "droidspeak@0.5" not in report.profiles
 
 
 def test_the_block_pick_prefers_fewest_layers_within_tolerance():

@@ -31,7 +31,7 @@ from kvcomm.eval.provenance import code_version, data_record, method_seeds, prof
 from kvcomm.eval.results import BOOTSTRAP_SEED, ItemResult, Report, RunResult, environment, summarize
 from kvcomm.methods.base import Calibration, Method, Output, Setup, check_depths
 from kvcomm.models.allocator import release_freed_memory
-from kvcomm.selection.blocks import BlockProfile, profile_blocks
+from kvcomm.selection.blocks import BlockProfile, max_block, profile_blocks
 from kvcomm.selection.calibrate import (
     AUTO_MIN_ITEMS,
     DEFAULT_RULE,
@@ -387,6 +387,7 @@ class _Sources:
         self.book: Codebook | None = None
         self.block_profiles: dict[float, BlockProfile] = {}  # by the cap on the recomputed fraction
         self.given_blocks = blocks
+        self.given_blocks_used = False  # recorded among the run's profiles only where a method read it
 
     def ranking(self, rule: str | None = None, pieces: Pieces | None = None) -> list[int]:
         """The run's ranking (the given profile's, or its ``--selection``'s, calibrated once), or
@@ -429,8 +430,12 @@ class _Sources:
 
     def blocks(self, max_recompute: float) -> BlockProfile:
         """DroidSpeak blocks of at most ``max_recompute`` of the layers, profiled once per cap (a
-        given block profile serves every cap up to its own)."""
-        if self.given_blocks is not None and self.given_blocks.max_recompute >= max_recompute:
+        given block profile serves every cap up to its own, compared in layers: 0.2 and 0.25 of 4
+        layers are both blocks of one layer)."""
+        layers = self.agents.num_layers
+        if self.given_blocks is not None and \
+                max_block(layers, self.given_blocks.max_recompute) >= max_block(layers, max_recompute):
+            self.given_blocks_used = True
             return self.given_blocks
         if max_recompute not in self.block_profiles:
             if not self.calib:
@@ -456,7 +461,7 @@ class _Sources:
         out: dict[str, Any] = {rule: profile.model_dump() for rule, profile in used.items()}
         for cap, blocks in self.block_profiles.items():
             out[_blocks_name(cap)] = blocks.model_dump()
-        if self.given_blocks is not None:
+        if self.given_blocks is not None and self.given_blocks_used:  # a --block or another method's run: unread
             out[_blocks_name(self.given_blocks.max_recompute)] = self.given_blocks.model_dump()
         return out
 
