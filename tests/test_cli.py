@@ -72,6 +72,7 @@ def test_calibrate_writes_a_profile(tiny_dir, tmp_path):
     assert sorted(written["ranking"]) == [0, 1, 2, 3]
     made = written["details"]["provenance"]  # what made it, as a results file records
     assert made["command"].startswith("kvcomm calibrate") and made["dtype"] == "float32" and "kvcomm" in made["code"]
+    assert made["data"] is None  # a generated task; a file's path and sha256 otherwise
 
 
 def test_calibrate_keeps_a_profile_that_appeared_while_it_ran(tiny_dir, tmp_path, monkeypatch):

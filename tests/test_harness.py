@@ -11,6 +11,7 @@ from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, make_
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval import Report
 from kvcomm.eval.memory import item_bytes, plan_batches, rss_bytes
+from kvcomm.eval.provenance import data_record
 from kvcomm.protocol import empty_input, greedy_generate
 from kvcomm.selection import Profile
 from kvcomm.selection.calibrate import DEFAULT_RULE
@@ -63,6 +64,28 @@ def test_profile_calibrated_on_test_items_is_refused(agents):
     with pytest.raises(ConfigError, match="calibrated on test items"):
         evaluate(agents, task, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
                  progress=False)
+
+
+def test_a_profile_made_on_another_data_file_of_the_same_task_name_is_refused(agents, tmp_path):
+    """A jsonl task is named after its file and its ids are line numbers: a profile calibrated on
+    lines of one mine.jsonl was taken for another mine.jsonl whose test items held those contexts."""
+    import json
+
+    rows = [{"context": f"Person {n} lives in City {n}.", "question": f"Where does person {n} live?",
+             "answers": [f"City {n}"]} for n in range(6)]
+    for folder, order in (("a", rows), ("b", rows[::-1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in order))
+    made_on = load_task("jsonl", str(tmp_path / "a" / "mine.jsonl"))
+    profile = calibrate(agents, made_on, made_on.items[-2:], progress=False)
+    profile.details["provenance"] = {"data": data_record(made_on)}  # as kvcomm calibrate records it
+    other = load_task("jsonl", str(tmp_path / "b" / "mine.jsonl"))
+    with pytest.raises(ConfigError, match="calibrated on mine items of another data file"):
+        evaluate(agents, other, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
+                 progress=False)
+    report = evaluate(agents, made_on, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
+                      progress=False)
+    assert report.runs[0].n == 4
 
 
 def test_a_profile_of_items_made_with_other_options_is_refused(agents):

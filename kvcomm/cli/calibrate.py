@@ -38,7 +38,7 @@ from kvcomm.eval import EvalConfig
 from kvcomm.eval.harness import check_calibration, check_prior_given
 from kvcomm.eval.outputs import safe_name
 from kvcomm.eval.plot_profiles import plot_blocks
-from kvcomm.eval.provenance import code_version, utc_now
+from kvcomm.eval.provenance import code_version, data_record, utc_now
 from kvcomm.models import DEFAULT_MODEL, resolve_model
 from kvcomm.selection import calibrate, format_layers, layer_count
 from kvcomm.selection.blocks import DEFAULT_BLOCK_TOLERANCE, DEFAULT_MAX_RECOMPUTE, profile_blocks
@@ -104,7 +104,7 @@ def calibrate_command(
                             progress=not quiet, rule=config.selection, tolerance=tolerance,
                             objective=config.objective, pieces=pieces)
     profile.details["provenance"] = {"command": command_line(), "date": utc_now(), "code": code_version(),
-                                     "dtype": dtype}  # what made it, as a results file records
+                                     "dtype": dtype, "data": data_record(the_task)}  # as a results file records
     profile.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     cost = profile.cost
     spent = f"{cost.get('seconds', 0):.0f} s, {cost.get('forwards_per_item', 0):.0f} forwards per item"

@@ -282,6 +282,12 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"the profile was calibrated on {task.name} items made with {said}, this run's are made "
                           f"with {ours}: the same ids name other items; calibrate on these (kvcomm calibrate "
                           "--task-option …) or run without this profile (--profile)")
+    made_on = (profile.details.get("provenance") or {}).get("data") if isinstance(profile, Profile) else None
+    if made_on and (here := data_record(task)) is not None and made_on.get("sha256") != here["sha256"]:
+        raise ConfigError(f"the profile was calibrated on {task.name} items of another data file "
+                          f"({made_on.get('path')}, sha256 {str(made_on.get('sha256'))[:12]}…; this run's "
+                          f"{here['sha256'][:12]}…): the same ids name other items; calibrate on this file or run "
+                          "without this profile (--profile)")
     if leaked := {item.id for item in test}.intersection(profile.calibration_items):
         raise ConfigError(f"profile was calibrated on test items: {sorted(leaked)[:5]}")
     if num_layers is not None and profile.num_layers != num_layers:
