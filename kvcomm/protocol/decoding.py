@@ -13,14 +13,16 @@ from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.sender import check_rows, run_body
 
 
-def check_budget(max_new_tokens: object) -> int:
-    """``max_new_tokens`` if it is an answer budget: a whole number of at least 1.
+def check_budget(max_new_tokens: object, least: int = 1) -> int:
+    """``max_new_tokens`` if it is an answer budget: a whole number of at least ``least`` (0 where
+    a prompt's KV alone is wanted: :func:`~kvcomm.protocol.reply.generate_turn`).
 
     Raises:
         ConfigError: anything else (before, ``"5"`` failed in arithmetic and ``-1`` gave empty replies).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least 1, not {max_new_tokens!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < least:
+        raise ConfigError(f"max_new_tokens (the answer budget) is a whole number of at least {least}, not "
+                          f"{max_new_tokens!r}")
     return int(max_new_tokens)
 
 

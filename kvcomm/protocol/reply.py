@@ -45,7 +45,7 @@ def generate_turn(model: PreTrainedModel, start: ReceiverInput, input_ids: torch
     """Prefills ``input_ids`` (``[B, T]``, left-padded) on ``start``, decodes greedily, and returns the
     replies with the KV of each row's prompt and reply (see the module docstring). ``on_step``,
     ``prefill_chunk`` and ``check`` work as in :func:`~kvcomm.protocol.decoding.greedy_generate`."""
-    check_budget(max_new_tokens)
+    check_budget(max_new_tokens, least=0)  # 0: the prompt's KV alone (a graph's text segments)
     began = time.perf_counter()
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
