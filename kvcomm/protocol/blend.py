@@ -101,9 +101,13 @@ def _chosen(fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, o
 
 def rounding_noise(dtype: torch.dtype) -> float:
     """The share of a token's own squared KV norm below which its squared deviation is taken for
-    float rounding (the token computed the same way twice, in another batch shape): a deviation
-    of 4 units in the last place of ``dtype``, in norm (2e-13 in float32, 1e-3 in bfloat16)."""
-    return float((4 * torch.finfo(dtype).eps) ** 2)
+    float rounding (the token computed the same way twice, in another batch shape or thread
+    count): a deviation of 256 units in the last place in float32 (3e-5 of its norm; on two
+    threads tokens that see no other piece deviated by up to 6, which 4 took for deviations) and
+    of 4 in 16-bit dtypes (3e-2 in bfloat16), in norm. Tokens that read another piece deviate by
+    1e-1 of their norm and more."""
+    info = torch.finfo(dtype)
+    return float(((4 if info.bits <= 16 else 256) * info.eps) ** 2)
 
 
 def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float,
