@@ -115,7 +115,11 @@ class DiskStore:
                 raise StoreFull(f"message of {len(data)} bytes does not fit the store's {self.max_bytes} bytes "
                                 f"beside its index ({floor} bytes when empty)")
             self._cache.expire()  # what is past its time to live goes before anything live
-            while self._cache.volume() + len(data) + ROW_SLACK > self.max_bytes and (key := oldest()) is not None:
+            replaced = self._cache._sql(  # what this id holds now goes with the write: no room to make for it
+                "SELECT COALESCE(SUM(CASE WHEN value IS NULL THEN size ELSE length(value) END), 0) FROM Cache "
+                "WHERE key = ? AND raw = 1", (message_id,)).fetchone()[0]
+            while self._cache.volume() - replaced + len(data) + ROW_SLACK > self.max_bytes and \
+                    (key := oldest()) is not None:
                 self._cache.delete(key)  # room first, one message at a time (the index counts: SQLite's pages)
             self._cache.set(message_id, bytes(data), expire=self.ttl_s)
             while self._cache.volume() > self.max_bytes:  # the index grew more than ROW_SLACK: rare
