@@ -313,5 +313,9 @@ def test_a_workers_error_is_reported_by_its_cause_not_rays_header():
 
     header = "\x1b[36mray::_Worker.run()\x1b[39m (pid=4242, actor_id=abc, repr=<_Worker object>) " + "^" * 600
     assert ray_cause(TaskError(header)) == "ValueError: batch blew up"
-    plain = ray_cause(RuntimeError(header))  # no cause (an actor that died): Ray's text, without colour codes
+    plain = ray_cause(RuntimeError(header))  # no cause, no traceback: Ray's text, without colour codes
     assert plain.startswith("ray::_Worker.run() (pid=4242") and "\x1b" not in plain and len(plain) == 500
+    died = ("The actor died because of an error raised in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m "
+            "(pid=7, repr=<_Worker>)\n  File \"loading.py\", line 10, in load\n    raise OSError(name)\n"
+            "OSError: broken is not a model folder\n")  # an ActorDiedError: no cause, the error at the end
+    assert ray_cause(RuntimeError(died)) == "OSError: broken is not a model folder"

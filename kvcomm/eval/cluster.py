@@ -45,6 +45,7 @@ Work = tuple[int, list[Item], Any]  # a batch's index, its items, what the job n
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")  # "OSError: …" in a traceback
 
 
 def ray_cause(err: BaseException, limit: int = 500) -> str:
@@ -52,7 +53,12 @@ def ray_cause(err: BaseException, limit: int = 500) -> str:
     opens with a coloured ``ray::_Worker.run()`` header, its pid and the actor's repr, which hid it
     within the first 300 characters), else Ray's message, without colour codes."""
     cause = getattr(err, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:  # an actor that died in its creation (a model it could not load): the traceback's last error line
+        lines = _ANSI.sub("", str(err)).splitlines()
+        raised = [line.strip() for line in lines if _RAISED.match(line.strip())]
+        text = raised[-1] if raised else str(err)
     line = " ".join(_ANSI.sub("", text).split())
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
