@@ -1775,6 +1775,20 @@ def test_a_request_queued_for_the_model_leaves_the_queue_when_its_client_leaves(
 
     assert asyncio.run(scenario()) == ["disconnected", True, "deadline", None, True]
 
+    async def cancelled_while_waiting() -> bool:  # the request's own task cancelled (a timeout around it)
+        lock = asyncio.Lock()
+        await lock.acquire()
+        waiting = asyncio.ensure_future(_acquire(lock, Job(timeout_s=30)))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        lock.release()
+        await asyncio.sleep(0.05)
+        return lock.locked()  # before, its acquire went on and took the lock for no one
+
+    assert asyncio.run(cancelled_while_waiting()) is False
+
 
 def test_a_store_that_answers_slowly_is_healthy_and_one_that_does_not_answer_is_not():
     """Each /healthz waited 50 ms for a fresh probe: a store 100 ms away was 'degraded' at every poll."""

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -129,18 +129,31 @@ async def _acquire(lock: asyncio.Lock, job: Job, every_s: float = 0.05) -> str |
     request whose client had left waited on in the queue, with its share of the decoded budget,
     until the model came to it."""
     acquiring = asyncio.ensure_future(lock.acquire())
-    while not acquiring.done():
-        if job.cancelled.is_set() or job.remaining() <= 0:
-            break
-        await asyncio.wait({acquiring}, timeout=min(every_s, job.remaining()))
+    try:
+        while not acquiring.done():
+            if job.cancelled.is_set() or job.remaining() <= 0:
+                break
+            await asyncio.wait({acquiring}, timeout=min(every_s, job.remaining()))
+    except asyncio.CancelledError:  # this request's own task was cancelled: the lock is not left held
+        await _give_up(lock, acquiring)
+        raise
     if acquiring.done() and not acquiring.cancelled():
         return None
-    acquiring.cancel()
+    if await _give_up(lock, acquiring, keep=True):
+        return None  # granted while it was being given up: held, so used
+    return "disconnected" if job.cancelled.is_set() else "deadline"
+
+
+async def _give_up(lock: asyncio.Lock, acquiring: asyncio.Future[Literal[True]], keep: bool = False) -> bool:
+    """Stops waiting for ``lock``; whether it was granted meanwhile (then, unless ``keep``, released)."""
+    acquiring.cancel()  # a future already granted stays granted: awaiting it then gives True
     try:
         await acquiring
     except asyncio.CancelledError:
-        return "disconnected" if job.cancelled.is_set() else "deadline"
-    return None  # granted while it was being given up: held, so used
+        return False
+    if not keep:
+        lock.release()
+    return True
 
 
 async def watch_disconnect(request: Request, job: Job, every_s: float = 0.1) -> None:
