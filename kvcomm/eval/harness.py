@@ -489,9 +489,10 @@ class _Sources:
         prior's own fit, none (a search ranks by the answer), or the option or the family's default."""
         if self.profile is not None and self.profile_given:
             return self.profile.alpha, "profile"
-        if self.profile is not None and self.profile.rule == "prior":
+        weighed = any(other.rule == "paper" for other in self.others.values())  # kvcomm~paper beside prune
+        if self.profile is not None and self.profile.rule == "prior" and not weighed:
             return self.profile.alpha, "fitted by prior"
-        if self.profile is not None and self.profile.rule in SEARCHES:
+        if self.profile is not None and self.profile.rule in SEARCHES and not weighed:
             return self.profile.alpha, f"not used ({self.profile.rule} ranks by the answer's likelihood)"
         if self.config.alpha is not None:
             return self.config.alpha, "given"
