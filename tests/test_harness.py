@@ -86,6 +86,15 @@ def test_a_profile_made_on_another_data_file_of_the_same_task_name_is_refused(ag
     report = evaluate(agents, made_on, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=4, calib_size=0), profile,
                       progress=False)
     assert report.runs[0].n == 4
+    # a results file given as the profile carries its data file too (before, only calibrate's did)
+    from kvcomm.selection.blocks import read_profile
+
+    ran = evaluate(agents, made_on, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=3, calib_size=2),
+                   progress=False)
+    ran.save(tmp_path / "results.json")
+    with pytest.raises(ConfigError, match="calibrated on mine items of another data file"):
+        evaluate(agents, other, build_methods(["kvcomm"], [0.5]), EvalConfig(limit=3, calib_size=0),
+                 read_profile(tmp_path / "results.json"), progress=False)
 
 
 def test_a_profile_of_items_made_with_other_options_is_refused(agents):

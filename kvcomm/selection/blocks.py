@@ -122,6 +122,16 @@ class BlockProfile(JsonFile):
                 for n, b in sorted(best.items())]
 
 
+def _with_data(profile: Any, config: Any) -> Any:
+    """A results file's profile with the file's data record as its provenance's (as ``kvcomm
+    calibrate`` records it), so that it is refused for another data file of the same task too."""
+    if not isinstance(profile, dict) or not isinstance(config, dict) or not config.get("data"):
+        return profile
+    details = dict(profile.get("details") or {})
+    details["provenance"] = {**(details.get("provenance") or {}), "data": config["data"]}
+    return {**profile, "details": details}
+
+
 def read_profile(path: str | Path) -> Profile | BlockProfile:
     """A layer ranking or a block profile, told apart by the block profile's ``kind``; or the
     ranking of a results file (``kvcomm eval``/``sweep`` output), so that a run's calibration is
@@ -135,7 +145,7 @@ def read_profile(path: str | Path) -> Profile | BlockProfile:
         if not isinstance(raw.get("profile"), dict):
             raise DataError(f"results {path} hold no layer ranking (none of its methods needed one); "
                             "calibrate one with `kvcomm calibrate`")
-        raw = raw["profile"]
+        raw = _with_data(raw["profile"], raw["config"])
     if isinstance(raw, dict) and raw.get("kind") == "droidspeak":
         return BlockProfile.from_json_value(raw, path)
     return Profile.from_json_value(raw, path)
@@ -152,7 +162,7 @@ def read_ranking(path: str | Path, rule: str | None = None) -> Profile:
     if rule is not None:
         raw = read_json(path, "profile")
         if isinstance(raw, dict) and isinstance(raw.get("profiles"), dict) and rule in raw["profiles"]:
-            return Profile.from_json_value(raw["profiles"][rule], path)
+            return Profile.from_json_value(_with_data(raw["profiles"][rule], raw.get("config")), path)
     profile = read_profile(path)
     if rule is not None and isinstance(profile, Profile) and profile.rule != rule:
         raise DataError(f"{path} holds no {rule} ranking (its ranking is by the {profile.rule} rule)")
