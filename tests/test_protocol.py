@@ -489,6 +489,15 @@ def test_cache_surgery_takes_the_transformers_model_and_says_so():
     for mode in ("causal", "shift-back"):
         with pytest.raises(ConfigError, match="a transformers model .a LoadedModel: pass its .model."):
             build_receiver_input(loaded, kv, [1], mode)
+    from kvcomm.protocol import concat_shared, share, splice
+    from kvcomm.protocol.blend import blend
+    from kvcomm.protocol.reply import rebase
+
+    shared = share(loaded.model, kv, range(4))
+    for given in (lambda: concat_shared(loaded, [shared, shared]), lambda: splice(loaded, [shared, shared]),
+                  lambda: rebase(loaded, kv), lambda: blend(loaded, shared, 0.5)):
+        with pytest.raises(ConfigError, match="pass its .model"):
+            given()
 
 
 def layer_lengths(model) -> tuple[list, list]:

@@ -41,7 +41,7 @@ from transformers import DynamicCache, PreTrainedModel
 from kvcomm.errors import ConfigError, WireError
 from kvcomm.protocol.hidden import only_layers
 from kvcomm.protocol.layout import AttentionLayout
-from kvcomm.protocol.sender import cache_tensors, run_body
+from kvcomm.protocol.sender import cache_tensors, check_model_argument, run_body
 from kvcomm.protocol.shared import SharedKV
 
 Deviation = Literal["keys", "values", "both"]
@@ -194,6 +194,7 @@ def blend(model: PreTrainedModel, joined: SharedKV, recompute: float, check_laye
         ConfigError: no token ids, a mask mode other than causal, no full layer at or after the
             check layer, or an option out of range.
     """
+    check_model_argument(model)
     if (refusal := unblendable(joined.token_ids is not None, [joined.mode], joined.full, check_layer)) is not None:
         raise ConfigError(refusal[1])
     if not 0.0 <= recompute <= 1.0 or deviation not in DEVIATIONS:

@@ -23,7 +23,7 @@ from kvcomm.protocol.decoding import check_budget, chunked_prefill
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.receiver import ReceiverInput
 from kvcomm.protocol.rope import inverse_frequencies, rotate_keys
-from kvcomm.protocol.sender import SenderKV, cache_tensors, run_body
+from kvcomm.protocol.sender import SenderKV, cache_tensors, check_model_argument, run_body
 from kvcomm.protocol.shared import SharedKV, share
 
 
@@ -93,6 +93,7 @@ def rebase(model: PreTrainedModel, kv: SenderKV) -> SenderKV:
     """Each row moved to start at position 0 (keys re-rotated), as a message holds it: a turn taken
     after other KV starts where that KV ended, a passage prefilled behind an opening after it.
     Each row moves by the position of its first real (not padding) column."""
+    check_model_argument(model)
     offset = kv.positions.gather(1, kv.first_column[:, None])[:, 0]
     if not bool(offset.any()):
         return kv

@@ -368,6 +368,7 @@ def concat_shared(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV
     validity). At a sink layer only the first piece's sink (or opening) is kept (in ``shift-back``
     mode the sink is moved next to the joined context's end). Every piece must share the same full layers and mode.
     """
+    check_model_argument(model)
     if len(parts) == 1:
         return parts[0]
     _check_joinable(parts)
@@ -407,6 +408,7 @@ def splice(model: PreTrainedModel, parts: Sequence[SharedKV]) -> SharedKV:
     segments (KVCOMM's placeholders); with every piece full everywhere it is :func:`concat_shared`.
     The result takes the first piece's mask mode (later pieces' sinks are not used).
     """
+    check_model_argument(model)
     if not all(parts[0].full):
         raise ConfigError("the first piece of a splice must be full at every layer (it holds the sinks)")
     offsets = [torch.zeros_like(parts[0].context_len)]
