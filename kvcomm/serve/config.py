@@ -72,12 +72,16 @@ class ServeConfig(Options):
     @field_validator("token")
     @classmethod
     def _sendable(cls, token: str | None) -> str | None:
-        """A token a client can send: not empty (``--token "$UNSET"`` made every request 401) and
-        ASCII (an HTTP header carries nothing else)."""
+        """A token a client can send: not empty (``--token "$UNSET"`` made every request 401), ASCII
+        (an HTTP header carries nothing else), and no spaces or control characters (clients strip a
+        header's spaces or refuse them: ``"secret "`` could never be matched)."""
         if token is not None and not token.strip():
             raise ValueError("the token is empty (an unset variable?); leave it out to serve without one")
         if token is not None and not token.isascii():
             raise ValueError("the token must be ASCII: an HTTP header cannot carry other characters")
+        if token is not None and not all(33 <= ord(char) <= 126 for char in token):
+            raise ValueError("the token must be printable ASCII without spaces (a space or control character "
+                             "in it, e.g. a trailing newline, cannot be sent in a header as it is)")
         return token
 
     @model_validator(mode="after")
