@@ -127,6 +127,9 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - began
     merged = tuned.merge_and_unload()
+    if broken := [n for n, p in merged.named_parameters() if not bool(torch.isfinite(p).all())]:  # a last step's
+        raise ModelError(f"deriving {name}: {len(broken)} weights are not finite after training (e.g. {broken[0]}); "
+                         "nothing was saved (a lower learning rate, --lr, may train)")
     merged.eval()
     card = Card(
         name=name, base=base, recipe=recipe.name, description=recipe.description, steps=steps, seed=options.seed,
@@ -138,7 +141,8 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
         # the same weights bit for bit need the same thread count (torch's sums split by thread); a
         # base given as a folder or file is recorded where it was, not as typed
         extra={"torch_threads": torch.get_num_threads(), "device": "cpu",
-               **({"base_path": str(source.path)} if source.path is not None and source.kind != "derived" else {})},
+               **({"base_path": str(source.path.resolve())}
+                  if source.path is not None and source.kind != "derived" else {})},
     )
     _save(name, merged, tokenizer, card, overwrite)
     forget_loaded(name, target)  # a model loaded under this name (or its path) before is not this one

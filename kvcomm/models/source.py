@@ -48,7 +48,8 @@ class ModelSource:
 
 
 def _shadows(name: str, kind: str) -> None:
-    """Warns where a registered name is also a model folder here: the name wins, said once."""
+    """Warns where a registered name is also a model folder here: the name wins (Python's warning
+    filters say it once per place that resolves the name)."""
     if (Path(name) / "config.json").is_file():
         warnings.warn(f"{name!r} names the {kind} model; the model folder {name} here is not used (give "
                       f"./{name} for it)", stacklevel=3)
