@@ -35,7 +35,7 @@ def eval_command(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "kvcomm",
     ratio: Annotated[float | None, typer.Option(
         min=0, max=1, help="Fraction of layers to share, above 0 (blend: of context tokens to recompute, 0 = "
-                           "full reuse where layer 0 is shared). (default: "
+                           "full reuse where layers 0 and 1 are shared). (default: "
                            f"{DEFAULT_RATIO} for methods that share KV; blend's own 0.15)")]
     = None,
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,

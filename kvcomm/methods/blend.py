@@ -15,9 +15,10 @@ own prompt cut into its opening and bare passages, each prefilled alone from pos
 retrieval pipeline stores them; the question and the chat's closing follow. With passages, full
 recompute is the skyline's prompt itself, so blending is measured against reading everything.
 
-Full reuse is ``blend@0xN`` at check layer 1, the default, where the pieces share layer 0 (or
-``kvcomm@1xN`` with chats; at a later check layer, or with layers chosen without layer 0, every
-token's layers below the check are fresh: read as text) and full recompute ``blend@1xN``.
+Full reuse is ``blend@0xN`` at check layer 1, the default, where the pieces share layers 0 and 1
+in full (or ``kvcomm@1xN`` with chats; at a later check layer, or where the pieces do not share
+every layer up to it, which moves the check to the next layer they share, every token's layers
+below the check are fresh: read as text) and full recompute ``blend@1xN``.
 """
 
 from __future__ import annotations
