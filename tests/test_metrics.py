@@ -37,7 +37,8 @@ def test_a_gold_answer_of_articles_alone_is_compared_with_them_and_an_empty_one_
     for named in ("a", "A.", "(a)", "A) Paris", "The answer is (a).", "answer: a", "Option A", "the answer is a."):
         assert contains(named, ["A"]) == 1.0, named
     for article in ("I think it is a trick question, so B", "A guess: B", "the answer is a city, B", "B",
-                    "the answer is a bit unclear: B", "Option a lot like B"):
+                    "the answer is a bit unclear: B", "Option a lot like B", "A-list actors, so B",
+                    "Answer: A.I. systems, B"):
         assert contains(article, ["A"]) == paper_f1(article, ["A"]) == 0.0, article
     assert exact_match("a", ["A"]) == exact_match("(A)", ["A"]) == 1.0 and exact_match("answer: a", ["A"]) == 0.0
     assert exact_match("", [""]) == contains("", [""]) == paper_f1("", [""]) == 0.0

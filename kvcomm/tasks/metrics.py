@@ -42,11 +42,12 @@ def _words(text: str) -> str:
 
 LETTER_A = re.compile(
     r"^\W*\(?a\)?\W*$"  # the answer is the letter alone: "A", "(a)", "A."
-    r"|^\W*\(?a\)?(?=[.):,;]|\s*[-\u2013\u2014\n])"  # it opens the answer, marked: "A) Paris", "A - Paris", "A\nParis"
+    r"|^\W*\(?a\)?(?=[.):,;]|\s*[-\u2013\u2014](?!\w)|\s*\n)"  # it opens the answer, marked: "A) Paris",
+    # "A - Paris", "A\nParis" (not "A-list")
     r"|\(a\)"  # in parentheses anywhere: "The answer is (A)."
     r"|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\b"  # "answer: a", "Option A: Paris",
     r"(?!\W*[a-z0-9])|\b(?:answer|option|choice)\b\W*(?:is\W+)?(?:option\W+|choice\W+)?\(?a\)?"  # "the answer is
-    r"(?=\s*[-\u2013\u2014.):;\n]|\s+because\b)"  # A because …", but not "the answer is a city"
+    r"(?=\s*[-\u2013\u2014.):;](?!\w)|\s*\n|\s+because\b)"  # A because …", not "… a city" nor "A.I."
     r"|\ba\b(?=\W*$|\s*[,/]|\s+(?:or|and|is|was|seems)\b)",  # no article stands there: "I think A", "A or B"
     re.IGNORECASE)
 """Where an answer names the choice letter A, which is also the article "a": alone, opening the
