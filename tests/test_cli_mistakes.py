@@ -185,6 +185,8 @@ MISTAKES = [
     ("remote models --url http://localhost:8000x", "is not an agent's URL"),
     ("remote models --url http://127.0.0.1:9 --token sekrít", "the token must be ASCII"),
     ("serve -m {model} --token sekrít", "token must be ASCII"),
+    ("eval -m {model} --calib-size 0", "needs a layer ranking: pass --profile or --calib-size >= 1"),  # after a load
+    ("eval -m {model} --out-dir {dir}/file.txt/run", "file.txt is a file, not a folder"),
     ("models install smollm2-135m smolm2-135m", "Did you mean 'smollm2-135m'"),  # before: the first installed first
     ("drift {model} {model} --items 1000", "--items 1000: facts has 100 items"),  # before: 100 compared, silently
     ("eval -m {dir}/folder", "not a model directory (no config.json)"),  # before: a tokenizer's error, after a load
@@ -258,3 +260,6 @@ def test_an_empty_token_is_refused_not_served_as_one_no_client_sends(files, no_m
     """``--token "$UNSET"`` became a real token, ``Bearer `` with nothing after it, which no client sends."""
     result = runner.invoke(app, ["serve", "-m", files["model"], "--token", ""])
     assert result.exit_code == 2 and "the token is empty (an unset variable?)" in result.stderr, result.output
+    for spaced in ("secret ", "sec ret", "secret\n"):  # no client sends these as they are: every request 401
+        result = runner.invoke(app, ["serve", "-m", files["model"], "--token", spaced])
+        assert result.exit_code == 2 and "printable ASCII without spaces" in result.stderr, (spaced, result.output)

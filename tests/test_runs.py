@@ -83,6 +83,15 @@ def test_results_record_provenance(tiny_dir, tmp_path):
                                   "git_commit": report["environment"].get("git_commit")}
 
 
+def test_alpha_weighed_by_a_methods_own_paper_rule_is_not_said_unused(tiny_dir, tmp_path):
+    result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--calib-size", "1", "--methods",
+                    "kvcomm,kvcomm~paper", "--ratios", "0.5", "-q", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "facts.json").read_text())
+    assert report["config"]["alpha_source"] == "default for llama"  # before: "not used (prune …)"
+    assert report["profiles"]["paper"]["alpha"] == report["config"]["alpha"]
+
+
 def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
     result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "random", "--ratios", "0.5",
                     "--seed", "5", "--alpha", "0.3", "--selection", "paper", "-q", "--out-dir", str(tmp_path))
@@ -308,3 +317,23 @@ def test_quiet_silences_transformers(tiny_dir, tmp_path):
     assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr
     assert transformers.utils.logging.get_verbosity() == verbosity  # set back afterwards
     assert transformers.utils.logging.is_progress_bar_enabled()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tiny_dir, tmp_path, monkeypatch):
+    """The default run folder was named, not made, when a run began: runs started in one second all
+    wrote into it and kept the last one's results; and a ./results that is a file was found after
+    the work, with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("kvcomm.eval.outputs.run_stamp", lambda now=None: "20261125-120000")
+    made = []
+    for method in ("baseline", "skyline"):
+        result = invoke("eval", "-m", str(tiny_dir), "--method", method, "--limit", "1", "--calib-size", "0", "-q")
+        assert result.exit_code == 0, result.output
+        made.append(sorted(p.name for p in (tmp_path / "results").iterdir()))
+    assert made[-1] == [f"20261125-120000-{tiny_dir.name}", f"20261125-120000-{tiny_dir.name}-2"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "results").write_text("not a folder")
+    monkeypatch.chdir(other)
+    refused = invoke("eval", "-m", str(tiny_dir), "--method", "baseline", "--limit", "1", "--calib-size", "0", "-q")
+    assert refused.exit_code == 2 and "cannot make a run folder here" in refused.output, refused.output

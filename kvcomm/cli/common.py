@@ -463,6 +463,19 @@ def check_output(path: Path, what: str = "results", overwrite: bool = True, give
     return path
 
 
+def check_folder(path: Path, given_as: str) -> Path:
+    """Refuses a folder for outputs that is a file or sits where nothing can be written (before, found
+    after the work, with a traceback); ``given_as`` names the option that gave it."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{given_as} {path} is a file, not a folder")
+    blocked = next((folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise ConfigError(f"{given_as} {path}: {blocked} is a file, not a folder")
+    if blocked is not None and not os.access(blocked, os.W_OK):
+        raise ConfigError(f"{given_as} {path}: cannot write in {blocked}")
+    return path
+
+
 def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = True) -> tuple[Path, Path]:
     """The output file (checked as by :func:`check_output`) and the plot written beside it (its
     name with ``.png``, checked too): refused where the two would be one file (``--out x.png``)."""

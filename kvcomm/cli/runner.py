@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcomm.agents import Agents
-from kvcomm.cli.common import RunOptions, console, quiet_libraries
+from kvcomm.cli.common import RunOptions, check_folder, console, quiet_libraries
 from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
@@ -86,6 +86,8 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     ranks, prior_used = given is None and any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
     notes: list[str] = []  # said once every check has passed
+    if ranks and config.calib_size == 0:  # before, said once the models had loaded
+        raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
@@ -188,4 +190,9 @@ def _folder(run: RunOptions, out: Path | None, count: int) -> Path:
         return run.resume
     if out is not None:
         return out.parent
-    return run.out_dir if run.out_dir is not None else new_run_folder(run.model)
+    if run.out_dir is not None:
+        return check_folder(run.out_dir, "--out-dir")
+    try:  # made now, atomically: runs started in the same second shared one folder and overwrote each other
+        return new_run_folder(run.model, claim=True)
+    except OSError as err:  # e.g. ./results is a file: before, a traceback after all the work
+        raise ConfigError(f"cannot make a run folder here ({type(err).__name__}: {err}); give --out-dir") from None
