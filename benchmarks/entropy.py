@@ -78,6 +78,8 @@ def main() -> None:
     ours = [tables.encode(c, levels) for c, levels in laplace]
     theirs = [laplace_encode(c, s) for (c, _), s in zip(laplace, scales)]
     assert all(np.array_equal(tables.decode(w, levels), c) for w, (c, levels) in zip(ours, laplace))
+    assert all(np.array_equal(np.asarray(laplace_decode(lo, hi, s, w)).reshape(c.shape), c)  # both sides round trip
+               for (lo, hi, w), s, (c, _) in zip(theirs, scales, laplace))
     rows.append({"stream": "Laplace (klt)", "symbols": symbols,
                  "bytes": {"rans": sum(w.nbytes for w in ours), "constriction": sum(s.nbytes for *_, s in theirs)},
                  "encode_msym_s": {
@@ -92,8 +94,8 @@ def main() -> None:
                          args.repeats)}})
     symbols = sum(c.size for c in categorical)
     coded = {coder: [ans_encode(c, coder) for c in categorical] for coder in ("rans", "constriction")}
-    assert all(np.array_equal(ans_decode(lo, n, w, c.size, "rans"), c)
-               for (lo, n, w), c in zip(coded["rans"], categorical))
+    assert all(np.array_equal(ans_decode(lo, n, w, c.size, coder), c)
+               for coder in coded for (lo, n, w), c in zip(coded[coder], categorical))
     rows.append({"stream": "categorical (4-bit)", "symbols": symbols,
                  "bytes": {coder: sum(w.nbytes for *_, w in streams) for coder, streams in coded.items()},
                  "encode_msym_s": {coder: symbols / 1e6 / best(lambda c=coder: [ans_encode(x, c) for x in categorical],
