@@ -337,3 +337,14 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tiny_dir, tmp_
     monkeypatch.chdir(other)
     refused = invoke("eval", "-m", str(tiny_dir), "--method", "baseline", "--limit", "1", "--calib-size", "0", "-q")
     assert refused.exit_code == 2 and "cannot make a run folder here" in refused.output, refused.output
+
+
+def test_kvcomm_data_naming_a_path_with_a_space_is_read_whole(tiny_dir, tmp_path):
+    """click split a list option's environment value at spaces: KVCOMM_DATA="my data.jsonl" was
+    read as the files "my" and "data.jsonl"."""
+    data = jsonl_file(tmp_path / "my data.jsonl")
+    result = runner.invoke(app, ["eval", "-m", str(tiny_dir), "-t", "jsonl", "--method", "baseline", "--limit", "2",
+                                 "--calib-size", "0", "-q", "--out-dir", str(tmp_path / "run")],
+                           env={"KVCOMM_DATA": str(data)})
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "my-data.json").read_text())["config"]["data"]["path"] == str(data)

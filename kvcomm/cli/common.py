@@ -118,9 +118,9 @@ TaskOptions = Annotated[list[str] | None, typer.Option(
     help="An option of a generated task, e.g. items=200, seed=1, filler_per_piece=2; TASK:KEY=VALUE for "
          "one task of several (repeatable; `kvcomm tasks` lists each task's).")]
 DataFiles = Annotated[list[str] | None, typer.Option(
-    "--data", envvar="KVCOMM_DATA",
+    "--data",  # KVCOMM_DATA is read whole by data_files: click split it at spaces ("my data.jsonl")
     help="Local dataset file (countries, tipsheets, jsonl); with several tasks TASK=PATH, repeated or "
-         "comma-separated (e.g. --data countries=c.jsonl,tipsheets=t.jsonl).")]
+         "comma-separated (e.g. --data countries=c.jsonl,tipsheets=t.jsonl). [env var: KVCOMM_DATA]")]
 MaxNewTokens = Annotated[int | None, typer.Option(
     min=1, help="Answer budget in tokens, replacing each task's own (`kvcomm tasks` shows them).")]
 
@@ -253,7 +253,8 @@ class RunOptions:
     def data_files(self, tasks: list[str]) -> dict[str, Path]:
         """The ``--data`` files by task: ``PATH`` for a run of one task, ``TASK=PATH`` for any."""
         files: dict[str, Path] = {}
-        for value in self.data or []:
+        given = self.data or ([os.environ["KVCOMM_DATA"]] if os.environ.get("KVCOMM_DATA") else [])
+        for value in given:
             pieces = value.split(",")
             for entry in pieces if len(pieces) > 1 and all(_TASK_PREFIX.match(p) for p in pieces) else [value]:
                 task, path = _data_entry(entry, tasks)
