@@ -125,6 +125,10 @@ def _refuse_unused(plans: list[tuple[str, type[Method]]], given: dict[str, Any],
         return
     option = sorted(unused)[0]
     names = [base_name(token) for token, _ in plans]
+    if option == "ratio" and (fixed := [token for token, cls in plans if "@" in token and "ratio" in
+                                        cls.option_names()]):  # a method that takes one, its own given
+        raise ConfigError(f"the ratios given are used by no method: {', '.join(fixed)} fix their own ratio "
+                          "(leave out the ratios, or name the method without '@')")
     if len(names) == 1:
         takes = ", ".join(plans[0][1].option_names()) or "no options"
         raise ConfigError(f"method {names[0]!r} does not take {option!r}; it takes: {takes}")
