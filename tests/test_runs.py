@@ -348,3 +348,16 @@ def test_kvcomm_data_naming_a_path_with_a_space_is_read_whole(tiny_dir, tmp_path
                            env={"KVCOMM_DATA": str(data)})
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "my-data.json").read_text())["config"]["data"]["path"] == str(data)
+
+
+def test_overwrite_removes_only_what_the_command_writes(tiny_dir, tmp_path):
+    """``eval --out x.json --overwrite`` deleted x.png, a plot eval never writes (a sweep's plot of
+    the same name, or a file of the user's)."""
+    out = tmp_path / "x.json"
+    args = ["eval", "-m", str(tiny_dir), "--method", "baseline", "--limit", "1", "--calib-size", "0", "-q",
+            "--out", str(out)]
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "x.png").write_bytes(b"a plot of mine")
+    again = invoke(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "x.png").read_bytes() == b"a plot of mine" and out.is_file()

@@ -106,7 +106,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         files = TaskFiles.beside(out) if out is not None else TaskFiles.for_task(folder, task.name)
         if run.overwrite:
             remove_checkpoint(files.checkpoint)
-            for path in files.existing(plots=True):  # a finished task is marked by its results file
+            for path in files.existing(plots):  # only what this command writes (eval's --out x.json: no x.png)
                 path.unlink()
         elif run.resume is None and (existing := files.existing(plots)):
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
