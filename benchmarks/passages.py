@@ -109,8 +109,8 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
 
     sky = scores(here["skyline"])
     rows = {}
-    for label, passages in zip(labels, [r for r in new["runs"] if r["label"] != "skyline"]):
-        old = chats[label]
+    for label in labels:  # by label (before, by position: a run missing from one file shifted the others)
+        passages, old = here[label], chats[label]
         assert passages["layers"] == old["layers"], f"{label}: other layers than the saved run's"
         a, b = scores(passages), scores(old)
         diff = [x - y for x, y in zip(a, b)]
@@ -200,6 +200,9 @@ def main() -> None:
     parser.add_argument("--labels", help="its configurations to read as passages (comma-separated)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--reuse", action="store_true",
+                        help="compare the passages run already at --out instead of running it (its command is "
+                             "kept as it was; the comparison records this one)")
     args = parser.parse_args()
     if args.summarise:
         summary = summarise(args.summarise, args.beside)
@@ -221,7 +224,11 @@ def main() -> None:
     saved = json.loads(args.chats.read_text())
     labels = chosen_labels(saved, args.labels)
     record = run_record(args)
-    new = json.loads(args.out.read_text()) if args.out.exists() else run(args, saved, labels)
+    if args.out.exists() and not args.reuse:  # before, reused silently, under this command's provenance
+        parser.error(f"--out {args.out} exists: pass --reuse to compare it, or give another --out")
+    if args.reuse and not args.out.exists():
+        parser.error(f"--reuse: --out {args.out} does not exist")
+    new = json.loads(args.out.read_text()) if args.reuse else run(args, saved, labels)
     summary = compare(saved, new, labels)
     args.out.with_name(args.out.stem + "-comparison.json").write_text(
         json.dumps({**summary, **record}, indent=1) + "\n")
