@@ -109,8 +109,12 @@ def compare(saved: dict, new: dict, labels: list[str]) -> dict:
 
     sky = scores(here["skyline"])
     rows = {}
-    for label in labels:  # by label (before, by position: a run missing from one file shifted the others)
-        passages, old = here[label], chats[label]
+    read = [r for r in new["runs"] if r["label"] != "skyline"]  # in the order of labels (run() builds them so)
+    if len(read) != len(labels):
+        raise SystemExit(f"the passages run holds {len(read)} configurations besides the skyline, not the "
+                         f"{len(labels)} of --labels: {', '.join(labels)}")
+    for label, passages in zip(labels, read):  # each pair's layers are checked below
+        old = chats[label]
         assert passages["layers"] == old["layers"], f"{label}: other layers than the saved run's"
         a, b = scores(passages), scores(old)
         diff = [x - y for x, y in zip(a, b)]
