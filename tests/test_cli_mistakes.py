@@ -186,6 +186,7 @@ MISTAKES = [
     ("remote models --url http://127.0.0.1:9 --token sekrít", "the token must be ASCII"),
     ("serve -m {model} --token sekrít", "token must be ASCII"),
     ("eval -m {model} --calib-size 0", "needs a layer ranking: pass --profile or --calib-size >= 1"),  # after a load
+    ("eval -m {model} --method droidspeak --calib-size 0", "droidspeak needs a block: pass --block a:b"),
     # before: "method 'random' does not take 'ratio'; it takes: ratio, …"
     ("sweep -m {model} --methods random@0.5 --ratios 0.3", "random@0.5 fix their own ratio"),
     ("eval -m {model} --out-dir {dir}/file.txt/run", "file.txt is a file, not a folder"),

@@ -86,8 +86,12 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     ranks, prior_used = given is None and any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
     notes: list[str] = []  # said once every check has passed
-    if ranks and config.calib_size == 0:  # before, said once the models had loaded
-        raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+    if config.calib_size == 0:  # before, said once the models had loaded
+        if profile is None and any(m.ranks_layers for m in methods):
+            raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+        if blocks is None and any(m.name == "droidspeak" and getattr(m.options, "block", None) is None
+                                  for m in methods):
+            raise ConfigError("droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1")
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)
