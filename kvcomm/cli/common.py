@@ -120,7 +120,7 @@ TaskOptions = Annotated[list[str] | None, typer.Option(
 DataFiles = Annotated[list[str] | None, typer.Option(
     "--data",  # KVCOMM_DATA is read whole by data_files: click split it at spaces ("my data.jsonl")
     help="Local dataset file (countries, tipsheets, jsonl); with several tasks TASK=PATH, repeated or "
-         "comma-separated (e.g. --data countries=c.jsonl,tipsheets=t.jsonl). [env var: KVCOMM_DATA]")]
+         "comma-separated (e.g. --data countries=c.jsonl,tipsheets=t.jsonl); also read from KVCOMM_DATA.")]
 MaxNewTokens = Annotated[int | None, typer.Option(
     min=1, help="Answer budget in tokens, replacing each task's own (`kvcomm tasks` shows them).")]
 
