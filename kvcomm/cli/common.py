@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -456,11 +456,7 @@ def check_output(path: Path, what: str = "results", overwrite: bool = True, give
         raise ConfigError(f"{given_as} {path} is a folder; give a file name for the {what}")
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another {given_as}")
-    blocked = next((folder for folder in path.absolute().parents if folder.exists()), None)
-    if blocked is not None and not blocked.is_dir():  # before, the write failed after the work, with a traceback
-        raise ConfigError(f"{given_as} {path}: {blocked} is a file, not a folder")
-    if blocked is not None and not os.access(blocked, os.W_OK):
-        raise ConfigError(f"{given_as} {path}: cannot write in {blocked}")
+    _check_writable(path, given_as, path.absolute().parents)
     return path
 
 
@@ -469,12 +465,18 @@ def check_folder(path: Path, given_as: str) -> Path:
     after the work, with a traceback); ``given_as`` names the option that gave it."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{given_as} {path} is a file, not a folder")
-    blocked = next((folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists()), None)
+    _check_writable(path, given_as, (path.absolute(), *path.absolute().parents))
+    return path
+
+
+def _check_writable(path: Path, given_as: str, folders: Iterable[Path]) -> None:
+    """The nearest of ``folders`` that exists (where ``path`` would be made) is a folder this
+    process can write in (before, the write failed after the work, with a traceback)."""
+    blocked = next((folder for folder in folders if folder.exists()), None)
     if blocked is not None and not blocked.is_dir():
         raise ConfigError(f"{given_as} {path}: {blocked} is a file, not a folder")
     if blocked is not None and not os.access(blocked, os.W_OK):
         raise ConfigError(f"{given_as} {path}: cannot write in {blocked}")
-    return path
 
 
 def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = True) -> tuple[Path, Path]:
