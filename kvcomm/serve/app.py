@@ -314,7 +314,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             received.opening, ids = await anyio.to_thread.run_sync(agent.chat_after_passages, turns)
         else:
             ids = await anyio.to_thread.run_sync(agent.chat_ids, turns)
-        prompt = len(ids) + len(received.opening or [])
+        prompt = received.prompt_tokens(ids)
         total = received.tokens + prompt + budget
         if max_len is not None and total > max_len:
             raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {prompt} prompt, "
@@ -360,7 +360,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         work = partial(generate_returning, agent, received, ids, budget, config, metrics, blending=body.kv_blend,
                        keep=body.kv_return)
         tokens, finish, data = await worker.run_watched(request, job, work)
-        prompt = len(ids) + len(received.opening or [])  # passages: the chat's opening was prefilled too
+        prompt = received.prompt_tokens(ids)  # passages: the chat's opening was prefilled too
         reply = completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage()).model_dump(
             exclude_unset=True)
         message_id = f"turn-{uuid.uuid4().hex}"

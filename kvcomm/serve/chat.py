@@ -59,6 +59,10 @@ class Received:
     def tokens(self) -> int:
         return sum(m.context_len for m in self.messages)
 
+    def prompt_tokens(self, ids: list[int]) -> int:
+        """The tokens a chat prefills: ``ids``, after the opening before passages (prefilled too)."""
+        return len(ids) + len(self.opening or [])
+
     @property
     def passages(self) -> bool:
         return bool(self.messages) and self.messages[0].meta.get("passage") is True
@@ -257,7 +261,7 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                          _observer(metrics, job, emit, len(ids) + len(received.opening or [])),
+                          _observer(metrics, job, emit, received.prompt_tokens(ids)),
                           prefill_chunk=config.prefill_chunk, check=job.check)[0]
     return out, "length" if len(out) >= budget else "stop"
 
@@ -274,7 +278,7 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
-                         _observer(metrics, job, None, len(ids) + len(received.opening or [])),
+                         _observer(metrics, job, None, received.prompt_tokens(ids)),
                          prefill_chunk=config.prefill_chunk, check=job.check)
     out = turn.replies[0]
     layers = keep.layers if keep.layers is not None else range(agent.num_layers)
