@@ -22,6 +22,8 @@ T = TypeVar("T")
 LOCK_TIMEOUT_S = 5.0  # how long a write waits for the index another process holds (diskcache: 60)
 
 
+# the bytes of the rows selected: a value under diskcache's file threshold is held in the index itself
+_HELD = "COALESCE(SUM(CASE WHEN value IS NULL THEN size ELSE length(value) END), 0)"
 ROW_SLACK = 8192  # what a message's row may add to the index beside its bytes: two SQLite pages
 
 
@@ -116,8 +118,7 @@ class DiskStore:
                                 f"beside its index ({floor} bytes when empty)")
             self._cache.expire()  # what is past its time to live goes before anything live
             replaced = self._cache._sql(  # what this id holds now goes with the write: no room to make for it
-                "SELECT COALESCE(SUM(CASE WHEN value IS NULL THEN size ELSE length(value) END), 0) FROM Cache "
-                "WHERE key = ? AND raw = 1", (message_id,)).fetchone()[0]
+                f"SELECT {_HELD} FROM Cache WHERE key = ? AND raw = 1", (message_id,)).fetchone()[0]
             while self._cache.volume() - replaced + len(data) + ROW_SLACK > self.max_bytes and \
                     (key := oldest()) is not None:
                 self._cache.delete(key)  # room first, one message at a time (the index counts: SQLite's pages)
@@ -170,9 +171,8 @@ class DiskStore:
     def size_bytes(self) -> int:
         """Bytes of the messages :meth:`list` gives, as the other stores count them (the bound,
         ``max_bytes``, also counts the SQLite index and what expired but is not yet evicted)."""
-        def query() -> int:  # a value under diskcache's file threshold is held in the index itself
-            rows = self._cache._sql("SELECT COALESCE(SUM(CASE WHEN value IS NULL THEN size ELSE length(value) END), 0) "
-                                    "FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND "
+        def query() -> int:
+            rows = self._cache._sql(f"SELECT {_HELD} FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND "
                                     "(expire_time IS NULL OR expire_time > ?)", (time.time(),))
             return int(rows.fetchone()[0])
 

@@ -84,16 +84,17 @@ class RedisStore:
 
     # exists, delete and list see only strings, as get does: another program's list or hash under
     # the prefix is no message (before, DELETE removed it and the listing named it)
+    def _is_message(self, key: str) -> bool:
+        return self._client.type(key) in (b"string", "string")
+
     def exists(self, message_id: str) -> bool:
         key = self.prefix + check_id(message_id)
-        return self._call("exists", lambda: self._client.type(key)) in (b"string", "string")
+        return self._call("exists", lambda: self._is_message(key))
 
     def delete(self, message_id: str) -> bool:
         key = self.prefix + check_id(message_id)
-        def delete() -> bool:  # TYPE, then DEL (no script: managed Redis may forbid EVAL)
-            return self._client.type(key) in (b"string", "string") and bool(self._client.delete(key))
-
-        return self._call("delete", delete)
+        # TYPE, then DEL (no script: managed Redis may forbid EVAL)
+        return self._call("delete", lambda: self._is_message(key) and bool(self._client.delete(key)))
 
     def list(self) -> list[str]:
         def scan() -> list[Any]:
