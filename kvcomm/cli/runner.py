@@ -27,6 +27,8 @@ from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
 from kvcomm.eval.checkpoint import Checkpoint, remove_checkpoint
 from kvcomm.eval.cluster import Cluster, RayCluster, check_apart
 from kvcomm.eval.harness import (
+    NEEDS_BLOCK,
+    NEEDS_RANKING,
     calibration_identity,
     check_calibration,
     check_distinct,
@@ -88,10 +90,10 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     notes: list[str] = []  # said once every check has passed
     if config.calib_size == 0:  # before, said once the models had loaded
         if profile is None and any(m.ranks_layers for m in methods):
-            raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+            raise ConfigError(NEEDS_RANKING)
         if blocks is None and any(m.name == "droidspeak" and getattr(m.options, "block", None) is None
                                   for m in methods):
-            raise ConfigError("droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1")
+            raise ConfigError(NEEDS_BLOCK)
     for task in tasks:
         test, _ = config.split(task.items, rules)
         check_calibration(config, rules, len(task.items), profiled)

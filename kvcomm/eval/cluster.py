@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 EXIT_ONCE = "KVCOMM_WORKER_EXIT_ONCE"
 Work = tuple[int, list[Item], Any]  # a batch's index, its items, what the job needs to know of this batch
 
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")  # "OSError: …" in a traceback
 
@@ -61,6 +59,7 @@ def ray_cause(err: BaseException, limit: int = 500) -> str:
         text = raised[-1] if raised else str(err)
     line = " ".join(_ANSI.sub("", text).split())
     return line if len(line) <= limit else line[:limit - 1] + "…"
+
 
 class Job(Protocol):
     """What the workers do with a batch (pickled once per submission, so it holds no model)."""

@@ -51,6 +51,10 @@ from kvcomm.tasks.metrics import score_all
 from kvcomm.wire import Codebook
 from kvcomm.wire.bootstrap import codebook_from_items, model_codebook
 
+# what a run lacks without calibration items, said before a model loads (kvcomm.cli.runner) and here alike
+NEEDS_RANKING = "kvcomm needs a layer ranking: pass --profile or --calib-size >= 1"
+NEEDS_BLOCK = "droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1"
+
 
 class EvalConfig(Options):
     """How to run an evaluation (recorded verbatim in the results).
@@ -419,7 +423,7 @@ class _Sources:
     def _calibrate(self, name: str, rule: str, pieces: Pieces) -> Profile:
         """``rule``'s ranking on items read as ``pieces`` (the checkpoint's ``name``, if it holds it)."""
         if not self.calib:
-            raise ConfigError("kvcomm needs a layer ranking: pass --profile or --calib-size >= 1")
+            raise ConfigError(NEEDS_RANKING)
         c = self.config
 
         def made() -> Profile:
@@ -448,8 +452,7 @@ class _Sources:
                 capped = "" if self.given_blocks is None else (
                     f" (the given block profile stops at {self.given_blocks.max_recompute:g} of the layers, below "
                     f"max_recompute {max_recompute:g})")
-                raise ConfigError(f"droidspeak needs a block: pass --block a:b, a block --profile, or --calib-size >= 1"
-                                  f"{capped}")
+                raise ConfigError(NEEDS_BLOCK + capped)
 
             def made() -> BlockProfile:
                 return profile_blocks(self.agents, self.task, self.calib, max_recompute, self.config.batch_size,
