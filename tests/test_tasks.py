@@ -150,6 +150,11 @@ def test_split_keeps_calibration_and_test_disjoint():
     assert [i.id for i in split_items(items, None, 2, skip=5)[0]] == [i.id for i in items[5:8]]
     with pytest.raises(ConfigError, match="after the first 4.*--skip"):
         split_items(items, 5, 2, skip=4)
+    # the hold-out does not depend on the methods (runs of each test the same items): the error says
+    # how a run that calibrates nothing takes every item
+    with pytest.raises(ConfigError, match="whatever the methods.*--calib-size 0"):
+        split_items(items, 10, 1)
+    assert len(split_items(items, 10, 0)[0]) == 10
 
 
 def test_registry_knows_each_tasks_metric_and_budget_without_loading_it(tmp_path):

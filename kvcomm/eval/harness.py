@@ -251,8 +251,11 @@ def split_items(items: Sequence[Item], limit: int | None, calib_size: int,
                  else f"--limit to at most {len(items) - calib_size} (--skip 0) or --calib-size"
                  if len(items) > calib_size else f"--calib-size to at most {len(items) - 1}")
         wanted = f"{limit} test items{after}" if given else f"a test item{after}"
+        held = (" (calibration items are held out whatever the methods, so that runs of different methods "
+                "test the same items: --calib-size 0 where no method calibrates)") if calib_size else ""
         raise ConfigError(f"{len(items)} items cannot hold {wanted} and {calib_size} calibration "
-                          f"items without overlap; lower {lower} (in Python: EvalConfig's limit, skip, calib_size)")
+                          f"items without overlap; lower {lower} (in Python: EvalConfig's limit, skip, calib_size)"
+                          f"{held}")
     return list(items[skip:skip + limit]), list(items[len(items) - calib_size:]) if calib_size else []
 
 
