@@ -16,7 +16,6 @@ fraction of layers sent) beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, command, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 from selection import paired  # noqa: E402  (benchmarks/selection.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
@@ -148,8 +147,9 @@ def main() -> None:
                         help="reuse the --selection rule's ranking from a results JSON that calibrated it (e.g. "
                              "benchmarks/selection.py's, on the same model, task and calibration items)")
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's tables; run nothing")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (required unless --report)")
+    add_out(parser, required=False, help="results JSON (required unless --report)")
     args = parser.parse_args()
+    check_out(parser, args)
     console = Console(width=160)
     if args.report is not None:
         show(Report.model_validate_json(args.report.read_text()), console)
@@ -165,7 +165,7 @@ def main() -> None:
     report = evaluate(agents, task, methods(args.step), config, profile=profile, command=command())
     found = show(report, console)
     report.save(args.out)
-    args.out.with_name(args.out.stem + "-comparison.json").write_text(json.dumps(found, indent=1) + "\n")
+    write_json(args.out.with_name(args.out.stem + "-comparison.json"), found)
     plot(report, args.out.with_suffix(".png"))
     console.print(f"results: {args.out} (comparison and plot beside it)", markup=False)
 

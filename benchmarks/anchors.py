@@ -13,7 +13,6 @@ inside that agent's time to first token.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm.graphs.anchors import Anchor, AnchorOptions, AnchorPool, Segment  # noqa: E402
 
@@ -48,8 +47,9 @@ def main() -> None:
     parser.add_argument("--closing", type=int, default=5, help="template tokens after it")
     parser.add_argument("--anchors", default="1,5,20", help="comma-separated anchor counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
 
     generator = torch.Generator().manual_seed(0)
@@ -76,9 +76,8 @@ def main() -> None:
     for row in rows:
         table.add_row(str(row["anchors"]), f"{row['shareable_s'] * 1e3:.1f} ms", f"{row['correct_s'] * 1e3:.1f} ms")
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                    "threads": torch.get_num_threads(), "rows": rows, **record}, indent=1) + "\n")
+    write_json(args.out, {"config": {k: str(v) for k, v in vars(args).items()},
+                          "threads": torch.get_num_threads(), "rows": rows, **record})
     print(f"results: {args.out}")
 
 

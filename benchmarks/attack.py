@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fuzz_decoder import frame, mutate_header, mutate_header_text, mutate_payload, split  # noqa: E402
-from record import run_record  # noqa: E402
+from record import add_out, check_out, run_record, write_json  # noqa: E402
 
 from kvcomm.wire import KVMessage  # noqa: E402
 
@@ -532,8 +532,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
 
 
 def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, **record}, indent=1) + "\n")
+    write_json(out, {"meta": meta, "rows": rows, **record})
 
 
 def main() -> None:
@@ -542,8 +541,9 @@ def main() -> None:
     parser.add_argument("--mutations", type=int, default=300, help="mutated messages besides the hand-made ones")
     parser.add_argument("--schemathesis-examples", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     schemathesis()  # before anything starts: its phase comes after three others

@@ -22,7 +22,6 @@ join (re-rotation) + blend + question prefill + first token. Median of ``--runs`
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, KVMessage, evaluate, load_model, load_task, make_method  # noqa: E402
 from kvcomm.errors import KvcommError  # noqa: E402
@@ -234,9 +233,7 @@ def run_ttft(args: argparse.Namespace) -> None:
     for r in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else f"{v:,}" for v in r.values()])
     Console(width=200).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "rows": rows, **record},
-                                   indent=1))
+    write_json(args.out, {"model": args.model, "threads": torch.get_num_threads(), "rows": rows, **record})
 
 
 def main() -> None:
@@ -264,8 +261,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--recompute", type=float, default=0.15)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     run_quality(args) if args.what == "quality" else run_ttft(args)
 
 

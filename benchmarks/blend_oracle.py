@@ -19,7 +19,6 @@ choice of tokens could recover at a given ratio. Same items, same passages, one 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.methods.base import METHODS, Output  # noqa: E402
@@ -89,8 +88,9 @@ def main() -> None:
                         help="distractors that are hops of other pairs, or facts that link to nothing")
     parser.add_argument("--ratios", default="0.15,0.3,0.5")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     ratios = [float(r) for r in args.ratios.split(",")]
     record = run_record(args)
     agents = Agents.load(args.model)
@@ -112,11 +112,10 @@ def main() -> None:
         rows.append({"method": run.label, "score": score.mean, "ci95": list(score.ci95), "recomputed": recomputed,
                      "per_item": [item.scores[metric] for item in run.items]})
     Console(width=120).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "items": report.config["test_items"], "metric": metric,
-                                    "pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
-                                    "filler_per_piece": args.filler, "distractor_kind": args.distractor_kind,
-                                    "rows": rows, **record}, indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "items": report.config["test_items"], "metric": metric,
+                          "pieces": args.pieces, "facts_per_piece": args.facts_per_piece,
+                          "filler_per_piece": args.filler, "distractor_kind": args.distractor_kind,
+                          "rows": rows, **record})
     print(f"written: {args.out}")
 
 

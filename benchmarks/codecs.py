@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -51,8 +49,9 @@ def main() -> None:
     parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
                         "e.g. rans,rans-v7,constriction")
     parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
 
     agents = Agents.load(args.model)
@@ -122,12 +121,11 @@ def main() -> None:
                       f"{r['cosine']:.5f}", f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}",
                       f"{r['decode_streamed_mb_s']:.1f}")
     Console(width=140).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "context_tokens": args.context_tokens,
-                                    "items": len(rows),
-                                    "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
-                                    "repeats": args.repeats, "allocator": allocator_state(),
-                                    "codecs": results, **record}, indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "task": args.task, "context_tokens": args.context_tokens,
+                          "items": len(rows),
+                          "fp16_bytes": fp16_bytes, "torch_threads": torch.get_num_threads(),
+                          "repeats": args.repeats, "allocator": allocator_state(),
+                          "codecs": results, **record})
     print(f"written: {args.out}")
 
 

@@ -20,7 +20,6 @@ Each direction's block profile is also drawn (``<out>-blocks-<sender>-to-<receiv
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.plot_profiles import plot_blocks  # noqa: E402
@@ -160,8 +159,9 @@ def main() -> None:
     parser.add_argument("--ttft-tokens", type=int, default=1024, help="0: skip the TTFT measurement")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--one-way", action="store_true", help="only A→B")
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     if len(pair := args.pair.split(",")) != 2 or not all(pair):
         parser.error(f"--pair is two models, SENDER,RECEIVER (names, folders or files), not {args.pair!r}")
     a, b = pair
@@ -191,8 +191,7 @@ def main() -> None:
                               f"{label} {v['ttft_s'] * 1000:.0f} ms ({v['speedup']:.2f}×, {v['message_bytes']:,} B)"
                               for label, v in t.items() if isinstance(v, dict)), markup=False)
         results["directions"].append(direction)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each direction: partial results survive
+        write_json(args.out, results)  # after each direction: partial results survive
         # a pair given as folders names its plot by the models' names, not their paths (a '/' in the name failed)
         plot = args.out.with_name(f"{args.out.stem}-blocks-{safe_name(sender)}-to-{safe_name(receiver)}.png")
         plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plot, args.tolerance)

@@ -13,13 +13,11 @@ coder, on one thread (best of ``--repeats``), checking both round-trip exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -52,8 +50,9 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--items", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
 
     agents = Agents.load(args.model)
@@ -116,10 +115,8 @@ def main() -> None:
                       f"{r['decode_msym_s']['rans']:.1f} / {r['decode_msym_s']['constriction']:.1f}",
                       f"{r['decode_msym_s']['rans'] / r['decode_msym_s']['constriction']:.1f}")
     Console(width=150).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "items": len(batch.items),
-                                    "torch_threads": torch.get_num_threads(), "rows": rows, **record},
-                                   indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "task": args.task, "items": len(batch.items),
+                          "torch_threads": torch.get_num_threads(), "rows": rows, **record})
     print(f"written: {args.out}")
 
 

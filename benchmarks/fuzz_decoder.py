@@ -41,7 +41,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/record.py, beside this file
 
-from record import run_record  # noqa: E402
+from record import add_out, check_out, run_record, write_json  # noqa: E402
 
 from kvcomm.errors import WireError  # noqa: E402
 from kvcomm.wire import Codebook, KVMessage, LayerKV, make_codec, save_codebook  # noqa: E402
@@ -177,8 +177,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
     with private_codebooks():
         fuzz(args, record)
@@ -218,10 +219,9 @@ def fuzz(args: argparse.Namespace, record: dict) -> None:
         table.add_row(name, f"{c['inputs']:,}", f"{refused:,}", f"{c['decoded']:,}", str(other))
     Console().print(table)
     print(f"peak RSS {peak_mb:.0f} MB; non-WireError exceptions: {len(crashes)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"seconds": args.seconds, "seed": args.seed, "peak_rss_mb": peak_mb,
-                                    "counts": {k: dict(v) for k, v in counts.items()}, "crashes": crashes,
-                                    **record}, indent=1) + "\n")
+    write_json(args.out, {"seconds": args.seconds, "seed": args.seed, "peak_rss_mb": peak_mb,
+                          "counts": {k: dict(v) for k, v in counts.items()}, "crashes": crashes,
+                          **record})
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -118,8 +117,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     if args.batch or args.floor:  # child process
         print(json.dumps(floor(args) if args.floor else one_run(args)))
         return
@@ -193,8 +193,7 @@ def main() -> None:
     summary = {"model": args.model, "task": args.task, "ratio": args.ratio, "threads": args.threads,
                "official_seconds": args.official_seconds, "official_items": args.official_items,
                "floor": limits, "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs], **record}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(args.out, summary)
     console.print(f"written: {args.out}")
 
 

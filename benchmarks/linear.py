@@ -19,7 +19,6 @@ The model rows pack what ``load_model(..., linear="packed")`` packs (layers of a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm.models import load_model  # noqa: E402
 from kvcomm.models.packing import PACKED_MIN_WEIGHT, PACKED_ROWS, PackedLinear, pack_linears  # noqa: E402
@@ -75,8 +74,9 @@ def main() -> None:
     parser.add_argument("--prompts", default="45,1058", help="prompt lengths (tokens) prefilled at batch 1")
     parser.add_argument("--batches", default="1,16", help="batch sizes of one decoding step")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
 
     model = load_model(args.model).model  # packed here, small layers too, to show every shape
@@ -121,10 +121,8 @@ def main() -> None:
         table.add_row(row["what"], str(row["rows"]), f"{row['dense'] * 1e3:.2f}", f"{row['packed'] * 1e3:.2f}",
                       f"{row['speedup']:.2f}")
     Console(width=120).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                    "packed_rows": PACKED_ROWS, "repeats": args.repeats, "rows": rows_out, **record},
-                                   indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "threads": torch.get_num_threads(),
+                          "packed_rows": PACKED_ROWS, "repeats": args.repeats, "rows": rows_out, **record})
     print(f"written: {args.out}")
 
 

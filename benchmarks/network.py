@@ -27,7 +27,8 @@ process; packed rows are labelled ``(packed)``.
 
 The sender prefills and encodes before any timing (messages are stored, content-addressed).
 Everything it creates (namespaces ``kvn-snd``/``kvn-rcv``, the veth pair, addresses 10.231.0.1/2)
-is removed at the end, also on errors; nothing else is touched. Where namespaces cannot be made
+is removed at the end, also on errors; nothing else is touched. One run at a time: a second one
+exits while the first holds ``/run/lock/kvcomm-network.lock``. Where namespaces cannot be made
 (not root, no ``ip``), it says so and exits 0 without measuring.
 
     sudo python benchmarks/network.py --model smollm2-135m --lengths 1024 --rates 10,100,1000 \\
@@ -37,6 +38,7 @@ is removed at the end, also on errors; nothing else is touched. Where namespaces
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -47,6 +49,7 @@ import time
 from pathlib import Path
 
 import httpx
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 
 SENDER_NS, RECEIVER_NS = "kvn-snd", "kvn-rcv"
 SENDER_IF, RECEIVER_IF = "kvn-veth-s", "kvn-veth-r"
@@ -59,10 +62,23 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), check=check, capture_output=True, text=True)
 
 
+LOCK = Path("/run/lock/kvcomm-network.lock")  # held while a run's namespaces exist
+
+
 class Link:
-    """Two namespaces joined by a veth pair; removed on exit, whatever happened."""
+    """Two namespaces joined by a veth pair; removed on exit, whatever happened. One run at a time
+    holds :data:`LOCK` (the names are fixed), so that removing an interrupted run's leftovers never
+    removes those of a run still measuring."""
 
     def __enter__(self) -> Link:
+        LOCK.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = LOCK.open("w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise SystemExit(f"another network.py run holds {LOCK} (its namespaces {SENDER_NS}/{RECEIVER_NS} are "
+                             "in use): wait for it to finish") from None
         self.close()  # leftovers of an interrupted run
         try:
             sh("ip", "netns", "add", SENDER_NS)
@@ -74,7 +90,7 @@ class Link:
                 sh("ip", "-n", ns, "link", "set", dev, "up")
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
         except BaseException:  # a step failed (or was interrupted): what the earlier ones made goes too
-            self.close()
+            self.__exit__()
             raise
         return self
 
@@ -91,7 +107,10 @@ class Link:
             sh("ip", "link", "del", dev, check=False)
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self.lock.close()  # releases the lock
 
 
 def can_make_namespaces() -> str | None:
@@ -115,14 +134,11 @@ def outer(args: argparse.Namespace) -> None:
     if reason is not None:
         print(f"skipped: {reason}")
         return
-    from record import run_record  # benchmarks/record.py, beside this file
-
     record = run_record(args)  # taken at the start: the code that ran
     rows: list[dict] = []
     layers: list[int] | None = None
     env = {**os.environ, "KVCOMM_LOG_LEVEL": "warning"}
     env.pop("KVCOMM_LINEAR", None)  # the sender computes as usual; --linears applies to the receiver
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with Link() as link:
         sender = subprocess.Popen(["ip", "netns", "exec", SENDER_NS, sys.executable, "-m", "kvcomm", "serve",
                                    "--model", args.model, "--host", SENDER_IP, "--port", str(args.port),
@@ -246,7 +262,7 @@ def inner(args: argparse.Namespace) -> None:
         for row in rows:
             if row["context_tokens"] == base["context_tokens"]:
                 row["speedup_vs_skyline"] = sky / row["ttft_s"]
-    Path(args.out).write_text(json.dumps({"rows": rows, "layers": layers}, indent=1) + "\n")
+    write_json(args.out, {"rows": rows, "layers": layers})
 
 
 def report(args: argparse.Namespace, rows: list[dict], record: dict | None = None) -> None:
@@ -268,9 +284,8 @@ def report(args: argparse.Namespace, rows: list[dict], record: dict | None = Non
         table.add_row(f"{r['rate_mbit']:g}", str(r["context_tokens"]), r["method"], f"{r['bytes']:,}",
                       f"{r['ttft_s']:.3f}", f"{r['speedup_vs_skyline']:.1f}", note)
     Console(width=150).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**(record or {}), "model": args.model, "ratio": args.ratio, "runs": args.runs,
-                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
+    write_json(args.out, {**(record or {}), "model": args.model, "ratio": args.ratio, "runs": args.runs,
+                          "threads": args.threads, "rows": rows})
     plot(rows, args.out.with_suffix(".png"), args.model)
     print(f"written: {args.out} and {args.out.with_suffix('.png')}")
 
@@ -312,13 +327,14 @@ def main() -> None:
                         help="how the receiver's linear layers compute: dense, packed, or both (dense,packed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the receiver (0: torch's default)")
     parser.add_argument("--port", type=int, default=8141)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.inner:
+    if args.inner:  # its --out is the outer run's part file
         inner(args)
     else:
+        check_out(parser, args)
         outer(args)
 
 

@@ -40,7 +40,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import bootstrap_ci, share, share_ci  # noqa: E402
@@ -210,8 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarise:
         summary = summarise(args.summarise, args.beside)
-        args.summarise.with_name(args.summarise.stem + "-summary.json").write_text(
-            json.dumps({**summary, **run_record(args)}, indent=1) + "\n")
+        write_json(args.summarise.with_name(args.summarise.stem + "-summary.json"), {**summary, **run_record(args)})
         table = Table(title=f"{summary['task']}, {summary['items']} items ({summary['metric']})")
         for column in ("configuration", "layers", "score [95% CI]", "÷ skyline [95% CI]", "− random [95% CI]"):
             table.add_column(column)
@@ -234,8 +233,7 @@ def main() -> None:
         parser.error(f"--reuse: --out {args.out} does not exist")
     new = json.loads(args.out.read_text()) if args.reuse else run(args, saved, labels)
     summary = compare(saved, new, labels)
-    args.out.with_name(args.out.stem + "-comparison.json").write_text(
-        json.dumps({**summary, **record}, indent=1) + "\n")
+    write_json(args.out.with_name(args.out.stem + "-comparison.json"), {**summary, **record})
     table = Table(title=f"{summary['task']}, {summary['items']} items, skyline {summary['skyline']}: "
                         "score ÷ skyline [95% CI]")
     for column in ("configuration", "layers", "chats", "passages", "passages − chats [95% CI]"):

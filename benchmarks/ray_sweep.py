@@ -26,10 +26,9 @@ import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -78,8 +77,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to run")
     parser.add_argument("--project", type=int, default=8, help="project the speed-up up to this many workers")
     parser.add_argument("--run", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     if args.run:  # child process
         print(json.dumps(one_run(args)))
         return
@@ -126,8 +126,7 @@ def main() -> None:
         console.print(f"Ray's overhead (ray-1 against serial, evaluation): {100 * summary['ray_overhead']:+.1f}%")
         console.print("projected speed-up: " + ", ".join(f"{n} workers ×{s:.2f}" for n, s in projection.items())
                       + (" (the run is one batch: more workers have nothing to share)" if one["batches"] == 1 else ""))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(args.out, summary)
     console.print(f"written: {args.out}")
 
 

@@ -12,6 +12,10 @@ made it:
   number of torch threads.
 
 Take the record when the run starts (the commit is the code that ran, not the code at the end).
+
+Every script's results go where ``--out`` names (:func:`add_out`), checked before any work
+(:func:`check_out`: an existing file is replaced only with ``--overwrite``) and written whole or
+not at all (:func:`write_json`), so that a run that fails halfway leaves the last results as they were.
 """
 
 from __future__ import annotations
@@ -24,6 +28,35 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def add_out(parser: argparse.ArgumentParser, required: bool = True,
+            help: str = "results JSON (a path of your choosing)") -> None:
+    """``--out`` (the results JSON) and ``--overwrite`` (replace it where it exists)."""
+    parser.add_argument("--out", type=Path, required=required, help=help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (and the files beside it that "
+                        "this script writes) where it exists; without it an existing --out is refused before any work")
+
+
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses (through ``parser``, before any work) an ``--out`` that is a folder, or a file that
+    exists where ``--overwrite`` was not given."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder: give the results file's path")
+    if out.exists() and not args.overwrite:
+        parser.error(f"--out {out} exists: pass --overwrite to replace it, or give another --out")
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """``data`` as indented JSON at ``path`` (its folder made), written atomically: a run that
+    fails while writing leaves the file as it was."""
+    from kvcomm.files import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def command() -> str:

@@ -42,6 +42,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from record import write_json  # benchmarks/record.py, beside this file
+
 from kvcomm.eval.results import bootstrap_ci, share, share_ci, summarize
 from kvcomm.selection import format_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
@@ -527,7 +529,7 @@ def main() -> None:
         rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
         if args.json:
-            args.json.write_text(json.dumps(_finite(rows), indent=1) + "\n")
+            write_json(args.json, _finite(rows))
     else:
         codecs_table(reports)
 

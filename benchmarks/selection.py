@@ -16,7 +16,6 @@ saved run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command, run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
@@ -170,11 +169,12 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's table; run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --report: the table as markdown "
                         "(≈: above random but inside the interval; ✗: not above)")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (required unless --report)")
+    add_out(parser, required=False, help="results JSON (required unless --report)")
     parser.add_argument("--budget", type=float, default=None, metavar="TOLERANCE",
                         help="also find each rule's budget on the calibration items (with --report: of that run; "
                              "give the same --model, --task, --data, --items); written beside the JSON")
     args = parser.parse_args()
+    check_out(parser, args)
     if args.report is not None and args.budget is not None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
@@ -223,7 +223,7 @@ def main() -> None:
 
 def write_budgets(found: dict[str, dict], beside: Path, record: dict) -> None:
     path = beside.with_name(beside.stem + "-budgets.json")
-    path.write_text(json.dumps({**found, **record}, indent=1) + "\n")
+    write_json(path, {**found, **record})
     for rule, budget in found.items():  # (the JSON also holds the run's provenance and environment)
         scores = ", ".join(f"{r}: {v:.2f}" for r, v in budget["scores"].items())
         print(f"{rule}: budget {budget['ratio']:.3f} (tolerance {budget['tolerance']}, {budget['items']} items, "

@@ -14,7 +14,6 @@ size, more items might still change it, and the table says so. Prints the table,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.selection.calibrate import OBJECTIVES, RULES, calibrate  # noqa: E402
@@ -58,8 +57,9 @@ def main() -> None:
     parser.add_argument("--objective", choices=OBJECTIVES, default="likelihood",
                         help="what the answer-fitted rules maximise, the same at every size (auto, the library's "
                              "default with 8 items, searches on half of them)")
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
         ratios = [float(r) for r in args.ratios.split(",")]
@@ -108,10 +108,9 @@ def main() -> None:
         table.add_row(row["rule"], f"{row['ratio']:g}", *[f"{j:.2f}" for j in row["jaccard_to_largest"]], settled,
                       " / ".join(f"{s:.0f}" for s in row["seconds"]))
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "objective": args.objective,
-                                    "pool": [i.id for i in pool],
-                                    "rows": rows, **record}, indent=1))
+    write_json(args.out, {"model": args.model, "task": args.task, "objective": args.objective,
+                          "pool": [i.id for i in pool],
+                          "rows": rows, **record})
     console.print(f"results: {args.out}", markup=False)
 
 

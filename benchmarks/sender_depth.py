@@ -15,13 +15,11 @@ the layers), the first ``--ratio`` and every layer, and checks that the two mess
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 from ttft import context_of, middle_layers
@@ -60,8 +58,9 @@ def main() -> None:
                         "adds its template's)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the layers shared")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -104,9 +103,8 @@ def main() -> None:
                           f"{medians['whole']:.3f}", f"{medians['shallow']:.3f}",
                           f"{medians['whole'] / medians['shallow']:.2f}", f"{full:.1e}", f"{sink:.1e}")
     Console(width=140).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "ratio": args.ratio, "runs": args.runs, "rows": rows,
-                                    **record}, indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "ratio": args.ratio, "runs": args.runs, "rows": rows,
+                          **record})
     print(f"written: {args.out}")
 
 

@@ -15,7 +15,6 @@ later one (8 candidates), and checks that both give the same values.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import run_record  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.eval.batch import Batch  # noqa: E402
@@ -56,8 +55,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--items", type=int, default=4, help="calibration items (the task's last ones)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     record = run_record(args)
 
     generated = {"items": max(args.items, 8)} if TASKS.get(args.task).source == "generated" else {}
@@ -98,9 +98,8 @@ def main() -> None:
                       f"{r['speedup']:.2f}", f"{r['whole_layer_rows']} → {r['staircase_layer_rows']}",
                       f"{r['whole_calls']} → {r['staircase_calls']}", f"{r['max_abs_diff']:.1e}")
     Console(width=200).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "task": args.task, "threads": torch.get_num_threads(),
-                                    "repeats": args.repeats, "rows": rows, **record}, indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "task": args.task, "threads": torch.get_num_threads(),
+                          "repeats": args.repeats, "rows": rows, **record})
     print(f"results: {args.out}")
 
 

@@ -22,9 +22,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from record import run_record  # benchmarks/record.py, beside this file
+from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -78,8 +77,9 @@ def main() -> None:
                              "of each pair: a machine whose speed drifts over the run (linearly) then drifts out "
                              "of the ratio")
     parser.add_argument("--mode", choices=["one-by-one", "optimised"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     if args.mode:  # child process
         print(json.dumps(one_run(args)))
         return
@@ -154,8 +154,7 @@ def main() -> None:
                       f"×{run['speedup']:.2f}" if "speedup" in run else "", same)
     console = Console(width=160)
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(args.out, summary)
     console.print(f"written: {args.out}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/record.py, beside this file
 
-from record import run_record  # noqa: E402
+from record import add_out, check_out, run_record, write_json  # noqa: E402
 
 from kvcomm import Client, load_model  # noqa: E402
 from kvcomm.errors import KvcommError  # noqa: E402
@@ -121,8 +120,9 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--port", type=int, default=8131)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON (a path of your choosing)")
+    add_out(parser)
     args = parser.parse_args()
+    check_out(parser, args)
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -181,9 +181,8 @@ def main() -> None:
     console.print(f"store: GET {store['get_mb_s']:.0f} MB/s (the largest message, {args.runs} GETs); 8 concurrent "
                   f"clients, {store['requests']} requests of {store['message_bytes']:,} bytes: "
                   f"p50 {store['p50_s'] * 1000:.0f} ms, {tail}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "layers": layers, "lengths": lengths, "codecs": codecs,
-                                    "runs": args.runs, "rows": rows, "store": store, **record}, indent=1) + "\n")
+    write_json(args.out, {"model": args.model, "layers": layers, "lengths": lengths, "codecs": codecs,
+                          "runs": args.runs, "rows": rows, "store": store, **record})
     console.print(f"written: {args.out}")
 
 

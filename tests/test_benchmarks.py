@@ -120,3 +120,39 @@ def test_the_anchor_benchmark_runs(monkeypatch, tmp_path):
                                       "--out", str(out)])
     module.main()
     assert [row["anchors"] for row in json.loads(out.read_text())["rows"]] == [1, 2]
+
+
+def test_results_files_are_checked_before_any_work_and_written_whole(monkeypatch, tmp_path):
+    record = script("record", monkeypatch)
+    parser = argparse.ArgumentParser()
+    record.add_out(parser)
+    out = tmp_path / "r.json"
+    out.write_text('{"old": 1}')
+    with pytest.raises(SystemExit):  # an existing --out without --overwrite
+        record.check_out(parser, parser.parse_args(["--out", str(out)]))
+    with pytest.raises(SystemExit):  # a folder, even with --overwrite
+        record.check_out(parser, parser.parse_args(["--out", str(tmp_path), "--overwrite"]))
+    record.check_out(parser, parser.parse_args(["--out", str(out), "--overwrite"]))
+    with pytest.raises(TypeError):  # what JSON cannot hold: the old results stay as they were
+        record.write_json(out, {"rows": [object()]})
+    assert out.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    record.write_json(tmp_path / "new" / "r.json", {"rows": [1]})
+    assert (tmp_path / "new" / "r.json").read_text() == '{\n "rows": [\n  1\n ]\n}\n'
+
+
+def test_a_second_network_run_leaves_the_first_ones_namespaces_alone(monkeypatch, tmp_path):
+    import fcntl
+
+    network = script("network", monkeypatch)
+    monkeypatch.setattr(network, "LOCK", tmp_path / "network.lock")
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(network, "sh", lambda *args, check=True: calls.append(args))
+    with (tmp_path / "network.lock").open("w") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run measuring
+        with pytest.raises(SystemExit, match="another network.py run"):
+            network.Link().__enter__()
+    assert calls == []  # nothing deleted, nothing made
+    with network.Link():
+        assert ("ip", "netns", "add", network.SENDER_NS) in calls
+    with network.Link():  # the lock was given back
+        pass
