@@ -17,8 +17,8 @@ stopped at the end) and replays, bounded in count and time:
 - **kill -9**: an agent on a disk store killed during a stream of uploads and restarted: every
   acknowledged message must be there, byte for byte.
 
-Prints one table (inputs, clean errors, other exceptions, 5xx, hangs, RSS growth, data lost) and
-writes JSON.
+Prints one table (inputs, clean errors, accepted inputs, chats over accepted messages that failed,
+other exceptions, 5xx, hangs, RSS growth, data lost) and writes JSON.
 
     python benchmarks/attack.py --model smollm2-135m --out benchmarks/results/attack.json
 """
@@ -236,13 +236,19 @@ class HealthProbe:
 
 
 def row(phase: str, statuses: Counter[int], tracebacks: int, hangs: int = 0, rss_mb: float | None = None,
-        lost: int | None = None, notes: str = "") -> dict[str, Any]:
-    five = sum(n for s, n in statuses.items() if s >= 500 and s not in DOCUMENTED_5XX)
+        lost: int | None = None, notes: str = "", chats: Counter[int] | None = None) -> dict[str, Any]:
+    """One phase's row; ``chats``: the statuses of chats over the messages the phase had accepted
+    (a message stored is one the service checked: any of its chats that fails counts, and its 5xx
+    beside the phase's own)."""
+    five = sum(n for s, n in (statuses + (chats or Counter())).items() if s >= 500 and s not in DOCUMENTED_5XX)
     clean = sum(n for s, n in statuses.items() if 400 <= s < 500 or s in DOCUMENTED_5XX)
     return {"phase": phase, "inputs": sum(statuses.values()), "clean_errors": clean,
             "accepted": sum(n for s, n in statuses.items() if s < 400), "other_exceptions": tracebacks,
             "undocumented_5xx": five, "hangs": hangs, "rss_growth_mb": rss_mb, "data_lost": lost,
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "notes": notes}
+            "accepted_chats_failed": None if chats is None else sum(n for s, n in chats.items() if s != 200),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            **({} if chats is None else {"chat_statuses": {str(k): v for k, v in sorted(chats.items())}}),
+            "notes": notes}
 
 
 def post(client: httpx.Client, path: str, **kwargs: Any) -> httpx.Response | None:
@@ -304,13 +310,14 @@ def phase_crafted(agent: Agent, valid: bytes, mutations: int, rng: random.Random
                 message = KVMessage.from_bytes(data)
                 largest = max(largest, sum(8 * layer.keys.numel() for layer in message.layers))
         growth = agent.rss_mb("VmHWM") - rss_before  # peak growth from the uploads themselves
-        failed_chats = 0
+        chats: Counter[int] = Counter()
         for message_id in accepted:
             reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Where?"}],
                                                               "max_tokens": 2, "kv_messages": [message_id]})
-            failed_chats += reply.status_code != 200
-    return row("crafted messages", statuses, agent.tracebacks() - tb, rss_mb=growth,
-               notes=f"{len(accepted)} accepted, {failed_chats} of their chats failed; peak RSS grew "
+            chats[reply.status_code] += 1
+    failed = sum(n for s, n in chats.items() if s != 200)
+    return row("crafted messages", statuses, agent.tracebacks() - tb, rss_mb=growth, chats=chats,
+               notes=f"{len(accepted)} accepted, {failed} of their chats failed; peak RSS grew "
                      f"{growth:.1f} MB during the uploads; the largest accepted message decodes to "
                      f"{largest / 2**20:.1f} MB (limit 2x = {2 * largest / 2**20:.1f} MB)")
 
@@ -517,12 +524,14 @@ def phase_kill9(model: str, folder: Path, valid: bytes) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     table = Table(title="attack · " + " · ".join(f"{k} {v}" for k, v in meta.items()))
-    for column in ("phase", "inputs", "clean errors", "accepted", "other exceptions", "5xx (not 503/504)", "hangs",
-                   "RSS growth MB", "data lost"):
+    for column in ("phase", "inputs", "clean errors", "accepted", "accepted's chats failed", "other exceptions",
+                   "5xx (not 503/504)", "hangs", "RSS growth MB", "data lost"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for r in rows:
+        failed = r.get("accepted_chats_failed")
         table.add_row(r["phase"], str(r["inputs"]), str(r["clean_errors"]), str(r["accepted"]),
-                      str(r["other_exceptions"]), str(r["undocumented_5xx"]), str(r["hangs"]),
+                      "-" if failed is None else str(failed), str(r["other_exceptions"]), str(r["undocumented_5xx"]),
+                      str(r["hangs"]),
                       "-" if r["rss_growth_mb"] is None else f"{r['rss_growth_mb']:.0f}",
                       "-" if r["data_lost"] is None else str(r["data_lost"]))
     console = Console(width=170)

@@ -156,3 +156,14 @@ def test_a_second_network_run_leaves_the_first_ones_namespaces_alone(monkeypatch
         assert ("ip", "netns", "add", network.SENDER_NS) in calls
     with network.Link():  # the lock was given back
         pass
+
+
+def test_chats_over_accepted_crafted_messages_count_in_the_row(monkeypatch):
+    from collections import Counter
+
+    attack = script("attack", monkeypatch)
+    got = attack.row("crafted messages", Counter({200: 3, 400: 5}), 0, chats=Counter({200: 2, 500: 1}))
+    assert got["accepted"] == 3 and got["accepted_chats_failed"] == 1 and got["undocumented_5xx"] == 1
+    assert got["chat_statuses"] == {"200": 2, "500": 1}
+    other = attack.row("bounded requests", Counter({400: 2}), 0)
+    assert other["accepted_chats_failed"] is None and "chat_statuses" not in other
