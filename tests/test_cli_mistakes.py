@@ -85,6 +85,9 @@ MISTAKES = [
     ("sweep -m {model} --methods nld@0.5", "takes no ratio"),
     ("sweep -m {model} --codecs none,int9", "Did you mean 'int8'"),
     ("sweep -m {model} --out-dir {dir}/file.txt", "--out-dir"),
+    # a folder nothing can be written in, even by root (for whom os.access says yes): a file is tried there
+    ("eval -m {model} --out-dir /proc/kvcomm-run", "cannot write in /proc"),
+    ("eval -m {model} --out /proc/kvcomm-run.json", "cannot write in /proc"),
     ("calibrate -m {model} --calib-size 0", "--calib-size"),
     ("encode {dir}/m.kvcm -m {model}", "exactly one of --context or --context-file"),
     ("encode {dir}/file.txt -m {model} --context x", "file.txt exists; pass --overwrite"),  # before: replaced

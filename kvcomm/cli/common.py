@@ -14,6 +14,7 @@ import functools
 import inspect
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -475,8 +476,14 @@ def _check_writable(path: Path, given_as: str, folders: Iterable[Path]) -> None:
     blocked = next((folder for folder in folders if folder.exists()), None)
     if blocked is not None and not blocked.is_dir():
         raise ConfigError(f"{given_as} {path}: {blocked} is a file, not a folder")
-    if blocked is not None and not os.access(blocked, os.W_OK):
-        raise ConfigError(f"{given_as} {path}: cannot write in {blocked}")
+    if blocked is None:
+        return
+    try:  # a file made and removed at once: os.access says yes to root everywhere (/proc, a read-only mount)
+        with tempfile.TemporaryFile(dir=blocked):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{given_as} {path}: cannot write in {blocked} (a test file could not be made there: "
+                          f"{err.strerror or err})") from None
 
 
 def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = True) -> tuple[Path, Path]:
