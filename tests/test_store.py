@@ -308,6 +308,28 @@ def test_a_value_of_another_type_under_an_id_is_no_message_not_an_unavailable_re
     store.close()
 
 
+def test_redis_before_6_lists_messages_without_scan_type(redis_url, monkeypatch):
+    """SCAN … TYPE is Redis 6.0's: an older server answers a syntax error, and the store asks each key's type."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"test:{time.time_ns()}:")
+    other = redis.Redis.from_url(redis_url)
+    store.put("m", b"message")
+    other.hset(store.prefix + "hashed", "field", b"y")
+    scan = store._client.scan_iter
+
+    def old_scan(*args, **kwargs):
+        if "_type" in kwargs:
+            raise redis.ResponseError("syntax error")
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(store._client, "scan_iter", old_scan)
+    assert store.list() == ["m"]
+    other.delete(store.prefix + "hashed")
+    other.close()
+    store.close()
+
+
 def test_a_disk_index_locked_past_the_timeout_is_store_unavailable(tmp_path, monkeypatch):
     import sqlite3
 

@@ -98,7 +98,12 @@ class RedisStore:
 
     def list(self) -> list[str]:
         def scan() -> list[Any]:
-            return list(self._client.scan_iter(match=self.prefix + "*", _type="STRING"))
+            try:
+                return list(self._client.scan_iter(match=self.prefix + "*", _type="STRING"))
+            except self._response_error as err:  # Redis before 6.0 has no SCAN … TYPE: each key's TYPE asked
+                if "syntax" not in str(err).lower():
+                    raise
+                return [key for key in self._client.scan_iter(match=self.prefix + "*") if self._is_message(key)]
 
         ids = (key.decode("utf-8", errors="replace")[len(self.prefix):] for key in self._call("list", scan))
         return sorted(message_id for message_id in ids if is_id(message_id))  # not what other writers put there
