@@ -200,6 +200,7 @@ def test_sweep_builds_the_klt_codebook_from_calibration_items(tiny_dir, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "facts.json").read_text())
     assert report["config"]["codebook"]["tokens"] > 0 and len(report["config"]["codebook"]["id"]) == 16
+    assert report["config"]["codebook"]["source"] == "calibration items"
 
 
 def test_calibrate_by_a_rule_with_a_budget(tiny_dir, tmp_path):

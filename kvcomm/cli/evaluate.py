@@ -41,7 +41,9 @@ def eval_command(
     layers: Annotated[str | None, typer.Option(help="Explicit layers for kvcomm, e.g. '0,4,10-14'.")] = None,
     codec: Annotated[str | None, typer.Option(
         help=f"Send KV through a message with this codec; bytes are the message's size. {CODEC_HELP} "
-             "klt builds its codebook from the calibration items: use --calib-size 16 or more.")] = None,
+             "klt builds its codebook from the calibration items (use --calib-size 16 or more); with "
+             "--calib-size 0 it takes the model's default codebook (`kvcomm codebook`), built from generated "
+             "text on first use where there is none.")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Results JSON of a one-task run; the samples file and checkpoint go beside it. "
              "(default: <task>.json in the run folder, see --out-dir)")] = None,
@@ -72,7 +74,8 @@ def sweep_command(
     = None,
     codecs: Annotated[str, typer.Option(help=f"Comma-separated codecs for methods that share KV; 'none' = in "
                                         f"process. {CODEC_HELP} klt builds its codebook from the calibration "
-                                        "items: use --calib-size 16 or more.")] = "none",
+                                        "items (use --calib-size 16 or more; with 0, the model's default "
+                                        "codebook).")] = "none",
     modes: Annotated[str | None, typer.Option(
         help=f"Comma-separated mask modes for methods that share KV, one configuration each "
              f"({', '.join(MASK_MODES)}); instead of --mode.")] = None,

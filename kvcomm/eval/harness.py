@@ -750,7 +750,9 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
         "alpha_source": alpha_source,
         "seeds": {"bootstrap": BOOTSTRAP_SEED, "task": task.seed, "methods": method_seeds(methods)},
         **({"task_options": task.options} if task.options else {}),
-        **({"codebook": {"id": book.id, "tokens": book.meta["tokens"]}} if book is not None else {}),
+        **({"codebook": {"id": book.id, "tokens": book.meta["tokens"],  # where its statistics came from
+                         "source": "calibration items" if calib else "the model's default codebook"}}
+           if book is not None else {}),
     }
 
 
