@@ -350,6 +350,33 @@ def test_kvcomm_data_naming_a_path_with_a_space_is_read_whole(tiny_dir, tmp_path
     assert json.loads((tmp_path / "run" / "my-data.json").read_text())["config"]["data"]["path"] == str(data)
 
 
+def test_overwrite_keeps_the_earlier_results_until_the_models_have_loaded(tiny_dir, tmp_path, monkeypatch):
+    """--overwrite deleted the earlier run's files while planning: a model that then failed to load
+    left neither the old results nor new ones."""
+    from kvcomm import agents as agents_module
+
+    folder = tmp_path / "run"
+    common = ["eval", "-m", str(tiny_dir), "-t", "facts", "--method", "baseline", "--limit", "2", "--batch-size", "2",
+              "-q", "--out-dir", str(folder)]
+    assert invoke(*common).exit_code == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    (checkpoint,) = folder.glob("*.checkpoint")
+    batches = sorted(p.name for p in checkpoint.iterdir())
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the model")
+
+    monkeypatch.setattr(agents_module.Agents, "load", broken)
+    failed = invoke(*common, "--overwrite")
+    assert isinstance(failed.exception, MemoryError), failed.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in checkpoint.iterdir()) == batches
+    monkeypatch.undo()
+    again = invoke(*common, "--limit", "3", "--overwrite")  # loaded: the old files go, the new run's replace them
+    assert again.exit_code == 0, again.output
+    assert json.loads((folder / "facts.json").read_text())["config"]["test_items"] == 3
+
+
 def test_overwrite_removes_only_what_the_command_writes(tiny_dir, tmp_path):
     """``eval --out x.json --overwrite`` deleted x.png, a plot eval never writes (a sweep's plot of
     the same name, or a file of the user's)."""

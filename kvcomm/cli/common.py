@@ -139,7 +139,8 @@ OutDir = Annotated[Path | None, typer.Option(
     file_okay=False, help="Run folder: per task a results JSON, a samples JSONL (and plots). "
                           "(default: results/<YYYYmmdd-HHMMSS>-<model>/, UTC)")]
 Overwrite = Annotated[bool, typer.Option(
-    help="Replace the run's files where they exist already (without it, an existing file is refused).")]
+    help="Replace the run's files where they exist already (without it, an existing file is refused); "
+         "they are removed once the models have loaded, before the work begins.")]
 Resume = Annotated[Path | None, typer.Option(
     exists=True, file_okay=False,
     help="Continue the interrupted run in this folder: finished batches are kept, the rest runs with the "

@@ -7,9 +7,10 @@ their data, the item split, the profile, the run folder and the files in it, and
 The run folder is ``--resume FOLDER``, else ``--out-dir``, else the folder of ``eval --out``,
 else a new ``results/<YYYYmmdd-HHMMSS>-<model>/`` (UTC). A file the run would write that exists
 already is refused unless ``--overwrite``, which discards that task's checkpoint and the files
-an earlier run left (results, samples, plots) at once, so that a later ``--resume`` never takes
-them for this run's; with ``--resume`` the run's own files are replaced and its finished tasks
-are skipped.
+an earlier run left (results, samples, plots) once the models have loaded, before the task's work
+begins (a command that fails before leaves them as they were), so that a later ``--resume`` never
+takes them for this run's; with ``--resume`` the run's own files are replaced and its finished
+tasks are skipped.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TaskRun:
     files: TaskFiles
     checkpoint: Checkpoint
     finished: bool
+    replaced: list[Path]  # an earlier run's files that --overwrite removes once the models have loaded
 
 
 @dataclass
@@ -110,18 +112,19 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     planned = []
     for task in tasks:
         files = TaskFiles.beside(out) if out is not None else TaskFiles.for_task(folder, task.name)
-        if run.overwrite:
-            remove_checkpoint(files.checkpoint)
-            for path in files.existing(plots):  # only what this command writes (eval's --out x.json: no x.png)
-                path.unlink()
-        elif run.resume is None and (existing := files.existing(plots)):
+        # --overwrite removes only what this command writes (eval's --out x.json: no x.png), and only once
+        # the models have loaded: a run that fails before its work begins leaves the earlier results
+        replaced = files.existing(plots) if run.overwrite else []
+        if run.resume is None and not run.overwrite and (existing := files.existing(plots)):
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
                                 run.dtype, profiles_identity(profile, blocks), run.linear,
                                 calibration_identity(config, rules, len(task.items), profiled))
-        checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
-        planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file()))
+        checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None,
+                                fresh=run.overwrite)
+        planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file(),
+                               replaced=replaced))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):
         raise ConfigError(f"nothing to resume in {folder}: it holds no checkpoint of "
                           f"{', '.join(p.task.name for p in planned)}")
@@ -157,6 +160,7 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
         if ray is not None and cluster is None:
             cluster = stack.enter_context(Cluster(ray, run.model, run.receiver or run.model, run.dtype, run.linear))
             console.print(f"ray: {cluster.workers} workers, {ray.threads} thread(s) each", markup=False)
+        _remove(task_run.replaced)
         try:
             report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,
                               checkpoint=task_run.checkpoint, blocks=plan.blocks, cluster=cluster)
@@ -167,6 +171,16 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
         _write(report, agents, files, plots)
         reports.append(report)
     return reports
+
+
+def _remove(paths: list[Path]) -> None:
+    """An earlier run's files, which --overwrite replaces: the checkpoint folder's own files (a
+    checkpoint made by this run would not be read again) and the others."""
+    for path in paths:
+        if path.is_dir():
+            remove_checkpoint(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write(report: Report, agents: Agents, files: TaskFiles, plots: bool) -> None:
