@@ -369,6 +369,13 @@ def test_the_demo_writes_its_table_results_samples_and_plot(tiny_dir, tmp_path, 
     assert len(folders) == 1 and folders[0].name.endswith("-tiny")
     assert sorted(p.name for p in folders[0].iterdir()) == ["facts-samples.jsonl", "facts.json", "facts.png"]
     assert "kvcomm@0.5" in result.output and "Next:" in result.output
+    # where ./results cannot be made, it says so before a model loads (before: after the whole evaluation)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "results").write_text("a file of mine")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(demo_module.Agents, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    refused = CliRunner().invoke(app, [])
+    assert refused.exit_code == 2 and "cannot make a run folder here" in refused.output, refused.output
 
 
 def test_quiet_hides_the_warnings_transformers_raises_and_only_inside():

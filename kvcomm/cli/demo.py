@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvcomm.agents import Agents
 from kvcomm.cli.common import console
 from kvcomm.cli.group import command_line
-from kvcomm.errors import ModelError
+from kvcomm.errors import ConfigError, ModelError
 from kvcomm.eval import EvalConfig, evaluate, plot_sweep, print_table
 from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.samples import write_samples
@@ -26,10 +26,14 @@ def demo() -> None:
     task = load_task("facts", items=DEMO_ITEMS + 2)
     methods = build_methods(["baseline", "skyline", "kvcomm"], [0.5, 1.0])
     config = EvalConfig(limit=DEMO_ITEMS, batch_size=DEMO_ITEMS, calib_size=2)
+    try:  # claimed before the work, as eval's and sweep's (before, a ./results it could not write failed after it)
+        files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL, claim=True), task.name)
+    except OSError as err:
+        raise ConfigError(f"cannot make a run folder here ({type(err).__name__}: {err}); run the demo from a "
+                          "folder you can write in") from None
     agents = Agents.load(DEFAULT_MODEL)
     report = evaluate(agents, task, methods, config, command=command_line())
     print_table(report)
-    files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL, claim=True), task.name)  # writes into it at once
     plot, samples = plot_sweep(report, files.plots[0]), write_samples(report, agents, files.samples)
     report.save(files.results)
     console.print(f"results: {files.results}\nsamples: {samples}\nplot: {plot}", markup=False, soft_wrap=True)
