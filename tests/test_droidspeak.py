@@ -317,6 +317,30 @@ def test_a_hidden_state_beyond_float16_is_refused_not_sent_as_inf():
     assert back.hidden[1][0, 0] == 1e6
 
 
+def test_a_block_profile_of_another_data_file_is_refused(tmp_path):
+    """A jsonl task's ids are line numbers: blocks profiled on one file's items were taken for another's."""
+    import json
+
+    from kvcomm.eval.harness import check_profile
+    from kvcomm.eval.provenance import data_record
+    from kvcomm.selection.blocks import BlockProfile, BlockScore
+    from kvcomm.tasks import load_task
+
+    rows = [{"context": f"Person {n} lives in City {n}.", "question": f"Where does person {n} live?",
+             "answers": [f"City {n}"]} for n in range(4)]
+    for folder, order in (("a", rows), ("b", rows[::-1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in order))
+    made_on, other = (load_task("jsonl", str(tmp_path / f / "mine.jsonl")) for f in ("a", "b"))
+    profile = BlockProfile(sender="a", receiver="b", task="mine", num_layers=4,
+                           calibration_items=[made_on.items[-1].id], max_recompute=0.5, max_block=2, own=-1.0,
+                           reuse=-4.0,
+                           blocks=[BlockScore(start=0, stop=1, loglik=-2.0)], data=data_record(made_on))
+    check_profile(BlockProfile.model_validate_json(profile.model_dump_json()), made_on, made_on.items[:2])
+    with pytest.raises(ConfigError, match="block profile was calibrated on mine items of another data file"):
+        check_profile(profile, other, other.items[:2])
+
+
 def test_a_block_profile_of_another_pair_is_refused(variants, twins):
     from kvcomm import make_method
     from kvcomm.selection.blocks import profile_blocks

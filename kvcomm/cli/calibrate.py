@@ -144,6 +144,7 @@ def _blocks(model: str, receiver: str | None, the_task: Task, calib_size: int | 
         agents = Agents.load(model, receiver, dtype)
         profile = profile_blocks(agents, the_task, items, max_recompute, batch_size or EvalConfig().batch_size,
                                  progress=not quiet, objective=objective)
+    profile.data = data_record(the_task)
     profile.save(out, replace=overwrite)  # a file that appeared meanwhile is kept
     plot = plot_blocks(profile, plot_path, tolerance)
     picked = profile.pick(tolerance)

@@ -289,9 +289,9 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
         raise ConfigError(f"the profile was calibrated on {task.name} items made with {said}, this run's are made "
                           f"with {ours}: the same ids name other items; calibrate on these (kvcomm calibrate "
                           "--task-option …) or run without this profile (--profile)")
-    made_on = (profile.details.get("provenance") or {}).get("data") if isinstance(profile, Profile) else None
+    made_on = (profile.details.get("provenance") or {}).get("data") if isinstance(profile, Profile) else profile.data
     if made_on and (here := data_record(task)) is not None and made_on.get("sha256") != here["sha256"]:
-        raise ConfigError(f"the profile was calibrated on {task.name} items of another data file "
+        raise ConfigError(f"the {profile.what} was calibrated on {task.name} items of another data file "
                           f"({made_on.get('path')}, sha256 {str(made_on.get('sha256'))[:12]}…; this run's "
                           f"{here['sha256'][:12]}…): the same ids name other items; calibrate on this file or run "
                           "without this profile (--profile)")
@@ -458,8 +458,10 @@ class _Sources:
                 raise ConfigError(NEEDS_BLOCK + capped)
 
             def made() -> BlockProfile:
-                return profile_blocks(self.agents, self.task, self.calib, max_recompute, self.config.batch_size,
-                                      self.progress)
+                blocks = profile_blocks(self.agents, self.task, self.calib, max_recompute, self.config.batch_size,
+                                        self.progress)
+                blocks.data = data_record(self.task)
+                return blocks
 
             self.block_profiles[max_recompute] = made() if self.checkpoint is None else self.checkpoint.reuse(
                 _blocks_name(max_recompute), BlockProfile, made, max_recompute=max_recompute, **self._made_for())

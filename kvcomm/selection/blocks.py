@@ -98,6 +98,9 @@ class BlockProfile(JsonFile):
     reuse: float  # the sender's KV at every layer
     blocks: list[BlockScore]
     cost: dict[str, float] = {}
+    # the data file the task read (path, sha256; None: a generated task, or written before this was
+    # recorded): ids of another file's items are other items
+    data: dict[str, Any] | None = None
 
     def pick(self, tolerance: float = DEFAULT_BLOCK_TOLERANCE, max_layers: int | None = None) -> Pick:
         """The fewest layers whose score is within ``tolerance`` of the receiver's own (ties: the
