@@ -327,6 +327,21 @@ def test_inspect_shows_left_out_layers_and_hidden_frames():
     assert "left out" in result.output and "hidden" in result.output
 
 
+def test_inspect_shows_a_senders_text_as_it_is(tmp_path):
+    """Fingerprint values are the sender's text: ``[/x]`` crashed inspect (rich read it as a closing
+    tag) and ``[bold]`` vanished."""
+    import torch
+
+    from kvcomm.wire import KVMessage, LayerKV, make_codec
+
+    path = tmp_path / "m.kvcm"
+    KVMessage({"model_type": "llama[/x]", "other": "qwen2[bold]"}, 3, 0,
+              [LayerKV(0, True, torch.randn(1, 3, 4), torch.randn(1, 3, 4))], make_codec("fp32")).save(path)
+    result = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "llama[/x]" in result.output and "qwen2[bold]" in result.output
+
+
 def _commands(command, path=()):
     yield path, command
     for name, sub in getattr(command, "commands", {}).items():

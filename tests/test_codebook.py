@@ -148,6 +148,24 @@ def test_a_damaged_codebook_file_is_refused(monkeypatch, tmp_path):
     _LOADED.clear()
     with pytest.raises(WireError, match="damaged"):
         load_codebook(book.id)
+    # saving it again (running `kvcomm codebook` again) repairs it (before, the damaged file stayed for good)
+    from kvcomm.wire.codebook import save_codebook
+
+    save_codebook(book)
+    _LOADED.clear()
+    assert load_codebook(book.id).id == book.id
+
+
+def test_a_default_codebook_whose_file_is_gone_is_built_again(monkeypatch, tmp_path):
+    """The sender's own default pointed to a file deleted (or damaged) since: klt failed for good
+    with 'copy it from the sender's machine', on the sender's machine."""
+    monkeypatch.setenv("KVCOMM_CODEBOOKS", str(tmp_path))
+    model = tiny_loaded("llama")
+    built = model_codebook(model)
+    (tmp_path / f"{built.id}.safetensors").unlink()
+    _LOADED.clear()
+    again = model_codebook(model)
+    assert again.id == built.id and (tmp_path / f"{built.id}.safetensors").is_file()  # the same text, the same book
 
 
 def test_codebook_must_fit_the_message():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -912,6 +913,51 @@ def test_auto_leaves_out_the_candidates_a_messages_values_exceed():
     assert back.meta["codec_choice"]["chosen"] == "fp32" and back.layers[0].keys[0, 3, 3].item() == 1e5
     with pytest.raises(WireError, match="float16's range"):
         KVMessage({"m": 1}, 12, 0, layers, make_codec("auto", candidates=["fp16", "int8"])).to_bytes()
+
+
+def test_auto_and_the_writer_check_hidden_states_as_keys_and_values():
+    """A hidden state beyond float16's range: ``auto`` over fp16 and fp32 sends fp32 (before, the fp16
+    candidate's error ended it); NaN, or a value a codec cannot carry, is one WireError before any
+    codec runs (before, a bare error from the codec, or a message every reader refused)."""
+    layers = [LayerKV(0, True, kv_like(2, 12, 8, 0), kv_like(2, 12, 8, 1))]
+    hidden = torch.randn(12, 16)
+    hidden[4, 2] = 1e5
+    sent = KVMessage({"m": 1}, 12, 0, layers, make_codec("auto", candidates=["fp16", "fp32"]), hidden={0: hidden})
+    back = KVMessage.from_bytes(sent.to_bytes())
+    assert back.meta["codec_choice"]["chosen"] == "fp32" and back.hidden[0][4, 2].item() == 1e5
+    for name in ("fp16", "int4-ans", "cachegen"):
+        with pytest.raises(WireError, match="hidden state entering layer 0.*float16's range"):
+            KVMessage({"m": 1}, 12, 0, layers, make_codec(name), hidden={0: hidden}).to_bytes()
+    hidden[4, 2] = float("nan")
+    for name in ("fp32", "int8", "int4-ans", "cachegen"):
+        with pytest.raises(WireError, match="hidden state entering layer 0 hold NaN"):
+            KVMessage({"m": 1}, 12, 0, layers, make_codec(name), hidden={0: hidden}).to_bytes()
+
+
+def test_auto_leaves_out_a_candidate_whose_bytes_readers_would_take_for_a_bomb():
+    """Constant KV: zstd squeezes it under 1/256 of its size, which readers refuse; ``auto`` over fp16
+    and zstd sent nothing (the writer refused its choice), and now sends fp16."""
+    layers = [LayerKV(i, True, torch.ones(2, 1200, 8), torch.ones(2, 1200, 8)) for i in range(4)]
+    with pytest.raises(WireError, match="decompression bomb"):
+        KVMessage({"m": 1}, 1200, 0, layers, make_codec("zstd")).to_bytes()
+    sent = KVMessage({"m": 1}, 1200, 0, layers, make_codec("auto", candidates=["fp16", "zstd"])).to_bytes()
+    assert KVMessage.from_bytes(sent).meta["codec_choice"]["chosen"] == "fp16"
+
+
+@pytest.mark.parametrize("meta, match", [({"n": 10 ** 25}, "integer of 26 digits"), ({"s": "x" * 300_000}, "bytes"),
+                                         ({"d": functools.reduce(lambda inner, _: {"a": inner}, range(20), {})},
+                                          "nests deeper")])
+def test_the_writer_refuses_a_header_every_reader_would_refuse(meta, match):
+    message = golden_message()
+    message.meta = {**message.meta, **meta}
+    with pytest.raises(WireError, match=match):
+        message.to_bytes()
+
+
+def test_a_header_with_a_lone_surrogate_is_refused():
+    """``"\\ud800"`` is valid JSON but no text: accepted, it crashed ``inspect`` when printed."""
+    with pytest.raises(CorruptMessage, match="lone surrogate"):
+        parse_header(b'{"mode": "causal", "meta": {"a": "te\\ud800st"}}', 9)
 
 
 @pytest.mark.parametrize("name", ["klt", "auto"])

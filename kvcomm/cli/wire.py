@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvcomm.agents import answer, encode_context
 from kvcomm.cli.common import (
@@ -137,7 +138,7 @@ def inspect_command(
               markup=False, soft_wrap=True)
     table = Table("field", "value", title="fingerprint")
     for key, value in header["fingerprint"].items():
-        table.add_row(key, str(value))
+        table.add_row(Text(key), Text(str(value)))  # the sender's text: never read as markup
     out.print(table)
     sizes = Table("layer", "kind", "tokens", "bytes", title="layers")
     for entry in layers:
@@ -148,7 +149,7 @@ def inspect_command(
     if header.get("extras"):
         extras = Table("frame", "layer", "tokens", "width", "bytes", title="extra frames")
         for extra in header["extras"]:
-            extras.add_row(extra["kind"], "" if extra.get("layer") is None else str(extra["layer"]),
+            extras.add_row(Text(extra["kind"]), "" if extra.get("layer") is None else str(extra["layer"]),
                            str(extra["tokens"]), "" if extra.get("width") is None else str(extra["width"]),
                            f"{extra['bytes']:,}")
         out.print(extras)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 
+from kvcomm.errors import MissingCodebook, WireError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol.sender import SenderKV, pad_left, prefill
 from kvcomm.tasks.base import Item, Task
@@ -35,11 +37,13 @@ def model_codebook(sender: LoadedModel) -> Codebook:
     defaults were told by weights (it records none), kept as this model's from now on; or else one
     built now from generated facts contexts and saved as its default."""
     if (book_id := default_codebook_id(sender.fingerprint, sender.weights_digest)) is not None:
-        return load_codebook(book_id)
+        with contextlib.suppress(MissingCodebook, WireError):  # its file deleted or damaged: built again below
+            return load_codebook(book_id)
     if (book_id := default_codebook_id(sender.fingerprint)) is not None:  # this shape's last default
-        book = load_codebook(book_id)
-        if book.meta.get("weights") is None:  # saved before defaults were told by weights: kept as this model's
-            save_codebook(book, default=True, weights=sender.weights_digest)
-            return book
+        with contextlib.suppress(MissingCodebook, WireError):
+            book = load_codebook(book_id)
+            if book.meta.get("weights") is None:  # saved before defaults were told by weights: kept as this model's
+                save_codebook(book, default=True, weights=sender.weights_digest)
+                return book
     task = load_task("facts", items=BOOTSTRAP_CONTEXTS, facts_per_item=20)
     return codebook_from_items(sender, task, task.items, default=True)

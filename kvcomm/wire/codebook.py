@@ -146,7 +146,7 @@ def save_codebook(book: Codebook, default: bool = False, weights: str | None = N
     directory = codebook_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{book.id}.safetensors"
-    if not path.exists():
+    if not _intact(path, book.id):  # absent, or damaged since (before, a damaged file stayed for good)
         atomic_write(path, book.to_bytes())
     _LOADED[book.id] = book
     if default:
@@ -154,6 +154,14 @@ def save_codebook(book: Codebook, default: bool = False, weights: str | None = N
         if weights is not None:  # the fingerprint's last default too (``default_codebook_id`` without weights)
             atomic_write(_default_file(book.meta["fingerprint"]), book.id + "\n")
     return path
+
+
+def _intact(path: Path, book_id: str) -> bool:
+    """Whether ``path`` holds the codebook ``book_id`` (it reads as one, and hashes to its id)."""
+    try:
+        return path.is_file() and Codebook.from_bytes(path.read_bytes()).id == book_id
+    except (OSError, WireError):
+        return False
 
 
 def load_codebook(book_id: str) -> Codebook:

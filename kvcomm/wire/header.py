@@ -221,6 +221,10 @@ def parse_header(blob: bytes, version: int) -> Header:
         raise CorruptMessage(f"header is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise CorruptMessage("header is not a JSON object")
+    try:  # a lone surrogate ("\\ud800") is valid JSON but no text: printing or storing it fails later
+        json.dumps(raw, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise CorruptMessage("header holds text that is not valid Unicode (a lone surrogate escape)") from None
     if version == 1:
         if "mode" in raw:
             raise CorruptMessage("a version 1 header has no 'mode' field")

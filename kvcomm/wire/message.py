@@ -191,21 +191,26 @@ class KVMessage:
         if not self.layers:
             raise WireError("a message holds at least one layer")
         largest, extent = self.codec.largest_value(), 0.0
+
+        def check_values(tensor: torch.Tensor, what: str) -> None:
+            nonlocal extent
+            low, high = value_range(tensor)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise WireError(f"{what} hold NaN or infinity; a message carries finite values only")
+            extent = max(extent, -low, high)
+            if largest is not None and max(-low, high) > largest:
+                half = largest <= FLOAT16_MAX
+                stored = "float16 values, ranges or steps" if half else "bfloat16 values"
+                raise WireError(f"{what}: {self.codec.name} stores {stored}, and these exceed "
+                                f"{'float16' if half else 'bfloat16'}'s range (|x| up to {max(-low, high):.3g}); "
+                                "send it with " + ("fp32 or bf16" if half else "fp32"))
+
         for layer in self.layers:  # before any codec (``auto`` measures them all) sees the values
             if layer.keys.shape != layer.values.shape or layer.keys.dim() != 3:
                 raise WireError(f"layer {layer.index}: keys {tuple(layer.keys.shape)} and values "
                                 f"{tuple(layer.values.shape)} must both be [heads, tokens, head_dim]")
-            for low, high in (value_range(layer.keys), value_range(layer.values)):
-                if not (math.isfinite(low) and math.isfinite(high)):
-                    raise WireError(f"layer {layer.index}: the keys or values hold NaN or infinity; a message "
-                                    "carries finite values only")
-                extent = max(extent, -low, high)
-                if largest is not None and max(-low, high) > largest:
-                    half = largest <= FLOAT16_MAX
-                    stored = "float16 values, ranges or steps" if half else "bfloat16 values"
-                    raise WireError(f"layer {layer.index}: {self.codec.name} stores {stored}, and this KV exceeds "
-                                    f"{'float16' if half else 'bfloat16'}'s range (|x| up to {max(-low, high):.3g}); "
-                                    "send it with " + ("fp32 or bf16" if half else "fp32"))
+            for tensor in (layer.keys, layer.values):
+                check_values(tensor, f"layer {layer.index}: the keys or values")
         first = self.layers[0].keys
         if odd := [layer.index for layer in self.layers if layer.keys.shape[1] and (
                 layer.keys.shape[0], layer.keys.shape[2]) != (first.shape[0], first.shape[2])]:
@@ -215,6 +220,8 @@ class KVMessage:
             if hidden.dim() != 2 or hidden.shape[0] != self.context_len or not 0 <= index < len(self.layers):
                 raise WireError(f"a hidden state must be [{self.context_len}, width] and enter a layer of the "
                                 f"message; got {tuple(hidden.shape)} entering layer {index}")
+            check_values(hidden, f"the hidden state entering layer {index}")  # as keys and values (before: a
+            # bare error from the codec, or a message every reader refused)
         ids = self._ids_frame()
         codec, notes = self.codec.for_message(self.layers, extent, self.hidden,
                                               sum(len(data) + FRAME_OVERHEAD for _, data in ids))
@@ -231,6 +238,13 @@ class KVMessage:
                 extras=[entry for entry, _ in extras],
             )
             blob = header.to_json()
+            if len(blob) > MAX_HEADER:  # what every reader refuses is not written
+                raise WireError(f"this message cannot be written: its header would be {len(blob):,} bytes, readers "
+                                f"accept {MAX_HEADER:,} (a large meta?)")
+            try:
+                parse_header(blob, VERSION)  # e.g. an integer of 26 digits, or meta nested 20 deep
+            except CorruptMessage as err:
+                raise WireError(f"this message cannot be written: readers would refuse its header ({err})") from None
             if header.too_expanded:
                 raise WireError(f"this KV encodes to {header.payload_bytes:,} bytes that decode to "
                                 f"{header.decoded_bytes:,}, more than readers accept from so few (a decompression "

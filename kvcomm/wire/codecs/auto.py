@@ -59,7 +59,7 @@ from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, MissingCodebook, WireError
 from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
-from kvcomm.wire.header import FRAME_OVERHEAD
+from kvcomm.wire.header import EXPANSION_SLACK, FRAME_OVERHEAD, MAX_EXPANSION, decoded_bytes
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -156,6 +156,9 @@ class AutoCodec(Codec):
         if not frames:
             raise WireError("auto codec: the message has no layer with tokens to measure")
         sample = frames[max(frames)]
+        heads, _, head_dim = sample.keys.shape
+        decoded = sum(decoded_bytes(heads, head_dim, int(layer.keys.shape[1])) for layer in layers) + sum(
+            4 * state.numel() for state in (hidden or {}).values())  # what readers will hold, in float32
         began = time.perf_counter()
         estimates: dict[str, dict[str, float]] = {}
         codecs: dict[str, Codec] = {}
@@ -173,10 +176,14 @@ class AutoCodec(Codec):
             travel += [_measure_hidden(codec, state, at, len(layers)) for at, state in sorted((hidden or {}).items())]
             if fixed_bytes:
                 travel.append({"bytes": fixed_bytes, "encode_seconds": 0.0, "decode_seconds": 0.0, "layer": 0.0})
+            if decoded > MAX_EXPANSION * (sum(f["bytes"] - FRAME_OVERHEAD for f in travel)) + EXPANSION_SLACK:
+                del codecs[name]  # so few bytes for so much KV that readers would refuse it as a decompression bomb
+                continue
             estimates[name] = self._estimate(travel, by_shape[max(frames)]["error"])
         if not estimates:
             raise WireError("auto codec: no candidate can encode this message (klt needs a codebook; float16 "
-                            "codecs carry |x| up to 65504)")
+                            "codecs carry |x| up to 65504; KV so nearly constant that it would encode to "
+                            f"under 1/{MAX_EXPANSION} of its size is sent with fp16)")
         within = {n: e for n, e in estimates.items() if e["error"] <= self.max_error}
         if within:
             chosen = min(within, key=lambda n: within[n]["seconds"])
