@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from kvcomm.errors import ConfigError, IncompatibleModelsError, ModelError
@@ -145,7 +148,17 @@ def test_files_that_are_not_a_model_give_a_model_error_naming_them(tmp_path, mon
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # before: SafetensorError's traceback
     (listed / "config.json").write_text("[]")  # before: TypeError's traceback
-    for path in (odd, no_tokenizer, garbage, truncated, cut, listed):
+    # a config that asks for more layers than the weights hold (before: loaded, those layers random, a
+    # log line -q hid), and one whose widths the weights do not have (before: RuntimeError's traceback)
+    deeper, wider = tmp_path / "deeper", tmp_path / "wider"
+    for folder, key, value in ((deeper, "num_hidden_layers", 6), (wider, "intermediate_size", 96)):
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ModelError, match="missing or of another shape.*would be random"):
+        load_model(str(deeper))
+    for path in (odd, no_tokenizer, garbage, truncated, cut, listed, wider):
         with pytest.raises(ModelError, match="cannot load") as raised:
             load_model(str(path))
         assert str(path) in str(raised.value)
@@ -214,6 +227,39 @@ def test_a_conversion_appears_whole_under_its_name(tmp_path, monkeypatch):
     assert loading._convert(gguf, target) == target
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert [p.name for p in target.parent.iterdir()] == ["m-x"]
+
+
+def test_a_converted_folder_that_lost_its_weights_is_converted_again(tmp_path, monkeypatch):
+    """Before, a folder with a config was taken as converted whatever else it held: every load then
+    failed until a person found and deleted it."""
+    loading = _fake_gguf_loading(monkeypatch, None)
+    monkeypatch.setenv("KVCOMM_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    converted = Path(loading.model_source(str(gguf)))
+    (converted / "model.safetensors").unlink()
+    assert Path(loading.model_source(str(gguf))) == converted and (converted / "model.safetensors").is_file()
+
+
+def test_split_parts_are_assembled_only_to_convert_and_the_assembly_is_removed(tmp_path, monkeypatch):
+    """The assembled GGUF of a split embedded model (1.1 GB for Qwen2.5-Coder-1.5B) was made again at
+    every load, converted folder or not, and kept in the cache for good."""
+    loading = _fake_gguf_loading(monkeypatch, None)
+    monkeypatch.setenv("KVCOMM_CACHE", str(tmp_path / "cache"))
+    parts = [tmp_path / "a.gguf.part", tmp_path / "b.gguf.part"]
+    for part in parts:
+        part.write_bytes(b"GGUF")
+    model = EmbeddedModel("split", "none", ("fake-pkg",), (("kvcomm_no_such_module", "x.gguf"),), 1)
+    monkeypatch.setattr(type(model), "part_paths", lambda self: parts)
+    monkeypatch.setattr(loading, "EMBEDDED", {"split": model})
+    monkeypatch.setattr(loading, "resolve_model", lambda name: type("Found", (), {"kind": "embedded", "path": None}))
+    assembled = []
+    real_assemble = loading._assemble
+    monkeypatch.setattr(loading, "_assemble", lambda name: assembled.append(name) or real_assemble(name))
+    first = Path(loading.model_source("split"))
+    assert (first / "model.safetensors").is_file() and assembled == ["split"]
+    assert not (tmp_path / "cache" / "gguf" / "split.gguf").exists()  # the converted folder replaces it
+    assert Path(loading.model_source("split")) == first and assembled == ["split"]  # not assembled again
 
 
 def test_an_architecture_without_kv_heads_in_its_config_pairs_with_itself(tmp_path):

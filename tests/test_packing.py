@@ -77,6 +77,21 @@ def test_a_weight_replaced_or_converted_after_packing_is_used_not_the_stale_copy
         assert packed(x.double()).dtype == torch.float64
 
 
+def test_a_weight_converted_away_and_back_is_not_taken_for_the_packed_one():
+    """bfloat16 and back frees the packed weight's storage; a new one at the same address (its
+    version kept by ``.data =``) passed the check, and the stale packed copy was used (a 4096²
+    layer here: 3e-3 off)."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(4096, 4096, bias=False)
+    packed = PackedLinear.of(dense)
+    model = torch.nn.Sequential(packed)
+    model.to(torch.bfloat16)
+    model.to(torch.float32)
+    x = torch.randn(4, 4096)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), torch.nn.functional.linear(x, packed.weight))
+
+
 def test_a_trainable_bias_keeps_its_gradient():
     dense, packed = _layer()
     dense.weight.requires_grad_(False)

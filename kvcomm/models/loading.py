@@ -15,10 +15,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -90,7 +91,8 @@ class LoadedModel:
     def weights_digest(self) -> str:
         """A hash of every parameter's name, shape and a sample of its values: at least 4 values
         of every row of a matrix (an embedding's too), up to 65,536 spread over the rest, each as
-        bfloat16 (so a float32 and a bfloat16 copy of one checkpoint agree). Two checkpoints of
+        bfloat16 (so a float32 and a bfloat16 copy of one checkpoint agree; a float16 copy, rounded
+        twice, does not, and has a digest of its own). Two checkpoints of
         one architecture, whose fingerprints agree, differ here: what a store shared by several
         agents keys their KV by, and what ties a profile to the weights it was calibrated on.
         Before, only each parameter's first 4,096 values were hashed, and a fine-tune that changed
@@ -302,12 +304,22 @@ def model_source(name_or_path: str) -> str:
     """
     found = resolve_model(name_or_path)
     if found.kind == "embedded":
-        return str(_converted(_assemble(name_or_path), cache_root() / "models" / name_or_path))
+        directory = cache_root() / "models" / name_or_path
+
+        def from_parts() -> None:  # assembled only where the converted folder is not there yet
+            gguf = _assemble(name_or_path)
+            _convert(gguf, directory)
+            if gguf.parent == cache_root() / "gguf":  # split parts assembled: the converted folder replaces it
+                gguf.unlink(missing_ok=True)
+
+        return str(_converted(from_parts, directory))
     if found.kind == "gguf":
-        assert found.path is not None
-        stat = found.path.stat()
-        tag = hashlib.sha256(f"{found.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return str(_converted(found.path, cache_root() / "models" / f"{found.path.stem}-{tag}"))
+        path = found.path
+        assert path is not None
+        stat = path.stat()
+        tag = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        directory = cache_root() / "models" / f"{path.stem}-{tag}"
+        return str(_converted(lambda: _convert(path, directory), directory))
     return str(found.path) if found.path is not None else name_or_path
 
 
@@ -326,16 +338,26 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
     try:
         source = model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention,
+                                                           output_loading_info=True)
+        model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
+        if lacking := sorted({*info.get("missing_keys", ()), *(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                                for k in info.get("mismatched_keys", ()))}):
+            # before: loaded anyway, those weights random (transformers only logs it, and -q hid that)
+            raise ValueError(f"the weights do not fit the config: {len(lacking)} are missing or of another shape "
+                             f"(e.g. {', '.join(lacking[:3])}), and would be random")
     except KvcommError:
         raise
-    except (OSError, ValueError, TypeError, struct.error, SafetensorError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError, struct.error, SafetensorError) as err:
         # struct.error: a truncated GGUF file; SafetensorError: a truncated safetensors file;
-        # TypeError: a config.json that is not an object
+        # TypeError: a config.json that is not an object; RuntimeError: weights of another shape
         at = "" if source == name_or_path else f" (from {source})"
         read_as = (f" (no folder {str(Path(name_or_path).expanduser().resolve())!r} here, so the name was read "
                    "as a Hugging Face hub id)" if resolve_model(name_or_path).kind == "hub" else "")
-        raise ModelError(f"cannot load {name_or_path!r}{at}{read_as}: {err}") from err
+        cause = f"weights of another shape than the config's? ({err})" if isinstance(err, RuntimeError) else err
+        converted = Path(source).parent == cache_root() / "models" and Path(source).is_dir()
+        again = f"; the converted copy may be damaged: delete {source} and it is converted again" if converted else ""
+        raise ModelError(f"cannot load {name_or_path!r}{at}{read_as}: {cause}{again}") from err
     return tokenizer, model
 
 
@@ -365,12 +387,17 @@ def _assemble(name: str) -> Path:
     return target
 
 
-def _converted(gguf: Path, directory: Path) -> Path:
-    """Dequantises ``gguf`` once into a safetensors model directory and returns it; a second
-    process asking meanwhile waits for the first's result instead of converting it again."""
-    produce_once(directory, (directory / "config.json").is_file, lambda: _convert(gguf, directory),
-                 f"converting {gguf.name}")
+def _converted(convert: Callable[[], object], directory: Path) -> Path:
+    """``directory``, made by ``convert`` (which dequantises a GGUF into it) unless it holds a
+    converted model already; a second process asking meanwhile waits for the first's result
+    instead of converting it again. A folder that lost its weights is converted again."""
+    produce_once(directory, lambda: _complete(directory), convert, f"converting {directory.name}")
     return directory
+
+
+def _complete(directory: Path) -> bool:
+    """Whether a converted model folder holds its config and its weights."""
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
 
 
 def _convert(gguf: Path, directory: Path) -> Path:
@@ -385,11 +412,11 @@ def _convert(gguf: Path, directory: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
-        with staged_folder(directory) as staging:
+        with staged_folder(directory, replace=directory.exists()) as staging:  # replaces one that lost its weights
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     except OSError:
-        if not (directory / "config.json").is_file():  # else another process converted it meanwhile
+        if not _complete(directory):  # else another process converted it meanwhile
             raise
     return directory
 

@@ -71,6 +71,7 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor
     rows: int
     _packed_from: tuple[int, int, torch.dtype]  # the weight packed: its storage, version and dtype
+    _packed_source: torch.Tensor  # that weight, kept so that its address stays its own
 
     @classmethod
     def of(cls, linear: nn.Linear, rows: int = PACKED_ROWS) -> PackedLinear:
@@ -83,6 +84,9 @@ class PackedLinear(nn.Linear):
         with torch.no_grad():
             layer.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         layer._packed_from = _identity(linear.weight)
+        # holds the packed weight's storage: freed, its address could be reused by a replacement (a
+        # model converted to bfloat16 and back), which the address in _packed_from would then pass
+        layer._packed_source = linear.weight.detach()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,8 +193,9 @@ def check_weights(profile: Profile | Any, weights: Sequence[str], names: str = "
     """
     if profile.weights is not None and tuple(profile.weights) != tuple(weights):
         raise ConfigError(f"the profile was calibrated on other weights than this run's {names} (a model derived "
-                          "again, or another checkpoint under that name): calibrate again for these weights, or "
-                          "run without this profile (--profile)")
+                          "again, another checkpoint under that name, or one side loaded in float16, whose rounded "
+                          "weights have a digest of their own): calibrate again for these weights, or run without "
+                          "this profile (--profile)")
 
 
 def calibrate(
