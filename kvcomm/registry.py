@@ -37,6 +37,9 @@ class Registry(Generic[T]):
         self._items[name] = obj
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):  # before: a bare TypeError from difflib (make_codec(None), load_task(3))
+            raise ConfigError(f"a {self.what} is named by a string, not {type(name).__name__} {name!r}; valid: "
+                              f"{', '.join(sorted(self._items))}")
         try:
             return self._items[name]
         except KeyError:

@@ -71,6 +71,9 @@ def test_a_derived_model_is_saved_with_its_card_and_is_reproducible(tiny_dir, ca
     derive("tiny-terse", str(tiny_dir), options.model_copy(update={"seed": 9}), progress=False, overwrite=True)
     after = load_model("tiny-terse")  # the new weights (before, the copy loaded before the derive)
     assert after is not before and after.weights_digest != before.weights_digest
+    with pytest.raises(ConfigError, match="cannot be derived from itself"):  # before: its card named itself its base
+        derive("tiny-terse", "tiny-terse", options, progress=False, overwrite=True)
+    assert load_card("tiny-terse").base == str(tiny_dir)
     with pytest.raises(ConfigError, match="seed"):  # torch's range (before: an OverflowError after the base loaded)
         DeriveOptions(recipe="terse", seed=2**70)
 

@@ -30,6 +30,15 @@ def test_codec_construction_refuses_with_config_error(name, params):
         make_codec(name, **params)
 
 
+@pytest.mark.parametrize("name", [None, 5, ["int8"]])
+def test_a_name_that_is_no_string_is_a_config_error_naming_the_choices(name):
+    from kvcomm import load_task, make_method
+
+    for make in (make_codec, make_method, load_task):
+        with pytest.raises(ConfigError, match="named by a string"):
+            make(name)
+
+
 @pytest.mark.parametrize("options", [dict(batch_size=0), dict(limit=0), dict(calib_size=-1), dict(alpha=1.5),
                                      dict(sigma=0), dict(max_memory_gb=-1), dict(batch_sizes=4)])
 def test_eval_config_is_checked_where_it_is_made(options):

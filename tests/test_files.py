@@ -266,3 +266,19 @@ def test_a_write_to_a_folder_is_refused_by_name_and_the_folder_is_left_alone(tmp
     with pytest.raises(DataError, match="out is a folder; give a file name"):
         atomic_write(folder, b"bytes")
     assert [p.name for p in folder.iterdir()] == ["inside"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_empty_or_tilde_cache_variable_is_read_as_a_person_means_it(monkeypatch, tmp_path):
+    """An empty KVCOMM_CACHE (an unset shell variable) put the cache in the working directory, and
+    ``~/kvc`` made a folder named ``~``."""
+    from kvcomm.cache import cache_root
+    from kvcomm.wire.codebook import codebook_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for empty in ("", "  "):
+        monkeypatch.setenv("KVCOMM_CACHE", empty)
+        monkeypatch.setenv("KVCOMM_CODEBOOKS", empty)
+        assert cache_root() == tmp_path / ".cache" / "kvcomm"
+        assert codebook_dir() == tmp_path / ".cache" / "kvcomm" / "codebooks"
+    monkeypatch.setenv("KVCOMM_CACHE", "~/kvc")
+    assert cache_root() == tmp_path / "kvc"

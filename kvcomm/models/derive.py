@@ -89,6 +89,10 @@ def derive(name: str, base: str, options: DeriveOptions, progress: bool = True, 
                           "away, or pass --overwrite to delete it and save the variant there")
     recipe = RECIPES.get(options.recipe)
     source = resolve_model(base)
+    if source.path is not None and source.path.resolve() == target.resolve():
+        # before: trained on, replaced, and its card named itself as its base (the first base lost)
+        raise ConfigError(f"{name!r} cannot be derived from itself; give the variant another name (its base "
+                          f"is {base!r})")
     try:
         from peft import LoraConfig, get_peft_model  # imported here: only deriving needs it
     except ImportError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from kvcomm.cache import cache_root
+from kvcomm.cache import cache_root, folder_from_env
 from kvcomm.errors import DataError, MissingCodebook, WireError
 from kvcomm.files import atomic_write
 from kvcomm.protocol.sender import SenderKV
@@ -136,7 +135,7 @@ def build_codebook(kvs: Iterable[SenderKV], fingerprint: dict[str, Any]) -> Code
 
 def codebook_dir() -> Path:
     """Where codebooks live: ``KVCOMM_CODEBOOKS``, or ``codebooks/`` under the kvcomm cache."""
-    return Path(os.environ.get("KVCOMM_CODEBOOKS", cache_root() / "codebooks"))
+    return folder_from_env("KVCOMM_CODEBOOKS", cache_root() / "codebooks")
 
 
 def save_codebook(book: Codebook, default: bool = False, weights: str | None = None) -> Path:

@@ -144,6 +144,9 @@ def make_codec(name: str, **params: Any) -> Codec:
     Raises:
         ConfigError: an unknown name (with the nearest valid one) or parameters the codec does not take.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"a codec is named by a string, not {type(name).__name__} {name!r}; valid: "
+                          f"{', '.join(codec_names())}")
     if name in PRESETS:
         codec, defaults = PRESETS[name]
         cls, params = CODECS.get(codec), {**defaults, **params}
