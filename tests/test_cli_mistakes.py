@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kvcomm.cli import app
 from kvcomm.selection import Profile
+from kvcomm.selection.blocks import BlockProfile, BlockScore
 
 runner = CliRunner()
 
@@ -30,6 +31,12 @@ def files(tmp_path, tiny_dir):
     Profile(sender=str(tiny_dir), receiver=str(tiny_dir), task="facts", num_layers=6, alpha=1.0, mu=0.5, sigma=10.0,
             calibration_items=[], importance=[0.0] * 6, scores=[0.0] * 6,
             ranking=[5, 4, 3, 2, 1, 0]).save(tmp_path / "deeper-pair-profile.json")
+    BlockProfile(sender=str(tiny_dir), receiver=str(tiny_dir), task="facts", num_layers=4, calibration_items=[],
+                 max_recompute=0.5, max_block=2, own=-1.0, reuse=-2.0,
+                 blocks=[BlockScore(start=0, stop=1, loglik=-1.5)]).save(tmp_path / "blocks.json")
+    prov = Profile(sender="m", receiver="m", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
+                   calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[0, 1, 2, 3])
+    (tmp_path / "provenance-text.json").write_text(json.dumps({**prov.model_dump(), "details": {"provenance": "x"}}))
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "facts.json").write_text("{}")  # a finished run's results
     (tmp_path / "other" / "facts.checkpoint").mkdir(parents=True)  # another run's checkpoint
@@ -79,6 +86,9 @@ MISTAKES = [
     ("eval -m {model} --out {dir}/folder", "is a folder"),
     ("eval -m {model} --profile {dir}/missing.json", "does not exist"),
     ("eval -m {model} --profile {dir}/profile.json", "cannot read profile"),
+    # a block profile where a ranking is needed (before: ignored, and a ranking calibrated in its place)
+    ("eval -m {model} --method kvcomm --profile {dir}/blocks.json", "is a droidspeak block profile"),
+    ("eval -m {model} --method kvcomm --profile {dir}/provenance-text.json", "details.provenance must be"),
     ("eval -m {model} --no-such-option", "No such option"),
     ("sweep -m {model} --ratios 0.5,abc", "--ratios must be"),
     ("sweep -m {model} --methods baseline,nld --senders 2", "none of the methods"),

@@ -292,7 +292,14 @@ def test_a_damaged_profile_is_refused_when_read(tmp_path):
                          ({"ranking": [0, 1, 2, 4]}, "ranking must order"),
                          ({"scores": [0.0]}, "importance and scores must hold one value per layer"),
                          ({"rule": "bogus"}, "rule 'bogus' is none of paper"),
-                         ({"version": 9}, "version 9 is not one this kvcomm reads")):
+                         ({"version": 9}, "version 9 is not one this kvcomm reads"),
+                         # hand-edited: a typo read as chats, a prior no rule makes, a provenance that crashed
+                         ({"details": {"pieces": "passagez"}}, "details.pieces must be"),
+                         ({"sigma": -1.0}, r"the prior's alpha must be in .*sigma -1.0"),
+                         ({"alpha": 1.5}, r"the prior's alpha must be in .*alpha 1.5"),
+                         ({"details": {"provenance": "oops"}}, "details.provenance must be"),
+                         ({"details": {"provenance": {"data": "x"}}}, "details.provenance must be"),
+                         ({"ranking": list(range(5000))}, r"ranking must order .*… \(5000 entries\)")):
         (tmp_path / "p.json").write_text(json.dumps(good | change))
         with pytest.raises(DataError, match=f"cannot read profile .*p.json: {said}"):
             Profile.load(tmp_path / "p.json")
@@ -319,7 +326,33 @@ def test_the_budget_is_the_smallest_ratio_within_the_tolerance(monkeypatch):
     tight = budget_module.smallest_ratio(Agents(model, model), task, task.items, ranking, tolerance=0.0)
     assert tight["ratio"] == 0.5 and tight["all_layers"] == 1.0 and tight["scores"]["0.375"] == 0.0
     loose = budget_module.smallest_ratio(Agents(model, model), task, task.items, ranking, tolerance=1.0)
-    assert loose["ratio"] == 0.125
+    assert loose["ratio"] == 0.125 and loose["layers"] == 1
+    with pytest.raises(ConfigError, match="tolerance"):  # before: a bare StopIteration
+        budget_module.smallest_ratio(Agents(model, model), task, task.items, ranking, tolerance=float("nan"))
+
+
+def test_a_budget_ratio_given_back_shares_the_layers_it_was_measured_with():
+    """3 of 28 layers is 0.107142…; printed to six figures (0.107143) and given back as --ratio it
+    shared 4."""
+    from kvcomm.selection.rules import layer_count
+
+    for layers in range(1, 65):
+        for count in range(1, layers + 1):
+            given_back = math.floor(count / layers * 1e4) / 1e4
+            assert layer_count(float(f"{given_back:g}"), layers) == count
+
+
+def test_calibration_refuses_steps_and_tolerances_it_cannot_use():
+    """steps=0 ran a whole search (read as the default), a negative count none; a negative or NaN
+    tolerance ran the whole calibration, then a bare StopIteration."""
+    from kvcomm import Agents, calibrate, load_task
+
+    model = tiny_loaded("llama")
+    task = load_task("facts", items=2)
+    for options, said in (({"steps": 0}, "steps are at least 1"), ({"steps": -2}, "steps are at least 1"),
+                          ({"tolerance": -0.5}, "tolerance"), ({"tolerance": float("nan")}, "tolerance")):
+        with pytest.raises(ConfigError, match=said):
+            calibrate(Agents(model, model), task, task.items, progress=False, rule="prune", **options)
 
 
 def test_greedy_with_a_pool_tries_only_the_previous_best():
@@ -461,7 +494,10 @@ def test_calibration_by_fidelity_ranks_every_layer_and_says_so():
     agents = Agents(model, model)
     profile = calibrate(agents, task, task.items, progress=False, rule="answer", objective="fidelity")
     assert sorted(profile.ranking) == [0, 1, 2, 3] and "KL divergence" in profile.details["objective"]
-    likelihood = calibrate(agents, task, task.items, progress=False, rule="answer")
+    likelihood = calibrate(agents, task, task.items, progress=False, rule="answer", objective="likelihood")
+    # the reference forward of each item (every layer shared) is counted: one call, every layer, per item
+    assert profile.cost["forwards_per_item"] == likelihood.cost["forwards_per_item"] + 1
+    assert profile.details["whole_forwards_per_item"] == likelihood.details["whole_forwards_per_item"] + 1
     fidelity = [t["loglik"] for t in profile.details["trace"]]
     assert fidelity != [t["loglik"] for t in likelihood.details["trace"]]  # another objective was maximised
     assert all(-50 < value < 0 for value in fidelity)  # minus a KL: below 0 short of every layer, finite

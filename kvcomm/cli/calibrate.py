@@ -116,15 +116,17 @@ def calibrate_command(
         table.add_row(f"{ratio} ({count})", format_layers(profile.ranking[:count]))
     console.print(table)
     if (budget := profile.details.get("budget")) is not None:
-        console.print(f"budget: ratio {budget['ratio']:g} keeps the calibration score within "
+        console.print(f"budget: ratio {budget['ratio']:g} ({budget['layers']} of {profile.num_layers} layers) keeps "
+                      f"the calibration score within "
                       f"{budget['tolerance']:g} of all layers' ({budget['all_layers']:.3f} on {budget['items']} items)",
                       markup=False)
     console.print(f"profile: {out}", markup=False, soft_wrap=True)
 
 
 def _last_items(task: Task, config: EvalConfig) -> list[Item]:
-    """The task's last items, as many as ``config`` calibrates on (eval and sweep hold out these):
-    calibration alone keeps no test item, so any item may serve."""
+    """The task's last items, as many as ``eval`` and ``sweep`` would hold out on this task with
+    ``config`` (which leaves them a test item): the profile then serves their runs, whose test items
+    it never read (all of a task's items would include theirs, and be refused)."""
     count = config.calibration_count(len(task.items))
     if not 1 <= count <= len(task.items):
         raise ConfigError(f"--calib-size {count}: the task holds {len(task.items)} items; calibrate on 1 to "

@@ -87,6 +87,10 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     profile = given if isinstance(given, Profile) else None
     blocks = given if isinstance(given, BlockProfile) else None
     methods = build()
+    if blocks is not None and not any(m.name == "droidspeak" for m in methods):  # before: ignored, and a ranking
+        # calibrated in its place (or, with --calib-size 0, "pass --profile" although one was passed)
+        raise ConfigError(f"--profile {run.profile} is a droidspeak block profile, and no method of this run reads "
+                          "blocks; a layer ranking is made by `kvcomm calibrate` (without --method droidspeak)")
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     ranks, prior_used = given is None and any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
     notes: list[str] = []  # said once every check has passed

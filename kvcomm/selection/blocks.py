@@ -130,7 +130,10 @@ def _with_data(profile: Any, config: Any) -> Any:
     calibrate`` records it), so that it is refused for another data file of the same task too."""
     if not isinstance(profile, dict) or not isinstance(config, dict) or not config.get("data"):
         return profile
-    details = dict(profile.get("details") or {})
+    details = profile.get("details") or {}
+    if not isinstance(details, dict) or not isinstance(details.get("provenance") or {}, dict):
+        return profile  # damaged: the profile's own checks refuse it, naming the file
+    details = dict(details)
     details["provenance"] = {**(details.get("provenance") or {}), "data": config["data"]}
     return {**profile, "details": details}
 

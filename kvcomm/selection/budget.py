@@ -7,10 +7,12 @@ score is within ``tolerance`` of all layers'. Each item's sender prefill is made
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from kvcomm.agents import Agents
+from kvcomm.errors import ConfigError
 from kvcomm.eval.batch import Batch
 from kvcomm.protocol import greedy_generate, receiver_input, share
 from kvcomm.selection.rules import layer_count, top_layers
@@ -22,9 +24,18 @@ GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def smallest_ratio(agents: Agents, task: Task, items: Sequence[Item], ranking: Sequence[int], tolerance: float,
                    grid: Sequence[float] = GRID, batch_size: int = 8, pieces: Pieces = "chats") -> dict[str, Any]:
-    """``{"ratio", "tolerance", "scores": {ratio: score}, "all_layers"}``: the smallest ``grid``
-    ratio whose calibration score is at least all layers' minus ``tolerance`` (1.0 if none is),
-    each item read as ``pieces`` lays it out (:meth:`~kvcomm.eval.batch.Batch.reading`)."""
+    """``{"ratio", "layers", "tolerance", "scores": {ratio: score}, "all_layers"}``: the fewest
+    layers (of the ``grid`` ratios' counts) whose calibration score is at least all layers' minus
+    ``tolerance`` (every layer if none is), each item read as ``pieces`` lays it out
+    (:meth:`~kvcomm.eval.batch.Batch.reading`). ``ratio`` is four decimals that share exactly
+    ``layers`` layers when given back as ``--ratio`` (the exact ``layers / L``, e.g. 3/28, printed
+    to six figures, shared one layer more).
+
+    Raises:
+        ConfigError: ``tolerance`` is negative or not finite.
+    """
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"a budget's tolerance must be a finite number >= 0, not {tolerance!r}")
     metric = METRICS[task.metric]
     ratios = sorted({layer_count(r, len(ranking)) / len(ranking) for r in grid} | {1.0})
     totals = dict.fromkeys(ratios, 0.0)
@@ -39,6 +50,8 @@ def smallest_ratio(agents: Agents, task: Task, items: Sequence[Item], ranking: S
             totals[ratio] += sum(metric(receiver.decode(a), item.answers) for a, item in zip(answers, batch.items))
     scores = {ratio: total / len(items) for ratio, total in totals.items()}
     floor = scores[1.0] - tolerance
-    chosen = next(ratio for ratio in ratios if scores[ratio] >= floor - 1e-12)
-    return {"ratio": chosen, "tolerance": tolerance, "scores": {f"{r:.3f}": s for r, s in scores.items()},
-            "all_layers": scores[1.0], "items": len(items)}
+    chosen = next((ratio for ratio in ratios if scores[ratio] >= floor - 1e-12), 1.0)
+    layers = layer_count(chosen, len(ranking))
+    given_back = math.floor(layers / len(ranking) * 1e4) / 1e4  # layer_count(given_back) == layers
+    return {"ratio": given_back, "layers": layers, "tolerance": tolerance,
+            "scores": {f"{r:.3f}": s for r, s in scores.items()}, "all_layers": scores[1.0], "items": len(items)}

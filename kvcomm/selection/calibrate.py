@@ -25,6 +25,7 @@ and why (the search's trace, the fitted prior), and what it cost (seconds, forwa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from numbers import Integral
@@ -172,9 +173,19 @@ class Profile(JsonFile):
         if self.rule not in RULES:
             raise ValueError(f"rule {self.rule!r} is none of {', '.join(RULES)}")
         if self.num_layers < 1 or sorted(self.ranking) != list(range(self.num_layers)):
-            raise ValueError(f"ranking must order each of the {self.num_layers} layers once, not {self.ranking}")
+            shown = f"{self.ranking[:12]}{' …' if len(self.ranking) > 12 else ''} ({len(self.ranking)} entries)"
+            raise ValueError(f"ranking must order each of the {self.num_layers} layers once, not {shown}")
         if len(self.importance) != self.num_layers or len(self.scores) != self.num_layers:
             raise ValueError(f"importance and scores must hold one value per layer ({self.num_layers})")
+        if not (0 <= self.alpha <= 1 and math.isfinite(self.mu) and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"the prior's alpha must be in [0, 1] and mu and sigma finite, sigma above 0; not "
+                             f"alpha {self.alpha}, mu {self.mu}, sigma {self.sigma}")
+        if self.details.get("pieces", "chats") not in ("chats", "passages"):
+            raise ValueError(f"details.pieces must be 'chats' or 'passages', not {self.details['pieces']!r}")
+        provenance = self.details.get("provenance")
+        if provenance is not None and not (isinstance(provenance, dict) and isinstance(
+                data := provenance.get("data", {}), dict | None) and (not data or isinstance(data.get("sha256"), str))):
+            raise ValueError("details.provenance must be an object, its data (if any) an object with a sha256 string")
         return self
 
     @property
@@ -231,8 +242,9 @@ def calibrate(
             in the profile's ``details``.
 
     Raises:
-        ConfigError: an unknown rule or pieces, a pool or batch size below 1, ``mu`` outside [0, 1]
-            or ``sigma`` not positive, or ``auto`` with the ``prior`` rule;
+        ConfigError: an unknown rule or pieces, a pool, batch size or ``steps`` below 1, a negative
+            or not finite ``tolerance``, ``mu`` outside [0, 1] or ``sigma`` not positive, or ``auto``
+            with the ``prior`` rule;
             DataError: no items, items without a gold answer, or fewer than 2 items for ``auto``.
     """
     items = listed(items, "items")
@@ -242,6 +254,12 @@ def calibrate(
         raise ConfigError(f"unknown selection rule {rule!r}; valid: {', '.join(RULES)}")
     if pool is not None and pool < 1:
         raise ConfigError(f"the search's pool must be at least 1 layer, got {pool}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1):
+        # before: 0 read as "the default" (a whole search), and a negative count searched nothing
+        raise ConfigError(f"the search's steps are at least 1, not {steps!r} (None: the rule's default)")
+    if tolerance is not None and not (isinstance(tolerance, int | float) and math.isfinite(tolerance)
+                                      and tolerance >= 0):  # before: a bare StopIteration after the whole calibration
+        raise ConfigError(f"a budget's tolerance must be a finite number >= 0, not {tolerance!r}")
     if pieces not in get_args(Pieces):
         raise ConfigError(f"unknown pieces {pieces!r}; valid: {', '.join(get_args(Pieces))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
@@ -294,13 +312,17 @@ def calibrate(
                 "the others: mean log-likelihood per gold-answer token)")
         if rule in SEARCHES:
             name, search, default = SEARCHES[rule]
-            ranking, trace = search(score, agents.num_layers, steps or default(agents.num_layers), pool)
+            ranking, trace = search(score, agents.num_layers, default(agents.num_layers) if steps is None else steps,
+                                    pool)
             details = {"search": name, "pool": pool, "trace": trace, "objective": what}
         else:
             fitted = fit_prior(score, importance)
             alpha, mu, sigma = fitted["alpha"], fitted["mu"], fitted["sigma"]
             details = {"search": "grid", "objective": what, "fitted": fitted}
     if rule != "paper":
+        if objective == "fidelity":  # each item's reference: one forward of one row, every layer shared
+            work.calls += len(scored)
+            work.layer_rows += len(scored) * agents.num_layers
         forwards = work.calls / len(items)
         details["layer_rows_per_item"] = work.layer_rows / len(items)
         details["whole_forwards_per_item"] = work.layer_rows / agents.num_layers / len(items)
@@ -334,8 +356,8 @@ def _held_out_choice(agents: Agents, scored: list[Scored], ids: list[str], rule:
     for candidate in AUTO_CANDIDATES:
         score, _ = _objective(agents, searched, progress, bounded=candidate == "probability", work=work,
                               seen=steps_seen)
-        rankings[candidate], traces[candidate] = search(score, agents.num_layers, steps or default(agents.num_layers),
-                                                        pool)
+        rankings[candidate], traces[candidate] = search(
+            score, agents.num_layers, default(agents.num_layers) if steps is None else steps, pool)
     judge, _ = _objective(agents, held, progress, work=work)
     sets = [frozenset(top_layers(rankings[c], ratio)) for c in AUTO_CANDIDATES for ratio in TARGET_RATIOS]
     values = judge(sets).reshape(len(AUTO_CANDIDATES), len(TARGET_RATIOS)).mean(axis=1)
