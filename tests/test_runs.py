@@ -90,6 +90,12 @@ def test_alpha_weighed_by_a_methods_own_paper_rule_is_not_said_unused(tiny_dir, 
     report = json.loads((tmp_path / "facts.json").read_text())
     assert report["config"]["alpha_source"] == "default for llama"  # before: "not used (prune …)"
     assert report["profiles"]["paper"]["alpha"] == report["config"]["alpha"]
+    # a given prune profile's alpha weighed nothing either (before: "profile", as if it had)
+    given = invoke("eval", "-m", str(tiny_dir), "--limit", "2", "--calib-size", "0", "--method", "kvcomm",
+                   "--ratio", "0.5", "--profile", str(tmp_path / "facts.json"), "-q", "--out", str(tmp_path / "g.json"))
+    assert given.exit_code == 0, given.output
+    assert json.loads((tmp_path / "g.json").read_text())["config"]["alpha_source"] == \
+        "not used (the profile's prune ranks by the answer)"
 
 
 def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):

@@ -495,7 +495,9 @@ class _Sources:
     def alpha(self) -> tuple[float, str]:
         """The weight on attention actually used, and where it came from: a given profile, the
         prior's own fit, none (a search ranks by the answer), or the option or the family's default."""
-        if self.profile is not None and self.profile_given:
+        if self.profile is not None and self.profile_given:  # a search's ranking used no alpha, given or made here
+            if self.profile.rule in SEARCHES and not any(o.rule == "paper" for o in self.others.values()):
+                return self.profile.alpha, f"not used (the profile's {self.profile.rule} ranks by the answer)"
             return self.profile.alpha, "profile"
         weighed = any(other.rule == "paper" for other in self.others.values())  # kvcomm~paper beside prune
         if self.profile is not None and self.profile.rule == "prior" and not weighed:
