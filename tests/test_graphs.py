@@ -60,6 +60,17 @@ def test_bad_graphs_are_refused_with_a_clear_error():
         Graph.build(model, "chain", 2, edge=EdgeOptions(layers=(7,)))
     with pytest.raises(ConfigError, match="codec"):
         EdgeOptions(codec="mp3")
+    # one set of layers, one edge and one label, however it was written
+    assert EdgeOptions(layers=(1, 0)) == EdgeOptions(layers=(0, 1, 1)) == EdgeOptions(layers=(0, 1))
+    assert EdgeOptions(layers=(1, 0)).label == "kv@0-1+fp16"
+    for agents in (0, -5, 2.5):  # before: 0 and -5 ran a graph that read nothing, 2.5 a TypeError
+        with pytest.raises(ConfigError, match="whole number >= 1"):
+            Graph(model, [Step(Turn(DECISION, 0), ())], agents)
+    from kvcomm.graphs.compare import graph_grid
+
+    for edges, reuse, said in (([], [False], "no edge configuration"), ([EdgeOptions()], [], "no reuse setting")):
+        with pytest.raises(ConfigError, match=said):  # before: a message about prefixes no one asked for
+            graph_grid(edges, reuse)
     with pytest.raises(ConfigError, match="blend recomputes heard KV placed inline"):
         EdgeOptions(place="prefix", blend=0.15)
     with pytest.raises(ConfigError, match="other than causal is for place prefix"):
@@ -253,7 +264,7 @@ def test_the_cli_runs_every_configuration_and_writes_json_and_a_plot(tiny_dir, t
     assert stray.exit_code == 2 and "are for --reuse anchor" in stray.output
 
 
-def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, tmp_path):
+def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, tmp_path, monkeypatch):
     """Before any model loads: KV-only options with no KV edge, a ratio above 1, a codec or blend
     that does not exist, whatever --via says (before, they ran, or --ratios 5 became every layer),
     a grid whose every graph is left out (before, only the single agent ran, exit 0), an --out
@@ -282,6 +293,16 @@ def test_the_cli_refuses_options_that_would_do_nothing_or_lose_a_file(tiny_dir, 
                                     "--blends", "none", "--overwrite", "--out", str(out)], env={"COLUMNS": "200"})
     assert grid.exit_code == 0, grid.output
     assert "not run: kv/prefix@all+fp16 with reuse on" in grid.output
+    # --overwrite: the earlier run's results and plot are gone once the model has loaded, so that a
+    # run that then fails leaves nothing to take for its own (before: both stayed, looking new)
+    import kvcomm.cli.graph as graph_command
+
+    def no_room(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(graph_command, "compare", no_room)
+    failed = CliRunner().invoke(app, [*base, "--via", "text", "--no-single", "--overwrite", "--out", str(out)])
+    assert isinstance(failed.exception, MemoryError) and not out.exists() and not (tmp_path / "g.png").exists()
 
 
 def test_the_cli_says_what_a_relay_cannot_do(tiny_dir, tmp_path, monkeypatch):
@@ -336,8 +357,10 @@ def test_a_relay_asks_its_hops_only_of_agents_that_hear_the_hop_before():
     assert not chain.shares_question(task.items) and star.shares_question(task.items)
     debate = Graph.build(model, "debate", 3, rounds=2, edge=EdgeOptions(via="text"))
     hop = {(s.agent, s.turn.round): debate.ask(item, s) != item.question for s in debate.steps}
-    # round 2: agent 2 hears agent 1's first turn, asked its hop; agent 3 hears agent 2's, which was not
-    assert hop == {(0, 0): True, (1, 0): False, (2, 0): False, (0, 1): True, (1, 1): True, (2, 1): False,
+    # round 2: each agent hears every first-round turn, the last of them agent 3's: agent 2's hop question
+    # ("the person named in the previous message") would point at agent 3's reply, not agent 1's (before,
+    # it was asked it all the same), so only agent 1, whose hop names its person, is asked its hop
+    assert hop == {(0, 0): True, (1, 0): False, (2, 0): False, (0, 1): True, (1, 1): False, (2, 1): False,
                    (-1, 1): False}
     from kvcomm.graphs.report import _hop_column
 

@@ -169,7 +169,8 @@ def graph_command(
     choices: dict[str, bool | AnchorOptions] = {"off": False, "on": True, "anchor": anchors}
     reuses = [choices[r] for r in dict.fromkeys(settings)]
     for left_out in graph_grid(edges, reuses)[1]:  # before a model loads: a grid with nothing to run is refused
-        console.print(f"not run: {left_out} (KV placed as a prefix cannot reuse the question)", markup=False)
+        console.print(f"not run: {left_out} (KV placed as a prefix, or whole turns as KV, cannot reuse the question)",
+                      markup=False)
     unroll(topology, agents, rounds)  # an impossible graph is refused before a model loads
     if ray is not None and "anchor" in settings:
         raise ConfigError("--reuse anchor keeps one pool of anchors across the run's batches: not with --ray")
@@ -196,10 +197,12 @@ def graph_command(
         if cluster_options is not None:
             cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype, linear))
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
+        for path in (out, plot_path):  # --overwrite (else refused above): an earlier run's files go once the model
+            path.unlink(missing_ok=True)  # has loaded, so that a run that fails leaves none to take for its own
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
                          batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,
                          reuse=reuses)
-    report.save(out)
     plot = plot_graph(report, plot_path)
+    report.save(out)  # last: the mark of a finished run
     print_graph(report)
     console.print(f"results: {out}\nplot: {plot}", markup=False, soft_wrap=True)

@@ -46,21 +46,26 @@ def edge_grid(via: Sequence[str], ratios: Sequence[float | None], codecs: Sequen
 def graph_grid(edges: Sequence[EdgeOptions], reuse: Sequence[bool | AnchorOptions] = (False,)
                ) -> tuple[list[tuple[EdgeOptions, bool | AnchorOptions]], list[str]]:
     """The graphs ``compare`` runs: each edge configuration with each ``reuse`` setting, but reuse
-    with KV edges placed as a prefix (which cannot reuse the question); and those left out, named.
+    with KV edges placed as a prefix, or with whole turns as KV placed inline (neither can reuse
+    the question); and those left out, named.
 
     Raises:
         ConfigError: every pair is left out (nothing but the single agent would run).
     """
+    if not edges or not reuse:  # before: the message below, about prefixes no one asked for
+        raise ConfigError(f"no graph to run: {'no edge configuration' if not edges else 'no reuse setting'} was "
+                          "given (edges: edge_grid makes them; reuse: [False] for none)")
     pairs, skipped = [], []
     for edge in edges:
         for shared in reuse:
-            if shared is not False and edge.via == "kv" and edge.place == "prefix":
+            if shared is not False and edge.via == "kv" and (edge.place == "prefix" or edge.content == "turn"):
                 skipped.append(f"{edge.label} with reuse {'anchor' if isinstance(shared, AnchorOptions) else 'on'}")
             else:
                 pairs.append((edge, shared))
     if not pairs:
         raise ConfigError("no graph to run: reuse places the question after each agent's own text, and KV edges "
-                          "placed as a prefix cannot (add --reuse off, or text edges, or --place inline)")
+                          "placed as a prefix, or whole turns as KV, cannot (add --reuse off, or text edges, or "
+                          "replies placed inline)")
     return pairs, skipped
 
 

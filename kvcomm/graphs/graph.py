@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from kvcomm.config import Options, listed
@@ -107,6 +107,12 @@ class EdgeOptions(Options):
     layers: tuple[int, ...] | None = None
     codec: CodecName | None = "fp16"
     mode: MaskMode = "causal"
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_set(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """One spelling per set of layers (its label names the run: (1, 0) and (0, 1, 1) were other runs)."""
+        return None if layers is None else tuple(sorted(set(layers)))
 
     @model_validator(mode="before")
     @classmethod
@@ -242,12 +248,15 @@ def unmarked(message: str) -> str:
 
 
 def hop_turns(steps: Sequence[Step]) -> set[Turn]:
-    """The turns asked their own hop of a relay: the first agent's, and those of an agent that
-    hears the agent before it in a turn itself asked its hop (a star's other agents hear no one; a
-    debate's later rounds may hear a turn that was asked the item's question)."""
+    """The turns asked their own hop of a relay: the first agent's, and those of an agent whose last
+    heard turn (the "previous message" its hop's question points to) is the agent before it, itself
+    asked its hop. A star's other agents hear no one; in a debate's later rounds an agent hears every
+    agent of the round before, the last of them not the one before it (before, such a turn was
+    asked about "the previous message", which held another agent's reply)."""
     asked: set[Turn] = set()
     for step in steps:  # in order: a heard turn was decided before
-        if step.agent == 0 or (step.agent > 0 and any(t.agent == step.agent - 1 and t in asked for t in step.hears)):
+        last = step.hears[-1] if step.hears else None
+        if step.agent == 0 or (last is not None and last.agent == step.agent - 1 and last in asked):
             asked.add(step.turn)
     return asked
 
@@ -285,6 +294,9 @@ def check_graph(steps: Sequence[Step], agents: int, edge: EdgeOptions | dict[str
     """
     if not steps:
         raise ConfigError("a graph needs at least one step")
+    if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:  # before: 0 or -5 ran, 2.5 a TypeError
+        raise ConfigError(f"a graph's agents (those that hold a piece of the context) are a whole number >= 1, "
+                          f"not {agents!r}")
     if isinstance(edge, dict):
         edge = EdgeOptions(**edge)  # its fields checked, a refusal one ConfigError
     elif edge is not None and not isinstance(edge, EdgeOptions):
