@@ -782,8 +782,8 @@ def test_codec_auto_chooses_for_the_link_the_client_measured(agent, monkeypatch)
 def test_the_service_default_ratio_uses_a_loaded_profile(agent):
     from kvcomm.selection import Profile
 
-    profile = Profile(sender="t", receiver="t", task="facts", num_layers=4, alpha=1.0, mu=0.5, sigma=10.0,
-                      calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[2, 0, 3, 1])
+    profile = Profile(sender=agent.name, receiver=agent.name, task="facts", num_layers=4, alpha=1.0, mu=0.5,
+                      sigma=10.0, calibration_items=[], importance=[0.0] * 4, scores=[0.0] * 4, ranking=[2, 0, 3, 1])
     with TestClient(create_app(agent, MemoryStore(), ServeConfig(ratio=0.5), profile)) as http:
         created = http.post("/v1/contexts", json={"context": "Mira lives in Oslo."}).json()
         assert created["layers"] == [0, 2] and http.get("/v1/profile").json()["ranking"] == [2, 0, 3, 1]
@@ -807,6 +807,10 @@ def test_the_service_default_ratio_uses_a_loaded_profile(agent):
         create_app(agent, MemoryStore(), ServeConfig(), other)
     mine = profile.model_copy(update={"weights": [agent.weights_digest] * 2})
     create_app(agent, MemoryStore(), ServeConfig(), mine)
+    # written before weights were recorded: told by name, as eval does (before, any name was served)
+    named = profile.model_copy(update={"weights": None, "sender": "another-model", "receiver": "another-model"})
+    with pytest.raises(ConfigError, match="ranks layers for another-model → another-model"):
+        create_app(agent, MemoryStore(), ServeConfig(), named)
 
 
 def test_models_errors_and_unsupported_parameters_behave_as_against_vllm(live):

@@ -30,7 +30,7 @@ from kvcomm.errors import ConfigError, CorruptMessage
 from kvcomm.models import DEFAULT_MODEL, load_model, resolve_model
 from kvcomm.selection import format_layers, top_layers
 from kvcomm.selection.blocks import read_ranking
-from kvcomm.selection.calibrate import check_weights
+from kvcomm.selection.calibrate import check_pair
 from kvcomm.tasks import load_task
 from kvcomm.wire import KVMessage, MessageReader, codebook_dir, make_codec
 from kvcomm.wire.bootstrap import codebook_from_items
@@ -93,7 +93,7 @@ def encode_command(
     text = context if context is not None else _read_text(context_file)
     sender = load_model(model, dtype)
     if ranked is not None:  # a ranking for other weights under this name is refused, as eval refuses it
-        check_weights(ranked, (sender.weights_digest, sender.weights_digest), f"{model} → {model}")
+        check_pair(ranked, (sender.weights_digest, sender.weights_digest), (model, model))
     size = encode_context(sender, text, chosen, chosen_codec, mode or "causal").save(out)
     choice = MessageReader(io.BytesIO(out.read_bytes())).header.meta.get("codec_choice")
     how = f" ({choice['chosen']}: {choice['reason']})" if choice else ""

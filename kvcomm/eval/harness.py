@@ -42,7 +42,7 @@ from kvcomm.selection.calibrate import (
     calibrate,
     calibration_items,
     check_objective,
-    check_weights,
+    check_pair,
     default_objective,
 )
 from kvcomm.selection.rules import DEFAULT_MU, DEFAULT_SIGMA, default_alpha
@@ -271,16 +271,7 @@ def check_profile(profile: Profile | BlockProfile, task: Task, test: Sequence[It
     if profile.task != task.name:
         raise ConfigError(f"the profile was calibrated on task {profile.task!r}, not {task.name!r}; "
                           f"calibrate on {task.name!r} (kvcomm calibrate -t …) or run without this profile (--profile)")
-    if profile.weights is not None and weights is not None:
-        check_weights(profile, weights, f"{pair[0]} → {pair[1]}" if pair is not None else "pair")
-    elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != pair:
-        if isinstance(profile, BlockProfile):
-            raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
-                              f"{pair[1]}; blocks depend on the pair: profile this one (kvcomm calibrate --method "
-                              "droidspeak)")
-        raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
-                          f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
-                          "run without this profile (--profile)")
+    check_pair(profile, weights, pair)
     if profile.task_options and task.item_options and profile.task_options != task.item_options:
         differ = sorted(k for k in {*profile.task_options, *task.item_options}
                         if profile.task_options.get(k) != task.item_options.get(k))

@@ -209,6 +209,26 @@ def check_weights(profile: Profile | Any, weights: Sequence[str], names: str = "
                           "this profile (--profile)")
 
 
+def check_pair(profile: Profile | Any, weights: Sequence[str] | None, pair: tuple[str, str] | None) -> None:
+    """Refuses a profile (or block profile) made for another sender and receiver: told by the
+    models' ``weights`` digests where the profile and the run both have them (the names may be
+    spelled otherwise, or name a model derived again since), else by their names (``pair``).
+
+    Raises:
+        ConfigError: naming the pair.
+    """
+    if profile.weights is not None and weights is not None:
+        check_weights(profile, weights, f"{pair[0]} → {pair[1]}" if pair is not None else "pair")
+    elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != tuple(pair):
+        if getattr(profile, "kind", None) == "droidspeak":
+            raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
+                              f"{pair[1]}; blocks depend on the pair: profile this one (kvcomm calibrate --method "
+                              "droidspeak)")
+        raise ConfigError(f"the profile ranks layers for {profile.sender} → {profile.receiver}, not {pair[0]} → "
+                          f"{pair[1]}; a ranking depends on the pair: calibrate this one (kvcomm calibrate) or "
+                          "run without this profile (--profile)")
+
+
 def calibrate(
     agents: Agents, task: Task, items: Sequence[Item], alpha: float | None = None,
     mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA, batch_size: int = 8, progress: bool = True,

@@ -24,7 +24,7 @@ from kvcomm.errors import ConfigError, MessageTooLarge, WireError
 from kvcomm.models.loading import LoadedModel
 from kvcomm.protocol import MaskMode, effective_layers
 from kvcomm.selection import Profile, calibrate, top_layers
-from kvcomm.selection.calibrate import calibration_items, check_weights
+from kvcomm.selection.calibrate import calibration_items, check_pair
 from kvcomm.serve.budget import Hold
 from kvcomm.serve.chat import check_readable, check_usable
 from kvcomm.serve.config import ServeConfig
@@ -126,7 +126,8 @@ class ContextMaker:
             if profile.num_layers != agent.num_layers:
                 raise ConfigError(f"profile is for {profile.num_layers} layers, the model has {agent.num_layers}")
             check_ranking(profile.ranking, agent.num_layers)
-            check_weights(profile, (agent.weights_digest, agent.weights_digest), f"{agent.name} → {agent.name}")
+            # by weights, or (a profile written before they were recorded) by name: before, only by weights
+            check_pair(profile, (agent.weights_digest, agent.weights_digest), (agent.name, agent.name))
         self._calibrating = threading.Lock()
 
     def tokens(self, body: ContextRequest) -> list[int]:
