@@ -515,7 +515,12 @@ def main() -> None:
     parser.add_argument("--pool", action="store_true", help="merge files of the same model and task first")
     parser.add_argument("--rule", default=DEFAULT_RULE, choices=RULES, help="goals: the selection rule to judge")
     parser.add_argument("--json", type=Path, help="goals: also write the grid here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json where it exists")
     args = parser.parse_args()
+    if args.json is not None and args.json.is_dir():
+        parser.error(f"--json {args.json} is a folder: give the grid file's path")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        parser.error(f"--json {args.json} exists: pass --overwrite to replace it, or give another --json")
     reports = [json.loads(path.read_text()) for path in args.paths]
     names = [str(path) for path in args.paths]
     if args.pool:

@@ -109,6 +109,10 @@ MISTAKES = [
     ("encode {dir}/m.kvcm -m {model} --context x --profile {dir}/countries-profile.json", "give --ratio with it"),
     ("encode {dir}/m.kvcm -m {model} --context x --layers 0 --profile {dir}/profile.json", "give --ratio with it"),
     ("eval -m {model} --selection paper --objective likelihood", "leave out --objective"),
+    # a run that ranks no layers takes no objective or prior (before: the objective was accepted and
+    # recorded, and --mu refused as if the run ranked with prune)
+    ("eval -m {model} --method baseline --objective likelihood", "no method of this run ranks layers"),
+    ("eval -m {model} --method baseline --mu 0.3", "no method of this run ranks layers"),
     ("calibrate -m {model} --selection paper --objective probability", "leave out --objective"),
     ("eval -m {model} -t facts --pieces passages --calib-size 0 --profile {dir}/passages-profile.json "
      "--objective probability", "the profile's ranking is used"),
@@ -185,7 +189,7 @@ MISTAKES = [
     ("eval -m {model} --method kvcomm --block-tolerance 0.1", "does not take 'tolerance'"),
     ("calibrate -m {model} --method droidspeak --selection answer", "droidspeak takes"),
     ("calibrate -m {model} --method droidspek", "droidspek"),
-    ("calibrate -m {model} --method droidspeak --max-recompute 0", "in (0, 1], not 0"),  # before: after loading
+    ("calibrate -m {model} --method droidspeak --max-recompute 0", "0 is not in 0 < x <= 1"),  # before: after loading
     ("eval -m {model} --sigma 0", "--sigma must be above 0"),  # before: named the field
     # the prior's shape given where no paper rule ranks: before, ignored and recorded as used
     ("eval -m {model} --alpha 0.5", "shape the paper rule's prior; this run ranks with prune"),

@@ -99,12 +99,16 @@ def test_alpha_weighed_by_a_methods_own_paper_rule_is_not_said_unused(tiny_dir, 
 
 
 def test_alpha_given_and_seeds_are_recorded(tiny_dir, tmp_path):
-    result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "random", "--ratios", "0.5",
+    result = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "kvcomm,random", "--ratios", "0.5",
                     "--seed", "5", "--alpha", "0.3", "--selection", "paper", "-q", "--out-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "facts.json").read_text())["config"]
     assert (config["alpha"], config["alpha_source"]) == (0.3, "given")
     assert config["seeds"] == {"bootstrap": 0, "task": 0, "methods": {"random@0.5~seed5": 5}}
+    # random layers weigh no prior: alone, the run refuses --alpha (before: recorded as if it had been used)
+    alone = invoke("sweep", "-m", str(tiny_dir), "--limit", "2", "--methods", "random", "--ratios", "0.5",
+                   "--alpha", "0.3", "--selection", "paper", "-q", "--out-dir", str(tmp_path / "alone"))
+    assert alone.exit_code == 2 and "no method of this run ranks layers" in alone.output
     assert config["task_options"] == load_task("facts").options  # the generator's, defaults filled in
 
 

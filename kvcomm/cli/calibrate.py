@@ -29,6 +29,7 @@ from kvcomm.cli.common import (
     check_output,
     check_output_and_plot,
     console,
+    fraction,
     quiet_libraries,
     task_options_for,
 )
@@ -62,7 +63,8 @@ def calibrate_command(
         help="kvcomm: rank layers to share (by --selection); droidspeak: score every block of layers the "
              "receiver could recompute from the sender's hidden state.")] = "kvcomm",
     max_recompute: Annotated[float, typer.Option(
-        min=0, max=1, help="droidspeak: the longest block scored, as a fraction of the layers (the cap).")]
+        parser=fraction, metavar="FRACTION",
+        help="droidspeak: the longest block scored, as a fraction of the layers (the cap; 0 < FRACTION <= 1).")]
     = DEFAULT_MAX_RECOMPUTE,
     block_tolerance: Annotated[float, typer.Option(
         min=0, help="droidspeak: the pick shown is the fewest layers within this many nats per answer token of "

@@ -139,8 +139,11 @@ OutDir = Annotated[Path | None, typer.Option(
     file_okay=False, help="Run folder: per task a results JSON, a samples JSONL (and plots). "
                           "(default: results/<YYYYmmdd-HHMMSS>-<model>/, UTC)")]
 Overwrite = Annotated[bool, typer.Option(
-    help="Replace the run's files where they exist already (without it, an existing file is refused); "
-         "they are removed once the models have loaded, before the work begins.")]
+    help="Replace the output file where it exists already (without it, an existing file is refused); it is "
+         "replaced when the new one is written.")]
+RunOverwrite = Annotated[bool, typer.Option(
+    help="Replace the run's files where they exist already (without it, an existing file is "
+    "refused); they are removed once the models have loaded, before the work begins.")]
 Resume = Annotated[Path | None, typer.Option(
     exists=True, file_okay=False,
     help="Continue the interrupted run in this folder: finished batches are kept, the rest runs with the "
@@ -305,14 +308,15 @@ CalibrationObjective = Annotated[Objective | None, typer.Option(
          "likelihood or probability, whichever's ranking held-out calibration items answer better; takes 8 "
          "calibration items unless told, searches on the later half). "
          f"(default: {DEFAULT_OBJECTIVE} for prune and answer, likelihood for them with fewer than 8 calibration items "
-         "and for prior). Refused where the run calibrates no such rule (--selection paper, or a --profile's "
-         "ranking used as given).")]
+         "and for prior). Refused where the run calibrates no such rule (--selection paper, a --profile's "
+         "ranking used as given, or no method that ranks layers).")]
 Alpha = Annotated[float | None, typer.Option(
     min=0, max=1, help="paper rule: weight of attention against the depth prior. (default: 1.0 Llama, 0.8 Qwen)")]
 Mu = Annotated[float | None, typer.Option(
-    min=0, max=1, help=options_help("Prior centre as a fraction of depth.", EvalConfig, "mu"))]
+    min=0, max=1, help=options_help("paper rule (and online): prior centre as a fraction of depth.", EvalConfig,
+                                    "mu"))]
 Sigma = Annotated[float | None, typer.Option(
-    min=0, help=options_help("Prior width in layers, above 0.", EvalConfig, "sigma"))]
+    min=0, help=options_help("paper rule (and online): prior width in layers, above 0.", EvalConfig, "sigma"))]
 
 _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
     "model": (Model, DEFAULT_MODEL),
@@ -394,13 +398,14 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         help="droidspeak: the layers a:b (a included, b not) the receiver recomputes from the sender's hidden "
              "state. (default: profiled on the calibration items, or taken from a block --profile)")], None),
     "max_recompute": (Annotated[float | None, typer.Option(
-        min=0, max=1, help=options_help("droidspeak: the longest block profiling may pick, as a fraction of the "
-                                        "layers.", DroidSpeakOptions, "max_recompute"))], None),
+        parser=fraction, metavar="FRACTION", help=options_help(
+            "droidspeak: the longest block profiling may pick, as a fraction of the layers (0 < FRACTION <= 1).",
+            DroidSpeakOptions, "max_recompute"))], None),
     "block_tolerance": (Annotated[float | None, typer.Option(
         min=0, help=options_help("droidspeak: how far (nats per answer token) below the receiver's own prefill "
                                  "a profiled block may score.", DroidSpeakOptions, "tolerance"))], None),
     "out_dir": (OutDir, None),
-    "overwrite": (Overwrite, False),
+    "overwrite": (RunOverwrite, False),
     "resume": (Resume, None),
     "quiet": (Quiet, False),
 }

@@ -17,9 +17,9 @@ from kvcomm.cli.common import (
     Data,
     Dtype,
     LinearOption,
-    Overwrite,
     Quiet,
     RayAddress,
+    RunOverwrite,
     TaskName,
     TaskOptions,
     Workers,
@@ -128,7 +128,7 @@ def graph_command(
     reply_tokens: Annotated[int | None, typer.Option(
         min=1, help="Budget of every turn but the last. (default: the task's answer budget)")] = None,
     batch_size: BatchSize = None, dtype: Dtype = "float32", linear: LinearOption = "dense", quiet: Quiet = False,
-    overwrite: Overwrite = False,
+    overwrite: RunOverwrite = False,
     ray: RayAddress = None, workers: Workers = None, worker_threads: WorkerThreads = 1,
     out: Annotated[Path | None, typer.Option(
         help="Results JSON; the plot is written beside it. (default: results/graph-<task>-<topology>-<model>.json)")]

@@ -102,9 +102,10 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(NEEDS_BLOCK)
     for task in tasks:
         test, _ = config.split(task.items, rules)
-        check_calibration(config, rules, len(task.items), profiled)
+        ranking = any(m.ranks_layers for m in methods)
+        check_calibration(config, rules, len(task.items), profiled, ranks=ranking)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
-            check_prior_given(config, rules, profiled, prior_used)
+            check_prior_given(config, rules, profiled, prior_used, ranks=ranking)
         if ranks and (short := config.calibration_shortfall(len(task.items), rules)):
             notes.append(f"note: {task.name}: the layers are ranked on {short[0]} calibration item(s), not the "
                          f"{short[1]} the rule was measured with: --limit leaves no more (lower --limit, or give "

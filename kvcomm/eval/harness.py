@@ -154,7 +154,7 @@ def named_rules(methods: Sequence[Method]) -> set[str]:
 
 
 def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, profiled: str | None = None,
-                      unused: bool = True) -> None:
+                      unused: bool = True, ranks: bool = True) -> None:
     """Refuses, before any model loads or calibrates, an ``objective`` that a rule the run
     calibrates refuses (``auto`` with ``prior``), ``auto`` where the task leaves fewer than
     :data:`AUTO_MIN_ITEMS` calibration items, and (``unused``: an objective a person gave on the
@@ -165,17 +165,19 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
         rules: the rules the run's methods name (:func:`named_rules`).
         total: the task's items.
         profiled: the rule of the profile given, if one is (its ranking is not calibrated again).
+        ranks: whether any of the run's methods asks for a layer ranking (else it calibrates none).
 
     Raises:
         ConfigError: naming the option to change.
     """
     if config.objective is None:
         return
-    calibrated = _calibrated(config, rules, profiled)
+    calibrated = _calibrated(config, rules, profiled) if ranks else set()
     for rule in sorted(calibrated):
         check_objective(rule, config.objective)
     if unused and not calibrated - {"paper"}:
-        why = "the profile's ranking is used as it was calibrated" if profiled is not None else \
+        why = "no method of this run ranks layers" if not ranks else \
+            "the profile's ranking is used as it was calibrated" if profiled is not None else \
             "the paper rule ranks layers by attention"
         raise ConfigError(f"--objective {config.objective} is what prune, answer and prior calibrate by; {why}: leave "
                           "out --objective")
@@ -187,7 +189,7 @@ def check_calibration(config: EvalConfig, rules: Iterable[str], total: int, prof
 
 
 def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | None = None,
-                      methods_use_it: bool = False) -> None:
+                      methods_use_it: bool = False, ranks: bool = True) -> None:
     """Refuses ``--alpha``, ``--mu`` or ``--sigma`` given (the caller says they were) to a run that
     calibrates no ``paper`` rule: ``prune`` and ``answer`` rank without the prior, ``prior`` fits its
     own, and a profile's ranking is used as it was made; before, they were ignored and recorded.
@@ -195,10 +197,13 @@ def check_prior_given(config: EvalConfig, rules: Iterable[str], profiled: str | 
     Raises:
         ConfigError: naming the options to leave out.
     """
-    calibrated = _calibrated(config, rules, profiled)
+    calibrated = _calibrated(config, rules, profiled) if ranks else set()
     if "paper" not in calibrated and not methods_use_it:  # ``online`` builds its ranking on the prior itself
-        ranks = ", ".join(sorted(calibrated)) or "nothing (the profile's ranking is used as it was made)"
-        raise ConfigError(f"--alpha, --mu and --sigma shape the paper rule's prior; this run ranks with {ranks} "
+        if not ranks:  # before: "this run ranks with prune", of a run that ranks nothing
+            raise ConfigError("--alpha, --mu and --sigma shape the paper rule's prior, and no method of this run "
+                              "ranks layers: leave them out")
+        how = ", ".join(sorted(calibrated)) or "nothing (the profile's ranking is used as it was made)"
+        raise ConfigError(f"--alpha, --mu and --sigma shape the paper rule's prior; this run ranks with {how} "
                           "(prior fits its own): add --selection paper, or leave them out")
 
 
