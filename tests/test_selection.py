@@ -224,6 +224,24 @@ def test_backward_elimination_drops_a_redundant_layer_and_every_prefix_is_a_set_
     assert backward_order(objective, 1, steps=default_removals(1)) == ([0], [])
 
 
+def test_backward_elimination_with_a_pool_tries_again_what_the_step_before_found_least_missed():
+    """An additive objective: each layer's weight, summed. Scores fall as layers go, so scores from
+    earlier steps outranked the step before's, and from step 5 on none of the step before's
+    candidates was tried again: the pool rotated through stale layers and removed heavier ones than
+    it had to. Now each step tries the step before's (but the one removed) first."""
+    from kvcomm.selection.search import backward_order
+
+    weights = np.random.default_rng(1).uniform(0.05, 1.0, size=28)
+
+    def objective(sets):
+        return np.array([float(sum(weights[i] for i in s)) for s in sets])
+
+    ranking, trace = backward_order(objective, 28, 27, 8)
+    removed = [t["layer"] for t in trace]
+    assert removed == sorted(range(28), key=lambda layer: weights[layer])[:27]  # the lightest first, every time
+    assert ranking[0] == int(np.argmax(weights))
+
+
 def test_a_search_pool_below_one_layer_is_refused():
     from kvcomm import Agents, calibrate, load_task
 

@@ -47,19 +47,22 @@ def greedy_order(objective: Objective, num_layers: int, steps: int,
 
     Args:
         pool: after the first step, only the ``pool`` layers that scored best at the previous step
-            are tried (a layer that helped little rarely becomes the best a step later); None: all.
+            are tried (a layer that helped little rarely becomes the best a step later; where the
+            previous step tried fewer, the rest by their last scores: :func:`_pool`); None: all.
 
     Layers left after ``steps`` follow in the order of their score at the last step they were tried.
     """
     chosen: list[int] = []
     trace: list[dict[str, Any]] = []
     last: dict[int, float] = {}
+    previous: dict[int, float] = {}  # the scores of the step before
     for _ in range(min(steps, num_layers)):
         candidates = [layer for layer in range(num_layers) if layer not in chosen]
         if pool is not None and last:
-            candidates = sorted(candidates, key=lambda layer: (-last.get(layer, -math.inf), layer))[:pool]
+            candidates = _pool(candidates, previous, last, pool, deeper_first=False)
         scores = objective([frozenset([*chosen, layer]) for layer in candidates])
-        last.update(zip(candidates, scores.tolist()))
+        previous = dict(zip(candidates, scores.tolist()))
+        last.update(previous)
         best = max(candidates, key=lambda layer: (last[layer], -layer))
         chosen.append(best)
         trace.append({"layer": best, "loglik": last[best], "tried": len(candidates)})
@@ -81,24 +84,42 @@ def backward_order(objective: Objective, num_layers: int, steps: int,
 
     Args:
         pool: after the first step, only the ``pool`` layers whose removal hurt least at the
-            previous step are tried; None: every layer left.
+            previous step are tried (:func:`_pool`); None: every layer left.
     """
     kept = list(range(num_layers))
     removed: list[int] = []
     trace: list[dict[str, Any]] = []
     last: dict[int, float] = {}
+    previous: dict[int, float] = {}
     for _ in range(min(steps, num_layers - 1)):
         candidates = kept
-        if pool is not None and last:
-            candidates = sorted(kept, key=lambda layer: (-last[layer], -layer))[:pool]  # step 1 scored every layer
+        if pool is not None and last:  # step 1 scored every layer
+            candidates = _pool(kept, previous, last, pool, deeper_first=True)
         scores = objective([frozenset(layer for layer in kept if layer != out) for out in candidates])
-        last.update(zip(candidates, scores.tolist()))
+        previous = dict(zip(candidates, scores.tolist()))
+        last.update(previous)
         worst = max(candidates, key=lambda layer: (last[layer], layer))  # ties: drop the deeper layer
         kept = [layer for layer in kept if layer != worst]
         removed.append(worst)
         trace.append({"layer": worst, "loglik": last[worst], "tried": len(candidates), "left": len(kept)})
     ahead = sorted(kept, key=lambda layer: (last.get(layer, -math.inf), layer))
     return ahead + removed[::-1], trace
+
+
+def _pool(layers: Sequence[int], previous: dict[int, float], last: dict[int, float], pool: int,
+          deeper_first: bool) -> list[int]:
+    """The ``pool`` of ``layers`` a step tries: those the step before tried, best first by its scores,
+    then (where fewer than ``pool`` are left) the others by the last score each had. Before, all were
+    ranked by their last scores together, and scores from earlier steps (measured beside other
+    sets) crowded out the step before's: as scores fell, elimination stopped trying the layers it
+    had just found least missed. Ties: the deeper layer first in elimination, the shallower in
+    greedy selection."""
+    def key(scores: dict[int, float]) -> Callable[[int], tuple[float, int]]:
+        return lambda layer: (-scores.get(layer, -math.inf), -layer if deeper_first else layer)
+
+    fresh = sorted((layer for layer in layers if layer in previous), key=key(previous))
+    older = sorted((layer for layer in layers if layer not in previous), key=key(last))
+    return (fresh + older)[:pool]
 
 
 def fit_prior(objective: Objective, importance: Sequence[float],
