@@ -76,6 +76,18 @@ def test_an_unknown_mode_is_one_clear_error(monkeypatch):
         allocator.keep_freed_memory()
 
 
+def test_a_run_with_an_unknown_mode_claims_no_folder(monkeypatch, tmp_path, tiny_dir):
+    """Found at the model's load, the mistake left an empty results/<time>-<model>/ folder behind."""
+    from typer.testing import CliRunner
+
+    from kvcomm.cli import app
+
+    monkeypatch.setenv("KVCOMM_MALLOC", "jemalloc")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "-m", str(tiny_dir), "--method", "baseline", "--limit", "1", "-q"])
+    assert result.exit_code == 2 and "unknown KVCOMM_MALLOC" in result.output and not (tmp_path / "results").exists()
+
+
 def test_the_settings_are_made_once_per_process(monkeypatch):
     calls = []
     monkeypatch.setattr(allocator, "_state", None)

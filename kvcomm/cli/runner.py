@@ -42,6 +42,7 @@ from kvcomm.eval.provenance import profiles_identity, run_identity
 from kvcomm.eval.samples import write_samples
 from kvcomm.methods import Method
 from kvcomm.models import resolve_model
+from kvcomm.models.allocator import malloc_mode
 from kvcomm.selection import Profile
 from kvcomm.selection.blocks import BlockProfile, read_profile
 from kvcomm.tasks import Task
@@ -77,6 +78,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         ConfigError: an impossible split, a profile of another task, an existing file without
             ``--overwrite``, or a ``--resume`` folder with nothing to resume or another run in it.
     """
+    malloc_mode()  # a bad KVCOMM_MALLOC, before a run folder is claimed (before: at the model's load, after it)
     tasks = run.load_tasks()
     config = run.eval_config()
     check_distinct(build())

@@ -46,12 +46,23 @@ def keep_freed_memory() -> bool:
         ConfigError: ``$KVCOMM_MALLOC`` names no mode.
     """
     global _state
-    mode = os.environ.get("KVCOMM_MALLOC") or "keep"
-    if mode not in MODES:
-        raise ConfigError(f"unknown KVCOMM_MALLOC {mode!r}; valid: {', '.join(MODES)}")
+    mode = malloc_mode()
     if _state is None:
         _state = _settle(mode)
     return _state == "keep"
+
+
+def malloc_mode() -> str:
+    """``$KVCOMM_MALLOC`` (``keep`` where unset or empty); commands check it before a run folder is
+    made or a model loads.
+
+    Raises:
+        ConfigError: it names no mode.
+    """
+    mode = os.environ.get("KVCOMM_MALLOC") or "keep"
+    if mode not in MODES:
+        raise ConfigError(f"unknown KVCOMM_MALLOC {mode!r}; valid: {', '.join(MODES)}")
+    return mode
 
 
 def allocator_state() -> str:
