@@ -149,7 +149,9 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="print a saved results JSON's tables; run nothing")
     add_out(parser, required=False, help="results JSON (required unless --report)")
     args = parser.parse_args()
-    check_out(parser, args)
+    if args.out is not None:  # the results, the comparison and the plot beside them
+        check_out(parser, args, [args.out, args.out.with_name(args.out.stem + "-comparison.json"),
+                                 args.out.with_suffix(".png")])
     console = Console(width=160)
     if args.report is not None:
         show(Report.model_validate_json(args.report.read_text()), console)

@@ -263,7 +263,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     add_out(parser)
     args = parser.parse_args()
-    check_out(parser, args)
+    if args.what == "quality":  # one results file per task, named after --out (and the multihop plot)
+        per_task = [args.out.with_name(f"{args.out.stem}-{name}.json") for name in args.tasks.split(",")]
+        check_out(parser, args, per_task + [path.with_suffix(".png") for path in per_task if "multihop" in path.stem])
+    else:
+        check_out(parser, args)
     run_quality(args) if args.what == "quality" else run_ttft(args)
 
 

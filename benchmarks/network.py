@@ -72,11 +72,12 @@ class Link:
 
     def __enter__(self) -> Link:
         LOCK.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = LOCK.open("w")
+        # no O_TRUNC, and no link followed: /run/lock is anyone's to write in, and this runs as root
+        self.lock = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.lock.close()
+            os.close(self.lock)
             raise SystemExit(f"another network.py run holds {LOCK} (its namespaces {SENDER_NS}/{RECEIVER_NS} are "
                              "in use): wait for it to finish") from None
         self.close()  # leftovers of an interrupted run
@@ -110,7 +111,7 @@ class Link:
         try:
             self.close()
         finally:
-            self.lock.close()  # releases the lock
+            os.close(self.lock)  # releases the lock
 
 
 def can_make_namespaces() -> str | None:

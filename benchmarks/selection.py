@@ -174,7 +174,9 @@ def main() -> None:
                         help="also find each rule's budget on the calibration items (with --report: of that run; "
                              "give the same --model, --task, --data, --items); written beside the JSON")
     args = parser.parse_args()
-    check_out(parser, args)
+    if args.out is not None:  # and the budgets beside the results
+        check_out(parser, args, [args.out] + ([args.out.with_name(args.out.stem + "-budgets.json")]
+                                              if args.budget is not None else []))
     if args.report is not None and args.budget is not None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}

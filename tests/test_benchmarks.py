@@ -133,6 +133,11 @@ def test_results_files_are_checked_before_any_work_and_written_whole(monkeypatch
     with pytest.raises(SystemExit):  # a folder, even with --overwrite
         record.check_out(parser, parser.parse_args(["--out", str(tmp_path), "--overwrite"]))
     record.check_out(parser, parser.parse_args(["--out", str(out), "--overwrite"]))
+    with pytest.raises(SystemExit):  # under a file: refused before the work (before: the write failed after it)
+        record.check_out(parser, parser.parse_args(["--out", str(out / "r.json"), "--overwrite"]))
+    with pytest.raises(SystemExit):  # a file written in --out's stead (blend.py's per task) is checked alike
+        record.check_out(parser, parser.parse_args(["--out", str(tmp_path / "x.json")]), [out])
+    record.check_out(parser, parser.parse_args(["--out", str(tmp_path / "x.json")]), [tmp_path / "x-facts.json"])
     with pytest.raises(TypeError):  # what JSON cannot hold: the old results stay as they were
         record.write_json(out, {"rows": [object()]})
     assert out.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
@@ -156,6 +161,14 @@ def test_a_second_network_run_leaves_the_first_ones_namespaces_alone(monkeypatch
         assert ("ip", "netns", "add", network.SENDER_NS) in calls
     with network.Link():  # the lock was given back
         pass
+    # a link planted where the lock goes (/run/lock is anyone's): refused, its target left whole
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "network.lock").unlink()
+    (tmp_path / "network.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        network.Link().__enter__()
+    assert victim.read_text() == "keep me"
 
 
 def test_chats_over_accepted_crafted_messages_count_in_the_row(monkeypatch):

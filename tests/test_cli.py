@@ -391,6 +391,16 @@ def test_the_demo_writes_its_table_results_samples_and_plot(tiny_dir, tmp_path, 
     monkeypatch.setattr(demo_module.Agents, "load", lambda *a, **k: pytest.fail("a model loaded"))
     refused = CliRunner().invoke(app, [])
     assert refused.exit_code == 2 and "cannot make a run folder here" in refused.output, refused.output
+    # a model that fails to load leaves no empty run folder behind
+    (tmp_path / "third").mkdir()
+    monkeypatch.chdir(tmp_path / "third")
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(demo_module.Agents, "load", broken)
+    failed = CliRunner().invoke(app, [])
+    assert isinstance(failed.exception, MemoryError) and not list((tmp_path / "third").rglob("*-tiny"))
 
 
 def test_quiet_hides_the_warnings_transformers_raises_and_only_inside():

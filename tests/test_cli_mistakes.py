@@ -81,6 +81,7 @@ MISTAKES = [
     ("eval -m {model} --mode strict", "--mode"),
     ("eval -m {model} --dtype float64", "--dtype"),
     ("eval -m {model} --alpha 2", "--alpha"),
+    ("eval -m {model} --selection paper --sigma inf", "sigma: Input should be a finite number"),  # before: a traceback
     ("eval -m {model} --max-memory 0", "--max-memory must be above 0"),  # before: named the field max_memory_gb
     ("eval -m {model} --limit 1000", "cannot hold 1000 test"),
     ("eval -m {model} --out {dir}/folder", "is a folder"),

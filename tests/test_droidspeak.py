@@ -375,3 +375,17 @@ def test_an_immediate_stop_is_scored_as_the_stop_token_the_receiver_chose(twins,
     first = prefill_logits(twins.receiver.model, receiver_input(SharedKV.whole(own)), prompt.input_ids,
                            prompt.valid)[0, -1].argmax()
     assert answers == [[int(first)], [7]]
+
+
+def test_a_block_profile_without_a_data_file_keeps_the_identity_it_had():
+    """Block profiles record their data file since 2026-11-26; one of a generated task records none,
+    and a checkpoint written before must still resume (its identity had no such field)."""
+    from kvcomm.eval.provenance import profiles_identity
+    from kvcomm.selection.blocks import BlockProfile, BlockScore
+
+    blocks = BlockProfile(sender="a", receiver="b", task="t", num_layers=4, calibration_items=["x"],
+                          max_recompute=0.5, max_block=2, own=-1.0, reuse=-4.0,
+                          blocks=[BlockScore(start=0, stop=1, loglik=-2.0)])
+    assert "data" not in profiles_identity(None, blocks)["blocks"]
+    recorded = blocks.model_copy(update={"data": {"path": "x.jsonl", "sha256": "0" * 64}})
+    assert profiles_identity(None, recorded)["blocks"]["data"]["sha256"] == "0" * 64

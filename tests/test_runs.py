@@ -362,7 +362,7 @@ def test_kvcomm_data_naming_a_path_with_a_space_is_read_whole(tiny_dir, tmp_path
 
 def test_overwrite_keeps_the_earlier_results_until_the_models_have_loaded(tiny_dir, tmp_path, monkeypatch):
     """--overwrite deleted the earlier run's files while planning: a model that then failed to load
-    left neither the old results nor new ones."""
+    left neither the old results nor new ones. Its checkpoint still goes at once."""
     from kvcomm import agents as agents_module
 
     folder = tmp_path / "run"
@@ -370,8 +370,6 @@ def test_overwrite_keeps_the_earlier_results_until_the_models_have_loaded(tiny_d
               "-q", "--out-dir", str(folder)]
     assert invoke(*common).exit_code == 0
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    (checkpoint,) = folder.glob("*.checkpoint")
-    batches = sorted(p.name for p in checkpoint.iterdir())
 
     def broken(*args, **kwargs):
         raise MemoryError("no room for the model")
@@ -380,11 +378,33 @@ def test_overwrite_keeps_the_earlier_results_until_the_models_have_loaded(tiny_d
     failed = invoke(*common, "--overwrite")
     assert isinstance(failed.exception, MemoryError), failed.output
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in checkpoint.iterdir()) == batches
+    assert not list(folder.glob("*.checkpoint"))  # the checkpoint goes at once (a resume must not take it)
     monkeypatch.undo()
     again = invoke(*common, "--limit", "3", "--overwrite")  # loaded: the old files go, the new run's replace them
     assert again.exit_code == 0, again.output
     assert json.loads((folder / "facts.json").read_text())["config"]["test_items"] == 3
+
+
+def test_an_interrupted_overwrite_of_several_tasks_leaves_no_earlier_run_to_resume(tiny_dir, tmp_path, monkeypatch):
+    """Each task's earlier files went only when that task began: interrupted in the first task, the
+    second's earlier checkpoint stayed, and --resume reported it "finished already" with the earlier
+    run's results. The checkpoints go at once."""
+    import kvcomm.cli.runner as runner_module
+
+    folder = tmp_path / "run"
+    common = ["eval", "-m", str(tiny_dir), "-t", "facts,multihop", "--method", "baseline", "--limit", "2",
+              "--batch-size", "1", "-q", "--out-dir", str(folder)]
+    assert invoke(*common).exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "evaluate", interrupted)
+    invoke(*common, "--overwrite")
+    monkeypatch.undo()
+    assert not list(folder.glob("*.checkpoint"))
+    resumed = invoke(*common, "--resume", str(folder))
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output, resumed.output
 
 
 def test_overwrite_removes_only_what_the_command_writes(tiny_dir, tmp_path):

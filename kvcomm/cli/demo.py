@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from kvcomm.agents import Agents
 from kvcomm.cli.common import console
 from kvcomm.cli.group import command_line
@@ -11,6 +13,7 @@ from kvcomm.eval.outputs import TaskFiles, new_run_folder
 from kvcomm.eval.samples import write_samples
 from kvcomm.methods import build_methods
 from kvcomm.models import DEFAULT_MODEL, EMBEDDED
+from kvcomm.models.allocator import malloc_mode
 from kvcomm.tasks import load_task
 
 DEMO_ITEMS = 16
@@ -26,12 +29,19 @@ def demo() -> None:
     task = load_task("facts", items=DEMO_ITEMS + 2)
     methods = build_methods(["baseline", "skyline", "kvcomm"], [0.5, 1.0])
     config = EvalConfig(limit=DEMO_ITEMS, batch_size=DEMO_ITEMS, calib_size=2)
+    malloc_mode()  # a bad KVCOMM_MALLOC, before a folder is claimed
     try:  # claimed before the work, as eval's and sweep's (before, a ./results it could not write failed after it)
-        files = TaskFiles.for_task(new_run_folder(DEFAULT_MODEL, claim=True), task.name)
+        folder = new_run_folder(DEFAULT_MODEL, claim=True)
     except OSError as err:
         raise ConfigError(f"cannot make a run folder here ({type(err).__name__}: {err}); run the demo from a "
                           "folder you can write in") from None
-    agents = Agents.load(DEFAULT_MODEL)
+    files = TaskFiles.for_task(folder, task.name)
+    try:
+        agents = Agents.load(DEFAULT_MODEL)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # still empty: no folder left for a run that never began
+        raise
     report = evaluate(agents, task, methods, config, command=command_line())
     print_table(report)
     plot, samples = plot_sweep(report, files.plots[0]), write_samples(report, agents, files.samples)

@@ -8,9 +8,9 @@ The run folder is ``--resume FOLDER``, else ``--out-dir``, else the folder of ``
 else a new ``results/<YYYYmmdd-HHMMSS>-<model>/`` (UTC). A file the run would write that exists
 already is refused unless ``--overwrite``, which discards that task's checkpoint and the files
 an earlier run left (results, samples, plots) once the models have loaded, before the task's work
-begins (a command that fails before leaves them as they were), so that a later ``--resume`` never
-takes them for this run's; with ``--resume`` the run's own files are replaced and its finished
-tasks are skipped.
+begins (a command that fails before leaves them as they were; the checkpoints go at once), so that
+a later ``--resume`` never takes them for this run's; with ``--resume`` the run's own files are
+replaced and its finished tasks are skipped.
 """
 
 from __future__ import annotations
@@ -119,8 +119,12 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     planned = []
     for task in tasks:
         files = TaskFiles.beside(out) if out is not None else TaskFiles.for_task(folder, task.name)
-        # --overwrite removes only what this command writes (eval's --out x.json: no x.png), and only once
-        # the models have loaded: a run that fails before its work begins leaves the earlier results
+        # --overwrite removes only what this command writes (eval's --out x.json: no x.png): every task's
+        # checkpoint now (so that a --resume after an interruption never takes another task's earlier
+        # run for this one's), its results, samples and plots once the models have loaded (a run that
+        # fails before its work begins leaves those)
+        if run.overwrite:
+            remove_checkpoint(files.checkpoint)
         replaced = files.existing(plots) if run.overwrite else []
         if run.resume is None and not run.overwrite and (existing := files.existing(plots)):
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
@@ -128,8 +132,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         identity = run_identity(task, build(), config.model_dump(mode="json"), run.model, run.receiver or run.model,
                                 run.dtype, profiles_identity(profile, blocks), run.linear,
                                 calibration_identity(config, rules, len(task.items), profiled))
-        checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None,
-                                fresh=run.overwrite)
+        checkpoint = Checkpoint(files.checkpoint, identity, command_line(), resume=run.resume is not None)
         planned.append(TaskRun(task, files, checkpoint, finished=checkpoint.continued and files.results.is_file(),
                                replaced=replaced))
     if run.resume is not None and not any(p.checkpoint.continued for p in planned):
@@ -181,13 +184,9 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
 
 
 def _remove(paths: list[Path]) -> None:
-    """An earlier run's files, which --overwrite replaces: the checkpoint folder's own files (a
-    checkpoint made by this run would not be read again) and the others."""
+    """An earlier run's results, samples and plots, which --overwrite replaces."""
     for path in paths:
-        if path.is_dir():
-            remove_checkpoint(path)
-        else:
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def _write(report: Report, agents: Agents, files: TaskFiles, plots: bool) -> None:

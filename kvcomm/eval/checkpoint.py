@@ -92,8 +92,6 @@ class Checkpoint:
         command: the command line that runs it (recorded).
         resume: continue the work recorded in ``folder``. Without it, a folder that already
             holds a checkpoint is refused; with it, a missing checkpoint starts a new one.
-        fresh: start a new run whatever ``folder`` holds (``--overwrite``): it is not read, and the
-            caller removes it (:func:`remove_checkpoint`) before the run records anything.
 
     Raises:
         ConfigError: ``folder`` holds a checkpoint and ``resume`` is false, or it holds one of a
@@ -103,14 +101,14 @@ class Checkpoint:
     """
 
     def __init__(self, folder: str | Path, identity: dict[str, Any], command: str | None = None,
-                 resume: bool = False, fresh: bool = False) -> None:
+                 resume: bool = False) -> None:
         self.folder = Path(folder)
         self.batches: list[BatchRecord] = []
         self.profiles: dict[str, Profile | BlockProfile] = {}  # the header's, read
         self._written = False
         self.continued = False  # whether this continues a run recorded in ``folder``
-        if fresh or not (self.folder / HEADER).is_file():
-            if not fresh and self.folder.is_dir() and (strays := sorted(p.name for p in self.folder.iterdir()
+        if not (self.folder / HEADER).is_file():
+            if self.folder.is_dir() and (strays := sorted(p.name for p in self.folder.iterdir()
                                                           if BATCH.fullmatch(p.name))):
                 raise DataError(f"{self.folder} holds batch files ({strays[0]} …) but no {HEADER}, so which run "
                                 "they belong to is unknown; start again with --overwrite (which deletes them)")

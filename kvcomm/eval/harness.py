@@ -100,7 +100,7 @@ class EvalConfig(Options):
     objective: Objective | None = None
     alpha: float | None = Field(default=None, ge=0, le=1)
     mu: float = Field(default=DEFAULT_MU, ge=0, le=1)
-    sigma: float = Field(default=DEFAULT_SIGMA, gt=0)
+    sigma: float = Field(default=DEFAULT_SIGMA, gt=0, allow_inf_nan=False)
     max_memory_gb: float | None = Field(default=None, gt=0)
     bucket: bool = True
     pieces: Pieces = "chats"

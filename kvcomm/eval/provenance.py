@@ -100,7 +100,12 @@ def method_seeds(methods: Sequence[Method]) -> dict[str, int]:
 def profiles_identity(profile: BaseModel | None, blocks: BaseModel | None) -> dict[str, Any] | None:
     """What a run's given profiles contribute to its identity (a ranking's alone as before blocks)."""
     ranking = None if profile is None else profile.model_dump(mode="json")
-    return ranking if blocks is None else {"ranking": ranking, "blocks": blocks.model_dump(mode="json")}
+    if blocks is None:
+        return ranking
+    made = blocks.model_dump(mode="json")
+    if made.get("data") is None:  # recorded since 2026-11-26: a checkpoint made before it resumes
+        made.pop("data", None)
+    return {"ranking": ranking, "blocks": made}
 
 
 def run_identity(task: Task, methods: Sequence[Method], config: dict[str, Any], sender: str, receiver: str,

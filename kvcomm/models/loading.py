@@ -354,9 +354,11 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype,
         at = "" if source == name_or_path else f" (from {source})"
         read_as = (f" (no folder {str(Path(name_or_path).expanduser().resolve())!r} here, so the name was read "
                    "as a Hugging Face hub id)" if resolve_model(name_or_path).kind == "hub" else "")
-        cause = f"weights of another shape than the config's? ({err})" if isinstance(err, RuntimeError) else err
+        cause = (f"weights of another shape than the config's ({err})" if isinstance(err, RuntimeError) and any(
+            sign in str(err) for sign in ("size mismatch", "ignore_mismatched_sizes")) else err)
         converted = Path(source).parent == cache_root() / "models" and Path(source).is_dir()
-        again = f"; the converted copy may be damaged: delete {source} and it is converted again" if converted else ""
+        again = (f"; the converted copy may be damaged: delete {source} and it is converted again"
+                 if converted and isinstance(err, SafetensorError | struct.error) else "")  # a cut or garbled file
         raise ModelError(f"cannot load {name_or_path!r}{at}{read_as}: {cause}{again}") from err
     return tokenizer, model
 

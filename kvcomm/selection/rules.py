@@ -36,8 +36,8 @@ def check_prior(mu: float, sigma: float) -> None:
     (layers) is positive. Raises ``ConfigError`` naming the one that is not."""
     if not 0.0 <= mu <= 1.0:
         raise ConfigError(f"mu (the prior's centre, a fraction of the depth) must be in [0, 1], got {mu}")
-    if not sigma > 0:
-        raise ConfigError(f"sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:  # a profile records it, and refuses one it cannot hold
+        raise ConfigError(f"sigma must be positive and finite, got {sigma}")
 
 
 def gaussian_prior(num_layers: int, mu: float = DEFAULT_MU, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
