@@ -51,7 +51,7 @@ def main(
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Without a command: run the demo (embedded default model, generated task, < 2 minutes)."""
+    """Without a command: run the demo (embedded default model, generated task; 2-3 minutes on a CPU)."""
     if ctx.invoked_subcommand is None:
         demo()
 
