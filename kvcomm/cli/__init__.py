@@ -20,8 +20,8 @@ from kvcomm.cli.wire import answer_command, codebook_command, encode_command, in
 
 app = typer.Typer(
     cls=KvcommGroup, help="LLM agents that communicate through selected layers of their KV caches (KVComm). "
-                          "Without a command: a demo (the embedded default model on a generated task, about 2 "
-                          "minutes; results in a new folder under results/).",
+                          "Without a command: a demo (the embedded default model on a generated task, 2-3 "
+                          "minutes on a CPU; results in a new folder under results/).",
     pretty_exceptions_enable=False, add_completion=False,
 )
 app.command("eval")(eval_command)
