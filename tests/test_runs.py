@@ -380,8 +380,11 @@ def test_overwrite_keeps_the_earlier_results_until_the_models_have_loaded(tiny_d
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
     assert not list(folder.glob("*.checkpoint"))  # the checkpoint goes at once (a resume must not take it)
     monkeypatch.undo()
+    (folder / "facts.checkpoint").mkdir()
+    (folder / "facts.checkpoint" / "notes.txt").write_text("mine")  # kept there: the folder is not the run's alone
     again = invoke(*common, "--limit", "3", "--overwrite")  # loaded: the old files go, the new run's replace them
     assert again.exit_code == 0, again.output
+    assert (folder / "facts.checkpoint" / "notes.txt").read_text() == "mine"
     assert json.loads((folder / "facts.json").read_text())["config"]["test_items"] == 3
 
 

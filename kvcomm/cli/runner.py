@@ -125,7 +125,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         # fails before its work begins leaves those)
         if run.overwrite:
             remove_checkpoint(files.checkpoint)
-        replaced = files.existing(plots) if run.overwrite else []
+        replaced = [p for p in files.existing(plots) if p != files.checkpoint] if run.overwrite else []
         if run.resume is None and not run.overwrite and (existing := files.existing(plots)):
             raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace the run's files, or "
                               f"--resume {folder} to continue the run there")
