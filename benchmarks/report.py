@@ -42,8 +42,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from record import write_json  # benchmarks/record.py, beside this file
-
 from kvcomm.eval.results import bootstrap_ci, share, share_ci, summarize
 from kvcomm.selection import format_layers
 from kvcomm.selection.calibrate import DEFAULT_RULE, RULES
@@ -534,6 +532,8 @@ def main() -> None:
         rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
         if args.json:
+            from record import write_json  # benchmarks/record.py, beside this file (on the path as a script)
+
             write_json(args.json, _finite(rows))
     else:
         codecs_table(reports)
