@@ -108,16 +108,16 @@ def test_two_loaders_of_one_new_model_convert_it_once(tmp_path, monkeypatch):
 
     converted = []
 
-    def slow_convert(gguf, directory):
+    def slow_convert(directory):
         converted.append(directory)
         time.sleep(0.3)
         directory.mkdir(parents=True)
         (directory / "config.json").write_text("{}")
+        (directory / "model.safetensors").write_bytes(b"weights")
         return directory
 
-    monkeypatch.setattr(loading, "_convert", slow_convert)
     target, results = tmp_path / "models" / "m", []
-    threads = [threading.Thread(target=lambda: results.append(loading._converted(tmp_path / "m.gguf", target)))
+    threads = [threading.Thread(target=lambda: results.append(loading._converted(lambda: slow_convert(target), target)))
                for _ in range(2)]
     for thread in threads:
         thread.start()
