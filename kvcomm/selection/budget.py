@@ -22,6 +22,12 @@ from kvcomm.tasks.metrics import METRICS
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def check_tolerance(tolerance: Any) -> None:
+    """Refuses a budget's tolerance that is not a finite number >= 0 (``ConfigError``)."""
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"a budget's tolerance must be a finite number >= 0, not {tolerance!r}")
+
+
 def smallest_ratio(agents: Agents, task: Task, items: Sequence[Item], ranking: Sequence[int], tolerance: float,
                    grid: Sequence[float] = GRID, batch_size: int = 8, pieces: Pieces = "chats") -> dict[str, Any]:
     """``{"ratio", "layers", "tolerance", "scores": {ratio: score}, "all_layers"}``: the fewest
@@ -34,8 +40,7 @@ def smallest_ratio(agents: Agents, task: Task, items: Sequence[Item], ranking: S
     Raises:
         ConfigError: ``tolerance`` is negative or not finite.
     """
-    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigError(f"a budget's tolerance must be a finite number >= 0, not {tolerance!r}")
+    check_tolerance(tolerance)
     metric = METRICS[task.metric]
     ratios = sorted({layer_count(r, len(ranking)) / len(ranking) for r in grid} | {1.0})
     totals = dict.fromkeys(ratios, 0.0)

@@ -42,7 +42,7 @@ from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile
 from kvcomm.protocol import attention_importance
-from kvcomm.selection.budget import smallest_ratio
+from kvcomm.selection.budget import check_tolerance, smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
 from kvcomm.selection.rules import (
     DEFAULT_MU,
@@ -277,9 +277,8 @@ def calibrate(
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1):
         # before: 0 read as "the default" (a whole search), and a negative count searched nothing
         raise ConfigError(f"the search's steps are at least 1, not {steps!r} (None: the rule's default)")
-    if tolerance is not None and not (isinstance(tolerance, int | float) and math.isfinite(tolerance)
-                                      and tolerance >= 0):  # before: a bare StopIteration after the whole calibration
-        raise ConfigError(f"a budget's tolerance must be a finite number >= 0, not {tolerance!r}")
+    if tolerance is not None:  # before: a bare StopIteration after the whole calibration
+        check_tolerance(tolerance)
     if pieces not in get_args(Pieces):
         raise ConfigError(f"unknown pieces {pieces!r}; valid: {', '.join(get_args(Pieces))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
