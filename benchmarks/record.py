@@ -24,7 +24,6 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,26 +39,28 @@ def add_out(parser: argparse.ArgumentParser, required: bool = True,
                         "this script writes) where it exists; without it an existing --out is refused before any work")
 
 
-def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, written: Sequence[Path] | None = None) -> None:
-    """Refuses (through ``parser``, before any work) an ``--out`` that is a folder, that exists where
-    ``--overwrite`` was not given, or whose folder cannot be made or written in. ``written``: the
-    files the script writes in its stead (e.g. one per task, named after it), checked alike."""
-    out = getattr(args, "out", None)
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, written: Sequence[Path] | None = None,
+              option: str = "out") -> None:
+    """Refuses (through ``parser``, before any work) an ``--out`` (or the ``option`` that names the
+    results file) that is a folder, that exists where ``--overwrite`` was not given, or whose folder
+    cannot be made or written in. ``written``: the files the script writes in its stead (e.g. one
+    per task, named after it), checked alike."""
+    out = getattr(args, option, None)
     if out is None:
         return
+    given = f"--{option}"
     for path in [out] if written is None else written:
         if path.is_dir():
-            parser.error(f"--out {out}: {path} is a folder: give the results file's path")
+            parser.error(f"{given} {out}: {path} is a folder: give the results file's path")
         if path.exists() and not args.overwrite:
-            parser.error(f"--out {out}: {path} exists: pass --overwrite to replace it, or give another --out")
-    folder = next(parent for parent in out.absolute().parents if parent.exists())  # where it would be made
-    try:  # a file made there and removed at once (os.access says yes to root everywhere)
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{folder} is a file")
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        parser.error(f"--out {out}: cannot write in {folder} ({err.strerror or err})")
+            parser.error(f"{given} {out}: {path} exists: pass --overwrite to replace it, or give another {given}")
+    from kvcomm.cli.common import check_writable
+    from kvcomm.errors import ConfigError
+
+    try:  # the folder it would be made in: a test file made there (os.access says yes to root everywhere)
+        check_writable(out, given, out.absolute().parents)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -515,10 +515,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="goals: also write the grid here")
     parser.add_argument("--overwrite", action="store_true", help="replace --json where it exists")
     args = parser.parse_args()
-    if args.json is not None and args.json.is_dir():
-        parser.error(f"--json {args.json} is a folder: give the grid file's path")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        parser.error(f"--json {args.json} exists: pass --overwrite to replace it, or give another --json")
+    from record import check_out, write_json  # benchmarks/record.py, beside this file (on the path as a script)
+
+    check_out(parser, args, option="json")
     reports = [json.loads(path.read_text()) for path in args.paths]
     names = [str(path) for path in args.paths]
     if args.pool:
@@ -532,8 +531,6 @@ def main() -> None:
         rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
         if args.json:
-            from record import write_json  # benchmarks/record.py, beside this file (on the path as a script)
-
             write_json(args.json, _finite(rows))
     else:
         codecs_table(reports)

@@ -463,7 +463,7 @@ def check_output(path: Path, what: str = "results", overwrite: bool = True, give
         raise ConfigError(f"{given_as} {path} is a folder; give a file name for the {what}")
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it, or give another {given_as}")
-    _check_writable(path, given_as, path.absolute().parents)
+    check_writable(path, given_as, path.absolute().parents)
     return path
 
 
@@ -472,11 +472,11 @@ def check_folder(path: Path, given_as: str) -> Path:
     after the work, with a traceback); ``given_as`` names the option that gave it."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{given_as} {path} is a file, not a folder")
-    _check_writable(path, given_as, (path.absolute(), *path.absolute().parents))
+    check_writable(path, given_as, (path.absolute(), *path.absolute().parents))
     return path
 
 
-def _check_writable(path: Path, given_as: str, folders: Iterable[Path]) -> None:
+def check_writable(path: Path, given_as: str, folders: Iterable[Path]) -> None:
     """The nearest of ``folders`` that exists (where ``path`` would be made) is a folder this
     process can write in (before, the write failed after the work, with a traceback)."""
     blocked = next((folder for folder in folders if folder.exists()), None)
