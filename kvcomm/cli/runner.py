@@ -94,7 +94,8 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
         raise ConfigError(f"--profile {run.profile} is a droidspeak block profile, and no method of this run reads "
                           "blocks; a layer ranking is made by `kvcomm calibrate` (without --method droidspeak)")
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
-    ranks, prior_used = given is None and any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
+    ranking, prior_used = any(m.ranks_layers for m in methods), any(m.uses_prior for m in methods)
+    ranks = given is None and ranking  # a ranking this run calibrates
     notes: list[str] = []  # said once every check has passed
     if config.calib_size == 0:  # before, said once the models had loaded
         if profile is None and any(m.ranks_layers for m in methods):
@@ -104,7 +105,6 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(NEEDS_BLOCK)
     for task in tasks:
         test, _ = config.split(task.items, rules)
-        ranking = any(m.ranks_layers for m in methods)
         check_calibration(config, rules, len(task.items), profiled, ranks=ranking)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
             check_prior_given(config, rules, profiled, prior_used, ranks=ranking)
