@@ -98,7 +98,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
     ranks = given is None and ranking  # a ranking this run calibrates
     notes: list[str] = []  # said once every check has passed
     if config.calib_size == 0:  # before, said once the models had loaded
-        if profile is None and any(m.ranks_layers for m in methods):
+        if profile is None and ranking:
             raise ConfigError(NEEDS_RANKING)
         if blocks is None and any(m.name == "droidspeak" and getattr(m.options, "block", None) is None
                                   for m in methods):
