@@ -86,19 +86,22 @@ class Report(BaseModel):
 
 def environment(cluster: Cluster | None = None) -> dict[str, str]:
     """Versions of kvcomm (and its git commit, when it runs from a repository), torch,
-    transformers and Python, the machine, the allocator setting (``models/allocator.py``); and the
+    transformers and Python, the machine, the CPU's vector capability and whether it computes
+    bfloat16 and float16 natively (``models/native.py``), the allocator setting (``models/allocator.py``); and the
     Ray cluster the batches ran on, if any."""
     import transformers
 
     from kvcomm import __version__
     from kvcomm.eval.provenance import git_commit
     from kvcomm.models.allocator import allocator_state
+    from kvcomm.models.native import describe_cpu
 
     commit = git_commit()
     return {
         "kvcomm": __version__, **({"git_commit": commit} if commit else {}), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "allocator": allocator_state(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "cpu": describe_cpu(),
+        "allocator": allocator_state(),
     } | ({"ray": cluster.describe()} if cluster is not None else {})
 
 

@@ -30,6 +30,7 @@ from kvcomm.errors import ConfigError, KvcommError, ModelError
 from kvcomm.files import atomic_file, produce_once, staged_folder
 from kvcomm.models.allocator import keep_freed_memory
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
+from kvcomm.models.native import warn_if_emulated
 from kvcomm.models.packing import LINEARS, pack_linears, require_packing
 from kvcomm.models.pins import PINS
 from kvcomm.models.registry import EMBEDDED
@@ -236,7 +237,9 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
     Args:
         name_or_path: an embedded name (``kvcomm models list``), a local model directory, a
             ``.gguf`` file, or a Hugging Face hub id (needs a reachable hub).
-        dtype: ``float32`` (default; exact on CPU), ``bfloat16`` or ``float16``.
+        dtype: ``float32`` (default; exact on CPU), ``bfloat16`` or ``float16`` (faster only on a
+            CPU that computes them natively; elsewhere several times slower, and a warning says so:
+            ``models/native.py``).
         linear: ``dense`` (torch's own products) or ``packed`` (a second copy of every float32
             linear weight of at least 2^20 values, packed by oneDNN and used for calls of at most
             128 rows: decoding steps and short prompts run faster on CPU, e.g. Qwen2.5-Coder-1.5B's
@@ -263,6 +266,7 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
     keep_freed_memory()
     key = (name_or_path, dtype, linear)
     if key not in _LOADED:
+        warn_if_emulated(getattr(torch, dtype))
         loaded = _load(name_or_path, getattr(torch, dtype))
         if linear == "packed" and pack_linears(loaded.model) == 0:  # (packing replaces the head: see below)
             # nothing to pack (another dtype, small layers): this is the dense model, not a second one
