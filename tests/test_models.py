@@ -327,3 +327,16 @@ def test_a_16_bit_model_on_a_cpu_without_native_arithmetic_warns(tiny_dir: Path,
         monkeypatch.setattr(loading, "_LOADED", {})
         load_model(str(tiny_dir), dtype="bfloat16")
     assert native.describe_cpu().startswith(torch.backends.cpu.get_cpu_capability() + "; bfloat16 ")
+
+
+def test_two_spellings_of_one_model_folder_are_the_same_model(tiny_dir: Path, monkeypatch) -> None:
+    """A profile recorded without weights is checked by name: ``tiny`` and ``./tiny`` (and an
+    absolute path) are one folder; a registered name is never a folder's, another folder is another."""
+    from kvcomm.models.source import same_model_name
+
+    monkeypatch.chdir(tiny_dir.parent)
+    name = tiny_dir.name
+    assert same_model_name(name, f"./{name}") and same_model_name(f"./{name}", str(tiny_dir))
+    (tiny_dir.parent / "other").mkdir()
+    assert not same_model_name(name, "other") and not same_model_name(name, "no-such-folder")
+    assert same_model_name("smollm2-135m", "smollm2-135m") and not same_model_name("smollm2-135m", name)

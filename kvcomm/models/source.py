@@ -55,6 +55,20 @@ def _shadows(name: str, kind: str) -> None:
                       f"./{name} for it)", stacklevel=3)
 
 
+def same_model_name(first: str, second: str) -> bool:
+    """Whether two names give the same model: equal, or two spellings of one local folder or GGUF
+    file (``tiny`` and ``./tiny``; a relative name is read from the current folder)."""
+    if first == second:
+        return True
+    if {first, second} & {*EMBEDDED.names(), *derived_names()}:
+        return False  # a registered name wins over a folder of that name (resolve_model)
+    try:
+        one, other = (Path(name).expanduser() for name in (first, second))
+        return one.exists() and other.exists() and one.resolve() == other.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def resolve_model(name: str) -> ModelSource:
     """The source a model name points to.
 

@@ -41,6 +41,7 @@ from kvcomm.config import listed
 from kvcomm.errors import ConfigError, DataError
 from kvcomm.eval.batch import Batch
 from kvcomm.files import JsonFile
+from kvcomm.models.source import same_model_name
 from kvcomm.protocol import attention_importance
 from kvcomm.selection.budget import check_tolerance, smallest_ratio
 from kvcomm.selection.likelihood import Scored, Work, answer_ids, answer_loglik, reference_logprobs, rival_tokens
@@ -219,7 +220,8 @@ def check_pair(profile: Profile | Any, weights: Sequence[str] | None, pair: tupl
     """
     if profile.weights is not None and weights is not None:
         check_weights(profile, weights, f"{pair[0]} → {pair[1]}" if pair is not None else "pair")
-    elif pair is not None and profile.weights is None and (profile.sender, profile.receiver) != tuple(pair):
+    elif pair is not None and profile.weights is None and not (
+            same_model_name(profile.sender, pair[0]) and same_model_name(profile.receiver, pair[1])):
         if getattr(profile, "kind", None) == "droidspeak":
             raise ConfigError(f"the block profile is for {profile.sender} → {profile.receiver}, not {pair[0]} → "
                               f"{pair[1]}; blocks depend on the pair: profile this one (kvcomm calibrate --method "
