@@ -294,7 +294,8 @@ def test_a_profile_of_another_pair_is_refused(agents):
         run(profile.model_copy(update={"weights": ["0" * 32, agents.weights[1]]}))
     with pytest.raises(ConfigError, match="ranks layers for .* another-model"):  # a profile without weights: names
         run(profile.model_copy(update={"receiver": "another-model", "weights": None}))
-    assert run(profile.model_copy(update={"receiver": "./the/same/model"})).runs  # other name, same weights
+    report = run(profile.model_copy(update={"receiver": "./the/same/model"}))  # other name, same weights
+    assert report.runs and report.config["selection"] == "paper"  # the profile's rule ranked, not the default's
 
 
 def test_bucketed_batches_group_lengths_and_report_in_item_order(agents, tmp_path, monkeypatch):

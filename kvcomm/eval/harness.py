@@ -746,7 +746,10 @@ def _report_config(agents: Agents, task: Task, test: list[Item], calib: list[Ite
         "sender": agents.sender.name, "receiver": agents.receiver.name, "dtype": agents.sender.dtype_name,
         "linear": agents.sender.linear, "task": task.name, "data": data_record(task), "num_layers": agents.num_layers,
         "max_new_tokens": task.max_new_tokens, "metric": task.metric, "test_items": len(test),
-        "calibration_items": [i.id for i in calib], **config.model_dump(), "calib_size": len(calib), "alpha": alpha,
+        "calibration_items": [i.id for i in calib], **config.model_dump(),
+        # a given profile's rule ranked the layers, not --selection's default
+        **({"selection": sources.profile.rule} if sources.profile is not None else {}),
+        "calib_size": len(calib), "alpha": alpha,
         "alpha_source": alpha_source,
         "seeds": {"bootstrap": BOOTSTRAP_SEED, "task": task.seed, "methods": method_seeds(methods)},
         **({"task_options": task.options} if task.options else {}),
