@@ -161,13 +161,18 @@ def main() -> None:
     parser.add_argument("--one-way", action="store_true", help="only A→B")
     add_out(parser)
     args = parser.parse_args()
-    check_out(parser, args)
     if len(pair := args.pair.split(",")) != 2 or not all(pair):
         parser.error(f"--pair is two models, SENDER,RECEIVER (names, folders or files), not {args.pair!r}")
     a, b = pair
     from kvcomm.errors import ModelError
     from kvcomm.eval.outputs import safe_name
     from kvcomm.models.source import resolve_model
+
+    directions = [(a, b)] if args.one_way else [(a, b), (b, a)]
+    # a pair given as folders names its plot by the models' names, not their paths (a '/' in the name failed)
+    plots = {(s, r): args.out.with_name(f"{args.out.stem}-blocks-{safe_name(s)}-to-{safe_name(r)}.png")
+             for s, r in directions}
+    check_out(parser, args, written=[args.out, *plots.values()])  # the plots are replaced only with --overwrite too
 
     for name in (a, b):  # before any work: a variant not derived here yet
         try:
@@ -180,7 +185,7 @@ def main() -> None:
     console = Console(width=200)
     results: dict[str, Any] = {"pair": [a, b], "task": task.name, "args": {k: str(v) for k, v in vars(args).items()},
                                "torch_threads": torch.get_num_threads(), "directions": [], **run_record(args)}
-    for sender, receiver in [(a, b)] if args.one_way else [(a, b), (b, a)]:
+    for sender, receiver in directions:
         agents = Agents.load(sender, receiver)
         direction = {"sender": sender, "receiver": receiver, **quality(agents, task, args, console)}
         if args.ttft_tokens:
@@ -192,9 +197,7 @@ def main() -> None:
                               for label, v in t.items() if isinstance(v, dict)), markup=False)
         results["directions"].append(direction)
         write_json(args.out, results)  # after each direction: partial results survive
-        # a pair given as folders names its plot by the models' names, not their paths (a '/' in the name failed)
-        plot = args.out.with_name(f"{args.out.stem}-blocks-{safe_name(sender)}-to-{safe_name(receiver)}.png")
-        plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plot, args.tolerance)
+        plot_blocks(BlockProfile.model_validate(direction["block_profile"]), plots[sender, receiver], args.tolerance)
     console.print(f"results: {args.out}", markup=False)
 
 

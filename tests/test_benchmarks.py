@@ -92,6 +92,18 @@ def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv
     assert message in capsys.readouterr().err
 
 
+def test_the_droidspeak_plots_beside_the_results_are_replaced_only_with_overwrite(monkeypatch, capsys, tmp_path):
+    module = script("droidspeak", monkeypatch)
+    plot = tmp_path / "pair-blocks-smollm2-135m-to-tiny.png"
+    plot.write_bytes(b"a plot of an earlier run")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/droidspeak.py", "--pair", "tiny,smollm2-135m",
+                                      "--out", str(tmp_path / "pair.json")])
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    assert stopped.value.code == 2 and f"{plot} exists: pass --overwrite" in capsys.readouterr().err
+    assert plot.read_bytes() == b"a plot of an earlier run"
+
+
 def test_the_network_results_record_their_run_and_the_layers_sent(monkeypatch, tmp_path):
     """``network.py``'s JSON says which command, code and threads made it and which layers were
     sent (before: the model, ratio, runs and rows alone)."""
