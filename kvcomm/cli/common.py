@@ -492,6 +492,14 @@ def check_writable(path: Path, given_as: str, folders: Iterable[Path]) -> None:
                           f"{err.strerror or err})") from None
 
 
+def remove_replaced(paths: Sequence[Path]) -> None:
+    """An earlier run's files, which --overwrite replaces: removed once the models have loaded (a
+    run that cannot load leaves them), and before the run writes (a run that then fails leaves no
+    earlier run's file to be taken for its own)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def check_output_and_plot(path: Path, what: str = "results", overwrite: bool = True) -> tuple[Path, Path]:
     """The output file (checked as by :func:`check_output`) and the plot written beside it (its
     name with ``.png``, checked too): refused where the two would be one file (``--out x.png``)."""

@@ -28,6 +28,7 @@ from kvcomm.cli.common import (
     console,
     quiet_libraries,
     ray_cluster,
+    remove_replaced,
     task_options_for,
 )
 from kvcomm.cli.group import command_line
@@ -197,8 +198,7 @@ def graph_command(
         if cluster_options is not None:
             cluster = stack.enter_context(Cluster(cluster_options, model, model, dtype, linear))
             console.print(f"ray: {cluster.workers} workers, {cluster_options.threads} thread(s) each", markup=False)
-        for path in (out, plot_path):  # --overwrite (else refused above): an earlier run's files go once the model
-            path.unlink(missing_ok=True)  # has loaded, so that a run that fails leaves none to take for its own
+        remove_replaced([out, plot_path])  # --overwrite (else refused above), once the model has loaded
         report = compare(loaded, the_task, the_task.items[:limit], topology, agents, edges, rounds, single,
                          batch_size or 8, reply_tokens, progress=not quiet, command=command_line(), cluster=cluster,
                          reuse=reuses)

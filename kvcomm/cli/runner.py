@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcomm.agents import Agents
-from kvcomm.cli.common import RunOptions, check_folder, console, quiet_libraries
+from kvcomm.cli.common import RunOptions, check_folder, console, quiet_libraries, remove_replaced
 from kvcomm.cli.group import command_line
 from kvcomm.errors import ConfigError
 from kvcomm.eval import EvalConfig, Report, evaluate, plot_sweep, print_table
@@ -170,7 +170,7 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
         if ray is not None and cluster is None:
             cluster = stack.enter_context(Cluster(ray, run.model, run.receiver or run.model, run.dtype, run.linear))
             console.print(f"ray: {cluster.workers} workers, {ray.threads} thread(s) each", markup=False)
-        _remove(task_run.replaced)
+        remove_replaced(task_run.replaced)
         try:
             report = evaluate(agents, task_run.task, build(), plan.config, plan.profile, progress=not run.quiet,
                               checkpoint=task_run.checkpoint, blocks=plan.blocks, cluster=cluster)
@@ -181,12 +181,6 @@ def _run_planned(run: RunOptions, build: MethodFactory, plan: Plan, plots: bool,
         _write(report, agents, files, plots)
         reports.append(report)
     return reports
-
-
-def _remove(paths: list[Path]) -> None:
-    """An earlier run's results, samples and plots, which --overwrite replaces."""
-    for path in paths:
-        path.unlink(missing_ok=True)
 
 
 def _write(report: Report, agents: Agents, files: TaskFiles, plots: bool) -> None:
