@@ -126,6 +126,9 @@ def test_ac_changes_the_receiver_only_through_the_graft(agents):
     mean = ActivationCommunication(fuse="mean", layer_k=0, layer_j=0)
     mean.setup(Setup(agents.num_layers, "llama", lambda rule=None: [], no_codebook))
     assert method.label == "ac-replace@k2j1" and mean.label == "ac-mean@k0j0"
+    # before setup, what was given (two configurations apart by layer_j alone were both "ac-mean")
+    assert [ActivationCommunication(**given).label for given in ({"layer_j": 5}, {"layer_k": 2}, {})] == \
+        ["ac-mean@j5", "ac-mean@k2", "ac-mean"]
     model = agents.receiver
     ids, valid = pad_left([model.encode_message("Instruction: answer. Question: where?")], model.pad_id)
     vector = torch.randn(1, model.model.config.hidden_size)
@@ -177,6 +180,18 @@ def test_online_takes_a_codec_and_senders_like_the_other_kv_methods(agents):
     assert wired.label == "online@1/2x2+fp32" and plain.label == "online@1/2x2"
     assert [i.answer for i in wired.items] == [i.answer for i in plain.items]  # fp32 through the wire is exact
     assert all(w.kv_bytes > p.kv_bytes for w, p in zip(wired.items, plain.items))  # real message sizes
+    kvcomm = run(agents, ["kvcomm"], items=4, ratios=[1.0], senders=2).runs[0]  # what the senders read, joined
+    assert [i.sender_ids for i in plain.items] == [i.sender_ids for i in kvcomm.items]  # (it was one chat's)
+
+
+def test_online_ranks_on_its_own_stream_and_needs_no_calibration_items(agents):
+    from kvcomm.methods import make_method
+
+    assert not make_method("online", ratio=0.5).ranks_layers and make_method("kvcomm", ratio=0.5).ranks_layers
+    task = load_task("facts", items=4)
+    report = evaluate(agents, task, build_methods(["online"], ratios=[0.5], interval=2),
+                      EvalConfig(limit=4, batch_size=3, calib_size=0), progress=False)
+    assert report.runs[0].n == 4 and report.config["calibration_items"] == []
 
 
 def test_a_commands_default_ratios_are_of_layers_and_blend_keeps_its_own():
@@ -243,6 +258,10 @@ def test_configurations_that_differ_in_an_option_have_their_own_labels(agents):
     assert make_method("nld").label == "nld"
     assert make_method("nld", round_one_tokens=64).label == "nld[round_one_tokens=64]"
     assert make_method("cipher", temperature=0.5).label == "cipher[temperature=0.5]"
+    with pytest.raises(ConfigError, match="temperature"):  # 1e-45 made every message vector NaN
+        make_method("cipher", temperature=1e-45)
+    with pytest.raises(ConfigError, match="step"):  # 1e-7 took 15 s per batch to list its rounds
+        make_method("adaptive", step=1e-7)
     report = evaluate(agents, load_task("facts", items=3), [make_method("random", ratio=0.5, seed=s) for s in (1, 2)],
                       EvalConfig(limit=2, calib_size=0), progress=False)
     assert [r.label for r in report.runs] == ["random@0.5~seed1", "random@0.5~seed2"]

@@ -366,7 +366,8 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=1, help=options_help("NLD/CIPHER round-1 budget in tokens (or vectors).", CipherOptions,
                                  "round_one_tokens"))], None),
     "temperature": (Annotated[float | None, typer.Option(
-        min=0, help=options_help("CIPHER: softmax temperature of the expected embeddings.", CipherOptions,
+        min=1e-3, max=1e3, help=options_help("CIPHER: softmax temperature of the expected embeddings (0.001 to 1000).",
+                                             CipherOptions,
                           "temperature"))], None),
     "ac_fuse": (Annotated[Literal["replace", "sum", "mean"] | None, typer.Option(
         help=options_help("AC: how the sender's vector is fused.", ACOptions, "fuse"))], None),
@@ -379,7 +380,7 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
                                  "interval"))], None),
     "step": (Annotated[float | None, typer.Option(
         parser=fraction, metavar="FRACTION", help=options_help(
-            "adaptive: the fraction of the ranked layers each round adds (0 < FRACTION <= 1).", AdaptiveOptions,
+            "adaptive: the fraction of the ranked layers each round adds (0.01 to 1).", AdaptiveOptions,
             "step"))], None),
     "patience": (Annotated[int | None, typer.Option(
         min=1, help=options_help("adaptive: rounds in a row that must leave an item's answer unchanged before it "

@@ -58,7 +58,8 @@ class ActivationCommunication(Method):
     def label(self) -> str:
         k = self._k if self._k is not None else self.layer_k
         j = self._j if self._j is not None else self.layer_j
-        return f"ac-{self.fuse}@k{k}j{j}" if k is not None else f"ac-{self.fuse}"
+        given = ("" if k is None else f"k{k}") + ("" if j is None else f"j{j}")  # before setup: those given
+        return f"ac-{self.fuse}@{given}" if given else f"ac-{self.fuse}"
 
     def check_depth(self, num_layers: int) -> None:
         self._positions(num_layers)

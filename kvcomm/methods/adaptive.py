@@ -34,12 +34,13 @@ class AdaptiveOptions(MethodOptions):
     """Options of :class:`AdaptiveKVComm`.
 
     Attributes:
-        step: the fraction of the layers each round adds (rounds at ``ceil(k·step·L)`` layers).
+        step: the fraction of the layers each round adds (rounds at ``ceil(k·step·L)`` layers),
+            0.01 to 1.
         patience: rounds in a row that must leave the answer unchanged before an item stops.
         selection: the rule whose ranking is fetched (None: the run's rule).
     """
 
-    step: float = Field(default=0.1, gt=0, le=1)
+    step: float = Field(default=0.1, ge=0.01, le=1)  # at most 101 rounds (a smaller step looped ~1/step times)
     patience: int = Field(default=1, ge=1, le=100)  # up to every round of the smallest step (0.01)
     selection: Rule | None = None
 

@@ -45,7 +45,7 @@ class DebateOptions(MethodOptions):
 
 
 class CipherOptions(DebateOptions):
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, ge=1e-3, le=1e3)  # below ~1e-30 the softmax of logits/T was NaN
 
 
 class Debate(Method):

@@ -56,6 +56,10 @@ class OnlineKVComm(KVCommMethod):
     uses_prior: ClassVar[bool] = True
 
     @property
+    def ranks_layers(self) -> bool:
+        return False  # it ranks from the prior and the stream: no calibrated ranking, no items held out for one
+
+    @property
     def label(self) -> str:
         return super().label.replace(f"online@{self.ratio:g}", f"online@{self.ratio:g}/{self.options.interval}", 1)
 
@@ -105,7 +109,7 @@ class OnlineKVComm(KVCommMethod):
                 self._rebuild(scores.shape[1])
             start = stop
         return Output(answers=[receiver.decode(a) for a in answers], receiver_ids=prompt.ids,
-                      sender_ids=batch.prompt("sender", batch.task.sender_message).ids, kv_bytes=kv_bytes)
+                      sender_ids=batch.reading(self.options.senders).sender_ids, kv_bytes=kv_bytes)
 
     def state(self) -> dict[str, Any]:
         """The importance of every item seen so far and each rebuild's ranking (JSON floats are
