@@ -205,3 +205,46 @@ def test_a_stored_passage_ending_in_whitespace_reads_as_the_same_line():
     for text in ("Omar lives in Cairo.\n", "Omar lives in Cairo. ", "Omar lives in Cairo.\r\n\n \t"):
         assert loaded.passage_parts(text) == line, repr(text)
     assert encode_passage(loaded, "Omar lives in Cairo.\n").token_ids.flatten().tolist() == line[1]
+
+
+def test_a_context_written_with_newlines_is_read_as_written(tmp_path):
+    """One passage is the context as written (before, re-split into sentences and joined with
+    spaces: newlines and tabs were lost, so 'every layer shared' was no longer the skyline); pieces
+    keep what is inside them."""
+    import json
+
+    from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
+    from kvcomm.tasks.base import split_context
+
+    assert split_context("A b.\nC d.\tE\n f g. H.", 2) == ["A b.\nC d.", "E\n f g. H."]
+    path = tmp_path / "lines.jsonl"
+    rows = [{"context": f"Line one of {k}.\nLine\ttwo.\n\nThe answer is {k}.", "question": "What is it?",
+             "answers": [str(k)]} for k in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = load_task("jsonl", path)
+    assert task.items[0].parts(1) == [task.items[0].context]
+    loaded = tiny_loaded("llama")
+    report = evaluate(Agents(loaded, loaded), task, [make_method("skyline"), make_method("kvcomm", ratio=1.0,
+                      pieces="passages")], EvalConfig(limit=3, calib_size=1), progress=False)
+    skyline, passages = report.runs
+    assert [i.receiver_ids for i in skyline.items] == [p.sender_ids + p.receiver_ids for p in passages.items]
+    assert [i.answer for i in skyline.items] == [i.answer for i in passages.items]
+
+
+def test_an_item_that_cannot_be_cut_into_the_pieces_asked_is_refused_before_any_work(tmp_path):
+    import json
+
+    from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method
+    from kvcomm.errors import DataError
+
+    path = tmp_path / "closed.jsonl"
+    rows = [{"id": f"i{k}", "context": "Two words." if k else "", "question": "q?", "answers": ["a"]}
+            for k in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task, loaded = load_task("jsonl", path), tiny_loaded("llama")
+    agents, config = Agents(loaded, loaded), EvalConfig(limit=2, calib_size=1)
+    with pytest.raises(DataError, match=r"item i0: its context is empty, and kvcomm@1/passages"):
+        evaluate(agents, task, [make_method("kvcomm", ratio=1.0, pieces="passages")], config, progress=False)
+    with pytest.raises(DataError, match=r"item i0: cannot split a context of 0 word\(s\) into 3 parts, and kvcomm@1x3"):
+        evaluate(agents, task, [make_method("kvcomm", ratio=1.0, senders=3)], config, progress=False)
+    assert evaluate(agents, task, [make_method("skyline")], config, progress=False).runs[0].n == 2  # read whole

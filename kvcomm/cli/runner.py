@@ -33,6 +33,7 @@ from kvcomm.eval.harness import (
     calibration_identity,
     check_calibration,
     check_distinct,
+    check_pieces,
     check_prior_given,
     check_profile,
     named_rules,
@@ -104,7 +105,8 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
                                   for m in methods):
             raise ConfigError(NEEDS_BLOCK)
     for task in tasks:
-        test, _ = config.split(task.items, rules)
+        test, calib = config.split(task.items, rules)
+        check_pieces(methods, [*test, *calib])
         check_calibration(config, rules, len(task.items), profiled, ranks=ranking)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
             check_prior_given(config, rules, profiled, prior_used, ranks=ranking)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kvcomm.agents import Agents
 from kvcomm.config import Options, listed
-from kvcomm.errors import ConfigError, ProtocolError
+from kvcomm.errors import ConfigError, DataError, ProtocolError
 from kvcomm.eval import batch as batch_module
 from kvcomm.eval.batch import Batch
 from kvcomm.eval.checkpoint import BLOCKS_PREFIX, BatchRun, Checkpoint
@@ -146,6 +146,29 @@ class EvalConfig(Options):
         """The test and the calibration items of a task (see :func:`split_items`), for a run whose
         methods name ``rules`` (:func:`named_rules`)."""
         return split_items(items, self.limit, self.calibration_count(len(items), rules), self.skip)
+
+
+def check_pieces(methods: Sequence[Method], items: Iterable[Item]) -> None:
+    """Refuses, before any model runs, an item whose context a method cannot read as the pieces it
+    asks for (``senders`` > 1, or ``pieces="passages"``): too few words to cut, or nothing to read.
+    Before, the run stopped at that item's batch.
+
+    Raises:
+        DataError: naming the item and the method.
+    """
+    for method in methods:
+        count = getattr(method.options, "senders", 1)
+        if count == 1 and getattr(method.options, "pieces", "chats") != "passages":
+            continue
+        for item in items:
+            try:
+                parts = item.parts(count)
+            except DataError as err:
+                raise DataError(f"item {item.id}: {err}, and {method.label} reads each context as {count} "
+                                "pieces") from None
+            if not all(part.strip() for part in parts):
+                raise DataError(f"item {item.id}: its context is empty, and {method.label} reads each context as "
+                                f"{count} passage(s): leave such items out, or run methods that read it whole")
 
 
 def named_rules(methods: Sequence[Method]) -> set[str]:
@@ -343,6 +366,7 @@ def evaluate(
     started = utc_now()
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     test, calib = config.split(task.items, rules)
+    check_pieces(methods, [*test, *calib])
     check_calibration(config, rules, len(task.items), profiled,
                       unused=False)  # a script's objective for every run, the profile's or not: not refused
     for given in (profile, blocks):

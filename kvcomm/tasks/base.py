@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -128,21 +129,33 @@ class Task:
 
 def split_context(text: str, parts: int) -> list[str]:
     """Splits a context into ``parts`` consecutive pieces at sentence ends, balanced by length; a
-    context of fewer sentences than parts is split between words instead.
+    context of fewer sentences than parts is split between words instead. Each piece is the text
+    as written, from its first sentence's start to its last one's end (newlines and tabs inside
+    kept); one part is the whole context, untouched.
 
     Used to give each of several senders (or agents) its own share of one item's context.
+
+    Raises:
+        DataError: fewer words than ``parts``.
     """
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-    if len(sentences) < parts:
-        sentences = text.split()
-    if parts < 1 or len(sentences) < parts:
-        raise DataError(f"cannot split a context of {len(sentences)} word(s) into {parts} parts")
-    ends = [sum(len(s) for s in sentences[: i + 1]) for i in range(len(sentences))]
+    if parts == 1:
+        return [text]
+    body = text.strip()
+    spans, start = [], 0
+    for gap in re.finditer(r"(?<=[.!?])\s+", body):
+        spans.append((start, gap.start()))
+        start = gap.end()
+    spans = [(a, b) for a, b in [*spans, (start, len(body))] if b > a]
+    if len(spans) < parts:
+        spans = [word.span() for word in re.finditer(r"\S+", body)]
+    if parts < 1 or len(spans) < parts:
+        raise DataError(f"cannot split a context of {len(spans)} word(s) into {parts} parts")
+    ends = list(itertools.accumulate(b - a for a, b in spans))
     cuts = [0]
     for k in range(1, parts):
         target = ends[-1] * k / parts
         # the cut closest to the target that leaves at least one sentence for each later part
-        options = range(cuts[-1] + 1, len(sentences) - (parts - k) + 1)
+        options = range(cuts[-1] + 1, len(spans) - (parts - k) + 1)
         cuts.append(min(options, key=lambda i: abs(ends[i - 1] - target)))
-    cuts.append(len(sentences))
-    return [" ".join(sentences[a:b]) for a, b in zip(cuts, cuts[1:])]
+    cuts.append(len(spans))
+    return [body[spans[a][0]:spans[b - 1][1]] for a, b in zip(cuts, cuts[1:])]
