@@ -62,3 +62,11 @@ def test_every_choice_letter_scores_as_the_letter_a_does():
     assert paper_f1("A or B", ["A"]) == paper_f1("A or B", ["B"]) == 0.0
     assert exact_match("The B", ["B"]) == exact_match("The A", ["A"]) == 1.0  # the article dropped, as before
     assert contains("A guess: C", ["A"]) == 0.0 and exact_match("b.", ["B"]) == 1.0
+
+
+def test_a_number_is_one_word_so_its_digits_order_counts():
+    """Punctuation between two digits stays: "5.2" against "2.5" was the set {5, 2} both ways (F1 1.0)."""
+    assert paper_f1("5.2", ["2.5"]) == 0.0 and paper_f1("14.3", ["3.14"]) == 0.0
+    assert paper_f1("30:10", ["10:30"]) == 0.0 and paper_f1("1999-03-02", ["1999-02-03"]) == 0.0
+    assert paper_f1("3.14", ["3.14"]) == 1.0 and contains("at 10:30, daily", ["10:30"]) == 1.0
+    assert normalize("Trace-LLC, U.S.") == normalize("Trace LLC u s")  # between letters: still a space

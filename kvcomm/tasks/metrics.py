@@ -2,13 +2,15 @@
 
 The paper normalises with NLTK's WordNet lemmatiser, whose corpora must be downloaded at run
 time. kvcomm lemmatises with simplemma, which ships its data; it has no part-of-speech step, so a
-few words lemmatise differently (e.g. "saw" stays a noun). Everything else follows the paper:
+few words lemmatise differently (e.g. "saw" becomes "see" even as a noun, "us" becomes "we" and
+"leaves" "leave"). Everything else follows the paper:
 lowercase, drop punctuation and articles, collapse whitespace, compare token *sets*, and count an
 item as correct when F1 > 0.5, taking the best gold answer.
 
 Two choices to know. Punctuation becomes a space, where SQuAD-style normalisers delete it ("U.S."
 reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of Countries or Tipsheets holds
-punctuation. A gold answer made only of articles (a multiple-choice
+punctuation. Between two digits it stays, so a number is one word ("3.14", "10:30", "1999-03-02"),
+and "5.2" no longer matches "2.5" (both were the set {5, 2}). A gold answer made only of articles (a multiple-choice
 letter "A") is compared with the articles kept, on both sides, where the paper's rule would leave
 it empty and unscorable; the letter A is found in a prediction against any one-letter gold, so
 that every letter scores alike; and an empty gold answer matches nothing.
@@ -35,9 +37,16 @@ def normalize(text: str, articles: bool = False) -> str:
 
 
 def _words(text: str) -> str:
-    """Quotes straightened, punctuation made spaces, spaces collapsed; case kept."""
+    """Quotes straightened, punctuation made spaces (but kept between two digits), spaces collapsed;
+    case kept."""
     text = text.replace("\u2019", "'")
-    return " ".join("".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text).split())
+    return " ".join("".join(
+        " " if unicodedata.category(ch).startswith("P") and not _between_digits(text, i) else ch
+        for i, ch in enumerate(text)).split())
+
+
+def _between_digits(text: str, index: int) -> bool:
+    return 0 < index < len(text) - 1 and text[index - 1].isdigit() and text[index + 1].isdigit()
 
 
 LETTER_A = re.compile(
