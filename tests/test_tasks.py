@@ -319,3 +319,14 @@ def test_a_task_option_of_the_wrong_type_is_refused_naming_it():
         with pytest.raises(ConfigError, match="option 'items' is a whole number"):
             load_task("facts", items=bad)
     assert len(load_task("facts", items=np.int64(3)).items) == 3
+
+
+def test_numpy_numbers_as_task_options_become_python_numbers():
+    """``items=np.int64(2)`` loaded and ran, then the results could not be saved (numpy's int is no
+    JSON); ``seed=np.int64(1)`` failed in the generator with a bare TypeError."""
+    import numpy as np
+
+    task = load_task("facts", items=np.int64(2), seed=np.int64(1))
+    assert task.options["items"] == 2 and type(task.options["items"]) is int and type(task.options["seed"]) is int
+    assert [i.id for i in task.items] == [i.id for i in load_task("facts", items=2, seed=1).items]
+    json.dumps(task.options)

@@ -327,7 +327,7 @@ def load_task(name: str, path: str | Path | None = None, max_new_tokens: int | N
             ``items`` below 1, a relay of fewer than 2 hops).
     """
     info = TASKS.get(name)
-    check_options(name, info.load, params)
+    params = check_options(name, info.load, params)
     task = info.load(path=path, **params)
     options = {key: default for key, (_, default) in info.options.items()} | params
     return dataclasses.replace(task, max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,

@@ -26,15 +26,17 @@ def task_options(load: Callable[..., Any]) -> dict[str, tuple[type, Any]]:
             if p.name != "path" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -> None:
+def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
     """Refuses an option the task ``name`` (loaded by ``load``) does not take, naming the nearest
-    and the valid ones.
+    and the valid ones; returns ``params`` with numbers of other types (numpy's) as Python's own
+    ``int`` and ``float`` (before, ``np.int64`` items ran a whole evaluation and then failed to save).
 
     Raises:
         ConfigError: an unknown option, or a value not of the option's type (``items="5"``).
     """
     known = task_options(load)
     _refuse_unknown(name, known, params)
+    checked = dict(params)
     for key, value in params.items():
         kind = known[key][0]
         wanted = {int: Integral, float: Real}.get(kind, kind)
@@ -42,6 +44,9 @@ def check_options(name: str, load: Callable[..., Any], params: dict[str, Any]) -
                                                 (kind is not bool and isinstance(value, bool))):
             raise ConfigError(f"task {name!r} option {key!r} is {'a whole number' if kind is int else kind.__name__}, "
                               f"not {value!r}")
+        if kind in (int, float):
+            checked[key] = kind(value)
+    return checked
 
 
 def _refuse_unknown(name: str, known: dict[str, tuple[type, Any]], keys: Iterable[str]) -> None:
