@@ -237,12 +237,28 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(app):
     ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400, "unrecognized_argument"),
     ({"messages": [{"role": "user", "content": "hi"}], "kv_messages": ["a", "b", "c", "d", "e"]}, 400,
      "too_many_kv_messages"),
-    ({"messages": [{"role": "user", "content": "x" * 2000}]}, 422, "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "context_length_exceeded"),  # as OpenAI's
+    ({"messages": [{"role": "user", "content": "x" * 900}], "max_tokens": 200}, 400, "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "hi"}], "kv_messages": [{"data": "@@not base64@@"}]}, 400,
      "invalid_base64"),
 ])
 def test_bad_chat_requests_get_clear_errors(http, body, status, code):
     assert assert_openai_error(http.post("/v1/chat/completions", json=body), status)["code"] == code
+
+
+def test_a_prompt_that_fits_gets_the_default_budget_shrunk_to_the_positions_left(http):
+    """No max_tokens: the default (256) shrinks to what the model has left (1,024 positions here),
+    as vLLM's does; before, an 800-token prompt was refused for needing 1,059."""
+    answer = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 900}]})
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 1024
+
+
+def test_a_body_that_is_not_json_is_400_and_says_so(http):
+    answer = http.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    error = assert_openai_error(answer, 400)
+    assert error["code"] == "invalid_json" and error["message"].startswith("the request body is not valid JSON (")
 
 
 def test_lone_surrogates_are_422_not_500(http):

@@ -145,7 +145,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         await health.require()  # a store that is down is found before a prefill is spent
         ids = await anyio.to_thread.run_sync(contexts.tokens, body)
         if max_len is not None and len(ids) > max_len:
-            raise ServiceRefusal(422, f"the context is {len(ids)} tokens; the model takes {max_len}",
+            raise ServiceRefusal(400, f"the context is {len(ids)} tokens; the model takes {max_len}",
                                  "context_length_exceeded", "context")
         job = Job(config.timeout_s)
 
@@ -315,9 +315,13 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         else:
             ids = await anyio.to_thread.run_sync(agent.chat_ids, turns)
         prompt = received.prompt_tokens(ids)
+        if max_len is not None and body.max_completion_tokens is None and body.max_tokens is None:
+            # no budget asked for: the default shrinks to the positions left, as vLLM's does (before, a
+            # prompt that fitted with room to answer was refused for the default's 256 tokens)
+            budget = max(1, min(budget, max_len - received.tokens - prompt))
         total = received.tokens + prompt + budget
         if max_len is not None and total > max_len:
-            raise ServiceRefusal(422, f"this request needs {total} positions ({received.tokens} KV, {prompt} prompt, "
+            raise ServiceRefusal(400, f"this request needs {total} positions ({received.tokens} KV, {prompt} prompt, "
                                       f"{budget} answer tokens); the model takes {max_len}",
                                  "context_length_exceeded", "messages")
         name = body.model or names[0]

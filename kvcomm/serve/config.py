@@ -21,7 +21,8 @@ class ServeConfig(Options):
         token: when set, every ``/v1`` route (and ``/metrics``, ``/docs``, ``/openapi.json`` unless
             ``public_docs``) needs ``Authorization: Bearer <token>``.
         served_model_names: the names clients may use in ``model`` (vLLM's ``--served-model-name``);
-            the first is reported by ``/v1/models``. Empty: the model's own name.
+            ``/v1/models`` lists every one; the first names the model in responses to requests
+            that give none. Empty: the model's own name.
         max_request_bytes: largest request body, with or without a ``Content-Length``.
         max_message_bytes: largest KV message stored, uploaded or used.
         max_decoded_bytes: most float32 bytes the KV messages of one request may decode to.
@@ -30,7 +31,9 @@ class ServeConfig(Options):
             refused (503, ``decoded_budget_busy``, ``Retry-After``) before it decodes anything.
             None: 4 × ``max_decoded_bytes``.
         max_kv_messages: most KV messages one chat request may use.
-        max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks none.
+        max_new_tokens: largest answer budget a request may ask for; ``default_max_tokens`` if it asks
+            none, shrunk to the model's positions left after the KV and the prompt (a budget asked for
+            that does not fit is refused: 400, ``context_length_exceeded``).
         timeout_s: per-request deadline, from the request's arrival: fetching and decoding its KV
             messages, waiting for the model, prefill and generation; an upload's whole body must
             arrive within it too.

@@ -96,18 +96,24 @@ def describe_error(err: BaseException) -> tuple[int, str, str | None, str]:
     return 500, "server_error", "internal_error", f"internal error ({type(err).__name__}); the service logged it"
 
 
-def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
-    """Unknown arguments are 400 (as OpenAI says); other schema errors 422, without echoing input."""
+def _validation_message(err: RequestValidationError) -> tuple[int, str, str, str | None]:
+    """``(status, message, code, param)``: unknown arguments and a body that is not JSON are 400 (as
+    OpenAI says); other schema errors 422, without echoing input."""
     errors = err.errors()
+    if errors and errors[0].get("type") == "json_invalid":  # before: 422 "1: JSON decode error", param "1"
+        at = (errors[0].get("loc") or (None,))[-1]
+        why = (errors[0].get("ctx") or {}).get("error")
+        where = f", at character {at}" if isinstance(at, int) else ""
+        return 400, f"the request body is not valid JSON{f' ({why}{where})' if why else ''}", "invalid_json", None
     unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
     if unknown and len(unknown) == len(errors):
-        return 400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0]
+        return 400, f"Unrecognized request argument supplied: {', '.join(unknown)}", "unrecognized_argument", unknown[0]
     parts = []
     for entry in errors[:5]:
         where = ".".join(str(p) for p in entry["loc"] if p != "body") or "body"
         parts.append(f"{where}: {entry['msg']}")
     first = errors[0]["loc"][-1] if errors else None
-    return 422, "; ".join(parts), str(first) if first is not None else None
+    return 422, "; ".join(parts), "invalid_value", str(first) if first is not None else None
 
 
 def carrying(err: BaseException, **fields: Any) -> BaseException:
@@ -151,8 +157,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        status, message, param = _validation_message(err)
-        return error_response(status, message, "unrecognized_argument" if status == 400 else "invalid_value", param)
+        status, message, code, param = _validation_message(err)
+        return error_response(status, message, code, param)
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
