@@ -1823,3 +1823,43 @@ def test_a_store_that_answers_slowly_is_healthy_and_one_that_does_not_answer_is_
         assert asyncio.run(polls(hung, 4)) == [True, True, False, False]  # the last answer, then not answering
     finally:
         health_module.SLOW_S = original
+
+
+def test_a_chat_template_that_refuses_the_turns_is_a_400_not_a_500():
+    """Templates of Gemma-it, Mistral or Llama-2-chat raise on turns that do not alternate; that was
+    an internal error. /v1/contexts refuses the tool role as the chat route does."""
+    agent = tiny_loaded("llama")
+    agent.tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "<|user|>{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    with TestClient(create_app(agent, MemoryStore(1 << 24), ServeConfig())) as http:
+        for route, body in (("/v1/chat/completions", {"messages": twice, "max_tokens": 2}),
+                            ("/v1/contexts", {"messages": twice})):
+            answer = http.post(route, json=body)
+            assert answer.status_code == 400 and "chat template refuses these turns" in answer.text
+            assert "roles must alternate" in answer.json()["error"]["message"]
+        tool = http.post("/v1/contexts", json={"messages": [{"role": "tool", "content": "42"}]})
+        assert tool.status_code == 422 and "'tool' role is not supported" in tool.text
+        assert http.post("/v1/chat/completions", json={"messages": twice[:1], "max_tokens": 2}).status_code == 200
+
+
+def test_a_service_whose_limits_pass_the_wire_modules_defaults_reads_its_own_messages(monkeypatch):
+    """The service read its own messages' headers with the wire module's default limits (8 GiB
+    decoded): a service configured above them refused, 413, a context it had already stored. Here the
+    wire default is made small instead (50,000 bytes) against the service's 1 GiB."""
+    from kvcomm.wire.message import MessageReader
+
+    wire_max, receiver, _, admit = MessageReader.__init__.__defaults__
+    monkeypatch.setattr(MessageReader.__init__, "__defaults__", (wire_max, receiver, 50_000, admit))
+    agent = tiny_loaded("llama")
+    with TestClient(create_app(agent, MemoryStore(1 << 26), ServeConfig(max_decoded_bytes=1 << 30))) as http:
+        made = http.post("/v1/contexts", json={"context": "word " * 150, "codec": "fp32"})
+        assert made.status_code == 200, made.text
+        store = http.app.state.store
+        assert made.json()["id"] in store.list()
+        turn = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 2, "kv_messages": [made.json()["id"]],
+                                                       "kv_return": {"codec": "fp32"}})
+        assert turn.status_code == 200, turn.text

@@ -21,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
+import jinja2
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -173,7 +174,12 @@ class LoadedModel:
         turn after it, so one user turn with the generation prompt is ``text\nAnswer:``.
         """
         if self.has_chat_template:
-            prompt = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+            try:
+                prompt = self.tokenizer.apply_chat_template(turns, tokenize=False,
+                                                            add_generation_prompt=generation_prompt)
+            except jinja2.TemplateError as err:  # a template that refuses the turns (roles that do not alternate, a
+                # system turn it has no place for): the caller's chat, not a fault of kvcomm (the service said 500)
+                raise ConfigError(f"{self.name}'s chat template refuses these turns: {err}") from None
             start: list[int] = []
         else:
             prompt = _plain_chat(turns, generation_prompt)

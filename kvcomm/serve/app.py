@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import queue
 import time
 import uuid
@@ -41,7 +40,7 @@ from kvcomm.serve import errors
 from kvcomm.serve.budget import DecodedBudget, Hold
 from kvcomm.serve.chat import Received, check_header, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
-from kvcomm.serve.contexts import ContextMaker, raw_payload_bytes
+from kvcomm.serve.contexts import ContextMaker, own_header, raw_payload_bytes
 from kvcomm.serve.errors import ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
@@ -51,7 +50,7 @@ from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, De
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker
 from kvcomm.tasks.base import Pieces
-from kvcomm.wire import KVMessage, MessageReader, make_codec
+from kvcomm.wire import KVMessage, make_codec
 from kvcomm.wire.codecs import preset_of
 from kvcomm.wire.header import Header
 from kvcomm.wire.streaming import receive
@@ -172,7 +171,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             data = made[0]
             metrics.contexts.labels("yes").inc()
             metrics.prompt_tokens.inc(len(plan.ids))  # a context's prefill is prompt work too
-        header = MessageReader(io.BytesIO(data)).header  # names the codec 'auto' chose, and why
+        header = own_header(data)  # names the codec 'auto' chose, and why
         choice = header.meta.get("codec_choice")
         if existing is None:
             _count_choice(metrics, header)
@@ -370,7 +369,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         message_id = f"turn-{uuid.uuid4().hex}"
         if isinstance(data, KvcommError):  # the turn could not be encoded (values its codec cannot carry)
             raise errors.carrying(data, completion=reply)
-        header = MessageReader(io.BytesIO(data)).header  # its decoded size, and the codec 'auto' chose
+        header = own_header(data)  # its decoded size, and the codec 'auto' chose
         try:
             if len(data) > config.max_message_bytes:  # a compressing codec that did not compress
                 raise ServiceRefusal(413, f"kv_return: the turn's message is {len(data):,} bytes; the service stores "

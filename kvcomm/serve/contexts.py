@@ -58,6 +58,13 @@ def _codec_key(codec: Codec) -> tuple[str, str]:
     return preset_of(codec.name, params) or codec.name, json.dumps(params, sort_keys=True)
 
 
+def own_header(data: bytes) -> Header:
+    """The header of a message this service made (encoded, or stored by it): read with no limit of
+    the wire module's own (2 GiB on the wire, 8 GiB decoded), which a service configured above them
+    would otherwise meet here first; the service checks its own limits where they apply."""
+    return MessageReader(io.BytesIO(data), max_bytes=len(data), max_decoded_bytes=1 << 62).header
+
+
 def raw_payload_bytes(agent: LoadedModel, codec: Codec, layers: list[int] | None, tokens: int,
                       mode: MaskMode = "causal") -> int | None:
     """The payload of a message of ``tokens`` tokens at ``layers`` (every layer if None; the sink
@@ -317,5 +324,5 @@ class ContextMaker:
         if len(data) > self.config.max_message_bytes:
             raise MessageTooLarge(f"the context's message is {len(data):,} bytes; the service stores at most "
                                   f"{self.config.max_message_bytes:,} (share fewer layers or a smaller codec)")
-        self.check_decoded(MessageReader(io.BytesIO(data)).header.decoded_bytes)  # its token ids counted too
+        self.check_decoded(own_header(data).decoded_bytes)  # its token ids counted too
         return data, message
