@@ -441,15 +441,22 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
                 if both:  # every layer's own lead over random, on the items the rule is judged on
                     lead = [all_layers[i] - random[0][i] for i in both]
                     row["all_minus_random"] = (sum(lead) / len(lead), *bootstrap_ci(lead))
+                    row["n_lead"] = len(both)
             row["verdict"] = _verdict(row)
             rows.append(row)
     return rows
+
+
+MIN_JUDGED = 10
+"""Items a cell's rule and random must share before ``goals`` judges it (one item's interval is a point)."""
 
 
 def _verdict(row: dict) -> str:
     """The goal for one cell: at least random, and above it outside the interval where every layer is."""
     if "rule_minus_random" not in row:
         return "no random run on these items"
+    if row["n_random"] < MIN_JUDGED:
+        return f"– {row['n_random']} item(s) paired with random: too few to judge"
     diff, low, _ = row["rule_minus_random"]
     if row["rule"] == 0 and row.get("random") == 0 and row.get("all", 0) == 0:
         return "– uninformative: nothing answers"  # ≥ random by 0 = 0, which says nothing of the rule
@@ -458,6 +465,8 @@ def _verdict(row: dict) -> str:
     lead = row.get("all_minus_random")
     if lead is None:
         return "≥ random (no all-layer run)"
+    if row.get("n_lead", 0) < row["n_random"]:  # a lead on a few items can hide what the rest would show
+        return f"≥ random (every layer's lead measured on {row.get('n_lead', 0)} of its {row['n_random']} items only)"
     if lead[1] > 0 and low <= 0:
         return "✗ not outside the interval (every layer is)"
     return "✓"
@@ -515,8 +524,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="goals: also write the grid here")
     parser.add_argument("--overwrite", action="store_true", help="replace --json where it exists")
     args = parser.parse_args()
-    from record import check_out, write_json  # benchmarks/record.py, beside this file (on the path as a script)
+    from record import check_out, run_record, write_json  # benchmarks/record.py, beside this file (on the path)
 
+    for option, table, given in (("--json", "goals", args.json is not None), ("--rule", "goals",
+                                 args.rule != DEFAULT_RULE), ("--uncompressed", "methods", args.uncompressed)):
+        if given and args.table != table:  # before: accepted, and nothing done with it
+            parser.error(f"{option} is for the {table} table, not {args.table}")
     check_out(parser, args, option="json")
     reports = [json.loads(path.read_text()) for path in args.paths]
     names = [str(path) for path in args.paths]
@@ -530,8 +543,8 @@ def main() -> None:
     elif args.table == "goals":
         rows = goals_grid(reports, args.rule, names)
         goals_table(rows, args.rule)
-        if args.json:
-            write_json(args.json, _finite(rows))
+        if args.json:  # the rule judged and the files read beside the rows (a grid of one rule was another's twin)
+            write_json(args.json, {"rule": args.rule, "files": names, **run_record(args), "rows": _finite(rows)})
     else:
         codecs_table(reports)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,16 +48,19 @@ def facts(*runs, **config):
                            "task_options": {"items": 8, "facts_per_item": 4, "seed": 0}} | config))
 
 
+JUDGED = 12  # items in the goals' fixtures: at least report.MIN_JUDGED
+
+
 def baselines(**config):
-    """Random and every layer on items i0-i3: random answers none, every layer all."""
-    return facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@1", [1.0] * 4, fraction=1.0,
-                                                                        layers=(0, 1, 2, 3)),
-                 run("skyline", [1.0] * 4, method="skyline", fraction=None, layers=()), **config)
+    """Random and every layer on items i0-i11: random answers none, every layer all."""
+    return facts(run("random@0.5", [0.0] * JUDGED, method="random"), run("kvcomm@1", [1.0] * JUDGED, fraction=1.0,
+                                                                             layers=(0, 1, 2, 3)),
+                 run("skyline", [1.0] * JUDGED, method="skyline", fraction=None, layers=()), **config)
 
 
 def rule(senders=1, **config):
     """The rule at 0.5 on the same item ids, answering all: ✓ against ``baselines`` when comparable."""
-    return facts(run("kvcomm@0.5", [1.0] * 4, senders=senders), **config)
+    return facts(run("kvcomm@0.5", [1.0] * JUDGED, senders=senders), **config)
 
 
 OTHER_ITEMS = [  # config changes that make a file's items (or their KV) another thing under the same ids
@@ -151,7 +156,7 @@ def test_goals_read_a_field_a_file_does_not_record_as_its_default(capsys):
         del old["config"][field]
     # another item count makes the same items under the same ids (the test below): still paired
     row = report.goals_grid([old, rule(task_options={"items": 12, "facts_per_item": 4, "seed": 0})], "prune")[0]
-    assert row["verdict"] == "✓" and row["n_random"] == 4 and "variant" not in row
+    assert row["verdict"] == "✓" and row["n_random"] == JUDGED and "variant" not in row
     assert capsys.readouterr().err == ""
 
 
@@ -241,7 +246,7 @@ def test_goals_judge_a_rule_on_no_item_its_layers_were_calibrated_on(capsys):
     assert "2 item(s) the rule's layers were calibrated on left out (i2, i3)" in capsys.readouterr().err
     # calibration items of a random or every-layer file are no concern of the rule's
     row = report.goals_grid([rule(), baselines(calibration_items=["i0", "i1"])], "prune")[0]
-    assert row["n"] == 4 and row["verdict"] == "✓"
+    assert row["n"] == JUDGED and row["verdict"] == "✓"
 
 
 def test_goals_read_the_items_of_a_given_profile_and_pooling_keeps_every_files(capsys):
@@ -252,21 +257,51 @@ def test_goals_read_the_items_of_a_given_profile_and_pooling_keeps_every_files(c
     profiled["profile"] = {"rule": "prune", "calibration_items": ["i0", "i1"]}
     assert report.ranked_on(profiled) == {"i0", "i1"}
     row = report.goals_grid([profiled, baselines()], "prune")[0]
-    assert row["n"] == 2 and "2 item(s) the rule's layers were calibrated on left out (i0, i1)" in \
+    assert row["n"] == JUDGED - 2 and "2 item(s) the rule's layers were calibrated on left out (i0, i1)" in \
         capsys.readouterr().err
-    plain, calibrated = rule(), facts(run("kvcomm@0.5", [1.0] * 2, start=4), calibration_items=["i0", "i1"])
+    plain, calibrated = rule(), facts(run("kvcomm@0.5", [1.0] * 2, start=JUDGED), calibration_items=["i0", "i1"])
     for order in ([plain, calibrated], [calibrated, plain]):
         merged = report.pooled([dict(f) for f in order])
         assert set(merged[0]["config"]["calibration_items"]) == {"i0", "i1"}, order
 
 
 def test_a_cell_where_nothing_answers_is_no_goal_met_and_a_skyline_of_zero_has_no_share():
-    nothing = facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@0.5", [0.0] * 4),
-                    run("kvcomm@1", [0.0] * 4, fraction=1.0, layers=(0, 1, 2, 3)),
-                    run("skyline", [0.0] * 4, method="skyline", fraction=None, layers=()))
+    nothing = facts(run("random@0.5", [0.0] * JUDGED, method="random"), run("kvcomm@0.5", [0.0] * JUDGED),
+                    run("kvcomm@1", [0.0] * JUDGED, fraction=1.0, layers=(0, 1, 2, 3)),
+                    run("skyline", [0.0] * JUDGED, method="skyline", fraction=None, layers=()))
     row = report.goals_grid([nothing], "prune")[0]
     assert row["verdict"].startswith("– uninformative") and "the skyline answers nothing" in _table(row)
     some = facts(run("random@0.5", [0.0] * 4, method="random"), run("kvcomm@0.5", [1.0, 0.0, 0.0, 0.0]),
                  run("skyline", [0.0] * 4, method="skyline", fraction=None, layers=()))
     share = report.goals_grid([some], "prune")[0]["share_of_skyline"]
     assert share[0] == float("inf") and report._finite([share]) == [[None, None, None]]
+
+
+def test_goals_judge_no_cell_on_too_few_items_or_on_a_lead_measured_on_some_of_them():
+    """Every layer's lead over random on 2 of the items (or one item's point interval) gave a ✓."""
+    few = report.goals_grid([facts(run("kvcomm@0.5", [1.0] * 3)), baselines()], "prune")[0]
+    assert few["verdict"] == "– 3 item(s) paired with random: too few to judge"
+    partial = facts(run("random@0.5", [0.0] * JUDGED, method="random"),
+                    run("kvcomm@1", [1.0] * 2, fraction=1.0, layers=(0, 1, 2, 3)))
+    row = report.goals_grid([rule(), partial], "prune")[0]
+    assert row["verdict"] == f"≥ random (every layer's lead measured on 2 of its {JUDGED} items only)"
+    assert report.goals_grid([rule(), baselines()], "prune")[0]["verdict"] == "✓"
+
+
+def test_options_of_another_table_are_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(__file__).parents[1] / "benchmarks")])  # its record.py
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(rule()))
+    for argv in (["methods", str(path), "--json", str(tmp_path / "x.json")], ["codecs", str(path), "--rule", "paper"],
+                 ["goals", str(path), "--uncompressed"]):
+        monkeypatch.setattr(sys, "argv", ["report.py", *argv])
+        with pytest.raises(SystemExit):
+            report.main()
+        assert "is for the" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["report.py", "goals", str(path), str(tmp_path / "b.json"),
+                                      "--json", str(tmp_path / "grid.json")])
+    (tmp_path / "b.json").write_text(json.dumps(baselines()))
+    report.main()
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert grid["rule"] == "prune" and grid["files"] == [str(path), str(tmp_path / "b.json")]
+    assert grid["rows"][0]["verdict"] == "✓" and "provenance" in grid
