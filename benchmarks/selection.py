@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
+from kvcomm.errors import ConfigError  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
-from kvcomm.selection.budget import smallest_ratio  # noqa: E402
+from kvcomm.selection.budget import check_tolerance, smallest_ratio  # noqa: E402
 from kvcomm.selection.calibrate import OBJECTIVES  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
 from kvcomm.tasks.base import Task  # noqa: E402
@@ -59,6 +60,15 @@ def paired(report: Report, a: str, b: str, resamples: int = 2000) -> tuple[float
     return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def random_label(report: Report, ratio: float) -> str:
+    """The label of the run's random layers at ``ratio`` (``random@0.5``, or ``random@0.5~seed7``
+    for another seed: looking up the first alone was a KeyError after the whole run)."""
+    for run in report.runs:
+        if run.method == "random" and run.options.get("ratio") == ratio:
+            return run.label
+    raise KeyError(f"no random run at ratio {ratio:g}")
+
+
 def present(report: Report) -> list[str]:
     """The rules a run compared, in the order of :data:`RULES`."""
     labels = {run.label for run in report.runs}
@@ -83,12 +93,12 @@ def table(report: Report, ratios: list[float]) -> Table:
     out.caption = (f"references on the same items: all layers (kvcomm@1) {by['kvcomm@1'].mean:.3f} · "
                    f"skyline {by['skyline'].mean:.3f} · baseline {by['baseline'].mean:.3f}")
     for ratio in ratios:
-        rand = by[f"random@{ratio:g}"]
+        rand = by[random_label(report, ratio)]
         cells = []
         for rule in rules:
             score = by[f"kvcomm@{ratio:g}~{rule}"]
             mark = "" if score.mean > rand.mean else " ✗"
-            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
+            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", random_label(report, ratio))
             interval = f"({score.ci95[0]:.2f}–{score.ci95[1]:.2f})"
             cells.append(f"{score.mean:.3f} {interval} [{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
         out.add_row(f"{ratio:g}", *cells, f"{rand.mean:.3f} ({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f})")
@@ -106,16 +116,16 @@ def markdown(report: Report, ratios: list[float]) -> str:
              f"{len(report.config['calibration_items'])} calibration items, {metric})**", "",
              "| ratio | " + " | ".join(rules) + " | random | all layers − random |", "|---" * (len(rules) + 3) + "|"]
     for ratio in ratios:
-        rand = by[f"random@{ratio:g}"]
+        rand = by[random_label(report, ratio)]
         cells = []
         for rule in rules:
             score = by[f"kvcomm@{ratio:g}~{rule}"]
-            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", f"random@{ratio:g}")
+            d, low, high = paired(report, f"kvcomm@{ratio:g}~{rule}", random_label(report, ratio))
             share = f" ÷sky {score.mean / sky:.2f}" if sky > 0 else ""
             mark = "" if low > 0 else " ✗" if score.mean <= rand.mean else " ≈"
             cells.append(f"{score.mean:.3f} ({score.ci95[0]:.2f}–{score.ci95[1]:.2f}){share} "
                          f"[{d:+.3f}, {low:+.2f}…{high:+.2f}]{mark}")
-        d, low, high = paired(report, "kvcomm@1", f"random@{ratio:g}")
+        d, low, high = paired(report, "kvcomm@1", random_label(report, ratio))
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + f" | {rand.mean:.3f} "
                      f"({rand.ci95[0]:.2f}–{rand.ci95[1]:.2f}) | {d:+.3f} [{low:+.2f}…{high:+.2f}] |")
     for better, worse in LEADS:
@@ -174,13 +184,30 @@ def main() -> None:
                         help="also find each rule's budget on the calibration items (with --report: of that run; "
                              "give the same --model, --task, --data, --items); written beside the JSON")
     args = parser.parse_args()
-    if args.out is not None:  # and the budgets beside the results
+    if args.budget is not None:
+        try:  # before any work (it was checked after the whole evaluation)
+            check_tolerance(args.budget)
+        except ConfigError as err:
+            parser.error(f"--budget: {err}")
+    if args.report is not None and args.budget is not None:  # the budgets go beside the report read
+        budgets_file = args.report.with_name(args.report.stem + "-budgets.json")
+        if args.out is not None:
+            parser.error("--report with --budget writes its budgets beside the report; leave --out out")
+        args.out = budgets_file
+        check_out(parser, args)
+    elif args.out is not None:  # and the budgets beside the results
         check_out(parser, args, [args.out] + ([args.out.with_name(args.out.stem + "-budgets.json")]
                                               if args.budget is not None else []))
     if args.report is not None and args.budget is not None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
         task = load_task(args.task, args.data, **generated)
+        if saved.config["receiver"] != args.model or saved.config["task"] != task.name:
+            parser.error(f"{args.report} is a run of {saved.config['receiver']} on {saved.config['task']}: give its "
+                         f"--model and --task (not {args.model}, {task.name})")
+        if missing := set(saved.config["calibration_items"]) - {item.id for item in task.items}:
+            parser.error(f"{len(missing)} of the run's calibration items are not in this task (e.g. "
+                         f"{sorted(missing)[0]}): give the run's --data and --items")
         record = run_record(args)
         write_budgets(budgets(Agents.load(args.model), task, saved, args.budget, args.batch_size), args.report, record)
         return
@@ -210,6 +237,7 @@ def main() -> None:
     record = run_record(args)
     agents = Agents.load(args.model)
     report = evaluate(agents, task, methods(ratios, args.seed, rules), config, command=command())
+    report.save(args.out)  # first: a table that fails to print loses no run
     console = Console(width=200)
     console.print(table(report, ratios))
     for rule, profile in sorted(report.profiles.items()):
@@ -217,7 +245,6 @@ def main() -> None:
         console.print(f"{rule}: calibration {cost['seconds']:.1f} s, {_forwards(cost)} "
                       f"({cost['items']:.0f} items); top half {sorted(ranking[:len(ranking) // 2])}",
                       markup=False)
-    report.save(args.out)
     console.print(f"results: {args.out}", markup=False)
     if args.budget is not None:
         write_budgets(budgets(agents, task, report, args.budget, args.batch_size), args.out, record)

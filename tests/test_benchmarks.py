@@ -82,6 +82,8 @@ def test_all_layers_take_a_compared_rules_ranking(monkeypatch):
     ("selection", ["--rules", "paper,nope", "--out", "x.json"], "unknown rules ['nope']"),
     ("ttft", ["--lengths", "256,x", "--out", "x.json"], "--lengths must be token counts"),
     ("fuzz_decoder", ["--seconds", "1"], "the following arguments are required: --out"),  # it overwrote a result
+    ("selection", ["--budget", "-1", "--out", "x.json"], "--budget: a budget's tolerance"),  # after the whole run
+    ("selection", ["--report", "x.json", "--budget", "0.1", "--out", "y.json"], "leave --out out"),
 ])
 def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv, message):
     module = script(name, monkeypatch)
@@ -192,3 +194,16 @@ def test_chats_over_accepted_crafted_messages_count_in_the_row(monkeypatch):
     assert got["chat_statuses"] == {"200": 2, "500": 1}
     other = attack.row("bounded requests", Counter({400: 2}), 0)
     assert other["accepted_chats_failed"] is None and "chat_statuses" not in other
+
+
+def test_the_selection_tables_find_random_runs_of_any_seed(monkeypatch):
+    """``--seed 7`` labels random ``random@0.5~seed7``: the table looked up ``random@0.5`` and
+    failed after the whole run, before it was saved."""
+    from types import SimpleNamespace
+
+    module = script("selection", monkeypatch)
+    report = SimpleNamespace(runs=[SimpleNamespace(method="kvcomm", options={"ratio": 0.5}, label="kvcomm@0.5~paper"),
+                                   SimpleNamespace(method="random", options={"ratio": 0.5}, label="random@0.5~seed7")])
+    assert module.random_label(report, 0.5) == "random@0.5~seed7"
+    with pytest.raises(KeyError, match="no random run at ratio 0.3"):
+        module.random_label(report, 0.3)
