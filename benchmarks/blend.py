@@ -35,7 +35,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, at_least_one, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, KVMessage, evaluate, load_model, load_task, make_method  # noqa: E402
 from kvcomm.errors import KvcommError  # noqa: E402
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--recompute", type=float, default=0.15)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=at_least_one, default=3)
     add_out(parser)
     args = parser.parse_args()
     if args.what == "quality":  # one results file per task, named after --out (and the multihop plot)

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 import torch
-from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
+from record import add_out, at_least_one, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -48,7 +48,7 @@ def main() -> None:
                              "this many tokens (benchmarks/ttft.py's), e.g. 1024")
     parser.add_argument("--coders", default="rans", help="entropy coders to run entropy-coded codecs with, "
                         "e.g. rans,rans-v7,constriction")
-    parser.add_argument("--repeats", type=int, default=3, help="passes per codec; the fastest is reported")
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="passes per codec; the fastest is reported")
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

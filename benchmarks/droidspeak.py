@@ -32,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import add_out, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, at_least_one, check_out, command, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.eval.plot_profiles import plot_blocks  # noqa: E402
@@ -157,7 +157,7 @@ def main() -> None:
                         help="what profiled blocks are scored by: the receiver's own answer, or the gold answer")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ttft-tokens", type=int, default=1024, help="0: skip the TTFT measurement")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=at_least_one, default=5)
     parser.add_argument("--one-way", action="store_true", help="only A→B")
     add_out(parser)
     args = parser.parse_args()

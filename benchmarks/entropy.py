@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
+from record import add_out, at_least_one, check_out, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--task", default="tipsheets")
     parser.add_argument("--data", default=None)
     parser.add_argument("--items", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least_one, default=3)
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

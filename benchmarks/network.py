@@ -49,7 +49,14 @@ import time
 from pathlib import Path
 
 import httpx
-from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
+from record import (  # benchmarks/record.py, beside this file
+    add_out,
+    at_least_one,
+    check_out,
+    layer_fraction,
+    run_record,
+    write_json,
+)
 
 SENDER_NS, RECEIVER_NS = "kvn-snd", "kvn-rcv"
 SENDER_IF, RECEIVER_IF = "kvn-veth-s", "kvn-veth-r"
@@ -322,8 +329,8 @@ def main() -> None:
     parser.add_argument("--serial", default="klt",
                         help="codecs also measured prefilling only once the message is whole (+serial)")
     parser.add_argument("--whole", default="none", help="codecs also measured reading the whole body first (+whole)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ratio", type=layer_fraction, default=0.5, help="fraction of layers shared (middle block)")
+    parser.add_argument("--runs", type=at_least_one, default=3)
     parser.add_argument("--linears", default="dense",
                         help="how the receiver's linear layers compute: dense, packed, or both (dense,packed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the receiver (0: torch's default)")

@@ -31,6 +31,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (repeats, runs: 0 wrote zero speeds, or
+    failed after the model had loaded)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def layer_fraction(text: str) -> float:
+    """An argparse type: a fraction of the layers, 0 < value <= 1 (2.0 made negative layer indices)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the layers, 0 < value <= 1, not {value:g}")
+    return value
+
+
 def add_out(parser: argparse.ArgumentParser, required: bool = True,
             help: str = "results JSON (a path of your choosing)") -> None:
     """``--out`` (the results JSON) and ``--overwrite`` (replace it where it exists)."""

@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from record import add_out, check_out, run_record, write_json  # benchmarks/record.py, beside this file
+from record import add_out, check_out, layer_fraction, run_record, write_json  # benchmarks/record.py, beside this file
 from rich.console import Console
 from rich.table import Table
 from ttft import context_of, middle_layers
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", default="1024", help="context tokens, comma-separated (the sender's prompt "
                         "adds its template's)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the layers shared")
+    parser.add_argument("--ratio", type=layer_fraction, default=0.5, help="fraction of the layers shared")
     parser.add_argument("--runs", type=int, default=3)
     add_out(parser)
     args = parser.parse_args()

@@ -25,7 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, at_least_one, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm import Agents, load_task  # noqa: E402
 from kvcomm.eval.batch import Batch  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--task", default="facts")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--items", type=int, default=4, help="calibration items (the task's last ones)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=at_least_one, default=2)
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

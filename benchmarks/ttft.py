@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import time
@@ -32,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/record.py, beside this file
 
-from record import add_out, check_out, run_record, write_json  # noqa: E402
+from record import add_out, at_least_one, check_out, layer_fraction, run_record, write_json  # noqa: E402
 
 from kvcomm import Client, load_model  # noqa: E402
 from kvcomm.errors import KvcommError  # noqa: E402
@@ -106,7 +107,7 @@ def latency_summary(latencies: list[float]) -> dict[str, float | int]:
     ordered = sorted(latencies)
     out: dict[str, float | int] = {"requests": len(ordered), "p50_s": statistics.median(ordered)}
     if len(ordered) >= 100:
-        out["p99_s"] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        out["p99_s"] = ordered[math.ceil(0.99 * len(ordered)) - 1]  # nearest rank (with 100: not the maximum)
     else:
         out["max_s"] = ordered[-1]
     return out
@@ -117,8 +118,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", default="256,1024,4096")
     parser.add_argument("--codecs", default="int8,fp16")
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of layers shared (middle block)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ratio", type=layer_fraction, default=0.5, help="fraction of layers shared (middle block)")
+    parser.add_argument("--runs", type=at_least_one, default=5)
     parser.add_argument("--port", type=int, default=8131)
     add_out(parser)
     args = parser.parse_args()

@@ -42,7 +42,7 @@ def test_a_latency_tail_is_called_p99_only_with_100_samples(monkeypatch):
     few = ttft.latency_summary([0.1 * i for i in range(1, 65)])
     assert few["requests"] == 64 and "p99_s" not in few and few["max_s"] == pytest.approx(6.4)
     many = ttft.latency_summary([float(i) for i in range(1, 201)])
-    assert "max_s" not in many and many["p99_s"] == 199.0 and many["p50_s"] == 100.5
+    assert "max_s" not in many and many["p99_s"] == 198.0 and many["p50_s"] == 100.5
 
 
 def test_event_loop_hangs_count_only_that_phases_samples(monkeypatch):
@@ -83,6 +83,8 @@ def test_all_layers_take_a_compared_rules_ranking(monkeypatch):
     ("ttft", ["--lengths", "256,x", "--out", "x.json"], "--lengths must be token counts"),
     ("fuzz_decoder", ["--seconds", "1"], "the following arguments are required: --out"),  # it overwrote a result
     ("selection", ["--budget", "-1", "--out", "x.json"], "--budget: a budget's tolerance"),  # after the whole run
+    ("ttft", ["--ratio", "2", "--out", "x.json"], "0 < value <= 1, not 2"),  # layers -15…44, refused late
+    ("codecs", ["--repeats", "0", "--out", "x.json"], "must be at least 1, not 0"),  # wrote speeds of 0
     ("selection", ["--report", "x.json", "--budget", "0.1", "--out", "y.json"], "leave --out out"),
 ])
 def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv, message):
