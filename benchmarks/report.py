@@ -291,6 +291,10 @@ def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
         if report["config"].get("codebook") != merged[key]["config"].get("codebook"):
             raise SystemExit(f"{' · '.join(key)}: the files used different codebooks; their items cannot be pooled")
         incoming = {run["label"]: run for run in report["runs"]}
+        kept = {run["label"] for run in merged[key]["runs"]}
+        if dropped := sorted(kept ^ set(incoming)):  # said, not silently left out of the tables
+            print(f"warning: {' · '.join(key)}: {', '.join(dropped)} not in every file pooled (from {name} on): "
+                  "left out", file=sys.stderr)
         merged[key]["runs"] = [run for run in merged[key]["runs"] if run["label"] in incoming]
         for run in merged[key]["runs"]:
             if incoming[run["label"]]["layers"] != run["layers"]:

@@ -305,3 +305,10 @@ def test_options_of_another_table_are_refused(monkeypatch, tmp_path, capsys):
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert grid["rule"] == "prune" and grid["files"] == [str(path), str(tmp_path / "b.json")]
     assert grid["rows"][0]["verdict"] == "✓" and "provenance" in grid
+
+
+def test_pooling_says_which_runs_only_some_files_have(capsys):
+    merged = report.pooled([facts(run("kvcomm@0.5", [1.0] * 2), run("random@0.5", [0.0] * 2, method="random")),
+                            facts(run("random@0.5", [1.0] * 2, start=2, method="random"))], ["a.json", "b.json"])
+    assert [r["label"] for r in merged[0]["runs"]] == ["random@0.5"]
+    assert "kvcomm@0.5 not in every file pooled (from b.json on): left out" in capsys.readouterr().err
