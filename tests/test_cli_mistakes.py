@@ -221,6 +221,9 @@ MISTAKES = [
     ("sweep -m {model} --methods online --ray local", "cannot run apart on a cluster"),
     ("sweep -m {model} --workers 2", "are for --ray"),
     ("graph -m {model} --worker-threads 2", "are for --ray"),
+    # before: the parser kept the last (multihop alone ran), in subcommands of subcommands too
+    ("eval -m {model} -t facts -t multihop", "--task given twice (-t and -t): give it once (several tasks"),
+    ("remote models --url http://127.0.0.1:9 --url=http://127.0.0.1:8", "--url given twice (--url and --url)"),
 ]
 
 

@@ -34,8 +34,48 @@ def fail(message: str, code: int = USAGE_ERROR) -> None:
     sys.exit(code)
 
 
+def repeated_option(command: Any, args: Sequence[str]) -> str | None:
+    """Where ``args`` give one of ``command``'s single-value options twice (``-t facts -t multihop``
+    ran multihop alone: the parser keeps the last), what to say; None where none is. (``command``
+    is a command of typer's own click: its classes are typer's private module, so they are told by
+    their attributes.)"""
+    takes_value: dict[str, Any] = {}
+    for param in command.params:
+        if getattr(param, "param_type_name", None) == "option" and not param.is_flag and not param.count:
+            takes_value.update(dict.fromkeys(param.opts, param))
+    seen: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            continue
+        name, inline = (arg.split("=", 1)[0], True) if arg.startswith("--") and "=" in arg else \
+            (arg[:2], len(arg) > 2) if not arg.startswith("--") else (arg, False)
+        if (param := takes_value.get(name)) is None:
+            continue
+        index += 0 if inline else 1  # its value, whatever it looks like
+        if param.multiple or param.nargs != 1:
+            continue
+        if param.name in seen:
+            hint = " (several tasks: one --task, comma-separated: -t facts,multihop)" if param.name == "task" else ""
+            return f"{param.opts[0]} given twice ({seen[param.name]} and {name}): give it once{hint}"
+        seen[str(param.name)] = name
+    return None
+
+
 class KvcommGroup(TyperGroup):
-    """A Typer group whose errors are single lines with exit code 2."""
+    """A Typer group whose errors are single lines with exit code 2, and which refuses a
+    single-value option given twice (:func:`repeated_option`)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not hasattr(command, "commands") and \
+                (problem := repeated_option(command, rest)) is not None:
+            ctx.fail(problem)  # the parser's own usage error: one line, exit code 2
+        return name, command, rest
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,

@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcomm.cli.common import Overwrite, Quiet, console, default_of, fraction, quiet_libraries
+from kvcomm.cli.group import KvcommGroup
 from kvcomm.errors import DataError, ModelError
 from kvcomm.models import EMBEDDED, install
 from kvcomm.models.derive import DeriveOptions
 from kvcomm.models.derived import card_problem, check_name, derived_names, derived_root, load_card, no_such_model
 from kvcomm.models.recipes import RECIPES
 
-app = typer.Typer(help="Models: list them, install embedded ones, derive variants by fine-tuning.",
+app = typer.Typer(cls=KvcommGroup, help="Models: list them, install embedded ones, derive variants by fine-tuning.",
                   no_args_is_help=True)
 
 

@@ -23,11 +23,12 @@ from kvcomm.cli.common import (
     console,
     fraction,
 )
+from kvcomm.cli.group import KvcommGroup
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 from kvcomm.wire import MessageReader
 
-remote = typer.Typer(help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
+remote = typer.Typer(cls=KvcommGroup, help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
 Timeout = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the agent's answer (a first --ratio "
