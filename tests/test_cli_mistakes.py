@@ -221,9 +221,9 @@ MISTAKES = [
     ("sweep -m {model} --methods online --ray local", "cannot run apart on a cluster"),
     ("sweep -m {model} --workers 2", "are for --ray"),
     ("graph -m {model} --worker-threads 2", "are for --ray"),
-    # before: the parser kept the last (multihop alone ran), in subcommands of subcommands too
+    # before: the parser kept the last (multihop alone ran)
     ("eval -m {model} -t facts -t multihop", "--task given twice (-t and -t): give it once (several tasks"),
-    ("remote models --url http://127.0.0.1:9 --url=http://127.0.0.1:8", "--url given twice (--url and --url)"),
+    ("sweep -m {model} --task=facts -t multihop", "--task given twice (--task and -t)"),
 ]
 
 
@@ -287,3 +287,14 @@ def test_an_empty_token_is_refused_not_served_as_one_no_client_sends(files, no_m
     for spaced in ("secret ", "sec ret", "secret\n"):  # no client sends these as they are: every request 401
         result = runner.invoke(app, ["serve", "-m", files["model"], "--token", spaced])
         assert result.exit_code == 2 and "printable ASCII without spaces" in result.stderr, (spaced, result.output)
+
+
+def test_only_the_task_option_is_refused_twice_others_take_the_last():
+    import typer
+
+    from kvcomm.cli.group import repeated_option
+
+    command = typer.main.get_command(app).commands["eval"]
+    assert repeated_option(command, ["--ratio", "0.5", "--ratio=0.3", "--data", "a", "--data", "b"]) is None
+    assert repeated_option(command, ["--out-dir", "-t", "-t", "facts"]) is None  # a value that looks like it
+    assert "given twice" in repeated_option(command, ["-tfacts", "--task", "multihop"])

@@ -34,11 +34,16 @@ def fail(message: str, code: int = USAGE_ERROR) -> None:
     sys.exit(code)
 
 
-def repeated_option(command: Any, args: Sequence[str]) -> str | None:
-    """Where ``args`` give one of ``command``'s single-value options twice (``-t facts -t multihop``
-    ran multihop alone: the parser keeps the last), what to say; None where none is. (``command``
-    is a command of typer's own click: its classes are typer's private module, so they are told by
-    their attributes.)"""
+ONCE = frozenset({"task"})
+"""Options a repeat of which is refused rather than taken last-wins: ``-t facts -t multihop`` reads
+as two tasks (``--data`` repeats), and ran multihop alone. Others keep the parser's rule, the last
+given wins, which scripts use to override a common command line."""
+
+
+def repeated_option(command: Any, args: Sequence[str], once: frozenset[str] = ONCE) -> str | None:
+    """Where ``args`` give one of ``command``'s single-value options named in ``once`` twice, what to
+    say; None where none is. (``command`` is a command of typer's own click: its classes are
+    typer's private module, so they are told by their attributes.)"""
     takes_value: dict[str, Any] = {}
     for param in command.params:
         if getattr(param, "param_type_name", None) == "option" and not param.is_flag and not param.count:
@@ -57,7 +62,7 @@ def repeated_option(command: Any, args: Sequence[str]) -> str | None:
         if (param := takes_value.get(name)) is None:
             continue
         index += 0 if inline else 1  # its value, whatever it looks like
-        if param.multiple or param.nargs != 1:
+        if param.multiple or param.nargs != 1 or param.name not in once:
             continue
         if param.name in seen:
             hint = " (several tasks: one --task, comma-separated: -t facts,multihop)" if param.name == "task" else ""
@@ -67,8 +72,8 @@ def repeated_option(command: Any, args: Sequence[str]) -> str | None:
 
 
 class KvcommGroup(TyperGroup):
-    """A Typer group whose errors are single lines with exit code 2, and which refuses a
-    single-value option given twice (:func:`repeated_option`)."""
+    """A Typer group whose errors are single lines with exit code 2, and which refuses ``--task``
+    given twice (:func:`repeated_option`)."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, command, rest = super().resolve_command(ctx, args)
