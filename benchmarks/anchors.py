@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, at_least_one, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm.graphs.anchors import Anchor, AnchorOptions, AnchorPool, Segment  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--question", type=int, default=21, help="shared text tokens")
     parser.add_argument("--closing", type=int, default=5, help="template tokens after it")
     parser.add_argument("--anchors", default="1,5,20", help="comma-separated anchor counts")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least_one, default=5)
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

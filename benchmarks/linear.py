@@ -32,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import add_out, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
+from record import add_out, at_least_one, check_out, run_record, write_json  # noqa: E402  (benchmarks/record.py, beside this file)
 
 from kvcomm.models import load_model  # noqa: E402
 from kvcomm.models.packing import PACKED_MIN_WEIGHT, PACKED_ROWS, PackedLinear, pack_linears  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
                         help="row counts of the per-shape products ('' for none: the model rows only)")
     parser.add_argument("--prompts", default="45,1058", help="prompt lengths (tokens) prefilled at batch 1")
     parser.add_argument("--batches", default="1,16", help="batch sizes of one decoding step")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least_one, default=5)
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

@@ -280,6 +280,17 @@ def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
             fields, which = _apart(files, {key: setups[key] for key in files})
             raise SystemExit(f"{' · '.join(where)}: the files differ in {', '.join(fields)}; their items cannot be "
                              f"pooled ({which})")
+    holding: dict[tuple[str, str], dict[str, list[str]]] = {}  # the labels of each model and task: who has them
+    for name, report in zip(names, reports):
+        for run in report["runs"]:
+            holding.setdefault((report["config"]["receiver"], report["config"]["task"]), {}).setdefault(
+                run["label"], []).append(name)
+    for key, labels in holding.items():  # said once each, not silently left out of the tables
+        files = {name for holders in labels.values() for name in holders}
+        for label, holders in labels.items():
+            if missing := sorted(files - set(holders)):
+                print(f"warning: {' · '.join(key)}: {label} is not in {', '.join(missing)}: left out of the pool",
+                      file=sys.stderr)
     merged: dict[tuple[str, str], dict] = {}
     for name, report in zip(names, reports):
         key = (report["config"]["receiver"], report["config"]["task"])
@@ -291,10 +302,6 @@ def pooled(reports: list[dict], names: list[str] | None = None) -> list[dict]:
         if report["config"].get("codebook") != merged[key]["config"].get("codebook"):
             raise SystemExit(f"{' · '.join(key)}: the files used different codebooks; their items cannot be pooled")
         incoming = {run["label"]: run for run in report["runs"]}
-        kept = {run["label"] for run in merged[key]["runs"]}
-        if dropped := sorted(kept ^ set(incoming)):  # said, not silently left out of the tables
-            print(f"warning: {' · '.join(key)}: {', '.join(dropped)} not in every file pooled (from {name} on): "
-                  "left out", file=sys.stderr)
         merged[key]["runs"] = [run for run in merged[key]["runs"] if run["label"] in incoming]
         for run in merged[key]["runs"]:
             if incoming[run["label"]]["layers"] != run["layers"]:

@@ -193,6 +193,8 @@ def main() -> None:
         budgets_file = args.report.with_name(args.report.stem + "-budgets.json")
         if args.out is not None:
             parser.error("--report with --budget writes its budgets beside the report; leave --out out")
+        if budgets_file.exists() and not args.overwrite:  # (check_out's message would offer another --out)
+            parser.error(f"{budgets_file} exists: pass --overwrite to replace it")
         args.out = budgets_file
         check_out(parser, args)
     elif args.out is not None:  # and the budgets beside the results

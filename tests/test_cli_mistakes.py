@@ -298,3 +298,5 @@ def test_only_the_task_option_is_refused_twice_others_take_the_last():
     assert repeated_option(command, ["--ratio", "0.5", "--ratio=0.3", "--data", "a", "--data", "b"]) is None
     assert repeated_option(command, ["--out-dir", "-t", "-t", "facts"]) is None  # a value that looks like it
     assert "given twice" in repeated_option(command, ["-tfacts", "--task", "multihop"])
+    assert "given twice" in repeated_option(command, ["-qt", "facts", "-t", "multihop"])  # -q is a flag
+    assert repeated_option(command, ["-qtfacts", "--limit", "2"]) is None

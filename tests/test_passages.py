@@ -248,3 +248,12 @@ def test_an_item_that_cannot_be_cut_into_the_pieces_asked_is_refused_before_any_
     with pytest.raises(DataError, match=r"item i0: cannot split a context of 0 word\(s\) into 3 parts, and kvcomm@1x3"):
         evaluate(agents, task, [make_method("kvcomm", ratio=1.0, senders=3)], config, progress=False)
     assert evaluate(agents, task, [make_method("skyline")], config, progress=False).runs[0].n == 2  # read whole
+    # calibration reads its items whole: a one-word calibration item is no refusal for two senders
+    path.write_text("\n".join(json.dumps({"id": f"i{k}", "context": "Rome." if k == 2 else "Two words. Three.",
+                                          "question": "q?", "answers": ["a"]}) for k in range(3)) + "\n")
+    assert evaluate(agents, load_task("jsonl", path), [make_method("kvcomm", ratio=0.5, senders=2)], config,
+                    progress=False).runs[0].n == 2
+    from kvcomm.selection import calibrate
+
+    with pytest.raises(DataError, match="item i0: its context is empty, and calibrating on passages"):
+        calibrate(agents, task, task.items[:1], pieces="passages", rule="paper", progress=False)

@@ -311,4 +311,10 @@ def test_pooling_says_which_runs_only_some_files_have(capsys):
     merged = report.pooled([facts(run("kvcomm@0.5", [1.0] * 2), run("random@0.5", [0.0] * 2, method="random")),
                             facts(run("random@0.5", [1.0] * 2, start=2, method="random"))], ["a.json", "b.json"])
     assert [r["label"] for r in merged[0]["runs"]] == ["random@0.5"]
-    assert "kvcomm@0.5 not in every file pooled (from b.json on): left out" in capsys.readouterr().err
+    assert "kvcomm@0.5 is not in b.json: left out of the pool" in capsys.readouterr().err
+    three = [facts(run("kvcomm@0.5", [1.0] * 2)), facts(run("random@0.5", [0.0] * 2, start=2, method="random")),
+             facts(run("random@0.5", [0.0] * 2, start=4, method="random"))]
+    report.pooled(three, ["a.json", "b.json", "c.json"])
+    warned = capsys.readouterr().err.splitlines()  # each label once, naming every file without it
+    assert warned == ["warning: m · facts: kvcomm@0.5 is not in b.json, c.json: left out of the pool",
+                      "warning: m · facts: random@0.5 is not in a.json: left out of the pool"]

@@ -330,3 +330,7 @@ def test_numpy_numbers_as_task_options_become_python_numbers():
     assert task.options["items"] == 2 and type(task.options["items"]) is int and type(task.options["seed"]) is int
     assert [i.id for i in task.items] == [i.id for i in load_task("facts", items=2, seed=1).items]
     json.dumps(task.options)
+    assert type(load_task("facts", items=2, max_new_tokens=np.int64(3)).max_new_tokens) is int
+    for bad in (2.5, True, 0):
+        with pytest.raises(ConfigError, match="max_new_tokens is a whole number"):
+            load_task("facts", items=2, max_new_tokens=bad)

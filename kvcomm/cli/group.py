@@ -55,10 +55,16 @@ def repeated_option(command: Any, args: Sequence[str], once: frozenset[str] = ON
         index += 1
         if arg == "--":
             break
-        if not arg.startswith("-"):
+        if not arg.startswith("-") or arg == "-":
             continue
-        name, inline = (arg.split("=", 1)[0], True) if arg.startswith("--") and "=" in arg else \
-            (arg[:2], len(arg) > 2) if not arg.startswith("--") else (arg, False)
+        if arg.startswith("--"):
+            name, inline = (arg.split("=", 1)[0], True) if "=" in arg else (arg, False)
+        else:  # a cluster of short options ("-qt facts"): the first that takes a value takes the rest
+            name, inline = "", False
+            for at, letter in enumerate(arg[1:], start=1):
+                if f"-{letter}" in takes_value:
+                    name, inline = f"-{letter}", at < len(arg) - 1
+                    break
         if (param := takes_value.get(name)) is None:
             continue
         index += 0 if inline else 1  # its value, whatever it looks like

@@ -106,7 +106,7 @@ def plan_run(run: RunOptions, build: MethodFactory, out: Path | None = None, plo
             raise ConfigError(NEEDS_BLOCK)
     for task in tasks:
         test, calib = config.split(task.items, rules)
-        check_pieces(methods, [*test, *calib])
+        check_pieces(methods, test, calib)
         check_calibration(config, rules, len(task.items), profiled, ranks=ranking)
         if any(value is not None for value in (run.alpha, run.mu, run.sigma)):
             check_prior_given(config, rules, profiled, prior_used, ranks=ranking)

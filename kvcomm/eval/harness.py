@@ -148,19 +148,22 @@ class EvalConfig(Options):
         return split_items(items, self.limit, self.calibration_count(len(items), rules), self.skip)
 
 
-def check_pieces(methods: Sequence[Method], items: Iterable[Item]) -> None:
-    """Refuses, before any model runs, an item whose context a method cannot read as the pieces it
-    asks for (``senders`` > 1, or ``pieces="passages"``): too few words to cut, or nothing to read.
-    Before, the run stopped at that item's batch.
+def check_pieces(methods: Sequence[Method], test: Iterable[Item], calib: Iterable[Item] = ()) -> None:
+    """Refuses, before any model runs, a test item whose context a method cannot read as the pieces
+    it asks for (``senders`` > 1, or ``pieces="passages"``): too few words to cut, or nothing to
+    read; and a calibration item it would calibrate on as one empty passage (calibration reads
+    items whole: one piece). Before, the run stopped at that item's batch.
 
     Raises:
         DataError: naming the item and the method.
     """
+    test, calib = list(test), list(calib)
     for method in methods:
         count = getattr(method.options, "senders", 1)
-        if count == 1 and getattr(method.options, "pieces", "chats") != "passages":
+        passages = getattr(method.options, "pieces", "chats") == "passages"
+        if count == 1 and not passages:
             continue
-        for item in items:
+        for item, count in [*((item, count) for item in test), *((item, 1) for item in calib if passages)]:
             try:
                 parts = item.parts(count)
             except DataError as err:
@@ -366,7 +369,7 @@ def evaluate(
     started = utc_now()
     rules, profiled = named_rules(methods), profile.rule if profile is not None else None
     test, calib = config.split(task.items, rules)
-    check_pieces(methods, [*test, *calib])
+    check_pieces(methods, test, calib)
     check_calibration(config, rules, len(task.items), profiled,
                       unused=False)  # a script's objective for every run, the profile's or not: not refused
     for given in (profile, blocks):

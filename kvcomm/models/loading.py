@@ -177,6 +177,8 @@ class LoadedModel:
             try:
                 prompt = self.tokenizer.apply_chat_template(turns, tokenize=False,
                                                             add_generation_prompt=generation_prompt)
+            except jinja2.TemplateSyntaxError:  # the template itself is broken: the model's fault, not the chat's
+                raise
             except jinja2.TemplateError as err:  # a template that refuses the turns (roles that do not alternate, a
                 # system turn it has no place for): the caller's chat, not a fault of kvcomm (the service said 500)
                 raise ConfigError(f"{self.name}'s chat template refuses these turns: {err}") from None

@@ -283,6 +283,8 @@ def calibrate(
         check_tolerance(tolerance)
     if pieces not in get_args(Pieces):
         raise ConfigError(f"unknown pieces {pieces!r}; valid: {', '.join(get_args(Pieces))}")
+    if pieces == "passages" and (empty := next((item for item in items if not item.context.strip()), None)):
+        raise DataError(f"item {empty.id}: its context is empty, and calibrating on passages reads it as one")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ConfigError(f"the calibration batch size is at least 1, not {batch_size!r}")
     check_prior(mu, sigma)

@@ -142,6 +142,8 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
     async def create_context(body: ContextRequest, request: Request) -> ContextCreated:
         """Prefill a context and store its KV message (content-addressed: the same content, once)."""
         await health.require()  # a store that is down is found before a prefill is spent
+        if role := next((m.role for m in body.messages or [] if m.role in ("tool", "function")), None):
+            raise ServiceRefusal(400, f"the {role!r} role is not supported", "unsupported_parameter", "messages")
         ids = await anyio.to_thread.run_sync(contexts.tokens, body)
         if max_len is not None and len(ids) > max_len:
             raise ServiceRefusal(400, f"the context is {len(ids)} tokens; the model takes {max_len}",

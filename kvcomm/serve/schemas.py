@@ -201,8 +201,6 @@ class ContextRequest(BaseModel):
             raise ValueError("'bandwidth_measured' describes a 'bandwidth_mbit': give one")
         if self.passage and self.context is None:
             raise ValueError("a passage is a 'context' text, not 'messages'")
-        if role := next((m.role for m in self.messages or [] if m.role in ("tool", "function")), None):
-            raise ValueError(f"the {role!r} role is not supported (as in a chat)")
         return self
 
 

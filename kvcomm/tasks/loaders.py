@@ -13,11 +13,12 @@ import random
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 from kvcomm.cache import cache_root
-from kvcomm.errors import DataError
+from kvcomm.errors import ConfigError, DataError
 from kvcomm.files import atomic_write
 from kvcomm.registry import Registry
 from kvcomm.tasks.base import Item, Task
@@ -327,6 +328,10 @@ def load_task(name: str, path: str | Path | None = None, max_new_tokens: int | N
             ``items`` below 1, a relay of fewer than 2 hops).
     """
     info = TASKS.get(name)
+    if max_new_tokens is not None:  # before: 2.5, True or numpy's int passed, and the last failed at save
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens is a whole number of at least 1, not {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
     params = check_options(name, info.load, params)
     task = info.load(path=path, **params)
     options = {key: default for key, (_, default) in info.options.items()} | params

@@ -9,8 +9,10 @@ item as correct when F1 > 0.5, taking the best gold answer.
 
 Two choices to know. Punctuation becomes a space, where SQuAD-style normalisers delete it ("U.S."
 reads "u s", "Trace-LLC" matches "Trace LLC"); no gold answer of Countries or Tipsheets holds
-punctuation. Between two digits it stays, so a number is one word ("3.14", "10:30", "1999-03-02"),
-and "5.2" no longer matches "2.5" (both were the set {5, 2}). A gold answer made only of articles (a multiple-choice
+punctuation. A point or a colon between two digits stays, so a decimal or a time is one word
+("3.14", "10:30") and "5.2" no longer matches "2.5" (both were the set {5, 2}); other marks still
+part numbers ("1939-1945" reads "1939 1945", as "from 1939 to 1945" does, and "1,2,3" reads as
+"1, 2, 3"; a date "1999-03-02" is still the set of its parts). A gold answer made only of articles (a multiple-choice
 letter "A") is compared with the articles kept, on both sides, where the paper's rule would leave
 it empty and unscorable; the letter A is found in a prediction against any one-letter gold, so
 that every letter scores alike; and an empty gold answer matches nothing.
@@ -37,8 +39,8 @@ def normalize(text: str, articles: bool = False) -> str:
 
 
 def _words(text: str) -> str:
-    """Quotes straightened, punctuation made spaces (but kept between two digits), spaces collapsed;
-    case kept."""
+    """Quotes straightened, punctuation made spaces (but a point or colon between two digits kept),
+    spaces collapsed; case kept."""
     text = text.replace("\u2019", "'")
     return " ".join("".join(
         " " if unicodedata.category(ch).startswith("P") and not _between_digits(text, i) else ch
@@ -46,7 +48,8 @@ def _words(text: str) -> str:
 
 
 def _between_digits(text: str, index: int) -> bool:
-    return 0 < index < len(text) - 1 and text[index - 1].isdigit() and text[index + 1].isdigit()
+    return text[index] in ".:" and 0 < index < len(text) - 1 and text[index - 1].isdigit() \
+        and text[index + 1].isdigit()
 
 
 LETTER_A = re.compile(
