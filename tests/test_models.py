@@ -327,6 +327,9 @@ def test_a_16_bit_model_on_a_cpu_without_native_arithmetic_warns(tiny_dir: Path,
         monkeypatch.setattr(loading, "_LOADED", {})
         load_model(str(tiny_dir), dtype="bfloat16")
     assert native.describe_cpu().startswith(torch.backends.cpu.get_cpu_capability() + "; bfloat16 ")
+    monkeypatch.undo()
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # not judged where its flags are not read: no warning
+    assert native.native(torch.bfloat16) and native.native(torch.float16)
 
 
 def test_two_spellings_of_one_model_folder_are_the_same_model(tiny_dir: Path, monkeypatch) -> None:

@@ -12,6 +12,7 @@ in float16 against 58 in float32.
 from __future__ import annotations
 
 import functools
+import platform
 import warnings
 from pathlib import Path
 
@@ -36,19 +37,30 @@ def _torch_says(name: str) -> bool:
     return bool(probe()) if callable(probe) else False
 
 
+def _judged() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and bool(_cpu_flags())
+
+
 def native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` natively (float32 and float64 always do)."""
+    """Whether this CPU multiplies ``dtype`` natively (float32 and float64 always do). Only an x86
+    CPU whose flags Linux lists is judged; elsewhere (ARM, macOS) the answer is yes, so that nothing
+    warns where it cannot tell."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return True
+    if not _judged():
+        return True
     if dtype == torch.bfloat16:
         return (_torch_says("_is_avx512_bf16_supported") or _torch_says("_is_amx_tile_supported")
                 or bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()))
-    if dtype == torch.float16:
-        return _torch_says("_is_amx_fp16_supported") or bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
-    return True
+    return _torch_says("_is_amx_fp16_supported") or bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
 
 
 def describe_cpu() -> str:
     """What results record about the CPU: torch's vector capability and whether bfloat16 and float16
     are native, e.g. ``AVX2; bfloat16 emulated, float16 emulated``."""
+    if not _judged():
+        return f"{torch.backends.cpu.get_cpu_capability()}; 16-bit arithmetic not judged (not an x86 CPU whose flags "\
+               "Linux lists)"
     halves = ", ".join(f"{name} {'native' if native(dtype) else 'emulated'}"
                        for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)))
     return f"{torch.backends.cpu.get_cpu_capability()}; {halves}"
