@@ -31,6 +31,7 @@ from record import add_out, check_out, command, run_record, write_json  # noqa: 
 from kvcomm import Agents, EvalConfig, evaluate, load_task, make_method  # noqa: E402
 from kvcomm.errors import ConfigError  # noqa: E402
 from kvcomm.eval.results import Report  # noqa: E402
+from kvcomm.models.source import same_model_name  # noqa: E402
 from kvcomm.selection.budget import check_tolerance, smallest_ratio  # noqa: E402
 from kvcomm.selection.calibrate import OBJECTIVES  # noqa: E402
 from kvcomm.tasks import TASKS  # noqa: E402
@@ -204,7 +205,7 @@ def main() -> None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
         task = load_task(args.task, args.data, **generated)
-        if saved.config["receiver"] != args.model or saved.config["task"] != task.name:
+        if not same_model_name(saved.config["receiver"], args.model) or saved.config["task"] != task.name:
             parser.error(f"{args.report} is a run of {saved.config['receiver']} on {saved.config['task']}: give its "
                          f"--model and --task (not {args.model}, {task.name})")
         if missing := set(saved.config["calibration_items"]) - {item.id for item in task.items}:
