@@ -366,9 +366,9 @@ _RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, default)
         min=1, help=options_help("NLD/CIPHER round-1 budget in tokens (or vectors).", CipherOptions,
                                  "round_one_tokens"))], None),
     "temperature": (Annotated[float | None, typer.Option(
-        min=1e-3, max=1e3, help=options_help("CIPHER: softmax temperature of the expected embeddings (0.001 to 1000).",
-                                             CipherOptions,
-                          "temperature"))], None),
+        min=1e-3, max=1e3, help=options_help(
+            "CIPHER: softmax temperature of the expected embeddings (0.001 to 1000).", CipherOptions,
+            "temperature"))], None),
     "ac_fuse": (Annotated[Literal["replace", "sum", "mean"] | None, typer.Option(
         help=options_help("AC: how the sender's vector is fused.", ACOptions, "fuse"))], None),
     "ac_k": (Annotated[int | None, typer.Option(

@@ -163,15 +163,16 @@ def check_pieces(methods: Sequence[Method], test: Iterable[Item], calib: Iterabl
         passages = getattr(method.options, "pieces", "chats") == "passages"
         if count == 1 and not passages:
             continue
-        for item, count in [*((item, count) for item in test), *((item, 1) for item in calib if passages)]:
+        read = [(item, count) for item in test] + [(item, 1) for item in calib if passages]
+        for item, cut in read:
             try:
-                parts = item.parts(count)
+                parts = item.parts(cut)
             except DataError as err:
-                raise DataError(f"item {item.id}: {err}, and {method.label} reads each context as {count} "
+                raise DataError(f"item {item.id}: {err}, and {method.label} reads each context as {cut} "
                                 "pieces") from None
             if not all(part.strip() for part in parts):
                 raise DataError(f"item {item.id}: its context is empty, and {method.label} reads each context as "
-                                f"{count} passage(s): leave such items out, or run methods that read it whole")
+                                f"{cut} passage(s): leave such items out, or run methods that read it whole")
 
 
 def named_rules(methods: Sequence[Method]) -> set[str]:
