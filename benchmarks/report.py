@@ -38,6 +38,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,15 @@ COUNT_OPTIONS = ("items",)  # how many items a generated task makes: item i is t
 
 def _options(run: dict) -> dict:
     return run.get("options") or {}  # results of version 1 record none
+
+
+def _ratio(run: dict) -> float | None:
+    """The run's ratio of layers: its options', else (results of version 1 record no options) the
+    one its label names (``kvcomm@0.5``, ``random@0.3~seed7``); before, such runs were skipped."""
+    if (options := _options(run)) or "options" in run:
+        return options.get("ratio")
+    found = re.match(r"^[a-z]+@(\d+(?:\.\d+)?)(?![\d,-])", run.get("label", ""))
+    return float(found.group(1)) if found else None
 
 
 def _pieces(run: dict) -> str:
@@ -373,7 +383,7 @@ def goals_grid(reports: list[dict], rule: str, names: list[str] | None = None) -
         for run in report["runs"]:
             if run.get("codec"):
                 continue
-            ratio = _options(run).get("ratio")
+            ratio = _ratio(run)
             if run["method"] == "skyline":  # the context as text: one per receiver and task, whatever the layout
                 _join(skylines.setdefault((cfg["receiver"], cfg["task"], same), {}), _scores(report, run))
                 continue

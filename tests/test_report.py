@@ -318,3 +318,12 @@ def test_pooling_says_which_runs_only_some_files_have(capsys):
     warned = capsys.readouterr().err.splitlines()  # each label once, naming every file without it
     assert warned == ["warning: m · facts: kvcomm@0.5 is not in b.json, c.json: left out of the pool",
                       "warning: m · facts: random@0.5 is not in a.json: left out of the pool"]
+
+
+def test_goals_read_the_ratio_of_a_version_1_file_from_its_labels():
+    """Version 1 recorded no run options: its random and every-layer runs were skipped without a word."""
+    old = baselines()
+    for entry in old["runs"]:
+        del entry["options"]
+    assert report.goals_grid([rule(), old], "prune")[0]["verdict"] == "✓"
+    assert report._ratio({"label": "kvcomm@8,12,14"}) is None and report._ratio({"label": "random@0.3~seed7"}) == 0.3
