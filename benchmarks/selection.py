@@ -191,16 +191,11 @@ def main() -> None:
         except ConfigError as err:
             parser.error(f"--budget: {err}")
     if args.report is not None and args.budget is not None:  # the budgets go beside the report read
-        budgets_file = args.report.with_name(args.report.stem + "-budgets.json")
         if args.out is not None:
             parser.error("--report with --budget writes its budgets beside the report; leave --out out")
-        if budgets_file.exists() and not args.overwrite:  # (check_out's message would offer another --out)
-            parser.error(f"{budgets_file} exists: pass --overwrite to replace it")
-        args.out = budgets_file
-        check_out(parser, args)
+        check_out(parser, args, [budgets_path(args.report)], option="report")
     elif args.out is not None:  # and the budgets beside the results
-        check_out(parser, args, [args.out] + ([args.out.with_name(args.out.stem + "-budgets.json")]
-                                              if args.budget is not None else []))
+        check_out(parser, args, [args.out] + ([budgets_path(args.out)] if args.budget is not None else []))
     if args.report is not None and args.budget is not None:
         saved = Report.model_validate_json(args.report.read_text())
         generated = {"items": args.items} if TASKS.get(args.task).source == "generated" else {}
@@ -253,8 +248,13 @@ def main() -> None:
         write_budgets(budgets(agents, task, report, args.budget, args.batch_size), args.out, record)
 
 
+def budgets_path(beside: Path) -> Path:
+    """Where the budgets of a results file go: beside it, ``<stem>-budgets.json``."""
+    return beside.with_name(beside.stem + "-budgets.json")
+
+
 def write_budgets(found: dict[str, dict], beside: Path, record: dict) -> None:
-    path = beside.with_name(beside.stem + "-budgets.json")
+    path = budgets_path(beside)
     write_json(path, {**found, **record})
     for rule, budget in found.items():  # (the JSON also holds the run's provenance and environment)
         scores = ", ".join(f"{r}: {v:.2f}" for r, v in budget["scores"].items())
