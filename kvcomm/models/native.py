@@ -32,11 +32,6 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _torch_says(name: str) -> bool:
-    probe = getattr(torch.cpu, name, None)  # private in torch 2.x: absent means "not known to be there"
-    return bool(probe()) if callable(probe) else False
-
-
 def _judged() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and bool(_cpu_flags())
 
@@ -49,10 +44,8 @@ def native(dtype: torch.dtype) -> bool:
         return True
     if not _judged():
         return True
-    if dtype == torch.bfloat16:
-        return (_torch_says("_is_avx512_bf16_supported") or _torch_says("_is_amx_tile_supported")
-                or bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()))
-    return _torch_says("_is_amx_fp16_supported") or bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
+    wanted = {"avx512_bf16", "amx_bf16"} if dtype == torch.bfloat16 else {"avx512_fp16", "amx_fp16"}
+    return bool(wanted & _cpu_flags())
 
 
 def describe_cpu() -> str:
