@@ -111,6 +111,15 @@ def test_jsonl_lines_end_at_newlines_only_and_bad_bytes_are_a_data_error(tmp_pat
         load_task("jsonl", path)
 
 
+def test_a_jsonl_file_starting_with_a_byte_order_mark_is_read(tmp_path):
+    """Before, the BOM (as Windows editors save UTF-8) made line 1 "not valid JSON"."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"context": "c", "question": "q", "answers": "a"}).encode() + b"\n")
+    assert load_task("jsonl", path).items[0].answers == ("a",)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt_A": "c", "prompt_B": "q", "y": "France"}).encode())
+    assert load_task("countries", path).items[0].context == "c"
+
+
 def test_generated_tasks_refuse_options_they_cannot_honour():
     with pytest.raises(DataError, match="16 countries"):
         load_task("relay", hops=2, distractors=16, items=1)

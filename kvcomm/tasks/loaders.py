@@ -97,9 +97,10 @@ def task(name: str, max_new_tokens: int, metric: str = "paper_f1",
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields ``(line number, record)``; a malformed line raises :class:`DataError` naming it."""
+    """Yields ``(line number, record)``; a malformed line raises :class:`DataError` naming it. A
+    UTF-8 byte order mark at the start (as Windows editors write) is dropped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}") from err
     # lines end at "\n" only: JSON strings may hold U+2028 or U+0085 raw, where splitlines would cut
