@@ -1756,6 +1756,20 @@ def test_prompt_tokens_count_context_prefills_and_the_opening_before_passages(ht
     assert _counted(http, "kvcomm:prompt_tokens_total") - start == answer["usage"]["prompt_tokens"]
 
 
+def test_a_chat_refused_after_its_kv_messages_were_read_counts_no_kv_bytes(http):
+    """kvcomm:kv_bytes_received counted a chat's messages once read, before the chat could still be
+    refused (400 context_length_exceeded, a stream's too): refused requests showed as KV used."""
+    made = http.post("/v1/contexts", json={"context": "Mira lives in Oslo. " * 30}).json()
+    inline = {"data": base64.b64encode(http.get(f"/v1/messages/{made['id']}").content).decode()}
+    before = _counted(http, "kvcomm:kv_bytes_received_total")
+    for kv, stream in ((made["id"], False), (inline, False), (made["id"], True)):
+        refused = chat(http, "Where?", [kv], max_tokens=512, stream=stream)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert _counted(http, "kvcomm:kv_bytes_received_total") == before
+    served = chat(http, "Where?", [made["id"]], max_tokens=2).json()
+    assert _counted(http, "kvcomm:kv_bytes_received_total") - before == served["usage"]["kv_bytes_received"] > 0
+
+
 def test_a_request_queued_for_the_model_leaves_the_queue_when_its_client_leaves():
     """The wait for the model watched only the deadline: a request whose client had gone stayed
     queued (with its share of the decoded budget, counted as waiting) until the model came to it."""

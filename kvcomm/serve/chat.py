@@ -98,8 +98,7 @@ def load_messages(refs: list[MessageRef], agent: LoadedModel, store: MessageStor
     _check_joinable(received.messages)
     if blending is not None:
         _check_blendable(received.messages, blending)
-    metrics.kv_received.inc(received.bytes)
-    return received
+    return received  # its bytes are counted once the model uses them (a request refused after this used none)
 
 
 def check_header(header: Header, agent: LoadedModel) -> None:
@@ -258,6 +257,7 @@ def generate(agent: LoadedModel, received: Received, ids: list[int], budget: int
              blending: BlendRequest | None = None) -> tuple[list[int], str]:
     """Greedy decoding on top of the received KV (model thread); ``emit(token)`` streams each token."""
     model = agent.model
+    metrics.kv_received.inc(received.bytes)
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     out = greedy_generate(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
@@ -275,6 +275,7 @@ def generate_returning(agent: LoadedModel, received: Received, ids: list[int], b
     from kvcomm.wire.bootstrap import model_codebook
 
     model = agent.model
+    metrics.kv_received.inc(received.bytes)
     start = context_of(agent, received, blending, config, job)
     input_ids, valid = pad_left([ids], agent.pad_id)
     turn = generate_turn(model, start, input_ids, valid, budget, agent.stop_ids, agent.pad_id,
