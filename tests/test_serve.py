@@ -73,7 +73,44 @@ def test_streaming_equals_non_streaming(http):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not any("usage" in c for c in chunks)  # OpenAI's: no usage unless stream_options asks
+
+
+def _streamed(http, **extra):
+    body = {"messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 6, "stream": True, **extra}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        return response.status_code, [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_stream_sends_its_usage_as_one_last_chunk_only_when_stream_options_asks(http):
+    """Before, every stream's finishing chunk carried the usage, and stream_options was ignored:
+    OpenAI's sends it only with include_usage, as one more chunk with no choices (the others null)."""
+    whole = chat(http, "Tell me", max_tokens=6).json()
+    for options in ({"include_usage": True}, {"include_usage": True, "include_obfuscation": False}):
+        status, events = _streamed(http, stream_options=options)
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks[:-1])
+        assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    for options in ({"include_usage": False}, {"include_usage": None}, {}, None):
+        status, events = _streamed(http, stream_options=options)
+        assert status == 200 and not any("usage" in json.loads(e) for e in events[:-1])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"stream_options": {"include_usage": "y"}}, "stream_options.include_usage: expected true or false, got a string"),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage: expected true or false, got a number"),
+    ({"stream_options": 5}, "stream_options: expected an object, got a number"),
+    ({"stream_options": [True]}, "stream_options: expected an object, got an array"),
+    ({"stream_options": {"usage": True}}, "Unrecognized request argument supplied: stream_options.usage"),
+    ({"stream_options": {"include_usage": True}, "stream": False}, "stream_options: only allowed when stream is true"),
+])
+def test_malformed_stream_options_are_a_400_naming_them(http, extra, message):
+    refused = chat(http, "Tell me", **({"stream": True} | extra))
+    assert refused.status_code == 400 and refused.json()["error"]["message"] == message
+    assert refused.json()["error"]["param"] == "stream_options"
 
 
 def test_bad_input_gets_clear_4xx_and_stores_nothing(http, agent):
@@ -591,6 +628,10 @@ def test_official_openai_client_works_unchanged(live):
                                             max_tokens=4, stream=True, extra_body={"kv_messages": [message_id]})
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == reply.choices[0].message.content
+    counted = [chunk for chunk in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Where?"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}, extra_body={"kv_messages": [message_id]})]
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
 def test_client_errors_and_disconnected_upload(live):

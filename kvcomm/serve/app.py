@@ -335,8 +335,9 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
             return await _chat_returning(body, request, job, received, ids, budget, name, usage, began)
         work = partial(generate, agent, received, ids, budget, config, metrics, blending=body.kv_blend)
         if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
             return StreamingResponse(stream_events(worker, job, agent, work, prompt, name, usage, began, metrics,
-                                                   hold.release), media_type="text/event-stream")
+                                                   hold.release, include_usage), media_type="text/event-stream")
         tokens, finish = await worker.run_watched(request, job, work)
         metrics.e2e.observe(time.monotonic() - began)
         return completion(name, agent.decode(tokens), finish, prompt, len(tokens), usage())
@@ -419,6 +420,8 @@ def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig, 
     if body.model is not None and body.model not in names:
         raise ServiceRefusal(404, f"The model `{body.model}` does not exist; this agent serves {', '.join(names)}",
                              "model_not_found", "model")
+    if body.stream_options is not None:
+        _check_stream_options(body.stream_options, body.stream)
     if len(body.kv_messages) > config.max_kv_messages:
         raise ServiceRefusal(400, f"{len(body.kv_messages)} kv_messages; at most {config.max_kv_messages}",
                              "too_many_kv_messages", "kv_messages")
@@ -437,3 +440,31 @@ def _check_chat(body: ChatRequest, names: tuple[str, ...], config: ServeConfig, 
     if budget > config.max_new_tokens:
         raise ServiceRefusal(400, f"max_tokens must be at most {config.max_new_tokens}", "invalid_value", "max_tokens")
     return budget
+
+
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")  # OpenAI's; obfuscation is accepted and ignored
+
+
+def _check_stream_options(options: Any, stream: bool) -> None:
+    """Refuses ``stream_options`` as OpenAI does: only with ``stream``, an object of its known
+    fields, each true, false or null (400 naming what is wrong)."""
+    if not stream:
+        raise ServiceRefusal(400, "stream_options: only allowed when stream is true", "invalid_value",
+                             "stream_options")
+    if not isinstance(options, dict):
+        raise ServiceRefusal(400, f"stream_options: expected an object, got {_json_type(options)}", "invalid_value",
+                             "stream_options")
+    if unknown := [key for key in options if key not in STREAM_OPTIONS]:
+        raise ServiceRefusal(400, f"Unrecognized request argument supplied: stream_options.{unknown[0][:64]}",
+                             "unrecognized_argument", "stream_options")
+    if wrong := next((key for key, value in options.items() if value is not None and not isinstance(value, bool)),
+                     None):
+        raise ServiceRefusal(400, f"stream_options.{wrong}: expected true or false, got {_json_type(options[wrong])}",
+                             "invalid_value", "stream_options")
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type of a parsed value, as a refusal names it (the value itself is not echoed)."""
+    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "an array"),
+             (dict, "an object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")

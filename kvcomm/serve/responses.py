@@ -48,9 +48,12 @@ def _new_text(text: str, sent: str, final: bool) -> str:
 
 async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work: Callable[..., tuple[list[int], str]],
                         prompt_tokens: int, model: str, extra: Callable[[], dict[str, int]], began: float,
-                        metrics: ServiceMetrics, ended: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
+                        metrics: ServiceMetrics, ended: Callable[[], None] = lambda: None,
+                        include_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, the text growing token by token.
 
+    ``include_usage`` (``stream_options``), as OpenAI's: every chunk carries ``"usage": null`` and
+    one more chunk, with no choices, the usage, before ``[DONE]``; without it no chunk has a usage.
     If the client goes away the generator is closed, the job is cancelled, and the model thread
     stops at its next step; an error after the stream started is sent as an error event.
     ``ended`` is called once the model thread has let go of the request's work (the decoded
@@ -63,10 +66,12 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
     def emit(token: int) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, token)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        """A chunk of ``delta`` (None: the usage chunk, with no choices)."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
+                                "model": model, "choices": choices}
+        if include_usage:
             body["usage"] = usage
         return f"data: {ChatCompletionChunk.model_validate(body).model_dump_json(exclude_unset=True)}\n\n"
 
@@ -93,7 +98,9 @@ async def stream_events(worker: ModelWorker, job: Job, agent: LoadedModel, work:
             return
         if delta := _new_text(agent.decode(tokens), sent, final=True):
             yield chunk({"content": delta})
-        yield chunk({}, finish, _usage(prompt_tokens, len(tokens), extra()))
+        yield chunk({}, finish)
+        if include_usage:
+            yield chunk(None, usage=_usage(prompt_tokens, len(tokens), extra()))
         yield "data: [DONE]\n\n"
         metrics.e2e.observe(time.monotonic() - began)
     finally:

@@ -99,7 +99,10 @@ class ChatRequest(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    # checked by the service, so that a malformed value is a 400 that names it (as OpenAI's)
+    stream_options: Any = Field(default=None, description=(
+        'with stream: {"include_usage": true} sends the usage as one last chunk with no choices (OpenAI\'s); '
+        "include_obfuscation is accepted and ignored"))
     kv_messages: Annotated[list[MessageRef], Field(max_length=4096)] = Field(default_factory=list)
     kv_blend: BlendRequest | None = None
     kv_return: KVReturn | None = None
