@@ -6,9 +6,9 @@ float16 KV per second (the same yardstick for every codec), on one process of th
 best of ``--repeats`` passes (the codecs take turns, pass by pass). Entropy-coded codecs run once
 per entropy coder in ``--coders`` (``rans``: today's, format versions 8 and 9; ``rans-v7``, ``rans-v6``,
 ``rans-v5``: versions 7, 6 and 5; ``constriction``: the coder of versions 1–4), side by side.
-"decode" reads whole messages (``KVMessage.from_bytes``: every frame first, then two layers at a
-time when torch has two threads); "streamed" reads them layer by layer, as a streaming receiver
-does (each large layer's keys and values side by side).
+"decode" reads whole messages (``KVMessage.from_bytes``: every frame first, then every payload's
+tensors, then the codec's calls two at a time when torch has two threads); "streamed" reads them
+layer by layer, as a streaming receiver does (each large layer's keys and values side by side).
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json

@@ -168,6 +168,27 @@ def unbounded(codec) -> list[bytes]:
     return [st_save(layer) for layer in layers]
 
 
+@pytest.mark.parametrize("bad", [{1: "stream", 3: "tensors"}, {3: "tensors"}, {2: "stream"}])
+def test_the_first_bad_layer_in_order_is_refused_whole_or_streamed(agent, bad):
+    """A whole message checks every payload's tensors before any layer decodes (``Codec.decoders``),
+    then decodes; a stream that does not decode in layer 1 is still refused before tensors that are
+    malformed in layer 3, as a streaming reader refuses them, and either names its layer."""
+    codec = make_codec("int2-ans")
+    layers = [codec.encode(torch.randn(2, 3, 8), torch.randn(2, 3, 8), i, 4) for i in range(4)]
+    for index, kind in bad.items():
+        if kind == "stream":  # its words no longer end where encoding began
+            layers[index]["k.q.stream"] = torch.zeros_like(layers[index]["k.q.stream"])
+        else:
+            del layers[index]["v.scale"]
+    data = framed(agent, payloads=[st_save(layer) for layer in layers], version=VERSION,
+                  codec={"name": codec.name, "params": codec.params()})
+    first = f"layer {min(bad)}: payload does not decode"
+    with pytest.raises(CorruptMessage, match=first):
+        KVMessage.from_bytes(data)
+    with pytest.raises(CorruptMessage, match=first):
+        list(MessageReader(io.BytesIO(data)).layers())
+
+
 def test_crafted_messages_with_valid_checksums_are_refused_and_never_stored(http, agent):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name, data in hostile_messages(agent).items():

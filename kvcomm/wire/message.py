@@ -39,8 +39,9 @@ import math
 import os
 import struct
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -428,23 +429,18 @@ class MessageReader:
 
     def layers(self, whole: bool = False) -> Iterator[LayerKV]:
         """The layers in order, each decoded as its frame arrives; with ``whole`` (the caller
-        wants every layer before using any), every frame is read and checked first and the
-        layers decode two at a time (:func:`~kvcomm.wire.codecs.base.in_two_lanes`), so a bad
-        frame anywhere is refused before a bad payload in an earlier layer."""
+        wants every layer before using any), every frame is read and checked first, then every
+        payload's tensors, and then the codec's calls decode two at a time
+        (:func:`_decode_layers`), so a bad frame anywhere is refused before a bad payload in an
+        earlier layer."""
         h = self.header
-
-        def decode(entry: LayerEntry, payload: bytes) -> LayerKV:
-            return _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
-
         if whole:
-            jobs: list[Callable[[], LayerKV]] = [
-                functools.partial(decode, entry, self._frame(entry.bytes, f"layer {entry.index}"))
-                for entry in h.layers]
-            largest = max((entry.tokens for entry in h.layers), default=0)  # small layers stay on one lane
-            yield from in_two_lanes(jobs, h.heads * largest * h.head_dim)
+            frames = deque((entry, self._frame(entry.bytes, f"layer {entry.index}")) for entry in h.layers)
+            yield from _decode_layers(self.codec, frames, h.heads, h.head_dim)
         else:
             for entry in h.layers:
-                yield decode(entry, self._frame(entry.bytes, f"layer {entry.index}"))
+                payload = self._frame(entry.bytes, f"layer {entry.index}")
+                yield _decode_layer(self.codec, entry, payload, (h.heads, entry.tokens, h.head_dim), len(h.layers))
         for extra in h.extras:
             payload = self._frame(extra.bytes, f"the {extra.kind} frame")
             if extra.kind == "token_ids":
@@ -487,19 +483,70 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
                   num_layers: int) -> LayerKV:
     if entry.tokens == 0:  # left out (the header checked it has no payload)
         return LayerKV(entry.index, entry.full, torch.zeros(shape), torch.zeros(shape))
-    try:
+    with _payload_errors(entry):
         keys, values = codec.decode(st_load(payload), shape, entry.index, num_layers)
+    return LayerKV(entry.index, entry.full, _checked(codec, entry, keys, shape), _checked(codec, entry, values, shape))
+
+
+def _decode_layers(codec: Codec, frames: deque[tuple[LayerEntry, bytes]], heads: int,
+                   head_dim: int) -> list[LayerKV]:
+    """Every layer of a whole message, in order: each payload's tensors are checked on this thread
+    (:meth:`~kvcomm.wire.codecs.base.Codec.decoders`; ``frames`` is emptied, each payload let go
+    once read), then the codec's calls, keys and values of every layer, run two at a time
+    (:func:`~kvcomm.wire.codecs.base.in_two_lanes`): the entropy coders' calls are compiled code that
+    runs without the GIL, so both cores decode with no Python between. The first bad layer in order
+    is refused (a payload found malformed once the layers before it have decoded)."""
+    calls: list[Callable[[], torch.Tensor]] = []
+    malformed: CorruptMessage | None = None
+    entries = [entry for entry, _ in frames]
+    while frames:
+        entry, payload = frames.popleft()
+        shape = (heads, entry.tokens, head_dim)
+        if entry.tokens == 0:  # left out (the header checked it has no payload)
+            calls += [functools.partial(torch.zeros, shape)] * 2
+            continue
+        try:
+            with _payload_errors(entry):
+                pair = codec.decoders(st_load(payload), shape, entry.index, len(entries))
+        except CorruptMessage as err:
+            malformed = err
+            break
+        calls += [functools.partial(_run_call, codec, call, entry, shape) for call in pair]
+    largest = max((entry.tokens for entry in entries), default=0)  # small layers stay on one lane
+    tensors = in_two_lanes(calls, heads * largest * head_dim)
+    if malformed is not None:
+        raise malformed
+    return [LayerKV(entry.index, entry.full, tensors[2 * i], tensors[2 * i + 1]) for i, entry in enumerate(entries)]
+
+
+def _run_call(codec: Codec, call: Callable[[], torch.Tensor], entry: LayerEntry,
+              shape: tuple[int, int, int]) -> torch.Tensor:
+    """One of a codec's decoding calls, its errors the reader's, its tensor checked."""
+    with _payload_errors(entry):
+        tensor = call()
+    return _checked(codec, entry, tensor, shape)
+
+
+@contextmanager
+def _payload_errors(entry: LayerEntry) -> Iterator[None]:
+    """A layer's payload that does not decode raises :class:`CorruptMessage` naming the layer."""
+    try:
+        yield
     except WireError:  # e.g. a codebook this machine lacks: say so, not "corrupt"
         raise
     except (SafetensorError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
         raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__}: {err})") from None
     except Exception as err:  # a codec library's own error type (zstd, constriction): still corrupt input
         raise CorruptMessage(f"layer {entry.index}: payload does not decode ({type(err).__name__})") from None
-    if tuple(keys.shape) != shape or tuple(values.shape) != shape:
-        raise CorruptMessage(f"layer {entry.index}: decoded shape {tuple(keys.shape)}, expected {shape}")
-    if not codec.finite(keys, values):
+
+
+def _checked(codec: Codec, entry: LayerEntry, tensor: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A layer's decoded keys or values, once they have ``shape`` and are finite."""
+    if tuple(tensor.shape) != shape:
+        raise CorruptMessage(f"layer {entry.index}: decoded shape {tuple(tensor.shape)}, expected {shape}")
+    if not codec.finite(tensor):
         raise CorruptMessage(f"layer {entry.index}: decoded keys or values are not finite")
-    return LayerKV(entry.index, entry.full, keys, values)
+    return tensor
 
 
 def _decode_hidden(codec: Codec, payload: bytes, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:

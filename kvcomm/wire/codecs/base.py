@@ -75,10 +75,10 @@ class Codec(ABC):
         steps as float16 (every codec but raw float32 and bfloat16); None: any finite value."""
         return FLOAT16_MAX
 
-    def finite(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Whether keys and values this codec decoded are finite, as a reader checks them: at no
+    def finite(self, *decoded: torch.Tensor) -> bool:
+        """Whether keys or values this codec decoded are finite, as a reader checks them: at no
         cost where the codec's ``decode`` already refused non-finite parameters, else every value."""
-        return self.finite_by_construction or (all_finite(keys) and all_finite(values))
+        return self.finite_by_construction or all(all_finite(tensor) for tensor in decoded)
 
     @abstractmethod
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
@@ -89,6 +89,21 @@ class Codec(ABC):
             KeyError, ValueError, RuntimeError: malformed tensors (the reader turns these into
                 :class:`~kvcomm.wire.errors.CorruptMessage`).
         """
+
+    def decoders(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        """:meth:`decode` in two steps: the tensors are checked now, and two calls return the keys
+        and the values. A reader of a whole message checks every layer's tensors on its own thread
+        first, then runs all the calls two at a time (:func:`in_two_lanes`), so that codecs whose
+        calls run compiled code without the GIL (the entropy coders') decode on both cores with no
+        Python between. This default decodes now; such codecs override it, and their
+        :meth:`decode` is ``side_by_side(*self.decoders(...), shape)``.
+
+        Raises:
+            KeyError, ValueError, RuntimeError: as :meth:`decode` (now, or from a call: a corrupt stream).
+        """
+        keys, values = self.decode(tensors, shape, layer, num_layers)
+        return (lambda: keys), (lambda: values)
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Named tensors for a hidden state ``[T, W]`` entering ``layer`` (default: float16)."""
@@ -259,9 +274,10 @@ def in_two_lanes(jobs: list[Callable[[], T]], values: int) -> list[T]:
     mostly run Python and take the GIL from each other); otherwise one after the other on the
     caller's thread. ``jobs`` is emptied: what a job holds is freed once it has run.
 
-    For whole messages, whose layers are all at hand: a layer's Python (its payload's tensors,
-    checks, tables) then runs beside another layer's compiled code, where :func:`side_by_side`
-    leaves the helper idle during it. Inside a lane, :func:`side_by_side` runs on the lane's thread.
+    For whole messages, whose layers are all at hand: the jobs are the codec's calls for every
+    layer's keys and values (:meth:`Codec.decoders`), their Python (payloads' tensors, checks)
+    already run on the caller's thread, so that for the entropy coders both lanes run compiled
+    code without the GIL. Inside a lane, :func:`side_by_side` runs on the lane's thread.
     If the helper is busy with other work, the caller runs every job itself. The first failing
     job in order raises its own error, once the jobs before it have run; later ones are skipped.
     """

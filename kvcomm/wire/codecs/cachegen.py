@@ -86,8 +86,12 @@ class CacheGenCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return side_by_side(self._decoder(prefixed(tensors, "k"), shape, layer, num_layers),
-                            self._decoder(prefixed(tensors, "v"), shape, layer, num_layers), shape)
+        return side_by_side(*self.decoders(tensors, shape, layer, num_layers), shape)
+
+    def decoders(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        return (self._decoder(prefixed(tensors, "k"), shape, layer, num_layers),
+                self._decoder(prefixed(tensors, "v"), shape, layer, num_layers))
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """A hidden state goes the same way as one head of keys (``[1, T, W]``)."""
@@ -120,12 +124,12 @@ class CacheGenCodec(Codec):
         codes = unpack(tensors["anchor.q"], 8, heads * dim * n_anchors)  # a view: one 8-bit group per channel
         scale, low = checked_ranges({n: tensors[f"anchor.{n}"] for n in ("low", "scale")}, heads * dim)
         scale, low = scale.reshape(heads, dim, 1), low.reshape(heads, dim, 1)
-        first, counts = int(tensors["low"][0]), tensors["counts"].numpy().astype(np.int64)
+        first, counts = int(tensors["low"].numpy()[0]), tensors["counts"].numpy().astype(np.int64)
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
         if tensors["step"].dtype != torch.float16:  # a wider step could take a finite code to infinity
             raise ValueError(f"cachegen steps are float16, not {tensors['step'].dtype}")
-        step = tensors["step"].float().numpy()
+        step = tensors["step"].numpy().astype(np.float32)
         if step.shape != (heads, dim):
             raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
         if not np.isfinite(step).all():  # with finite anchors, every value is: |code| < 2**15, float16 steps

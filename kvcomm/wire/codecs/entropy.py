@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 import constriction
+import numba
 import numpy as np
 import torch
 
@@ -97,8 +98,7 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
     dtype = np.uint8 if counts.size <= 256 else np.int32
     if size == 0:
         return lambda: np.zeros(0, dtype=dtype)
-    if (counts.dtype.kind not in "iu" or counts.size > MAX_SYMBOLS or (counts < 0).any() or (counts > size).any()
-            or sum(int(count) for count in counts.tolist()) != size):  # Python ints: a crafted sum cannot wrap
+    if counts.dtype.kind not in "iu" or counts.size > MAX_SYMBOLS or not _describe(counts.astype(np.int64), size):
         raise ValueError("symbol counts do not match the number of coded symbols")
     if counts.size == 1:
         if stream.size:
@@ -115,6 +115,18 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
         return symbols.astype(dtype)
 
     return decode
+
+
+@numba.njit(cache=True)
+def _describe(counts: np.ndarray, size: int) -> bool:
+    """Whether ``counts`` can be the counts of ``size`` symbols: none negative or above ``size``,
+    summing to it (in int64: at most 2**16 counts of at most ``size`` cannot wrap)."""
+    total = 0
+    for count in counts:
+        if count < 0 or count > size:
+            return False
+        total += count
+    return total == size
 
 
 def ans_decode(low: int, counts: np.ndarray, stream: np.ndarray, size: int, coder: Coder = "rans") -> np.ndarray:

@@ -158,12 +158,15 @@ class KLTCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        book = self._book(num_layers)
-        keys = partial(transform_decode, prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape,
-                       self.coder)
-        values = partial(transform_decode, prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape,
-                         self.coder)
-        return side_by_side(keys, values, shape)
+        return side_by_side(*self.decoders(tensors, shape, layer, num_layers), shape)
+
+    def decoders(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        book = self._book(num_layers)  # the checks run in the calls, beside the transform's torch work
+        return (partial(transform_decode, prefixed(tensors, "k"), book.keys[layer], book.key_means[layer], shape,
+                        self.coder),
+                partial(transform_decode, prefixed(tensors, "v"), book.values[layer], book.value_means[layer], shape,
+                        self.coder))
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         """Codebooks hold KV bases only: a hidden state travels as 8-bit codes per channel, ANS-coded."""

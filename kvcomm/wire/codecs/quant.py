@@ -148,7 +148,7 @@ def checked_ranges(t: Tensors, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """
     if t["scale"].dtype != torch.float16 or t["low"].dtype != torch.float16:  # wider ones could reach infinity
         raise ValueError(f"quantisation ranges are float16, not {t['scale'].dtype} and {t['low'].dtype}")
-    scale, low = t["scale"].float().numpy().ravel(), t["low"].float().numpy().ravel()
+    scale, low = t["scale"].numpy().astype(np.float32).ravel(), t["low"].numpy().astype(np.float32).ravel()
     if scale.size != groups or low.size != scale.size:
         raise ValueError(f"{scale.size} quantisation ranges for {groups} groups")
     if not (np.isfinite(scale).all() and np.isfinite(low).all()):  # then every value is (float16 ranges,
@@ -178,7 +178,7 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
         check_packed(packed, bits, count)  # now, not when the call runs
         symbols: Callable[[], np.ndarray] = lambda: unpack(packed, bits, count)  # noqa: E731
     else:  # entropy-coded: the symbols decode and dequantise without an int64 or float copy between
-        first, counts = int(t["q.low"][0]), t["q.counts"].numpy().astype(np.int64)
+        first, counts = int(t["q.low"].numpy()[0]), t["q.counts"].numpy().astype(np.int64)
         if first < 0 or first + counts.size > 1 << bits:
             raise ValueError(f"entropy-coded codes outside {bits}-bit range")
         symbols = symbols_decoder(counts, stream_words(t["q.stream"], coder), count, coder)
@@ -257,8 +257,12 @@ class QuantCodec(Codec):
 
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return side_by_side(dequantizer(prefixed(tensors, "k"), self.bits, 1, self.group, shape, self.coder),
-                            dequantizer(prefixed(tensors, "v"), self.bits, 2, self.group, shape, self.coder), shape)
+        return side_by_side(*self.decoders(tensors, shape, layer, num_layers), shape)
+
+    def decoders(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        return (dequantizer(prefixed(tensors, "k"), self.bits, 1, self.group, shape, self.coder),
+                dequantizer(prefixed(tensors, "v"), self.bits, 2, self.group, shape, self.coder))
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         return quantize_hidden(hidden, self.bits, self.group, self.entropy, self.coder)

@@ -60,6 +60,7 @@ MAX_CATEGORICAL = 1 << (CATEGORICAL_BITS - 1)  # distinct symbols a categorical 
 HEAD = 4  # words of the two final states (format version 5, and klt's Laplace streams)
 LANES = 4  # states of a categorical stream from format version 6
 PAIRS = 32  # a stream whose codes span at most this many values codes two to a symbol (format version 8; 7: 16)
+NO_TABLE = "symbol counts give no table of frequencies: they cannot be an encoder's"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +398,22 @@ def _decode_tabled(words: np.ndarray, freq: np.ndarray, values: np.ndarray, out:
     return _decode_categorical4(words, symbols, steps, out)
 
 
+@numba.njit(cache=True, nogil=True)
+def _decode_counted(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, out: np.ndarray) -> Any:
+    """The frequencies from the counts (:func:`_grouped_frequencies`), checked, then
+    :func:`_decode_tabled`: the whole of a four-state stream's decoding in one compiled call
+    without the GIL. -2 where the counts give no table of frequencies (no encoder's)."""
+    freq = _grouped_frequencies(counts, rounds)
+    total = 0
+    for f in freq:
+        if f < 0:
+            return -2
+        total += f
+    if total != 1 << CATEGORICAL_BITS:
+        return -2
+    return _decode_tabled(words, freq, values, out)
+
+
 def group_size(alphabet: int, pairs: int = PAIRS) -> int:
     """How many codes one symbol of a stream carries: 4 for at most 4 distinct codes, 2 for at most
     ``pairs`` (:data:`PAIRS` from format version 8, 16 in version 7; 0: never grouped, versions 5
@@ -488,43 +505,48 @@ def rans_encode_categorical(symbols: np.ndarray, counts: np.ndarray, lanes: int 
 
 def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, dtype: type[np.integer] = np.int32,
                              lanes: int = LANES, pairs: int = PAIRS) -> Callable[[], np.ndarray]:
-    """The inverse of :func:`rans_encode_categorical`, in two steps: the arguments are checked and
-    the frequencies derived now; the returned call builds the table and decodes ``size`` symbols as
+    """The inverse of :func:`rans_encode_categorical`, in two steps: the arguments are checked now;
+    the returned call derives the frequencies, builds the table and decodes ``size`` symbols as
     ``dtype`` (uint8 where there are at most 256 symbols, or int32) in compiled code alone, which
-    releases the GIL (so that another thread's Python runs meanwhile).
+    releases the GIL (so that another thread's Python runs meanwhile; version 5's two-state
+    streams derive their table now).
 
     Raises:
         ValueError: a ``dtype`` too narrow for these symbols, or another number of states than 2
-            or 4 (grouped: 4) (now); a stream that is not an encoding of ``size`` symbols under
-            these counts (from the call).
+            or 4 (grouped: 4) (now); counts that give no table of frequencies, or a stream that is
+            not an encoding of ``size`` symbols under these counts (from the call).
     """
     _check_categorical(counts, lanes, pairs)
     if dtype not in (np.uint8, np.int32) or (dtype is np.uint8 and counts.size > 256):
         raise ValueError(f"{counts.size} symbols do not decode to {np.dtype(dtype)}")
     group = group_size(counts.size, pairs)
-    freq = grouped_frequencies(counts, group)
-    if freq.size and (int(freq.min()) < 0 or int(freq.sum()) != 1 << CATEGORICAL_BITS):  # the tables' bounds
-        raise ValueError("symbol counts give no table of frequencies: they cannot be an encoder's")
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
         values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes
         padding = _padding(counts) if group > 1 else 0
     else:
+        freq = grouped_frequencies(counts, group)
+        if freq.size and (int(freq.min()) < 0 or int(freq.sum()) != 1 << CATEGORICAL_BITS):  # the tables' bounds
+            raise ValueError(NO_TABLE)
         entries = _entries(freq, 16, 16)
 
     def decode() -> np.ndarray:
+        rounds = {1: 0, 2: 1, 4: 2}[group]
         if group > 1:
             codes = np.empty(-(-size // group) * group, dtype=np.uint8)
-            status = _decode_tabled(words, freq, values, codes.view(values.dtype))
+            status = _decode_counted(words, counts, rounds, values, codes.view(values.dtype))
             if status == 0 and (codes[size:] != padding).any():
                 status = -1
             out = codes[:size] if dtype is np.uint8 else codes[:size].astype(dtype)
         else:
             out = np.empty(size, dtype=dtype)
             if lanes == LANES:
-                status = _decode_tabled(words, freq, values, out)
+                status = _decode_counted(words, counts, rounds, values, out)
             else:
                 status = _decode_categorical(words, entries, out)
+        if status == -2:
+            raise ValueError(NO_TABLE)
         if status < 0:
             raise ValueError("entropy-coded stream is corrupt (it does not decode to its declared symbols)")
         return out

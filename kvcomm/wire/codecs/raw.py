@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,11 @@ class RawCodec(Codec):
     def decode(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
                num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         return tensors["k"].float().reshape(shape), tensors["v"].float().reshape(shape)
+
+    def decoders(self, tensors: Tensors, shape: tuple[int, int, int], layer: int,
+                 num_layers: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        keys, values = tensors["k"], tensors["v"]  # a missing tensor is refused now; the copies run in the calls
+        return (lambda: keys.float().reshape(shape)), (lambda: values.float().reshape(shape))
 
     def encode_hidden(self, hidden: torch.Tensor, layer: int, num_layers: int) -> Tensors:
         if self.dtype == "float16":
