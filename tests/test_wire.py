@@ -83,6 +83,30 @@ def test_every_codec_round_trips_within_its_stated_error(codec, heads, tokens, d
     assert back.fingerprint == {"m": 1}
 
 
+@pytest.mark.parametrize("codec", sorted(PRESETS))
+def test_payload_tensors_read_what_safetensors_torch_reads(codec):
+    """The reader's own wrapping of safetensors' parse (``wire/payload.py``) against the library's
+    torch loader, on every codec's layer and hidden-state payloads: names, dtypes, shapes, values."""
+    from safetensors.torch import load, save
+
+    from kvcomm.wire.payload import payload_tensors
+
+    bound = make_codec(codec).bind(lambda: random_codebook(2, 8, layers=2, seed=0))
+    keys, values = kv_like(2, 40, 8, 0), kv_like(2, 40, 8, 1)
+    chosen = bound.for_message([LayerKV(0, True, keys, values), LayerKV(1, True, values, keys)],
+                               float(keys.abs().max()))[0]
+    for tensors in (chosen.encode(keys, values, 0, 2), chosen.encode_hidden(kv_like(1, 40, 8, 2)[0], 1, 2),
+                    {"bf16": torch.randn(3, 2).bfloat16(), "empty": torch.zeros(0, 4), "scalar": torch.tensor(3)}):
+        blob = save(tensors)
+        ours, theirs = payload_tensors(blob), load(blob)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in theirs.items():
+            assert ours[name].dtype == tensor.dtype and ours[name].shape == tensor.shape
+            assert torch.equal(ours[name], tensor), (codec, name)
+    with pytest.raises(ValueError, match="no codec writes"):
+        payload_tensors(save({"x": torch.zeros(2, dtype=torch.float8_e4m3fn)}))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_entropy_coding_is_lossless_over_the_packed_codes_and_smaller(bits):
     keys, values = kv_like(2, 300, 16, 1), kv_like(2, 300, 16, 2)

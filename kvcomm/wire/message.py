@@ -49,7 +49,6 @@ from typing import Any, BinaryIO
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.config import describe
@@ -72,6 +71,7 @@ from kvcomm.wire.header import (
     LayerEntry,
     parse_header,
 )
+from kvcomm.wire.payload import payload_tensors
 
 MAGIC, END = b"KVCM", b"KEND"
 DEFAULT_MAX_BYTES = 1 << 31
@@ -484,7 +484,7 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
     if entry.tokens == 0:  # left out (the header checked it has no payload)
         return LayerKV(entry.index, entry.full, torch.zeros(shape), torch.zeros(shape))
     with _payload_errors(entry):
-        keys, values = codec.decode(st_load(payload), shape, entry.index, num_layers)
+        keys, values = codec.decode(payload_tensors(payload), shape, entry.index, num_layers)
     return LayerKV(entry.index, entry.full, _checked(codec, entry, keys, shape), _checked(codec, entry, values, shape))
 
 
@@ -507,7 +507,7 @@ def _decode_layers(codec: Codec, frames: deque[tuple[LayerEntry, bytes]], heads:
             continue
         try:
             with _payload_errors(entry):
-                pair = codec.decoders(st_load(payload), shape, entry.index, len(entries))
+                pair = codec.decoders(payload_tensors(payload), shape, entry.index, len(entries))
         except CorruptMessage as err:
             malformed = err
             break
@@ -552,7 +552,7 @@ def _checked(codec: Codec, entry: LayerEntry, tensor: torch.Tensor, shape: tuple
 def _decode_hidden(codec: Codec, payload: bytes, shape: tuple[int, int], layer: int, num_layers: int) -> torch.Tensor:
     """A hidden-state frame: ``shape`` (tokens, width) finite float32 values."""
     try:
-        hidden = codec.decode_hidden(st_load(payload), shape, layer, num_layers)
+        hidden = codec.decode_hidden(payload_tensors(payload), shape, layer, num_layers)
     except WireError:
         raise
     except Exception as err:  # malformed tensors or a codec library's own error: corrupt input
@@ -566,7 +566,7 @@ def _decode_hidden(codec: Codec, payload: bytes, shape: tuple[int, int], layer: 
 def _decode_ids(payload: bytes, tokens: int) -> torch.Tensor:
     """The token ids frame: ``tokens`` non-negative int32 values (as int64)."""
     try:
-        ids = st_load(payload)["ids"]
+        ids = payload_tensors(payload)["ids"]
     except (SafetensorError, KeyError, ValueError) as err:
         raise CorruptMessage(f"the token ids frame does not decode ({type(err).__name__})") from None
     if ids.dtype != torch.int32 or tuple(ids.shape) != (tokens,) or (tokens and int(ids.min()) < 0):

@@ -54,12 +54,12 @@ from math import floor, log10
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, MissingCodebook, WireError
 from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
 from kvcomm.wire.header import EXPANSION_SLACK, FRAME_OVERHEAD, MAX_EXPANSION, decoded_bytes
+from kvcomm.wire.payload import payload_tensors
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -270,7 +270,7 @@ def _measure(codec: Codec, layer: LayerKV, num_layers: int) -> dict[str, float]:
     # what a reader does per frame: its CRC (the digest, from format v6, covers lengths and CRCs, not the
     # bytes again), the safetensors load, the codec, the finiteness check
     zlib.crc32(payload)
-    back_keys, back_values = codec.decode(st_load(payload), (heads, tokens, dim), layer.index, num_layers)
+    back_keys, back_values = codec.decode(payload_tensors(payload), (heads, tokens, dim), layer.index, num_layers)
     codec.finite(back_keys, back_values)
     decoded = time.perf_counter()
     error = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
@@ -285,7 +285,7 @@ def _measure_hidden(codec: Codec, hidden: torch.Tensor, layer: int, num_layers: 
     payload = st_save({name: t.contiguous() for name, t in codec.encode_hidden(hidden.float(), layer,
                                                                                 num_layers).items()})
     encoded = time.perf_counter()
-    codec.decode_hidden(st_load(payload), tuple(hidden.shape), layer, num_layers)  # type: ignore[arg-type]
+    codec.decode_hidden(payload_tensors(payload), tuple(hidden.shape), layer, num_layers)  # type: ignore[arg-type]
     return {"bytes": len(payload) + FRAME_OVERHEAD, "encode_seconds": encoded - began,
             "decode_seconds": time.perf_counter() - encoded, "layer": 0.0}
 
