@@ -82,9 +82,14 @@ def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, written
 
 def write_json(path: Path, data: Any) -> Path:
     """``data`` as indented JSON at ``path`` (its folder made), written atomically: a run that
-    fails while writing leaves the file as it was."""
+    fails while writing leaves the file as it was. A :func:`run_record` environment's allocator
+    setting is read again now: the record is made before the first model loads, which is when the
+    allocator is set (it said ``not set`` in every file)."""
     from kvcomm.files import atomic_write
+    from kvcomm.models.allocator import allocator_state
 
+    if isinstance(data, dict) and isinstance(data.get("environment"), dict) and "allocator" in data["environment"]:
+        data = {**data, "environment": {**data["environment"], "allocator": allocator_state()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, json.dumps(data, indent=1) + "\n")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -159,6 +160,14 @@ def test_results_files_are_checked_before_any_work_and_written_whole(monkeypatch
     assert out.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
     record.write_json(tmp_path / "new" / "r.json", {"rows": [1]})
     assert (tmp_path / "new" / "r.json").read_text() == '{\n "rows": [\n  1\n ]\n}\n'
+    from kvcomm.models import allocator
+
+    monkeypatch.setattr(allocator, "_state", None)
+    made = record.run_record()  # before a model loads, as every script makes it
+    assert made["environment"]["allocator"] == "not set"
+    monkeypatch.setattr(allocator, "_state", "keep")  # what loading a model sets
+    record.write_json(tmp_path / "env.json", made)
+    assert json.loads((tmp_path / "env.json").read_text())["environment"]["allocator"] == "keep"
 
 
 def test_a_second_network_run_leaves_the_first_ones_namespaces_alone(monkeypatch, tmp_path):
