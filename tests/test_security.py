@@ -189,6 +189,45 @@ def test_the_first_bad_layer_in_order_is_refused_whole_or_streamed(agent, bad):
         list(MessageReader(io.BytesIO(data)).layers())
 
 
+@pytest.mark.parametrize("layer", [
+    {"k": torch.full((2, 3, 8), float("nan")), "v": torch.randn(47)},  # keys not finite, values the wrong size
+    {"k": torch.randn(47)},  # keys the wrong size, values missing
+])
+def test_a_whole_and_a_streaming_reader_give_one_reason_for_a_bad_layer(agent, layer):
+    """Both readers check a layer's tensors, then decode and check its keys, then its values."""
+    data = framed(agent, payloads=[payload(3), st_save(layer), payload(3), payload(3)])
+    with pytest.raises(CorruptMessage) as whole:
+        KVMessage.from_bytes(data)
+    with pytest.raises(CorruptMessage) as streamed:
+        list(MessageReader(io.BytesIO(data)).layers())
+    assert str(whole.value) == str(streamed.value) and str(whole.value).startswith("layer 1:")
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.update({"k.q.counts": t["k.q.counts"][None]}),  # a counts tensor of rank 2
+    lambda t: t.update({"k.q.counts": t["k.q.counts"][0]}),  # of rank 0
+    lambda t: t.update({"k.q.counts": t["k.q.counts"].double() + 0.5}),  # not integers
+    lambda t: t.update({"k.q.low": t["k.q.low"].bool()}),  # a lowest code that is no int32
+])
+def test_entropy_coded_counts_and_codes_of_another_type_or_rank_are_refused_before_compiled_code(
+        agent, change, monkeypatch):
+    """Counts of another rank reached the compiled check, which numba compiled anew for each rank
+    (0.3-1.3 s and memory that stays, per crafted message); float counts were truncated."""
+    import kvcomm.wire.codecs.entropy as entropy
+
+    compiled = entropy._describe
+    monkeypatch.setattr(entropy, "_describe", lambda counts, size: compiled(counts, size) if counts.ndim == 1
+                        else pytest.fail("counts of another rank reached compiled code"))
+    codec = make_codec("int4-ans")
+    layers = [codec.encode(torch.randn(2, 3, 8), torch.randn(2, 3, 8), i, 4) for i in range(4)]
+    change(layers[2])
+    data = framed(agent, payloads=[st_save(layer) for layer in layers], version=VERSION,
+                  codec={"name": codec.name, "params": codec.params()})
+    for read in (KVMessage.from_bytes, lambda d: list(MessageReader(io.BytesIO(d)).layers())):
+        with pytest.raises(CorruptMessage, match="layer 2: payload does not decode"):
+            read(data)
+
+
 def test_crafted_messages_with_valid_checksums_are_refused_and_never_stored(http, agent):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name, data in hostile_messages(agent).items():

@@ -58,7 +58,7 @@ from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV, received_positions
 from kvcomm.wire.codecs import Codec, make_codec
-from kvcomm.wire.codecs.base import FLOAT16_MAX, all_finite, header_codec, in_two_lanes, value_range
+from kvcomm.wire.codecs.base import FLOAT16_MAX, all_finite, header_codec, in_two_lanes, side_by_side, value_range
 from kvcomm.wire.header import (
     DIGEST_OF_CRCS_SINCE,
     FRAME_OVERHEAD,
@@ -483,9 +483,11 @@ def _decode_layer(codec: Codec, entry: LayerEntry, payload: bytes, shape: tuple[
                   num_layers: int) -> LayerKV:
     if entry.tokens == 0:  # left out (the header checked it has no payload)
         return LayerKV(entry.index, entry.full, torch.zeros(shape), torch.zeros(shape))
-    with _payload_errors(entry):
-        keys, values = codec.decode(payload_tensors(payload), shape, entry.index, num_layers)
-    return LayerKV(entry.index, entry.full, _checked(codec, entry, keys, shape), _checked(codec, entry, values, shape))
+    with _payload_errors(entry):  # as a whole message's layers: the tensors checked, then keys, then values
+        keys, values = codec.decoders(payload_tensors(payload), shape, entry.index, num_layers)
+    return LayerKV(entry.index, entry.full, *side_by_side(functools.partial(_run_call, codec, keys, entry, shape),
+                                                          functools.partial(_run_call, codec, values, entry, shape),
+                                                          shape))
 
 
 def _decode_layers(codec: Codec, frames: deque[tuple[LayerEntry, bytes]], heads: int,

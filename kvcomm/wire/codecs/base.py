@@ -257,11 +257,16 @@ def side_by_side(keys: Callable[[], torch.Tensor], values: Callable[[], torch.Te
     (``shape`` ``[H, T, D]`` of at least :data:`PARALLEL_FROM` values). For calls that run compiled
     code without the GIL (the entropy coders' and dequantisers' kernels): whatever Python they
     would run is done before, on the caller's thread, so that neither thread waits for the GIL.
-    Inside a lane of :func:`in_two_lanes` both run on the lane's thread."""
+    Inside a lane of :func:`in_two_lanes` both run on the lane's thread. Where both fail, the keys'
+    error is raised, as on one thread."""
     if not _second_thread(math.prod(shape)):
         return keys(), values()
     pending = _helper().submit(keys)
-    decoded = values()
+    try:
+        decoded = values()
+    except Exception:
+        keys() if pending.cancel() else pending.result()  # the keys' own error first
+        raise
     if pending.cancel():  # the helper was busy with other work: decode the keys here
         return keys(), decoded
     return pending.result(), decoded

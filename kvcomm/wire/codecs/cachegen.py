@@ -21,7 +21,14 @@ import torch
 
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, FLOAT16_MAX, Codec, Tensors, prefixed, preset, side_by_side
-from kvcomm.wire.codecs.entropy import ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
+from kvcomm.wire.codecs.entropy import (
+    ans_encode,
+    check_coder,
+    lowest_code,
+    stream_tensor,
+    stream_words,
+    symbols_decoder,
+)
 from kvcomm.wire.codecs.quant import checked_ranges, dequantize, dequantize_grouped, quantize, unpack
 
 
@@ -124,7 +131,7 @@ class CacheGenCodec(Codec):
         codes = unpack(tensors["anchor.q"], 8, heads * dim * n_anchors)  # a view: one 8-bit group per channel
         scale, low = checked_ranges({n: tensors[f"anchor.{n}"] for n in ("low", "scale")}, heads * dim)
         scale, low = scale.reshape(heads, dim, 1), low.reshape(heads, dim, 1)
-        first, counts = int(tensors["low"].numpy()[0]), tensors["counts"].numpy().astype(np.int64)
+        first, counts = lowest_code(tensors["low"]), tensors["counts"].numpy()
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
         if tensors["step"].dtype != torch.float16:  # a wider step could take a finite code to infinity

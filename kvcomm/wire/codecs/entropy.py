@@ -82,6 +82,18 @@ def ans_encode(codes: np.ndarray, coder: Coder = "rans") -> tuple[int, np.ndarra
     return low, counts, ans.get_compressed()
 
 
+def lowest_code(stored: torch.Tensor) -> int:
+    """The smallest code of an entropy-coded stream, as :func:`ans_encode`'s callers store it: one int32.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if stored.dtype != torch.int32 or tuple(stored.shape) != (1,):
+        raise ValueError(f"an entropy-coded stream's lowest code is one int32, not {stored.dtype} "
+                         f"{tuple(stored.shape)}")
+    return int(stored.numpy()[0])
+
+
 def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
                     coder: Coder = "rans") -> Callable[[], np.ndarray]:
     """What :func:`ans_encode` coded, before its smallest code is added back, in two steps: the
@@ -98,7 +110,10 @@ def symbols_decoder(counts: np.ndarray, stream: np.ndarray, size: int,
     dtype = np.uint8 if counts.size <= 256 else np.int32
     if size == 0:
         return lambda: np.zeros(0, dtype=dtype)
-    if counts.dtype.kind not in "iu" or counts.size > MAX_SYMBOLS or not _describe(counts.astype(np.int64), size):
+    if counts.dtype.kind not in "iu" or counts.ndim != 1 or counts.size > MAX_SYMBOLS:  # before any compiled code
+        raise ValueError("symbol counts do not match the number of coded symbols")  # (one build per rank)
+    counts = counts.astype(np.int64)
+    if not _describe(counts, size):
         raise ValueError("symbol counts do not match the number of coded symbols")
     if counts.size == 1:
         if stream.size:

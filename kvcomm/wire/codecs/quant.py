@@ -23,7 +23,15 @@ import torch.nn.functional as F
 
 from kvcomm.errors import ConfigError
 from kvcomm.wire.codecs.base import CODECS, Codec, Tensors, half_or_refuse, prefixed, preset, side_by_side
-from kvcomm.wire.codecs.entropy import Coder, ans_encode, check_coder, stream_tensor, stream_words, symbols_decoder
+from kvcomm.wire.codecs.entropy import (
+    Coder,
+    ans_encode,
+    check_coder,
+    lowest_code,
+    stream_tensor,
+    stream_words,
+    symbols_decoder,
+)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -178,7 +186,7 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
         check_packed(packed, bits, count)  # now, not when the call runs
         symbols: Callable[[], np.ndarray] = lambda: unpack(packed, bits, count)  # noqa: E731
     else:  # entropy-coded: the symbols decode and dequantise without an int64 or float copy between
-        first, counts = int(t["q.low"].numpy()[0]), t["q.counts"].numpy().astype(np.int64)
+        first, counts = lowest_code(t["q.low"]), t["q.counts"].numpy()
         if first < 0 or first + counts.size > 1 << bits:
             raise ValueError(f"entropy-coded codes outside {bits}-bit range")
         symbols = symbols_decoder(counts, stream_words(t["q.stream"], coder), count, coder)
