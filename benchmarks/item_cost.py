@@ -40,6 +40,7 @@ def one_run(args: argparse.Namespace) -> dict:
 
     from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
     from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
+    from kvcomm.models.allocator import allocator_state
 
     torch.set_num_threads(args.threads)
     agents = Agents.load(args.model, dtype=args.dtype)
@@ -60,6 +61,7 @@ def one_run(args: argparse.Namespace) -> dict:
         "items_per_second": run.n / total, "score": run.scores[task.metric].mean,
         "peak_rss_gib": peak_rss_bytes() / GIB, "end_rss_gib": rss_bytes() / GIB,
         "answers": [item.answer for item in run.items],
+        "allocator": allocator_state(),  # this child's (the parent loads no model: its record says "not set")
     }
 
 

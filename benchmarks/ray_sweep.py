@@ -34,6 +34,7 @@ from rich.table import Table
 
 from kvcomm import Agents, EvalConfig, build_methods, evaluate, load_task
 from kvcomm.eval.cluster import Cluster, RayCluster
+from kvcomm.models.allocator import allocator_state
 
 
 def one_run(args: argparse.Namespace) -> dict:
@@ -61,6 +62,7 @@ def one_run(args: argparse.Namespace) -> dict:
         "batches": math.ceil(args.items / args.batch_size),
         "answers": {r.label: [i.answer for i in r.items] for r in report.runs},
         "scores": {r.label: r.scores[report.config["metric"]].mean for r in report.runs},
+        "allocator": allocator_state(),  # this child's (the parent loads no model: its record says "not set")
     }
 
 

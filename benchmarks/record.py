@@ -84,7 +84,9 @@ def write_json(path: Path, data: Any) -> Path:
     """``data`` as indented JSON at ``path`` (its folder made), written atomically: a run that
     fails while writing leaves the file as it was. A :func:`run_record` environment's allocator
     setting is read again now: the record is made before the first model loads, which is when the
-    allocator is set (it said ``not set`` in every file)."""
+    allocator is set (it said ``not set`` in every file). Scripts whose models load in child
+    processes (``item_cost.py``, ``sweep_throughput.py``, ``ray_sweep.py``) record each child's own
+    setting in its run, and ``not set`` here, the parent's."""
     from kvcomm.files import atomic_write
     from kvcomm.models.allocator import allocator_state
 

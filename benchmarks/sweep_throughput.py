@@ -30,6 +30,7 @@ from rich.table import Table
 from kvcomm import Agents, EvalConfig, build_methods, calibrate, evaluate, load_task
 from kvcomm.errors import KvcommError
 from kvcomm.eval.memory import GIB, peak_rss_bytes, rss_bytes
+from kvcomm.models.allocator import allocator_state
 from kvcomm.models.source import resolve_model
 from kvcomm.selection import top_layers
 
@@ -59,6 +60,7 @@ def one_run(args: argparse.Namespace) -> dict:
         "answers_per_second": sum(r.n for r in runs) / seconds, "items_per_second": args.items / seconds,
         "batch_size": 1 if args.mode == "one-by-one" else int(args.batch_size), "rss_before_gib": rss_before / GIB,
         "rss_after_gib": rss_bytes() / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
+        "allocator": allocator_state(),  # this child's (the parent loads no model: its record says "not set")
     }
 
 
