@@ -61,6 +61,7 @@ HEAD = 4  # words of the two final states (format version 5, and klt's Laplace s
 LANES = 4  # states of a categorical stream from format version 6
 PAIRS = 32  # a stream whose codes span at most this many values codes two to a symbol (format version 8; 7: 16)
 NO_TABLE = "symbol counts give no table of frequencies: they cannot be an encoder's"
+ROUNDS = {1: 0, 2: 1, 4: 2}  # codes to a symbol -> rounds of pairing their frequencies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,17 +400,24 @@ def _decode_tabled(words: np.ndarray, freq: np.ndarray, values: np.ndarray, out:
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_counted(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, out: np.ndarray) -> Any:
-    """The frequencies from the counts (:func:`_grouped_frequencies`), checked, then
-    :func:`_decode_tabled`: the whole of a four-state stream's decoding in one compiled call
-    without the GIL. -2 where the counts give no table of frequencies (no encoder's)."""
+def _table_frequencies(counts: np.ndarray, rounds: Any) -> np.ndarray:
+    """:func:`_grouped_frequencies`, or none (an empty array) where they are no table's: a negative
+    frequency, or a sum other than ``2**14`` (counts no encoder wrote)."""
     freq = _grouped_frequencies(counts, rounds)
     total = 0
     for f in freq:
         if f < 0:
-            return -2
+            return freq[:0]
         total += f
-    if total != 1 << CATEGORICAL_BITS:
+    return freq if total == 1 << CATEGORICAL_BITS else freq[:0]
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_counted(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, out: np.ndarray) -> Any:
+    """:func:`_table_frequencies`, then :func:`_decode_tabled`: the whole of a four-state stream's
+    decoding in one compiled call without the GIL. -2 where the counts give no table."""
+    freq = _table_frequencies(counts, rounds)
+    if freq.size == 0:
         return -2
     return _decode_tabled(words, freq, values, out)
 
@@ -429,7 +437,7 @@ def grouped_frequencies(counts: np.ndarray, group: int) -> np.ndarray:
     significant), from the codes' own counts: pairs from the product of two codes' frequencies,
     fours from the product of two pairs', each brought back by :func:`categorical_frequencies`
     (integer arithmetic: products stay below ``2**28``)."""
-    return _grouped_frequencies(np.ascontiguousarray(counts, dtype=np.int64), {1: 0, 2: 1, 4: 2}[group])
+    return _grouped_frequencies(np.ascontiguousarray(counts, dtype=np.int64), ROUNDS[group])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -526,13 +534,13 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
         values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes
         padding = _padding(counts) if group > 1 else 0
     else:
-        freq = grouped_frequencies(counts, group)
-        if freq.size and (int(freq.min()) < 0 or int(freq.sum()) != 1 << CATEGORICAL_BITS):  # the tables' bounds
+        freq = _table_frequencies(counts, ROUNDS[group])
+        if freq.size == 0:
             raise ValueError(NO_TABLE)
         entries = _entries(freq, 16, 16)
 
     def decode() -> np.ndarray:
-        rounds = {1: 0, 2: 1, 4: 2}[group]
+        rounds = ROUNDS[group]
         if group > 1:
             codes = np.empty(-(-size // group) * group, dtype=np.uint8)
             status = _decode_counted(words, counts, rounds, values, codes.view(values.dtype))
