@@ -41,7 +41,7 @@ from kvcomm.serve.budget import DecodedBudget, Hold
 from kvcomm.serve.chat import Received, check_header, check_usable, generate, generate_returning, load_messages
 from kvcomm.serve.config import ServeConfig
 from kvcomm.serve.contexts import ContextMaker, own_header, raw_payload_bytes
-from kvcomm.serve.errors import ServiceRefusal, documented
+from kvcomm.serve.errors import UNRECOGNIZED, ServiceRefusal, documented
 from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
 from kvcomm.serve.metrics import ServiceMetrics
@@ -455,7 +455,7 @@ def _check_stream_options(options: Any, stream: bool) -> None:
         raise ServiceRefusal(400, f"stream_options: expected an object, got {_json_type(options)}", "invalid_value",
                              "stream_options")
     if unknown := [key for key in options if key not in STREAM_OPTIONS]:
-        raise ServiceRefusal(400, f"Unrecognized request argument supplied: stream_options.{unknown[0][:64]}",
+        raise ServiceRefusal(400, f"{UNRECOGNIZED}: stream_options.{unknown[0][:64]}",
                              "unrecognized_argument", "stream_options")
     if wrong := next((key for key, value in options.items() if value is not None and not isinstance(value, bool)),
                      None):

@@ -36,6 +36,7 @@ _KINDS: tuple[tuple[type[KvcommError], int, str, str], ...] = (
     (ConfigError, 400, "invalid_request_error", "invalid_value"),
     (KvcommError, 400, "invalid_request_error", "invalid_request"),
 )
+UNRECOGNIZED = "Unrecognized request argument supplied"  # OpenAI's words for an argument it does not know
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 408: "timeout", 409: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
@@ -107,7 +108,7 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str, str
         return 400, f"the request body is not valid JSON{f' ({why}{where})' if why else ''}", "invalid_json", None
     unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
     if unknown and len(unknown) == len(errors):
-        return 400, f"Unrecognized request argument supplied: {', '.join(unknown)}", "unrecognized_argument", unknown[0]
+        return 400, f"{UNRECOGNIZED}: {', '.join(unknown)}", "unrecognized_argument", unknown[0]
     parts = []
     for entry in errors[:5]:
         where = ".".join(str(p) for p in entry["loc"] if p != "body") or "body"
