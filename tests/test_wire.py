@@ -1102,3 +1102,24 @@ def test_auto_spreads_the_receivers_computing_over_layer_frames_only():
     ids = {"bytes": 250_000.0, "encode_seconds": 0.0, "decode_seconds": 0.0, "layer": 0.0}  # 2 s, last
     # the two layers are computed (0.5 s each) while the ids arrive; nothing is left to compute after
     assert auto._estimate([layer, layer, ids], 0.1)["seconds"] == pytest.approx(2.0, abs=1e-3)  # before: 2.33
+
+
+def test_float16_ranges_widen_bit_for_bit_and_refuse_what_is_not_finite():
+    """Ranges and steps are widened by look-up in compiled code (``quant.finite_float32``): every
+    finite float16, subnormals and both zeros included, gives torch's float32 bit for bit, and an
+    infinity or NaN anywhere, or a wider dtype, is refused."""
+    from kvcomm.wire.codecs.quant import finite_float32
+
+    every = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+    finite = every[torch.isfinite(every)]
+    assert finite.numel() == (1 << 16) - 2 * 1024  # 2 x 1,024 patterns are infinities or NaN
+    widened = finite_float32(finite.reshape(62, -1), "ranges")
+    assert widened.shape == (finite.numel(),)
+    assert np.array_equal(widened.view(np.uint32), finite.float().numpy().view(np.uint32))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        values = torch.ones(3, 5, dtype=torch.float16)
+        values[2, 4] = bad
+        with pytest.raises(ValueError, match="ranges are not finite"):
+            finite_float32(values, "ranges")
+    with pytest.raises(ValueError, match="ranges are float16, not torch.float32"):
+        finite_float32(torch.ones(3), "ranges")

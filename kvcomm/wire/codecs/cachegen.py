@@ -29,7 +29,15 @@ from kvcomm.wire.codecs.entropy import (
     stream_words,
     symbols_decoder,
 )
-from kvcomm.wire.codecs.quant import checked_ranges, dequantize, dequantize_grouped, quantize, unpack
+from kvcomm.wire.codecs.quant import (
+    checked_ranges,
+    dequantize,
+    dequantize_grouped,
+    finite_float32,
+    quantize,
+    unpack,
+)
+from kvcomm.wire.codecs.rans import FourStates, check_status, symbols_into
 
 
 @numba.njit(cache=True, nogil=True)
@@ -58,6 +66,17 @@ def _undelta(symbols: np.ndarray, first: Any, codes: np.ndarray, scale: np.ndarr
                 row[d] = anchor[d] + (np.float32(source[d]) + shift) * scaled[d]
             k += dim
 
+
+@numba.njit(cache=True, nogil=True)
+def _decode_undelta(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, padding: Any,
+                    units: np.ndarray, codes: np.ndarray, size: Any, first: Any, anchor_codes: np.ndarray,
+                    scale: np.ndarray, low: np.ndarray, step: np.ndarray, group: Any, out: np.ndarray) -> Any:
+    """:func:`~kvcomm.wire.codecs.rans.symbols_into`, then :func:`_undelta`: a four-state stream's
+    tensor in one compiled call; the decoder's status."""
+    status = symbols_into(words, counts, rounds, values, padding, units, codes, size)
+    if status == 0:
+        _undelta(codes, first, anchor_codes, scale, low, step, group, out)
+    return status
 
 @CODECS.register("cachegen")
 class CacheGenCodec(Codec):
@@ -134,19 +153,20 @@ class CacheGenCodec(Codec):
         first, counts = lowest_code(tensors["low"]), tensors["counts"].numpy()
         if first < -self.max_code or first + counts.size - 1 > self.max_code:
             raise ValueError("delta code outside the codec's range")
-        if tensors["step"].dtype != torch.float16:  # a wider step could take a finite code to infinity
-            raise ValueError(f"cachegen steps are float16, not {tensors['step'].dtype}")
-        step = tensors["step"].numpy().astype(np.float32)
-        if step.shape != (heads, dim):
-            raise ValueError(f"cachegen steps have shape {step.shape}, not {(heads, dim)}")
-        if not np.isfinite(step).all():  # with finite anchors, every value is: |code| < 2**15, float16 steps
-            raise ValueError("cachegen steps are not finite")
+        if tensors["step"].dtype == torch.float16 and tuple(tensors["step"].shape) != (heads, dim):
+            raise ValueError(f"cachegen steps have shape {tuple(tensors['step'].shape)}, not {(heads, dim)}")
+        # float16 (a wider step could take a finite code to infinity) and finite: with finite anchors,
+        # every value is (|code| < 2**15)
+        step = finite_float32(tensors["step"], "cachegen steps").reshape(heads, dim)
         symbols = symbols_decoder(counts, stream_words(tensors["stream"], self.coder),
                                   heads * (length - n_anchors) * dim, self.coder)
 
         def decode() -> torch.Tensor:
             out = np.empty((heads, length, dim), dtype=np.float32)
-            _undelta(symbols(), first, codes, scale, low, step, self.group, out)
+            if isinstance(symbols, FourStates):  # decoded and used in one compiled call
+                check_status(_decode_undelta(*symbols.arguments(), first, codes, scale, low, step, self.group, out))
+            else:
+                _undelta(symbols(), first, codes, scale, low, step, self.group, out)
             return torch.from_numpy(out)
 
         return decode

@@ -12,6 +12,7 @@ then pay off because the per-group ranges become the dominant cost.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from kvcomm.wire.codecs.entropy import (
     stream_words,
     symbols_decoder,
 )
+from kvcomm.wire.codecs.rans import FourStates, check_status, symbols_into
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,20 +150,77 @@ def _dequantize_ordered(symbols: np.ndarray, first: Any, scale: np.ndarray, low:
                 row[b] = (np.float32(source[b]) + shift) * s[b] + m[b]
 
 
+@functools.cache
+def _float16_table() -> np.ndarray:
+    """The float32 value of every float16 bit pattern (256 KiB), for :func:`_widen`."""
+    table = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+@numba.njit(cache=True, nogil=True)
+def _widen(bits: np.ndarray, table: np.ndarray, out: np.ndarray) -> Any:
+    """``out`` = the float16 values whose bit patterns are ``bits``, as float32 (exactly: a look-up);
+    whether every one is finite."""
+    finite = True
+    for i in range(bits.size):
+        value = table[bits[i]]
+        out[i] = value
+        finite = finite and np.isfinite(value)
+    return finite
+
+
+def finite_float32(tensor: torch.Tensor, what: str) -> np.ndarray:
+    """A float16 tensor's values as a flat float32 array, once every one is finite: one compiled
+    pass (numpy's float16 conversion takes ~3 ns a value on a CPU without AVX-512, and ranges and
+    steps are a sizeable part of a payload's Python).
+
+    Raises:
+        ValueError: another dtype (a wider one could reach infinity), or a value that is not finite.
+    """
+    if tensor.dtype != torch.float16:
+        raise ValueError(f"{what} are float16, not {tensor.dtype}")
+    out = np.empty(tensor.numel(), dtype=np.float32)
+    if not _widen(tensor.numpy().view(np.uint16).reshape(-1), _float16_table(), out):
+        raise ValueError(f"{what} are not finite")
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_rows(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, padding: Any,
+                 units: np.ndarray, codes: np.ndarray, size: Any, first: Any, scale: np.ndarray, low: np.ndarray,
+                 group: Any, span: Any, out: np.ndarray) -> Any:
+    """:func:`~kvcomm.wire.codecs.rans.symbols_into`, then :func:`_dequantize_rows`: a four-state
+    stream's tensor in one compiled call; the decoder's status."""
+    status = symbols_into(words, counts, rounds, values, padding, units, codes, size)
+    if status == 0:
+        _dequantize_rows(codes, first, scale, low, group, span, out)
+    return status
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_ordered(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, padding: Any,
+                    units: np.ndarray, codes: np.ndarray, size: Any, first: Any, scale: np.ndarray, low: np.ndarray,
+                    group: Any, out: np.ndarray) -> Any:
+    """As :func:`_decode_rows`, with :func:`_dequantize_ordered`."""
+    status = symbols_into(words, counts, rounds, values, padding, units, codes, size)
+    if status == 0:
+        _dequantize_ordered(codes, first, scale, low, group, out)
+    return status
+
+
 def checked_ranges(t: Tensors, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``scale`` and ``low`` of ``groups`` quantisation groups as flat float32 arrays.
 
     Raises:
-        ValueError: another number of ranges, or a range that is not finite.
+        ValueError: ranges that are not float16, another number of them, or one that is not finite.
     """
     if t["scale"].dtype != torch.float16 or t["low"].dtype != torch.float16:  # wider ones could reach infinity
         raise ValueError(f"quantisation ranges are float16, not {t['scale'].dtype} and {t['low'].dtype}")
-    scale, low = t["scale"].numpy().astype(np.float32).ravel(), t["low"].numpy().astype(np.float32).ravel()
-    if scale.size != groups or low.size != scale.size:
-        raise ValueError(f"{scale.size} quantisation ranges for {groups} groups")
-    if not (np.isfinite(scale).all() and np.isfinite(low).all()):  # then every value is (float16 ranges,
-        raise ValueError("quantisation ranges are not finite")     # codes below 256: far below float32's max)
-    return scale, low
+    if t["scale"].numel() != groups or t["low"].numel() != groups:
+        raise ValueError(f"{t['scale'].numel()} quantisation ranges for {groups} groups")
+    # finite float16 ranges and codes below 256 give finite values, far below float32's max
+    return finite_float32(t["scale"], "quantisation ranges"), finite_float32(t["low"], "quantisation ranges")
 
 
 def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, ...],
@@ -195,13 +254,20 @@ def dequantizer(t: Tensors, bits: int, dim: int, group: int, shape: tuple[int, .
 
     def decode() -> torch.Tensor:
         out = np.empty((outer, length, inner), dtype=np.float32)
+        plain: Callable[..., None]
+        fused: Callable[..., int] | None
+        after: tuple[Any, ...]
         if inner == 1:  # grouped along the last axis: group order is the tensor's order (but the padding)
-            _dequantize_rows(symbols(), first, scale.reshape(outer, groups), low.reshape(outer, groups), group,
-                             length if ordered else groups * group, out.reshape(outer, length))  # C-ordered views
-        elif ordered:
-            _dequantize_ordered(symbols(), first, scale, low, group, out)
+            plain, fused = _dequantize_rows, _decode_rows
+            after = (first, scale.reshape(outer, groups), low.reshape(outer, groups), group,
+                     length if ordered else groups * group, out.reshape(outer, length))  # C-ordered views
+        else:  # group order (versions 1-5, never four states) or the tensor's
+            plain, fused = (_dequantize_ordered, _decode_ordered) if ordered else (dequantize_grouped, None)
+            after = (first, scale, low, group, out)
+        if fused is not None and isinstance(symbols, FourStates):  # decoded and dequantised in one compiled call
+            check_status(fused(*symbols.arguments(), *after))
         else:
-            dequantize_grouped(symbols(), first, scale, low, group, out)
+            plain(symbols(), *after)
         return torch.from_numpy(out).view(shape)
 
     return decode

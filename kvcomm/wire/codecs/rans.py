@@ -517,7 +517,8 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
     the returned call derives the frequencies, builds the table and decodes ``size`` symbols as
     ``dtype`` (uint8 where there are at most 256 symbols, or int32) in compiled code alone, which
     releases the GIL (so that another thread's Python runs meanwhile; version 5's two-state
-    streams derive their table now).
+    streams derive their table now). A four-state stream's call is a :class:`FourStates`, whose
+    decoding a codec's kernel can also run itself, in the same compiled call as its own work.
 
     Raises:
         ValueError: a ``dtype`` too narrow for these symbols, or another number of states than 2
@@ -527,39 +528,78 @@ def rans_categorical_decoder(words: np.ndarray, counts: np.ndarray, size: int, d
     _check_categorical(counts, lanes, pairs)
     if dtype not in (np.uint8, np.int32) or (dtype is np.uint8 and counts.size > 256):
         raise ValueError(f"{counts.size} symbols do not decode to {np.dtype(dtype)}")
-    group = group_size(counts.size, pairs)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     if lanes == LANES:
-        values = _symbol_values(counts.size, group, np.dtype(dtype))  # grouped: each tuple's codes as bytes
-        padding = _padding(counts) if group > 1 else 0
-    else:
-        freq = _table_frequencies(counts, ROUNDS[group])
-        if freq.size == 0:
-            raise ValueError(NO_TABLE)
-        entries = _entries(freq, 16, 16)
+        return FourStates(words, counts, size, np.dtype(dtype), pairs)
+    freq = _table_frequencies(counts, 0)
+    if freq.size == 0:
+        raise ValueError(NO_TABLE)
+    entries = _entries(freq, 16, 16)
 
     def decode() -> np.ndarray:
-        rounds = ROUNDS[group]
-        if group > 1:
-            codes = np.empty(-(-size // group) * group, dtype=np.uint8)
-            status = _decode_counted(words, counts, rounds, values, codes.view(values.dtype))
-            if status == 0 and (codes[size:] != padding).any():
-                status = -1
-            out = codes[:size] if dtype is np.uint8 else codes[:size].astype(dtype)
-        else:
-            out = np.empty(size, dtype=dtype)
-            if lanes == LANES:
-                status = _decode_counted(words, counts, rounds, values, out)
-            else:
-                status = _decode_categorical(words, entries, out)
-        if status == -2:
-            raise ValueError(NO_TABLE)
-        if status < 0:
-            raise ValueError("entropy-coded stream is corrupt (it does not decode to its declared symbols)")
+        out = np.empty(size, dtype=dtype)
+        check_status(_decode_categorical(words, entries, out))
         return out
 
     return decode
+
+
+class FourStates:
+    """A four-state stream (format version 6 on), checked and ready to decode: call it for its
+    ``size`` symbols, or hand :meth:`arguments` to a compiled kernel that decodes them with
+    :func:`symbols_into` and uses them in the same call (the quantisers' and ``cachegen``'s: one
+    call per tensor, no Python and no second wait for the GIL between decoding and using)."""
+
+    def __init__(self, words: np.ndarray, counts: np.ndarray, size: int, dtype: np.dtype, pairs: int) -> None:
+        self.size, self.dtype = size, dtype
+        self.group = group_size(counts.size, pairs)
+        # grouped: each tuple's codes as bytes, decoded as one uint16 or uint32 into the bytes
+        self.values = _symbol_values(counts.size, self.group, dtype)
+        self.padding = _padding(counts) if self.group > 1 else 0
+        self.words, self.counts = words, counts
+
+    def arguments(self) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, int, np.ndarray, np.ndarray, int]:
+        """:func:`symbols_into`'s arguments, its output buffers new: the symbols end up in
+        ``codes``, the second to last (uint8 or int32; for grouped codes the padding follows the
+        first ``size``)."""
+        if self.group > 1:
+            codes = np.empty(-(-self.size // self.group) * self.group, dtype=np.uint8)
+            units = codes.view(self.values.dtype)
+        else:
+            codes = units = np.empty(self.size, dtype=self.dtype)
+        return self.words, self.counts, ROUNDS[self.group], self.values, self.padding, units, codes, self.size
+
+    def __call__(self) -> np.ndarray:
+        arguments = self.arguments()
+        check_status(symbols_into(*arguments))
+        codes = arguments[-2][: self.size]
+        return codes if codes.dtype == self.dtype else codes.astype(self.dtype)
+
+
+@numba.njit(cache=True, nogil=True)
+def symbols_into(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, padding: Any,
+                 units: np.ndarray, codes: np.ndarray, size: Any) -> Any:
+    """:func:`_decode_counted` into ``units`` (a view of ``codes``), then the check that a grouped
+    stream's padding decoded to the padding code: 0, or :func:`check_status`'s negative status."""
+    status = _decode_counted(words, counts, rounds, values, units)
+    if status == 0:
+        for i in range(size, codes.size):
+            if codes[i] != padding:
+                return -1
+    return status
+
+
+def check_status(status: int) -> None:
+    """Raises the error a categorical decoder's negative status stands for.
+
+    Raises:
+        ValueError: counts that give no table (-2), or a corrupt stream (any other negative).
+    """
+    if status == -2:
+        raise ValueError(NO_TABLE)
+    if status < 0:
+        raise ValueError("entropy-coded stream is corrupt (it does not decode to its declared symbols)")
 
 
 def rans_decode_categorical(words: np.ndarray, counts: np.ndarray, size: int, dtype: type[np.integer] = np.int32,
