@@ -1233,6 +1233,41 @@ def test_the_launcher_does_not_take_another_server_for_an_agent_that_exited(answ
     assert "Address already in use" in str(err.value)
 
 
+def test_serve_holds_its_port_while_the_model_loads_and_hands_that_socket_to_uvicorn(tiny_dir, monkeypatch):
+    """Before, the port was checked and let go, and uvicorn bound it once the model had loaded:
+    another program could take it meanwhile (a launcher then met that program's /healthz)."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import kvcomm.models
+    from kvcomm.cli import app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen: dict[str, object] = {}
+    loading = kvcomm.models.load_model
+
+    def load_model(*args, **kwargs):
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", port))
+                seen["port free while loading"] = True
+            except OSError:
+                seen["port free while loading"] = False
+        return loading(*args, **kwargs)
+
+    monkeypatch.setattr(kvcomm.models, "load_model", load_model)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(
+        served=[s.getsockname() for s in sockets or []]))
+    result = CliRunner().invoke(app, ["serve", "-m", str(tiny_dir), "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert seen == {"port free while loading": False, "served": [("127.0.0.1", port)]}
+    with socket.socket() as after:  # closed once the server returns
+        after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        after.bind(("127.0.0.1", port))
+
+
 def test_the_launcher_kills_an_agent_that_neither_answers_nor_stops(monkeypatch):
     from kvcomm.serve import launch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +28,8 @@ from kvcomm.cli.group import KvcommGroup
 from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 from kvcomm.wire import MessageReader
+
+BACKLOG = 2048  # connections waiting to be accepted (uvicorn's default)
 
 remote = typer.Typer(cls=KvcommGroup, help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
@@ -118,34 +121,44 @@ def serve_command(
                          codec=codec, **{k: v for k, v in given.items() if v is not None})
     loaded = [read_ranking(path) for path in profile or []]
     by_layout(loaded)  # two of one layout: refused before the model loads
-    _check_port_free(host, port)
-    limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
-    opened = open_store(store, limits)  # before the model loads: a store whose package is missing says so now
-    agent = load_model(model, dtype, linear)
-    app = create_app(agent, opened, config, loaded)
-    if ratio is not None and all(p.pieces != "chats" for p in loaded):
-        console.print(f"calibrating the contexts' layer ranking for --ratio {ratio} (once, {config.selection} rule; "
-                      "a --profile calibrated on chats skips this) …")
-        app.state.contexts.prepare("chats")
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info"))
+    listening = _listen(host, port)
+    with listening:  # the port is this agent's from now on, while the store opens and the model loads
+        limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
+        opened = open_store(store, limits)  # before the model loads: a store whose package is missing says so now
+        agent = load_model(model, dtype, linear)
+        app = create_app(agent, opened, config, loaded)
+        if ratio is not None and all(p.pieces != "chats" for p in loaded):
+            console.print(f"calibrating the contexts' layer ranking for --ratio {ratio} (once, "
+                          f"{config.selection} rule; a --profile calibrated on chats skips this) …")
+            app.state.contexts.prepare("chats")
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
+                                               log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info")))
+        server.run(sockets=[listening])
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Refuses a port another process listens on, before the model loads."""
-    import socket
+def _listen(host: str, port: int) -> socket.socket:
+    """The agent's listening socket, bound and listening before the store opens and the model
+    loads, and handed to uvicorn: a port another process holds is refused at once, and no other
+    process can take this one while the model loads (requests wait in the backlog until it serves).
 
+    Raises:
+        ConfigError: the host does not resolve, or the port cannot be bound.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as err:
         raise ConfigError(f"cannot listen on {host}: {err}") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as err:
-            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another agent there?)") \
-                from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        listening.bind(address)
+        listening.listen(BACKLOG)
+    except OSError as err:
+        listening.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another agent there?)") \
+            from None
+    return listening
 
 
 def _client(url: str, token: str | None, timeout: float) -> Any:

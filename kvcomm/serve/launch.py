@@ -2,6 +2,12 @@
 
 The process's output (stdout and stderr) is passed on to this process's stderr as it comes; its
 last lines are kept for the error that says why it stopped.
+
+A port is checked before anything starts, and ``kvcomm serve`` binds it as soon as its arguments
+are checked, before the model loads (``cli/serve.py``, ``_listen``). Another program can still take
+the port in the second or two in between (the new process's imports): the agent then exits with
+``cannot listen``, and that exit is the error, unless the other program's /healthz answered before
+the agent had exited.
 """
 
 from __future__ import annotations
