@@ -435,6 +435,42 @@ def _mocked(handler) -> Client:
     return client
 
 
+@pytest.mark.parametrize(("retry_after", "retries", "requests", "stored"), [
+    ("0", 2, 3, True),     # refused twice, then stored
+    ("0", 1, 2, False),    # refused more often than it may be sent again: the refusal is the error
+    ("0", 0, 1, False),    # no retries
+    (None, 2, 1, False),   # a 503 without Retry-After (e.g. the store is down): something may have been done
+    ("60", 2, 1, False),   # a longer wait than RETRY_AFTER_MAX_S is the error at once
+    ("Wed, 21 Oct 2026 07:28:00 GMT", 2, 1, False),
+])
+def test_the_client_sends_a_request_again_only_where_the_agent_asks_and_did_nothing(retry_after, retries, requests,
+                                                                                      stored):
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        if len(seen) < 3:
+            headers = {} if retry_after is None else {"Retry-After": retry_after}
+            return httpx.Response(503, headers=headers, json={"error": {
+                "message": "2 uploads are being received already", "code": "too_many_uploads"}})
+        return httpx.Response(200, json={"id": "m", "bytes": 5})
+
+    client = _mocked(answer)
+    client.retries = retries
+    if stored:
+        assert client.put_message("m", b"KVCM!")["bytes"] == 5
+    else:
+        with pytest.raises(ServiceError, match="HTTP 503: 2 uploads"):
+            client.put_message("m", b"KVCM!")
+    assert seen == [b"KVCM!"] * requests  # the same body each time
+
+
+@pytest.mark.parametrize("retries", [-1, 1.5, True, "2"])
+def test_the_client_refuses_retries_that_are_no_count(retries):
+    with pytest.raises(ConfigError, match="retries must be a whole number from 0"):
+        Client("http://agent.invalid", retries=retries)
+
+
 @pytest.mark.parametrize("message_id", ["mine?v=2", "../../healthz", "x/../other", "a#b", "..", ".hidden", "",
                                         "x" * 129, "half.partial", "line\n"])
 def test_the_client_refuses_an_id_the_agent_would_before_any_request(message_id):

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -48,15 +49,24 @@ class Client:
         base_url: e.g. ``http://127.0.0.1:8000``.
         token: bearer token, if the agent was started with one.
         timeout: seconds to wait for each read of the agent's answer; connecting waits at most 10.
+        retries: times a request is sent again where nothing of it was done: a connection that
+            could not be made (httpx's transport retries, with its backoff), or a refusal with
+            503 and ``Retry-After`` (the agent's decoded-KV budget or upload slots were full),
+            after the seconds it asks, at most :data:`RETRY_AFTER_MAX_S` (a longer wait is the
+            error at once). 0: none.
     """
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0, retries: int = 2) -> None:
         if token and not token.isascii():  # no HTTP header carries it (the agent refuses one at start too)
             raise ConfigError("the token must be ASCII: an HTTP header cannot carry other characters")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"retries must be a whole number from 0, not {retries!r}")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retries = retries
         try:
             self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
-                                      timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)))
+                                      timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+                                      transport=httpx.HTTPTransport(retries=retries))
         except (httpx.InvalidURL, ValueError, TypeError) as err:
             raise ConfigError(f"{base_url!r} is not an agent's URL ({err}); e.g. http://127.0.0.1:8000") from None
         self.link = LinkMeter()  # the link to this agent, timed on every large message fetched
@@ -83,11 +93,18 @@ class Client:
             raise ConfigError(f"this client of {self._http.base_url} was closed: open a new one")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request (its body bytes or JSON, so it can be sent again), sent again after a
+        refusal that asks for it (:func:`_retry_after`), at most :attr:`retries` times."""
         self._check_open()
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except _HTTPX_ERRORS as err:
-            raise self._failed(err) from None
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except _HTTPX_ERRORS as err:
+                raise self._failed(err) from None
+            wait = _retry_after(response)
+            if wait is None or attempt == self.retries:
+                break
+            time.sleep(wait)
         _raise_for(response)
         return response
 
@@ -285,6 +302,17 @@ def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | N
 
 
 _HTTPX_ERRORS = (httpx.RequestError, httpx.StreamError)  # the link, or a body that cannot be read
+RETRY_AFTER_MAX_S = 10.0  # the longest Retry-After the client waits for before sending a request again
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds to wait before sending a refused request again: a 503 whose ``Retry-After``
+    gives at most :data:`RETRY_AFTER_MAX_S` seconds (the agent refuses so when nothing of the
+    request was done); None for any other answer, and for a date or a longer wait."""
+    given = response.headers.get("retry-after", "") if response.status_code == 503 else ""
+    if not given.isdigit() or int(given) > RETRY_AFTER_MAX_S:
+        return None
+    return float(given)
 
 
 def _message_path(message_id: str) -> str:
