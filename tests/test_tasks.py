@@ -67,8 +67,9 @@ def test_bad_jsonl_names_the_line(tmp_path, line, message):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"answers": 42}, "'answers' must be a list of strings or one string"),
-    ({"answers": None}, "'answers' must be a list of strings"),
+    ({"answers": True}, "'answers' must be a list of strings or numbers, or one"),
+    ({"answers": None}, "'answers' must be a list of strings or numbers"),
+    ({"answers": ["Paris", False]}, "'answers' must be a list of strings or numbers"),
     ({"answers": {"Paris": 1}}, "'answers' must be a list"),
     ({"answers": [None]}, "'answers' must be a list"),
     ({"answers": ["Paris", " "]}, "'answers' holds an empty string"),
@@ -86,6 +87,17 @@ def test_jsonl_fields_of_the_wrong_type_are_refused(tmp_path, record, message):
     path.write_text(json.dumps({"context": "c", "question": "q", "answers": ["Paris"]} | record) + "\n")
     with pytest.raises(DataError, match=f"typed.jsonl:1: {message}"):
         load_task("jsonl", path)
+
+
+def test_jsonl_answers_and_choices_may_be_numbers_as_the_paper_files_labels_may(tmp_path):
+    """A JSONL answer of 42 was refused, where a paper file's label of 42 was read as "42"."""
+    path = tmp_path / "numbers.jsonl"
+    path.write_text(json.dumps({"context": "c", "question": "How many?", "answers": 42}) + "\n"
+                    + json.dumps({"context": "c", "question": "Which?", "answers": [3, "three"],
+                                  "choices": [3, 4.5, "five"]}) + "\n")
+    first, second = load_task("jsonl", path).items
+    assert first.answers == ("42",) and first.choices == ()
+    assert second.answers == ("3", "three") and second.choices == ("3", "4.5", "five")
 
 
 def test_paper_files_of_the_wrong_type_are_refused(tmp_path):

@@ -152,8 +152,7 @@ def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False, em
         DataError: the field is missing, of another type, or blank.
     """
     value = _field(record, key, where)
-    kinds = (str, int, float) if scalar else (str,)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if not (_scalar(value) if scalar else isinstance(value, str)):
         raise DataError(f"{where}: {key!r} must be {'a string or a number' if scalar else 'a string'}, "
                         f"got {type(value).__name__}")
     if not empty and not str(value).strip():
@@ -173,20 +172,26 @@ def _answer(record: dict[str, Any], key: str, where: str) -> str:
     return answer
 
 
+def _scalar(value: Any) -> bool:
+    """A string or a number (not a bool): what a gold answer or an option may be written as."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _texts(record: dict[str, Any], key: str, where: str, one: bool = False) -> tuple[str, ...]:
-    """``record[key]`` as a tuple of non-empty strings: a list of them (``one``: or one string);
-    absent: ``()``.
+    """``record[key]`` as a tuple of non-empty strings: a list of strings or numbers (numbers as
+    text, as the paper files' labels are read; ``one``: or one of them); absent: ``()``.
 
     Raises:
         DataError: another type, or an empty string among them.
     """
     value = record.get(key, [])
-    values = [value] if one and isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise DataError(f"{where}: {key!r} must be a list of strings{' or one string' if one else ''}")
-    if not all(v.strip() for v in values):
+    values = [value] if one and _scalar(value) else value
+    if not isinstance(values, list) or not all(_scalar(v) for v in values):
+        raise DataError(f"{where}: {key!r} must be a list of strings or numbers{', or one' if one else ''}")
+    texts = tuple(str(v) for v in values)
+    if not all(text.strip() for text in texts):
         raise DataError(f"{where}: {key!r} holds an empty string")
-    return tuple(values)
+    return texts
 
 
 def paper_file(name: str, path: str | Path | None) -> Path:
@@ -255,8 +260,9 @@ def tipsheets(path: str | Path | None = None) -> Task:
 
 @task("jsonl", max_new_tokens=32, source="--data (required)")
 def jsonl(path: str | Path | None = None) -> Task:
-    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one string); ``id`` and
-    ``choices`` (the options a multiple-choice question offers, the first answer among them) optional."""
+    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one; strings or numbers,
+    read as text); ``id`` and ``choices`` (the options a multiple-choice question offers, the first
+    answer among them) optional."""
     if path is None:
         raise DataError("the jsonl task needs a file: --data PATH (load_task's path)")
     file = Path(path)
