@@ -92,6 +92,24 @@ def test_a_weight_converted_away_and_back_is_not_taken_for_the_packed_one():
         assert torch.equal(packed(x), torch.nn.functional.linear(x, packed.weight))
 
 
+def test_a_packed_layer_converted_to_another_dtype_lets_its_float32_copies_go():
+    """Converted to bfloat16, a packed layer kept its float32 weight and the packed copy (the
+    model's float32 weights, twice, beside the bfloat16 ones); converted back it still computes
+    with the weight it has, by torch's path."""
+    dense, packed = _layer()
+    source = packed._packed_source
+    packed.to(torch.bfloat16)
+    assert packed.packed.numel() == packed._packed_source.numel() == 0 and source is not packed._packed_source
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        assert torch.equal(packed(x.bfloat16()), torch.nn.functional.linear(x.bfloat16(), packed.weight, packed.bias))
+        packed.to(torch.float32)
+        assert torch.equal(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias))
+    unchanged = _layer()[1]
+    unchanged.to(torch.float32)  # nothing converted: the packed copy stays
+    assert unchanged.packed.numel() > 0
+
+
 def test_a_trainable_bias_keeps_its_gradient():
     dense, packed = _layer()
     dense.weight.requires_grad_(False)

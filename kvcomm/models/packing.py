@@ -28,6 +28,7 @@ the ordinary parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -102,6 +103,17 @@ class PackedLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
         return out[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedLinear:
+        """As ``nn.Module``'s (under ``.to()``, ``.half()``, ...); a weight that conversion replaced
+        (another dtype or device) lets the packed copy and the float32 weight it holds go: they would
+        never be used again, and a packed model converted to bfloat16 kept its float32 weights
+        besides."""
+        module = super()._apply(fn, recurse)
+        if _identity(self.weight) != self._packed_from and self._packed_source.numel():
+            self.packed = self._packed_source = torch.empty(0)
+            self._packed_from = (-1, -1, torch.float32)  # no weight's: torch's path from now on
+        return module
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed up to {self.rows} rows"
