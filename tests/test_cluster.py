@@ -4,6 +4,7 @@ methods that cannot run apart refused, and the command line."""
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,9 @@ def test_two_workers_give_the_serial_results(tiny):
     serial, remote = run_both(*tiny, threads=torch.get_num_threads())
     same_results(serial, remote)
     assert "ray" not in serial.environment and "2 workers" in remote.environment["ray"]
+    # the workers' own machine, not only the driver's (here the same: one kind, named once)
+    assert remote.environment["ray"].endswith(f"workers on {platform.machine()}: {remote.environment['cpu']}; "
+                                              f"allocator {remote.environment['allocator']}")
     assert remote.runs[0].n == 12 and remote.runs[-1].details["mean_recomputed_tokens"] > 0
 
 

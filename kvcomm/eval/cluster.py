@@ -23,6 +23,7 @@ and anyone checking a deployment, use it to see a dead worker retried.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,10 +117,16 @@ class _Worker:
         torch.set_num_threads(threads)
         self.agents = Agents.load(sender, receiver, dtype, linear)
 
-    def ready(self) -> tuple[tuple[str, str], str, str]:
-        """What this worker holds: the sender's and receiver's weights digests, dtype and linear layers."""
+    def ready(self) -> tuple[tuple[tuple[str, str], str, str], str]:
+        """What this worker holds (the sender's and receiver's weights digests, dtype and linear
+        layers), and its machine as results describe it (CPU and allocator: the driver's own
+        need not be the workers')."""
+        from kvcomm.models.allocator import allocator_state
+        from kvcomm.models.native import describe_cpu
+
         receiver = self.agents.receiver
-        return self.agents.weights, receiver.dtype_name, receiver.linear
+        machine = f"{platform.machine()}: {describe_cpu()}; allocator {allocator_state()}"
+        return (self.agents.weights, receiver.dtype_name, receiver.linear), machine
 
     def run(self, task: Task, job: Job, index: int, items: list[Item], extra: Any) -> tuple[int, Any]:
         marker = os.environ.get(EXIT_ONCE)
@@ -179,10 +186,12 @@ class Cluster:
         except ray.exceptions.RayError as err:
             self.close()
             raise ClusterError(f"a worker could not load {sender}: {ray_cause(err)}") from None
-        if len(set(held)) > 1:  # machines whose files under one name differ
+        models = {tuple(holds) for holds, _ in held}
+        if len(models) > 1:  # machines whose files under one name differ
             self.close()
-            raise ClusterError(f"the workers hold different models under {sender!r}: {sorted(set(held))}")
-        self.holds: tuple[tuple[str, str], str, str] = tuple(held[0])
+            raise ClusterError(f"the workers hold different models under {sender!r}: {sorted(models)}")
+        self.holds: tuple[tuple[str, str], str, str] = tuple(held[0][0])
+        self.machines: list[str] = sorted({machine for _, machine in held})  # the workers' CPUs, each once
 
     def _check_open(self) -> None:
         if not self._actors:
@@ -215,9 +224,10 @@ class Cluster:
         return Pending(pool, {index for index, _, _ in work}, progress, job, self._ray, arrived)
 
     def describe(self) -> str:
-        """Where the batches ran, for a report's environment: Ray's version, the workers, the address."""
+        """Where the batches ran, for a report's environment: Ray's version, the workers, the
+        address, and the workers' machines (each kind once: the report's ``cpu`` is the driver's)."""
         return (f"ray {self._ray.__version__}, {self.workers} workers x {self.options.threads} thread(s), "
-                f"address {self.options.address}")
+                f"address {self.options.address}; workers on {' | '.join(self.machines)}")
 
     def close(self) -> None:
         """Stops the workers (their models leave the cluster), and a Ray instance started here."""
