@@ -7,7 +7,7 @@ Every built-in is registered once, by name, in the module that defines it; a bad
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from kvcomm.errors import ConfigError
@@ -37,17 +37,9 @@ class Registry(Generic[T]):
         self._items[name] = obj
 
     def get(self, name: str) -> T:
-        if not isinstance(name, str):  # before: a bare TypeError from difflib (make_codec(None), load_task(3))
-            raise ConfigError(f"a {self.what} is named by a string, not {type(name).__name__} {name!r}; valid: "
-                              f"{', '.join(sorted(self._items))}")
-        try:
-            return self._items[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self._items, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"unknown {self.what} {name!r}.{hint} Valid: {', '.join(sorted(self._items))}"
-            ) from None
+        if not isinstance(name, str) or name not in self._items:
+            raise unknown_name(self.what, name, self._items)
+        return self._items[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
@@ -57,3 +49,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._items)
+
+
+def unknown_name(what: str, name: object, valid: Iterable[str]) -> ConfigError:
+    """The error for a ``name`` that names no ``what``: one that is not a string (before: a bare
+    TypeError from difflib, e.g. ``make_codec(None)``, ``load_task(3)``), or an unknown one, with
+    the nearest valid name; the valid names listed, sorted. Registries and lookups over several of
+    them (codec presets and codec classes) raise it alike."""
+    names = sorted(valid)
+    if not isinstance(name, str):
+        return ConfigError(f"a {what} is named by a string, not {type(name).__name__} {name!r}; valid: "
+                           f"{', '.join(names)}")
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {what} {name!r}.{hint} Valid: {', '.join(names)}")

@@ -6,7 +6,6 @@ codec only decides *what* to store; framing, checksums and size limits live in `
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import threading
@@ -21,7 +20,7 @@ import torch
 from pydantic import AfterValidator
 
 from kvcomm.errors import ConfigError, WireError
-from kvcomm.registry import Registry
+from kvcomm.registry import Registry, unknown_name
 
 if TYPE_CHECKING:
     from kvcomm.wire.codebook import Codebook
@@ -159,18 +158,13 @@ def make_codec(name: str, **params: Any) -> Codec:
     Raises:
         ConfigError: an unknown name (with the nearest valid one) or parameters the codec does not take.
     """
-    if not isinstance(name, str):
-        raise ConfigError(f"a codec is named by a string, not {type(name).__name__} {name!r}; valid: "
-                          f"{', '.join(codec_names())}")
-    if name in PRESETS:
+    if isinstance(name, str) and name in PRESETS:
         codec, defaults = PRESETS[name]
         cls, params = CODECS.get(codec), {**defaults, **params}
-    elif name in CODECS:
+    elif isinstance(name, str) and name in CODECS:
         cls = CODECS.get(name)
-    else:
-        close = difflib.get_close_matches(name, codec_names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown codec {name!r}.{hint} Valid: {', '.join(codec_names())}")
+    else:  # presets and codec classes: two registries, one error
+        raise unknown_name("codec", name, codec_names())
     try:
         return cls(**params)
     except TypeError as err:
