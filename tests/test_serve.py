@@ -1299,9 +1299,38 @@ def test_serve_holds_its_port_while_the_model_loads_and_hands_that_socket_to_uvi
     result = CliRunner().invoke(app, ["serve", "-m", str(tiny_dir), "--port", str(port)])
     assert result.exit_code == 0, result.output
     assert seen == {"port free while loading": False, "served": [("127.0.0.1", port)]}
+    assert f"on http://127.0.0.1:{port} (Ctrl+C stops it)" in result.output  # uvicorn does not say it here
     with socket.socket() as after:  # closed once the server returns
         after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         after.bind(("127.0.0.1", port))
+
+
+def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
+    """``--host localhost`` where localhost is ::1 and 127.0.0.1: uvicorn (asyncio) bound both, the
+    first version of ``_listen`` only the first; an IPv6 socket is IPv6 alone, beside the IPv4 one."""
+    from kvcomm.cli import serve as cli_serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    both = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]  # a resolver's duplicate
+    monkeypatch.setattr(cli_serve.socket, "getaddrinfo", lambda *args, **kwargs: both)
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        sockets = cli_serve._listen("localhost", port)
+    except ConfigError as err:  # a machine without ::1
+        pytest.skip(str(err))
+    try:
+        assert [cli_serve._url(s) for s in sockets] == [f"http://[::1]:{port}", f"http://127.0.0.1:{port}"]
+        assert sockets[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # accepted into the IPv4 socket's backlog
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def test_the_launcher_kills_an_agent_that_neither_answers_nor_stops(monkeypatch):

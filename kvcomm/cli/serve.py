@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -122,7 +123,9 @@ def serve_command(
     loaded = [read_ranking(path) for path in profile or []]
     by_layout(loaded)  # two of one layout: refused before the model loads
     listening = _listen(host, port)
-    with listening:  # the port is this agent's from now on, while the store opens and the model loads
+    with contextlib.ExitStack() as held:  # the port is this agent's from now on, while the store opens and the
+        for bound in listening:           # model loads
+            held.enter_context(bound)
         limits = StoreLimits(memory_bytes=store_mb << 20, disk_bytes=disk_mb << 20, ttl_s=ttl)
         opened = open_store(store, limits)  # before the model loads: a store whose package is missing says so now
         agent = load_model(model, dtype, linear)
@@ -133,32 +136,48 @@ def serve_command(
             app.state.contexts.prepare("chats")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
                                                log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info")))
-        server.run(sockets=[listening])
+        # uvicorn names its address only where it binds it itself
+        console.print(f"serving {model} on {', '.join(map(_url, listening))} (Ctrl+C stops it)", soft_wrap=True)
+        server.run(sockets=listening)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The agent's listening socket, bound and listening before the store opens and the model
-    loads, and handed to uvicorn: a port another process holds is refused at once, and no other
-    process can take this one while the model loads (requests wait in the backlog until it serves).
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """The agent's listening sockets, one per address ``host`` resolves to (as asyncio, and so
+    uvicorn, binds a host's addresses; IPv6 ones for IPv6 alone), bound and listening before the
+    store opens and the model loads, and handed to uvicorn: a port another process holds is
+    refused at once, and no other process can take this one while the model loads (requests wait
+    in the backlog until it serves).
 
     Raises:
-        ConfigError: the host does not resolve, or the port cannot be bound.
+        ConfigError: the host does not resolve, or the port cannot be bound on one of its addresses.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as err:
         raise ConfigError(f"cannot listen on {host}: {err}") from None
-    family, kind, proto, _, address = infos[0]
-    listening = socket.socket(family, kind, proto)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    addresses = {(family, address): (family, kind, proto) for family, kind, proto, _, address in infos}
+    sockets: list[socket.socket] = []
     try:
-        listening.bind(address)
-        listening.listen(BACKLOG)
+        for (family, address), (_, kind, proto) in addresses.items():
+            listening = socket.socket(family, kind, proto)
+            sockets.append(listening)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            if family == socket.AF_INET6:  # beside an IPv4 socket on the same port
+                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listening.bind(address)
+            listening.listen(BACKLOG)
     except OSError as err:
-        listening.close()
+        for listening in sockets:
+            listening.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another agent there?)") \
             from None
-    return listening
+    return sockets
+
+
+def _url(listening: socket.socket) -> str:
+    """``http://address:port`` of a listening socket (an IPv6 address in brackets)."""
+    address, port = listening.getsockname()[:2]
+    return f"http://[{address}]:{port}" if listening.family == socket.AF_INET6 else f"http://{address}:{port}"
 
 
 def _client(url: str, token: str | None, timeout: float) -> Any:
