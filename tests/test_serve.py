@@ -465,6 +465,41 @@ def test_the_client_sends_a_request_again_only_where_the_agent_asks_and_did_noth
     assert seen == [b"KVCM!"] * requests  # the same body each time
 
 
+@pytest.mark.parametrize(("failure", "retries", "requests", "answered"), [
+    (httpx.ConnectError("refused"), 2, 3, True),      # could not connect twice: nothing was sent
+    (httpx.ConnectTimeout("slow"), 1, 2, False),      # more often than it may connect again
+    (httpx.ReadTimeout("sent, no answer"), 2, 1, False),  # sent: the agent may have done it
+])
+def test_the_client_connects_again_only_where_nothing_was_sent(failure, retries, requests, answered, monkeypatch):
+    from kvcomm.serve import client as client_module
+
+    monkeypatch.setattr(client_module, "CONNECT_BACKOFF_S", 0.001)
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if len(seen) < 3:
+            raise failure
+        return httpx.Response(200, json={"status": "ok"})
+
+    client = _mocked(answer)
+    client.retries = retries
+    if answered:
+        assert client.health() == {"status": "ok"}
+    else:
+        with pytest.raises(ServiceError, match="cannot reach the agent"):
+            client.health()
+    assert seen == ["/healthz"] * requests
+
+
+def test_a_retry_after_that_is_no_ascii_number_is_not_waited_for():
+    """``"²".isdigit()`` is true and ``int("²")`` fails: a bare ValueError reached the caller."""
+    client = _mocked(lambda request: httpx.Response(503, headers={"Retry-After": "\xb2"}, json={"error": {
+        "message": "busy", "code": "decoded_budget_busy"}}))
+    with pytest.raises(ServiceError, match="HTTP 503: busy"):
+        client.health()
+
+
 @pytest.mark.parametrize("retries", [-1, 1.5, True, "2"])
 def test_the_client_refuses_retries_that_are_no_count(retries):
     with pytest.raises(ConfigError, match="retries must be a whole number from 0"):

@@ -7,9 +7,9 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,6 +23,7 @@ from kvcomm.serve.stores.base import check_id
 from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
 
+T = TypeVar("T")
 
 class ServiceError(KvcommError):
     """The agent answered with an error status, or could not be reached or its answer could not be
@@ -50,10 +51,10 @@ class Client:
         token: bearer token, if the agent was started with one.
         timeout: seconds to wait for each read of the agent's answer; connecting waits at most 10.
         retries: times a request is sent again where nothing of it was done: a connection that
-            could not be made (httpx's transport retries, with its backoff), or a refusal with
-            503 and ``Retry-After`` (the agent's decoded-KV budget or upload slots were full),
-            after the seconds it asks, at most :data:`RETRY_AFTER_MAX_S` (a longer wait is the
-            error at once). 0: none.
+            could not be made (after :data:`CONNECT_BACKOFF_S`, doubled each time), or a refusal
+            with 503 and ``Retry-After`` (the agent's decoded-KV budget or upload slots were
+            full), after the seconds it asks, at most :data:`RETRY_AFTER_MAX_S` (a longer wait is
+            the error at once). 0: none.
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0, retries: int = 2) -> None:
@@ -65,8 +66,7 @@ class Client:
         self.retries = retries
         try:
             self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
-                                      timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-                                      transport=httpx.HTTPTransport(retries=retries))
+                                      timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)))
         except (httpx.InvalidURL, ValueError, TypeError) as err:
             raise ConfigError(f"{base_url!r} is not an agent's URL ({err}); e.g. http://127.0.0.1:8000") from None
         self.link = LinkMeter()  # the link to this agent, timed on every large message fetched
@@ -98,7 +98,7 @@ class Client:
         self._check_open()
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._connected(lambda: self._http.request(method, path, **kwargs))
             except _HTTPX_ERRORS as err:
                 raise self._failed(err) from None
             wait = _retry_after(response)
@@ -107,6 +107,18 @@ class Client:
             time.sleep(wait)
         _raise_for(response)
         return response
+
+    def _connected(self, send: Callable[[], T]) -> T:
+        """``send()``, called again where it could not connect (nothing was sent), at most
+        :attr:`retries` times, waiting :data:`CONNECT_BACKOFF_S` and then twice as long each time.
+        (Not httpx's transport retries: a transport given to the client turns off the proxies
+        the environment names.)"""
+        for attempt in range(self.retries):
+            try:
+                return send()
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                time.sleep(CONNECT_BACKOFF_S * 2**attempt)
+        return send()
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """:meth:`_call`'s answer read as a JSON object; an answer that is not one is a :class:`ServiceError`."""
@@ -182,7 +194,8 @@ class Client:
         :class:`ServiceError`. Left before the body's end, the connection is hung up (after what
         the block opened on it stopped, before the response closes)."""
         self._check_open()
-        with self._http.stream("GET", path) as response:
+        with ExitStack() as opened:
+            response = self._connected(lambda: opened.enter_context(self._http.stream("GET", path)))
             try:
                 if response.status_code >= 400:  # its first ERROR_BODY bytes: a peer's error need not be small
                     head = b""
@@ -303,6 +316,7 @@ def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | N
 
 _HTTPX_ERRORS = (httpx.RequestError, httpx.StreamError)  # the link, or a body that cannot be read
 RETRY_AFTER_MAX_S = 10.0  # the longest Retry-After the client waits for before sending a request again
+CONNECT_BACKOFF_S = 0.5  # the first wait before connecting again; doubled each time
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -310,7 +324,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     gives at most :data:`RETRY_AFTER_MAX_S` seconds (the agent refuses so when nothing of the
     request was done); None for any other answer, and for a date or a longer wait."""
     given = response.headers.get("retry-after", "") if response.status_code == 503 else ""
-    if not given.isdigit() or int(given) > RETRY_AFTER_MAX_S:
+    if not (given.isascii() and given.isdigit()) or int(given) > RETRY_AFTER_MAX_S:  # not "²": no int
         return None
     return float(given)
 
