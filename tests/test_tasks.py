@@ -67,9 +67,11 @@ def test_bad_jsonl_names_the_line(tmp_path, line, message):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"answers": True}, "'answers' must be a list of strings or numbers, or one"),
-    ({"answers": None}, "'answers' must be a list of strings or numbers"),
-    ({"answers": ["Paris", False]}, "'answers' must be a list of strings or numbers"),
+    ({"answers": True}, "'answers' must be a list of strings or whole numbers, or one"),
+    ({"answers": None}, "'answers' must be a list of strings or whole numbers"),
+    ({"answers": ["Paris", False]}, "'answers' must be a list of strings or whole numbers"),
+    ({"answers": 2.5}, "'answers' holds the number 2.5, which is not a whole number: write it as a string"),
+    ({"choices": ["Paris", 2.0]}, "'choices' holds the number 2.0"),
     ({"answers": {"Paris": 1}}, "'answers' must be a list"),
     ({"answers": [None]}, "'answers' must be a list"),
     ({"answers": ["Paris", " "]}, "'answers' holds an empty string"),
@@ -94,10 +96,13 @@ def test_jsonl_answers_and_choices_may_be_numbers_as_the_paper_files_labels_may(
     path = tmp_path / "numbers.jsonl"
     path.write_text(json.dumps({"context": "c", "question": "How many?", "answers": 42}) + "\n"
                     + json.dumps({"context": "c", "question": "Which?", "answers": [3, "three"],
-                                  "choices": [3, 4.5, "five"]}) + "\n")
+                                  "choices": [3, 10**30, "five"]}) + "\n")
     first, second = load_task("jsonl", path).items
     assert first.answers == ("42",) and first.choices == ()
-    assert second.answers == ("3", "three") and second.choices == ("3", "4.5", "five")
+    assert second.answers == ("3", "three") and second.choices == ("3", "1" + "0" * 30, "five")
+    path.write_text('{"context": "c", "question": "q", "answers": [1e400]}\n')  # JSON reads it as infinity
+    with pytest.raises(DataError, match="numbers.jsonl:1: 'answers' holds the number inf, which is not a whole"):
+        load_task("jsonl", path)
 
 
 def test_paper_files_of_the_wrong_type_are_refused(tmp_path):

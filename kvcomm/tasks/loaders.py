@@ -152,8 +152,8 @@ def _text(record: dict[str, Any], key: str, where: str, scalar: bool = False, em
         DataError: the field is missing, of another type, or blank.
     """
     value = _field(record, key, where)
-    if not (_scalar(value) if scalar else isinstance(value, str)):
-        raise DataError(f"{where}: {key!r} must be {'a string or a number' if scalar else 'a string'}, "
+    if not (_scalar(value, where, key) if scalar else isinstance(value, str)):
+        raise DataError(f"{where}: {key!r} must be {'a string or a whole number' if scalar else 'a string'}, "
                         f"got {type(value).__name__}")
     if not empty and not str(value).strip():
         raise DataError(f"{where}: {key!r} is empty")
@@ -172,22 +172,31 @@ def _answer(record: dict[str, Any], key: str, where: str) -> str:
     return answer
 
 
-def _scalar(value: Any) -> bool:
-    """A string or a number (not a bool): what a gold answer or an option may be written as."""
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+def _scalar(value: Any, where: str, key: str) -> bool:
+    """Whether ``value`` is a string or a whole number (not a bool): what a gold answer or an
+    option may be written as (a number as its digits).
+
+    Raises:
+        DataError: a number with a fraction or an exponent: read, it would not be the text the file
+            wrote (``2.50`` is the float ``2.5``, ``1e400`` infinity), so it must be quoted.
+    """
+    if isinstance(value, float):
+        raise DataError(f"{where}: {key!r} holds the number {value!r}, which is not a whole number: write it "
+                        "as a string (e.g. \"2.50\"), as the answer should read")
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _texts(record: dict[str, Any], key: str, where: str, one: bool = False) -> tuple[str, ...]:
-    """``record[key]`` as a tuple of non-empty strings: a list of strings or numbers (numbers as
-    text, as the paper files' labels are read; ``one``: or one of them); absent: ``()``.
+    """``record[key]`` as a tuple of non-empty strings: a list of strings or whole numbers (as
+    their digits, as the paper files' labels are read; ``one``: or one of them); absent: ``()``.
 
     Raises:
-        DataError: another type, or an empty string among them.
+        DataError: another type, a number that is not whole, or an empty string among them.
     """
     value = record.get(key, [])
-    values = [value] if one and _scalar(value) else value
-    if not isinstance(values, list) or not all(_scalar(v) for v in values):
-        raise DataError(f"{where}: {key!r} must be a list of strings or numbers{', or one' if one else ''}")
+    values = [value] if one and _scalar(value, where, key) else value
+    if not isinstance(values, list) or not all(_scalar(v, where, key) for v in values):
+        raise DataError(f"{where}: {key!r} must be a list of strings or whole numbers{', or one' if one else ''}")
     texts = tuple(str(v) for v in values)
     if not all(text.strip() for text in texts):
         raise DataError(f"{where}: {key!r} holds an empty string")
@@ -260,9 +269,9 @@ def tipsheets(path: str | Path | None = None) -> Task:
 
 @task("jsonl", max_new_tokens=32, source="--data (required)")
 def jsonl(path: str | Path | None = None) -> Task:
-    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one; strings or numbers,
-    read as text); ``id`` and ``choices`` (the options a multiple-choice question offers, the first
-    answer among them) optional."""
+    """Any JSONL with ``context``, ``question`` and ``answers`` (a list or one; strings, or whole
+    numbers read as their digits); ``id`` and ``choices`` (the options a multiple-choice question
+    offers, the first answer among them) optional."""
     if path is None:
         raise DataError("the jsonl task needs a file: --data PATH (load_task's path)")
     file = Path(path)
