@@ -151,18 +151,21 @@ def _decode_categorical4(words: np.ndarray, sym: np.ndarray, step: np.ndarray, o
     x1 = (np.uint32(words[2]) << np.uint32(16)) | np.uint32(words[3])
     x2 = (np.uint32(words[4]) << np.uint32(16)) | np.uint32(words[5])
     x3 = (np.uint32(words[6]) << np.uint32(16)) | np.uint32(words[7])
-    pos, mask, low = np.int64(2 * LANES), np.uint32((1 << CATEGORICAL_BITS) - 1), np.uint32(STATE_LOW)
-    bits, half = np.uint32(CATEGORICAL_BITS), np.uint32(16)
+    # the hot loop's indices are unsigned (``pos``, ``j``): numba then reads and writes without
+    # wrapping negative indices, and the loop ran 1.3-1.6x as fast on this CPU (2026-11-26)
+    pos, mask, low = np.uint64(2 * LANES), np.uint32((1 << CATEGORICAL_BITS) - 1), np.uint32(STATE_LOW)
+    bits, half, one = np.uint32(CATEGORICAL_BITS), np.uint32(16), np.uint64(1)
     i: Any = 0
     while True:
-        symbols_left, words_left = size - i, n - pos
+        symbols_left, words_left = size - i, n - np.int64(pos)
         rounds = (symbols_left if symbols_left < words_left else words_left) // 4  # words for any renormalisation
         if rounds == 0:
             break
-        for j in range(i, i + 4 * rounds, 4):
+        for k in range(rounds):
+            j = np.uint64(i + 4 * k)
             s0, s1, s2, s3 = x0 & mask, x1 & mask, x2 & mask, x3 & mask
             e0, e1, e2, e3 = step[s0], step[s1], step[s2], step[s3]
-            out[j], out[j + 1], out[j + 2], out[j + 3] = sym[s0], sym[s1], sym[s2], sym[s3]
+            out[j], out[j + one], out[j + 2 * one], out[j + 3 * one] = sym[s0], sym[s1], sym[s2], sym[s3]
             x0 = (e0 & np.uint32(0xFFFF)) * (x0 >> bits) + (e0 >> half)
             x1 = (e1 & np.uint32(0xFFFF)) * (x1 >> bits) + (e1 >> half)
             x2 = (e2 & np.uint32(0xFFFF)) * (x2 >> bits) + (e2 >> half)
@@ -171,20 +174,21 @@ def _decode_categorical4(words: np.ndarray, sym: np.ndarray, step: np.ndarray, o
             f = x0 < low
             w = np.uint32(words[pos])
             x0 = ((x0 << half) | w) if f else x0
-            pos += np.int64(f)
+            pos += np.uint64(f)
             f = x1 < low
             w = np.uint32(words[pos])
             x1 = ((x1 << half) | w) if f else x1
-            pos += np.int64(f)
+            pos += np.uint64(f)
             f = x2 < low
             w = np.uint32(words[pos])
             x2 = ((x2 << half) | w) if f else x2
-            pos += np.int64(f)
+            pos += np.uint64(f)
             f = x3 < low
             w = np.uint32(words[pos])
             x3 = ((x3 << half) | w) if f else x3
-            pos += np.int64(f)
+            pos += np.uint64(f)
         i += 4 * rounds
+    at = np.int64(pos)  # signed again: compared with sizes below
     states = np.array([x0, x1, x2, x3], dtype=np.uint32)
     for k in range(i, size):  # the rest (the last few words), one symbol at a time, checked
         lane = k % 4
@@ -193,15 +197,15 @@ def _decode_categorical4(words: np.ndarray, sym: np.ndarray, step: np.ndarray, o
         out[k] = sym[x & mask]
         x = (e & np.uint32(0xFFFF)) * (x >> bits) + (e >> half)
         if x < low:
-            if pos >= n:
+            if at >= n:
                 return -1
-            x = (x << half) | np.uint32(words[pos])
-            pos += 1
+            x = (x << half) | np.uint32(words[at])
+            at += 1
         states[lane] = x
     for lane in range(4):
         if states[lane] != low:
             return -1
-    return 0 if pos == n else -1
+    return 0 if at == n else -1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
