@@ -78,6 +78,7 @@ def _decode_undelta(words: np.ndarray, counts: np.ndarray, rounds: Any, values: 
         _undelta(codes, first, anchor_codes, scale, low, step, group, out)
     return status
 
+
 @CODECS.register("cachegen")
 class CacheGenCodec(Codec):
     """Anchor + delta coding in token groups, depth-dependent steps, ANS entropy coding."""
