@@ -494,7 +494,7 @@ def test_the_client_connects_again_only_where_nothing_was_sent(failure, retries,
 
 def test_a_retry_after_that_is_no_ascii_number_is_not_waited_for():
     """``"²".isdigit()`` is true and ``int("²")`` fails: a bare ValueError reached the caller."""
-    client = _mocked(lambda request: httpx.Response(503, headers={"Retry-After": "\xb2"}, json={"error": {
+    client = _mocked(lambda request: httpx.Response(503, headers={"Retry-After": b"\xb2"}, json={"error": {
         "message": "busy", "code": "decoded_budget_busy"}}))
     with pytest.raises(ServiceError, match="HTTP 503: busy"):
         client.health()
