@@ -417,16 +417,6 @@ def _table_frequencies(counts: np.ndarray, rounds: Any) -> np.ndarray:
     return freq if total == 1 << CATEGORICAL_BITS else freq[:0]
 
 
-@numba.njit(cache=True, nogil=True)
-def _decode_counted(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, out: np.ndarray) -> Any:
-    """:func:`_table_frequencies`, then :func:`_decode_tabled`: the whole of a four-state stream's
-    decoding in one compiled call without the GIL. -2 where the counts give no table."""
-    freq = _table_frequencies(counts, rounds)
-    if freq.size == 0:
-        return -2
-    return _decode_tabled(words, freq, values, out)
-
-
 def group_size(alphabet: int, pairs: int = PAIRS) -> int:
     """How many codes one symbol of a stream carries: 4 for at most 4 distinct codes, 2 for at most
     ``pairs`` (:data:`PAIRS` from format version 8, 16 in version 7; 0: never grouped, versions 5
@@ -585,9 +575,14 @@ class FourStates:
 @numba.njit(cache=True, nogil=True)
 def symbols_into(words: np.ndarray, counts: np.ndarray, rounds: Any, values: np.ndarray, padding: Any,
                  units: np.ndarray, codes: np.ndarray, size: Any) -> Any:
-    """:func:`_decode_counted` into ``units`` (a view of ``codes``), then the check that a grouped
-    stream's padding decoded to the padding code: 0, or :func:`check_status`'s negative status."""
-    status = _decode_counted(words, counts, rounds, values, units)
+    """The whole of a four-state stream's decoding, without the GIL: the frequencies
+    (:func:`_table_frequencies`; -2 where the counts give none), :func:`_decode_tabled` into
+    ``units`` (a view of ``codes``), then the check that a grouped stream's padding decoded to the
+    padding code: 0, or :func:`check_status`'s negative status."""
+    freq = _table_frequencies(counts, rounds)
+    if freq.size == 0:
+        return -2
+    status = _decode_tabled(words, freq, values, units)
     if status == 0:
         for i in range(size, codes.size):
             if codes[i] != padding:
