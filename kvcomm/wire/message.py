@@ -38,7 +38,6 @@ import io
 import math
 import os
 import struct
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -57,6 +56,7 @@ from kvcomm.files import atomic_write
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint
 from kvcomm.protocol.layout import MaskMode
 from kvcomm.protocol.shared import SharedKV, received_positions
+from kvcomm.wire.checksum import crc32
 from kvcomm.wire.codecs import Codec, make_codec
 from kvcomm.wire.codecs.base import FLOAT16_MAX, all_finite, header_codec, in_two_lanes, side_by_side, value_range
 from kvcomm.wire.header import (
@@ -263,11 +263,11 @@ class KVMessage:
                 out.write(data)
                 written += len(data)
 
-        start = MAGIC + struct.pack("<HI", VERSION, len(blob)) + blob + struct.pack("<I", zlib.crc32(blob))
+        start = MAGIC + struct.pack("<HI", VERSION, len(blob)) + blob + struct.pack("<I", crc32(blob))
         digest.update(start)
         emit(start)
         for payload in [*payloads, *(data for _, data in extras)]:
-            length, crc = struct.pack("<I", len(payload)), struct.pack("<I", zlib.crc32(payload))
+            length, crc = struct.pack("<I", len(payload)), struct.pack("<I", crc32(payload))
             digest.update(length + crc)
             emit(length, payload, crc)
         out.write(END + digest.digest())
@@ -389,7 +389,7 @@ class MessageReader:
             raise CorruptMessage(f"header length {size} exceeds {MAX_HEADER}")
         blob = self._take(size, "the header")
         (crc,) = struct.unpack("<I", self._take(4, "the header checksum"))
-        if zlib.crc32(blob) != crc:
+        if crc32(blob) != crc:
             raise CorruptMessage("header checksum mismatch")
         self.version = version
         self.token_ids: torch.Tensor | None = None  # set once the extra frames are read
@@ -423,7 +423,7 @@ class MessageReader:
             raise CorruptMessage(f"{what} holds {size} bytes, the header says {declared}")
         payload = self._take(size, what, hashed=self.version < DIGEST_OF_CRCS_SINCE)
         (crc,) = struct.unpack("<I", self._take(4, f"{what}'s checksum"))
-        if zlib.crc32(payload) != crc:
+        if crc32(payload) != crc:
             raise CorruptMessage(f"{what}: checksum mismatch")
         return payload
 

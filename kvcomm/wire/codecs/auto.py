@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from math import floor, log10
@@ -57,6 +56,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from kvcomm.errors import ConfigError, MissingCodebook, WireError
+from kvcomm.wire.checksum import crc32
 from kvcomm.wire.codecs.base import CODECS, PRESETS, Codec, Tensors, make_codec, preset
 from kvcomm.wire.header import EXPANSION_SLACK, FRAME_OVERHEAD, MAX_EXPANSION, decoded_bytes
 from kvcomm.wire.payload import payload_tensors
@@ -269,7 +269,7 @@ def _measure(codec: Codec, layer: LayerKV, num_layers: int) -> dict[str, float]:
     encoded = time.perf_counter()
     # what a reader does per frame: its CRC (the digest, from format v6, covers lengths and CRCs, not the
     # bytes again), the safetensors load, the codec, the finiteness check
-    zlib.crc32(payload)
+    crc32(payload)
     back_keys, back_values = codec.decode(payload_tensors(payload), (heads, tokens, dim), layer.index, num_layers)
     codec.finite(back_keys, back_values)
     decoded = time.perf_counter()
