@@ -19,6 +19,10 @@ from safetensors import deserialize
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
           "U8": "u1", "BOOL": "?"}
 _VIEWED = {"BF16": ("<i2", torch.bfloat16)}  # no numpy type: read as int16, then viewed as torch's
+# per safetensors dtype: how numpy reads it, and the torch dtype to view it as (None: numpy's own)
+_READ = {**{kind: (np.dtype(read), None) for kind, read in _NUMPY.items()},
+         **{kind: (np.dtype(read), as_torch) for kind, (read, as_torch) in _VIEWED.items()}}
+_SWAP = sys.byteorder == "big"  # safetensors is little-endian
 
 
 def payload_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -30,12 +34,11 @@ def payload_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, view in deserialize(data):
-        kind = view["dtype"]
-        if kind not in _NUMPY and kind not in _VIEWED:
-            raise ValueError(f"tensor {name!r} has dtype {kind}, which no codec writes")
-        read, as_torch = _VIEWED.get(kind, (_NUMPY.get(kind), None))
+        if (reading := _READ.get(view["dtype"])) is None:
+            raise ValueError(f"tensor {name!r} has dtype {view['dtype']}, which no codec writes")
+        read, as_torch = reading
         array = np.frombuffer(view["data"], dtype=read).reshape(view["shape"])
-        if sys.byteorder == "big" and array.dtype.byteorder == "<":
+        if _SWAP and array.dtype.byteorder == "<":
             array = array.astype(array.dtype.newbyteorder("="))
         tensor = torch.from_numpy(array)
         tensors[name] = tensor if as_torch is None else tensor.view(as_torch)

@@ -449,8 +449,9 @@ def _grouped_frequencies(counts: np.ndarray, rounds: Any) -> np.ndarray:
 
 
 def _padding(counts: np.ndarray) -> int:
-    """The code a grouped stream's last group is padded with: the lowest present."""
-    return int(np.argmax(counts > 0))
+    """The code a grouped stream's last group is padded with: the lowest present (counts are a few
+    dozen at most: a Python scan is quicker than numpy's calls on them)."""
+    return next((code for code, count in enumerate(counts.tolist()) if count > 0), 0)
 
 
 def _tuples(symbols: np.ndarray, counts: np.ndarray, group: int) -> np.ndarray:
@@ -479,9 +480,8 @@ def _symbol_values(alphabet: int, group: int, dtype: np.dtype) -> np.ndarray:
 def _check_categorical(counts: np.ndarray, lanes: int, pairs: int) -> None:
     """What a categorical stream can hold: at most 2**13 distinct codes, on 2 or 4 states (grouped:
     4), pairs of codes spanning at most 32 values."""
-    if int((counts > 0).sum()) > MAX_CATEGORICAL:
-        raise ValueError(f"{int((counts > 0).sum())} distinct codes; an entropy-coded stream holds at most "
-                         f"{MAX_CATEGORICAL}")
+    if (distinct := np.count_nonzero(counts > 0)) > MAX_CATEGORICAL:
+        raise ValueError(f"{distinct} distinct codes; an entropy-coded stream holds at most {MAX_CATEGORICAL}")
     if lanes not in (2, LANES):
         raise ValueError(f"a categorical stream has 2 or {LANES} states, not {lanes}")
     if pairs and lanes != LANES:
