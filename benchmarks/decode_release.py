@@ -66,9 +66,10 @@ def export(revision: str, into: Path) -> str:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "kvcomm"], check=True,
                                  capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", b"") or b""
+        detail = getattr(err, "stderr", None) or ""
+        detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
         raise SystemExit(f"cannot export {revision!r} from {ROOT} (a git checkout is needed): "
-                         f"{detail.decode(errors='replace').strip() or err}") from None
+                         f"{detail.strip() or err}") from None
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return commit

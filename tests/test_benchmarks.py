@@ -87,6 +87,8 @@ def test_all_layers_take_a_compared_rules_ranking(monkeypatch):
     ("ttft", ["--ratio", "2", "--out", "x.json"], "0 < value <= 1, not 2"),  # layers -15…44, refused late
     ("codecs", ["--repeats", "0", "--out", "x.json"], "must be at least 1, not 0"),  # wrote speeds of 0
     ("selection", ["--report", "x.json", "--budget", "0.1", "--out", "y.json"], "leave --out out"),
+    ("decode_release", ["--codecs", "int4-ans,klt", "--out", "x.json"], "klt needs binding to the sender"),
+    ("decode_release", ["--codecs", "int4-nope", "--out", "x.json"], "unknown codec 'int4-nope'"),
 ])
 def test_bad_options_are_refused_before_any_work(monkeypatch, capsys, name, argv, message):
     module = script(name, monkeypatch)
@@ -218,3 +220,32 @@ def test_the_selection_tables_find_random_runs_of_any_seed(monkeypatch):
     assert module.random_label(report, 0.5) == "random@0.5~seed7"
     with pytest.raises(KeyError, match="no random run at ratio 0.3"):
         module.random_label(report, 0.3)
+
+
+def test_the_release_benchmark_decodes_one_kv_with_two_codes(monkeypatch, tmp_path):
+    """Without a model: an export of this checkout's HEAD and the checkout itself encode the same KV
+    (in children, as the benchmark runs them), decode it, and their values are compared."""
+    import torch
+    from safetensors.torch import save_file
+
+    module = script("decode_release", monkeypatch)
+    kv = tmp_path / "kv"
+    kv.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    layers = 2
+    save_file({f"{i}.{part}": torch.randn(2, 40, 16, generator=generator) for i in range(layers)
+               for part in ("keys", "values")}, str(kv / "kv-0.safetensors"))
+    (kv / "kv-0.json").write_text(json.dumps({"fingerprint": {"model_type": "test", "num_layers": layers},
+                                              "context_len": 40, "sink_position": 0, "mode": "causal",
+                                              "full": [True] * layers}))
+    commit = module.export("HEAD", tmp_path / "then")
+    assert len(commit) == 40 and (tmp_path / "then" / "kvcomm" / "__init__.py").is_file()
+    for label, code in (("then", tmp_path / "then"), ("now", module.ROOT)):
+        module.child(code, "encode", str(kv), str(tmp_path / label), "int4-ans")
+        out = json.loads(module.child(code, "decode", str(tmp_path / label), "int4-ans", "2"))
+        assert out["messages"] == 1 and out["seconds"] > 0 and out["bytes"] == (tmp_path / label /
+                                                                                "int4-ans-kv-0.bin").stat().st_size
+    then, now = (tmp_path / label / "decoded-int4-ans.safetensors" for label in ("then", "now"))
+    assert module.largest_difference(then, now) == 0.0  # one code, one reconstruction
+    with pytest.raises(SystemExit, match="cannot export 'no-such-revision'"):
+        module.export("no-such-revision", tmp_path / "nothing")
