@@ -9,6 +9,8 @@ per entropy coder in ``--coders`` (``rans``: today's, format versions 8 and 9; `
 "decode" reads whole messages (``KVMessage.from_bytes``: every frame first, then every payload's
 tensors, then the codec's calls two at a time when torch has two threads); "streamed" reads them
 layer by layer, as a streaming receiver does (each large layer's keys and values side by side).
+The ``constriction`` rows run today's reader around the old coder; ``benchmarks/decode_release.py``
+measures an older commit's own code instead.
 
     python benchmarks/codecs.py --model qwen2.5-coder-1.5b --task tipsheets \
         --data ../shared/data/tipsheets.jsonl --items 16 --out benchmarks/results/codecs-qwen.json
