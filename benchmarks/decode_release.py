@@ -8,7 +8,7 @@ improvement to the reader speeds them up too. This script measures the day's own
 1. the sender prefills a generated context of about ``--context-tokens`` tokens
    (``benchmarks/ttft.py``'s) for ``--items`` rows and shares every layer; the float32 KV is
    written to a temporary folder;
-2. ``git archive --baseline`` exports that commit's ``kvcomm`` package beside it (default: the
+2. ``git archive`` exports the ``--baseline`` commit's ``kvcomm`` package beside it (default: the
    commit before kvcomm's own rANS coder, the code issue 19 was filed against);
 3. a child process per code (``benchmarks/release_child.py``; ``PYTHONPATH`` chooses the code)
    encodes the KV as whole messages with each codec, in its own format version;
@@ -16,8 +16,8 @@ improvement to the reader speeds them up too. This script measures the day's own
    best of ``--repeats``), the baseline's then this checkout's, so that a slow spell of the shared
    machine hits both alike. Both children get the memory thresholds this checkout's
    ``load_model`` sets (``models/allocator.py``), through glibc's environment variables;
-5. the KV each code decoded is compared: the largest absolute difference (0: the same
-   reconstruction, bit for bit).
+5. the KV each code decoded is compared: whether every value has the same bits, and the largest
+   absolute difference.
 
 Speeds are MB of float16 KV per second; the ratio is per round. Needs a git checkout (for the
 baseline) and the model.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -55,6 +56,8 @@ from kvcomm.wire.codecs import Codec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("release_child.py")
+CHILD_TIMEOUT_S = 1800  # one child: imports, and --repeats decodes of the messages
+CHILDREN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 BASELINE = "15c6fa3^"  # the last commit before kvcomm's own rANS coder: issue 19's "today"
 
 
@@ -100,20 +103,32 @@ def write_kv(args: argparse.Namespace, folder: Path) -> int:
     return fp16_bytes
 
 
-def largest_difference(then: Path, now: Path) -> float:
-    """The largest absolute difference between the KV two codes decoded from the same KV (0: the
-    same reconstruction, bit for bit)."""
+def compare(then: Path, now: Path) -> tuple[bool, float]:
+    """Whether two codes decoded the same KV to the same float32 bits (every tensor of the same
+    shape, every value's bits equal: a NaN or a signed zero counts), and the largest absolute
+    difference (NaN where either holds a NaN)."""
     a, b = load_file(str(then)), load_file(str(now))
     if a.keys() != b.keys():
         raise SystemExit(f"{then.name}: the two codes decoded different layers")
-    return max(float((a[key] - b[key]).abs().max()) if a[key].numel() else 0.0 for key in a)
+    same, largest = True, 0.0
+    for key in a:
+        if a[key].shape != b[key].shape:
+            raise SystemExit(f"{then.name}: {key} decoded as {tuple(a[key].shape)} and {tuple(b[key].shape)}")
+        same = same and torch.equal(a[key].view(torch.int32), b[key].view(torch.int32))
+        if a[key].numel():
+            gap = float((a[key] - b[key]).abs().max())
+            largest = gap if math.isnan(gap) or math.isnan(largest) else max(largest, gap)
+    return same, largest
 
 
 def child(code: Path, *arguments: str) -> str:
     """Runs ``release_child.py`` with ``code`` first on the path; its output."""
-    env = {**os.environ, "PYTHONPATH": str(code), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-           "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-    done = subprocess.run([sys.executable, str(CHILD), *arguments], env=env, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(code), **CHILDREN_MALLOC}
+    try:
+        done = subprocess.run([sys.executable, str(CHILD), *arguments], env=env, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{CHILD.name} {' '.join(arguments)} with {code} ran past {CHILD_TIMEOUT_S} s") from None
     if done.returncode:
         raise SystemExit(f"{CHILD.name} {' '.join(arguments)} with {code} failed:\n{done.stderr[-3000:]}")
     return done.stdout
@@ -162,8 +177,8 @@ def main() -> None:
                     size[name][label] = out["bytes"]
                 ratio = seconds[name]["baseline"][-1] / seconds[name]["current"][-1]
                 print(f"round {round_ + 1}/{args.rounds} {name}: {ratio:.2f}×", flush=True)
-        differences = {name: largest_difference(*(folder / label / f"decoded-{name}.safetensors" for label in codes))
-                       for name in codecs}
+        compared = {name: compare(*(folder / label / f"decoded-{name}.safetensors" for label in codes))
+                    for name in codecs}
 
     results = []
     for name in codecs:
@@ -172,23 +187,24 @@ def main() -> None:
             "codec": name, "bytes": size[name],
             "decode_mb_s": {label: [fp16_bytes / 1e6 / s for s in runs] for label, runs in seconds[name].items()},
             "ratio_per_round": ratios, "ratio_min": min(ratios), "ratio_median": statistics.median(ratios),
-            "largest_difference": differences[name]})
+            "same_bits": compared[name][0], "largest_difference": compared[name][1]})
     table = Table(title=f"decoding against {args.baseline} ({commit[:7]}) · {args.model} · {args.items} × "
                         f"{args.context_tokens}-token context · fp16 KV {fp16_bytes / 1e6:.2f} MB · "
                         f"{torch.get_num_threads()} torch threads · best of {args.repeats}, {args.rounds} rounds")
     for column in ("codec", "bytes then → now", "MB/s then (rounds)", "MB/s now (rounds)", "× per round", "× least",
-                   "largest |Δ| decoded"):
+                   "same bits", "largest |Δ|"):
         table.add_column(column, justify="right")
     for r in results:
         mb = r["decode_mb_s"]
         table.add_row(r["codec"], f"{r['bytes']['baseline']:,} → {r['bytes']['current']:,}",
                       ", ".join(f"{v:.1f}" for v in mb["baseline"]), ", ".join(f"{v:.1f}" for v in mb["current"]),
                       ", ".join(f"{v:.2f}" for v in r["ratio_per_round"]), f"{r['ratio_min']:.2f}",
-                      f"{r['largest_difference']:.3g}")
+                      "yes" if r["same_bits"] else "no", f"{r['largest_difference']:.3g}")
     Console(width=160).print(table, soft_wrap=True)
     write_json(args.out, {"model": args.model, "context_tokens": args.context_tokens, "items": args.items,
                           "baseline": {"revision": args.baseline, "commit": commit}, "fp16_bytes": fp16_bytes,
-                          "repeats": args.repeats, "rounds": args.rounds, "codecs": results, **record})
+                          "repeats": args.repeats, "rounds": args.rounds, "children_malloc": CHILDREN_MALLOC,
+                          "codecs": results, **record})
     print(f"written: {args.out}")
 
 

@@ -225,6 +225,8 @@ def test_the_selection_tables_find_random_runs_of_any_seed(monkeypatch):
 def test_the_release_benchmark_decodes_one_kv_with_two_codes(monkeypatch, tmp_path):
     """Without a model: an export of this checkout's HEAD and the checkout itself encode the same KV
     (in children, as the benchmark runs them), decode it, and their values are compared."""
+    import math
+
     import torch
     from safetensors.torch import save_file
 
@@ -248,6 +250,15 @@ def test_the_release_benchmark_decodes_one_kv_with_two_codes(monkeypatch, tmp_pa
         assert out["messages"] == 1 and out["seconds"] > 0 and out["bytes"] == (tmp_path / label /
                                                                                 "int4-ans-kv-0.bin").stat().st_size
     then, now = (tmp_path / label / "decoded-int4-ans.safetensors" for label in ("then", "now"))
-    assert module.largest_difference(then, now) == 0.0  # one code, one reconstruction
+    assert module.compare(then, now) == (True, 0.0)  # one code, one reconstruction
+    bits = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([2.0])}
+    for changed, expected in (({"a": torch.tensor([-0.0, 1.0])}, False), ({"b": torch.tensor([float("nan")])}, False)):
+        save_file({**bits, **changed}, str(tmp_path / "x.safetensors"))
+        save_file(bits, str(tmp_path / "y.safetensors"))
+        same, largest = module.compare(tmp_path / "x.safetensors", tmp_path / "y.safetensors")
+        assert same is expected and (math.isnan(largest) if "b" in changed else largest == 0.0)
+    save_file({"a": torch.zeros(1), "b": torch.tensor([2.0])}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(SystemExit, match="decoded as"):  # no broadcasting
+        module.compare(tmp_path / "x.safetensors", tmp_path / "y.safetensors")
     with pytest.raises(SystemExit, match="cannot export 'no-such-revision'"):
         module.export("no-such-revision", tmp_path / "nothing")
