@@ -40,6 +40,7 @@ import tarfile
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from record import add_out, at_least_one, check_out, run_record, write_json  # benchmarks/record.py, beside this file
@@ -121,8 +122,9 @@ def compare(then: Path, now: Path) -> tuple[bool, float]:
     return same, largest
 
 
-def child(code: Path, *arguments: str) -> str:
-    """Runs ``release_child.py`` with ``code`` first on the path; its output."""
+def child(code: Path, *arguments: str) -> dict[str, Any]:
+    """Runs ``release_child.py`` with ``code`` first on the path; what it reports (its last line of
+    output, JSON), once every ``kvcomm`` module it loaded came from ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code), **CHILDREN_MALLOC}
     try:
         done = subprocess.run([sys.executable, str(CHILD), *arguments], env=env, capture_output=True, text=True,
@@ -131,7 +133,10 @@ def child(code: Path, *arguments: str) -> str:
         raise SystemExit(f"{CHILD.name} {' '.join(arguments)} with {code} ran past {CHILD_TIMEOUT_S} s") from None
     if done.returncode:
         raise SystemExit(f"{CHILD.name} {' '.join(arguments)} with {code} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if report["strays"]:
+        raise SystemExit(f"{CHILD.name} with {code} ran modules from elsewhere: {', '.join(report['strays'])}")
+    return report
 
 
 def main() -> None:
@@ -172,7 +177,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name in codecs:
                 for label, code in codes.items():
-                    out = json.loads(child(code, "decode", str(folder / label), name, str(args.repeats)))
+                    out = child(code, "decode", str(folder / label), name, str(args.repeats))
                     seconds[name][label].append(out["seconds"])
                     size[name][label] = out["bytes"]
                 ratio = seconds[name]["baseline"][-1] / seconds[name]["current"][-1]

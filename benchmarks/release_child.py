@@ -6,7 +6,8 @@ It uses only what every message format version's code has: ``KVMessage`` with po
 ``make_codec``, so that the same file runs against the code of any day since the wire format
 began. Not a benchmark of its own.
 
-    python release_child.py encode KV_DIR OUT_DIR CODEC...   # KV_DIR: kv-N.safetensors + kv-N.json
+    python release_child.py encode KV_DIR OUT_DIR CODEC...   # KV_DIR: kv-N.safetensors + kv-N.json;
+                                                              # prints one JSON line
     python release_child.py decode DIR CODEC REPEATS          # prints one JSON line; writes the
                                                               # decoded KV to DIR/decoded-CODEC.safetensors
 """
@@ -14,6 +15,7 @@ began. Not a benchmark of its own.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from kvcomm.wire.codecs import make_codec
 from kvcomm.wire.message import KVMessage, LayerKV
+
+
+def strays() -> list[str]:
+    """The loaded ``kvcomm`` modules that are not under ``$PYTHONPATH``'s code (an editable install
+    of another checkout can still supply a module the code on the path lacks)."""
+    code = Path(os.environ["PYTHONPATH"]).resolve()
+    return sorted(name for name, module in sys.modules.items() if name.split(".")[0] == "kvcomm"
+                  and getattr(module, "__file__", None) and not Path(module.__file__).resolve().is_relative_to(code))
 
 
 def encode(kv_dir: Path, out_dir: Path, codecs: list[str]) -> None:
@@ -36,6 +46,7 @@ def encode(kv_dir: Path, out_dir: Path, codecs: list[str]) -> None:
             message = KVMessage(meta["fingerprint"], meta["context_len"], meta["sink_position"], layers,
                                 make_codec(name), {}, meta["mode"])
             (out_dir / f"{name}-{meta_path.stem}.bin").write_bytes(message.to_bytes())
+    print(json.dumps({"strays": strays()}))
 
 
 def decode(folder: Path, name: str, repeats: int) -> None:
@@ -53,7 +64,7 @@ def decode(folder: Path, name: str, repeats: int) -> None:
         [KVMessage.from_bytes(blob) for blob in blobs]
         best = min(best, time.perf_counter() - began)
     print(json.dumps({"seconds": best, "bytes": sum(len(blob) for blob in blobs), "messages": len(blobs),
-                      "torch_threads": torch.get_num_threads()}))
+                      "torch_threads": torch.get_num_threads(), "strays": strays()}))
 
 
 if __name__ == "__main__":

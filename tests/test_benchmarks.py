@@ -246,7 +246,7 @@ def test_the_release_benchmark_decodes_one_kv_with_two_codes(monkeypatch, tmp_pa
     assert len(commit) == 40 and (tmp_path / "then" / "kvcomm" / "__init__.py").is_file()
     for label, code in (("then", tmp_path / "then"), ("now", module.ROOT)):
         module.child(code, "encode", str(kv), str(tmp_path / label), "int4-ans")
-        out = json.loads(module.child(code, "decode", str(tmp_path / label), "int4-ans", "2"))
+        out = module.child(code, "decode", str(tmp_path / label), "int4-ans", "2")
         assert out["messages"] == 1 and out["seconds"] > 0 and out["bytes"] == (tmp_path / label /
                                                                                 "int4-ans-kv-0.bin").stat().st_size
     then, now = (tmp_path / label / "decoded-int4-ans.safetensors" for label in ("then", "now"))
@@ -260,5 +260,8 @@ def test_the_release_benchmark_decodes_one_kv_with_two_codes(monkeypatch, tmp_pa
     save_file({"a": torch.zeros(1), "b": torch.tensor([2.0])}, str(tmp_path / "x.safetensors"))
     with pytest.raises(SystemExit, match="decoded as"):  # no broadcasting
         module.compare(tmp_path / "x.safetensors", tmp_path / "y.safetensors")
+    (tmp_path / "then" / "kvcomm" / "errors.py").unlink()  # the installed checkout's may stand in: refused
+    with pytest.raises(SystemExit, match="ran modules from elsewhere: .*kvcomm.errors|failed"):
+        module.child(tmp_path / "then", "decode", str(tmp_path / "then"), "int4-ans", "1")
     with pytest.raises(SystemExit, match="cannot export 'no-such-revision'"):
         module.export("no-such-revision", tmp_path / "nothing")
