@@ -10,6 +10,7 @@ began. Not a benchmark of its own.
                                                               # prints one JSON line
     python release_child.py decode DIR CODEC REPEATS          # prints one JSON line; writes the
                                                               # decoded KV to DIR/decoded-CODEC.safetensors
+                                                              # unless it is there
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def decode(folder: Path, name: str, repeats: int) -> None:
     if not blobs:
         raise SystemExit(f"no {name} messages in {folder}")
     messages = [KVMessage.from_bytes(blob) for blob in blobs]  # untimed: imports, compiled code's cache, tables
-    save_file({f"{m}.{layer.index}.{part}": getattr(layer, part).float().contiguous()  # compared by the parent
-               for m, message in enumerate(messages) for layer in message.layers for part in ("keys", "values")},
-              str(folder / f"decoded-{name}.safetensors"))
+    decoded = folder / f"decoded-{name}.safetensors"  # compared by the parent: written by the first round only
+    if not decoded.exists():
+        save_file({f"{m}.{layer.index}.{part}": getattr(layer, part).float().contiguous()
+                   for m, message in enumerate(messages) for layer in message.layers for part in ("keys", "values")},
+                  str(decoded))
     del messages
     best = float("inf")
     for _ in range(repeats):
