@@ -18,6 +18,8 @@ from fastapi.testclient import TestClient
 from kvcomm.errors import ConfigError, MessageTooLarge
 from kvcomm.serve import Client, DiskStore, MemoryStore, ServiceError
 from kvcomm.serve.app import ServeConfig, create_app
+from kvcomm.serve.errors import ServiceRefusal
+from kvcomm.serve.retry import NOTHING_DONE_HEADER, busy_headers, retry_after
 from kvcomm.wire import KVMessage
 from tests.conftest import running, tiny_loaded
 
@@ -435,22 +437,25 @@ def _mocked(handler) -> Client:
     return client
 
 
-@pytest.mark.parametrize(("retry_after", "retries", "requests", "stored"), [
-    ("0", 2, 3, True),     # refused twice, then stored
-    ("0", 1, 2, False),    # refused more often than it may be sent again: the refusal is the error
-    ("0", 0, 1, False),    # no retries
-    (None, 2, 1, False),   # a 503 without Retry-After (e.g. the store is down): something may have been done
-    ("60", 2, 1, False),   # a longer wait than RETRY_AFTER_MAX_S is the error at once
-    ("Wed, 21 Oct 2026 07:28:00 GMT", 2, 1, False),
+@pytest.mark.parametrize(("retry_after", "nothing_done", "retries", "requests", "stored"), [
+    ("0", True, 2, 3, True),     # refused twice, then stored
+    ("0", True, 1, 2, False),    # refused more often than it may be sent again: the refusal is the error
+    ("0", True, 0, 1, False),    # no retries
+    (None, True, 2, 1, False),   # a 503 without Retry-After (e.g. the store is down): something may have been done
+    ("60", True, 2, 1, False),   # a longer wait than RETRY_AFTER_MAX_S is the error at once
+    ("Wed, 21 Oct 2026 07:28:00 GMT", True, 2, 1, False),
+    ("0", False, 2, 1, False),   # not the agent's word (a proxy's 503 after the agent did the work): never again
 ])
-def test_the_client_sends_a_request_again_only_where_the_agent_asks_and_did_nothing(retry_after, retries, requests,
-                                                                                      stored):
+def test_the_client_sends_a_request_again_only_where_the_agent_asks_and_did_nothing(retry_after, nothing_done, retries,
+                                                                                      requests, stored):
     seen = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request.content)
         if len(seen) < 3:
             headers = {} if retry_after is None else {"Retry-After": retry_after}
+            if nothing_done:
+                headers[NOTHING_DONE_HEADER] = "1"
             return httpx.Response(503, headers=headers, json={"error": {
                 "message": "2 uploads are being received already", "code": "too_many_uploads"}})
         return httpx.Response(200, json={"id": "m", "bytes": 5})
@@ -492,10 +497,47 @@ def test_the_client_connects_again_only_where_nothing_was_sent(failure, retries,
     assert seen == ["/healthz"] * requests
 
 
+def test_one_budget_of_retries_covers_both_reasons_to_send_again(monkeypatch):
+    """Connections not made and the agent's refusals draw on one count: before, each reason had its
+    own ``retries``, so a call could send its request 9 times with ``retries=2``."""
+    from kvcomm.serve import client as client_module
+
+    monkeypatch.setattr(client_module, "CONNECT_BACKOFF_S", 0.001)
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if len(seen) % 2:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(503, headers={"Retry-After": "0", NOTHING_DONE_HEADER: "1"},
+                              json={"error": {"message": "busy", "code": "too_many_uploads"}})
+
+    client = _mocked(answer)
+    client.retries = 2
+    with pytest.raises(ServiceError, match="cannot reach the agent"):
+        client.health()
+    assert len(seen) == 3  # not connected, refused, not connected with the budget spent: the error
+    seen.clear()
+    client.retries = 3
+    with pytest.raises(ServiceError, match="HTTP 503: busy"):
+        client.health()
+    assert len(seen) == 4
+
+
+def test_the_agent_marks_its_refusals_made_before_any_work():
+    """Both refusals that ask for a retry carry the header the client believes (a proxy's 503 does not)."""
+    from kvcomm.serve.budget import DecodedBudget
+
+    with pytest.raises(ServiceRefusal) as refused:
+        DecodedBudget(10).hold().take(11)
+    assert refused.value.headers == busy_headers() and busy_headers()[NOTHING_DONE_HEADER] == "1"
+    assert retry_after(httpx.Response(503, headers=refused.value.headers)) == 1.0
+
+
 def test_a_retry_after_that_is_no_ascii_number_is_not_waited_for():
     """``"²".isdigit()`` is true and ``int("²")`` fails: a bare ValueError reached the caller."""
-    client = _mocked(lambda request: httpx.Response(503, headers={"Retry-After": b"\xb2"}, json={"error": {
-        "message": "busy", "code": "decoded_budget_busy"}}))
+    client = _mocked(lambda request: httpx.Response(503, headers={"Retry-After": b"\xb2", NOTHING_DONE_HEADER: "1"},
+                                                    json={"error": {"message": "busy", "code": "decoded_budget_busy"}}))
     with pytest.raises(ServiceError, match="HTTP 503: busy"):
         client.health()
 
@@ -1623,6 +1665,7 @@ def test_requests_in_flight_share_one_decoded_budget_and_give_it_back(agent, mon
         first.join(10)
         monkeypatch.setattr(app_module, "generate", real)
         assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+        assert second.headers[NOTHING_DONE_HEADER] == "1"  # the agent's own word: the client may send it again
         assert second.json()["error"]["code"] == "decoded_budget_busy"
         assert upload.status_code == 503 and "copy" not in app.state.store.list()
         assert decoded.held == 0

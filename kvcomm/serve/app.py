@@ -46,6 +46,7 @@ from kvcomm.serve.health import StoreHealth
 from kvcomm.serve.limits import RequestLimits
 from kvcomm.serve.metrics import ServiceMetrics
 from kvcomm.serve.responses import completion, stream_events
+from kvcomm.serve.retry import busy_headers
 from kvcomm.serve.schemas import ChatRequest, ContextCreated, ContextRequest, Deleted, Health, MessageStored
 from kvcomm.serve.stores import ID_PATTERN, MessageStore, StoreError, StoreUnavailable, check_given_id, check_id
 from kvcomm.serve.worker import Job, ModelWorker
@@ -214,7 +215,7 @@ def create_app(agent: LoadedModel, store: MessageStore, config: ServeConfig | No
         except anyio.WouldBlock:
             raise ServiceRefusal(503, f"{config.max_uploads} uploads are being received already (the most at once); "
                                       "retry once one has ended", "too_many_uploads",
-                                 headers={"Retry-After": "1"}) from None
+                                 headers=busy_headers()) from None
         hold = decoded.hold()  # what its check decodes counts with the chats' KV
         try:
             return await _receive_upload(message_id, request, hold)

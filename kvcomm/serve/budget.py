@@ -15,6 +15,7 @@ import threading
 import weakref
 
 from kvcomm.serve.errors import ServiceRefusal
+from kvcomm.serve.retry import busy_headers
 
 
 class DecodedBudget:
@@ -41,7 +42,7 @@ class DecodedBudget:
             raise ServiceRefusal(
                 503, f"the requests in flight hold {held:,} decoded bytes of KV and this one needs {size:,} "
                      f"more; the service holds at most {self.total:,} at once: retry when others have ended",
-                "decoded_budget_busy", "kv_messages", headers={"Retry-After": "1"})
+                "decoded_budget_busy", "kv_messages", headers=busy_headers())
 
     def _give(self, size: int) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from kvcomm.models.fingerprint import Fingerprint
 from kvcomm.protocol.shared import layer_indices
 from kvcomm.selection.calibrate import Profile
 from kvcomm.serve.links import LinkMeter
+from kvcomm.serve.retry import retry_after
 from kvcomm.serve.stores.base import check_id
 from kvcomm.wire.message import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED, KVMessage
 from kvcomm.wire.streaming import Arrival, Timeline
@@ -50,11 +51,14 @@ class Client:
         base_url: e.g. ``http://127.0.0.1:8000``.
         token: bearer token, if the agent was started with one.
         timeout: seconds to wait for each read of the agent's answer; connecting waits at most 10.
-        retries: times a request is sent again where nothing of it was done: a connection that
-            could not be made (after :data:`CONNECT_BACKOFF_S`, doubled each time), or a refusal
-            with 503 and ``Retry-After`` (the agent's decoded-KV budget or upload slots were
-            full), after the seconds it asks, at most :data:`RETRY_AFTER_MAX_S` (a longer wait is
-            the error at once). 0: none.
+        retries: times one call may send its request again where nothing of it was done, for
+            either reason, counted together: a connection that could not be made (after
+            :data:`CONNECT_BACKOFF_S`, doubled each time), or the agent's own refusal made before
+            any work (503 with ``Retry-After`` and :data:`~kvcomm.serve.retry.NOTHING_DONE_HEADER`:
+            its decoded-KV budget or upload slots were full), after the seconds it asks, at most
+            :data:`~kvcomm.serve.retry.RETRY_AFTER_MAX_S` (a longer wait is the error at once). A 503
+            without that header (a proxy's) is the error at once: the agent may have done the work.
+            So a call sends its request at most ``retries + 1`` times. 0: none.
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0, retries: int = 2) -> None:
@@ -93,32 +97,38 @@ class Client:
             raise ConfigError(f"this client of {self._http.base_url} was closed: open a new one")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request (its body bytes or JSON, so it can be sent again), sent again after a
-        refusal that asks for it (:func:`_retry_after`), at most :attr:`retries` times."""
+        """One request (its body bytes or JSON, so it can be sent again), sent again after the
+        agent's refusal that asks for it (:func:`~kvcomm.serve.retry.retry_after`) or a
+        connection that could not be made: :attr:`retries` times at most, the two counted together."""
         self._check_open()
-        for attempt in range(self.retries + 1):
+        left = _Retries(self.retries)
+        while True:
             try:
-                response = self._connected(lambda: self._http.request(method, path, **kwargs))
+                response = self._connected(lambda: self._http.request(method, path, **kwargs), left)
             except _HTTPX_ERRORS as err:
                 raise self._failed(err) from None
-            wait = _retry_after(response)
-            if wait is None or attempt == self.retries:
+            wait = retry_after(response)
+            if wait is None or not left.take():
                 break
             time.sleep(wait)
         _raise_for(response)
         return response
 
-    def _connected(self, send: Callable[[], T]) -> T:
-        """``send()``, called again where it could not connect (nothing was sent), at most
-        :attr:`retries` times, waiting :data:`CONNECT_BACKOFF_S` and then twice as long each time.
-        (Not httpx's transport retries: a transport given to the client turns off the proxies
-        the environment names.)"""
-        for attempt in range(self.retries):
+    def _connected(self, send: Callable[[], T], left: _Retries | None = None) -> T:
+        """``send()``, called again where it could not connect (nothing was sent) while ``left``
+        (one call's retries; :attr:`retries` fresh if None) allows, waiting
+        :data:`CONNECT_BACKOFF_S` and then twice as long each time. (Not httpx's transport
+        retries: a transport given to the client turns off the proxies the environment names.)"""
+        left = _Retries(self.retries) if left is None else left
+        failed = 0
+        while True:
             try:
                 return send()
             except (httpx.ConnectError, httpx.ConnectTimeout):
-                time.sleep(CONNECT_BACKOFF_S * 2**attempt)
-        return send()
+                if not left.take():
+                    raise
+                time.sleep(CONNECT_BACKOFF_S * 2**failed)
+                failed += 1
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """:meth:`_call`'s answer read as a JSON object; an answer that is not one is a :class:`ServiceError`."""
@@ -315,18 +325,21 @@ def _profile_body(ranking: Sequence[int] | Profile | None) -> dict[str, Any] | N
 
 
 _HTTPX_ERRORS = (httpx.RequestError, httpx.StreamError)  # the link, or a body that cannot be read
-RETRY_AFTER_MAX_S = 10.0  # the longest Retry-After the client waits for before sending a request again
 CONNECT_BACKOFF_S = 0.5  # the first wait before connecting again; doubled each time
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """The seconds to wait before sending a refused request again: a 503 whose ``Retry-After``
-    gives at most :data:`RETRY_AFTER_MAX_S` seconds (the agent refuses so when nothing of the
-    request was done); None for any other answer, and for a date or a longer wait."""
-    given = response.headers.get("retry-after", "") if response.status_code == 503 else ""
-    if not (given.isascii() and given.isdigit()) or int(given) > RETRY_AFTER_MAX_S:  # not "²": no int
-        return None
-    return float(given)
+class _Retries:
+    """One call's budget of sends again, whatever the reason (a connection not made, a refusal)."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+
+    def take(self) -> bool:
+        """One more send, if the budget has it."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
 
 
 def _message_path(message_id: str) -> str:
