@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
 from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share, share_many
+from kvcomm.protocol.fork import fork_configurations
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import check_layer_choice, contiguous_layers, format_layers, random_layers, top_layers
 from kvcomm.tasks.base import Pieces
@@ -164,15 +165,19 @@ class KVCommMethod(Method):
     @classmethod
     def run_together(cls, methods: Sequence[Method], batch: Batch) -> list[Output]:
         """Every configuration's receiver in one batch over one copy of the sender's KV
-        (:func:`~kvcomm.protocol.share_many`): configuration ``i`` takes rows ``i·B …``."""
+        (:func:`~kvcomm.protocol.share_many`): configuration ``i`` takes rows ``i·B …``. The
+        configurations whose first shared layer is deepest prefill the layers below it once
+        (:func:`~kvcomm.protocol.fork.fork_configurations`): there they see the sink alone."""
         chosen = [cast(KVCommMethod, m) for m in methods]
         read = batch.reading(chosen[0].options.senders, chosen[0].options.pieces)
         receiver = batch.agents.receiver
         copies, rows = len(chosen), len(batch.items)
+        layer_sets = [m._chosen() for m in chosen]
         answers = greedy_generate(
-            receiver.model, receiver_input(share_many(read.kv, [m._chosen() for m in chosen], read.opening)),
+            receiver.model, receiver_input(share_many(read.kv, layer_sets, read.opening)),
             read.prompt.input_ids.repeat(copies, 1), read.prompt.valid.repeat(copies, 1),
             batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
+            fork=fork_configurations([effective_layers(s, "causal") for s in layer_sets], rows, read.kv.num_layers),
         )
         return [m._output(batch, answers[i * rows:(i + 1) * rows],
                           share(None, read.kv, m._chosen(), opening=read.opening).kv_bytes.tolist())

@@ -8,8 +8,9 @@ from numbers import Integral
 import torch
 from transformers import PreTrainedModel
 
-from kvcomm.errors import ConfigError, ProtocolError
-from kvcomm.protocol.receiver import ReceiverInput
+from kvcomm.errors import ConfigError
+from kvcomm.protocol.fork import Fork, forked_prefill
+from kvcomm.protocol.receiver import ReceiverInput, take
 from kvcomm.protocol.sender import check_rows, run_body
 
 
@@ -38,6 +39,7 @@ def greedy_generate(
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     prefill_chunk: int | None = None,
     check: Callable[[], None] | None = None,
+    fork: Fork | None = None,
 ) -> list[list[int]]:
     """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
     decodes greedily, row by row until a stop id.
@@ -48,6 +50,8 @@ def greedy_generate(
             prompt then gives ``check`` a chance between chunks).
         check: called between prefill chunks and decoding steps; it raises to stop (a deadline, a
             client that went away).
+        fork: rows that agree below a layer share its prefill there (:mod:`kvcomm.protocol.fork`;
+            not with ``prefill_chunk``).
 
     Returns:
         the generated ids of each row, without the stop token.
@@ -58,7 +62,7 @@ def greedy_generate(
     """
     check_budget(max_new_tokens)
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
-    logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check)
+    logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check, fork)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -79,15 +83,25 @@ def greedy_generate(
 
 
 def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor,
-                    chunk: int | None, check: Callable[[], None] | None = None) -> torch.Tensor:
+                    chunk: int | None, check: Callable[[], None] | None = None,
+                    fork: Fork | None = None) -> torch.Tensor:
     """The last position's logits ``[B, 1, V]`` after prefilling ``input_ids`` ``chunk`` tokens at a
-    time (all at once if None), calling ``check`` before each chunk.
+    time (all at once if None), calling ``check`` before each chunk; with ``fork``, in one forward
+    whose lower layers run once per distinct row (:func:`~kvcomm.protocol.fork.forked_prefill`).
 
     Raises:
-        ConfigError: a row with no token to prefill (its logits would be a padding query's).
-        ProtocolError: ``start`` was used by an earlier prefill (:func:`take`).
+        ConfigError: a row with no token to prefill (its logits would be a padding query's), or a
+            fork asked with chunks.
+        ProtocolError: ``start`` was used by an earlier prefill (:func:`~kvcomm.protocol.receiver.take`),
+            or a fork's rows differ from their sources.
     """
     _check_prompt(model, start, input_ids, valid)
+    if fork is not None:
+        if chunk is not None:
+            raise ConfigError("a forked prefill runs in one forward: prefill it without chunks")
+        if check is not None:
+            check()
+        return forked_prefill(model, start, input_ids, valid, fork)  # checks the fork, then takes start
     take(start)
     width = input_ids.shape[1]
     step = width if chunk is None else max(1, chunk)
@@ -100,18 +114,6 @@ def chunked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: tor
                           logits_to_keep=1).logits
     assert logits is not None, "a prompt has at least one token"
     return logits
-
-
-def take(start: ReceiverInput) -> None:
-    """Marks ``start`` used by a prefill (its cache now holds that prompt's tokens).
-
-    Raises:
-        ProtocolError: a prefill used it before.
-    """
-    if start.used:
-        raise ProtocolError("this receiver input was used by an earlier prefill or generation, whose tokens its "
-                            "cache now holds: build one per question (receiver_input or build_receiver_input again)")
-    start.used = True
 
 
 @torch.inference_mode()

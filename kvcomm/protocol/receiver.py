@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from kvcomm.errors import WireError
+from kvcomm.errors import ProtocolError, WireError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
 from kvcomm.protocol.padded import pad_sink_layers
 from kvcomm.protocol.sender import SenderKV
@@ -33,7 +33,28 @@ class ReceiverInput:
     cache: DynamicCache
     layout: AttentionLayout
     kv_bytes: torch.Tensor  # [B] bytes of received keys and values (sinks included)
-    used: bool = False  # a prefill ran on it (:func:`~kvcomm.protocol.decoding.take`)
+    used: bool = False  # a prefill ran on it (:func:`take`)
+
+
+def check_unused(start: ReceiverInput) -> None:
+    """Refuses ``start`` if a prefill used it before.
+
+    Raises:
+        ProtocolError: it was used (its cache holds that prompt's tokens).
+    """
+    if start.used:
+        raise ProtocolError("this receiver input was used by an earlier prefill or generation, whose tokens its "
+                            "cache now holds: build one per question (receiver_input or build_receiver_input again)")
+
+
+def take(start: ReceiverInput) -> None:
+    """Marks ``start`` used by a prefill (its cache now holds that prompt's tokens).
+
+    Raises:
+        ProtocolError: a prefill used it before (:func:`check_unused`).
+    """
+    check_unused(start)
+    start.used = True
 
 
 def receiver_input(shared: SharedKV) -> ReceiverInput:
