@@ -67,7 +67,8 @@ def check_fork(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Te
     silently different answer).
 
     Raises:
-        ConfigError: a depth out of range, or a source map of the wrong length or not closed.
+        ConfigError: a depth out of range, a source map of the wrong length or not closed, or a
+            start that holds tokens of its own already (a prompt's opening: fork a whole prompt).
         ProtocolError: a row differs from its source below ``depth``.
     """
     num_layers = model.config.get_text_config().num_hidden_layers
@@ -76,26 +77,33 @@ def check_fork(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Te
         raise ConfigError(f"a fork's depth is 1..{num_layers - 1} layers, not {fork.depth}")
     if len(fork.source) != rows or any(not 0 <= s < rows or fork.source[s] != s for s in fork.source):
         raise ConfigError(f"a fork maps each of the {rows} rows to a row that is its own source")
-    source = torch.tensor(fork.source)
     layout = start.layout
-    same = torch.equal(input_ids[source], input_ids) and torch.equal(valid[source], valid)
-    same = same and torch.equal(layout.context_len[source], layout.context_len)
+    if layout.own_pos.shape[1]:
+        raise ConfigError("a forked prefill starts from received KV alone; this start holds "
+                          f"{layout.own_pos.shape[1]} prompt tokens already")
+    moved = [row for row, s in enumerate(fork.source) if s != row]  # the rows that take another's layers
+    if not moved:
+        return
+    to, source = torch.tensor(moved), torch.tensor([fork.source[row] for row in moved])
+    same = torch.equal(input_ids[source], input_ids[to]) and torch.equal(valid[source], valid[to])
+    same = same and torch.equal(layout.context_len[source], layout.context_len[to])
     keys, values = cache_tensors(start.cache)
     for layer in range(fork.depth):
         if not same:
             break
-        kept = layout.prefix_valid[layer]
-        same = (torch.equal(kept[source], kept)
-                and torch.equal(layout.prefix_pos[layer][source][kept], layout.prefix_pos[layer][kept])
-                and _equal_where(keys[layer], source, kept) and _equal_where(values[layer], source, kept))
+        kept, theirs = layout.prefix_valid[layer][to], layout.prefix_valid[layer][source]
+        same = (torch.equal(theirs, kept)
+                and torch.equal(layout.prefix_pos[layer][source][kept], layout.prefix_pos[layer][to][kept])
+                and _equal_where(keys[layer], source, to, kept) and _equal_where(values[layer], source, to, kept))
     if not same:
         raise ProtocolError(f"a forked prefill's rows must equal their sources below layer {fork.depth} (prompt, "
                             "received KV and mask): these do not")
 
 
-def _equal_where(tensor: torch.Tensor, source: torch.Tensor, kept: torch.Tensor) -> bool:
-    """Whether every row of ``tensor`` (``[B, H, K, D]``) equals its source's at the kept columns."""
-    return torch.equal(tensor[source].transpose(1, 2)[kept], tensor.transpose(1, 2)[kept])
+def _equal_where(tensor: torch.Tensor, source: torch.Tensor, to: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Whether rows ``to`` of ``tensor`` (``[B, H, K, D]``) equal rows ``source`` at their kept
+    columns (``[len(to), K]``; the others are invalid keys, whatever they hold)."""
+    return torch.equal(tensor[source].transpose(1, 2)[kept], tensor[to].transpose(1, 2)[kept])
 
 
 @torch.inference_mode()
@@ -121,8 +129,13 @@ def forked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torc
     keys, values = cache_tensors(start.cache)
     for layer in range(fork.depth):
         lower.update(keys[layer][rows], values[layer][rows], layer)
+    picked: dict[int, torch.Tensor] = {}  # each distinct tensor indexed once: layers alike keep one mask
+
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        return picked.setdefault(id(tensor), tensor[rows])
+
     lower_layout = AttentionLayout(
-        prefix_pos=[p[rows] for p in layout.prefix_pos], prefix_valid=[v[rows] for v in layout.prefix_valid],
+        prefix_pos=[pick(p) for p in layout.prefix_pos], prefix_valid=[pick(v) for v in layout.prefix_valid],
         context_len=layout.context_len[rows], own_pos=layout.own_pos[rows], own_valid=layout.own_valid[rows],
         mode=layout.mode,
     )

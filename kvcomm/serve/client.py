@@ -120,15 +120,14 @@ class Client:
         :data:`CONNECT_BACKOFF_S` and then twice as long each time. (Not httpx's transport
         retries: a transport given to the client turns off the proxies the environment names.)"""
         left = _Retries(self.retries) if left is None else left
-        failed = 0
         while True:
             try:
                 return send()
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if not left.take():
                     raise
-                time.sleep(CONNECT_BACKOFF_S * 2**failed)
-                failed += 1
+                time.sleep(CONNECT_BACKOFF_S * 2**left.unreached)
+                left.unreached += 1
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """:meth:`_call`'s answer read as a JSON object; an answer that is not one is a :class:`ServiceError`."""
@@ -333,6 +332,7 @@ class _Retries:
 
     def __init__(self, count: int) -> None:
         self.left = count
+        self.unreached = 0  # connections not made so far: the backoff doubles with each, refusals between or not
 
     def take(self) -> bool:
         """One more send, if the budget has it."""
