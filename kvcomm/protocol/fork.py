@@ -7,7 +7,8 @@ layer is ``depth`` or deeper compute the same thing for an item at layers ``0..d
 :func:`forked_prefill` computes those layers once per distinct row, hands the hidden state on to
 every row that shares it, and computes every row from ``depth`` on: the prompt's KV at the lower
 layers is the source row's, copied. Up to float rounding (a batch of other rows), this is the
-prefill of the whole batch (the tests bound it and compare the answers); ``depth`` 0 is no fork.
+prefill of the whole batch (the tests bound it and compare the answers). A fork's depth is 1 or
+more and below the last layer; where nothing is shared there is no fork (None).
 """
 
 from __future__ import annotations
