@@ -4,7 +4,7 @@ An agent that refuses a request before doing any of it (its decoded-KV budget or
 are full) answers 503 with ``Retry-After`` *and* :data:`NOTHING_DONE_HEADER`. A 503 with
 ``Retry-After`` alone may come from a proxy in front of the agent after the agent did the work (a
 gateway that timed out on a slow chat), so the client sends a request again only on the agent's
-own word: a chat or an upload is never done twice.
+own word: its retries never make the agent do a chat or an upload twice.
 """
 
 from __future__ import annotations
