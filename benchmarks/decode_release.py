@@ -90,8 +90,9 @@ def write_kv(args: argparse.Namespace, folder: Path) -> int:
     shared = share(agents.sender.model, batch.sender_kv(), range(agents.num_layers))
     fp16_bytes = 0
     for i in range(len(batch.items)):
-        message = KVMessage.from_shared(shared.row(i), agents.sender.fingerprint, make_codec("fp16"))
-        fp16_bytes += int(shared.row(i).kv_bytes[0]) // 2  # the model runs in float32
+        row = shared.row(i)
+        message = KVMessage.from_shared(row, agents.sender.fingerprint, make_codec("fp16"))
+        fp16_bytes += int(row.kv_bytes[0]) // 2  # the model runs in float32
         tensors = {}
         for layer in message.layers:
             tensors[f"{layer.index}.keys"] = layer.keys.float().contiguous()
