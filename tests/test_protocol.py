@@ -182,6 +182,62 @@ def test_greedy_batch_equals_batch_of_one(family):
     assert run([0, 1, 2]) == [run([r])[0] for r in range(3)]
 
 
+def test_finished_rows_leave_the_batch_and_the_rest_answer_as_alone(family, monkeypatch):
+    """Rows that stop early leave the decoding batch (the cache and layout keep the others), and
+    every row's answer is still its answer decoded alone."""
+    import kvcomm.protocol.decoding as decoding
+
+    model = tiny_model(family)
+    senders = [torch.randint(0, 99, (n,)).tolist() for n in (7, 4, 10, 6, 9, 5)]
+    receivers = [torch.randint(0, 99, (n,)).tolist() for n in (3, 8, 5, 6, 4, 7)]
+
+    def run(rows, stops, on_step=None):
+        s_ids, s_valid = pad_left([senders[r] for r in rows], 0)
+        r_ids, r_valid = pad_left([receivers[r] for r in rows], 0)
+        start = build_receiver_input(model, prefill(model, s_ids, s_valid), [0, 3])
+        return greedy_generate(model, start, r_ids, r_valid, 8, stop_ids=stops, pad_id=0, on_step=on_step)
+
+    free = [run([r], [])[0] for r in range(6)]
+    stops = sorted({free[0][1], free[1][1], free[2][4]})  # rows 0 and 1 stop at their second token
+    kept: list[int] = []
+    real = decoding.keep_rows
+    monkeypatch.setattr(decoding, "keep_rows", lambda start, rows: (kept.append(len(rows)), real(start, rows)))
+    steps: list[tuple[list[int], list[bool]]] = []
+    together = run(list(range(6)), stops, lambda token, done: steps.append((token.tolist(), done.tolist())))
+    assert together == [run([r], stops)[0] for r in range(6)]
+    assert kept and kept[0] < 6, "some rows stopped before the others and should have left the batch"
+    assert len(steps[-1][0]) == 6  # on_step still sees the whole batch,
+    for (token, _), (_, done_before) in zip(steps[1:], steps):
+        assert all(t == 0 for t, d in zip(token, done_before) if d)  # finished rows as padding
+
+
+def test_a_layouts_rows_keep_its_shared_tensors_shared():
+    layout = AttentionLayout.empty(3, 4)
+    shared = torch.arange(8).reshape(4, 2)
+    layout.prefix_pos = [shared, shared, torch.arange(4)[:, None]]
+    layout.prefix_valid = [torch.ones(4, 2, dtype=torch.bool)] * 2 + [torch.ones(4, 1, dtype=torch.bool)]
+    layout.context_len = torch.tensor([5, 6, 7, 8])
+    layout.append(torch.tensor([[True], [False], [True], [True]]))
+    layout = layout.select_rows(torch.tensor([3, 1]))
+    assert layout.prefix_pos[0] is layout.prefix_pos[1] and layout.prefix_valid[0] is layout.prefix_valid[1]
+    assert layout.prefix_pos[0].tolist() == [[6, 7], [2, 3]] and layout.prefix_pos[2].tolist() == [[3], [1]]
+    assert layout.context_len.tolist() == [8, 6] and layout.own_valid.tolist() == [[True], [False]]
+    assert layout.own_pos.tolist() == [[8], [6]]
+
+
+def test_rows_leave_only_a_decoding_batch_that_records_nothing():
+    from kvcomm.errors import ProtocolError
+    from kvcomm.protocol.layout import ImportanceRecorder
+    from kvcomm.protocol.receiver import keep_rows
+
+    start = empty_input(tiny_model("llama"), 2)
+    with pytest.raises(ProtocolError, match="after its prefill"):
+        keep_rows(start, torch.tensor([0]))
+    start.used, start.layout.recorder = True, ImportanceRecorder()
+    with pytest.raises(ProtocolError, match="importance"):
+        keep_rows(start, torch.tensor([0]))
+
+
 def test_greedy_decoding_matches_argmax_of_full_forward():
     model = tiny_model("qwen2")
     ids = torch.randint(0, 99, (1, 8))

@@ -10,8 +10,14 @@ from transformers import PreTrainedModel
 
 from kvcomm.errors import ConfigError
 from kvcomm.protocol.fork import Fork, forked_prefill
-from kvcomm.protocol.receiver import ReceiverInput, take
+from kvcomm.protocol.receiver import ReceiverInput, keep_rows, take
 from kvcomm.protocol.sender import check_rows, run_body
+
+LEAVE_AT = 4
+"""Finished rows leave a decoding batch once they are at least 1/``LEAVE_AT`` of the rows still
+computed: each later step then computes (and appends KV for) only the rows still answering. The
+cache is copied once for the rows that stay, about what one step's append copies anyway, so
+rows leave in a few large groups rather than one by one. 0: rows never leave."""
 
 
 def check_budget(max_new_tokens: object, least: int = 1) -> int:
@@ -42,10 +48,12 @@ def greedy_generate(
     fork: Fork | None = None,
 ) -> list[list[int]]:
     """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
-    decodes greedily, row by row until a stop id.
+    decodes greedily, row by row until a stop id. Finished rows leave the batch in groups
+    (:data:`LEAVE_AT`); ``start``'s cache then holds only the rows still answering.
 
     Args:
-        on_step: ``on_step(tokens, done)`` after every decoding step (streaming).
+        on_step: ``on_step(tokens, done)`` after every decoding step (streaming): ``[B]`` tokens
+            (``pad_id`` for a row that finished at an earlier step) and ``[B]`` done flags.
         prefill_chunk: prefill at most this many prompt tokens per forward (same result; a long
             prompt then gives ``check`` a chance between chunks).
         check: called between prefill chunks and decoding steps; it raises to stop (a deadline, a
@@ -65,9 +73,12 @@ def greedy_generate(
     logits = chunked_prefill(model, start, input_ids, valid, prefill_chunk, check, fork)
     batch = input_ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
+    running = torch.arange(batch)  # the batch rows the model still computes, in the cache's order
     out: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
-        token = logits[:, -1].argmax(dim=-1)
+        token = torch.full((batch,), pad_id, dtype=torch.long)
+        token[running] = logits[:, -1].argmax(dim=-1)
+        token.masked_fill_(done, pad_id)  # a row that finished at an earlier step gives padding
         done |= torch.isin(token, stops)
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
@@ -77,8 +88,13 @@ def greedy_generate(
             break
         if check is not None:
             check()
-        token = token.masked_fill(done, pad_id)
-        logits = run_body(model, token[:, None], ~done[:, None], start.cache, start.layout).logits
+        going = ~done[running]
+        if LEAVE_AT * int((~going).sum()) >= len(running) and start.layout.recorder is None:
+            kept = going.nonzero().flatten()
+            keep_rows(start, kept)
+            running = running[kept]
+        step_tokens = token[running][:, None]
+        logits = run_body(model, step_tokens, ~done[running][:, None], start.cache, start.layout).logits
     return out
 
 

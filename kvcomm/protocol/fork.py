@@ -22,7 +22,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from kvcomm.errors import ConfigError, ProtocolError
 from kvcomm.protocol.hidden import only_layers
-from kvcomm.protocol.layout import AttentionLayout
 from kvcomm.protocol.receiver import ReceiverInput, check_unused, take
 from kvcomm.protocol.sender import cache_tensors, run_body
 
@@ -130,16 +129,7 @@ def forked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torc
     keys, values = cache_tensors(start.cache)
     for layer in range(fork.depth):
         lower.update(keys[layer][rows], values[layer][rows], layer)
-    picked: dict[int, torch.Tensor] = {}  # each distinct tensor indexed once: layers alike keep one mask
-
-    def pick(tensor: torch.Tensor) -> torch.Tensor:
-        return picked.setdefault(id(tensor), tensor[rows])
-
-    lower_layout = AttentionLayout(
-        prefix_pos=[pick(p) for p in layout.prefix_pos], prefix_valid=[pick(v) for v in layout.prefix_valid],
-        context_len=layout.context_len[rows], own_pos=layout.own_pos[rows], own_valid=layout.own_valid[rows],
-        mode=layout.mode,
-    )
+    lower_layout = layout.select_rows(rows)
     entering: list[torch.Tensor] = []
 
     def keep(module: torch.nn.Module, args: tuple, output: Any) -> None:

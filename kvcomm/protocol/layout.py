@@ -20,7 +20,7 @@ from typing import Literal, get_args
 
 import torch
 
-from kvcomm.errors import ConfigError
+from kvcomm.errors import ConfigError, ProtocolError
 
 MaskMode = Literal["causal", "legacy", "shift-back", "padded-sink", "padded-zero"]
 """How a receiver reads a message (:class:`AttentionLayout`'s ``mode`` says each): ``causal`` (masks from key
@@ -108,6 +108,28 @@ class AttentionLayout:
         self.own_valid = torch.cat([self.own_valid, valid], dim=1)
         self._masks.clear()
         return positions
+
+    def select_rows(self, rows: torch.Tensor) -> AttentionLayout:
+        """A layout of the batch rows ``rows`` only (indices, in their new order): the rows that go
+        on decoding, or the distinct rows of a fork. Layers that shared one tensor here share one
+        there too (and so one mask).
+
+        Raises:
+            ProtocolError: importance is being recorded (its scores are per row of this batch).
+        """
+        if self.recorder is not None:
+            raise ProtocolError("rows cannot be taken out of a batch whose attention importance is being recorded")
+        picked: dict[int, torch.Tensor] = {}
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in picked:
+                picked[id(tensor)] = tensor.index_select(0, rows)
+            return picked[id(tensor)]
+
+        return AttentionLayout(
+            prefix_pos=[pick(t) for t in self.prefix_pos], prefix_valid=[pick(t) for t in self.prefix_valid],
+            context_len=self.context_len.index_select(0, rows), own_pos=self.own_pos.index_select(0, rows),
+            own_valid=self.own_valid.index_select(0, rows), mode=self.mode)
 
     def mask(self, layer: int, query_len: int, sliding_window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[B, 1, T, K]`` (True = may attend) for the last ``query_len`` own tokens."""

@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 from kvcomm.errors import ProtocolError, WireError
 from kvcomm.protocol.layout import AttentionLayout, MaskMode
 from kvcomm.protocol.padded import pad_sink_layers
-from kvcomm.protocol.sender import SenderKV
+from kvcomm.protocol.sender import SenderKV, cache_tensors
 from kvcomm.protocol.shared import SharedKV, share
 
 
@@ -55,6 +55,25 @@ def take(start: ReceiverInput) -> None:
     """
     check_unused(start)
     start.used = True
+
+
+def keep_rows(start: ReceiverInput, rows: torch.Tensor) -> None:
+    """Keeps only the batch rows ``rows`` (indices ``[b]``, in their new order) of a started
+    receiver: its cache at every layer and its layout (``kv_bytes`` keeps every row: it counts what
+    was received). Decoding calls it when rows have finished, so that later steps compute only
+    the rows still answering.
+
+    Raises:
+        ProtocolError: ``start`` was not used by a prefill (nothing of it is decoding), or importance
+            is being recorded.
+    """
+    if not start.used:
+        raise ProtocolError("rows leave a receiver's batch only while it decodes, after its prefill")
+    start.layout = start.layout.select_rows(rows)
+    keys, values = cache_tensors(start.cache)
+    for layer, k, v in zip(start.cache.layers, keys, values):
+        setattr(layer, "keys", k.index_select(0, rows))  # noqa: B010  (cache layers of every kind, to mypy)
+        setattr(layer, "values", v.index_select(0, rows))  # noqa: B010
 
 
 def receiver_input(shared: SharedKV) -> ReceiverInput:
