@@ -211,6 +211,26 @@ def test_finished_rows_leave_the_batch_and_the_rest_answer_as_alone(family, monk
         assert all(t == 0 for t, d in zip(token, done_before) if d)  # finished rows as padding
 
 
+def test_a_start_whose_rows_left_is_refused_as_used():
+    """Once rows have left its decoding, a start holds fewer rows than its prompt: a second use is
+    still refused for what it is (used), not for a row count."""
+    from kvcomm.errors import ProtocolError
+
+    model = tiny_model("llama")
+    senders, receivers = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [[20, 21], [22], [23, 24, 25], [26, 27]]
+    s_ids, s_valid = pad_left(senders, 0)
+    r_ids, r_valid = pad_left(receivers, 0)
+    start = build_receiver_input(model, prefill(model, s_ids, s_valid), [0, 2])
+    first = greedy_generate(model, build_receiver_input(model, prefill(model, s_ids, s_valid), [0, 2]), r_ids,
+                            r_valid, 3, stop_ids=[], pad_id=0)
+    greedy_generate(model, start, r_ids, r_valid, 3, stop_ids=[first[0][0], first[1][0]], pad_id=0)
+    assert start.layout.context_len.shape[0] < 4  # rows left
+    for again in (lambda: greedy_generate(model, start, r_ids, r_valid, 3, [], 0),
+                  lambda: prefill_logits(model, start, r_ids, r_valid)):
+        with pytest.raises(ProtocolError, match="used by an earlier prefill"):
+            again()
+
+
 def test_a_layouts_rows_keep_its_shared_tensors_shared():
     layout = AttentionLayout.empty(3, 4)
     shared = torch.arange(8).reshape(4, 2)

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from kvcomm.errors import ConfigError
 from kvcomm.protocol.fork import Fork, forked_prefill
-from kvcomm.protocol.receiver import ReceiverInput, keep_rows, take
+from kvcomm.protocol.receiver import ReceiverInput, check_unused, keep_rows, take
 from kvcomm.protocol.sender import check_rows, run_body
 
 LEAVE_AT = 4
@@ -49,7 +49,8 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Prefills ``input_ids`` (ids ``[B, T]`` or embeddings ``[B, T, H]``) on top of ``start`` and
     decodes greedily, row by row until a stop id. Finished rows leave the batch in groups
-    (:data:`LEAVE_AT`); ``start``'s cache then holds only the rows still answering.
+    (:data:`LEAVE_AT`); ``start`` is spent, and its cache and layout may hold fewer rows than
+    the batch (its ``kv_bytes`` keeps them all).
 
     Args:
         on_step: ``on_step(tokens, done)`` after every decoding step (streaming): ``[B]`` tokens
@@ -93,7 +94,7 @@ def greedy_generate(
             kept = going.nonzero().flatten()
             keep_rows(start, kept)
             running = running[kept]
-        step_tokens = token[running][:, None]
+        step_tokens = token.masked_fill(done, pad_id)[running][:, None]  # a row that just finished: padding
         logits = run_body(model, step_tokens, ~done[running][:, None], start.cache, start.layout).logits
     return out
 
@@ -143,8 +144,10 @@ def prefill_logits(
 
 
 def _check_prompt(model: PreTrainedModel, start: ReceiverInput, input_ids: torch.Tensor, valid: torch.Tensor) -> None:
-    """:func:`check_rows` for a receiver's prompt on ``start``, and every row has a token (a row
-    without one would give a padding query's logits)."""
+    """``start`` is unused (:func:`~kvcomm.protocol.receiver.check_unused`; a used one may hold
+    fewer rows, once finished rows left its decoding), :func:`check_rows` for a receiver's prompt
+    on it, and every row has a token (a row without one would give a padding query's logits)."""
+    check_unused(start)
     check_rows(model, input_ids, valid, int(start.layout.context_len.shape[0]))
     if empty := (~valid.any(dim=1)).nonzero().flatten().tolist():
         raise ConfigError(f"row {empty[0]} of the batch has no prompt token: a receiver prefills at least one")
