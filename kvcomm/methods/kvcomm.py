@@ -14,8 +14,15 @@ from pydantic import Field, model_validator
 
 from kvcomm.errors import ConfigError
 from kvcomm.methods.base import METHODS, Method, MethodOptions, Output, Setup, through_wire
-from kvcomm.protocol import MaskMode, effective_layers, greedy_generate, receiver_input, share, share_many
-from kvcomm.protocol.fork import fork_configurations
+from kvcomm.protocol import (
+    MaskMode,
+    effective_layers,
+    fork_configurations,
+    greedy_generate,
+    receiver_input,
+    share,
+    share_many,
+)
 from kvcomm.selection.calibrate import Rule
 from kvcomm.selection.rules import check_layer_choice, contiguous_layers, format_layers, random_layers, top_layers
 from kvcomm.tasks.base import Pieces
@@ -177,7 +184,7 @@ class KVCommMethod(Method):
             receiver.model, receiver_input(share_many(read.kv, layer_sets, read.opening)),
             read.prompt.input_ids.repeat(copies, 1), read.prompt.valid.repeat(copies, 1),
             batch.task.max_new_tokens, receiver.stop_ids, receiver.pad_id,
-            fork=fork_configurations([effective_layers(s, "causal") for s in layer_sets], rows, read.kv.num_layers),
+            fork=fork_configurations(layer_sets, rows, read.kv.num_layers),  # causal (fuse_key): the layers as chosen
         )
         return [m._output(batch, answers[i * rows:(i + 1) * rows],
                           share(None, read.kv, m._chosen(), opening=read.opening).kv_bytes.tolist())
