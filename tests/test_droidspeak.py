@@ -124,6 +124,28 @@ def test_recording_gives_the_state_entering_each_layer_and_the_last_output():
             pass
 
 
+@pytest.mark.parametrize("span", [(0, 2), (1, 3), (2, 4), (0, 4)])
+def test_a_span_of_layers_hands_on_the_state_leaving_its_last_layer(family, span):
+    """``only_layers`` yields the hidden state leaving layer ``stop - 1``, whether the forward ends
+    there (the fork's lower layers) or runs on to the output: the state a whole forward has there."""
+    from kvcomm.protocol.hidden import only_layers
+
+    model = tiny_model(family)
+    ids, _ = context(model)
+    start, stop = span
+    whole = model(input_ids=ids, output_hidden_states=True).hidden_states
+    with only_layers(model, start, stop) as inside:
+        assert inside.leaving is None
+        model(inputs_embeds=whole[start] if start else None, input_ids=None if start else ids)
+    assert inside.leaving is not None
+    if stop < len(whole) - 1:
+        assert (inside.leaving - whole[stop]).abs().max() <= 1e-5
+    else:  # the last entry is after the final norm: the last layer's output as recording() takes it
+        with recording(model, [stop]) as seen:
+            model(input_ids=ids)
+        assert (inside.leaving - seen[stop]).abs().max() <= 1e-5
+
+
 # -- the method and block profiling ------------------------------------------------------------------
 
 

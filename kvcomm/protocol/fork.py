@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -130,19 +129,11 @@ def forked_prefill(model: PreTrainedModel, start: ReceiverInput, input_ids: torc
     for layer in range(fork.depth):
         lower.update(keys[layer][rows], values[layer][rows], layer)
     lower_layout = layout.select_rows(rows)
-    entering: list[torch.Tensor] = []
-
-    def keep(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        entering.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = model.get_decoder().layers[fork.depth - 1].register_forward_hook(keep)  # before only_layers' stop
-    try:
-        with only_layers(model, 0, fork.depth):
-            run_body(model, input_ids[rows], valid[rows], lower, lower_layout, head=False)
-    finally:
-        handle.remove()
+    with only_layers(model, 0, fork.depth) as below:
+        run_body(model, input_ids[rows], valid[rows], lower, lower_layout, head=False)
+    assert below.leaving is not None
     with only_layers(model, fork.depth, num_layers):
-        logits = run_body(model, entering[-1][spread], valid, start.cache, layout, logits_to_keep=1).logits
+        logits = run_body(model, below.leaving[spread], valid, start.cache, layout, logits_to_keep=1).logits
     width = input_ids.shape[1]
     own_keys, own_values = cache_tensors(lower)
     for layer in range(fork.depth):

@@ -64,14 +64,23 @@ class _Stop(Exception):
     """Raised after the last layer of a span has run, to end the forward there."""
 
 
+class Span:
+    """What :func:`only_layers` yields: ``leaving``, the hidden state leaving the span's last layer
+    (``[B, T, H]``, the state entering ``stop``) in the latest forward inside, ``None`` before one."""
+
+    def __init__(self) -> None:
+        self.leaving: torch.Tensor | None = None
+
+
 @contextlib.contextmanager
-def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[None]:
+def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[Span]:
     """Inside, a forward of ``model`` given input embeddings ``h`` runs only layers ``start..stop-1``
     on ``h`` (the hidden state entering ``start``): earlier layers pass it through untouched and
     write no cache, and the forward ends after layer ``stop - 1`` (catch nothing: the context
     manager swallows the stop), or, when ``stop`` is the number of layers, runs on to the model's
     output (final norm, and the head if called with it). Each layer keeps its index, so its cache
-    slot, mask type and RoPE are its own.
+    slot, mask type and RoPE are its own. The yielded :class:`Span` holds the hidden state leaving
+    layer ``stop - 1`` (a forward that ends early returns none: that state is what it computed).
 
     The model's layer list is patched while inside: callers that share a model across threads
     must not run it concurrently (the service runs one request at a time).
@@ -80,19 +89,21 @@ def only_layers(model: PreTrainedModel, start: int, stop: int) -> Iterator[None]
     if not 0 <= start < stop <= len(stack):
         raise ConfigError(f"a span of layers must satisfy 0 <= start < stop <= {len(stack)}, got {start}:{stop}")
     originals = [stack[index] for index in range(start)]
+    span = Span()
 
-    def stop_here(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        raise _Stop
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        span.leaving = _first(output).detach()
+        if stop < len(stack):
+            raise _Stop
 
-    handle = stack[stop - 1].register_forward_hook(stop_here) if stop < len(stack) else None
+    handle = stack[stop - 1].register_forward_hook(leave)
     for index in range(start):
         stack[index] = _PassThrough()
     try:
-        yield
+        yield span
     except _Stop:
         pass
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
         for index, layer in enumerate(originals):
             stack[index] = layer
