@@ -9,8 +9,8 @@ message. This process is the receiver and measures, per run:
 
 Then the store's transfer rate (GET of the largest message, by bytes) and request latency under 8
 concurrent clients (the median, and the 99th percentile where there are at least 100 requests,
-else the maximum). Medians of --runs runs. The sender is started on --port, which must be free:
-a server already there is refused, not measured.
+else the maximum). Medians of --runs runs. The sender is started on --port (default: a free one the system picks),
+which must be free: a server already there is refused, not measured.
 
     python benchmarks/ttft.py --model smollm2-135m --lengths 256,1024,4096 --runs 5 \
         --out benchmarks/results/ttft-smollm2.json
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="int8,fp16")
     parser.add_argument("--ratio", type=layer_fraction, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=at_least_one, default=5)
-    parser.add_argument("--port", type=int, default=8131)
+    parser.add_argument("--port", type=int, default=0)
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)

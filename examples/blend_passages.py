@@ -46,7 +46,7 @@ def ask(client: Client, question: str, refs: list[str], blend: float | None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--port", type=int, default=8103)
+    parser.add_argument("--port", type=int, default=0, help="the agent's port (default: a free one the system picks)")
     args = parser.parse_args()
     with agents(args.model, [args.port], ["--codec", "fp16"]) as (url,), Client(url, timeout=600) as client:
         ids = [client.create_context(p, passage=True)["id"] for p in PASSAGES]  # each passage prefilled once

@@ -32,8 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--store", default=None, help="shared store (default: a temporary directory)")
-    parser.add_argument("--port", type=int, default=8111,
-                        help="the first agent's port; the others take the next (3 in all, on 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="the first agent's port; the others take the next (3 in all, on 127.0.0.1; "
+                             "default: free ports the system picks)")
     parser.add_argument("--codec", default="fp16")
     parser.add_argument("--items", type=int, default=4)
     args = parser.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     right = {"kv": 0, "text": 0}
     with contextlib.ExitStack() as stack:  # left in reverse: clients closed, agents stopped, store removed
         store = args.store or f"disk:{stack.enter_context(tempfile.TemporaryDirectory(prefix='kvcomm-store-'))}"
-        urls = stack.enter_context(agents(args.model, [args.port + i for i in range(3)], ["--store", store]))
+        urls = stack.enter_context(agents(args.model, [args.port + i if args.port else 0 for i in range(3)], ["--store", store]))
         clients = [stack.enter_context(Client(url)) for url in urls]
         for item in task.items:
             heard: list[str] = []  # the previous agent's stored turn (KV chain)

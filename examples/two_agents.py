@@ -31,8 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--store", default=None, help="shared store (default: a temporary directory)")
-    parser.add_argument("--port", type=int, default=8101,
-                        help="the first agent's port; the others take the next (2 in all, on 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="the first agent's port; the others take the next (2 in all, on 127.0.0.1; "
+                             "default: free ports the system picks)")
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--layers", default="15-29", help="layers shared in full (the rest send one sink token)")
     parser.add_argument("--context", default="The meeting with the Oslo team is on Tuesday at 10 am.")
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:  # left in reverse: clients closed, agents stopped, store removed
         store = args.store or f"disk:{stack.enter_context(tempfile.TemporaryDirectory(prefix='kvcomm-store-'))}"
-        first, second = stack.enter_context(agents(args.model, [args.port + i for i in range(2)], ["--store", store]))
+        first, second = stack.enter_context(agents(args.model, [args.port + i if args.port else 0 for i in range(2)], ["--store", store]))
         sender, receiver = stack.enter_context(Client(first)), stack.enter_context(Client(second))
         began = time.perf_counter()
         sent = sender.create_context(args.context, layers=parse_layers(args.layers, None), codec=args.codec)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import time
 from dataclasses import replace
@@ -1259,10 +1260,13 @@ def test_the_launcher_starts_agents_and_stops_them(tiny_dir):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with agents(str(tiny_dir), [port]) as (url,):
-        assert httpx.get(f"{url}/healthz").status_code == 200
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{url}/healthz", timeout=1)  # stopped on leaving
+    with agents(str(tiny_dir), [port, 0]) as (url, picked):  # 0: a free port the system picks
+        assert url == f"http://127.0.0.1:{port}" and picked != url
+        for each in (url, picked):
+            assert httpx.get(f"{each}/healthz").status_code == 200
+    for each in (url, picked):
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{each}/healthz", timeout=1)  # stopped on leaving
     with pytest.raises(ConfigError, match="exited with"):
         spawn("no-such-model-anywhere", port, timeout_s=60)
 
@@ -1328,22 +1332,42 @@ def test_the_launcher_refuses_a_port_that_answers_before_starting_anything(answe
     started = []
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a) or _Process(code=2))
     port = answering.server_address[1]
-    with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use already"):
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*another agent there"):
         launch.spawn("tiny", port, timeout_s=5)
     assert started == []
 
 
-def test_the_launcher_does_not_take_another_server_for_an_agent_that_exited(answering, monkeypatch):
-    """Something answers /healthz, but the process started has exited: its exit and last output are
-    the error (another program took the port between the check and the start)."""
+def test_the_launcher_holds_the_port_from_before_the_start_and_hands_it_to_the_agent(monkeypatch):
+    """Before, the port was checked, let go, and bound again by the agent a second or two later (its
+    imports): another program could take it in between. Now the launcher binds it and the agent
+    inherits the listening socket (``--fd``); the launcher's copy is closed once the agent has it."""
     from kvcomm.serve import launch
 
-    monkeypatch.setattr(launch, "_listened_on", lambda port: False)  # the port was free when checked
-    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: _Process(
-        code=2, output=b"loading\nerror: cannot listen on 127.0.0.1: Address already in use\n"))
-    with pytest.raises(ConfigError, match="exited with 2; its last output:\nloading\nerror: cannot listen") as err:
-        launch.spawn("tiny", answering.server_address[1], timeout_s=5)
-    assert "Address already in use" in str(err.value)
+    seen: dict[str, object] = {}
+
+    def popen(command, **kwargs):
+        fd = int(command[command.index("--fd") + 1])
+        held = socket.socket(fileno=os.dup(fd))
+        with held:
+            seen["listens"] = held.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            seen["port"] = held.getsockname()[1]
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", seen["port"]))
+                seen["another program could bind it"] = True
+            except OSError:
+                seen["another program could bind it"] = False
+        seen["passed"], seen["fd"] = kwargs["pass_fds"], fd
+        return _Process(code=2, output=b"loading\n")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    with pytest.raises(ConfigError, match="exited with 2; its last output:\nloading"):
+        launch.spawn("tiny", 0, timeout_s=5)  # 0: a free port the system picks
+    assert seen["listens"] is True and seen["another program could bind it"] is False
+    assert seen["passed"] == (seen["fd"],) and seen["port"] != 0
+    with socket.socket() as after:  # the launcher's own copy is closed: the (stand-in) agent held the port alone
+        after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        after.bind(("127.0.0.1", seen["port"]))
 
 
 def test_serve_holds_its_port_while_the_model_loads_and_hands_that_socket_to_uvicorn(tiny_dir, monkeypatch):
@@ -1382,10 +1406,52 @@ def test_serve_holds_its_port_while_the_model_loads_and_hands_that_socket_to_uvi
         after.bind(("127.0.0.1", port))
 
 
+def test_serve_takes_an_inherited_listening_socket_and_refuses_what_is_not_one(tiny_dir, tmp_path, monkeypatch):
+    """``--fd``: the socket a launcher bound is the one uvicorn serves; --host/--port beside it, a
+    file, a socket that does not listen and a closed descriptor are refused before the model loads."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import kvcomm.models
+    from kvcomm.cli import app
+
+    loads: list[object] = []
+    monkeypatch.setattr(kvcomm.models, "load_model", lambda *a, **k: loads.append(a) or tiny_loaded("llama"))
+    served: list[object] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.extend(
+        s.getsockname() for s in sockets or []))
+    runner = CliRunner()
+    with socket.socket() as idle, open(tmp_path / "file", "w") as file:
+        idle.bind(("127.0.0.1", 0))  # bound, never listening
+        closed = os.dup(file.fileno())
+        os.close(closed)
+        for argv, message in [
+            (["--fd", str(file.fileno()), "--port", "8001"], "give it without --host and --port"),
+            (["--fd", str(file.fileno())], "not an open socket"),
+            (["--fd", str(idle.fileno())], "not a TCP socket that listens"),
+            (["--fd", str(closed)], "not an open socket"),
+        ]:
+            result = runner.invoke(app, ["serve", "-m", str(tiny_dir), *argv])
+            assert result.exit_code == 2 and message in result.output, (argv, result.output)
+        assert idle.getsockname()[1] != 0 and file.writable()  # refused, not closed: not the agent's
+    assert loads == [] and served == []
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    result = runner.invoke(app, ["serve", "-m", str(tiny_dir), "--fd", str(listening.fileno())])
+    listening.detach()  # the agent (here, in this process) took the descriptor and closed it
+    assert result.exit_code == 0, result.output
+    assert served == [("127.0.0.1", port)] and f"on http://127.0.0.1:{port} (Ctrl+C stops it)" in result.output
+    with socket.socket() as after:  # closed once the server returns
+        after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        after.bind(("127.0.0.1", port))
+
+
 def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
     """``--host localhost`` where localhost is ::1 and 127.0.0.1: uvicorn (asyncio) bound both, the
-    first version of ``_listen`` only the first; an IPv6 socket is IPv6 alone, beside the IPv4 one."""
-    from kvcomm.cli import serve as cli_serve
+    first version of ``listen`` only the first; an IPv6 socket is IPv6 alone, beside the IPv4 one."""
+    from kvcomm.serve import sockets as serving
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -1393,15 +1459,15 @@ def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
     both = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]  # a resolver's duplicate
-    monkeypatch.setattr(cli_serve.socket, "getaddrinfo", lambda *args, **kwargs: both)
+    monkeypatch.setattr(serving.socket, "getaddrinfo", lambda *args, **kwargs: both)
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
     try:
-        sockets = cli_serve._listen("localhost", port)
+        sockets = serving.listen("localhost", port)
     except ConfigError as err:  # a machine without ::1
         pytest.skip(str(err))
     try:
-        assert [cli_serve._url(s) for s in sockets] == [f"http://[::1]:{port}", f"http://127.0.0.1:{port}"]
+        assert [serving.url_of(s) for s in sockets] == [f"http://[::1]:{port}", f"http://127.0.0.1:{port}"]
         assert sockets[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # accepted into the IPv4 socket's backlog
@@ -1414,7 +1480,6 @@ def test_the_launcher_kills_an_agent_that_neither_answers_nor_stops(monkeypatch)
     from kvcomm.serve import launch
 
     process = _Process(ignores_sigterm=True)
-    monkeypatch.setattr(launch, "_listened_on", lambda port: False)
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: process)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -1430,7 +1495,8 @@ def test_stopping_agents_goes_on_past_one_that_will_not_stop(monkeypatch):
 
     stubborn, polite, last = _Process(ignores_sigterm=True), _Process(), _Process()
     spawned = iter([stubborn, polite, last])
-    monkeypatch.setattr(launch, "spawn", lambda *a, **k: next(spawned))
+    monkeypatch.setattr(launch, "spawn", lambda model, port, options: launch.Spawned(
+        next(spawned), f"http://127.0.0.1:{port}"))
     with launch.agents("tiny", [1, 2, 3]) as urls:
         assert urls == ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
     assert stubborn.calls == ["terminate", "wait", "kill", "wait"] and stubborn.returncode == -9

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,8 +29,6 @@ from kvcomm.errors import ConfigError
 from kvcomm.models import DEFAULT_MODEL
 from kvcomm.wire import MessageReader
 
-BACKLOG = 2048  # connections waiting to be accepted (uvicorn's default)
-
 remote = typer.Typer(cls=KvcommGroup, help="Drive a running agent (`kvcomm serve`) over HTTP.", no_args_is_help=True)
 Url = Annotated[str, typer.Option(envvar="KVCOMM_URL", help="Agent base URL.")]
 Token = Annotated[str | None, typer.Option(envvar="KVCOMM_TOKEN", help="Bearer token.")]
@@ -49,8 +46,12 @@ ProfileFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
 
 def serve_command(
     model: Model = DEFAULT_MODEL, dtype: Dtype = "float32", linear: LinearOption = "dense",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port to listen on (default: 8000).")] = None,
+    fd: Annotated[int | None, typer.Option(
+        min=0, help="Serve on this inherited socket, already bound and listening (a file descriptor), instead of "
+                    "binding --host and --port: a launcher that holds the port from the start "
+                    "(kvcomm.serve.launch.spawn) hands it over so.")] = None,
     store: Annotated[str, typer.Option(envvar="KVCOMM_STORE",
                                        help="memory, disk:/path (survives restarts) or redis://host:port/db.")]
     = "memory",
@@ -108,8 +109,11 @@ def serve_command(
     from kvcomm.selection.blocks import read_ranking
     from kvcomm.serve.config import ServeConfig
     from kvcomm.serve.contexts import by_layout
+    from kvcomm.serve.sockets import inherited, listen, url_of
     from kvcomm.serve.stores import StoreLimits, open_store, store_kind
 
+    if fd is not None and (host is not None or port is not None):
+        raise ConfigError("--fd serves a socket already bound: give it without --host and --port")
     resolve_model(model)
     store_kind(store)
     given: dict[str, Any] = dict(mode=mode, ratio=ratio, selection=selection)
@@ -122,7 +126,10 @@ def serve_command(
                          codec=codec, **{k: v for k, v in given.items() if v is not None})
     loaded = [read_ranking(path) for path in profile or []]
     by_layout(loaded)  # two of one layout: refused before the model loads
-    listening = _listen(host, port)
+    if fd is not None:
+        listening = [inherited(fd)]
+    else:
+        listening = listen("127.0.0.1" if host is None else host, 8000 if port is None else port)
     with contextlib.ExitStack() as held:  # the port is this agent's from now on, while the store opens and the
         for bound in listening:           # model loads
             held.enter_context(bound)
@@ -134,50 +141,10 @@ def serve_command(
             console.print(f"calibrating the contexts' layer ranking for --ratio {ratio} (once, "
                           f"{config.selection} rule; a --profile calibrated on chats skips this) …")
             app.state.contexts.prepare("chats")
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
-                                               log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info")))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=os.environ.get("KVCOMM_LOG_LEVEL", "info")))
         # uvicorn names its address only where it binds it itself
-        console.print(f"serving {model} on {', '.join(map(_url, listening))} (Ctrl+C stops it)", soft_wrap=True)
+        console.print(f"serving {model} on {', '.join(map(url_of, listening))} (Ctrl+C stops it)", soft_wrap=True)
         server.run(sockets=listening)
-
-
-def _listen(host: str, port: int) -> list[socket.socket]:
-    """The agent's listening sockets, one per address ``host`` resolves to (as asyncio, and so
-    uvicorn, binds a host's addresses; IPv6 ones for IPv6 alone), bound and listening before the
-    store opens and the model loads, and handed to uvicorn: a port another process holds is
-    refused at once, and no other process can take this one while the model loads (requests wait
-    in the backlog until it serves).
-
-    Raises:
-        ConfigError: the host does not resolve, or the port cannot be bound on one of its addresses.
-    """
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as err:
-        raise ConfigError(f"cannot listen on {host}: {err}") from None
-    addresses = {(family, address): (family, kind, proto) for family, kind, proto, _, address in infos}
-    sockets: list[socket.socket] = []
-    try:
-        for (family, address), (_, kind, proto) in addresses.items():
-            listening = socket.socket(family, kind, proto)
-            sockets.append(listening)
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            if family == socket.AF_INET6:  # beside an IPv4 socket on the same port
-                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listening.bind(address)
-            listening.listen(BACKLOG)
-    except OSError as err:
-        for listening in sockets:
-            listening.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (is another agent there?)") \
-            from None
-    return sockets
-
-
-def _url(listening: socket.socket) -> str:
-    """``http://address:port`` of a listening socket (an IPv6 address in brackets)."""
-    address, port = listening.getsockname()[:2]
-    return f"http://[{address}]:{port}" if listening.family == socket.AF_INET6 else f"http://{address}:{port}"
 
 
 def _client(url: str, token: str | None, timeout: float) -> Any:

@@ -3,29 +3,29 @@
 The process's output (stdout and stderr) is passed on to this process's stderr as it comes; its
 last lines are kept for the error that says why it stopped.
 
-A port is checked before anything starts, and ``kvcomm serve`` binds it as soon as its arguments
-are checked, before the model loads (``cli/serve.py``, ``_listen``). Another program can still take
-the port in the second or two in between (the new process's imports): the agent then exits with
-``cannot listen``, and that exit is the error, unless the other program's /healthz answered before
-the agent had exited.
+The launcher binds the port itself, before anything starts, and hands the listening socket to
+``kvcomm serve --fd`` (the child inherits it): a port in use is refused at once, no other program
+can take it while the agent imports and loads its model (connections wait in the socket's
+backlog), and port 0 gives the agent a free port the system picks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO
 
 import httpx
 
 from kvcomm.errors import ConfigError
+from kvcomm.serve.sockets import listen
 
 TAIL_LINES = 20  # of a process's output, in the error when it exits
 STOP_GRACE_S = 5.0  # a process asked to stop (SIGTERM) gets this long before it is killed
@@ -55,36 +55,45 @@ class _Output:
         return "\n".join(self._lines)
 
 
-def spawn(model: str, port: int, options: Sequence[str] = (), timeout_s: float = 300.0) -> subprocess.Popen[bytes]:
-    """Starts ``kvcomm serve --model MODEL --port PORT OPTIONS…`` on loopback and returns once its
-    ``/healthz`` answers and the process still runs.
+@dataclass(frozen=True)
+class Spawned:
+    """An agent :func:`spawn` started: its process and the base URL it answers on."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+
+def spawn(model: str, port: int = 0, options: Sequence[str] = (), timeout_s: float = 300.0) -> Spawned:
+    """Starts ``kvcomm serve --model MODEL OPTIONS…`` on loopback ``port`` (0: a free one the system
+    picks) and returns once its ``/healthz`` answers and the process still runs.
 
     Raises:
-        ConfigError: something already listens on the port (before anything is started); the
-            process exits (the error ends with its last output); or it does not answer within
-            ``timeout_s`` (it is then stopped: SIGTERM, and SIGKILL after :data:`STOP_GRACE_S`).
+        ConfigError: the port cannot be bound on 127.0.0.1 (another agent or program holds it;
+            nothing is started then); the process exits (the error ends with its last output); or it does not answer
+            within ``timeout_s`` (it is then stopped: SIGTERM, and SIGKILL after :data:`STOP_GRACE_S`).
     """
-    if _listened_on(port):
-        raise ConfigError(f"port {port} on 127.0.0.1 is in use already (another agent or program answers there): "
-                          "give the agent a free port")
-    command = [sys.executable, "-m", "kvcomm", "serve", "--model", model, "--port", str(port), *options]
-    process = subprocess.Popen(command, env={**os.environ, "KVCOMM_LOG_LEVEL": "warning"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    (listening,) = listen("127.0.0.1", port)
+    with listening:
+        port = listening.getsockname()[1]
+        command = [sys.executable, "-m", "kvcomm", "serve", "--model", model, "--fd", str(listening.fileno()),
+                   *options]
+        process = subprocess.Popen(command, env={**os.environ, "KVCOMM_LOG_LEVEL": "warning"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(listening.fileno(),))
+    # the child holds the socket now: this process's copy is closed, so the port lives as long as the agent
     assert process.stdout is not None
     output = _Output(process.stdout)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).raise_for_status()
+                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
             except httpx.HTTPError:
                 if process.poll() is not None:
                     raise _exited(port, process, output) from None
                 time.sleep(0.5)
                 continue
-            if process.poll() is not None:  # what answered was not this process
-                raise _exited(port, process, output)
-            return process
+            return Spawned(process, url)
         raise ConfigError(f"the agent on port {port} did not answer within {timeout_s:g} s (it was stopped)")
     except BaseException:  # not answering, or interrupted: nothing is left running
         if process.poll() is None:
@@ -95,27 +104,18 @@ def spawn(model: str, port: int, options: Sequence[str] = (), timeout_s: float =
 
 @contextlib.contextmanager
 def agents(model: str, ports: Sequence[int], options: Sequence[str] = ()) -> Iterator[list[str]]:
-    """Several agents of ``model`` (one per port, the same ``options``), stopped on leaving (SIGTERM,
-    and SIGKILL for one still running 30 s later); yields their base URLs."""
-    started: list[subprocess.Popen[bytes]] = []
+    """Several agents of ``model`` (one per port, 0 for a free one; the same ``options``), stopped on
+    leaving (SIGTERM, and SIGKILL for one still running 30 s later); yields their base URLs."""
+    started: list[Spawned] = []
     try:
         for port in ports:
             started.append(spawn(model, port, options))
-        yield [f"http://127.0.0.1:{port}" for port in ports]
+        yield [agent.url for agent in started]
     finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            _reap(process, 30.0)
-
-
-def _listened_on(port: int) -> bool:
-    """Whether something accepts connections on loopback ``port``."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+        for agent in started:
+            agent.process.terminate()
+        for agent in started:
+            _reap(agent.process, 30.0)
 
 
 def _reap(process: subprocess.Popen[bytes], grace_s: float) -> None:
