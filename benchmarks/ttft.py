@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="int8,fp16")
     parser.add_argument("--ratio", type=layer_fraction, default=0.5, help="fraction of layers shared (middle block)")
     parser.add_argument("--runs", type=at_least_one, default=5)
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="the agent's port (default: a free one the system picks)")
     add_out(parser)
     args = parser.parse_args()
     check_out(parser, args)
@@ -140,7 +140,7 @@ def main() -> None:
     model = load_model(args.model)
     layers = middle_layers(model.num_layers, args.ratio)
     rows, store = [], {}
-    try:  # spawn refuses a port another server answers on and checks that what answers is its own child
+    try:  # spawn refuses a port another program holds and holds it itself from before the agent starts
         with agents(args.model, [args.port], ["--max-request-mb", "1024", "--timeout", "3000"]) as (url,), \
                 Client(url, timeout=3000) as client:
             first_token(model, empty_input(model.model, 1), model.encode_message("warm up"))

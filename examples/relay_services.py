@@ -40,9 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     task = load_task("relay", items=args.items, hops=3)
     right = {"kv": 0, "text": 0}
+    ports = [args.port + i if args.port else 0 for i in range(3)]
     with contextlib.ExitStack() as stack:  # left in reverse: clients closed, agents stopped, store removed
         store = args.store or f"disk:{stack.enter_context(tempfile.TemporaryDirectory(prefix='kvcomm-store-'))}"
-        urls = stack.enter_context(agents(args.model, [args.port + i if args.port else 0 for i in range(3)], ["--store", store]))
+        urls = stack.enter_context(agents(args.model, ports, ["--store", store]))
         clients = [stack.enter_context(Client(url)) for url in urls]
         for item in task.items:
             heard: list[str] = []  # the previous agent's stored turn (KV chain)

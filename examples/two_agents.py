@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--context", default="The meeting with the Oslo team is on Tuesday at 10 am.")
     parser.add_argument("--question", default="When is the meeting with the Oslo team?")
     args = parser.parse_args()
+    ports = [args.port + i if args.port else 0 for i in range(2)]
     with contextlib.ExitStack() as stack:  # left in reverse: clients closed, agents stopped, store removed
         store = args.store or f"disk:{stack.enter_context(tempfile.TemporaryDirectory(prefix='kvcomm-store-'))}"
-        first, second = stack.enter_context(agents(args.model, [args.port + i if args.port else 0 for i in range(2)], ["--store", store]))
+        first, second = stack.enter_context(agents(args.model, ports, ["--store", store]))
         sender, receiver = stack.enter_context(Client(first)), stack.enter_context(Client(second))
         began = time.perf_counter()
         sent = sender.create_context(args.context, layers=parse_layers(args.layers, None), codec=args.codec)

@@ -1337,6 +1337,23 @@ def test_the_launcher_refuses_a_port_that_answers_before_starting_anything(answe
     assert started == []
 
 
+@pytest.mark.parametrize("port, options, message", [
+    (70000, [], "ports are 0..65535"),  # before, the launcher's bind took it modulo 65536: port 4464
+    (-1, [], "ports are 0..65535"),
+    (0, ["--port", "8001"], "not --port among the options"),
+    (0, ["--store", "memory", "--host=0.0.0.0"], "not --host=0.0.0.0 among the options"),
+])
+def test_the_launcher_refuses_an_address_it_cannot_hold_before_starting_anything(monkeypatch, port, options,
+                                                                                 message):
+    from kvcomm.serve import launch
+
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a) or _Process(code=2))
+    with pytest.raises(ConfigError, match=message):
+        launch.spawn("tiny", port, options, timeout_s=5)
+    assert started == []
+
+
 def test_the_launcher_holds_the_port_from_before_the_start_and_hands_it_to_the_agent(monkeypatch):
     """Before, the port was checked, let go, and bound again by the agent a second or two later (its
     imports): another program could take it in between. Now the launcher binds it and the agent
@@ -1357,6 +1374,7 @@ def test_the_launcher_holds_the_port_from_before_the_start_and_hands_it_to_the_a
                 seen["another program could bind it"] = True
             except OSError:
                 seen["another program could bind it"] = False
+        seen["inheritable"] = os.get_inheritable(fd)
         seen["passed"], seen["fd"] = kwargs["pass_fds"], fd
         return _Process(code=2, output=b"loading\n")
 
@@ -1364,7 +1382,7 @@ def test_the_launcher_holds_the_port_from_before_the_start_and_hands_it_to_the_a
     with pytest.raises(ConfigError, match="exited with 2; its last output:\nloading"):
         launch.spawn("tiny", 0, timeout_s=5)  # 0: a free port the system picks
     assert seen["listens"] is True and seen["another program could bind it"] is False
-    assert seen["passed"] == (seen["fd"],) and seen["port"] != 0
+    assert seen["passed"] == (seen["fd"],) and seen["port"] != 0 and seen["inheritable"] is False  # pass_fds' alone
     with socket.socket() as after:  # the launcher's own copy is closed: the (stand-in) agent held the port alone
         after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         after.bind(("127.0.0.1", seen["port"]))
@@ -1446,6 +1464,18 @@ def test_serve_takes_an_inherited_listening_socket_and_refuses_what_is_not_one(t
     with socket.socket() as after:  # closed once the server returns
         after.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         after.bind(("127.0.0.1", port))
+
+
+def test_an_inherited_socket_is_not_handed_on_to_the_agents_own_children():
+    from kvcomm.serve.sockets import inherited
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        fd = os.dup(listening.fileno())
+        os.set_inheritable(fd, True)  # as pass_fds leaves it in the agent
+        with inherited(fd) as held:
+            assert held.getsockname() == listening.getsockname() and not os.get_inheritable(fd)
 
 
 def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):

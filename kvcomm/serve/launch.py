@@ -65,13 +65,19 @@ class Spawned:
 
 def spawn(model: str, port: int = 0, options: Sequence[str] = (), timeout_s: float = 300.0) -> Spawned:
     """Starts ``kvcomm serve --model MODEL OPTIONS…`` on loopback ``port`` (0: a free one the system
-    picks) and returns once its ``/healthz`` answers and the process still runs.
+    picks) and returns once its ``/healthz`` answers (the launcher holds the port from before the
+    start, so what answers is the agent).
 
     Raises:
-        ConfigError: the port cannot be bound on 127.0.0.1 (another agent or program holds it;
-            nothing is started then); the process exits (the error ends with its last output); or it does not answer
-            within ``timeout_s`` (it is then stopped: SIGTERM, and SIGKILL after :data:`STOP_GRACE_S`).
+        ConfigError: ``options`` name an address (``--host``, ``--port``, ``--fd``: the launcher
+            chooses it), or the port cannot be bound on 127.0.0.1 (out of range, or another agent
+            or program holds it): nothing is started then; the process exits (the error ends with
+            its last output); or it does not answer within ``timeout_s`` (it is then stopped:
+            SIGTERM, and SIGKILL after :data:`STOP_GRACE_S`).
     """
+    if named := [o for o in options if o.split("=", 1)[0] in ("--host", "--port", "--fd")]:
+        raise ConfigError(f"the launcher chooses the agent's address: give the port as its argument, not "
+                          f"{' '.join(named)} among the options")
     (listening,) = listen("127.0.0.1", port)
     with listening:
         port = listening.getsockname()[1]

@@ -18,8 +18,11 @@ def listen(host: str, port: int) -> list[socket.socket]:
     in the backlog until it serves).
 
     Raises:
-        ConfigError: the host does not resolve, or the port cannot be bound on one of its addresses.
+        ConfigError: the port is not 0..65535, the host does not resolve, or the port cannot be
+            bound on one of its addresses.
     """
+    if not 0 <= port <= 65535:  # getaddrinfo would take it modulo 65536: another port
+        raise ConfigError(f"cannot listen on port {port}: ports are 0..65535 (0: a free one the system picks)")
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as err:
@@ -53,6 +56,7 @@ def inherited(fd: int) -> socket.socket:
         held = socket.socket(fileno=fd)
     except OSError as err:
         raise ConfigError(f"--fd {fd}: not an open socket ({err.strerror or err})") from None
+    held.set_inheritable(False)  # the agent's alone: a process it starts does not keep the port
     try:
         listens = held.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     except OSError:
