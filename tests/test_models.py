@@ -71,6 +71,32 @@ def test_one_chat_prompt_for_the_harness_and_the_service():
     assert plain.tokenizer.decode(plain.chat_ids(turns[:2], generation_prompt=False)) == "Be brief.\nHi\n"
 
 
+def test_the_mlp_in_place_gives_the_same_values_bit_for_bit_and_keeps_autograd(family):
+    """A loaded model's MLPs compute ``act(gate(x)) * up(x)`` in place outside training: the
+    logits equal the unpatched model's exactly; with gradients the class's own forward runs."""
+    import torch
+
+    from kvcomm.models.lean_mlp import lean_mlp
+    from tests.conftest import tiny_model
+
+    loaded = tiny_loaded(family)
+    plain = tiny_model(family, vocab_size=len(loaded.tokenizer))  # the same seed: the same weights, unpatched
+    layers = len(loaded.model.get_decoder().layers)
+    assert lean_mlp(loaded.model) == layers and lean_mlp(loaded.model) == layers  # once, and again: no change
+    assert all(layer.mlp.forward.__func__.__name__ == "_forward" for layer in loaded.model.get_decoder().layers)
+    assert "forward" not in vars(plain.get_decoder().layers[0].mlp)
+    ids = torch.randint(0, 200, (3, 11))
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    mlp = loaded.model.get_decoder().layers[0].mlp
+    x = torch.randn(2, 5, mlp.gate_proj.in_features, requires_grad=True)
+    with torch.enable_grad():  # (whatever an earlier test left)
+        mlp(x).sum().backward()  # in place would have broken what autograd saved
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_the_head_gets_a_contiguous_input_and_the_same_logits(family):
     """``logits_to_keep`` slices ``hidden[:, -k:]`` (not contiguous for batch > 1), which sends
     ``F.linear`` down a slow batched path; the loaded model's head is handed a contiguous copy,

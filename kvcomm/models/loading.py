@@ -31,6 +31,7 @@ from kvcomm.errors import ConfigError, KvcommError, ModelError
 from kvcomm.files import atomic_file, produce_once, staged_folder
 from kvcomm.models.allocator import keep_freed_memory
 from kvcomm.models.fingerprint import Fingerprint, check_fingerprint, make_fingerprint
+from kvcomm.models.lean_mlp import lean_mlp
 from kvcomm.models.native import warn_if_emulated
 from kvcomm.models.packing import LINEARS, pack_linears, require_packing
 from kvcomm.models.pins import PINS
@@ -49,7 +50,8 @@ class LoadedModel:
     """A model, its tokenizer and the facts about it that communication depends on.
 
     Making one hooks the model's language-model head to take contiguous inputs
-    (:func:`contiguous_head`; the values are unchanged, batched prompts get faster).
+    (:func:`contiguous_head`) and has its MLPs compute in place outside training
+    (:func:`~kvcomm.models.lean_mlp.lean_mlp`): the values are unchanged, batched prompts get faster.
     """
 
     name: str
@@ -60,6 +62,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         contiguous_head(self.model)
+        lean_mlp(self.model)
 
     @property
     def config(self) -> Any:
@@ -282,6 +285,7 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
         else:
             loaded.linear = linear
             contiguous_head(loaded.model)
+            lean_mlp(loaded.model)
             _LOADED[key] = loaded
     return _LOADED[key]
 
