@@ -85,6 +85,12 @@ def test_the_mlp_in_place_gives_the_same_values_bit_for_bit_and_keeps_autograd(f
     assert lean_mlp(loaded.model) == layers and lean_mlp(loaded.model) == layers  # once, and again: no change
     assert all(layer.mlp.forward.__func__.__name__ == "_forward" for layer in loaded.model.get_decoder().layers)
     assert "forward" not in vars(plain.get_decoder().layers[0].mlp)
+    wrapped = plain.get_decoder().layers[1].mlp
+    wrapped.forward = lambda x: x  # another library's wrapper: kept
+    assert lean_mlp(plain) == layers - 1 and vars(wrapped)["forward"](1) == 1
+    del wrapped.forward
+    for layer in plain.get_decoder().layers:
+        vars(layer.mlp).pop("forward", None)  # plain again
     ids = torch.randint(0, 200, (3, 11))
     with torch.inference_mode():
         assert torch.equal(loaded.model(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -25,14 +25,19 @@ _SILU = ("SiLUActivation", "SiLU")  # activations that are F.silu, whose in-plac
 
 def lean_mlp(model: PreTrainedModel) -> int:
     """Has every decoder layer's MLP of a known class (:data:`MLP_CLASSES`) compute in place when
-    no gradient is recorded; returns how many MLPs do so now (calling again changes nothing)."""
+    no gradient is recorded; returns how many MLPs do so now (calling again changes nothing). An
+    MLP whose forward something else replaced already keeps it. The patch is a bound method in
+    the module's ``__dict__``: a model pickled whole would not load again (kvcomm pickles none)."""
     count = 0
     for layer in getattr(model.get_decoder(), "layers", ()):  # (a GPT-2 names its layers otherwise: none)
         mlp = getattr(layer, "mlp", None)
         if mlp is None or type(mlp).__name__ not in MLP_CLASSES:
             continue
-        if not isinstance(mlp.forward, types.MethodType) or mlp.forward.__func__ is not _forward:
+        own = vars(mlp).get("forward")
+        if own is None:
             mlp.forward = types.MethodType(_forward, mlp)
+        elif not (isinstance(own, types.MethodType) and own.__func__ is _forward):
+            continue  # another wrapper's (e.g. accelerate's offloading hook): left as it is
         count += 1
     return count
 
