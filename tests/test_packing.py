@@ -154,6 +154,9 @@ def test_a_packed_head_is_hooked_to_take_contiguous_inputs(tiny_dir, monkeypatch
     head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
     packed.model(input_ids=torch.randint(0, 200, (3, 9)), logits_to_keep=2)
     assert seen == [True]
+    for layer in packed.model.get_decoder().layers:  # the MLPs compute in place over their packed layers
+        assert vars(layer.mlp)["forward"].__func__.__name__ == "_forward"
+        assert isinstance(layer.mlp.gate_proj, PackedLinear)
 
 
 def test_pack_linears_refuses_a_row_limit_below_one():

@@ -284,8 +284,7 @@ def load_model(name_or_path: str, dtype: str = "float32", linear: str | None = N
             _LOADED[key] = _LOADED.setdefault((name_or_path, dtype, "dense"), loaded)
         else:
             loaded.linear = linear
-            contiguous_head(loaded.model)
-            lean_mlp(loaded.model)
+            contiguous_head(loaded.model)  # (the MLPs' in-place forward, set when loaded, calls the packed layers)
             _LOADED[key] = loaded
     return _LOADED[key]
 

@@ -25,7 +25,7 @@ from typing import IO
 import httpx
 
 from kvcomm.errors import ConfigError
-from kvcomm.serve.sockets import listen
+from kvcomm.serve.sockets import listen, url_of
 
 TAIL_LINES = 20  # of a process's output, in the error when it exits
 STOP_GRACE_S = 5.0  # a process asked to stop (SIGTERM) gets this long before it is killed
@@ -80,7 +80,7 @@ def spawn(model: str, port: int = 0, options: Sequence[str] = (), timeout_s: flo
                           f"{' '.join(named)} among the options")
     (listening,) = listen("127.0.0.1", port)
     with listening:
-        port = listening.getsockname()[1]
+        port, url = listening.getsockname()[1], url_of(listening)
         command = [sys.executable, "-m", "kvcomm", "serve", "--model", model, "--fd", str(listening.fileno()),
                    *options]
         process = subprocess.Popen(command, env={**os.environ, "KVCOMM_LOG_LEVEL": "warning"},
@@ -88,7 +88,6 @@ def spawn(model: str, port: int = 0, options: Sequence[str] = (), timeout_s: flo
     # the child holds the socket now: this process's copy is closed, so the port lives as long as the agent
     assert process.stdout is not None
     output = _Output(process.stdout)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
